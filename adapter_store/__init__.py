@@ -1,0 +1,1 @@
+"""moeplex adapter_store package."""

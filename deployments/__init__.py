@@ -1,0 +1,1 @@
+"""moeplex deployments package."""

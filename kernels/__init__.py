@@ -1,0 +1,1 @@
+"""moeplex kernels package."""
