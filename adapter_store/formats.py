@@ -1,0 +1,186 @@
+"""PEFT LoRA key formats of the supported MoE families, without torch.
+
+One parser serves the store (validation) and the engine (loading). A key names a
+layer, a canonical module and, for per-expert formats, an expert:
+
+    base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight      -> (3, "q_proj", None, "A")
+    base_model.model.model.layers.3.mlp.experts.7.up_proj.lora_B.weight  -> (3, "up", 7, "B")
+    base_model.model.model.layers.3.block_sparse_moe.experts.7.w3.lora_B.weight (Mixtral, same)
+    base_model.model.model.layers.3.mlp.experts.base_layer.lora_A.weight -> fused experts,
+        gate_up or down told apart by shape (see `classify_fused`)
+
+Canonical modules: q_proj k_proj v_proj o_proj (dense) and gate up down (per expert),
+gate_up and down for the fused 3-D experts format (PEFT `target_parameters`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_MODULES = ("gate", "up", "down")
+# Per-expert projection names as checkpoints of transformers 4.x spell them.
+_EXPERT_ALIASES = {
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+    "w1": "gate", "w3": "up", "w2": "down",
+}
+
+_PREFIX = r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\."
+_ATTN_RE = re.compile(_PREFIX + r"self_attn\.(?P<module>[qkvo]_proj)\.lora_(?P<ab>[AB])\.weight$")
+_EXPERT_RE = re.compile(
+    _PREFIX + r"(?P<block>mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
+    r"(?P<module>gate_proj|up_proj|down_proj|w1|w2|w3)\.lora_(?P<ab>[AB])\.weight$"
+)
+_FUSED_RE = re.compile(
+    _PREFIX + r"mlp\.experts\.(?P<nest>(?:base_layer\.)*)lora_(?P<ab>[AB])\.weight$"
+)
+
+
+class UnknownKeyError(ValueError):
+    """A tensor key that no supported format of this model family explains."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The dimensions of a base model that decide every LoRA tensor's shape."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int  # per-expert (moe_intermediate_size for Qwen3-MoE)
+    num_experts: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelShape":
+        family = config.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"unsupported model_type {family!r}; supported: {', '.join(FAMILIES)}")
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        # Checkpoints spell the expert count either way (transformers maps one onto the other).
+        experts = config.get("num_experts") or config.get("num_local_experts")
+        inter = config.get("moe_intermediate_size") if family == "qwen3_moe" else None
+        inter = inter or config.get("intermediate_size")
+        if not experts or not inter:
+            raise ValueError(f"config of {family} lacks the expert count or intermediate size")
+        return cls(
+            family=family,
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=int(inter),
+            num_experts=int(experts),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+        )
+
+    def io_features(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a canonical module as a linear map."""
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        table = {
+            "q_proj": (self.hidden_size, q_out),
+            "k_proj": (self.hidden_size, kv_out),
+            "v_proj": (self.hidden_size, kv_out),
+            "o_proj": (q_out, self.hidden_size),
+            "gate": (self.hidden_size, self.intermediate_size),
+            "up": (self.hidden_size, self.intermediate_size),
+            "down": (self.intermediate_size, self.hidden_size),
+            "gate_up": (self.hidden_size, 2 * self.intermediate_size),
+        }
+        return table[module]
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAKey:
+    """What one adapter tensor is: its layer, canonical module, expert and A/B side."""
+
+    layer: int
+    module: str  # q_proj k_proj v_proj o_proj | gate up down | gate_up down (fused)
+    expert: int | None  # None for dense modules and for the fused format (all experts)
+    which: str  # "A" or "B"
+    fused: bool = False
+
+    @property
+    def target(self) -> tuple[int, str, int | None]:
+        """The (layer, module, expert) this key and its A/B twin belong to."""
+        return self.layer, self.module, self.expert
+
+
+def parse_lora_key(key: str, shape: tuple[int, ...], model: ModelShape) -> LoRAKey:
+    """Recognise one tensor key of a PEFT LoRA adapter for `model`.
+
+    Raises UnknownKeyError when no supported format of the family explains the key,
+    or when the key's layer or expert is out of the model's range.
+    """
+    parsed = _match_key(key, shape, model)
+    if parsed is None:
+        raise UnknownKeyError(f"tensor {key!r} is not a LoRA weight this {model.family} model knows")
+    if parsed.layer >= model.num_layers:
+        raise UnknownKeyError(f"tensor {key!r}: layer {parsed.layer} >= num_hidden_layers {model.num_layers}")
+    if parsed.expert is not None and parsed.expert >= model.num_experts:
+        raise UnknownKeyError(f"tensor {key!r}: expert {parsed.expert} >= num_experts {model.num_experts}")
+    return parsed
+
+
+def _match_key(key: str, shape: tuple[int, ...], model: ModelShape) -> LoRAKey | None:
+    if m := _ATTN_RE.match(key):
+        return LoRAKey(int(m["layer"]), m["module"], None, m["ab"])
+    if m := _EXPERT_RE.match(key):
+        mixtral_key = m["block"] == "block_sparse_moe" and m["module"].startswith("w")
+        plain_key = m["block"] == "mlp" and m["module"].endswith("_proj")
+        if not (mixtral_key if model.family == "mixtral" else plain_key):
+            return None
+        return LoRAKey(int(m["layer"]), _EXPERT_ALIASES[m["module"]], int(m["expert"]), m["ab"])
+    if m := _FUSED_RE.match(key):
+        module = classify_fused(m["ab"], shape, model)
+        if module is None:
+            return None
+        return LoRAKey(int(m["layer"]), module, None, m["ab"], fused=True)
+    return None
+
+
+def classify_fused(which: str, shape: tuple[int, ...], model: ModelShape) -> str | None:
+    """Tell gate_up from down in the fused 3-D experts format by the tensor's shape.
+
+    PEFT nests one wrapper per targeted parameter, so the key alone does not say which
+    parameter it wraps. lora_A is [r*E, in] and lora_B is [out, r*E]; gate_up reads the
+    hidden size and writes 2*I, down reads I and writes the hidden size.
+    """
+    if len(shape) != 2:
+        return None
+    d, i = model.hidden_size, model.intermediate_size
+    feature = shape[1] if which == "A" else shape[0]
+    gate_up_feature, down_feature = (d, i) if which == "A" else (2 * i, d)
+    if feature == gate_up_feature and feature != down_feature:
+        return "gate_up"
+    if feature == down_feature and feature != gate_up_feature:
+        return "down"
+    return None
+
+
+def expected_shape(key: LoRAKey, rank: int, model: ModelShape) -> tuple[int, int]:
+    """The shape a tensor of `key` must have for an adapter of rank `rank`."""
+    in_f, out_f = model.io_features(key.module)
+    if key.fused:
+        rows = rank * model.num_experts
+        return (rows, in_f) if key.which == "A" else (out_f, rows)
+    return (rank, in_f) if key.which == "A" else (out_f, rank)
+
+
+def peft_module_name(key: str) -> str:
+    """The module path PEFT's rank_pattern/alpha_pattern match against."""
+    name = re.sub(r"^base_model\.model\.", "", key)
+    return re.sub(r"\.lora_[AB]\.weight$", "", name)
+
+
+def pattern_value(module_name: str, patterns: dict, default):
+    """PEFT's rule: the first pattern that matches the end of the module path wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
