@@ -1,0 +1,127 @@
+"""One grouped GEMM over a VirtualLayout: the base MoE GEMMs and the LoRA shrink/expand.
+
+For each block b of the layout (pair (s, e) = (block_slot[b], block_expert[b])) and each split h:
+    c[rows, h*split_cn + n] (+)= scale[rows] * a[rows // a_row_div, h*split_ak + k] @ W[s, e, h*split_bn + n, k].T
+rows = sorted_ids[b*BM:(b+1)*BM]. With RANK_ON_N (shrink) only n < ranks[s] is read;
+with RANK_ON_K (expand) only k < ranks[s]. The grid is persistent: each program walks tiles
+up to the device-side block count, so empty capacity costs nothing and no host sync is needed.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.align import VirtualLayout
+
+
+@triton.jit
+def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_expert_ptr,
+               block_slot_ptr, block, pid_n, split, num_rows, N, K, a_row_div,
+               stride_am, stride_ak, stride_bs, stride_be, stride_bn, stride_bk,
+               stride_cm, stride_cn, split_ak, split_bn, split_cn,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               RANK_ON_N: tl.constexpr, RANK_ON_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+               HAS_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    slot = tl.load(block_slot_ptr + block).to(tl.int64)
+    n_limit = N
+    k_limit = K
+    if RANK_ON_N:
+        n_limit = tl.minimum(N, tl.load(ranks_ptr + slot))
+    if RANK_ON_K:
+        k_limit = tl.minimum(K, tl.load(ranks_ptr + slot))
+    if pid_n * BLOCK_N < n_limit:
+        # rows of this block (pad rows have id num_rows and are masked)
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+        row_ok = rows < num_rows
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_limit
+        offs_k = tl.arange(0, BLOCK_K)
+        # A rows are gathered (a token's hidden row serves its K routed rows)
+        a_ptrs = a_ptr + (rows // a_row_div)[:, None] * stride_am + (split * split_ak + offs_k[None, :]) * stride_ak
+        # W tile [BLOCK_K, BLOCK_N] of this block's (slot, expert) matrix
+        w_base = b_ptr + slot * stride_bs + expert * stride_be
+        b_ptrs = w_base + (split * split_bn + offs_n[None, :]) * stride_bn + offs_k[:, None] * stride_bk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_limit, BLOCK_K):
+            k_ok = offs_k + k0 < k_limit
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a = a.to(b.dtype)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + (split * split_cn + offs_n[None, :]) * stride_cn
+        c_mask = row_ok[:, None] & (offs_n[None, :] < N)
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr,
+                         block_expert_ptr, block_slot_ptr, num_blocks_ptr, num_rows, N, K,
+                         a_row_div, stride_am, stride_ak, stride_bs, stride_be, stride_bn,
+                         stride_bk, stride_cm, stride_cn, split_ak, split_bn, split_cn,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         RANK_ON_N: tl.constexpr, RANK_ON_K: tl.constexpr,
+                         ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    split = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = tl.load(num_blocks_ptr) * num_n
+    # persistent loop: tiles ordered block-major so programs sharing a block share its A rows
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_expert_ptr,
+                   block_slot_ptr, tile // num_n, tile % num_n, split, num_rows, N, K, a_row_div,
+                   stride_am, stride_ak, stride_bs, stride_be, stride_bn, stride_bk,
+                   stride_cm, stride_cn, split_ak, split_bn, split_cn,
+                   BLOCK_M, BLOCK_N, BLOCK_K, RANK_ON_N, RANK_ON_K, ACCUMULATE, HAS_SCALE, IEEE)
+
+
+def _num_programs(device: torch.device, max_tiles: int) -> int:
+    if device.type != "cuda":
+        return max(1, min(max_tiles, 4))  # interpreter: few programs, each loops
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(max_tiles, sms * 4))
+
+
+def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, k: int,
+                 a_row_div: int = 1, splits: tuple[int, int, int, int] = (1, 0, 0, 0),
+                 ranks: Tensor | None = None, rank_on: str | None = None, accumulate: bool = False,
+                 scale: Tensor | None = None, block_n: int = 64, block_k: int = 64,
+                 num_warps: int = 4, num_stages: int = 3) -> Tensor:
+    """c[rows] (+)= scale * a[rows // a_row_div] @ w[slot, expert].T over the layout's blocks.
+
+    Semantics: see the module docstring; splits = (count, split_ak, split_bn, split_cn).
+    Args:
+        a: [A_rows, *] activations (row stride any, column stride any).
+        w: [S, E, N_total, K_total] weights (a 3-D [E, N, K] tensor is taken as S = 1).
+        c: [T*K, *] output rows indexed by routed row id.
+        layout: VirtualLayout whose block_size is the M tile.
+        n, k: GEMM sizes per split (k may be cut to the slot's rank with rank_on="k").
+        ranks: [S] int32 per-slot rank, used with rank_on in {"n", "k"}.
+        scale: [T*K] per-row factor (routing weight) or None.
+    """
+    w4 = w if w.dim() == 4 else w.unsqueeze(0)
+    count, split_ak, split_bn, split_cn = splits
+    num_n = triton.cdiv(n, block_n)
+    programs = _num_programs(a.device, layout.max_blocks * num_n)
+    dummy = layout.num_blocks
+    _grouped_gemm_kernel[(programs, count)](
+        a, w4, c, scale if scale is not None else dummy, ranks if ranks is not None else dummy,
+        layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks,
+        layout.num_rows, n, k, a_row_div,
+        a.stride(0), a.stride(1), w4.stride(0) if w.dim() == 4 else 0, w4.stride(1),
+        w4.stride(2), w4.stride(3), c.stride(0), c.stride(1), split_ak, split_bn, split_cn,
+        BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k,
+        RANK_ON_N=rank_on == "n", RANK_ON_K=rank_on == "k", ACCUMULATE=accumulate,
+        HAS_SCALE=scale is not None, IEEE=a.dtype == torch.float32 and w.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return c

@@ -1,0 +1,108 @@
+"""Triton path of fused_moe and lora_linear_: base grouped GEMMs plus LoRA over virtual experts.
+
+Shape legend: T = tokens, K = top-k, E = experts, S = slots, R = max rank, D = hidden,
+I = expert intermediate. Routed row r = t * K + k.
+
+fused_moe, with LoRA added where the base applies it:
+    gu   [T*K, 2I] = x @ Wgu[e].T                  (per-expert layout)
+    gu  += (x @ Agu[s,e].T) @ Bgu[s,e].T           (virtual layout; gate and up halves apart)
+    act  [T*K, I]  = silu(gu[:, :I]) * gu[:, I:]
+    y    [T*K, D]  = w * act @ Wd[e].T
+    y   += w * (act @ Ad[s,e].T) @ Bd[s,e].T       (virtual layout)
+    out  [T, D]    = y.view(T, K, D).sum(1)
+Rows of tokens without an adapter are never in the virtual layout, so they stay bitwise equal
+to a run without LoRA.
+"""
+import torch
+import triton
+from torch import Tensor
+
+from kernels.align import VirtualLayout, moe_align_virtual
+from kernels.activation import silu_mul
+from kernels.checks import check_dense_args, check_moe_args
+from kernels.grouped_gemm import grouped_gemm
+from kernels.weights import DenseLoRAWeights, MoELoRAWeights
+
+LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
+
+
+def _base_block_m(num_rows: int, num_experts: int) -> int:
+    per_expert = num_rows / max(1, num_experts)
+    return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+
+
+def _rank_block(max_rank: int) -> int:
+    return max(16, triton.next_power_of_2(max_rank))
+
+
+def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
+                     topk_ids: Tensor, lora: MoELoRAWeights | None = None,
+                     slot_ids: Tensor | None = None) -> Tensor:
+    """Triton twin of fused_moe_ref (same Semantics and Args)."""
+    check_moe_args(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
+    num_tokens, top_k = topk_ids.shape
+    num_experts, d, inter = w_down.shape
+    rows = num_tokens * top_k
+    if rows == 0:
+        return hidden.new_zeros(num_tokens, d)
+    base = moe_align_virtual(topk_ids, None, num_experts, _base_block_m(rows, num_experts))
+    vlay = None
+    if lora is not None:
+        vlay = moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)
+    weights = topk_weights.reshape(-1).float()
+    gate_up = hidden.new_empty(rows, 2 * inter)
+    grouped_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k)
+    if vlay is not None:
+        _lora_gate_up_(hidden, gate_up, lora, vlay, top_k)
+    act = silu_mul(gate_up, hidden.new_empty(rows, inter))
+    y = hidden.new_empty(rows, d)
+    grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights)
+    if vlay is not None:
+        _lora_down_(act, y, lora, vlay, weights)
+    return y.view(num_tokens, top_k, d).sum(dim=1)
+
+
+def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
+                   vlay: VirtualLayout, top_k: int) -> None:
+    """gate_up[:, :I] += (x @ A_gate.T) @ B_gate.T; gate_up[:, I:] += (x @ A_up.T) @ B_up.T."""
+    r = lora.max_rank
+    inter = gate_up.shape[1] // 2
+    d = hidden.shape[1]
+    rb = _rank_block(r)
+    shrunk = torch.empty(gate_up.shape[0], 2 * r, dtype=torch.float32, device=hidden.device)
+    # split h in {gate, up}: A rows [h*R, h*R + r_s) -> shrunk cols [h*R, h*R + r_s)
+    grouped_gemm(hidden, lora.gate_up_a, shrunk, vlay, n=r, k=d, a_row_div=top_k,
+                 splits=(2, 0, r, r), ranks=lora.ranks, rank_on="n", block_n=rb)
+    # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
+    grouped_gemm(shrunk, lora.gate_up_b, gate_up, vlay, n=inter, k=r, splits=(2, r, inter, inter),
+                 ranks=lora.ranks, rank_on="k", accumulate=True, block_k=rb)
+
+
+def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayout,
+                weights: Tensor) -> None:
+    """y += w * (act @ A_down.T) @ B_down.T on rows with an adapter."""
+    r = lora.max_rank
+    rb = _rank_block(r)
+    shrunk = torch.empty(act.shape[0], r, dtype=torch.float32, device=act.device)
+    grouped_gemm(act, lora.down_a, shrunk, vlay, n=r, k=act.shape[1], ranks=lora.ranks,
+                 rank_on="n", block_n=rb)
+    grouped_gemm(shrunk, lora.down_b, y, vlay, n=y.shape[1], k=r, ranks=lora.ranks,
+                 rank_on="k", accumulate=True, scale=weights, block_k=rb)
+
+
+def lora_linear_triton_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor) -> Tensor:
+    """Triton twin of lora_linear_ref_: the virtual-expert kernels with one expert."""
+    check_dense_args(x, out, lora, slot_ids)
+    num_tokens = x.shape[0]
+    if num_tokens == 0:
+        return out
+    r = lora.max_rank
+    rb = _rank_block(r)
+    one_expert = torch.zeros(num_tokens, 1, dtype=torch.int32, device=x.device)
+    vlay = moe_align_virtual(one_expert, slot_ids, 1, LORA_BLOCK_M, lora.num_slots)
+    shrunk = torch.empty(num_tokens, r, dtype=torch.float32, device=x.device)
+    grouped_gemm(x, lora.a.unsqueeze(1), shrunk, vlay, n=r, k=x.shape[1], ranks=lora.ranks,
+                 rank_on="n", block_n=rb)
+    grouped_gemm(shrunk, lora.b.unsqueeze(1), out, vlay, n=out.shape[1], k=r, ranks=lora.ranks,
+                 rank_on="k", accumulate=True, block_k=rb)
+    return out
