@@ -1,0 +1,95 @@
+"""Triton kernels under TRITON_INTERPRET=1 against the fp64 loop references.
+
+Run as `python -m tests.kernels.interp_cases` with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 in
+the environment (test_triton_interpret.py does so in a subprocess, so that the interpreter
+setting never leaks into other test modules). Prints one JSON object per case.
+"""
+import json
+import os
+import sys
+import zlib
+
+import torch
+
+from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, make_dense_lora, make_moe,
+                                          make_moe_lora, make_slot_ids, moe_loop_ref, rel_err)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TOL = {"fp32": 1e-5, "fp16": 5e-3}  # output vs fp64; the LoRA delta gets 4x this
+MOE_SHAPES = [(1, 6, 1), (3, 6, 2), (17, 10, 8)]  # (tokens, experts, top-k)
+RANKS = [1, 8, 16, 4]
+
+
+def case_names() -> list[str]:
+    names = [f"moe-{dt}-t{t}e{e}k{k}-uniform" for dt in DTYPES for t, e, k in MOE_SHAPES]
+    names += [f"moe-fp32-t17e10k2-{sp}" for sp in SPREADS]
+    names += ["moe-fp16-t9e6k2-rank64-nanpad"]
+    names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
+    names += ["dense-fp32-identical-nanpad"]
+    return names
+
+
+def _parse(name: str) -> dict:
+    parts = name.split("-")
+    return {"kind": parts[0], "dtype": parts[1], "shape": parts[2], "rest": parts[3:]}
+
+
+def run_moe(name: str) -> dict:
+    p = _parse(name)
+    t, rest = p["shape"][1:].split("e")
+    e, k = rest.split("k")
+    t, e, k = int(t), int(e), int(k)
+    dtype = DTYPES[p["dtype"]]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
+    ranks = [1, 8, 64, 16] if "rank64" in p["rest"] else RANKS
+    pad = float("nan") if "nanpad" in p["rest"] else 0.0
+    spread = p["rest"][0] if p["rest"][0] in SPREADS else "skewed"
+    d, inter = 32, 48
+    args = make_moe(gen, t, d, inter, e, k, dtype)
+    lora = make_moe_lora(gen, len(ranks), e, d, inter, ranks, dtype, pad=pad)
+    slots = make_slot_ids(spread, t, len(ranks), gen)
+    slots[0] = 1  # at least one token with an adapter
+    import kernels
+    base = kernels.fused_moe(*args)
+    got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
+    want_base = moe_loop_ref(*args)
+    want = moe_loop_ref(*args, lora, slots)
+    none = slots < 0
+    return {"err": rel_err(got, want), "base_err": rel_err(base, want_base),
+            "delta_err": rel_err(got.double() - base.double(), want - want_base),
+            "bitwise": bool(torch.equal(got[none], base[none])),
+            "finite": bool(torch.isfinite(got).all()), "tol": TOL[p["dtype"]]}
+
+
+def run_dense(name: str) -> dict:
+    p = _parse(name)
+    dtype = DTYPES[p["dtype"]]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
+    pad = float("nan") if "nanpad" in p["rest"] else 0.0
+    t, n_in, n_out = 21, 40, 36
+    x = torch.randn(t, n_in, generator=gen).to(dtype)
+    out = torch.randn(t, n_out, generator=gen).to(dtype)
+    lora = make_dense_lora(gen, 4, n_in, n_out, RANKS, dtype, pad=pad)
+    slots = make_slot_ids(p["shape"], t, 4, gen)
+    slots[0] = 2
+    want = dense_loop_ref(x, out, lora, slots)
+    before = out.clone()
+    import kernels
+    kernels.lora_linear_(x, out, lora, slots)
+    none = slots < 0
+    return {"err": rel_err(out, want), "base_err": 0.0,
+            "delta_err": rel_err(out.double() - before.double(), want - before.double()),
+            "bitwise": bool(torch.equal(out[none], before[none])),
+            "finite": bool(torch.isfinite(out).all()), "tol": TOL[p["dtype"]]}
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MOEPLEX_TRITON") != "1":
+        sys.exit("set TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 to run the Triton interpreter cases")
+    for name in case_names():
+        runner = run_moe if name.startswith("moe") else run_dense
+        print(json.dumps({"name": name, **runner(name)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
