@@ -1,0 +1,51 @@
+"""Paged attention in plain torch: gather each sequence's KV blocks, then one SDPA call.
+
+T = tokens in the step, B = sequences, M = blocks per sequence (padded), S = block size,
+H = query heads, G = KV heads, Dh = head dim, Q = longest query of the step, C = longest context.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Device tensors of one step, built by ModelRunner (the only place lists become tensors)."""
+    positions: Tensor       # [T] int64: absolute position of each token in its sequence
+    slot_mapping: Tensor    # [T] int64: flat KV-cache slot (block * S + offset) each token writes
+    block_tables: Tensor    # [B, M] int64: KV blocks of each sequence, padded with 0
+    token_seq: Tensor       # [T] int64: row of each token's sequence in block_tables
+    token_row: Tensor       # [T] int64: index of each token among its sequence's queries
+    max_query_len: int      # Q
+    max_context_len: int    # C: longest KV length after this step's tokens are written
+    lora_slot_ids: Tensor | None = None  # [T] int32: adapter slot per token, -1 = base model
+
+
+def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+    """k_cache, v_cache [N, S, G, Dh]; k, v [T, G, Dh]: store each token at its slot."""
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch,
+                    scale: float, sliding_window: int | None = None) -> Tensor:
+    """Causal attention of q [T, H, Dh] over each sequence's cached keys; returns [T, H, Dh]."""
+    num_seqs = batch.block_tables.shape[0]
+    ctx = batch.max_context_len
+    keys = k_cache[batch.block_tables].flatten(1, 2)[:, :ctx]    # [B, C, G, Dh]
+    values = v_cache[batch.block_tables].flatten(1, 2)[:, :ctx]  # [B, C, G, Dh]
+    q_pad = q.new_zeros(num_seqs, batch.max_query_len, *q.shape[1:])  # [B, Q, H, Dh]
+    q_pad[batch.token_seq, batch.token_row] = q
+    q_pos = batch.positions.new_zeros(num_seqs, batch.max_query_len)  # [B, Q]
+    q_pos[batch.token_seq, batch.token_row] = batch.positions
+    k_pos = torch.arange(ctx, device=q.device)
+    # key j is visible to a query at position p iff j <= p (and inside the window)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, C]
+    if sliding_window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=keys.shape[2] != q.shape[1])
+    return out.transpose(1, 2)[batch.token_seq, batch.token_row]  # [T, H, Dh]

@@ -1,0 +1,62 @@
+"""EngineConfig: everything LLMEngine needs to start, checked at construction."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import InvalidRequestError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | Path | None = None  # HF checkpoint dir; may be None with load_format="dummy" + hf_config
+    device: str = "cpu"
+    dtype: str | torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # pinned host tier size; None = 4 * max_loras
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from memory (CUDA) or max_num_seqs x max_model_len (CPU)
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 2048
+    load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights at real shapes)
+    hf_config: object = None  # a transformers config to use instead of model/config.json
+    lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
+    seed: int = 0
+
+    def __post_init__(self):
+        self.device = str(self.device)
+        if self.model is None and self.hf_config is None:
+            raise InvalidRequestError("EngineConfig needs model=<checkpoint dir> (or hf_config with load_format='dummy')")
+        if self.load_format not in ("auto", "dummy"):
+            raise InvalidRequestError(f"load_format={self.load_format!r}: use 'auto' or 'dummy'")
+        if self.lora_mode not in ("fused", "loop"):
+            raise InvalidRequestError(f"lora_mode={self.lora_mode!r}: use 'fused' or 'loop'")
+        for name in ("max_num_seqs", "max_model_len", "block_size", "max_num_batched_tokens", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_loras < 0:
+            raise InvalidRequestError(f"max_loras must be >= 0, got {self.max_loras}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InvalidRequestError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = 4 * max(self.max_loras, 1)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is None:
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype not in _DTYPES:
+            raise InvalidRequestError(f"dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")
+        return _DTYPES[self.dtype]

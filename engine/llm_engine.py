@@ -1,0 +1,188 @@
+"""LLMEngine: add_request / step / abort. step() = schedule -> run -> postprocess."""
+import itertools
+import time
+from pathlib import Path
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError
+from engine.lora.manager import LoRAManager
+from engine.model_runner import ModelRunner, StepResult
+from engine.models.spec import load_spec, spec_from_hf_config
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import LoRARequest, Sequence
+
+
+def _load_tokenizer(config: EngineConfig):
+    if config.model is None or not (Path(config.model) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(config.model))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.spec = spec_from_hf_config(config.hf_config) if config.hf_config is not None \
+            else load_spec(config.model)
+        self.tokenizer = _load_tokenizer(config)
+        self.runner = ModelRunner(config, self.spec)
+        if self.runner.num_kv_blocks * config.block_size < config.max_model_len:
+            raise InvalidRequestError(f"num_kv_blocks={self.runner.num_kv_blocks} x block_size="
+                                      f"{config.block_size} cannot hold one max_model_len sequence")
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
+        pools = self.runner.slot_pools
+        self.lora_manager = None if pools is None else LoRAManager(
+            pools, self.spec, config.max_lora_rank, config.max_cpu_loras)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.block_manager, self.lora_manager)
+        self.seqs: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._seq_ids = itertools.count()
+        self.last_step = {"num_seqs": 0, "num_tokens": 0, "num_adapters": 0, "num_preempted": 0}
+
+    # ---- requests ---------------------------------------------------------------
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                      lora: LoRARequest | None = None, tenant: str | None = None) -> Sequence:
+        """Validate a request and build its Sequence (thread-safe: touches no engine state)."""
+        params = params or SamplingParams()
+        ids = self._tokenize(prompt)
+        if len(ids) >= self.config.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is "
+                                      f"{self.config.max_model_len}: shorten the prompt")
+        if lora is not None and self.lora_manager is None:
+            raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters")
+        tenant = tenant if tenant is not None else (lora.tenant if lora else "")
+        return Sequence(next(self._seq_ids), request_id, ids, params, lora, tenant, time.perf_counter())
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+        return ids
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.seqs:
+            raise InvalidRequestError(f"request_id {seq.request_id!r} is already in use")
+        self.seqs[seq.request_id] = seq
+        self.detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.params.stop) \
+            if self.tokenizer is not None else None
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora: LoRARequest | None = None, tenant: str | None = None) -> None:
+        self.add_sequence(self.make_sequence(request_id, prompt, params, lora, tenant))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._final(seq, RequestOutput(request_id, finished=True, finish_reason="abort"))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        result = self.runner.execute(scheduled.scheduled) if scheduled.scheduled else StepResult([])
+        return self.postprocess(scheduled, result)
+
+    def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        self._record(sched)
+        outputs = [self._final(seq, RequestOutput(seq.request_id, finished=True, finish_reason="abort",
+                                                  error=seq.error)) for seq in sched.failed]
+        now = time.perf_counter()
+        for (seq, n), token in zip(sched.scheduled, result.token_ids):
+            seq.num_computed_tokens += n
+            if token is None:
+                continue
+            seq.first_token_time = seq.first_token_time or now
+            seq.output_token_ids.append(token)
+            outputs.append(self._token_output(seq, token))
+        return outputs
+
+    def _token_output(self, seq: Sequence, token: int) -> RequestOutput:
+        reason = self._stop_reason(seq, token)
+        detok = self.detokenizers[seq.request_id]
+        delta, stop_hit = ("", False) if detok is None else detok.update(seq.output_token_ids, reason is not None)
+        if stop_hit:
+            reason = "stop"
+        out = RequestOutput(seq.request_id, delta, [token], reason is not None, reason,
+                            seq.num_prompt_tokens, len(seq.output_token_ids), detok.sent if detok else "")
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._final(seq, out)
+        return out
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.spec.eos_token_ids):
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _final(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
+        self.seqs.pop(seq.request_id, None)
+        detok = self.detokenizers.pop(seq.request_id, None)
+        self.runner.release(seq)
+        out.num_prompt_tokens, out.num_output_tokens = seq.num_prompt_tokens, len(seq.output_token_ids)
+        out.text = out.text or (detok.sent if detok else "")
+        return out
+
+    def _record(self, sched: SchedulerOutput) -> None:
+        adapters = {seq.lora.lora_name for seq, _ in sched.scheduled if seq.lora is not None}
+        self.last_step = {"num_seqs": len(sched.scheduled), "num_tokens": sched.num_tokens,
+                          "num_adapters": len(adapters), "num_preempted": sched.num_preempted}
+
+    # ---- helpers ----------------------------------------------------------------
+    def stats(self) -> dict:
+        lora = self.lora_manager.stats if self.lora_manager else None
+        return {
+            "running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting,
+            "free_kv_blocks": self.block_manager.num_free_blocks, "num_kv_blocks": self.block_manager.num_blocks,
+            "last_step_batch_size": self.last_step["num_seqs"], "last_step_tokens": self.last_step["num_tokens"],
+            "last_step_adapters": self.last_step["num_adapters"],
+            "lora_slot_hits": lora.slot_hits if lora else 0, "lora_slot_misses": lora.slot_misses if lora else 0,
+            "lora_slot_loads": lora.slot_loads if lora else 0, "lora_evictions": lora.evictions if lora else 0,
+            "lora_host_loads": lora.host_loads if lora else 0,
+            "lora_load_seconds": (lora.host_load_seconds + lora.slot_load_seconds) if lora else 0.0,
+            "lora_failures": lora.failures if lora else 0,
+        }
+
+    def generate(self, prompts: list, params: SamplingParams | None = None,
+                 loras: list[LoRARequest | None] | None = None) -> list[dict]:
+        """Run prompts to completion (a blocking helper for scripts and tests)."""
+        loras = loras or [None] * len(prompts)
+        ids = [f"gen-{next(self._seq_ids)}" for _ in prompts]
+        for rid, prompt, lora in zip(ids, prompts, loras):
+            self.add_request(rid, prompt, params, lora)
+        results = {rid: {"text": "", "token_ids": [], "finish_reason": None, "error": None} for rid in ids}
+        while any(results[r]["finish_reason"] is None for r in ids):
+            outputs = self.step()
+            if not outputs and self.last_step["num_seqs"] == 0:
+                time.sleep(0.001)  # adapters are loading in the background
+            for out in outputs:
+                res = results[out.request_id]
+                res["text"] += out.text_delta
+                res["token_ids"] += out.token_ids_delta
+                if out.finished:
+                    res["finish_reason"], res["error"] = out.finish_reason, out.error
+        return [results[r] for r in ids]
+
+    def shutdown(self) -> None:
+        if self.lora_manager is not None:
+            self.lora_manager.shutdown()

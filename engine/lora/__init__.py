@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT directories -> host tier -> device slot pools."""

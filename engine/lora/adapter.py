@@ -1,0 +1,159 @@
+"""Read a PEFT LoRA directory into compact per-module factors, scaling folded into B.
+
+Every format of DESIGN.md: attention q/k/v/o, per-expert keys (incl. Mixtral w1/w3/w2),
+fused 3-D experts (PEFT `target_parameters`), rsLoRA, rank_pattern / alpha_pattern.
+E = experts, r = rank, D = hidden, I = expert intermediate.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, parse_lora_key,
+                                   pattern_value, peft_module_name)
+from engine.errors import AdapterLoadError
+from engine.models.spec import ModelSpec
+
+_PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+@dataclass(slots=True)
+class LoRAFactors:
+    """delta(x) = (x @ a.T) @ b.T; a [.., r, IN], b [.., OUT, r] (per expert when 3-D)."""
+    a: Tensor
+    b: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-2]
+
+
+@dataclass(slots=True)
+class LoRAAdapter:
+    """One adapter on the host: dense[(layer, "q_proj")] and moe[(layer, "gate"|"up"|"down")]."""
+    name: str
+    dense: dict[tuple[int, str], LoRAFactors] = field(default_factory=dict)
+    moe: dict[tuple[int, str], LoRAFactors] = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return max((f.rank for f in (*self.dense.values(), *self.moe.values())), default=0)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(f.a.nbytes + f.b.nbytes for f in (*self.dense.values(), *self.moe.values()))
+
+    def pin_memory(self) -> "LoRAAdapter":
+        for f in (*self.dense.values(), *self.moe.values()):
+            f.a, f.b = f.a.pin_memory(), f.b.pin_memory()
+        return self
+
+
+def model_shape(spec: ModelSpec) -> ModelShape:
+    return ModelShape(family=spec.family, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+                      intermediate_size=spec.moe_intermediate_size, num_experts=spec.num_experts,
+                      num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
+
+
+def _read_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    if not path.is_dir():
+        raise AdapterLoadError(f"adapter directory {path} does not exist")
+    if any((path / name).exists() for name in _PICKLED) and not (path / "adapter_model.safetensors").exists():
+        raise AdapterLoadError(f"{path} holds pickled weights; only adapter_model.safetensors is accepted")
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError) as exc:
+        raise AdapterLoadError(f"cannot read adapter in {path}: {exc}") from exc
+    if config.get("peft_type", "LORA").upper() != "LORA":
+        raise AdapterLoadError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+    return config, tensors
+
+
+def _scale(config: dict, module_name: str, rank: int) -> float:
+    expected = pattern_value(module_name, config.get("rank_pattern") or {}, config["r"])
+    if int(expected) != rank:
+        raise AdapterLoadError(f"{module_name}: tensors have rank {rank} but adapter_config says {expected}")
+    alpha = pattern_value(module_name, config.get("alpha_pattern") or {}, config["lora_alpha"])
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _split_fused(key: LoRAKey, a: Tensor, b: Tensor, num_experts: int, inter: int) -> dict[str, LoRAFactors]:
+    """PEFT 3-D experts: a [r*E, IN] expert-major rows, b [OUT, r*E] rank-major columns."""
+    rank = a.shape[0] // num_experts
+    a_e = a.reshape(num_experts, rank, a.shape[1])                    # [E, r, IN]
+    b_e = b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1)   # [E, OUT, r]
+    if key.module == "down":
+        return {"down": LoRAFactors(a_e.contiguous(), b_e.contiguous())}
+    # gate and up share A in this format; B's rows [0, I) are gate's, [I, 2I) up's
+    return {"gate": LoRAFactors(a_e.contiguous(), b_e[:, :inter].contiguous()),
+            "up": LoRAFactors(a_e.clone(), b_e[:, inter:].contiguous())}
+
+
+def _group_pairs(tensors: dict[str, Tensor], shape: ModelShape) -> dict[tuple, dict]:
+    pairs: dict[tuple, dict] = {}
+    for key, tensor in tensors.items():
+        try:
+            parsed = parse_lora_key(key, tuple(tensor.shape), shape)
+        except UnknownKeyError as exc:
+            raise AdapterLoadError(str(exc)) from exc
+        entry = pairs.setdefault((*parsed.target, parsed.fused), {"key": parsed})
+        entry[parsed.which] = tensor.float()
+        entry["name"] = peft_module_name(key)
+    return pairs
+
+
+def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtype,
+                 max_rank: int) -> LoRAAdapter:
+    """Parse, validate and scale the PEFT adapter in `path` for the model `spec`."""
+    config, tensors = _read_dir(Path(path))
+    shape = model_shape(spec)
+    adapter = LoRAAdapter(name)
+    for target, entry in _group_pairs(tensors, shape).items():
+        key: LoRAKey = entry["key"]
+        if "A" not in entry or "B" not in entry:
+            raise AdapterLoadError(f"{entry['name']}: lora_A or lora_B is missing")
+        a, b = entry["A"], entry["B"]
+        rank = a.shape[0] // spec.num_experts if key.fused else a.shape[0]
+        scale = _scale(config, entry["name"], rank)
+        if rank > max_rank:
+            raise AdapterLoadError(f"adapter {name!r} has rank {rank} > max_lora_rank {max_rank}; "
+                                   "raise EngineConfig.max_lora_rank or retrain with a lower rank")
+        if key.fused:
+            parts = _split_fused(key, a, b * scale, spec.num_experts, spec.moe_intermediate_size)
+            for module, factors in parts.items():
+                adapter.moe[(key.layer, module)] = factors
+        elif key.expert is not None:
+            _put_expert(adapter, key, a, b * scale, spec)
+        else:
+            adapter.dense[(key.layer, key.module)] = LoRAFactors(a, b * scale)
+    _check_experts_complete(adapter, spec)
+    return _cast(adapter, dtype)
+
+
+def _put_expert(adapter: LoRAAdapter, key: LoRAKey, a: Tensor, b: Tensor, spec: ModelSpec) -> None:
+    slot = (key.layer, key.module)
+    if slot not in adapter.moe:
+        e = spec.num_experts
+        adapter.moe[slot] = LoRAFactors(a.new_zeros(e, *a.shape), b.new_zeros(e, *b.shape))
+    factors = adapter.moe[slot]
+    if factors.a.shape[1:] != a.shape or factors.b.shape[1:] != b.shape:
+        raise AdapterLoadError(f"layer {key.layer} {key.module}: experts have different ranks")
+    factors.a[key.expert], factors.b[key.expert] = a, b
+
+
+def _check_experts_complete(adapter: LoRAAdapter, spec: ModelSpec) -> None:
+    for (layer, module), factors in adapter.moe.items():
+        if not spec.is_moe_layer(layer):
+            raise AdapterLoadError(f"layer {layer} is a dense MLP layer; its {module} has no experts")
+
+
+def _cast(adapter: LoRAAdapter, dtype: torch.dtype) -> LoRAAdapter:
+    for f in (*adapter.dense.values(), *adapter.moe.values()):
+        f.a, f.b = f.a.to(dtype), f.b.to(dtype)
+    return adapter

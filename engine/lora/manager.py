@@ -1,0 +1,147 @@
+"""Adapter cache: disk -> pinned host tier (background threads) -> one of `max_loras` device slots.
+
+The scheduler drives it with plain calls: `reserve` (a slot for a waiting request, or None
+while the adapter is still loading or every slot is in use), `is_ready`, `release`.
+Slots no request references are evicted least recently used first.
+"""
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from engine.errors import AdapterLoadError
+from engine.lora.adapter import LoRAAdapter, load_adapter
+from engine.lora.slots import SlotPools
+from engine.models.spec import ModelSpec
+
+
+@dataclass(slots=True)
+class LoRAStats:
+    slot_hits: int = 0
+    slot_misses: int = 0
+    slot_loads: int = 0
+    host_loads: int = 0
+    host_load_seconds: float = 0.0
+    slot_load_seconds: float = 0.0
+    failures: int = 0
+    evictions: int = 0
+    recent_errors: list[str] = field(default_factory=list)
+
+
+class LoRAManager:
+    def __init__(self, pools: SlotPools, spec: ModelSpec, max_rank: int, host_capacity: int,
+                 load_threads: int = 2):
+        self.pools, self.spec, self.max_rank = pools, spec, max_rank
+        self.host_capacity = max(host_capacity, pools.num_slots)
+        self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self.loading: dict[str, Future] = {}
+        self.failed: dict[str, str] = {}
+        self.slot_names: list[str | None] = [None] * pools.num_slots
+        self.slot_refs = [0] * pools.num_slots
+        self.slot_events: list = [None] * pools.num_slots
+        self.name_to_slot: dict[str, int] = {}
+        self.free_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(pools.num_slots))
+        self.executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="lora-load")
+        self.stats = LoRAStats()
+
+    @property
+    def num_slots(self) -> int:
+        return self.pools.num_slots
+
+    def reserve(self, name: str, path: str) -> int | None:
+        """A slot holding (or loading) adapter `name` with a reference taken, or None for now.
+
+        Raises AdapterLoadError when the adapter cannot be loaded (the caller fails its request).
+        """
+        if name in self.failed:
+            raise AdapterLoadError(self.failed[name])
+        slot = self.name_to_slot.get(name)
+        if slot is not None:
+            self.stats.slot_hits += 1
+            self._take(slot)
+            return slot
+        adapter = self._host_adapter(name, path)
+        if adapter is None or not self.free_lru:
+            return None
+        slot, _ = self.free_lru.popitem(last=False)
+        self._evict(slot)
+        self.stats.slot_misses += 1
+        self._take(slot)
+        self.name_to_slot[name], self.slot_names[slot] = slot, name
+        start = time.perf_counter()
+        self.slot_events[slot] = self.pools.write(slot, adapter)
+        self.stats.slot_loads += 1
+        self.stats.slot_load_seconds += time.perf_counter() - start
+        return slot
+
+    def is_ready(self, slot: int) -> bool:
+        event = self.slot_events[slot]
+        if event is None or event.query():
+            self.slot_events[slot] = None
+            return True
+        return False
+
+    def release(self, slot: int) -> None:
+        self.slot_refs[slot] -= 1
+        if self.slot_refs[slot] == 0:
+            self.free_lru[slot] = None
+
+    def resident(self) -> dict[str, int]:
+        return dict(self.name_to_slot)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _take(self, slot: int) -> None:
+        self.slot_refs[slot] += 1
+        self.free_lru.pop(slot, None)
+
+    def _evict(self, slot: int) -> None:
+        old = self.slot_names[slot]
+        if old is not None:
+            del self.name_to_slot[old]
+            self.slot_names[slot] = None
+            self.stats.evictions += 1
+
+    def _host_adapter(self, name: str, path: str) -> LoRAAdapter | None:
+        if name in self.host:
+            self.host.move_to_end(name)
+            return self.host[name]
+        future = self.loading.get(name)
+        if future is None:
+            self.loading[name] = self.executor.submit(self._load_to_host, name, path)
+            return None
+        if not future.done():
+            return None
+        del self.loading[name]
+        try:
+            adapter = future.result()
+        except AdapterLoadError as exc:
+            return self._fail(name, str(exc))
+        except Exception as exc:  # a broken file must fail its request, never the step loop
+            return self._fail(name, f"cannot load adapter {name!r}: {type(exc).__name__}: {exc}")
+        self.host[name] = adapter
+        while len(self.host) > self.host_capacity:
+            self.host.popitem(last=False)
+        return adapter
+
+    def _fail(self, name: str, message: str) -> None:
+        self.failed[name] = message
+        self.stats.failures += 1
+        raise AdapterLoadError(message)
+
+    def _load_to_host(self, name: str, path: str) -> LoRAAdapter:
+        start = time.perf_counter()
+        adapter = load_adapter(name, path, self.spec, self.pools.dtype, self.max_rank)
+        missing = self.pools.unsupported_targets(adapter)
+        if missing:
+            raise AdapterLoadError(f"adapter {name!r} targets modules this engine cannot adapt: {missing[:4]}")
+        if self.pools.device.type == "cuda":
+            adapter.pin_memory()
+        self.stats.host_loads += 1
+        self.stats.host_load_seconds += time.perf_counter() - start
+        return adapter
+
+    def forget_failure(self, name: str) -> None:
+        """Let a later request retry an adapter that failed (e.g. after the file was fixed)."""
+        self.failed.pop(name, None)

@@ -1,0 +1,133 @@
+"""ModelRunner: the only place where the scheduler's Python lists become device tensors.
+
+T = tokens in the step, B = sequences, M = blocks per sequence, V = vocabulary.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from engine.attention import ForwardBatch
+from engine.config import EngineConfig
+from engine.errors import EngineError
+from engine.lora.slots import SlotPools
+from engine.models.loader import load_model
+from engine.models.spec import ModelSpec
+from engine.sampler import SamplingTensors, sample
+from engine.sequence import Sequence
+
+_ACTIVATION_RESERVE_BYTES = 4 << 30
+
+
+@dataclass(slots=True)
+class StepResult:
+    token_ids: list[int | None]  # per scheduled sequence: sampled token, None mid-prefill
+    logits: Tensor | None = None  # [B_sampled, V] (or [T, V] with all_logits) when asked for
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, spec: ModelSpec):
+        self.config, self.spec = config, spec
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        model_dir = None if config.model is None else Path(config.model)
+        self.model = load_model(spec, model_dir, self.device, self.dtype, config.load_format, config.seed)
+        self.slot_pools = SlotPools(self.model, config.max_loras, config.max_lora_rank) \
+            if config.max_loras > 0 else None
+        if self.slot_pools is not None and config.lora_mode == "loop":
+            for moe in self.model.moe_layers():
+                moe.per_adapter_loop = True
+        self.num_kv_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        self._allocate_kv_cache()
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.seq_generators: dict[int, torch.Generator] = {}
+
+    def _kv_bytes_per_block(self) -> int:
+        s = self.spec
+        return 2 * s.num_layers * self.config.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+
+    def _auto_num_blocks(self) -> int:
+        per_seq = -(-self.config.max_model_len // self.config.block_size)
+        wanted = self.config.max_num_seqs * per_seq
+        if self.device.type != "cuda":
+            return min(wanted, max(per_seq, (2 << 30) // self._kv_bytes_per_block()))
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        spare = total * self.config.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
+        fits = int((spare - _ACTIVATION_RESERVE_BYTES) // self._kv_bytes_per_block())
+        if fits < per_seq:
+            raise EngineError(f"only {fits} KV blocks fit in GPU memory, fewer than one sequence of "
+                              f"max_model_len={self.config.max_model_len} needs; lower max_model_len")
+        return min(wanted, fits)
+
+    def _allocate_kv_cache(self) -> None:
+        s, bs = self.spec, self.config.block_size
+        self.kv_cache = torch.zeros(s.num_layers, 2, self.num_kv_blocks, bs, s.num_kv_heads, s.head_dim,
+                                    dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> Tensor:
+        t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return t.to(self.device, non_blocking=True)
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[Tensor, ForwardBatch, list[int]]:
+        """Flatten the step's sequences into (input_ids [T], ForwardBatch, sampled token rows)."""
+        bs = self.config.block_size
+        ids, pos, slots, tseq, trow, lora, sample_rows = [], [], [], [], [], [], []
+        max_ctx = max_q = max_blocks = 0
+        for b, (seq, n) in enumerate(scheduled):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids += seq.token_ids(start, end)
+            pos += range(start, end)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            tseq += [b] * n
+            trow += range(n)
+            lora += [-1 if seq.lora_slot is None else seq.lora_slot] * n
+            if end == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+            max_ctx, max_q = max(max_ctx, end), max(max_q, n)
+            max_blocks = max(max_blocks, len(seq.block_table))
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in scheduled]
+        use_lora = self.slot_pools is not None and any(s >= 0 for s in lora)
+        batch = ForwardBatch(
+            positions=self._tensor(pos, torch.long), slot_mapping=self._tensor(slots, torch.long),
+            block_tables=self._tensor(tables, torch.long), token_seq=self._tensor(tseq, torch.long),
+            token_row=self._tensor(trow, torch.long), max_query_len=max_q, max_context_len=max_ctx,
+            lora_slot_ids=self._tensor(lora, torch.int32) if use_lora else None)
+        return self._tensor(ids, torch.long), batch, sample_rows
+
+    def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        vocab = self.spec.vocab_size
+        temps = [s.params.temperature for s in seqs]
+        gens = [self._generator(s) for s in seqs]
+        return SamplingTensors(
+            temperatures=self._tensor(temps, torch.float32),
+            top_ps=self._tensor([s.params.top_p for s in seqs], torch.float32),
+            top_ks=self._tensor([s.params.top_k or vocab for s in seqs], torch.long),
+            generators=gens, all_greedy=all(t == 0 for t in temps))
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        gen = self.seq_generators.get(seq.seq_id)
+        if gen is None:
+            gen = self.seq_generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
+        return gen
+
+    def release(self, seq: Sequence) -> None:
+        self.seq_generators.pop(seq.seq_id, None)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]], all_logits: bool = False,
+                return_logits: bool = False) -> StepResult:
+        input_ids, batch, rows = self.prepare(scheduled)
+        hidden = self.model(input_ids, batch)
+        sampled = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        logits = self.model.compute_logits(hidden[rows]) if rows else None
+        tokens = sample(logits, self._sampling_tensors(sampled), self.generator).tolist() if rows else []
+        it = iter(tokens)
+        token_ids = [next(it) if seq.num_computed_tokens + n == seq.num_tokens else None
+                     for seq, n in scheduled]
+        if all_logits:
+            logits = self.model.compute_logits(hidden)
+        return StepResult(token_ids, logits if (return_logits or all_logits) else None)

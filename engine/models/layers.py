@@ -1,0 +1,153 @@
+"""Building blocks of the MoE decoder, in our own torch modules.
+
+T = tokens, D = hidden, E = experts, K = experts per token, I = expert intermediate,
+H = query heads, G = KV heads, Dh = head dim.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+from engine.attention import ForwardBatch, paged_attention, write_kv
+from engine.models.spec import ModelSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T (+ b), plus each token's adapter delta from the slot pool `lora` (if any)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.lora: kernels.DenseLoRAWeights | None = None
+
+    def forward(self, x: Tensor, slot_ids: Tensor | None) -> Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and slot_ids is not None:
+            kernels.lora_linear_(x, out, self.lora, slot_ids)
+        return out
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [T]; q [T, H, Dh], k [T, G, Dh]."""
+        freqs = positions[:, None].float() * self.inv_freq.to(q.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(q.dtype)[:, None], emb.sin().to(q.dtype)[:, None]
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h, g, dh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = h, g, dh
+        self.q_proj = LoRALinear(d, h * dh, spec.attention_bias)
+        self.k_proj = LoRALinear(d, g * dh, spec.attention_bias)
+        self.v_proj = LoRALinear(d, g * dh, spec.attention_bias)
+        self.o_proj = LoRALinear(h * dh, d, spec.attention_bias)
+        self.qk_norm = spec.qk_norm
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(dh, spec.rms_norm_eps), RMSNorm(dh, spec.rms_norm_eps)
+        elif spec.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(h * dh, spec.rms_norm_eps), RMSNorm(g * dh, spec.rms_norm_eps)
+        self.clip_qkv = spec.clip_qkv
+        self.sliding_window = spec.sliding_window
+        self.rotary = Rotary(dh, spec.rope_theta)
+        self.k_cache: Tensor | None = None  # [N, S, G, Dh], bound by ModelRunner
+        self.v_cache: Tensor | None = None
+
+    def _qkv(self, x: Tensor, slots: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.q_proj(x, slots), self.k_proj(x, slots), self.v_proj(x, slots)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
+        q, k, v = self._qkv(x, batch.lora_slot_ids)
+        q, k = self.rotary(batch.positions, q, k)
+        write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
+        out = paged_attention(q, self.k_cache, self.v_cache, batch, self.head_dim ** -0.5,
+                              self.sliding_window)
+        return self.o_proj(out.reshape(x.shape[0], -1), batch.lora_slot_ids)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj, self.up_proj = LoRALinear(hidden, inter), LoRALinear(hidden, inter)
+        self.down_proj = LoRALinear(inter, hidden)
+
+    def forward(self, x: Tensor, slots: Tensor | None) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, slots)) * self.up_proj(x, slots), slots)
+
+
+class SparseMoE(nn.Module):
+    """Router + experts stacked [E, 2I, D] / [E, D, I]; LoRA through virtual experts."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        e, d, i = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
+        self.top_k, self.norm_topk_prob = spec.top_k, spec.norm_topk_prob
+        self.router = nn.Parameter(torch.empty(e, d), requires_grad=False)
+        self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, d), requires_grad=False)
+        self.w_down = nn.Parameter(torch.empty(e, d, i), requires_grad=False)
+        self.lora: kernels.MoELoRAWeights | None = None
+        self.per_adapter_loop = False  # benchmark baseline: one fused_moe per adapter in the batch
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        probs = torch.softmax(F.linear(x, self.router), dim=-1, dtype=torch.float32)  # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: Tensor, slots: Tensor | None) -> Tensor:
+        weights, ids = self.route(x)
+        if self.lora is None or slots is None:
+            return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        if self.per_adapter_loop:
+            return self._loop_over_adapters(x, weights, ids, slots)
+        return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids, self.lora, slots)
+
+    def _loop_over_adapters(self, x: Tensor, weights: Tensor, ids: Tensor, slots: Tensor) -> Tensor:
+        """Baseline the virtual experts replace: base once, then one masked MoE call per adapter."""
+        out = kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        for slot in torch.unique(slots).tolist():
+            if slot < 0:
+                continue
+            rows = (slots == slot).nonzero().squeeze(1)
+            one = torch.full_like(rows, slot, dtype=slots.dtype)
+            with_lora = kernels.fused_moe(x[rows], self.w_gate_up, self.w_down, weights[rows],
+                                          ids[rows], self.lora, one)
+            out[rows] = with_lora
+        return out

@@ -1,0 +1,53 @@
+"""MoECausalLM: one decoder for Qwen3-MoE, Mixtral and OLMoE (differences live in ModelSpec)."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.attention import ForwardBatch
+from engine.models.layers import Attention, DenseMLP, RMSNorm, SparseMoE
+from engine.models.spec import ModelSpec
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.self_attn = Attention(spec)
+        if spec.is_moe_layer(layer):
+            self.mlp = SparseMoE(spec)
+        else:
+            self.mlp = DenseMLP(spec.hidden_size, spec.intermediate_size)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.lora_slot_ids)
+
+
+class MoECausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Parameter(
+            torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: Tensor, batch: ForwardBatch) -> Tensor:
+        """input_ids [T] -> final hidden states [T, D]."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [B, D] -> logits [B, V] in float32."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.layers]
+
+    def moe_layers(self) -> list[SparseMoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]

@@ -1,0 +1,15 @@
+"""RequestOutput: one streamed update of one request."""
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    text: str = ""  # all text so far
+    error: Exception | None = None  # set when the request failed (e.g. AdapterLoadError)

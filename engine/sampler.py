@@ -1,0 +1,39 @@
+"""Sampling of the next token per sequence: greedy, temperature, top-k, top-p, per-request seed.
+
+B = sequences sampled this step, V = vocabulary.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    temperatures: Tensor  # [B] float32, 0 = greedy
+    top_ps: Tensor        # [B] float32
+    top_ks: Tensor        # [B] int64, V where no limit
+    generators: list      # [B] torch.Generator or None (None: the engine's shared generator)
+    all_greedy: bool
+
+
+@torch.no_grad()
+def sample(logits: Tensor, st: SamplingTensors, default_generator: torch.Generator) -> Tensor:
+    """logits [B, V] float32 -> token ids [B] int64."""
+    greedy = logits.argmax(dim=-1)
+    if st.all_greedy:
+        return greedy
+    scaled = logits / st.temperatures.clamp(min=1e-5)[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(logits.shape[1], device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= st.top_ks[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # drop a token when the tokens ranked above it already hold top_p of the mass
+    outside = probs.cumsum(dim=-1) - probs > st.top_ps[:, None]
+    probs = probs.masked_fill(outside, 0.0)
+    noise = torch.empty_like(probs).exponential_(generator=default_generator)
+    for row, gen in enumerate(st.generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    picked = order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
+    return torch.where(st.temperatures == 0, greedy, picked)

@@ -1,0 +1,72 @@
+"""Sequence: one request's tokens and bookkeeping, plain Python (no torch)."""
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True, frozen=True)
+class LoRARequest:
+    lora_name: str  # unique per adapter version, e.g. "tenantA/ad1@v1"
+    lora_path: str  # local directory with adapter_config.json + adapter_model.safetensors
+
+    def __post_init__(self):
+        if not self.lora_name or not self.lora_path:
+            raise InvalidRequestError("LoRARequest needs a non-empty lora_name and lora_path")
+
+    @property
+    def tenant(self) -> str:
+        return self.lora_name.split("/", 1)[0] if "/" in self.lora_name else self.lora_name
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(slots=True)
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    lora: LoRARequest | None = None
+    tenant: str = ""
+    arrival: float = 0.0
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    block_table: list[int] = field(default_factory=list)
+    lora_slot: int | None = None  # held slot (a reference in the LoRA manager)
+    finish_reason: str | None = None
+    error: Exception | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
