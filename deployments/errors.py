@@ -1,0 +1,130 @@
+"""Errors of the HTTP edge, rendered as OpenAI's error JSON.
+
+`APIError` carries the status, OpenAI `type` and `code`; `to_api_error` maps the typed
+errors of the engine and the adapter store onto it, so one exception handler answers
+every route the same way:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": null, "code": "..."}}
+"""
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+
+class APIError(Exception):
+    """An error with an HTTP status and OpenAI's error fields; the message says what to fix."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else None
+        return JSONResponse(self.body(), status_code=self.status_code, headers=headers)
+
+
+class BadRequestError(APIError):
+    status_code = 400
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(APIError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+
+
+class UnprocessableError(APIError):
+    status_code = 422
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class InternalError(APIError):
+    status_code = 500
+    error_type = "server_error"
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    error_type = "server_error"
+
+
+# Store limit codes that mean "the upload is too big" (413); other limits are counts (429).
+_SIZE_LIMIT_CODES = ("adapter_too_large", "too_large", "max_adapter_bytes", "size")
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The APIError a typed engine or store exception stands for (500 for anything else)."""
+    if isinstance(exc, APIError):
+        return exc
+    mapped = _map_store_error(exc) or _map_engine_error(exc)
+    if mapped is not None:
+        return mapped
+    return InternalError("internal error; the request id in the server log tells the operator "
+                         "where to look", code="internal_error")
+
+
+def _code_of(exc: BaseException, default: str) -> str:
+    code = getattr(exc, "code", None)
+    return str(code) if code else default
+
+
+def _map_store_error(exc: BaseException) -> APIError | None:
+    try:
+        from adapter_store import errors as store_errors
+    except ImportError:  # the store package is optional for the HTTP layer's own tests
+        return None
+    message = str(exc)
+    if isinstance(exc, store_errors.AdapterNotFoundError):
+        return NotFoundError(message, code="adapter_not_found", param="model")
+    if isinstance(exc, store_errors.LimitExceededError):
+        code = _code_of(exc, "limit_exceeded")
+        size = any(key in code for key in _SIZE_LIMIT_CODES) or "rank" in code
+        cls = PayloadTooLargeError if size else RateLimitError
+        return cls(message, code=code)
+    if isinstance(exc, store_errors.InvalidNameError):
+        return BadRequestError(message, code=_code_of(exc, "invalid_name"), param="name")
+    if isinstance(exc, store_errors.ValidationError):
+        return UnprocessableError(message, code=_code_of(exc, "invalid_adapter"))
+    if isinstance(exc, store_errors.StoreUnavailableError):
+        return ServiceUnavailableError(message, code="store_unavailable")
+    if isinstance(exc, store_errors.AdapterStoreError):
+        return InternalError(message, code=_code_of(exc, "store_error"))
+    return None
+
+
+def _map_engine_error(exc: BaseException) -> APIError | None:
+    from engine.errors import AdapterLoadError, EngineError, InvalidRequestError
+
+    if isinstance(exc, InvalidRequestError):
+        return BadRequestError(str(exc), code="invalid_request")
+    if isinstance(exc, AdapterLoadError):
+        return UnprocessableError(str(exc), code="adapter_load_failed", param="model")
+    if isinstance(exc, EngineError):
+        return InternalError(str(exc), code="engine_error")
+    return None

@@ -1,0 +1,254 @@
+"""`Ingress`: the FastAPI edge. Auth -> tenant, resolve `model`, route to an LLMServer.
+
+Completions go with `multiplexed_model_id = "<owner>/<adapter>@<version>"` so they land
+on replicas holding that adapter version; a new upload is a new version and therefore a
+new id, visible at once on every replica. Logs carry request ids, never prompts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from adapter_store.errors import AdapterStoreError
+from engine.errors import EngineError
+
+from deployments.args import AppArgs
+from deployments.errors import (APIError, BadRequestError, ServiceUnavailableError,
+                                to_api_error)
+from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
+from deployments.schemas import (AdapterCard, ChatCompletionRequest, CompletionRequest, ModelCard,
+                                 Usage)
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request: Request, exc: APIError):
+    return exc.response()
+
+
+@api.exception_handler(AdapterStoreError)
+@api.exception_handler(EngineError)
+async def _typed_error(_request: Request, exc: Exception):
+    api_error = to_api_error(exc)
+    if api_error.status_code >= 500:
+        logger.error("request failed: %s: %s", type(exc).__name__, exc)
+    return api_error.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+    return BadRequestError(message, code="invalid_request_body", param=where or None).response()
+
+
+def adapter_card(info) -> AdapterCard:
+    return AdapterCard(id=info.name, name=info.name, version=str(info.version), owner=info.tenant,
+                       shared=bool(info.shared), manifest=dict(info.manifest or {}))
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, llm, args: AppArgs):
+        from deployments.auth import TenantAuth
+        from deployments.limits import TenantLimiter
+        from deployments.metrics import IngressMetrics
+        from deployments.model_files import ensure_model
+
+        self._llm = llm
+        self._args = args
+        self._auth = TenantAuth.from_file(args.api_keys)
+        self._limiter = TenantLimiter(args.max_concurrent_requests_per_tenant,
+                                      self._auth.max_concurrent)
+        self._store = args.open_store()
+        self._base_dir = ensure_model(args)  # uploads are validated against its config.json
+        self._metrics = IngressMetrics()
+
+    # ---- health -------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self) -> dict:
+        try:
+            info = await asyncio.wait_for(self._llm.ready.remote(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            raise ServiceUnavailableError(f"no model replica answered: {type(exc).__name__}",
+                                          code="not_ready") from exc
+        return {"status": "ready", "model": self._args.model_name(), "engine": info["stats"]}
+
+    # ---- models and adapters ------------------------------------------------------
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        tenant = self._auth.tenant_of(request.headers)
+        adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
+        base = self._args.model_name()
+        cards = [ModelCard(id=base, owned_by="moeplex")]
+        cards += [ModelCard(id=a.name, owned_by=a.tenant, root=f"{a.name}@{a.version}",
+                            parent=base) for a in adapters]
+        return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+    @api.post("/v1/adapters", status_code=201)
+    async def upload_adapter(self, request: Request) -> dict:
+        from deployments.uploads import read_upload
+
+        tenant = self._auth.tenant_of(request.headers)
+        name, tmp = await read_upload(request, self._args.max_adapter_bytes)
+        try:
+            info = await asyncio.to_thread(self._store.put, tenant, name, tmp, self._base_dir,
+                                           limits=self._args.store_limits())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("tenant %s uploaded adapter %s@%s", tenant, info.name, info.version)
+        return adapter_card(info).model_dump()
+
+    @api.get("/v1/adapters")
+    async def list_adapters(self, request: Request) -> dict:
+        tenant = self._auth.tenant_of(request.headers)
+        adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
+        return {"object": "list", "data": [adapter_card(a).model_dump() for a in adapters]}
+
+    @api.get("/v1/adapters/{name}")
+    async def get_adapter(self, name: str, request: Request) -> dict:
+        tenant = self._auth.tenant_of(request.headers)
+        info = await asyncio.to_thread(self._store.resolve, tenant, name)
+        card = adapter_card(info).model_dump()
+        if info.tenant == tenant:
+            versions = await asyncio.to_thread(self._store.list_versions, tenant, info.name)
+            card["versions"] = [str(v.version) for v in versions]
+        return card
+
+    @api.delete("/v1/adapters/{name}")
+    async def delete_adapter(self, name: str, request: Request, version: str | None = None):
+        tenant = self._auth.tenant_of(request.headers)
+        await asyncio.to_thread(self._store.delete, tenant, name, version)
+        logger.info("tenant %s deleted adapter %s (version %s)", tenant, name, version or "all")
+        return {"id": name, "object": "adapter", "deleted": True}
+
+    # ---- completions --------------------------------------------------------------
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        payload = {"prompt": body.prompt, "max_tokens": body.max_tokens}
+        return await self._complete(request, body, payload, COMPLETION)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as exc:
+            raise BadRequestError(str(exc), code="unsupported_content", param="messages") from exc
+        payload = {"messages": messages, "max_tokens": body.token_budget()}
+        return await self._complete(request, body, payload, CHAT)
+
+    async def _complete(self, request: Request, body, payload: dict, kind: str):
+        route = "chat" if kind == CHAT else "completions"
+        tenant = self._auth.tenant_of(request.headers)
+        self._limiter.acquire(tenant)
+        try:
+            model_id = await self._multiplexed_id(tenant, body.model)
+            self._check_budget(payload["max_tokens"])
+            rid = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+            payload.update(request_id=rid, tenant=tenant, temperature=body.temperature,
+                           top_p=body.top_p, seed=body.seed, stop=body.stop_sequences())
+            logger.info("request %s tenant %s model %s stream=%s", rid, tenant, model_id or "base",
+                        body.stream)
+            items = self._llm.options(stream=True, multiplexed_model_id=model_id) \
+                .generate.remote(payload)
+            first = await _first_item(items, rid)
+        except BaseException as exc:
+            self._limiter.release(tenant)
+            self._metrics.request(tenant, route, to_api_error(exc).status_code)
+            raise
+        builder = ResponseBuilder(kind, rid, body.model)
+        self._metrics.request(tenant, route, 200)
+        if body.stream:
+            events = sse_events(builder, self._released(tenant, rid, first, items),
+                                body.include_usage_in_stream())
+            return StreamingResponse(events, media_type="text/event-stream")
+        try:
+            return await _collect(builder, first, items)
+        finally:
+            self._limiter.release(tenant)
+
+    async def _released(self, tenant: str, rid: str, first: dict, items):
+        """The replica items (first one included); frees the tenant's slot at the end."""
+        try:
+            yield first
+            async for item in items:
+                yield item
+        except Exception as exc:  # noqa: BLE001 - e.g. the replica died mid-stream
+            logger.warning("request %s stream broke: %s", rid, type(exc).__name__)
+            yield {"error": _lost_replica(exc).body()["error"]}
+        finally:
+            self._limiter.release(tenant)
+
+    async def _multiplexed_id(self, tenant: str, model: str) -> str:
+        if model == self._args.model_name():
+            return ""
+        info = await asyncio.to_thread(self._store.resolve, tenant, model)
+        return f"{info.tenant}/{info.name}@{info.version}"
+
+    def _check_budget(self, max_tokens: int | None) -> None:
+        limit = self._args.max_model_len
+        if max_tokens is not None and max_tokens >= limit:
+            raise BadRequestError(
+                f"max_tokens={max_tokens} does not fit this model's context of {limit} tokens "
+                "(prompt included); ask for fewer tokens", code="max_tokens_too_large",
+                param="max_tokens")
+
+
+def _lost_replica(exc: BaseException) -> APIError:
+    return ServiceUnavailableError(
+        f"the model replica serving this request went away ({type(exc).__name__}); retry",
+        code="replica_unavailable")
+
+
+async def _first_item(items, request_id: str) -> dict:
+    try:
+        first = await items.__anext__()
+    except StopAsyncIteration:
+        raise ServiceUnavailableError("the replica closed the stream without output; retry",
+                                      code="empty_stream") from None
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray errors (actor died, unavailable)
+        logger.warning("request %s: replica call failed: %s", request_id, type(exc).__name__)
+        raise _lost_replica(exc) from exc
+    if "error" in first:
+        raise _error_from_item(first["error"])
+    return first
+
+
+def _error_from_item(error: dict) -> APIError:
+    exc = APIError(error["message"], code=error.get("code"), param=error.get("param"))
+    exc.status_code, exc.error_type = error["status"], error["type"]
+    return exc
+
+
+async def _collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
+    text, item = [first["text"]], first
+    while item.get("finish_reason") is None:
+        try:
+            item = await items.__anext__()
+        except StopAsyncIteration:
+            raise ServiceUnavailableError("the stream ended before the request finished; retry",
+                                          code="truncated_stream") from None
+        except Exception as exc:  # noqa: BLE001
+            raise _lost_replica(exc) from exc
+        if "error" in item:
+            raise _error_from_item(item["error"])
+        text.append(item["text"])
+    usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
+    return JSONResponse(builder.full("".join(text), item["finish_reason"], usage))

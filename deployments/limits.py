@@ -1,0 +1,40 @@
+"""Per-tenant concurrent-request limit of one ingress replica (429 when exceeded).
+
+The count lives in the ingress replica, so with k ingress replicas a tenant may hold up
+to k times its limit; the engine's own queue bounds the total work either way.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from deployments.errors import RateLimitError
+
+
+class TenantLimiter:
+    def __init__(self, default_limit: int, limit_of: Callable[[str], int | None] = lambda t: None):
+        self._default = default_limit
+        self._limit_of = limit_of
+        self._active: Counter[str] = Counter()
+
+    def limit(self, tenant: str) -> int:
+        return self._limit_of(tenant) or self._default
+
+    def active(self, tenant: str) -> int:
+        return self._active[tenant]
+
+    def can_acquire(self, tenant: str) -> bool:
+        return self._active[tenant] < self.limit(tenant)
+
+    def acquire(self, tenant: str) -> None:
+        if not self.can_acquire(tenant):
+            raise RateLimitError(
+                f"tenant {tenant!r} already has {self._active[tenant]} requests in flight (limit "
+                f"{self.limit(tenant)}); wait for one to finish and retry",
+                code="too_many_concurrent_requests")
+        self._active[tenant] += 1
+
+    def release(self, tenant: str) -> None:
+        self._active[tenant] -= 1
+        if self._active[tenant] <= 0:
+            del self._active[tenant]

@@ -1,0 +1,150 @@
+"""`LLMServer`: one Serve replica owning one engine; streams token deltas to the ingress.
+
+Requests arrive with `multiplexed_model_id = "<owner>/<adapter>@<version>"` (or "" for
+the base model). `serve.multiplexed` keeps the adapters this replica has fetched, so
+the router sends an adapter's requests to replicas that already hold it; the loader
+resolves the adapter in the store and fetches its files through the DiskCache off the
+event loop, then hands the engine a `LoRARequest`. Every tenant's requests go into the
+same engine, which batches them together.
+
+The replica yields plain dicts; the last one has `finish_reason` and token counts, or
+`error` (status, message, code) when the request failed after it was accepted.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from deployments.args import AppArgs
+from deployments.errors import to_api_error
+
+logger = logging.getLogger("ray.serve")
+_STATS_PERIOD_S = 1.0
+
+
+class LLMServer:
+    def __init__(self, args: AppArgs):
+        from adapter_store import DiskCache
+        from engine import AsyncLLMEngine
+
+        from deployments.metrics import ReplicaMetrics
+        from deployments.model_files import ensure_model
+
+        self._args = args
+        self._model_dir = ensure_model(args)
+        self._engine = AsyncLLMEngine(args.engine_config(self._model_dir))
+        self._store = args.open_store()
+        self._cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
+        self._metrics = ReplicaMetrics()
+        # Wired at init so `max_num_models_per_replica` can come from the app's args.
+        self._get_adapter = serve.multiplexed(
+            max_num_models_per_replica=args.adapters_per_replica())(self._load_adapter)
+        self._stats_task: asyncio.Task | None = None
+
+    async def _load_adapter(self, model_id: str):
+        """Multiplexed loader: `owner/name@version` -> LoRARequest with a local directory."""
+        from engine import LoRARequest
+
+        owner, _, ref = model_id.partition("/")
+        started = time.perf_counter()
+        info = await asyncio.to_thread(self._store.resolve, owner, ref)
+        local_dir = await asyncio.to_thread(self._cache.fetch, self._store, info)
+        self._metrics.adapter_loads.inc()
+        self._metrics.adapter_load_latency.observe(time.perf_counter() - started)
+        logger.info("fetched adapter %s into %s", model_id, local_dir)
+        return LoRARequest(lora_name=model_id, lora_path=str(local_dir))
+
+    def _ensure_stats_task(self) -> None:
+        if self._stats_task is None or self._stats_task.done():
+            self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
+
+    async def _publish_stats(self) -> None:
+        while True:
+            self._metrics.engine_stats(self._engine.stats())
+            await asyncio.sleep(_STATS_PERIOD_S)
+
+    def _prompt_of(self, request: dict) -> str | list[int]:
+        if request.get("messages") is None:
+            return request["prompt"]
+        return self._engine.tokenizer.apply_chat_template(
+            request["messages"], tokenize=False, add_generation_prompt=True)
+
+    def _sampling_params(self, request: dict, prompt):
+        from engine import SamplingParams
+
+        max_tokens = request.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = 16 if request.get("messages") is None else self._room_left(prompt)
+        return SamplingParams(max_tokens=max_tokens, temperature=request["temperature"],
+                              top_p=request["top_p"], seed=request.get("seed"),
+                              stop=tuple(request.get("stop") or ()))
+
+    def _room_left(self, prompt) -> int:
+        num_prompt = len(prompt) if isinstance(prompt, list) else len(
+            self._engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return max(1, self._args.max_model_len - num_prompt)
+
+    async def generate(self, request: dict):
+        """Stream `{"text", ...}` dicts for one request; see the module docstring."""
+        self._ensure_stats_task()
+        rid, tenant = request["request_id"], request["tenant"]
+        try:
+            model_id = serve.get_multiplexed_model_id()
+            lora = await self._get_adapter(model_id) if model_id else None
+            if lora is not None:
+                self._metrics.adapter_requests.inc()
+            prompt = self._prompt_of(request)
+            params = self._sampling_params(request, prompt)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
+            yield _error_item(rid, exc)
+            return
+        async for item in self._stream(rid, tenant, prompt, params, lora):
+            yield item
+
+    async def _stream(self, rid: str, tenant: str, prompt, params, lora):
+        started = time.perf_counter()
+        first_token_at = None
+        try:
+            async for out in self._engine.generate(prompt, params, request_id=rid, lora=lora):
+                if out.error is not None:
+                    yield _error_item(rid, out.error)
+                    return
+                if first_token_at is None and out.token_ids_delta:
+                    first_token_at = time.perf_counter()
+                item = {"text": out.text_delta, "num_tokens": len(out.token_ids_delta)}
+                if out.finished:
+                    item.update(finish_reason=out.finish_reason,
+                                prompt_tokens=out.num_prompt_tokens,
+                                completion_tokens=out.num_output_tokens)
+                    ttft = None if first_token_at is None else first_token_at - started
+                    decode = 0.0 if first_token_at is None else time.perf_counter() - first_token_at
+                    self._metrics.finished(tenant, out.num_prompt_tokens, out.num_output_tokens,
+                                           ttft, decode)
+                yield item
+        except asyncio.CancelledError:
+            self._engine.abort(rid)  # the client went away: free its KV blocks and slot
+            logger.info("request %s cancelled by the caller", rid)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            yield _error_item(rid, exc)
+
+    async def ready(self) -> dict:
+        return {"model": str(self._model_dir), "stats": self._engine.stats()}
+
+    async def check_health(self) -> None:
+        check = getattr(self._engine, "check_health", None)
+        if check is not None:
+            await asyncio.to_thread(check) if not asyncio.iscoroutinefunction(check) else await check()
+
+
+def _error_item(request_id: str, exc: BaseException) -> dict:
+    api_error = to_api_error(exc)
+    level = logging.WARNING if api_error.status_code < 500 else logging.ERROR
+    logger.log(level, "request %s failed: %s: %s", request_id, type(exc).__name__, exc,
+               exc_info=api_error.status_code >= 500)
+    return {"error": {"status": api_error.status_code, "type": api_error.error_type,
+                      "message": api_error.message, "code": api_error.code,
+                      "param": api_error.param}}

@@ -1,0 +1,83 @@
+"""Reading an adapter upload (multipart) into a temporary directory, within limits.
+
+The form carries a field `name` and the files `adapter_config.json` and
+`adapter_model.safetensors` in a repeated field `files`, each under its own filename:
+`curl -F name=n -F files=@adapter_config.json -F files=@adapter_model.safetensors`.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from deployments.errors import BadRequestError, PayloadTooLargeError
+
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_CHUNK = 1 << 20
+_FORM_OVERHEAD = 64 << 10  # multipart boundaries and the name field
+
+
+def check_content_length(request: Request, max_bytes: int) -> None:
+    """Refuse a body whose declared size is over the limit before reading any of it."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes + _FORM_OVERHEAD:
+        raise PayloadTooLargeError(
+            f"upload of {int(declared)} bytes is over this server's adapter size limit of "
+            f"{max_bytes} bytes; train a smaller rank or ask the operator for a higher limit",
+            code="adapter_too_large")
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[str, Path]:
+    """(adapter name, temp dir holding the two files); the caller removes the dir."""
+    check_content_length(request, max_bytes)
+    form = await request.form(max_files=len(REQUIRED_FILES) + 1, max_fields=4)
+    try:
+        name = form.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequestError("the form needs a text field `name` (the adapter's name)",
+                                  code="missing_name", param="name")
+        uploads = _files_by_name(form.getlist("files"))
+        target = Path(tempfile.mkdtemp(prefix="moeplex-upload-"))
+        try:
+            await _save_within(uploads, target, max_bytes)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        return name, target
+    finally:
+        await form.close()
+
+
+def _files_by_name(parts: list) -> dict[str, UploadFile]:
+    files = [p for p in parts if isinstance(p, UploadFile)]
+    by_name = {Path(f.filename or "").name: f for f in files}
+    unexpected = sorted(set(by_name) - set(REQUIRED_FILES))
+    if unexpected:
+        raise BadRequestError(
+            f"unexpected file(s) {unexpected}: upload exactly {list(REQUIRED_FILES)} in the "
+            "`files` field (pickled .bin/.pt weights are refused; convert to safetensors)",
+            code="unexpected_file", param="files")
+    missing = [n for n in REQUIRED_FILES if n not in by_name]
+    if missing or len(files) != len(REQUIRED_FILES):
+        raise BadRequestError(
+            f"missing file(s) {missing}: send each of {list(REQUIRED_FILES)} once in the "
+            "repeated `files` field (curl -F files=@adapter_config.json "
+            "-F files=@adapter_model.safetensors)", code="missing_file", param="files")
+    return by_name
+
+
+async def _save_within(uploads: dict[str, UploadFile], target: Path, max_bytes: int) -> None:
+    total = 0
+    for filename, upload in uploads.items():
+        with open(target / filename, "wb") as out:
+            while chunk := await upload.read(_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise PayloadTooLargeError(
+                        f"adapter files are over the size limit of {max_bytes} bytes; train a "
+                        "smaller rank or ask the operator for a higher limit",
+                        code="adapter_too_large")
+                out.write(chunk)

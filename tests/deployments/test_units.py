@@ -1,0 +1,147 @@
+"""Unit tests of the HTTP edge without Ray: auth, error mapping, schemas, limits, args."""
+import json
+
+import pytest
+
+from deployments.args import AppArgs
+from deployments.auth import KeyFileError, TenantAuth, hash_key, load_key_file
+from deployments.errors import (AuthenticationError, BadRequestError, NotFoundError,
+                                PayloadTooLargeError, PermissionDeniedError, RateLimitError,
+                                to_api_error)
+from deployments.limits import TenantLimiter
+from deployments.metrics import counter_deltas
+from deployments.schemas import ChatCompletionRequest, CompletionRequest
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "tenants:\n"
+        f"  acme:\n    key_sha256: ['{hash_key('sk-acme')}']\n    max_concurrent_requests: 2\n"
+        f"  globex:\n    key_sha256: ['{hash_key('sk-globex-1')}', '{hash_key('sk-globex-2')}']\n")
+    return path
+
+
+def test_key_file_maps_keys_to_tenants_and_stores_only_hashes(key_file):
+    auth = TenantAuth.from_file(key_file)
+    assert "sk-acme" not in key_file.read_text()
+    assert auth.tenant_of({"authorization": "Bearer sk-acme"}) == "acme"
+    assert auth.tenant_of({"authorization": "bearer sk-globex-2"}) == "globex"
+    assert auth.tenant_of({"authorization": "Bearer sk-acme", "x-tenant-id": "acme"}) == "acme"
+    assert auth.max_concurrent("acme") == 2 and auth.max_concurrent("globex") is None
+
+
+@pytest.mark.parametrize("headers, error", [
+    ({}, AuthenticationError),
+    ({"authorization": "Bearer sk-wrong"}, AuthenticationError),
+    ({"authorization": "Basic sk-acme"}, AuthenticationError),
+    ({"x-tenant-id": "acme"}, AuthenticationError),
+    ({"authorization": "Bearer sk-acme", "x-tenant-id": "globex"}, PermissionDeniedError),
+])
+def test_key_mode_refuses_bad_credentials(key_file, headers, error):
+    with pytest.raises(error):
+        TenantAuth.from_file(key_file).tenant_of(headers)
+
+
+def test_dev_mode_takes_the_tenant_header_and_checks_it():
+    auth = TenantAuth.from_file(None)
+    assert auth.tenant_of({"x-tenant-id": "team-1"}) == "team-1"
+    with pytest.raises(AuthenticationError):
+        auth.tenant_of({})
+    with pytest.raises(BadRequestError, match="tenant id"):
+        auth.tenant_of({"x-tenant-id": "../etc"})
+
+
+@pytest.mark.parametrize("text, match", [
+    ("tenants:\n  acme:\n    key_sha256: ['sk-plain-key']\n", "sha256"),
+    ("tenants:\n  'a/b':\n    key_sha256: ['" + "0" * 64 + "']\n", "tenant id"),
+    ("tenant: {}\n", "malformed"),
+    ("tenants: [\n", "cannot read"),
+])
+def test_malformed_key_files_are_refused_with_the_fix(tmp_path, text, match):
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(KeyFileError, match=match):
+        load_key_file(path)
+
+
+def test_store_and_engine_errors_map_to_openai_statuses():
+    from adapter_store import errors as se
+    from engine.errors import AdapterLoadError, EngineError, InvalidRequestError
+
+    cases = [
+        (se.AdapterNotFoundError("no adapter x"), NotFoundError, 404),
+        (se.LimitExceededError("too big", code="adapter_too_large"), PayloadTooLargeError, 413),
+        (se.LimitExceededError("too many", code="too_many_adapters"), RateLimitError, 429),
+        (se.InvalidNameError("bad name"), BadRequestError, 400),
+        (se.ValidationError("wrong shape"), None, 422),
+        (se.StoreUnavailableError("down"), None, 503),
+        (InvalidRequestError("top_p must be in (0, 1]"), BadRequestError, 400),
+        (AdapterLoadError("bad file"), None, 422),
+        (EngineError("boom"), None, 500),
+        (RuntimeError("secret detail"), None, 500),
+    ]
+    for exc, cls, status in cases:
+        api_error = to_api_error(exc)
+        assert api_error.status_code == status, exc
+        assert cls is None or isinstance(api_error, cls)
+        body = api_error.body()["error"]
+        assert set(body) == {"message", "type", "param", "code"}
+    assert "secret" not in to_api_error(RuntimeError("secret detail")).message
+
+
+def test_request_schemas_validate_openai_fields():
+    ok = CompletionRequest.model_validate({"model": "m", "prompt": ["hi"], "stop": "\n"})
+    assert ok.prompt == "hi" and ok.stop_sequences() == ("\n",)
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompt == [1, 2]
+    for bad in [{"model": "m"}, {"model": "m", "prompt": "x", "max_tokens": "many"},
+                {"model": "m", "prompt": "x", "temperature": 3}, {"model": "m", "prompt": []},
+                {"model": "m", "prompt": "x", "n": 2}, {"model": "m", "prompt": ["a", "b"]},
+                {"model": "m", "prompt": "x", "stop": ["a"] * 5}]:
+        with pytest.raises(ValueError):
+            CompletionRequest.model_validate(bad)
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+         "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}})
+    assert chat.messages[0].text() == "a" and chat.token_budget() == 5
+    assert chat.include_usage_in_stream()
+
+
+def test_tenant_limiter_counts_per_tenant():
+    limiter = TenantLimiter(2, {"vip": 3}.get)
+    for _ in range(2):
+        limiter.acquire("a")
+    with pytest.raises(RateLimitError):
+        limiter.acquire("a")
+    limiter.acquire("b")
+    limiter.release("a")
+    limiter.acquire("a")
+    for _ in range(3):
+        limiter.acquire("vip")
+    assert not limiter.can_acquire("vip") and limiter.active("b") == 1
+
+
+def test_engine_counter_deltas_are_increments():
+    last = {}
+    assert counter_deltas(last, {"lora_slot_loads": 3, "running": 9}) == {"lora_slot_loads": 3}
+    assert counter_deltas(last, {"lora_slot_loads": 5, "lora_slot_hits": 1}) == {
+        "lora_slot_loads": 2, "lora_slot_hits": 1}
+    assert counter_deltas(last, {"lora_slot_loads": 5}) == {}
+
+
+def test_app_args_defaults_and_scaling(tmp_path):
+    args = AppArgs(cache_dir=str(tmp_path))
+    assert args.store_uri() == str(tmp_path / "adapter-store")
+    assert args.replica_options()["num_replicas"] == 1
+    scaled = AppArgs.model_validate({"autoscaling_config": json.dumps({"min_replicas": 1}),
+                                     "replica_resources": {"moeplex_worker": 1}})
+    opts = scaled.replica_options()
+    assert opts["autoscaling_config"] == {"min_replicas": 1} and "num_replicas" not in opts
+    assert opts["ray_actor_options"]["resources"] == {"moeplex_worker": 1}
+    with pytest.raises(ValueError, match="not both"):
+        AppArgs(num_replicas=2, autoscaling_config={"min_replicas": 1})
+    with pytest.raises(ValueError):
+        AppArgs(max_lora_rank=0)
+    with pytest.raises(ValueError):
+        AppArgs(modle="typo")
