@@ -1,1 +1,11 @@
-"""moeplex adapter_store package."""
+"""moeplex adapter store: tenant LoRA adapters in S3 or a local directory.
+
+    store = open_store("s3://bucket/prefix" | "/dir" | "file:///dir")
+    info = store.put(tenant, name, src_dir, base_model_dir)   # validated, new immutable version
+    path = DiskCache(cache_dir, max_bytes).fetch(store, store.resolve(tenant, "name"))
+"""
+from adapter_store.cache import DiskCache
+from adapter_store.store import AdapterInfo, AdapterStore, open_store
+from adapter_store.validate import StoreLimits
+
+__all__ = ["AdapterInfo", "AdapterStore", "DiskCache", "StoreLimits", "open_store"]

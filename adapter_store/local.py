@@ -1,0 +1,97 @@
+"""LocalStore: the adapter store in a local directory (the embedded default).
+
+Every write goes to a hidden temporary file in the target directory and is renamed
+into place, so readers see a whole file or none; the manifest is renamed in last.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from adapter_store.errors import StoreUnavailableError
+from adapter_store.store import AdapterStore, Progress
+
+_TMP_PREFIX = ".tmp-"
+_CHUNK = 4 << 20
+
+
+class LocalStore(AdapterStore):
+    """Adapters under `root_dir` (created if missing)."""
+
+    def __init__(self, root_dir: str | Path, chunk_bytes: int = _CHUNK):
+        self.root = Path(root_dir).expanduser().absolute()
+        self.uri = str(self.root)
+        self.chunk_bytes = chunk_bytes
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot create the store directory {self.root}: {exc}; "
+                                        "pick a writable path", code="unreachable") from None
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _read(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+
+    def _upload_file(self, key: str, path: Path, progress: Progress) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}")
+        try:
+            _copy(path, tmp, self.chunk_bytes, progress)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _download_file(self, key: str, dest: Path, size: int, progress: Progress) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise StoreUnavailableError(f"{src} vanished while being read (deleted concurrently?); retry",
+                                        code="unreachable")
+        _copy(src, dest, self.chunk_bytes, progress)
+
+    def _list_children(self, prefix: str) -> list[str]:
+        try:
+            return [p.name for p in self._path(prefix).iterdir() if not p.name.startswith(_TMP_PREFIX)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def _delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            # Rename first so no reader ever walks a half-deleted tree.
+            doomed = path.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _copy(src: Path, dest: Path, chunk_bytes: int, progress: Progress) -> None:
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(chunk_bytes):
+            fout.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        fout.flush()
+        os.fsync(fout.fileno())

@@ -1,0 +1,173 @@
+"""S3Store: the adapter store in S3 or any S3-compatible service (MinIO, R2, Ceph RGW).
+
+- Credentials come from boto3's standard chain (env, config files, instance roles).
+- Uploads go through boto3's managed transfer: multipart above `chunk_bytes`, parts
+  in parallel, each part retried by botocore.
+- Downloads are parallel ranged GETs into a preallocated file; each range is retried
+  with exponential backoff and jitter on throttling, 5xx, timeouts and dropped
+  connections (botocore retries the request, not a body that breaks mid-stream).
+- The manifest is one PUT after every file is in place, and S3 PUTs are atomic, so
+  no reader ever sees a partial version.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from adapter_store.errors import AdapterStoreError, StoreUnavailableError
+from adapter_store.store import AdapterStore, Progress
+
+_CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                     "InvalidToken", "InvalidClientTokenId", "UnrecognizedClientException", "403"}
+_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                "ServiceUnavailable", "500", "502", "503", "504"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+class S3Store(AdapterStore):
+    """Adapters under `s3://bucket/prefix`."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
+                 chunk_bytes: int = 16 << 20, concurrency: int = 8, max_attempts: int = 5,
+                 backoff_s: float = 0.2, timeout_s: float = 30.0):
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if not uri.startswith("s3://") or not bucket:
+            raise AdapterStoreError(f"bad S3 URI {uri!r}; expected s3://bucket[/prefix]", code="bad_store_uri")
+        self.uri, self.bucket, self.prefix = uri, bucket, prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.chunk_bytes, self.concurrency = chunk_bytes, concurrency
+        self.max_attempts, self.backoff_s = max_attempts, backoff_s
+        config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
+                        connect_timeout=timeout_s, read_timeout=timeout_s,
+                        max_pool_connections=max(10, 2 * concurrency),
+                        s3={"addressing_style": "path" if endpoint_url else "auto"})
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url,
+                                                     region_name=region, config=config)
+        self._transfer = TransferConfig(multipart_threshold=chunk_bytes, multipart_chunksize=chunk_bytes,
+                                        max_concurrency=concurrency, use_threads=True)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri!r}, endpoint_url={self.endpoint_url!r})"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, key: str):
+        """Translate boto errors into the store's typed errors, with what to do about them."""
+        where = f"s3://{self.bucket}/{self._key(key)}"
+        try:
+            yield
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise StoreUnavailableError(f"no usable AWS credentials to {action} {where} ({exc}); set "
+                                        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+                                        code="bad_credentials") from None
+        except ClientError as exc:
+            raise self._client_error(exc, action, where) from None
+        except (BotoCoreError, Urllib3Error, ConnectionError) as exc:
+            raise StoreUnavailableError(f"S3 endpoint unreachable while trying to {action} {where} "
+                                        f"after {self.max_attempts} attempts ({exc}); check the endpoint "
+                                        "URL and network, then retry", code="unreachable") from None
+
+    def _client_error(self, exc: ClientError, action: str, where: str) -> AdapterStoreError:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return StoreUnavailableError(f"bucket {self.bucket!r} does not exist: create it or fix the "
+                                         "store URI (--store / MOEPLEX_STORE)", code="missing_bucket")
+        if code in _CREDENTIAL_CODES:
+            return StoreUnavailableError(f"S3 refused to {action} {where} ({code}): check the AWS "
+                                         "credentials and the bucket policy", code="bad_credentials")
+        return StoreUnavailableError(f"S3 failed to {action} {where}: {code} {exc}", code="s3_error")
+
+    def _read(self, key: str) -> bytes | None:
+        with self._errors("read", key):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in _MISSING:
+                    return None
+                raise
+
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors("write", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def _upload_file(self, key: str, path: Path, progress: Progress) -> None:
+        with self._errors("upload", key):
+            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer,
+                                    Callback=progress)
+
+    def _download_file(self, key: str, dest: Path, size: int, progress: Progress) -> None:
+        ranges = [(start, min(start + self.chunk_bytes, size) - 1)
+                  for start in range(0, size, self.chunk_bytes)]
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            with self._errors("download", key), ThreadPoolExecutor(self.concurrency) as pool:
+                for done in pool.map(lambda r: self._get_range(key, fd, r, progress), ranges):
+                    pass
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _get_range(self, key: str, fd: int, byte_range: tuple[int, int], progress: Progress) -> None:
+        first, last = byte_range
+        for attempt in range(self.max_attempts):
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                              Range=f"bytes={first}-{last}")["Body"]
+                offset = first
+                while chunk := body.read(1 << 20):
+                    os.pwrite(fd, chunk, offset)
+                    offset += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                if offset != last + 1:
+                    raise StoreUnavailableError(f"short read of bytes {first}-{last}", code="unreachable")
+                return
+            except (BotoCoreError, ClientError, StoreUnavailableError, Urllib3Error, ConnectionError) as exc:
+                if attempt + 1 == self.max_attempts or not _retryable(exc):
+                    raise
+                time.sleep(self.backoff_s * 2 ** attempt * (0.5 + random.random()))
+
+    def _list_children(self, prefix: str) -> list[str]:
+        base = self._key(prefix).rstrip("/") + "/"
+        names = set()
+        with self._errors("list", prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base, Delimiter="/")
+            for page in pages:
+                names.update(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
+                names.update(o["Key"][len(base):] for o in page.get("Contents", []))
+        return sorted(n for n in names if n)
+
+    def _delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def _delete_prefix(self, prefix: str) -> None:
+        base = self._key(prefix).rstrip("/") + "/"
+        with self._errors("delete", prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            for page in pages:
+                objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if objects:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        return error.get("Code") in _RETRY_CODES or status in _RETRY_CODES
+    return True  # connection drops, timeouts, short reads, broken streams

@@ -1,0 +1,111 @@
+"""Read a safetensors file without torch: parse the header, check values are finite.
+
+Layout: 8 bytes little-endian header length N, N bytes of JSON
+`{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`,
+then the tensor bytes, offsets relative to the end of the header.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adapter_store.errors import ValidationError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Floating dtypes a LoRA adapter may hold, as (unsigned view, exponent mask, itemsize).
+# A float is NaN or Inf exactly when all its exponent bits are set; bf16 has no numpy
+# dtype, so every float is read as unsigned integers and its exponent bits tested.
+FLOAT_DTYPES = {
+    "F64": (np.dtype("<u8"), 0x7FF0000000000000, 8),
+    "F32": (np.dtype("<u4"), 0x7F800000, 4),
+    "F16": (np.dtype("<u2"), 0x7C00, 2),
+    "BF16": (np.dtype("<u2"), 0x7F80, 2),
+}
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int
+
+
+def _bad(message: str) -> ValidationError:
+    return ValidationError(
+        f"adapter_model.safetensors is not a valid safetensors file: {message}; "
+        "re-save it with safetensors (e.g. PEFT's save_pretrained(safe_serialization=True))",
+        code="bad_safetensors",
+    )
+
+
+def read_header(path: Path) -> list[TensorEntry]:
+    """Parse and check the header of `path`; raise ValidationError if malformed."""
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _bad("file shorter than 8 bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER_BYTES, file_size - 8):
+            raise _bad(f"header length {n} exceeds the file or {MAX_HEADER_BYTES} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _bad(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = [_entry(key, meta, 8 + n) for key, meta in header.items()]
+    _check_layout(entries, 8 + n, file_size)
+    return entries
+
+
+def _entry(key: str, meta, data_start: int) -> TensorEntry:
+    try:
+        dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise _bad(f"tensor {key!r} has a malformed header entry")
+    if dtype not in FLOAT_DTYPES:
+        raise ValidationError(
+            f"tensor {key!r} has dtype {dtype}; LoRA weights must be floating point "
+            f"({', '.join(FLOAT_DTYPES)})", code="bad_dtype")
+    if end - begin != math.prod(shape) * FLOAT_DTYPES[dtype][2]:
+        raise _bad(f"tensor {key!r}: byte range does not match dtype and shape {list(shape)}")
+    return TensorEntry(key, dtype, shape, data_start + begin, data_start + end)
+
+
+def _check_layout(entries: list[TensorEntry], data_start: int, file_size: int) -> None:
+    """Tensors must tile the data section exactly: no overlap, no gap, no trailing bytes."""
+    cursor = data_start
+    for e in sorted(entries, key=lambda e: e.begin):
+        if e.begin != cursor:
+            raise _bad(f"tensor {e.key!r} overlaps another or leaves a gap")
+        cursor = e.end
+    if cursor != file_size:
+        raise _bad(f"data section ends at byte {cursor} but the file has {file_size}")
+
+
+def count_non_finite(path: Path, entry: TensorEntry) -> int:
+    """Number of NaN/Inf values in one tensor, read in chunks through a memory map."""
+    view, mask, itemsize = FLOAT_DTYPES[entry.dtype]
+    count = (entry.end - entry.begin) // itemsize
+    if count == 0:
+        return 0
+    data = np.memmap(path, dtype=view, mode="r", offset=entry.begin, shape=(count,))
+    bad = 0
+    for start in range(0, count, _CHUNK_ELEMENTS):
+        chunk = data[start:start + _CHUNK_ELEMENTS]
+        bad += int(np.count_nonzero((chunk & view.type(mask)) == view.type(mask)))
+    del data
+    return bad

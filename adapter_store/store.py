@@ -1,0 +1,278 @@
+"""The adapter store API over a key/blob backend, and `open_store(uri)`.
+
+Layout (shared DESIGN.md), keys relative to the store root:
+
+    tenants/{tenant}/adapters/{name}/versions/{version}/adapter_config.json
+    tenants/{tenant}/adapters/{name}/versions/{version}/adapter_model.safetensors
+    tenants/{tenant}/adapters/{name}/versions/{version}/manifest.json   <- written last
+    shared/{tenant}/{name}                                               <- operator's share mark
+
+A version without manifest.json does not exist for readers. Version names sort by
+creation time (UTC, microseconds) and end in a random suffix, so concurrent uploads
+of one name get distinct versions. Other tenants name a shared adapter `owner/name`;
+a plain `name` means the caller's own adapter, else the one shared adapter of that name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from adapter_store.errors import AdapterNotFoundError, LimitExceededError
+from adapter_store.names import check_name, parse_ref
+from adapter_store.validate import ADAPTER_FILES, StoreLimits, validate_adapter
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+Progress = Callable[[int], None] | None  # called with the number of bytes just moved
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """One visible version of an adapter; `tenant` is its owner."""
+
+    tenant: str
+    name: str
+    version: str
+    manifest: dict
+    shared: bool = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.tenant}/{self.name}@{self.version}"
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f["size"] for f in self.manifest["files"].values())
+
+
+def _adapter_key(tenant: str, name: str) -> str:
+    return f"tenants/{tenant}/adapters/{name}"
+
+
+def _version_key(tenant: str, name: str, version: str) -> str:
+    return f"{_adapter_key(tenant, name)}/versions/{version}"
+
+
+def new_version() -> str:
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond:06d}Z-{secrets.token_hex(3)}"
+
+
+def file_digest(path: Path) -> dict:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "size": size}
+
+
+class AdapterStore(ABC):
+    """Tenant adapters over a backend; subclasses implement the underscore blob methods."""
+
+    uri: str
+
+    # -- backend primitives (keys are '/'-joined, relative to the store root) --
+    @abstractmethod
+    def _read(self, key: str) -> bytes | None: ...
+    @abstractmethod
+    def _write_bytes(self, key: str, data: bytes) -> None: ...
+    @abstractmethod
+    def _upload_file(self, key: str, path: Path, progress: Progress) -> None: ...
+    @abstractmethod
+    def _download_file(self, key: str, dest: Path, size: int, progress: Progress) -> None: ...
+    @abstractmethod
+    def _list_children(self, prefix: str) -> list[str]: ...
+    @abstractmethod
+    def _delete(self, key: str) -> None: ...
+    @abstractmethod
+    def _delete_prefix(self, prefix: str) -> None: ...
+
+    # -- writes --
+    def put(self, tenant: str, name: str, src_dir: str | Path, base_model_dir: str | Path,
+            limits: StoreLimits = StoreLimits(), progress: Progress = None) -> AdapterInfo:
+        """Validate `src_dir` against the base model, then store it as a new version."""
+        check_name(tenant, "tenant name")
+        check_name(name)
+        summary = validate_adapter(src_dir, base_model_dir, limits)
+        self._check_count(tenant, name, limits)
+        version, src = new_version(), Path(src_dir)
+        files = {f: file_digest(src / f) for f in ADAPTER_FILES}
+        prefix = _version_key(tenant, name, version)
+        try:
+            for filename in ADAPTER_FILES:
+                self._upload_file(f"{prefix}/{filename}", src / filename, progress)
+            manifest = self._manifest(tenant, name, version, files, summary)
+            self._write_bytes(f"{prefix}/{MANIFEST_FILE}", json.dumps(manifest, indent=1).encode())
+        except BaseException:
+            self._cleanup_quietly(prefix)
+            raise
+        return AdapterInfo(tenant, name, version, manifest, self._is_shared(tenant, name))
+
+    def delete(self, tenant: str, name: str, version: str | None = None) -> None:
+        """Delete one version, or the whole adapter with every version and its share mark."""
+        check_name(tenant, "tenant name")
+        check_name(name)
+        if version is not None:
+            info = self._resolve_own(tenant, check_name(name), check_name(version, "version"))
+            prefix = _version_key(tenant, name, info.version)
+            self._delete(f"{prefix}/{MANIFEST_FILE}")  # invisible first, then the files
+            self._delete_prefix(prefix)
+            return
+        versions = self.list_versions(tenant, name)
+        if not versions:
+            raise self._not_found(name)
+        self._delete(f"shared/{tenant}/{name}")
+        for info in versions:
+            self._delete(f"{_version_key(tenant, name, info.version)}/{MANIFEST_FILE}")
+        self._delete_prefix(_adapter_key(tenant, name))
+
+    def share(self, tenant: str, name: str, shared: bool = True) -> None:
+        """Operator action: let every tenant see and use `tenant`'s adapter `name`."""
+        self._resolve_own(check_name(tenant, "tenant name"), check_name(name), None)
+        if shared:
+            mark = {"shared_at": datetime.now(timezone.utc).isoformat()}
+            self._write_bytes(f"shared/{tenant}/{name}", json.dumps(mark).encode())
+        else:
+            self._delete(f"shared/{tenant}/{name}")
+
+    # -- reads --
+    def resolve(self, tenant: str, ref: str) -> AdapterInfo:
+        """`name`, `name@version`, `owner/name[@version]` -> the visible version it means."""
+        check_name(tenant, "tenant name")
+        parsed = parse_ref(ref)
+        if parsed.owner in (None, tenant):
+            try:
+                return self._resolve_own(tenant, parsed.name, parsed.version)
+            except AdapterNotFoundError:
+                if parsed.owner == tenant:
+                    raise
+        owner = parsed.owner or self._unique_sharer(tenant, parsed.name)
+        if not self._is_shared(owner, parsed.name):
+            raise self._not_found(ref)
+        info = self._resolve_own(owner, parsed.name, parsed.version)
+        return AdapterInfo(info.tenant, info.name, info.version, info.manifest, True)
+
+    def list_versions(self, tenant: str, name: str) -> list[AdapterInfo]:
+        """Visible versions of the caller's adapter (or a shared `owner/name`), oldest first."""
+        check_name(tenant, "tenant name")
+        parsed = parse_ref(name)
+        owner = parsed.owner or tenant
+        if owner != tenant and not self._is_shared(owner, parsed.name):
+            return []
+        shared = self._is_shared(owner, parsed.name)
+        versions = self._list_children(f"{_adapter_key(owner, parsed.name)}/versions")
+        infos = (self._read_version(owner, parsed.name, v, shared) for v in sorted(versions))
+        return [i for i in infos if i is not None]
+
+    def list_adapters(self, tenant: str) -> list[AdapterInfo]:
+        """The latest version of each of the tenant's adapters, then the shared ones of others."""
+        check_name(tenant, "tenant name")
+        found = []
+        for name in sorted(self._list_children(f"tenants/{tenant}/adapters")):
+            found += self._latest(tenant, name)
+        for owner, name in self._shared_marks():
+            if owner != tenant:
+                found += self._latest(owner, name, shared=True)
+        return found
+
+    def download(self, info: AdapterInfo, filename: str, dest: Path, progress: Progress = None) -> None:
+        """Copy one file of a version to `dest` (no verification: DiskCache verifies)."""
+        if filename not in ADAPTER_FILES:
+            raise ValueError(f"{filename!r} is not an adapter file; expected one of {ADAPTER_FILES}")
+        size = info.manifest["files"][filename]["size"]
+        key = f"{_version_key(info.tenant, info.name, info.version)}/{filename}"
+        self._download_file(key, Path(dest), size, progress)
+
+    # -- helpers --
+    def _resolve_own(self, owner: str, name: str, version: str | None) -> AdapterInfo:
+        shared = self._is_shared(owner, name)
+        if version is not None:
+            info = self._read_version(owner, name, version, shared)
+        else:
+            info = next(iter(self._latest(owner, name, shared)), None)
+        if info is None:
+            raise self._not_found(name if version is None else f"{name}@{version}")
+        return info
+
+    def _latest(self, owner: str, name: str, shared: bool | None = None) -> list[AdapterInfo]:
+        shared = self._is_shared(owner, name) if shared is None else shared
+        for version in sorted(self._list_children(f"{_adapter_key(owner, name)}/versions"), reverse=True):
+            info = self._read_version(owner, name, version, shared)
+            if info is not None:
+                return [info]
+        return []
+
+    def _read_version(self, owner: str, name: str, version: str, shared: bool) -> AdapterInfo | None:
+        raw = self._read(f"{_version_key(owner, name, version)}/{MANIFEST_FILE}")
+        return None if raw is None else AdapterInfo(owner, name, version, json.loads(raw), shared)
+
+    def _is_shared(self, owner: str, name: str) -> bool:
+        return self._read(f"shared/{owner}/{name}") is not None
+
+    def _shared_marks(self) -> list[tuple[str, str]]:
+        return [(owner, name) for owner in sorted(self._list_children("shared"))
+                for name in sorted(self._list_children(f"shared/{owner}"))]
+
+    def _unique_sharer(self, tenant: str, name: str) -> str:
+        owners = [o for o, n in self._shared_marks() if n == name and o != tenant]
+        if len(owners) > 1:
+            raise AdapterNotFoundError(f"several shared adapters are named {name!r} (owners: "
+                                       f"{', '.join(owners)}); name one as 'owner/{name}'")
+        if not owners:
+            raise self._not_found(name)
+        return owners[0]
+
+    def _check_count(self, tenant: str, name: str, limits: StoreLimits) -> None:
+        names = self._list_children(f"tenants/{tenant}/adapters")
+        if name in names:
+            return
+        live = [n for n in names if self._latest(tenant, n, shared=False)]
+        if len(live) >= limits.max_adapters_per_tenant:
+            raise LimitExceededError(f"tenant {tenant!r} already has {len(live)} adapters, the limit; "
+                                     "delete one (moeplex-adapters delete) before adding another",
+                                     code="too_many_adapters")
+
+    def _manifest(self, tenant, name, version, files, summary) -> dict:
+        now = time.time()
+        created = datetime.fromtimestamp(now, timezone.utc).isoformat()
+        return {"format": MANIFEST_FORMAT, "tenant": tenant, "name": name, "version": version,
+                "created": created, "created_unix": now, "files": files, "rank": summary.rank,
+                "targets": summary.targets, "layout": summary.layout, "dtypes": summary.dtypes,
+                "num_tensors": summary.num_tensors, "base_model": summary.base_model}
+
+    def _cleanup_quietly(self, prefix: str) -> None:
+        try:
+            self._delete_prefix(prefix)
+        except Exception:  # the version has no manifest: invisible whether or not this works
+            pass
+
+    @staticmethod
+    def _not_found(ref: str) -> AdapterNotFoundError:
+        return AdapterNotFoundError(f"adapter {ref!r} not found; list yours and the shared ones with "
+                                    "`moeplex-adapters list --tenant TENANT`")
+
+
+def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None,
+               **options) -> AdapterStore:
+    """`/dir`, `file:///dir` -> LocalStore; `s3://bucket/prefix` -> S3Store."""
+    from adapter_store.errors import AdapterStoreError
+
+    if not isinstance(uri, str) or not uri:
+        raise AdapterStoreError("store URI is empty; pass a directory, file:///dir or s3://bucket/prefix",
+                                code="bad_store_uri")
+    if uri.startswith("s3://"):
+        from adapter_store.s3 import S3Store
+        return S3Store(uri, endpoint_url=endpoint_url, region=region, **options)
+    if "://" in uri and not uri.startswith("file://"):
+        raise AdapterStoreError(f"unsupported store URI {uri!r}; use a directory, file:///dir or "
+                                "s3://bucket/prefix", code="bad_store_uri")
+    from adapter_store.local import LocalStore
+    return LocalStore(uri.removeprefix("file://"), **options)

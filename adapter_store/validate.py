@@ -1,0 +1,208 @@
+"""Validation of an adapter directory against a base model, before anything is stored.
+
+Nothing here deserialises a pickle or imports torch: the config is JSON, the weights
+are read through their safetensors header and a memory map (`safetensors_io`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapter_store.errors import LimitExceededError, ValidationError
+from adapter_store.formats import (
+    ModelShape, UnknownKeyError, expected_shape, parse_lora_key, pattern_value, peft_module_name,
+)
+from adapter_store.safetensors_io import TensorEntry, count_non_finite, read_header
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """Per-tenant limits checked on upload."""
+
+    max_rank: int = 256
+    max_adapter_bytes: int = 4 << 30
+    max_adapters_per_tenant: int = 1000
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) <= 0:
+                raise ValueError(f"StoreLimits.{f.name} must be a positive int")
+
+
+@dataclass(slots=True)
+class AdapterSummary:
+    """What validation learned; goes into the manifest."""
+
+    rank: int
+    targets: list[str]
+    layout: str  # "per_expert" | "fused" | "attn_only"
+    num_tensors: int
+    dtypes: list[str]
+    base_model: dict = field(default_factory=dict)
+
+
+def load_base_model(base_model_dir: str | Path) -> tuple[ModelShape, dict]:
+    """ModelShape and fingerprint record of the checkpoint in `base_model_dir`."""
+    path = Path(base_model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        shape = ModelShape.from_config(config)
+    except FileNotFoundError:
+        raise ValidationError(f"base model config {path} not found; pass the checkpoint directory "
+                              "of the served model (--base-model / MOEPLEX_BASE_MODEL)",
+                              code="bad_base_model") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValidationError(f"base model config {path} is not usable: {exc}", code="bad_base_model") from None
+    record = dataclasses.asdict(shape)
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return shape, {"model_type": shape.family, "fingerprint": digest,
+                   "name": config.get("_name_or_path") or str(Path(base_model_dir).resolve().name)}
+
+
+def validate_adapter(src_dir: str | Path, base_model_dir: str | Path,
+                     limits: StoreLimits) -> AdapterSummary:
+    """Check an adapter directory; raise ValidationError (or a subclass) on any fault."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise ValidationError(f"adapter directory {src} does not exist", code="not_a_directory")
+    _refuse_pickles_and_strays(src)
+    config = _read_config(src)
+    total = sum((src / name).stat().st_size for name in ADAPTER_FILES)
+    if total > limits.max_adapter_bytes:
+        raise LimitExceededError(
+            f"adapter is {total} bytes; the limit is {limits.max_adapter_bytes}: lower the rank "
+            "or the number of targeted modules, or save in bf16", code="too_large")
+    _check_config_ranks(config, limits)
+    shape, base = load_base_model(base_model_dir)
+    entries = read_header(src / WEIGHTS_FILE)
+    if not entries:
+        raise ValidationError(f"{WEIGHTS_FILE} holds no tensors", code="empty_adapter")
+    keys = [_check_tensor(e, config, shape) for e in entries]
+    _check_pairs(keys, entries)
+    _check_finite(src / WEIGHTS_FILE, entries)
+    return AdapterSummary(
+        rank=max(rank for _, rank in keys), num_tensors=len(entries),
+        targets=sorted({k.module for k, _ in keys}), layout=_layout([k for k, _ in keys]),
+        dtypes=sorted({e.dtype for e in entries}), base_model=base,
+    )
+
+
+def _refuse_pickles_and_strays(src: Path) -> None:
+    for path in sorted(src.rglob("*")):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValidationError(
+                f"{path.relative_to(src)} is a pickled file; pickles are refused unread. "
+                "Save the adapter as adapter_model.safetensors (save_pretrained(safe_serialization=True)) "
+                "and remove the pickle", code="pickle_refused")
+        if path.suffix == ".safetensors" and path.relative_to(src) != Path(WEIGHTS_FILE):
+            raise ValidationError(
+                f"unexpected weights file {path.relative_to(src)}; put every tensor in one "
+                f"{WEIGHTS_FILE} at the top of the directory", code="unexpected_file")
+    if not (src / WEIGHTS_FILE).is_file():
+        raise ValidationError(f"{WEIGHTS_FILE} is missing from {src}", code="missing_weights")
+
+
+def _read_config(src: Path) -> dict:
+    path = src / CONFIG_FILE
+    if not path.is_file():
+        raise ValidationError(f"{CONFIG_FILE} is missing from {src}; save the adapter with PEFT's "
+                              "save_pretrained, which writes it", code="missing_config")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValidationError(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes", code="bad_config")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValidationError(f"{CONFIG_FILE} is not valid JSON: {exc}", code="bad_config") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else None
+        raise ValidationError(f"{CONFIG_FILE} has peft_type {found!r}; only PEFT LoRA adapters "
+                              "(peft_type \"LORA\") are served", code="not_lora")
+    if config.get("use_dora") or config.get("modules_to_save") or config.get("lora_bias"):
+        raise ValidationError(f"{CONFIG_FILE} enables DoRA, lora_bias or modules_to_save; "
+                              "only plain LoRA weights are served: train without them", code="unsupported_option")
+    return config
+
+
+def _check_config_ranks(config: dict, limits: StoreLimits) -> None:
+    pattern = config.get("rank_pattern") or {}
+    ranks = [config.get("r")] + list(pattern.values() if isinstance(pattern, dict) else [None])
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise ValidationError(f"{CONFIG_FILE}: r and rank_pattern values must be positive integers",
+                              code="bad_config")
+    if max(ranks) > limits.max_rank:
+        raise LimitExceededError(f"adapter rank {max(ranks)} is over this tenant's limit of "
+                                 f"{limits.max_rank}; retrain with r <= {limits.max_rank}", code="rank_too_high")
+
+
+def _check_tensor(entry: TensorEntry, config: dict, shape: ModelShape):
+    try:
+        key = parse_lora_key(entry.key, entry.shape, shape)
+    except UnknownKeyError as exc:
+        raise ValidationError(f"{exc}; the adapter must target only attention q/k/v/o and the "
+                              "experts of this base model (no router, lm_head or embeddings)",
+                              code="unknown_key") from None
+    module_name = peft_module_name(entry.key)
+    if key.fused:  # PEFT matches patterns of 3-D parameters against the experts module
+        module_name = re.sub(r"(\.base_layer)+$", "", module_name)
+    rank = pattern_value(module_name, config.get("rank_pattern") or {}, config["r"])
+    want = expected_shape(key, rank, shape)
+    if tuple(entry.shape) != want:
+        raise ValidationError(
+            f"tensor {entry.key!r} has shape {list(entry.shape)}, expected {list(want)} for rank "
+            f"{rank} on this base model: check r/rank_pattern and that the adapter was trained on "
+            "this base model", code="wrong_shape")
+    if not _is_targeted(key, module_name, config):
+        raise ValidationError(f"tensor {entry.key!r} is not covered by target_modules/target_parameters "
+                              f"of {CONFIG_FILE}: fix the config or drop the tensor", code="untargeted_key")
+    return key, rank
+
+
+def _is_targeted(key, module_name: str, config: dict) -> bool:
+    if key.fused:
+        params = config.get("target_parameters") or []
+        wanted = "gate_up_proj" if key.module == "gate_up" else "down_proj"
+        return any(p.rsplit(".", 1)[-1] == wanted for p in params)
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def _check_pairs(keys, entries: list[TensorEntry]) -> None:
+    sides: dict[tuple, set] = {}
+    for (key, _), entry in zip(keys, entries):
+        target = (*key.target, key.fused)
+        if key.which in sides.setdefault(target, set()):
+            raise ValidationError(f"tensor {entry.key!r} duplicates another of the same module",
+                                  code="duplicate_key")
+        sides[target].add(key.which)
+    for target, found in sides.items():
+        if found != {"A", "B"}:
+            raise ValidationError(f"layer {target[0]} module {target[1]} (expert {target[2]}) has lora_"
+                                  f"{''.join(found)} without its lora_{'B' if 'A' in found else 'A'} twin",
+                                  code="unpaired_key")
+
+
+def _check_finite(path: Path, entries: list[TensorEntry]) -> None:
+    for entry in entries:
+        bad = count_non_finite(path, entry)
+        if bad:
+            raise ValidationError(f"tensor {entry.key!r} holds {bad} NaN/Inf values; fix the training "
+                                  "run (lower the learning rate, check loss scaling) and re-export",
+                                  code="non_finite")
+
+
+def _layout(keys) -> str:
+    if any(k.fused for k in keys):
+        return "fused"
+    return "per_expert" if any(k.expert is not None for k in keys) else "attn_only"
