@@ -14,15 +14,19 @@ def make_engine(ckpt, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(**{**args, **kw}))
 
 
-def step_logits(engine: LLMEngine, prompts, loras=None) -> list[torch.Tensor]:
+def step_logits(engine: LLMEngine, prompts, loras=None, tenants=None) -> list[torch.Tensor]:
     """Schedule all prompts into one step; return each sequence's logits at every position."""
     loras = loras or [None] * len(prompts)
-    for i, (p, lora) in enumerate(zip(prompts, loras)):
-        engine.add_request(f"s{i}", p, SamplingParams(max_tokens=1, temperature=0), lora=lora)
+    tenants = tenants or [None] * len(prompts)
+    for i, (p, lora, tenant) in enumerate(zip(prompts, loras, tenants)):
+        engine.add_request(f"s{i}", p, SamplingParams(max_tokens=1, temperature=0), lora=lora, tenant=tenant)
     sched = engine.scheduler.schedule()
-    assert [n for _, n in sched.scheduled] == [len(p) for p in prompts], "all prompts in one step"
+    assert sorted(seq.request_id for seq, _ in sched.scheduled) == sorted(f"s{i}" for i in range(len(prompts)))
+    assert all(n == seq.num_prompt_tokens for seq, n in sched.scheduled), "whole prompts in one step"
     logits = engine.runner.execute(sched.scheduled, all_logits=True).logits
-    return list(logits.split([len(p) for p in prompts]))
+    parts = logits.split([n for _, n in sched.scheduled])
+    by_id = {seq.request_id: part for (seq, _), part in zip(sched.scheduled, parts)}
+    return [by_id[f"s{i}"] for i in range(len(prompts))]
 
 
 def assert_close(mine: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
