@@ -4,11 +4,10 @@ Each public op checks its arguments, then runs the Triton launcher when `use_tri
 (a CUDA tensor, or MOEPLEX_TRITON=1 with TRITON_INTERPRET=1 in tests) and its `*_ref` twin
 in plain torch otherwise.
 """
-import os
-
 from torch import Tensor
 
 from kernels.align import VirtualLayout, moe_align_virtual
+from kernels.dispatch import use_triton
 from kernels.errors import KernelInputError
 from kernels.reference import fused_moe_ref, lora_linear_ref_
 from kernels.weights import DenseLoRAWeights, MoELoRAWeights
@@ -18,10 +17,6 @@ __all__ = [
     "fused_moe_ref", "lora_linear_", "lora_linear_ref_", "moe_align_virtual", "use_triton",
 ]
 
-
-def use_triton(tensor: Tensor) -> bool:
-    """True when ops on `tensor` should run the Triton kernels (CUDA, or MOEPLEX_TRITON=1)."""
-    return tensor.is_cuda or os.environ.get("MOEPLEX_TRITON") == "1"
 
 
 def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from kernels.checks import expect
+from kernels.dispatch import use_triton
 
 _INVALID_KEY = torch.iinfo(torch.int64).max  # sorts rows without an adapter last
 
@@ -58,17 +59,19 @@ def moe_align_virtual(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: in
     expect(block_size > 0, f"block_size must be positive, got {block_size}")
     num_tokens, top_k = topk_ids.shape
     num_rows = num_tokens * top_k
-    dev = topk_ids.device
-    experts = topk_ids.reshape(-1).to(torch.int64)
-    if slot_ids is None:
-        key = experts
-        pairs_bound = num_experts
-    else:
+    if slot_ids is not None:
         expect(tuple(slot_ids.shape) == (num_tokens,), f"slot_ids must be [T={num_tokens}], got {tuple(slot_ids.shape)}")
-        slots = slot_ids.to(torch.int64).repeat_interleave(top_k)  # [T*K]
-        key = torch.where(slots >= 0, slots * num_experts + experts, _INVALID_KEY)
-        pairs_bound = num_experts * (num_slots if num_slots is not None else num_rows)
+    pairs_bound = num_experts if slot_ids is None else num_experts * (num_slots or num_rows)
     max_blocks = max_blocks_bound(num_rows, pairs_bound, block_size)
+    if use_triton(topk_ids) and 0 < num_rows:
+        from kernels.align_triton import MAX_ROWS, align_triton
+        if num_rows <= MAX_ROWS:
+            tensors = align_triton(topk_ids, slot_ids, num_experts, block_size, max_blocks)
+            return VirtualLayout(*tensors, block_size=block_size, num_rows=num_rows, max_blocks=max_blocks)
+    key = topk_ids.reshape(-1).to(torch.int64)
+    if slot_ids is not None:
+        slots = slot_ids.to(torch.int64).repeat_interleave(top_k)  # [T*K]
+        key = torch.where(slots >= 0, slots * num_experts + key, _INVALID_KEY)
     return _layout_from_keys(key, num_experts, block_size, max_blocks)
 
 

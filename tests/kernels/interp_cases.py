@@ -26,6 +26,7 @@ def case_names() -> list[str]:
     names += ["moe-fp16-t9e6k2-rank64-nanpad"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
     names += ["dense-fp32-identical-nanpad"]
+    names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1"]
     return names
 
 
@@ -83,11 +84,30 @@ def run_dense(name: str) -> dict:
             "finite": bool(torch.isfinite(out).all()), "tol": TOL[p["dtype"]]}
 
 
+def run_align(name: str) -> dict:
+    """Triton single-program alignment equals the torch alignment, tensor for tensor."""
+    p = _parse(name)
+    t, rest = p["shape"][1:].split("e")
+    e, k = (int(z) for z in rest.split("k"))
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(int(t))]).to(torch.int32)
+    slots = None if p["dtype"] == "none" else torch.randint(-1, 5, (int(t),), generator=gen, dtype=torch.int32)
+    from kernels import moe_align_virtual
+    got = moe_align_virtual(ids, slots, e, 4, 5)
+    os.environ["MOEPLEX_TRITON"] = "0"
+    want = moe_align_virtual(ids, slots, e, 4, 5)
+    os.environ["MOEPLEX_TRITON"] = "1"
+    same = all(torch.equal(getattr(got, f), getattr(want, f))
+               for f in ("sorted_ids", "block_expert", "block_slot", "num_blocks"))
+    return {"err": 0.0 if same else 1.0, "base_err": 0.0, "delta_err": 0.0, "bitwise": same,
+            "finite": True, "tol": 0.0}
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MOEPLEX_TRITON") != "1":
         sys.exit("set TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 to run the Triton interpreter cases")
     for name in case_names():
-        runner = run_moe if name.startswith("moe") else run_dense
+        runner = {"moe": run_moe, "dense": run_dense, "align": run_align}[name.split("-")[0]]
         print(json.dumps({"name": name, **runner(name)}), flush=True)
 
 
