@@ -41,23 +41,33 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     """Triton twin of fused_moe_ref (same Semantics and Args)."""
     check_moe_args(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
     num_tokens, top_k = topk_ids.shape
+    num_experts, d, _ = w_down.shape
+    if num_tokens * top_k == 0:
+        return hidden.new_zeros(num_tokens, d)
+    vlays = []
+    if lora is not None:
+        vlays = [moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)]
+    return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, vlays)
+
+
+def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
+                     topk_ids: Tensor, lora: MoELoRAWeights | None,
+                     vlays: list[VirtualLayout]) -> Tensor:
+    """The base MoE with LoRA over each given virtual layout (one for all adapters, or one
+    per adapter for the conventional per-adapter loop the benchmark compares against)."""
+    num_tokens, top_k = topk_ids.shape
     num_experts, d, inter = w_down.shape
     rows = num_tokens * top_k
-    if rows == 0:
-        return hidden.new_zeros(num_tokens, d)
     base = moe_align_virtual(topk_ids, None, num_experts, _base_block_m(rows, num_experts))
-    vlay = None
-    if lora is not None:
-        vlay = moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)
     weights = topk_weights.reshape(-1).float()
     gate_up = hidden.new_empty(rows, 2 * inter)
     grouped_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k)
-    if vlay is not None:
+    for vlay in vlays:
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k)
     act = silu_mul(gate_up, hidden.new_empty(rows, inter))
     y = hidden.new_empty(rows, d)
     grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights)
-    if vlay is not None:
+    for vlay in vlays:
         _lora_down_(act, y, lora, vlay, weights)
     return y.view(num_tokens, top_k, d).sum(dim=1)
 
