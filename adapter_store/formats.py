@@ -184,3 +184,17 @@ def pattern_value(module_name: str, patterns: dict, default):
         if re.match(rf"(.*\.)?({pattern})$", module_name):
             return value
     return default
+
+
+def pattern_module_name(key: str, parsed: LoRAKey) -> str:
+    """The name PEFT matches rank_pattern/alpha_pattern against for tensor `key`.
+
+    Modules: their path (`peft_module_name`). Fused 3-D experts: PEFT matches the
+    parameter's path, `...mlp.experts.gate_up_proj` or `...mlp.experts.down_proj`,
+    with the `base_layer` wrappers of nested targets stripped.
+    """
+    name = peft_module_name(key)
+    if not parsed.fused:
+        return name
+    param = "gate_up_proj" if parsed.module == "gate_up" else "down_proj"
+    return re.sub(r"(\.base_layer)+$", "", name) + "." + param

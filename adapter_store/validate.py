@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapter_store.errors import LimitExceededError, ValidationError
 from adapter_store.formats import (
-    ModelShape, UnknownKeyError, expected_shape, parse_lora_key, pattern_value, peft_module_name,
+    ModelShape, UnknownKeyError, expected_shape, parse_lora_key, pattern_module_name, pattern_value,
 )
 from adapter_store.safetensors_io import TensorEntry, count_non_finite, read_header
 
@@ -151,9 +151,7 @@ def _check_tensor(entry: TensorEntry, config: dict, shape: ModelShape):
         raise ValidationError(f"{exc}; the adapter must target only attention q/k/v/o and the "
                               "experts of this base model (no router, lm_head or embeddings)",
                               code="unknown_key") from None
-    module_name = peft_module_name(entry.key)
-    if key.fused:  # PEFT matches patterns of 3-D parameters against the experts module
-        module_name = re.sub(r"(\.base_layer)+$", "", module_name)
+    module_name = pattern_module_name(entry.key, key)
     rank = pattern_value(module_name, config.get("rank_pattern") or {}, config["r"])
     want = expected_shape(key, rank, shape)
     if tuple(entry.shape) != want:
@@ -170,8 +168,7 @@ def _check_tensor(entry: TensorEntry, config: dict, shape: ModelShape):
 def _is_targeted(key, module_name: str, config: dict) -> bool:
     if key.fused:
         params = config.get("target_parameters") or []
-        wanted = "gate_up_proj" if key.module == "gate_up" else "down_proj"
-        return any(p.rsplit(".", 1)[-1] == wanted for p in params)
+        return any(module_name == p or module_name.endswith("." + p) for p in params)
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         return targets == "all-linear" or re.fullmatch(targets, module_name) is not None

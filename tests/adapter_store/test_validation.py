@@ -1,0 +1,168 @@
+"""Every refusal happens before anything is stored, on both backends, with a typed error."""
+import pickle
+
+import pytest
+import torch
+
+from adapter_store import StoreLimits
+from adapter_store.errors import InvalidNameError, LimitExceededError, ValidationError
+from tests.adapter_store.helpers import (
+    CONFIG, WEIGHTS, copy_adapter, edit_config, edit_tensors, first_key, stored_keys,
+)
+
+
+class _Boom:
+    """Unpickling this runs code: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _refused(store, src, base_model, code, limits=StoreLimits(), error=ValidationError):
+    with pytest.raises(error) as caught:
+        store.put("acme", "ad", src, base_model, limits=limits)
+    assert caught.value.code == code, str(caught.value)
+    assert stored_keys(store) == []
+    return str(caught.value)
+
+
+def test_pickle_refused_unread(store, adapter, base_model, tmp_path):
+    src = copy_adapter(adapter, tmp_path / "a")
+    marker = tmp_path / "unpickled"
+    (src / "adapter_model.bin").write_bytes(pickle.dumps(_Boom(marker)))
+    message = _refused(store, src, base_model, "pickle_refused")
+    assert "adapter_model.bin" in message and "safetensors" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("tenant,name", [
+    ("acme", "../escape"), ("acme", "a/b"), ("acme", ".."), ("acme", "a\x00b"), ("acme", "bad\nname"),
+    ("acme", ""), ("acme", "x" * 65), ("../root", "ad"), ("", "ad"), ("acme", "ad@1"), ("acme", "sp ace"),
+])
+def test_unsafe_names_refused(store, adapter, base_model, tenant, name):
+    with pytest.raises(InvalidNameError):
+        store.put(tenant, name, adapter, base_model)
+    assert stored_keys(store) == []
+
+
+@pytest.mark.parametrize("dtype,value", [
+    (torch.float32, float("nan")), (torch.float32, float("inf")),
+    (torch.float16, float("-inf")), (torch.bfloat16, float("nan")), (torch.bfloat16, float("inf")),
+])
+def test_non_finite_refused(store, adapter, base_model, tmp_path, dtype, value):
+    src = copy_adapter(adapter, tmp_path / "a")
+    key = first_key(src, "experts.3.down_proj.lora_B")
+
+    def poison(tensors):
+        for k in tensors:
+            tensors[k] = tensors[k].to(dtype)
+        tensors[key][5, 1] = value
+
+    edit_tensors(src, poison)
+    assert key in _refused(store, src, base_model, "non_finite")
+
+
+def test_bf16_adapter_accepted(store, adapter, base_model, tmp_path):
+    src = edit_tensors(copy_adapter(adapter, tmp_path / "a"),
+                       lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    assert store.put("acme", "ad", src, base_model).manifest["dtypes"] == ["BF16"]
+
+
+def test_wrong_shape_refused(store, adapter, base_model, tmp_path):
+    src = copy_adapter(adapter, tmp_path / "a")
+    key = first_key(src, "self_attn.q_proj.lora_A")
+    edit_tensors(src, lambda t: t.update({key: torch.zeros(4, 31)}))
+    message = _refused(store, src, base_model, "wrong_shape")
+    assert "[4, 31]" in message and "[4, 32]" in message
+
+
+def test_config_rank_disagreeing_with_tensors_refused(store, adapter, base_model, tmp_path):
+    src = edit_config(copy_adapter(adapter, tmp_path / "a"), r=8)
+    _refused(store, src, base_model, "wrong_shape")
+
+
+@pytest.mark.parametrize("key", [
+    "base_model.model.lm_head.lora_A.weight",
+    "base_model.model.model.layers.0.mlp.gate.lora_A.weight",  # the router
+    "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight",  # no such layer
+])
+def test_unknown_key_refused(store, adapter, base_model, tmp_path, key):
+    src = edit_tensors(copy_adapter(adapter, tmp_path / "a"), lambda t: t.update({key: torch.zeros(4, 32)}))
+    assert key in _refused(store, src, base_model, "unknown_key")
+
+
+def test_unpaired_and_untargeted_refused(store, adapter, base_model, tmp_path):
+    src = copy_adapter(adapter, tmp_path / "a")
+    key = first_key(src, "experts.2.up_proj.lora_B")
+    edit_tensors(src, lambda t: t.pop(key))
+    _refused(store, src, base_model, "unpaired_key")
+    src = edit_config(copy_adapter(adapter, tmp_path / "b"), target_modules=["q_proj", "k_proj"])
+    _refused(store, src, base_model, "untargeted_key")
+
+
+def test_rank_over_limit_refused(store, adapter, base_model):
+    message = _refused(store, adapter, base_model, "rank_too_high", StoreLimits(max_rank=2), LimitExceededError)
+    assert "rank 4" in message and "r <= 2" in message
+
+
+def test_oversize_refused(store, adapter, base_model):
+    _refused(store, adapter, base_model, "too_large", StoreLimits(max_adapter_bytes=10_000), LimitExceededError)
+
+
+@pytest.mark.parametrize("breakage,code", [
+    ("no_config", "missing_config"), ("not_lora", "not_lora"), ("dora", "unsupported_option"),
+    ("truncated", "bad_safetensors"), ("int_tensor", "bad_dtype"), ("no_weights", "missing_weights"),
+])
+def test_broken_adapter_refused(store, adapter, base_model, tmp_path, breakage, code):
+    src = copy_adapter(adapter, tmp_path / "a")
+    if breakage == "no_config":
+        (src / CONFIG).unlink()
+    elif breakage == "not_lora":
+        edit_config(src, peft_type="IA3")
+    elif breakage == "dora":
+        edit_config(src, use_dora=True)
+    elif breakage == "truncated":
+        data = (src / WEIGHTS).read_bytes()
+        (src / WEIGHTS).write_bytes(data[: len(data) // 2])
+    elif breakage == "int_tensor":
+        key = first_key(src, "lora_A")
+        edit_tensors(src, lambda t: t.update({key: t[key].to(torch.int32)}))
+    else:
+        (src / WEIGHTS).unlink()
+    _refused(store, src, base_model, code)
+
+
+def test_adapter_count_limit(store, adapter, base_model):
+    limits = StoreLimits(max_adapters_per_tenant=1)
+    store.put("acme", "one", adapter, base_model, limits=limits)
+    store.put("acme", "one", adapter, base_model, limits=limits)  # a new version is not a new adapter
+    with pytest.raises(LimitExceededError) as caught:
+        store.put("acme", "two", adapter, base_model, limits=limits)
+    assert caught.value.code == "too_many_adapters" and "delete" in str(caught.value)
+    store.put("other", "two", adapter, base_model, limits=limits)  # limits are per tenant
+
+
+@pytest.mark.parametrize("family,fmt,options", [
+    ("qwen3_moe", "per_expert", {"rank_pattern": {"experts.1.up_proj": 2, "q_proj": 3}}),
+    ("qwen3_moe", "fused", {"rank_pattern": {"k_proj": 2, "gate_up_proj": 3}}),
+    ("mixtral", "per_expert", {}),
+    ("olmoe", "fused", {"attention": False}),
+])
+def test_valid_formats_accepted(tmp_path, tiny_checkpoint, tiny_adapter, family, fmt, options):
+    from adapter_store.local import LocalStore
+
+    src = tiny_adapter(family, fmt, rank=4, **options)
+    info = LocalStore(tmp_path).put("acme", "ad", src, tiny_checkpoint(family))
+    assert info.manifest["layout"] == fmt and info.manifest["rank"] == 4
+    assert info.manifest["base_model"]["model_type"] == family
+    if options.get("rank_pattern"):  # the pattern is what makes those shapes right
+        with pytest.raises(ValidationError, match="rank"):
+            LocalStore(tmp_path).put("acme", "ad2", edit_config(copy_adapter(src, tmp_path / "x"),
+                                                                rank_pattern={}), tiny_checkpoint(family))
+
+
+def test_adapter_for_another_base_model_refused(store, tiny_adapter, tiny_checkpoint):
+    _refused(store, tiny_adapter("mixtral", "per_expert", rank=4), tiny_checkpoint("qwen3_moe"), "unknown_key")
