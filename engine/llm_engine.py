@@ -43,6 +43,7 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._seq_ids = itertools.count()
         self.last_step = {"num_seqs": 0, "num_tokens": 0, "num_adapters": 0, "num_preempted": 0}
+        self.num_preemptions = 0
 
     # ---- requests ---------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -144,6 +145,7 @@ class LLMEngine:
         return out
 
     def _record(self, sched: SchedulerOutput) -> None:
+        self.num_preemptions += sched.num_preempted
         adapters = {seq.lora.lora_name for seq, _ in sched.scheduled if seq.lora is not None}
         self.last_step = {"num_seqs": len(sched.scheduled), "num_tokens": sched.num_tokens,
                           "num_adapters": len(adapters), "num_preempted": sched.num_preempted}
@@ -155,7 +157,7 @@ class LLMEngine:
             "running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting,
             "free_kv_blocks": self.block_manager.num_free_blocks, "num_kv_blocks": self.block_manager.num_blocks,
             "last_step_batch_size": self.last_step["num_seqs"], "last_step_tokens": self.last_step["num_tokens"],
-            "last_step_adapters": self.last_step["num_adapters"],
+            "last_step_adapters": self.last_step["num_adapters"], "num_preemptions": self.num_preemptions,
             "lora_slot_hits": lora.slot_hits if lora else 0, "lora_slot_misses": lora.slot_misses if lora else 0,
             "lora_slot_loads": lora.slot_loads if lora else 0, "lora_evictions": lora.evictions if lora else 0,
             "lora_host_loads": lora.host_loads if lora else 0,
@@ -175,7 +177,7 @@ class LLMEngine:
             outputs = self.step()
             if not outputs and self.last_step["num_seqs"] == 0:
                 time.sleep(0.001)  # adapters are loading in the background
-            for out in outputs:
+            for out in (o for o in outputs if o.request_id in results):
                 res = results[out.request_id]
                 res["text"] += out.text_delta
                 res["token_ids"] += out.token_ids_delta
