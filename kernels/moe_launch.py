@@ -31,6 +31,18 @@ def _base_block_m(num_rows: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
 
 
+def _base_config(block_m: int) -> dict:
+    """Tiles of the base GEMMs: decode streams weights (long K tiles), prefill wants big tiles."""
+    if block_m <= 16:
+        return {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3}
+    if block_m <= 32:
+        return {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 4}
+    return {"block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}
+
+
+SHRINK_BLOCK_K = 256  # shrink reads a long, thin A: few long steps beat many short ones
+
+
 def _rank_block(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))
 
@@ -61,12 +73,13 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     base = moe_align_virtual(topk_ids, None, num_experts, _base_block_m(rows, num_experts))
     weights = topk_weights.reshape(-1).float()
     gate_up = hidden.new_empty(rows, 2 * inter)
-    grouped_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k)
+    cfg = _base_config(base.block_size)
+    grouped_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg)
     for vlay in vlays:
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k)
     act = silu_mul(gate_up, hidden.new_empty(rows, inter))
     y = hidden.new_empty(rows, d)
-    grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights)
+    grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg)
     for vlay in vlays:
         _lora_down_(act, y, lora, vlay, weights)
     return y.view(num_tokens, top_k, d).sum(dim=1)
@@ -82,7 +95,8 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
     shrunk = torch.empty(gate_up.shape[0], 2 * r, dtype=torch.float32, device=hidden.device)
     # split h in {gate, up}: A rows [h*R, h*R + r_s) -> shrunk cols [h*R, h*R + r_s)
     grouped_gemm(hidden, lora.gate_up_a, shrunk, vlay, n=r, k=d, a_row_div=top_k,
-                 splits=(2, 0, r, r), ranks=lora.ranks, rank_on="n", block_n=rb)
+                 splits=(2, 0, r, r), ranks=lora.ranks, rank_on="n", block_n=rb,
+                 block_k=SHRINK_BLOCK_K)
     # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
     grouped_gemm(shrunk, lora.gate_up_b, gate_up, vlay, n=inter, k=r, splits=(2, r, inter, inter),
                  ranks=lora.ranks, rank_on="k", accumulate=True, block_k=rb)
@@ -95,7 +109,7 @@ def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayou
     rb = _rank_block(r)
     shrunk = torch.empty(act.shape[0], r, dtype=torch.float32, device=act.device)
     grouped_gemm(act, lora.down_a, shrunk, vlay, n=r, k=act.shape[1], ranks=lora.ranks,
-                 rank_on="n", block_n=rb)
+                 rank_on="n", block_n=rb, block_k=SHRINK_BLOCK_K)
     grouped_gemm(shrunk, lora.down_b, y, vlay, n=y.shape[1], k=r, ranks=lora.ranks,
                  rank_on="k", accumulate=True, scale=weights, block_k=rb)
 
@@ -112,7 +126,7 @@ def lora_linear_triton_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids
     vlay = moe_align_virtual(one_expert, slot_ids, 1, LORA_BLOCK_M, lora.num_slots)
     shrunk = torch.empty(num_tokens, r, dtype=torch.float32, device=x.device)
     grouped_gemm(x, lora.a.unsqueeze(1), shrunk, vlay, n=r, k=x.shape[1], ranks=lora.ranks,
-                 rank_on="n", block_n=rb)
+                 rank_on="n", block_n=rb, block_k=SHRINK_BLOCK_K)
     grouped_gemm(shrunk, lora.b.unsqueeze(1), out, vlay, n=out.shape[1], k=r, ranks=lora.ranks,
                  rank_on="k", accumulate=True, block_k=rb)
     return out
