@@ -103,9 +103,29 @@ class S3Store(AdapterStore):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def _upload_file(self, key: str, path: Path, progress: Progress) -> None:
+        # boto3's transfer manager runs the callback in its threads and does not always
+        # re-raise what it raises (a Ctrl-C there aborts the upload yet returns): keep the
+        # exception, raise it here, and check the object's size before going on.
+        raised: list[BaseException] = []
+
+        def callback(nbytes: int) -> None:
+            try:
+                if progress is not None:
+                    progress(nbytes)
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        size = path.stat().st_size
         with self._errors("upload", key):
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer,
-                                    Callback=progress)
+                                    Callback=callback)
+            if raised:
+                raise raised[0]
+            stored = self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+        if stored != size:
+            raise StoreUnavailableError(f"upload of {key} stored {stored} of {size} bytes; retry the upload",
+                                        code="incomplete_upload")
 
     def _download_file(self, key: str, dest: Path, size: int, progress: Progress) -> None:
         ranges = [(start, min(start + self.chunk_bytes, size) - 1)
