@@ -1,9 +1,12 @@
-"""Paged attention in plain torch: gather each sequence's KV blocks, then one SDPA call.
+"""Paged attention in plain torch: gather each sequence's KV blocks, then one SDPA call per group.
 
-T = tokens in the step, B = sequences, M = blocks per sequence (padded), S = block size,
-H = query heads, G = KV heads, Dh = head dim, Q = longest query of the step, C = longest context.
+A step's tokens come in up to two groups, decodes first (one query each) and then prefill
+chunks, so decodes are not padded to the longest prefill chunk.
+T = tokens in the step, B = sequences of a group, M = blocks per sequence (padded),
+S = block size, H = query heads, G = KV heads, Dh = head dim, Q = longest query of the group,
+C = longest context of the group.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -11,15 +14,22 @@ from torch import Tensor
 
 
 @dataclass(slots=True)
+class AttentionGroup:
+    start: int              # the group's tokens are [start, end) of the step
+    end: int
+    block_tables: Tensor    # [B, M] int64: KV blocks of each sequence, padded with 0
+    token_seq: Tensor       # [end - start] int64: row of each token's sequence in block_tables
+    token_row: Tensor       # [end - start] int64: index of each token among its sequence's queries
+    max_query_len: int      # Q
+    max_context_len: int    # C: longest KV length after this step's tokens are written
+
+
+@dataclass(slots=True)
 class ForwardBatch:
     """Device tensors of one step, built by ModelRunner (the only place lists become tensors)."""
     positions: Tensor       # [T] int64: absolute position of each token in its sequence
     slot_mapping: Tensor    # [T] int64: flat KV-cache slot (block * S + offset) each token writes
-    block_tables: Tensor    # [B, M] int64: KV blocks of each sequence, padded with 0
-    token_seq: Tensor       # [T] int64: row of each token's sequence in block_tables
-    token_row: Tensor       # [T] int64: index of each token among its sequence's queries
-    max_query_len: int      # Q
-    max_context_len: int    # C: longest KV length after this step's tokens are written
+    groups: list[AttentionGroup] = field(default_factory=list)
     lora_slot_ids: Tensor | None = None  # [T] int32: adapter slot per token, -1 = base model
 
 
@@ -32,20 +42,31 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mappin
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch,
                     scale: float, sliding_window: int | None = None) -> Tensor:
     """Causal attention of q [T, H, Dh] over each sequence's cached keys; returns [T, H, Dh]."""
-    num_seqs = batch.block_tables.shape[0]
-    ctx = batch.max_context_len
-    keys = k_cache[batch.block_tables].flatten(1, 2)[:, :ctx]    # [B, C, G, Dh]
-    values = v_cache[batch.block_tables].flatten(1, 2)[:, :ctx]  # [B, C, G, Dh]
-    q_pad = q.new_zeros(num_seqs, batch.max_query_len, *q.shape[1:])  # [B, Q, H, Dh]
-    q_pad[batch.token_seq, batch.token_row] = q
-    q_pos = batch.positions.new_zeros(num_seqs, batch.max_query_len)  # [B, Q]
-    q_pos[batch.token_seq, batch.token_row] = batch.positions
+    if len(batch.groups) == 1:
+        return _attend(q, batch.positions, k_cache, v_cache, batch.groups[0], scale, sliding_window)
+    out = torch.empty_like(q)
+    for g in batch.groups:
+        out[g.start:g.end] = _attend(q[g.start:g.end], batch.positions[g.start:g.end],
+                                     k_cache, v_cache, g, scale, sliding_window)
+    return out
+
+
+def _attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, g: AttentionGroup,
+            scale: float, sliding_window: int | None) -> Tensor:
+    num_seqs, ctx = g.block_tables.shape[0], g.max_context_len
+    keys = k_cache[g.block_tables].flatten(1, 2)[:, :ctx]    # [B, C, G, Dh]
+    values = v_cache[g.block_tables].flatten(1, 2)[:, :ctx]  # [B, C, G, Dh]
+    q_pad = q.new_zeros(num_seqs, g.max_query_len, *q.shape[1:])  # [B, Q, H, Dh]
+    q_pad[g.token_seq, g.token_row] = q
+    q_pos = positions.new_zeros(num_seqs, g.max_query_len)  # [B, Q]
+    q_pos[g.token_seq, g.token_row] = positions
     k_pos = torch.arange(ctx, device=q.device)
-    # key j is visible to a query at position p iff j <= p (and inside the window)
+    # key j is visible to a query at position p iff j <= p (and inside the window); this also
+    # hides the padded tail of each block table, which lies beyond every real query's position
     mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, C]
     if sliding_window is not None:
         mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=mask[:, None], scale=scale, enable_gqa=keys.shape[2] != q.shape[1])
-    return out.transpose(1, 2)[batch.token_seq, batch.token_row]  # [T, H, Dh]
+    return out.transpose(1, 2)[g.token_seq, g.token_row]  # [T_group, H, Dh]

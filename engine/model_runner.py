@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.attention import ForwardBatch
+from engine.attention import AttentionGroup, ForwardBatch
 from engine.config import EngineConfig
 from engine.errors import EngineError
 from engine.lora.slots import SlotPools
@@ -71,30 +71,41 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[Tensor, ForwardBatch, list[int]]:
-        """Flatten the step's sequences into (input_ids [T], ForwardBatch, sampled token rows)."""
+        """Flatten the step's sequences into (input_ids [T], ForwardBatch, sampled token rows).
+
+        The scheduler puts single-token entries (decodes) first; they form their own group."""
         bs = self.config.block_size
-        ids, pos, slots, tseq, trow, lora, sample_rows = [], [], [], [], [], [], []
-        max_ctx = max_q = max_blocks = 0
-        for b, (seq, n) in enumerate(scheduled):
+        ids, pos, slots, lora, sample_rows = [], [], [], [], []
+        for seq, n in scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids += seq.token_ids(start, end)
             pos += range(start, end)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-            tseq += [b] * n
-            trow += range(n)
             lora += [-1 if seq.lora_slot is None else seq.lora_slot] * n
             if end == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
-            max_ctx, max_q = max(max_ctx, end), max(max_q, n)
-            max_blocks = max(max_blocks, len(seq.block_table))
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in scheduled]
+        num_single = next((i for i, (_, n) in enumerate(scheduled) if n > 1), len(scheduled))
+        groups, token_start = [], 0
+        for part in (scheduled[:num_single], scheduled[num_single:]):
+            if part:
+                groups.append(self._group(part, token_start))
+                token_start = groups[-1].end
         use_lora = self.slot_pools is not None and any(s >= 0 for s in lora)
         batch = ForwardBatch(
             positions=self._tensor(pos, torch.long), slot_mapping=self._tensor(slots, torch.long),
-            block_tables=self._tensor(tables, torch.long), token_seq=self._tensor(tseq, torch.long),
-            token_row=self._tensor(trow, torch.long), max_query_len=max_q, max_context_len=max_ctx,
-            lora_slot_ids=self._tensor(lora, torch.int32) if use_lora else None)
+            groups=groups, lora_slot_ids=self._tensor(lora, torch.int32) if use_lora else None)
         return self._tensor(ids, torch.long), batch, sample_rows
+
+    def _group(self, part: list[tuple[Sequence, int]], token_start: int) -> AttentionGroup:
+        max_blocks = max(len(seq.block_table) for seq, _ in part)
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in part]
+        tseq = [b for b, (_, n) in enumerate(part) for _ in range(n)]
+        trow = [i for _, n in part for i in range(n)]
+        return AttentionGroup(
+            start=token_start, end=token_start + len(tseq), block_tables=self._tensor(tables, torch.long),
+            token_seq=self._tensor(tseq, torch.long), token_row=self._tensor(trow, torch.long),
+            max_query_len=max(n for _, n in part),
+            max_context_len=max(seq.num_computed_tokens + n for seq, n in part))
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         vocab = self.spec.vocab_size

@@ -52,6 +52,7 @@ class Scheduler:
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if out.num_preempted == 0:
             self._admit_waiting(out, budget)
+        out.scheduled.sort(key=lambda entry: entry[1] > 1)  # single-token entries (decodes) first
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:

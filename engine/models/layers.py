@@ -140,14 +140,12 @@ class SparseMoE(nn.Module):
         return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids, self.lora, slots)
 
     def _loop_over_adapters(self, x: Tensor, weights: Tensor, ids: Tensor, slots: Tensor) -> Tensor:
-        """Baseline the virtual experts replace: base once, then one masked MoE call per adapter."""
-        out = kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
-        for slot in torch.unique(slots).tolist():
-            if slot < 0:
-                continue
+        """Baseline the virtual experts replace: one MoE call for base tokens, one per adapter."""
+        out = torch.empty_like(x)
+        for slot in torch.unique(slots).tolist():  # a host sync per layer, as such loops have
             rows = (slots == slot).nonzero().squeeze(1)
-            one = torch.full_like(rows, slot, dtype=slots.dtype)
-            with_lora = kernels.fused_moe(x[rows], self.w_gate_up, self.w_down, weights[rows],
-                                          ids[rows], self.lora, one)
-            out[rows] = with_lora
+            lora = None if slot < 0 else self.lora
+            slot_ids = None if slot < 0 else slots[rows]
+            out[rows] = kernels.fused_moe(x[rows], self.w_gate_up, self.w_down, weights[rows],
+                                          ids[rows], lora, slot_ids)
         return out

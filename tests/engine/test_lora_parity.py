@@ -103,3 +103,16 @@ def test_greedy_generation_with_adapter_matches_reference_generate(family, check
         expected = ref.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8,
                                 do_sample=False)[0, len(prompt):].tolist()
         assert out["token_ids"] == expected
+
+
+def test_per_adapter_loop_baseline_matches_virtual_experts(checkpoints, adapters):
+    """lora_mode="loop" (the benchmark's baseline) computes the same logits as the fused path."""
+    ckpt = checkpoints["qwen3_moe"]
+    requests = [None, lora(adapters, "qwen3_moe", "a"), None, lora(adapters, "qwen3_moe", "b"), None]
+    results = []
+    for mode in ("fused", "loop"):
+        engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, lora_mode=mode)
+        _wait_for_adapters(engine, requests)
+        results.append(step_logits(engine, MIXED_PROMPTS, requests))
+    for fused, loop in zip(*results):
+        assert_close(loop, fused, rel=1e-5)
