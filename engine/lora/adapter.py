@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, parse_lora_key,
-                                   pattern_value, peft_module_name)
+                                   pattern_module_name, pattern_value)
 from engine.errors import AdapterLoadError
 from engine.models.spec import ModelSpec
 
@@ -104,7 +104,7 @@ def _group_pairs(tensors: dict[str, Tensor], shape: ModelShape) -> dict[tuple, d
             raise AdapterLoadError(str(exc)) from exc
         entry = pairs.setdefault((*parsed.target, parsed.fused), {"key": parsed})
         entry[parsed.which] = tensor.float()
-        entry["name"] = peft_module_name(key)
+        entry["name"] = pattern_module_name(key, parsed)
     return pairs
 
 

@@ -24,6 +24,7 @@ def adapters(tmp_path_factory, checkpoints):
             "b": make_peft_adapter(ckpt, root / fam / "b", rank=8, fmt="fused", alpha=16,
                                    use_rslora=True, seed=12),
             "c": make_peft_adapter(ckpt, root / fam / "c", rank=16, fmt="fused", alpha=32, seed=13,
-                                   rank_pattern={"v_proj": 6}, alpha_pattern={"o_proj": 4}),
+                                   rank_pattern={"v_proj": 6, "down_proj": 4},
+                                   alpha_pattern={"o_proj": 4, "gate_up_proj": 8}),
         }
     return out
