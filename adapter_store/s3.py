@@ -32,6 +32,7 @@ _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatc
 _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                 "ServiceUnavailable", "500", "502", "503", "504"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+_MIN_PART_BYTES = 5 << 20
 
 
 class S3Store(AdapterStore):
@@ -53,7 +54,9 @@ class S3Store(AdapterStore):
                         s3={"addressing_style": "path" if endpoint_url else "auto"})
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url,
                                                      region_name=region, config=config)
-        self._transfer = TransferConfig(multipart_threshold=chunk_bytes, multipart_chunksize=chunk_bytes,
+        # S3 wants every part but the last to be at least 5 MiB.
+        self._transfer = TransferConfig(multipart_threshold=chunk_bytes,
+                                        multipart_chunksize=max(chunk_bytes, _MIN_PART_BYTES),
                                         max_concurrency=concurrency, use_threads=True)
 
     def __repr__(self) -> str:
