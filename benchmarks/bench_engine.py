@@ -1,0 +1,352 @@
+"""Engine benchmark: Qwen3-30B-A3B shapes, dummy weights, 64 concurrent requests (GPU).
+
+Cases: (a) no adapters, (b) one adapter for all, (c) 16 distinct adapters, (d) 64 distinct
+adapters over 16 slots (cache churn), each with the virtual-expert kernels ("fused") and with
+one MoE call per adapter ("loop"); the decode step against its roofline (weight bytes touched
+/ copy bandwidth measured here); adapter slot load time against pinned PCIe bandwidth; and
+transformers + PEFT `generate` at 8 layers, batch 16, prompt 128 next to this engine at the
+same shapes with 16 mixed adapters. Prints a table last and writes JSON.
+
+    python benchmarks/bench_engine.py --out bench_engine.json            # H100/H200
+    python benchmarks/bench_engine.py --tiny --out /tmp/tiny.json        # CPU smoke run
+"""
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from engine.lora.adapter import LoRAAdapter, LoRAFactors
+
+QWEN3_30B_A3B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-6,
+    max_position_embeddings=40960, tie_word_embeddings=False)
+TINY = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=12, num_experts_per_tok=4)
+
+
+def hf_config(shape: dict, layers: int):
+    from transformers import Qwen3MoeConfig
+    return Qwen3MoeConfig(**{**shape, "num_hidden_layers": layers}, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e6})
+
+
+def layer_bytes(shape: dict, slots: int, rank: int, kv_tokens: int) -> tuple[int, int]:
+    """(bytes per decoder layer: weights + LoRA pools + KV, fixed bytes: embeddings + head), bf16."""
+    d, i, e = shape["hidden_size"], shape["moe_intermediate_size"], shape["num_experts"]
+    q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
+    weights = 3 * e * i * d + 2 * d * q + 2 * d * kv + e * d
+    pools = slots * (e * (2 * rank * d + 2 * i * rank + rank * i + d * rank) + rank * (4 * d + 2 * q + 4 * kv))
+    return 2 * (weights + pools + 2 * kv_tokens * kv), 2 * 2 * shape["vocab_size"] * d
+
+
+def pick_layers(shape: dict, slots: int, rank: int, kv_tokens: int) -> int:
+    if not torch.cuda.is_available():
+        return shape["num_hidden_layers"]
+    per_layer, fixed = layer_bytes(shape, slots, rank, kv_tokens)
+    budget = torch.cuda.get_device_properties(0).total_memory * 0.88 - fixed - (6 << 30)
+    return max(1, min(shape["num_hidden_layers"], int(budget // per_layer)))
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device copy rate, bytes read + written per second."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    sync(device)
+    return 2 * 5 * src.numel() / (time.perf_counter() - start)
+
+
+def pcie_bandwidth() -> float:
+    """Pinned host-to-device bytes per second."""
+    src = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return 3 * src.numel() / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_adapter(engine: LLMEngine, rank: int, seed: int) -> LoRAAdapter:
+    """An adapter on attention q/k/v/o and every expert's gate/up/down, pinned on the host."""
+    spec, dtype = engine.spec, engine.runner.dtype
+    gen = torch.Generator().manual_seed(seed)
+    d, i, e = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+
+    def pair(*shape_ab):
+        (a_shape, b_shape) = shape_ab
+        return LoRAFactors((torch.randn(a_shape, generator=gen) * 0.02).to(dtype),
+                           (torch.randn(b_shape, generator=gen) * 0.02).to(dtype))
+    adapter = LoRAAdapter(f"base-{seed}")
+    for layer in range(spec.num_layers):
+        for name, (inp, out) in {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}.items():
+            adapter.dense[(layer, name)] = pair((rank, inp), (out, rank))
+        for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
+            adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
+    return adapter.pin_memory() if engine.runner.device.type == "cuda" else adapter
+
+
+def install(engine: LLMEngine, names: list[str], bases: list[LoRAAdapter]) -> None:
+    """Put named adapters in the host tier (sharing a few random tensors to spare host memory)."""
+    manager = engine.lora_manager
+    manager.host_capacity = max(manager.host_capacity, len(names) + len(bases))
+    for k, name in enumerate(names):
+        base = bases[k % len(bases)]
+        manager.host[name] = LoRAAdapter(name, dense=base.dense, moe=base.moe)
+
+
+def run_case(engine: LLMEngine, adapters: list[str | None], prompt_len: int, output_len: int, seed: int) -> dict:
+    """All requests arrive at once; returns throughput, TTFT, TPOT and decode step times."""
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    for k, name in enumerate(adapters):
+        prompt = torch.randint(0, engine.spec.vocab_size, (prompt_len,), generator=gen).tolist()
+        lora = None if name is None else LoRARequest(name, "/in-host-tier")
+        engine.add_request(f"req-{seed}-{k}", prompt, params, lora)
+    first, last, decode_steps, num_adapters = {}, {}, [], []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        now = time.perf_counter()
+        step = engine.last_step
+        if step["num_seqs"] and step["num_tokens"] == step["num_seqs"]:
+            decode_steps.append(now - t0)
+            num_adapters.append(step["num_adapters"])
+        for out in outputs:
+            first.setdefault(out.request_id, now)
+            last[out.request_id] = now
+    total = time.perf_counter() - start
+    ttft = [first[r] - start for r in first]
+    tpot = [(last[r] - first[r]) / (output_len - 1) for r in first] if output_len > 1 else [0.0]
+    return {"output_tok_per_s": len(adapters) * output_len / total, "seconds": total,
+            "ttft_ms_mean": 1e3 * statistics.mean(ttft), "ttft_ms_p99": 1e3 * sorted(ttft)[int(0.99 * (len(ttft) - 1))],
+            "tpot_ms_mean": 1e3 * statistics.mean(tpot),
+            "decode_step_ms_median": 1e3 * statistics.median(decode_steps) if decode_steps else None,
+            "decode_steps": len(decode_steps), "max_adapters_in_a_step": max(num_adapters, default=0)}
+
+
+def decode_roofline_ms(engine: LLMEngine, batch: int, context: int, copy_bw: float) -> dict:
+    """Bytes a decode step must read: attention + router + the experts the batch is expected to
+    touch (uniform routing), lm_head, and the KV cache; over the copy bandwidth (read-only)."""
+    s, b = engine.spec, engine.runner.dtype.itemsize
+    d, i, e, k = s.hidden_size, s.moe_intermediate_size, s.num_experts, s.top_k
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    touched = e * (1 - (1 - k / e) ** batch)
+    per_layer = (2 * d * q + 2 * d * kv + e * d + touched * 3 * i * d) * b
+    weights = s.num_layers * per_layer + s.vocab_size * d * b
+    kv_bytes = s.num_layers * batch * context * 2 * kv * b
+    read_bw = copy_bw / 2  # the copy counted reads and writes; a decode step mostly reads
+    return {"weight_bytes": weights, "kv_bytes": kv_bytes, "experts_touched_per_layer": touched,
+            "roofline_ms_weights": 1e3 * weights / read_bw, "roofline_ms_with_kv": 1e3 * (weights + kv_bytes) / read_bw}
+
+
+def adapter_load(engine: LLMEngine, adapter: LoRAAdapter, pcie_bw: float | None) -> dict:
+    """Time from handing a host-tier adapter to a slot until its copy event completes."""
+    pools = engine.runner.slot_pools
+    sync(engine.runner.device)
+    start = time.perf_counter()
+    event = pools.write(pools.num_slots - 1, adapter)
+    if event is not None:
+        event.synchronize()
+    seconds = time.perf_counter() - start
+    out = {"adapter_bytes": adapter.num_bytes, "ready_ms": 1e3 * seconds}
+    if pcie_bw:
+        out["pcie_ms"] = 1e3 * adapter.num_bytes / pcie_bw
+        out["ready_over_pcie"] = seconds / (adapter.num_bytes / pcie_bw)
+    return out
+
+
+def hf_baseline(shape: dict, layers: int, batch: int, prompt_len: int, output_len: int, rank: int) -> dict:
+    """transformers `generate` without adapters and with one PEFT adapter (attention + experts)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    config = hf_config(shape, layers)
+    try:
+        config._experts_implementation = "grouped_mm"
+    except AttributeError:
+        pass
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, shape["vocab_size"], (batch, prompt_len), device="cuda")
+    result = {"layers": layers, "batch": batch, "prompt": prompt_len, "output": output_len}
+    for label in ("base", "peft_one_adapter"):
+        if label == "peft_one_adapter":
+            model = get_peft_model(model, LoraConfig(
+                r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).eval()
+        with torch.inference_mode():
+            model.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)
+            torch.cuda.synchronize()
+        result[f"{label}_tok_per_s"] = batch * output_len / (time.perf_counter() - start)
+    del model
+    return result
+
+
+def profile_decode(engine: LLMEngine, adapters: list[str | None], path: str) -> str:
+    """Top ops of a few decode steps (torch.profiler), and a Chrome trace at `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for k, name in enumerate(adapters):
+        engine.add_request(f"prof-{k}", [1 + k % 100] * 32, params,
+                           None if name is None else LoRARequest(name, "/in-host-tier"))
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            engine.step()
+    prof.export_chrome_trace(path)
+    while engine.has_unfinished_requests():
+        engine.step()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=20)
+
+
+def case_adapters(case: str, num_requests: int) -> list[str | None]:
+    return {"a_none": [None] * num_requests,
+            "b_one": ["t0/ad@v1"] * num_requests,
+            "c_16": [f"t{k % 16}/ad@v1" for k in range(num_requests)],
+            "d_64_over_16": [f"t{k % 64}/ad{k % 64}@v1" for k in range(num_requests)]}[case]
+
+
+def make_engine(args, shape: dict, layers: int, slots: int) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        hf_config=hf_config(shape, layers), load_format="dummy", device=args.device, max_loras=slots,
+        max_lora_rank=args.rank, max_cpu_loras=128, max_num_seqs=args.requests,
+        max_model_len=args.prompt + args.output + args.block_size, block_size=args.block_size,
+        max_num_batched_tokens=args.max_batched_tokens, seed=0))
+
+
+def main_engine_cases(args, shape: dict, results: dict) -> None:
+    kv_tokens = args.requests * (args.prompt + args.output)
+    layers = args.layers or pick_layers(shape, args.slots, args.rank, kv_tokens)
+    results["layers"] = layers
+    engine = make_engine(args, shape, layers, args.slots)
+    device = engine.runner.device
+    results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
+    pcie = pcie_bandwidth() if device.type == "cuda" else None
+    results["pcie_h2d_GBps"] = pcie / 1e9 if pcie else None
+    bases = [random_adapter(engine, args.rank, seed) for seed in range(4)]
+    results["adapter_load"] = adapter_load(engine, bases[0], pcie)
+    install(engine, sorted({n for c in args.cases for n in case_adapters(c, args.requests) if n}), bases)
+    results["roofline"] = decode_roofline_ms(engine, args.requests, args.prompt + args.output // 2,
+                                             results["copy_bandwidth_GBps"] * 1e9)
+    for mode in args.modes:
+        for moe in engine.runner.model.moe_layers():
+            moe.per_adapter_loop = mode == "loop"
+        run_case(engine, case_adapters("c_16", 4), 16, 4, seed=99)  # warm-up (JIT, allocator)
+        for case in args.cases:
+            results["cases"][f"{case}/{mode}"] = run_case(
+                engine, case_adapters(case, args.requests), args.prompt, args.output, seed=1)
+            print(case, mode, json.dumps(results["cases"][f"{case}/{mode}"]), flush=True)
+    if args.profile:
+        for moe in engine.runner.model.moe_layers():
+            moe.per_adapter_loop = False
+        results["profile_table"] = profile_decode(engine, case_adapters("c_16", args.requests), args.profile)
+    results["engine_stats"] = engine.stats()
+    engine.shutdown()
+    del engine, bases
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main_vs_transformers(args, shape: dict, results: dict) -> None:
+    """transformers + PEFT and this engine at the same shapes: 8 layers, batch 16, prompt 128."""
+    small = argparse.Namespace(**{**vars(args), "requests": 16, "prompt": 128, "output": 128})
+    engine = make_engine(small, shape, args.hf_layers, 16)
+    bases = [random_adapter(engine, args.rank, seed) for seed in range(4)]
+    install(engine, case_adapters("c_16", 16), bases)
+    run_case(engine, case_adapters("c_16", 4), 16, 4, seed=99)
+    ours = {case: run_case(engine, case_adapters(case, 16), 128, 128, seed=2)["output_tok_per_s"]
+            for case in ("a_none", "c_16")}
+    engine.shutdown()
+    del engine, bases
+    gc.collect()
+    torch.cuda.empty_cache()
+    hf = hf_baseline(shape, args.hf_layers, 16, 128, 128, args.rank)
+    results["vs_transformers"] = {**hf, "engine_no_adapter_tok_per_s": ours["a_none"],
+                                  "engine_16_adapters_tok_per_s": ours["c_16"],
+                                  "speedup_16_adapters_vs_peft": ours["c_16"] / hf["peft_one_adapter_tok_per_s"]}
+
+
+def table(results: dict) -> str:
+    rows = ["| case | mode | out tok/s | vs a_none | TTFT ms | TPOT ms | decode step ms | adapters/step |",
+            "|---|---|---|---|---|---|---|---|"]
+    for key, r in results["cases"].items():
+        case, mode = key.split("/")
+        base = results["cases"].get(f"a_none/{mode}", r)["output_tok_per_s"]
+        rows.append(f"| {case} | {mode} | {r['output_tok_per_s']:.0f} | {r['output_tok_per_s'] / base:.2f} | "
+                    f"{r['ttft_ms_mean']:.0f} | {r['tpot_ms_mean']:.1f} | {r['decode_step_ms_median'] or 0:.1f} | "
+                    f"{r['max_adapters_in_a_step']} |")
+    roof = results.get("roofline", {})
+    lines = ["", f"layers {results.get('layers')}, copy bandwidth {results.get('copy_bandwidth_GBps', 0):.0f} GB/s, "
+             f"decode roofline {roof.get('roofline_ms_weights', 0):.2f} ms (weights) / "
+             f"{roof.get('roofline_ms_with_kv', 0):.2f} ms (+KV)"]
+    if roof and "a_none/fused" in results["cases"]:
+        step = results["cases"]["a_none/fused"]["decode_step_ms_median"] or float("nan")
+        lines.append(f"no-adapter decode step {step:.2f} ms = {roof['roofline_ms_weights'] / step:.0%} of roofline; "
+                     f"roofline tok/s at batch {results['requests']}: {1e3 * results['requests'] / roof['roofline_ms_weights']:.0f}")
+    if results.get("adapter_load"):
+        lines.append(f"adapter load: {json.dumps(results['adapter_load'])}")
+    if results.get("vs_transformers"):
+        lines.append(f"vs transformers: {json.dumps(results['vs_transformers'])}")
+    return "\n".join(rows + lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_engine.json")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (smoke test)")
+    parser.add_argument("--layers", type=int, default=0, help="0: all 48 if they fit, else as many as fit")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--output", type=int, default=128)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-batched-tokens", type=int, default=2048)
+    parser.add_argument("--cases", nargs="+", default=["a_none", "b_one", "c_16", "d_64_over_16"])
+    parser.add_argument("--modes", nargs="+", default=["fused", "loop"])
+    parser.add_argument("--hf-layers", type=int, default=8)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--profile", default="", help="write a Chrome trace of 5 decode steps here")
+    args = parser.parse_args()
+    args.device = "cpu" if args.tiny else "cuda"
+    shape = TINY if args.tiny else QWEN3_30B_A3B
+    results = {"requests": args.requests, "prompt": args.prompt, "output": args.output, "rank": args.rank,
+               "slots": args.slots, "device": torch.cuda.get_device_name() if not args.tiny else "cpu", "cases": {}}
+    main_engine_cases(args, shape, results)
+    if not args.tiny and not args.skip_hf:
+        main_vs_transformers(args, shape, results)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    if results.get("profile_table"):
+        print(results["profile_table"])
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
