@@ -4,7 +4,6 @@ Completions go with `multiplexed_model_id = "<owner>/<adapter>@<version>"` so th
 on replicas holding that adapter version; a new upload is a new version and therefore a
 new id, visible at once on every replica. Logs carry request ids, never prompts.
 """
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -13,18 +12,19 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from adapter_store.errors import AdapterStoreError
 from engine.errors import EngineError
 
 from deployments.args import AppArgs
-from deployments.errors import (APIError, BadRequestError, ServiceUnavailableError,
-                                to_api_error)
+from deployments.errors import (APIError, AuthenticationError, BadRequestError, NotFoundError,
+                                ServiceUnavailableError, to_api_error)
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
-from deployments.schemas import (AdapterCard, ChatCompletionRequest, CompletionRequest, ModelCard,
-                                 Usage)
+from deployments.replica_stream import collect, first_item, lost_replica
+from deployments.schemas import AdapterCard, ChatCompletionRequest, CompletionRequest, ModelCard
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
@@ -42,6 +42,14 @@ async def _typed_error(_request: Request, exc: Exception):
     if api_error.status_code >= 500:
         logger.error("request failed: %s: %s", type(exc).__name__, exc)
     return api_error.response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException):
+    cls = {404: NotFoundError, 401: AuthenticationError}.get(exc.status_code, APIError)
+    error = cls(str(exc.detail), code="http_error")
+    error.status_code = exc.status_code
+    return error.response()
 
 
 @api.exception_handler(RequestValidationError)
@@ -120,7 +128,7 @@ class Ingress:
         adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
         return {"object": "list", "data": [adapter_card(a).model_dump() for a in adapters]}
 
-    @api.get("/v1/adapters/{name}")
+    @api.get("/v1/adapters/{name:path}")
     async def get_adapter(self, name: str, request: Request) -> dict:
         tenant = self._auth.tenant_of(request.headers)
         info = await asyncio.to_thread(self._store.resolve, tenant, name)
@@ -130,7 +138,7 @@ class Ingress:
             card["versions"] = [str(v.version) for v in versions]
         return card
 
-    @api.delete("/v1/adapters/{name}")
+    @api.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request, version: str | None = None):
         tenant = self._auth.tenant_of(request.headers)
         await asyncio.to_thread(self._store.delete, tenant, name, version)
@@ -166,7 +174,7 @@ class Ingress:
                         body.stream)
             items = self._llm.options(stream=True, multiplexed_model_id=model_id) \
                 .generate.remote(payload)
-            first = await _first_item(items, rid)
+            first = await first_item(items, rid)
         except BaseException as exc:
             self._limiter.release(tenant)
             self._metrics.request(tenant, route, to_api_error(exc).status_code)
@@ -178,7 +186,7 @@ class Ingress:
                                 body.include_usage_in_stream())
             return StreamingResponse(events, media_type="text/event-stream")
         try:
-            return await _collect(builder, first, items)
+            return await collect(builder, first, items)
         finally:
             self._limiter.release(tenant)
 
@@ -190,7 +198,7 @@ class Ingress:
                 yield item
         except Exception as exc:  # noqa: BLE001 - e.g. the replica died mid-stream
             logger.warning("request %s stream broke: %s", rid, type(exc).__name__)
-            yield {"error": _lost_replica(exc).body()["error"]}
+            yield {"error": lost_replica(exc).body()["error"]}
         finally:
             self._limiter.release(tenant)
 
@@ -207,48 +215,3 @@ class Ingress:
                 f"max_tokens={max_tokens} does not fit this model's context of {limit} tokens "
                 "(prompt included); ask for fewer tokens", code="max_tokens_too_large",
                 param="max_tokens")
-
-
-def _lost_replica(exc: BaseException) -> APIError:
-    return ServiceUnavailableError(
-        f"the model replica serving this request went away ({type(exc).__name__}); retry",
-        code="replica_unavailable")
-
-
-async def _first_item(items, request_id: str) -> dict:
-    try:
-        first = await items.__anext__()
-    except StopAsyncIteration:
-        raise ServiceUnavailableError("the replica closed the stream without output; retry",
-                                      code="empty_stream") from None
-    except APIError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Ray errors (actor died, unavailable)
-        logger.warning("request %s: replica call failed: %s", request_id, type(exc).__name__)
-        raise _lost_replica(exc) from exc
-    if "error" in first:
-        raise _error_from_item(first["error"])
-    return first
-
-
-def _error_from_item(error: dict) -> APIError:
-    exc = APIError(error["message"], code=error.get("code"), param=error.get("param"))
-    exc.status_code, exc.error_type = error["status"], error["type"]
-    return exc
-
-
-async def _collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
-    text, item = [first["text"]], first
-    while item.get("finish_reason") is None:
-        try:
-            item = await items.__anext__()
-        except StopAsyncIteration:
-            raise ServiceUnavailableError("the stream ended before the request finished; retry",
-                                          code="truncated_stream") from None
-        except Exception as exc:  # noqa: BLE001
-            raise _lost_replica(exc) from exc
-        if "error" in item:
-            raise _error_from_item(item["error"])
-        text.append(item["text"])
-    usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
-    return JSONResponse(builder.full("".join(text), item["finish_reason"], usage))

@@ -39,9 +39,13 @@ class LLMServer:
         self._store = args.open_store()
         self._cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
         self._metrics = ReplicaMetrics()
-        # Wired at init so `max_num_models_per_replica` can come from the app's args.
+        # Wired at init so `max_num_models_per_replica` comes from the app's args; Serve keeps
+        # its LRU on the function object, so it wraps a plain function, not a bound method.
+        async def load_adapter(model_id: str):
+            return await self._load_adapter(model_id)
+
         self._get_adapter = serve.multiplexed(
-            max_num_models_per_replica=args.adapters_per_replica())(self._load_adapter)
+            max_num_models_per_replica=args.adapters_per_replica())(load_adapter)
         self._stats_task: asyncio.Task | None = None
 
     async def _load_adapter(self, model_id: str):
@@ -108,7 +112,8 @@ class LLMServer:
         started = time.perf_counter()
         first_token_at = None
         try:
-            async for out in self._engine.generate(prompt, params, request_id=rid, lora=lora):
+            async for out in self._engine.generate(prompt, params, request_id=rid, lora=lora,
+                                                   tenant=tenant):
                 if out.error is not None:
                     yield _error_item(rid, out.error)
                     return
@@ -124,8 +129,7 @@ class LLMServer:
                     self._metrics.finished(tenant, out.num_prompt_tokens, out.num_output_tokens,
                                            ttft, decode)
                 yield item
-        except asyncio.CancelledError:
-            self._engine.abort(rid)  # the client went away: free its KV blocks and slot
+        except asyncio.CancelledError:  # the engine's stream aborts the request on close
             logger.info("request %s cancelled by the caller", rid)
             raise
         except Exception as exc:  # noqa: BLE001

@@ -1,0 +1,59 @@
+"""Reading an LLMServer's item stream at the ingress: first item, errors, full responses.
+
+Errors come back either as an `{"error": ...}` item (the replica caught them) or as a
+Ray exception (the replica died); both become `APIError`s.
+"""
+import logging
+
+from fastapi.responses import JSONResponse
+
+from deployments.errors import APIError, ServiceUnavailableError
+from deployments.openai_format import ResponseBuilder
+from deployments.schemas import Usage
+
+logger = logging.getLogger("ray.serve")
+
+
+def lost_replica(exc: BaseException) -> APIError:
+    return ServiceUnavailableError(
+        f"the model replica serving this request went away ({type(exc).__name__}); retry",
+        code="replica_unavailable")
+
+
+async def first_item(items, request_id: str) -> dict:
+    try:
+        first = await items.__anext__()
+    except StopAsyncIteration:
+        raise ServiceUnavailableError("the replica closed the stream without output; retry",
+                                      code="empty_stream") from None
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray errors (actor died, unavailable)
+        logger.warning("request %s: replica call failed: %s", request_id, type(exc).__name__)
+        raise lost_replica(exc) from exc
+    if "error" in first:
+        raise _error_from_item(first["error"])
+    return first
+
+
+def _error_from_item(error: dict) -> APIError:
+    exc = APIError(error["message"], code=error.get("code"), param=error.get("param"))
+    exc.status_code, exc.error_type = error["status"], error["type"]
+    return exc
+
+
+async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
+    text, item = [first["text"]], first
+    while item.get("finish_reason") is None:
+        try:
+            item = await items.__anext__()
+        except StopAsyncIteration:
+            raise ServiceUnavailableError("the stream ended before the request finished; retry",
+                                          code="truncated_stream") from None
+        except Exception as exc:  # noqa: BLE001
+            raise lost_replica(exc) from exc
+        if "error" in item:
+            raise _error_from_item(item["error"])
+        text.append(item["text"])
+    usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
+    return JSONResponse(builder.full("".join(text), item["finish_reason"], usage))

@@ -1,0 +1,289 @@
+"""The Serve application on real Ray over loopback: OpenAI API, tenancy, uploads, faults.
+
+One Ray instance and one Serve app for the module: two engine replicas on the tiny
+checkpoint, the adapter store on an S3 server on loopback (moto), a key file with two
+tenants. Outputs are compared with the engine called directly (greedy decoding).
+"""
+import json
+import os
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.deployments.fake_cluster import free_port, wait_for
+from tests.deployments.serve_helpers import DirectEngine, llm_replica_actors, upload
+
+APP = "moeplex"
+BASE = "tiny-moe"
+KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test"}
+MAX_MODEL_LEN = 256
+MAX_ADAPTER_BYTES = 1 << 20
+PROMPTS = ["The quick brown fox", "Tenants upload LoRA adapters"]
+
+
+@pytest.fixture(scope="module")
+def s3_url():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    import boto3
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="adapters")
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_checkpoint, s3_url):
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.args import AppArgs
+    from deployments.auth import hash_key
+
+    workdir = tmp_path_factory.mktemp("serve")
+    keys = workdir / "keys.yaml"
+    keys.write_text(json.dumps({"tenants": {t: {"key_sha256": [hash_key(k)]}
+                                            for t, k in KEYS.items()}}))
+    aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": aws},
+             _temp_dir=str(workdir / "ray"))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(model=str(tiny_checkpoint()), served_model_name=BASE, store="s3://adapters/store",
+                   store_endpoint_url=s3_url, store_region="us-east-1", api_keys=str(keys),
+                   cache_dir=str(workdir / "cache"), num_replicas=2, device="cpu",
+                   max_model_len=MAX_MODEL_LEN, max_adapter_bytes=MAX_ADAPTER_BYTES,
+                   max_num_seqs=16)
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_checkpoint):
+    return DirectEngine(tiny_checkpoint(), MAX_MODEL_LEN)
+
+
+@pytest.fixture(scope="module")
+def adapters(service, tiny_adapter):
+    """acme/style and globex/style (same name, different weights), uploaded over HTTP."""
+    dirs = {"acme": tiny_adapter(seed=1), "globex": tiny_adapter(seed=2, rank=4)}
+    for tenant, path in dirs.items():
+        response = upload(service, _auth(tenant), "style", path)
+        assert response.status_code == 201, response.text
+        assert response.json()["owner"] == tenant and response.json()["name"] == "style"
+    return dirs
+
+
+def _auth(tenant: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def _client(service: str, tenant: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{service}/v1", api_key=KEYS[tenant], max_retries=0,
+                         timeout=120)
+
+
+def _served_text(client, model: str, prompt: str, stream: bool, max_tokens: int = 12):
+    kwargs = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    if not stream:
+        done = client.completions.create(**kwargs)
+        return done.choices[0].text, done.choices[0].finish_reason, done.usage
+    text, finish, usage = "", None, None
+    for chunk in client.completions.create(**kwargs, stream=True,
+                                           stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.text
+            finish = choice.finish_reason or finish
+    return text, finish, usage
+
+
+def test_health_ready_and_models(service, adapters):
+    assert httpx.get(f"{service}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{service}/ready", timeout=60)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    models = [m.id for m in _client(service, "acme").models.list()]
+    assert models == [BASE, "style"]
+
+
+def test_two_tenants_stream_and_not_equal_the_engine(service, adapters, oracle):
+    """acme and globex at once, streaming and not; every text equals the direct engine's."""
+    jobs = [(t, p, s) for t in ("acme", "globex") for p in PROMPTS for s in (False, True)]
+    results, errors = {}, []
+
+    def run(tenant, prompt, stream):
+        try:
+            results[(tenant, prompt, stream)] = _served_text(
+                _client(service, tenant), "style", prompt, stream)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    for (tenant, prompt, stream), (text, finish, usage) in results.items():
+        want = oracle.complete(prompt, 12, adapters[tenant], name=f"{tenant}/style")
+        assert text == want["text"], (tenant, prompt, stream)
+        assert finish == want["finish_reason"]
+        assert usage.completion_tokens == len(want["token_ids"])
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # The adapters matter: the two tenants' texts differ from each other or from the base.
+    base_text = _served_text(_client(service, "acme"), BASE, PROMPTS[0], False)[0]
+    assert base_text == oracle.complete(PROMPTS[0], 12)["text"]
+    acme, globex = results[("acme", PROMPTS[0], False)][0], results[("globex", PROMPTS[0], False)][0]
+    assert len({acme, globex, base_text}) > 1
+
+
+def test_chat_completions_stream_and_not(service, adapters, oracle):
+    client = _client(service, "globex")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    want = oracle.complete(oracle.chat_prompt(messages), 10, adapters["globex"], "globex/style")
+    done = client.chat.completions.create(model="style", messages=messages, max_tokens=10,
+                                          temperature=0)
+    assert done.choices[0].message.content == want["text"]
+    assert done.choices[0].message.role == "assistant"
+    assert done.choices[0].finish_reason == want["finish_reason"]
+    streamed = "".join(
+        chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model="style", messages=messages, max_tokens=10, temperature=0, stream=True)
+        if chunk.choices)
+    assert streamed == want["text"]
+
+
+def test_stop_sequences_and_seeded_sampling(service, adapters, oracle):
+    client = _client(service, "acme")
+    full = oracle.complete(PROMPTS[1], 16, adapters["acme"], "acme/style")["text"]
+    if len(full) > 3:
+        stop = full[2:4]
+        done = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=16,
+                                         temperature=0, stop=[stop])
+        assert stop not in done.choices[0].text and done.choices[0].finish_reason == "stop"
+        assert full.startswith(done.choices[0].text)
+    sampled = [client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=8,
+                                         temperature=1.0, top_p=0.9, seed=7).choices[0].text
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):
+    response = upload(service, _auth("acme"), "private", tiny_adapter(seed=3))
+    assert response.status_code == 201, response.text
+    globex = _client(service, "globex")
+    assert "private" not in [m.id for m in globex.models.list()]
+    listed = httpx.get(f"{service}/v1/adapters", headers=_auth("globex")).json()["data"]
+    assert [a["owner"] for a in listed] == ["globex"]
+    for call in (lambda: httpx.get(f"{service}/v1/adapters/private", headers=_auth("globex")),
+                 lambda: httpx.delete(f"{service}/v1/adapters/private", headers=_auth("globex")),
+                 lambda: httpx.get(f"{service}/v1/adapters/acme%2Fprivate",
+                                   headers=_auth("globex"))):
+        response = call()
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["type"] == "not_found_error"
+    with pytest.raises(openai.NotFoundError):
+        globex.completions.create(model="private", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        globex.completions.create(model="acme/private", prompt="hi", max_tokens=2)
+    # still there for its owner, who can delete it
+    assert httpx.get(f"{service}/v1/adapters/private", headers=_auth("acme")).status_code == 200
+    assert httpx.delete(f"{service}/v1/adapters/private", headers=_auth("acme")).status_code == 200
+    assert httpx.get(f"{service}/v1/adapters/private", headers=_auth("acme")).status_code == 404
+
+
+def test_bad_keys_401_and_tenant_header_mismatch_refused(service, adapters):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{service}/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert httpx.get(f"{service}/v1/models").status_code == 401
+    # dev-mode header alone does not authenticate when a key file is configured
+    assert httpx.get(f"{service}/v1/models", headers={"X-Tenant-Id": "acme"}).status_code == 401
+    mismatch = httpx.get(f"{service}/v1/models", headers={**_auth("acme"), "X-Tenant-Id": "globex"})
+    assert mismatch.status_code == 403 and mismatch.json()["error"]["code"] == "tenant_mismatch"
+
+
+def test_new_version_is_used_at_once(service, adapters, tiny_adapter, oracle):
+    """Uploading a new version of a used adapter: the next request uses the new weights."""
+    client = _client(service, "acme")
+    first = tiny_adapter(seed=5)
+    second = tiny_adapter(seed=6)
+    assert upload(service, _auth("acme"), "rolling", first).status_code == 201
+    got = [_served_text(client, "rolling", PROMPTS[0], False)[0] for _ in range(2)]
+    assert got == [oracle.complete(PROMPTS[0], 12, first, "v1")["text"]] * 2
+    info = upload(service, _auth("acme"), "rolling", second).json()
+    want = oracle.complete(PROMPTS[0], 12, second, "v2")["text"]
+    # Several requests so both replicas are likely to be asked; every answer uses version 2.
+    for _ in range(4):
+        assert _served_text(client, "rolling", PROMPTS[0], False)[0] == want
+    pinned = _served_text(client, f"rolling@{info['version']}", PROMPTS[0], False)[0]
+    assert pinned == want
+
+
+def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters):
+    url, headers = f"{service}/v1/completions", {**_auth("acme"), "Content-Type": "application/json"}
+    cases = [
+        (b'{"model": "style", "prompt": ', 400),
+        (json.dumps({"model": "style", "prompt": "hi", "max_tokens": "lots"}), 400),
+        (json.dumps({"model": "style", "prompt": 5}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "max_tokens": 10 ** 9}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "temperature": -1}), 400),
+        (json.dumps({"model": "nope", "prompt": "hi"}), 404),
+        (json.dumps({"model": "style", "prompt": "x " * (2 * MAX_MODEL_LEN)}), 400),
+    ]
+    for body, status in cases:
+        response = httpx.post(url, content=body, headers=headers, timeout=60)
+        assert response.status_code == status, (body[:60], response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["type"]
+    big = upload_bytes(service, "huge", os.urandom(MAX_ADAPTER_BYTES + (256 << 10)))
+    assert big.status_code == 413, big.text
+    bad_files = httpx.post(f"{service}/v1/adapters", headers=_auth("acme"), data={"name": "x"},
+                           files=[("files", ("adapter_model.bin", b"pickle"))])
+    assert bad_files.status_code == 400 and "safetensors" in bad_files.json()["error"]["message"]
+    text, finish, _ = _served_text(_client(service, "acme"), "style", PROMPTS[0], True)
+    assert finish in ("stop", "length")
+
+
+def upload_bytes(service: str, name: str, weights: bytes) -> httpx.Response:
+    files = [("files", ("adapter_config.json", b"{}")),
+             ("files", ("adapter_model.safetensors", weights))]
+    return httpx.post(f"{service}/v1/adapters", headers=_auth("acme"), data={"name": name},
+                      files=files, timeout=60)
+
+
+def test_replica_killed_mid_stream_later_requests_succeed(service, adapters):
+    """Kill every engine replica while a stream is open; Serve replaces them and we recover."""
+    import ray
+
+    client = _client(service, "globex")
+    stream = client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=200,
+                                       temperature=0, stream=True)
+    next(iter(stream))  # the stream is open and producing
+    for actor in llm_replica_actors(APP):
+        ray.kill(actor, no_restart=True)
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for _ in stream:
+            pass
+
+    def served():
+        try:
+            return _served_text(client, "style", PROMPTS[1], False, max_tokens=4)
+        except openai.APIError:
+            return None
+
+    text, finish, usage = wait_for(served, timeout_s=240, period_s=2, what="a replacement replica")
+    assert usage.completion_tokens >= 1
+    assert _served_text(client, "style", PROMPTS[1], True, max_tokens=4)[0] == text
