@@ -24,7 +24,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from adapter_store.errors import AdapterStoreError, StoreUnavailableError
+from adapter_store.errors import AdapterNotFoundError, AdapterStoreError, StoreUnavailableError
 from adapter_store.store import AdapterStore, Progress
 
 _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
@@ -87,6 +87,9 @@ class S3Store(AdapterStore):
         if code == "NoSuchBucket":
             return StoreUnavailableError(f"bucket {self.bucket!r} does not exist: create it or fix the "
                                          "store URI (--store / MOEPLEX_STORE)", code="missing_bucket")
+        if code in _MISSING:
+            return AdapterNotFoundError(f"{where} is gone (deleted since it was resolved?); resolve the "
+                                        "adapter again", code="not_found")
         if code in _CREDENTIAL_CODES:
             return StoreUnavailableError(f"S3 refused to {action} {where} ({code}): check the AWS "
                                          "credentials and the bucket policy", code="bad_credentials")

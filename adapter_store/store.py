@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adapter_store.errors import AdapterNotFoundError, LimitExceededError
+from adapter_store.errors import AdapterNotFoundError, ChecksumMismatchError, LimitExceededError
 from adapter_store.names import check_name, parse_ref
 from adapter_store.validate import ADAPTER_FILES, StoreLimits, validate_adapter
 
@@ -211,8 +211,17 @@ class AdapterStore(ABC):
         return []
 
     def _read_version(self, owner: str, name: str, version: str, shared: bool) -> AdapterInfo | None:
-        raw = self._read(f"{_version_key(owner, name, version)}/{MANIFEST_FILE}")
-        return None if raw is None else AdapterInfo(owner, name, version, json.loads(raw), shared)
+        key = f"{_version_key(owner, name, version)}/{MANIFEST_FILE}"
+        raw = self._read(key)
+        if raw is None:
+            return None
+        try:
+            manifest = json.loads(raw)
+            manifest["files"][ADAPTER_FILES[-1]]["sha256"]
+        except (ValueError, KeyError, TypeError):
+            raise ChecksumMismatchError(f"manifest {key} in {self.uri} is corrupt; delete this version "
+                                        "and upload the adapter again", code="corrupt_manifest") from None
+        return AdapterInfo(owner, name, version, manifest, shared)
 
     def _is_shared(self, owner: str, name: str) -> bool:
         return self._read(f"shared/{owner}/{name}") is not None

@@ -108,3 +108,29 @@ def test_server_stopped_mid_download_then_restarted(aws_env, adapter, base_model
         assert same_files(cache.fetch(store, info), adapter) and cache.downloads == 1
     finally:
         server.stop()
+
+
+def test_download_survives_a_server_blip(aws_env, adapter, base_model, tmp_path):
+    """Ranges that fail while the server is down are retried with backoff and succeed."""
+    import threading
+
+    server = MotoServer()
+    server.start()
+    try:
+        store = s3_store(server, make_bucket(server), chunk_bytes=4 << 10, concurrency=2,
+                         max_attempts=6, backoff_s=0.2)
+        info = store.put("acme", "ad", adapter, base_model)
+        restarted = threading.Event()
+
+        def blip(nbytes):
+            if not restarted.is_set():
+                restarted.set()
+                server.stop()
+                threading.Timer(0.3, server.start).start()
+
+        cache = DiskCache(tmp_path / "cache", 1 << 30)
+        assert same_files(cache.fetch(store, info, progress=blip), adapter)
+        assert restarted.is_set() and cache.downloads == 1
+    finally:
+        time.sleep(0.5)  # let the timer's restart happen before the final stop
+        server.stop()

@@ -4,7 +4,9 @@ import threading
 import pytest
 
 from adapter_store import DiskCache
-from adapter_store.errors import AdapterNotFoundError, ChecksumMismatchError, InvalidNameError
+from adapter_store.errors import (
+    AdapterNotFoundError, ChecksumMismatchError, InvalidNameError, StoreUnavailableError,
+)
 from adapter_store.store import MANIFEST_FILE, file_digest
 from tests.adapter_store.helpers import CONFIG, WEIGHTS, same_files
 
@@ -152,3 +154,14 @@ def test_corrupted_object_is_detected(store, adapter, base_model, tmp_path):
     with pytest.raises(ChecksumMismatchError, match="re-upload"):
         cache.fetch(store, store.resolve("acme", "ad"))
     assert not cache.contains(info) and list((cache.root / "tmp").iterdir()) == []
+
+
+def test_corrupt_manifest_and_vanished_files_are_typed_errors(store, adapter, base_model, tmp_path):
+    info = store.put("acme", "ad", adapter, base_model)
+    prefix = f"tenants/acme/adapters/ad/versions/{info.version}"
+    store._delete(f"{prefix}/{WEIGHTS}")  # deleted between resolve and fetch
+    with pytest.raises((AdapterNotFoundError, StoreUnavailableError)):
+        DiskCache(tmp_path / "cache", 1 << 30).fetch(store, info)
+    store._write_bytes(f"{prefix}/{MANIFEST_FILE}", b"{not json")
+    with pytest.raises(ChecksumMismatchError, match="corrupt"):
+        store.resolve("acme", "ad")
