@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights at real shapes)
     hf_config: object = None  # a transformers config to use instead of model/config.json
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
     seed: int = 0
 

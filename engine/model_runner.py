@@ -2,6 +2,7 @@
 
 T = tokens in the step, B = sequences, M = blocks per sequence, V = vocabulary.
 """
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from engine.attention import AttentionGroup, ForwardBatch
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from engine.errors import EngineError
 from engine.lora.slots import SlotPools
 from engine.models.loader import load_model
@@ -18,6 +20,7 @@ from engine.sampler import SamplingTensors, sample
 from engine.sequence import Sequence
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -39,6 +42,7 @@ class ModelRunner:
                 moe.per_adapter_loop = True
         self.num_kv_blocks = config.num_kv_blocks or self._auto_num_blocks()
         self._allocate_kv_cache()
+        self.graphs = self._capture_graphs()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.seq_generators: dict[int, torch.Generator] = {}
 
@@ -60,11 +64,37 @@ class ModelRunner:
         return min(wanted, fits)
 
     def _allocate_kv_cache(self) -> None:
+        """num_kv_blocks for the BlockManager plus one scratch block (padded graph rows write there)."""
         s, bs = self.spec, self.config.block_size
-        self.kv_cache = torch.zeros(s.num_layers, 2, self.num_kv_blocks, bs, s.num_kv_heads, s.head_dim,
+        self.kv_cache = torch.zeros(s.num_layers, 2, self.num_kv_blocks + 1, bs, s.num_kv_heads, s.head_dim,
                                     dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return None
+        graphs = DecodeGraphs(self.model, self.config.max_num_seqs, self.config.max_model_len,
+                              self.config.block_size, self.num_kv_blocks * self.config.block_size,
+                              self.slot_pools is not None and self.config.lora_mode == "fused", self.device)
+        try:
+            graphs.capture_all()
+        except Exception:  # a model or kernel that cannot be captured still runs, eagerly
+            log.exception("CUDA graph capture failed; decode steps run eagerly")
+            return None
+        return graphs
+
+    def _decode_inputs(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
+        bs = self.config.block_size
+        seqs = [seq for seq, _ in scheduled]
+        positions = [seq.num_computed_tokens for seq in seqs]
+        lora = [-1 if seq.lora_slot is None else seq.lora_slot for seq in seqs]
+        return DecodeInputs(
+            input_ids=[seq.token_ids(p, p + 1)[0] for seq, p in zip(seqs, positions)], positions=positions,
+            slot_mapping=[seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)],
+            block_tables=[seq.block_table for seq in seqs],
+            lora_slots=lora if self.slot_pools is not None and any(s >= 0 for s in lora) else None,
+            max_context_len=max(positions) + 1)
 
     def _tensor(self, values: list, dtype: torch.dtype) -> Tensor:
         t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
@@ -131,14 +161,27 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], all_logits: bool = False,
                 return_logits: bool = False) -> StepResult:
-        input_ids, batch, rows = self.prepare(scheduled)
-        hidden = self.model(input_ids, batch)
-        sampled = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
-        logits = self.model.compute_logits(hidden[rows]) if rows else None
-        tokens = sample(logits, self._sampling_tensors(sampled), self.generator).tolist() if rows else []
+        """Run one step; `all_logits` also returns logits of every token ([T, V], for tests)."""
+        samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
+        sampled = [seq for (seq, _), s in zip(scheduled, samples) if s]
+        logits = kept = None
+        if self._graph_step(scheduled, all_logits):
+            logits = self.graphs.run(self._decode_inputs(scheduled))
+            if not all(samples):  # a one-token prefill chunk that does not end its prompt
+                logits = logits[[i for i, s in enumerate(samples) if s]]
+        else:
+            input_ids, batch, rows = self.prepare(scheduled)
+            hidden = self.model(input_ids, batch)
+            if all_logits:
+                kept = self.model.compute_logits(hidden)
+                logits = kept[rows]
+            elif rows:
+                logits = self.model.compute_logits(hidden[rows])
+        tokens = sample(logits, self._sampling_tensors(sampled), self.generator).tolist() if sampled else []
         it = iter(tokens)
-        token_ids = [next(it) if seq.num_computed_tokens + n == seq.num_tokens else None
-                     for seq, n in scheduled]
-        if all_logits:
-            logits = self.model.compute_logits(hidden)
-        return StepResult(token_ids, logits if (return_logits or all_logits) else None)
+        token_ids = [next(it) if s else None for s in samples]
+        return StepResult(token_ids, kept if all_logits else (logits if return_logits else None))
+
+    def _graph_step(self, scheduled: list[tuple[Sequence, int]], all_logits: bool) -> bool:
+        return (self.graphs is not None and not all_logits and all(n == 1 for _, n in scheduled)
+                and self.graphs.fits(len(scheduled), max(s.num_computed_tokens + 1 for s, _ in scheduled)))

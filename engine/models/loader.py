@@ -77,9 +77,10 @@ def _load_safetensors(model: MoECausalLM, model_dir: Path) -> None:
     if not files:
         raise EngineError(f"{model_dir} has no *.safetensors files (pickled weights are not loaded)")
     params = dict(model.named_parameters())
+    device = str(model.embed_tokens.device)  # safetensors reads straight onto the device
     seen: set[str] = set()
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device=device) as f:
             for key in f.keys():
                 mapped = map_checkpoint_key(key)
                 if mapped is None:
@@ -90,7 +91,7 @@ def _load_safetensors(model: MoECausalLM, model_dir: Path) -> None:
                 if name not in params:
                     raise EngineError(f"checkpoint key {key!r} has no place in a {model.spec.family} model")
                 param = params[name]
-                _copy_into(param, f.get_tensor(key).to(param.device, param.dtype), part, expert)
+                _copy_into(param, f.get_tensor(key).to(param.dtype), part, expert)
                 seen.add(name)
     missing = sorted(set(params) - seen)
     if missing:

@@ -1,0 +1,118 @@
+"""CUDA graphs of decode-only steps, so a decode step's host work hides behind the GPU.
+
+One graph per (batch bucket, context bucket, with/without LoRA), captured at start-up into
+one shared memory pool. A step pads its batch to the bucket: padded tokens write their KV
+to a scratch block no sequence owns and their logits are dropped.
+B = batch bucket, C = context bucket, M = C / block size, V = vocabulary.
+"""
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.attention import AttentionGroup, ForwardBatch
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sorted(set(sizes + [max_batch]))
+
+
+def context_buckets(max_len: int, block_size: int) -> list[int]:
+    sizes, c = [], 256
+    while c < max_len:
+        sizes.append(c)
+        c *= 2
+    return [-(-s // block_size) * block_size for s in sizes + [max_len]]
+
+
+@dataclass(slots=True)
+class DecodeInputs:
+    """One decode step as Python lists (one entry per sequence)."""
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    block_tables: list[list[int]]
+    lora_slots: list[int] | None
+    max_context_len: int
+
+
+class DecodeGraphs:
+    def __init__(self, model, max_batch: int, max_model_len: int, block_size: int, scratch_slot: int,
+                 with_lora: bool, device: torch.device, use_graphs: bool = True):
+        """use_graphs=False runs the same padded static-buffer steps eagerly (CPU tests)."""
+        self.model, self.block_size, self.scratch_slot = model, block_size, scratch_slot
+        self.use_graphs = use_graphs
+        self.batches = batch_buckets(max_batch)
+        self.contexts = context_buckets(max_model_len, block_size)
+        max_blocks = self.contexts[-1] // block_size
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        self.input_ids, self.positions, self.slot_mapping = zeros(max_batch), zeros(max_batch), zeros(max_batch)
+        self.block_tables = zeros(max_batch, max_blocks)
+        self.token_seq = torch.arange(max_batch, device=device)
+        self.token_row = zeros(max_batch)
+        self.lora_slots = zeros(max_batch, dtype=torch.int32) - 1
+        self.graphs: dict[tuple[int, int, bool], tuple] = {}  # -> (graph, logits) or (None, batch)
+        self.pool = None
+        self.lora_variants = (False, True) if with_lora else (False,)
+
+    def capture_all(self) -> None:
+        for use_lora in self.lora_variants:
+            for ctx in self.contexts:
+                for batch in reversed(self.batches):  # largest first: the pool fits the rest
+                    self._capture(batch, ctx, use_lora)
+
+    def fits(self, num_seqs: int, max_context_len: int) -> bool:
+        return num_seqs <= self.batches[-1] and max_context_len <= self.contexts[-1]
+
+    def _batch(self, batch: int, ctx: int, use_lora: bool) -> ForwardBatch:
+        group = AttentionGroup(0, batch, self.block_tables[:batch, :ctx // self.block_size],
+                               self.token_seq[:batch], self.token_row[:batch], 1, ctx)
+        return ForwardBatch(self.positions[:batch], self.slot_mapping[:batch], [group],
+                            self.lora_slots[:batch] if use_lora else None)
+
+    @torch.inference_mode()
+    def _capture(self, batch: int, ctx: int, use_lora: bool) -> None:
+        fwd = self._batch(batch, ctx, use_lora)
+        self.slot_mapping[:batch] = self.scratch_slot
+        if not self.use_graphs:
+            self.graphs[(batch, ctx, use_lora)] = (None, fwd)
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (Triton JIT, allocator)
+            self.model.compute_logits(self.model(self.input_ids[:batch], fwd))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model.compute_logits(self.model(self.input_ids[:batch], fwd))
+        self.pool = graph.pool()
+        self.graphs[(batch, ctx, use_lora)] = (graph, logits)
+
+    def run(self, inputs: DecodeInputs) -> Tensor:
+        """Replay the bucket's graph for this step; returns logits [num_seqs, V]."""
+        n = len(inputs.input_ids)
+        batch = next(b for b in self.batches if b >= n)
+        ctx = next(c for c in self.contexts if c >= inputs.max_context_len)
+        use_lora = inputs.lora_slots is not None
+        pad = batch - n
+        width = self.block_tables.shape[1]
+        self._load(self.input_ids, inputs.input_ids + [0] * pad)
+        self._load(self.positions, inputs.positions + [0] * pad)
+        self._load(self.slot_mapping, inputs.slot_mapping + [self.scratch_slot] * pad)
+        self._load(self.block_tables, [t + [0] * (width - len(t)) for t in inputs.block_tables] + [[0] * width] * pad)
+        if use_lora:
+            self._load(self.lora_slots, inputs.lora_slots + [-1] * pad)
+        graph, out = self.graphs[(batch, ctx, use_lora)]
+        if graph is None:
+            return self.model.compute_logits(self.model(self.input_ids[:batch], out))[:n]
+        graph.replay()
+        return out[:n]
+
+    @staticmethod
+    def _load(buffer: Tensor, values: list) -> None:
+        host = torch.tensor(values, dtype=buffer.dtype, pin_memory=buffer.is_cuda)
+        buffer[:host.shape[0]].copy_(host, non_blocking=True)
