@@ -253,9 +253,12 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     install(engine, sorted({n for c in args.cases for n in case_adapters(c, args.requests) if n}), bases)
     results["roofline"] = decode_roofline_ms(engine, args.requests, args.prompt + args.output // 2,
                                              results["copy_bandwidth_GBps"] * 1e9)
+    graphs = engine.runner.graphs
     for mode in args.modes:
         for moe in engine.runner.model.moe_layers():
             moe.per_adapter_loop = mode == "loop"
+        # the loop syncs with the host per layer, so it runs eagerly (as such loops do)
+        engine.runner.graphs = graphs if mode == "fused" else None
         run_case(engine, case_adapters("c_16", 4), 16, 4, seed=99)  # warm-up (JIT, allocator)
         for case in args.cases:
             results["cases"][f"{case}/{mode}"] = run_case(
@@ -264,6 +267,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     if args.profile:
         for moe in engine.runner.model.moe_layers():
             moe.per_adapter_loop = False
+        engine.runner.graphs = graphs
         results["profile_table"] = profile_decode(engine, case_adapters("c_16", args.requests), args.profile)
     results["engine_stats"] = engine.stats()
     engine.shutdown()
@@ -329,7 +333,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--cases", nargs="+", default=["a_none", "b_one", "c_16", "d_64_over_16"])
-    parser.add_argument("--modes", nargs="+", default=["fused", "loop"])
+    parser.add_argument("--modes", nargs="+", default=["fused", "fused_eager", "loop"],
+                        help="fused: virtual experts + CUDA graphs; fused_eager: no graphs; loop: per adapter")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", default="", help="write a Chrome trace of 5 decode steps here")
