@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,7 +60,8 @@ class FakeAutoscalingCluster:
         self.workdir = Path(workdir)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.temp_dir = self.workdir / "ray"
+        # Short: Ray's unix socket paths under it must stay below ~107 characters.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="mxray-", dir="/tmp"))
         self.config_path = self.workdir / "autoscaler.yaml"
         self.config_path.write_text(yaml.safe_dump(autoscaler_config(
             self.address, worker_resources, max_workers, idle_timeout_minutes)))
@@ -67,14 +70,16 @@ class FakeAutoscalingCluster:
 
     def start(self) -> None:
         ray_cli = Path(sys.executable).with_name("ray")
-        subprocess.run(
+        done = subprocess.run(
             [str(ray_cli), "start", "--head", f"--port={self.port}",
              f"--autoscaling-config={self.config_path}", f"--num-cpus={self.head_cpus}",
              f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-             "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-             f"--min-worker-port={free_port()}", "--max-worker-port=0"],
-            env=self.env, check=True, capture_output=True, timeout=120)
+             "--disable-usage-stats", f"--ray-client-server-port={free_port()}"],
+            env=self.env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            self.shutdown()
+            raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout[-3000:]}"
+                               f"\n{done.stderr[-3000:]}")
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this cluster: those naming its temp dir, and their descendants."""
@@ -109,6 +114,7 @@ class FakeAutoscalingCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=grace_s)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def wait_for(predicate, timeout_s: float, period_s: float = 1.0, what: str = "condition"):
