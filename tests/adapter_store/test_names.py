@@ -31,3 +31,14 @@ def test_refs(ref, want):
 def test_bad_refs(ref):
     with pytest.raises(InvalidNameError):
         parse_ref(ref)
+
+
+def test_store_package_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, adapter_store, adapter_store.cli, adapter_store.s3, adapter_store.local; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
