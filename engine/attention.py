@@ -53,6 +53,8 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardB
 
 def _attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, g: AttentionGroup,
             scale: float, sliding_window: int | None) -> Tensor:
+    if g.max_query_len == 1:
+        return _decode_attend(q, positions, k_cache, v_cache, g, scale, sliding_window)
     num_seqs, ctx = g.block_tables.shape[0], g.max_context_len
     keys = k_cache[g.block_tables].flatten(1, 2)[:, :ctx]    # [B, C, G, Dh]
     values = v_cache[g.block_tables].flatten(1, 2)[:, :ctx]  # [B, C, G, Dh]
@@ -70,3 +72,22 @@ def _attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, g: A
         q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=mask[:, None], scale=scale, enable_gqa=keys.shape[2] != q.shape[1])
     return out.transpose(1, 2)[g.token_seq, g.token_row]  # [T_group, H, Dh]
+
+
+def _decode_attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, g: AttentionGroup,
+                   scale: float, sliding_window: int | None) -> Tensor:
+    """One query per sequence (token i is sequence i): the H / G query heads sharing a KV head
+    attend together, so KV is never expanded to H heads (decode is bound by reading KV)."""
+    num_seqs, heads, head_dim = q.shape
+    ctx, kv_heads = g.max_context_len, k_cache.shape[2]
+    keys = k_cache[g.block_tables].flatten(1, 2)[:, :ctx].permute(0, 2, 3, 1)    # [B, G, Dh, C]
+    values = v_cache[g.block_tables].flatten(1, 2)[:, :ctx].transpose(1, 2)      # [B, G, C, Dh]
+    q_grouped = q.view(num_seqs, kv_heads, heads // kv_heads, head_dim)         # [B, G, H/G, Dh]
+    scores = torch.matmul(q_grouped, keys).float() * scale                       # [B, G, H/G, C]
+    k_pos = torch.arange(ctx, device=q.device)
+    visible = k_pos[None, :] <= positions[:, None]                               # [B, C]
+    if sliding_window is not None:
+        visible &= k_pos[None, :] > positions[:, None] - sliding_window
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).reshape(num_seqs, heads, head_dim)       # [B, H, Dh]

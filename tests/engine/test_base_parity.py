@@ -74,3 +74,14 @@ def test_olmoe_clip_qkv_and_mixtral_sliding_window_match(tmp_path):
         ref = load_reference_model(ckpt)
         for mine, prompt in zip(step_logits(make_engine(ckpt), prompts), prompts):
             assert_close(mine, reference_logits(ref, prompt))
+
+
+def test_mixtral_sliding_window_decode_matches_hf_generate(tmp_path):
+    from engine.testing.checkpoints import make_tiny_checkpoint
+    ckpt = make_tiny_checkpoint(tmp_path / "mixtral", "mixtral", seed=5, sliding_window=6)
+    ref = load_reference_model(ckpt)
+    prompt = list(range(40, 52))
+    out = make_engine(ckpt).generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10,
+                            do_sample=False)[0, len(prompt):].tolist()
+    assert out["token_ids"] == expected
