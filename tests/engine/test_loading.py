@@ -1,0 +1,101 @@
+"""Checkpoint loading: fused expert layout, dummy weights, bad checkpoints; adapter refusals."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import AdapterLoadError, EngineConfig, EngineError, LLMEngine, LoRARequest, SamplingParams
+from engine.lora.adapter import load_adapter
+from tests.engine.test_base_parity import PROMPTS, make_engine, step_logits
+
+
+def fuse_experts(src, dst, num_experts: int, block: str = "mlp", names=("gate_proj", "up_proj", "down_proj")):
+    """Rewrite a per-expert checkpoint in transformers 5's fused layout ([E, 2I, D] / [E, D, I])."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    for layer in {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")}:
+        p = f"model.layers.{layer}.{block}.experts"
+        pick = lambda n: [tensors.pop(f"{p}.{e}.{n}.weight") for e in range(num_experts)]  # noqa: E731
+        gate, up, down = (pick(n) for n in names)
+        out = f"model.layers.{layer}.mlp.experts"
+        tensors[f"{out}.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(gate, up)])
+        tensors[f"{out}.down_proj"] = torch.stack(down)
+        tensors[f"model.layers.{layer}.mlp.gate.weight"] = tensors.pop(f"model.layers.{layer}.{block}.gate.weight")
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_expert_layout_loads_to_the_same_model(family, checkpoints, tmp_path):
+    src = checkpoints[family]
+    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    fused = fuse_experts(src, tmp_path / "fused", 6, "block_sparse_moe" if family == "mixtral" else "mlp", names)
+    a, b = step_logits(make_engine(src), PROMPTS), step_logits(make_engine(fused), PROMPTS)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe"])
+def test_dummy_weights_need_no_files(family, checkpoints):
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(checkpoints[family])
+    engine = LLMEngine(EngineConfig(hf_config=config, load_format="dummy", max_loras=0, max_model_len=64))
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out["token_ids"]) == 4 and engine.tokenizer is None
+    assert engine.runner.model.embed_tokens.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_bad_checkpoints_raise_engine_errors(checkpoints, tmp_path):
+    with pytest.raises(EngineError, match="config.json"):
+        LLMEngine(EngineConfig(model=tmp_path))
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["qwen3_moe"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "hidden_size": 40}))
+    with pytest.raises(EngineError, match="do not fit|disagree"):
+        LLMEngine(EngineConfig(model=broken, max_loras=0))
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngineError, match="safetensors"):
+        LLMEngine(EngineConfig(model=broken, max_loras=0))
+
+
+def test_adapter_refusals(checkpoints, adapters, tmp_path):
+    engine = make_engine(checkpoints["qwen3_moe"], max_loras=1, max_lora_rank=8)
+    spec, good = engine.spec, adapters["qwen3_moe"]["c"]
+    with pytest.raises(AdapterLoadError, match="max_lora_rank"):
+        load_adapter("c", good, spec, torch.float32, max_rank=8)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(good / "adapter_config.json", pickled)
+    torch.save({}, pickled / "adapter_model.bin")
+    with pytest.raises(AdapterLoadError, match="pickled"):
+        load_adapter("p", pickled, spec, torch.float32, max_rank=16)
+    alien = tmp_path / "alien"
+    alien.mkdir()
+    shutil.copy(good / "adapter_config.json", alien)
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32)}, str(alien / "adapter_model.safetensors"))
+    with pytest.raises(AdapterLoadError, match="lm_head"):
+        load_adapter("x", alien, spec, torch.float32, max_rank=16)
+
+
+def test_slots_bound_distinct_adapters_per_step(checkpoints, adapters):
+    engine = make_engine(checkpoints["olmoe"], max_loras=2, max_lora_rank=16)
+    names = ["a", "b", "c", "a", "b", "c"]
+    loras = [LoRARequest(f"t{n}/{n}", str(adapters["olmoe"][n])) for n in names]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for i, lora in enumerate(loras):
+        engine.add_request(f"r{i}", PROMPTS[i % 3], params, lora)
+    seen, done = 0, 0
+    while engine.has_unfinished_requests():
+        done += sum(o.finished for o in engine.step())
+        assert engine.last_step["num_adapters"] <= 2
+        seen = max(seen, engine.last_step["num_adapters"])
+    stats = engine.stats()
+    assert done == 6 and seen == 2 and stats["lora_slot_loads"] >= 3 and stats["lora_evictions"] >= 1
