@@ -17,7 +17,8 @@ from tests.deployments.serve_helpers import DirectEngine, llm_replica_actors, up
 
 APP = "moeplex"
 BASE = "tiny-moe"
-KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test"}
+KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test", "solo": "sk-solo-test"}
+MAX_ADAPTERS_PER_TENANT = 3
 MAX_MODEL_LEN = 256
 MAX_ADAPTER_BYTES = 1 << 20
 PROMPTS = ["The quick brown fox", "Tenants upload LoRA adapters"]
@@ -49,8 +50,9 @@ def service(tmp_path_factory, tiny_checkpoint, s3_url):
 
     workdir = tmp_path_factory.mktemp("serve")
     keys = workdir / "keys.yaml"
-    keys.write_text(json.dumps({"tenants": {t: {"key_sha256": [hash_key(k)]}
-                                            for t, k in KEYS.items()}}))
+    tenants = {t: {"key_sha256": [hash_key(k)]} for t, k in KEYS.items()}
+    tenants["solo"]["max_concurrent_requests"] = 1
+    keys.write_text(json.dumps({"tenants": tenants}))
     aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": aws},
@@ -61,13 +63,22 @@ def service(tmp_path_factory, tiny_checkpoint, s3_url):
                    store_endpoint_url=s3_url, store_region="us-east-1", api_keys=str(keys),
                    cache_dir=str(workdir / "cache"), num_replicas=2, device="cpu",
                    max_model_len=MAX_MODEL_LEN, max_adapter_bytes=MAX_ADAPTER_BYTES,
-                   max_num_seqs=16)
+                   max_num_seqs=16, max_adapters_per_tenant=MAX_ADAPTERS_PER_TENANT)
     serve.run(build_app(args), name=APP, route_prefix="/")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield Service(f"http://127.0.0.1:{port}", workdir / "ray")
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+class Service(str):
+    """The base URL, carrying the Ray temp dir (its logs are checked for prompts)."""
+
+    def __new__(cls, url: str, ray_dir):
+        self = super().__new__(cls, url)
+        self.ray_dir = ray_dir
+        return self
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +273,43 @@ def upload_bytes(service: str, name: str, weights: bytes) -> httpx.Response:
              ("files", ("adapter_model.safetensors", weights))]
     return httpx.post(f"{service}/v1/adapters", headers=_auth("acme"), data={"name": name},
                       files=files, timeout=60)
+
+
+def test_tenant_concurrency_and_adapter_count_limits(service, tiny_adapter):
+    headers = _auth("solo")
+    body = {"model": BASE, "prompt": PROMPTS[0], "max_tokens": 200, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", f"{service}/v1/completions", json=body, headers=headers,
+                      timeout=120) as open_stream:
+        assert open_stream.status_code == 200
+        lines = open_stream.iter_lines()  # kept referenced: a collected iterator closes it
+        next(lines)
+        second = httpx.post(f"{service}/v1/completions", headers=headers, timeout=60,
+                            json={"model": BASE, "prompt": "hi", "max_tokens": 2})
+        assert second.status_code == 429, second.text
+        assert second.json()["error"]["code"] == "too_many_concurrent_requests"
+    # the closed stream gives the slot back
+    wait_for(lambda: httpx.post(f"{service}/v1/completions", headers=headers, timeout=60,
+                                json={"model": BASE, "prompt": "hi", "max_tokens": 2}
+                                ).status_code == 200, timeout_s=60, what="the slot released")
+    for index in range(MAX_ADAPTERS_PER_TENANT):
+        assert upload(service, headers, f"a{index}", tiny_adapter(seed=1)).status_code == 201
+    over = upload(service, headers, "one-too-many", tiny_adapter(seed=1))
+    assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_adapters"
+
+
+def test_logs_carry_request_ids_never_prompts(service, adapters):
+    canary = "zebra canary prompt 7f3a"
+    done = _client(service, "acme").completions.create(model="style", prompt=canary,
+                                                       max_tokens=3, temperature=0)
+    log_dir = service.ray_dir / "session_latest" / "logs"
+
+    def logs_text() -> str:
+        return "".join(p.read_text(errors="replace") for p in log_dir.rglob("*")
+                       if p.is_file() and p.suffix in (".log", ".out", ".err"))
+
+    wait_for(lambda: done.id in logs_text(), timeout_s=60, what="the request id in the logs")
+    assert canary not in logs_text()
 
 
 def test_replica_killed_mid_stream_later_requests_succeed(service, adapters):
