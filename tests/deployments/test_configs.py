@@ -1,0 +1,35 @@
+"""The shipped cluster.yaml and Serve config are valid for the Ray version we pin."""
+from pathlib import Path
+
+import yaml
+
+from deployments.args import AppArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_config_validates_and_its_args_parse():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.parse_obj(raw)
+    app = schema.applications[0]
+    assert app.import_path == "deployments.app:build_app"
+    args = AppArgs.model_validate(app.args)
+    options = args.replica_options()
+    assert options["autoscaling_config"]["max_replicas"] > options["autoscaling_config"][
+        "min_replicas"]
+    assert options["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_cluster_yaml_validates_against_the_launcher_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` does before touching AWS
+    worker = config["available_node_types"]["worker.gpu"]
+    assert worker["resources"]["GPU"] >= 1 and worker["max_workers"] > worker["min_workers"]
+    assert config["provider"]["type"] == "aws"
+    assert all("IamInstanceProfile" in t["node_config"]
+               for t in config["available_node_types"].values())
+    assert any("pip install" in c and "moeplex" in c for c in config["setup_commands"])
