@@ -88,9 +88,13 @@ class Scheduler:
         """The first admissible sequence in round-robin tenant order (FIFO within a tenant)."""
         for tenant in list(self.tenant_order):
             queue = self.waiting[tenant]
+            pending = False  # one adapter load in flight per tenant: a flood cannot take every slot
             for seq in list(queue):
+                if pending and seq.lora is not None and seq.lora_slot is None:
+                    continue
                 state = self._adapter_state(seq, out)
-                if state == "skip":
+                pending |= state == "loading"
+                if state != "ok":
                     continue
                 if not self.block_manager.can_allocate(seq, min(seq.num_uncomputed_tokens, budget)):
                     return None  # KV is full: admit nobody rather than starve long prompts
@@ -111,8 +115,8 @@ class Scheduler:
                 out.failed.append(seq)
                 return "skip"
             if seq.lora_slot is None:
-                return "skip"
-        return "ok" if self.lora_manager.is_ready(seq.lora_slot) else "skip"
+                return "loading"  # on its way into the host tier, or no slot free
+        return "ok" if self.lora_manager.is_ready(seq.lora_slot) else "loading"
 
     def _served(self, tenant: str) -> None:
         self.tenant_order.remove(tenant)

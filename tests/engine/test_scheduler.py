@@ -126,3 +126,15 @@ def test_block_manager_allocates_incrementally_and_frees():
     assert not bm.can_allocate(s, 20)
     bm.deallocate(s)
     assert bm.num_free_blocks == 5 and s.block_table == []
+
+
+def test_adapter_flood_of_one_tenant_leaves_slots_for_others():
+    slots = FakeLoRAManager(4)
+    slots.loading = {f"flood/ad{k}" for k in range(10)}  # every flood adapter still loading
+    sched = make(slots=slots)
+    for k in range(10):
+        sched.add(seq(k, "flood", adapter=f"flood/ad{k}"))
+    sched.add(seq(50, "quiet", adapter="quiet/ad"))
+    out = sched.schedule()
+    assert [s.seq_id for s, _ in out.scheduled] == [50]
+    assert sum(r > 0 for r in slots.refs) == 2  # one slot for the flood this pass, one for quiet
