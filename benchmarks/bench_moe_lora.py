@@ -14,7 +14,7 @@ import time
 import torch
 
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
-from kernels.moe_launch import LORA_BLOCK_M, moe_with_layouts
+from kernels.moe_launch import LORA_BLOCK_M, fused_path_ok, moe_with_layouts
 
 PRESETS = {  # hidden D, intermediate I, experts E, top-k
     "qwen3-30b-a3b": (2048, 768, 128, 8),
@@ -30,10 +30,17 @@ BYTES = 2
 
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    src = torch.randn(256 * 2**20, device="cuda", dtype=torch.float32)  # 1 GiB
+    src = torch.randn(512 * 2**20, device="cuda", dtype=torch.float32)  # 2 GiB
     dst = torch.empty_like(src)
-    ms = time_graph(lambda: dst.copy_(src), reps=5)
-    return 2 * src.numel() * 4 / (ms * 1e-3)
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * src.numel() * 4 / (statistics.median(times[2:]) * 1e-3)
 
 
 def time_graph(fn, reps: int = 0, samples: int = 15) -> float:
@@ -119,6 +126,7 @@ def run_config(preset, layer, m, n, bw, gen):
     base_floor, lora_floor = floors_ms(d, inter, e, ids, slots, bw)
     return {
         "preset": preset, "M": m, "n": n, "slots": lora.num_slots, "base_ms": base_ms,
+        "virt_path": "fused" if fused_path_ok(m * k, e, inter) else "split",
         "loop_ms": loop_ms, "virt_ms": virt_ms, "loop_ratio": loop_ms / base_ms,
         "virt_ratio": virt_ms / base_ms, "floor_ratio": (base_ms + lora_floor) / base_ms,
         "base_floor_ms": base_floor, "base_bw_frac": base_floor / base_ms,
@@ -141,12 +149,13 @@ def idle_slots(bw, gen, tokens):
 
 def print_table(rows, bw):
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    head = "preset          M     n  slots  base_ms  loop/base  virt/base  floor/base  delta/floor  base_bw  err"
+    head = "preset          M     n  slots  base_ms  loop/base  virt/base  floor/base  delta/floor  base_bw  err      path"
     print(head)
     for r in rows:
         print(f"{r['preset']:<14}{r['M']:>5}{r['n']:>5}{r['slots']:>6}{r['base_ms']:>9.3f}"
               f"{r['loop_ratio']:>11.2f}{r['virt_ratio']:>11.2f}{r['floor_ratio']:>12.2f}"
-              f"{r['delta_over_floor']:>13.2f}{r['base_bw_frac']:>9.2f}{r['delta_rel_err_vs_loop']:>9.1e}")
+              f"{r['delta_over_floor']:>13.2f}{r['base_bw_frac']:>9.2f}{r['delta_rel_err_vs_loop']:>9.1e}"
+              f"  {r['virt_path']}")
 
 
 def main():

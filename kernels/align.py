@@ -37,7 +37,8 @@ def max_blocks_bound(num_rows: int, num_pairs_bound: int, block_size: int) -> in
 
 
 def moe_align_virtual(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: int,
-                      block_size: int, num_slots: int | None = None) -> VirtualLayout:
+                      block_size: int, num_slots: int | None = None,
+                      expert_major: bool = False) -> VirtualLayout:
     """Sorts routed rows by (slot, expert) pair and pads each pair to block_size.
 
     Semantics:
@@ -52,6 +53,8 @@ def moe_align_virtual(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: in
         num_experts: E.
         block_size: rows per block (the M tile of the grouped GEMMs).
         num_slots: S, if known; only tightens the host-side bound max_blocks.
+        expert_major: order pairs by expert * (S + 1) + slot + 1 and keep rows without an
+            adapter as pairs (e, -1): the layout of the fused base + LoRA launch (needs num_slots).
     Returns:
         VirtualLayout of device tensors.
     """
@@ -61,21 +64,27 @@ def moe_align_virtual(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: in
     num_rows = num_tokens * top_k
     if slot_ids is not None:
         expect(tuple(slot_ids.shape) == (num_tokens,), f"slot_ids must be [T={num_tokens}], got {tuple(slot_ids.shape)}")
-    pairs_bound = num_experts if slot_ids is None else num_experts * (num_slots or num_rows)
+    expect(not expert_major or (slot_ids is not None and num_slots), "expert_major needs slot_ids and num_slots")
+    pairs_bound = num_experts if slot_ids is None else num_experts * ((num_slots or num_rows) + expert_major)
     max_blocks = max_blocks_bound(num_rows, pairs_bound, block_size)
+    width = num_slots + 1 if expert_major else num_experts
     if use_triton(topk_ids) and 0 < num_rows:
         from kernels.align_triton import MAX_ROWS, align_triton
         if num_rows <= MAX_ROWS:
-            tensors = align_triton(topk_ids, slot_ids, num_experts, block_size, max_blocks)
+            tensors = align_triton(topk_ids, slot_ids, num_experts, block_size, max_blocks, width, expert_major)
             return VirtualLayout(*tensors, block_size=block_size, num_rows=num_rows, max_blocks=max_blocks)
     key = topk_ids.reshape(-1).to(torch.int64)
     if slot_ids is not None:
         slots = slot_ids.to(torch.int64).repeat_interleave(top_k)  # [T*K]
-        key = torch.where(slots >= 0, slots * num_experts + key, _INVALID_KEY)
-    return _layout_from_keys(key, num_experts, block_size, max_blocks)
+        if expert_major:
+            key = key * width + slots + 1
+        else:
+            key = torch.where(slots >= 0, slots * width + key, _INVALID_KEY)
+    return _layout_from_keys(key, width, expert_major, block_size, max_blocks)
 
 
-def _layout_from_keys(key: Tensor, num_experts: int, block_size: int, max_blocks: int) -> VirtualLayout:
+def _layout_from_keys(key: Tensor, width: int, expert_major: bool, block_size: int,
+                      max_blocks: int) -> VirtualLayout:
     num_rows = key.shape[0]
     dev = key.device
     sorted_key, order = torch.sort(key, stable=True)  # [T*K]
@@ -100,10 +109,13 @@ def _layout_from_keys(key: Tensor, num_experts: int, block_size: int, max_blocks
     num_blocks = block_end[-1:]
     in_use = blocks < num_blocks
     minus_one = torch.full_like(block_key, -1)
+    expert, slot = block_key % width, block_key // width  # slot-major: key = slot * E + expert
+    if expert_major:  # key = expert * (S + 1) + slot + 1
+        expert, slot = block_key // width, block_key % width - 1
     return VirtualLayout(
         sorted_ids=sorted_ids[:dump],
-        block_expert=torch.where(in_use, block_key % num_experts, minus_one).to(torch.int32),
-        block_slot=torch.where(in_use, block_key // num_experts, minus_one).to(torch.int32),
+        block_expert=torch.where(in_use, expert, minus_one).to(torch.int32),
+        block_slot=torch.where(in_use, slot, minus_one).to(torch.int32),
         num_blocks=num_blocks.to(torch.int32),
         block_size=block_size,
         num_rows=num_rows,

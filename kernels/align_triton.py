@@ -20,8 +20,8 @@ def _max_combine(a, b):
 
 @triton.jit
 def _align_kernel(topk_ids_ptr, slot_ids_ptr, sorted_ids_ptr, block_expert_ptr, block_slot_ptr,
-                  num_blocks_ptr, scratch_ptr, num_rows, top_k, num_experts, max_blocks,
-                  HAS_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, NP: tl.constexpr,
+                  num_blocks_ptr, scratch_ptr, num_rows, top_k, width, max_blocks,
+                  HAS_SLOTS: tl.constexpr, EXPERT_MAJOR: tl.constexpr, BLOCK_SIZE: tl.constexpr, NP: tl.constexpr,
                   FILL: tl.constexpr, INVALID: tl.constexpr, ROW_BITS: tl.constexpr):
     offs = tl.arange(0, NP)
     in_rows = offs < num_rows
@@ -29,7 +29,10 @@ def _align_kernel(topk_ids_ptr, slot_ids_ptr, sorted_ids_ptr, block_expert_ptr, 
     slot = tl.zeros([NP], dtype=tl.int64)
     if HAS_SLOTS:
         slot = tl.load(slot_ids_ptr + offs // top_k, mask=in_rows, other=-1).to(tl.int64)
-    key = tl.where(in_rows & (slot >= 0), slot * num_experts + expert, INVALID)
+    if EXPERT_MAJOR:  # rows without adapter stay, as pairs (e, -1)
+        key = tl.where(in_rows, expert * width + slot + 1, INVALID)
+    else:
+        key = tl.where(in_rows & (slot >= 0), slot * width + expert, INVALID)
     # sort (key, row) pairs; the row in the low bits keeps equal keys in row order
     packed = tl.sort((key << ROW_BITS) | offs.to(tl.int64))
     key = packed >> ROW_BITS
@@ -56,14 +59,19 @@ def _align_kernel(topk_ids_ptr, slot_ids_ptr, sorted_ids_ptr, block_expert_ptr, 
     tl.store(sorted_ids_ptr + blocks_before * BLOCK_SIZE + pos, row, mask=valid)
     first = valid & (pos % BLOCK_SIZE == 0)
     block = blocks_before + pos // BLOCK_SIZE
-    tl.store(block_expert_ptr + block, (key % num_experts).to(tl.int32), mask=first)
-    tl.store(block_slot_ptr + block, (key // num_experts).to(tl.int32), mask=first)
+    if EXPERT_MAJOR:
+        tl.store(block_expert_ptr + block, (key // width).to(tl.int32), mask=first)
+        tl.store(block_slot_ptr + block, (key % width - 1).to(tl.int32), mask=first)
+    else:
+        tl.store(block_expert_ptr + block, (key % width).to(tl.int32), mask=first)
+        tl.store(block_slot_ptr + block, (key // width).to(tl.int32), mask=first)
     tl.store(num_blocks_ptr, tl.sum(pair_blocks, 0).to(tl.int32))
 
 
 def align_triton(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: int, block_size: int,
-                 max_blocks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(sorted_ids, block_expert, block_slot, num_blocks) as moe_align_virtual defines them."""
+                 max_blocks: int, width: int, expert_major: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sorted_ids, block_expert, block_slot, num_blocks) as moe_align_virtual defines them;
+    width = E (slot-major keys) or S + 1 (expert-major keys)."""
     num_rows = topk_ids.numel()
     dev = topk_ids.device
     np2 = max(16, triton.next_power_of_2(num_rows))
@@ -75,7 +83,7 @@ def align_triton(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: int, bl
     ids = topk_ids.reshape(-1)
     _align_kernel[(1,)](
         ids, slot_ids if slot_ids is not None else ids, sorted_ids, block_expert, block_slot,
-        num_blocks, scratch, num_rows, topk_ids.shape[1], num_experts, max_blocks,
-        HAS_SLOTS=slot_ids is not None, BLOCK_SIZE=block_size, NP=np2, FILL=1024,
+        num_blocks, scratch, num_rows, topk_ids.shape[1], width, max_blocks,
+        HAS_SLOTS=slot_ids is not None, EXPERT_MAJOR=expert_major, BLOCK_SIZE=block_size, NP=np2, FILL=1024,
         INVALID=1 << 38, ROW_BITS=_ROW_BITS, num_warps=4 if np2 <= 1024 else 8 if np2 <= 2048 else 16)
     return sorted_ids, block_expert, block_slot, num_blocks

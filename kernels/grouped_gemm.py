@@ -18,10 +18,12 @@ from kernels.align import VirtualLayout
 def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_expert_ptr,
                block_slot_ptr, block, pid_n, split, num_rows, N, K, a_row_div,
                stride_am, stride_ak, stride_bs, stride_be, stride_bn, stride_bk,
-               stride_cm, stride_cn, split_ak, split_bn, split_cn,
+               stride_cm, stride_cn, split_ak, split_bn, split_cn, la_ptr, lb_ptr,
+               la_s, la_e, la_r, la_k, lb_s, lb_e, lb_n, lb_r, lora_half_n, lora_half_r,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                RANK_ON_N: tl.constexpr, RANK_ON_K: tl.constexpr, ACCUMULATE: tl.constexpr,
-               HAS_SCALE: tl.constexpr, IEEE: tl.constexpr):
+               HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
+               BLOCK_R: tl.constexpr):
     expert = tl.load(block_expert_ptr + block).to(tl.int64)
     slot = tl.load(block_slot_ptr + block).to(tl.int64)
     n_limit = N
@@ -44,6 +46,16 @@ def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_
         w_base = b_ptr + slot * stride_bs + expert * stride_be
         b_ptrs = w_base + (split * split_bn + offs_n[None, :]) * stride_bn + offs_k[:, None] * stride_bk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_LORA:
+            # fused LoRA: A rows [h*R, h*R + r_s) of this tile's half h (gate or up)
+            rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
+            offs_r = tl.arange(0, BLOCK_R)
+            r_ok = offs_r < rank
+            half = (pid_n * BLOCK_N) // lora_half_n
+            slot0 = tl.maximum(slot, 0)
+            la_ptrs = (la_ptr + slot0 * la_s + expert * la_e + (half * lora_half_r + offs_r[None, :]) * la_r
+                       + offs_k[:, None] * la_k)
+            shrunk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, k_limit, BLOCK_K):
             k_ok = offs_k + k0 < k_limit
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -53,8 +65,23 @@ def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
+            if HAS_LORA:
+                la = tl.load(la_ptrs + k0 * la_k, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+                if IEEE:
+                    shrunk = tl.dot(a, la, shrunk, input_precision="ieee")
+                else:
+                    shrunk = tl.dot(a, la, shrunk)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
+        if HAS_LORA:
+            if slot >= 0:  # rows without adapter keep the base sum untouched (bitwise)
+                # B [N, R] rows are this tile's output columns; B cols [0, r_s) only
+                lb_ptrs = lb_ptr + slot0 * lb_s + expert * lb_e + offs_n[None, :] * lb_n + offs_r[:, None] * lb_r
+                lb = tl.load(lb_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(shrunk.to(lb.dtype), lb, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(shrunk.to(lb.dtype), lb, acc)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         c_ptrs = c_ptr + rows[:, None] * stride_cm + (split * split_cn + offs_n[None, :]) * stride_cn
@@ -69,9 +96,12 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_p
                          block_expert_ptr, block_slot_ptr, num_blocks_ptr, num_rows, N, K,
                          a_row_div, stride_am, stride_ak, stride_bs, stride_be, stride_bn,
                          stride_bk, stride_cm, stride_cn, split_ak, split_bn, split_cn,
+                         la_ptr, lb_ptr, la_s, la_e, la_r, la_k, lb_s, lb_e, lb_n, lb_r,
+                         lora_half_n, lora_half_r,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          RANK_ON_N: tl.constexpr, RANK_ON_K: tl.constexpr,
-                         ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                         ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                         HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr):
     split = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.load(num_blocks_ptr) * num_n
@@ -80,8 +110,9 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_p
         _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_expert_ptr,
                    block_slot_ptr, tile // num_n, tile % num_n, split, num_rows, N, K, a_row_div,
                    stride_am, stride_ak, stride_bs, stride_be, stride_bn, stride_bk,
-                   stride_cm, stride_cn, split_ak, split_bn, split_cn,
-                   BLOCK_M, BLOCK_N, BLOCK_K, RANK_ON_N, RANK_ON_K, ACCUMULATE, HAS_SCALE, IEEE)
+                   stride_cm, stride_cn, split_ak, split_bn, split_cn, la_ptr, lb_ptr, la_s, la_e,
+                   la_r, la_k, lb_s, lb_e, lb_n, lb_r, lora_half_n, lora_half_r,
+                   BLOCK_M, BLOCK_N, BLOCK_K, RANK_ON_N, RANK_ON_K, ACCUMULATE, HAS_SCALE, IEEE, HAS_LORA, BLOCK_R)
 
 
 def _num_programs(device: torch.device, max_tiles: int) -> int:
@@ -94,8 +125,9 @@ def _num_programs(device: torch.device, max_tiles: int) -> int:
 def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, k: int,
                  a_row_div: int = 1, splits: tuple[int, int, int, int] = (1, 0, 0, 0),
                  ranks: Tensor | None = None, rank_on: str | None = None, accumulate: bool = False,
-                 scale: Tensor | None = None, block_n: int = 64, block_k: int = 64,
-                 num_warps: int = 4, num_stages: int = 3) -> Tensor:
+                 scale: Tensor | None = None, fused_lora: tuple[Tensor, Tensor, int] | None = None,
+                 block_n: int = 64, block_k: int = 64, num_warps: int = 4,
+                 num_stages: int = 3) -> Tensor:
     """c[rows] (+)= scale * a[rows // a_row_div] @ w[slot, expert].T over the layout's blocks.
 
     Semantics: see the module docstring; splits = (count, split_ak, split_bn, split_cn).
@@ -107,21 +139,29 @@ def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: i
         n, k: GEMM sizes per split (k may be cut to the slot's rank with rank_on="k").
         ranks: [S] int32 per-slot rank, used with rank_on in {"n", "k"}.
         scale: [T*K] per-row factor (routing weight) or None.
+        fused_lora: (A [S, E, h*R, K], B [S, E, N, R], half_n): adds (a @ A_h.T) @ B.T in the
+            same tile for blocks with slot >= 0, h = n // half_n (gate/up halves; half_n = n
+            for one half); needs ranks and block_n dividing half_n.
     """
     w4 = w if w.dim() == 4 else w.unsqueeze(0)
     count, split_ak, split_bn, split_cn = splits
     num_n = triton.cdiv(n, block_n)
     programs = _num_programs(a.device, layout.max_blocks * num_n)
     dummy = layout.num_blocks
+    la, lb, half_n = fused_lora if fused_lora is not None else (dummy, dummy, 1)
+    big_r = lb.shape[-1] if fused_lora is not None else 1
+    lora_strides = (*la.stride(), *lb.stride()) if fused_lora is not None else (0,) * 8
     _grouped_gemm_kernel[(programs, count)](
         a, w4, c, scale if scale is not None else dummy, ranks if ranks is not None else dummy,
         layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks,
         layout.num_rows, n, k, a_row_div,
         a.stride(0), a.stride(1), w4.stride(0) if w.dim() == 4 else 0, w4.stride(1),
         w4.stride(2), w4.stride(3), c.stride(0), c.stride(1), split_ak, split_bn, split_cn,
+        la, lb, *lora_strides, half_n, big_r,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k,
         RANK_ON_N=rank_on == "n", RANK_ON_K=rank_on == "k", ACCUMULATE=accumulate,
         HAS_SCALE=scale is not None, IEEE=a.dtype == torch.float32 and w.dtype == torch.float32,
+        HAS_LORA=fused_lora is not None, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
         num_warps=num_warps, num_stages=num_stages,
     )
     return c

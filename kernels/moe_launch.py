@@ -56,30 +56,48 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     num_experts, d, _ = w_down.shape
     if num_tokens * top_k == 0:
         return hidden.new_zeros(num_tokens, d)
+    rows = num_tokens * top_k
+    inter = w_down.shape[2]
+    if lora is not None and fused_path_ok(rows, num_experts, inter):
+        lay = moe_align_virtual(topk_ids, slot_ids, num_experts, 16, lora.num_slots, expert_major=True)
+        return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], lay)
     vlays = []
     if lora is not None:
         vlays = [moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)]
     return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, vlays)
 
 
+def fused_path_ok(rows: int, num_experts: int, inter: int) -> bool:
+    """One launch per GEMM with the LoRA inside: when the base already runs 16-row blocks
+    (few rows per expert, so per-pair blocks add little padding) and gate/up tiles don't straddle."""
+    return _base_block_m(rows, num_experts) == 16 and inter % _base_config(16)["block_n"] == 0
+
+
 def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
-                     topk_ids: Tensor, lora: MoELoRAWeights | None,
-                     vlays: list[VirtualLayout]) -> Tensor:
+                     topk_ids: Tensor, lora: MoELoRAWeights | None, vlays: list[VirtualLayout],
+                     fused_layout: VirtualLayout | None = None) -> Tensor:
     """The base MoE with LoRA over each given virtual layout (one for all adapters, or one
-    per adapter for the conventional per-adapter loop the benchmark compares against)."""
+    per adapter for the conventional per-adapter loop the benchmark compares against), or,
+    given an expert-major fused_layout, base and LoRA in the same launches."""
     num_tokens, top_k = topk_ids.shape
     num_experts, d, inter = w_down.shape
     rows = num_tokens * top_k
-    base = moe_align_virtual(topk_ids, None, num_experts, _base_block_m(rows, num_experts))
+    base = fused_layout
+    if base is None:
+        base = moe_align_virtual(topk_ids, None, num_experts, _base_block_m(rows, num_experts))
+    fused = fused_layout is not None
+    fused_kw = lambda a, b, half: {"fused_lora": (a, b, half), "ranks": lora.ranks} if fused else {}  # noqa: E731
     weights = topk_weights.reshape(-1).float()
     gate_up = hidden.new_empty(rows, 2 * inter)
     cfg = _base_config(base.block_size)
-    grouped_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg)
+    grouped_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg,
+                 **fused_kw(lora and lora.gate_up_a, lora and lora.gate_up_b, inter))
     for vlay in vlays:
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k)
     act = silu_mul(gate_up, hidden.new_empty(rows, inter))
     y = hidden.new_empty(rows, d)
-    grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg)
+    grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
+                 **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
     for vlay in vlays:
         _lora_down_(act, y, lora, vlay, weights)
     return y.view(num_tokens, top_k, d).sum(dim=1)

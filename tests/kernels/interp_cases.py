@@ -24,9 +24,12 @@ def case_names() -> list[str]:
     names = [f"moe-{dt}-t{t}e{e}k{k}-uniform" for dt in DTYPES for t, e, k in MOE_SHAPES]
     names += [f"moe-fp32-t17e10k2-{sp}" for sp in SPREADS]
     names += ["moe-fp16-t9e6k2-rank64-nanpad"]
+    # I = 64 (a multiple of the 64-wide N tile) and few rows per expert: the fused base+LoRA launch
+    names += ["moe-fp32-t17e10k2-uniform-fused", "moe-fp16-t3e10k8-skewed-fused",
+              "moe-fp16-t9e6k2-rank64-nanpad-fused", "moe-fp32-t1e6k1-distinct-fused"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
     names += ["dense-fp32-identical-nanpad"]
-    names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1"]
+    names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
 
@@ -45,7 +48,7 @@ def run_moe(name: str) -> dict:
     ranks = [1, 8, 64, 16] if "rank64" in p["rest"] else RANKS
     pad = float("nan") if "nanpad" in p["rest"] else 0.0
     spread = p["rest"][0] if p["rest"][0] in SPREADS else "skewed"
-    d, inter = 32, 48
+    d, inter = 32, 64 if "fused" in p["rest"] else 48
     args = make_moe(gen, t, d, inter, e, k, dtype)
     lora = make_moe_lora(gen, len(ranks), e, d, inter, ranks, dtype, pad=pad)
     slots = make_slot_ids(spread, t, len(ranks), gen)
@@ -93,9 +96,10 @@ def run_align(name: str) -> dict:
     ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(int(t))]).to(torch.int32)
     slots = None if p["dtype"] == "none" else torch.randint(-1, 5, (int(t),), generator=gen, dtype=torch.int32)
     from kernels import moe_align_virtual
-    got = moe_align_virtual(ids, slots, e, 4, 5)
+    major = p["dtype"] == "major"
+    got = moe_align_virtual(ids, slots, e, 4, 5, expert_major=major)
     os.environ["MOEPLEX_TRITON"] = "0"
-    want = moe_align_virtual(ids, slots, e, 4, 5)
+    want = moe_align_virtual(ids, slots, e, 4, 5, expert_major=major)
     os.environ["MOEPLEX_TRITON"] = "1"
     same = all(torch.equal(getattr(got, f), getattr(want, f))
                for f in ("sorted_ids", "block_expert", "block_slot", "num_blocks"))

@@ -78,7 +78,8 @@ def make_slot_ids(spread: str, num_tokens: int, num_slots: int, gen: torch.Gener
 
 
 def _randn(gen, *shape, std=1.0):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
+    """fp64 normal draws on the generator's device (CUDA generators keep big draws fast)."""
+    return torch.randn(*shape, generator=gen, dtype=torch.float64, device=gen.device) * std
 
 
 def make_moe(gen, t, d, inter, e, k, dtype, device="cpu"):
@@ -90,7 +91,7 @@ def make_moe(gen, t, d, inter, e, k, dtype, device="cpu"):
     topk_weights, topk_ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
     cast = lambda z: z.to(device=device, dtype=dtype)  # noqa: E731
     return (cast(hidden), cast(w_gate_up), cast(w_down), topk_weights.float().to(device),
-            topk_ids.to(torch.int32).to(device))
+            topk_ids.to(device=device, dtype=torch.int32))
 
 
 def make_moe_lora(gen, s, e, d, inter, ranks, dtype, device="cpu", pad=0.0) -> MoELoRAWeights:

@@ -20,11 +20,16 @@ def _poison_allocator():
     del junk
 
 
+def _gens(seed):
+    """A CUDA generator for the big draws, a CPU one for slot assignment."""
+    return torch.Generator(device="cuda").manual_seed(seed), torch.Generator().manual_seed(seed)
+
+
 def _check_moe(t, k, spread, dtype=torch.bfloat16, seed=0):
-    gen = torch.Generator().manual_seed(seed * 7919 + t * 31 + k)
+    gen, cpu_gen = _gens(seed * 7919 + t * 31 + k)
     args = make_moe(gen, t, D, INTER, E, k, dtype, "cuda")
     lora = make_moe_lora(gen, len(RANKS), E, D, INTER, RANKS, dtype, "cuda")
-    slots = make_slot_ids(spread, t, len(RANKS), gen).cuda()
+    slots = make_slot_ids(spread, t, len(RANKS), cpu_gen).cuda()
     slots[0] = 3  # the rank-64 slot is always in the batch
     _poison_allocator()
     base = kernels.fused_moe(*args)
@@ -64,23 +69,24 @@ def test_fused_moe_rows_beyond_single_program_alignment():
 
 
 def test_padded_rank_is_never_read():
-    gen = torch.Generator().manual_seed(5)
-    args = make_moe(gen, 64, D, INTER, E, 8, torch.bfloat16, "cuda")
+    gen, cpu_gen = _gens(5)
     lora = make_moe_lora(gen, len(RANKS), E, D, INTER, RANKS, torch.bfloat16, "cuda", pad=float("nan"))
-    slots = make_slot_ids("uniform", 64, len(RANKS), gen).cuda()
-    got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
-    assert torch.isfinite(got).all()
+    for t in (8, 640):  # the fused launch and the separate shrink/expand launches
+        args = make_moe(gen, t, D, INTER, E, 8, torch.bfloat16, "cuda")
+        slots = make_slot_ids("uniform", t, len(RANKS), cpu_gen).cuda()
+        got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
+        assert torch.isfinite(got).all()
 
 
 @pytest.mark.parametrize("spread", SPREADS)
 @pytest.mark.parametrize("t", [1, 17, 1000])
 def test_lora_linear_bf16(spread, t):
-    gen = torch.Generator().manual_seed(t)
+    gen, cpu_gen = _gens(t)
     n_in, n_out = 2048, 4096 + 128 * 3  # odd OUT: fused q/k/v of a small model
-    x = torch.randn(t, n_in, generator=gen).to("cuda", torch.bfloat16)
-    out = torch.randn(t, n_out, generator=gen).to("cuda", torch.bfloat16)
+    x = torch.randn(t, n_in, generator=gen, device="cuda").to(torch.bfloat16)
+    out = torch.randn(t, n_out, generator=gen, device="cuda").to(torch.bfloat16)
     lora = make_dense_lora(gen, len(RANKS), n_in, n_out, RANKS, torch.bfloat16, "cuda")
-    slots = make_slot_ids(spread, t, len(RANKS), gen).cuda()
+    slots = make_slot_ids(spread, t, len(RANKS), cpu_gen).cuda()
     slots[0] = 3
     want = dense_loop_ref(x, out, lora, slots)
     before = out.clone()
@@ -91,10 +97,10 @@ def test_lora_linear_bf16(spread, t):
 
 def test_decode_step_captures_in_cuda_graph():
     """No host sync in the forward: alignment and all launches capture and replay."""
-    gen = torch.Generator().manual_seed(9)
+    gen, cpu_gen = _gens(9)
     args = make_moe(gen, 8, D, INTER, E, 8, torch.bfloat16, "cuda")
     lora = make_moe_lora(gen, len(RANKS), E, D, INTER, RANKS, torch.bfloat16, "cuda")
-    slots = make_slot_ids("distinct", 8, len(RANKS), gen).cuda()
+    slots = make_slot_ids("distinct", 8, len(RANKS), cpu_gen).cuda()
     eager = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
