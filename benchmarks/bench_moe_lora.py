@@ -14,6 +14,7 @@ import time
 import torch
 
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
+from kernels.grouped_gemm import grouped_gemm
 from kernels.moe_launch import LORA_BLOCK_M, fused_path_ok, moe_with_layouts
 
 PRESETS = {  # hidden D, intermediate I, experts E, top-k
@@ -147,6 +148,51 @@ def idle_slots(bw, gen, tokens):
     return rows
 
 
+BASE_CONFIGS = [  # (block_m, block_n, block_k, warps, stages) of the gate_up GEMM
+    (16, 64, 128, 4, 3), (16, 32, 128, 4, 3), (16, 64, 256, 4, 2), (16, 128, 64, 4, 4),
+    (32, 64, 64, 4, 4), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+    (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
+]
+
+
+def sweep_base(gen):
+    """Times the qwen3 gate_up GEMM alone over tile configs: where the base loses time."""
+    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    w_gate_up, _, _ = make_layer(d, inter, e, 1, gen)
+    rows = []
+    for m in (8, 128, 512, 2048):
+        hidden, _, ids, _ = make_batch(m, d, e, k, 1, gen)
+        out = torch.empty(m * k, 2 * inter, dtype=DTYPE, device="cuda")
+        for bm, bn, bk, warps, stages in BASE_CONFIGS:
+            if (m <= 128) != (bm <= 32):
+                continue
+            lay = moe_align_virtual(ids, None, e, bm)
+            fn = lambda: grouped_gemm(hidden, w_gate_up, out, lay, n=2 * inter, k=d, a_row_div=k,  # noqa: E731
+                                      block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            ms = time_graph(fn)
+            flops = 2 * m * k * 2 * inter * d
+            rows.append({"M": m, "cfg": [bm, bn, bk, warps, stages], "ms": ms, "tflops": flops / ms / 1e9})
+            print(f"gate_up M={m:5} cfg={rows[-1]['cfg']} {ms:.4f} ms {rows[-1]['tflops']:.0f} TFLOP/s", flush=True)
+    return rows
+
+
+def profile_virt(gen):
+    """Per-kernel device time of the virtual-expert path (qwen3, n = 16)."""
+    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    w_gate_up, w_down, lora = make_layer(d, inter, e, 16, gen)
+    for m in (1, 512):
+        hidden, tw, ids, slots = make_batch(m, d, e, k, 16, gen)
+        fused_moe(hidden, w_gate_up, w_down, tw, ids, lora, slots)
+        torch.cuda.synchronize()
+        acts = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(10):
+                fused_moe(hidden, w_gate_up, w_down, tw, ids, lora, slots)
+            torch.cuda.synchronize()
+        print(f"profile M={m} n=16 (10 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+
+
 def print_table(rows, bw):
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     head = "preset          M     n  slots  base_ms  loop/base  virt/base  floor/base  delta/floor  base_bw  err      path"
@@ -164,8 +210,13 @@ def main():
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--adapters", nargs="*", type=int, default=ADAPTERS)
+    ap.add_argument("--sweep-base", action="store_true", help="time gate_up tile configs, profile, exit")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.sweep_base:
+        profile_virt(gen)
+        json.dump(sweep_base(gen), open(args.out, "w"), indent=1)
+        return
     bw = copy_bandwidth()
     rows, t0 = [], time.time()
     for preset in args.presets:

@@ -119,7 +119,7 @@ def _num_programs(device: torch.device, max_tiles: int) -> int:
     if device.type != "cuda":
         return max(1, min(max_tiles, 4))  # interpreter: few programs, each loops
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(max_tiles, sms * 4))
+    return max(1, min(max_tiles, sms * 16))  # enough resident CTAs to hide small tiles' latency
 
 
 def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, k: int,
