@@ -106,17 +106,17 @@ class Scheduler:
     def _adapter_state(self, seq: Sequence, out: SchedulerOutput) -> str:
         if seq.lora is None:
             return "ok"
-        if seq.lora_slot is None:
-            try:
-                seq.lora_slot = self.lora_manager.reserve(seq.lora.lora_name, seq.lora.lora_path)
-            except AdapterLoadError as exc:
-                seq.error = exc
-                self.finish(seq, "abort")
-                out.failed.append(seq)
-                return "skip"
+        try:
             if seq.lora_slot is None:
-                return "loading"  # on its way into the host tier, or no slot free
-        return "ok" if self.lora_manager.is_ready(seq.lora_slot) else "loading"
+                seq.lora_slot = self.lora_manager.reserve(seq.lora.lora_name, seq.lora.lora_path)
+                if seq.lora_slot is None:
+                    return "loading"  # on its way into the host tier, or no slot free
+            return "ok" if self.lora_manager.is_ready(seq.lora_slot) else "loading"
+        except AdapterLoadError as exc:
+            seq.error = exc
+            self.finish(seq, "abort")
+            out.failed.append(seq)
+            return "skip"
 
     def _served(self, tenant: str) -> None:
         self.tenant_order.remove(tenant)

@@ -68,14 +68,33 @@ class LoRAManager:
         self.stats.slot_misses += 1
         self._take(slot)
         self.name_to_slot[name], self.slot_names[slot] = slot, name
-        start = time.perf_counter()
-        self.slot_events[slot] = self.pools.write(slot, adapter)
         self.stats.slot_loads += 1
-        self.stats.slot_load_seconds += time.perf_counter() - start
+        if self.pools.stream is None:
+            self._write_slot(slot, adapter)
+        else:  # issue the copies from a loader thread: the step loop's host time is not spent on them
+            self.slot_events[slot] = self.executor.submit(self._write_slot, slot, adapter)
         return slot
 
+    def _write_slot(self, slot: int, adapter: LoRAAdapter):
+        start = time.perf_counter()
+        event = self.pools.write(slot, adapter)
+        self.stats.slot_load_seconds += time.perf_counter() - start
+        return event
+
     def is_ready(self, slot: int) -> bool:
-        event = self.slot_events[slot]
+        """Whether the slot's copies have completed (on CUDA: issued, then its event passed)."""
+        pending = self.slot_events[slot]
+        if pending is None:
+            return True
+        if not pending.done():
+            return False
+        try:
+            event = pending.result()
+        except Exception as exc:  # a failed copy fails the adapter's requests, not the loop
+            name = self.slot_names[slot]
+            self.slot_events[slot] = None
+            self._evict(slot)
+            self._fail(name, f"copying adapter {name!r} into its slot failed: {exc}")
         if event is None or event.query():
             self.slot_events[slot] = None
             return True
