@@ -127,7 +127,7 @@ def run_config(preset, layer, m, n, bw, gen):
     base_floor, lora_floor = floors_ms(d, inter, e, ids, slots, bw)
     return {
         "preset": preset, "M": m, "n": n, "slots": lora.num_slots, "base_ms": base_ms,
-        "virt_path": "fused" if fused_path_ok(m * k, e, inter) else "split",
+        "virt_path": "fused" if fused_path_ok(m, inter) else "split",
         "loop_ms": loop_ms, "virt_ms": virt_ms, "loop_ratio": loop_ms / base_ms,
         "virt_ratio": virt_ms / base_ms, "floor_ratio": (base_ms + lora_floor) / base_ms,
         "base_floor_ms": base_floor, "base_bw_frac": base_floor / base_ms,

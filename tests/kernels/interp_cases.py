@@ -24,9 +24,9 @@ def case_names() -> list[str]:
     names = [f"moe-{dt}-t{t}e{e}k{k}-uniform" for dt in DTYPES for t, e, k in MOE_SHAPES]
     names += [f"moe-fp32-t17e10k2-{sp}" for sp in SPREADS]
     names += ["moe-fp16-t9e6k2-rank64-nanpad"]
-    # I = 64 (a multiple of the 64-wide N tile) and few rows per expert: the fused base+LoRA launch
-    names += ["moe-fp32-t17e10k2-uniform-fused", "moe-fp16-t3e10k8-skewed-fused",
-              "moe-fp16-t9e6k2-rank64-nanpad-fused", "moe-fp32-t1e6k1-distinct-fused"]
+    # I = 64 (a multiple of the 64-wide N tile) and one token: the fused base+LoRA launch
+    names += ["moe-fp32-t17e10k2-uniform-fused", "moe-fp16-t1e10k8-skewed-fused",
+              "moe-fp16-t1e6k2-rank64-nanpad-fused", "moe-fp32-t1e6k1-distinct-fused"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
     names += ["dense-fp32-identical-nanpad"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]

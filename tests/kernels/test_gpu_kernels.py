@@ -71,7 +71,7 @@ def test_fused_moe_rows_beyond_single_program_alignment():
 def test_padded_rank_is_never_read():
     gen, cpu_gen = _gens(5)
     lora = make_moe_lora(gen, len(RANKS), E, D, INTER, RANKS, torch.bfloat16, "cuda", pad=float("nan"))
-    for t in (8, 640):  # the fused launch and the separate shrink/expand launches
+    for t in (1, 640):  # the fused launch and the separate shrink/expand launches
         args = make_moe(gen, t, D, INTER, E, 8, torch.bfloat16, "cuda")
         slots = make_slot_ids("uniform", t, len(RANKS), cpu_gen).cuda()
         got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
@@ -95,12 +95,13 @@ def test_lora_linear_bf16(spread, t):
     assert torch.equal(out[slots < 0], before[slots < 0])
 
 
-def test_decode_step_captures_in_cuda_graph():
+@pytest.mark.parametrize("t", [1, 8])
+def test_decode_step_captures_in_cuda_graph(t):
     """No host sync in the forward: alignment and all launches capture and replay."""
     gen, cpu_gen = _gens(9)
-    args = make_moe(gen, 8, D, INTER, E, 8, torch.bfloat16, "cuda")
+    args = make_moe(gen, t, D, INTER, E, 8, torch.bfloat16, "cuda")
     lora = make_moe_lora(gen, len(RANKS), E, D, INTER, RANKS, torch.bfloat16, "cuda")
-    slots = make_slot_ids("distinct", 8, len(RANKS), cpu_gen).cuda()
+    slots = make_slot_ids("distinct", t, len(RANKS), cpu_gen).cuda()
     eager = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
