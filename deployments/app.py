@@ -20,5 +20,7 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
         from deployments.auth import load_key_file
         load_key_file(args.api_keys)  # fail at deploy time, not at the first request
     server = serve.deployment(LLMServer, name="LLMServer").options(**args.replica_options())
-    ingress = Ingress.options(num_replicas=args.ingress_replicas)
+    # The ingress only awaits I/O: let it hold many requests (Serve's default is 5).
+    ingress = Ingress.options(num_replicas=args.ingress_replicas,
+                              max_ongoing_requests=args.ingress_max_ongoing_requests)
     return ingress.bind(server.bind(args), args)

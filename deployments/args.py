@@ -47,6 +47,7 @@ class AppArgs(BaseModel):
     replica_num_gpus: float | None = Field(default=None, ge=0)
     replica_resources: dict[str, float] | None = None
     ingress_replicas: int = Field(default=1, ge=1)
+    ingress_max_ongoing_requests: int = Field(default=1024, ge=1)
 
     max_concurrent_requests_per_tenant: int = Field(default=32, ge=1)
     max_adapters_per_tenant: int = Field(default=64, ge=1)

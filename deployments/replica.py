@@ -19,6 +19,7 @@ import time
 from ray import serve
 
 from deployments.args import AppArgs
+from deployments.coalesce import coalesce
 from deployments.errors import to_api_error
 
 logger = logging.getLogger("ray.serve")
@@ -109,30 +110,28 @@ class LLMServer:
             yield item
 
     async def _stream(self, rid: str, tenant: str, prompt, params, lora):
-        started = time.perf_counter()
-        first_token_at = None
+        started, first_token_at = time.perf_counter(), None
+        outputs = self._engine.generate(prompt, params, request_id=rid, lora=lora, tenant=tenant)
         try:
-            async for out in self._engine.generate(prompt, params, request_id=rid, lora=lora,
-                                                   tenant=tenant):
-                if out.error is not None:
-                    yield _error_item(rid, out.error)
-                    return
-                if first_token_at is None and out.token_ids_delta:
+            async for batch in coalesce(outputs):
+                if first_token_at is None and any(o.token_ids_delta for o in batch):
                     first_token_at = time.perf_counter()
-                item = {"text": out.text_delta, "num_tokens": len(out.token_ids_delta)}
-                if out.finished:
-                    item.update(finish_reason=out.finish_reason,
-                                prompt_tokens=out.num_prompt_tokens,
-                                completion_tokens=out.num_output_tokens)
+                last = batch[-1]
+                item = {"text": "".join(o.text_delta for o in batch),
+                        "num_tokens": sum(len(o.token_ids_delta) for o in batch)}
+                if last.finished:
+                    item.update(finish_reason=last.finish_reason,
+                                prompt_tokens=last.num_prompt_tokens,
+                                completion_tokens=last.num_output_tokens)
                     ttft = None if first_token_at is None else first_token_at - started
                     decode = 0.0 if first_token_at is None else time.perf_counter() - first_token_at
-                    self._metrics.finished(tenant, out.num_prompt_tokens, out.num_output_tokens,
+                    self._metrics.finished(tenant, last.num_prompt_tokens, last.num_output_tokens,
                                            ttft, decode)
                 yield item
-        except asyncio.CancelledError:  # the engine's stream aborts the request on close
+        except asyncio.CancelledError:  # closing the engine's stream aborts the request
             logger.info("request %s cancelled by the caller", rid)
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - engine errors (bad request, adapter load)
             yield _error_item(rid, exc)
 
     async def ready(self) -> dict:
