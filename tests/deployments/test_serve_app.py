@@ -55,8 +55,9 @@ def service(tmp_path_factory, tiny_checkpoint, s3_url):
     keys.write_text(json.dumps({"tenants": tenants}))
     aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
+    metrics_port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": aws},
-             _temp_dir=str(workdir / "ray"))
+             _temp_dir=str(workdir / "ray"), _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(model=str(tiny_checkpoint()), served_model_name=BASE, store="s3://adapters/store",
@@ -66,18 +67,18 @@ def service(tmp_path_factory, tiny_checkpoint, s3_url):
                    max_num_seqs=16, max_adapters_per_tenant=MAX_ADAPTERS_PER_TENANT)
     serve.run(build_app(args), name=APP, route_prefix="/")
     try:
-        yield Service(f"http://127.0.0.1:{port}", workdir / "ray")
+        yield Service(f"http://127.0.0.1:{port}", workdir / "ray", metrics_port)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 class Service(str):
-    """The base URL, carrying the Ray temp dir (its logs are checked for prompts)."""
+    """The base URL, with the Ray temp dir (logs are checked for prompts) and metrics port."""
 
-    def __new__(cls, url: str, ray_dir):
+    def __new__(cls, url: str, ray_dir, metrics_port: int):
         self = super().__new__(cls, url)
-        self.ray_dir = ray_dir
+        self.ray_dir, self.metrics_port = ray_dir, metrics_port
         return self
 
 
@@ -261,6 +262,8 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
         assert error["message"] and error["type"]
     big = upload_bytes(service, "huge", os.urandom(MAX_ADAPTER_BYTES + (256 << 10)))
     assert big.status_code == 413, big.text
+    garbage = upload_bytes(service, "garbage", b"not safetensors")
+    assert garbage.status_code == 422, garbage.text
     bad_files = httpx.post(f"{service}/v1/adapters", headers=_auth("acme"), data={"name": "x"},
                            files=[("files", ("adapter_model.bin", b"pickle"))])
     assert bad_files.status_code == 400 and "safetensors" in bad_files.json()["error"]["message"]
@@ -310,6 +313,25 @@ def test_logs_carry_request_ids_never_prompts(service, adapters):
 
     wait_for(lambda: done.id in logs_text(), timeout_s=60, what="the request id in the logs")
     assert canary not in logs_text()
+
+
+def test_prometheus_metrics_per_tenant_and_engine(service, adapters):
+    _served_text(_client(service, "globex"), "style", PROMPTS[0], True)
+    wanted = ['ray_moeplex_requests_total{', 'tenant="globex"', "ray_moeplex_output_tokens_total",
+              "ray_moeplex_time_to_first_token_seconds_count",
+              "ray_moeplex_time_per_output_token_seconds_count",
+              "ray_moeplex_adapter_loads_total", "ray_moeplex_adapter_load_seconds_count",
+              "ray_moeplex_engine_batch_size", "ray_moeplex_engine_distinct_adapters_per_step",
+              "ray_moeplex_engine_adapter_slot_loads_total"]
+
+    def exported() -> str | None:
+        text = httpx.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
+        return text if all(w in text for w in wanted) else None
+
+    text = wait_for(exported, timeout_s=90, period_s=3, what="moeplex metrics exported")
+    served = [line for line in text.splitlines() if line.startswith("ray_moeplex_requests_total{")
+              and 'tenant="globex"' in line and 'status="200"' in line]
+    assert served and float(served[0].rsplit(" ", 1)[1]) >= 1
 
 
 def test_replica_killed_mid_stream_later_requests_succeed(service, adapters):
