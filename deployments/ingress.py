@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from adapter_store.errors import AdapterStoreError
+from adapter_store.errors import AdapterNotFoundError, AdapterStoreError
 from engine.errors import EngineError
 
 from deployments.args import AppArgs
@@ -205,7 +205,13 @@ class Ingress:
     async def _multiplexed_id(self, tenant: str, model: str) -> str:
         if model == self._args.model_name():
             return ""
-        info = await asyncio.to_thread(self._store.resolve, tenant, model)
+        try:
+            info = await asyncio.to_thread(self._store.resolve, tenant, model)
+        except AdapterNotFoundError as exc:
+            raise NotFoundError(
+                f"model {model!r} does not exist or is not available to you; GET /v1/models "
+                "lists the base model and your adapters", code="model_not_found",
+                param="model") from exc
         return f"{info.tenant}/{info.name}@{info.version}"
 
     def _check_budget(self, max_tokens: int | None) -> None:
