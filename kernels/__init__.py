@@ -24,8 +24,18 @@ def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: T
               slot_ids: Tensor | None = None) -> Tensor:
     """Mixture-of-experts MLP with per-token LoRA deltas over virtual experts.
 
-    Semantics and Args: as `fused_moe_ref` (returns [T, D] in hidden.dtype; tokens with
-    slot -1 bitwise equal to lora=None).
+    Semantics:
+        out[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e(x) + dgate) * (up_e(x) + dup)) + ddown
+        with e = topk_ids[t, k] and the deltas of slot s = slot_ids[t] (see `fused_moe_ref`);
+        a token with s = -1 is bitwise equal to a call with lora=None. No host sync on CUDA.
+    Args:
+        hidden: [T, D] fp32/fp16/bf16.
+        w_gate_up: [E, 2I, D] (rows [0, I) gate, [I, 2I) up); w_down: [E, D, I]; hidden's dtype.
+        topk_weights: [T, K] float; topk_ids: [T, K] int32/int64 in [0, E) (not range-checked
+            on the GPU: that would need a host sync).
+        lora: MoELoRAWeights or None; slot_ids: [T] int, -1 for no adapter.
+    Returns:
+        [T, D] in hidden.dtype.
     """
     if use_triton(hidden):
         from kernels.moe_launch import fused_moe_triton
@@ -34,10 +44,15 @@ def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: T
 
 
 def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor) -> Tensor:
-    """out[t] += (x[t] @ a[s].T) @ b[s].T with s = slot_ids[t] (-1: untouched); returns out.
+    """Adds each token's LoRA delta of a dense projection to out, in place; returns out.
 
-    Semantics and Args: as `lora_linear_ref_`. Dense projections run through the same
-    virtual-expert kernels as the MoE layers, with one expert.
+    Semantics:
+        out[t] += (x[t] @ a[s].T) @ b[s].T with s = slot_ids[t]; rows with s = -1 untouched.
+        Runs through the same virtual-expert kernels as the MoE layers, with one expert.
+    Args:
+        x: [T, IN] fp32/fp16/bf16; out: [T, OUT], same dtype.
+        lora: DenseLoRAWeights (a [S, R, IN], b [S, OUT, R], ranks [S] int32).
+        slot_ids: [T] int, -1 for no adapter.
     """
     if use_triton(x):
         from kernels.moe_launch import lora_linear_triton_

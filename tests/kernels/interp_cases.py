@@ -27,6 +27,8 @@ def case_names() -> list[str]:
     # I = 64 (a multiple of the 64-wide N tile) and one token: the fused base+LoRA launch
     names += ["moe-fp32-t17e10k2-uniform-fused", "moe-fp16-t1e10k8-skewed-fused",
               "moe-fp16-t1e6k2-rank64-nanpad-fused", "moe-fp32-t1e6k1-distinct-fused"]
+    # hidden a column slice of a wider tensor, int64 routing ids (as torch.topk returns them)
+    names += ["moe-fp32-t5e6k2-zipf-strided"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
     names += ["dense-fp32-identical-nanpad"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
@@ -50,6 +52,10 @@ def run_moe(name: str) -> dict:
     spread = p["rest"][0] if p["rest"][0] in SPREADS else "skewed"
     d, inter = 32, 64 if "fused" in p["rest"] else 48
     args = make_moe(gen, t, d, inter, e, k, dtype)
+    if "strided" in p["rest"]:
+        wide = torch.randn(t, 2 * d, dtype=dtype, generator=gen)
+        wide[:, 3:3 + d] = args[0]
+        args = (wide[:, 3:3 + d], *args[1:4], args[4].long())
     lora = make_moe_lora(gen, len(ranks), e, d, inter, ranks, dtype, pad=pad)
     slots = make_slot_ids(spread, t, len(ranks), gen)
     slots[0] = 1  # at least one token with an adapter
