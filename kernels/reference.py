@@ -39,10 +39,14 @@ def fused_moe_ref(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weight
     num_tokens, top_k = topk_ids.shape
     inter = w_down.shape[2]
     out = torch.zeros(num_tokens, top_k, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    x_all = hidden.float()  # [T, D]
     for e in torch.unique(topk_ids).tolist():
         tok, kk = torch.nonzero(topk_ids == e, as_tuple=True)  # routed rows of expert e
-        x = hidden[tok].float()  # [n, D]
-        gu = x @ w_gate_up[e].float().T  # [n, 2I]
+        # The base GEMMs run over all T rows, a shape that does not depend on routing: BLAS
+        # picks its blocking by shape, so a row's bits would otherwise follow how many rows
+        # share its expert, which other tokens' adapters change (rule 3 on CPU).
+        gu = (x_all @ w_gate_up[e].float().T)[tok]  # [n, 2I]
+        x = x_all[tok]  # [n, D]
         pairs = _slot_groups(slot_ids, tok) if lora is not None else []
         for s, rows in pairs:
             a = lora.gate_up_a[s, e].float()  # [2R, D]
@@ -52,7 +56,9 @@ def fused_moe_ref(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weight
             gu[rows, :inter] += shrunk[:, :r] @ b[:inter].T
             gu[rows, inter:] += shrunk[:, r:] @ b[inter:].T
         act = F.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
-        y = act @ w_down[e].float().T  # [n, D]
+        act_all = torch.zeros(num_tokens, inter, dtype=torch.float32, device=hidden.device)
+        act_all[tok] = act
+        y = (act_all @ w_down[e].float().T)[tok]  # [n, D]
         for s, rows in pairs:
             y[rows] += (act[rows] @ lora.down_a[s, e].float().T) @ lora.down_b[s, e].float().T
         out[tok, kk] = y * topk_weights[tok, kk].float()[:, None]
