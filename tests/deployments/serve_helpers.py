@@ -7,6 +7,18 @@ import httpx
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
+# The Serve test app (tests/deployments/conftest.py builds it).
+APP = "moeplex"
+BASE = "tiny-moe"
+KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test", "solo": "sk-solo-test"}
+MAX_ADAPTERS_PER_TENANT = 3
+MAX_MODEL_LEN = 256
+MAX_ADAPTER_BYTES = 1 << 20
+
+
+def auth(tenant: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
 
 def upload(base_url: str, headers: dict, name: str, adapter_dir: Path) -> httpx.Response:
     """POST /v1/adapters exactly as `curl -F name=.. -F files=@.. -F files=@..` does."""

@@ -38,7 +38,7 @@ def monkeypatch_module():
 
 
 @pytest.fixture(scope="module")
-def service(cluster, tmp_path_factory):
+def autoscaled(cluster, tmp_path_factory):
     import ray
     from ray import serve
 
@@ -85,10 +85,10 @@ def _closed_loop_client(url: str, stop: threading.Event, counts: dict) -> None:
             counts["ok" if response.status_code == 200 else "failed"] += 1
 
 
-def test_load_scales_replicas_and_nodes_up_then_down(service):
+def test_load_scales_replicas_and_nodes_up_then_down(autoscaled):
     assert _running_replicas() == 1 and _alive_nodes() == 2
     stop, counts = threading.Event(), {"ok": 0, "failed": 0}
-    clients = [threading.Thread(target=_closed_loop_client, args=(service, stop, counts))
+    clients = [threading.Thread(target=_closed_loop_client, args=(autoscaled, stop, counts))
                for _ in range(NUM_CLIENTS)]
     for client in clients:
         client.start()

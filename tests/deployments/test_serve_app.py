@@ -1,8 +1,8 @@
 """The Serve application on real Ray over loopback: OpenAI API, tenancy, uploads, faults.
 
 One Ray instance and one Serve app for the module: two engine replicas on the tiny
-checkpoint, the adapter store on an S3 server on loopback (moto), a key file with two
-tenants. Outputs are compared with the engine called directly (greedy decoding).
+checkpoint, the adapter store on an S3 server on loopback (moto), a key file with three
+tenants (fixtures in conftest.py). Outputs are compared with the engine called directly (greedy decoding).
 """
 import json
 import os
@@ -12,94 +12,12 @@ import httpx
 import openai
 import pytest
 
-from tests.deployments.fake_cluster import free_port, wait_for
-from tests.deployments.serve_helpers import DirectEngine, llm_replica_actors, upload
+from tests.deployments.fake_cluster import wait_for
+from tests.deployments.serve_helpers import (APP, BASE, KEYS, MAX_ADAPTER_BYTES,
+                                             MAX_ADAPTERS_PER_TENANT, MAX_MODEL_LEN, auth,
+                                             llm_replica_actors, upload)
 
-APP = "moeplex"
-BASE = "tiny-moe"
-KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test", "solo": "sk-solo-test"}
-MAX_ADAPTERS_PER_TENANT = 3
-MAX_MODEL_LEN = 256
-MAX_ADAPTER_BYTES = 1 << 20
 PROMPTS = ["The quick brown fox", "Tenants upload LoRA adapters"]
-
-
-@pytest.fixture(scope="module")
-def s3_url():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    import boto3
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="adapters")
-    yield url
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_checkpoint, s3_url):
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-    from deployments.args import AppArgs
-    from deployments.auth import hash_key
-
-    workdir = tmp_path_factory.mktemp("serve")
-    keys = workdir / "keys.yaml"
-    tenants = {t: {"key_sha256": [hash_key(k)]} for t, k in KEYS.items()}
-    tenants["solo"]["max_concurrent_requests"] = 1
-    keys.write_text(json.dumps({"tenants": tenants}))
-    aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
-    metrics_port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": aws},
-             _temp_dir=str(workdir / "ray"), _metrics_export_port=metrics_port)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(model=str(tiny_checkpoint()), served_model_name=BASE, store="s3://adapters/store",
-                   store_endpoint_url=s3_url, store_region="us-east-1", api_keys=str(keys),
-                   cache_dir=str(workdir / "cache"), num_replicas=2, device="cpu",
-                   max_model_len=MAX_MODEL_LEN, max_adapter_bytes=MAX_ADAPTER_BYTES,
-                   max_num_seqs=16, max_adapters_per_tenant=MAX_ADAPTERS_PER_TENANT)
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    try:
-        yield Service(f"http://127.0.0.1:{port}", workdir / "ray", metrics_port)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-class Service(str):
-    """The base URL, with the Ray temp dir (logs are checked for prompts) and metrics port."""
-
-    def __new__(cls, url: str, ray_dir, metrics_port: int):
-        self = super().__new__(cls, url)
-        self.ray_dir, self.metrics_port = ray_dir, metrics_port
-        return self
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_checkpoint):
-    return DirectEngine(tiny_checkpoint(), MAX_MODEL_LEN)
-
-
-@pytest.fixture(scope="module")
-def adapters(service, tiny_adapter):
-    """acme/style and globex/style (same name, different weights), uploaded over HTTP."""
-    dirs = {"acme": tiny_adapter(seed=1), "globex": tiny_adapter(seed=2, rank=4)}
-    for tenant, path in dirs.items():
-        response = upload(service, _auth(tenant), "style", path)
-        assert response.status_code == 201, response.text
-        assert response.json()["owner"] == tenant and response.json()["name"] == "style"
-    return dirs
-
-
-def _auth(tenant: str) -> dict:
-    return {"Authorization": f"Bearer {KEYS[tenant]}"}
 
 
 def _client(service: str, tenant: str) -> openai.OpenAI:
@@ -194,16 +112,16 @@ def test_stop_sequences_and_seeded_sampling(service, adapters, oracle):
 
 
 def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):
-    response = upload(service, _auth("acme"), "private", tiny_adapter(seed=3))
+    response = upload(service, auth("acme"), "private", tiny_adapter(seed=3))
     assert response.status_code == 201, response.text
     globex = _client(service, "globex")
     assert "private" not in [m.id for m in globex.models.list()]
-    listed = httpx.get(f"{service}/v1/adapters", headers=_auth("globex")).json()["data"]
+    listed = httpx.get(f"{service}/v1/adapters", headers=auth("globex")).json()["data"]
     assert [a["owner"] for a in listed] == ["globex"]
-    for call in (lambda: httpx.get(f"{service}/v1/adapters/private", headers=_auth("globex")),
-                 lambda: httpx.delete(f"{service}/v1/adapters/private", headers=_auth("globex")),
+    for call in (lambda: httpx.get(f"{service}/v1/adapters/private", headers=auth("globex")),
+                 lambda: httpx.delete(f"{service}/v1/adapters/private", headers=auth("globex")),
                  lambda: httpx.get(f"{service}/v1/adapters/acme%2Fprivate",
-                                   headers=_auth("globex"))):
+                                   headers=auth("globex"))):
         response = call()
         assert response.status_code == 404, response.text
         assert response.json()["error"]["type"] == "not_found_error"
@@ -212,9 +130,9 @@ def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tin
     with pytest.raises(openai.NotFoundError):
         globex.completions.create(model="acme/private", prompt="hi", max_tokens=2)
     # still there for its owner, who can delete it
-    assert httpx.get(f"{service}/v1/adapters/private", headers=_auth("acme")).status_code == 200
-    assert httpx.delete(f"{service}/v1/adapters/private", headers=_auth("acme")).status_code == 200
-    assert httpx.get(f"{service}/v1/adapters/private", headers=_auth("acme")).status_code == 404
+    assert httpx.get(f"{service}/v1/adapters/private", headers=auth("acme")).status_code == 200
+    assert httpx.delete(f"{service}/v1/adapters/private", headers=auth("acme")).status_code == 200
+    assert httpx.get(f"{service}/v1/adapters/private", headers=auth("acme")).status_code == 404
 
 
 def test_bad_keys_401_and_tenant_header_mismatch_refused(service, adapters):
@@ -223,7 +141,7 @@ def test_bad_keys_401_and_tenant_header_mismatch_refused(service, adapters):
     assert httpx.get(f"{service}/v1/models").status_code == 401
     # dev-mode header alone does not authenticate when a key file is configured
     assert httpx.get(f"{service}/v1/models", headers={"X-Tenant-Id": "acme"}).status_code == 401
-    mismatch = httpx.get(f"{service}/v1/models", headers={**_auth("acme"), "X-Tenant-Id": "globex"})
+    mismatch = httpx.get(f"{service}/v1/models", headers={**auth("acme"), "X-Tenant-Id": "globex"})
     assert mismatch.status_code == 403 and mismatch.json()["error"]["code"] == "tenant_mismatch"
 
 
@@ -232,10 +150,10 @@ def test_new_version_is_used_at_once(service, adapters, tiny_adapter, oracle):
     client = _client(service, "acme")
     first = tiny_adapter(seed=5)
     second = tiny_adapter(seed=6)
-    assert upload(service, _auth("acme"), "rolling", first).status_code == 201
+    assert upload(service, auth("acme"), "rolling", first).status_code == 201
     got = [_served_text(client, "rolling", PROMPTS[0], False)[0] for _ in range(2)]
     assert got == [oracle.complete(PROMPTS[0], 12, first, "v1")["text"]] * 2
-    info = upload(service, _auth("acme"), "rolling", second).json()
+    info = upload(service, auth("acme"), "rolling", second).json()
     want = oracle.complete(PROMPTS[0], 12, second, "v2")["text"]
     # Several requests so both replicas are likely to be asked; every answer uses version 2.
     for _ in range(4):
@@ -245,7 +163,7 @@ def test_new_version_is_used_at_once(service, adapters, tiny_adapter, oracle):
 
 
 def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters):
-    url, headers = f"{service}/v1/completions", {**_auth("acme"), "Content-Type": "application/json"}
+    url, headers = f"{service}/v1/completions", {**auth("acme"), "Content-Type": "application/json"}
     cases = [
         (b'{"model": "style", "prompt": ', 400),
         (json.dumps({"model": "style", "prompt": "hi", "max_tokens": "lots"}), 400),
@@ -264,7 +182,7 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
     assert big.status_code == 413, big.text
     garbage = upload_bytes(service, "garbage", b"not safetensors")
     assert garbage.status_code == 422, garbage.text
-    bad_files = httpx.post(f"{service}/v1/adapters", headers=_auth("acme"), data={"name": "x"},
+    bad_files = httpx.post(f"{service}/v1/adapters", headers=auth("acme"), data={"name": "x"},
                            files=[("files", ("adapter_model.bin", b"pickle"))])
     assert bad_files.status_code == 400 and "safetensors" in bad_files.json()["error"]["message"]
     text, finish, _ = _served_text(_client(service, "acme"), "style", PROMPTS[0], True)
@@ -274,12 +192,12 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
 def upload_bytes(service: str, name: str, weights: bytes) -> httpx.Response:
     files = [("files", ("adapter_config.json", b"{}")),
              ("files", ("adapter_model.safetensors", weights))]
-    return httpx.post(f"{service}/v1/adapters", headers=_auth("acme"), data={"name": name},
+    return httpx.post(f"{service}/v1/adapters", headers=auth("acme"), data={"name": name},
                       files=files, timeout=60)
 
 
 def test_tenant_concurrency_and_adapter_count_limits(service, tiny_adapter):
-    headers = _auth("solo")
+    headers = auth("solo")
     body = {"model": BASE, "prompt": PROMPTS[0], "max_tokens": 200, "stream": True,
             "temperature": 0}
     with httpx.stream("POST", f"{service}/v1/completions", json=body, headers=headers,
@@ -317,21 +235,21 @@ def test_logs_carry_request_ids_never_prompts(service, adapters):
 
 def test_prometheus_metrics_per_tenant_and_engine(service, adapters):
     _served_text(_client(service, "globex"), "style", PROMPTS[0], True)
-    wanted = ['ray_moeplex_requests_total{', 'tenant="globex"', "ray_moeplex_output_tokens_total",
-              "ray_moeplex_time_to_first_token_seconds_count",
+    wanted = ["ray_moeplex_output_tokens_total", "ray_moeplex_time_to_first_token_seconds_count",
               "ray_moeplex_time_per_output_token_seconds_count",
               "ray_moeplex_adapter_loads_total", "ray_moeplex_adapter_load_seconds_count",
               "ray_moeplex_engine_batch_size", "ray_moeplex_engine_distinct_adapters_per_step",
               "ray_moeplex_engine_adapter_slot_loads_total"]
 
-    def exported() -> str | None:
+    def globex_requests() -> list[str] | None:
         text = httpx.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
-        return text if all(w in text for w in wanted) else None
+        lines = [line for line in text.splitlines()
+                 if line.startswith("ray_moeplex_requests_total{")
+                 and 'tenant="globex"' in line and 'status="200"' in line]
+        return lines if lines and all(w in text for w in wanted) else None
 
-    text = wait_for(exported, timeout_s=90, period_s=3, what="moeplex metrics exported")
-    served = [line for line in text.splitlines() if line.startswith("ray_moeplex_requests_total{")
-              and 'tenant="globex"' in line and 'status="200"' in line]
-    assert served and float(served[0].rsplit(" ", 1)[1]) >= 1
+    lines = wait_for(globex_requests, timeout_s=90, period_s=3, what="moeplex metrics exported")
+    assert float(lines[0].rsplit(" ", 1)[1]) >= 1
 
 
 def test_replica_killed_mid_stream_later_requests_succeed(service, adapters):

@@ -1,0 +1,38 @@
+"""ensure_model: local checkpoints as given, s3:// prefixes fetched once into the cache."""
+import filecmp
+
+import pytest
+
+from deployments.args import AppArgs
+from deployments.model_files import ModelFilesError, ensure_model
+
+
+def test_s3_checkpoint_is_downloaded_once_into_the_cache(tmp_path, tiny_checkpoint, monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    source = tiny_checkpoint()
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="models")
+        files = sorted(p for p in source.iterdir() if p.is_file())
+        for path in files:
+            s3.upload_file(str(path), "models", f"ckpts/tiny/{path.name}")
+        args = AppArgs(model="s3://models/ckpts/tiny", cache_dir=str(tmp_path))
+        local = ensure_model(args)
+        assert sorted(p.name for p in local.iterdir() if p.name != ".complete") == [
+            p.name for p in files]
+        assert all(filecmp.cmp(local / p.name, p, shallow=False) for p in files)
+        s3.delete_object(Bucket="models", Key="ckpts/tiny/config.json")
+        assert ensure_model(args) == local  # cached: no second download
+        with pytest.raises(ModelFilesError, match="config.json"):
+            ensure_model(AppArgs(model="s3://models/nothing-here", cache_dir=str(tmp_path)))
+
+
+def test_local_checkpoint_must_hold_a_config(tmp_path, tiny_checkpoint):
+    assert ensure_model(AppArgs(model=str(tiny_checkpoint()))) == tiny_checkpoint()
+    with pytest.raises(ModelFilesError, match="no config.json"):
+        ensure_model(AppArgs(model=str(tmp_path)))
