@@ -134,6 +134,13 @@ class LLMServer:
         except Exception as exc:  # noqa: BLE001 - engine errors (bad request, adapter load)
             yield _error_item(rid, exc)
 
+    def __del__(self):
+        # Serve calls this when it stops the replica (scale-down, redeploy), after the
+        # requests in flight drained: stop the engine's step thread and adapter loader.
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
     async def ready(self) -> dict:
         return {"model": str(self._model_dir), "stats": self._engine.stats()}
 
