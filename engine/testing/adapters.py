@@ -41,14 +41,19 @@ def make_peft_adapter(
     attention: bool = True,
     seed: int = 0,
     std: float = 0.2,
+    bf16_exact: bool = False,
 ) -> Path:
-    """Write a PEFT LoRA adapter for the checkpoint in `checkpoint_dir`; return `out_dir`."""
+    """Write a PEFT LoRA adapter for the checkpoint in `checkpoint_dir`; return `out_dir`.
+
+    `std` is the spread of B's entries (A's is 1/sqrt(fan_in)); `bf16_exact` rounds A and B
+    to bf16 values (stored as float32) for bf16 parity tests.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown adapter format {fmt!r}; expected one of {FORMATS}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    opts = dict(rank=rank, alpha=alpha, use_rslora=use_rslora,
+    opts = dict(bf16_exact=bf16_exact, rank=rank, alpha=alpha, use_rslora=use_rslora,
                 rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
     if fmt == "per_expert":
         _write_per_expert(checkpoint_dir, out, gen, std, attention, **opts)
@@ -58,7 +63,7 @@ def make_peft_adapter(
 
 
 def _write_with_peft(checkpoint_dir, out, gen, std, fmt, attention, rank, alpha, use_rslora,
-                     rank_pattern, alpha_pattern):
+                     rank_pattern, alpha_pattern, bf16_exact):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -75,12 +80,12 @@ def _write_with_peft(checkpoint_dir, out, gen, std, fmt, attention, rank, alpha,
             if "lora_" in name:
                 fan_in = param.shape[1]
                 scale = std if "lora_B" in name else fan_in ** -0.5
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+                param.copy_(_random(param.shape, gen, scale, bf16_exact))
     peft_model.save_pretrained(str(out))
 
 
 def _write_per_expert(checkpoint_dir, out, gen, std, attention, rank, alpha, use_rslora,
-                      rank_pattern, alpha_pattern):
+                      rank_pattern, alpha_pattern, bf16_exact):
     config = read_config(checkpoint_dir)
     shape = ModelShape.from_config(config)
     block, names = _PER_EXPERT_NAMES[shape.family]
@@ -90,11 +95,11 @@ def _write_per_expert(checkpoint_dir, out, gen, std, attention, rank, alpha, use
         if attention:
             for module in ATTENTION_MODULES:
                 _add_pair(tensors, prefix + f"self_attn.{module}", shape.io_features(module),
-                          rank, rank_pattern, gen, std)
+                          rank, rank_pattern, gen, std, bf16_exact)
         for expert in range(shape.num_experts):
             for canon, name in names.items():
                 _add_pair(tensors, prefix + f"{block}.experts.{expert}.{name}",
-                          shape.io_features(canon), rank, rank_pattern, gen, std)
+                          shape.io_features(canon), rank, rank_pattern, gen, std, bf16_exact)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     targets = (list(ATTENTION_MODULES) if attention else []) + list(names.values())
     adapter_config = {
@@ -107,8 +112,13 @@ def _write_per_expert(checkpoint_dir, out, gen, std, attention, rank, alpha, use
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
-def _add_pair(tensors, module_path, io, rank, rank_pattern, gen, std):
+def _add_pair(tensors, module_path, io, rank, rank_pattern, gen, std, bf16_exact):
     in_f, out_f = io
     r = pattern_value(module_path.removeprefix("base_model.model."), rank_pattern, rank)
-    tensors[module_path + ".lora_A.weight"] = torch.randn(r, in_f, generator=gen) * in_f ** -0.5
-    tensors[module_path + ".lora_B.weight"] = torch.randn(out_f, r, generator=gen) * std
+    tensors[module_path + ".lora_A.weight"] = _random((r, in_f), gen, in_f ** -0.5, bf16_exact)
+    tensors[module_path + ".lora_B.weight"] = _random((out_f, r), gen, std, bf16_exact)
+
+
+def _random(shape, gen, scale, bf16_exact):
+    values = torch.randn(shape, generator=gen) * scale
+    return values.to(torch.bfloat16).float() if bf16_exact else values

@@ -80,6 +80,8 @@ def make_tiny_checkpoint(
     family: str = "qwen3_moe",
     seed: int = 0,
     max_shard_size: str = "100KB",
+    router_scale: float = 1.0,
+    bf16_exact: bool = False,
     **overrides,
 ) -> Path:
     """Write a random-weight HF checkpoint of `family` into `out_dir` and return it.
@@ -87,6 +89,10 @@ def make_tiny_checkpoint(
     Weights are float32, saved sharded (several safetensors files and an index) in the
     per-expert layout transformers writes. `overrides` change any config value
     (num_experts, num_experts_per_tok, norm_topk_prob, tie_word_embeddings, ...).
+    `router_scale` multiplies the routers' weights: a large one widens the margins between
+    expert scores, so that bf16 rounding does not flip top-k choices (bf16 parity tests);
+    `bf16_exact` rounds every weight to a bf16 value (still stored as float32), so that an
+    fp32 oracle and a bf16 engine compute with the same weights.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -99,6 +105,12 @@ def make_tiny_checkpoint(
     config = tiny_config(family, vocab, eos_ids, pad_id, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(router_scale)
+        if bf16_exact:
+            for param in model.parameters():
+                param.copy_(param.to(torch.bfloat16).float())
     model.generation_config = GenerationConfig(
         eos_token_id=eos_ids, pad_token_id=pad_id, bos_token_id=None, do_sample=False
     )

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from engine.testing.reference import load_reference_model, reference_logits
+from tests.engine.bf16_parity import mixed_step_errors
 from tests.engine.conftest import FAMILIES
-from tests.engine.test_base_parity import PROMPTS, assert_close, make_engine, step_logits
+from tests.engine.test_base_parity import PROMPTS, make_engine, step_logits
 from tests.engine.test_lora_parity import MIXED_PROMPTS, _wait_for_adapters, lora
 
 pytestmark = pytest.mark.gpu
@@ -12,15 +12,10 @@ BF16 = dict(device="cuda", dtype="bfloat16")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_bf16_mixed_step_matches_reference(family, checkpoints, adapters):
-    ckpt = checkpoints[family]
-    names = [None, "a", None, "b", "c"]
-    engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, **BF16)
-    requests = [None if n is None else lora(adapters, family, n) for n in names]
-    _wait_for_adapters(engine, requests)
-    for mine, prompt, name in zip(step_logits(engine, MIXED_PROMPTS, requests), MIXED_PROMPTS, names):
-        ref = load_reference_model(ckpt, None if name is None else adapters[family][name])
-        assert_close(mine.float().cpu(), reference_logits(ref, prompt), rel=2e-2)
+def test_gpu_bf16_mixed_step_matches_reference(family, bf16_models):
+    ckpt, adapters = bf16_models[family]
+    errors = mixed_step_errors(ckpt, adapters, "cuda")
+    assert max(errors) <= 2e-2, errors
 
 
 @pytest.mark.parametrize("family", FAMILIES)

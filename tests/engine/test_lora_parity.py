@@ -42,6 +42,8 @@ def _wait_for_adapters(engine, requests) -> None:
         if slot is None:
             time.sleep(0.01)
             continue
+        while not engine.lora_manager.is_ready(slot):  # on CUDA the slot copy runs on a side stream
+            time.sleep(0.01)
         engine.lora_manager.release(slot)
         pending.pop(0)
 
