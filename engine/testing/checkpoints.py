@@ -107,7 +107,8 @@ def make_tiny_checkpoint(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.mlp.gate.weight.mul_(router_scale)
+            if hasattr(layer.mlp, "experts"):  # Qwen3-MoE may have dense-MLP layers
+                layer.mlp.gate.weight.mul_(router_scale)
         if bf16_exact:
             for param in model.parameters():
                 param.copy_(param.to(torch.bfloat16).float())
