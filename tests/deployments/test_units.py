@@ -38,6 +38,8 @@ def test_key_file_maps_keys_to_tenants_and_stores_only_hashes(key_file):
     ({"authorization": "Basic sk-acme"}, AuthenticationError),
     ({"x-tenant-id": "acme"}, AuthenticationError),
     ({"authorization": "Bearer sk-acme", "x-tenant-id": "globex"}, PermissionDeniedError),
+    # HTTP headers arrive latin-1 decoded: a non-ASCII tenant header is a mismatch, not a crash
+    ({"authorization": "Bearer sk-acme", "x-tenant-id": "acm\u00e9"}, PermissionDeniedError),
 ])
 def test_key_mode_refuses_bad_credentials(key_file, headers, error):
     with pytest.raises(error):
