@@ -71,7 +71,7 @@ def read_header(path: Path) -> list[TensorEntry]:
 def _entry(key: str, meta, data_start: int) -> TensorEntry:
     try:
         dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        ok = isinstance(dtype, str) and all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:

@@ -166,3 +166,18 @@ def test_valid_formats_accepted(tmp_path, tiny_checkpoint, tiny_adapter, family,
 
 def test_adapter_for_another_base_model_refused(store, tiny_adapter, tiny_checkpoint):
     _refused(store, tiny_adapter("mixtral", "per_expert", rank=4), tiny_checkpoint("qwen3_moe"), "unknown_key")
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},  # unhashable dtype
+    {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]},
+    ["F32", [1], [0, 4]],
+])
+def test_malformed_header_entry_refused(store, adapter, base_model, tmp_path, entry):
+    import json
+    import struct
+
+    src = copy_adapter(adapter, tmp_path / "a")
+    header = json.dumps({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": entry}).encode()
+    (src / WEIGHTS).write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    _refused(store, src, base_model, "bad_safetensors")
