@@ -6,15 +6,15 @@ E = experts, r = rank, D = hidden, I = expert intermediate.
 """
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, parse_lora_key,
-                                   pattern_module_name, pattern_value)
+from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, expected_shape,
+                                   parse_lora_key, pattern_module_name, pattern_value)
 from engine.errors import AdapterLoadError
 from engine.models.spec import ModelSpec
 
@@ -120,6 +120,7 @@ def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtyp
             raise AdapterLoadError(f"{entry['name']}: lora_A or lora_B is missing")
         a, b = entry["A"], entry["B"]
         rank = a.shape[0] // spec.num_experts if key.fused else a.shape[0]
+        _check_shapes(entry, key, rank, shape)
         scale = _scale(config, entry["name"], rank)
         if rank > max_rank:
             raise AdapterLoadError(f"adapter {name!r} has rank {rank} > max_lora_rank {max_rank}; "
@@ -134,6 +135,18 @@ def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtyp
             adapter.dense[(key.layer, key.module)] = LoRAFactors(a, b * scale)
     _check_experts_complete(adapter, spec)
     return _cast(adapter, dtype)
+
+
+def _check_shapes(entry: dict, key: LoRAKey, rank: int, shape: ModelShape) -> None:
+    """Refuse tensors that do not fit the base model here, in the loader, rather than in the
+    slot copy of a step (where the error would fail every request of the batch)."""
+    if rank < 1:
+        raise AdapterLoadError(f"{entry['name']}: lora_A has no rows (rank 0)")
+    for which in ("A", "B"):
+        want, got = expected_shape(replace(key, which=which), rank, shape), tuple(entry[which].shape)
+        if got != want:
+            raise AdapterLoadError(f"{entry['name']}: lora_{which} has shape {got}, but this base "
+                                   f"model needs {want} for rank {rank}")
 
 
 def _put_expert(adapter: LoRAAdapter, key: LoRAKey, a: Tensor, b: Tensor, spec: ModelSpec) -> None:

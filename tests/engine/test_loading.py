@@ -99,3 +99,22 @@ def test_slots_bound_distinct_adapters_per_step(checkpoints, adapters):
         seen = max(seen, engine.last_step["num_adapters"])
     stats = engine.stats()
     assert done == 6 and seen == 2 and stats["lora_slot_loads"] >= 3 and stats["lora_evictions"] >= 1
+
+
+def test_misshapen_adapter_fails_only_its_request(checkpoints, adapters, tmp_path):
+    """A tensor that does not fit the base model is refused at load, not found by the slot copy
+    mid-step (which would fail every request in the batch)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["qwen3_moe"]["a"], bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "q_proj.lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    engine = make_engine(checkpoints["qwen3_moe"], max_loras=2, max_lora_rank=16)
+    with pytest.raises(AdapterLoadError, match="q_proj.*lora_A"):
+        load_adapter("bad", bad, engine.spec, torch.float32, max_rank=16)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    base, failed = engine.generate(PROMPTS[:2], params, [None, LoRARequest("t/bad", str(bad))])
+    alone = make_engine(checkpoints["qwen3_moe"]).generate(PROMPTS[:1], params)[0]
+    assert base["token_ids"] == alone["token_ids"] and base["finish_reason"] == "length"
+    assert failed["finish_reason"] == "abort" and isinstance(failed["error"], AdapterLoadError)
