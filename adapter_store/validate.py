@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ def validate_adapter(src_dir: str | Path, base_model_dir: str | Path,
         raise LimitExceededError(
             f"adapter is {total} bytes; the limit is {limits.max_adapter_bytes}: lower the rank "
             "or the number of targeted modules, or save in bf16", code="too_large")
+    _check_config_fields(config)
     _check_config_ranks(config, limits)
     shape, base = load_base_model(base_model_dir)
     entries = read_header(src / WEIGHTS_FILE)
@@ -131,6 +133,46 @@ def _read_config(src: Path) -> dict:
         raise ValidationError(f"{CONFIG_FILE} enables DoRA, lora_bias or modules_to_save; "
                               "only plain LoRA weights are served: train without them", code="unsupported_option")
     return config
+
+
+def _check_config_fields(config: dict) -> None:
+    """Types of the fields the store and the engine read: a hostile config must not crash either."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _check_regex("target_modules", targets)
+    elif not _is_str_list(targets):
+        _bad_config("target_modules must be a list of module names or one regex string")
+    if not _is_str_list(config.get("target_parameters")):
+        _bad_config("target_parameters must be a list of parameter names")
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field_name) or {}
+        if not isinstance(pattern, dict):
+            _bad_config(f"{field_name} must be an object mapping module-name regexes to values")
+        for regex in pattern:
+            _check_regex(field_name, regex)
+    alphas = [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]
+    if not all(_is_finite_number(a) for a in alphas):
+        _bad_config("lora_alpha and alpha_pattern values must be finite numbers")
+
+
+def _is_str_list(value) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_regex(field_name: str, regex: str) -> None:
+    try:
+        re.compile(regex)
+    except re.error as exc:
+        _bad_config(f"{field_name} entry {regex!r} is not a valid regex ({exc})")
+
+
+def _bad_config(message: str) -> None:
+    raise ValidationError(f"{CONFIG_FILE}: {message}; save the adapter with PEFT's save_pretrained",
+                          code="bad_config")
 
 
 def _check_config_ranks(config: dict, limits: StoreLimits) -> None:

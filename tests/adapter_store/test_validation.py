@@ -168,6 +168,26 @@ def test_adapter_for_another_base_model_refused(store, tiny_adapter, tiny_checkp
     _refused(store, tiny_adapter("mixtral", "per_expert", rank=4), tiny_checkpoint("qwen3_moe"), "unknown_key")
 
 
+@pytest.mark.parametrize("changes", [
+    {"target_modules": "(unclosed"},  # a regex (PEFT's string form) that does not compile
+    {"rank_pattern": {"q_proj[": 4}},
+    {"target_modules": [3, "q_proj"]},
+    {"target_modules": {"q_proj": 1}},
+    {"target_parameters": "gate_up_proj"},
+    {"lora_alpha": "sixteen"},
+    {"lora_alpha": float("nan")},  # json.loads takes the NaN literal
+    {"lora_alpha": float("inf")},
+    {"lora_alpha": None},
+    {"alpha_pattern": {"q_proj": float("nan")}},
+    {"alpha_pattern": ["q_proj"]},
+])
+def test_malformed_config_refused(store, adapter, base_model, tmp_path, changes):
+    """A hostile adapter_config.json gets a typed refusal, never a crash or a stored adapter."""
+    src = edit_config(copy_adapter(adapter, tmp_path / "a"), **changes)
+    message = _refused(store, src, base_model, "bad_config")
+    assert CONFIG in message and next(iter(changes)) in message
+
+
 @pytest.mark.parametrize("entry", [
     {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},  # unhashable dtype
     {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]},
