@@ -65,8 +65,9 @@ class DecodeGraphs:
                 for batch in reversed(self.batches):  # largest first: the pool fits the rest
                     self._capture(batch, ctx, use_lora)
 
-    def fits(self, num_seqs: int, max_context_len: int) -> bool:
-        return num_seqs <= self.batches[-1] and max_context_len <= self.contexts[-1]
+    def fits(self, num_seqs: int, max_context_len: int, use_lora: bool) -> bool:
+        return (num_seqs <= self.batches[-1] and max_context_len <= self.contexts[-1]
+                and use_lora in self.lora_variants)
 
     def _batch(self, batch: int, ctx: int, use_lora: bool) -> ForwardBatch:
         group = AttentionGroup(0, batch, self.block_tables[:batch, :ctx // self.block_size],

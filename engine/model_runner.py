@@ -184,4 +184,5 @@ class ModelRunner:
 
     def _graph_step(self, scheduled: list[tuple[Sequence, int]], all_logits: bool) -> bool:
         return (self.graphs is not None and not all_logits and all(n == 1 for _, n in scheduled)
-                and self.graphs.fits(len(scheduled), max(s.num_computed_tokens + 1 for s, _ in scheduled)))
+                and self.graphs.fits(len(scheduled), max(s.num_computed_tokens + 1 for s, _ in scheduled),
+                                     any(s.lora_slot is not None for s, _ in scheduled)))

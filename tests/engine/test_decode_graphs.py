@@ -50,3 +50,21 @@ def test_cuda_graph_decode_equals_eager_on_gpu(checkpoints, adapters):
         assert (engine.runner.graphs is None) == eager
         outs.append([o["token_ids"] for o in engine.generate(PROMPTS, params, loras)])
     assert outs[0] == outs[1]
+
+
+def test_loop_mode_decodes_with_adapters_eagerly(checkpoints, adapters):
+    """lora_mode="loop" captures no LoRA graphs (the loop syncs with the host), so decode steps
+    with adapters must run eagerly instead of asking for a graph that does not exist."""
+    ckpt = checkpoints["qwen3_moe"]
+    loras = [None, LoRARequest("t/b", str(adapters["qwen3_moe"]["b"]))]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    eager = make_engine(ckpt, max_num_seqs=5, max_loras=2, lora_mode="loop").generate(PROMPTS[:2], params, loras)
+    static = make_engine(ckpt, max_num_seqs=5, max_loras=2, lora_mode="loop")
+    runner = static.runner
+    runner.graphs = DecodeGraphs(runner.model, 5, static.config.max_model_len, static.config.block_size,
+                                 runner.num_kv_blocks * static.config.block_size, False, runner.device,
+                                 use_graphs=False)  # what ModelRunner captures in loop mode
+    runner.graphs.capture_all()
+    outs = static.generate(PROMPTS[:2], params, loras)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in eager]
+    assert [o["finish_reason"] for o in outs] == ["length", "length"]
