@@ -42,6 +42,9 @@ class LoRAManager:
         self.name_to_slot: dict[str, int] = {}
         self.free_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(pools.num_slots))
         self.executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="lora-load")
+        # one thread issues every slot copy, in reservation order: a slot re-reserved while an
+        # older copy into it is still queued must not have that copy land over the new one
+        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-copy")
         self.stats = LoRAStats()
 
     @property
@@ -72,7 +75,7 @@ class LoRAManager:
         if self.pools.stream is None:
             self._write_slot(slot, adapter)
         else:  # issue the copies from a loader thread: the step loop's host time is not spent on them
-            self.slot_events[slot] = self.executor.submit(self._write_slot, slot, adapter)
+            self.slot_events[slot] = self.copier.submit(self._write_slot, slot, adapter)
         return slot
 
     def _write_slot(self, slot: int, adapter: LoRAAdapter):
@@ -110,6 +113,7 @@ class LoRAManager:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.copier.shutdown(wait=False, cancel_futures=True)
 
     def _take(self, slot: int) -> None:
         self.slot_refs[slot] += 1
