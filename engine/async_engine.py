@@ -44,6 +44,8 @@ class AsyncLLMEngine:
         seq = self.engine.make_sequence(request_id, prompt, params, lora, tenant)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._stopped:  # checked again under the lock: shutdown fails the streams it sees
+                raise EngineError("the engine is shut down")
             if request_id in self._streams:
                 raise InvalidRequestError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
@@ -70,10 +72,16 @@ class AsyncLLMEngine:
             return dict(self._stats)
 
     def shutdown(self) -> None:
-        self._stopped = True
+        """Stop the step thread; streams still open end with EngineError."""
+        with self._lock:
+            self._stopped = True
+            open_ids = list(self._streams)
         self._wake.set()
         self._thread.join(timeout=10)
         self.engine.shutdown()
+        message = "the engine was shut down before the request finished"
+        self._dispatch([RequestOutput(rid, finished=True, finish_reason="abort", error=EngineError(message))
+                        for rid in open_ids])
 
     def _submit(self, action: Callable[[], None]) -> None:
         with self._lock:

@@ -3,7 +3,8 @@ import asyncio
 
 import pytest
 
-from engine import AdapterLoadError, AsyncLLMEngine, EngineConfig, InvalidRequestError, LoRARequest, SamplingParams
+from engine import (AdapterLoadError, AsyncLLMEngine, EngineConfig, EngineError, InvalidRequestError, LoRARequest,
+                    SamplingParams)
 from tests.engine.test_base_parity import PROMPTS, make_engine
 
 
@@ -58,3 +59,22 @@ def test_abort_and_bad_requests(async_engine, tmp_path):
     asyncio.run(main())
     stats = async_engine.stats()
     assert stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_shutdown_ends_open_streams_with_an_error(checkpoints):
+    """A stream still open when the engine shuts down ends with EngineError instead of waiting
+    forever for outputs no thread will produce; later requests are refused."""
+    eng = AsyncLLMEngine(EngineConfig(model=checkpoints["qwen3_moe"], max_loras=0, block_size=4,
+                                      max_model_len=64, max_num_seqs=2))
+
+    async def main():
+        stream = eng.generate(PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        first = await stream.__anext__()
+        await asyncio.to_thread(eng.shutdown)
+        with pytest.raises(EngineError, match="shut down"):
+            while True:  # outputs already queued come first; the guard turns a hang into a failure
+                await asyncio.wait_for(stream.__anext__(), timeout=30)
+        with pytest.raises(EngineError, match="shut down"):
+            await collect(eng, PROMPTS[1], SamplingParams(max_tokens=2), "late")
+        return first
+    assert not asyncio.run(main()).finished
