@@ -33,6 +33,7 @@ def check_content_length(request: Request, max_bytes: int) -> None:
 async def read_upload(request: Request, max_bytes: int) -> tuple[str, Path]:
     """(adapter name, temp dir holding the two files); the caller removes the dir."""
     check_content_length(request, max_bytes)
+    request = _bounded(request, max_bytes + _FORM_OVERHEAD)
     form = await request.form(max_files=len(REQUIRED_FILES) + 1, max_fields=4)
     try:
         name = form.get("name")
@@ -49,6 +50,25 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[str, Path]:
         return name, target
     finally:
         await form.close()
+
+
+def _bounded(request: Request, limit: int) -> Request:
+    """The request, reading its body only up to `limit` bytes: a chunked body declares no
+    size, and the form parser would otherwise spool all of it to disk before we look."""
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise PayloadTooLargeError(
+                f"upload is over this server's adapter size limit of {limit - _FORM_OVERHEAD} "
+                "bytes; train a smaller rank or ask the operator for a higher limit",
+                code="adapter_too_large")
+        return message
+
+    return Request(request.scope, receive)
 
 
 def _files_by_name(parts: list) -> dict[str, UploadFile]:
