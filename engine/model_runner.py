@@ -144,7 +144,7 @@ class ModelRunner:
         return SamplingTensors(
             temperatures=self._tensor(temps, torch.float32),
             top_ps=self._tensor([s.params.top_p for s in seqs], torch.float32),
-            top_ks=self._tensor([s.params.top_k or vocab for s in seqs], torch.long),
+            top_ks=self._tensor([min(s.params.top_k or vocab, vocab) for s in seqs], torch.long),
             generators=gens, all_greedy=all(t == 0 for t in temps))
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:

@@ -26,7 +26,8 @@ class SamplingParams:
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(isinstance(self.top_k, int) and self.top_k >= 0,
                f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
+               f"seed must be an integer in [-2**63, 2**64) (what torch.Generator takes), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")

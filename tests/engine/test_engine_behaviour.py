@@ -129,10 +129,20 @@ def test_generation_config_eos_is_read(qwen):
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
     (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"),
+    (dict(seed=2**64), "seed"), (dict(seed=-2**63 - 1), "seed"),
 ])
 def test_invalid_sampling_params_raise_clear_errors(kwargs, fragment):
     with pytest.raises(InvalidRequestError, match=fragment):
         SamplingParams(**kwargs)
+
+
+def test_top_k_beyond_int64_means_no_limit(qwen):
+    """A top_k no int64 tensor holds must not reach the step, where it failed every request."""
+    unlimited = SamplingParams(max_tokens=6, temperature=1.0, top_k=0, seed=3, ignore_eos=True)
+    huge_k = SamplingParams(max_tokens=6, temperature=1.0, top_k=2**70, seed=3, ignore_eos=True)
+    expected = make_engine(qwen).generate(PROMPTS[:2], unlimited)
+    got = make_engine(qwen).generate(PROMPTS[:2], huge_k)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
 
 
 def test_invalid_requests_raise(qwen):
