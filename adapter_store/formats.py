@@ -17,6 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import regex
+
+# Tenants write the module-name patterns (PEFT's target_modules string, rank_pattern and
+# alpha_pattern keys); a pattern with nested quantifiers can backtrack for minutes, so each
+# match runs under a time limit.
+PATTERN_TIMEOUT_S = 0.05
+
 FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_MODULES = ("gate", "up", "down")
@@ -39,6 +46,24 @@ _FUSED_RE = re.compile(
 
 class UnknownKeyError(ValueError):
     """A tensor key that no supported format of this model family explains."""
+
+
+class PatternTimeoutError(ValueError):
+    """A tenant's module-name pattern took too long to match (catastrophic backtracking)."""
+
+
+def match_module_pattern(pattern: str, module_name: str, suffix: bool = True) -> bool:
+    """PEFT's matching of a module-name regex, under PATTERN_TIMEOUT_S.
+
+    suffix=True: the pattern matches the end of the dotted path (rank/alpha_pattern keys);
+    suffix=False: it must match the whole path (a target_modules string).
+    """
+    full = rf"(.*\.)?({pattern})" if suffix else pattern
+    try:
+        return regex.fullmatch(full, module_name, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise PatternTimeoutError(f"module pattern {pattern!r} takes too long to match; "
+                                  "simplify it (no nested quantifiers)") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +206,7 @@ def peft_module_name(key: str) -> str:
 def pattern_value(module_name: str, patterns: dict, default):
     """PEFT's rule: the first pattern that matches the end of the module path wins."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
+        if match_module_pattern(pattern, module_name):
             return value
     return default
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from adapter_store.errors import LimitExceededError, ValidationError
 from adapter_store.formats import (
-    ModelShape, UnknownKeyError, expected_shape, parse_lora_key, pattern_module_name, pattern_value,
+    ModelShape, PatternTimeoutError, UnknownKeyError, expected_shape, match_module_pattern,
+    parse_lora_key, pattern_module_name, pattern_value,
 )
 from adapter_store.safetensors_io import TensorEntry, count_non_finite, read_header
 
@@ -24,6 +25,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
 MAX_CONFIG_BYTES = 1 << 20
+MAX_PATTERN_CHARS = 256  # target_modules string, rank_pattern / alpha_pattern keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,10 @@ def validate_adapter(src_dir: str | Path, base_model_dir: str | Path,
     entries = read_header(src / WEIGHTS_FILE)
     if not entries:
         raise ValidationError(f"{WEIGHTS_FILE} holds no tensors", code="empty_adapter")
-    keys = [_check_tensor(e, config, shape) for e in entries]
+    try:
+        keys = [_check_tensor(e, config, shape) for e in entries]
+    except PatternTimeoutError as exc:
+        _bad_config(str(exc))
     _check_pairs(keys, entries)
     _check_finite(src / WEIGHTS_FILE, entries)
     return AdapterSummary(
@@ -163,11 +168,13 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_regex(field_name: str, regex: str) -> None:
+def _check_regex(field_name: str, pattern: str) -> None:
+    if len(pattern) > MAX_PATTERN_CHARS:
+        _bad_config(f"{field_name} entry of {len(pattern)} characters is over {MAX_PATTERN_CHARS}")
     try:
-        re.compile(regex)
+        re.compile(pattern)
     except re.error as exc:
-        _bad_config(f"{field_name} entry {regex!r} is not a valid regex ({exc})")
+        _bad_config(f"{field_name} entry {pattern!r} is not a valid regex ({exc})")
 
 
 def _bad_config(message: str) -> None:
@@ -213,7 +220,7 @@ def _is_targeted(key, module_name: str, config: dict) -> bool:
         return any(module_name == p or module_name.endswith("." + p) for p in params)
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, module_name) is not None
+        return targets == "all-linear" or match_module_pattern(targets, module_name, suffix=False)
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 

@@ -180,12 +180,49 @@ def test_adapter_for_another_base_model_refused(store, tiny_adapter, tiny_checkp
     {"lora_alpha": None},
     {"alpha_pattern": {"q_proj": float("nan")}},
     {"alpha_pattern": ["q_proj"]},
+    {"rank_pattern": {"q" * 300: 4}},  # over MAX_PATTERN_CHARS
 ])
 def test_malformed_config_refused(store, adapter, base_model, tmp_path, changes):
     """A hostile adapter_config.json gets a typed refusal, never a crash or a stored adapter."""
     src = edit_config(copy_adapter(adapter, tmp_path / "a"), **changes)
     message = _refused(store, src, base_model, "bad_config")
     assert CONFIG in message and next(iter(changes)) in message
+
+
+@pytest.mark.parametrize("changes,code", [
+    ({"target_modules": "(.*.*)*z"}, "untargeted_key"),  # nested quantifiers: `re` backtracks for hours
+    ({"rank_pattern": {"(.*.*)*z": 2}}, None),  # matches nothing: the adapter is fine
+])
+def test_backtracking_patterns_answer_promptly(store, adapter, base_model, tmp_path, changes, code):
+    """Patterns are matched by an engine that does not backtrack exponentially (with a time
+    limit as backstop), so a hostile pattern cannot tie up the thread that validates it."""
+    import threading
+
+    src = edit_config(copy_adapter(adapter, tmp_path / "a"), **changes)
+    outcome = []
+
+    def put():
+        try:
+            outcome.append(store.put("acme", "ad", src, base_model))
+        except ValidationError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=put, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert outcome, "validation did not finish: catastrophic backtracking"
+    assert (getattr(outcome[0], "code", None) == code) if code else not isinstance(outcome[0], Exception)
+
+
+def test_pattern_over_its_time_limit_is_a_config_error(store, adapter, base_model, tmp_path, monkeypatch):
+    import regex
+
+    def too_slow(*args, **kwargs):
+        raise TimeoutError("regex timed out")
+
+    monkeypatch.setattr(regex, "fullmatch", too_slow)
+    src = edit_config(copy_adapter(adapter, tmp_path / "a"), rank_pattern={"q_proj": 2})
+    assert "too long to match" in _refused(store, src, base_model, "bad_config")
 
 
 @pytest.mark.parametrize("entry", [
