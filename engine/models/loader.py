@@ -78,7 +78,7 @@ def _load_safetensors(model: MoECausalLM, model_dir: Path) -> None:
         raise EngineError(f"{model_dir} has no *.safetensors files (pickled weights are not loaded)")
     params = dict(model.named_parameters())
     device = str(model.embed_tokens.device)  # safetensors reads straight onto the device
-    seen: set[str] = set()
+    written: dict[str, int] = {}  # elements written per parameter: experts arrive one by one
     for path in files:
         with safe_open(str(path), framework="pt", device=device) as f:
             for key in f.keys():
@@ -90,10 +90,10 @@ def _load_safetensors(model: MoECausalLM, model_dir: Path) -> None:
                     continue  # tied embeddings: some checkpoints still store the copy
                 if name not in params:
                     raise EngineError(f"checkpoint key {key!r} has no place in a {model.spec.family} model")
-                param = params[name]
-                _copy_into(param, f.get_tensor(key).to(param.dtype), part, expert)
-                seen.add(name)
-    missing = sorted(set(params) - seen)
+                param, tensor = params[name], f.get_tensor(key)
+                _copy_into(param, tensor.to(param.dtype), part, expert)
+                written[name] = written.get(name, 0) + tensor.numel()
+    missing = sorted(name for name, param in params.items() if written.get(name, 0) < param.numel())
     if missing:
         raise EngineError(f"checkpoint {model_dir} lacks weights for {missing[:5]} (and {len(missing)} in all)")
 

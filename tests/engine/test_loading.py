@@ -118,3 +118,17 @@ def test_misshapen_adapter_fails_only_its_request(checkpoints, adapters, tmp_pat
     alone = make_engine(checkpoints["qwen3_moe"]).generate(PROMPTS[:1], params)[0]
     assert base["token_ids"] == alone["token_ids"] and base["finish_reason"] == "length"
     assert failed["finish_reason"] == "abort" and isinstance(failed["error"], AdapterLoadError)
+
+
+def test_checkpoint_missing_one_expert_is_refused(checkpoints, tmp_path):
+    """Experts arrive one tensor each: a checkpoint that lacks one is an error, not zeros."""
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "one-expert-short"
+    shutil.copytree(checkpoints["qwen3_moe"], broken)
+    for shard in broken.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        kept = {k: v for k, v in tensors.items() if ".mlp.experts.3.up_proj." not in k}
+        if len(kept) < len(tensors):
+            save_file(kept, str(shard), metadata={"format": "pt"})
+    with pytest.raises(EngineError, match="lacks weights"):
+        LLMEngine(EngineConfig(model=broken, max_loras=0))
