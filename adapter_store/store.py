@@ -125,6 +125,8 @@ class AdapterStore(ABC):
             prefix = _version_key(tenant, name, info.version)
             self._delete(f"{prefix}/{MANIFEST_FILE}")  # invisible first, then the files
             self._delete_prefix(prefix)
+            if not self.list_versions(tenant, name):  # a later upload of the name starts unshared
+                self._delete(f"shared/{tenant}/{name}")
             return
         versions = self.list_versions(tenant, name)
         if not versions:

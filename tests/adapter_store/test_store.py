@@ -78,6 +78,17 @@ def test_other_tenants_see_nothing_until_shared(store, adapter, base_model):
         store.resolve("beta", "acme/ad")
 
 
+def test_deleting_the_last_version_drops_the_share_mark(store, adapter, base_model):
+    """A name whose every version was deleted one by one comes back unshared."""
+    info = store.put("acme", "ad", adapter, base_model)
+    store.share("acme", "ad")
+    store.delete("acme", "ad", version=info.version)
+    store.put("acme", "ad", adapter, base_model)
+    with pytest.raises(AdapterNotFoundError):
+        store.resolve("beta", "acme/ad")
+    assert not store.resolve("acme", "ad").shared
+
+
 def test_own_names_first_and_ambiguous_shared_names(store, tiny_adapter, base_model):
     a = store.put("acme", "ad", tiny_adapter(rank=4, seed=1), base_model)
     c = store.put("corp", "ad", tiny_adapter(rank=4, seed=2), base_model)
