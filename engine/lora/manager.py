@@ -39,6 +39,8 @@ class LoRAManager:
         self.slot_names: list[str | None] = [None] * pools.num_slots
         self.slot_refs = [0] * pools.num_slots
         self.slot_events: list = [None] * pools.num_slots
+        # a failed copy leaves a slot half written: every holder must fail, not only the first
+        self.slot_errors: list[str | None] = [None] * pools.num_slots
         self.name_to_slot: dict[str, int] = {}
         self.free_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(pools.num_slots))
         self.executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="lora-load")
@@ -86,6 +88,8 @@ class LoRAManager:
 
     def is_ready(self, slot: int) -> bool:
         """Whether the slot's copies have completed (on CUDA: issued, then its event passed)."""
+        if self.slot_errors[slot] is not None:
+            raise AdapterLoadError(self.slot_errors[slot])
         pending = self.slot_events[slot]
         if pending is None:
             return True
@@ -96,8 +100,9 @@ class LoRAManager:
         except Exception as exc:  # a failed copy fails the adapter's requests, not the loop
             name = self.slot_names[slot]
             self.slot_events[slot] = None
+            self.slot_errors[slot] = f"copying adapter {name!r} into its slot failed: {exc}"
             self._evict(slot)
-            self._fail(name, f"copying adapter {name!r} into its slot failed: {exc}")
+            self._fail(name, self.slot_errors[slot])
         if event is None or event.query():
             self.slot_events[slot] = None
             return True
@@ -106,6 +111,7 @@ class LoRAManager:
     def release(self, slot: int) -> None:
         self.slot_refs[slot] -= 1
         if self.slot_refs[slot] == 0:
+            self.slot_errors[slot] = None  # nobody reads the half-written slot any more
             self.free_lru[slot] = None
 
     def resident(self) -> dict[str, int]:

@@ -48,3 +48,38 @@ def test_copies_into_a_reused_slot_land_in_reservation_order():
         assert manager.is_ready(0) and manager.resident() == {"second": 0}
     finally:
         manager.shutdown()
+
+
+class FailingPools(RecordingPools):
+    """Writes of the adapter named "bad" fail, as a CUDA copy error would."""
+
+    def write(self, slot: int, adapter: LoRAAdapter):
+        if adapter.name == "bad":
+            raise RuntimeError("copy failed")
+        return super().write(slot, adapter)
+
+
+def test_failed_copy_fails_every_holder_of_the_slot():
+    """Two requests share an adapter whose slot copy fails: both fail (neither runs on the
+    half-written slot), and the slot is usable again once both let it go."""
+    import pytest
+
+    from engine.errors import AdapterLoadError
+
+    manager = LoRAManager(FailingPools(), spec=None, max_rank=4, host_capacity=2)
+    manager.host["bad"] = LoRAAdapter("bad")
+    manager.host["good"] = LoRAAdapter("good")
+    try:
+        first, second = manager.reserve("bad", "unused"), manager.reserve("bad", "unused")
+        assert first == second == 0
+        manager.slot_events[0].exception(timeout=10)  # wait for the copy to fail
+        for _ in range(2):  # each holder asks in turn
+            with pytest.raises(AdapterLoadError, match="copy"):
+                manager.is_ready(0)
+        manager.release(0)
+        manager.release(0)
+        assert manager.reserve("good", "unused") == 0
+        manager.slot_events[0].result(timeout=10)
+        assert manager.is_ready(0)
+    finally:
+        manager.shutdown()
