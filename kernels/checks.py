@@ -2,15 +2,10 @@
 import torch
 from torch import Tensor
 
-from kernels.errors import KernelInputError
+from kernels.errors import expect
 from kernels.weights import DenseLoRAWeights, MoELoRAWeights
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def expect(cond: bool, msg: str) -> None:
-    if not cond:
-        raise KernelInputError(msg)
 
 
 def check_moe_args(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,

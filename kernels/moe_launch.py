@@ -59,7 +59,6 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     num_experts, d, _ = w_down.shape
     if num_tokens * top_k == 0:
         return hidden.new_zeros(num_tokens, d)
-    rows = num_tokens * top_k
     inter = w_down.shape[2]
     if lora is not None and fused_path_ok(num_tokens, inter):
         lay = moe_align_virtual(topk_ids, slot_ids, num_experts, 16, lora.num_slots, expert_major=True)

@@ -4,14 +4,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.errors import KernelInputError
+from kernels.errors import expect
 
 # Shape legend: S = adapter slots, E = experts, R = max rank, D = hidden, I = expert intermediate.
-
-
-def _expect(cond: bool, msg: str) -> None:
-    if not cond:
-        raise KernelInputError(msg)
 
 
 @dataclass(slots=True)
@@ -25,17 +20,17 @@ class MoELoRAWeights:
     ranks: Tensor  # [S] int32: slot s's rank r_s <= R; A rows / B cols >= r_s are zero
 
     def __post_init__(self) -> None:
-        _expect(self.gate_up_a.dim() == 4, f"gate_up_a must be [S, E, 2R, D], got {tuple(self.gate_up_a.shape)}")
+        expect(self.gate_up_a.dim() == 4, f"gate_up_a must be [S, E, 2R, D], got {tuple(self.gate_up_a.shape)}")
         s, e, two_r, d = self.gate_up_a.shape
-        _expect(two_r % 2 == 0, f"gate_up_a dim 2 must be 2*R (even), got {two_r}")
+        expect(two_r % 2 == 0, f"gate_up_a dim 2 must be 2*R (even), got {two_r}")
         r = two_r // 2
-        _expect(self.gate_up_b.dim() == 4 and self.gate_up_b.shape[:2] == (s, e)
+        expect(self.gate_up_b.dim() == 4 and self.gate_up_b.shape[:2] == (s, e)
                 and self.gate_up_b.shape[3] == r and self.gate_up_b.shape[2] % 2 == 0,
                 f"gate_up_b must be [S={s}, E={e}, 2I, R={r}], got {tuple(self.gate_up_b.shape)}")
         i = self.gate_up_b.shape[2] // 2
-        _expect(tuple(self.down_a.shape) == (s, e, r, i),
+        expect(tuple(self.down_a.shape) == (s, e, r, i),
                 f"down_a must be [S, E, R, I] = {(s, e, r, i)}, got {tuple(self.down_a.shape)}")
-        _expect(tuple(self.down_b.shape) == (s, e, d, r),
+        expect(tuple(self.down_b.shape) == (s, e, d, r),
                 f"down_b must be [S, E, D, R] = {(s, e, d, r)}, got {tuple(self.down_b.shape)}")
         _check_ranks(self.ranks, s, self.gate_up_a.device)
 
@@ -57,9 +52,9 @@ class DenseLoRAWeights:
     ranks: Tensor  # [S] int32
 
     def __post_init__(self) -> None:
-        _expect(self.a.dim() == 3, f"a must be [S, R, IN], got {tuple(self.a.shape)}")
+        expect(self.a.dim() == 3, f"a must be [S, R, IN], got {tuple(self.a.shape)}")
         s, r, _ = self.a.shape
-        _expect(self.b.dim() == 3 and self.b.shape[0] == s and self.b.shape[2] == r,
+        expect(self.b.dim() == 3 and self.b.shape[0] == s and self.b.shape[2] == r,
                 f"b must be [S={s}, OUT, R={r}], got {tuple(self.b.shape)}")
         _check_ranks(self.ranks, s, self.a.device)
 
@@ -73,7 +68,7 @@ class DenseLoRAWeights:
 
 
 def _check_ranks(ranks: Tensor, num_slots: int, device: torch.device) -> None:
-    _expect(ranks.dim() == 1 and ranks.shape[0] == num_slots,
+    expect(ranks.dim() == 1 and ranks.shape[0] == num_slots,
             f"ranks must be [S={num_slots}], got {tuple(ranks.shape)}")
-    _expect(ranks.dtype == torch.int32, f"ranks must be int32, got {ranks.dtype}")
-    _expect(ranks.device == device, f"ranks must live on {device}, got {ranks.device}")
+    expect(ranks.dtype == torch.int32, f"ranks must be int32, got {ranks.dtype}")
+    expect(ranks.device == device, f"ranks must live on {device}, got {ranks.device}")
