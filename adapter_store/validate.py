@@ -9,9 +9,10 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import regex
 
 from adapter_store.errors import LimitExceededError, ValidationError
 from adapter_store.formats import (
@@ -153,8 +154,8 @@ def _check_config_fields(config: dict) -> None:
         pattern = config.get(field_name) or {}
         if not isinstance(pattern, dict):
             _bad_config(f"{field_name} must be an object mapping module-name regexes to values")
-        for regex in pattern:
-            _check_regex(field_name, regex)
+        for key in pattern:
+            _check_regex(field_name, key)
     alphas = [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]
     if not all(_is_finite_number(a) for a in alphas):
         _bad_config("lora_alpha and alpha_pattern values must be finite numbers")
@@ -172,8 +173,8 @@ def _check_regex(field_name: str, pattern: str) -> None:
     if len(pattern) > MAX_PATTERN_CHARS:
         _bad_config(f"{field_name} entry of {len(pattern)} characters is over {MAX_PATTERN_CHARS}")
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        regex.compile(pattern)  # the engine that matches it (formats.match_module_pattern)
+    except regex.error as exc:
         _bad_config(f"{field_name} entry {pattern!r} is not a valid regex ({exc})")
 
 
