@@ -176,21 +176,22 @@ def sweep_base(gen):
     return rows
 
 
-def profile_virt(gen):
+def profile_virt(gen, tokens=(1, 512)):
     """Per-kernel device time of the virtual-expert path (qwen3, n = 16)."""
     d, inter, e, k = PRESETS["qwen3-30b-a3b"]
     w_gate_up, w_down, lora = make_layer(d, inter, e, 16, gen)
-    for m in (1, 512):
+    for m in tokens:
         hidden, tw, ids, slots = make_batch(m, d, e, k, 16, gen)
-        fused_moe(hidden, w_gate_up, w_down, tw, ids, lora, slots)
-        torch.cuda.synchronize()
-        acts = [torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(10):
-                fused_moe(hidden, w_gate_up, w_down, tw, ids, lora, slots)
+        for label, ad in (("base", None), ("virtual n=16", lora)):
+            fused_moe(hidden, w_gate_up, w_down, tw, ids, ad, slots if ad else None)
             torch.cuda.synchronize()
-        print(f"profile M={m} n=16 (10 calls)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+            acts = [torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(10):
+                    fused_moe(hidden, w_gate_up, w_down, tw, ids, ad, slots if ad else None)
+                torch.cuda.synchronize()
+            print(f"profile M={m} {label} (10 calls)")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
 def print_table(rows, bw):
@@ -211,8 +212,12 @@ def main():
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--adapters", nargs="*", type=int, default=ADAPTERS)
     ap.add_argument("--sweep-base", action="store_true", help="time gate_up tile configs, profile, exit")
+    ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.profile_only:
+        profile_virt(gen, args.tokens)
+        return
     if args.sweep_base:
         profile_virt(gen)
         json.dump(sweep_base(gen), open(args.out, "w"), indent=1)
