@@ -194,6 +194,64 @@ def profile_virt(gen, tokens=(1, 512)):
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
+SHRINK_CONFIGS = [(bk, w, st) for bk in (64, 128, 256) for w in (2, 4) for st in (2, 3, 4)]
+EXPAND_CONFIGS = [(bn, w, st) for bn in (64, 128, 256) for w in (4, 8) for st in (1, 2)]
+
+
+def sweep_lora(gen, tokens=(64, 512, 2048)):
+    """Times each LoRA GEMM of the split path alone over tile configs (qwen3, n = 16) against
+    its own bytes floor (adapter bytes of the pairs touched + activation rows read and written)."""
+    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    _, _, lora = make_layer(d, inter, e, 16, gen)
+    bw, r, rows = copy_bandwidth(), RANK, []
+    for m in tokens:
+        hidden, tw, ids, slots = make_batch(m, d, e, k, 16, gen)
+        pairs = torch.unique(slots[:, None].long() * e + ids.long()).numel()
+        t = m * k
+        gate_up = torch.empty(t, 2 * inter, dtype=DTYPE, device="cuda")
+        act = torch.randn(t, inter, device="cuda", generator=gen).to(DTYPE)
+        y = torch.empty(t, d, dtype=DTYPE, device="cuda")
+        s_gu = torch.zeros(t, 2 * r, dtype=torch.float32, device="cuda")
+        s_d = torch.zeros(t, r, dtype=torch.float32, device="cuda")
+        weights = tw.reshape(-1).float()
+        ops = {  # name -> (bytes floor, fn(layout, cfg))
+            "gu_shrink": (pairs * 2 * r * d * BYTES + m * d * BYTES + t * 2 * r * 4, lambda lay, c: grouped_gemm(
+                hidden, lora.gate_up_a, s_gu, lay, n=r, k=d, a_row_div=k, splits=(2, 0, r, r), ranks=lora.ranks,
+                rank_on="n", block_n=16, block_k=c[0], num_warps=c[1], num_stages=c[2])),
+            "gu_expand": (pairs * 2 * inter * r * BYTES + t * 2 * r * 4 + 2 * t * 2 * inter * BYTES, lambda lay, c: grouped_gemm(
+                s_gu, lora.gate_up_b, gate_up, lay, n=inter, k=r, splits=(2, r, inter, inter), ranks=lora.ranks,
+                rank_on="k", accumulate=True, block_k=16, block_n=c[0], num_warps=c[1], num_stages=c[2])),
+            "down_shrink": (pairs * r * inter * BYTES + t * inter * BYTES + t * r * 4, lambda lay, c: grouped_gemm(
+                act, lora.down_a, s_d, lay, n=r, k=inter, ranks=lora.ranks, rank_on="n", block_n=16,
+                block_k=c[0], num_warps=c[1], num_stages=c[2])),
+            "down_expand": (pairs * d * r * BYTES + t * r * 4 + 2 * t * d * BYTES, lambda lay, c: grouped_gemm(
+                s_d, lora.down_b, y, lay, n=d, k=r, ranks=lora.ranks, rank_on="k", accumulate=True,
+                scale=weights, block_k=16, block_n=c[0], num_warps=c[1], num_stages=c[2])),
+        }
+        for bm in (16, 32):
+            lay = moe_align_virtual(ids, slots, e, bm, lora.num_slots)
+            for name, (floor, fn) in ops.items():
+                for cfg in SHRINK_CONFIGS if "shrink" in name else EXPAND_CONFIGS:
+                    try:
+                        ms = time_graph(lambda: fn(lay, cfg), samples=7)
+                    except Exception as exc:  # a config that does not compile (shared memory)
+                        print(f"{name} M={m} bm={bm} cfg={cfg}: {type(exc).__name__}", flush=True)
+                        continue
+                    rows.append({"M": m, "op": name, "bm": bm, "cfg": cfg, "ms": ms,
+                                 "floor_ms": floor / bw * 1e3, "pairs": pairs})
+                    print(json.dumps(rows[-1]), flush=True)
+    best = {}
+    for row in rows:
+        key = (row["M"], row["op"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    print(f"\nbest per (M, op), copy bandwidth {bw / 1e12:.2f} TB/s")
+    for (m, op), row in sorted(best.items()):
+        print(f"M={m:5} {op:12} bm={row['bm']:3} cfg={row['cfg']} {row['ms']:.4f} ms  floor {row['floor_ms']:.4f} ms"
+              f"  x{row['ms'] / row['floor_ms']:.2f}")
+    return rows
+
+
 def print_table(rows, bw):
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     head = "preset          M     n  slots  base_ms  loop/base  virt/base  floor/base  delta/floor  base_bw  err      path"
@@ -212,9 +270,13 @@ def main():
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--adapters", nargs="*", type=int, default=ADAPTERS)
     ap.add_argument("--sweep-base", action="store_true", help="time gate_up tile configs, profile, exit")
+    ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM over tile configs, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.sweep_lora:
+        json.dump(sweep_lora(gen), open(args.out, "w"), indent=1)
+        return
     if args.profile_only:
         profile_virt(gen, args.tokens)
         return

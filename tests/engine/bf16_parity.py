@@ -11,8 +11,8 @@ from tests.engine.test_lora_parity import MIXED_PROMPTS, _wait_for_adapters
 NAMES = [None, "a", None, "b", "c"]
 
 
-def mixed_step_errors(ckpt, adapters, device: str) -> list[float]:
-    engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, device=device, dtype="bfloat16")
+def mixed_step_errors(ckpt, adapters, device: str, dtype: str = "bfloat16") -> list[float]:
+    engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, device=device, dtype=dtype)
     requests = [None if n is None else LoRARequest(f"tenant-{n}/ad@v1", str(adapters[n])) for n in NAMES]
     _wait_for_adapters(engine, requests)
     errors = []

@@ -19,6 +19,14 @@ def test_gpu_bf16_mixed_step_matches_reference(family, bf16_models):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_fp32_mixed_step_matches_reference(family, bf16_models):
+    """The same step in fp32 on the GPU kernels: separates a logic error from bf16 rounding."""
+    ckpt, adapters = bf16_models[family]
+    errors = mixed_step_errors(ckpt, adapters, "cuda", dtype="float32")
+    assert max(errors) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gpu_bf16_base_bitwise_with_and_without_adapters_loaded(family, checkpoints, adapters):
     ckpt = checkpoints[family]
     loaded = make_engine(ckpt, max_loras=3, max_lora_rank=16, **BF16)
