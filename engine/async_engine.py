@@ -108,9 +108,7 @@ class AsyncLLMEngine:
                 outputs = self._fail_all(exc)
             with self._lock:
                 self._stats = self.engine.stats()
-            self._dispatch(outputs)
-            if not outputs and self.engine.last_step["num_seqs"] == 0:
-                self._wake.wait(0.001)  # only adapter loads pending: do not spin
+            self._dispatch(outputs)  # a step with only adapter loads pending blocks ~ms itself
 
     def _run_action(self, action: Callable[[], None]) -> None:
         try:

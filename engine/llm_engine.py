@@ -15,6 +15,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import LoRARequest, Sequence
 
+LOAD_WAIT_S = 0.002  # longest a step with only adapter loads in flight blocks on them
+
 
 def _load_tokenizer(config: EngineConfig):
     if config.model is None or not (Path(config.model) / "tokenizer_config.json").exists():
@@ -98,8 +100,15 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
-        result = self.runner.execute(scheduled.scheduled) if scheduled.scheduled else StepResult([])
+        result = self.runner.execute(scheduled.scheduled) if scheduled.scheduled else self._idle(scheduled)
         return self.postprocess(scheduled, result)
+
+    def _idle(self, sched: SchedulerOutput) -> StepResult:
+        """Nothing to run: when requests wait on adapter loads, block briefly on those loads
+        (GIL released) instead of returning to a caller that would spin on step()."""
+        if self.lora_manager is not None and not sched.failed and self.scheduler.num_waiting:
+            self.lora_manager.wait_for_loads(LOAD_WAIT_S)
+        return StepResult([])
 
     def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self._record(sched)
@@ -174,9 +183,7 @@ class LLMEngine:
             self.add_request(rid, prompt, params, lora)
         results = {rid: {"text": "", "token_ids": [], "finish_reason": None, "error": None} for rid in ids}
         while any(results[r]["finish_reason"] is None for r in ids):
-            outputs = self.step()
-            if not outputs and self.last_step["num_seqs"] == 0:
-                time.sleep(0.001)  # adapters are loading in the background
+            outputs = self.step()  # blocks briefly by itself while only adapter loads are pending
             for out in (o for o in outputs if o.request_id in results):
                 res = results[out.request_id]
                 res["text"] += out.text_delta

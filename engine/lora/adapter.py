@@ -34,18 +34,33 @@ class LoRAFactors:
 
 @dataclass(slots=True)
 class LoRAAdapter:
-    """One adapter on the host: dense[(layer, "q_proj")] and moe[(layer, "gate"|"up"|"down")]."""
+    """One adapter on the host: dense[(layer, "q_proj")] and moe[(layer, "gate"|"up"|"down")].
+
+    In the host tier it is packed (`SlotPools.pack`): `packed` [slot_numel] is the image of one
+    device slot and `packed_ranks` [P] int32 its per-pool ranks; the factor dicts are then empty.
+    """
     name: str
     dense: dict[tuple[int, str], LoRAFactors] = field(default_factory=dict)
     moe: dict[tuple[int, str], LoRAFactors] = field(default_factory=dict)
+    packed: Tensor | None = None
+    packed_ranks: Tensor | None = None
 
     @property
     def max_rank(self) -> int:
+        if self.packed_ranks is not None:
+            return int(self.packed_ranks.max()) if self.packed_ranks.numel() else 0
         return max((f.rank for f in (*self.dense.values(), *self.moe.values())), default=0)
 
     @property
     def num_bytes(self) -> int:
+        """Host bytes of the adapter (= bytes one slot load copies, once packed)."""
+        if self.packed is not None:
+            return self.packed.nbytes + self.packed_ranks.nbytes
         return sum(f.a.nbytes + f.b.nbytes for f in (*self.dense.values(), *self.moe.values()))
+
+    def renamed(self, name: str) -> "LoRAAdapter":
+        """The same adapter under another name, sharing its tensors (no copy)."""
+        return LoRAAdapter(name, self.dense, self.moe, self.packed, self.packed_ranks)
 
     def pin_memory(self) -> "LoRAAdapter":
         for f in (*self.dense.values(), *self.moe.values()):

@@ -6,7 +6,7 @@ Slots no request references are evicted least recently used first.
 """
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from engine.errors import AdapterLoadError
@@ -114,6 +114,26 @@ class LoRAManager:
             self.slot_errors[slot] = None  # nobody reads the half-written slot any more
             self.free_lru[slot] = None
 
+    def wait_for_loads(self, timeout: float) -> bool:
+        """Block up to `timeout` s (GIL released) until a host load or slot copy in flight
+        finishes; False at once when nothing is in flight."""
+        futures = [f for f in (*self.loading.values(), *self.slot_events)
+                   if isinstance(f, Future) and not f.done()]
+        if futures:
+            wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+            return True
+        if any(self._copy_in_flight(f) for f in self.slot_events):
+            time.sleep(timeout)  # copies issued, CUDA events not passed yet: poll again soon
+            return True
+        return False
+
+    @staticmethod
+    def _copy_in_flight(pending) -> bool:
+        if not isinstance(pending, Future) or pending.exception() is not None:
+            return False
+        event = pending.result()
+        return event is not None and not event.query()
+
     def resident(self) -> dict[str, int]:
         return dict(self.name_to_slot)
 
@@ -165,8 +185,7 @@ class LoRAManager:
         missing = self.pools.unsupported_targets(adapter)
         if missing:
             raise AdapterLoadError(f"adapter {name!r} targets modules this engine cannot adapt: {missing[:4]}")
-        if self.pools.device.type == "cuda":
-            adapter.pin_memory()
+        self.pools.pack(adapter)  # one (pinned) slot image: a slot load is then one copy
         self.stats.host_loads += 1
         self.stats.host_load_seconds += time.perf_counter() - start
         return adapter

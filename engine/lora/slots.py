@@ -1,95 +1,147 @@
 """Device pools of adapter slots, one per LoRA-able projection, attached to the model's modules.
 
-S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate.
+Every pool is a strided view into ONE buffer `storage` [S, slot_numel]: slot s of every layer
+and projection lives in the contiguous row storage[s], so loading an adapter is one copy of
+its pre-packed host image (`pack`) into that row, plus one copy of its ranks.
+
+S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = pools.
 """
+import math
+
 import torch
 from torch import Tensor
 
 import kernels
+from engine.errors import AdapterLoadError
 from engine.lora.adapter import LoRAAdapter
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+# a plan entry: ("dense", (layer, name), (OUT, IN)) or ("moe", layer, (E, I, D))
+PlanEntry = tuple[str, object, tuple[int, ...]]
+
 
 class SlotPools:
-    """Owns every layer's slot pool; `write` copies one adapter into one slot (side stream on CUDA)."""
+    """Owns every layer's slot pool; `write` copies one packed adapter into one slot (side stream on CUDA)."""
 
     def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int):
         self.num_slots, self.max_rank = num_slots, max_rank
         self.device = model.embed_tokens.device
         self.dtype = model.embed_tokens.dtype
-        self.dense: dict[tuple[int, str], kernels.DenseLoRAWeights] = {}
-        self.moe: dict[int, kernels.MoELoRAWeights] = {}
+        self.plan: list[PlanEntry] = []
         for i, layer in enumerate(model.layers):
             for name in ATTENTION_PROJECTIONS:
-                self._attach_dense(i, name, getattr(layer.self_attn, name))
+                self.plan.append(("dense", (i, name), tuple(getattr(layer.self_attn, name).weight.shape)))
             if isinstance(layer.mlp, SparseMoE):
-                self.moe[i] = layer.mlp.lora = self._moe_pool(layer.mlp)
+                e, two_i, d = layer.mlp.w_gate_up.shape
+                self.plan.append(("moe", i, (e, two_i // 2, d)))
+        self.slot_numel = sum(math.prod(s) for s in self._slot_shapes())
+        self.storage = torch.zeros(num_slots, self.slot_numel, dtype=self.dtype, device=self.device)
+        self.ranks = torch.zeros(len(self.plan), num_slots, dtype=torch.int32, device=self.device)  # [P, S]
+        self.dense, self.moe = self._carve(self.storage, self.ranks)
+        for i, layer in enumerate(model.layers):
+            for name in ATTENTION_PROJECTIONS:
+                getattr(layer.self_attn, name).lora = self.dense[(i, name)]
+            if i in self.moe:
+                layer.mlp.lora = self.moe[i]
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def _zeros(self, *shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+    @property
+    def slot_bytes(self) -> int:
+        return self.slot_numel * self.storage.element_size()
 
-    def _ranks(self) -> Tensor:
-        return torch.zeros(self.num_slots, dtype=torch.int32, device=self.device)
+    def _slot_shapes(self) -> list[tuple[int, ...]]:
+        """Per-slot shapes of every pool tensor, in storage order."""
+        r, shapes = self.max_rank, []
+        for kind, _, dims in self.plan:
+            if kind == "dense":
+                out_f, in_f = dims
+                shapes += [(r, in_f), (out_f, r)]
+            else:
+                e, i, d = dims
+                shapes += [(e, 2 * r, d), (e, 2 * i, r), (e, r, i), (e, d, r)]
+        return shapes
 
-    def _attach_dense(self, layer: int, name: str, linear) -> None:
-        out_f, in_f = linear.weight.shape
-        pool = kernels.DenseLoRAWeights(self._zeros(self.num_slots, self.max_rank, in_f),
-                                        self._zeros(self.num_slots, out_f, self.max_rank), self._ranks())
-        self.dense[(layer, name)] = linear.lora = pool
+    def _carve(self, storage: Tensor, ranks: Tensor) -> tuple[dict, dict]:
+        """Pools over `storage` [S', slot_numel] and `ranks` [P, S'] (the device pools, or a host image)."""
+        views, offset = [], 0
+        for shape in self._slot_shapes():
+            n = math.prod(shape)
+            views.append(storage[:, offset:offset + n].view(storage.shape[0], *shape))  # slot stride = row
+            offset += n
+        dense, moe, it = {}, {}, iter(views)
+        for p, (kind, key, _) in enumerate(self.plan):
+            if kind == "dense":
+                dense[key] = kernels.DenseLoRAWeights(next(it), next(it), ranks[p])
+            else:
+                moe[key] = kernels.MoELoRAWeights(next(it), next(it), next(it), next(it), ranks[p])
+        return dense, moe
 
-    def _moe_pool(self, moe: SparseMoE) -> kernels.MoELoRAWeights:
-        e, two_i, d = moe.w_gate_up.shape
-        s, r, i = self.num_slots, self.max_rank, two_i // 2
-        return kernels.MoELoRAWeights(self._zeros(s, e, 2 * r, d), self._zeros(s, e, two_i, r),
-                                      self._zeros(s, e, r, i), self._zeros(s, e, d, r), self._ranks())
+    @torch.no_grad()
+    def pack(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Build `adapter`'s slot image once: one host buffer [slot_numel] in the device row's
+        layout (zeros beyond each module's rank; pinned on CUDA) and its ranks [P] int32.
+        The unpacked factors are dropped. Returns the same adapter."""
+        if adapter.packed is not None:
+            return adapter
+        missing = self.unsupported_targets(adapter)
+        if missing:
+            raise AdapterLoadError(f"adapter {adapter.name!r} targets modules this engine cannot adapt: "
+                                   f"{missing[:4]}")
+        pin = self.device.type == "cuda"
+        image = torch.zeros(1, self.slot_numel, dtype=self.dtype, pin_memory=pin)
+        ranks = torch.zeros(len(self.plan), 1, dtype=torch.int32, pin_memory=pin)
+        dense, moe = self._carve(image, ranks)
+        _fill(dense, moe, adapter, self.max_rank)
+        adapter.packed, adapter.packed_ranks = image[0], ranks[:, 0]
+        adapter.dense, adapter.moe = {}, {}
+        return adapter
 
     @torch.no_grad()
     def write(self, slot: int, adapter: LoRAAdapter) -> "torch.cuda.Event | None":
-        """Zero `slot` in every pool, copy the adapter in; returns an event when on a side stream."""
+        """Overwrite `slot` with the adapter's packed image (one copy, plus ranks); returns an
+        event when on a side stream. Packs the adapter first if it is not packed yet."""
+        self.pack(adapter)
         if self.stream is None:
-            self._write(slot, adapter)
+            self._copy(slot, adapter)
             return None
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # readers of the old slot
         with torch.cuda.stream(self.stream):
-            self._write(slot, adapter)
+            self._copy(slot, adapter)
             event = torch.cuda.Event()
             event.record(self.stream)
         return event
 
-    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
-        r = self.max_rank
-        for (layer, name), pool in self.dense.items():
-            pool.a[slot].zero_()
-            pool.b[slot].zero_()
-            f = adapter.dense.get((layer, name))
-            rank = 0 if f is None else f.rank
-            if f is not None:
-                pool.a[slot, :rank].copy_(f.a, non_blocking=True)
-                pool.b[slot, :, :rank].copy_(f.b, non_blocking=True)
-            pool.ranks[slot].fill_(rank)
-        for layer, pool in self.moe.items():
-            for t in (pool.gate_up_a, pool.gate_up_b, pool.down_a, pool.down_b):
-                t[slot].zero_()
-            inter = pool.down_a.shape[3]
-            ranks = [0]
-            for module, a_rows, b_rows in (("gate", 0, slice(0, inter)), ("up", r, slice(inter, 2 * inter))):
-                f = adapter.moe.get((layer, module))
-                if f is not None:
-                    pool.gate_up_a[slot, :, a_rows:a_rows + f.rank].copy_(f.a, non_blocking=True)
-                    pool.gate_up_b[slot, :, b_rows, :f.rank].copy_(f.b, non_blocking=True)
-                    ranks.append(f.rank)
-            f = adapter.moe.get((layer, "down"))
-            if f is not None:
-                pool.down_a[slot, :, :f.rank].copy_(f.a, non_blocking=True)
-                pool.down_b[slot, :, :, :f.rank].copy_(f.b, non_blocking=True)
-                ranks.append(f.rank)
-            pool.ranks[slot].fill_(max(ranks))
+    def _copy(self, slot: int, adapter: LoRAAdapter) -> None:
+        self.storage[slot].copy_(adapter.packed, non_blocking=True)
+        self.ranks[:, slot].copy_(adapter.packed_ranks, non_blocking=True)
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
         """Targets of `adapter` no pool holds (e.g. a dense MLP layer's projections)."""
         missing = [f"layer {l} {m}" for (l, m) in adapter.dense if (l, m) not in self.dense]
         return missing + [f"layer {l} {m}" for (l, m) in adapter.moe if l not in self.moe]
+
+
+def _fill(dense: dict, moe: dict, adapter: LoRAAdapter, r: int) -> None:
+    """Copy the adapter's factors into slot 0 of freshly zeroed pools (a host image)."""
+    for key, f in adapter.dense.items():
+        pool = dense[key]
+        pool.a[0, :f.rank].copy_(f.a)
+        pool.b[0, :, :f.rank].copy_(f.b)
+        pool.ranks[0] = f.rank
+    for layer, pool in moe.items():
+        inter, ranks = pool.down_a.shape[3], [0]
+        for module, a_row, b_rows in (("gate", 0, slice(0, inter)), ("up", r, slice(inter, 2 * inter))):
+            f = adapter.moe.get((layer, module))
+            if f is not None:
+                pool.gate_up_a[0, :, a_row:a_row + f.rank].copy_(f.a)
+                pool.gate_up_b[0, :, b_rows, :f.rank].copy_(f.b)
+                ranks.append(f.rank)
+        f = adapter.moe.get((layer, "down"))
+        if f is not None:
+            pool.down_a[0, :, :f.rank].copy_(f.a)
+            pool.down_b[0, :, :, :f.rank].copy_(f.b)
+            ranks.append(f.rank)
+        pool.ranks[0] = max(ranks)
