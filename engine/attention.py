@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.dispatch import use_triton
+from kernels.paged_attention import paged_decode_attention
+
 
 @dataclass(slots=True)
 class AttentionGroup:
@@ -77,7 +80,10 @@ def _attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, g: A
 def _decode_attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, g: AttentionGroup,
                    scale: float, sliding_window: int | None) -> Tensor:
     """One query per sequence (token i is sequence i): the H / G query heads sharing a KV head
-    attend together, so KV is never expanded to H heads (decode is bound by reading KV)."""
+    attend together, so KV is never expanded to H heads (decode is bound by reading KV).
+    With Triton, one kernel reads each sequence's blocks in place up to its own position."""
+    if use_triton(q):
+        return paged_decode_attention(q, k_cache, v_cache, g.block_tables, positions, scale, sliding_window)
     num_seqs, heads, head_dim = q.shape
     ctx, kv_heads = g.max_context_len, k_cache.shape[2]
     keys = k_cache[g.block_tables].flatten(1, 2)[:, :ctx].permute(0, 2, 3, 1)    # [B, G, Dh, C]
