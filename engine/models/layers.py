@@ -10,6 +10,7 @@ from torch import Tensor, nn
 import kernels
 from engine.attention import ForwardBatch, paged_attention, write_kv
 from engine.models.spec import ModelSpec
+from kernels.norm_rope import fused_add_rms_norm, qk_norm_rope_, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -19,9 +20,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.use_triton(x) and x.dim() == 2:
+            return rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(residual + x), residual + x): one launch on Triton, which updates residual in place."""
+        if kernels.use_triton(x):
+            return fused_add_rms_norm(x, residual, self.weight, self.eps), residual
+        residual = residual + x
+        return self(residual), residual
 
 
 class LoRALinear(nn.Module):
@@ -79,7 +89,7 @@ class Attention(nn.Module):
         self.k_cache: Tensor | None = None  # [N, S, G, Dh], bound by ModelRunner
         self.v_cache: Tensor | None = None
 
-    def _qkv(self, x: Tensor, slots: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, slots: Tensor | None, head_norm: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.q_proj(x, slots), self.k_proj(x, slots), self.v_proj(x, slots)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -88,13 +98,24 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
+    def _fused_qk_norm_rope(self, x: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Triton path: per-head norm (Qwen3) and rotary of q and k in one launch, in place."""
+        q, k, v = self._qkv(x, batch.lora_slot_ids, head_norm=False)
+        weights = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else (None, None)
+        eps = self.q_norm.eps if self.qk_norm == "head" else 0.0
+        qk_norm_rope_(batch.positions, self.rotary.inv_freq, q, k, *weights, eps)
+        return q, k, v
+
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
-        q, k, v = self._qkv(x, batch.lora_slot_ids)
-        q, k = self.rotary(batch.positions, q, k)
+        if kernels.use_triton(x):
+            q, k, v = self._fused_qk_norm_rope(x, batch)
+        else:
+            q, k, v = self._qkv(x, batch.lora_slot_ids)
+            q, k = self.rotary(batch.positions, q, k)
         write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, batch, self.head_dim ** -0.5,
                               self.sliding_window)

@@ -19,9 +19,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.lora_slot_ids)
+    def forward(self, h: Tensor, residual: Tensor, batch: ForwardBatch,
+                next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """h = input_layernorm(residual) on entry; returns (next_norm(residual'), residual').
+
+        Each residual add is fused with the norm after it (one launch on Triton), so the next
+        layer's input_layernorm (or the final norm) runs here as `next_norm`.
+        """
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, batch), residual)
+        return next_norm.add_forward(self.mlp(h, batch.lora_slot_ids), residual)
 
 
 class MoECausalLM(nn.Module):
@@ -36,10 +42,14 @@ class MoECausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, batch: ForwardBatch) -> Tensor:
         """input_ids [T] -> final hidden states [T, D]."""
-        x = F.embedding(input_ids, self.embed_tokens)
-        for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+        residual = F.embedding(input_ids, self.embed_tokens)  # [T, D], updated in place on Triton
+        if not self.layers:
+            return self.norm(residual)
+        h = self.layers[0].input_layernorm(residual)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            h, residual = layer(h, residual, batch, next_norm)
+        return h
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [B, D] -> logits [B, V] in float32."""

@@ -1,0 +1,234 @@
+"""kernels/norm_rope.py: Triton (interpreter on CPU, real on GPU) vs the torch twins and fp64 loops.
+
+The interpreter cases run this file as `python -m tests.kernels.test_norm_rope` in a subprocess
+with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 (set before triton loads); it prints one JSON per case.
+The torch twins themselves are checked against transformers' Qwen3-MoE RMSNorm and rotary.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.errors import KernelInputError
+from kernels.norm_rope import (fused_add_rms_norm, fused_add_rms_norm_ref, qk_norm_rope_, qk_norm_rope_ref_,
+                               rms_norm, rms_norm_ref, rotary_ref)
+
+REPO = Path(__file__).resolve().parents[2]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOL = {"fp32": 2e-6, "fp16": 1e-3, "bf16": 8e-3}  # max |triton - twin| / max |twin| (one ulp at most)
+NORM_SHAPES = [(1, 32), (5, 48), (3, 40)]  # (T, D): D not a power of two in two of them
+ROPE_SHAPES = [(1, 4, 2, 8), (6, 6, 1, 12), (5, 4, 4, 16)]  # (T, H, G, Dh): Dh/2 = 6 is not a power of two
+
+
+def inv_freq_of(dh: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.float) / dh))
+
+
+def norm_loop_fp64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm row by row in float64: the independent oracle."""
+    rows = []
+    for row in x.double():
+        rows.append(weight.double() * row / torch.sqrt((row * row).sum() / row.numel() + eps))
+    return torch.stack(rows)
+
+
+def rope_loop_fp64(positions: torch.Tensor, inv_freq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Rotates each pair (i, i + Dh/2) of every head by angle position * inv_freq[i], in float64."""
+    out, half = x.double().clone(), x.shape[-1] // 2
+    for t, pos in enumerate(positions.tolist()):
+        for i in range(half):
+            ang = float(pos) * float(inv_freq[i])  # the angle as fp32 computes it
+            c, s = torch.tensor(ang, dtype=torch.float32).double().cos(), torch.tensor(ang, dtype=torch.float32).double().sin()
+            a, b = x[t, :, i].double(), x[t, :, i + half].double()
+            out[t, :, i], out[t, :, i + half] = a * c - b * s, b * c + a * s
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def norm_case(dt: str, t: int, d: int, fused: bool, strided: bool, device: str = "cpu") -> dict:
+    gen = torch.Generator().manual_seed(t * 100 + d)
+    dtype = DTYPES[dt]
+    wide = torch.randn(t, d + 7, generator=gen).to(device, dtype)
+    x = wide[:, 3:3 + d] if strided else wide[:, :d].contiguous()
+    weight = (1 + 0.1 * torch.randn(d, generator=gen)).to(device, dtype)
+    residual = torch.randn(t, d, generator=gen).to(device, dtype)
+    if fused:
+        mine_res, twin_res = residual.clone(), residual.clone()
+        mine, twin = fused_add_rms_norm(x, mine_res, weight, 1e-6), fused_add_rms_norm_ref(x, twin_res, weight, 1e-6)
+        oracle = norm_loop_fp64(x.double() + residual.double(), weight, 1e-6)
+        res_err = rel(mine_res, twin_res)
+    else:
+        mine, twin, oracle, res_err = rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6), norm_loop_fp64(x, weight, 1e-6), 0.0
+    return {"err": rel(mine, twin), "oracle_err": rel(mine, oracle), "res_err": res_err,
+            "finite": bool(torch.isfinite(mine).all()), "exact": float((mine == twin).float().mean())}
+
+
+def rope_case(dt: str, t: int, h: int, g: int, dh: int, norm: bool, device: str = "cpu", max_pos: int = 5000) -> dict:
+    gen = torch.Generator().manual_seed(t * 1000 + h * 10 + dh)
+    dtype = DTYPES[dt]
+    # q and k as views of one fused qkv projection output, as a model would hold them
+    qkv = torch.randn(t, (h + 2 * g) * dh, generator=gen).to(device, dtype)
+    q, k = qkv[:, :h * dh].view(t, h, dh), qkv[:, h * dh:(h + g) * dh].view(t, g, dh)
+    positions = torch.randint(0, max_pos, (t,), generator=gen).to(device)
+    positions[0] = 0
+    weights = [(1 + 0.1 * torch.randn(dh, generator=gen)).to(device, dtype) for _ in range(2)] if norm else [None, None]
+    inv_freq = inv_freq_of(dh).to(device)
+    q_in, k_in, v_before = q.clone(), k.clone(), qkv[:, (h + g) * dh:].clone()
+    twin_q, twin_k = qk_norm_rope_ref_(positions, inv_freq, q.clone(), k.clone(), *weights, 1e-6)
+    mine_q, mine_k = qk_norm_rope_(positions, inv_freq, q, k, *weights, 1e-6)
+    row = {"err": max(rel(mine_q, twin_q), rel(mine_k, twin_k)), "inplace": mine_q.data_ptr() == qkv.data_ptr(),
+           "finite": bool(torch.isfinite(mine_q).all() and torch.isfinite(mine_k).all()),
+           "exact": float(torch.cat([(mine_q == twin_q).flatten(), (mine_k == twin_k).flatten()]).float().mean()),
+           "v_untouched": torch.equal(qkv[:, (h + g) * dh:], v_before)}
+    if device == "cpu" and dt == "fp32":
+        normed = [norm_loop_fp64(x.reshape(-1, dh), w, 1e-6).view(x.shape) if norm else x
+                  for x, w in ((q_in, weights[0]), (k_in, weights[1]))]
+        row["oracle_err"] = max(rel(mine_q, rope_loop_fp64(positions.cpu(), inv_freq.cpu(), normed[0])),
+                                rel(mine_k, rope_loop_fp64(positions.cpu(), inv_freq.cpu(), normed[1])))
+    return row
+
+
+def interp_cases() -> dict[str, tuple]:
+    cases = {}
+    for dt in ("fp32", "fp16"):
+        for t, d in NORM_SHAPES:
+            for fused in (False, True):
+                cases[f"{'add_norm' if fused else 'norm'}-{dt}-t{t}d{d}"] = ("norm", dt, t, d, fused, False)
+        for t, h, g, dh in ROPE_SHAPES:
+            for norm in (False, True):
+                cases[f"{'qk_norm_rope' if norm else 'rope'}-{dt}-t{t}h{h}g{g}dh{dh}"] = ("rope", dt, t, h, g, dh, norm)
+    cases["add_norm-fp32-t4d32-strided"] = ("norm", "fp32", 4, 32, True, True)
+    cases["norm-fp16-t3d48-strided"] = ("norm", "fp16", 3, 48, False, True)
+    return cases
+
+
+def _run_interp_case(spec: tuple) -> dict:
+    return norm_case(*spec[1:]) if spec[0] == "norm" else rope_case(*spec[1:])
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict[str, dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOEPLEX_TRITON": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.test_norm_rope"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {row["name"]: row for row in rows}
+
+
+@pytest.mark.parametrize("name", sorted(interp_cases()))
+def test_triton_interpreter_matches_twin_and_fp64(interp_results, name):
+    res = interp_results[name]
+    dt = name.split("-")[1]
+    assert res["finite"], res
+    assert res["err"] <= TOL[dt], res
+    assert res.get("res_err", 0.0) == 0.0, res  # the in-place residual add is exact in every dtype
+    if dt == "fp16":
+        assert res["exact"] >= 0.98, res  # same rounding steps as torch: nearly all elements bitwise equal
+    if "oracle_err" in res:
+        assert res["oracle_err"] <= (1e-5 if dt == "fp32" else 2e-3), res
+    if name.startswith(("rope", "qk_norm")):
+        assert res["inplace"] and res["v_untouched"], res
+
+
+def test_interpreter_rejects_bad_input(interp_results):
+    assert interp_results["errors"]["raised"] == ["KernelInputError"] * 4, interp_results["errors"]
+
+
+def test_twins_match_transformers_qwen3_moe():
+    """The torch twins are the modules' own code: check them against transformers' Qwen3-MoE."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 3, 16, generator=gen).to(dtype)
+        hf_norm = hf.Qwen3MoeRMSNorm(16, eps=1e-6).to(dtype)
+        hf_norm.weight.data = (1 + 0.1 * torch.randn(16, generator=gen)).to(dtype)
+        assert torch.equal(rms_norm_ref(x, hf_norm.weight, 1e-6), hf_norm(x))
+        positions = torch.tensor([0, 1, 7, 300, 4095])
+        inv_freq = inv_freq_of(16, 1e6)
+        freqs = positions[:, None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        k = torch.randn(5, 2, 16, generator=gen).to(dtype)
+        # transformers takes [B, heads, T, Dh] and cos/sin [B, T, Dh]
+        hf_q, hf_k = hf.apply_rotary_pos_emb(x.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             emb.cos().to(dtype)[None], emb.sin().to(dtype)[None])
+        mine_q, mine_k = rotary_ref(positions, inv_freq, x, k)
+        assert torch.equal(mine_q, hf_q[0].transpose(0, 1)) and torch.equal(mine_k, hf_k[0].transpose(0, 1))
+
+
+def _bad_inputs() -> list[str]:
+    x, w = torch.randn(3, 8), torch.ones(8)
+    q, k, pos, inv = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.arange(2), inv_freq_of(8)
+    calls = [lambda: rms_norm(x, torch.ones(7), 1e-6),
+             lambda: fused_add_rms_norm(x, torch.randn(3, 8).half(), w, 1e-6),
+             lambda: qk_norm_rope_(pos.float(), inv, q, k),
+             lambda: qk_norm_rope_(pos, inv, q, k, torch.ones(8), None)]
+    raised = []
+    for call in calls:
+        try:
+            call()
+            raised.append("nothing")
+        except KernelInputError:
+            raised.append("KernelInputError")
+    return raised
+
+
+if __name__ == "__main__":
+    for case_name, case in interp_cases().items():
+        print(json.dumps({"name": case_name, **_run_interp_case(case)}), flush=True)
+    print(json.dumps({"name": "errors", "raised": _bad_inputs()}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 300])
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_bf16_norm_real_shapes(t, fused):
+    res = norm_case("bf16", t, 2048, fused, strided=False, device="cuda")
+    assert res["finite"] and res["res_err"] == 0.0, res
+    assert res["err"] <= TOL["bf16"] and res["exact"] >= 0.99, res
+    assert res["oracle_err"] <= 1e-2, res
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 300])
+@pytest.mark.parametrize("norm", [False, True])
+def test_gpu_bf16_qk_norm_rope_real_shapes(t, norm):
+    res = rope_case("bf16", t, 32, 4, 128, norm, device="cuda", max_pos=40960)
+    assert res["finite"] and res["inplace"] and res["v_untouched"], res
+    assert res["err"] <= TOL["bf16"] and res["exact"] >= 0.99, res
+
+
+@pytest.mark.gpu
+def test_gpu_ops_replay_in_a_cuda_graph():
+    """Captured once, replayed with new positions and inputs: same as eager twins (no host sync)."""
+    dev, dtype, t = "cuda", torch.bfloat16, 64
+    x, residual = torch.randn(t, 2048, device=dev, dtype=dtype), torch.randn(t, 2048, device=dev, dtype=dtype)
+    weight = torch.rand(2048, device=dev, dtype=dtype) + 0.5
+    q, k = torch.randn(t, 32, 128, device=dev, dtype=dtype), torch.randn(t, 4, 128, device=dev, dtype=dtype)
+    qw, kw = torch.rand(128, device=dev, dtype=dtype) + 0.5, torch.rand(128, device=dev, dtype=dtype) + 0.5
+    positions, inv_freq = torch.zeros(t, dtype=torch.long, device=dev), inv_freq_of(128, 1e6).to(dev)
+    inputs = [x, residual, q, k]
+    fused_add_rms_norm(x, residual.clone(), weight, 1e-6)  # compile outside the capture
+    qk_norm_rope_(positions, inv_freq, q.clone(), k.clone(), qw, kw, 1e-6)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_add_rms_norm(x, residual, weight, 1e-6)
+        qk_norm_rope_(positions, inv_freq, q, k, qw, kw, 1e-6)
+    fresh = [torch.randn_like(v) for v in inputs]
+    for buf, val in zip(inputs, fresh):
+        buf.copy_(val)
+    positions.copy_(torch.randint(0, 40960, (t,), device=dev))
+    graph.replay()
+    want_res = fresh[1].clone()
+    want = fused_add_rms_norm_ref(fresh[0], want_res, weight, 1e-6)
+    want_q, want_k = qk_norm_rope_ref_(positions, inv_freq, fresh[2], fresh[3], qw, kw, 1e-6)
+    assert torch.equal(residual, want_res)
+    for mine, ref in ((out, want), (q, want_q), (k, want_k)):
+        assert rel(mine, ref) <= TOL["bf16"]
