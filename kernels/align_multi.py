@@ -50,8 +50,10 @@ def _tiling(num_rows: int, num_keys: int, chunk: int) -> tuple[int, int, int]:
 
 def multi_fits(num_rows: int, space: KeySpace, chunk: int = CHUNK) -> bool:
     """True when align_multi handles this batch (bounded scratch and per-program tiles)."""
+    if num_rows <= 0 or space.num_keys <= 0:
+        return False
     chunks, _, key_tiles = _tiling(num_rows, space.num_keys, chunk)
-    return 0 < num_rows and chunks <= MAX_CHUNKS and key_tiles <= MAX_KEY_TILES
+    return chunks <= MAX_CHUNKS and key_tiles <= MAX_KEY_TILES
 
 
 @triton.jit
