@@ -46,6 +46,12 @@ def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_
         w_base = b_ptr + slot * stride_bs + expert * stride_be
         b_ptrs = w_base + (split * split_bn + offs_n[None, :]) * stride_bn + offs_k[:, None] * stride_bk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + (split * split_cn + offs_n[None, :]) * stride_cn
+        c_mask = row_ok[:, None] & (offs_n[None, :] < N)
+        if ACCUMULATE:  # issued before the K loop: its latency overlaps the loads of A and W
+            prior = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_LORA:
             # fused LoRA: A rows [h*R, h*R + r_s) of this tile's half h (gate or up)
             rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
@@ -83,11 +89,9 @@ def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_
                 else:
                     acc = tl.dot(shrunk.to(lb.dtype), lb, acc)
         if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        c_ptrs = c_ptr + rows[:, None] * stride_cm + (split * split_cn + offs_n[None, :]) * stride_cn
-        c_mask = row_ok[:, None] & (offs_n[None, :] < N)
+            acc = acc * row_scale[:, None]
         if ACCUMULATE:
-            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+            acc += prior
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
