@@ -13,7 +13,7 @@ from kernels.reference import fused_moe_ref, lora_linear_ref_
 from kernels.weights import DenseLoRAWeights, MoELoRAWeights
 
 __all__ = [
-    "DenseLoRAWeights", "KernelInputError", "MoELoRAWeights", "VirtualLayout", "fused_moe",
+    "DenseLoRAWeights", "KernelInputError", "MoELoRAWeights", "VirtualLayout", "dense_lora_layout", "fused_moe",
     "fused_moe_ref", "lora_linear_", "lora_linear_ref_", "moe_align_virtual", "use_triton",
 ]
 
@@ -43,7 +43,8 @@ def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: T
     return fused_moe_ref(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
 
 
-def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor) -> Tensor:
+def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor,
+                 layout: VirtualLayout | None = None) -> Tensor:
     """Adds each token's LoRA delta of a dense projection to out, in place; returns out.
 
     Semantics:
@@ -53,8 +54,18 @@ def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tenso
         x: [T, IN] fp32/fp16/bf16; out: [T, OUT], same dtype.
         lora: DenseLoRAWeights (a [S, R, IN], b [S, OUT, R], ranks [S] int32).
         slot_ids: [T] int, -1 for no adapter.
+        layout: `dense_lora_layout(slot_ids, S)`, to share one alignment between the
+            projections of a step (the Triton path computes it when None; torch ignores it).
     """
     if use_triton(x):
         from kernels.moe_launch import lora_linear_triton_
-        return lora_linear_triton_(x, out, lora, slot_ids)
+        return lora_linear_triton_(x, out, lora, slot_ids, layout)
     return lora_linear_ref_(x, out, lora, slot_ids)
+
+
+def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
+    """The rows-by-slot layout lora_linear_ takes; None off the Triton path (nothing to share)."""
+    if not use_triton(slot_ids):
+        return None
+    from kernels.moe_launch import dense_layout
+    return dense_layout(slot_ids, num_slots)

@@ -20,6 +20,7 @@ from torch import Tensor
 from kernels.align import VirtualLayout, moe_align_virtual
 from kernels.activation import silu_mul
 from kernels.checks import check_dense_args, check_moe_args
+from kernels.errors import expect
 from kernels.grouped_gemm import grouped_gemm
 from kernels.weights import DenseLoRAWeights, MoELoRAWeights
 
@@ -138,7 +139,15 @@ def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayou
                  rank_on="k", accumulate=True, scale=weights, block_k=rb, **EXPAND)
 
 
-def lora_linear_triton_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor) -> Tensor:
+def dense_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout:
+    """The virtual layout of dense LoRA (one expert): rows grouped by slot. One step's
+    projections share it (q/k/v/o all see the same per-token slots)."""
+    one_expert = torch.zeros(slot_ids.shape[0], 1, dtype=torch.int32, device=slot_ids.device)
+    return moe_align_virtual(one_expert, slot_ids, 1, LORA_BLOCK_M, num_slots)
+
+
+def lora_linear_triton_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor,
+                        layout: VirtualLayout | None = None) -> Tensor:
     """Triton twin of lora_linear_ref_: the virtual-expert kernels with one expert."""
     check_dense_args(x, out, lora, slot_ids)
     num_tokens = x.shape[0]
@@ -146,8 +155,9 @@ def lora_linear_triton_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids
         return out
     r = lora.max_rank
     rb = _rank_block(r)
-    one_expert = torch.zeros(num_tokens, 1, dtype=torch.int32, device=x.device)
-    vlay = moe_align_virtual(one_expert, slot_ids, 1, LORA_BLOCK_M, lora.num_slots)
+    vlay = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)
+    expect(vlay.num_rows == num_tokens and vlay.block_size == LORA_BLOCK_M,
+           f"layout is for {vlay.num_rows} rows of block {vlay.block_size}; x has {num_tokens} rows")
     shrunk = torch.empty(num_tokens, r, dtype=torch.float32, device=x.device)
     grouped_gemm(x, lora.a.unsqueeze(1), shrunk, vlay, n=r, k=x.shape[1], ranks=lora.ranks,
                  rank_on="n", block_n=rb, **SHRINK)

@@ -86,8 +86,10 @@ def run_dense(name: str) -> dict:
     before = out.clone()
     import kernels
     kernels.lora_linear_(x, out, lora, slots)
+    shared = before.clone()  # a layout computed once per step, as the attention projections share it
+    kernels.lora_linear_(x, shared, lora, slots, kernels.dense_lora_layout(slots, 4))
     none = slots < 0
-    return {"err": rel_err(out, want), "base_err": 0.0,
+    return {"err": rel_err(out, want), "base_err": 0.0, "same_with_layout": bool(torch.equal(shared, out)),
             "delta_err": rel_err(out.double() - before.double(), want - before.double()),
             "bitwise": bool(torch.equal(out[none], before[none])),
             "finite": bool(torch.isfinite(out).all()), "tol": TOL[p["dtype"]]}

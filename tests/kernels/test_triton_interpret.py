@@ -30,3 +30,4 @@ def test_triton_matches_fp64_loop(interp_results, name):
     assert res["base_err"] <= res["tol"], res
     assert res["delta_err"] <= 4 * res["tol"], res
     assert res["bitwise"], f"{name}: tokens without adapter differ from the base-only run"
+    assert res.get("same_with_layout", True), f"{name}: a shared dense layout changed the result"
