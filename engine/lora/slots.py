@@ -102,14 +102,15 @@ class SlotPools:
     @torch.no_grad()
     def write(self, slot: int, adapter: LoRAAdapter) -> "torch.cuda.Event | None":
         """Overwrite `slot` with the adapter's packed image (one copy, plus ranks); returns an
-        event when on a side stream. Packs the adapter first if it is not packed yet."""
-        self.pack(adapter)
+        event when on a side stream. An unpacked adapter (factors only) is packed into a
+        temporary image for this copy and left as it is: the host tier packs once, at load."""
+        image = adapter if adapter.packed is not None else self.pack(adapter.renamed(adapter.name))
         if self.stream is None:
-            self._copy(slot, adapter)
+            self._copy(slot, image)
             return None
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # readers of the old slot
         with torch.cuda.stream(self.stream):
-            self._copy(slot, adapter)
+            self._copy(slot, image)
             event = torch.cuda.Event()
             event.record(self.stream)
         return event
