@@ -53,7 +53,8 @@ def _launch_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
         return out
     res = x if residual is None else residual
     _rms_norm_kernel[(rows,)](x, res, weight, out, cols, x.stride(0), res.stride(0), out.stride(0), eps,
-                              HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(cols))
+                              HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(cols),
+                              enable_fp_fusion=False)
     return out
 
 
@@ -228,5 +229,6 @@ def qk_norm_rope_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, q_w
     _qk_norm_rope_kernel[(t, triton.cdiv(h + g, block_h))](
         q, k, q_weight if has_norm else q, k_weight if has_norm else k, positions, inv_freq, h, h + g,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps, HALF=dh // 2, HAS_NORM=has_norm,
-        PRECISE_TRIG=q.is_cuda, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(dh // 2))
+        PRECISE_TRIG=q.is_cuda, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(dh // 2),
+        enable_fp_fusion=False)  # no mul+add -> fma: torch rounds each product first
     return q, k
