@@ -71,15 +71,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     Semantics:
         weight * (x.float() * rsqrt(mean(x.float() ** 2, -1) + eps)).to(x.dtype)
     Args:
-        x: [T, D] fp32/fp16/bf16 (any leading shape on the torch path; [T, D] on Triton).
+        x: [..., D] fp32/fp16/bf16 (leading dims are flattened into rows).
         weight: [D], x's dtype.
     Returns:
-        [T, D] in x.dtype, a new tensor.
+        [..., D] in x.dtype, a new tensor.
     """
     if not use_triton(x):
         return rms_norm_ref(x, weight, eps)
-    _check_norm(x, weight)
-    return _launch_norm(x, None, weight, eps)
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x  # [T, D]
+    _check_norm(rows, weight)
+    return _launch_norm(rows, None, weight, eps).view(x.shape)
 
 
 def fused_add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -142,6 +142,11 @@ def test_interpreter_rejects_bad_input(interp_results):
     assert interp_results["errors"]["raised"] == ["KernelInputError"] * 4, interp_results["errors"]
 
 
+def test_interpreter_norm_flattens_leading_dims(interp_results):
+    res = interp_results["leading_dims"]
+    assert res["shape_ok"] and res["err"] <= TOL["fp16"], res
+
+
 def test_twins_match_transformers_qwen3_moe():
     """The torch twins are the modules' own code: check them against transformers' Qwen3-MoE."""
     from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
@@ -161,6 +166,13 @@ def test_twins_match_transformers_qwen3_moe():
                                              emb.cos().to(dtype)[None], emb.sin().to(dtype)[None])
         mine_q, mine_k = rotary_ref(positions, inv_freq, x, k)
         assert torch.equal(mine_q, hf_q[0].transpose(0, 1)) and torch.equal(mine_k, hf_k[0].transpose(0, 1))
+
+
+def _leading_dims_case() -> dict:
+    """rms_norm over [T, H, Dh] (a per-head norm) equals the twin."""
+    x, weight = torch.randn(3, 4, 16, dtype=torch.float16), torch.rand(16, dtype=torch.float16) + 0.5
+    mine, twin = rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6)
+    return {"shape_ok": mine.shape == x.shape, "err": rel(mine, twin)}
 
 
 def _bad_inputs() -> list[str]:
@@ -184,6 +196,7 @@ if __name__ == "__main__":
     for case_name, case in interp_cases().items():
         print(json.dumps({"name": case_name, **_run_interp_case(case)}), flush=True)
     print(json.dumps({"name": "errors", "raised": _bad_inputs()}))
+    print(json.dumps({"name": "leading_dims", **_leading_dims_case()}))
 
 
 @pytest.mark.gpu
