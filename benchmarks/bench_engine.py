@@ -101,7 +101,7 @@ def random_adapter(engine: LLMEngine, rank: int, seed: int) -> LoRAAdapter:
             adapter.dense[(layer, name)] = pair((rank, inp), (out, rank))
         for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
             adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
-    return adapter.pin_memory() if engine.runner.device.type == "cuda" else adapter
+    return engine.runner.slot_pools.pack(adapter)  # one pinned slot image, as the host tier holds them
 
 
 def install(engine: LLMEngine, names: list[str], bases: list[LoRAAdapter]) -> None:
@@ -110,7 +110,7 @@ def install(engine: LLMEngine, names: list[str], bases: list[LoRAAdapter]) -> No
     manager.host_capacity = max(manager.host_capacity, len(names) + len(bases))
     for k, name in enumerate(names):
         base = bases[k % len(bases)]
-        manager.host[name] = LoRAAdapter(name, dense=base.dense, moe=base.moe)
+        manager.host[name] = base.renamed(name)
 
 
 def run_case(engine: LLMEngine, adapters: list[str | None], prompt_len: int, output_len: int, seed: int) -> dict:
