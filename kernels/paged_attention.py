@@ -19,7 +19,7 @@ from torch import Tensor
 from kernels.checks import FLOAT_DTYPES
 from kernels.errors import expect
 
-_NEG_INIT = -1.0e30   # running max before any key: finite, so a fully masked tile gives exp(-inf) = 0
+_NEG_INIT = tl.constexpr(-1.0e30)  # running max before any key: finite, so a fully masked tile gives exp(-inf) = 0
 _LOG2E = 1.4426950408889634
 _PROGRAMS_PER_SM = 2  # split the context until about this many programs per SM
 
