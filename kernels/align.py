@@ -1,6 +1,8 @@
-"""Routing alignment: routed rows sorted by virtual expert (adapter slot, expert), in torch ops.
+"""Routing alignment: routed rows sorted by virtual expert (adapter slot, expert).
 
-Every op here runs on the device of its inputs without reading a value back to the host, so
+On the Triton path: one program for small batches (align_triton.py), a multi-program counting
+sort above that (align_multi.py); the torch ops here otherwise (CPU, or key spaces too large).
+Every path runs on the device of its inputs without reading a value back to the host, so
 a decode step that calls it can be captured in a CUDA graph (DESIGN.md rule 7).
 """
 from dataclasses import dataclass

@@ -101,7 +101,7 @@ def _chunk_count_kernel(topk_ids_ptr, slot_ids_ptr, rank_ptr, counts_ptr, sorted
                     num_experts, num_slots, HAS_SLOTS, EXPERT_MAJOR)
     rank = tl.zeros([CHUNK], tl.int32)  # rows of the chunk before this one with its key
     total = tl.zeros([CHUNK], tl.int32)  # rows of the chunk with its key
-    for j in range(0, CHUNK, SUB):
+    for j in tl.static_range(0, CHUNK, SUB):  # unrolled: the loads of all sub-tiles go out at once
         other_local = j + tl.arange(0, SUB)
         other = _row_keys(topk_ids_ptr, slot_ids_ptr, pid * CHUNK + other_local, num_rows, top_k,
                           num_experts, num_slots, HAS_SLOTS, EXPERT_MAJOR)

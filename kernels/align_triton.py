@@ -10,7 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 MAX_ROWS = 4096  # H200, 4096 rows: this one CTA ~90 us, the torch path ~140 us (base M=512 0.47 vs 0.52 ms)
-SINGLE_PROGRAM_ROWS = 512  # above this, align_multi.py's counting sort when the key space is known
+SINGLE_PROGRAM_ROWS = 1024  # above: align_multi.py (H100, graph replay: one program 14-16 us at 1024 rows, 33-35 at 2048; multi ~21-23)
 _ROW_BITS = 24  # row ids < 2**24 in the packed sort key
 
 

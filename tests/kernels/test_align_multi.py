@@ -60,13 +60,13 @@ def test_multi_alignment_on_gpu_matches_torch_path(rows, mode, num_slots, bs):
     slots = None if mode == "none" else slots
     major = mode == "major"
     want = moe_align_virtual(ids, slots, 128, bs, num_slots, expert_major=major)  # CPU: torch path
-    cuda_slots = None if slots is None else slots.cuda()
-    got = moe_align_virtual(ids.cuda(), cuda_slots, 128, bs, num_slots, expert_major=major)
+    cuda_ids, cuda_slots = ids.cuda(), None if slots is None else slots.cuda()
+    got = moe_align_virtual(cuda_ids, cuda_slots, 128, bs, num_slots, expert_major=major)
     for field in FIELDS:
         assert torch.equal(getattr(got, field).cpu(), getattr(want, field)), field
     graph = torch.cuda.CUDAGraph()  # no host sync: it captures, and a replay gives the same layout
     with torch.cuda.graph(graph):
-        captured = moe_align_virtual(ids.cuda(), cuda_slots, 128, bs, num_slots, expert_major=major)
+        captured = moe_align_virtual(cuda_ids, cuda_slots, 128, bs, num_slots, expert_major=major)
     captured.sorted_ids.fill_(-7)
     graph.replay()
     torch.cuda.synchronize()
