@@ -21,7 +21,7 @@ from kernels.errors import expect
 
 _NEG_INIT = tl.constexpr(-1.0e30)  # running max before any key: finite, so a fully masked tile gives exp(-inf) = 0
 _LOG2E = 1.4426950408889634
-_PROGRAMS_PER_SM = 2  # split the context until about this many programs per SM
+_PROGRAMS_PER_SM = 2  # with fewer programs than SMs, split the context until about this many per SM
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     num_seqs, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_keys = block_tables.shape[1] * block_size
-    block_n = 16 if q.dtype == torch.float32 else 32
+    block_n = 32 if q.dtype == torch.float32 else 64  # H100, B 64, 576 keys: 64 keys/tile 33 us, 32: 38 us
     if num_partitions is None:
         num_partitions = _pick_partitions(num_seqs * kv_heads, max_keys, block_n, q.device)
     expect(num_partitions >= 1, f"num_partitions must be >= 1, got {num_partitions}")
@@ -165,7 +165,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         HP=max(16, triton.next_power_of_2(group)), DP=dp, BLOCK_N=block_n,
         NUM_PARTS=num_partitions, HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
     if num_partitions > 1:
         _merge_partitions_kernel[(num_seqs * num_heads,)](
             part_m, part_l, part_o, out, num_heads, out.stride(0), out.stride(1),
@@ -196,9 +196,10 @@ def paged_decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
 def _pick_partitions(num_programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    target = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if num_programs >= target:
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if num_programs >= sms:
         return 1
+    target = _PROGRAMS_PER_SM * sms
     # at least 4 key tiles per partition, so the merge stays cheap next to the work
     return max(1, min(triton.cdiv(target, num_programs), max_keys // (4 * block_n)))
 
