@@ -10,7 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 MAX_ROWS = 4096  # H200, 4096 rows: this one CTA ~90 us, the torch path ~140 us (base M=512 0.47 vs 0.52 ms)
-SINGLE_PROGRAM_ROWS = 1024  # above: align_multi.py (H100, graph replay: one program 14-16 us at 1024 rows, 33-35 at 2048; multi ~21-23)
+SINGLE_PROGRAM_ROWS = 512  # above: align_multi.py (H100 graph replay, lora: one program 6.6 us at 512 rows, 15 at 1024; multi 14.2, 14.4)
 _ROW_BITS = 24  # row ids < 2**24 in the packed sort key
 
 
