@@ -34,6 +34,8 @@ class ForwardBatch:
     slot_mapping: Tensor    # [T] int64: flat KV-cache slot (block * S + offset) each token writes
     groups: list[AttentionGroup] = field(default_factory=list)
     lora_slot_ids: Tensor | None = None  # [T] int32: adapter slot per token, -1 = base model
+    lora_layout: object | None = None  # kernels.VirtualLayout of the rows by slot, set by the model
+    # for the step so q/k/v/o LoRA share one alignment (None off the Triton path)
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:

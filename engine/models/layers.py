@@ -43,10 +43,11 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.lora: kernels.DenseLoRAWeights | None = None
 
-    def forward(self, x: Tensor, slot_ids: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, slot_ids: Tensor | None, layout=None) -> Tensor:
+        """layout: the step's kernels.dense_lora_layout of slot_ids, or None to align here."""
         out = F.linear(x, self.weight, self.bias)
         if self.lora is not None and slot_ids is not None:
-            kernels.lora_linear_(x, out, self.lora, slot_ids)
+            kernels.lora_linear_(x, out, self.lora, slot_ids, layout)
         return out
 
 
@@ -89,8 +90,9 @@ class Attention(nn.Module):
         self.k_cache: Tensor | None = None  # [N, S, G, Dh], bound by ModelRunner
         self.v_cache: Tensor | None = None
 
-    def _qkv(self, x: Tensor, slots: Tensor | None, head_norm: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.q_proj(x, slots), self.k_proj(x, slots), self.v_proj(x, slots)
+    def _qkv(self, x: Tensor, batch: ForwardBatch, head_norm: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        slots, lay = batch.lora_slot_ids, batch.lora_layout
+        q, k, v = self.q_proj(x, slots, lay), self.k_proj(x, slots, lay), self.v_proj(x, slots, lay)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -104,7 +106,7 @@ class Attention(nn.Module):
 
     def _fused_qk_norm_rope(self, x: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor, Tensor]:
         """Triton path: per-head norm (Qwen3) and rotary of q and k in one launch, in place."""
-        q, k, v = self._qkv(x, batch.lora_slot_ids, head_norm=False)
+        q, k, v = self._qkv(x, batch, head_norm=False)
         weights = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else (None, None)
         eps = self.q_norm.eps if self.qk_norm == "head" else 0.0
         qk_norm_rope_(batch.positions, self.rotary.inv_freq, q, k, *weights, eps)
@@ -114,12 +116,12 @@ class Attention(nn.Module):
         if kernels.use_triton(x):
             q, k, v = self._fused_qk_norm_rope(x, batch)
         else:
-            q, k, v = self._qkv(x, batch.lora_slot_ids)
+            q, k, v = self._qkv(x, batch)
             q, k = self.rotary(batch.positions, q, k)
         write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, batch, self.head_dim ** -0.5,
                               self.sliding_window)
-        return self.o_proj(out.reshape(x.shape[0], -1), batch.lora_slot_ids)
+        return self.o_proj(out.reshape(x.shape[0], -1), batch.lora_slot_ids, batch.lora_layout)
 
 
 class DenseMLP(nn.Module):

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
 from engine.attention import ForwardBatch
 from engine.models.layers import Attention, DenseMLP, RMSNorm, SparseMoE
 from engine.models.spec import ModelSpec
@@ -43,6 +44,9 @@ class MoECausalLM(nn.Module):
     def forward(self, input_ids: Tensor, batch: ForwardBatch) -> Tensor:
         """input_ids [T] -> final hidden states [T, D]."""
         residual = F.embedding(input_ids, self.embed_tokens)  # [T, D], updated in place on Triton
+        pool = self.layers[0].self_attn.q_proj.lora if self.layers else None
+        if batch.lora_slot_ids is not None and pool is not None:  # one alignment for every q/k/v/o
+            batch.lora_layout = kernels.dense_lora_layout(batch.lora_slot_ids, pool.num_slots)
         if not self.layers:
             return self.norm(residual)
         h = self.layers[0].input_layernorm(residual)
