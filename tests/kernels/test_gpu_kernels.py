@@ -64,7 +64,7 @@ def test_fused_moe_other_dtypes(dtype):
 
 
 def test_fused_moe_rows_beyond_single_program_alignment():
-    """4096 < T*K: the torch alignment path feeds the same kernels."""
+    """T*K = 4800 rows: the multi-program alignment (kernels/align_multi.py) feeds the kernels."""
     _check_moe(600, 8, "uniform", seed=3)
 
 
