@@ -1,28 +1,16 @@
 """Multi-program alignment (kernels/align_multi.py): bitwise equal to the torch path and to a
 Python model; in the Triton interpreter on CPU (subprocess), at 4096/16384 rows on the GPU."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels.align_multi import KeySpace, multi_fits
 from tests.kernels.align_multi_cases import FIELDS, case_names
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.kernels.interp import run_interpreter_cases
 
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict[str, dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MOEPLEX_TRITON": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.align_multi_cases"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {row["name"]: row for row in rows}
+    return run_interpreter_cases("tests.kernels.align_multi_cases")
 
 
 @pytest.mark.parametrize("name", case_names())

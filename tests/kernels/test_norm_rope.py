@@ -5,10 +5,6 @@ with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 (set before triton loads); it print
 The torch twins themselves are checked against transformers' Qwen3-MoE RMSNorm and rotary.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +12,8 @@ import torch
 from kernels.errors import KernelInputError
 from kernels.norm_rope import (fused_add_rms_norm, fused_add_rms_norm_ref, qk_norm_rope_, qk_norm_rope_ref_,
                                rms_norm, rms_norm_ref, rotary_ref)
+from tests.kernels.interp import run_interpreter_cases
 
-REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"fp32": 2e-6, "fp16": 1e-3, "bf16": 8e-3}  # max |triton - twin| / max |twin| (one ulp at most)
 NORM_SHAPES = [(1, 32), (5, 48), (3, 40)]  # (T, D): D not a power of two in two of them
@@ -115,12 +111,7 @@ def _run_interp_case(spec: tuple) -> dict:
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict[str, dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MOEPLEX_TRITON": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.test_norm_rope"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {row["name"]: row for row in rows}
+    return run_interpreter_cases("tests.kernels.test_norm_rope")
 
 
 @pytest.mark.parametrize("name", sorted(interp_cases()))

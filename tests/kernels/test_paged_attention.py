@@ -6,15 +6,13 @@ never leaks into other test modules.
 """
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
+from tests.kernels.interp import run_interpreter_cases
 
-REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 2e-2}  # max abs error / max abs reference
 CONTEXTS = (1, 5, 37)  # one key, a partial first block, several blocks with a partial last one
@@ -130,12 +128,7 @@ def run_engine_decode() -> dict:
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict[str, dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MOEPLEX_TRITON": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.test_paged_attention"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {row["name"]: row for row in rows}
+    return run_interpreter_cases("tests.kernels.test_paged_attention")
 
 
 @pytest.mark.parametrize("name", [c.name for c in INTERP_CASES] + ["engine-decode"])

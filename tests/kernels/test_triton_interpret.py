@@ -1,25 +1,13 @@
 """Triton kernels on CPU: interp_cases.py runs in a subprocess with TRITON_INTERPRET=1."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from tests.kernels.interp_cases import case_names
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.kernels.interp import run_interpreter_cases
 
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict[str, dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MOEPLEX_TRITON": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.interp_cases"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {row["name"]: row for row in rows}
+    return run_interpreter_cases("tests.kernels.interp_cases")
 
 
 @pytest.mark.parametrize("name", case_names())
