@@ -27,6 +27,8 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights at real shapes)
     hf_config: object = None  # a transformers config to use instead of model/config.json
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    warmup: bool = True  # dummy prefill / mixed steps at start-up on CUDA (Triton compiles there)
+    lora_failure_ttl_s: float = 30.0  # a failed adapter load is retried by requests after this
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
     seed: int = 0
 
@@ -41,6 +43,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_model_len", "block_size", "max_num_batched_tokens", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_failure_ttl_s < 0:
+            raise InvalidRequestError(f"lora_failure_ttl_s must be >= 0, got {self.lora_failure_ttl_s}")
         if self.max_loras < 0:
             raise InvalidRequestError(f"max_loras must be >= 0, got {self.max_loras}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -38,7 +38,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
         pools = self.runner.slot_pools
         self.lora_manager = None if pools is None else LoRAManager(
-            pools, self.spec, config.max_lora_rank, config.max_cpu_loras)
+            pools, self.spec, config.max_lora_rank, config.max_cpu_loras,
+            failure_ttl_s=config.lora_failure_ttl_s)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    self.block_manager, self.lora_manager)
         self.seqs: dict[str, Sequence] = {}
@@ -172,6 +173,7 @@ class LLMEngine:
             "lora_host_loads": lora.host_loads if lora else 0,
             "lora_load_seconds": (lora.host_load_seconds + lora.slot_load_seconds) if lora else 0.0,
             "lora_failures": lora.failures if lora else 0,
+            "warmup_seconds": self.runner.warmup_seconds,
         }
 
     def generate(self, prompts: list, params: SamplingParams | None = None,

@@ -3,6 +3,7 @@
 T = tokens in the step, B = sequences, M = blocks per sequence, V = vocabulary.
 """
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from engine.lora.slots import SlotPools
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
 from engine.sampler import SamplingTensors, sample
+from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30
@@ -45,6 +47,9 @@ class ModelRunner:
         self.graphs = self._capture_graphs()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.seq_generators: dict[int, torch.Generator] = {}
+        self.warmup_seconds = 0.0
+        if config.warmup and self.device.type == "cuda":  # on CPU nothing compiles: tests call warmup()
+            self.warmup()
 
     def _kv_bytes_per_block(self) -> int:
         s = self.spec
@@ -186,3 +191,54 @@ class ModelRunner:
         return (self.graphs is not None and not all_logits and all(n == 1 for _, n in scheduled)
                 and self.graphs.fits(len(scheduled), max(s.num_computed_tokens + 1 for s, _ in scheduled),
                                      any(s.lora_slot is not None for s, _ in scheduled)))
+
+    # ---- warm-up ----------------------------------------------------------------
+    @torch.inference_mode()
+    def warmup(self) -> float:
+        """Dummy steps through prepare() / forward / compute_logits, so the Triton specialisations
+        of eager (prefill and mixed) steps compile at start-up instead of in a user's request.
+
+        Covers a full prefill group (max_num_batched_tokens), a small odd-sized one and a mixed
+        step (decodes + a prefill chunk), each without LoRA and with slot ids mixing -1 and slot 0.
+        Every dummy sequence's blocks are the scratch block, so no owned KV block is written;
+        nothing is sampled, so no generator moves. Returns the seconds it took (also added to
+        warmup_seconds)."""
+        start = time.perf_counter()
+        # with LoRA, the dummy sequences alternate between the base model and slot 0 (zeros now)
+        slot_cycles = [[None]] + ([[None, 0]] if self.slot_pools is not None else [])
+        for shape in self._warmup_shapes():
+            for slots in slot_cycles:
+                scheduled = [self._dummy_entry(done, n, slots[i % len(slots)])
+                             for i, (done, n) in enumerate(shape)]
+                input_ids, batch, rows = self.prepare(scheduled)
+                self.model.compute_logits(self.model(input_ids, batch)[rows])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.warmup_seconds += seconds
+        log.info("warm-up of prefill and mixed steps took %.2f s", seconds)
+        return seconds
+
+    def _warmup_shapes(self) -> list[list[tuple[int, int]]]:
+        """Steps as (computed tokens, new tokens) per dummy sequence, decodes first."""
+        c = self.config
+        longest = max(c.max_model_len - 1, 2)  # a prompt is shorter than max_model_len
+        budget = min(c.max_num_batched_tokens, c.max_num_seqs * longest)
+        num_full = max(-(-budget // longest), 2 if budget >= 4 and c.max_num_seqs >= 2 else 1)
+        full = [budget // num_full + (i < budget % num_full) for i in range(num_full)]  # even split
+        small = [2, 3] if c.max_num_batched_tokens >= 5 and c.max_num_seqs >= 2 else [min(3, budget)]
+        num_decodes = min(3, c.max_num_seqs - 1, c.max_num_batched_tokens - 2)
+        chunk = min(longest, c.max_num_batched_tokens - num_decodes)
+        context = min(c.block_size + 1, c.max_model_len - 1)  # decodes reading more than one block
+        mixed = [(context, 1)] * max(num_decodes, 0) + [(0, chunk)]
+        shapes = [[(0, n) for n in full], [(0, n) for n in small]]
+        return shapes + ([mixed] if num_decodes > 0 and chunk > 1 else [])
+
+    def _dummy_entry(self, num_computed: int, num_new: int, lora_slot: int | None) -> tuple[Sequence, int]:
+        """A dummy sequence whose every block is the scratch block (no sequence owns it)."""
+        total = num_computed + num_new
+        token_ids = [i % self.spec.vocab_size for i in range(total)]  # id 0 may embed to zeros
+        seq = Sequence(-1, "warmup", token_ids, SamplingParams(max_tokens=1), lora_slot=lora_slot)
+        seq.num_computed_tokens = num_computed
+        seq.block_table = [self.num_kv_blocks] * -(-total // self.config.block_size)
+        return seq, num_new

@@ -1,0 +1,91 @@
+"""ModelRunner.warmup(): dummy prefill / mixed steps that compile kernels and leave no state (CPU)."""
+import pytest
+import torch
+
+import kernels
+from engine import LoRARequest, SamplingParams
+from tests.engine.test_base_parity import PROMPTS, make_engine
+from tests.engine.test_lora_parity import _wait_for_adapters
+
+FAMILY = "qwen3_moe"
+SMALL = dict(max_num_batched_tokens=24, block_size=4, max_model_len=64, max_num_seqs=8)
+
+
+def record_forwards(engine) -> list[dict]:
+    """What each model forward saw: token count, attention groups, KV slots written, LoRA slot ids."""
+    calls = []
+
+    def hook(_module, args):
+        input_ids, batch = args
+        slot_ids = batch.lora_slot_ids
+        calls.append({"num_tokens": input_ids.shape[0], "num_groups": len(batch.groups),
+                      "kv_slots": batch.slot_mapping.tolist(),
+                      "lora": None if slot_ids is None else sorted(set(slot_ids.tolist()))})
+    engine.runner.model.register_forward_pre_hook(hook)
+    return calls
+
+
+def test_warmup_runs_full_small_and_mixed_steps_into_the_scratch_block(checkpoints):
+    engine = make_engine(checkpoints[FAMILY], warmup=True, **SMALL)
+    assert engine.stats()["warmup_seconds"] == 0.0  # on CPU nothing compiles: start-up skips it
+    calls = record_forwards(engine)
+    seconds = engine.runner.warmup()
+    assert seconds > 0 and engine.stats()["warmup_seconds"] == seconds
+    sizes = [(c["num_tokens"], c["num_groups"]) for c in calls]
+    assert sizes == [(24, 1), (5, 1), (3 + 21, 2)]  # full budget; odd prefill (2 + 3); 3 decodes + chunk
+    scratch = engine.runner.num_kv_blocks * engine.config.block_size
+    for call in calls:
+        assert all(scratch <= s < scratch + engine.config.block_size for s in call["kv_slots"])
+        assert call["lora"] is None  # max_loras=0: no LoRA variant
+
+
+def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoints, monkeypatch):
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, **SMALL)
+    seen = {"fused_moe": [], "lora_linear_": []}
+
+    def recording(name, position):
+        original = getattr(kernels, name)
+
+        def wrapper(*args, **kw):
+            slot_ids = args[position] if len(args) > position else None
+            seen[name].append(None if slot_ids is None else sorted(set(slot_ids.tolist())))
+            return original(*args, **kw)
+        return wrapper
+    monkeypatch.setattr(kernels, "fused_moe", recording("fused_moe", 6))
+    monkeypatch.setattr(kernels, "lora_linear_", recording("lora_linear_", 3))
+    calls = record_forwards(engine)
+    engine.runner.warmup()
+    assert [c["lora"] for c in calls] == [None, [-1, 0]] * 3  # each shape without and with LoRA
+    num_moe, num_layers = len(engine.runner.model.moe_layers()), engine.spec.num_layers
+    assert num_moe > 0 and seen["fused_moe"] == ([None] * num_moe + [[-1, 0]] * num_moe) * 3
+    assert seen["lora_linear_"] == [[-1, 0]] * (3 * 4 * num_layers)  # q, k, v, o of every layer
+
+
+def generate_all(engine, adapters) -> list[list[int]]:
+    loras = [None, LoRARequest("t/a", str(adapters[FAMILY]["a"])), LoRARequest("u/b", str(adapters[FAMILY]["b"]))]
+    _wait_for_adapters(engine, loras)  # resident before the first step: every step's batch is fixed
+    runs = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, ignore_eos=True)]  # engine generator
+    return [o["token_ids"] for params in runs for o in engine.generate(PROMPTS, params, loras)]
+
+
+@pytest.mark.parametrize("lora_mode", ["fused", "loop"])
+def test_warmup_leaves_kv_blocks_slots_and_outputs_unchanged(checkpoints, adapters, lora_mode):
+    cold = make_engine(checkpoints[FAMILY], max_loras=2, lora_mode=lora_mode, **SMALL)
+    warm = make_engine(checkpoints[FAMILY], max_loras=2, lora_mode=lora_mode, **SMALL)
+    warm.runner.warmup()
+    blocks = warm.runner.num_kv_blocks
+    assert torch.count_nonzero(warm.runner.kv_cache[:, :, :blocks]) == 0  # only the scratch block written
+    assert torch.count_nonzero(warm.runner.kv_cache[:, :, blocks:]) > 0
+    assert list(warm.block_manager.free_block_ids) == list(cold.block_manager.free_block_ids)
+    assert warm.stats()["free_kv_blocks"] == cold.stats()["free_kv_blocks"] == blocks
+    assert torch.equal(warm.runner.generator.get_state(), cold.runner.generator.get_state())
+    assert generate_all(warm, adapters) == generate_all(cold, adapters)
+
+
+@pytest.mark.gpu
+def test_start_up_warms_up_on_cuda_unless_switched_off(checkpoints):
+    for flag in (True, False):
+        engine = make_engine(checkpoints[FAMILY], max_loras=2, device="cuda", dtype="bfloat16", warmup=flag)
+        assert (engine.stats()["warmup_seconds"] > 0) == flag
