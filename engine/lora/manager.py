@@ -2,9 +2,11 @@
 
 The scheduler drives it with plain calls: `reserve` (a slot for a waiting request, or None
 while the adapter is still loading or every slot is in use), `is_ready`, `release`.
-Slots no request references are evicted least recently used first.
+Slots no request references are evicted least recently used first. A failed load is
+remembered for `failure_ttl_s` (requests fail fast with its message), then retried.
 """
 import time
+from collections.abc import Callable
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -30,12 +32,14 @@ class LoRAStats:
 
 class LoRAManager:
     def __init__(self, pools: SlotPools, spec: ModelSpec, max_rank: int, host_capacity: int,
-                 load_threads: int = 2):
+                 load_threads: int = 2, failure_ttl_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.pools, self.spec, self.max_rank = pools, spec, max_rank
+        self.failure_ttl_s, self.clock = failure_ttl_s, clock
         self.host_capacity = max(host_capacity, pools.num_slots)
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.loading: dict[str, Future] = {}
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, tuple[str, float]] = {}  # name -> (message, clock time it expires)
         self.slot_names: list[str | None] = [None] * pools.num_slots
         self.slot_refs = [0] * pools.num_slots
         self.slot_events: list = [None] * pools.num_slots
@@ -58,8 +62,9 @@ class LoRAManager:
 
         Raises AdapterLoadError when the adapter cannot be loaded (the caller fails its request).
         """
-        if name in self.failed:
-            raise AdapterLoadError(self.failed[name])
+        message = self._remembered_failure(name)
+        if message is not None:
+            raise AdapterLoadError(message)
         slot = self.name_to_slot.get(name)
         if slot is not None:
             self.stats.slot_hits += 1
@@ -174,8 +179,20 @@ class LoRAManager:
             self.host.popitem(last=False)
         return adapter
 
+    def _remembered_failure(self, name: str) -> str | None:
+        """The message of `name`'s last failure while it is remembered; forgets it once expired
+        (a transient failure, e.g. pinned memory or a copy, must not block the adapter for good)."""
+        entry = self.failed.get(name)
+        if entry is None:
+            return None
+        message, expires = entry
+        if self.clock() >= expires:
+            del self.failed[name]
+            return None
+        return message
+
     def _fail(self, name: str, message: str) -> None:
-        self.failed[name] = message
+        self.failed[name] = (message, self.clock() + self.failure_ttl_s)
         self.stats.failures += 1
         raise AdapterLoadError(message)
 
@@ -191,5 +208,6 @@ class LoRAManager:
         return adapter
 
     def forget_failure(self, name: str) -> None:
-        """Let a later request retry an adapter that failed (e.g. after the file was fixed)."""
+        """Let the next request retry an adapter that failed (e.g. after the file was fixed),
+        without waiting for failure_ttl_s."""
         self.failed.pop(name, None)

@@ -1,10 +1,16 @@
-"""LoRAManager slot copies on a side stream (CUDA path), with a stand-in for the slot pools."""
+"""LoRAManager: slot copies on a side stream (CUDA path) with a stand-in for the slot pools;
+failed loads remembered for failure_ttl_s (an injected clock), then retried."""
+import shutil
 import threading
+from concurrent.futures import wait
 
+import pytest
 import torch
 
+from engine.errors import AdapterLoadError
 from engine.lora.adapter import LoRAAdapter
 from engine.lora.manager import LoRAManager
+from tests.engine.test_base_parity import make_engine
 
 
 class RecordingPools:
@@ -62,10 +68,6 @@ class FailingPools(RecordingPools):
 def test_failed_copy_fails_every_holder_of_the_slot():
     """Two requests share an adapter whose slot copy fails: both fail (neither runs on the
     half-written slot), and the slot is usable again once both let it go."""
-    import pytest
-
-    from engine.errors import AdapterLoadError
-
     manager = LoRAManager(FailingPools(), spec=None, max_rank=4, host_capacity=2)
     manager.host["bad"] = LoRAAdapter("bad")
     manager.host["good"] = LoRAAdapter("good")
@@ -81,5 +83,72 @@ def test_failed_copy_fails_every_holder_of_the_slot():
         assert manager.reserve("good", "unused") == 0
         manager.slot_events[0].result(timeout=10)
         assert manager.is_ready(0)
+    finally:
+        manager.shutdown()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _reserve_when_loaded(manager: LoRAManager, name: str, path: str):
+    """reserve() until the host load settles: a slot, or the load's AdapterLoadError."""
+
+    slot = manager.reserve(name, path)
+    if slot is None:
+        assert name in manager.loading, "a miss must start a host load"
+        wait([manager.loading[name]], timeout=30)
+        slot = manager.reserve(name, path)
+    return slot
+
+
+def test_failed_load_fails_fast_within_its_ttl_and_is_retried_after(checkpoints, adapters, tmp_path):
+    """A broken adapter directory fails its load; requests within failure_ttl_s fail at once with
+    that message (no new load), even after the files are fixed; after the TTL a request retries
+    and succeeds."""
+    good = adapters["qwen3_moe"]["a"]
+    path = tmp_path / "adapter"
+    shutil.copytree(good, path)
+    (path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    engine = make_engine(checkpoints["qwen3_moe"], max_loras=1, max_lora_rank=16, lora_failure_ttl_s=5.0)
+    assert engine.lora_manager.failure_ttl_s == 5.0  # wired from EngineConfig
+    clock = FakeClock()
+    manager = LoRAManager(engine.runner.slot_pools, engine.spec, 16, 2, failure_ttl_s=5.0, clock=clock)
+    try:
+        with pytest.raises(AdapterLoadError) as first:
+            _reserve_when_loaded(manager, "t/a", str(path))
+        assert manager.stats.failures == 1
+        shutil.copy(good / "adapter_model.safetensors", path / "adapter_model.safetensors")  # fixed
+        clock.now += 4.9
+        with pytest.raises(AdapterLoadError) as again:
+            manager.reserve("t/a", str(path))
+        assert str(again.value) == str(first.value) and "t/a" not in manager.loading  # no new load
+        clock.now += 0.1
+        slot = _reserve_when_loaded(manager, "t/a", str(path))
+        assert slot == 0 and manager.is_ready(slot) and manager.resident() == {"t/a": 0}
+        assert manager.stats.failures == 1 and manager.stats.host_loads == 1
+    finally:
+        manager.shutdown()
+        engine.shutdown()
+
+
+def test_failure_expires_only_for_its_adapter_and_forget_failure_clears_it_at_once():
+    clock = FakeClock()
+    manager = LoRAManager(RecordingPools(), spec=None, max_rank=4, host_capacity=2, failure_ttl_s=30.0,
+                          clock=clock)
+    try:
+        for name in ("x", "y"):
+            with pytest.raises(AdapterLoadError, match=f"broken {name}"):
+                manager._fail(name, f"broken {name}")
+        clock.now += 10
+        manager.forget_failure("x")
+        assert manager._remembered_failure("x") is None
+        assert manager._remembered_failure("y") == "broken y"
+        clock.now += 20
+        assert manager._remembered_failure("y") is None and manager.failed == {}
     finally:
         manager.shutdown()
