@@ -49,7 +49,10 @@ class ModelRunner:
         self.seq_generators: dict[int, torch.Generator] = {}
         self.warmup_seconds = 0.0
         if config.warmup and self.device.type == "cuda":  # on CPU nothing compiles: tests call warmup()
-            self.warmup()
+            try:
+                self.warmup()
+            except Exception:  # like graph capture: a replica that cannot warm up still serves
+                log.exception("warm-up failed; the first prefill steps will compile their kernels")
 
     def _kv_bytes_per_block(self) -> int:
         s = self.spec
