@@ -39,6 +39,11 @@ class AppArgs(BaseModel):
     max_adapters_per_replica: int | None = Field(default=None, ge=1)
     max_num_seqs: int = Field(default=64, ge=1)
     max_model_len: int = Field(default=2048, ge=16)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="token budget of "
+                                               "a step (chunked prefill); default: the engine's")
+    engine_warmup: bool = Field(default=True, description="compile prefill kernels at start-up (GPU)")
+    lora_failure_ttl_s: float = Field(default=30.0, ge=0, description="seconds a failed adapter "
+                                      "load fails fast before a request retries it")
 
     num_replicas: int | None = Field(default=None, ge=1)
     autoscaling_config: dict[str, Any] | None = None
@@ -111,10 +116,12 @@ class AppArgs(BaseModel):
 
     def engine_config(self, model_dir: Path):
         from engine import EngineConfig
+        budget = {} if self.max_num_batched_tokens is None else {"max_num_batched_tokens": self.max_num_batched_tokens}
         return EngineConfig(
             model=str(model_dir), device=self.resolved_device(), dtype=self.dtype,
             max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
-            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed)
+            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed,
+            warmup=self.engine_warmup, lora_failure_ttl_s=self.lora_failure_ttl_s, **budget)
 
     def store_limits(self):
         from adapter_store import StoreLimits

@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from engine import EngineConfig
+
 from deployments.args import AppArgs
 from deployments.auth import KeyFileError, TenantAuth, hash_key, load_key_file
 from deployments.errors import (AuthenticationError, BadRequestError, NotFoundError,
@@ -147,3 +149,15 @@ def test_app_args_defaults_and_scaling(tmp_path):
         AppArgs(max_lora_rank=0)
     with pytest.raises(ValueError):
         AppArgs(modle="typo")
+
+
+def test_app_args_reach_the_engine_config(tmp_path):
+    args = AppArgs(cache_dir=str(tmp_path), device="cpu", engine_warmup=False, lora_failure_ttl_s=5,
+                   max_num_batched_tokens=256, max_loras=3)
+    config = args.engine_config(tmp_path / "model")
+    assert (config.warmup, config.lora_failure_ttl_s, config.max_num_batched_tokens, config.max_loras) == \
+        (False, 5.0, 256, 3)
+    default = AppArgs(cache_dir=str(tmp_path), device="cpu").engine_config(tmp_path / "model")
+    assert default.warmup and default.max_num_batched_tokens == EngineConfig(model="m").max_num_batched_tokens
+    with pytest.raises(ValueError):
+        AppArgs(lora_failure_ttl_s=-1)
