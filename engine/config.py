@@ -18,6 +18,8 @@ class EngineConfig:
     max_loras: int = 4
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # pinned host tier size; None = 4 * max_loras
+    # and its byte bound: each host adapter is a whole slot image (max rank, every target)
+    max_cpu_lora_bytes: int | None = 32 << 30
     max_num_seqs: int = 64
     max_model_len: int = 2048
     block_size: int = 16
@@ -49,6 +51,8 @@ class EngineConfig:
             raise InvalidRequestError(f"max_loras must be >= 0, got {self.max_loras}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
+        if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
+            raise InvalidRequestError(f"max_cpu_lora_bytes must be >= 1 or None, got {self.max_cpu_lora_bytes}")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = 4 * max(self.max_loras, 1)
 

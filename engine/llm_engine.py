@@ -39,7 +39,7 @@ class LLMEngine:
         pools = self.runner.slot_pools
         self.lora_manager = None if pools is None else LoRAManager(
             pools, self.spec, config.max_lora_rank, config.max_cpu_loras,
-            failure_ttl_s=config.lora_failure_ttl_s)
+            failure_ttl_s=config.lora_failure_ttl_s, host_bytes=config.max_cpu_lora_bytes)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    self.block_manager, self.lora_manager)
         self.seqs: dict[str, Sequence] = {}
@@ -108,7 +108,8 @@ class LLMEngine:
         """Nothing to run: when requests wait on adapter loads, block briefly on those loads
         (GIL released) instead of returning to a caller that would spin on step()."""
         if self.lora_manager is not None and not sched.failed and self.scheduler.num_waiting:
-            self.lora_manager.wait_for_loads(LOAD_WAIT_S)
+            if not self.lora_manager.wait_for_loads(LOAD_WAIT_S):
+                time.sleep(LOAD_WAIT_S)  # waiting, yet nothing in flight: back off, do not spin
         return StepResult([])
 
     def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:

@@ -49,6 +49,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.lora_manager is not None:
+            self.lora_manager.collect_loads()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if out.num_preempted == 0:
             self._admit_waiting(out, budget)

@@ -60,7 +60,7 @@ def _decode_partition_kernel(
         keys = start + offs_n                      # [BLOCK_N] key positions
         key_ok = (keys < hi) & (keys >= first)
         # cache block of each key through the block table, then its row inside the block
-        blk = tl.load(bt_ptr + pid_b * stride_btb + keys // BLOCK_SIZE, mask=key_ok, other=0)
+        blk = tl.load(bt_ptr + pid_b * stride_btb + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         row = keys % BLOCK_SIZE
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + blk[:, None] * stride_kn + row[:, None] * stride_ks + pid_g * stride_kg

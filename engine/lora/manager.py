@@ -33,10 +33,17 @@ class LoRAStats:
 class LoRAManager:
     def __init__(self, pools: SlotPools, spec: ModelSpec, max_rank: int, host_capacity: int,
                  load_threads: int = 2, failure_ttl_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, host_bytes: int | None = None):
+        """host_capacity: adapters the pinned host tier holds; host_bytes, if given, bounds it
+        further by bytes: each adapter there is a whole slot image (pools.slot_bytes, which the
+        pinned allocator rounds up to a power of two), whatever the adapter's own rank."""
         self.pools, self.spec, self.max_rank = pools, spec, max_rank
         self.failure_ttl_s, self.clock = failure_ttl_s, clock
-        self.host_capacity = max(host_capacity, pools.num_slots)
+        self.host_capacity = max(1, host_capacity)
+        image = getattr(pools, "slot_bytes", 0)
+        if host_bytes is not None and image > 0:
+            rounded = 1 << max(0, (image - 1).bit_length())
+            self.host_capacity = max(1, min(self.host_capacity, host_bytes // rounded))
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.loading: dict[str, Future] = {}
         self.failed: dict[str, tuple[str, float]] = {}  # name -> (message, clock time it expires)
@@ -119,6 +126,19 @@ class LoRAManager:
             self.slot_errors[slot] = None  # nobody reads the half-written slot any more
             self.free_lru[slot] = None
 
+    def collect_loads(self) -> None:
+        """Move finished host loads into the host tier (or remember their failure) on the step
+        thread, whether or not their request still waits: a load whose request was aborted must
+        not keep its pinned image outside the tier's bound. Also drops expired failures."""
+        for name in [n for n, f in self.loading.items() if f.done()]:
+            try:
+                self._host_adapter(name, "")
+            except AdapterLoadError:
+                pass  # remembered in self.failed; the next request for it fails fast
+        now = self.clock()
+        for name in [n for n, (_, expires) in self.failed.items() if now >= expires]:
+            del self.failed[name]
+
     def wait_for_loads(self, timeout: float) -> bool:
         """Block up to `timeout` s (GIL released) until a host load or slot copy in flight
         finishes; False at once when nothing is in flight."""
@@ -134,7 +154,7 @@ class LoRAManager:
 
     @staticmethod
     def _copy_in_flight(pending) -> bool:
-        if not isinstance(pending, Future) or pending.exception() is not None:
+        if not isinstance(pending, Future) or pending.cancelled() or pending.exception() is not None:
             return False
         event = pending.result()
         return event is not None and not event.query()

@@ -152,3 +152,53 @@ def test_failure_expires_only_for_its_adapter_and_forget_failure_clears_it_at_on
         assert manager._remembered_failure("y") is None and manager.failed == {}
     finally:
         manager.shutdown()
+
+
+def test_a_load_whose_request_went_away_lands_in_the_bounded_host_tier():
+    """Requests that started host loads and were aborted before them: the finished loads are
+    collected into the host tier under its bound, not kept (pinned) in orphaned futures."""
+    manager = LoRAManager(RecordingPools(), spec=None, max_rank=4, host_capacity=2)
+    manager._load_to_host = lambda name, path: LoRAAdapter(name)
+    try:
+        for k in range(4):
+            assert manager.reserve(f"ad{k}", "unused") is None  # load started, then the request left
+        wait(list(manager.loading.values()), timeout=10)
+        manager.collect_loads()
+        assert manager.loading == {} and list(manager.host) == ["ad2", "ad3"]
+    finally:
+        manager.shutdown()
+
+
+def test_collected_failures_fail_fast_and_are_dropped_once_expired():
+    now = [0.0]
+    manager = LoRAManager(RecordingPools(), spec=None, max_rank=4, host_capacity=2, failure_ttl_s=5.0,
+                          clock=lambda: now[0])
+
+    def broken(name, path):
+        raise AdapterLoadError(f"{name}: broken file")
+    manager._load_to_host = broken
+    try:
+        assert manager.reserve("x", "unused") is None
+        wait(list(manager.loading.values()), timeout=10)
+        manager.collect_loads()
+        assert manager.loading == {} and "x" in manager.failed
+        with pytest.raises(AdapterLoadError, match="broken file"):
+            manager.reserve("x", "unused")
+        now[0] = 6.0
+        manager.collect_loads()
+        assert manager.failed == {}
+    finally:
+        manager.shutdown()
+
+
+def test_host_tier_is_bounded_by_the_bytes_of_whole_slot_images():
+    class BigSlots(RecordingPools):
+        slot_bytes = 3 << 20  # the pinned allocator rounds each image up to 4 MiB
+
+    bounded = LoRAManager(BigSlots(), spec=None, max_rank=4, host_capacity=16, host_bytes=10 << 20)
+    unbounded = LoRAManager(BigSlots(), spec=None, max_rank=4, host_capacity=16)
+    try:
+        assert bounded.host_capacity == 2 and unbounded.host_capacity == 16
+    finally:
+        bounded.shutdown()
+        unbounded.shutdown()

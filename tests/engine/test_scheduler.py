@@ -31,6 +31,9 @@ class FakeLoRAManager:
     def is_ready(self, slot):
         return self.names[slot] not in self.loading
 
+    def collect_loads(self):
+        self.collected = getattr(self, "collected", 0) + 1
+
     def release(self, slot):
         self.refs[slot] -= 1
 
