@@ -175,7 +175,8 @@ def adapter_load(engine: LLMEngine, adapter: LoRAAdapter, pcie_bw: float | None)
     return out
 
 
-def hf_baseline(shape: dict, layers: int, batch: int, prompt_len: int, output_len: int, rank: int) -> dict:
+def hf_baseline(shape: dict, layers: int, batch: int, prompt_len: int, output_len: int, rank: int,
+                device: str = "cuda") -> dict:
     """transformers `generate` without adapters and with one PEFT adapter (attention + experts)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -184,9 +185,9 @@ def hf_baseline(shape: dict, layers: int, batch: int, prompt_len: int, output_le
         config._experts_implementation = "grouped_mm"
     except AttributeError:
         pass
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    ids = torch.randint(0, shape["vocab_size"], (batch, prompt_len), device="cuda")
+    ids = torch.randint(0, shape["vocab_size"], (batch, prompt_len), device=device)
     result = {"layers": layers, "batch": batch, "prompt": prompt_len, "output": output_len}
     for label in ("base", "peft_one_adapter"):
         if label == "peft_one_adapter":
@@ -195,10 +196,10 @@ def hf_baseline(shape: dict, layers: int, batch: int, prompt_len: int, output_le
                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).eval()
         with torch.inference_mode():
             model.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-            torch.cuda.synchronize()
+            sync(torch.device(device))
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)
-            torch.cuda.synchronize()
+            sync(torch.device(device))
         result[f"{label}_tok_per_s"] = batch * output_len / (time.perf_counter() - start)
     del model
     return result
@@ -295,18 +296,21 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
 
 def main_vs_transformers(args, shape: dict, results: dict) -> None:
     """transformers + PEFT and this engine at the same shapes: 8 layers, batch 16, prompt 128."""
-    small = argparse.Namespace(**{**vars(args), "requests": 16, "prompt": 128, "output": 128})
-    engine = make_engine(small, shape, args.hf_layers, 16)
+    prompt, output = (128, 128) if not args.tiny else (args.prompt, args.output)
+    small = argparse.Namespace(**{**vars(args), "requests": 16, "prompt": prompt, "output": output})
+    engine = make_engine(small, shape, min(args.hf_layers, shape["num_hidden_layers"]), 16)
     bases = [random_adapter(engine, args.rank, seed) for seed in range(4)]
     install(engine, case_adapters("c_16", 16), bases)
     run_case(engine, case_adapters("c_16", 4), 16, 4, seed=99)
-    ours = {case: run_case(engine, case_adapters(case, 16), 128, 128, seed=2)["output_tok_per_s"]
+    ours = {case: run_case(engine, case_adapters(case, 16), prompt, output, seed=2)["output_tok_per_s"]
             for case in ("a_none", "c_16")}
     engine.shutdown()
     del engine, bases
     gc.collect()
-    torch.cuda.empty_cache()
-    hf = hf_baseline(shape, args.hf_layers, 16, 128, 128, args.rank)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    hf = hf_baseline(shape, min(args.hf_layers, shape["num_hidden_layers"]), 16, prompt, output, args.rank,
+                     args.device)
     results["vs_transformers"] = {**hf, "engine_no_adapter_tok_per_s": ours["a_none"],
                                   "engine_16_adapters_tok_per_s": ours["c_16"],
                                   "speedup_16_adapters_vs_peft": ours["c_16"] / hf["peft_one_adapter_tok_per_s"]}
@@ -360,7 +364,7 @@ def main() -> None:
     results = {"requests": args.requests, "prompt": args.prompt, "output": args.output, "rank": args.rank,
                "slots": args.slots, "device": torch.cuda.get_device_name() if not args.tiny else "cpu", "cases": {}}
     main_engine_cases(args, shape, results)
-    if not args.tiny and not args.skip_hf:
+    if not args.skip_hf:  # with --tiny too: a CPU smoke run of the baseline's code path
         main_vs_transformers(args, shape, results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
