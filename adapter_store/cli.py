@@ -5,6 +5,7 @@
     moeplex-adapters show REF --tenant T          # REF: name[@version] or owner/name[@version]
     moeplex-adapters delete NAME --tenant T [--version V]
     moeplex-adapters share NAME --tenant T [--unshare]
+    moeplex-adapters gc [--older-than SECONDS] [--dry-run]   # operator: files of crashed uploads
 
 The store is `--store` or $MOEPLEX_STORE (a directory, file:///dir or s3://bucket/prefix);
 an S3-compatible endpoint is `--endpoint-url` or $AWS_ENDPOINT_URL. The base model to
@@ -30,14 +31,15 @@ EXIT_CODES = ((ValidationError, 3), (AdapterNotFoundError, 4), (StoreUnavailable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", default=os.environ.get("MOEPLEX_STORE"),
+    store_args = argparse.ArgumentParser(add_help=False)
+    store_args.add_argument("--store", default=os.environ.get("MOEPLEX_STORE"),
                         help="store URI: directory, file:///dir or s3://bucket/prefix (env MOEPLEX_STORE)")
-    common.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+    store_args.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3-compatible endpoint (env AWS_ENDPOINT_URL)")
-    common.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    store_args.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    store_args.add_argument("--json", action="store_true", help="print JSON on stdout for scripts")
+    common = argparse.ArgumentParser(add_help=False, parents=[store_args])
     common.add_argument("--tenant", required=True, help="tenant that owns (or uses) the adapters")
-    common.add_argument("--json", action="store_true", help="print JSON on stdout for scripts")
     parser = argparse.ArgumentParser(prog="moeplex-adapters", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upload", parents=[common], help="validate and store a new version")
@@ -58,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     share = sub.add_parser("share", parents=[common], help="operator: share an adapter with every tenant")
     share.add_argument("name")
     share.add_argument("--unshare", action="store_true", help="withdraw the share")
+    gc = sub.add_parser("gc", parents=[store_args],
+                        help="operator: delete the files of uploads that died before their manifest")
+    gc.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS",
+                    help="only versions whose every file is older (default 3600; must exceed the slowest upload)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     return parser
 
 
@@ -118,7 +125,17 @@ def _share(store, args):
     return {"tenant": args.tenant, "name": args.name, "shared": not args.unshare}, f"{args.name} {state}"
 
 
-COMMANDS = {"upload": _upload, "list": _list, "show": _show, "delete": _delete, "share": _share}
+def _gc(store, args):
+    if args.older_than < 0:
+        raise AdapterStoreError(f"--older-than {args.older_than:g} is negative; pass an age in seconds",
+                                code="bad_argument")
+    removed = store.collect_garbage(older_than_s=args.older_than, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    text = "\n".join(f"{verb} {p}" for p in removed) or "no garbage"
+    return {"dry_run": args.dry_run, "removed": removed}, text
+
+
+COMMANDS = {"upload": _upload, "list": _list, "show": _show, "delete": _delete, "share": _share, "gc": _gc}
 
 
 def _info_dict(info: AdapterInfo) -> dict:

@@ -2,18 +2,24 @@
 
 Every write goes to a hidden temporary file in the target directory and is renamed
 into place, so readers see a whole file or none; the manifest is renamed in last.
+Uploads of one tenant count its adapters and write their manifest under an flock on
+`{root}/.locks/{tenant}.lock`, so the per-tenant limit holds across processes.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from adapter_store.errors import StoreUnavailableError
 from adapter_store.store import AdapterStore, Progress
 
 _TMP_PREFIX = ".tmp-"
+_LOCK_DIR = ".locks"
 _CHUNK = 4 << 20
 
 
@@ -74,6 +80,28 @@ class LocalStore(AdapterStore):
             return [p.name for p in self._path(prefix).iterdir() if not p.name.startswith(_TMP_PREFIX)]
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def _list_objects(self, prefix: str) -> list[tuple[str, float]]:
+        # Directories count too: their mtime moves whenever an upload adds or renames a file.
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self._path(prefix)):
+            for entry in (dirpath, *(os.path.join(dirpath, f) for f in filenames)):
+                try:
+                    found.append((Path(entry).relative_to(self.root).as_posix(), os.stat(entry).st_mtime))
+                except FileNotFoundError:  # renamed or deleted while we walked
+                    continue
+        return found
+
+    @contextlib.contextmanager
+    def _commit_lock(self, tenant: str) -> Iterator[None]:
+        lock_dir = self.root / _LOCK_DIR
+        lock_dir.mkdir(exist_ok=True)
+        with open(lock_dir / f"{tenant}.lock", "a+b") as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
     def _delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -14,21 +14,22 @@ a plain `name` means the caller's own adapter, else the one shared adapter of th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from adapter_store.errors import AdapterNotFoundError, ChecksumMismatchError, LimitExceededError
+from adapter_store.garbage import MANIFEST_FILE, collect_garbage
 from adapter_store.names import check_name, parse_ref
 from adapter_store.validate import ADAPTER_FILES, StoreLimits, validate_adapter
 
-MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 Progress = Callable[[int], None] | None  # called with the number of bytes just moved
 
@@ -94,6 +95,14 @@ class AdapterStore(ABC):
     def _delete(self, key: str) -> None: ...
     @abstractmethod
     def _delete_prefix(self, prefix: str) -> None: ...
+    @abstractmethod
+    def _list_objects(self, prefix: str) -> list[tuple[str, float]]:
+        """Every object under `prefix`, recursively: (key, last modified as unix time)."""
+
+    @contextlib.contextmanager
+    def _commit_lock(self, tenant: str) -> Iterator[None]:
+        """Held around "count the tenant's adapters, then write a manifest"; no lock by default."""
+        yield
 
     # -- writes --
     def put(self, tenant: str, name: str, src_dir: str | Path, base_model_dir: str | Path,
@@ -110,7 +119,9 @@ class AdapterStore(ABC):
             for filename in ADAPTER_FILES:
                 self._upload_file(f"{prefix}/{filename}", src / filename, progress)
             manifest = self._manifest(tenant, name, version, files, summary)
-            self._write_bytes(f"{prefix}/{MANIFEST_FILE}", json.dumps(manifest, indent=1).encode())
+            with self._commit_lock(tenant):  # another upload may have taken the last free place
+                self._check_count(tenant, name, limits)
+                self._write_bytes(f"{prefix}/{MANIFEST_FILE}", json.dumps(manifest, indent=1).encode())
         except BaseException:
             self._cleanup_quietly(prefix)
             raise
@@ -144,6 +155,12 @@ class AdapterStore(ABC):
             self._write_bytes(f"shared/{tenant}/{name}", json.dumps(mark).encode())
         else:
             self._delete(f"shared/{tenant}/{name}")
+
+    def collect_garbage(self, older_than_s: float = 3600, now: float | None = None,
+                        dry_run: bool = False) -> list[str]:
+        """Delete the files of crashed uploads (no manifest, every object older than
+        `older_than_s` at `now`, default the current time); return their version prefixes."""
+        return collect_garbage(self, older_than_s, now, dry_run)
 
     # -- reads --
     def resolve(self, tenant: str, ref: str) -> AdapterInfo:
@@ -242,10 +259,12 @@ class AdapterStore(ABC):
         return owners[0]
 
     def _check_count(self, tenant: str, name: str, limits: StoreLimits) -> None:
+        # Names count once they have a visible version: an upload in flight (ours included)
+        # or the leftovers of a crashed one neither take a place nor grant one.
         names = self._list_children(f"tenants/{tenant}/adapters")
-        if name in names:
+        if name in names and self._latest(tenant, name, shared=False):
             return
-        live = [n for n in names if self._latest(tenant, n, shared=False)]
+        live = [n for n in names if n != name and self._latest(tenant, n, shared=False)]
         if len(live) >= limits.max_adapters_per_tenant:
             raise LimitExceededError(f"tenant {tenant!r} already has {len(live)} adapters, the limit; "
                                      "delete one (moeplex-adapters delete) before adding another",

@@ -1,0 +1,95 @@
+"""The per-tenant adapter-count limit under concurrent uploads of new names.
+
+The count is checked before the upload and again right before the manifest; on
+LocalStore the second check and the manifest write share a per-tenant flock, so two
+uploads racing for the last place cannot both win.
+"""
+import fcntl
+import threading
+
+import pytest
+
+from adapter_store.errors import LimitExceededError
+from adapter_store.local import LocalStore
+from adapter_store.store import MANIFEST_FILE
+from adapter_store.validate import StoreLimits
+from tests.adapter_store.helpers import stored_keys
+
+LIMIT = StoreLimits(max_adapters_per_tenant=2)
+
+
+def test_count_is_checked_again_before_the_manifest(store, adapter, base_model, monkeypatch):
+    """Another upload that takes the last place while ours is uploading wins; ours is refused."""
+    store.put("acme", "first", adapter, base_model, limits=LIMIT)
+    real_upload, other = store._upload_file, []
+
+    def upload(key, path, progress):
+        real_upload(key, path, progress)
+        if not other:  # during our upload, another one commits "second"
+            other.append(None)
+            other[0] = store.put("acme", "second", adapter, base_model, limits=LIMIT)
+
+    monkeypatch.setattr(store, "_upload_file", upload)
+    with pytest.raises(LimitExceededError) as caught:
+        store.put("acme", "third", adapter, base_model, limits=LIMIT)
+    assert caught.value.code == "too_many_adapters"
+    assert [i.name for i in store.list_adapters("acme")] == ["first", "second"]
+    assert sorted(k.split("/")[1] for k in stored_keys(store)) == ["first", "second"]  # ours cleaned up
+    monkeypatch.undo()
+    store.put("acme", "second", adapter, base_model, limits=LIMIT)  # a new version of a name takes no place
+
+
+def test_local_racing_uploads_at_limit_minus_one(tmp_path, adapter, base_model, monkeypatch):
+    """Both pass the early check; the flock lets exactly one of them commit.
+
+    The first to reach its manifest holds it until the other is either blocked on the
+    tenant lock or done with its own last check (the latter only without a lock), so
+    the interleaving that would let both through is forced, not hoped for.
+    """
+    store = LocalStore(tmp_path / "store")
+    store.put("acme", "first", adapter, base_model, limits=LIMIT)
+    other_waits, lock, checks = threading.Event(), threading.Lock(), []
+    real_flock, real_write, real_check = fcntl.flock, store._write_bytes, store._check_count
+
+    def flock(fd, op):
+        if op == fcntl.LOCK_EX:
+            try:
+                return real_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other_waits.set()  # the other upload holds the tenant lock
+        return real_flock(fd, op)
+
+    def check(tenant, name, limits):
+        real_check(tenant, name, limits)
+        with lock:
+            checks.append(name)
+            if len(checks) == 4:  # both early checks and both last checks passed
+                other_waits.set()
+
+    def write(key, data):
+        if key.endswith(MANIFEST_FILE):
+            assert other_waits.wait(60), "the other upload never reached its commit"
+        real_write(key, data)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(store, "_check_count", check)
+    monkeypatch.setattr(store, "_write_bytes", write)
+    outcomes = {}
+
+    def upload(name):
+        try:
+            outcomes[name] = store.put("acme", name, adapter, base_model, limits=LIMIT)
+        except LimitExceededError as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=upload, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [n for n, o in outcomes.items() if isinstance(o, LimitExceededError)]
+    stored = [n for n, o in outcomes.items() if not isinstance(o, Exception)]
+    assert len(refused) == 1 and len(stored) == 1, outcomes
+    assert outcomes[refused[0]].code == "too_many_adapters"
+    assert sorted(i.name for i in store.list_adapters("acme")) == sorted(["first", *stored])
+    assert sorted(k.split("/")[1] for k in stored_keys(store)) == sorted(["first", *stored])
