@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from adapter_store import DiskCache
 from adapter_store.cli import main
 from adapter_store.errors import AdapterNotFoundError
 from adapter_store.garbage import find_orphans, version_prefix
@@ -111,8 +112,6 @@ def test_gc_removes_only_old_uncommitted_versions(store, adapter, tiny_adapter, 
     [fresh] = done
     assert store.list_versions("acme", "ad") == [committed]
     assert sorted(stored_keys(store)) == sorted([f"acme/ad/{committed.version}", f"acme/fresh/{fresh.version}"])
-    from adapter_store import DiskCache
-
     cache = DiskCache(tmp_path / "cache", 1 << 30)
     assert same_files(cache.fetch(store, store.resolve("acme", "ad")), adapter)
     assert same_files(cache.fetch(store, store.resolve("acme", "fresh")), fresh_src)
