@@ -62,11 +62,6 @@ class LoRAAdapter:
         """The same adapter under another name, sharing its tensors (no copy)."""
         return LoRAAdapter(name, self.dense, self.moe, self.packed, self.packed_ranks)
 
-    def pin_memory(self) -> "LoRAAdapter":
-        for f in (*self.dense.values(), *self.moe.values()):
-            f.a, f.b = f.a.pin_memory(), f.b.pin_memory()
-        return self
-
 
 def model_shape(spec: ModelSpec) -> ModelShape:
     return ModelShape(family=spec.family, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
