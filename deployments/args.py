@@ -61,6 +61,12 @@ class AppArgs(BaseModel):
     max_concurrent_requests_per_tenant: int = Field(default=32, ge=1)
     max_adapters_per_tenant: int = Field(default=64, ge=1)
     max_adapter_bytes: int = Field(default=512 << 20, ge=1)
+    adapter_resolve_ttl_s: float = Field(
+        default=2.0, ge=0, description="seconds the ingress reuses a resolved `model` (adapter "
+        "name -> version, or not found) before asking the store again; 0 = ask every request. "
+        "Uploads and deletes through the same ingress replica show at once; through another "
+        "replica (or the CLI) after at most this long, or 10x this long for a pinned "
+        "name@version that was deleted or unshared")
 
     @field_validator("autoscaling_config", mode="before")
     @classmethod

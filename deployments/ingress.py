@@ -73,6 +73,7 @@ class Ingress:
         from deployments.limits import TenantLimiter
         from deployments.metrics import IngressMetrics
         from deployments.model_files import ensure_model
+        from deployments.resolve_cache import ResolveCache
 
         self._llm = llm
         self._args = args
@@ -80,6 +81,7 @@ class Ingress:
         self._limiter = TenantLimiter(args.max_concurrent_requests_per_tenant,
                                       self._auth.max_concurrent)
         self._store = args.open_store()
+        self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
         self._base_dir = ensure_model(args)  # uploads are validated against its config.json
         self._metrics = IngressMetrics()
 
@@ -119,6 +121,7 @@ class Ingress:
                                            limits=self._args.store_limits())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            self._resolved.invalidate(name)  # the new version is "latest" from now on
         logger.info("tenant %s uploaded adapter %s@%s", tenant, info.name, info.version)
         return adapter_card(info).model_dump()
 
@@ -131,7 +134,7 @@ class Ingress:
     @api.get("/v1/adapters/{name:path}")
     async def get_adapter(self, name: str, request: Request) -> dict:
         tenant = self._auth.tenant_of(request.headers)
-        info = await asyncio.to_thread(self._store.resolve, tenant, name)
+        info = await self._resolved.resolve(tenant, name)
         card = adapter_card(info).model_dump()
         if info.tenant == tenant:
             versions = await asyncio.to_thread(self._store.list_versions, tenant, info.name)
@@ -141,7 +144,10 @@ class Ingress:
     @api.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request, version: str | None = None):
         tenant = self._auth.tenant_of(request.headers)
-        await asyncio.to_thread(self._store.delete, tenant, name, version)
+        try:
+            await asyncio.to_thread(self._store.delete, tenant, name, version)
+        finally:  # a delete that failed half-way may still have removed versions
+            self._resolved.invalidate(name)
         logger.info("tenant %s deleted adapter %s (version %s)", tenant, name, version or "all")
         return {"id": name, "object": "adapter", "deleted": True}
 
@@ -206,7 +212,7 @@ class Ingress:
         if model == self._args.model_name():
             return ""
         try:
-            info = await asyncio.to_thread(self._store.resolve, tenant, model)
+            info = await self._resolved.resolve(tenant, model)
         except AdapterNotFoundError as exc:
             raise NotFoundError(
                 f"model {model!r} does not exist or is not available to you; GET /v1/models "
