@@ -1,9 +1,11 @@
 """Serve path benchmark: N streaming clients over M tenants through HTTP vs the engine alone.
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 200] [--concurrency 32] \
-        [--tenants 8] [--adapters 4] [--max-tokens 16] [--replicas 1] [--out bench_serve.json]
+        [--tenants 8] [--adapters 4] [--max-tokens 16] [--replicas 1] [--resolve-ttl S] [--s3] \
+        [--out bench_serve.json]
 
-Starts Ray and the moeplex app on loopback (development mode, local adapter store, the
+Starts Ray and the moeplex app on loopback (development mode, local adapter store or, with
+--s3, a moto S3 server it starts on loopback, the
 embedded tiny checkpoint unless --model), uploads `--adapters` PEFT adapters over HTTP as
 an operator tenant and shares them, then fires a burst of `--requests` streaming
 completions from `--concurrency` concurrent clients; request i comes from tenant i % M
@@ -19,6 +21,8 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -233,8 +237,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
     parser.add_argument("--model", default=None, help="checkpoint dir (default: tiny)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--resolve-ttl", type=float, default=None,
+                        help="AppArgs.adapter_resolve_ttl_s (0: the ingress resolves on every request)")
+    parser.add_argument("--s3", action="store_true",
+                        help="adapter store on a moto S3 server this run starts on loopback")
     parser.add_argument("--out", default="bench_serve.json")
     return parser.parse_args(argv)
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    """moto_server on a free loopback port with bucket `adapters`; returns (process, endpoint)."""
+    import boto3
+    for key, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)  # Ray's local workers inherit these
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    for _ in range(100):
+        try:
+            client.create_bucket(Bucket="adapters")
+            return proc, url
+        except Exception:  # not listening yet
+            time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"moto_server did not come up on {url}")
 
 
 def print_table(results: dict) -> None:
@@ -253,20 +282,35 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    opts = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="moeplex-bench-"))
+    extra, moto = {}, None
+    if opts.resolve_ttl is not None:
+        extra["adapter_resolve_ttl_s"] = opts.resolve_ttl
+    if opts.s3:
+        moto, url = start_s3()
+        extra.update(store="s3://adapters/bench", store_endpoint_url=url, store_region="us-east-1")
+    try:
+        return _run(opts, workdir, extra)
+    finally:
+        if moto is not None:
+            moto.terminate()
+
+
+def _run(opts, workdir: Path, extra: dict) -> int:
     from deployments.args import AppArgs
     from deployments.model_files import ensure_model
 
-    opts = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="moeplex-bench-"))
     args = AppArgs(model=opts.model, cache_dir=str(workdir / "cache"), device=opts.device,
                    num_replicas=opts.replicas, max_loras=max(4, opts.adapters),
-                   max_concurrent_requests_per_tenant=max(32, opts.concurrency))
+                   max_concurrent_requests_per_tenant=max(32, opts.concurrency), **extra)
     model_dir = ensure_model(args)
     adapter_dirs = make_adapters(model_dir, workdir / "adapters", opts.adapters)
     jobs = plan(opts.requests, opts.tenants, opts.adapters)
     served, served_alone, startup_s = run_served(args, adapter_dirs, jobs, opts)
     direct, direct_alone = run_direct(args, model_dir, adapter_dirs, jobs, opts)
-    results = {"config": {**vars(opts), "model_dir": str(model_dir)},
+    results = {"config": {**vars(opts), "model_dir": str(model_dir), "store": args.store_uri(),
+                          "adapter_resolve_ttl_s": args.adapter_resolve_ttl_s},
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "python": platform.python_version()},
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "serve_startup_s": round(startup_s, 1),
