@@ -10,7 +10,7 @@ from torch import Tensor, nn
 import kernels
 from engine.attention import ForwardBatch, paged_attention, write_kv
 from engine.models.spec import ModelSpec
-from kernels.norm_rope import fused_add_rms_norm, qk_norm_rope_, rms_norm
+from kernels.norm_rope import fused_add_rms_norm, qk_norm_rope_, rms_norm, rotary_ref
 
 
 class RMSNorm(nn.Module):
@@ -20,11 +20,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if kernels.use_triton(x):
-            return rms_norm(x, self.weight, self.eps)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # its torch twin off the Triton path
 
     def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """(norm(residual + x), residual + x): one launch on Triton, which updates residual in place."""
@@ -51,11 +47,6 @@ class LoRALinear(nn.Module):
         return out
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
@@ -63,11 +54,8 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """positions [T]; q [T, H, Dh], k [T, G, Dh]."""
-        freqs = positions[:, None].float() * self.inv_freq.to(q.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(q.dtype)[:, None], emb.sin().to(q.dtype)[:, None]
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        """positions [T]; q [T, H, Dh], k [T, G, Dh] -> rotated copies (torch path)."""
+        return rotary_ref(positions, self.inv_freq, q, k)
 
 
 class Attention(nn.Module):
