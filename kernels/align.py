@@ -71,7 +71,8 @@ def moe_align_virtual(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: in
     max_blocks = max_blocks_bound(num_rows, pairs_bound, block_size)
     width = num_slots + 1 if expert_major else num_experts
     if use_triton(topk_ids) and 0 < num_rows:
-        tensors = _align_triton(topk_ids, slot_ids, num_experts, block_size, max_blocks, num_slots, expert_major)
+        tensors = _align_triton(topk_ids, slot_ids, num_experts, block_size, max_blocks, num_slots, width,
+                                expert_major)
         if tensors is not None:
             return VirtualLayout(*tensors, block_size=block_size, num_rows=num_rows, max_blocks=max_blocks)
     key = topk_ids.reshape(-1).to(torch.int64)
@@ -85,14 +86,14 @@ def moe_align_virtual(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: in
 
 
 def _align_triton(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: int, block_size: int,
-                  max_blocks: int, num_slots: int | None, expert_major: bool) -> tuple[Tensor, ...] | None:
+                  max_blocks: int, num_slots: int | None, width: int,
+                  expert_major: bool) -> tuple[Tensor, ...] | None:
     """The Triton alignment for this batch, or None where the torch path takes it: one program
     up to SINGLE_PROGRAM_ROWS rows, the multi-program counting sort above that when the key
     space is known (num_slots given) and bounded, else one program up to its MAX_ROWS."""
     from kernels.align_multi import KeySpace, align_multi, multi_fits
     from kernels.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS, align_triton
     num_rows = topk_ids.numel()
-    width = num_slots + 1 if expert_major else num_experts
     if num_rows > SINGLE_PROGRAM_ROWS and (slot_ids is None or num_slots):
         space = KeySpace(num_experts, num_slots if slot_ids is not None else 1, slot_ids is not None, expert_major)
         if multi_fits(num_rows, space):

@@ -44,11 +44,11 @@ class MoECausalLM(nn.Module):
     def forward(self, input_ids: Tensor, batch: ForwardBatch) -> Tensor:
         """input_ids [T] -> final hidden states [T, D]."""
         residual = F.embedding(input_ids, self.embed_tokens)  # [T, D], updated in place on Triton
-        pool = self.layers[0].self_attn.q_proj.lora if self.layers else None
-        if batch.lora_slot_ids is not None and pool is not None:  # one alignment for every q/k/v/o
-            batch.lora_layout = kernels.dense_lora_layout(batch.lora_slot_ids, pool.num_slots)
         if not self.layers:
             return self.norm(residual)
+        pool = self.layers[0].self_attn.q_proj.lora
+        if batch.lora_slot_ids is not None and pool is not None:  # one alignment for every q/k/v/o
+            batch.lora_layout = kernels.dense_lora_layout(batch.lora_slot_ids, pool.num_slots)
         h = self.layers[0].input_layernorm(residual)
         next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         for layer, next_norm in zip(self.layers, next_norms):
