@@ -7,16 +7,17 @@ in plain torch otherwise.
 from torch import Tensor
 
 from kernels.align import VirtualLayout, moe_align_virtual
+from kernels.checks import check_dense_args
 from kernels.dispatch import use_triton
-from kernels.errors import KernelInputError
-from kernels.reference import fused_moe_ref, lora_linear_ref_
-from kernels.weights import DenseLoRAWeights, MoELoRAWeights
+from kernels.errors import KernelInputError, expect
+from kernels.reference import fused_moe_ref, lora_group_ref_, lora_linear_ref_
+from kernels.weights import DenseLoRAGroup, DenseLoRAWeights, MoELoRAWeights
 
 __all__ = [
-    "DenseLoRAWeights", "KernelInputError", "MoELoRAWeights", "VirtualLayout", "dense_lora_layout", "fused_moe",
-    "fused_moe_ref", "lora_linear_", "lora_linear_ref_", "moe_align_virtual", "use_triton",
+    "DenseLoRAGroup", "DenseLoRAWeights", "KernelInputError", "MoELoRAWeights", "VirtualLayout", "dense_lora_layout",
+    "fused_moe", "fused_moe_ref", "lora_group_linear_", "lora_group_ref_", "lora_linear_", "lora_linear_ref_",
+    "moe_align_virtual", "use_triton",
 ]
-
 
 
 def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
@@ -58,9 +59,43 @@ def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tenso
             projections of a step (the Triton path computes it when None; torch ignores it).
     """
     if use_triton(x):
-        from kernels.moe_launch import lora_linear_triton_
-        return lora_linear_triton_(x, out, lora, slot_ids, layout)
+        check_dense_args(x, out, lora, slot_ids)
+        return _group_triton(x, out, DenseLoRAGroup.of(lora), slot_ids, layout)
     return lora_linear_ref_(x, out, lora, slot_ids)
+
+
+def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
+                       layout: VirtualLayout | None = None) -> Tensor:
+    """Adds each token's LoRA deltas of H projections that share their input (q/k/v) to out,
+    whose columns hold the projections side by side; in place; returns out.
+
+    Semantics:
+        out[t, off_h:off_h + N_h] += (x[t] @ a_h[s].T) @ b_h[s].T for each projection h, with
+        s = slot_ids[t]; rows with s = -1 untouched. On Triton: one shrink and one expand launch
+        for the whole group.
+    Args:
+        x: [T, IN] fp32/fp16/bf16; out: [T, N], N = sum(lora.sections), same dtype.
+        lora: DenseLoRAGroup (a [S, H*R, IN], b [S, N, R], ranks [H, S] int32).
+        slot_ids: [T] int, -1 for no adapter.
+        layout: `dense_lora_layout(slot_ids, S)`, shared by the step's projections (as in lora_linear_).
+    """
+    for h in range(lora.num_projections):
+        check_dense_args(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.dense(h), slot_ids)
+    if use_triton(x):
+        return _group_triton(x, out, lora, slot_ids, layout)
+    return lora_group_ref_(x, out, lora, slot_ids)
+
+
+def _group_triton(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
+                  layout: VirtualLayout | None) -> Tensor:
+    from kernels.dense_lora import lora_group_triton_
+    from kernels.moe_launch import LORA_BLOCK_M, dense_layout
+    if x.shape[0] == 0:
+        return out
+    layout = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)
+    expect(layout.num_rows == x.shape[0] and layout.block_size == LORA_BLOCK_M,
+           f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {x.shape[0]} rows")
+    return lora_group_triton_(x, out, lora, layout)
 
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:

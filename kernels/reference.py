@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.checks import check_dense_args, check_moe_args
-from kernels.weights import DenseLoRAWeights, MoELoRAWeights
+from kernels.weights import DenseLoRAGroup, DenseLoRAWeights, MoELoRAWeights
 
 
 def fused_moe_ref(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
@@ -91,4 +91,21 @@ def lora_linear_ref_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: T
     for s, rows in _slot_groups(slot_ids, all_rows):
         delta = (x[rows].float() @ lora.a[s].float().T) @ lora.b[s].float().T
         out[rows] = (out[rows].float() + delta).to(out.dtype)
+    return out
+
+
+def lora_group_ref_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor) -> Tensor:
+    """Adds each token's LoRA deltas of a group of projections to their columns of out, in place.
+
+    Semantics:
+        out[t, off_h:off_h + N_h] += (x[t] @ a_h[s].T) @ b_h[s].T for each projection h, s = slot_ids[t];
+        rows with s = -1 untouched (see DenseLoRAGroup for the layout of a and b).
+    Args:
+        x: [T, IN] fp32/fp16/bf16; out: [T, N] with N = sum(lora.sections), same dtype.
+        lora: DenseLoRAGroup of S slots; slot_ids: [T] int32, -1 for no adapter.
+    Returns:
+        out.
+    """
+    for h in range(lora.num_projections):
+        lora_linear_ref_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.dense(h), slot_ids)
     return out

@@ -67,6 +67,58 @@ class DenseLoRAWeights:
         return self.a.shape[1]
 
 
+@dataclass(slots=True)
+class DenseLoRAGroup:
+    """LoRA slots of H dense projections that read the same input, their outputs side by side
+    in one row (q/k/v of an attention layer as one fused GEMM writes them)."""
+
+    a: Tensor  # [S, H*R, IN]: rows [h*R, (h+1)*R) are projection h's A
+    b: Tensor  # [S, N, R], N = sum(sections): rows [off_h, off_h + N_h) are projection h's B
+    ranks: Tensor  # [H, S] int32: projection h's rank in slot s (0: the adapter leaves it alone)
+    sections: tuple[int, ...]  # N_h, the output features of each projection
+
+    def __post_init__(self) -> None:
+        expect(self.a.dim() == 3 and self.b.dim() == 3, "a must be [S, H*R, IN] and b [S, N, R]")
+        s, hr, _ = self.a.shape
+        heads, r = len(self.sections), self.b.shape[2]
+        expect(heads >= 1 and hr == heads * r, f"a must be [S, H*R = {heads}*{r}, IN], got {tuple(self.a.shape)}")
+        expect(self.b.shape[0] == s and self.b.shape[1] == sum(self.sections),
+               f"b must be [S={s}, N={sum(self.sections)}, R], got {tuple(self.b.shape)}")
+        expect(tuple(self.ranks.shape) == (heads, s) and self.ranks.dtype == torch.int32,
+               f"ranks must be int32 [H={heads}, S={s}], got {self.ranks.dtype} {tuple(self.ranks.shape)}")
+        expect(self.ranks.device == self.a.device, f"ranks must live on {self.a.device}, got {self.ranks.device}")
+
+    @classmethod
+    def of(cls, lora: DenseLoRAWeights) -> "DenseLoRAGroup":
+        """A group of one projection."""
+        return cls(lora.a, lora.b, lora.ranks.unsqueeze(0), (lora.b.shape[1],))
+
+    @property
+    def num_slots(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.b.shape[2]
+
+    @property
+    def num_projections(self) -> int:
+        return len(self.sections)
+
+    def offset(self, h: int) -> int:
+        """First output column of projection h (h = H gives N)."""
+        return sum(self.sections[:h])
+
+    def projection(self, h: int) -> "DenseLoRAGroup":
+        return DenseLoRAGroup.of(self.dense(h))
+
+    def dense(self, h: int) -> DenseLoRAWeights:
+        """Projection h's pools as views."""
+        r = self.max_rank
+        return DenseLoRAWeights(self.a[:, h * r:(h + 1) * r], self.b[:, self.offset(h):self.offset(h + 1)],
+                                self.ranks[h])
+
+
 def _check_ranks(ranks: Tensor, num_slots: int, device: torch.device) -> None:
     expect(ranks.dim() == 1 and ranks.shape[0] == num_slots,
             f"ranks must be [S={num_slots}], got {tuple(ranks.shape)}")

@@ -37,13 +37,14 @@ class SlotPools:
             if isinstance(layer.mlp, SparseMoE):
                 e, two_i, d = layer.mlp.w_gate_up.shape
                 self.plan.append(("moe", i, (e, two_i // 2, d)))
-        self.slot_numel = sum(math.prod(s) for s in self._slot_shapes())
+        self.slot_numel = sum(math.prod(shape) for _, shape in self._slot_shapes())
         self.storage = torch.zeros(num_slots, self.slot_numel, dtype=self.dtype, device=self.device)
         self.ranks = torch.zeros(len(self.plan), num_slots, dtype=torch.int32, device=self.device)  # [P, S]
-        self.dense, self.moe = self._carve(self.storage, self.ranks)
+        self.dense, self.moe, self.qkv = self._carve(self.storage, self.ranks)
         for i, layer in enumerate(model.layers):
             for name in ATTENTION_PROJECTIONS:
                 getattr(layer.self_attn, name).lora = self.dense[(i, name)]
+            layer.self_attn.qkv_lora = self.qkv[i]
             if i in self.moe:
                 layer.mlp.lora = self.moe[i]
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -52,32 +53,49 @@ class SlotPools:
     def slot_bytes(self) -> int:
         return self.slot_numel * self.storage.element_size()
 
-    def _slot_shapes(self) -> list[tuple[int, ...]]:
-        """Per-slot shapes of every pool tensor, in storage order."""
+    def _slot_shapes(self) -> list[tuple[tuple, tuple[int, ...]]]:
+        """(key, per-slot shape) of every pool tensor, in storage order. A layer's q/k/v keep
+        their A's side by side, then their B's, so the three are one group view (one shrink and
+        one expand launch for all three)."""
         r, shapes = self.max_rank, []
-        for kind, _, dims in self.plan:
-            if kind == "dense":
-                out_f, in_f = dims
-                shapes += [(r, in_f), (out_f, r)]
-            else:
+        for p, (kind, key, dims) in enumerate(self.plan):
+            if kind == "moe":
                 e, i, d = dims
-                shapes += [(e, 2 * r, d), (e, 2 * i, r), (e, r, i), (e, d, r)]
+                shapes += [((p, name), shape) for name, shape in
+                           (("gate_up_a", (e, 2 * r, d)), ("gate_up_b", (e, 2 * i, r)),
+                            ("down_a", (e, r, i)), ("down_b", (e, d, r)))]
+            elif key[1] == "q_proj":  # q, k, v: plan entries p, p + 1, p + 2
+                shapes += [((p + h, "a"), (r, self.plan[p + h][2][1])) for h in range(3)]
+                shapes += [((p + h, "b"), (self.plan[p + h][2][0], r)) for h in range(3)]
+            elif key[1] not in ("k_proj", "v_proj"):
+                out_f, in_f = dims
+                shapes += [((p, "a"), (r, in_f)), ((p, "b"), (out_f, r))]
         return shapes
 
-    def _carve(self, storage: Tensor, ranks: Tensor) -> tuple[dict, dict]:
-        """Pools over `storage` [S', slot_numel] and `ranks` [P, S'] (the device pools, or a host image)."""
-        views, offset = [], 0
-        for shape in self._slot_shapes():
+    def _carve(self, storage: Tensor, ranks: Tensor) -> tuple[dict, dict, dict]:
+        """Pools over `storage` [S', slot_numel] and `ranks` [P, S'] (the device pools, or a host
+        image): dense pools by (layer, name), MoE pools by layer, q/k/v groups by layer."""
+        views, starts, offset = {}, {}, 0
+        for key, shape in self._slot_shapes():
             n = math.prod(shape)
-            views.append(storage[:, offset:offset + n].view(storage.shape[0], *shape))  # slot stride = row
+            views[key] = storage[:, offset:offset + n].view(storage.shape[0], *shape)  # slot stride = row
+            starts[key] = offset
             offset += n
-        dense, moe, it = {}, {}, iter(views)
-        for p, (kind, key, _) in enumerate(self.plan):
+        dense, moe, groups = {}, {}, {}
+        for p, (kind, key, dims) in enumerate(self.plan):
             if kind == "dense":
-                dense[key] = kernels.DenseLoRAWeights(next(it), next(it), ranks[p])
+                dense[key] = kernels.DenseLoRAWeights(views[(p, "a")], views[(p, "b")], ranks[p])
             else:
-                moe[key] = kernels.MoELoRAWeights(next(it), next(it), next(it), next(it), ranks[p])
-        return dense, moe
+                moe[key] = kernels.MoELoRAWeights(*(views[(p, n)] for n in ("gate_up_a", "gate_up_b", "down_a", "down_b")),
+                                                  ranks[p])
+            if kind == "dense" and key[1] == "q_proj":
+                sections = tuple(self.plan[p + h][2][0] for h in range(3))
+                rows, in_f = 3 * self.max_rank, dims[1]
+                a0, b0 = starts[(p, "a")], starts[(p, "b")]
+                a = storage[:, a0:a0 + rows * in_f].view(storage.shape[0], rows, in_f)
+                b = storage[:, b0:b0 + sum(sections) * self.max_rank].view(storage.shape[0], sum(sections), self.max_rank)
+                groups[key[0]] = kernels.DenseLoRAGroup(a, b, ranks[p:p + 3], sections)
+        return dense, moe, groups
 
     @torch.no_grad()
     def pack(self, adapter: LoRAAdapter) -> LoRAAdapter:
@@ -93,7 +111,7 @@ class SlotPools:
         pin = self.device.type == "cuda"
         image = torch.zeros(1, self.slot_numel, dtype=self.dtype, pin_memory=pin)
         ranks = torch.zeros(len(self.plan), 1, dtype=torch.int32, pin_memory=pin)
-        dense, moe = self._carve(image, ranks)
+        dense, moe, _ = self._carve(image, ranks)
         _fill(dense, moe, adapter, self.max_rank)
         adapter.packed, adapter.packed_ranks = image[0], ranks[:, 0]
         adapter.dense, adapter.moe = {}, {}

@@ -77,10 +77,40 @@ class Attention(nn.Module):
         self.rotary = Rotary(dh, spec.rope_theta)
         self.k_cache: Tensor | None = None  # [N, S, G, Dh], bound by ModelRunner
         self.v_cache: Tensor | None = None
+        # q/k/v as one GEMM once the weights are in (fuse_qkv); their LoRA as one group (SlotPools)
+        self.qkv_weight: Tensor | None = None  # [H*Dh + 2*G*Dh, D]
+        self.qkv_bias: Tensor | None = None
+        self.qkv_lora: kernels.DenseLoRAGroup | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Concatenate the loaded q/k/v weights into one [H*Dh + 2*G*Dh, D] matrix; the three
+        projections' weights become views of it (no second copy)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = torch.cat([p.weight for p in projections])
+        if self.q_proj.bias is not None:
+            self.qkv_bias = torch.cat([p.bias for p in projections])
+        start = 0
+        for p in projections:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(self.qkv_weight[start:start + n], requires_grad=False)
+            if self.qkv_bias is not None:
+                p.bias = nn.Parameter(self.qkv_bias[start:start + n], requires_grad=False)
+            start += n
+
+    def _project_qkv(self, x: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """[T, H*Dh], [T, G*Dh], [T, G*Dh]: column views of one fused output when fused."""
+        slots, lay = batch.lora_slot_ids, batch.lora_layout
+        if self.qkv_weight is None:
+            return self.q_proj(x, slots, lay), self.k_proj(x, slots, lay), self.v_proj(x, slots, lay)
+        out = F.linear(x, self.qkv_weight, self.qkv_bias)
+        if self.qkv_lora is not None and slots is not None:
+            kernels.lora_group_linear_(x, out, self.qkv_lora, slots, lay)
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return out[:, :nq], out[:, nq:nq + nkv], out[:, nq + nkv:]
 
     def _qkv(self, x: Tensor, batch: ForwardBatch, head_norm: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        slots, lay = batch.lora_slot_ids, batch.lora_layout
-        q, k, v = self.q_proj(x, slots, lay), self.k_proj(x, slots, lay), self.v_proj(x, slots, lay)
+        q, k, v = self._project_qkv(x, batch)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -119,4 +119,6 @@ def load_model(spec: ModelSpec, model_dir: Path | None, device: torch.device, dt
         _fill_dummy(model, seed)
     else:
         _load_safetensors(model, Path(model_dir))
+    for attention in model.attention_layers():
+        attention.fuse_qkv()
     return model.eval()

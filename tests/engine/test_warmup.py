@@ -41,7 +41,7 @@ def test_warmup_runs_full_small_and_mixed_steps_into_the_scratch_block(checkpoin
 
 def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoints, monkeypatch):
     engine = make_engine(checkpoints[FAMILY], max_loras=2, **SMALL)
-    seen = {"fused_moe": [], "lora_linear_": []}
+    seen = {"fused_moe": [], "lora_linear_": [], "lora_group_linear_": []}
 
     def recording(name, position):
         original = getattr(kernels, name)
@@ -53,12 +53,14 @@ def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoi
         return wrapper
     monkeypatch.setattr(kernels, "fused_moe", recording("fused_moe", 6))
     monkeypatch.setattr(kernels, "lora_linear_", recording("lora_linear_", 3))
+    monkeypatch.setattr(kernels, "lora_group_linear_", recording("lora_group_linear_", 3))
     calls = record_forwards(engine)
     engine.runner.warmup()
     assert [c["lora"] for c in calls] == [None, [-1, 0]] * 3  # each shape without and with LoRA
     num_moe, num_layers = len(engine.runner.model.moe_layers()), engine.spec.num_layers
     assert num_moe > 0 and seen["fused_moe"] == ([None] * num_moe + [[-1, 0]] * num_moe) * 3
-    assert seen["lora_linear_"] == [[-1, 0]] * (3 * 4 * num_layers)  # q, k, v, o of every layer
+    assert seen["lora_group_linear_"] == [[-1, 0]] * (3 * num_layers)  # q/k/v of every layer, as one group
+    assert seen["lora_linear_"] == [[-1, 0]] * (3 * num_layers)  # o of every layer
 
 
 def generate_all(engine, adapters) -> list[list[int]]:

@@ -31,6 +31,9 @@ def case_names() -> list[str]:
     names += ["moe-fp32-t5e6k2-zipf-strided"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
     names += ["dense-fp32-identical-nanpad"]
+    # q/k/v as one group: sections a 16-column tile divides (one shrink + one expand, split over
+    # 300 input features), and sections it does not (one projection at a time)
+    names += ["group-fp32-uniform-s32x16x16", "group-fp16-zipf-s32x16x16-nanpad", "group-fp32-distinct-s36x20x12"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -95,6 +98,37 @@ def run_dense(name: str) -> dict:
             "finite": bool(torch.isfinite(out).all()), "tol": TOL[p["dtype"]]}
 
 
+def run_group(name: str) -> dict:
+    """lora_group_linear_ over q/k/v-like sections against the fp64 loop, projection by projection."""
+    p = _parse(name)
+    dtype = DTYPES[p["dtype"]]
+    spread = p["shape"]
+    sections = tuple(int(n) for n in p["rest"][0][1:].split("x"))
+    pad = float("nan") if "nanpad" in p["rest"] else 0.0
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
+    t, n_in = 19, 300
+    # per projection and slot ranks, one projection left alone (rank 0) by slot 3
+    ranks = [[1, 8, 16, 4], [8, 16, 1, 0], [16, 4, 8, 2]]
+    parts = [make_dense_lora(gen, 4, n_in, n, ranks[h], dtype, pad=pad) for h, n in enumerate(sections)]
+    import kernels
+    group = kernels.DenseLoRAGroup(torch.cat([q.a for q in parts], 1), torch.cat([q.b for q in parts], 1),
+                                   torch.stack([q.ranks for q in parts]), sections)
+    x = torch.randn(t, n_in, generator=gen).to(dtype)
+    out = torch.randn(t, sum(sections), generator=gen).to(dtype)
+    slots = make_slot_ids(spread, t, 4, gen)
+    slots[0], slots[1] = 3, 1
+    offs = [sum(sections[:h]) for h in range(len(sections) + 1)]
+    want = torch.cat([dense_loop_ref(x, out[:, offs[h]:offs[h + 1]], parts[h], slots)
+                      for h in range(len(sections))], 1)
+    before = out.clone()
+    kernels.lora_group_linear_(x, out, group, slots)
+    none = slots < 0
+    return {"err": rel_err(out, want), "base_err": 0.0,
+            "delta_err": rel_err(out.double() - before.double(), want - before.double()),
+            "bitwise": bool(torch.equal(out[none], before[none])),
+            "finite": bool(torch.isfinite(out).all()), "tol": TOL[p["dtype"]]}
+
+
 def run_align(name: str) -> dict:
     """Triton single-program alignment equals the torch alignment, tensor for tensor."""
     p = _parse(name)
@@ -119,7 +153,7 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MOEPLEX_TRITON") != "1":
         sys.exit("set TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 to run the Triton interpreter cases")
     for name in case_names():
-        runner = {"moe": run_moe, "dense": run_dense, "align": run_align}[name.split("-")[0]]
+        runner = {"moe": run_moe, "dense": run_dense, "group": run_group, "align": run_align}[name.split("-")[0]]
         print(json.dumps({"name": name, **runner(name)}), flush=True)
 
 

@@ -95,6 +95,31 @@ def test_lora_linear_bf16(spread, t):
     assert torch.equal(out[slots < 0], before[slots < 0])
 
 
+@pytest.mark.parametrize("t", [1, 64, 2048])
+@pytest.mark.parametrize("sections", [(4096, 512, 512), (4096 + 128, 128 * 3, 128 * 3)])
+def test_lora_group_qkv_bf16(t, sections):
+    """q/k/v as one group (one shrink split over the input, one expand) against the fp64 loop of
+    each projection; the second shape's section ends admit only a 128-column tile."""
+    gen, cpu_gen = _gens(t + len(sections))
+    _poison_allocator()
+    n_in = 2048
+    ranks = [RANKS, RANKS[::-1], [0, 16, 8, 64, 1, 16]]  # slot 0 leaves v alone
+    parts = [make_dense_lora(gen, len(RANKS), n_in, n, ranks[h], torch.bfloat16, "cuda")
+             for h, n in enumerate(sections)]
+    group = kernels.DenseLoRAGroup(torch.cat([q.a for q in parts], 1), torch.cat([q.b for q in parts], 1),
+                                   torch.stack([q.ranks for q in parts]), sections)
+    x = torch.randn(t, n_in, generator=gen, device="cuda").to(torch.bfloat16)
+    out = torch.randn(t, sum(sections), generator=gen, device="cuda").to(torch.bfloat16)
+    slots = make_slot_ids("uniform", t, len(RANKS), cpu_gen).cuda()
+    slots[0] = 0
+    offs = [sum(sections[:h]) for h in range(4)]
+    want = torch.cat([dense_loop_ref(x, out[:, offs[h]:offs[h + 1]], parts[h], slots) for h in range(3)], 1)
+    before = out.clone()
+    kernels.lora_group_linear_(x, out, group, slots)
+    assert rel_err(out.double() - before.double(), want - before.double()) <= 2e-2
+    assert torch.equal(out[slots < 0], before[slots < 0])
+
+
 @pytest.mark.parametrize("t", [1, 8])
 def test_decode_step_captures_in_cuda_graph(t):
     """No host sync in the forward: alignment and all launches capture and replay."""
