@@ -11,6 +11,7 @@ import kernels
 from engine.attention import ForwardBatch, paged_attention, write_kv
 from engine.models.spec import ModelSpec
 from kernels.norm_rope import fused_add_rms_norm, qk_norm_rope_, rms_norm, rotary_ref
+from kernels.router import route_topk
 
 
 class RMSNorm(nn.Module):
@@ -166,11 +167,9 @@ class SparseMoE(nn.Module):
         self.per_adapter_loop = False  # benchmark baseline: one fused_moe per adapter in the batch
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        probs = torch.softmax(F.linear(x, self.router), dim=-1, dtype=torch.float32)  # [T, E]
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), ids
+        """(weights [T, K] in x's dtype, expert ids [T, K]): fp32 softmax over the router logits,
+        top-k, renormalised when the family says so; one launch on Triton."""
+        return route_topk(F.linear(x, self.router), self.top_k, self.norm_topk_prob, x.dtype)
 
     def forward(self, x: Tensor, slots: Tensor | None) -> Tensor:
         weights, ids = self.route(x)

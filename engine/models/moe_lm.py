@@ -43,17 +43,28 @@ class MoECausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, batch: ForwardBatch) -> Tensor:
         """input_ids [T] -> final hidden states [T, D]."""
+        h, residual = self.embed(input_ids, batch)
+        return self.run_layers(h, residual, batch, 0, len(self.layers))[0]
+
+    def embed(self, input_ids: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor]:
+        """(input_layernorm of layer 0 (or the final norm), residual) of input_ids [T]; sets the
+        step's shared dense LoRA layout on batch."""
         residual = F.embedding(input_ids, self.embed_tokens)  # [T, D], updated in place on Triton
         if not self.layers:
-            return self.norm(residual)
+            return self.norm(residual), residual
         pool = self.layers[0].self_attn.q_proj.lora
         if batch.lora_slot_ids is not None and pool is not None:  # one alignment for every q/k/v/o
             batch.lora_layout = kernels.dense_lora_layout(batch.lora_slot_ids, pool.num_slots)
-        h = self.layers[0].input_layernorm(residual)
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for layer, next_norm in zip(self.layers, next_norms):
-            h, residual = layer(h, residual, batch, next_norm)
-        return h
+        return self.layers[0].input_layernorm(residual), residual
+
+    def run_layers(self, h: Tensor, residual: Tensor, batch: ForwardBatch, start: int,
+                   end: int) -> tuple[Tensor, Tensor]:
+        """Layers [start, end) on (h, residual) as `embed` or an earlier call left them; after
+        the last layer h is the final norm's output."""
+        for i in range(start, end):
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, residual = self.layers[i](h, residual, batch, next_norm)
+        return h, residual
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [B, D] -> logits [B, V] in float32."""
