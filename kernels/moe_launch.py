@@ -13,6 +13,8 @@ fused_moe, with LoRA added where the base applies it:
 Rows of tokens without an adapter are never in the virtual layout, so they stay bitwise equal
 to a run without LoRA.
 """
+import os
+
 import torch
 import triton
 from torch import Tensor
@@ -21,6 +23,7 @@ from kernels.align import VirtualLayout, moe_align_virtual
 from kernels.activation import silu_mul
 from kernels.checks import check_dense_args, check_moe_args
 from kernels.errors import expect
+from kernels.expand import lora_expand
 from kernels.grouped_gemm import grouped_gemm
 from kernels.weights import DenseLoRAWeights, MoELoRAWeights
 
@@ -49,6 +52,12 @@ def _base_config(block_m: int) -> dict:
 # 128 by 10-20% and 64 by 30-40%.
 SHRINK = {"block_k": 128, "num_warps": 2, "num_stages": 3}
 EXPAND = {"block_n": 256, "num_warps": 4, "num_stages": 1}
+# The MoE expands run kernels/expand.py (a program owns a block, loops over its N tiles);
+# MOEPLEX_EXPAND=tiles keeps grouped_gemm's (block, n-tile) grid above, for A/B runs in one
+# session. Read once, here: the choice is part of what a CUDA graph captures.
+EXPAND_PATH = os.environ.get("MOEPLEX_EXPAND", "blocks")
+expect(EXPAND_PATH in ("blocks", "tiles"), f"MOEPLEX_EXPAND must be blocks or tiles, got {EXPAND_PATH!r}")
+EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # see kernels/expand.py
 
 
 def _rank_block(max_rank: int) -> int:
@@ -123,8 +132,11 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
     grouped_gemm(hidden, lora.gate_up_a, shrunk, vlay, n=r, k=d, a_row_div=top_k,
                  splits=(2, 0, r, r), ranks=lora.ranks, rank_on="n", block_n=rb, **SHRINK)
     # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
-    grouped_gemm(shrunk, lora.gate_up_b, gate_up, vlay, n=inter, k=r, splits=(2, r, inter, inter),
-                 ranks=lora.ranks, rank_on="k", accumulate=True, block_k=rb, **EXPAND)
+    if EXPAND_PATH == "tiles":
+        grouped_gemm(shrunk, lora.gate_up_b, gate_up, vlay, n=inter, k=r, splits=(2, r, inter, inter),
+                     ranks=lora.ranks, rank_on="k", accumulate=True, block_k=rb, **EXPAND)
+    else:  # one program a block, gate's tiles then up's
+        lora_expand(shrunk, lora.gate_up_b, gate_up, vlay, lora.ranks, splits=2, **EXPAND_BLOCKS)
 
 
 def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayout,
@@ -135,8 +147,11 @@ def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayou
     shrunk = torch.empty(act.shape[0], r, dtype=torch.float32, device=act.device)
     grouped_gemm(act, lora.down_a, shrunk, vlay, n=r, k=act.shape[1], ranks=lora.ranks,
                  rank_on="n", block_n=rb, **SHRINK)
-    grouped_gemm(shrunk, lora.down_b, y, vlay, n=y.shape[1], k=r, ranks=lora.ranks,
-                 rank_on="k", accumulate=True, scale=weights, block_k=rb, **EXPAND)
+    if EXPAND_PATH == "tiles":
+        grouped_gemm(shrunk, lora.down_b, y, vlay, n=y.shape[1], k=r, ranks=lora.ranks,
+                     rank_on="k", accumulate=True, scale=weights, block_k=rb, **EXPAND)
+    else:
+        lora_expand(shrunk, lora.down_b, y, vlay, lora.ranks, scale=weights, **EXPAND_BLOCKS)
 
 
 def dense_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout:
