@@ -1,4 +1,4 @@
-"""Triton path of fused_moe and lora_linear_: base grouped GEMMs plus LoRA over virtual experts.
+"""Triton path of fused_moe: base grouped GEMMs plus LoRA over virtual experts (dense LoRA: kernels/dense_lora.py).
 
 Shape legend: T = tokens, K = top-k, E = experts, S = slots, R = max rank, D = hidden,
 I = expert intermediate. Routed row r = t * K + k.
@@ -21,11 +21,11 @@ from torch import Tensor
 
 from kernels.align import VirtualLayout, moe_align_virtual
 from kernels.activation import silu_mul
-from kernels.checks import check_dense_args, check_moe_args
+from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.expand import lora_expand
 from kernels.grouped_gemm import grouped_gemm
-from kernels.weights import DenseLoRAWeights, MoELoRAWeights
+from kernels.weights import MoELoRAWeights
 
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
 
@@ -52,11 +52,20 @@ def _base_config(block_m: int) -> dict:
 # 128 by 10-20% and 64 by 30-40%.
 SHRINK = {"block_k": 128, "num_warps": 2, "num_stages": 3}
 EXPAND = {"block_n": 256, "num_warps": 4, "num_stages": 1}
-# The MoE expands run kernels/expand.py (a program owns a block, loops over its N tiles);
-# MOEPLEX_EXPAND=tiles keeps grouped_gemm's (block, n-tile) grid above, for A/B runs in one
-# session. Read once, here: the choice is part of what a CUDA graph captures.
-EXPAND_PATH = os.environ.get("MOEPLEX_EXPAND", "blocks")
-expect(EXPAND_PATH in ("blocks", "tiles"), f"MOEPLEX_EXPAND must be blocks or tiles, got {EXPAND_PATH!r}")
+# The MoE expands: kernels/expand.py (a program owns a block, loops over its N tiles) from
+# EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. H100, qwen3
+# n = 16 (benchmarks/RESULTS.md, session 3): blocks win at M >= 128 (M = 512: 1.58 -> 1.48 of the
+# base), tiles at M = 8 (1.18 vs 1.28); even at M = 32. MOEPLEX_EXPAND=tiles|blocks forces one
+# path (A/B runs); read once, here: the choice is part of what a CUDA graph captures.
+EXPAND_PATH = os.environ.get("MOEPLEX_EXPAND", "auto")
+expect(EXPAND_PATH in ("auto", "blocks", "tiles"), f"MOEPLEX_EXPAND must be auto, blocks or tiles, got {EXPAND_PATH!r}")
+EXPAND_BLOCKS_MIN_ROWS = 512
+
+
+def _expand_by_blocks(num_rows: int) -> bool:
+    return EXPAND_PATH == "blocks" or (EXPAND_PATH == "auto" and num_rows >= EXPAND_BLOCKS_MIN_ROWS)
+
+
 EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # see kernels/expand.py
 
 
@@ -132,7 +141,7 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
     grouped_gemm(hidden, lora.gate_up_a, shrunk, vlay, n=r, k=d, a_row_div=top_k,
                  splits=(2, 0, r, r), ranks=lora.ranks, rank_on="n", block_n=rb, **SHRINK)
     # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
-    if EXPAND_PATH == "tiles":
+    if not _expand_by_blocks(vlay.num_rows):
         grouped_gemm(shrunk, lora.gate_up_b, gate_up, vlay, n=inter, k=r, splits=(2, r, inter, inter),
                      ranks=lora.ranks, rank_on="k", accumulate=True, block_k=rb, **EXPAND)
     else:  # one program a block, gate's tiles then up's
@@ -147,7 +156,7 @@ def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayou
     shrunk = torch.empty(act.shape[0], r, dtype=torch.float32, device=act.device)
     grouped_gemm(act, lora.down_a, shrunk, vlay, n=r, k=act.shape[1], ranks=lora.ranks,
                  rank_on="n", block_n=rb, **SHRINK)
-    if EXPAND_PATH == "tiles":
+    if not _expand_by_blocks(vlay.num_rows):
         grouped_gemm(shrunk, lora.down_b, y, vlay, n=y.shape[1], k=r, ranks=lora.ranks,
                      rank_on="k", accumulate=True, scale=weights, block_k=rb, **EXPAND)
     else:
@@ -159,23 +168,3 @@ def dense_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout:
     projections share it (q/k/v/o all see the same per-token slots)."""
     one_expert = torch.zeros(slot_ids.shape[0], 1, dtype=torch.int32, device=slot_ids.device)
     return moe_align_virtual(one_expert, slot_ids, 1, LORA_BLOCK_M, num_slots)
-
-
-def lora_linear_triton_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor,
-                        layout: VirtualLayout | None = None) -> Tensor:
-    """Triton twin of lora_linear_ref_: the virtual-expert kernels with one expert."""
-    check_dense_args(x, out, lora, slot_ids)
-    num_tokens = x.shape[0]
-    if num_tokens == 0:
-        return out
-    r = lora.max_rank
-    rb = _rank_block(r)
-    vlay = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)
-    expect(vlay.num_rows == num_tokens and vlay.block_size == LORA_BLOCK_M,
-           f"layout is for {vlay.num_rows} rows of block {vlay.block_size}; x has {num_tokens} rows")
-    shrunk = torch.empty(num_tokens, r, dtype=torch.float32, device=x.device)
-    grouped_gemm(x, lora.a.unsqueeze(1), shrunk, vlay, n=r, k=x.shape[1], ranks=lora.ranks,
-                 rank_on="n", block_n=rb, **SHRINK)
-    grouped_gemm(shrunk, lora.b.unsqueeze(1), out, vlay, n=out.shape[1], k=r, ranks=lora.ranks,
-                 rank_on="k", accumulate=True, block_k=rb, **EXPAND)
-    return out
