@@ -5,7 +5,7 @@ import torch
 from tests.engine.bf16_parity import mixed_step_errors
 from tests.engine.conftest import FAMILIES
 from tests.engine.test_base_parity import PROMPTS, make_engine, step_logits
-from tests.engine.test_lora_parity import MIXED_PROMPTS, _wait_for_adapters, lora
+from tests.engine.test_lora_parity import _wait_for_adapters, lora
 
 pytestmark = pytest.mark.gpu
 BF16 = dict(device="cuda", dtype="bfloat16")
