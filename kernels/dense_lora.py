@@ -16,6 +16,13 @@ is 20), and a program walking all 2048 input features is a chain of 16 dependent
 (H100: ~10 us a q/k/v shrink, for ~0.1 us of bytes). KS programs per block each walk one
 slice; the expand sums the KS partial rows as it loads them (deterministic, no atomics).
 One launch serves the whole q/k/v group: x is read once, and the expand writes the fused row.
+
+DESIGN rule 6 asks dense projections to use the MoE machinery with one expert. They do for the
+layout (`dense_layout` is the virtual layout of one expert, and the masking and bitwise rules
+are the same), but these two kernels are a second shrink/expand pair: grouped_gemm has neither
+the split over K nor uneven sections. Measured on an H100 (benchmarks/RESULTS.md, session 3):
+q/k/v/o LoRA 60 -> 21 us a layer. To re-unify, move both features into the virtual-expert
+kernels (the MoE shrinks at decode size would gain from the split too) and retire this file.
 """
 import torch
 import triton
