@@ -10,38 +10,20 @@ alone and behind the router GEMM F.linear(x, router), bf16, at E=128, K=8 (Qwen3
 """
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from bench_moe_lora import time_graph as time_graph_ms
 from kernels.router import launch_route_topk, route_topk_ref, route_topk_triton
 
 TOKENS = [1, 64, 512, 2048]
 SWEEP = [(1, 1), (2, 2), (4, 4), (8, 4), (16, 4), (16, 8)]  # (BLOCK_T, num_warps)
 
 
-def time_graph(fn, samples: int = 21, reps: int = 200) -> float:
-    """Median us of one call, from `reps` back-to-back replays of a graph holding one call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and allocate outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(samples):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(times)
+def time_graph(fn) -> float:
+    """Median us of one call (bench_moe_lora's CUDA-graph replay timing, which returns ms)."""
+    return 1e3 * time_graph_ms(fn, reps=200, samples=21)
 
 
 def check(logits: torch.Tensor, top_k: int) -> dict:

@@ -4,12 +4,12 @@ Run as `python -m tests.kernels.align_multi_cases` with TRITON_INTERPRET=1 and M
 (test_align_multi.py does so in a subprocess). Prints one JSON object per case: which of the
 four layout tensors match each reference bitwise.
 """
-import json
 import os
-import sys
 import zlib
 
 import torch
+
+from tests.kernels.interp import print_cases
 
 FIELDS = ("sorted_ids", "block_expert", "block_slot", "num_blocks")
 # (tokens, top-k, experts, slots or None, block size, chunk rows): rows 1, 3, 17, 133, 1000;
@@ -87,10 +87,7 @@ def run_case(name: str) -> dict:
 
 
 def main() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MOEPLEX_TRITON") != "1":
-        sys.exit("set TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 to run the Triton interpreter cases")
-    for name in case_names():
-        print(json.dumps({"name": name, **run_case(name)}), flush=True)
+    print_cases(case_names(), run_case)
 
 
 if __name__ == "__main__":

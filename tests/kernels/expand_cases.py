@@ -7,13 +7,11 @@ dtype-projection-spread[-option...]; options: scale (routing weights), prefetch,
 strided (c a column slice, shrunk column-major), rank0 (one slot of rank 0), many (T = 40 on
 3 experts: pairs of several blocks), real (the GPU tests: qwen3's N, 64 tokens, top-8 of 128).
 """
-import json
-import os
-import sys
 import zlib
 
 import torch
 
+from tests.kernels.interp import print_cases
 from tests.kernels.loop_reference import make_slot_ids, rel_err
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bf16: GPU only
@@ -139,10 +137,7 @@ def run_case(name: str) -> dict:
 
 
 def main() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MOEPLEX_TRITON") != "1":
-        sys.exit("set TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 to run the Triton interpreter cases")
-    for name in case_names():
-        print(json.dumps({"name": name, **run_case(name)}), flush=True)
+    print_cases(case_names(), run_case)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ Run as `python -m tests.kernels.interp_cases` with TRITON_INTERPRET=1 and MOEPLE
 the environment (test_triton_interpret.py does so in a subprocess, so that the interpreter
 setting never leaks into other test modules). Prints one JSON object per case.
 """
-import json
 import os
-import sys
 import zlib
 
 import torch
 
+from tests.kernels.interp import print_cases
 from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, make_dense_lora, make_moe,
                                           make_moe_lora, make_slot_ids, moe_loop_ref, rel_err)
 
@@ -150,11 +149,8 @@ def run_align(name: str) -> dict:
 
 
 def main() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MOEPLEX_TRITON") != "1":
-        sys.exit("set TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 to run the Triton interpreter cases")
-    for name in case_names():
-        runner = {"moe": run_moe, "dense": run_dense, "group": run_group, "align": run_align}[name.split("-")[0]]
-        print(json.dumps({"name": name, **runner(name)}), flush=True)
+    runners = {"moe": run_moe, "dense": run_dense, "group": run_group, "align": run_align}
+    print_cases(case_names(), lambda name: runners[name.split("-")[0]](name))
 
 
 if __name__ == "__main__":

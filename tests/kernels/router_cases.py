@@ -4,13 +4,12 @@ Run as `python -m tests.kernels.router_cases` with TRITON_INTERPRET=1 and MOEPLE
 the environment (test_router.py does so in a subprocess, so that the interpreter setting never
 leaks into other test modules). Prints one JSON object per case.
 """
-import json
 import math
-import os
-import sys
 import zlib
 
 import torch
+
+from tests.kernels.interp import errors_raised, print_cases
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXPERTS, TOP_KS, TOKENS = (8, 60, 128), (1, 2, 8), (1, 3, 17, 64)
@@ -121,23 +120,12 @@ def run_errors() -> dict:
     calls = [lambda: route_topk(x, 0, False), lambda: route_topk(x, 7, False), lambda: route_topk(x[0], 2, False),
              lambda: route_topk(x.long(), 2, False), lambda: route_topk(x, 2, False, torch.int32),
              lambda: route_topk(torch.randn(2, 2000), 2, False)]
-    raised = []
-    for call in calls:
-        try:
-            call()
-            raised.append("nothing")
-        except KernelInputError:
-            raised.append("KernelInputError")
-    return {"raised": raised}
+    return {"raised": errors_raised(calls, KernelInputError)}
 
 
 def main() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MOEPLEX_TRITON") != "1":
-        sys.exit("set TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 to run the Triton interpreter cases")
     special = {"ties-fp32": run_ties, "mixtral-fp32": run_mixtral, "errors": run_errors}
-    for name in case_names():
-        row = special[name]() if name in special else run_route(name)
-        print(json.dumps({"name": name, **row}), flush=True)
+    print_cases(case_names(), lambda name: special[name]() if name in special else run_route(name))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from kernels.errors import KernelInputError
 from kernels.norm_rope import (fused_add_rms_norm, fused_add_rms_norm_ref, qk_norm_rope_, qk_norm_rope_ref_,
                                rms_norm, rms_norm_ref, rotary_ref)
-from tests.kernels.interp import run_interpreter_cases
+from tests.kernels.interp import errors_raised, run_interpreter_cases
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"fp32": 2e-6, "fp16": 1e-3, "bf16": 8e-3}  # max |triton - twin| / max |twin| (one ulp at most)
@@ -173,14 +173,7 @@ def _bad_inputs() -> list[str]:
              lambda: fused_add_rms_norm(x, torch.randn(3, 8).half(), w, 1e-6),
              lambda: qk_norm_rope_(pos.float(), inv, q, k),
              lambda: qk_norm_rope_(pos, inv, q, k, torch.ones(8), None)]
-    raised = []
-    for call in calls:
-        try:
-            call()
-            raised.append("nothing")
-        except KernelInputError:
-            raised.append("KernelInputError")
-    return raised
+    return errors_raised(calls, KernelInputError)
 
 
 if __name__ == "__main__":
