@@ -88,8 +88,7 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
 
 def _group_triton(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
                   layout: VirtualLayout | None) -> Tensor:
-    from kernels.dense_lora import lora_group_triton_
-    from kernels.moe_launch import LORA_BLOCK_M, dense_layout
+    from kernels.moe_launch import LORA_BLOCK_M, dense_layout, lora_group_triton_
     if x.shape[0] == 0:
         return out
     layout = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)

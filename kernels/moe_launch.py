@@ -1,4 +1,4 @@
-"""Triton path of fused_moe: base grouped GEMMs plus LoRA over virtual experts (dense LoRA: kernels/dense_lora.py).
+"""Triton paths of fused_moe and of dense LoRA groups: the grouped GEMMs over virtual experts (dense: one expert).
 
 Shape legend: T = tokens, K = top-k, E = experts, S = slots, R = max rank, D = hidden,
 I = expert intermediate. Routed row r = t * K + k.
@@ -25,7 +25,7 @@ from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.expand import lora_expand
 from kernels.grouped_gemm import grouped_gemm
-from kernels.weights import MoELoRAWeights
+from kernels.weights import DenseLoRAGroup, MoELoRAWeights
 
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
 
@@ -168,3 +168,53 @@ def dense_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout:
     projections share it (q/k/v/o all see the same per-token slots)."""
     one_expert = torch.zeros(slot_ids.shape[0], 1, dtype=torch.int32, device=slot_ids.device)
     return moe_align_virtual(one_expert, slot_ids, 1, LORA_BLOCK_M, num_slots)
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def group_block_n(sections: tuple[int, ...]) -> int:
+    """The expand's N tile of a projection group: at most 256 and, with several projections, a
+    divisor of every section end (a tile must not straddle two); 0 when none of >= 16 exists."""
+    if len(sections) == 1:
+        return min(256, max(16, triton.next_power_of_2(sections[0])))
+    tile = min(256, *(_pow2_divisor(n) for n in sections[:-1]))
+    return tile if tile >= 16 else 0
+
+
+def group_k_splits(num_in: int) -> int:
+    """K slices of a dense shrink: ~2 of its 128-deep K tiles a program, at most 8. At decode
+    size a dense layout has few blocks (64 tokens over 16 slots: 20), and one program walking
+    all of K per block is a chain of 16 dependent loads (H100: ~10 us for ~0.1 us of bytes)."""
+    return max(1, min(8, triton.cdiv(num_in, 2 * SHRINK["block_k"])))
+
+
+def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout) -> Tensor:
+    """Triton twin of lora_group_ref_ over the step's dense layout (one expert, block 16): the
+    virtual-expert shrink split over K for all projections at once, then one expand over the
+    projections' sections of out. A group whose sections no 16-column tile divides runs one
+    projection at a time."""
+    num_tokens, num_in = x.shape
+    if num_tokens == 0:
+        return out
+    block_n = group_block_n(lora.sections)
+    if block_n == 0:
+        for h in range(lora.num_projections):
+            lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout)
+        return out
+    r, heads = lora.max_rank, lora.num_projections
+    rb = _rank_block(r)
+    ks = group_k_splits(num_in)
+    part = torch.empty(ks, num_tokens, heads * r, dtype=torch.float32, device=x.device)
+    rank_stride = lora.ranks.stride(0)
+    # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
+    grouped_gemm(x, lora.a.unsqueeze(1), part if ks > 1 else part[0], layout, n=r, k=num_in, splits=(heads, 0, r, r),
+                 ranks=lora.ranks, rank_on="n", rank_split_stride=rank_stride, k_splits=ks,
+                 block_n=rb, block_k=SHRINK["block_k"], num_warps=2, num_stages=2)
+    # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
+    grouped_gemm(part, lora.b.unsqueeze(1), out, layout, n=out.shape[1], k=r, splits=(1, r, 0, 0),
+                 ranks=lora.ranks, rank_on="k", rank_split_stride=rank_stride, accumulate=True,
+                 a_parts=part.shape[0], sections=lora.sections, block_n=block_n, block_k=rb,
+                 num_warps=4, num_stages=1)
+    return out
