@@ -97,7 +97,9 @@ class DecodeGraphs:
         num_layers = len(self.model.layers)
         bounds = list(range(0, num_layers, LAYERS_PER_GRAPH)) + [num_layers]
         chain = []
-        # each graph's outputs (h, residual) stay referenced, so later captures never reuse them
+        # the (h, residual) one graph hands to the next stay referenced until that capture used
+        # them; later captures may reuse their memory, which is safe only because a chain always
+        # replays whole, in order, on one stream (never a partial chain)
         for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

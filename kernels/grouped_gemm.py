@@ -153,6 +153,15 @@ def _num_programs(device: torch.device, max_tiles: int) -> int:
     return max(1, min(max_tiles, sms * 16))  # enough resident CTAs to hide small tiles' latency
 
 
+def k_slices(k: int, k_splits: int, block_k: int) -> tuple[int, int]:
+    """(slice width, number of slices) of a k_splits shrink: widths are whole block_k tiles,
+    so there may be fewer slices than asked (k = 2304 in 8: 6 slices of 384)."""
+    if k_splits <= 1:
+        return k, 1
+    chunk = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
+    return chunk, triton.cdiv(k, chunk)
+
+
 def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, k: int,
                  a_row_div: int = 1, splits: tuple[int, int, int, int] = (1, 0, 0, 0),
                  ranks: Tensor | None = None, rank_on: str | None = None, accumulate: bool = False,
@@ -176,7 +185,8 @@ def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: i
         fused_lora: (A [S, E, h*R, K], B [S, E, N, R], half_n): adds (a @ A_h.T) @ B.T in the
             same tile for blocks with slot >= 0, h = n // half_n (gate/up halves; half_n = n
             for one half); needs ranks and block_n dividing half_n.
-        k_splits: P > 1 splits K over P programs per tile (shrinks; c gets P partial sums).
+        k_splits: P > 1 splits K over up to P programs per tile (shrinks; c is [parts, rows, *]
+            with parts = k_slices(k, P, block_k)[1] partial sums).
         a_parts: P > 0: a holds P partial sums (the expand of a k_splits shrink).
         sections: output widths of up to 4 projections side by side on N (expand; block_n
             must divide every section end; splits[1] is the A column step between them).
@@ -188,9 +198,11 @@ def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: i
     ends = [sum(sections[:h + 1]) for h in range(len(sections) - 1)]
     expect(all(e % block_n == 0 for e in ends), f"block_n {block_n} must divide the section ends {ends}")
     ends += [n] * (3 - len(ends))  # unused ends: no tile starts at or past n
-    k_chunk = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k if k_splits > 1 else k
-    parts = triton.cdiv(k, k_chunk) if k_splits > 1 else 1
-    expect(k_splits == 1 or c.dim() == 3 and c.shape[0] >= parts, f"c must be [{parts}, rows, *] for k_splits")
+    expect(not sections or (count == 1 and n == sum(sections)),
+           f"sections need splits count 1 and n = sum(sections) = {sum(sections)}, got {count} and {n}")
+    k_chunk, parts = k_slices(k, k_splits, block_k)
+    expect(k_splits == 1 or c.dim() == 3 and c.shape[0] == parts,
+           f"c must be [{parts}, rows, *] for k_splits={k_splits} (see k_slices), got {tuple(c.shape)}")
     c2 = c[0] if k_splits > 1 else c
     a2 = a[0] if a_parts else a
     num_n = triton.cdiv(n, block_n)

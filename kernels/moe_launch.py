@@ -24,7 +24,7 @@ from kernels.activation import silu_mul
 from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.expand import lora_expand
-from kernels.grouped_gemm import grouped_gemm
+from kernels.grouped_gemm import grouped_gemm, k_slices
 from kernels.weights import DenseLoRAGroup, MoELoRAWeights
 
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
@@ -54,8 +54,9 @@ SHRINK = {"block_k": 128, "num_warps": 2, "num_stages": 3}
 EXPAND = {"block_n": 256, "num_warps": 4, "num_stages": 1}
 # The MoE expands: kernels/expand.py (a program owns a block, loops over its N tiles) from
 # EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. H100, qwen3
-# n = 16 (benchmarks/RESULTS.md, session 3): blocks win at M >= 128 (M = 512: 1.58 -> 1.48 of the
-# base), tiles at M = 8 (1.18 vs 1.28); even at M = 32. MOEPLEX_EXPAND=tiles|blocks forces one
+# top-8, n = 16 (benchmarks/RESULTS.md, session 3): blocks win from M = 128 tokens (1024 rows;
+# M = 512: 1.58 -> 1.48 of the base), tiles at M = 8 (64 rows: 1.18 vs 1.28), even at M = 32
+# (256 rows); 512 rows (64 tokens, a decode batch) is in between, unmeasured. MOEPLEX_EXPAND=tiles|blocks forces one
 # path (A/B runs); read once, here: the choice is part of what a CUDA graph captures.
 EXPAND_PATH = os.environ.get("MOEPLEX_EXPAND", "auto")
 expect(EXPAND_PATH in ("auto", "blocks", "tiles"), f"MOEPLEX_EXPAND must be auto, blocks or tiles, got {EXPAND_PATH!r}")
@@ -206,7 +207,8 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
     r, heads = lora.max_rank, lora.num_projections
     rb = _rank_block(r)
     ks = group_k_splits(num_in)
-    part = torch.empty(ks, num_tokens, heads * r, dtype=torch.float32, device=x.device)
+    parts = k_slices(num_in, ks, SHRINK["block_k"])[1]  # whole K tiles a slice: maybe fewer than ks
+    part = torch.empty(parts, num_tokens, heads * r, dtype=torch.float32, device=x.device)
     rank_stride = lora.ranks.stride(0)
     # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
     grouped_gemm(x, lora.a.unsqueeze(1), part if ks > 1 else part[0], layout, n=r, k=num_in, splits=(heads, 0, r, r),
