@@ -148,6 +148,8 @@ class ModelRunner:
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         vocab = self.spec.vocab_size
         temps = [s.params.temperature for s in seqs]
+        if all(t == 0 for t in temps):  # argmax only: no per-sequence tensors to build and copy
+            return SamplingTensors(None, None, None, [], all_greedy=True)
         gens = [self._generator(s) for s in seqs]
         return SamplingTensors(
             temperatures=self._tensor(temps, torch.float32),

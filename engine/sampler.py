@@ -10,9 +10,9 @@ from torch import Tensor
 
 @dataclass(slots=True)
 class SamplingTensors:
-    temperatures: Tensor  # [B] float32, 0 = greedy
-    top_ps: Tensor        # [B] float32
-    top_ks: Tensor        # [B] int64, V where no limit
+    temperatures: Tensor | None  # [B] float32, 0 = greedy (None when all_greedy)
+    top_ps: Tensor | None        # [B] float32
+    top_ks: Tensor | None        # [B] int64, V where no limit
     generators: list      # [B] torch.Generator or None (None: the engine's shared generator)
     all_greedy: bool
 
