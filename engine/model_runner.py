@@ -203,8 +203,9 @@ class ModelRunner:
         """Dummy steps through prepare() / forward / compute_logits, so the Triton specialisations
         of eager (prefill and mixed) steps compile at start-up instead of in a user's request.
 
-        Covers a full prefill group (max_num_batched_tokens), a small odd-sized one and a mixed
-        step (decodes + a prefill chunk), each without LoRA and with slot ids mixing -1 and slot 0.
+        Covers a full prefill group (max_num_batched_tokens), a small odd-sized one, mid-sized ones
+        that reach the base MoE's 32- and 64-row tiles (when the budget allows), and a mixed step
+        (decodes + a prefill chunk), each without LoRA and with slot ids mixing -1 and slot 0.
         Every dummy sequence's blocks are the scratch block, so no owned KV block is written;
         nothing is sampled, so no generator moves. Returns the seconds it took (also added to
         warmup_seconds)."""
@@ -237,6 +238,13 @@ class ModelRunner:
         context = min(c.block_size + 1, c.max_model_len - 1)  # decodes reading more than one block
         mixed = [(context, 1)] * max(num_decodes, 0) + [(0, chunk)]
         shapes = [[(0, n) for n in full], [(0, n) for n in small]]
+        # prefills of mid sizes: the base MoE tiles by routed rows per expert (16/32/64/128-row
+        # tiles, kernels.moe_launch._base_block_m), and the full and small steps reach only two
+        for per_expert in (32, 64):
+            n = -(-per_expert * self.spec.num_experts // self.spec.top_k)
+            if sum(small) < n < budget:
+                parts = max(-(-n // longest), 1)
+                shapes.append([(0, n // parts + (i < n % parts)) for i in range(parts)])
         return shapes + ([mixed] if num_decodes > 0 and chunk > 1 else [])
 
     def _dummy_entry(self, num_computed: int, num_new: int, lora_slot: int | None) -> tuple[Sequence, int]:

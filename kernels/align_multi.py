@@ -76,7 +76,7 @@ def _row_keys(topk_ids_ptr, slot_ids_ptr, rows, num_rows, top_k, num_experts, nu
     return tl.where(ok, key, -1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
 def _chunk_count_kernel(topk_ids_ptr, slot_ids_ptr, rank_ptr, counts_ptr, sorted_ids_ptr,
                         block_expert_ptr, block_slot_ptr, num_rows, top_k, num_experts, num_slots,
                         num_keys, num_sorted, max_blocks, sorted_share, block_share,
@@ -131,7 +131,7 @@ def _key_scan_kernel(counts_ptr, key_block_ptr, tile_blocks_ptr, num_chunks, num
     tl.store(tile_blocks_ptr + pid, tl.sum(blocks, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_tiles"])  # one compile for every token count
 def _scatter_kernel(topk_ids_ptr, slot_ids_ptr, rank_ptr, counts_ptr, key_block_ptr, tile_blocks_ptr,
                     sorted_ids_ptr, block_expert_ptr, block_slot_ptr, num_blocks_ptr, num_rows, top_k,
                     num_experts, num_slots, num_keys, num_tiles,

@@ -19,7 +19,7 @@ def _max_combine(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "max_blocks"])  # one compile for every token count
 def _align_kernel(topk_ids_ptr, slot_ids_ptr, sorted_ids_ptr, block_expert_ptr, block_slot_ptr,
                   num_blocks_ptr, scratch_ptr, num_rows, top_k, width, max_blocks,
                   HAS_SLOTS: tl.constexpr, EXPERT_MAJOR: tl.constexpr, BLOCK_SIZE: tl.constexpr, NP: tl.constexpr,

@@ -67,7 +67,7 @@ def _tile_store(a0, a1, b, prior, row_scale, c_ptr, rows, row_ok, t, t_end, num_
              acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
 def _lora_expand_kernel(shrunk_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr,
                         block_expert_ptr, block_slot_ptr, num_blocks_ptr, num_rows, N, R, parts,
                         stride_sm, stride_sk, stride_bs, stride_be, stride_bn, stride_bk,

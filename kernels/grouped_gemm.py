@@ -117,7 +117,7 @@ def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
 def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr,
                          block_expert_ptr, block_slot_ptr, num_blocks_ptr, num_rows, N, K,
                          a_row_div, stride_am, stride_ak, stride_bs, stride_be, stride_bn,

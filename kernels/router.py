@@ -21,7 +21,7 @@ MAX_EXPERTS = 1024  # a whole row stays in registers: [BLOCK_T, next_pow2(E)] fp
 _TAKEN = -1.0  # written over a chosen probability (probabilities are >= 0, so never chosen again)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every token count
 def _route_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts,
                        stride_lt, stride_le, stride_wt, stride_it,
                        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, TAKEN: tl.constexpr,

@@ -91,3 +91,17 @@ def test_start_up_warms_up_on_cuda_unless_switched_off(checkpoints):
     for flag in (True, False):
         engine = make_engine(checkpoints[FAMILY], max_loras=2, device="cuda", dtype="bfloat16", warmup=flag)
         assert (engine.stats()["warmup_seconds"] > 0) == flag
+
+
+def test_warmup_reaches_the_mid_sized_base_moe_tiles(checkpoints):
+    """With room in the step budget, warm-up prefills land in the 32- and 64-row base tiles."""
+    from kernels.moe_launch import _base_block_m
+    engine = make_engine(checkpoints[FAMILY], **{**SMALL, "max_num_batched_tokens": 1024, "max_num_seqs": 32})
+    spec, longest = engine.spec, engine.config.max_model_len - 1
+    shapes = engine.runner._warmup_shapes()
+    tiles = {_base_block_m(sum(n for _, n in shape) * spec.top_k, spec.num_experts) for shape in shapes}
+    assert {16, 32, 64, 128} <= tiles, tiles
+    assert all(n <= longest for shape in shapes for _, n in shape)
+    calls = record_forwards(engine)
+    engine.runner.warmup()
+    assert [c["num_tokens"] for c in calls] == [sum(n for _, n in shape) for shape in shapes]
