@@ -95,7 +95,7 @@ class DecodeGraphs:
             self.model.compute_logits(self.model(self.input_ids[:batch], fwd))
         torch.cuda.current_stream().wait_stream(side)
         num_layers = len(self.model.layers)
-        bounds = list(range(0, num_layers, LAYERS_PER_GRAPH)) + [num_layers]
+        bounds = list(range(0, max(num_layers, 1), LAYERS_PER_GRAPH)) + [num_layers]  # no layers: [0, 0]
         chain = []
         # the (h, residual) one graph hands to the next stay referenced until that capture used
         # them; later captures may reuse their memory, which is safe only because a chain always
@@ -110,13 +110,7 @@ class DecodeGraphs:
                     logits = self.model.compute_logits(h)
             self.pool = graph.pool()
             chain.append(graph)
-        if num_layers == 0:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self.model.compute_logits(self.model(self.input_ids[:batch], fwd))
-            self.pool = graph.pool()
-            chain.append(graph)
-        self.graphs[(batch, ctx, use_lora)] = (chain, logits, (fwd, h, residual) if num_layers else fwd)
+        self.graphs[(batch, ctx, use_lora)] = (chain, logits, (fwd, h, residual))
 
     def run(self, inputs: DecodeInputs) -> Tensor:
         """Replay the bucket's graphs for this step; returns logits [num_seqs, V]."""

@@ -42,9 +42,8 @@ class SlotPools:
         self.ranks = torch.zeros(len(self.plan), num_slots, dtype=torch.int32, device=self.device)  # [P, S]
         self.dense, self.moe, self.qkv = self._carve(self.storage, self.ranks)
         for i, layer in enumerate(model.layers):
-            for name in ATTENTION_PROJECTIONS:
-                getattr(layer.self_attn, name).lora = self.dense[(i, name)]
-            layer.self_attn.qkv_lora = self.qkv[i]
+            layer.self_attn.qkv_lora = self.qkv[i]  # q/k/v; their own dense pools stay for packing
+            layer.self_attn.o_proj.lora = self.dense[(i, "o_proj")]
             if i in self.moe:
                 layer.mlp.lora = self.moe[i]
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

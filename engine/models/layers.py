@@ -78,7 +78,8 @@ class Attention(nn.Module):
         self.rotary = Rotary(dh, spec.rope_theta)
         self.k_cache: Tensor | None = None  # [N, S, G, Dh], bound by ModelRunner
         self.v_cache: Tensor | None = None
-        # q/k/v as one GEMM once the weights are in (fuse_qkv); their LoRA as one group (SlotPools)
+        # q/k/v run as one GEMM over qkv_weight, which fuse_qkv builds once the weights are in
+        # (load_model calls it); their LoRA runs as one group (SlotPools sets qkv_lora)
         self.qkv_weight: Tensor | None = None  # [H*Dh + 2*G*Dh, D]
         self.qkv_bias: Tensor | None = None
         self.qkv_lora: kernels.DenseLoRAGroup | None = None
@@ -100,13 +101,10 @@ class Attention(nn.Module):
             start += n
 
     def _project_qkv(self, x: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """[T, H*Dh], [T, G*Dh], [T, G*Dh]: column views of one fused output when fused."""
-        slots, lay = batch.lora_slot_ids, batch.lora_layout
-        if self.qkv_weight is None:
-            return self.q_proj(x, slots, lay), self.k_proj(x, slots, lay), self.v_proj(x, slots, lay)
+        """[T, H*Dh], [T, G*Dh], [T, G*Dh]: column views of the one fused output."""
         out = F.linear(x, self.qkv_weight, self.qkv_bias)
-        if self.qkv_lora is not None and slots is not None:
-            kernels.lora_group_linear_(x, out, self.qkv_lora, slots, lay)
+        if self.qkv_lora is not None and batch.lora_slot_ids is not None:
+            kernels.lora_group_linear_(x, out, self.qkv_lora, batch.lora_slot_ids, batch.lora_layout)
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return out[:, :nq], out[:, nq:nq + nkv], out[:, nq + nkv:]
 

@@ -52,7 +52,7 @@ class MoECausalLM(nn.Module):
         residual = F.embedding(input_ids, self.embed_tokens)  # [T, D], updated in place on Triton
         if not self.layers:
             return self.norm(residual), residual
-        pool = self.layers[0].self_attn.q_proj.lora
+        pool = self.layers[0].self_attn.o_proj.lora
         if batch.lora_slot_ids is not None and pool is not None:  # one alignment for every q/k/v/o
             batch.lora_layout = kernels.dense_lora_layout(batch.lora_slot_ids, pool.num_slots)
         return self.layers[0].input_layernorm(residual), residual
