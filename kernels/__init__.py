@@ -79,8 +79,7 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
         slot_ids: [T] int, -1 for no adapter.
         layout: `dense_lora_layout(slot_ids, S)`, shared by the step's projections (as in lora_linear_).
     """
-    for h in range(lora.num_projections):
-        check_dense_args(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.dense(h), slot_ids)
+    check_dense_args(x, out, lora, slot_ids)  # the group's a [S, H*R, IN] and b [S, N, R] as one
     if use_triton(x):
         return _group_triton(x, out, lora, slot_ids, layout)
     return lora_group_ref_(x, out, lora, slot_ids)

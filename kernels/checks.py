@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 
 from kernels.errors import expect
-from kernels.weights import DenseLoRAWeights, MoELoRAWeights
+from kernels.weights import DenseLoRAGroup, DenseLoRAWeights, MoELoRAWeights
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,7 +40,8 @@ def check_moe_args(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weigh
         expect(w.device == hidden.device, f"lora.{name} must live on {hidden.device}, got {w.device}")
 
 
-def check_dense_args(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor) -> None:
+def check_dense_args(x: Tensor, out: Tensor, lora: DenseLoRAWeights | DenseLoRAGroup, slot_ids: Tensor) -> None:
+    """x, out and slot_ids against a projection's pools, or a group's (a [S, *, IN], b [S, OUT, R])."""
     expect(x.dim() == 2, f"x must be [T, IN], got {tuple(x.shape)}")
     expect(x.dtype in FLOAT_DTYPES, f"x must be fp32/fp16/bf16, got {x.dtype}")
     t, n_in = x.shape

@@ -52,12 +52,14 @@ def _base_config(block_m: int) -> dict:
 # 128 by 10-20% and 64 by 30-40%.
 SHRINK = {"block_k": 128, "num_warps": 2, "num_stages": 3}
 EXPAND = {"block_n": 256, "num_warps": 4, "num_stages": 1}
+EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # kernels/expand.py, see there
 # The MoE expands: kernels/expand.py (a program owns a block, loops over its N tiles) from
 # EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. H100, qwen3
 # top-8, n = 16 (benchmarks/RESULTS.md, session 3): blocks win from M = 128 tokens (1024 rows;
 # M = 512: 1.58 -> 1.48 of the base), tiles at M = 8 (64 rows: 1.18 vs 1.28), even at M = 32
-# (256 rows); 512 rows (64 tokens, a decode batch) is in between, unmeasured. MOEPLEX_EXPAND=tiles|blocks forces one
-# path (A/B runs); read once, here: the choice is part of what a CUDA graph captures.
+# (256 rows); 512 rows (64 tokens, a decode batch) is in between, unmeasured.
+# MOEPLEX_EXPAND=tiles|blocks forces one path (A/B runs); read once, here: the choice is part of
+# what a CUDA graph captures.
 EXPAND_PATH = os.environ.get("MOEPLEX_EXPAND", "auto")
 expect(EXPAND_PATH in ("auto", "blocks", "tiles"), f"MOEPLEX_EXPAND must be auto, blocks or tiles, got {EXPAND_PATH!r}")
 EXPAND_BLOCKS_MIN_ROWS = 512
@@ -65,9 +67,6 @@ EXPAND_BLOCKS_MIN_ROWS = 512
 
 def _expand_by_blocks(num_rows: int) -> bool:
     return EXPAND_PATH == "blocks" or (EXPAND_PATH == "auto" and num_rows >= EXPAND_BLOCKS_MIN_ROWS)
-
-
-EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # see kernels/expand.py
 
 
 def _rank_block(max_rank: int) -> int:
