@@ -20,6 +20,7 @@ from torch import Tensor
 
 from kernels.align import VirtualLayout
 from kernels.errors import expect
+from kernels.grouped_gemm import num_programs
 
 
 @triton.jit
@@ -124,13 +125,6 @@ def _lora_expand_kernel(shrunk_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_i
                             stride_cm, stride_cn, BLOCK_N, NUM_SPLITS, HAS_SCALE, IEEE)
 
 
-def _num_programs(device: torch.device, work: int) -> int:
-    if device.type != "cuda":
-        return max(1, min(work, 4))  # interpreter: few programs, each loops
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(work, sms * 16))
-
-
 # Tiles (to be swept on the GPU). At decode (64 tokens x top-8, 16 adapters) ~456 blocks hold
 # ~1.1 valid rows of 16 each, so the B tile dominates the bytes: R x BLOCK_N x 2 B = 4 KB at 128.
 # The loop is latency-bound; what hides the latency is B bytes in flight per SM = resident CTAs x
@@ -182,7 +176,7 @@ def lora_expand(shrunk: Tensor, b: Tensor, c: Tensor, layout: VirtualLayout, ran
     expect(parts >= 1, f"parts must be positive, got {parts}")
     if rows == 0 or n == 0:
         return c
-    programs = _num_programs(c.device, layout.max_blocks * parts)
+    programs = num_programs(c.device, layout.max_blocks * parts)
     _lora_expand_kernel[(programs,)](
         shrunk, b, c, scale if scale is not None else layout.num_blocks, ranks, layout.sorted_ids,
         layout.block_expert, layout.block_slot, layout.num_blocks, rows, n, big_r, parts,

@@ -146,7 +146,8 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_p
                    K_SPLITS, A_PARTS, SECTIONS)
 
 
-def _num_programs(device: torch.device, max_tiles: int) -> int:
+def num_programs(device: torch.device, max_tiles: int) -> int:
+    """Persistent-grid size: enough programs for max_tiles, at most 16 resident a CUDA SM."""
     if device.type != "cuda":
         return max(1, min(max_tiles, 4))  # interpreter: few programs, each loops
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -206,7 +207,7 @@ def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: i
     c2 = c[0] if k_splits > 1 else c
     a2 = a[0] if a_parts else a
     num_n = triton.cdiv(n, block_n)
-    programs = _num_programs(a.device, layout.max_blocks * num_n)
+    programs = num_programs(a.device, layout.max_blocks * num_n)
     dummy = layout.num_blocks
     la, lb, half_n = fused_lora if fused_lora is not None else (dummy, dummy, 1)
     big_r = lb.shape[-1] if fused_lora is not None else 1
