@@ -6,7 +6,8 @@
 #   router  benchmarks/bench_router.py
 #   kab     kernel benchmark, qwen3 n = 16, MOEPLEX_EXPAND=tiles vs blocks
 #   final   bench_engine.py: every case with the fused kernels, a profile, and transformers + PEFT
-#   loopbd  bench_engine.py: cases b and d with the per-adapter loop (not yet measured: run next)
+#   loopbd  bench_engine.py: cases b and d with the per-adapter loop (LOOPBD_MODES="fused loop" adds the
+#           fused kernels in the same run, for a side-by-side ratio)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$1"; shift
@@ -42,7 +43,7 @@ for part in "$@"; do
       grep -E "^(a_none|b_one|c_16|d_64)|roofline|adapter load|vs transformers" "$out/final.log" | cut -c1-400 ;;
     loopbd)
       PYTHONPATH=$PWD timeout "${LOOPBD_SECONDS:-540}" python3 benchmarks/bench_engine.py --cases b_one d_64_over_16 \
-        --modes loop --skip-hf --out "$out/loopbd.json" > "$out/loopbd.log" 2>&1
+        --modes ${LOOPBD_MODES:-loop} --skip-hf --out "$out/loopbd.json" > "$out/loopbd.log" 2>&1
       echo "loopbd rc=$?"; grep -E "^(b_one|d_64)" "$out/loopbd.log" | cut -c1-300 ;;
   esac
 done
