@@ -270,7 +270,9 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         for moe in engine.runner.model.moe_layers():
             moe.per_adapter_loop = mode == "loop"
         # the loop syncs with the host per layer, so it runs eagerly (as such loops do)
-        engine.runner.graphs = graphs if mode == "fused" else None
+        engine.runner.graphs = graphs if mode in ("fused", "fused_sync") else None
+        # fused_sync: the same kernels and graphs, each step read back before the next is scheduled
+        engine.config.async_scheduling = mode != "fused_sync"
         # warm-up at the measured shapes: Triton compiles (and tunes) per tile shape, so a tiny
         # warm-up left the first large prefill of a run paying for it (TTFT 2.0 vs 4.8 s, H200)
         run_case(engine, case_adapters("c_16", args.requests), args.prompt, 4, seed=99)
@@ -284,6 +286,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         for moe in engine.runner.model.moe_layers():
             moe.per_adapter_loop = False
         engine.runner.graphs = graphs
+        engine.config.async_scheduling = True
         results["profile_table"] = profile_decode(engine, case_adapters("c_16", args.requests), args.profile)
         print(results["profile_table"], flush=True)
     results["engine_stats"] = engine.stats()
@@ -304,6 +307,8 @@ def main_vs_transformers(args, shape: dict, results: dict) -> None:
     run_case(engine, case_adapters("c_16", 4), 16, 4, seed=99)
     ours = {case: run_case(engine, case_adapters(case, 16), prompt, output, seed=2)["output_tok_per_s"]
             for case in ("a_none", "c_16")}
+    engine.config.async_scheduling = False  # the same run with each step read back before the next
+    ours["c_16_sync"] = run_case(engine, case_adapters("c_16", 16), prompt, output, seed=2)["output_tok_per_s"]
     engine.shutdown()
     del engine, bases
     gc.collect()
@@ -313,6 +318,7 @@ def main_vs_transformers(args, shape: dict, results: dict) -> None:
                      args.device)
     results["vs_transformers"] = {**hf, "engine_no_adapter_tok_per_s": ours["a_none"],
                                   "engine_16_adapters_tok_per_s": ours["c_16"],
+                                  "engine_16_adapters_sync_scheduling_tok_per_s": ours["c_16_sync"],
                                   "speedup_16_adapters_vs_peft": ours["c_16"] / hf["peft_one_adapter_tok_per_s"]}
 
 
@@ -353,8 +359,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--cases", nargs="*", default=["a_none", "b_one", "c_16", "d_64_over_16"])
-    parser.add_argument("--modes", nargs="+", default=["fused", "fused_eager", "loop"],
-                        help="fused: virtual experts + CUDA graphs; fused_eager: no graphs; loop: per adapter")
+    parser.add_argument("--modes", nargs="+", default=["fused", "fused_sync", "fused_eager", "loop"],
+                        help="fused: virtual experts + CUDA graphs + async scheduling; fused_sync: the same "
+                             "without async scheduling; fused_eager: no graphs; loop: per adapter")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", default="", help="write a Chrome trace of 5 decode steps here")

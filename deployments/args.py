@@ -46,6 +46,8 @@ class AppArgs(BaseModel):
     max_cpu_lora_bytes: int = Field(default=32 << 30, ge=1, description="byte bound of that tier (each "
                                     "adapter there is a whole slot image)")
     engine_warmup: bool = Field(default=True, description="compile prefill kernels at start-up (GPU)")
+    async_scheduling: bool = Field(default=True, description="launch each step before the previous "
+                                   "one's tokens are read back (hides host work behind the GPU)")
     lora_failure_ttl_s: float = Field(default=30.0, ge=0, description="seconds a failed adapter "
                                       "load fails fast before a request retries it")
 
@@ -131,7 +133,8 @@ class AppArgs(BaseModel):
             model=str(model_dir), device=self.resolved_device(), dtype=self.dtype,
             max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed,
-            warmup=self.engine_warmup, lora_failure_ttl_s=self.lora_failure_ttl_s,
+            warmup=self.engine_warmup, async_scheduling=self.async_scheduling,
+            lora_failure_ttl_s=self.lora_failure_ttl_s,
             max_cpu_loras=self.max_cpu_loras, max_cpu_lora_bytes=self.max_cpu_lora_bytes, **budget)
 
     def store_limits(self):

@@ -31,6 +31,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     warmup: bool = True  # dummy prefill / mixed steps at start-up on CUDA (Triton compiles there)
     lora_failure_ttl_s: float = 30.0  # a failed adapter load is retried by requests after this
+    # schedule and launch step n+1 before reading step n's tokens back (its decodes take them on the
+    # device); a sequence that step n finishes wastes one row of step n+1
+    async_scheduling: bool = True
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
     seed: int = 0
 

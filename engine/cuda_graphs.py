@@ -11,6 +11,7 @@ next, so only the first launch is exposed.
 B = batch bucket, C = context bucket, M = C / block size, V = vocabulary.
 """
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -112,8 +113,9 @@ class DecodeGraphs:
             chain.append(graph)
         self.graphs[(batch, ctx, use_lora)] = (chain, logits, (fwd, h, residual))
 
-    def run(self, inputs: DecodeInputs) -> Tensor:
-        """Replay the bucket's graphs for this step; returns logits [num_seqs, V]."""
+    def run(self, inputs: DecodeInputs, feed: Callable[[Tensor], None] | None = None) -> Tensor:
+        """Replay the bucket's graphs for this step; returns logits [num_seqs, V] (a view of the
+        static buffer). `feed(input_ids)` may overwrite ids on the device before the replay."""
         n = len(inputs.input_ids)
         batch = next(b for b in self.batches if b >= n)
         ctx = next(c for c in self.contexts if c >= inputs.max_context_len)
@@ -126,6 +128,8 @@ class DecodeGraphs:
         self._load(self.block_tables, [t + [0] * (width - len(t)) for t in inputs.block_tables] + [[0] * width] * pad)
         if use_lora:
             self._load(self.lora_slots, inputs.lora_slots + [-1] * pad)
+        if feed is not None:
+            feed(self.input_ids)
         chain, logits, fwd = self.graphs[(batch, ctx, use_lora)]
         if chain is None:
             return self.model.compute_logits(self.model(self.input_ids[:batch], fwd))[:n]

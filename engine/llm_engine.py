@@ -1,4 +1,5 @@
-"""LLMEngine: add_request / step / abort. step() = schedule -> run -> postprocess."""
+"""LLMEngine: add_request / step / abort. step() = schedule -> launch -> (schedule and launch the
+next step) -> read back -> postprocess."""
 import itertools
 import time
 from pathlib import Path
@@ -8,7 +9,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
 from engine.lora.manager import LoRAManager
-from engine.model_runner import ModelRunner, StepResult
+from engine.model_runner import LaunchedStep, ModelRunner, StepResult
 from engine.models.spec import load_spec, spec_from_hf_config
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -41,7 +42,8 @@ class LLMEngine:
             pools, self.spec, config.max_lora_rank, config.max_cpu_loras,
             failure_ttl_s=config.lora_failure_ttl_s, host_bytes=config.max_cpu_lora_bytes)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.block_manager, self.lora_manager)
+                                   self.block_manager, self.lora_manager, config.max_model_len)
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # launched, not read back
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._seq_ids = itertools.count()
@@ -96,13 +98,40 @@ class LLMEngine:
         return self._final(seq, RequestOutput(request_id, finished=True, finish_reason="abort"))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        # a launched step whose sequences all ended (aborts) waits for the next step() to be read
+        # back, unless it carries failures to report
+        return self.scheduler.has_unfinished() or (self._in_flight is not None and bool(self._in_flight[0].failed))
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        result = self.runner.execute(scheduled.scheduled) if scheduled.scheduled else self._idle(scheduled)
-        return self.postprocess(scheduled, result)
+        """Outputs of one step. With async scheduling the next step is scheduled and launched
+        before this one's tokens are read back, so the host's work hides behind the device."""
+        current, self._in_flight = self._in_flight, None
+        if current is None:
+            sched = self.scheduler.schedule()
+            if not sched.scheduled:
+                return self.postprocess(sched, self._idle(sched))
+            current = (sched, self._launch(sched, None))
+        early = []
+        if self.config.async_scheduling:
+            ahead = self.scheduler.schedule()
+            if ahead.scheduled:
+                self._in_flight = (ahead, self._launch(ahead, current[1]))
+            else:  # nothing to run ahead; its failures are reported now
+                early = self._failed_outputs(ahead)
+        sched, launched = current
+        return self.postprocess(sched, launched.result()) + early
+
+    def execute(self, sched: SchedulerOutput, all_logits: bool = False) -> StepResult:
+        """Launch one scheduled step and wait for it (tests: then postprocess(sched, result))."""
+        return self._launch(sched, None, all_logits).result()
+
+    def _launch(self, sched: SchedulerOutput, prev: LaunchedStep | None, all_logits: bool = False) -> LaunchedStep:
+        launched = self.runner.launch(sched.scheduled, prev, all_logits)
+        for (seq, n), samples in zip(sched.scheduled, launched.samples):
+            seq.num_computed_tokens += n  # the step writes their KV
+            seq.num_pending += samples
+        return launched
 
     def _idle(self, sched: SchedulerOutput) -> StepResult:
         """Nothing to run: when requests wait on adapter loads, block briefly on those loads
@@ -114,17 +143,20 @@ class LLMEngine:
 
     def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self._record(sched)
-        outputs = [self._final(seq, RequestOutput(seq.request_id, finished=True, finish_reason="abort",
-                                                  error=seq.error)) for seq in sched.failed]
+        outputs = self._failed_outputs(sched)
         now = time.perf_counter()
-        for (seq, n), token in zip(sched.scheduled, result.token_ids):
-            seq.num_computed_tokens += n
-            if token is None:
+        for (seq, _), token in zip(sched.scheduled, result.token_ids):
+            if token is None or seq.is_finished:  # finished (stop, abort) while the step ran
                 continue
+            seq.num_pending -= 1
             seq.first_token_time = seq.first_token_time or now
             seq.output_token_ids.append(token)
             outputs.append(self._token_output(seq, token))
         return outputs
+
+    def _failed_outputs(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        return [self._final(seq, RequestOutput(seq.request_id, finished=True, finish_reason="abort",
+                                               error=seq.error)) for seq in sched.failed]
 
     def _token_output(self, seq: Sequence, token: int) -> RequestOutput:
         reason = self._stop_reason(seq, token)
@@ -143,7 +175,7 @@ class LLMEngine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.spec.eos_token_ids):
             return "stop"
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_known_tokens >= self.config.max_model_len:
             return "length"
         return None
 

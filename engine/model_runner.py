@@ -31,6 +31,39 @@ class StepResult:
     logits: Tensor | None = None  # [B_sampled, V] (or [T, V] with all_logits) when asked for
 
 
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device. Its sampled ids [B_sampled] stay on the device (a later
+    step feeds them in as inputs) and are copied to host memory behind the step, so
+    result() waits for this step only, not for steps launched after it."""
+    samples: list[bool]  # per scheduled sequence: samples a token in this step
+    rows: dict[int, int]  # seq_id -> row of `tokens`
+    tokens: Tensor | None  # [B_sampled] int64 on the device
+    host_tokens: Tensor | None  # [B_sampled] int64, pinned on CUDA
+    done: object = None  # torch.cuda.Event recorded after the copy (None on CPU)
+    logits: Tensor | None = None
+
+    def result(self) -> StepResult:
+        if self.done is not None:
+            self.done.synchronize()
+        it = iter(self.host_tokens.tolist() if self.host_tokens is not None else [])
+        return StepResult([next(it) if s else None for s in self.samples], self.logits)
+
+
+@dataclass(slots=True)
+class TokenFeed:
+    """Inputs whose ids a previous launched step samples: ids[dst] = tokens[src] on the device."""
+    dst: list[int]
+    src: list[int]
+    tokens: Tensor
+
+    def apply(self, ids: Tensor, to_device) -> None:
+        if self.dst == self.src == list(range(len(self.dst))):  # steady decode: same order
+            ids[:len(self.dst)].copy_(self.tokens[:len(self.dst)])
+        else:
+            ids[to_device(self.dst, torch.long)] = self.tokens[to_device(self.src, torch.long)]
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec):
         self.config, self.spec = config, spec
@@ -171,26 +204,64 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], all_logits: bool = False,
                 return_logits: bool = False) -> StepResult:
-        """Run one step; `all_logits` also returns logits of every token ([T, V], for tests)."""
+        """Run one step and wait for it; `all_logits` also returns logits of every token ([T, V],
+        for tests)."""
+        return self.launch(scheduled, None, all_logits, return_logits).result()
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[tuple[Sequence, int]], prev: LaunchedStep | None = None,
+               all_logits: bool = False, return_logits: bool = False) -> LaunchedStep:
+        """Queue one step on the device without waiting for it. A sequence with a pending token
+        (seq.num_pending) decodes it here: its id comes from `prev`, the step that samples it.
+        Returned logits of a graph step are its static buffer: valid until the next step runs."""
         samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampled = [seq for (seq, _), s in zip(scheduled, samples) if s]
+        feed = self._feed(scheduled, prev)
         logits = kept = None
         if self._graph_step(scheduled, all_logits):
-            logits = self.graphs.run(self._decode_inputs(scheduled))
+            logits = self.graphs.run(self._decode_inputs(scheduled),
+                                     None if feed is None else lambda ids: feed.apply(ids, self._tensor))
             if not all(samples):  # a one-token prefill chunk that does not end its prompt
                 logits = logits[[i for i, s in enumerate(samples) if s]]
         else:
             input_ids, batch, rows = self.prepare(scheduled)
+            if feed is not None:
+                feed.apply(input_ids, self._tensor)
             hidden = self.model(input_ids, batch)
             if all_logits:
                 kept = self.model.compute_logits(hidden)
                 logits = kept[rows]
             elif rows:
                 logits = self.model.compute_logits(hidden[rows])
-        tokens = sample(logits, self._sampling_tensors(sampled), self.generator).tolist() if sampled else []
-        it = iter(tokens)
-        token_ids = [next(it) if s else None for s in samples]
-        return StepResult(token_ids, kept if all_logits else (logits if return_logits else None))
+        step = LaunchedStep(samples, {seq.seq_id: i for i, seq in enumerate(sampled)}, None, None,
+                            logits=kept if all_logits else (logits if return_logits else None))
+        if sampled:
+            step.tokens = sample(logits, self._sampling_tensors(sampled), self.generator)
+            self._read_back(step)
+        return step
+
+    def _read_back(self, step: LaunchedStep) -> None:
+        if not step.tokens.is_cuda:
+            step.host_tokens = step.tokens
+            return
+        step.host_tokens = torch.empty(step.tokens.shape, dtype=step.tokens.dtype, pin_memory=True)
+        step.host_tokens.copy_(step.tokens, non_blocking=True)
+        step.done = torch.cuda.Event()
+        step.done.record()
+
+    def _feed(self, scheduled: list[tuple[Sequence, int]], prev: LaunchedStep | None) -> TokenFeed | None:
+        """Where this step's pending input ids sit (token index) and which rows of prev sample them."""
+        dst, src, start = [], [], 0
+        for seq, n in scheduled:
+            start += n
+            if seq.num_pending:
+                row = None if prev is None else prev.rows.get(seq.seq_id)
+                if row is None or seq.num_pending > 1:
+                    raise EngineError(f"sequence {seq.request_id!r} decodes a pending token that the "
+                                      "previous step does not sample")
+                dst.append(start - 1)  # a pending token is the sequence's last
+                src.append(row)
+        return TokenFeed(dst, src, prev.tokens) if dst else None
 
     def _graph_step(self, scheduled: list[tuple[Sequence, int]], all_logits: bool) -> bool:
         return (self.graphs is not None and not all_logits and all(n == 1 for _, n in scheduled)

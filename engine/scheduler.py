@@ -4,6 +4,10 @@ and round-robin fairness between tenants. Plain Python: no torch here.
 Each step spends a token budget: running sequences first (decodes, then the rest of
 chunked prefills), then waiting sequences in round-robin order over tenants. A waiting
 sequence is admitted only when its adapter holds a ready slot and its KV blocks fit.
+
+With async scheduling the engine schedules step n+1 while step n runs: a sequence that step n
+samples counts that token as pending (Sequence.num_pending) and decodes it next, its id fed
+on the device; one whose pending token is its last is left out.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,8 +30,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
-                 lora_manager=None):
+                 lora_manager=None, max_model_len: int | None = None):
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len or float("inf")
         self.block_manager, self.lora_manager = block_manager, lora_manager
         self.waiting: dict[str, deque[Sequence]] = {}
         self.tenant_order: deque[str] = deque()
@@ -61,6 +66,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
+            if seq.last_token_is_pending_and_final(self.max_model_len):
+                continue  # scheduled ahead of its last token's read-back: that token ends it
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n):
                 victim = self.running[-1]

@@ -37,7 +37,8 @@ class Sequence:
     arrival: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache (or is being written by a launched step)
+    num_pending: int = 0  # tokens sampled by launched steps whose ids the host has not read back yet
     block_table: list[int] = field(default_factory=list)
     lora_slot: int | None = None  # held slot (a reference in the LoRA manager)
     finish_reason: str | None = None
@@ -51,6 +52,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the scheduler plans with: known ones plus pending ones."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -58,10 +64,18 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Ids of positions [start, end); a pending position reads 0 (its runner feeds the
+        sampled id from the device)."""
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        known = (self.prompt_token_ids + self.output_token_ids)[start:end]
+        return known + [0] * (end - start - len(known))
+
+    def last_token_is_pending_and_final(self, max_model_len: int) -> bool:
+        """A launched step samples this sequence's last token: scheduling it again is wasted."""
+        return self.num_pending > 0 and (len(self.output_token_ids) + self.num_pending >= self.params.max_tokens
+                                         or self.num_tokens >= max_model_len)
 
     @property
     def last_token_id(self) -> int:

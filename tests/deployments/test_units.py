@@ -153,11 +153,13 @@ def test_app_args_defaults_and_scaling(tmp_path):
 
 def test_app_args_reach_the_engine_config(tmp_path):
     args = AppArgs(cache_dir=str(tmp_path), device="cpu", engine_warmup=False, lora_failure_ttl_s=5,
-                   max_num_batched_tokens=256, max_loras=3, max_cpu_loras=5, max_cpu_lora_bytes=1 << 30)
+                   max_num_batched_tokens=256, max_loras=3, max_cpu_loras=5, max_cpu_lora_bytes=1 << 30,
+                   async_scheduling=False)
     config = args.engine_config(tmp_path / "model")
     assert (config.warmup, config.lora_failure_ttl_s, config.max_num_batched_tokens, config.max_loras,
-            config.max_cpu_loras, config.max_cpu_lora_bytes) == (False, 5.0, 256, 3, 5, 1 << 30)
+            config.max_cpu_loras, config.max_cpu_lora_bytes, config.async_scheduling) == (False, 5.0, 256, 3, 5,
+                                                                                         1 << 30, False)
     default = AppArgs(cache_dir=str(tmp_path), device="cpu").engine_config(tmp_path / "model")
-    assert default.warmup and default.max_num_batched_tokens == EngineConfig(model="m").max_num_batched_tokens
+    assert default.warmup and default.async_scheduling and default.max_num_batched_tokens == EngineConfig(model="m").max_num_batched_tokens
     with pytest.raises(ValueError):
         AppArgs(lora_failure_ttl_s=-1)

@@ -33,7 +33,7 @@ def test_padded_static_decode_equals_eager(checkpoints, adapters):
     static = static_engine(ckpt, max_loras=2)
     calls = []
     run = static.runner.graphs.run
-    static.runner.graphs.run = lambda inputs: calls.append(len(inputs.input_ids)) or run(inputs)
+    static.runner.graphs.run = lambda inputs, feed=None: calls.append(len(inputs.input_ids)) or run(inputs, feed)
     outs = static.generate(prompts, params, loras)
     assert calls and max(calls) == 4  # 4 sequences padded to the bucket of 4; 3 padded to 4 too
     assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in eager]

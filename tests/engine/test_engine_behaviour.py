@@ -22,7 +22,7 @@ def test_chunked_prefill_logits_match_reference(qwen):
     chunks = []
     while True:
         sched = engine.scheduler.schedule()
-        result = engine.runner.execute(sched.scheduled, all_logits=True)
+        result = engine.execute(sched, all_logits=True)
         chunks.append(result.logits)
         engine.postprocess(sched, result)
         if not engine.has_unfinished_requests():
@@ -33,7 +33,7 @@ def test_chunked_prefill_logits_match_reference(qwen):
 
 def test_prefill_and_decode_mix_in_one_step_and_match_solo_runs(qwen):
     solo = [make_engine(qwen).generate([p], GREEDY)[0]["token_ids"] for p in PROMPTS]
-    engine = make_engine(qwen, max_num_batched_tokens=9)
+    engine = make_engine(qwen, max_num_batched_tokens=9, async_scheduling=False)  # stepped by hand below
     engine.add_request("r0", PROMPTS[0], GREEDY)
     got = {f"r{i}": [] for i in range(3)}
     got["r0"] += engine.step()[0].token_ids_delta
@@ -44,7 +44,7 @@ def test_prefill_and_decode_mix_in_one_step_and_match_solo_runs(qwen):
         sched = engine.scheduler.schedule()
         kinds = {n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens for seq, n in sched.scheduled}
         saw_mixed |= kinds == {True, False}
-        for out in engine.postprocess(sched, engine.runner.execute(sched.scheduled)):
+        for out in engine.postprocess(sched, engine.execute(sched)):
             got[out.request_id] += out.token_ids_delta
     assert saw_mixed
     assert [got[f"r{i}"] for i in range(3)] == solo

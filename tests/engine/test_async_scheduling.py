@@ -1,0 +1,99 @@
+"""Async scheduling: step n+1 is scheduled and launched before step n's tokens are read back.
+
+Every case runs the same requests through an engine with async_scheduling on and one with it
+off; the outputs must be equal token for token (the sync engine is the reference: its inputs
+come from host-side token ids, the async one's from the device)."""
+import pytest
+
+from engine import LoRARequest, SamplingParams
+from tests.engine.test_base_parity import PROMPTS, make_engine
+
+
+@pytest.fixture
+def qwen(checkpoints):
+    return checkpoints["qwen3_moe"]
+
+
+def run(engine, requests) -> dict:
+    """requests: (id, prompt, params, lora); returns id -> (token ids, text, finish reason)."""
+    for rid, prompt, params, lora in requests:
+        engine.add_request(rid, prompt, params, lora)
+    got = {rid: [[], "", None] for rid, *_ in requests}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id][0] += out.token_ids_delta
+            got[out.request_id][1] += out.text_delta
+            if out.finished:
+                assert got[out.request_id][2] is None, "a request finished twice"
+                got[out.request_id][2] = out.finish_reason
+                assert out.num_output_tokens == len(got[out.request_id][0])
+    return {rid: tuple(v[:2]) + (v[2],) for rid, v in got.items()}
+
+
+def mixed_requests(adapters, stop_token: int) -> list:
+    a, b = (LoRARequest(f"t{k}/{k}", str(adapters["qwen3_moe"][k])) for k in ("a", "b"))
+    greedy = lambda n, **kw: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)  # noqa: E731
+    long_prompt = list(range(40, 70))
+    return [
+        ("short", PROMPTS[0], greedy(2), None),
+        ("greedy", PROMPTS[1], greedy(9), a),
+        ("seeded", PROMPTS[2], SamplingParams(max_tokens=7, temperature=0.9, top_p=0.9, seed=5,
+                                              ignore_eos=True), b),
+        ("stops", PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_token]), None),
+        ("long", long_prompt, greedy(5), a),  # chunked with the small token budget below
+        ("one", [3, 4], greedy(1), b),
+    ]
+
+
+@pytest.mark.parametrize("engine_kw", [
+    dict(max_num_batched_tokens=11),  # chunked prefill, prefill chunks mixed with decodes
+    dict(num_kv_blocks=14, block_size=4, max_model_len=40),  # too few blocks: preemption
+])
+def test_async_outputs_equal_sync_outputs(qwen, adapters, engine_kw):
+    base = make_engine(qwen).generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0))[0]
+    stop_token = base["token_ids"][3]  # "stops" ends early; its step n+1 row is wasted
+    stop_len = base["token_ids"].index(stop_token) + 1
+    outs = []
+    for on in (False, True):
+        engine = make_engine(qwen, max_loras=2, async_scheduling=on, **engine_kw)
+        outs.append(run(engine, mixed_requests(adapters, stop_token)))
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        assert engine.num_preemptions > 0 or "num_kv_blocks" not in engine_kw
+    assert outs[1] == outs[0]
+    assert outs[1]["stops"][2] == "stop" and len(outs[1]["stops"][0]) == stop_len < 12
+    assert [len(outs[1][r][0]) for r in ("short", "greedy", "seeded", "long", "one")] == [2, 9, 7, 5, 1]
+
+
+def test_steps_run_ahead_but_not_past_max_tokens(qwen):
+    """Each step() leaves the next step launched; a sequence whose pending token is its last is
+    not scheduled again, so max_tokens=5 costs exactly 5 rows (1 prefill + 4 decodes)."""
+    engine = make_engine(qwen, async_scheduling=True)
+    rows = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda scheduled, *a, **kw: rows.append(len(scheduled)) or launch(scheduled, *a, **kw)
+    engine.add_request("r", PROMPTS[1], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    ahead = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        ahead.append(engine._in_flight is not None)
+    assert rows == [1] * 5
+    assert ahead[:4] == [True] * 4 and ahead[-1] is False
+
+
+def test_abort_while_its_step_is_in_flight(qwen):
+    solo = make_engine(qwen).generate([PROMPTS[2]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    engine = make_engine(qwen, async_scheduling=True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.add_request("gone", PROMPTS[0], params)
+    engine.add_request("kept", PROMPTS[2], params)
+    got = {"gone": [], "kept": []}
+    for _ in range(2):
+        for out in engine.step():
+            got[out.request_id] += out.token_ids_delta
+    assert engine._in_flight is not None
+    assert engine.abort("gone").finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids_delta
+    assert len(got["gone"]) == 2 and got["kept"] == solo[0]["token_ids"]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
