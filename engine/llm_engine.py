@@ -1,6 +1,7 @@
 """LLMEngine: add_request / step / abort. step() = schedule -> launch -> (schedule and launch the
 next step) -> read back -> postprocess."""
 import itertools
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import LoRARequest, Sequence
 
+log = logging.getLogger(__name__)
 LOAD_WAIT_S = 0.002  # longest a step with only adapter loads in flight blocks on them
 
 
@@ -95,12 +97,12 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
+        if self._in_flight is not None and all(s.is_finished for s, _ in self._in_flight[0].scheduled):
+            self._in_flight = None  # nothing of it will be read; later steps queue behind it on the stream
         return self._final(seq, RequestOutput(request_id, finished=True, finish_reason="abort"))
 
     def has_unfinished_requests(self) -> bool:
-        # a launched step whose sequences all ended (aborts) waits for the next step() to be read
-        # back, unless it carries failures to report
-        return self.scheduler.has_unfinished() or (self._in_flight is not None and bool(self._in_flight[0].failed))
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -112,15 +114,24 @@ class LLMEngine:
             if not sched.scheduled:
                 return self.postprocess(sched, self._idle(sched))
             current = (sched, self._launch(sched, None))
-        early = []
-        if self.config.async_scheduling:
-            ahead = self.scheduler.schedule()
-            if ahead.scheduled:
-                self._in_flight = (ahead, self._launch(ahead, current[1]))
-            else:  # nothing to run ahead; its failures are reported now
-                early = self._failed_outputs(ahead)
+        early = self._launch_ahead(current[1]) if self.config.async_scheduling else []
         sched, launched = current
         return self.postprocess(sched, launched.result()) + early
+
+    def _launch_ahead(self, current: LaunchedStep) -> list[RequestOutput]:
+        """Schedule and launch the step after `current`; returns the failures its schedule found
+        (reported with current's outputs, not a step later). A launch that raises leaves the
+        step unlaunched (its sequences are scheduled again next step) and is logged, so
+        current's tokens are still read back."""
+        ahead = self.scheduler.schedule()
+        early = self._failed_outputs(ahead)
+        ahead.failed = []
+        if ahead.scheduled:
+            try:
+                self._in_flight = (ahead, self._launch(ahead, current))
+            except Exception:
+                log.exception("launching the next step failed; it runs again after this one is read back")
+        return early
 
     def execute(self, sched: SchedulerOutput, all_logits: bool = False) -> StepResult:
         """Launch one scheduled step and wait for it (tests: then postprocess(sched, result))."""
@@ -180,8 +191,10 @@ class LLMEngine:
         return None
 
     def _final(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
-        self.seqs.pop(seq.request_id, None)
-        detok = self.detokenizers.pop(seq.request_id, None)
+        detok = None
+        if self.seqs.get(seq.request_id) is seq:  # not a newer request that reuses the id
+            del self.seqs[seq.request_id]
+            detok = self.detokenizers.pop(seq.request_id, None)
         self.runner.release(seq)
         out.num_prompt_tokens, out.num_output_tokens = seq.num_prompt_tokens, len(seq.output_token_ids)
         out.text = out.text or (detok.sent if detok else "")

@@ -222,17 +222,18 @@ class ModelRunner:
             logits = self.graphs.run(self._decode_inputs(scheduled),
                                      None if feed is None else lambda ids: feed.apply(ids, self._tensor))
             if not all(samples):  # a one-token prefill chunk that does not end its prompt
-                logits = logits[[i for i, s in enumerate(samples) if s]]
+                logits = logits[self._tensor([i for i, s in enumerate(samples) if s], torch.long)]
         else:
             input_ids, batch, rows = self.prepare(scheduled)
             if feed is not None:
                 feed.apply(input_ids, self._tensor)
             hidden = self.model(input_ids, batch)
+            # index with device tensors: a Python list is a blocking copy that waits for the GPU
             if all_logits:
                 kept = self.model.compute_logits(hidden)
-                logits = kept[rows]
+                logits = kept[self._tensor(rows, torch.long)]
             elif rows:
-                logits = self.model.compute_logits(hidden[rows])
+                logits = self.model.compute_logits(hidden[self._tensor(rows, torch.long)])
         step = LaunchedStep(samples, {seq.seq_id: i for i, seq in enumerate(sampled)}, None, None,
                             logits=kept if all_logits else (logits if return_logits else None))
         if sampled:
@@ -288,7 +289,7 @@ class ModelRunner:
                 scheduled = [self._dummy_entry(done, n, slots[i % len(slots)])
                              for i, (done, n) in enumerate(shape)]
                 input_ids, batch, rows = self.prepare(scheduled)
-                self.model.compute_logits(self.model(input_ids, batch)[rows])
+                self.model.compute_logits(self.model(input_ids, batch)[self._tensor(rows, torch.long)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start

@@ -97,3 +97,64 @@ def test_abort_while_its_step_is_in_flight(qwen):
             got[out.request_id] += out.token_ids_delta
     assert len(got["gone"]) == 2 and got["kept"] == solo[0]["token_ids"]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_failures_found_ahead_are_reported_with_the_current_step(qwen, adapters, tmp_path):
+    """A request whose adapter fails while the next step is scheduled ahead is reported by that
+    step() call, once; aborting it afterwards finds nothing, and its id can be reused at once."""
+    engine = make_engine(qwen, max_loras=2, async_scheduling=True)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine.add_request("kept", PROMPTS[0], params)
+    engine.step()  # "kept" prefilled, its first decode launched ahead
+    engine.add_request("bad", PROMPTS[1], params, LoRARequest("t/missing", str(tmp_path / "none")))
+    outs = []
+    while not any(o.request_id == "bad" for o in outs):
+        outs += engine.step()
+    bad = [o for o in outs if o.request_id == "bad"]
+    assert len(bad) == 1 and bad[0].finished and bad[0].error is not None
+    assert engine.abort("bad") is None
+    engine.add_request("bad", PROMPTS[1], params)  # the id is free again
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    again = [o for o in outs if o.request_id == "bad" and o is not bad[0]]
+    assert again[-1].finish_reason == "length" and sum(len(o.token_ids_delta) for o in again) == 6
+
+
+def test_a_failed_launch_ahead_loses_no_tokens(qwen):
+    """The step launched ahead raises once: the current step's tokens are still returned, and
+    the run ends with the same tokens as an engine that never failed."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = make_engine(qwen).generate(PROMPTS[:2], params)
+    engine = make_engine(qwen, async_scheduling=True)
+    launch, calls = engine.runner.launch, []
+
+    def flaky(scheduled, prev=None, *a, **kw):
+        calls.append(prev is not None)
+        if sum(calls) == 2 and prev is not None:
+            raise RuntimeError("injected launch failure")
+        return launch(scheduled, prev, *a, **kw)
+    engine.runner.launch = flaky
+    assert [o["token_ids"] for o in engine.generate(PROMPTS[:2], params)] == [o["token_ids"] for o in expected]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.gpu
+def test_launching_a_step_never_waits_for_the_gpu(qwen, adapters):
+    """Every launch (prefill, mixed, decode graph, with and without adapters) runs with CUDA's
+    sync debug mode set to error: an op that blocks the host on the GPU (a Python-list index, a
+    pageable copy, .item()) raises here instead of silently serialising the async steps."""
+    import torch
+    engine = make_engine(qwen, max_loras=2, device="cuda", dtype="bfloat16", max_num_batched_tokens=16)
+    launch = engine.runner.launch
+
+    def checked(*a, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    engine.runner.launch = checked
+    lora = LoRARequest("t/b", str(adapters["qwen3_moe"]["b"]))
+    params = SamplingParams(max_tokens=8, temperature=0.7, seed=1, ignore_eos=True)
+    outs = engine.generate(PROMPTS + [list(range(40, 70))], params, [None, lora, None, lora])
+    assert [len(o["token_ids"]) for o in outs] == [8] * 4
