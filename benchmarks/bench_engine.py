@@ -301,9 +301,12 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         for moe in engine.runner.model.moe_layers():
             moe.per_adapter_loop = mode == "loop"
         # the loop syncs with the host per layer, so it runs eagerly (as such loops do)
-        engine.runner.graphs = graphs if mode in ("fused", "fused_sync") else None
-        # fused_sync: the same kernels and graphs, each step read back before the next is scheduled
+        engine.runner.graphs = graphs if mode in ("fused", "fused_sync", "fused_eager_ahead") else None
+        # fused_sync: the same kernels and graphs, each step read back before the next is scheduled;
+        # fused_eager_ahead: prefill and mixed steps launched ahead too (the default launches only
+        # decode graph steps ahead)
         engine.config.async_scheduling = mode != "fused_sync"
+        engine.config.async_eager_steps = mode == "fused_eager_ahead"
         # warm-up: each case once, short, at the measured shapes. What first runs compile (Triton
         # specialisations the engine's start-up warm-up misses) lands in results["warmup_compiles"],
         # not in the measured runs (each of which reports its own compiles, ideally none)
@@ -320,7 +323,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         for moe in engine.runner.model.moe_layers():
             moe.per_adapter_loop = False
         engine.runner.graphs = graphs
-        engine.config.async_scheduling = True
+        engine.config.async_scheduling, engine.config.async_eager_steps = True, False
         results["profile_table"] = profile_decode(engine, case_adapters("c_16", args.requests), args.profile)
         print(results["profile_table"], flush=True)
     results["engine_stats"] = engine.stats()
@@ -396,7 +399,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=["a_none", "b_one", "c_16", "d_64_over_16"])
     parser.add_argument("--modes", nargs="+", default=["fused", "fused_sync", "fused_eager", "loop"],
                         help="fused: virtual experts + CUDA graphs + async scheduling; fused_sync: the same "
-                             "without async scheduling; fused_eager: no graphs; loop: per adapter")
+                             "without async scheduling; fused_eager_ahead: eager steps launched ahead too; "
+                             "fused_eager: no graphs; loop: per adapter")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", default="", help="write a Chrome trace of 5 decode steps here")

@@ -31,9 +31,13 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     warmup: bool = True  # dummy prefill / mixed steps at start-up on CUDA (Triton compiles there)
     lora_failure_ttl_s: float = 30.0  # a failed adapter load is retried by requests after this
-    # schedule and launch step n+1 before reading step n's tokens back (its decodes take them on the
-    # device); a sequence that step n finishes wastes one row of step n+1
+    # schedule step n+1 before reading step n's tokens back, and launch it then when it is a decode
+    # graph step (its decodes take those tokens on the device); a sequence that step n finishes
+    # wastes one row of step n+1. Unseeded sampling then draws differently than without it.
     async_scheduling: bool = True
+    # launch eager (prefill, mixed) steps ahead too: they are bound by host time, so that hides
+    # nothing and delays the outputs of the step before them (tests use it to cover the path on CPU)
+    async_eager_steps: bool = False
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
     seed: int = 0
 

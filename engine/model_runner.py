@@ -264,6 +264,10 @@ class ModelRunner:
                 src.append(row)
         return TokenFeed(dst, src, prev.tokens) if dst else None
 
+    def is_graph_step(self, scheduled: list[tuple[Sequence, int]]) -> bool:
+        """Whether launch() replays decode graphs for this step (a launch of ~ms of host time)."""
+        return self._graph_step(scheduled, False)
+
     def _graph_step(self, scheduled: list[tuple[Sequence, int]], all_logits: bool) -> bool:
         return (self.graphs is not None and not all_logits and all(n == 1 for _, n in scheduled)
                 and self.graphs.fits(len(scheduled), max(s.num_computed_tokens + 1 for s, _ in scheduled),

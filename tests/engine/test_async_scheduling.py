@@ -54,12 +54,15 @@ def test_async_outputs_equal_sync_outputs(qwen, adapters, engine_kw):
     stop_token = base["token_ids"][3]  # "stops" ends early; its step n+1 row is wasted
     stop_len = base["token_ids"].index(stop_token) + 1
     outs = []
-    for on in (False, True):
-        engine = make_engine(qwen, max_loras=2, async_scheduling=on, **engine_kw)
+    # sync; async with eager steps launched after the read-back (the default); async with every step
+    # launched ahead (on CPU no step is a graph step, so only this one feeds tokens on the device)
+    for kw in (dict(async_scheduling=False), dict(async_scheduling=True),
+               dict(async_scheduling=True, async_eager_steps=True)):
+        engine = make_engine(qwen, max_loras=2, **kw, **engine_kw)
         outs.append(run(engine, mixed_requests(adapters, stop_token)))
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         assert engine.num_preemptions > 0 or "num_kv_blocks" not in engine_kw
-    assert outs[1] == outs[0]
+    assert outs[1] == outs[0] and outs[2] == outs[0]
     assert outs[1]["stops"][2] == "stop" and len(outs[1]["stops"][0]) == stop_len < 12
     assert [len(outs[1][r][0]) for r in ("short", "greedy", "seeded", "long", "one")] == [2, 9, 7, 5, 1]
 
@@ -67,7 +70,7 @@ def test_async_outputs_equal_sync_outputs(qwen, adapters, engine_kw):
 def test_steps_run_ahead_but_not_past_max_tokens(qwen):
     """Each step() leaves the next step launched; a sequence whose pending token is its last is
     not scheduled again, so max_tokens=5 costs exactly 5 rows (1 prefill + 4 decodes)."""
-    engine = make_engine(qwen, async_scheduling=True)
+    engine = make_engine(qwen, async_scheduling=True, async_eager_steps=True)
     rows = []
     launch = engine.runner.launch
     engine.runner.launch = lambda scheduled, *a, **kw: rows.append(len(scheduled)) or launch(scheduled, *a, **kw)
@@ -82,7 +85,7 @@ def test_steps_run_ahead_but_not_past_max_tokens(qwen):
 
 def test_abort_while_its_step_is_in_flight(qwen):
     solo = make_engine(qwen).generate([PROMPTS[2]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    engine = make_engine(qwen, async_scheduling=True)
+    engine = make_engine(qwen, async_scheduling=True, async_eager_steps=True)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     engine.add_request("gone", PROMPTS[0], params)
     engine.add_request("kept", PROMPTS[2], params)
@@ -102,7 +105,7 @@ def test_abort_while_its_step_is_in_flight(qwen):
 def test_failures_found_ahead_are_reported_with_the_current_step(qwen, adapters, tmp_path):
     """A request whose adapter fails while the next step is scheduled ahead is reported by that
     step() call, once; aborting it afterwards finds nothing, and its id can be reused at once."""
-    engine = make_engine(qwen, max_loras=2, async_scheduling=True)
+    engine = make_engine(qwen, max_loras=2, async_scheduling=True, async_eager_steps=True)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     engine.add_request("kept", PROMPTS[0], params)
     engine.step()  # "kept" prefilled, its first decode launched ahead
@@ -125,7 +128,7 @@ def test_a_failed_launch_ahead_loses_no_tokens(qwen):
     the run ends with the same tokens as an engine that never failed."""
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     expected = make_engine(qwen).generate(PROMPTS[:2], params)
-    engine = make_engine(qwen, async_scheduling=True)
+    engine = make_engine(qwen, async_scheduling=True, async_eager_steps=True)
     launch, calls = engine.runner.launch, []
 
     def flaky(scheduled, prev=None, *a, **kw):
@@ -158,3 +161,24 @@ def test_launching_a_step_never_waits_for_the_gpu(qwen, adapters):
     params = SamplingParams(max_tokens=8, temperature=0.7, seed=1, ignore_eos=True)
     outs = engine.generate(PROMPTS + [list(range(40, 70))], params, [None, lora, None, lora])
     assert [len(o["token_ids"]) for o in outs] == [8] * 4
+
+
+def test_only_decode_graph_steps_are_launched_ahead(checkpoints, adapters):
+    """The default policy: a decode graph step (cheap to launch) goes out before the previous
+    step is read back; a prefill or mixed step (host-bound) waits for the read-back. The static
+    graph buffers run eagerly on CPU, so this covers the graph path's device-side token feed."""
+    from tests.engine.test_decode_graphs import static_engine
+    ckpt = checkpoints["qwen3_moe"]
+    loras = [None, LoRARequest("t/b", str(adapters["qwen3_moe"]["b"])), None]
+    params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    expected = make_engine(ckpt, max_num_seqs=5, max_loras=2, async_scheduling=False).generate(PROMPTS, params, loras)
+    engine = static_engine(ckpt, max_loras=2, max_num_batched_tokens=12)
+    launch, seen = engine.runner.launch, []
+
+    def spy(scheduled, prev=None, *a, **kw):
+        seen.append((prev is not None, engine.runner.is_graph_step(scheduled)))
+        return launch(scheduled, prev, *a, **kw)
+    engine.runner.launch = spy
+    outs = engine.generate(PROMPTS, params, loras)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in expected]
+    assert (True, True) in seen and (False, False) in seen and (True, False) not in seen
