@@ -277,7 +277,8 @@ def make_engine(args, shape: dict, layers: int, slots: int) -> LLMEngine:
         hf_config=hf_config(shape, layers), load_format="dummy", device=args.device, max_loras=slots,
         max_lora_rank=args.rank, max_cpu_loras=128, max_num_seqs=args.requests,
         max_model_len=args.prompt + args.output + args.block_size, block_size=args.block_size,
-        max_num_batched_tokens=args.max_batched_tokens, seed=0))
+        max_num_batched_tokens=args.max_batched_tokens, seed=0,
+        triton_prefill_attention=getattr(args, "triton_prefill_attention", False)))
 
 
 def main_engine_cases(args, shape: dict, results: dict) -> None:
@@ -403,6 +404,8 @@ def main() -> None:
                              "fused_eager: no graphs; loop: per adapter")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--triton-prefill-attention", action="store_true",
+                        help="EngineConfig.triton_prefill_attention (off by default until measured)")
     parser.add_argument("--profile", default="", help="write a Chrome trace of 5 decode steps here")
     args = parser.parse_args()
     args.device = "cpu" if args.tiny else "cuda"

@@ -4,7 +4,9 @@
 #   final        bench_engine.py: every case with async scheduling ("fused") and without it
 #                ("fused_sync") in the same run, a profile of 5 decode steps, transformers + PEFT;
 #                FINAL_MODES="fused fused_sync fused_eager_ahead" adds eager steps launched ahead
-#   prefill      benchmarks/profile_prefill.py (the prefill phase of case b, per async policy)
+#   prefill      benchmarks/profile_prefill.py (the prefill phase of case b, per async policy, and
+#                with the Triton prefill attention)
+#   prefilltests the Triton prefill attention's GPU tests (run before flipping its default on)
 #   kernels      bench_moe_lora.py for the olmoe and mixtral presets at n = 16
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +29,10 @@ for part in "$@"; do
       PYTHONPATH=$PWD timeout "${PREFILL_SECONDS:-300}" python3 -m benchmarks.profile_prefill --out "$out" \
         > "$out/prefill.log" 2>&1
       echo "prefill rc=$?"; grep -E "^(async|sync)" "$out/prefill.log" | cut -c1-300 ;;
+    prefilltests)
+      PYTHONPATH=$PWD timeout 200 python3 -m pytest tests/kernels/test_prefill_attention.py -m gpu -q -p no:cacheprovider \
+        > "$out/prefill_tests.log" 2>&1
+      echo "prefilltests rc=$?"; tail -3 "$out/prefill_tests.log" ;;
     kernels)
       PYTHONPATH=$PWD timeout "${KERNEL_SECONDS:-300}" python3 benchmarks/bench_moe_lora.py --presets olmoe mixtral \
         --adapters 16 --out "$out/kernels.json" > "$out/kernels.log" 2>&1

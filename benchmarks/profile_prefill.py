@@ -79,11 +79,13 @@ def main() -> None:
     adapters = case_adapters("b_one", requests)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "modes": {}}
     # async_eager launches prefill steps ahead too (the policy of commit 1e75882, measured in
-    # session 4); async is the default (prefill steps launched after the read-back); first twice,
-    # so order effects show
-    for mode in ("async_eager", "sync", "async", "async_eager"):
+    # session 4); async is the default (prefill steps launched after the read-back); triton_attn
+    # adds the Triton prefill attention (EngineConfig.triton_prefill_attention); the first mode
+    # runs twice, so order effects show
+    for mode in ("async_eager", "sync", "async", "async_triton_attn", "async_eager"):
         engine.config.async_scheduling = mode != "sync"
         engine.config.async_eager_steps = mode == "async_eager"
+        engine.config.triton_prefill_attention = mode == "async_triton_attn"
         run_case(engine, adapters, prompt, 2, seed=99)
         r = timed_steps(engine, adapters, prompt, 2)
         r["profile"] = profiled(engine, adapters, prompt, os.path.join(args.out, f"prefill_{mode}.json"))

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from kernels.dispatch import use_triton
 from kernels.paged_attention import paged_decode_attention
+from kernels.prefill_attention import paged_prefill_attention
 
 
 @dataclass(slots=True)
@@ -25,6 +26,9 @@ class AttentionGroup:
     token_row: Tensor       # [end - start] int64: index of each token among its sequence's queries
     max_query_len: int      # Q
     max_context_len: int    # C: longest KV length after this step's tokens are written
+    # for kernels.paged_prefill_attention (prefill groups): [B + 1] row starts, [B] KV lengths
+    query_start: Tensor | None = None
+    context_lens: Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -36,6 +40,7 @@ class ForwardBatch:
     lora_slot_ids: Tensor | None = None  # [T] int32: adapter slot per token, -1 = base model
     lora_layout: object | None = None  # kernels.VirtualLayout of the rows by slot, set by the model
     # for the step so q/k/v/o LoRA share one alignment (None off the Triton path)
+    triton_prefill: bool = False  # prefill groups through kernels.paged_prefill_attention (Triton path)
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
@@ -48,18 +53,22 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardB
                     scale: float, sliding_window: int | None = None) -> Tensor:
     """Causal attention of q [T, H, Dh] over each sequence's cached keys; returns [T, H, Dh]."""
     if len(batch.groups) == 1:
-        return _attend(q, batch.positions, k_cache, v_cache, batch.groups[0], scale, sliding_window)
+        return _attend(q, batch.positions, k_cache, v_cache, batch.groups[0], scale, sliding_window,
+                       batch.triton_prefill)
     out = torch.empty_like(q)
     for g in batch.groups:
         out[g.start:g.end] = _attend(q[g.start:g.end], batch.positions[g.start:g.end],
-                                     k_cache, v_cache, g, scale, sliding_window)
+                                     k_cache, v_cache, g, scale, sliding_window, batch.triton_prefill)
     return out
 
 
 def _attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, g: AttentionGroup,
-            scale: float, sliding_window: int | None) -> Tensor:
+            scale: float, sliding_window: int | None, triton_prefill: bool = False) -> Tensor:
     if g.max_query_len == 1:
         return _decode_attend(q, positions, k_cache, v_cache, g, scale, sliding_window)
+    if triton_prefill and g.query_start is not None and use_triton(q):
+        return paged_prefill_attention(q, k_cache, v_cache, g.block_tables, g.query_start, g.context_lens,
+                                       scale, sliding_window, max_query_len=g.max_query_len)
     num_seqs, ctx = g.block_tables.shape[0], g.max_context_len
     keys = k_cache[g.block_tables].flatten(1, 2)[:, :ctx]    # [B, C, G, Dh]
     values = v_cache[g.block_tables].flatten(1, 2)[:, :ctx]  # [B, C, G, Dh]

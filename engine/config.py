@@ -38,6 +38,9 @@ class EngineConfig:
     # launch eager (prefill, mixed) steps ahead too: they are bound by host time, so that hides
     # nothing and delays the outputs of the step before them (tests use it to cover the path on CPU)
     async_eager_steps: bool = False
+    # prefill and mixed steps' attention through kernels.paged_prefill_attention (one Triton launch
+    # a layer, no padded copies) instead of gather + SDPA; off until measured on a GPU
+    triton_prefill_attention: bool = False
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
     seed: int = 0
 

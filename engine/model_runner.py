@@ -164,7 +164,8 @@ class ModelRunner:
         use_lora = self.slot_pools is not None and any(s >= 0 for s in lora)
         batch = ForwardBatch(
             positions=self._tensor(pos, torch.long), slot_mapping=self._tensor(slots, torch.long),
-            groups=groups, lora_slot_ids=self._tensor(lora, torch.int32) if use_lora else None)
+            groups=groups, lora_slot_ids=self._tensor(lora, torch.int32) if use_lora else None,
+            triton_prefill=self.config.triton_prefill_attention)
         return self._tensor(ids, torch.long), batch, sample_rows
 
     def _group(self, part: list[tuple[Sequence, int]], token_start: int) -> AttentionGroup:
@@ -172,11 +173,18 @@ class ModelRunner:
         tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in part]
         tseq = [b for b, (_, n) in enumerate(part) for _ in range(n)]
         trow = [i for _, n in part for i in range(n)]
-        return AttentionGroup(
+        group = AttentionGroup(
             start=token_start, end=token_start + len(tseq), block_tables=self._tensor(tables, torch.long),
             token_seq=self._tensor(tseq, torch.long), token_row=self._tensor(trow, torch.long),
             max_query_len=max(n for _, n in part),
             max_context_len=max(seq.num_computed_tokens + n for seq, n in part))
+        if self.config.triton_prefill_attention and group.max_query_len > 1:
+            starts = [0]
+            for _, n in part:
+                starts.append(starts[-1] + n)
+            group.query_start = self._tensor(starts, torch.int32)
+            group.context_lens = self._tensor([seq.num_computed_tokens + n for seq, n in part], torch.int32)
+        return group
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         vocab = self.spec.vocab_size

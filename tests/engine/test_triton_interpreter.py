@@ -8,14 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = """
 import json, sys
 from engine import LoRARequest
 from engine.testing.reference import load_reference_model, reference_logits
 from tests.engine.test_base_parity import make_engine, step_logits
 from tests.engine.test_lora_parity import _wait_for_adapters
-ckpt, per_expert, fused = sys.argv[1:4]
-engine = make_engine(ckpt, max_loras=2, max_lora_rank=16)
+ckpt, per_expert, fused, prefill_kernel = sys.argv[1:5]
+engine = make_engine(ckpt, max_loras=2, max_lora_rank=16, triton_prefill_attention=prefill_kernel == "1")
 requests = [None, LoRARequest("t1/a", per_expert), LoRARequest("t2/b", fused)]
 _wait_for_adapters(engine, requests)
 prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
@@ -27,12 +29,13 @@ print(json.dumps(errors))
 """
 
 
-def test_engine_on_triton_interpreter_matches_reference(checkpoints, adapters):
+@pytest.mark.parametrize("prefill_kernel", [False, True], ids=["sdpa_prefill", "triton_prefill"])
+def test_engine_on_triton_interpreter_matches_reference(checkpoints, adapters, prefill_kernel):
     env = {**os.environ, "MOEPLEX_TRITON": "1", "TRITON_INTERPRET": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     fam = "qwen3_moe"
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoints[fam]), str(adapters[fam]["a"]),
-                           str(adapters[fam]["b"])], env=env, capture_output=True, text=True, timeout=600)
+                           str(adapters[fam]["b"]), str(int(prefill_kernel))], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(errors) == 3 and max(errors) < 1e-4, errors
