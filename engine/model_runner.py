@@ -20,6 +20,7 @@ from engine.models.spec import ModelSpec
 from engine.sampler import SamplingTensors, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from kernels.moe_launch import token_breakpoints
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30
 log = logging.getLogger(__name__)
@@ -294,8 +295,9 @@ class ModelRunner:
         nothing is sampled, so no generator moves. Returns the seconds it took (also added to
         warmup_seconds)."""
         start = time.perf_counter()
-        # with LoRA, the dummy sequences alternate between the base model and slot 0 (zeros now)
-        slot_cycles = [[None]] + ([[None, 0]] if self.slot_pools is not None else [])
+        # with LoRA, the dummy sequences alternate between slot 0 (zeros now) and the base model,
+        # slot 0 first so a one-sequence step runs with an adapter
+        slot_cycles = [[None]] + ([[0, None]] if self.slot_pools is not None else [])
         for shape in self._warmup_shapes():
             for slots in slot_cycles:
                 scheduled = [self._dummy_entry(done, n, slots[i % len(slots)])
@@ -322,10 +324,10 @@ class ModelRunner:
         context = min(c.block_size + 1, c.max_model_len - 1)  # decodes reading more than one block
         mixed = [(context, 1)] * max(num_decodes, 0) + [(0, chunk)]
         shapes = [[(0, n) for n in full], [(0, n) for n in small]]
-        # prefills of mid sizes: the base MoE tiles by routed rows per expert (16/32/64/128-row
-        # tiles, kernels.moe_launch._base_block_m), and the full and small steps reach only two
-        for per_expert in (32, 64):
-            n = -(-per_expert * self.spec.num_experts // self.spec.top_k)
+        # prefills on both sides of every size where a kernel launch choice changes (base tile
+        # rows, alignment path and its power-of-two tiles, expand path): a step of any other size
+        # compiles nothing new (tests/engine/test_warmup.py checks it)
+        for n in token_breakpoints(self.spec.num_experts, self.spec.top_k, budget):
             if sum(small) < n < budget:
                 parts = max(-(-n // longest), 1)
                 shapes.append([(0, n // parts + (i < n % parts)) for i in range(parts)])

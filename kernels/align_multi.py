@@ -76,7 +76,8 @@ def _row_keys(topk_ids_ptr, slot_ids_ptr, rows, num_rows, top_k, num_experts, nu
     return tl.where(ok, key, -1)
 
 
-@triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
+# one compile for every token count: the sizes that follow it are not specialised either
+@triton.jit(do_not_specialize=["num_rows", "num_sorted", "max_blocks", "sorted_share", "block_share"])
 def _chunk_count_kernel(topk_ids_ptr, slot_ids_ptr, rank_ptr, counts_ptr, sorted_ids_ptr,
                         block_expert_ptr, block_slot_ptr, num_rows, top_k, num_experts, num_slots,
                         num_keys, num_sorted, max_blocks, sorted_share, block_share,
@@ -115,7 +116,7 @@ def _chunk_count_kernel(topk_ids_ptr, slot_ids_ptr, rank_ptr, counts_ptr, sorted
     tl.store(counts_row + key, total, mask=valid & (rank == total - 1))  # on each key's last row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])  # one compile per CHUNKS_P2, not per token count
 def _key_scan_kernel(counts_ptr, key_block_ptr, tile_blocks_ptr, num_chunks, num_keys,
                      BLOCK_SIZE: tl.constexpr, CHUNKS_P2: tl.constexpr, KEY_TILE: tl.constexpr):
     pid = tl.program_id(0)
@@ -175,8 +176,12 @@ def align_multi(topk_ids: Tensor, slot_ids: Tensor | None, space: KeySpace, bloc
     num_sorted = max_blocks * block_size
     sizes = [num_sorted, max_blocks, max_blocks, 1, chunks * chunk, chunks * num_keys,
              key_tiles * key_tile, key_tiles]
-    buf = torch.empty(sum(sizes), dtype=torch.int32, device=topk_ids.device)
-    sorted_ids, block_expert, block_slot, num_blocks, rank, counts, key_block, tile_blocks = buf.split(sizes)
+    # each part starts 16-byte aligned: Triton specialises pointers on that, so a part at an odd
+    # offset (max_blocks not a multiple of 4) would compile the kernels that read it once more
+    padded = [-(-n // 4) * 4 for n in sizes]
+    buf = torch.empty(sum(padded), dtype=torch.int32, device=topk_ids.device)
+    parts = [part[:n] for part, n in zip(buf.split(padded), sizes)]
+    sorted_ids, block_expert, block_slot, num_blocks, rank, counts, key_block, tile_blocks = parts
     ids = topk_ids.reshape(-1)
     slots = slot_ids if slot_ids is not None else ids
     common = dict(HAS_SLOTS=space.has_slots, EXPERT_MAJOR=space.expert_major)

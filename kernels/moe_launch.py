@@ -170,6 +170,28 @@ def dense_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout:
     return moe_align_virtual(one_expert, slot_ids, 1, LORA_BLOCK_M, num_slots)
 
 
+def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int]:
+    """Token counts on both sides of every size at which a launch choice of this module changes
+    (alignment path and its power-of-two tiles, base tile rows, expand path), for MoE layers
+    (T * top_k routed rows) and dense LoRA groups (T rows); within 1..max_tokens, sorted.
+
+    Between two consecutive breakpoints every Triton specialisation of a step is the same (the
+    token counts themselves are do_not_specialize), so a warm-up that runs one step at each
+    compiles what any step size will need (tests/engine/test_warmup.py checks this)."""
+    from kernels.align_multi import CHUNK
+    from kernels.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS
+    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS}
+    rows |= {16 * num_experts, 48 * num_experts, 96 * num_experts}  # _base_block_m
+    rows |= {1 << p for p in range(4, (max_tokens * top_k).bit_length() + 1)}  # align_triton's NP
+    rows |= {CHUNK << p for p in range(max(1, (max_tokens * top_k).bit_length()))}  # align_multi's chunks
+    tokens = {1, 2, max_tokens}
+    for r in rows:
+        for per_token in (top_k, 1):
+            t = r // per_token
+            tokens |= {t, t + 1}
+    return sorted(t for t in tokens if 1 <= t <= max_tokens)
+
+
 def _pow2_divisor(n: int) -> int:
     return n & -n
 

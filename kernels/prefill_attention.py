@@ -21,7 +21,7 @@ _NEG_INIT = tl.constexpr(-1.0e30)  # running max before any key: finite, so a fu
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])  # the block table's width changes every step
 def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, qstart_ptr, ctx_ptr, out_ptr,
         qk_scale, window,

@@ -32,7 +32,10 @@ def test_warmup_runs_full_small_and_mixed_steps_into_the_scratch_block(checkpoin
     seconds = engine.runner.warmup()
     assert seconds > 0 and engine.stats()["warmup_seconds"] == seconds
     sizes = [(c["num_tokens"], c["num_groups"]) for c in calls]
-    assert sizes == [(24, 1), (5, 1), (3 + 21, 2)]  # full budget; odd prefill (2 + 3); 3 decodes + chunk
+    # full budget; odd prefill (2 + 3); the kernels' size breakpoints between them; 3 decodes + chunk
+    from kernels.moe_launch import token_breakpoints
+    between = [n for n in token_breakpoints(engine.spec.num_experts, engine.spec.top_k, 24) if 5 < n < 24]
+    assert between and sizes == [(24, 1), (5, 1)] + [(n, 1) for n in between] + [(3 + 21, 2)]
     scratch = engine.runner.num_kv_blocks * engine.config.block_size
     for call in calls:
         assert all(scratch <= s < scratch + engine.config.block_size for s in call["kv_slots"])
@@ -56,11 +59,13 @@ def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoi
     monkeypatch.setattr(kernels, "lora_group_linear_", recording("lora_group_linear_", 3))
     calls = record_forwards(engine)
     engine.runner.warmup()
-    assert [c["lora"] for c in calls] == [None, [-1, 0]] * 3  # each shape without and with LoRA
+    # each shape without and with LoRA; with, the dummy sequences alternate slot 0 and no adapter
+    mixes = [[0] if len(shape) == 1 else [-1, 0] for shape in engine.runner._warmup_shapes()]
+    assert len(mixes) >= 5 and [c["lora"] for c in calls] == [m for mix in mixes for m in (None, mix)]
     num_moe, num_layers = len(engine.runner.model.moe_layers()), engine.spec.num_layers
-    assert num_moe > 0 and seen["fused_moe"] == ([None] * num_moe + [[-1, 0]] * num_moe) * 3
-    assert seen["lora_group_linear_"] == [[-1, 0]] * (3 * num_layers)  # q/k/v of every layer, as one group
-    assert seen["lora_linear_"] == [[-1, 0]] * (3 * num_layers)  # o of every layer
+    assert num_moe > 0 and seen["fused_moe"] == [m for mix in mixes for m in [None] * num_moe + [mix] * num_moe]
+    # q/k/v of every layer as one group, and o of every layer
+    assert seen["lora_group_linear_"] == seen["lora_linear_"] == [mix for mix in mixes for _ in range(num_layers)]
 
 
 def generate_all(engine, adapters) -> list[list[int]]:
@@ -105,3 +110,43 @@ def test_warmup_reaches_the_mid_sized_base_moe_tiles(checkpoints):
     calls = record_forwards(engine)
     engine.runner.warmup()
     assert [c["num_tokens"] for c in calls] == [sum(n for _, n in shape) for shape in shapes]
+
+
+@pytest.mark.parametrize("experts, top_k", [(60, 8), (128, 8), (8, 2)])
+def test_no_step_shape_compiles_a_kernel_the_warmup_did_not(monkeypatch, experts, top_k):
+    """The Triton specialisations of 120 random prefill / mixed steps (0-16 decodes at contexts
+    of 1-601 tokens, 1-4 prefill chunks of up to 2048 tokens in all, some after cached prefixes,
+    up to 16 distinct adapters; the Triton prefill attention on) are all among those the
+    warm-up compiles, so
+    no request waits for the compiler (session 4, H100: without this, case d's churn compiled 23
+    kernels in serving). Runs the Triton launchers on CPU with every launch recorded, not run."""
+    import random
+
+    from benchmarks.bench_engine import TINY, hf_config
+    from engine import EngineConfig, LLMEngine
+    from engine.testing.jit_keys import JitKeyRecorder
+    monkeypatch.setenv("MOEPLEX_TRITON", "1")
+    recorder = JitKeyRecorder()
+    with recorder.recording():
+        engine = LLMEngine(EngineConfig(
+            hf_config=hf_config(dict(TINY, num_experts=experts, num_experts_per_tok=top_k), 1), load_format="dummy",
+            max_loras=16, max_lora_rank=16, max_num_seqs=64, max_model_len=640, block_size=16,
+            max_num_batched_tokens=2048, warmup=False, triton_prefill_attention=True))
+        runner = engine.runner
+        runner.warmup()
+        warm = recorder.take()
+        rng = random.Random(0)
+        slot = lambda: rng.choice([None] + list(range(16)))  # noqa: E731
+        for _ in range(120):
+            decodes, budget = rng.randint(0, 16), 2048
+            scheduled = [runner._dummy_entry(rng.randint(0, 600), 1, slot()) for _ in range(decodes)]
+            for _ in range(rng.randint(1, 4)):  # prefill chunks, some after a cached prefix
+                done = rng.choice([0, 0, rng.randint(1, 300)])
+                n = min(budget - decodes - sum(k for _, k in scheduled[decodes:]), 639 - done,
+                        rng.choice([rng.randint(1, 64), rng.randint(1, 639), 2048]))
+                if n > 0:
+                    scheduled.append(runner._dummy_entry(done, n, slot()))
+            input_ids, batch, rows = runner.prepare(scheduled)
+            runner.model.compute_logits(runner.model(input_ids, batch)[runner._tensor(rows, torch.long)])
+        new = recorder.take() - warm
+    assert warm and not new, sorted({key[0] for key in new})
