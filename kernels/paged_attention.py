@@ -25,15 +25,16 @@ _PROGRAMS_PER_SM = 2  # with fewer programs than SMs, split the context until ab
 
 
 # the block table's width and the partition length change with the step's longest context:
-# not specialised, so one compile serves every step
-@triton.jit(do_not_specialize=["part_keys", "num_parts", "stride_btb"])
+# not specialised, so they compile nothing new (NUM_PARTS still does: one compile per count in
+# eager steps; a runtime count with a looping merge is the plan, once it can be run on a GPU)
+@triton.jit(do_not_specialize=["part_keys", "stride_btb"])
 def _decode_partition_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, pos_ptr, out_ptr, part_m_ptr, part_l_ptr, part_o_ptr,
-        qk_scale, part_keys, num_parts, window,
+        qk_scale, part_keys, window,
         stride_qb, stride_qh, stride_kn, stride_ks, stride_kg, stride_vn, stride_vs, stride_vg,
         stride_btb, stride_ob, stride_oh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HP: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        HP: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PARTS: tl.constexpr,
         HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -81,47 +82,37 @@ def _decode_partition_kernel(
     # an empty partition (l = 0) writes zeros and weight 0
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = head_ok[:, None] & d_ok[None, :]
-    if not SPLIT:
+    if NUM_PARTS == 1:
         tl.store(out_ptr + pid_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # partials are [B, H, P] and [B, H, P, Dh], contiguous
-        row_bh = (pid_b * GROUP * tl.num_programs(1) + heads) * num_parts + pid_p  # [HP]
+        row_bh = (pid_b * GROUP * tl.num_programs(1) + heads) * NUM_PARTS + pid_p  # [HP]
         tl.store(part_m_ptr + row_bh, m_i, mask=head_ok)
         tl.store(part_l_ptr + row_bh, l_i, mask=head_ok)
         tl.store(part_o_ptr + row_bh[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["num_parts"])  # one compile for every partition count
-def _merge_partitions_kernel(part_m_ptr, part_l_ptr, part_o_ptr, out_ptr, num_heads, num_parts,
+@triton.jit
+def _merge_partitions_kernel(part_m_ptr, part_l_ptr, part_o_ptr, out_ptr, num_heads,
                              stride_ob, stride_oh,
-                             HEAD_DIM: tl.constexpr, PP: tl.constexpr, DP: tl.constexpr):
+                             HEAD_DIM: tl.constexpr, NUM_PARTS: tl.constexpr,
+                             PP: tl.constexpr, DP: tl.constexpr):
     pid = tl.program_id(0)  # = b * H + h
     offs_p = tl.arange(0, PP)
     offs_d = tl.arange(0, DP)
+    p_ok = offs_p < NUM_PARTS
     d_ok = offs_d < HEAD_DIM
-    row = pid * num_parts
-    # pass 1: the largest partition max; pass 2: each partition's share, its softmax mass
-    # relative to that max, over PP partitions at a time
-    m_max = tl.max(tl.zeros([PP], dtype=tl.float32) + _NEG_INIT, 0)
-    for start in range(0, num_parts, PP):
-        p_ok = start + offs_p < num_parts
-        m_max = tl.maximum(m_max, tl.max(tl.load(part_m_ptr + row + start + offs_p, mask=p_ok, other=_NEG_INIT), 0))
-    total = tl.zeros([DP], dtype=tl.float32)
-    weight = tl.sum(tl.zeros([PP], dtype=tl.float32), 0)
-    for start in range(0, num_parts, PP):
-        p_ok = start + offs_p < num_parts
-        m = tl.load(part_m_ptr + row + start + offs_p, mask=p_ok, other=_NEG_INIT)  # [PP]
-        l = tl.load(part_l_ptr + row + start + offs_p, mask=p_ok, other=0.0)        # [PP]
-        o = tl.load(part_o_ptr + (row + start + offs_p)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=p_ok[:, None] & d_ok[None, :], other=0.0)                    # [PP, DP]
-        w = l * tl.exp2(m - m_max)
-        total += tl.sum(o * w[:, None], 0)
-        weight += tl.sum(w, 0)
+    m = tl.load(part_m_ptr + pid * NUM_PARTS + offs_p, mask=p_ok, other=_NEG_INIT)  # [PP]
+    l = tl.load(part_l_ptr + pid * NUM_PARTS + offs_p, mask=p_ok, other=0.0)        # [PP]
+    o = tl.load(part_o_ptr + (pid * NUM_PARTS + offs_p)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=p_ok[:, None] & d_ok[None, :], other=0.0)                        # [PP, DP]
+    # each partition's share: its softmax mass relative to the global max
+    w = l * tl.exp2(m - tl.max(m, 0))
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
     b = pid // num_heads
     h = pid % num_heads
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (total / weight).to(out_ptr.dtype.element_ty),
-             mask=d_ok)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -171,17 +162,18 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     dp = max(16, triton.next_power_of_2(head_dim))
     _decode_partition_kernel[(num_seqs, kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, positions, out, part_m, part_l, part_o,
-        scale * _LOG2E, part_keys, num_partitions, sliding_window or 0,
+        scale * _LOG2E, part_keys, sliding_window or 0,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         HP=max(16, triton.next_power_of_2(group)), DP=dp, BLOCK_N=block_n,
-        SPLIT=num_partitions > 1, HAS_WINDOW=sliding_window is not None,
+        NUM_PARTS=num_partitions, HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
     if num_partitions > 1:
         _merge_partitions_kernel[(num_seqs * num_heads,)](
-            part_m, part_l, part_o, out, num_heads, num_partitions, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, PP=16, DP=dp, num_warps=4)
+            part_m, part_l, part_o, out, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_PARTS=num_partitions,
+            PP=max(2, triton.next_power_of_2(num_partitions)), DP=dp, num_warps=4)
     return out
 
 

@@ -119,7 +119,9 @@ def test_no_step_shape_compiles_a_kernel_the_warmup_did_not(monkeypatch, experts
     up to 16 distinct adapters; the Triton prefill attention on) are all among those the
     warm-up compiles, so
     no request waits for the compiler (session 4, H100: without this, case d's churn compiled 23
-    kernels in serving). Runs the Triton launchers on CPU with every launch recorded, not run."""
+    kernels in serving). Runs the Triton launchers on CPU with every launch recorded, not run.
+    Not covered here: the decode kernel's partition count (always 1 off the GPU, a constexpr
+    picked from batch and context on it), so eager decode groups still compile per count."""
     import random
 
     from benchmarks.bench_engine import TINY, hf_config
