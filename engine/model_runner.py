@@ -288,9 +288,10 @@ class ModelRunner:
         """Dummy steps through prepare() / forward / compute_logits, so the Triton specialisations
         of eager (prefill and mixed) steps compile at start-up instead of in a user's request.
 
-        Covers a full prefill group (max_num_batched_tokens), a small odd-sized one, mid-sized ones
-        that reach the base MoE's 32- and 64-row tiles (when the budget allows), and a mixed step
-        (decodes + a prefill chunk), each without LoRA and with slot ids mixing -1 and slot 0.
+        Covers a full prefill group (max_num_batched_tokens), a small odd-sized one, one on each
+        side of every size where a kernel launch choice changes (kernels.moe_launch
+        .token_breakpoints), lone decodes at doubling contexts, and a mixed step (decodes + a
+        prefill chunk), each without LoRA and with slot 0 alternating with no adapter.
         Every dummy sequence's blocks are the scratch block, so no owned KV block is written;
         nothing is sampled, so no generator moves. Returns the seconds it took (also added to
         warmup_seconds)."""
@@ -331,6 +332,12 @@ class ModelRunner:
             if sum(small) < n < budget:
                 parts = max(-(-n // longest), 1)
                 shapes.append([(0, n // parts + (i < n % parts)) for i in range(parts)])
+        # lone decodes at contexts doubling from 128 keys: on the GPU the decode kernel's partition
+        # count (a power-of-two constexpr that grows with the context) takes each of its values
+        ctx = 128
+        while ctx + 1 < c.max_model_len:
+            shapes.append([(ctx, 1)])
+            ctx *= 2
         return shapes + ([mixed] if num_decodes > 0 and chunk > 1 else [])
 
     def _dummy_entry(self, num_computed: int, num_new: int, lora_slot: int | None) -> tuple[Sequence, int]:

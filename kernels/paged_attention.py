@@ -203,8 +203,11 @@ def _pick_partitions(num_programs: int, max_keys: int, block_n: int, device: tor
     if num_programs >= sms:
         return 1
     target = _PROGRAMS_PER_SM * sms
-    # at least 4 key tiles per partition, so the merge stays cheap next to the work
-    return max(1, min(triton.cdiv(target, num_programs), max_keys // (4 * block_n)))
+    # at least 4 key tiles per partition, so the merge stays cheap next to the work; a power of
+    # two (rounded down), because the count is a constexpr: eager decode groups of any size then
+    # meet one of a few compiled variants (ModelRunner's warm-up runs one of each)
+    parts = max(1, min(triton.cdiv(target, num_programs), max_keys // (4 * block_n)))
+    return 1 << (parts.bit_length() - 1)
 
 
 @functools.lru_cache(maxsize=None)

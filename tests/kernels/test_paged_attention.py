@@ -185,3 +185,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_partition_counts_are_powers_of_two(monkeypatch):
+    """The count is a constexpr: any batch and context meet one of a few compiled values."""
+    from kernels import paged_attention as pa
+    monkeypatch.setattr(pa, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    counts = {pa._pick_partitions(b * 4, keys, 64, cuda) for b in range(1, 65) for keys in range(16, 20000, 48)}
+    assert counts == {1, 2, 4, 8, 16, 32, 64}
+    assert pa._pick_partitions(4, 16 * 256, 64, cuda) == 16  # 16 partitions of 4 key tiles
+    assert pa._pick_partitions(200, 16 * 256, 64, cuda) == 1  # enough programs without a split
