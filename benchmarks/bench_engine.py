@@ -278,7 +278,8 @@ def make_engine(args, shape: dict, layers: int, slots: int) -> LLMEngine:
         max_lora_rank=args.rank, max_cpu_loras=128, max_num_seqs=args.requests,
         max_model_len=args.prompt + args.output + args.block_size, block_size=args.block_size,
         max_num_batched_tokens=args.max_batched_tokens, seed=0,
-        triton_prefill_attention=getattr(args, "triton_prefill_attention", False)))
+        triton_prefill_attention=getattr(args, "triton_prefill_attention", False),
+        prefill_graphs=getattr(args, "prefill_graphs", False)))
 
 
 def main_engine_cases(args, shape: dict, results: dict) -> None:
@@ -297,12 +298,14 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     install(engine, sorted({n for c in args.cases + profiled for n in case_adapters(c, args.requests) if n}), bases)
     results["roofline"] = decode_roofline_ms(engine, args.requests, args.prompt + args.output // 2,
                                              results["copy_bandwidth_GBps"] * 1e9)
-    graphs = engine.runner.graphs
+    graphs, prefill_graphs = engine.runner.graphs, engine.runner.prefill_graphs
     for mode in args.modes:
+        engine.runner.prefill_graphs = None if mode in ("fused_eager_prefill", "fused_eager", "loop") else prefill_graphs
         for moe in engine.runner.model.moe_layers():
             moe.per_adapter_loop = mode == "loop"
         # the loop syncs with the host per layer, so it runs eagerly (as such loops do)
-        engine.runner.graphs = graphs if mode in ("fused", "fused_sync", "fused_eager_ahead") else None
+        engine.runner.graphs = graphs if mode in ("fused", "fused_sync", "fused_eager_ahead",
+                                                   "fused_eager_prefill") else None
         # fused_sync: the same kernels and graphs, each step read back before the next is scheduled;
         # fused_eager_ahead: prefill and mixed steps launched ahead too (the default launches only
         # decode graph steps ahead)
@@ -323,7 +326,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     if args.profile:
         for moe in engine.runner.model.moe_layers():
             moe.per_adapter_loop = False
-        engine.runner.graphs = graphs
+        engine.runner.graphs, engine.runner.prefill_graphs = graphs, prefill_graphs
         engine.config.async_scheduling, engine.config.async_eager_steps = True, False
         results["profile_table"] = profile_decode(engine, case_adapters("c_16", args.requests), args.profile)
         print(results["profile_table"], flush=True)
@@ -401,11 +404,15 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["fused", "fused_sync", "fused_eager", "loop"],
                         help="fused: virtual experts + CUDA graphs + async scheduling; fused_sync: the same "
                              "without async scheduling; fused_eager_ahead: eager steps launched ahead too; "
+                             "fused_eager_prefill: prefill graphs set aside (with --prefill-graphs); "
                              "fused_eager: no graphs; loop: per adapter")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--triton-prefill-attention", action="store_true",
                         help="EngineConfig.triton_prefill_attention (off by default until measured)")
+    parser.add_argument("--prefill-graphs", action="store_true",
+                        help="EngineConfig.prefill_graphs (off by default until measured); mode "
+                             "fused_eager_prefill then runs the same engine with them set aside")
     parser.add_argument("--profile", default="", help="write a Chrome trace of 5 decode steps here")
     args = parser.parse_args()
     args.device = "cpu" if args.tiny else "cuda"

@@ -6,7 +6,9 @@
 #                FINAL_MODES="fused fused_sync fused_eager_ahead" adds eager steps launched ahead
 #   prefill      benchmarks/profile_prefill.py (the prefill phase of case b, per async policy, and
 #                with the Triton prefill attention)
-#   prefilltests the Triton prefill attention's GPU tests (run before flipping its default on)
+#   prefilltests the Triton prefill attention's and the prefill graphs' GPU tests (run before
+#                turning either on by default)
+#   prefillgraphs bench_engine.py with prefill graphs, and with them set aside, same run
 #   kernels      bench_moe_lora.py for the olmoe and mixtral presets at n = 16
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +31,14 @@ for part in "$@"; do
       PYTHONPATH=$PWD timeout "${PREFILL_SECONDS:-300}" python3 -m benchmarks.profile_prefill --out "$out" \
         > "$out/prefill.log" 2>&1
       echo "prefill rc=$?"; grep -E "^(async|sync)" "$out/prefill.log" | cut -c1-300 ;;
+    prefillgraphs)
+      PYTHONPATH=$PWD timeout "${PG_SECONDS:-500}" python3 benchmarks/bench_engine.py --prefill-graphs \
+        --triton-prefill-attention --modes fused fused_eager_prefill --skip-hf --out "$out/prefill_graphs.json" \
+        > "$out/prefill_graphs.log" 2>&1
+      echo "prefillgraphs rc=$?"; grep -E "^(a_none|b_one|c_16|d_64)" "$out/prefill_graphs.log" | cut -c1-400 ;;
     prefilltests)
-      PYTHONPATH=$PWD timeout 200 python3 -m pytest tests/kernels/test_prefill_attention.py -m gpu -q -p no:cacheprovider \
+      PYTHONPATH=$PWD timeout 200 python3 -m pytest tests/kernels/test_prefill_attention.py \
+        tests/engine/test_prefill_graphs.py -m gpu -q -p no:cacheprovider \
         > "$out/prefill_tests.log" 2>&1
       echo "prefilltests rc=$?"; tail -3 "$out/prefill_tests.log" ;;
     kernels)

@@ -41,6 +41,9 @@ class EngineConfig:
     # prefill and mixed steps' attention through kernels.paged_prefill_attention (one Triton launch
     # a layer, no padded copies) instead of gather + SDPA; off until measured on a GPU
     triton_prefill_attention: bool = False
+    # CUDA graphs of prefill and mixed steps too (token buckets up to max_num_batched_tokens; their
+    # attention is the Triton prefill kernel whatever the flag above); off until measured on a GPU
+    prefill_graphs: bool = False
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
     seed: int = 0
 

@@ -23,6 +23,34 @@ log = logging.getLogger(__name__)
 LAYERS_PER_GRAPH = 4
 
 
+def capture_chain(model, input_ids: Tensor, fwd: ForwardBatch, pool, head: Callable[[Tensor], Tensor]):
+    """Capture model(input_ids, fwd) as a chain of graphs of LAYERS_PER_GRAPH layers each, `head`
+    (final hidden [T, D] -> logits) in the last; returns (graphs, logits, tensors to keep
+    alive, pool). A warm-up run on a side stream first (Triton JIT, allocator)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        head(model(input_ids, fwd))
+    torch.cuda.current_stream().wait_stream(side)
+    num_layers = len(model.layers)
+    bounds = list(range(0, max(num_layers, 1), LAYERS_PER_GRAPH)) + [num_layers]  # no layers: [0, 0]
+    chain = []
+    # the (h, residual) one graph hands to the next stay referenced until that capture used
+    # them; later captures may reuse their memory, which is safe only because a chain always
+    # replays whole, in order, on one stream (never a partial chain)
+    for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            if k == 0:
+                h, residual = model.embed(input_ids, fwd)
+            h, residual = model.run_layers(h, residual, fwd, start, end)
+            if end == num_layers:
+                logits = head(h)
+        pool = graph.pool()
+        chain.append(graph)
+    return chain, logits, (fwd, h, residual), pool
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
     return sorted(set(sizes + [max_batch]))
@@ -49,8 +77,9 @@ class DecodeInputs:
 
 class DecodeGraphs:
     def __init__(self, model, max_batch: int, max_model_len: int, block_size: int, scratch_slot: int,
-                 with_lora: bool, device: torch.device, use_graphs: bool = True):
-        """use_graphs=False runs the same padded static-buffer steps eagerly (CPU tests)."""
+                 with_lora: bool, device: torch.device, use_graphs: bool = True, pool=None):
+        """use_graphs=False runs the same padded static-buffer steps eagerly (CPU tests); pool: a
+        graph memory pool to share (the prefill graphs')."""
         self.model, self.block_size, self.scratch_slot = model, block_size, scratch_slot
         self.use_graphs = use_graphs
         self.batches = batch_buckets(max_batch)
@@ -64,7 +93,7 @@ class DecodeGraphs:
         self.lora_slots = zeros(max_batch, dtype=torch.int32) - 1
         # -> ([graphs of the chain], logits, batch) or (None, None, batch) eagerly
         self.graphs: dict[tuple[int, int, bool], tuple] = {}
-        self.pool = None
+        self.pool = pool
         self.lora_variants = (False, True) if with_lora else (False,)
 
     def capture_all(self) -> None:
@@ -90,28 +119,9 @@ class DecodeGraphs:
         if not self.use_graphs:
             self.graphs[(batch, ctx, use_lora)] = (None, None, fwd)
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture (Triton JIT, allocator)
-            self.model.compute_logits(self.model(self.input_ids[:batch], fwd))
-        torch.cuda.current_stream().wait_stream(side)
-        num_layers = len(self.model.layers)
-        bounds = list(range(0, max(num_layers, 1), LAYERS_PER_GRAPH)) + [num_layers]  # no layers: [0, 0]
-        chain = []
-        # the (h, residual) one graph hands to the next stay referenced until that capture used
-        # them; later captures may reuse their memory, which is safe only because a chain always
-        # replays whole, in order, on one stream (never a partial chain)
-        for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                if k == 0:
-                    h, residual = self.model.embed(self.input_ids[:batch], fwd)
-                h, residual = self.model.run_layers(h, residual, fwd, start, end)
-                if end == num_layers:
-                    logits = self.model.compute_logits(h)
-            self.pool = graph.pool()
-            chain.append(graph)
-        self.graphs[(batch, ctx, use_lora)] = (chain, logits, (fwd, h, residual))
+        chain, logits, keep, self.pool = capture_chain(self.model, self.input_ids[:batch], fwd, self.pool,
+                                                       self.model.compute_logits)
+        self.graphs[(batch, ctx, use_lora)] = (chain, logits, keep)
 
     def run(self, inputs: DecodeInputs, feed: Callable[[Tensor], None] | None = None) -> Tensor:
         """Replay the bucket's graphs for this step; returns logits [num_seqs, V] (a view of the

@@ -13,6 +13,7 @@ from torch import Tensor
 from engine.attention import AttentionGroup, ForwardBatch
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from engine.prefill_graphs import PrefillGraphs, StepInputs
 from engine.errors import EngineError
 from engine.lora.slots import SlotPools
 from engine.models.loader import load_model
@@ -78,6 +79,7 @@ class ModelRunner:
                 moe.per_adapter_loop = True
         self.num_kv_blocks = config.num_kv_blocks or self._auto_num_blocks()
         self._allocate_kv_cache()
+        self.prefill_graphs = self._capture_prefill_graphs()
         self.graphs = self._capture_graphs()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.seq_generators: dict[int, torch.Generator] = {}
@@ -113,12 +115,27 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
+    def _capture_prefill_graphs(self) -> PrefillGraphs | None:
+        c = self.config
+        if self.device.type != "cuda" or c.enforce_eager or not c.prefill_graphs:
+            return None
+        graphs = PrefillGraphs(self.model, c.max_num_batched_tokens, c.max_num_seqs, c.max_model_len,
+                               c.block_size, self.num_kv_blocks * c.block_size,
+                               self.slot_pools is not None and c.lora_mode == "fused", self.device)
+        try:
+            graphs.capture_all()
+        except Exception:  # as decode graphs: a model that cannot be captured runs eagerly
+            log.exception("prefill graph capture failed; prefill and mixed steps run eagerly")
+            return None
+        return graphs
+
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.enforce_eager:
             return None
         graphs = DecodeGraphs(self.model, self.config.max_num_seqs, self.config.max_model_len,
                               self.config.block_size, self.num_kv_blocks * self.config.block_size,
-                              self.slot_pools is not None and self.config.lora_mode == "fused", self.device)
+                              self.slot_pools is not None and self.config.lora_mode == "fused", self.device,
+                              pool=self.prefill_graphs.pool if self.prefill_graphs is not None else None)
         try:
             graphs.capture_all()
         except Exception:  # a model or kernel that cannot be captured still runs, eagerly
@@ -146,16 +163,7 @@ class ModelRunner:
         """Flatten the step's sequences into (input_ids [T], ForwardBatch, sampled token rows).
 
         The scheduler puts single-token entries (decodes) first; they form their own group."""
-        bs = self.config.block_size
-        ids, pos, slots, lora, sample_rows = [], [], [], [], []
-        for seq, n in scheduled:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += seq.token_ids(start, end)
-            pos += range(start, end)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-            lora += [-1 if seq.lora_slot is None else seq.lora_slot] * n
-            if end == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
+        ids, pos, slots, lora, sample_rows = self._flatten(scheduled)
         num_single = next((i for i, (_, n) in enumerate(scheduled) if n > 1), len(scheduled))
         groups, token_start = [], 0
         for part in (scheduled[:num_single], scheduled[num_single:]):
@@ -168,6 +176,20 @@ class ModelRunner:
             groups=groups, lora_slot_ids=self._tensor(lora, torch.int32) if use_lora else None,
             triton_prefill=self.config.triton_prefill_attention)
         return self._tensor(ids, torch.long), batch, sample_rows
+
+    def _flatten(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list, list, list, list, list]:
+        """Per token: ids, positions, KV slots, LoRA slots (-1: none); rows of the sampled tokens."""
+        bs = self.config.block_size
+        ids, pos, slots, lora, sample_rows = [], [], [], [], []
+        for seq, n in scheduled:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids += seq.token_ids(start, end)
+            pos += range(start, end)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            lora += [-1 if seq.lora_slot is None else seq.lora_slot] * n
+            if end == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+        return ids, pos, slots, lora, sample_rows
 
     def _group(self, part: list[tuple[Sequence, int]], token_start: int) -> AttentionGroup:
         max_blocks = max(len(seq.block_table) for seq, _ in part)
@@ -232,6 +254,9 @@ class ModelRunner:
                                      None if feed is None else lambda ids: feed.apply(ids, self._tensor))
             if not all(samples):  # a one-token prefill chunk that does not end its prompt
                 logits = logits[self._tensor([i for i, s in enumerate(samples) if s], torch.long)]
+        elif self._prefill_graph_step(scheduled, all_logits):
+            logits = self.prefill_graphs.run(self._step_inputs(scheduled),
+                                             None if feed is None else lambda ids: feed.apply(ids, self._tensor))
         else:
             input_ids, batch, rows = self.prepare(scheduled)
             if feed is not None:
@@ -273,9 +298,20 @@ class ModelRunner:
                 src.append(row)
         return TokenFeed(dst, src, prev.tokens) if dst else None
 
+    def _prefill_graph_step(self, scheduled: list[tuple[Sequence, int]], all_logits: bool) -> bool:
+        return (self.prefill_graphs is not None and not all_logits
+                and self.prefill_graphs.fits(sum(n for _, n in scheduled), len(scheduled),
+                                             any(s.lora_slot is not None for s, _ in scheduled)))
+
+    def _step_inputs(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
+        ids, pos, slots, lora, sample_rows = self._flatten(scheduled)
+        return StepInputs(ids, pos, slots, lora if any(s >= 0 for s in lora) else None,
+                          [n for _, n in scheduled], [seq.num_computed_tokens + n for seq, n in scheduled],
+                          [seq.block_table for seq, _ in scheduled], sample_rows)
+
     def is_graph_step(self, scheduled: list[tuple[Sequence, int]]) -> bool:
-        """Whether launch() replays decode graphs for this step (a launch of ~ms of host time)."""
-        return self._graph_step(scheduled, False)
+        """Whether launch() replays graphs (decode or prefill) for this step: ~ms of host time."""
+        return self._graph_step(scheduled, False) or self._prefill_graph_step(scheduled, False)
 
     def _graph_step(self, scheduled: list[tuple[Sequence, int]], all_logits: bool) -> bool:
         return (self.graphs is not None and not all_logits and all(n == 1 for _, n in scheduled)
