@@ -8,12 +8,8 @@
 #   final   bench_engine.py: every case with the fused kernels, a profile, and transformers + PEFT
 #   loopbd  bench_engine.py: cases b and d with the per-adapter loop (LOOPBD_MODES="fused loop" adds the
 #           fused kernels in the same run, for a side-by-side ratio)
-set -uo pipefail
-cd "$(dirname "$0")/.."
-out="$1"; shift
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+source "$(dirname "$0")/gpu_preamble.sh"
+shift
 for part in "$@"; do
   case "$part" in
     ab)

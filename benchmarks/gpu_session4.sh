@@ -10,12 +10,8 @@
 #                turning either on by default)
 #   prefillgraphs bench_engine.py with prefill graphs, and with them set aside, same run
 #   kernels      bench_moe_lora.py for the olmoe and mixtral presets at n = 16
-set -uo pipefail
-cd "$(dirname "$0")/.."
-out="$1"; shift
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+source "$(dirname "$0")/gpu_preamble.sh"
+shift
 for part in "$@"; do
   case "$part" in
     enginetests)
