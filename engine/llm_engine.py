@@ -128,7 +128,10 @@ class LLMEngine:
             return entry
         sched = entry[0]
         sched.scheduled = [(seq, n) for seq, n in sched.scheduled if not seq.is_finished]
-        return (sched, self._launch(sched, None)) if sched.scheduled else None
+        if not sched.scheduled:
+            self.num_preemptions += sched.num_preempted  # its postprocess, which counts them, never runs
+            return None
+        return sched, self._launch(sched, None)
 
     def _launch_ahead(self, current: LaunchedStep) -> list[RequestOutput]:
         """Schedule the step after `current` and launch it if it is cheap to launch (a decode

@@ -365,14 +365,14 @@ class ModelRunner:
         # rows, alignment path and its power-of-two tiles, expand path): a step of any other size
         # compiles nothing new (tests/engine/test_warmup.py checks it)
         for n in token_breakpoints(self.spec.num_experts, self.spec.top_k, budget):
-            if sum(small) < n < budget:
+            if n not in (sum(small), budget):  # those two run above
                 parts = max(-(-n // longest), 1)
                 shapes.append([(0, n // parts + (i < n % parts)) for i in range(parts)])
         # lone decodes at contexts doubling from 128 keys: on the GPU the decode kernel's partition
         # count (a power-of-two constexpr that grows with the context) takes each of its values
         ctx = 128
-        while ctx + 1 < c.max_model_len:
-            shapes.append([(ctx, 1)])
+        while ctx < c.max_model_len:
+            shapes.append([(min(ctx, c.max_model_len - 2), 1)])  # the last one at the longest context
             ctx *= 2
         return shapes + ([mixed] if num_decodes > 0 and chunk > 1 else [])
 

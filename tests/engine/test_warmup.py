@@ -32,10 +32,10 @@ def test_warmup_runs_full_small_and_mixed_steps_into_the_scratch_block(checkpoin
     seconds = engine.runner.warmup()
     assert seconds > 0 and engine.stats()["warmup_seconds"] == seconds
     sizes = [(c["num_tokens"], c["num_groups"]) for c in calls]
-    # full budget; odd prefill (2 + 3); the kernels' size breakpoints between them; 3 decodes + chunk
+    # full budget; odd prefill (2 + 3); the kernels' other size breakpoints; 3 decodes + chunk
     from kernels.moe_launch import token_breakpoints
-    between = [n for n in token_breakpoints(engine.spec.num_experts, engine.spec.top_k, 24) if 5 < n < 24]
-    assert between and sizes == [(24, 1), (5, 1)] + [(n, 1) for n in between] + [(3 + 21, 2)]
+    others = [n for n in token_breakpoints(engine.spec.num_experts, engine.spec.top_k, 24) if n not in (5, 24)]
+    assert 1 in others and sizes == [(24, 1), (5, 1)] + [(n, 1) for n in others] + [(3 + 21, 2)]
     scratch = engine.runner.num_kv_blocks * engine.config.block_size
     for call in calls:
         assert all(scratch <= s < scratch + engine.config.block_size for s in call["kv_slots"])
@@ -114,7 +114,8 @@ def test_warmup_reaches_the_mid_sized_base_moe_tiles(checkpoints):
 
 @pytest.mark.parametrize("experts, top_k", [(60, 8), (128, 8), (8, 2)])
 def test_no_step_shape_compiles_a_kernel_the_warmup_did_not(monkeypatch, experts, top_k):
-    """The Triton specialisations of 120 random prefill / mixed steps (0-16 decodes at contexts
+    """The Triton specialisations of every step of up to 6 tokens, eager decode steps of 1-16
+    sequences, and 120 random prefill / mixed steps (0-16 decodes at contexts
     of 1-601 tokens, 1-4 prefill chunks of up to 2048 tokens in all, some after cached prefixes,
     up to 16 distinct adapters; the Triton prefill attention on) are all among those the
     warm-up compiles, so
@@ -139,6 +140,18 @@ def test_no_step_shape_compiles_a_kernel_the_warmup_did_not(monkeypatch, experts
         warm = recorder.take()
         rng = random.Random(0)
         slot = lambda: rng.choice([None] + list(range(16)))  # noqa: E731
+        steps = []
+        for total in range(1, 7):  # every small step: prefills, decodes and both, with and without adapters
+            for decodes in range(total + 1):
+                for slots in ([None], [3], [None, 5]):
+                    step = [(rng.randint(0, 600), 1, slots[j % len(slots)]) for j in range(decodes)]
+                    steps.append(step + ([(0, total - decodes, slots[-1])] if total > decodes else []))
+        for decodes in range(1, 17):  # eager decode steps (enforce_eager, or no graph fits)
+            steps.append([(rng.randint(0, 600), 1, slot()) for _ in range(decodes)])
+        for step in steps:
+            scheduled = [runner._dummy_entry(*entry) for entry in step]
+            input_ids, batch, rows = runner.prepare(sorted(scheduled, key=lambda e: e[1] > 1))
+            runner.model.compute_logits(runner.model(input_ids, batch)[runner._tensor(rows, torch.long)])
         for _ in range(120):
             decodes, budget = rng.randint(0, 16), 2048
             scheduled = [runner._dummy_entry(rng.randint(0, 600), 1, slot()) for _ in range(decodes)]

@@ -44,7 +44,7 @@ INTERP_CASES = [
     Case("fp32", 3, 2, 4, 16, 4, window=7),
     Case("fp16", 5, 1, 4, 32, 4, window=16),
     Case("fp32", 3, 2, 4, 16, 4, partitions=3),
-    Case("fp32", 3, 2, 4, 16, 4, partitions=37),  # the merge walks partitions 16 at a time
+    Case("fp32", 3, 2, 4, 16, 4, partitions=37),  # more partitions than key tiles: most are empty
     # head dims and block sizes that are not powers of two (the tiny checkpoints use Dh 8)
     Case("fp32", 3, 2, 2, 8, 16), Case("fp16", 3, 1, 3, 24, 6, partitions=2),
     Case("fp16", 5, 2, 1, 16, 16, window=9, partitions=2, padded_row=True),

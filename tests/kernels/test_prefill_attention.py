@@ -15,6 +15,7 @@ TOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 2e-2}  # max abs error / max abs refe
 # (new queries, context after the step) per sequence: one query on one key, a whole prompt,
 # chunks after cached prefixes (partial blocks both ends), a sequence with no queries this step
 SHAPES = ((1, 1), (5, 5), (7, 20), (17, 40), (0, 9), (3, 3))
+LONG_SHAPES = ((70, 130), (1, 9), (65, 65))  # several query and key tiles at the fp16 tile sizes
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,12 @@ class Case:
     head_dim: int
     block_size: int
     window: int | None = None
+    long: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.dtype}-b{self.seqs}g{self.kv_heads}x{self.group}-d{self.head_dim}s{self.block_size}-w{self.window}"
+        return (f"{self.dtype}-b{self.seqs}g{self.kv_heads}x{self.group}-d{self.head_dim}s{self.block_size}"
+                f"-w{self.window}{'-long' if self.long else ''}")
 
 
 INTERP_CASES = [
@@ -37,6 +40,8 @@ INTERP_CASES = [
     *(Case(dt, 4, 2, 4, 32, 16) for dt in ("fp32", "fp16")),
     Case("fp32", 6, 2, 2, 8, 4), Case("fp16", 6, 1, 3, 24, 6),
     Case("fp32", 4, 2, 4, 16, 4, window=6), Case("fp16", 6, 1, 2, 16, 16, window=9),
+    Case("fp16", 3, 2, 2, 16, 16, window=40, long=True), Case("fp16", 3, 1, 4, 32, 16, long=True),
+    Case("fp32", 3, 2, 2, 16, 4, long=True),
 ]
 GPU_CASES = [Case("bf16", 6, 4, 8, 128, 16), Case("bf16", 6, 2, 4, 64, 16, window=24),
              Case("fp16", 6, 4, 8, 128, 16), Case("fp32", 6, 2, 2, 64, 16)]
@@ -91,7 +96,8 @@ def rel_err(got, want) -> float:
 
 
 def shapes_for(case: Case):
-    return [SHAPES[b % len(SHAPES)] for b in range(case.seqs)]
+    shapes = LONG_SHAPES if case.long else SHAPES
+    return [shapes[b % len(shapes)] for b in range(case.seqs)]
 
 
 def run_case(case: Case, device: str = "cpu", scale_q: int = 1) -> dict:
@@ -141,7 +147,7 @@ def test_triton_prefill_matches_fp64_loop(interp_results, name):
     assert res["err"] <= res["tol"], res
 
 
-@pytest.mark.parametrize("case", INTERP_CASES[:4], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", INTERP_CASES[:4] + [c for c in INTERP_CASES if c.window], ids=lambda c: c.name)
 def test_torch_twin_matches_fp64_loop(case):
     from kernels.prefill_attention import paged_prefill_attention_ref
     q, k, v, table, starts, ctx, max_q = make_inputs(case, shapes_for(case), seed=1)
