@@ -174,8 +174,7 @@ class Ingress:
             model_id = await self._multiplexed_id(tenant, body.model)
             self._check_budget(payload["max_tokens"])
             rid = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
-            payload.update(request_id=rid, tenant=tenant, temperature=body.temperature,
-                           top_p=body.top_p, seed=body.seed, stop=body.stop_sequences())
+            payload.update(request_id=rid, tenant=tenant, sampling=body.sampling())
             logger.info("request %s tenant %s model %s stream=%s", rid, tenant, model_id or "base",
                         body.stream)
             items = self._llm.options(stream=True, multiplexed_model_id=model_id) \

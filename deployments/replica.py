@@ -83,9 +83,9 @@ class LLMServer:
         max_tokens = request.get("max_tokens")
         if max_tokens is None:
             max_tokens = 16 if request.get("messages") is None else self._room_left(prompt)
-        return SamplingParams(max_tokens=max_tokens, temperature=request["temperature"],
-                              top_p=request["top_p"], seed=request.get("seed"),
-                              stop=tuple(request.get("stop") or ()))
+        sampling = dict(request.get("sampling") or {})
+        sampling["stop"] = tuple(sampling.get("stop") or ())
+        return SamplingParams(max_tokens=max_tokens, **sampling)
 
     def _room_left(self, prompt) -> int:
         num_prompt = len(prompt) if isinstance(prompt, list) else len(

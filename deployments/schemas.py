@@ -25,6 +25,20 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # vLLM's extensions (the openai SDK sends them through extra_body)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    top_k: int = Field(default=0, ge=-1, description="0 or -1: no limit")
+    logprobs: bool | int | None = None  # refused when asked for (below): not computed yet
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value not in (None, False, 0):
+            raise ValueError("logprobs are not supported; leave logprobs and top_logprobs unset")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -36,6 +50,12 @@ class _SamplingFields(BaseModel):
 
     def stop_sequences(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
+
+    def sampling(self) -> dict:
+        """The fields the engine's SamplingParams take, as the replica receives them."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
+                "seed": self.seed, "stop": self.stop_sequences(), "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty}
 
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

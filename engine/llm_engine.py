@@ -146,7 +146,9 @@ class LLMEngine:
         if not ahead.scheduled:
             return early
         self._in_flight = (ahead, None)
-        if self.config.async_eager_steps or self.runner.is_graph_step(ahead.scheduled):
+        # a penalty reads the tokens so far, so such a step waits until they are all on the host
+        history = any(seq.params.uses_history for seq, _ in ahead.scheduled)
+        if not history and (self.config.async_eager_steps or self.runner.is_graph_step(ahead.scheduled)):
             try:
                 self._in_flight = (ahead, self._launch(ahead, current))
             except Exception:

@@ -18,7 +18,7 @@ from engine.errors import EngineError
 from engine.lora.slots import SlotPools
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
-from engine.sampler import SamplingTensors, sample
+from engine.sampler import Penalties, SamplingTensors, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kernels.moe_launch import token_breakpoints
@@ -212,14 +212,27 @@ class ModelRunner:
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         vocab = self.spec.vocab_size
         temps = [s.params.temperature for s in seqs]
+        penalties = self._penalties(seqs) if any(s.params.uses_history for s in seqs) else None
         if all(t == 0 for t in temps):  # argmax only: no per-sequence tensors to build and copy
-            return SamplingTensors(None, None, None, [], all_greedy=True)
+            return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties)
         gens = [self._generator(s) for s in seqs]
         return SamplingTensors(
             temperatures=self._tensor(temps, torch.float32),
             top_ps=self._tensor([s.params.top_p for s in seqs], torch.float32),
             top_ks=self._tensor([min(s.params.top_k or vocab, vocab) for s in seqs], torch.long),
-            generators=gens, all_greedy=all(t == 0 for t in temps))
+            generators=gens, all_greedy=all(t == 0 for t in temps), penalties=penalties)
+
+    def _penalties(self, seqs: list[Sequence]) -> Penalties:
+        """Per-sequence penalties and token histories (the engine launches a step with a penalty
+        only once every token of it is known on the host: no pending ones)."""
+        vocab = self.spec.vocab_size
+        pad = lambda rows: [r + [vocab] * (max(map(len, rows), default=0) + 1 - len(r)) for r in rows]  # noqa: E731
+        return Penalties(
+            frequency=self._tensor([s.params.frequency_penalty for s in seqs], torch.float32),
+            presence=self._tensor([s.params.presence_penalty for s in seqs], torch.float32),
+            repetition=self._tensor([s.params.repetition_penalty for s in seqs], torch.float32),
+            output_ids=self._tensor(pad([s.output_token_ids for s in seqs]), torch.long),
+            seen_ids=self._tensor(pad([s.prompt_token_ids + s.output_token_ids for s in seqs]), torch.long))
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:

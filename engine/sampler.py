@@ -9,17 +9,44 @@ from torch import Tensor
 
 
 @dataclass(slots=True)
+class Penalties:
+    frequency: Tensor    # [B] float32
+    presence: Tensor     # [B] float32
+    repetition: Tensor   # [B] float32, 1 = none
+    output_ids: Tensor   # [B, L] int64: generated tokens, padded with V
+    seen_ids: Tensor     # [B, L'] int64: prompt and generated tokens, padded with V
+
+
+@dataclass(slots=True)
 class SamplingTensors:
     temperatures: Tensor | None  # [B] float32, 0 = greedy (None when all_greedy)
     top_ps: Tensor | None        # [B] float32
     top_ks: Tensor | None        # [B] int64, V where no limit
     generators: list      # [B] torch.Generator or None (None: the engine's shared generator)
     all_greedy: bool
+    penalties: Penalties | None = None
+
+
+def apply_penalties(logits: Tensor, p: Penalties) -> Tensor:
+    """logits [B, V] float32 with the OpenAI frequency / presence penalties over the generated
+    tokens and the repetition penalty over prompt and generated tokens (a new tensor)."""
+    num_seqs, vocab = logits.shape
+    counts = torch.zeros(num_seqs, vocab + 1, device=logits.device)  # column V takes the padding
+    counts.scatter_add_(1, p.output_ids, torch.ones_like(p.output_ids, dtype=counts.dtype))
+    counts = counts[:, :vocab]
+    logits = logits - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
+    seen = torch.zeros(num_seqs, vocab + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, p.seen_ids, True)
+    rep = p.repetition[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    return torch.where(seen[:, :vocab], penalised, logits)
 
 
 @torch.no_grad()
 def sample(logits: Tensor, st: SamplingTensors, default_generator: torch.Generator) -> Tensor:
     """logits [B, V] float32 -> token ids [B] int64."""
+    if st.penalties is not None:
+        logits = apply_penalties(logits, st.penalties)
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         return greedy

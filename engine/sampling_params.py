@@ -14,6 +14,13 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str = ()
     stop_token_ids: tuple[int, ...] | list[int] = ()
     ignore_eos: bool = False
+    # OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), over the
+    # tokens generated so far
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's / transformers': a logit of a token seen in the prompt or the output is divided by
+    # it when positive, multiplied when negative
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -31,6 +38,14 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check(-2.0 <= getattr(self, name) <= 2.0, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        _check(0 < self.repetition_penalty <= 10, f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether sampling reads the sequence's earlier tokens (a penalty is set)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:

@@ -37,12 +37,12 @@ class DirectEngine:
                                              max_lora_rank=16, max_model_len=max_model_len))
 
     def complete(self, prompt, max_tokens: int, adapter_dir: Path | None = None,
-                 name: str = "oracle", stop=()) -> dict:
+                 name: str = "oracle", stop=(), **sampling) -> dict:
         from engine import LoRARequest, SamplingParams
 
         lora = None if adapter_dir is None else LoRARequest(lora_name=name,
                                                             lora_path=str(adapter_dir))
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=tuple(stop))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=tuple(stop), **sampling)
         return self.engine.generate([prompt], params, loras=[lora])[0]
 
     def chat_prompt(self, messages: list[dict]) -> str:

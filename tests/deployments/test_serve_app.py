@@ -111,6 +111,19 @@ def test_stop_sequences_and_seeded_sampling(service, adapters, oracle):
     assert sampled[0] == sampled[1]
 
 
+def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
+    """OpenAI's presence / frequency penalties and vLLM's repetition_penalty / top_k (extra_body)
+    give what the engine gives for the same SamplingParams."""
+    client = _client(service, "acme")
+    sampling = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3, top_k=5)
+    want = oracle.complete(PROMPTS[1], 12, adapters["acme"], "acme/style", **sampling)["text"]
+    got = client.completions.create(
+        model="style", prompt=PROMPTS[1], max_tokens=12, temperature=0, frequency_penalty=1.5,
+        presence_penalty=0.5, extra_body={"repetition_penalty": 1.3, "top_k": 5}).choices[0].text
+    assert got == want
+    assert want != oracle.complete(PROMPTS[1], 12, adapters["acme"], "acme/style")["text"]
+
+
 def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):
     response = upload(service, auth("acme"), "private", tiny_adapter(seed=3))
     assert response.status_code == 201, response.text
@@ -173,6 +186,9 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
         (json.dumps({"model": "style", "prompt": 5}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "max_tokens": 10 ** 9}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "temperature": -1}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "presence_penalty": 2.5}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "repetition_penalty": 0}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "logprobs": 2}), 400),
         (json.dumps({"model": "nope", "prompt": "hi"}), 404),
         (json.dumps({"model": "style", "prompt": "x " * (2 * MAX_MODEL_LEN)}), 400),
     ]
