@@ -30,8 +30,17 @@ class _SamplingFields(BaseModel):
     # vLLM's extensions (the openai SDK sends them through extra_body)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     top_k: int = Field(default=0, ge=-1, description="0 or -1: no limit")
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     logprobs: bool | int | None = None  # refused when asked for (below): not computed yet
     top_logprobs: int | None = None
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, value):
+        if value is not None and any(t < 0 for t in value):
+            raise ValueError("stop_token_ids must be token ids >= 0")
+        return value
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
@@ -55,7 +64,8 @@ class _SamplingFields(BaseModel):
         """The fields the engine's SamplingParams take, as the replica receives them."""
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
                 "seed": self.seed, "stop": self.stop_sequences(), "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty}
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+                "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ())}
 
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -122,6 +122,15 @@ def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
         presence_penalty=0.5, extra_body={"repetition_penalty": 1.3, "top_k": 5}).choices[0].text
     assert got == want
     assert want != oracle.complete(PROMPTS[1], 12, adapters["acme"], "acme/style")["text"]
+    # vLLM's ignore_eos and stop_token_ids: the oracle's third token ends the completion
+    ids = oracle.complete(PROMPTS[1], 12, adapters["acme"], "acme/style", ignore_eos=True)["token_ids"]
+    stopped = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True, "stop_token_ids": [ids[2]]})
+    cut = ids.index(ids[2]) + 1
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == cut
+    full = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
 
 
 def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):
@@ -189,6 +198,7 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
         (json.dumps({"model": "style", "prompt": "hi", "presence_penalty": 2.5}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "repetition_penalty": 0}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "logprobs": 2}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "stop_token_ids": [-1]}), 400),
         (json.dumps({"model": "nope", "prompt": "hi"}), 404),
         (json.dumps({"model": "style", "prompt": "x " * (2 * MAX_MODEL_LEN)}), 400),
     ]
