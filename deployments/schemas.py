@@ -13,7 +13,8 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    # Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as the SDK sends them.
+    # Unknown OpenAI fields (user, metadata, ...) are accepted and ignored, as the SDK sends them;
+    # fields that would change the output and are not supported are refused (below).
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
@@ -32,6 +33,32 @@ class _SamplingFields(BaseModel):
     top_k: int = Field(default=0, ge=-1, description="0 or -1: no limit")
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
+    response_format: dict | None = None
+    tools: list | None = None
+    functions: list | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for token, bias in (value or {}).items():
+            if not token.isdigit() or not -100 <= bias <= 100:
+                raise ValueError("logit_bias maps token ids (as strings) to biases in [-100, 100]")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError("only response_format {\"type\": \"text\"} is supported (no JSON mode)")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value):
+        if value:
+            raise ValueError("tool and function calling are not supported")
+        return value
     logprobs: bool | int | None = None  # refused when asked for (below): not computed yet
     top_logprobs: int | None = None
 
@@ -65,7 +92,8 @@ class _SamplingFields(BaseModel):
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
                 "seed": self.seed, "stop": self.stop_sequences(), "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
-                "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ())}
+                "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ()),
+                "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None}
 
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

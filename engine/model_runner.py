@@ -213,14 +213,23 @@ class ModelRunner:
         vocab = self.spec.vocab_size
         temps = [s.params.temperature for s in seqs]
         penalties = self._penalties(seqs) if any(s.params.uses_history for s in seqs) else None
+        bias = self._logit_bias(seqs) if any(s.params.logit_bias for s in seqs) else None
         if all(t == 0 for t in temps):  # argmax only: no per-sequence tensors to build and copy
-            return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties)
+            return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties, bias=bias)
         gens = [self._generator(s) for s in seqs]
         return SamplingTensors(
             temperatures=self._tensor(temps, torch.float32),
             top_ps=self._tensor([s.params.top_p for s in seqs], torch.float32),
             top_ks=self._tensor([min(s.params.top_k or vocab, vocab) for s in seqs], torch.long),
-            generators=gens, all_greedy=all(t == 0 for t in temps), penalties=penalties)
+            generators=gens, all_greedy=all(t == 0 for t in temps), penalties=penalties, bias=bias)
+
+    def _logit_bias(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
+        vocab = self.spec.vocab_size
+        entries = [(row, t, b) for row, s in enumerate(seqs) for t, b in (s.params.logit_bias or {}).items()
+                   if t < vocab]  # ids past the vocabulary have no logit to move
+        rows, ids, biases = zip(*entries) if entries else ((), (), ())
+        return (self._tensor(list(rows), torch.long), self._tensor(list(ids), torch.long),
+                self._tensor(list(biases), torch.float32))
 
     def _penalties(self, seqs: list[Sequence]) -> Penalties:
         """Per-sequence penalties and token histories (the engine launches a step with a penalty

@@ -25,6 +25,7 @@ class SamplingTensors:
     generators: list      # [B] torch.Generator or None (None: the engine's shared generator)
     all_greedy: bool
     penalties: Penalties | None = None
+    bias: tuple[Tensor, Tensor, Tensor] | None = None  # logit_bias as (rows [N], token ids [N], biases [N])
 
 
 def apply_penalties(logits: Tensor, p: Penalties) -> Tensor:
@@ -47,6 +48,9 @@ def sample(logits: Tensor, st: SamplingTensors, default_generator: torch.Generat
     """logits [B, V] float32 -> token ids [B] int64."""
     if st.penalties is not None:
         logits = apply_penalties(logits, st.penalties)
+    if st.bias is not None:
+        rows, ids, biases = st.bias
+        logits = logits.index_put((rows, ids), biases, accumulate=True)
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         return greedy

@@ -21,6 +21,7 @@ class SamplingParams:
     # vLLM's / transformers': a logit of a token seen in the prompt or the output is divided by
     # it when positive, multiplied when negative
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit, [-100, 100]
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -41,6 +42,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             _check(-2.0 <= getattr(self, name) <= 2.0, f"{name} must be in [-2, 2], got {getattr(self, name)}")
         _check(0 < self.repetition_penalty <= 10, f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if self.logit_bias:
+            _check(all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+                   "logit_bias maps token ids >= 0 to biases in [-100, 100]")
 
     @property
     def uses_history(self) -> bool:

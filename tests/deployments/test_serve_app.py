@@ -131,6 +131,10 @@ def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
     full = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})
     assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
+    forced = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=4, temperature=0,
+                                       logit_bias={str(ids[0] + 1): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == oracle.complete(PROMPTS[1], 4, adapters["acme"], "acme/style", ignore_eos=True,
+                                                     logit_bias={ids[0] + 1: 100.0})["text"]
 
 
 def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):
@@ -199,6 +203,10 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
         (json.dumps({"model": "style", "prompt": "hi", "repetition_penalty": 0}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "logprobs": 2}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "stop_token_ids": [-1]}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "logit_bias": {"5": 101}}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "response_format": {"type": "json_object"}}), 400),
+        (json.dumps({"model": "style", "messages": [{"role": "user", "content": "hi"}],
+                     "tools": [{"type": "function", "function": {"name": "f"}}]}), 400),
         (json.dumps({"model": "nope", "prompt": "hi"}), 404),
         (json.dumps({"model": "style", "prompt": "x " * (2 * MAX_MODEL_LEN)}), 400),
     ]

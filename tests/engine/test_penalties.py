@@ -75,3 +75,22 @@ def test_out_of_range_penalties_raise(kwargs, fragment):
     from engine.errors import InvalidRequestError
     with pytest.raises(InvalidRequestError, match=fragment):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_moves_the_given_logits(qwen):
+    """A bias of +100 makes greedy pick that token every step; -100 on the tokens greedy picks
+    gives the reference's greedy over the biased logits (a loop over the transformers logits)."""
+    forced = make_engine(qwen).generate(PROMPTS[:2], SamplingParams(
+        max_tokens=5, temperature=0, ignore_eos=True, logit_bias={7: 100.0}))
+    assert [o["token_ids"] for o in forced] == [[7] * 5] * 2
+    plain = make_engine(qwen).generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    banned = {t: -100.0 for t in plain[0]["token_ids"][:2]}
+    got = make_engine(qwen).generate([PROMPTS[0]], SamplingParams(
+        max_tokens=6, temperature=0, ignore_eos=True, logit_bias=banned))[0]["token_ids"]
+    model, out = load_reference_model(qwen), []
+    for _ in range(6):
+        logits = reference_logits(model, PROMPTS[0] + out)[-1].double()
+        for t, b in banned.items():
+            logits[t] += b
+        out.append(int(logits.argmax()))
+    assert got == out and not set(got) & set(banned)
