@@ -1,17 +1,34 @@
 """Incremental detokenisation whose streamed deltas concatenate to exactly
-`tokenizer.decode(output_ids, skip_special_tokens=True)` (cut at a stop string, if any)."""
+`tokenizer.decode(output_ids, skip_special_tokens=True)` (cut at a stop string, if any).
+
+Decoding the whole output at every token costs O(n) a step (1.5 ms at 4000 tokens on a 2-core
+CPU: x 64 sequences, longer than a decode step). So the text is kept as a fixed head (the
+decode of the first `head_len` ids) plus the decode of the ids after it. The head moves
+forward only to a boundary where that split was checked to give the full decode with the ids
+known then: what decides it (an incomplete UTF-8 character, a SentencePiece leading space,
+clean-up of a space before punctuation) sits at the boundary and is fixed once the first id
+after it is known. Where no boundary checks out (SentencePiece: every id in the window starts a
+word), the head stays and the tail grows until one does.
+"""
+
+WINDOW = 64  # ids decoded past the head between moves; a move costs two full decodes
+_CONTEXT = 4  # ids decoded before the tail and cut off again
+_TRIES = 4  # boundaries tried per move
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), window: int = WINDOW):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.window = window
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.sent = ""  # text already handed out
+        self.head_len, self.head_text = 0, ""  # decode(ids[:head_len]), checked to split cleanly
+        self.next_move = 2 * window  # output length at which to try moving the head
 
     def update(self, output_ids: list[int], finished: bool) -> tuple[str, bool]:
         """(new text delta, whether a stop string ended the text)."""
-        full = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        full = self._text(output_ids)
         cut = self._find_stop(full)
         if cut is not None:
             return self._emit(full[:cut]), True
@@ -23,6 +40,36 @@ class IncrementalDetokenizer:
         if self.hold_back:
             safe = safe[:max(len(self.sent), len(safe) - self.hold_back)]
         return (self._emit(safe) if safe.startswith(self.sent) else ""), False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _text(self, ids: list[int]) -> str:
+        """decode(ids), from the head and the ids after it."""
+        if len(ids) >= self.next_move:
+            self._move_head(ids)
+        return self.head_text + self._tail(ids, self.head_len)
+
+    def _tail(self, ids: list[int], boundary: int) -> str:
+        """The text of ids[boundary:], decoded after a few ids of context and cut after their
+        text, so a piece that starts the tail decodes as it does mid-text (a SentencePiece
+        leading space is kept)."""
+        if boundary == 0:
+            return self._decode(ids)
+        context = ids[max(0, boundary - _CONTEXT):boundary]
+        with_context, alone = self._decode(context + ids[boundary:]), self._decode(context)
+        return with_context[len(alone):] if with_context.startswith(alone) else "\ufffd"  # fails the check
+
+    def _move_head(self, ids: list[int]) -> None:
+        """Move the head to a boundary `window` ids back (or up to _TRIES ids before it) whose
+        split gives the full decode with the ids known now."""
+        self.next_move = len(ids) + self.window
+        full = self._decode(ids)
+        for boundary in range(len(ids) - self.window, max(self.head_len, len(ids) - self.window - _TRIES), -1):
+            head = self._decode(ids[:boundary])
+            if head + self._tail(ids, boundary) == full:
+                self.head_len, self.head_text = boundary, head
+                return
 
     def _find_stop(self, full: str) -> int | None:
         start = max(0, len(self.sent) - self.hold_back)

@@ -1,0 +1,62 @@
+"""IncrementalDetokenizer against tokenizer.decode of the whole output, for long outputs where
+the decoded head moves: a byte-level BPE tokenizer (the tiny checkpoints') and a SentencePiece-
+style one (Metaspace: a leading space is dropped when a piece starts the text) built here."""
+import random
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from engine.detokenizer import IncrementalDetokenizer
+
+TEXT = ("Mixture of experts routes each token to a few experts; a LoRA adapter per tenant adds a "
+        "small delta. Ünïcödé, 数字 and emoji 🙂 keep the byte-level pieces honest! ") * 20
+
+
+@pytest.fixture(scope="module")
+def byte_level(checkpoints):
+    return AutoTokenizer.from_pretrained(str(checkpoints["qwen3_moe"]))
+
+
+@pytest.fixture(scope="module")
+def metaspace():
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+def stream(tokenizer, ids: list[int], stop=(), window: int = 8) -> tuple[str, IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tokenizer, stop, window=window)
+    text = ""
+    for k in range(1, len(ids) + 1):
+        delta, hit = detok.update(ids[:k], finished=k == len(ids))
+        text += delta
+        if hit:
+            break
+    return text, detok
+
+
+@pytest.mark.parametrize("which", ["byte_level", "metaspace"])
+@pytest.mark.parametrize("source", ["random", "text"])
+def test_long_outputs_stream_exactly_their_decode(request, which, source):
+    tokenizer = request.getfixturevalue(which)
+    rng = random.Random(3)
+    if source == "random":  # any ids, specials included: partial characters, odd boundaries
+        ids = [rng.randrange(len(tokenizer)) for _ in range(400)]
+    else:
+        ids = tokenizer.encode(TEXT, add_special_tokens=False)[:400]
+    text, detok = stream(tokenizer, ids)
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert detok.head_len > 0  # the head moved: most of the text came from short decodes
+
+
+def test_a_stop_string_far_into_a_long_output(byte_level):
+    ids = byte_level.encode(TEXT, add_special_tokens=False)[:300]
+    full = byte_level.decode(ids, skip_special_tokens=True)
+    stop = "emoji 🙂 keep"
+    cut = full.find(stop, len(full) // 2)
+    assert cut > 0
+    text, detok = stream(byte_level, ids, stop=(stop,))
+    assert text == full[:full.find(stop)] and detok.head_len > 0
