@@ -1,0 +1,56 @@
+"""Host time of streaming detokenisation for one long output (CPU: the detokenizer is host code).
+
+One sequence of N random ids from the tiny checkpoint's byte-level tokenizer, streamed id by id
+through engine.detokenizer.IncrementalDetokenizer, with its head moving (the engine's setting)
+and with the head fixed (a full decode every id, as before the head existed). Prints the ms per
+id at several lengths and checks both streams against tokenizer.decode.
+
+    python benchmarks/bench_detokenizer.py [--ids 4000] [--out bench_detok.json]
+"""
+import argparse
+import json
+import pathlib
+import random
+import tempfile
+import time
+
+from transformers import AutoTokenizer
+
+from engine.detokenizer import WINDOW, IncrementalDetokenizer
+from engine.testing.checkpoints import make_tiny_checkpoint
+
+
+def stream_ms(tokenizer, ids: list[int], window: int, marks: list[int]) -> dict:
+    detok, text, out, start = IncrementalDetokenizer(tokenizer, window=window), "", {}, time.perf_counter()
+    last, last_k = start, 0
+    for k in range(1, len(ids) + 1):
+        text += detok.update(ids[:k], k == len(ids))[0]
+        if k in marks:
+            now = time.perf_counter()
+            out[k] = 1e3 * (now - last) / (k - last_k)  # ms per id since the previous mark
+            last, last_k = now, k
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ids", type=int, default=4000)
+    ap.add_argument("--out", default="bench_detok.json")
+    args = ap.parse_args()
+    ckpt = make_tiny_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "tiny", "qwen3_moe", seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    rng = random.Random(0)
+    ids = [rng.randrange(len(tokenizer)) for _ in range(args.ids)]
+    marks = sorted({m for m in (100, 500, 1000, 2000, 4000, args.ids) if m <= args.ids})
+    results = {"ids": args.ids, "moving_head_ms_per_id": stream_ms(tokenizer, ids, WINDOW, marks),
+               "full_decode_ms_per_id": stream_ms(tokenizer, ids, 10 ** 9, marks)}
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print("| ids up to | moving head ms/id | full decode ms/id |\n|---|---|---|")
+    for m in marks:
+        print(f"| {m} | {results['moving_head_ms_per_id'][m]:.3f} | {results['full_decode_ms_per_id'][m]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
