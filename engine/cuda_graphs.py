@@ -51,6 +51,12 @@ def capture_chain(model, input_ids: Tensor, fwd: ForwardBatch, pool, head: Calla
     return chain, logits, (fwd, h, residual), pool
 
 
+def load_buffer(buffer: Tensor, values: list) -> None:
+    """Copy host values into the front of a static buffer (pinned, behind the queued work)."""
+    host = torch.tensor(values, dtype=buffer.dtype, pin_memory=buffer.is_cuda)
+    buffer[:host.shape[0]].copy_(host, non_blocking=True)
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
     return sorted(set(sizes + [max_batch]))
@@ -132,12 +138,12 @@ class DecodeGraphs:
         use_lora = inputs.lora_slots is not None
         pad = batch - n
         width = self.block_tables.shape[1]
-        self._load(self.input_ids, inputs.input_ids + [0] * pad)
-        self._load(self.positions, inputs.positions + [0] * pad)
-        self._load(self.slot_mapping, inputs.slot_mapping + [self.scratch_slot] * pad)
-        self._load(self.block_tables, [t + [0] * (width - len(t)) for t in inputs.block_tables] + [[0] * width] * pad)
+        load_buffer(self.input_ids, inputs.input_ids + [0] * pad)
+        load_buffer(self.positions, inputs.positions + [0] * pad)
+        load_buffer(self.slot_mapping, inputs.slot_mapping + [self.scratch_slot] * pad)
+        load_buffer(self.block_tables, [t + [0] * (width - len(t)) for t in inputs.block_tables] + [[0] * width] * pad)
         if use_lora:
-            self._load(self.lora_slots, inputs.lora_slots + [-1] * pad)
+            load_buffer(self.lora_slots, inputs.lora_slots + [-1] * pad)
         if feed is not None:
             feed(self.input_ids)
         chain, logits, fwd = self.graphs[(batch, ctx, use_lora)]
@@ -147,7 +153,3 @@ class DecodeGraphs:
             graph.replay()
         return logits[:n]
 
-    @staticmethod
-    def _load(buffer: Tensor, values: list) -> None:
-        host = torch.tensor(values, dtype=buffer.dtype, pin_memory=buffer.is_cuda)
-        buffer[:host.shape[0]].copy_(host, non_blocking=True)

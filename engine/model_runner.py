@@ -5,6 +5,7 @@ T = tokens in the step, B = sequences, M = blocks per sequence, V = vocabulary.
 import logging
 import time
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -202,10 +203,7 @@ class ModelRunner:
             max_query_len=max(n for _, n in part),
             max_context_len=max(seq.num_computed_tokens + n for seq, n in part))
         if self.config.triton_prefill_attention and group.max_query_len > 1:
-            starts = [0]
-            for _, n in part:
-                starts.append(starts[-1] + n)
-            group.query_start = self._tensor(starts, torch.int32)
+            group.query_start = self._tensor(list(accumulate((n for _, n in part), initial=0)), torch.int32)
             group.context_lens = self._tensor([seq.num_computed_tokens + n for seq, n in part], torch.int32)
         return group
 
@@ -270,19 +268,18 @@ class ModelRunner:
         samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampled = [seq for (seq, _), s in zip(scheduled, samples) if s]
         feed = self._feed(scheduled, prev)
+        feed_ids = None if feed is None else lambda ids: feed.apply(ids, self._tensor)
         logits = kept = None
         if self._graph_step(scheduled, all_logits):
-            logits = self.graphs.run(self._decode_inputs(scheduled),
-                                     None if feed is None else lambda ids: feed.apply(ids, self._tensor))
+            logits = self.graphs.run(self._decode_inputs(scheduled), feed_ids)
             if not all(samples):  # a one-token prefill chunk that does not end its prompt
                 logits = logits[self._tensor([i for i, s in enumerate(samples) if s], torch.long)]
         elif self._prefill_graph_step(scheduled, all_logits):
-            logits = self.prefill_graphs.run(self._step_inputs(scheduled),
-                                             None if feed is None else lambda ids: feed.apply(ids, self._tensor))
+            logits = self.prefill_graphs.run(self._step_inputs(scheduled), feed_ids)
         else:
             input_ids, batch, rows = self.prepare(scheduled)
-            if feed is not None:
-                feed.apply(input_ids, self._tensor)
+            if feed_ids is not None:
+                feed_ids(input_ids)
             hidden = self.model(input_ids, batch)
             # index with device tensors: a Python list is a blocking copy that waits for the GPU
             if all_logits:

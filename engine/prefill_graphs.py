@@ -14,12 +14,13 @@ T = token bucket, B = sequences of a bucket + 1 (the padding), M = blocks per se
 """
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
 
 from engine.attention import AttentionGroup, ForwardBatch
-from engine.cuda_graphs import capture_chain
+from engine.cuda_graphs import capture_chain, load_buffer
 
 
 @dataclass(slots=True)
@@ -99,23 +100,21 @@ class PrefillGraphs:
         num_tokens, num_seqs = len(inputs.input_ids), len(inputs.query_lens)
         tokens = next(t for t in self.tokens if t >= num_tokens)
         b, pad, use_lora = self._seqs(tokens) + 1, tokens - num_tokens, inputs.lora_slots is not None
-        _load(self.input_ids, inputs.input_ids + [0] * pad)
-        _load(self.positions, inputs.positions + [0] * pad)
-        _load(self.slot_mapping, inputs.slot_mapping + [self.scratch_slot] * pad)
+        load_buffer(self.input_ids, inputs.input_ids + [0] * pad)
+        load_buffer(self.positions, inputs.positions + [0] * pad)
+        load_buffer(self.slot_mapping, inputs.slot_mapping + [self.scratch_slot] * pad)
         if use_lora:
-            _load(self.lora_slots, inputs.lora_slots + [-1] * pad)
-        starts = [0]
-        for n in inputs.query_lens:
-            starts.append(starts[-1] + n)
+            load_buffer(self.lora_slots, inputs.lora_slots + [-1] * pad)
+        starts = list(accumulate(inputs.query_lens, initial=0))
         # the padding is sequence num_seqs; any later ones are empty. Rows past a sequence's
         # own blocks are never read, so only the step's rows and widths are loaded
-        _load(self.query_start, starts + [tokens] * (b - num_seqs))
-        _load(self.context_lens, inputs.context_lens + [0] * (b - num_seqs))
+        load_buffer(self.query_start, starts + [tokens] * (b - num_seqs))
+        load_buffer(self.context_lens, inputs.context_lens + [0] * (b - num_seqs))
         width = max(len(t) for t in inputs.block_tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in inputs.block_tables], dtype=torch.long,
                              pin_memory=self.block_tables.is_cuda)
         self.block_tables[:num_seqs, :width].copy_(table, non_blocking=True)
-        _load(self.sample_rows, inputs.sample_rows + [0] * (self._seqs(tokens) - len(inputs.sample_rows)))
+        load_buffer(self.sample_rows, inputs.sample_rows + [0] * (self._seqs(tokens) - len(inputs.sample_rows)))
         if feed is not None:
             feed(self.input_ids)
         chain, logits, fwd = self.graphs[(tokens, use_lora)]
@@ -124,8 +123,3 @@ class PrefillGraphs:
         for graph in chain:
             graph.replay()
         return logits[:len(inputs.sample_rows)]
-
-
-def _load(buffer: Tensor, values: list) -> None:
-    host = torch.tensor(values, dtype=buffer.dtype, pin_memory=buffer.is_cuda)
-    buffer[:host.shape[0]].copy_(host, non_blocking=True)

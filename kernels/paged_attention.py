@@ -215,11 +215,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _check_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                positions: Tensor, sliding_window: int | None) -> None:
-    expect(q.dim() == 3, f"q must be [B, H, Dh], got {tuple(q.shape)}")
+def check_paged_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                      sliding_window: int | None, q_shape: str) -> None:
+    """The checks every paged attention op makes of q, the caches, the block table and the
+    window (q_shape names q's dims in the messages: "B" for decode, "T" for prefill)."""
+    expect(q.dim() == 3, f"q must be [{q_shape}, H, Dh], got {tuple(q.shape)}")
     expect(q.dtype in FLOAT_DTYPES, f"q must be fp32/fp16/bf16, got {q.dtype}")
-    num_seqs, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1], q.shape[2]
     expect(k_cache.dim() == 4 and k_cache.shape[3] == head_dim,
            f"k_cache must be [N, S, G, Dh={head_dim}], got {tuple(k_cache.shape)}")
     expect(v_cache.shape == k_cache.shape,
@@ -231,11 +233,17 @@ def _check_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tenso
         expect(t.device == q.device, f"{name} must live on {q.device}, got {t.device}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
         expect(t.stride(-1) == 1, f"{name} must be contiguous in its last dim, got strides {t.stride()}")
-    expect(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs,
-           f"block_tables must be [B={num_seqs}, M], got {tuple(block_tables.shape)}")
+    expect(block_tables.dim() == 2, f"block_tables must be [B, M], got {tuple(block_tables.shape)}")
     expect(block_tables.dtype in (torch.int32, torch.int64), f"block_tables must be int32/int64, got {block_tables.dtype}")
+    expect(block_tables.device == q.device, f"block_tables must live on {q.device}, got {block_tables.device}")
+    expect(sliding_window is None or sliding_window > 0, f"sliding_window must be None or > 0, got {sliding_window}")
+
+
+def _check_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                positions: Tensor, sliding_window: int | None) -> None:
+    check_paged_cache(q, k_cache, v_cache, block_tables, sliding_window, "B")
+    num_seqs = q.shape[0]
+    expect(block_tables.shape[0] == num_seqs, f"block_tables must be [B={num_seqs}, M], got {tuple(block_tables.shape)}")
     expect(tuple(positions.shape) == (num_seqs,), f"positions must be [B={num_seqs}], got {tuple(positions.shape)}")
     expect(not positions.is_floating_point(), f"positions must be integer, got {positions.dtype}")
-    for name, t in (("block_tables", block_tables), ("positions", positions)):
-        expect(t.device == q.device, f"{name} must live on {q.device}, got {t.device}")
-    expect(sliding_window is None or sliding_window > 0, f"sliding_window must be None or > 0, got {sliding_window}")
+    expect(positions.device == q.device, f"positions must live on {q.device}, got {positions.device}")

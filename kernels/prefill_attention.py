@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.checks import FLOAT_DTYPES
 from kernels.errors import expect
+from kernels.paged_attention import check_paged_cache
 
 _NEG_INIT = tl.constexpr(-1.0e30)  # running max before any key: finite, so a fully masked tile gives exp(-inf) = 0
 _LOG2E = 1.4426950408889634
@@ -162,28 +162,12 @@ def paged_prefill_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, blo
 
 def _check_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, query_start: Tensor,
                 context_lens: Tensor, sliding_window: int | None, max_query_len: int) -> None:
-    expect(q.dim() == 3, f"q must be [T, H, Dh], got {tuple(q.shape)}")
-    expect(q.dtype in FLOAT_DTYPES, f"q must be fp32/fp16/bf16, got {q.dtype}")
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    expect(k_cache.dim() == 4 and k_cache.shape[3] == head_dim,
-           f"k_cache must be [N, S, G, Dh={head_dim}], got {tuple(k_cache.shape)}")
-    expect(v_cache.shape == k_cache.shape,
-           f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    expect(num_heads % k_cache.shape[2] == 0,
-           f"query heads H={num_heads} must be a multiple of KV heads G={k_cache.shape[2]}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        expect(t.dtype == q.dtype, f"{name} dtype {t.dtype} must match q's {q.dtype}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
-        expect(t.stride(-1) == 1, f"{name} must be contiguous in its last dim, got strides {t.stride()}")
-    expect(block_tables.dim() == 2, f"block_tables must be [B, M], got {tuple(block_tables.shape)}")
+    check_paged_cache(q, k_cache, v_cache, block_tables, sliding_window, "T")
     num_seqs = block_tables.shape[0]
     expect(tuple(query_start.shape) == (num_seqs + 1,),
            f"query_start must be [B + 1 = {num_seqs + 1}], got {tuple(query_start.shape)}")
     expect(tuple(context_lens.shape) == (num_seqs,), f"context_lens must be [B={num_seqs}], got {tuple(context_lens.shape)}")
-    for name, t in (("block_tables", block_tables), ("query_start", query_start), ("context_lens", context_lens)):
+    for name, t in (("query_start", query_start), ("context_lens", context_lens)):
         expect(t.dtype in (torch.int32, torch.int64), f"{name} must be int32/int64, got {t.dtype}")
         expect(t.device == q.device, f"{name} must live on {q.device}, got {t.device}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        expect(t.device == q.device, f"{name} must live on {q.device}, got {t.device}")
     expect(max_query_len >= 1, f"max_query_len must be >= 1, got {max_query_len}")
-    expect(sliding_window is None or sliding_window > 0, f"sliding_window must be None or > 0, got {sliding_window}")
