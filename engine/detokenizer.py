@@ -2,8 +2,9 @@
 `tokenizer.decode(output_ids, skip_special_tokens=True)` (cut at a stop string, if any).
 
 Decoding the whole output at every token costs O(n) a step (1.3 ms at 4000 ids on a 2-core
-CPU, benchmarks/bench_detokenizer.py: x 64 sequences, longer than a decode step). So the text is kept as a fixed head (the
-decode of the first `head_len` ids) plus the decode of the ids after it. The head moves
+CPU, benchmarks/bench_detokenizer.py; x 64 sequences, longer than a decode step). So the text
+is kept as a fixed head (the decode of the first `head_len` ids) plus the decode of the ids
+after it. The head moves
 forward only to a boundary where that split was checked to give the full decode with the ids
 known then: what decides it (an incomplete UTF-8 character, a SentencePiece leading space,
 clean-up of a space before punctuation) sits at the boundary and is fixed once the first id
