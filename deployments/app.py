@@ -5,6 +5,7 @@ Two deployments: `Ingress` (FastAPI, auth, adapter management, HTTP streaming) a
 """
 from __future__ import annotations
 
+import ray
 from ray import serve
 
 from deployments.args import AppArgs
@@ -19,8 +20,21 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
     if args.api_keys is not None:
         from deployments.auth import load_key_file
         load_key_file(args.api_keys)  # fail at deploy time, not at the first request
-    server = serve.deployment(LLMServer, name="LLMServer").options(**args.replica_options())
-    # The ingress only awaits I/O: let it hold many requests (Serve's default is 5).
-    ingress = Ingress.options(num_replicas=args.ingress_replicas,
-                              max_ongoing_requests=args.ingress_max_ongoing_requests)
+    server = serve.deployment(LLMServer, name="LLMServer").options(
+        **args.replica_options(cluster_gpus()))
+    ingress = Ingress.options(**args.ingress_options())
     return ingress.bind(server.bind(args), args)
+
+
+def cluster_gpus() -> float:
+    """GPUs the replicas can be given: the Ray cluster's, or this machine's before ray.init.
+
+    `serve run module:build_app` calls the builder before it connects to Ray (so the local
+    CUDA devices stand for the cluster: run it on a GPU node, or use a config file), while
+    `serve deploy` / `serve run config.yaml` build the app in a Ray task of the cluster, where
+    the cluster's resources are known (a task itself sees no GPU unless it asked for one).
+    """
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0.0))
+    import torch
+    return float(torch.cuda.device_count())

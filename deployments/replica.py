@@ -7,8 +7,14 @@ resolves the adapter in the store and fetches its files through the DiskCache of
 event loop, then hands the engine a `LoRARequest`. Every tenant's requests go into the
 same engine, which batches them together.
 
-The replica yields plain dicts; the last one has `finish_reason` and token counts, or
-`error` (status, message, code) when the request failed after it was accepted.
+The engine core runs in a process of its own (`EngineCoreClient`, unless
+`engine_process=false`): this process tokenises, streams and talks to Ray, and its per-token
+work never takes the GIL from the loop that feeds the GPU. Each engine step reaches the
+replica as one message; a request's outputs that arrived together leave as one item.
+
+The replica yields plain dicts (`text`, `token_ids`, `num_tokens`); the last one has
+`finish_reason` and token counts, or `error` (status, message, code) when the request failed
+after it was accepted.
 """
 from __future__ import annotations
 
@@ -19,24 +25,25 @@ import time
 from ray import serve
 
 from deployments.args import AppArgs
-from deployments.coalesce import coalesce
 from deployments.errors import to_api_error
 
 logger = logging.getLogger("ray.serve")
 _STATS_PERIOD_S = 1.0
+_INLINE_PROMPT_CHARS = 2048  # longer prompts (and chat templates) are prepared off the event loop
 
 
 class LLMServer:
     def __init__(self, args: AppArgs):
         from adapter_store import DiskCache
-        from engine import AsyncLLMEngine
+        from engine import AsyncLLMEngine, EngineCoreClient
 
         from deployments.metrics import ReplicaMetrics
         from deployments.model_files import ensure_model
 
         self._args = args
         self._model_dir = ensure_model(args)
-        self._engine = AsyncLLMEngine(args.engine_config(self._model_dir))
+        engine_class = EngineCoreClient if args.engine_process else AsyncLLMEngine
+        self._engine = engine_class(args.engine_config(self._model_dir))
         self._store = args.open_store()
         self._cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
         self._metrics = ReplicaMetrics()
@@ -45,8 +52,9 @@ class LLMServer:
         async def load_adapter(model_id: str):
             return await self._load_adapter(model_id)
 
-        self._get_adapter = serve.multiplexed(
-            max_num_models_per_replica=args.adapters_per_replica())(load_adapter)
+        _log_startup(args, self._model_dir, self._engine)
+        per_replica = args.adapters_per_replica() or 2 * max(1, self._engine.num_lora_slots)
+        self._get_adapter = serve.multiplexed(max_num_models_per_replica=per_replica)(load_adapter)
         self._stats_task: asyncio.Task | None = None
 
     async def _load_adapter(self, model_id: str):
@@ -70,6 +78,10 @@ class LLMServer:
         while True:
             self._metrics.engine_stats(self._engine.stats())
             await asyncio.sleep(_STATS_PERIOD_S)
+
+    def _prepare(self, request: dict):
+        prompt = self._prompt_of(request)
+        return prompt, self._sampling_params(request, prompt)
 
     def _prompt_of(self, request: dict) -> str | list[int]:
         if request.get("messages") is None:
@@ -101,8 +113,10 @@ class LLMServer:
             lora = await self._get_adapter(model_id) if model_id else None
             if lora is not None:
                 self._metrics.adapter_requests.inc()
-            prompt = self._prompt_of(request)
-            params = self._sampling_params(request, prompt)
+            if request.get("messages") is None and len(request["prompt"]) <= _INLINE_PROMPT_CHARS:
+                prompt, params = self._prepare(request)
+            else:
+                prompt, params = await asyncio.to_thread(self._prepare, request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
             yield _error_item(rid, exc)
             return
@@ -111,14 +125,16 @@ class LLMServer:
 
     async def _stream(self, rid: str, tenant: str, prompt, params, lora):
         started, first_token_at = time.perf_counter(), None
-        outputs = self._engine.generate(prompt, params, request_id=rid, lora=lora, tenant=tenant)
+        batches = self._engine.generate_batches(prompt, params, request_id=rid, lora=lora, tenant=tenant,
+                                                min_interval_s=self._args.stream_interval_ms / 1e3)
         try:
-            async for batch in coalesce(outputs):
-                if first_token_at is None and any(o.token_ids_delta for o in batch):
+            async for batch in batches:
+                token_ids = [t for o in batch for t in o.token_ids_delta]
+                if first_token_at is None and token_ids:
                     first_token_at = time.perf_counter()
                 last = batch[-1]
-                item = {"text": "".join(o.text_delta for o in batch),
-                        "num_tokens": sum(len(o.token_ids_delta) for o in batch)}
+                item = {"text": "".join(o.text_delta for o in batch), "token_ids": token_ids,
+                        "num_tokens": len(token_ids)}
                 if last.finished:
                     item.update(finish_reason=last.finish_reason,
                                 prompt_tokens=last.num_prompt_tokens,
@@ -133,6 +149,8 @@ class LLMServer:
             raise
         except Exception as exc:  # noqa: BLE001 - engine errors (bad request, adapter load)
             yield _error_item(rid, exc)
+        finally:
+            await batches.aclose()
 
     def __del__(self):
         # Serve calls this when it stops the replica (scale-down, redeploy), after the
@@ -144,10 +162,20 @@ class LLMServer:
     async def ready(self) -> dict:
         return {"model": str(self._model_dir), "stats": self._engine.stats()}
 
-    async def check_health(self) -> None:
-        check = getattr(self._engine, "check_health", None)
-        if check is not None:
-            await asyncio.to_thread(check) if not asyncio.iscoroutinefunction(check) else await check()
+    def check_health(self) -> None:
+        """Serve calls this periodically: a dead engine core fails it, and Serve replaces the replica."""
+        self._engine.check_health()
+
+
+def _log_startup(args: AppArgs, model_dir, engine) -> None:
+    """One block an operator reads once: what this replica serves, where, and what start-up cost."""
+    config = engine.config
+    where = "its own process" if args.engine_process else "a thread of the replica"
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in engine.startup_seconds.items())
+    logger.info("moeplex engine replica ready: model %s (%s) on %s, %s; engine core in %s\n"
+                "  memory: %s\n  start-up: %s (total %.1f s)\n  adapter store: %s",
+                args.model_name(), model_dir, config.device, config.torch_dtype, where,
+                engine.memory_summary, parts, sum(engine.startup_seconds.values()), args.store_uri())
 
 
 def _error_item(request_id: str, exc: BaseException) -> dict:

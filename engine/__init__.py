@@ -6,7 +6,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import LoRARequest
 
-__all__ = ["AdapterLoadError", "AsyncLLMEngine", "EngineConfig", "EngineError", "InvalidRequestError",
+__all__ = ["AdapterLoadError", "AsyncLLMEngine", "EngineConfig", "EngineCoreClient", "EngineError", "InvalidRequestError",
            "LLMEngine", "LoRARequest", "RequestOutput", "SamplingParams"]
 
 
@@ -14,4 +14,7 @@ def __getattr__(name: str):
     if name == "AsyncLLMEngine":  # keeps asyncio/threading out of plain `import engine`
         from engine.async_engine import AsyncLLMEngine
         return AsyncLLMEngine
+    if name == "EngineCoreClient":
+        from engine.core_client import EngineCoreClient
+        return EngineCoreClient
     raise AttributeError(name)

@@ -1,0 +1,201 @@
+"""EngineCoreClient: AsyncLLMEngine's interface with the engine in a process of its own.
+
+The replica's process (HTTP streaming, Ray's per-item work, tokenising) and the loop that
+feeds the GPU then hold separate interpreters: per-token work in one never takes the GIL from
+the other. Requests are tokenised and validated here (a bad one never reaches the core), sent
+over a socket pair to `engine.core_process`, and each engine step comes back as one message
+that a reader thread hands to the waiting streams in one go (engine.streams).
+
+If the core process dies, every open stream ends with EngineError and `check_health` raises,
+so Serve replaces the replica.
+"""
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
+
+from engine.async_engine import shutdown_outputs
+from engine.config import EngineConfig
+from engine.errors import EngineError
+from engine.inputs import InputProcessor, load_tokenizer
+from engine.models.spec import load_spec, spec_from_hf_config
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import LoRARequest
+from engine.streams import OutputStreams, read_batches
+
+log = logging.getLogger(__name__)
+# prompts longer than this many characters are tokenised off the event loop
+INLINE_TOKENIZE_CHARS = 2048
+
+
+class EngineCoreClient:
+    def __init__(self, config: EngineConfig, start_timeout_s: float | None = None):
+        self.config = config
+        self._send_lock = threading.Lock()
+        self._streams = OutputStreams()
+        self._stopped = False
+        self._proc, self._conn = _spawn_core()
+        try:
+            self._conn.send(("config", config))
+            info = self._wait_ready(start_timeout_s)
+        except BaseException:
+            self._kill()
+            raise
+        self.num_lora_slots: int = info["num_lora_slots"]
+        self.memory_summary: str = info["memory"]
+        self.startup_seconds: dict = info["startup_seconds"]
+        self._stats: dict = info["stats"]
+        spec = spec_from_hf_config(config.hf_config) if config.hf_config is not None else load_spec(config.model)
+        self.tokenizer = load_tokenizer(config)
+        self.inputs = InputProcessor(self.tokenizer, spec.vocab_size, config.max_model_len,
+                                     self.num_lora_slots > 0)
+        self._reader = threading.Thread(target=self._read, name="moeplex-core-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self, timeout_s: float | None) -> dict:
+        # weights, graph capture and warm-up can take minutes at real sizes: no timeout unless asked
+        if timeout_s is not None and not self._conn.poll(timeout_s):
+            raise EngineError(f"the engine core did not start within {timeout_s} s")
+        try:
+            kind, payload = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            code = self._proc.wait(timeout=10)
+            raise EngineError(f"the engine core exited during start-up (exit code {code}); "
+                              "its log is in this replica's stderr") from exc
+        if kind == "failed":
+            raise EngineError(f"the engine core failed to start: {payload}")
+        return payload
+
+    # ---- requests ---------------------------------------------------------------
+    async def generate_batches(self, prompt: str | list[int], params: SamplingParams | None = None,
+                               request_id: str | None = None, lora: LoRARequest | None = None,
+                               tenant: str | None = None,
+                               min_interval_s: float = 0.0) -> AsyncIterator[list[RequestOutput]]:
+        """One request's outputs, as lists of those that arrived together (lists at least
+        `min_interval_s` apart); raises InvalidRequestError / AdapterLoadError / EngineError."""
+        self._check_running()
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
+            seq = await asyncio.to_thread(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
+        else:
+            seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
+        self._check_running()
+        queue = self._streams.open(request_id)
+        try:
+            self._send(("add", seq))
+        except BaseException:
+            self._streams.close(request_id)
+            raise
+
+        def on_exit(finished: bool) -> None:
+            if not finished:  # the consumer went away: free the sequence's blocks and slot
+                self.abort(request_id)
+            self._streams.close(request_id)
+        async for batch in read_batches(queue, on_exit, min_interval_s):
+            yield batch
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, lora: LoRARequest | None = None,
+                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
+        """One request's outputs one by one (see generate_batches)."""
+        stream = self.generate_batches(prompt, params, request_id, lora, tenant)
+        try:
+            async for batch in stream:
+                for out in batch:
+                    yield out
+        finally:
+            await stream.aclose()
+
+    def abort(self, request_id: str) -> None:
+        try:
+            self._send(("abort", request_id))
+        except EngineError:
+            pass  # the core is gone: nothing holds the request any more
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def check_health(self) -> None:
+        if self._proc.poll() is not None:
+            raise EngineError(f"the engine core process exited (code {self._proc.returncode})")
+        if not self._reader.is_alive():
+            raise EngineError("the engine core's reader thread has stopped")
+
+    def shutdown(self) -> None:
+        """Stop the core process; streams still open end with EngineError."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._send(("shutdown",), checked=False)
+            self._proc.wait(timeout=30)
+        except (EngineError, subprocess.TimeoutExpired):
+            self._kill()
+        self._conn.close()
+        self._streams.deliver(shutdown_outputs(self._streams.open_ids()))
+
+    # ---- plumbing ---------------------------------------------------------------
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise EngineError("the engine is shut down")
+        if self._proc.poll() is not None:
+            raise EngineError(f"the engine core process exited (code {self._proc.returncode})")
+
+    def _send(self, message: tuple, checked: bool = True) -> None:
+        if checked:
+            self._check_running()
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError) as exc:
+            try:  # a core that just died reports as exited, not as a broken pipe
+                code = self._proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                raise EngineError(f"the engine core is unreachable: {type(exc).__name__}") from exc
+            raise EngineError(f"the engine core process exited (code {code})") from exc
+
+    def _read(self) -> None:
+        """Reader thread: one message per engine step, handed to the streams in one go."""
+        try:
+            while True:
+                kind, outputs, stats = self._conn.recv()
+                if stats is not None:
+                    self._stats = stats
+                if outputs:
+                    self._streams.deliver(outputs)
+        except (EOFError, OSError, ValueError):
+            pass
+        except Exception:  # noqa: BLE001 - a message that cannot be read ends the client, loudly
+            log.exception("engine core client: reading from the core failed")
+        if not self._stopped:
+            log.error("the engine core process went away (exit code %s)", self._proc.poll())
+        message = "the engine core stopped before the request finished"
+        outputs = shutdown_outputs(self._streams.open_ids())
+        for out in outputs:
+            out.error = EngineError(message)
+        self._streams.deliver(outputs)
+
+    def _kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=30)
+
+
+def _spawn_core() -> tuple[subprocess.Popen, Connection]:
+    """Start `python -m engine.core_process FD` with this interpreter and import path."""
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # e.g. Ray's working_dir
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "engine.core_process", str(theirs.fileno())],
+                                pass_fds=[theirs.fileno()], env=env)
+    finally:
+        theirs.close()
+    return proc, Connection(ours.detach())

@@ -1,0 +1,58 @@
+"""InputProcessor: a request's prompt and options -> a validated Sequence.
+
+It touches no engine state, so it runs wherever the request arrives: in the engine's own
+process for `LLMEngine.add_request`, and in the replica's process for the engine core
+client, where a bad request is refused before it costs the engine loop anything.
+"""
+import itertools
+import time
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from engine.sequence import LoRARequest, Sequence
+
+
+def load_tokenizer(config: EngineConfig):
+    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
+    if config.model is None or not (Path(config.model) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(config.model))
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, serves_adapters: bool):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.serves_adapters = serves_adapters
+        self._seq_ids = itertools.count()
+
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                      lora: LoRARequest | None = None, tenant: str | None = None) -> Sequence:
+        """Validate a request and build its Sequence; raises InvalidRequestError."""
+        params = params or SamplingParams()
+        ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is "
+                                      f"{self.max_model_len}: shorten the prompt")
+        if lora is not None and not self.serves_adapters:
+            raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters")
+        tenant = tenant if tenant is not None else (lora.tenant if lora else "")
+        return Sequence(next(self._seq_ids), request_id, ids, params, lora, tenant, time.perf_counter())
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return ids
