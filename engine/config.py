@@ -15,16 +15,22 @@ class EngineConfig:
     model: str | Path | None = None  # HF checkpoint dir; may be None with load_format="dummy" + hf_config
     device: str = "cpu"
     dtype: str | torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    max_loras: int = 4
+    # adapter slots on the device; None: sized from GPU memory beside the KV cache on CUDA
+    # (engine.memory.split_memory), 4 on CPU; 0: no adapters
+    max_loras: int | None = None
     max_lora_rank: int = 16
-    max_cpu_loras: int | None = None  # pinned host tier size; None = 4 * max_loras
+    # share of the GPU memory budget for adapter slots (CUDA, max_loras and num_kv_blocks None);
+    # None: engine.memory's rule (KV cache for max_num_seqs sequences first, slots the rest)
+    lora_memory_fraction: float | None = None
+    # pinned host tier size; None: 4 x the slot count (here when max_loras is set, else by the runner)
+    max_cpu_loras: int | None = None
     # and its byte bound: each host adapter is a whole slot image (max rank, every target)
     max_cpu_lora_bytes: int | None = 32 << 30
     max_num_seqs: int = 64
     max_model_len: int = 2048
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from memory (CUDA) or max_num_seqs x max_model_len (CPU)
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = 0.9  # share of the card the engine may fill (CUDA)
     max_num_batched_tokens: int = 2048
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights at real shapes)
     hf_config: object = None  # a transformers config to use instead of model/config.json
@@ -39,11 +45,13 @@ class EngineConfig:
     # nothing and delays the outputs of the step before them (tests use it to cover the path on CPU)
     async_eager_steps: bool = False
     # prefill and mixed steps' attention through kernels.paged_prefill_attention (one Triton launch
-    # a layer, no padded copies) instead of gather + SDPA; off until measured on a GPU
-    triton_prefill_attention: bool = False
+    # a layer, no padded copies) instead of gather + SDPA; None: on for CUDA, off on CPU (True
+    # there runs the kernel only under the Triton interpreter)
+    triton_prefill_attention: bool | None = None
     # CUDA graphs of prefill and mixed steps too (token buckets up to max_num_batched_tokens; their
-    # attention is the Triton prefill kernel whatever the flag above); off until measured on a GPU
-    prefill_graphs: bool = False
+    # attention is the Triton prefill kernel whatever the flag above; a step outside the buckets
+    # runs eagerly); None: on for CUDA, off on CPU. Off with enforce_eager
+    prefill_graphs: bool | None = None
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
     seed: int = 0
 
@@ -60,14 +68,33 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lora_failure_ttl_s < 0:
             raise InvalidRequestError(f"lora_failure_ttl_s must be >= 0, got {self.lora_failure_ttl_s}")
-        if self.max_loras < 0:
-            raise InvalidRequestError(f"max_loras must be >= 0, got {self.max_loras}")
+        self._check_memory_settings()
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
         if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
             raise InvalidRequestError(f"max_cpu_lora_bytes must be >= 1 or None, got {self.max_cpu_lora_bytes}")
-        if self.max_cpu_loras is None:
+        on_cuda = self.torch_device.type == "cuda"
+        if self.triton_prefill_attention is None:
+            self.triton_prefill_attention = on_cuda
+        if self.prefill_graphs is None:
+            self.prefill_graphs = on_cuda
+        if self.max_loras is None and not on_cuda:
+            self.max_loras = 4
+        if self.max_cpu_loras is None and self.max_loras is not None:
             self.max_cpu_loras = 4 * max(self.max_loras, 1)
+
+    def _check_memory_settings(self) -> None:
+        if self.max_loras is not None and self.max_loras < 0:
+            raise InvalidRequestError(f"max_loras must be >= 0 or None, got {self.max_loras}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.lora_memory_fraction is None:
+            return
+        if not 0 < self.lora_memory_fraction < 1:
+            raise InvalidRequestError(f"lora_memory_fraction must be in (0, 1) or None, got {self.lora_memory_fraction}")
+        if self.max_loras is not None or self.num_kv_blocks is not None:
+            raise InvalidRequestError("lora_memory_fraction splits the memory only when max_loras and "
+                                      "num_kv_blocks are both None (unset)")
 
     @property
     def torch_device(self) -> torch.device:

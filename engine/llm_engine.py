@@ -3,12 +3,12 @@ next step) -> read back -> postprocess."""
 import itertools
 import logging
 import time
-from pathlib import Path
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
+from engine.inputs import InputProcessor, load_tokenizer
 from engine.lora.manager import LoRAManager
 from engine.model_runner import LaunchedStep, ModelRunner, StepResult
 from engine.models.spec import load_spec, spec_from_hf_config
@@ -21,19 +21,12 @@ log = logging.getLogger(__name__)
 LOAD_WAIT_S = 0.002  # longest a step with only adapter loads in flight blocks on them
 
 
-def _load_tokenizer(config: EngineConfig):
-    if config.model is None or not (Path(config.model) / "tokenizer_config.json").exists():
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(config.model))
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.spec = spec_from_hf_config(config.hf_config) if config.hf_config is not None \
             else load_spec(config.model)
-        self.tokenizer = _load_tokenizer(config)
+        self.tokenizer = load_tokenizer(config)
         self.runner = ModelRunner(config, self.spec)
         if self.runner.num_kv_blocks * config.block_size < config.max_model_len:
             raise InvalidRequestError(f"num_kv_blocks={self.runner.num_kv_blocks} x block_size="
@@ -41,8 +34,10 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
         pools = self.runner.slot_pools
         self.lora_manager = None if pools is None else LoRAManager(
-            pools, self.spec, config.max_lora_rank, config.max_cpu_loras,
+            pools, self.spec, config.max_lora_rank, self.runner.max_cpu_loras,
             failure_ttl_s=config.lora_failure_ttl_s, host_bytes=config.max_cpu_lora_bytes)
+        self.inputs = InputProcessor(self.tokenizer, self.spec.vocab_size, config.max_model_len,
+                                     self.lora_manager is not None)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    self.block_manager, self.lora_manager, config.max_model_len)
         # the step scheduled ahead: launched and not read back, or (sched, None) not launched yet
@@ -57,29 +52,7 @@ class LLMEngine:
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                       lora: LoRARequest | None = None, tenant: str | None = None) -> Sequence:
         """Validate a request and build its Sequence (thread-safe: touches no engine state)."""
-        params = params or SamplingParams()
-        ids = self._tokenize(prompt)
-        if len(ids) >= self.config.max_model_len:
-            raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is "
-                                      f"{self.config.max_model_len}: shorten the prompt")
-        if lora is not None and self.lora_manager is None:
-            raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters")
-        tenant = tenant if tenant is not None else (lora.tenant if lora else "")
-        return Sequence(next(self._seq_ids), request_id, ids, params, lora, tenant, time.perf_counter())
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
-        return ids
+        return self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
@@ -242,6 +215,7 @@ class LLMEngine:
             "lora_load_seconds": (lora.host_load_seconds + lora.slot_load_seconds) if lora else 0.0,
             "lora_failures": lora.failures if lora else 0,
             "warmup_seconds": self.runner.warmup_seconds,
+            "num_lora_slots": self.runner.num_lora_slots,
         }
 
     def generate(self, prompts: list, params: SamplingParams | None = None,

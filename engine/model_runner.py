@@ -4,6 +4,7 @@ T = tokens in the step, B = sequences, M = blocks per sequence, V = vocabulary.
 """
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -17,6 +18,7 @@ from engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from engine.prefill_graphs import PrefillGraphs, StepInputs
 from engine.errors import EngineError
 from engine.lora.slots import SlotPools
+from engine.memory import plan_memory
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
 from engine.sampler import Penalties, SamplingTensors, sample
@@ -24,7 +26,8 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kernels.moe_launch import token_breakpoints
 
-_ACTIVATION_RESERVE_BYTES = 4 << 30
+_ACTIVATION_RESERVE_BYTES = 4 << 30  # activations of the largest step and the graphs' pool (CUDA)
+STARTUP_PARTS = ("weights", "kv_and_slots", "prefill_graphs", "decode_graphs", "warmup")
 log = logging.getLogger(__name__)
 
 
@@ -71,42 +74,58 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec):
         self.config, self.spec = config, spec
         self.device, self.dtype = config.torch_device, config.torch_dtype
+        self.startup_seconds: dict[str, float] = dict.fromkeys(STARTUP_PARTS, 0.0)  # seconds by part
+        self.warmup_seconds = 0.0
         model_dir = None if config.model is None else Path(config.model)
-        self.model = load_model(spec, model_dir, self.device, self.dtype, config.load_format, config.seed)
-        self.slot_pools = SlotPools(self.model, config.max_loras, config.max_lora_rank) \
-            if config.max_loras > 0 else None
-        if self.slot_pools is not None and config.lora_mode == "loop":
-            for moe in self.model.moe_layers():
-                moe.per_adapter_loop = True
-        self.num_kv_blocks = config.num_kv_blocks or self._auto_num_blocks()
-        self._allocate_kv_cache()
-        self.prefill_graphs = self._capture_prefill_graphs()
-        self.graphs = self._capture_graphs()
+        with self._timed("weights"):
+            self.model = load_model(spec, model_dir, self.device, self.dtype, config.load_format, config.seed)
+        with self._timed("kv_and_slots"):
+            self._allocate_slots_and_kv_cache()
+        self.prefill_graphs = self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:  # else both parts take 0 s
+            with self._timed("prefill_graphs"):
+                self.prefill_graphs = self._capture_prefill_graphs()
+            with self._timed("decode_graphs"):
+                self.graphs = self._capture_graphs()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.seq_generators: dict[int, torch.Generator] = {}
-        self.warmup_seconds = 0.0
         if config.warmup and self.device.type == "cuda":  # on CPU nothing compiles: tests call warmup()
-            try:
-                self.warmup()
-            except Exception:  # like graph capture: a replica that cannot warm up still serves
-                log.exception("warm-up failed; the first prefill steps will compile their kernels")
+            with self._timed("warmup"):
+                try:
+                    self.warmup()
+                except Exception:  # like graph capture: a replica that cannot warm up still serves
+                    log.exception("warm-up failed; the first prefill steps will compile their kernels")
+        log.info("start-up took %.2f s: %s", sum(self.startup_seconds.values()),
+                 ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()))
 
-    def _kv_bytes_per_block(self) -> int:
-        s = self.spec
-        return 2 * s.num_layers * self.config.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+    @contextmanager
+    def _timed(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":  # the part's queued work belongs to it
+                torch.cuda.synchronize(self.device)
+            self.startup_seconds[part] += time.perf_counter() - start
 
-    def _auto_num_blocks(self) -> int:
-        per_seq = -(-self.config.max_model_len // self.config.block_size)
-        wanted = self.config.max_num_seqs * per_seq
-        if self.device.type != "cuda":
-            return min(wanted, max(per_seq, (2 << 30) // self._kv_bytes_per_block()))
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        spare = total * self.config.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
-        fits = int((spare - _ACTIVATION_RESERVE_BYTES) // self._kv_bytes_per_block())
-        if fits < per_seq:
-            raise EngineError(f"only {fits} KV blocks fit in GPU memory, fewer than one sequence of "
-                              f"max_model_len={self.config.max_model_len} needs; lower max_model_len")
-        return min(wanted, fits)
+    @property
+    def num_lora_slots(self) -> int:
+        return self.memory_plan.num_slots
+
+    def _allocate_slots_and_kv_cache(self) -> None:
+        """Size both from the memory the weights left (one plan), then allocate them."""
+        c = self.config
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.memory_plan = plan_memory(c, self.spec, weights, _ACTIVATION_RESERVE_BYTES)
+        log.info("memory plan: %s", self.memory_plan.summary())
+        self.num_kv_blocks = self.memory_plan.num_kv_blocks
+        num_slots = self.memory_plan.num_slots
+        self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank) if num_slots > 0 else None
+        if self.slot_pools is not None and c.lora_mode == "loop":
+            for moe in self.model.moe_layers():
+                moe.per_adapter_loop = True
+        self.max_cpu_loras = c.max_cpu_loras if c.max_cpu_loras is not None else 4 * max(num_slots, 1)
+        self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
         """num_kv_blocks for the BlockManager plus one scratch block (padded graph rows write there)."""

@@ -1,7 +1,7 @@
 """CUDA graphs of prefill and mixed steps (prompt chunks, with or without decodes).
 
 An eager prefill step is bound by host time: ~1550 kernel launches and ~8000 torch ops at 35
-layers, ~0.1 s of host for ~0.04 s of GPU (H100, session 4). Replayed from graphs it costs a
+layers, ~0.1 s of host for ~0.04 s of GPU (H100). Replayed from graphs it costs a
 few graph launches. One chain of graphs per (token bucket, with/without LoRA), captured at
 start-up into the decode graphs' memory pool.
 
