@@ -20,12 +20,8 @@ import torch
 
 from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from engine.lora.adapter import LoRAAdapter, LoRAFactors
+from engine.models.presets import QWEN3_30B_A3B
 
-QWEN3_30B_A3B = dict(
-    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-    num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-6,
-    max_position_embeddings=40960, tie_word_embeddings=False)
 TINY = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=12, num_experts_per_tok=4)
 

@@ -1,17 +1,21 @@
-"""Materialise the base checkpoint a replica serves: the embedded tiny one, or s3:// files.
+"""Materialise the base checkpoint a replica serves: the embedded tiny one, s3:// files, or a
+dummy model (config.json and tokenizer files only, for random weights at real shapes).
 
-Both land in `cache_dir` once per machine: a file lock keeps concurrent replicas from
+Each lands in `cache_dir` once per machine: a file lock keeps concurrent replicas from
 writing the same directory, and a `.complete` marker written last tells a finished copy
-from a half-written one.
+from a half-written one. A dummy model's directory name carries a digest of its config, so
+other hf_overrides get a directory of their own.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 from filelock import FileLock
 
-from deployments.args import AppArgs
+from deployments.args import DUMMY_PREFIX, AppArgs
 
 _MARKER = ".complete"
 
@@ -22,18 +26,68 @@ class ModelFilesError(RuntimeError):
 
 def ensure_model(args: AppArgs) -> Path:
     """The local directory of the base checkpoint named by `args.model`."""
+    if args.uses_dummy_weights():
+        return _ensure_dummy(args)
     if args.model is None:
-        return _materialise(args.cache_path("models", "tiny-qwen3_moe"), _write_tiny)
+        return _ensure_tiny(args)
     if args.model.startswith("s3://"):
         bucket, _, prefix = args.model[len("s3://"):].partition("/")
         target = args.cache_path("models", "s3", bucket, *filter(None, prefix.split("/")))
         return _materialise(target, lambda out: _download_s3(args, bucket, prefix, out))
-    path = Path(args.model).expanduser()
+    return _local_checkpoint(args.model)
+
+
+def _local_checkpoint(model: str) -> Path:
+    path = Path(model).expanduser()
     if not (path / "config.json").is_file():
-        raise ModelFilesError(f"model={args.model!r} is not a checkpoint directory (no "
+        raise ModelFilesError(f"model={model!r} is not a checkpoint directory (no "
                               "config.json); pass an HF checkpoint dir, s3://bucket/prefix, "
-                              "or leave model unset for the embedded tiny model")
+                              "dummy:<preset>, or leave model unset for the embedded tiny model")
     return path
+
+
+def _ensure_tiny(args: AppArgs) -> Path:
+    return _materialise(args.cache_path("models", "tiny-qwen3_moe"), _write_tiny)
+
+
+def _ensure_dummy(args: AppArgs) -> Path:
+    """config.json (with hf_overrides) and tokenizer files of the dummy model `args` names."""
+    from engine.errors import EngineError
+    from engine.tiny_model import write_dummy_model
+
+    name, config, tokenizer_dir = _dummy_source(args)
+    overrides = args.hf_overrides or {}
+    key = json.dumps([config, overrides, str(tokenizer_dir)], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = args.cache_path("models", "dummy", f"{name}-{digest}")
+    try:
+        return _materialise(target, lambda out: write_dummy_model(out, config, overrides, tokenizer_dir))
+    except (EngineError, ValueError, TypeError) as exc:  # a bad override reads as a bad config
+        raise ModelFilesError(f"dummy model {args.model or name!r} with hf_overrides={overrides}: "
+                              f"{exc}") from exc
+
+
+def _dummy_source(args: AppArgs) -> tuple[str, dict, Path | None]:
+    """(directory name, config.json dict, tokenizer directory or None) of a dummy model."""
+    from engine.models.presets import ARCHITECTURES, get_preset
+
+    if args.model is not None and args.model.startswith(DUMMY_PREFIX):
+        name = args.model[len(DUMMY_PREFIX):]
+        return name, get_preset(name).config_dict(), None
+    if args.model is None:
+        source = _ensure_tiny(args)
+    else:
+        source = Path(args.model).expanduser()
+        source = source.parent if source.name == "config.json" else _local_checkpoint(args.model)
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFilesError(f"model={args.model!r}: cannot read {source / 'config.json'} ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ModelFilesError(f"{source / 'config.json'} does not hold a JSON object")
+    if "architectures" not in config and config.get("model_type") in ARCHITECTURES:
+        config["architectures"] = [ARCHITECTURES[config["model_type"]]]
+    return source.resolve().name, config, source
 
 
 def _materialise(target: Path, write) -> Path:
@@ -52,7 +106,7 @@ def _materialise(target: Path, write) -> Path:
 
 
 def _write_tiny(out: Path) -> None:
-    from engine.testing import make_tiny_checkpoint
+    from engine.tiny_model import make_tiny_checkpoint
     make_tiny_checkpoint(out, family="qwen3_moe", seed=0)
 
 

@@ -16,7 +16,7 @@ def test_serve_config_validates_and_its_args_parse():
     app = schema.applications[0]
     assert app.import_path == "deployments.app:build_app"
     args = AppArgs.model_validate(app.args)
-    options = args.replica_options()
+    options = args.replica_options(cluster_gpus=0)
     assert options["autoscaling_config"]["max_replicas"] > options["autoscaling_config"][
         "min_replicas"]
     assert options["ray_actor_options"]["num_gpus"] == 1

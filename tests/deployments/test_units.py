@@ -137,10 +137,10 @@ def test_engine_counter_deltas_are_increments():
 def test_app_args_defaults_and_scaling(tmp_path):
     args = AppArgs(cache_dir=str(tmp_path))
     assert args.store_uri() == str(tmp_path / "adapter-store")
-    assert args.replica_options()["num_replicas"] == 1
+    assert args.replica_options(cluster_gpus=0)["num_replicas"] == 1
     scaled = AppArgs.model_validate({"autoscaling_config": json.dumps({"min_replicas": 1}),
                                      "replica_resources": {"moeplex_worker": 1}})
-    opts = scaled.replica_options()
+    opts = scaled.replica_options(cluster_gpus=0)
     assert opts["autoscaling_config"] == {"min_replicas": 1} and "num_replicas" not in opts
     assert opts["ray_actor_options"]["resources"] == {"moeplex_worker": 1}
     with pytest.raises(ValueError, match="not both"):
