@@ -14,15 +14,18 @@ gate_up and down for the fused 3-D experts format (PEFT `target_parameters`).
 """
 from __future__ import annotations
 
+import functools
 import re
+import time
 from dataclasses import dataclass
 
 import regex
 
 # Tenants write the module-name patterns (PEFT's target_modules string, rank_pattern and
 # alpha_pattern keys); a pattern with nested quantifiers can backtrack for minutes, so each
-# match runs under a time limit.
+# match runs under a time limit, and all the matches of one adapter under a total budget.
 PATTERN_TIMEOUT_S = 0.05
+PATTERN_BUDGET_S = 5.0
 
 FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -58,12 +61,55 @@ def match_module_pattern(pattern: str, module_name: str, suffix: bool = True) ->
     suffix=True: the pattern matches the end of the dotted path (rank/alpha_pattern keys);
     suffix=False: it must match the whole path (a target_modules string).
     """
-    full = rf"(.*\.)?({pattern})" if suffix else pattern
+    return _match(compile_module_pattern(pattern, suffix), pattern, module_name, PATTERN_TIMEOUT_S)
+
+
+@functools.lru_cache(maxsize=2048)
+def compile_module_pattern(pattern: str, suffix: bool = True) -> regex.Pattern:
+    """The compiled form `match_module_pattern` uses; raises regex.error if it does not compile.
+
+    Compiled once per pattern: `regex`'s own cache holds 500 patterns, so a config with more
+    keys than that would recompile every one of them for every tensor.
+    """
+    return regex.compile(rf"(.*\.)?({pattern})" if suffix else pattern)
+
+
+def _match(compiled: regex.Pattern, pattern: str, module_name: str, timeout_s: float) -> bool:
     try:
-        return regex.fullmatch(full, module_name, timeout=PATTERN_TIMEOUT_S) is not None
+        return regex.fullmatch(compiled, module_name, timeout=timeout_s) is not None
     except TimeoutError:
         raise PatternTimeoutError(f"module pattern {pattern!r} takes too long to match; "
                                   "simplify it (no nested quantifiers)") from None
+
+
+class PatternTable:
+    """PEFT's rank_pattern / alpha_pattern lookup for one adapter (see `pattern_value`).
+
+    Each module name is matched once (lora_A and lora_B share it), and every match of the
+    table shares one time budget: per-match limits alone would let many slow patterns times
+    many modules hold a thread for minutes.
+    """
+
+    def __init__(self, patterns: dict, default, budget_s: float | None = None):
+        self._patterns = [(p, compile_module_pattern(p), v) for p, v in patterns.items()]
+        self._default = default
+        self._deadline = time.monotonic() + (PATTERN_BUDGET_S if budget_s is None else budget_s)
+        self._values: dict[str, object] = {}
+
+    def value(self, module_name: str):
+        if module_name not in self._values:
+            self._values[module_name] = self._lookup(module_name)
+        return self._values[module_name]
+
+    def _lookup(self, module_name: str):
+        for pattern, compiled, value in self._patterns:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise PatternTimeoutError(f"{len(self._patterns)} module patterns take too long to "
+                                          "match in total; use fewer or simpler patterns")
+            if _match(compiled, pattern, module_name, min(PATTERN_TIMEOUT_S, left)):
+                return value
+        return self._default
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,10 +251,7 @@ def peft_module_name(key: str) -> str:
 
 def pattern_value(module_name: str, patterns: dict, default):
     """PEFT's rule: the first pattern that matches the end of the module path wins."""
-    for pattern, value in patterns.items():
-        if match_module_pattern(pattern, module_name):
-            return value
-    return default
+    return PatternTable(patterns, default).value(module_name)
 
 
 def pattern_module_name(key: str, parsed: LoRAKey) -> str:

@@ -16,7 +16,11 @@ import numpy as np
 
 from adapter_store.errors import ValidationError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The most any adapter needs (~70k tensors of the largest supported model); callers that
+# know the base model pass a tighter bound (limits.max_header_bytes).
+MAX_HEADER_BYTES = 16 << 20
+# LoRA tensors are 2-D; a shape of millions of dimensions would make its size product slow.
+MAX_DIMS = 8
 # Floating dtypes a LoRA adapter may hold, as (unsigned view, exponent mask, itemsize).
 # A float is NaN or Inf exactly when all its exponent bits are set; bf16 has no numpy
 # dtype, so every float is read as unsigned integers and its exponent bits tested.
@@ -46,32 +50,62 @@ def _bad(message: str) -> ValidationError:
     )
 
 
-def read_header(path: Path) -> list[TensorEntry]:
-    """Parse and check the header of `path`; raise ValidationError if malformed."""
+def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> list[TensorEntry]:
+    """Parse and check the header of `path`; raise ValidationError if malformed.
+
+    The header length is checked against `max_header_bytes` before any of it is read.
+    Whatever Python's json accepts but the safetensors library refuses (UTF-16, NaN, a
+    `__metadata__` that is not an object of strings) is refused here, so that an adapter
+    stored is an adapter every replica can open.
+    """
+    limit = min(max_header_bytes, MAX_HEADER_BYTES)
     file_size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise _bad("file shorter than 8 bytes")
         (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER_BYTES, file_size - 8):
-            raise _bad(f"header length {n} exceeds the file or {MAX_HEADER_BYTES} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _bad(f"header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise _bad("header is not a JSON object")
-    header.pop("__metadata__", None)
+        if n > file_size - 8:
+            raise _bad(f"header length {n} exceeds the file")
+        if n > limit:
+            raise _bad(f"header of {n} bytes is over {limit}, more than an adapter of this "
+                       "base model needs")
+        header = _parse_header(f.read(n))
+    _check_metadata(header.pop("__metadata__", None))
     entries = [_entry(key, meta, 8 + n) for key, meta in header.items()]
     _check_layout(entries, 8 + n, file_size)
     return entries
 
 
+def _parse_header(raw: bytes) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also integers of 4300+ digits
+        raise _bad(f"header is not JSON ({exc})") from None
+    except RecursionError:
+        raise _bad("header nests arrays or objects too deeply") from None
+    if not isinstance(header, dict):
+        raise _bad("header is not a JSON object")
+    return header
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_metadata(metadata) -> None:
+    """safetensors reads `__metadata__` as a map of strings to strings, or its absence."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad("__metadata__ must be an object of string values")
+
+
 def _entry(key: str, meta, data_start: int) -> TensorEntry:
     try:
         dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        ok = isinstance(dtype, str) and all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        ok = isinstance(dtype, str) and len(shape) <= MAX_DIMS and \
+            all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, end))
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:

@@ -16,9 +16,10 @@ import regex
 
 from adapter_store.errors import LimitExceededError, ValidationError
 from adapter_store.formats import (
-    ModelShape, PatternTimeoutError, UnknownKeyError, expected_shape, match_module_pattern,
-    parse_lora_key, pattern_module_name, pattern_value,
+    ModelShape, PatternTable, PatternTimeoutError, UnknownKeyError, compile_module_pattern,
+    expected_shape, match_module_pattern, parse_lora_key, pattern_module_name,
 )
+from adapter_store.limits import max_header_bytes
 from adapter_store.safetensors_io import TensorEntry, count_non_finite, read_header
 
 CONFIG_FILE = "adapter_config.json"
@@ -27,6 +28,8 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
 MAX_CONFIG_BYTES = 1 << 20
 MAX_PATTERN_CHARS = 256  # target_modules string, rank_pattern / alpha_pattern keys
+# Keys of rank_pattern / alpha_pattern each: every one is a regex tried against every module.
+MAX_PATTERN_KEYS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +92,13 @@ def validate_adapter(src_dir: str | Path, base_model_dir: str | Path,
     _check_config_fields(config)
     _check_config_ranks(config, limits)
     shape, base = load_base_model(base_model_dir)
-    entries = read_header(src / WEIGHTS_FILE)
+    entries = read_header(src / WEIGHTS_FILE, max_header_bytes(shape))
     if not entries:
         raise ValidationError(f"{WEIGHTS_FILE} holds no tensors", code="empty_adapter")
     try:
-        keys = [_check_tensor(e, config, shape) for e in entries]
+        ranks = PatternTable(config.get("rank_pattern") or {}, config["r"])
+        targeted = _Targets(config)
+        keys = [_check_tensor(e, ranks, targeted, shape) for e in entries]
     except PatternTimeoutError as exc:
         _bad_config(str(exc))
     _check_pairs(keys, entries)
@@ -129,8 +134,11 @@ def _read_config(src: Path) -> dict:
         raise ValidationError(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes", code="bad_config")
     try:
         config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also integers of 4300+ digits
         raise ValidationError(f"{CONFIG_FILE} is not valid JSON: {exc}", code="bad_config") from None
+    except RecursionError:
+        raise ValidationError(f"{CONFIG_FILE} nests arrays or objects too deeply to be a PEFT config",
+                              code="bad_config") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else None
         raise ValidationError(f"{CONFIG_FILE} has peft_type {found!r}; only PEFT LoRA adapters "
@@ -154,6 +162,9 @@ def _check_config_fields(config: dict) -> None:
         pattern = config.get(field_name) or {}
         if not isinstance(pattern, dict):
             _bad_config(f"{field_name} must be an object mapping module-name regexes to values")
+        if len(pattern) > MAX_PATTERN_KEYS:
+            _bad_config(f"{field_name} has {len(pattern)} keys; at most {MAX_PATTERN_KEYS} are "
+                        "accepted: merge them into fewer regexes")
         for key in pattern:
             _check_regex(field_name, key)
     alphas = [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]
@@ -166,7 +177,12 @@ def _is_str_list(value) -> bool:
 
 
 def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _check_regex(field_name: str, pattern: str) -> None:
@@ -174,6 +190,7 @@ def _check_regex(field_name: str, pattern: str) -> None:
         _bad_config(f"{field_name} entry of {len(pattern)} characters is over {MAX_PATTERN_CHARS}")
     try:
         regex.compile(pattern)  # the engine that matches it (formats.match_module_pattern)
+        compile_module_pattern(pattern, suffix=field_name != "target_modules")
     except regex.error as exc:
         _bad_config(f"{field_name} entry {pattern!r} is not a valid regex ({exc})")
 
@@ -194,7 +211,7 @@ def _check_config_ranks(config: dict, limits: StoreLimits) -> None:
                                  f"{limits.max_rank}; retrain with r <= {limits.max_rank}", code="rank_too_high")
 
 
-def _check_tensor(entry: TensorEntry, config: dict, shape: ModelShape):
+def _check_tensor(entry: TensorEntry, ranks: PatternTable, targeted: "_Targets", shape: ModelShape):
     try:
         key = parse_lora_key(entry.key, entry.shape, shape)
     except UnknownKeyError as exc:
@@ -202,27 +219,36 @@ def _check_tensor(entry: TensorEntry, config: dict, shape: ModelShape):
                               "experts of this base model (no router, lm_head or embeddings)",
                               code="unknown_key") from None
     module_name = pattern_module_name(entry.key, key)
-    rank = pattern_value(module_name, config.get("rank_pattern") or {}, config["r"])
+    rank = ranks.value(module_name)
     want = expected_shape(key, rank, shape)
     if tuple(entry.shape) != want:
         raise ValidationError(
             f"tensor {entry.key!r} has shape {list(entry.shape)}, expected {list(want)} for rank "
             f"{rank} on this base model: check r/rank_pattern and that the adapter was trained on "
             "this base model", code="wrong_shape")
-    if not _is_targeted(key, module_name, config):
+    if not targeted.covers(key, module_name):
         raise ValidationError(f"tensor {entry.key!r} is not covered by target_modules/target_parameters "
                               f"of {CONFIG_FILE}: fix the config or drop the tensor", code="untargeted_key")
     return key, rank
 
 
-def _is_targeted(key, module_name: str, config: dict) -> bool:
-    if key.fused:
-        params = config.get("target_parameters") or []
-        return any(module_name == p or module_name.endswith("." + p) for p in params)
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        return targets == "all-linear" or match_module_pattern(targets, module_name, suffix=False)
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+class _Targets:
+    """PEFT's target_modules / target_parameters test; a name list is a set, so a config
+    listing every module path costs one lookup per dotted suffix, not a scan per tensor."""
+
+    def __init__(self, config: dict):
+        self._params = set(config.get("target_parameters") or [])
+        targets = config.get("target_modules") or []
+        self._regex = targets if isinstance(targets, str) else None
+        self._names = set() if self._regex is not None else set(targets)
+
+    def covers(self, key, module_name: str) -> bool:
+        if not key.fused and self._regex is not None:
+            return self._regex == "all-linear" or match_module_pattern(self._regex, module_name, suffix=False)
+        names = self._params if key.fused else self._names
+        parts = module_name.split(".")
+        # `name == t or name.endswith("." + t)`: t is one of the dotted suffixes of the name
+        return any(".".join(parts[i:]) in names for i in range(len(parts)))
 
 
 def _check_pairs(keys, entries: list[TensorEntry]) -> None:

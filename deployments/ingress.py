@@ -44,6 +44,12 @@ async def _typed_error(_request: Request, exc: Exception):
     return api_error.response()
 
 
+@api.exception_handler(Exception)
+async def _unexpected_error(_request: Request, exc: Exception):
+    # OpenAI's error JSON rather than Starlette's plain text; the server log keeps the traceback.
+    return to_api_error(exc).response()
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, exc: StarletteHTTPException):
     cls = {404: NotFoundError, 401: AuthenticationError}.get(exc.status_code, APIError)
@@ -83,6 +89,7 @@ class Ingress:
         self._store = args.open_store()
         self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
         self._base_dir = ensure_model(args)  # uploads are validated against its config.json
+        self._upload_limits = args.store_limits(self._base_dir)
         self._metrics = IngressMetrics()
 
     # ---- health -------------------------------------------------------------------
@@ -115,10 +122,10 @@ class Ingress:
         from deployments.uploads import read_upload
 
         tenant = self._auth.tenant_of(request.headers)
-        name, tmp = await read_upload(request, self._args.max_adapter_bytes)
+        name, tmp = await read_upload(request, self._upload_limits.max_adapter_bytes)
         try:
             info = await asyncio.to_thread(self._store.put, tenant, name, tmp, self._base_dir,
-                                           limits=self._args.store_limits())
+                                           limits=self._upload_limits)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             self._resolved.invalidate(name)  # the new version is "latest" from now on
@@ -184,7 +191,7 @@ class Ingress:
             self._limiter.release(tenant)
             self._metrics.request(tenant, route, to_api_error(exc).status_code)
             raise
-        builder = ResponseBuilder(kind, rid, body.model)
+        builder = ResponseBuilder(kind, rid, body.model, body.return_token_ids)
         self._metrics.request(tenant, route, 200)
         if body.stream:
             events = sse_events(builder, self._released(tenant, rid, first, items),

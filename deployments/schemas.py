@@ -3,19 +3,54 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOKEN_ID_DIGITS = 10  # logit_bias keys: ids of any vocabulary, int() of them stays cheap
+
+
+def find_lone_surrogate(data) -> str | None:
+    """Where in a parsed JSON body a string (or key) holds a lone UTF-16 surrogate, or None.
+
+    JSON's "\\ud800" escape parses into such a string; it has no UTF-8 form, so the
+    tokenizer and every log line downstream would fail on it.
+    """
+    pending = [("", data)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str):
+            if _has_surrogate(value):
+                return where or "the request"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and _has_surrogate(key):
+                    return f"a key of {where or 'the request'}"
+                pending.append((f"{where}.{key}" if where else str(key), item))
+        elif isinstance(value, list):
+            pending += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # the only str that has no UTF-8 form: one with a lone surrogate
+        return True
+    return False
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
     # Unknown OpenAI fields (user, metadata, ...) are accepted and ignored, as the SDK sends them;
-    # fields that would change the output and are not supported are refused (below).
-    model_config = ConfigDict(extra="ignore")
+    # fields that would change the output and are not supported are refused (below). Strict:
+    # `"max_tokens": true` or `"stream": "yes"` are mistakes to report, not values to coerce.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -32,18 +67,32 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     top_k: int = Field(default=0, ge=-1, description="0 or -1: no limit")
     ignore_eos: bool = False
+    return_token_ids: bool = Field(default=False, description="each choice also carries the "
+                                   "generated token ids (per chunk when streaming)")
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
     response_format: dict | None = None
     tools: list | None = None
     functions: list | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        where = find_lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
+                             "text; send valid Unicode")
+        return data
+
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value):
         for token, bias in (value or {}).items():
-            if not token.isdigit() or not -100 <= bias <= 100:
-                raise ValueError("logit_bias maps token ids (as strings) to biases in [-100, 100]")
+            # str.isdigit() alone admits "²" and full-width digits
+            digits = token.isascii() and token.isdigit() and len(token) <= MAX_TOKEN_ID_DIGITS
+            if not digits or not -100 <= bias <= 100:
+                raise ValueError("logit_bias maps token ids (ASCII decimal strings of up to "
+                                 f"{MAX_TOKEN_ID_DIGITS} digits) to biases in [-100, 100]")
         return value
 
     @field_validator("response_format")

@@ -1,0 +1,134 @@
+"""Hostile request bodies and uploads get OpenAI's error JSON with a 4xx, never a 500.
+
+The ingress's FastAPI app is driven in-process (no Ray): Serve's replica context, which
+its routes ask for their `self`, hands them an Ingress whose store is local and whose
+model replica fails the test if a request ever reaches it.
+"""
+import json
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.args import AppArgs
+from deployments.ingress import Ingress, api
+from tests.adapter_store.helpers import CONFIG, WEIGHTS, copy_adapter
+
+HEADERS = {"X-Tenant-Id": "acme"}  # development mode: no key file
+
+
+class _UnreachableReplica:
+    def options(self, **_kwargs):
+        raise AssertionError("a refused request reached the model replica")
+
+
+class _Metrics:
+    def request(self, *_args):
+        pass
+
+
+class _BrokenStore:
+    def list_adapters(self, _tenant):
+        raise RuntimeError("the store's client library failed in an unforeseen way")
+
+
+@pytest.fixture
+def ingress(tmp_path, tiny_checkpoint, monkeypatch):
+    from ray import serve
+
+    cls = Ingress.func_or_class  # Serve's wrapper; its base is our class, its __init__ sync
+    self = cls.__new__(cls)
+    args = AppArgs(model=str(tiny_checkpoint("qwen3_moe")), served_model_name="base",
+                   store=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"),
+                   adapter_resolve_ttl_s=0.0)
+    cls.__mro__[1].__init__(self, _UnreachableReplica(), args)
+    self._metrics = _Metrics()
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=self))
+    return self
+
+
+@pytest.fixture
+def client(ingress):
+    with TestClient(api, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def _post_json(client, path: str, body: dict):
+    # json.dumps escapes a lone surrogate as "\ud800", exactly as a hostile client sends it
+    return client.post(path, content=json.dumps(body), headers={**HEADERS, "Content-Type": "application/json"})
+
+
+def _assert_openai_error(response, status: int, error_type: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == error_type and error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.mark.parametrize("fields", [
+    {"max_tokens": True},
+    {"stream": "yes"},
+    {"n": 1.0},
+    {"seed": "7"},
+    {"stream_options": {"include_usage": 1}},
+    {"logit_bias": {"²": 5}},
+    {"logit_bias": {"１２": 5}},  # full-width digits
+    {"logit_bias": {"1" * 4400: 5}},
+    {"prompt": "hello \ud800 world"},
+    {"stop": ["\udfff"]},
+], ids=["max_tokens_bool", "stream_str", "n_float", "seed_str", "include_usage_int", "bias_superscript",
+        "bias_fullwidth", "bias_4400_digits", "prompt_surrogate", "stop_surrogate"])
+def test_malformed_completion_fields_are_400_before_the_replica(client, fields):
+    body = {"model": "base", "prompt": "hello", "max_tokens": 4, **fields}
+    _assert_openai_error(_post_json(client, "/v1/completions", body), 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize("content", ["\ud83d", [{"type": "text", "text": "a\udc00"}]], ids=["string", "text_part"])
+def test_chat_message_with_a_lone_surrogate_is_400(client, content):
+    body = {"model": "base", "messages": [{"role": "user", "content": content}]}
+    error = _assert_openai_error(_post_json(client, "/v1/chat/completions", body), 400,
+                                 "invalid_request_error")
+    assert "surrogate" in error["message"] and "messages[0].content" in error["message"]
+
+
+def test_an_unforeseen_failure_is_openai_json_without_its_detail(client, ingress):
+    ingress._store = _BrokenStore()
+    error = _assert_openai_error(client.get("/v1/models", headers=HEADERS), 500, "server_error")
+    assert "unforeseen" not in error["message"]
+
+
+def _upload(client, adapter_dir):
+    files = [("files", (name, (adapter_dir / name).read_bytes())) for name in (CONFIG, WEIGHTS)]
+    return client.post("/v1/adapters", headers=HEADERS, data={"name": "ad"}, files=files)
+
+
+@pytest.mark.parametrize("config_text,code", [
+    ("[" * 100_000 + "]" * 100_000, "bad_config"),
+    ('{"peft_type": "LORA", "r": 1' + "0" * 5000 + "}", "bad_config"),
+])
+def test_adapter_config_a_parser_chokes_on_is_a_json_4xx(client, ingress, tiny_adapter, tmp_path,
+                                                        config_text, code):
+    src = copy_adapter(tiny_adapter("qwen3_moe", "per_expert", rank=4), tmp_path / "a")
+    (src / CONFIG).write_text(config_text)
+    error = _assert_openai_error(_upload(client, src), 422, "invalid_request_error")
+    assert error["code"] == code and ingress._store.list_adapters("acme") == []
+
+
+def test_weights_with_a_non_string_metadata_are_refused_at_upload(client, ingress, tiny_adapter, tmp_path):
+    import struct
+
+    src = copy_adapter(tiny_adapter("qwen3_moe", "per_expert", rank=4), tmp_path / "a")
+    raw = (src / WEIGHTS).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps({**json.loads(raw[8:8 + n]), "__metadata__": "x"}).encode()
+    (src / WEIGHTS).write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+    error = _assert_openai_error(_upload(client, src), 422, "invalid_request_error")
+    assert error["code"] == "bad_safetensors" and "__metadata__" in error["message"]
+    assert ingress._store.list_adapters("acme") == []
+
+
+def test_a_valid_upload_still_succeeds(client, ingress, tiny_adapter):
+    response = _upload(client, tiny_adapter("qwen3_moe", "per_expert", rank=4))
+    assert response.status_code == 201, response.text
+    assert [a.name for a in ingress._store.list_adapters("acme")] == ["ad"]
