@@ -11,36 +11,49 @@ COMPLETION, CHAT = "text_completion", "chat.completion"
 
 
 class ResponseBuilder:
-    """Turns replica items into OpenAI completion / chat completion JSON for one request."""
+    """Turns replica items into OpenAI completion / chat completion JSON for one request.
 
-    def __init__(self, kind: str, request_id: str, model: str):
+    With `return_token_ids` (vLLM's extension) each choice also carries `token_ids`: the
+    generated ids of that chunk when streaming, all of them in a whole response.
+    """
+
+    def __init__(self, kind: str, request_id: str, model: str, return_token_ids: bool = False):
         self.kind, self.request_id, self.model = kind, request_id, model
+        self.return_token_ids = return_token_ids
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> dict:
+    def _with_ids(self, choice: dict, token_ids: list[int] | None) -> dict:
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids or [])
+        return choice
+
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False,
+              token_ids: list[int] | None = None) -> dict:
         if self.kind == COMPLETION:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            return {**self._head(COMPLETION), "choices": [choice]}
+            return {**self._head(COMPLETION), "choices": [self._with_ids(choice, token_ids)]}
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         if finish_reason is not None and not text:
             delta = {}
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        return {**self._head("chat.completion.chunk"), "choices": [self._with_ids(choice, token_ids)]}
 
     def usage_chunk(self, usage: Usage) -> dict:
         obj = COMPLETION if self.kind == COMPLETION else "chat.completion.chunk"
         return {**self._head(obj), "choices": [], "usage": usage.model_dump()}
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> dict:
+    def full(self, text: str, finish_reason: str, usage: Usage,
+             token_ids: list[int] | None = None) -> dict:
         if self.kind == COMPLETION:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head(self.kind), "choices": [choice], "usage": usage.model_dump()}
+        return {**self._head(self.kind), "choices": [self._with_ids(choice, token_ids)],
+                "usage": usage.model_dump()}
 
 
 def sse(data: dict | str) -> str:
@@ -55,9 +68,10 @@ async def sse_events(builder: ResponseBuilder, items: AsyncIterator[dict],
         if "error" in item:
             yield sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
             break
-        finish = item.get("finish_reason")
-        if item["text"] or finish is not None or first:
-            yield sse(builder.chunk(item["text"], finish, first=first))
+        finish, ids = item.get("finish_reason"), item.get("token_ids")
+        # Tokens that decode to no text yet still make a chunk when their ids were asked for.
+        if item["text"] or finish is not None or first or (builder.return_token_ids and ids):
+            yield sse(builder.chunk(item["text"], finish, first=first, token_ids=ids))
             first = False
         if finish is not None:
             if include_usage:

@@ -43,7 +43,7 @@ def _error_from_item(error: dict) -> APIError:
 
 
 async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
-    text, item = [first["text"]], first
+    text, ids, item = [first["text"]], list(first.get("token_ids", ())), first
     while item.get("finish_reason") is None:
         try:
             item = await items.__anext__()
@@ -55,5 +55,6 @@ async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
         if "error" in item:
             raise _error_from_item(item["error"])
         text.append(item["text"])
+        ids.extend(item.get("token_ids", ()))
     usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
-    return JSONResponse(builder.full("".join(text), item["finish_reason"], usage))
+    return JSONResponse(builder.full("".join(text), item["finish_reason"], usage, ids))
