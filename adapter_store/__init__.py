@@ -4,8 +4,9 @@
     info = store.put(tenant, name, src_dir, base_model_dir)   # validated, new immutable version
     path = DiskCache(cache_dir, max_bytes).fetch(store, store.resolve(tenant, "name"))
 """
+from adapter_store.backends import open_store
 from adapter_store.cache import DiskCache
-from adapter_store.store import AdapterInfo, AdapterStore, open_store
+from adapter_store.store import AdapterInfo, AdapterStore
 from adapter_store.validate import StoreLimits
 
 __all__ = ["AdapterInfo", "AdapterStore", "DiskCache", "StoreLimits", "open_store"]

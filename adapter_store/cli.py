@@ -23,7 +23,8 @@ from pathlib import Path
 from adapter_store.errors import (
     AdapterNotFoundError, AdapterStoreError, ChecksumMismatchError, StoreUnavailableError, ValidationError,
 )
-from adapter_store.store import AdapterInfo, open_store
+from adapter_store.backends import open_store
+from adapter_store.store import AdapterInfo
 from adapter_store.validate import ADAPTER_FILES, StoreLimits
 
 EXIT_CODES = ((ValidationError, 3), (AdapterNotFoundError, 4), (StoreUnavailableError, 5),

@@ -1,6 +1,6 @@
-"""The adapter store API over a key/blob backend, and `open_store(uri)`.
+"""The adapter store API over a key/blob backend (`open_store` in `backends` picks one).
 
-Layout (shared DESIGN.md), keys relative to the store root:
+Layout (docs/DESIGN.md), keys relative to the store root:
 
     tenants/{tenant}/adapters/{name}/versions/{version}/adapter_config.json
     tenants/{tenant}/adapters/{name}/versions/{version}/adapter_model.safetensors
@@ -288,21 +288,3 @@ class AdapterStore(ABC):
     def _not_found(ref: str) -> AdapterNotFoundError:
         return AdapterNotFoundError(f"adapter {ref!r} not found; list yours and the shared ones with "
                                     "`moeplex-adapters list --tenant TENANT`")
-
-
-def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None,
-               **options) -> AdapterStore:
-    """`/dir`, `file:///dir` -> LocalStore; `s3://bucket/prefix` -> S3Store."""
-    from adapter_store.errors import AdapterStoreError
-
-    if not isinstance(uri, str) or not uri:
-        raise AdapterStoreError("store URI is empty; pass a directory, file:///dir or s3://bucket/prefix",
-                                code="bad_store_uri")
-    if uri.startswith("s3://"):
-        from adapter_store.s3 import S3Store
-        return S3Store(uri, endpoint_url=endpoint_url, region=region, **options)
-    if "://" in uri and not uri.startswith("file://"):
-        raise AdapterStoreError(f"unsupported store URI {uri!r}; use a directory, file:///dir or "
-                                "s3://bucket/prefix", code="bad_store_uri")
-    from adapter_store.local import LocalStore
-    return LocalStore(uri.removeprefix("file://"), **options)

@@ -2,10 +2,13 @@
 
 - The `gpu` marker skips a test when CUDA is absent.
 - `tiny_checkpoint(family)` and `tiny_adapter(family, fmt, **options)` build real HF
-  checkpoints and PEFT adapters once per test session and hand out their paths.
+  checkpoints and PEFT adapters once per test session and hand out their paths; every
+  package's tests (the engine's `checkpoints` / `adapters` too) share these builds.
 """
 import pytest
 import torch
+
+CHECKPOINT_SEED = 1  # one seed for every suite, so each family is built once a session
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,7 +29,8 @@ def tiny_checkpoint(tmp_path_factory):
 
     def get(family: str = "qwen3_moe"):
         if family not in built:
-            built[family] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"ckpt-{family}"), family)
+            built[family] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"ckpt-{family}"), family,
+                                                 seed=CHECKPOINT_SEED)
         return built[family]
 
     return get

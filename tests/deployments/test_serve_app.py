@@ -67,6 +67,8 @@ def test_two_tenants_stream_and_not_equal_the_engine(service, adapters, oracle):
     for thread in threads:
         thread.join(timeout=300)
     assert not errors, errors
+    assert not [t for t in threads if t.is_alive()], "a request never returned"
+    assert sorted(results) == sorted(jobs)
     for (tenant, prompt, stream), (text, finish, usage) in results.items():
         want = oracle.complete(prompt, 12, adapters[tenant], name=f"{tenant}/style")
         assert text == want["text"], (tenant, prompt, stream)

@@ -5,8 +5,7 @@ The measure is METHOD.md's: ||out - ref|| / ||ref|| per sequence, within 2e-2 fo
 """
 from engine import LoRARequest
 from engine.testing.reference import load_reference_model, reference_logits
-from tests.engine.test_base_parity import make_engine, step_logits
-from tests.engine.test_lora_parity import MIXED_PROMPTS, _wait_for_adapters
+from tests.engine.helpers import MIXED_PROMPTS, make_engine, step_logits, wait_for_adapters
 
 NAMES = [None, "a", None, "b", "c"]
 
@@ -14,7 +13,7 @@ NAMES = [None, "a", None, "b", "c"]
 def mixed_step_errors(ckpt, adapters, device: str, dtype: str = "bfloat16") -> list[float]:
     engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, device=device, dtype=dtype)
     requests = [None if n is None else LoRARequest(f"tenant-{n}/ad@v1", str(adapters[n])) for n in NAMES]
-    _wait_for_adapters(engine, requests)
+    wait_for_adapters(engine, requests)
     errors = []
     for mine, prompt, name in zip(step_logits(engine, MIXED_PROMPTS, requests), MIXED_PROMPTS, NAMES):
         ref = reference_logits(load_reference_model(ckpt, None if name is None else adapters[name]), prompt)

@@ -1,33 +1,26 @@
-"""Tiny checkpoints and PEFT adapters shared by the engine tests (built once per session)."""
+"""The engine tests' views of the shared tiny checkpoints and adapters (tests/conftest.py),
+and the bf16-exact models of the bf16 parity tests."""
 import pytest
 
+from engine.testing import FAMILIES
 from engine.testing.adapters import make_peft_adapter
 from engine.testing.checkpoints import make_tiny_checkpoint
 
-FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_checkpoint):
+    return {fam: tiny_checkpoint(fam) for fam in FAMILIES}
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {fam: make_tiny_checkpoint(root / fam, fam, seed=1) for fam in FAMILIES}
-
-
-@pytest.fixture(scope="session")
-def adapters(tmp_path_factory, checkpoints):
+def adapters(tiny_adapter):
     """Per family, three tenants' adapters: different ranks and formats, one rsLoRA."""
-    root = tmp_path_factory.mktemp("adapters")
-    out = {}
-    for fam, ckpt in checkpoints.items():
-        out[fam] = {
-            "a": make_peft_adapter(ckpt, root / fam / "a", rank=4, fmt="per_expert", alpha=8, seed=11),
-            "b": make_peft_adapter(ckpt, root / fam / "b", rank=8, fmt="fused", alpha=16,
-                                   use_rslora=True, seed=12),
-            "c": make_peft_adapter(ckpt, root / fam / "c", rank=16, fmt="fused", alpha=32, seed=13,
-                                   rank_pattern={"v_proj": 6, "down_proj": 4},
-                                   alpha_pattern={"o_proj": 4, "gate_up_proj": 8}),
-        }
-    return out
+    return {fam: {
+        "a": tiny_adapter(fam, "per_expert", rank=4, alpha=8, seed=11),
+        "b": tiny_adapter(fam, "fused", rank=8, alpha=16, use_rslora=True, seed=12),
+        "c": tiny_adapter(fam, "fused", rank=16, alpha=32, seed=13, rank_pattern={"v_proj": 6, "down_proj": 4},
+                          alpha_pattern={"o_proj": 4, "gate_up_proj": 8}),
+    } for fam in FAMILIES}
 
 
 @pytest.fixture(scope="session")

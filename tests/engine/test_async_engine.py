@@ -5,7 +5,7 @@ import pytest
 
 from engine import (AdapterLoadError, AsyncLLMEngine, EngineConfig, EngineError, InvalidRequestError, LoRARequest,
                     SamplingParams)
-from tests.engine.test_base_parity import PROMPTS, make_engine
+from tests.engine.helpers import PROMPTS, make_engine
 
 
 @pytest.fixture(scope="module")

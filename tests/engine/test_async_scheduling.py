@@ -6,7 +6,7 @@ come from host-side token ids, the async one's from the device)."""
 import pytest
 
 from engine import LoRARequest, SamplingParams
-from tests.engine.test_base_parity import PROMPTS, make_engine
+from tests.engine.helpers import PROMPTS, make_engine, static_engine
 
 
 @pytest.fixture
@@ -129,15 +129,19 @@ def test_a_failed_launch_ahead_loses_no_tokens(qwen):
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     expected = make_engine(qwen).generate(PROMPTS[:2], params)
     engine = make_engine(qwen, async_scheduling=True, async_eager_steps=True)
-    launch, calls = engine.runner.launch, []
+    launch, calls, failed_at = engine.runner.launch, [], []
 
     def flaky(scheduled, prev=None, *a, **kw):
         calls.append(prev is not None)
         if sum(calls) == 2 and prev is not None:
+            failed_at.append(len(calls))
             raise RuntimeError("injected launch failure")
         return launch(scheduled, prev, *a, **kw)
     engine.runner.launch = flaky
     assert [o["token_ids"] for o in engine.generate(PROMPTS[:2], params)] == [o["token_ids"] for o in expected]
+    assert len(failed_at) == 1, "the injected failure never fired: no second step was launched ahead"
+    # the failed step is launched again, after the read-back (prev=None), by the very next call
+    assert calls[failed_at[0]] is False
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -167,7 +171,6 @@ def test_only_decode_graph_steps_are_launched_ahead(checkpoints, adapters):
     """The default policy: a decode graph step (cheap to launch) goes out before the previous
     step is read back; a prefill or mixed step (host-bound) waits for the read-back. The static
     graph buffers run eagerly on CPU, so this covers the graph path's device-side token feed."""
-    from tests.engine.test_decode_graphs import static_engine
     ckpt = checkpoints["qwen3_moe"]
     loras = [None, LoRARequest("t/b", str(adapters["qwen3_moe"]["b"])), None]
     params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)

@@ -2,36 +2,10 @@
 import pytest
 import torch
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import SamplingParams
+from engine.testing import FAMILIES
 from engine.testing.reference import load_reference_model, reference_logits
-from tests.engine.conftest import FAMILIES
-
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
-
-
-def make_engine(ckpt, **kw) -> LLMEngine:
-    args = dict(model=ckpt, max_loras=0, block_size=4, max_model_len=64, max_num_seqs=8)
-    return LLMEngine(EngineConfig(**{**args, **kw}))
-
-
-def step_logits(engine: LLMEngine, prompts, loras=None, tenants=None) -> list[torch.Tensor]:
-    """Schedule all prompts into one step; return each sequence's logits at every position."""
-    loras = loras or [None] * len(prompts)
-    tenants = tenants or [None] * len(prompts)
-    for i, (p, lora, tenant) in enumerate(zip(prompts, loras, tenants)):
-        engine.add_request(f"s{i}", p, SamplingParams(max_tokens=1, temperature=0), lora=lora, tenant=tenant)
-    sched = engine.scheduler.schedule()
-    assert sorted(seq.request_id for seq, _ in sched.scheduled) == sorted(f"s{i}" for i in range(len(prompts)))
-    assert all(n == seq.num_prompt_tokens for seq, n in sched.scheduled), "whole prompts in one step"
-    logits = engine.runner.execute(sched.scheduled, all_logits=True).logits
-    parts = logits.split([n for _, n in sched.scheduled])
-    by_id = {seq.request_id: part for (seq, _), part in zip(sched.scheduled, parts)}
-    return [by_id[f"s{i}"] for i in range(len(prompts))]
-
-
-def assert_close(mine: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    err = (mine - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max abs error {err} vs scale {ref.abs().max().item()}"
+from tests.engine.helpers import PROMPTS, assert_close, make_engine, step_logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -2,7 +2,7 @@
 import pytest
 
 from tests.engine.bf16_parity import mixed_step_errors
-from tests.engine.conftest import FAMILIES
+from engine.testing import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,7 +3,7 @@ import pytest
 
 from engine import LoRARequest, SamplingParams
 from engine.cuda_graphs import DecodeGraphs, batch_buckets, context_buckets
-from tests.engine.test_base_parity import PROMPTS, make_engine
+from tests.engine.helpers import PROMPTS, make_engine, static_engine
 
 
 def test_buckets_cover_every_size():
@@ -11,16 +11,6 @@ def test_buckets_cover_every_size():
     assert batch_buckets(3) == [1, 2, 3]
     assert context_buckets(1000, 16) == [256, 512, 1008]
     assert context_buckets(64, 4) == [64]
-
-
-def static_engine(ckpt, **kw):
-    engine = make_engine(ckpt, max_num_seqs=5, **kw)
-    runner = engine.runner
-    runner.graphs = DecodeGraphs(runner.model, 5, engine.config.max_model_len, engine.config.block_size,
-                                 runner.num_kv_blocks * engine.config.block_size,
-                                 runner.slot_pools is not None, runner.device, use_graphs=False)
-    runner.graphs.capture_all()
-    return engine
 
 
 def test_padded_static_decode_equals_eager(checkpoints, adapters):

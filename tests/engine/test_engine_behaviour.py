@@ -4,7 +4,7 @@ import torch
 
 from engine import AdapterLoadError, InvalidRequestError, LoRARequest, SamplingParams
 from engine.testing.reference import load_reference_model, reference_logits
-from tests.engine.test_base_parity import PROMPTS, assert_close, make_engine
+from tests.engine.helpers import PROMPTS, assert_close, make_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import AdapterLoadError, EngineConfig, EngineError, LLMEngine, LoRARequest, SamplingParams
 from engine.lora.adapter import load_adapter
-from tests.engine.test_base_parity import PROMPTS, make_engine, step_logits
+from tests.engine.helpers import PROMPTS, make_engine, step_logits
 
 
 def fuse_experts(src, dst, num_experts: int, block: str = "mlp", names=("gate_proj", "up_proj", "down_proj")):

@@ -10,22 +10,30 @@ import torch
 from engine.errors import AdapterLoadError
 from engine.lora.adapter import LoRAAdapter
 from engine.lora.manager import LoRAManager
-from tests.engine.test_base_parity import make_engine
+from tests.engine.helpers import make_engine
+
+
+OVERTAKE_WINDOW_S = 0.1  # a copier that runs copies side by side starts the second within ~1 ms
 
 
 class RecordingPools:
     """One slot, a non-None stream (so copies go through the loader threads), writes recorded.
-    The first adapter's write waits (up to 1 s) for the second's, to invite an overtake."""
+    The first adapter's write holds until the second copy has been reserved, then leaves a
+    window in which a copier that does not serialise its copies would write the second one
+    first. A serial copier spends the whole window: that nothing overtakes can only be seen by
+    giving it the chance."""
 
     num_slots, stream, dtype, device = 1, object(), torch.float32, torch.device("cpu")
 
     def __init__(self):
         self.order: list[str] = []
+        self.second_reserved = threading.Event()
         self.second_written = threading.Event()
 
     def write(self, slot: int, adapter: LoRAAdapter):
         if adapter.name == "first":
-            self.second_written.wait(timeout=1.0)
+            assert self.second_reserved.wait(timeout=30), "the second reservation never came"
+            self.second_written.wait(timeout=OVERTAKE_WINDOW_S)
         self.order.append(adapter.name)
         if adapter.name == "second":
             self.second_written.set()
@@ -48,6 +56,7 @@ def test_copies_into_a_reused_slot_land_in_reservation_order():
         manager.release(0)  # its request was aborted before the copy ran
         assert manager.reserve("second", "unused") == 0
         second_copy = manager.slot_events[0]
+        pools.second_reserved.set()
         first_copy.result(timeout=10)
         second_copy.result(timeout=10)
         assert pools.order == ["first", "second"]

@@ -2,16 +2,10 @@
 import pytest
 import torch
 
-from engine import LoRARequest
+from engine.testing import FAMILIES
 from engine.testing.reference import load_reference_model, reference_logits
-from tests.engine.conftest import FAMILIES
-from tests.engine.test_base_parity import PROMPTS, assert_close, make_engine, step_logits
-
-MIXED_PROMPTS = [PROMPTS[0], [50, 51, 52, 53], PROMPTS[1], list(range(60, 73)), PROMPTS[2]]
-
-
-def lora(adapters, family, name):
-    return LoRARequest(f"tenant-{name}/ad@v1", str(adapters[family][name]))
+from tests.engine.helpers import (MIXED_PROMPTS, PROMPTS, assert_close, lora, make_engine, step_logits,
+                                  wait_for_adapters)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -22,7 +16,7 @@ def test_mixed_step_matches_reference_per_sequence(family, checkpoints, adapters
     names = [None, "a", None, "b", "c"]
     engine = make_engine(ckpt, max_loras=4, max_lora_rank=16)
     requests = [None if n is None else lora(adapters, family, n) for n in names]
-    _wait_for_adapters(engine, requests)
+    wait_for_adapters(engine, requests)
     logits = step_logits(engine, MIXED_PROMPTS, requests)
     for mine, prompt, name in zip(logits, MIXED_PROMPTS, names):
         ref = load_reference_model(ckpt, None if name is None else adapters[family][name])
@@ -32,28 +26,12 @@ def test_mixed_step_matches_reference_per_sequence(family, checkpoints, adapters
             assert (expected - reference_logits(load_reference_model(ckpt), prompt)).abs().max() > 1e-2
 
 
-def _wait_for_adapters(engine, requests) -> None:
-    """Load adapters into slots ahead of the measured step (host loads run on threads)."""
-    import time
-    pending = [r for r in requests if r is not None]
-    while pending:
-        r = pending[0]
-        slot = engine.lora_manager.reserve(r.lora_name, r.lora_path)
-        if slot is None:
-            time.sleep(0.01)
-            continue
-        while not engine.lora_manager.is_ready(slot):  # on CUDA the slot copy runs on a side stream
-            time.sleep(0.01)
-        engine.lora_manager.release(slot)
-        pending.pop(0)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_base_sequences_bitwise_equal_with_and_without_adapters_loaded(family, checkpoints, adapters):
     """Adapters resident in every slot do not change a base batch by a single bit."""
     ckpt = checkpoints[family]
     loaded = make_engine(ckpt, max_loras=3, max_lora_rank=16)
-    _wait_for_adapters(loaded, [lora(adapters, family, n) for n in "abc"])
+    wait_for_adapters(loaded, [lora(adapters, family, n) for n in "abc"])
     assert len(loaded.lora_manager.resident()) == 3
     with_slots = step_logits(loaded, MIXED_PROMPTS)
     plain = step_logits(make_engine(ckpt, max_loras=0), MIXED_PROMPTS)
@@ -67,7 +45,7 @@ def test_base_sequences_unperturbed_by_neighbours_adapters(family, checkpoints, 
     ckpt = checkpoints[family]
     with_lora = make_engine(ckpt, max_loras=4, max_lora_rank=16)
     requests = [None, lora(adapters, family, "a"), None, lora(adapters, family, "b"), None]
-    _wait_for_adapters(with_lora, requests)
+    wait_for_adapters(with_lora, requests)
     tenants = ["", "tenant-a", "", "tenant-b", ""]  # same tenants -> same batch order in both runs
     mixed = step_logits(with_lora, MIXED_PROMPTS, requests)
     plain = step_logits(make_engine(ckpt, max_loras=0), MIXED_PROMPTS, tenants=tenants)
@@ -84,7 +62,7 @@ def test_evicted_and_reloaded_adapter_gives_same_logits(family, checkpoints, ada
     a, b = lora(adapters, family, "a"), lora(adapters, family, "c")
     runs = []
     for req in (a, b, a):
-        _wait_for_adapters(engine, [req])
+        wait_for_adapters(engine, [req])
         runs.append(step_logits(engine, [PROMPTS[0]], [req])[0])
         engine.abort("s0")
     assert engine.lora_manager.stats.evictions == 2
@@ -113,7 +91,7 @@ def test_per_adapter_loop_baseline_matches_virtual_experts(checkpoints, adapters
     results = []
     for mode in ("fused", "loop"):
         engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, lora_mode=mode)
-        _wait_for_adapters(engine, requests)
+        wait_for_adapters(engine, requests)
         results.append(step_logits(engine, MIXED_PROMPTS, requests))
     for fused, loop in zip(*results):
         assert_close(loop, fused, rel=1e-5)

@@ -6,7 +6,7 @@ import torch
 
 from engine import SamplingParams
 from engine.testing.reference import load_reference_model, reference_logits
-from tests.engine.test_base_parity import PROMPTS, make_engine
+from tests.engine.helpers import PROMPTS, make_engine
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ SCRIPT = """
 import json, sys
 from engine import LoRARequest, SamplingParams
 from engine.prefill_graphs import PrefillGraphs
-from tests.engine.test_base_parity import make_engine
+from tests.engine.helpers import make_engine
 ckpt, path_a, path_b = sys.argv[1:4]
 kw = dict(max_loras=2, max_num_batched_tokens=40, max_num_seqs=4, triton_prefill_attention=True)
 prompts = [list(range(5, 12)), list(range(40, 73)), [20, 21, 22], list(range(80, 99)), [3, 4]]
@@ -65,7 +65,7 @@ def test_prefill_graph_steps_equal_eager_steps(checkpoints, adapters):
 @pytest.mark.gpu
 def test_prefill_graphs_on_gpu_equal_eager(checkpoints, adapters):
     from engine import LoRARequest, SamplingParams
-    from tests.engine.test_base_parity import make_engine
+    from tests.engine.helpers import make_engine
     fam = "qwen3_moe"
     prompts = [list(range(5, 12)), list(range(40, 73)), [20, 21, 22], list(range(80, 99))]
     loras = [None, LoRARequest("t/a", str(adapters[fam]["a"])), LoRARequest("u/b", str(adapters[fam]["b"])), None]

@@ -10,7 +10,7 @@ from engine.lora.adapter import LoRAAdapter
 from engine.lora.manager import LoRAManager
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from tests.engine.test_base_parity import PROMPTS, make_engine
+from tests.engine.helpers import PROMPTS, make_engine
 
 PARAMS = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
 

@@ -3,7 +3,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from engine.lora.adapter import LoRAFactors, load_adapter
-from tests.engine.test_base_parity import make_engine
+from tests.engine.helpers import make_engine
 
 FAMILY = "qwen3_moe"
 

@@ -14,12 +14,11 @@ SCRIPT = """
 import json, sys
 from engine import LoRARequest
 from engine.testing.reference import load_reference_model, reference_logits
-from tests.engine.test_base_parity import make_engine, step_logits
-from tests.engine.test_lora_parity import _wait_for_adapters
+from tests.engine.helpers import make_engine, step_logits, wait_for_adapters
 ckpt, per_expert, fused, prefill_kernel = sys.argv[1:5]
 engine = make_engine(ckpt, max_loras=2, max_lora_rank=16, triton_prefill_attention=prefill_kernel == "1")
 requests = [None, LoRARequest("t1/a", per_expert), LoRARequest("t2/b", fused)]
-_wait_for_adapters(engine, requests)
+wait_for_adapters(engine, requests)
 prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
 errors = []
 for mine, prompt, adapter in zip(step_logits(engine, prompts, requests), prompts, [None, per_expert, fused]):

@@ -4,8 +4,7 @@ import torch
 
 import kernels
 from engine import LoRARequest, SamplingParams
-from tests.engine.test_base_parity import PROMPTS, make_engine
-from tests.engine.test_lora_parity import _wait_for_adapters
+from tests.engine.helpers import PROMPTS, make_engine, tiny_qwen3_config, wait_for_adapters
 
 FAMILY = "qwen3_moe"
 SMALL = dict(max_num_batched_tokens=24, block_size=4, max_model_len=64, max_num_seqs=8)
@@ -70,7 +69,7 @@ def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoi
 
 def generate_all(engine, adapters) -> list[list[int]]:
     loras = [None, LoRARequest("t/a", str(adapters[FAMILY]["a"])), LoRARequest("u/b", str(adapters[FAMILY]["b"]))]
-    _wait_for_adapters(engine, loras)  # resident before the first step: every step's batch is fixed
+    wait_for_adapters(engine, loras)  # resident before the first step: every step's batch is fixed
     runs = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
             SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True),
             SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, ignore_eos=True)]  # engine generator
@@ -119,20 +118,19 @@ def test_no_step_shape_compiles_a_kernel_the_warmup_did_not(monkeypatch, experts
     of 1-601 tokens, 1-4 prefill chunks of up to 2048 tokens in all, some after cached prefixes,
     up to 16 distinct adapters; the Triton prefill attention on) are all among those the
     warm-up compiles, so
-    no request waits for the compiler (session 4, H100: without this, case d's churn compiled 23
-    kernels in serving). Runs the Triton launchers on CPU with every launch recorded, not run.
+    no request waits for the compiler (on an H100, without this, one benchmark case's adapter churn
+    compiled 23 kernels while serving). Runs the Triton launchers on CPU with every launch recorded, not run.
     Not covered here: the decode kernel's partition count (always 1 off the GPU, a constexpr
     picked from batch and context on it), so eager decode groups still compile per count."""
     import random
 
-    from benchmarks.bench_engine import TINY, hf_config
     from engine import EngineConfig, LLMEngine
     from engine.testing.jit_keys import JitKeyRecorder
     monkeypatch.setenv("MOEPLEX_TRITON", "1")
     recorder = JitKeyRecorder()
     with recorder.recording():
         engine = LLMEngine(EngineConfig(
-            hf_config=hf_config(dict(TINY, num_experts=experts, num_experts_per_tok=top_k), 1), load_format="dummy",
+            hf_config=tiny_qwen3_config(experts, top_k), load_format="dummy",
             max_loras=16, max_lora_rank=16, max_num_seqs=64, max_model_len=640, block_size=16,
             max_num_batched_tokens=2048, warmup=False, triton_prefill_attention=True))
         runner = engine.runner

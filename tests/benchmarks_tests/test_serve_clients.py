@@ -1,0 +1,58 @@
+"""benchmarks/serve_clients.py: jobs, per-request timing summaries, greedy equality (CPU)."""
+import asyncio
+
+import pytest
+
+from benchmarks.serve_clients import Result, Run, direct_run, greedy_equality, make_jobs
+
+
+def test_jobs_spread_over_tenants_and_adapters_with_distinct_seeded_prompts():
+    jobs = make_jobs(10, tenants=3, adapters=4, prompt_tokens=32, max_tokens=5, vocab_size=1000, seed=7)
+    assert [j.tenant for j in jobs[:4]] == ["tenant0", "tenant1", "tenant2", "tenant0"]
+    assert [j.adapter for j in jobs[:5]] == ["adapter0", "adapter1", "adapter2", "adapter3", "adapter0"]
+    assert len({tuple(j.prompt) for j in jobs}) == 10
+    assert all(len(j.prompt) == 32 and max(j.prompt) < 1000 for j in jobs)
+    assert jobs == make_jobs(10, 3, 4, 32, 5, 1000, seed=7)
+    assert jobs[0].prompt != make_jobs(1, 3, 4, 32, 5, 1000, seed=8)[0].prompt
+
+
+def test_summary_tpot_is_decode_time_over_tokens_after_the_first():
+    run = Run(wall_s=2.0)
+    run.results[0] = Result(started=0.0, first=0.5, last=1.5, num_tokens=11)  # 0.1 s a token
+    run.results[1] = Result(started=0.0, first=0.2, last=0.2, num_tokens=1)   # no TPOT
+    run.fail("boom")
+    s = run.summary()
+    assert s["tokens"] == 12 and s["tokens_per_s"] == 6.0 and s["errors"] == 1
+    assert s["tpot_p50_ms"] == pytest.approx(100.0) and s["ttft_p99_ms"] == pytest.approx(500.0)
+
+
+def test_greedy_equality_counts_mismatches_and_missing_ids():
+    served, direct = Run(), Run()
+    for i, (a, b) in enumerate([([1, 2], [1, 2]), ([1, 3], [1, 2]), ([], [5])]):
+        served.results[i] = Result(0.0, token_ids=a)
+        direct.results[i] = Result(0.0, token_ids=b)
+    g = greedy_equality(served, direct)
+    assert (g["compared"], g["equal"], g["mismatches"], g["served_ids_missing"]) == (3, 1, 1, 1)
+    assert g["mismatch_samples"] == [{"request": 1, "first_diff_at": 1, "served_len": 2, "direct_len": 2}]
+
+
+def test_direct_run_ids_equal_the_synchronous_engine(tiny_checkpoint, tmp_path):
+    from engine import AsyncLLMEngine, EngineConfig, LLMEngine, LoRARequest, SamplingParams
+    from engine.testing import make_peft_adapter
+
+    checkpoint = tiny_checkpoint()
+    adapter = make_peft_adapter(checkpoint, tmp_path / "a", rank=4, seed=1)
+    config = dict(model=str(checkpoint), device="cpu", max_loras=2, max_model_len=128)
+    jobs = make_jobs(4, tenants=2, adapters=1, prompt_tokens=6, max_tokens=5, vocab_size=300, seed=0)
+    engine = AsyncLLMEngine(EngineConfig(**config))
+    try:
+        run = asyncio.run(direct_run(engine, {"adapter0": adapter}, jobs, 4, "t"))
+    finally:
+        engine.shutdown()
+    oracle = LLMEngine(EngineConfig(**config))
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    lora = LoRARequest(lora_name="ops/adapter0", lora_path=str(adapter))
+    want = oracle.generate([j.prompt for j in jobs], params, loras=[lora] * len(jobs))
+    assert run.errors == 0
+    assert [run.results[j.index].token_ids for j in jobs] == [w["token_ids"] for w in want]
+    assert all(run.results[j.index].num_tokens == 5 for j in jobs)
