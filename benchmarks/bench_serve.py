@@ -1,18 +1,22 @@
-"""Serve path benchmark: N streaming clients over M tenants through HTTP vs the engine alone.
+"""Served-path benchmark: the same token-id requests through HTTP + Serve and into the engine alone.
 
-    .venv/bin/python benchmarks/bench_serve.py [--requests 200] [--concurrency 32] \
-        [--tenants 8] [--adapters 4] [--max-tokens 16] [--replicas 1] [--resolve-ttl S] [--s3] \
-        [--out bench_serve.json]
+    python benchmarks/bench_serve.py                      # CPU smoke run: tiny model, HTTP uploads
+    python benchmarks/bench_serve.py --model dummy:qwen3-30b-a3b \
+        --hf-overrides '{"num_hidden_layers": 8}' --adapters 16 --rank 16 --tenants 16 \
+        --concurrency 64 --requests 256 --prompt-tokens 512 --max-tokens 128 \
+        --sequential 16 --burst 500                      # GPU, full size
 
-Starts Ray and the moeplex app on loopback (development mode, local adapter store or, with
---s3, a moto S3 server it starts on loopback, the
-embedded tiny checkpoint unless --model), uploads `--adapters` PEFT adapters over HTTP as
-an operator tenant and shares them, then fires a burst of `--requests` streaming
-completions from `--concurrency` concurrent clients; request i comes from tenant i % M
-and uses adapter i % A. It records the time to first token, completion tokens (usage)
-and errors. The same burst then goes straight into an AsyncLLMEngine in this process
-(no Ray, no HTTP), so the difference is the overhead of the HTTP + Serve path.
-Prints a table last and writes JSON.
+Starts Ray and the moeplex app on loopback (local adapter store, or a moto S3 server with
+--s3), makes `--adapters` random rank-`--rank` PEFT adapters on q/k/v/o and every expert's
+gate/up/down (benchmarks/serve_adapters.py), and puts them in the store as the operator
+tenant `ops`, shared with every tenant: over HTTP while they are small, straight through
+`args.open_store().put(...)` (what the ingress does) when they are big. Request i comes from
+tenant i % T with adapter i % A and a seeded random prompt of `--prompt-tokens` ids; every
+request is greedy with `ignore_eos`, so it makes exactly `--max-tokens` tokens, and asks for
+`return_token_ids`. Measured: the burst at `--concurrency` and `--sequential` requests one at
+a time, served and then straight into an in-process AsyncLLMEngine (same args); greedy
+equality of every request's ids between the two; `--burst` requests fired at once through
+HTTP with short outputs, counting errors. Prints a table last and writes JSON with provenance.
 """
 from __future__ import annotations
 
@@ -20,198 +24,218 @@ import argparse
 import asyncio
 import json
 import os
-import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_serve
+    from cpu_sampler import CpuSampler
+    from provenance import provenance
+    from serve_adapters import RandomAdapterWriter, adapter_bytes
+    from serve_clients import Run, direct_run, greedy_equality, http_run, http_run_procs, make_jobs
+except ImportError:
+    from benchmarks.cpu_sampler import CpuSampler
+    from benchmarks.provenance import provenance
+    from benchmarks.serve_adapters import RandomAdapterWriter, adapter_bytes
+    from benchmarks.serve_clients import (Run, direct_run, greedy_equality, http_run, http_run_procs,
+                                          make_jobs)
 
-PROMPTS = ["The quick brown fox", "Tenants upload LoRA adapters", "Mixture of experts models",
-           "Hello world! How are you today?", "def main(): return 42"]
-
-
-@dataclass
-class Burst:
-    """What one burst measured (seconds; TTFT per request that produced a token)."""
-
-    ttft: list[float] = field(default_factory=list)
-    tokens: int = 0
-    errors: int = 0
-    error_samples: list[str] = field(default_factory=list)
-    wall_s: float = 0.0
-
-    def summary(self) -> dict:
-        ttft = sorted(self.ttft)
-        return {"requests_ok": len(ttft), "errors": self.errors, "tokens": self.tokens,
-                "wall_s": round(self.wall_s, 3),
-                "tokens_per_s": round(self.tokens / self.wall_s, 1) if self.wall_s else 0.0,
-                "ttft_p50_ms": round(1e3 * _quantile(ttft, 0.50), 1),
-                "ttft_p99_ms": round(1e3 * _quantile(ttft, 0.99), 1),
-                "error_samples": self.error_samples[:5]}
-
-    def fail(self, message: str) -> None:
-        self.errors += 1
-        self.error_samples.append(message[:200])
+OPERATOR = "ops"
+HTTP_UPLOAD_LIMIT = 256 << 20  # bigger adapters go into the store directly
 
 
-def _quantile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, int(q * len(values)))]
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint dir, s3:// or dummy:<name> (default: tiny)")
+    p.add_argument("--hf-overrides", default=None, help='JSON, e.g. \'{"num_hidden_layers": 8}\'')
+    p.add_argument("--adapters", type=int, default=4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--tenants", type=int, default=4)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--sequential", type=int, default=4, help="requests sent one at a time")
+    p.add_argument("--burst", type=int, default=64, help="requests fired at once through HTTP")
+    p.add_argument("--burst-tokens", type=int, default=4, help="max_tokens of the burst's requests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-loras", type=int, default=None, help="GPU adapter slots (AppArgs default)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per engine (CPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--upload", choices=["auto", "http", "store"], default="auto")
+    p.add_argument("--resolve-ttl", type=float, default=None, help="AppArgs.adapter_resolve_ttl_s")
+    p.add_argument("--s3", action="store_true", help="adapter store on a moto S3 server on loopback")
+    p.add_argument("--client-procs", type=int, default=None,
+                   help="processes the HTTP clients run in (default: one per 16 streams, at most 8)")
+    p.add_argument("--engine-process", type=int, choices=[0, 1], default=None,
+                   help="AppArgs.engine_process (default: AppArgs')")
+    p.add_argument("--ingress-replicas", type=int, default=None, help="AppArgs.ingress_replicas")
+    p.add_argument("--stream-interval-ms", type=float, default=None, help="AppArgs.stream_interval_ms")
+    p.add_argument("--variants", default=None,
+                   help="JSON list of AppArgs overrides, each served and measured after the main "
+                        "configuration in the same run, e.g. '[{\"engine_process\": false}]'")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    return p.parse_args(argv)
 
 
-def plan(num_requests: int, num_tenants: int, num_adapters: int) -> list[tuple[str, str, str]]:
-    """(tenant, adapter, prompt) of each request of the burst."""
-    return [(f"tenant{i % num_tenants}", f"adapter{i % num_adapters}", PROMPTS[i % len(PROMPTS)])
-            for i in range(num_requests)]
+def app_args(opts, workdir: Path, extra: dict, total_adapter_bytes: int):
+    from deployments.args import AppArgs
+
+    if opts.hf_overrides:
+        extra["hf_overrides"] = json.loads(opts.hf_overrides)
+    if opts.max_loras is not None:
+        extra["max_loras"] = opts.max_loras
+    if opts.resolve_ttl is not None:
+        extra["adapter_resolve_ttl_s"] = opts.resolve_ttl
+    for name in ("engine_process", "ingress_replicas", "stream_interval_ms"):
+        if getattr(opts, name) is not None:
+            extra[name] = getattr(opts, name)
+    in_flight = max(64, opts.concurrency)
+    return AppArgs(
+        model=opts.model, cache_dir=str(workdir / "cache"), device=opts.device,
+        num_replicas=opts.replicas, max_lora_rank=max(16, opts.rank), max_num_seqs=in_flight,
+        max_ongoing_requests=in_flight, max_model_len=max(2048, opts.prompt_tokens + opts.max_tokens + 16),
+        max_concurrent_requests_per_tenant=max(32, opts.concurrency, opts.burst),
+        # the replica's disk cache holds every adapter, so none is fetched twice
+        disk_cache_bytes=max(8 << 30, int(1.25 * total_adapter_bytes)), **extra)
 
 
-async def _http_request(client: httpx.AsyncClient, url: str, job, max_tokens: int, burst: Burst):
-    tenant, adapter, prompt = job
-    body = {"model": adapter, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    started, first = time.perf_counter(), None
-    async with client.stream("POST", f"{url}/v1/completions", json=body,
-                             headers={"X-Tenant-Id": tenant}) as response:
-        if response.status_code != 200:
-            burst.fail(f"{response.status_code}: {(await response.aread()).decode()}")
-            return
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: "):])
-            if "error" in chunk:
-                burst.fail(json.dumps(chunk["error"]))
-                return
-            # The first chunk carries the first token (its text may be empty while the
-            # detokenizer holds an incomplete UTF-8 sequence, as with the tiny model).
-            if first is None and chunk.get("choices"):
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                burst.tokens += chunk["usage"]["completion_tokens"]
-    if first is not None:
-        burst.ttft.append(first - started)
+def model_config(args, model_dir: Path) -> dict:
+    """The served model's config.json with `hf_overrides` applied (what adapters must fit)."""
+    from engine.testing import read_config
+
+    return {**read_config(model_dir), **(getattr(args, "hf_overrides", None) or {})}
 
 
-async def _run_pool(jobs, concurrency: int, one) -> float:
-    queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
-
-    async def worker():
-        while not queue.empty():
-            await one(queue.get_nowait())
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - started
+def upload_over_http(opts, config: dict) -> bool:
+    return opts.upload == "http" or (opts.upload == "auto" and
+                                     adapter_bytes(config, opts.rank) <= HTTP_UPLOAD_LIMIT)
 
 
-async def http_burst(url: str, jobs, concurrency: int, max_tokens: int) -> Burst:
-    burst = Burst()
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def one(job):
-            try:
-                await _http_request(client, url, job, max_tokens, burst)
-            except Exception as exc:  # noqa: BLE001 - counted, not fatal
-                burst.fail(f"{type(exc).__name__}: {exc}")
-        burst.wall_s = await _run_pool(jobs, concurrency, one)
-    return burst
+def put_adapters(args, url: str | None, opts, config: dict, workdir: Path) -> tuple[dict, dict]:
+    """Write, store and share every adapter (over HTTP when `url`); ({name: AdapterInfo}, timings).
+
+    Written one at a time and deleted once stored: at 48 layers 16 adapters are 27 GB, and
+    the disk also holds the store's copy and the replica's cache.
+    """
+    import httpx
+
+    store, writer = args.open_store(), RandomAdapterWriter(config, opts.rank)
+    http = url is not None
+    timings = {"generate_s": 0.0, "store_s": 0.0, "via": "http" if http else "store.put",
+               "generated_on": writer.device}
+    for i in range(opts.adapters):
+        name, started = f"adapter{i}", time.perf_counter()
+        path = writer.write(workdir / "adapters" / name, seed=opts.seed * 1000 + i + 1)
+        timings["generate_s"] += time.perf_counter() - started
+        started = time.perf_counter()
+        if http:
+            files = [("files", (f, (path / f).read_bytes()))
+                     for f in ("adapter_config.json", "adapter_model.safetensors")]
+            response = httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files,
+                                  headers={"X-Tenant-Id": OPERATOR}, timeout=600)
+            response.raise_for_status()
+        else:
+            model_dir = args_model_dir(args)
+            store.put(OPERATOR, name, path, model_dir, limits=args.store_limits(model_dir))
+        store.share(OPERATOR, name)
+        timings["store_s"] += time.perf_counter() - started
+        shutil.rmtree(path)  # the disk holds the store's copy and the replica's cache only
+    infos = {f"adapter{i}": store.resolve(OPERATOR, f"adapter{i}") for i in range(opts.adapters)}
+    return infos, {k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()}
 
 
-async def direct_burst(engine, adapter_dirs: dict, jobs, concurrency: int,
-                       max_tokens: int) -> Burst:
-    from engine import LoRARequest, SamplingParams
-
-    burst, counter = Burst(), iter(range(10 ** 9))
-
-    async def one(job):
-        _, adapter, prompt = job
-        lora = LoRARequest(lora_name=f"ops/{adapter}", lora_path=str(adapter_dirs[adapter]))
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        started, first = time.perf_counter(), None
-        try:
-            async for out in engine.generate(prompt, params, request_id=f"d{next(counter)}",
-                                             lora=lora):
-                if first is None and out.token_ids_delta:
-                    first = time.perf_counter()
-                if out.finished:
-                    burst.tokens += out.num_output_tokens
-        except Exception as exc:  # noqa: BLE001
-            burst.fail(f"{type(exc).__name__}: {exc}")
-            return
-        if first is not None:
-            burst.ttft.append(first - started)
-
-    burst.wall_s = await _run_pool(jobs, concurrency, one)
-    return burst
+def args_model_dir(args) -> Path:
+    from deployments.model_files import ensure_model
+    return ensure_model(args)
 
 
-def make_adapters(model_dir: Path, out: Path, count: int) -> dict[str, Path]:
-    from engine.testing import make_peft_adapter
+def run_served(args, opts, jobs, burst_jobs, config, workdir, stored) -> dict:
+    """Serve the app, upload the adapters unless `stored`, then time the parts over HTTP; then
+    each `--variants` configuration's burst, redeployed on the same Ray instance."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
 
-    return {f"adapter{i}": make_peft_adapter(model_dir, out / f"adapter{i}", rank=8, seed=i + 1)
-            for i in range(count)}
-
-
-def upload_and_share(url: str, args, adapter_dirs: dict[str, Path]) -> None:
-    """Upload every adapter as the operator tenant `ops`, then share it with all tenants."""
-    store = args.open_store()
-    for name, path in adapter_dirs.items():
-        files = [("files", (f, (path / f).read_bytes()))
-                 for f in ("adapter_config.json", "adapter_model.safetensors")]
-        response = httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files,
-                              headers={"X-Tenant-Id": "ops"}, timeout=120)
-        response.raise_for_status()
-        store.share("ops", name)
-
-
-def run_served(args, adapter_dirs, jobs, opts) -> tuple[Burst, Burst, float]:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
-
     ray.init(include_dashboard=False, num_cpus=max(4, os.cpu_count() or 1),
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(opts.threads)}})
+    procs = opts.client_procs or max(1, min(8, opts.concurrency // 16))
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
     try:
+        list(pool.map(abs, range(procs)))  # the client processes start before the clock runs
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        started = time.perf_counter()
-        serve.run(build_app(args), name="moeplex-bench", route_prefix="/")
-        startup_s = time.perf_counter() - started
         url = f"http://127.0.0.1:{port}"
-        upload_and_share(url, args, adapter_dirs)
-        warm = plan(len(adapter_dirs), opts.tenants, len(adapter_dirs))
-        asyncio.run(http_burst(url, warm, len(warm), opts.max_tokens))
-        burst = asyncio.run(http_burst(url, jobs, opts.concurrency, opts.max_tokens))
-        alone = asyncio.run(http_burst(url, jobs[:opts.sequential], 1, opts.max_tokens))
-        return burst, alone, startup_s
+        out = deploy_and_measure(args, opts, url, pool, jobs)
+        if stored is None:
+            stored = put_adapters(args, url, opts, config, workdir)
+        out["infos"], out["adapters"] = stored
+        out.update(measure_burst(opts, url, pool, jobs))
+        out["served_sequential"] = asyncio.run(http_run(url, jobs[:opts.sequential], 1))
+        if burst_jobs:
+            out["burst"] = http_run_procs(pool, url, burst_jobs, len(burst_jobs))
+        out["variants"] = []
+        for overrides in json.loads(opts.variants or "[]"):
+            variant = deploy_and_measure(args.model_copy(update=overrides), opts, url, pool, jobs)
+            variant.update(measure_burst(opts, url, pool, jobs), overrides=overrides)
+            out["variants"].append(variant)
+        return out
     finally:
+        pool.shutdown()
         serve.shutdown()
         ray.shutdown()
 
 
-def run_direct(args, model_dir, adapter_dirs, jobs, opts) -> tuple[Burst, Burst]:
+def deploy_and_measure(args, opts, url, pool, jobs) -> dict:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    started = time.perf_counter()
+    serve.run(build_app(args), name="moeplex-bench", route_prefix="/")
+    return {"startup_s": round(time.perf_counter() - started, 1)}
+
+
+def measure_burst(opts, url, pool, jobs) -> dict:
+    """Warm every adapter up, then the timed burst with the CPU use of each process by role."""
+    started = time.perf_counter()
+    asyncio.run(http_run(url, warmup_jobs(jobs, opts), opts.adapters))
+    warmup_s = round(time.perf_counter() - started, 1)
+    sampler = CpuSampler()
+    sampler.start()
+    served = http_run_procs(pool, url, jobs, opts.concurrency)
+    return {"warmup_s": warmup_s, "served": served, "cpu_percent": sampler.stop()}
+
+
+def warmup_jobs(jobs, opts):
+    """One short request per adapter: each gets fetched and loaded before the clock runs."""
+    from dataclasses import replace
+    return [replace(job, index=-1 - i, max_tokens=2) for i, job in enumerate(jobs[:opts.adapters])]
+
+
+def run_direct(args, opts, jobs, infos) -> dict:
     import torch
 
+    from adapter_store import DiskCache
     from engine import AsyncLLMEngine
 
     torch.set_num_threads(opts.threads)
-    engine = AsyncLLMEngine(args.engine_config(model_dir))
+    # the served replica's disk cache already holds every adapter: a hit, no copy
+    cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
+    store = args.open_store()
+    dirs = {name: cache.fetch(store, info) for name, info in infos.items()}
+    engine = AsyncLLMEngine(args.engine_config(args_model_dir(args)))
     try:
-        warm = plan(len(adapter_dirs), opts.tenants, len(adapter_dirs))
-        asyncio.run(direct_burst(engine, adapter_dirs, warm, len(warm), opts.max_tokens))
-        burst = asyncio.run(direct_burst(engine, adapter_dirs, jobs, opts.concurrency,
-                                         opts.max_tokens))
-        alone = asyncio.run(direct_burst(engine, adapter_dirs, jobs[:opts.sequential], 1,
-                                         opts.max_tokens))
-        return burst, alone
+        asyncio.run(direct_run(engine, dirs, warmup_jobs(jobs, opts), opts.adapters, "warm"))
+        return {"direct": asyncio.run(direct_run(engine, dirs, jobs, opts.concurrency, "burst")),
+                "direct_sequential": asyncio.run(direct_run(engine, dirs, jobs[:opts.sequential],
+                                                            1, "seq"))}
     finally:
         engine.shutdown()
 
@@ -224,108 +248,110 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--tenants", type=int, default=8)
-    parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--sequential", type=int, default=20,
-                        help="requests sent one at a time after the burst (latency overhead)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
-    parser.add_argument("--model", default=None, help="checkpoint dir (default: tiny)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--resolve-ttl", type=float, default=None,
-                        help="AppArgs.adapter_resolve_ttl_s (0: the ingress resolves on every request)")
-    parser.add_argument("--s3", action="store_true",
-                        help="adapter store on a moto S3 server this run starts on loopback")
-    parser.add_argument("--out", default="bench_serve.json")
-    return parser.parse_args(argv)
-
-
 def start_s3() -> tuple[subprocess.Popen, str]:
     """moto_server on a free loopback port with bucket `adapters`; returns (process, endpoint)."""
     import boto3
     for key, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
                        ("AWS_DEFAULT_REGION", "us-east-1")):
         os.environ.setdefault(key, value)  # Ray's local workers inherit these
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             url.rsplit(":", 1)[1]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
     for _ in range(100):
         try:
             client.create_bucket(Bucket="adapters")
             return proc, url
-        except Exception:  # not listening yet
+        except Exception:  # noqa: BLE001 - not listening yet
             time.sleep(0.2)
     proc.terminate()
     raise RuntimeError(f"moto_server did not come up on {url}")
 
 
+ROWS = ("served", "direct", "served_sequential", "direct_sequential", "burst")
+COLUMNS = ("requests_ok", "errors", "tokens", "wall_s", "tokens_per_s", "ttft_p50_ms",
+           "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+
+
 def print_table(results: dict) -> None:
-    rows = [("path (requests, concurrency)", "ok", "errors", "tokens", "wall s", "tok/s", "TTFT p50 ms", "TTFT p99 ms")]
-    for name in ("served", "direct", "served_sequential", "direct_sequential"):
-        r = results[name]
-        rows.append((name, r["requests_ok"], r["errors"], r["tokens"], r["wall_s"],
-                     r["tokens_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"]))
+    rows = [("part", "ok", "errors", "tokens", "wall s", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+             "TPOT p50 ms", "TPOT p99 ms")]
+    rows += [(name, *(results[name][c] for c in COLUMNS)) for name in ROWS if name in results]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
-    o = results["overhead"]
-    print(f"overhead of HTTP + Serve: burst TTFT p50 +{o['ttft_p50_ms']} ms, throughput "
-          f"x{o['throughput_ratio']} of the engine alone; one request at a time: TTFT p50 "
-          f"+{o['sequential_ttft_p50_ms']} ms")
+    print(f"served / direct output tok/s: {results['served_over_direct']}; CPU % of a core by "
+          f"process during the served burst: {results['cpu_percent']}")
+    for v in results["variants"]:
+        r = v["served"]
+        print(f"variant {json.dumps(v['overrides'])}: {r['tokens_per_s']} tok/s = "
+              f"{v['served_over_direct']}x direct, TTFT p50 {r['ttft_p50_ms']} ms, TPOT p50 "
+              f"{r['tpot_p50_ms']} ms, errors {r['errors']}, CPU {v['cpu_percent']}")
+    for key, what in (("greedy_equality", "burst"), ("greedy_equality_sequential", "one at a time")):
+        g = results[key]
+        print(f"greedy equality served vs direct, {what}: {g['equal']}/{g['compared']} equal, "
+              f"{g['mismatches']} mismatched, {g['served_ids_missing']} without ids")
+    a = results["adapters"]
+    print(f"serve start-up {results['serve_startup_s']} s; {results['config']['adapters']} adapters "
+          f"of {a['bytes_each'] / 1e9:.2f} GB: generated in {a['generate_s']} s, into the store "
+          f"via {a['via']} in {a['store_s']} s")
 
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="moeplex-bench-"))
     extra, moto = {}, None
-    if opts.resolve_ttl is not None:
-        extra["adapter_resolve_ttl_s"] = opts.resolve_ttl
     if opts.s3:
         moto, url = start_s3()
         extra.update(store="s3://adapters/bench", store_endpoint_url=url, store_region="us-east-1")
     try:
-        return _run(opts, workdir, extra)
+        return _run(opts, workdir, extra, argv if argv is not None else sys.argv)
     finally:
         if moto is not None:
             moto.terminate()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(opts, workdir: Path, extra: dict) -> int:
-    from deployments.args import AppArgs
-    from deployments.model_files import ensure_model
-
-    args = AppArgs(model=opts.model, cache_dir=str(workdir / "cache"), device=opts.device,
-                   num_replicas=opts.replicas, max_loras=max(4, opts.adapters),
-                   max_concurrent_requests_per_tenant=max(32, opts.concurrency), **extra)
-    model_dir = ensure_model(args)
-    adapter_dirs = make_adapters(model_dir, workdir / "adapters", opts.adapters)
-    jobs = plan(opts.requests, opts.tenants, opts.adapters)
-    served, served_alone, startup_s = run_served(args, adapter_dirs, jobs, opts)
-    direct, direct_alone = run_direct(args, model_dir, adapter_dirs, jobs, opts)
-    results = {"config": {**vars(opts), "model_dir": str(model_dir), "store": args.store_uri(),
-                          "adapter_resolve_ttl_s": args.adapter_resolve_ttl_s},
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "python": platform.python_version()},
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "serve_startup_s": round(startup_s, 1),
-               "served": served.summary(), "direct": direct.summary(),
-               "served_sequential": served_alone.summary(),
-               "direct_sequential": direct_alone.summary()}
-    results["overhead"] = {
-        "sequential_ttft_p50_ms": round(results["served_sequential"]["ttft_p50_ms"]
-                                        - results["direct_sequential"]["ttft_p50_ms"], 1),
-        "ttft_p50_ms": round(results["served"]["ttft_p50_ms"] - results["direct"]["ttft_p50_ms"], 1),
-        "throughput_ratio": round(results["served"]["tokens_per_s"]
-                                  / max(results["direct"]["tokens_per_s"], 1e-9), 3)}
-    Path(opts.out).write_text(json.dumps(results, indent=1))
+def _run(opts, workdir: Path, extra: dict, argv) -> int:
+    args = app_args(opts, workdir, dict(extra), 0)
+    config = model_config(args, args_model_dir(args))
+    each = adapter_bytes(config, opts.rank)
+    args = app_args(opts, workdir, dict(extra), each * opts.adapters)
+    jobs = make_jobs(opts.requests, opts.tenants, opts.adapters, opts.prompt_tokens,
+                     opts.max_tokens, config["vocab_size"], opts.seed)
+    burst_jobs = make_jobs(opts.burst, opts.tenants, opts.adapters, opts.prompt_tokens,
+                           opts.burst_tokens, config["vocab_size"], opts.seed + 1)
+    # Big adapters go into the store before Serve starts, while the GPU is still free to
+    # draw their random values.
+    stored = None if upload_over_http(opts, config) else put_adapters(args, None, opts, config, workdir)
+    served = run_served(args, opts, jobs, burst_jobs, config, workdir, stored)
+    direct = run_direct(args, opts, jobs, served["infos"])
+    runs: dict[str, Run] = {k: v for k, v in {**served, **direct}.items() if isinstance(v, Run)}
+    results = {"provenance": provenance(list(argv)),
+               "config": {**vars(opts), "store": args.store_uri(),
+                          "model_layers": config.get("num_hidden_layers")},
+               "serve_startup_s": served["startup_s"], "warmup_s": served["warmup_s"],
+               "adapters": {**served["adapters"], "bytes_each": each},
+               **{name: run.summary() for name, run in runs.items()},
+               "cpu_percent": served["cpu_percent"],
+               "variants": [{"overrides": v["overrides"], "startup_s": v["startup_s"],
+                             "served": v["served"].summary(), "cpu_percent": v["cpu_percent"],
+                             "greedy_equality": greedy_equality(v["served"], runs["direct"])}
+                            for v in served["variants"]],
+               "greedy_equality": greedy_equality(runs["served"], runs["direct"]),
+               # one request at a time: the same batch shapes on both paths, so bitwise equal
+               "greedy_equality_sequential": greedy_equality(runs["served_sequential"],
+                                                             runs["direct_sequential"])}
+    direct_rate = max(results["direct"]["tokens_per_s"], 1e-9)
+    results["served_over_direct"] = round(results["served"]["tokens_per_s"] / direct_rate, 3)
+    for v in results["variants"]:
+        v["served_over_direct"] = round(v["served"]["tokens_per_s"] / direct_rate, 3)
+    out = Path(opts.out or f"benchmarks/results/bench_serve_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
     print_table(results)
-    errors = served.errors + direct.errors + served_alone.errors + direct_alone.errors
+    errors = sum(run.errors for run in runs.values()) + sum(v["served"].errors for v in served["variants"])
     return 0 if errors == 0 else 1
 
 
