@@ -27,6 +27,7 @@ from deployments.replica_stream import collect, first_item, lost_replica
 from deployments.schemas import AdapterCard, ChatCompletionRequest, CompletionRequest, ModelCard
 
 logger = logging.getLogger("ray.serve")
+_BROADCAST_TIMEOUT_S = 10.0
 api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
 
 
@@ -128,9 +129,27 @@ class Ingress:
                                            limits=self._upload_limits)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            self._resolved.invalidate(name)  # the new version is "latest" from now on
+            await self._invalidate_everywhere(name)  # the new version is "latest" from now on
         logger.info("tenant %s uploaded adapter %s@%s", tenant, info.name, info.version)
         return adapter_card(info).model_dump()
+
+    async def _invalidate_everywhere(self, name: str) -> None:
+        """Forget `name` in every ingress replica's resolve cache before answering, so the
+        change shows at once whichever replica a client's next request reaches; if a replica
+        cannot be told, the resolve TTL still bounds how long it serves the old version."""
+        self._resolved.invalidate(name)
+        try:
+            context = serve.get_replica_context()
+            handle = serve.get_deployment_handle(context.deployment, context.app_name)
+            await asyncio.wait_for(handle.broadcast("invalidate_resolved", name).results_async(),
+                                   timeout=_BROADCAST_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - e.g. a replica starting or stopping
+            logger.warning("could not tell every ingress replica about %r: %s: %s", name,
+                           type(exc).__name__, exc)
+
+    async def invalidate_resolved(self, name: str) -> None:
+        """Called on every ingress replica (handle.broadcast) after an upload or delete."""
+        self._resolved.invalidate(name)
 
     @api.get("/v1/adapters")
     async def list_adapters(self, request: Request) -> dict:
@@ -154,7 +173,7 @@ class Ingress:
         try:
             await asyncio.to_thread(self._store.delete, tenant, name, version)
         finally:  # a delete that failed half-way may still have removed versions
-            self._resolved.invalidate(name)
+            await self._invalidate_everywhere(name)
         logger.info("tenant %s deleted adapter %s (version %s)", tenant, name, version or "all")
         return {"id": name, "object": "adapter", "deleted": True}
 
