@@ -6,24 +6,22 @@ hand-over (engine.streams). A failing step fails the requests it held, never the
 `EngineCoreClient` (engine.core_client) offers the same interface with the engine in a
 process of its own; this one keeps it in the caller's process (scripts, tests, benchmarks).
 """
-import asyncio
 import logging
 import threading
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from engine.config import EngineConfig
 from engine.errors import EngineError
+from engine.frontend import EngineFrontend
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import LoRARequest
-from engine.streams import OutputStreams, read_batches
+from engine.sequence import Sequence
+from engine.streams import OutputStreams, RequestStream
 
 log = logging.getLogger(__name__)
 
 
-class AsyncLLMEngine:
+class AsyncLLMEngine(EngineFrontend):
     def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05):
         self.config = config
         self.engine = LLMEngine(config)
@@ -42,40 +40,16 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._loop, name="moeplex-engine", daemon=True)
         self._thread.start()
 
-    async def generate_batches(self, prompt: str | list[int], params: SamplingParams | None = None,
-                               request_id: str | None = None, lora: LoRARequest | None = None,
-                               tenant: str | None = None,
-                               min_interval_s: float = 0.0) -> AsyncIterator[list[RequestOutput]]:
-        """One request's outputs, as lists of those that arrived together (lists at least
-        `min_interval_s` apart); raises InvalidRequestError / AdapterLoadError / EngineError."""
+    def _check_running(self) -> None:
         if self._stopped:
             raise EngineError("the engine is shut down")
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
+
+    def _open_and_submit(self, seq: Sequence) -> RequestStream:
         with self._lock:
-            if self._stopped:  # checked again under the lock: shutdown fails the streams it sees
-                raise EngineError("the engine is shut down")
-            queue = self._streams.open(request_id)
+            self._check_running()  # under the lock: shutdown fails the streams it sees
+            stream = self._streams.open(seq.request_id)
         self._submit(lambda: self.engine.add_sequence(seq))
-
-        def on_exit(finished: bool) -> None:
-            if not finished:  # the consumer went away: free the sequence's blocks and slot
-                self.abort(request_id)
-            self._streams.close(request_id)
-        async for batch in read_batches(queue, on_exit, min_interval_s):
-            yield batch
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, lora: LoRARequest | None = None,
-                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
-        """One request's outputs one by one (see generate_batches)."""
-        stream = self.generate_batches(prompt, params, request_id, lora, tenant)
-        try:
-            async for batch in stream:
-                for out in batch:
-                    yield out
-        finally:
-            await stream.aclose()
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self._streams.deliver([o] if (o := self.engine.abort(request_id)) else []))

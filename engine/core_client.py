@@ -9,33 +9,27 @@ that a reader thread hands to the waiting streams in one go (engine.streams).
 If the core process dies, every open stream ends with EngineError and `check_health` raises,
 so Serve replaces the replica.
 """
-import asyncio
 import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 
 from engine.async_engine import shutdown_outputs
 from engine.config import EngineConfig
 from engine.errors import EngineError
+from engine.frontend import EngineFrontend
 from engine.inputs import InputProcessor, load_tokenizer
 from engine.models.spec import load_spec, spec_from_hf_config
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import LoRARequest
-from engine.streams import OutputStreams, read_batches
+from engine.sequence import Sequence
+from engine.streams import OutputStreams, RequestStream
 
 log = logging.getLogger(__name__)
-# prompts longer than this many characters are tokenised off the event loop
-INLINE_TOKENIZE_CHARS = 2048
 
 
-class EngineCoreClient:
+class EngineCoreClient(EngineFrontend):
     def __init__(self, config: EngineConfig, start_timeout_s: float | None = None):
         self.config = config
         self._send_lock = threading.Lock()
@@ -74,44 +68,15 @@ class EngineCoreClient:
         return payload
 
     # ---- requests ---------------------------------------------------------------
-    async def generate_batches(self, prompt: str | list[int], params: SamplingParams | None = None,
-                               request_id: str | None = None, lora: LoRARequest | None = None,
-                               tenant: str | None = None,
-                               min_interval_s: float = 0.0) -> AsyncIterator[list[RequestOutput]]:
-        """One request's outputs, as lists of those that arrived together (lists at least
-        `min_interval_s` apart); raises InvalidRequestError / AdapterLoadError / EngineError."""
+    def _open_and_submit(self, seq: Sequence) -> RequestStream:
         self._check_running()
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
-            seq = await asyncio.to_thread(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
-        else:
-            seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
-        self._check_running()
-        queue = self._streams.open(request_id)
+        stream = self._streams.open(seq.request_id)
         try:
             self._send(("add", seq))
         except BaseException:
-            self._streams.close(request_id)
+            self._streams.close(seq.request_id)
             raise
-
-        def on_exit(finished: bool) -> None:
-            if not finished:  # the consumer went away: free the sequence's blocks and slot
-                self.abort(request_id)
-            self._streams.close(request_id)
-        async for batch in read_batches(queue, on_exit, min_interval_s):
-            yield batch
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, lora: LoRARequest | None = None,
-                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
-        """One request's outputs one by one (see generate_batches)."""
-        stream = self.generate_batches(prompt, params, request_id, lora, tenant)
-        try:
-            async for batch in stream:
-                for out in batch:
-                    yield out
-        finally:
-            await stream.aclose()
+        return stream
 
     def abort(self, request_id: str) -> None:
         try:

@@ -1,0 +1,67 @@
+"""EngineFrontend: the request side both async engines share (validate, stream, abort).
+
+`AsyncLLMEngine` steps its engine on a thread of this process and `EngineCoreClient` in a
+process of its own; both turn a request into a validated Sequence here, open its stream and
+hand the sequence over with `_submit_sequence`, and read the stream as lists of outputs.
+"""
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+from engine.inputs import InputProcessor
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import LoRARequest, Sequence
+from engine.streams import OutputStreams, RequestStream, read_batches
+
+# prompts longer than this many characters are tokenised off the event loop
+INLINE_TOKENIZE_CHARS = 2048
+
+
+class EngineFrontend:
+    inputs: InputProcessor
+    _streams: OutputStreams
+
+    def _check_running(self) -> None:
+        """Raise EngineError when no engine is there to take requests."""
+        raise NotImplementedError
+
+    def _open_and_submit(self, seq: Sequence) -> RequestStream:
+        """Open `seq`'s stream and hand `seq` to the engine (raise with no stream left open)."""
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def generate_batches(self, prompt: str | list[int], params: SamplingParams | None = None,
+                               request_id: str | None = None, lora: LoRARequest | None = None,
+                               tenant: str | None = None,
+                               min_interval_s: float = 0.0) -> AsyncIterator[list[RequestOutput]]:
+        """One request's outputs, as lists of those that arrived together (lists at least
+        `min_interval_s` apart); raises InvalidRequestError / AdapterLoadError / EngineError."""
+        self._check_running()
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
+            seq = await asyncio.to_thread(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
+        else:
+            seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
+        stream = self._open_and_submit(seq)
+
+        def on_exit(finished: bool) -> None:
+            if not finished:  # the consumer went away: free the sequence's blocks and slot
+                self.abort(request_id)
+            self._streams.close(request_id)
+        async for batch in read_batches(stream, on_exit, min_interval_s):
+            yield batch
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, lora: LoRARequest | None = None,
+                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
+        """One request's outputs one by one (see generate_batches)."""
+        stream = self.generate_batches(prompt, params, request_id, lora, tenant)
+        try:
+            async for batch in stream:
+                for out in batch:
+                    yield out
+        finally:
+            await stream.aclose()
