@@ -6,6 +6,7 @@ file can be traced back to the code and the machine that produced it.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import socket
 import subprocess
@@ -25,7 +26,13 @@ def _git(*args: str) -> str | None:
 
 
 def git_state() -> dict:
-    """{"commit": sha or None, "dirty": bool or None}: None where git cannot tell."""
+    """{"commit": sha or None, "dirty": bool or None}: None where git cannot tell.
+
+    MOEPLEX_COMMIT, when set, names the commit instead: the lent GPU machine receives a copy
+    of the working tree whose .git is not the submitter's, so its own answer is stale there
+    (benchmarks/gpu.sh's callers set it)."""
+    if os.environ.get("MOEPLEX_COMMIT"):
+        return {"commit": os.environ["MOEPLEX_COMMIT"], "dirty": None}
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
