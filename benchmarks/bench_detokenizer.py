@@ -11,6 +11,7 @@ import argparse
 import json
 import pathlib
 import random
+import sys
 import tempfile
 import time
 
@@ -18,6 +19,11 @@ from transformers import AutoTokenizer
 
 from engine.detokenizer import WINDOW, IncrementalDetokenizer
 from engine.testing.checkpoints import make_tiny_checkpoint
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
+    from provenance import provenance
+except ImportError:
+    from benchmarks.provenance import provenance
 
 
 def stream_ms(tokenizer, ids: list[int], window: int, marks: list[int]) -> dict:
@@ -43,7 +49,8 @@ def main() -> None:
     rng = random.Random(0)
     ids = [rng.randrange(len(tokenizer)) for _ in range(args.ids)]
     marks = sorted({m for m in (100, 500, 1000, 2000, 4000, args.ids) if m <= args.ids})
-    results = {"ids": args.ids, "moving_head_ms_per_id": stream_ms(tokenizer, ids, WINDOW, marks),
+    results = {"provenance": provenance(sys.argv), "ids": args.ids,
+               "moving_head_ms_per_id": stream_ms(tokenizer, ids, WINDOW, marks),
                "full_decode_ms_per_id": stream_ms(tokenizer, ids, 10 ** 9, marks)}
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -5,7 +5,10 @@ adapters over 16 slots (cache churn), each with the virtual-expert kernels ("fus
 one MoE call per adapter ("loop"); the decode step against its roofline (weight bytes touched
 / copy bandwidth measured here); adapter slot load time against pinned PCIe bandwidth; and
 transformers + PEFT `generate` at 8 layers, batch 16, prompt 128 next to this engine at the
-same shapes with 16 mixed adapters. Prints a table last and writes JSON.
+same shapes with 16 mixed adapters. Prints a table last and writes JSON with provenance.
+
+Each mode is an EngineConfig (MODES: fields over the defaults), built as an engine of its own,
+so what a mode measures is a configuration a user can deploy.
 
     python benchmarks/bench_engine.py --out bench_engine.json            # H100/H200
     python benchmarks/bench_engine.py --tiny --out /tmp/tiny.json        # CPU smoke run
@@ -14,6 +17,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -22,8 +26,25 @@ from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from engine.lora.adapter import LoRAAdapter, LoRAFactors
 from engine.models.presets import QWEN3_30B_A3B
 
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_engine
+    from provenance import provenance
+except ImportError:
+    from benchmarks.provenance import provenance
+
 TINY = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=12, num_experts_per_tok=4)
+
+# mode -> EngineConfig fields over the defaults (virtual experts, decode graphs, async scheduling,
+# and on CUDA prefill graphs with the Triton prefill attention)
+MODES = {
+    "fused": {},
+    "fused_sync": {"async_scheduling": False},  # each step read back before the next is scheduled
+    "fused_eager_ahead": {"async_eager_steps": True},  # prefill and mixed steps launched ahead too
+    "fused_eager_prefill": {"prefill_graphs": False},  # decode graphs only
+    "fused_eager": {"enforce_eager": True},  # no CUDA graphs
+    # one MoE call per adapter in the batch; it syncs with the host per layer, so it runs eagerly
+    "loop": {"lora_mode": "loop", "enforce_eager": True},
+}
 
 
 def hf_config(shape: dict, layers: int):
@@ -232,7 +253,7 @@ def hf_baseline(shape: dict, layers: int, batch: int, prompt_len: int, output_le
 
 
 def profile_decode(engine: LLMEngine, adapters: list[str | None], path: str) -> str:
-    """Top ops of a few decode steps (torch.profiler), and a Chrome trace at `path`."""
+    """Top ops of 5 decode steps (torch.profiler) as `engine` runs them, and a Chrome trace at `path`."""
     from torch.profiler import ProfilerActivity, profile
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     for k, name in enumerate(adapters):
@@ -245,20 +266,11 @@ def profile_decode(engine: LLMEngine, adapters: list[str | None], path: str) -> 
         for _ in range(5):
             engine.step()
     prof.export_chrome_trace(path)
-    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    tables = ["5 decode steps as run (CUDA graphs where they apply):",
-              prof.key_averages().table(sort_by=key, row_limit=25)]
-    graphs, engine.runner.graphs = engine.runner.graphs, None
-    try:  # the same steps eagerly: every kernel is attributed (graph replays can hide them)
-        with profile(activities=activities) as eager:
-            for _ in range(5):
-                engine.step()
-    finally:
-        engine.runner.graphs = graphs
-    tables += ["5 decode steps eagerly:", eager.key_averages().table(sort_by=key, row_limit=40)]
     while engine.has_unfinished_requests():
         engine.step()
-    return "\n".join(tables)
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    eager = engine.runner.graphs is None  # eager steps attribute every kernel; graph replays can hide them
+    return prof.key_averages().table(sort_by=key, row_limit=40 if eager else 25)
 
 
 def case_adapters(case: str, num_requests: int) -> list[str | None]:
@@ -268,90 +280,98 @@ def case_adapters(case: str, num_requests: int) -> list[str | None]:
             "d_64_over_16": [f"t{k % 64}/ad{k % 64}@v1" for k in range(num_requests)]}[case]
 
 
-def make_engine(args, shape: dict, layers: int, slots: int) -> LLMEngine:
+def make_engine(args, shape: dict, layers: int, slots: int, mode: str) -> LLMEngine:
+    overrides = {name: getattr(args, name) for name in ("triton_prefill_attention", "prefill_graphs")
+                 if getattr(args, name, None) is not None}
     return LLMEngine(EngineConfig(
         hf_config=hf_config(shape, layers), load_format="dummy", device=args.device, max_loras=slots,
         max_lora_rank=args.rank, max_cpu_loras=128, max_num_seqs=args.requests,
         max_model_len=args.prompt + args.output + args.block_size, block_size=args.block_size,
-        max_num_batched_tokens=args.max_batched_tokens, seed=0,
-        triton_prefill_attention=getattr(args, "triton_prefill_attention", False),
-        prefill_graphs=getattr(args, "prefill_graphs", False)))
+        max_num_batched_tokens=args.max_batched_tokens, seed=0, **{**overrides, **MODES[mode]}))
 
 
-def main_engine_cases(args, shape: dict, results: dict) -> None:
-    kv_tokens = args.requests * (args.prompt + args.output)
-    layers = args.layers or pick_layers(shape, args.slots, args.rank, kv_tokens)
-    results["layers"] = layers
-    engine = make_engine(args, shape, layers, args.slots)
-    results["startup_compiles"] = len(COMPILES.take()) if COMPILES.active else None  # capture + warm-up
+def free_memory() -> None:
+    """After the last reference to an engine is dropped: give its device memory back to the driver,
+    which the next engine's memory plan reads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_machine(engine: LLMEngine, args, results: dict) -> list[LoRAAdapter]:
+    """Copy and PCIe rates, the roofline, one slot load; returns the random adapters (packed
+    slot images, valid for every mode's engine: the slot layout does not depend on the mode)."""
     device = engine.runner.device
     results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
     pcie = pcie_bandwidth() if device.type == "cuda" else None
     results["pcie_h2d_GBps"] = pcie / 1e9 if pcie else None
     bases = [random_adapter(engine, args.rank, seed) for seed in range(4)]
     results["adapter_load"] = adapter_load(engine, bases[0], pcie)
-    profiled = ["c_16"] if args.profile else []  # the profile's decode steps use case c's adapters
-    install(engine, sorted({n for c in args.cases + profiled for n in case_adapters(c, args.requests) if n}), bases)
     results["roofline"] = decode_roofline_ms(engine, args.requests, args.prompt + args.output // 2,
                                              results["copy_bandwidth_GBps"] * 1e9)
-    graphs, prefill_graphs = engine.runner.graphs, engine.runner.prefill_graphs
+    return bases
+
+
+def run_mode(args, engine: LLMEngine, mode: str, results: dict) -> None:
+    """Every case on one mode's engine: a short warm-up run of each case at the measured shapes
+    (what it compiles, Triton specialisations the engine's start-up warm-up misses, lands in
+    results["warmup_compiles"]), then the measured runs (each reports its own compiles, ideally none)."""
+    for case in args.cases:
+        warm = run_case(engine, case_adapters(case, args.requests), args.prompt, 8, seed=99)
+        results.setdefault("warmup_compiles", {})[f"{case}/{mode}"] = warm["triton_compiles"]
+    for case in args.cases:
+        results["cases"][f"{case}/{mode}"] = run_case(
+            engine, case_adapters(case, args.requests), args.prompt, args.output, seed=1)
+        print(case, mode, json.dumps(results["cases"][f"{case}/{mode}"]), flush=True)
+        with open(args.out, "w") as f:  # partial results survive a time limit
+            json.dump(results, f, indent=2)
+    if args.profile and mode in ("fused", "fused_eager"):  # the profile's decode steps: case c's adapters
+        path = args.profile if mode == "fused" else args.profile.replace(".json", "") + ".eager.json"
+        results.setdefault("profile_table", {})[mode] = profile_decode(
+            engine, case_adapters("c_16", args.requests), path)
+        print(f"5 decode steps, {mode}:", results["profile_table"][mode], sep="\n", flush=True)
+
+
+def main_engine_cases(args, shape: dict, results: dict) -> None:
+    kv_tokens = args.requests * (args.prompt + args.output)
+    layers = args.layers or pick_layers(shape, args.slots, args.rank, kv_tokens)
+    results["layers"] = layers
+    cases = args.cases + (["c_16"] if args.profile else [])  # the profile runs case c's adapters
+    names = {n for c in cases for n in case_adapters(c, args.requests) if n}
+    bases = None
     for mode in args.modes:
-        engine.runner.prefill_graphs = None if mode in ("fused_eager_prefill", "fused_eager", "loop") else prefill_graphs
-        for moe in engine.runner.model.moe_layers():
-            moe.per_adapter_loop = mode == "loop"
-        # the loop syncs with the host per layer, so it runs eagerly (as such loops do)
-        engine.runner.graphs = graphs if mode in ("fused", "fused_sync", "fused_eager_ahead",
-                                                   "fused_eager_prefill") else None
-        # fused_sync: the same kernels and graphs, each step read back before the next is scheduled;
-        # fused_eager_ahead: prefill and mixed steps launched ahead too (the default launches only
-        # decode graph steps ahead)
-        engine.config.async_scheduling = mode != "fused_sync"
-        engine.config.async_eager_steps = mode == "fused_eager_ahead"
-        # warm-up: each case once, short, at the measured shapes. What first runs compile (Triton
-        # specialisations the engine's start-up warm-up misses) lands in results["warmup_compiles"],
-        # not in the measured runs (each of which reports its own compiles, ideally none)
-        for case in args.cases:
-            warm = run_case(engine, case_adapters(case, args.requests), args.prompt, 8, seed=99)
-            results.setdefault("warmup_compiles", {})[f"{case}/{mode}"] = warm["triton_compiles"]
-        for case in args.cases:
-            results["cases"][f"{case}/{mode}"] = run_case(
-                engine, case_adapters(case, args.requests), args.prompt, args.output, seed=1)
-            print(case, mode, json.dumps(results["cases"][f"{case}/{mode}"]), flush=True)
-            with open(args.out, "w") as f:  # partial results survive a time limit
-                json.dump(results, f, indent=2)
-    if args.profile:
-        for moe in engine.runner.model.moe_layers():
-            moe.per_adapter_loop = False
-        engine.runner.graphs, engine.runner.prefill_graphs = graphs, prefill_graphs
-        engine.config.async_scheduling, engine.config.async_eager_steps = True, False
-        results["profile_table"] = profile_decode(engine, case_adapters("c_16", args.requests), args.profile)
-        print(results["profile_table"], flush=True)
-    results["engine_stats"] = engine.stats()
-    engine.shutdown()
-    del engine, bases
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        COMPILES.take()
+        engine = make_engine(args, shape, layers, args.slots, mode)
+        results.setdefault("startup_compiles", {})[mode] = len(COMPILES.take()) if COMPILES.active else None
+        results.setdefault("startup_seconds", {})[mode] = dict(engine.runner.startup_seconds)
+        if bases is None:
+            bases = measure_machine(engine, args, results)
+        install(engine, sorted(names), bases)
+        run_mode(args, engine, mode, results)
+        results.setdefault("engine_stats", {})[mode] = engine.stats()
+        engine.shutdown()
+        del engine
+        free_memory()
 
 
 def main_vs_transformers(args, shape: dict, results: dict) -> None:
     """transformers + PEFT and this engine at the same shapes: 8 layers, batch 16, prompt 128."""
     prompt, output = (128, 128) if not args.tiny else (args.prompt, args.output)
     small = argparse.Namespace(**{**vars(args), "requests": 16, "prompt": prompt, "output": output})
-    engine = make_engine(small, shape, min(args.hf_layers, shape["num_hidden_layers"]), 16)
-    bases = [random_adapter(engine, args.rank, seed) for seed in range(4)]
-    install(engine, case_adapters("c_16", 16), bases)
-    for case in ("a_none", "c_16"):  # warm-up at the measured shapes (see main_engine_cases)
-        run_case(engine, case_adapters(case, 16), prompt, 8, seed=99)
-    ours = {case: run_case(engine, case_adapters(case, 16), prompt, output, seed=2)["output_tok_per_s"]
-            for case in ("a_none", "c_16")}
-    engine.config.async_scheduling = False  # the same run with each step read back before the next
-    ours["c_16_sync"] = run_case(engine, case_adapters("c_16", 16), prompt, output, seed=2)["output_tok_per_s"]
-    engine.shutdown()
-    del engine, bases
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    layers, ours, bases = min(args.hf_layers, shape["num_hidden_layers"]), {}, None
+    for mode, cases in (("fused", ("a_none", "c_16")), ("fused_sync", ("c_16",))):
+        engine = make_engine(small, shape, layers, 16, mode)
+        bases = bases or [random_adapter(engine, args.rank, seed) for seed in range(4)]
+        install(engine, case_adapters("c_16", 16), bases)
+        for case in cases:  # warm-up at the measured shapes (see run_mode)
+            run_case(engine, case_adapters(case, 16), prompt, 8, seed=99)
+        for case in cases:
+            key = case if mode == "fused" else f"{case}_sync"
+            ours[key] = run_case(engine, case_adapters(case, 16), prompt, output, seed=2)["output_tok_per_s"]
+        engine.shutdown()
+        del engine
+        free_memory()
+    del bases
     hf = hf_baseline(shape, min(args.hf_layers, shape["num_hidden_layers"]), 16, prompt, output, args.rank,
                      args.device)
     results["vs_transformers"] = {**hf, "engine_no_adapter_tok_per_s": ours["a_none"],
@@ -398,22 +418,25 @@ def main() -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--cases", nargs="*", default=["a_none", "b_one", "c_16", "d_64_over_16"])
     parser.add_argument("--modes", nargs="+", default=["fused", "fused_sync", "fused_eager", "loop"],
-                        help="fused: virtual experts + CUDA graphs + async scheduling; fused_sync: the same "
-                             "without async scheduling; fused_eager_ahead: eager steps launched ahead too; "
-                             "fused_eager_prefill: prefill graphs set aside (with --prefill-graphs); "
-                             "fused_eager: no graphs; loop: per adapter")
+                        help="EngineConfigs, one engine each (MODES): fused = the defaults (virtual "
+                             "experts, CUDA graphs, async scheduling); fused_sync: no async scheduling; "
+                             "fused_eager_ahead: eager steps launched ahead too; fused_eager_prefill: no "
+                             "prefill graphs; fused_eager: no graphs; loop: one MoE call per adapter")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--triton-prefill-attention", action="store_true",
-                        help="EngineConfig.triton_prefill_attention (off by default until measured)")
-    parser.add_argument("--prefill-graphs", action="store_true",
-                        help="EngineConfig.prefill_graphs (off by default until measured); mode "
-                             "fused_eager_prefill then runs the same engine with them set aside")
-    parser.add_argument("--profile", default="", help="write a Chrome trace of 5 decode steps here")
+    parser.add_argument("--triton-prefill-attention", action=argparse.BooleanOptionalAction, default=None,
+                        help="EngineConfig.triton_prefill_attention for every mode (default: the engine's)")
+    parser.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="EngineConfig.prefill_graphs for modes that keep graphs (default: the engine's)")
+    parser.add_argument("--profile", default="", help="Chrome traces of 5 decode steps of case c: here from "
+                        "mode fused, beside it (.eager.json) from mode fused_eager, when those modes run")
     args = parser.parse_args()
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}: choose from {list(MODES)}")
     args.device = "cpu" if args.tiny else "cuda"
     shape = TINY if args.tiny else QWEN3_30B_A3B
-    results = {"requests": args.requests, "prompt": args.prompt, "output": args.output, "rank": args.rank,
+    results = {"provenance": provenance(sys.argv), "requests": args.requests, "prompt": args.prompt, "output": args.output, "rank": args.rank,
                "slots": args.slots, "device": torch.cuda.get_device_name() if not args.tiny else "cpu", "cases": {}}
     main_engine_cases(args, shape, results)
     if not args.skip_hf:  # with --tiny too: a CPU smoke run of the baseline's code path

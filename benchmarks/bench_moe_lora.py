@@ -2,13 +2,14 @@
 
 Times CUDA-graph replays (median), compares the LoRA delta with its bytes floor (adapter
 bytes of the (slot, expert) pairs touched / device copy bandwidth measured in the same run),
-and checks that idle slots cost nothing. Prints a table last and writes JSON.
+and checks that idle slots cost nothing. Prints a table last and writes JSON with provenance.
 
     python benchmarks/bench_moe_lora.py --out results.json [--presets qwen3-30b-a3b] [--quick]
 """
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -16,6 +17,11 @@ import torch
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
 from kernels.grouped_gemm import grouped_gemm
 from kernels.moe_launch import LORA_BLOCK_M, fused_path_ok, moe_with_layouts
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
+    from provenance import provenance
+except ImportError:
+    from benchmarks.provenance import provenance
 
 PRESETS = {  # hidden D, intermediate I, experts E, top-k
     "qwen3-30b-a3b": (2048, 768, 128, 8),
@@ -298,7 +304,8 @@ def main():
         torch.cuda.empty_cache()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "copy_bw_Bps": bw, "date": time.strftime("%Y-%m-%d")}
-    save = lambda idle: json.dump({"info": info, "sweep": rows, "idle_slots": idle},  # noqa: E731
+    record = {"provenance": provenance(sys.argv), "info": info}
+    save = lambda idle: json.dump({**record, "sweep": rows, "idle_slots": idle},  # noqa: E731
                                   open(args.out, "w"), indent=1)
     save([])
     idle = idle_slots(bw, gen, args.tokens)

@@ -4,18 +4,25 @@ Times CUDA-graph replays (median of event-timed samples) of
   torch:  softmax(fp32) + topk + renormalise + cast   (route_topk_ref, SparseMoE.route today)
   triton: route_topk_triton
 alone and behind the router GEMM F.linear(x, router), bf16, at E=128, K=8 (Qwen3-30B-A3B).
---sweep also times other (BLOCK_T, num_warps) tiles of the kernel. Prints a table last, writes JSON.
+--sweep also times other (BLOCK_T, num_warps) tiles of the kernel. Prints a table last, writes JSON
+with provenance.
 
-    python benchmarks/bench_router.py --out results_router.json [--sweep]
+    python benchmarks/bench_router.py --out bench_router.json [--sweep]
 """
 import argparse
 import json
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from bench_moe_lora import time_graph as time_graph_ms
 from kernels.router import launch_route_topk, route_topk_ref, route_topk_triton
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
+    from provenance import provenance
+except ImportError:
+    from benchmarks.provenance import provenance
 
 TOKENS = [1, 64, 512, 2048]
 SWEEP = [(1, 1), (2, 2), (4, 4), (8, 4), (16, 4), (16, 8)]  # (BLOCK_T, num_warps)
@@ -78,7 +85,8 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = [run_tokens(t, args.experts, args.top_k, args.hidden, args.sweep, gen) for t in args.tokens]
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        json.dump({"provenance": provenance(sys.argv), "device": torch.cuda.get_device_name(),
+                   "torch": torch.__version__, "rows": rows}, f, indent=1)
     print_table(rows, args.layers)
 
 

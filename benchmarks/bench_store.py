@@ -9,7 +9,7 @@ free loopback port, and times through `adapter_store`:
 - put: validation + sha256 + upload (multipart), end to end;
 - cold fetch: parallel ranged download into an empty DiskCache + sha256 verification;
 - cache hit: DiskCache.fetch of the same version again (no request to the store).
-The same is done against a LocalStore on local disk. Prints a table last, writes JSON.
+The same is done against a LocalStore on local disk. Prints a table last, writes JSON with provenance.
 """
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ import numpy as np
 
 from adapter_store import DiskCache, StoreLimits, open_store
 from adapter_store.validate import validate_adapter
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
+    from provenance import provenance
+except ImportError:
+    from benchmarks.provenance import provenance
 
 LAYER_SHAPE = dict(hidden_size=2048, moe_intermediate_size=768, num_attention_heads=16,
                    num_key_value_heads=4, head_dim=128)
@@ -139,7 +144,8 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
-    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus, "
+    record = {"provenance": provenance(sys.argv), "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cpus, "
               f"{platform.system()} {platform.release()}", "python": platform.python_version(), "rows": rows}
     Path(args.out).write_text(json.dumps(record, indent=2))
     cols = list(rows[0])

@@ -4,21 +4,44 @@ with eager steps launched ahead or not).
 64 requests (prompt 512, 2 output tokens, one adapter for all) arrive at once, so the run is
 the prefill phase: 16 steps of 2048 tokens, mixed with the first decodes. Per mode: a warm-up
 run, a timed run (wall time of each step() call), and a profiled run (Chrome trace, GPU busy
-fraction, the CUDA runtime calls the host spent longest in). Decode steps run eagerly
-(enforce_eager: no graph capture, a faster start); they are 1 of ~17 steps here.
+fraction, the CUDA runtime calls the host spent longest in). Each mode is an EngineConfig
+(MODES), built as an engine of its own. Decode steps run eagerly (enforce_eager: no graph
+capture, a faster start; they are 1 of ~17 steps here) except in mode `graphs`, the engine's
+defaults (prefill and decode graphs). Writes DIR/profile_prefill.json with provenance.
 
-    python3 benchmarks/profile_prefill.py --out DIR [--layers 35] [--tiny]
+    python3 benchmarks/profile_prefill.py --out DIR [--layers 35] [--tiny] [--modes ...]
 """
 import argparse
 import gzip
 import json
 import os
+import sys
 import time
 
 import torch
 
-from benchmarks.bench_engine import QWEN3_30B_A3B, TINY, case_adapters, hf_config, install, random_adapter, run_case
 from engine import EngineConfig, LLMEngine
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.profile_prefill
+    from bench_engine import (QWEN3_30B_A3B, TINY, case_adapters, free_memory, hf_config, install, random_adapter,
+                              run_case)
+    from provenance import provenance
+except ImportError:
+    from benchmarks.bench_engine import (QWEN3_30B_A3B, TINY, case_adapters, free_memory, hf_config, install,
+                                         random_adapter, run_case)
+    from benchmarks.provenance import provenance
+
+# mode -> EngineConfig fields. async_eager launches prefill steps ahead too (the policy of commit
+# 1e75882); async is the default policy (prefill steps launched after the read-back); torch_attn
+# and triton_attn choose the prefill attention (EngineConfig.triton_prefill_attention)
+EAGER = {"enforce_eager": True, "triton_prefill_attention": False}
+MODES = {
+    "async_eager": {**EAGER, "async_eager_steps": True},
+    "sync": {**EAGER, "async_scheduling": False},
+    "async": EAGER,
+    "async_triton_attn": {**EAGER, "triton_prefill_attention": True},
+    "graphs": {},  # the engine's defaults: on CUDA prefill graphs with the Triton prefill attention
+}
 
 
 def timed_steps(engine: LLMEngine, adapters: list, prompt: int, output: int) -> dict:
@@ -61,36 +84,41 @@ def profiled(engine: LLMEngine, adapters: list, prompt: int, path: str) -> dict:
     return out
 
 
+def make_engine(args, mode: str) -> LLMEngine:
+    shape, device = (TINY, "cpu") if args.tiny else (QWEN3_30B_A3B, "cuda")
+    return LLMEngine(EngineConfig(
+        hf_config=hf_config(shape, min(args.layers, shape["num_hidden_layers"])), load_format="dummy",
+        device=device, max_loras=16, max_lora_rank=16, max_cpu_loras=128, max_num_seqs=args.requests,
+        max_model_len=args.prompt + 32, block_size=16, max_num_batched_tokens=2048 if not args.tiny else 64,
+        seed=0, **MODES[mode]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=35)
     ap.add_argument("--tiny", action="store_true")
+    # the first mode runs again at the end, so run-to-run differences show
+    ap.add_argument("--modes", nargs="+", choices=list(MODES),
+                    default=["async_eager", "sync", "async", "async_triton_attn", "async_eager"])
     args = ap.parse_args()
+    args.requests, args.prompt = (6, 20) if args.tiny else (64, 512)
     os.makedirs(args.out, exist_ok=True)
-    shape, device = (TINY, "cpu") if args.tiny else (QWEN3_30B_A3B, "cuda")
-    requests, prompt = (6, 20) if args.tiny else (64, 512)
-    engine = LLMEngine(EngineConfig(
-        hf_config=hf_config(shape, min(args.layers, shape["num_hidden_layers"])), load_format="dummy",
-        device=device, max_loras=16, max_lora_rank=16, max_cpu_loras=128, max_num_seqs=requests,
-        max_model_len=prompt + 32, block_size=16, max_num_batched_tokens=2048 if not args.tiny else 64,
-        enforce_eager=True, seed=0))
-    install(engine, ["t0/ad@v1"], [random_adapter(engine, 16, 0)])
-    adapters = case_adapters("b_one", requests)
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "modes": {}}
-    # async_eager launches prefill steps ahead too (the policy of commit 1e75882, measured in
-    # session 4); async is the default (prefill steps launched after the read-back); triton_attn
-    # adds the Triton prefill attention (EngineConfig.triton_prefill_attention); the first mode
-    # runs twice, so order effects show
-    for mode in ("async_eager", "sync", "async", "async_triton_attn", "async_eager"):
-        engine.config.async_scheduling = mode != "sync"
-        engine.config.async_eager_steps = mode == "async_eager"
-        engine.config.triton_prefill_attention = mode == "async_triton_attn"
-        run_case(engine, adapters, prompt, 2, seed=99)
-        r = timed_steps(engine, adapters, prompt, 2)
-        r["profile"] = profiled(engine, adapters, prompt, os.path.join(args.out, f"prefill_{mode}.json"))
+    adapters, base = case_adapters("b_one", args.requests), None
+    results = {"provenance": provenance(sys.argv),
+               "device": torch.cuda.get_device_name() if not args.tiny else "cpu", "modes": {}}
+    for mode in args.modes:
+        engine = make_engine(args, mode)
+        base = base or random_adapter(engine, 16, 0)  # a packed slot image fits every mode's pools
+        install(engine, ["t0/ad@v1"], [base])
+        run_case(engine, adapters, args.prompt, 2, seed=99)
+        r = timed_steps(engine, adapters, args.prompt, 2)
+        r["profile"] = profiled(engine, adapters, args.prompt, os.path.join(args.out, f"prefill_{mode}.json"))
         results["modes"].setdefault(mode, []).append(r)
         print(mode, json.dumps(r), flush=True)
+        engine.shutdown()
+        del engine
+        free_memory()
     with open(os.path.join(args.out, "profile_prefill.json"), "w") as f:
         json.dump(results, f, indent=2)
 
