@@ -7,10 +7,13 @@
     moeplex-adapters share NAME --tenant T [--unshare]
     moeplex-adapters gc [--older-than SECONDS] [--dry-run]   # operator: files of crashed uploads
 
-The store is `--store` or $MOEPLEX_STORE (a directory, file:///dir or s3://bucket/prefix);
-an S3-compatible endpoint is `--endpoint-url` or $AWS_ENDPOINT_URL. The base model to
-validate uploads against is `--base-model` or $MOEPLEX_BASE_MODEL. Exit codes: 0 ok,
-2 usage, 3 adapter refused, 4 not found, 5 store unavailable or corrupt, 1 other.
+The store is `--store`, else $MOEPLEX_STORE, else the service's default store
+(~/.cache/moeplex/adapter-store, what `make serve` reads): a directory, file:///dir or
+s3://bucket/prefix. Only `upload` creates a local store directory; the other commands
+refuse one that does not exist (a mistyped path, or s3:// left out). An S3-compatible
+endpoint is `--endpoint-url` or $AWS_ENDPOINT_URL. The base model to validate uploads
+against is `--base-model` or $MOEPLEX_BASE_MODEL. Exit codes: 0 ok, 2 usage, 3 adapter
+refused, 4 not found, 5 store unavailable (or missing) or corrupt, 1 other.
 """
 from __future__ import annotations
 
@@ -24,17 +27,19 @@ from adapter_store.errors import (
     AdapterNotFoundError, AdapterStoreError, ChecksumMismatchError, StoreUnavailableError, ValidationError,
 )
 from adapter_store.backends import open_store
+from adapter_store.defaults import STORE_ENV, default_store_uri, store_from_env
 from adapter_store.store import AdapterInfo
 from adapter_store.validate import ADAPTER_FILES, StoreLimits
 
+_DEFAULT_SOURCE = "the service's default store"
 EXIT_CODES = ((ValidationError, 3), (AdapterNotFoundError, 4), (StoreUnavailableError, 5),
               (ChecksumMismatchError, 5), (AdapterStoreError, 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
     store_args = argparse.ArgumentParser(add_help=False)
-    store_args.add_argument("--store", default=os.environ.get("MOEPLEX_STORE"),
-                        help="store URI: directory, file:///dir or s3://bucket/prefix (env MOEPLEX_STORE)")
+    store_args.add_argument("--store", help="store URI: directory, file:///dir or s3://bucket/prefix "
+                            f"(default: env {STORE_ENV}, else the service's store; here: {default_store_uri()})")
     store_args.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3-compatible endpoint (env AWS_ENDPOINT_URL)")
     store_args.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
@@ -72,12 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.store:
-        parser.error("no store given: pass --store URI or set MOEPLEX_STORE")
     if args.command == "upload" and not args.base_model:
         parser.error("no base model given: pass --base-model CKPT_DIR or set MOEPLEX_BASE_MODEL")
+    uri = args.store or default_store_uri()
     try:
-        store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
+        if args.command != "upload":
+            _require_local_store(uri, _store_source(args))
+        store = open_store(uri, endpoint_url=args.endpoint_url, region=args.region)
         result, text = COMMANDS[args.command](store, args)
     except AdapterStoreError as exc:
         code = next(c for kind, c in EXIT_CODES if isinstance(exc, kind))
@@ -87,6 +93,29 @@ def main(argv: list[str] | None = None) -> int:
         return code
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
+
+
+def _store_source(args) -> str:
+    if args.store:
+        return "--store"
+    return f"${STORE_ENV}" if store_from_env() else _DEFAULT_SOURCE
+
+
+def _require_local_store(uri: str, source: str) -> None:
+    """Refuse a local store directory that does not exist, instead of creating it empty."""
+    if "://" in uri and not uri.startswith("file://"):
+        return  # s3:// (or a bad scheme, which open_store names)
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        return
+    if source == _DEFAULT_SOURCE:
+        raise StoreUnavailableError(
+            f"{source} {str(path)!r} does not exist yet: `upload` an adapter or start the service "
+            f"to create it, or name another store with --store / ${STORE_ENV}", code="store_not_found")
+    hint = f"; for S3 write s3://{uri}" if not path.is_absolute() else ""
+    raise StoreUnavailableError(
+        f"store directory {str(path)!r} ({source}) does not exist{hint}; check the path, "
+        "or `upload` an adapter there to create it", code="store_not_found")
 
 
 def _upload(store, args):

@@ -6,17 +6,24 @@ and without `api_keys` the service runs in development mode (tenant from X-Tenan
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapter_store.defaults import default_cache_dir, default_store_uri, store_from_env
+
 TINY_MODEL_NAME = "moeplex-tiny-qwen3-moe"
 DUMMY_PREFIX = "dummy:"
 
 
-def _default_cache_dir() -> str:
-    return str(Path.home() / ".cache" / "moeplex")
+class UnknownOptionError(TypeError):
+    """An option AppArgs does not have; the message names the nearest ones.
+
+    A TypeError, like an unexpected keyword argument, so pydantic lets it through as
+    this one line instead of wrapping it in a ValidationError.
+    """
 
 
 class AppArgs(BaseModel):
@@ -32,16 +39,26 @@ class AppArgs(BaseModel):
         default=None, description="config.json values to replace (dummy weights only), e.g. "
         "'{\"num_hidden_layers\": 8}'")
     served_model_name: str | None = Field(default=None, description="the base model's `model` id")
-    store: str | None = Field(default=None, description="adapter store URI (dir, file://, s3://)")
-    store_endpoint_url: str | None = None
-    store_region: str | None = None
+    # Read from the environment where AppArgs is built (serve run's process), so the value
+    # travels to every replica with the args, whatever the replicas' own environment.
+    store: str | None = Field(default_factory=store_from_env, description="adapter store URI (dir, "
+                              "file://, s3://); default: $MOEPLEX_STORE, else "
+                              "{cache_dir}/adapter-store (moeplex-adapters uses the same default)")
+    store_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint of "
+                                           "an s3:// store (MinIO, R2, ...); default: AWS")
+    store_region: str | None = Field(default=None, description="region of an s3:// store")
     api_keys: str | None = Field(default=None, description="tenant key file; absent = dev mode")
-    cache_dir: str = Field(default_factory=_default_cache_dir)
-    disk_cache_bytes: int = Field(default=8 << 30, gt=0)
+    cache_dir: str = Field(default_factory=default_cache_dir, description="local files: the "
+                           "embedded tiny checkpoint, downloaded models, the adapter disk cache "
+                           "and the default store")
+    disk_cache_bytes: int = Field(default=8 << 30, gt=0, description="byte bound of each replica's "
+                                  "adapter disk cache (LRU)")
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: str | None = None
-    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when "
+                                                   "the replica has a GPU, else cpu")
+    dtype: str | None = Field(default=None, description="weights and activations, e.g. bfloat16, "
+                              "float32; default: the engine's for the device")
+    seed: int = Field(default=0, description="sampling seed of the engine")
     max_loras: int | None = Field(default=None, ge=1, description="adapter slots on the GPU; default: "
                                   "sized from GPU memory beside the KV cache (4 on CPU)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of the GPU "
@@ -49,10 +66,14 @@ class AppArgs(BaseModel):
     lora_memory_fraction: float | None = Field(default=None, gt=0, lt=1, description="share of that "
                                                "budget for adapter slots when max_loras is unset; "
                                                "default: KV cache for max_num_seqs sequences first")
-    max_lora_rank: int = Field(default=16, ge=1)
-    max_adapters_per_replica: int | None = Field(default=None, ge=1)
-    max_num_seqs: int = Field(default=64, ge=1)
-    max_model_len: int = Field(default=2048, ge=16)
+    max_lora_rank: int = Field(default=16, ge=1, description="largest adapter rank served (and "
+                               "accepted on upload)")
+    max_adapters_per_replica: int | None = Field(default=None, ge=1, description="adapters a "
+                                                 "replica keeps fetched (Serve's multiplexing "
+                                                 "LRU); default: 2 x max_loras")
+    max_num_seqs: int = Field(default=64, ge=1, description="sequences the engine runs at once")
+    max_model_len: int = Field(default=2048, ge=16, description="longest prompt plus completion, "
+                               "in tokens")
     max_num_batched_tokens: int | None = Field(default=None, ge=1, description="token budget of "
                                                "a step (chunked prefill); default: the engine's")
     max_cpu_loras: int | None = Field(default=None, ge=1, description="adapters in the pinned host "
@@ -71,22 +92,40 @@ class AppArgs(BaseModel):
     lora_failure_ttl_s: float = Field(default=30.0, ge=0, description="seconds a failed adapter "
                                       "load fails fast before a request retries it")
 
-    num_replicas: int | None = Field(default=None, ge=1)
-    autoscaling_config: dict[str, Any] | None = None
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    replica_num_cpus: float = Field(default=1.0, ge=0)
-    replica_num_gpus: float | None = Field(default=None, ge=0)
-    replica_resources: dict[str, float] | None = None
+    num_replicas: int | None = Field(default=None, ge=1, description="engine replicas; default 1 "
+                                     "(or autoscaling_config)")
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None, description="Serve autoscaling of the engine replicas, as JSON, e.g. "
+        "'{\"min_replicas\": 1, \"max_replicas\": 4}'")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="requests Serve sends one "
+                                      "engine replica at a time")
+    replica_num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per engine "
+                                    "replica")
+    replica_num_gpus: float | None = Field(default=None, ge=0, description="GPUs per engine "
+                                           "replica; default: 1 when the cluster has a GPU "
+                                           "(device=auto)")
+    replica_resources: dict[str, float] | None = Field(default=None, description="custom Ray "
+                                                       "resources per engine replica, as JSON")
     ingress_replicas: int | None = Field(default=None, ge=1, description="default: 2 per engine "
-                                         "replica (the most an autoscaled app may run); each "
+                                         "replica (per min_replicas when autoscaled); each "
                                          "streams its requests' tokens, a per-message cost")
-    ingress_throughput_optimized: bool = Field(
+    ingress_on_serve_loop: bool = Field(
         default=True, description="run the ingress's code on Serve's own event loop "
-        "(RAY_SERVE_THROUGHPUT_OPTIMIZED): no hand-over between two threads per stream message")
-    ingress_max_ongoing_requests: int = Field(default=1024, ge=1)
+        "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0): no hand-over between two threads per "
+        "stream message")
+    ingress_max_ongoing_requests: int = Field(default=1024, ge=1, description="requests Serve "
+                                              "sends one ingress replica at a time")
+    allow_lora_path_uploads: bool = Field(
+        default=False, description="vLLM's /v1/load_lora_adapter may read adapters from a path "
+        "on the ingress's machine (an operator decision: a tenant could name any server path)")
 
-    max_concurrent_requests_per_tenant: int = Field(default=32, ge=1)
-    max_adapters_per_tenant: int = Field(default=64, ge=1)
+    max_concurrent_requests_per_tenant: int = Field(default=32, ge=1, description="a tenant's "
+                                                    "requests in flight before 429 (a key file "
+                                                    "entry may override it)")
+    max_adapters_per_tenant: int = Field(default=64, ge=1, description="adapters a tenant may "
+                                         "store")
+    max_versions_per_adapter: int = Field(default=16, ge=1, description="versions kept of one "
+                                          "adapter name; an upload past it deletes the oldest")
     max_adapter_bytes: int | None = Field(
         default=None, ge=1, description="upload size limit; default: an fp32 adapter of rank "
         "max_lora_rank on every module the store accepts for the served model, plus a margin")
@@ -105,6 +144,15 @@ class AppArgs(BaseModel):
             import json
             return json.loads(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_options_only(cls, data):
+        if isinstance(data, dict):
+            unknown = [str(key) for key in data if key not in cls.model_fields]
+            if unknown:
+                raise UnknownOptionError(unknown_option_message(unknown, cls.model_fields))
+        return data
 
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self):
@@ -130,7 +178,7 @@ class AppArgs(BaseModel):
         return Path(self.cache_dir).expanduser().joinpath(*parts)
 
     def store_uri(self) -> str:
-        return self.store or str(self.cache_path("adapter-store"))
+        return self.store or default_store_uri(self.cache_dir)
 
     def model_name(self) -> str:
         if self.served_model_name:
@@ -165,17 +213,22 @@ class AppArgs(BaseModel):
             return self.max_adapters_per_replica
         return None if self.max_loras is None else 2 * self.max_loras
 
+    def num_ingress_replicas(self) -> int:
+        if self.ingress_replicas is not None:
+            return self.ingress_replicas
+        # an autoscaled app starts with min_replicas engines: its ingress replicas (a CPU each)
+        # stay fixed, so they are sized for that, not for a peak that may never come
+        engines = (self.autoscaling_config or {}).get("min_replicas") or self.num_replicas or 1
+        return 2 * int(engines)
+
     def ingress_options(self) -> dict:
         """Keyword arguments for `Ingress.options(...)`."""
-        replicas = self.ingress_replicas
-        if replicas is None:
-            engines = (self.autoscaling_config or {}).get("max_replicas") or self.num_replicas or 1
-            replicas = 2 * int(engines)
+        replicas = self.num_ingress_replicas()
         # The ingress only awaits I/O: let it hold many requests (Serve's default is 5).
         options: dict[str, Any] = {"num_replicas": replicas,
                                    "max_ongoing_requests": self.ingress_max_ongoing_requests}
-        if self.ingress_throughput_optimized:
-            env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+        if self.ingress_on_serve_loop:
+            env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
             options["ray_actor_options"] = {"runtime_env": {"env_vars": env}}
         return options
 
@@ -223,9 +276,34 @@ class AppArgs(BaseModel):
         from adapter_store import StoreLimits
         return StoreLimits(max_rank=self.max_lora_rank,
                            max_adapter_bytes=self.adapter_bytes_limit(model_dir),
-                           max_adapters_per_tenant=self.max_adapters_per_tenant)
+                           max_adapters_per_tenant=self.max_adapters_per_tenant,
+                           max_versions_per_adapter=self.max_versions_per_adapter)
 
     def open_store(self):
         from adapter_store import open_store
         return open_store(self.store_uri(), endpoint_url=self.store_endpoint_url,
                           region=self.store_region)
+
+
+def unknown_option_message(unknown: list[str], known) -> str:
+    """One line naming each key of `unknown` and the nearest of `known`, for typo'd options."""
+    if len(unknown) == 1:
+        hint = _nearest_hint(unknown[0], known)
+        named = f"unknown option {unknown[0]!r}" + (f"; {hint}" if hint else "")
+    else:
+        named = "unknown options " + ", ".join(
+            f"{key!r} ({hint})" if (hint := _nearest_hint(key, known)) else repr(key) for key in unknown)
+    return f"{named} (python -m deployments --help lists them)"
+
+
+def _nearest_hint(key: str, known) -> str:
+    """'did you mean ...?' with the close matches nearly as close as the best one, or ''."""
+    matches = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    if not matches:
+        return ""
+    ratios = [difflib.SequenceMatcher(None, key, name).ratio() for name in matches]
+    # 'max_lora' is one letter from 'max_loras' and five from 'max_lora_rank': name only the first.
+    nearest = [name for name, ratio in zip(matches, ratios) if ratio >= ratios[0] - 0.1]
+    names = [repr(name) for name in nearest]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    return f"did you mean {listed}?"

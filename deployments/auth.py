@@ -14,9 +14,9 @@ With one, `Authorization: Bearer <key>` names it and a disagreeing `X-Tenant-Id`
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import re
-import sys
 from pathlib import Path
 
 import yaml
@@ -134,11 +134,15 @@ def load_key_file(path: str | Path) -> KeyFile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m deployments.auth KEY   (prints the hash to put in the key file)")
-        return 2
-    print(hash_key(args[0]))
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.auth", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the sha256 of an API key, to list under `key_sha256` in the key file "
+        "(the app's `api_keys`); the key itself is never stored.",
+        epilog="key file (YAML):\n  tenants:\n    acme:\n      key_sha256: [<the hash printed>]\n"
+        "      max_concurrent_requests: 16   # optional, overrides the app default")
+    parser.add_argument("key", help="the tenant's API key (a key starting with '-' goes after --)")
+    args = parser.parse_args(argv)
+    print(hash_key(args.key))
     return 0
 
 

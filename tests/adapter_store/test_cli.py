@@ -61,6 +61,8 @@ def test_console_script_with_env(adapter, base_model, tmp_path):
     done = subprocess.run([str(script), "list", "--tenant", "acme"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.splitlines()[1].split()[0] == "ad"
+    # Without $MOEPLEX_STORE the service's default store is read: absent in a fresh home.
+    fresh_home = {**{k: v for k, v in env.items() if k != "MOEPLEX_STORE"}, "HOME": str(tmp_path / "home")}
     done = subprocess.run([str(script), "list", "--tenant", "acme"], capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in env.items() if k != "MOEPLEX_STORE"})
-    assert done.returncode == 2 and "MOEPLEX_STORE" in done.stderr
+                          env=fresh_home)
+    assert done.returncode == 5 and "default store" in done.stderr and "MOEPLEX_STORE" in done.stderr

@@ -5,7 +5,7 @@ import pytest
 
 from engine import EngineConfig
 
-from deployments.args import AppArgs
+from deployments.args import AppArgs, UnknownOptionError
 from deployments.auth import KeyFileError, TenantAuth, hash_key, load_key_file
 from deployments.errors import (AuthenticationError, BadRequestError, NotFoundError,
                                 PayloadTooLargeError, PermissionDeniedError, RateLimitError,
@@ -126,6 +126,16 @@ def test_tenant_limiter_counts_per_tenant():
     assert not limiter.can_acquire("vip") and limiter.active("b") == 1
 
 
+def test_tenant_limiter_of_one_of_k_replicas_allows_its_share_rounded_up():
+    limiter = TenantLimiter(5, {"solo": 1}.get, num_replicas=2)
+    for _ in range(3):  # ceil(5 / 2)
+        limiter.acquire("a")
+    with pytest.raises(RateLimitError):
+        limiter.acquire("a")
+    limiter.acquire("solo")  # ceil(1 / 2): a tenant is never shut out by the split
+    assert not limiter.can_acquire("solo")
+
+
 def test_engine_counter_deltas_are_increments():
     last = {}
     assert counter_deltas(last, {"lora_slot_loads": 3, "running": 9}) == {"lora_slot_loads": 3}
@@ -147,7 +157,7 @@ def test_app_args_defaults_and_scaling(tmp_path):
         AppArgs(num_replicas=2, autoscaling_config={"min_replicas": 1})
     with pytest.raises(ValueError):
         AppArgs(max_lora_rank=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(UnknownOptionError, match="did you mean 'model'"):
         AppArgs(modle="typo")
 
 

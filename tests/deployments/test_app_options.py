@@ -1,0 +1,150 @@
+"""The app's options from the first command: typos named in one line, --help, --check, the
+default store, `python -m deployments.auth --help` and what `make serve` installs and passes."""
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapter_store.defaults import default_store_uri
+from deployments.__main__ import main as options_main
+from deployments.args import AppArgs, UnknownOptionError
+from deployments.auth import hash_key
+from deployments.auth import main as auth_main
+
+REPO = Path(__file__).resolve().parents[2]
+TYPO_LINE = ("unknown option 'max_lora'; did you mean 'max_loras'? "
+             "(python -m deployments --help lists them)")
+
+
+def _python(*argv, **env):
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, **env})
+
+
+def test_unknown_option_is_one_line_naming_the_nearest_option():
+    with pytest.raises(UnknownOptionError) as caught:
+        AppArgs.model_validate({"max_lora": "8"})
+    assert str(caught.value) == TYPO_LINE
+
+
+def test_every_unknown_option_is_named_with_its_own_hint():
+    with pytest.raises(UnknownOptionError) as caught:
+        AppArgs(devise="cpu", max_loras=2, zzz_unrelated=1)
+    assert str(caught.value) == ("unknown options 'devise' (did you mean 'device'?), "
+                                 "'zzz_unrelated' (python -m deployments --help lists them)")
+
+
+def test_build_app_refuses_a_typo_before_ray_starts():
+    import ray
+
+    from deployments.app import build_app
+
+    with pytest.raises(UnknownOptionError, match="did you mean 'max_loras'"):
+        build_app({"max_lora": "8"})
+    assert not ray.is_initialized()
+
+
+def test_every_option_has_a_description():
+    assert [name for name, field in AppArgs.model_fields.items() if not field.description] == []
+
+
+def test_help_lists_every_option_with_type_default_and_description(capsys):
+    with pytest.raises(SystemExit) as done:
+        options_main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for name in AppArgs.model_fields:
+        assert f"\n  {name}: " in out, name
+    assert "\n  max_loras: int | None = unset  (>= 1)\n      adapter slots on the GPU;" in out
+    assert "\n  device: Literal['auto', 'cpu', 'cuda'] = 'auto'\n" in out
+    assert "\n  allow_lora_path_uploads: bool = False\n      vLLM's /v1/load_lora_adapter" in out
+
+
+def test_check_refuses_a_typo_with_one_line_without_importing_ray():
+    code = ("import sys; from deployments.__main__ import main; rc = main(['--check', 'max_lora=8']); "
+            "assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'heavy import'; sys.exit(rc)")
+    done = _python("-c", code)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: {TYPO_LINE}\n"
+
+
+def test_check_accepts_the_strings_serve_run_passes(capsys):
+    assert options_main(["--check", "max_loras=8", "engine_warmup=false",
+                         'autoscaling_config={"min_replicas": 1, "max_replicas": 2}']) == 0
+    assert capsys.readouterr().out == "options ok\n"
+
+
+def test_check_names_each_bad_value_by_option(capsys):
+    assert options_main(["--check", "max_loras=0", "num_replicas=two", "seed"]) == 2
+    assert capsys.readouterr().err == "error: 'seed' is not key=value\n"
+    assert options_main(["--check", "max_loras=0", "num_replicas=two"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: max_loras: Input should be greater than or equal to 1")
+    assert err[1].startswith("num_replicas: Input should be a valid integer")
+
+
+def test_path_uploads_of_lora_adapters_are_off_unless_an_operator_allows_them():
+    assert AppArgs().allow_lora_path_uploads is False
+    assert AppArgs.model_validate({"allow_lora_path_uploads": "true"}).allow_lora_path_uploads
+
+
+def test_store_defaults_to_env_then_cache_dir_like_the_cli(monkeypatch, tmp_path):
+    monkeypatch.delenv("MOEPLEX_STORE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert AppArgs().store_uri() == default_store_uri() == str(tmp_path / ".cache/moeplex/adapter-store")
+    assert AppArgs(cache_dir=str(tmp_path / "c")).store_uri() == str(tmp_path / "c/adapter-store")
+    monkeypatch.setenv("MOEPLEX_STORE", "s3://adapters/prod")
+    assert AppArgs().store_uri() == default_store_uri() == "s3://adapters/prod"
+    assert AppArgs(store="/explicit").store_uri() == "/explicit"
+
+
+def test_store_from_env_travels_with_the_args_to_replicas(monkeypatch):
+    monkeypatch.setenv("MOEPLEX_STORE", "s3://adapters/prod")
+    args = pickle.dumps(AppArgs())
+    monkeypatch.delenv("MOEPLEX_STORE")
+    assert pickle.loads(args).store_uri() == "s3://adapters/prod"
+
+
+def test_auth_help_is_usage_not_a_hash(capsys):
+    with pytest.raises(SystemExit) as done:
+        auth_main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: python -m deployments.auth")
+    assert hash_key("--help") not in out
+    assert auth_main(["secret"]) == 0 and capsys.readouterr().out == hash_key("secret") + "\n"
+
+
+def _make_dry_run(venv: Path, *argv: str) -> list[str]:
+    done = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), f"VENV={venv}", *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_serve_installs_serving_only_and_passes_args(tmp_path):
+    lines = _make_dry_run(tmp_path / "venv", "serve", "ARGS=max_loras=8 device=cpu")
+    installs = [line for line in lines if " pip install " in line]
+    assert installs[-1].endswith("pip install -e .") and not any("[test" in line for line in installs)
+    # Every install but pip's own upgrade shows pip's progress, after a line saying its size.
+    assert [line for line in installs if " -q " in line] == [installs[0]]
+    assert sum("MB" in line or "GB" in line for line in lines if line.startswith("echo")) >= 2
+    assert lines[-2].endswith("-m deployments --check max_loras=8 device=cpu")
+    assert lines[-1].endswith("serve run deployments.app:build_app max_loras=8 device=cpu")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_adds_the_extras_once_and_serve_installs_once(tmp_path):
+    venv = tmp_path / "venv"
+    assert any(line.endswith("pip install -e '.[test,bench]'") for line in _make_dry_run(venv, "test"))
+    venv.mkdir()
+    (venv / ".installed-serve").touch()
+    assert not any("pip install" in line for line in _make_dry_run(venv, "serve"))
+    installs = [line for line in _make_dry_run(venv, "test") if "pip install" in line]
+    assert installs == [f"{venv}/bin/python -m pip install -e '.[test,bench]'"]
+    (venv / ".installed-test").touch()
+    assert not any("pip install" in line for line in _make_dry_run(venv, "test"))
