@@ -128,3 +128,39 @@ def _map_engine_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, EngineError):
         return InternalError(str(exc), code="engine_error")
     return None
+
+
+# Pydantic puts these before a validator's own message; a client needs only the message.
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def request_validation_error(errors: list[dict]) -> BadRequestError:
+    """The 400 for FastAPI's first request validation error: what is wrong and where, in the
+    request's own terms (`messages[0].content`), never pydantic's prefixes or JSON offsets."""
+    first = errors[0] if errors else {}
+    kind, loc = first.get("type"), tuple(first.get("loc", ()))
+    if kind == "json_invalid":  # FastAPI puts the offset where a field's name would go
+        reason = (first.get("ctx") or {}).get("error") or "cannot be parsed"
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return BadRequestError(f"the request body is not valid JSON: {reason}{at}",
+                               code="invalid_json")
+    where = _field_path(loc[1:] if loc[:1] == ("body",) else loc)
+    if not where and kind == "missing":
+        return BadRequestError("the request body is empty; send a JSON object",
+                               code="invalid_request_body")
+    if not where and kind == "model_attributes_type":
+        return BadRequestError("the request body must be a JSON object",
+                               code="invalid_request_body")
+    message = str(first.get("msg") or "invalid request")
+    for prefix in _PYDANTIC_PREFIXES:
+        message = message.removeprefix(prefix)
+    return BadRequestError(f"{where}: {message}" if where else message,
+                           code="invalid_request_body", param=where or None)
+
+
+def _field_path(loc: tuple) -> str:
+    """("messages", 0, "content") -> "messages[0].content"."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path

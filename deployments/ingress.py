@@ -9,25 +9,32 @@ import asyncio
 import logging
 import shutil
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from adapter_store.errors import AdapterNotFoundError, AdapterStoreError
+from adapter_store.errors import AdapterNotFoundError, AdapterStoreError, InvalidNameError
 from engine.errors import EngineError
 
 from deployments.args import AppArgs
+from deployments.auth import TENANT_HEADER
 from deployments.errors import (APIError, AuthenticationError, BadRequestError, NotFoundError,
-                                ServiceUnavailableError, to_api_error)
+                                PermissionDeniedError,
+                                ServiceUnavailableError, request_validation_error, to_api_error)
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
 from deployments.replica_stream import collect, first_item, lost_replica
-from deployments.schemas import AdapterCard, ChatCompletionRequest, CompletionRequest, ModelCard
+from deployments.schemas import (AdapterCard, ChatCompletionRequest, CompletionRequest,
+                                 LoadLoRAAdapterRequest, ModelCard, UnloadLoRAAdapterRequest)
 
 logger = logging.getLogger("ray.serve")
 _BROADCAST_TIMEOUT_S = 10.0
+# store.list_adapters(t) is t's own adapters, then every other tenant's shared ones: keeping
+# only the shared ones gives all shared adapters and no private one, whoever t is.
+_ANY_TENANT = "anonymous"
 api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
 
 
@@ -61,10 +68,7 @@ async def _http_error(_request: Request, exc: StarletteHTTPException):
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_request: Request, exc: RequestValidationError):
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
-    return BadRequestError(message, code="invalid_request_body", param=where or None).response()
+    return request_validation_error(list(exc.errors())).response()
 
 
 def adapter_card(info) -> AdapterCard:
@@ -86,12 +90,18 @@ class Ingress:
         self._args = args
         self._auth = TenantAuth.from_file(args.api_keys)
         self._limiter = TenantLimiter(args.max_concurrent_requests_per_tenant,
-                                      self._auth.max_concurrent)
+                                      self._auth.max_concurrent, args.num_ingress_replicas())
         self._store = args.open_store()
         self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
         self._base_dir = ensure_model(args)  # uploads are validated against its config.json
         self._upload_limits = args.store_limits(self._base_dir)
         self._metrics = IngressMetrics()
+        who = ("API keys from " + args.api_keys + " (Authorization: Bearer <key>)" if args.api_keys
+               else f"development mode: the {TENANT_HEADER} header names the tenant")
+        logger.info("moeplex ingress ready: model %r; %s; adapter store %s; adapters up to "
+                    "rank %d and %d bytes; metrics on Ray's metrics export port (`ray start "
+                    "--metrics-export-port`)", args.model_name(), who, args.store_uri(),
+                    args.max_lora_rank, self._upload_limits.max_adapter_bytes)
 
     # ---- health -------------------------------------------------------------------
     @api.get("/health")
@@ -110,8 +120,14 @@ class Ingress:
     # ---- models and adapters ------------------------------------------------------
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        tenant = self._auth.tenant_of(request.headers)
-        adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
+        """The base model and the adapters the caller may use; in development mode a caller
+        that names no tenant gets the base model and the shared adapters."""
+        if self._auth.dev_mode and not request.headers.get(TENANT_HEADER):
+            adapters = await asyncio.to_thread(self._store.list_adapters, _ANY_TENANT)
+            adapters = [a for a in adapters if a.shared]
+        else:
+            tenant = self._auth.tenant_of(request.headers)
+            adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
         base = self._args.model_name()
         cards = [ModelCard(id=base, owned_by="moeplex")]
         cards += [ModelCard(id=a.name, owned_by=a.tenant, root=f"{a.name}@{a.version}",
@@ -124,6 +140,28 @@ class Ingress:
 
         tenant = self._auth.tenant_of(request.headers)
         name, tmp = await read_upload(request, self._upload_limits.max_adapter_bytes)
+        return adapter_card(await self._put(tenant, name, tmp)).model_dump()
+
+    @api.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest, request: Request):
+        """vLLM's runtime loading: the adapter files in `lora_path`, a directory on this
+        machine, become a new version of the caller's adapter `lora_name`, for every replica.
+        Off unless the operator allows it: a tenant could otherwise read the server's files."""
+        tenant = self._auth.tenant_of(request.headers)
+        if not self._args.allow_lora_path_uploads:
+            raise PermissionDeniedError(
+                "loading adapters from a path on the server is turned off here; upload the "
+                "files with POST /v1/adapters (or ask the operator to allow lora_path uploads)",
+                code="lora_path_uploads_disabled", param="lora_path")
+        from deployments.uploads import copy_adapter_files
+
+        tmp = await asyncio.to_thread(copy_adapter_files, Path(body.lora_path),
+                                      self._upload_limits.max_adapter_bytes)
+        await self._put(tenant, body.lora_name, tmp)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def _put(self, tenant: str, name: str, tmp: Path):
+        """Store the adapter files in `tmp` (removed after) as a new version of `name`."""
         try:
             info = await asyncio.to_thread(self._store.put, tenant, name, tmp, self._base_dir,
                                            limits=self._upload_limits)
@@ -131,7 +169,7 @@ class Ingress:
             shutil.rmtree(tmp, ignore_errors=True)
             await self._invalidate_everywhere(name)  # the new version is "latest" from now on
         logger.info("tenant %s uploaded adapter %s@%s", tenant, info.name, info.version)
-        return adapter_card(info).model_dump()
+        return info
 
     async def _invalidate_everywhere(self, name: str) -> None:
         """Forget `name` in every ingress replica's resolve cache before answering, so the
@@ -169,13 +207,26 @@ class Ingress:
 
     @api.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request, version: str | None = None):
+        await self._delete(self._auth.tenant_of(request.headers), name, version)
+        return {"id": name, "object": "adapter", "deleted": True}
+
+    @api.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest, request: Request):
+        """vLLM's runtime unloading: deletes every version of the caller's `lora_name`."""
         tenant = self._auth.tenant_of(request.headers)
+        try:
+            await self._delete(tenant, body.lora_name, None)
+        except AdapterNotFoundError as exc:
+            raise NotFoundError(f"the LoRA adapter {body.lora_name!r} cannot be found",
+                                code="adapter_not_found", param="lora_name") from exc
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    async def _delete(self, tenant: str, name: str, version: str | None) -> None:
         try:
             await asyncio.to_thread(self._store.delete, tenant, name, version)
         finally:  # a delete that failed half-way may still have removed versions
             await self._invalidate_everywhere(name)
         logger.info("tenant %s deleted adapter %s (version %s)", tenant, name, version or "all")
-        return {"id": name, "object": "adapter", "deleted": True}
 
     # ---- completions --------------------------------------------------------------
     @api.post("/v1/completions")
@@ -234,16 +285,37 @@ class Ingress:
             self._limiter.release(tenant)
 
     async def _multiplexed_id(self, tenant: str, model: str) -> str:
-        if model == self._args.model_name():
+        ref = self._adapter_ref(model)
+        if ref is None:
             return ""
         try:
-            info = await self._resolved.resolve(tenant, model)
+            info = await self._resolved.resolve(tenant, ref)
+        except InvalidNameError as exc:
+            raise BadRequestError(f"model {model!r} names neither the served model nor an "
+                                  f"adapter: {exc}", code="invalid_model", param="model") from exc
         except AdapterNotFoundError as exc:
             raise NotFoundError(
                 f"model {model!r} does not exist or is not available to you; GET /v1/models "
                 "lists the base model and your adapters", code="model_not_found",
                 param="model") from exc
         return f"{info.tenant}/{info.name}@{info.version}"
+
+    def _adapter_ref(self, model: str) -> str | None:
+        """The adapter ref in a request's `model`, None for the base model. vLLM users send the
+        adapter's ref alone, Ray Serve LLM and sglang users `<served model>:<ref>`; a ref holds
+        no ':', so the last one splits (a served name may hold one, as in "qwen3:30b")."""
+        base = self._args.model_name()
+        if model == base:
+            return None
+        prefix, colon, ref = model.rpartition(":")
+        if not colon:
+            return model
+        if prefix != base:
+            raise NotFoundError(
+                f"model {prefix!r} is not served here; this server serves {base!r}: send "
+                f"model={base!r}, an adapter's name, or '{base}:<adapter>'",
+                code="model_not_found", param="model")
+        return ref
 
     def _check_budget(self, max_tokens: int | None) -> None:
         limit = self._args.max_model_len

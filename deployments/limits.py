@@ -1,7 +1,9 @@
-"""Per-tenant concurrent-request limit of one ingress replica (429 when exceeded).
+"""Per-tenant concurrent-request limit, enforced by each ingress replica (429 when exceeded).
 
-The count lives in the ingress replica, so with k ingress replicas a tenant may hold up
-to k times its limit; the engine's own queue bounds the total work either way.
+The count lives in the ingress replica; with k replicas each one allows ceil(limit / k), so
+a tenant holds at most limit + k - 1 requests in all. Serve's proxy spreads requests over
+the replicas by their load, so a tenant under its limit is rarely refused early; a shared
+count would cost a round trip to one place on every request.
 """
 from __future__ import annotations
 
@@ -12,13 +14,16 @@ from deployments.errors import RateLimitError
 
 
 class TenantLimiter:
-    def __init__(self, default_limit: int, limit_of: Callable[[str], int | None] = lambda t: None):
+    def __init__(self, default_limit: int, limit_of: Callable[[str], int | None] = lambda t: None,
+                 num_replicas: int = 1):
         self._default = default_limit
         self._limit_of = limit_of
+        self._num_replicas = num_replicas
         self._active: Counter[str] = Counter()
 
     def limit(self, tenant: str) -> int:
-        return self._limit_of(tenant) or self._default
+        """This replica's share of the tenant's limit."""
+        return -(-(self._limit_of(tenant) or self._default) // self._num_replicas)
 
     def active(self, tenant: str) -> int:
         return self._active[tenant]

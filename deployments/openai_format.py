@@ -71,7 +71,10 @@ async def sse_events(builder: ResponseBuilder, items: AsyncIterator[dict],
         finish, ids = item.get("finish_reason"), item.get("token_ids")
         # Tokens that decode to no text yet still make a chunk when their ids were asked for.
         if item["text"] or finish is not None or first or (builder.return_token_ids and ids):
-            yield sse(builder.chunk(item["text"], finish, first=first, token_ids=ids))
+            chunk = builder.chunk(item["text"], finish, first=first, token_ids=ids)
+            if include_usage:  # OpenAI: null on every chunk but the last, which has the numbers
+                chunk["usage"] = None
+            yield sse(chunk)
             first = False
         if finish is not None:
             if include_usage:

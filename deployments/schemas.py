@@ -1,9 +1,13 @@
 """OpenAI-compatible request and response bodies (pydantic: the HTTP edge only)."""
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from adapter_store.errors import InvalidNameError
+from adapter_store.names import check_name
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOKEN_ID_DIGITS = 10  # logit_bias keys: ids of any vocabulary, int() of them stays cheap
@@ -41,6 +45,28 @@ def _has_surrogate(text: str) -> bool:
     return False
 
 
+# Fields that would change the output and that this server does not implement, with the
+# values that ask for nothing (None always does): any other value is refused by name rather
+# than answered as if it had not been sent. OpenAI's best_of and suffix (completions), chat's
+# audio output, and the sampling extensions vLLM users send through extra_body.
+NO_OP_VALUES: dict[str, tuple] = {
+    "best_of": (1,), "suffix": ("",), "modalities": (["text"],), "audio": (),
+    "min_p": (0, 0.0), "min_tokens": (0,), "use_beam_search": (False,), "prompt_logprobs": (0,),
+    "include_stop_str_in_output": (False,), "guided_json": (), "guided_regex": (),
+    "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+}
+
+
+def refuse_unless_no_op(value, info: ValidationInfo):
+    """`value` if it asks for nothing (see NO_OP_VALUES), else a ValueError naming the field."""
+    no_ops = NO_OP_VALUES[info.field_name]
+    # type() too: True == 1 and 0.0 == False, but `"best_of": true` is no request for one
+    if value is None or any(type(value) is type(ok) and value == ok for ok in no_ops):
+        return value
+    allowed = f" or set it to {json.dumps(no_ops[0])}" if no_ops else ""
+    raise ValueError(f"{info.field_name} is not supported by this server; leave it unset{allowed}")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
     include_usage: bool = False
@@ -60,7 +86,7 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     # vLLM's extensions (the openai SDK sends them through extra_body)
@@ -74,6 +100,19 @@ class _SamplingFields(BaseModel):
     response_format: dict | None = None
     tools: list | None = None
     functions: list | None = None
+    # refused unless they ask for nothing (NO_OP_VALUES)
+    modalities: Any = None
+    audio: Any = None
+    min_p: Any = None
+    min_tokens: Any = None
+    use_beam_search: Any = None
+    prompt_logprobs: Any = None
+    include_stop_str_in_output: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +122,13 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
                              "text; send valid Unicode")
         return data
+
+    @field_validator("modalities", "audio", "min_p", "min_tokens", "use_beam_search",
+                     "prompt_logprobs", "include_stop_str_in_output", "guided_json",
+                     "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+    @classmethod
+    def _unsupported(cls, value, info: ValidationInfo):
+        return refuse_unless_no_op(value, info)
 
     @field_validator("logit_bias")
     @classmethod
@@ -118,6 +164,14 @@ class _SamplingFields(BaseModel):
             raise ValueError("stop_token_ids must be token ids >= 0")
         return value
 
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value):
+        if value != 1:
+            raise ValueError("n > 1 (several choices per request) is not supported; send n=1 "
+                             "and make several requests")
+        return value
+
     @field_validator("logprobs", "top_logprobs")
     @classmethod
     def _no_logprobs(cls, value):
@@ -151,6 +205,8 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str]
     echo: bool = Field(default=False)
+    best_of: Any = None  # refused unless 1 (NO_OP_VALUES)
+    suffix: Any = None  # refused unless ""
 
     @field_validator("prompt")
     @classmethod
@@ -170,6 +226,11 @@ class CompletionRequest(_SamplingFields):
         if value:
             raise ValueError("echo is not supported; leave it false")
         return value
+
+    @field_validator("best_of", "suffix")
+    @classmethod
+    def _unsupported_here(cls, value, info: ValidationInfo):
+        return refuse_unless_no_op(value, info)
 
 
 class ChatMessage(BaseModel):
@@ -224,3 +285,38 @@ class AdapterCard(BaseModel):
     shared: bool
     object: Literal["adapter"] = "adapter"
     manifest: dict = Field(default_factory=dict)
+
+
+class _LoRAName(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str
+
+    @field_validator("lora_name")
+    @classmethod
+    def _safe_name(cls, value):
+        try:
+            return check_name(value)
+        except InvalidNameError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class LoadLoRAAdapterRequest(_LoRAName):
+    """vLLM's POST /v1/load_lora_adapter body; `load_inplace` is accepted and needs nothing:
+    every load is a new version of `lora_name`, used by requests from then on."""
+    lora_path: str = Field(min_length=1)
+    load_inplace: bool = False
+
+    @field_validator("lora_path")
+    @classmethod
+    def _server_directory(cls, value):
+        if "://" in value:
+            raise ValueError("only a directory on the server can be loaded from (s3:// and other "
+                             "URLs are not supported yet); upload the files with POST /v1/adapters")
+        if not value.startswith("/"):
+            raise ValueError("give the directory as an absolute path")
+        return value
+
+
+class UnloadLoRAAdapterRequest(_LoRAName):
+    """vLLM's POST /v1/unload_lora_adapter body; vLLM's `lora_int_id` names nothing here."""
+    lora_int_id: int | None = None

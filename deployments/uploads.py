@@ -101,3 +101,34 @@ async def _save_within(uploads: dict[str, UploadFile], target: Path, max_bytes: 
                         "smaller rank or ask the operator for a higher limit",
                         code="adapter_too_large")
                 out.write(chunk)
+
+
+def copy_adapter_files(src: Path, max_bytes: int) -> Path:
+    """The two adapter files of the server directory `src`, copied into a new temporary
+    directory (the caller removes it). Only regular files are read, and at most `max_bytes`
+    of them; anything else in `src` (README.md, a trainer's .bin files) is left unread."""
+    missing = [name for name in REQUIRED_FILES if not (src / name).is_file()]
+    if missing:
+        raise BadRequestError(
+            f"lora_path {str(src)!r} holds no {' or '.join(missing)}: give a directory with "
+            f"{' and '.join(REQUIRED_FILES)} (PEFT's save_pretrained writes them)",
+            code="lora_path_not_found", param="lora_path")
+    target, budget = Path(tempfile.mkdtemp(prefix="moeplex-lora-path-")), max_bytes
+    try:
+        for name in REQUIRED_FILES:
+            with open(src / name, "rb") as source, open(target / name, "wb") as out:
+                while chunk := source.read(min(_CHUNK, budget + 1)):
+                    budget -= len(chunk)
+                    if budget < 0:
+                        raise PayloadTooLargeError(
+                            f"the adapter files in lora_path are over this server's adapter "
+                            f"size limit of {max_bytes} bytes", code="adapter_too_large")
+                    out.write(chunk)
+    except OSError as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise BadRequestError(f"cannot read lora_path {str(src)!r}: {exc.strerror}",
+                              code="lora_path_unreadable", param="lora_path") from exc
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,310 @@
+"""What vLLM, sglang and Ray Serve LLM users send works here, or is refused by name.
+
+The ingress's FastAPI app runs in-process (no Ray), driven by the real `openai` client where
+it applies; its model replica is a stub that answers every request with three items and
+remembers the multiplexed id each request was routed with.
+"""
+import json
+import shutil
+from types import SimpleNamespace
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.args import AppArgs
+from deployments.auth import KeyFile, TenantAuth
+from deployments.ingress import Ingress, api
+from tests.adapter_store.helpers import CONFIG, WEIGHTS
+
+BASE = "base"
+HEADERS = {"X-Tenant-Id": "acme"}  # development mode: no key file
+ITEMS = [
+    {"text": "Hel", "num_tokens": 1, "token_ids": [11]},
+    {"text": "lo", "num_tokens": 1, "token_ids": [12]},
+    {"text": "!", "num_tokens": 1, "token_ids": [13], "finish_reason": "length",
+     "prompt_tokens": 2, "completion_tokens": 3},
+]
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
+
+
+class _RecordingReplica:
+    def __init__(self):
+        self.model_ids: list[str] = []
+        self.generate = SimpleNamespace(remote=lambda _payload: _aiter(ITEMS))
+
+    def options(self, stream: bool, multiplexed_model_id: str):
+        self.model_ids.append(multiplexed_model_id)
+        return self
+
+
+class _BroadcastRecorder:
+    """A deployment handle of the ingress: records what every ingress replica is told."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def broadcast(self, method: str, *args):
+        self.calls.append((method, *args))
+
+        async def results_async():
+            return []
+        return SimpleNamespace(results_async=results_async)
+
+
+class _Metrics:
+    def request(self, *_args):
+        pass
+
+
+@pytest.fixture
+def ingress(tmp_path, tiny_checkpoint, monkeypatch):
+    from ray import serve
+
+    cls = Ingress.func_or_class  # Serve's wrapper; its base is our class, its __init__ sync
+    self = cls.__new__(cls)
+    # a resolve cache that remembers, so loads and unloads must invalidate it to be seen
+    args = AppArgs(model=str(tiny_checkpoint("qwen3_moe")), served_model_name=BASE,
+                   store=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"),
+                   adapter_resolve_ttl_s=60.0)
+    cls.__mro__[1].__init__(self, _RecordingReplica(), args)
+    self._metrics = _Metrics()
+    self.broadcasts = _BroadcastRecorder()
+    context = SimpleNamespace(servable_object=self, deployment="Ingress", app_name="moeplex")
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    monkeypatch.setattr(serve, "get_deployment_handle", lambda *_args: self.broadcasts)
+    return self
+
+
+@pytest.fixture
+def http(ingress):
+    with TestClient(api, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def client(http):
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0,
+                         default_headers=HEADERS, http_client=http)
+
+
+def _put(ingress, tenant: str, name: str, adapter_dir):
+    return ingress._store.put(tenant, name, adapter_dir, ingress._base_dir,
+                              limits=ingress._upload_limits)
+
+
+@pytest.fixture
+def style(ingress, tiny_adapter):
+    info = _put(ingress, "acme", "style", tiny_adapter("qwen3_moe", "per_expert", rank=4))
+    return f"acme/style@{info.version}"
+
+
+def _complete(client, model: str, **fields):
+    return client.completions.create(model=model, prompt="hi", max_tokens=3, **fields)
+
+
+# ---- 1. model="base:adapter" and the bare adapter name -------------------------------
+def test_base_colon_adapter_and_bare_adapter_route_to_the_same_adapter(client, ingress, style):
+    version = style.rpartition("@")[2]
+    for model in ["style", f"{BASE}:style", f"{BASE}:style@{version}", BASE]:
+        assert _complete(client, model).choices[0].text == "Hello!"
+    assert ingress._llm.model_ids == [style, style, style, ""]
+
+
+def test_unknown_base_before_the_colon_is_404_naming_the_served_model(client, ingress, style):
+    with pytest.raises(openai.NotFoundError) as caught:
+        _complete(client, "llama-3:style")
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'llama-3'" in error["message"] and f"'{BASE}'" in error["message"]
+    assert ingress._llm.model_ids == []
+
+
+def test_bad_adapter_ref_after_the_colon_blames_model_not_name(client, ingress):
+    for model in [f"{BASE}:bad name", f"{BASE}:"]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            _complete(client, model)
+        assert caught.value.body["param"] == "model", model
+
+
+# ---- 2. vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter ---------------------
+def _allow_lora_paths(ingress):
+    ingress._args = ingress._args.model_copy(update={"allow_lora_path_uploads": True})
+
+
+def _trainer_output(tiny_adapter, tmp_path):
+    """A PEFT output directory as trainers leave it: the adapter, a README and a pickle."""
+    out = tmp_path / "trainer-out"
+    shutil.copytree(tiny_adapter("qwen3_moe", "per_expert", rank=4), out)
+    (out / "README.md").write_text("# my adapter\n")
+    (out / "training_args.bin").write_bytes(b"\x80\x04pickled")
+    return out
+
+
+def test_lora_paths_are_refused_unless_the_operator_allows_them(http, ingress, tiny_adapter):
+    body = {"lora_name": "sql", "lora_path": str(tiny_adapter("qwen3_moe", "per_expert", rank=4))}
+    response = http.post("/v1/load_lora_adapter", json=body, headers=HEADERS)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["code"] == "lora_path_uploads_disabled"
+    assert ingress._store.list_adapters("acme") == []
+
+
+def test_load_lora_adapter_stores_a_version_every_replica_is_told_of(http, client, ingress,
+                                                                     tiny_adapter, tmp_path):
+    _allow_lora_paths(ingress)
+    with pytest.raises(openai.NotFoundError):  # the resolve cache now remembers "no such adapter"
+        _complete(client, "sql")
+    body = {"lora_name": "sql", "lora_path": str(_trainer_output(tiny_adapter, tmp_path))}
+    response = http.post("/v1/load_lora_adapter", json=body, headers=HEADERS)
+    assert response.status_code == 200, response.text
+    assert "sql" in response.text
+    assert ingress.broadcasts.calls == [("invalidate_resolved", "sql")]
+    assert "sql" in [m.id for m in client.models.list()]
+    assert _complete(client, f"{BASE}:sql").choices[0].text == "Hello!"
+    [info] = ingress._store.list_adapters("acme")
+    assert ingress._llm.model_ids == [f"acme/sql@{info.version}"]
+    assert ingress._store.list_adapters("globex") == []  # the caller's tenant only
+
+
+def test_unload_lora_adapter_deletes_it_for_every_replica(http, client, ingress, style):
+    assert _complete(client, "style").choices[0].text == "Hello!"  # now cached as found
+    response = http.post("/v1/unload_lora_adapter", json={"lora_name": "style", "lora_int_id": 3},
+                         headers=HEADERS)
+    assert response.status_code == 200, response.text
+    assert ingress.broadcasts.calls == [("invalidate_resolved", "style")]
+    assert ingress._store.list_adapters("acme") == []
+    with pytest.raises(openai.NotFoundError):
+        _complete(client, "style")
+    again = http.post("/v1/unload_lora_adapter", json={"lora_name": "style"}, headers=HEADERS)
+    assert again.status_code == 404 and again.json()["error"]["param"] == "lora_name"
+
+
+@pytest.mark.parametrize("lora_path,code", [
+    ("s3://bucket/adapters/sql", "invalid_request_body"),
+    ("relative/dir", "invalid_request_body"),
+    ("{empty}", "lora_path_not_found"),
+    ("{device}", "lora_path_not_found"),
+], ids=["s3", "relative", "no_adapter_files", "weights_are_a_device_file"])
+def test_load_lora_adapter_refuses_paths_it_cannot_load_with_a_400(http, ingress, tiny_adapter,
+                                                                   tmp_path, lora_path, code):
+    _allow_lora_paths(ingress)
+    (tmp_path / "empty").mkdir()
+    device = tmp_path / "device"
+    device.mkdir()
+    shutil.copy(tiny_adapter("qwen3_moe", "per_expert", rank=4) / CONFIG, device / CONFIG)
+    (device / WEIGHTS).symlink_to("/dev/zero")  # endless if read: it must not be
+    path = lora_path.format(empty=tmp_path / "empty", device=device)
+    response = http.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": path},
+                         headers=HEADERS)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["param"] == "lora_path", error
+    assert ingress._store.list_adapters("acme") == []
+
+
+def test_load_lora_adapter_with_an_unsafe_name_blames_lora_name(http, ingress, tiny_adapter):
+    _allow_lora_paths(ingress)
+    body = {"lora_name": "../x", "lora_path": str(tiny_adapter("qwen3_moe", "per_expert", rank=4))}
+    response = http.post("/v1/load_lora_adapter", json=body, headers=HEADERS)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "lora_name"
+
+
+# ---- 3. malformed JSON and pydantic's wording -----------------------------------------
+def test_malformed_json_is_a_400_saying_so_and_where_with_no_param(http):
+    response = http.post("/v1/completions", content=b'{"model": "base",, "prompt": "hi"}',
+                         headers={**HEADERS, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] is None and error["code"] == "invalid_json"
+    assert "not valid JSON" in error["message"] and "character 17" in error["message"]
+
+
+def test_validator_messages_carry_no_pydantic_prefix(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        _complete(client, BASE, stop=["a", "b", "c", "d", "e"])
+    error = caught.value.body
+    assert error["param"] == "stop" and error["message"].startswith("stop: stop takes up to 4")
+    assert "Value error" not in error["message"]
+
+
+# ---- 4. fields that would change the output are refused by name -----------------------
+@pytest.mark.parametrize("fields,param", [
+    ({"best_of": 2}, "best_of"),
+    ({"suffix": "the end"}, "suffix"),
+    ({"n": 2}, "n"),
+    ({"echo": True}, "echo"),
+    ({"logprobs": 2}, "logprobs"),
+    ({"extra_body": {"min_p": 0.1}}, "min_p"),
+    ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
+    ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_unsupported_completion_fields_are_refused_by_name(client, ingress, fields, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        _complete(client, BASE, **fields)
+    error = caught.value.body
+    assert error["param"] == param and param in error["message"]
+    assert "not supported" in error["message"] and "Value error" not in error["message"]
+    assert ingress._llm.model_ids == []
+
+
+def test_no_op_values_of_unsupported_fields_are_served(client, ingress):
+    _complete(client, BASE, best_of=1, suffix="", n=1, echo=False,
+              extra_body={"min_p": 0.0, "use_beam_search": False})
+    assert ingress._llm.model_ids == [""]
+
+
+def test_chat_refuses_audio_output_and_beam_search_by_name(client):
+    messages = [{"role": "user", "content": "hi"}]
+    for fields, param in [({"modalities": ["text", "audio"]}, "modalities"),
+                          ({"extra_body": {"use_beam_search": True}}, "use_beam_search")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=BASE, messages=messages, **fields)
+        assert caught.value.body["param"] == param
+
+
+# ---- 5. usage: null on ordinary chunks of a stream that asked for usage ---------------
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+], ids=["completions", "chat"])
+def test_streamed_chunks_carry_usage_null_until_the_usage_chunk(http, path, body):
+    body = {**body, "model": BASE, "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http.stream("POST", path, json=body, headers=HEADERS) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    *ordinary, last = chunks
+    assert len(ordinary) == 3 and all("usage" in c and c["usage"] is None for c in ordinary)
+    assert last["choices"] == [] and last["usage"]["total_tokens"] == 5
+
+
+def test_streamed_chunks_have_no_usage_key_unless_asked(http):
+    body = {"model": BASE, "prompt": "hi", "max_tokens": 3, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body, headers=HEADERS) as response:
+        chunks = [json.loads(line[len("data: "):]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    assert len(chunks) == 3 and all("usage" not in c for c in chunks)
+
+
+# ---- 6. /v1/models without a tenant in development mode ----------------------------------
+def test_models_without_a_tenant_in_dev_mode_lists_base_and_shared_only(http, ingress,
+                                                                        tiny_adapter):
+    adapter = tiny_adapter("qwen3_moe", "per_expert", rank=4)
+    for tenant, name in [("acme", "private"), ("globex", "public"), ("anonymous", "theirs")]:
+        _put(ingress, tenant, name, adapter)
+    ingress._store.share("globex", "public")
+    response = http.get("/v1/models")
+    assert response.status_code == 200, response.text
+    assert [m["id"] for m in response.json()["data"]] == [BASE, "public"]
+    with_tenant = http.get("/v1/models", headers=HEADERS).json()["data"]
+    assert [m["id"] for m in with_tenant] == [BASE, "private", "public"]
+
+
+def test_models_without_a_key_is_401_when_keys_are_configured(http, ingress):
+    ingress._auth = TenantAuth(KeyFile(tenants={"acme": {"key_sha256": ["0" * 64]}}))
+    assert http.get("/v1/models").status_code == 401
