@@ -1,6 +1,7 @@
-"""The default adapter size limit: the largest adapter the store accepts for a base model.
+"""Default store limits: versions kept per adapter name, and the largest adapter the store
+accepts for a base model.
 
-An adapter of rank `max_rank` on every module the store accepts (attention q/k/v/o of every
+The largest adapter: one of rank `max_rank` on every module the store accepts (attention q/k/v/o of every
 layer and gate/up/down of every expert of every layer; the store accepts no LoRA on dense
 MLPs, and none of the supported families has shared experts), saved in float32 because
 fp32 exports are common, plus room for the safetensors header and adapter_config.json.
@@ -11,6 +12,10 @@ from __future__ import annotations
 
 from adapter_store.formats import ATTENTION_MODULES, EXPERT_MODULES, ModelShape
 from adapter_store.safetensors_io import MAX_HEADER_BYTES
+
+# Versions the store keeps of one adapter name; an upload beyond it deletes the oldest
+# (AdapterStore.put says why). 16 versions of a 4 GiB adapter are 64 GiB: a bounded quota.
+DEFAULT_MAX_VERSIONS_PER_ADAPTER = 16
 
 BYTES_PER_PARAM = 4  # float32
 HEADER_BYTES_PER_TENSOR = 256  # one safetensors header entry: key, dtype, shape, offsets

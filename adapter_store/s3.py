@@ -10,6 +10,11 @@
   no reader ever sees a partial version.
 - No lock guards the per-tenant adapter count: it is checked again right before the
   manifest PUT, which narrows the race between two new names but does not close it.
+- A stalled endpoint (connection open, no answer) fails a call with StoreUnavailableError
+  (code "timeout") after at most `max_attempts` x (`connect_timeout_s` + `timeout_s`) plus
+  backoff, 2 x 15 s by default, so a request bound to the store fails fast instead of
+  waiting for the stall to end. A ranged download retries a range that breaks mid-stream
+  on top of that, so one range waits at most `max_attempts` times as long.
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ from pathlib import Path
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (
+    BotoCoreError, ClientError, ConnectTimeoutError, NoCredentialsError, PartialCredentialsError,
+    ReadTimeoutError,
+)
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from adapter_store.errors import AdapterNotFoundError, AdapterStoreError, StoreUnavailableError
@@ -38,11 +46,18 @@ _MIN_PART_BYTES = 5 << 20
 
 
 class S3Store(AdapterStore):
-    """Adapters under `s3://bucket/prefix`."""
+    """Adapters under `s3://bucket/prefix`.
+
+    `connect_timeout_s` bounds opening a connection, `timeout_s` any wait for the next bytes of
+    an answer; `max_attempts` counts every try of one request, the first included.
+    """
 
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
-                 chunk_bytes: int = 16 << 20, concurrency: int = 8, max_attempts: int = 5,
-                 backoff_s: float = 0.2, timeout_s: float = 30.0):
+                 chunk_bytes: int = 16 << 20, concurrency: int = 8, max_attempts: int = 2,
+                 backoff_s: float = 0.2, timeout_s: float = 10.0, connect_timeout_s: float = 5.0):
+        if max_attempts < 1 or timeout_s <= 0 or connect_timeout_s <= 0:
+            raise ValueError(f"S3Store needs max_attempts >= 1 (got {max_attempts}), timeout_s > 0 "
+                             f"(got {timeout_s}) and connect_timeout_s > 0 (got {connect_timeout_s})")
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not uri.startswith("s3://") or not bucket:
             raise AdapterStoreError(f"bad S3 URI {uri!r}; expected s3://bucket[/prefix]", code="bad_store_uri")
@@ -50,8 +65,10 @@ class S3Store(AdapterStore):
         self.endpoint_url = endpoint_url
         self.chunk_bytes, self.concurrency = chunk_bytes, concurrency
         self.max_attempts, self.backoff_s = max_attempts, backoff_s
-        config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
-                        connect_timeout=timeout_s, read_timeout=timeout_s,
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
+        # botocore's `max_attempts` counts retries only; `total_max_attempts` counts the first try too
+        config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts},
+                        connect_timeout=connect_timeout_s, read_timeout=timeout_s,
                         max_pool_connections=max(10, 2 * concurrency),
                         s3={"addressing_style": "path" if endpoint_url else "auto"})
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url,
@@ -79,6 +96,11 @@ class S3Store(AdapterStore):
                                         code="bad_credentials") from None
         except ClientError as exc:
             raise self._client_error(exc, action, where) from None
+        except (ReadTimeoutError, ConnectTimeoutError) as exc:
+            raise StoreUnavailableError(f"S3 endpoint did not answer within {self.connect_timeout_s:g} s "
+                                        f"(connect) / {self.timeout_s:g} s (read) while trying to {action} "
+                                        f"{where}, {self.max_attempts} attempts ({exc}); check that the "
+                                        "endpoint is up, then retry", code="timeout") from None
         except (BotoCoreError, Urllib3Error, ConnectionError) as exc:
             raise StoreUnavailableError(f"S3 endpoint unreachable while trying to {action} {where} "
                                         f"after {self.max_attempts} attempts ({exc}); check the endpoint "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -25,10 +26,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adapter_store.errors import AdapterNotFoundError, ChecksumMismatchError, LimitExceededError
+from adapter_store.errors import (
+    AdapterNotFoundError, AdapterStoreError, ChecksumMismatchError, LimitExceededError,
+)
 from adapter_store.garbage import MANIFEST_FILE, collect_garbage
 from adapter_store.names import check_name, parse_ref
 from adapter_store.validate import ADAPTER_FILES, StoreLimits, validate_adapter
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 Progress = Callable[[int], None] | None  # called with the number of bytes just moved
@@ -64,6 +69,8 @@ def _version_key(tenant: str, name: str, version: str) -> str:
 def new_version() -> str:
     now = datetime.now(timezone.utc)
     return f"{now:%Y%m%dT%H%M%S}.{now.microsecond:06d}Z-{secrets.token_hex(3)}"
+
+
 
 
 def file_digest(path: Path) -> dict:
@@ -107,7 +114,16 @@ class AdapterStore(ABC):
     # -- writes --
     def put(self, tenant: str, name: str, src_dir: str | Path, base_model_dir: str | Path,
             limits: StoreLimits = StoreLimits(), progress: Progress = None) -> AdapterInfo:
-        """Validate `src_dir` against the base model, then store it as a new version."""
+        """Validate `src_dir` against the base model, then store it as a new version.
+
+        At most `max_versions_per_adapter` versions of a name are kept (StoreLimits, default
+        DEFAULT_MAX_VERSIONS_PER_ADAPTER): once the new manifest is written, the oldest
+        versions beyond that are deleted. The store prunes rather than refusing with a 429
+        because uploading a retrained adapter under the same name is the normal workflow: a
+        refusal would make every such tenant delete versions by hand, and a bare `name` always
+        serves the newest version, which pruning never touches. The price: a pinned
+        `name@version` reference to a pruned version gets 404, like any deleted version.
+        """
         check_name(tenant, "tenant name")
         check_name(name)
         summary = validate_adapter(src_dir, base_model_dir, limits)
@@ -125,6 +141,8 @@ class AdapterStore(ABC):
         except BaseException:
             self._cleanup_quietly(prefix)
             raise
+        with self._commit_lock(tenant):  # two uploads of a name never delete the same files at once
+            self._prune_versions(tenant, name, limits.max_versions_per_adapter)
         return AdapterInfo(tenant, name, version, manifest, self._is_shared(tenant, name))
 
     def delete(self, tenant: str, name: str, version: str | None = None) -> None:
@@ -277,6 +295,21 @@ class AdapterStore(ABC):
                 "created": created, "created_unix": now, "files": files, "rank": summary.rank,
                 "targets": summary.targets, "layout": summary.layout, "dtypes": summary.dtypes,
                 "num_tensors": summary.num_tensors, "base_model": summary.base_model}
+
+    def _prune_versions(self, tenant: str, name: str, keep: int) -> None:
+        """Delete the visible versions of `name` older than its newest `keep`, each manifest first.
+
+        The new version is committed by now, so a failure is logged rather than raised: the
+        upload did succeed. The next upload of the name prunes the versions still visible; the
+        files of one whose manifest is already gone are a leftover that `gc` removes."""
+        try:
+            for info in self.list_versions(tenant, name)[:-keep]:
+                old = _version_key(tenant, name, info.version)
+                self._delete(f"{old}/{MANIFEST_FILE}")  # invisible first, then the files
+                self._delete_prefix(old)
+        except (AdapterStoreError, OSError) as exc:
+            logger.warning("could not delete old versions of %s/%s beyond the newest %d: %s",
+                           tenant, name, keep, exc)
 
     def _cleanup_quietly(self, prefix: str) -> None:
         try:

@@ -12,22 +12,36 @@ ref (`name@version`) lives `pinned_ttl_factor` times longer: a version never cha
 can only be deleted or unshared, which another ingress then shows after that longer bound.
 Store errors other than not-found (S3 down, bad names) are never cached.
 
+Stale while the store is down: an adapter in use must keep serving through a store outage.
+When a refresh fails with `StoreUnavailableError`, the last answer that found the adapter is
+given instead, for up to `stale_if_error_s` after that answer was fetched; later requests get
+it at once while one refresh at a time keeps asking the store in the background, so an outage
+costs one store timeout, not one a request. A not-found answer from a reachable store replaces
+it as usual, and so does an invalidation: neither is ever hidden by a stale answer. What a
+stale answer may miss is a change made elsewhere during the outage (a new version, a delete,
+an unshare), for at most `stale_if_error_s`. The first stale answer of an outage logs a
+warning and the first store answer after it logs the recovery.
+
 Concurrent misses for one key share a single store call. A store call that began before an
 invalidation does not fill the cache, so an upload is never hidden by an older answer.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapter_store.errors import AdapterNotFoundError
+from adapter_store.errors import AdapterNotFoundError, StoreUnavailableError
+
+logger = logging.getLogger("ray.serve")
 
 Key = tuple[str, str]  # (tenant, ref exactly as the request spelled it)
 DEFAULT_MAX_ENTRIES = 4096
 DEFAULT_PINNED_TTL_FACTOR = 10.0
+DEFAULT_STALE_IF_ERROR_S = 600.0
 
 
 @dataclass(slots=True)
@@ -36,6 +50,8 @@ class _Entry:
     expires_at: float
     info: object = None  # AdapterInfo when found
     not_found: tuple[str, str] | None = None  # (message, code) of the store's not-found
+    stale_until: float = 0.0  # a found answer may stand in for an unavailable store until then
+    refresh_failed: bool = False  # the last refresh found the store unavailable
 
 
 class ResolveCache:
@@ -43,14 +59,18 @@ class ResolveCache:
 
     def __init__(self, resolve: Callable, ttl_s: float, max_entries: int = DEFAULT_MAX_ENTRIES,
                  pinned_ttl_factor: float = DEFAULT_PINNED_TTL_FACTOR,
+                 stale_if_error_s: float = DEFAULT_STALE_IF_ERROR_S,
                  clock: Callable[[], float] = time.monotonic):
-        if ttl_s < 0 or max_entries < 1 or pinned_ttl_factor < 1:
+        if ttl_s < 0 or max_entries < 1 or pinned_ttl_factor < 1 or stale_if_error_s < 0:
             raise ValueError(f"ResolveCache needs ttl_s >= 0 (got {ttl_s}), max_entries >= 1 "
-                             f"(got {max_entries}) and pinned_ttl_factor >= 1 "
-                             f"(got {pinned_ttl_factor})")
+                             f"(got {max_entries}), pinned_ttl_factor >= 1 "
+                             f"(got {pinned_ttl_factor}) and stale_if_error_s >= 0 "
+                             f"(got {stale_if_error_s})")
         self._resolve = resolve
         self._ttl_s = ttl_s
         self._pinned_ttl_s = ttl_s * pinned_ttl_factor
+        self._stale_if_error_s = stale_if_error_s
+        self._serving_stale = False  # an outage is under way: logged at its start and its end
         self._max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
@@ -58,6 +78,7 @@ class ResolveCache:
         self._epoch = 0  # bumped by every invalidation
         self.num_hits = 0
         self.num_misses = 0
+        self.num_stale = 0  # answers given from a stale entry because the store was unavailable
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -77,8 +98,15 @@ class ResolveCache:
             task = asyncio.get_running_loop().create_task(self._fill(key, self._epoch))
             task.add_done_callback(_retrieve)  # no "never retrieved" warning if all callers left
             self._in_flight[key] = task
+        stale = self._stale(key)
+        if stale is not None and stale.refresh_failed:  # the store was down a moment ago: no wait
+            self.num_stale += 1
+            return stale.info
         # shielded: a caller that goes away must not cancel the lookup the others wait on
-        return _answer(await asyncio.shield(task))
+        entry = await asyncio.shield(task)
+        if entry.refresh_failed:
+            self.num_stale += 1
+        return _answer(entry)
 
     def invalidate(self, name: str) -> None:
         """Forget every answer about adapter `name`, whoever asked and however it was spelled
@@ -93,26 +121,64 @@ class ResolveCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if self._clock() >= entry.expires_at:
-            del self._entries[key]
+        now = self._clock()
+        if now >= entry.expires_at:
+            if now >= entry.stale_until:  # kept past its TTL only as a stand-in for an outage
+                del self._entries[key]
             return None
         self._entries.move_to_end(key)
+        return entry
+
+    def _stale(self, key: Key) -> _Entry | None:
+        """The expired answer that may still stand in for an unavailable store, if any."""
+        entry = self._entries.get(key)
+        if entry is None or entry.info is None or self._clock() >= entry.stale_until:
+            return None
         return entry
 
     async def _fill(self, key: Key, epoch: int) -> _Entry:
         (tenant, ref), started = key, self._clock()  # the answer's age counts from here
         try:
             info = await asyncio.to_thread(self._resolve, tenant, ref)
-            entry = _Entry(_name_of(ref), started + self._ttl(pinned="@" in ref), info=info)
-        except AdapterNotFoundError as exc:  # other errors (S3 down, bad names) propagate
+            entry = _Entry(_name_of(ref), started + self._ttl(pinned="@" in ref), info=info,
+                           stale_until=started + self._stale_if_error_s)
+        except AdapterNotFoundError as exc:  # other errors (bad names) propagate
             entry = _Entry(_name_of(ref), started + self._ttl(pinned=False),
                            not_found=(str(exc), exc.code))
+        except StoreUnavailableError as exc:
+            return self._stand_in(key, exc)
+        except Exception:
+            self._forget_stale(key)  # the store answered, with an error the callers must see
+            raise
         finally:
             if self._in_flight.get(key) is asyncio.current_task():
                 del self._in_flight[key]
+        if self._serving_stale:
+            self._serving_stale = False
+            logger.warning("adapter store answers again; resolving adapters afresh")
         if epoch == self._epoch:  # else an upload or delete happened meanwhile
             self._store(key, entry)
         return entry
+
+    def _stand_in(self, key: Key, exc: StoreUnavailableError) -> _Entry:
+        """The last good answer for `key` in place of the store's, or raise `exc`.
+
+        An invalidation deletes the entries it names, so what is found here is never older
+        than an upload or delete made through this ingress."""
+        stale = self._stale(key)
+        if stale is None:
+            raise exc
+        stale.refresh_failed = True
+        if not self._serving_stale:
+            self._serving_stale = True
+            logger.warning("adapter store unavailable (%s); serving adapters resolved in the "
+                           "last %.0f s from memory until it answers", exc.code, self._stale_if_error_s)
+        return stale
+
+    def _forget_stale(self, key: Key) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and self._clock() >= entry.expires_at:
+            del self._entries[key]
 
     def _ttl(self, pinned: bool) -> float:
         return self._pinned_ttl_s if pinned else self._ttl_s
