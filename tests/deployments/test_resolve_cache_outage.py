@@ -29,6 +29,14 @@ async def _version(cache: ResolveCache, ref: str = "style") -> str:
     return (await asyncio.wait_for(cache.resolve("acme", ref), HANG_GUARD_S)).version
 
 
+async def _stale_after_outage(cache: ResolveCache, fake, clock) -> None:
+    """Resolve once, take the store down, let the entry expire: the answer is the stale one."""
+    await _version(cache)
+    fake.down = True
+    clock.now += TTL_S
+    assert await _version(cache) == "v2"
+
+
 async def _until_version(cache: ResolveCache, want: str) -> None:
     """Ask until the background refresh has landed `want` (a hang guard, not a timing check)."""
     for _ in range(int(HANG_GUARD_S / 0.01)):
@@ -88,10 +96,7 @@ def test_a_reachable_stores_not_found_wins_over_a_stale_answer(fake):
     cache = _cache(fake, clock)
 
     async def run():
-        await _version(cache)
-        fake.down = True
-        clock.now += TTL_S
-        assert await _version(cache) == "v2"
+        await _stale_after_outage(cache, fake, clock)
         del fake.known[("acme", "style")]  # deleted elsewhere during the outage
         fake.down = False
         for _ in range(int(HANG_GUARD_S / 0.01)):  # the background refresh brings the 404
@@ -131,10 +136,7 @@ def test_the_store_coming_back_is_used_by_the_next_refresh(fake):
     cache = _cache(fake, clock)
 
     async def run():
-        await _version(cache)
-        fake.down = True
-        clock.now += TTL_S
-        assert await _version(cache) == "v2"
+        await _stale_after_outage(cache, fake, clock)
         fake.known[("acme", "style")] = _info("acme", "style", "v3")  # uploaded elsewhere
         fake.down = False
         await _until_version(cache, "v3")
@@ -170,10 +172,7 @@ def test_a_stalled_store_costs_one_wait_not_one_a_request(fake):
     cache = ResolveCache(stalling, TTL_S, stale_if_error_s=STALE_S, clock=clock)
 
     async def run():
-        await _version(cache)
-        fake.down = True
-        clock.now += TTL_S
-        assert await _version(cache) == "v2"  # the store failed fast this time
+        await _stale_after_outage(cache, fake, clock)  # the store failed fast this time
         stalled.set()
         clock.now += TTL_S
         answers = [await _version(cache) for _ in range(5)]  # one refresh hangs meanwhile
