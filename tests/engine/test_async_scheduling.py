@@ -6,7 +6,7 @@ come from host-side token ids, the async one's from the device)."""
 import pytest
 
 from engine import LoRARequest, SamplingParams
-from tests.engine.helpers import PROMPTS, make_engine, static_engine
+from tests.engine.helpers import PROMPTS, make_engine, static_engine, wait_for_adapters
 
 
 @pytest.fixture
@@ -59,7 +59,11 @@ def test_async_outputs_equal_sync_outputs(qwen, adapters, engine_kw):
     for kw in (dict(async_scheduling=False), dict(async_scheduling=True),
                dict(async_scheduling=True, async_eager_steps=True)):
         engine = make_engine(qwen, max_loras=2, **kw, **engine_kw)
-        outs.append(run(engine, mixed_requests(adapters, stop_token)))
+        requests = mixed_requests(adapters, stop_token)
+        # adapters resident first: with loads still in flight a busy machine would run the
+        # requests one after the other, and the case with too few blocks would never preempt
+        wait_for_adapters(engine, {lora for *_, lora in requests})
+        outs.append(run(engine, requests))
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         assert engine.num_preemptions > 0 or "num_kv_blocks" not in engine_kw
     assert outs[1] == outs[0] and outs[2] == outs[0]
