@@ -109,6 +109,9 @@ class AppArgs(BaseModel):
     ingress_replicas: int | None = Field(default=None, ge=1, description="default: 2 per engine "
                                          "replica (per min_replicas when autoscaled); each "
                                          "streams its requests' tokens, a per-message cost")
+    ingress_num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for each "
+                                    "ingress replica (two of them and an engine replica fit a "
+                                    "2-core machine)")
     ingress_on_serve_loop: bool = Field(
         default=True, description="run the ingress's code on Serve's own event loop "
         "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0): no hand-over between two threads per "
@@ -225,12 +228,11 @@ class AppArgs(BaseModel):
         """Keyword arguments for `Ingress.options(...)`."""
         replicas = self.num_ingress_replicas()
         # The ingress only awaits I/O: let it hold many requests (Serve's default is 5).
-        options: dict[str, Any] = {"num_replicas": replicas,
-                                   "max_ongoing_requests": self.ingress_max_ongoing_requests}
+        actor: dict[str, Any] = {"num_cpus": self.ingress_num_cpus}
         if self.ingress_on_serve_loop:
-            env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-            options["ray_actor_options"] = {"runtime_env": {"env_vars": env}}
-        return options
+            actor["runtime_env"] = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+        return {"num_replicas": replicas, "max_ongoing_requests": self.ingress_max_ongoing_requests,
+                "ray_actor_options": actor}
 
     def replica_options(self, cluster_gpus: float) -> dict:
         """Keyword arguments for `LLMServer.options(...)`: scaling and resources.

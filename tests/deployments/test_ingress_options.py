@@ -19,4 +19,11 @@ def test_an_explicit_ingress_replica_count_wins():
 def test_ingress_on_serves_loop_sets_serves_switch_only_when_asked():
     env = AppArgs().ingress_options()["ray_actor_options"]["runtime_env"]["env_vars"]
     assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-    assert "ray_actor_options" not in AppArgs(ingress_on_serve_loop=False).ingress_options()
+    assert "runtime_env" not in AppArgs(ingress_on_serve_loop=False).ingress_options()["ray_actor_options"]
+
+
+def test_two_ingress_replicas_and_an_engine_replica_fit_two_cores():
+    args = AppArgs()
+    ingress = args.ingress_options()
+    engine = args.replica_options(cluster_gpus=0)["ray_actor_options"]
+    assert ingress["num_replicas"] * ingress["ray_actor_options"]["num_cpus"] + engine["num_cpus"] <= 2
