@@ -55,7 +55,7 @@ EXPAND = {"block_n": 256, "num_warps": 4, "num_stages": 1}
 EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # kernels/expand.py, see there
 # The MoE expands: kernels/expand.py (a program owns a block, loops over its N tiles) from
 # EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. H100, qwen3
-# top-8, n = 16 (benchmarks/RESULTS.md, session 3): blocks win from M = 128 tokens (1024 rows;
+# top-8, n = 16 (benchmarks/RESULTS.md, kernels, 2026-11-28): blocks win from M = 128 tokens (1024 rows;
 # M = 512: 1.58 -> 1.48 of the base), tiles at M = 8 (64 rows: 1.18 vs 1.28), even at M = 32
 # (256 rows); 512 rows (64 tokens, a decode batch) is in between, unmeasured.
 # MOEPLEX_EXPAND=tiles|blocks forces one path (A/B runs); read once, here: the choice is part of
