@@ -70,7 +70,7 @@ class AppArgs(BaseModel):
                                "accepted on upload)")
     max_adapters_per_replica: int | None = Field(default=None, ge=1, description="adapters a "
                                                  "replica keeps fetched (Serve's multiplexing "
-                                                 "LRU); default: 2 x max_loras")
+                                                 "LRU); default: 2 x the engine's adapter slots")
     max_num_seqs: int = Field(default=64, ge=1, description="sequences the engine runs at once")
     max_model_len: int = Field(default=2048, ge=16, description="longest prompt plus completion, "
                                "in tokens")
@@ -210,11 +210,10 @@ class AppArgs(BaseModel):
             return 1.0 if cluster_gpus >= 1 else 0.0
         return 1.0 if self.device == "cuda" else 0.0
 
-    def adapters_per_replica(self) -> int | None:
-        """None when the slot count is sized by the engine: the replica then uses its own."""
-        if self.max_adapters_per_replica is not None:
-            return self.max_adapters_per_replica
-        return None if self.max_loras is None else 2 * self.max_loras
+    def adapters_per_replica(self, num_lora_slots: int) -> int:
+        """Adapters a replica keeps fetched (Serve's multiplexing LRU), given the GPU slots its
+        engine has: 2 x the slots unless max_adapters_per_replica says."""
+        return self.max_adapters_per_replica or 2 * max(1, num_lora_slots)
 
     def num_ingress_replicas(self) -> int:
         if self.ingress_replicas is not None:

@@ -26,10 +26,10 @@ from ray import serve
 
 from deployments.args import AppArgs
 from deployments.errors import to_api_error
+from engine.frontend import INLINE_TOKENIZE_CHARS
 
 logger = logging.getLogger("ray.serve")
 _STATS_PERIOD_S = 1.0
-_INLINE_PROMPT_CHARS = 2048  # longer prompts (and chat templates) are prepared off the event loop
 
 
 class LLMServer:
@@ -53,7 +53,7 @@ class LLMServer:
             return await self._load_adapter(model_id)
 
         _log_startup(args, self._model_dir, self._engine)
-        per_replica = args.adapters_per_replica() or 2 * max(1, self._engine.num_lora_slots)
+        per_replica = args.adapters_per_replica(self._engine.num_lora_slots)
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=per_replica)(load_adapter)
         self._stats_task: asyncio.Task | None = None
 
@@ -113,7 +113,9 @@ class LLMServer:
             lora = await self._get_adapter(model_id) if model_id else None
             if lora is not None:
                 self._metrics.adapter_requests.inc()
-            if request.get("messages") is None and len(request["prompt"]) <= _INLINE_PROMPT_CHARS:
+            # long prompts and chat templates are prepared off the event loop, as the engine
+            # frontend tokenises long prompts
+            if request.get("messages") is None and len(request["prompt"]) <= INLINE_TOKENIZE_CHARS:
                 prompt, params = self._prepare(request)
             else:
                 prompt, params = await asyncio.to_thread(self._prepare, request)

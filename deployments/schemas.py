@@ -57,6 +57,9 @@ NO_OP_VALUES: dict[str, tuple] = {
 }
 
 
+COMPLETION_ONLY_NO_OPS = ("best_of", "suffix")  # the others are fields of every request
+
+
 def refuse_unless_no_op(value, info: ValidationInfo):
     """`value` if it asks for nothing (see NO_OP_VALUES), else a ValueError naming the field."""
     no_ops = NO_OP_VALUES[info.field_name]
@@ -123,9 +126,7 @@ class _SamplingFields(BaseModel):
                              "text; send valid Unicode")
         return data
 
-    @field_validator("modalities", "audio", "min_p", "min_tokens", "use_beam_search",
-                     "prompt_logprobs", "include_stop_str_in_output", "guided_json",
-                     "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+    @field_validator(*(name for name in NO_OP_VALUES if name not in COMPLETION_ONLY_NO_OPS))
     @classmethod
     def _unsupported(cls, value, info: ValidationInfo):
         return refuse_unless_no_op(value, info)
@@ -227,7 +228,7 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("echo is not supported; leave it false")
         return value
 
-    @field_validator("best_of", "suffix")
+    @field_validator(*COMPLETION_ONLY_NO_OPS)
     @classmethod
     def _unsupported_here(cls, value, info: ValidationInfo):
         return refuse_unless_no_op(value, info)

@@ -116,7 +116,8 @@ def step_or_fail(engine: LLMEngine) -> list[RequestOutput]:
         return outputs
 
 
-def shutdown_outputs(request_ids: list[str]) -> list[RequestOutput]:
-    message = "the engine was shut down before the request finished"
+def shutdown_outputs(request_ids: list[str],
+                     message: str = "the engine was shut down before the request finished") -> list[RequestOutput]:
+    """The final output of each request still open when its engine went away."""
     return [RequestOutput(rid, finished=True, finish_reason="abort", error=EngineError(message))
             for rid in request_ids]

@@ -22,7 +22,6 @@ from engine.config import EngineConfig
 from engine.errors import EngineError
 from engine.frontend import EngineFrontend
 from engine.inputs import InputProcessor, load_tokenizer
-from engine.models.spec import load_spec, spec_from_hf_config
 from engine.sequence import Sequence
 from engine.streams import OutputStreams, RequestStream
 
@@ -46,9 +45,8 @@ class EngineCoreClient(EngineFrontend):
         self.memory_summary: str = info["memory"]
         self.startup_seconds: dict = info["startup_seconds"]
         self._stats: dict = info["stats"]
-        spec = spec_from_hf_config(config.hf_config) if config.hf_config is not None else load_spec(config.model)
         self.tokenizer = load_tokenizer(config)
-        self.inputs = InputProcessor(self.tokenizer, spec.vocab_size, config.max_model_len,
+        self.inputs = InputProcessor(self.tokenizer, info["vocab_size"], config.max_model_len,
                                      self.num_lora_slots > 0)
         self._reader = threading.Thread(target=self._read, name="moeplex-core-reader", daemon=True)
         self._reader.start()
@@ -69,7 +67,6 @@ class EngineCoreClient(EngineFrontend):
 
     # ---- requests ---------------------------------------------------------------
     def _open_and_submit(self, seq: Sequence) -> RequestStream:
-        self._check_running()
         stream = self._streams.open(seq.request_id)
         try:
             self._send(("add", seq))
@@ -141,11 +138,8 @@ class EngineCoreClient(EngineFrontend):
             log.exception("engine core client: reading from the core failed")
         if not self._stopped:
             log.error("the engine core process went away (exit code %s)", self._proc.poll())
-        message = "the engine core stopped before the request finished"
-        outputs = shutdown_outputs(self._streams.open_ids())
-        for out in outputs:
-            out.error = EngineError(message)
-        self._streams.deliver(outputs)
+        self._streams.deliver(shutdown_outputs(self._streams.open_ids(),
+                                               "the engine core stopped before the request finished"))
 
     def _kill(self) -> None:
         if self._proc.poll() is None:

@@ -1,4 +1,4 @@
-"""AppArgs' memory settings reach EngineConfig; adapters_per_replica copes with engine-sized slots."""
+"""AppArgs' memory settings reach EngineConfig; adapters_per_replica follows the engine's slots."""
 import pytest
 
 from deployments.args import AppArgs
@@ -12,10 +12,11 @@ def test_memory_settings_reach_the_engine_config(tmp_path):
     assert (default.max_loras, default.gpu_memory_utilization, default.lora_memory_fraction) == (4, 0.9, None)
 
 
-def test_adapters_per_replica_is_none_while_the_engine_sizes_the_slots(tmp_path):
-    assert AppArgs(cache_dir=str(tmp_path)).adapters_per_replica() is None
-    assert AppArgs(cache_dir=str(tmp_path), max_loras=3).adapters_per_replica() == 6
-    assert AppArgs(cache_dir=str(tmp_path), max_adapters_per_replica=10).adapters_per_replica() == 10
+def test_adapters_per_replica_follow_the_engines_slot_count_unless_set(tmp_path):
+    assert AppArgs(cache_dir=str(tmp_path)).adapters_per_replica(num_lora_slots=33) == 66
+    assert AppArgs(cache_dir=str(tmp_path), max_loras=3).adapters_per_replica(num_lora_slots=3) == 6
+    assert AppArgs(cache_dir=str(tmp_path)).adapters_per_replica(num_lora_slots=0) == 2
+    assert AppArgs(cache_dir=str(tmp_path), max_adapters_per_replica=10).adapters_per_replica(33) == 10
 
 
 @pytest.mark.parametrize("kw", [dict(gpu_memory_utilization=0), dict(gpu_memory_utilization=1.5),
