@@ -163,6 +163,9 @@ def run_served(args, opts, jobs, burst_jobs, config, workdir, stored) -> dict:
     import ray
     from ray import serve
 
+    from deployments.app import set_ray_env_defaults
+
+    set_ray_env_defaults()  # as `serve run` gets them: this process starts Ray itself
     ray.init(include_dashboard=False, num_cpus=max(4, os.cpu_count() or 1),
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(opts.threads)}})
     procs = opts.client_procs or max(1, min(8, opts.concurrency // 16))

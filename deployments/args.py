@@ -16,6 +16,9 @@ from adapter_store.defaults import default_cache_dir, default_store_uri, store_f
 
 TINY_MODEL_NAME = "moeplex-tiny-qwen3-moe"
 DUMMY_PREFIX = "dummy:"
+# Serve runs a replica's methods on a loop of their own in a second thread unless told not to;
+# every stream message then crosses between the two threads.
+_ON_SERVE_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
 
 
 class UnknownOptionError(TypeError):
@@ -118,6 +121,13 @@ class AppArgs(BaseModel):
         "stream message")
     ingress_max_ongoing_requests: int = Field(default=1024, ge=1, description="requests Serve "
                                               "sends one ingress replica at a time")
+    engine_transport: Literal["grpc", "ray"] = Field(
+        default="grpc", description="how the ingress reaches the engine replicas: Serve's "
+        "gRPC transport between replicas, or Ray object references (a Ray "
+        "object per stream message, about twice the CPU per message)")
+    replica_on_serve_loop: bool = Field(
+        default=True, description="run the engine replica's code on Serve's own event loop, as "
+        "ingress_on_serve_loop does for the ingress")
     allow_lora_path_uploads: bool = Field(
         default=False, description="vLLM's /v1/load_lora_adapter may read adapters from a path "
         "on the ingress's machine (an operator decision: a tenant could name any server path)")
@@ -229,7 +239,7 @@ class AppArgs(BaseModel):
         # The ingress only awaits I/O: let it hold many requests (Serve's default is 5).
         actor: dict[str, Any] = {"num_cpus": self.ingress_num_cpus}
         if self.ingress_on_serve_loop:
-            actor["runtime_env"] = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+            actor["runtime_env"] = _ON_SERVE_LOOP
         return {"num_replicas": replicas, "max_ongoing_requests": self.ingress_max_ongoing_requests,
                 "ray_actor_options": actor}
 
@@ -241,8 +251,12 @@ class AppArgs(BaseModel):
         actor = {"num_cpus": self.replica_num_cpus, "num_gpus": self.gpus_per_replica(cluster_gpus)}
         if self.replica_resources:
             actor["resources"] = dict(self.replica_resources)
+        if self.replica_on_serve_loop:
+            actor["runtime_env"] = _ON_SERVE_LOOP
+        # the ingress logs each request; a second access line per request here is noise
         options: dict[str, Any] = {"ray_actor_options": actor,
-                                   "max_ongoing_requests": self.max_ongoing_requests}
+                                   "max_ongoing_requests": self.max_ongoing_requests,
+                                   "logging_config": {"enable_access_log": False}}
         if self.autoscaling_config is not None:
             options["autoscaling_config"] = self.autoscaling_config
         else:

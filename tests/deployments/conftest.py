@@ -32,7 +32,7 @@ def service(tmp_path_factory, tiny_checkpoint, s3_url):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_app, set_ray_env_defaults
     from deployments.args import AppArgs
     from deployments.auth import hash_key
 
@@ -44,6 +44,7 @@ def service(tmp_path_factory, tiny_checkpoint, s3_url):
     aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
     metrics_port = free_port()
+    set_ray_env_defaults()  # the proxy's transport, as `serve run` starts Ray
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": aws},
              _temp_dir=str(workdir / "ray"), _metrics_export_port=metrics_port)
     port = free_port()

@@ -37,8 +37,13 @@ class _RecordingReplica:
         self.model_ids: list[str] = []
         self.generate = SimpleNamespace(remote=lambda _payload: _aiter(ITEMS))
 
-    def options(self, stream: bool, multiplexed_model_id: str):
-        self.model_ids.append(multiplexed_model_id)
+        self.transport: dict = {}
+
+    def options(self, **options):
+        if "multiplexed_model_id" in options:  # per request
+            self.model_ids.append(options["multiplexed_model_id"])
+        else:  # once, at the ingress's start
+            self.transport.update(options)
         return self
 
 
@@ -90,6 +95,20 @@ def http(ingress):
 def client(http):
     return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0,
                          default_headers=HEADERS, http_client=http)
+
+
+def test_ingress_streams_from_engine_replicas_over_serves_grpc_with_plain_pickle(ingress):
+    assert ingress._llm.transport == {"_by_reference": False, "request_serialization": "pickle",
+                                      "response_serialization": "pickle"}
+
+
+def test_engine_transport_ray_keeps_serves_object_references(tmp_path, tiny_checkpoint):
+    replica = _RecordingReplica()
+    args = AppArgs(model=str(tiny_checkpoint("qwen3_moe")), store=str(tmp_path / "store"),
+                   cache_dir=str(tmp_path / "cache"), engine_transport="ray")
+    cls = Ingress.func_or_class
+    cls.__mro__[1].__init__(cls.__new__(cls), replica, args)
+    assert replica.transport == {}
 
 
 def _put(ingress, tenant: str, name: str, adapter_dir):

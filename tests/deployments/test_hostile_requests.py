@@ -18,7 +18,9 @@ HEADERS = {"X-Tenant-Id": "acme"}  # development mode: no key file
 
 
 class _UnreachableReplica:
-    def options(self, **_kwargs):
+    def options(self, **options):
+        if "multiplexed_model_id" not in options:  # the transport, chosen once at start
+            return self
         raise AssertionError("a refused request reached the model replica")
 
 

@@ -282,6 +282,22 @@ def test_logs_carry_request_ids_never_prompts(service, adapters):
     assert canary not in logs_text()
 
 
+def test_client_leaving_mid_stream_cancels_the_request_at_the_engine_replica(service, adapters):
+    client = _client(service, "acme")
+    stream = client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=200,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    rid = next(iter(stream)).id
+    stream.close()  # the HTTP connection goes; 200 tokens would take the tiny model seconds
+    log_dir = service.ray_dir / "session_latest" / "logs"
+
+    def replica_saw_cancel() -> bool:
+        return any(f"request {rid} cancelled by the caller" in p.read_text(errors="replace")
+                   for p in log_dir.rglob("*LLMServer*") if p.is_file())
+
+    wait_for(replica_saw_cancel, timeout_s=60, what="the engine replica's cancel of the request")
+
+
 def test_prometheus_metrics_per_tenant_and_engine(service, adapters):
     _served_text(_client(service, "globex"), "style", PROMPTS[0], True)
     wanted = ["ray_moeplex_output_tokens_total", "ray_moeplex_time_to_first_token_seconds_count",
