@@ -19,7 +19,7 @@
 #   profile    per-kernel profile of one MoE layer (bench_moe_lora.py --profile-only) and 5 decode
 #              steps of case c through graphs and eagerly (bench_engine.py --profile)
 #   serve8     bench_serve.py, dummy:qwen3-30b-a3b at 8 layers, 16 adapters rank 16 on every
-#              expert, 16 tenants, 64 concurrent, 256 requests of 512 -> 128 tokens, burst 500
+#              expert, 16 tenants, 64 concurrent, 1024 requests of 512 -> 128 tokens, burst 500
 #   serve48    the same at 48 layers (adapters 1.7 GB each: ~56 GB of disk for the store and
 #              the replica's cache; SERVE48_ARGS="--adapters 8" if the call runs out of time)
 #   coldstart  bench_coldstart.py: 14 GB OLMoE checkpoint, disk read rate, engine start
@@ -42,8 +42,10 @@ if [[ -z ${MOEPLEX_COMMIT:-} ]]; then
   echo "warning: MOEPLEX_COMMIT is not set; results record: $MOEPLEX_COMMIT" >&2
 fi
 export MOEPLEX_COMMIT
+# 1024 requests: at 64 streams 256 of them last ~3 s, so the first wave (64 prompts at once)
+# weighs on the ratio; 1024 run ~12 s per path
 SERVE_COMMON="--model dummy:qwen3-30b-a3b --adapters 16 --rank 16 --tenants 16 --concurrency 64
-  --requests 256 --prompt-tokens 512 --max-tokens 128 --sequential 16 --burst 500 --burst-tokens 8"
+  --requests 1024 --prompt-tokens 512 --max-tokens 128 --sequential 16 --burst 500 --burst-tokens 8"
 
 have_ray() {
   python3 -c "import ray, fastapi, pydantic, starlette, uvicorn, multipart" 2>/dev/null && return 0
