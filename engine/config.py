@@ -37,6 +37,13 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     warmup: bool = True  # dummy prefill / mixed steps at start-up on CUDA (Triton compiles there)
     lora_failure_ttl_s: float = 30.0  # a failed adapter load is retried by requests after this
+    # adapter prefetch: the first this many waiting requests, in admission order, reserve their
+    # adapters before they are admitted (host load, then a free slot; one staged adapter per
+    # tenant, at most the host tier's count); None: 2 x max_num_seqs; 0: no prefetch
+    adapter_prefetch_window: int | None = None
+    # aging: a tenant's oldest request with an adapter that has waited this many scheduler steps
+    # gets first claim on the next slot that frees (oldest first, one per tenant); None: no aging
+    max_adapter_wait_steps: int | None = 100
     # schedule step n+1 before reading step n's tokens back, and launch it then when it is a decode
     # graph step (its decodes take those tokens on the device); a sequence that step n finishes
     # wastes one row of step n+1. Unseeded sampling then draws differently than without it.
@@ -66,6 +73,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_model_len", "block_size", "max_num_batched_tokens", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, least in (("adapter_prefetch_window", 0), ("max_adapter_wait_steps", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise InvalidRequestError(f"{name} must be >= {least} or None, got {getattr(self, name)}")
         if self.lora_failure_ttl_s < 0:
             raise InvalidRequestError(f"lora_failure_ttl_s must be >= 0, got {self.lora_failure_ttl_s}")
         self._check_memory_settings()

@@ -39,7 +39,10 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, self.spec.vocab_size, config.max_model_len,
                                      self.lora_manager is not None)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.block_manager, self.lora_manager, config.max_model_len)
+                                   self.block_manager, self.lora_manager, config.max_model_len,
+                                   prefetch_window=config.adapter_prefetch_window,
+                                   max_adapter_wait_steps=config.max_adapter_wait_steps,
+                                   max_staged_adapters=self.lora_manager.host_capacity if self.lora_manager else None)
         # the step scheduled ahead: launched and not read back, or (sched, None) not launched yet
         self._in_flight: tuple[SchedulerOutput, LaunchedStep | None] | None = None
         self.seqs: dict[str, Sequence] = {}
@@ -214,6 +217,7 @@ class LLMEngine:
             "lora_host_loads": lora.host_loads if lora else 0,
             "lora_load_seconds": (lora.host_load_seconds + lora.slot_load_seconds) if lora else 0.0,
             "lora_failures": lora.failures if lora else 0,
+            "lora_prefetches": self.scheduler.num_prefetched, "aged_requests": len(self.scheduler.aged),
             "warmup_seconds": self.runner.warmup_seconds,
             "num_lora_slots": self.runner.num_lora_slots,
         }

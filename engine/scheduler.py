@@ -2,8 +2,33 @@
 and round-robin fairness between tenants. Plain Python: no torch here.
 
 Each step spends a token budget: running sequences first (decodes, then the rest of
-chunked prefills), then waiting sequences in round-robin order over tenants. A waiting
-sequence is admitted only when its adapter holds a ready slot and its KV blocks fit.
+chunked prefills), then waiting sequences in admission order: round-robin over tenants,
+FIFO within a tenant, behind the sequences that waited too long for an adapter slot
+(aging, below). A waiting sequence is admitted only when its adapter holds a ready slot
+and its KV blocks fit.
+
+Adapter pressure, three rules:
+- one adapter load in flight per tenant, so a flood of one tenant's adapters cannot take
+  every slot;
+- prefetch: each step, before admission, the first `prefetch_window` waiting sequences in
+  admission order reserve their adapters (LoRAManager.reserve starts the host load, and
+  takes a free slot once the adapter is in the host tier), so an adapter loads while its
+  request queues behind a full batch. Tenants holding fewer slots go first (a slot that
+  frees goes to a tenant that waits, not back to the flood that held it); per tenant, one
+  waiting sequence at a time may hold or load an adapter no running sequence uses; no more
+  distinct adapters than the host tier holds (`max_staged_adapters`) are staged, so
+  prefetched loads do not evict each other from it. A slot that a running sequence
+  references is never evicted (the manager evicts unreferenced slots only);
+- aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
+  steps is visited first (oldest first, one per tenant), and while such a sequence has no
+  slot nobody else takes a slot reference, so the next slot that frees is its own.
+
+The prefetch is triggered here, not in LoRAManager: only the scheduler knows the admission
+order, the tenants and the aging, and a prefetch is an ordinary `reserve` taken on the
+waiting sequence's behalf, so the slot is reference counted (never evicted before its
+request runs, released if the request is aborted) and the manager stays a cache with no
+second path into its slots. The loads still run on the manager's loader and copy threads:
+the step only asks, it never waits on them.
 
 With async scheduling the engine schedules step n+1 while step n runs: a sequence that step n
 samples counts that token as pending (Sequence.num_pending) and decodes it next, its id fed
@@ -11,6 +36,7 @@ on the device; one whose pending token is its last is left out.
 """
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 from engine.block_manager import BlockManager
 from engine.errors import AdapterLoadError
@@ -30,13 +56,25 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
-                 lora_manager=None, max_model_len: int | None = None):
+                 lora_manager=None, max_model_len: int | None = None, prefetch_window: int | None = None,
+                 max_adapter_wait_steps: int | None = None, max_staged_adapters: int | None = None):
+        """prefetch_window: waiting sequences whose adapters are reserved ahead (None: 2 x
+        max_num_seqs, 0: none); max_adapter_wait_steps: steps before a queue head with an
+        adapter gets first claim on a slot (None: no aging); max_staged_adapters: distinct
+        adapters the prefetch keeps staged for waiting sequences (the host tier's count; None:
+        no bound)."""
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len or float("inf")
         self.block_manager, self.lora_manager = block_manager, lora_manager
+        self.prefetch_window = 2 * max_num_seqs if prefetch_window is None else prefetch_window
+        self.max_adapter_wait_steps, self.max_staged_adapters = max_adapter_wait_steps, max_staged_adapters
         self.waiting: dict[str, deque[Sequence]] = {}
         self.tenant_order: deque[str] = deque()
         self.running: list[Sequence] = []
+        self.num_steps = 0
+        self.enqueued_step: dict[int, int] = {}  # seq_id -> the step count when it (re)entered the queue
+        self.aged: list[Sequence] = []  # this step's sequences with first claim on a slot
+        self.num_prefetched = 0  # slots the prefetch reserved for sequences a step before admission
 
     @property
     def num_waiting(self) -> int:
@@ -51,14 +89,19 @@ class Scheduler:
         if seq.tenant not in self.tenant_order:
             self.tenant_order.appendleft(seq.tenant) if front else self.tenant_order.append(seq.tenant)
         queue.appendleft(seq) if front else queue.append(seq)
+        self.enqueued_step[seq.seq_id] = self.num_steps
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.num_steps += 1
         if self.lora_manager is not None:
             self.lora_manager.collect_loads()
+            self.aged = self._aged_heads()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
-        if out.num_preempted == 0:
+        prefetched = self._prefetch(out) if self.lora_manager is not None and self.prefetch_window > 0 else []
+        if out.num_preempted == 0:  # after the prefetch: slots go to the waiting in its order
             self._admit_waiting(out, budget)
+        self.num_prefetched += sum(seq.status is SequenceStatus.WAITING for seq in prefetched)
         out.scheduled.sort(key=lambda entry: entry[1] > 1)  # single-token entries (decodes) first
         return out
 
@@ -94,23 +137,109 @@ class Scheduler:
             budget -= n
 
     def _next_admissible(self, budget: int, out: SchedulerOutput) -> Sequence | None:
-        """The first admissible sequence in round-robin tenant order (FIFO within a tenant)."""
+        """The first admissible sequence: aged ones first, then round-robin tenant order (FIFO
+        within a tenant)."""
+        ready, blocked = self._reserve_aged(out)
+        if ready is not None:
+            return self._take(ready, budget)
         for tenant in list(self.tenant_order):
-            queue = self.waiting[tenant]
-            pending = False  # one adapter load in flight per tenant: a flood cannot take every slot
-            for seq in list(queue):
+            # one adapter load in flight per tenant: a flood cannot take every slot
+            pending = blocked
+            for seq in list(self.waiting[tenant]):
                 if pending and seq.lora is not None and seq.lora_slot is None:
                     continue
                 state = self._adapter_state(seq, out)
                 pending |= state == "loading"
-                if state != "ok":
-                    continue
-                if not self.block_manager.can_allocate(seq, min(seq.num_uncomputed_tokens, budget)):
-                    return None  # KV is full: admit nobody rather than starve long prompts
-                queue.remove(seq)
-                self._served(tenant)
-                return seq
+                if state == "ok":
+                    return self._take(seq, budget)
         return None
+
+    def _take(self, seq: Sequence, budget: int) -> Sequence | None:
+        """Remove `seq` from its queue for admission, or None when its KV blocks do not fit."""
+        if not self.block_manager.can_allocate(seq, min(seq.num_uncomputed_tokens, budget)):
+            return None  # KV is full: admit nobody rather than starve long prompts
+        self.waiting[seq.tenant].remove(seq)
+        self.enqueued_step.pop(seq.seq_id, None)
+        self._served(seq.tenant)
+        return seq
+
+    def _aged_heads(self) -> list[Sequence]:
+        """Tenants' queue heads with an adapter that have waited max_adapter_wait_steps steps or
+        more, oldest first. One per tenant, so aging cannot hand one tenant's flood every slot."""
+        if self.max_adapter_wait_steps is None:
+            return []
+        since = self.num_steps - self.max_adapter_wait_steps
+        heads = (self.waiting[tenant][0] for tenant in self.tenant_order)
+        aged = [seq for seq in heads if seq.lora is not None and self._enqueued(seq) <= since]
+        return sorted(aged, key=self._enqueued)
+
+    def _enqueued(self, seq: Sequence) -> int:
+        return self.enqueued_step.get(seq.seq_id, self.num_steps)
+
+    def _reserve_aged(self, out: SchedulerOutput) -> tuple[Sequence | None, bool]:
+        """Reserve the aged sequences' adapters, oldest first, until one finds no slot. Returns
+        the first whose slot is ready, and whether one found no slot: nobody behind it may then
+        take a slot reference (not even to a resident adapter, whose slot would then never
+        drain), so the next slot that frees is its own."""
+        ready = None
+        for seq in [s for s in self.aged if s.status is SequenceStatus.WAITING]:
+            state = self._adapter_state(seq, out)
+            if state == "loading" and seq.lora_slot is None:
+                return ready, True
+            if state == "ok" and ready is None:
+                ready = seq
+        return ready, False
+
+    def _prefetch(self, out: SchedulerOutput) -> list[Sequence]:
+        """Reserve the adapters of the first prefetch_window waiting sequences, in admission order
+        but tenants holding fewer slots first (a freed slot goes to a tenant that waits, not to
+        the flood that held it), one staged adapter per tenant, at most max_staged_adapters in
+        all. Adapters of running sequences need no staging: their slots are resident. Returns
+        the sequences it gave a slot."""
+        _, blocked = self._reserve_aged(out)
+        in_use = {seq.lora.lora_name for seq in self.running if seq.lora is not None}
+        window = self._lookahead()
+        held = self._slots_held(window)
+        staged, staged_tenants, reserved = 0, set(), []
+        for seq in sorted(window, key=lambda s: len(held.get(s.tenant, ()))):
+            if seq.lora is None or seq.status is not SequenceStatus.WAITING:
+                continue
+            name, had_slot = seq.lora.lora_name, seq.lora_slot is not None
+            new = name not in in_use
+            full = self.max_staged_adapters is not None and staged >= self.max_staged_adapters
+            if not had_slot and (blocked or (new and (full or seq.tenant in staged_tenants))):
+                continue
+            if self._adapter_state(seq, out) == "skip":
+                continue
+            if not had_slot and seq.lora_slot is not None:
+                reserved.append(seq)
+            if new:
+                staged += 1
+                staged_tenants.add(seq.tenant)
+                in_use.add(name)
+        return reserved
+
+    def _slots_held(self, window: list[Sequence]) -> dict[str, set[int]]:
+        """Per tenant, the slots its running sequences and the window's sequences reference."""
+        held: dict[str, set[int]] = {}
+        for seq in (*self.running, *window):
+            if seq.lora_slot is not None:
+                held.setdefault(seq.tenant, set()).add(seq.lora_slot)
+        return held
+
+    def _lookahead(self) -> list[Sequence]:
+        """The first prefetch_window waiting sequences in admission order: every tenant's k-th
+        before any tenant's (k+1)-th, tenants in round-robin order, FIFO within one. O(window)
+        however deep the queues."""
+        window, order = self.prefetch_window, []
+        cursors = deque(iter(self.waiting[tenant]) for tenant in islice(self.tenant_order, window))
+        while cursors and len(order) < window:
+            cursor = cursors.popleft()
+            seq = next(cursor, None)
+            if seq is not None:
+                order.append(seq)
+                cursors.append(cursor)
+        return order
 
     def _adapter_state(self, seq: Sequence, out: SchedulerOutput) -> str:
         if seq.lora is None:
@@ -151,6 +280,7 @@ class Scheduler:
             if not self.waiting[seq.tenant]:
                 del self.waiting[seq.tenant]
                 self.tenant_order.remove(seq.tenant)
+            self.enqueued_step.pop(seq.seq_id, None)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.block_manager.deallocate(seq)
         self._release_slot(seq)

@@ -1,0 +1,153 @@
+"""Adapter prefetch: the adapters of requests queued behind a full batch load (disk -> host tier
+-> a free slot) before the requests are admitted, in admission order, within the window, the
+host tier's count and the free slots, and never over an adapter a running request uses.
+
+The real LoRAManager over stand-in pools (copies done at once, no stream); host loads run on
+its loader threads, and each round waits for them, so the rounds are deterministic."""
+from concurrent.futures import wait
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.lora.adapter import LoRAAdapter
+from engine.lora.manager import LoRAManager
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import LoRARequest, Sequence, SequenceStatus
+
+
+class InstantPools:
+    """`num_slots` slots whose copies complete inside `write` (as on CPU)."""
+
+    stream, dtype, device = None, torch.float32, torch.device("cpu")
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+
+    def write(self, slot: int, adapter: LoRAAdapter) -> None:
+        return None
+
+    def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
+        return []
+
+
+def make_manager(num_slots: int, host_capacity: int = 8) -> LoRAManager:
+    """A manager whose host loads read no files; `manager.host_loaded` lists the adapters loaded."""
+    manager = LoRAManager(InstantPools(num_slots), spec=None, max_rank=4, host_capacity=host_capacity)
+    manager.host_loaded = []
+
+    def load(name: str, path: str) -> LoRAAdapter:
+        manager.host_loaded.append(name)
+        return LoRAAdapter(name)
+    manager._load_to_host = load
+    return manager
+
+
+def make_seq(k: int, adapter: str, max_tokens: int = 50) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Sequence(k, f"r{k}", [1, 2, 3], params, LoRARequest(adapter, "/x"), adapter.split("/")[0])
+
+
+def run_round(sched: Scheduler) -> list[Sequence]:
+    """One step: schedule, run it (a prefill's last chunk and each decode sample a token), then
+    let the loader threads finish what the step started. Returns the sequences it admitted."""
+    before = set(map(id, sched.running))
+    for seq, n in sched.schedule().scheduled:
+        seq.num_computed_tokens += n
+        if seq.num_uncomputed_tokens == 0:
+            seq.output_token_ids.append(7)
+    wait(list(sched.lora_manager.loading.values()), timeout=10)
+    return [seq for seq in sched.running if id(seq) not in before]
+
+
+def full_batch(manager: LoRAManager, names: list[str], **kw) -> tuple[Scheduler, list[Sequence]]:
+    """A scheduler of max_num_seqs = len(names), running one request per adapter in `names`."""
+    sched = Scheduler(len(names), 256, BlockManager(256, 4), manager, **kw)
+    running = [make_seq(k, name) for k, name in enumerate(names)]
+    for seq in running:
+        sched.add(seq)
+    for _ in range(3):
+        run_round(sched)
+    assert sched.running == running
+    return sched, running
+
+
+def test_queued_requests_load_their_adapters_before_admission_in_queue_order():
+    manager = make_manager(num_slots=3)
+    try:
+        sched, _ = full_batch(manager, ["t1/a", "t2/b"])
+        queued = [make_seq(10 + k, name) for k, name in enumerate(["t9/z", "t3/c", "t5/e"])]
+        for seq in queued:
+            sched.add(seq)
+        for _ in range(2):
+            assert run_round(sched) == []  # the batch is full: nobody is admitted
+        z, c, e = queued
+        assert all(seq.status is SequenceStatus.WAITING for seq in queued)
+        # the one free slot went to the first in the queue, and it is ready to run
+        assert manager.resident() == {"t1/a": 0, "t2/b": 1, "t9/z": 2} and z.lora_slot == 2
+        assert manager.is_ready(2) and c.lora_slot is None and e.lora_slot is None
+        assert {"t3/c", "t5/e"} <= set(manager.host)  # the others wait in the host tier
+        assert sched.num_prefetched == 1 and len(manager.host_loaded) == 5
+    finally:
+        manager.shutdown()
+
+
+def test_a_prefetched_request_runs_in_the_step_a_seat_frees():
+    manager = make_manager(num_slots=3)
+    try:
+        sched, running = full_batch(manager, ["t1/a", "t2/b"])
+        queued = make_seq(10, "t3/c")
+        sched.add(queued)
+        run_round(sched)
+        run_round(sched)
+        sched.finish(running[0], "stop")
+        assert run_round(sched) == [queued]
+    finally:
+        manager.shutdown()
+
+
+def test_prefetch_never_evicts_an_adapter_a_running_request_uses():
+    manager = make_manager(num_slots=2)
+    try:
+        sched, running = full_batch(manager, ["t1/a", "t2/b"])
+        queued = [make_seq(10, "t3/c"), make_seq(11, "t1/a")]  # the second shares a's slot
+        for seq in queued:
+            sched.add(seq)
+        for _ in range(4):
+            assert run_round(sched) == []
+        assert manager.resident() == {"t1/a": 0, "t2/b": 1} and manager.stats.evictions == 0
+        assert "t3/c" in manager.host and queued[0].lora_slot is None  # staged in the host tier only
+        assert queued[1].lora_slot == 0  # a hit on the running adapter's slot: nothing evicted
+        sched.finish(running[1], "stop")  # b's slot is free now: c's copy may replace b
+        assert run_round(sched) == [queued[0]]
+        assert manager.resident() == {"t1/a": 0, "t3/c": 1} and manager.stats.evictions == 1
+    finally:
+        manager.shutdown()
+
+
+def test_prefetch_stays_within_the_window_and_the_host_tier():
+    """Seven tenants queue behind a full batch with no slot free: only the first window's worth
+    load, and no more of them than the host tier holds, so no load evicts another."""
+    manager = make_manager(num_slots=2, host_capacity=3)
+    try:
+        sched, _ = full_batch(manager, ["t1/a", "t2/b"], prefetch_window=5, max_staged_adapters=3)
+        queued = [make_seq(10 + k, f"q{k}/ad") for k in range(7)]
+        for seq in queued:
+            sched.add(seq)
+        for _ in range(5):
+            run_round(sched)
+        assert sorted(manager.host_loaded[2:]) == ["q0/ad", "q1/ad", "q2/ad"]  # each once, in queue order
+        assert set(manager.host) == {"q0/ad", "q1/ad", "q2/ad"} and manager.loading == {}
+    finally:
+        manager.shutdown()
+
+
+def test_no_prefetch_with_a_window_of_zero():
+    manager = make_manager(num_slots=3)
+    try:
+        sched, _ = full_batch(manager, ["t1/a", "t2/b"], prefetch_window=0)
+        sched.add(make_seq(10, "t3/c"))
+        run_round(sched)
+        assert sorted(manager.host_loaded) == ["t1/a", "t2/b"] and "t3/c" not in manager.resident()
+    finally:
+        manager.shutdown()
