@@ -128,6 +128,14 @@ class AppArgs(BaseModel):
     replica_on_serve_loop: bool = Field(
         default=True, description="run the engine replica's code on Serve's own event loop, as "
         "ingress_on_serve_loop does for the ingress")
+    max_request_body_bytes: int | None = Field(
+        default=None, ge=1, description="413 for a JSON request body past this, before it is "
+        "parsed (uploads have max_adapter_bytes); default: 64 bytes a token of max_model_len, "
+        "at least 4 MiB")
+    metrics_endpoint: bool = Field(
+        default=True, description="GET /metrics on the API's port, without tenant auth (as "
+        "vLLM's): vllm:num_requests_waiting|running and vllm:lora_requests_info (adapter names) "
+        "over the engine replicas, and this node's ray_moeplex_* series; false: 404")
     allow_lora_path_uploads: bool = Field(
         default=False, description="vLLM's /v1/load_lora_adapter may read adapters from a path "
         "on the ingress's machine (an operator decision: a tenant could name any server path)")

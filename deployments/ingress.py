@@ -22,9 +22,11 @@ from engine.errors import EngineError
 
 from deployments.args import AppArgs
 from deployments.auth import TENANT_HEADER
+from deployments.body_limit import BodyLimitMiddleware, BodyTooLarge, default_max_body_bytes
 from deployments.errors import (APIError, AuthenticationError, BadRequestError, NotFoundError,
                                 PermissionDeniedError,
                                 ServiceUnavailableError, request_validation_error, to_api_error)
+from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
 from deployments.replica_stream import collect, first_item, lost_replica
 from deployments.schemas import (AdapterCard, ChatCompletionRequest, CompletionRequest,
@@ -36,6 +38,22 @@ _BROADCAST_TIMEOUT_S = 10.0
 # only the shared ones gives all shared adapters and no private one, whoever t is.
 _ANY_TENANT = "anonymous"
 api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
+
+
+def _body_cap() -> int | None:
+    """This replica's cap on request bodies (None before the Ingress exists)."""
+    try:
+        return serve.get_replica_context().servable_object.max_body_bytes
+    except Exception:  # noqa: BLE001 - no replica context: not serving yet
+        return None
+
+
+api.add_middleware(BodyLimitMiddleware, limit=_body_cap)
+
+
+@api.exception_handler(BodyTooLarge)
+async def _body_too_large(_request: Request, exc: BodyTooLarge):
+    return exc.api_error.response()
 
 
 @api.exception_handler(APIError)
@@ -82,7 +100,7 @@ class Ingress:
     def __init__(self, llm, args: AppArgs):
         from deployments.auth import TenantAuth
         from deployments.limits import TenantLimiter
-        from deployments.metrics import IngressMetrics
+        from deployments.metrics import IngressMetrics, MetricsPage, node_metrics_url
         from deployments.model_files import ensure_model
         from deployments.resolve_cache import ResolveCache
 
@@ -100,13 +118,17 @@ class Ingress:
         self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
         self._base_dir = ensure_model(args)  # uploads are validated against its config.json
         self._upload_limits = args.store_limits(self._base_dir)
+        self.max_body_bytes = args.max_request_body_bytes or default_max_body_bytes(args.max_model_len)
         self._metrics = IngressMetrics()
+        self._page = MetricsPage(self._engine_snapshots, args.model_name(), node_metrics_url()) \
+            if args.metrics_endpoint else None
         who = ("API keys from " + args.api_keys + " (Authorization: Bearer <key>)" if args.api_keys
                else f"development mode: the {TENANT_HEADER} header names the tenant")
         logger.info("moeplex ingress ready: model %r; %s; adapter store %s; adapters up to "
-                    "rank %d and %d bytes; metrics on Ray's metrics export port (`ray start "
+                    "rank %d and %d bytes; metrics %son Ray's metrics export port (`ray start "
                     "--metrics-export-port`)", args.model_name(), who, args.store_uri(),
-                    args.max_lora_rank, self._upload_limits.max_adapter_bytes)
+                    args.max_lora_rank, self._upload_limits.max_adapter_bytes,
+                    "at GET /metrics and " if args.metrics_endpoint else "")
 
     # ---- health -------------------------------------------------------------------
     @api.get("/health")
@@ -121,6 +143,19 @@ class Ingress:
             raise ServiceUnavailableError(f"no model replica answered: {type(exc).__name__}",
                                           code="not_ready") from exc
         return {"status": "ready", "model": self._args.model_name(), "engine": info["stats"]}
+
+    @api.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        """Prometheus text: vLLM's scheduler series summed over the engine replicas, for the
+        Gateway API Inference Extension, and this node's ray_moeplex_* (deployments/metrics.py).
+        No tenant auth, as vLLM's; 404 with metrics_endpoint=false."""
+        if self._page is None:
+            raise StarletteHTTPException(status_code=404)
+        return PlainTextResponse(await self._page.text(), media_type=EXPOSITION_CONTENT_TYPE)
+
+    async def _engine_snapshots(self) -> list:
+        """Every engine replica's `metrics_snapshot()`, an exception in place of one that failed."""
+        return await self._llm.broadcast("metrics_snapshot").results_async(return_exceptions=True)
 
     # ---- models and adapters ------------------------------------------------------
     @api.get("/v1/models")

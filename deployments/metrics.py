@@ -3,11 +3,25 @@
 Ingress: requests per tenant and status. Replica: tokens per tenant, TTFT and TPOT
 histograms, adapter fetches (multiplexed loads, their latency, DiskCache misses), and
 gauges fed from `engine.stats()`: running/waiting requests, the last step's batch size
-and distinct adapters, and the engine's adapter-slot hits/misses/loads as counters.
+and distinct adapters, and the engine's adapter-slot hits/misses/loads as counters. Those
+are Ray metrics (`ray_moeplex_*` on each node's metrics export port).
+
+`MetricsPage` is the ingress's `GET /metrics`: the series the Gateway API Inference
+Extension's endpoint picker reads, as vLLM names them, beside this node's `ray_moeplex_*`.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
 from ray.serve import metrics
+
+from adapter_store.errors import InvalidNameError
+from adapter_store.names import parse_ref
+
+logger = logging.getLogger("ray.serve")
 
 _LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 _TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -98,3 +112,177 @@ def counter_deltas(last: dict[str, float], stats: dict) -> dict[str, float]:
             deltas[key] = value - previous
         last[key] = value
     return deltas
+
+
+# ---- GET /metrics -------------------------------------------------------------------------
+EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+NODE_SERIES_PREFIX = "ray_moeplex_"
+_SCRAPE_TIMEOUT_S = 2.0
+_NODE_PAGE_BYTES = 8 << 20  # Ray's whole page for one node; past this its series are left out
+
+
+def engine_snapshot(stats: dict) -> dict:
+    """`LLMServer.metrics_snapshot()` from one `engine.stats()`: request counts, adapter slots,
+    and the adapters with a running / waiting request by the name a client puts in `model`
+    (the engine knows them by multiplexed id, `owner/name@version`)."""
+    return {"running": int(stats.get("running", 0)), "waiting": int(stats.get("waiting", 0)),
+            "max_lora": int(stats.get("num_lora_slots", 0)),
+            "running_adapters": adapter_names(stats.get("running_adapters", ())),
+            "waiting_adapters": adapter_names(stats.get("waiting_adapters", ()))}
+
+
+def adapter_names(model_ids) -> list[str]:
+    """The distinct adapter names in multiplexed ids, sorted (an id that does not parse as is)."""
+    names = set()
+    for model_id in model_ids:
+        try:
+            names.add(parse_ref(model_id).name)
+        except InvalidNameError:
+            names.add(model_id)
+    return sorted(names)
+
+
+def vllm_series(snapshots: list[dict], model_name: str, now: float) -> list[str]:
+    """vLLM's scheduler series, as exposition lines, over the engine replicas in `snapshots`.
+
+    Followed: vLLM v1's `PrometheusStatLogger` and the Gateway API Inference Extension's
+    model server protocol (docs/proposals/003-model-server-protocol). `vllm:num_requests_
+    running|waiting` are gauges labelled `model_name`. `vllm:lora_requests_info` is a gauge
+    whose value is the time it was set (vLLM's `set_to_current_time()`), labelled `max_lora`
+    (vLLM's `--max-loras`: adapters one engine holds on the GPU for a batch, here its slots),
+    `running_lora_adapters` and `waiting_lora_adapters` (vLLM: ",".join of the names of the
+    adapters with a running / waiting request, no spaces, "" for none). vLLM leaves every older
+    label set behind as a series of its own and the picker takes the one of largest value; we
+    emit the current one only, which the picker reads the same way.
+
+    Summed over the replicas, not one series each: the picker scrapes one endpoint per model
+    server (our ingress) and reads one series of a family (for the counts the first, for the
+    LoRA info the latest), so per-replica series would show it one replica. Counts are the
+    sums, the adapter lists the unions; `max_lora` stays per engine (vLLM's meaning; vLLM
+    behind one server with several engines does the same), the fewest slots of any replica.
+    No snapshots, no series: the picker then sees the metrics as missing, not an idle server.
+    """
+    if not snapshots:
+        return []
+    model = f'model_name="{label_value(model_name)}"'
+    lines = []
+    for name, key, doc in (("vllm:num_requests_running", "running",
+                            "Number of requests in model execution batches."),
+                           ("vllm:num_requests_waiting", "waiting",
+                            "Number of requests waiting to be processed.")):
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge",
+                  f"{name}{{{model}}} {sum(s[key] for s in snapshots)}"]
+    max_lora = min(s["max_lora"] for s in snapshots)
+    if max_lora > 0:  # vLLM has the family only with LoRA enabled
+        running = sorted(set().union(*(s["running_adapters"] for s in snapshots)))
+        waiting = sorted(set().union(*(s["waiting_adapters"] for s in snapshots)))
+        labels = (f'max_lora="{max_lora}",waiting_lora_adapters="{label_value(",".join(waiting))}"'
+                  f',running_lora_adapters="{label_value(",".join(running))}"')
+        lines += ["# HELP vllm:lora_requests_info Running stats on lora requests.",
+                  "# TYPE vllm:lora_requests_info gauge",
+                  f"vllm:lora_requests_info{{{labels}}} {float(now)!r}"]
+    return lines
+
+
+def label_value(value: str) -> str:
+    """A label value in the text exposition format: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def node_series(page: str, prefix: str = NODE_SERIES_PREFIX) -> list[str]:
+    """The lines of a Prometheus text page whose metric name starts with `prefix`, HELP and TYPE
+    lines included (a whole family shares its name, so the families stay whole)."""
+    kept = []
+    for line in page.splitlines():
+        words = line.split(maxsplit=3)
+        name = words[2] if line.startswith("#") and len(words) > 2 else line
+        if name.startswith(prefix):
+            kept.append(line)
+    return kept
+
+
+def node_metrics_url() -> str | None:
+    """Ray's metrics export endpoint of this process's node; None outside Ray or without one."""
+    try:
+        from ray._private.worker import global_worker
+        node = global_worker.node
+        host, port = node.node_ip_address, node.metrics_export_port
+    except Exception:  # noqa: BLE001 - a private API: not connected, or changed
+        return None
+    if not isinstance(port, int) or port <= 0:
+        return None
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
+def read_page(url: str, timeout_s: float, max_bytes: int) -> str:
+    """GET `url` (blocking: run it in a thread); ValueError past `max_bytes`."""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        body = response.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise ValueError(f"the page is over {max_bytes} bytes")
+    return body.decode("utf-8", errors="replace")
+
+
+class MetricsPage:
+    """The text of `GET /metrics`, rebuilt at most once per `ttl_s` however many scrape it.
+
+    `gather()` returns every engine replica's `metrics_snapshot()` (an exception in place of
+    a replica that failed); `node_url` is Ray's metrics export endpoint of this node, or None.
+    Each source has `timeout_s`; one that fails or is late is left out and the other still
+    answers. The engine replicas are one source: a late replica leaves all the vllm: series
+    out, while one that raised is only left out of the sums (and counted as failed).
+    """
+
+    def __init__(self, gather: Callable[[], Awaitable[list]], model_name: str,
+                 node_url: str | None, ttl_s: float = 1.0, timeout_s: float = _SCRAPE_TIMEOUT_S):
+        self._gather, self._model_name, self._node_url = gather, model_name, node_url
+        self._ttl_s, self._timeout_s = ttl_s, timeout_s
+        self._text, self._built_at = "", float("-inf")
+        self._lock = asyncio.Lock()
+        self._failing: set[str] = set()  # sources whose failure was logged: once, not per scrape
+
+    async def text(self) -> str:
+        async with self._lock:  # concurrent scrapes wait for one rebuild and share it
+            if time.monotonic() - self._built_at >= self._ttl_s:
+                self._text = await self._build()
+                self._built_at = time.monotonic()
+            return self._text
+
+    async def _build(self) -> str:
+        (snapshots, failed), node = await asyncio.gather(self._snapshots(), self._node_lines())
+        lines = vllm_series(snapshots, self._model_name, time.time())
+        lines += ["# HELP moeplex_metrics_engine_replicas Engine replicas this page's vllm: "
+                  "series sum (answered), or that answered with an error (failed).",
+                  "# TYPE moeplex_metrics_engine_replicas gauge",
+                  f'moeplex_metrics_engine_replicas{{outcome="answered"}} {len(snapshots)}',
+                  f'moeplex_metrics_engine_replicas{{outcome="failed"}} {failed}']
+        return "\n".join(lines + node) + "\n"
+
+    async def _snapshots(self) -> tuple[list[dict], int]:
+        try:
+            results = await asyncio.wait_for(self._gather(), self._timeout_s)
+        except Exception as exc:  # noqa: BLE001 - e.g. a timeout, no replica yet
+            self._failed("engine replicas", exc)
+            return [], 0
+        self._failing.discard("engine replicas")
+        snapshots = [r for r in results if isinstance(r, dict)]
+        return snapshots, len(results) - len(snapshots)
+
+    async def _node_lines(self) -> list[str]:
+        if self._node_url is None:
+            return []
+        try:
+            page = await asyncio.wait_for(asyncio.to_thread(
+                read_page, self._node_url, self._timeout_s, _NODE_PAGE_BYTES), self._timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the node's exporter is down, slow or huge
+            self._failed(self._node_url, exc)
+            return []
+        self._failing.discard(self._node_url)
+        return node_series(page)
+
+    def _failed(self, source: str, exc: Exception) -> None:
+        level = logging.DEBUG if source in self._failing else logging.WARNING
+        self._failing.add(source)
+        logger.log(level, "GET /metrics: nothing from %s (left out until it answers): %s: %s",
+                   source, type(exc).__name__, exc)

@@ -30,6 +30,7 @@ from engine.frontend import INLINE_TOKENIZE_CHARS
 
 logger = logging.getLogger("ray.serve")
 _STATS_PERIOD_S = 1.0
+_ADAPTER_NAME_STATS = ("running_adapters", "waiting_adapters")
 
 
 class LLMServer:
@@ -162,7 +163,17 @@ class LLMServer:
             engine.shutdown()
 
     async def ready(self) -> dict:
-        return {"model": str(self._model_dir), "stats": self._engine.stats()}
+        """For the unauthenticated /ready: counts only, no tenant's adapter names."""
+        stats = {k: v for k, v in self._engine.stats().items() if k not in _ADAPTER_NAME_STATS}
+        return {"model": str(self._model_dir), "stats": stats}
+
+    async def metrics_snapshot(self) -> dict:
+        """Running/waiting counts, adapter slots and the adapters of running and waiting requests,
+        for the ingress's GET /metrics (Serve's broadcast to every replica). Reads the engine's
+        last stats (refreshed every ~0.2 s): no round trip to the engine core."""
+        from deployments.metrics import engine_snapshot
+
+        return engine_snapshot(self._engine.stats())
 
     def check_health(self) -> None:
         """Serve calls this periodically: a dead engine core fails it, and Serve replaces the replica."""

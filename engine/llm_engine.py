@@ -220,6 +220,9 @@ class LLMEngine:
             "lora_prefetches": self.scheduler.num_prefetched, "aged_requests": len(self.scheduler.aged),
             "warmup_seconds": self.runner.warmup_seconds,
             "num_lora_slots": self.runner.num_lora_slots,
+            # vLLM's lora_requests_info labels: adapters with a request running / waiting
+            "running_adapters": _adapter_names(self.scheduler.running),
+            "waiting_adapters": _adapter_names(s for queue in self.scheduler.waiting.values() for s in queue),
         }
 
     def generate(self, prompts: list, params: SamplingParams | None = None,
@@ -243,3 +246,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         if self.lora_manager is not None:
             self.lora_manager.shutdown()
+
+
+def _adapter_names(seqs) -> list[str]:
+    """The distinct `lora_name`s of `seqs`, sorted (O(len(seqs)))."""
+    return sorted({seq.lora.lora_name for seq in seqs if seq.lora is not None})

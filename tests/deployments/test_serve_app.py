@@ -45,6 +45,9 @@ def test_health_ready_and_models(service, adapters):
     assert httpx.get(f"{service}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{service}/ready", timeout=60)
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    # /ready needs no key: it shows counts, never which tenants' adapters run
+    assert {"running_adapters", "waiting_adapters"}.isdisjoint(ready.json()["engine"])
+    assert "running" in ready.json()["engine"]
     models = [m.id for m in _client(service, "acme").models.list()]
     assert models == [BASE, "style"]
 
@@ -315,6 +318,58 @@ def test_prometheus_metrics_per_tenant_and_engine(service, adapters):
 
     lines = wait_for(globex_requests, timeout_s=90, period_s=3, what="moeplex metrics exported")
     assert float(lines[0].rsplit(" ", 1)[1]) >= 1
+
+
+def _scrape(service: str) -> dict:
+    """GET /metrics on the API's port, parsed as Prometheus text: {family name: family}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{service}/metrics", timeout=10)  # no tenant key: as vLLM's
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {family.name: family for family in text_string_to_metric_families(response.text)}
+
+
+def test_metrics_endpoint_for_the_inference_gateway(service, adapters, tiny_adapter):
+    """vLLM's series at {service}/metrics over both engine replicas; an adapter with a running
+    request is named in vllm:lora_requests_info; this node's ray_moeplex_* series beside."""
+    assert upload(service, auth("globex"), "gauge-probe", tiny_adapter(seed=7)).status_code == 201
+    families = _scrape(service)
+    assert families["vllm:num_requests_waiting"].type == "gauge"
+    assert families["vllm:num_requests_waiting"].samples[0].labels == {"model_name": BASE}
+    assert "vllm:num_requests_running" in families
+    labels = families["vllm:lora_requests_info"].samples[0].labels
+    assert int(labels["max_lora"]) >= 1
+    body = {"model": "gauge-probe", "prompt": PROMPTS[0], "max_tokens": MAX_MODEL_LEN - 16,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    stop, failures = threading.Event(), []
+
+    def keep_streaming():  # one long request after another until the scrape saw one
+        while not stop.is_set():
+            with httpx.stream("POST", f"{service}/v1/completions", json=body,
+                              headers=auth("globex"), timeout=120) as response:
+                if response.status_code != 200:
+                    failures.append(response.read())
+                    return
+                for _ in response.iter_lines():
+                    if stop.is_set():
+                        break
+
+    def running_adapters() -> list[str] | None:
+        assert not failures, failures
+        info = _scrape(service)["vllm:lora_requests_info"].samples[0]
+        running = info.labels["running_lora_adapters"].split(",")
+        return running if "gauge-probe" in running else None
+
+    streamer = threading.Thread(target=keep_streaming, daemon=True)
+    streamer.start()
+    try:
+        wait_for(running_adapters, timeout_s=60, period_s=0.3, what="gauge-probe running")
+    finally:
+        stop.set()
+        streamer.join(timeout=120)
+    wait_for(lambda: any(name.startswith("ray_moeplex_requests") for name in _scrape(service)),
+             timeout_s=90, period_s=3, what="this node's ray_moeplex_* series at /metrics")
 
 
 def test_replica_killed_mid_stream_later_requests_succeed(service, adapters):
