@@ -94,6 +94,16 @@ def test_chat_message_with_a_lone_surrogate_is_400(client, content):
     assert "surrogate" in error["message"] and "messages[0].content" in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_an_8_mb_prompt_is_413_before_it_is_parsed_or_reaches_the_replica(client, ingress, path):
+    assert ingress.max_body_bytes == 4 << 20  # the default at this model's max_model_len
+    prompt = "word " * ((8 << 20) // 5)
+    body = ({"model": "base", "prompt": prompt} if path == "/v1/completions"
+            else {"model": "base", "messages": [{"role": "user", "content": prompt}]})
+    error = _assert_openai_error(_post_json(client, path, body), 413, "invalid_request_error")
+    assert error["code"] == "request_too_large"
+
+
 def test_an_unforeseen_failure_is_openai_json_without_its_detail(client, ingress):
     ingress._store = _BrokenStore()
     error = _assert_openai_error(client.get("/v1/models", headers=HEADERS), 500, "server_error")

@@ -1,0 +1,64 @@
+"""A cap on request bodies, before anything parses them.
+
+A JSON body is read whole and parsed before a route sees it, and a prompt is tokenised before its
+length can be checked, so an 8 MB prompt held a worker for seconds only to be refused. This ASGI
+middleware answers 413 with OpenAI's error JSON as soon as the declared `content-length` or the
+bytes received pass the cap; nothing downstream reads the rest. Uploads have their own, larger
+limit (deployments/uploads.py) and are left to it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.exceptions import HTTPException
+
+from deployments.errors import PayloadTooLargeError
+
+_UPLOAD_PATHS = ("/v1/adapters",)
+# A JSON request holds the prompt (text or token ids, a few bytes a token, 6 for an escaped
+# character), options and at most a vocabulary-sized logit_bias; this many bytes per token of
+# context leave room for all of it.
+BYTES_PER_CONTEXT_TOKEN = 64
+MIN_BODY_BYTES = 4 << 20
+
+
+def default_max_body_bytes(max_model_len: int) -> int:
+    return max(MIN_BODY_BYTES, BYTES_PER_CONTEXT_TOKEN * max_model_len)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a body passes the cap. An HTTPException, so FastAPI's body
+    reading lets it through (it turns other errors into a 400) to the app's handler for it."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(413, f"request body of {size} bytes or more is over this server's limit "
+                              f"of {limit} bytes; send a shorter prompt")
+        self.api_error = PayloadTooLargeError(self.detail, code="request_too_large")
+
+
+class BodyLimitMiddleware:
+    """Refuse HTTP bodies over `limit()` bytes (None: no cap) on every path but uploads."""
+
+    def __init__(self, app, limit: Callable[[], int | None]):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        limit = self.limit() if scope["type"] == "http" else None
+        if limit is None or scope["path"].startswith(_UPLOAD_PATHS):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            response = BodyTooLarge(int(declared), limit).api_error.response()
+            return await response(scope, receive, send)
+        received = 0
+
+        async def bounded_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(received, limit)
+            return message
+
+        await self.app(scope, bounded_receive, send)

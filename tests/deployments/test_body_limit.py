@@ -1,0 +1,70 @@
+"""Request bodies over the cap get a 413 in OpenAI's error JSON before any route parses them."""
+import json
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from deployments.body_limit import BodyLimitMiddleware, BodyTooLarge, default_max_body_bytes
+
+LIMIT = 1000
+
+
+@pytest.fixture
+def client():
+    app = FastAPI()
+    app.add_middleware(BodyLimitMiddleware, limit=lambda: LIMIT)
+    seen = []
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_request, exc: BodyTooLarge):
+        return exc.api_error.response()
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        seen.append(body)
+        return {"chars": len(body["prompt"])}
+
+    @app.post("/v1/adapters")
+    async def upload(body: dict):
+        return {"chars": len(body["prompt"])}
+
+    test_client = TestClient(app)
+    test_client.seen = seen
+    return test_client
+
+
+def test_a_body_within_the_cap_reaches_the_route(client):
+    assert client.post("/v1/completions", json={"prompt": "x" * 100}).json() == {"chars": 100}
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_the_route(client):
+    response = client.post("/v1/completions", json={"prompt": "x" * 5000})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert client.seen == []
+
+
+def test_a_chunked_body_over_the_cap_is_refused_with_openais_error_json(client):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"x" * 500
+        yield b'"}'
+
+    response = client.post("/v1/completions", content=chunks(),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and str(LIMIT) in error["message"]
+    assert client.seen == []
+
+
+def test_uploads_are_left_to_their_own_limit(client):
+    assert client.post("/v1/adapters", content=json.dumps({"prompt": "x" * 5000}),
+                       headers={"content-type": "application/json"}).json() == {"chars": 5000}
+
+
+def test_the_default_cap_grows_with_the_context_and_has_a_floor():
+    assert default_max_body_bytes(2048) == 4 << 20
+    assert default_max_body_bytes(262144) == 64 * 262144
