@@ -40,6 +40,26 @@ class AdapterRef:
     version: str | None
 
 
+def pinned_ref(owner: str, name: str, version: str) -> str:
+    """`owner/name@version`: one version of one tenant's adapter, the identity that travels
+    from the ingress to the replica (`multiplexed_model_id`) and names it in the engine."""
+    return f"{owner}/{name}@{version}"
+
+
+def parse_pinned_ref(ref: str) -> AdapterRef:
+    """Parse a `pinned_ref`; owner and version must both be there."""
+    parsed = parse_ref(ref)
+    if parsed.owner is None or parsed.version is None:
+        raise InvalidNameError(f"adapter reference {ref!r} is not pinned; expected 'owner/name@version'")
+    return parsed
+
+
+def ref_name(ref: str) -> str:
+    """The adapter name in `[owner/]name[@version]`, unchecked (for cache keys of refs that
+    may not parse)."""
+    return ref.partition("@")[0].rpartition("/")[2]
+
+
 def parse_ref(ref: str) -> AdapterRef:
     """Parse `[owner/]name[@version]`, checking every part."""
     if not isinstance(ref, str) or not ref:

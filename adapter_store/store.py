@@ -30,7 +30,7 @@ from adapter_store.errors import (
     AdapterNotFoundError, AdapterStoreError, ChecksumMismatchError, LimitExceededError,
 )
 from adapter_store.garbage import MANIFEST_FILE, collect_garbage
-from adapter_store.names import check_name, parse_ref
+from adapter_store.names import check_name, parse_pinned_ref, parse_ref, pinned_ref
 from adapter_store.validate import ADAPTER_FILES, StoreLimits, validate_adapter
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class AdapterInfo:
 
     @property
     def ref(self) -> str:
-        return f"{self.tenant}/{self.name}@{self.version}"
+        return pinned_ref(self.tenant, self.name, self.version)
 
     @property
     def size_bytes(self) -> int:
@@ -196,6 +196,17 @@ class AdapterStore(ABC):
             raise self._not_found(ref)
         info = self._resolve_own(owner, parsed.name, parsed.version)
         return AdapterInfo(info.tenant, info.name, info.version, info.manifest, True)
+
+    def read_pinned(self, ref: str) -> AdapterInfo:
+        """The version an `owner/name@version` names (what `AdapterInfo.ref` gives), read
+        directly: no visibility rule or latest-version lookup, since whoever pinned it (the
+        ingress, for a tenant allowed to use it) already applied them."""
+        parsed = parse_pinned_ref(ref)
+        info = self._read_version(parsed.owner, parsed.name, parsed.version,
+                                  self._is_shared(parsed.owner, parsed.name))
+        if info is None:
+            raise self._not_found(ref)
+        return info
 
     def list_versions(self, tenant: str, name: str) -> list[AdapterInfo]:
         """Visible versions of the caller's adapter (or a shared `owner/name`), oldest first."""

@@ -338,7 +338,7 @@ class Ingress:
                 f"model {model!r} does not exist or is not available to you; GET /v1/models "
                 "lists the base model and your adapters", code="model_not_found",
                 param="model") from exc
-        return f"{info.tenant}/{info.name}@{info.version}"
+        return info.ref
 
     def _adapter_ref(self, model: str) -> str | None:
         """The adapter ref in a request's `model`, None for the base model. vLLM users send the

@@ -1,10 +1,11 @@
 """`LLMServer`: one Serve replica owning one engine; streams token deltas to the ingress.
 
-Requests arrive with `multiplexed_model_id = "<owner>/<adapter>@<version>"` (or "" for
-the base model). `serve.multiplexed` keeps the adapters this replica has fetched, so
-the router sends an adapter's requests to replicas that already hold it; the loader
-resolves the adapter in the store and fetches its files through the DiskCache off the
-event loop, then hands the engine a `LoRARequest`. Every tenant's requests go into the
+Requests arrive with `multiplexed_model_id` = the adapter version's `AdapterInfo.ref`,
+`owner/name@version` (or "" for the base model). `serve.multiplexed` keeps the adapters this
+replica has fetched, so the router sends an adapter's requests to replicas that already hold
+it; the loader reads that pinned version's manifest (the ingress already checked the tenant
+may use it) and fetches its files through the DiskCache off the event loop, then hands the
+engine a `LoRARequest`. Every tenant's requests go into the
 same engine, which batches them together.
 
 The engine core runs in a process of its own (`EngineCoreClient`, unless
@@ -62,9 +63,8 @@ class LLMServer:
         """Multiplexed loader: `owner/name@version` -> LoRARequest with a local directory."""
         from engine import LoRARequest
 
-        owner, _, ref = model_id.partition("/")
         started = time.perf_counter()
-        info = await asyncio.to_thread(self._store.resolve, owner, ref)
+        info = await asyncio.to_thread(self._store.read_pinned, model_id)
         local_dir = await asyncio.to_thread(self._cache.fetch, self._store, info)
         self._metrics.adapter_loads.inc()
         self._metrics.adapter_load_latency.observe(time.perf_counter() - started)

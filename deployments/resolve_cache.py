@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapter_store.errors import AdapterNotFoundError, StoreUnavailableError
+from adapter_store.names import ref_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -114,7 +115,7 @@ class ResolveCache:
         self._epoch += 1
         for key in [k for k, e in self._entries.items() if e.name == name]:
             del self._entries[key]
-        for key in [k for k in self._in_flight if _name_of(k[1]) == name]:
+        for key in [k for k in self._in_flight if ref_name(k[1]) == name]:
             del self._in_flight[key]  # its result still goes to those already waiting
 
     def _fresh(self, key: Key) -> _Entry | None:
@@ -140,10 +141,10 @@ class ResolveCache:
         (tenant, ref), started = key, self._clock()  # the answer's age counts from here
         try:
             info = await asyncio.to_thread(self._resolve, tenant, ref)
-            entry = _Entry(_name_of(ref), started + self._ttl(pinned="@" in ref), info=info,
+            entry = _Entry(ref_name(ref), started + self._ttl(pinned="@" in ref), info=info,
                            stale_until=started + self._stale_if_error_s)
         except AdapterNotFoundError as exc:  # other errors (bad names) propagate
-            entry = _Entry(_name_of(ref), started + self._ttl(pinned=False),
+            entry = _Entry(ref_name(ref), started + self._ttl(pinned=False),
                            not_found=(str(exc), exc.code))
         except StoreUnavailableError as exc:
             return self._stand_in(key, exc)
@@ -200,7 +201,3 @@ def _answer(entry: _Entry):
 def _retrieve(task: asyncio.Task) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _name_of(ref: str) -> str:
-    return ref.partition("@")[0].rpartition("/")[2]

@@ -176,3 +176,19 @@ def test_corrupt_manifest_and_vanished_files_are_typed_errors(store, adapter, ba
     store._write_bytes(f"{prefix}/{MANIFEST_FILE}", b"{not json")
     with pytest.raises(ChecksumMismatchError, match="corrupt"):
         store.resolve("acme", "ad")
+
+
+def test_a_pinned_ref_reads_that_version_whatever_is_latest(store, tiny_adapter, base_model):
+    first = store.put("acme", "ad", tiny_adapter(rank=4, seed=1), base_model)
+    store.put("acme", "ad", tiny_adapter(rank=4, seed=2), base_model)
+    assert first.ref == f"acme/ad@{first.version}"
+    assert store.read_pinned(first.ref) == first
+    store.delete("acme", "ad", first.version)
+    with pytest.raises(AdapterNotFoundError):
+        store.read_pinned(first.ref)
+
+
+@pytest.mark.parametrize("ref", ["ad", "acme/ad", "ad@v1", "acme/../ad@v1"])
+def test_only_owner_name_version_refs_are_pinned(store, ref):
+    with pytest.raises(InvalidNameError):
+        store.read_pinned(ref)
