@@ -16,6 +16,9 @@ from adapter_store.safetensors_io import MAX_HEADER_BYTES
 # Versions the store keeps of one adapter name; an upload beyond it deletes the oldest
 # (AdapterStore.put says why). 16 versions of a 4 GiB adapter are 64 GiB: a bounded quota.
 DEFAULT_MAX_VERSIONS_PER_ADAPTER = 16
+# The largest rank served by default (AppArgs.max_lora_rank) and so the largest the store and
+# its CLI accept by default: an adapter accepted at upload is one the service can load.
+DEFAULT_MAX_LORA_RANK = 16
 
 BYTES_PER_PARAM = 4  # float32
 HEADER_BYTES_PER_TENSOR = 256  # one safetensors header entry: key, dtype, shape, offsets

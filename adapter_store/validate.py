@@ -19,7 +19,7 @@ from adapter_store.formats import (
     ModelShape, PatternTable, PatternTimeoutError, UnknownKeyError, compile_module_pattern,
     expected_shape, match_module_pattern, parse_lora_key, pattern_module_name,
 )
-from adapter_store.limits import DEFAULT_MAX_VERSIONS_PER_ADAPTER, max_header_bytes
+from adapter_store.limits import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_VERSIONS_PER_ADAPTER, max_header_bytes
 from adapter_store.safetensors_io import TensorEntry, count_non_finite, read_header
 
 CONFIG_FILE = "adapter_config.json"
@@ -36,7 +36,7 @@ MAX_PATTERN_KEYS = 256
 class StoreLimits:
     """Per-tenant limits checked on upload."""
 
-    max_rank: int = 256
+    max_rank: int = DEFAULT_MAX_LORA_RANK
     max_adapter_bytes: int = 4 << 30
     max_adapters_per_tenant: int = 1000
     max_versions_per_adapter: int = DEFAULT_MAX_VERSIONS_PER_ADAPTER  # older ones are deleted

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapter_store.defaults import default_cache_dir, default_store_uri, store_from_env
+from adapter_store.limits import DEFAULT_MAX_LORA_RANK
 
 TINY_MODEL_NAME = "moeplex-tiny-qwen3-moe"
 DUMMY_PREFIX = "dummy:"
@@ -69,7 +70,7 @@ class AppArgs(BaseModel):
     lora_memory_fraction: float | None = Field(default=None, gt=0, lt=1, description="share of that "
                                                "budget for adapter slots when max_loras is unset; "
                                                "default: KV cache for max_num_seqs sequences first")
-    max_lora_rank: int = Field(default=16, ge=1, description="largest adapter rank served (and "
+    max_lora_rank: int = Field(default=DEFAULT_MAX_LORA_RANK, ge=1, description="largest adapter rank served (and "
                                "accepted on upload)")
     max_adapters_per_replica: int | None = Field(default=None, ge=1, description="adapters a "
                                                  "replica keeps fetched (Serve's multiplexing "

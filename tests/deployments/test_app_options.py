@@ -148,3 +148,11 @@ def test_make_test_adds_the_extras_once_and_serve_installs_once(tmp_path):
     assert installs == [f"{venv}/bin/python -m pip install -e '.[test,bench]'"]
     (venv / ".installed-test").touch()
     assert not any("pip install" in line for line in _make_dry_run(venv, "test"))
+
+
+def test_the_store_and_its_cli_accept_by_default_no_rank_the_service_cannot_serve():
+    from adapter_store.cli import build_parser
+    from adapter_store.validate import StoreLimits
+
+    upload = build_parser().parse_args(["upload", "/tmp/x", "--tenant", "t", "--name", "n"])
+    assert StoreLimits().max_rank == upload.max_rank == AppArgs().max_lora_rank
