@@ -133,6 +133,9 @@ class AppArgs(BaseModel):
         default=None, ge=1, description="413 for a JSON request body past this, before it is "
         "parsed (uploads have max_adapter_bytes); default: 64 bytes a token of max_model_len, "
         "at least 4 MiB")
+    api_docs: bool | None = Field(
+        default=None, description="serve FastAPI's /docs, /redoc and /openapi.json; default: in "
+        "development mode only (not with api_keys)")
     metrics_endpoint: bool = Field(
         default=True, description="GET /metrics on the API's port, without tenant auth (as "
         "vLLM's): vllm:num_requests_waiting|running and vllm:lora_requests_info (adapter names) "

@@ -22,7 +22,8 @@ from engine.errors import EngineError
 
 from deployments.args import AppArgs
 from deployments.auth import TENANT_HEADER
-from deployments.body_limit import BodyLimitMiddleware, BodyTooLarge, default_max_body_bytes
+from deployments.http_guards import (BodyLimitMiddleware, BodyTooLarge, DocsSwitch,
+                                     default_max_body_bytes)
 from deployments.errors import (APIError, AuthenticationError, BadRequestError, NotFoundError,
                                 PermissionDeniedError,
                                 ServiceUnavailableError, request_validation_error, to_api_error)
@@ -40,15 +41,16 @@ _ANY_TENANT = "anonymous"
 api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
 
 
-def _body_cap() -> int | None:
-    """This replica's cap on request bodies (None before the Ingress exists)."""
+def _ingress_attr(name: str, default):
+    """An attribute of this replica's Ingress (`default` before it exists)."""
     try:
-        return serve.get_replica_context().servable_object.max_body_bytes
+        return getattr(serve.get_replica_context().servable_object, name)
     except Exception:  # noqa: BLE001 - no replica context: not serving yet
-        return None
+        return default
 
 
-api.add_middleware(BodyLimitMiddleware, limit=_body_cap)
+api.add_middleware(BodyLimitMiddleware, limit=lambda: _ingress_attr("max_body_bytes", None))
+api.add_middleware(DocsSwitch, enabled=lambda: _ingress_attr("api_docs", False))
 
 
 @api.exception_handler(BodyTooLarge)
@@ -119,6 +121,7 @@ class Ingress:
         self._base_dir = ensure_model(args)  # uploads are validated against its config.json
         self._upload_limits = args.store_limits(self._base_dir)
         self.max_body_bytes = args.max_request_body_bytes or default_max_body_bytes(args.max_model_len)
+        self.api_docs = args.api_docs if args.api_docs is not None else args.api_keys is None
         self._metrics = IngressMetrics()
         self._page = MetricsPage(self._engine_snapshots, args.model_name(), node_metrics_url()) \
             if args.metrics_endpoint else None

@@ -33,6 +33,7 @@ ENGINE_COUNTERS = {
     "lora_load_seconds": "moeplex_engine_adapter_load_seconds",
     "lora_evictions": "moeplex_engine_adapter_evictions",
     "lora_failures": "moeplex_engine_adapter_failures",
+    "lora_prefetches": "moeplex_engine_adapter_prefetches",
 }
 ENGINE_GAUGES = {
     "running": "moeplex_engine_running_requests",
@@ -40,6 +41,7 @@ ENGINE_GAUGES = {
     "last_step_batch_size": "moeplex_engine_batch_size",
     "last_step_adapters": "moeplex_engine_distinct_adapters_per_step",
     "free_kv_blocks": "moeplex_engine_free_kv_blocks",
+    "aged_requests": "moeplex_engine_aged_adapter_requests",
 }
 
 

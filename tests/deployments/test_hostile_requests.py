@@ -144,3 +144,24 @@ def test_a_valid_upload_still_succeeds(client, ingress, tiny_adapter):
     response = _upload(client, tiny_adapter("qwen3_moe", "per_expert", rank=4))
     assert response.status_code == 201, response.text
     assert [a.name for a in ingress._store.list_adapters("acme")] == ["ad"]
+
+
+@pytest.mark.parametrize("keys", [False, True], ids=["development_mode", "api_keys"])
+def test_api_docs_are_public_in_development_mode_only(tmp_path, tiny_checkpoint, monkeypatch, keys):
+    from ray import serve
+
+    from deployments.auth import hash_key
+
+    key_file = None
+    if keys:
+        key_file = tmp_path / "keys.json"
+        key_file.write_text(json.dumps({"tenants": {"acme": {"key_sha256": [hash_key("k")]}}}))
+    cls = Ingress.func_or_class
+    self = cls.__new__(cls)
+    args = AppArgs(model=str(tiny_checkpoint("qwen3_moe")), store=str(tmp_path / "store"),
+                   cache_dir=str(tmp_path / "cache"), api_keys=str(key_file) if key_file else None)
+    cls.__mro__[1].__init__(self, _UnreachableReplica(), args)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=self))
+    with TestClient(api, raise_server_exceptions=False) as client:
+        assert client.get("/openapi.json").status_code == (404 if keys else 200)
+        assert client.get("/docs").status_code == (404 if keys else 200)

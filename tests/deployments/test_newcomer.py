@@ -135,3 +135,12 @@ def test_vllm_style_load_and_unload_of_an_adapter_by_path(newcomer):
     assert unloaded.status_code == 200, unloaded.text
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="by-path", prompt="Hi", max_tokens=3)
+
+
+def test_metrics_scrape_on_the_api_port(newcomer):
+    url, _env, _work = newcomer
+    _openai(url, "dave").completions.create(model=_openai(url, "dave").models.list().data[0].id,
+                                            prompt="Hi", max_tokens=2)
+    page = httpx.get(f"{url}/metrics", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    assert "vllm:num_requests_waiting" in page.text and "vllm:lora_requests_info{" in page.text

@@ -5,7 +5,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from deployments.body_limit import BodyLimitMiddleware, BodyTooLarge, default_max_body_bytes
+from deployments.http_guards import BodyLimitMiddleware, BodyTooLarge, default_max_body_bytes
 
 LIMIT = 1000
 
@@ -68,3 +68,17 @@ def test_uploads_are_left_to_their_own_limit(client):
 def test_the_default_cap_grows_with_the_context_and_has_a_floor():
     assert default_max_body_bytes(2048) == 4 << 20
     assert default_max_body_bytes(262144) == 64 * 262144
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_api_docs_answer_only_when_enabled(enabled):
+    from deployments.http_guards import DocsSwitch
+
+    app = FastAPI()
+    app.add_middleware(DocsSwitch, enabled=lambda: enabled)
+    client = TestClient(app)
+    for path in ("/docs", "/openapi.json"):
+        response = client.get(path)
+        assert response.status_code == (200 if enabled else 404)
+        if not enabled:
+            assert response.json()["error"]["type"] == "not_found_error"

@@ -1,4 +1,6 @@
-"""A cap on request bodies, before anything parses them.
+"""ASGI guards of the ingress: a cap on request bodies, and the API docs as the operator's choice.
+
+The cap on request bodies, before anything parses them.
 
 A JSON body is read whole and parsed before a route sees it, and a prompt is tokenised before its
 length can be checked, so an 8 MB prompt held a worker for seconds only to be refused. This ASGI
@@ -12,7 +14,7 @@ from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
-from deployments.errors import PayloadTooLargeError
+from deployments.errors import NotFoundError, PayloadTooLargeError
 
 _UPLOAD_PATHS = ("/v1/adapters",)
 # A JSON request holds the prompt (text or token ids, a few bytes a token, 6 for an escaped
@@ -62,3 +64,23 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, bounded_receive, send)
+
+
+DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
+
+
+class DocsSwitch:
+    """404 (OpenAI's error JSON) for FastAPI's docs pages and schema unless `enabled()`: the
+    schema lists every route and field, which an operator may not want public."""
+
+    def __init__(self, app, enabled: Callable[[], bool]):
+        self.app = app
+        self.enabled = enabled
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["path"].startswith(DOCS_PATHS)
+                and not self.enabled()):
+            response = NotFoundError(f"{scope['path']} is turned off here (api_docs=false)",
+                                     code="not_found").response()
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
