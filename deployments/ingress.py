@@ -118,7 +118,7 @@ class Ingress:
                                       self._auth.max_concurrent, args.num_ingress_replicas())
         self._store = args.open_store()
         self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
-        self._base_dir = ensure_model(args)  # uploads are validated against its config.json
+        self._base_dir = ensure_model(args, config_only=True)  # uploads are checked against it
         self._upload_limits = args.store_limits(self._base_dir)
         self.max_body_bytes = args.max_request_body_bytes or default_max_body_bytes(args.max_model_len)
         self.api_docs = args.api_docs if args.api_docs is not None else args.api_keys is None

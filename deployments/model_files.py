@@ -1,5 +1,6 @@
-"""Materialise the base checkpoint a replica serves: the embedded tiny one, s3:// files, or a
-dummy model (config.json and tokenizer files only, for random weights at real shapes).
+"""Materialise the base checkpoint a replica serves: the embedded tiny one, s3:// files (shards
+in parallel, with progress; the ingress fetches config.json alone), or a dummy model
+(config.json and tokenizer files only, for random weights at real shapes).
 
 Each lands in `cache_dir` once per machine: a file lock keeps concurrent replicas from
 writing the same directory, and a `.complete` marker written last tells a finished copy
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from filelock import FileLock
@@ -18,22 +22,34 @@ from filelock import FileLock
 from deployments.args import DUMMY_PREFIX, AppArgs
 
 _MARKER = ".complete"
+_PARALLEL_DOWNLOADS = 8
+logger = logging.getLogger("ray.serve")
 
 
 class ModelFilesError(RuntimeError):
     """The base checkpoint cannot be found or fetched; the message says what to fix."""
 
 
-def ensure_model(args: AppArgs) -> Path:
-    """The local directory of the base checkpoint named by `args.model`."""
+def ensure_model(args: AppArgs, config_only: bool = False) -> Path:
+    """The local directory of the base checkpoint named by `args.model`.
+
+    `config_only`: the caller reads config.json alone (the ingress validates uploads against
+    it), so an s3:// checkpoint not yet on this machine costs one small download there, not
+    the weights; its directory has the same last name as the full copy's (the name is part of
+    the base model's fingerprint)."""
     if args.uses_dummy_weights():
         return _ensure_dummy(args)
     if args.model is None:
         return _ensure_tiny(args)
     if args.model.startswith("s3://"):
         bucket, _, prefix = args.model[len("s3://"):].partition("/")
-        target = args.cache_path("models", "s3", bucket, *filter(None, prefix.split("/")))
-        return _materialise(target, lambda out: _download_s3(args, bucket, prefix, out))
+        parts = (bucket, *filter(None, prefix.split("/")))
+        full = args.cache_path("models", "s3", *parts)
+        if config_only and not (full / _MARKER).exists():
+            target = args.cache_path("models", "s3-config", *parts)
+            return _materialise(target, lambda out: _download_s3(args, bucket, prefix, out,
+                                                                  only=("config.json",)))
+        return _materialise(full, lambda out: _download_s3(args, bucket, prefix, out))
     return _local_checkpoint(args.model)
 
 
@@ -110,22 +126,40 @@ def _write_tiny(out: Path) -> None:
     make_tiny_checkpoint(out, family="qwen3_moe", seed=0)
 
 
-def _download_s3(args: AppArgs, bucket: str, prefix: str, out: Path) -> None:
+def _download_s3(args: AppArgs, bucket: str, prefix: str, out: Path,
+                 only: tuple[str, ...] | None = None) -> None:
+    """The objects under `prefix` (or just the files named in `only`) into `out`, several at
+    a time (a checkpoint is a few large shards: one stream each does not fill the link), with
+    a progress line per finished file."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=args.store_endpoint_url,
                           region_name=args.store_region)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    count = 0
+    objects = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             relative = obj["Key"][len(prefix):]
             if not relative or relative.endswith("/") or ".." in relative.split("/"):
                 continue
-            dest = out / relative
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(dest))
-            count += 1
-    if not (out / "config.json").is_file():
-        raise ModelFilesError(f"s3://{bucket}/{prefix} holds no config.json ({count} files "
+            if only is None or relative in only:
+                objects.append((obj["Key"], relative, obj.get("Size", 0)))
+    if "config.json" not in {relative for _, relative, _ in objects}:
+        raise ModelFilesError(f"s3://{bucket}/{prefix} holds no config.json ({len(objects)} files "
                               "found); point model= at the prefix of an HF checkpoint")
+    total, done, started = sum(size for *_, size in objects), 0, time.monotonic()
+
+    def fetch(key: str, relative: str) -> None:
+        dest = out / relative
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(dest))
+
+    with ThreadPoolExecutor(max_workers=min(_PARALLEL_DOWNLOADS, len(objects))) as pool:
+        futures = {pool.submit(fetch, key, relative): (relative, size) for key, relative, size in objects}
+        for future in as_completed(futures):
+            future.result()
+            relative, size = futures[future]
+            done += size
+            seconds = max(time.monotonic() - started, 1e-6)
+            logger.info("model s3://%s/%s: %s done, %.2f of %.2f GB (%.0f MB/s)", bucket, prefix,
+                        relative, done / 1e9, total / 1e9, done / seconds / 1e6)

@@ -32,6 +32,29 @@ def test_s3_checkpoint_is_downloaded_once_into_the_cache(tmp_path, tiny_checkpoi
             ensure_model(AppArgs(model="s3://models/nothing-here", cache_dir=str(tmp_path)))
 
 
+def test_the_ingress_fetches_only_the_config_of_an_s3_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    source = tiny_checkpoint()
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="models")
+        for path in (p for p in source.iterdir() if p.is_file()):
+            s3.upload_file(str(path), "models", f"ckpts/tiny/{path.name}")
+        args = AppArgs(model="s3://models/ckpts/tiny", cache_dir=str(tmp_path))
+        config_dir = ensure_model(args, config_only=True)
+        assert sorted(p.name for p in config_dir.iterdir()) == [".complete", "config.json"]
+        assert config_dir.name == "tiny"  # the base model's fingerprint carries the name
+        assert filecmp.cmp(config_dir / "config.json", source / "config.json", shallow=False)
+        full = ensure_model(args)
+        assert full != config_dir and len(list(full.iterdir())) > 2  # the weights too
+        assert ensure_model(args, config_only=True) == full  # once the weights are here, them
+
+
 def test_local_checkpoint_must_hold_a_config(tmp_path, tiny_checkpoint):
     assert ensure_model(AppArgs(model=str(tiny_checkpoint()))) == tiny_checkpoint()
     with pytest.raises(ModelFilesError, match="no config.json"):
