@@ -19,15 +19,43 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
     """The moeplex application for `args` (an AppArgs, or the dict `serve run` passes)."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
-    if not ray.is_initialized():
+    starts_ray = not ray.is_initialized()
+    if starts_ray:
         set_ray_env_defaults()
     if args.api_keys is not None:
         from deployments.auth import load_key_file
         load_key_file(args.api_keys)  # fail at deploy time, not at the first request
-    server = serve.deployment(LLMServer, name="LLMServer").options(
-        **args.replica_options(cluster_gpus()))
-    ingress = Ingress.options(**args.ingress_options())
+    replica_options, ingress_options = args.replica_options(cluster_gpus()), args.ingress_options()
+    job_env = {} if starts_ray else dict(ray.get_runtime_context().runtime_env or {})
+    with_job_env([replica_options, ingress_options], starts_ray, job_env)
+    server = serve.deployment(LLMServer, name="LLMServer").options(**replica_options)
+    ingress = Ingress.options(**ingress_options)
     return ingress.bind(server.bind(args), args)
+
+
+def with_job_env(all_options: list[dict], starts_ray: bool, job_env: dict) -> list[dict]:
+    """Keep the job's runtime_env (env_vars such as credentials, pip, py_modules) for
+    deployments that set env_vars of their own, in place.
+
+    Serve gives a deployment with a runtime_env of its own only the job's working_dir. Where
+    Ray is already up, the job's runtime_env is merged under ours. Where `serve run` starts Ray
+    after this builder, the job's runtime_env is not known yet: if every deployment asks for
+    the same env_vars they go into this process's environment, which that Ray instance's
+    workers inherit, and the deployments keep no runtime_env of their own.
+    """
+    envs = [o.get("ray_actor_options", {}).get("runtime_env") for o in all_options]
+    if starts_ray and all(envs) and all(e == envs[0] for e in envs):
+        for key, value in envs[0].get("env_vars", {}).items():
+            os.environ.setdefault(key, value)
+        for options in all_options:
+            del options["ray_actor_options"]["runtime_env"]
+        return all_options
+    for options, env in zip(all_options, envs):
+        if env and job_env:
+            options["ray_actor_options"]["runtime_env"] = {
+                **job_env, **{k: v for k, v in env.items() if k != "env_vars"},
+                "env_vars": {**job_env.get("env_vars", {}), **env.get("env_vars", {})}}
+    return all_options
 
 
 # Environment read by Ray processes when they start, Serve's HTTP proxy among them.

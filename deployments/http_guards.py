@@ -5,7 +5,8 @@ The cap on request bodies, before anything parses them.
 A JSON body is read whole and parsed before a route sees it, and a prompt is tokenised before its
 length can be checked, so an 8 MB prompt held a worker for seconds only to be refused. This ASGI
 middleware answers 413 with OpenAI's error JSON as soon as the declared `content-length` or the
-bytes received pass the cap; nothing downstream reads the rest. Uploads have their own, larger
+bytes received pass the cap; no route parses it. (Serve's proxy and replica still receive the
+whole body before the app sees it: a cap on bytes in flight belongs at the load balancer.) Uploads have their own, larger
 limit (deployments/uploads.py) and are left to it.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ class BodyLimitMiddleware:
 
     async def __call__(self, scope, receive, send):
         limit = self.limit() if scope["type"] == "http" else None
-        if limit is None or scope["path"].startswith(_UPLOAD_PATHS):
+        if limit is None or _route_path(scope).startswith(_UPLOAD_PATHS):
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
@@ -78,9 +79,16 @@ class DocsSwitch:
         self.enabled = enabled
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] == "http" and scope["path"].startswith(DOCS_PATHS)
+        if (scope["type"] == "http" and _route_path(scope).startswith(DOCS_PATHS)
                 and not self.enabled()):
             response = NotFoundError(f"{scope['path']} is turned off here (api_docs=false)",
                                      code="not_found").response()
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    """The path below the app's mount point: Serve puts its route prefix in `root_path`, and
+    Starlette keeps it in `path` too."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path

@@ -120,6 +120,7 @@ def counter_deltas(last: dict[str, float], stats: dict) -> dict[str, float]:
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NODE_SERIES_PREFIX = "ray_moeplex_"
 _SCRAPE_TIMEOUT_S = 2.0
+_STALE_OK_S = 30.0  # how old the last answered snapshots may be when a scrape times out
 _NODE_PAGE_BYTES = 8 << 20  # Ray's whole page for one node; past this its series are left out
 
 
@@ -243,6 +244,10 @@ class MetricsPage:
         self._text, self._built_at = "", float("-inf")
         self._lock = asyncio.Lock()
         self._failing: set[str] = set()  # sources whose failure was logged: once, not per scrape
+        # the last snapshots that answered: a broadcast waits behind a replica's full request
+        # slots (Serve's max_ongoing_requests), so under full load a scrape may time out, and
+        # recent counts beat none for a router reading them
+        self._last: tuple[float, list[dict], int] | None = None
 
     async def text(self) -> str:
         async with self._lock:  # concurrent scrapes wait for one rebuild and share it
@@ -266,9 +271,12 @@ class MetricsPage:
             results = await asyncio.wait_for(self._gather(), self._timeout_s)
         except Exception as exc:  # noqa: BLE001 - e.g. a timeout, no replica yet
             self._failed("engine replicas", exc)
+            if self._last is not None and time.monotonic() - self._last[0] <= _STALE_OK_S:
+                return self._last[1], self._last[2]
             return [], 0
         self._failing.discard("engine replicas")
         snapshots = [r for r in results if isinstance(r, dict)]
+        self._last = (time.monotonic(), snapshots, len(results) - len(snapshots))
         return snapshots, len(results) - len(snapshots)
 
     async def _node_lines(self) -> list[str]:

@@ -133,8 +133,11 @@ def _download_s3(args: AppArgs, bucket: str, prefix: str, out: Path,
     a progress line per finished file."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=args.store_endpoint_url,
-                          region_name=args.store_region)
+    from botocore.config import Config
+
+    # each download_file runs s3transfer's own 10 threads: room for all of them in the pool
+    client = boto3.client("s3", endpoint_url=args.store_endpoint_url, region_name=args.store_region,
+                          config=Config(max_pool_connections=10 * _PARALLEL_DOWNLOADS))
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     objects = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -154,12 +157,15 @@ def _download_s3(args: AppArgs, bucket: str, prefix: str, out: Path,
         dest.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(bucket, key, str(dest))
 
-    with ThreadPoolExecutor(max_workers=min(_PARALLEL_DOWNLOADS, len(objects))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(_PARALLEL_DOWNLOADS, len(objects)))
+    try:
         futures = {pool.submit(fetch, key, relative): (relative, size) for key, relative, size in objects}
         for future in as_completed(futures):
-            future.result()
+            future.result()  # one failure ends the download: the queued files are cancelled
             relative, size = futures[future]
             done += size
             seconds = max(time.monotonic() - started, 1e-6)
             logger.info("model s3://%s/%s: %s done, %.2f of %.2f GB (%.0f MB/s)", bucket, prefix,
                         relative, done / 1e9, total / 1e9, done / seconds / 1e6)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -82,3 +82,27 @@ def test_the_api_docs_answer_only_when_enabled(enabled):
         assert response.status_code == (200 if enabled else 404)
         if not enabled:
             assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_the_guards_see_paths_below_a_route_prefix():
+    import asyncio
+
+    from deployments.http_guards import DocsSwitch
+
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/api/openapi.json", "root_path": "/api",
+             "headers": [], "query_string": b""}
+    asyncio.run(DocsSwitch(app, enabled=lambda: False)(scope, receive, send))
+    assert reached == [] and sent[0]["status"] == 404

@@ -27,3 +27,27 @@ def test_two_ingress_replicas_and_an_engine_replica_fit_two_cores():
     ingress = args.ingress_options()
     engine = args.replica_options(cluster_gpus=0)["ray_actor_options"]
     assert ingress["num_replicas"] * ingress["ray_actor_options"]["num_cpus"] + engine["num_cpus"] <= 2
+
+
+def test_deployments_keep_the_jobs_runtime_env_beside_their_own_env_vars():
+    from deployments.app import with_job_env
+
+    args = AppArgs()
+    options = [args.replica_options(0.0), args.ingress_options()]
+    job = {"env_vars": {"AWS_PROFILE": "prod"}, "pip": ["x"]}
+    with_job_env(options, starts_ray=False, job_env=job)
+    for o in options:
+        env = o["ray_actor_options"]["runtime_env"]
+        assert env["env_vars"] == {"AWS_PROFILE": "prod", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+        assert env["pip"] == ["x"]
+
+
+def test_before_serve_run_starts_ray_the_shared_switch_goes_into_the_environment(monkeypatch):
+    from deployments.app import with_job_env
+
+    monkeypatch.delenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", raising=False)
+    options = [AppArgs().replica_options(0.0), AppArgs().ingress_options()]
+    with_job_env(options, starts_ray=True, job_env={})
+    assert all("runtime_env" not in o["ray_actor_options"] for o in options)
+    import os
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"

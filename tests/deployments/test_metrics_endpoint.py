@@ -161,6 +161,25 @@ def test_page_answers_when_node_or_replicas_do_not():
     assert _samples(text)["vllm:num_requests_waiting"][0][1] == 5
 
 
+def test_a_timed_out_scrape_keeps_the_last_answered_counts():
+    answered = [False]
+
+    async def first_fast_then_stuck():
+        if answered[0]:
+            await asyncio.sleep(10)  # behind full request slots
+        answered[0] = True
+        return [_snapshot(waiting=7)]
+
+    page = MetricsPage(first_fast_then_stuck, "m", None, ttl_s=0.0, timeout_s=0.2)
+
+    async def scrape_twice():
+        return await page.text(), await page.text()
+
+    first, second = asyncio.run(scrape_twice())
+    assert _samples(second)["vllm:num_requests_waiting"][0][1] == 7 == \
+        _samples(first)["vllm:num_requests_waiting"][0][1]
+
+
 def test_page_rebuilds_after_its_ttl():
     gather, calls = _gatherer(_snapshot())
     page = MetricsPage(gather, "m", None, ttl_s=0.0)
