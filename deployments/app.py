@@ -33,7 +33,7 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
     return ingress.bind(server.bind(args), args)
 
 
-def with_job_env(all_options: list[dict], starts_ray: bool, job_env: dict) -> list[dict]:
+def with_job_env(all_options: list[dict], starts_ray: bool, job_env: dict) -> None:
     """Keep the job's runtime_env (env_vars such as credentials, pip, py_modules) for
     deployments that set env_vars of their own, in place.
 
@@ -49,13 +49,12 @@ def with_job_env(all_options: list[dict], starts_ray: bool, job_env: dict) -> li
             os.environ.setdefault(key, value)
         for options in all_options:
             del options["ray_actor_options"]["runtime_env"]
-        return all_options
+        return
     for options, env in zip(all_options, envs):
         if env and job_env:
             options["ray_actor_options"]["runtime_env"] = {
                 **job_env, **{k: v for k, v in env.items() if k != "env_vars"},
                 "env_vars": {**job_env.get("env_vars", {}), **env.get("env_vars", {})}}
-    return all_options
 
 
 # Environment read by Ray processes when they start, Serve's HTTP proxy among them.

@@ -22,11 +22,11 @@ from engine.errors import EngineError
 
 from deployments.args import AppArgs
 from deployments.auth import TENANT_HEADER
-from deployments.http_guards import (BodyLimitMiddleware, BodyTooLarge, DocsSwitch,
-                                     default_max_body_bytes)
 from deployments.errors import (APIError, AuthenticationError, BadRequestError, NotFoundError,
                                 PermissionDeniedError,
                                 ServiceUnavailableError, request_validation_error, to_api_error)
+from deployments.http_guards import (BodyLimitMiddleware, BodyTooLarge, DocsSwitch,
+                                     default_max_body_bytes)
 from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
 from deployments.replica_stream import collect, first_item, lost_replica

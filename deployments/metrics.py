@@ -18,8 +18,7 @@ from typing import Awaitable, Callable
 
 from ray.serve import metrics
 
-from adapter_store.errors import InvalidNameError
-from adapter_store.names import parse_ref
+from adapter_store.names import ref_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -135,14 +134,8 @@ def engine_snapshot(stats: dict) -> dict:
 
 
 def adapter_names(model_ids) -> list[str]:
-    """The distinct adapter names in multiplexed ids, sorted (an id that does not parse as is)."""
-    names = set()
-    for model_id in model_ids:
-        try:
-            names.add(parse_ref(model_id).name)
-        except InvalidNameError:
-            names.add(model_id)
-    return sorted(names)
+    """The distinct adapter names in multiplexed ids, sorted."""
+    return sorted({ref_name(model_id) for model_id in model_ids})
 
 
 def vllm_series(snapshots: list[dict], model_name: str, now: float) -> list[str]:
@@ -233,8 +226,10 @@ class MetricsPage:
     `gather()` returns every engine replica's `metrics_snapshot()` (an exception in place of
     a replica that failed); `node_url` is Ray's metrics export endpoint of this node, or None.
     Each source has `timeout_s`; one that fails or is late is left out and the other still
-    answers. The engine replicas are one source: a late replica leaves all the vllm: series
-    out, while one that raised is only left out of the sums (and counted as failed).
+    answers. The engine replicas are one source: when they are late (a broadcast waits behind
+    a replica's full request slots) the page keeps their last answer for up to _STALE_OK_S,
+    then leaves the vllm: series out; a replica that raised is left out of the sums (and
+    counted as failed).
     """
 
     def __init__(self, gather: Callable[[], Awaitable[list]], model_name: str,
@@ -244,9 +239,8 @@ class MetricsPage:
         self._text, self._built_at = "", float("-inf")
         self._lock = asyncio.Lock()
         self._failing: set[str] = set()  # sources whose failure was logged: once, not per scrape
-        # the last snapshots that answered: a broadcast waits behind a replica's full request
-        # slots (Serve's max_ongoing_requests), so under full load a scrape may time out, and
-        # recent counts beat none for a router reading them
+        # (when, snapshots, failed) of the last broadcast that answered: recent counts beat none
+        # for a router reading them
         self._last: tuple[float, list[dict], int] | None = None
 
     async def text(self) -> str:
@@ -277,19 +271,21 @@ class MetricsPage:
         self._failing.discard("engine replicas")
         snapshots = [r for r in results if isinstance(r, dict)]
         self._last = (time.monotonic(), snapshots, len(results) - len(snapshots))
-        return snapshots, len(results) - len(snapshots)
+        return self._last[1:]
 
     async def _node_lines(self) -> list[str]:
         if self._node_url is None:
             return []
+        def read_and_filter() -> list[str]:  # off the event loop: the page may be megabytes
+            return node_series(read_page(self._node_url, self._timeout_s, _NODE_PAGE_BYTES))
+
         try:
-            page = await asyncio.wait_for(asyncio.to_thread(
-                read_page, self._node_url, self._timeout_s, _NODE_PAGE_BYTES), self._timeout_s)
+            lines = await asyncio.wait_for(asyncio.to_thread(read_and_filter), self._timeout_s)
         except Exception as exc:  # noqa: BLE001 - the node's exporter is down, slow or huge
             self._failed(self._node_url, exc)
             return []
         self._failing.discard(self._node_url)
-        return node_series(page)
+        return lines
 
     def _failed(self, source: str, exc: Exception) -> None:
         level = logging.DEBUG if source in self._failing else logging.WARNING

@@ -132,7 +132,6 @@ def _download_s3(args: AppArgs, bucket: str, prefix: str, out: Path,
     a time (a checkpoint is a few large shards: one stream each does not fill the link), with
     a progress line per finished file."""
     import boto3
-
     from botocore.config import Config
 
     # each download_file runs s3transfer's own 10 threads: room for all of them in the pool
