@@ -16,7 +16,8 @@ import torch
 
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
 from kernels.grouped_gemm import grouped_gemm
-from kernels.moe_launch import LORA_BLOCK_M, fused_path_ok, moe_with_layouts
+from kernels.lora_rows import lora_rows_
+from kernels.moe_launch import LORA_BLOCK_M, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from provenance import provenance
@@ -121,7 +122,19 @@ def rel(a, b):
     return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()).clamp_min(1e-30))
 
 
-def run_config(preset, layer, m, n, bw, gen):
+def path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths):
+    """virtual / base of each named LoRA path (kernels.moe_launch.LORA_PATHS) at this size."""
+    m, inter = hidden.shape[0], w_down.shape[2]
+    out = {}
+    for path in paths:
+        if path == "fused" and not fused_path_ok(m, inter):
+            continue
+        fn = lambda: fused_moe_triton(hidden, w_gate_up, w_down, tw, ids, lora, slots, path=path)  # noqa: E731
+        out[path] = time_graph(fn) / base_ms
+    return out
+
+
+def run_config(preset, layer, m, n, bw, gen, paths=()):
     d, inter, e, k = PRESETS[preset]
     w_gate_up, w_down, lora = layer
     hidden, tw, ids, slots = make_batch(m, d, e, k, n, gen)
@@ -133,7 +146,8 @@ def run_config(preset, layer, m, n, bw, gen):
     base_floor, lora_floor = floors_ms(d, inter, e, ids, slots, bw)
     return {
         "preset": preset, "M": m, "n": n, "slots": lora.num_slots, "base_ms": base_ms,
-        "virt_path": "fused" if fused_path_ok(m, inter) else "split",
+        "virt_path": lora_path(m, k, inter),
+        "path_ratios": path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths),
         "loop_ms": loop_ms, "virt_ms": virt_ms, "loop_ratio": loop_ms / base_ms,
         "virt_ratio": virt_ms / base_ms, "floor_ratio": (base_ms + lora_floor) / base_ms,
         "base_floor_ms": base_floor, "base_bw_frac": base_floor / base_ms,
@@ -258,6 +272,47 @@ def sweep_lora(gen, tokens=(64, 512, 2048)):
     return rows
 
 
+ROWS_CONFIGS = [(bk, bn, w, st, p) for bk in (128, 256) for bn in (64, 128) for w in (2, 4)
+                for st in (3,) for p in (1, 2, 4)]
+
+
+def sweep_rows(gen, tokens=(1, 8, 64)):
+    """Times each projection of the row path (kernels/lora_rows.py) alone over tile configs
+    (qwen3, n = 16) against its bytes floor (adapter bytes of the pairs touched)."""
+    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    _, _, lora = make_layer(d, inter, e, 16, gen)
+    bw, r, rows = copy_bandwidth(), RANK, []
+    for m in tokens:
+        hidden, tw, ids, slots = make_batch(m, d, e, k, 16, gen)
+        pairs = torch.unique(slots[:, None].long() * e + ids.long()).numel()
+        gate_up = torch.zeros(m * k, 2 * inter, dtype=DTYPE, device="cuda")
+        act = torch.randn(m * k, inter, device="cuda", generator=gen).to(DTYPE)
+        y = torch.zeros(m * k, d, dtype=DTYPE, device="cuda")
+        weights = tw.reshape(-1).float()
+        ops = {
+            "gate_up": (pairs * 2 * r * (d + inter) * BYTES, lambda c: lora_rows_(
+                hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, slots, ids, a_row_div=k, splits=2,
+                block_k=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3], parts=c[4])),
+            "down": (pairs * r * (inter + d) * BYTES, lambda c: lora_rows_(
+                act, y, lora.down_a, lora.down_b, lora.ranks, slots, ids, a_row_div=1, scale=weights,
+                block_k=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3], parts=c[4])),
+        }
+        for name, (floor, fn) in ops.items():
+            for cfg in ROWS_CONFIGS:
+                ms = time_graph(lambda: fn(cfg), samples=7)
+                rows.append({"M": m, "op": name, "cfg": cfg, "ms": ms, "floor_ms": floor / bw * 1e3, "pairs": pairs})
+    best = {}
+    for row in rows:
+        key = (row["M"], row["op"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    print(f"\nrow path, best per (M, op), copy bandwidth {bw / 1e12:.2f} TB/s; cfg = (block_k, block_n, warps, stages, parts)")
+    for (m, op), row in sorted(best.items()):
+        print(f"M={m:5} {op:8} cfg={row['cfg']} {row['ms'] * 1e3:.1f} us  floor {row['floor_ms'] * 1e3:.1f} us"
+              f"  x{row['ms'] / row['floor_ms']:.2f}")
+    return rows
+
+
 def print_table(rows, bw):
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     head = "preset          M     n  slots  base_ms  loop/base  virt/base  floor/base  delta/floor  base_bw  err      path"
@@ -266,7 +321,7 @@ def print_table(rows, bw):
         print(f"{r['preset']:<14}{r['M']:>5}{r['n']:>5}{r['slots']:>6}{r['base_ms']:>9.3f}"
               f"{r['loop_ratio']:>11.2f}{r['virt_ratio']:>11.2f}{r['floor_ratio']:>12.2f}"
               f"{r['delta_over_floor']:>13.2f}{r['base_bw_frac']:>9.2f}{r['delta_rel_err_vs_loop']:>9.1e}"
-              f"  {r['virt_path']}")
+              f"  {r['virt_path']}  " + " ".join(f"{p} {v:.2f}" for p, v in r.get("path_ratios", {}).items()))
 
 
 def main():
@@ -278,8 +333,15 @@ def main():
     ap.add_argument("--sweep-base", action="store_true", help="time gate_up tile configs, profile, exit")
     ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM over tile configs, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
+    ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens, exit")
+    ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "split", "fused"],
+                    help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.sweep_rows:
+        json.dump({"provenance": provenance(sys.argv), "sweep": sweep_rows(gen, args.tokens)},
+                  open(args.out, "w"), indent=1)
+        return
     if args.sweep_lora:
         json.dump(sweep_lora(gen), open(args.out, "w"), indent=1)
         return
@@ -297,7 +359,7 @@ def main():
         layer = make_layer(d, inter, e, max(args.adapters), gen)
         for n in args.adapters:
             for m in args.tokens:
-                rows.append(run_config(preset, layer, m, n, bw, gen))
+                rows.append(run_config(preset, layer, m, n, bw, gen, args.paths))
                 print(json.dumps(rows[-1]), flush=True)
             json.dump({"info": {"partial": True}, "sweep": rows}, open(args.out, "w"), indent=1)
         del layer

@@ -25,6 +25,7 @@ from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.expand import lora_expand
 from kernels.grouped_gemm import grouped_gemm, k_slices
+from kernels.lora_rows import lora_rows_
 from kernels.weights import DenseLoRAGroup, MoELoRAWeights
 
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
@@ -73,22 +74,45 @@ def _rank_block(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))
 
 
+# The LoRA delta at decode size: a program per routed row (kernels/lora_rows.py) up to
+# ROWS_MAX_ROWS routed rows (64 tokens x top-8), (slot, expert) blocks above. Row tiles: gate/up
+# as two splits of one launch (their A and B are apart), down's 2048-4096 output columns over
+# two programs a row (each repeats the 16 x I shrink, mostly from L2).
+ROWS_MAX_ROWS = 512
+ROWS_GATE_UP = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}
+ROWS_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "parts": 2}
+LORA_PATHS = ("auto", "rows", "split", "fused")
+
+
+def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
+    """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS)."""
+    return "rows" if num_tokens * top_k <= ROWS_MAX_ROWS else "split"
+
+
 def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
                      topk_ids: Tensor, lora: MoELoRAWeights | None = None,
-                     slot_ids: Tensor | None = None) -> Tensor:
-    """Triton twin of fused_moe_ref (same Semantics and Args)."""
+                     slot_ids: Tensor | None = None, path: str = "auto") -> Tensor:
+    """Triton twin of fused_moe_ref (same Semantics and Args). path picks how the LoRA delta
+    runs (LORA_PATHS; "auto": lora_path): by rows, by (slot, expert) blocks after the base
+    GEMMs ("split"), or inside the base GEMMs over expert-major blocks ("fused": fused_path_ok)."""
     check_moe_args(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
+    expect(path in LORA_PATHS, f"path must be one of {LORA_PATHS}, got {path!r}")
     num_tokens, top_k = topk_ids.shape
     num_experts, d, _ = w_down.shape
     if num_tokens * top_k == 0:
         return hidden.new_zeros(num_tokens, d)
     inter = w_down.shape[2]
-    if lora is not None and fused_path_ok(num_tokens, inter):
+    if lora is None:
+        return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, None, [])
+    path = lora_path(num_tokens, top_k, inter) if path == "auto" else path
+    if path == "rows":
+        return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], row_slots=slot_ids)
+    if path == "fused":
+        expect(fused_path_ok(num_tokens, inter), f"the fused path takes one token and I a multiple of "
+               f"{_base_config(16)['block_n']}, got {num_tokens} tokens and I = {inter}")
         lay = moe_align_virtual(topk_ids, slot_ids, num_experts, 16, lora.num_slots, expert_major=True)
         return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], lay)
-    vlays = []
-    if lora is not None:
-        vlays = [moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)]
+    vlays = [moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)]
     return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, vlays)
 
 
@@ -101,10 +125,11 @@ def fused_path_ok(num_tokens: int, inter: int) -> bool:
 
 def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
                      topk_ids: Tensor, lora: MoELoRAWeights | None, vlays: list[VirtualLayout],
-                     fused_layout: VirtualLayout | None = None) -> Tensor:
+                     fused_layout: VirtualLayout | None = None, row_slots: Tensor | None = None) -> Tensor:
     """The base MoE with LoRA over each given virtual layout (one for all adapters, or one
     per adapter for the conventional per-adapter loop the benchmark compares against), or,
-    given an expert-major fused_layout, base and LoRA in the same launches."""
+    given an expert-major fused_layout, base and LoRA in the same launches, or, given
+    row_slots (the tokens' slot ids), LoRA by routed rows."""
     num_tokens, top_k = topk_ids.shape
     num_experts, d, inter = w_down.shape
     rows = num_tokens * top_k
@@ -120,12 +145,18 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
                  **fused_kw(lora and lora.gate_up_a, lora and lora.gate_up_b, inter))
     for vlay in vlays:
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k)
+    if row_slots is not None:
+        lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
+                   a_row_div=top_k, splits=2, **ROWS_GATE_UP)
     act = silu_mul(gate_up, hidden.new_empty(rows, inter))
     y = hidden.new_empty(rows, d)
     grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
                  **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
     for vlay in vlays:
         _lora_down_(act, y, lora, vlay, weights)
+    if row_slots is not None:
+        lora_rows_(act, y, lora.down_a, lora.down_b, lora.ranks, row_slots, topk_ids, a_row_div=1,
+                   scale=weights, **ROWS_DOWN)
     return y.view(num_tokens, top_k, d).sum(dim=1)
 
 
@@ -172,7 +203,7 @@ def dense_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout:
 
 def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int]:
     """Token counts on both sides of every size at which a launch choice of this module changes
-    (alignment path and its power-of-two tiles, base tile rows, expand path), for MoE layers
+    (alignment path and its power-of-two tiles, base tile rows, LoRA and expand paths), for MoE layers
     (T * top_k routed rows) and dense LoRA groups (T rows); within 1..max_tokens, sorted.
 
     Between two consecutive breakpoints every Triton specialisation of a step is the same (the
@@ -180,7 +211,7 @@ def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int
     compiles what any step size will need (tests/engine/test_warmup.py checks this)."""
     from kernels.align_multi import CHUNK
     from kernels.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS
-    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS}
+    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS}
     rows |= {16 * num_experts, 48 * num_experts, 96 * num_experts}  # _base_block_m
     rows |= {1 << p for p in range(4, (max_tokens * top_k).bit_length() + 1)}  # align_triton's NP
     rows |= {CHUNK << p for p in range(max(1, (max_tokens * top_k).bit_length()))}  # align_multi's chunks

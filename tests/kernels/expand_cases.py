@@ -132,7 +132,8 @@ def run_case(name: str) -> dict:
     res = check(case, got, before, name.split("-")[0])
     res["in_place"] = got.data_ptr() == case["c"].data_ptr()
     if not case["major"]:
-        res["same_as_tiles"] = bool(torch.equal(got, tiles_expand(case, before.clone())))
+        # same N tile: the interpreter's dots of other widths may round differently (numpy BLAS)
+        res["same_as_tiles"] = bool(torch.equal(got, tiles_expand(case, before.clone(), case["kw"]["block_n"])))
     return res
 
 

@@ -24,8 +24,12 @@ def case_names() -> list[str]:
     names += [f"moe-fp32-t17e10k2-{sp}" for sp in SPREADS]
     names += ["moe-fp16-t9e6k2-rank64-nanpad"]
     # I = 64 (a multiple of the 64-wide N tile) and one token: the fused base+LoRA launch
+    # (asked for by name: at one token the row path is the default)
     names += ["moe-fp32-t17e10k2-uniform-fused", "moe-fp16-t1e10k8-skewed-fused",
               "moe-fp16-t1e6k2-rank64-nanpad-fused", "moe-fp32-t1e6k1-distinct-fused"]
+    # these sizes take the row path by default; the (slot, expert) block path of larger batches
+    names += ["moe-fp32-t17e10k8-uniform-split", "moe-fp16-t9e6k2-rank64-nanpad-split",
+              "moe-fp32-t5e6k2-zipf-strided-split"]
     # hidden a column slice of a wider tensor, int64 routing ids (as torch.topk returns them)
     names += ["moe-fp32-t5e6k2-zipf-strided"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
@@ -65,8 +69,12 @@ def run_moe(name: str) -> dict:
     slots = make_slot_ids(spread, t, len(ranks), gen)
     slots[0] = 1  # at least one token with an adapter
     import kernels
+    from kernels.moe_launch import fused_moe_triton
     base = kernels.fused_moe(*args)
-    got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
+    path = next((opt for opt in p["rest"] if opt in ("fused", "split")), "auto")
+    if path == "fused" and t > 1:
+        path = "auto"  # the fused launch takes one token; with more, the default path
+    got = fused_moe_triton(*args, lora=lora, slot_ids=slots, path=path)
     want_base = moe_loop_ref(*args)
     want = moe_loop_ref(*args, lora, slots)
     none = slots < 0

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kernels
+from kernels.moe_launch import fused_moe_triton
 from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, make_dense_lora, make_moe,
                                           make_moe_lora, make_slot_ids, moe_loop_ref, rel_err)
 
@@ -25,7 +26,7 @@ def _gens(seed):
     return torch.Generator(device="cuda").manual_seed(seed), torch.Generator().manual_seed(seed)
 
 
-def _check_moe(t, k, spread, dtype=torch.bfloat16, seed=0):
+def _check_moe(t, k, spread, dtype=torch.bfloat16, seed=0, path="auto"):
     gen, cpu_gen = _gens(seed * 7919 + t * 31 + k)
     args = make_moe(gen, t, D, INTER, E, k, dtype, "cuda")
     lora = make_moe_lora(gen, len(RANKS), E, D, INTER, RANKS, dtype, "cuda")
@@ -34,7 +35,7 @@ def _check_moe(t, k, spread, dtype=torch.bfloat16, seed=0):
     _poison_allocator()
     base = kernels.fused_moe(*args)
     _poison_allocator()
-    got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
+    got = fused_moe_triton(*args, lora=lora, slot_ids=slots, path=path)
     torch.cuda.synchronize()
     want_base = moe_loop_ref(*args)
     want = moe_loop_ref(*args, lora, slots)
@@ -50,6 +51,12 @@ def _check_moe(t, k, spread, dtype=torch.bfloat16, seed=0):
 @pytest.mark.parametrize("k", [1, 2, 8])
 def test_fused_moe_bf16_token_counts_and_topk(t, k):
     _check_moe(t, k, "uniform")
+
+
+@pytest.mark.parametrize("t, k, path", [(64, 8, "rows"), (64, 8, "split"), (1, 8, "fused"), (1, 8, "rows"),
+                                        (200, 8, "rows"), (5, 2, "split")])
+def test_fused_moe_bf16_each_lora_path(t, k, path):
+    _check_moe(t, k, "uniform", seed=2, path=path)
 
 
 @pytest.mark.parametrize("spread", SPREADS)

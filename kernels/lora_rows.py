@@ -1,0 +1,150 @@
+"""LoRA delta of one MoE projection at decode size: a program per routed row, shrink then expand.
+
+For each routed row r = t * K + k with slot s = slot_ids[t] >= 0, expert e = topk_ids[t, k] and
+rank r_s = ranks[s], for each split h (gate/up halves: splits = 2; one otherwise):
+    shrunk    = a[r // a_row_div, :] @ A[s, e, h*R:h*R + r_s, :].T          (fp32 sums)
+    c[r, h*N:(h+1)*N] (+)= scale[r] * shrunk.to(B.dtype) @ B[s, e, h*N:(h+1)*N, :r_s].T
+rounded once to c's dtype, the split path's order of operations (grouped_gemm shrink, then
+expand with accumulate): only the summation order differs.
+
+Why a program per row and not per (slot, expert) block: at decode (64 tokens x top-8 over 16
+adapters) ~456 pairs hold ~1.1 of their 16-row tile each, so the split path pays an alignment,
+two launches per projection and an fp32 intermediate for tiles that are mostly padding. A row
+needs no alignment (its pair is read from the routing ids), its shrink stays in registers for
+the expand, and the products are vector x matrix: bandwidth, not tensor cores. Rows of one pair
+read its A and B once each (about 12% more adapter bytes than the pairs at decode, mostly served
+by L2, since those rows run at the same time). Above decode size rows share pairs more and the
+block path's one read per pair wins.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.errors import expect
+
+
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
+def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr,
+                      num_rows, top_k, a_row_div, num_slots, num_experts, K, N, R,
+                      stride_am, stride_ak, la_s, la_e, la_r, la_k, lb_s, lb_e, lb_n, lb_r,
+                      stride_cm, stride_cn, n_chunk,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                      HAS_SCALE: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    part = tl.program_id(2)
+    slot = tl.load(slot_ids_ptr + row // top_k).to(tl.int64)
+    expert = tl.load(topk_ids_ptr + row).to(tl.int64)
+    # rows without an adapter, or with ids out of range, are left alone (bitwise)
+    live = (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < num_experts) & (row < num_rows)
+    slot = tl.where(live, slot, 0)
+    expert = tl.where(live, expert, 0)
+    rank = tl.where(live, tl.minimum(tl.load(ranks_ptr + slot), R), 0)
+    if rank > 0:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        # shrink: A rows [h*R, h*R + r_s) of the pair against the row's input, K tile by K tile
+        a_row = a_ptr + (row // a_row_div) * stride_am
+        la_base = la_ptr + slot * la_s + expert * la_e + (split * R + offs_r)[:, None] * la_r
+        shrunk = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(a_row + offs_k * stride_ak, mask=k_ok, other=0.0)
+            w = tl.load(la_base + offs_k[None, :] * la_k, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            shrunk += tl.sum(x.to(w.dtype).to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
+        # expand: this part's columns of split h; the shrink rounds to B's dtype as the split path's does
+        s = shrunk.to(lb_ptr.dtype.element_ty).to(tl.float32)
+        lb_base = lb_ptr + slot * lb_s + expert * lb_e + offs_r[None, :] * lb_r
+        c_row = c_ptr + row * stride_cm + split * N * stride_cn
+        row_scale = tl.full((), 1.0, tl.float32)
+        if HAS_SCALE:
+            row_scale = tl.load(scale_ptr + row).to(tl.float32)
+        n_end = tl.minimum(N, (part + 1) * n_chunk)
+        for n0 in range(part * n_chunk, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_end
+            b = tl.load(lb_base + (split * N + offs_n)[:, None] * lb_n, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1)
+            if HAS_SCALE:
+                delta = delta * row_scale
+            prior = tl.load(c_row + offs_n * stride_cn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(c_row + offs_n * stride_cn, (delta + prior).to(c_ptr.dtype.element_ty), mask=n_ok)
+
+
+def lora_rows_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot_ids: Tensor,
+               topk_ids: Tensor, *, a_row_div: int, splits: int = 1, scale: Tensor | None = None,
+               parts: int = 1, block_k: int = 128, block_n: int = 128, num_warps: int = 4,
+               num_stages: int = 3) -> Tensor:
+    """Adds each routed row's LoRA delta of one MoE projection into c in place; returns c.
+
+    Semantics (T tokens, K = top-k, row r = t*K + k, s = slot_ids[t], e = topk_ids[t, k],
+    R = la.shape[2] // splits, N = lb.shape[2] // splits, r_s = min(ranks[s], R)):
+        for each row with 0 <= s < S, 0 <= e < E and r_s > 0, and each split h < splits:
+            c[r, h*N:(h+1)*N] = (scale[r] *) ((a[r // a_row_div] @ la[s, e, h*R:h*R + r_s].T)
+                                 .to(lb.dtype) @ lb[s, e, h*N:(h+1)*N, :r_s].T).float()
+                                 + c[r, h*N:(h+1)*N], rounded once to c.dtype.
+        Other rows are never touched (bitwise); A rows and B columns >= r_s are never read. No
+        host sync: CUDA-graph capturable.
+    Args:
+        a: [A_rows, K_in] fp32/fp16/bf16 (hidden with a_row_div = top-k, or act with 1); any strides.
+        c: [T*K, splits*N], a's dtype; any strides.
+        la: [S, E, splits*R, K_in]; lb: [S, E, splits*N, R]; a's dtype, scaling folded into lb.
+        ranks: [S] int32. slot_ids: [T] int (-1: no adapter). topk_ids: [T, K] int32/int64.
+        scale: [T*K] float per-row factor (routing weight) or None.
+        parts: programs that split a row's N columns (each repeats the shrink: more programs
+            in flight where a row's expand is long).
+        block_k, block_n, num_warps, num_stages: tile config.
+    """
+    expect(splits in (1, 2), f"splits must be 1 or 2, got {splits}")
+    expect(la.dim() == 4 and lb.dim() == 4, f"la and lb must be 4-D, got {tuple(la.shape)} and {tuple(lb.shape)}")
+    num_slots, num_experts, r_total, k_in = la.shape
+    expect(r_total % splits == 0 and lb.shape[2] % splits == 0, f"la and lb rows must split in {splits}")
+    big_r, n = r_total // splits, lb.shape[2] // splits
+    expect(tuple(lb.shape) == (num_slots, num_experts, splits * n, big_r),
+           f"lb must be [{num_slots}, {num_experts}, {splits}*N, {big_r}], got {tuple(lb.shape)}")
+    t, top_k = topk_ids.shape
+    rows = t * top_k
+    expect(a.dim() == 2 and a.shape[1] == k_in and a.shape[0] * a_row_div >= rows,
+           f"a must be [>= {rows // a_row_div}, {k_in}], got {tuple(a.shape)}")
+    expect(tuple(c.shape) == (rows, splits * n), f"c must be [{rows}, {splits * n}], got {tuple(c.shape)}")
+    expect(tuple(slot_ids.shape) == (t,) and tuple(ranks.shape) == (num_slots,),
+           f"slot_ids must be [{t}] and ranks [{num_slots}]")
+    expect(scale is None or tuple(scale.shape) == (rows,), f"scale must be [{rows}]")
+    expect(parts >= 1, f"parts must be positive, got {parts}")
+    if rows == 0 or n == 0:
+        return c
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    n_chunk = triton.cdiv(triton.cdiv(n, parts), block_n) * block_n
+    _lora_rows_kernel[(rows, splits, triton.cdiv(n, n_chunk))](
+        a, la, lb, c, scale if scale is not None else ranks, ranks, slot_ids, ids,
+        rows, top_k, a_row_div, num_slots, num_experts, k_in, n, big_r,
+        a.stride(0), a.stride(1), *la.stride(), *lb.stride(), c.stride(0), c.stride(1), n_chunk,
+        BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
+        HAS_SCALE=scale is not None, num_warps=num_warps, num_stages=num_stages,
+    )
+    return c
+
+
+def lora_rows_ref_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot_ids: Tensor,
+                   topk_ids: Tensor, *, a_row_div: int, splits: int = 1, scale: Tensor | None = None,
+                   **tiles: object) -> Tensor:
+    """Torch twin of lora_rows_ (same Semantics and Args; the tile arguments are ignored).
+    Walks the rows on the host, so it syncs: for tests, not for graphs."""
+    num_slots, num_experts = la.shape[:2]
+    big_r, n = la.shape[2] // splits, lb.shape[2] // splits
+    top_k = topk_ids.shape[1]
+    for row, e in enumerate(topk_ids.reshape(-1).tolist()):
+        s = int(slot_ids[row // top_k])
+        if not (0 <= s < num_slots and 0 <= e < num_experts):
+            continue
+        r = min(int(ranks[s]), big_r)
+        for h in range(splits if r > 0 else 0):
+            x = a[row // a_row_div].to(la.dtype).float()
+            shrunk = (la[s, e, h * big_r:h * big_r + r].float() @ x).to(lb.dtype).float()  # [r]
+            delta = lb[s, e, h * n:(h + 1) * n, :r].float() @ shrunk  # [N]
+            if scale is not None:
+                delta = delta * scale[row].float()
+            c[row, h * n:(h + 1) * n] = (delta + c[row, h * n:(h + 1) * n].float()).to(c.dtype)
+    return c

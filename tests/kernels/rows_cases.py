@@ -1,0 +1,123 @@
+"""lora_rows_ (kernels/lora_rows.py) under TRITON_INTERPRET=1 against an fp64 per-row loop.
+
+Run as `python -m tests.kernels.rows_cases` with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1
+(test_lora_rows.py does so in a subprocess). Prints one JSON object per case. Case name:
+dtype-projection-spread[-option...]; options: partsP (programs a row), bnN / bkN (tiles, default
+16 / 32), strided (a and c column slices, int64 routing ids), rank0 (one slot of rank 0), bad
+(routing ids and slots out of range: those rows untouched), real (qwen3's sizes, 64 tokens,
+top-8 of 128: the GPU tests).
+"""
+import zlib
+
+import torch
+
+from tests.kernels.interp import print_cases
+from tests.kernels.loop_reference import make_slot_ids, rel_err
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bf16: GPU only
+TOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 2e-2}  # delta vs fp64, relative
+RANKS = [1, 8, 16, 5]  # R = 16
+SHAPES = {"gateup": (2, 40, 36), "down": (1, 36, 40)}  # projection -> (splits, N per split, K)
+
+
+def case_names() -> list[str]:
+    return [
+        "fp32-gateup-uniform", "fp16-gateup-zipf", "fp32-down-uniform", "fp16-down-skewed",
+        "fp32-down-distinct-parts3", "fp16-gateup-identical-parts2-bn32", "fp32-gateup-uniform-strided",
+        "fp16-down-zipf-strided-bk16", "fp32-down-uniform-rank0", "fp32-gateup-uniform-bad",
+    ]
+
+
+def build(name: str, device: str = "cpu") -> dict:
+    """Random inputs of a case: routing, slots, a, A and B (NaN in padded ranks), c, scale; and the
+    keyword arguments of lora_rows_."""
+    dtype_name, proj, spread, *opts = name.split("-")
+    dtype = DTYPES[dtype_name]
+    splits, n, k_in = SHAPES[proj]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    t, e, top_k = (64, 128, 8) if "real" in opts else (13, 5, 2)
+    if "real" in opts:
+        n, k_in = (768, 2048) if splits == 2 else (2048, 768)
+    ranks = [1, 8, 16, 0] if "rank0" in opts else RANKS
+    s, big_r = len(ranks), max(RANKS)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:top_k] for _ in range(t)]).to(torch.int32)
+    slots = make_slot_ids(spread, t, s, gen)
+    slots[0], slots[-1] = 2, -1  # a rank-16 token and one without an adapter in every case
+    if "bad" in opts:
+        ids[1, 0], ids[2, 1], slots[3] = e, -2, s  # dropped, as the alignment drops them
+    rows = t * top_k
+    a_row_div = top_k if splits == 2 else 1
+    la = torch.randn(s, e, splits * big_r, k_in, generator=gen) * k_in ** -0.5
+    lb = torch.randn(s, e, splits * n, big_r, generator=gen) * 0.5
+    for slot, r in enumerate(ranks):
+        for h in range(splits):
+            la[slot, :, h * big_r + r:(h + 1) * big_r] = float("nan")
+        lb[slot, :, :, r:] = float("nan")
+    a = torch.randn(rows // a_row_div, k_in, generator=gen).to(dtype)
+    c = torch.randn(rows, splits * n, generator=gen).to(dtype)
+    if "strided" in opts:
+        wide_a = torch.randn(a.shape[0], k_in + 5, generator=gen).to(dtype)
+        wide_a[:, 2:2 + k_in] = a
+        wide_c = torch.randn(rows, splits * n + 7, generator=gen).to(dtype)
+        wide_c[:, 3:3 + splits * n] = c
+        a, c, ids = wide_a[:, 2:2 + k_in], wide_c[:, 3:3 + splits * n], ids.long()
+    kw = {"a_row_div": a_row_div, "splits": splits, "block_n": 16, "block_k": 32}
+    kw["scale"] = torch.rand(rows, generator=gen).to(device) if proj == "down" else None
+    for opt in opts:
+        for prefix, key in (("parts", "parts"), ("bn", "block_n"), ("bk", "block_k")):
+            if opt.startswith(prefix) and opt[len(prefix):].isdigit():
+                kw[key] = int(opt[len(prefix):])
+    to = lambda z: z.to(device)  # noqa: E731
+    return {"a": to(a), "c": to(c), "la": to(la.to(dtype)), "lb": to(lb.to(dtype)), "ids": to(ids),
+            "slots": to(slots), "ranks": torch.tensor(ranks, dtype=torch.int32, device=device), "kw": kw}
+
+
+def rows_ref64(case: dict, c: torch.Tensor) -> torch.Tensor:
+    """fp64 c + delta, row by row from the routing; rank-sliced A and B, the shrink rounded to
+    B's dtype as the kernel does."""
+    la, lb, kw = case["la"], case["lb"], case["kw"]
+    splits = kw["splits"]
+    big_r, n = la.shape[2] // splits, lb.shape[2] // splits
+    out = c.double().clone()
+    top_k = case["ids"].shape[1]
+    for t, slot in enumerate(case["slots"].tolist()):
+        r = int(case["ranks"][slot]) if 0 <= slot < la.shape[0] else 0
+        for kk in range(top_k if r > 0 else 0):
+            row, e = t * top_k + kk, int(case["ids"][t, kk])
+            if not 0 <= e < la.shape[1]:
+                continue
+            x = case["a"][row // kw["a_row_div"]].double()
+            for h in range(splits):
+                shrunk = (la[slot, e, h * big_r:h * big_r + r].double() @ x).to(lb.dtype).double()
+                delta = lb[slot, e, h * n:(h + 1) * n, :r].double() @ shrunk
+                if kw["scale"] is not None:
+                    delta = delta * float(kw["scale"][row])
+                out[row, h * n:(h + 1) * n] += delta
+    return out
+
+
+def check(case: dict, got: torch.Tensor, before: torch.Tensor, dtype_name: str) -> dict:
+    want = rows_ref64(case, before)
+    keep = (want == before.double()).all(dim=1)  # rows the reference leaves alone
+    return {"err": rel_err(got[~keep] - before[~keep].double(), want[~keep] - before[~keep].double()),
+            "bitwise": bool(torch.equal(got[keep], before[keep])), "finite": bool(torch.isfinite(got).all()),
+            "touched": int((~keep).sum()), "tol": TOL[dtype_name]}
+
+
+def run_case(name: str) -> dict:
+    from kernels.lora_rows import lora_rows_
+    case = build(name)
+    before = case["c"].clone()
+    got = lora_rows_(case["a"], case["c"], case["la"], case["lb"], case["ranks"], case["slots"], case["ids"],
+                     **case["kw"])
+    res = check(case, got, before, name.split("-")[0])
+    res["in_place"] = got.data_ptr() == case["c"].data_ptr()
+    return res
+
+
+def main() -> None:
+    print_cases(case_names(), run_case)
+
+
+if __name__ == "__main__":
+    main()

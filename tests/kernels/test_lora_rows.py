@@ -1,0 +1,90 @@
+"""lora_rows_ (kernels/lora_rows.py): the Triton kernel in the interpreter (subprocess) and its torch
+twin in process, both against the fp64 per-row loop of rows_cases.py; on the GPU, bf16 at qwen3's
+sizes over tile configs, against the split path, and in a CUDA graph."""
+import pytest
+import torch
+
+from kernels import KernelInputError
+from kernels.lora_rows import lora_rows_, lora_rows_ref_
+from tests.kernels.interp import run_interpreter_cases
+from tests.kernels.rows_cases import build, case_names, check
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict[str, dict]:
+    return run_interpreter_cases("tests.kernels.rows_cases")
+
+
+@pytest.mark.parametrize("name", case_names())
+def test_triton_rows_match_fp64(interp_results, name):
+    res = interp_results[name]
+    assert res["finite"], f"{name}: non-finite output (a padded rank was read)"
+    assert res["touched"] > 0 and res["err"] <= res["tol"], res
+    assert res["bitwise"], f"{name}: rows without an adapter (rank 0, or ids out of range) changed"
+    assert res["in_place"]
+
+
+@pytest.mark.parametrize("name", case_names())
+def test_rows_ref_matches_fp64(name):
+    case = build(name)
+    before = case["c"].clone()
+    kw = {key: case["kw"][key] for key in ("a_row_div", "splits", "scale")}
+    got = lora_rows_ref_(case["a"], case["c"], case["la"], case["lb"], case["ranks"], case["slots"], case["ids"], **kw)
+    res = check(case, got, before, name.split("-")[0])
+    assert res["finite"] and res["bitwise"], res
+    assert res["err"] <= res["tol"], res
+
+
+def test_lora_rows_rejects_bad_arguments():
+    case = build("fp32-gateup-uniform")
+    args = [case[key] for key in ("a", "c", "la", "lb", "ranks", "slots", "ids")]
+    with pytest.raises(KernelInputError, match="splits"):
+        lora_rows_(*args, a_row_div=2, splits=3)
+    with pytest.raises(KernelInputError, match="c must be"):
+        lora_rows_(args[0], args[1][:, :40], *args[2:], a_row_div=2, splits=2)
+    with pytest.raises(KernelInputError, match="a must be"):
+        lora_rows_(args[0][:, :20], *args[1:], a_row_div=2, splits=2)
+    with pytest.raises(KernelInputError, match="slot_ids"):
+        lora_rows_(*args[:5], args[5][:3], args[6], a_row_div=2, splits=2)
+    with pytest.raises(KernelInputError, match="scale"):
+        lora_rows_(*args, a_row_div=2, splits=2, scale=torch.ones(3))
+
+
+def _on_cpu(case: dict) -> dict:
+    """The case's tensors on the CPU, for the fp64 loop."""
+    cpu = lambda v: v.cpu() if torch.is_tensor(v) else v  # noqa: E731
+    return {key: cpu(v) for key, v in case.items()} | {"kw": {key: cpu(v) for key, v in case["kw"].items()}}
+
+
+GPU_CONFIGS = [{}, {"block_k": 256, "block_n": 64}, {"num_warps": 2}, {"parts": 4}, {"parts": 3, "block_n": 64}]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", GPU_CONFIGS)
+@pytest.mark.parametrize("proj", ["gateup", "down"])
+def test_rows_bf16_at_qwen3_sizes(proj, cfg):
+    case = build(f"bf16-{proj}-uniform-real", device="cuda")
+    case["kw"].update(cfg)
+    before = case["c"].clone()
+    got = lora_rows_(case["a"], case["c"], case["la"], case["lb"], case["ranks"], case["slots"], case["ids"],
+                     **case["kw"])
+    res = check(_on_cpu(case), got.cpu(), before.cpu(), "bf16")
+    assert res["finite"] and res["bitwise"], res
+    assert res["err"] <= res["tol"], res
+
+
+@pytest.mark.gpu
+def test_rows_capture_in_cuda_graph():
+    case = build("bf16-down-zipf-real", device="cuda")
+    start = case["c"].clone()
+    args = [case[key] for key in ("a", "c", "la", "lb", "ranks", "slots", "ids")]
+    eager = lora_rows_(*args[:1], start.clone(), *args[2:], **case["kw"])
+    graph = torch.cuda.CUDAGraph()
+    lora_rows_(*args, **case["kw"])  # compile outside the capture
+    case["c"].copy_(start)
+    with torch.cuda.graph(graph):
+        lora_rows_(*args, **case["kw"])
+    case["c"].copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(case["c"], eager)
