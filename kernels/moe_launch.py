@@ -74,19 +74,30 @@ def _rank_block(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))
 
 
-# The LoRA delta at decode size: a program per routed row (kernels/lora_rows.py) up to
-# ROWS_MAX_ROWS routed rows (64 tokens x top-8), (slot, expert) blocks above. Row tiles: gate/up
-# as two splits of one launch (their A and B are apart), down's 2048-4096 output columns over
-# two programs a row (each repeats the 16 x I shrink, mostly from L2).
-ROWS_MAX_ROWS = 512
-ROWS_GATE_UP = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}
-ROWS_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "parts": 2}
+# The LoRA delta at decode sizes: a program per routed row (kernels/lora_rows.py) up to
+# ROWS_MAX_ROWS routed rows, where a row's expand is short (2I <= ROWS_MAX_EXPAND); (slot, expert)
+# blocks otherwise; at one token the fused launch (fused_path_ok). H200, n = 16, virtual / base
+# (benchmarks/RESULTS.md, kernels): qwen3 M = 32 / 64 / 128 rows 1.15 / 1.17 / 1.29 vs blocks 1.21 /
+# 1.24 / 1.41, olmoe alike; M = 8 even; M = 1 rows 1.96, fused 1.42; Mixtral (2I = 28672, one
+# program streams a whole row's B) rows 1.23-1.38 vs blocks 1.16-1.19 at every M.
+ROWS_MAX_ROWS = 1024
+ROWS_MAX_EXPAND = 8192
+# Row tiles from `bench_moe_lora.py --sweep-rows` (H200, qwen3, M = 1 / 8 / 64): 256-deep K tiles,
+# 128-wide N tiles, 4 warps; programs a row (`parts`) so that a launch has ~1024 programs.
+ROWS_TILES = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3}
+ROWS_PROGRAMS = 1024
 LORA_PATHS = ("auto", "rows", "split", "fused")
 
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
     """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS)."""
-    return "rows" if num_tokens * top_k <= ROWS_MAX_ROWS else "split"
+    if fused_path_ok(num_tokens, inter):
+        return "fused"
+    return "rows" if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND else "split"
+
+
+def _row_parts(num_rows: int, splits: int) -> int:
+    return max(1, min(4, ROWS_PROGRAMS // max(1, num_rows * splits)))
 
 
 def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
@@ -147,7 +158,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k)
     if row_slots is not None:
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
-                   a_row_div=top_k, splits=2, **ROWS_GATE_UP)
+                   a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), **ROWS_TILES)
     act = silu_mul(gate_up, hidden.new_empty(rows, inter))
     y = hidden.new_empty(rows, d)
     grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
@@ -156,7 +167,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         _lora_down_(act, y, lora, vlay, weights)
     if row_slots is not None:
         lora_rows_(act, y, lora.down_a, lora.down_b, lora.ranks, row_slots, topk_ids, a_row_div=1,
-                   scale=weights, **ROWS_DOWN)
+                   scale=weights, parts=_row_parts(rows, 1), **ROWS_TILES)
     return y.view(num_tokens, top_k, d).sum(dim=1)
 
 
