@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from adapter_store.errors import AdapterStoreError
 from adapter_store.local import LocalStore
-from adapter_store.s3 import S3Store
 from adapter_store.store import AdapterStore
 
 
@@ -18,6 +17,7 @@ def open_store(uri: str, endpoint_url: str | None = None, region: str | None = N
         raise AdapterStoreError("store URI is empty; pass a directory, file:///dir or s3://bucket/prefix",
                                 code="bad_store_uri")
     if uri.startswith("s3://"):
+        from adapter_store.s3 import S3Store  # boto3 only where S3 is used (the engine never needs it)
         return S3Store(uri, endpoint_url=endpoint_url, region=region, **options)
     if "://" in uri and not uri.startswith("file://"):
         raise AdapterStoreError(f"unsupported store URI {uri!r}; use a directory, file:///dir or "

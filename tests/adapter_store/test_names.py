@@ -42,3 +42,16 @@ def test_store_package_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_engine_and_local_store_import_without_boto3():
+    """The GPU image has no boto3: the engine and a local store must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['boto3'] = None; import engine, adapter_store; "
+            "from adapter_store import open_store; import tempfile; "
+            "print(type(open_store(tempfile.mkdtemp())).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "LocalStore"
