@@ -313,34 +313,6 @@ def sweep_rows(gen, tokens=(1, 8, 64)):
     return rows
 
 
-DENSE_GROUPS = {"qkv": (2048, (4096, 512, 512)), "o": (4096, (2048,))}  # qwen3: input, sections
-
-
-def sweep_dense(gen, tokens=(1, 8, 64, 128, 256), programs=(128, 256, 512, 1024)):
-    """The dense LoRA groups of a qwen3 attention layer (16 adapters, rank 16) through the K-split
-    shrink + expand ("split") and the one-launch chunks path at several program counts."""
-    from kernels import DenseLoRAGroup
-    from kernels.lora_dense import lora_dense_
-    from kernels.moe_launch import dense_layout, lora_group_triton_
-    rows = []
-    for name, (n_in, sections) in DENSE_GROUPS.items():
-        h, n = len(sections), sum(sections)
-        group = DenseLoRAGroup((torch.randn(16, h * RANK, n_in, device="cuda", generator=gen) * n_in ** -0.5).to(DTYPE),
-                               (torch.randn(16, n, RANK, device="cuda", generator=gen) * 0.1).to(DTYPE),
-                               torch.full((h, 16), RANK, dtype=torch.int32, device="cuda"), sections)
-        for m in tokens:
-            x = torch.randn(m, n_in, device="cuda", generator=gen).to(DTYPE)
-            out = torch.zeros(m, n, dtype=DTYPE, device="cuda")
-            lay = dense_layout((torch.arange(m, device="cuda") % 16).to(torch.int32), 16)
-            row = {"group": name, "M": m, "split_us": 1e3 * time_graph(
-                lambda: lora_group_triton_(x, out, group, lay, "split"), samples=7)}
-            for p in programs:
-                row[f"chunks_{p}_us"] = 1e3 * time_graph(lambda: lora_dense_(x, out, group, lay, programs=p), samples=7)
-            rows.append(row)
-            print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    return rows
-
-
 def print_table(rows, bw):
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     head = "preset          M     n  slots  base_ms  loop/base  virt/base  floor/base  delta/floor  base_bw  err      path"
@@ -364,12 +336,8 @@ def main():
     ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens, exit")
     ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "split", "fused"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
-    ap.add_argument("--sweep-dense", action="store_true", help="time the dense LoRA group paths, exit")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    if args.sweep_dense:
-        json.dump({"provenance": provenance(sys.argv), "sweep": sweep_dense(gen)}, open(args.out, "w"), indent=1)
-        return
     if args.sweep_rows:
         json.dump({"provenance": provenance(sys.argv), "sweep": sweep_rows(gen, args.tokens)},
                   open(args.out, "w"), indent=1)

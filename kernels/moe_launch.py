@@ -25,7 +25,6 @@ from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.expand import lora_expand
 from kernels.grouped_gemm import grouped_gemm, k_slices
-from kernels.lora_dense import lora_dense_
 from kernels.lora_rows import lora_rows_
 from kernels.weights import DenseLoRAGroup, MoELoRAWeights
 
@@ -223,7 +222,7 @@ def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int
     compiles what any step size will need (tests/engine/test_warmup.py checks this)."""
     from kernels.align_multi import CHUNK
     from kernels.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS
-    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS, DENSE_CHUNKS_MAX_TOKENS}
+    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS}
     rows |= {16 * num_experts, 48 * num_experts, 96 * num_experts}  # _base_block_m
     rows |= {1 << p for p in range(4, (max_tokens * top_k).bit_length() + 1)}  # align_triton's NP
     rows |= {CHUNK << p for p in range(max(1, (max_tokens * top_k).bit_length()))}  # align_multi's chunks
@@ -255,30 +254,18 @@ def group_k_splits(num_in: int) -> int:
     return max(1, min(8, triton.cdiv(num_in, 2 * SHRINK["block_k"])))
 
 
-# Dense groups up to DENSE_CHUNKS_MAX_TOKENS tokens (decode) run as one launch of (block, column
-# chunk) programs (kernels/lora_dense.py); larger ones as a K-split shrink and an expand.
-DENSE_CHUNKS_MAX_TOKENS = 256
-DENSE_TILES = {"block_k": 128, "block_n": 128, "programs": 512, "num_warps": 4, "num_stages": 3}
-DENSE_PATHS = ("auto", "chunks", "split")
-
-
-def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout,
-                       path: str = "auto") -> Tensor:
-    """Triton twin of lora_group_ref_ over the step's dense layout (one expert, block 16). path
-    (DENSE_PATHS; "auto" by token count): "chunks", one launch (kernels/lora_dense.py); "split",
-    the virtual-expert shrink split over K for all projections at once, then one expand over the
-    projections' sections of out (a group whose sections no 16-column tile divides runs one
-    projection at a time)."""
-    expect(path in DENSE_PATHS, f"path must be one of {DENSE_PATHS}, got {path!r}")
+def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout) -> Tensor:
+    """Triton twin of lora_group_ref_ over the step's dense layout (one expert, block 16): the
+    virtual-expert shrink split over K for all projections at once, then one expand over the
+    projections' sections of out. A group whose sections no 16-column tile divides runs one
+    projection at a time."""
     num_tokens, num_in = x.shape
     if num_tokens == 0:
         return out
-    if path == "chunks" or (path == "auto" and num_tokens <= DENSE_CHUNKS_MAX_TOKENS and lora.num_projections <= 4):
-        return lora_dense_(x, out, lora, layout, **DENSE_TILES)
     block_n = group_block_n(lora.sections)
     if block_n == 0:
         for h in range(lora.num_projections):
-            lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout, "split")
+            lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout)
         return out
     r, heads = lora.max_rank, lora.num_projections
     rb = _rank_block(r)

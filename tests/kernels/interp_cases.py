@@ -40,12 +40,6 @@ def case_names() -> list[str]:
     # 2304 input features in whole 128-wide K tiles: 6 slices where 8 were asked (unwritten
     # partial-sum slices must never be read)
     names += ["group-fp32-zipf-s32x16x16-in2304"]
-    # the same groups through the K-split shrink + expand of larger batches (the one-launch
-    # chunks path is the default at these sizes)
-    names += ["group-fp32-uniform-s32x16x16-split", "group-fp16-zipf-s32x16x16-nanpad-split",
-              "group-fp32-distinct-s36x20x12-split", "group-fp32-zipf-s32x16x16-in2304-split"]
-    # the one-launch path with 16-wide tiles: several chunks a section, several tiles a chunk
-    names += ["group-fp32-uniform-s32x16x48-bn16", "group-fp16-zipf-s36x20x12-nanpad-bn16"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -144,14 +138,7 @@ def run_group(name: str) -> dict:
         return t.fill_(float("nan")) if t.is_floating_point() else t
     torch.empty = poisoned
     try:
-        from kernels.lora_dense import lora_dense_
-        from kernels.moe_launch import dense_layout, lora_group_triton_
-        if "split" in p["rest"]:
-            lora_group_triton_(x, out, group, dense_layout(slots, 4), "split")
-        elif "bn16" in p["rest"]:
-            lora_dense_(x, out, group, dense_layout(slots, 4), block_n=16, block_k=32, programs=40)
-        else:
-            kernels.lora_group_linear_(x, out, group, slots)
+        kernels.lora_group_linear_(x, out, group, slots)
     finally:
         torch.empty = empty
     none = slots < 0

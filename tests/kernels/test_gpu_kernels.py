@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.moe_launch import dense_layout, fused_moe_triton, lora_group_triton_
+from kernels.moe_launch import fused_moe_triton
 from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, make_dense_lora, make_moe,
                                           make_moe_lora, make_slot_ids, moe_loop_ref, rel_err)
 
@@ -102,9 +102,9 @@ def test_lora_linear_bf16(spread, t):
     assert torch.equal(out[slots < 0], before[slots < 0])
 
 
-@pytest.mark.parametrize("t, path", [(1, "auto"), (64, "auto"), (2048, "auto"), (64, "split"), (300, "chunks")])
+@pytest.mark.parametrize("t", [1, 64, 2048])
 @pytest.mark.parametrize("sections", [(4096, 512, 512), (4096 + 128, 128 * 3, 128 * 3)])
-def test_lora_group_qkv_bf16(t, path, sections):
+def test_lora_group_qkv_bf16(t, sections):
     """q/k/v as one group (one shrink split over the input, one expand) against the fp64 loop of
     each projection; the second shape's section ends admit only a 128-column tile."""
     gen, cpu_gen = _gens(t + len(sections))
@@ -122,10 +122,7 @@ def test_lora_group_qkv_bf16(t, path, sections):
     offs = [sum(sections[:h]) for h in range(4)]
     want = torch.cat([dense_loop_ref(x, out[:, offs[h]:offs[h + 1]], parts[h], slots) for h in range(3)], 1)
     before = out.clone()
-    if path == "auto":
-        kernels.lora_group_linear_(x, out, group, slots)
-    else:
-        lora_group_triton_(x, out, group, dense_layout(slots, len(RANKS)), path)
+    kernels.lora_group_linear_(x, out, group, slots)
     assert rel_err(out.double() - before.double(), want - before.double()) <= 2e-2
     assert torch.equal(out[slots < 0], before[slots < 0])
 
