@@ -21,7 +21,8 @@
 #   serve8     bench_serve.py, dummy:qwen3-30b-a3b at 8 layers, 16 adapters rank 16 on every
 #              expert, 16 tenants, 64 concurrent, 1024 requests of 512 -> 128 tokens, burst 500
 #   serve48    the same at 48 layers (adapters 1.7 GB each: ~56 GB of disk for the store and
-#              the replica's cache; SERVE48_ARGS="--adapters 8" if the call runs out of time)
+#              the replica's cache); a whole call: 16 adapters take ~3 min to make and upload,
+#              so SERVE48_ARGS="--requests 512 --burst 200" fits (with --burst 500 it ran out once)
 #   coldstart  bench_coldstart.py: 14 GB OLMoE checkpoint, disk read rate, engine start
 #              (+ Serve start when Ray is installed)
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
