@@ -103,6 +103,9 @@ class AppArgs(BaseModel):
         "'{\"min_replicas\": 1, \"max_replicas\": 4}'")
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests Serve sends one "
                                       "engine replica at a time")
+    hot_adapter_share: float = Field(default=0.25, gt=0, le=1, description="an adapter above this "
+                                     "share of an ingress's recent completions is balanced over all "
+                                     "engine replicas instead of kept on the one that has it; 1: never")
     replica_num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per engine "
                                     "replica")
     replica_num_gpus: float | None = Field(default=None, ge=0, description="GPUs per engine "
@@ -236,6 +239,12 @@ class AppArgs(BaseModel):
         """Adapters a replica keeps fetched (Serve's multiplexing LRU), given the GPU slots its
         engine has: 2 x the slots unless max_adapters_per_replica says."""
         return self.max_adapters_per_replica or 2 * max(1, num_lora_slots)
+
+    def max_engine_replicas(self) -> int:
+        """Engine replicas the app may run at most (num_replicas, or autoscaling's max_replicas)."""
+        if self.autoscaling_config:
+            return int(self.autoscaling_config.get("max_replicas") or self.autoscaling_config.get("min_replicas") or 1)
+        return self.num_replicas or 1
 
     def num_ingress_replicas(self) -> int:
         if self.ingress_replicas is not None:

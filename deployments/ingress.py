@@ -101,6 +101,7 @@ def adapter_card(info) -> AdapterCard:
 class Ingress:
     def __init__(self, llm, args: AppArgs):
         from deployments.auth import TenantAuth
+        from deployments.hot_adapters import HotAdapters
         from deployments.limits import TenantLimiter
         from deployments.metrics import IngressMetrics, MetricsPage, node_metrics_url
         from deployments.model_files import ensure_model
@@ -118,6 +119,7 @@ class Ingress:
                                       self._auth.max_concurrent, args.num_ingress_replicas())
         self._store = args.open_store()
         self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
+        self._hot = HotAdapters(args.hot_adapter_share, args.max_engine_replicas())
         self._base_dir = ensure_model(args, config_only=True)  # uploads are checked against it
         self._upload_limits = args.store_limits(self._base_dir)
         self.max_body_bytes = args.max_request_body_bytes or default_max_body_bytes(args.max_model_len)
@@ -292,11 +294,13 @@ class Ingress:
         self._limiter.acquire(tenant)
         try:
             model_id = await self._multiplexed_id(tenant, body.model)
+            if model_id and self._hot.is_hot(model_id):  # balanced by load, not pinned to one replica
+                payload["adapter"], model_id = model_id, ""
             self._check_budget(payload["max_tokens"])
             rid = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
             payload.update(request_id=rid, tenant=tenant, sampling=body.sampling())
-            logger.info("request %s tenant %s model %s stream=%s", rid, tenant, model_id or "base",
-                        body.stream)
+            logger.info("request %s tenant %s model %s stream=%s", rid, tenant,
+                        model_id or payload.get("adapter", "base"), body.stream)
             items = self._llm.options(stream=True, multiplexed_model_id=model_id) \
                 .generate.remote(payload)
             first = await first_item(items, rid)

@@ -130,7 +130,8 @@ def engine_snapshot(stats: dict) -> dict:
     return {"running": int(stats.get("running", 0)), "waiting": int(stats.get("waiting", 0)),
             "max_lora": int(stats.get("num_lora_slots", 0)),
             "running_adapters": adapter_names(stats.get("running_adapters", ())),
-            "waiting_adapters": adapter_names(stats.get("waiting_adapters", ()))}
+            "waiting_adapters": adapter_names(stats.get("waiting_adapters", ())),
+            "resident_adapters": adapter_names(stats.get("resident_adapters", ()))}
 
 
 def adapter_names(model_ids) -> list[str]:

@@ -25,13 +25,14 @@ import time
 
 from ray import serve
 
+from deployments.adapter_fetch import AdapterFetcher
 from deployments.args import AppArgs
 from deployments.errors import to_api_error
 from engine.frontend import INLINE_TOKENIZE_CHARS
 
 logger = logging.getLogger("ray.serve")
 _STATS_PERIOD_S = 1.0
-_ADAPTER_NAME_STATS = ("running_adapters", "waiting_adapters")
+_ADAPTER_NAME_STATS = ("running_adapters", "waiting_adapters", "resident_adapters")
 
 
 class LLMServer:
@@ -48,6 +49,7 @@ class LLMServer:
         self._engine = engine_class(args.engine_config(self._model_dir))
         self._store = args.open_store()
         self._cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
+        self._fetcher = AdapterFetcher(self._store, self._cache)
         self._metrics = ReplicaMetrics()
         # Wired at init so `max_num_models_per_replica` comes from the app's args; Serve keeps
         # its LRU on the function object, so it wraps a plain function, not a bound method.
@@ -64,8 +66,7 @@ class LLMServer:
         from engine import LoRARequest
 
         started = time.perf_counter()
-        info = await asyncio.to_thread(self._store.read_pinned, model_id)
-        local_dir = await asyncio.to_thread(self._cache.fetch, self._store, info)
+        local_dir = await self._fetcher.fetch(model_id)
         self._metrics.adapter_loads.inc()
         self._metrics.adapter_load_latency.observe(time.perf_counter() - started)
         logger.info("fetched adapter %s into %s", model_id, local_dir)
@@ -110,7 +111,10 @@ class LLMServer:
         self._ensure_stats_task()
         rid, tenant = request["request_id"], request["tenant"]
         try:
-            model_id = serve.get_multiplexed_model_id()
+            # a hot adapter comes in the payload, balanced over the replicas (hot_adapters.py)
+            model_id = serve.get_multiplexed_model_id() or request.get("adapter") or ""
+            if model_id:  # Serve's loader takes one adapter at a time: fetch side by side before it
+                self._fetcher.prefetch(model_id)
             lora = await self._get_adapter(model_id) if model_id else None
             if lora is not None:
                 self._metrics.adapter_requests.inc()

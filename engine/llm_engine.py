@@ -223,6 +223,7 @@ class LLMEngine:
             # vLLM's lora_requests_info labels: adapters with a request running / waiting
             "running_adapters": _adapter_names(self.scheduler.running),
             "waiting_adapters": _adapter_names(s for queue in self.scheduler.waiting.values() for s in queue),
+            "resident_adapters": sorted(self.lora_manager.resident()) if self.lora_manager else [],
         }
 
     def generate(self, prompts: list, params: SamplingParams | None = None,

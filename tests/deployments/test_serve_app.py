@@ -372,6 +372,40 @@ def test_metrics_endpoint_for_the_inference_gateway(service, adapters, tiny_adap
              timeout_s=90, period_s=3, what="this node's ray_moeplex_* series at /metrics")
 
 
+def test_a_hot_adapter_is_served_by_both_engine_replicas(service, tiny_adapter, oracle):
+    """An adapter on one replica takes all the traffic: past its share (hot_adapter_share, 0.25 by
+    default) the ingress stops pinning it to that replica, and both engine replicas serve it (Serve
+    alone would keep it on the one that has it: 8 streams are far below max_ongoing_requests)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    path = tiny_adapter(seed=7)
+    assert upload(service, auth("globex"), "hot", path).status_code == 201
+    client = _client(service, "globex")
+    llm = serve.get_deployment_handle("LLMServer", APP)
+
+    def holders() -> int:
+        return sum("hot" in snap["resident_adapters"] for snap in llm.broadcast("metrics_snapshot").results())
+
+    def one(k: int) -> str:
+        return client.completions.create(model="hot", prompt=PROMPTS[k % 2], max_tokens=2,
+                                         temperature=0).choices[0].text
+
+    try:
+        one(0)
+        time.sleep(2)  # the replica's engine stats (resident adapters) refresh every ~0.2 s
+        assert holders() == 1  # affinity: one replica has it
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(one, range(240)))
+        want = [oracle.complete(p, 2, path)["text"] for p in PROMPTS]
+        assert all(text == want[k % 2] for k, text in enumerate(texts))
+        assert wait_for(lambda: holders() == 2, timeout_s=10, period_s=0.5, what="both replicas")
+    finally:
+        httpx.delete(f"{service}/v1/adapters/hot", headers=auth("globex"), timeout=60)
+
+
 def test_replica_killed_mid_stream_later_requests_succeed(service, adapters):
     """Kill every engine replica while a stream is open; Serve replaces them and we recover."""
     import ray
