@@ -25,12 +25,15 @@
 #              so SERVE48_ARGS="--requests 512 --burst 200" fits (with --burst 500 it ran out once)
 #   coldstart  bench_coldstart.py: 14 GB OLMoE checkpoint, disk read rate, engine start
 #              (+ Serve start when Ray is installed)
+#   workload   bench_workload.py: 256 adapters of mixed ranks and targets, Zipf popularity, Poisson
+#              arrivals at 0.8x the no-adapter capacity, with and without adapters (WORKLOAD_ARGS,
+#              e.g. "--requests 1000" where 2000 do not fit one call)
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
-# ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS.
+# ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS.
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,29p' "$0"; exit 2
+  sed -n '2,33p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -101,6 +104,12 @@ part_engine() {
     | cut -c1-500 | tail -30
 }
 
+part_workload() {
+  bench bench_workload "${WORKLOAD_SECONDS:-570}" benchmarks/bench_workload.py ${WORKLOAD_ARGS:-} \
+    --out "$out/bench_workload.json"
+  tail -6 "$out/bench_workload.log" | cut -c1-300
+}
+
 part_prefill() {
   bench profile_prefill "${PREFILL_SECONDS:-500}" benchmarks/profile_prefill.py ${PREFILL_ARGS:-} \
     --out "$out/prefill"
@@ -152,7 +161,8 @@ for part in "$@"; do
     serve8) part_serve 8 "${SERVE8_ARGS:-}" ;;
     serve48) part_serve 48 "${SERVE48_ARGS:-}" ;;
     coldstart) part_coldstart ;;
-    *) echo "unknown part $part: deps tests kernels router engine prefill profile serve8 serve48 coldstart" ;;
+    workload) part_workload ;;
+    *) echo "unknown part $part: deps tests kernels router engine prefill profile serve8 serve48 coldstart workload" ;;
   esac
 done
 exit 0

@@ -1,0 +1,199 @@
+"""A multi-tenant trace on the engine: many adapters of mixed ranks and targets, Zipf popularity,
+Poisson arrivals (GPU; `--tiny` on CPU in well under a minute).
+
+256 adapters (default): ranks 8 / 16 / 32 / 64 in turn; a quarter on attention only (q/k/v/o),
+a quarter on the experts only (gate/up/down), the rest on both. Popularity is Zipf (s = 1.0)
+over a fixed random order of the adapters; arrivals are Poisson at `--load` (0.8) times the
+requests per second the engine finishes without adapters (measured first, same lengths, all
+requests at once); prompt and output lengths are log-uniform in [128, 2048] and [32, 512], fixed
+seed. The same arrivals run twice, without adapters and with them. Reported for each: goodput
+(output tokens of finished requests per second), TTFT and TPOT p50 / p99, and with adapters the
+slowest TTFT of a request with an adapter, slot loads per second, the resident-hit rate (requests
+whose adapter was in a GPU slot) and the bytes slot loads moved. Adapters are installed in the
+host tier (the store, disk and PCIe paths are measured by bench_store.py and bench_engine.py).
+
+    python benchmarks/bench_workload.py --out workload.json                 # H200, 48 layers
+    python benchmarks/bench_workload.py --tiny --out /tmp/workload.json     # CPU smoke run
+"""
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from engine.lora.adapter import LoRAAdapter, LoRAFactors
+from engine.models.presets import QWEN3_30B_A3B
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_workload
+    from bench_engine import TINY, hf_config
+    from provenance import provenance
+except ImportError:
+    from benchmarks.bench_engine import TINY, hf_config
+    from benchmarks.provenance import provenance
+
+RANKS = (8, 16, 32, 64)
+KINDS = ("attention", "experts", "both", "both")  # by adapter index // len(RANKS): a quarter each, half both
+
+
+def adapter_class(index: int) -> tuple[int, str]:
+    """(rank, targets) of adapter `index`."""
+    return RANKS[index % len(RANKS)], KINDS[(index // len(RANKS)) % len(KINDS)]
+
+
+def make_adapter(engine: LLMEngine, rank: int, kind: str, seed: int) -> LoRAAdapter:
+    """Random factors on the targets of `kind`, packed as the host tier holds them."""
+    spec, dtype = engine.spec, engine.runner.dtype
+    gen = torch.Generator().manual_seed(seed)
+    d, i, e = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+
+    def pair(a_shape, b_shape):
+        return LoRAFactors((torch.randn(a_shape, generator=gen) * 0.02).to(dtype),
+                           (torch.randn(b_shape, generator=gen) * 0.02).to(dtype))
+    adapter = LoRAAdapter(f"class-r{rank}-{kind}")
+    for layer in range(spec.num_layers):
+        if kind in ("attention", "both"):
+            for name, (inp, out) in {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}.items():
+                adapter.dense[(layer, name)] = pair((rank, inp), (out, rank))
+        if kind in ("experts", "both"):
+            for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
+                adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
+    return engine.runner.slot_pools.pack(adapter)
+
+
+def install_adapters(engine: LLMEngine, num_adapters: int) -> list[str]:
+    """Names w0..w{n-1} in the host tier, sharing one packed image per (rank, targets) class."""
+    classes = {cls: make_adapter(engine, *cls, seed=k) for k, cls in enumerate(
+        sorted({adapter_class(k) for k in range(num_adapters)}))}
+    manager = engine.lora_manager
+    manager.host_capacity = max(manager.host_capacity, num_adapters)
+    names = [f"w{k}" for k in range(num_adapters)]
+    for k, name in enumerate(names):
+        manager.host[name] = classes[adapter_class(k)].renamed(name)
+    return names
+
+
+def make_trace(args) -> list[dict]:
+    """Requests in arrival order: {"t" (s, filled in by `timed`), "prompt", "output", "adapter"}."""
+    rng = random.Random(args.seed)
+    order = list(range(args.adapters))
+    rng.shuffle(order)  # popularity rank -> adapter, so popular adapters mix ranks and targets
+    weights = [1.0 / (k + 1) ** args.zipf for k in range(args.adapters)]
+
+    def log_uniform(low: int, high: int) -> int:
+        return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+    return [{"t": 0.0, "prompt": log_uniform(*args.prompt_range), "output": log_uniform(*args.output_range),
+             "adapter": order[rng.choices(range(args.adapters), weights)[0]]} for _ in range(args.requests)]
+
+
+def timed(trace: list[dict], rate: float, seed: int) -> list[dict]:
+    """The trace with Poisson arrival times at `rate` requests per second."""
+    rng, t = random.Random(seed + 1), 0.0
+    out = []
+    for request in trace:
+        t += rng.expovariate(rate)
+        out.append(dict(request, t=t))
+    return out
+
+
+def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> dict:
+    """Open loop: each request enters the engine at its arrival time; names=None runs it without
+    adapters. Latencies count from the arrival."""
+    gen = torch.Generator().manual_seed(7)
+    stats0, start = engine.stats(), time.perf_counter()
+    arrived, first, last, pending = {}, {}, {}, list(enumerate(trace))
+    pending.reverse()
+    while pending or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while pending and pending[-1][1]["t"] <= now:
+            k, req = pending.pop()
+            prompt = torch.randint(0, engine.spec.vocab_size, (req["prompt"],), generator=gen).tolist()
+            lora = None if names is None else LoRARequest(names[req["adapter"]], "/in-host-tier")
+            params = SamplingParams(max_tokens=req["output"], temperature=0, ignore_eos=True)
+            engine.add_request(f"w-{k}", prompt, params, lora)
+            arrived[f"w-{k}"] = req["t"]
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, min(0.05, pending[-1][1]["t"] - now)))
+            continue
+        for out in engine.step():
+            now = time.perf_counter() - start
+            first.setdefault(out.request_id, now)
+            last[out.request_id] = now
+    seconds = time.perf_counter() - start
+    stats = {key: engine.stats()[key] - stats0[key] for key in ("lora_slot_hits", "lora_slot_misses", "lora_slot_loads")}
+    outputs = {f"w-{k}": req["output"] for k, req in enumerate(trace)}
+    ttft = sorted(first[r] - arrived[r] for r in first)
+    tpot = sorted((last[r] - first[r]) / (outputs[r] - 1) for r in first if outputs[r] > 1)
+    pct = lambda xs, p: 1e3 * xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    result = {"seconds": seconds, "finished": len(last), "goodput_tok_per_s": sum(outputs[r] for r in last) / seconds,
+              "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99), "ttft_ms_max": 1e3 * ttft[-1],
+              "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
+    if names is not None:
+        lookups = stats["lora_slot_hits"] + stats["lora_slot_misses"]
+        result.update(slot_loads_per_s=stats["lora_slot_loads"] / seconds,
+                      resident_hit_rate=stats["lora_slot_hits"] / lookups if lookups else None,
+                      bytes_moved=stats["lora_slot_loads"] * engine.runner.slot_pools.slot_bytes)
+    return result
+
+
+def capacity(engine: LLMEngine, trace: list[dict], count: int) -> float:
+    """Requests per second the engine finishes without adapters: `count` requests at once."""
+    head = [dict(req, t=0.0) for req in trace[:count]]
+    return len(head) / run_trace(engine, head, None)["seconds"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_workload.json")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU, a short trace (smoke test)")
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--adapters", type=int, default=256)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--load", type=float, default=0.8, help="arrival rate / no-adapter capacity")
+    ap.add_argument("--prompt-range", type=int, nargs=2, default=[128, 2048])
+    ap.add_argument("--output-range", type=int, nargs=2, default=[32, 512])
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-loras", type=int, default=None, help="GPU slots (default: the memory budget)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.layers, args.adapters, args.requests = 2, min(args.adapters, 32), min(args.requests, 120)
+        args.prompt_range, args.output_range, args.max_loras = [8, 48], [4, 16], args.max_loras or 4
+    shape = TINY if args.tiny else QWEN3_30B_A3B
+    engine = LLMEngine(EngineConfig(
+        hf_config=hf_config(shape, args.layers), load_format="dummy", device="cpu" if args.tiny else "cuda",
+        max_loras=args.max_loras, max_lora_rank=max(RANKS), max_cpu_loras=args.adapters,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0))
+    names = install_adapters(engine, args.adapters)
+    trace = make_trace(args)
+    rate = args.load * capacity(engine, trace, min(len(trace), 4 * args.max_num_seqs))
+    arrivals = timed(trace, rate, args.seed)
+    results = {"provenance": provenance(list(sys.argv if argv is None else argv)), "args": vars(args), "layers": args.layers,
+               "lora_slots": engine.runner.num_lora_slots, "slot_bytes": engine.runner.slot_pools.slot_bytes,
+               "arrival_rate_per_s": rate, "no_adapters": run_trace(engine, arrivals, None)}
+    results["adapters"] = run_trace(engine, arrivals, names)
+    base, lora = results["no_adapters"], results["adapters"]
+    results["goodput_ratio"] = lora["goodput_tok_per_s"] / base["goodput_tok_per_s"]
+    results["ttft_p99_ratio"] = lora["ttft_ms_p99"] / base["ttft_ms_p99"]
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"{args.requests} requests at {rate:.2f}/s over {args.adapters} adapters, {engine.runner.num_lora_slots} slots "
+          f"of {results['slot_bytes'] / 2**20:.1f} MiB at rank {max(RANKS)}")
+    print("run          goodput tok/s  TTFT p50/p99 ms   TPOT p50/p99 ms   max TTFT s  loads/s  hit rate  GB moved")
+    for label, r in (("no adapters", base), ("adapters", lora)):
+        extra = (f"{r['slot_loads_per_s']:8.2f}  {r['resident_hit_rate'] or 0:8.2f}  {r['bytes_moved'] / 1e9:8.2f}"
+                 if "bytes_moved" in r else "")
+        print(f"{label:<12}{r['goodput_tok_per_s']:14.1f}  {r['ttft_ms_p50']:7.0f}/{r['ttft_ms_p99']:<7.0f}  "
+              f"{r['tpot_ms_p50']:7.1f}/{r['tpot_ms_p99']:<7.1f}  {r['ttft_ms_max'] / 1e3:10.2f}  {extra}")
+    print(f"goodput {results['goodput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.2f}x the no-adapter run")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

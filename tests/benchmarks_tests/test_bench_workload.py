@@ -1,0 +1,50 @@
+"""benchmarks/bench_workload.py: the trace's mix and arrivals, and a --tiny run end to end (CPU)."""
+import argparse
+import json
+import statistics
+from collections import Counter
+
+from benchmarks import bench_workload
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(adapters=256, requests=4000, zipf=1.0, prompt_range=[128, 2048], output_range=[32, 512], seed=3)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_adapter_mix_is_a_quarter_attention_a_quarter_experts_half_both_over_four_ranks():
+    classes = [bench_workload.adapter_class(k) for k in range(256)]
+    kinds = Counter(kind for _, kind in classes)
+    assert kinds == {"attention": 64, "experts": 64, "both": 128}
+    assert Counter(rank for rank, _ in classes) == {8: 64, 16: 64, 32: 64, 64: 64}
+    assert len(set(classes)) == 12  # every rank with every targets choice
+
+
+def test_trace_is_zipf_over_adapters_with_lengths_in_range_and_fixed_by_the_seed():
+    trace = bench_workload.make_trace(_args())
+    counts = Counter(req["adapter"] for req in trace).most_common()
+    harmonic = sum(1 / k for k in range(1, 257))
+    assert abs(counts[0][1] / len(trace) - 1 / harmonic) < 0.03  # the top adapter: ~16% at s = 1
+    assert counts[0][1] > 1.6 * counts[1][1]  # the second: about half as often
+    assert all(128 <= r["prompt"] <= 2048 and 32 <= r["output"] <= 512 for r in trace)
+    assert trace == bench_workload.make_trace(_args())
+    assert trace != bench_workload.make_trace(_args(seed=4))
+
+
+def test_arrivals_are_poisson_at_the_rate():
+    timed = bench_workload.timed(bench_workload.make_trace(_args()), rate=20.0, seed=3)
+    gaps = [b["t"] - a["t"] for a, b in zip(timed, timed[1:])]
+    assert abs(statistics.mean(gaps) - 0.05) < 0.005
+    assert abs(statistics.stdev(gaps) - 0.05) < 0.01  # exponential: stdev = mean
+
+
+def test_tiny_run_finishes_every_request_in_both_runs_and_reports_adapter_traffic(tmp_path):
+    out = tmp_path / "workload.json"
+    assert bench_workload.main(["--tiny", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    base, lora = results["no_adapters"], results["adapters"]
+    assert base["finished"] == lora["finished"] == results["args"]["requests"] == 120
+    assert base["goodput_tok_per_s"] > 0 and lora["goodput_tok_per_s"] > 0
+    assert results["lora_slots"] == 4 and lora["bytes_moved"] > 0  # 32 adapters through 4 slots
+    assert 0 <= lora["resident_hit_rate"] <= 1 and "bytes_moved" not in base
+    assert results["provenance"]["argv"][:2] == ["--tiny", "--out"]
