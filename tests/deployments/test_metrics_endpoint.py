@@ -33,9 +33,10 @@ ray_moeplex_ttft_seconds_sum 0.05
 """
 
 
-def _snapshot(running=0, waiting=0, max_lora=4, running_adapters=(), waiting_adapters=()):
+def _snapshot(running=0, waiting=0, max_lora=4, running_adapters=(), waiting_adapters=(), resident_adapters=()):
     return {"running": running, "waiting": waiting, "max_lora": max_lora,
-            "running_adapters": list(running_adapters), "waiting_adapters": list(waiting_adapters)}
+            "running_adapters": list(running_adapters), "waiting_adapters": list(waiting_adapters),
+            "resident_adapters": list(resident_adapters)}
 
 
 def _samples(text: str) -> dict:
@@ -81,8 +82,8 @@ def test_vllm_series_idle_empty_lists_and_none_without_replicas_or_slots():
 def test_engine_snapshot_names_adapters_as_clients_do():
     stats = {"running": 2, "waiting": 1, "num_lora_slots": 8, "free_kv_blocks": 3,
              "running_adapters": ["acme/style@3", "globex/style@1", "acme/chat@2"],
-             "waiting_adapters": ["acme/chat@4"]}
-    assert engine_snapshot(stats) == _snapshot(2, 1, 8, ["chat", "style"], ["chat"])
+             "waiting_adapters": ["acme/chat@4"], "resident_adapters": ["acme/chat@4", "acme/old@1"]}
+    assert engine_snapshot(stats) == _snapshot(2, 1, 8, ["chat", "style"], ["chat"], ["chat", "old"])
     assert adapter_names(["not a ref!"]) == ["not a ref!"]
     assert engine_snapshot({}) == _snapshot(max_lora=0)
 
