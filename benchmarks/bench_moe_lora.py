@@ -334,7 +334,7 @@ def main():
     ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM over tile configs, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
     ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens, exit")
-    ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "split", "fused"],
+    ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "split", "split-tiles", "split-blocks", "fused"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)

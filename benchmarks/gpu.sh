@@ -10,8 +10,8 @@
 #              here first by `bash benchmarks/gpu_deps.sh prepare`; put it before the parts that need
 #              it in the same call (serve8, serve48, coldstart's Serve start, tests/deployments)
 #   tests      pytest -m gpu over tests/engine and tests/kernels (+ tests/deployments with Ray)
-#   kernels    bench_moe_lora.py (KERNELS_ARGS, e.g. "--presets olmoe mixtral --adapters 16";
-#              MOEPLEX_EXPAND=tiles|blocks forces one expand path)
+#   kernels    bench_moe_lora.py (KERNELS_ARGS, e.g. "--presets olmoe mixtral --adapters 16" or
+#              "--paths rows split-tiles split-blocks": each LoRA path side by side)
 #   router     bench_router.py: the one-launch router against torch's softmax + top-k
 #   engine     bench_engine.py (ENGINE_ARGS, default "--modes fused": every case, the roofline, the
 #              slot load and transformers + PEFT at 8 layers)

@@ -13,8 +13,6 @@ fused_moe, with LoRA added where the base applies it:
 Rows of tokens without an adapter are never in the virtual layout, so they stay bitwise equal
 to a run without LoRA.
 """
-import os
-
 import torch
 import triton
 from torch import Tensor
@@ -58,16 +56,13 @@ EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # kernels/exp
 # EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. H100, qwen3
 # top-8, n = 16 (benchmarks/RESULTS.md, kernels, 2026-11-28): blocks win from M = 128 tokens (1024 rows;
 # M = 512: 1.58 -> 1.48 of the base), tiles at M = 8 (64 rows: 1.18 vs 1.28), even at M = 32
-# (256 rows); 512 rows (64 tokens, a decode batch) is in between, unmeasured.
-# MOEPLEX_EXPAND=tiles|blocks forces one path (A/B runs); read once, here: the choice is part of
-# what a CUDA graph captures.
-EXPAND_PATH = os.environ.get("MOEPLEX_EXPAND", "auto")
-expect(EXPAND_PATH in ("auto", "blocks", "tiles"), f"MOEPLEX_EXPAND must be auto, blocks or tiles, got {EXPAND_PATH!r}")
+# (256 rows); 512 rows (64 tokens, a decode batch) is in between, unmeasured. The LoRA paths
+# "split-tiles" and "split-blocks" force one (A/B runs).
 EXPAND_BLOCKS_MIN_ROWS = 512
 
 
-def _expand_by_blocks(num_rows: int) -> bool:
-    return EXPAND_PATH == "blocks" or (EXPAND_PATH == "auto" and num_rows >= EXPAND_BLOCKS_MIN_ROWS)
+def _expand_by_blocks(num_rows: int, expand: str) -> bool:
+    return expand == "blocks" or (expand == "auto" and num_rows >= EXPAND_BLOCKS_MIN_ROWS)
 
 
 def _rank_block(max_rank: int) -> int:
@@ -86,7 +81,7 @@ ROWS_MAX_EXPAND = 8192
 # 128-wide N tiles, 4 warps; programs a row (`parts`) so that a launch has ~1024 programs.
 ROWS_TILES = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3}
 ROWS_PROGRAMS = 1024
-LORA_PATHS = ("auto", "rows", "split", "fused")
+LORA_PATHS = ("auto", "rows", "split", "split-tiles", "split-blocks", "fused")
 
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
@@ -105,7 +100,8 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
                      slot_ids: Tensor | None = None, path: str = "auto") -> Tensor:
     """Triton twin of fused_moe_ref (same Semantics and Args). path picks how the LoRA delta
     runs (LORA_PATHS; "auto": lora_path): by rows, by (slot, expert) blocks after the base
-    GEMMs ("split"), or inside the base GEMMs over expert-major blocks ("fused": fused_path_ok)."""
+    GEMMs ("split"; "split-tiles" / "split-blocks" force its expand), or inside the base GEMMs
+    over expert-major blocks ("fused": fused_path_ok)."""
     check_moe_args(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
     expect(path in LORA_PATHS, f"path must be one of {LORA_PATHS}, got {path!r}")
     num_tokens, top_k = topk_ids.shape
@@ -124,7 +120,8 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         lay = moe_align_virtual(topk_ids, slot_ids, num_experts, 16, lora.num_slots, expert_major=True)
         return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], lay)
     vlays = [moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)]
-    return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, vlays)
+    expand = path.removeprefix("split").removeprefix("-") or "auto"
+    return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, vlays, expand=expand)
 
 
 def fused_path_ok(num_tokens: int, inter: int) -> bool:
@@ -136,11 +133,13 @@ def fused_path_ok(num_tokens: int, inter: int) -> bool:
 
 def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
                      topk_ids: Tensor, lora: MoELoRAWeights | None, vlays: list[VirtualLayout],
-                     fused_layout: VirtualLayout | None = None, row_slots: Tensor | None = None) -> Tensor:
+                     fused_layout: VirtualLayout | None = None, row_slots: Tensor | None = None,
+                     expand: str = "auto") -> Tensor:
     """The base MoE with LoRA over each given virtual layout (one for all adapters, or one
     per adapter for the conventional per-adapter loop the benchmark compares against), or,
     given an expert-major fused_layout, base and LoRA in the same launches, or, given
-    row_slots (the tokens' slot ids), LoRA by routed rows."""
+    row_slots (the tokens' slot ids), LoRA by routed rows. expand: the layouts' expand kernel,
+    "tiles", "blocks" or "auto" (by row count)."""
     num_tokens, top_k = topk_ids.shape
     num_experts, d, inter = w_down.shape
     rows = num_tokens * top_k
@@ -155,7 +154,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     grouped_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg,
                  **fused_kw(lora and lora.gate_up_a, lora and lora.gate_up_b, inter))
     for vlay in vlays:
-        _lora_gate_up_(hidden, gate_up, lora, vlay, top_k)
+        _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand)
     if row_slots is not None:
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
                    a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), **ROWS_TILES)
@@ -164,7 +163,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
                  **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
     for vlay in vlays:
-        _lora_down_(act, y, lora, vlay, weights)
+        _lora_down_(act, y, lora, vlay, weights, expand)
     if row_slots is not None:
         lora_rows_(act, y, lora.down_a, lora.down_b, lora.ranks, row_slots, topk_ids, a_row_div=1,
                    scale=weights, parts=_row_parts(rows, 1), **ROWS_TILES)
@@ -172,7 +171,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
 
 
 def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
-                   vlay: VirtualLayout, top_k: int) -> None:
+                   vlay: VirtualLayout, top_k: int, expand: str) -> None:
     """gate_up[:, :I] += (x @ A_gate.T) @ B_gate.T; gate_up[:, I:] += (x @ A_up.T) @ B_up.T."""
     r = lora.max_rank
     inter = gate_up.shape[1] // 2
@@ -183,7 +182,7 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
     grouped_gemm(hidden, lora.gate_up_a, shrunk, vlay, n=r, k=d, a_row_div=top_k,
                  splits=(2, 0, r, r), ranks=lora.ranks, rank_on="n", block_n=rb, **SHRINK)
     # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
-    if not _expand_by_blocks(vlay.num_rows):
+    if not _expand_by_blocks(vlay.num_rows, expand):
         grouped_gemm(shrunk, lora.gate_up_b, gate_up, vlay, n=inter, k=r, splits=(2, r, inter, inter),
                      ranks=lora.ranks, rank_on="k", accumulate=True, block_k=rb, **EXPAND)
     else:  # one program a block, gate's tiles then up's
@@ -191,14 +190,14 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
 
 
 def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayout,
-                weights: Tensor) -> None:
+                weights: Tensor, expand: str) -> None:
     """y += w * (act @ A_down.T) @ B_down.T on rows with an adapter."""
     r = lora.max_rank
     rb = _rank_block(r)
     shrunk = torch.empty(act.shape[0], r, dtype=torch.float32, device=act.device)
     grouped_gemm(act, lora.down_a, shrunk, vlay, n=r, k=act.shape[1], ranks=lora.ranks,
                  rank_on="n", block_n=rb, **SHRINK)
-    if not _expand_by_blocks(vlay.num_rows):
+    if not _expand_by_blocks(vlay.num_rows, expand):
         grouped_gemm(shrunk, lora.down_b, y, vlay, n=y.shape[1], k=r, ranks=lora.ranks,
                      rank_on="k", accumulate=True, scale=weights, block_k=rb, **EXPAND)
     else:

@@ -29,7 +29,8 @@ def case_names() -> list[str]:
               "moe-fp16-t1e6k2-rank64-nanpad-fused", "moe-fp32-t1e6k1-distinct-fused"]
     # these sizes take the row path by default; the (slot, expert) block path of larger batches
     names += ["moe-fp32-t17e10k8-uniform-split", "moe-fp16-t9e6k2-rank64-nanpad-split",
-              "moe-fp32-t5e6k2-zipf-strided-split"]
+              "moe-fp32-t5e6k2-zipf-strided-split", "moe-fp16-t17e10k8-zipf-split-blocks",
+              "moe-fp32-t9e6k2-rank64-nanpad-split-tiles"]
     # hidden a column slice of a wider tensor, int64 routing ids (as torch.topk returns them)
     names += ["moe-fp32-t5e6k2-zipf-strided"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
@@ -72,6 +73,8 @@ def run_moe(name: str) -> dict:
     from kernels.moe_launch import fused_moe_triton
     base = kernels.fused_moe(*args)
     path = next((opt for opt in p["rest"] if opt in ("fused", "split")), "auto")
+    if path == "split" and p["rest"][-1] in ("tiles", "blocks"):
+        path = f"split-{p['rest'][-1]}"
     if path == "fused" and t > 1:
         path = "auto"  # the fused launch takes one token; with more, the default path
     got = fused_moe_triton(*args, lora=lora, slot_ids=slots, path=path)
