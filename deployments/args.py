@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapter_store.defaults import default_cache_dir, default_store_uri, store_from_env
-from adapter_store.limits import DEFAULT_MAX_LORA_RANK
+from engine import defaults
 
 TINY_MODEL_NAME = "moeplex-tiny-qwen3-moe"
 DUMMY_PREFIX = "dummy:"
@@ -62,30 +62,30 @@ class AppArgs(BaseModel):
                                                    "the replica has a GPU, else cpu")
     dtype: str | None = Field(default=None, description="weights and activations, e.g. bfloat16, "
                               "float32; default: the engine's for the device")
-    seed: int = Field(default=0, description="sampling seed of the engine")
+    seed: int = Field(default=defaults.SEED, description="sampling seed of the engine")
     max_loras: int | None = Field(default=None, ge=1, description="adapter slots on the GPU; default: "
                                   "sized from GPU memory beside the KV cache (4 on CPU)")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of the GPU "
+    gpu_memory_utilization: float = Field(default=defaults.GPU_MEMORY_UTILIZATION, gt=0, le=1, description="share of the GPU "
                                           "the engine fills with weights, KV cache and adapter slots")
     lora_memory_fraction: float | None = Field(default=None, gt=0, lt=1, description="share of that "
                                                "budget for adapter slots when max_loras is unset; "
                                                "default: KV cache for max_num_seqs sequences first")
-    max_lora_rank: int = Field(default=DEFAULT_MAX_LORA_RANK, ge=1, description="largest adapter rank served (and "
+    max_lora_rank: int = Field(default=defaults.MAX_LORA_RANK, ge=1, description="largest adapter rank served (and "
                                "accepted on upload)")
     max_adapters_per_replica: int | None = Field(default=None, ge=1, description="adapters a "
                                                  "replica keeps fetched (Serve's multiplexing "
                                                  "LRU); default: 2 x the engine's adapter slots")
-    max_num_seqs: int = Field(default=64, ge=1, description="sequences the engine runs at once")
-    max_model_len: int = Field(default=2048, ge=16, description="longest prompt plus completion, "
+    max_num_seqs: int = Field(default=defaults.MAX_NUM_SEQS, ge=1, description="sequences the engine runs at once")
+    max_model_len: int = Field(default=defaults.MAX_MODEL_LEN, ge=16, description="longest prompt plus completion, "
                                "in tokens")
     max_num_batched_tokens: int | None = Field(default=None, ge=1, description="token budget of "
                                                "a step (chunked prefill); default: the engine's")
     max_cpu_loras: int | None = Field(default=None, ge=1, description="adapters in the pinned host "
                                       "tier; default 4 x max_loras")
-    max_cpu_lora_bytes: int = Field(default=32 << 30, ge=1, description="byte bound of that tier (each "
+    max_cpu_lora_bytes: int = Field(default=defaults.MAX_CPU_LORA_BYTES, ge=1, description="byte bound of that tier (each "
                                     "adapter there is a whole slot image)")
     engine_warmup: bool = Field(default=True, description="compile prefill kernels at start-up (GPU)")
-    async_scheduling: bool = Field(default=True, description="launch each step before the previous "
+    async_scheduling: bool = Field(default=defaults.ASYNC_SCHEDULING, description="launch each step before the previous "
                                    "one's tokens are read back (hides host work behind the GPU)")
     engine_process: bool = Field(default=True, description="run the engine core in a process "
                                  "of its own inside each replica (false: a thread of the replica)")
@@ -93,7 +93,7 @@ class AppArgs(BaseModel):
                                       "two stream messages of one request (its tokens made meanwhile "
                                       "go together; the first and the last are never held); 0 = "
                                       "each engine step's tokens at once")
-    lora_failure_ttl_s: float = Field(default=30.0, ge=0, description="seconds a failed adapter "
+    lora_failure_ttl_s: float = Field(default=defaults.LORA_FAILURE_TTL_S, ge=0, description="seconds a failed adapter "
                                       "load fails fast before a request retries it")
 
     num_replicas: int | None = Field(default=None, ge=1, description="engine replicas; default 1 "

@@ -1,20 +1,22 @@
-"""moeplex engine: continuous batching of many tenants' LoRA adapters over one MoE model."""
-from engine.config import EngineConfig
-from engine.errors import AdapterLoadError, EngineError, InvalidRequestError
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import LoRARequest
+"""moeplex engine: continuous batching of many tenants' LoRA adapters over one MoE model.
 
-__all__ = ["AdapterLoadError", "AsyncLLMEngine", "EngineConfig", "EngineCoreClient", "EngineError", "InvalidRequestError",
-           "LLMEngine", "LoRARequest", "RequestOutput", "SamplingParams"]
+The names below load on first use, so that `engine.defaults` (read by the app's option
+parsing) and the torch-free scheduler modules import without torch.
+"""
+import importlib
+
+_HOMES = {
+    "AdapterLoadError": "engine.errors", "AsyncLLMEngine": "engine.async_engine", "EngineConfig": "engine.config",
+    "EngineCoreClient": "engine.core_client", "EngineError": "engine.errors", "InvalidRequestError": "engine.errors",
+    "LLMEngine": "engine.llm_engine", "LoRARequest": "engine.sequence", "RequestOutput": "engine.outputs",
+    "SamplingParams": "engine.sampling_params",
+}
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    if name == "AsyncLLMEngine":  # keeps asyncio/threading out of plain `import engine`
-        from engine.async_engine import AsyncLLMEngine
-        return AsyncLLMEngine
-    if name == "EngineCoreClient":
-        from engine.core_client import EngineCoreClient
-        return EngineCoreClient
-    raise AttributeError(name)
+    if name not in _HOMES:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value

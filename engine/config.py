@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from engine import defaults
 from engine.errors import InvalidRequestError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -18,25 +19,25 @@ class EngineConfig:
     # adapter slots on the device; None: sized from GPU memory beside the KV cache on CUDA
     # (engine.memory.split_memory), 4 on CPU; 0: no adapters
     max_loras: int | None = None
-    max_lora_rank: int = 16
+    max_lora_rank: int = defaults.MAX_LORA_RANK
     # share of the GPU memory budget for adapter slots (CUDA, max_loras and num_kv_blocks None);
     # None: engine.memory's rule (KV cache for max_num_seqs sequences first, slots the rest)
     lora_memory_fraction: float | None = None
     # pinned host tier size; None: 4 x the slot count (here when max_loras is set, else by the runner)
     max_cpu_loras: int | None = None
     # and its byte bound: each host adapter is a whole slot image (max rank, every target)
-    max_cpu_lora_bytes: int | None = 32 << 30
-    max_num_seqs: int = 64
-    max_model_len: int = 2048
+    max_cpu_lora_bytes: int | None = defaults.MAX_CPU_LORA_BYTES
+    max_num_seqs: int = defaults.MAX_NUM_SEQS
+    max_model_len: int = defaults.MAX_MODEL_LEN
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from memory (CUDA) or max_num_seqs x max_model_len (CPU)
-    gpu_memory_utilization: float = 0.9  # share of the card the engine may fill (CUDA)
-    max_num_batched_tokens: int = 2048
+    gpu_memory_utilization: float = defaults.GPU_MEMORY_UTILIZATION  # share of the card the engine may fill (CUDA)
+    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights at real shapes)
     hf_config: object = None  # a transformers config to use instead of model/config.json
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     warmup: bool = True  # dummy prefill / mixed steps at start-up on CUDA (Triton compiles there)
-    lora_failure_ttl_s: float = 30.0  # a failed adapter load is retried by requests after this
+    lora_failure_ttl_s: float = defaults.LORA_FAILURE_TTL_S  # a failed adapter load is retried by requests after this
     # adapter prefetch: the first this many waiting requests, in admission order, reserve their
     # adapters before they are admitted (host load, then a free slot; one staged adapter per
     # tenant, at most the host tier's count); None: 2 x max_num_seqs; 0: no prefetch
@@ -47,7 +48,7 @@ class EngineConfig:
     # schedule step n+1 before reading step n's tokens back, and launch it then when it is a decode
     # graph step (its decodes take those tokens on the device); a sequence that step n finishes
     # wastes one row of step n+1. Unseeded sampling then draws differently than without it.
-    async_scheduling: bool = True
+    async_scheduling: bool = defaults.ASYNC_SCHEDULING
     # launch eager (prefill, mixed) steps ahead too: they are bound by host time, so that hides
     # nothing and delays the outputs of the step before them (tests use it to cover the path on CPU)
     async_eager_steps: bool = False
@@ -60,7 +61,7 @@ class EngineConfig:
     # runs eagerly); None: on for CUDA, off on CPU. Off with enforce_eager
     prefill_graphs: bool | None = None
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
-    seed: int = 0
+    seed: int = defaults.SEED
 
     def __post_init__(self):
         self.device = str(self.device)

@@ -156,3 +156,18 @@ def test_the_store_and_its_cli_accept_by_default_no_rank_the_service_cannot_serv
 
     upload = build_parser().parse_args(["upload", "/tmp/x", "--tenant", "t", "--name", "n"])
     assert StoreLimits().max_rank == upload.max_rank == AppArgs().max_lora_rank
+
+
+def test_options_the_engine_also_has_share_its_defaults():
+    """One default per setting (engine.defaults): an option left unset behaves as the engine's own
+    default. device (auto here, a GPU when Ray has one) and max_num_batched_tokens (None: the
+    engine's) differ on purpose."""
+    import dataclasses
+
+    from engine import EngineConfig
+
+    engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    shared = sorted(set(engine_defaults) & set(AppArgs.model_fields) - {"device", "max_num_batched_tokens"})
+    assert len(shared) >= 12
+    assert {n: AppArgs.model_fields[n].default for n in shared} == {n: engine_defaults[n] for n in shared}
+    assert AppArgs.model_fields["max_num_batched_tokens"].default is None
