@@ -33,6 +33,7 @@ ENGINE_COUNTERS = {
     "lora_evictions": "moeplex_engine_adapter_evictions",
     "lora_failures": "moeplex_engine_adapter_failures",
     "lora_prefetches": "moeplex_engine_adapter_prefetches",
+    "lora_slot_preemptions": "moeplex_engine_adapter_slot_preemptions",
 }
 ENGINE_GAUGES = {
     "running": "moeplex_engine_running_requests",

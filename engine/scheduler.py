@@ -21,7 +21,11 @@ Adapter pressure, three rules:
   references is never evicted (the manager evicts unreferenced slots only);
 - aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
   steps is visited first (oldest first, one per tenant), and while such a sequence has no
-  slot nobody else takes a slot reference, so the next slot that frees is its own.
+  slot nobody else takes a slot reference, so the next slot that frees is its own. When every
+  slot is held by running sequences and one tenant holds more than its fair share (slots /
+  tenants that want one), that tenant's adapter with the fewest running sequences is
+  preempted (recompute) so its slot drains for the aged sequence: long requests over many
+  adapters cannot keep another tenant out until they finish.
 
 The prefetch is triggered here, not in LoRAManager: only the scheduler knows the admission
 order, the tenants and the aging, and a prefetch is an ordinary `reserve` taken on the
@@ -74,6 +78,7 @@ class Scheduler:
         self.num_steps = 0
         self.enqueued_step: dict[int, int] = {}  # seq_id -> the step count when it (re)entered the queue
         self.aged: list[Sequence] = []  # this step's sequences with first claim on a slot
+        self.num_slot_preemptions = 0  # slots drained for an aged sequence (_reclaim_slot)
         self.num_prefetched = 0  # slots the prefetch reserved for sequences a step before admission
 
     @property
@@ -97,6 +102,7 @@ class Scheduler:
         if self.lora_manager is not None:
             self.lora_manager.collect_loads()
             self.aged = self._aged_heads()
+            self._reclaim_slot(out)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         prefetched = self._prefetch(out) if self.lora_manager is not None and self.prefetch_window > 0 else []
         if out.num_preempted == 0:  # after the prefetch: slots go to the waiting in its order
@@ -189,6 +195,29 @@ class Scheduler:
             if state == "ok" and ready is None:
                 ready = seq
         return ready, False
+
+    def _reclaim_slot(self, out: SchedulerOutput) -> None:
+        """Slot-fair preemption for the oldest aged sequence still without a slot (see the module
+        docstring): preempts the running sequences of one adapter of the tenant holding the most
+        slots, when that is more than its fair share, and drops waiting reservations of that slot."""
+        aged = next((s for s in self.aged if s.status is SequenceStatus.WAITING and s.lora_slot is None), None)
+        if aged is None or not self.lora_manager.waits_for_slot(aged.lora.lora_name):
+            return
+        held: dict[str, dict[int, list[Sequence]]] = {}  # tenant -> slot -> its running sequences
+        for seq in self.running:
+            if seq.lora_slot is not None:
+                held.setdefault(seq.tenant, {}).setdefault(seq.lora_slot, []).append(seq)
+        fair = self.lora_manager.num_slots / len(set(held) | {aged.tenant})
+        victim = max((t for t in held if t != aged.tenant), key=lambda t: len(held[t]), default=None)
+        if victim is None or len(held[victim]) <= fair:
+            return
+        slot, seqs = min(held[victim].items(), key=lambda item: len(item[1]))
+        for seq in seqs:
+            self.preempt(seq)
+            out.num_preempted += 1
+        for seq in (s for queue in self.waiting.values() for s in queue if s.lora_slot == slot):
+            self._release_slot(seq)
+        self.num_slot_preemptions += 1
 
     def _prefetch(self, out: SchedulerOutput) -> list[Sequence]:
         """Reserve the adapters of the first prefetch_window waiting sequences, in admission order

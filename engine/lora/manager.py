@@ -120,6 +120,11 @@ class LoRAManager:
             return True
         return False
 
+    def waits_for_slot(self, name: str) -> bool:
+        """Whether adapter `name` waits for nothing but a slot: in the host tier, in no slot, and
+        every slot referenced (so none can be evicted for it)."""
+        return name not in self.name_to_slot and name in self.host and not self.free_lru
+
     def release(self, slot: int) -> None:
         self.slot_refs[slot] -= 1
         if self.slot_refs[slot] == 0:

@@ -151,3 +151,27 @@ def test_no_prefetch_with_a_window_of_zero():
         assert sorted(manager.host_loaded) == ["t1/a", "t2/b"] and "t3/c" not in manager.resident()
     finally:
         manager.shutdown()
+
+
+def test_slot_fair_preemption_with_the_real_manager_gives_the_aged_request_a_slot():
+    """Tenant "long" runs two adapters on both slots; tenant "short" waits: once its request ages,
+    the manager reports it waiting for a slot only, one of long's adapters is preempted, and the
+    short request runs on that slot while the other long request keeps running."""
+    manager = make_manager(num_slots=2)
+    sched = Scheduler(4, 256, BlockManager(256, 4), manager, max_adapter_wait_steps=3)
+    longs = [make_seq(k, f"long/ad{k}", max_tokens=500) for k in range(2)]
+    for seq in longs:
+        sched.add(seq)
+    for _ in range(6):
+        run_round(sched)
+    assert all(s.status is SequenceStatus.RUNNING for s in longs)
+    short = make_seq(9, "short/ad", max_tokens=4)
+    sched.add(short)
+    run_round(sched)  # its host load starts
+    run_round(sched)  # the load lands in the host tier; both slots stay referenced, not aged yet
+    assert manager.waits_for_slot("short/ad") and sched.num_slot_preemptions == 0
+    for _ in range(8):
+        run_round(sched)
+    assert short.status is not SequenceStatus.WAITING and sched.num_slot_preemptions == 1
+    assert sorted(s.status.name for s in longs) == ["RUNNING", "WAITING"]
+    assert not manager.waits_for_slot("short/ad")

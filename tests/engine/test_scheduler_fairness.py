@@ -40,6 +40,13 @@ class SteppedLoRAManager:
     def is_ready(self, slot: int) -> bool:
         return self.step >= self.ready_at[slot]
 
+    @property
+    def num_slots(self) -> int:
+        return len(self.names)
+
+    def waits_for_slot(self, name: str) -> bool:
+        return name not in self.names and not self.free
+
     def release(self, slot: int) -> None:
         self.refs[slot] -= 1
         if self.refs[slot] == 0:
@@ -143,3 +150,52 @@ def test_a_flood_of_distinct_adapters_does_not_hold_every_slot_while_others_wait
     assert not sim.sched.has_unfinished() and len(sim.admitted) == sim.num_seqs
     fourth = sorted(sim.admitted[s.seq_id] for s in flood)[3]
     assert all(sim.admitted[s.seq_id] <= fourth for s in quiet)
+
+
+def long_requests_hold_every_slot(sim: Simulation, slots: int) -> tuple[list[Sequence], Sequence]:
+    """Tenant "long" runs `slots` requests of 300 tokens over as many adapters, holding every slot;
+    then tenant "short" asks for an 8-token completion with an adapter of its own."""
+    longs = [sim.add("long", f"ad{k}", max_tokens=300) for k in range(slots)]
+    for _ in range(slots * (LOAD_STEPS + 2)):  # one load in flight per tenant: one after another
+        sim.step()
+    assert all(s.status is SequenceStatus.RUNNING for s in longs) and 0 not in sim.slots.refs
+    return longs, sim.add("short", "ad", max_tokens=8)
+
+
+def test_a_tenant_holding_every_slot_with_long_requests_gives_one_back_to_an_aged_request():
+    """Slot-fair preemption: 20 steps after it heads its queue, the short request gets a slot
+    (one long request is preempted and recomputed later); everything still finishes."""
+    sim = Simulation(num_slots=4, max_num_seqs=8, max_adapter_wait_steps=20)
+    longs, short = long_requests_hold_every_slot(sim, 4)
+    for _ in range(2000):
+        sim.step()
+        if not sim.sched.has_unfinished():
+            break
+    assert not sim.sched.has_unfinished() and len(sim.admitted) == sim.num_seqs
+    assert sim.admitted[short.seq_id] - sim.arrived[short.seq_id] <= 20 + LOAD_STEPS + 3
+    assert sim.sched.num_slot_preemptions == 1
+    assert sum(s.num_preemptions for s in longs) == 1
+
+
+def test_without_aging_the_short_request_waits_for_a_long_one_to_finish():
+    sim = Simulation(num_slots=4, max_num_seqs=8, max_adapter_wait_steps=None)
+    _, short = long_requests_hold_every_slot(sim, 4)
+    for _ in range(2000):
+        sim.step()
+        if short.status is not SequenceStatus.WAITING:
+            break
+    assert sim.admitted[short.seq_id] - sim.arrived[short.seq_id] >= 250  # until a long one ends
+
+
+def test_no_slot_is_taken_from_a_tenant_at_its_fair_share():
+    """Two slots, two tenants each running one long request: the second tenant's aged request for
+    a second adapter waits for a slot (its own tenant holds a fair share already), no preemption."""
+    sim = Simulation(num_slots=2, max_num_seqs=8, max_adapter_wait_steps=5)
+    sim.add("a", "ad", max_tokens=100)
+    sim.add("b", "ad", max_tokens=100)
+    for _ in range(LOAD_STEPS + 2):
+        sim.step()
+    extra = sim.add("b", "other", max_tokens=2)
+    for _ in range(60):
+        sim.step()
+    assert extra.status is SequenceStatus.WAITING and sim.sched.num_slot_preemptions == 0
