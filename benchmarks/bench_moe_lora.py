@@ -214,19 +214,36 @@ def profile_virt(gen, tokens=(1, 512)):
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
+def best_per_op(rows: list[dict]) -> list[tuple[tuple[int, str], dict]]:
+    """The fastest row of each (M, op) of a sweep, sorted by (M, op)."""
+    best = {}
+    for row in rows:
+        key = (row["M"], row["op"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    return sorted(best.items())
+
+
 SHRINK_CONFIGS = [(bk, w, st) for bk in (64, 128, 256) for w in (2, 4) for st in (2, 3, 4)]
 EXPAND_CONFIGS = [(bn, w, st) for bn in (64, 128, 256) for w in (4, 8) for st in (1, 2)]
+
+
+def qwen3_batches(gen, tokens):
+    """The sweeps' inputs: a qwen3 layer's 16 LoRA slots, then for each M its batch (hidden,
+    routing weights, ids, slots) and how many (slot, expert) pairs the batch touches."""
+    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    _, _, lora = make_layer(d, inter, e, 16, gen)
+    for m in tokens:
+        batch = make_batch(m, d, e, k, 16, gen)
+        yield m, lora, batch, torch.unique(batch[3][:, None].long() * e + batch[2].long()).numel()
 
 
 def sweep_lora(gen, tokens=(64, 512, 2048)):
     """Times each LoRA GEMM of the split path alone over tile configs (qwen3, n = 16) against
     its own bytes floor (adapter bytes of the pairs touched + activation rows read and written)."""
     d, inter, e, k = PRESETS["qwen3-30b-a3b"]
-    _, _, lora = make_layer(d, inter, e, 16, gen)
     bw, r, rows = copy_bandwidth(), RANK, []
-    for m in tokens:
-        hidden, tw, ids, slots = make_batch(m, d, e, k, 16, gen)
-        pairs = torch.unique(slots[:, None].long() * e + ids.long()).numel()
+    for m, lora, (hidden, tw, ids, slots), pairs in qwen3_batches(gen, tokens):
         t = m * k
         gate_up = torch.empty(t, 2 * inter, dtype=DTYPE, device="cuda")
         act = torch.randn(t, inter, device="cuda", generator=gen).to(DTYPE)
@@ -260,13 +277,8 @@ def sweep_lora(gen, tokens=(64, 512, 2048)):
                     rows.append({"M": m, "op": name, "bm": bm, "cfg": cfg, "ms": ms,
                                  "floor_ms": floor / bw * 1e3, "pairs": pairs})
                     print(json.dumps(rows[-1]), flush=True)
-    best = {}
-    for row in rows:
-        key = (row["M"], row["op"])
-        if key not in best or row["ms"] < best[key]["ms"]:
-            best[key] = row
     print(f"\nbest per (M, op), copy bandwidth {bw / 1e12:.2f} TB/s")
-    for (m, op), row in sorted(best.items()):
+    for (m, op), row in best_per_op(rows):
         print(f"M={m:5} {op:12} bm={row['bm']:3} cfg={row['cfg']} {row['ms']:.4f} ms  floor {row['floor_ms']:.4f} ms"
               f"  x{row['ms'] / row['floor_ms']:.2f}")
     return rows
@@ -280,11 +292,8 @@ def sweep_rows(gen, tokens=(1, 8, 64)):
     """Times each projection of the row path (kernels/lora_rows.py) alone over tile configs
     (qwen3, n = 16) against its bytes floor (adapter bytes of the pairs touched)."""
     d, inter, e, k = PRESETS["qwen3-30b-a3b"]
-    _, _, lora = make_layer(d, inter, e, 16, gen)
     bw, r, rows = copy_bandwidth(), RANK, []
-    for m in tokens:
-        hidden, tw, ids, slots = make_batch(m, d, e, k, 16, gen)
-        pairs = torch.unique(slots[:, None].long() * e + ids.long()).numel()
+    for m, lora, (hidden, tw, ids, slots), pairs in qwen3_batches(gen, tokens):
         gate_up = torch.zeros(m * k, 2 * inter, dtype=DTYPE, device="cuda")
         act = torch.randn(m * k, inter, device="cuda", generator=gen).to(DTYPE)
         y = torch.zeros(m * k, d, dtype=DTYPE, device="cuda")
@@ -301,13 +310,8 @@ def sweep_rows(gen, tokens=(1, 8, 64)):
             for cfg in ROWS_CONFIGS:
                 ms = time_graph(lambda: fn(cfg), samples=7)
                 rows.append({"M": m, "op": name, "cfg": cfg, "ms": ms, "floor_ms": floor / bw * 1e3, "pairs": pairs})
-    best = {}
-    for row in rows:
-        key = (row["M"], row["op"])
-        if key not in best or row["ms"] < best[key]["ms"]:
-            best[key] = row
     print(f"\nrow path, best per (M, op), copy bandwidth {bw / 1e12:.2f} TB/s; cfg = (block_k, block_n, warps, stages, parts)")
-    for (m, op), row in sorted(best.items()):
+    for (m, op), row in best_per_op(rows):
         print(f"M={m:5} {op:8} cfg={row['cfg']} {row['ms'] * 1e3:.1f} us  floor {row['floor_ms'] * 1e3:.1f} us"
               f"  x{row['ms'] / row['floor_ms']:.2f}")
     return rows

@@ -16,7 +16,6 @@ read its A and B once each (about 12% more adapter bytes than the pairs at decod
 by L2, since those rows run at the same time). Above decode size rows share pairs more and the
 block path's one read per pair wins.
 """
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
