@@ -40,7 +40,8 @@ class InputProcessor:
                                       f"{self.max_model_len}: shorten the prompt")
         if lora is not None and not self.serves_adapters:
             raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters")
-        tenant = tenant if tenant is not None else (lora.tenant if lora else "")
+        # without a tenant (scripts, the engine's own tests) a request counts as its adapter owner's
+        tenant = tenant if tenant is not None else (lora.owner if lora else "")
         return Sequence(next(self._seq_ids), request_id, ids, params, lora, tenant, time.perf_counter())
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -16,7 +16,9 @@ class LoRARequest:
             raise InvalidRequestError("LoRARequest needs a non-empty lora_name and lora_path")
 
     @property
-    def tenant(self) -> str:
+    def owner(self) -> str:
+        """The adapter's owner (`owner/name@version`; the whole name when it has no owner part).
+        A request's tenant may differ: an operator's shared adapter serves every tenant."""
         return self.lora_name.split("/", 1)[0] if "/" in self.lora_name else self.lora_name
 
 
