@@ -2,7 +2,8 @@
 
 Completions go with `multiplexed_model_id = "<owner>/<adapter>@<version>"` so they land
 on replicas holding that adapter version; a new upload is a new version and therefore a
-new id, visible at once on every replica. Logs carry request ids, never prompts.
+new id, visible at once on every replica. A hot adapter (hot_adapters.py) goes in the payload
+instead, so Serve balances it over every replica. Logs carry request ids, never prompts.
 """
 
 import asyncio

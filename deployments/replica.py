@@ -1,11 +1,13 @@
 """`LLMServer`: one Serve replica owning one engine; streams token deltas to the ingress.
 
 Requests arrive with `multiplexed_model_id` = the adapter version's `AdapterInfo.ref`,
-`owner/name@version` (or "" for the base model). `serve.multiplexed` keeps the adapters this
-replica has fetched, so the router sends an adapter's requests to replicas that already hold
-it; the loader reads that pinned version's manifest (the ingress already checked the tenant
-may use it) and fetches its files through the DiskCache off the event loop, then hands the
-engine a `LoRARequest`. Every tenant's requests go into the
+`owner/name@version` (or "" for the base model; a hot adapter's ref comes as the payload's
+"adapter" instead, so that Serve balances it over the replicas). `serve.multiplexed` keeps the
+adapters this replica has fetched, so the router sends an adapter's requests to replicas that
+already hold it; the loader reads that pinned version's manifest (the ingress already checked
+the tenant may use it) and fetches its files through the DiskCache off the event loop (fetches
+start before Serve's loader, side by side: adapter_fetch.py), then hands the engine a
+`LoRARequest`. Every tenant's requests go into the
 same engine, which batches them together.
 
 The engine core runs in a process of its own (`EngineCoreClient`, unless
