@@ -21,8 +21,9 @@
 #   serve8     bench_serve.py, dummy:qwen3-30b-a3b at 8 layers, 16 adapters rank 16 on every
 #              expert, 16 tenants, 64 concurrent, 1024 requests of 512 -> 128 tokens, burst 500
 #   serve48    the same at 48 layers (adapters 1.7 GB each: ~56 GB of disk for the store and
-#              the replica's cache); a whole call: 16 adapters take ~3 min to make and upload,
-#              so SERVE48_ARGS="--requests 512 --burst 200" fits (with --burst 500 it ran out once)
+#              the replica's cache); a whole call: 16 adapters take ~3 min to make and upload, so
+#              it runs 512 requests and a 200-request burst unless SERVE48_ARGS says otherwise
+#              (1024 requests and --burst 500 ran out of the call)
 #   coldstart  bench_coldstart.py: 14 GB OLMoE checkpoint, disk read rate, engine start
 #              (+ Serve start when Ray is installed)
 #   workload   bench_workload.py: 256 adapters of mixed ranks and targets, Zipf popularity, Poisson
@@ -33,7 +34,7 @@
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,33p' "$0"; exit 2
+  sed -n '2,34p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -159,7 +160,7 @@ for part in "$@"; do
     prefill) part_prefill ;;
     profile) part_profile ;;
     serve8) part_serve 8 "${SERVE8_ARGS:-}" ;;
-    serve48) part_serve 48 "${SERVE48_ARGS:-}" ;;
+    serve48) part_serve 48 "${SERVE48_ARGS:---requests 512 --burst 200}" ;;
     coldstart) part_coldstart ;;
     workload) part_workload ;;
     *) echo "unknown part $part: deps tests kernels router engine prefill profile serve8 serve48 coldstart workload" ;;
