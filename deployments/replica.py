@@ -133,7 +133,7 @@ class LLMServer:
             yield item
 
     async def _stream(self, rid: str, tenant: str, prompt, params, lora):
-        started, first_token_at = time.perf_counter(), None
+        started, first_token_at, finished = time.perf_counter(), None, False
         batches = self._engine.generate_batches(prompt, params, request_id=rid, lora=lora, tenant=tenant,
                                                 min_interval_s=self._args.stream_interval_ms / 1e3)
         try:
@@ -145,6 +145,7 @@ class LLMServer:
                 item = {"text": "".join(o.text_delta for o in batch), "token_ids": token_ids,
                         "num_tokens": len(token_ids)}
                 if last.finished:
+                    finished = True
                     item.update(finish_reason=last.finish_reason,
                                 prompt_tokens=last.num_prompt_tokens,
                                 completion_tokens=last.num_output_tokens)
@@ -153,8 +154,10 @@ class LLMServer:
                     self._metrics.finished(tenant, last.num_prompt_tokens, last.num_output_tokens,
                                            ttft, decode)
                 yield item
-        except asyncio.CancelledError:  # closing the engine's stream aborts the request
-            logger.info("request %s cancelled by the caller", rid)
+        except (asyncio.CancelledError, GeneratorExit):  # closing the engine's stream aborts it
+            # CancelledError while awaiting the engine, GeneratorExit when closed at a yield
+            if not finished:
+                logger.info("request %s cancelled by the caller", rid)
             raise
         except Exception as exc:  # noqa: BLE001 - engine errors (bad request, adapter load)
             yield _error_item(rid, exc)
