@@ -101,8 +101,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_adapter(engine: LLMEngine, rank: int, seed: int) -> LoRAAdapter:
-    """An adapter on attention q/k/v/o and every expert's gate/up/down, pinned on the host."""
+def random_adapter(engine: LLMEngine, rank: int, seed: int, targets: str = "both") -> LoRAAdapter:
+    """An adapter on attention q/k/v/o and every expert's gate/up/down (targets "both"), or on
+    one of them ("attention", "experts"), packed as the host tier holds it (pinned on CUDA)."""
     spec, dtype = engine.spec, engine.runner.dtype
     gen = torch.Generator().manual_seed(seed)
     d, i, e = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
@@ -114,10 +115,12 @@ def random_adapter(engine: LLMEngine, rank: int, seed: int) -> LoRAAdapter:
                            (torch.randn(b_shape, generator=gen) * 0.02).to(dtype))
     adapter = LoRAAdapter(f"base-{seed}")
     for layer in range(spec.num_layers):
-        for name, (inp, out) in {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}.items():
-            adapter.dense[(layer, name)] = pair((rank, inp), (out, rank))
-        for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
-            adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
+        if targets in ("attention", "both"):
+            for name, (inp, out) in {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}.items():
+                adapter.dense[(layer, name)] = pair((rank, inp), (out, rank))
+        if targets in ("experts", "both"):
+            for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
+                adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
     return engine.runner.slot_pools.pack(adapter)  # one pinned slot image, as the host tier holds them
 
 

@@ -25,14 +25,13 @@ import time
 import torch
 
 from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
-from engine.lora.adapter import LoRAAdapter, LoRAFactors
 from engine.models.presets import QWEN3_30B_A3B
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_workload
-    from bench_engine import TINY, hf_config
+    from bench_engine import TINY, hf_config, install, random_adapter
     from provenance import provenance
 except ImportError:
-    from benchmarks.bench_engine import TINY, hf_config
+    from benchmarks.bench_engine import TINY, hf_config, install, random_adapter
     from benchmarks.provenance import provenance
 
 RANKS = (8, 16, 32, 64)
@@ -44,36 +43,13 @@ def adapter_class(index: int) -> tuple[int, str]:
     return RANKS[index % len(RANKS)], KINDS[(index // len(RANKS)) % len(KINDS)]
 
 
-def make_adapter(engine: LLMEngine, rank: int, kind: str, seed: int) -> LoRAAdapter:
-    """Random factors on the targets of `kind`, packed as the host tier holds them."""
-    spec, dtype = engine.spec, engine.runner.dtype
-    gen = torch.Generator().manual_seed(seed)
-    d, i, e = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
-    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-
-    def pair(a_shape, b_shape):
-        return LoRAFactors((torch.randn(a_shape, generator=gen) * 0.02).to(dtype),
-                           (torch.randn(b_shape, generator=gen) * 0.02).to(dtype))
-    adapter = LoRAAdapter(f"class-r{rank}-{kind}")
-    for layer in range(spec.num_layers):
-        if kind in ("attention", "both"):
-            for name, (inp, out) in {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}.items():
-                adapter.dense[(layer, name)] = pair((rank, inp), (out, rank))
-        if kind in ("experts", "both"):
-            for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
-                adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
-    return engine.runner.slot_pools.pack(adapter)
-
-
 def install_adapters(engine: LLMEngine, num_adapters: int) -> list[str]:
     """Names w0..w{n-1} in the host tier, sharing one packed image per (rank, targets) class."""
-    classes = {cls: make_adapter(engine, *cls, seed=k) for k, cls in enumerate(
+    classes = {(rank, targets): random_adapter(engine, rank, k, targets) for k, (rank, targets) in enumerate(
         sorted({adapter_class(k) for k in range(num_adapters)}))}
-    manager = engine.lora_manager
-    manager.host_capacity = max(manager.host_capacity, num_adapters)
     names = [f"w{k}" for k in range(num_adapters)]
-    for k, name in enumerate(names):
-        manager.host[name] = classes[adapter_class(k)].renamed(name)
+    period = len(RANKS) * len(KINDS)  # adapter_class(k) == adapter_class(k % period)
+    install(engine, names, [classes[adapter_class(k)] for k in range(min(period, num_adapters))])
     return names
 
 

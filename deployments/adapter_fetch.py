@@ -22,7 +22,7 @@ class AdapterFetcher:
         self._cache = cache
         self._slots = asyncio.Semaphore(parallel)
         self._running: dict[str, asyncio.Task] = {}
-        self._fetched: OrderedDict[str, Path] = OrderedDict()  # LRU of recent results
+        self._fetched: OrderedDict[str, None] = OrderedDict()  # LRU of adapters fetched lately
         self._remember = remember
 
     def prefetch(self, model_id: str) -> None:
@@ -54,7 +54,7 @@ class AdapterFetcher:
         self._running.pop(model_id, None)
         if task.cancelled() or task.exception() is not None:  # retrieved: a prefetch nobody awaited
             return
-        self._fetched[model_id] = task.result()
+        self._fetched[model_id] = None
         self._fetched.move_to_end(model_id)
         while len(self._fetched) > self._remember:
             self._fetched.popitem(last=False)

@@ -23,6 +23,8 @@ class HotAdapters:
         self._min_requests = min_requests
 
     def is_hot(self, ref: str) -> bool:
+        if not self._spread:  # one engine replica, or share 1: nothing to count
+            return False
         if len(self._window) == self._window.maxlen:
             oldest = self._window[0]
             self._counts[oldest] -= 1
@@ -30,7 +32,7 @@ class HotAdapters:
                 del self._counts[oldest]
         self._window.append(ref)
         self._counts[ref] += 1
-        return self.share_of(ref) > self._share if self._spread else False
+        return self.share_of(ref) > self._share
 
     def share_of(self, ref: str) -> float:
         """ref's share of the recent requests with an adapter; 0 until min_requests were seen."""

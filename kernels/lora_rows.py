@@ -23,9 +23,9 @@ from torch import Tensor
 from kernels.errors import expect
 
 
-@triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
+@triton.jit  # the token count is the grid, not an argument: one compile for every count
 def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr,
-                      num_rows, top_k, a_row_div, num_slots, num_experts, K, N, R,
+                      top_k, a_row_div, num_slots, num_experts, K, N, R,
                       stride_am, stride_ak, la_s, la_e, la_r, la_k, lb_s, lb_e, lb_n, lb_r,
                       stride_cm, stride_cn, n_chunk,
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -36,7 +36,7 @@ def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_i
     slot = tl.load(slot_ids_ptr + row // top_k).to(tl.int64)
     expert = tl.load(topk_ids_ptr + row).to(tl.int64)
     # rows without an adapter, or with ids out of range, are left alone (bitwise)
-    live = (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < num_experts) & (row < num_rows)
+    live = (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < num_experts)
     slot = tl.where(live, slot, 0)
     expert = tl.where(live, expert, 0)
     rank = tl.where(live, tl.minimum(tl.load(ranks_ptr + slot), R), 0)
@@ -118,7 +118,7 @@ def lora_rows_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot
     n_chunk = triton.cdiv(triton.cdiv(n, parts), block_n) * block_n
     _lora_rows_kernel[(rows, splits, triton.cdiv(n, n_chunk))](
         a, la, lb, c, scale if scale is not None else ranks, ranks, slot_ids, ids,
-        rows, top_k, a_row_div, num_slots, num_experts, k_in, n, big_r,
+        top_k, a_row_div, num_slots, num_experts, k_in, n, big_r,
         a.stride(0), a.stride(1), *la.stride(), *lb.stride(), c.stride(0), c.stride(1), n_chunk,
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
         HAS_SCALE=scale is not None, num_warps=num_warps, num_stages=num_stages,
