@@ -321,11 +321,22 @@ class Ingress:
             self._limiter.release(tenant)
 
     async def _released(self, tenant: str, rid: str, first: dict, items):
-        """The replica items (first one included); frees the tenant's slot at the end."""
+        """The replica items (first one included); frees the tenant's slot at the end.
+
+        A client that leaves mid-stream ends this generator early (Starlette stops iterating
+        on the disconnect); the replica's request is then cancelled here, since that normal
+        return of the HTTP handler would not cancel it, and the engine would decode on.
+        """
+        item = first
         try:
             yield first
             async for item in items:
                 yield item
+        except (GeneratorExit, asyncio.CancelledError):
+            if item.get("finish_reason") is None and "error" not in item:
+                logger.info("request %s: the client left, cancelling it", rid)
+                items.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001 - e.g. the replica died mid-stream
             logger.warning("request %s stream broke: %s", rid, type(exc).__name__)
             yield {"error": lost_replica(exc).body()["error"]}
