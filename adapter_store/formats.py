@@ -8,6 +8,13 @@ layer, a canonical module and, for per-expert formats, an expert:
     base_model.model.model.layers.3.block_sparse_moe.experts.7.w3.lora_B.weight (Mixtral, same)
     base_model.model.model.layers.3.mlp.experts.base_layer.lora_A.weight -> fused experts,
         gate_up or down told apart by shape (see `classify_fused`)
+    base_model.model.model.layers.3.mlp.experts.gate_proj.lora_A.weight  -> (3, "gate", None, "A"),
+        shared: the shared-outer layout (below)
+
+Shared-outer MoE LoRA, as Megatron-Bridge exports it (and sglang's
+`--experts-shared-outer-loras` reads it): gate's and up's lora_A and down's lora_B are one
+tensor per layer, [1, r, IN] and [1, OUT, r], under the experts' name without an expert index;
+the other halves are per expert, as in the per-expert format. Mixtral spells w1/w3/w2.
 
 Canonical modules: q_proj k_proj v_proj o_proj (dense) and gate up down (per expert),
 gate_up and down for the fused 3-D experts format (PEFT `target_parameters`).
@@ -42,6 +49,12 @@ _EXPERT_RE = re.compile(
     _PREFIX + r"(?P<block>mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
     r"(?P<module>gate_proj|up_proj|down_proj|w1|w2|w3)\.lora_(?P<ab>[AB])\.weight$"
 )
+_SHARED_RE = re.compile(
+    _PREFIX + r"(?P<block>mlp|block_sparse_moe)\.experts\."
+    r"(?P<module>gate_proj|up_proj|down_proj|w1|w2|w3)\.lora_(?P<ab>[AB])\.weight$"
+)
+# The half of each expert projection that the shared-outer layout shares across experts.
+SHARED_SIDE = {"gate": "A", "up": "A", "down": "B"}
 _FUSED_RE = re.compile(
     _PREFIX + r"mlp\.experts\.(?P<nest>(?:base_layer\.)*)lora_(?P<ab>[AB])\.weight$"
 )
@@ -175,6 +188,7 @@ class LoRAKey:
     expert: int | None  # None for dense modules and for the fused format (all experts)
     which: str  # "A" or "B"
     fused: bool = False
+    shared: bool = False  # shared-outer: one tensor for every expert of the layer
 
     @property
     def target(self) -> tuple[int, str, int | None]:
@@ -202,17 +216,29 @@ def _match_key(key: str, shape: tuple[int, ...], model: ModelShape) -> LoRAKey |
     if m := _ATTN_RE.match(key):
         return LoRAKey(int(m["layer"]), m["module"], None, m["ab"])
     if m := _EXPERT_RE.match(key):
-        mixtral_key = m["block"] == "block_sparse_moe" and m["module"].startswith("w")
-        plain_key = m["block"] == "mlp" and m["module"].endswith("_proj")
-        if not (mixtral_key if model.family == "mixtral" else plain_key):
+        if not _family_spelling(m["block"], m["module"], model.family):
             return None
         return LoRAKey(int(m["layer"]), _EXPERT_ALIASES[m["module"]], int(m["expert"]), m["ab"])
+    if m := _SHARED_RE.match(key):
+        if not _family_spelling(m["block"], m["module"], model.family):
+            return None
+        module = _EXPERT_ALIASES[m["module"]]
+        if SHARED_SIDE[module] != m["ab"]:
+            return None  # only gate/up A and down B are shared
+        return LoRAKey(int(m["layer"]), module, None, m["ab"], shared=True)
     if m := _FUSED_RE.match(key):
         module = classify_fused(m["ab"], shape, model)
         if module is None:
             return None
         return LoRAKey(int(m["layer"]), module, None, m["ab"], fused=True)
     return None
+
+
+def _family_spelling(block: str, module: str, family: str) -> bool:
+    """Mixtral: block_sparse_moe.experts...w1|w2|w3; the others: mlp.experts..._proj."""
+    if family == "mixtral":
+        return block == "block_sparse_moe" and module.startswith("w")
+    return block == "mlp" and module.endswith("_proj")
 
 
 def classify_fused(which: str, shape: tuple[int, ...], model: ModelShape) -> str | None:
@@ -234,9 +260,11 @@ def classify_fused(which: str, shape: tuple[int, ...], model: ModelShape) -> str
     return None
 
 
-def expected_shape(key: LoRAKey, rank: int, model: ModelShape) -> tuple[int, int]:
+def expected_shape(key: LoRAKey, rank: int, model: ModelShape) -> tuple[int, ...]:
     """The shape a tensor of `key` must have for an adapter of rank `rank`."""
     in_f, out_f = model.io_features(key.module)
+    if key.shared:
+        return (1, rank, in_f) if key.which == "A" else (1, out_f, rank)
     if key.fused:
         rows = rank * model.num_experts
         return (rows, in_f) if key.which == "A" else (out_f, rows)

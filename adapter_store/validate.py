@@ -16,8 +16,8 @@ import regex
 
 from adapter_store.errors import LimitExceededError, ValidationError
 from adapter_store.formats import (
-    ModelShape, PatternTable, PatternTimeoutError, UnknownKeyError, compile_module_pattern,
-    expected_shape, match_module_pattern, parse_lora_key, pattern_module_name,
+    SHARED_SIDE, ModelShape, PatternTable, PatternTimeoutError, UnknownKeyError,
+    compile_module_pattern, expected_shape, match_module_pattern, parse_lora_key, pattern_module_name,
 )
 from adapter_store.limits import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_VERSIONS_PER_ADAPTER, max_header_bytes
 from adapter_store.safetensors_io import TensorEntry, count_non_finite, read_header
@@ -53,7 +53,7 @@ class AdapterSummary:
 
     rank: int
     targets: list[str]
-    layout: str  # "per_expert" | "fused" | "attn_only"
+    layout: str  # "per_expert" | "shared_outer" | "fused" | "attn_only"
     num_tensors: int
     dtypes: list[str]
     base_model: dict = field(default_factory=dict)
@@ -253,14 +253,37 @@ class _Targets:
 
 
 def _check_pairs(keys, entries: list[TensorEntry]) -> None:
+    """Every module has its lora_A and lora_B; in the shared-outer layout an expert's missing
+    half is the layer's shared one, of the same rank."""
     sides: dict[tuple, set] = {}
-    for (key, _), entry in zip(keys, entries):
-        target = (*key.target, key.fused)
+    ranks: dict[tuple, int] = {}
+    for (key, rank), entry in zip(keys, entries):
+        target = (*key.target, key.fused, key.shared)
         if key.which in sides.setdefault(target, set()):
             raise ValidationError(f"tensor {entry.key!r} duplicates another of the same module",
                                   code="duplicate_key")
         sides[target].add(key.which)
+        ranks[target] = rank
+    shared = {(t[0], t[1]): ranks[t] for t in sides if t[4]}
+    per_expert = {(t[0], t[1]) for t in sides if t[2] is not None}
     for target, found in sides.items():
+        layer, module, expert, _fused, is_shared = target
+        if is_shared:
+            if (layer, module) not in per_expert:
+                raise ValidationError(f"layer {layer} {module}: a shared lora_{SHARED_SIDE[module]} "
+                                      "without any expert's other half", code="unpaired_key")
+            continue
+        if expert is not None and (layer, module) in shared:
+            own = "B" if SHARED_SIDE[module] == "A" else "A"
+            if found != {own}:
+                raise ValidationError(
+                    f"layer {layer} {module} expert {expert}: with a shared lora_{SHARED_SIDE[module]} "
+                    f"each expert has only its lora_{own}", code="unpaired_key")
+            if ranks[target] != shared[(layer, module)]:
+                raise ValidationError(
+                    f"layer {layer} {module} expert {expert} has rank {ranks[target]} but the shared "
+                    f"half has rank {shared[(layer, module)]}", code="wrong_shape")
+            continue
         if found != {"A", "B"}:
             raise ValidationError(f"layer {target[0]} module {target[1]} (expert {target[2]}) has lora_"
                                   f"{''.join(found)} without its lora_{'B' if 'A' in found else 'A'} twin",
@@ -277,6 +300,8 @@ def _check_finite(path: Path, entries: list[TensorEntry]) -> None:
 
 
 def _layout(keys) -> str:
+    if any(k.shared for k in keys):
+        return "shared_outer"
     if any(k.fused for k in keys):
         return "fused"
     return "per_expert" if any(k.expert is not None for k in keys) else "attn_only"

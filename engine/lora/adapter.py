@@ -1,7 +1,9 @@
 """Read a PEFT LoRA directory into compact per-module factors, scaling folded into B.
 
 Every format of DESIGN.md: attention q/k/v/o, per-expert keys (incl. Mixtral w1/w3/w2),
-fused 3-D experts (PEFT `target_parameters`), rsLoRA, rank_pattern / alpha_pattern.
+fused 3-D experts (PEFT `target_parameters`), shared-outer experts (gate/up A and down B
+shared by a layer's experts; expanded here into the per-expert slot image), rsLoRA,
+rank_pattern / alpha_pattern.
 E = experts, r = rank, D = hidden, I = expert intermediate.
 """
 import json
@@ -106,15 +108,33 @@ def _split_fused(key: LoRAKey, a: Tensor, b: Tensor, num_experts: int, inter: in
 
 
 def _group_pairs(tensors: dict[str, Tensor], shape: ModelShape) -> dict[tuple, dict]:
+    """{(layer, module, expert, fused): {"key", "name", "A", "B"}}; in the shared-outer layout
+    each expert's entry gets the layer's shared half (one tensor, not a copy per expert)."""
     pairs: dict[tuple, dict] = {}
+    shared: dict[tuple[int, str], tuple[LoRAKey, str, Tensor]] = {}
     for key, tensor in tensors.items():
         try:
             parsed = parse_lora_key(key, tuple(tensor.shape), shape)
         except UnknownKeyError as exc:
             raise AdapterLoadError(str(exc)) from exc
+        if parsed.shared:
+            shared[(parsed.layer, parsed.module)] = (parsed, pattern_module_name(key, parsed), tensor)
+            continue
         entry = pairs.setdefault((*parsed.target, parsed.fused), {"key": parsed})
         entry[parsed.which] = tensor.float()
         entry["name"] = pattern_module_name(key, parsed)
+    for (layer, module), (parsed, name, tensor) in shared.items():
+        if tensor.dim() != 3 or tensor.shape[0] != 1:
+            raise AdapterLoadError(f"{name}: a shared lora_{parsed.which} must be [1, ...], "
+                                   f"got {list(tensor.shape)}")
+        experts = [e for t, e in pairs.items() if t[:2] == (layer, module) and t[2] is not None]
+        if not experts:
+            raise AdapterLoadError(f"{name}: a shared lora_{parsed.which} without any expert's other half")
+        for entry in experts:
+            if parsed.which in entry:
+                raise AdapterLoadError(f"{entry['name']}: has its own lora_{parsed.which} next to the "
+                                       "shared one")
+            entry[parsed.which] = tensor[0].float()
     return pairs
 
 

@@ -6,6 +6,9 @@
 - "per_expert": the key layout of transformers 4.x checkpoints
   (`mlp.experts.{e}.gate_proj|up_proj|down_proj`, Mixtral `block_sparse_moe.experts.{e}.w1|w3|w2`),
   written directly with safetensors (PEFT on transformers 5 cannot produce it).
+- "shared_outer": as Megatron-Bridge exports shared-outer expert LoRA: one lora_A [1, r, D]
+  per layer for gate and for up (the same values: Megatron trains one A for fc1), one down
+  lora_B [1, D, r] per layer, and per expert gate/up lora_B and down lora_A (2-D).
 
 A and B are random and non-zero (PEFT starts B at zero; we overwrite it).
 """
@@ -20,7 +23,7 @@ from safetensors.torch import save_file
 from adapter_store.formats import ATTENTION_MODULES, ModelShape, pattern_value
 from engine.testing.checkpoints import read_config
 
-FORMATS = ("per_expert", "fused", "attn_only")
+FORMATS = ("per_expert", "shared_outer", "fused", "attn_only")
 _PER_EXPERT_NAMES = {
     "mixtral": ("block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}),
     "qwen3_moe": ("mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
@@ -55,8 +58,9 @@ def make_peft_adapter(
     gen = torch.Generator().manual_seed(seed)
     opts = dict(bf16_exact=bf16_exact, rank=rank, alpha=alpha, use_rslora=use_rslora,
                 rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
-    if fmt == "per_expert":
-        _write_per_expert(checkpoint_dir, out, gen, std, attention, **opts)
+    if fmt in ("per_expert", "shared_outer"):
+        _write_per_expert(checkpoint_dir, out, gen, std, attention, shared_outer=fmt == "shared_outer",
+                          **opts)
     else:
         _write_with_peft(checkpoint_dir, out, gen, std, fmt, attention, **opts)
     return out
@@ -85,7 +89,7 @@ def _write_with_peft(checkpoint_dir, out, gen, std, fmt, attention, rank, alpha,
 
 
 def _write_per_expert(checkpoint_dir, out, gen, std, attention, rank, alpha, use_rslora,
-                      rank_pattern, alpha_pattern, bf16_exact):
+                      rank_pattern, alpha_pattern, bf16_exact, shared_outer=False):
     config = read_config(checkpoint_dir)
     shape = ModelShape.from_config(config)
     block, names = _PER_EXPERT_NAMES[shape.family]
@@ -100,6 +104,8 @@ def _write_per_expert(checkpoint_dir, out, gen, std, attention, rank, alpha, use
             for canon, name in names.items():
                 _add_pair(tensors, prefix + f"{block}.experts.{expert}.{name}",
                           shape.io_features(canon), rank, rank_pattern, gen, std, bf16_exact)
+        if shared_outer:
+            _share_outer(tensors, prefix + f"{block}.experts.", names, shape.num_experts)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     targets = (list(ATTENTION_MODULES) if attention else []) + list(names.values())
     adapter_config = {
@@ -110,6 +116,19 @@ def _write_per_expert(checkpoint_dir, out, gen, std, attention, rank, alpha, use
         "base_model_name_or_path": str(checkpoint_dir), "inference_mode": True,
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+
+
+def _share_outer(tensors, experts_prefix, names, num_experts):
+    """Replace expert 0's gate A and down B by the layer's shared tensors ([1, ...]; up's A is
+    gate's) and drop every expert's own copy of those halves."""
+    gate_a = tensors[f"{experts_prefix}0.{names['gate']}.lora_A.weight"]
+    down_b = tensors[f"{experts_prefix}0.{names['down']}.lora_B.weight"]
+    for expert in range(num_experts):
+        for canon, side in (("gate", "A"), ("up", "A"), ("down", "B")):
+            del tensors[f"{experts_prefix}{expert}.{names[canon]}.lora_{side}.weight"]
+    tensors[f"{experts_prefix}{names['gate']}.lora_A.weight"] = gate_a[None].clone()
+    tensors[f"{experts_prefix}{names['up']}.lora_A.weight"] = gate_a[None].clone()
+    tensors[f"{experts_prefix}{names['down']}.lora_B.weight"] = down_b[None].clone()
 
 
 def _add_pair(tensors, module_path, io, rank, rank_pattern, gen, std, bf16_exact):

@@ -1,8 +1,9 @@
 """The oracle for engine parity tests: transformers (+ PEFT) forwards of a checkpoint.
 
 PEFT's own forward is used where PEFT loads the format (attention and fused
-`target_parameters` adapters); the per-expert format of transformers 4.x checkpoints
-cannot be loaded by PEFT on transformers 5, so it is merged into the weights here.
+`target_parameters` adapters); the per-expert format of transformers 4.x checkpoints and the
+shared-outer format cannot be loaded by PEFT on transformers 5, so they are merged into the
+weights here.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def load_reference_model(checkpoint_dir, adapter_dir=None, dtype=torch.float32, 
     if adapter_dir is None:
         return model
     if merge is None:
-        merge = adapter_format(adapter_dir) == "per_expert"
+        merge = adapter_format(adapter_dir) in ("per_expert", "shared_outer")
     if merge:
         merge_adapter_(model, adapter_dir)
         return model
@@ -39,9 +40,11 @@ def load_reference_model(checkpoint_dir, adapter_dir=None, dtype=torch.float32, 
 
 
 def adapter_format(adapter_dir) -> str:
-    """"per_expert", "fused" or "attn_only", read off the adapter's tensor keys."""
+    """"per_expert", "shared_outer", "fused" or "attn_only", read off the adapter's tensor keys."""
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())  # the header alone: no tensor is read
+    if any(k.endswith(("experts.gate_proj.lora_A.weight", "experts.w1.lora_A.weight")) for k in keys):
+        return "shared_outer"
     if any(".experts." in k and ".lora_" in k and k.split(".experts.")[1][0].isdigit() for k in keys):
         return "per_expert"
     if any(".experts." in k for k in keys):
@@ -67,11 +70,16 @@ def merge_adapter_(model, adapter_dir) -> None:
     shape = ModelShape.from_config(model.config.to_dict())
     pairs: dict[tuple, dict[str, torch.Tensor]] = {}
     names: dict[tuple, str] = {}
+    shared: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         parsed = parse_lora_key(key, tuple(tensor.shape), shape)
+        if parsed.shared:  # [1, r, in] or [1, out, r]: every expert's half of the layer
+            shared.setdefault((parsed.layer, parsed.module), {})[parsed.which] = tensor[0]
+            continue
         pairs.setdefault(parsed.target + (parsed.fused,), {})[parsed.which] = tensor
         names[parsed.target + (parsed.fused,)] = peft_module_name(key)
     for target, ab in pairs.items():
+        ab = {**shared.get(target[:2], {}), **ab}
         rank, scale = lora_scale(adapter_config, names[target])
         key = LoRAKey(target[0], target[1], target[2], "A", fused=target[3])
         _add_delta(model, key, ab["A"].float(), ab["B"].float(), rank, scale, shape)

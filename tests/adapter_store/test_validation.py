@@ -150,6 +150,8 @@ def test_adapter_count_limit(store, adapter, base_model):
     ("qwen3_moe", "fused", {"rank_pattern": {"k_proj": 2, "gate_up_proj": 3}}),
     ("mixtral", "per_expert", {}),
     ("olmoe", "fused", {"attention": False}),
+    ("qwen3_moe", "shared_outer", {"rank_pattern": {"q_proj": 3}}),
+    ("mixtral", "shared_outer", {"attention": False}),
 ])
 def test_valid_formats_accepted(tmp_path, tiny_checkpoint, tiny_adapter, family, fmt, options):
     from adapter_store.local import LocalStore
