@@ -45,6 +45,11 @@ class EngineConfig:
     # aging: a tenant's oldest request with an adapter that has waited this many scheduler steps
     # gets first claim on the next slot that frees (oldest first, one per tenant); None: no aging
     max_adapter_wait_steps: int | None = 100
+    # slot-fair preemption: a tenant's oldest request with an adapter that has waited this many
+    # steps for a slot, while another tenant holds more than its fair share of the slots, gets
+    # one of them drained (that tenant's adapter with the fewest running requests is preempted
+    # and recomputed later); None: only after max_adapter_wait_steps
+    slot_reclaim_steps: int | None = 8
     # schedule step n+1 before reading step n's tokens back, and launch it then when it is a decode
     # graph step (its decodes take those tokens on the device); a sequence that step n finishes
     # wastes one row of step n+1. Unseeded sampling then draws differently than without it.
@@ -74,7 +79,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_model_len", "block_size", "max_num_batched_tokens", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name, least in (("adapter_prefetch_window", 0), ("max_adapter_wait_steps", 1)):
+        for name, least in (("adapter_prefetch_window", 0), ("max_adapter_wait_steps", 1),
+                            ("slot_reclaim_steps", 1)):
             if getattr(self, name) is not None and getattr(self, name) < least:
                 raise InvalidRequestError(f"{name} must be >= {least} or None, got {getattr(self, name)}")
         if self.lora_failure_ttl_s < 0:

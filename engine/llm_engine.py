@@ -42,6 +42,7 @@ class LLMEngine:
                                    self.block_manager, self.lora_manager, config.max_model_len,
                                    prefetch_window=config.adapter_prefetch_window,
                                    max_adapter_wait_steps=config.max_adapter_wait_steps,
+                                   slot_reclaim_steps=config.slot_reclaim_steps,
                                    max_staged_adapters=self.lora_manager.host_capacity if self.lora_manager else None)
         # the step scheduled ahead: launched and not read back, or (sched, None) not launched yet
         self._in_flight: tuple[SchedulerOutput, LaunchedStep | None] | None = None

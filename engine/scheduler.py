@@ -21,11 +21,15 @@ Adapter pressure, three rules:
   references is never evicted (the manager evicts unreferenced slots only);
 - aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
   steps is visited first (oldest first, one per tenant), and while such a sequence has no
-  slot nobody else takes a slot reference, so the next slot that frees is its own. When every
-  slot is held by running sequences and one tenant holds more than its fair share (slots /
+  slot nobody else takes a slot reference, so the next slot that frees is its own;
+- slot-fair preemption: when a queue head has waited `slot_reclaim_steps` steps (or aged)
+  for a slot, every slot is held, and one tenant holds more than its fair share (slots /
   tenants that want one), that tenant's adapter with the fewest running sequences is
-  preempted (recompute) so its slot drains for the aged sequence: long requests over many
-  adapters cannot keep another tenant out until they finish.
+  preempted (recompute) so its slot drains for the waiting one: long requests over many
+  adapters cannot keep another tenant out until they finish. The wait is short (a few
+  steps), since a tenant under its share loses nothing to a flood only if it gets a slot
+  about as fast as a free one would load; the freed slot goes to it because the prefetch
+  serves tenants holding fewer slots first.
 
 The prefetch is triggered here, not in LoRAManager: only the scheduler knows the admission
 order, the tenants and the aging, and a prefetch is an ordinary `reserve` taken on the
@@ -61,24 +65,28 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
                  lora_manager=None, max_model_len: int | None = None, prefetch_window: int | None = None,
-                 max_adapter_wait_steps: int | None = None, max_staged_adapters: int | None = None):
+                 max_adapter_wait_steps: int | None = None, max_staged_adapters: int | None = None,
+                 slot_reclaim_steps: int | None = None):
         """prefetch_window: waiting sequences whose adapters are reserved ahead (None: 2 x
         max_num_seqs, 0: none); max_adapter_wait_steps: steps before a queue head with an
         adapter gets first claim on a slot (None: no aging); max_staged_adapters: distinct
         adapters the prefetch keeps staged for waiting sequences (the host tier's count; None:
-        no bound)."""
+        no bound); slot_reclaim_steps: steps a queue head waits for a slot, while another tenant
+        holds more than its fair share of them, before one of that tenant's slots is drained for
+        it (None: only for aged heads)."""
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len or float("inf")
         self.block_manager, self.lora_manager = block_manager, lora_manager
         self.prefetch_window = 2 * max_num_seqs if prefetch_window is None else prefetch_window
         self.max_adapter_wait_steps, self.max_staged_adapters = max_adapter_wait_steps, max_staged_adapters
+        self.slot_reclaim_steps = slot_reclaim_steps
         self.waiting: dict[str, deque[Sequence]] = {}
         self.tenant_order: deque[str] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
         self.enqueued_step: dict[int, int] = {}  # seq_id -> the step count when it (re)entered the queue
         self.aged: list[Sequence] = []  # this step's sequences with first claim on a slot
-        self.num_slot_preemptions = 0  # slots drained for an aged sequence (_reclaim_slot)
+        self.num_slot_preemptions = 0  # slots drained for a waiting tenant (_reclaim_slot)
         self.num_prefetched = 0  # slots the prefetch reserved for sequences a step before admission
 
     @property
@@ -197,27 +205,46 @@ class Scheduler:
         return ready, False
 
     def _reclaim_slot(self, out: SchedulerOutput) -> None:
-        """Slot-fair preemption for the oldest aged sequence still without a slot (see the module
-        docstring): preempts the running sequences of one adapter of the tenant holding the most
-        slots, when that is more than its fair share, and drops waiting reservations of that slot."""
-        aged = next((s for s in self.aged if s.status is SequenceStatus.WAITING and s.lora_slot is None), None)
-        if aged is None or not self.lora_manager.waits_for_slot(aged.lora.lora_name):
+        """Slot-fair preemption (see the module docstring) for the first sequence without a slot,
+        aged ones then slot_reclaim_steps-old queue heads, oldest first, whose tenant some other
+        tenant out-holds beyond its fair share: preempts the running sequences of that tenant's
+        adapter with the fewest, drops waiting reservations of its slot, and gives the claimant
+        first claim (`self.aged`) on the slot that frees."""
+        aged = [s for s in self.aged if s.status is SequenceStatus.WAITING and s.lora_slot is None]
+        claimants = [*aged, *(s for s in self._slotless_heads() if s not in aged)]
+        if not claimants:
             return
         held: dict[str, dict[int, list[Sequence]]] = {}  # tenant -> slot -> its running sequences
         for seq in self.running:
             if seq.lora_slot is not None:
                 held.setdefault(seq.tenant, {}).setdefault(seq.lora_slot, []).append(seq)
-        fair = self.lora_manager.num_slots / len(set(held) | {aged.tenant})
-        victim = max((t for t in held if t != aged.tenant), key=lambda t: len(held[t]), default=None)
-        if victim is None or len(held[victim]) <= fair:
+        for claimant in claimants:
+            if not self.lora_manager.waits_for_slot(claimant.lora.lora_name):
+                continue
+            fair = self.lora_manager.num_slots / len(set(held) | {claimant.tenant})
+            victim = max((t for t in held if t != claimant.tenant), key=lambda t: len(held[t]), default=None)
+            if victim is None or len(held[victim]) <= fair:
+                continue
+            slot, seqs = min(held[victim].items(), key=lambda item: len(item[1]))
+            for seq in seqs:
+                self.preempt(seq)
+                out.num_preempted += 1
+            for seq in (s for queue in self.waiting.values() for s in queue if s.lora_slot == slot):
+                self._release_slot(seq)
+            self.aged = [claimant, *(s for s in self.aged if s is not claimant)]
+            self.num_slot_preemptions += 1
             return
-        slot, seqs = min(held[victim].items(), key=lambda item: len(item[1]))
-        for seq in seqs:
-            self.preempt(seq)
-            out.num_preempted += 1
-        for seq in (s for queue in self.waiting.values() for s in queue if s.lora_slot == slot):
-            self._release_slot(seq)
-        self.num_slot_preemptions += 1
+
+    def _slotless_heads(self) -> list[Sequence]:
+        """Tenants' queue heads with an adapter and no slot that have waited slot_reclaim_steps
+        steps or more, oldest first."""
+        if self.slot_reclaim_steps is None:
+            return []
+        since = self.num_steps - self.slot_reclaim_steps
+        heads = (self.waiting[tenant][0] for tenant in self.tenant_order)
+        waiting = [seq for seq in heads
+                   if seq.lora is not None and seq.lora_slot is None and self._enqueued(seq) <= since]
+        return sorted(waiting, key=self._enqueued)
 
     def _prefetch(self, out: SchedulerOutput) -> list[Sequence]:
         """Reserve the adapters of the first prefetch_window waiting sequences, in admission order

@@ -199,3 +199,37 @@ def test_no_slot_is_taken_from_a_tenant_at_its_fair_share():
     for _ in range(60):
         sim.step()
     assert extra.status is SequenceStatus.WAITING and sim.sched.num_slot_preemptions == 0
+
+
+def test_a_slotless_head_gets_a_slot_drained_after_slot_reclaim_steps_without_aging():
+    sim = Simulation(num_slots=4, max_num_seqs=8, max_adapter_wait_steps=None, slot_reclaim_steps=3)
+    longs, short = long_requests_hold_every_slot(sim, 4)
+    for _ in range(2000):
+        sim.step()
+        if not sim.sched.has_unfinished():
+            break
+    assert not sim.sched.has_unfinished() and len(sim.admitted) == sim.num_seqs
+    assert sim.admitted[short.seq_id] - sim.arrived[short.seq_id] <= 3 + LOAD_STEPS + 2
+    assert sim.sched.num_slot_preemptions == 1 and sum(s.num_preemptions for s in longs) == 1
+
+
+def test_a_floods_own_older_waiting_requests_neither_block_nor_take_the_drained_slot():
+    """Tenant "long" holds every slot and queues 8 more requests over 8 other adapters before
+    "short" arrives; its heads are older (and aged) but it already holds more than its share: the
+    slot drained goes to "short", and no slot is drained again for "long" afterwards."""
+    sim = Simulation(num_slots=4, max_num_seqs=16, max_adapter_wait_steps=5, slot_reclaim_steps=3)
+    longs = [sim.add("long", f"ad{k}", max_tokens=300) for k in range(4)]
+    for _ in range(4 * (LOAD_STEPS + 2)):
+        sim.step()
+    assert all(s.status is SequenceStatus.RUNNING for s in longs)
+    queued = [sim.add("long", f"more{k}", max_tokens=300) for k in range(8)]
+    for _ in range(10):
+        sim.step()
+    short = sim.add("short", "ad", max_tokens=8)
+    for _ in range(3 + LOAD_STEPS + 2):
+        sim.step()
+    assert short.status is not SequenceStatus.WAITING
+    assert all(s.status is SequenceStatus.WAITING for s in queued)
+    for _ in range(200):
+        sim.step()
+    assert sim.sched.num_slot_preemptions == 1
