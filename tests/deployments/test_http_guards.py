@@ -1,5 +1,9 @@
 """Request bodies over the cap get a 413 in OpenAI's error JSON before any route parses them."""
+import ctypes
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -106,3 +110,39 @@ def test_the_guards_see_paths_below_a_route_prefix():
              "headers": [], "query_string": b""}
     asyncio.run(DocsSwitch(app, enabled=lambda: False)(scope, receive, send))
     assert reached == [] and sent[0]["status"] == 404
+
+
+_HEAP_SCRIPT = """
+import sys
+from deployments.http_guards import map_large_allocations
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+if sys.argv[1] == "mapped":
+    assert map_large_allocations()
+del bytearray(1 << 20)[:]  # a large free: glibc's own rule would now raise its threshold
+before = rss_mb()
+chunks, keepers = [], []
+for _ in range(800):  # body chunks of 256 KiB between small objects that outlive them
+    chunks.append(bytearray(256 << 10))
+    keepers.append(bytearray(4 << 10))
+del chunks
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+def test_freed_body_chunks_leave_the_process_only_with_large_allocations_mapped():
+    """200 MiB of 256 KiB chunks freed between 4 KiB survivors: with the ingress's setting
+    the process gives them back; with glibc's default they stay (what uploads did)."""
+    def retained_mb(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT, mode], capture_output=True,
+                             text=True, check=True)
+        return float(out.stdout.strip())
+
+    if not hasattr(ctypes.CDLL(None), "mallopt"):  # asked here without changing this process
+        pytest.skip("the C library is not glibc")
+    assert retained_mb("mapped") < 30
+    assert retained_mb("default") > 150

@@ -1,0 +1,383 @@
+"""One tenant floods the service: another tenant's latency, and the front processes' memory.
+
+    .venv/bin/python benchmarks/bench_floods.py [--floods pattern_uploads big_prompts ...] [--out F]
+
+The floods are those a red team sent (issue 16's list), against the moeplex app on loopback
+(tiny random Qwen3-MoE on the CPU, one engine replica, 4 adapter slots, api-key mode, a local
+store, uploads allowed up to 512 MiB as a production model's adapters need):
+
+| flood | what the `hog` tenant sends |
+|---|---|
+| `pattern_uploads` | 8 uploads at once, each config with 3000 rank_pattern keys (42 KiB) |
+| `big_prompts` | 8 completions at once, each with a 1 MB prompt |
+| `chunked_bodies` | 3 uploads at once, each a 700 MiB chunked body (no Content-Length) |
+| `big_header` | 1 upload whose weights declare a 95 MiB safetensors header |
+| `slot_hog` | 24 long streams (200 tokens) over 12 of its adapters, again and again |
+| `base_hog` | the same streams on the base model: what sharing the batch and the host costs |
+
+While a flood runs (in a separate process, so its client work does not hold this one's GIL),
+the `victim` tenant sends one 8-token completion at a time on its own adapter; its p99 latency
+is compared with its p99 before any flood. The resident memory of the Serve proxy and the
+ingress replica (and HAProxy, where Serve runs it) is sampled every 0.2 s: idle before the
+flood, the peak during it, and what is left `--settle-s` after it. Target (issue 16): victim
+p99 within 2x of unloaded, proxy and ingress peaks within +200 MB of idle and given back.
+Prints a table last and writes JSON with provenance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_floods
+    from provenance import provenance
+    from serve_clients import quantile
+except ImportError:
+    from benchmarks.provenance import provenance
+    from benchmarks.serve_clients import quantile
+
+FLOODS = ("pattern_uploads", "big_prompts", "chunked_bodies", "big_header", "slot_hog", "base_hog")
+KEYS = {"victim": "sk-victim-bench", "hog": "sk-hog-bench"}
+BASE = "tiny-moe"
+HOG_ADAPTERS = 12
+UPLOAD_LIMIT = 512 << 20
+ROLES = (("ProxyActor", "proxy"), ("Ingress", "ingress"), ("haproxy", "haproxy"))
+MiB = 1 << 20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--floods", nargs="+", choices=FLOODS, default=list(FLOODS))
+    parser.add_argument("--baseline-probes", type=int, default=40)
+    parser.add_argument("--min-probes", type=int, default=10, help="victim requests per flood, "
+                        "at least (more while the flood lasts)")
+    parser.add_argument("--settle-s", type=float, default=10.0)
+    parser.add_argument("--slot-hog-s", type=float, default=20.0)
+    parser.add_argument("--out", default=None)
+    return parser.parse_args(argv)
+
+
+# ---- the floods (each runs in its own process) --------------------------------------------
+
+def _headers(tenant: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def _multipart(fields: dict[str, str], files: list[tuple[str, bytes | None]], boundary: str,
+               big_file_bytes: int = 0):
+    """A multipart/form-data body as a generator: fields, then files; a file whose bytes are
+    None is `big_file_bytes` of zeros sent 1 MiB at a time (the body is never whole in memory)."""
+    def gen():
+        for name, value in fields.items():
+            yield (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                   f"{value}\r\n").encode()
+        for filename, data in files:
+            yield (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+                   f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+            if data is not None:
+                yield data
+            else:
+                chunk, left = bytes(MiB), big_file_bytes
+                while left > 0:
+                    yield chunk[:min(MiB, left)]
+                    left -= MiB
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+    return gen()
+
+
+def _post_upload(url: str, name: str, config: bytes, weights: bytes | None, big: int = 0) -> str:
+    import httpx
+
+    boundary = "moeplexflood"
+    body = _multipart({"name": name}, [("adapter_config.json", config),
+                                       ("adapter_model.safetensors", weights)], boundary, big)
+    headers = {**_headers("hog"), "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    try:
+        return str(httpx.post(f"{url}/v1/adapters", headers=headers, content=body,
+                              timeout=300).status_code)
+    except httpx.HTTPError as exc:  # the server may answer 413 and close while we still send
+        return type(exc).__name__
+
+
+def _in_threads(count: int, fn) -> list[str]:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda i: fn(i), range(count)))
+
+
+def flood_pattern_uploads(url: str, adapter_dir: str, _opts) -> list[str]:
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    config["rank_pattern"] = {f"model.layers.{i}.nomatch_{i}": 2 for i in range(3000)}
+    raw = json.dumps(config).encode()
+    weights = (Path(adapter_dir) / "adapter_model.safetensors").read_bytes()
+    return _in_threads(8, lambda i: _post_upload(url, f"patterns-{i}", raw, weights))
+
+
+def flood_big_prompts(url: str, _adapter_dir: str, _opts) -> list[str]:
+    import httpx
+
+    prompt = "hello world " * (MiB // 12)
+
+    def one(_i):
+        try:
+            return str(httpx.post(f"{url}/v1/completions", headers=_headers("hog"), timeout=300,
+                                  json={"model": BASE, "prompt": prompt, "max_tokens": 8}).status_code)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+    return _in_threads(8, one)
+
+
+def flood_chunked_bodies(url: str, adapter_dir: str, _opts) -> list[str]:
+    config = (Path(adapter_dir) / "adapter_config.json").read_bytes()
+    return _in_threads(3, lambda i: _post_upload(url, f"chunked-{i}", config, None, 700 * MiB))
+
+
+def flood_big_header(url: str, adapter_dir: str, _opts) -> list[str]:
+    config = (Path(adapter_dir) / "adapter_config.json").read_bytes()
+    size = 95 * MiB
+    header = b'{"__metadata__":{"pad":"' + b"a" * (size - 27) + b'"}}'
+    weights = struct.pack("<Q", len(header)) + header
+    return [_post_upload(url, "big-header", config, weights)]
+
+
+def flood_slot_hog(url: str, _adapter_dir: str, opts, base: bool = False) -> list[str]:
+    import httpx
+
+    deadline = time.monotonic() + opts.slot_hog_s
+
+    def one(i):
+        statuses = []
+        while time.monotonic() < deadline:
+            body = {"model": BASE if base else f"hog-{i % HOG_ADAPTERS}", "prompt": "tell me a long story",
+                    "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", headers=_headers("hog"),
+                                  json=body, timeout=300) as response:
+                    for _ in response.iter_lines():
+                        pass
+                    statuses.append(str(response.status_code))
+            except httpx.HTTPError as exc:
+                statuses.append(type(exc).__name__)
+        return ",".join(statuses)
+    return [s for joined in _in_threads(24, one) for s in joined.split(",") if s]
+
+
+def flood_base_hog(url: str, adapter_dir: str, opts) -> list[str]:
+    return flood_slot_hog(url, adapter_dir, opts, base=True)
+
+
+def _flood_main(name: str, url: str, adapter_dir: str, opts, queue) -> None:
+    started = time.perf_counter()
+    statuses = globals()[f"flood_{name}"](url, adapter_dir, opts)
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    queue.put({"statuses": counts, "wall_s": round(time.perf_counter() - started, 2)})
+
+
+# ---- measuring -----------------------------------------------------------------------------
+
+class MemorySampler:
+    """RSS in MB of the front processes by role, every `period_s`, in a thread."""
+
+    def __init__(self, period_s: float = 0.2):
+        import psutil
+        self._psutil, self._period = psutil, period_s
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> dict[str, float]:
+        rss: dict[str, float] = {}
+        for proc in self._psutil.process_iter():
+            try:
+                line = " ".join(proc.cmdline()) or proc.name()
+                role = next((r for needle, r in ROLES if needle in line), None)
+                if role is not None:
+                    rss[role] = rss.get(role, 0.0) + proc.memory_info().rss / MiB
+            except Exception:  # noqa: BLE001 - gone, or not ours to read
+                continue
+        return rss
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.current()))
+            time.sleep(self._period)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, since: float, until: float) -> dict[str, float]:
+        peak: dict[str, float] = {}
+        for t, rss in self.samples:
+            if since <= t <= until:
+                for role, mb in rss.items():
+                    peak[role] = max(peak.get(role, 0.0), mb)
+        return peak
+
+
+def probe(client, url: str) -> float:
+    """One victim request (8 tokens on its adapter): seconds, or raises on a non-200."""
+    started = time.perf_counter()
+    response = client.post(f"{url}/v1/completions", headers=_headers("victim"), json={
+        "model": "style", "prompt": "the quiet tenant asks", "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True})
+    if response.status_code != 200:
+        raise RuntimeError(f"victim request: {response.status_code} {response.text[:200]}")
+    return time.perf_counter() - started
+
+
+def latency(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"n": len(ordered), "p50_ms": round(1e3 * quantile(ordered, 0.5), 1),
+            "p99_ms": round(1e3 * quantile(ordered, 0.99), 1),
+            "max_ms": round(1e3 * ordered[-1], 1) if ordered else None}
+
+
+def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: MemorySampler,
+              baseline_p99_ms: float) -> dict:
+    idle = sampler.current()
+    queue = multiprocessing.get_context("spawn").Queue()
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_flood_main, args=(name, url, str(adapter_dir), opts, queue))
+    started = time.monotonic()
+    proc.start()
+    times, errors = [], []
+    while proc.is_alive() or len(times) + len(errors) < opts.min_probes:
+        try:
+            times.append(probe(client, url))
+        except Exception as exc:  # noqa: BLE001 - counted, and the first few kept
+            errors.append(str(exc)[:200])
+    ended = time.monotonic()
+    proc.join()
+    flood = queue.get(timeout=10) if not queue.empty() else {"statuses": {}, "wall_s": None}
+    time.sleep(opts.settle_s)
+    after, peak = sampler.current(), sampler.peak(started, ended)
+    victim = latency(times)
+    victim.update(errors=len(errors), error_samples=errors[:3],
+                  p99_over_unloaded=round(victim["p99_ms"] / baseline_p99_ms, 2))
+    memory = {role: {"idle_mb": round(idle.get(role, 0.0)), "peak_mb": round(peak.get(role, 0.0)),
+                     "after_mb": round(after.get(role, 0.0)),
+                     "peak_over_idle_mb": round(peak.get(role, 0.0) - idle.get(role, 0.0))}
+              for role in sorted(set(idle) | set(peak))}
+    return {"flood": flood, "victim": victim, "memory": memory}
+
+
+def setup_service(workdir: Path):
+    """Ray + Serve on loopback with the app; returns (url, victim adapter dir)."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app, set_ray_env_defaults
+    from deployments.args import AppArgs
+    from deployments.auth import hash_key
+    from engine.testing import make_peft_adapter, make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(workdir / "ckpt", "qwen3_moe", seed=0)
+    keys = workdir / "keys.json"
+    keys.write_text(json.dumps({"tenants": {t: {"key_sha256": [hash_key(k)]}
+                                            for t, k in KEYS.items()}}))
+    adapters = {name: make_peft_adapter(checkpoint, workdir / name, seed=seed)
+                for seed, name in enumerate(["style", *(f"hog-{i}" for i in range(HOG_ADAPTERS))])}
+    set_ray_env_defaults()
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=str(workdir / "ray"),
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(model=str(checkpoint), served_model_name=BASE, store=str(workdir / "store"),
+                   api_keys=str(keys), cache_dir=str(workdir / "cache"), num_replicas=1,
+                   device="cpu", max_model_len=512, max_num_seqs=32, max_loras=4,
+                   max_adapter_bytes=UPLOAD_LIMIT, max_adapters_per_tenant=64)
+    serve.run(build_app(args), name="moeplex", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    for name, path in adapters.items():
+        tenant = "victim" if name == "style" else "hog"
+        files = [("files", (f, (path / f).read_bytes()))
+                 for f in ("adapter_config.json", "adapter_model.safetensors")]
+        response = httpx.post(f"{url}/v1/adapters", headers=_headers(tenant), data={"name": name},
+                              files=files, timeout=60)
+        if response.status_code != 201:
+            raise RuntimeError(f"upload {name}: {response.status_code} {response.text}")
+    return url, adapters["style"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def print_table(results: dict) -> None:
+    base = results["baseline"]
+    print(f"\nvictim unloaded: p50 {base['p50_ms']} ms, p99 {base['p99_ms']} ms (n={base['n']})")
+    head = ("flood", "flood statuses", "victim p99 ms", "x unloaded", "victim errors",
+            "proxy +MB peak/after", "ingress +MB peak/after")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, r in results["floods"].items():
+        cells = [name, " ".join(f"{k}:{v}" for k, v in sorted(r["flood"]["statuses"].items())),
+                 r["victim"]["p99_ms"], r["victim"]["p99_over_unloaded"], r["victim"]["errors"]]
+        for role in ("proxy", "ingress"):
+            m = r["memory"].get(role)
+            cells.append("-" if m is None else f"{m['peak_over_idle_mb']} / {m['after_mb'] - m['idle_mb']}")
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="moeplex-floods-"))
+    sampler = None
+    try:
+        import httpx
+        import ray
+        from ray import serve
+
+        url, victim_adapter = setup_service(workdir)
+        sampler = MemorySampler()
+        sampler.start()
+        with httpx.Client(timeout=300) as client:
+            for _ in range(5):  # warm: the victim's adapter in a slot, compiled paths
+                probe(client, url)
+            baseline = latency([probe(client, url) for _ in range(opts.baseline_probes)])
+            floods = {name: run_flood(name, url, victim_adapter, opts, client, sampler,
+                                      baseline["p99_ms"])
+                      for name in opts.floods}
+        results = {"provenance": provenance(list(argv if argv is not None else sys.argv)),
+                   "config": {**vars(opts), "upload_limit_bytes": UPLOAD_LIMIT,
+                              "ray_env": {k: v for k, v in os.environ.items()
+                                          if k.startswith("RAY_SERVE_")}},
+                   "baseline": baseline, "floods": floods}
+        out = Path(opts.out or f"benchmarks/results/floods_{time.strftime('%Y%m%d-%H%M%S')}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print(f"wrote {out}")
+        print_table(results)
+        return 0
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - nothing was started
+            pass
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

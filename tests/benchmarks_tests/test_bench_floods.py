@@ -1,0 +1,41 @@
+"""benchmarks/bench_floods.py: its multipart bodies parse as uploads, and one flood runs end to end."""
+import asyncio
+import json
+
+import pytest
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartParser
+
+from benchmarks import bench_floods
+
+
+def test_streamed_multipart_body_parses_into_the_name_and_both_files():
+    body = bench_floods._multipart({"name": "big"}, [("adapter_config.json", b'{"r": 4}'),
+                                                     ("adapter_model.safetensors", None)],
+                                   "bnd", big_file_bytes=3 * bench_floods.MiB + 5)
+
+    async def parse():
+        async def stream():
+            for chunk in body:
+                yield chunk
+        headers = Headers({"content-type": "multipart/form-data; boundary=bnd"})
+        form = await MultiPartParser(headers, stream(), max_part_size=1 << 30).parse()
+        files = {f.filename: len(await f.read()) for f in form.getlist("files")}
+        return form["name"], files
+
+    name, files = asyncio.run(parse())
+    assert name == "big"
+    assert files == {"adapter_config.json": 8, "adapter_model.safetensors": 3 * bench_floods.MiB + 5}
+
+
+@pytest.mark.slow
+def test_one_flood_measures_the_victim_and_front_memory_end_to_end(tmp_path):
+    out = tmp_path / "floods.json"
+    assert bench_floods.main(["--floods", "big_header", "--baseline-probes", "3", "--min-probes", "2",
+                              "--settle-s", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    flood = result["floods"]["big_header"]
+    assert flood["flood"]["statuses"] == {"422": 1}  # the 95 MiB header is refused, not stored
+    assert flood["victim"]["errors"] == 0 and flood["victim"]["n"] >= 2
+    assert {"proxy", "ingress"} <= set(flood["memory"])
+    assert result["provenance"]["argv"][:2] == ["--floods", "big_header"]
