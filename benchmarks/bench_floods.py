@@ -15,7 +15,8 @@ store, uploads allowed up to 512 MiB as a production model's adapters need):
 | `slot_hog` | 24 long streams (200 tokens) over 12 of its adapters, again and again |
 | `base_hog` | the same streams on the base model: what sharing the batch and the host costs |
 
-While a flood runs (in a separate process, so its client work does not hold this one's GIL),
+While a flood runs (in a separate process, started and importing before the clock starts, so
+its client work does not hold this one's GIL),
 the `victim` tenant sends one 8-token completion at a time on its own adapter; its p99 latency
 is compared with its p99 before any flood. The resident memory of the Serve proxy and the
 ingress replica (and HAProxy, where Serve runs it) is sampled every 0.2 s: idle before the
@@ -175,7 +176,11 @@ def flood_base_hog(url: str, adapter_dir: str, opts) -> list[str]:
     return flood_slot_hog(url, adapter_dir, opts, base=True)
 
 
-def _flood_main(name: str, url: str, adapter_dir: str, opts, queue) -> None:
+def _flood_main(name: str, url: str, adapter_dir: str, opts, queue, go) -> None:
+    import httpx  # noqa: F401 - imported before the start signal, not on the victim's clock
+
+    queue.put("ready")
+    go.wait()
     started = time.perf_counter()
     statuses = globals()[f"flood_{name}"](url, adapter_dir, opts)
     counts: dict[str, int] = {}
@@ -249,12 +254,16 @@ def latency(values: list[float]) -> dict:
 
 def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: MemorySampler,
               baseline_p99_ms: float) -> dict:
-    idle = sampler.current()
-    queue = multiprocessing.get_context("spawn").Queue()
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_flood_main, args=(name, url, str(adapter_dir), opts, queue))
-    started = time.monotonic()
+    spawn = multiprocessing.get_context("spawn")
+    queue, go = spawn.Queue(), spawn.Event()
+    proc = spawn.Process(target=_flood_main, args=(name, url, str(adapter_dir), opts, queue, go))
     proc.start()
+    if queue.get(timeout=120) != "ready":  # the process's start-up is no part of the flood
+        raise RuntimeError(f"flood {name} did not start")
+    time.sleep(1.0)
+    idle = sampler.current()
+    started = time.monotonic()
+    go.set()
     times, errors = [], []
     while proc.is_alive() or len(times) + len(errors) < opts.min_probes:
         try:

@@ -29,12 +29,16 @@
 #   workload   bench_workload.py: 256 adapters of mixed ranks and targets, Zipf popularity, Poisson
 #              arrivals at 0.8x the no-adapter capacity, with and without adapters (WORKLOAD_ARGS,
 #              e.g. "--requests 1000" where 2000 do not fit one call)
+#   floods     bench_floods.py on this host's CPUs (no GPU used): one tenant's floods against the
+#              app, another tenant's latency and the front processes' memory, Serve's default
+#              proxy then its HAProxy mode
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
-# ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS.
+# ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS,
+# FLOODS_SECONDS (each of the two runs).
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,34p' "$0"; exit 2
+  sed -n '2,38p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -111,6 +115,13 @@ part_workload() {
   tail -6 "$out/bench_workload.log" | cut -c1-300
 }
 
+part_floods() {
+  bench bench_floods "${FLOODS_SECONDS:-280}" benchmarks/bench_floods.py --out "$out/bench_floods.json"
+  RAY_SERVE_ENABLE_HA_PROXY=1 bench bench_floods_haproxy "${FLOODS_SECONDS:-280}" \
+    benchmarks/bench_floods.py --out "$out/bench_floods_haproxy.json"
+  grep -A9 "victim unloaded" "$out/bench_floods.log" "$out/bench_floods_haproxy.log" | cut -c1-300
+}
+
 part_prefill() {
   bench profile_prefill "${PREFILL_SECONDS:-500}" benchmarks/profile_prefill.py ${PREFILL_ARGS:-} \
     --out "$out/prefill"
@@ -163,7 +174,8 @@ for part in "$@"; do
     serve48) part_serve 48 "${SERVE48_ARGS:---requests 512 --burst 200}" ;;
     coldstart) part_coldstart ;;
     workload) part_workload ;;
-    *) echo "unknown part $part: deps tests kernels router engine prefill profile serve8 serve48 coldstart workload" ;;
+    floods) part_floods ;;
+    *) echo "unknown part $part: deps tests kernels router engine prefill profile serve8 serve48 coldstart workload floods" ;;
   esac
 done
 exit 0
