@@ -162,16 +162,21 @@ def long_requests_hold_every_slot(sim: Simulation, slots: int) -> tuple[list[Seq
     return longs, sim.add("short", "ad", max_tokens=8)
 
 
+def run_to_completion(sim: Simulation, max_steps: int = 2000) -> None:
+    """Step until every request finished; all of them were admitted."""
+    for _ in range(max_steps):
+        sim.step()
+        if not sim.sched.has_unfinished():
+            break
+    assert not sim.sched.has_unfinished() and len(sim.admitted) == sim.num_seqs
+
+
 def test_a_tenant_holding_every_slot_with_long_requests_gives_one_back_to_an_aged_request():
     """Slot-fair preemption: 20 steps after it heads its queue, the short request gets a slot
     (one long request is preempted and recomputed later); everything still finishes."""
     sim = Simulation(num_slots=4, max_num_seqs=8, max_adapter_wait_steps=20)
     longs, short = long_requests_hold_every_slot(sim, 4)
-    for _ in range(2000):
-        sim.step()
-        if not sim.sched.has_unfinished():
-            break
-    assert not sim.sched.has_unfinished() and len(sim.admitted) == sim.num_seqs
+    run_to_completion(sim)
     assert sim.admitted[short.seq_id] - sim.arrived[short.seq_id] <= 20 + LOAD_STEPS + 3
     assert sim.sched.num_slot_preemptions == 1
     assert sum(s.num_preemptions for s in longs) == 1
@@ -204,11 +209,7 @@ def test_no_slot_is_taken_from_a_tenant_at_its_fair_share():
 def test_a_slotless_head_gets_a_slot_drained_after_slot_reclaim_steps_without_aging():
     sim = Simulation(num_slots=4, max_num_seqs=8, max_adapter_wait_steps=None, slot_reclaim_steps=3)
     longs, short = long_requests_hold_every_slot(sim, 4)
-    for _ in range(2000):
-        sim.step()
-        if not sim.sched.has_unfinished():
-            break
-    assert not sim.sched.has_unfinished() and len(sim.admitted) == sim.num_seqs
+    run_to_completion(sim)
     assert sim.admitted[short.seq_id] - sim.arrived[short.seq_id] <= 3 + LOAD_STEPS + 2
     assert sim.sched.num_slot_preemptions == 1 and sum(s.num_preemptions for s in longs) == 1
 
