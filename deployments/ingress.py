@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import ray
 from ray import serve
 
 from adapter_store.errors import AdapterNotFoundError, AdapterStoreError, InvalidNameError
@@ -97,6 +98,10 @@ def adapter_card(info) -> AdapterCard:
                        shared=bool(info.shared), manifest=dict(info.manifest or {}))
 
 
+def _in_ray_actor() -> bool:
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -115,7 +120,8 @@ class Ingress:
                               response_serialization="pickle")
         self._llm = llm
         self._args = args
-        map_large_allocations()  # request bodies' memory goes back once they are read
+        if _in_ray_actor():  # not in a test that builds the ingress in its own process
+            map_large_allocations()  # request bodies' memory goes back once they are read
         self._auth = TenantAuth.from_file(args.api_keys)
         self._limiter = TenantLimiter(args.max_concurrent_requests_per_tenant,
                                       self._auth.max_concurrent, args.num_ingress_replicas())
