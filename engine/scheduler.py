@@ -24,7 +24,7 @@ Adapter pressure, three rules:
   slot nobody else takes a slot reference, so the next slot that frees is its own;
 - slot-fair preemption: when a queue head has waited `slot_reclaim_steps` steps (or aged)
   for a slot, every slot is held, and one tenant holds more than its fair share (slots /
-  tenants that want one), that tenant's adapter with the fewest running sequences is
+  tenants that want one, and never less than one slot), that tenant's adapter with the fewest running sequences is
   preempted (recompute) so its slot drains for the waiting one: long requests over many
   adapters cannot keep another tenant out until they finish. The wait is short (a few
   steps), since a tenant under its share loses nothing to a flood only if it gets a slot
@@ -221,7 +221,9 @@ class Scheduler:
         for claimant in claimants:
             if not self.lora_manager.waits_for_slot(claimant.lora.lora_name):
                 continue
-            fair = self.lora_manager.num_slots / len(set(held) | {claimant.tenant})
+            # a tenant's one slot is never taken: with more tenants than slots, slots turn over
+            # as requests end, and preempting single holders would only trade recomputes
+            fair = max(1.0, self.lora_manager.num_slots / len(set(held) | {claimant.tenant}))
             victim = max((t for t in held if t != claimant.tenant), key=lambda t: len(held[t]), default=None)
             if victim is None or len(held[victim]) <= fair:
                 continue

@@ -234,3 +234,13 @@ def test_a_floods_own_older_waiting_requests_neither_block_nor_take_the_drained_
     for _ in range(200):
         sim.step()
     assert sim.sched.num_slot_preemptions == 1
+
+
+def test_with_more_tenants_than_slots_no_single_slot_is_preempted():
+    """Eight tenants, one long request each, four slots: the four without a slot wait for the
+    first four to finish; no slot is drained, as taking a tenant's only slot helps nobody."""
+    sim = Simulation(num_slots=4, max_num_seqs=16, max_adapter_wait_steps=5, slot_reclaim_steps=3)
+    for t in range(8):
+        sim.add(f"t{t}", "ad", max_tokens=60)
+    run_to_completion(sim)
+    assert sim.sched.num_slot_preemptions == 0
