@@ -180,12 +180,17 @@ class Scheduler:
     def _aged_heads(self) -> list[Sequence]:
         """Tenants' queue heads with an adapter that have waited max_adapter_wait_steps steps or
         more, oldest first. One per tenant, so aging cannot hand one tenant's flood every slot."""
-        if self.max_adapter_wait_steps is None:
+        return self._heads_waited(self.max_adapter_wait_steps)
+
+    def _heads_waited(self, steps: int | None) -> list[Sequence]:
+        """Tenants' queue heads with an adapter that have waited `steps` steps or more, oldest
+        first (none when `steps` is None)."""
+        if steps is None:
             return []
-        since = self.num_steps - self.max_adapter_wait_steps
+        since = self.num_steps - steps
         heads = (self.waiting[tenant][0] for tenant in self.tenant_order)
-        aged = [seq for seq in heads if seq.lora is not None and self._enqueued(seq) <= since]
-        return sorted(aged, key=self._enqueued)
+        return sorted((seq for seq in heads if seq.lora is not None and self._enqueued(seq) <= since),
+                      key=self._enqueued)
 
     def _enqueued(self, seq: Sequence) -> int:
         return self.enqueued_step.get(seq.seq_id, self.num_steps)
@@ -211,7 +216,8 @@ class Scheduler:
         adapter with the fewest, drops waiting reservations of its slot, and gives the claimant
         first claim (`self.aged`) on the slot that frees."""
         aged = [s for s in self.aged if s.status is SequenceStatus.WAITING and s.lora_slot is None]
-        claimants = [*aged, *(s for s in self._slotless_heads() if s not in aged)]
+        claimants = [*aged, *(s for s in self._heads_waited(self.slot_reclaim_steps)
+                              if s.lora_slot is None and s not in aged)]
         if not claimants:
             return
         held: dict[str, dict[int, list[Sequence]]] = {}  # tenant -> slot -> its running sequences
@@ -236,17 +242,6 @@ class Scheduler:
             self.aged = [claimant, *(s for s in self.aged if s is not claimant)]
             self.num_slot_preemptions += 1
             return
-
-    def _slotless_heads(self) -> list[Sequence]:
-        """Tenants' queue heads with an adapter and no slot that have waited slot_reclaim_steps
-        steps or more, oldest first."""
-        if self.slot_reclaim_steps is None:
-            return []
-        since = self.num_steps - self.slot_reclaim_steps
-        heads = (self.waiting[tenant][0] for tenant in self.tenant_order)
-        waiting = [seq for seq in heads
-                   if seq.lora is not None and seq.lora_slot is None and self._enqueued(seq) <= since]
-        return sorted(waiting, key=self._enqueued)
 
     def _prefetch(self, out: SchedulerOutput) -> list[Sequence]:
         """Reserve the adapters of the first prefetch_window waiting sequences, in admission order

@@ -123,11 +123,15 @@ def _group_pairs(tensors: dict[str, Tensor], shape: ModelShape) -> dict[tuple, d
         entry = pairs.setdefault((*parsed.target, parsed.fused), {"key": parsed})
         entry[parsed.which] = tensor.float()
         entry["name"] = pattern_module_name(key, parsed)
+    experts_of: dict[tuple[int, str], list[dict]] = {}  # (layer, module) -> its experts' entries
+    for target, entry in pairs.items():
+        if target[2] is not None:
+            experts_of.setdefault(target[:2], []).append(entry)
     for (layer, module), (parsed, name, tensor) in shared.items():
         if tensor.dim() != 3 or tensor.shape[0] != 1:
             raise AdapterLoadError(f"{name}: a shared lora_{parsed.which} must be [1, ...], "
                                    f"got {list(tensor.shape)}")
-        experts = [e for t, e in pairs.items() if t[:2] == (layer, module) and t[2] is not None]
+        experts = experts_of.get((layer, module), [])
         if not experts:
             raise AdapterLoadError(f"{name}: a shared lora_{parsed.which} without any expert's other half")
         for entry in experts:
