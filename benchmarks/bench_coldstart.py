@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import sys
@@ -28,9 +27,9 @@ from pathlib import Path
 import torch
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_coldstart
-    from provenance import provenance
+    from provenance import provenance, write_results
 except ImportError:
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_results
 
 TINY_OVERRIDES = {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 8,
@@ -202,10 +201,7 @@ def main(argv=None) -> int:
     finally:
         if not opts.keep:
             shutil.rmtree(base, ignore_errors=True)
-    out = Path(opts.out or f"benchmarks/results/bench_coldstart_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    write_results(results, opts.out, "bench_coldstart")
     print_table(results)
     return 0
 

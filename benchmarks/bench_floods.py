@@ -40,10 +40,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_floods
-    from provenance import provenance
+    from provenance import provenance, write_results
     from serve_clients import quantile
 except ImportError:
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_results
     from benchmarks.serve_clients import quantile
 
 FLOODS = ("pattern_uploads", "big_prompts", "chunked_bodies", "big_header", "slot_hog", "base_hog")
@@ -371,10 +371,7 @@ def main(argv=None) -> int:
                               "ray_env": {k: v for k, v in os.environ.items()
                                           if k.startswith("RAY_SERVE_")}},
                    "baseline": baseline, "floods": floods}
-        out = Path(opts.out or f"benchmarks/results/floods_{time.strftime('%Y%m%d-%H%M%S')}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
-        print(f"wrote {out}")
+        write_results(results, opts.out, "floods")
         print_table(results)
         return 0
     finally:

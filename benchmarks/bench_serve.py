@@ -33,12 +33,12 @@ from pathlib import Path
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_serve
     from cpu_sampler import CpuSampler
-    from provenance import provenance
+    from provenance import provenance, write_results
     from serve_adapters import RandomAdapterWriter, adapter_bytes
     from serve_clients import Run, direct_run, greedy_equality, http_run, http_run_procs, make_jobs
 except ImportError:
     from benchmarks.cpu_sampler import CpuSampler
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_results
     from benchmarks.serve_adapters import RandomAdapterWriter, adapter_bytes
     from benchmarks.serve_clients import (Run, direct_run, greedy_equality, http_run, http_run_procs,
                                           make_jobs)
@@ -349,10 +349,7 @@ def _run(opts, workdir: Path, extra: dict, argv) -> int:
     results["served_over_direct"] = round(results["served"]["tokens_per_s"] / direct_rate, 3)
     for v in results["variants"]:
         v["served_over_direct"] = round(v["served"]["tokens_per_s"] / direct_rate, 3)
-    out = Path(opts.out or f"benchmarks/results/bench_serve_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    write_results(results, opts.out, "bench_serve")
     print_table(results)
     errors = sum(run.errors for run in runs.values()) + sum(v["served"].errors for v in served["variants"])
     return 0 if errors == 0 else 1

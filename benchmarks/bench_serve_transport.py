@@ -25,12 +25,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_serve_transport
-    from provenance import provenance
+    from provenance import provenance, write_results
 except ImportError:
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, write_results
 
 CONFIGS = {"ray": {"RAY_SERVE_PROXY_USE_GRPC": "0"}, "grpc": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
            "haproxy": {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}}
@@ -170,10 +169,7 @@ def main(argv=None) -> int:
                       "ms_per_message": per_message})
     results = {"provenance": provenance(list(argv if argv is not None else sys.argv)),
                "config": vars(opts), "runs": runs, "table": table}
-    out = Path(opts.out or f"benchmarks/results/bench_serve_transport_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    write_results(results, opts.out, "bench_serve_transport")
     print("config  role   ms CPU per request (1 message)  ms CPU per extra message")
     for row in table:
         for role in row["ms_per_message"]:

@@ -6,7 +6,9 @@ file can be traced back to the code and the machine that produced it.
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import time
 import platform
 import socket
 import subprocess
@@ -81,3 +83,13 @@ def provenance(argv: list[str]) -> dict:
         "hostname": socket.gethostname(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_results(results: dict, out: str | None, stem: str) -> Path:
+    """Write `results` as JSON to `out`, or by default to benchmarks/results/{stem}_{time}.json;
+    print and return the path."""
+    path = Path(out or f"benchmarks/results/{stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return path
