@@ -42,7 +42,8 @@ def map_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
     A request body reaches the ingress as chunks of tens to hundreds of KiB. By default glibc
     raises its mapping threshold after the first large free, so later chunks come from the
     heap, whose freed pages stay with the process: three 700 MiB chunked uploads left the
-    ingress 1.9 GB larger for good, 0.2 GB with a fixed threshold (benchmarks/bench_floods.py).
+    ingresses 1.85 GB larger ten seconds after, 0.5 GB with this setting, 2 MB behind Serve's
+    HAProxy mode (benchmarks/RESULTS.md, "Floods").
     The ingress only moves bytes; the engine replica keeps the default, as a fixed threshold
     made its CPU tensor ops page-fault (tiny-model steps 25-85% slower).
     """
