@@ -13,6 +13,8 @@
 #   kernels    bench_moe_lora.py (KERNELS_ARGS, e.g. "--presets olmoe mixtral --adapters 16" or
 #              "--paths rows split-tiles split-blocks": each LoRA path side by side)
 #   router     bench_router.py: the one-launch router against torch's softmax + top-k
+#   dense      bench_dense_lora.py: attention q/k/v + o LoRA by row against the split path (DENSE_ARGS,
+#              e.g. "--sweep --tokens 1 64" for the row path's tile configs)
 #   engine     bench_engine.py (ENGINE_ARGS, default "--modes fused": every case, the roofline, the
 #              slot load and transformers + PEFT at 8 layers)
 #   prefill    profile_prefill.py: where case b's prefill phase goes, per engine config (PREFILL_ARGS)
@@ -34,11 +36,11 @@
 #              proxy then its HAProxy mode
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
 # ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS,
-# FLOODS_SECONDS (each of the two runs).
+# FLOODS_SECONDS (each of the two runs), DENSE_SECONDS.
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,38p' "$0"; exit 2
+  sed -n '2,40p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -100,6 +102,12 @@ part_kernels() {
 part_router() {
   bench bench_router 120 benchmarks/bench_router.py --out "$out/bench_router.json"
   tail -8 "$out/bench_router.log" | cut -c1-300
+}
+
+part_dense() {
+  bench bench_dense_lora "${DENSE_SECONDS:-300}" benchmarks/bench_dense_lora.py ${DENSE_ARGS:-} \
+    --out "$out/bench_dense_lora.json"
+  tail -22 "$out/bench_dense_lora.log" | cut -c1-300
 }
 
 part_engine() {
@@ -167,6 +175,7 @@ for part in "$@"; do
     tests) part_tests ;;
     kernels) part_kernels ;;
     router) part_router ;;
+    dense) part_dense ;;
     engine) part_engine ;;
     prefill) part_prefill ;;
     profile) part_profile ;;
@@ -175,7 +184,7 @@ for part in "$@"; do
     coldstart) part_coldstart ;;
     workload) part_workload ;;
     floods) part_floods ;;
-    *) echo "unknown part $part: deps tests kernels router engine prefill profile serve8 serve48 coldstart workload floods" ;;
+    *) echo "unknown part $part: deps tests kernels router dense engine prefill profile serve8 serve48 coldstart workload floods" ;;
   esac
 done
 exit 0

@@ -71,8 +71,8 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
 
     Semantics:
         out[t, off_h:off_h + N_h] += (x[t] @ a_h[s].T) @ b_h[s].T for each projection h, with
-        s = slot_ids[t]; rows with s = -1 untouched. On Triton: one shrink and one expand launch
-        for the whole group.
+        s = slot_ids[t]; rows with s = -1 untouched. On Triton, for the whole group: one launch
+        by token at decode sizes, else one shrink and one expand launch over rows by slot.
     Args:
         x: [T, IN] fp32/fp16/bf16; out: [T, N], N = sum(lora.sections), same dtype.
         lora: DenseLoRAGroup (a [S, H*R, IN], b [S, N, R], ranks [H, S] int32).
@@ -87,18 +87,16 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
 
 def _group_triton(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
                   layout: VirtualLayout | None) -> Tensor:
-    from kernels.moe_launch import LORA_BLOCK_M, dense_layout, lora_group_triton_
-    if x.shape[0] == 0:
-        return out
-    layout = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)
-    expect(layout.num_rows == x.shape[0] and layout.block_size == LORA_BLOCK_M,
-           f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {x.shape[0]} rows")
-    return lora_group_triton_(x, out, lora, layout)
+    from kernels.moe_launch import dense_group_triton_
+    return dense_group_triton_(x, out, lora, slot_ids, layout)
 
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
-    """The rows-by-slot layout lora_linear_ takes; None off the Triton path (nothing to share)."""
+    """The rows-by-slot layout lora_linear_ takes; None where nothing would read it (off the
+    Triton path, or at decode sizes, where dense LoRA runs by row without a layout)."""
     if not use_triton(slot_ids):
         return None
-    from kernels.moe_launch import dense_layout
+    from kernels.moe_launch import DENSE_ROWS_MAX_TOKENS, dense_layout
+    if slot_ids.shape[0] <= DENSE_ROWS_MAX_TOKENS:
+        return None
     return dense_layout(slot_ids, num_slots)

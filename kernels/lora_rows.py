@@ -1,11 +1,16 @@
-"""LoRA delta of one MoE projection at decode size: a program per routed row, shrink then expand.
+"""LoRA delta at decode size: a program per row, shrink then expand, in one launch.
 
-For each routed row r = t * K + k with slot s = slot_ids[t] >= 0, expert e = topk_ids[t, k] and
-rank r_s = ranks[s], for each split h (gate/up halves: splits = 2; one otherwise):
+MoE projection: for each routed row r = t * K + k with slot s = slot_ids[t] >= 0, expert
+e = topk_ids[t, k] and rank r_s = ranks[s], for each split h (gate/up halves: splits = 2; one
+otherwise):
     shrunk    = a[r // a_row_div, :] @ A[s, e, h*R:h*R + r_s, :].T          (fp32 sums)
     c[r, h*N:(h+1)*N] (+)= scale[r] * shrunk.to(B.dtype) @ B[s, e, h*N:(h+1)*N, :r_s].T
 rounded once to c's dtype, the split path's order of operations (grouped_gemm shrink, then
 expand with accumulate): only the summation order differs.
+
+Dense projections sharing an input (q/k/v as one group, or o alone): the same with one expert,
+a row per token and split h = projection h, whose columns [off_h, off_h + N_h) may differ in
+width and whose rank is ranks[h, s].
 
 Why a program per row and not per (slot, expert) block: at decode (64 tokens x top-8 over 16
 adapters) ~456 pairs hold ~1.1 of their 16-row tile each, so the split path pays an alignment,
@@ -14,33 +19,43 @@ needs no alignment (its pair is read from the routing ids), its shrink stays in 
 the expand, and the products are vector x matrix: bandwidth, not tensor cores. Rows of one pair
 read its A and B once each (about 12% more adapter bytes than the pairs at decode, mostly served
 by L2, since those rows run at the same time). Above decode size rows share pairs more and the
-block path's one read per pair wins.
+block path's one read per pair wins. Dense rows of one slot share everything but x, so the
+repeated reads are all L2 hits; what the row path removes there is the dense path's second
+launch, its alignment and its fp32 partial sums (four dependent launches a layer at decode).
 """
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kernels.errors import expect
+from kernels.weights import DenseLoRAGroup
 
 
 @triton.jit  # the token count is the grid, not an argument: one compile for every count
 def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr,
-                      top_k, a_row_div, num_slots, num_experts, K, N, R,
+                      top_k, a_row_div, num_slots, num_experts, K, R, end0, end1, end2, rank_split_stride,
                       stride_am, stride_ak, la_s, la_e, la_r, la_k, lb_s, lb_e, lb_n, lb_r,
                       stride_cm, stride_cn, n_chunk,
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                      HAS_SCALE: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, HAS_EXPERTS: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     part = tl.program_id(2)
     slot = tl.load(slot_ids_ptr + row // top_k).to(tl.int64)
-    expert = tl.load(topk_ids_ptr + row).to(tl.int64)
+    if HAS_EXPERTS:
+        expert = tl.load(topk_ids_ptr + row).to(tl.int64)
+    else:
+        expert = tl.full((), 0, tl.int64)
+    # split h owns the columns [end_{h-1}, end_h) of c and the same rows of B (end_{-1} = 0)
+    n_begin = tl.where(split == 0, 0, tl.where(split == 1, end0, end1))
+    n_stop = tl.where(split == 0, end0, tl.where(split == 1, end1, end2))
+    col0 = n_begin + part * n_chunk
     # rows without an adapter, or with ids out of range, are left alone (bitwise)
     live = (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < num_experts)
     slot = tl.where(live, slot, 0)
     expert = tl.where(live, expert, 0)
-    rank = tl.where(live, tl.minimum(tl.load(ranks_ptr + slot), R), 0)
-    if rank > 0:
+    rank = tl.where(live, tl.minimum(tl.load(ranks_ptr + split * rank_split_stride + slot), R), 0)
+    if (rank > 0) & (col0 < n_stop):
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
         # shrink: A rows [h*R, h*R + r_s) of the pair against the row's input, K tile by K tile
@@ -56,15 +71,15 @@ def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_i
         # expand: this part's columns of split h; the shrink rounds to B's dtype as the split path's does
         s = shrunk.to(lb_ptr.dtype.element_ty).to(tl.float32)
         lb_base = lb_ptr + slot * lb_s + expert * lb_e + offs_r[None, :] * lb_r
-        c_row = c_ptr + row * stride_cm + split * N * stride_cn
+        c_row = c_ptr + row * stride_cm
         row_scale = tl.full((), 1.0, tl.float32)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + row).to(tl.float32)
-        n_end = tl.minimum(N, (part + 1) * n_chunk)
-        for n0 in range(part * n_chunk, n_end, BLOCK_N):
+        n_end = tl.minimum(n_stop, col0 + n_chunk)
+        for n0 in range(col0, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_end
-            b = tl.load(lb_base + (split * N + offs_n)[:, None] * lb_n, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(lb_base + offs_n[:, None] * lb_n, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
             delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1)
             if HAS_SCALE:
                 delta = delta * row_scale
@@ -115,15 +130,61 @@ def lora_rows_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot
     if rows == 0 or n == 0:
         return c
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    n_chunk = triton.cdiv(triton.cdiv(n, parts), block_n) * block_n
-    _lora_rows_kernel[(rows, splits, triton.cdiv(n, n_chunk))](
-        a, la, lb, c, scale if scale is not None else ranks, ranks, slot_ids, ids,
-        top_k, a_row_div, num_slots, num_experts, k_in, n, big_r,
+    _launch(a, c, la, lb, ranks, 0, slot_ids, ids, top_k, a_row_div, rows, [n * (h + 1) for h in range(splits)],
+            big_r, scale, parts, block_k, block_n, num_warps, num_stages)
+    return c
+
+
+def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor, *, parts: int = 1,
+                     block_k: int = 128, block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> Tensor:
+    """Adds each token's LoRA deltas of the group's projections (q/k/v, or o alone) into out in
+    place, a program per (token, projection, part of its columns); returns out.
+
+    Semantics: lora_group_ref_'s (kernels/reference.py): out[t, off_h:off_h + N_h] +=
+        (x[t] @ a_h[s].T).to(b.dtype) @ b_h[s].T with s = slot_ids[t] and a_h's first ranks[h, s]
+        rows, rounded once to out.dtype; tokens with s outside [0, S) and projections of rank 0
+        untouched (bitwise). No alignment, no host sync: CUDA-graph capturable.
+    Args:
+        x: [T, IN]; out: [T, N], N = sum(lora.sections); x's dtype; any strides.
+        lora: DenseLoRAGroup of at most MAX_GROUP_ROWS_PROJECTIONS projections.
+        slot_ids: [T] int, -1 for no adapter.
+        parts: programs that split the widest projection's columns (each repeats the shrink);
+        block_k, block_n, num_warps, num_stages: tile config.
+    """
+    heads = lora.num_projections
+    expect(heads <= MAX_GROUP_ROWS_PROJECTIONS,
+           f"the row path takes at most {MAX_GROUP_ROWS_PROJECTIONS} projections, got {heads}")
+    expect(parts >= 1, f"parts must be positive, got {parts}")
+    t = x.shape[0]
+    if t == 0:
+        return out
+    ends = [lora.offset(h + 1) for h in range(heads)]
+    _launch(x, out, lora.a.unsqueeze(1), lora.b.unsqueeze(1), lora.ranks, lora.ranks.stride(0), slot_ids, None,
+            1, 1, t, ends, lora.max_rank, None, parts, block_k, block_n, num_warps, num_stages)
+    return out
+
+
+# q/k/v: split h's column range is picked from three ends in the kernel
+MAX_GROUP_ROWS_PROJECTIONS = 3
+
+
+def _launch(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, rank_split_stride: int,
+            slot_ids: Tensor, topk_ids: Tensor | None, top_k: int, a_row_div: int, rows: int, ends: list[int],
+            big_r: int, scale: Tensor | None, parts: int, block_k: int, block_n: int, num_warps: int,
+            num_stages: int) -> None:
+    """One launch of _lora_rows_kernel: rows x splits x parts programs; ends: each split's last
+    column + 1 (increasing), the widest split's columns cut in `parts` whole N tiles."""
+    widest = max(end - begin for begin, end in zip([0, *ends[:-1]], ends))
+    n_chunk = triton.cdiv(triton.cdiv(widest, parts), block_n) * block_n
+    padded = (ends + [ends[-1]] * 3)[:3]
+    _lora_rows_kernel[(rows, len(ends), triton.cdiv(widest, n_chunk))](
+        a, la, lb, c, scale if scale is not None else ranks, ranks, slot_ids,
+        topk_ids if topk_ids is not None else slot_ids,
+        top_k, a_row_div, la.shape[0], la.shape[1], la.shape[3], big_r, *padded, rank_split_stride,
         a.stride(0), a.stride(1), *la.stride(), *lb.stride(), c.stride(0), c.stride(1), n_chunk,
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
-        HAS_SCALE=scale is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_SCALE=scale is not None, HAS_EXPERTS=topk_ids is not None, num_warps=num_warps, num_stages=num_stages,
     )
-    return c
 
 
 def lora_rows_ref_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot_ids: Tensor,

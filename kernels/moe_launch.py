@@ -23,7 +23,7 @@ from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.expand import lora_expand
 from kernels.grouped_gemm import grouped_gemm, k_slices
-from kernels.lora_rows import lora_rows_
+from kernels.lora_rows import MAX_GROUP_ROWS_PROJECTIONS, lora_group_rows_, lora_rows_
 from kernels.weights import DenseLoRAGroup, MoELoRAWeights
 
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
@@ -221,7 +221,7 @@ def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int
     compiles what any step size will need (tests/engine/test_warmup.py checks this)."""
     from kernels.align_multi import CHUNK
     from kernels.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS
-    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS}
+    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS, DENSE_ROWS_MAX_TOKENS}
     rows |= {16 * num_experts, 48 * num_experts, 96 * num_experts}  # _base_block_m
     rows |= {1 << p for p in range(4, (max_tokens * top_k).bit_length() + 1)}  # align_triton's NP
     rows |= {CHUNK << p for p in range(max(1, (max_tokens * top_k).bit_length()))}  # align_multi's chunks
@@ -251,6 +251,45 @@ def group_k_splits(num_in: int) -> int:
     size a dense layout has few blocks (64 tokens over 16 slots: 20), and one program walking
     all of K per block is a chain of 16 dependent loads (H100: ~10 us for ~0.1 us of bytes)."""
     return max(1, min(8, triton.cdiv(num_in, 2 * SHRINK["block_k"])))
+
+
+# Dense LoRA (q/k/v as one group, o) at decode size: a program per (token, projection, column
+# part) that shrinks and expands in one launch (kernels/lora_rows.py), up to DENSE_ROWS_MAX_TOKENS
+# tokens; the split path (alignment by slot, a shrink split over K into fp32 partial sums, an
+# expand) above. At decode the split path is four dependent launches a layer for ~2 us of bytes
+# (H200, e1426a3: q/k/v 5.3 + 8.0 us, o 6.2 + 4.5 us at 64 tokens over 16 adapters).
+DENSE_ROWS_MAX_TOKENS = 64
+DENSE_ROWS_TILES = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3}
+DENSE_PATHS = ("auto", "rows", "split")
+
+
+def dense_path(num_tokens: int, num_projections: int) -> str:
+    """Which path adds a dense group's LoRA delta at this size (see DENSE_PATHS)."""
+    ok = num_tokens <= DENSE_ROWS_MAX_TOKENS and num_projections <= MAX_GROUP_ROWS_PROJECTIONS
+    return "rows" if ok else "split"
+
+
+def dense_row_parts(num_tokens: int, num_projections: int) -> int:
+    """Column parts of the widest projection: ~ROWS_PROGRAMS programs a launch, at most 8."""
+    return max(1, min(8, ROWS_PROGRAMS // max(1, num_tokens * num_projections)))
+
+
+def dense_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
+                        layout: VirtualLayout | None = None, path: str = "auto") -> Tensor:
+    """Triton twin of lora_group_ref_ by row or by (slot) block (path: DENSE_PATHS; "auto":
+    dense_path). layout: the step's dense_layout, used by the split path (computed when None)."""
+    expect(path in DENSE_PATHS, f"path must be one of {DENSE_PATHS}, got {path!r}")
+    num_tokens = x.shape[0]
+    if num_tokens == 0:
+        return out
+    path = dense_path(num_tokens, lora.num_projections) if path == "auto" else path
+    if path == "rows":
+        return lora_group_rows_(x, out, lora, slot_ids, parts=dense_row_parts(num_tokens, lora.num_projections),
+                                **DENSE_ROWS_TILES)
+    layout = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)
+    expect(layout.num_rows == num_tokens and layout.block_size == LORA_BLOCK_M,
+           f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {num_tokens} rows")
+    return lora_group_triton_(x, out, lora, layout)
 
 
 def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout) -> Tensor:

@@ -34,13 +34,20 @@ def case_names() -> list[str]:
     # hidden a column slice of a wider tensor, int64 routing ids (as torch.topk returns them)
     names += ["moe-fp32-t5e6k2-zipf-strided"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
-    names += ["dense-fp32-identical-nanpad"]
-    # q/k/v as one group: sections a 16-column tile divides (one shrink + one expand, split over
-    # 300 input features), and sections it does not (one projection at a time)
-    names += ["group-fp32-uniform-s32x16x16", "group-fp16-zipf-s32x16x16-nanpad", "group-fp32-distinct-s36x20x12"]
+    names += ["dense-fp32-identical-nanpad", "dense-fp16-zipf-split"]
+    # q/k/v as one group. These sizes take the row path by default (a program per token,
+    # projection and column part: sections of any width); "split" asks for the path of larger
+    # batches: sections a 16-column tile divides (one shrink + one expand, split over 300 input
+    # features), and sections it does not (one projection at a time)
+    names += ["group-fp32-uniform-s32x16x16", "group-fp16-zipf-s32x16x16-nanpad", "group-fp32-distinct-s36x20x12",
+              "group-fp32-uniform-s32x16x16-split", "group-fp16-zipf-s32x16x16-nanpad-split",
+              "group-fp32-distinct-s36x20x12-split"]
+    # the row launch with 16-wide column tiles cut in 3 parts and 32-deep K tiles: parts that
+    # straddle no section, parts past a narrow section's end, several K tiles
+    names += ["group-fp16-zipf-s36x20x12-nanpad-tiles", "group-fp32-uniform-s32x16x16-in300-tiles"]
     # 2304 input features in whole 128-wide K tiles: 6 slices where 8 were asked (unwritten
     # partial-sum slices must never be read)
-    names += ["group-fp32-zipf-s32x16x16-in2304"]
+    names += ["group-fp32-zipf-s32x16x16-in2304-split"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -101,9 +108,15 @@ def run_dense(name: str) -> dict:
     want = dense_loop_ref(x, out, lora, slots)
     before = out.clone()
     import kernels
-    kernels.lora_linear_(x, out, lora, slots)
+    from kernels.moe_launch import dense_group_triton_, dense_layout
     shared = before.clone()  # a layout computed once per step, as the attention projections share it
-    kernels.lora_linear_(x, shared, lora, slots, kernels.dense_lora_layout(slots, 4))
+    if "split" in p["rest"]:
+        group = kernels.DenseLoRAGroup.of(lora)
+        dense_group_triton_(x, out, group, slots, path="split")
+        dense_group_triton_(x, shared, group, slots, dense_layout(slots, 4), path="split")
+    else:
+        kernels.lora_linear_(x, out, lora, slots)
+        kernels.lora_linear_(x, shared, lora, slots, kernels.dense_lora_layout(slots, 4))
     none = slots < 0
     return {"err": rel_err(out, want), "base_err": 0.0, "same_with_layout": bool(torch.equal(shared, out)),
             "delta_err": rel_err(out.double() - before.double(), want - before.double()),
@@ -139,9 +152,16 @@ def run_group(name: str) -> dict:
     def poisoned(*args, **kw):  # float scratch starts NaN: a read of an unwritten part shows
         t = empty(*args, **kw)
         return t.fill_(float("nan")) if t.is_floating_point() else t
+    from kernels.lora_rows import lora_group_rows_
+    from kernels.moe_launch import dense_group_triton_
     torch.empty = poisoned
     try:
-        kernels.lora_group_linear_(x, out, group, slots)
+        if "tiles" in p["rest"]:
+            lora_group_rows_(x, out, group, slots, parts=3, block_n=16, block_k=32)
+        elif "split" in p["rest"]:
+            dense_group_triton_(x, out, group, slots, path="split")
+        else:
+            kernels.lora_group_linear_(x, out, group, slots)
     finally:
         torch.empty = empty
     none = slots < 0

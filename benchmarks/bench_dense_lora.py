@@ -1,0 +1,155 @@
+"""Dense LoRA of an attention layer (q/k/v as one group, then o) on the GPU: the row path
+against the split path, next to the base GEMMs and the adapters' bytes floor.
+
+At decode the dense LoRA is latency-bound: a few us of bytes in two to four dependent launches.
+Per preset and token count M (n adapters of rank 16 on q/k/v/o, each token on a uniformly drawn
+adapter, about 1 in 5 on none), it times CUDA-graph replays (median) of
+  - the base GEMMs x @ W_qkv.T and attn @ W_o.T (cuBLAS, as the engine runs them);
+  - the LoRA of q/k/v + o through each path: "rows" (one launch a group, no alignment) and
+    "split" (one alignment a step, shared by every group, plus a shrink and an expand a group);
+    the split column counts the alignment once, as a layer of a step of one layer would;
+and prints the LoRA's time against the bytes floor (A and B of the adapters present / the copy
+rate measured in the run) and against the base GEMMs. `--sweep` times the row path's tile
+configs instead. Writes JSON with provenance.
+
+    python benchmarks/bench_dense_lora.py [--presets qwen3-30b-a3b] [--tokens 1 8 64] [--out f.json]
+"""
+import argparse
+import itertools
+import sys
+
+import torch
+
+from kernels import DenseLoRAGroup
+from kernels.lora_rows import lora_group_rows_
+from kernels.moe_launch import DENSE_ROWS_TILES, dense_group_triton_, dense_layout, dense_row_parts
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
+    from bench_moe_lora import copy_bandwidth, time_graph
+    from provenance import provenance, write_results
+except ImportError:
+    from benchmarks.bench_moe_lora import copy_bandwidth, time_graph
+    from benchmarks.provenance import provenance, write_results
+
+PRESETS = {  # hidden, q heads, kv heads, head dim
+    "qwen3-30b-a3b": (2048, 32, 4, 128),
+    "olmoe": (2048, 16, 16, 128),
+    "mixtral": (4096, 32, 8, 128),
+}
+TOKENS = [1, 8, 32, 64, 128, 256]
+RANK = 16
+DTYPE = torch.bfloat16
+
+
+def make_attention(preset: str, n: int, gen: torch.Generator) -> dict:
+    """Base weights and n rank-16 adapters' q/k/v group and o pool, as engine/lora/slots.py lays them out."""
+    hidden, heads, kv, hd = PRESETS[preset]
+    sections = (heads * hd, kv * hd, kv * hd)
+    rnd = lambda *shape, std: (torch.randn(*shape, generator=gen, device="cuda") * std).to(DTYPE)  # noqa: E731
+    ranks = torch.full((3, n), RANK, dtype=torch.int32, device="cuda")
+    qkv = DenseLoRAGroup(rnd(n, 3 * RANK, hidden, std=hidden ** -0.5), rnd(n, sum(sections), RANK, std=0.05),
+                         ranks, sections)
+    o = DenseLoRAGroup(rnd(n, RANK, heads * hd, std=(heads * hd) ** -0.5), rnd(n, hidden, RANK, std=0.05),
+                       ranks[:1].clone(), (hidden,))
+    return {"hidden": hidden, "o_in": heads * hd, "qkv": qkv, "o": o,
+            "w_qkv": rnd(sum(sections), hidden, std=hidden ** -0.5), "w_o": rnd(hidden, heads * hd, std=0.02)}
+
+
+def floor_us(layer: dict, slots: torch.Tensor, bw: float) -> float:
+    """Bytes of A and B of the adapters the tokens use, over the copy rate, in us."""
+    present = int(torch.unique(slots[slots >= 0]).numel())
+    per_adapter = sum(g.a[0].numel() + g.b[0].numel() for g in (layer["qkv"], layer["o"]))
+    return present * per_adapter * 2 / bw * 1e6
+
+
+def run_config(preset: str, layer: dict, m: int, n: int, bw: float, gen: torch.Generator) -> dict:
+    x = torch.randn(m, layer["hidden"], generator=gen, device="cuda").to(DTYPE)
+    attn = torch.randn(m, layer["o_in"], generator=gen, device="cuda").to(DTYPE)
+    draw = torch.randint(0, n, (m,), generator=gen, device="cuda", dtype=torch.int32)
+    none = torch.rand(m, generator=gen, device="cuda") < 0.2
+    slots = torch.where(none, -1, draw).to(torch.int32)
+    qkv_out = x @ layer["w_qkv"].T
+    o_out = attn @ layer["w_o"].T
+    layout = dense_layout(slots, n)
+
+    def lora(path: str, out_qkv: torch.Tensor, out_o: torch.Tensor, lay=None):
+        dense_group_triton_(x, out_qkv, layer["qkv"], slots, lay, path=path)
+        dense_group_triton_(attn, out_o, layer["o"], slots, lay, path=path)
+
+    results = {}
+    outs = {}
+    for path in ("rows", "split"):
+        oq, oo = qkv_out.clone(), o_out.clone()
+        lora(path, oq, oo, layout if path == "split" else None)
+        outs[path] = (oq, oo)
+        results[f"{path}_us"] = 1e3 * time_graph(lambda p=path: lora(p, qkv_out, o_out, layout if p == "split" else None))
+    results["split_layout_us"] = 1e3 * time_graph(lambda: dense_layout(slots, n))
+    results["split_us"] += results["split_layout_us"]
+    diff = max(float((outs["rows"][i].float() - outs["split"][i].float()).abs().max()) for i in range(2))
+    scale = max(float(outs["split"][i].float().abs().max()) for i in range(2))
+    results["rows_vs_split_max_abs"] = diff / max(scale, 1e-30)
+    results["base_gemms_us"] = 1e3 * time_graph(lambda: (torch.matmul(x, layer["w_qkv"].T, out=qkv_out),
+                                                        torch.matmul(attn, layer["w_o"].T, out=o_out)))
+    results["floor_us"] = floor_us(layer, slots, bw)
+    return {"preset": preset, "m": m, "n": n, "parts": dense_row_parts(m, 3), **results}
+
+
+def sweep(layer: dict, n: int, tokens: list[int], gen: torch.Generator) -> list[dict]:
+    """The row path's tile configs, q/k/v group and o apart, at each token count."""
+    rows = []
+    for m in tokens:
+        x = torch.randn(m, layer["hidden"], generator=gen, device="cuda").to(DTYPE)
+        attn = torch.randn(m, layer["o_in"], generator=gen, device="cuda").to(DTYPE)
+        slots = torch.randint(0, n, (m,), generator=gen, device="cuda", dtype=torch.int32)
+        out_qkv = torch.zeros(m, sum(layer["qkv"].sections), device="cuda", dtype=DTYPE)
+        out_o = torch.zeros(m, layer["hidden"], device="cuda", dtype=DTYPE)
+        for bk, bn, parts, warps in itertools.product((128, 256, 512), (64, 128, 256), (1, 2, 4, 8), (2, 4, 8)):
+            cfg = {"block_k": bk, "block_n": bn, "parts": parts, "num_warps": warps, "num_stages": 3}
+            row = {"m": m, **cfg}
+            for name, inp, out in (("qkv", x, out_qkv), ("o", attn, out_o)):
+                row[f"{name}_us"] = 1e3 * time_graph(
+                    lambda g=layer[name], a=inp, c=out: lora_group_rows_(a, c, g, slots, **cfg), samples=7)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'preset':<15}{'M':>6}{'n':>4} {'base GEMMs':>10} {'rows':>8} {'split':>8} {'floor':>7} "
+          f"{'rows/floor':>10} {'split/rows':>10}  (us; split includes its alignment)")
+    for r in rows:
+        print(f"{r['preset']:<15}{r['m']:>6}{r['n']:>4} {r['base_gemms_us']:>10.1f} {r['rows_us']:>8.1f} "
+              f"{r['split_us']:>8.1f} {r['floor_us']:>7.2f} {r['rows_us'] / r['floor_us']:>10.1f} "
+              f"{r['split_us'] / r['rows_us']:>10.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="*", default=list(PRESETS))
+    ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--sweep", action="store_true", help="time the row path's tile configs (first preset), exit")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    record = {"provenance": provenance(sys.argv), "rank": RANK, "adapters": args.adapters,
+              "row_tiles": DENSE_ROWS_TILES}
+    if args.sweep:
+        layer = make_attention(args.presets[0], args.adapters, gen)
+        record["sweep"] = sweep(layer, args.adapters, args.tokens, gen)
+        write_results(record, args.out, "dense_lora_sweep")
+        return
+    record["copy_bw_Bps"] = bw = copy_bandwidth()
+    rows = []
+    for preset in args.presets:
+        layer = make_attention(preset, args.adapters, gen)
+        for m in args.tokens:
+            rows.append(run_config(preset, layer, m, args.adapters, bw, gen))
+            print(rows[-1], flush=True)
+    record["configs"] = rows
+    write_results(record, args.out, "dense_lora")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
