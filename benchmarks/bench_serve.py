@@ -332,7 +332,9 @@ def _run(opts, workdir: Path, extra: dict, argv) -> int:
     runs: dict[str, Run] = {k: v for k, v in {**served, **direct}.items() if isinstance(v, Run)}
     results = {"provenance": provenance(list(argv)),
                "config": {**vars(opts), "store": args.store_uri(),
-                          "model_layers": config.get("num_hidden_layers")},
+                          "model_layers": config.get("num_hidden_layers"),
+                          # what run_served's Ray instance started with (set_ray_env_defaults)
+                          "ray_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}},
                "serve_startup_s": served["startup_s"], "warmup_s": served["warmup_s"],
                "adapters": {**served["adapters"], "bytes_each": each},
                **{name: run.summary() for name, run in runs.items()},

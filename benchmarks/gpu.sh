@@ -32,8 +32,8 @@
 #              arrivals at 0.8x the no-adapter capacity, with and without adapters (WORKLOAD_ARGS,
 #              e.g. "--requests 1000" where 2000 do not fit one call)
 #   floods     bench_floods.py on this host's CPUs (no GPU used): one tenant's floods against the
-#              app, another tenant's latency and the front processes' memory, Serve's default
-#              proxy then its HAProxy mode
+#              app, another tenant's latency and the front processes' memory, Serve's Python
+#              proxy then its HAProxy mode (the app's default where the binary is installed)
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
 # ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS,
 # FLOODS_SECONDS (each of the two runs), DENSE_SECONDS.
@@ -124,7 +124,8 @@ part_workload() {
 }
 
 part_floods() {
-  bench bench_floods "${FLOODS_SECONDS:-280}" benchmarks/bench_floods.py --out "$out/bench_floods.json"
+  RAY_SERVE_ENABLE_HA_PROXY=0 bench bench_floods "${FLOODS_SECONDS:-280}" benchmarks/bench_floods.py \
+    --out "$out/bench_floods.json"
   RAY_SERVE_ENABLE_HA_PROXY=1 bench bench_floods_haproxy "${FLOODS_SECONDS:-280}" \
     benchmarks/bench_floods.py --out "$out/bench_floods_haproxy.json"
   grep -A9 "victim unloaded" "$out/bench_floods.log" "$out/bench_floods_haproxy.log" | cut -c1-300

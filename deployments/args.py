@@ -113,9 +113,10 @@ class AppArgs(BaseModel):
                                            "(device=auto)")
     replica_resources: dict[str, float] | None = Field(default=None, description="custom Ray "
                                                        "resources per engine replica, as JSON")
-    ingress_replicas: int | None = Field(default=None, ge=1, description="default: 2 per engine "
-                                         "replica (per min_replicas when autoscaled); each "
-                                         "streams its requests' tokens, a per-message cost")
+    ingress_replicas: int | None = Field(default=None, ge=1, description="default: 4 per engine "
+                                         "replica on a GPU, 2 on CPU (per min_replicas when "
+                                         "autoscaled); each streams its requests' tokens, a "
+                                         "per-message cost")
     ingress_num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for each "
                                     "ingress replica (two of them and an engine replica fit a "
                                     "2-core machine)")
@@ -246,13 +247,18 @@ class AppArgs(BaseModel):
             return int(self.autoscaling_config.get("max_replicas") or self.autoscaling_config.get("min_replicas") or 1)
         return self.num_replicas or 1
 
-    def num_ingress_replicas(self) -> int:
+    def num_ingress_replicas(self, on_gpu: bool = False) -> int:
+        """ingress_replicas, or its default for engine replicas on a GPU (on_gpu) or on CPU.
+
+        A GPU engine streams ~10x the tokens of a CPU one: at 64 streams on an H200, 4 ingress
+        replicas served 1.03x of the engine alone's tok/s and 2 served 0.95x (HAProxy mode;
+        benchmarks/RESULTS.md); 2 and a CPU engine fit a 2-core machine."""
         if self.ingress_replicas is not None:
             return self.ingress_replicas
         # an autoscaled app starts with min_replicas engines: its ingress replicas (a CPU each)
         # stay fixed, so they are sized for that, not for a peak that may never come
         engines = (self.autoscaling_config or {}).get("min_replicas") or self.num_replicas or 1
-        return 2 * int(engines)
+        return (4 if on_gpu else 2) * int(engines)
 
     def ingress_options(self) -> dict:
         """Keyword arguments for `Ingress.options(...)`."""

@@ -72,7 +72,8 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
     Semantics:
         out[t, off_h:off_h + N_h] += (x[t] @ a_h[s].T) @ b_h[s].T for each projection h, with
         s = slot_ids[t]; rows with s = -1 untouched. On Triton, for the whole group: one launch
-        by token at decode sizes, else one shrink and one expand launch over rows by slot.
+        by token for a few tokens (moe_launch.DENSE_ROWS_MAX_TOKENS), else one shrink and one
+        expand launch over rows by slot.
     Args:
         x: [T, IN] fp32/fp16/bf16; out: [T, N], N = sum(lora.sections), same dtype.
         lora: DenseLoRAGroup (a [S, H*R, IN], b [S, N, R], ranks [H, S] int32).
@@ -93,7 +94,7 @@ def _group_triton(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
     """The rows-by-slot layout lora_linear_ takes; None where nothing would read it (off the
-    Triton path, or at decode sizes, where dense LoRA runs by row without a layout)."""
+    Triton path, or for a few tokens, where dense LoRA runs by row without a layout)."""
     if not use_triton(slot_ids):
         return None
     from kernels.moe_launch import DENSE_ROWS_MAX_TOKENS, dense_layout

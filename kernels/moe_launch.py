@@ -253,12 +253,14 @@ def group_k_splits(num_in: int) -> int:
     return max(1, min(8, triton.cdiv(num_in, 2 * SHRINK["block_k"])))
 
 
-# Dense LoRA (q/k/v as one group, o) at decode size: a program per (token, projection, column
+# Dense LoRA (q/k/v as one group, o) at small batches: a program per (token, projection, column
 # part) that shrinks and expands in one launch (kernels/lora_rows.py), up to DENSE_ROWS_MAX_TOKENS
-# tokens; the split path (alignment by slot, a shrink split over K into fp32 partial sums, an
-# expand) above. At decode the split path is four dependent launches a layer for ~2 us of bytes
-# (H200, e1426a3: q/k/v 5.3 + 8.0 us, o 6.2 + 4.5 us at 64 tokens over 16 adapters).
-DENSE_ROWS_MAX_TOKENS = 64
+# tokens; the split path (alignment by slot, once a step; a shrink split over K into fp32 partial
+# sums; an expand) above. H200, qwen3 q/k/v + o, 16 adapters (bench_dense_lora.py, RESULTS.md):
+# rows 16.5 / 18.2 / 22.7 / 26.9 us at M = 1 / 8 / 32 / 64 against the split path's 17.7 / 18.1 /
+# 21.0 / 21.1 us plus its alignment (3.6-4.2 us a step): each row program walks all of K before
+# its expand, so where the split path spreads K over programs the row path loses from M = 32 on.
+DENSE_ROWS_MAX_TOKENS = 8
 DENSE_ROWS_TILES = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3}
 DENSE_PATHS = ("auto", "rows", "split")
 

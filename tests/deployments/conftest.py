@@ -4,6 +4,7 @@
 on loopback (moto), a key file with three tenants. `oracle`: the engine called directly.
 """
 import json
+import os
 
 import pytest
 
@@ -44,6 +45,9 @@ def service(tmp_path_factory, tiny_checkpoint, s3_url):
     aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
     metrics_port = free_port()
+    # Serve's Python proxy: HAProxy mode (the default where its binary is installed) binds every
+    # interface and fixed stats ports, and tests bind loopback on ports the OS picks
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     set_ray_env_defaults()  # the proxy's transport, as `serve run` starts Ray
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": aws},
              _temp_dir=str(workdir / "ray"), _metrics_export_port=metrics_port)

@@ -33,3 +33,16 @@ def test_cluster_yaml_validates_against_the_launcher_schema():
     assert all("IamInstanceProfile" in t["node_config"]
                for t in config["available_node_types"].values())
     assert any("pip install" in c and "moeplex" in c for c in config["setup_commands"])
+
+
+def test_cluster_nodes_start_ray_with_the_environment_serve_run_gets():
+    from deployments.app import HAPROXY_ENV_DEFAULTS, RAY_ENV_DEFAULTS
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in config[key] if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        assignments = dict(word.split("=", 1) for word in command.split("ray start")[0].split()
+                           if "=" in word and word.split("=", 1)[0].isupper())
+        assert assignments == {**RAY_ENV_DEFAULTS, **HAPROXY_ENV_DEFAULTS}

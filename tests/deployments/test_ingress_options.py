@@ -51,3 +51,29 @@ def test_before_serve_run_starts_ray_the_shared_switch_goes_into_the_environment
     assert all("runtime_env" not in o["ray_actor_options"] for o in options)
     import os
     assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+
+
+def test_engines_on_a_gpu_get_four_ingress_replicas_each():
+    assert AppArgs().num_ingress_replicas(on_gpu=True) == 4
+    assert AppArgs(num_replicas=2).num_ingress_replicas(on_gpu=True) == 8
+    assert AppArgs(autoscaling_config={"min_replicas": 3, "max_replicas": 6}).num_ingress_replicas(on_gpu=True) == 12
+    assert AppArgs(ingress_replicas=1).num_ingress_replicas(on_gpu=True) == 1
+
+
+def _built_ingress(monkeypatch, cluster_gpus: float, **args):
+    """(replica count, the AppArgs the ingress replicas get) of build_app on a cluster with
+    `cluster_gpus` GPUs, without touching this process's environment."""
+    from deployments import app
+
+    monkeypatch.setattr(app, "cluster_gpus", lambda: cluster_gpus)
+    monkeypatch.setattr(app, "set_ray_env_defaults", lambda: None)
+    ingress = app.build_app(AppArgs(**args))._bound_deployment
+    return ingress._deployment_config.num_replicas, ingress.init_args[1]
+
+
+def test_build_app_sizes_the_ingress_by_where_the_engines_run_and_tells_the_ingress(monkeypatch):
+    # the ingress replicas split each tenant's concurrency limit by the count they are told
+    assert _built_ingress(monkeypatch, 1.0)[0] == 4 and _built_ingress(monkeypatch, 1.0)[1].num_ingress_replicas() == 4
+    assert _built_ingress(monkeypatch, 0.0)[0] == 2 and _built_ingress(monkeypatch, 0.0)[1].num_ingress_replicas() == 2
+    assert _built_ingress(monkeypatch, 8.0, device="cpu")[0] == 2
+    assert _built_ingress(monkeypatch, 8.0, ingress_replicas=3)[0] == 3

@@ -34,20 +34,20 @@ def case_names() -> list[str]:
     # hidden a column slice of a wider tensor, int64 routing ids (as torch.topk returns them)
     names += ["moe-fp32-t5e6k2-zipf-strided"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
-    names += ["dense-fp32-identical-nanpad", "dense-fp16-zipf-split"]
-    # q/k/v as one group. These sizes take the row path by default (a program per token,
-    # projection and column part: sections of any width); "split" asks for the path of larger
-    # batches: sections a 16-column tile divides (one shrink + one expand, split over 300 input
-    # features), and sections it does not (one projection at a time)
-    names += ["group-fp32-uniform-s32x16x16", "group-fp16-zipf-s32x16x16-nanpad", "group-fp32-distinct-s36x20x12",
-              "group-fp32-uniform-s32x16x16-split", "group-fp16-zipf-s32x16x16-nanpad-split",
-              "group-fp32-distinct-s36x20x12-split"]
+    # 6 tokens ("t6") take the row path by default, 19-21 the split path; "rows" asks for the row path
+    names += ["dense-fp32-identical-nanpad", "dense-fp16-uniform-t6", "dense-fp32-zipf-rows"]
+    # q/k/v as one group. By row: a program per token, projection and column part, sections of
+    # any width. By the split path: sections a 16-column tile divides (one shrink + one expand,
+    # split over 300 input features), and sections it does not (one projection at a time)
+    names += ["group-fp32-uniform-s32x16x16-rows", "group-fp16-zipf-s32x16x16-nanpad-rows",
+              "group-fp32-distinct-s36x20x12-rows", "group-fp16-zipf-s36x20x12-nanpad-t6",
+              "group-fp32-uniform-s32x16x16", "group-fp16-zipf-s32x16x16-nanpad", "group-fp32-distinct-s36x20x12"]
     # the row launch with 16-wide column tiles cut in 3 parts and 32-deep K tiles: parts that
     # straddle no section, parts past a narrow section's end, several K tiles
     names += ["group-fp16-zipf-s36x20x12-nanpad-tiles", "group-fp32-uniform-s32x16x16-in300-tiles"]
     # 2304 input features in whole 128-wide K tiles: 6 slices where 8 were asked (unwritten
     # partial-sum slices must never be read)
-    names += ["group-fp32-zipf-s32x16x16-in2304-split"]
+    names += ["group-fp32-zipf-s32x16x16-in2304"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -99,7 +99,7 @@ def run_dense(name: str) -> dict:
     dtype = DTYPES[p["dtype"]]
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
     pad = float("nan") if "nanpad" in p["rest"] else 0.0
-    t, n_in, n_out = 21, 40, 36
+    t, n_in, n_out = 6 if "t6" in p["rest"] else 21, 40, 36
     x = torch.randn(t, n_in, generator=gen).to(dtype)
     out = torch.randn(t, n_out, generator=gen).to(dtype)
     lora = make_dense_lora(gen, 4, n_in, n_out, RANKS, dtype, pad=pad)
@@ -110,10 +110,10 @@ def run_dense(name: str) -> dict:
     import kernels
     from kernels.moe_launch import dense_group_triton_, dense_layout
     shared = before.clone()  # a layout computed once per step, as the attention projections share it
-    if "split" in p["rest"]:
+    if "rows" in p["rest"]:
         group = kernels.DenseLoRAGroup.of(lora)
-        dense_group_triton_(x, out, group, slots, path="split")
-        dense_group_triton_(x, shared, group, slots, dense_layout(slots, 4), path="split")
+        dense_group_triton_(x, out, group, slots, path="rows")
+        dense_group_triton_(x, shared, group, slots, dense_layout(slots, 4), path="rows")
     else:
         kernels.lora_linear_(x, out, lora, slots)
         kernels.lora_linear_(x, shared, lora, slots, kernels.dense_lora_layout(slots, 4))
@@ -132,7 +132,8 @@ def run_group(name: str) -> dict:
     sections = tuple(int(n) for n in p["rest"][0][1:].split("x"))
     pad = float("nan") if "nanpad" in p["rest"] else 0.0
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
-    t, n_in = 19, next((int(w[2:]) for w in p["rest"] if w.startswith("in")), 300)
+    t = 6 if "t6" in p["rest"] else 19
+    n_in = next((int(w[2:]) for w in p["rest"] if w.startswith("in")), 300)
     # per projection and slot ranks, one projection left alone (rank 0) by slot 3
     ranks = [[1, 8, 16, 4], [8, 16, 1, 0], [16, 4, 8, 2]]
     parts = [make_dense_lora(gen, 4, n_in, n, ranks[h], dtype, pad=pad) for h, n in enumerate(sections)]
@@ -158,8 +159,8 @@ def run_group(name: str) -> dict:
     try:
         if "tiles" in p["rest"]:
             lora_group_rows_(x, out, group, slots, parts=3, block_n=16, block_k=32)
-        elif "split" in p["rest"]:
-            dense_group_triton_(x, out, group, slots, path="split")
+        elif "rows" in p["rest"]:
+            dense_group_triton_(x, out, group, slots, path="rows")
         else:
             kernels.lora_group_linear_(x, out, group, slots)
     finally:
