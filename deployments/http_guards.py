@@ -8,11 +8,15 @@ replica still receive the whole body before the app sees it: a cap on bytes in f
 at the load balancer.) Uploads have their own, larger limit (deployments/uploads.py) and are
 left to it.
 
-`map_large_allocations` keeps what big bodies cost the ingress from staying with it after.
+`map_large_allocations` keeps what big bodies cost the ingress from staying with it after;
+`bound_direct_ingress_receive` keeps a body that arrives faster than the ingress reads it from
+piling up there in Serve's HAProxy mode.
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import os
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
@@ -52,6 +56,46 @@ def map_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+# Body messages a request may have received ahead of the app: uvicorn hands over at most one
+# socket read (64-256 KiB) a message, so a few MB a request.
+RECEIVE_AHEAD_MESSAGES = 16
+
+
+def bound_direct_ingress_receive(maxsize: int = RECEIVE_AHEAD_MESSAGES) -> bool:
+    """Bound the queue through which Serve's HAProxy mode feeds a request's ASGI messages to
+    this replica's app; True if applied.
+
+    Serve (2.60) reads every message of a request from its HTTP server into an unbounded
+    asyncio.Queue as fast as the client sends it, to see a disconnect while the app runs, so
+    uvicorn's flow control never pauses the socket: three 700 MiB chunked uploads put +1.1 GB
+    into the ingress at the peak (benchmarks/RESULTS.md, "Floods"). With the queue bounded, its
+    reader waits for the app, uvicorn pauses reading past its high-water mark and TCP slows
+    the client. A disconnect is still seen once the app has read the body (it reads them all,
+    or answers, or its limit answers 413, which ends the request and its reader).
+
+    Applied only where the app runs on Serve's own event loop (the ingress's default,
+    RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0), where the reader awaits `queue.put`;
+    across two loops Serve hands messages over with put_nowait, which a full queue would refuse.
+    """
+    if os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1") != "0":
+        return False
+    try:
+        from ray.serve._private.direct_ingress_http_util import ASGIDIReceiveProxy
+    except ImportError:
+        return False
+    if not isinstance(getattr(ASGIDIReceiveProxy, "queue", None), property) or "_queue" not in (
+            ASGIDIReceiveProxy.__init__.__code__.co_names):
+        return False  # not the class this was written against: leave Serve as it is
+
+    def bounded_queue(self) -> asyncio.Queue:
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=maxsize)
+        return self._queue
+
+    ASGIDIReceiveProxy.queue = property(bounded_queue)
+    return True
 
 
 class BodyTooLarge(HTTPException):

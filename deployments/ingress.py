@@ -28,7 +28,8 @@ from deployments.errors import (APIError, AuthenticationError, BadRequestError, 
                                 PermissionDeniedError,
                                 ServiceUnavailableError, request_validation_error, to_api_error)
 from deployments.http_guards import (BodyLimitMiddleware, BodyTooLarge, DocsSwitch,
-                                     default_max_body_bytes, map_large_allocations)
+                                     bound_direct_ingress_receive, default_max_body_bytes,
+                                     map_large_allocations)
 from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
 from deployments.replica_stream import collect, first_item, lost_replica
@@ -122,6 +123,7 @@ class Ingress:
         self._args = args
         if _in_ray_actor():  # not in a test that builds the ingress in its own process
             map_large_allocations()  # request bodies' memory goes back once they are read
+            bound_direct_ingress_receive()  # and a body waits for the app (HAProxy mode)
         self._auth = TenantAuth.from_file(args.api_keys)
         self._limiter = TenantLimiter(args.max_concurrent_requests_per_tenant,
                                       self._auth.max_concurrent, args.num_ingress_replicas())

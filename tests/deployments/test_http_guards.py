@@ -1,4 +1,5 @@
 """Request bodies over the cap get a 413 in OpenAI's error JSON before any route parses them."""
+import asyncio
 import ctypes
 import json
 import subprocess
@@ -146,3 +147,62 @@ def test_freed_body_chunks_leave_the_process_only_with_large_allocations_mapped(
         pytest.skip("the C library is not glibc")
     assert retained_mb("mapped") < 30
     assert retained_mb("default") > 150
+
+
+def _feed_through_serves_receive_proxy(chunks: int, chunk_bytes: int) -> dict:
+    """A body of `chunks` messages fed as fast as they come through Serve's own direct-ingress
+    receive proxy, to an app that reads one message per loop turn: the most messages waiting in
+    its queue, and whether the app got every byte, in order, then the disconnect."""
+    from ray.serve._private.direct_ingress_http_util import ASGIDIReceiveProxy
+
+    async def run() -> dict:
+        sent = 0
+
+        async def receive():  # the HTTP server's side: every message at once, then a disconnect
+            nonlocal sent
+            await asyncio.sleep(0)
+            if sent == chunks:
+                return {"type": "http.disconnect"}
+            sent += 1
+            return {"type": "http.request", "body": bytes([sent % 256]) * chunk_bytes, "more_body": sent < chunks}
+
+        proxy = ASGIDIReceiveProxy({"type": "http"}, receive, asyncio.get_running_loop())
+        task = proxy.fetch_until_disconnect_task()
+        most, got = 0, []
+        while True:
+            for _ in range(3):  # the app works between its reads
+                await asyncio.sleep(0)
+            most = max(most, proxy.queue.qsize())
+            message = await proxy()
+            if message["type"] == "http.disconnect":
+                break
+            got.append(message["body"][0])
+        await task
+        return {"most_waiting": most, "in_order": got == [i % 256 for i in range(1, chunks + 1)]}
+
+    return asyncio.run(run())
+
+
+def test_serves_direct_ingress_queue_holds_a_fast_body_only_once_bounded(monkeypatch):
+    from ray.serve._private.direct_ingress_http_util import ASGIDIReceiveProxy
+
+    from deployments.http_guards import bound_direct_ingress_receive
+
+    unbounded = _feed_through_serves_receive_proxy(chunks=200, chunk_bytes=1024)
+    assert unbounded["in_order"] and unbounded["most_waiting"] > 100  # Serve alone: the body piles up
+    monkeypatch.setattr(ASGIDIReceiveProxy, "queue", ASGIDIReceiveProxy.queue)  # restored after the test
+    monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+    assert bound_direct_ingress_receive(maxsize=4)
+    bounded = _feed_through_serves_receive_proxy(chunks=200, chunk_bytes=1024)
+    assert bounded["in_order"] and bounded["most_waiting"] <= 4
+
+
+def test_the_receive_bound_is_left_off_where_serve_hands_messages_across_loops(monkeypatch):
+    from ray.serve._private.direct_ingress_http_util import ASGIDIReceiveProxy
+
+    from deployments.http_guards import bound_direct_ingress_receive
+
+    monkeypatch.setattr(ASGIDIReceiveProxy, "queue", ASGIDIReceiveProxy.queue)
+    monkeypatch.delenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", raising=False)
+    assert not bound_direct_ingress_receive()
+    assert _feed_through_serves_receive_proxy(chunks=50, chunk_bytes=16)["most_waiting"] > 25
