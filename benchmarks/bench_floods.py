@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "at least (more while the flood lasts)")
     parser.add_argument("--settle-s", type=float, default=10.0)
     parser.add_argument("--slot-hog-s", type=float, default=20.0)
+    parser.add_argument("--device", default="cpu", help="the engine replica's device: on cuda a step "
+                        "costs about the same at any batch, so the victim's latency shows the "
+                        "scheduler and the front, not CPU compute shared with the flood")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -285,8 +288,9 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
     return {"flood": flood, "victim": victim, "memory": memory}
 
 
-def setup_service(workdir: Path):
-    """Ray + Serve on loopback with the app; returns (url, victim adapter dir)."""
+def setup_service(workdir: Path, device: str = "cpu"):
+    """Ray + Serve on loopback with the app (the engine replica on `device`); returns (url,
+    victim adapter dir)."""
     import httpx
     import ray
     from ray import serve
@@ -309,7 +313,7 @@ def setup_service(workdir: Path):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(model=str(checkpoint), served_model_name=BASE, store=str(workdir / "store"),
                    api_keys=str(keys), cache_dir=str(workdir / "cache"), num_replicas=1,
-                   device="cpu", max_model_len=512, max_num_seqs=32, max_loras=4,
+                   device=device, max_model_len=512, max_num_seqs=32, max_loras=4,
                    max_adapter_bytes=UPLOAD_LIMIT, max_adapters_per_tenant=64)
     serve.run(build_app(args), name="moeplex", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -356,7 +360,7 @@ def main(argv=None) -> int:
         import ray
         from ray import serve
 
-        url, victim_adapter = setup_service(workdir)
+        url, victim_adapter = setup_service(workdir, opts.device)
         sampler = MemorySampler()
         sampler.start()
         with httpx.Client(timeout=300) as client:

@@ -31,16 +31,17 @@
 #   workload   bench_workload.py: 256 adapters of mixed ranks and targets, Zipf popularity, Poisson
 #              arrivals at 0.8x the no-adapter capacity, with and without adapters (WORKLOAD_ARGS,
 #              e.g. "--requests 1000" where 2000 do not fit one call)
-#   floods     bench_floods.py on this host's CPUs (no GPU used): one tenant's floods against the
+#   floods     bench_floods.py, the engine on this host's CPUs by default: one tenant's floods against the
 #              app, another tenant's latency and the front processes' memory, Serve's Python
-#              proxy then its HAProxy mode (the app's default where the binary is installed)
+#              proxy then its HAProxy mode (the app's default where the binary is installed);
+#              FLOODS_ARGS="--device cuda" puts the engine replica on the GPU
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
 # ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS,
 # FLOODS_SECONDS (each of the two runs), DENSE_SECONDS.
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,40p' "$0"; exit 2
+  sed -n '2,41p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -125,9 +126,9 @@ part_workload() {
 
 part_floods() {
   RAY_SERVE_ENABLE_HA_PROXY=0 bench bench_floods "${FLOODS_SECONDS:-280}" benchmarks/bench_floods.py \
-    --out "$out/bench_floods.json"
+    ${FLOODS_ARGS:-} --out "$out/bench_floods.json"
   RAY_SERVE_ENABLE_HA_PROXY=1 bench bench_floods_haproxy "${FLOODS_SECONDS:-280}" \
-    benchmarks/bench_floods.py --out "$out/bench_floods_haproxy.json"
+    benchmarks/bench_floods.py ${FLOODS_ARGS:-} --out "$out/bench_floods_haproxy.json"
   grep -A9 "victim unloaded" "$out/bench_floods.log" "$out/bench_floods_haproxy.log" | cut -c1-300
 }
 
