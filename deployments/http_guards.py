@@ -5,8 +5,8 @@ length can be checked, so an 8 MB prompt held a worker for seconds only to be re
 `BodyLimitMiddleware` answers 413 with OpenAI's error JSON as soon as the declared
 `content-length` or the bytes received pass the cap; no route parses it. (Behind Serve's Python
 proxy, the proxy and replica still receive the whole body before the app sees it: a cap on
-bytes in flight belongs at the load balancer there.) Uploads have their own, larger limit (deployments/uploads.py) and are
-left to it.
+bytes in flight belongs at the load balancer there.) Uploads have their own, larger limit
+(deployments/uploads.py) and are left to it.
 
 `map_large_allocations` keeps what big bodies cost the ingress from staying with it after;
 `bound_direct_ingress_receive` keeps a body that arrives faster than the ingress reads it from
