@@ -15,9 +15,9 @@ import time
 import torch
 
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
-from kernels.grouped_gemm import grouped_gemm
-from kernels.lora_rows import lora_rows_
-from kernels.moe_launch import LORA_BLOCK_M, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
+from kernels.moe.grouped_gemm import grouped_gemm
+from kernels.moe.lora_rows import lora_rows_
+from kernels.moe.launch import LORA_BLOCK_M, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from provenance import provenance
@@ -123,7 +123,7 @@ def rel(a, b):
 
 
 def path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths):
-    """virtual / base of each named LoRA path (kernels.moe_launch.LORA_PATHS) at this size."""
+    """virtual / base of each named LoRA path (kernels.moe.launch.LORA_PATHS) at this size."""
     m, inter = hidden.shape[0], w_down.shape[2]
     out = {}
     for path in paths:
@@ -289,7 +289,7 @@ ROWS_CONFIGS = [(bk, bn, w, st, p) for bk in (128, 256) for bn in (64, 128) for 
 
 
 def sweep_rows(gen, tokens=(1, 8, 64)):
-    """Times each projection of the row path (kernels/lora_rows.py) alone over tile configs
+    """Times each projection of the row path (kernels/moe/lora_rows.py) alone over tile configs
     (qwen3, n = 16) against its bytes floor (adapter bytes of the pairs touched)."""
     d, inter, e, k = PRESETS["qwen3-30b-a3b"]
     bw, r, rows = copy_bandwidth(), RANK, []

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_moe_lora import time_graph as time_graph_ms
-from kernels.router import launch_route_topk, route_topk_ref, route_topk_triton
+from kernels.moe.router import launch_route_topk, route_topk_ref, route_topk_triton
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from provenance import provenance

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.dispatch import use_triton
-from kernels.paged_attention import paged_decode_attention
-from kernels.prefill_attention import paged_prefill_attention
+from kernels.attention.paged_attention import paged_decode_attention
+from kernels.attention.prefill_attention import paged_prefill_attention
 
 
 @dataclass(slots=True)

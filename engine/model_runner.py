@@ -24,7 +24,7 @@ from engine.models.spec import ModelSpec
 from engine.sampler import Penalties, SamplingTensors, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from kernels.moe_launch import token_breakpoints
+from kernels.moe.launch import token_breakpoints
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30  # activations of the largest step and the graphs' pool (CUDA)
 STARTUP_PARTS = ("weights", "kv_and_slots", "prefill_graphs", "decode_graphs", "warmup")
@@ -363,7 +363,7 @@ class ModelRunner:
         of eager (prefill and mixed) steps compile at start-up instead of in a user's request.
 
         Covers a full prefill group (max_num_batched_tokens), a small odd-sized one, one on each
-        side of every size where a kernel launch choice changes (kernels.moe_launch
+        side of every size where a kernel launch choice changes (kernels.moe.launch
         .token_breakpoints), lone decodes at doubling contexts, and a mixed step (decodes + a
         prefill chunk), each without LoRA and with slot 0 alternating with no adapter.
         Every dummy sequence's blocks are the scratch block, so no owned KV block is written;

@@ -1,15 +1,14 @@
 """moeplex kernels: fused MoE and LoRA over virtual experts, Triton on CUDA, torch elsewhere.
 
-Each public op checks its arguments, then runs the Triton launcher when `use_triton` says so
-(a CUDA tensor, or MOEPLEX_TRITON=1 with TRITON_INTERPRET=1 in tests) and its `*_ref` twin
-in plain torch otherwise.
+Packages by role: `kernels.moe` (routing, alignment, the grouped GEMM of base, shrink and expand,
+the row path, the launchers, and the ops below) and `kernels.attention` (paged decode and prefill
+attention, fused norms and rotary). Shared here: argument checks, errors, the weight pools, the
+torch references and the Triton-or-torch switch. This module only re-exports.
 """
-from torch import Tensor
-
-from kernels.align import VirtualLayout, moe_align_virtual
-from kernels.checks import check_dense_args
 from kernels.dispatch import use_triton
-from kernels.errors import KernelInputError, expect
+from kernels.errors import KernelInputError
+from kernels.moe.align import VirtualLayout, moe_align_virtual
+from kernels.moe.ops import dense_lora_layout, fused_moe, lora_group_linear_, lora_linear_
 from kernels.reference import fused_moe_ref, lora_group_ref_, lora_linear_ref_
 from kernels.weights import DenseLoRAGroup, DenseLoRAWeights, MoELoRAWeights
 
@@ -18,86 +17,3 @@ __all__ = [
     "fused_moe", "fused_moe_ref", "lora_group_linear_", "lora_group_ref_", "lora_linear_", "lora_linear_ref_",
     "moe_align_virtual", "use_triton",
 ]
-
-
-def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
-              topk_ids: Tensor, lora: MoELoRAWeights | None = None,
-              slot_ids: Tensor | None = None) -> Tensor:
-    """Mixture-of-experts MLP with per-token LoRA deltas over virtual experts.
-
-    Semantics:
-        out[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e(x) + dgate) * (up_e(x) + dup)) + ddown
-        with e = topk_ids[t, k] and the deltas of slot s = slot_ids[t] (see `fused_moe_ref`);
-        a token with s = -1 is bitwise equal to a call with lora=None. No host sync on CUDA.
-    Args:
-        hidden: [T, D] fp32/fp16/bf16.
-        w_gate_up: [E, 2I, D] (rows [0, I) gate, [I, 2I) up); w_down: [E, D, I]; hidden's dtype.
-        topk_weights: [T, K] float; topk_ids: [T, K] int32/int64 in [0, E) (not range-checked
-            on the GPU: that would need a host sync).
-        lora: MoELoRAWeights or None; slot_ids: [T] int, -1 for no adapter.
-    Returns:
-        [T, D] in hidden.dtype.
-    """
-    if use_triton(hidden):
-        from kernels.moe_launch import fused_moe_triton
-        return fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
-    return fused_moe_ref(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
-
-
-def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor,
-                 layout: VirtualLayout | None = None) -> Tensor:
-    """Adds each token's LoRA delta of a dense projection to out, in place; returns out.
-
-    Semantics:
-        out[t] += (x[t] @ a[s].T) @ b[s].T with s = slot_ids[t]; rows with s = -1 untouched.
-        Runs through the same virtual-expert kernels as the MoE layers, with one expert.
-    Args:
-        x: [T, IN] fp32/fp16/bf16; out: [T, OUT], same dtype.
-        lora: DenseLoRAWeights (a [S, R, IN], b [S, OUT, R], ranks [S] int32).
-        slot_ids: [T] int, -1 for no adapter.
-        layout: `dense_lora_layout(slot_ids, S)`, to share one alignment between the
-            projections of a step (the Triton path computes it when None; torch ignores it).
-    """
-    if use_triton(x):
-        check_dense_args(x, out, lora, slot_ids)
-        return _group_triton(x, out, DenseLoRAGroup.of(lora), slot_ids, layout)
-    return lora_linear_ref_(x, out, lora, slot_ids)
-
-
-def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
-                       layout: VirtualLayout | None = None) -> Tensor:
-    """Adds each token's LoRA deltas of H projections that share their input (q/k/v) to out,
-    whose columns hold the projections side by side; in place; returns out.
-
-    Semantics:
-        out[t, off_h:off_h + N_h] += (x[t] @ a_h[s].T) @ b_h[s].T for each projection h, with
-        s = slot_ids[t]; rows with s = -1 untouched. On Triton, for the whole group: one launch
-        by token for a few tokens (moe_launch.DENSE_ROWS_MAX_TOKENS), else one shrink and one
-        expand launch over rows by slot.
-    Args:
-        x: [T, IN] fp32/fp16/bf16; out: [T, N], N = sum(lora.sections), same dtype.
-        lora: DenseLoRAGroup (a [S, H*R, IN], b [S, N, R], ranks [H, S] int32).
-        slot_ids: [T] int, -1 for no adapter.
-        layout: `dense_lora_layout(slot_ids, S)`, shared by the step's projections (as in lora_linear_).
-    """
-    check_dense_args(x, out, lora, slot_ids)  # the group's a [S, H*R, IN] and b [S, N, R] as one
-    if use_triton(x):
-        return _group_triton(x, out, lora, slot_ids, layout)
-    return lora_group_ref_(x, out, lora, slot_ids)
-
-
-def _group_triton(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
-                  layout: VirtualLayout | None) -> Tensor:
-    from kernels.moe_launch import dense_group_triton_
-    return dense_group_triton_(x, out, lora, slot_ids, layout)
-
-
-def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
-    """The rows-by-slot layout lora_linear_ takes; None where nothing would read it (off the
-    Triton path, or for a few tokens, where dense LoRA runs by row without a layout)."""
-    if not use_triton(slot_ids):
-        return None
-    from kernels.moe_launch import DENSE_ROWS_MAX_TOKENS, dense_layout
-    if slot_ids.shape[0] <= DENSE_ROWS_MAX_TOKENS:
-        return None
-    return dense_layout(slot_ids, num_slots)

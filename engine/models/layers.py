@@ -10,8 +10,8 @@ from torch import Tensor, nn
 import kernels
 from engine.attention import ForwardBatch, paged_attention, write_kv
 from engine.models.spec import ModelSpec
-from kernels.norm_rope import fused_add_rms_norm, qk_norm_rope_, rms_norm, rotary_ref
-from kernels.router import route_topk
+from kernels.attention.norm_rope import fused_add_rms_norm, qk_norm_rope_, rms_norm, rotary_ref
+from kernels.moe.router import route_topk
 
 
 class RMSNorm(nn.Module):

@@ -32,7 +32,7 @@ def test_warmup_runs_full_small_and_mixed_steps_into_the_scratch_block(checkpoin
     assert seconds > 0 and engine.stats()["warmup_seconds"] == seconds
     sizes = [(c["num_tokens"], c["num_groups"]) for c in calls]
     # full budget; odd prefill (2 + 3); the kernels' other size breakpoints; 3 decodes + chunk
-    from kernels.moe_launch import token_breakpoints
+    from kernels.moe.launch import token_breakpoints
     others = [n for n in token_breakpoints(engine.spec.num_experts, engine.spec.top_k, 24) if n not in (5, 24)]
     assert 1 in others and sizes == [(24, 1), (5, 1)] + [(n, 1) for n in others] + [(3 + 21, 2)]
     scratch = engine.runner.num_kv_blocks * engine.config.block_size
@@ -99,7 +99,7 @@ def test_start_up_warms_up_on_cuda_unless_switched_off(checkpoints):
 
 def test_warmup_reaches_the_mid_sized_base_moe_tiles(checkpoints):
     """With room in the step budget, warm-up prefills land in the 32- and 64-row base tiles."""
-    from kernels.moe_launch import _base_block_m
+    from kernels.moe.launch import _base_block_m
     engine = make_engine(checkpoints[FAMILY], **{**SMALL, "max_num_batched_tokens": 1024, "max_num_seqs": 32})
     spec, longest = engine.spec, engine.config.max_model_len - 1
     shapes = engine.runner._warmup_shapes()

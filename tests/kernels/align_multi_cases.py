@@ -66,8 +66,8 @@ def _inputs(name: str):
 
 
 def run_case(name: str) -> dict:
-    from kernels.align import moe_align_virtual
-    from kernels.align_multi import KeySpace, align_multi
+    from kernels.moe.align import moe_align_virtual
+    from kernels.moe.align_multi import KeySpace, align_multi
     ids, slots, e, s, bs, chunk = _inputs(name)
     major = "major" in name
     os.environ["MOEPLEX_TRITON"] = "0"

@@ -1,4 +1,4 @@
-"""lora_expand (kernels/expand.py) under TRITON_INTERPRET=1 against an fp64 per-row loop.
+"""lora_expand (kernels/moe/expand.py) under TRITON_INTERPRET=1 against an fp64 per-row loop.
 
 Run as `python -m tests.kernels.expand_cases` with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1
 (test_expand.py does so in a subprocess). Prints one JSON object per case. Case name:
@@ -114,7 +114,7 @@ def check(case: dict, got: torch.Tensor, before: torch.Tensor, dtype_name: str) 
 def tiles_expand(case: dict, c: torch.Tensor, block_n: int = 32) -> torch.Tensor:
     """The same expand through grouped_gemm's (block, n-tile) grid, on c in place (not for
     expert-major layouts: it reads ranks[-1] on blocks of slot -1)."""
-    from kernels.grouped_gemm import grouped_gemm
+    from kernels.moe.grouped_gemm import grouped_gemm
     kw = case["kw"]
     splits, big_r = kw["splits"], case["b"].shape[3]
     n = case["b"].shape[2] // splits
@@ -125,7 +125,7 @@ def tiles_expand(case: dict, c: torch.Tensor, block_n: int = 32) -> torch.Tensor
 
 
 def run_case(name: str) -> dict:
-    from kernels.expand import lora_expand
+    from kernels.moe.expand import lora_expand
     case = build(name)
     before = case["c"].clone()
     got = lora_expand(case["shrunk"], case["b"], case["c"], case["layout"], case["ranks"], **case["kw"])

@@ -77,7 +77,7 @@ def run_moe(name: str) -> dict:
     slots = make_slot_ids(spread, t, len(ranks), gen)
     slots[0] = 1  # at least one token with an adapter
     import kernels
-    from kernels.moe_launch import fused_moe_triton
+    from kernels.moe.launch import fused_moe_triton
     base = kernels.fused_moe(*args)
     path = next((opt for opt in p["rest"] if opt in ("fused", "split")), "auto")
     if path == "split" and p["rest"][-1] in ("tiles", "blocks"):
@@ -108,7 +108,7 @@ def run_dense(name: str) -> dict:
     want = dense_loop_ref(x, out, lora, slots)
     before = out.clone()
     import kernels
-    from kernels.moe_launch import dense_group_triton_, dense_layout
+    from kernels.moe.launch import dense_group_triton_, dense_layout
     shared = before.clone()  # a layout computed once per step, as the attention projections share it
     if "rows" in p["rest"]:
         group = kernels.DenseLoRAGroup.of(lora)
@@ -153,8 +153,8 @@ def run_group(name: str) -> dict:
     def poisoned(*args, **kw):  # float scratch starts NaN: a read of an unwritten part shows
         t = empty(*args, **kw)
         return t.fill_(float("nan")) if t.is_floating_point() else t
-    from kernels.lora_rows import lora_group_rows_
-    from kernels.moe_launch import dense_group_triton_
+    from kernels.moe.lora_rows import lora_group_rows_
+    from kernels.moe.launch import dense_group_triton_
     torch.empty = poisoned
     try:
         if "tiles" in p["rest"]:

@@ -1,4 +1,4 @@
-"""kernels/router.py under TRITON_INTERPRET=1 against route_topk_ref and a per-row fp64 sort.
+"""kernels/moe/router.py under TRITON_INTERPRET=1 against route_topk_ref and a per-row fp64 sort.
 
 Run as `python -m tests.kernels.router_cases` with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 in
 the environment (test_router.py does so in a subprocess, so that the interpreter setting never
@@ -72,7 +72,7 @@ def parse(name: str) -> tuple[torch.dtype, int, int, int, bool, list[str]]:
 
 def compare(logits: torch.Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype) -> dict:
     """route_topk (whatever path it takes) vs the torch twin and the fp64 oracle."""
-    from kernels.router import route_topk, route_topk_ref
+    from kernels.moe.router import route_topk, route_topk_ref
     weights, ids = route_topk(logits, top_k, renormalize, out_dtype)
     twin_w, twin_ids = route_topk_ref(logits, top_k, renormalize, out_dtype)
     want_w, want_ids = oracle(logits, top_k, renormalize)
@@ -96,7 +96,7 @@ def run_route(name: str) -> dict:
 
 def run_ties() -> dict:
     """Exactly equal logits: the lowest expert index comes first (also across padding, E=5)."""
-    from kernels.router import route_topk
+    from kernels.moe.router import route_topk
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [0.0] * 5, [2.0, 1.0, 2.0, 1.0, 2.0]])
     _, ids = route_topk(logits, 4, True, torch.float32)
     return {"ids": ids.tolist(), "want": [[1, 2, 4, 3], [0, 1, 2, 3], [0, 2, 4, 1]]}
@@ -104,7 +104,7 @@ def run_ties() -> dict:
 
 def run_mixtral() -> dict:
     """Mixtral's router (topk of the logits, softmax over the K picked) = renormalize=True."""
-    from kernels.router import route_topk
+    from kernels.moe.router import route_topk
     gen = torch.Generator().manual_seed(7)
     logits = distinct_logits(11, 8, torch.float32, gen)
     top_logits, want_ids = torch.topk(logits, 2, dim=-1)
@@ -115,7 +115,7 @@ def run_mixtral() -> dict:
 
 def run_errors() -> dict:
     from kernels.errors import KernelInputError
-    from kernels.router import route_topk
+    from kernels.moe.router import route_topk
     x = torch.randn(4, 6)
     calls = [lambda: route_topk(x, 0, False), lambda: route_topk(x, 7, False), lambda: route_topk(x[0], 2, False),
              lambda: route_topk(x.long(), 2, False), lambda: route_topk(x, 2, False, torch.int32),

@@ -1,4 +1,4 @@
-"""lora_rows_ (kernels/lora_rows.py) under TRITON_INTERPRET=1 against an fp64 per-row loop.
+"""lora_rows_ (kernels/moe/lora_rows.py) under TRITON_INTERPRET=1 against an fp64 per-row loop.
 
 Run as `python -m tests.kernels.rows_cases` with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1
 (test_lora_rows.py does so in a subprocess). Prints one JSON object per case. Case name:
@@ -105,7 +105,7 @@ def check(case: dict, got: torch.Tensor, before: torch.Tensor, dtype_name: str) 
 
 
 def run_case(name: str) -> dict:
-    from kernels.lora_rows import lora_rows_
+    from kernels.moe.lora_rows import lora_rows_
     case = build(name)
     before = case["c"].clone()
     got = lora_rows_(case["a"], case["c"], case["la"], case["lb"], case["ranks"], case["slots"], case["ids"],

@@ -1,9 +1,9 @@
-"""Multi-program alignment (kernels/align_multi.py): bitwise equal to the torch path and to a
+"""Multi-program alignment (kernels/moe/align_multi.py): bitwise equal to the torch path and to a
 Python model; in the Triton interpreter on CPU (subprocess), at 4096/16384 rows on the GPU."""
 import pytest
 import torch
 
-from kernels.align_multi import KeySpace, multi_fits
+from kernels.moe.align_multi import KeySpace, multi_fits
 from tests.kernels.align_multi_cases import FIELDS, case_names
 from tests.kernels.interp import run_interpreter_cases
 

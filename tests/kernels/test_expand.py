@@ -1,11 +1,11 @@
-"""lora_expand (kernels/expand.py): the Triton kernel in the interpreter (subprocess) and its torch
+"""lora_expand (kernels/moe/expand.py): the Triton kernel in the interpreter (subprocess) and its torch
 twin in process, both against the fp64 per-row loop of expand_cases.py; on the GPU, bf16 at
 qwen3's sizes over tile configs, bit for bit against grouped_gemm's expand, and in a CUDA graph."""
 import pytest
 import torch
 
 from kernels import KernelInputError
-from kernels.expand import lora_expand, lora_expand_ref
+from kernels.moe.expand import lora_expand, lora_expand_ref
 from tests.kernels.expand_cases import build, case_names, check, tiles_expand
 from tests.kernels.interp import run_interpreter_cases
 

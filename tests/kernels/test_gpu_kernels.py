@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.moe_launch import fused_moe_triton
+from kernels.moe.launch import fused_moe_triton
 from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, make_dense_lora, make_moe,
                                           make_moe_lora, make_slot_ids, moe_loop_ref, rel_err)
 
@@ -72,7 +72,7 @@ def test_fused_moe_other_dtypes(dtype):
 
 
 def test_fused_moe_rows_beyond_single_program_alignment():
-    """T*K = 4800 rows: the multi-program alignment (kernels/align_multi.py) feeds the kernels."""
+    """T*K = 4800 rows: the multi-program alignment (kernels/moe/align_multi.py) feeds the kernels."""
     _check_moe(600, 8, "uniform", seed=3)
 
 
@@ -127,7 +127,7 @@ def test_lora_group_qkv_bf16(t, sections, path):
     """q/k/v as one group against the fp64 loop of each projection, by the default path of the
     size (by token up to 64 tokens) and by each path asked for; the second shape's section ends
     admit only a 128-column tile on the split path."""
-    from kernels.moe_launch import dense_group_triton_
+    from kernels.moe.launch import dense_group_triton_
     if path == "rows" and t > 64:
         pytest.skip("a program per token at prefill sizes: not a configuration the engine runs")
     group, x, out, slots, want = _qkv_case(t, sections, t + len(sections))

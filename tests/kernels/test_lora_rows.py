@@ -1,11 +1,11 @@
-"""lora_rows_ (kernels/lora_rows.py): the Triton kernel in the interpreter (subprocess) and its torch
+"""lora_rows_ (kernels/moe/lora_rows.py): the Triton kernel in the interpreter (subprocess) and its torch
 twin in process, both against the fp64 per-row loop of rows_cases.py; on the GPU, bf16 at qwen3's
 sizes over tile configs, against the split path, and in a CUDA graph."""
 import pytest
 import torch
 
 from kernels import KernelInputError
-from kernels.lora_rows import lora_rows_, lora_rows_ref_
+from kernels.moe.lora_rows import lora_rows_, lora_rows_ref_
 from tests.kernels.interp import run_interpreter_cases
 from tests.kernels.rows_cases import build, case_names, check
 

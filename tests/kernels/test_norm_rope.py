@@ -1,4 +1,4 @@
-"""kernels/norm_rope.py: Triton (interpreter on CPU, real on GPU) vs the torch twins and fp64 loops.
+"""kernels/attention/norm_rope.py: Triton (interpreter on CPU, real on GPU) vs the torch twins and fp64 loops.
 
 The interpreter cases run this file as `python -m tests.kernels.test_norm_rope` in a subprocess
 with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 (set before triton loads); it prints one JSON per case.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels.errors import KernelInputError
-from kernels.norm_rope import (fused_add_rms_norm, fused_add_rms_norm_ref, qk_norm_rope_, qk_norm_rope_ref_,
+from kernels.attention.norm_rope import (fused_add_rms_norm, fused_add_rms_norm_ref, qk_norm_rope_, qk_norm_rope_ref_,
                                rms_norm, rms_norm_ref, rotary_ref)
 from tests.kernels.interp import errors_raised, run_interpreter_cases
 

@@ -102,7 +102,7 @@ def contexts_for(case: Case) -> list[int]:
 
 
 def run_case(case: Case) -> dict:
-    from kernels.paged_attention import paged_decode_attention
+    from kernels.attention.paged_attention import paged_decode_attention
     q, k, v, table, pos = make_inputs(case, contexts_for(case), seed=case.seqs * 7 + case.head_dim)
     scale = case.head_dim ** -0.5
     got = paged_decode_attention(q, k, v, table, pos, scale, case.window, num_partitions=case.partitions)
@@ -142,7 +142,7 @@ def test_triton_decode_matches_fp64_loop(interp_results, name):
 @pytest.mark.parametrize("case", [Case("fp32", 5, 2, 4, 16, 4, window=7, padded_row=True),
                                   Case("fp32", 3, 1, 1, 32, 16)], ids=lambda c: c.name)
 def test_torch_twin_matches_fp64_loop(case):
-    from kernels.paged_attention import paged_decode_attention_ref
+    from kernels.attention.paged_attention import paged_decode_attention_ref
     q, k, v, table, pos = make_inputs(case, contexts_for(case))
     got = paged_decode_attention_ref(q, k, v, table, pos, 0.3, case.window)
     assert rel_err(got, loop_ref(q, k, v, table, pos, 0.3, case.window)) <= TOL["fp32"]
@@ -150,7 +150,7 @@ def test_torch_twin_matches_fp64_loop(case):
 
 def test_bad_input_is_refused_with_a_message():
     from kernels.errors import KernelInputError
-    from kernels.paged_attention import paged_decode_attention_ref
+    from kernels.attention.paged_attention import paged_decode_attention_ref
     q, k, v, table, pos = make_inputs(Case("fp32", 3, 2, 4, 16, 4), [1, 5, 37])
     with pytest.raises(KernelInputError, match="multiple of KV heads"):
         paged_decode_attention_ref(q[:, :7], k, v, table, pos, 1.0)
@@ -165,7 +165,7 @@ def test_bad_input_is_refused_with_a_message():
 @pytest.mark.gpu
 @pytest.mark.parametrize("partitions", [None, 1, 5])
 def test_gpu_bf16_matches_fp64_loop(partitions):
-    from kernels.paged_attention import paged_decode_attention
+    from kernels.attention.paged_attention import paged_decode_attention
     case = Case("bf16", 64, 4, 8, 128, 16, partitions=partitions, padded_row=True)
     contexts = torch.randint(1, 1001, (64,), generator=torch.Generator().manual_seed(1)).tolist()
     q, k, v, table, pos = make_inputs(case, contexts, device="cuda")
@@ -189,7 +189,7 @@ if __name__ == "__main__":
 
 def test_partition_counts_are_powers_of_two(monkeypatch):
     """The count is a constexpr: any batch and context meet one of a few compiled values."""
-    from kernels import paged_attention as pa
+    from kernels.attention import paged_attention as pa
     monkeypatch.setattr(pa, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     counts = {pa._pick_partitions(b * 4, keys, 64, cuda) for b in range(1, 65) for keys in range(16, 20000, 48)}

@@ -101,7 +101,7 @@ def shapes_for(case: Case):
 
 
 def run_case(case: Case, device: str = "cpu", scale_q: int = 1) -> dict:
-    from kernels.prefill_attention import paged_prefill_attention
+    from kernels.attention.prefill_attention import paged_prefill_attention
     q, k, v, table, starts, ctx, max_q = make_inputs(case, shapes_for(case), case.seqs + case.head_dim,
                                                      device, scale_q)
     scale = case.head_dim ** -0.5
@@ -149,7 +149,7 @@ def test_triton_prefill_matches_fp64_loop(interp_results, name):
 
 @pytest.mark.parametrize("case", INTERP_CASES[:4] + [c for c in INTERP_CASES if c.window], ids=lambda c: c.name)
 def test_torch_twin_matches_fp64_loop(case):
-    from kernels.prefill_attention import paged_prefill_attention_ref
+    from kernels.attention.prefill_attention import paged_prefill_attention_ref
     q, k, v, table, starts, ctx, max_q = make_inputs(case, shapes_for(case), seed=1)
     got = paged_prefill_attention_ref(q, k, v, table, starts, ctx, 0.3, case.window, max_query_len=max_q)
     assert rel_err(got, loop_ref(q, k, v, table, starts, ctx, 0.3, case.window)) <= TOL[case.dtype]
@@ -157,7 +157,7 @@ def test_torch_twin_matches_fp64_loop(case):
 
 def test_bad_arguments_raise_typed_errors():
     from kernels.errors import KernelInputError
-    from kernels.prefill_attention import paged_prefill_attention_ref
+    from kernels.attention.prefill_attention import paged_prefill_attention_ref
     case = Case("fp32", 2, 1, 2, 8, 4)
     q, k, v, table, starts, ctx, max_q = make_inputs(case, shapes_for(case))
     with pytest.raises(KernelInputError, match="query_start"):

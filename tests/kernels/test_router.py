@@ -1,4 +1,4 @@
-"""kernels/router.py: the torch path (CPU), the Triton kernel (interpreter on CPU, real on GPU),
+"""kernels/moe/router.py: the torch path (CPU), the Triton kernel (interpreter on CPU, real on GPU),
 each against a per-row fp64 sort and against today's torch sequence.
 
 The interpreter cases live in router_cases.py and run in a subprocess with TRITON_INTERPRET=1.
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.errors import KernelInputError
-from kernels.router import route_topk, route_topk_ref
+from kernels.moe.router import route_topk, route_topk_ref
 from tests.kernels.interp import run_interpreter_cases
 from tests.kernels.router_cases import case_names, distinct_logits, grid_names, oracle, parse
 

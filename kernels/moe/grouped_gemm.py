@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.align import VirtualLayout
+from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
 
 

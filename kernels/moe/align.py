@@ -91,8 +91,8 @@ def _align_triton(topk_ids: Tensor, slot_ids: Tensor | None, num_experts: int, b
     """The Triton alignment for this batch, or None where the torch path takes it: one program
     up to SINGLE_PROGRAM_ROWS rows, the multi-program counting sort above that when the key
     space is known (num_slots given) and bounded, else one program up to its MAX_ROWS."""
-    from kernels.align_multi import KeySpace, align_multi, multi_fits
-    from kernels.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS, align_triton
+    from kernels.moe.align_multi import KeySpace, align_multi, multi_fits
+    from kernels.moe.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS, align_triton
     num_rows = topk_ids.numel()
     if num_rows > SINGLE_PROGRAM_ROWS and (slot_ids is None or num_slots):
         space = KeySpace(num_experts, num_slots if slot_ids is not None else 1, slot_ids is not None, expert_major)

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.errors import expect
-from kernels.paged_attention import check_paged_cache
+from kernels.attention.paged_attention import check_paged_cache
 
 _NEG_INIT = tl.constexpr(-1.0e30)  # running max before any key: finite, so a fully masked tile gives exp(-inf) = 0
 _LOG2E = 1.4426950408889634

@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.align import VirtualLayout
+from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
-from kernels.grouped_gemm import num_programs
+from kernels.moe.grouped_gemm import num_programs
 
 
 @triton.jit

@@ -17,13 +17,13 @@ import torch
 import triton
 from torch import Tensor
 
-from kernels.align import VirtualLayout, moe_align_virtual
-from kernels.activation import silu_mul
+from kernels.moe.align import VirtualLayout, moe_align_virtual
+from kernels.moe.activation import silu_mul
 from kernels.checks import check_moe_args
 from kernels.errors import expect
-from kernels.expand import lora_expand
-from kernels.grouped_gemm import grouped_gemm, k_slices
-from kernels.lora_rows import MAX_GROUP_ROWS_PROJECTIONS, lora_group_rows_, lora_rows_
+from kernels.moe.expand import lora_expand
+from kernels.moe.grouped_gemm import grouped_gemm, k_slices
+from kernels.moe.lora_rows import MAX_GROUP_ROWS_PROJECTIONS, lora_group_rows_, lora_rows_
 from kernels.weights import DenseLoRAGroup, MoELoRAWeights
 
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
@@ -51,8 +51,8 @@ def _base_config(block_m: int) -> dict:
 # 128 by 10-20% and 64 by 30-40%.
 SHRINK = {"block_k": 128, "num_warps": 2, "num_stages": 3}
 EXPAND = {"block_n": 256, "num_warps": 4, "num_stages": 1}
-EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # kernels/expand.py, see there
-# The MoE expands: kernels/expand.py (a program owns a block, loops over its N tiles) from
+EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # kernels/moe/expand.py, see there
+# The MoE expands: kernels/moe/expand.py (a program owns a block, loops over its N tiles) from
 # EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. H100, qwen3
 # top-8, n = 16 (benchmarks/RESULTS.md, kernels, 2026-11-28): blocks win from M = 128 tokens (1024 rows;
 # M = 512: 1.58 -> 1.48 of the base), tiles at M = 8 (64 rows: 1.18 vs 1.28), even at M = 32
@@ -69,7 +69,7 @@ def _rank_block(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))
 
 
-# The LoRA delta at decode sizes: a program per routed row (kernels/lora_rows.py) up to
+# The LoRA delta at decode sizes: a program per routed row (kernels/moe/lora_rows.py) up to
 # ROWS_MAX_ROWS routed rows, where a row's expand is short (2I <= ROWS_MAX_EXPAND); (slot, expert)
 # blocks otherwise; at one token the fused launch (fused_path_ok). H200, n = 16, virtual / base
 # (benchmarks/RESULTS.md, kernels): qwen3 M = 32 / 64 / 128 rows 1.15 / 1.17 / 1.29 vs blocks 1.21 /
@@ -219,8 +219,8 @@ def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int
     Between two consecutive breakpoints every Triton specialisation of a step is the same (the
     token counts themselves are do_not_specialize), so a warm-up that runs one step at each
     compiles what any step size will need (tests/engine/test_warmup.py checks this)."""
-    from kernels.align_multi import CHUNK
-    from kernels.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS
+    from kernels.moe.align_multi import CHUNK
+    from kernels.moe.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS
     rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS, DENSE_ROWS_MAX_TOKENS}
     rows |= {16 * num_experts, 48 * num_experts, 96 * num_experts}  # _base_block_m
     rows |= {1 << p for p in range(4, (max_tokens * top_k).bit_length() + 1)}  # align_triton's NP
@@ -254,7 +254,7 @@ def group_k_splits(num_in: int) -> int:
 
 
 # Dense LoRA (q/k/v as one group, o) at small batches: a program per (token, projection, column
-# part) that shrinks and expands in one launch (kernels/lora_rows.py), up to DENSE_ROWS_MAX_TOKENS
+# part) that shrinks and expands in one launch (kernels/moe/lora_rows.py), up to DENSE_ROWS_MAX_TOKENS
 # tokens; the split path (alignment by slot, once a step; a shrink split over K into fp32 partial
 # sums; an expand) above. H200, qwen3 q/k/v + o, 16 adapters (bench_dense_lora.py, RESULTS.md):
 # rows 16.5 / 18.2 / 22.7 / 26.9 us at M = 1 / 8 / 32 / 64 against the split path's 17.7 / 18.1 /

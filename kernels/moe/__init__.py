@@ -1,0 +1,5 @@
+"""The MoE layer and its LoRA over virtual experts (also the dense projections' LoRA, one expert
+a slot), by role: routing (`router`), alignment of rows into blocks (`align`, `align_triton`,
+`align_multi`), the grouped GEMM of base, shrink and expand (`grouped_gemm`, `expand`), the
+decode-size row path (`lora_rows`), the activation (`activation`), the launchers that pick a
+path and chain them (`launch`), and the public ops (`ops`, re-exported by `kernels`)."""
