@@ -80,10 +80,11 @@ def run_config(preset: str, layer: dict, m: int, n: int, bw: float, gen: torch.G
     outs = {}
     base_qkv, base_o = qkv_out.clone(), o_out.clone()  # the timed calls add into qkv_out, o_out
     for path in ("rows", "split"):
+        lay = layout if path == "split" else None  # the row path takes none
         oq, oo = base_qkv.clone(), base_o.clone()
-        lora(path, oq, oo, layout if path == "split" else None)
+        lora(path, oq, oo, lay)
         outs[path] = (oq, oo)
-        results[f"{path}_us"] = 1e3 * time_graph(lambda p=path: lora(p, qkv_out, o_out, layout if p == "split" else None))
+        results[f"{path}_us"] = 1e3 * time_graph(lambda p=path, lay=lay: lora(p, qkv_out, o_out, lay))
     results["split_layout_us"] = 1e3 * time_graph(lambda: dense_layout(slots, n))
     results["split_us"] += results["split_layout_us"]
     # the two paths' deltas agree up to bf16 rounding (a sanity check of the timed calls' inputs)
