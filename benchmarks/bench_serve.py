@@ -45,6 +45,7 @@ except ImportError:
 
 OPERATOR = "ops"
 HTTP_UPLOAD_LIMIT = 256 << 20  # bigger adapters go into the store directly
+PUT_THREADS = 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,20 +120,22 @@ def upload_over_http(opts, config: dict) -> bool:
 def put_adapters(args, url: str | None, opts, config: dict, workdir: Path) -> tuple[dict, dict]:
     """Write, store and share every adapter (over HTTP when `url`); ({name: AdapterInfo}, timings).
 
-    Written one at a time and deleted once stored: at 48 layers 16 adapters are 27 GB, and
-    the disk also holds the store's copy and the replica's cache.
+    Each adapter is deleted once stored: at 48 layers 16 adapters are 27 GB, and the disk also
+    holds the store's copy and the replica's cache. Straight into the store, up to
+    `PUT_THREADS` puts (validation, digest, copy: file and hashing work that leaves the GIL)
+    run while the next adapter is drawn; 16 puts one after the other took 103 s at 48 layers.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
     store, writer = args.open_store(), RandomAdapterWriter(config, opts.rank)
     http = url is not None
-    timings = {"generate_s": 0.0, "store_s": 0.0, "via": "http" if http else "store.put",
+    timings = {"generate_s": 0.0, "via": "http" if http else "store.put",
                "generated_on": writer.device}
-    for i in range(opts.adapters):
-        name, started = f"adapter{i}", time.perf_counter()
-        path = writer.write(workdir / "adapters" / name, seed=opts.seed * 1000 + i + 1)
-        timings["generate_s"] += time.perf_counter() - started
-        started = time.perf_counter()
+    model_dir = None if http else args_model_dir(args)
+
+    def put(name: str, path: Path) -> None:
         if http:
             files = [("files", (f, (path / f).read_bytes()))
                      for f in ("adapter_config.json", "adapter_model.safetensors")]
@@ -140,11 +143,25 @@ def put_adapters(args, url: str | None, opts, config: dict, workdir: Path) -> tu
                                   headers={"X-Tenant-Id": OPERATOR}, timeout=600)
             response.raise_for_status()
         else:
-            model_dir = args_model_dir(args)
             store.put(OPERATOR, name, path, model_dir, limits=args.store_limits(model_dir))
         store.share(OPERATOR, name)
-        timings["store_s"] += time.perf_counter() - started
         shutil.rmtree(path)  # the disk holds the store's copy and the replica's cache only
+
+    begun = time.perf_counter()
+    with ThreadPoolExecutor(1 if http else PUT_THREADS) as pool:
+        pending = []
+        for i in range(opts.adapters):
+            name, started = f"adapter{i}", time.perf_counter()
+            path = writer.write(workdir / "adapters" / name, seed=opts.seed * 1000 + i + 1)
+            timings["generate_s"] += time.perf_counter() - started
+            pending.append(pool.submit(put, name, path))
+            # at most PUT_THREADS drawn adapters wait on disk at once
+            while sum(not f.done() for f in pending) >= PUT_THREADS:
+                time.sleep(0.05)
+        for future in pending:
+            future.result()
+    timings["total_s"] = time.perf_counter() - begun
+    timings["store_s"] = timings["total_s"] - timings["generate_s"]  # what the puts added
     infos = {f"adapter{i}": store.resolve(OPERATOR, f"adapter{i}") for i in range(opts.adapters)}
     return infos, {k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()}
 

@@ -23,9 +23,8 @@
 #   serve8     bench_serve.py, dummy:qwen3-30b-a3b at 8 layers, 16 adapters rank 16 on every
 #              expert, 16 tenants, 64 concurrent, 1024 requests of 512 -> 128 tokens, burst 500
 #   serve48    the same at 48 layers (adapters 1.7 GB each: ~56 GB of disk for the store and
-#              the replica's cache); a whole call: 16 adapters take ~3 min to make and upload, so
-#              it runs 512 requests and a 200-request burst unless SERVE48_ARGS says otherwise
-#              (1024 requests and --burst 500 ran out of the call)
+#              the replica's cache); a whole call: 16 adapters take ~1-3 min to make and store, so
+#              it runs 512 requests (SERVE48_ARGS adds to them, e.g. "--burst 200")
 #   coldstart  bench_coldstart.py: 14 GB OLMoE checkpoint, disk read rate, engine start
 #              (+ Serve start when Ray is installed)
 #   workload   bench_workload.py: 256 adapters of mixed ranks and targets, Zipf popularity, Poisson
@@ -182,7 +181,7 @@ for part in "$@"; do
     prefill) part_prefill ;;
     profile) part_profile ;;
     serve8) part_serve 8 "${SERVE8_ARGS:-}" ;;
-    serve48) part_serve 48 "${SERVE48_ARGS:---requests 512 --burst 200}" ;;
+    serve48) part_serve 48 "--requests 512 ${SERVE48_ARGS:-}" ;;
     coldstart) part_coldstart ;;
     workload) part_workload ;;
     floods) part_floods ;;
