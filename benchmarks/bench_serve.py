@@ -208,7 +208,9 @@ def run_served(args, opts, jobs, burst_jobs, config, workdir, stored) -> dict:
         return out
     finally:
         pool.shutdown()
-        serve.shutdown()
+        # no serve.shutdown(): in HAProxy mode the ingress drains >= 30 s, past the controller's
+        # shutdown wait; ray.shutdown() ends every actor now, and the engine replica's core
+        # process follows its replica (engine.core_process.watch_parent)
         ray.shutdown()
 
 
@@ -246,6 +248,7 @@ def run_direct(args, opts, jobs, infos) -> dict:
     from engine import AsyncLLMEngine
 
     torch.set_num_threads(opts.threads)
+    wait_for_free_gpu()
     # the served replica's disk cache already holds every adapter: a hit, no copy
     cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
     store = args.open_store()
@@ -258,6 +261,23 @@ def run_direct(args, opts, jobs, infos) -> dict:
                                                             1, "seq"))}
     finally:
         engine.shutdown()
+
+
+def wait_for_free_gpu(timeout_s: float = 120.0, share: float = 0.9) -> None:
+    """Until the served run's processes have given the GPU's memory back (a process ends
+    some seconds after it is killed); the direct engine sizes its KV cache from what is free."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        free, total = torch.cuda.mem_get_info()
+        if free >= share * total:
+            break
+        time.sleep(0.5)
+    print(f"GPU memory free {free / 2**30:.1f} of {total / 2**30:.1f} GiB after "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
 
 
 def _free_port() -> int:

@@ -7,7 +7,8 @@ over a socket pair to `engine.core_process`, and each engine step comes back as 
 that a reader thread hands to the waiting streams in one go (engine.streams).
 
 If the core process dies, every open stream ends with EngineError and `check_health` raises,
-so Serve replaces the replica.
+so Serve replaces the replica. If the replica's process dies (Serve or Ray kills it), the core
+exits by itself (engine.core_process.watch_parent).
 """
 import logging
 import os
@@ -148,13 +149,13 @@ class EngineCoreClient(EngineFrontend):
 
 
 def _spawn_core() -> tuple[subprocess.Popen, Connection]:
-    """Start `python -m engine.core_process FD` with this interpreter and import path."""
+    """Start `python -m engine.core_process FD PID` with this interpreter and import path."""
     ours, theirs = socket.socketpair()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # e.g. Ray's working_dir
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.core_process", str(theirs.fileno())],
-                                pass_fds=[theirs.fileno()], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "engine.core_process", str(theirs.fileno()),
+                                 str(os.getpid())], pass_fds=[theirs.fileno()], env=env)
     finally:
         theirs.close()
     return proc, Connection(ours.detach())

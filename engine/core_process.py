@@ -12,11 +12,15 @@ pair as FD. Messages are pickled tuples (multiprocessing.connection framing):
 
 The loop never waits on the client while it has work: between steps it takes whatever
 messages arrived, steps, and sends that step's outputs as one message. The process ends when
-the client says so or its end of the socket closes (the replica died).
+the client says so, when its end of the socket closes, or when the replica's process is gone
+(a watchdog thread: a SIGKILLed replica must not leave a core holding the GPU's memory, and a
+step in progress or a socket end that another process inherited would delay the EOF).
 """
 import logging
+import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -27,6 +31,7 @@ from engine.outputs import RequestOutput
 log = logging.getLogger("engine.core")
 IDLE_POLL_S = 0.05  # longest the loop sleeps in poll() when it has nothing to run
 STATS_PERIOD_S = 0.2  # stats ride on output messages at most this often (and on idle ticks)
+PARENT_CHECK_S = 0.5  # how often the watchdog asks whether the replica's process still exists
 
 
 def serve(conn: Connection) -> None:
@@ -112,9 +117,27 @@ def sendable(outputs: list[RequestOutput]) -> list[RequestOutput]:
     return outputs
 
 
+def watch_parent(parent_pid: int, period_s: float = PARENT_CHECK_S) -> threading.Thread:
+    """Exit the process at once when `parent_pid` is no longer its parent (it died: the
+    process was handed to init or a subreaper). os._exit: the loop may be inside a step, and
+    the driver frees the GPU memory of a process that ends however it ends."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(period_s)
+        log.error("engine core: the replica's process %d is gone; exiting", parent_pid)
+        logging.shutdown()
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="moeplex-core-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
     conn = Connection(int(argv[1]))
+    if len(argv) > 2:
+        watch_parent(int(argv[2]))
     try:
         serve(conn)
     except (EOFError, OSError, KeyboardInterrupt):

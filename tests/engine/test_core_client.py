@@ -109,6 +109,49 @@ def test_a_killed_core_ends_open_streams_with_an_error_and_fails_health(checkpoi
         client.shutdown()
 
 
+_ORPHAN = """
+import os, subprocess, sys, time
+# the grandchild keeps a pipe to this test open, so only the watchdog can end it
+child = subprocess.Popen([sys.executable, "-c", "import os, time\\n"
+                          "from engine.core_process import watch_parent\\n"
+                          "watch_parent(os.getppid(), 0.05)\\n"
+                          "time.sleep(120)"], stdout=sys.stdout)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" in f.read()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_core_whose_replica_process_was_killed_exits_by_itself():
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        core_pid = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert not _gone(core_pid), "the watched process ended while its parent lived"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(core_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(core_pid), "the orphaned process kept running"
+    finally:
+        parent.kill()
+        parent.stdout.close()
+
+
 def test_outputs_that_arrive_together_are_read_as_one_list_up_to_the_finished_one():
     async def main():
         streams = OutputStreams()
