@@ -30,7 +30,7 @@ from ray import serve
 from deployments.adapter_fetch import AdapterFetcher
 from deployments.args import AppArgs
 from deployments.errors import to_api_error
-from engine.frontend import INLINE_TOKENIZE_CHARS
+from engine.frontend import INLINE_TOKENIZE_CHARS, off_loop
 
 logger = logging.getLogger("ray.serve")
 _STATS_PERIOD_S = 1.0
@@ -104,8 +104,7 @@ class LLMServer:
         return SamplingParams(max_tokens=max_tokens, **sampling)
 
     def _room_left(self, prompt) -> int:
-        num_prompt = len(prompt) if isinstance(prompt, list) else len(
-            self._engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        num_prompt = len(prompt) if isinstance(prompt, list) else len(self._engine.inputs.encode(prompt))
         return max(1, self._args.max_model_len - num_prompt)
 
     async def generate(self, request: dict):
@@ -120,12 +119,15 @@ class LLMServer:
             lora = await self._get_adapter(model_id) if model_id else None
             if lora is not None:
                 self._metrics.adapter_requests.inc()
-            # long prompts and chat templates are prepared off the event loop, as the engine
-            # frontend tokenises long prompts
-            if request.get("messages") is None and len(request["prompt"]) <= INLINE_TOKENIZE_CHARS:
-                prompt, params = self._prepare(request)
-            else:
+            # chat templates are applied off the event loop, and long inputs on the engine
+            # frontend's long-input threads, where it tokenises long prompts
+            messages = request.get("messages")
+            if _input_chars(request) > INLINE_TOKENIZE_CHARS:
+                prompt, params = await off_loop(self._prepare, request)
+            elif messages is not None:
                 prompt, params = await asyncio.to_thread(self._prepare, request)
+            else:
+                prompt, params = self._prepare(request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
             yield _error_item(rid, exc)
             return
@@ -208,3 +210,12 @@ def _error_item(request_id: str, exc: BaseException) -> dict:
     return {"error": {"status": api_error.status_code, "type": api_error.error_type,
                       "message": api_error.message, "code": api_error.code,
                       "param": api_error.param}}
+
+
+def _input_chars(request: dict) -> int:
+    """Characters of a request's prompt or of its messages' contents."""
+    messages = request.get("messages")
+    if messages is None:
+        return len(request["prompt"])
+    return sum(len(m["content"]) if isinstance(m.get("content"), str) else len(str(m.get("content")))
+               for m in messages)

@@ -5,8 +5,10 @@ process of its own; both turn a request into a validated Sequence here, open its
 hand the sequence over with `_submit_sequence`, and read the stream as lists of outputs.
 """
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from engine.inputs import InputProcessor
 from engine.outputs import RequestOutput
@@ -16,6 +18,15 @@ from engine.streams import OutputStreams, RequestStream, read_batches
 
 # prompts longer than this many characters are tokenised off the event loop
 INLINE_TOKENIZE_CHARS = 2048
+# ... on a few threads of their own: a flood of long prompts queues behind itself instead of
+# taking every core (and the loop's GIL turns) from the short requests of other tenants
+LONG_INPUT_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+_long_inputs = ThreadPoolExecutor(LONG_INPUT_THREADS, thread_name_prefix="moeplex-long-input")
+
+
+async def off_loop(fn, *args):
+    """`fn(*args)` on the long-input threads."""
+    return await asyncio.get_running_loop().run_in_executor(_long_inputs, fn, *args)
 
 
 class EngineFrontend:
@@ -42,7 +53,7 @@ class EngineFrontend:
         self._check_running()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
-            seq = await asyncio.to_thread(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
+            seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
         else:
             seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
         stream = self._open_and_submit(seq)

@@ -35,9 +35,6 @@ class InputProcessor:
         """Validate a request and build its Sequence; raises InvalidRequestError."""
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is "
-                                      f"{self.max_model_len}: shorten the prompt")
         if lora is not None and not self.serves_adapters:
             raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters")
         # without a tenant (scripts, the engine's own tests) a request counts as its adapter owner's
@@ -45,15 +42,31 @@ class InputProcessor:
         return Sequence(next(self._seq_ids), request_id, ids, params, lora, tenant, time.perf_counter())
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's ids, checked: not empty, in the vocabulary, shorter than max_model_len."""
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = self.encode(prompt)
+            if len(ids) >= self.max_model_len:  # encode stopped counting there
+                raise self._too_long(f"at least {len(ids)}")
         else:
+            if len(prompt) >= self.max_model_len:
+                raise self._too_long(len(prompt))
             ids = [int(t) for t in prompt]
         if not ids:
             raise InvalidRequestError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, at most max_model_len of them: the tokenizer truncates in its
+        own code, so a huge prompt costs its encoding (which leaves the GIL) but never a
+        Python list of a million ids (which holds it: other requests on this process wait)."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
+        return self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.max_model_len,
+                              return_attention_mask=False)["input_ids"]
+
+    def _too_long(self, count) -> InvalidRequestError:
+        return InvalidRequestError(f"prompt has {count} tokens; max_model_len is {self.max_model_len}: "
+                                   "shorten the prompt")

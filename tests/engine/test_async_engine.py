@@ -78,3 +78,27 @@ def test_shutdown_ends_open_streams_with_an_error(checkpoints):
             await collect(eng, PROMPTS[1], SamplingParams(max_tokens=2), "late")
         return first
     assert not asyncio.run(main()).finished
+
+
+def test_long_inputs_are_prepared_on_at_most_long_input_threads_at_once():
+    import threading
+    import time
+
+    from engine.frontend import LONG_INPUT_THREADS, off_loop
+
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def prepare(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return i
+
+    async def main():
+        return await asyncio.gather(*(off_loop(prepare, i) for i in range(4 * LONG_INPUT_THREADS + 2)))
+
+    assert asyncio.run(main()) == list(range(4 * LONG_INPUT_THREADS + 2))
+    assert most[0] == LONG_INPUT_THREADS

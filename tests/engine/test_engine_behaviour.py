@@ -160,6 +160,28 @@ def test_invalid_requests_raise(qwen):
         engine.add_request("dup", [1, 2])
 
 
+def test_a_text_prompt_over_max_model_len_is_refused_without_its_whole_id_list(qwen):
+    engine = make_engine(qwen)
+    inputs, tokenizer = engine.inputs, engine.inputs.tokenizer
+    text = "moeplex " * 5000
+    assert len(tokenizer.encode(text, add_special_tokens=False)) > 10 * inputs.max_model_len
+    seen = []
+
+    class Recording:  # what the tokenizer hands back to Python
+        def __call__(self, *args, **kwargs):
+            out = tokenizer(*args, **kwargs)
+            seen.append(len(out["input_ids"]))
+            return out
+
+    inputs.tokenizer = Recording()
+    with pytest.raises(InvalidRequestError, match=f"at least {inputs.max_model_len} tokens; max_model_len"):
+        engine.add_request("long", text)
+    assert seen == [inputs.max_model_len]
+    inputs.tokenizer = tokenizer
+    short = "moeplex serves many tenants"
+    assert inputs.tokenize(short) == tokenizer.encode(short, add_special_tokens=False)
+
+
 def test_bad_adapter_fails_only_its_request(qwen, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
