@@ -6,7 +6,8 @@
 """
 from adapter_store.backends import open_store
 from adapter_store.cache import DiskCache
-from adapter_store.store import AdapterInfo, AdapterStore
+from adapter_store.store import AdapterStore
 from adapter_store.validate import StoreLimits
+from adapter_store.versions import AdapterInfo
 
 __all__ = ["AdapterInfo", "AdapterStore", "DiskCache", "StoreLimits", "open_store"]

@@ -22,7 +22,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from adapter_store.errors import ChecksumMismatchError
-from adapter_store.store import AdapterInfo, AdapterStore, Progress
+from adapter_store.store import AdapterStore
+from adapter_store.versions import AdapterInfo, Progress
 from adapter_store.validate import ADAPTER_FILES
 
 _STALE_TMP_SECONDS = 3600

@@ -28,7 +28,7 @@ from adapter_store.errors import (
 )
 from adapter_store.backends import open_store
 from adapter_store.defaults import STORE_ENV, default_store_uri, store_from_env
-from adapter_store.store import AdapterInfo
+from adapter_store.versions import AdapterInfo
 from adapter_store.validate import ADAPTER_FILES, StoreLimits
 
 _DEFAULT_SOURCE = "the service's default store"

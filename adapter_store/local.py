@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from adapter_store.errors import StoreUnavailableError
-from adapter_store.store import AdapterStore, Progress
+from adapter_store.store import AdapterStore
+from adapter_store.versions import Progress
 
 _TMP_PREFIX = ".tmp-"
 _LOCK_DIR = ".locks"

@@ -35,7 +35,8 @@ from botocore.exceptions import (
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from adapter_store.errors import AdapterNotFoundError, AdapterStoreError, StoreUnavailableError
-from adapter_store.store import AdapterStore, Progress
+from adapter_store.store import AdapterStore
+from adapter_store.versions import Progress
 
 _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                      "InvalidToken", "InvalidClientTokenId", "UnrecognizedClientException", "403"}

@@ -15,14 +15,11 @@ a plain `name` means the caller's own adapter, else the one shared adapter of th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,56 +27,14 @@ from adapter_store.errors import (
     AdapterNotFoundError, AdapterStoreError, ChecksumMismatchError, LimitExceededError,
 )
 from adapter_store.garbage import MANIFEST_FILE, collect_garbage
-from adapter_store.names import check_name, parse_pinned_ref, parse_ref, pinned_ref
+from adapter_store.names import check_name, parse_pinned_ref, parse_ref
 from adapter_store.validate import ADAPTER_FILES, StoreLimits, validate_adapter
+from adapter_store.versions import (AdapterInfo, Progress, adapter_key, file_digest, new_version,
+                                    version_key)
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
-Progress = Callable[[int], None] | None  # called with the number of bytes just moved
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterInfo:
-    """One visible version of an adapter; `tenant` is its owner."""
-
-    tenant: str
-    name: str
-    version: str
-    manifest: dict
-    shared: bool = False
-
-    @property
-    def ref(self) -> str:
-        return pinned_ref(self.tenant, self.name, self.version)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f["size"] for f in self.manifest["files"].values())
-
-
-def _adapter_key(tenant: str, name: str) -> str:
-    return f"tenants/{tenant}/adapters/{name}"
-
-
-def _version_key(tenant: str, name: str, version: str) -> str:
-    return f"{_adapter_key(tenant, name)}/versions/{version}"
-
-
-def new_version() -> str:
-    now = datetime.now(timezone.utc)
-    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond:06d}Z-{secrets.token_hex(3)}"
-
-
-
-
-def file_digest(path: Path) -> dict:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"sha256": digest.hexdigest(), "size": size}
 
 
 class AdapterStore(ABC):
@@ -130,7 +85,7 @@ class AdapterStore(ABC):
         self._check_count(tenant, name, limits)
         version, src = new_version(), Path(src_dir)
         files = {f: file_digest(src / f) for f in ADAPTER_FILES}
-        prefix = _version_key(tenant, name, version)
+        prefix = version_key(tenant, name, version)
         try:
             for filename in ADAPTER_FILES:
                 self._upload_file(f"{prefix}/{filename}", src / filename, progress)
@@ -151,7 +106,7 @@ class AdapterStore(ABC):
         check_name(name)
         if version is not None:
             info = self._resolve_own(tenant, check_name(name), check_name(version, "version"))
-            prefix = _version_key(tenant, name, info.version)
+            prefix = version_key(tenant, name, info.version)
             self._delete(f"{prefix}/{MANIFEST_FILE}")  # invisible first, then the files
             self._delete_prefix(prefix)
             if not self.list_versions(tenant, name):  # a later upload of the name starts unshared
@@ -162,8 +117,8 @@ class AdapterStore(ABC):
             raise self._not_found(name)
         self._delete(f"shared/{tenant}/{name}")
         for info in versions:
-            self._delete(f"{_version_key(tenant, name, info.version)}/{MANIFEST_FILE}")
-        self._delete_prefix(_adapter_key(tenant, name))
+            self._delete(f"{version_key(tenant, name, info.version)}/{MANIFEST_FILE}")
+        self._delete_prefix(adapter_key(tenant, name))
 
     def share(self, tenant: str, name: str, shared: bool = True) -> None:
         """Operator action: let every tenant see and use `tenant`'s adapter `name`."""
@@ -216,7 +171,7 @@ class AdapterStore(ABC):
         if owner != tenant and not self._is_shared(owner, parsed.name):
             return []
         shared = self._is_shared(owner, parsed.name)
-        versions = self._list_children(f"{_adapter_key(owner, parsed.name)}/versions")
+        versions = self._list_children(f"{adapter_key(owner, parsed.name)}/versions")
         infos = (self._read_version(owner, parsed.name, v, shared) for v in sorted(versions))
         return [i for i in infos if i is not None]
 
@@ -236,7 +191,7 @@ class AdapterStore(ABC):
         if filename not in ADAPTER_FILES:
             raise ValueError(f"{filename!r} is not an adapter file; expected one of {ADAPTER_FILES}")
         size = info.manifest["files"][filename]["size"]
-        key = f"{_version_key(info.tenant, info.name, info.version)}/{filename}"
+        key = f"{version_key(info.tenant, info.name, info.version)}/{filename}"
         self._download_file(key, Path(dest), size, progress)
 
     # -- helpers --
@@ -252,14 +207,14 @@ class AdapterStore(ABC):
 
     def _latest(self, owner: str, name: str, shared: bool | None = None) -> list[AdapterInfo]:
         shared = self._is_shared(owner, name) if shared is None else shared
-        for version in sorted(self._list_children(f"{_adapter_key(owner, name)}/versions"), reverse=True):
+        for version in sorted(self._list_children(f"{adapter_key(owner, name)}/versions"), reverse=True):
             info = self._read_version(owner, name, version, shared)
             if info is not None:
                 return [info]
         return []
 
     def _read_version(self, owner: str, name: str, version: str, shared: bool) -> AdapterInfo | None:
-        key = f"{_version_key(owner, name, version)}/{MANIFEST_FILE}"
+        key = f"{version_key(owner, name, version)}/{MANIFEST_FILE}"
         raw = self._read(key)
         if raw is None:
             return None
@@ -315,7 +270,7 @@ class AdapterStore(ABC):
         files of one whose manifest is already gone are a leftover that `gc` removes."""
         try:
             for info in self.list_versions(tenant, name)[:-keep]:
-                old = _version_key(tenant, name, info.version)
+                old = version_key(tenant, name, info.version)
                 self._delete(f"{old}/{MANIFEST_FILE}")  # invisible first, then the files
                 self._delete_prefix(old)
         except (AdapterStoreError, OSError) as exc:

@@ -1,73 +1,14 @@
 """OpenAI-compatible request and response bodies (pydantic: the HTTP edge only)."""
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from adapter_store.errors import InvalidNameError
 from adapter_store.names import check_name
-
-MAX_STOP_SEQUENCES = 4
-MAX_TOKEN_ID_DIGITS = 10  # logit_bias keys: ids of any vocabulary, int() of them stays cheap
-
-
-def find_lone_surrogate(data) -> str | None:
-    """Where in a parsed JSON body a string (or key) holds a lone UTF-16 surrogate, or None.
-
-    JSON's "\\ud800" escape parses into such a string; it has no UTF-8 form, so the
-    tokenizer and every log line downstream would fail on it.
-    """
-    pending = [("", data)]
-    while pending:
-        where, value = pending.pop()
-        if isinstance(value, str):
-            if _has_surrogate(value):
-                return where or "the request"
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(key, str) and _has_surrogate(key):
-                    return f"a key of {where or 'the request'}"
-                pending.append((f"{where}.{key}" if where else str(key), item))
-        elif isinstance(value, list):
-            pending += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
-    return None
-
-
-def _has_surrogate(text: str) -> bool:
-    if text.isascii():
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # the only str that has no UTF-8 form: one with a lone surrogate
-        return True
-    return False
-
-
-# Fields that would change the output and that this server does not implement, with the
-# values that ask for nothing (None always does): any other value is refused by name rather
-# than answered as if it had not been sent. OpenAI's best_of and suffix (completions), chat's
-# audio output, and the sampling extensions vLLM users send through extra_body.
-NO_OP_VALUES: dict[str, tuple] = {
-    "best_of": (1,), "suffix": ("",), "modalities": (["text"],), "audio": (),
-    "min_p": (0, 0.0), "min_tokens": (0,), "use_beam_search": (False,), "prompt_logprobs": (0,),
-    "include_stop_str_in_output": (False,), "guided_json": (), "guided_regex": (),
-    "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
-}
-
-
-COMPLETION_ONLY_NO_OPS = ("best_of", "suffix")  # the others are fields of every request
-
-
-def refuse_unless_no_op(value, info: ValidationInfo):
-    """`value` if it asks for nothing (see NO_OP_VALUES), else a ValueError naming the field."""
-    no_ops = NO_OP_VALUES[info.field_name]
-    # type() too: True == 1 and 0.0 == False, but `"best_of": true` is no request for one
-    if value is None or any(type(value) is type(ok) and value == ok for ok in no_ops):
-        return value
-    allowed = f" or set it to {json.dumps(no_ops[0])}" if no_ops else ""
-    raise ValueError(f"{info.field_name} is not supported by this server; leave it unset{allowed}")
+from deployments.request_rules import (COMPLETION_ONLY_NO_OPS, MAX_STOP_SEQUENCES, MAX_TOKEN_ID_DIGITS,
+                                       NO_OP_VALUES, find_lone_surrogate, refuse_unless_no_op)
 
 
 class StreamOptions(BaseModel):

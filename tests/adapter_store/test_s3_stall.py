@@ -8,7 +8,7 @@ import pytest
 
 from adapter_store.errors import StoreUnavailableError
 from adapter_store.s3 import S3Store
-from adapter_store.store import AdapterInfo
+from adapter_store.versions import AdapterInfo
 
 HANG_GUARD_S = 60.0  # well above what the timeouts allow; a regression fails here, it never hangs
 

@@ -7,7 +7,8 @@ from adapter_store import DiskCache
 from adapter_store.errors import (
     AdapterNotFoundError, ChecksumMismatchError, InvalidNameError, StoreUnavailableError,
 )
-from adapter_store.store import MANIFEST_FILE, file_digest
+from adapter_store.store import MANIFEST_FILE
+from adapter_store.versions import file_digest
 from tests.adapter_store.helpers import CONFIG, WEIGHTS, same_files
 
 

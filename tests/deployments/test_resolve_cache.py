@@ -7,7 +7,7 @@ import pytest
 
 from adapter_store import open_store
 from adapter_store.errors import AdapterNotFoundError, InvalidNameError, StoreUnavailableError
-from adapter_store.store import AdapterInfo
+from adapter_store.versions import AdapterInfo
 
 from deployments.args import AppArgs
 from deployments.resolve_cache import ResolveCache
