@@ -121,7 +121,7 @@ def _group_pairs(tensors: dict[str, Tensor], shape: ModelShape) -> dict[tuple, d
             shared[(parsed.layer, parsed.module)] = (parsed, pattern_module_name(key, parsed), tensor)
             continue
         entry = pairs.setdefault((*parsed.target, parsed.fused), {"key": parsed})
-        entry[parsed.which] = tensor.float()
+        entry[parsed.which] = _as_loaded(parsed.which, tensor)
         entry["name"] = pattern_module_name(key, parsed)
     experts_of: dict[tuple[int, str], list[dict]] = {}  # (layer, module) -> its experts' entries
     for target, entry in pairs.items():
@@ -138,8 +138,14 @@ def _group_pairs(tensors: dict[str, Tensor], shape: ModelShape) -> dict[tuple, d
             if parsed.which in entry:
                 raise AdapterLoadError(f"{entry['name']}: has its own lora_{parsed.which} next to the "
                                        "shared one")
-            entry[parsed.which] = tensor[0].float()
+            entry[parsed.which] = _as_loaded(parsed.which, tensor[0])
     return pairs
+
+
+def _as_loaded(which: str, tensor: Tensor) -> Tensor:
+    """B in fp32, where the scaling is folded into it and rounded once; A as the file holds it
+    (no arithmetic touches A, so an fp32 round trip would only cost a pass over its bytes)."""
+    return tensor.float() if which == "B" else tensor
 
 
 def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtype,
