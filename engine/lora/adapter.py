@@ -170,7 +170,7 @@ def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtyp
             for module, factors in parts.items():
                 adapter.moe[(key.layer, module)] = factors
         elif key.expert is not None:
-            _put_expert(adapter, key, a, b * scale, spec)
+            _put_expert(adapter, key, a, b * scale, spec, dtype)
         else:
             adapter.dense[(key.layer, key.module)] = LoRAFactors(a, b * scale)
     _check_experts_complete(adapter, spec)
@@ -189,11 +189,14 @@ def _check_shapes(entry: dict, key: LoRAKey, rank: int, shape: ModelShape) -> No
                                    f"model needs {want} for rank {rank}")
 
 
-def _put_expert(adapter: LoRAAdapter, key: LoRAKey, a: Tensor, b: Tensor, spec: ModelSpec) -> None:
+def _put_expert(adapter: LoRAAdapter, key: LoRAKey, a: Tensor, b: Tensor, spec: ModelSpec,
+                dtype: torch.dtype) -> None:
+    """Stack one expert's factors into its layer's [E, ...] tensors, made in the final dtype: the
+    fp32 product b * scale is rounded once, on assignment."""
     slot = (key.layer, key.module)
     if slot not in adapter.moe:
         e = spec.num_experts
-        adapter.moe[slot] = LoRAFactors(a.new_zeros(e, *a.shape), b.new_zeros(e, *b.shape))
+        adapter.moe[slot] = LoRAFactors(a.new_zeros(e, *a.shape, dtype=dtype), b.new_zeros(e, *b.shape, dtype=dtype))
     factors = adapter.moe[slot]
     if factors.a.shape[1:] != a.shape or factors.b.shape[1:] != b.shape:
         raise AdapterLoadError(f"layer {key.layer} {key.module}: experts have different ranks")
