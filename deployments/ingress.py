@@ -12,23 +12,20 @@ import shutil
 import uuid
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 import ray
 from ray import serve
 
-from adapter_store.errors import AdapterNotFoundError, AdapterStoreError, InvalidNameError
-from engine.errors import EngineError
+from adapter_store.errors import AdapterNotFoundError, InvalidNameError
 
 from deployments.args import AppArgs
 from deployments.auth import TENANT_HEADER
-from deployments.errors import (APIError, AuthenticationError, BadRequestError, NotFoundError,
-                                PermissionDeniedError,
-                                ServiceUnavailableError, request_validation_error, to_api_error)
-from deployments.http_guards import (BodyLimitMiddleware, BodyTooLarge, DocsSwitch,
-                                     bound_direct_ingress_receive, default_max_body_bytes,
+from deployments.errors import (BadRequestError, NotFoundError, PermissionDeniedError,
+                                ServiceUnavailableError, to_api_error)
+from deployments.http_app import api
+from deployments.http_guards import (bound_direct_ingress_receive, default_max_body_bytes,
                                      map_large_allocations)
 from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
@@ -41,59 +38,6 @@ _BROADCAST_TIMEOUT_S = 10.0
 # store.list_adapters(t) is t's own adapters, then every other tenant's shared ones: keeping
 # only the shared ones gives all shared adapters and no private one, whoever t is.
 _ANY_TENANT = "anonymous"
-api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
-
-
-def _ingress_attr(name: str, default):
-    """An attribute of this replica's Ingress (`default` before it exists)."""
-    try:
-        return getattr(serve.get_replica_context().servable_object, name)
-    except Exception:  # noqa: BLE001 - no replica context: not serving yet
-        return default
-
-
-api.add_middleware(BodyLimitMiddleware, limit=lambda: _ingress_attr("max_body_bytes", None))
-api.add_middleware(DocsSwitch, enabled=lambda: _ingress_attr("api_docs", False))
-
-
-@api.exception_handler(BodyTooLarge)
-async def _body_too_large(_request: Request, exc: BodyTooLarge):
-    return exc.api_error.response()
-
-
-@api.exception_handler(APIError)
-async def _api_error(_request: Request, exc: APIError):
-    return exc.response()
-
-
-@api.exception_handler(AdapterStoreError)
-@api.exception_handler(EngineError)
-async def _typed_error(_request: Request, exc: Exception):
-    api_error = to_api_error(exc)
-    if api_error.status_code >= 500:
-        logger.error("request failed: %s: %s", type(exc).__name__, exc)
-    return api_error.response()
-
-
-@api.exception_handler(Exception)
-async def _unexpected_error(_request: Request, exc: Exception):
-    # OpenAI's error JSON rather than Starlette's plain text; the server log keeps the traceback.
-    return to_api_error(exc).response()
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException):
-    cls = {404: NotFoundError, 401: AuthenticationError}.get(exc.status_code, APIError)
-    error = cls(str(exc.detail), code="http_error")
-    error.status_code = exc.status_code
-    return error.response()
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError):
-    return request_validation_error(list(exc.errors())).response()
-
-
 def adapter_card(info) -> AdapterCard:
     return AdapterCard(id=info.name, name=info.name, version=str(info.version), owner=info.tenant,
                        shared=bool(info.shared), manifest=dict(info.manifest or {}))

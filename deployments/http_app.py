@@ -1,0 +1,69 @@
+"""The ingress's FastAPI app: its body and docs guards and the handlers that turn every error
+into OpenAI's error JSON. `deployments.ingress.Ingress` adds the routes."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapter_store.errors import AdapterStoreError
+from engine.errors import EngineError
+
+from deployments.errors import (APIError, AuthenticationError, NotFoundError, request_validation_error,
+                                to_api_error)
+from deployments.http_guards import BodyLimitMiddleware, BodyTooLarge, DocsSwitch
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
+
+
+def _ingress_attr(name: str, default):
+    """An attribute of this replica's Ingress (`default` before it exists)."""
+    try:
+        return getattr(serve.get_replica_context().servable_object, name)
+    except Exception:  # noqa: BLE001 - no replica context: not serving yet
+        return default
+
+
+api.add_middleware(BodyLimitMiddleware, limit=lambda: _ingress_attr("max_body_bytes", None))
+api.add_middleware(DocsSwitch, enabled=lambda: _ingress_attr("api_docs", False))
+
+
+@api.exception_handler(BodyTooLarge)
+async def _body_too_large(_request: Request, exc: BodyTooLarge):
+    return exc.api_error.response()
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request: Request, exc: APIError):
+    return exc.response()
+
+
+@api.exception_handler(AdapterStoreError)
+@api.exception_handler(EngineError)
+async def _typed_error(_request: Request, exc: Exception):
+    api_error = to_api_error(exc)
+    if api_error.status_code >= 500:
+        logger.error("request failed: %s: %s", type(exc).__name__, exc)
+    return api_error.response()
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(_request: Request, exc: Exception):
+    # OpenAI's error JSON rather than Starlette's plain text; the server log keeps the traceback.
+    return to_api_error(exc).response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException):
+    cls = {404: NotFoundError, 401: AuthenticationError}.get(exc.status_code, APIError)
+    error = cls(str(exc.detail), code="http_error")
+    error.status_code = exc.status_code
+    return error.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError):
+    return request_validation_error(list(exc.errors())).response()
