@@ -22,7 +22,7 @@ import torch
 
 from kernels import DenseLoRAGroup
 from kernels.moe.lora_rows import lora_group_rows_
-from kernels.moe.launch import DENSE_ROWS_TILES, dense_group_triton_, dense_layout, dense_row_parts
+from kernels.moe.dense_launch import DENSE_ROWS_TILES, dense_group_triton_, dense_layout, dense_row_parts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from bench_moe_lora import copy_bandwidth, time_graph

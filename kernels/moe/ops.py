@@ -50,7 +50,7 @@ def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tenso
     """
     if use_triton(x):
         check_dense_args(x, out, lora, slot_ids)
-        from kernels.moe.launch import dense_group_triton_
+        from kernels.moe.dense_launch import dense_group_triton_
         return dense_group_triton_(x, out, DenseLoRAGroup.of(lora), slot_ids, layout)
     return lora_linear_ref_(x, out, lora, slot_ids)
 
@@ -63,7 +63,7 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
     Semantics:
         out[t, off_h:off_h + N_h] += (x[t] @ a_h[s].T) @ b_h[s].T for each projection h, with
         s = slot_ids[t]; rows with s = -1 untouched. On Triton, for the whole group: one launch
-        by token for a few tokens (kernels.moe.launch.dense_path), else one shrink and one
+        by token for a few tokens (kernels.moe.dense_launch.dense_path), else one shrink and one
         expand launch over rows by slot.
     Args:
         x: [T, IN] fp32/fp16/bf16; out: [T, N], N = sum(lora.sections), same dtype.
@@ -73,7 +73,7 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
     """
     check_dense_args(x, out, lora, slot_ids)  # the group's a [S, H*R, IN] and b [S, N, R] as one
     if use_triton(x):
-        from kernels.moe.launch import dense_group_triton_
+        from kernels.moe.dense_launch import dense_group_triton_
         return dense_group_triton_(x, out, lora, slot_ids, layout)
     return lora_group_ref_(x, out, lora, slot_ids)
 
@@ -83,7 +83,7 @@ def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
     Triton path, or for a few tokens, where dense LoRA runs by row without a layout)."""
     if not use_triton(slot_ids):
         return None
-    from kernels.moe.launch import MAX_GROUP_ROWS_PROJECTIONS, dense_layout, dense_path
+    from kernels.moe.dense_launch import MAX_GROUP_ROWS_PROJECTIONS, dense_layout, dense_path
     if dense_path(slot_ids.shape[0], MAX_GROUP_ROWS_PROJECTIONS) == "rows":  # every q/k/v and o group
         return None
     return dense_layout(slot_ids, num_slots)

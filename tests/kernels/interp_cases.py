@@ -108,7 +108,7 @@ def run_dense(name: str) -> dict:
     want = dense_loop_ref(x, out, lora, slots)
     before = out.clone()
     import kernels
-    from kernels.moe.launch import dense_group_triton_, dense_layout
+    from kernels.moe.dense_launch import dense_group_triton_, dense_layout
     shared = before.clone()  # a layout computed once per step, as the attention projections share it
     if "rows" in p["rest"]:
         group = kernels.DenseLoRAGroup.of(lora)
@@ -154,7 +154,7 @@ def run_group(name: str) -> dict:
         t = empty(*args, **kw)
         return t.fill_(float("nan")) if t.is_floating_point() else t
     from kernels.moe.lora_rows import lora_group_rows_
-    from kernels.moe.launch import dense_group_triton_
+    from kernels.moe.dense_launch import dense_group_triton_
     torch.empty = poisoned
     try:
         if "tiles" in p["rest"]:

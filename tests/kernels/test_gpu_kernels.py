@@ -127,7 +127,7 @@ def test_lora_group_qkv_bf16(t, sections, path):
     """q/k/v as one group against the fp64 loop of each projection, by the default path of the
     size (by token up to 64 tokens) and by each path asked for; the second shape's section ends
     admit only a 128-column tile on the split path."""
-    from kernels.moe.launch import dense_group_triton_
+    from kernels.moe.dense_launch import dense_group_triton_
     if path == "rows" and t > 64:
         pytest.skip("a program per token at prefill sizes: not a configuration the engine runs")
     group, x, out, slots, want = _qkv_case(t, sections, t + len(sections))

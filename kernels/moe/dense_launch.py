@@ -1,0 +1,117 @@
+"""Triton paths of dense LoRA groups (attention q/k/v as one group, o alone) over the virtual-
+expert kernels with one expert: rows grouped by slot (DESIGN.md, invariant 6).
+
+Shape legend: T = tokens, S = slots, R = max rank, P = projections of a group, IN = their shared
+input width, OUT = the sum of their output sections.
+    part [T, P*R] = x @ A[s].T      (per projection h: A rows [h*R, h*R + r_h) of slot s)
+    out[:, section h] += part[:, h*R:h*R + r_h] @ B_h[s].T
+"""
+import torch
+import triton
+from torch import Tensor
+
+from kernels.errors import expect
+from kernels.moe.align import VirtualLayout, moe_align_virtual
+from kernels.moe.grouped_gemm import grouped_gemm, k_slices
+from kernels.moe.launch import LORA_BLOCK_M, ROWS_PROGRAMS, SHRINK, _rank_block
+from kernels.moe.lora_rows import MAX_GROUP_ROWS_PROJECTIONS, lora_group_rows_
+from kernels.weights import DenseLoRAGroup
+
+
+def dense_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout:
+    """The virtual layout of dense LoRA (one expert): rows grouped by slot. One step's
+    projections share it (q/k/v/o all see the same per-token slots)."""
+    one_expert = torch.zeros(slot_ids.shape[0], 1, dtype=torch.int32, device=slot_ids.device)
+    return moe_align_virtual(one_expert, slot_ids, 1, LORA_BLOCK_M, num_slots)
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def group_block_n(sections: tuple[int, ...]) -> int:
+    """The expand's N tile of a projection group: at most 256 and, with several projections, a
+    divisor of every section end (a tile must not straddle two); 0 when none of >= 16 exists."""
+    if len(sections) == 1:
+        return min(256, max(16, triton.next_power_of_2(sections[0])))
+    tile = min(256, *(_pow2_divisor(n) for n in sections[:-1]))
+    return tile if tile >= 16 else 0
+
+
+def group_k_splits(num_in: int) -> int:
+    """K slices of a dense shrink: ~2 of its 128-deep K tiles a program, at most 8. At decode
+    size a dense layout has few blocks (64 tokens over 16 slots: 20), and one program walking
+    all of K per block is a chain of 16 dependent loads (H100: ~10 us for ~0.1 us of bytes)."""
+    return max(1, min(8, triton.cdiv(num_in, 2 * SHRINK["block_k"])))
+
+
+# Dense LoRA (q/k/v as one group, o) at small batches: a program per (token, projection, column
+# part) that shrinks and expands in one launch (kernels/moe/lora_rows.py), up to DENSE_ROWS_MAX_TOKENS
+# tokens; the split path (alignment by slot, once a step; a shrink split over K into fp32 partial
+# sums; an expand) above. H200, qwen3 q/k/v + o, 16 adapters (bench_dense_lora.py, RESULTS.md):
+# rows 16.5 / 18.2 / 22.7 / 26.9 us at M = 1 / 8 / 32 / 64 against the split path's 17.7 / 18.1 /
+# 21.0 / 21.1 us plus its alignment (3.6-4.2 us a step): each row program walks all of K before
+# its expand, so where the split path spreads K over programs the row path loses from M = 32 on.
+DENSE_ROWS_MAX_TOKENS = 8
+DENSE_ROWS_TILES = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3}
+DENSE_PATHS = ("auto", "rows", "split")
+
+
+def dense_path(num_tokens: int, num_projections: int) -> str:
+    """Which path adds a dense group's LoRA delta at this size (see DENSE_PATHS)."""
+    ok = num_tokens <= DENSE_ROWS_MAX_TOKENS and num_projections <= MAX_GROUP_ROWS_PROJECTIONS
+    return "rows" if ok else "split"
+
+
+def dense_row_parts(num_tokens: int, num_projections: int) -> int:
+    """Column parts of the widest projection: ~ROWS_PROGRAMS programs a launch, at most 8."""
+    return max(1, min(8, ROWS_PROGRAMS // max(1, num_tokens * num_projections)))
+
+
+def dense_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
+                        layout: VirtualLayout | None = None, path: str = "auto") -> Tensor:
+    """Triton twin of lora_group_ref_ by row or by (slot) block (path: DENSE_PATHS; "auto":
+    dense_path). layout: the step's dense_layout, used by the split path (computed when None)."""
+    expect(path in DENSE_PATHS, f"path must be one of {DENSE_PATHS}, got {path!r}")
+    num_tokens = x.shape[0]
+    if num_tokens == 0:
+        return out
+    path = dense_path(num_tokens, lora.num_projections) if path == "auto" else path
+    if path == "rows":
+        return lora_group_rows_(x, out, lora, slot_ids, parts=dense_row_parts(num_tokens, lora.num_projections),
+                                **DENSE_ROWS_TILES)
+    layout = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)
+    expect(layout.num_rows == num_tokens and layout.block_size == LORA_BLOCK_M,
+           f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {num_tokens} rows")
+    return lora_group_triton_(x, out, lora, layout)
+
+
+def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout) -> Tensor:
+    """Triton twin of lora_group_ref_ over the step's dense layout (one expert, block 16): the
+    virtual-expert shrink split over K for all projections at once, then one expand over the
+    projections' sections of out. A group whose sections no 16-column tile divides runs one
+    projection at a time."""
+    num_tokens, num_in = x.shape
+    if num_tokens == 0:
+        return out
+    block_n = group_block_n(lora.sections)
+    if block_n == 0:
+        for h in range(lora.num_projections):
+            lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout)
+        return out
+    r, heads = lora.max_rank, lora.num_projections
+    rb = _rank_block(r)
+    ks = group_k_splits(num_in)
+    parts = k_slices(num_in, ks, SHRINK["block_k"])[1]  # whole K tiles a slice: maybe fewer than ks
+    part = torch.empty(parts, num_tokens, heads * r, dtype=torch.float32, device=x.device)
+    rank_stride = lora.ranks.stride(0)
+    # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
+    grouped_gemm(x, lora.a.unsqueeze(1), part if ks > 1 else part[0], layout, n=r, k=num_in, splits=(heads, 0, r, r),
+                 ranks=lora.ranks, rank_on="n", rank_split_stride=rank_stride, k_splits=ks,
+                 block_n=rb, block_k=SHRINK["block_k"], num_warps=2, num_stages=2)
+    # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
+    grouped_gemm(part, lora.b.unsqueeze(1), out, layout, n=out.shape[1], k=r, splits=(1, r, 0, 0),
+                 ranks=lora.ranks, rank_on="k", rank_split_stride=rank_stride, accumulate=True,
+                 a_parts=part.shape[0], sections=lora.sections, block_n=block_n, block_k=rb,
+                 num_warps=4, num_stages=1)
+    return out
