@@ -218,8 +218,8 @@ class LLMEngine:
             "lora_host_loads": lora.host_loads if lora else 0,
             "lora_load_seconds": (lora.host_load_seconds + lora.slot_load_seconds) if lora else 0.0,
             "lora_failures": lora.failures if lora else 0,
-            "lora_prefetches": self.scheduler.num_prefetched, "aged_requests": len(self.scheduler.aged),
-            "lora_slot_preemptions": self.scheduler.num_slot_preemptions,
+            "lora_prefetches": self.scheduler.slots.num_prefetched, "aged_requests": len(self.scheduler.slots.aged),
+            "lora_slot_preemptions": self.scheduler.slots.num_slot_preemptions,
             "warmup_seconds": self.runner.warmup_seconds,
             "num_lora_slots": self.runner.num_lora_slots,
             # vLLM's lora_requests_info labels: adapters with a request running / waiting

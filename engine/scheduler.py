@@ -4,39 +4,12 @@ and round-robin fairness between tenants. Plain Python: no torch here.
 Each step spends a token budget: running sequences first (decodes, then the rest of
 chunked prefills), then waiting sequences in admission order: round-robin over tenants,
 FIFO within a tenant, behind the sequences that waited too long for an adapter slot
-(aging, below). A waiting sequence is admitted only when its adapter holds a ready slot
+(aging: engine.slot_policy). A waiting sequence is admitted only when its adapter holds a ready slot
 and its KV blocks fit.
 
-Adapter pressure, three rules:
-- one adapter load in flight per tenant, so a flood of one tenant's adapters cannot take
-  every slot;
-- prefetch: each step, before admission, the first `prefetch_window` waiting sequences in
-  admission order reserve their adapters (LoRAManager.reserve starts the host load, and
-  takes a free slot once the adapter is in the host tier), so an adapter loads while its
-  request queues behind a full batch. Tenants holding fewer slots go first (a slot that
-  frees goes to a tenant that waits, not back to the flood that held it); per tenant, one
-  waiting sequence at a time may hold or load an adapter no running sequence uses; no more
-  distinct adapters than the host tier holds (`max_staged_adapters`) are staged, so
-  prefetched loads do not evict each other from it. A slot that a running sequence
-  references is never evicted (the manager evicts unreferenced slots only);
-- aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
-  steps is visited first (oldest first, one per tenant), and while such a sequence has no
-  slot nobody else takes a slot reference, so the next slot that frees is its own;
-- slot-fair preemption: when a queue head has waited `slot_reclaim_steps` steps (or aged)
-  for a slot, every slot is held, and one tenant holds more than its fair share (slots /
-  tenants that want one, and never less than one slot), that tenant's adapter with the fewest running sequences is
-  preempted (recompute) so its slot drains for the waiting one: long requests over many
-  adapters cannot keep another tenant out until they finish. The wait is short (a few
-  steps), since a tenant under its share loses nothing to a flood only if it gets a slot
-  about as fast as a free one would load; the freed slot goes to it because the prefetch
-  serves tenants holding fewer slots first.
-
-The prefetch is triggered here, not in LoRAManager: only the scheduler knows the admission
-order, the tenants and the aging, and a prefetch is an ordinary `reserve` taken on the
-waiting sequence's behalf, so the slot is reference counted (never evicted before its
-request runs, released if the request is aborted) and the manager stays a cache with no
-second path into its slots. The loads still run on the manager's loader and copy threads:
-the step only asks, it never waits on them.
+Adapter pressure (one load in flight per tenant, prefetch, aging, slot-fair preemption) is
+the slot policy's (engine.slot_policy): the scheduler asks it, before admission, to reserve
+and reclaim slots, and which waiting sequences hold a ready one.
 
 With async scheduling the engine schedules step n+1 while step n runs: a sequence that step n
 samples counts that token as pending (Sequence.num_pending) and decodes it next, its id fed
@@ -44,11 +17,10 @@ on the device; one whose pending token is its last is left out.
 """
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import islice
 
 from engine.block_manager import BlockManager
-from engine.errors import AdapterLoadError
 from engine.sequence import Sequence, SequenceStatus
+from engine.slot_policy import SlotPolicy
 
 
 @dataclass(slots=True)
@@ -77,17 +49,14 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len or float("inf")
         self.block_manager, self.lora_manager = block_manager, lora_manager
-        self.prefetch_window = 2 * max_num_seqs if prefetch_window is None else prefetch_window
-        self.max_adapter_wait_steps, self.max_staged_adapters = max_adapter_wait_steps, max_staged_adapters
-        self.slot_reclaim_steps = slot_reclaim_steps
+        window = 2 * max_num_seqs if prefetch_window is None else prefetch_window
+        self.slots = SlotPolicy(self, lora_manager, window, max_adapter_wait_steps, max_staged_adapters,
+                                slot_reclaim_steps)
         self.waiting: dict[str, deque[Sequence]] = {}
         self.tenant_order: deque[str] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
         self.enqueued_step: dict[int, int] = {}  # seq_id -> the step count when it (re)entered the queue
-        self.aged: list[Sequence] = []  # this step's sequences with first claim on a slot
-        self.num_slot_preemptions = 0  # slots drained for a waiting tenant (_reclaim_slot)
-        self.num_prefetched = 0  # slots the prefetch reserved for sequences a step before admission
 
     @property
     def num_waiting(self) -> int:
@@ -108,14 +77,12 @@ class Scheduler:
         out = SchedulerOutput()
         self.num_steps += 1
         if self.lora_manager is not None:
-            self.lora_manager.collect_loads()
-            self.aged = self._aged_heads()
-            self._reclaim_slot(out)
+            self.slots.begin_step(out)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
-        prefetched = self._prefetch(out) if self.lora_manager is not None and self.prefetch_window > 0 else []
+        prefetched = self.slots.prefetch(out) if self.lora_manager is not None and self.slots.prefetch_window > 0 else []
         if out.num_preempted == 0:  # after the prefetch: slots go to the waiting in its order
             self._admit_waiting(out, budget)
-        self.num_prefetched += sum(seq.status is SequenceStatus.WAITING for seq in prefetched)
+        self.slots.num_prefetched += sum(seq.status is SequenceStatus.WAITING for seq in prefetched)
         out.scheduled.sort(key=lambda entry: entry[1] > 1)  # single-token entries (decodes) first
         return out
 
@@ -153,7 +120,7 @@ class Scheduler:
     def _next_admissible(self, budget: int, out: SchedulerOutput) -> Sequence | None:
         """The first admissible sequence: aged ones first, then round-robin tenant order (FIFO
         within a tenant)."""
-        ready, blocked = self._reserve_aged(out)
+        ready, blocked = self.slots.reserve_aged(out)
         if ready is not None:
             return self._take(ready, budget)
         for tenant in list(self.tenant_order):
@@ -162,7 +129,7 @@ class Scheduler:
             for seq in list(self.waiting[tenant]):
                 if pending and seq.lora is not None and seq.lora_slot is None:
                     continue
-                state = self._adapter_state(seq, out)
+                state = self.slots.adapter_state(seq, out)
                 pending |= state == "loading"
                 if state == "ok":
                     return self._take(seq, budget)
@@ -177,138 +144,6 @@ class Scheduler:
         self._served(seq.tenant)
         return seq
 
-    def _aged_heads(self) -> list[Sequence]:
-        """Tenants' queue heads with an adapter that have waited max_adapter_wait_steps steps or
-        more, oldest first. One per tenant, so aging cannot hand one tenant's flood every slot."""
-        return self._heads_waited(self.max_adapter_wait_steps)
-
-    def _heads_waited(self, steps: int | None) -> list[Sequence]:
-        """Tenants' queue heads with an adapter that have waited `steps` steps or more, oldest
-        first (none when `steps` is None)."""
-        if steps is None:
-            return []
-        since = self.num_steps - steps
-        heads = (self.waiting[tenant][0] for tenant in self.tenant_order)
-        return sorted((seq for seq in heads if seq.lora is not None and self._enqueued(seq) <= since),
-                      key=self._enqueued)
-
-    def _enqueued(self, seq: Sequence) -> int:
-        return self.enqueued_step.get(seq.seq_id, self.num_steps)
-
-    def _reserve_aged(self, out: SchedulerOutput) -> tuple[Sequence | None, bool]:
-        """Reserve the aged sequences' adapters, oldest first, until one finds no slot. Returns
-        the first whose slot is ready, and whether one found no slot: nobody behind it may then
-        take a slot reference (not even to a resident adapter, whose slot would then never
-        drain), so the next slot that frees is its own."""
-        ready = None
-        for seq in [s for s in self.aged if s.status is SequenceStatus.WAITING]:
-            state = self._adapter_state(seq, out)
-            if state == "loading" and seq.lora_slot is None:
-                return ready, True
-            if state == "ok" and ready is None:
-                ready = seq
-        return ready, False
-
-    def _reclaim_slot(self, out: SchedulerOutput) -> None:
-        """Slot-fair preemption (see the module docstring) for the first sequence without a slot,
-        aged ones then slot_reclaim_steps-old queue heads, oldest first, whose tenant some other
-        tenant out-holds beyond its fair share: preempts the running sequences of that tenant's
-        adapter with the fewest, drops waiting reservations of its slot, and gives the claimant
-        first claim (`self.aged`) on the slot that frees."""
-        aged = [s for s in self.aged if s.status is SequenceStatus.WAITING and s.lora_slot is None]
-        claimants = [*aged, *(s for s in self._heads_waited(self.slot_reclaim_steps)
-                              if s.lora_slot is None and s not in aged)]
-        if not claimants:
-            return
-        held: dict[str, dict[int, list[Sequence]]] = {}  # tenant -> slot -> its running sequences
-        for seq in self.running:
-            if seq.lora_slot is not None:
-                held.setdefault(seq.tenant, {}).setdefault(seq.lora_slot, []).append(seq)
-        for claimant in claimants:
-            if not self.lora_manager.waits_for_slot(claimant.lora.lora_name):
-                continue
-            # a tenant's one slot is never taken: with more tenants than slots, slots turn over
-            # as requests end, and preempting single holders would only trade recomputes
-            fair = max(1.0, self.lora_manager.num_slots / len(set(held) | {claimant.tenant}))
-            victim = max((t for t in held if t != claimant.tenant), key=lambda t: len(held[t]), default=None)
-            if victim is None or len(held[victim]) <= fair:
-                continue
-            slot, seqs = min(held[victim].items(), key=lambda item: len(item[1]))
-            for seq in seqs:
-                self.preempt(seq)
-                out.num_preempted += 1
-            for seq in (s for queue in self.waiting.values() for s in queue if s.lora_slot == slot):
-                self._release_slot(seq)
-            self.aged = [claimant, *(s for s in self.aged if s is not claimant)]
-            self.num_slot_preemptions += 1
-            return
-
-    def _prefetch(self, out: SchedulerOutput) -> list[Sequence]:
-        """Reserve the adapters of the first prefetch_window waiting sequences, in admission order
-        but tenants holding fewer slots first (a freed slot goes to a tenant that waits, not to
-        the flood that held it), one staged adapter per tenant, at most max_staged_adapters in
-        all. Adapters of running sequences need no staging: their slots are resident. Returns
-        the sequences it gave a slot."""
-        _, blocked = self._reserve_aged(out)
-        in_use = {seq.lora.lora_name for seq in self.running if seq.lora is not None}
-        window = self._lookahead()
-        held = self._slots_held(window)
-        staged, staged_tenants, reserved = 0, set(), []
-        for seq in sorted(window, key=lambda s: len(held.get(s.tenant, ()))):
-            if seq.lora is None or seq.status is not SequenceStatus.WAITING:
-                continue
-            name, had_slot = seq.lora.lora_name, seq.lora_slot is not None
-            new = name not in in_use
-            full = self.max_staged_adapters is not None and staged >= self.max_staged_adapters
-            if not had_slot and (blocked or (new and (full or seq.tenant in staged_tenants))):
-                continue
-            if self._adapter_state(seq, out) == "skip":
-                continue
-            if not had_slot and seq.lora_slot is not None:
-                reserved.append(seq)
-            if new:
-                staged += 1
-                staged_tenants.add(seq.tenant)
-                in_use.add(name)
-        return reserved
-
-    def _slots_held(self, window: list[Sequence]) -> dict[str, set[int]]:
-        """Per tenant, the slots its running sequences and the window's sequences reference."""
-        held: dict[str, set[int]] = {}
-        for seq in (*self.running, *window):
-            if seq.lora_slot is not None:
-                held.setdefault(seq.tenant, set()).add(seq.lora_slot)
-        return held
-
-    def _lookahead(self) -> list[Sequence]:
-        """The first prefetch_window waiting sequences in admission order: every tenant's k-th
-        before any tenant's (k+1)-th, tenants in round-robin order, FIFO within one. O(window)
-        however deep the queues."""
-        window, order = self.prefetch_window, []
-        cursors = deque(iter(self.waiting[tenant]) for tenant in islice(self.tenant_order, window))
-        while cursors and len(order) < window:
-            cursor = cursors.popleft()
-            seq = next(cursor, None)
-            if seq is not None:
-                order.append(seq)
-                cursors.append(cursor)
-        return order
-
-    def _adapter_state(self, seq: Sequence, out: SchedulerOutput) -> str:
-        if seq.lora is None:
-            return "ok"
-        try:
-            if seq.lora_slot is None:
-                seq.lora_slot = self.lora_manager.reserve(seq.lora.lora_name, seq.lora.lora_path)
-                if seq.lora_slot is None:
-                    return "loading"  # on its way into the host tier, or no slot free
-            return "ok" if self.lora_manager.is_ready(seq.lora_slot) else "loading"
-        except AdapterLoadError as exc:
-            seq.error = exc
-            self.finish(seq, "abort")
-            out.failed.append(seq)
-            return "skip"
-
     def _served(self, tenant: str) -> None:
         self.tenant_order.remove(tenant)
         if self.waiting[tenant]:
@@ -320,7 +155,7 @@ class Scheduler:
         """Free seq's KV blocks and slot; it re-enters the front of the queue to be recomputed."""
         self.running.remove(seq)
         self.block_manager.deallocate(seq)
-        self._release_slot(seq)
+        self.release_slot(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.add(seq, front=True)
@@ -336,9 +171,9 @@ class Scheduler:
             self.enqueued_step.pop(seq.seq_id, None)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.block_manager.deallocate(seq)
-        self._release_slot(seq)
+        self.release_slot(seq)
 
-    def _release_slot(self, seq: Sequence) -> None:
+    def release_slot(self, seq: Sequence) -> None:
         if seq.lora_slot is not None:
             self.lora_manager.release(seq.lora_slot)
             seq.lora_slot = None

@@ -87,7 +87,7 @@ def test_queued_requests_load_their_adapters_before_admission_in_queue_order():
         assert manager.resident() == {"t1/a": 0, "t2/b": 1, "t9/z": 2} and z.lora_slot == 2
         assert manager.is_ready(2) and c.lora_slot is None and e.lora_slot is None
         assert {"t3/c", "t5/e"} <= set(manager.host)  # the others wait in the host tier
-        assert sched.num_prefetched == 1 and len(manager.host_loaded) == 5
+        assert sched.slots.num_prefetched == 1 and len(manager.host_loaded) == 5
     finally:
         manager.shutdown()
 
@@ -169,9 +169,9 @@ def test_slot_fair_preemption_with_the_real_manager_gives_the_aged_request_a_slo
     sched.add(short)
     run_round(sched)  # its host load starts
     run_round(sched)  # the load lands in the host tier; both slots stay referenced, not aged yet
-    assert manager.waits_for_slot("short/ad") and sched.num_slot_preemptions == 0
+    assert manager.waits_for_slot("short/ad") and sched.slots.num_slot_preemptions == 0
     for _ in range(8):
         run_round(sched)
-    assert short.status is not SequenceStatus.WAITING and sched.num_slot_preemptions == 1
+    assert short.status is not SequenceStatus.WAITING and sched.slots.num_slot_preemptions == 1
     assert sorted(s.status.name for s in longs) == ["RUNNING", "WAITING"]
     assert not manager.waits_for_slot("short/ad")

@@ -178,7 +178,7 @@ def test_a_tenant_holding_every_slot_with_long_requests_gives_one_back_to_an_age
     longs, short = long_requests_hold_every_slot(sim, 4)
     run_to_completion(sim)
     assert sim.admitted[short.seq_id] - sim.arrived[short.seq_id] <= 20 + LOAD_STEPS + 3
-    assert sim.sched.num_slot_preemptions == 1
+    assert sim.sched.slots.num_slot_preemptions == 1
     assert sum(s.num_preemptions for s in longs) == 1
 
 
@@ -203,7 +203,7 @@ def test_no_slot_is_taken_from_a_tenant_at_its_fair_share():
     extra = sim.add("b", "other", max_tokens=2)
     for _ in range(60):
         sim.step()
-    assert extra.status is SequenceStatus.WAITING and sim.sched.num_slot_preemptions == 0
+    assert extra.status is SequenceStatus.WAITING and sim.sched.slots.num_slot_preemptions == 0
 
 
 def test_a_slotless_head_gets_a_slot_drained_after_slot_reclaim_steps_without_aging():
@@ -211,7 +211,7 @@ def test_a_slotless_head_gets_a_slot_drained_after_slot_reclaim_steps_without_ag
     longs, short = long_requests_hold_every_slot(sim, 4)
     run_to_completion(sim)
     assert sim.admitted[short.seq_id] - sim.arrived[short.seq_id] <= 3 + LOAD_STEPS + 2
-    assert sim.sched.num_slot_preemptions == 1 and sum(s.num_preemptions for s in longs) == 1
+    assert sim.sched.slots.num_slot_preemptions == 1 and sum(s.num_preemptions for s in longs) == 1
 
 
 def test_a_floods_own_older_waiting_requests_neither_block_nor_take_the_drained_slot():
@@ -233,7 +233,7 @@ def test_a_floods_own_older_waiting_requests_neither_block_nor_take_the_drained_
     assert all(s.status is SequenceStatus.WAITING for s in queued)
     for _ in range(200):
         sim.step()
-    assert sim.sched.num_slot_preemptions == 1
+    assert sim.sched.slots.num_slot_preemptions == 1
 
 
 def test_with_more_tenants_than_slots_no_single_slot_is_preempted():
@@ -243,4 +243,4 @@ def test_with_more_tenants_than_slots_no_single_slot_is_preempted():
     for t in range(8):
         sim.add(f"t{t}", "ad", max_tokens=60)
     run_to_completion(sim)
-    assert sim.sched.num_slot_preemptions == 0
+    assert sim.sched.slots.num_slot_preemptions == 0

@@ -1,0 +1,197 @@
+"""SlotPolicy: which waiting sequences get an adapter slot, and when one is drained for them.
+
+Adapter pressure, the rules:
+- one adapter load in flight per tenant, so a flood of one tenant's adapters cannot take
+  every slot;
+- prefetch: each step, before admission, the first `prefetch_window` waiting sequences in
+  admission order reserve their adapters (LoRAManager.reserve starts the host load, and
+  takes a free slot once the adapter is in the host tier), so an adapter loads while its
+  request queues behind a full batch. Tenants holding fewer slots go first (a slot that
+  frees goes to a tenant that waits, not back to the flood that held it); per tenant, one
+  waiting sequence at a time may hold or load an adapter no running sequence uses; no more
+  distinct adapters than the host tier holds (`max_staged_adapters`) are staged, so
+  prefetched loads do not evict each other from it. A slot that a running sequence
+  references is never evicted (the manager evicts unreferenced slots only);
+- aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
+  steps is visited first (oldest first, one per tenant), and while such a sequence has no
+  slot nobody else takes a slot reference, so the next slot that frees is its own;
+- slot-fair preemption: when a queue head has waited `slot_reclaim_steps` steps (or aged)
+  for a slot, every slot is held, and one tenant holds more than its fair share (slots /
+  tenants that want one, and never less than one slot), that tenant's adapter with the fewest running sequences is
+  preempted (recompute) so its slot drains for the waiting one: long requests over many
+  adapters cannot keep another tenant out until they finish. The wait is short (a few
+  steps), since a tenant under its share loses nothing to a flood only if it gets a slot
+  about as fast as a free one would load; the freed slot goes to it because the prefetch
+  serves tenants holding fewer slots first.
+
+The prefetch is triggered here, not in LoRAManager: only the scheduler's queues know the
+admission order, the tenants and the aging, and a prefetch is an ordinary `reserve` taken on the
+waiting sequence's behalf, so the slot is reference counted (never evicted before its
+request runs, released if the request is aborted) and the manager stays a cache with no
+second path into its slots. The loads still run on the manager's loader and copy threads:
+the step only asks, it never waits on them.
+"""
+from __future__ import annotations
+
+from collections import deque
+from itertools import islice
+from typing import TYPE_CHECKING
+
+from engine.errors import AdapterLoadError
+from engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from engine.scheduler import Scheduler, SchedulerOutput
+
+
+class SlotPolicy:
+    """The adapter-slot side of a Scheduler (`sched`): reads its queues, preempts through it."""
+
+    def __init__(self, sched: Scheduler, lora_manager, prefetch_window: int, max_adapter_wait_steps: int | None,
+                 max_staged_adapters: int | None, slot_reclaim_steps: int | None):
+        self.sched, self.lora_manager = sched, lora_manager
+        self.prefetch_window = prefetch_window
+        self.max_adapter_wait_steps, self.max_staged_adapters = max_adapter_wait_steps, max_staged_adapters
+        self.slot_reclaim_steps = slot_reclaim_steps
+        self.aged: list[Sequence] = []  # this step's sequences with first claim on a slot
+        self.num_slot_preemptions = 0  # slots drained for a waiting tenant (_reclaim)
+        self.num_prefetched = 0  # slots the prefetch reserved for sequences a step before admission
+
+    def begin_step(self, out: SchedulerOutput) -> None:
+        """Before the step's scheduling: take finished loads, find the aged heads, and drain a
+        slot for one of them if a tenant out-holds it (slot-fair preemption)."""
+        self.lora_manager.collect_loads()
+        self.aged = self._aged_heads()
+        self._reclaim(out)
+
+    def _aged_heads(self) -> list[Sequence]:
+        """Tenants' queue heads with an adapter that have waited max_adapter_wait_steps steps or
+        more, oldest first. One per tenant, so aging cannot hand one tenant's flood every slot."""
+        return self._heads_waited(self.max_adapter_wait_steps)
+
+    def _heads_waited(self, steps: int | None) -> list[Sequence]:
+        """Tenants' queue heads with an adapter that have waited `steps` steps or more, oldest
+        first (none when `steps` is None)."""
+        if steps is None:
+            return []
+        since = self.sched.num_steps - steps
+        heads = (self.sched.waiting[tenant][0] for tenant in self.sched.tenant_order)
+        return sorted((seq for seq in heads if seq.lora is not None and self._enqueued(seq) <= since),
+                      key=self._enqueued)
+
+    def _enqueued(self, seq: Sequence) -> int:
+        return self.sched.enqueued_step.get(seq.seq_id, self.sched.num_steps)
+
+    def reserve_aged(self, out: SchedulerOutput) -> tuple[Sequence | None, bool]:
+        """Reserve the aged sequences' adapters, oldest first, until one finds no slot. Returns
+        the first whose slot is ready, and whether one found no slot: nobody behind it may then
+        take a slot reference (not even to a resident adapter, whose slot would then never
+        drain), so the next slot that frees is its own."""
+        ready = None
+        for seq in [s for s in self.aged if s.status is SequenceStatus.WAITING]:
+            state = self.adapter_state(seq, out)
+            if state == "loading" and seq.lora_slot is None:
+                return ready, True
+            if state == "ok" and ready is None:
+                ready = seq
+        return ready, False
+
+    def _reclaim(self, out: SchedulerOutput) -> None:
+        """Slot-fair preemption (see the module docstring) for the first sequence without a slot,
+        aged ones then slot_reclaim_steps-old queue heads, oldest first, whose tenant some other
+        tenant out-holds beyond its fair share: preempts the running sequences of that tenant's
+        adapter with the fewest, drops waiting reservations of its slot, and gives the claimant
+        first claim (`self.aged`) on the slot that frees."""
+        aged = [s for s in self.aged if s.status is SequenceStatus.WAITING and s.lora_slot is None]
+        claimants = [*aged, *(s for s in self._heads_waited(self.slot_reclaim_steps)
+                              if s.lora_slot is None and s not in aged)]
+        if not claimants:
+            return
+        held: dict[str, dict[int, list[Sequence]]] = {}  # tenant -> slot -> its running sequences
+        for seq in self.sched.running:
+            if seq.lora_slot is not None:
+                held.setdefault(seq.tenant, {}).setdefault(seq.lora_slot, []).append(seq)
+        for claimant in claimants:
+            if not self.lora_manager.waits_for_slot(claimant.lora.lora_name):
+                continue
+            # a tenant's one slot is never taken: with more tenants than slots, slots turn over
+            # as requests end, and preempting single holders would only trade recomputes
+            fair = max(1.0, self.lora_manager.num_slots / len(set(held) | {claimant.tenant}))
+            victim = max((t for t in held if t != claimant.tenant), key=lambda t: len(held[t]), default=None)
+            if victim is None or len(held[victim]) <= fair:
+                continue
+            slot, seqs = min(held[victim].items(), key=lambda item: len(item[1]))
+            for seq in seqs:
+                self.sched.preempt(seq)
+                out.num_preempted += 1
+            for seq in (s for queue in self.sched.waiting.values() for s in queue if s.lora_slot == slot):
+                self.sched.release_slot(seq)
+            self.aged = [claimant, *(s for s in self.aged if s is not claimant)]
+            self.num_slot_preemptions += 1
+            return
+
+    def prefetch(self, out: SchedulerOutput) -> list[Sequence]:
+        """Reserve the adapters of the first prefetch_window waiting sequences, in admission order
+        but tenants holding fewer slots first (a freed slot goes to a tenant that waits, not to
+        the flood that held it), one staged adapter per tenant, at most max_staged_adapters in
+        all. Adapters of running sequences need no staging: their slots are resident. Returns
+        the sequences it gave a slot."""
+        _, blocked = self.reserve_aged(out)
+        in_use = {seq.lora.lora_name for seq in self.sched.running if seq.lora is not None}
+        window = self._lookahead()
+        held = self._slots_held(window)
+        staged, staged_tenants, reserved = 0, set(), []
+        for seq in sorted(window, key=lambda s: len(held.get(s.tenant, ()))):
+            if seq.lora is None or seq.status is not SequenceStatus.WAITING:
+                continue
+            name, had_slot = seq.lora.lora_name, seq.lora_slot is not None
+            new = name not in in_use
+            full = self.max_staged_adapters is not None and staged >= self.max_staged_adapters
+            if not had_slot and (blocked or (new and (full or seq.tenant in staged_tenants))):
+                continue
+            if self.adapter_state(seq, out) == "skip":
+                continue
+            if not had_slot and seq.lora_slot is not None:
+                reserved.append(seq)
+            if new:
+                staged += 1
+                staged_tenants.add(seq.tenant)
+                in_use.add(name)
+        return reserved
+
+    def _slots_held(self, window: list[Sequence]) -> dict[str, set[int]]:
+        """Per tenant, the slots its running sequences and the window's sequences reference."""
+        held: dict[str, set[int]] = {}
+        for seq in (*self.sched.running, *window):
+            if seq.lora_slot is not None:
+                held.setdefault(seq.tenant, set()).add(seq.lora_slot)
+        return held
+
+    def _lookahead(self) -> list[Sequence]:
+        """The first prefetch_window waiting sequences in admission order: every tenant's k-th
+        before any tenant's (k+1)-th, tenants in round-robin order, FIFO within one. O(window)
+        however deep the queues."""
+        window, order = self.prefetch_window, []
+        cursors = deque(iter(self.sched.waiting[tenant]) for tenant in islice(self.sched.tenant_order, window))
+        while cursors and len(order) < window:
+            cursor = cursors.popleft()
+            seq = next(cursor, None)
+            if seq is not None:
+                order.append(seq)
+                cursors.append(cursor)
+        return order
+
+    def adapter_state(self, seq: Sequence, out: SchedulerOutput) -> str:
+        if seq.lora is None:
+            return "ok"
+        try:
+            if seq.lora_slot is None:
+                seq.lora_slot = self.lora_manager.reserve(seq.lora.lora_name, seq.lora.lora_path)
+                if seq.lora_slot is None:
+                    return "loading"  # on its way into the host tier, or no slot free
+            return "ok" if self.lora_manager.is_ready(seq.lora_slot) else "loading"
+        except AdapterLoadError as exc:
+            seq.error = exc
+            self.sched.finish(seq, "abort")
+            out.failed.append(seq)
+            return "skip"
