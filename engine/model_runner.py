@@ -21,10 +21,10 @@ from engine.lora.slots import SlotPools
 from engine.memory import plan_memory
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
-from engine.sampler import Penalties, SamplingTensors, sample
-from engine.sampling_params import SamplingParams
+from engine.sampler import sample
+from engine.sampling_inputs import SamplingInputs
 from engine.sequence import Sequence
-from kernels.moe.launch import token_breakpoints
+from engine.warmup import run_warmup
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30  # activations of the largest step and the graphs' pool (CUDA)
 STARTUP_PARTS = ("weights", "kv_and_slots", "prefill_graphs", "decode_graphs", "warmup")
@@ -88,7 +88,7 @@ class ModelRunner:
             with self._timed("decode_graphs"):
                 self.graphs = self._capture_graphs()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        self.seq_generators: dict[int, torch.Generator] = {}
+        self.sampling = SamplingInputs(spec.vocab_size, self.device, self._tensor)
         if config.warmup and self.device.type == "cuda":  # on CPU nothing compiles: tests call warmup()
             with self._timed("warmup"):
                 try:
@@ -226,50 +226,8 @@ class ModelRunner:
             group.context_lens = self._tensor([seq.num_computed_tokens + n for seq, n in part], torch.int32)
         return group
 
-    def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
-        vocab = self.spec.vocab_size
-        temps = [s.params.temperature for s in seqs]
-        penalties = self._penalties(seqs) if any(s.params.uses_history for s in seqs) else None
-        bias = self._logit_bias(seqs) if any(s.params.logit_bias for s in seqs) else None
-        if all(t == 0 for t in temps):  # argmax only: no per-sequence tensors to build and copy
-            return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties, bias=bias)
-        gens = [self._generator(s) for s in seqs]
-        return SamplingTensors(
-            temperatures=self._tensor(temps, torch.float32),
-            top_ps=self._tensor([s.params.top_p for s in seqs], torch.float32),
-            top_ks=self._tensor([min(s.params.top_k or vocab, vocab) for s in seqs], torch.long),
-            generators=gens, all_greedy=all(t == 0 for t in temps), penalties=penalties, bias=bias)
-
-    def _logit_bias(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
-        vocab = self.spec.vocab_size
-        entries = [(row, t, b) for row, s in enumerate(seqs) for t, b in (s.params.logit_bias or {}).items()
-                   if t < vocab]  # ids past the vocabulary have no logit to move
-        rows, ids, biases = zip(*entries) if entries else ((), (), ())
-        return (self._tensor(list(rows), torch.long), self._tensor(list(ids), torch.long),
-                self._tensor(list(biases), torch.float32))
-
-    def _penalties(self, seqs: list[Sequence]) -> Penalties:
-        """Per-sequence penalties and token histories (the engine launches a step with a penalty
-        only once every token of it is known on the host: no pending ones)."""
-        vocab = self.spec.vocab_size
-        pad = lambda rows: [r + [vocab] * (max(map(len, rows), default=0) + 1 - len(r)) for r in rows]  # noqa: E731
-        return Penalties(
-            frequency=self._tensor([s.params.frequency_penalty for s in seqs], torch.float32),
-            presence=self._tensor([s.params.presence_penalty for s in seqs], torch.float32),
-            repetition=self._tensor([s.params.repetition_penalty for s in seqs], torch.float32),
-            output_ids=self._tensor(pad([s.output_token_ids for s in seqs]), torch.long),
-            seen_ids=self._tensor(pad([s.prompt_token_ids + s.output_token_ids for s in seqs]), torch.long))
-
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.seed is None:
-            return None
-        gen = self.seq_generators.get(seq.seq_id)
-        if gen is None:
-            gen = self.seq_generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
-        return gen
-
     def release(self, seq: Sequence) -> None:
-        self.seq_generators.pop(seq.seq_id, None)
+        self.sampling.release(seq)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], all_logits: bool = False,
@@ -309,7 +267,7 @@ class ModelRunner:
         step = LaunchedStep(samples, {seq.seq_id: i for i, seq in enumerate(sampled)}, None, None,
                             logits=kept if all_logits else (logits if return_logits else None))
         if sampled:
-            step.tokens = sample(logits, self._sampling_tensors(sampled), self.generator)
+            step.tokens = sample(logits, self.sampling.tensors(sampled), self.generator)
             self._read_back(step)
         return step
 
@@ -359,66 +317,9 @@ class ModelRunner:
     # ---- warm-up ----------------------------------------------------------------
     @torch.inference_mode()
     def warmup(self) -> float:
-        """Dummy steps through prepare() / forward / compute_logits, so the Triton specialisations
-        of eager (prefill and mixed) steps compile at start-up instead of in a user's request.
-
-        Covers a full prefill group (max_num_batched_tokens), a small odd-sized one, one on each
-        side of every size where a kernel launch choice changes (kernels.moe.launch
-        .token_breakpoints), lone decodes at doubling contexts, and a mixed step (decodes + a
-        prefill chunk), each without LoRA and with slot 0 alternating with no adapter.
-        Every dummy sequence's blocks are the scratch block, so no owned KV block is written;
-        nothing is sampled, so no generator moves. Returns the seconds it took (also added to
-        warmup_seconds)."""
-        start = time.perf_counter()
-        # with LoRA, the dummy sequences alternate between slot 0 (zeros now) and the base model,
-        # slot 0 first so a one-sequence step runs with an adapter
-        slot_cycles = [[None]] + ([[0, None]] if self.slot_pools is not None else [])
-        for shape in self._warmup_shapes():
-            for slots in slot_cycles:
-                scheduled = [self._dummy_entry(done, n, slots[i % len(slots)])
-                             for i, (done, n) in enumerate(shape)]
-                input_ids, batch, rows = self.prepare(scheduled)
-                self.model.compute_logits(self.model(input_ids, batch)[self._tensor(rows, torch.long)])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
+        """Dummy eager steps that compile the Triton specialisations of the steps to come
+        (engine.warmup); returns the seconds it took (also added to warmup_seconds)."""
+        seconds = run_warmup(self)
         self.warmup_seconds += seconds
         log.info("warm-up of prefill and mixed steps took %.2f s", seconds)
         return seconds
-
-    def _warmup_shapes(self) -> list[list[tuple[int, int]]]:
-        """Steps as (computed tokens, new tokens) per dummy sequence, decodes first."""
-        c = self.config
-        longest = max(c.max_model_len - 1, 2)  # a prompt is shorter than max_model_len
-        budget = min(c.max_num_batched_tokens, c.max_num_seqs * longest)
-        num_full = max(-(-budget // longest), 2 if budget >= 4 and c.max_num_seqs >= 2 else 1)
-        full = [budget // num_full + (i < budget % num_full) for i in range(num_full)]  # even split
-        small = [2, 3] if c.max_num_batched_tokens >= 5 and c.max_num_seqs >= 2 else [min(3, budget)]
-        num_decodes = min(3, c.max_num_seqs - 1, c.max_num_batched_tokens - 2)
-        chunk = min(longest, c.max_num_batched_tokens - num_decodes)
-        context = min(c.block_size + 1, c.max_model_len - 1)  # decodes reading more than one block
-        mixed = [(context, 1)] * max(num_decodes, 0) + [(0, chunk)]
-        shapes = [[(0, n) for n in full], [(0, n) for n in small]]
-        # prefills on both sides of every size where a kernel launch choice changes (base tile
-        # rows, alignment path and its power-of-two tiles, expand path): a step of any other size
-        # compiles nothing new (tests/engine/test_warmup.py checks it)
-        for n in token_breakpoints(self.spec.num_experts, self.spec.top_k, budget):
-            if n not in (sum(small), budget):  # those two run above
-                parts = max(-(-n // longest), 1)
-                shapes.append([(0, n // parts + (i < n % parts)) for i in range(parts)])
-        # lone decodes at contexts doubling from 128 keys: on the GPU the decode kernel's partition
-        # count (a power-of-two constexpr that grows with the context) takes each of its values
-        ctx = 128
-        while ctx < c.max_model_len:
-            shapes.append([(min(ctx, c.max_model_len - 2), 1)])  # the last one at the longest context
-            ctx *= 2
-        return shapes + ([mixed] if num_decodes > 0 and chunk > 1 else [])
-
-    def _dummy_entry(self, num_computed: int, num_new: int, lora_slot: int | None) -> tuple[Sequence, int]:
-        """A dummy sequence whose every block is the scratch block (no sequence owns it)."""
-        total = num_computed + num_new
-        token_ids = [i % self.spec.vocab_size for i in range(total)]  # id 0 may embed to zeros
-        seq = Sequence(-1, "warmup", token_ids, SamplingParams(max_tokens=1), lora_slot=lora_slot)
-        seq.num_computed_tokens = num_computed
-        seq.block_table = [self.num_kv_blocks] * -(-total // self.config.block_size)
-        return seq, num_new

@@ -4,6 +4,7 @@ import torch
 
 import kernels
 from engine import LoRARequest, SamplingParams
+from engine.warmup import dummy_entry, warmup_shapes
 from tests.engine.helpers import PROMPTS, make_engine, tiny_qwen3_config, wait_for_adapters
 
 FAMILY = "qwen3_moe"
@@ -59,7 +60,8 @@ def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoi
     calls = record_forwards(engine)
     engine.runner.warmup()
     # each shape without and with LoRA; with, the dummy sequences alternate slot 0 and no adapter
-    mixes = [[0] if len(shape) == 1 else [-1, 0] for shape in engine.runner._warmup_shapes()]
+    shapes = warmup_shapes(engine.runner.config, engine.runner.spec)
+    mixes = [[0] if len(shape) == 1 else [-1, 0] for shape in shapes]
     assert len(mixes) >= 5 and [c["lora"] for c in calls] == [m for mix in mixes for m in (None, mix)]
     num_moe, num_layers = len(engine.runner.model.moe_layers()), engine.spec.num_layers
     assert num_moe > 0 and seen["fused_moe"] == [m for mix in mixes for m in [None] * num_moe + [mix] * num_moe]
@@ -102,7 +104,7 @@ def test_warmup_reaches_the_mid_sized_base_moe_tiles(checkpoints):
     from kernels.moe.launch import _base_block_m
     engine = make_engine(checkpoints[FAMILY], **{**SMALL, "max_num_batched_tokens": 1024, "max_num_seqs": 32})
     spec, longest = engine.spec, engine.config.max_model_len - 1
-    shapes = engine.runner._warmup_shapes()
+    shapes = warmup_shapes(engine.runner.config, engine.runner.spec)
     tiles = {_base_block_m(sum(n for _, n in shape) * spec.top_k, spec.num_experts) for shape in shapes}
     assert {16, 32, 64, 128} <= tiles, tiles
     assert all(n <= longest for shape in shapes for _, n in shape)
@@ -147,18 +149,18 @@ def test_no_step_shape_compiles_a_kernel_the_warmup_did_not(monkeypatch, experts
         for decodes in range(1, 17):  # eager decode steps (enforce_eager, or no graph fits)
             steps.append([(rng.randint(0, 600), 1, slot()) for _ in range(decodes)])
         for step in steps:
-            scheduled = [runner._dummy_entry(*entry) for entry in step]
+            scheduled = [dummy_entry(runner, *entry) for entry in step]
             input_ids, batch, rows = runner.prepare(sorted(scheduled, key=lambda e: e[1] > 1))
             runner.model.compute_logits(runner.model(input_ids, batch)[runner._tensor(rows, torch.long)])
         for _ in range(120):
             decodes, budget = rng.randint(0, 16), 2048
-            scheduled = [runner._dummy_entry(rng.randint(0, 600), 1, slot()) for _ in range(decodes)]
+            scheduled = [dummy_entry(runner, rng.randint(0, 600), 1, slot()) for _ in range(decodes)]
             for _ in range(rng.randint(1, 4)):  # prefill chunks, some after a cached prefix
                 done = rng.choice([0, 0, rng.randint(1, 300)])
                 n = min(budget - decodes - sum(k for _, k in scheduled[decodes:]), 639 - done,
                         rng.choice([rng.randint(1, 64), rng.randint(1, 639), 2048]))
                 if n > 0:
-                    scheduled.append(runner._dummy_entry(done, n, slot()))
+                    scheduled.append(dummy_entry(runner, done, n, slot()))
             input_ids, batch, rows = runner.prepare(scheduled)
             runner.model.compute_logits(runner.model(input_ids, batch)[runner._tensor(rows, torch.long)])
         new = recorder.take() - warm

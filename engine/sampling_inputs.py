@@ -1,0 +1,65 @@
+"""SamplingInputs: a step's sampling settings as device tensors, one row per sampled sequence.
+
+Temperatures, top-p / top-k, logit biases and penalty histories become SamplingTensors for
+engine.sampler.sample; a seeded sequence keeps its own generator from its first step to its
+release, so its draws do not depend on what it was batched with.
+"""
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from engine.sampler import Penalties, SamplingTensors
+from engine.sequence import Sequence
+
+
+class SamplingInputs:
+    def __init__(self, vocab_size: int, device: torch.device, to_tensor: Callable[[list, torch.dtype], Tensor]):
+        """to_tensor(values, dtype): a host list as a tensor on `device` (ModelRunner._tensor)."""
+        self.vocab_size, self.device, self._tensor = vocab_size, device, to_tensor
+        self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
+
+    def tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        vocab = self.vocab_size
+        temps = [s.params.temperature for s in seqs]
+        penalties = self._penalties(seqs) if any(s.params.uses_history for s in seqs) else None
+        bias = self._logit_bias(seqs) if any(s.params.logit_bias for s in seqs) else None
+        if all(t == 0 for t in temps):  # argmax only: no per-sequence tensors to build and copy
+            return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties, bias=bias)
+        gens = [self._generator(s) for s in seqs]
+        return SamplingTensors(
+            temperatures=self._tensor(temps, torch.float32),
+            top_ps=self._tensor([s.params.top_p for s in seqs], torch.float32),
+            top_ks=self._tensor([min(s.params.top_k or vocab, vocab) for s in seqs], torch.long),
+            generators=gens, all_greedy=all(t == 0 for t in temps), penalties=penalties, bias=bias)
+
+    def _logit_bias(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
+        vocab = self.vocab_size
+        entries = [(row, t, b) for row, s in enumerate(seqs) for t, b in (s.params.logit_bias or {}).items()
+                   if t < vocab]  # ids past the vocabulary have no logit to move
+        rows, ids, biases = zip(*entries) if entries else ((), (), ())
+        return (self._tensor(list(rows), torch.long), self._tensor(list(ids), torch.long),
+                self._tensor(list(biases), torch.float32))
+
+    def _penalties(self, seqs: list[Sequence]) -> Penalties:
+        """Per-sequence penalties and token histories (the engine launches a step with a penalty
+        only once every token of it is known on the host: no pending ones)."""
+        vocab = self.vocab_size
+        pad = lambda rows: [r + [vocab] * (max(map(len, rows), default=0) + 1 - len(r)) for r in rows]  # noqa: E731
+        return Penalties(
+            frequency=self._tensor([s.params.frequency_penalty for s in seqs], torch.float32),
+            presence=self._tensor([s.params.presence_penalty for s in seqs], torch.float32),
+            repetition=self._tensor([s.params.repetition_penalty for s in seqs], torch.float32),
+            output_ids=self._tensor(pad([s.output_token_ids for s in seqs]), torch.long),
+            seen_ids=self._tensor(pad([s.prompt_token_ids + s.output_token_ids for s in seqs]), torch.long))
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        gen = self.generators.get(seq.seq_id)
+        if gen is None:
+            gen = self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
+        return gen
+
+    def release(self, seq: Sequence) -> None:
+        self.generators.pop(seq.seq_id, None)
