@@ -79,10 +79,10 @@ class Scheduler:
         if self.lora_manager is not None:
             self.slots.begin_step(out)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
-        prefetched = self.slots.prefetch(out) if self.lora_manager is not None and self.slots.prefetch_window > 0 else []
+        prefetched = self.slots.prefetch(out)
         if out.num_preempted == 0:  # after the prefetch: slots go to the waiting in its order
             self._admit_waiting(out, budget)
-        self.slots.num_prefetched += sum(seq.status is SequenceStatus.WAITING for seq in prefetched)
+        self.slots.end_step(prefetched)
         out.scheduled.sort(key=lambda entry: entry[1] > 1)  # single-token entries (decodes) first
         return out
 

@@ -64,6 +64,11 @@ class SlotPolicy:
         self.aged = self._aged_heads()
         self._reclaim(out)
 
+    def end_step(self, prefetched: list[Sequence]) -> None:
+        """After admission: count the prefetched sequences still waiting, whose slots the
+        prefetch reserved a step (or more) before they run."""
+        self.num_prefetched += sum(seq.status is SequenceStatus.WAITING for seq in prefetched)
+
     def _aged_heads(self) -> list[Sequence]:
         """Tenants' queue heads with an adapter that have waited max_adapter_wait_steps steps or
         more, oldest first. One per tenant, so aging cannot hand one tenant's flood every slot."""
@@ -135,7 +140,9 @@ class SlotPolicy:
         but tenants holding fewer slots first (a freed slot goes to a tenant that waits, not to
         the flood that held it), one staged adapter per tenant, at most max_staged_adapters in
         all. Adapters of running sequences need no staging: their slots are resident. Returns
-        the sequences it gave a slot."""
+        the sequences it gave a slot (none without adapters or with a window of 0)."""
+        if self.lora_manager is None or self.prefetch_window == 0:
+            return []
         _, blocked = self.reserve_aged(out)
         in_use = {seq.lora.lora_name for seq in self.sched.running if seq.lora is not None}
         window = self._lookahead()
