@@ -125,7 +125,7 @@ def put_adapters(args, url: str | None, opts, config: dict, workdir: Path) -> tu
     `PUT_THREADS` puts (validation, digest, copy: file and hashing work that leaves the GIL)
     run while the next adapter is drawn; 16 puts one after the other took 103 s at 48 layers.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     import httpx
 
@@ -147,17 +147,17 @@ def put_adapters(args, url: str | None, opts, config: dict, workdir: Path) -> tu
         store.share(OPERATOR, name)
         shutil.rmtree(path)  # the disk holds the store's copy and the replica's cache only
 
-    begun = time.perf_counter()
-    with ThreadPoolExecutor(1 if http else PUT_THREADS) as pool:
-        pending = []
+    begun, workers = time.perf_counter(), 1 if http else PUT_THREADS
+    with ThreadPoolExecutor(workers) as pool:
+        pending, running = [], set()
         for i in range(opts.adapters):
             name, started = f"adapter{i}", time.perf_counter()
             path = writer.write(workdir / "adapters" / name, seed=opts.seed * 1000 + i + 1)
             timings["generate_s"] += time.perf_counter() - started
             pending.append(pool.submit(put, name, path))
-            # at most PUT_THREADS drawn adapters wait on disk at once
-            while sum(not f.done() for f in pending) >= PUT_THREADS:
-                time.sleep(0.05)
+            running.add(pending[-1])
+            if len(running) >= workers:  # no more drawn adapters on disk than puts running
+                running = wait(running, return_when=FIRST_COMPLETED).not_done
         for future in pending:
             future.result()
     timings["total_s"] = time.perf_counter() - begun
