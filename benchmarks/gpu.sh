@@ -34,13 +34,16 @@
 #              app, another tenant's latency and the front processes' memory, Serve's Python
 #              proxy then its HAProxy mode (the app's default where the binary is installed);
 #              FLOODS_ARGS="--device cuda" puts the engine replica on the GPU
+#   ab         AB_SCRIPT (default bench_engine.py) with AB_ARGS (default "--cases a_none c_16 --modes
+#              fused --skip-hf") on the commit in ab_old/ (AB_OLD_COMMIT), then on this tree: results
+#              ab_old.json and ab_new.json; `git worktree add --detach ab_old <sha>` here, carry it
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
 # ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS,
-# FLOODS_SECONDS (each of the two runs), DENSE_SECONDS.
+# FLOODS_SECONDS (each of the two runs), DENSE_SECONDS, AB_SECONDS (each side).
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,41p' "$0"; exit 2
+  sed -n '2,43p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -118,6 +121,21 @@ part_engine() {
     | cut -c1-500 | tail -30
 }
 
+part_ab() {
+  # the same benchmark on the commit checked out in ab_old/ (carry ["ab_old"]), then on this tree
+  if [[ ! -d ab_old ]]; then
+    echo "ab_old/ is missing: 'git worktree add --detach ab_old <sha>' here, carry [\"ab_old\"]"
+    return 0
+  fi
+  local script=${AB_SCRIPT:-benchmarks/bench_engine.py} args=${AB_ARGS:---cases a_none c_16 --modes fused --skip-hf}
+  (cd ab_old && MOEPLEX_COMMIT=${AB_OLD_COMMIT:-unknown} PYTHONPATH="$site:$PWD" \
+    timeout "${AB_SECONDS:-240}" python3 "$script" $args --out "$out/ab_old.json" > "$out/ab_old.log" 2>&1
+   echo "ab old rc=$?")
+  timeout "${AB_SECONDS:-240}" python3 "$script" $args --out "$out/ab_new.json" > "$out/ab_new.log" 2>&1
+  echo "ab new rc=$?"
+  for side in old new; do echo "-- $side"; tail -"${AB_TAIL:-12}" "$out/ab_$side.log" | cut -c1-300; done
+}
+
 part_workload() {
   bench bench_workload "${WORKLOAD_SECONDS:-570}" benchmarks/bench_workload.py ${WORKLOAD_ARGS:-} \
     --out "$out/bench_workload.json"
@@ -185,8 +203,9 @@ for part in "$@"; do
     serve48) part_serve 48 "--requests 512 ${SERVE48_ARGS:-}" ;;
     coldstart) part_coldstart ;;
     workload) part_workload ;;
+    ab) part_ab ;;
     floods) part_floods ;;
-    *) echo "unknown part $part: deps tests kernels router dense engine prefill profile serve8 serve48 coldstart workload floods" ;;
+    *) echo "unknown part $part: deps tests kernels router dense engine prefill profile serve8 serve48 coldstart workload floods ab" ;;
   esac
 done
 exit 0
