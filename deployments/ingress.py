@@ -1,4 +1,5 @@
-"""`Ingress`: the FastAPI edge. Auth -> tenant, resolve `model`, route to an LLMServer.
+"""`Ingress`: the FastAPI edge. Auth -> tenant, resolve `model`, route to an LLMServer. The
+adapter routes (upload, list, delete) are its mixin in adapter_routes.py.
 
 Completions go with `multiplexed_model_id = "<owner>/<adapter>@<version>"` so they land
 on replicas holding that adapter version; a new upload is a new version and therefore a
@@ -8,9 +9,7 @@ instead, so Serve balances it over every replica. Logs carry request ids, never 
 
 import asyncio
 import logging
-import shutil
 import uuid
-from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -20,27 +19,22 @@ from ray import serve
 
 from adapter_store.errors import AdapterNotFoundError, InvalidNameError
 
+from deployments.adapter_routes import AdapterRoutes
 from deployments.args import AppArgs
 from deployments.auth import TENANT_HEADER
-from deployments.errors import (BadRequestError, NotFoundError, PermissionDeniedError,
-                                ServiceUnavailableError, to_api_error)
+from deployments.errors import BadRequestError, NotFoundError, ServiceUnavailableError, to_api_error
 from deployments.http_app import api
 from deployments.http_guards import (bound_direct_ingress_receive, default_max_body_bytes,
                                      map_large_allocations)
 from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
 from deployments.replica_stream import collect, first_item, lost_replica
-from deployments.schemas import (AdapterCard, ChatCompletionRequest, CompletionRequest,
-                                 LoadLoRAAdapterRequest, ModelCard, UnloadLoRAAdapterRequest)
+from deployments.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
 
 logger = logging.getLogger("ray.serve")
-_BROADCAST_TIMEOUT_S = 10.0
 # store.list_adapters(t) is t's own adapters, then every other tenant's shared ones: keeping
 # only the shared ones gives all shared adapters and no private one, whoever t is.
 _ANY_TENANT = "anonymous"
-def adapter_card(info) -> AdapterCard:
-    return AdapterCard(id=info.name, name=info.name, version=str(info.version), owner=info.tenant,
-                       shared=bool(info.shared), manifest=dict(info.manifest or {}))
 
 
 def _in_ray_actor() -> bool:
@@ -49,7 +43,7 @@ def _in_ray_actor() -> bool:
 
 @serve.deployment
 @serve.ingress(api)
-class Ingress:
+class Ingress(AdapterRoutes):
     def __init__(self, llm, args: AppArgs):
         from deployments.auth import TenantAuth
         from deployments.hot_adapters import HotAdapters
@@ -132,100 +126,6 @@ class Ingress:
         cards += [ModelCard(id=a.name, owned_by=a.tenant, root=f"{a.name}@{a.version}",
                             parent=base) for a in adapters]
         return {"object": "list", "data": [c.model_dump() for c in cards]}
-
-    @api.post("/v1/adapters", status_code=201)
-    async def upload_adapter(self, request: Request) -> dict:
-        from deployments.uploads import read_upload
-
-        tenant = self._auth.tenant_of(request.headers)
-        name, tmp = await read_upload(request, self._upload_limits.max_adapter_bytes)
-        return adapter_card(await self._put(tenant, name, tmp)).model_dump()
-
-    @api.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest, request: Request):
-        """vLLM's runtime loading: the adapter files in `lora_path`, a directory on this
-        machine, become a new version of the caller's adapter `lora_name`, for every replica.
-        Off unless the operator allows it: a tenant could otherwise read the server's files."""
-        tenant = self._auth.tenant_of(request.headers)
-        if not self._args.allow_lora_path_uploads:
-            raise PermissionDeniedError(
-                "loading adapters from a path on the server is turned off here; upload the "
-                "files with POST /v1/adapters (or ask the operator to allow lora_path uploads)",
-                code="lora_path_uploads_disabled", param="lora_path")
-        from deployments.uploads import copy_adapter_files
-
-        tmp = await asyncio.to_thread(copy_adapter_files, Path(body.lora_path),
-                                      self._upload_limits.max_adapter_bytes)
-        await self._put(tenant, body.lora_name, tmp)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
-
-    async def _put(self, tenant: str, name: str, tmp: Path):
-        """Store the adapter files in `tmp` (removed after) as a new version of `name`."""
-        try:
-            info = await asyncio.to_thread(self._store.put, tenant, name, tmp, self._base_dir,
-                                           limits=self._upload_limits)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            await self._invalidate_everywhere(name)  # the new version is "latest" from now on
-        logger.info("tenant %s uploaded adapter %s@%s", tenant, info.name, info.version)
-        return info
-
-    async def _invalidate_everywhere(self, name: str) -> None:
-        """Forget `name` in every ingress replica's resolve cache before answering, so the
-        change shows at once whichever replica a client's next request reaches; if a replica
-        cannot be told, the resolve TTL still bounds how long it serves the old version."""
-        self._resolved.invalidate(name)
-        try:
-            context = serve.get_replica_context()
-            handle = serve.get_deployment_handle(context.deployment, context.app_name)
-            await asyncio.wait_for(handle.broadcast("invalidate_resolved", name).results_async(),
-                                   timeout=_BROADCAST_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - e.g. a replica starting or stopping
-            logger.warning("could not tell every ingress replica about %r: %s: %s", name,
-                           type(exc).__name__, exc)
-
-    async def invalidate_resolved(self, name: str) -> None:
-        """Called on every ingress replica (handle.broadcast) after an upload or delete."""
-        self._resolved.invalidate(name)
-
-    @api.get("/v1/adapters")
-    async def list_adapters(self, request: Request) -> dict:
-        tenant = self._auth.tenant_of(request.headers)
-        adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
-        return {"object": "list", "data": [adapter_card(a).model_dump() for a in adapters]}
-
-    @api.get("/v1/adapters/{name:path}")
-    async def get_adapter(self, name: str, request: Request) -> dict:
-        tenant = self._auth.tenant_of(request.headers)
-        info = await self._resolved.resolve(tenant, name)
-        card = adapter_card(info).model_dump()
-        if info.tenant == tenant:
-            versions = await asyncio.to_thread(self._store.list_versions, tenant, info.name)
-            card["versions"] = [str(v.version) for v in versions]
-        return card
-
-    @api.delete("/v1/adapters/{name:path}")
-    async def delete_adapter(self, name: str, request: Request, version: str | None = None):
-        await self._delete(self._auth.tenant_of(request.headers), name, version)
-        return {"id": name, "object": "adapter", "deleted": True}
-
-    @api.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest, request: Request):
-        """vLLM's runtime unloading: deletes every version of the caller's `lora_name`."""
-        tenant = self._auth.tenant_of(request.headers)
-        try:
-            await self._delete(tenant, body.lora_name, None)
-        except AdapterNotFoundError as exc:
-            raise NotFoundError(f"the LoRA adapter {body.lora_name!r} cannot be found",
-                                code="adapter_not_found", param="lora_name") from exc
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
-
-    async def _delete(self, tenant: str, name: str, version: str | None) -> None:
-        try:
-            await asyncio.to_thread(self._store.delete, tenant, name, version)
-        finally:  # a delete that failed half-way may still have removed versions
-            await self._invalidate_everywhere(name)
-        logger.info("tenant %s deleted adapter %s (version %s)", tenant, name, version or "all")
 
     # ---- completions --------------------------------------------------------------
     @api.post("/v1/completions")
