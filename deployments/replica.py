@@ -85,6 +85,10 @@ class LLMServer:
 
     def _prepare(self, request: dict):
         prompt = self._prompt_of(request)
+        if request.get("messages") is not None and request.get("max_tokens") is None:
+            # its default max_tokens is the room the prompt leaves: tokenise it once, here, and
+            # hand the engine the ids (checked as the engine checks text)
+            prompt = self._engine.inputs.tokenize(prompt)
         return prompt, self._sampling_params(request, prompt)
 
     def _prompt_of(self, request: dict) -> str | list[int]:
@@ -103,9 +107,8 @@ class LLMServer:
         sampling["stop"] = tuple(sampling.get("stop") or ())
         return SamplingParams(max_tokens=max_tokens, **sampling)
 
-    def _room_left(self, prompt) -> int:
-        num_prompt = len(prompt) if isinstance(prompt, list) else len(self._engine.inputs.encode(prompt))
-        return max(1, self._args.max_model_len - num_prompt)
+    def _room_left(self, prompt: list[int]) -> int:
+        return max(1, self._args.max_model_len - len(prompt))
 
     async def generate(self, request: dict):
         """Stream `{"text", ...}` dicts for one request; see the module docstring."""

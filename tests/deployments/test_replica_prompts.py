@@ -1,0 +1,52 @@
+"""LLMServer._prepare: a chat request without max_tokens is tokenised once, by the replica, and
+the engine receives its ids; its default max_tokens is the room the prompt leaves."""
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.replica import LLMServer
+from engine.errors import InvalidRequestError
+from engine.inputs import InputProcessor
+from engine.tiny_model import make_tokenizer
+
+
+class CountingInputs(InputProcessor):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.encodes = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.encodes += 1
+        return super().encode(text)
+
+
+def _server(tmp_path, max_model_len: int) -> tuple[LLMServer, CountingInputs]:
+    tok = make_tokenizer(tmp_path)
+    inputs = CountingInputs(tok, len(tok), max_model_len, True)
+    server = object.__new__(LLMServer)  # _prepare reads only the engine's tokenizer and inputs
+    server._engine = SimpleNamespace(tokenizer=tok, inputs=inputs, shutdown=lambda: None)  # __del__ calls it
+    server._args = SimpleNamespace(max_model_len=max_model_len)
+    return server, inputs
+
+
+def test_a_chat_request_without_max_tokens_is_tokenised_once_and_reaches_the_engine_as_ids(tmp_path):
+    server, inputs = _server(tmp_path, 256)
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    prompt, params = server._prepare({"messages": messages, "max_tokens": None})
+    text = server._engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == inputs.encode(text) and inputs.encodes == 2  # the replica's one, and this check's
+    assert params.max_tokens == 256 - len(prompt)
+    seq = inputs.make_sequence("r", prompt, params)
+    assert seq.token_ids(0, seq.num_tokens) == prompt and inputs.encodes == 2  # the engine did not encode again
+
+
+def test_a_chat_prompt_longer_than_the_model_is_refused_by_the_replica_with_the_engines_error(tmp_path):
+    server, _ = _server(tmp_path, 8)
+    with pytest.raises(InvalidRequestError, match="max_model_len is 8"):
+        server._prepare({"messages": [{"role": "user", "content": "word " * 50}], "max_tokens": None})
+
+
+def test_a_chat_request_with_max_tokens_hands_the_engine_its_text(tmp_path):
+    server, inputs = _server(tmp_path, 256)
+    prompt, params = server._prepare({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    assert isinstance(prompt, str) and inputs.encodes == 0 and params.max_tokens == 5
