@@ -13,16 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapter_store.defaults import default_cache_dir, default_store_uri, store_from_env
 from deployments.option_names import UnknownOptionError, unknown_option_message
+from deployments.placement import ReplicaPlacement
 from engine import defaults
 
 TINY_MODEL_NAME = "moeplex-tiny-qwen3-moe"
 DUMMY_PREFIX = "dummy:"
-# Serve runs a replica's methods on a loop of their own in a second thread unless told not to;
-# every stream message then crosses between the two threads.
-_ON_SERVE_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
 
 
-class AppArgs(BaseModel):
+class AppArgs(ReplicaPlacement, BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str | None = Field(default=None, description="HF checkpoint dir, s3:// prefix, or "
@@ -219,68 +217,6 @@ class AppArgs(BaseModel):
             return self.device
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def gpus_per_replica(self, cluster_gpus: float) -> float:
-        """GPUs a replica asks Ray for; device=auto asks for one when the cluster has any."""
-        if self.replica_num_gpus is not None:
-            return self.replica_num_gpus
-        if self.device == "auto":
-            return 1.0 if cluster_gpus >= 1 else 0.0
-        return 1.0 if self.device == "cuda" else 0.0
-
-    def adapters_per_replica(self, num_lora_slots: int) -> int:
-        """Adapters a replica keeps fetched (Serve's multiplexing LRU), given the GPU slots its
-        engine has: 2 x the slots unless max_adapters_per_replica says."""
-        return self.max_adapters_per_replica or 2 * max(1, num_lora_slots)
-
-    def max_engine_replicas(self) -> int:
-        """Engine replicas the app may run at most (num_replicas, or autoscaling's max_replicas)."""
-        if self.autoscaling_config:
-            return int(self.autoscaling_config.get("max_replicas") or self.autoscaling_config.get("min_replicas") or 1)
-        return self.num_replicas or 1
-
-    def num_ingress_replicas(self, on_gpu: bool = False) -> int:
-        """ingress_replicas, or its default for engine replicas on a GPU (on_gpu) or on CPU.
-
-        A GPU engine streams ~10x the tokens of a CPU one: at 64 streams on an H200, 4 ingress
-        replicas served 1.03x of the engine alone's tok/s and 2 served 0.95x (HAProxy mode;
-        benchmarks/RESULTS.md); 2 and a CPU engine fit a 2-core machine."""
-        if self.ingress_replicas is not None:
-            return self.ingress_replicas
-        # an autoscaled app starts with min_replicas engines: its ingress replicas (a CPU each)
-        # stay fixed, so they are sized for that, not for a peak that may never come
-        engines = (self.autoscaling_config or {}).get("min_replicas") or self.num_replicas or 1
-        return (4 if on_gpu else 2) * int(engines)
-
-    def ingress_options(self) -> dict:
-        """Keyword arguments for `Ingress.options(...)`."""
-        replicas = self.num_ingress_replicas()
-        # The ingress only awaits I/O: let it hold many requests (Serve's default is 5).
-        actor: dict[str, Any] = {"num_cpus": self.ingress_num_cpus}
-        if self.ingress_on_serve_loop:
-            actor["runtime_env"] = _ON_SERVE_LOOP
-        return {"num_replicas": replicas, "max_ongoing_requests": self.ingress_max_ongoing_requests,
-                "ray_actor_options": actor}
-
-    def replica_options(self, cluster_gpus: float) -> dict:
-        """Keyword arguments for `LLMServer.options(...)`: scaling and resources.
-
-        `cluster_gpus`: the GPUs Ray knows of (`deployments.app.cluster_gpus()`).
-        """
-        actor = {"num_cpus": self.replica_num_cpus, "num_gpus": self.gpus_per_replica(cluster_gpus)}
-        if self.replica_resources:
-            actor["resources"] = dict(self.replica_resources)
-        if self.replica_on_serve_loop:
-            actor["runtime_env"] = _ON_SERVE_LOOP
-        # the ingress logs each request; a second access line per request here is noise
-        options: dict[str, Any] = {"ray_actor_options": actor,
-                                   "max_ongoing_requests": self.max_ongoing_requests,
-                                   "logging_config": {"enable_access_log": False}}
-        if self.autoscaling_config is not None:
-            options["autoscaling_config"] = self.autoscaling_config
-        else:
-            options["num_replicas"] = self.num_replicas or 1
-        return options
 
     def engine_config(self, model_dir: Path):
         from engine import EngineConfig

@@ -1,0 +1,74 @@
+"""How the app's deployments ask Ray for replicas: GPUs, CPUs, counts and Serve options, derived
+from the operator's `AppArgs` (a mixin of it: the methods read its fields).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# Serve runs a replica's methods on a loop of their own in a second thread unless told not to;
+# every stream message then crosses between the two threads.
+_ON_SERVE_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+
+
+class ReplicaPlacement:
+    def gpus_per_replica(self, cluster_gpus: float) -> float:
+        """GPUs a replica asks Ray for; device=auto asks for one when the cluster has any."""
+        if self.replica_num_gpus is not None:
+            return self.replica_num_gpus
+        if self.device == "auto":
+            return 1.0 if cluster_gpus >= 1 else 0.0
+        return 1.0 if self.device == "cuda" else 0.0
+
+    def adapters_per_replica(self, num_lora_slots: int) -> int:
+        """Adapters a replica keeps fetched (Serve's multiplexing LRU), given the GPU slots its
+        engine has: 2 x the slots unless max_adapters_per_replica says."""
+        return self.max_adapters_per_replica or 2 * max(1, num_lora_slots)
+
+    def max_engine_replicas(self) -> int:
+        """Engine replicas the app may run at most (num_replicas, or autoscaling's max_replicas)."""
+        if self.autoscaling_config:
+            return int(self.autoscaling_config.get("max_replicas") or self.autoscaling_config.get("min_replicas") or 1)
+        return self.num_replicas or 1
+
+    def num_ingress_replicas(self, on_gpu: bool = False) -> int:
+        """ingress_replicas, or its default for engine replicas on a GPU (on_gpu) or on CPU.
+
+        A GPU engine streams ~10x the tokens of a CPU one: at 64 streams on an H200, 4 ingress
+        replicas served 1.03x of the engine alone's tok/s and 2 served 0.95x (HAProxy mode;
+        benchmarks/RESULTS.md); 2 and a CPU engine fit a 2-core machine."""
+        if self.ingress_replicas is not None:
+            return self.ingress_replicas
+        # an autoscaled app starts with min_replicas engines: its ingress replicas (a CPU each)
+        # stay fixed, so they are sized for that, not for a peak that may never come
+        engines = (self.autoscaling_config or {}).get("min_replicas") or self.num_replicas or 1
+        return (4 if on_gpu else 2) * int(engines)
+
+    def ingress_options(self) -> dict:
+        """Keyword arguments for `Ingress.options(...)`."""
+        replicas = self.num_ingress_replicas()
+        # The ingress only awaits I/O: let it hold many requests (Serve's default is 5).
+        actor: dict[str, Any] = {"num_cpus": self.ingress_num_cpus}
+        if self.ingress_on_serve_loop:
+            actor["runtime_env"] = _ON_SERVE_LOOP
+        return {"num_replicas": replicas, "max_ongoing_requests": self.ingress_max_ongoing_requests,
+                "ray_actor_options": actor}
+
+    def replica_options(self, cluster_gpus: float) -> dict:
+        """Keyword arguments for `LLMServer.options(...)`: scaling and resources.
+
+        `cluster_gpus`: the GPUs Ray knows of (`deployments.app.cluster_gpus()`).
+        """
+        actor = {"num_cpus": self.replica_num_cpus, "num_gpus": self.gpus_per_replica(cluster_gpus)}
+        if self.replica_resources:
+            actor["resources"] = dict(self.replica_resources)
+        if self.replica_on_serve_loop:
+            actor["runtime_env"] = _ON_SERVE_LOOP
+        # the ingress logs each request; a second access line per request here is noise
+        options: dict[str, Any] = {"ray_actor_options": actor,
+                                   "max_ongoing_requests": self.max_ongoing_requests,
+                                   "logging_config": {"enable_access_log": False}}
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options
