@@ -85,11 +85,13 @@ class LLMServer:
 
     def _prepare(self, request: dict):
         prompt = self._prompt_of(request)
-        if request.get("messages") is not None and request.get("max_tokens") is None:
-            # its default max_tokens is the room the prompt leaves: tokenise it once, here, and
-            # hand the engine the ids (checked as the engine checks text)
+        max_tokens = request.get("max_tokens")
+        if max_tokens is None and request.get("messages") is not None:
+            # a chat's default is the room its prompt leaves: tokenise it once, here, and hand
+            # the engine the ids (checked as the engine checks text)
             prompt = self._engine.inputs.tokenize(prompt)
-        return prompt, self._sampling_params(request, prompt)
+            max_tokens = max(1, self._args.max_model_len - len(prompt))
+        return prompt, self._sampling_params(request, 16 if max_tokens is None else max_tokens)
 
     def _prompt_of(self, request: dict) -> str | list[int]:
         if request.get("messages") is None:
@@ -97,18 +99,12 @@ class LLMServer:
         return self._engine.tokenizer.apply_chat_template(
             request["messages"], tokenize=False, add_generation_prompt=True)
 
-    def _sampling_params(self, request: dict, prompt):
+    def _sampling_params(self, request: dict, max_tokens: int):
         from engine import SamplingParams
 
-        max_tokens = request.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = 16 if request.get("messages") is None else self._room_left(prompt)
         sampling = dict(request.get("sampling") or {})
         sampling["stop"] = tuple(sampling.get("stop") or ())
         return SamplingParams(max_tokens=max_tokens, **sampling)
-
-    def _room_left(self, prompt: list[int]) -> int:
-        return max(1, self._args.max_model_len - len(prompt))
 
     async def generate(self, request: dict):
         """Stream `{"text", ...}` dicts for one request; see the module docstring."""
