@@ -15,7 +15,7 @@ import time
 import torch
 
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
-from kernels.moe.grouped_gemm import grouped_gemm
+from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
 from kernels.moe.lora_rows import lora_rows_
 from kernels.moe.launch import LORA_BLOCK_M, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
 
@@ -187,8 +187,8 @@ def sweep_base(gen):
             if (m <= 128) != (bm <= 32):
                 continue
             lay = moe_align_virtual(ids, None, e, bm)
-            fn = lambda: grouped_gemm(hidden, w_gate_up, out, lay, n=2 * inter, k=d, a_row_div=k,  # noqa: E731
-                                      block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            fn = lambda: moe_gemm(hidden, w_gate_up, out, lay, n=2 * inter, k=d, a_row_div=k,  # noqa: E731
+                                  block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
             ms = time_graph(fn)
             flops = 2 * m * k * 2 * inter * d
             rows.append({"M": m, "cfg": [bm, bn, bk, warps, stages], "ms": ms, "tflops": flops / ms / 1e9})
@@ -252,18 +252,15 @@ def sweep_lora(gen, tokens=(64, 512, 2048)):
         s_d = torch.zeros(t, r, dtype=torch.float32, device="cuda")
         weights = tw.reshape(-1).float()
         ops = {  # name -> (bytes floor, fn(layout, cfg))
-            "gu_shrink": (pairs * 2 * r * d * BYTES + m * d * BYTES + t * 2 * r * 4, lambda lay, c: grouped_gemm(
-                hidden, lora.gate_up_a, s_gu, lay, n=r, k=d, a_row_div=k, splits=(2, 0, r, r), ranks=lora.ranks,
-                rank_on="n", block_n=16, block_k=c[0], num_warps=c[1], num_stages=c[2])),
-            "gu_expand": (pairs * 2 * inter * r * BYTES + t * 2 * r * 4 + 2 * t * 2 * inter * BYTES, lambda lay, c: grouped_gemm(
-                s_gu, lora.gate_up_b, gate_up, lay, n=inter, k=r, splits=(2, r, inter, inter), ranks=lora.ranks,
-                rank_on="k", accumulate=True, block_k=16, block_n=c[0], num_warps=c[1], num_stages=c[2])),
-            "down_shrink": (pairs * r * inter * BYTES + t * inter * BYTES + t * r * 4, lambda lay, c: grouped_gemm(
-                act, lora.down_a, s_d, lay, n=r, k=inter, ranks=lora.ranks, rank_on="n", block_n=16,
+            "gu_shrink": (pairs * 2 * r * d * BYTES + m * d * BYTES + t * 2 * r * 4, lambda lay, c: lora_shrink(
+                hidden, lora.gate_up_a, s_gu, lay, lora.ranks, n=r, k=d, a_row_div=k, splits=2, block_n=16, block_k=c[0], num_warps=c[1], num_stages=c[2])),
+            "gu_expand": (pairs * 2 * inter * r * BYTES + t * 2 * r * 4 + 2 * t * 2 * inter * BYTES, lambda lay, c: lora_expand_tiles(
+                s_gu, lora.gate_up_b, gate_up, lay, lora.ranks, n=inter, k=r, splits=2, block_k=16, block_n=c[0], num_warps=c[1], num_stages=c[2])),
+            "down_shrink": (pairs * r * inter * BYTES + t * inter * BYTES + t * r * 4, lambda lay, c: lora_shrink(
+                act, lora.down_a, s_d, lay, lora.ranks, n=r, k=inter, block_n=16,
                 block_k=c[0], num_warps=c[1], num_stages=c[2])),
-            "down_expand": (pairs * d * r * BYTES + t * r * 4 + 2 * t * d * BYTES, lambda lay, c: grouped_gemm(
-                s_d, lora.down_b, y, lay, n=d, k=r, ranks=lora.ranks, rank_on="k", accumulate=True,
-                scale=weights, block_k=16, block_n=c[0], num_warps=c[1], num_stages=c[2])),
+            "down_expand": (pairs * d * r * BYTES + t * r * 4 + 2 * t * d * BYTES, lambda lay, c: lora_expand_tiles(
+                s_d, lora.down_b, y, lay, lora.ranks, n=d, k=r, scale=weights, block_k=16, block_n=c[0], num_warps=c[1], num_stages=c[2])),
         }
         for bm in (16, 32):
             lay = moe_align_virtual(ids, slots, e, bm, lora.num_slots)

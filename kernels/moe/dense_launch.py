@@ -12,7 +12,7 @@ from torch import Tensor
 
 from kernels.errors import expect
 from kernels.moe.align import VirtualLayout, moe_align_virtual
-from kernels.moe.grouped_gemm import grouped_gemm, k_slices
+from kernels.moe.grouped_gemm import k_slices, lora_expand_tiles, lora_shrink
 from kernels.moe.launch import LORA_BLOCK_M, ROWS_PROGRAMS, SHRINK, _rank_block
 from kernels.moe.lora_rows import MAX_GROUP_ROWS_PROJECTIONS, lora_group_rows_
 from kernels.weights import DenseLoRAGroup
@@ -106,12 +106,11 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
     part = torch.empty(parts, num_tokens, heads * r, dtype=torch.float32, device=x.device)
     rank_stride = lora.ranks.stride(0)
     # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
-    grouped_gemm(x, lora.a.unsqueeze(1), part if ks > 1 else part[0], layout, n=r, k=num_in, splits=(heads, 0, r, r),
-                 ranks=lora.ranks, rank_on="n", rank_split_stride=rank_stride, k_splits=ks,
-                 block_n=rb, block_k=SHRINK["block_k"], num_warps=2, num_stages=2)
+    lora_shrink(x, lora.a.unsqueeze(1), part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
+                splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb,
+                block_k=SHRINK["block_k"], num_warps=2, num_stages=2)
     # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
-    grouped_gemm(part, lora.b.unsqueeze(1), out, layout, n=out.shape[1], k=r, splits=(1, r, 0, 0),
-                 ranks=lora.ranks, rank_on="k", rank_split_stride=rank_stride, accumulate=True,
-                 a_parts=part.shape[0], sections=lora.sections, block_n=block_n, block_k=rb,
-                 num_warps=4, num_stages=1)
+    lora_expand_tiles(part, lora.b.unsqueeze(1), out, layout, lora.ranks, n=out.shape[1], k=r,
+                      rank_split_stride=rank_stride, a_parts=part.shape[0], sections=lora.sections,
+                      block_n=block_n, block_k=rb, num_warps=4, num_stages=1)
     return out

@@ -3,10 +3,10 @@
 For each block b (pair (s, e) = (block_slot[b], block_expert[b]), rows = sorted_ids[b*BM:(b+1)*BM])
 and each split h (gate/up halves: splits = 2; one otherwise), with r_s = ranks[s]:
     c[rows, h*N + n] (+)= scale[rows] * shrunk[rows, h*R + :r_s] @ B[s, e, h*N + n, :r_s].T
-The same product as grouped_gemm(rank_on="k", accumulate=True): shrunk cast to B's dtype, one
+The same product as grouped_gemm.lora_expand_tiles: shrunk cast to B's dtype, one
 dot over the rank tile into fp32, times scale, plus the prior value, one rounding to c's dtype.
 
-Why not grouped_gemm's (block, n-tile) grid: an expand tile is one K step of 16 on a block of
+Why not lora_expand_tiles' (block, n-tile) grid: an expand tile is one K step of 16 on a block of
 ~1-8 valid rows, so every tile paid the block's metadata chain (slot -> rank, ids -> scale, rows)
 and the shrunk rows before its first B byte. Here a program loads those once and streams B and the
 c rows of its block's tiles through one loop; the grid is persistent over blocks.
@@ -34,25 +34,24 @@ def _tile_cols(t, t_end, num_n, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_load(b_base, c_ptr, rows, row_ok, r_ok, r_read, t, t_end, num_n, N,
-               stride_bn, stride_bk, stride_cm, stride_cn, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N, BLOCK_N: tl.constexpr,
+               BLOCK_R: tl.constexpr):
     """B tile [BLOCK_R, BLOCK_N] with padded ranks zeroed, and the prior c tile in fp32."""
     cols, n_ok = _tile_cols(t, t_end, num_n, N, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     # rank mask in whole 16-byte groups (vector loads); ranks in [r_s, read end) are zeroed below
-    b = tl.load(b_base + cols[None, :] * stride_bn + offs_r[:, None] * stride_bk,
+    b = tl.load(b_base + cols[None, :] * W[3] + offs_r[:, None] * W[4],
                 mask=r_read[:, None] & n_ok[None, :], other=0.0)
     b = tl.where(r_ok[:, None], b, tl.zeros_like(b))
-    prior = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+    prior = tl.load(C[0] + rows[:, None] * C[1] + cols[None, :] * C[2],
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     return b, prior
 
 
 @triton.jit
-def _tile_store(a0, a1, b, prior, row_scale, c_ptr, rows, row_ok, t, t_end, num_n, N,
-                stride_cm, stride_cn, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+def _tile_store(a0, a1, b, prior, row_scale, C, rows, row_ok, t, t_end, num_n, N, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                 HAS_SCALE: tl.constexpr, IEEE: tl.constexpr):
-    """c tile = (shrunk_h @ B tile) * scale + prior, in grouped_gemm's order of operations."""
+    """c tile = (shrunk_h @ B tile) * scale + prior, in lora_expand_tiles' order of operations."""
     cols, n_ok = _tile_cols(t, t_end, num_n, N, BLOCK_N)
     a = a0
     if NUM_SPLITS == 2:
@@ -64,17 +63,15 @@ def _tile_store(a0, a1, b, prior, row_scale, c_ptr, rows, row_ok, t, t_end, num_
     if HAS_SCALE:
         acc = acc * row_scale[:, None]
     acc += prior
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    tl.store(C[0] + rows[:, None] * C[1] + cols[None, :] * C[2],
+             acc.to(C[0].dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+# Operands are tuples: S, C = (ptr, row stride, column stride); W = (B, its [S, E, N, R] strides);
+# lay = the layout's (sorted_ids, block_expert, block_slot, num_blocks)
 @triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
-def _lora_expand_kernel(shrunk_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr,
-                        block_expert_ptr, block_slot_ptr, num_blocks_ptr, num_rows, N, R, parts,
-                        stride_sm, stride_sk, stride_bs, stride_be, stride_bn, stride_bk,
-                        stride_cm, stride_cn,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                        RANK_GRAIN: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr,
+def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, parts,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, RANK_GRAIN: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr,
                         IEEE: tl.constexpr, PREFETCH: tl.constexpr):
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = NUM_SPLITS * num_n  # a block's tiles, split-major: gate's, then up's
@@ -82,47 +79,46 @@ def _lora_expand_kernel(shrunk_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_i
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     # persistent loop over (block, part) work items; parts of a block are adjacent
-    for work in range(tl.program_id(0), tl.load(num_blocks_ptr) * parts, tl.num_programs(0)):
+    for work in range(tl.program_id(0), tl.load(lay[3]) * parts, tl.num_programs(0)):
         block = work // parts
-        slot = tl.load(block_slot_ptr + block).to(tl.int64)
-        expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        slot = tl.load(lay[2] + block).to(tl.int64)
+        expert = tl.load(lay[1] + block).to(tl.int64)
         # a block without an adapter (slot -1, expert-major layouts) or of rank 0 runs no tile
         rank = tl.minimum(tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0), R)
         t_begin = (work % parts) * per_part
         t_end = tl.where(rank > 0, tl.minimum(num_tiles, t_begin + per_part), t_begin)
         # rows of this block (pad rows have id num_rows and are masked)
-        rows = tl.load(sorted_ids_ptr + block * BLOCK_M + offs_m).to(tl.int64)
+        rows = tl.load(lay[0] + block * BLOCK_M + offs_m).to(tl.int64)
         row_ok = rows < num_rows
         r_ok = offs_r < rank
         r_read = offs_r // RANK_GRAIN < tl.cdiv(rank, RANK_GRAIN)
-        # shrunk [BLOCK_M, BLOCK_R] of each split, cols [h*R, h*R + r_s), cast as grouped_gemm does
-        s_ptrs = shrunk_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sk
+        # shrunk [BLOCK_M, BLOCK_R] of each split, cols [h*R, h*R + r_s), cast as lora_expand_tiles does
+        s_ptrs = S[0] + rows[:, None] * S[1] + offs_r[None, :] * S[2]
         s_mask = row_ok[:, None] & r_ok[None, :]
-        a0 = tl.load(s_ptrs, mask=s_mask, other=0.0).to(b_ptr.dtype.element_ty)
+        a0 = tl.load(s_ptrs, mask=s_mask, other=0.0).to(W[0].dtype.element_ty)
         a1 = a0
         if NUM_SPLITS == 2:
-            a1 = tl.load(s_ptrs + R * stride_sk, mask=s_mask, other=0.0).to(b_ptr.dtype.element_ty)
+            a1 = tl.load(s_ptrs + R * S[2], mask=s_mask, other=0.0).to(W[0].dtype.element_ty)
         row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        b_base = b_ptr + tl.maximum(slot, 0) * stride_bs + tl.maximum(expert, 0) * stride_be
+        b_base = W[0] + tl.maximum(slot, 0) * W[1] + tl.maximum(expert, 0) * W[2]
         if PREFETCH:  # registers hold tile t + 1's loads while tile t computes and stores
-            b, prior = _tile_load(b_base, c_ptr, rows, row_ok, r_ok, r_read, t_begin, t_end, num_n, N,
-                                  stride_bn, stride_bk, stride_cm, stride_cn, BLOCK_N, BLOCK_R)
+            b, prior = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t_begin, t_end, num_n, N,
+                                  BLOCK_N, BLOCK_R)
             for t in range(t_begin, t_end):
-                b_next, prior_next = _tile_load(b_base, c_ptr, rows, row_ok, r_ok, r_read, t + 1, t_end,
-                                                num_n, N, stride_bn, stride_bk, stride_cm, stride_cn,
-                                                BLOCK_N, BLOCK_R)
-                _tile_store(a0, a1, b, prior, row_scale, c_ptr, rows, row_ok, t, t_end, num_n, N,
-                            stride_cm, stride_cn, BLOCK_N, NUM_SPLITS, HAS_SCALE, IEEE)
+                b_next, prior_next = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t + 1, t_end,
+                                                num_n, N, BLOCK_N, BLOCK_R)
+                _tile_store(a0, a1, b, prior, row_scale, C, rows, row_ok, t, t_end, num_n, N, BLOCK_N,
+                            NUM_SPLITS, HAS_SCALE, IEEE)
                 b = b_next
                 prior = prior_next
         else:  # the compiler pipelines the loop's loads over num_stages
             for t in range(t_begin, t_end):
-                b, prior = _tile_load(b_base, c_ptr, rows, row_ok, r_ok, r_read, t, t_end, num_n, N,
-                                      stride_bn, stride_bk, stride_cm, stride_cn, BLOCK_N, BLOCK_R)
-                _tile_store(a0, a1, b, prior, row_scale, c_ptr, rows, row_ok, t, t_end, num_n, N,
-                            stride_cm, stride_cn, BLOCK_N, NUM_SPLITS, HAS_SCALE, IEEE)
+                b, prior = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N,
+                                      BLOCK_N, BLOCK_R)
+                _tile_store(a0, a1, b, prior, row_scale, C, rows, row_ok, t, t_end, num_n, N, BLOCK_N,
+                            NUM_SPLITS, HAS_SCALE, IEEE)
 
 
 # Tiles (to be swept on the GPU). At decode (64 tokens x top-8, 16 adapters) ~456 blocks hold
@@ -178,9 +174,9 @@ def lora_expand(shrunk: Tensor, b: Tensor, c: Tensor, layout: VirtualLayout, ran
         return c
     programs = num_programs(c.device, layout.max_blocks * parts)
     _lora_expand_kernel[(programs,)](
-        shrunk, b, c, scale if scale is not None else layout.num_blocks, ranks, layout.sorted_ids,
-        layout.block_expert, layout.block_slot, layout.num_blocks, rows, n, big_r, parts,
-        shrunk.stride(0), shrunk.stride(1), *b.stride(), c.stride(0), c.stride(1),
+        (shrunk, shrunk.stride(0), shrunk.stride(1)), (b, *b.stride()), (c, c.stride(0), c.stride(1)),
+        scale if scale is not None else layout.num_blocks, ranks,
+        (layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks), rows, n, big_r, parts,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
         RANK_GRAIN=math.gcd(big_r, 8), NUM_SPLITS=splits, HAS_SCALE=scale is not None,
         IEEE=b.dtype == torch.float32 and shrunk.dtype == torch.float32, PREFETCH=prefetch,

@@ -1,18 +1,26 @@
-"""One grouped GEMM over a VirtualLayout: the base MoE GEMMs and the LoRA shrink/expand.
+"""The grouped GEMMs over a VirtualLayout, one kernel and launcher per role, over one tile helper:
 
-For each block b of the layout (pair (s, e) = (block_slot[b], block_expert[b])) and each split h:
-    c[rows, h*split_cn + n] (+)= scale[rows] * a[rows // a_row_div, h*split_ak + k] @ W[s, e, h*split_bn + n, k].T
-rows = sorted_ids[b*BM:(b+1)*BM]. With RANK_ON_N (shrink) only n < ranks[s] is read;
-with RANK_ON_K (expand) only k < ranks[s]. The grid is persistent: each program walks tiles
-up to the device-side block count, so empty capacity costs nothing and no host sync is needed.
+    moe_gemm           c[rows] = scale * a[rows // a_row_div] @ W[e].T         (the base MoE GEMMs)
+    lora_shrink        c[rows, h*n + j] = a[rows // a_row_div] @ A[s, e, h*n + j].T,  j < rank
+    lora_expand_tiles  c[rows, h*n + j] += scale * a[rows, h*k + i] @ B[s, e, h*n + j, i].T,  i < rank
 
-Two options serve groups of dense projections (q/k/v) at decode size, where few blocks exist:
-- k_splits = P (shrink): program (., h, j) walks only K slice j and writes partial sums to
+For each block b of the layout, (s, e) = (block_slot[b], block_expert[b]) and rows =
+sorted_ids[b*BM:(b+1)*BM] (pad rows have id num_rows and are masked); h is the split (gate/up
+halves, or one projection of a dense group). Grids are persistent: each program walks tiles up to
+the device-side block count, so empty capacity costs nothing and no host sync is needed.
+
+The options of the roles, for dense groups (q/k/v) at decode size, where few blocks exist:
+- lora_shrink k_splits = P: program (., h, j) walks only K slice j and writes partial sums to
   c[j] (c is [P, rows, *]); a long K loop per block is a chain of dependent loads otherwise.
-- a_parts = P (expand): the A tile is the sum of the P partial tiles a[0..P).
-- sections (expand): the N axis holds up to 4 projections side by side (ends a multiple of
-  block_n); a tile's projection h picks its A columns h*split_ak and its rank.
+- lora_expand_tiles a_parts = P: the A tile is the sum of the P partial tiles a[0..P).
+- lora_expand_tiles sections: the N axis holds up to 4 projections side by side (ends a multiple
+  of block_n); a tile's projection h picks its A columns h*k and its rank.
+- moe_gemm fused_lora (one token, expert-major layout): the LoRA delta in the base's tile.
 With rank_split_stride, split or section h reads its rank at ranks[h * rank_split_stride + s].
+
+In the kernels an operand is a tuple: A = (ptr, row stride, column stride, column step per split),
+W = (ptr, slot stride, expert stride, row stride, column stride, row step per split),
+C = (ptr, row stride, column stride, column step per split), lay = the layout's four tensors.
 """
 import torch
 import triton
@@ -24,62 +32,49 @@ from kernels.errors import expect
 
 
 @triton.jit
-def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_expert_ptr,
-               block_slot_ptr, block, pid_n, split, num_rows, N, K, a_row_div,
-               stride_am, stride_ak, stride_bs, stride_be, stride_bn, stride_bk,
-               stride_cm, stride_cn, split_ak, split_bn, split_cn, la_ptr, lb_ptr,
-               la_s, la_e, la_r, la_k, lb_s, lb_e, lb_n, lb_r, lora_half_n, lora_half_r,
-               part, k_chunk, stride_cp, a_parts, stride_ap, rank_split_stride, end0, end1, end2,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               RANK_ON_N: tl.constexpr, RANK_ON_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div, scale_ptr,
+               n_limit, k_start, k_limit, c_off, a_parts, stride_ap, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
-               BLOCK_R: tl.constexpr, K_SPLITS: tl.constexpr, A_PARTS: tl.constexpr,
-               SECTIONS: tl.constexpr):
-    expert = tl.load(block_expert_ptr + block).to(tl.int64)
-    slot = tl.load(block_slot_ptr + block).to(tl.int64)
-    if SECTIONS:  # the tile's projection; its columns of A start at split * split_ak
-        split = (pid_n * BLOCK_N >= end0).to(tl.int32) + (pid_n * BLOCK_N >= end1).to(tl.int32) \
-            + (pid_n * BLOCK_N >= end2).to(tl.int32)
-    n_limit = N
-    k_limit = K
-    if RANK_ON_N:
-        n_limit = tl.minimum(N, tl.load(ranks_ptr + split * rank_split_stride + slot))
-    if RANK_ON_K:
-        k_limit = tl.minimum(K, tl.load(ranks_ptr + split * rank_split_stride + slot))
-    k_start = 0
-    if K_SPLITS:  # this program's slice of K; partial sums go to c[part]
-        k_start = part * k_chunk
-        k_limit = tl.minimum(k_limit, k_start + k_chunk)
-        c_ptr += part * stride_cp
+               BLOCK_R: tl.constexpr, A_PARTS: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of block `block`, split h: columns < n_limit, K in [k_start, k_limit),
+    written at C[0] + c_off."""
     if pid_n * BLOCK_N < n_limit:
-        # rows of this block (pad rows have id num_rows and are masked)
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+        rows = tl.load(lay[0] + offs_m).to(tl.int64)
         row_ok = rows < num_rows
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_limit
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        # A rows are gathered (a token's hidden row serves its K routed rows)
-        a_ptrs = a_ptr + (rows // a_row_div)[:, None] * stride_am + (split * split_ak + offs_k[None, :]) * stride_ak
+        # A rows are gathered (a token's hidden row serves its routed rows)
+        a_ptrs = A[0] + (rows // a_row_div)[:, None] * A[1] + (h * A[3] + offs_k[None, :]) * A[2]
         # W tile [BLOCK_K, BLOCK_N] of this block's (slot, expert) matrix
-        w_base = b_ptr + slot * stride_bs + expert * stride_be
-        b_ptrs = w_base + (split * split_bn + offs_n[None, :]) * stride_bn + offs_k[:, None] * stride_bk
+        w_base = W[0] + slot * W[1] + expert * W[2]
+        b_ptrs = w_base + (h * W[5] + offs_n[None, :]) * W[3] + offs_k[:, None] * W[4]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        c_ptrs = c_ptr + rows[:, None] * stride_cm + (split * split_cn + offs_n[None, :]) * stride_cn
+        c_ptrs = C[0] + c_off + rows[:, None] * C[1] + (h * C[3] + offs_n[None, :]) * C[2]
         c_mask = row_ok[:, None] & (offs_n[None, :] < N)
         if ACCUMULATE:  # issued before the K loop: its latency overlaps the loads of A and W
             prior = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_LORA:
-            # fused LoRA: A rows [h*R, h*R + r_s) of this tile's half h (gate or up)
-            rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
+            # fused LoRA, L = (A, its 4 strides, B, its 4 strides, half_n, half_r, ranks):
+            # A rows [g*R, g*R + r_s) of this tile's half g (gate or up)
+            slot0 = tl.maximum(slot, 0)
+            rank = tl.where(slot >= 0, tl.load(L[12] + slot0), 0)
             offs_r = tl.arange(0, BLOCK_R)
             r_ok = offs_r < rank
-            half = (pid_n * BLOCK_N) // lora_half_n
-            slot0 = tl.maximum(slot, 0)
-            la_ptrs = (la_ptr + slot0 * la_s + expert * la_e + (half * lora_half_r + offs_r[None, :]) * la_r
-                       + offs_k[:, None] * la_k)
+            half = (pid_n * BLOCK_N) // L[10]
+            la_ptrs = (L[0] + slot0 * L[1] + expert * L[2] + (half * L[11] + offs_r[None, :]) * L[3]
+                       + offs_k[:, None] * L[4])
             shrunk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(k_start, k_limit, BLOCK_K):
             k_ok = offs_k + (k0 - k_start) < k_limit
@@ -89,61 +84,82 @@ def _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_
                     a += tl.load(a_ptrs + j * stride_ap, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             a = a.to(b.dtype)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, IEEE)
             if HAS_LORA:
-                la = tl.load(la_ptrs + k0 * la_k, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-                if IEEE:
-                    shrunk = tl.dot(a, la, shrunk, input_precision="ieee")
-                else:
-                    shrunk = tl.dot(a, la, shrunk)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+                la = tl.load(la_ptrs + k0 * L[4], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+                shrunk = _dot(a, la, shrunk, IEEE)
+            a_ptrs += BLOCK_K * A[2]
+            b_ptrs += BLOCK_K * W[4]
         if HAS_LORA:
             if slot >= 0:  # rows without adapter keep the base sum untouched (bitwise)
                 # B [N, R] rows are this tile's output columns; B cols [0, r_s) only
-                lb_ptrs = lb_ptr + slot0 * lb_s + expert * lb_e + offs_n[None, :] * lb_n + offs_r[:, None] * lb_r
+                lb_ptrs = L[5] + slot0 * L[6] + expert * L[7] + offs_n[None, :] * L[8] + offs_r[:, None] * L[9]
                 lb = tl.load(lb_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(shrunk.to(lb.dtype), lb, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(shrunk.to(lb.dtype), lb, acc)
+                acc = _dot(shrunk.to(lb.dtype), lb, acc, IEEE)
         if HAS_SCALE:
             acc = acc * row_scale[:, None]
         if ACCUMULATE:
             acc += prior
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(c_ptrs, acc.to(C[0].dtype.element_ty), mask=c_mask)
 
 
 @triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
-def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr,
-                         block_expert_ptr, block_slot_ptr, num_blocks_ptr, num_rows, N, K,
-                         a_row_div, stride_am, stride_ak, stride_bs, stride_be, stride_bn,
-                         stride_bk, stride_cm, stride_cn, split_ak, split_bn, split_cn,
-                         la_ptr, lb_ptr, la_s, la_e, la_r, la_k, lb_s, lb_e, lb_n, lb_r,
-                         lora_half_n, lora_half_r, k_chunk, stride_cp, a_parts, stride_ap,
-                         rank_split_stride, end0, end1, end2,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         RANK_ON_N: tl.constexpr, RANK_ON_K: tl.constexpr,
-                         ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                         HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, K_SPLITS: tl.constexpr,
-                         A_PARTS: tl.constexpr, SECTIONS: tl.constexpr):
-    split = tl.program_id(1)
+def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    num_n = tl.cdiv(N, BLOCK_N)
+    # persistent loop: tiles ordered block-major so programs sharing a block share its A rows
+    for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
+        block = tile // num_n
+        expert = tl.load(lay[1] + block).to(tl.int64)
+        slot = tl.load(lay[2] + block).to(tl.int64)
+        _gemm_tile(A, W, C, L, lay, block, expert, slot, 0, tile % num_n, num_rows, N, a_row_div,
+                   scale_ptr, N, 0, K, 0, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_SCALE, IEEE,
+                   HAS_LORA, BLOCK_R, False)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _lora_shrink_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, num_rows, N, K, a_row_div,
+                        k_chunk, stride_cp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr, K_SPLITS: tl.constexpr):
+    h = tl.program_id(1)
     part = tl.program_id(2)
     num_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = tl.load(num_blocks_ptr) * num_n
-    # persistent loop: tiles ordered block-major so programs sharing a block share its A rows
-    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        _gemm_tile(a_ptr, b_ptr, c_ptr, scale_ptr, ranks_ptr, sorted_ids_ptr, block_expert_ptr,
-                   block_slot_ptr, tile // num_n, tile % num_n, split, num_rows, N, K, a_row_div,
-                   stride_am, stride_ak, stride_bs, stride_be, stride_bn, stride_bk,
-                   stride_cm, stride_cn, split_ak, split_bn, split_cn, la_ptr, lb_ptr, la_s, la_e,
-                   la_r, la_k, lb_s, lb_e, lb_n, lb_r, lora_half_n, lora_half_r,
-                   part, k_chunk, stride_cp, a_parts, stride_ap, rank_split_stride, end0, end1, end2,
-                   BLOCK_M, BLOCK_N, BLOCK_K, RANK_ON_N, RANK_ON_K, ACCUMULATE, HAS_SCALE, IEEE, HAS_LORA, BLOCK_R,
-                   K_SPLITS, A_PARTS, SECTIONS)
+    for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
+        block = tile // num_n
+        expert = tl.load(lay[1] + block).to(tl.int64)
+        slot = tl.load(lay[2] + block).to(tl.int64)
+        n_limit = tl.minimum(N, tl.load(ranks_ptr + h * rank_split_stride + slot))
+        k_start = 0
+        k_limit = K
+        if K_SPLITS:  # this program's slice of K; partial sums go to c[part]
+            k_start = part * k_chunk
+            k_limit = tl.minimum(K, k_start + k_chunk)
+        _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, tile % num_n, num_rows, N, a_row_div,
+                   0, n_limit, k_start, k_limit, part * stride_cp, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, False, IEEE,
+                   False, 16, False)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _lora_expand_tiles_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, ends, num_rows, N, K,
+                              scale_ptr, a_parts, stride_ap, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                              IEEE: tl.constexpr, A_PARTS: tl.constexpr, SECTIONS: tl.constexpr):
+    h = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
+        block = tile // num_n
+        pid_n = tile % num_n
+        expert = tl.load(lay[1] + block).to(tl.int64)
+        slot = tl.load(lay[2] + block).to(tl.int64)
+        if SECTIONS:  # the tile's projection; its columns of A start at h * k
+            h = (pid_n * BLOCK_N >= ends[0]).to(tl.int32) + (pid_n * BLOCK_N >= ends[1]).to(tl.int32) \
+                + (pid_n * BLOCK_N >= ends[2]).to(tl.int32)
+        k_limit = tl.minimum(K, tl.load(ranks_ptr + h * rank_split_stride + slot))
+        _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, pid_n, num_rows, N, 1, scale_ptr, N, 0,
+                   k_limit, 0, a_parts, stride_ap, BLOCK_M, BLOCK_N, BLOCK_K, True, HAS_SCALE, IEEE,
+                   False, 16, A_PARTS)
 
 
 def num_programs(device: torch.device, max_tiles: int) -> int:
@@ -163,68 +179,123 @@ def k_slices(k: int, k_splits: int, block_k: int) -> tuple[int, int]:
     return chunk, triton.cdiv(k, chunk)
 
 
-def grouped_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, k: int,
-                 a_row_div: int = 1, splits: tuple[int, int, int, int] = (1, 0, 0, 0),
-                 ranks: Tensor | None = None, rank_on: str | None = None, accumulate: bool = False,
-                 scale: Tensor | None = None, fused_lora: tuple[Tensor, Tensor, int] | None = None,
-                 k_splits: int = 1, a_parts: int = 0, sections: tuple[int, ...] = (),
-                 rank_split_stride: int = 0, block_n: int = 64, block_k: int = 64, num_warps: int = 4,
-                 num_stages: int = 3) -> Tensor:
-    """c[rows] (+)= scale * a[rows // a_row_div] @ w[slot, expert].T over the layout's blocks.
+def _weights(w: Tensor, row_step: int) -> tuple:
+    """W operand of a [S, E, N, K] or [E, N, K] (S = 1) stack."""
+    if w.dim() == 3:
+        return (w, 0, *w.stride(), row_step)
+    return (w, *w.stride(), row_step)
 
-    Semantics: see the module docstring; splits = (count, split_ak, split_bn, split_cn).
+
+def _lay(layout: VirtualLayout) -> tuple:
+    return layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks
+
+
+def _ieee(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors)
+
+
+def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, k: int,
+             a_row_div: int = 1, scale: Tensor | None = None,
+             fused_lora: tuple[Tensor, Tensor, Tensor, int] | None = None, block_n: int = 64,
+             block_k: int = 64, num_warps: int = 4, num_stages: int = 3) -> Tensor:
+    """The base MoE GEMM over the layout's blocks; returns c.
+
+    Semantics: c[rows] = scale[rows, None] * a[rows // a_row_div] @ w[e].T for each block (e, rows),
+    plus, with fused_lora = (A, B, ranks, half_n) and blocks of slot s >= 0,
+    scale * (a @ A[s, e, g*R:g*R + r_s].T) @ B[s, e, :, :r_s].T in the same tile, g = col // half_n.
     Args:
-        a: [A_rows, *] activations (row stride any, column stride any); with a_parts = P,
-            [P, A_rows, *] partial sums, added as they load.
-        w: [S, E, N_total, K_total] weights (a 3-D [E, N, K] tensor is taken as S = 1).
-        c: [T*K, *] output rows indexed by routed row id; with k_splits = P, [P, T*K, *].
+        a: [A_rows, k] activations (any strides).
+        w: [E, n, k] expert weights.
+        c: [rows, n] output, rows = layout.num_rows.
         layout: VirtualLayout whose block_size is the M tile.
-        n, k: GEMM sizes per split (k may be cut to the slot's rank with rank_on="k"); with
-            sections, n is the sum of the sections.
-        ranks: [S] int32 per-slot rank ([H, S] with rank_split_stride), with rank_on in {"n", "k"}.
-        scale: [T*K] per-row factor (routing weight) or None.
-        fused_lora: (A [S, E, h*R, K], B [S, E, N, R], half_n): adds (a @ A_h.T) @ B.T in the
-            same tile for blocks with slot >= 0, h = n // half_n (gate/up halves; half_n = n
-            for one half); needs ranks and block_n dividing half_n.
-        k_splits: P > 1 splits K over up to P programs per tile (shrinks; c is [parts, rows, *]
-            with parts = k_slices(k, P, block_k)[1] partial sums).
-        a_parts: P > 0: a holds P partial sums (the expand of a k_splits shrink).
-        sections: output widths of up to 4 projections side by side on N (expand; block_n
-            must divide every section end; splits[1] is the A column step between them).
+        scale: [rows] per-row factor (routing weight) or None.
+        fused_lora: A [S, E, h*R, k], B [S, E, n, R], ranks [S] int32, half_n (block_n divides it;
+            n for one half); for expert-major layouts (kernels.moe.launch.fused_path_ok).
     """
-    w4 = w if w.dim() == 4 else w.unsqueeze(0)
-    count, split_ak, split_bn, split_cn = splits
-    expect(fused_lora is None or (k_splits == 1 and not sections), "fused_lora takes no k_splits or sections")
-    expect(len(sections) <= 4, f"at most 4 sections, got {len(sections)}")
-    ends = [sum(sections[:h + 1]) for h in range(len(sections) - 1)]
-    expect(all(e % block_n == 0 for e in ends), f"block_n {block_n} must divide the section ends {ends}")
-    ends += [n] * (3 - len(ends))  # unused ends: no tile starts at or past n
-    expect(not sections or (count == 1 and n == sum(sections)),
-           f"sections need splits count 1 and n = sum(sections) = {sum(sections)}, got {count} and {n}")
+    lora, big_r = 0, 1
+    if fused_lora is not None:
+        la, lb, ranks, half_n = fused_lora
+        expect(half_n >= n or half_n % block_n == 0, f"block_n {block_n} must divide half_n {half_n}")
+        big_r = lb.shape[-1]
+        lora = (la, *la.stride(), lb, *lb.stride(), half_n, big_r, ranks)
+    num_n = triton.cdiv(n, block_n)
+    programs = num_programs(a.device, layout.max_blocks * num_n)
+    _moe_gemm_kernel[(programs,)](
+        (a, a.stride(0), a.stride(1), 0), _weights(w, 0), (c, c.stride(0), c.stride(1), 0), lora,
+        _lay(layout), layout.num_rows, n, k, a_row_div, scale if scale is not None else layout.num_blocks,
+        BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
+        IEEE=_ieee(a, w), HAS_LORA=fused_lora is not None, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return c
+
+
+def lora_shrink(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ranks: Tensor, *, n: int,
+                k: int, a_row_div: int = 1, splits: int = 1, k_splits: int = 1,
+                rank_split_stride: int = 0, block_n: int = 16, block_k: int = 128, num_warps: int = 2,
+                num_stages: int = 3) -> Tensor:
+    """The shrink of each block's LoRA delta; returns c.
+
+    Semantics: for each block (s, e, rows) with s >= 0, split h < splits, r = min(n, rank_h[s]):
+        c[rows, h*n:h*n + r] = a[rows // a_row_div] @ w[s, e, h*n:h*n + r].T     (fp32 sums)
+    rank_h[s] = ranks[h * rank_split_stride + s]; columns >= r are not written.
+    Args:
+        a: [A_rows, k] activations (any strides).
+        w: [S, E, splits*n, k] LoRA A stack (n = its max rank).
+        c: [rows, splits*n] float; with k_splits = P, [parts, rows, splits*n] partial sums over K
+            slices, parts = k_slices(k, P, block_k)[1] (their sum is the shrink).
+        ranks: [S] int32 (or [H, S] with rank_split_stride).
+    """
     k_chunk, parts = k_slices(k, k_splits, block_k)
     expect(k_splits == 1 or c.dim() == 3 and c.shape[0] == parts,
            f"c must be [{parts}, rows, *] for k_splits={k_splits} (see k_slices), got {tuple(c.shape)}")
     c2 = c[0] if k_splits > 1 else c
-    a2 = a[0] if a_parts else a
     num_n = triton.cdiv(n, block_n)
     programs = num_programs(a.device, layout.max_blocks * num_n)
-    dummy = layout.num_blocks
-    la, lb, half_n = fused_lora if fused_lora is not None else (dummy, dummy, 1)
-    big_r = lb.shape[-1] if fused_lora is not None else 1
-    lora_strides = (*la.stride(), *lb.stride()) if fused_lora is not None else (0,) * 8
-    _grouped_gemm_kernel[(programs, count, parts)](
-        a, w4, c, scale if scale is not None else dummy, ranks if ranks is not None else dummy,
-        layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks,
-        layout.num_rows, n, k, a_row_div,
-        a2.stride(0), a2.stride(1), w4.stride(0) if w.dim() == 4 else 0, w4.stride(1),
-        w4.stride(2), w4.stride(3), c2.stride(0), c2.stride(1), split_ak, split_bn, split_cn,
-        la, lb, *lora_strides, half_n, big_r, k_chunk, c.stride(0) if k_splits > 1 else 0,
-        max(1, a_parts), a.stride(0) if a_parts else 0, rank_split_stride, *ends,
-        BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k,
-        RANK_ON_N=rank_on == "n", RANK_ON_K=rank_on == "k", ACCUMULATE=accumulate,
-        HAS_SCALE=scale is not None, IEEE=a.dtype == torch.float32 and w.dtype == torch.float32,
-        HAS_LORA=fused_lora is not None, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
-        K_SPLITS=k_splits > 1, A_PARTS=a_parts > 1, SECTIONS=len(sections) > 1,
+    _lora_shrink_kernel[(programs, splits, parts)](
+        (a, a.stride(0), a.stride(1), 0), _weights(w, n), (c, c2.stride(0), c2.stride(1), n),
+        _lay(layout), ranks, rank_split_stride, layout.num_rows, n, k, a_row_div, k_chunk,
+        c.stride(0) if k_splits > 1 else 0,
+        BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=_ieee(a, w),
+        K_SPLITS=k_splits > 1, num_warps=num_warps, num_stages=num_stages,
+    )
+    return c
+
+
+def lora_expand_tiles(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
+                      n: int, k: int, splits: int = 1, scale: Tensor | None = None, a_parts: int = 0,
+                      sections: tuple[int, ...] = (), rank_split_stride: int = 0, block_n: int = 256,
+                      block_k: int = 16, num_warps: int = 4, num_stages: int = 1) -> Tensor:
+    """The expand of each block's LoRA delta, added into c in place, a program per (block, N tile);
+    returns c. (kernels/moe/expand.py's lora_expand: a program per block.)
+
+    Semantics: for each block (s, e, rows), split h < splits, r = min(k, rank_h[s]):
+        c[rows, h*n:(h+1)*n] += scale[rows, None] * a[rows, h*k:h*k + r].to(w.dtype) @ w[s, e, h*n:(h+1)*n, :r].T
+    in fp32, rounded once to c's dtype. With sections (count 1), column j of c belongs to
+    projection h = the section holding j, which reads a[rows, h*k:h*k + rank_h[s]].
+    Args:
+        a: [rows, splits*k] float shrink output; with a_parts = P, [P, rows, *] partial sums.
+        w: [S, E, splits*n, k] LoRA B stack (k = its max rank), scaling folded in.
+        c: [rows, splits*n] (n = sum(sections) with sections).
+        ranks: [S] int32 (or [H, S] with rank_split_stride).
+        sections: up to 4 projection widths on N; block_n must divide every section end.
+    """
+    expect(len(sections) <= 4, f"at most 4 sections, got {len(sections)}")
+    ends = [sum(sections[:h + 1]) for h in range(len(sections) - 1)]
+    expect(all(e % block_n == 0 for e in ends), f"block_n {block_n} must divide the section ends {ends}")
+    ends += [n] * (3 - len(ends))  # unused ends: no tile starts at or past n
+    expect(not sections or (splits == 1 and n == sum(sections)),
+           f"sections need splits 1 and n = sum(sections) = {sum(sections)}, got {splits} and {n}")
+    a2 = a[0] if a_parts else a
+    step = 0 if sections else n
+    num_n = triton.cdiv(n, block_n)
+    programs = num_programs(a.device, layout.max_blocks * num_n)
+    _lora_expand_tiles_kernel[(programs, splits)](
+        (a, a2.stride(0), a2.stride(1), k), _weights(w, step), (c, c.stride(0), c.stride(1), step),
+        _lay(layout), ranks, rank_split_stride, tuple(ends), layout.num_rows, n, k,
+        scale if scale is not None else layout.num_blocks, max(1, a_parts), a.stride(0) if a_parts else 0,
+        BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
+        IEEE=_ieee(a, w), A_PARTS=a_parts > 1, SECTIONS=len(sections) > 1,
         num_warps=num_warps, num_stages=num_stages,
     )
     return c

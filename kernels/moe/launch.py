@@ -22,7 +22,7 @@ from kernels.moe.activation import silu_mul
 from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.moe.expand import lora_expand
-from kernels.moe.grouped_gemm import grouped_gemm
+from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
 from kernels.moe.lora_rows import lora_rows_
 from kernels.weights import MoELoRAWeights
 
@@ -147,11 +147,11 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     if base is None:
         base = moe_align_virtual(topk_ids, None, num_experts, _base_block_m(rows, num_experts))
     fused = fused_layout is not None
-    fused_kw = lambda a, b, half: {"fused_lora": (a, b, half), "ranks": lora.ranks} if fused else {}  # noqa: E731
+    fused_kw = lambda a, b, half: {"fused_lora": (a, b, lora.ranks, half)} if fused else {}  # noqa: E731
     weights = topk_weights.reshape(-1).float()
     gate_up = hidden.new_empty(rows, 2 * inter)
     cfg = _base_config(base.block_size)
-    grouped_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg,
+    moe_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg,
                  **fused_kw(lora and lora.gate_up_a, lora and lora.gate_up_b, inter))
     for vlay in vlays:
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand)
@@ -160,7 +160,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
                    a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), **ROWS_TILES)
     act = silu_mul(gate_up, hidden.new_empty(rows, inter))
     y = hidden.new_empty(rows, d)
-    grouped_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
+    moe_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
                  **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
     for vlay in vlays:
         _lora_down_(act, y, lora, vlay, weights, expand)
@@ -179,12 +179,12 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
     rb = _rank_block(r)
     shrunk = torch.empty(gate_up.shape[0], 2 * r, dtype=torch.float32, device=hidden.device)
     # split h in {gate, up}: A rows [h*R, h*R + r_s) -> shrunk cols [h*R, h*R + r_s)
-    grouped_gemm(hidden, lora.gate_up_a, shrunk, vlay, n=r, k=d, a_row_div=top_k,
-                 splits=(2, 0, r, r), ranks=lora.ranks, rank_on="n", block_n=rb, **SHRINK)
+    lora_shrink(hidden, lora.gate_up_a, shrunk, vlay, lora.ranks, n=r, k=d, a_row_div=top_k, splits=2,
+                block_n=rb, **SHRINK)
     # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
     if not _expand_by_blocks(vlay.num_rows, expand):
-        grouped_gemm(shrunk, lora.gate_up_b, gate_up, vlay, n=inter, k=r, splits=(2, r, inter, inter),
-                     ranks=lora.ranks, rank_on="k", accumulate=True, block_k=rb, **EXPAND)
+        lora_expand_tiles(shrunk, lora.gate_up_b, gate_up, vlay, lora.ranks, n=inter, k=r, splits=2,
+                          block_k=rb, **EXPAND)
     else:  # one program a block, gate's tiles then up's
         lora_expand(shrunk, lora.gate_up_b, gate_up, vlay, lora.ranks, splits=2, **EXPAND_BLOCKS)
 
@@ -195,11 +195,10 @@ def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayou
     r = lora.max_rank
     rb = _rank_block(r)
     shrunk = torch.empty(act.shape[0], r, dtype=torch.float32, device=act.device)
-    grouped_gemm(act, lora.down_a, shrunk, vlay, n=r, k=act.shape[1], ranks=lora.ranks,
-                 rank_on="n", block_n=rb, **SHRINK)
+    lora_shrink(act, lora.down_a, shrunk, vlay, lora.ranks, n=r, k=act.shape[1], block_n=rb, **SHRINK)
     if not _expand_by_blocks(vlay.num_rows, expand):
-        grouped_gemm(shrunk, lora.down_b, y, vlay, n=y.shape[1], k=r, ranks=lora.ranks,
-                     rank_on="k", accumulate=True, scale=weights, block_k=rb, **EXPAND)
+        lora_expand_tiles(shrunk, lora.down_b, y, vlay, lora.ranks, n=y.shape[1], k=r, scale=weights,
+                          block_k=rb, **EXPAND)
     else:
         lora_expand(shrunk, lora.down_b, y, vlay, lora.ranks, scale=weights, **EXPAND_BLOCKS)
 

@@ -5,8 +5,8 @@ e = topk_ids[t, k] and rank r_s = ranks[s], for each split h (gate/up halves: sp
 otherwise):
     shrunk    = a[r // a_row_div, :] @ A[s, e, h*R:h*R + r_s, :].T          (fp32 sums)
     c[r, h*N:(h+1)*N] (+)= scale[r] * shrunk.to(B.dtype) @ B[s, e, h*N:(h+1)*N, :r_s].T
-rounded once to c's dtype, the split path's order of operations (grouped_gemm shrink, then
-expand with accumulate): only the summation order differs.
+rounded once to c's dtype, the split path's order of operations (lora_shrink, then
+lora_expand_tiles): only the summation order differs.
 
 Dense projections sharing an input (q/k/v as one group, or o alone): the same with one expert,
 a row per token and split h = projection h, whose columns [off_h, off_h + N_h) may differ in
@@ -31,12 +31,11 @@ from kernels.errors import expect
 from kernels.weights import DenseLoRAGroup
 
 
+# Operands are tuples: A = (ptr, row stride, column stride); LA, LB = (ptr, and the strides of
+# [S, E, rows, cols]); C = (ptr, row stride, column stride); ends = the splits' last columns + 1.
 @triton.jit  # the token count is the grid, not an argument: one compile for every count
-def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr,
-                      top_k, a_row_div, num_slots, num_experts, K, R, end0, end1, end2, rank_split_stride,
-                      stride_am, stride_ak, la_s, la_e, la_r, la_k, lb_s, lb_e, lb_n, lb_r,
-                      stride_cm, stride_cn, n_chunk,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k, a_row_div,
+                      num_slots, num_experts, K, R, ends, rank_split_stride, n_chunk, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                       HAS_SCALE: tl.constexpr, HAS_EXPERTS: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -47,8 +46,8 @@ def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_i
     else:
         expert = tl.full((), 0, tl.int64)
     # split h owns the columns [end_{h-1}, end_h) of c and the same rows of B (end_{-1} = 0)
-    n_begin = tl.where(split == 0, 0, tl.where(split == 1, end0, end1))
-    n_stop = tl.where(split == 0, end0, tl.where(split == 1, end1, end2))
+    n_begin = tl.where(split == 0, 0, tl.where(split == 1, ends[0], ends[1]))
+    n_stop = tl.where(split == 0, ends[0], tl.where(split == 1, ends[1], ends[2]))
     col0 = n_begin + part * n_chunk
     # rows without an adapter, or with ids out of range, are left alone (bitwise)
     live = (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < num_experts)
@@ -59,19 +58,19 @@ def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_i
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
         # shrink: A rows [h*R, h*R + r_s) of the pair against the row's input, K tile by K tile
-        a_row = a_ptr + (row // a_row_div) * stride_am
-        la_base = la_ptr + slot * la_s + expert * la_e + (split * R + offs_r)[:, None] * la_r
+        a_row = A[0] + (row // a_row_div) * A[1]
+        la_base = LA[0] + slot * LA[1] + expert * LA[2] + (split * R + offs_r)[:, None] * LA[3]
         shrunk = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            x = tl.load(a_row + offs_k * stride_ak, mask=k_ok, other=0.0)
-            w = tl.load(la_base + offs_k[None, :] * la_k, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(a_row + offs_k * A[2], mask=k_ok, other=0.0)
+            w = tl.load(la_base + offs_k[None, :] * LA[4], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             shrunk += tl.sum(x.to(w.dtype).to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
         # expand: this part's columns of split h; the shrink rounds to B's dtype as the split path's does
-        s = shrunk.to(lb_ptr.dtype.element_ty).to(tl.float32)
-        lb_base = lb_ptr + slot * lb_s + expert * lb_e + offs_r[None, :] * lb_r
-        c_row = c_ptr + row * stride_cm
+        s = shrunk.to(LB[0].dtype.element_ty).to(tl.float32)
+        lb_base = LB[0] + slot * LB[1] + expert * LB[2] + offs_r[None, :] * LB[4]
+        c_row = C[0] + row * C[1]
         row_scale = tl.full((), 1.0, tl.float32)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + row).to(tl.float32)
@@ -79,12 +78,12 @@ def _lora_rows_kernel(a_ptr, la_ptr, lb_ptr, c_ptr, scale_ptr, ranks_ptr, slot_i
         for n0 in range(col0, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_end
-            b = tl.load(lb_base + offs_n[:, None] * lb_n, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(lb_base + offs_n[:, None] * LB[3], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
             delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1)
             if HAS_SCALE:
                 delta = delta * row_scale
-            prior = tl.load(c_row + offs_n * stride_cn, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(c_row + offs_n * stride_cn, (delta + prior).to(c_ptr.dtype.element_ty), mask=n_ok)
+            prior = tl.load(c_row + offs_n * C[2], mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(c_row + offs_n * C[2], (delta + prior).to(C[0].dtype.element_ty), mask=n_ok)
 
 
 def lora_rows_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot_ids: Tensor,
@@ -176,12 +175,11 @@ def _launch(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, rank_sp
     column + 1 (increasing), the widest split's columns cut in `parts` whole N tiles."""
     widest = max(end - begin for begin, end in zip([0, *ends[:-1]], ends))
     n_chunk = triton.cdiv(triton.cdiv(widest, parts), block_n) * block_n
-    padded = (ends + [ends[-1]] * 3)[:3]
+    padded = tuple((ends + [ends[-1]] * 3)[:3])
     _lora_rows_kernel[(rows, len(ends), triton.cdiv(widest, n_chunk))](
-        a, la, lb, c, scale if scale is not None else ranks, ranks, slot_ids,
-        topk_ids if topk_ids is not None else slot_ids,
-        top_k, a_row_div, la.shape[0], la.shape[1], la.shape[3], big_r, *padded, rank_split_stride,
-        a.stride(0), a.stride(1), *la.stride(), *lb.stride(), c.stride(0), c.stride(1), n_chunk,
+        (a, a.stride(0), a.stride(1)), (la, *la.stride()), (lb, *lb.stride()), (c, c.stride(0), c.stride(1)),
+        scale if scale is not None else ranks, ranks, slot_ids, topk_ids if topk_ids is not None else slot_ids,
+        top_k, a_row_div, la.shape[0], la.shape[1], la.shape[3], big_r, padded, rank_split_stride, n_chunk,
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
         HAS_SCALE=scale is not None, HAS_EXPERTS=topk_ids is not None, num_warps=num_warps, num_stages=num_stages,
     )

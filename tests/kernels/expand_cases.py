@@ -112,16 +112,14 @@ def check(case: dict, got: torch.Tensor, before: torch.Tensor, dtype_name: str) 
 
 
 def tiles_expand(case: dict, c: torch.Tensor, block_n: int = 32) -> torch.Tensor:
-    """The same expand through grouped_gemm's (block, n-tile) grid, on c in place (not for
+    """The same expand through lora_expand_tiles' (block, n-tile) grid, on c in place (not for
     expert-major layouts: it reads ranks[-1] on blocks of slot -1)."""
-    from kernels.moe.grouped_gemm import grouped_gemm
+    from kernels.moe.grouped_gemm import lora_expand_tiles
     kw = case["kw"]
     splits, big_r = kw["splits"], case["b"].shape[3]
     n = case["b"].shape[2] // splits
-    return grouped_gemm(case["shrunk"], case["b"], c, case["layout"], n=n, k=big_r,
-                        splits=(splits, big_r, n, n) if splits == 2 else (1, 0, 0, 0), ranks=case["ranks"],
-                        rank_on="k", accumulate=True, scale=kw["scale"], block_k=16, block_n=block_n,
-                        num_stages=1)
+    return lora_expand_tiles(case["shrunk"], case["b"], c, case["layout"], case["ranks"], n=n, k=big_r,
+                             splits=splits, scale=kw["scale"], block_k=16, block_n=block_n, num_stages=1)
 
 
 def run_case(name: str) -> dict:

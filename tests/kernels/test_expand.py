@@ -1,6 +1,6 @@
 """lora_expand (kernels/moe/expand.py): the Triton kernel in the interpreter (subprocess) and its torch
 twin in process, both against the fp64 per-row loop of expand_cases.py; on the GPU, bf16 at
-qwen3's sizes over tile configs, bit for bit against grouped_gemm's expand, and in a CUDA graph."""
+qwen3's sizes over tile configs, bit for bit against lora_expand_tiles, and in a CUDA graph."""
 import pytest
 import torch
 
@@ -22,8 +22,8 @@ def test_triton_expand_matches_fp64(interp_results, name):
     assert res["err"] <= res["tol"], res
     assert res["bitwise"], f"{name}: rows without an adapter (or of rank 0) changed"
     assert res["in_place"]
-    # the (block, n-tile) grouped_gemm expand gives the same bits (not run on expert-major layouts)
-    assert res.get("same_as_tiles", True), f"{name}: differs from grouped_gemm's expand"
+    # lora_expand_tiles, the (block, n-tile) expand, gives the same bits (not run on expert-major layouts)
+    assert res.get("same_as_tiles", True), f"{name}: differs from lora_expand_tiles"
 
 
 @pytest.mark.parametrize("name", case_names())
@@ -76,9 +76,9 @@ def test_gpu_expand_bitwise_equal_to_tiles(name, cfg):
         # H100, 2026-11-28: in bf16/fp16 the gate/up halves differ from the tiles path in the last
         # bits (both within the fp64 tolerance above); down and fp32 are bit for bit
         diff = (got.double() - tiles.double()).norm() / tiles.double().norm()
-        assert diff <= res["tol"], f"{name} {cfg}: {diff:.2e} from grouped_gemm's expand"
+        assert diff <= res["tol"], f"{name} {cfg}: {diff:.2e} from lora_expand_tiles"
     else:
-        assert torch.equal(got, tiles), f"{name} {cfg}: differs from grouped_gemm's expand"
+        assert torch.equal(got, tiles), f"{name} {cfg}: differs from lora_expand_tiles"
 
 
 @pytest.mark.gpu
