@@ -12,12 +12,12 @@ B = batch bucket, C = context bucket, M = C / block size, V = vocabulary.
 """
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from engine.attention import AttentionGroup, ForwardBatch
+from engine.step_inputs import NO_SLOT, StepInputs
 
 log = logging.getLogger(__name__)
 LAYERS_PER_GRAPH = 4
@@ -70,17 +70,6 @@ def context_buckets(max_len: int, block_size: int) -> list[int]:
     return [-(-s // block_size) * block_size for s in sizes + [max_len]]
 
 
-@dataclass(slots=True)
-class DecodeInputs:
-    """One decode step as Python lists (one entry per sequence)."""
-    input_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    block_tables: list[list[int]]
-    lora_slots: list[int] | None
-    max_context_len: int
-
-
 class DecodeGraphs:
     def __init__(self, model, max_batch: int, max_model_len: int, block_size: int, scratch_slot: int,
                  with_lora: bool, device: torch.device, use_graphs: bool = True, pool=None):
@@ -96,7 +85,7 @@ class DecodeGraphs:
         self.block_tables = zeros(max_batch, max_blocks)
         self.token_seq = torch.arange(max_batch, device=device)
         self.token_row = zeros(max_batch)
-        self.lora_slots = zeros(max_batch, dtype=torch.int32) - 1
+        self.lora_slots = zeros(max_batch, dtype=torch.int32) + NO_SLOT
         # -> ([graphs of the chain], logits, batch) or (None, None, batch) eagerly
         self.graphs: dict[tuple[int, int, bool], tuple] = {}
         self.pool = pool
@@ -129,7 +118,7 @@ class DecodeGraphs:
                                                        self.model.compute_logits)
         self.graphs[(batch, ctx, use_lora)] = (chain, logits, keep)
 
-    def run(self, inputs: DecodeInputs, feed: Callable[[Tensor], None] | None = None) -> Tensor:
+    def run(self, inputs: StepInputs, feed: Callable[[Tensor], None] | None = None) -> Tensor:
         """Replay the bucket's graphs for this step; returns logits [num_seqs, V] (a view of the
         static buffer). `feed(input_ids)` may overwrite ids on the device before the replay."""
         n = len(inputs.input_ids)
@@ -143,7 +132,7 @@ class DecodeGraphs:
         load_buffer(self.slot_mapping, inputs.slot_mapping + [self.scratch_slot] * pad)
         load_buffer(self.block_tables, [t + [0] * (width - len(t)) for t in inputs.block_tables] + [[0] * width] * pad)
         if use_lora:
-            load_buffer(self.lora_slots, inputs.lora_slots + [-1] * pad)
+            load_buffer(self.lora_slots, inputs.lora_slots + [NO_SLOT] * pad)
         if feed is not None:
             feed(self.input_ids)
         chain, logits, fwd = self.graphs[(batch, ctx, use_lora)]

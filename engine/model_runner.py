@@ -14,8 +14,8 @@ from torch import Tensor
 
 from engine.attention import AttentionGroup, ForwardBatch
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs, DecodeInputs
-from engine.prefill_graphs import PrefillGraphs, StepInputs
+from engine.cuda_graphs import DecodeGraphs
+from engine.prefill_graphs import PrefillGraphs
 from engine.errors import EngineError
 from engine.lora.slots import SlotPools
 from engine.memory import plan_memory
@@ -24,6 +24,7 @@ from engine.models.spec import ModelSpec
 from engine.sampler import sample
 from engine.sampling_inputs import SamplingInputs
 from engine.sequence import Sequence
+from engine.step_inputs import StepInputs, build_step_inputs, uses_lora
 from engine.warmup import run_warmup
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30  # activations of the largest step and the graphs' pool (CUDA)
@@ -163,67 +164,43 @@ class ModelRunner:
             return None
         return graphs
 
-    def _decode_inputs(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
-        bs = self.config.block_size
-        seqs = [seq for seq, _ in scheduled]
-        positions = [seq.num_computed_tokens for seq in seqs]
-        lora = [-1 if seq.lora_slot is None else seq.lora_slot for seq in seqs]
-        return DecodeInputs(
-            input_ids=[seq.token_ids(p, p + 1)[0] for seq, p in zip(seqs, positions)], positions=positions,
-            slot_mapping=[seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)],
-            block_tables=[seq.block_table for seq in seqs],
-            lora_slots=lora if self.slot_pools is not None and any(s >= 0 for s in lora) else None,
-            max_context_len=max(positions) + 1)
-
     def _tensor(self, values: list, dtype: torch.dtype) -> Tensor:
         t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
         return t.to(self.device, non_blocking=True)
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[Tensor, ForwardBatch, list[int]]:
-        """Flatten the step's sequences into (input_ids [T], ForwardBatch, sampled token rows).
+        """The eager step's (input_ids [T], ForwardBatch, sampled token rows)."""
+        inputs = build_step_inputs(scheduled, self.config.block_size)
+        return (*self.eager_inputs(inputs), inputs.sample_rows)
 
-        The scheduler puts single-token entries (decodes) first; they form their own group."""
-        ids, pos, slots, lora, sample_rows = self._flatten(scheduled)
-        num_single = next((i for i, (_, n) in enumerate(scheduled) if n > 1), len(scheduled))
-        groups, token_start = [], 0
-        for part in (scheduled[:num_single], scheduled[num_single:]):
-            if part:
-                groups.append(self._group(part, token_start))
-                token_start = groups[-1].end
-        use_lora = self.slot_pools is not None and any(s >= 0 for s in lora)
+    def eager_inputs(self, inputs: StepInputs) -> tuple[Tensor, ForwardBatch]:
+        """Device tensors of the step; decodes (first) and prefill chunks form an attention group each."""
+        split, groups = inputs.num_decodes, []
+        for seqs in (range(split), range(split, len(inputs.query_lens))):
+            if seqs:
+                groups.append(self._group(inputs, seqs, groups[-1].end if groups else 0))
         batch = ForwardBatch(
-            positions=self._tensor(pos, torch.long), slot_mapping=self._tensor(slots, torch.long),
-            groups=groups, lora_slot_ids=self._tensor(lora, torch.int32) if use_lora else None,
+            positions=self._tensor(inputs.positions, torch.long),
+            slot_mapping=self._tensor(inputs.slot_mapping, torch.long), groups=groups,
+            lora_slot_ids=None if inputs.lora_slots is None else self._tensor(inputs.lora_slots, torch.int32),
             triton_prefill=self.config.triton_prefill_attention)
-        return self._tensor(ids, torch.long), batch, sample_rows
+        return self._tensor(inputs.input_ids, torch.long), batch
 
-    def _flatten(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list, list, list, list, list]:
-        """Per token: ids, positions, KV slots, LoRA slots (-1: none); rows of the sampled tokens."""
-        bs = self.config.block_size
-        ids, pos, slots, lora, sample_rows = [], [], [], [], []
-        for seq, n in scheduled:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += seq.token_ids(start, end)
-            pos += range(start, end)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-            lora += [-1 if seq.lora_slot is None else seq.lora_slot] * n
-            if end == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
-        return ids, pos, slots, lora, sample_rows
-
-    def _group(self, part: list[tuple[Sequence, int]], token_start: int) -> AttentionGroup:
-        max_blocks = max(len(seq.block_table) for seq, _ in part)
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in part]
-        tseq = [b for b, (_, n) in enumerate(part) for _ in range(n)]
-        trow = [i for _, n in part for i in range(n)]
+    def _group(self, inputs: StepInputs, seqs: range, token_start: int) -> AttentionGroup:
+        lens = inputs.query_lens[seqs.start:seqs.stop]
+        contexts = inputs.context_lens[seqs.start:seqs.stop]
+        tables = inputs.block_tables[seqs.start:seqs.stop]
+        width = max(len(t) for t in tables)
+        tseq = [b for b, n in enumerate(lens) for _ in range(n)]
+        trow = [i for n in lens for i in range(n)]
         group = AttentionGroup(
-            start=token_start, end=token_start + len(tseq), block_tables=self._tensor(tables, torch.long),
+            start=token_start, end=token_start + len(tseq),
+            block_tables=self._tensor([t + [0] * (width - len(t)) for t in tables], torch.long),
             token_seq=self._tensor(tseq, torch.long), token_row=self._tensor(trow, torch.long),
-            max_query_len=max(n for _, n in part),
-            max_context_len=max(seq.num_computed_tokens + n for seq, n in part))
+            max_query_len=max(lens), max_context_len=max(contexts))
         if self.config.triton_prefill_attention and group.max_query_len > 1:
-            group.query_start = self._tensor(list(accumulate((n for _, n in part), initial=0)), torch.int32)
-            group.context_lens = self._tensor([seq.num_computed_tokens + n for seq, n in part], torch.int32)
+            group.query_start = self._tensor(list(accumulate(lens, initial=0)), torch.int32)
+            group.context_lens = self._tensor(contexts, torch.int32)
         return group
 
     def release(self, seq: Sequence) -> None:
@@ -246,15 +223,16 @@ class ModelRunner:
         sampled = [seq for (seq, _), s in zip(scheduled, samples) if s]
         feed = self._feed(scheduled, prev)
         feed_ids = None if feed is None else lambda ids: feed.apply(ids, self._tensor)
+        inputs = build_step_inputs(scheduled, self.config.block_size)
         logits = kept = None
-        if self._graph_step(scheduled, all_logits):
-            logits = self.graphs.run(self._decode_inputs(scheduled), feed_ids)
-            if not all(samples):  # a one-token prefill chunk that does not end its prompt
+        graphs = None if all_logits else self._graphs_for(scheduled)
+        if graphs is not None:
+            logits = graphs.run(inputs, feed_ids)  # decode graphs: a row per sequence
+            if graphs is self.graphs and not all(samples):  # a one-token chunk that does not end its prompt
                 logits = logits[self._tensor([i for i, s in enumerate(samples) if s], torch.long)]
-        elif self._prefill_graph_step(scheduled, all_logits):
-            logits = self.prefill_graphs.run(self._step_inputs(scheduled), feed_ids)
         else:
-            input_ids, batch, rows = self.prepare(scheduled)
+            input_ids, batch = self.eager_inputs(inputs)
+            rows = inputs.sample_rows
             if feed_ids is not None:
                 feed_ids(input_ids)
             hidden = self.model(input_ids, batch)
@@ -294,25 +272,21 @@ class ModelRunner:
                 src.append(row)
         return TokenFeed(dst, src, prev.tokens) if dst else None
 
-    def _prefill_graph_step(self, scheduled: list[tuple[Sequence, int]], all_logits: bool) -> bool:
-        return (self.prefill_graphs is not None and not all_logits
-                and self.prefill_graphs.fits(sum(n for _, n in scheduled), len(scheduled),
-                                             any(s.lora_slot is not None for s, _ in scheduled)))
-
-    def _step_inputs(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
-        ids, pos, slots, lora, sample_rows = self._flatten(scheduled)
-        return StepInputs(ids, pos, slots, lora if any(s >= 0 for s in lora) else None,
-                          [n for _, n in scheduled], [seq.num_computed_tokens + n for seq, n in scheduled],
-                          [seq.block_table for seq, _ in scheduled], sample_rows)
-
     def is_graph_step(self, scheduled: list[tuple[Sequence, int]]) -> bool:
         """Whether launch() replays graphs (decode or prefill) for this step: ~ms of host time."""
-        return self._graph_step(scheduled, False) or self._prefill_graph_step(scheduled, False)
+        return self._graphs_for(scheduled) is not None
 
-    def _graph_step(self, scheduled: list[tuple[Sequence, int]], all_logits: bool) -> bool:
-        return (self.graphs is not None and not all_logits and all(n == 1 for _, n in scheduled)
-                and self.graphs.fits(len(scheduled), max(s.num_computed_tokens + 1 for s, _ in scheduled),
-                                     any(s.lora_slot is not None for s, _ in scheduled)))
+    def _graphs_for(self, scheduled: list[tuple[Sequence, int]]) -> DecodeGraphs | PrefillGraphs | None:
+        """The graphs that run this step: decode graphs for decode-only steps that fit them, else
+        prefill graphs where they fit; None: the step runs eagerly."""
+        lora = uses_lora(scheduled)
+        if self.graphs is not None and all(n == 1 for _, n in scheduled) and self.graphs.fits(
+                len(scheduled), max(s.num_computed_tokens + 1 for s, _ in scheduled), lora):
+            return self.graphs
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(
+                sum(n for _, n in scheduled), len(scheduled), lora):
+            return self.prefill_graphs
+        return None
 
     # ---- warm-up ----------------------------------------------------------------
     @torch.inference_mode()

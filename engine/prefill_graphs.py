@@ -13,7 +13,6 @@ are computed for the rows that sample, padded with row 0. Needs the Triton kerne
 T = token bucket, B = sequences of a bucket + 1 (the padding), M = blocks per sequence.
 """
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -21,19 +20,7 @@ from torch import Tensor
 
 from engine.attention import AttentionGroup, ForwardBatch
 from engine.cuda_graphs import capture_chain, load_buffer
-
-
-@dataclass(slots=True)
-class StepInputs:
-    """One step as Python lists: per token, then per sequence."""
-    input_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    lora_slots: list[int] | None  # None: no token has an adapter
-    query_lens: list[int]
-    context_lens: list[int]
-    block_tables: list[list[int]]
-    sample_rows: list[int]  # token index of each sampling sequence's last token
+from engine.step_inputs import NO_SLOT, StepInputs
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -51,7 +38,7 @@ class PrefillGraphs:
         t, b = self.tokens[-1], self._seqs(self.tokens[-1]) + 1
         zeros = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.input_ids, self.positions, self.slot_mapping = zeros(t), zeros(t), zeros(t)
-        self.lora_slots = zeros(t, dtype=torch.int32) - 1
+        self.lora_slots = zeros(t, dtype=torch.int32) + NO_SLOT
         self.token_seq, self.token_row = zeros(t), zeros(t)  # unused by the Triton attention
         self.block_tables = zeros(b, -(-max_model_len // block_size))
         self.query_start = zeros(b + 1, dtype=torch.int32)
@@ -104,7 +91,7 @@ class PrefillGraphs:
         load_buffer(self.positions, inputs.positions + [0] * pad)
         load_buffer(self.slot_mapping, inputs.slot_mapping + [self.scratch_slot] * pad)
         if use_lora:
-            load_buffer(self.lora_slots, inputs.lora_slots + [-1] * pad)
+            load_buffer(self.lora_slots, inputs.lora_slots + [NO_SLOT] * pad)
         starts = list(accumulate(inputs.query_lens, initial=0))
         # the padding is sequence num_seqs; any later ones are empty. Rows past a sequence's
         # own blocks are never read, so only the step's rows and widths are loaded

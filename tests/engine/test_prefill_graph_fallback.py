@@ -28,9 +28,9 @@ r.prefill_graphs = PrefillGraphs(r.model, 16, c.max_num_seqs, c.max_model_len, c
                                  r.num_kv_blocks * c.block_size, True, r.device, use_graphs=False)
 r.prefill_graphs.capture_all()
 graph_steps, eager_steps = [], []
-run, prepare = r.prefill_graphs.run, r.prepare
+run, eager = r.prefill_graphs.run, r.eager_inputs
 r.prefill_graphs.run = lambda inputs, feed=None: graph_steps.append(len(inputs.input_ids)) or run(inputs, feed)
-r.prepare = lambda scheduled: eager_steps.append(sum(n for _, n in scheduled)) or prepare(scheduled)
+r.eager_inputs = lambda inputs: eager_steps.append(len(inputs.input_ids)) or eager(inputs)
 got = [o["token_ids"] for o in engine.generate(prompts, params, loras)]
 print(json.dumps({"expected": expected, "got": got, "graph": graph_steps, "eager": eager_steps}))
 """
