@@ -108,13 +108,17 @@ def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
                      BLOCK_R: tl.constexpr):
+    # the split index stays a runtime value (grid axis 1 of size 1): with a literal 0, ptxas
+    # builds a K loop of 164-172 instructions instead of 136-147 for the same TTIR loop (sm_90,
+    # triton 3.6; benchmarks/compare_sass.py), and prefill steps took ~5% longer on the H200
+    h = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     # persistent loop: tiles ordered block-major so programs sharing a block share its A rows
     for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
         block = tile // num_n
         expert = tl.load(lay[1] + block).to(tl.int64)
         slot = tl.load(lay[2] + block).to(tl.int64)
-        _gemm_tile(A, W, C, L, lay, block, expert, slot, 0, tile % num_n, num_rows, N, a_row_div,
+        _gemm_tile(A, W, C, L, lay, block, expert, slot, h, tile % num_n, num_rows, N, a_row_div,
                    scale_ptr, N, 0, K, 0, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_SCALE, IEEE,
                    HAS_LORA, BLOCK_R, False)
 
@@ -220,7 +224,7 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
         lora = (la, *la.stride(), lb, *lb.stride(), half_n, big_r, ranks)
     num_n = triton.cdiv(n, block_n)
     programs = num_programs(a.device, layout.max_blocks * num_n)
-    _moe_gemm_kernel[(programs,)](
+    _moe_gemm_kernel[(programs, 1)](
         (a, a.stride(0), a.stride(1), 0), _weights(w, 0), (c, c.stride(0), c.stride(1), 0), lora,
         _lay(layout), layout.num_rows, n, k, a_row_div, scale if scale is not None else layout.num_blocks,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
