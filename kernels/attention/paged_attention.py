@@ -27,11 +27,12 @@ _PROGRAMS_PER_SM = 2  # with fewer programs than SMs, split the context until ab
 # the block table's width and the partition length change with the step's longest context:
 # not specialised, so they compile nothing new (NUM_PARTS still does: one compile per count in
 # eager steps; a runtime count with a looping merge is the plan, once it can be run on a GPU)
-# Q, O = (ptr, sequence stride, head stride); K, V = (cache, block, row and KV-head strides);
-# parts = the partials' (max, sum, output) buffers
+# strides as tuples: q and out (sequence, head), the caches (block, row, KV head); the pointers
+# lead, in the flat signature's order (ptxas allocates registers by it)
 @triton.jit(do_not_specialize=["part_keys", "stride_btb"])
 def _decode_partition_kernel(
-        Q, K, V, bt_ptr, pos_ptr, O, parts, qk_scale, part_keys, window, stride_btb,
+        q_ptr, k_ptr, v_ptr, bt_ptr, pos_ptr, out_ptr, part_m_ptr, part_l_ptr, part_o_ptr,
+        qk_scale, part_keys, window, q_strides, k_strides, v_strides, stride_btb, out_strides,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HP: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PARTS: tl.constexpr,
         HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -45,7 +46,7 @@ def _decode_partition_kernel(
     d_ok = offs_d < HEAD_DIM
     heads = pid_g * GROUP + offs_h  # [HP] query heads of this KV head
     # the H / G query rows of this KV head: [HP, DP], padded rows and columns are 0
-    q = tl.load(Q[0] + pid_b * Q[1] + heads[:, None] * Q[2] + offs_d[None, :],
+    q = tl.load(q_ptr + pid_b * q_strides[0] + heads[:, None] * q_strides[1] + offs_d[None, :],
                 mask=head_ok[:, None] & d_ok[None, :], other=0.0)
     # visible keys are [first, pos]; this partition owns [part_start, part_start + part_keys)
     pos = tl.load(pos_ptr + pid_b)
@@ -65,9 +66,9 @@ def _decode_partition_kernel(
         blk = tl.load(bt_ptr + pid_b * stride_btb + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         row = keys % BLOCK_SIZE
         kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(K[0] + blk[:, None] * K[1] + row[:, None] * K[2] + pid_g * K[3]
+        k = tl.load(k_ptr + blk[:, None] * k_strides[0] + row[:, None] * k_strides[1] + pid_g * k_strides[2]
                     + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, DP]
-        v = tl.load(V[0] + blk[:, None] * V[1] + row[:, None] * V[2] + pid_g * V[3]
+        v = tl.load(v_ptr + blk[:, None] * v_strides[0] + row[:, None] * v_strides[1] + pid_g * v_strides[2]
                     + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, DP]
         # scores in log2 units: [HP, BLOCK_N]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -82,14 +83,14 @@ def _decode_partition_kernel(
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = head_ok[:, None] & d_ok[None, :]
     if NUM_PARTS == 1:
-        tl.store(O[0] + pid_b * O[1] + heads[:, None] * O[2] + offs_d[None, :],
-                 out.to(O[0].dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + pid_b * out_strides[0] + heads[:, None] * out_strides[1] + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # partials are [B, H, P] and [B, H, P, Dh], contiguous
         row_bh = (pid_b * GROUP * tl.num_programs(1) + heads) * NUM_PARTS + pid_p  # [HP]
-        tl.store(parts[0] + row_bh, m_i, mask=head_ok)
-        tl.store(parts[1] + row_bh, l_i, mask=head_ok)
-        tl.store(parts[2] + row_bh[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
+        tl.store(part_m_ptr + row_bh, m_i, mask=head_ok)
+        tl.store(part_l_ptr + row_bh, l_i, mask=head_ok)
+        tl.store(part_o_ptr + row_bh[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
 
 
 @triton.jit
@@ -160,9 +161,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     group = num_heads // kv_heads
     dp = max(16, triton.next_power_of_2(head_dim))
     _decode_partition_kernel[(num_seqs, kv_heads, num_partitions)](
-        (q, q.stride(0), q.stride(1)), (k_cache, *k_cache.stride()[:3]), (v_cache, *v_cache.stride()[:3]),
-        block_tables, positions, (out, out.stride(0), out.stride(1)), (part_m, part_l, part_o),
-        scale * _LOG2E, part_keys, sliding_window or 0, block_tables.stride(0),
+        q, k_cache, v_cache, block_tables, positions, out, part_m, part_l, part_o,
+        scale * _LOG2E, part_keys, sliding_window or 0,
+        q.stride()[:2], k_cache.stride()[:3], v_cache.stride()[:3], block_tables.stride(0), out.stride()[:2],
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         HP=max(16, triton.next_power_of_2(group)), DP=dp, BLOCK_N=block_n,
         NUM_PARTS=num_partitions, HAS_WINDOW=sliding_window is not None,
