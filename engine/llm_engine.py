@@ -138,9 +138,7 @@ class LLMEngine:
 
     def _launch(self, sched: SchedulerOutput, prev: LaunchedStep | None, all_logits: bool = False) -> LaunchedStep:
         launched = self.runner.launch(sched.scheduled, prev, all_logits)
-        for (seq, n), samples in zip(sched.scheduled, launched.samples):
-            seq.num_computed_tokens += n  # the step writes their KV
-            seq.num_pending += samples
+        self.scheduler.launched(sched, launched.samples)
         return launched
 
     def _idle(self, sched: SchedulerOutput) -> StepResult:
@@ -154,13 +152,7 @@ class LLMEngine:
     def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self._record(sched)
         outputs = self._failed_outputs(sched)
-        now = time.perf_counter()
-        for (seq, _), token in zip(sched.scheduled, result.token_ids):
-            if token is None or seq.is_finished:  # finished (stop, abort) while the step ran
-                continue
-            seq.num_pending -= 1
-            seq.first_token_time = seq.first_token_time or now
-            seq.output_token_ids.append(token)
+        for seq, token in self.scheduler.update_from_output(sched, result.token_ids, time.perf_counter()):
             outputs.append(self._token_output(seq, token))
         return outputs
 

@@ -173,6 +173,28 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.release_slot(seq)
 
+    # ---- request state from the steps ---------------------------------------------
+    def launched(self, out: SchedulerOutput, samples: list[bool]) -> None:
+        """`out`'s step is on the device: its tokens' KV counts as written, and each sequence it
+        samples has a token pending (the next step may decode it before it is read back)."""
+        for (seq, n), sampled in zip(out.scheduled, samples):
+            seq.num_computed_tokens += n
+            seq.num_pending += sampled
+
+    def update_from_output(self, out: SchedulerOutput, token_ids: list[int | None],
+                           now: float) -> list[tuple[Sequence, int]]:
+        """Append the step's sampled tokens to their sequences; returns (sequence, token) of each
+        appended. A sequence that finished while the step ran (stop, abort) takes none."""
+        appended = []
+        for (seq, _), token in zip(out.scheduled, token_ids):
+            if token is None or seq.is_finished:
+                continue
+            seq.num_pending -= 1
+            seq.first_token_time = seq.first_token_time or now
+            seq.output_token_ids.append(token)
+            appended.append((seq, token))
+        return appended
+
     def release_slot(self, seq: Sequence) -> None:
         if seq.lora_slot is not None:
             self.lora_manager.release(seq.lora_slot)

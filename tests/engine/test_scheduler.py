@@ -141,3 +141,25 @@ def test_adapter_flood_of_one_tenant_leaves_slots_for_others():
     out = sched.schedule()
     assert [s.seq_id for s, _ in out.scheduled] == [50]
     assert sum(r > 0 for r in slots.refs) == 2  # one slot for the flood this pass, one for quiet
+
+
+def test_the_scheduler_advances_request_state_at_launch_and_from_the_sampled_tokens():
+    sched = make(budget=6)
+    long_prompt, short_prompt = seq(1, n=8), seq(2, n=2)
+    for s in (long_prompt, short_prompt):
+        sched.add(s)
+    out = sched.schedule()
+    assert [(s.seq_id, n) for s, n in out.scheduled] == [(1, 6)]  # a 6-token chunk of the 8
+    sched.launched(out, [False])
+    assert long_prompt.num_computed_tokens == 6 and long_prompt.num_pending == 0
+    assert sched.update_from_output(out, [None], now=1.0) == [] and long_prompt.output_token_ids == []
+
+    out = sched.schedule()  # the last 2 of the long prompt, then the short prompt: each samples
+    assert [(s.seq_id, n) for s, n in out.scheduled] == [(1, 2), (2, 2)]
+    sched.launched(out, [True, True])
+    assert (long_prompt.num_computed_tokens, long_prompt.num_pending) == (8, 1)
+    sched.finish(short_prompt, "abort")  # finished while the step ran: its token is dropped
+    appended = sched.update_from_output(out, [7, 9], now=2.0)
+    assert appended == [(long_prompt, 7)]
+    assert long_prompt.output_token_ids == [7] and long_prompt.num_pending == 0
+    assert long_prompt.first_token_time == 2.0 and short_prompt.output_token_ids == []
