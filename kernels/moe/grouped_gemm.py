@@ -103,6 +103,15 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         tl.store(c_ptrs, acc.to(C[0].dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _tile_of(lay, tile, num_n):
+    """Tile `tile` of a persistent walk, block-major: (block, N tile, its expert, its slot)."""
+    block = tile // num_n
+    expert = tl.load(lay[1] + block).to(tl.int64)
+    slot = tl.load(lay[2] + block).to(tl.int64)
+    return block, tile % num_n, expert, slot
+
+
 @triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
 def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -115,10 +124,8 @@ def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
     num_n = tl.cdiv(N, BLOCK_N)
     # persistent loop: tiles ordered block-major so programs sharing a block share its A rows
     for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
-        block = tile // num_n
-        expert = tl.load(lay[1] + block).to(tl.int64)
-        slot = tl.load(lay[2] + block).to(tl.int64)
-        _gemm_tile(A, W, C, L, lay, block, expert, slot, h, tile % num_n, num_rows, N, a_row_div,
+        block, pid_n, expert, slot = _tile_of(lay, tile, num_n)
+        _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div,
                    scale_ptr, N, 0, K, 0, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_SCALE, IEEE,
                    HAS_LORA, BLOCK_R, False)
 
@@ -131,17 +138,15 @@ def _lora_shrink_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, num_rows, N,
     part = tl.program_id(2)
     num_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
-        block = tile // num_n
-        expert = tl.load(lay[1] + block).to(tl.int64)
-        slot = tl.load(lay[2] + block).to(tl.int64)
+        block, pid_n, expert, slot = _tile_of(lay, tile, num_n)
         n_limit = tl.minimum(N, tl.load(ranks_ptr + h * rank_split_stride + slot))
         k_start = 0
         k_limit = K
         if K_SPLITS:  # this program's slice of K; partial sums go to c[part]
             k_start = part * k_chunk
             k_limit = tl.minimum(K, k_start + k_chunk)
-        _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, tile % num_n, num_rows, N, a_row_div,
-                   0, n_limit, k_start, k_limit, part * stride_cp, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, False, IEEE,
+        _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div, 0, n_limit,
+                   k_start, k_limit, part * stride_cp, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, False, IEEE,
                    False, 16, False)
 
 
@@ -153,10 +158,7 @@ def _lora_expand_tiles_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, ends, 
     h = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
-        block = tile // num_n
-        pid_n = tile % num_n
-        expert = tl.load(lay[1] + block).to(tl.int64)
-        slot = tl.load(lay[2] + block).to(tl.int64)
+        block, pid_n, expert, slot = _tile_of(lay, tile, num_n)
         if SECTIONS:  # the tile's projection; its columns of A start at h * k
             h = (pid_n * BLOCK_N >= ends[0]).to(tl.int32) + (pid_n * BLOCK_N >= ends[1]).to(tl.int32) \
                 + (pid_n * BLOCK_N >= ends[2]).to(tl.int32)
