@@ -24,6 +24,19 @@ _LOG2E = 1.4426950408889634
 _PROGRAMS_PER_SM = 2  # with fewer programs than SMs, split the context until about this many per SM
 
 
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key tile of an online softmax: s [rows, keys] scores in log2 units (masked keys -inf),
+    v [keys, Dh]; the running max m_i, sum l_i [rows] and output acc [rows, Dh] -> their updates.
+    The decode and prefill kernels share it."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # the block table's width and the partition length change with the step's longest context:
 # not specialised, so they compile nothing new (NUM_PARTS still does: one compile per count in
 # eager steps; a runtime count with a looping merge is the plan, once it can be run on a GPU)
@@ -73,12 +86,7 @@ def _decode_partition_kernel(
         # scores in log2 units: [HP, BLOCK_N]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
     # an empty partition (l = 0) writes zeros and weight 0
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = head_ok[:, None] & d_ok[None, :]

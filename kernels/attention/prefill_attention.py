@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.errors import expect
-from kernels.attention.paged_attention import check_paged_cache
+from kernels.attention.paged_attention import check_paged_cache, online_softmax_step
 
 _NEG_INIT = tl.constexpr(-1.0e30)  # running max before any key: finite, so a fully masked tile gives exp(-inf) = 0
 _LOG2E = 1.4426950408889634
@@ -74,12 +74,7 @@ def _prefill_kernel(
         if HAS_WINDOW:
             visible = visible & (keys[None, :] > pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * out_strides[0] + pid_h * out_strides[1] + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
