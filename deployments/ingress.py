@@ -30,6 +30,7 @@ from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
 from deployments.replica_stream import collect, first_item, lost_replica
 from deployments.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
+from engine.heap import freeze_startup_heap
 
 logger = logging.getLogger("ray.serve")
 # store.list_adapters(t) is t's own adapters, then every other tenant's shared ones: keeping
@@ -59,7 +60,8 @@ class Ingress(AdapterRoutes):
                               response_serialization="pickle")
         self._llm = llm
         self._args = args
-        if _in_ray_actor():  # not in a test that builds the ingress in its own process
+        in_actor = _in_ray_actor()  # not a test that builds the ingress in its own process
+        if in_actor:
             map_large_allocations()  # request bodies' memory goes back once they are read
             bound_direct_ingress_receive()  # and a body waits for the app (HAProxy mode)
         self._auth = TenantAuth.from_file(args.api_keys)
@@ -82,6 +84,8 @@ class Ingress(AdapterRoutes):
                     "--metrics-export-port`)", args.model_name(), who, args.store_uri(),
                     args.max_lora_rank, self._upload_limits.max_adapter_bytes,
                     "at GET /metrics and " if args.metrics_endpoint else "")
+        if in_actor:  # the replica's heap of Ray, FastAPI and ours, out of the collector's walks
+            freeze_startup_heap()
 
     # ---- health -------------------------------------------------------------------
     @api.get("/health")

@@ -31,6 +31,7 @@ from deployments.adapter_fetch import AdapterFetcher
 from deployments.args import AppArgs
 from deployments.errors import to_api_error
 from engine.frontend import INLINE_TOKENIZE_CHARS, off_loop
+from engine.heap import freeze_startup_heap
 
 logger = logging.getLogger("ray.serve")
 _STATS_PERIOD_S = 1.0
@@ -62,6 +63,7 @@ class LLMServer:
         per_replica = args.adapters_per_replica(self._engine.num_lora_slots)
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=per_replica)(load_adapter)
         self._stats_task: asyncio.Task | None = None
+        logger.info("froze %d start-up objects out of the garbage collector's walks", freeze_startup_heap())
 
     async def _load_adapter(self, model_id: str):
         """Multiplexed loader: `owner/name@version` -> LoRARequest with a local directory."""

@@ -46,6 +46,7 @@ class EngineCoreClient(EngineFrontend):
         self.memory_summary: str = info["memory"]
         self.startup_seconds: dict = info["startup_seconds"]
         self._stats: dict = info["stats"]
+        self.gc_frozen_objects: int = info["gc_frozen_objects"]  # the core's start-up heap (engine.heap)
         self.tokenizer = load_tokenizer(config)
         self.inputs = InputProcessor(self.tokenizer, info["vocab_size"], config.max_model_len,
                                      self.num_lora_slots > 0)

@@ -26,6 +26,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 from engine.errors import EngineError
+from engine.heap import freeze_startup_heap
 from engine.outputs import RequestOutput
 
 log = logging.getLogger("engine.core")
@@ -44,7 +45,9 @@ def serve(conn: Connection) -> None:
     except BaseException as exc:  # noqa: BLE001 - told to the client, which raises it at start-up
         conn.send(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         return
-    conn.send(("ready", ready_info(engine)))
+    info = ready_info(engine)
+    info["gc_frozen_objects"] = freeze_startup_heap()
+    conn.send(("ready", info))
     try:
         run_loop(engine, conn)
     finally:

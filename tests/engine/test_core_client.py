@@ -50,6 +50,14 @@ def test_core_process_streams_the_same_greedy_tokens_as_the_engine_in_process(co
         assert last.finished and last.finish_reason == "length" and last.num_output_tokens == 12
 
 
+def test_the_core_freezes_its_start_up_heap_out_of_the_garbage_collectors_walks(core):
+    """The core process's imports and model (torch, Triton, the engine: hundreds of thousands of
+    objects) are frozen before it serves, so full collections walk only serving's objects."""
+    import gc
+    assert core.gc_frozen_objects > 50_000
+    assert gc.get_freeze_count() == 0  # frozen in the core's process, not in this one
+
+
 def test_bad_requests_are_refused_in_the_callers_process_and_the_core_keeps_serving(core, tmp_path):
     params = SamplingParams(max_tokens=3, temperature=0)
 
