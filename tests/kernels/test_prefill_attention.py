@@ -3,7 +3,6 @@
 The Triton cases run under TRITON_INTERPRET=1 in a subprocess (`python -m
 tests.kernels.test_prefill_attention` prints one JSON row per case); the GPU cases use bf16.
 """
-import os
 from dataclasses import dataclass
 
 import pytest
