@@ -60,3 +60,19 @@ def test_a_stop_string_far_into_a_long_output(byte_level):
     assert cut > 0
     text, detok = stream(byte_level, ids, stop=(stop,))
     assert text == full[:full.find(stop)] and detok.head_len > 0
+
+
+def test_a_tokenizer_that_cleans_up_spaces_streams_its_cleaned_decode():
+    """transformers' clean-up of tokenization spaces (" ," -> ",") happens outside the Rust
+    tokenizer, so a tokenizer with it on must not take the detokenizer's direct-to-Rust decode."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(cleanup=False)
+    tok.train_from_iterator(["Hello , world . How are you ? Fine , thanks ! " * 10],
+                            trainers.WordPieceTrainer(vocab_size=100, special_tokens=["[UNK]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+    ids = tokenizer.encode("Hello, world. How are you? Fine, thanks! " * 12, add_special_tokens=False)
+    text, detok = stream(tokenizer, ids)
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert " ," not in text and detok.head_len > 0
+
