@@ -34,6 +34,8 @@ ENGINE_COUNTERS = {
     "lora_failures": "moeplex_engine_adapter_failures",
     "lora_prefetches": "moeplex_engine_adapter_prefetches",
     "lora_slot_preemptions": "moeplex_engine_adapter_slot_preemptions",
+    "gc_collections": "moeplex_engine_gc_collections",
+    "gc_pause_seconds": "moeplex_engine_gc_pause_seconds",
 }
 ENGINE_GAUGES = {
     "running": "moeplex_engine_running_requests",
@@ -42,6 +44,7 @@ ENGINE_GAUGES = {
     "last_step_adapters": "moeplex_engine_distinct_adapters_per_step",
     "free_kv_blocks": "moeplex_engine_free_kv_blocks",
     "aged_requests": "moeplex_engine_aged_adapter_requests",
+    "gc_longest_pause_seconds": "moeplex_engine_gc_longest_pause_seconds",
 }
 
 

@@ -1,5 +1,7 @@
-"""Keeping Python's cyclic garbage collector off the serving path of a long-lived process."""
+"""Keeping Python's cyclic garbage collector off the serving path of a long-lived process, and
+measuring what it still takes."""
 import gc
+import time
 
 
 def freeze_startup_heap() -> int:
@@ -17,3 +19,36 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+class GCPauses:
+    """How often, and for how long, the cyclic collector stopped this process (all generations),
+    from `gc.callbacks`: a collection holds the GIL, so it stalls the step loop and the event loop
+    alike. Read through `gc_pauses()`, one tracker a process."""
+
+    def __init__(self):
+        self.collections = 0
+        self.seconds = 0.0
+        self.longest = 0.0
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            pause, self._started = time.perf_counter() - self._started, None
+            self.collections += 1
+            self.seconds += pause
+            self.longest = max(self.longest, pause)
+
+
+_PAUSES: GCPauses | None = None
+
+
+def gc_pauses() -> GCPauses:
+    """The process's tracker, installed on first use (the callback list is process-wide)."""
+    global _PAUSES
+    if _PAUSES is None:
+        _PAUSES = GCPauses()
+        gc.callbacks.append(_PAUSES)
+    return _PAUSES

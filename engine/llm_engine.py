@@ -8,6 +8,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
+from engine.heap import gc_pauses
 from engine.inputs import InputProcessor, load_tokenizer
 from engine.lora.manager import LoRAManager
 from engine.model_runner import LaunchedStep, ModelRunner, StepResult
@@ -24,6 +25,7 @@ LOAD_WAIT_S = 0.002  # longest a step with only adapter loads in flight blocks o
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        self.gc = gc_pauses()
         self.spec = spec_from_hf_config(config.hf_config) if config.hf_config is not None \
             else load_spec(config.model)
         self.tokenizer = load_tokenizer(config)
@@ -213,6 +215,9 @@ class LLMEngine:
             "lora_prefetches": self.scheduler.slots.num_prefetched, "aged_requests": len(self.scheduler.slots.aged),
             "lora_slot_preemptions": self.scheduler.slots.num_slot_preemptions,
             "warmup_seconds": self.runner.warmup_seconds,
+            # the cyclic collector's stalls of this process (engine.heap): collections, seconds, longest
+            "gc_collections": self.gc.collections, "gc_pause_seconds": self.gc.seconds,
+            "gc_longest_pause_seconds": self.gc.longest,
             "num_lora_slots": self.runner.num_lora_slots,
             # vLLM's lora_requests_info labels: adapters with a request running / waiting
             "running_adapters": _adapter_names(self.scheduler.running),
