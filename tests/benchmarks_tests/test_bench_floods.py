@@ -48,4 +48,5 @@ def test_one_flood_measures_the_victim_and_front_memory_end_to_end(tmp_path):
     assert flood["flood"]["statuses"] == {"422": 1}  # the 95 MiB header is refused, not stored
     assert flood["victim"]["errors"] == 0 and flood["victim"]["n"] >= 2
     assert {"proxy", "ingress"} <= set(flood["memory"])
+    assert flood["engine"]["gc_collections"] >= 0 and flood["engine"]["gc_longest_pause_ms_so_far"] > 0
     assert result["provenance"]["argv"][1:3] == ["--floods", "big_header"]
