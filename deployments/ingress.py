@@ -9,6 +9,7 @@ instead, so Serve balances it over every replica. Logs carry request ids, never 
 
 import asyncio
 import logging
+import time
 import uuid
 
 from fastapi import Request
@@ -36,7 +37,7 @@ logger = logging.getLogger("ray.serve")
 # store.list_adapters(t) is t's own adapters, then every other tenant's shared ones: keeping
 # only the shared ones gives all shared adapters and no private one, whoever t is.
 _ANY_TENANT = "anonymous"
-
+READY_ANSWER_S = 1.0  # how long /ready reuses an engine replica's answer (Ingress._engine_ready)
 
 def _in_ray_actor() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
@@ -60,6 +61,9 @@ class Ingress(AdapterRoutes):
                               response_serialization="pickle")
         self._llm = llm
         self._args = args
+        self._ready_answer: tuple[float, dict] | None = None  # (when, an engine replica's ready())
+        self._ready_call: asyncio.Future | None = None
+        self._clock = time.monotonic
         in_actor = _in_ray_actor()  # not a test that builds the ingress in its own process
         if in_actor:
             map_large_allocations()  # request bodies' memory goes back once they are read
@@ -95,11 +99,25 @@ class Ingress(AdapterRoutes):
     @api.get("/ready")
     async def ready(self) -> dict:
         try:
-            info = await asyncio.wait_for(self._llm.ready.remote(), timeout=30)
+            info = await self._engine_ready()
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
             raise ServiceUnavailableError(f"no model replica answered: {type(exc).__name__}",
                                           code="not_ready") from exc
         return {"status": "ready", "model": self._args.model_name(), "engine": info["stats"]}
+
+    async def _engine_ready(self) -> dict:
+        """An engine replica's ready answer, asked at most once every READY_ANSWER_S by this
+        ingress replica however often /ready is hit (it needs no key, so a flood of it must not
+        reach the engine replicas): callers in between share the last answer or the call in
+        flight; a failed call is not kept."""
+        answer = self._ready_answer
+        if answer is not None and self._clock() - answer[0] < READY_ANSWER_S:
+            return answer[1]
+        if self._ready_call is None or self._ready_call.done():
+            self._ready_call = asyncio.ensure_future(asyncio.wait_for(self._llm.ready.remote(), timeout=30))
+        info = await asyncio.shield(self._ready_call)
+        self._ready_answer = (self._clock(), info)
+        return info
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

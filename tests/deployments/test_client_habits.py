@@ -36,8 +36,14 @@ class _RecordingReplica:
     def __init__(self):
         self.model_ids: list[str] = []
         self.generate = SimpleNamespace(remote=lambda _payload: _aiter(ITEMS))
+        self.ready_calls = 0
+        self.ready = SimpleNamespace(remote=self._ready)
 
         self.transport: dict = {}
+
+    async def _ready(self):
+        self.ready_calls += 1
+        return {"model": "m", "stats": {"running": 0, "calls": self.ready_calls}}
 
     def options(self, **options):
         if "multiplexed_model_id" in options:  # per request
@@ -327,3 +333,17 @@ def test_models_without_a_tenant_in_dev_mode_lists_base_and_shared_only(http, in
 def test_models_without_a_key_is_401_when_keys_are_configured(http, ingress):
     ingress._auth = TenantAuth(KeyFile(tenants={"acme": {"key_sha256": ["0" * 64]}}))
     assert http.get("/v1/models").status_code == 401
+
+
+def test_a_flood_of_ready_reaches_the_engine_replica_once_a_second(ingress, http):
+    """/ready needs no key; its answers within READY_ANSWER_S share one engine replica call."""
+    import deployments.ingress as ingress_module
+    now = [1000.0]
+    ingress._clock = lambda: now[0]
+    answers = [http.get("/ready") for _ in range(25)]
+    assert all(a.status_code == 200 for a in answers)
+    assert ingress._llm.ready_calls == 1
+    assert {a.json()["engine"]["calls"] for a in answers} == {1}
+    now[0] += ingress_module.READY_ANSWER_S + 0.01
+    assert http.get("/ready").json()["engine"]["calls"] == 2 and ingress._llm.ready_calls == 2
+
