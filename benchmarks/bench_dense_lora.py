@@ -58,7 +58,7 @@ def make_attention(preset: str, n: int, gen: torch.Generator) -> dict:
 def floor_us(layer: dict, slots: torch.Tensor, bw: float) -> float:
     """Bytes of A and B of the adapters the tokens use, over the copy rate, in us."""
     present = int(torch.unique(slots[slots >= 0]).numel())
-    per_adapter = sum(g.a[0].numel() + g.b[0].numel() for g in (layer["qkv"], layer["o"]))
+    per_adapter = sum(g.a.padded[0].numel() + g.b.padded[0].numel() for g in (layer["qkv"], layer["o"]))
     return present * per_adapter * 2 / bw * 1e6
 
 

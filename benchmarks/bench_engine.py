@@ -121,7 +121,7 @@ def random_adapter(engine: LLMEngine, rank: int, seed: int, targets: str = "both
         if targets in ("experts", "both"):
             for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
                 adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
-    return engine.runner.slot_pools.pack(adapter)  # one pinned slot image, as the host tier holds them
+    return engine.runner.slot_pools.pack(adapter)  # one pinned compact image, as the host tier holds them
 
 
 def install(engine: LLMEngine, names: list[str], bases: list[LoRAAdapter]) -> None:
@@ -214,7 +214,7 @@ def adapter_load(engine: LLMEngine, adapter: LoRAAdapter, pcie_bw: float | None)
     pools = engine.runner.slot_pools
     sync(engine.runner.device)
     start = time.perf_counter()
-    event = pools.write(pools.num_slots - 1, adapter)
+    event = pools.write(pools.num_slots - 1, 0, adapter)  # the heap's start: what a load copies is the same anywhere
     if event is not None:
         event.synchronize()
     seconds = time.perf_counter() - start

@@ -112,7 +112,7 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
         lookups = stats["lora_slot_hits"] + stats["lora_slot_misses"]
         result.update(slot_loads_per_s=stats["lora_slot_loads"] / seconds,
                       resident_hit_rate=stats["lora_slot_hits"] / lookups if lookups else None,
-                      bytes_moved=stats["lora_slot_loads"] * engine.runner.slot_pools.slot_bytes)
+                      bytes_moved=stats["lora_bytes_loaded"])
     return result
 
 
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     arrivals = timed(trace, rate, args.seed)
     results = {"provenance": provenance(list(sys.argv if argv is None else argv)), "args": vars(args), "layers": args.layers,
                "lora_slots": engine.runner.num_lora_slots, "slot_bytes": engine.runner.slot_pools.slot_bytes,
+               "heap_bytes": engine.runner.memory_plan.heap_bytes,
                "arrival_rate_per_s": rate, "no_adapters": run_trace(engine, arrivals, None)}
     results["adapters"] = run_trace(engine, arrivals, names)
     base, lora = results["no_adapters"], results["adapters"]
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     results["ttft_p99_ratio"] = lora["ttft_ms_p99"] / base["ttft_ms_p99"]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"{args.requests} requests at {rate:.2f}/s over {args.adapters} adapters, {engine.runner.num_lora_slots} slots "
-          f"of {results['slot_bytes'] / 2**20:.1f} MiB at rank {max(RANKS)}")
+    print(f"{args.requests} requests at {rate:.2f}/s over {args.adapters} adapters, {engine.runner.num_lora_slots} slots, "
+          f"an adapter heap of {results['heap_bytes'] / 2**30:.2f} GiB (the largest adapter: "
+          f"{results['slot_bytes'] / 2**20:.1f} MiB at rank {max(RANKS)})")
     print("run          goodput tok/s  TTFT p50/p99 ms   TPOT p50/p99 ms   max TTFT s  loads/s  hit rate  GB moved")
     for label, r in (("no adapters", base), ("adapters", lora)):
         extra = (f"{r['slot_loads_per_s']:8.2f}  {r['resident_hit_rate'] or 0:8.2f}  {r['bytes_moved'] / 1e9:8.2f}"

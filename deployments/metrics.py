@@ -34,6 +34,7 @@ ENGINE_COUNTERS = {
     "lora_failures": "moeplex_engine_adapter_failures",
     "lora_prefetches": "moeplex_engine_adapter_prefetches",
     "lora_slot_preemptions": "moeplex_engine_adapter_slot_preemptions",
+    "lora_bytes_loaded": "moeplex_engine_adapter_bytes_loaded",
     "gc_collections": "moeplex_engine_gc_collections",
     "gc_pause_seconds": "moeplex_engine_gc_pause_seconds",
 }
@@ -45,6 +46,9 @@ ENGINE_GAUGES = {
     "free_kv_blocks": "moeplex_engine_free_kv_blocks",
     "aged_requests": "moeplex_engine_aged_adapter_requests",
     "gc_longest_pause_seconds": "moeplex_engine_gc_longest_pause_seconds",
+    "lora_heap_bytes": "moeplex_engine_adapter_heap_bytes",
+    "lora_heap_bytes_used": "moeplex_engine_adapter_heap_bytes_used",
+    "lora_host_bytes_used": "moeplex_engine_adapter_host_bytes_used",
 }
 
 

@@ -16,16 +16,19 @@ class EngineConfig:
     model: str | Path | None = None  # HF checkpoint dir; may be None with load_format="dummy" + hf_config
     device: str = "cpu"
     dtype: str | torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    # adapter slots on the device; None: sized from GPU memory beside the KV cache on CUDA
-    # (engine.memory.split_memory), 4 on CPU; 0: no adapters
+    # adapters resident on the device at once (slots); None: max_num_seqs on CUDA, 4 on CPU; 0:
+    # no adapters. Their bytes come from one heap where each takes its own rank and targets
     max_loras: int | None = None
     max_lora_rank: int = defaults.MAX_LORA_RANK
+    # bytes of that heap; None: on CUDA from GPU memory beside the KV cache (engine.memory's rule,
+    # in adapters of max rank on every target), max_loras such adapters otherwise
+    lora_heap_bytes: int | None = None
     # share of the GPU memory budget for adapter slots (CUDA, max_loras and num_kv_blocks None);
     # None: engine.memory's rule (KV cache for max_num_seqs sequences first, slots the rest)
     lora_memory_fraction: float | None = None
     # pinned host tier size; None: 4 x the slot count (here when max_loras is set, else by the runner)
     max_cpu_loras: int | None = None
-    # and its byte bound: each host adapter is a whole slot image (max rank, every target)
+    # and its byte bound: each host adapter is its compact image (its own rank and targets)
     max_cpu_lora_bytes: int | None = defaults.MAX_CPU_LORA_BYTES
     max_num_seqs: int = defaults.MAX_NUM_SEQS
     max_model_len: int = defaults.MAX_MODEL_LEN
@@ -88,6 +91,8 @@ class EngineConfig:
         self._check_memory_settings()
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
+        if self.lora_heap_bytes is not None and self.lora_heap_bytes < 1:
+            raise InvalidRequestError(f"lora_heap_bytes must be >= 1 or None, got {self.lora_heap_bytes}")
         if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
             raise InvalidRequestError(f"max_cpu_lora_bytes must be >= 1 or None, got {self.max_cpu_lora_bytes}")
         on_cuda = self.torch_device.type == "cuda"

@@ -219,6 +219,11 @@ class LLMEngine:
             "gc_collections": self.gc.collections, "gc_pause_seconds": self.gc.seconds,
             "gc_longest_pause_seconds": self.gc.longest,
             "num_lora_slots": self.runner.num_lora_slots,
+            # the adapter heap (engine.lora.slots): its bytes, what resident adapters take, what loads moved
+            "lora_heap_bytes": self.runner.memory_plan.heap_bytes,
+            "lora_heap_bytes_used": self.lora_manager.heap_bytes_used if self.lora_manager else 0,
+            "lora_bytes_loaded": lora.bytes_loaded if lora else 0,
+            "lora_host_bytes_used": self.lora_manager.host_bytes_used if self.lora_manager else 0,
             # vLLM's lora_requests_info labels: adapters with a request running / waiting
             "running_adapters": _adapter_names(self.scheduler.running),
             "waiting_adapters": _adapter_names(s for queue in self.scheduler.waiting.values() for s in queue),

@@ -1,4 +1,9 @@
-"""How the GPU memory left after the weights splits between the KV cache and adapter slots.
+"""How the GPU memory left after the weights splits between the KV cache and the adapter heap.
+
+The heap is counted in adapters of max rank on every target (`lora_slot_bytes`: the largest an
+adapter can be), so the rule below guarantees that many of the largest adapters fit at once;
+smaller adapters take their own bytes of it (engine.lora.slots), so more of them fit, up to the
+slot count (max_loras: max_num_seqs by default, what one step can use).
 
 The rule (`split_memory`) is arithmetic on byte counts, so it is tested on CPU with the numbers
 of a real card; `plan_memory` measures the device once the weights are loaded and feeds it, and
@@ -21,9 +26,9 @@ def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
 
 
 def lora_slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> int:
-    """Bytes of one adapter slot in engine.lora.slots.SlotPools' layout (a row of its storage):
-    every layer's q/k/v/o as A [r, in] + B [out, r], and every MoE layer's experts as
-    gate_up A [E, 2r, D] + B [E, 2I, r] and down A [E, r, I] + B [E, D, r]."""
+    """Bytes of the largest adapter image in engine.lora.slots.SlotPools' heap (rank max_rank on
+    every target): every layer's q/k/v/o as A [r, in] + B [out, r], and every MoE layer's experts
+    as gate and up A [E, r, D] each + B [E, 2I, r] and down A [E, r, I] + B [E, D, r]."""
     r, d = max_rank, spec.hidden_size
     q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     attention = r * ((d + q_out) + 2 * (d + kv_out) + (q_out + d))  # q, k and v, o
@@ -104,10 +109,11 @@ class MemoryPlan:
     num_slots: int
     block_size: int
     kv_block_bytes: int
-    slot_bytes: int
+    slot_bytes: int  # the largest adapter image
     lora_rank: int
     weights_bytes: int
     reserve_bytes: int
+    heap_bytes: int  # the adapter heap
 
     @property
     def kv_tokens(self) -> int:
@@ -119,8 +125,9 @@ class MemoryPlan:
 
     def summary(self) -> str:
         return (f"weights {self.weights_bytes / GIB:.2f} GiB, KV cache {self.num_kv_blocks} blocks "
-                f"({self.kv_tokens} tokens, {self.kv_bytes / GIB:.2f} GiB), adapter slots {self.num_slots} x "
-                f"{self.slot_bytes / GIB:.3f} GiB at rank {self.lora_rank}, reserve {self.reserve_bytes / GIB:.2f} GiB")
+                f"({self.kv_tokens} tokens, {self.kv_bytes / GIB:.2f} GiB), adapter heap {self.heap_bytes / GIB:.3f} GiB "
+                f"(= {self.heap_bytes / max(self.slot_bytes, 1):.1f} adapters of rank {self.lora_rank} on every target, "
+                f"more of smaller ones) over {self.num_slots} slots, reserve {self.reserve_bytes / GIB:.2f} GiB")
 
 
 def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reserve: int) -> MemoryPlan:
@@ -133,9 +140,19 @@ def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reser
     per_seq = -(-c.max_model_len // c.block_size)
     if device.type != "cuda":
         blocks = c.num_kv_blocks or min(c.max_num_seqs * per_seq, max(per_seq, (2 << 30) // block))
-        return MemoryPlan(blocks, c.max_loras, c.block_size, block, slot, c.max_lora_rank, weights_bytes, 0)
+        heap = (c.lora_heap_bytes or c.max_loras * slot) if c.max_loras else 0
+        return MemoryPlan(blocks, c.max_loras, c.block_size, block, slot, c.max_lora_rank, weights_bytes, 0, heap)
     settings = MemorySettings(c.gpu_memory_utilization, per_seq, c.max_num_seqs, c.max_loras,
                               c.num_kv_blocks, c.lora_memory_fraction)
     total = torch.cuda.get_device_properties(device).total_memory
-    blocks, slots = split_memory(total, torch.cuda.memory_allocated(device), reserve, block, slot, settings)
-    return MemoryPlan(blocks, slots, c.block_size, block, slot, c.max_lora_rank, weights_bytes, reserve)
+    allocated = torch.cuda.memory_allocated(device)
+    if c.lora_heap_bytes is not None and c.max_loras != 0:  # the heap as given, the KV cache the rest
+        budget = int(c.gpu_memory_utilization * total) - allocated - reserve
+        blocks = c.num_kv_blocks or _fit_kv(budget - c.lora_heap_bytes, block, settings)
+        slots = c.max_loras if c.max_loras is not None else c.max_num_seqs
+        return MemoryPlan(blocks, slots, c.block_size, block, slot, c.max_lora_rank, weights_bytes, reserve,
+                          c.lora_heap_bytes)
+    blocks, images = split_memory(total, allocated, reserve, block, slot, settings)
+    slots = c.max_loras if c.max_loras is not None else (max(images, c.max_num_seqs) if images else 0)
+    return MemoryPlan(blocks, slots, c.block_size, block, slot, c.max_lora_rank, weights_bytes, reserve,
+                      images * slot)

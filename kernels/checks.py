@@ -45,9 +45,9 @@ def check_dense_args(x: Tensor, out: Tensor, lora: DenseLoRAWeights | DenseLoRAG
     expect(x.dim() == 2, f"x must be [T, IN], got {tuple(x.shape)}")
     expect(x.dtype in FLOAT_DTYPES, f"x must be fp32/fp16/bf16, got {x.dtype}")
     t, n_in = x.shape
-    n_out = lora.b.shape[1]
+    n_out = lora.b.shape[2]  # Factors: [S, 1, OUT, R] and [S, 1, R, IN]
     expect(tuple(out.shape) == (t, n_out), f"out must be [T, OUT] = {(t, n_out)}, got {tuple(out.shape)}")
-    expect(lora.a.shape[2] == n_in, f"lora.a must be [S, R, IN={n_in}], got {tuple(lora.a.shape)}")
+    expect(lora.a.shape[3] == n_in, f"lora.a must be [S, R, IN={n_in}], got {tuple(lora.a.shape)}")
     for name, w in (("out", out), ("lora.a", lora.a), ("lora.b", lora.b)):
         expect(w.dtype == x.dtype, f"{name} dtype {w.dtype} must match x's {x.dtype}")
         expect(w.device == x.device, f"{name} must live on {x.device}, got {w.device}")

@@ -49,20 +49,26 @@ def fused_moe_ref(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weight
         x = x_all[tok]  # [n, D]
         pairs = _slot_groups(slot_ids, tok) if lora is not None else []
         for s, rows in pairs:
-            a = lora.gate_up_a[s, e].float()  # [2R, D]
-            b = lora.gate_up_b[s, e].float()  # [2I, R]
-            r = lora.max_rank
-            shrunk = x[rows] @ a.T  # [m, 2R]
-            gu[rows, :inter] += shrunk[:, :r] @ b[:inter].T
-            gu[rows, inter:] += shrunk[:, r:] @ b[inter:].T
+            r = _rank(lora.ranks, s, lora.max_rank)
+            for h, cols in enumerate((slice(0, inter), slice(inter, 2 * inter))):  # gate, up
+                a = lora.gate_up_a.view(s, h, r, hidden.shape[1])[e].float()  # [r, D]
+                b = lora.gate_up_b.view(s, h, inter, r)[e].float()  # [I, r]
+                gu[rows, cols] += (x[rows] @ a.T) @ b.T
         act = F.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
         act_all = torch.zeros(num_tokens, inter, dtype=torch.float32, device=hidden.device)
         act_all[tok] = act
         y = (act_all @ w_down[e].float().T)[tok]  # [n, D]
         for s, rows in pairs:
-            y[rows] += (act[rows] @ lora.down_a[s, e].float().T) @ lora.down_b[s, e].float().T
+            r = _rank(lora.ranks, s, lora.max_rank)
+            a, b = lora.down_a.view(s, 0, r, inter)[e].float(), lora.down_b.view(s, 0, hidden.shape[1], r)[e].float()
+            y[rows] += (act[rows] @ a.T) @ b.T
         out[tok, kk] = y * topk_weights[tok, kk].float()[:, None]
     return out.sum(dim=1).to(hidden.dtype)
+
+
+def _rank(ranks: Tensor, slot: int, max_rank: int) -> int:
+    """Slot `slot`'s rank (a host read): the rows of A and columns of B that hold its adapter."""
+    return min(int(ranks[slot]), max_rank)
 
 
 def _slot_groups(slot_ids: Tensor, tok: Tensor) -> list[tuple[int, Tensor]]:
@@ -81,7 +87,7 @@ def lora_linear_ref_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: T
     Args:
         x: [T, IN] fp32/fp16/bf16.
         out: [T, OUT] base output of the projection, same dtype as x; updated in place.
-        lora: DenseLoRAWeights of S slots (a [S, R, IN], b [S, OUT, R]).
+        lora: DenseLoRAWeights of S slots (a [S, R, IN], b [S, OUT, R], as stacks or Factors).
         slot_ids: [T] int32, -1 for no adapter.
     Returns:
         out.
@@ -89,7 +95,9 @@ def lora_linear_ref_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: T
     check_dense_args(x, out, lora, slot_ids)
     all_rows = torch.arange(x.shape[0], device=x.device)
     for s, rows in _slot_groups(slot_ids, all_rows):
-        delta = (x[rows].float() @ lora.a[s].float().T) @ lora.b[s].float().T
+        r = _rank(lora.ranks, s, lora.max_rank)
+        a, b = lora.a.view(s, 0, r, lora.in_features)[0], lora.b.view(s, 0, lora.out_features, r)[0]
+        delta = (x[rows].float() @ a.float().T) @ b.float().T
         out[rows] = (out[rows].float() + delta).to(out.dtype)
     return out
 

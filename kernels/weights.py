@@ -1,4 +1,12 @@
-"""LoRA weight pools handed to the kernels (one pool of S slots per layer or projection)."""
+"""LoRA weight pools handed to the kernels: per layer or projection, S slots of factors.
+
+A factor (`Factor`) is addressed through a table of element offsets per slot, so a pool can be
+either a padded stack [S, E, rows, cols] (every slot at the max rank: tests, benchmarks) or an
+adapter heap (engine.lora.slots), where each adapter sits at its own rank, rank-major, wherever
+its bytes were placed. The kernels read both the same way.
+
+Shape legend: S = adapter slots, E = experts, R = max rank, D = hidden, I = expert intermediate.
+"""
 from dataclasses import dataclass
 
 import torch
@@ -6,32 +14,111 @@ from torch import Tensor
 
 from kernels.errors import expect
 
-# Shape legend: S = adapter slots, E = experts, R = max rank, D = hidden, I = expert intermediate.
+
+@dataclass(slots=True)
+class Factor:
+    """One LoRA factor (an A or a B) of S slots, E experts and H splits (gate/up halves, or the
+    projections of a group). Element (row i, column j) of split h of (slot s, expert e) is
+
+        data.flatten()[offsets[h, s] + e * expert_stride + (h * split_rows + i) * row_stride + j * col_stride]
+
+    counted from data's first element. A padded stack has one offsets row (s * its slot stride)
+    and split_rows = rows a split; a heap has a row per split (offsets[h] of slot s is where its
+    split h begins) and split_rows = 0, or one row and split_rows = N (B, split along N)."""
+
+    data: Tensor
+    offsets: Tensor  # int64 [1 or H, S], on data's device
+    expert_stride: int
+    row_stride: int
+    col_stride: int
+    split_rows: int
+    shape: tuple[int, int, int, int]  # (S, E, rows of all splits, cols): the padded stack's shape
+    padded: Tensor | None = None  # the padded stack it was made of, if any (tests read it)
+
+    def __post_init__(self) -> None:
+        expect(self.offsets.dim() == 2 and self.offsets.dtype == torch.int64
+               and self.offsets.shape[1] == self.shape[0],
+               f"offsets must be int64 [H, S={self.shape[0]}], got {self.offsets.dtype} {tuple(self.offsets.shape)}")
+        expect(self.offsets.device == self.data.device, f"offsets must live on {self.data.device}")
+
+    @classmethod
+    def of(cls, stack: Tensor, split_rows: int) -> "Factor":
+        """The factor of a padded stack [S, E, rows, cols] (or [S, rows, cols]: one expert)."""
+        w = stack.unsqueeze(1) if stack.dim() == 3 else stack
+        expect(w.dim() == 4, f"a factor stack must be [S, E, rows, cols], got {tuple(stack.shape)}")
+        offsets = (torch.arange(w.shape[0], device=w.device, dtype=torch.int64) * w.stride(0))[None]
+        return cls(w, offsets, w.stride(1), w.stride(2), w.stride(3), split_rows, tuple(w.shape), stack)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def operand(self) -> tuple:
+        """The kernels' tuple: (data, offsets, offsets' split stride (0: one row for all
+        splits), expert stride, row stride, column stride, rows a split steps by)."""
+        split_stride = self.offsets.stride(0) if self.offsets.shape[0] > 1 else 0
+        return (self.data, self.offsets, split_stride, self.expert_stride, self.row_stride, self.col_stride,
+                self.split_rows)
+
+    def view(self, slot: int, split: int, rows: int, cols: int) -> Tensor:
+        """Split `split` of slot `slot` as an [E, rows, cols] view (host read of the offsets:
+        for the torch references and tests, never inside a CUDA graph)."""
+        table = self.offsets[min(split, self.offsets.shape[0] - 1)]
+        start = int(table[slot]) + split * self.split_rows * self.row_stride
+        return torch.as_strided(self.data, (self.shape[1], rows, cols),
+                                (self.expert_stride, self.row_stride, self.col_stride),
+                                self.data.storage_offset() + start)
+
+    def select(self, split: int, first_row: int = 0) -> "Factor":
+        """Split `split` alone, its rows from `first_row` on, as a one-split factor (views)."""
+        row_offsets = self.offsets[min(split, self.offsets.shape[0] - 1)][None]
+        shift = (split * self.split_rows + first_row) * self.row_stride
+        data = torch.as_strided(self.data, (1,), (1,), self.data.storage_offset() + shift)
+        return Factor(data, row_offsets, self.expert_stride, self.row_stride, self.col_stride, 0,
+                      (self.shape[0], self.shape[1], self.shape[2], self.shape[3]))
+
+
+def as_factor(x: "Tensor | Factor", split_rows: int) -> Factor:
+    """x itself, or the Factor of a padded stack x whose splits step by split_rows rows."""
+    return x if isinstance(x, Factor) else Factor.of(x, split_rows)
 
 
 @dataclass(slots=True)
 class MoELoRAWeights:
-    """LoRA slots of one MoE layer (a GPU pool of S slots). Scaling already folded into B."""
+    """LoRA slots of one MoE layer. Scaling already folded into B. Given padded stacks:
 
-    gate_up_a: Tensor  # [S, E, 2*R, D]: rows [0, R) gate's A, rows [R, 2R) up's A
-    gate_up_b: Tensor  # [S, E, 2*I, R]: rows [0, I) gate's B, rows [I, 2I) up's B
-    down_a: Tensor  # [S, E, R, I]
-    down_b: Tensor  # [S, E, D, R]
-    ranks: Tensor  # [S] int32: slot s's rank r_s <= R; A rows / B cols >= r_s are zero
+    gate_up_a [S, E, 2*R, D] (rows [0, R) gate's A, [R, 2R) up's A), gate_up_b [S, E, 2*I, R]
+    (rows [0, I) gate's B, [I, 2I) up's B), down_a [S, E, R, I], down_b [S, E, D, R]; or Factors
+    of those logical shapes (an adapter heap). ranks [S] int32: slot s's rank r_s <= R; A rows
+    and B columns at or past r_s are never read."""
+
+    gate_up_a: "Tensor | Factor"
+    gate_up_b: "Tensor | Factor"
+    down_a: "Tensor | Factor"
+    down_b: "Tensor | Factor"
+    ranks: Tensor
 
     def __post_init__(self) -> None:
-        expect(self.gate_up_a.dim() == 4, f"gate_up_a must be [S, E, 2R, D], got {tuple(self.gate_up_a.shape)}")
+        for name in ("gate_up_a", "gate_up_b", "down_a", "down_b"):
+            x = getattr(self, name)
+            expect(isinstance(x, Factor) or x.dim() == 4, f"{name} must be [S, E, rows, cols], got {tuple(x.shape)}")
         s, e, two_r, d = self.gate_up_a.shape
         expect(two_r % 2 == 0, f"gate_up_a dim 2 must be 2*R (even), got {two_r}")
         r = two_r // 2
-        expect(self.gate_up_b.dim() == 4 and self.gate_up_b.shape[:2] == (s, e)
-                and self.gate_up_b.shape[3] == r and self.gate_up_b.shape[2] % 2 == 0,
-                f"gate_up_b must be [S={s}, E={e}, 2I, R={r}], got {tuple(self.gate_up_b.shape)}")
-        i = self.gate_up_b.shape[2] // 2
+        gub = self.gate_up_b.shape
+        expect(len(gub) == 4 and gub[:2] == (s, e) and gub[3] == r and gub[2] % 2 == 0,
+               f"gate_up_b must be [S={s}, E={e}, 2I, R={r}], got {tuple(gub)}")
+        i = gub[2] // 2
         expect(tuple(self.down_a.shape) == (s, e, r, i),
-                f"down_a must be [S, E, R, I] = {(s, e, r, i)}, got {tuple(self.down_a.shape)}")
+               f"down_a must be [S, E, R, I] = {(s, e, r, i)}, got {tuple(self.down_a.shape)}")
         expect(tuple(self.down_b.shape) == (s, e, d, r),
-                f"down_b must be [S, E, D, R] = {(s, e, d, r)}, got {tuple(self.down_b.shape)}")
+               f"down_b must be [S, E, D, R] = {(s, e, d, r)}, got {tuple(self.down_b.shape)}")
+        self.gate_up_a, self.down_a = as_factor(self.gate_up_a, r), as_factor(self.down_a, r)
+        self.gate_up_b, self.down_b = as_factor(self.gate_up_b, i), as_factor(self.down_b, d)
         _check_ranks(self.ranks, s, self.gate_up_a.device)
 
     @property
@@ -45,17 +132,18 @@ class MoELoRAWeights:
 
 @dataclass(slots=True)
 class DenseLoRAWeights:
-    """LoRA slots of one dense projection (q/k/v/o, dense MLP, shared expert)."""
+    """LoRA slots of one dense projection (q/k/v/o, dense MLP, shared expert): a [S, R, IN],
+    b [S, OUT, R] (scaling folded in) as padded stacks or Factors; ranks [S] int32."""
 
-    a: Tensor  # [S, R, IN]
-    b: Tensor  # [S, OUT, R] (scaling folded in)
-    ranks: Tensor  # [S] int32
+    a: "Tensor | Factor"
+    b: "Tensor | Factor"
+    ranks: Tensor
 
     def __post_init__(self) -> None:
-        expect(self.a.dim() == 3, f"a must be [S, R, IN], got {tuple(self.a.shape)}")
-        s, r, _ = self.a.shape
-        expect(self.b.dim() == 3 and self.b.shape[0] == s and self.b.shape[2] == r,
-                f"b must be [S={s}, OUT, R={r}], got {tuple(self.b.shape)}")
+        s, _, r, _ = _shape4(self.a)
+        bs = _shape4(self.b)
+        expect(bs[0] == s and bs[3] == r, f"b must be [S={s}, OUT, R={r}], got {tuple(self.b.shape)}")
+        self.a, self.b = as_factor(self.a, r), as_factor(self.b, bs[2])
         _check_ranks(self.ranks, s, self.a.device)
 
     @property
@@ -64,26 +152,38 @@ class DenseLoRAWeights:
 
     @property
     def max_rank(self) -> int:
-        return self.a.shape[1]
+        return self.a.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[2]
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[3]
 
 
 @dataclass(slots=True)
 class DenseLoRAGroup:
     """LoRA slots of H dense projections that read the same input, their outputs side by side
-    in one row (q/k/v of an attention layer as one fused GEMM writes them)."""
+    in one row (q/k/v of an attention layer as one fused GEMM writes them). Padded stacks:
+    a [S, H*R, IN] (rows [h*R, (h+1)*R) projection h's A), b [S, N, R] with N = sum(sections)
+    (rows [off_h, off_h + N_h) projection h's B); or Factors of those shapes whose b has one
+    offsets row (column n of every projection at row n). ranks [H, S] int32 (0: the adapter
+    leaves projection h alone)."""
 
-    a: Tensor  # [S, H*R, IN]: rows [h*R, (h+1)*R) are projection h's A
-    b: Tensor  # [S, N, R], N = sum(sections): rows [off_h, off_h + N_h) are projection h's B
-    ranks: Tensor  # [H, S] int32: projection h's rank in slot s (0: the adapter leaves it alone)
+    a: "Tensor | Factor"
+    b: "Tensor | Factor"
+    ranks: Tensor
     sections: tuple[int, ...]  # N_h, the output features of each projection
 
     def __post_init__(self) -> None:
-        expect(self.a.dim() == 3 and self.b.dim() == 3, "a must be [S, H*R, IN] and b [S, N, R]")
-        s, hr, _ = self.a.shape
-        heads, r = len(self.sections), self.b.shape[2]
+        s, _, hr, _ = _shape4(self.a)
+        heads, r = len(self.sections), _shape4(self.b)[3]
         expect(heads >= 1 and hr == heads * r, f"a must be [S, H*R = {heads}*{r}, IN], got {tuple(self.a.shape)}")
-        expect(self.b.shape[0] == s and self.b.shape[1] == sum(self.sections),
+        expect(_shape4(self.b)[0] == s and _shape4(self.b)[2] == sum(self.sections),
                f"b must be [S={s}, N={sum(self.sections)}, R], got {tuple(self.b.shape)}")
+        self.a, self.b = as_factor(self.a, r), as_factor(self.b, 0)
         expect(tuple(self.ranks.shape) == (heads, s) and self.ranks.dtype == torch.int32,
                f"ranks must be int32 [H={heads}, S={s}], got {self.ranks.dtype} {tuple(self.ranks.shape)}")
         expect(self.ranks.device == self.a.device, f"ranks must live on {self.a.device}, got {self.ranks.device}")
@@ -91,7 +191,7 @@ class DenseLoRAGroup:
     @classmethod
     def of(cls, lora: DenseLoRAWeights) -> "DenseLoRAGroup":
         """A group of one projection."""
-        return cls(lora.a, lora.b, lora.ranks.unsqueeze(0), (lora.b.shape[1],))
+        return cls(lora.a, lora.b, lora.ranks.unsqueeze(0), (lora.out_features,))
 
     @property
     def num_slots(self) -> int:
@@ -99,11 +199,15 @@ class DenseLoRAGroup:
 
     @property
     def max_rank(self) -> int:
-        return self.b.shape[2]
+        return self.b.shape[3]
 
     @property
     def num_projections(self) -> int:
         return len(self.sections)
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[3]
 
     def offset(self, h: int) -> int:
         """First output column of projection h (h = H gives N)."""
@@ -114,9 +218,20 @@ class DenseLoRAGroup:
 
     def dense(self, h: int) -> DenseLoRAWeights:
         """Projection h's pools as views."""
-        r = self.max_rank
-        return DenseLoRAWeights(self.a[:, h * r:(h + 1) * r], self.b[:, self.offset(h):self.offset(h + 1)],
-                                self.ranks[h])
+        s, e, r, n_in = self.num_slots, 1, self.max_rank, self.in_features
+        a = self.a.select(h)
+        a.shape = (s, e, r, n_in)
+        b = self.b.select(0, first_row=self.offset(h))
+        b.shape = (s, e, self.sections[h], r)
+        return DenseLoRAWeights(a, b, self.ranks[h])
+
+
+def _shape4(x: "Tensor | Factor") -> tuple[int, int, int, int]:
+    """[S, E, rows, cols] of a factor or a padded stack ([S, rows, cols]: one expert)."""
+    if isinstance(x, Factor):
+        return x.shape
+    expect(x.dim() in (3, 4), f"a LoRA stack must be [S, rows, cols] or [S, E, rows, cols], got {tuple(x.shape)}")
+    return tuple(x.shape) if x.dim() == 4 else (x.shape[0], 1, x.shape[1], x.shape[2])
 
 
 def _check_ranks(ranks: Tensor, num_slots: int, device: torch.device) -> None:

@@ -38,14 +38,17 @@ class LoRAFactors:
 class LoRAAdapter:
     """One adapter on the host: dense[(layer, "q_proj")] and moe[(layer, "gate"|"up"|"down")].
 
-    In the host tier it is packed (`SlotPools.pack`): `packed` [slot_numel] is the image of one
-    device slot and `packed_ranks` [P] int32 its per-pool ranks; the factor dicts are then empty.
+    In the host tier it is packed (`SlotPools.pack`): `packed` is its image in the device heap's
+    layout (its own bytes: its targets at its ranks), `packed_ranks` [P] int32 its per-pool ranks
+    and `packed_offsets` [F] int64 where each factor starts in the image; the factor dicts are
+    then empty.
     """
     name: str
     dense: dict[tuple[int, str], LoRAFactors] = field(default_factory=dict)
     moe: dict[tuple[int, str], LoRAFactors] = field(default_factory=dict)
     packed: Tensor | None = None
     packed_ranks: Tensor | None = None
+    packed_offsets: Tensor | None = None
 
     @property
     def max_rank(self) -> int:
@@ -57,12 +60,12 @@ class LoRAAdapter:
     def num_bytes(self) -> int:
         """Host bytes of the adapter (= bytes one slot load copies, once packed)."""
         if self.packed is not None:
-            return self.packed.nbytes + self.packed_ranks.nbytes
+            return self.packed.nbytes + self.packed_ranks.nbytes + self.packed_offsets.nbytes
         return sum(f.a.nbytes + f.b.nbytes for f in (*self.dense.values(), *self.moe.values()))
 
     def renamed(self, name: str) -> "LoRAAdapter":
         """The same adapter under another name, sharing its tensors (no copy)."""
-        return LoRAAdapter(name, self.dense, self.moe, self.packed, self.packed_ranks)
+        return LoRAAdapter(name, self.dense, self.moe, self.packed, self.packed_ranks, self.packed_offsets)
 
 
 def model_shape(spec: ModelSpec) -> ModelShape:

@@ -1,9 +1,11 @@
-"""Adapter cache: disk -> pinned host tier (background threads) -> one of `max_loras` device slots.
+"""Adapter cache: disk -> pinned host tier (background threads) -> a slot of the device heap.
 
 The scheduler drives it with plain calls: `reserve` (a slot for a waiting request, or None
-while the adapter is still loading or every slot is in use), `is_ready`, `release`.
-Slots no request references are evicted least recently used first. A failed load is
-remembered for `failure_ttl_s` (requests fail fast with its message), then retried.
+while the adapter is still loading, or no slot or heap room can be had), `is_ready`, `release`.
+An adapter takes its own bytes in the heap (engine.lora.slots); to place one, adapters no
+request references are evicted least recently used first until its image fits (or it waits:
+a full cache delays work). A failed load is remembered for `failure_ttl_s` (requests fail fast
+with its message), then retried.
 """
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from engine.errors import AdapterLoadError
 from engine.lora.adapter import LoRAAdapter, load_adapter
 from engine.lora.slots import SlotPools
+from engine.lora.spans import SpanAllocator
 from engine.models.spec import ModelSpec
 
 
@@ -27,6 +30,7 @@ class LoRAStats:
     slot_load_seconds: float = 0.0
     failures: int = 0
     evictions: int = 0
+    bytes_loaded: int = 0
     recent_errors: list[str] = field(default_factory=list)
 
 
@@ -35,16 +39,15 @@ class LoRAManager:
                  load_threads: int = 2, failure_ttl_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic, host_bytes: int | None = None):
         """host_capacity: adapters the pinned host tier holds; host_bytes, if given, bounds it
-        further by bytes: each adapter there is a whole slot image (pools.slot_bytes, which the
-        pinned allocator rounds up to a power of two), whatever the adapter's own rank."""
+        further by bytes: each adapter there is its own compact image (as the pinned allocator
+        rounds it: up to a power of two on CUDA), so small adapters take little of it."""
         self.pools, self.spec, self.max_rank = pools, spec, max_rank
         self.failure_ttl_s, self.clock = failure_ttl_s, clock
-        self.host_capacity = max(1, host_capacity)
-        image = getattr(pools, "slot_bytes", 0)
-        if host_bytes is not None and image > 0:
-            rounded = 1 << max(0, (image - 1).bit_length())
-            self.host_capacity = max(1, min(self.host_capacity, host_bytes // rounded))
+        self.host_capacity, self.host_bytes = max(1, host_capacity), host_bytes
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self.host_bytes_used = 0
+        self.spans = SpanAllocator(pools.storage.numel())
+        self.slot_spans: list[tuple[int, int] | None] = [None] * pools.num_slots  # (start, numel) in the heap
         self.loading: dict[str, Future] = {}
         self.failed: dict[str, tuple[str, float]] = {}  # name -> (message, clock time it expires)
         self.slot_names: list[str | None] = [None] * pools.num_slots
@@ -78,24 +81,49 @@ class LoRAManager:
             self._take(slot)
             return slot
         adapter = self._host_adapter(name, path)
-        if adapter is None or not self.free_lru:
+        placement = None if adapter is None else self._placement(adapter)
+        if placement is None:
             return None
-        slot, _ = self.free_lru.popitem(last=False)
-        self._evict(slot)
+        slot, victims = placement
+        for victim in victims:
+            self._evict(victim)
+        numel = self.pools.image_numel(adapter)
+        start = self.spans.allocate(numel)
+        self.free_lru.pop(slot)
         self.stats.slot_misses += 1
         self._take(slot)
         self.name_to_slot[name], self.slot_names[slot] = slot, name
+        self.slot_spans[slot] = (start, numel)
         self.stats.slot_loads += 1
+        self.stats.bytes_loaded += numel * self.pools.storage.element_size()
         if self.pools.stream is None:
-            self._write_slot(slot, adapter)
+            self._write_slot(slot, start, adapter)
         else:  # issue the copies from a loader thread: the step loop's host time is not spent on them
-            self.slot_events[slot] = self.copier.submit(self._write_slot, slot, adapter)
+            self.slot_events[slot] = self.copier.submit(self._write_slot, slot, start, adapter)
         return slot
 
-    def _write_slot(self, slot: int, adapter: LoRAAdapter):
-        start = time.perf_counter()
-        event = self.pools.write(slot, adapter)
-        self.stats.slot_load_seconds += time.perf_counter() - start
+    def _placement(self, adapter: LoRAAdapter) -> tuple[int, list[int]] | None:
+        """(slot, slots to evict first) for a new adapter, or None while none can be had: an
+        empty unreferenced slot, else the least recently used one; then, least recently used
+        first, unreferenced adapters until its image fits in the heap."""
+        if not self.free_lru:
+            return None
+        slot = next((s for s in self.free_lru if self.slot_names[s] is None), next(iter(self.free_lru)))
+        order = [slot] if self.slot_names[slot] is not None else []
+        order += [s for s in self.free_lru if s != slot and self.slot_spans[s] is not None]
+        spans = [self.slot_spans[s] for s in order if self.slot_spans[s] is not None]
+        n = self.spans.placement_after(self.pools.image_numel(adapter), spans)
+        if n is None:
+            return None
+        victims = [s for s in order if self.slot_spans[s] is not None][:n]
+        if self.slot_names[slot] is not None and slot not in victims:
+            victims.insert(0, slot)
+        return slot, victims
+
+    def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter):
+        began = time.perf_counter()
+        event = self.pools.write(slot, start, adapter)
+        self.stats.slot_load_seconds += time.perf_counter() - began
         return event
 
     def is_ready(self, slot: int) -> bool:
@@ -121,9 +149,11 @@ class LoRAManager:
         return False
 
     def waits_for_slot(self, name: str) -> bool:
-        """Whether adapter `name` waits for nothing but a slot: in the host tier, in no slot, and
-        every slot referenced (so none can be evicted for it)."""
-        return name not in self.name_to_slot and name in self.host and not self.free_lru
+        """Whether adapter `name` waits for nothing but device room: in the host tier, in no slot,
+        and no slot, or not heap room enough, can be freed for it (the rest is referenced)."""
+        if name in self.name_to_slot or name not in self.host:
+            return False
+        return self._placement(self.host[name]) is None
 
     def release(self, slot: int) -> None:
         self.slot_refs[slot] -= 1
@@ -167,6 +197,11 @@ class LoRAManager:
     def resident(self) -> dict[str, int]:
         return dict(self.name_to_slot)
 
+    @property
+    def heap_bytes_used(self) -> int:
+        """Device bytes the resident adapters' images take."""
+        return (self.spans.capacity - self.spans.free_size) * self.pools.storage.element_size()
+
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.copier.shutdown(wait=False, cancel_futures=True)
@@ -181,6 +216,9 @@ class LoRAManager:
             del self.name_to_slot[old]
             self.slot_names[slot] = None
             self.stats.evictions += 1
+        if self.slot_spans[slot] is not None:
+            self.spans.release(*self.slot_spans[slot])
+            self.slot_spans[slot] = None
 
     def _host_adapter(self, name: str, path: str) -> LoRAAdapter | None:
         if name in self.host:
@@ -199,10 +237,23 @@ class LoRAManager:
             return self._fail(name, str(exc))
         except Exception as exc:  # a broken file must fail its request, never the step loop
             return self._fail(name, f"cannot load adapter {name!r}: {type(exc).__name__}: {exc}")
+        return self._admit_to_host(name, adapter)
+
+    def _admit_to_host(self, name: str, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Put a loaded adapter in the host tier, dropping the least recently used ones while it
+        holds more than host_capacity adapters or host_bytes bytes (the new one always stays)."""
         self.host[name] = adapter
-        while len(self.host) > self.host_capacity:
-            self.host.popitem(last=False)
+        self.host_bytes_used += self._host_cost(adapter)
+        while len(self.host) > 1 and (len(self.host) > self.host_capacity or
+                                      (self.host_bytes is not None and self.host_bytes_used > self.host_bytes)):
+            _, dropped = self.host.popitem(last=False)
+            self.host_bytes_used -= self._host_cost(dropped)
         return adapter
+
+    def _host_cost(self, adapter: LoRAAdapter) -> int:
+        """Pinned bytes the adapter holds in the host tier (its image, as the allocator rounds it)."""
+        n = adapter.num_bytes
+        return 1 << max(0, (n - 1).bit_length()) if self.pools.stream is not None else n
 
     def _remembered_failure(self, name: str) -> str | None:
         """The message of `name`'s last failure while it is remembered; forgets it once expired
@@ -224,7 +275,7 @@ class LoRAManager:
     def _load_to_host(self, name: str, path: str) -> LoRAAdapter:
         start = time.perf_counter()
         adapter = load_adapter(name, path, self.spec, self.pools.dtype, self.max_rank)
-        self.pools.pack(adapter)  # refuses targets no pool holds; one (pinned) slot image per adapter
+        self.pools.pack(adapter)  # refuses targets no pool holds; one compact (pinned) image per adapter
         self.stats.host_loads += 1
         self.stats.host_load_seconds += time.perf_counter() - start
         return adapter

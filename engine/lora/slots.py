@@ -1,8 +1,18 @@
-"""Device pools of adapter slots, one per LoRA-able projection, attached to the model's modules.
+"""Device pools of adapters, by bytes: one heap for every adapter's factors, a table of offsets per slot.
 
-Every pool is a strided view into ONE buffer `storage` [S, slot_numel]: slot s of every layer
-and projection lives in the contiguous row storage[s], so loading an adapter is one copy of
-its pre-packed host image (`pack`) into that row, plus one copy of its ranks.
+An adapter is resident at its own rank on its own target modules: its image holds, for each
+projection it adapts and nothing else, that projection's A and B at the adapter's rank there,
+rank-major (rank row j of every expert side by side). Rank-major is what lets one table of
+offsets serve adapters of every rank: the expert, row and column strides of a factor depend on
+the model only (A [r, E, IN]: expert stride IN, row stride E*IN; B stored transposed [r, E, OUT]:
+expert stride OUT, row stride 1, column stride E*OUT), so slot s needs only where its image
+starts (kernels.weights.Factor). Rank buckets would cap every adapter at its bucket's rank and
+split the kernels' launches by bucket; pages of a fixed rank would cut one adapter's expert
+block over pages and need a table per rank row. The image is one contiguous span of the heap,
+so a load stays one copy of a pinned host image (the host tier holds the same compact image).
+
+Slots are table columns: S of them bound the adapters resident at once, the heap's bytes bound
+what they hold together (engine.lora.manager evicts by LRU until an image fits).
 
 S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = pools.
 """
@@ -16,17 +26,20 @@ from engine.errors import AdapterLoadError
 from engine.lora.adapter import LoRAAdapter
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
+from kernels.weights import Factor
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+QKV = ("q_proj", "k_proj", "v_proj")
 
 # a plan entry: ("dense", (layer, name), (OUT, IN)) or ("moe", layer, (E, I, D))
 PlanEntry = tuple[str, object, tuple[int, ...]]
 
 
 class SlotPools:
-    """Owns every layer's slot pool; `write` copies one packed adapter into one slot (side stream on CUDA)."""
+    """The heap `storage` [capacity] of adapter images, `offsets` [F, S] (where factor row f of
+    slot s begins) and `ranks` [P, S]; `write` places one packed image (side stream on CUDA)."""
 
-    def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int):
+    def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int, capacity_bytes: int | None = None):
         self.num_slots, self.max_rank = num_slots, max_rank
         self.device = model.embed_tokens.device
         self.dtype = model.embed_tokens.dtype
@@ -37,129 +50,198 @@ class SlotPools:
             if isinstance(layer.mlp, SparseMoE):
                 e, two_i, d = layer.mlp.w_gate_up.shape
                 self.plan.append(("moe", i, (e, two_i // 2, d)))
-        self.slot_numel = sum(math.prod(shape) for _, shape in self._slot_shapes())
-        self.storage = torch.zeros(num_slots, self.slot_numel, dtype=self.dtype, device=self.device)
+        self.rows = self._factor_rows()
+        full = [max_rank] * len(self.plan)
+        self.max_image_numel = sum(n for _, n in self._image_layout(full).values())
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        capacity = capacity_bytes // itemsize if capacity_bytes is not None else num_slots * self.max_image_numel
+        self.storage = torch.zeros(capacity, dtype=self.dtype, device=self.device)
+        self.offsets = torch.zeros(len(self.rows), num_slots, dtype=torch.int64, device=self.device)  # [F, S]
         self.ranks = torch.zeros(len(self.plan), num_slots, dtype=torch.int32, device=self.device)  # [P, S]
-        self.dense, self.moe, self.qkv = self._carve(self.storage, self.ranks)
+        self.dense, self.moe, self.qkv = self._weights()
         for i, layer in enumerate(model.layers):
-            layer.self_attn.qkv_lora = self.qkv[i]  # q/k/v; their own dense pools stay for packing
+            layer.self_attn.qkv_lora = self.qkv[i]
             layer.self_attn.o_proj.lora = self.dense[(i, "o_proj")]
             if i in self.moe:
                 layer.mlp.lora = self.moe[i]
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
-    def slot_bytes(self) -> int:
-        return self.slot_numel * self.storage.element_size()
+    def capacity_bytes(self) -> int:
+        return self.storage.nbytes
 
-    def _slot_shapes(self) -> list[tuple[tuple, tuple[int, ...]]]:
-        """(key, per-slot shape) of every pool tensor, in storage order. A layer's q/k/v keep
-        their A's side by side, then their B's, so the three are one group view (one shrink and
-        one expand launch for all three)."""
-        r, shapes = self.max_rank, []
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of the largest image: an adapter of max rank on every target."""
+        return self.max_image_numel * self.storage.element_size()
+
+    def _factor_rows(self) -> dict[tuple, int]:
+        """Row of `offsets` of each (plan entry, factor, split): a MoE layer's gate and up A,
+        gate_up B, down A and B; a q/k/v group's three A and one B (at the q entry); o's A, B."""
+        keys: list[tuple] = []
+        for p, (kind, key, _) in enumerate(self.plan):
+            if kind == "moe":
+                keys += [(p, "gate_up_a", 0), (p, "gate_up_a", 1), (p, "gate_up_b"), (p, "down_a"), (p, "down_b")]
+            elif key[1] == "q_proj":
+                keys += [(p, "qkv_a", h) for h in range(3)] + [(p, "qkv_b")]
+            elif key[1] == "o_proj":
+                keys += [(p, "a"), (p, "b")]
+        return {k: f for f, k in enumerate(keys)}
+
+    def _image_layout(self, ranks: list[int]) -> dict[tuple, tuple[int, int]]:
+        """(start, numel) in an image of each factor row, for per-entry ranks [P] (0: absent)."""
+        layout, at = {}, 0
         for p, (kind, key, dims) in enumerate(self.plan):
             if kind == "moe":
                 e, i, d = dims
-                shapes += [((p, name), shape) for name, shape in
-                           (("gate_up_a", (e, 2 * r, d)), ("gate_up_b", (e, 2 * i, r)),
-                            ("down_a", (e, r, i)), ("down_b", (e, d, r)))]
-            elif key[1] == "q_proj":  # q, k, v: plan entries p, p + 1, p + 2
-                shapes += [((p + h, "a"), (r, self.plan[p + h][2][1])) for h in range(3)]
-                shapes += [((p + h, "b"), (self.plan[p + h][2][0], r)) for h in range(3)]
-            elif key[1] not in ("k_proj", "v_proj"):
-                out_f, in_f = dims
-                shapes += [((p, "a"), (r, in_f)), ((p, "b"), (out_f, r))]
-        return shapes
-
-    def _carve(self, storage: Tensor, ranks: Tensor) -> tuple[dict, dict, dict]:
-        """Pools over `storage` [S', slot_numel] and `ranks` [P, S'] (the device pools, or a host
-        image): dense pools by (layer, name), MoE pools by layer, q/k/v groups by layer."""
-        views, starts, offset = {}, {}, 0
-        for key, shape in self._slot_shapes():
-            n = math.prod(shape)
-            views[key] = storage[:, offset:offset + n].view(storage.shape[0], *shape)  # slot stride = row
-            starts[key] = offset
-            offset += n
-        dense, moe, groups = {}, {}, {}
-        for p, (kind, key, dims) in enumerate(self.plan):
-            if kind == "dense":
-                dense[key] = kernels.DenseLoRAWeights(views[(p, "a")], views[(p, "b")], ranks[p])
+                r = ranks[p]
+                parts = [((p, "gate_up_a", 0), r * e * d), ((p, "gate_up_a", 1), r * e * d),
+                         ((p, "gate_up_b"), r * e * 2 * i), ((p, "down_a"), r * e * i), ((p, "down_b"), r * e * d)]
+            elif key[1] == "q_proj":
+                parts = [((p, "qkv_a", h), ranks[p + h] * dims[1]) for h in range(3)]
+                parts.append(((p, "qkv_b"), max(ranks[p:p + 3]) * sum(self.plan[p + h][2][0] for h in range(3))))
+            elif key[1] == "o_proj":
+                parts = [((p, "a"), ranks[p] * dims[1]), ((p, "b"), ranks[p] * dims[0])]
             else:
-                moe[key] = kernels.MoELoRAWeights(*(views[(p, n)] for n in ("gate_up_a", "gate_up_b", "down_a", "down_b")),
-                                                  ranks[p])
-            if kind == "dense" and key[1] == "q_proj":
+                parts = []
+            for row, n in parts:
+                layout[row] = (at, n)
+                at += n
+        return layout
+
+    def _factor(self, first_row: int, num_rows: int, strides: tuple[int, int, int], split_rows: int,
+                shape: tuple[int, int, int, int]) -> Factor:
+        return Factor(self.storage, self.offsets[first_row:first_row + num_rows], *strides, split_rows,
+                      (self.num_slots, *shape))
+
+    def _weights(self) -> tuple[dict, dict, dict]:
+        """The kernels' pools over the heap: o by (layer, name), MoE by layer, q/k/v groups by layer."""
+        dense, moe, groups, r = {}, {}, {}, self.max_rank
+        for p, (kind, key, dims) in enumerate(self.plan):
+            if kind == "moe":
+                e, i, d = dims
+                f = lambda name: self.rows[(p, name)]  # noqa: E731
+                moe[key] = kernels.MoELoRAWeights(
+                    self._factor(self.rows[(p, "gate_up_a", 0)], 2, (d, e * d, 1), 0, (e, 2 * r, d)),
+                    self._factor(f("gate_up_b"), 1, (2 * i, 1, e * 2 * i), i, (e, 2 * i, r)),
+                    self._factor(f("down_a"), 1, (i, e * i, 1), 0, (e, r, i)),
+                    self._factor(f("down_b"), 1, (d, 1, e * d), d, (e, d, r)), self.ranks[p])
+            elif key[1] == "q_proj":
                 sections = tuple(self.plan[p + h][2][0] for h in range(3))
-                rows, in_f = 3 * self.max_rank, dims[1]
-                a0, b0 = starts[(p, "a")], starts[(p, "b")]
-                a = storage[:, a0:a0 + rows * in_f].view(storage.shape[0], rows, in_f)
-                b = storage[:, b0:b0 + sum(sections) * self.max_rank].view(storage.shape[0], sum(sections), self.max_rank)
-                groups[key[0]] = kernels.DenseLoRAGroup(a, b, ranks[p:p + 3], sections)
+                n_in, n = dims[1], sum(sections)
+                a = self._factor(self.rows[(p, "qkv_a", 0)], 3, (0, n_in, 1), 0, (1, 3 * r, n_in))
+                b = self._factor(self.rows[(p, "qkv_b")], 1, (0, 1, n), 0, (1, n, r))
+                groups[key[0]] = kernels.DenseLoRAGroup(a, b, self.ranks[p:p + 3], sections)
+            elif key[1] == "o_proj":
+                out_f, in_f = dims
+                dense[key] = kernels.DenseLoRAWeights(
+                    self._factor(self.rows[(p, "a")], 1, (0, in_f, 1), r, (1, r, in_f)),
+                    self._factor(self.rows[(p, "b")], 1, (0, 1, out_f), out_f, (1, out_f, r)), self.ranks[p])
         return dense, moe, groups
 
     @torch.no_grad()
     def pack(self, adapter: LoRAAdapter) -> LoRAAdapter:
-        """Build `adapter`'s slot image once: one host buffer [slot_numel] in the device row's
-        layout (zeros beyond each module's rank; pinned on CUDA) and its ranks [P] int32.
-        The unpacked factors are dropped. Returns the same adapter."""
+        """Build `adapter`'s image once: one host buffer of its own bytes (pinned on CUDA), its
+        ranks [P] int32 and where each factor row starts in it [F] int64. The unpacked factors
+        are dropped. Returns the same adapter."""
         if adapter.packed is not None:
             return adapter
         missing = self.unsupported_targets(adapter)
         if missing:
             raise AdapterLoadError(f"adapter {adapter.name!r} targets modules this engine cannot adapt: "
                                    f"{missing[:4]}")
+        ranks = self._entry_ranks(adapter)
+        layout = self._image_layout(ranks)
         pin = self.device.type == "cuda"
-        image = torch.zeros(1, self.slot_numel, dtype=self.dtype, pin_memory=pin)
-        ranks = torch.zeros(len(self.plan), 1, dtype=torch.int32, pin_memory=pin)
-        dense, moe, _ = self._carve(image, ranks)
-        _fill(dense, moe, adapter, self.max_rank)
-        adapter.packed, adapter.packed_ranks = image[0], ranks[:, 0]
+        numel = sum(n for _, n in layout.values())
+        image = torch.zeros(numel, dtype=self.dtype, pin_memory=pin)
+        offsets = torch.zeros(len(self.rows), dtype=torch.int64, pin_memory=pin)
+        for row, (start, _) in layout.items():
+            offsets[self.rows[row]] = start
+        _fill(self.plan, layout, image, adapter, ranks)
+        adapter.packed, adapter.packed_offsets = image, offsets
+        adapter.packed_ranks = torch.tensor(ranks, dtype=torch.int32).pin_memory() if pin else torch.tensor(
+            ranks, dtype=torch.int32)
         adapter.dense, adapter.moe = {}, {}
         return adapter
 
+    def _entry_ranks(self, adapter: LoRAAdapter) -> list[int]:
+        """Rank of each plan entry: a dense projection's own; a MoE layer's largest of gate, up, down."""
+        ranks = []
+        for kind, key, _ in self.plan:
+            if kind == "moe":
+                ranks.append(max((adapter.moe[(key, m)].rank for m in ("gate", "up", "down")
+                                  if (key, m) in adapter.moe), default=0))
+            else:
+                f = adapter.dense.get(key)
+                ranks.append(f.rank if f is not None else 0)
+        return ranks
+
     @torch.no_grad()
-    def write(self, slot: int, adapter: LoRAAdapter) -> "torch.cuda.Event | None":
-        """Overwrite `slot` with the adapter's packed image (one copy, plus ranks); returns an
-        event when on a side stream. An unpacked adapter (factors only) is packed into a
-        temporary image for this copy and left as it is: the host tier packs once, at load."""
+    def write(self, slot: int, start: int, adapter: LoRAAdapter) -> "torch.cuda.Event | None":
+        """Copy the adapter's packed image to heap elements [start, start + its numel) and point
+        slot `slot` at it (offsets and ranks); returns an event when on a side stream. An
+        unpacked adapter (factors only) is packed into a temporary image for this copy."""
         image = adapter if adapter.packed is not None else self.pack(adapter.renamed(adapter.name))
         if self.stream is None:
-            self._copy(slot, image)
+            self._copy(slot, start, image)
             return None
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # readers of the old slot
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # readers of the bytes it overwrites
         with torch.cuda.stream(self.stream):
-            self._copy(slot, image)
+            self._copy(slot, start, image)
             event = torch.cuda.Event()
             event.record(self.stream)
         return event
 
-    def _copy(self, slot: int, adapter: LoRAAdapter) -> None:
-        self.storage[slot].copy_(adapter.packed, non_blocking=True)
+    def _copy(self, slot: int, start: int, adapter: LoRAAdapter) -> None:
+        n = adapter.packed.numel()
+        self.storage[start:start + n].copy_(adapter.packed, non_blocking=True)
+        column = self.offsets[:, slot]
+        column.copy_(adapter.packed_offsets, non_blocking=True)
+        column.add_(start)
         self.ranks[:, slot].copy_(adapter.packed_ranks, non_blocking=True)
+
+    def image_numel(self, adapter: LoRAAdapter) -> int:
+        """Heap elements the adapter's image takes."""
+        if adapter.packed is not None:
+            return adapter.packed.numel()
+        return sum(n for _, n in self._image_layout(self._entry_ranks(adapter)).values())
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
         """Targets of `adapter` no pool holds (e.g. a dense MLP layer's projections)."""
-        missing = [f"layer {l} {m}" for (l, m) in adapter.dense if (l, m) not in self.dense]
+        dense = {key for kind, key, _ in self.plan if kind == "dense"}
+        missing = [f"layer {l} {m}" for (l, m) in adapter.dense if (l, m) not in dense]
         return missing + [f"layer {l} {m}" for (l, m) in adapter.moe if l not in self.moe]
 
 
-def _fill(dense: dict, moe: dict, adapter: LoRAAdapter, r: int) -> None:
-    """Copy the adapter's factors into slot 0 of freshly zeroed pools (a host image)."""
-    for key, f in adapter.dense.items():
-        pool = dense[key]
-        pool.a[0, :f.rank].copy_(f.a)
-        pool.b[0, :, :f.rank].copy_(f.b)
-        pool.ranks[0] = f.rank
-    for layer, pool in moe.items():
-        inter, ranks = pool.down_a.shape[3], [0]
-        for module, a_row, b_rows in (("gate", 0, slice(0, inter)), ("up", r, slice(inter, 2 * inter))):
-            f = adapter.moe.get((layer, module))
+def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapter, ranks: list[int]) -> None:
+    """Write the adapter's factors into its image (zeros elsewhere), rank-major, B transposed."""
+    def block(row, *shape):
+        start, n = layout[row]
+        return image[start:start + n].view(*shape)
+
+    for p, (kind, key, dims) in enumerate(plan):
+        r = ranks[p]
+        if kind == "moe" and r > 0:
+            e, i, d = dims
+            for h, module in enumerate(("gate", "up")):
+                f = adapter.moe.get((key, module))
+                if f is not None:
+                    block((p, "gate_up_a", h), r, e, d)[:f.rank].copy_(f.a.permute(1, 0, 2))  # [r, E, D]
+                    block((p, "gate_up_b"), r, e, 2 * i)[:f.rank, :, h * i:(h + 1) * i].copy_(f.b.permute(2, 0, 1))
+            f = adapter.moe.get((key, "down"))
             if f is not None:
-                pool.gate_up_a[0, :, a_row:a_row + f.rank].copy_(f.a)
-                pool.gate_up_b[0, :, b_rows, :f.rank].copy_(f.b)
-                ranks.append(f.rank)
-        f = adapter.moe.get((layer, "down"))
-        if f is not None:
-            pool.down_a[0, :, :f.rank].copy_(f.a)
-            pool.down_b[0, :, :, :f.rank].copy_(f.b)
-            ranks.append(f.rank)
-        pool.ranks[0] = max(ranks)
+                block((p, "down_a"), r, e, i)[:f.rank].copy_(f.a.permute(1, 0, 2))
+                block((p, "down_b"), r, e, d)[:f.rank].copy_(f.b.permute(2, 0, 1))
+        elif kind == "dense" and key[1] == "q_proj":
+            outs = [plan[p + h][2][0] for h in range(3)]
+            b = block((p, "qkv_b"), max(ranks[p:p + 3]), sum(outs)) if max(ranks[p:p + 3]) else None
+            for h, name in enumerate(QKV):
+                f = adapter.dense.get((key[0], name))
+                if f is not None:
+                    block((p, "qkv_a", h), f.rank, dims[1]).copy_(f.a)
+                    b[:f.rank, sum(outs[:h]):sum(outs[:h + 1])].copy_(f.b.T)
+        elif kind == "dense" and key[1] == "o_proj" and r > 0:
+            f = adapter.dense[key]
+            block((p, "a"), r, dims[1]).copy_(f.a)
+            block((p, "b"), r, dims[0]).copy_(f.b.T)

@@ -106,11 +106,11 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
     part = torch.empty(parts, num_tokens, heads * r, dtype=torch.float32, device=x.device)
     rank_stride = lora.ranks.stride(0)
     # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
-    lora_shrink(x, lora.a.unsqueeze(1), part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
+    lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
                 splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb,
                 block_k=SHRINK["block_k"], num_warps=2, num_stages=2)
     # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
-    lora_expand_tiles(part, lora.b.unsqueeze(1), out, layout, lora.ranks, n=out.shape[1], k=r,
+    lora_expand_tiles(part, lora.b, out, layout, lora.ranks, n=out.shape[1], k=r,
                       rank_split_stride=rank_stride, a_parts=part.shape[0], sections=lora.sections,
                       block_n=block_n, block_k=rb, num_warps=4, num_stages=1)
     return out

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
-from kernels.moe.grouped_gemm import num_programs
+from kernels.moe.grouped_gemm import _factor_base, num_programs
+from kernels.weights import Factor, as_factor
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N, BLO
     cols, n_ok = _tile_cols(t, t_end, num_n, N, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     # rank mask in whole 16-byte groups (vector loads); ranks in [r_s, read end) are zeroed below
-    b = tl.load(b_base + cols[None, :] * W[3] + offs_r[:, None] * W[4],
+    b = tl.load(b_base + cols[None, :] * W[4] + offs_r[:, None] * W[5],
                 mask=r_read[:, None] & n_ok[None, :], other=0.0)
     b = tl.where(r_ok[:, None], b, tl.zeros_like(b))
     prior = tl.load(C[0] + rows[:, None] * C[1] + cols[None, :] * C[2],
@@ -67,7 +68,7 @@ def _tile_store(a0, a1, b, prior, row_scale, C, rows, row_ok, t, t_end, num_n, N
              acc.to(C[0].dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-# Operands are tuples: S, C = (ptr, row stride, column stride); W = (B, its [S, E, N, R] strides);
+# Operands are tuples: S, C = (ptr, row stride, column stride); W = B (Factor.operand);
 # lay = the layout's (sorted_ids, block_expert, block_slot, num_blocks)
 @triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
 def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, parts,
@@ -102,7 +103,7 @@ def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, part
         row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        b_base = W[0] + tl.maximum(slot, 0) * W[1] + tl.maximum(expert, 0) * W[2]
+        b_base = _factor_base(W, slot, tl.maximum(expert, 0), 0)  # B rows are c's columns
         if PREFETCH:  # registers hold tile t + 1's loads while tile t computes and stores
             b, prior = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t_begin, t_end, num_n, N,
                                   BLOCK_N, BLOCK_R)
@@ -129,7 +130,7 @@ def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, part
 # (768 per gate/up half, 2048 for down) and gives 12 / 16 loop steps a block, enough for the
 # pipeline to reach steady state; 4 warps over a [16, 128] tile keep the fp32 accumulator and the
 # prior at 16 registers a thread each. 256 halves the steps (fewer, bigger loads): sweep both.
-def lora_expand(shrunk: Tensor, b: Tensor, c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
+def lora_expand(shrunk: Tensor, b: "Factor | Tensor", c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
                 scale: Tensor | None = None, splits: int = 1, block_n: int = 128, num_warps: int = 4,
                 num_stages: int = 3, parts: int = 1, prefetch: bool = False) -> Tensor:
     """Adds the expand half of each block's LoRA delta into c in place; returns c.
@@ -144,7 +145,8 @@ def lora_expand(shrunk: Tensor, b: Tensor, c: Tensor, layout: VirtualLayout, ran
         sync: CUDA-graph capturable.
     Args:
         shrunk: [rows, >= splits*R] float (the shrink's output; fp32 on the MoE path).
-        b: [S, E, splits*N, R] fp32/fp16/bf16, scaling folded in.
+        b: Factor of logical shape [S, E, splits*N, R] (split h from row h*N), or that padded
+            stack; fp32/fp16/bf16, scaling folded in.
         c: [rows, splits*N] fp32/fp16/bf16, rows = layout.num_rows; any strides.
         layout: VirtualLayout of (slot, expert) blocks; block_size is the M tile (>= 16).
         ranks: [S] int32 per-slot rank.
@@ -155,7 +157,8 @@ def lora_expand(shrunk: Tensor, b: Tensor, c: Tensor, layout: VirtualLayout, ran
         prefetch: load tile t + 1 in registers while tile t computes (else num_stages pipelines).
     """
     expect(splits in (1, 2), f"splits must be 1 or 2, got {splits}")
-    expect(b.dim() == 4 and b.shape[2] % splits == 0, f"b must be [S, E, {splits}*N, R], got {tuple(b.shape)}")
+    expect(b.shape[2] % splits == 0 and len(b.shape) == 4, f"b must be [S, E, {splits}*N, R], got {tuple(b.shape)}")
+    b = as_factor(b, b.shape[2] // splits)
     num_slots, _, n_total, big_r = b.shape
     n = n_total // splits
     rows = layout.num_rows
@@ -174,21 +177,29 @@ def lora_expand(shrunk: Tensor, b: Tensor, c: Tensor, layout: VirtualLayout, ran
         return c
     programs = num_programs(c.device, layout.max_blocks * parts)
     _lora_expand_kernel[(programs,)](
-        (shrunk, shrunk.stride(0), shrunk.stride(1)), (b, *b.stride()), (c, c.stride(0), c.stride(1)),
+        (shrunk, shrunk.stride(0), shrunk.stride(1)), b.operand(), (c, c.stride(0), c.stride(1)),
         scale if scale is not None else layout.num_blocks, ranks,
         (layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks), rows, n, big_r, parts,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
-        RANK_GRAIN=math.gcd(big_r, 8), NUM_SPLITS=splits, HAS_SCALE=scale is not None,
+        RANK_GRAIN=_rank_grain(b, big_r), NUM_SPLITS=splits, HAS_SCALE=scale is not None,
         IEEE=b.dtype == torch.float32 and shrunk.dtype == torch.float32, PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )
     return c
 
 
-def lora_expand_ref(shrunk: Tensor, b: Tensor, c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
+def _rank_grain(b: Factor, big_r: int) -> int:
+    """Ranks read in groups of this many: whole 16-byte vectors where a slot's ranks are
+    contiguous and padded to R (a padded stack); one by one where a rank row is a plane of its
+    own (a heap, rank-major: reading past r_s would leave the adapter's bytes)."""
+    return math.gcd(big_r, 8) if b.col_stride == 1 and b.padded is not None else 1
+
+
+def lora_expand_ref(shrunk: Tensor, b: Factor, c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
                     scale: Tensor | None = None, splits: int = 1, **tiles: object) -> Tensor:
     """Torch twin of lora_expand (same Semantics and Args; the tile arguments are ignored).
     Walks the layout's blocks on the host, so it syncs: for tests and the CPU, not for graphs."""
+    b = as_factor(b, b.shape[2] // splits)
     big_r, bm = b.shape[3], layout.block_size
     n = b.shape[2] // splits
     for block in range(int(layout.num_blocks[0])):
@@ -198,7 +209,7 @@ def lora_expand_ref(shrunk: Tensor, b: Tensor, c: Tensor, layout: VirtualLayout,
         r = min(int(ranks[slot]), big_r) if slot >= 0 else 0
         for h in range(splits if r > 0 else 0):
             a = shrunk[ids, h * big_r:h * big_r + r].to(b.dtype).float()  # [rows, r]
-            delta = a @ b[slot, expert, h * n:(h + 1) * n, :r].float().T  # [rows, N]
+            delta = a @ b.view(slot, h, n, r)[expert].float().T  # [rows, N]
             if scale is not None:
                 delta = delta * scale[ids].float()[:, None]
             c[ids, h * n:(h + 1) * n] = (delta + c[ids, h * n:(h + 1) * n].float()).to(c.dtype)

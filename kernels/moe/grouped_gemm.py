@@ -19,8 +19,10 @@ The options of the roles, for dense groups (q/k/v) at decode size, where few blo
 With rank_split_stride, split or section h reads its rank at ranks[h * rank_split_stride + s].
 
 In the kernels an operand is a tuple: A = (ptr, row stride, column stride, column step per split),
-W = (ptr, slot stride, expert stride, row stride, column stride, row step per split),
-C = (ptr, row stride, column stride, column step per split), lay = the layout's four tensors.
+W = the base weights (ptr, slot stride, expert stride, row stride, column stride, row step per
+split) or a LoRA factor (kernels.weights.Factor.operand: ptr, offsets table, its split stride,
+expert stride, row stride, column stride, rows a split steps by), C = (ptr, row stride, column
+stride, column step per split), lay = the layout's four tensors.
 """
 import torch
 import triton
@@ -29,6 +31,7 @@ from torch import Tensor
 
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
+from kernels.weights import Factor, as_factor
 
 
 @triton.jit
@@ -39,11 +42,17 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _factor_base(F, slot, expert, h):
+    """Address of row 0, column 0 of split h of a LoRA factor's (slot, expert) matrix."""
+    return F[0] + tl.load(F[1] + h * F[2] + tl.maximum(slot, 0)) + expert * F[3] + h * F[6] * F[4]
+
+
+@triton.jit
 def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div, scale_ptr,
                n_limit, k_start, k_limit, c_off, a_parts, stride_ap, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
-               BLOCK_R: tl.constexpr, A_PARTS: tl.constexpr):
+               BLOCK_R: tl.constexpr, A_PARTS: tl.constexpr, W_TABLE: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of block `block`, split h: columns < n_limit, K in [k_start, k_limit),
     written at C[0] + c_off."""
     if pid_n * BLOCK_N < n_limit:
@@ -56,8 +65,13 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         # A rows are gathered (a token's hidden row serves its routed rows)
         a_ptrs = A[0] + (rows // a_row_div)[:, None] * A[1] + (h * A[3] + offs_k[None, :]) * A[2]
         # W tile [BLOCK_K, BLOCK_N] of this block's (slot, expert) matrix
-        w_base = W[0] + slot * W[1] + expert * W[2]
-        b_ptrs = w_base + (h * W[5] + offs_n[None, :]) * W[3] + offs_k[:, None] * W[4]
+        if W_TABLE:  # a LoRA factor: where split h of the slot begins, from its offsets table
+            b_ptrs = _factor_base(W, slot, expert, h) + offs_n[None, :] * W[4] + offs_k[:, None] * W[5]
+            w_step_k = BLOCK_K * W[5]
+        else:
+            w_base = W[0] + slot * W[1] + expert * W[2]
+            b_ptrs = w_base + (h * W[5] + offs_n[None, :]) * W[3] + offs_k[:, None] * W[4]
+            w_step_k = BLOCK_K * W[4]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         c_ptrs = C[0] + c_off + rows[:, None] * C[1] + (h * C[3] + offs_n[None, :]) * C[2]
         c_mask = row_ok[:, None] & (offs_n[None, :] < N)
@@ -66,15 +80,15 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_LORA:
-            # fused LoRA, L = (A, its 4 strides, B, its 4 strides, half_n, half_r, ranks):
-            # A rows [g*R, g*R + r_s) of this tile's half g (gate or up)
+            # fused LoRA, L = (A factor (7), B factor (7), half_n, ranks):
+            # A rows [0, r_s) of this tile's half g (gate or up)
             slot0 = tl.maximum(slot, 0)
-            rank = tl.where(slot >= 0, tl.load(L[12] + slot0), 0)
+            rank = tl.where(slot >= 0, tl.load(L[15] + slot0), 0)
             offs_r = tl.arange(0, BLOCK_R)
             r_ok = offs_r < rank
-            half = (pid_n * BLOCK_N) // L[10]
-            la_ptrs = (L[0] + slot0 * L[1] + expert * L[2] + (half * L[11] + offs_r[None, :]) * L[3]
-                       + offs_k[:, None] * L[4])
+            half = (pid_n * BLOCK_N) // L[14]
+            la_ptrs = (_factor_base((L[0], L[1], L[2], L[3], L[4], L[5], L[6]), slot0, expert, half)
+                       + offs_r[None, :] * L[4] + offs_k[:, None] * L[5])
             shrunk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(k_start, k_limit, BLOCK_K):
             k_ok = offs_k + (k0 - k_start) < k_limit
@@ -86,14 +100,15 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
             a = a.to(b.dtype)
             acc = _dot(a, b, acc, IEEE)
             if HAS_LORA:
-                la = tl.load(la_ptrs + k0 * L[4], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+                la = tl.load(la_ptrs + k0 * L[5], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
                 shrunk = _dot(a, la, shrunk, IEEE)
             a_ptrs += BLOCK_K * A[2]
-            b_ptrs += BLOCK_K * W[4]
+            b_ptrs += w_step_k
         if HAS_LORA:
             if slot >= 0:  # rows without adapter keep the base sum untouched (bitwise)
                 # B [N, R] rows are this tile's output columns; B cols [0, r_s) only
-                lb_ptrs = L[5] + slot0 * L[6] + expert * L[7] + offs_n[None, :] * L[8] + offs_r[:, None] * L[9]
+                lb_ptrs = (_factor_base((L[7], L[8], L[9], L[10], L[11], L[12], L[13]), slot0, expert, 0)
+                           + offs_n[None, :] * L[11] + offs_r[:, None] * L[12])
                 lb = tl.load(lb_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _dot(shrunk.to(lb.dtype), lb, acc, IEEE)
         if HAS_SCALE:
@@ -127,7 +142,7 @@ def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
         block, pid_n, expert, slot = _tile_of(lay, tile, num_n)
         _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div,
                    scale_ptr, N, 0, K, 0, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_SCALE, IEEE,
-                   HAS_LORA, BLOCK_R, False)
+                   HAS_LORA, BLOCK_R, False, False)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -147,7 +162,7 @@ def _lora_shrink_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, num_rows, N,
             k_limit = tl.minimum(K, k_start + k_chunk)
         _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div, 0, n_limit,
                    k_start, k_limit, part * stride_cp, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, False, IEEE,
-                   False, 16, False)
+                   False, 16, False, True)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -165,7 +180,7 @@ def _lora_expand_tiles_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, ends, 
         k_limit = tl.minimum(K, tl.load(ranks_ptr + h * rank_split_stride + slot))
         _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, pid_n, num_rows, N, 1, scale_ptr, N, 0,
                    k_limit, 0, a_parts, stride_ap, BLOCK_M, BLOCK_N, BLOCK_K, True, HAS_SCALE, IEEE,
-                   False, 16, A_PARTS)
+                   False, 16, A_PARTS, True)
 
 
 def num_programs(device: torch.device, max_tiles: int) -> int:
@@ -215,15 +230,15 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
         c: [rows, n] output, rows = layout.num_rows.
         layout: VirtualLayout whose block_size is the M tile.
         scale: [rows] per-row factor (routing weight) or None.
-        fused_lora: A [S, E, h*R, k], B [S, E, n, R], ranks [S] int32, half_n (block_n divides it;
-            n for one half); for expert-major layouts (kernels.moe.launch.fused_path_ok).
+        fused_lora: Factors A [S, E, h*R, k] and B [S, E, n, R], ranks [S] int32, half_n (block_n
+            divides it; n for one half); for expert-major layouts (kernels.moe.launch.fused_path_ok).
     """
     lora, big_r = 0, 1
     if fused_lora is not None:
         la, lb, ranks, half_n = fused_lora
         expect(half_n >= n or half_n % block_n == 0, f"block_n {block_n} must divide half_n {half_n}")
         big_r = lb.shape[-1]
-        lora = (la, *la.stride(), lb, *lb.stride(), half_n, big_r, ranks)
+        lora = (*as_factor(la, big_r).operand(), *as_factor(lb, n).operand(), half_n, ranks)
     num_n = triton.cdiv(n, block_n)
     programs = num_programs(a.device, layout.max_blocks * num_n)
     _moe_gemm_kernel[(programs, 1)](
@@ -236,7 +251,7 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
     return c
 
 
-def lora_shrink(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ranks: Tensor, *, n: int,
+def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayout, ranks: Tensor, *, n: int,
                 k: int, a_row_div: int = 1, splits: int = 1, k_splits: int = 1,
                 rank_split_stride: int = 0, block_n: int = 16, block_k: int = 128, num_warps: int = 2,
                 num_stages: int = 3) -> Tensor:
@@ -247,7 +262,8 @@ def lora_shrink(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ranks: T
     rank_h[s] = ranks[h * rank_split_stride + s]; columns >= r are not written.
     Args:
         a: [A_rows, k] activations (any strides).
-        w: [S, E, splits*n, k] LoRA A stack (n = its max rank).
+        w: LoRA A, a kernels.weights.Factor of logical shape [S, E, splits*n, k] (n = its max rank),
+            or that padded stack.
         c: [rows, splits*n] float; with k_splits = P, [parts, rows, splits*n] partial sums over K
             slices, parts = k_slices(k, P, block_k)[1] (their sum is the shrink).
         ranks: [S] int32 (or [H, S] with rank_split_stride).
@@ -259,7 +275,7 @@ def lora_shrink(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ranks: T
     num_n = triton.cdiv(n, block_n)
     programs = num_programs(a.device, layout.max_blocks * num_n)
     _lora_shrink_kernel[(programs, splits, parts)](
-        (a, a.stride(0), a.stride(1), 0), _weights(w, n), (c, c2.stride(0), c2.stride(1), n),
+        (a, a.stride(0), a.stride(1), 0), as_factor(w, n).operand(), (c, c2.stride(0), c2.stride(1), n),
         _lay(layout), ranks, rank_split_stride, layout.num_rows, n, k, a_row_div, k_chunk,
         c.stride(0) if k_splits > 1 else 0,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=_ieee(a, w),
@@ -268,7 +284,7 @@ def lora_shrink(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ranks: T
     return c
 
 
-def lora_expand_tiles(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
+def lora_expand_tiles(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
                       n: int, k: int, splits: int = 1, scale: Tensor | None = None, a_parts: int = 0,
                       sections: tuple[int, ...] = (), rank_split_stride: int = 0, block_n: int = 256,
                       block_k: int = 16, num_warps: int = 4, num_stages: int = 1) -> Tensor:
@@ -281,7 +297,8 @@ def lora_expand_tiles(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ra
     projection h = the section holding j, which reads a[rows, h*k:h*k + rank_h[s]].
     Args:
         a: [rows, splits*k] float shrink output; with a_parts = P, [P, rows, *] partial sums.
-        w: [S, E, splits*n, k] LoRA B stack (k = its max rank), scaling folded in.
+        w: LoRA B, a Factor of logical shape [S, E, splits*n, k] (k = its max rank; split h from
+            row h*n, or the sections' rows), or that padded stack; scaling folded in.
         c: [rows, splits*n] (n = sum(sections) with sections).
         ranks: [S] int32 (or [H, S] with rank_split_stride).
         sections: up to 4 projection widths on N; block_n must divide every section end.
@@ -297,7 +314,7 @@ def lora_expand_tiles(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, ra
     num_n = triton.cdiv(n, block_n)
     programs = num_programs(a.device, layout.max_blocks * num_n)
     _lora_expand_tiles_kernel[(programs, splits)](
-        (a, a2.stride(0), a2.stride(1), k), _weights(w, step), (c, c.stride(0), c.stride(1), step),
+        (a, a2.stride(0), a2.stride(1), k), as_factor(w, step).operand(), (c, c.stride(0), c.stride(1), step),
         _lay(layout), ranks, rank_split_stride, tuple(ends), layout.num_rows, n, k,
         scale if scale is not None else layout.num_blocks, max(1, a_parts), a.stride(0) if a_parts else 0,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,

@@ -28,11 +28,13 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.errors import expect
-from kernels.weights import DenseLoRAGroup
+from kernels.moe.grouped_gemm import _factor_base
+from kernels.weights import DenseLoRAGroup, Factor, as_factor
 
 
-# Operands are tuples: A = (ptr, row stride, column stride); LA, LB = (ptr, and the strides of
-# [S, E, rows, cols]); C = (ptr, row stride, column stride); ends = the splits' last columns + 1.
+# Operands are tuples: A = (ptr, row stride, column stride); LA, LB = LoRA factors
+# (kernels.weights.Factor.operand); C = (ptr, row stride, column stride); ends = the splits' last
+# columns + 1.
 @triton.jit  # the token count is the grid, not an argument: one compile for every count
 def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k, a_row_div,
                       num_slots, num_experts, K, R, ends, rank_split_stride, n_chunk, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -59,17 +61,17 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
         r_ok = offs_r < rank
         # shrink: A rows [h*R, h*R + r_s) of the pair against the row's input, K tile by K tile
         a_row = A[0] + (row // a_row_div) * A[1]
-        la_base = LA[0] + slot * LA[1] + expert * LA[2] + (split * R + offs_r)[:, None] * LA[3]
+        la_base = _factor_base(LA, slot, expert, split) + offs_r[:, None] * LA[4]
         shrunk = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             x = tl.load(a_row + offs_k * A[2], mask=k_ok, other=0.0)
-            w = tl.load(la_base + offs_k[None, :] * LA[4], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(la_base + offs_k[None, :] * LA[5], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             shrunk += tl.sum(x.to(w.dtype).to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
         # expand: this part's columns of split h; the shrink rounds to B's dtype as the split path's does
         s = shrunk.to(LB[0].dtype.element_ty).to(tl.float32)
-        lb_base = LB[0] + slot * LB[1] + expert * LB[2] + offs_r[None, :] * LB[4]
+        lb_base = _factor_base(LB, slot, expert, 0) + offs_r[None, :] * LB[5]  # B rows are c's columns
         c_row = C[0] + row * C[1]
         row_scale = tl.full((), 1.0, tl.float32)
         if HAS_SCALE:
@@ -78,7 +80,7 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
         for n0 in range(col0, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_end
-            b = tl.load(lb_base + offs_n[:, None] * LB[3], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(lb_base + offs_n[:, None] * LB[4], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
             delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1)
             if HAS_SCALE:
                 delta = delta * row_scale
@@ -86,7 +88,7 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
             tl.store(c_row + offs_n * C[2], (delta + prior).to(C[0].dtype.element_ty), mask=n_ok)
 
 
-def lora_rows_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot_ids: Tensor,
+def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor", ranks: Tensor, slot_ids: Tensor,
                topk_ids: Tensor, *, a_row_div: int, splits: int = 1, scale: Tensor | None = None,
                parts: int = 1, block_k: int = 128, block_n: int = 128, num_warps: int = 4,
                num_stages: int = 3) -> Tensor:
@@ -103,7 +105,8 @@ def lora_rows_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot
     Args:
         a: [A_rows, K_in] fp32/fp16/bf16 (hidden with a_row_div = top-k, or act with 1); any strides.
         c: [T*K, splits*N], a's dtype; any strides.
-        la: [S, E, splits*R, K_in]; lb: [S, E, splits*N, R]; a's dtype, scaling folded into lb.
+        la, lb: Factors of logical shapes [S, E, splits*R, K_in] and [S, E, splits*N, R] (split h
+            from row h*R / h*N), or those padded stacks; a's dtype, scaling folded into lb.
         ranks: [S] int32. slot_ids: [T] int (-1: no adapter). topk_ids: [T, K] int32/int64.
         scale: [T*K] float per-row factor (routing weight) or None.
         parts: programs that split a row's N columns (each repeats the shrink: more programs
@@ -111,9 +114,10 @@ def lora_rows_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot
         block_k, block_n, num_warps, num_stages: tile config.
     """
     expect(splits in (1, 2), f"splits must be 1 or 2, got {splits}")
-    expect(la.dim() == 4 and lb.dim() == 4, f"la and lb must be 4-D, got {tuple(la.shape)} and {tuple(lb.shape)}")
+    expect(len(la.shape) == 4 and len(lb.shape) == 4, f"la and lb must be 4-D, got {tuple(la.shape)} and {tuple(lb.shape)}")
     num_slots, num_experts, r_total, k_in = la.shape
     expect(r_total % splits == 0 and lb.shape[2] % splits == 0, f"la and lb rows must split in {splits}")
+    la, lb = as_factor(la, r_total // splits), as_factor(lb, lb.shape[2] // splits)
     big_r, n = r_total // splits, lb.shape[2] // splits
     expect(tuple(lb.shape) == (num_slots, num_experts, splits * n, big_r),
            f"lb must be [{num_slots}, {num_experts}, {splits}*N, {big_r}], got {tuple(lb.shape)}")
@@ -158,7 +162,7 @@ def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Ten
     if t == 0:
         return out
     ends = [lora.offset(h + 1) for h in range(heads)]
-    _launch(x, out, lora.a.unsqueeze(1), lora.b.unsqueeze(1), lora.ranks, lora.ranks.stride(0), slot_ids, None,
+    _launch(x, out, lora.a, lora.b, lora.ranks, lora.ranks.stride(0), slot_ids, None,
             1, 1, t, ends, lora.max_rank, None, parts, block_k, block_n, num_warps, num_stages)
     return out
 
@@ -167,7 +171,7 @@ def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Ten
 MAX_GROUP_ROWS_PROJECTIONS = 3
 
 
-def _launch(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, rank_split_stride: int,
+def _launch(a: Tensor, c: Tensor, la: Factor, lb: Factor, ranks: Tensor, rank_split_stride: int,
             slot_ids: Tensor, topk_ids: Tensor | None, top_k: int, a_row_div: int, rows: int, ends: list[int],
             big_r: int, scale: Tensor | None, parts: int, block_k: int, block_n: int, num_warps: int,
             num_stages: int) -> None:
@@ -177,7 +181,7 @@ def _launch(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, rank_sp
     n_chunk = triton.cdiv(triton.cdiv(widest, parts), block_n) * block_n
     padded = tuple((ends + [ends[-1]] * 3)[:3])
     _lora_rows_kernel[(rows, len(ends), triton.cdiv(widest, n_chunk))](
-        (a, a.stride(0), a.stride(1)), (la, *la.stride()), (lb, *lb.stride()), (c, c.stride(0), c.stride(1)),
+        (a, a.stride(0), a.stride(1)), la.operand(), lb.operand(), (c, c.stride(0), c.stride(1)),
         scale if scale is not None else ranks, ranks, slot_ids, topk_ids if topk_ids is not None else slot_ids,
         top_k, a_row_div, la.shape[0], la.shape[1], la.shape[3], big_r, padded, rank_split_stride, n_chunk,
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
@@ -185,13 +189,14 @@ def _launch(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, rank_sp
     )
 
 
-def lora_rows_ref_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, slot_ids: Tensor,
+def lora_rows_ref_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor", ranks: Tensor, slot_ids: Tensor,
                    topk_ids: Tensor, *, a_row_div: int, splits: int = 1, scale: Tensor | None = None,
                    **tiles: object) -> Tensor:
     """Torch twin of lora_rows_ (same Semantics and Args; the tile arguments are ignored).
     Walks the rows on the host, so it syncs: for tests, not for graphs."""
     num_slots, num_experts = la.shape[:2]
     big_r, n = la.shape[2] // splits, lb.shape[2] // splits
+    la, lb = as_factor(la, big_r), as_factor(lb, n)
     top_k = topk_ids.shape[1]
     for row, e in enumerate(topk_ids.reshape(-1).tolist()):
         s = int(slot_ids[row // top_k])
@@ -200,8 +205,8 @@ def lora_rows_ref_(a: Tensor, c: Tensor, la: Tensor, lb: Tensor, ranks: Tensor, 
         r = min(int(ranks[s]), big_r)
         for h in range(splits if r > 0 else 0):
             x = a[row // a_row_div].to(la.dtype).float()
-            shrunk = (la[s, e, h * big_r:h * big_r + r].float() @ x).to(lb.dtype).float()  # [r]
-            delta = lb[s, e, h * n:(h + 1) * n, :r].float() @ shrunk  # [N]
+            shrunk = (la.view(s, h, r, la.shape[3])[e].float() @ x).to(lb.dtype).float()  # [r]
+            delta = lb.view(s, h, n, r)[e].float() @ shrunk  # [N]
             if scale is not None:
                 delta = delta * scale[row].float()
             c[row, h * n:(h + 1) * n] = (delta + c[row, h * n:(h + 1) * n].float()).to(c.dtype)

@@ -23,8 +23,12 @@ class InstantPools:
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
+        self.storage = torch.zeros(num_slots)  # a heap of one element per adapter
 
-    def write(self, slot: int, adapter: LoRAAdapter) -> None:
+    def image_numel(self, adapter: LoRAAdapter) -> int:
+        return 1
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter) -> None:
         return None
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:

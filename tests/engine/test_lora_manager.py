@@ -29,8 +29,12 @@ class RecordingPools:
         self.order: list[str] = []
         self.second_reserved = threading.Event()
         self.second_written = threading.Event()
+        self.storage = torch.zeros(4)  # the heap: room for one adapter of image_numel elements
 
-    def write(self, slot: int, adapter: LoRAAdapter):
+    def image_numel(self, adapter: LoRAAdapter) -> int:
+        return 4
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter):
         if adapter.name == "first":
             assert self.second_reserved.wait(timeout=30), "the second reservation never came"
             self.second_written.wait(timeout=OVERTAKE_WINDOW_S)
@@ -68,10 +72,10 @@ def test_copies_into_a_reused_slot_land_in_reservation_order():
 class FailingPools(RecordingPools):
     """Writes of the adapter named "bad" fail, as a CUDA copy error would."""
 
-    def write(self, slot: int, adapter: LoRAAdapter):
+    def write(self, slot: int, start: int, adapter: LoRAAdapter):
         if adapter.name == "bad":
             raise RuntimeError("copy failed")
-        return super().write(slot, adapter)
+        return super().write(slot, start, adapter)
 
 
 def test_failed_copy_fails_every_holder_of_the_slot():
@@ -200,14 +204,23 @@ def test_collected_failures_fail_fast_and_are_dropped_once_expired():
         manager.shutdown()
 
 
-def test_host_tier_is_bounded_by_the_bytes_of_whole_slot_images():
-    class BigSlots(RecordingPools):
-        slot_bytes = 3 << 20  # the pinned allocator rounds each image up to 4 MiB
+def _packed(name: str, numel: int) -> LoRAAdapter:
+    """A host-tier adapter whose compact image is `numel` fp32 elements."""
+    return LoRAAdapter(name, packed=torch.zeros(numel), packed_ranks=torch.zeros(1, dtype=torch.int32),
+                       packed_offsets=torch.zeros(1, dtype=torch.int64))
 
-    bounded = LoRAManager(BigSlots(), spec=None, max_rank=4, host_capacity=16, host_bytes=10 << 20)
-    unbounded = LoRAManager(BigSlots(), spec=None, max_rank=4, host_capacity=16)
+
+def test_host_tier_is_bounded_by_the_bytes_of_each_adapters_own_image():
+    """10 MiB of pinned host tier: two 3 MiB images (4 MiB as the pinned allocator rounds them)
+    fit, a third drops the least recently used; twenty 200 KiB images (256 KiB rounded) all fit."""
+    manager = LoRAManager(RecordingPools(), spec=None, max_rank=4, host_capacity=64, host_bytes=10 << 20)
     try:
-        assert bounded.host_capacity == 2 and unbounded.host_capacity == 16
+        for name in ("big0", "big1", "big2"):
+            manager._admit_to_host(name, _packed(name, (3 << 20) // 4))
+        assert list(manager.host) == ["big1", "big2"] and manager.host_bytes_used == 8 << 20
+        for i in range(20):
+            manager._admit_to_host(f"small{i}", _packed(f"small{i}", (200 << 10) // 4))
+        assert [n for n in manager.host if n.startswith("small")] == [f"small{i}" for i in range(20)]
+        assert manager.host_bytes_used <= 10 << 20 and len(manager.host) == 21  # big2 and the twenty
     finally:
-        bounded.shutdown()
-        unbounded.shutdown()
+        manager.shutdown()

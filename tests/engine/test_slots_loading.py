@@ -3,6 +3,8 @@ and a sequence is admitted as soon as its own slot is ready."""
 import asyncio
 import threading
 
+import torch
+
 import engine.lora.manager as manager_module
 from engine import AsyncLLMEngine, EngineConfig, LoRARequest, SamplingParams
 from engine.block_manager import BlockManager
@@ -70,8 +72,12 @@ class EventPools:
 
     def __init__(self):
         self.events: dict[str, FakeEvent] = {}
+        self.storage = torch.zeros(self.num_slots)  # a heap of one element per adapter
 
-    def write(self, slot: int, adapter: LoRAAdapter) -> FakeEvent:
+    def image_numel(self, adapter: LoRAAdapter) -> int:
+        return 1
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter) -> FakeEvent:
         self.events[adapter.name] = FakeEvent()
         return self.events[adapter.name]
 

@@ -10,8 +10,9 @@ import zlib
 import torch
 
 from tests.kernels.interp import print_cases
-from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, make_dense_lora, make_moe,
-                                          make_moe_lora, make_slot_ids, moe_loop_ref, rel_err)
+from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, group_in_heap, make_dense_lora, make_moe,
+                                          make_moe_lora, make_slot_ids, moe_loop_ref, moe_lora_in_heap,
+                                          rel_err)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOL = {"fp32": 1e-5, "fp16": 5e-3}  # output vs fp64; the LoRA delta gets 4x this
@@ -48,6 +49,12 @@ def case_names() -> list[str]:
     # 2304 input features in whole 128-wide K tiles: 6 slices where 8 were asked (unwritten
     # partial-sum slices must never be read)
     names += ["group-fp32-zipf-s32x16x16-in2304"]
+    # the engine's adapter heap: each slot at its own rank, rank-major, NaN around every slot
+    names += ["moe-fp32-t17e10k8-uniform-heap", "moe-fp16-t9e6k2-rank64-heap-split",
+              "moe-fp32-t9e6k2-rank64-heap-split-tiles", "moe-fp16-t17e10k8-zipf-heap-split-blocks",
+              "moe-fp16-t1e6k2-rank64-heap-fused",
+              "group-fp32-uniform-s32x16x16-heap", "group-fp16-zipf-s36x20x12-heap-rows",
+              "group-fp32-distinct-s36x20x12-heap"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -74,6 +81,8 @@ def run_moe(name: str) -> dict:
         wide[:, 3:3 + d] = args[0]
         args = (wide[:, 3:3 + d], *args[1:4], args[4].long())
     lora = make_moe_lora(gen, len(ranks), e, d, inter, ranks, dtype, pad=pad)
+    if "heap" in p["rest"]:
+        lora = moe_lora_in_heap(lora)
     slots = make_slot_ids(spread, t, len(ranks), gen)
     slots[0] = 1  # at least one token with an adapter
     import kernels
@@ -138,8 +147,10 @@ def run_group(name: str) -> dict:
     ranks = [[1, 8, 16, 4], [8, 16, 1, 0], [16, 4, 8, 2]]
     parts = [make_dense_lora(gen, 4, n_in, n, ranks[h], dtype, pad=pad) for h, n in enumerate(sections)]
     import kernels
-    group = kernels.DenseLoRAGroup(torch.cat([q.a for q in parts], 1), torch.cat([q.b for q in parts], 1),
+    group = kernels.DenseLoRAGroup(torch.cat([q.a.padded for q in parts], 1), torch.cat([q.b.padded for q in parts], 1),
                                    torch.stack([q.ranks for q in parts]), sections)
+    if "heap" in p["rest"]:
+        group = group_in_heap(parts, sections)
     x = torch.randn(t, n_in, generator=gen).to(dtype)
     out = torch.randn(t, sum(sections), generator=gen).to(dtype)
     slots = make_slot_ids(spread, t, 4, gen)

@@ -32,15 +32,16 @@ def moe_loop_ref(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora=None, s
             gate = xe @ w_gate_up[e, :inter].double().T
             up = xe @ w_gate_up[e, inter:].double().T
             if s >= 0:
-                r = int(lora.ranks[s])
-                big_r = lora.gate_up_a.shape[2] // 2
-                a, b = lora.gate_up_a[s, e].double(), lora.gate_up_b[s, e].double()
-                gate = gate + (xe @ a[:r].T) @ b[:inter, :r].T
-                up = up + (xe @ a[big_r:big_r + r].T) @ b[inter:, :r].T
+                r, d = int(lora.ranks[s]), x.shape[1]
+                a = [lora.gate_up_a.view(s, h, r, d)[e].double() for h in (0, 1)]  # gate's, up's
+                b = [lora.gate_up_b.view(s, h, inter, r)[e].double() for h in (0, 1)]
+                gate = gate + (xe @ a[0].T) @ b[0].T
+                up = up + (xe @ a[1].T) @ b[1].T
             h = gate / (1.0 + torch.exp(-gate)) * up
             y = h @ w_down[e].double().T
             if s >= 0:
-                y = y + (h @ lora.down_a[s, e, :r].double().T) @ lora.down_b[s, e, :, :r].double().T
+                da, db = lora.down_a.view(s, 0, r, inter)[e], lora.down_b.view(s, 0, x.shape[1], r)[e]
+                y = y + (h @ da.double().T) @ db.double().T
             out.index_add_(0, tok, y * topk_weights[tok, kk].double()[:, None])
     return out
 
@@ -53,7 +54,8 @@ def dense_loop_ref(x, out, lora, slot_ids) -> Tensor:
         if s < 0:
             continue
         r = int(lora.ranks[s])
-        res[t] += lora.b[s, :, :r].double() @ (lora.a[s, :r].double() @ x[t].double())
+        a, b = lora.a.view(s, 0, r, x.shape[1])[0], lora.b.view(s, 0, out.shape[1], r)[0]
+        res[t] += b.double() @ (a.double() @ x[t].double())
     return res
 
 
@@ -127,3 +129,66 @@ def rel_err(got: Tensor, want: Tensor) -> float:
     """||got - want|| / ||want|| in fp64 (NaN never passes a <= check)."""
     got, want = got.double(), want.double()
     return float(torch.linalg.norm(got - want) / torch.linalg.norm(want).clamp_min(1e-30))
+
+
+def _heap(blocks: list[list[Tensor]], dtype, gap: int = 3) -> tuple[Tensor, Tensor]:
+    """One flat NaN-filled buffer holding blocks[row][slot] (slots in reverse order, `gap`
+    elements of NaN around each) and the offsets [rows, S] where each starts."""
+    num_rows, num_slots = len(blocks), len(blocks[0])
+    total = sum(b.numel() + gap for row in blocks for b in row) + gap
+    storage = torch.full((total,), float("nan"), dtype=dtype)
+    offsets = torch.zeros(num_rows, num_slots, dtype=torch.int64)
+    at = gap
+    for s in reversed(range(num_slots)):
+        for row in range(num_rows):
+            block = blocks[row][s]
+            storage[at:at + block.numel()] = block.reshape(-1)
+            offsets[row, s] = at
+            at += block.numel() + gap
+    return storage, offsets
+
+
+def moe_lora_in_heap(lora: MoELoRAWeights) -> MoELoRAWeights:
+    """The same adapters laid out as the engine's adapter heap lays them: each slot at its own
+    rank, rank-major (A [r, E, cols], B transposed [r, E, rows]), anywhere in one buffer, with
+    NaN between and around them (a read outside a slot's bytes shows)."""
+    from kernels.weights import Factor
+    num_slots, e, two_r, d = lora.gate_up_a.shape
+    big_r, inter = two_r // 2, lora.down_a.shape[3]
+    ranks = [int(r) for r in lora.ranks]
+    ga, gb, da, db = (f.padded for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b))
+    blocks = [[ga[s, :, :r].permute(1, 0, 2) for s, r in enumerate(ranks)],
+              [ga[s, :, big_r:big_r + r].permute(1, 0, 2) for s, r in enumerate(ranks)],
+              [gb[s, :, :, :r].permute(2, 0, 1) for s, r in enumerate(ranks)],
+              [da[s, :, :r].permute(1, 0, 2) for s, r in enumerate(ranks)],
+              [db[s, :, :, :r].permute(2, 0, 1) for s, r in enumerate(ranks)]]
+    storage, offsets = _heap(blocks, ga.dtype)
+    return MoELoRAWeights(Factor(storage, offsets[0:2], d, e * d, 1, 0, (num_slots, e, 2 * big_r, d)),
+                          Factor(storage, offsets[2:3], 2 * inter, 1, e * 2 * inter, inter,
+                                 (num_slots, e, 2 * inter, big_r)),
+                          Factor(storage, offsets[3:4], inter, e * inter, 1, 0, (num_slots, e, big_r, inter)),
+                          Factor(storage, offsets[4:5], d, 1, e * d, d, (num_slots, e, d, big_r)), lora.ranks)
+
+
+def group_in_heap(parts: list[DenseLoRAWeights], sections: tuple[int, ...]):
+    """A q/k/v-like group of the padded projections `parts` in the heap layout: each
+    projection's A [r_h, IN] on its own, one B transposed [max_h r_h, N] per slot, whose
+    columns past a projection's rank hold NaN (never read), NaN around everything."""
+    from kernels import DenseLoRAGroup
+    from kernels.weights import Factor
+    num_slots, big_r, n_in = parts[0].a.shape[0], parts[0].max_rank, parts[0].in_features
+    ranks = [[int(r) for r in p.ranks] for p in parts]
+    n = sum(sections)
+    a_blocks = [[p.a.padded[s, :ranks[h][s]] for s in range(num_slots)] for h, p in enumerate(parts)]
+    b_blocks = []
+    for s in range(num_slots):
+        r_g = max(r[s] for r in ranks)
+        b = torch.full((r_g, n), float("nan"), dtype=parts[0].a.dtype)
+        for h, p in enumerate(parts):
+            b[:ranks[h][s], sum(sections[:h]):sum(sections[:h + 1])] = p.b.padded[s, :, :ranks[h][s]].T
+        b_blocks.append(b)
+    storage, offsets = _heap([*a_blocks, b_blocks], parts[0].a.dtype)
+    heads = len(parts)
+    a = Factor(storage, offsets[:heads], 0, n_in, 1, 0, (num_slots, 1, heads * big_r, n_in))
+    b = Factor(storage, offsets[heads:], 0, 1, n, 0, (num_slots, 1, n, big_r))
+    return DenseLoRAGroup(a, b, torch.stack([p.ranks for p in parts]), sections)

@@ -109,7 +109,7 @@ def _qkv_case(t, sections, seed):
     ranks = [RANKS, RANKS[::-1], [0, 16, 8, 64, 1, 16]]  # slot 0 leaves v alone
     parts = [make_dense_lora(gen, len(RANKS), n_in, n, ranks[h], torch.bfloat16, "cuda")
              for h, n in enumerate(sections)]
-    group = kernels.DenseLoRAGroup(torch.cat([q.a for q in parts], 1), torch.cat([q.b for q in parts], 1),
+    group = kernels.DenseLoRAGroup(torch.cat([q.a.padded for q in parts], 1), torch.cat([q.b.padded for q in parts], 1),
                                    torch.stack([q.ranks for q in parts]), sections)
     x = torch.randn(t, n_in, generator=gen, device="cuda").to(torch.bfloat16)
     out = torch.randn(t, sum(sections), generator=gen, device="cuda").to(torch.bfloat16)

@@ -45,9 +45,9 @@ def test_gate_and_up_use_their_own_a_and_b():
     gen = torch.Generator().manual_seed(3)
     args = make_moe(gen, 9, 16, 12, 4, 2, torch.float32)
     lora = make_moe_lora(gen, 2, 4, 16, 12, [8, 8], torch.float32)
-    lora.gate_up_a[:, :, :8] = 0  # gate's A
-    lora.gate_up_b[:, :, :12] = 0  # gate's B
-    lora.down_a.zero_()
+    lora.gate_up_a.padded[:, :, :8] = 0  # gate's A
+    lora.gate_up_b.padded[:, :, :12] = 0  # gate's B
+    lora.down_a.padded.zero_()
     slots = torch.zeros(9, dtype=torch.int32)
     got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
     want = moe_loop_ref(*args, lora, slots)
@@ -84,7 +84,7 @@ def test_bad_inputs_raise_typed_errors():
     with pytest.raises(KernelInputError, match="slot_ids"):
         kernels.fused_moe(hidden, wgu, wd, tw, ids, lora=lora)
     with pytest.raises(KernelInputError, match="down_a"):
-        MoELoRAWeights(lora.gate_up_a, lora.gate_up_b, lora.down_a[:, :, :2], lora.down_b, lora.ranks)
+        MoELoRAWeights(lora.gate_up_a, lora.gate_up_b, lora.down_a.padded[:, :, :2], lora.down_b, lora.ranks)
     with pytest.raises(KernelInputError, match="int32"):
         DenseLoRAWeights(torch.zeros(2, 4, 8), torch.zeros(2, 6, 4), torch.ones(2, dtype=torch.int64))
     dense = make_dense_lora(gen, 2, 8, 6, [4, 4], torch.float32)

@@ -1,0 +1,70 @@
+"""Free space of the adapter heap: first fit over address-ordered free spans (plain Python).
+
+Why first fit, and not pages: an adapter's image is copied in one transfer and read through one
+offset per factor and slot, so it must be contiguous. Adapters are few (tens to hundreds) and
+large, so a sorted list of free spans is small, and freeing merges neighbours back at once.
+Fragmentation is bounded by the evictions the cache makes anyway: `placement_after` tells how
+many least-recently-used adapters must go before an image fits.
+"""
+import bisect
+
+
+class SpanAllocator:
+    """Spans [start, start + size) of a heap of `capacity` elements."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.free: list[tuple[int, int]] = [(0, capacity)] if capacity > 0 else []  # (start, size), by start
+
+    @property
+    def free_size(self) -> int:
+        return sum(size for _, size in self.free)
+
+    def can_allocate(self, size: int) -> bool:
+        return _first_fit(self.free, size) is not None
+
+    def allocate(self, size: int) -> int | None:
+        """Start of a new span of `size` elements, or None when no free span is that large."""
+        i = _first_fit(self.free, size)
+        if i is None:
+            return None
+        start, span = self.free[i]
+        if span == size:
+            del self.free[i]
+        else:
+            self.free[i] = (start + size, span - size)
+        return start
+
+    def release(self, start: int, size: int) -> None:
+        _insert(self.free, start, size)
+
+    def placement_after(self, size: int, spans: list[tuple[int, int]]) -> int | None:
+        """How many of `spans` (in eviction order) must be released before `size` fits: 0 if it
+        fits now, None if it does not fit even with all of them released."""
+        if self.can_allocate(size):
+            return 0
+        free = list(self.free)
+        for n, (start, span) in enumerate(spans, 1):
+            _insert(free, start, span)
+            if _first_fit(free, size) is not None:
+                return n
+        return None
+
+
+def _first_fit(free: list[tuple[int, int]], size: int) -> int | None:
+    return next((i for i, (_, span) in enumerate(free) if span >= size), None)
+
+
+def _insert(free: list[tuple[int, int]], start: int, size: int) -> None:
+    """Adds [start, start + size) to the sorted free list, merged with the spans it touches."""
+    if size <= 0:
+        return
+    i = bisect.bisect_left(free, (start, 0))
+    if i > 0 and free[i - 1][0] + free[i - 1][1] == start:  # joins the span before
+        i -= 1
+        start, size = free[i][0], free[i][1] + size
+        del free[i]
+    if i < len(free) and start + size == free[i][0]:  # and the one after
+        size += free[i][1]
+        del free[i]
+    free.insert(i, (start, size))

@@ -1,0 +1,110 @@
+"""Adapters resident by bytes: small adapters share a heap that one large adapter fills; the
+least recently used unreferenced adapters make room, referenced ones never; numerics hold with
+adapters placed anywhere in a NaN-poisoned heap."""
+import time
+
+import pytest
+
+from engine.sequence import LoRARequest
+from engine.testing.reference import load_reference_model, reference_logits
+from tests.engine.helpers import MIXED_PROMPTS, assert_close, make_engine, step_logits
+from tests.engine.test_slots_packing import attention_only
+
+FAMILY = "qwen3_moe"
+
+
+def _reserve(manager, name: str, path) -> int:
+    """A slot holding `name`, its reference taken, once its copy is done (loads run on threads)."""
+    deadline = time.monotonic() + 30
+    while (slot := manager.reserve(name, str(path))) is None:
+        assert time.monotonic() < deadline, f"{name} never got a slot"
+        time.sleep(0.01)
+    while not manager.is_ready(slot):
+        time.sleep(0.01)
+    return slot
+
+
+@pytest.fixture
+def attention_b(adapters, tmp_path):
+    """Rank-8 adapter "b" on q/k/v/o only."""
+    return attention_only(adapters[FAMILY]["b"], tmp_path / "b-attention")
+
+
+def test_a_rank8_attention_only_adapter_occupies_its_own_bytes(checkpoints, attention_b):
+    """A heap of one largest image (rank 16, every target) holds eight rank-8 attention-only
+    adapters at once, each taking its own bytes on the device and in the host tier."""
+    probe = make_engine(checkpoints[FAMILY], max_loras=1, max_lora_rank=16)
+    engine = make_engine(checkpoints[FAMILY], max_loras=8, max_lora_rank=16,
+                         lora_heap_bytes=probe.runner.slot_pools.slot_bytes)
+    manager, pools = engine.lora_manager, engine.runner.slot_pools
+    slots = [_reserve(manager, f"t{i}/att@v1", attention_b) for i in range(8)]
+    image = manager.host["t0/att@v1"].packed
+    assert len(set(slots)) == 8 and len(manager.resident()) == 8
+    assert manager.heap_bytes_used == 8 * image.nbytes <= pools.capacity_bytes
+    s = engine.spec
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    own = s.num_layers * 8 * ((s.hidden_size + q) + 2 * (s.hidden_size + kv) + (q + s.hidden_size))
+    assert image.numel() == own  # rank 8 on q/k/v/o, nothing for the experts
+    assert 8 * image.nbytes < pools.slot_bytes  # as max-rank slots, one would fill the heap
+    assert manager.host_bytes_used == sum(a.num_bytes for a in manager.host.values())
+    stats = engine.stats()
+    assert stats["lora_heap_bytes_used"] == manager.heap_bytes_used
+    assert stats["lora_heap_bytes"] == pools.capacity_bytes
+
+
+def test_least_recently_used_unreferenced_adapters_make_room_referenced_ones_never(
+        checkpoints, adapters, attention_b):
+    """A heap full of small adapters: a larger one waits while they are all referenced; once
+    released, the least recently used go first, only as many as its image needs."""
+    probe = make_engine(checkpoints[FAMILY], max_loras=1, max_lora_rank=16)
+    engine = make_engine(checkpoints[FAMILY], max_loras=16, max_lora_rank=16,
+                         lora_heap_bytes=probe.runner.slot_pools.slot_bytes)
+    manager, pools = engine.lora_manager, engine.runner.slot_pools
+    small, held = [], []
+    while manager.spans.can_allocate(pools.image_numel(manager.host.get("t0/att@v1") or _factors(engine, attention_b))):
+        small.append(f"t{len(small)}/att@v1")
+        held.append(_reserve(manager, small[-1], attention_b))
+    assert len(small) >= 4 and len(manager.resident()) == len(small)
+    path_a = str(adapters[FAMILY]["a"])
+    deadline = time.monotonic() + 30
+    while manager.reserve("a", path_a) is None and not manager.waits_for_slot("a"):
+        assert time.monotonic() < deadline
+        manager.collect_loads()
+        time.sleep(0.01)
+    assert manager.waits_for_slot("a") and set(manager.resident()) == set(small)  # nothing evicted
+    for slot in held:  # released in load order: t0 is the least recently used
+        manager.release(slot)
+    slot_a = _reserve(manager, "a", path_a)
+    per_small = pools.image_numel(manager.host[small[-1]])
+    needed = -(-pools.image_numel(manager.host["a"]) // per_small)
+    resident = set(manager.resident())
+    assert [n for n in small if n not in resident] == small[:needed]  # oldest first, as few as fit it
+    assert manager.resident()["a"] == slot_a
+
+
+def _factors(engine, path):
+    from engine.lora.adapter import load_adapter
+    return load_adapter("probe", path, engine.spec, engine.runner.slot_pools.dtype, 16)
+
+
+def test_mixed_batch_matches_reference_with_adapters_placed_anywhere_in_a_poisoned_heap(
+        checkpoints, adapters, attention_b):
+    """Loads and evictions move the images around a heap filled with NaN: every sequence's
+    logits still equal its own reference model's, and base sequences stay finite."""
+    ckpt = checkpoints[FAMILY]
+    probe = make_engine(ckpt, max_loras=1, max_lora_rank=16)
+    engine = make_engine(ckpt, max_loras=4, max_lora_rank=16,
+                         lora_heap_bytes=probe.runner.slot_pools.slot_bytes * 2)
+    engine.runner.slot_pools.storage.fill_(float("nan"))
+    manager = engine.lora_manager
+    for name in ("x/att@v1", "y/att@v1"):  # take the heap's start, then give it up
+        manager.release(_reserve(manager, name, attention_b))
+    requests = {n: LoRARequest(f"tenant-{n}/ad@v1", str(adapters[FAMILY][n])) for n in "abc"}
+    for n in "cab":
+        manager.release(_reserve(manager, requests[n].lora_name, requests[n].lora_path))
+    assert len(manager.resident()) >= 3
+    names = [None, "a", "b", "c", None]
+    logits = step_logits(engine, MIXED_PROMPTS, [None if n is None else requests[n] for n in names])
+    for mine, prompt, name in zip(logits, MIXED_PROMPTS, names):
+        ref = load_reference_model(ckpt, None if name is None else adapters[FAMILY][name])
+        assert_close(mine, reference_logits(ref, prompt))
