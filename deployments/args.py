@@ -53,12 +53,15 @@ class AppArgs(ReplicaPlacement, BaseModel):
     dtype: str | None = Field(default=None, description="weights and activations, e.g. bfloat16, "
                               "float32; default: the engine's for the device")
     seed: int = Field(default=defaults.SEED, description="sampling seed of the engine")
-    max_loras: int | None = Field(default=None, ge=1, description="adapter slots on the GPU; default: "
-                                  "sized from GPU memory beside the KV cache (4 on CPU)")
+    max_loras: int | None = Field(default=None, ge=1, description="adapters resident on the GPU at "
+                                  "once; default: max_num_seqs (4 on CPU)")
+    lora_heap_bytes: int | None = Field(default=None, ge=1, description="GPU bytes for resident "
+                                        "adapters, each taking its own rank and targets; default: "
+                                        "sized from GPU memory beside the KV cache")
     gpu_memory_utilization: float = Field(default=defaults.GPU_MEMORY_UTILIZATION, gt=0, le=1, description="share of the GPU "
-                                          "the engine fills with weights, KV cache and adapter slots")
+                                          "the engine fills with weights, KV cache and adapters")
     lora_memory_fraction: float | None = Field(default=None, gt=0, lt=1, description="share of that "
-                                               "budget for adapter slots when max_loras is unset; "
+                                               "budget for adapters when max_loras is unset; "
                                                "default: KV cache for max_num_seqs sequences first")
     max_lora_rank: int = Field(default=defaults.MAX_LORA_RANK, ge=1, description="largest adapter rank served (and "
                                "accepted on upload)")
@@ -73,7 +76,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
     max_cpu_loras: int | None = Field(default=None, ge=1, description="adapters in the pinned host "
                                       "tier; default 4 x max_loras")
     max_cpu_lora_bytes: int = Field(default=defaults.MAX_CPU_LORA_BYTES, ge=1, description="byte bound of that tier (each "
-                                    "adapter there is a whole slot image)")
+                                    "adapter there takes its own bytes)")
     engine_warmup: bool = Field(default=True, description="compile prefill kernels at start-up (GPU)")
     async_scheduling: bool = Field(default=defaults.ASYNC_SCHEDULING, description="launch each step before the previous "
                                    "one's tokens are read back (hides host work behind the GPU)")
@@ -224,7 +227,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
         return EngineConfig(
             model=str(model_dir), device=self.resolved_device(), dtype=self.dtype,
             load_format="dummy" if self.uses_dummy_weights() else "auto",
-            max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+            max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, lora_heap_bytes=self.lora_heap_bytes,
             gpu_memory_utilization=self.gpu_memory_utilization, lora_memory_fraction=self.lora_memory_fraction,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed,
             warmup=self.engine_warmup, async_scheduling=self.async_scheduling,
