@@ -34,9 +34,6 @@ class Factor:
     split_rows: int
     shape: tuple[int, int, int, int]  # (S, E, rows of all splits, cols): the padded stack's shape
     padded: Tensor | None = None  # the padded stack it was made of, if any (tests read it)
-    # expert and row strides counted in units of the slot's rank (a B stored [E, rows, r_s] per
-    # slot: each adapter at its own rank, ranks contiguous as the decode kernels read them)
-    rank_strides: bool = False
 
     def __post_init__(self) -> None:
         expect(self.offsets.dim() == 2 and self.offsets.dtype == torch.int64
@@ -65,16 +62,15 @@ class Factor:
         splits), expert stride, row stride, column stride, rows a split steps by)."""
         split_stride = self.offsets.stride(0) if self.offsets.shape[0] > 1 else 0
         return (self.data, self.offsets, split_stride, self.expert_stride, self.row_stride, self.col_stride,
-                self.split_rows, int(self.rank_strides))
+                self.split_rows)
 
     def view(self, slot: int, split: int, rows: int, cols: int) -> Tensor:
         """Split `split` of slot `slot` as an [E, rows, cols] view (host read of the offsets:
         for the torch references and tests, never inside a CUDA graph)."""
         table = self.offsets[min(split, self.offsets.shape[0] - 1)]
-        unit = cols if self.rank_strides else 1  # such factors are Bs: their columns are the ranks
-        start = int(table[slot]) + split * self.split_rows * self.row_stride * unit
+        start = int(table[slot]) + split * self.split_rows * self.row_stride
         return torch.as_strided(self.data, (self.shape[1], rows, cols),
-                                (self.expert_stride * unit, self.row_stride * unit, self.col_stride),
+                                (self.expert_stride, self.row_stride, self.col_stride),
                                 self.data.storage_offset() + start)
 
     def select(self, split: int, first_row: int = 0) -> "Factor":
@@ -82,7 +78,6 @@ class Factor:
         row_offsets = self.offsets[min(split, self.offsets.shape[0] - 1)][None]
         shift = (split * self.split_rows + first_row) * self.row_stride
         data = torch.as_strided(self.data, (1,), (1,), self.data.storage_offset() + shift)
-        expect(not self.rank_strides, "select takes factors whose strides do not scale with rank")
         return Factor(data, row_offsets, self.expert_stride, self.row_stride, self.col_stride, 0,
                       (self.shape[0], self.shape[1], self.shape[2], self.shape[3]))
 

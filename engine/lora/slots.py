@@ -1,14 +1,12 @@
 """Device pools of adapters, by bytes: one heap for every adapter's factors, a table of offsets per slot.
 
 An adapter is resident at its own rank on its own target modules: its image holds, for each
-projection it adapts and nothing else, that projection's A and B at the adapter's rank there.
-One table of offsets serves adapters of every rank (kernels.weights.Factor): A is stored
-rank-major, [r, E, IN] (expert stride IN, row stride E*IN: the model's, whatever r); an expert
-B as [E, OUT, r], ranks contiguous as the decode kernels reduce over them (strides OUT*r and r:
-counted in units of the slot's rank, which the kernels hold anyway); a dense B transposed,
-[r, OUT]. Rank-major MoE Bs ([r, E, OUT]) cost 7% of a 48-layer decode step with 16 adapters
-on an H200 (22.7 against 21.3 ms): the row kernel's reduction over ranks then crossed warps.
-Rank buckets would cap every adapter at its bucket's rank and
+projection it adapts and nothing else, that projection's A and B at the adapter's rank there,
+rank-major (rank row j of every expert side by side). Rank-major is what lets one table of
+offsets serve adapters of every rank: the expert, row and column strides of a factor depend on
+the model only (A [r, E, IN]: expert stride IN, row stride E*IN; B stored transposed [r, E, OUT]:
+expert stride OUT, row stride 1, column stride E*OUT), so slot s needs only where its image
+starts (kernels.weights.Factor). Rank buckets would cap every adapter at its bucket's rank and
 split the kernels' launches by bucket; pages of a fixed rank would cut one adapter's expert
 block over pages and need a table per rank row. The image is one contiguous span of the heap,
 so a load stays one copy of a pinned host image (the host tier holds the same compact image).
@@ -112,9 +110,9 @@ class SlotPools:
         return layout
 
     def _factor(self, first_row: int, num_rows: int, strides: tuple[int, int, int], split_rows: int,
-                shape: tuple[int, int, int, int], rank_strides: bool = False) -> Factor:
+                shape: tuple[int, int, int, int]) -> Factor:
         return Factor(self.storage, self.offsets[first_row:first_row + num_rows], *strides, split_rows,
-                      (self.num_slots, *shape), rank_strides=rank_strides)
+                      (self.num_slots, *shape))
 
     def _weights(self) -> tuple[dict, dict, dict]:
         """The kernels' pools over the heap: o by (layer, name), MoE by layer, q/k/v groups by layer."""
@@ -125,9 +123,9 @@ class SlotPools:
                 f = lambda name: self.rows[(p, name)]  # noqa: E731
                 moe[key] = kernels.MoELoRAWeights(
                     self._factor(self.rows[(p, "gate_up_a", 0)], 2, (d, e * d, 1), 0, (e, 2 * r, d)),
-                    self._factor(f("gate_up_b"), 1, (2 * i, 1, 1), i, (e, 2 * i, r), rank_strides=True),
+                    self._factor(f("gate_up_b"), 1, (2 * i, 1, e * 2 * i), i, (e, 2 * i, r)),
                     self._factor(f("down_a"), 1, (i, e * i, 1), 0, (e, r, i)),
-                    self._factor(f("down_b"), 1, (d, 1, 1), d, (e, d, r), rank_strides=True), self.ranks[p])
+                    self._factor(f("down_b"), 1, (d, 1, e * d), d, (e, d, r)), self.ranks[p])
             elif key[1] == "q_proj":
                 sections = tuple(self.plan[p + h][2][0] for h in range(3))
                 n_in, n = dims[1], sum(sections)
@@ -217,8 +215,7 @@ class SlotPools:
 
 
 def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapter, ranks: list[int]) -> None:
-    """Write the adapter's factors into its image (zeros elsewhere): A rank-major, expert B
-    [E, OUT, r], dense B transposed."""
+    """Write the adapter's factors into its image (zeros elsewhere), rank-major, B transposed."""
     def block(row, *shape):
         start, n = layout[row]
         return image[start:start + n].view(*shape)
@@ -231,11 +228,11 @@ def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapt
                 f = adapter.moe.get((key, module))
                 if f is not None:
                     block((p, "gate_up_a", h), r, e, d)[:f.rank].copy_(f.a.permute(1, 0, 2))  # [r, E, D]
-                    block((p, "gate_up_b"), e, 2 * i, r)[:, h * i:(h + 1) * i, :f.rank].copy_(f.b)
+                    block((p, "gate_up_b"), r, e, 2 * i)[:f.rank, :, h * i:(h + 1) * i].copy_(f.b.permute(2, 0, 1))
             f = adapter.moe.get((key, "down"))
             if f is not None:
                 block((p, "down_a"), r, e, i)[:f.rank].copy_(f.a.permute(1, 0, 2))
-                block((p, "down_b"), e, d, r)[:, :, :f.rank].copy_(f.b)
+                block((p, "down_b"), r, e, d)[:f.rank].copy_(f.b.permute(2, 0, 1))
         elif kind == "dense" and key[1] == "q_proj":
             outs = [plan[p + h][2][0] for h in range(3)]
             b = block((p, "qkv_b"), max(ranks[p:p + 3]), sum(outs)) if max(ranks[p:p + 3]) else None

@@ -35,13 +35,13 @@ def _tile_cols(t, t_end, num_n, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_load(b_base, b_rows, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N, BLOCK_N: tl.constexpr,
+def _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N, BLOCK_N: tl.constexpr,
                BLOCK_R: tl.constexpr):
     """B tile [BLOCK_R, BLOCK_N] with padded ranks zeroed, and the prior c tile in fp32."""
     cols, n_ok = _tile_cols(t, t_end, num_n, N, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     # rank mask in whole 16-byte groups (vector loads); ranks in [r_s, read end) are zeroed below
-    b = tl.load(b_base + cols[None, :] * b_rows + offs_r[:, None] * W[5],
+    b = tl.load(b_base + cols[None, :] * W[4] + offs_r[:, None] * W[5],
                 mask=r_read[:, None] & n_ok[None, :], other=0.0)
     b = tl.where(r_ok[:, None], b, tl.zeros_like(b))
     prior = tl.load(C[0] + rows[:, None] * C[1] + cols[None, :] * C[2],
@@ -103,12 +103,12 @@ def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, part
         row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        b_base, b_rows = _factor_base(W, slot, tl.maximum(expert, 0), 0, rank)  # B rows are c's columns
+        b_base = _factor_base(W, slot, tl.maximum(expert, 0), 0)  # B rows are c's columns
         if PREFETCH:  # registers hold tile t + 1's loads while tile t computes and stores
-            b, prior = _tile_load(b_base, b_rows, W, C, rows, row_ok, r_ok, r_read, t_begin, t_end, num_n, N,
+            b, prior = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t_begin, t_end, num_n, N,
                                   BLOCK_N, BLOCK_R)
             for t in range(t_begin, t_end):
-                b_next, prior_next = _tile_load(b_base, b_rows, W, C, rows, row_ok, r_ok, r_read, t + 1, t_end,
+                b_next, prior_next = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t + 1, t_end,
                                                 num_n, N, BLOCK_N, BLOCK_R)
                 _tile_store(a0, a1, b, prior, row_scale, C, rows, row_ok, t, t_end, num_n, N, BLOCK_N,
                             NUM_SPLITS, HAS_SCALE, IEEE)
@@ -116,7 +116,7 @@ def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, part
                 prior = prior_next
         else:  # the compiler pipelines the loop's loads over num_stages
             for t in range(t_begin, t_end):
-                b, prior = _tile_load(b_base, b_rows, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N,
+                b, prior = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N,
                                       BLOCK_N, BLOCK_R)
                 _tile_store(a0, a1, b, prior, row_scale, C, rows, row_ok, t, t_end, num_n, N, BLOCK_N,
                             NUM_SPLITS, HAS_SCALE, IEEE)

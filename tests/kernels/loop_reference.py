@@ -150,8 +150,8 @@ def _heap(blocks: list[list[Tensor]], dtype, gap: int = 3) -> tuple[Tensor, Tens
 
 def moe_lora_in_heap(lora: MoELoRAWeights) -> MoELoRAWeights:
     """The same adapters laid out as the engine's adapter heap lays them: each slot at its own
-    rank (A rank-major [r, E, cols], B [E, rows, r]), anywhere in one buffer, with NaN between
-    and around them (a read outside a slot's bytes shows)."""
+    rank, rank-major (A [r, E, cols], B transposed [r, E, rows]), anywhere in one buffer, with
+    NaN between and around them (a read outside a slot's bytes shows)."""
     from kernels.weights import Factor
     num_slots, e, two_r, d = lora.gate_up_a.shape
     big_r, inter = two_r // 2, lora.down_a.shape[3]
@@ -159,16 +159,15 @@ def moe_lora_in_heap(lora: MoELoRAWeights) -> MoELoRAWeights:
     ga, gb, da, db = (f.padded for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b))
     blocks = [[ga[s, :, :r].permute(1, 0, 2) for s, r in enumerate(ranks)],
               [ga[s, :, big_r:big_r + r].permute(1, 0, 2) for s, r in enumerate(ranks)],
-              [gb[s, :, :, :r] for s, r in enumerate(ranks)],
+              [gb[s, :, :, :r].permute(2, 0, 1) for s, r in enumerate(ranks)],
               [da[s, :, :r].permute(1, 0, 2) for s, r in enumerate(ranks)],
-              [db[s, :, :, :r] for s, r in enumerate(ranks)]]
+              [db[s, :, :, :r].permute(2, 0, 1) for s, r in enumerate(ranks)]]
     storage, offsets = _heap(blocks, ga.dtype)
     return MoELoRAWeights(Factor(storage, offsets[0:2], d, e * d, 1, 0, (num_slots, e, 2 * big_r, d)),
-                          Factor(storage, offsets[2:3], 2 * inter, 1, 1, inter, (num_slots, e, 2 * inter, big_r),
-                                 rank_strides=True),
+                          Factor(storage, offsets[2:3], 2 * inter, 1, e * 2 * inter, inter,
+                                 (num_slots, e, 2 * inter, big_r)),
                           Factor(storage, offsets[3:4], inter, e * inter, 1, 0, (num_slots, e, big_r, inter)),
-                          Factor(storage, offsets[4:5], d, 1, 1, d, (num_slots, e, d, big_r), rank_strides=True),
-                          lora.ranks)
+                          Factor(storage, offsets[4:5], d, 1, e * d, d, (num_slots, e, d, big_r)), lora.ranks)
 
 
 def group_in_heap(parts: list[DenseLoRAWeights], sections: tuple[int, ...]):
