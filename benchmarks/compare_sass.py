@@ -87,6 +87,10 @@ def _launch_all(torch) -> None:
     lora = MoELoRAWeights(torch.empty(slots, e, 2 * r, hid, dtype=bf), torch.empty(slots, e, 2 * inter, r, dtype=bf),
                           torch.empty(slots, e, r, inter, dtype=bf), torch.empty(slots, e, hid, r, dtype=bf),
                           torch.full((slots,), r, dtype=torch.int32))
+    heap = os.environ.get("MOEPLEX_SASS_HEAP") == "1"
+    if heap:  # the pools as the engine's adapter heap holds them (tests/kernels/loop_reference.py)
+        from tests.kernels.loop_reference import group_in_heap, moe_lora_in_heap
+        lora = moe_lora_in_heap(lora)
     for tokens, path in ((t, None), (64, None), (1, "fused"), (64, "rows"), (64, "split-tiles"),
                          (t, "split-blocks"), (t, "split-tiles")):
         launch.fused_moe_triton(torch.empty(tokens, hid, dtype=bf), w_gate_up, w_down, torch.empty(tokens, k),
@@ -95,6 +99,11 @@ def _launch_all(torch) -> None:
                                 path=path or "auto")
     group = DenseLoRAGroup(torch.empty(slots, 3 * r, hid, dtype=bf), torch.empty(slots, (h + 2 * kv) * d, r, dtype=bf),
                            torch.full((3, slots), r, dtype=torch.int32), (h * d, kv * d, kv * d))
+    if heap:
+        from kernels.weights import DenseLoRAWeights
+        a, b, ends = group.a.padded, group.b.padded, [0, h * d, (h + kv) * d, (h + 2 * kv) * d]
+        parts = [DenseLoRAWeights(a[:, i * r:(i + 1) * r], b[:, ends[i]:ends[i + 1]], group.ranks[i]) for i in range(3)]
+        group = group_in_heap(parts, group.sections)
     for tokens in (64, t):
         dense_group_triton_(torch.empty(tokens, hid, dtype=bf), torch.empty(tokens, (h + 2 * kv) * d, dtype=bf),
                             group, torch.zeros(tokens, dtype=torch.int32))
@@ -134,6 +143,8 @@ def main() -> None:
     parser.add_argument("new", help="the other tree")
     parser.add_argument("--triton", required=True, help="a directory a Triton wheel was installed into (--target)")
     parser.add_argument("--out", default="/tmp/moeplex-sass", help="cubins land in OUT/old and OUT/new")
+    parser.add_argument("--heap-new", action="store_true", help="the new tree's LoRA pools laid out as "
+                        "the engine's adapter heap (each slot at its own rank), the old tree's as padded stacks")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -148,6 +159,7 @@ def main() -> None:
             os.remove(stale)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.triton, os.path.abspath(tree)])}
         env.pop("TRITON_INTERPRET", None)
+        env["MOEPLEX_SASS_HEAP"] = "1" if args.heap_new and side == "new" else "0"
         subprocess.run([sys.executable, os.path.abspath(__file__), args.old, args.new, "--triton", args.triton,
                         "--child", out], env=env, cwd=os.path.abspath(tree), check=True)
         stats[side] = [(os.path.basename(f)[3:-6], sass_stats(f, cuobjdump))

@@ -14,13 +14,15 @@ from torch import Tensor
 
 from kernels.errors import expect
 
+OFFSET_UNIT = 16  # elements; the adapter heap places every factor at a multiple of it
+
 
 @dataclass(slots=True)
 class Factor:
     """One LoRA factor (an A or a B) of S slots, E experts and H splits (gate/up halves, or the
     projections of a group). Element (row i, column j) of split h of (slot s, expert e) is
 
-        data.flatten()[offsets[h, s] + e * expert_stride + (h * split_rows + i) * row_stride + j * col_stride]
+        data.flatten()[offsets[h, s] * offset_unit + e * expert_stride + (h * split_rows + i) * row_stride + j * col_stride]
 
     counted from data's first element. A padded stack has one offsets row (s * its slot stride)
     and split_rows = rows a split; a heap has a row per split (offsets[h] of slot s is where its
@@ -34,6 +36,9 @@ class Factor:
     split_rows: int
     shape: tuple[int, int, int, int]  # (S, E, rows of all splits, cols): the padded stack's shape
     padded: Tensor | None = None  # the padded stack it was made of, if any (tests read it)
+    # offsets count in units of this many elements: 16 where every slot starts 16-aligned, which
+    # the kernels then know at compile time (vector loads, as strides divisible by 16 give)
+    offset_unit: int = 1
 
     def __post_init__(self) -> None:
         expect(self.offsets.dim() == 2 and self.offsets.dtype == torch.int64
@@ -46,8 +51,9 @@ class Factor:
         """The factor of a padded stack [S, E, rows, cols] (or [S, rows, cols]: one expert)."""
         w = stack.unsqueeze(1) if stack.dim() == 3 else stack
         expect(w.dim() == 4, f"a factor stack must be [S, E, rows, cols], got {tuple(stack.shape)}")
-        offsets = (torch.arange(w.shape[0], device=w.device, dtype=torch.int64) * w.stride(0))[None]
-        return cls(w, offsets, w.stride(1), w.stride(2), w.stride(3), split_rows, tuple(w.shape), stack)
+        unit = OFFSET_UNIT if w.stride(0) % OFFSET_UNIT == 0 else 1
+        offsets = (torch.arange(w.shape[0], device=w.device, dtype=torch.int64) * (w.stride(0) // unit))[None]
+        return cls(w, offsets, w.stride(1), w.stride(2), w.stride(3), split_rows, tuple(w.shape), stack, unit)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,13 +68,13 @@ class Factor:
         splits), expert stride, row stride, column stride, rows a split steps by)."""
         split_stride = self.offsets.stride(0) if self.offsets.shape[0] > 1 else 0
         return (self.data, self.offsets, split_stride, self.expert_stride, self.row_stride, self.col_stride,
-                self.split_rows)
+                self.split_rows, self.offset_unit)
 
     def view(self, slot: int, split: int, rows: int, cols: int) -> Tensor:
         """Split `split` of slot `slot` as an [E, rows, cols] view (host read of the offsets:
         for the torch references and tests, never inside a CUDA graph)."""
         table = self.offsets[min(split, self.offsets.shape[0] - 1)]
-        start = int(table[slot]) + split * self.split_rows * self.row_stride
+        start = int(table[slot]) * self.offset_unit + split * self.split_rows * self.row_stride
         return torch.as_strided(self.data, (self.shape[1], rows, cols),
                                 (self.expert_stride, self.row_stride, self.col_stride),
                                 self.data.storage_offset() + start)
@@ -79,7 +85,7 @@ class Factor:
         shift = (split * self.split_rows + first_row) * self.row_stride
         data = torch.as_strided(self.data, (1,), (1,), self.data.storage_offset() + shift)
         return Factor(data, row_offsets, self.expert_stride, self.row_stride, self.col_stride, 0,
-                      (self.shape[0], self.shape[1], self.shape[2], self.shape[3]))
+                      (self.shape[0], self.shape[1], self.shape[2], self.shape[3]), offset_unit=self.offset_unit)
 
 
 def as_factor(x: "Tensor | Factor", split_rows: int) -> Factor:

@@ -26,7 +26,7 @@ from engine.errors import AdapterLoadError
 from engine.lora.adapter import LoRAAdapter
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
-from kernels.weights import Factor
+from kernels.weights import OFFSET_UNIT, Factor
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -52,7 +52,7 @@ class SlotPools:
                 self.plan.append(("moe", i, (e, two_i // 2, d)))
         self.rows = self._factor_rows()
         full = [max_rank] * len(self.plan)
-        self.max_image_numel = sum(n for _, n in self._image_layout(full).values())
+        self.max_image_numel = _image_numel(self._image_layout(full))
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         capacity = capacity_bytes // itemsize if capacity_bytes is not None else num_slots * self.max_image_numel
         self.storage = torch.zeros(capacity, dtype=self.dtype, device=self.device)
@@ -106,13 +106,13 @@ class SlotPools:
                 parts = []
             for row, n in parts:
                 layout[row] = (at, n)
-                at += n
+                at += -(-n // OFFSET_UNIT) * OFFSET_UNIT  # every factor 16-aligned (Factor.offset_unit)
         return layout
 
     def _factor(self, first_row: int, num_rows: int, strides: tuple[int, int, int], split_rows: int,
                 shape: tuple[int, int, int, int]) -> Factor:
         return Factor(self.storage, self.offsets[first_row:first_row + num_rows], *strides, split_rows,
-                      (self.num_slots, *shape))
+                      (self.num_slots, *shape), offset_unit=OFFSET_UNIT)
 
     def _weights(self) -> tuple[dict, dict, dict]:
         """The kernels' pools over the heap: o by (layer, name), MoE by layer, q/k/v groups by layer."""
@@ -153,11 +153,11 @@ class SlotPools:
         ranks = self._entry_ranks(adapter)
         layout = self._image_layout(ranks)
         pin = self.device.type == "cuda"
-        numel = sum(n for _, n in layout.values())
+        numel = _image_numel(layout)
         image = torch.zeros(numel, dtype=self.dtype, pin_memory=pin)
         offsets = torch.zeros(len(self.rows), dtype=torch.int64, pin_memory=pin)
         for row, (start, _) in layout.items():
-            offsets[self.rows[row]] = start
+            offsets[self.rows[row]] = start // OFFSET_UNIT
         _fill(self.plan, layout, image, adapter, ranks)
         adapter.packed, adapter.packed_offsets = image, offsets
         adapter.packed_ranks = torch.tensor(ranks, dtype=torch.int32).pin_memory() if pin else torch.tensor(
@@ -198,20 +198,26 @@ class SlotPools:
         self.storage[start:start + n].copy_(adapter.packed, non_blocking=True)
         column = self.offsets[:, slot]
         column.copy_(adapter.packed_offsets, non_blocking=True)
-        column.add_(start)
+        column.add_(start // OFFSET_UNIT)  # spans start at multiples of it: images are whole units
         self.ranks[:, slot].copy_(adapter.packed_ranks, non_blocking=True)
 
     def image_numel(self, adapter: LoRAAdapter) -> int:
         """Heap elements the adapter's image takes."""
         if adapter.packed is not None:
             return adapter.packed.numel()
-        return sum(n for _, n in self._image_layout(self._entry_ranks(adapter)).values())
+        return _image_numel(self._image_layout(self._entry_ranks(adapter)))
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
         """Targets of `adapter` no pool holds (e.g. a dense MLP layer's projections)."""
         dense = {key for kind, key, _ in self.plan if kind == "dense"}
         missing = [f"layer {l} {m}" for (l, m) in adapter.dense if (l, m) not in dense]
         return missing + [f"layer {l} {m}" for (l, m) in adapter.moe if l not in self.moe]
+
+
+def _image_numel(layout: dict) -> int:
+    """Elements of an image: up to its last factor's end, rounded up to whole offset units."""
+    end = max((start + n for start, n in layout.values()), default=0)
+    return -(-end // OFFSET_UNIT) * OFFSET_UNIT
 
 
 def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapter, ranks: list[int]) -> None:

@@ -21,7 +21,7 @@ With rank_split_stride, split or section h reads its rank at ranks[h * rank_spli
 In the kernels an operand is a tuple: A = (ptr, row stride, column stride, column step per split),
 W = the base weights (ptr, slot stride, expert stride, row stride, column stride, row step per
 split) or a LoRA factor (kernels.weights.Factor.operand: ptr, offsets table, its split stride,
-expert stride, row stride, column stride, rows a split steps by), C = (ptr, row stride, column
+expert stride, row stride, column stride, rows a split steps by, the table's unit), C = (ptr, row stride, column
 stride, column step per split), lay = the layout's four tensors.
 """
 import torch
@@ -43,8 +43,10 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _factor_base(F, slot, expert, h):
-    """Address of row 0, column 0 of split h of a LoRA factor's (slot, expert) matrix."""
-    return F[0] + tl.load(F[1] + h * F[2] + tl.maximum(slot, 0)) + expert * F[3] + h * F[6] * F[4]
+    """Address of row 0, column 0 of split h of a LoRA factor's (slot, expert) matrix. The table
+    counts in units of F[7] elements: a unit of 16 (specialised as such) tells the compiler the
+    slot's first element is 16-element aligned, so its loads vectorise as a padded stack's do."""
+    return F[0] + tl.load(F[1] + h * F[2] + tl.maximum(slot, 0)) * F[7] + expert * F[3] + h * F[6] * F[4]
 
 
 @triton.jit
@@ -80,14 +82,14 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_LORA:
-            # fused LoRA, L = (A factor (7), B factor (7), half_n, ranks):
+            # fused LoRA, L = (A factor (8), B factor (8), half_n, ranks):
             # A rows [0, r_s) of this tile's half g (gate or up)
             slot0 = tl.maximum(slot, 0)
-            rank = tl.where(slot >= 0, tl.load(L[15] + slot0), 0)
+            rank = tl.where(slot >= 0, tl.load(L[17] + slot0), 0)
             offs_r = tl.arange(0, BLOCK_R)
             r_ok = offs_r < rank
-            half = (pid_n * BLOCK_N) // L[14]
-            la_ptrs = (_factor_base((L[0], L[1], L[2], L[3], L[4], L[5], L[6]), slot0, expert, half)
+            half = (pid_n * BLOCK_N) // L[16]
+            la_ptrs = (_factor_base((L[0], L[1], L[2], L[3], L[4], L[5], L[6], L[7]), slot0, expert, half)
                        + offs_r[None, :] * L[4] + offs_k[:, None] * L[5])
             shrunk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(k_start, k_limit, BLOCK_K):
@@ -107,8 +109,8 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         if HAS_LORA:
             if slot >= 0:  # rows without adapter keep the base sum untouched (bitwise)
                 # B [N, R] rows are this tile's output columns; B cols [0, r_s) only
-                lb_ptrs = (_factor_base((L[7], L[8], L[9], L[10], L[11], L[12], L[13]), slot0, expert, 0)
-                           + offs_n[None, :] * L[11] + offs_r[:, None] * L[12])
+                lb_ptrs = (_factor_base((L[8], L[9], L[10], L[11], L[12], L[13], L[14], L[15]), slot0, expert, 0)
+                           + offs_n[None, :] * L[12] + offs_r[:, None] * L[13])
                 lb = tl.load(lb_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _dot(shrunk.to(lb.dtype), lb, acc, IEEE)
         if HAS_SCALE:

@@ -44,7 +44,7 @@ def test_a_rank8_attention_only_adapter_occupies_its_own_bytes(checkpoints, atte
     s = engine.spec
     q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     own = s.num_layers * 8 * ((s.hidden_size + q) + 2 * (s.hidden_size + kv) + (q + s.hidden_size))
-    assert image.numel() == own  # rank 8 on q/k/v/o, nothing for the experts
+    assert own <= image.numel() < own + 16 * 8 * s.num_layers  # rank 8 on q/k/v/o (16-aligned), no experts
     assert 8 * image.nbytes < pools.slot_bytes  # as max-rank slots, one would fill the heap
     assert manager.host_bytes_used == sum(a.num_bytes for a in manager.host.values())
     stats = engine.stats()

@@ -131,20 +131,22 @@ def rel_err(got: Tensor, want: Tensor) -> float:
     return float(torch.linalg.norm(got - want) / torch.linalg.norm(want).clamp_min(1e-30))
 
 
-def _heap(blocks: list[list[Tensor]], dtype, gap: int = 3) -> tuple[Tensor, Tensor]:
-    """One flat NaN-filled buffer holding blocks[row][slot] (slots in reverse order, `gap`
-    elements of NaN around each) and the offsets [rows, S] where each starts."""
+def _heap(blocks: list[list[Tensor]], dtype) -> tuple[Tensor, Tensor]:
+    """One flat NaN-filled buffer holding blocks[row][slot] (slots in reverse order, each at a
+    multiple of OFFSET_UNIT with at least a unit of NaN around it) and the offsets [rows, S]
+    where each starts, in OFFSET_UNITs."""
+    from kernels.weights import OFFSET_UNIT as unit
     num_rows, num_slots = len(blocks), len(blocks[0])
-    total = sum(b.numel() + gap for row in blocks for b in row) + gap
+    total = sum((b.numel() // unit + 2) * unit for row in blocks for b in row) + unit
     storage = torch.full((total,), float("nan"), dtype=dtype)
     offsets = torch.zeros(num_rows, num_slots, dtype=torch.int64)
-    at = gap
+    at = unit
     for s in reversed(range(num_slots)):
         for row in range(num_rows):
             block = blocks[row][s]
             storage[at:at + block.numel()] = block.reshape(-1)
-            offsets[row, s] = at
-            at += block.numel() + gap
+            offsets[row, s] = at // unit
+            at += (block.numel() // unit + 2) * unit
     return storage, offsets
 
 
@@ -163,11 +165,11 @@ def moe_lora_in_heap(lora: MoELoRAWeights) -> MoELoRAWeights:
               [da[s, :, :r].permute(1, 0, 2) for s, r in enumerate(ranks)],
               [db[s, :, :, :r].permute(2, 0, 1) for s, r in enumerate(ranks)]]
     storage, offsets = _heap(blocks, ga.dtype)
-    return MoELoRAWeights(Factor(storage, offsets[0:2], d, e * d, 1, 0, (num_slots, e, 2 * big_r, d)),
+    return MoELoRAWeights(Factor(storage, offsets[0:2], d, e * d, 1, 0, (num_slots, e, 2 * big_r, d), offset_unit=16),
                           Factor(storage, offsets[2:3], 2 * inter, 1, e * 2 * inter, inter,
-                                 (num_slots, e, 2 * inter, big_r)),
-                          Factor(storage, offsets[3:4], inter, e * inter, 1, 0, (num_slots, e, big_r, inter)),
-                          Factor(storage, offsets[4:5], d, 1, e * d, d, (num_slots, e, d, big_r)), lora.ranks)
+                                 (num_slots, e, 2 * inter, big_r), offset_unit=16),
+                          Factor(storage, offsets[3:4], inter, e * inter, 1, 0, (num_slots, e, big_r, inter), offset_unit=16),
+                          Factor(storage, offsets[4:5], d, 1, e * d, d, (num_slots, e, d, big_r), offset_unit=16), lora.ranks)
 
 
 def group_in_heap(parts: list[DenseLoRAWeights], sections: tuple[int, ...]):
@@ -189,6 +191,6 @@ def group_in_heap(parts: list[DenseLoRAWeights], sections: tuple[int, ...]):
         b_blocks.append(b)
     storage, offsets = _heap([*a_blocks, b_blocks], parts[0].a.dtype)
     heads = len(parts)
-    a = Factor(storage, offsets[:heads], 0, n_in, 1, 0, (num_slots, 1, heads * big_r, n_in))
-    b = Factor(storage, offsets[heads:], 0, 1, n, 0, (num_slots, 1, n, big_r))
+    a = Factor(storage, offsets[:heads], 0, n_in, 1, 0, (num_slots, 1, heads * big_r, n_in), offset_unit=16)
+    b = Factor(storage, offsets[heads:], 0, 1, n, 0, (num_slots, 1, n, big_r), offset_unit=16)
     return DenseLoRAGroup(a, b, torch.stack([p.ranks for p in parts]), sections)
