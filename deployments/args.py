@@ -55,9 +55,12 @@ class AppArgs(ReplicaPlacement, BaseModel):
     seed: int = Field(default=defaults.SEED, description="sampling seed of the engine")
     max_loras: int | None = Field(default=None, ge=1, description="adapters resident on the GPU at "
                                   "once; default: max_num_seqs (4 on CPU)")
-    lora_heap_bytes: int | None = Field(default=None, ge=1, description="GPU bytes for resident "
-                                        "adapters, each taking its own rank and targets; default: "
-                                        "sized from GPU memory beside the KV cache")
+    lora_layout: Literal["slots", "bytes"] = Field(default="slots", description="slots: each resident "
+                                                   "adapter in a max-rank image (fastest decode); bytes: "
+                                                   "each at its own rank and targets (more adapters)")
+    lora_heap_bytes: int | None = Field(default=None, ge=1, description="with lora_layout=bytes, GPU "
+                                        "bytes for resident adapters; default: sized from GPU memory "
+                                        "beside the KV cache")
     gpu_memory_utilization: float = Field(default=defaults.GPU_MEMORY_UTILIZATION, gt=0, le=1, description="share of the GPU "
                                           "the engine fills with weights, KV cache and adapters")
     lora_memory_fraction: float | None = Field(default=None, gt=0, lt=1, description="share of that "
@@ -227,7 +230,8 @@ class AppArgs(ReplicaPlacement, BaseModel):
         return EngineConfig(
             model=str(model_dir), device=self.resolved_device(), dtype=self.dtype,
             load_format="dummy" if self.uses_dummy_weights() else "auto",
-            max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, lora_heap_bytes=self.lora_heap_bytes,
+            max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, lora_layout=self.lora_layout,
+            lora_heap_bytes=self.lora_heap_bytes,
             gpu_memory_utilization=self.gpu_memory_utilization, lora_memory_fraction=self.lora_memory_fraction,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed,
             warmup=self.engine_warmup, async_scheduling=self.async_scheduling,

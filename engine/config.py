@@ -20,8 +20,12 @@ class EngineConfig:
     # no adapters. Their bytes come from one heap where each takes its own rank and targets
     max_loras: int | None = None
     max_lora_rank: int = defaults.MAX_LORA_RANK
-    # bytes of that heap; None: on CUDA from GPU memory beside the KV cache (engine.memory's rule,
-    # in adapters of max rank on every target), max_loras such adapters otherwise
+    # how resident adapters are laid out on the device (engine.lora.slots): "slots", a whole image
+    # at max rank on every target per slot (the fastest decode measured); "bytes", one heap where
+    # each adapter takes its own rank and targets (more adapters in the same memory)
+    lora_layout: str = "slots"
+    # bytes of that heap ("bytes" only); None: on CUDA from GPU memory beside the KV cache
+    # (engine.memory's rule, in adapters of max rank on every target), max_loras such adapters otherwise
     lora_heap_bytes: int | None = None
     # share of the GPU memory budget for adapter slots (CUDA, max_loras and num_kv_blocks None);
     # None: engine.memory's rule (KV cache for max_num_seqs sequences first, slots the rest)
@@ -91,8 +95,11 @@ class EngineConfig:
         self._check_memory_settings()
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
-        if self.lora_heap_bytes is not None and self.lora_heap_bytes < 1:
-            raise InvalidRequestError(f"lora_heap_bytes must be >= 1 or None, got {self.lora_heap_bytes}")
+        if self.lora_layout not in ("slots", "bytes"):
+            raise InvalidRequestError(f"lora_layout must be 'slots' or 'bytes', got {self.lora_layout!r}")
+        if self.lora_heap_bytes is not None and (self.lora_heap_bytes < 1 or self.lora_layout != "bytes"):
+            raise InvalidRequestError(f"lora_heap_bytes must be >= 1 or None, and set with lora_layout='bytes' "
+                                      f"only, got {self.lora_heap_bytes} with {self.lora_layout!r}")
         if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
             raise InvalidRequestError(f"max_cpu_lora_bytes must be >= 1 or None, got {self.max_cpu_lora_bytes}")
         on_cuda = self.torch_device.type == "cuda"

@@ -121,7 +121,8 @@ class ModelRunner:
         log.info("memory plan: %s", self.memory_plan.summary())
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         num_slots = self.memory_plan.num_slots
-        self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank, self.memory_plan.heap_bytes) \
+        heap = self.memory_plan.heap_bytes if c.lora_layout == "bytes" else None
+        self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank, heap, c.lora_layout) \
             if num_slots > 0 else None
         if self.slot_pools is not None and c.lora_mode == "loop":
             for moe in self.model.moe_layers():

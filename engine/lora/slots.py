@@ -23,12 +23,14 @@ from torch import Tensor
 
 import kernels
 from engine.errors import AdapterLoadError
+from engine.lora import padded
 from engine.lora.adapter import LoRAAdapter
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
 from kernels.weights import OFFSET_UNIT, Factor
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LAYOUTS = ("slots", "bytes")
 QKV = ("q_proj", "k_proj", "v_proj")
 
 # a plan entry: ("dense", (layer, name), (OUT, IN)) or ("moe", layer, (E, I, D))
@@ -39,8 +41,13 @@ class SlotPools:
     """The heap `storage` [capacity] of adapter images, `offsets` [F, S] (where factor row f of
     slot s begins) and `ranks` [P, S]; `write` places one packed image (side stream on CUDA)."""
 
-    def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int, capacity_bytes: int | None = None):
-        self.num_slots, self.max_rank = num_slots, max_rank
+    def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int, capacity_bytes: int | None = None,
+                 layout: str = "bytes"):
+        """layout: "bytes" (this module's heap) or "slots" (engine.lora.padded: a max-rank image
+        per slot, row s of the storage; capacity_bytes must then be None)."""
+        if layout not in LAYOUTS or (layout == "slots" and capacity_bytes is not None):
+            raise ValueError(f"layout must be one of {LAYOUTS} (\"slots\" without capacity_bytes), got {layout!r}")
+        self.num_slots, self.max_rank, self.layout = num_slots, max_rank, layout
         self.device = model.embed_tokens.device
         self.dtype = model.embed_tokens.dtype
         self.plan: list[PlanEntry] = []
@@ -52,13 +59,17 @@ class SlotPools:
                 self.plan.append(("moe", i, (e, two_i // 2, d)))
         self.rows = self._factor_rows()
         full = [max_rank] * len(self.plan)
-        self.max_image_numel = _image_numel(self._image_layout(full))
+        self.max_image_numel = _image_numel(self._image_layout(full)) if layout == "bytes" else \
+            padded.slot_numel(self.plan, max_rank)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         capacity = capacity_bytes // itemsize if capacity_bytes is not None else num_slots * self.max_image_numel
         self.storage = torch.zeros(capacity, dtype=self.dtype, device=self.device)
         self.offsets = torch.zeros(len(self.rows), num_slots, dtype=torch.int64, device=self.device)  # [F, S]
         self.ranks = torch.zeros(len(self.plan), num_slots, dtype=torch.int32, device=self.device)  # [P, S]
-        self.dense, self.moe, self.qkv = self._weights()
+        if layout == "bytes":
+            self.dense, self.moe, self.qkv = self._weights()
+        else:
+            self.dense, self.moe, self.qkv = padded.carve(self.plan, self._slot_rows(), self.ranks, max_rank)
         for i, layer in enumerate(model.layers):
             layer.self_attn.qkv_lora = self.qkv[i]
             layer.self_attn.o_proj.lora = self.dense[(i, "o_proj")]
@@ -150,6 +161,8 @@ class SlotPools:
         if missing:
             raise AdapterLoadError(f"adapter {adapter.name!r} targets modules this engine cannot adapt: "
                                    f"{missing[:4]}")
+        if self.layout == "slots":
+            return self._pack_padded(adapter)
         ranks = self._entry_ranks(adapter)
         layout = self._image_layout(ranks)
         pin = self.device.type == "cuda"
@@ -164,6 +177,22 @@ class SlotPools:
             ranks, dtype=torch.int32)
         adapter.dense, adapter.moe = {}, {}
         return adapter
+
+    def _pack_padded(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """The padded layout's image: a whole slot row, zeros beyond each module's rank."""
+        pin = self.device.type == "cuda"
+        image = torch.zeros(1, self.max_image_numel, dtype=self.dtype, pin_memory=pin)
+        ranks = torch.zeros(len(self.plan), 1, dtype=torch.int32, pin_memory=pin)
+        dense, moe, _ = padded.carve(self.plan, image, ranks, self.max_rank)
+        padded.fill(dense, moe, adapter, self.max_rank)
+        adapter.packed, adapter.packed_ranks = image[0], ranks[:, 0]
+        adapter.packed_offsets = torch.zeros(0, dtype=torch.int64)
+        adapter.dense, adapter.moe = {}, {}
+        return adapter
+
+    def _slot_rows(self) -> Tensor:
+        """The padded layout's storage as [S, slot_numel] rows."""
+        return self.storage[:self.num_slots * self.max_image_numel].view(self.num_slots, self.max_image_numel)
 
     def _entry_ranks(self, adapter: LoRAAdapter) -> list[int]:
         """Rank of each plan entry: a dense projection's own; a MoE layer's largest of gate, up, down."""
@@ -194,6 +223,10 @@ class SlotPools:
         return event
 
     def _copy(self, slot: int, start: int, adapter: LoRAAdapter) -> None:
+        if self.layout == "slots":  # the slot's own row, wherever the manager counted its bytes
+            self._slot_rows()[slot].copy_(adapter.packed, non_blocking=True)
+            self.ranks[:, slot].copy_(adapter.packed_ranks, non_blocking=True)
+            return
         n = adapter.packed.numel()
         self.storage[start:start + n].copy_(adapter.packed, non_blocking=True)
         column = self.offsets[:, slot]
@@ -203,6 +236,8 @@ class SlotPools:
 
     def image_numel(self, adapter: LoRAAdapter) -> int:
         """Heap elements the adapter's image takes."""
+        if self.layout == "slots":
+            return self.max_image_numel
         if adapter.packed is not None:
             return adapter.packed.numel()
         return _image_numel(self._image_layout(self._entry_ranks(adapter)))

@@ -33,8 +33,8 @@ def attention_b(adapters, tmp_path):
 def test_a_rank8_attention_only_adapter_occupies_its_own_bytes(checkpoints, attention_b):
     """A heap of one largest image (rank 16, every target) holds eight rank-8 attention-only
     adapters at once, each taking its own bytes on the device and in the host tier."""
-    probe = make_engine(checkpoints[FAMILY], max_loras=1, max_lora_rank=16)
-    engine = make_engine(checkpoints[FAMILY], max_loras=8, max_lora_rank=16,
+    probe = make_engine(checkpoints[FAMILY], max_loras=1, max_lora_rank=16, lora_layout="bytes")
+    engine = make_engine(checkpoints[FAMILY], max_loras=8, max_lora_rank=16, lora_layout="bytes",
                          lora_heap_bytes=probe.runner.slot_pools.slot_bytes)
     manager, pools = engine.lora_manager, engine.runner.slot_pools
     slots = [_reserve(manager, f"t{i}/att@v1", attention_b) for i in range(8)]
@@ -56,8 +56,8 @@ def test_least_recently_used_unreferenced_adapters_make_room_referenced_ones_nev
         checkpoints, adapters, attention_b):
     """A heap full of small adapters: a larger one waits while they are all referenced; once
     released, the least recently used go first, only as many as its image needs."""
-    probe = make_engine(checkpoints[FAMILY], max_loras=1, max_lora_rank=16)
-    engine = make_engine(checkpoints[FAMILY], max_loras=16, max_lora_rank=16,
+    probe = make_engine(checkpoints[FAMILY], max_loras=1, max_lora_rank=16, lora_layout="bytes")
+    engine = make_engine(checkpoints[FAMILY], max_loras=16, max_lora_rank=16, lora_layout="bytes",
                          lora_heap_bytes=probe.runner.slot_pools.slot_bytes)
     manager, pools = engine.lora_manager, engine.runner.slot_pools
     small, held = [], []
@@ -92,8 +92,8 @@ def test_mixed_batch_matches_reference_with_adapters_placed_anywhere_in_a_poison
     """Loads and evictions move the images around a heap filled with NaN: every sequence's
     logits still equal its own reference model's, and base sequences stay finite."""
     ckpt = checkpoints[FAMILY]
-    probe = make_engine(ckpt, max_loras=1, max_lora_rank=16)
-    engine = make_engine(ckpt, max_loras=4, max_lora_rank=16,
+    probe = make_engine(ckpt, max_loras=1, max_lora_rank=16, lora_layout="bytes")
+    engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, lora_layout="bytes",
                          lora_heap_bytes=probe.runner.slot_pools.slot_bytes * 2)
     engine.runner.slot_pools.storage.fill_(float("nan"))
     manager = engine.lora_manager

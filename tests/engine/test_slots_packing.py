@@ -3,6 +3,7 @@ ranks), placed anywhere in the heap with one copy, and read back through its slo
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
@@ -68,10 +69,12 @@ def _assert_slot_holds(pools, slot: int, adapter) -> None:
             assert _holds(pool.down_b.view(slot, 0, d, r), parts["down"].rank, parts["down"].b, 2)
 
 
-def test_an_image_read_back_through_its_slot_equals_the_adapters_factors(checkpoints, adapters):
+@pytest.mark.parametrize("layout", ["bytes", "slots"])
+def test_an_image_read_back_through_its_slot_equals_the_adapters_factors(checkpoints, adapters, layout):
     """"c" (rank 16, v_proj 6, down 4) at heap start 0 in slot 1, then "a" (rank 4) at another
-    place in the same slot: the slot reads exactly a's factors, nothing of c's."""
-    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16)
+    place in the same slot (the padded layout: slot 1's row both times): the slot reads exactly
+    a's factors, nothing of c's."""
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout=layout)
     pools = engine.runner.slot_pools
     pools.storage.fill_(float("nan"))  # a read outside an image would show
     c, a = _load(engine, adapters, "c"), _load(engine, adapters, "a")
@@ -83,8 +86,21 @@ def test_an_image_read_back_through_its_slot_equals_the_adapters_factors(checkpo
     assert not pools.ranks[:, 0].any()  # the other slot untouched
 
 
+def test_a_padded_slot_load_is_one_copy_of_a_whole_slot_row_plus_ranks(checkpoints, adapters):
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="slots")
+    pools = engine.runner.slot_pools
+    packed = pools.pack(_load(engine, adapters, "b"))
+    assert packed.packed.numel() == pools.max_image_numel == pools.storage.numel() // 2
+    with InPlaceOps() as ops:
+        pools.write(1, 0, packed)
+    assert [name for name, _ in ops.calls] == ["copy_", "copy_"]
+    (_, (dst, src)), (_, (rank_dst, _)) = ops.calls
+    assert src is packed.packed and dst.data_ptr() == pools.storage[pools.max_image_numel:].data_ptr()
+    assert rank_dst.numel() == len(pools.plan)
+
+
 def test_a_load_is_one_copy_of_the_image_plus_its_offsets_and_ranks(checkpoints, adapters):
-    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16)
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
     pools = engine.runner.slot_pools
     packed = pools.pack(_load(engine, adapters, "b"))
     assert packed.dense == {} and packed.moe == {}  # factors dropped: one host buffer per adapter
@@ -102,7 +118,7 @@ def test_images_take_their_adapters_own_bytes(checkpoints, adapters):
     """Rank-4 "a" (every target), rank-8 "b": each image is its factors' elements, each factor
     rounded up to 16 elements (alignment); the largest image (rank 16 on every target) is what
     the memory plan counts per adapter."""
-    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16)
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
     pools = engine.runner.slot_pools
     for name in ("a", "b"):
         factors = _load(engine, adapters, name)
