@@ -288,6 +288,7 @@ def make_engine(args, shape: dict, layers: int, slots: int, mode: str) -> LLMEng
                  if getattr(args, name, None) is not None}
     return LLMEngine(EngineConfig(
         hf_config=hf_config(shape, layers), load_format="dummy", device=args.device, max_loras=slots,
+        lora_layout=args.lora_layout,
         max_lora_rank=args.rank, max_cpu_loras=128, max_num_seqs=args.requests,
         max_model_len=args.prompt + args.output + args.block_size, block_size=args.block_size,
         max_num_batched_tokens=args.max_batched_tokens, seed=0, **{**overrides, **MODES[mode]}))
@@ -421,6 +422,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--output", type=int, default=128)
     parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--lora-layout", choices=("slots", "bytes"), default="slots",
+                        help="EngineConfig.lora_layout: max-rank slot images, or the adapter heap")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)

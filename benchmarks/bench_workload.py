@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-range", type=int, nargs=2, default=[32, 512])
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-loras", type=int, default=None, help="GPU slots (default: the memory budget)")
+    ap.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
+                    help="EngineConfig.lora_layout (bytes: mixed ranks and targets each take their own bytes)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.tiny:
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = TINY if args.tiny else QWEN3_30B_A3B
     engine = LLMEngine(EngineConfig(
         hf_config=hf_config(shape, args.layers), load_format="dummy", device="cpu" if args.tiny else "cuda",
-        max_loras=args.max_loras, max_lora_rank=max(RANKS), max_cpu_loras=args.adapters,
+        max_loras=args.max_loras, max_lora_rank=max(RANKS), max_cpu_loras=args.adapters, lora_layout=args.lora_layout,
         max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0))
     names = install_adapters(engine, args.adapters)
     trace = make_trace(args)

@@ -54,7 +54,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
                               "float32; default: the engine's for the device")
     seed: int = Field(default=defaults.SEED, description="sampling seed of the engine")
     max_loras: int | None = Field(default=None, ge=1, description="adapters resident on the GPU at "
-                                  "once; default: max_num_seqs (4 on CPU)")
+                                  "once; default: sized from GPU memory beside the KV cache (4 on CPU)")
     lora_layout: Literal["slots", "bytes"] = Field(default="slots", description="slots: each resident "
                                                    "adapter in a max-rank image (fastest decode); bytes: "
                                                    "each at its own rank and targets (more adapters)")

@@ -16,8 +16,8 @@ class EngineConfig:
     model: str | Path | None = None  # HF checkpoint dir; may be None with load_format="dummy" + hf_config
     device: str = "cpu"
     dtype: str | torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    # adapters resident on the device at once (slots); None: max_num_seqs on CUDA, 4 on CPU; 0:
-    # no adapters. Their bytes come from one heap where each takes its own rank and targets
+    # adapters resident on the device at once (slots); None: on CUDA as many max-rank adapters as
+    # the memory rule gives (lora_layout "bytes": max_num_seqs, if more), 4 on CPU; 0: no adapters
     max_loras: int | None = None
     max_lora_rank: int = defaults.MAX_LORA_RANK
     # how resident adapters are laid out on the device (engine.lora.slots): "slots", a whole image

@@ -113,7 +113,8 @@ class MemoryPlan:
     lora_rank: int
     weights_bytes: int
     reserve_bytes: int
-    heap_bytes: int  # the adapter heap
+    heap_bytes: int  # the adapters' device memory
+    lora_layout: str = "slots"  # EngineConfig.lora_layout
 
     @property
     def kv_tokens(self) -> int:
@@ -125,9 +126,14 @@ class MemoryPlan:
 
     def summary(self) -> str:
         return (f"weights {self.weights_bytes / GIB:.2f} GiB, KV cache {self.num_kv_blocks} blocks "
-                f"({self.kv_tokens} tokens, {self.kv_bytes / GIB:.2f} GiB), adapter heap {self.heap_bytes / GIB:.3f} GiB "
-                f"(= {self.heap_bytes / max(self.slot_bytes, 1):.1f} adapters of rank {self.lora_rank} on every target, "
-                f"more of smaller ones) over {self.num_slots} slots, reserve {self.reserve_bytes / GIB:.2f} GiB")
+                f"({self.kv_tokens} tokens, {self.kv_bytes / GIB:.2f} GiB), {self._adapters()}, "
+                f"reserve {self.reserve_bytes / GIB:.2f} GiB")
+
+    def _adapters(self) -> str:
+        if self.lora_layout == "slots":
+            return f"adapter slots {self.num_slots} x {self.slot_bytes / GIB:.3f} GiB at rank {self.lora_rank}"
+        return (f"adapter heap {self.heap_bytes / GIB:.3f} GiB (= {self.heap_bytes / max(self.slot_bytes, 1):.1f} "
+                f"adapters of rank {self.lora_rank} on every target, more of smaller ones) over {self.num_slots} slots")
 
 
 def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reserve: int) -> MemoryPlan:
@@ -141,7 +147,8 @@ def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reser
     if device.type != "cuda":
         blocks = c.num_kv_blocks or min(c.max_num_seqs * per_seq, max(per_seq, (2 << 30) // block))
         heap = (c.lora_heap_bytes or c.max_loras * slot) if c.max_loras else 0
-        return MemoryPlan(blocks, c.max_loras, c.block_size, block, slot, c.max_lora_rank, weights_bytes, 0, heap)
+        return MemoryPlan(blocks, c.max_loras, c.block_size, block, slot, c.max_lora_rank, weights_bytes, 0, heap,
+                          c.lora_layout)
     settings = MemorySettings(c.gpu_memory_utilization, per_seq, c.max_num_seqs, c.max_loras,
                               c.num_kv_blocks, c.lora_memory_fraction)
     total = torch.cuda.get_device_properties(device).total_memory
@@ -151,8 +158,10 @@ def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reser
         blocks = c.num_kv_blocks or _fit_kv(budget - c.lora_heap_bytes, block, settings)
         slots = c.max_loras if c.max_loras is not None else c.max_num_seqs
         return MemoryPlan(blocks, slots, c.block_size, block, slot, c.max_lora_rank, weights_bytes, reserve,
-                          c.lora_heap_bytes)
+                          c.lora_heap_bytes, c.lora_layout)
     blocks, images = split_memory(total, allocated, reserve, block, slot, settings)
-    slots = c.max_loras if c.max_loras is not None else (max(images, c.max_num_seqs) if images else 0)
+    # by bytes, smaller adapters fit more than `images` of the largest: up to max_num_seqs slots
+    more = max(images, c.max_num_seqs) if images and c.lora_layout == "bytes" else images
+    slots = c.max_loras if c.max_loras is not None else more
     return MemoryPlan(blocks, slots, c.block_size, block, slot, c.max_lora_rank, weights_bytes, reserve,
-                      images * slot)
+                      images * slot, c.lora_layout)

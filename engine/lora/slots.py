@@ -1,4 +1,5 @@
-"""Device pools of adapters, by bytes: one heap for every adapter's factors, a table of offsets per slot.
+"""Device pools of adapters: a table of offsets per slot over one buffer, laid out by bytes (a heap,
+lora_layout="bytes", this module) or by slots (a max-rank image per slot: engine.lora.padded).
 
 An adapter is resident at its own rank on its own target modules: its image holds, for each
 projection it adapts and nothing else, that projection's A and B at the adapter's rank there,
@@ -12,7 +13,11 @@ block over pages and need a table per rank row. The image is one contiguous span
 so a load stays one copy of a pinned host image (the host tier holds the same compact image).
 
 Slots are table columns: S of them bound the adapters resident at once, the heap's bytes bound
-what they hold together (engine.lora.manager evicts by LRU until an image fits).
+what they hold together (engine.lora.manager evicts by LRU until an image fits). Every factor
+starts 16-element aligned and the tables count in 16-element units, so the kernels know it at
+compile time and vectorise their loads (kernels.weights.OFFSET_UNIT). The rank-major factors
+still cost decode steps against the padded layout (H200, 48 layers, 16 rank-16 adapters at
+batch 64: 23.9 against 21.3 ms; RESULTS.md), which is why "slots" is the default.
 
 S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = pools.
 """
