@@ -100,7 +100,8 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
             first.setdefault(out.request_id, now)
             last[out.request_id] = now
     seconds = time.perf_counter() - start
-    stats = {key: engine.stats()[key] - stats0[key] for key in ("lora_slot_hits", "lora_slot_misses", "lora_slot_loads")}
+    stats = {key: engine.stats()[key] - stats0[key]
+             for key in ("lora_slot_hits", "lora_slot_misses", "lora_slot_loads", "lora_bytes_loaded")}
     outputs = {f"w-{k}": req["output"] for k, req in enumerate(trace)}
     ttft = sorted(first[r] - arrived[r] for r in first)
     tpot = sorted((last[r] - first[r]) / (outputs[r] - 1) for r in first if outputs[r] > 1)

@@ -59,7 +59,7 @@ def test_help_lists_every_option_with_type_default_and_description(capsys):
     assert done.value.code == 0
     for name in AppArgs.model_fields:
         assert f"\n  {name}: " in out, name
-    assert "\n  max_loras: int | None = unset  (>= 1)\n      adapter slots on the GPU;" in out
+    assert "\n  max_loras: int | None = unset  (>= 1)\n      adapters resident on the GPU at once;" in out
     assert "\n  device: Literal['auto', 'cpu', 'cuda'] = 'auto'\n" in out
     assert "\n  allow_lora_path_uploads: bool = False\n      vLLM's /v1/load_lora_adapter" in out
 
