@@ -12,7 +12,8 @@ from torch import Tensor
 
 from kernels.errors import expect
 from kernels.moe.align import VirtualLayout, moe_align_virtual
-from kernels.moe.grouped_gemm import k_slices, lora_expand_tiles, lora_shrink
+from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink
+from kernels.moe.operands import k_slices
 from kernels.moe.launch import LORA_BLOCK_M, ROWS_PROGRAMS, SHRINK, _rank_block
 from kernels.moe.lora_rows import MAX_GROUP_ROWS_PROJECTIONS, lora_group_rows_
 from kernels.weights import DenseLoRAGroup

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
-from kernels.moe.grouped_gemm import _factor_base, num_programs
+from kernels.moe.operands import factor_base, num_programs
 from kernels.weights import Factor, as_factor
 
 
@@ -103,7 +103,7 @@ def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, part
         row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        b_base = _factor_base(W, slot, tl.maximum(expert, 0), 0)  # B rows are c's columns
+        b_base = factor_base(W, slot, tl.maximum(expert, 0), 0)  # B rows are c's columns
         if PREFETCH:  # registers hold tile t + 1's loads while tile t computes and stores
             b, prior = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t_begin, t_end, num_n, N,
                                   BLOCK_N, BLOCK_R)

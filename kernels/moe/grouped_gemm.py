@@ -31,6 +31,7 @@ from torch import Tensor
 
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
+from kernels.moe.operands import factor_base, k_slices, num_programs
 from kernels.weights import Factor, as_factor
 
 
@@ -39,14 +40,6 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _factor_base(F, slot, expert, h):
-    """Address of row 0, column 0 of split h of a LoRA factor's (slot, expert) matrix. The table
-    counts in units of F[7] elements: a unit of 16 (specialised as such) tells the compiler the
-    slot's first element is 16-element aligned, so its loads vectorise as a padded stack's do."""
-    return F[0] + tl.load(F[1] + h * F[2] + tl.maximum(slot, 0)) * F[7] + expert * F[3] + h * F[6] * F[4]
 
 
 @triton.jit
@@ -68,7 +61,7 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         a_ptrs = A[0] + (rows // a_row_div)[:, None] * A[1] + (h * A[3] + offs_k[None, :]) * A[2]
         # W tile [BLOCK_K, BLOCK_N] of this block's (slot, expert) matrix
         if W_TABLE:  # a LoRA factor: where split h of the slot begins, from its offsets table
-            b_ptrs = _factor_base(W, slot, expert, h) + offs_n[None, :] * W[4] + offs_k[:, None] * W[5]
+            b_ptrs = factor_base(W, slot, expert, h) + offs_n[None, :] * W[4] + offs_k[:, None] * W[5]
             w_step_k = BLOCK_K * W[5]
         else:
             w_base = W[0] + slot * W[1] + expert * W[2]
@@ -89,7 +82,7 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
             offs_r = tl.arange(0, BLOCK_R)
             r_ok = offs_r < rank
             half = (pid_n * BLOCK_N) // L[16]
-            la_ptrs = (_factor_base((L[0], L[1], L[2], L[3], L[4], L[5], L[6], L[7]), slot0, expert, half)
+            la_ptrs = (factor_base((L[0], L[1], L[2], L[3], L[4], L[5], L[6], L[7]), slot0, expert, half)
                        + offs_r[None, :] * L[4] + offs_k[:, None] * L[5])
             shrunk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(k_start, k_limit, BLOCK_K):
@@ -109,7 +102,7 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         if HAS_LORA:
             if slot >= 0:  # rows without adapter keep the base sum untouched (bitwise)
                 # B [N, R] rows are this tile's output columns; B cols [0, r_s) only
-                lb_ptrs = (_factor_base((L[8], L[9], L[10], L[11], L[12], L[13], L[14], L[15]), slot0, expert, 0)
+                lb_ptrs = (factor_base((L[8], L[9], L[10], L[11], L[12], L[13], L[14], L[15]), slot0, expert, 0)
                            + offs_n[None, :] * L[12] + offs_r[:, None] * L[13])
                 lb = tl.load(lb_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _dot(shrunk.to(lb.dtype), lb, acc, IEEE)
@@ -183,23 +176,6 @@ def _lora_expand_tiles_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, ends, 
         _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, pid_n, num_rows, N, 1, scale_ptr, N, 0,
                    k_limit, 0, a_parts, stride_ap, BLOCK_M, BLOCK_N, BLOCK_K, True, HAS_SCALE, IEEE,
                    False, 16, A_PARTS, True)
-
-
-def num_programs(device: torch.device, max_tiles: int) -> int:
-    """Persistent-grid size: enough programs for max_tiles, at most 16 resident a CUDA SM."""
-    if device.type != "cuda":
-        return max(1, min(max_tiles, 4))  # interpreter: few programs, each loops
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(max_tiles, sms * 16))  # enough resident CTAs to hide small tiles' latency
-
-
-def k_slices(k: int, k_splits: int, block_k: int) -> tuple[int, int]:
-    """(slice width, number of slices) of a k_splits shrink: widths are whole block_k tiles,
-    so there may be fewer slices than asked (k = 2304 in 8: 6 slices of 384)."""
-    if k_splits <= 1:
-        return k, 1
-    chunk = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
-    return chunk, triton.cdiv(k, chunk)
 
 
 def _weights(w: Tensor, row_step: int) -> tuple:
