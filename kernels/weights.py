@@ -65,7 +65,7 @@ class Factor:
 
     def operand(self) -> tuple:
         """The kernels' tuple: (data, offsets, offsets' split stride (0: one row for all
-        splits), expert stride, row stride, column stride, rows a split steps by)."""
+        splits), expert stride, row stride, column stride, rows a split steps by, offset unit)."""
         split_stride = self.offsets.stride(0) if self.offsets.shape[0] > 1 else 0
         return (self.data, self.offsets, split_stride, self.expert_stride, self.row_stride, self.col_stride,
                 self.split_rows, self.offset_unit)
@@ -79,13 +79,13 @@ class Factor:
                                 (self.expert_stride, self.row_stride, self.col_stride),
                                 self.data.storage_offset() + start)
 
-    def select(self, split: int, first_row: int = 0) -> "Factor":
-        """Split `split` alone, its rows from `first_row` on, as a one-split factor (views)."""
+    def select(self, split: int, rows: int, first_row: int = 0) -> "Factor":
+        """`rows` rows of split `split` from `first_row` on, as a one-split factor (views)."""
         row_offsets = self.offsets[min(split, self.offsets.shape[0] - 1)][None]
         shift = (split * self.split_rows + first_row) * self.row_stride
         data = torch.as_strided(self.data, (1,), (1,), self.data.storage_offset() + shift)
         return Factor(data, row_offsets, self.expert_stride, self.row_stride, self.col_stride, 0,
-                      (self.shape[0], self.shape[1], self.shape[2], self.shape[3]), offset_unit=self.offset_unit)
+                      (self.shape[0], self.shape[1], rows, self.shape[3]), offset_unit=self.offset_unit)
 
 
 def as_factor(x: "Tensor | Factor", split_rows: int) -> Factor:
@@ -224,11 +224,8 @@ class DenseLoRAGroup:
 
     def dense(self, h: int) -> DenseLoRAWeights:
         """Projection h's pools as views."""
-        s, e, r, n_in = self.num_slots, 1, self.max_rank, self.in_features
-        a = self.a.select(h)
-        a.shape = (s, e, r, n_in)
-        b = self.b.select(0, first_row=self.offset(h))
-        b.shape = (s, e, self.sections[h], r)
+        a = self.a.select(h, self.max_rank)
+        b = self.b.select(0, self.sections[h], first_row=self.offset(h))
         return DenseLoRAWeights(a, b, self.ranks[h])
 
 

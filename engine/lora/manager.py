@@ -109,16 +109,12 @@ class LoRAManager:
         if not self.free_lru:
             return None
         slot = next((s for s in self.free_lru if self.slot_names[s] is None), next(iter(self.free_lru)))
-        order = [slot] if self.slot_names[slot] is not None else []
-        order += [s for s in self.free_lru if s != slot and self.slot_spans[s] is not None]
-        spans = [self.slot_spans[s] for s in order if self.slot_spans[s] is not None]
-        n = self.spans.placement_after(self.pools.image_numel(adapter), spans)
+        taken = self.slot_names[slot] is not None  # a slot holding an adapter holds its span
+        order = ([slot] if taken else []) + [s for s in self.free_lru if s != slot and self.slot_spans[s] is not None]
+        n = self.spans.placement_after(self.pools.image_numel(adapter), [self.slot_spans[s] for s in order])
         if n is None:
             return None
-        victims = [s for s in order if self.slot_spans[s] is not None][:n]
-        if self.slot_names[slot] is not None and slot not in victims:
-            victims.insert(0, slot)
-        return slot, victims
+        return slot, order[:max(n, int(taken))]  # the reused slot's adapter goes in any case
 
     def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter):
         began = time.perf_counter()

@@ -69,7 +69,9 @@ class SlotPools:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         capacity = capacity_bytes // itemsize if capacity_bytes is not None else num_slots * self.max_image_numel
         self.storage = torch.zeros(capacity, dtype=self.dtype, device=self.device)
-        self.offsets = torch.zeros(len(self.rows), num_slots, dtype=torch.int64, device=self.device)  # [F, S]
+        # [F, S]: where factor row f of slot s begins (the heap's; padded slots have their strides)
+        self.offsets = torch.zeros(len(self.rows), num_slots, dtype=torch.int64, device=self.device) \
+            if layout == "bytes" else None
         self.ranks = torch.zeros(len(self.plan), num_slots, dtype=torch.int32, device=self.device)  # [P, S]
         if layout == "bytes":
             self.dense, self.moe, self.qkv = self._weights()
