@@ -40,6 +40,7 @@ def fused_moe_ref(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weight
     inter = w_down.shape[2]
     out = torch.zeros(num_tokens, top_k, hidden.shape[1], dtype=torch.float32, device=hidden.device)
     x_all = hidden.float()  # [T, D]
+    ranks = _ranks(lora) if lora is not None else []  # one host read, not one per (expert, slot)
     for e in torch.unique(topk_ids).tolist():
         tok, kk = torch.nonzero(topk_ids == e, as_tuple=True)  # routed rows of expert e
         # The base GEMMs run over all T rows, a shape that does not depend on routing: BLAS
@@ -49,7 +50,7 @@ def fused_moe_ref(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weight
         x = x_all[tok]  # [n, D]
         pairs = _slot_groups(slot_ids, tok) if lora is not None else []
         for s, rows in pairs:
-            r = _rank(lora.ranks, s, lora.max_rank)
+            r = ranks[s]
             for h, cols in enumerate((slice(0, inter), slice(inter, 2 * inter))):  # gate, up
                 a = lora.gate_up_a.view(s, h, r, hidden.shape[1])[e].float()  # [r, D]
                 b = lora.gate_up_b.view(s, h, inter, r)[e].float()  # [I, r]
@@ -59,16 +60,16 @@ def fused_moe_ref(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weight
         act_all[tok] = act
         y = (act_all @ w_down[e].float().T)[tok]  # [n, D]
         for s, rows in pairs:
-            r = _rank(lora.ranks, s, lora.max_rank)
+            r = ranks[s]
             a, b = lora.down_a.view(s, 0, r, inter)[e].float(), lora.down_b.view(s, 0, hidden.shape[1], r)[e].float()
             y[rows] += (act[rows] @ a.T) @ b.T
         out[tok, kk] = y * topk_weights[tok, kk].float()[:, None]
     return out.sum(dim=1).to(hidden.dtype)
 
 
-def _rank(ranks: Tensor, slot: int, max_rank: int) -> int:
-    """Slot `slot`'s rank (a host read): the rows of A and columns of B that hold its adapter."""
-    return min(int(ranks[slot]), max_rank)
+def _ranks(lora: MoELoRAWeights | DenseLoRAWeights) -> list[int]:
+    """Each slot's rank (a host read): the rows of A and columns of B that hold its adapter."""
+    return [min(r, lora.max_rank) for r in lora.ranks.tolist()]
 
 
 def _slot_groups(slot_ids: Tensor, tok: Tensor) -> list[tuple[int, Tensor]]:
@@ -93,9 +94,9 @@ def lora_linear_ref_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: T
         out.
     """
     check_dense_args(x, out, lora, slot_ids)
-    all_rows = torch.arange(x.shape[0], device=x.device)
+    all_rows, ranks = torch.arange(x.shape[0], device=x.device), _ranks(lora)
     for s, rows in _slot_groups(slot_ids, all_rows):
-        r = _rank(lora.ranks, s, lora.max_rank)
+        r = ranks[s]
         a, b = lora.a.view(s, 0, r, lora.in_features)[0], lora.b.view(s, 0, lora.out_features, r)[0]
         delta = (x[rows].float() @ a.float().T) @ b.float().T
         out[rows] = (out[rows].float() + delta).to(out.dtype)
