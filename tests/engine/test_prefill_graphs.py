@@ -37,6 +37,8 @@ for graphs in (False, True):
         r.prefill_graphs.run = lambda inputs, feed=None: runs.append(
             (len(inputs.input_ids), len(inputs.query_lens), inputs.lora_slots is not None)) or run(inputs, feed)
     outs[graphs] = [o["token_ids"] for o in engine.generate(prompts, params, loras)]
+    # base-model steps too, whether or not the adapters above loaded before the first step
+    outs[graphs] += [o["token_ids"] for o in engine.generate(prompts[3:4], params)]
     outs[f"runs{graphs}"] = runs
 print(json.dumps({"eager": outs[False], "graphs": outs[True], "runs": outs["runsTrue"]}))
 """
@@ -55,7 +57,7 @@ def test_prefill_graph_steps_equal_eager_steps(checkpoints, adapters):
                            str(adapters[fam]["b"])], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["graphs"] == res["eager"] and all(len(t) == 4 for t in res["eager"])
+    assert res["graphs"] == res["eager"] and len(res["eager"]) == 6 and all(len(t) == 4 for t in res["eager"])
     runs = res["runs"]
     # prefill chunks padded to a bucket, mixed with decodes, with and without adapters
     assert any(n > 1 for n, _, _ in runs) and {True, False} <= {lora for _, _, lora in runs}
