@@ -74,6 +74,20 @@ class EngineConfig:
     prefill_graphs: bool | None = None
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
     seed: int = defaults.SEED
+    # a replica over several GPUs (engine.parallel): attention, dense projections and lm_head split
+    # by heads / vocabulary over tensor_parallel_size ranks; experts split by expert over
+    # expert_parallel_size ranks (else, with tensor parallelism, by each expert's intermediate).
+    # Each is 1 or the replica's number of ranks (the larger of the two). Rank 0 runs this engine
+    # (scheduler, adapter manager, sampling); the other ranks follow its steps
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    # where the ranks meet ("tcp://host:port", rank 0's host); None: a free port on 127.0.0.1
+    distributed_init_method: str | None = None
+    # who starts ranks 1..N-1: "processes", rank 0 as local processes (one node; CUDA device r for
+    # rank r); "external", somebody else (the Ray replica: one actor per GPU of its placement group)
+    parallel_workers: str = "processes"
+    # longest the ranks wait for each other at start-up, and for a collective of a step
+    distributed_timeout_s: float = 600.0
 
     def __post_init__(self):
         self.device = str(self.device)
@@ -102,6 +116,7 @@ class EngineConfig:
                                       f"only, got {self.lora_heap_bytes} with {self.lora_layout!r}")
         if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
             raise InvalidRequestError(f"max_cpu_lora_bytes must be >= 1 or None, got {self.max_cpu_lora_bytes}")
+        self._check_parallel_settings()
         on_cuda = self.torch_device.type == "cuda"
         if self.triton_prefill_attention is None:
             self.triton_prefill_attention = on_cuda
@@ -111,6 +126,23 @@ class EngineConfig:
             self.max_loras = 4
         if self.max_cpu_loras is None and self.max_loras is not None:
             self.max_cpu_loras = 4 * max(self.max_loras, 1)
+
+    def _check_parallel_settings(self) -> None:
+        from engine.parallel.shard import Shard
+
+        Shard(0, self.tensor_parallel_size, self.expert_parallel_size)  # raises on a bad pair
+        if self.parallel_workers not in ("processes", "external"):
+            raise InvalidRequestError(f"parallel_workers must be 'processes' or 'external', got {self.parallel_workers!r}")
+        if self.world_size > 1 and self.lora_layout != "slots":
+            raise InvalidRequestError("a replica over several GPUs keeps adapters in lora_layout='slots' "
+                                      f"(got {self.lora_layout!r})")
+        if self.distributed_timeout_s <= 0:
+            raise InvalidRequestError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks (GPUs) of this replica."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
 
     def _check_memory_settings(self) -> None:
         if self.max_loras is not None and self.max_loras < 0:

@@ -251,6 +251,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         if self.lora_manager is not None:
             self.lora_manager.shutdown()
+        self.runner.close()
 
 
 def _adapter_names(seqs) -> list[str]:

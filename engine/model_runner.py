@@ -5,7 +5,7 @@ T = tokens in the step, B = sequences, M = blocks per sequence, V = vocabulary.
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from engine.lora.slots import SlotPools
 from engine.memory import plan_memory
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
+from engine.parallel.shard import SINGLE
 from engine.sampler import sample
 from engine.sampling_inputs import SamplingInputs
 from engine.sequence import Sequence
@@ -58,6 +59,19 @@ class LaunchedStep:
 
 
 @dataclass(slots=True)
+class StepPlan:
+    """What every rank of a replica needs to run a step's forward the same way (rank 0 sends it
+    to the others): its inputs, which graphs replay it ("decode", "prefill" or None: eager),
+    whether input ids come from the previous step's samples (rank 0 broadcasts them), and which
+    rows' logits are kept."""
+    inputs: StepInputs
+    graphs: str | None
+    fed: bool
+    all_logits: bool
+    keep: list[int] | None  # decode graphs: rows of the sequences that sample, when not all do
+
+
+@dataclass(slots=True)
 class TokenFeed:
     """Inputs whose ids a previous launched step samples: ids[dst] = tokens[src] on the device."""
     dst: list[int]
@@ -72,14 +86,41 @@ class TokenFeed:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, spec: ModelSpec):
+    """The model of one replica, or of one rank of it (`group`: engine.parallel.group). Rank 0's
+    runner (group=None, config.world_size > 1) starts the group; the others are built with it."""
+
+    def __init__(self, config: EngineConfig, spec: ModelSpec, group=None):
         self.config, self.spec = config, spec
-        self.device, self.dtype = config.torch_device, config.torch_dtype
         self.startup_seconds: dict[str, float] = dict.fromkeys(STARTUP_PARTS, 0.0)  # seconds by part
         self.warmup_seconds = 0.0
+        self.group = group
+        if group is None and config.world_size > 1:
+            from engine.parallel.group import RankGroup
+            from engine.parallel.shard import Shard
+
+            Shard(0, config.tensor_parallel_size, config.expert_parallel_size).check(spec)  # before any rank starts
+            self.group = RankGroup.start(config)
+        try:
+            self._start(config, spec)
+        except BaseException:
+            if self.group is not None and group is None:
+                self.group.close()
+            raise
+
+    def _start(self, config: EngineConfig, spec: ModelSpec) -> None:
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        self.shard = self.group.shard() if self.group is not None else SINGLE
         model_dir = None if config.model is None else Path(config.model)
         with self._timed("weights"):
-            self.model = load_model(spec, model_dir, self.device, self.dtype, config.load_format, config.seed)
+            try:
+                self.model = load_model(spec, model_dir, self.device, self.dtype, config.load_format, config.seed,
+                                        self.shard)
+            except Exception as exc:
+                if self.group is None:
+                    raise
+                self.group.phase("weights", exc)  # every rank hears of it; raises
+            if self.group is not None:
+                self.group.phase("weights")
         with self._timed("kv_and_slots"):
             self._allocate_slots_and_kv_cache()
         self.prefill_graphs = self.graphs = None
@@ -88,6 +129,11 @@ class ModelRunner:
                 self.prefill_graphs = self._capture_prefill_graphs()
             with self._timed("decode_graphs"):
                 self.graphs = self._capture_graphs()
+            if self.group is not None:  # a rank whose capture failed runs eagerly: all must then
+                prefill_ok, decode_ok = self.group.agree_min([self.prefill_graphs is not None,
+                                                              self.graphs is not None])
+                self.prefill_graphs = self.prefill_graphs if prefill_ok else None
+                self.graphs = self.graphs if decode_ok else None
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.sampling = SamplingInputs(spec.vocab_size, self.device, self._tensor)
         if config.warmup and self.device.type == "cuda":  # on CPU nothing compiles: tests call warmup()
@@ -96,8 +142,15 @@ class ModelRunner:
                     self.warmup()
                 except Exception:  # like graph capture: a replica that cannot warm up still serves
                     log.exception("warm-up failed; the first prefill steps will compile their kernels")
+        if self.group is not None:
+            self.group.running = True
         log.info("start-up took %.2f s: %s", sum(self.startup_seconds.values()),
                  ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()))
+
+    def close(self) -> None:
+        """Rank 0: stop the replica's other ranks (a no-op on one rank)."""
+        if self.group is not None and self.group.rank == 0:
+            self.group.close()
 
     @contextmanager
     def _timed(self, part: str):
@@ -117,13 +170,21 @@ class ModelRunner:
         """Size both from the memory the weights left (one plan), then allocate them."""
         c = self.config
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.memory_plan = plan_memory(c, self.spec, weights, _ACTIVATION_RESERVE_BYTES)
+        self.memory_plan = plan_memory(c, self.shard.local_spec(self.spec), weights, _ACTIVATION_RESERVE_BYTES)
+        if self.group is not None:  # every rank holds as many blocks and slots as the tightest can
+            blocks, slots = self.group.agree_min([self.memory_plan.num_kv_blocks, self.memory_plan.num_slots])
+            self.memory_plan = replace(self.memory_plan, num_kv_blocks=blocks, num_slots=slots,
+                                       heap_bytes=slots * self.memory_plan.slot_bytes)
         log.info("memory plan: %s", self.memory_plan.summary())
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         num_slots = self.memory_plan.num_slots
         heap = self.memory_plan.heap_bytes if c.lora_layout == "bytes" else None
         self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank, heap, c.lora_layout) \
             if num_slots > 0 else None
+        if self.slot_pools is not None and self.group is not None:
+            from engine.parallel.pools import RankPools
+
+            self.slot_pools = RankPools(self.slot_pools, self.group, self.spec)
         if self.slot_pools is not None and c.lora_mode == "loop":
             for moe in self.model.moe_layers():
                 moe.per_adapter_loop = True
@@ -133,8 +194,8 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         """num_kv_blocks for the BlockManager plus one scratch block (padded graph rows write there)."""
         s, bs = self.spec, self.config.block_size
-        self.kv_cache = torch.zeros(s.num_layers, 2, self.num_kv_blocks + 1, bs, s.num_kv_heads, s.head_dim,
-                                    dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(s.num_layers, 2, self.num_kv_blocks + 1, bs, self.shard.heads(s.num_kv_heads)[1],
+                                    s.head_dim, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
@@ -224,32 +285,54 @@ class ModelRunner:
         samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampled = [seq for (seq, _), s in zip(scheduled, samples) if s]
         feed = self._feed(scheduled, prev)
-        feed_ids = None if feed is None else lambda ids: feed.apply(ids, self._tensor)
-        inputs = build_step_inputs(scheduled, self.config.block_size)
-        logits = kept = None
         graphs = None if all_logits else self._graphs_for(scheduled)
-        if graphs is not None:
-            logits = graphs.run(inputs, feed_ids)  # decode graphs: a row per sequence
-            if graphs is self.graphs and not all(samples):  # a one-token chunk that does not end its prompt
-                logits = logits[self._tensor([i for i, s in enumerate(samples) if s], torch.long)]
-        else:
-            input_ids, batch = self.eager_inputs(inputs)
-            rows = inputs.sample_rows
-            if feed_ids is not None:
-                feed_ids(input_ids)
-            hidden = self.model(input_ids, batch)
-            # index with device tensors: a Python list is a blocking copy that waits for the GPU
-            if all_logits:
-                kept = self.model.compute_logits(hidden)
-                logits = kept[self._tensor(rows, torch.long)]
-            elif rows:
-                logits = self.model.compute_logits(hidden[self._tensor(rows, torch.long)])
+        keep = [i for i, s in enumerate(samples) if s] \
+            if graphs is not None and graphs is self.graphs and not all(samples) else None
+        kind = None if graphs is None else ("decode" if graphs is self.graphs else "prefill")
+        plan = StepPlan(build_step_inputs(scheduled, self.config.block_size), kind, feed is not None, all_logits, keep)
+        if self.group is not None:
+            self.group.send_step(plan)
+        logits, kept = self._forward(plan, feed)
         step = LaunchedStep(samples, {seq.seq_id: i for i, seq in enumerate(sampled)}, None, None,
                             logits=kept if all_logits else (logits if return_logits else None))
         if sampled:
             step.tokens = sample(logits, self.sampling.tensors(sampled), self.generator)
             self._read_back(step)
         return step
+
+    @torch.inference_mode()
+    def follow(self, plan: StepPlan) -> None:
+        """A rank other than 0: rank 0's step, whose collectives it takes part in."""
+        self._forward(plan, None)
+
+    def _forward(self, plan: StepPlan, feed: TokenFeed | None) -> tuple[Tensor | None, Tensor | None]:
+        """(logits of the sampled rows, logits of every token when plan.all_logits) of the step."""
+        feed_ids = None
+        if plan.fed:
+            def feed_ids(ids: Tensor) -> None:
+                if feed is not None:
+                    feed.apply(ids, self._tensor)
+                if self.group is not None:  # the ids exist on rank 0's device only
+                    self.group.broadcast_(ids)
+        inputs = plan.inputs
+        graphs = {"decode": self.graphs, "prefill": self.prefill_graphs}.get(plan.graphs)
+        if graphs is not None:
+            logits = graphs.run(inputs, feed_ids)  # decode graphs: a row per sequence
+            if plan.keep is not None:  # a one-token chunk that does not end its prompt
+                logits = logits[self._tensor(plan.keep, torch.long)]
+            return logits, None
+        input_ids, batch = self.eager_inputs(inputs)
+        rows = inputs.sample_rows
+        if feed_ids is not None:
+            feed_ids(input_ids)
+        hidden = self.model(input_ids, batch)
+        # index with device tensors: a Python list is a blocking copy that waits for the GPU
+        if plan.all_logits:
+            kept = self.model.compute_logits(hidden)
+            return kept[self._tensor(rows, torch.long)], kept
+        if rows:
+            return self.model.compute_logits(hidden[self._tensor(rows, torch.long)]), None
+        return None, None
 
     def _read_back(self, step: LaunchedStep) -> None:
         if not step.tokens.is_cuda:

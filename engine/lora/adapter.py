@@ -49,6 +49,7 @@ class LoRAAdapter:
     packed: Tensor | None = None
     packed_ranks: Tensor | None = None
     packed_offsets: Tensor | None = None
+    path: str | None = None  # the directory it was read from (the other ranks of a replica read it too)
 
     @property
     def max_rank(self) -> int:
@@ -65,7 +66,7 @@ class LoRAAdapter:
 
     def renamed(self, name: str) -> "LoRAAdapter":
         """The same adapter under another name, sharing its tensors (no copy)."""
-        return LoRAAdapter(name, self.dense, self.moe, self.packed, self.packed_ranks, self.packed_offsets)
+        return LoRAAdapter(name, self.dense, self.moe, self.packed, self.packed_ranks, self.packed_offsets, self.path)
 
 
 def model_shape(spec: ModelSpec) -> ModelShape:
@@ -156,7 +157,7 @@ def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtyp
     """Parse, validate and scale the PEFT adapter in `path` for the model `spec`."""
     config, tensors = _read_dir(Path(path))
     shape = model_shape(spec)
-    adapter = LoRAAdapter(name)
+    adapter = LoRAAdapter(name, path=str(path))
     for target, entry in _group_pairs(tensors, shape).items():
         key: LoRAKey = entry["key"]
         if "A" not in entry or "B" not in entry:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 import kernels
 from engine.attention import ForwardBatch, paged_attention, write_kv
 from engine.models.spec import ModelSpec
+from engine.parallel.shard import SINGLE, Shard
 from kernels.attention.norm_rope import fused_add_rms_norm, qk_norm_rope_, rms_norm, rotary_ref
 from kernels.moe.router import route_topk
 
@@ -29,6 +30,21 @@ class RMSNorm(nn.Module):
             return fused_add_rms_norm(x, residual, self.weight, self.eps), residual
         residual = residual + x
         return self(residual), residual
+
+
+class SplitRMSNorm(RMSNorm):
+    """RMSNorm over a vector split across ranks (OLMoE's q/k norm over all heads under tensor
+    parallelism): the mean of squares is summed over the ranks, so each rank normalises its
+    heads exactly as the whole vector would be."""
+
+    def __init__(self, size: int, eps: float, full_size: int, shard: Shard):
+        super().__init__(size, eps)
+        self.full_size, self.shard = full_size, shard
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        squares = self.shard.all_reduce_(x32.pow(2).sum(-1, keepdim=True), across_tp=True)
+        return (self.weight * (x32 * torch.rsqrt(squares / self.full_size + self.eps)).to(x.dtype)).to(x.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -60,9 +76,14 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    """Self-attention over this rank's heads (all of them on one rank); o's output is summed
+    over the ranks (engine.parallel.shard)."""
+
+    def __init__(self, spec: ModelSpec, shard: Shard = SINGLE):
         super().__init__()
-        h, g, dh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+        h, g = shard.heads(spec.num_heads)[1], shard.heads(spec.num_kv_heads)[1]
+        dh, d = spec.head_dim, spec.hidden_size
+        self.shard = shard
         self.num_heads, self.num_kv_heads, self.head_dim = h, g, dh
         self.q_proj = LoRALinear(d, h * dh, spec.attention_bias)
         self.k_proj = LoRALinear(d, g * dh, spec.attention_bias)
@@ -71,6 +92,9 @@ class Attention(nn.Module):
         self.qk_norm = spec.qk_norm
         if spec.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(dh, spec.rms_norm_eps), RMSNorm(dh, spec.rms_norm_eps)
+        elif spec.qk_norm == "full" and shard.tp > 1:
+            self.q_norm = SplitRMSNorm(h * dh, spec.rms_norm_eps, spec.num_heads * dh, shard)
+            self.k_norm = SplitRMSNorm(g * dh, spec.rms_norm_eps, spec.num_kv_heads * dh, shard)
         elif spec.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(h * dh, spec.rms_norm_eps), RMSNorm(g * dh, spec.rms_norm_eps)
         self.clip_qkv = spec.clip_qkv
@@ -138,27 +162,38 @@ class Attention(nn.Module):
         write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, batch, self.head_dim ** -0.5,
                               self.sliding_window)
-        return self.o_proj(out.reshape(x.shape[0], -1), batch.lora_slot_ids, batch.lora_layout)
+        out = self.o_proj(out.reshape(x.shape[0], -1), batch.lora_slot_ids, batch.lora_layout)
+        return self.shard.all_reduce_(out, across_tp=True)
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, shard: Shard = SINGLE):
         super().__init__()
+        inter = shard.dense_inter(inter)[1]
+        self.shard = shard
         self.gate_proj, self.up_proj = LoRALinear(hidden, inter), LoRALinear(hidden, inter)
         self.down_proj = LoRALinear(inter, hidden)
 
     def forward(self, x: Tensor, slots: Tensor | None) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, slots)) * self.up_proj(x, slots), slots)
+        out = self.down_proj(F.silu(self.gate_proj(x, slots)) * self.up_proj(x, slots), slots)
+        return self.shard.all_reduce_(out, across_tp=True)
 
 
 class SparseMoE(nn.Module):
-    """Router + experts stacked [E, 2I, D] / [E, D, I]; LoRA through virtual experts."""
+    """Router + experts stacked [E, 2I, D] / [E, D, I]; LoRA through virtual experts.
 
-    def __init__(self, spec: ModelSpec):
+    On a rank of a multi-GPU replica the router stays whole and the stacks hold the rank's
+    experts [E/N, ..] (expert parallel) or each expert's intermediate span [E, 2I/N, D] /
+    [E, D, I/N] (tensor parallel); the output is summed over the ranks."""
+
+    def __init__(self, spec: ModelSpec, shard: Shard = SINGLE):
         super().__init__()
-        e, d, i = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
+        d = spec.hidden_size
+        self.first_expert, e = shard.experts(spec.num_experts)
+        i = shard.expert_inter(spec.moe_intermediate_size)[1]
+        self.shard = shard
         self.top_k, self.norm_topk_prob = spec.top_k, spec.norm_topk_prob
-        self.router = nn.Parameter(torch.empty(e, d), requires_grad=False)
+        self.router = nn.Parameter(torch.empty(spec.num_experts, d), requires_grad=False)
         self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, d), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(e, d, i), requires_grad=False)
         self.lora: kernels.MoELoRAWeights | None = None
@@ -171,11 +206,23 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: Tensor, slots: Tensor | None) -> Tensor:
         weights, ids = self.route(x)
+        if self.shard.experts_split:
+            weights, ids = self._local_routes(weights, ids)
         if self.lora is None or slots is None:
-            return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
-        if self.per_adapter_loop:
-            return self._loop_over_adapters(x, weights, ids, slots)
-        return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids, self.lora, slots)
+            out = kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        elif self.per_adapter_loop:
+            out = self._loop_over_adapters(x, weights, ids, slots)
+        else:
+            out = kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, ids, self.lora, slots)
+        return self.shard.all_reduce_(out)
+
+    def _local_routes(self, weights: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Routes to this rank's experts as local ids; a route to another rank's expert becomes
+        a zero-weight route to local expert 0 (no shape depends on routing, so a decode step
+        stays one CUDA graph; the cost is that every rank computes every route)."""
+        local = ids - self.first_expert
+        mine = (local >= 0) & (local < self.w_down.shape[0])
+        return torch.where(mine, weights, torch.zeros_like(weights)), torch.where(mine, local, torch.zeros_like(local))
 
     def _loop_over_adapters(self, x: Tensor, weights: Tensor, ids: Tensor, slots: Tensor) -> Tensor:
         """Baseline the virtual experts replace: one MoE call for base tokens, one per adapter."""

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from engine.errors import EngineError
 from engine.models.moe_lm import MoECausalLM
 from engine.models.spec import ModelSpec
+from engine.parallel.shard import SINGLE, Shard
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
@@ -73,6 +74,10 @@ def _materialise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _load_safetensors(model: MoECausalLM, model_dir: Path) -> None:
+    """Fill the model from the checkpoint; a rank of a multi-GPU replica reads only its part of
+    each tensor (engine.parallel.slicing) and checks that its part is complete."""
+    from engine.parallel.slicing import read_slice
+
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise EngineError(f"{model_dir} has no *.safetensors files (pickled weights are not loaded)")
@@ -90,7 +95,10 @@ def _load_safetensors(model: MoECausalLM, model_dir: Path) -> None:
                     continue  # tied embeddings: some checkpoints still store the copy
                 if name not in params:
                     raise EngineError(f"checkpoint key {key!r} has no place in a {model.spec.family} model")
-                param, tensor = params[name], f.get_tensor(key)
+                tensor, expert = read_slice(f, key, name, part, expert, model.shard, model.spec)
+                if tensor is None:
+                    continue  # another rank's expert
+                param = params[name]
                 _copy_into(param, tensor.to(param.dtype), part, expert)
                 written[name] = written.get(name, 0) + tensor.numel()
     missing = sorted(name for name, param in params.items() if written.get(name, 0) < param.numel())
@@ -111,12 +119,14 @@ def _fill_dummy(model: MoECausalLM, seed: int) -> None:
 
 @torch.no_grad()
 def load_model(spec: ModelSpec, model_dir: Path | None, device: torch.device, dtype: torch.dtype,
-               load_format: str = "auto", seed: int = 0) -> MoECausalLM:
+               load_format: str = "auto", seed: int = 0, shard: Shard = SINGLE) -> MoECausalLM:
+    """The model, or rank shard.rank's part of it (dummy weights: each rank draws its own)."""
+    shard.check(spec)
     with torch.device("meta"):
-        model = MoECausalLM(spec)
+        model = MoECausalLM(spec, shard)
     _materialise(model, device, dtype)
     if load_format == "dummy":
-        _fill_dummy(model, seed)
+        _fill_dummy(model, seed + shard.rank)
     else:
         _load_safetensors(model, Path(model_dir))
     for attention in model.attention_layers():

@@ -7,16 +7,17 @@ import kernels
 from engine.attention import ForwardBatch
 from engine.models.layers import Attention, DenseMLP, RMSNorm, SparseMoE
 from engine.models.spec import ModelSpec
+from engine.parallel.shard import SINGLE, Shard
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int):
+    def __init__(self, spec: ModelSpec, layer: int, shard: Shard = SINGLE):
         super().__init__()
-        self.self_attn = Attention(spec)
+        self.self_attn = Attention(spec, shard)
         if spec.is_moe_layer(layer):
-            self.mlp = SparseMoE(spec)
+            self.mlp = SparseMoE(spec, shard)
         else:
-            self.mlp = DenseMLP(spec.hidden_size, spec.intermediate_size)
+            self.mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, shard)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -32,14 +33,18 @@ class DecoderLayer(nn.Module):
 
 
 class MoECausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    """The whole model, or one rank's part of it (`shard`, engine.parallel.shard): its heads,
+    its experts, its rows of lm_head; embeddings and norms whole on every rank."""
+
+    def __init__(self, spec: ModelSpec, shard: Shard = SINGLE):
         super().__init__()
-        self.spec = spec
+        self.spec, self.shard = spec, shard
+        self.vocab_start, vocab_rows = shard.vocab(spec.vocab_size)
         self.embed_tokens = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, shard) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Parameter(
-            torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
+            torch.empty(vocab_rows, spec.hidden_size), requires_grad=False)
 
     def forward(self, input_ids: Tensor, batch: ForwardBatch) -> Tensor:
         """input_ids [T] -> final hidden states [T, D]."""
@@ -67,9 +72,12 @@ class MoECausalLM(nn.Module):
         return h, residual
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [B, D] -> logits [B, V] in float32."""
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        """hidden [B, D] -> logits [B, V] in float32 (on every rank: each computes its
+        vocabulary rows, then they are gathered)."""
+        head = self.lm_head
+        if head is None:  # tied: this rank's rows of the embeddings
+            head = self.embed_tokens[self.vocab_start:self.vocab_start + self.shard.vocab(self.spec.vocab_size)[1]]
+        return self.shard.gather_vocab(F.linear(hidden, head), self.spec.vocab_size).float()
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.layers]
