@@ -92,6 +92,12 @@ class AppArgs(ReplicaPlacement, BaseModel):
     lora_failure_ttl_s: float = Field(default=defaults.LORA_FAILURE_TTL_S, ge=0, description="seconds a failed adapter "
                                       "load fails fast before a request retries it")
 
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine replica spans, "
+                                      "attention and dense projections split by heads over them "
+                                      "(1 or the replica's GPU count)")
+    expert_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine replica spans "
+                                      "with its experts split by expert (1 or the replica's GPU "
+                                      "count; with 1 and tensor_parallel_size > 1 each expert is split)")
     num_replicas: int | None = Field(default=None, ge=1, description="engine replicas; default 1 "
                                      "(or autoscaling_config)")
     autoscaling_config: dict[str, Any] | None = Field(
@@ -186,6 +192,16 @@ class AppArgs(ReplicaPlacement, BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _parallel_sizes_agree(self):
+        n = max(self.tensor_parallel_size, self.expert_parallel_size)
+        if self.tensor_parallel_size not in (1, n) or self.expert_parallel_size not in (1, n):
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} and expert_parallel_size="
+                             f"{self.expert_parallel_size}: each must be 1 or the replica's GPU count (the larger)")
+        if n > 1 and self.lora_layout != "slots":
+            raise ValueError("a replica over several GPUs keeps adapters in lora_layout=slots")
+        return self
+
+    @model_validator(mode="after")
     def _dummy_weights_fit_the_model(self):
         if self.model is not None and self.model.startswith(DUMMY_PREFIX):
             from engine.models.presets import get_preset
@@ -236,7 +252,8 @@ class AppArgs(ReplicaPlacement, BaseModel):
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed,
             warmup=self.engine_warmup, async_scheduling=self.async_scheduling,
             lora_failure_ttl_s=self.lora_failure_ttl_s,
-            max_cpu_loras=self.max_cpu_loras, max_cpu_lora_bytes=self.max_cpu_lora_bytes, **budget)
+            max_cpu_loras=self.max_cpu_loras, max_cpu_lora_bytes=self.max_cpu_lora_bytes,
+            tensor_parallel_size=self.tensor_parallel_size, expert_parallel_size=self.expert_parallel_size, **budget)
 
     def adapter_bytes_limit(self, model_dir: Path) -> int:
         """`max_adapter_bytes`, or by default the largest adapter of max_lora_rank for the model."""

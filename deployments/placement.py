@@ -43,6 +43,27 @@ class ReplicaPlacement:
         engines = (self.autoscaling_config or {}).get("min_replicas") or self.num_replicas or 1
         return (4 if on_gpu else 2) * int(engines)
 
+    def ranks_per_replica(self) -> int:
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
+
+    def rank_bundles(self, gpus: float) -> dict:
+        """Serve options of a replica over several GPUs: a placement group of one bundle per rank
+        on one node (STRICT_PACK: the ranks talk over NVLink / shared memory, and rank 0 hosts
+        their rendezvous). Bundle 0 holds the replica (rank 0, its engine core), bundles 1..N-1
+        one rank actor each (deployments.ranks). Ray schedules and autoscales the group as one
+        replica. Empty for one rank."""
+        n = self.ranks_per_replica()
+        if n == 1:
+            return {}
+        rank0: dict[str, float] = {"CPU": self.replica_num_cpus}
+        other: dict[str, float] = {"CPU": max(self.replica_num_cpus, 0.001)}
+        if gpus:
+            rank0["GPU"], other["GPU"] = gpus, gpus
+        if self.replica_resources:
+            rank0.update(self.replica_resources)
+        return {"placement_group_bundles": [rank0] + [other] * (n - 1),
+                "placement_group_strategy": "STRICT_PACK"}
+
     def ingress_options(self) -> dict:
         """Keyword arguments for `Ingress.options(...)`."""
         replicas = self.num_ingress_replicas()
@@ -58,7 +79,8 @@ class ReplicaPlacement:
 
         `cluster_gpus`: the GPUs Ray knows of (`deployments.app.cluster_gpus()`).
         """
-        actor = {"num_cpus": self.replica_num_cpus, "num_gpus": self.gpus_per_replica(cluster_gpus)}
+        gpus = self.gpus_per_replica(cluster_gpus)
+        actor = {"num_cpus": self.replica_num_cpus, "num_gpus": gpus}
         if self.replica_resources:
             actor["resources"] = dict(self.replica_resources)
         if self.replica_on_serve_loop:
@@ -67,6 +89,7 @@ class ReplicaPlacement:
         options: dict[str, Any] = {"ray_actor_options": actor,
                                    "max_ongoing_requests": self.max_ongoing_requests,
                                    "logging_config": {"enable_access_log": False}}
+        options.update(self.rank_bundles(gpus))
         if self.autoscaling_config is not None:
             options["autoscaling_config"] = self.autoscaling_config
         else:

@@ -49,7 +49,17 @@ class LLMServer:
         self._args = args
         self._model_dir = ensure_model(args)
         engine_class = EngineCoreClient if args.engine_process else AsyncLLMEngine
-        self._engine = engine_class(args.engine_config(self._model_dir))
+        config = args.engine_config(self._model_dir)
+        self._ranks = None
+        if config.world_size > 1:  # ranks 1..N-1 as actors on the other GPUs of this replica's bundles
+            from deployments.ranks import RankActors
+            self._ranks = RankActors(config)
+        try:
+            self._engine = engine_class(config)
+        except BaseException:
+            if self._ranks is not None:
+                self._ranks.close()
+            raise
         self._store = args.open_store()
         self._cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
         self._fetcher = AdapterFetcher(self._store, self._cache)
@@ -170,9 +180,13 @@ class LLMServer:
     def __del__(self):
         # Serve calls this when it stops the replica (scale-down, redeploy), after the
         # requests in flight drained: stop the engine's step thread and adapter loader.
-        engine = getattr(self, "_engine", None)
+        engine, ranks = getattr(self, "_engine", None), getattr(self, "_ranks", None)
+        if ranks is not None:
+            ranks.closing = True  # the ranks end because rank 0 tells them to, not by failure
         if engine is not None:
             engine.shutdown()
+        if ranks is not None:
+            ranks.close()
 
     async def ready(self) -> dict:
         """For the unauthenticated /ready: counts only, no tenant's adapter names."""
@@ -188,7 +202,10 @@ class LLMServer:
         return engine_snapshot(self._engine.stats())
 
     def check_health(self) -> None:
-        """Serve calls this periodically: a dead engine core fails it, and Serve replaces the replica."""
+        """Serve calls this periodically: a dead engine core, or rank of a replica over several GPUs,
+        fails it, and Serve replaces the replica."""
+        if self._ranks is not None and self._ranks.failure is not None:
+            raise RuntimeError(f"engine replica: {self._ranks.failure}")
         self._engine.check_health()
 
 

@@ -22,6 +22,19 @@ def test_serve_config_validates_and_its_args_parse():
     assert options["ray_actor_options"]["num_gpus"] == 1
 
 
+def test_multi_gpu_serve_config_asks_for_one_node_of_four_gpu_bundles_per_replica():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "deployments" / "serve_config_multi_gpu.yaml").read_text())
+    args = AppArgs.model_validate(ServeDeploySchema.parse_obj(raw).applications[0].args)
+    options = args.replica_options(cluster_gpus=8)
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert [b["GPU"] for b in options["placement_group_bundles"]] == [1, 1, 1, 1]
+    assert options["ray_actor_options"]["num_gpus"] == options["placement_group_bundles"][0]["GPU"]
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert config["available_node_types"]["worker.gpu8"]["resources"]["GPU"] == 8
+
+
 def test_cluster_yaml_validates_against_the_launcher_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
