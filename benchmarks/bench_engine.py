@@ -18,13 +18,15 @@ import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from engine.lora.adapter import LoRAAdapter, LoRAFactors
-from engine.models.presets import QWEN3_30B_A3B
+from engine.models.presets import QWEN3_30B_A3B, QWEN3_235B_A22B
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_engine
     from provenance import provenance
@@ -62,10 +64,12 @@ def layer_bytes(shape: dict, slots: int, rank: int, kv_tokens: int) -> tuple[int
     return 2 * (weights + pools + 2 * kv_tokens * kv), 2 * 2 * shape["vocab_size"] * d
 
 
-def pick_layers(shape: dict, slots: int, rank: int, kv_tokens: int) -> int:
+def pick_layers(shape: dict, slots: int, rank: int, kv_tokens: int, ranks: int = 1) -> int:
+    """Layers that fit one GPU, or each of `ranks` GPUs holding 1/ranks of every layer."""
     if not torch.cuda.is_available():
         return shape["num_hidden_layers"]
     per_layer, fixed = layer_bytes(shape, slots, rank, kv_tokens)
+    per_layer //= ranks
     budget = torch.cuda.get_device_properties(0).total_memory * 0.88 - fixed - (6 << 30)
     return max(1, min(shape["num_hidden_layers"], int(budget // per_layer)))
 
@@ -122,6 +126,20 @@ def random_adapter(engine: LLMEngine, rank: int, seed: int, targets: str = "both
             for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
                 adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
     return engine.runner.slot_pools.pack(adapter)  # one pinned compact image, as the host tier holds them
+
+
+def disk_adapter(engine: LLMEngine, rank: int, seed: int, root: Path) -> LoRAAdapter:
+    """A random PEFT adapter (q/k/v/o and every expert) written under `root` and loaded from there,
+    packed as the host tier holds it: a replica over several GPUs needs files its other ranks read."""
+    from engine.lora.adapter import load_adapter
+    from engine.testing.adapters import make_peft_adapter
+
+    model_dir = root / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(engine.config.hf_config.to_json_string())
+    path = make_peft_adapter(model_dir, root / f"base-{seed}", rank=rank, alpha=rank, seed=seed, std=0.02)
+    adapter = load_adapter(f"base-{seed}", path, engine.spec, engine.runner.dtype, rank)
+    return engine.runner.slot_pools.pack(adapter)
 
 
 def install(engine: LLMEngine, names: list[str], bases: list[LoRAAdapter]) -> None:
@@ -291,7 +309,8 @@ def make_engine(args, shape: dict, layers: int, slots: int, mode: str) -> LLMEng
         lora_layout=args.lora_layout,
         max_lora_rank=args.rank, max_cpu_loras=128, max_num_seqs=args.requests,
         max_model_len=args.prompt + args.output + args.block_size, block_size=args.block_size,
-        max_num_batched_tokens=args.max_batched_tokens, seed=0, **{**overrides, **MODES[mode]}))
+        max_num_batched_tokens=args.max_batched_tokens, seed=0, tensor_parallel_size=args.tp,
+        expert_parallel_size=args.ep, **{**overrides, **MODES[mode]}))
 
 
 def free_memory() -> None:
@@ -306,6 +325,9 @@ def measure_machine(engine: LLMEngine, args, results: dict) -> list[LoRAAdapter]
     """Copy and PCIe rates, the roofline, one slot load; returns the random adapters (packed
     slot images, valid for every mode's engine: the slot layout does not depend on the mode)."""
     device = engine.runner.device
+    if engine.config.world_size > 1:  # the adapters' files, for every rank; rank 0's machine numbers only
+        root = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+        return [disk_adapter(engine, args.rank, seed, root) for seed in range(4)]
     results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
     pcie = pcie_bandwidth() if device.type == "cuda" else None
     results["pcie_h2d_GBps"] = pcie / 1e9 if pcie else None
@@ -338,7 +360,7 @@ def run_mode(args, engine: LLMEngine, mode: str, results: dict) -> None:
 
 def main_engine_cases(args, shape: dict, results: dict) -> None:
     kv_tokens = args.requests * (args.prompt + args.output)
-    layers = args.layers or pick_layers(shape, args.slots, args.rank, kv_tokens)
+    layers = args.layers or pick_layers(shape, args.slots, args.rank, kv_tokens, max(args.tp, args.ep))
     results["layers"] = layers
     cases = args.cases + (["c_16"] if args.profile else [])  # the profile runs case c's adapters
     names = {n for c in cases for n in case_adapters(c, args.requests) if n}
@@ -417,6 +439,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_engine.json")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (smoke test)")
+    parser.add_argument("--preset", choices=("qwen3-30b-a3b", "qwen3-235b-a22b"), default="qwen3-30b-a3b",
+                        help="model shapes (random weights); --layers 0 fits as many layers as the GPUs hold")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size: GPUs of the replica, "
+                        "attention split by heads (ranks 1..N-1 run as processes on cuda:1..N-1)")
+    parser.add_argument("--ep", type=int, default=1, help="expert_parallel_size: experts split by expert")
     parser.add_argument("--layers", type=int, default=0, help="0: all 48 if they fit, else as many as fit")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=512)
@@ -446,9 +473,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown modes {unknown}: choose from {list(MODES)}")
     args.device = "cpu" if args.tiny else "cuda"
-    shape = TINY if args.tiny else QWEN3_30B_A3B
+    shape = TINY if args.tiny else {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B}[args.preset]
     results = {"provenance": provenance(sys.argv), "requests": args.requests, "prompt": args.prompt, "output": args.output, "rank": args.rank,
-               "slots": args.slots, "device": torch.cuda.get_device_name() if not args.tiny else "cpu", "cases": {}}
+               "slots": args.slots, "preset": "tiny" if args.tiny else args.preset, "tp": args.tp, "ep": args.ep, "device": torch.cuda.get_device_name() if not args.tiny else "cpu", "cases": {}}
     main_engine_cases(args, shape, results)
     if not args.skip_hf:  # with --tiny too: a CPU smoke run of the baseline's code path
         main_vs_transformers(args, shape, results)
