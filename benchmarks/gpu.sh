@@ -34,12 +34,15 @@
 #              app, another tenant's latency and the front processes' memory, Serve's Python
 #              proxy then its HAProxy mode (the app's default where the binary is installed);
 #              FLOODS_ARGS="--device cuda" puts the engine replica on the GPU
+#   parallel   bench_engine.py over several GPUs (needs a kind of 2+ GPUs: nvidia-h200-x2 / -x4): EP=1 vs
+#              EP=2 at Qwen3-30B-A3B shapes, batch 128, 16 adapters; with 4+ GPUs also Qwen3-235B-A22B
+#              shapes at tp=4, ep=4
 #   ab         AB_SCRIPT (default bench_engine.py) with AB_ARGS (default "--cases a_none c_16 --modes
 #              fused --skip-hf") on the commit in ab_old/ (AB_OLD_COMMIT), then on this tree: results
 #              ab_old.json and ab_new.json; `git worktree add --detach ab_old <sha>` here, carry it
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
 # ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS,
-# FLOODS_SECONDS (each of the two runs), DENSE_SECONDS, AB_SECONDS (each side).
+# FLOODS_SECONDS (each of the two runs), DENSE_SECONDS, AB_SECONDS (each side), PARALLEL_SECONDS (each run).
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
@@ -119,6 +122,22 @@ part_engine() {
     --out "$out/bench_engine.json"
   grep -E "^(a_none|b_one|c_16|d_64)|roofline|adapter load|vs transformers" "$out/bench_engine.log" \
     | cut -c1-500 | tail -30
+}
+
+part_parallel() {
+  # replicas over several GPUs (a kind of 2+ GPUs): Qwen3-30B-A3B, batch 128, 16 adapters, EP=1 then
+  # EP=2 (decode step ratio: the target is <= 0.60); then Qwen3-235B-A22B shapes on 4 GPUs, a_none
+  # and c_16 (as many layers as 4 GPUs hold: the JSON's "layers")
+  local common="--cases a_none c_16 --modes fused --skip-hf"
+  bench parallel_ep1 "${PARALLEL_SECONDS:-280}" benchmarks/bench_engine.py $common --requests 128 \
+    --out "$out/bench_engine_ep1.json"
+  bench parallel_ep2 "${PARALLEL_SECONDS:-280}" benchmarks/bench_engine.py $common --requests 128 --ep 2 \
+    --out "$out/bench_engine_ep2.json"
+  if [[ $(nvidia-smi -L | wc -l) -ge 4 ]]; then
+    bench parallel_235b "${PARALLEL_SECONDS:-280}" benchmarks/bench_engine.py $common --preset qwen3-235b-a22b \
+      --tp 4 --ep 4 --out "$out/bench_engine_235b_tp4_ep4.json"
+  fi
+  grep -hE "^(a_none|c_16)" "$out"/parallel_*.log | cut -c1-300
 }
 
 part_ab() {
@@ -205,7 +224,8 @@ for part in "$@"; do
     workload) part_workload ;;
     ab) part_ab ;;
     floods) part_floods ;;
-    *) echo "unknown part $part: deps tests kernels router dense engine prefill profile serve8 serve48 coldstart workload floods ab" ;;
+    parallel) part_parallel ;;
+    *) echo "unknown part $part: deps tests kernels router dense engine prefill profile serve8 serve48 coldstart workload floods ab parallel" ;;
   esac
 done
 exit 0
