@@ -50,18 +50,18 @@ class ReplicaPlacement:
         """Serve options of a replica over several GPUs: a placement group of one bundle per rank
         on one node (STRICT_PACK: the ranks talk over NVLink / shared memory, and rank 0 hosts
         their rendezvous). Bundle 0 holds the replica (rank 0, its engine core), bundles 1..N-1
-        one rank actor each (deployments.ranks). Ray schedules and autoscales the group as one
-        replica. Empty for one rank."""
+        one rank actor each (deployments.ranks); replica_num_cpus is split over the bundles, so
+        a replica reserves the CPUs it does on one GPU. Ray schedules and autoscales the group as
+        one replica. Empty for one rank."""
         n = self.ranks_per_replica()
         if n == 1:
             return {}
-        rank0: dict[str, float] = {"CPU": self.replica_num_cpus}
-        other: dict[str, float] = {"CPU": max(self.replica_num_cpus, 0.001)}
+        bundle: dict[str, float] = {"CPU": self.replica_num_cpus / n} if self.replica_num_cpus else {}
         if gpus:
-            rank0["GPU"], other["GPU"] = gpus, gpus
-        if self.replica_resources:
-            rank0.update(self.replica_resources)
-        return {"placement_group_bundles": [rank0] + [other] * (n - 1),
+            bundle["GPU"] = gpus
+        bundle = bundle or {"CPU": 0.001}  # a bundle must ask for something
+        rank0 = {**bundle, **(self.replica_resources or {})}
+        return {"placement_group_bundles": [rank0] + [dict(bundle) for _ in range(n - 1)],
                 "placement_group_strategy": "STRICT_PACK"}
 
     def ingress_options(self) -> dict:
@@ -80,7 +80,10 @@ class ReplicaPlacement:
         `cluster_gpus`: the GPUs Ray knows of (`deployments.app.cluster_gpus()`).
         """
         gpus = self.gpus_per_replica(cluster_gpus)
-        actor = {"num_cpus": self.replica_num_cpus, "num_gpus": gpus}
+        bundles = self.rank_bundles(gpus)
+        # over several GPUs the replica's actor takes its share of bundle 0
+        cpus = bundles["placement_group_bundles"][0].get("CPU", 0) if bundles else self.replica_num_cpus
+        actor = {"num_cpus": cpus, "num_gpus": gpus}
         if self.replica_resources:
             actor["resources"] = dict(self.replica_resources)
         if self.replica_on_serve_loop:
@@ -89,7 +92,7 @@ class ReplicaPlacement:
         options: dict[str, Any] = {"ray_actor_options": actor,
                                    "max_ongoing_requests": self.max_ongoing_requests,
                                    "logging_config": {"enable_access_log": False}}
-        options.update(self.rank_bundles(gpus))
+        options.update(bundles)
         if self.autoscaling_config is not None:
             options["autoscaling_config"] = self.autoscaling_config
         else:

@@ -214,9 +214,12 @@ def _log_startup(args: AppArgs, model_dir, engine) -> None:
     config = engine.config
     where = "its own process" if args.engine_process else "a thread of the replica"
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in engine.startup_seconds.items())
+    device = config.device if config.world_size == 1 else (
+        f"{config.world_size} x {config.device} (tensor_parallel_size={config.tensor_parallel_size}, "
+        f"expert_parallel_size={config.expert_parallel_size}; memory per rank)")
     logger.info("moeplex engine replica ready: model %s (%s) on %s, %s; engine core in %s\n"
                 "  memory: %s\n  start-up: %s (total %.1f s)\n  adapter store: %s",
-                args.model_name(), model_dir, config.device, config.torch_dtype, where,
+                args.model_name(), model_dir, device, config.torch_dtype, where,
                 engine.memory_summary, parts, sum(engine.startup_seconds.values()), args.store_uri())
 
 

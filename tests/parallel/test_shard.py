@@ -26,8 +26,9 @@ def test_local_spec_holds_this_ranks_heads_experts_and_intermediate():
 
 def test_app_args_ask_ray_for_one_bundle_per_rank_on_one_node():
     options = AppArgs(device="cpu", tensor_parallel_size=2, expert_parallel_size=2).replica_options(cluster_gpus=0)
-    assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}]
-    assert options["placement_group_strategy"] == "STRICT_PACK"
+    # the replica's CPU split over its ranks: a 2-rank CPU replica reserves what a 1-rank one does
+    assert options["placement_group_bundles"] == [{"CPU": 0.5}, {"CPU": 0.5}]
+    assert options["placement_group_strategy"] == "STRICT_PACK" and options["ray_actor_options"]["num_cpus"] == 0.5
     gpu = AppArgs(device="cuda", expert_parallel_size=4).replica_options(cluster_gpus=8)
     assert [b["GPU"] for b in gpu["placement_group_bundles"]] == [1.0] * 4
     assert "placement_group_bundles" not in AppArgs(device="cuda").replica_options(cluster_gpus=8)
