@@ -16,6 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.errors import EngineError
 from engine.models.spec import ModelSpec
+from kernels.weights import RANK_UNIT
 
 GIB = 1 << 30
 
@@ -25,15 +26,17 @@ def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * dtype.itemsize
 
 
-def lora_slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> int:
-    """Bytes of the largest adapter image in engine.lora.slots.SlotPools' heap (rank max_rank on
-    every target): every layer's q/k/v/o as A [r, in] + B [out, r], and every MoE layer's experts
-    as gate and up A [E, r, D] each + B [E, 2I, r] and down A [E, r, I] + B [E, D, r]."""
+def lora_slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype, layout: str = "slots") -> int:
+    """Bytes of the largest adapter image in engine.lora.slots.SlotPools (rank max_rank on every
+    target): every layer's q/k/v/o as A [r, in] + B [out, r], and every MoE layer's experts as
+    gate and up A [E, r, D] each + B [E, 2I, r] and down A [E, r, I] + B [E, D, r], at max_rank
+    rounded up to 16 in the adapter heap (layout "bytes": its experts' r16, engine.lora.slots)."""
     r, d = max_rank, spec.hidden_size
     q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     attention = r * ((d + q_out) + 2 * (d + kv_out) + (q_out + d))  # q, k and v, o
     e, i = spec.num_experts, spec.moe_intermediate_size
-    moe = e * r * (2 * d + 2 * i + i + d)
+    r_moe = -(-r // RANK_UNIT) * RANK_UNIT if layout == "bytes" else r
+    moe = e * r_moe * (2 * d + 2 * i + i + d)
     num_moe = sum(spec.is_moe_layer(layer) for layer in range(spec.num_layers))
     return (spec.num_layers * attention + num_moe * moe) * dtype.itemsize
 
@@ -142,7 +145,7 @@ def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reser
     max_num_seqs sequences need, up to 2 GiB (at least one sequence)."""
     c, device, dtype = config, config.torch_device, config.torch_dtype
     block = kv_block_bytes(spec, c.block_size, dtype)
-    slot = lora_slot_bytes(spec, c.max_lora_rank, dtype)
+    slot = lora_slot_bytes(spec, c.max_lora_rank, dtype, c.lora_layout)
     per_seq = -(-c.max_model_len // c.block_size)
     if device.type != "cuda":
         blocks = c.num_kv_blocks or min(c.max_num_seqs * per_seq, max(per_seq, (2 << 30) // block))

@@ -1,20 +1,25 @@
 """LoRA weight pools handed to the kernels: per layer or projection, S slots of factors.
 
 A factor (`Factor`) is addressed through a table of element offsets per slot, so a pool can be
-either a padded stack [S, E, rows, cols] (every slot at the max rank: tests, benchmarks) or an
-adapter heap (engine.lora.slots), where each adapter sits at its own rank, rank-major, wherever
-its bytes were placed. The kernels read both the same way.
+either a padded stack [S, E, rows, cols] (every slot at the max rank) or an adapter heap
+(engine.lora.slots), where each adapter sits at its own rank wherever its bytes were placed: a
+*ranked* factor, whose (slot, expert) matrices are laid out as a padded stack's at the slot's
+rank rounded up to RANK_UNIT, so its strides are multiples of that. The kernels read both the
+same way.
 
 Shape legend: S = adapter slots, E = experts, R = max rank, D = hidden, I = expert intermediate.
 """
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 from torch import Tensor
 
 from kernels.errors import expect
 
 OFFSET_UNIT = 16  # elements; the adapter heap places every factor at a multiple of it
+RANK_UNIT = 16  # a ranked factor's slot is laid out at its rank rounded up to a multiple of this
+PLAIN, RANKED_ROWS, RANKED_COLS = 0, 1, 2  # Factor.ranked: none, or which axis runs over the rank
 
 
 @dataclass(slots=True)
@@ -22,11 +27,16 @@ class Factor:
     """One LoRA factor (an A or a B) of S slots, E experts and H splits (gate/up halves, or the
     projections of a group). Element (row i, column j) of split h of (slot s, expert e) is
 
-        data.flatten()[offsets[h, s] * offset_unit + e * expert_stride + (h * split_rows + i) * row_stride + j * col_stride]
+        data.flatten()[offsets[h, s] * offset_unit + e * expert_stride * u_e + (h * split_rows + i) * row_stride * u_r + j * col_stride]
 
-    counted from data's first element. A padded stack has one offsets row (s * its slot stride)
-    and split_rows = rows a split; a heap has a row per split (offsets[h] of slot s is where its
-    split h begins) and split_rows = 0, or one row and split_rows = N (B, split along N)."""
+    counted from data's first element, with u_e = u_r = 1 unless the factor is ranked. A padded
+    stack has one offsets row (s * its slot stride) and split_rows = rows a split; a heap has a
+    row per split (offsets[h] of slot s is where its split h begins) and split_rows = 0, or one
+    row and split_rows = N (B, split along N).
+
+    Ranked (a heap's expert factors): slot s's matrices are [E, r16, cols] (RANKED_ROWS, an A) or
+    [E, rows, r16] (RANKED_COLS, a B) with r16 = ranks[s] rounded up to RANK_UNIT, so the strides
+    that step over the rank count in r16s: u_e = r16 for both, u_r = r16 for RANKED_COLS."""
 
     data: Tensor
     offsets: Tensor  # int64 [1 or H, S], on data's device
@@ -39,8 +49,14 @@ class Factor:
     # offsets count in units of this many elements: 16 where every slot starts 16-aligned, which
     # the kernels then know at compile time (vector loads, as strides divisible by 16 give)
     offset_unit: int = 1
+    ranked: int = 0  # PLAIN, RANKED_ROWS or RANKED_COLS
+    ranks: Tensor | None = None  # int32 [S] on data's device: a ranked factor's slot ranks
 
     def __post_init__(self) -> None:
+        expect(self.ranked in (PLAIN, RANKED_ROWS, RANKED_COLS), f"ranked must be 0, 1 or 2, got {self.ranked}")
+        expect((self.ranks is not None) == (self.ranked != PLAIN), "a ranked factor, and only one, has ranks")
+        if self.ranks is not None:
+            _check_ranks(self.ranks, self.shape[0], self.data.device)
         expect(self.offsets.dim() == 2 and self.offsets.dtype == torch.int64
                and self.offsets.shape[1] == self.shape[0],
                f"offsets must be int64 [H, S={self.shape[0]}], got {self.offsets.dtype} {tuple(self.offsets.shape)}")
@@ -65,27 +81,38 @@ class Factor:
 
     def operand(self) -> tuple:
         """The kernels' tuple: (data, offsets, offsets' split stride (0: one row for all
-        splits), expert stride, row stride, column stride, rows a split steps by, offset unit)."""
+        splits), expert stride, row stride, column stride, rows a split steps by, offset unit,
+        ranked (a compile-time constant), the slot ranks of a ranked factor (else None))."""
         split_stride = self.offsets.stride(0) if self.offsets.shape[0] > 1 else 0
         return (self.data, self.offsets, split_stride, self.expert_stride, self.row_stride, self.col_stride,
-                self.split_rows, self.offset_unit)
+                self.split_rows, self.offset_unit, tl.constexpr(self.ranked), self.ranks)
+
+    def strides(self, slot: int) -> tuple[int, int]:
+        """(expert stride, row stride) of slot `slot`'s matrices (a host read of its rank when
+        ranked: for the torch references and tests, never inside a CUDA graph)."""
+        if self.ranked == PLAIN:
+            return self.expert_stride, self.row_stride
+        r16 = -(-int(self.ranks[slot]) // RANK_UNIT) * RANK_UNIT
+        return self.expert_stride * r16, self.row_stride * (r16 if self.ranked == RANKED_COLS else 1)
 
     def view(self, slot: int, split: int, rows: int, cols: int) -> Tensor:
         """Split `split` of slot `slot` as an [E, rows, cols] view (host read of the offsets:
         for the torch references and tests, never inside a CUDA graph)."""
         table = self.offsets[min(split, self.offsets.shape[0] - 1)]
-        start = int(table[slot]) * self.offset_unit + split * self.split_rows * self.row_stride
-        return torch.as_strided(self.data, (self.shape[1], rows, cols),
-                                (self.expert_stride, self.row_stride, self.col_stride),
+        expert_stride, row_stride = self.strides(slot)
+        start = int(table[slot]) * self.offset_unit + split * self.split_rows * row_stride
+        return torch.as_strided(self.data, (self.shape[1], rows, cols), (expert_stride, row_stride, self.col_stride),
                                 self.data.storage_offset() + start)
 
     def select(self, split: int, rows: int, first_row: int = 0) -> "Factor":
         """`rows` rows of split `split` from `first_row` on, as a one-split factor (views)."""
         row_offsets = self.offsets[min(split, self.offsets.shape[0] - 1)][None]
         shift = (split * self.split_rows + first_row) * self.row_stride
+        expect(shift == 0 or self.ranked != RANKED_COLS, "a RANKED_COLS factor's rows step by its slots' ranks")
         data = torch.as_strided(self.data, (1,), (1,), self.data.storage_offset() + shift)
         return Factor(data, row_offsets, self.expert_stride, self.row_stride, self.col_stride, 0,
-                      (self.shape[0], self.shape[1], rows, self.shape[3]), offset_unit=self.offset_unit)
+                      (self.shape[0], self.shape[1], rows, self.shape[3]), offset_unit=self.offset_unit,
+                      ranked=self.ranked, ranks=self.ranks)
 
 
 def as_factor(x: "Tensor | Factor", split_rows: int) -> Factor:

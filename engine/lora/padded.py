@@ -1,9 +1,10 @@
 """The padded slot layout of SlotPools (lora_layout="slots"): every slot a whole image at max rank
 on every target, slot s in row s of the storage [S, slot_numel], each pool a strided view.
 
-Why it stays the default beside the heap (engine.lora.slots): its factors are expert-major and
-rank-contiguous, and the decode kernels read them faster than the heap's rank-major ones (H200,
-48 layers, 16 rank-16 adapters, batch 64: a decode step of 21.3 against 23.9 ms; RESULTS.md).
+Its factors are expert-major and rank-contiguous, which the decode kernels read fastest; the
+heap (engine.lora.slots) lays each adapter's experts out the same way at the adapter's rank
+rounded up to 16, and measured as fast (H200, 48 layers, 16 rank-16 adapters, batch 64: a decode
+step of 20.95 against 21.07 ms; RESULTS.md). Rank-major heap factors had taken 23.9 against 21.3.
 
 S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate.
 """

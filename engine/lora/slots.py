@@ -2,22 +2,34 @@
 lora_layout="bytes", this module) or by slots (a max-rank image per slot: engine.lora.padded).
 
 An adapter is resident at its own rank on its own target modules: its image holds, for each
-projection it adapts and nothing else, that projection's A and B at the adapter's rank there,
-rank-major (rank row j of every expert side by side). Rank-major is what lets one table of
-offsets serve adapters of every rank: the expert, row and column strides of a factor depend on
-the model only (A [r, E, IN]: expert stride IN, row stride E*IN; B stored transposed [r, E, OUT]:
-expert stride OUT, row stride 1, column stride E*OUT), so slot s needs only where its image
-starts (kernels.weights.Factor). Rank buckets would cap every adapter at its bucket's rank and
-split the kernels' launches by bucket; pages of a fixed rank would cut one adapter's expert
-block over pages and need a table per rank row. The image is one contiguous span of the heap,
-so a load stays one copy of a pinned host image (the host tier holds the same compact image).
+projection it adapts and nothing else, that projection's A and B. Two orientations, each chosen
+for how the kernels read it:
+- An MoE layer's expert factors are laid out as a padded slot's, at r16 = the adapter's rank
+  there rounded up to 16 (kernels.weights.RANK_UNIT): gate/up A [E, 2*r16, D] (gate's rows, then
+  up's, in each expert's block), gate/up B [E, 2I, r16], down A [E, r16, I], down B [E, D, r16],
+  rows and columns past the rank zero. Each (adapter, expert) matrix is then one contiguous
+  block with its ranks contiguous and 16-aligned, what the decode kernels stream best (a
+  program per routed row reads one expert's A rows and B columns). The strides that step over
+  the rank are multiples of the slot's r16, which the kernels derive from its rank
+  (Factor.ranked), so one table of offsets per slot still serves adapters of every rank. A
+  rank-16 adapter's expert block is byte for byte a padded slot's; a rank-8 one takes r16 = 16;
+  an attention-only adapter takes no expert bytes. The layout it replaced, rank-major factors (A
+  [r, E, D], B transposed [r, E, OUT]: strides of the model only), made a decode step slower than
+  the padded slots (H200, 48 layers, 16 rank-16 adapters at batch 64: 23.9 against 21.3 ms,
+  RESULTS.md): the row kernel's loop over B's ranks read one plane per rank.
+- Attention (dense) factors stay rank-major, A [r, IN] and B transposed [r, OUT]: one expert, so
+  their strides depend on the model only and slot s needs only where its image starts.
+Rank buckets would cap every adapter at its bucket's rank and split the kernels' launches by
+bucket; pages of a fixed rank would cut one adapter's expert block over pages and need a table
+per rank row. The image is one contiguous span of the heap, so a load stays one copy of a
+pinned host image (the host tier holds the same compact image).
 
 Slots are table columns: S of them bound the adapters resident at once, the heap's bytes bound
 what they hold together (engine.lora.manager evicts by LRU until an image fits). Every factor
 starts 16-element aligned and the tables count in 16-element units, so the kernels know it at
-compile time and vectorise their loads (kernels.weights.OFFSET_UNIT). The rank-major factors
-still cost decode steps against the padded layout (H200, 48 layers, 16 rank-16 adapters at
-batch 64: 23.9 against 21.3 ms; RESULTS.md), which is why "slots" is the default.
+compile time and vectorise their loads (kernels.weights.OFFSET_UNIT). With the experts so laid
+out, a decode step took 20.95 ms against the padded slots' 21.07 (H200, same shapes; RESULTS.md);
+"slots" (engine.lora.padded) is still the default.
 
 S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = pools.
 """
@@ -32,7 +44,7 @@ from engine.lora import padded
 from engine.lora.adapter import LoRAAdapter
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
-from kernels.weights import OFFSET_UNIT, Factor
+from kernels.weights import OFFSET_UNIT, PLAIN, RANK_UNIT, RANKED_COLS, RANKED_ROWS, Factor
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LAYOUTS = ("slots", "bytes")
@@ -112,9 +124,9 @@ class SlotPools:
         for p, (kind, key, dims) in enumerate(self.plan):
             if kind == "moe":
                 e, i, d = dims
-                r = ranks[p]
-                parts = [((p, "gate_up_a", 0), r * e * d), ((p, "gate_up_a", 1), r * e * d),
-                         ((p, "gate_up_b"), r * e * 2 * i), ((p, "down_a"), r * e * i), ((p, "down_b"), r * e * d)]
+                r = _r16(ranks[p])
+                parts = [((p, "gate_up_a", 0), e * 2 * r * d), ((p, "gate_up_b"), e * 2 * i * r),
+                         ((p, "down_a"), e * r * i), ((p, "down_b"), e * d * r)]
             elif key[1] == "q_proj":
                 parts = [((p, "qkv_a", h), ranks[p + h] * dims[1]) for h in range(3)]
                 parts.append(((p, "qkv_b"), max(ranks[p:p + 3]) * sum(self.plan[p + h][2][0] for h in range(3))))
@@ -125,25 +137,28 @@ class SlotPools:
             for row, n in parts:
                 layout[row] = (at, n)
                 at += -(-n // OFFSET_UNIT) * OFFSET_UNIT  # every factor 16-aligned (Factor.offset_unit)
+            if kind == "moe":  # up's A: r16 rows into each expert's [2 * r16, D] block of A
+                layout[(p, "gate_up_a", 1)] = (layout[(p, "gate_up_a", 0)][0] + _r16(ranks[p]) * dims[2], 0)
         return layout
 
     def _factor(self, first_row: int, num_rows: int, strides: tuple[int, int, int], split_rows: int,
-                shape: tuple[int, int, int, int]) -> Factor:
+                shape: tuple[int, int, int, int], ranks: Tensor | None = None, ranked: int = PLAIN) -> Factor:
         return Factor(self.storage, self.offsets[first_row:first_row + num_rows], *strides, split_rows,
-                      (self.num_slots, *shape), offset_unit=OFFSET_UNIT)
+                      (self.num_slots, *shape), offset_unit=OFFSET_UNIT, ranked=ranked, ranks=ranks)
 
     def _weights(self) -> tuple[dict, dict, dict]:
         """The kernels' pools over the heap: o by (layer, name), MoE by layer, q/k/v groups by layer."""
         dense, moe, groups, r = {}, {}, {}, self.max_rank
         for p, (kind, key, dims) in enumerate(self.plan):
-            if kind == "moe":
+            if kind == "moe":  # strides in r16s where they step over the rank (Factor.ranked)
                 e, i, d = dims
                 f = lambda name: self.rows[(p, name)]  # noqa: E731
+                ranks = self.ranks[p]
                 moe[key] = kernels.MoELoRAWeights(
-                    self._factor(self.rows[(p, "gate_up_a", 0)], 2, (d, e * d, 1), 0, (e, 2 * r, d)),
-                    self._factor(f("gate_up_b"), 1, (2 * i, 1, e * 2 * i), i, (e, 2 * i, r)),
-                    self._factor(f("down_a"), 1, (i, e * i, 1), 0, (e, r, i)),
-                    self._factor(f("down_b"), 1, (d, 1, e * d), d, (e, d, r)), self.ranks[p])
+                    self._factor(self.rows[(p, "gate_up_a", 0)], 2, (2 * d, d, 1), 0, (e, 2 * r, d), ranks, RANKED_ROWS),
+                    self._factor(f("gate_up_b"), 1, (2 * i, 1, 1), i, (e, 2 * i, r), ranks, RANKED_COLS),
+                    self._factor(f("down_a"), 1, (i, i, 1), 0, (e, r, i), ranks, RANKED_ROWS),
+                    self._factor(f("down_b"), 1, (d, 1, 1), d, (e, d, r), ranks, RANKED_COLS), ranks)
             elif key[1] == "q_proj":
                 sections = tuple(self.plan[p + h][2][0] for h in range(3))
                 n_in, n = dims[1], sum(sections)
@@ -256,6 +271,11 @@ class SlotPools:
         return missing + [f"layer {l} {m}" for (l, m) in adapter.moe if l not in self.moe]
 
 
+def _r16(rank: int) -> int:
+    """A MoE layer's rank in the heap: rounded up to whole RANK_UNITs (kernels.weights.Factor.ranked)."""
+    return -(-rank // RANK_UNIT) * RANK_UNIT
+
+
 def _image_numel(layout: dict) -> int:
     """Elements of an image: up to its last factor's end, rounded up to whole offset units."""
     end = max((start + n for start, n in layout.values()), default=0)
@@ -263,7 +283,8 @@ def _image_numel(layout: dict) -> int:
 
 
 def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapter, ranks: list[int]) -> None:
-    """Write the adapter's factors into its image (zeros elsewhere), rank-major, B transposed."""
+    """Write the adapter's factors into its image (zeros elsewhere): experts as padded slots at
+    r16, attention rank-major with B transposed."""
     def block(row, *shape):
         start, n = layout[row]
         return image[start:start + n].view(*shape)
@@ -271,16 +292,16 @@ def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapt
     for p, (kind, key, dims) in enumerate(plan):
         r = ranks[p]
         if kind == "moe" and r > 0:
-            e, i, d = dims
+            e, i, d, r16 = *dims, _r16(r)
             for h, module in enumerate(("gate", "up")):
                 f = adapter.moe.get((key, module))
                 if f is not None:
-                    block((p, "gate_up_a", h), r, e, d)[:f.rank].copy_(f.a.permute(1, 0, 2))  # [r, E, D]
-                    block((p, "gate_up_b"), r, e, 2 * i)[:f.rank, :, h * i:(h + 1) * i].copy_(f.b.permute(2, 0, 1))
+                    block((p, "gate_up_a", 0), e, 2, r16, d)[:, h, :f.rank].copy_(f.a)  # [E, r, D]
+                    block((p, "gate_up_b"), e, 2 * i, r16)[:, h * i:(h + 1) * i, :f.rank].copy_(f.b)  # [E, I, r]
             f = adapter.moe.get((key, "down"))
             if f is not None:
-                block((p, "down_a"), r, e, i)[:f.rank].copy_(f.a.permute(1, 0, 2))
-                block((p, "down_b"), r, e, d)[:f.rank].copy_(f.b.permute(2, 0, 1))
+                block((p, "down_a"), e, r16, i)[:, :f.rank].copy_(f.a)
+                block((p, "down_b"), e, d, r16)[:, :, :f.rank].copy_(f.b)
         elif kind == "dense" and key[1] == "q_proj":
             outs = [plan[p + h][2][0] for h in range(3)]
             b = block((p, "qkv_b"), max(ranks[p:p + 3]), sum(outs)) if max(ranks[p:p + 3]) else None

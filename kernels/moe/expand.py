@@ -20,8 +20,8 @@ from torch import Tensor
 
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
-from kernels.moe.operands import factor_base, num_programs
-from kernels.weights import Factor, as_factor
+from kernels.moe.operands import factor_at, num_programs
+from kernels.weights import RANKED_COLS, Factor, as_factor
 
 
 @triton.jit
@@ -35,13 +35,14 @@ def _tile_cols(t, t_end, num_n, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N, BLOCK_N: tl.constexpr,
+def _tile_load(B, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N, BLOCK_N: tl.constexpr,
                BLOCK_R: tl.constexpr):
-    """B tile [BLOCK_R, BLOCK_N] with padded ranks zeroed, and the prior c tile in fp32."""
+    """B tile [BLOCK_R, BLOCK_N] with padded ranks zeroed, and the prior c tile in fp32;
+    B = (the pair's row 0, its row stride, its column stride)."""
     cols, n_ok = _tile_cols(t, t_end, num_n, N, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     # rank mask in whole 16-byte groups (vector loads); ranks in [r_s, read end) are zeroed below
-    b = tl.load(b_base + cols[None, :] * W[4] + offs_r[:, None] * W[5],
+    b = tl.load(B[0] + cols[None, :] * B[1] + offs_r[:, None] * B[2],
                 mask=r_read[:, None] & n_ok[None, :], other=0.0)
     b = tl.where(r_ok[:, None], b, tl.zeros_like(b))
     prior = tl.load(C[0] + rows[:, None] * C[1] + cols[None, :] * C[2],
@@ -103,12 +104,13 @@ def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, part
         row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        b_base = factor_base(W, slot, tl.maximum(expert, 0), 0)  # B rows are c's columns
+        b_base, b_rows = factor_at(W, slot, tl.maximum(expert, 0), 0)  # B rows are c's columns
+        B = (b_base, b_rows, W[5])
         if PREFETCH:  # registers hold tile t + 1's loads while tile t computes and stores
-            b, prior = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t_begin, t_end, num_n, N,
+            b, prior = _tile_load(B, C, rows, row_ok, r_ok, r_read, t_begin, t_end, num_n, N,
                                   BLOCK_N, BLOCK_R)
             for t in range(t_begin, t_end):
-                b_next, prior_next = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t + 1, t_end,
+                b_next, prior_next = _tile_load(B, C, rows, row_ok, r_ok, r_read, t + 1, t_end,
                                                 num_n, N, BLOCK_N, BLOCK_R)
                 _tile_store(a0, a1, b, prior, row_scale, C, rows, row_ok, t, t_end, num_n, N, BLOCK_N,
                             NUM_SPLITS, HAS_SCALE, IEEE)
@@ -116,7 +118,7 @@ def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, part
                 prior = prior_next
         else:  # the compiler pipelines the loop's loads over num_stages
             for t in range(t_begin, t_end):
-                b, prior = _tile_load(b_base, W, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N,
+                b, prior = _tile_load(B, C, rows, row_ok, r_ok, r_read, t, t_end, num_n, N,
                                       BLOCK_N, BLOCK_R)
                 _tile_store(a0, a1, b, prior, row_scale, C, rows, row_ok, t, t_end, num_n, N, BLOCK_N,
                             NUM_SPLITS, HAS_SCALE, IEEE)
@@ -190,8 +192,11 @@ def lora_expand(shrunk: Tensor, b: "Factor | Tensor", c: Tensor, layout: Virtual
 
 def _rank_grain(b: Factor, big_r: int) -> int:
     """Ranks read in groups of this many: whole 16-byte vectors where a slot's ranks are
-    contiguous and padded to R (a padded stack); one by one where a rank row is a plane of its
-    own (a heap, rank-major: reading past r_s would leave the adapter's bytes)."""
+    contiguous and padded to R (a padded stack) or to a multiple of 16 (a ranked B of the
+    adapter heap); one by one where a rank row is a plane of its own (rank-major: reading past
+    r_s would leave the adapter's bytes)."""
+    if b.col_stride == 1 and b.ranked == RANKED_COLS:
+        return 8
     return math.gcd(big_r, 8) if b.col_stride == 1 and b.padded is not None else 1
 
 

@@ -21,8 +21,9 @@ With rank_split_stride, split or section h reads its rank at ranks[h * rank_spli
 In the kernels an operand is a tuple: A = (ptr, row stride, column stride, column step per split),
 W = the base weights (ptr, slot stride, expert stride, row stride, column stride, row step per
 split) or a LoRA factor (kernels.weights.Factor.operand: ptr, offsets table, its split stride,
-expert stride, row stride, column stride, rows a split steps by, the table's unit), C = (ptr, row stride, column
-stride, column step per split), lay = the layout's four tensors.
+expert stride, row stride, column stride, rows a split steps by, the table's unit, ranked, the
+ranks it scales by), C = (ptr, row stride, column stride, column step per split), lay = the
+layout's four tensors.
 """
 import torch
 import triton
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
-from kernels.moe.operands import factor_base, k_slices, num_programs
+from kernels.moe.operands import factor_at, k_slices, num_programs
 from kernels.weights import Factor, as_factor
 
 
@@ -61,7 +62,8 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         a_ptrs = A[0] + (rows // a_row_div)[:, None] * A[1] + (h * A[3] + offs_k[None, :]) * A[2]
         # W tile [BLOCK_K, BLOCK_N] of this block's (slot, expert) matrix
         if W_TABLE:  # a LoRA factor: where split h of the slot begins, from its offsets table
-            b_ptrs = factor_base(W, slot, expert, h) + offs_n[None, :] * W[4] + offs_k[:, None] * W[5]
+            w_base, w_rows = factor_at(W, slot, expert, h)
+            b_ptrs = w_base + offs_n[None, :] * w_rows + offs_k[:, None] * W[5]
             w_step_k = BLOCK_K * W[5]
         else:
             w_base = W[0] + slot * W[1] + expert * W[2]
@@ -75,15 +77,16 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_LORA:
-            # fused LoRA, L = (A factor (8), B factor (8), half_n, ranks):
+            # fused LoRA, L = (A factor (10), B factor (10), half_n, ranks):
             # A rows [0, r_s) of this tile's half g (gate or up)
             slot0 = tl.maximum(slot, 0)
-            rank = tl.where(slot >= 0, tl.load(L[17] + slot0), 0)
+            rank = tl.where(slot >= 0, tl.load(L[21] + slot0), 0)
             offs_r = tl.arange(0, BLOCK_R)
             r_ok = offs_r < rank
-            half = (pid_n * BLOCK_N) // L[16]
-            la_ptrs = (factor_base((L[0], L[1], L[2], L[3], L[4], L[5], L[6], L[7]), slot0, expert, half)
-                       + offs_r[None, :] * L[4] + offs_k[:, None] * L[5])
+            half = (pid_n * BLOCK_N) // L[20]
+            la_base, la_rows = factor_at((L[0], L[1], L[2], L[3], L[4], L[5], L[6], L[7], L[8], L[9]), slot0,
+                                         expert, half)
+            la_ptrs = la_base + offs_r[None, :] * la_rows + offs_k[:, None] * L[5]
             shrunk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(k_start, k_limit, BLOCK_K):
             k_ok = offs_k + (k0 - k_start) < k_limit
@@ -102,8 +105,9 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         if HAS_LORA:
             if slot >= 0:  # rows without adapter keep the base sum untouched (bitwise)
                 # B [N, R] rows are this tile's output columns; B cols [0, r_s) only
-                lb_ptrs = (factor_base((L[8], L[9], L[10], L[11], L[12], L[13], L[14], L[15]), slot0, expert, 0)
-                           + offs_n[None, :] * L[12] + offs_r[:, None] * L[13])
+                lb_base, lb_rows = factor_at((L[10], L[11], L[12], L[13], L[14], L[15], L[16], L[17], L[18], L[19]),
+                                             slot0, expert, 0)
+                lb_ptrs = lb_base + offs_n[None, :] * lb_rows + offs_r[:, None] * L[15]
                 lb = tl.load(lb_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _dot(shrunk.to(lb.dtype), lb, acc, IEEE)
         if HAS_SCALE:

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.errors import expect
-from kernels.moe.operands import factor_base
+from kernels.moe.operands import factor_at
 from kernels.weights import DenseLoRAGroup, Factor, as_factor
 
 
@@ -61,7 +61,8 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
         r_ok = offs_r < rank
         # shrink: A rows [h*R, h*R + r_s) of the pair against the row's input, K tile by K tile
         a_row = A[0] + (row // a_row_div) * A[1]
-        la_base = factor_base(LA, slot, expert, split) + offs_r[:, None] * LA[4]
+        la_base, la_rows = factor_at(LA, slot, expert, split)
+        la_base += offs_r[:, None] * la_rows
         shrunk = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -71,7 +72,8 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
             shrunk += tl.sum(x.to(w.dtype).to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
         # expand: this part's columns of split h; the shrink rounds to B's dtype as the split path's does
         s = shrunk.to(LB[0].dtype.element_ty).to(tl.float32)
-        lb_base = factor_base(LB, slot, expert, 0) + offs_r[None, :] * LB[5]  # B rows are c's columns
+        lb_base, lb_rows = factor_at(LB, slot, expert, 0)  # B rows are c's columns
+        lb_base += offs_r[None, :] * LB[5]
         c_row = C[0] + row * C[1]
         row_scale = tl.full((), 1.0, tl.float32)
         if HAS_SCALE:
@@ -80,7 +82,7 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
         for n0 in range(col0, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < n_end
-            b = tl.load(lb_base + offs_n[:, None] * LB[4], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(lb_base + offs_n[:, None] * lb_rows, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
             delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1)
             if HAS_SCALE:
                 delta = delta * row_scale

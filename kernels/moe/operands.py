@@ -1,16 +1,29 @@
 """Helpers the grouped GEMM, the row kernel and the block expand share: where a LoRA factor's
-slot starts (kernels.weights.Factor), and the sizes of persistent and K-split grids."""
+slot starts and how its rows step (kernels.weights.Factor), and the sizes of persistent and
+K-split grids."""
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def factor_base(F, slot, expert, h):
-    """Address of row 0, column 0 of split h of a LoRA factor's (slot, expert) matrix. The table
-    counts in units of F[7] elements: a unit of 16 (specialised as such) tells the compiler the
-    slot's first element is 16-element aligned, so its loads vectorise as a padded stack's do."""
-    return F[0] + tl.load(F[1] + h * F[2] + tl.maximum(slot, 0)) * F[7] + expert * F[3] + h * F[6] * F[4]
+def factor_at(F, slot, expert, h):
+    """(address of row 0, column 0 of split h of a LoRA factor's (slot, expert) matrix, its row
+    stride). The table counts in units of F[7] elements: a unit of 16 (specialised as such) tells
+    the compiler the slot's first element is 16-element aligned, so its loads vectorise as a
+    padded stack's do. F[8], a compile-time constant, says whether the factor is ranked: then the
+    strides that step over the rank are in units of the slot's rank rounded up to 16, a multiple
+    of 16 the compiler sees; a plain factor reads no rank and keeps its strides' specialisations."""
+    slot = tl.maximum(slot, 0)
+    expert_stride = F[3]
+    row_stride = F[4]
+    if F[8] != 0:  # RANKED_ROWS (1) or RANKED_COLS (2): kernels.weights.Factor
+        r16 = tl.cdiv(tl.load(F[9] + slot), 16) * 16  # kernels.weights.RANK_UNIT
+        expert_stride = expert_stride * r16
+        if F[8] == 2:
+            row_stride = row_stride * r16
+    base = F[0] + tl.load(F[1] + h * F[2] + slot) * F[7] + expert * expert_stride + h * F[6] * row_stride
+    return base, row_stride
 
 
 def num_programs(device: torch.device, max_tiles: int) -> int:

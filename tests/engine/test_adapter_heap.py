@@ -1,13 +1,14 @@
 """Adapters resident by bytes: small adapters share a heap that one large adapter fills; the
 least recently used unreferenced adapters make room, referenced ones never; numerics hold with
-adapters placed anywhere in a NaN-poisoned heap."""
+adapters placed anywhere in a NaN-poisoned heap, at ranks whose experts take r16 > rank."""
 import time
 
 import pytest
 
 from engine.sequence import LoRARequest
+from engine.testing.adapters import make_peft_adapter
 from engine.testing.reference import load_reference_model, reference_logits
-from tests.engine.helpers import MIXED_PROMPTS, assert_close, make_engine, step_logits
+from tests.engine.helpers import MIXED_PROMPTS, assert_close, make_engine, step_logits, wait_for_adapters
 from tests.engine.test_slots_packing import attention_only
 
 FAMILY = "qwen3_moe"
@@ -94,7 +95,7 @@ def test_mixed_batch_matches_reference_with_adapters_placed_anywhere_in_a_poison
     ckpt = checkpoints[FAMILY]
     probe = make_engine(ckpt, max_loras=1, max_lora_rank=16, lora_layout="bytes")
     engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, lora_layout="bytes",
-                         lora_heap_bytes=probe.runner.slot_pools.slot_bytes * 2)
+                         lora_heap_bytes=probe.runner.slot_pools.slot_bytes * 3)
     engine.runner.slot_pools.storage.fill_(float("nan"))
     manager = engine.lora_manager
     for name in ("x/att@v1", "y/att@v1"):  # take the heap's start, then give it up
@@ -107,4 +108,32 @@ def test_mixed_batch_matches_reference_with_adapters_placed_anywhere_in_a_poison
     logits = step_logits(engine, MIXED_PROMPTS, [None if n is None else requests[n] for n in names])
     for mine, prompt, name in zip(logits, MIXED_PROMPTS, names):
         ref = load_reference_model(ckpt, None if name is None else adapters[FAMILY][name])
+        assert_close(mine, reference_logits(ref, prompt))
+
+
+def test_mixed_ranks_match_reference_with_experts_at_their_rank_rounded_up_to_16(checkpoints, tmp_path):
+    """Ranks 8, 24 and 40 (experts at r16 = 16, 32 and 48, the last past max_lora_rank) share a
+    NaN-filled heap: each image holds exactly its r16 expert blocks, and every sequence's logits
+    equal its own reference model's."""
+    ckpt = checkpoints[FAMILY]
+    paths = {r: make_peft_adapter(ckpt, tmp_path / f"r{r}", rank=r, fmt="fused" if r == 24 else "per_expert",
+                                  alpha=2 * r, seed=20 + r) for r in (8, 24, 40)}
+    engine = make_engine(ckpt, max_loras=3, max_lora_rank=40, lora_layout="bytes")
+    pools = engine.runner.slot_pools
+    pools.storage.fill_(float("nan"))
+    requests = {r: LoRARequest(f"t{r}/ad@v1", str(p)) for r, p in paths.items()}
+    wait_for_adapters(engine, list(requests.values()))
+    e, inter, d = next(dims for kind, _, dims in pools.plan if kind == "moe")
+    num_moe = sum(kind == "moe" for kind, _, _ in pools.plan)
+    s = engine.spec
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    for r, request in requests.items():
+        own = s.num_layers * r * ((d + q) + 2 * (d + kv) + (q + d))  # q/k/v/o at rank r
+        own += num_moe * (-(-r // 16) * 16) * e * 3 * (d + inter)  # gate/up and down A and B at r16
+        image = engine.lora_manager.host[request.lora_name].packed
+        assert own <= image.numel() < own + 16 * (8 * s.num_layers + 4 * num_moe)  # 16-aligned factors
+    names = [None, 8, 24, 40, None]
+    loras = [None if r is None else requests[r] for r in names]
+    for mine, prompt, r in zip(step_logits(engine, MIXED_PROMPTS, loras), MIXED_PROMPTS, names):
+        ref = load_reference_model(ckpt, None if r is None else paths[r])
         assert_close(mine, reference_logits(ref, prompt))

@@ -19,9 +19,11 @@ def test_gpu_bf16_mixed_step_matches_reference(family, bf16_models):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_fp32_mixed_step_matches_reference(family, checkpoints, adapters):
-    """The mixed step in fp32 on the GPU kernels, with top-2 routing: the logic at 1e-4."""
-    errors = mixed_step_errors(checkpoints[family], adapters[family], "cuda", dtype="float32")
+@pytest.mark.parametrize("layout", ["slots", "bytes"])
+def test_gpu_fp32_mixed_step_matches_reference(family, layout, checkpoints, adapters):
+    """The mixed step in fp32 on the GPU kernels, with top-2 routing: the logic at 1e-4, with the
+    adapters in padded slots and in the adapter heap (experts at their ranks rounded up to 16)."""
+    errors = mixed_step_errors(checkpoints[family], adapters[family], "cuda", dtype="float32", lora_layout=layout)
     assert max(errors) <= 1e-4, errors
 
 

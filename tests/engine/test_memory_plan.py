@@ -46,19 +46,23 @@ def test_qwen3_30b_byte_counts_match_the_layout_by_hand():
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype,rank", [(torch.float32, 8), (torch.bfloat16, 16)])
-def test_slot_bytes_equal_what_slot_pools_allocates(family, dtype, rank, checkpoints):
+@pytest.mark.parametrize("layout", ["slots", "bytes"])
+def test_slot_bytes_equal_what_slot_pools_allocates(family, dtype, rank, layout, checkpoints):
+    """The heap's experts at rank 8 take r16 = 16: its largest image is larger than a padded slot."""
     spec = load_spec(checkpoints[family])
     model = load_model(spec, None, torch.device("cpu"), dtype, "dummy", 0)
-    pools = SlotPools(model, 3, rank)
-    assert lora_slot_bytes(spec, rank, dtype) * 3 == pools.storage.numel() * pools.storage.element_size()
+    pools = SlotPools(model, 3, rank, layout=layout)
+    assert lora_slot_bytes(spec, rank, dtype, layout) * 3 == pools.storage.numel() * pools.storage.element_size()
+    assert (lora_slot_bytes(spec, rank, dtype, "bytes") > lora_slot_bytes(spec, rank, dtype)) == (rank == 8)
 
 
-def test_slot_bytes_skip_dense_mlp_layers(tmp_path):
+@pytest.mark.parametrize("layout", ["slots", "bytes"])
+def test_slot_bytes_skip_dense_mlp_layers(tmp_path, layout):
     from engine.testing.checkpoints import make_tiny_checkpoint
     ckpt = make_tiny_checkpoint(tmp_path / "ck", "qwen3_moe", seed=3, num_hidden_layers=3, mlp_only_layers=[1])
     spec = load_spec(ckpt)
-    pools = SlotPools(load_model(spec, None, torch.device("cpu"), torch.float32, "dummy", 0), 1, 4)
-    assert spec.dense_layers == (1,) and lora_slot_bytes(spec, 4, torch.float32) == pools.storage.numel() * 4
+    pools = SlotPools(load_model(spec, None, torch.device("cpu"), torch.float32, "dummy", 0), 1, 4, layout=layout)
+    assert spec.dense_layers == (1,) and lora_slot_bytes(spec, 4, torch.float32, layout) == pools.storage.numel() * 4
 
 
 def test_default_split_gives_kv_for_every_sequence_then_slots_the_rest():

@@ -115,15 +115,22 @@ def test_a_load_is_one_copy_of_the_image_plus_its_offsets_and_ranks(checkpoints,
 
 
 def test_images_take_their_adapters_own_bytes(checkpoints, adapters):
-    """Rank-4 "a" (every target), rank-8 "b": each image is its factors' elements, each factor
-    rounded up to 16 elements (alignment); the largest image (rank 16 on every target) is what
-    the memory plan counts per adapter."""
+    """Rank-4 "a" (every target), rank-8 "b": an image holds each attention factor at its rank
+    and each MoE layer's experts at the layer's rank rounded up to 16, each factor rounded up to
+    16 elements (alignment); the largest image (rank 16 on every target) is what the memory plan
+    counts per adapter."""
     engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
     pools = engine.runner.slot_pools
+    moe_dims = {key: dims for kind, key, dims in pools.plan if kind == "moe"}
     for name in ("a", "b"):
         factors = _load(engine, adapters, name)
-        own = sum(f.a.numel() + f.b.numel() for f in (*factors.dense.values(), *factors.moe.values()))
-        num_factors = 2 * (len(factors.dense) + len(factors.moe))
+        own = sum(f.a.numel() + f.b.numel() for f in factors.dense.values())
+        layers = {layer for layer, _ in factors.moe}
+        for layer in layers:
+            e, inter, d = moe_dims[layer]
+            r16 = -(-max(f.rank for (l, _), f in factors.moe.items() if l == layer) // 16) * 16
+            own += r16 * e * 3 * (d + inter)  # gate/up A and B, down A and B
+        num_factors = 2 * len(factors.dense) + 4 * len(layers)
         assert own <= pools.image_numel(factors) < own + 16 * num_factors
         assert pools.pack(factors).packed.numel() == pools.image_numel(factors)
     assert pools.slot_bytes == pools.max_image_numel * 4 == engine.runner.memory_plan.slot_bytes

@@ -18,6 +18,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOL = {"fp32": 1e-5, "fp16": 5e-3}  # output vs fp64; the LoRA delta gets 4x this
 MOE_SHAPES = [(1, 6, 1), (3, 6, 2), (17, 10, 8)]  # (tokens, experts, top-k)
 RANKS = [1, 8, 16, 4]
+MIXED_RANKS = [8, 16, 24, 40]
 
 
 def case_names() -> list[str]:
@@ -49,12 +50,18 @@ def case_names() -> list[str]:
     # 2304 input features in whole 128-wide K tiles: 6 slices where 8 were asked (unwritten
     # partial-sum slices must never be read)
     names += ["group-fp32-zipf-s32x16x16-in2304"]
-    # the engine's adapter heap: each slot at its own rank, rank-major, NaN around every slot
+    # the engine's adapter heap: each slot at its own rank (experts as padded slots at the rank
+    # rounded up to 16, attention rank-major), NaN around every slot and past every slot's rank
     names += ["moe-fp32-t17e10k8-uniform-heap", "moe-fp16-t9e6k2-rank64-heap-split",
               "moe-fp32-t9e6k2-rank64-heap-split-tiles", "moe-fp16-t17e10k8-zipf-heap-split-blocks",
               "moe-fp16-t1e6k2-rank64-heap-fused",
               "group-fp32-uniform-s32x16x16-heap", "group-fp16-zipf-s36x20x12-heap-rows",
               "group-fp32-distinct-s36x20x12-heap"]
+    # ranks 8, 16, 24, 40 in one heap: r16 of 16, 16, 32, 48 (the last past R = 40), every path
+    names += ["moe-fp32-t17e10k8-uniform-mixed-heap", "moe-fp16-t17e10k8-zipf-mixed-heap",
+              "moe-fp16-t9e6k2-distinct-mixed-heap-split", "moe-fp32-t9e6k2-uniform-mixed-heap-split-tiles",
+              "moe-fp16-t17e10k8-skewed-mixed-heap-split-blocks", "moe-fp32-t1e6k2-distinct-mixed-heap-fused",
+              "moe-fp16-t1e10k8-skewed-mixed-heap-fused"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -71,7 +78,7 @@ def run_moe(name: str) -> dict:
     t, e, k = int(t), int(e), int(k)
     dtype = DTYPES[p["dtype"]]
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
-    ranks = [1, 8, 64, 16] if "rank64" in p["rest"] else RANKS
+    ranks = [1, 8, 64, 16] if "rank64" in p["rest"] else MIXED_RANKS if "mixed" in p["rest"] else RANKS
     pad = float("nan") if "nanpad" in p["rest"] else 0.0
     spread = p["rest"][0] if p["rest"][0] in SPREADS else "skewed"
     d, inter = 32, 64 if "fused" in p["rest"] else 48

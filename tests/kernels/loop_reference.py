@@ -151,25 +151,42 @@ def _heap(blocks: list[list[Tensor]], dtype) -> tuple[Tensor, Tensor]:
 
 
 def moe_lora_in_heap(lora: MoELoRAWeights) -> MoELoRAWeights:
-    """The same adapters laid out as the engine's adapter heap lays them: each slot at its own
-    rank, rank-major (A [r, E, cols], B transposed [r, E, rows]), anywhere in one buffer, with
-    NaN between and around them (a read outside a slot's bytes shows)."""
-    from kernels.weights import Factor
+    """The same adapters laid out as the engine's adapter heap lays them: each slot's experts as a
+    padded slot at its rank rounded up to 16 (A [E, r16, cols], B [E, rows, r16]: ranked
+    factors), anywhere in one buffer, with NaN between and around the slots and in each slot's
+    rows and columns past its rank (a read outside a slot's ranks shows)."""
+    from kernels.weights import RANK_UNIT, RANKED_COLS, RANKED_ROWS, Factor
     num_slots, e, two_r, d = lora.gate_up_a.shape
     big_r, inter = two_r // 2, lora.down_a.shape[3]
     ranks = [int(r) for r in lora.ranks]
+    r16 = [-(-r // RANK_UNIT) * RANK_UNIT for r in ranks]
     ga, gb, da, db = (f.padded for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b))
-    blocks = [[ga[s, :, :r].permute(1, 0, 2) for s, r in enumerate(ranks)],
-              [ga[s, :, big_r:big_r + r].permute(1, 0, 2) for s, r in enumerate(ranks)],
-              [gb[s, :, :, :r].permute(2, 0, 1) for s, r in enumerate(ranks)],
-              [da[s, :, :r].permute(1, 0, 2) for s, r in enumerate(ranks)],
-              [db[s, :, :, :r].permute(2, 0, 1) for s, r in enumerate(ranks)]]
+
+    def ranked(x: Tensor, dim: int, s: int) -> Tensor:
+        """x's first ranks[s] entries along dim, NaN up to r16[s]."""
+        shape = list(x.shape)
+        shape[dim] = r16[s]
+        out = torch.full(shape, float("nan"), dtype=x.dtype)
+        out.narrow(dim, 0, ranks[s]).copy_(x.narrow(dim, 0, ranks[s]))
+        return out
+
+    blocks = [[torch.stack([ranked(ga[s, :, :big_r], 1, s), ranked(ga[s, :, big_r:], 1, s)], 1)
+               for s in range(num_slots)],  # [E, 2, r16, D]: gate's rows, then up's, per expert
+              [ranked(gb[s], 2, s) for s in range(num_slots)],
+              [ranked(da[s], 1, s) for s in range(num_slots)],
+              [ranked(db[s], 2, s) for s in range(num_slots)]]
     storage, offsets = _heap(blocks, ga.dtype)
-    return MoELoRAWeights(Factor(storage, offsets[0:2], d, e * d, 1, 0, (num_slots, e, 2 * big_r, d), offset_unit=16),
-                          Factor(storage, offsets[2:3], 2 * inter, 1, e * 2 * inter, inter,
-                                 (num_slots, e, 2 * inter, big_r), offset_unit=16),
-                          Factor(storage, offsets[3:4], inter, e * inter, 1, 0, (num_slots, e, big_r, inter), offset_unit=16),
-                          Factor(storage, offsets[4:5], d, 1, e * d, d, (num_slots, e, d, big_r), offset_unit=16), lora.ranks)
+    up_a = offsets[0] + torch.tensor(r16) * d // RANK_UNIT  # up's A: r16 rows into each expert's block
+    gate_up_a = torch.stack([offsets[0], up_a])
+    shapes = [(num_slots, e, 2 * big_r, d), (num_slots, e, 2 * inter, big_r), (num_slots, e, big_r, inter),
+              (num_slots, e, d, big_r)]
+    return MoELoRAWeights(
+        Factor(storage, gate_up_a, 2 * d, d, 1, 0, shapes[0], offset_unit=16, ranked=RANKED_ROWS, ranks=lora.ranks),
+        Factor(storage, offsets[1:2], 2 * inter, 1, 1, inter, shapes[1], offset_unit=16, ranked=RANKED_COLS,
+               ranks=lora.ranks),
+        Factor(storage, offsets[2:3], inter, inter, 1, 0, shapes[2], offset_unit=16, ranked=RANKED_ROWS, ranks=lora.ranks),
+        Factor(storage, offsets[3:4], d, 1, 1, d, shapes[3], offset_unit=16, ranked=RANKED_COLS, ranks=lora.ranks),
+        lora.ranks)
 
 
 def group_in_heap(parts: list[DenseLoRAWeights], sections: tuple[int, ...]):
