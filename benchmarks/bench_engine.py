@@ -449,8 +449,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--output", type=int, default=128)
     parser.add_argument("--slots", type=int, default=16)
-    parser.add_argument("--lora-layout", choices=("slots", "bytes"), default="slots",
-                        help="EngineConfig.lora_layout: max-rank slot images, or the adapter heap")
+    parser.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
+                        help="EngineConfig.lora_layout: the adapter heap (the default), or max-rank slot images")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)

@@ -55,9 +55,9 @@ class AppArgs(ReplicaPlacement, BaseModel):
     seed: int = Field(default=defaults.SEED, description="sampling seed of the engine")
     max_loras: int | None = Field(default=None, ge=1, description="adapters resident on the GPU at "
                                   "once; default: sized from GPU memory beside the KV cache (4 on CPU)")
-    lora_layout: Literal["slots", "bytes"] = Field(default="slots", description="slots: each resident "
-                                                   "adapter in a max-rank image (fastest decode); bytes: "
-                                                   "each at its own rank and targets (more adapters)")
+    lora_layout: Literal["slots", "bytes"] = Field(default="bytes", description="bytes: each resident "
+                                                   "adapter at its own rank and targets (more adapters in "
+                                                   "the same memory); slots: each in a max-rank image")
     lora_heap_bytes: int | None = Field(default=None, ge=1, description="with lora_layout=bytes, GPU "
                                         "bytes for resident adapters; default: sized from GPU memory "
                                         "beside the KV cache")
@@ -197,8 +197,6 @@ class AppArgs(ReplicaPlacement, BaseModel):
         if self.tensor_parallel_size not in (1, n) or self.expert_parallel_size not in (1, n):
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} and expert_parallel_size="
                              f"{self.expert_parallel_size}: each must be 1 or the replica's GPU count (the larger)")
-        if n > 1 and self.lora_layout != "slots":
-            raise ValueError("a replica over several GPUs keeps adapters in lora_layout=slots")
         return self
 
     @model_validator(mode="after")

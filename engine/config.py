@@ -20,10 +20,10 @@ class EngineConfig:
     # the memory rule gives (lora_layout "bytes": max_num_seqs, if more), 4 on CPU; 0: no adapters
     max_loras: int | None = None
     max_lora_rank: int = defaults.MAX_LORA_RANK
-    # how resident adapters are laid out on the device (engine.lora.slots): "slots", a whole image
-    # at max rank on every target per slot (the fastest decode measured); "bytes", one heap where
-    # each adapter takes its own rank and targets (more adapters in the same memory)
-    lora_layout: str = "slots"
+    # how resident adapters are laid out on the device (engine.lora.slots): "bytes", one heap where
+    # each adapter takes its own rank and targets (more adapters in the same memory, decode steps
+    # as fast as "slots": RESULTS.md); "slots", a whole image at max rank on every target per slot
+    lora_layout: str = "bytes"
     # bytes of that heap ("bytes" only); None: on CUDA from GPU memory beside the KV cache
     # (engine.memory's rule, in adapters of max rank on every target), max_loras such adapters otherwise
     lora_heap_bytes: int | None = None
@@ -133,9 +133,6 @@ class EngineConfig:
         Shard(0, self.tensor_parallel_size, self.expert_parallel_size)  # raises on a bad pair
         if self.parallel_workers not in ("processes", "external"):
             raise InvalidRequestError(f"parallel_workers must be 'processes' or 'external', got {self.parallel_workers!r}")
-        if self.world_size > 1 and self.lora_layout != "slots":
-            raise InvalidRequestError("a replica over several GPUs keeps adapters in lora_layout='slots' "
-                                      f"(got {self.lora_layout!r})")
         if self.distributed_timeout_s <= 0:
             raise InvalidRequestError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 

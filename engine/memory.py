@@ -117,7 +117,7 @@ class MemoryPlan:
     weights_bytes: int
     reserve_bytes: int
     heap_bytes: int  # the adapters' device memory
-    lora_layout: str = "slots"  # EngineConfig.lora_layout
+    lora_layout: str = "bytes"  # EngineConfig.lora_layout
 
     @property
     def kv_tokens(self) -> int:

@@ -172,9 +172,11 @@ class ModelRunner:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.memory_plan = plan_memory(c, self.shard.local_spec(self.spec), weights, _ACTIVATION_RESERVE_BYTES)
         if self.group is not None:  # every rank holds as many blocks and slots as the tightest can
-            blocks, slots = self.group.agree_min([self.memory_plan.num_kv_blocks, self.memory_plan.num_slots])
-            self.memory_plan = replace(self.memory_plan, num_kv_blocks=blocks, num_slots=slots,
-                                       heap_bytes=slots * self.memory_plan.slot_bytes)
+            plan = self.memory_plan
+            blocks, slots, heap = self.group.agree_min([plan.num_kv_blocks, plan.num_slots, plan.heap_bytes])
+            if c.lora_layout == "slots":
+                heap = slots * plan.slot_bytes
+            self.memory_plan = replace(plan, num_kv_blocks=blocks, num_slots=slots, heap_bytes=heap)
         log.info("memory plan: %s", self.memory_plan.summary())
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         num_slots = self.memory_plan.num_slots

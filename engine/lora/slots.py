@@ -28,8 +28,8 @@ Slots are table columns: S of them bound the adapters resident at once, the heap
 what they hold together (engine.lora.manager evicts by LRU until an image fits). Every factor
 starts 16-element aligned and the tables count in 16-element units, so the kernels know it at
 compile time and vectorise their loads (kernels.weights.OFFSET_UNIT). With the experts so laid
-out, a decode step took 20.95 ms against the padded slots' 21.07 (H200, same shapes; RESULTS.md);
-"slots" (engine.lora.padded) is still the default.
+out, a decode step took 20.95 ms against the padded slots' 21.07 (H200, same shapes; RESULTS.md),
+so the heap is the default; "slots" (engine.lora.padded) remains for one max-rank image per slot.
 
 S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = pools.
 """

@@ -4,7 +4,7 @@ Rank 0 runs the LLMEngine (scheduler, adapter manager, sampling); ranks 1..N-1 r
 ModelRunner (engine.parallel.worker) and follow rank 0's messages in order:
 
     ("step", StepPlan, writes)   run the step's forward (collectives inside the model); before
-                                 it, write the adapters in `writes` (slot, name, path) into
+                                 it, write the adapters in `writes` (slot, start, name, path) into
                                  their slots, in the order rank 0 wrote them
     ("stop",)                    leave the loop
 
@@ -177,12 +177,14 @@ class RankGroup:
         return t.tolist()
 
     # ---- steps ----------------------------------------------------------------------
-    def queue_write(self, slot: int, name: str, path: str | None) -> None:
-        """Rank 0 (any thread): the other ranks write this adapter into `slot` before the next step."""
+    def queue_write(self, slot: int, start: int, name: str, path: str | None) -> None:
+        """Rank 0 (any thread): the other ranks write this adapter into `slot` (at heap element
+        `start`: every rank holds the same shapes, so its part's image has rank 0's size) before
+        the next step."""
         if path is None:
             raise EngineError(f"adapter {name!r} has no source path: the other ranks cannot load it")
         with self._writes_lock:
-            self._writes.append((slot, name, path))
+            self._writes.append((slot, start, name, path))
 
     def send_step(self, plan) -> None:
         with self._writes_lock:

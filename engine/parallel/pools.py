@@ -26,7 +26,7 @@ class RankPools:
 
     def write(self, slot: int, start: int, adapter: LoRAAdapter):
         if self._group.rank == 0:
-            self._group.queue_write(slot, adapter.name, adapter.path)
+            self._group.queue_write(slot, start, adapter.name, adapter.path)
         if adapter.packed is None:
             self.pack(adapter)
         return self._pools.write(slot, start, adapter)

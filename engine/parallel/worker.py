@@ -53,13 +53,13 @@ class Follower:
             if kind == "stop":
                 return
             plan, writes = args
-            for slot, name, path in writes:
-                self.write(slot, name, path)
+            for slot, start, name, path in writes:
+                self.write(slot, start, name, path)
             self.runner.follow(plan)
 
-    def write(self, slot: int, name: str, path: str) -> None:
-        """Load (or reuse) this rank's part of the adapter and copy it into `slot` before the next
-        step reads it. Rank 0 validated the same files moments ago."""
+    def write(self, slot: int, start: int, name: str, path: str) -> None:
+        """Load (or reuse) this rank's part of the adapter and copy it into `slot` (heap element
+        `start`) before the next step reads it. Rank 0 validated the same files moments ago."""
         from engine.lora.adapter import load_adapter
 
         runner = self.runner
@@ -71,7 +71,7 @@ class Follower:
             while len(self.host) > max(runner.max_cpu_loras, 1):
                 self.host.popitem(last=False)
         self.host.move_to_end(name)
-        event = runner.slot_pools.write(slot, 0, adapter)
+        event = runner.slot_pools.write(slot, start, adapter)
         if event is not None:
             torch.cuda.current_stream(runner.device).wait_event(event)
 

@@ -112,13 +112,15 @@ def test_ranks_give_the_single_process_logits_and_greedy_tokens(models, referenc
     assert _children() - before == set()
 
 
-def test_adapters_evicted_and_reloaded_on_every_rank(models, references):
-    """Two slots, three adapters: each step's adapters push the least recently used one out, on
-    rank 0 and on the others alike; a reloaded adapter gives its first logits again."""
+@pytest.mark.parametrize("layout", ["slots", "bytes"])
+def test_adapters_evicted_and_reloaded_on_every_rank(models, references, layout):
+    """Two slots (and, by bytes, a heap of two max-rank images), three adapters: each step's
+    adapters push the least recently used one out, on rank 0 and on the others alike, at the
+    same heap offsets; a reloaded adapter gives its first logits again."""
     ckpt, adapters = models["olmoe"]
     ref_logits, _ = references("olmoe")
     requests = _requests(adapters)
-    engine = make_engine(ckpt, max_loras=2, tensor_parallel_size=2, expert_parallel_size=2)
+    engine = make_engine(ckpt, max_loras=2, tensor_parallel_size=2, expert_parallel_size=2, lora_layout=layout)
     try:
         for rounds in ([1, 2], [3], [1], [2, 3], [1]):  # indices into requests: a, b; c; a; b, c; a
             wait_for_adapters(engine, [requests[i] for i in rounds])
@@ -196,5 +198,3 @@ def test_splits_that_do_not_divide_the_model_are_refused(models):
         make_engine(ckpt, expert_parallel_size=3)
     with pytest.raises(InvalidRequestError, match="each must be 1 or"):
         EngineConfig(model=ckpt, tensor_parallel_size=2, expert_parallel_size=4)
-    with pytest.raises(InvalidRequestError, match="lora_layout='slots'"):
-        EngineConfig(model=ckpt, tensor_parallel_size=2, lora_layout="bytes")

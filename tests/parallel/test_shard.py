@@ -37,5 +37,3 @@ def test_app_args_ask_ray_for_one_bundle_per_rank_on_one_node():
 def test_app_args_refuse_sizes_that_disagree():
     with pytest.raises(ValueError, match="each must be 1 or"):
         AppArgs(tensor_parallel_size=2, expert_parallel_size=4)
-    with pytest.raises(ValueError, match="lora_layout=slots"):
-        AppArgs(tensor_parallel_size=2, lora_layout="bytes")
