@@ -305,7 +305,8 @@ def make_engine(args, shape: dict, layers: int, slots: int, mode: str) -> LLMEng
     overrides = {name: getattr(args, name) for name in ("triton_prefill_attention", "prefill_graphs")
                  if getattr(args, name, None) is not None}
     return LLMEngine(EngineConfig(
-        hf_config=hf_config(shape, layers), load_format="dummy", device=args.device, max_loras=slots,
+        hf_config=hf_config(shape, layers), load_format="dummy", device=args.device,
+        max_loras=None if slots < 0 else slots,
         lora_layout=args.lora_layout,
         max_lora_rank=args.rank, max_cpu_loras=128, max_num_seqs=args.requests,
         max_model_len=args.prompt + args.output + args.block_size, block_size=args.block_size,
@@ -360,7 +361,7 @@ def run_mode(args, engine: LLMEngine, mode: str, results: dict) -> None:
 
 def main_engine_cases(args, shape: dict, results: dict) -> None:
     kv_tokens = args.requests * (args.prompt + args.output)
-    layers = args.layers or pick_layers(shape, args.slots, args.rank, kv_tokens, max(args.tp, args.ep))
+    layers = args.layers or pick_layers(shape, max(args.slots, 16), args.rank, kv_tokens, max(args.tp, args.ep))
     results["layers"] = layers
     cases = args.cases + (["c_16"] if args.profile else [])  # the profile runs case c's adapters
     names = {n for c in cases for n in case_adapters(c, args.requests) if n}
@@ -448,7 +449,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--output", type=int, default=128)
-    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--slots", type=int, default=16, help="max_loras; -1: the engine's default (the memory "
+                        "rule: as many adapters as the GPU memory beside the KV cache holds)")
     parser.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                         help="EngineConfig.lora_layout: the adapter heap (the default), or max-rank slot images")
     parser.add_argument("--rank", type=int, default=16)
