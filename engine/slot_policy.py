@@ -138,8 +138,8 @@ class SlotPolicy:
     def prefetch(self, out: SchedulerOutput) -> list[Sequence]:
         """Reserve the adapters of the first prefetch_window waiting sequences, in admission order
         but tenants holding fewer slots first (a freed slot goes to a tenant that waits, not to
-        the flood that held it), one staged adapter per tenant, at most max_staged_adapters in
-        all. Adapters of running sequences need no staging: their slots are resident. Returns
+        the flood that held it) and, among those, sequences whose adapter is resident first; one
+        staged adapter per tenant, at most max_staged_adapters in all (resident ones stage nothing). Adapters of running sequences need no staging: their slots are resident. Returns
         the sequences it gave a slot (none without adapters or with a window of 0)."""
         if self.lora_manager is None or self.prefetch_window == 0:
             return []
@@ -148,11 +148,17 @@ class SlotPolicy:
         window = self._lookahead()
         held = self._slots_held(window)
         staged, staged_tenants, reserved = 0, set(), []
-        for seq in sorted(window, key=lambda s: len(held.get(s.tenant, ()))):
+        resident = self.lora_manager.holds
+        # among tenants holding as few slots, sequences whose adapter is resident go first: their
+        # reference keeps it from being evicted for a load that a later one would undo (64
+        # adapters over 38 resident, all waiting: LRU order evicted each just before its turn)
+        order = sorted(window, key=lambda s: (len(held.get(s.tenant, ())),
+                                              s.lora is None or not resident(s.lora.lora_name)))
+        for seq in order:
             if seq.lora is None or seq.status is not SequenceStatus.WAITING:
                 continue
             name, had_slot = seq.lora.lora_name, seq.lora_slot is not None
-            new = name not in in_use
+            new = name not in in_use and not resident(name)  # a resident adapter stages nothing
             full = self.max_staged_adapters is not None and staged >= self.max_staged_adapters
             if not had_slot and (blocked or (new and (full or seq.tenant in staged_tenants))):
                 continue

@@ -190,6 +190,10 @@ class LoRAManager:
         event = pending.result()
         return event is not None and not event.query()
 
+    def holds(self, name: str) -> bool:
+        """Whether adapter `name` has a slot (resident, or its copy in flight)."""
+        return name in self.name_to_slot
+
     def resident(self) -> dict[str, int]:
         return dict(self.name_to_slot)
 

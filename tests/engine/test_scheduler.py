@@ -31,6 +31,9 @@ class FakeLoRAManager:
     def is_ready(self, slot):
         return self.names[slot] not in self.loading
 
+    def holds(self, name):
+        return name in self.names
+
     def collect_loads(self):
         self.collected = getattr(self, "collected", 0) + 1
 

@@ -21,6 +21,7 @@ class SteppedLoRAManager:
         self.refs, self.ready_at = [0] * num_slots, [0] * num_slots
         self.free: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
         self.step = 0
+        self.loads = 0
 
     def collect_loads(self) -> None:
         self.step += 1
@@ -31,6 +32,7 @@ class SteppedLoRAManager:
         elif self.free:
             slot, _ = self.free.popitem(last=False)
             self.names[slot], self.ready_at[slot] = name, self.step + LOAD_STEPS
+            self.loads += 1
         else:
             return None
         self.refs[slot] += 1
@@ -39,6 +41,9 @@ class SteppedLoRAManager:
 
     def is_ready(self, slot: int) -> bool:
         return self.step >= self.ready_at[slot]
+
+    def holds(self, name: str) -> bool:
+        return name in self.names
 
     @property
     def num_slots(self) -> int:
@@ -244,3 +249,23 @@ def test_with_more_tenants_than_slots_no_single_slot_is_preempted():
         sim.add(f"t{t}", "ad", max_tokens=60)
     run_to_completion(sim)
     assert sim.sched.slots.num_slot_preemptions == 0
+
+
+def test_waiting_requests_of_resident_adapters_keep_them_from_eviction():
+    """Four slots hold adapters ad4-ad7 from earlier requests (unreferenced) when eight tenants'
+    requests for ad0-ad7 arrive at once. The requests for the resident four take their
+    references first, so only ad0-ad3 load (4 loads); reserving in arrival order instead evicts
+    each of ad4-ad7 just before its own request's turn (8 loads)."""
+    sim = Simulation(num_slots=4, max_num_seqs=8)
+    for k in range(4, 8):
+        sim.add(f"early{k}", f"ad{k}", max_tokens=1)
+    while sim.sched.has_unfinished():
+        sim.step()
+    sim.slots.loads = 0
+    for k in range(8):
+        sim.add(f"early{k}", f"ad{k}")
+    for _ in range(200):
+        sim.step()
+        if not sim.sched.has_unfinished():
+            break
+    assert not sim.sched.has_unfinished() and sim.slots.loads == 4
