@@ -119,6 +119,10 @@ class RankGroup:
         dist.init_process_group(backend, store=dist.PrefixStore("model", self.store), rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=self.timeout))
         self.control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+        # NCCL sets a communicator up at its first collective, which must not be inside a CUDA
+        # graph capture: run one now (gloo: a check that every rank is in the group)
+        device = torch.device(rank_device(self.config, self.rank)) if backend == "nccl" else torch.device("cpu")
+        dist.all_reduce(torch.zeros(1, device=device))
 
     def shard(self) -> Shard:
         return Shard(self.rank, self.config.tensor_parallel_size, self.config.expert_parallel_size,
