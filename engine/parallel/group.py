@@ -191,6 +191,12 @@ class RankGroup:
             self._writes.append((slot, start, name, path))
 
     def send_step(self, plan) -> None:
+        """Rank 0: the step's plan and the slot writes queued since the last one. Raises
+        EngineError instead of waiting in a collective when a rank's process has ended."""
+        for rank, proc in enumerate(self.procs, start=1):
+            if proc.poll() is not None:
+                raise EngineError(f"rank {rank} of this replica exited with code {proc.returncode}: "
+                                  "the replica cannot run steps; restart it")
         with self._writes_lock:
             writes, self._writes = self._writes, []
         self._send(("step", plan, writes))
@@ -215,7 +221,8 @@ class RankGroup:
         if self._closed:
             return
         self._closed = True
-        if self.rank == 0 and self.running:  # ranks still starting up end on their own verdict
+        # ranks still starting up end on their own verdict; with one gone, the stop cannot be broadcast
+        if self.rank == 0 and self.running and all(proc.poll() is None for proc in self.procs):
             try:
                 self._send(("stop",))
             except Exception:  # a rank already gone: the processes are ended below

@@ -192,6 +192,20 @@ def test_a_rank_process_that_exits_before_joining_fails_the_start_at_once(models
     assert time.monotonic() - started < 30
 
 
+def test_a_step_after_a_rank_died_fails_with_an_error_instead_of_waiting(models):
+    ckpt, _ = models["qwen3_moe"]
+    engine = make_engine(ckpt, tensor_parallel_size=2)
+    try:
+        [worker] = engine.runner.group.procs
+        worker.kill()
+        worker.wait()
+        engine.add_request("r", PROMPTS[0], SamplingParams(max_tokens=2, temperature=0))
+        with pytest.raises(EngineError, match="rank 1 of this replica exited"):
+            engine.runner.execute(engine.scheduler.schedule().scheduled)
+    finally:
+        engine.shutdown()
+
+
 def test_splits_that_do_not_divide_the_model_are_refused(models):
     ckpt, _ = models["qwen3_moe"]
     with pytest.raises(InvalidRequestError, match="num_experts=8 is not divisible by 3"):
