@@ -25,7 +25,7 @@ from engine.parallel.shard import SINGLE
 from engine.sampler import sample
 from engine.sampling_inputs import SamplingInputs
 from engine.sequence import Sequence
-from engine.step_inputs import StepInputs, build_step_inputs, uses_lora
+from engine.step_inputs import StepInputs, StepPlan, TokenFeed, build_step_inputs, uses_lora
 from engine.warmup import run_warmup
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30  # activations of the largest step and the graphs' pool (CUDA)
@@ -56,33 +56,6 @@ class LaunchedStep:
             self.done.synchronize()
         it = iter(self.host_tokens.tolist() if self.host_tokens is not None else [])
         return StepResult([next(it) if s else None for s in self.samples], self.logits)
-
-
-@dataclass(slots=True)
-class StepPlan:
-    """What every rank of a replica needs to run a step's forward the same way (rank 0 sends it
-    to the others): its inputs, which graphs replay it ("decode", "prefill" or None: eager),
-    whether input ids come from the previous step's samples (rank 0 broadcasts them), and which
-    rows' logits are kept."""
-    inputs: StepInputs
-    graphs: str | None
-    fed: bool
-    all_logits: bool
-    keep: list[int] | None  # decode graphs: rows of the sequences that sample, when not all do
-
-
-@dataclass(slots=True)
-class TokenFeed:
-    """Inputs whose ids a previous launched step samples: ids[dst] = tokens[src] on the device."""
-    dst: list[int]
-    src: list[int]
-    tokens: Tensor
-
-    def apply(self, ids: Tensor, to_device) -> None:
-        if self.dst == self.src == list(range(len(self.dst))):  # steady decode: same order
-            ids[:len(self.dst)].copy_(self.tokens[:len(self.dst)])
-        else:
-            ids[to_device(self.dst, torch.long)] = self.tokens[to_device(self.src, torch.long)]
 
 
 class ModelRunner:

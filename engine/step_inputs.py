@@ -1,9 +1,14 @@
 """A step's inputs as Python lists, built once from the scheduler's (sequence, new tokens) pairs;
-the decode graphs, the prefill graphs and the eager path all read them.
+the decode graphs, the prefill graphs and the eager path all read them. A StepPlan is what every rank
+of a replica over several GPUs runs a step from; a TokenFeed, the input ids a step takes from the
+previous step's samples on the device.
 
 T = tokens in the step, B = sequences.
 """
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 from engine.sequence import Sequence
 
@@ -58,3 +63,30 @@ def build_step_inputs(scheduled: list[tuple[Sequence, int]], block_size: int) ->
 
 def uses_lora(scheduled: list[tuple[Sequence, int]]) -> bool:
     return any(seq.lora_slot is not None for seq, _ in scheduled)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What every rank of a replica needs to run a step's forward the same way (rank 0 sends it
+    to the others): its inputs, which graphs replay it ("decode", "prefill" or None: eager),
+    whether input ids come from the previous step's samples (rank 0 broadcasts them), and which
+    rows' logits are kept."""
+    inputs: StepInputs
+    graphs: str | None
+    fed: bool
+    all_logits: bool
+    keep: list[int] | None  # decode graphs: rows of the sequences that sample, when not all do
+
+
+@dataclass(slots=True)
+class TokenFeed:
+    """Inputs whose ids a previous launched step samples: ids[dst] = tokens[src] on the device."""
+    dst: list[int]
+    src: list[int]
+    tokens: Tensor
+
+    def apply(self, ids: Tensor, to_device) -> None:
+        if self.dst == self.src == list(range(len(self.dst))):  # steady decode: same order
+            ids[:len(self.dst)].copy_(self.tokens[:len(self.dst)])
+        else:
+            ids[to_device(self.dst, torch.long)] = self.tokens[to_device(self.src, torch.long)]
