@@ -18,9 +18,7 @@ import gc
 import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -126,20 +124,6 @@ def random_adapter(engine: LLMEngine, rank: int, seed: int, targets: str = "both
             for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
                 adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
     return engine.runner.slot_pools.pack(adapter)  # one pinned compact image, as the host tier holds them
-
-
-def disk_adapter(engine: LLMEngine, rank: int, seed: int, root: Path) -> LoRAAdapter:
-    """A random PEFT adapter (q/k/v/o and every expert) written under `root` and loaded from there,
-    packed as the host tier holds it: a replica over several GPUs needs files its other ranks read."""
-    from engine.lora.adapter import load_adapter
-    from engine.testing.adapters import make_peft_adapter
-
-    model_dir = root / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(engine.config.hf_config.to_json_string())
-    path = make_peft_adapter(model_dir, root / f"base-{seed}", rank=rank, alpha=rank, seed=seed, std=0.02)
-    adapter = load_adapter(f"base-{seed}", path, engine.spec, engine.runner.dtype, rank)
-    return engine.runner.slot_pools.pack(adapter)
 
 
 def install(engine: LLMEngine, names: list[str], bases: list[LoRAAdapter]) -> None:
@@ -326,9 +310,6 @@ def measure_machine(engine: LLMEngine, args, results: dict) -> list[LoRAAdapter]
     """Copy and PCIe rates, the roofline, one slot load; returns the random adapters (packed
     slot images, valid for every mode's engine: the slot layout does not depend on the mode)."""
     device = engine.runner.device
-    if engine.config.world_size > 1:  # the adapters' files, for every rank; rank 0's machine numbers only
-        root = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
-        return [disk_adapter(engine, args.rank, seed, root) for seed in range(4)]
     results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
     pcie = pcie_bandwidth() if device.type == "cuda" else None
     results["pcie_h2d_GBps"] = pcie / 1e9 if pcie else None

@@ -49,7 +49,8 @@ class LoRAAdapter:
     packed: Tensor | None = None
     packed_ranks: Tensor | None = None
     packed_offsets: Tensor | None = None
-    path: str | None = None  # the directory it was read from (the other ranks of a replica read it too)
+    # on rank 0 of a replica over several GPUs: ranks 1..N-1's parts, packed (engine.parallel.pools)
+    parts: list["LoRAAdapter"] = field(default_factory=list)
 
     @property
     def max_rank(self) -> int:
@@ -60,13 +61,13 @@ class LoRAAdapter:
     @property
     def num_bytes(self) -> int:
         """Host bytes of the adapter (= bytes one slot load copies, once packed)."""
-        if self.packed is not None:
-            return self.packed.nbytes + self.packed_ranks.nbytes + self.packed_offsets.nbytes
-        return sum(f.a.nbytes + f.b.nbytes for f in (*self.dense.values(), *self.moe.values()))
+        own = self.packed.nbytes + self.packed_ranks.nbytes + self.packed_offsets.nbytes if self.packed is not None \
+            else sum(f.a.nbytes + f.b.nbytes for f in (*self.dense.values(), *self.moe.values()))
+        return own + sum(part.num_bytes for part in self.parts)
 
     def renamed(self, name: str) -> "LoRAAdapter":
         """The same adapter under another name, sharing its tensors (no copy)."""
-        return LoRAAdapter(name, self.dense, self.moe, self.packed, self.packed_ranks, self.packed_offsets, self.path)
+        return LoRAAdapter(name, self.dense, self.moe, self.packed, self.packed_ranks, self.packed_offsets, self.parts)
 
 
 def model_shape(spec: ModelSpec) -> ModelShape:
@@ -157,7 +158,7 @@ def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtyp
     """Parse, validate and scale the PEFT adapter in `path` for the model `spec`."""
     config, tensors = _read_dir(Path(path))
     shape = model_shape(spec)
-    adapter = LoRAAdapter(name, path=str(path))
+    adapter = LoRAAdapter(name)
     for target, entry in _group_pairs(tensors, shape).items():
         key: LoRAKey = entry["key"]
         if "A" not in entry or "B" not in entry:

@@ -4,9 +4,12 @@ Rank 0 runs the LLMEngine (scheduler, adapter manager, sampling); ranks 1..N-1 r
 ModelRunner (engine.parallel.worker) and follow rank 0's messages in order:
 
     ("step", StepPlan, writes)   run the step's forward (collectives inside the model); before
-                                 it, write the adapters in `writes` (slot, start, name, path) into
-                                 their slots, in the order rank 0 wrote them
+                                 it, receive and write the adapter parts of `writes` (slot, heap
+                                 start, sizes) into their slots, in the order rank 0 wrote them
     ("stop",)                    leave the loop
+
+An adapter part's bytes follow the step message point to point, rank 0 to each rank (only its
+own part), over the same gloo group.
 
 Messages go over a gloo group (host memory, whatever the device); the model's collectives over
 the default group (NCCL on CUDA, gloo on CPU). Input ids a step takes from the previous step's
@@ -181,14 +184,15 @@ class RankGroup:
         return t.tolist()
 
     # ---- steps ----------------------------------------------------------------------
-    def queue_write(self, slot: int, start: int, name: str, path: str | None) -> None:
-        """Rank 0 (any thread): the other ranks write this adapter into `slot` (at heap element
-        `start`: every rank holds the same shapes, so its part's image has rank 0's size) before
-        the next step."""
-        if path is None:
-            raise EngineError(f"adapter {name!r} has no source path: the other ranks cannot load it")
+    def queue_write(self, slot: int, start: int, parts: list) -> None:
+        """Rank 0 (any thread): ranks 1..N-1 write their parts (packed LoRAAdapters, parts[r - 1]
+        rank r's) into `slot` at heap element `start` before the next step: every rank holds the
+        same shapes, so a part's image has rank 0's size."""
+        if len(parts) != self.world - 1:
+            raise EngineError(f"an adapter for {self.world} ranks needs {self.world - 1} parts besides rank 0's, "
+                              f"got {len(parts)}")
         with self._writes_lock:
-            self._writes.append((slot, start, name, path))
+            self._writes.append((slot, start, parts))
 
     def send_step(self, plan) -> None:
         """Rank 0: the step's plan and the slot writes queued since the last one. Raises
@@ -199,7 +203,22 @@ class RankGroup:
                                   "the replica cannot run steps; restart it")
         with self._writes_lock:
             writes, self._writes = self._writes, []
-        self._send(("step", plan, writes))
+        headers = [(slot, start, _sizes(parts[0])) for slot, start, parts in writes]
+        self._send(("step", plan, headers))
+        for _, _, parts in writes:
+            for rank, part in enumerate(parts, start=1):
+                for t in _part_tensors(part):
+                    dist.send(t, dst=rank, group=self.control)
+
+    def receive_part(self, sizes: tuple[int, int, int], dtype: torch.dtype, pin: bool) -> tuple:
+        """Ranks 1..N-1: (image, ranks, offsets) of one adapter part rank 0 sends after a step message."""
+        numel, num_ranks, num_offsets = sizes
+        image = torch.empty(numel, dtype=dtype, pin_memory=pin)
+        ranks = torch.empty(num_ranks, dtype=torch.int32)
+        offsets = torch.empty(num_offsets, dtype=torch.int64)
+        for t in _as_bytes(image, ranks, offsets):
+            dist.recv(t, src=0, group=self.control)
+        return image, ranks, offsets
 
     def _send(self, message: tuple) -> None:
         dist.broadcast_object_list([message], src=0, group=self.control)
@@ -235,6 +254,19 @@ class RankGroup:
                 proc.wait()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _sizes(part) -> tuple[int, int, int]:
+    return part.packed.numel(), part.packed_ranks.numel(), part.packed_offsets.numel()
+
+
+def _as_bytes(*tensors: Tensor) -> list[Tensor]:
+    """Non-empty tensors as byte views: gloo moves bytes whatever the dtype (bf16 included)."""
+    return [t.reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
+
+
+def _part_tensors(part) -> list[Tensor]:
+    return _as_bytes(part.packed, part.packed_ranks, part.packed_offsets)
 
 
 def _spawn_worker(config: EngineConfig, rank: int) -> subprocess.Popen:

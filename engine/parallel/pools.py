@@ -1,9 +1,20 @@
-"""SlotPools of one rank of a multi-GPU replica: adapters cut to the rank's part before packing,
-and, on rank 0, every slot write repeated by the other ranks before rank 0's next step."""
+"""SlotPools of one rank of a multi-GPU replica, and how rank 0 hands the other ranks their parts.
+
+Rank 0 is the one place adapters are read: packing an adapter there packs every rank's part
+(all ranks hold the same shapes, so rank 0's pools pack any rank's part, at the same size), keeps
+its own as the adapter's image and the others in `adapter.parts`, all in the host tier. A slot
+write on rank 0 queues the parts; with the next step's message rank 0 sends each rank its part's
+bytes (engine.parallel.group), and that rank writes them into the same slot at the same heap
+offset before the step runs. The other ranks read no files: an adapter that left the replica's
+disk cache still serves from rank 0's host tier.
+"""
+import torch
+
 from engine.lora.adapter import LoRAAdapter
 from engine.lora.slots import SlotPools
 from engine.models.spec import ModelSpec
 from engine.parallel.group import RankGroup
+from engine.parallel.shard import Shard
 from engine.parallel.slicing import shard_adapter
 
 
@@ -18,15 +29,25 @@ class RankPools:
         return getattr(self._pools, name)
 
     def pack(self, adapter: LoRAAdapter) -> LoRAAdapter:
-        """Pack this rank's part of the adapter (in place, as SlotPools.pack does)."""
-        if adapter.packed is None:
-            part = shard_adapter(adapter, self._shard, self._spec)
-            adapter.dense, adapter.moe = part.dense, part.moe
-        return self._pools.pack(adapter)
+        """Rank 0: pack the adapter's part of every rank (in place, as SlotPools.pack does)."""
+        if adapter.packed is not None:
+            return adapter
+        whole = LoRAAdapter(adapter.name, adapter.dense, adapter.moe)
+        shard = self._shard
+        parts = [shard_adapter(whole, Shard(rank, shard.tp, shard.ep), self._spec) for rank in range(shard.size)]
+        adapter.dense, adapter.moe = parts[0].dense, parts[0].moe
+        self._pools.pack(adapter)
+        adapter.parts = [self._pools.pack(part) for part in parts[1:]]
+        return adapter
 
     def write(self, slot: int, start: int, adapter: LoRAAdapter):
-        if self._group.rank == 0:
-            self._group.queue_write(slot, start, adapter.name, adapter.path)
+        """Rank 0: write its part now (side stream on CUDA) and queue the others' for the next step."""
         if adapter.packed is None:
-            self.pack(adapter)
+            adapter = self.pack(adapter.renamed(adapter.name))
+        self._group.queue_write(slot, start, adapter.parts)
         return self._pools.write(slot, start, adapter)
+
+    def write_received(self, slot: int, start: int, image: torch.Tensor, ranks: torch.Tensor,
+                       offsets: torch.Tensor):
+        """Ranks 1..N-1: the part rank 0 sent, into `slot` at `start`."""
+        return self._pools.write(slot, start, LoRAAdapter("", packed=image, packed_ranks=ranks, packed_offsets=offsets))

@@ -11,7 +11,6 @@ import pickle
 import sys
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import replace
 
 import torch
@@ -45,7 +44,6 @@ class Follower:
 
     def __init__(self, runner, group: RankGroup):
         self.runner, self.group = runner, group
-        self.host: OrderedDict[str, object] = OrderedDict()  # packed adapters by name, LRU
 
     def run(self) -> None:
         while True:
@@ -53,25 +51,17 @@ class Follower:
             if kind == "stop":
                 return
             plan, writes = args
-            for slot, start, name, path in writes:
-                self.write(slot, start, name, path)
+            for slot, start, sizes in writes:
+                self.write(slot, start, sizes)
             self.runner.follow(plan)
 
-    def write(self, slot: int, start: int, name: str, path: str) -> None:
-        """Load (or reuse) this rank's part of the adapter and copy it into `slot` (heap element
-        `start`) before the next step reads it. Rank 0 validated the same files moments ago."""
-        from engine.lora.adapter import load_adapter
-
+    def write(self, slot: int, start: int, sizes: tuple[int, int, int]) -> None:
+        """Receive this rank's part of an adapter from rank 0 and copy it into `slot` (heap
+        element `start`); the step after it waits for the copy."""
         runner = self.runner
-        adapter = self.host.get(name)
-        if adapter is None:
-            adapter = load_adapter(name, path, runner.spec, runner.slot_pools.dtype, runner.config.max_lora_rank)
-            runner.slot_pools.pack(adapter)
-            self.host[name] = adapter
-            while len(self.host) > max(runner.max_cpu_loras, 1):
-                self.host.popitem(last=False)
-        self.host.move_to_end(name)
-        event = runner.slot_pools.write(slot, start, adapter)
+        pools = runner.slot_pools
+        image, ranks, offsets = self.group.receive_part(sizes, pools.dtype, runner.device.type == "cuda")
+        event = pools.write_received(slot, start, image, ranks, offsets)
         if event is not None:
             torch.cuda.current_stream(runner.device).wait_event(event)
 

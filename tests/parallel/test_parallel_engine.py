@@ -113,15 +113,21 @@ def test_ranks_give_the_single_process_logits_and_greedy_tokens(models, referenc
 
 
 @pytest.mark.parametrize("layout", ["slots", "bytes"])
-def test_adapters_evicted_and_reloaded_on_every_rank(models, references, layout):
+def test_adapters_evicted_and_reloaded_on_every_rank(models, references, layout, tmp_path):
     """Two slots (and, by bytes, a heap of two max-rank images), three adapters: each step's
     adapters push the least recently used one out, on rank 0 and on the others alike, at the
-    same heap offsets; a reloaded adapter gives its first logits again."""
+    same heap offsets; a reloaded adapter gives its first logits again. The adapters' files are
+    gone once rank 0's host tier holds them: the other ranks get their parts from rank 0."""
     ckpt, adapters = models["olmoe"]
     ref_logits, _ = references("olmoe")
-    requests = _requests(adapters)
+    copies = {k: shutil.copytree(adapters[k], tmp_path / k) for k in "abc"}
+    requests = _requests(copies)
     engine = make_engine(ckpt, max_loras=2, tensor_parallel_size=2, expert_parallel_size=2, lora_layout=layout)
     try:
+        for request in requests[1:]:  # into rank 0's host tier, one at a time
+            wait_for_adapters(engine, [request])
+        for path in copies.values():
+            shutil.rmtree(path)
         for rounds in ([1, 2], [3], [1], [2, 3], [1]):  # indices into requests: a, b; c; a; b, c; a
             wait_for_adapters(engine, [requests[i] for i in rounds])
             logits = _logits(engine, [PROMPTS[i] for i in rounds], [requests[i] for i in rounds])
