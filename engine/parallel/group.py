@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from urllib.parse import urlparse
 
@@ -88,7 +89,8 @@ class RankGroup:
         if config.distributed_init_method is None:
             if config.parallel_workers != "processes":
                 raise EngineError("parallel_workers='external' needs distributed_init_method (tcp://host:port)")
-            config.distributed_init_method = f"tcp://127.0.0.1:{free_port()}"
+            # a copy: the caller's config may start another replica, which needs a port of its own
+            config = replace(config, distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
         host, port = _address(config.distributed_init_method)
         store = dist.TCPStore(host, port, config.world_size, is_master=True,
                               timeout=timedelta(seconds=config.distributed_timeout_s), wait_for_workers=False)

@@ -160,9 +160,11 @@ def test_a_rank_failing_at_start_up_fails_the_replica_with_its_error(models, tmp
         LLMEngine(EngineConfig(model=broken, max_loras=0, block_size=4, max_model_len=64,
                                tensor_parallel_size=2, expert_parallel_size=2, distributed_timeout_s=60))
     assert _children() - before == set()
-    # the group is gone with it: this process can start the next replica
-    engine = make_engine(ckpt, tensor_parallel_size=2)
-    engine.shutdown()
+    # the group is gone with it: this process can start the next replicas, from one config
+    config = EngineConfig(model=ckpt, max_loras=0, block_size=4, max_model_len=64, tensor_parallel_size=2)
+    for _ in range(2):
+        LLMEngine(config).shutdown()
+    assert config.distributed_init_method is None
 
 
 def test_dense_mlp_layers_split_over_the_ranks(tmp_path):
