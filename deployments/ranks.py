@@ -75,10 +75,10 @@ class RankActors:
         """Rank 0 may still wait at start-up for this rank's word: give it the failure instead."""
         import torch.distributed as dist
 
-        from engine.parallel.group import _address
+        from engine.parallel.group import init_address
 
         try:
-            host, port = _address(self.config.distributed_init_method)
+            host, port = init_address(self.config.distributed_init_method)
             store = dist.TCPStore(host, port, self.config.world_size, is_master=False, timeout=timedelta(seconds=10))
             for phase in ("joined", "weights"):
                 if not store.check([f"{phase}/{rank}"]):

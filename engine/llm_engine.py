@@ -12,7 +12,7 @@ from engine.heap import gc_pauses
 from engine.inputs import InputProcessor, load_tokenizer
 from engine.lora.manager import LoRAManager
 from engine.model_runner import LaunchedStep, ModelRunner, StepResult
-from engine.models.spec import load_spec, spec_from_hf_config
+from engine.models.spec import spec_of
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -26,8 +26,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.gc = gc_pauses()
-        self.spec = spec_from_hf_config(config.hf_config) if config.hf_config is not None \
-            else load_spec(config.model)
+        self.spec = spec_of(config)
         self.tokenizer = load_tokenizer(config)
         self.runner = ModelRunner(config, self.spec)
         if self.runner.num_kv_blocks * config.block_size < config.max_model_len:

@@ -16,7 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.errors import EngineError
 from engine.models.spec import ModelSpec
-from kernels.weights import RANK_UNIT
+from kernels.weights import r16
 
 GIB = 1 << 30
 
@@ -35,7 +35,7 @@ def lora_slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype, layout: 
     q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     attention = r * ((d + q_out) + 2 * (d + kv_out) + (q_out + d))  # q, k and v, o
     e, i = spec.num_experts, spec.moe_intermediate_size
-    r_moe = -(-r // RANK_UNIT) * RANK_UNIT if layout == "bytes" else r
+    r_moe = r16(r) if layout == "bytes" else r
     moe = e * r_moe * (2 * d + 2 * i + i + d)
     num_moe = sum(spec.is_moe_layer(layer) for layer in range(spec.num_layers))
     return (spec.num_layers * attention + num_moe * moe) * dtype.itemsize

@@ -159,7 +159,7 @@ class ModelRunner:
         if self.slot_pools is not None and self.group is not None:
             from engine.parallel.pools import RankPools
 
-            self.slot_pools = RankPools(self.slot_pools, self.group, self.spec)
+            self.slot_pools = RankPools(self.slot_pools, self.group, self.shard, self.spec)
         if self.slot_pools is not None and c.lora_mode == "loop":
             for moe in self.model.moe_layers():
                 moe.per_adapter_loop = True

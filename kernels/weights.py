@@ -22,6 +22,11 @@ RANK_UNIT = 16  # a ranked factor's slot is laid out at its rank rounded up to a
 PLAIN, RANKED_ROWS, RANKED_COLS = 0, 1, 2  # Factor.ranked: none, or which axis runs over the rank
 
 
+def r16(rank: int) -> int:
+    """The rank a ranked factor's slot is laid out at: `rank` rounded up to whole RANK_UNITs."""
+    return -(-rank // RANK_UNIT) * RANK_UNIT
+
+
 @dataclass(slots=True)
 class Factor:
     """One LoRA factor (an A or a B) of S slots, E experts and H splits (gate/up halves, or the
@@ -92,8 +97,8 @@ class Factor:
         ranked: for the torch references and tests, never inside a CUDA graph)."""
         if self.ranked == PLAIN:
             return self.expert_stride, self.row_stride
-        r16 = -(-int(self.ranks[slot]) // RANK_UNIT) * RANK_UNIT
-        return self.expert_stride * r16, self.row_stride * (r16 if self.ranked == RANKED_COLS else 1)
+        rank = r16(int(self.ranks[slot]))
+        return self.expert_stride * rank, self.row_stride * (rank if self.ranked == RANKED_COLS else 1)
 
     def view(self, slot: int, split: int, rows: int, cols: int) -> Tensor:
         """Split `split` of slot `slot` as an [E, rows, cols] view (host read of the offsets:

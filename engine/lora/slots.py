@@ -33,7 +33,6 @@ so the heap is the default; "slots" (engine.lora.padded) remains for one max-ran
 
 S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = pools.
 """
-import math
 
 import torch
 from torch import Tensor
@@ -44,7 +43,7 @@ from engine.lora import padded
 from engine.lora.adapter import LoRAAdapter
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
-from kernels.weights import OFFSET_UNIT, PLAIN, RANK_UNIT, RANKED_COLS, RANKED_ROWS, Factor
+from kernels.weights import OFFSET_UNIT, PLAIN, RANKED_COLS, RANKED_ROWS, Factor, r16
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LAYOUTS = ("slots", "bytes")
@@ -124,7 +123,7 @@ class SlotPools:
         for p, (kind, key, dims) in enumerate(self.plan):
             if kind == "moe":
                 e, i, d = dims
-                r = _r16(ranks[p])
+                r = r16(ranks[p])
                 parts = [((p, "gate_up_a", 0), e * 2 * r * d), ((p, "gate_up_b"), e * 2 * i * r),
                          ((p, "down_a"), e * r * i), ((p, "down_b"), e * d * r)]
             elif key[1] == "q_proj":
@@ -138,7 +137,7 @@ class SlotPools:
                 layout[row] = (at, n)
                 at += -(-n // OFFSET_UNIT) * OFFSET_UNIT  # every factor 16-aligned (Factor.offset_unit)
             if kind == "moe":  # up's A: r16 rows into each expert's [2 * r16, D] block of A
-                layout[(p, "gate_up_a", 1)] = (layout[(p, "gate_up_a", 0)][0] + _r16(ranks[p]) * dims[2], 0)
+                layout[(p, "gate_up_a", 1)] = (layout[(p, "gate_up_a", 0)][0] + r16(ranks[p]) * dims[2], 0)
         return layout
 
     def _factor(self, first_row: int, num_rows: int, strides: tuple[int, int, int], split_rows: int,
@@ -271,11 +270,6 @@ class SlotPools:
         return missing + [f"layer {l} {m}" for (l, m) in adapter.moe if l not in self.moe]
 
 
-def _r16(rank: int) -> int:
-    """A MoE layer's rank in the heap: rounded up to whole RANK_UNITs (kernels.weights.Factor.ranked)."""
-    return -(-rank // RANK_UNIT) * RANK_UNIT
-
-
 def _image_numel(layout: dict) -> int:
     """Elements of an image: up to its last factor's end, rounded up to whole offset units."""
     end = max((start + n for start, n in layout.values()), default=0)
@@ -292,16 +286,16 @@ def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapt
     for p, (kind, key, dims) in enumerate(plan):
         r = ranks[p]
         if kind == "moe" and r > 0:
-            e, i, d, r16 = *dims, _r16(r)
+            e, i, d, rr = *dims, r16(r)
             for h, module in enumerate(("gate", "up")):
                 f = adapter.moe.get((key, module))
                 if f is not None:
-                    block((p, "gate_up_a", 0), e, 2, r16, d)[:, h, :f.rank].copy_(f.a)  # [E, r, D]
-                    block((p, "gate_up_b"), e, 2 * i, r16)[:, h * i:(h + 1) * i, :f.rank].copy_(f.b)  # [E, I, r]
+                    block((p, "gate_up_a", 0), e, 2, rr, d)[:, h, :f.rank].copy_(f.a)  # [E, r, D]
+                    block((p, "gate_up_b"), e, 2 * i, rr)[:, h * i:(h + 1) * i, :f.rank].copy_(f.b)  # [E, I, r]
             f = adapter.moe.get((key, "down"))
             if f is not None:
-                block((p, "down_a"), e, r16, i)[:, :f.rank].copy_(f.a)
-                block((p, "down_b"), e, d, r16)[:, :, :f.rank].copy_(f.b)
+                block((p, "down_a"), e, rr, i)[:, :f.rank].copy_(f.a)
+                block((p, "down_b"), e, d, rr)[:, :, :f.rank].copy_(f.b)
         elif kind == "dense" and key[1] == "q_proj":
             outs = [plan[p + h][2][0] for h in range(3)]
             b = block((p, "qkv_b"), max(ranks[p:p + 3]), sum(outs)) if max(ranks[p:p + 3]) else None

@@ -39,12 +39,12 @@ class MoECausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, shard: Shard = SINGLE):
         super().__init__()
         self.spec, self.shard = spec, shard
-        self.vocab_start, vocab_rows = shard.vocab(spec.vocab_size)
+        self.vocab_start, self.vocab_rows = shard.vocab(spec.vocab_size)
         self.embed_tokens = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(spec, i, shard) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Parameter(
-            torch.empty(vocab_rows, spec.hidden_size), requires_grad=False)
+            torch.empty(self.vocab_rows, spec.hidden_size), requires_grad=False)
 
     def forward(self, input_ids: Tensor, batch: ForwardBatch) -> Tensor:
         """input_ids [T] -> final hidden states [T, D]."""
@@ -76,7 +76,7 @@ class MoECausalLM(nn.Module):
         vocabulary rows, then they are gathered)."""
         head = self.lm_head
         if head is None:  # tied: this rank's rows of the embeddings
-            head = self.embed_tokens[self.vocab_start:self.vocab_start + self.shard.vocab(self.spec.vocab_size)[1]]
+            head = self.embed_tokens[self.vocab_start:self.vocab_start + self.vocab_rows]
         return self.shard.gather_vocab(F.linear(hidden, head), self.spec.vocab_size).float()
 
     def attention_layers(self) -> list[Attention]:

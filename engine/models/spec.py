@@ -104,6 +104,11 @@ def spec_from_hf_config(cfg, model_dir: Path | None = None) -> ModelSpec:
     )
 
 
+def spec_of(config) -> ModelSpec:
+    """The spec of an EngineConfig's model: its hf_config if given, else model/config.json."""
+    return spec_from_hf_config(config.hf_config) if config.hf_config is not None else load_spec(config.model)
+
+
 def load_spec(model_dir: str | Path) -> ModelSpec:
     from transformers import AutoConfig
     model_dir = Path(model_dir)

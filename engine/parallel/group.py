@@ -47,7 +47,7 @@ _IDLE_TIMEOUT = timedelta(days=3650)  # a worker waits for rank 0's next message
 OK = "ok"
 
 
-def _address(init_method: str) -> tuple[str, int]:
+def init_address(init_method: str) -> tuple[str, int]:
     url = urlparse(init_method)
     if url.scheme != "tcp" or not url.hostname or not url.port:
         raise EngineError(f"distributed_init_method must be tcp://host:port, got {init_method!r}")
@@ -91,7 +91,7 @@ class RankGroup:
                 raise EngineError("parallel_workers='external' needs distributed_init_method (tcp://host:port)")
             # a copy: the caller's config may start another replica, which needs a port of its own
             config = replace(config, distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
-        host, port = _address(config.distributed_init_method)
+        host, port = init_address(config.distributed_init_method)
         store = dist.TCPStore(host, port, config.world_size, is_master=True,
                               timeout=timedelta(seconds=config.distributed_timeout_s), wait_for_workers=False)
         group = cls(config, 0, store)
@@ -108,7 +108,7 @@ class RankGroup:
     @classmethod
     def join(cls, config: EngineConfig, rank: int) -> "RankGroup":
         """Rank 1..N-1: meet rank 0 at config.distributed_init_method and form the group."""
-        host, port = _address(config.distributed_init_method)
+        host, port = init_address(config.distributed_init_method)
         store = dist.TCPStore(host, port, config.world_size, is_master=False,
                               timeout=timedelta(seconds=config.distributed_timeout_s))
         group = cls(config, rank, store)

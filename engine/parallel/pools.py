@@ -21,9 +21,8 @@ from engine.parallel.slicing import shard_adapter
 class RankPools:
     """The rank's SlotPools (every other attribute is theirs) with `pack` and `write` wrapped."""
 
-    def __init__(self, pools: SlotPools, group: RankGroup, spec: ModelSpec):
-        self._pools, self._group, self._spec = pools, group, spec
-        self._shard = group.shard()
+    def __init__(self, pools: SlotPools, group: RankGroup, shard: Shard, spec: ModelSpec):
+        self._pools, self._group, self._shard, self._spec = pools, group, shard, spec
 
     def __getattr__(self, name):
         return getattr(self._pools, name)

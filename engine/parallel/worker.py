@@ -25,15 +25,14 @@ PARENT_CHECK_S = 0.5
 def run_worker(config: EngineConfig, rank: int) -> None:
     """Join the replica as `rank`, build this rank's part of the model, follow rank 0 until it stops."""
     from engine.model_runner import ModelRunner
-    from engine.models.spec import load_spec, spec_from_hf_config
+    from engine.models.spec import spec_of
 
     config = replace(config, device=rank_device(config, rank))
     if config.torch_device.type == "cuda":
         torch.cuda.set_device(config.torch_device)
     group = RankGroup.join(config, rank)
     try:
-        spec = spec_from_hf_config(config.hf_config) if config.hf_config is not None else load_spec(config.model)
-        runner = ModelRunner(config, spec, group=group)
+        runner = ModelRunner(config, spec_of(config), group=group)
         Follower(runner, group).run()
     finally:
         group.close()

@@ -1,7 +1,6 @@
 """A Serve engine replica over two ranks on the local Ray cluster (CPU, gloo): one placement
 group of two bundles, rank 1 an actor in the second; through HTTP with the `openai` client it
 answers as the single-process engine does, base model and adapter alike."""
-import json
 import os
 
 import pytest
