@@ -103,18 +103,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_adapter(engine: LLMEngine, rank: int, seed: int, targets: str = "both") -> LoRAAdapter:
+def random_adapter(engine: LLMEngine, rank: int, seed: int, targets: str = "both",
+                   shared_outer: bool = False) -> LoRAAdapter:
     """An adapter on attention q/k/v/o and every expert's gate/up/down (targets "both"), or on
-    one of them ("attention", "experts"), packed as the host tier holds it (pinned on CUDA)."""
+    one of them ("attention", "experts"), packed as the host tier holds it (pinned on CUDA).
+    shared_outer: gate/up A and down B one matrix for all experts of a layer (Megatron-Bridge's
+    export), which the adapter heap keeps once."""
     spec, dtype = engine.spec, engine.runner.dtype
     gen = torch.Generator().manual_seed(seed)
     d, i, e = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
 
-    def pair(*shape_ab):
+    def pair(*shape_ab, shared: str = ""):
         (a_shape, b_shape) = shape_ab
-        return LoRAFactors((torch.randn(a_shape, generator=gen) * 0.02).to(dtype),
-                           (torch.randn(b_shape, generator=gen) * 0.02).to(dtype))
+        one = lambda shape: (torch.randn(1, *shape[1:], generator=gen) * 0.02).to(dtype).expand(shape)  # noqa: E731
+        own = lambda shape: (torch.randn(shape, generator=gen) * 0.02).to(dtype)  # noqa: E731
+        return LoRAFactors((one if shared == "A" else own)(a_shape), (one if shared == "B" else own)(b_shape), shared)
     adapter = LoRAAdapter(f"base-{seed}")
     for layer in range(spec.num_layers):
         if targets in ("attention", "both"):
@@ -122,7 +126,8 @@ def random_adapter(engine: LLMEngine, rank: int, seed: int, targets: str = "both
                 adapter.dense[(layer, name)] = pair((rank, inp), (out, rank))
         if targets in ("experts", "both"):
             for name, (inp, out) in {"gate": (d, i), "up": (d, i), "down": (i, d)}.items():
-                adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank))
+                half = ("B" if name == "down" else "A") if shared_outer else ""
+                adapter.moe[(layer, name)] = pair((e, rank, inp), (e, out, rank), shared=half)
     return engine.runner.slot_pools.pack(adapter)  # one pinned compact image, as the host tier holds them
 
 
@@ -313,7 +318,8 @@ def measure_machine(engine: LLMEngine, args, results: dict) -> list[LoRAAdapter]
     results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
     pcie = pcie_bandwidth() if device.type == "cuda" else None
     results["pcie_h2d_GBps"] = pcie / 1e9 if pcie else None
-    bases = [random_adapter(engine, args.rank, seed) for seed in range(4)]
+    bases = [random_adapter(engine, args.rank, seed, shared_outer=args.adapter_format == "shared_outer")
+             for seed in range(4)]
     results["adapter_load"] = adapter_load(engine, bases[0], pcie)
     results["roofline"] = decode_roofline_ms(engine, args.requests, args.prompt + args.output // 2,
                                              results["copy_bandwidth_GBps"] * 1e9)
@@ -435,6 +441,8 @@ def main() -> None:
     parser.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                         help="EngineConfig.lora_layout: the adapter heap (the default), or max-rank slot images")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--adapter-format", choices=("per_expert", "shared_outer"), default="per_expert",
+                        help="shared_outer: gate/up A and down B one matrix a layer (kept once in the heap)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--cases", nargs="*", default=["a_none", "b_one", "c_16", "d_64_over_16"])
@@ -457,7 +465,7 @@ def main() -> None:
         parser.error(f"unknown modes {unknown}: choose from {list(MODES)}")
     args.device = "cpu" if args.tiny else "cuda"
     shape = TINY if args.tiny else {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B}[args.preset]
-    results = {"provenance": provenance(sys.argv), "requests": args.requests, "prompt": args.prompt, "output": args.output, "rank": args.rank,
+    results = {"provenance": provenance(sys.argv), "requests": args.requests, "prompt": args.prompt, "output": args.output, "rank": args.rank, "adapter_format": args.adapter_format,
                "slots": args.slots, "preset": "tiny" if args.tiny else args.preset, "tp": args.tp, "ep": args.ep, "device": torch.cuda.get_device_name() if not args.tiny else "cpu", "cases": {}}
     main_engine_cases(args, shape, results)
     if not args.skip_hf:  # with --tiny too: a CPU smoke run of the baseline's code path

@@ -14,6 +14,11 @@ host tier (the store, disk and PCIe paths are measured by bench_store.py and ben
 
     python benchmarks/bench_workload.py --out workload.json                 # H200, 48 layers
     python benchmarks/bench_workload.py --tiny --out /tmp/workload.json     # CPU smoke run
+
+Where one process may not run both (a time limit per command), the runs split in two, back to
+back on the same machine: `--runs none --out base.json`, then `--runs adapters --baseline
+base.json`, which takes the first's arrival rate and compares against its no-adapter run (the
+trace is a function of the arguments and the seed, so the arrivals are the same).
 """
 import argparse
 import json
@@ -139,10 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                     help="EngineConfig.lora_layout (bytes: mixed ranks and targets each take their own bytes)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", choices=("both", "none", "adapters"), default="both",
+                    help="which runs of the same arrivals: both, or one (see --baseline)")
+    ap.add_argument("--baseline", default="", help="with --runs adapters: an earlier --runs none JSON of the "
+                    "same trace, whose arrival rate this run takes and whose run it compares against")
     args = ap.parse_args(argv)
     if args.tiny:
         args.layers, args.adapters, args.requests = 2, min(args.adapters, 32), min(args.requests, 120)
         args.prompt_range, args.output_range, args.max_loras = [8, 48], [4, 16], args.max_loras or 4
+    baseline = _baseline(args) if args.baseline else None
     shape = TINY if args.tiny else QWEN3_30B_A3B
     engine = LLMEngine(EngineConfig(
         hf_config=hf_config(shape, args.layers), load_format="dummy", device="cpu" if args.tiny else "cuda",
@@ -150,29 +160,55 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0))
     names = install_adapters(engine, args.adapters)
     trace = make_trace(args)
-    rate = args.load * capacity(engine, trace, min(len(trace), 4 * args.max_num_seqs))
+    if baseline is not None:
+        rate = baseline["arrival_rate_per_s"]
+    else:
+        rate = args.load * capacity(engine, trace, min(len(trace), 4 * args.max_num_seqs))
     arrivals = timed(trace, rate, args.seed)
     results = {"provenance": provenance(list(sys.argv if argv is None else argv)), "args": vars(args), "layers": args.layers,
                "lora_slots": engine.runner.num_lora_slots, "slot_bytes": engine.runner.slot_pools.slot_bytes,
-               "heap_bytes": engine.runner.memory_plan.heap_bytes,
-               "arrival_rate_per_s": rate, "no_adapters": run_trace(engine, arrivals, None)}
-    results["adapters"] = run_trace(engine, arrivals, names)
-    base, lora = results["no_adapters"], results["adapters"]
-    results["goodput_ratio"] = lora["goodput_tok_per_s"] / base["goodput_tok_per_s"]
-    results["ttft_p99_ratio"] = lora["ttft_ms_p99"] / base["ttft_ms_p99"]
+               "heap_bytes": engine.runner.memory_plan.heap_bytes, "arrival_rate_per_s": rate}
+    if args.runs in ("both", "none"):
+        results["no_adapters"] = run_trace(engine, arrivals, None)
+    else:
+        results["no_adapters"] = dict(baseline["no_adapters"], from_file=args.baseline,
+                                      provenance=baseline["provenance"])
+    if args.runs in ("both", "adapters"):
+        results["adapters"] = run_trace(engine, arrivals, names)
+        base, lora = results["no_adapters"], results["adapters"]
+        results["goodput_ratio"] = lora["goodput_tok_per_s"] / base["goodput_tok_per_s"]
+        results["ttft_p99_ratio"] = lora["ttft_ms_p99"] / base["ttft_ms_p99"]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"{args.requests} requests at {rate:.2f}/s over {args.adapters} adapters, {engine.runner.num_lora_slots} slots, "
           f"an adapter heap of {results['heap_bytes'] / 2**30:.2f} GiB (the largest adapter: "
           f"{results['slot_bytes'] / 2**20:.1f} MiB at rank {max(RANKS)})")
     print("run          goodput tok/s  TTFT p50/p99 ms   TPOT p50/p99 ms   max TTFT s  loads/s  hit rate  GB moved")
-    for label, r in (("no adapters", base), ("adapters", lora)):
+    runs = [(label, results[key]) for label, key in (("no adapters", "no_adapters"), ("adapters", "adapters"))
+            if key in results]
+    for label, r in runs:
         extra = (f"{r['slot_loads_per_s']:8.2f}  {r['resident_hit_rate'] or 0:8.2f}  {r['bytes_moved'] / 1e9:8.2f}"
                  if "bytes_moved" in r else "")
         print(f"{label:<12}{r['goodput_tok_per_s']:14.1f}  {r['ttft_ms_p50']:7.0f}/{r['ttft_ms_p99']:<7.0f}  "
               f"{r['tpot_ms_p50']:7.1f}/{r['tpot_ms_p99']:<7.1f}  {r['ttft_ms_max'] / 1e3:10.2f}  {extra}")
-    print(f"goodput {results['goodput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.2f}x the no-adapter run")
+    if "goodput_ratio" in results:
+        print(f"goodput {results['goodput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.2f}x the no-adapter run")
     return 0
+
+
+_TRACE_ARGS = ("tiny", "layers", "adapters", "requests", "zipf", "prompt_range", "output_range", "max_num_seqs", "seed")
+
+
+def _baseline(args) -> dict:
+    """The --baseline JSON, refused unless it ran the no-adapter run of the same trace."""
+    if args.runs != "adapters":
+        raise SystemExit("--baseline goes with --runs adapters")
+    with open(args.baseline) as f:
+        baseline = json.load(f)
+    differ = [k for k in _TRACE_ARGS if baseline["args"].get(k) != getattr(args, k)]
+    if differ or "no_adapters" not in baseline:
+        raise SystemExit(f"{args.baseline} is not a no-adapter run of this trace (differs in {differ or 'its runs'})")
+    return baseline
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ either a padded stack [S, E, rows, cols] (every slot at the max rank) or an adap
 (engine.lora.slots), where each adapter sits at its own rank wherever its bytes were placed: a
 *ranked* factor, whose (slot, expert) matrices are laid out as a padded stack's at the slot's
 rank rounded up to RANK_UNIT, so its strides are multiples of that. The kernels read both the
-same way.
+same way. A ranked factor may also be *shareable*: a slot whose adapter has one matrix for all
+experts of the layer (the shared-outer format's gate/up A and down B) holds it once, told by a
+negative rank in the factor's table (expert stride 0 for that slot).
 
 Shape legend: S = adapter slots, E = experts, R = max rank, D = hidden, I = expert intermediate.
 """
@@ -20,6 +22,10 @@ from kernels.errors import expect
 OFFSET_UNIT = 16  # elements; the adapter heap places every factor at a multiple of it
 RANK_UNIT = 16  # a ranked factor's slot is laid out at its rank rounded up to a multiple of this
 PLAIN, RANKED_ROWS, RANKED_COLS = 0, 1, 2  # Factor.ranked: none, or which axis runs over the rank
+# or-ed into a ranked Factor.ranked: its table's negative ranks mark slots that hold one matrix for
+# every expert (read at expert stride 0); a compile-time bit, so factors without it read as before
+SHAREABLE = 4
+RANK_AXES = 3  # Factor.ranked & RANK_AXES: PLAIN, RANKED_ROWS or RANKED_COLS
 
 
 def r16(rank: int) -> int:
@@ -41,7 +47,9 @@ class Factor:
 
     Ranked (a heap's expert factors): slot s's matrices are [E, r16, cols] (RANKED_ROWS, an A) or
     [E, rows, r16] (RANKED_COLS, a B) with r16 = ranks[s] rounded up to RANK_UNIT, so the strides
-    that step over the rank count in r16s: u_e = r16 for both, u_r = r16 for RANKED_COLS."""
+    that step over the rank count in r16s: u_e = r16 for both, u_r = r16 for RANKED_COLS.
+    Ranked | SHAREABLE: ranks[s] < 0 means slot s holds one matrix [1, ...] at rank -ranks[s]
+    that every expert reads (u_e = 0)."""
 
     data: Tensor
     offsets: Tensor  # int64 [1 or H, S], on data's device
@@ -54,11 +62,12 @@ class Factor:
     # offsets count in units of this many elements: 16 where every slot starts 16-aligned, which
     # the kernels then know at compile time (vector loads, as strides divisible by 16 give)
     offset_unit: int = 1
-    ranked: int = 0  # PLAIN, RANKED_ROWS or RANKED_COLS
-    ranks: Tensor | None = None  # int32 [S] on data's device: a ranked factor's slot ranks
+    ranked: int = 0  # PLAIN, RANKED_ROWS or RANKED_COLS, the latter two maybe | SHAREABLE
+    ranks: Tensor | None = None  # int32 [S] on data's device: a ranked factor's slot ranks (< 0: shared)
 
     def __post_init__(self) -> None:
-        expect(self.ranked in (PLAIN, RANKED_ROWS, RANKED_COLS), f"ranked must be 0, 1 or 2, got {self.ranked}")
+        expect(self.ranked in (PLAIN, RANKED_ROWS, RANKED_COLS, RANKED_ROWS | SHAREABLE, RANKED_COLS | SHAREABLE),
+               f"ranked must be 0, 1, 2, 5 or 6, got {self.ranked}")
         expect((self.ranks is not None) == (self.ranked != PLAIN), "a ranked factor, and only one, has ranks")
         if self.ranks is not None:
             _check_ranks(self.ranks, self.shape[0], self.data.device)
@@ -97,8 +106,10 @@ class Factor:
         ranked: for the torch references and tests, never inside a CUDA graph)."""
         if self.ranked == PLAIN:
             return self.expert_stride, self.row_stride
-        rank = r16(int(self.ranks[slot]))
-        return self.expert_stride * rank, self.row_stride * (rank if self.ranked == RANKED_COLS else 1)
+        signed = int(self.ranks[slot])
+        rank = r16(abs(signed))
+        expert_stride = 0 if signed < 0 and self.ranked & SHAREABLE else self.expert_stride * rank
+        return expert_stride, self.row_stride * (rank if self.ranked & RANK_AXES == RANKED_COLS else 1)
 
     def view(self, slot: int, split: int, rows: int, cols: int) -> Tensor:
         """Split `split` of slot `slot` as an [E, rows, cols] view (host read of the offsets:
@@ -113,7 +124,8 @@ class Factor:
         """`rows` rows of split `split` from `first_row` on, as a one-split factor (views)."""
         row_offsets = self.offsets[min(split, self.offsets.shape[0] - 1)][None]
         shift = (split * self.split_rows + first_row) * self.row_stride
-        expect(shift == 0 or self.ranked != RANKED_COLS, "a RANKED_COLS factor's rows step by its slots' ranks")
+        expect(shift == 0 or self.ranked & RANK_AXES != RANKED_COLS,
+               "a RANKED_COLS factor's rows step by its slots' ranks")
         data = torch.as_strided(self.data, (1,), (1,), self.data.storage_offset() + shift)
         return Factor(data, row_offsets, self.expert_stride, self.row_stride, self.col_stride, 0,
                       (self.shape[0], self.shape[1], rows, self.shape[3]), offset_unit=self.offset_unit,

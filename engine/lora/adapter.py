@@ -2,7 +2,8 @@
 
 Every format of DESIGN.md: attention q/k/v/o, per-expert keys (incl. Mixtral w1/w3/w2),
 fused 3-D experts (PEFT `target_parameters`), shared-outer experts (gate/up A and down B
-shared by a layer's experts; expanded here into the per-expert slot image), rsLoRA,
+shared by a layer's experts; stacked per expert here and marked `shared`, so the adapter heap
+keeps them once), rsLoRA,
 rank_pattern / alpha_pattern.
 E = experts, r = rank, D = hidden, I = expert intermediate.
 """
@@ -25,9 +26,12 @@ _PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 @dataclass(slots=True)
 class LoRAFactors:
-    """delta(x) = (x @ a.T) @ b.T; a [.., r, IN], b [.., OUT, r] (per expert when 3-D)."""
+    """delta(x) = (x @ a.T) @ b.T; a [.., r, IN], b [.., OUT, r] (per expert when 3-D).
+    shared: "A" or "B" when that factor is one matrix for every expert (the shared-outer
+    format; every expert's slice then holds the same values), else ""."""
     a: Tensor
     b: Tensor
+    shared: str = ""
 
     @property
     def rank(self) -> int:
@@ -144,6 +148,7 @@ def _group_pairs(tensors: dict[str, Tensor], shape: ModelShape) -> dict[tuple, d
                 raise AdapterLoadError(f"{entry['name']}: has its own lora_{parsed.which} next to the "
                                        "shared one")
             entry[parsed.which] = _as_loaded(parsed.which, tensor[0])
+            entry["shared"] = parsed.which
     return pairs
 
 
@@ -175,7 +180,7 @@ def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtyp
             for module, factors in parts.items():
                 adapter.moe[(key.layer, module)] = factors
         elif key.expert is not None:
-            _put_expert(adapter, key, a, b * scale, spec, dtype)
+            _put_expert(adapter, key, a, b * scale, spec, dtype, entry.get("shared", ""))
         else:
             adapter.dense[(key.layer, key.module)] = LoRAFactors(a, b * scale)
     _check_experts_complete(adapter, spec)
@@ -195,13 +200,15 @@ def _check_shapes(entry: dict, key: LoRAKey, rank: int, shape: ModelShape) -> No
 
 
 def _put_expert(adapter: LoRAAdapter, key: LoRAKey, a: Tensor, b: Tensor, spec: ModelSpec,
-                dtype: torch.dtype) -> None:
+                dtype: torch.dtype, shared: str) -> None:
     """Stack one expert's factors into its layer's [E, ...] tensors, made in the final dtype: the
-    fp32 product b * scale is rounded once, on assignment."""
+    fp32 product b * scale is rounded once, on assignment. shared: the factor ("A"/"B") that
+    came as the layer's one shared tensor, or ""."""
     slot = (key.layer, key.module)
     if slot not in adapter.moe:
         e = spec.num_experts
-        adapter.moe[slot] = LoRAFactors(a.new_zeros(e, *a.shape, dtype=dtype), b.new_zeros(e, *b.shape, dtype=dtype))
+        adapter.moe[slot] = LoRAFactors(a.new_zeros(e, *a.shape, dtype=dtype), b.new_zeros(e, *b.shape, dtype=dtype),
+                                        shared)
     factors = adapter.moe[slot]
     if factors.a.shape[1:] != a.shape or factors.b.shape[1:] != b.shape:
         raise AdapterLoadError(f"layer {key.layer} {key.module}: experts have different ranks")

@@ -13,7 +13,14 @@ for how the kernels read it:
   the rank are multiples of the slot's r16, which the kernels derive from its rank
   (Factor.ranked), so one table of offsets per slot still serves adapters of every rank. A
   rank-16 adapter's expert block is byte for byte a padded slot's; a rank-8 one takes r16 = 16;
-  an attention-only adapter takes no expert bytes. The layout it replaced, rank-major factors (A
+  an attention-only adapter takes no expert bytes. A shared-outer adapter (one gate/up A and one
+  down B for all experts of a layer) keeps those halves once, [1, 2*r16, D] and [1, D, r16]: its
+  slot's entry in those factors' rank tables is negated, which the kernels read as expert stride
+  0 (Factor.ranked's SHAREABLE bit). On Qwen3-30B-A3B shapes that is 28% of a per-expert
+  adapter's expert bytes at the same rank, so 3.6 times as many fit. Their decode rows still
+  shrink per (token, expert): a program per routed row has nobody to share a shrink with inside
+  one launch, the repeated reads of the one A come from L2, and a per-token shrink would cost a
+  launch a layer more than the few MACs it saves. The layout it replaced, rank-major factors (A
   [r, E, D], B transposed [r, E, OUT]: strides of the model only), made a decode step slower than
   the padded slots (H200, 48 layers, 16 rank-16 adapters at batch 64: 23.9 against 21.3 ms,
   RESULTS.md): the row kernel's loop over B's ranks read one plane per rank.
@@ -43,7 +50,7 @@ from engine.lora import padded
 from engine.lora.adapter import LoRAAdapter
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
-from kernels.weights import OFFSET_UNIT, PLAIN, RANKED_COLS, RANKED_ROWS, Factor, r16
+from kernels.weights import OFFSET_UNIT, PLAIN, RANKED_COLS, RANKED_ROWS, SHAREABLE, Factor, r16
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LAYOUTS = ("slots", "bytes")
@@ -55,7 +62,10 @@ PlanEntry = tuple[str, object, tuple[int, ...]]
 
 class SlotPools:
     """The heap `storage` [capacity] of adapter images, `offsets` [F, S] (where factor row f of
-    slot s begins) and `ranks` [P, S]; `write` places one packed image (side stream on CUDA)."""
+    slot s begins) and `ranks` [P (+ 2 per MoE layer in the heap), S]: each plan entry's rank,
+    then in the heap each MoE layer's gate/up A and down B rank tables (`shared_rows`), negated
+    where the adapter's experts share that half; `write` places one packed image (side stream on
+    CUDA)."""
 
     def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int, capacity_bytes: int | None = None,
                  layout: str = "bytes"):
@@ -74,8 +84,12 @@ class SlotPools:
                 e, two_i, d = layer.mlp.w_gate_up.shape
                 self.plan.append(("moe", i, (e, two_i // 2, d)))
         self.rows = self._factor_rows()
+        moe_entries = [p for p, (kind, _, _) in enumerate(self.plan) if kind == "moe"]
+        # the heap's rank tables of the shareable halves (gate/up A, down B), after the plan's
+        self.shared_rows = {p: (len(self.plan) + 2 * m, len(self.plan) + 2 * m + 1)
+                            for m, p in enumerate(moe_entries)} if layout == "bytes" else {}
         full = [max_rank] * len(self.plan)
-        self.max_image_numel = _image_numel(self._image_layout(full)) if layout == "bytes" else \
+        self.max_image_numel = _image_numel(self._image_layout(full, {})) if layout == "bytes" else \
             padded.slot_numel(self.plan, max_rank)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         capacity = capacity_bytes // itemsize if capacity_bytes is not None else num_slots * self.max_image_numel
@@ -83,7 +97,8 @@ class SlotPools:
         # [F, S]: where factor row f of slot s begins (the heap's; padded slots have their strides)
         self.offsets = torch.zeros(len(self.rows), num_slots, dtype=torch.int64, device=self.device) \
             if layout == "bytes" else None
-        self.ranks = torch.zeros(len(self.plan), num_slots, dtype=torch.int32, device=self.device)  # [P, S]
+        num_tables = len(self.plan) + 2 * len(self.shared_rows)
+        self.ranks = torch.zeros(num_tables, num_slots, dtype=torch.int32, device=self.device)
         if layout == "bytes":
             self.dense, self.moe, self.qkv = self._weights()
         else:
@@ -117,15 +132,17 @@ class SlotPools:
                 keys += [(p, "a"), (p, "b")]
         return {k: f for f, k in enumerate(keys)}
 
-    def _image_layout(self, ranks: list[int]) -> dict[tuple, tuple[int, int]]:
-        """(start, numel) in an image of each factor row, for per-entry ranks [P] (0: absent)."""
+    def _image_layout(self, ranks: list[int], shared: dict[int, tuple[bool, bool]]) -> dict[tuple, tuple[int, int]]:
+        """(start, numel) in an image of each factor row, for per-entry ranks [P] (0: absent) and
+        the MoE entries whose gate/up A, down B every expert shares (`_shared_halves`)."""
         layout, at = {}, 0
         for p, (kind, key, dims) in enumerate(self.plan):
             if kind == "moe":
                 e, i, d = dims
                 r = r16(ranks[p])
-                parts = [((p, "gate_up_a", 0), e * 2 * r * d), ((p, "gate_up_b"), e * 2 * i * r),
-                         ((p, "down_a"), e * r * i), ((p, "down_b"), e * d * r)]
+                a_shared, b_shared = shared.get(p, (False, False))
+                parts = [((p, "gate_up_a", 0), (1 if a_shared else e) * 2 * r * d), ((p, "gate_up_b"), e * 2 * i * r),
+                         ((p, "down_a"), e * r * i), ((p, "down_b"), (1 if b_shared else e) * d * r)]
             elif key[1] == "q_proj":
                 parts = [((p, "qkv_a", h), ranks[p + h] * dims[1]) for h in range(3)]
                 parts.append(((p, "qkv_b"), max(ranks[p:p + 3]) * sum(self.plan[p + h][2][0] for h in range(3))))
@@ -153,11 +170,13 @@ class SlotPools:
                 e, i, d = dims
                 f = lambda name: self.rows[(p, name)]  # noqa: E731
                 ranks = self.ranks[p]
+                a_ranks, b_ranks = (self.ranks[row] for row in self.shared_rows[p])
                 moe[key] = kernels.MoELoRAWeights(
-                    self._factor(self.rows[(p, "gate_up_a", 0)], 2, (2 * d, d, 1), 0, (e, 2 * r, d), ranks, RANKED_ROWS),
+                    self._factor(self.rows[(p, "gate_up_a", 0)], 2, (2 * d, d, 1), 0, (e, 2 * r, d), a_ranks,
+                                 RANKED_ROWS | SHAREABLE),
                     self._factor(f("gate_up_b"), 1, (2 * i, 1, 1), i, (e, 2 * i, r), ranks, RANKED_COLS),
                     self._factor(f("down_a"), 1, (i, i, 1), 0, (e, r, i), ranks, RANKED_ROWS),
-                    self._factor(f("down_b"), 1, (d, 1, 1), d, (e, d, r), ranks, RANKED_COLS), ranks)
+                    self._factor(f("down_b"), 1, (d, 1, 1), d, (e, d, r), b_ranks, RANKED_COLS | SHAREABLE), ranks)
             elif key[1] == "q_proj":
                 sections = tuple(self.plan[p + h][2][0] for h in range(3))
                 n_in, n = dims[1], sum(sections)
@@ -184,18 +203,21 @@ class SlotPools:
                                    f"{missing[:4]}")
         if self.layout == "slots":
             return self._pack_padded(adapter)
-        ranks = self._entry_ranks(adapter)
-        layout = self._image_layout(ranks)
+        ranks, shared = self._entry_ranks(adapter), self._shared_halves(adapter)
+        layout = self._image_layout(ranks, shared)
         pin = self.device.type == "cuda"
         numel = _image_numel(layout)
         image = torch.zeros(numel, dtype=self.dtype, pin_memory=pin)
         offsets = torch.zeros(len(self.rows), dtype=torch.int64, pin_memory=pin)
         for row, (start, _) in layout.items():
             offsets[self.rows[row]] = start // OFFSET_UNIT
-        _fill(self.plan, layout, image, adapter, ranks)
+        _fill(self.plan, layout, image, adapter, ranks, shared)
+        tables = list(ranks)
+        for p in self.shared_rows:  # the shareable halves' rank tables: negated where shared
+            tables += [-ranks[p] if half else ranks[p] for half in shared.get(p, (False, False))]
         adapter.packed, adapter.packed_offsets = image, offsets
-        adapter.packed_ranks = torch.tensor(ranks, dtype=torch.int32).pin_memory() if pin else torch.tensor(
-            ranks, dtype=torch.int32)
+        adapter.packed_ranks = torch.tensor(tables, dtype=torch.int32).pin_memory() if pin else torch.tensor(
+            tables, dtype=torch.int32)
         adapter.dense, adapter.moe = {}, {}
         return adapter
 
@@ -214,6 +236,19 @@ class SlotPools:
     def _slot_rows(self) -> Tensor:
         """The padded layout's storage as [S, slot_numel] rows."""
         return self.storage[:self.num_slots * self.max_image_numel].view(self.num_slots, self.max_image_numel)
+
+    def _shared_halves(self, adapter: LoRAAdapter) -> dict[int, tuple[bool, bool]]:
+        """For each MoE entry the adapter adapts: (its gate/up A, its down B) are one matrix for
+        every expert. Gate's and up's A share one block, so both must be shared (or absent)."""
+        shared = {}
+        for p, (kind, key, _) in enumerate(self.plan):
+            if kind != "moe":
+                continue
+            gate_up = [adapter.moe[(key, m)] for m in ("gate", "up") if (key, m) in adapter.moe]
+            down = adapter.moe.get((key, "down"))
+            shared[p] = (bool(gate_up) and all(f.shared == "A" for f in gate_up),
+                         down is not None and down.shared == "B")
+        return shared
 
     def _entry_ranks(self, adapter: LoRAAdapter) -> list[int]:
         """Rank of each plan entry: a dense projection's own; a MoE layer's largest of gate, up, down."""
@@ -261,7 +296,7 @@ class SlotPools:
             return self.max_image_numel
         if adapter.packed is not None:
             return adapter.packed.numel()
-        return _image_numel(self._image_layout(self._entry_ranks(adapter)))
+        return _image_numel(self._image_layout(self._entry_ranks(adapter), self._shared_halves(adapter)))
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
         """Targets of `adapter` no pool holds (e.g. a dense MLP layer's projections)."""
@@ -276,9 +311,10 @@ def _image_numel(layout: dict) -> int:
     return -(-end // OFFSET_UNIT) * OFFSET_UNIT
 
 
-def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapter, ranks: list[int]) -> None:
+def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapter, ranks: list[int],
+          shared: dict[int, tuple[bool, bool]]) -> None:
     """Write the adapter's factors into its image (zeros elsewhere): experts as padded slots at
-    r16, attention rank-major with B transposed."""
+    r16 (a shared half once, from expert 0), attention rank-major with B transposed."""
     def block(row, *shape):
         start, n = layout[row]
         return image[start:start + n].view(*shape)
@@ -287,15 +323,18 @@ def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapt
         r = ranks[p]
         if kind == "moe" and r > 0:
             e, i, d, rr = *dims, r16(r)
+            a_shared, b_shared = shared[p]
             for h, module in enumerate(("gate", "up")):
                 f = adapter.moe.get((key, module))
                 if f is not None:
-                    block((p, "gate_up_a", 0), e, 2, rr, d)[:, h, :f.rank].copy_(f.a)  # [E, r, D]
+                    a = f.a[:1] if a_shared else f.a
+                    block((p, "gate_up_a", 0), a.shape[0], 2, rr, d)[:, h, :f.rank].copy_(a)  # [E or 1, r, D]
                     block((p, "gate_up_b"), e, 2 * i, rr)[:, h * i:(h + 1) * i, :f.rank].copy_(f.b)  # [E, I, r]
             f = adapter.moe.get((key, "down"))
             if f is not None:
+                b = f.b[:1] if b_shared else f.b
                 block((p, "down_a"), e, rr, i)[:, :f.rank].copy_(f.a)
-                block((p, "down_b"), e, d, rr)[:, :, :f.rank].copy_(f.b)
+                block((p, "down_b"), b.shape[0], d, rr)[:, :, :f.rank].copy_(b)
         elif kind == "dense" and key[1] == "q_proj":
             outs = [plan[p + h][2][0] for h in range(3)]
             b = block((p, "qkv_b"), max(ranks[p:p + 3]), sum(outs)) if max(ranks[p:p + 3]) else None

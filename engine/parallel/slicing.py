@@ -99,5 +99,5 @@ def shard_adapter(adapter: LoRAAdapter, shard: Shard, spec: ModelSpec) -> LoRAAd
             a = a[:, :, i0:i0 + ni]
         else:
             b = b[:, i0:i0 + ni]
-        moe[(layer, module)] = LoRAFactors(a.contiguous(), b.contiguous())
+        moe[(layer, module)] = LoRAFactors(a.contiguous(), b.contiguous(), f.shared)
     return LoRAAdapter(adapter.name, dense, moe)

@@ -21,7 +21,7 @@ from torch import Tensor
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
 from kernels.moe.operands import factor_at, num_programs
-from kernels.weights import RANKED_COLS, Factor, as_factor
+from kernels.weights import RANK_AXES, RANKED_COLS, Factor, as_factor
 
 
 @triton.jit
@@ -195,7 +195,7 @@ def _rank_grain(b: Factor, big_r: int) -> int:
     contiguous and padded to R (a padded stack) or to a multiple of 16 (a ranked B of the
     adapter heap); one by one where a rank row is a plane of its own (rank-major: reading past
     r_s would leave the adapter's bytes)."""
-    if b.col_stride == 1 and b.ranked == RANKED_COLS:
+    if b.col_stride == 1 and b.ranked & RANK_AXES == RANKED_COLS:
         return 8
     return math.gcd(big_r, 8) if b.col_stride == 1 and b.padded is not None else 1
 

@@ -13,14 +13,20 @@ def factor_at(F, slot, expert, h):
     the compiler the slot's first element is 16-element aligned, so its loads vectorise as a
     padded stack's do. F[8], a compile-time constant, says whether the factor is ranked: then the
     strides that step over the rank are in units of the slot's rank rounded up to 16, a multiple
-    of 16 the compiler sees; a plain factor reads no rank and keeps its strides' specialisations."""
+    of 16 the compiler sees; a plain factor reads no rank and keeps its strides' specialisations.
+    A shareable one (F[8] & 4) reads a negative rank as "one matrix for every expert": expert
+    stride 0 for that slot."""
     slot = tl.maximum(slot, 0)
     expert_stride = F[3]
     row_stride = F[4]
-    if F[8] != 0:  # RANKED_ROWS (1) or RANKED_COLS (2): kernels.weights.Factor
-        r16 = tl.cdiv(tl.load(F[9] + slot), 16) * 16  # kernels.weights.RANK_UNIT
+    if F[8] != 0:  # RANKED_ROWS (1) or RANKED_COLS (2), maybe | SHAREABLE (4): kernels.weights.Factor
+        rank = tl.load(F[9] + slot)
+        if (F[8] & 4) != 0:
+            expert_stride = tl.where(rank < 0, 0, expert_stride)
+            rank = tl.abs(rank)
+        r16 = tl.cdiv(rank, 16) * 16  # kernels.weights.RANK_UNIT
         expert_stride = expert_stride * r16
-        if F[8] == 2:
+        if (F[8] & 3) == 2:
             row_stride = row_stride * r16
     base = F[0] + tl.load(F[1] + h * F[2] + slot) * F[7] + expert * expert_stride + h * F[6] * row_stride
     return base, row_stride

@@ -4,6 +4,8 @@ import json
 import statistics
 from collections import Counter
 
+import pytest
+
 from benchmarks import bench_workload
 
 
@@ -48,3 +50,25 @@ def test_tiny_run_finishes_every_request_in_both_runs_and_reports_adapter_traffi
     assert results["lora_slots"] == 4 and lora["bytes_moved"] > 0  # 32 adapters through 4 slots
     assert 0 <= lora["resident_hit_rate"] <= 1 and "bytes_moved" not in base
     assert results["provenance"]["argv"][:2] == ["--tiny", "--out"]
+
+
+def test_split_runs_take_the_baselines_rate_and_compare_against_its_no_adapter_run(tmp_path):
+    base_out, lora_out = tmp_path / "base.json", tmp_path / "lora.json"
+    assert bench_workload.main(["--tiny", "--requests", "40", "--runs", "none", "--out", str(base_out)]) == 0
+    base = json.loads(base_out.read_text())
+    assert "adapters" not in base and base["no_adapters"]["finished"] == 40
+    assert bench_workload.main(["--tiny", "--requests", "40", "--runs", "adapters", "--baseline", str(base_out),
+                                "--out", str(lora_out)]) == 0
+    lora = json.loads(lora_out.read_text())
+    assert lora["arrival_rate_per_s"] == base["arrival_rate_per_s"]
+    assert lora["no_adapters"]["goodput_tok_per_s"] == base["no_adapters"]["goodput_tok_per_s"]
+    assert lora["adapters"]["finished"] == 40
+    assert lora["goodput_ratio"] == lora["adapters"]["goodput_tok_per_s"] / base["no_adapters"]["goodput_tok_per_s"]
+
+
+def test_a_baseline_of_another_trace_is_refused(tmp_path):
+    base_out = tmp_path / "base.json"
+    assert bench_workload.main(["--tiny", "--requests", "20", "--runs", "none", "--out", str(base_out)]) == 0
+    with pytest.raises(SystemExit, match="seed"):
+        bench_workload.main(["--tiny", "--requests", "20", "--seed", "5", "--runs", "adapters",
+                             "--baseline", str(base_out), "--out", str(tmp_path / "x.json")])

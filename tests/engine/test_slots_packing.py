@@ -110,7 +110,8 @@ def test_a_load_is_one_copy_of_the_image_plus_its_offsets_and_ranks(checkpoints,
         assert [name for name, _ in ops.calls] == ["copy_", "copy_", "add_", "copy_"]
         (_, (dst, src)), (_, (offsets_dst, _)), _, (_, (rank_dst, _)) = ops.calls
         assert dst.numel() == packed.packed.numel() and src is packed.packed
-        assert offsets_dst.numel() == len(pools.rows) and rank_dst.numel() == len(pools.plan)
+        # the plan's ranks, then each MoE layer's two shareable halves' rank tables
+        assert offsets_dst.numel() == len(pools.rows) and rank_dst.numel() == len(pools.plan) + 2 * len(pools.moe)
         assert int(pools.offsets[:, 0].min()) * 16 >= start  # offsets count 16-element units
 
 
@@ -135,6 +136,35 @@ def test_images_take_their_adapters_own_bytes(checkpoints, adapters):
         assert pools.pack(factors).packed.numel() == pools.image_numel(factors)
     assert pools.slot_bytes == pools.max_image_numel * 4 == engine.runner.memory_plan.slot_bytes
     assert pools.storage.numel() == 2 * pools.max_image_numel  # max_loras largest adapters by default
+
+
+def test_a_shared_outer_adapter_keeps_its_shared_halves_once(checkpoints, tiny_adapter):
+    """The same weights as a shared-outer and as a per-expert adapter: the shared-outer image
+    holds gate/up A and down B once per layer (E - 1 copies fewer of each), its slot reads every
+    expert's factors back equal to the per-expert one's, and its shareable rank tables carry the
+    layer's rank negated (the kernels' expert stride 0) while the plan's stay positive."""
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
+    pools = engine.runner.slot_pools
+    pools.storage.fill_(float("nan"))
+    path = tiny_adapter(FAMILY, "shared_outer", rank=8, alpha=16, seed=21)
+    shared = load_adapter("s", path, engine.spec, pools.dtype, 16)
+    per_expert = load_adapter("p", path, engine.spec, pools.dtype, 16)
+    for f in per_expert.moe.values():
+        f.shared = ""
+    assert {f.shared for (_, m), f in shared.moe.items()} == {"A", "B"}
+    saved = 0
+    for kind, layer, dims in pools.plan:
+        if kind == "moe" and (layer, "gate") in shared.moe:
+            e, _, d = dims
+            saved += (e - 1) * 16 * (2 * d + d)  # r16 = 16: gate/up A [2, 16, D] and down B [D, 16]
+    assert pools.image_numel(per_expert) - pools.image_numel(shared) == saved > 0
+    pools.write(1, 0, pools.pack(shared))
+    _assert_slot_holds(pools, 1, per_expert)
+    for layer, pool in pools.moe.items():
+        plan_rank = int(pool.ranks[1])
+        assert plan_rank == 8
+        assert int(pool.gate_up_a.ranks[1]) == int(pool.down_b.ranks[1]) == -plan_rank
+        assert int(pool.gate_up_b.ranks[1]) == int(pool.down_a.ranks[1]) == plan_rank
 
 
 def attention_only(src, dst):

@@ -12,7 +12,7 @@ import torch
 from tests.kernels.interp import print_cases
 from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, group_in_heap, make_dense_lora, make_moe,
                                           make_moe_lora, make_slot_ids, moe_loop_ref, moe_lora_in_heap,
-                                          rel_err)
+                                          rel_err, share_outer)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOL = {"fp32": 1e-5, "fp16": 5e-3}  # output vs fp64; the LoRA delta gets 4x this
@@ -62,6 +62,12 @@ def case_names() -> list[str]:
               "moe-fp16-t9e6k2-distinct-mixed-heap-split", "moe-fp32-t9e6k2-uniform-mixed-heap-split-tiles",
               "moe-fp16-t17e10k8-skewed-mixed-heap-split-blocks", "moe-fp32-t1e6k2-distinct-mixed-heap-fused",
               "moe-fp16-t1e10k8-skewed-mixed-heap-fused"]
+    # slots 1 and 3 shared-outer (gate/up A and down B once, expert 0's) among per-expert slots
+    # of mixed ranks, every path; NaN wherever another expert's copy would have been
+    names += ["moe-fp32-t17e10k8-uniform-mixed-shared-heap", "moe-fp16-t9e6k2-zipf-shared-heap",
+              "moe-fp16-t17e10k8-distinct-mixed-shared-heap-split",
+              "moe-fp32-t9e6k2-uniform-mixed-shared-heap-split-tiles",
+              "moe-fp16-t17e10k8-skewed-shared-heap-split-blocks", "moe-fp32-t1e6k2-distinct-mixed-shared-heap-fused"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -88,8 +94,11 @@ def run_moe(name: str) -> dict:
         wide[:, 3:3 + d] = args[0]
         args = (wide[:, 3:3 + d], *args[1:4], args[4].long())
     lora = make_moe_lora(gen, len(ranks), e, d, inter, ranks, dtype, pad=pad)
+    shared = (1, 3) if "shared" in p["rest"] else ()
+    if shared:
+        lora = share_outer(lora, shared)
     if "heap" in p["rest"]:
-        lora = moe_lora_in_heap(lora)
+        lora = moe_lora_in_heap(lora, shared)
     slots = make_slot_ids(spread, t, len(ranks), gen)
     slots[0] = 1  # at least one token with an adapter
     import kernels

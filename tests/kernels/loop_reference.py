@@ -150,17 +150,31 @@ def _heap(blocks: list[list[Tensor]], dtype) -> tuple[Tensor, Tensor]:
     return storage, offsets
 
 
-def moe_lora_in_heap(lora: MoELoRAWeights) -> MoELoRAWeights:
+def share_outer(lora: MoELoRAWeights, slots: tuple[int, ...]) -> MoELoRAWeights:
+    """The same padded slots, with slots `slots` made shared-outer: every expert's gate/up A and
+    down B replaced by expert 0's."""
+    ga, gb, da, db = (f.padded.clone() for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b))
+    for s in slots:
+        ga[s] = ga[s, :1]
+        db[s] = db[s, :1]
+    return MoELoRAWeights(ga, gb, da, db, lora.ranks)
+
+
+def moe_lora_in_heap(lora: MoELoRAWeights, shared: tuple[int, ...] = ()) -> MoELoRAWeights:
     """The same adapters laid out as the engine's adapter heap lays them: each slot's experts as a
     padded slot at its rank rounded up to 16 (A [E, r16, cols], B [E, rows, r16]: ranked
     factors), anywhere in one buffer, with NaN between and around the slots and in each slot's
-    rows and columns past its rank (a read outside a slot's ranks shows)."""
-    from kernels.weights import RANK_UNIT, RANKED_COLS, RANKED_ROWS, Factor
+    rows and columns past its rank (a read outside a slot's ranks shows). Slots in `shared`
+    (made by share_outer) hold gate/up A and down B once, expert 0's, their rank negated in
+    those factors' tables (SHAREABLE): a read at another expert's place would meet NaN."""
+    from kernels.weights import RANK_UNIT, RANKED_COLS, RANKED_ROWS, SHAREABLE, Factor
     num_slots, e, two_r, d = lora.gate_up_a.shape
     big_r, inter = two_r // 2, lora.down_a.shape[3]
     ranks = [int(r) for r in lora.ranks]
     r16 = [-(-r // RANK_UNIT) * RANK_UNIT for r in ranks]
     ga, gb, da, db = (f.padded for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b))
+    ga = [ga[s, :1] if s in shared else ga[s] for s in range(num_slots)]
+    db = [db[s, :1] if s in shared else db[s] for s in range(num_slots)]
 
     def ranked(x: Tensor, dim: int, s: int) -> Tensor:
         """x's first ranks[s] entries along dim, NaN up to r16[s]."""
@@ -170,23 +184,38 @@ def moe_lora_in_heap(lora: MoELoRAWeights) -> MoELoRAWeights:
         out.narrow(dim, 0, ranks[s]).copy_(x.narrow(dim, 0, ranks[s]))
         return out
 
-    blocks = [[torch.stack([ranked(ga[s, :, :big_r], 1, s), ranked(ga[s, :, big_r:], 1, s)], 1)
-               for s in range(num_slots)],  # [E, 2, r16, D]: gate's rows, then up's, per expert
+    blocks = [[torch.stack([ranked(ga[s][:, :big_r], 1, s), ranked(ga[s][:, big_r:], 1, s)], 1)
+               for s in range(num_slots)],  # [E or 1, 2, r16, D]: gate's rows, then up's, per expert
               [ranked(gb[s], 2, s) for s in range(num_slots)],
               [ranked(da[s], 1, s) for s in range(num_slots)],
               [ranked(db[s], 2, s) for s in range(num_slots)]]
-    storage, offsets = _heap(blocks, ga.dtype)
+    storage, offsets = _heap(blocks, gb.dtype)
     up_a = offsets[0] + torch.tensor(r16) * d // RANK_UNIT  # up's A: r16 rows into each expert's block
     gate_up_a = torch.stack([offsets[0], up_a])
     shapes = [(num_slots, e, 2 * big_r, d), (num_slots, e, 2 * inter, big_r), (num_slots, e, big_r, inter),
               (num_slots, e, d, big_r)]
+    signed = torch.tensor([-r if s in shared else r for s, r in enumerate(ranks)], dtype=torch.int32)
     return MoELoRAWeights(
-        Factor(storage, gate_up_a, 2 * d, d, 1, 0, shapes[0], offset_unit=16, ranked=RANKED_ROWS, ranks=lora.ranks),
+        Factor(storage, gate_up_a, 2 * d, d, 1, 0, shapes[0], offset_unit=16, ranked=RANKED_ROWS | SHAREABLE,
+               ranks=signed),
         Factor(storage, offsets[1:2], 2 * inter, 1, 1, inter, shapes[1], offset_unit=16, ranked=RANKED_COLS,
                ranks=lora.ranks),
         Factor(storage, offsets[2:3], inter, inter, 1, 0, shapes[2], offset_unit=16, ranked=RANKED_ROWS, ranks=lora.ranks),
-        Factor(storage, offsets[3:4], d, 1, 1, d, shapes[3], offset_unit=16, ranked=RANKED_COLS, ranks=lora.ranks),
+        Factor(storage, offsets[3:4], d, 1, 1, d, shapes[3], offset_unit=16, ranked=RANKED_COLS | SHAREABLE,
+               ranks=signed),
         lora.ranks)
+
+
+def moe_lora_to(lora: MoELoRAWeights, device) -> MoELoRAWeights:
+    """moe_lora_in_heap's pools (or padded stacks) moved to `device`, the same layout."""
+    from kernels.weights import Factor
+
+    def moved(f: Factor) -> Factor:
+        return Factor(f.data.to(device), f.offsets.to(device), f.expert_stride, f.row_stride, f.col_stride,
+                      f.split_rows, f.shape, offset_unit=f.offset_unit, ranked=f.ranked,
+                      ranks=None if f.ranks is None else f.ranks.to(device))
+    return MoELoRAWeights(moved(lora.gate_up_a), moved(lora.gate_up_b), moved(lora.down_a), moved(lora.down_b),
+                          lora.ranks.to(device))
 
 
 def group_in_heap(parts: list[DenseLoRAWeights], sections: tuple[int, ...]):

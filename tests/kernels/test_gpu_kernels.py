@@ -3,9 +3,11 @@ import pytest
 import torch
 
 import kernels
+from kernels import MoELoRAWeights
 from kernels.moe.launch import fused_moe_triton
 from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, make_dense_lora, make_moe,
-                                          make_moe_lora, make_slot_ids, moe_loop_ref, rel_err)
+                                          make_moe_lora, make_slot_ids, moe_loop_ref, moe_lora_in_heap,
+                                          moe_lora_to, rel_err, share_outer)
 
 pytestmark = pytest.mark.gpu
 
@@ -74,6 +76,27 @@ def test_fused_moe_other_dtypes(dtype):
 def test_fused_moe_rows_beyond_single_program_alignment():
     """T*K = 4800 rows: the multi-program alignment (kernels/moe/align_multi.py) feeds the kernels."""
     _check_moe(600, 8, "uniform", seed=3)
+
+
+@pytest.mark.parametrize("t, path", [(1, "fused"), (1, "rows"), (64, "rows"), (64, "split"), (600, "auto")])
+def test_shared_outer_slots_in_the_heap_bf16_each_lora_path(t, path):
+    """Slots 1 and 4 hold gate/up A and down B once (the adapter heap's shared-outer layout, NaN
+    around and past every rank), beside per-expert slots of mixed ranks."""
+    gen, cpu_gen = _gens(11 + t)
+    args = make_moe(gen, t, D, INTER, E, 8, torch.bfloat16, "cuda")
+    cpu = torch.Generator().manual_seed(t)
+    padded = share_outer(make_moe_lora(cpu, len(RANKS), E, D, INTER, RANKS, torch.bfloat16), (1, 4))
+    heap = moe_lora_to(moe_lora_in_heap(padded, (1, 4)), "cuda")
+    slots = make_slot_ids("uniform", t, len(RANKS), cpu_gen).cuda()
+    slots[0] = 1
+    base = kernels.fused_moe(*args)
+    got = fused_moe_triton(*args, lora=heap, slot_ids=slots, path=path)
+    padded = MoELoRAWeights(*(f.padded.cuda() for f in (padded.gate_up_a, padded.gate_up_b, padded.down_a,
+                                                         padded.down_b)), padded.ranks.cuda())
+    want_base, want = moe_loop_ref(*args), moe_loop_ref(*args, padded, slots)
+    assert torch.isfinite(got).all()
+    assert rel_err(got.double() - base.double(), want - want_base) <= TOL[torch.bfloat16]
+    assert torch.equal(got[slots < 0], base[slots < 0])
 
 
 def test_padded_rank_is_never_read():
