@@ -8,7 +8,7 @@ import torch
 from engine import EngineConfig
 from engine.errors import EngineError, InvalidRequestError
 from engine.lora.slots import SlotPools
-from engine.memory import GIB, MemorySettings, kv_block_bytes, lora_slot_bytes, split_memory
+from engine.memory import GIB, MemorySettings, heap_bytes, kv_block_bytes, lora_slot_bytes, split_memory
 from engine.model_runner import STARTUP_PARTS
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec, load_spec
@@ -97,6 +97,21 @@ def test_max_loras_zero_gives_the_kv_cache_everything():
 
 def test_lora_memory_fraction_gives_the_slots_that_share():
     assert split(fraction=0.25) == (8192, int(0.25 * BUDGET) // SLOT) == (8192, 10)
+
+
+def test_the_heap_takes_what_the_capped_kv_cache_leaves_and_padded_slots_whole_images():
+    # rank 64: 6.75 GB images; 64 sequences of 2576 tokens cap the KV cache at 10304 blocks
+    slot64 = 4 * (SLOT - 48 * 2 * 16 * (2 * (2048 + 4096) + 2 * (2048 + 512))) + 48 * 2 * 64 * (
+        2 * (2048 + 4096) + 2 * (2048 + 512))
+    kv, images = split_memory(TOTAL, WEIGHTS, RESERVE, BLOCK, slot64, settings(max_model_len=2576))
+    assert kv == 64 * 161 and images == (BUDGET - kv * BLOCK) // slot64 == 7
+    idle = BUDGET - kv * BLOCK - images * slot64
+    assert idle > 5 * GIB  # what whole images left unused beside the capped KV cache
+    assert heap_bytes(BUDGET, kv, BLOCK, images, slot64, "bytes") == BUDGET - kv * BLOCK
+    assert heap_bytes(BUDGET, kv, BLOCK, images, slot64, "slots") == images * slot64
+    assert heap_bytes(BUDGET, kv, BLOCK, 0, slot64, "bytes") == 0  # max_loras=0: no adapters
+    # an explicit num_kv_blocks past the budget's share still leaves the images their room
+    assert heap_bytes(BUDGET, 10**6, BLOCK, 2, slot64, "bytes") == 2 * slot64
 
 
 def test_too_little_memory_for_one_sequence_is_a_clear_error():
