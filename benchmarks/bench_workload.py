@@ -106,7 +106,8 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
             last[out.request_id] = now
     seconds = time.perf_counter() - start
     stats = {key: engine.stats()[key] - stats0[key]
-             for key in ("lora_slot_hits", "lora_slot_misses", "lora_slot_loads", "lora_bytes_loaded")}
+             for key in ("lora_slot_hits", "lora_slot_misses", "lora_slot_loads", "lora_bytes_loaded",
+                         "lora_compactions", "lora_bytes_compacted")}
     outputs = {f"w-{k}": req["output"] for k, req in enumerate(trace)}
     ttft = sorted(first[r] - arrived[r] for r in first)
     tpot = sorted((last[r] - first[r]) / (outputs[r] - 1) for r in first if outputs[r] > 1)
@@ -118,7 +119,8 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
         lookups = stats["lora_slot_hits"] + stats["lora_slot_misses"]
         result.update(slot_loads_per_s=stats["lora_slot_loads"] / seconds,
                       resident_hit_rate=stats["lora_slot_hits"] / lookups if lookups else None,
-                      bytes_moved=stats["lora_bytes_loaded"])
+                      bytes_moved=stats["lora_bytes_loaded"], heap_compactions=stats["lora_compactions"],
+                      bytes_compacted=stats["lora_bytes_compacted"])
     return result
 
 

@@ -209,6 +209,8 @@ class LLMEngine:
             "lora_slot_hits": lora.slot_hits if lora else 0, "lora_slot_misses": lora.slot_misses if lora else 0,
             "lora_slot_loads": lora.slot_loads if lora else 0, "lora_evictions": lora.evictions if lora else 0,
             "lora_host_loads": lora.host_loads if lora else 0,
+            "lora_compactions": lora.compactions if lora else 0,
+            "lora_bytes_compacted": lora.bytes_compacted if lora else 0,
             "lora_load_seconds": (lora.host_load_seconds + lora.slot_load_seconds) if lora else 0.0,
             "lora_failures": lora.failures if lora else 0,
             "lora_prefetches": self.scheduler.slots.num_prefetched, "aged_requests": len(self.scheduler.slots.aged),

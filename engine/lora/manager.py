@@ -4,8 +4,11 @@ The scheduler drives it with plain calls: `reserve` (a slot for a waiting reques
 while the adapter is still loading, or no slot or heap room can be had), `is_ready`, `release`.
 An adapter takes its own bytes in the heap (engine.lora.slots); to place one, adapters no
 request references are evicted least recently used first until its image fits (or it waits:
-a full cache delays work). A failed load is remembered for `failure_ttl_s` (requests fail fast
-with its message), then retried.
+a full cache delays work). When the image does not fit in any free span though the free bytes
+(after those evictions) would hold it, the heap is compacted first: the resident images slide
+down on the compute stream, between steps, and their slots' offsets follow (not on a replica
+over several GPUs, whose ranks would all have to move alike). A failed load is remembered for
+`failure_ttl_s` (requests fail fast with its message), then retried.
 """
 import time
 from collections.abc import Callable
@@ -31,6 +34,8 @@ class LoRAStats:
     failures: int = 0
     evictions: int = 0
     bytes_loaded: int = 0
+    compactions: int = 0
+    bytes_compacted: int = 0
     recent_errors: list[str] = field(default_factory=list)
 
 
@@ -84,9 +89,11 @@ class LoRAManager:
         placement = None if adapter is None else self._placement(adapter)
         if placement is None:
             return None
-        slot, victims = placement
+        slot, victims, compact = placement
         for victim in victims:
             self._evict(victim)
+        if compact:
+            self._compact()
         numel = self.pools.image_numel(adapter)
         start = self.spans.allocate(numel)
         self.free_lru.pop(slot)
@@ -102,19 +109,47 @@ class LoRAManager:
             self.slot_events[slot] = self.copier.submit(self._write_slot, slot, start, adapter)
         return slot
 
-    def _placement(self, adapter: LoRAAdapter) -> tuple[int, list[int]] | None:
-        """(slot, slots to evict first) for a new adapter, or None while none can be had: an
-        empty unreferenced slot, else the least recently used one; then, least recently used
-        first, unreferenced adapters until its image fits in the heap."""
+    def _placement(self, adapter: LoRAAdapter) -> tuple[int, list[int], bool] | None:
+        """(slot, slots to evict first, compact the heap then) for a new adapter, or None while
+        none can be had: an empty unreferenced slot, else the least recently used one; then,
+        least recently used first, unreferenced adapters until its image fits in a free span, or
+        else, with compaction, until the free bytes hold it."""
         if not self.free_lru:
             return None
         slot = next((s for s in self.free_lru if self.slot_names[s] is None), next(iter(self.free_lru)))
         taken = self.slot_names[slot] is not None  # a slot holding an adapter holds its span
         order = ([slot] if taken else []) + [s for s in self.free_lru if s != slot and self.slot_spans[s] is not None]
-        n = self.spans.placement_after(self.pools.image_numel(adapter), [self.slot_spans[s] for s in order])
-        if n is None:
+        numel = self.pools.image_numel(adapter)
+        n = self.spans.placement_after(numel, [self.slot_spans[s] for s in order])
+        if n is not None:
+            return slot, order[:max(n, int(taken))], False  # the reused slot's adapter goes in any case
+        if not self.pools.can_move or self._copies_pending():
             return None
-        return slot, order[:max(n, int(taken))]  # the reused slot's adapter goes in any case
+        free = self.spans.free_size
+        for m in range(len(order) + 1):
+            if m >= int(taken) and free >= numel:
+                return slot, order[:m], True
+            if m < len(order):
+                free += self.slot_spans[order[m]][1]
+        return None
+
+    def _copies_pending(self) -> bool:
+        """Whether a slot copy is still queued or running: its bytes must not move under it."""
+        return any(isinstance(f, Future) and (not f.done() or self._copy_in_flight(f)) for f in self.slot_events)
+
+    def _compact(self) -> None:
+        """Slide every resident image to the heap's low end (SpanAllocator.compacted), moving its
+        bytes and its slot's offsets (SlotPools.move), in address order."""
+        live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
+                      key=lambda s: self.slot_spans[s][0])
+        starts = self.spans.compacted([self.slot_spans[s] for s in live])
+        for slot, start in zip(live, starts):
+            old, numel = self.slot_spans[slot]
+            if start != old:
+                self.pools.move(slot, old, start, numel)
+                self.slot_spans[slot] = (start, numel)
+                self.stats.bytes_compacted += numel * self.pools.storage.element_size()
+        self.stats.compactions += 1
 
     def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter):
         began = time.perf_counter()

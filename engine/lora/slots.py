@@ -110,6 +110,32 @@ class SlotPools:
                 layer.mlp.lora = self.moe[i]
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
+    can_move = True  # `move` keeps every slot's images valid (engine.parallel.pools' ranks cannot)
+    MOVE_CHUNK = 1 << 24  # elements a step of an overlapping move goes through its bounce buffer
+
+    @torch.no_grad()
+    def move(self, slot: int, old: int, new: int, numel: int) -> None:
+        """Slide slot `slot`'s image from heap element `old` down to `new` < old, and its offsets
+        with it, on the current stream (ordered after the steps already issued, before the next).
+        Where source and destination overlap, the image goes low to high through a bounce buffer
+        a chunk at a time: a chunk's destination then covers only source already read. Padded
+        slots never move: each keeps its row, whatever span the manager counts for it."""
+        if self.layout == "slots" or new == old:
+            return
+        if not 0 <= new < old or (old - new) % OFFSET_UNIT:
+            raise ValueError(f"a move goes down by whole offset units, got {old} -> {new}")
+        src, dst = self.storage[old:old + numel], self.storage[new:new + numel]
+        if old - new >= numel:
+            dst.copy_(src)
+        else:
+            chunk = min(numel, self.MOVE_CHUNK)
+            bounce = torch.empty(chunk, dtype=self.storage.dtype, device=self.device)
+            for at in range(0, numel, chunk):
+                n = min(chunk, numel - at)
+                bounce[:n].copy_(src[at:at + n])
+                dst[at:at + n].copy_(bounce[:n])
+        self.offsets[:, slot].sub_((old - new) // OFFSET_UNIT)
+
     @property
     def capacity_bytes(self) -> int:
         return self.storage.nbytes

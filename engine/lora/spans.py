@@ -4,7 +4,9 @@ Why first fit, and not pages: an adapter's image is copied in one transfer and r
 offset per factor and slot, so it must be contiguous. Adapters are few (tens to hundreds) and
 large, so a sorted list of free spans is small, and freeing merges neighbours back at once.
 Fragmentation is bounded by the evictions the cache makes anyway: `placement_after` tells how
-many least-recently-used adapters must go before an image fits.
+many least-recently-used adapters must go before an image fits. Where it stops fitting though
+the free bytes would hold it (a large image between held small ones), `compacted` slides every
+live span to the heap's low end, for the caller to move the bytes.
 """
 import bisect
 
@@ -37,6 +39,20 @@ class SpanAllocator:
 
     def release(self, start: int, size: int) -> None:
         _insert(self.free, start, size)
+
+    def compacted(self, spans: list[tuple[int, int]]) -> list[int]:
+        """Slide `spans` (start, size), which must be every allocated span, to the low end of the
+        heap in address order, the free space one span above them; returns each span's new start,
+        in the order given. A span never moves up, so moving their bytes in address order never
+        overwrites a span not yet moved."""
+        used = sum(size for _, size in spans)
+        if used != self.capacity - self.free_size:
+            raise ValueError(f"spans of {used} elements are not the {self.capacity - self.free_size} allocated")
+        starts, at = [0] * len(spans), 0
+        for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
+            starts[i], at = at, at + spans[i][1]
+        self.free = [(at, self.capacity - at)] if at < self.capacity else []
+        return starts
 
     def placement_after(self, size: int, spans: list[tuple[int, int]]) -> int | None:
         """How many of `spans` (in eviction order) must be released before `size` fits: 0 if it

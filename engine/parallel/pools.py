@@ -21,6 +21,8 @@ from engine.parallel.slicing import shard_adapter
 class RankPools:
     """The rank's SlotPools (every other attribute is theirs) with `pack` and `write` wrapped."""
 
+    can_move = False  # a heap compaction would have to move every rank's images alike
+
     def __init__(self, pools: SlotPools, group: RankGroup, shard: Shard, spec: ModelSpec):
         self._pools, self._group, self._shard, self._spec = pools, group, shard, spec
 
