@@ -40,6 +40,7 @@ except ImportError:
     from benchmarks.provenance import provenance
 
 RANKS = (8, 16, 32, 64)
+BLOCK = 16  # KV block size (tokens), the engine's default
 KINDS = ("attention", "experts", "both", "both")  # by adapter index // len(RANKS): a quarter each, half both
 
 
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                     help="EngineConfig.lora_layout (bytes: mixed ranks and targets each take their own bytes)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-tokens", type=int, default=None,
+                    help="KV cache size in tokens (EngineConfig.num_kv_blocks; default: the memory rule's, "
+                    "max_num_seqs full-length sequences): the adapter heap takes the memory it leaves")
     ap.add_argument("--runs", choices=("both", "none", "adapters"), default="both",
                     help="which runs of the same arrivals: both, or one (see --baseline)")
     ap.add_argument("--baseline", default="", help="with --runs adapters: an earlier --runs none JSON of the "
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine(EngineConfig(
         hf_config=hf_config(shape, args.layers), load_format="dummy", device="cpu" if args.tiny else "cuda",
         max_loras=args.max_loras, max_lora_rank=max(RANKS), max_cpu_loras=args.adapters, lora_layout=args.lora_layout,
-        max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0))
+        max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0,
+        block_size=BLOCK, num_kv_blocks=None if args.kv_tokens is None else -(-args.kv_tokens // BLOCK)))
     names = install_adapters(engine, args.adapters)
     trace = make_trace(args)
     if baseline is not None:
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = args.load * capacity(engine, trace, min(len(trace), 4 * args.max_num_seqs))
     arrivals = timed(trace, rate, args.seed)
     results = {"provenance": provenance(list(sys.argv if argv is None else argv)), "args": vars(args), "layers": args.layers,
+               "kv_tokens": engine.runner.memory_plan.kv_tokens,
                "lora_slots": engine.runner.num_lora_slots, "slot_bytes": engine.runner.slot_pools.slot_bytes,
                "heap_bytes": engine.runner.memory_plan.heap_bytes, "arrival_rate_per_s": rate}
     if args.runs in ("both", "none"):

@@ -58,8 +58,9 @@ def test_split_runs_take_the_baselines_rate_and_compare_against_its_no_adapter_r
     base = json.loads(base_out.read_text())
     assert "adapters" not in base and base["no_adapters"]["finished"] == 40
     assert bench_workload.main(["--tiny", "--requests", "40", "--runs", "adapters", "--baseline", str(base_out),
-                                "--out", str(lora_out)]) == 0
+                                "--kv-tokens", "500", "--out", str(lora_out)]) == 0
     lora = json.loads(lora_out.read_text())
+    assert lora["kv_tokens"] == 512 and base["kv_tokens"] != 512  # whole 16-token blocks
     assert lora["arrival_rate_per_s"] == base["arrival_rate_per_s"]
     assert lora["no_adapters"]["goodput_tok_per_s"] == base["no_adapters"]["goodput_tok_per_s"]
     assert lora["adapters"]["finished"] == 40
