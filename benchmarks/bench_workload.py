@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default="", help="with --runs adapters: an earlier --runs none JSON of the "
                     "same trace, whose arrival rate this run takes and whose run it compares against")
     args = ap.parse_args(argv)
+    if args.runs == "adapters" and not args.baseline:
+        raise SystemExit("--runs adapters needs --baseline: the no-adapter run it compares against")
     if args.tiny:
         args.layers, args.adapters, args.requests = 2, min(args.adapters, 32), min(args.requests, 120)
         args.prompt_range, args.output_range, args.max_loras = [8, 48], [4, 16], args.max_loras or 4
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_TRACE_ARGS = ("tiny", "layers", "adapters", "requests", "zipf", "prompt_range", "output_range", "max_num_seqs", "seed")
+_TRACE_ARGS = ("tiny", "layers", "adapters", "requests", "zipf", "prompt_range", "output_range", "max_num_seqs", "seed",
+               "kv_tokens")
 
 
 def _baseline(args) -> dict:

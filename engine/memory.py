@@ -106,16 +106,17 @@ def _fit_slots(spare: int, slot_bytes: int, s: MemorySettings) -> int:
 
 
 def heap_bytes(budget: int, num_kv_blocks: int, block_bytes: int, images: int, slot_bytes: int,
-               layout: str) -> int:
+               layout: str, num_slots: int, by_rule: bool) -> int:
     """The adapters' device bytes once `split_memory` has sized both sides: `images` whole
-    max-rank images for padded slots ("slots"); for the heap ("bytes") all the budget the KV
-    cache leaves, at least those images. The KV cache stops at max_num_seqs full-length
-    sequences, so what lies past the last whole image would otherwise sit idle: on an H200 at
-    max rank 64 (6.75 GB images) that was 6.5 GB beside a 47 GB heap, and smaller adapters fit
-    in any bytes."""
-    if layout != "bytes" or images == 0:
+    max-rank images for padded slots ("slots") or where the operator sized the adapters' side
+    (max_loras, lora_memory_fraction: not `by_rule`); otherwise, for the heap ("bytes"), all the
+    budget the KV cache leaves, at least those images and at most what `num_slots` largest
+    adapters take. The KV cache stops at max_num_seqs full-length sequences, so what lies past
+    the last whole image would otherwise sit idle: on an H200 at max rank 64 (6.75 GB images)
+    that was 6.5 GB beside a 47 GB heap, and smaller adapters fit in any bytes."""
+    if layout != "bytes" or images == 0 or not by_rule:
         return images * slot_bytes
-    return max(images * slot_bytes, budget - num_kv_blocks * block_bytes)
+    return min(num_slots * slot_bytes, max(images * slot_bytes, budget - num_kv_blocks * block_bytes))
 
 
 @dataclass(slots=True, frozen=True)
@@ -180,5 +181,6 @@ def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reser
     more = max(images, c.max_num_seqs) if images and c.lora_layout == "bytes" else images
     slots = c.max_loras if c.max_loras is not None else more
     budget = int(c.gpu_memory_utilization * total) - allocated - reserve
+    by_rule = c.max_loras is None and c.lora_memory_fraction is None
     return MemoryPlan(blocks, slots, c.block_size, block, slot, c.max_lora_rank, weights_bytes, reserve,
-                      heap_bytes(budget, blocks, block, images, slot, c.lora_layout), c.lora_layout)
+                      heap_bytes(budget, blocks, block, images, slot, c.lora_layout, slots, by_rule), c.lora_layout)

@@ -43,9 +43,9 @@ class LoRAAdapter:
     """One adapter on the host: dense[(layer, "q_proj")] and moe[(layer, "gate"|"up"|"down")].
 
     In the host tier it is packed (`SlotPools.pack`): `packed` is its image in the device heap's
-    layout (its own bytes: its targets at its ranks), `packed_ranks` [P] int32 its per-pool ranks
-    and `packed_offsets` [F] int64 where each factor starts in the image; the factor dicts are
-    then empty.
+    layout (its own bytes: its targets at its ranks), `packed_ranks` int32 its per-pool ranks (and
+    in the heap its shareable factors' signed ranks: SlotPools.ranks' column) and `packed_offsets`
+    [F] int64 where each factor starts in the image; the factor dicts are then empty.
     """
     name: str
     dense: dict[tuple[int, str], LoRAFactors] = field(default_factory=dict)
@@ -164,6 +164,7 @@ def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtyp
     config, tensors = _read_dir(Path(path))
     shape = model_shape(spec)
     adapter = LoRAAdapter(name)
+    b_scales: dict[tuple[int, str], float] = {}  # (layer, module) -> its first expert's scale
     for target, entry in _group_pairs(tensors, shape).items():
         key: LoRAKey = entry["key"]
         if "A" not in entry or "B" not in entry:
@@ -181,6 +182,11 @@ def load_adapter(name: str, path: str | Path, spec: ModelSpec, dtype: torch.dtyp
                 adapter.moe[(key.layer, module)] = factors
         elif key.expert is not None:
             _put_expert(adapter, key, a, b * scale, spec, dtype, entry.get("shared", ""))
+            # the scale is folded into B: an alpha_pattern naming one expert makes the shared B
+            # differ by expert, so the heap must keep it per expert
+            factors = adapter.moe[(key.layer, key.module)]
+            if factors.shared == "B" and scale != b_scales.setdefault((key.layer, key.module), scale):
+                factors.shared = ""
         else:
             adapter.dense[(key.layer, key.module)] = LoRAFactors(a, b * scale)
     _check_experts_complete(adapter, spec)

@@ -123,7 +123,7 @@ class LoRAManager:
         n = self.spans.placement_after(numel, [self.slot_spans[s] for s in order])
         if n is not None:
             return slot, order[:max(n, int(taken))], False  # the reused slot's adapter goes in any case
-        if not self.pools.can_move or self._copies_pending():
+        if not getattr(self.pools, "can_move", False):
             return None
         free = self.spans.free_size
         for m in range(len(order) + 1):
@@ -133,13 +133,13 @@ class LoRAManager:
                 free += self.slot_spans[order[m]][1]
         return None
 
-    def _copies_pending(self) -> bool:
-        """Whether a slot copy is still queued or running: its bytes must not move under it."""
-        return any(isinstance(f, Future) and (not f.done() or self._copy_in_flight(f)) for f in self.slot_events)
-
     def _compact(self) -> None:
         """Slide every resident image to the heap's low end (SpanAllocator.compacted), moving its
-        bytes and its slot's offsets (SlotPools.move), in address order."""
+        bytes and its slot's offsets (SlotPools.move), in address order. Slot copies still queued
+        on the copier are issued first, and the moves wait for every copy issued (stream order):
+        no image moves from under its own copy."""
+        wait([f for f in self.slot_events if isinstance(f, Future)])  # failures: is_ready reports them
+        self.pools.after_writes()
         live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
                       key=lambda s: self.slot_spans[s][0])
         starts = self.spans.compacted([self.slot_spans[s] for s in live])

@@ -122,11 +122,13 @@ class SlotPools:
         slots never move: each keeps its row, whatever span the manager counts for it."""
         if self.layout == "slots" or new == old:
             return
-        if not 0 <= new < old or (old - new) % OFFSET_UNIT:
-            raise ValueError(f"a move goes down by whole offset units, got {old} -> {new}")
+        if not 0 <= new < old or old % OFFSET_UNIT or new % OFFSET_UNIT:
+            raise ValueError(f"a move goes down between whole offset units, got {old} -> {new}")
         src, dst = self.storage[old:old + numel], self.storage[new:new + numel]
-        if old - new >= numel:
-            dst.copy_(src)
+        shift = old - new
+        if shift >= min(numel, self.MOVE_CHUNK):  # chunks of the shift never overlap their source
+            for at in range(0, numel, shift):
+                dst[at:at + shift].copy_(src[at:at + shift])
         else:
             chunk = min(numel, self.MOVE_CHUNK)
             bounce = torch.empty(chunk, dtype=self.storage.dtype, device=self.device)
@@ -135,6 +137,11 @@ class SlotPools:
                 bounce[:n].copy_(src[at:at + n])
                 dst[at:at + n].copy_(bounce[:n])
         self.offsets[:, slot].sub_((old - new) // OFFSET_UNIT)
+
+    def after_writes(self) -> None:
+        """Order the current stream after every slot write issued so far (on CUDA)."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     @property
     def capacity_bytes(self) -> int:

@@ -58,9 +58,8 @@ def test_split_runs_take_the_baselines_rate_and_compare_against_its_no_adapter_r
     base = json.loads(base_out.read_text())
     assert "adapters" not in base and base["no_adapters"]["finished"] == 40
     assert bench_workload.main(["--tiny", "--requests", "40", "--runs", "adapters", "--baseline", str(base_out),
-                                "--kv-tokens", "500", "--out", str(lora_out)]) == 0
+                                "--out", str(lora_out)]) == 0
     lora = json.loads(lora_out.read_text())
-    assert lora["kv_tokens"] == 512 and base["kv_tokens"] != 512  # whole 16-token blocks
     assert lora["arrival_rate_per_s"] == base["arrival_rate_per_s"]
     assert lora["no_adapters"]["goodput_tok_per_s"] == base["no_adapters"]["goodput_tok_per_s"]
     assert lora["adapters"]["finished"] == 40
@@ -73,3 +72,15 @@ def test_a_baseline_of_another_trace_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="seed"):
         bench_workload.main(["--tiny", "--requests", "20", "--seed", "5", "--runs", "adapters",
                              "--baseline", str(base_out), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="kv_tokens"):  # another KV size is another engine
+        bench_workload.main(["--tiny", "--requests", "20", "--kv-tokens", "512", "--runs", "adapters",
+                             "--baseline", str(base_out), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="needs --baseline"):
+        bench_workload.main(["--tiny", "--runs", "adapters", "--out", str(tmp_path / "x.json")])
+
+
+def test_kv_tokens_sizes_the_kv_cache_in_whole_blocks(tmp_path):
+    out = tmp_path / "w.json"
+    assert bench_workload.main(["--tiny", "--requests", "10", "--runs", "none", "--kv-tokens", "500",
+                                "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["kv_tokens"] == 512

@@ -1,6 +1,7 @@
 """The adapter heap compacted when a new image fits in its free bytes but in no free span: held
 images slide down (bytes and offsets), never under a slot copy in flight, and every step reads
 the same adapters as before."""
+import threading
 import time
 from concurrent.futures import Future
 
@@ -62,16 +63,14 @@ def test_a_held_adapter_between_two_free_spans_moves_down_and_both_serve_as_befo
     manager.release(slots["a"])
     manager.release(slots["c"])
     assert manager.spans.placement_after(numel["d"], [manager.slot_spans[slots[n]] for n in "ac"]) is None
-    copying = Future()  # b's slot copy still queued: its bytes must not move under it
+    # b's slot copy still queued on the copier: its bytes move only once it has been issued
+    copying, issued_before_move = Future(), []
     manager.slot_events[slots["b"]] = copying
-    while requests["d"].lora_name not in manager.host:
-        assert manager.reserve(requests["d"].lora_name, requests["d"].lora_path) is None
-        manager.wait_for_loads(0.01)
-        manager.collect_loads()
-    assert manager.reserve(requests["d"].lora_name, requests["d"].lora_path) is None
-    assert manager.stats.compactions == 0
-    copying.set_result(None)
+    threading.Timer(0.2, copying.set_result, [None]).start()
+    pools, move = engine.runner.slot_pools, engine.runner.slot_pools.move
+    pools.move = lambda *args: (issued_before_move.append(copying.done()), move(*args))
     slots["d"] = _reserve(manager, requests["d"])
+    assert issued_before_move == [True]
     assert manager.stats.compactions == 1 and manager.slot_spans[slots["b"]] == (0, numel["b"])
     assert manager.slot_spans[slots["d"]] == (numel["b"], numel["d"])
     assert set(manager.resident()) == {requests["b"].lora_name, requests["d"].lora_name}
@@ -81,6 +80,20 @@ def test_a_held_adapter_between_two_free_spans_moves_down_and_both_serve_as_befo
     still = step_logits(fresh, MIXED_PROMPTS[:3], [requests["b"], None, requests["d"]])
     for got, want in zip(moved, still):
         assert torch.equal(got, want)
+
+
+def test_a_move_by_less_than_its_chunk_goes_through_the_bounce_buffer_intact(tiny_checkpoint):
+    """An image slid down by one offset unit (16 elements) in 32-element chunks: every chunk's
+    destination covers the source of the one before, so a direct copy would smear it."""
+    pools = make_engine(tiny_checkpoint(FAMILY), max_loras=2, max_lora_rank=8).runner.slot_pools
+    pools.MOVE_CHUNK = 32
+    image = torch.randn(5008, generator=torch.Generator().manual_seed(0))
+    pools.storage[64:64 + 5008] = image
+    pools.offsets[:, 1] = 4 + torch.arange(pools.offsets.shape[0])  # 64 elements in, and past it
+    before = pools.offsets[:, 1].clone()
+    pools.move(1, 64, 48, 5008)
+    assert torch.equal(pools.storage[48:48 + 5008], image)
+    assert torch.equal(pools.offsets[:, 1], before - 1) and not pools.offsets[:, 0].any()
 
 
 def test_padded_slots_never_move_and_a_heap_moves_only_down_by_whole_units(tiny_checkpoint):

@@ -107,11 +107,16 @@ def test_the_heap_takes_what_the_capped_kv_cache_leaves_and_padded_slots_whole_i
     assert kv == 64 * 161 and images == (BUDGET - kv * BLOCK) // slot64 == 7
     idle = BUDGET - kv * BLOCK - images * slot64
     assert idle > 5 * GIB  # what whole images left unused beside the capped KV cache
-    assert heap_bytes(BUDGET, kv, BLOCK, images, slot64, "bytes") == BUDGET - kv * BLOCK
-    assert heap_bytes(BUDGET, kv, BLOCK, images, slot64, "slots") == images * slot64
-    assert heap_bytes(BUDGET, kv, BLOCK, 0, slot64, "bytes") == 0  # max_loras=0: no adapters
+    rest = BUDGET - kv * BLOCK
+    assert heap_bytes(BUDGET, kv, BLOCK, images, slot64, "bytes", 64, True) == rest
+    assert heap_bytes(BUDGET, kv, BLOCK, images, slot64, "slots", 64, True) == images * slot64
+    assert heap_bytes(BUDGET, kv, BLOCK, 0, slot64, "bytes", 0, True) == 0  # max_loras=0: no adapters
+    # the operator sized the adapters' side (max_loras, lora_memory_fraction): as sized
+    assert heap_bytes(BUDGET, kv, BLOCK, images, slot64, "bytes", images, False) == images * slot64
+    # never more than the slots can hold
+    assert heap_bytes(BUDGET, kv, BLOCK, 1, slot64, "bytes", 2, True) == 2 * slot64 < rest
     # an explicit num_kv_blocks past the budget's share still leaves the images their room
-    assert heap_bytes(BUDGET, 10**6, BLOCK, 2, slot64, "bytes") == 2 * slot64
+    assert heap_bytes(BUDGET, 10**6, BLOCK, 2, slot64, "bytes", 64, True) == 2 * slot64
 
 
 def test_too_little_memory_for_one_sequence_is_a_clear_error():

@@ -167,6 +167,26 @@ def test_a_shared_outer_adapter_keeps_its_shared_halves_once(checkpoints, tiny_a
         assert int(pool.gate_up_b.ranks[1]) == int(pool.down_a.ranks[1]) == plan_rank
 
 
+def test_a_shared_down_b_scaled_per_expert_by_an_alpha_pattern_is_kept_per_expert(checkpoints, tiny_adapter):
+    """alpha_pattern naming one expert's down_proj scales that expert's copy of the shared B
+    (the scale is folded into B): the heap keeps down's B per expert, gate/up's A still once,
+    and the slot reads every expert's factors back as loaded."""
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
+    pools = engine.runner.slot_pools
+    pools.storage.fill_(float("nan"))
+    path = tiny_adapter(FAMILY, "shared_outer", rank=8, alpha=16, seed=24,
+                        alpha_pattern={"experts.1.down_proj": 64})
+    adapter = load_adapter("s", path, engine.spec, pools.dtype, 16)
+    downs = [f for (_, m), f in adapter.moe.items() if m == "down"]
+    assert downs and all(f.shared == "" for f in downs)
+    assert not all(torch.equal(f.b[1], f.b[0]) for f in downs)  # expert 1's B really differs
+    assert {f.shared for (_, m), f in adapter.moe.items() if m != "down"} == {"A"}
+    pools.write(0, 0, pools.pack(load_adapter("s", path, engine.spec, pools.dtype, 16)))
+    _assert_slot_holds(pools, 0, adapter)
+    for pool in pools.moe.values():
+        assert int(pool.gate_up_a.ranks[0]) == -8 and int(pool.down_b.ranks[0]) == 8
+
+
 def attention_only(src, dst):
     """A copy of the PEFT adapter in src with only its attention (q/k/v/o) tensors."""
     shutil.copytree(src, dst)
