@@ -1,0 +1,189 @@
+"""bench_workload's trace through the engine's own scheduler and adapter cache, with the GPU
+replaced by a cost model (CPU, seconds): a model to compare heap policies before spending GPU
+time on them, not a measurement.
+
+What is real: the Scheduler (admission, prefetch, aging, slot-fair preemption), the BlockManager,
+the LoRAManager (slots, LRU eviction, first-fit spans, compaction) and each adapter's image size
+at Qwen3-30B-A3B shapes (SlotPools' layout: experts at the rank rounded up to 16, attention at its
+rank). What is modelled: a step costs `--decode-ms` plus `--lora-ms` when it carries an adapter,
+plus `--prefill-us-per-token` per prompt token it computes; a slot copy lands after its bytes at
+`--pcie-gbps`, one copy at a time; a compaction costs its moved bytes twice (read and write) at
+`--hbm-gbps`. The defaults are the H200 run of 2026-12-03 (benchmarks/RESULTS.md, "A multi-tenant
+trace"): decode step 17.6 ms, 21.0 ms with adapters, 2048 prompt tokens ~60 ms.
+
+    python benchmarks/sim_workload.py --heap-gb 47.3 --kv-tokens 164864       # as measured then
+    python benchmarks/sim_workload.py --heap-gb 53.8 --kv-tokens 164864       # the heap takes the rest
+    python benchmarks/sim_workload.py --heap-gb 53.8 --no-compaction          # without compaction
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.block_manager import BlockManager  # noqa: E402
+from engine.lora.adapter import LoRAAdapter  # noqa: E402
+from engine.lora.manager import LoRAManager  # noqa: E402
+from engine.scheduler import Scheduler  # noqa: E402
+from engine.sequence import LoRARequest, Sequence  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from kernels.weights import r16  # noqa: E402
+
+try:
+    from bench_workload import adapter_class, make_trace, timed
+    from provenance import provenance
+except ImportError:
+    from benchmarks.bench_workload import adapter_class, make_trace, timed
+    from benchmarks.provenance import provenance
+
+# Qwen3-30B-A3B, bf16
+LAYERS, D, I, E, Q, KV, BLOCK = 48, 2048, 768, 128, 32 * 128, 4 * 128, 16
+KV_BLOCK_BYTES = 2 * LAYERS * BLOCK * KV * 2
+
+
+def image_bytes(rank: int, targets: str) -> int:
+    """The heap image of an adapter of this class (engine.lora.slots' layout, alignment aside)."""
+    attention = rank * ((D + Q) + 2 * (D + KV) + (Q + D)) if targets in ("attention", "both") else 0
+    experts = E * r16(rank) * (2 * D + 2 * I + I + D) if targets in ("experts", "both") else 0
+    return 2 * LAYERS * (attention + experts)
+
+
+class Clock:
+    now = 0.0
+
+
+class CopyDone:
+    """A slot copy's CUDA event stand-in: passes once the modelled clock reaches its time."""
+
+    def __init__(self, clock: Clock, at: float):
+        self.clock, self.at = clock, at
+
+    def query(self) -> bool:
+        return self.clock.now >= self.at
+
+
+class ModelPools:
+    """SlotPools' interface to the LoRAManager, bytes only: copies finish on the modelled clock."""
+
+    dtype, device = torch.bfloat16, torch.device("cpu")
+
+    def __init__(self, clock: Clock, heap_bytes: int, num_slots: int, pcie_gbps: float, can_move: bool):
+        self.clock, self.num_slots, self.pcie, self.can_move = clock, num_slots, pcie_gbps * 1e9, can_move
+        self.storage = torch.empty(1, dtype=torch.bfloat16).expand(heap_bytes // 2)  # no memory behind it
+        self.stream = object()  # copies go through the manager's copier thread and report an event
+        self.copies_free_at, self.moved_bytes = 0.0, 0
+
+    def image_numel(self, adapter: LoRAAdapter) -> int:
+        return adapter.packed.numel()
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter) -> CopyDone:
+        self.copies_free_at = max(self.clock.now, self.copies_free_at) + adapter.packed.numel() * 2 / self.pcie
+        return CopyDone(self.clock, self.copies_free_at)
+
+    def move(self, slot: int, old: int, new: int, numel: int) -> None:
+        self.moved_bytes += numel * 2
+
+    def after_writes(self) -> None:
+        pass
+
+    def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
+        return []
+
+
+def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
+    clock = Clock()
+    pools = ModelPools(clock, int(args.heap_gb * 1e9), args.max_num_seqs, args.pcie_gbps, not args.no_compaction)
+    manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1)
+    for k in range(args.adapters):  # every adapter already in the host tier, as bench_workload installs them
+        numel = image_bytes(*adapter_class(k)) // 2
+        manager.host[f"w{k}"] = LoRAAdapter(f"w{k}", packed=torch.empty(1, dtype=torch.bfloat16).expand(numel))
+    blocks = BlockManager(-(-args.kv_tokens // BLOCK), BLOCK)
+    max_len = args.prompt_range[1] + args.output_range[1] + 16
+    sched = Scheduler(args.max_num_seqs, 2048, blocks, manager if with_adapters else None, max_len,
+                      max_adapter_wait_steps=100, slot_reclaim_steps=8, max_staged_adapters=manager.host_capacity)
+    pending = list(reversed(list(enumerate(trace))))
+    first, last, arrived, outputs = {}, {}, {}, {}
+    steps = 0
+    try:
+        while pending or sched.has_unfinished():
+            while pending and pending[-1][1]["t"] <= clock.now:
+                k, req = pending.pop()
+                lora = LoRARequest(f"w{req['adapter']}", "/in-host-tier") if with_adapters else None
+                seq = Sequence(k, f"w-{k}", [1] * req["prompt"], SamplingParams(max_tokens=req["output"]),
+                               lora, lora.owner if lora else "", clock.now)
+                sched.add(seq)
+                arrived[seq.request_id], outputs[seq.request_id] = req["t"], req["output"]
+            out = sched.schedule()
+            if not out.scheduled:
+                clock.now = min(pending[-1][1]["t"], clock.now + 0.005) if pending else clock.now + 0.005
+                continue
+            moved, pools.moved_bytes = pools.moved_bytes, 0
+            prefill = sum(n for seq, n in out.scheduled if n > 1)
+            adapters = any(seq.lora is not None for seq, _ in out.scheduled)
+            clock.now += (args.decode_ms + (args.lora_ms if adapters else 0.0)) / 1e3 \
+                + prefill * args.prefill_us_per_token / 1e6 + 2 * moved / (args.hbm_gbps * 1e9)
+            sched.launched(out, [seq.num_computed_tokens + n == seq.num_tokens for seq, n in out.scheduled])
+            for seq, token in sched.update_from_output(out, [0] * len(out.scheduled), clock.now):
+                first.setdefault(seq.request_id, clock.now)
+                last[seq.request_id] = clock.now
+                if len(seq.output_token_ids) >= seq.params.max_tokens:
+                    sched.finish(seq, "length")
+            steps += 1
+    finally:
+        manager.shutdown()
+    ttft = sorted(first[r] - arrived[r] for r in first)
+    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    tokens = sum(outputs[r] for r in last)
+    return {"seconds": clock.now, "finished": len(last), "goodput_tok_per_s": tokens / clock.now, "ttft_s_p50": pct(ttft, 0.5),
+            "ttft_s_p99": pct(ttft, 0.99), "ttft_s_max": ttft[-1], "steps": steps,
+            "tokens_per_step": tokens / max(1, steps),
+            "slot_loads": manager.stats.slot_loads, "compactions": manager.stats.compactions,
+            "gb_compacted": manager.stats.bytes_compacted / 1e9, "evictions": manager.stats.evictions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--adapters", type=int, default=256)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--rate", type=float, default=9.84, help="arrivals per second (the H200 run's)")
+    ap.add_argument("--prompt-range", type=int, nargs=2, default=[128, 2048])
+    ap.add_argument("--output-range", type=int, nargs=2, default=[32, 512])
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heap-gb", type=float, default=53.8, help="adapter heap (GB); 47.3 in the H200 run")
+    ap.add_argument("--kv-tokens", type=int, default=64 * 2576, help="KV cache tokens (64 full sequences)")
+    ap.add_argument("--no-compaction", action="store_true")
+    ap.add_argument("--decode-ms", type=float, default=17.6)
+    ap.add_argument("--lora-ms", type=float, default=3.4)
+    ap.add_argument("--prefill-us-per-token", type=float, default=21.0)
+    ap.add_argument("--pcie-gbps", type=float, default=54.0)
+    ap.add_argument("--hbm-gbps", type=float, default=3000.0)
+    args = ap.parse_args(argv)
+    trace = timed(make_trace(args), args.rate, args.seed)
+    began = time.perf_counter()
+    results = {"provenance": provenance(list(sys.argv if argv is None else argv)), "args": vars(args),
+               "model": "cost model, not a measurement (see the docstring)",
+               "no_adapters": simulate(args, trace, False), "adapters": simulate(args, trace, True)}
+    base, lora = results["no_adapters"], results["adapters"]
+    results["goodput_ratio"] = lora["goodput_tok_per_s"] / base["goodput_tok_per_s"]
+    results["ttft_p99_ratio"] = lora["ttft_s_p99"] / base["ttft_s_p99"]
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"heap {args.heap_gb} GB, KV {args.kv_tokens} tokens, compaction {'off' if args.no_compaction else 'on'}; "
+          f"{time.perf_counter() - began:.0f} s of CPU")
+    for label, r in (("no adapters", base), ("adapters", lora)):
+        print(f"{label:<12} goodput {r['goodput_tok_per_s']:7.1f} tok/s  TTFT p50/p99/max {r['ttft_s_p50']:6.2f}/"
+              f"{r['ttft_s_p99']:6.2f}/{r['ttft_s_max']:6.2f} s  tokens/step {r['tokens_per_step']:5.1f}  loads {r['slot_loads']}"
+              f"  compactions {r['compactions']} ({r['gb_compacted']:.0f} GB)")
+    print(f"goodput {results['goodput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""benchmarks/sim_workload.py: the trace through the real scheduler and adapter cache on a cost model."""
+import json
+
+from benchmarks import sim_workload
+
+
+def _run(tmp_path, *extra) -> dict:
+    out = tmp_path / "sim.json"
+    assert sim_workload.main(["--requests", "60", "--adapters", "16", "--rate", "4", "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_a_heap_holding_every_adapter_loads_each_once_and_never_compacts(tmp_path):
+    sizes = [sim_workload.image_bytes(*sim_workload.adapter_class(k)) for k in range(16)]
+    results = _run(tmp_path, "--heap-gb", str(sum(sizes) / 1e9 + 1))
+    lora = results["adapters"]
+    trace = sim_workload.make_trace(sim_workload.argparse.Namespace(
+        adapters=16, requests=60, zipf=1.0, prompt_range=[128, 2048], output_range=[32, 512], seed=0))
+    assert lora["slot_loads"] == len({req["adapter"] for req in trace}) and lora["compactions"] == 0
+    assert lora["evictions"] == 0 and results["no_adapters"]["slot_loads"] == 0
+
+
+def test_a_heap_barely_larger_than_one_rank_64_adapter_compacts_and_finishes_every_request(tmp_path):
+    """7 GB: a 6.75 GB rank-64 image needs nearly all of it, so a smaller one held where it
+    would go must slide away rather than wait; every request of the trace still finishes."""
+    on = _run(tmp_path, "--heap-gb", "7")
+    off = _run(tmp_path, "--heap-gb", "7", "--no-compaction")
+    assert on["adapters"]["compactions"] > 0 and off["adapters"]["compactions"] == 0
+    assert on["adapters"]["finished"] == off["adapters"]["finished"] == on["no_adapters"]["finished"] == 60
