@@ -28,8 +28,9 @@
 #   coldstart  bench_coldstart.py: 14 GB OLMoE checkpoint, disk read rate, engine start
 #              (+ Serve start when Ray is installed)
 #   workload   bench_workload.py: 256 adapters of mixed ranks and targets, Zipf popularity, Poisson
-#              arrivals at 0.8x the no-adapter capacity, with and without adapters (WORKLOAD_ARGS,
-#              e.g. "--requests 1000" where 2000 do not fit one call)
+#              arrivals at 0.8x the no-adapter capacity, with and without adapters; 2000 requests at
+#              48 layers take two calls: WORKLOAD_ARGS="--runs none", then (its JSON copied into the
+#              tree) WORKLOAD_ARGS="--runs adapters --baseline <that JSON>"
 #   floods     bench_floods.py, the engine on this host's CPUs by default: one tenant's floods against the
 #              app, another tenant's latency and the front processes' memory, Serve's Python
 #              proxy then its HAProxy mode (the app's default where the binary is installed);
@@ -46,7 +47,7 @@
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,43p' "$0"; exit 2
+  sed -n '2,47p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
