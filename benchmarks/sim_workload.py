@@ -45,10 +45,12 @@ LAYERS, D, I, E, Q, KV, BLOCK = 48, 2048, 768, 128, 32 * 128, 4 * 128, 16
 KV_BLOCK_BYTES = 2 * LAYERS * BLOCK * KV * 2
 
 
-def image_bytes(rank: int, targets: str) -> int:
-    """The heap image of an adapter of this class (engine.lora.slots' layout, alignment aside)."""
+def image_bytes(rank: int, targets: str, rank_unit: int = 16) -> int:
+    """The heap image of an adapter of this class (engine.lora.slots' layout, alignment aside);
+    rank_unit: what the experts' rank rounds up to (kernels.weights.RANK_UNIT, 16; a what-if)."""
     attention = rank * ((D + Q) + 2 * (D + KV) + (Q + D)) if targets in ("attention", "both") else 0
-    experts = E * r16(rank) * (2 * D + 2 * I + I + D) if targets in ("experts", "both") else 0
+    expert_rank = r16(rank) if rank_unit == 16 else -(-rank // rank_unit) * rank_unit
+    experts = E * expert_rank * (2 * D + 2 * I + I + D) if targets in ("experts", "both") else 0
     return 2 * LAYERS * (attention + experts)
 
 
@@ -99,7 +101,7 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
     pools = ModelPools(clock, int(args.heap_gb * 1e9), args.max_num_seqs, args.pcie_gbps, not args.no_compaction)
     manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1)
     for k in range(args.adapters):  # every adapter already in the host tier, as bench_workload installs them
-        numel = image_bytes(*adapter_class(k)) // 2
+        numel = image_bytes(*adapter_class(k), args.rank_unit) // 2
         manager.host[f"w{k}"] = LoRAAdapter(f"w{k}", packed=torch.empty(1, dtype=torch.bfloat16).expand(numel))
     blocks = BlockManager(-(-args.kv_tokens // BLOCK), BLOCK)
     max_len = args.prompt_range[1] + args.output_range[1] + 16
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heap-gb", type=float, default=53.8, help="adapter heap (GB); 47.3 in the H200 run")
     ap.add_argument("--kv-tokens", type=int, default=64 * 2576, help="KV cache tokens (64 full sequences)")
     ap.add_argument("--no-compaction", action="store_true")
+    ap.add_argument("--rank-unit", type=int, default=16, help="experts' rank rounded up to this (what-if; the "
+                    "kernels use 16)")
     ap.add_argument("--decode-ms", type=float, default=17.6)
     ap.add_argument("--lora-ms", type=float, default=3.4)
     ap.add_argument("--prefill-us-per-token", type=float, default=21.0)
