@@ -92,9 +92,9 @@ class LoRAManager:
         slot, victims, compact = placement
         for victim in victims:
             self._evict(victim)
-        if compact:
-            self._compact()
         numel = self.pools.image_numel(adapter)
+        if compact:
+            self._compact(numel)
         start = self.spans.allocate(numel)
         self.free_lru.pop(slot)
         self.stats.slot_misses += 1
@@ -133,16 +133,17 @@ class LoRAManager:
                 free += self.slot_spans[order[m]][1]
         return None
 
-    def _compact(self) -> None:
-        """Slide every resident image to the heap's low end (SpanAllocator.compacted), moving its
-        bytes and its slot's offsets (SlotPools.move), in address order. Slot copies still queued
-        on the copier are issued first, and the moves wait for every copy issued (stream order):
-        no image moves from under its own copy."""
+    def _compact(self, numel: int) -> None:
+        """Slide the resident images that open a free span of `numel` elements with the fewest
+        bytes moved (SpanAllocator.compacted) down, their bytes and their slots' offsets
+        (SlotPools.move), in address order. Slot copies still queued on the copier are issued
+        first, and the moves wait for every copy issued (stream order): no image moves from
+        under its own copy."""
         wait([f for f in self.slot_events if isinstance(f, Future)])  # failures: is_ready reports them
         self.pools.after_writes()
         live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
                       key=lambda s: self.slot_spans[s][0])
-        starts = self.spans.compacted([self.slot_spans[s] for s in live])
+        starts = self.spans.compacted([self.slot_spans[s] for s in live], numel)
         for slot, start in zip(live, starts):
             old, numel = self.slot_spans[slot]
             if start != old:

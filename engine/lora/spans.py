@@ -5,8 +5,8 @@ offset per factor and slot, so it must be contiguous. Adapters are few (tens to 
 large, so a sorted list of free spans is small, and freeing merges neighbours back at once.
 Fragmentation is bounded by the evictions the cache makes anyway: `placement_after` tells how
 many least-recently-used adapters must go before an image fits. Where it stops fitting though
-the free bytes would hold it (a large image between held small ones), `compacted` slides every
-live span to the heap's low end, for the caller to move the bytes.
+the free bytes would hold it (a large image between held small ones), `compacted` slides the
+fewest bytes of live spans down that open a free span that large, for the caller to move.
 """
 import bisect
 
@@ -40,18 +40,45 @@ class SpanAllocator:
     def release(self, start: int, size: int) -> None:
         _insert(self.free, start, size)
 
-    def compacted(self, spans: list[tuple[int, int]]) -> list[int]:
-        """Slide `spans` (start, size), which must be every allocated span, to the low end of the
-        heap in address order, the free space one span above them; returns each span's new start,
-        in the order given. A span never moves up, so moving their bytes in address order never
-        overwrites a span not yet moved."""
-        used = sum(size for _, size in spans)
+    def compacted(self, spans: list[tuple[int, int]], size: int | None = None) -> list[int]:
+        """Slide some of `spans` (start, size), which must be every allocated span, down so that a
+        free span of `size` elements opens (None: all of them, the free space one span at the
+        top); returns each span's new start, in the order given. Of the runs of consecutive spans
+        whose sliding onto the span before them opens one, the run of fewest elements moves (at
+        worst all: `size` must fit in the free space). A span never moves up, so moving their
+        bytes in address order never overwrites a span not yet moved."""
+        used = sum(n for _, n in spans)
         if used != self.capacity - self.free_size:
             raise ValueError(f"spans of {used} elements are not the {self.capacity - self.free_size} allocated")
-        starts, at = [0] * len(spans), 0
-        for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        want = self.free_size if size is None else size
+        if want > self.free_size:
+            raise ValueError(f"{want} elements do not fit in {self.free_size} free")
+        best = None  # (elements moved, first span to slide, spans to slide)
+        for first in range(len(order) + 1):
+            at = spans[order[first - 1]][0] + spans[order[first - 1]][1] if first else 0
+            moved = 0
+            for last in range(first, len(order) + 1):
+                end = spans[order[last]][0] if last < len(order) else self.capacity
+                if end - at >= want:
+                    if best is None or moved < best[0]:
+                        best = (moved, first, last)
+                    break
+                if last < len(order):
+                    start, n = spans[order[last]]
+                    moved, at = moved + (n if start != at else 0), at + n
+        _, first, last = best
+        starts = [start for start, _ in spans]
+        at = spans[order[first - 1]][0] + spans[order[first - 1]][1] if first else 0
+        for i in order[first:last]:
             starts[i], at = at, at + spans[i][1]
-        self.free = [(at, self.capacity - at)] if at < self.capacity else []
+        self.free, at = [], 0  # the free list again, from where the spans now are
+        for start, n in sorted((starts[i], spans[i][1]) for i in order):
+            if start > at:
+                self.free.append((at, start - at))
+            at = start + n
+        if at < self.capacity:
+            self.free.append((at, self.capacity - at))
         return starts
 
     def placement_after(self, size: int, spans: list[tuple[int, int]]) -> int | None:

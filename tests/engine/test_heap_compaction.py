@@ -27,6 +27,19 @@ def test_compacted_slides_live_spans_down_in_address_order_and_frees_one_span_ab
         heap.compacted([(0, 30)])  # a span left out would be overwritten
 
 
+def test_compacted_for_a_size_slides_the_fewest_elements_that_open_a_span_that_large():
+    heap = SpanAllocator(100)
+    spans = [(heap.allocate(10), 10) for _ in range(7)]  # 0, 10, ..., 60
+    for start, n in spans[1::2]:
+        heap.release(start, n)  # free: [10, 20), [30, 40), [50, 60), [70, 100)
+    live = spans[0::2]  # at 0, 20, 40, 60
+    # 35 elements: sliding the span at 60 down to 50 opens [60, 100); full compaction moves 30
+    assert heap.compacted(live, 35) == [0, 20, 40, 50]
+    assert heap.free == [(10, 10), (30, 10), (60, 40)] and heap.allocate(35) == 60
+    with pytest.raises(ValueError, match="do not fit"):
+        heap.compacted(live[:3] + [(50, 10), (60, 35)], 30)  # 25 elements free
+
+
 def _reserve(manager, request: LoRARequest) -> int:
     """A reference on the adapter's slot, once its host load has landed."""
     slot, deadline = None, time.monotonic() + 30
