@@ -131,22 +131,27 @@ def capacity(engine: LLMEngine, trace: list[dict], count: int) -> float:
     return len(head) / run_trace(engine, head, None)["seconds"]
 
 
+def add_trace_args(ap: argparse.ArgumentParser) -> None:
+    """The trace's options (make_trace's, and the batch size), shared with sim_workload.py."""
+    ap.add_argument("--adapters", type=int, default=256)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--prompt-range", type=int, nargs=2, default=[128, 2048])
+    ap.add_argument("--output-range", type=int, nargs=2, default=[32, 512])
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_workload.json")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU, a short trace (smoke test)")
     ap.add_argument("--layers", type=int, default=48)
-    ap.add_argument("--adapters", type=int, default=256)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--zipf", type=float, default=1.0)
+    add_trace_args(ap)
     ap.add_argument("--load", type=float, default=0.8, help="arrival rate / no-adapter capacity")
-    ap.add_argument("--prompt-range", type=int, nargs=2, default=[128, 2048])
-    ap.add_argument("--output-range", type=int, nargs=2, default=[32, 512])
-    ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-loras", type=int, default=None, help="GPU slots (default: the memory budget)")
     ap.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                     help="EngineConfig.lora_layout (bytes: mixed ranks and targets each take their own bytes)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-tokens", type=int, default=None,
                     help="KV cache size in tokens (EngineConfig.num_kv_blocks; default: the memory rule's, "
                     "max_num_seqs full-length sequences): the adapter heap takes the memory it leaves")

@@ -34,10 +34,10 @@ from engine.sampling_params import SamplingParams  # noqa: E402
 from kernels.weights import r16  # noqa: E402
 
 try:
-    from bench_workload import adapter_class, make_trace, timed
+    from bench_workload import adapter_class, add_trace_args, make_trace, timed
     from provenance import provenance
 except ImportError:
-    from benchmarks.bench_workload import adapter_class, make_trace, timed
+    from benchmarks.bench_workload import adapter_class, add_trace_args, make_trace, timed
     from benchmarks.provenance import provenance
 
 # Qwen3-30B-A3B, bf16
@@ -150,14 +150,8 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="")
-    ap.add_argument("--adapters", type=int, default=256)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--zipf", type=float, default=1.0)
+    add_trace_args(ap)
     ap.add_argument("--rate", type=float, default=9.84, help="arrivals per second (the H200 run's)")
-    ap.add_argument("--prompt-range", type=int, nargs=2, default=[128, 2048])
-    ap.add_argument("--output-range", type=int, nargs=2, default=[32, 512])
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heap-gb", type=float, default=53.8, help="adapter heap (GB); 47.3 in the H200 run")
     ap.add_argument("--kv-tokens", type=int, default=64 * 2576, help="KV cache tokens (64 full sequences)")
     ap.add_argument("--no-compaction", action="store_true")
