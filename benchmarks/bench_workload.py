@@ -87,7 +87,7 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
     adapters. Latencies count from the arrival."""
     gen = torch.Generator().manual_seed(7)
     stats0, start = engine.stats(), time.perf_counter()
-    arrived, first, last, pending = {}, {}, {}, list(enumerate(trace))
+    arrived, first, last, pending, seqs = {}, {}, {}, list(enumerate(trace)), []
     pending.reverse()
     while pending or engine.has_unfinished_requests():
         now = time.perf_counter() - start
@@ -96,7 +96,8 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
             prompt = torch.randint(0, engine.spec.vocab_size, (req["prompt"],), generator=gen).tolist()
             lora = None if names is None else LoRARequest(names[req["adapter"]], "/in-host-tier")
             params = SamplingParams(max_tokens=req["output"], temperature=0, ignore_eos=True)
-            engine.add_request(f"w-{k}", prompt, params, lora)
+            seqs.append(engine.make_sequence(f"w-{k}", prompt, params, lora))
+            engine.add_sequence(seqs[-1])
             arrived[f"w-{k}"] = req["t"]
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, min(0.05, pending[-1][1]["t"] - now)))
@@ -121,8 +122,18 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
         result.update(slot_loads_per_s=stats["lora_slot_loads"] / seconds,
                       resident_hit_rate=stats["lora_slot_hits"] / lookups if lookups else None,
                       bytes_moved=stats["lora_bytes_loaded"], heap_compactions=stats["lora_compactions"],
-                      bytes_compacted=stats["lora_bytes_compacted"])
+                      bytes_compacted=stats["lora_bytes_compacted"], **adapter_waits(seqs))
     return result
+
+
+def adapter_waits(seqs: list) -> dict:
+    """From each request's arrival until the scheduler first found its adapter in a ready slot
+    (Sequence.adapter_ready; requests it never reached count to now): p99 and max, seconds."""
+    now = time.perf_counter()
+    waits = sorted((s.adapter_ready if s.adapter_ready is not None else now) - s.arrival for s in seqs if s.lora)
+    if not waits:
+        return {}
+    return {"adapter_wait_s_p99": waits[min(len(waits) - 1, int(0.99 * len(waits)))], "adapter_wait_s_max": waits[-1]}
 
 
 def capacity(engine: LLMEngine, trace: list[dict], count: int) -> float:
@@ -198,11 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.requests} requests at {rate:.2f}/s over {args.adapters} adapters, {engine.runner.num_lora_slots} slots, "
           f"an adapter heap of {results['heap_bytes'] / 2**30:.2f} GiB (the largest adapter: "
           f"{results['slot_bytes'] / 2**20:.1f} MiB at rank {max(RANKS)})")
-    print("run          goodput tok/s  TTFT p50/p99 ms   TPOT p50/p99 ms   max TTFT s  loads/s  hit rate  GB moved")
+    print("run          goodput tok/s  TTFT p50/p99 ms   TPOT p50/p99 ms   max TTFT s  loads/s  hit rate  GB moved"
+          "  adapter wait p99/max s")
     runs = [(label, results[key]) for label, key in (("no adapters", "no_adapters"), ("adapters", "adapters"))
             if key in results]
     for label, r in runs:
         extra = (f"{r['slot_loads_per_s']:8.2f}  {r['resident_hit_rate'] or 0:8.2f}  {r['bytes_moved'] / 1e9:8.2f}"
+                 f"  {r.get('adapter_wait_s_p99', 0):.2f}/{r.get('adapter_wait_s_max', 0):.2f}"
                  if "bytes_moved" in r else "")
         print(f"{label:<12}{r['goodput_tok_per_s']:14.1f}  {r['ttft_ms_p50']:7.0f}/{r['ttft_ms_p99']:<7.0f}  "
               f"{r['tpot_ms_p50']:7.1f}/{r['tpot_ms_p99']:<7.1f}  {r['ttft_ms_max'] / 1e3:10.2f}  {extra}")

@@ -106,9 +106,10 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
     blocks = BlockManager(-(-args.kv_tokens // BLOCK), BLOCK)
     max_len = args.prompt_range[1] + args.output_range[1] + 16
     sched = Scheduler(args.max_num_seqs, 2048, blocks, manager if with_adapters else None, max_len,
-                      max_adapter_wait_steps=100, slot_reclaim_steps=8, max_staged_adapters=manager.host_capacity)
+                      max_adapter_wait_steps=100, slot_reclaim_steps=8, max_staged_adapters=manager.host_capacity,
+                      clock=lambda: clock.now)
     pending = list(reversed(list(enumerate(trace))))
-    first, last, arrived, outputs = {}, {}, {}, {}
+    first, last, arrived, outputs, seqs = {}, {}, {}, {}, []
     steps = 0
     try:
         while pending or sched.has_unfinished():
@@ -118,6 +119,7 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
                 seq = Sequence(k, f"w-{k}", [1] * req["prompt"], SamplingParams(max_tokens=req["output"]),
                                lora, lora.owner if lora else "", clock.now)
                 sched.add(seq)
+                seqs.append(seq)
                 arrived[seq.request_id], outputs[seq.request_id] = req["t"], req["output"]
             out = sched.schedule()
             if not out.scheduled:
@@ -138,13 +140,15 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
     finally:
         manager.shutdown()
     ttft = sorted(first[r] - arrived[r] for r in first)
+    waits = sorted(s.adapter_ready - s.arrival for s in seqs if s.lora is not None)
     pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
     tokens = sum(outputs[r] for r in last)
     return {"seconds": clock.now, "finished": len(last), "goodput_tok_per_s": tokens / clock.now, "ttft_s_p50": pct(ttft, 0.5),
             "ttft_s_p99": pct(ttft, 0.99), "ttft_s_max": ttft[-1], "steps": steps,
             "tokens_per_step": tokens / max(1, steps),
             "slot_loads": manager.stats.slot_loads, "compactions": manager.stats.compactions,
-            "gb_compacted": manager.stats.bytes_compacted / 1e9, "evictions": manager.stats.evictions}
+            "gb_compacted": manager.stats.bytes_compacted / 1e9, "evictions": manager.stats.evictions,
+            **({"adapter_wait_s_p99": pct(waits, 0.99), "adapter_wait_s_max": waits[-1]} if waits else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in (("no adapters", base), ("adapters", lora)):
         print(f"{label:<12} goodput {r['goodput_tok_per_s']:7.1f} tok/s  TTFT p50/p99/max {r['ttft_s_p50']:6.2f}/"
               f"{r['ttft_s_p99']:6.2f}/{r['ttft_s_max']:6.2f} s  tokens/step {r['tokens_per_step']:5.1f}  loads {r['slot_loads']}"
-              f"  compactions {r['compactions']} ({r['gb_compacted']:.0f} GB)")
+              f"  compactions {r['compactions']} ({r['gb_compacted']:.0f} GB)"
+              + (f"  adapter wait p99/max {r['adapter_wait_s_p99']:.1f}/{r['adapter_wait_s_max']:.1f} s"
+                 if "adapter_wait_s_max" in r else ""))
     print(f"goodput {results['goodput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.1f}x")
     return 0
 

@@ -15,7 +15,9 @@ With async scheduling the engine schedules step n+1 while step n runs: a sequenc
 samples counts that token as pending (Sequence.num_pending) and decodes it next, its id fed
 on the device; one whose pending token is its last is left out.
 """
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -38,15 +40,16 @@ class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
                  lora_manager=None, max_model_len: int | None = None, prefetch_window: int | None = None,
                  max_adapter_wait_steps: int | None = None, max_staged_adapters: int | None = None,
-                 slot_reclaim_steps: int | None = None):
+                 slot_reclaim_steps: int | None = None, clock: Callable[[], float] = time.perf_counter):
         """prefetch_window: waiting sequences whose adapters are reserved ahead (None: 2 x
         max_num_seqs, 0: none); max_adapter_wait_steps: steps before a queue head with an
         adapter gets first claim on a slot (None: no aging); max_staged_adapters: distinct
         adapters the prefetch keeps staged for waiting sequences (the host tier's count; None:
         no bound); slot_reclaim_steps: steps a queue head waits for a slot, while another tenant
         holds more than its fair share of them, before one of that tenant's slots is drained for
-        it (None: only for aged heads)."""
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        it (None: only for aged heads); clock: the time Sequence.arrival counts in, for
+        Sequence.adapter_ready."""
+        self.max_num_seqs, self.max_num_batched_tokens, self.clock = max_num_seqs, max_num_batched_tokens, clock
         self.max_model_len = max_model_len or float("inf")
         self.block_manager, self.lora_manager = block_manager, lora_manager
         window = 2 * max_num_seqs if prefetch_window is None else prefetch_window

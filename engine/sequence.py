@@ -47,6 +47,7 @@ class Sequence:
     error: Exception | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    adapter_ready: float | None = None  # when the scheduler first found its adapter in a ready slot
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -202,7 +202,11 @@ class SlotPolicy:
                 seq.lora_slot = self.lora_manager.reserve(seq.lora.lora_name, seq.lora.lora_path)
                 if seq.lora_slot is None:
                     return "loading"  # on its way into the host tier, or no slot free
-            return "ok" if self.lora_manager.is_ready(seq.lora_slot) else "loading"
+            if not self.lora_manager.is_ready(seq.lora_slot):
+                return "loading"
+            if seq.adapter_ready is None:
+                seq.adapter_ready = self.sched.clock()
+            return "ok"
         except AdapterLoadError as exc:
             seq.error = exc
             self.sched.finish(seq, "abort")

@@ -49,6 +49,8 @@ def test_tiny_run_finishes_every_request_in_both_runs_and_reports_adapter_traffi
     assert base["goodput_tok_per_s"] > 0 and lora["goodput_tok_per_s"] > 0
     assert results["lora_slots"] == 4 and lora["bytes_moved"] > 0  # 32 adapters through 4 slots
     assert 0 <= lora["resident_hit_rate"] <= 1 and "bytes_moved" not in base
+    # each request's wait for its adapter: within its time to first token
+    assert 0 <= lora["adapter_wait_s_p99"] <= lora["adapter_wait_s_max"] <= lora["ttft_ms_max"] / 1e3
     assert results["provenance"]["argv"][:2] == ["--tiny", "--out"]
 
 

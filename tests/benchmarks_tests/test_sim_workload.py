@@ -18,6 +18,7 @@ def test_a_heap_holding_every_adapter_loads_each_once_and_never_compacts(tmp_pat
         adapters=16, requests=60, zipf=1.0, prompt_range=[128, 2048], output_range=[32, 512], seed=0))
     assert lora["slot_loads"] == len({req["adapter"] for req in trace}) and lora["compactions"] == 0
     assert lora["evictions"] == 0 and results["no_adapters"]["slot_loads"] == 0
+    assert 0 <= lora["adapter_wait_s_max"] <= lora["ttft_s_max"] and "adapter_wait_s_max" not in results["no_adapters"]
 
 
 def test_a_heap_barely_larger_than_one_rank_64_adapter_compacts_and_finishes_every_request(tmp_path):

@@ -269,3 +269,22 @@ def test_waiting_requests_of_resident_adapters_keep_them_from_eviction():
         if not sim.sched.has_unfinished():
             break
     assert not sim.sched.has_unfinished() and sim.slots.loads == 4
+
+
+def test_adapter_ready_is_stamped_by_the_schedulers_clock_when_its_slot_is_first_found_ready():
+    """The stepped manager loads in LOAD_STEPS steps; with the scheduler's clock counting steps,
+    a request's adapter_ready is its arrival plus the load, and a request without an adapter
+    gets none. One slot: the second adapter waits for the first request to finish."""
+    sim = Simulation(num_slots=1, max_num_seqs=4)
+    sim.sched.clock = lambda: sim.slots.step
+    first, second = sim.add("a", "ad"), sim.add("b", "ad")
+    plain = Sequence(99, "plain", [1, 2], SamplingParams(max_tokens=2))
+    sim.sched.add(plain)
+    for _ in range(30):
+        sim.step()
+    assert not sim.sched.has_unfinished()
+    # reserved at the first step after its arrival, ready LOAD_STEPS steps later
+    assert first.adapter_ready == sim.arrived[first.seq_id] + 1 + LOAD_STEPS
+    assert second.adapter_ready >= sim.admitted[first.seq_id] + LOAD_STEPS  # its slot freed first
+    assert second.adapter_ready <= sim.admitted[second.seq_id]
+    assert plain.adapter_ready is None
