@@ -5,9 +5,10 @@ while the adapter is still loading, or no slot or heap room can be had), `is_rea
 An adapter takes its own bytes in the heap (engine.lora.slots); to place one, adapters no
 request references are evicted least recently used first until its image fits (or it waits:
 a full cache delays work). When the image does not fit in any free span though the free bytes
-(after those evictions) would hold it, the heap is compacted first: the resident images slide
-down on the compute stream, between steps, and their slots' offsets follow (not on a replica
-over several GPUs, whose ranks would all have to move alike). A failed load is remembered for
+(after those evictions) would hold it, the heap is compacted first: the run of resident images
+that opens a span that large with the fewest bytes moved slides down on the compute stream,
+between steps, and their slots' offsets follow (not on a replica over several GPUs, whose ranks
+would all have to move alike). A failed load is remembered for
 `failure_ttl_s` (requests fail fast with its message), then retried.
 """
 import time
@@ -145,11 +146,11 @@ class LoRAManager:
                       key=lambda s: self.slot_spans[s][0])
         starts = self.spans.compacted([self.slot_spans[s] for s in live], numel)
         for slot, start in zip(live, starts):
-            old, numel = self.slot_spans[slot]
+            old, size = self.slot_spans[slot]
             if start != old:
-                self.pools.move(slot, old, start, numel)
-                self.slot_spans[slot] = (start, numel)
-                self.stats.bytes_compacted += numel * self.pools.storage.element_size()
+                self.pools.move(slot, old, start, size)
+                self.slot_spans[slot] = (start, size)
+                self.stats.bytes_compacted += size * self.pools.storage.element_size()
         self.stats.compactions += 1
 
     def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter):
