@@ -28,30 +28,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.block_manager import BlockManager  # noqa: E402
 from engine.lora.adapter import LoRAAdapter  # noqa: E402
 from engine.lora.manager import LoRAManager  # noqa: E402
+from engine.memory import lora_slot_bytes  # noqa: E402
+from engine.models.presets import QWEN3_30B_A3B  # noqa: E402
+from engine.models.spec import spec_from_hf_config  # noqa: E402
 from engine.scheduler import Scheduler  # noqa: E402
 from engine.sequence import LoRARequest, Sequence  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from kernels.weights import r16  # noqa: E402
+from kernels.weights import RANK_UNIT, r16  # noqa: E402
 
 try:
+    from bench_engine import hf_config
     from bench_workload import adapter_class, add_trace_args, make_trace, timed
     from provenance import provenance
 except ImportError:
+    from benchmarks.bench_engine import hf_config
     from benchmarks.bench_workload import adapter_class, add_trace_args, make_trace, timed
     from benchmarks.provenance import provenance
 
-# Qwen3-30B-A3B, bf16
-LAYERS, D, I, E, Q, KV, BLOCK = 48, 2048, 768, 128, 32 * 128, 4 * 128, 16
-KV_BLOCK_BYTES = 2 * LAYERS * BLOCK * KV * 2
+BLOCK = 16  # KV block (tokens)
+# Qwen3-30B-A3B at 48 layers, the shapes the trace ran on
+SPEC = spec_from_hf_config(hf_config(QWEN3_30B_A3B, 48))
 
 
-def image_bytes(rank: int, targets: str, rank_unit: int = 16) -> int:
-    """The heap image of an adapter of this class (engine.lora.slots' layout, alignment aside);
-    rank_unit: what the experts' rank rounds up to (kernels.weights.RANK_UNIT, 16; a what-if)."""
-    attention = rank * ((D + Q) + 2 * (D + KV) + (Q + D)) if targets in ("attention", "both") else 0
-    expert_rank = r16(rank) if rank_unit == 16 else -(-rank // rank_unit) * rank_unit
-    experts = E * expert_rank * (2 * D + 2 * I + I + D) if targets in ("experts", "both") else 0
-    return 2 * LAYERS * (attention + experts)
+def image_bytes(rank: int, targets: str, rank_unit: int = RANK_UNIT) -> int:
+    """The heap image of an adapter of this class (engine.memory.lora_slot_bytes, bf16);
+    rank_unit: what the experts' rank rounds up to (kernels.weights.RANK_UNIT; others: a what-if)."""
+    attention = lora_slot_bytes(SPEC, rank, torch.bfloat16, "bytes", "attention") if targets != "experts" else 0
+    experts = lora_slot_bytes(SPEC, rank, torch.bfloat16, "bytes", "experts") if targets != "attention" else 0
+    return attention + experts * (-(-rank // rank_unit) * rank_unit) // r16(rank)
 
 
 class Clock:

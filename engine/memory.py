@@ -26,11 +26,13 @@ def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * dtype.itemsize
 
 
-def lora_slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype, layout: str = "slots") -> int:
+def lora_slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype, layout: str = "slots",
+                    targets: str = "both") -> int:
     """Bytes of the largest adapter image in engine.lora.slots.SlotPools (rank max_rank on every
     target): every layer's q/k/v/o as A [r, in] + B [out, r], and every MoE layer's experts as
     gate and up A [E, r, D] each + B [E, 2I, r] and down A [E, r, I] + B [E, D, r], at max_rank
-    rounded up to 16 in the adapter heap (layout "bytes": its experts' r16, engine.lora.slots)."""
+    rounded up to 16 in the adapter heap (layout "bytes": its experts' r16, engine.lora.slots).
+    targets: "attention" or "experts" counts only those (an image of an adapter on them alone)."""
     r, d = max_rank, spec.hidden_size
     q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     attention = r * ((d + q_out) + 2 * (d + kv_out) + (q_out + d))  # q, k and v, o
@@ -38,7 +40,8 @@ def lora_slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype, layout: 
     r_moe = r16(r) if layout == "bytes" else r
     moe = e * r_moe * (2 * d + 2 * i + i + d)
     num_moe = sum(spec.is_moe_layer(layer) for layer in range(spec.num_layers))
-    return (spec.num_layers * attention + num_moe * moe) * dtype.itemsize
+    attention_part = spec.num_layers * attention if targets in ("attention", "both") else 0
+    return (attention_part + (num_moe * moe if targets in ("experts", "both") else 0)) * dtype.itemsize
 
 
 @dataclass(slots=True, frozen=True)
@@ -170,8 +173,8 @@ def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reser
                               c.num_kv_blocks, c.lora_memory_fraction)
     total = torch.cuda.get_device_properties(device).total_memory
     allocated = torch.cuda.memory_allocated(device)
+    budget = int(c.gpu_memory_utilization * total) - allocated - reserve  # split_memory's, too
     if c.lora_heap_bytes is not None and c.max_loras != 0:  # the heap as given, the KV cache the rest
-        budget = int(c.gpu_memory_utilization * total) - allocated - reserve
         blocks = c.num_kv_blocks or _fit_kv(budget - c.lora_heap_bytes, block, settings)
         slots = c.max_loras if c.max_loras is not None else c.max_num_seqs
         return MemoryPlan(blocks, slots, c.block_size, block, slot, c.max_lora_rank, weights_bytes, reserve,
@@ -180,7 +183,6 @@ def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reser
     # by bytes, smaller adapters fit more than `images` of the largest: up to max_num_seqs slots
     more = max(images, c.max_num_seqs) if images and c.lora_layout == "bytes" else images
     slots = c.max_loras if c.max_loras is not None else more
-    budget = int(c.gpu_memory_utilization * total) - allocated - reserve
     by_rule = c.max_loras is None and c.lora_memory_fraction is None
     return MemoryPlan(blocks, slots, c.block_size, block, slot, c.max_lora_rank, weights_bytes, reserve,
                       heap_bytes(budget, blocks, block, images, slot, c.lora_layout, slots, by_rule), c.lora_layout)

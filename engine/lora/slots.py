@@ -136,7 +136,7 @@ class SlotPools:
                 n = min(chunk, numel - at)
                 bounce[:n].copy_(src[at:at + n])
                 dst[at:at + n].copy_(bounce[:n])
-        self.offsets[:, slot].sub_((old - new) // OFFSET_UNIT)
+        self.offsets[:, slot].sub_(shift // OFFSET_UNIT)
 
     def after_writes(self) -> None:
         """Order the current stream after every slot write issued so far (on CUDA)."""

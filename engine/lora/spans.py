@@ -40,27 +40,25 @@ class SpanAllocator:
     def release(self, start: int, size: int) -> None:
         _insert(self.free, start, size)
 
-    def compacted(self, spans: list[tuple[int, int]], size: int | None = None) -> list[int]:
+    def compacted(self, spans: list[tuple[int, int]], size: int) -> list[int]:
         """Slide some of `spans` (start, size), which must be every allocated span, down so that a
-        free span of `size` elements opens (None: all of them, the free space one span at the
-        top); returns each span's new start, in the order given. Of the runs of consecutive spans
-        whose sliding onto the span before them opens one, the run of fewest elements moves (at
-        worst all: `size` must fit in the free space). A span never moves up, so moving their
-        bytes in address order never overwrites a span not yet moved."""
+        free span of `size` elements opens; returns each span's new start, in the order given. Of
+        the runs of consecutive spans whose sliding onto the span before them opens one, the run
+        of fewest elements moves (at worst all: `size` must fit in the free space). A span never
+        moves up, so moving their bytes in address order never overwrites a span not yet moved."""
         used = sum(n for _, n in spans)
         if used != self.capacity - self.free_size:
             raise ValueError(f"spans of {used} elements are not the {self.capacity - self.free_size} allocated")
+        if size > self.free_size:
+            raise ValueError(f"{size} elements do not fit in {self.free_size} free")
         order = sorted(range(len(spans)), key=lambda i: spans[i][0])
-        want = self.free_size if size is None else size
-        if want > self.free_size:
-            raise ValueError(f"{want} elements do not fit in {self.free_size} free")
+        below = lambda k: sum(spans[order[k - 1]]) if k else 0  # noqa: E731 - where the k-th span may slide to
         best = None  # (elements moved, first span to slide, spans to slide)
         for first in range(len(order) + 1):
-            at = spans[order[first - 1]][0] + spans[order[first - 1]][1] if first else 0
-            moved = 0
+            at, moved = below(first), 0
             for last in range(first, len(order) + 1):
                 end = spans[order[last]][0] if last < len(order) else self.capacity
-                if end - at >= want:
+                if end - at >= size:
                     if best is None or moved < best[0]:
                         best = (moved, first, last)
                     break
@@ -68,8 +66,7 @@ class SpanAllocator:
                     start, n = spans[order[last]]
                     moved, at = moved + (n if start != at else 0), at + n
         _, first, last = best
-        starts = [start for start, _ in spans]
-        at = spans[order[first - 1]][0] + spans[order[first - 1]][1] if first else 0
+        starts, at = [start for start, _ in spans], below(first)
         for i in order[first:last]:
             starts[i], at = at, at + spans[i][1]
         self.free, at = [], 0  # the free list again, from where the spans now are

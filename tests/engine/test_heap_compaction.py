@@ -21,10 +21,10 @@ def test_compacted_slides_live_spans_down_in_address_order_and_frees_one_span_ab
     a, b, c = heap.allocate(30), heap.allocate(20), heap.allocate(30)
     heap.release(b, 20)
     assert heap.free == [(30, 20), (80, 20)] and not heap.can_allocate(40)
-    assert heap.compacted([(c, 30), (a, 30)]) == [30, 0]  # the order given, slid by address
+    assert heap.compacted([(c, 30), (a, 30)], 40) == [30, 0]  # the order given, slid by address
     assert heap.free == [(60, 40)] and heap.allocate(40) == 60
     with pytest.raises(ValueError, match="not the"):
-        heap.compacted([(0, 30)])  # a span left out would be overwritten
+        heap.compacted([(0, 30)], 40)  # a span left out would be overwritten
 
 
 def test_compacted_for_a_size_slides_the_fewest_elements_that_open_a_span_that_large():
