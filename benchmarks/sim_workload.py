@@ -11,9 +11,10 @@ plus `--prefill-us-per-token` per prompt token it computes; a slot copy lands af
 `--hbm-gbps`. The defaults are the H200 run of 2026-12-03 (benchmarks/RESULTS.md, "A multi-tenant
 trace"): decode step 17.6 ms, 21.0 ms with adapters, 2048 prompt tokens ~60 ms.
 
-    python benchmarks/sim_workload.py --heap-gb 47.3 --kv-tokens 164864       # as measured then
-    python benchmarks/sim_workload.py --heap-gb 53.8 --kv-tokens 164864       # the heap takes the rest
-    python benchmarks/sim_workload.py --heap-gb 53.8 --no-compaction          # without compaction
+    python benchmarks/sim_workload.py --heap-gb 47.3 --no-sharing             # as measured then
+    python benchmarks/sim_workload.py --heap-gb 53.8 --no-sharing             # the heap takes the rest
+    python benchmarks/sim_workload.py --heap-gb 53.8 --no-sharing --no-compaction
+    python benchmarks/sim_workload.py                 # and borrows idle KV blocks (kv_heap_sharing)
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.block_manager import BlockManager  # noqa: E402
 from engine.lora.adapter import LoRAAdapter  # noqa: E402
 from engine.lora.manager import LoRAManager  # noqa: E402
-from engine.memory import lora_slot_bytes  # noqa: E402
+from engine.memory import kv_block_bytes, lora_slot_bytes  # noqa: E402
 from engine.models.presets import QWEN3_30B_A3B  # noqa: E402
 from engine.models.spec import spec_from_hf_config  # noqa: E402
 from engine.scheduler import Scheduler  # noqa: E402
@@ -77,9 +78,12 @@ class ModelPools:
 
     dtype, device = torch.bfloat16, torch.device("cpu")
 
-    def __init__(self, clock: Clock, heap_bytes: int, num_slots: int, pcie_gbps: float, can_move: bool):
+    def __init__(self, clock: Clock, heap_bytes: int, num_slots: int, pcie_gbps: float, can_move: bool,
+                 kv_bytes: int = 0):
+        """kv_bytes: the KV cache's, when it shares the heap's buffer (above the heap)."""
         self.clock, self.num_slots, self.pcie, self.can_move = clock, num_slots, pcie_gbps * 1e9, can_move
-        self.storage = torch.empty(1, dtype=torch.bfloat16).expand(heap_bytes // 2)  # no memory behind it
+        self.heap_numel = heap_bytes // 2 // 16 * 16
+        self.storage = torch.empty(1, dtype=torch.bfloat16).expand(self.heap_numel + kv_bytes // 2)  # no memory
         self.stream = object()  # copies go through the manager's copier thread and report an event
         self.copies_free_at, self.moved_bytes = 0.0, 0
 
@@ -102,12 +106,16 @@ class ModelPools:
 
 def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
     clock = Clock()
-    pools = ModelPools(clock, int(args.heap_gb * 1e9), args.max_num_seqs, args.pcie_gbps, not args.no_compaction)
-    manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1)
+    num_blocks, block_bytes = -(-args.kv_tokens // BLOCK), kv_block_bytes(SPEC, BLOCK, torch.bfloat16)
+    shared = with_adapters and not args.no_sharing
+    blocks = BlockManager(num_blocks, BLOCK, -(-2048 // BLOCK) + args.max_num_seqs)  # as LLMEngine reserves
+    pools = ModelPools(clock, int(args.heap_gb * 1e9), args.max_num_seqs, args.pcie_gbps, not args.no_compaction,
+                       (num_blocks + 1) * block_bytes if shared else 0)
+    manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1,
+                          kv=blocks if shared else None, block_numel=block_bytes // 2)
     for k in range(args.adapters):  # every adapter already in the host tier, as bench_workload installs them
         numel = image_bytes(*adapter_class(k), args.rank_unit) // 2
         manager.host[f"w{k}"] = LoRAAdapter(f"w{k}", packed=torch.empty(1, dtype=torch.bfloat16).expand(numel))
-    blocks = BlockManager(-(-args.kv_tokens // BLOCK), BLOCK)
     max_len = args.prompt_range[1] + args.output_range[1] + 16
     sched = Scheduler(args.max_num_seqs, 2048, blocks, manager if with_adapters else None, max_len,
                       max_adapter_wait_steps=100, slot_reclaim_steps=8, max_staged_adapters=manager.host_capacity,
@@ -152,6 +160,8 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
             "tokens_per_step": tokens / max(1, steps),
             "slot_loads": manager.stats.slot_loads, "compactions": manager.stats.compactions,
             "gb_compacted": manager.stats.bytes_compacted / 1e9, "evictions": manager.stats.evictions,
+            "kv_blocks_borrowed": manager.stats.kv_blocks_borrowed, "kv_blocks_returned": manager.stats.kv_blocks_returned,
+            "preemptions": sum(s.num_preemptions for s in seqs),
             **({"adapter_wait_s_p99": pct(waits, 0.99), "adapter_wait_s_max": waits[-1]} if waits else {})}
 
 
@@ -163,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heap-gb", type=float, default=53.8, help="adapter heap (GB); 47.3 in the H200 run")
     ap.add_argument("--kv-tokens", type=int, default=64 * 2576, help="KV cache tokens (64 full sequences)")
     ap.add_argument("--no-compaction", action="store_true")
+    ap.add_argument("--no-sharing", action="store_true", help="the heap keeps its own bytes (EngineConfig"
+                    ".kv_heap_sharing=False): it borrows no KV blocks")
     ap.add_argument("--rank-unit", type=int, default=16, help="experts' rank rounded up to this (what-if; the "
                     "kernels use 16)")
     ap.add_argument("--decode-ms", type=float, default=17.6)
@@ -181,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     results["ttft_p99_ratio"] = lora["ttft_s_p99"] / base["ttft_s_p99"]
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"heap {args.heap_gb} GB, KV {args.kv_tokens} tokens, compaction {'off' if args.no_compaction else 'on'}; "
+    print(f"heap {args.heap_gb} GB, KV {args.kv_tokens} tokens, compaction {'off' if args.no_compaction else 'on'}, "
+          f"sharing {'off' if args.no_sharing else 'on'}; "
           f"{time.perf_counter() - began:.0f} s of CPU")
     for label, r in (("no adapters", base), ("adapters", lora)):
         print(f"{label:<12} goodput {r['goodput_tok_per_s']:7.1f} tok/s  TTFT p50/p99/max {r['ttft_s_p50']:6.2f}/"
               f"{r['ttft_s_p99']:6.2f}/{r['ttft_s_max']:6.2f} s  tokens/step {r['tokens_per_step']:5.1f}  loads {r['slot_loads']}"
-              f"  compactions {r['compactions']} ({r['gb_compacted']:.0f} GB)"
+              f"  compactions {r['compactions']} ({r['gb_compacted']:.0f} GB)  preemptions {r['preemptions']}"
+              f"  KV blocks borrowed/returned {r['kv_blocks_borrowed']}/{r['kv_blocks_returned']}"
               + (f"  adapter wait p99/max {r['adapter_wait_s_p99']:.1f}/{r['adapter_wait_s_max']:.1f} s"
                  if "adapter_wait_s_max" in r else ""))
     print(f"goodput {results['goodput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.1f}x")

@@ -61,6 +61,9 @@ class AppArgs(ReplicaPlacement, BaseModel):
     lora_heap_bytes: int | None = Field(default=None, ge=1, description="with lora_layout=bytes, GPU "
                                         "bytes for resident adapters; default: sized from GPU memory "
                                         "beside the KV cache")
+    kv_heap_sharing: bool = Field(default=True, description="the adapter heap and the KV cache share "
+                                  "one buffer: adapters use KV blocks no request needs (one GPU, "
+                                  "lora_layout=bytes)")
     gpu_memory_utilization: float = Field(default=defaults.GPU_MEMORY_UTILIZATION, gt=0, le=1, description="share of the GPU "
                                           "the engine fills with weights, KV cache and adapters")
     lora_memory_fraction: float | None = Field(default=None, gt=0, lt=1, description="share of that "
@@ -245,7 +248,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
             model=str(model_dir), device=self.resolved_device(), dtype=self.dtype,
             load_format="dummy" if self.uses_dummy_weights() else "auto",
             max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, lora_layout=self.lora_layout,
-            lora_heap_bytes=self.lora_heap_bytes,
+            lora_heap_bytes=self.lora_heap_bytes, kv_heap_sharing=self.kv_heap_sharing,
             gpu_memory_utilization=self.gpu_memory_utilization, lora_memory_fraction=self.lora_memory_fraction,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed,
             warmup=self.engine_warmup, async_scheduling=self.async_scheduling,

@@ -35,6 +35,8 @@ ENGINE_COUNTERS = {
     "lora_prefetches": "moeplex_engine_adapter_prefetches",
     "lora_slot_preemptions": "moeplex_engine_adapter_slot_preemptions",
     "lora_bytes_loaded": "moeplex_engine_adapter_bytes_loaded",
+    "lora_kv_blocks_borrowed": "moeplex_engine_adapter_heap_kv_blocks_borrowed",
+    "lora_kv_blocks_returned": "moeplex_engine_adapter_heap_kv_blocks_returned",
     "gc_collections": "moeplex_engine_gc_collections",
     "gc_pause_seconds": "moeplex_engine_gc_pause_seconds",
 }
@@ -48,6 +50,7 @@ ENGINE_GAUGES = {
     "gc_longest_pause_seconds": "moeplex_engine_gc_longest_pause_seconds",
     "lora_heap_bytes": "moeplex_engine_adapter_heap_bytes",
     "lora_heap_bytes_used": "moeplex_engine_adapter_heap_bytes_used",
+    "kv_blocks_lent": "moeplex_engine_kv_blocks_lent_to_adapter_heap",
     "lora_host_bytes_used": "moeplex_engine_adapter_host_bytes_used",
 }
 

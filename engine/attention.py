@@ -41,12 +41,16 @@ class ForwardBatch:
     lora_layout: object | None = None  # kernels.VirtualLayout of the rows by slot, set by the model
     # for the step so q/k/v/o LoRA share one alignment (None off the Triton path)
     triton_prefill: bool = False  # prefill groups through kernels.paged_prefill_attention (Triton path)
+    kv_index: tuple[Tensor, Tensor] | None = None  # (block, row) of each slot, set by the first write_kv
 
 
-def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
-    """k_cache, v_cache [N, S, G, Dh]; k, v [T, G, Dh]: store each token at its slot."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, batch: ForwardBatch) -> None:
+    """k_cache, v_cache [N, S, G, Dh] (strided views of the block-major cache); k, v [T, G, Dh]:
+    store each token at its slot, block slot // S, row slot % S (computed once a step)."""
+    if batch.kv_index is None:
+        batch.kv_index = (batch.slot_mapping // k_cache.shape[1], batch.slot_mapping % k_cache.shape[1])
+    k_cache[batch.kv_index] = k
+    v_cache[batch.kv_index] = v
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch,

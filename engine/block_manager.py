@@ -1,30 +1,88 @@
-"""BlockManager: hands out fixed-size KV-cache blocks to sequences (plain Python)."""
-from collections import deque
+"""BlockManager: hands out fixed-size KV-cache blocks to sequences (plain Python).
+
+The adapter heap may borrow blocks no sequence uses (engine.lora.manager; EngineConfig
+.kv_heap_sharing): the heap and the KV cache are one buffer, the heap at the bottom and block
+b at heap floor + b blocks, so the heap grows over blocks 0, 1, ... and gives them back from
+the top. To keep those low blocks free for it, sequences get the highest free block first.
+The heap borrows only while `reserve_blocks` stay free (what one step's new tokens can need),
+and a sequence short of blocks takes them back first (`can_allocate`): adapters in the heap
+are a cache, the KV of running sequences is not.
+"""
+import heapq
 
 from engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+    def __init__(self, num_blocks: int, block_size: int, reserve_blocks: int = 0):
+        self.num_blocks, self.block_size, self.reserve_blocks = num_blocks, block_size, reserve_blocks
+        self._free = set(range(num_blocks))
+        self._order = [-b for b in range(num_blocks)]  # max-heap of free ids; ids no longer free are skipped
+        heapq.heapify(self._order)
+        self.lent = 0  # blocks [0, lent) are the adapter heap's
+        self.borrower = None  # give_back(k) -> blocks it released from its top (engine.lora.manager)
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        return len(self._free)
+
+    @property
+    def free_block_ids(self) -> list[int]:
+        """Free block ids in the order they are handed out."""
+        return sorted(self._free, reverse=True)
 
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+        """Whether seq's next `num_new_tokens` fit, taking back blocks the heap borrowed if needed."""
+        short = self.num_blocks_needed(seq, num_new_tokens) - self.num_free_blocks
+        if short > 0:
+            self.take_back(short)
+        return short <= 0 or self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow seq's block table to hold its computed tokens plus `num_new_tokens`."""
         for _ in range(self.num_blocks_needed(seq, num_new_tokens)):
-            seq.block_table.append(self.free_block_ids.popleft())
+            block = -heapq.heappop(self._order)
+            while block not in self._free:
+                block = -heapq.heappop(self._order)
+            self._free.remove(block)
+            seq.block_table.append(block)
 
     def deallocate(self, seq: Sequence) -> None:
-        self.free_block_ids.extend(reversed(seq.block_table))
+        for block in seq.block_table:
+            self._release(block)
         seq.block_table.clear()
+
+    def _release(self, block: int) -> None:
+        self._free.add(block)
+        heapq.heappush(self._order, -block)
+
+    # ---- the adapter heap's side ----------------------------------------------------
+    def lendable(self) -> int:
+        """Blocks the heap may borrow now: the free run from `lent` up, keeping reserve_blocks free."""
+        run = 0
+        while self.lent + run < self.num_blocks and self.lent + run in self._free:
+            run += 1
+        return max(0, min(run, self.num_free_blocks - self.reserve_blocks))
+
+    def lend(self, count: int) -> None:
+        """Hand blocks [lent, lent + count) to the heap; they must be lendable."""
+        if not 0 <= count <= self.lendable():
+            raise ValueError(f"{count} blocks are not lendable ({self.lendable()} are)")
+        for block in range(self.lent, self.lent + count):
+            self._free.remove(block)  # its entry in _order is skipped when reached
+        self.lent += count
+
+    def take_back(self, count: int) -> int:
+        """Ask the heap for up to `count` of its borrowed blocks (the highest first); returns how
+        many came back free."""
+        if self.borrower is None or self.lent == 0:
+            return 0
+        returned = self.borrower.give_back(min(count, self.lent))
+        for block in range(self.lent - returned, self.lent):
+            self._release(block)
+        self.lent -= returned
+        return returned

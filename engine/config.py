@@ -27,6 +27,10 @@ class EngineConfig:
     # bytes of that heap ("bytes" only); None: on CUDA from GPU memory beside the KV cache
     # (engine.memory's rule, in adapters of max rank on every target), max_loras such adapters otherwise
     lora_heap_bytes: int | None = None
+    # the heap and the KV cache in one buffer ("bytes", one GPU): the heap borrows KV blocks no
+    # sequence uses before it evicts an adapter, and gives them back when a sequence needs them
+    # (engine.block_manager, engine.lora.manager); False: each keeps its own bytes
+    kv_heap_sharing: bool = True
     # share of the GPU memory budget for adapter slots (CUDA, max_loras and num_kv_blocks None);
     # None: engine.memory's rule (KV cache for max_num_seqs sequences first, slots the rest)
     lora_memory_fraction: float | None = None

@@ -32,11 +32,14 @@ class LLMEngine:
         if self.runner.num_kv_blocks * config.block_size < config.max_model_len:
             raise InvalidRequestError(f"num_kv_blocks={self.runner.num_kv_blocks} x block_size="
                                       f"{config.block_size} cannot hold one max_model_len sequence")
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
-        pools = self.runner.slot_pools
+        # the heap borrows blocks only while a step's worth of new tokens still fits (engine.block_manager)
+        reserve = -(-config.max_num_batched_tokens // config.block_size) + config.max_num_seqs
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, reserve)
+        pools, shared = self.runner.slot_pools, self.runner.arena is not None
         self.lora_manager = None if pools is None else LoRAManager(
             pools, self.spec, config.max_lora_rank, self.runner.max_cpu_loras,
-            failure_ttl_s=config.lora_failure_ttl_s, host_bytes=config.max_cpu_lora_bytes)
+            failure_ttl_s=config.lora_failure_ttl_s, host_bytes=config.max_cpu_lora_bytes,
+            kv=self.block_manager if shared else None, block_numel=self.runner.kv_block_numel)
         self.inputs = InputProcessor(self.tokenizer, self.spec.vocab_size, config.max_model_len,
                                      self.lora_manager is not None)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
@@ -221,7 +224,10 @@ class LLMEngine:
             "gc_longest_pause_seconds": self.gc.longest,
             "num_lora_slots": self.runner.num_lora_slots,
             # the adapter heap (engine.lora.slots): its bytes, what resident adapters take, what loads moved
-            "lora_heap_bytes": self.runner.memory_plan.heap_bytes,
+            "lora_heap_bytes": self.lora_manager.heap_bytes if self.lora_manager else 0,
+            "kv_blocks_lent": self.block_manager.lent,  # KV blocks the heap holds now (kv_heap_sharing)
+            "lora_kv_blocks_borrowed": lora.kv_blocks_borrowed if lora else 0,
+            "lora_kv_blocks_returned": lora.kv_blocks_returned if lora else 0,
             "lora_heap_bytes_used": self.lora_manager.heap_bytes_used if self.lora_manager else 0,
             "lora_bytes_loaded": lora.bytes_loaded if lora else 0,
             "lora_host_bytes_used": self.lora_manager.host_bytes_used if self.lora_manager else 0,

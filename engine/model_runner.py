@@ -27,6 +27,7 @@ from engine.sampling_inputs import SamplingInputs
 from engine.sequence import Sequence
 from engine.step_inputs import StepInputs, StepPlan, TokenFeed, build_step_inputs, uses_lora
 from engine.warmup import run_warmup
+from kernels.weights import OFFSET_UNIT
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30  # activations of the largest step and the graphs' pool (CUDA)
 STARTUP_PARTS = ("weights", "kv_and_slots", "prefill_graphs", "decode_graphs", "warmup")
@@ -154,7 +155,16 @@ class ModelRunner:
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         num_slots = self.memory_plan.num_slots
         heap = self.memory_plan.heap_bytes if c.lora_layout == "bytes" else None
-        self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank, heap, c.lora_layout) \
+        self.kv_block_numel = self.memory_plan.kv_block_bytes // self.dtype.itemsize
+        self.arena = None  # the heap and the KV cache in one buffer, heap first (EngineConfig.kv_heap_sharing)
+        if c.kv_heap_sharing and heap and num_slots > 0 and self.group is None \
+                and self.kv_block_numel % OFFSET_UNIT == 0:
+            heap = heap // (OFFSET_UNIT * self.dtype.itemsize) * OFFSET_UNIT * self.dtype.itemsize
+            self.arena = torch.zeros(heap // self.dtype.itemsize + (self.num_kv_blocks + 1) * self.kv_block_numel,
+                                     dtype=self.dtype, device=self.device)
+            log.info("the adapter heap (%.2f GiB) and the KV cache share one buffer: the heap may borrow KV "
+                     "blocks no sequence uses", heap / (1 << 30))
+        self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank, heap, c.lora_layout, self.arena) \
             if num_slots > 0 else None
         if self.slot_pools is not None and self.group is not None:
             from engine.parallel.pools import RankPools
@@ -167,12 +177,18 @@ class ModelRunner:
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
-        """num_kv_blocks for the BlockManager plus one scratch block (padded graph rows write there)."""
+        """num_kv_blocks for the BlockManager plus one scratch block (padded graph rows write there),
+        block-major [N + 1, L, 2, S, G, Dh]: a block is one span of memory, which the adapter heap
+        can borrow whole when it shares the buffer (the top of `arena`). Each layer's K and V are
+        strided views [N + 1, S, G, Dh]; the attention kernels take the strides."""
         s, bs = self.spec, self.config.block_size
-        self.kv_cache = torch.zeros(s.num_layers, 2, self.num_kv_blocks + 1, bs, self.shard.heads(s.num_kv_heads)[1],
-                                    s.head_dim, dtype=self.dtype, device=self.device)
+        shape = (self.num_kv_blocks + 1, s.num_layers, 2, bs, self.shard.heads(s.num_kv_heads)[1], s.head_dim)
+        if self.arena is not None:
+            self.kv_cache = self.arena[self.arena.numel() - (self.num_kv_blocks + 1) * self.kv_block_numel:].view(shape)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
-            attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+            attn.k_cache, attn.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
 
     def _capture_prefill_graphs(self) -> PrefillGraphs | None:
         c = self.config

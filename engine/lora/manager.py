@@ -10,6 +10,12 @@ that opens a span that large with the fewest bytes moved slides down on the comp
 between steps, and their slots' offsets follow (not on a replica over several GPUs, whose ranks
 would all have to move alike). A failed load is remembered for
 `failure_ttl_s` (requests fail fast with its message), then retried.
+
+Where the heap shares its buffer with the KV cache (`kv`: engine.block_manager), an image that
+fits in no free span borrows the free KV blocks above the heap's top before any adapter is
+evicted: KV memory no sequence uses holds adapters instead of sitting idle. When a sequence is
+short of blocks, the heap gives borrowed blocks back from its top (`give_back`): unreferenced
+adapters there are evicted, referenced ones move to free spans lower down.
 """
 import time
 from collections.abc import Callable
@@ -37,22 +43,30 @@ class LoRAStats:
     bytes_loaded: int = 0
     compactions: int = 0
     bytes_compacted: int = 0
+    kv_blocks_borrowed: int = 0  # blocks the heap took from the KV cache (a count of events, not held)
+    kv_blocks_returned: int = 0
     recent_errors: list[str] = field(default_factory=list)
 
 
 class LoRAManager:
     def __init__(self, pools: SlotPools, spec: ModelSpec, max_rank: int, host_capacity: int,
                  load_threads: int = 2, failure_ttl_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, host_bytes: int | None = None):
+                 clock: Callable[[], float] = time.monotonic, host_bytes: int | None = None,
+                 kv=None, block_numel: int = 0):
         """host_capacity: adapters the pinned host tier holds; host_bytes, if given, bounds it
         further by bytes: each adapter there is its own compact image (as the pinned allocator
-        rounds it: up to a power of two on CUDA), so small adapters take little of it."""
+        rounds it: up to a power of two on CUDA), so small adapters take little of it.
+        kv: the BlockManager whose blocks lie above the heap in `pools.storage`, `block_numel`
+        elements each, for the heap to borrow (None: the heap keeps its own bytes)."""
         self.pools, self.spec, self.max_rank = pools, spec, max_rank
+        self.kv, self.block_numel = (kv, block_numel) if kv is not None and block_numel > 0 else (None, 0)
+        if self.kv is not None:
+            self.kv.borrower = self
         self.failure_ttl_s, self.clock = failure_ttl_s, clock
         self.host_capacity, self.host_bytes = max(1, host_capacity), host_bytes
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.host_bytes_used = 0
-        self.spans = SpanAllocator(pools.storage.numel())
+        self.spans = SpanAllocator(getattr(pools, "heap_numel", pools.storage.numel()))
         self.slot_spans: list[tuple[int, int] | None] = [None] * pools.num_slots  # (start, numel) in the heap
         self.loading: dict[str, Future] = {}
         self.failed: dict[str, tuple[str, float]] = {}  # name -> (message, clock time it expires)
@@ -90,10 +104,14 @@ class LoRAManager:
         placement = None if adapter is None else self._placement(adapter)
         if placement is None:
             return None
-        slot, victims, compact = placement
+        slot, victims, compact, borrow = placement
         for victim in victims:
             self._evict(victim)
         numel = self.pools.image_numel(adapter)
+        if borrow:
+            self.kv.lend(borrow)
+            self.spans.grow(borrow * self.block_numel)
+            self.stats.kv_blocks_borrowed += borrow
         if compact:
             self._compact(numel)
         start = self.spans.allocate(numel)
@@ -110,11 +128,12 @@ class LoRAManager:
             self.slot_events[slot] = self.copier.submit(self._write_slot, slot, start, adapter)
         return slot
 
-    def _placement(self, adapter: LoRAAdapter) -> tuple[int, list[int], bool] | None:
-        """(slot, slots to evict first, compact the heap then) for a new adapter, or None while
-        none can be had: an empty unreferenced slot, else the least recently used one; then,
-        least recently used first, unreferenced adapters until its image fits in a free span, or
-        else, with compaction, until the free bytes hold it."""
+    def _placement(self, adapter: LoRAAdapter) -> tuple[int, list[int], bool, int] | None:
+        """(slot, slots to evict first, compact the heap then, KV blocks to borrow first) for a
+        new adapter, or None while none can be had: an empty unreferenced slot, else the least
+        recently used one; then the image fits in a free span, or in the top one grown by
+        lendable KV blocks, or else, least recently used first, unreferenced adapters go until
+        it fits in a free span, or, with compaction, until the free bytes hold it."""
         if not self.free_lru:
             return None
         slot = next((s for s in self.free_lru if self.slot_names[s] is None), next(iter(self.free_lru)))
@@ -122,17 +141,85 @@ class LoRAManager:
         order = ([slot] if taken else []) + [s for s in self.free_lru if s != slot and self.slot_spans[s] is not None]
         numel = self.pools.image_numel(adapter)
         n = self.spans.placement_after(numel, [self.slot_spans[s] for s in order])
+        if n is not None and n <= int(taken):
+            return slot, order[:int(taken)], False, 0
+        if self.kv is not None:
+            blocks = -(-(numel - self._free_at_top_after(order[:int(taken)])) // self.block_numel)
+            if blocks <= self.kv.lendable():
+                return slot, order[:int(taken)], False, blocks
         if n is not None:
-            return slot, order[:max(n, int(taken))], False  # the reused slot's adapter goes in any case
+            return slot, order[:max(n, int(taken))], False, 0  # the reused slot's adapter goes in any case
         if not getattr(self.pools, "can_move", False):
             return None
         free = self.spans.free_size
         for m in range(len(order) + 1):
             if m >= int(taken) and free >= numel:
-                return slot, order[:m], True
+                return slot, order[:m], True, 0
             if m < len(order):
                 free += self.slot_spans[order[m]][1]
         return None
+
+    def _free_at_top_after(self, victims: list[int]) -> int:
+        """Free elements at the heap's top once `victims`' spans are released."""
+        top = self.spans.capacity - self.spans.free_at_top
+        for start, size in sorted((self.slot_spans[s] for s in victims), key=lambda span: -span[0]):
+            if start + size == top:
+                top = start
+        return self.spans.capacity - top
+
+    def give_back(self, count: int) -> int:
+        """Release up to `count` borrowed KV blocks from the heap's top (engine.block_manager
+        asks, for a sequence short of blocks); returns how many. Unreferenced adapters reaching
+        into those blocks are evicted; a referenced one moves to a free span under them where
+        one fits; if some still reach in, unreferenced adapters are evicted least recently used
+        first until the rest fit under them, and all slide down. What cannot be made to fit
+        stays (fewer blocks come back). Copies still queued, then the moves, are ordered before
+        the blocks' next use on the compute stream."""
+        limit = self.spans.capacity - count * self.block_numel
+        for slot in [s for s in self.free_lru if self.slot_spans[s] is not None and sum(self.slot_spans[s]) > limit]:
+            self._evict(slot)
+        movable = getattr(self.pools, "can_move", False)
+        reaching = lambda: [s for s, span in enumerate(self.slot_spans)  # noqa: E731
+                            if span is not None and sum(span) > limit]
+        if movable and reaching():
+            self._issue_queued_copies()
+            for slot in sorted(reaching(), key=lambda s: -self.slot_spans[s][1]):
+                old, size = self.slot_spans[slot]
+                new = self.spans.allocate(size, below=limit)  # under `limit`, so under `old`: no overlap
+                if new is not None:
+                    self._move(slot, new)
+                    self.spans.release(old, size)
+        if movable and reaching():
+            victims = [s for s in self.free_lru if self.slot_spans[s] is not None]
+            while victims and self.spans.capacity - self.spans.free_size > limit:
+                self._evict(victims.pop(0))
+            if self.spans.capacity - self.spans.free_size <= limit:
+                live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
+                              key=lambda s: self.slot_spans[s][0])
+                for slot, start in zip(live, self.spans.packed([self.slot_spans[s] for s in live])):
+                    self._move(slot, start)
+                self.stats.compactions += 1
+        blocks = min(count, self.spans.free_at_top // self.block_numel)
+        if blocks:
+            self._issue_queued_copies()  # an evicted adapter's queued copy lands before KV reuses its bytes
+            self.spans.shrink(blocks * self.block_numel)
+            self.stats.kv_blocks_returned += blocks
+        return blocks
+
+    def _move(self, slot: int, start: int) -> None:
+        """Move the slot's image (bytes and offsets) down to `start`; the allocator already
+        counts it there."""
+        old, size = self.slot_spans[slot]
+        if start != old:
+            self.pools.move(slot, old, start, size)
+            self.slot_spans[slot] = (start, size)
+            self.stats.bytes_compacted += size * self.pools.storage.element_size()
+
+    def _issue_queued_copies(self) -> None:
+        """Wait until the copier has issued every queued slot copy, then order the compute stream
+        after them."""
+        wait([f for f in self.slot_events if isinstance(f, Future)])  # failures: is_ready reports them
+        self.pools.after_writes()
 
     def _compact(self, numel: int) -> None:
         """Slide the resident images that open a free span of `numel` elements with the fewest
@@ -140,17 +227,11 @@ class LoRAManager:
         (SlotPools.move), in address order. Slot copies still queued on the copier are issued
         first, and the moves wait for every copy issued (stream order): no image moves from
         under its own copy."""
-        wait([f for f in self.slot_events if isinstance(f, Future)])  # failures: is_ready reports them
-        self.pools.after_writes()
+        self._issue_queued_copies()
         live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
                       key=lambda s: self.slot_spans[s][0])
-        starts = self.spans.compacted([self.slot_spans[s] for s in live], numel)
-        for slot, start in zip(live, starts):
-            old, size = self.slot_spans[slot]
-            if start != old:
-                self.pools.move(slot, old, start, size)
-                self.slot_spans[slot] = (start, size)
-                self.stats.bytes_compacted += size * self.pools.storage.element_size()
+        for slot, start in zip(live, self.spans.compacted([self.slot_spans[s] for s in live], numel)):
+            self._move(slot, start)
         self.stats.compactions += 1
 
     def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter):
@@ -238,6 +319,11 @@ class LoRAManager:
     def heap_bytes_used(self) -> int:
         """Device bytes the resident adapters' images take."""
         return (self.spans.capacity - self.spans.free_size) * self.pools.storage.element_size()
+
+    @property
+    def heap_bytes(self) -> int:
+        """Device bytes the heap spans now: its own plus the KV blocks it borrowed."""
+        return self.spans.capacity * self.pools.storage.element_size()
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -68,9 +68,11 @@ class SlotPools:
     CUDA)."""
 
     def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int, capacity_bytes: int | None = None,
-                 layout: str = "bytes"):
+                 layout: str = "bytes", storage: Tensor | None = None):
         """layout: "bytes" (this module's heap) or "slots" (engine.lora.padded: a max-rank image
-        per slot, row s of the storage; capacity_bytes must then be None)."""
+        per slot, row s of the storage; capacity_bytes must then be None). storage: a buffer the
+        heap shares with the KV cache (the heap its first capacity_bytes, then what it borrows:
+        engine.lora.manager), instead of one of its own."""
         if layout not in LAYOUTS or (layout == "slots" and capacity_bytes is not None):
             raise ValueError(f"layout must be one of {LAYOUTS} (\"slots\" without capacity_bytes), got {layout!r}")
         self.num_slots, self.max_rank, self.layout = num_slots, max_rank, layout
@@ -93,7 +95,11 @@ class SlotPools:
             padded.slot_numel(self.plan, max_rank)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         capacity = capacity_bytes // itemsize if capacity_bytes is not None else num_slots * self.max_image_numel
-        self.storage = torch.zeros(capacity, dtype=self.dtype, device=self.device)
+        if storage is not None and (layout != "bytes" or capacity % OFFSET_UNIT or storage.numel() < capacity):
+            raise ValueError(f"a shared buffer holds a heap of whole offset units ({capacity} elements of "
+                             f"{storage.numel()})")
+        self.heap_numel = capacity  # the heap's own elements, from the bottom of storage
+        self.storage = storage if storage is not None else torch.zeros(capacity, dtype=self.dtype, device=self.device)
         # [F, S]: where factor row f of slot s begins (the heap's; padded slots have their strides)
         self.offsets = torch.zeros(len(self.rows), num_slots, dtype=torch.int64, device=self.device) \
             if layout == "bytes" else None
@@ -145,7 +151,8 @@ class SlotPools:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.storage.nbytes
+        """The heap's own bytes (not counting KV blocks it may borrow from a shared buffer)."""
+        return self.heap_numel * self.storage.element_size()
 
     @property
     def slot_bytes(self) -> int:

@@ -7,6 +7,8 @@ Fragmentation is bounded by the evictions the cache makes anyway: `placement_aft
 many least-recently-used adapters must go before an image fits. Where it stops fitting though
 the free bytes would hold it (a large image between held small ones), `compacted` slides the
 fewest bytes of live spans down that open a free span that large, for the caller to move.
+The heap's top moves when it borrows KV blocks or gives them back (engine.block_manager):
+`grow` adds free elements above it, `shrink` removes free ones from the top.
 """
 import bisect
 
@@ -25,9 +27,10 @@ class SpanAllocator:
     def can_allocate(self, size: int) -> bool:
         return _first_fit(self.free, size) is not None
 
-    def allocate(self, size: int) -> int | None:
-        """Start of a new span of `size` elements, or None when no free span is that large."""
-        i = _first_fit(self.free, size)
+    def allocate(self, size: int, below: int | None = None) -> int | None:
+        """Start of a new span of `size` elements (ending at or under `below`, if given), or None
+        when no free span is that large."""
+        i = _first_fit(self.free, size, below)
         if i is None:
             return None
         start, span = self.free[i]
@@ -39,6 +42,25 @@ class SpanAllocator:
 
     def release(self, start: int, size: int) -> None:
         _insert(self.free, start, size)
+
+    @property
+    def free_at_top(self) -> int:
+        """Elements of the free span that ends at the top (0 when a span is allocated there)."""
+        return self.free[-1][1] if self.free and sum(self.free[-1]) == self.capacity else 0
+
+    def grow(self, size: int) -> None:
+        """Add `size` free elements at the top."""
+        _insert(self.free, self.capacity, size)
+        self.capacity += size
+
+    def shrink(self, size: int) -> None:
+        """Remove `size` elements from the top; they must be free."""
+        if size > self.free_at_top:
+            raise ValueError(f"the top {size} elements are not free ({self.free_at_top} are)")
+        start, span = self.free.pop()
+        if span > size:
+            self.free.append((start, span - size))
+        self.capacity -= size
 
     def compacted(self, spans: list[tuple[int, int]], size: int) -> list[int]:
         """Slide some of `spans` (start, size), which must be every allocated span, down so that a
@@ -78,6 +100,19 @@ class SpanAllocator:
             self.free.append((at, self.capacity - at))
         return starts
 
+    def packed(self, spans: list[tuple[int, int]]) -> list[int]:
+        """Slide every one of `spans` (all the allocated spans) down onto the one before, from
+        the bottom: the free space becomes one span at the top. Returns each span's new start, in
+        the order given; moving them in address order never overwrites a span not yet moved."""
+        used = sum(n for _, n in spans)
+        if used != self.capacity - self.free_size:
+            raise ValueError(f"spans of {used} elements are not the {self.capacity - self.free_size} allocated")
+        starts, at = [0] * len(spans), 0
+        for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
+            starts[i], at = at, at + spans[i][1]
+        self.free = [(at, self.capacity - at)] if at < self.capacity else []
+        return starts
+
     def placement_after(self, size: int, spans: list[tuple[int, int]]) -> int | None:
         """How many of `spans` (in eviction order) must be released before `size` fits: 0 if it
         fits now, None if it does not fit even with all of them released."""
@@ -91,8 +126,9 @@ class SpanAllocator:
         return None
 
 
-def _first_fit(free: list[tuple[int, int]], size: int) -> int | None:
-    return next((i for i, (_, span) in enumerate(free) if span >= size), None)
+def _first_fit(free: list[tuple[int, int]], size: int, below: int | None = None) -> int | None:
+    return next((i for i, (start, span) in enumerate(free)
+                 if span >= size and (below is None or start + size <= below)), None)
 
 
 def _insert(free: list[tuple[int, int]], start: int, size: int) -> None:

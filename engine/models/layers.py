@@ -159,7 +159,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self._qkv(x, batch)
             q, k = self.rotary(batch.positions, q, k)
-        write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
+        write_kv(self.k_cache, self.v_cache, k, v, batch)
         out = paged_attention(q, self.k_cache, self.v_cache, batch, self.head_dim ** -0.5,
                               self.sliding_window)
         out = self.o_proj(out.reshape(x.shape[0], -1), batch.lora_slot_ids, batch.lora_layout)

@@ -55,6 +55,7 @@ class MoECausalLM(nn.Module):
         """(input_layernorm of layer 0 (or the final norm), residual) of input_ids [T]; sets the
         step's shared dense LoRA layout on batch."""
         residual = F.embedding(input_ids, self.embed_tokens)  # [T, D], updated in place on Triton
+        batch.kv_index = None  # this step's, from its slot_mapping (write_kv): a batch object can serve many steps
         if not self.layers:
             return self.norm(residual), residual
         pool = self.layers[0].self_attn.o_proj.lora

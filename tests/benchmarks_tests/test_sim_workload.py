@@ -24,7 +24,15 @@ def test_a_heap_holding_every_adapter_loads_each_once_and_never_compacts(tmp_pat
 def test_a_heap_barely_larger_than_one_rank_64_adapter_compacts_and_finishes_every_request(tmp_path):
     """7 GB: a 6.75 GB rank-64 image needs nearly all of it, so a smaller one held where it
     would go must slide away rather than wait; every request of the trace still finishes."""
-    on = _run(tmp_path, "--heap-gb", "7")
-    off = _run(tmp_path, "--heap-gb", "7", "--no-compaction")
+    on = _run(tmp_path, "--heap-gb", "7", "--no-sharing")
+    off = _run(tmp_path, "--heap-gb", "7", "--no-sharing", "--no-compaction")
     assert on["adapters"]["compactions"] > 0 and off["adapters"]["compactions"] == 0
     assert on["adapters"]["finished"] == off["adapters"]["finished"] == on["no_adapters"]["finished"] == 60
+
+
+def test_a_heap_that_borrows_idle_kv_blocks_evicts_fewer_adapters_and_finishes_every_request(tmp_path):
+    shared = _run(tmp_path, "--heap-gb", "7")
+    alone = _run(tmp_path, "--heap-gb", "7", "--no-sharing")
+    assert shared["adapters"]["kv_blocks_borrowed"] > 0 and alone["adapters"]["kv_blocks_borrowed"] == 0
+    assert shared["adapters"]["evictions"] < alone["adapters"]["evictions"]
+    assert shared["adapters"]["finished"] == alone["adapters"]["finished"] == 60

@@ -96,7 +96,8 @@ def test_mixed_batch_matches_reference_with_adapters_placed_anywhere_in_a_poison
     probe = make_engine(ckpt, max_loras=1, max_lora_rank=16, lora_layout="bytes")
     engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, lora_layout="bytes",
                          lora_heap_bytes=probe.runner.slot_pools.slot_bytes * 3)
-    engine.runner.slot_pools.storage.fill_(float("nan"))
+    pools = engine.runner.slot_pools
+    pools.storage[:pools.heap_numel].fill_(float("nan"))  # the heap's own bytes; the KV cache follows
     manager = engine.lora_manager
     for name in ("x/att@v1", "y/att@v1"):  # take the heap's start, then give it up
         manager.release(_reserve(manager, name, attention_b))
@@ -120,7 +121,7 @@ def test_mixed_ranks_match_reference_with_experts_at_their_rank_rounded_up_to_16
                                   alpha=2 * r, seed=20 + r) for r in (8, 24, 40)}
     engine = make_engine(ckpt, max_loras=3, max_lora_rank=40, lora_layout="bytes")
     pools = engine.runner.slot_pools
-    pools.storage.fill_(float("nan"))
+    pools.storage[:pools.heap_numel].fill_(float("nan"))
     requests = {r: LoRARequest(f"t{r}/ad@v1", str(p)) for r, p in paths.items()}
     wait_for_adapters(engine, list(requests.values()))
     e, inter, d = next(dims for kind, _, dims in pools.plan if kind == "moe")

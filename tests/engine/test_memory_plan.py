@@ -162,8 +162,12 @@ def test_runner_allocates_what_its_plan_says_and_times_each_part(checkpoints, ca
     assert plan.num_kv_blocks == runner.num_kv_blocks == engine.block_manager.num_blocks
     # the KV cache holds one scratch block past the plan's
     assert runner.kv_cache.numel() * runner.kv_cache.element_size() == (plan.num_kv_blocks + 1) * plan.kv_block_bytes
-    storage = runner.slot_pools.storage
-    assert storage.numel() * storage.element_size() == plan.num_slots * plan.slot_bytes
+    pools = runner.slot_pools
+    assert pools.capacity_bytes == plan.heap_bytes == plan.num_slots * plan.slot_bytes
+    # one buffer: the heap, then the KV cache with its scratch block
+    assert pools.storage.data_ptr() == runner.arena.data_ptr()
+    assert runner.arena.numel() * 4 == plan.heap_bytes + (plan.num_kv_blocks + 1) * plan.kv_block_bytes
+    assert runner.kv_cache.data_ptr() == runner.arena[pools.heap_numel:].data_ptr()
     assert plan.weights_bytes == sum(p.numel() * 4 for p in runner.model.parameters())
     assert tuple(runner.startup_seconds) == STARTUP_PARTS
     assert runner.startup_seconds["weights"] > 0

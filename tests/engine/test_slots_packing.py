@@ -76,11 +76,11 @@ def test_an_image_read_back_through_its_slot_equals_the_adapters_factors(checkpo
     a's factors, nothing of c's."""
     engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout=layout)
     pools = engine.runner.slot_pools
-    pools.storage.fill_(float("nan"))  # a read outside an image would show
+    pools.storage[:pools.heap_numel].fill_(float("nan"))  # a read outside an image would show
     c, a = _load(engine, adapters, "c"), _load(engine, adapters, "a")
     pools.write(1, 0, pools.pack(_load(engine, adapters, "c")))
     _assert_slot_holds(pools, 1, c)
-    start = pools.storage.numel() - pools.image_numel(a)
+    start = pools.heap_numel - pools.image_numel(a)
     pools.write(1, start, pools.pack(_load(engine, adapters, "a")))
     _assert_slot_holds(pools, 1, a)
     assert not pools.ranks[:, 0].any()  # the other slot untouched
@@ -135,7 +135,7 @@ def test_images_take_their_adapters_own_bytes(checkpoints, adapters):
         assert own <= pools.image_numel(factors) < own + 16 * num_factors
         assert pools.pack(factors).packed.numel() == pools.image_numel(factors)
     assert pools.slot_bytes == pools.max_image_numel * 4 == engine.runner.memory_plan.slot_bytes
-    assert pools.storage.numel() == 2 * pools.max_image_numel  # max_loras largest adapters by default
+    assert pools.heap_numel == 2 * pools.max_image_numel  # max_loras largest adapters by default
 
 
 def test_a_shared_outer_adapter_keeps_its_shared_halves_once(checkpoints, tiny_adapter):
@@ -145,7 +145,7 @@ def test_a_shared_outer_adapter_keeps_its_shared_halves_once(checkpoints, tiny_a
     layer's rank negated (the kernels' expert stride 0) while the plan's stay positive."""
     engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
     pools = engine.runner.slot_pools
-    pools.storage.fill_(float("nan"))
+    pools.storage[:pools.heap_numel].fill_(float("nan"))
     path = tiny_adapter(FAMILY, "shared_outer", rank=8, alpha=16, seed=21)
     shared = load_adapter("s", path, engine.spec, pools.dtype, 16)
     per_expert = load_adapter("p", path, engine.spec, pools.dtype, 16)
@@ -173,7 +173,7 @@ def test_a_shared_down_b_scaled_per_expert_by_an_alpha_pattern_is_kept_per_exper
     and the slot reads every expert's factors back as loaded."""
     engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
     pools = engine.runner.slot_pools
-    pools.storage.fill_(float("nan"))
+    pools.storage[:pools.heap_numel].fill_(float("nan"))
     path = tiny_adapter(FAMILY, "shared_outer", rank=8, alpha=16, seed=24,
                         alpha_pattern={"experts.1.down_proj": 64})
     adapter = load_adapter("s", path, engine.spec, pools.dtype, 16)

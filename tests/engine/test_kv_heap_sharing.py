@@ -1,0 +1,287 @@
+"""The adapter heap and the KV cache in one buffer (EngineConfig.kv_heap_sharing): the heap
+borrows KV blocks no sequence uses before it evicts an adapter, keeps the KV reserve free, and
+gives blocks back (evicting idle adapters, moving held ones down) when a sequence is short."""
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from engine import LoRARequest, SamplingParams
+from engine.block_manager import BlockManager
+from engine.lora.adapter import LoRAAdapter, load_adapter
+from engine.lora.manager import LoRAManager
+from engine.lora.spans import SpanAllocator
+from engine.sequence import Sequence
+from tests.engine.helpers import MIXED_PROMPTS, make_engine, step_logits, wait_for_adapters
+
+FAMILY = "qwen3_moe"
+BLOCK = 16  # elements of a KV block in the stand-in pools
+
+
+def _seq(k: int, tokens: int) -> Sequence:
+    return Sequence(k, f"r{k}", [1] * tokens, SamplingParams(max_tokens=1))
+
+
+def test_sequences_take_the_highest_free_blocks_and_the_heap_borrows_the_free_run_from_the_bottom():
+    kv = BlockManager(10, 4, reserve_blocks=2)
+    seq = _seq(0, 12)
+    kv.allocate(seq, 12)
+    assert seq.block_table == [9, 8, 7]
+    assert kv.lendable() == 5  # blocks 0..6 are free; 2 stay for the sequences
+    kv.lend(3)
+    assert kv.lent == 3 and kv.num_free_blocks == 4 and kv.free_block_ids == [6, 5, 4, 3]
+    with pytest.raises(ValueError, match="not lendable"):
+        kv.lend(3)
+    other = _seq(1, 16)
+    kv.allocate(other, 16)
+    assert other.block_table == [6, 5, 4, 3] and kv.lendable() == 0
+    kv.deallocate(seq)
+    assert kv.lendable() == 0  # block 3, next above the heap, is a sequence's: the run is empty
+
+
+class Borrower:
+    def __init__(self, returns: int):
+        self.returns, self.asked = returns, []
+
+    def give_back(self, count: int) -> int:
+        self.asked.append(count)
+        return min(count, self.returns)
+
+
+def test_a_sequence_short_of_blocks_takes_back_the_highest_borrowed_blocks_first():
+    kv = BlockManager(8, 4)
+    kv.lend(6)
+    kv.borrower = Borrower(returns=2)
+    assert kv.can_allocate(_seq(0, 12), 12)  # 3 blocks: 2 free, 1 taken back
+    assert kv.borrower.asked == [1] and kv.lent == 5 and kv.free_block_ids == [7, 6, 5]
+    assert not kv.can_allocate(_seq(1, 32), 32)  # 8 blocks: the heap gives 2 of the 5 asked
+    assert kv.borrower.asked == [1, 5] and kv.lent == 3 and kv.num_free_blocks == 5
+
+
+def test_the_heap_grows_by_free_elements_at_its_top_and_shrinks_only_by_free_ones():
+    heap = SpanAllocator(32)
+    a = heap.allocate(20)
+    assert heap.free_at_top == 12
+    heap.grow(16)
+    assert heap.capacity == 48 and heap.free == [(20, 28)] and heap.allocate(28) == 20
+    assert heap.free_at_top == 0
+    with pytest.raises(ValueError, match="not free"):
+        heap.shrink(16)
+    heap.release(20, 28)
+    heap.shrink(16)
+    assert heap.capacity == 32 and heap.free == [(20, 12)]
+    assert heap.packed([(a, 20)]) == [0]
+
+
+class MarkedPools:
+    """SlotPools' interface over a small buffer: an image is its adapter's number repeated, so a
+    read shows where each one is; `move` copies the bytes like SlotPools.move."""
+
+    dtype, device, can_move = torch.float32, torch.device("cpu"), True
+
+    def __init__(self, heap_numel: int, num_blocks: int, num_slots: int = 4, stream=None):
+        self.num_slots, self.heap_numel, self.stream = num_slots, heap_numel, stream
+        self.storage = torch.zeros(heap_numel + (num_blocks + 1) * BLOCK)
+        self.events: list[str] = []
+
+    def image_numel(self, adapter: LoRAAdapter) -> int:
+        return adapter.packed.numel()
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter):
+        self.storage[start:start + adapter.packed.numel()] = adapter.packed
+        return None
+
+    def move(self, slot: int, old: int, new: int, numel: int) -> None:
+        self.events.append(f"move {old}->{new}")
+        self.storage[new:new + numel] = self.storage[old:old + numel].clone()
+
+    def after_writes(self) -> None:
+        self.events.append("after_writes")
+
+    def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
+        return []
+
+
+def _manager(heap_numel: int, num_blocks: int, reserve: int = 0, sizes: dict | None = None, stream=None):
+    pools, kv = MarkedPools(heap_numel, num_blocks, stream=stream), BlockManager(num_blocks, 4, reserve)
+    manager = LoRAManager(pools, spec=None, max_rank=8, host_capacity=8, kv=kv, block_numel=BLOCK)
+    for k, (name, numel) in enumerate((sizes or {}).items(), 1):
+        manager.host[name] = LoRAAdapter(name, packed=torch.full((numel,), float(k)))
+    return manager, pools, kv
+
+
+def _holds(manager: LoRAManager, pools: MarkedPools, name: str) -> bool:
+    start, numel = manager.slot_spans[manager.name_to_slot[name]]
+    return bool((pools.storage[start:start + numel] == float(manager.host[name].packed[0])).all())
+
+
+def test_an_image_that_fits_nowhere_borrows_free_kv_blocks_before_evicting_an_idle_adapter():
+    manager, pools, kv = _manager(32, 8, sizes={"a": 32, "b": 40})
+    try:
+        manager.release(manager.reserve("a", ""))  # idle: an eviction would make room
+        slot = manager.reserve("b", "")
+        assert manager.stats.evictions == 0 and set(manager.resident()) == {"a", "b"}
+        assert kv.lent == 3 and manager.stats.kv_blocks_borrowed == 3  # 40 elements: 2.5 blocks
+        assert manager.slot_spans[slot] == (32, 40) and manager.heap_bytes == (32 + 3 * BLOCK) * 4
+        assert _holds(manager, pools, "a") and _holds(manager, pools, "b")
+    finally:
+        manager.shutdown()
+
+
+def test_the_heap_borrows_no_block_of_the_kv_reserve_and_evicts_an_idle_adapter_instead():
+    manager, pools, kv = _manager(32, 8, reserve=6, sizes={"a": 32, "b": 32})
+    try:
+        manager.release(manager.reserve("a", ""))
+        assert kv.lendable() == 2  # b needs 2 blocks, but 6 of the 8 stay free
+        kv.allocate(_seq(0, 4), 4)  # one block to a sequence: 1 lendable
+        manager.reserve("b", "")
+        assert kv.lent == 0 and manager.stats.evictions == 1 and set(manager.resident()) == {"b"}
+        assert _holds(manager, pools, "b")
+    finally:
+        manager.shutdown()
+
+
+def test_blocks_go_back_once_an_idle_adapter_under_them_is_evicted_and_a_held_one_slides_down():
+    manager, pools, kv = _manager(64, 8, sizes={"a": 32, "b": 32, "c": 32})
+    try:
+        slots = {n: manager.reserve(n, "") for n in "abc"}  # c borrows 2 blocks
+        assert kv.lent == 2 and manager.slot_spans[slots["c"]] == (64, 32)
+        manager.release(slots["b"])  # idle at [32, 64), under the borrowed blocks: c has nowhere to go
+        assert kv.take_back(2) == 2
+        assert kv.lent == 0 and manager.spans.capacity == 64 and manager.stats.evictions == 1
+        assert manager.slot_spans[slots["c"]] == (32, 32) and _holds(manager, pools, "c")
+        assert _holds(manager, pools, "a") and set(manager.resident()) == {"a", "c"}
+        assert pools.events == ["after_writes", "move 64->32", "after_writes"] and manager.stats.compactions == 1
+    finally:
+        manager.shutdown()
+
+
+def test_a_held_image_moves_into_a_free_span_under_the_blocks_and_nobody_is_evicted():
+    manager, pools, kv = _manager(64, 8, sizes={"a": 32, "b": 32, "c": 32})
+    try:
+        slots = {n: manager.reserve(n, "") for n in "abc"}
+        manager.release(slots["b"])
+        manager._evict(slots["b"])  # as a placement would have: a free span at [32, 64)
+        assert kv.take_back(2) == 2
+        assert manager.slot_spans[slots["c"]] == (32, 32) and _holds(manager, pools, "c")
+        assert kv.lent == 0 and manager.stats.evictions == 1 and manager.stats.compactions == 0
+        assert pools.events == ["after_writes", "move 64->32", "after_writes"]
+    finally:
+        manager.shutdown()
+
+
+def test_a_held_image_with_nowhere_to_go_keeps_its_borrowed_blocks():
+    manager, pools, kv = _manager(32, 8, sizes={"a": 32, "c": 32})
+    try:
+        slots = {n: manager.reserve(n, "") for n in "ac"}
+        assert kv.lent == 2
+        assert kv.take_back(2) == 0
+        assert kv.lent == 2 and manager.slot_spans[slots["c"]] == (32, 32) and _holds(manager, pools, "c")
+        assert manager.stats.evictions == 0 and pools.events == ["after_writes"]
+    finally:
+        manager.shutdown()
+
+
+def test_blocks_go_back_only_after_every_queued_copy_is_issued_and_ordered_before_them():
+    """An idle adapter evicted from the borrowed blocks may still have its copy queued: the
+    compute stream must be ordered after it before a sequence writes KV there."""
+    manager, pools, kv = _manager(32, 8, sizes={"a": 32, "b": 32}, stream=None)
+    try:
+        slots = {n: manager.reserve(n, "") for n in "ab"}
+        manager.release(slots["b"])
+        copying = Future()
+        manager.slot_events[slots["b"]] = copying
+        done_at_order = []
+        pools.after_writes = lambda: done_at_order.append(copying.done())
+        threading.Timer(0.2, copying.set_result, [None]).start()
+        assert kv.take_back(2) == 2
+        assert done_at_order == [True] and kv.lent == 0 and set(manager.resident()) == {"a"}
+    finally:
+        manager.shutdown()
+
+
+def _sizes(engine, paths: dict) -> dict:
+    pools = engine.runner.slot_pools
+    return {n: pools.image_numel(load_adapter(n, p, engine.spec, pools.dtype, 8)) for n, p in paths.items()}
+
+
+@pytest.fixture
+def three(tiny_adapter):
+    return {"a": tiny_adapter(FAMILY, "per_expert", rank=4, alpha=8, seed=41),
+            "b": tiny_adapter(FAMILY, "fused", rank=8, alpha=16, seed=42),
+            "c": tiny_adapter(FAMILY, "per_expert", rank=8, alpha=16, seed=43)}
+
+
+SHARED = dict(max_loras=4, max_lora_rank=8, block_size=16, num_kv_blocks=128, max_num_batched_tokens=64,
+              dtype="float32")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # fp32 both: outputs compared bitwise
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adapters_on_borrowed_kv_blocks_and_moved_back_serve_as_on_a_heap_of_their_own(tiny_checkpoint, three,
+                                                                                       device):
+    """A heap for b and c: a, then b, take it, and c borrows KV blocks (nobody is evicted); a
+    step over a, b, c and the base model equals an engine whose heap is its own. Then every
+    borrowed block goes back (a, idle, is evicted; b and c, held, slide down) and the step is
+    still equal, with a back in on borrowed blocks."""
+    ckpt = tiny_checkpoint(FAMILY)
+    fresh = make_engine(ckpt, **SHARED, device=device, kv_heap_sharing=False)
+    numel = _sizes(fresh, three)
+    assert numel["a"] < numel["b"] == numel["c"]
+    requests = {n: LoRARequest(f"t-{n}/ad@v1", str(p)) for n, p in three.items()}
+    loras = [requests["a"], None, requests["b"], requests["c"], None]
+    wait_for_adapters(fresh, list(requests.values()))
+    want = step_logits(fresh, MIXED_PROMPTS, loras)
+
+    itemsize = fresh.runner.slot_pools.storage.element_size()
+    engine = make_engine(ckpt, **SHARED, device=device, lora_heap_bytes=(numel["b"] + numel["c"]) * itemsize)
+    assert engine.runner.arena is not None and engine.lora_manager.kv is engine.block_manager
+    wait_for_adapters(engine, list(requests.values()))
+    manager, kv = engine.lora_manager, engine.block_manager
+    assert manager.stats.evictions == 0 and kv.lent == -(-numel["a"] // engine.runner.kv_block_numel)
+    assert engine.stats()["kv_blocks_lent"] == kv.lent
+    assert engine.stats()["lora_heap_bytes"] == (numel["b"] + numel["c"] + kv.lent * engine.runner.kv_block_numel) * 4
+    for got, expected in zip(step_logits(engine, MIXED_PROMPTS, loras), want):
+        assert torch.equal(got, expected)
+    for k in range(len(MIXED_PROMPTS)):
+        engine.abort(f"s{k}")
+    held = [manager.reserve(requests[n].lora_name, "") for n in "bc"]
+    assert kv.take_back(kv.lent) > 0 and kv.lent == 0
+    assert set(manager.resident()) == {requests["b"].lora_name, requests["c"].lora_name}
+    assert manager.stats.bytes_compacted == (numel["b"] + numel["c"]) * 4  # b through the bounce buffer
+    for slot in held:
+        manager.release(slot)
+    wait_for_adapters(engine, [requests["a"]])  # back in, on borrowed blocks again
+    assert kv.lent > 0 and manager.stats.evictions == 1
+    for got, expected in zip(step_logits(engine, MIXED_PROMPTS, loras), want):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sequences_that_need_the_borrowed_blocks_get_them_back_and_generate_as_without_sharing(
+        tiny_checkpoint, three, device):
+    """a, b and c borrow most of a small KV cache; then eight requests over a, b and the base
+    model need more blocks than are free: the scheduler takes blocks back (c, idle, is evicted)
+    and every greedy output equals an engine whose heap keeps its own bytes."""
+    ckpt = tiny_checkpoint(FAMILY)
+    kw = {**SHARED, "num_kv_blocks": 96, "max_model_len": 256, "device": device}
+    requests = {n: LoRARequest(f"t-{n}/ad@v1", str(p)) for n, p in three.items()}
+    prompts = [list(range(10 + k, 110 + k)) for k in range(8)]
+    loras = [[requests["a"], requests["b"], None][k % 3] for k in range(8)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    own = make_engine(ckpt, kv_heap_sharing=False, **kw)
+    numel = _sizes(own, three)
+    want = [o["token_ids"] for o in own.generate(prompts, params, loras)]
+    engine = make_engine(ckpt, lora_heap_bytes=numel["a"] * own.runner.slot_pools.storage.element_size(), **kw)
+    wait_for_adapters(engine, list(requests.values()))
+    kv = engine.block_manager
+    assert kv.lent > 0 and kv.num_free_blocks < 8 * 8  # 124 tokens each: 8 blocks
+    got = [o["token_ids"] for o in engine.generate(prompts, params, loras)]
+    assert got == want
+    stats = engine.stats()
+    assert stats["lora_kv_blocks_returned"] > 0 and requests["c"].lora_name not in engine.lora_manager.resident()
+    assert stats["free_kv_blocks"] + stats["kv_blocks_lent"] == 96
