@@ -97,8 +97,8 @@ class ModelPools:
     def move(self, slot: int, old: int, new: int, numel: int) -> None:
         self.moved_bytes += numel * 2
 
-    def after_writes(self) -> None:
-        pass
+    def order_after(self, event: CopyDone) -> None:
+        pass  # the model counts a step's time apart from the copies
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
         return []

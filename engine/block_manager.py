@@ -19,6 +19,7 @@ class BlockManager:
         self._free = set(range(num_blocks))
         self._order = [-b for b in range(num_blocks)]  # max-heap of free ids; ids no longer free are skipped
         heapq.heapify(self._order)
+        self._held: list[int] = []  # min-heap of ids handed to sequences; ids freed since are skipped
         self.lent = 0  # blocks [0, lent) are the adapter heap's
         self.borrower = None  # give_back(k) -> blocks it released from its top (engine.lora.manager)
 
@@ -49,6 +50,7 @@ class BlockManager:
             while block not in self._free:
                 block = -heapq.heappop(self._order)
             self._free.remove(block)
+            heapq.heappush(self._held, block)
             seq.block_table.append(block)
 
     def deallocate(self, seq: Sequence) -> None:
@@ -62,10 +64,12 @@ class BlockManager:
 
     # ---- the adapter heap's side ----------------------------------------------------
     def lendable(self) -> int:
-        """Blocks the heap may borrow now: the free run from `lent` up, keeping reserve_blocks free."""
-        run = 0
-        while self.lent + run < self.num_blocks and self.lent + run in self._free:
-            run += 1
+        """Blocks the heap may borrow now: the free run from `lent` up to the lowest block a
+        sequence holds, keeping reserve_blocks free. O(log N) amortised: the heap asks often."""
+        held = self._held
+        while held and (held[0] in self._free or held[0] < self.lent):  # freed (perhaps lent) since
+            heapq.heappop(held)
+        run = (held[0] if held else self.num_blocks) - self.lent
         return max(0, min(run, self.num_free_blocks - self.reserve_blocks))
 
     def lend(self, count: int) -> None:

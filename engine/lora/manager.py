@@ -81,6 +81,8 @@ class LoRAManager:
         # one thread issues every slot copy, in reservation order: a slot re-reserved while an
         # older copy into it is still queued must not have that copy land over the new one
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-copy")
+        # (start, end, future) of heap copies on the side stream not yet known to have landed
+        self.copies: list[tuple[int, int, Future]] = []
         self.stats = LoRAStats()
 
     @property
@@ -126,6 +128,7 @@ class LoRAManager:
             self._write_slot(slot, start, adapter)
         else:  # issue the copies from a loader thread: the step loop's host time is not spent on them
             self.slot_events[slot] = self.copier.submit(self._write_slot, slot, start, adapter)
+            self.copies.append((start, start + numel, self.slot_events[slot]))
         return slot
 
     def _placement(self, adapter: LoRAAdapter) -> tuple[int, list[int], bool, int] | None:
@@ -173,8 +176,8 @@ class LoRAManager:
         into those blocks are evicted; a referenced one moves to a free span under them where
         one fits; if some still reach in, unreferenced adapters are evicted least recently used
         first until the rest fit under them, and all slide down. What cannot be made to fit
-        stays (fewer blocks come back). Copies still queued, then the moves, are ordered before
-        the blocks' next use on the compute stream."""
+        stays (fewer blocks come back). A move, and the blocks' next use, come after any copy
+        still in flight into the bytes they touch, on the compute stream."""
         limit = self.spans.capacity - count * self.block_numel
         for slot in [s for s in self.free_lru if self.slot_spans[s] is not None and sum(self.slot_spans[s]) > limit]:
             self._evict(slot)
@@ -182,11 +185,11 @@ class LoRAManager:
         reaching = lambda: [s for s, span in enumerate(self.slot_spans)  # noqa: E731
                             if span is not None and sum(span) > limit]
         if movable and reaching():
-            self._issue_queued_copies()
             for slot in sorted(reaching(), key=lambda s: -self.slot_spans[s][1]):
                 old, size = self.slot_spans[slot]
                 new = self.spans.allocate(size, below=limit)  # under `limit`, so under `old`: no overlap
                 if new is not None:
+                    self._order_after_copies(new, new + size)
                     self._move(slot, new)
                     self.spans.release(old, size)
         if movable and reaching():
@@ -196,43 +199,59 @@ class LoRAManager:
             if self.spans.capacity - self.spans.free_size <= limit:
                 live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
                               key=lambda s: self.slot_spans[s][0])
-                for slot, start in zip(live, self.spans.packed([self.slot_spans[s] for s in live])):
-                    self._move(slot, start)
-                self.stats.compactions += 1
+                self._slide(live, self.spans.packed([self.slot_spans[s] for s in live]))
         blocks = min(count, self.spans.free_at_top // self.block_numel)
-        if blocks:
-            self._issue_queued_copies()  # an evicted adapter's queued copy lands before KV reuses its bytes
+        if blocks:  # an evicted adapter's copy still in flight lands before KV is written there
+            self._order_after_copies(self.spans.capacity - blocks * self.block_numel, self.spans.capacity)
             self.spans.shrink(blocks * self.block_numel)
             self.stats.kv_blocks_returned += blocks
         return blocks
 
     def _move(self, slot: int, start: int) -> None:
         """Move the slot's image (bytes and offsets) down to `start`; the allocator already
-        counts it there."""
+        counts it there, and copies in flight into either place are ordered before it."""
         old, size = self.slot_spans[slot]
         if start != old:
             self.pools.move(slot, old, start, size)
             self.slot_spans[slot] = (start, size)
             self.stats.bytes_compacted += size * self.pools.storage.element_size()
 
-    def _issue_queued_copies(self) -> None:
-        """Wait until the copier has issued every queued slot copy, then order the compute stream
-        after them."""
-        wait([f for f in self.slot_events if isinstance(f, Future)])  # failures: is_ready reports them
-        self.pools.after_writes()
+    def _slide(self, live: list[int], starts: list[int]) -> None:
+        """Move the `live` slots (in address order) to `starts` (none up), after the copies in
+        flight into the bytes between the lowest destination and the highest source end."""
+        moved = [(slot, start) for slot, start in zip(live, starts) if start != self.slot_spans[slot][0]]
+        if moved:
+            self._order_after_copies(min(start for _, start in moved), max(sum(self.slot_spans[s]) for s, _ in moved))
+        for slot, start in moved:
+            self._move(slot, start)
+        self.stats.compactions += 1
+
+    def _order_after_copies(self, lo: int, hi: int) -> None:
+        """Order the compute stream after every slot copy still in flight into heap elements
+        [lo, hi): a move or a KV write there issued before such a copy lands would be
+        overwritten by it, or read bytes not there yet. Only those: waiting on the side stream as
+        a whole would hold the step for every prefetch in flight (gigabytes at PCIe speed).
+        A copy not yet issued by the copier thread is waited for on the host (issuing is quick)."""
+        kept = []
+        for start, end, future in self.copies:
+            if future.done() and not self._copy_in_flight(future):
+                continue  # landed (or failed: is_ready reports it)
+            if start < hi and lo < end:
+                wait([future])
+                if not future.cancelled() and future.exception() is None and future.result() is not None:
+                    self.pools.order_after(future.result())
+                continue
+            kept.append((start, end, future))
+        self.copies = kept
 
     def _compact(self, numel: int) -> None:
         """Slide the resident images that open a free span of `numel` elements with the fewest
         bytes moved (SpanAllocator.compacted) down, their bytes and their slots' offsets
-        (SlotPools.move), in address order. Slot copies still queued on the copier are issued
-        first, and the moves wait for every copy issued (stream order): no image moves from
-        under its own copy."""
-        self._issue_queued_copies()
+        (SlotPools.move), in address order, after the copies in flight into the bytes they
+        touch: no image moves from under its own copy, nor under an evicted one's."""
         live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
                       key=lambda s: self.slot_spans[s][0])
-        for slot, start in zip(live, self.spans.compacted([self.slot_spans[s] for s in live], numel)):
-            self._move(slot, start)
-        self.stats.compactions += 1
+        self._slide(live, self.spans.compacted([self.slot_spans[s] for s in live], numel))
 
     def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter):
         began = time.perf_counter()

@@ -144,10 +144,9 @@ class SlotPools:
                 dst[at:at + n].copy_(bounce[:n])
         self.offsets[:, slot].sub_(shift // OFFSET_UNIT)
 
-    def after_writes(self) -> None:
-        """Order the current stream after every slot write issued so far (on CUDA)."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+    def order_after(self, event: "torch.cuda.Event") -> None:
+        """Order the current stream after one slot write (its event, from `write`)."""
+        torch.cuda.current_stream(self.device).wait_event(event)
 
     @property
     def capacity_bytes(self) -> int:

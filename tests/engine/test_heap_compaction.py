@@ -80,6 +80,7 @@ def test_a_held_adapter_between_two_free_spans_moves_down_and_both_serve_as_befo
     # b's slot copy still queued on the copier: its bytes move only once it has been issued
     copying, issued_before_move = Future(), []
     manager.slot_events[slots["b"]] = copying
+    manager.copies.append((numel["a"], numel["a"] + numel["b"], copying))
     threading.Timer(0.2, copying.set_result, [None]).start()
     pools, move = engine.runner.slot_pools, engine.runner.slot_pools.move
     pools.move = lambda *args: (issued_before_move.append(copying.done()), move(*args))

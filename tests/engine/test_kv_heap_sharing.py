@@ -96,8 +96,8 @@ class MarkedPools:
         self.events.append(f"move {old}->{new}")
         self.storage[new:new + numel] = self.storage[old:old + numel].clone()
 
-    def after_writes(self) -> None:
-        self.events.append("after_writes")
+    def order_after(self, event) -> None:
+        self.events.append(f"order_after {event.name}")
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
         return []
@@ -152,7 +152,7 @@ def test_blocks_go_back_once_an_idle_adapter_under_them_is_evicted_and_a_held_on
         assert kv.lent == 0 and manager.spans.capacity == 64 and manager.stats.evictions == 1
         assert manager.slot_spans[slots["c"]] == (32, 32) and _holds(manager, pools, "c")
         assert _holds(manager, pools, "a") and set(manager.resident()) == {"a", "c"}
-        assert pools.events == ["after_writes", "move 64->32", "after_writes"] and manager.stats.compactions == 1
+        assert pools.events == ["move 64->32"] and manager.stats.compactions == 1
     finally:
         manager.shutdown()
 
@@ -166,7 +166,7 @@ def test_a_held_image_moves_into_a_free_span_under_the_blocks_and_nobody_is_evic
         assert kv.take_back(2) == 2
         assert manager.slot_spans[slots["c"]] == (32, 32) and _holds(manager, pools, "c")
         assert kv.lent == 0 and manager.stats.evictions == 1 and manager.stats.compactions == 0
-        assert pools.events == ["after_writes", "move 64->32", "after_writes"]
+        assert pools.events == ["move 64->32"]
     finally:
         manager.shutdown()
 
@@ -178,25 +178,36 @@ def test_a_held_image_with_nowhere_to_go_keeps_its_borrowed_blocks():
         assert kv.lent == 2
         assert kv.take_back(2) == 0
         assert kv.lent == 2 and manager.slot_spans[slots["c"]] == (32, 32) and _holds(manager, pools, "c")
-        assert manager.stats.evictions == 0 and pools.events == ["after_writes"]
+        assert manager.stats.evictions == 0 and pools.events == []
     finally:
         manager.shutdown()
 
 
-def test_blocks_go_back_only_after_every_queued_copy_is_issued_and_ordered_before_them():
-    """An idle adapter evicted from the borrowed blocks may still have its copy queued: the
-    compute stream must be ordered after it before a sequence writes KV there."""
-    manager, pools, kv = _manager(32, 8, sizes={"a": 32, "b": 32}, stream=None)
+class InFlight:
+    """A copy's CUDA event that has not passed."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def query(self) -> bool:
+        return False
+
+
+def test_blocks_go_back_after_the_copies_in_flight_into_them_and_no_other():
+    """b, idle on the borrowed blocks, is evicted while its copy is still queued: the compute
+    stream is ordered after that copy before a sequence can write KV there. a's copy, in flight
+    elsewhere, holds nothing up (waiting on it would stall the step for a whole load)."""
+    manager, pools, kv = _manager(32, 8, sizes={"a": 32, "b": 32})
     try:
         slots = {n: manager.reserve(n, "") for n in "ab"}
         manager.release(slots["b"])
-        copying = Future()
-        manager.slot_events[slots["b"]] = copying
-        done_at_order = []
-        pools.after_writes = lambda: done_at_order.append(copying.done())
-        threading.Timer(0.2, copying.set_result, [None]).start()
+        copying, elsewhere = Future(), Future()
+        manager.copies += [(0, 32, elsewhere), (32, 64, copying)]
+        threading.Timer(0.2, copying.set_result, [InFlight("b")]).start()
+        threading.Timer(5.0, elsewhere.set_result, [InFlight("a")]).start()
         assert kv.take_back(2) == 2
-        assert done_at_order == [True] and kv.lent == 0 and set(manager.resident()) == {"a"}
+        assert pools.events == ["order_after b"] and not elsewhere.done()
+        assert kv.lent == 0 and set(manager.resident()) == {"a"} and manager.copies == [(0, 32, elsewhere)]
     finally:
         manager.shutdown()
 
