@@ -88,6 +88,7 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
     gen = torch.Generator().manual_seed(7)
     stats0, start = engine.stats(), time.perf_counter()
     arrived, first, last, pending, seqs = {}, {}, {}, list(enumerate(trace)), []
+    steps, next_report, reported = [], PROGRESS_S, 0  # steps: (seconds, sequences, adapters) of each
     pending.reverse()
     while pending or engine.has_unfinished_requests():
         now = time.perf_counter() - start
@@ -102,28 +103,57 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, min(0.05, pending[-1][1]["t"] - now)))
             continue
-        for out in engine.step():
+        began = time.perf_counter()
+        outputs = engine.step()
+        steps.append((time.perf_counter() - began, engine.last_step["num_seqs"], engine.last_step["num_adapters"]))
+        for out in outputs:
             now = time.perf_counter() - start
             first.setdefault(out.request_id, now)
             last[out.request_id] = now
+        if now >= next_report:  # a run cut short by its time limit still says how it went
+            next_report += PROGRESS_S
+            progress(engine, now, len(trace) - len(pending), len(last), steps[reported:])
+            reported = len(steps)
     seconds = time.perf_counter() - start
     stats = {key: engine.stats()[key] - stats0[key]
              for key in ("lora_slot_hits", "lora_slot_misses", "lora_slot_loads", "lora_bytes_loaded",
-                         "lora_compactions", "lora_bytes_compacted")}
+                         "lora_compactions", "lora_bytes_compacted", "lora_kv_blocks_borrowed",
+                         "lora_kv_blocks_returned", "num_preemptions")}
     outputs = {f"w-{k}": req["output"] for k, req in enumerate(trace)}
     ttft = sorted(first[r] - arrived[r] for r in first)
     tpot = sorted((last[r] - first[r]) / (outputs[r] - 1) for r in first if outputs[r] > 1)
     pct = lambda xs, p: 1e3 * xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
     result = {"seconds": seconds, "finished": len(last), "goodput_tok_per_s": sum(outputs[r] for r in last) / seconds,
               "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99), "ttft_ms_max": 1e3 * ttft[-1],
-              "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
+              "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99),
+              # engine.step() wall time (host and device, async scheduling overlapping them) and batch
+              "steps": len(steps), "step_ms_p50": pct(sorted(t for t, _, _ in steps), 0.5),
+              "step_ms_p99": pct(sorted(t for t, _, _ in steps), 0.99),
+              "seqs_per_step": sum(n for _, n, _ in steps) / max(1, len(steps)),
+              "adapters_per_step": sum(a for _, _, a in steps) / max(1, len(steps)),
+              "preemptions": stats["num_preemptions"]}
     if names is not None:
         lookups = stats["lora_slot_hits"] + stats["lora_slot_misses"]
         result.update(slot_loads_per_s=stats["lora_slot_loads"] / seconds,
                       resident_hit_rate=stats["lora_slot_hits"] / lookups if lookups else None,
                       bytes_moved=stats["lora_bytes_loaded"], heap_compactions=stats["lora_compactions"],
-                      bytes_compacted=stats["lora_bytes_compacted"], **adapter_waits(seqs))
+                      bytes_compacted=stats["lora_bytes_compacted"],
+                      kv_blocks_borrowed=stats["lora_kv_blocks_borrowed"],
+                      kv_blocks_returned=stats["lora_kv_blocks_returned"], **adapter_waits(seqs))
     return result
+
+
+PROGRESS_S = 30.0  # seconds between progress lines
+
+
+def progress(engine: LLMEngine, now: float, arrived: int, finished: int, recent: list) -> None:
+    """One line on stderr: where the run is, and its steps since the last line."""
+    s = engine.stats()
+    mean = lambda k: sum(step[k] for step in recent) / max(1, len(recent))  # noqa: E731
+    print(f"[{now:6.0f} s] arrived {arrived} finished {finished} running {s['running']} waiting {s['waiting']}  "
+          f"step {1e3 * mean(0):.1f} ms, {mean(1):.1f} seqs, {mean(2):.1f} adapters  "
+          f"heap {s['lora_heap_bytes'] / 1e9:.1f} GB ({s['kv_blocks_lent']} KV blocks lent)  "
+          f"compactions {s['lora_compactions']}  preemptions {s['num_preemptions']}", file=sys.stderr, flush=True)
 
 
 def adapter_waits(seqs: list) -> dict:

@@ -52,6 +52,17 @@ def test_tiny_run_finishes_every_request_in_both_runs_and_reports_adapter_traffi
     # each request's wait for its adapter: within its time to first token
     assert 0 <= lora["adapter_wait_s_p99"] <= lora["adapter_wait_s_max"] <= lora["ttft_ms_max"] / 1e3
     assert results["provenance"]["argv"][:2] == ["--tiny", "--out"]
+    for run in (base, lora):  # every step timed, its batch counted
+        assert run["steps"] > 0 and 0 < run["step_ms_p50"] <= run["step_ms_p99"]
+        assert 1 <= run["seqs_per_step"] <= 64
+    assert base["adapters_per_step"] == 0 < lora["adapters_per_step"] <= 4
+
+
+def test_a_long_run_prints_progress_while_it_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_workload, "PROGRESS_S", 0.0)
+    assert bench_workload.main(["--tiny", "--requests", "20", "--out", str(tmp_path / "w.json")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(lines) > 2 and all("finished" in line and "KV blocks lent" in line for line in lines)
 
 
 def test_split_runs_take_the_baselines_rate_and_compare_against_its_no_adapter_run(tmp_path):
