@@ -28,7 +28,7 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: the scheduler's list look-ups must not compare every field
 class Sequence:
     seq_id: int
     request_id: str

@@ -116,14 +116,15 @@ class SlotPolicy:
         for seq in self.sched.running:
             if seq.lora_slot is not None:
                 held.setdefault(seq.tenant, {}).setdefault(seq.lora_slot, []).append(seq)
+        ranked = sorted(held, key=lambda t: -len(held[t]))  # the most slots first
         for claimant in claimants:
-            if not self.lora_manager.waits_for_slot(claimant.lora.lora_name):
-                continue
             # a tenant's one slot is never taken: with more tenants than slots, slots turn over
             # as requests end, and preempting single holders would only trade recomputes
-            fair = max(1.0, self.lora_manager.num_slots / len(set(held) | {claimant.tenant}))
-            victim = max((t for t in held if t != claimant.tenant), key=lambda t: len(held[t]), default=None)
+            fair = max(1.0, self.lora_manager.num_slots / (len(held) + (claimant.tenant not in held)))
+            victim = next((t for t in ranked[:2] if t != claimant.tenant), None)
             if victim is None or len(held[victim]) <= fair:
+                continue
+            if not self.lora_manager.waits_for_slot(claimant.lora.lora_name):  # after the cheap checks
                 continue
             slot, seqs = min(held[victim].items(), key=lambda item: len(item[1]))
             for seq in seqs:
