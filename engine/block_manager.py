@@ -5,7 +5,7 @@ The adapter heap may borrow blocks no sequence uses (engine.lora.manager; Engine
 b at heap floor + b blocks, so the heap grows over blocks 0, 1, ... and gives them back from
 the top. To keep those low blocks free for it, sequences get the highest free block first.
 The heap borrows only while `reserve_blocks` stay free (what one step's new tokens can need),
-and a sequence short of blocks takes them back first (`can_allocate`): adapters in the heap
+and a sequence short of blocks takes them back first (`can_allocate`): adapters nobody runs
 are a cache, the KV of running sequences is not.
 """
 import heapq
@@ -37,11 +37,12 @@ class BlockManager:
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Whether seq's next `num_new_tokens` fit, taking back blocks the heap borrowed if needed."""
+        """Whether seq's next `num_new_tokens` fit, taking back blocks the heap borrowed if
+        needed (only when what it borrowed would cover them: no adapter moves for nothing)."""
         short = self.num_blocks_needed(seq, num_new_tokens) - self.num_free_blocks
-        if short > 0:
+        if 0 < short <= self.lent:
             self.take_back(short)
-        return short <= 0 or self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+        return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow seq's block table to hold its computed tokens plus `num_new_tokens`."""
@@ -52,6 +53,8 @@ class BlockManager:
             self._free.remove(block)
             heapq.heappush(self._held, block)
             seq.block_table.append(block)
+        if len(self._held) > 2 * self.num_blocks:  # stale entries (freed since) past the bound: rebuild
+            self._held = [b for b in range(self.lent, self.num_blocks) if b not in self._free]
 
     def deallocate(self, seq: Sequence) -> None:
         for block in seq.block_table:
@@ -61,11 +64,14 @@ class BlockManager:
     def _release(self, block: int) -> None:
         self._free.add(block)
         heapq.heappush(self._order, -block)
+        if len(self._order) > 2 * self.num_blocks:  # entries of blocks lent or handed out since: rebuild
+            self._order = sorted(-b for b in self._free)
 
     # ---- the adapter heap's side ----------------------------------------------------
     def lendable(self) -> int:
         """Blocks the heap may borrow now: the free run from `lent` up to the lowest block a
-        sequence holds, keeping reserve_blocks free. O(log N) amortised: the heap asks often."""
+        sequence holds, keeping reserve_blocks free. Amortised O(log N) (the heap asks often):
+        `_held` is a min-heap of handed-out ids, stale ones skipped here and dropped in bulk."""
         held = self._held
         while held and (held[0] in self._free or held[0] < self.lent):  # freed (perhaps lent) since
             heapq.heappop(held)

@@ -97,6 +97,8 @@ class Scheduler:
                 continue  # scheduled ahead of its last token's read-back: that token ends it
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n):
+                if self.slots.release_waiting():  # their adapters may hold KV blocks the heap borrowed
+                    continue
                 victim = self.running[-1]
                 self.preempt(victim)
                 out.num_preempted += 1

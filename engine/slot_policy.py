@@ -136,6 +136,18 @@ class SlotPolicy:
             self.num_slot_preemptions += 1
             return
 
+    def release_waiting(self) -> bool:
+        """Drop the slot references waiting sequences hold (the prefetch's), when the adapter heap
+        holds KV blocks it borrowed: a running sequence short of blocks comes before a waiting
+        one's adapter, which the heap may then evict or move to give blocks back (the prefetch
+        reserves again next step). Returns whether any were dropped (then try again first)."""
+        if self.lora_manager is None or not getattr(self.sched.block_manager, "lent", 0):
+            return False
+        holders = [seq for queue in self.sched.waiting.values() for seq in queue if seq.lora_slot is not None]
+        for seq in holders:
+            self.sched.release_slot(seq)
+        return bool(holders)
+
     def prefetch(self, out: SchedulerOutput) -> list[Sequence]:
         """Reserve the adapters of the first prefetch_window waiting sequences, in admission order
         but tenants holding fewer slots first (a freed slot goes to a tenant that waits, not to

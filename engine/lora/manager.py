@@ -164,8 +164,8 @@ class LoRAManager:
 
     def _free_at_top_after(self, victims: list[int]) -> int:
         """Free elements at the heap's top once `victims`' spans are released."""
-        top = self.spans.capacity - self.spans.free_at_top
-        for start, size in sorted((self.slot_spans[s] for s in victims), key=lambda span: -span[0]):
+        top = self.spans.capacity
+        for start, size in sorted([*self.spans.free, *(self.slot_spans[s] for s in victims)], key=lambda span: -span[0]):
             if start + size == top:
                 top = start
         return self.spans.capacity - top
@@ -187,12 +187,15 @@ class LoRAManager:
         if movable and reaching():
             for slot in sorted(reaching(), key=lambda s: -self.slot_spans[s][1]):
                 old, size = self.slot_spans[slot]
-                new = self.spans.allocate(size, below=limit)  # under `limit`, so under `old`: no overlap
+                # a free span cannot cross the image, and it ends under `limit`: it lies under `old`
+                new = self.spans.allocate(size, below=limit)
                 if new is not None:
                     self._order_after_copies(new, new + size)
+                    self._order_after_copies(old, old + size)  # its own copy lands before it is read
                     self._move(slot, new)
                     self.spans.release(old, size)
-        if movable and reaching():
+        held = sum(span[1] for s, span in enumerate(self.slot_spans) if span is not None and s not in self.free_lru)
+        if movable and reaching() and held <= limit:  # else no eviction lets the held images fit under
             victims = [s for s in self.free_lru if self.slot_spans[s] is not None]
             while victims and self.spans.capacity - self.spans.free_size > limit:
                 self._evict(victims.pop(0))
@@ -209,7 +212,8 @@ class LoRAManager:
 
     def _move(self, slot: int, start: int) -> None:
         """Move the slot's image (bytes and offsets) down to `start`; the allocator already
-        counts it there, and copies in flight into either place are ordered before it."""
+        counts it there, and the caller has ordered the copies in flight into either place
+        before it (`_order_after_copies`)."""
         old, size = self.slot_spans[slot]
         if start != old:
             self.pools.move(slot, old, start, size)
@@ -297,7 +301,8 @@ class LoRAManager:
     def collect_loads(self) -> None:
         """Move finished host loads into the host tier (or remember their failure) on the step
         thread, whether or not their request still waits: a load whose request was aborted must
-        not keep its pinned image outside the tier's bound. Also drops expired failures."""
+        not keep its pinned image outside the tier's bound. Also drops expired failures, and
+        the slot copies known to have landed."""
         for name in [n for n, f in self.loading.items() if f.done()]:
             try:
                 self._host_adapter(name, "")
@@ -306,6 +311,7 @@ class LoRAManager:
         now = self.clock()
         for name in [n for n, (_, expires) in self.failed.items() if now >= expires]:
             del self.failed[name]
+        self.copies = [c for c in self.copies if not c[2].done() or self._copy_in_flight(c[2])]
 
     def wait_for_loads(self, timeout: float) -> bool:
         """Block up to `timeout` s (GIL released) until a host load or slot copy in flight
