@@ -6,7 +6,8 @@ What is real: the Scheduler (admission, prefetch, aging, slot-fair preemption), 
 the LoRAManager (slots, LRU eviction, first-fit spans, compaction) and each adapter's image size
 at Qwen3-30B-A3B shapes (SlotPools' layout: experts at the rank rounded up to 16, attention at its
 rank). What is modelled: a step costs `--decode-ms` plus `--lora-ms` when it carries an adapter,
-plus `--prefill-us-per-token` per prompt token it computes; a slot copy lands after its bytes at
+plus `--prefill-us-per-token` per prompt token it computes (times `--prefill-lora-factor` in a step
+with adapters); a slot copy lands after its bytes at
 `--pcie-gbps`, one copy at a time; a compaction costs its moved bytes twice (read and write) at
 `--hbm-gbps`. The defaults are the H200 run of 2026-12-03 (benchmarks/RESULTS.md, "A multi-tenant
 trace"): decode step 17.6 ms, 21.0 ms with adapters, 2048 prompt tokens ~60 ms.
@@ -141,7 +142,8 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
             prefill = sum(n for seq, n in out.scheduled if n > 1)
             adapters = any(seq.lora is not None for seq, _ in out.scheduled)
             clock.now += (args.decode_ms + (args.lora_ms if adapters else 0.0)) / 1e3 \
-                + prefill * args.prefill_us_per_token / 1e6 + 2 * moved / (args.hbm_gbps * 1e9)
+                + prefill * args.prefill_us_per_token * (args.prefill_lora_factor if adapters else 1.0) / 1e6 \
+                + 2 * moved / (args.hbm_gbps * 1e9)
             sched.launched(out, [seq.num_computed_tokens + n == seq.num_tokens for seq, n in out.scheduled])
             for seq, token in sched.update_from_output(out, [0] * len(out.scheduled), clock.now):
                 first.setdefault(seq.request_id, clock.now)
@@ -180,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-ms", type=float, default=17.6)
     ap.add_argument("--lora-ms", type=float, default=3.4)
     ap.add_argument("--prefill-us-per-token", type=float, default=21.0)
+    ap.add_argument("--prefill-lora-factor", type=float, default=1.0, help="a prompt token's cost in a step "
+                    "with adapters over one without (1.0: the fit to the H200 run; the MoE layer's split LoRA "
+                    "path measured 1.4-1.6x at 128-2048 tokens)")
     ap.add_argument("--pcie-gbps", type=float, default=54.0)
     ap.add_argument("--hbm-gbps", type=float, default=3000.0)
     args = ap.parse_args(argv)

@@ -36,3 +36,10 @@ def test_a_heap_that_borrows_idle_kv_blocks_evicts_fewer_adapters_and_finishes_e
     assert shared["adapters"]["kv_blocks_borrowed"] > 0 and alone["adapters"]["kv_blocks_borrowed"] == 0
     assert shared["adapters"]["evictions"] < alone["adapters"]["evictions"]
     assert shared["adapters"]["finished"] == alone["adapters"]["finished"] == 60
+
+
+def test_a_prompt_token_costing_more_with_adapters_slows_only_the_adapter_run(tmp_path):
+    plain = _run(tmp_path, "--heap-gb", "60")
+    costly = _run(tmp_path, "--heap-gb", "60", "--prefill-lora-factor", "3")
+    assert costly["no_adapters"]["seconds"] == plain["no_adapters"]["seconds"]
+    assert costly["adapters"]["seconds"] > plain["adapters"]["seconds"]
