@@ -162,7 +162,7 @@ class ModelRunner:
             heap = heap // (OFFSET_UNIT * self.dtype.itemsize) * OFFSET_UNIT * self.dtype.itemsize
             self.arena = torch.zeros(heap // self.dtype.itemsize + (self.num_kv_blocks + 1) * self.kv_block_numel,
                                      dtype=self.dtype, device=self.device)
-            log.info("the adapter heap (%.2f GiB) and the KV cache share one buffer: the heap may borrow KV "
+            log.info("the adapter heap (%.3f GiB) and the KV cache share one buffer: the heap may borrow KV "
                      "blocks no sequence uses", heap / (1 << 30))
         self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank, heap, c.lora_layout, self.arena) \
             if num_slots > 0 else None

@@ -165,7 +165,8 @@ class LoRAManager:
     def _free_at_top_after(self, victims: list[int]) -> int:
         """Free elements at the heap's top once `victims`' spans are released."""
         top = self.spans.capacity
-        for start, size in sorted([*self.spans.free, *(self.slot_spans[s] for s in victims)], key=lambda span: -span[0]):
+        spans = [*self.spans.free, *(self.slot_spans[s] for s in victims)]
+        for start, size in sorted(spans, key=lambda span: -span[0]):
             if start + size == top:
                 top = start
         return self.spans.capacity - top
