@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.block_manager import BlockManager  # noqa: E402
+from engine.block_manager import BlockManager, step_reserve  # noqa: E402
 from engine.lora.adapter import LoRAAdapter  # noqa: E402
 from engine.lora.manager import LoRAManager  # noqa: E402
 from engine.memory import kv_block_bytes, lora_slot_bytes  # noqa: E402
@@ -36,7 +36,7 @@ from engine.models.spec import spec_from_hf_config  # noqa: E402
 from engine.scheduler import Scheduler  # noqa: E402
 from engine.sequence import LoRARequest, Sequence  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from kernels.weights import RANK_UNIT, r16  # noqa: E402
+from kernels.weights import OFFSET_UNIT, RANK_UNIT, r16  # noqa: E402
 
 try:
     from bench_engine import hf_config
@@ -83,7 +83,7 @@ class ModelPools:
                  kv_bytes: int = 0):
         """kv_bytes: the KV cache's, when it shares the heap's buffer (above the heap)."""
         self.clock, self.num_slots, self.pcie, self.can_move = clock, num_slots, pcie_gbps * 1e9, can_move
-        self.heap_numel = heap_bytes // 2 // 16 * 16
+        self.heap_numel = heap_bytes // 2 // OFFSET_UNIT * OFFSET_UNIT
         self.storage = torch.empty(1, dtype=torch.bfloat16).expand(self.heap_numel + kv_bytes // 2)  # no memory
         self.stream = object()  # copies go through the manager's copier thread and report an event
         self.copies_free_at, self.moved_bytes = 0.0, 0
@@ -109,7 +109,7 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
     clock = Clock()
     num_blocks, block_bytes = -(-args.kv_tokens // BLOCK), kv_block_bytes(SPEC, BLOCK, torch.bfloat16)
     shared = with_adapters and not args.no_sharing
-    blocks = BlockManager(num_blocks, BLOCK, -(-2048 // BLOCK) + args.max_num_seqs)  # as LLMEngine reserves
+    blocks = BlockManager(num_blocks, BLOCK, step_reserve(2048, BLOCK, args.max_num_seqs))
     pools = ModelPools(clock, int(args.heap_gb * 1e9), args.max_num_seqs, args.pcie_gbps, not args.no_compaction,
                        (num_blocks + 1) * block_bytes if shared else 0)
     manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1,

@@ -13,6 +13,12 @@ import heapq
 from engine.sequence import Sequence
 
 
+def step_reserve(max_num_batched_tokens: int, block_size: int, max_num_seqs: int) -> int:
+    """Blocks one step's new tokens can need: its token budget, plus a block begun by each
+    sequence. The heap borrows only while this many stay free."""
+    return -(-max_num_batched_tokens // block_size) + max_num_seqs
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, reserve_blocks: int = 0):
         self.num_blocks, self.block_size, self.reserve_blocks = num_blocks, block_size, reserve_blocks

@@ -4,7 +4,7 @@ import itertools
 import logging
 import time
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, step_reserve
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
@@ -32,9 +32,9 @@ class LLMEngine:
         if self.runner.num_kv_blocks * config.block_size < config.max_model_len:
             raise InvalidRequestError(f"num_kv_blocks={self.runner.num_kv_blocks} x block_size="
                                       f"{config.block_size} cannot hold one max_model_len sequence")
-        # the heap borrows blocks only while a step's worth of new tokens still fits (engine.block_manager)
-        reserve = -(-config.max_num_batched_tokens // config.block_size) + config.max_num_seqs
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, reserve)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
+                                          step_reserve(config.max_num_batched_tokens, config.block_size,
+                                                       config.max_num_seqs))
         pools, shared = self.runner.slot_pools, self.runner.arena is not None
         self.lora_manager = None if pools is None else LoRAManager(
             pools, self.spec, config.max_lora_rank, self.runner.max_cpu_loras,

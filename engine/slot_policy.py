@@ -141,7 +141,7 @@ class SlotPolicy:
         holds KV blocks it borrowed: a running sequence short of blocks comes before a waiting
         one's adapter, which the heap may then evict or move to give blocks back (the prefetch
         reserves again next step). Returns whether any were dropped (then try again first)."""
-        if self.lora_manager is None or not getattr(self.sched.block_manager, "lent", 0):
+        if self.lora_manager is None or not self.sched.block_manager.lent:
             return False
         holders = [seq for queue in self.sched.waiting.values() for seq in queue if seq.lora_slot is not None]
         for seq in holders:

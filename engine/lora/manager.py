@@ -201,8 +201,7 @@ class LoRAManager:
             while victims and self.spans.capacity - self.spans.free_size > limit:
                 self._evict(victims.pop(0))
             if self.spans.capacity - self.spans.free_size <= limit:
-                live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
-                              key=lambda s: self.slot_spans[s][0])
+                live = self._live_slots()
                 self._slide(live, self.spans.packed([self.slot_spans[s] for s in live]))
         blocks = min(count, self.spans.free_at_top // self.block_numel)
         if blocks:  # an evicted adapter's copy still in flight lands before KV is written there
@@ -220,6 +219,11 @@ class LoRAManager:
             self.pools.move(slot, old, start, size)
             self.slot_spans[slot] = (start, size)
             self.stats.bytes_compacted += size * self.pools.storage.element_size()
+
+    def _live_slots(self) -> list[int]:
+        """Slots holding an image, in address order."""
+        return sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
+                      key=lambda s: self.slot_spans[s][0])
 
     def _slide(self, live: list[int], starts: list[int]) -> None:
         """Move the `live` slots (in address order) to `starts` (none up), after the copies in
@@ -239,8 +243,8 @@ class LoRAManager:
         A copy not yet issued by the copier thread is waited for on the host (issuing is quick)."""
         kept = []
         for start, end, future in self.copies:
-            if future.done() and not self._copy_in_flight(future):
-                continue  # landed (or failed: is_ready reports it)
+            if self._landed(future):
+                continue
             if start < hi and lo < end:
                 wait([future])
                 if not future.cancelled() and future.exception() is None and future.result() is not None:
@@ -254,8 +258,7 @@ class LoRAManager:
         bytes moved (SpanAllocator.compacted) down, their bytes and their slots' offsets
         (SlotPools.move), in address order, after the copies in flight into the bytes they
         touch: no image moves from under its own copy, nor under an evicted one's."""
-        live = sorted((s for s, span in enumerate(self.slot_spans) if span is not None),
-                      key=lambda s: self.slot_spans[s][0])
+        live = self._live_slots()
         self._slide(live, self.spans.compacted([self.slot_spans[s] for s in live], numel))
 
     def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter):
@@ -312,7 +315,7 @@ class LoRAManager:
         now = self.clock()
         for name in [n for n, (_, expires) in self.failed.items() if now >= expires]:
             del self.failed[name]
-        self.copies = [c for c in self.copies if not c[2].done() or self._copy_in_flight(c[2])]
+        self.copies = [c for c in self.copies if not self._landed(c[2])]
 
     def wait_for_loads(self, timeout: float) -> bool:
         """Block up to `timeout` s (GIL released) until a host load or slot copy in flight
@@ -326,6 +329,11 @@ class LoRAManager:
             time.sleep(timeout)  # copies issued, CUDA events not passed yet: poll again soon
             return True
         return False
+
+    @classmethod
+    def _landed(cls, future: Future) -> bool:
+        """Whether a slot copy is issued and its event passed (or it failed: is_ready reports it)."""
+        return future.done() and not cls._copy_in_flight(future)
 
     @staticmethod
     def _copy_in_flight(pending) -> bool:

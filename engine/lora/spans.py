@@ -68,9 +68,7 @@ class SpanAllocator:
         the runs of consecutive spans whose sliding onto the span before them opens one, the run
         of fewest elements moves (at worst all: `size` must fit in the free space). A span never
         moves up, so moving their bytes in address order never overwrites a span not yet moved."""
-        used = sum(n for _, n in spans)
-        if used != self.capacity - self.free_size:
-            raise ValueError(f"spans of {used} elements are not the {self.capacity - self.free_size} allocated")
+        self._check_all_allocated(spans)
         if size > self.free_size:
             raise ValueError(f"{size} elements do not fit in {self.free_size} free")
         order = sorted(range(len(spans)), key=lambda i: spans[i][0])
@@ -104,14 +102,18 @@ class SpanAllocator:
         """Slide every one of `spans` (all the allocated spans) down onto the one before, from
         the bottom: the free space becomes one span at the top. Returns each span's new start, in
         the order given; moving them in address order never overwrites a span not yet moved."""
-        used = sum(n for _, n in spans)
-        if used != self.capacity - self.free_size:
-            raise ValueError(f"spans of {used} elements are not the {self.capacity - self.free_size} allocated")
+        self._check_all_allocated(spans)
         starts, at = [0] * len(spans), 0
         for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
             starts[i], at = at, at + spans[i][1]
         self.free = [(at, self.capacity - at)] if at < self.capacity else []
         return starts
+
+    def _check_all_allocated(self, spans: list[tuple[int, int]]) -> None:
+        """A slide must know every allocated span: one left out would be overwritten."""
+        used = sum(n for _, n in spans)
+        if used != self.capacity - self.free_size:
+            raise ValueError(f"spans of {used} elements are not the {self.capacity - self.free_size} allocated")
 
     def placement_after(self, size: int, spans: list[tuple[int, int]]) -> int | None:
         """How many of `spans` (in eviction order) must be released before `size` fits: 0 if it
