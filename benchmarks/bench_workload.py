@@ -82,13 +82,16 @@ def timed(trace: list[dict], rate: float, seed: int) -> list[dict]:
     return out
 
 
-def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> dict:
+def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None, profile_at: float | None = None,
+              profile_steps: int = 0) -> dict:
     """Open loop: each request enters the engine at its arrival time; names=None runs it without
-    adapters. Latencies count from the arrival."""
+    adapters. Latencies count from the arrival. With profile_steps, the first `profile_steps` steps
+    after `profile_at` seconds run under torch.profiler (ProfileWindow)."""
     gen = torch.Generator().manual_seed(7)
     stats0, start = engine.stats(), time.perf_counter()
     arrived, first, last, pending, seqs = {}, {}, {}, list(enumerate(trace)), []
-    steps, next_report, reported = [], PROGRESS_S, 0  # steps: (seconds, sequences, adapters) of each
+    steps, next_report, reported = [], PROGRESS_S, 0  # steps: (seconds, sequences, adapters, tokens) of each
+    window = None  # the profiler while it runs, then its summary
     pending.reverse()
     while pending or engine.has_unfinished_requests():
         now = time.perf_counter() - start
@@ -103,9 +106,14 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, min(0.05, pending[-1][1]["t"] - now)))
             continue
+        if profile_steps and window is None and now >= profile_at:
+            window = ProfileWindow(len(steps))
         began = time.perf_counter()
         outputs = engine.step()
-        steps.append((time.perf_counter() - began, engine.last_step["num_seqs"], engine.last_step["num_adapters"]))
+        steps.append((time.perf_counter() - began, engine.last_step["num_seqs"], engine.last_step["num_adapters"],
+                      engine.last_step["num_tokens"]))
+        if isinstance(window, ProfileWindow) and len(steps) - window.first == profile_steps:
+            window = window.summary(steps[window.first:])
         for out in outputs:
             now = time.perf_counter() - start
             first.setdefault(out.request_id, now)
@@ -127,11 +135,15 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
               "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99), "ttft_ms_max": 1e3 * ttft[-1],
               "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99),
               # engine.step() wall time (host and device, async scheduling overlapping them) and batch
-              "steps": len(steps), "step_ms_p50": pct(sorted(t for t, _, _ in steps), 0.5),
-              "step_ms_p99": pct(sorted(t for t, _, _ in steps), 0.99),
-              "seqs_per_step": sum(n for _, n, _ in steps) / max(1, len(steps)),
-              "adapters_per_step": sum(a for _, _, a in steps) / max(1, len(steps)),
-              "preemptions": stats["num_preemptions"]}
+              "steps": len(steps), "step_ms_p50": pct(sorted(t for t, *_ in steps), 0.5),
+              "step_ms_p99": pct(sorted(t for t, *_ in steps), 0.99),
+              "seqs_per_step": sum(step[1] for step in steps) / max(1, len(steps)),
+              "adapters_per_step": sum(step[2] for step in steps) / max(1, len(steps)),
+              "preemptions": stats["num_preemptions"],
+              # each step as [ms, sequences, adapters, tokens]: what a step costs by what it carries
+              "step_log": [[round(1e3 * t, 3), n, a, k] for t, n, a, k in steps]}
+    if isinstance(window, dict):
+        result["profile"] = window
     if names is not None:
         lookups = stats["lora_slot_hits"] + stats["lora_slot_misses"]
         result.update(slot_loads_per_s=stats["lora_slot_loads"] / seconds,
@@ -144,6 +156,41 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None) -> 
 
 
 PROGRESS_S = 30.0  # seconds between progress lines
+
+
+class ProfileWindow:
+    """torch.profiler over a run of steps: what the device ran in them (kernel time by name, and
+    the union of kernel intervals against the steps' wall time: below 1, the device waited)."""
+
+    def __init__(self, first: int):
+        from torch.profiler import ProfilerActivity, profile
+        self.first = first
+        # the device's activity only where there is one: host-side tracing would slow the steps it times
+        activities = [ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]
+        self.prof = profile(activities=activities)
+        self.prof.__enter__()
+
+    def summary(self, steps: list) -> dict:
+        self.prof.__exit__(None, None, None)
+        kernels, spans = {}, []
+        for evt in self.prof.events():
+            if torch.cuda.is_available() and evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            start, end = evt.time_range.start, evt.time_range.end
+            spans.append((start, end))
+            calls, us = kernels.get(evt.name, (0, 0.0))
+            kernels[evt.name] = (calls + 1, us + end - start)
+        busy, reach = 0.0, float("-inf")
+        for start, end in sorted(spans):  # the union of the intervals
+            if end > reach:
+                busy += end - max(start, reach)
+                reach = end
+        wall_ms = 1e3 * sum(t for t, *_ in steps)
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:40]
+        return {"steps": len(steps), "wall_ms": wall_ms, "device_busy_ms": busy / 1e3,
+                "kernel_ms": sum(us for _, us in kernels.values()) / 1e3,
+                "seqs": sum(s[1] for s in steps), "tokens": sum(s[3] for s in steps),
+                "top_kernels": [[name[:120], calls, round(us / 1e3, 3)] for name, (calls, us) in top]}
 
 
 def progress(engine: LLMEngine, now: float, arrived: int, finished: int, recent: list) -> None:
@@ -200,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="which runs of the same arrivals: both, or one (see --baseline)")
     ap.add_argument("--baseline", default="", help="with --runs adapters: an earlier --runs none JSON of the "
                     "same trace, whose arrival rate this run takes and whose run it compares against")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile this many steps of each run (torch.profiler): kernel time by name, device busy")
+    ap.add_argument("--profile-at", type=float, default=60.0, help="seconds into each run the profiled steps start")
     args = ap.parse_args(argv)
     if args.runs == "adapters" and not args.baseline:
         raise SystemExit("--runs adapters needs --baseline: the no-adapter run it compares against")
@@ -225,12 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                "lora_slots": engine.runner.num_lora_slots, "slot_bytes": engine.runner.slot_pools.slot_bytes,
                "heap_bytes": engine.runner.memory_plan.heap_bytes, "arrival_rate_per_s": rate}
     if args.runs in ("both", "none"):
-        results["no_adapters"] = run_trace(engine, arrivals, None)
+        results["no_adapters"] = run_trace(engine, arrivals, None, args.profile_at, args.profile_steps)
     else:
         results["no_adapters"] = dict(baseline["no_adapters"], from_file=args.baseline,
                                       provenance=baseline["provenance"])
     if args.runs in ("both", "adapters"):
-        results["adapters"] = run_trace(engine, arrivals, names)
+        results["adapters"] = run_trace(engine, arrivals, names, args.profile_at, args.profile_steps)
         base, lora = results["no_adapters"], results["adapters"]
         results["goodput_ratio"] = lora["goodput_tok_per_s"] / base["goodput_tok_per_s"]
         results["ttft_p99_ratio"] = lora["ttft_ms_p99"] / base["ttft_ms_p99"]

@@ -97,3 +97,17 @@ def test_kv_tokens_sizes_the_kv_cache_in_whole_blocks(tmp_path):
     assert bench_workload.main(["--tiny", "--requests", "10", "--runs", "none", "--kv-tokens", "500",
                                 "--out", str(out)]) == 0
     assert json.loads(out.read_text())["kv_tokens"] == 512
+
+def test_profiled_window_counts_its_steps_and_the_device_time_they_ran(tmp_path):
+    out = tmp_path / "workload.json"
+    assert bench_workload.main(["--tiny", "--runs", "none", "--profile-steps", "4", "--profile-at", "0",
+                                "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["no_adapters"]
+    window = run["profile"]
+    assert window["steps"] == 4 and window["seqs"] == sum(step[1] for step in run["step_log"][:4])
+    assert window["tokens"] == sum(step[3] for step in run["step_log"][:4])
+    assert window["wall_ms"] == pytest.approx(sum(step[0] for step in run["step_log"][:4]), rel=1e-3)
+    # the union of the ops' intervals: no more than their sum, something ran
+    assert 0 < window["device_busy_ms"] <= window["kernel_ms"] + 1e-6
+    assert any(name.startswith("aten::") for name, _, _ in window["top_kernels"])
+    assert len(run["step_log"]) == run["steps"] and all(len(step) == 4 for step in run["step_log"])
