@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="which runs of the same arrivals: both, or one (see --baseline)")
     ap.add_argument("--baseline", default="", help="with --runs adapters: an earlier --runs none JSON of the "
                     "same trace, whose arrival rate this run takes and whose run it compares against")
+    ap.add_argument("--copy-chunk-mib", type=float, default=None,
+                    help="SlotPools.copy_chunk_bytes in MiB (0: each adapter image in one copy; default: the engine's)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many steps of each run (torch.profiler): kernel time by name, device busy")
     ap.add_argument("--profile-at", type=float, default=60.0, help="seconds into each run the profiled steps start")
@@ -263,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         max_loras=args.max_loras, max_lora_rank=max(RANKS), max_cpu_loras=args.adapters, lora_layout=args.lora_layout,
         max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0,
         block_size=BLOCK, num_kv_blocks=None if args.kv_tokens is None else -(-args.kv_tokens // BLOCK)))
+    if args.copy_chunk_mib is not None:
+        engine.runner.slot_pools.copy_chunk_bytes = int(args.copy_chunk_mib * 2**20)
     names = install_adapters(engine, args.adapters)
     trace = make_trace(args)
     if baseline is not None:
@@ -273,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"provenance": provenance(list(sys.argv if argv is None else argv)), "args": vars(args), "layers": args.layers,
                "kv_tokens": engine.runner.memory_plan.kv_tokens,
                "lora_slots": engine.runner.num_lora_slots, "slot_bytes": engine.runner.slot_pools.slot_bytes,
-               "heap_bytes": engine.runner.memory_plan.heap_bytes, "arrival_rate_per_s": rate}
+               "heap_bytes": engine.runner.memory_plan.heap_bytes, "arrival_rate_per_s": rate,
+               "copy_chunk_bytes": engine.runner.slot_pools.copy_chunk_bytes}
     if args.runs in ("both", "none"):
         results["no_adapters"] = run_trace(engine, arrivals, None, args.profile_at, args.profile_steps)
     else:

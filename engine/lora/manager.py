@@ -240,7 +240,8 @@ class LoRAManager:
         [lo, hi): a move or a KV write there issued before such a copy lands would be
         overwritten by it, or read bytes not there yet. Only those: waiting on the side stream as
         a whole would hold the step for every prefetch in flight (gigabytes at PCIe speed).
-        A copy not yet issued by the copier thread is waited for on the host (issuing is quick)."""
+        A copy the copier thread has not issued whole yet (it issues an image in pieces, two in
+        flight: SlotPools.copy_chunk_bytes) is waited for on the host."""
         kept = []
         for start, end, future in self.copies:
             if self._landed(future):

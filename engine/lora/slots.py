@@ -41,6 +41,8 @@ so the heap is the default; "slots" (engine.lora.padded) remains for one max-ran
 S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = pools.
 """
 
+from collections import deque
+
 import torch
 from torch import Tensor
 
@@ -117,6 +119,15 @@ class SlotPools:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     can_move = True  # `move` keeps every slot's images valid (engine.parallel.pools' ranks cannot)
+    # A slot write goes to the device in pieces of this many bytes, at most COPY_DEPTH of them
+    # queued at once. Host-to-device copies of every stream share the copy engine, and a small one
+    # queued behind a large one waits for all of it: a step's inputs (a few KiB, on the compute
+    # stream) behind a 6 GiB image would wait its ~120 ms at PCIe speed, and the step with them. On
+    # the H200 the compute stream sat idle for ~93% of the time slot copies ran (RESULTS.md, the
+    # multi-tenant trace's profile). A piece of 8 MiB takes ~0.2 ms; two in flight keep the link
+    # busy while the copier thread waits on the older one. 0: one copy per image.
+    copy_chunk_bytes = 8 << 20
+    COPY_DEPTH = 2
     MOVE_CHUNK = 1 << 24  # elements a step of an overlapping move goes through its bounce buffer
 
     @torch.no_grad()
@@ -319,15 +330,31 @@ class SlotPools:
 
     def _copy(self, slot: int, start: int, adapter: LoRAAdapter) -> None:
         if self.layout == "slots":  # the slot's own row, wherever the manager counted its bytes
-            self._slot_rows()[slot].copy_(adapter.packed, non_blocking=True)
+            self._upload(self._slot_rows()[slot], adapter.packed)
             self.ranks[:, slot].copy_(adapter.packed_ranks, non_blocking=True)
             return
         n = adapter.packed.numel()
-        self.storage[start:start + n].copy_(adapter.packed, non_blocking=True)
+        self._upload(self.storage[start:start + n], adapter.packed)
         column = self.offsets[:, slot]
         column.copy_(adapter.packed_offsets, non_blocking=True)
         column.add_(start // OFFSET_UNIT)  # spans start at multiples of it: images are whole units
         self.ranks[:, slot].copy_(adapter.packed_ranks, non_blocking=True)
+
+    def _upload(self, dst: Tensor, src: Tensor) -> None:
+        """dst.copy_(src) (both 1-D, src pinned on the host) in pieces of copy_chunk_bytes, at most
+        COPY_DEPTH queued on the side stream at a time: this (copier) thread waits for the oldest
+        piece before it issues another, so other streams' copies wait behind one piece at most."""
+        step = self.copy_chunk_bytes // src.element_size()
+        if step <= 0 or src.numel() <= step:
+            dst.copy_(src, non_blocking=True)
+            return
+        queued: deque = deque()
+        for at in range(0, src.numel(), step):
+            if len(queued) == self.COPY_DEPTH:
+                queued.popleft().synchronize()  # releases the GIL while the piece lands
+            dst[at:at + step].copy_(src[at:at + step], non_blocking=True)
+            if self.stream is not None:
+                queued.append(self.stream.record_event())
 
     def image_numel(self, adapter: LoRAAdapter) -> int:
         """Heap elements the adapter's image takes."""

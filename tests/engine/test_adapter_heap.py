@@ -4,6 +4,7 @@ adapters placed anywhere in a NaN-poisoned heap, at ranks whose experts take r16
 import time
 
 import pytest
+import torch
 
 from engine.sequence import LoRARequest
 from engine.testing.adapters import make_peft_adapter
@@ -138,3 +139,25 @@ def test_mixed_ranks_match_reference_with_experts_at_their_rank_rounded_up_to_16
     for mine, prompt, r in zip(step_logits(engine, MIXED_PROMPTS, loras), MIXED_PROMPTS, names):
         ref = load_reference_model(ckpt, None if r is None else paths[r])
         assert_close(mine, reference_logits(ref, prompt))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("layout", ["bytes", "slots"])
+def test_an_image_written_in_pieces_lands_whole_over_a_poisoned_heap(checkpoints, adapters, layout, device):
+    """A slot write in pieces (SlotPools.copy_chunk_bytes, here 13 elements, so the last piece is
+    partial; on CUDA two in flight on the side stream) leaves the slot's bytes equal to the
+    image: no piece skipped, none past its end."""
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout=layout, device=device)
+    pools, manager = engine.runner.slot_pools, engine.lora_manager
+    pools.storage.fill_(float("nan"))
+    pools.copy_chunk_bytes = 13 * pools.storage.element_size()
+    slot = _reserve(manager, "t/a@v1", adapters[FAMILY]["a"])
+    image = manager.host["t/a@v1"].packed
+    assert image.numel() > 100 * 13 and image.numel() % 13  # many pieces, the last one short
+    if layout == "bytes":
+        start, _ = manager.slot_spans[slot]
+        written = pools.storage[start:start + image.numel()]
+        assert torch.isnan(pools.storage[start + image.numel()]).item()  # nothing past the image
+    else:
+        written = pools._slot_rows()[slot]
+    assert torch.equal(written, image.to(written.device))
