@@ -33,10 +33,10 @@ from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from engine.models.presets import QWEN3_30B_A3B
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_workload
-    from bench_engine import TINY, hf_config, install, random_adapter
+    from bench_engine import COMPILES, TINY, hf_config, install, random_adapter
     from provenance import provenance
 except ImportError:
-    from benchmarks.bench_engine import TINY, hf_config, install, random_adapter
+    from benchmarks.bench_engine import COMPILES, TINY, hf_config, install, random_adapter
     from benchmarks.provenance import provenance
 
 RANKS = (8, 16, 32, 64)
@@ -88,6 +88,7 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None, pro
     adapters. Latencies count from the arrival. With profile_steps, the first `profile_steps` steps
     after `profile_at` seconds run under torch.profiler (ProfileWindow)."""
     gen = torch.Generator().manual_seed(7)
+    COMPILES.take()  # what compiled before this run (start-up, the run before) is not this run's
     stats0, start = engine.stats(), time.perf_counter()
     arrived, first, last, pending, seqs = {}, {}, {}, list(enumerate(trace)), []
     steps, next_report, reported = [], PROGRESS_S, 0  # steps: (seconds, sequences, adapters, tokens) of each
@@ -140,6 +141,9 @@ def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None, pro
               "seqs_per_step": sum(step[1] for step in steps) / max(1, len(steps)),
               "adapters_per_step": sum(step[2] for step in steps) / max(1, len(steps)),
               "preemptions": stats["num_preemptions"],
+              # Triton kernels compiled inside the run (the start-up warm-up misses them): their
+              # compile time is in the steps and the queue behind them
+              "triton_compiles": sorted(COMPILES.take()),
               # each step as [ms, sequences, adapters, tokens]: what a step costs by what it carries
               "step_log": [[round(1e3 * t, 3), n, a, k] for t, n, a, k in steps]}
     if isinstance(window, dict):

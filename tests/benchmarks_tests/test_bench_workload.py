@@ -111,3 +111,22 @@ def test_profiled_window_counts_its_steps_and_the_device_time_they_ran(tmp_path)
     assert 0 < window["device_busy_ms"] <= window["kernel_ms"] + 1e-6
     assert any(name.startswith("aten::") for name, _, _ in window["top_kernels"])
     assert len(run["step_log"]) == run["steps"] and all(len(step) == 4 for step in run["step_log"])
+
+
+def test_each_run_reports_only_the_triton_compiles_made_inside_it(tmp_path, monkeypatch):
+    from benchmarks.bench_engine import COMPILES
+    base = tmp_path / "base.json"
+    assert bench_workload.main(["--tiny", "--requests", "10", "--runs", "none", "--out", str(base)]) == 0
+    step = bench_workload.LLMEngine.step
+
+    def step_that_compiles(engine):  # every step "compiles" one kernel
+        COMPILES._hook(repr="_lora_rows_kernel[grid]")
+        return step(engine)
+
+    monkeypatch.setattr(bench_workload.LLMEngine, "step", step_that_compiles)
+    COMPILES.names.append("at_start_up")  # with a baseline, nothing runs between start-up and the run
+    out = tmp_path / "w.json"
+    assert bench_workload.main(["--tiny", "--requests", "10", "--runs", "adapters", "--baseline", str(base),
+                                "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["adapters"]
+    assert run["triton_compiles"] == ["_lora_rows_kernel"] * run["steps"]
