@@ -98,6 +98,7 @@ def test_kv_tokens_sizes_the_kv_cache_in_whole_blocks(tmp_path):
                                 "--out", str(out)]) == 0
     assert json.loads(out.read_text())["kv_tokens"] == 512
 
+
 def test_profiled_window_counts_its_steps_and_the_device_time_they_ran(tmp_path):
     out = tmp_path / "workload.json"
     assert bench_workload.main(["--tiny", "--runs", "none", "--profile-steps", "4", "--profile-at", "0",
