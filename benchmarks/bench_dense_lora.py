@@ -2,8 +2,8 @@
 against the split path, next to the base GEMMs and the adapters' bytes floor.
 
 At decode the dense LoRA is latency-bound: a few us of bytes in two to four dependent launches.
-Per preset and token count M (n adapters of rank 16 on q/k/v/o, each token on a uniformly drawn
-adapter, about 1 in 5 on none), it times CUDA-graph replays (median) of
+Per preset and token count M (n adapters on q/k/v/o, of rank 16 or of --ranks cycled over the
+slots, each token on a uniformly drawn adapter, about 1 in 5 on none), it times CUDA-graph replays (median) of
   - the base GEMMs x @ W_qkv.T and attn @ W_o.T (cuBLAS, as the engine runs them);
   - the LoRA of q/k/v + o through each path: "rows" (one launch a group, no alignment) and
     "split" (one alignment a step, shared by every group, plus a shrink and an expand a group);
@@ -41,25 +41,30 @@ RANK = 16
 DTYPE = torch.bfloat16
 
 
-def make_attention(preset: str, n: int, gen: torch.Generator) -> dict:
-    """Base weights and n rank-16 adapters' q/k/v group and o pool, as engine/lora/slots.py lays them out."""
+def make_attention(preset: str, n: int, gen: torch.Generator, slot_ranks: tuple[int, ...] = (RANK,)) -> dict:
+    """Base weights and n adapters' q/k/v group and o pool, as engine/lora/slots.py lays them out;
+    slot s has rank slot_ranks[s % len(slot_ranks)] on every projection (R = the largest)."""
     hidden, heads, kv, hd = PRESETS[preset]
     sections = (heads * hd, kv * hd, kv * hd)
     rnd = lambda *shape, std: (torch.randn(*shape, generator=gen, device="cuda") * std).to(DTYPE)  # noqa: E731
-    ranks = torch.full((3, n), RANK, dtype=torch.int32, device="cuda")
-    qkv = DenseLoRAGroup(rnd(n, 3 * RANK, hidden, std=hidden ** -0.5), rnd(n, sum(sections), RANK, std=0.05),
+    r = max(slot_ranks)
+    per_slot = [slot_ranks[i % len(slot_ranks)] for i in range(n)]
+    ranks = torch.tensor([per_slot] * 3, dtype=torch.int32, device="cuda")
+    qkv = DenseLoRAGroup(rnd(n, 3 * r, hidden, std=hidden ** -0.5), rnd(n, sum(sections), r, std=0.05),
                          ranks, sections)
-    o = DenseLoRAGroup(rnd(n, RANK, heads * hd, std=(heads * hd) ** -0.5), rnd(n, hidden, RANK, std=0.05),
+    o = DenseLoRAGroup(rnd(n, r, heads * hd, std=(heads * hd) ** -0.5), rnd(n, hidden, r, std=0.05),
                        ranks[:1].clone(), (hidden,))
     return {"hidden": hidden, "o_in": heads * hd, "qkv": qkv, "o": o,
             "w_qkv": rnd(sum(sections), hidden, std=hidden ** -0.5), "w_o": rnd(hidden, heads * hd, std=0.02)}
 
 
 def floor_us(layer: dict, slots: torch.Tensor, bw: float) -> float:
-    """Bytes of A and B of the adapters the tokens use, over the copy rate, in us."""
-    present = int(torch.unique(slots[slots >= 0]).numel())
-    per_adapter = sum(g.a.padded[0].numel() + g.b.padded[0].numel() for g in (layer["qkv"], layer["o"]))
-    return present * per_adapter * 2 / bw * 1e6
+    """Bytes of A and B (at each adapter's rank) of the adapters the tokens use, over the copy
+    rate, in us."""
+    present = torch.unique(slots[slots >= 0])
+    rank_sum = int(layer["qkv"].ranks[0, present].sum())
+    per_rank = sum((g.a.padded[0].numel() + g.b.padded[0].numel()) // g.max_rank for g in (layer["qkv"], layer["o"]))
+    return rank_sum * per_rank * 2 / bw * 1e6
 
 
 def run_config(preset: str, layer: dict, m: int, n: int, bw: float, gen: torch.Generator) -> dict:
@@ -98,17 +103,35 @@ def run_config(preset: str, layer: dict, m: int, n: int, bw: float, gen: torch.G
     return {"preset": preset, "m": m, "n": n, "parts": dense_row_parts(m, 3), **results}
 
 
-def sweep(layer: dict, n: int, tokens: list[int], gen: torch.Generator) -> list[dict]:
-    """The row path's tile configs, q/k/v group and o apart, at each token count."""
+def sweep(layer: dict, n: int, tokens: list[int], gen: torch.Generator, mixed: bool = False) -> list[dict]:
+    """The row path's tile configs, q/k/v group and o apart, at each token count; with mixed
+    ranks (mixed=True) the kernel before rank buckets at today's tiles, then buckets over tile_r,
+    and the split path (with its alignment) at the same inputs."""
     rows = []
+    if mixed:
+        configs = [{**DENSE_ROWS_TILES, "buckets": False, "parts": 0}] + [
+            {"block_k": bk, "block_n": bn, "parts": parts, "num_warps": 4, "num_stages": 3, "tile_r": tr}
+            for tr in (16, 64) for bk in (256, 512) for bn in (128, 256) for parts in (2, 4, 8)]
+    else:
+        configs = [{"block_k": bk, "block_n": bn, "parts": parts, "num_warps": warps, "num_stages": 3}
+                   for bk, bn, parts, warps in itertools.product((128, 256, 512), (64, 128, 256), (1, 2, 4, 8), (2, 4, 8))]
     for m in tokens:
         x = torch.randn(m, layer["hidden"], generator=gen, device="cuda").to(DTYPE)
         attn = torch.randn(m, layer["o_in"], generator=gen, device="cuda").to(DTYPE)
         slots = torch.randint(0, n, (m,), generator=gen, device="cuda", dtype=torch.int32)
         out_qkv = torch.zeros(m, sum(layer["qkv"].sections), device="cuda", dtype=DTYPE)
         out_o = torch.zeros(m, layer["hidden"], device="cuda", dtype=DTYPE)
-        for bk, bn, parts, warps in itertools.product((128, 256, 512), (64, 128, 256), (1, 2, 4, 8), (2, 4, 8)):
-            cfg = {"block_k": bk, "block_n": bn, "parts": parts, "num_warps": warps, "num_stages": 3}
+        if mixed:
+            lay = dense_layout(slots, n)
+            row = {"m": m, "path": "split", "floor_us": floor_us(layer, slots, copy_bandwidth()),
+                   "layout_us": 1e3 * time_graph(lambda: dense_layout(slots, n), samples=7)}
+            for name, inp, out in (("qkv", x, out_qkv), ("o", attn, out_o)):
+                row[f"{name}_us"] = 1e3 * time_graph(
+                    lambda g=layer[name], a=inp, c=out: dense_group_triton_(a, c, g, slots, lay, path="split"), samples=7)
+            rows.append(row)
+            print(row, flush=True)
+        for cfg in configs:
+            cfg = {**cfg, "parts": cfg["parts"] or dense_row_parts(m, 3)}
             row = {"m": m, **cfg}
             for name, inp, out in (("qkv", x, out_qkv), ("o", attn, out_o)):
                 row[f"{name}_us"] = 1e3 * time_graph(
@@ -132,21 +155,22 @@ def main() -> None:
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--ranks", nargs="*", type=int, default=[RANK], help="adapter ranks cycled over the slots")
     ap.add_argument("--sweep", action="store_true", help="time the row path's tile configs (first preset), exit")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    record = {"provenance": provenance(sys.argv), "rank": RANK, "adapters": args.adapters,
+    record = {"provenance": provenance(sys.argv), "ranks": args.ranks, "adapters": args.adapters,
               "row_tiles": DENSE_ROWS_TILES}
     if args.sweep:
-        layer = make_attention(args.presets[0], args.adapters, gen)
-        record["sweep"] = sweep(layer, args.adapters, args.tokens, gen)
+        layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks))
+        record["sweep"] = sweep(layer, args.adapters, args.tokens, gen, mixed=len(set(args.ranks)) > 1)
         write_results(record, args.out, "dense_lora_sweep")
         return
     record["copy_bw_Bps"] = bw = copy_bandwidth()
     rows = []
     for preset in args.presets:
-        layer = make_attention(preset, args.adapters, gen)
+        layer = make_attention(preset, args.adapters, gen, tuple(args.ranks))
         for m in args.tokens:
             rows.append(run_config(preset, layer, m, args.adapters, bw, gen))
             print(rows[-1], flush=True)

@@ -17,7 +17,7 @@ import torch
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
 from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
 from kernels.moe.lora_rows import lora_rows_
-from kernels.moe.launch import LORA_BLOCK_M, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
+from kernels.moe.launch import LORA_BLOCK_M, _row_parts, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from provenance import provenance
@@ -80,15 +80,18 @@ def time_graph(fn, reps: int = 0, samples: int = 15) -> float:
     return statistics.median(times)
 
 
-def make_layer(d, inter, e, num_slots, gen):
+def make_layer(d, inter, e, num_slots, gen, ranks=(RANK,)):
+    """Base weights and num_slots adapters as padded stacks of R = max(ranks); slot s has rank
+    ranks[s % len(ranks)]."""
     randn = lambda *s, std: (torch.randn(*s, device="cuda", generator=gen) * std).to(DTYPE)  # noqa: E731
     w_gate_up = randn(e, 2 * inter, d, std=d ** -0.5)
     w_down = randn(e, d, inter, std=inter ** -0.5)
-    lora = MoELoRAWeights(randn(num_slots, e, 2 * RANK, d, std=d ** -0.5),
-                          randn(num_slots, e, 2 * inter, RANK, std=0.1),
-                          randn(num_slots, e, RANK, inter, std=inter ** -0.5),
-                          randn(num_slots, e, d, RANK, std=0.1),
-                          torch.full((num_slots,), RANK, dtype=torch.int32, device="cuda"))
+    r = max(ranks)
+    slot_ranks = torch.tensor([ranks[s % len(ranks)] for s in range(num_slots)], dtype=torch.int32, device="cuda")
+    lora = MoELoRAWeights(randn(num_slots, e, 2 * r, d, std=d ** -0.5),
+                          randn(num_slots, e, 2 * inter, r, std=0.1),
+                          randn(num_slots, e, r, inter, std=inter ** -0.5),
+                          randn(num_slots, e, d, r, std=0.1), slot_ranks)
     return w_gate_up, w_down, lora
 
 
@@ -228,14 +231,16 @@ SHRINK_CONFIGS = [(bk, w, st) for bk in (64, 128, 256) for w in (2, 4) for st in
 EXPAND_CONFIGS = [(bn, w, st) for bn in (64, 128, 256) for w in (4, 8) for st in (1, 2)]
 
 
-def qwen3_batches(gen, tokens):
-    """The sweeps' inputs: a qwen3 layer's 16 LoRA slots, then for each M its batch (hidden,
-    routing weights, ids, slots) and how many (slot, expert) pairs the batch touches."""
+def qwen3_batches(gen, tokens, n=16, ranks=(RANK,)):
+    """The sweeps' inputs: a qwen3 layer's n LoRA slots (ranks cycled over them), then for each M
+    its batch (hidden, routing weights, ids, slots) and the sum of the ranks of the (slot, expert)
+    pairs it touches (adapter bytes scale with it)."""
     d, inter, e, k = PRESETS["qwen3-30b-a3b"]
-    _, _, lora = make_layer(d, inter, e, 16, gen)
+    _, _, lora = make_layer(d, inter, e, n, gen, ranks)
     for m in tokens:
-        batch = make_batch(m, d, e, k, 16, gen)
-        yield m, lora, batch, torch.unique(batch[3][:, None].long() * e + batch[2].long()).numel()
+        batch = make_batch(m, d, e, k, n, gen)
+        pairs = torch.unique(batch[3][:, None].long() * e + batch[2].long())
+        yield m, lora, batch, int(lora.ranks[pairs // e].sum())
 
 
 def sweep_lora(gen, tokens=(64, 512, 2048)):
@@ -243,8 +248,8 @@ def sweep_lora(gen, tokens=(64, 512, 2048)):
     its own bytes floor (adapter bytes of the pairs touched + activation rows read and written)."""
     d, inter, e, k = PRESETS["qwen3-30b-a3b"]
     bw, r, rows = copy_bandwidth(), RANK, []
-    for m, lora, (hidden, tw, ids, slots), pairs in qwen3_batches(gen, tokens):
-        t = m * k
+    for m, lora, (hidden, tw, ids, slots), rank_sum in qwen3_batches(gen, tokens):
+        pairs, t = rank_sum // r, m * k
         gate_up = torch.empty(t, 2 * inter, dtype=DTYPE, device="cuda")
         act = torch.randn(t, inter, device="cuda", generator=gen).to(DTYPE)
         y = torch.empty(t, d, dtype=DTYPE, device="cuda")
@@ -283,34 +288,50 @@ def sweep_lora(gen, tokens=(64, 512, 2048)):
 
 ROWS_CONFIGS = [(bk, bn, w, st, p) for bk in (128, 256) for bn in (64, 128) for w in (2, 4)
                 for st in (3,) for p in (1, 2, 4)]
+# With mixed ranks: the kernel before rank buckets at today's tiles, then buckets over tile_r.
+MIXED_ROWS_CONFIGS = [(256, 128, 4, 3, 0, 0, False)] + [
+    (bk, bn, w, 3, p, tr, True) for tr in (16, 32, 64) for bk in (128, 256) for bn in (128, 256)
+    for w in (4,) for p in (0, 2)]
 
 
-def sweep_rows(gen, tokens=(1, 8, 64)):
+def sweep_rows(gen, tokens=(1, 8, 64), n=16, ranks=(RANK,)):
     """Times each projection of the row path (kernels/moe/lora_rows.py) alone over tile configs
-    (qwen3, n = 16) against its bytes floor (adapter bytes of the pairs touched)."""
+    (qwen3, n adapters, ranks cycled over them) against its bytes floor (adapter bytes of the
+    pairs touched). cfg = (block_k, block_n, warps, stages, parts[, tile_r, buckets]); parts 0:
+    the engine's (launch._row_parts)."""
     d, inter, e, k = PRESETS["qwen3-30b-a3b"]
-    bw, r, rows = copy_bandwidth(), RANK, []
-    for m, lora, (hidden, tw, ids, slots), pairs in qwen3_batches(gen, tokens):
+    mixed = len(set(ranks)) > 1
+    bw, rows = copy_bandwidth(), []
+    for m, lora, (hidden, tw, ids, slots), rank_sum in qwen3_batches(gen, tokens, n, ranks):
         gate_up = torch.zeros(m * k, 2 * inter, dtype=DTYPE, device="cuda")
         act = torch.randn(m * k, inter, device="cuda", generator=gen).to(DTYPE)
         y = torch.zeros(m * k, d, dtype=DTYPE, device="cuda")
         weights = tw.reshape(-1).float()
+        tiles = lambda c, splits: {"block_k": c[0], "block_n": c[1], "num_warps": c[2], "num_stages": c[3],  # noqa: E731
+                                   "parts": c[4] or _row_parts(m * k, splits),
+                                   **({"tile_r": c[5], "buckets": c[6]} if len(c) > 5 else {})}
         ops = {
-            "gate_up": (pairs * 2 * r * (d + inter) * BYTES, lambda c: lora_rows_(
+            "gate_up": (rank_sum * 2 * (d + inter) * BYTES, lambda c: lora_rows_(
                 hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, slots, ids, a_row_div=k, splits=2,
-                block_k=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3], parts=c[4])),
-            "down": (pairs * r * (inter + d) * BYTES, lambda c: lora_rows_(
+                **tiles(c, 2))),
+            "down": (rank_sum * (inter + d) * BYTES, lambda c: lora_rows_(
                 act, y, lora.down_a, lora.down_b, lora.ranks, slots, ids, a_row_div=1, scale=weights,
-                block_k=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3], parts=c[4])),
+                **tiles(c, 1))),
         }
         for name, (floor, fn) in ops.items():
-            for cfg in ROWS_CONFIGS:
+            for cfg in MIXED_ROWS_CONFIGS if mixed else ROWS_CONFIGS:
                 ms = time_graph(lambda: fn(cfg), samples=7)
-                rows.append({"M": m, "op": name, "cfg": cfg, "ms": ms, "floor_ms": floor / bw * 1e3, "pairs": pairs})
-    print(f"\nrow path, best per (M, op), copy bandwidth {bw / 1e12:.2f} TB/s; cfg = (block_k, block_n, warps, stages, parts)")
+                rows.append({"M": m, "op": name, "cfg": cfg, "ms": ms, "floor_ms": floor / bw * 1e3,
+                             "rank_sum": rank_sum, "n": n, "ranks": list(ranks)})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\nrow path, best per (M, op), copy bandwidth {bw / 1e12:.2f} TB/s, n = {n}, ranks {list(ranks)}; "
+          "cfg = (block_k, block_n, warps, stages, parts[, tile_r, buckets])")
     for (m, op), row in best_per_op(rows):
         print(f"M={m:5} {op:8} cfg={row['cfg']} {row['ms'] * 1e3:.1f} us  floor {row['floor_ms'] * 1e3:.1f} us"
               f"  x{row['ms'] / row['floor_ms']:.2f}")
+        if mixed:
+            old = next(r for r in rows if r["M"] == m and r["op"] == op and not r["cfg"][6])
+            print(f"          before buckets {old['ms'] * 1e3:.1f} us  x{old['ms'] / row['floor_ms']:.2f}")
     return rows
 
 
@@ -330,17 +351,22 @@ def main():
     ap.add_argument("--out", default="bench_moe_lora.json")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
-    ap.add_argument("--adapters", nargs="*", type=int, default=ADAPTERS)
+    ap.add_argument("--adapters", nargs="*", type=int, default=None,
+                    help=f"adapters in use (default {ADAPTERS}; --sweep-rows: the first, default 16)")
     ap.add_argument("--sweep-base", action="store_true", help="time gate_up tile configs, profile, exit")
     ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM over tile configs, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
     ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens, exit")
+    ap.add_argument("--ranks", nargs="*", type=int, default=[RANK],
+                    help="--sweep-rows: adapter ranks cycled over the slots")
     ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "split", "split-tiles", "split-blocks", "fused"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
+    if not args.sweep_rows:
+        args.adapters = args.adapters or ADAPTERS
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.sweep_rows:
-        json.dump({"provenance": provenance(sys.argv), "sweep": sweep_rows(gen, args.tokens)},
+        json.dump({"provenance": provenance(sys.argv), "sweep": sweep_rows(gen, args.tokens, (args.adapters or [16])[0], tuple(args.ranks))},
                   open(args.out, "w"), indent=1)
         return
     if args.sweep_lora:

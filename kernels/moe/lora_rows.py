@@ -37,8 +37,10 @@ from kernels.weights import DenseLoRAGroup, Factor, as_factor
 # columns + 1.
 @triton.jit  # the token count is the grid, not an argument: one compile for every count
 def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k, a_row_div,
-                      num_slots, num_experts, K, R, ends, rank_split_stride, n_chunk, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                      HAS_SCALE: tl.constexpr, HAS_EXPERTS: tl.constexpr):
+                      num_slots, num_experts, K, R, ends, rank_split_stride, n_chunk, BLOCK_R: tl.constexpr,
+                      BK16: tl.constexpr, BN16: tl.constexpr, BK32: tl.constexpr, BN32: tl.constexpr,
+                      BK64: tl.constexpr, BN64: tl.constexpr, BKR: tl.constexpr, BNR: tl.constexpr,
+                      BUCKETS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXPERTS: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     part = tl.program_id(2)
@@ -57,43 +59,72 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
     expert = tl.where(live, expert, 0)
     rank = tl.where(live, tl.minimum(tl.load(ranks_ptr + split * rank_split_stride + slot), R), 0)
     if (rank > 0) & (col0 < n_stop):
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
-        # shrink: A rows [h*R, h*R + r_s) of the pair against the row's input, K tile by K tile
-        a_row = A[0] + (row // a_row_div) * A[1]
-        la_base, la_rows = factor_at(LA, slot, expert, split)
-        la_base += offs_r[:, None] * la_rows
-        shrunk = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            x = tl.load(a_row + offs_k * A[2], mask=k_ok, other=0.0)
-            w = tl.load(la_base + offs_k[None, :] * LA[5], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            shrunk += tl.sum(x.to(w.dtype).to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
-        # expand: this part's columns of split h; the shrink rounds to B's dtype as the split path's does
-        s = shrunk.to(LB[0].dtype.element_ty).to(tl.float32)
-        lb_base, lb_rows = factor_at(LB, slot, expert, 0)  # B rows are c's columns
-        lb_base += offs_r[None, :] * LB[5]
-        c_row = C[0] + row * C[1]
-        row_scale = tl.full((), 1.0, tl.float32)
-        if HAS_SCALE:
-            row_scale = tl.load(scale_ptr + row).to(tl.float32)
         n_end = tl.minimum(n_stop, col0 + n_chunk)
-        for n0 in range(col0, n_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < n_end
-            b = tl.load(lb_base + offs_n[:, None] * lb_rows, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1)
-            if HAS_SCALE:
-                delta = delta * row_scale
-            prior = tl.load(c_row + offs_n * C[2], mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(c_row + offs_n * C[2], (delta + prior).to(C[0].dtype.element_ty), mask=n_ok)
+        # the row's rank picks its tile width (rank buckets 16 / 32 / 64 / BLOCK_R; the launch
+        # sizes each bucket's K and N tiles): a rank-16 row of a rank-64 pool runs 16 rows wide
+        if (BLOCK_R == 16) or (not BUCKETS):  # one tile for every row (BUCKETS off: A/B runs)
+            _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
+                       BLOCK_R, BKR, BNR, HAS_SCALE)
+        elif rank <= 16:
+            _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
+                       16, BK16, BN16, HAS_SCALE)
+        elif BLOCK_R == 32:
+            _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
+                       32, BK32, BN32, HAS_SCALE)
+        elif rank <= 32:
+            _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
+                       32, BK32, BN32, HAS_SCALE)
+        elif BLOCK_R == 64:
+            _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
+                       64, BK64, BN64, HAS_SCALE)
+        elif rank <= 64:
+            _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
+                       64, BK64, BN64, HAS_SCALE)
+        else:
+            _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
+                       BLOCK_R, BKR, BNR, HAS_SCALE)
+
+
+@triton.jit
+def _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
+               BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """c[row, col0:n_end] += (scale *) B[:, :rank] @ (A[:rank] @ a[row // a_row_div]) of split h."""
+    offs_r = tl.arange(0, BR)
+    r_ok = offs_r < rank
+    # shrink: A rows [h*R, h*R + r_s) of the pair against the row's input, K tile by K tile
+    a_row = A[0] + (row // a_row_div) * A[1]
+    la_base, la_rows = factor_at(LA, slot, expert, split)
+    la_base += offs_r[:, None] * la_rows
+    shrunk = tl.zeros((BR,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < K
+        x = tl.load(a_row + offs_k * A[2], mask=k_ok, other=0.0)
+        w = tl.load(la_base + offs_k[None, :] * LA[5], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        shrunk += tl.sum(x.to(w.dtype).to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
+    # expand: this part's columns of split h; the shrink rounds to B's dtype as the split path's does
+    s = shrunk.to(LB[0].dtype.element_ty).to(tl.float32)
+    lb_base, lb_rows = factor_at(LB, slot, expert, 0)  # B rows are c's columns
+    lb_base += offs_r[None, :] * LB[5]
+    c_row = C[0] + row * C[1]
+    row_scale = tl.full((), 1.0, tl.float32)
+    if HAS_SCALE:
+        row_scale = tl.load(scale_ptr + row).to(tl.float32)
+    for n0 in range(col0, n_end, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        n_ok = offs_n < n_end
+        b = tl.load(lb_base + offs_n[:, None] * lb_rows, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1)
+        if HAS_SCALE:
+            delta = delta * row_scale
+        prior = tl.load(c_row + offs_n * C[2], mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(c_row + offs_n * C[2], (delta + prior).to(C[0].dtype.element_ty), mask=n_ok)
 
 
 def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor", ranks: Tensor, slot_ids: Tensor,
                topk_ids: Tensor, *, a_row_div: int, splits: int = 1, scale: Tensor | None = None,
                parts: int = 1, block_k: int = 128, block_n: int = 128, num_warps: int = 4,
-               num_stages: int = 3) -> Tensor:
+               num_stages: int = 3, tile_r: int = 0, buckets: bool = True) -> Tensor:
     """Adds each routed row's LoRA delta of one MoE projection into c in place; returns c.
 
     Semantics (T tokens, K = top-k, row r = t*K + k, s = slot_ids[t], e = topk_ids[t, k],
@@ -113,7 +144,10 @@ def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor
         scale: [T*K] float per-row factor (routing weight) or None.
         parts: programs that split a row's N columns (each repeats the shrink: more programs
             in flight where a row's expand is long).
-        block_k, block_n, num_warps, num_stages: tile config.
+        block_k, block_n, num_warps, num_stages: tile config; block_k and block_n are the tiles of
+            rows of rank tile_r (0: the pool's R rounded up to a power of two); a row's rank bucket
+            (16, 32, 64 or R) scales them by tile_r / bucket (bucket_tiles); buckets=False runs
+            every row at R's tile (the kernel before buckets, for A/B runs).
     """
     expect(splits in (1, 2), f"splits must be 1 or 2, got {splits}")
     expect(len(la.shape) == 4 and len(lb.shape) == 4, f"la and lb must be 4-D, got {tuple(la.shape)} and {tuple(lb.shape)}")
@@ -136,12 +170,13 @@ def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor
         return c
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     _launch(a, c, la, lb, ranks, 0, slot_ids, ids, top_k, a_row_div, rows, [n * (h + 1) for h in range(splits)],
-            big_r, scale, parts, block_k, block_n, num_warps, num_stages)
+            big_r, scale, parts, block_k, block_n, num_warps, num_stages, tile_r, buckets)
     return c
 
 
 def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor, *, parts: int = 1,
-                     block_k: int = 128, block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> Tensor:
+                     block_k: int = 128, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
+                     tile_r: int = 0, buckets: bool = True) -> Tensor:
     """Adds each token's LoRA deltas of the group's projections (q/k/v, or o alone) into out in
     place, a program per (token, projection, part of its columns); returns out.
 
@@ -154,7 +189,7 @@ def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Ten
         lora: DenseLoRAGroup of at most MAX_GROUP_ROWS_PROJECTIONS projections.
         slot_ids: [T] int, -1 for no adapter.
         parts: programs that split the widest projection's columns (each repeats the shrink);
-        block_k, block_n, num_warps, num_stages: tile config.
+        block_k, block_n, num_warps, num_stages, tile_r, buckets: tile config, as lora_rows_'s.
     """
     heads = lora.num_projections
     expect(heads <= MAX_GROUP_ROWS_PROJECTIONS,
@@ -165,7 +200,7 @@ def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Ten
         return out
     ends = [lora.offset(h + 1) for h in range(heads)]
     _launch(x, out, lora.a, lora.b, lora.ranks, lora.ranks.stride(0), slot_ids, None,
-            1, 1, t, ends, lora.max_rank, None, parts, block_k, block_n, num_warps, num_stages)
+            1, 1, t, ends, lora.max_rank, None, parts, block_k, block_n, num_warps, num_stages, tile_r, buckets)
     return out
 
 
@@ -173,20 +208,38 @@ def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Ten
 MAX_GROUP_ROWS_PROJECTIONS = 3
 
 
+def bucket_tiles(block_r: int, block_k: int, block_n: int, tile_r: int, k_in: int, n_chunk: int) -> dict[int, tuple[int, int]]:
+    """{rank bucket: (K tile, N tile)} of the row kernel for a pool of rank block_r (a power of two):
+    buckets 16, 32, 64 up to block_r, and block_r itself. A bucket br takes block_k x tile_r / br and
+    block_n x tile_r / br (0 < tile_r: the rank at which the given tiles hold; 0: block_r), within
+    16 and the operand's width rounded up to a power of two. With tile_r = block_r each bucket's
+    A tile holds as many elements as the widest's: a low-rank row walks K in fewer, longer steps
+    (a row's shrink is a chain of dependent loads, so steps cost more than bytes here)."""
+    tile_r = tile_r or block_r
+    k_cap, n_cap = max(16, triton.next_power_of_2(k_in)), max(16, triton.next_power_of_2(n_chunk))
+    return {br: (min(k_cap, max(16, block_k * tile_r // br)), min(n_cap, max(16, block_n * tile_r // br)))
+            for br in sorted({min(b, block_r) for b in (16, 32, 64)} | {block_r})}
+
+
 def _launch(a: Tensor, c: Tensor, la: Factor, lb: Factor, ranks: Tensor, rank_split_stride: int,
             slot_ids: Tensor, topk_ids: Tensor | None, top_k: int, a_row_div: int, rows: int, ends: list[int],
             big_r: int, scale: Tensor | None, parts: int, block_k: int, block_n: int, num_warps: int,
-            num_stages: int) -> None:
+            num_stages: int, tile_r: int, buckets: bool) -> None:
     """One launch of _lora_rows_kernel: rows x splits x parts programs; ends: each split's last
     column + 1 (increasing), the widest split's columns cut in `parts` whole N tiles."""
+    expect(tile_r >= 0, f"tile_r must be >= 0, got {tile_r}")
     widest = max(end - begin for begin, end in zip([0, *ends[:-1]], ends))
     n_chunk = triton.cdiv(triton.cdiv(widest, parts), block_n) * block_n
     padded = tuple((ends + [ends[-1]] * 3)[:3])
+    block_r = max(16, triton.next_power_of_2(big_r))
+    tiles = bucket_tiles(block_r, block_k, block_n, tile_r, la.shape[3], n_chunk)
+    pick = lambda br: tiles[min(br, block_r)]  # noqa: E731  (buckets over block_r are never taken)
     _lora_rows_kernel[(rows, len(ends), triton.cdiv(widest, n_chunk))](
         (a, a.stride(0), a.stride(1)), la.operand(), lb.operand(), (c, c.stride(0), c.stride(1)),
         scale if scale is not None else ranks, ranks, slot_ids, topk_ids if topk_ids is not None else slot_ids,
         top_k, a_row_div, la.shape[0], la.shape[1], la.shape[3], big_r, padded, rank_split_stride, n_chunk,
-        BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
+        BLOCK_R=block_r, BK16=pick(16)[0], BN16=pick(16)[1], BK32=pick(32)[0], BN32=pick(32)[1],
+        BK64=pick(64)[0], BN64=pick(64)[1], BKR=tiles[block_r][0], BNR=tiles[block_r][1], BUCKETS=buckets,
         HAS_SCALE=scale is not None, HAS_EXPERTS=topk_ids is not None, num_warps=num_warps, num_stages=num_stages,
     )
 

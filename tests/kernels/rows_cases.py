@@ -5,7 +5,8 @@ Run as `python -m tests.kernels.rows_cases` with TRITON_INTERPRET=1 and MOEPLEX_
 dtype-projection-spread[-option...]; options: partsP (programs a row), bnN / bkN (tiles, default
 16 / 32), strided (a and c column slices, int64 routing ids), rank0 (one slot of rank 0), bad
 (routing ids and slots out of range: those rows untouched), real (qwen3's sizes, 64 tokens,
-top-8 of 128: the GPU tests).
+top-8 of 128: the GPU tests), r64 (a pool of R = 64 whose slots fall in every rank bucket of the
+kernel: 16, 32 and 64), trT (tile_r = T), onebucket (buckets=False: every row at R's tile).
 """
 import zlib
 
@@ -17,6 +18,7 @@ from tests.kernels.loop_reference import make_slot_ids, rel_err
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bf16: GPU only
 TOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 2e-2}  # delta vs fp64, relative
 RANKS = [1, 8, 16, 5]  # R = 16
+RANKS_64 = [1, 8, 16, 17, 32, 33, 64, 5]  # R = 64: rank buckets 16, 32, 64
 SHAPES = {"gateup": (2, 40, 36), "down": (1, 36, 40)}  # projection -> (splits, N per split, K)
 
 
@@ -25,6 +27,8 @@ def case_names() -> list[str]:
         "fp32-gateup-uniform", "fp16-gateup-zipf", "fp32-down-uniform", "fp16-down-skewed",
         "fp32-down-distinct-parts3", "fp16-gateup-identical-parts2-bn32", "fp32-gateup-uniform-strided",
         "fp16-down-zipf-strided-bk16", "fp32-down-uniform-rank0", "fp32-gateup-uniform-bad",
+        "fp32-gateup-uniform-r64", "fp16-down-zipf-r64-parts2", "fp32-down-uniform-r64-tr16",
+        "fp16-gateup-skewed-r64-tr32-bn32", "fp32-gateup-zipf-r64-onebucket",
     ]
 
 
@@ -38,11 +42,13 @@ def build(name: str, device: str = "cpu") -> dict:
     t, e, top_k = (64, 128, 8) if "real" in opts else (13, 5, 2)
     if "real" in opts:
         n, k_in = (768, 2048) if splits == 2 else (2048, 768)
-    ranks = [1, 8, 16, 0] if "rank0" in opts else RANKS
-    s, big_r = len(ranks), max(RANKS)
+    ranks = [1, 8, 16, 0] if "rank0" in opts else RANKS_64 if "r64" in opts else RANKS
+    s, big_r = len(ranks), max(RANKS_64 if "r64" in opts else RANKS)
     ids = torch.stack([torch.randperm(e, generator=gen)[:top_k] for _ in range(t)]).to(torch.int32)
     slots = make_slot_ids(spread, t, s, gen)
     slots[0], slots[-1] = 2, -1  # a rank-16 token and one without an adapter in every case
+    if "r64" in opts:
+        slots[1], slots[2], slots[3] = 3, 5, 6  # ranks 17, 33 and 64: every bucket holds a row
     if "bad" in opts:
         ids[1, 0], ids[2, 1], slots[3] = e, -2, s  # dropped, as the alignment drops them
     rows = t * top_k
@@ -63,8 +69,10 @@ def build(name: str, device: str = "cpu") -> dict:
         a, c, ids = wide_a[:, 2:2 + k_in], wide_c[:, 3:3 + splits * n], ids.long()
     kw = {"a_row_div": a_row_div, "splits": splits, "block_n": 16, "block_k": 32}
     kw["scale"] = torch.rand(rows, generator=gen).to(device) if proj == "down" else None
+    if "onebucket" in opts:
+        kw["buckets"] = False
     for opt in opts:
-        for prefix, key in (("parts", "parts"), ("bn", "block_n"), ("bk", "block_k")):
+        for prefix, key in (("parts", "parts"), ("bn", "block_n"), ("bk", "block_k"), ("tr", "tile_r")):
             if opt.startswith(prefix) and opt[len(prefix):].isdigit():
                 kw[key] = int(opt[len(prefix):])
     to = lambda z: z.to(device)  # noqa: E731
