@@ -77,9 +77,13 @@ def _rank_block(max_rank: int) -> int:
 # program streams a whole row's B) rows 1.23-1.38 vs blocks 1.16-1.19 at every M.
 ROWS_MAX_ROWS = 1024
 ROWS_MAX_EXPAND = 8192
-# Row tiles from `bench_moe_lora.py --sweep-rows` (H200, qwen3, M = 1 / 8 / 64): 256-deep K tiles,
-# 128-wide N tiles, 4 warps; programs a row (`parts`) so that a launch has ~1024 programs.
-ROWS_TILES = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3}
+# Row tiles from `bench_moe_lora.py --sweep-rows` (H200): at rank 16 (qwen3, n = 16, M = 1 / 8 / 64)
+# 256-deep K tiles, 128-wide N tiles, 4 warps (down: 128-deep within 1 us); programs a row (`parts`)
+# so that a launch has ~1024 programs. tile_r 32 sizes the rank buckets of a wider pool: at ranks
+# 8 / 16 / 32 / 64 over 25 adapters (M = 40 / 64), gate_up 57.4 -> 45.2 / 83.8 -> 67.1 us and down
+# 51.4 -> 38.1 / 72.3 -> 52.8 us against every row at the rank-64 tile (RESULTS.md, kernels).
+ROWS_TILES_GATE_UP = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}
+ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}
 ROWS_PROGRAMS = 1024
 LORA_PATHS = ("auto", "rows", "split", "split-tiles", "split-blocks", "fused")
 
@@ -157,7 +161,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand)
     if row_slots is not None:
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
-                   a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), **ROWS_TILES)
+                   a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), **ROWS_TILES_GATE_UP)
     act = silu_mul(gate_up, hidden.new_empty(rows, inter))
     y = hidden.new_empty(rows, d)
     moe_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
@@ -166,7 +170,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         _lora_down_(act, y, lora, vlay, weights, expand)
     if row_slots is not None:
         lora_rows_(act, y, lora.down_a, lora.down_b, lora.ranks, row_slots, topk_ids, a_row_div=1,
-                   scale=weights, parts=_row_parts(rows, 1), **ROWS_TILES)
+                   scale=weights, parts=_row_parts(rows, 1), **ROWS_TILES_DOWN)
     return y.view(num_tokens, top_k, d).sum(dim=1)
 
 
