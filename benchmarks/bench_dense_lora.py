@@ -141,6 +141,33 @@ def sweep(layer: dict, n: int, tokens: list[int], gen: torch.Generator, mixed: b
     return rows
 
 
+def profile(layer: dict, n: int, tokens: list[int], gen: torch.Generator) -> list[dict]:
+    """Device time of each kernel of both paths (q/k/v then o, 20 calls each), per token count."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    out = []
+    for m in tokens:
+        x = torch.randn(m, layer["hidden"], generator=gen, device="cuda").to(DTYPE)
+        attn = torch.randn(m, layer["o_in"], generator=gen, device="cuda").to(DTYPE)
+        slots = torch.randint(0, n, (m,), generator=gen, device="cuda", dtype=torch.int32)
+        out_qkv = torch.zeros(m, sum(layer["qkv"].sections), device="cuda", dtype=DTYPE)
+        out_o = torch.zeros(m, layer["hidden"], device="cuda", dtype=DTYPE)
+        lay = dense_layout(slots, n)
+        for path in ("rows", "split"):
+            call = lambda: (dense_group_triton_(x, out_qkv, layer["qkv"], slots, lay, path=path),  # noqa: E731
+                            dense_group_triton_(attn, out_o, layer["o"], slots, lay, path=path))
+            call()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    call()
+                torch.cuda.synchronize()
+            kernels = {e.key[:60]: round(e.device_time_total / 20, 2) for e in prof.key_averages()
+                       if e.device_time_total > 0}
+            out.append({"m": m, "path": path, "us_per_call": kernels})
+            print(out[-1], flush=True)
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'preset':<15}{'M':>6}{'n':>4} {'base GEMMs':>10} {'rows':>8} {'split':>8} {'floor':>7} "
           f"{'rows/floor':>10} {'split/rows':>10}  (us; split includes its alignment)")
@@ -157,11 +184,17 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK], help="adapter ranks cycled over the slots")
     ap.add_argument("--sweep", action="store_true", help="time the row path's tile configs (first preset), exit")
+    ap.add_argument("--profile", action="store_true", help="per-kernel device time of both paths (first preset), exit")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     record = {"provenance": provenance(sys.argv), "ranks": args.ranks, "adapters": args.adapters,
               "row_tiles": DENSE_ROWS_TILES}
+    if args.profile:
+        layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks))
+        record["profile"] = profile(layer, args.adapters, args.tokens, gen)
+        write_results(record, args.out, "dense_lora_profile")
+        return
     if args.sweep:
         layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks))
         record["sweep"] = sweep(layer, args.adapters, args.tokens, gen, mixed=len(set(args.ranks)) > 1)
