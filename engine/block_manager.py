@@ -4,9 +4,12 @@ The adapter heap may borrow blocks no sequence uses (engine.lora.manager; Engine
 .kv_heap_sharing): the heap and the KV cache are one buffer, the heap at the bottom and block
 b at heap floor + b blocks, so the heap grows over blocks 0, 1, ... and gives them back from
 the top. To keep those low blocks free for it, sequences get the highest free block first.
-The heap borrows only while `reserve_blocks` stay free (what one step's new tokens can need),
-and a sequence short of blocks takes them back first (`can_allocate`): adapters nobody runs
-are a cache, the KV of running sequences is not.
+The heap borrows only while `reserve_blocks` (what one step's new tokens can need) plus
+`growth_blocks` (what the running sequences can still grow into, set by the scheduler) stay
+free, and a sequence short of blocks takes them back first (`can_allocate`): adapters nobody
+runs are a cache, the KV of running sequences is not. Without the growth term a full batch
+lends blocks its own sequences claim back a few steps later, and each claim moves or evicts
+adapters (a compaction, at worst a preemption and its recompute).
 """
 import heapq
 
@@ -27,6 +30,7 @@ class BlockManager:
         heapq.heapify(self._order)
         self._held: list[int] = []  # min-heap of ids handed to sequences; ids freed since are skipped
         self.lent = 0  # blocks [0, lent) are the adapter heap's
+        self.growth_blocks = 0  # blocks the running sequences may still need (Scheduler sets it)
         self.borrower = None  # give_back(k) -> blocks it released from its top (engine.lora.manager)
 
     @property
@@ -76,13 +80,13 @@ class BlockManager:
     # ---- the adapter heap's side ----------------------------------------------------
     def lendable(self) -> int:
         """Blocks the heap may borrow now: the free run from `lent` up to the lowest block a
-        sequence holds, keeping reserve_blocks free. Amortised O(log N) (the heap asks often):
+        sequence holds, keeping reserve_blocks + growth_blocks free. Amortised O(log N) (the heap asks often):
         `_held` is a min-heap of handed-out ids, stale ones skipped here and dropped in bulk."""
         held = self._held
         while held and (held[0] in self._free or held[0] < self.lent):  # freed (perhaps lent) since
             heapq.heappop(held)
         run = (held[0] if held else self.num_blocks) - self.lent
-        return max(0, min(run, self.num_free_blocks - self.reserve_blocks))
+        return max(0, min(run, self.num_free_blocks - self.reserve_blocks - self.growth_blocks))
 
     def lend(self, count: int) -> None:
         """Hand blocks [lent, lent + count) to the heap; they must be lendable."""

@@ -79,6 +79,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self.num_steps += 1
+        self.block_manager.growth_blocks = sum(self._growth(seq) for seq in self.running)
         if self.lora_manager is not None:
             self.slots.begin_step(out)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
@@ -117,10 +118,16 @@ class Scheduler:
                 return
             n = min(seq.num_uncomputed_tokens, budget)
             self.block_manager.allocate(seq, n)
+            self.block_manager.growth_blocks += self._growth(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
+
+    def _growth(self, seq: Sequence) -> int:
+        """KV blocks seq may still take: up to its prompt plus max_tokens (within max_model_len)."""
+        longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
+        return max(0, -(-longest // self.block_manager.block_size) - len(seq.block_table))
 
     def _next_admissible(self, budget: int, out: SchedulerOutput) -> Sequence | None:
         """The first admissible sequence: aged ones first, then round-robin tenant order (FIFO

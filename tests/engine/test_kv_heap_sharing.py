@@ -40,6 +40,23 @@ def test_sequences_take_the_highest_free_blocks_and_the_heap_borrows_the_free_ru
     assert kv.lendable() == 0  # block 3, next above the heap, is a sequence's: the run is empty
 
 
+def test_the_heap_does_not_borrow_the_blocks_running_sequences_will_grow_into():
+    from engine.scheduler import Scheduler
+    kv = BlockManager(20, 4)
+    sched = Scheduler(4, 64, kv, max_model_len=40)
+    long = Sequence(0, "r0", [1] * 8, SamplingParams(max_tokens=100))  # 8 + 100 tokens, cut at 40
+    short = Sequence(1, "r1", [1] * 5, SamplingParams(max_tokens=3))  # 8 tokens: 2 blocks
+    sched.add(long)
+    sched.add(short)
+    sched.schedule()  # admits both: 2 blocks each for the prompts
+    assert kv.num_free_blocks == 16
+    assert kv.growth_blocks == (10 - 2) + (2 - 2)  # the long one grows to 10 blocks, the short one is whole
+    assert kv.lendable() == 16 - 8
+    sched.finish(long, "length")
+    sched.schedule()
+    assert kv.growth_blocks == 0 and kv.lendable() == 16  # the free run below the short one's blocks
+
+
 class Borrower:
     def __init__(self, returns: int):
         self.returns, self.asked = returns, []
