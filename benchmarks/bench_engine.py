@@ -291,7 +291,7 @@ def case_adapters(case: str, num_requests: int) -> list[str | None]:
 
 
 def make_engine(args, shape: dict, layers: int, slots: int, mode: str) -> LLMEngine:
-    overrides = {name: getattr(args, name) for name in ("triton_prefill_attention", "prefill_graphs")
+    overrides = {name: getattr(args, name) for name in ("triton_prefill_attention", "prefill_graphs", "kv_heap_sharing")
                  if getattr(args, name, None) is not None}
     return LLMEngine(EngineConfig(
         hf_config=hf_config(shape, layers), load_format="dummy", device=args.device,
@@ -457,6 +457,8 @@ def main() -> None:
                         help="EngineConfig.triton_prefill_attention for every mode (default: the engine's)")
     parser.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.prefill_graphs for modes that keep graphs (default: the engine's)")
+    parser.add_argument("--kv-heap-sharing", action=argparse.BooleanOptionalAction, default=None,
+                        help="EngineConfig.kv_heap_sharing (default: the engine's)")
     parser.add_argument("--profile", default="", help="Chrome traces of 5 decode steps of case c: here from "
                         "mode fused, beside it (.eager.json) from mode fused_eager, when those modes run")
     args = parser.parse_args()
