@@ -41,9 +41,11 @@ RANK = 16
 DTYPE = torch.bfloat16
 
 
-def make_attention(preset: str, n: int, gen: torch.Generator, slot_ranks: tuple[int, ...] = (RANK,)) -> dict:
-    """Base weights and n adapters' q/k/v group and o pool, as engine/lora/slots.py lays them out;
-    slot s has rank slot_ranks[s % len(slot_ranks)] on every projection (R = the largest)."""
+def make_attention(preset: str, n: int, gen: torch.Generator, slot_ranks: tuple[int, ...] = (RANK,),
+                   heap: bool = False) -> dict:
+    """Base weights and n adapters' q/k/v group and o pool as padded stacks (lora_layout=slots), or
+    as the adapter heap lays them (heap=True); slot s has rank slot_ranks[s % len(slot_ranks)] on
+    every projection (R = the largest)."""
     hidden, heads, kv, hd = PRESETS[preset]
     sections = (heads * hd, kv * hd, kv * hd)
     rnd = lambda *shape, std: (torch.randn(*shape, generator=gen, device="cuda") * std).to(DTYPE)  # noqa: E731
@@ -54,8 +56,39 @@ def make_attention(preset: str, n: int, gen: torch.Generator, slot_ranks: tuple[
                          ranks, sections)
     o = DenseLoRAGroup(rnd(n, r, heads * hd, std=(heads * hd) ** -0.5), rnd(n, hidden, r, std=0.05),
                        ranks[:1].clone(), (hidden,))
+    if heap:
+        qkv, o = as_heap(qkv), as_heap(o)
     return {"hidden": hidden, "o_in": heads * hd, "qkv": qkv, "o": o,
             "w_qkv": rnd(sum(sections), hidden, std=hidden ** -0.5), "w_o": rnd(hidden, heads * hd, std=0.02)}
+
+
+def as_heap(group: DenseLoRAGroup) -> DenseLoRAGroup:
+    """The same adapters laid out as the engine's adapter heap lays a dense group
+    (engine.lora.slots): per slot, each projection's A rank-major [r_s, IN] and the group's B
+    transposed [r_s, N], each factor 16-element aligned in one buffer, at the slot's own rank."""
+    from kernels.weights import OFFSET_UNIT, Factor
+    a, b = group.a.padded, group.b.padded  # [S, H*R, IN], [S, N, R]
+    num_slots, heads, r = a.shape[0], group.num_projections, group.max_rank
+    n_in, n = a.shape[2], b.shape[1]
+    ranks = group.ranks.cpu()
+    parts, a_at, b_at, at = [], torch.zeros(heads, num_slots, dtype=torch.int64), torch.zeros(1, num_slots, dtype=torch.int64), 0
+    for s in range(num_slots):
+        for h in range(heads):
+            rs = int(ranks[h, s])
+            parts.append((at, a[s, h * r:h * r + rs].reshape(-1)))
+            a_at[h, s] = at // OFFSET_UNIT
+            at += -(-max(1, rs * n_in) // OFFSET_UNIT) * OFFSET_UNIT
+        rs = int(ranks[:, s].max())
+        parts.append((at, b[s, :, :rs].T.contiguous().reshape(-1)))
+        b_at[0, s] = at // OFFSET_UNIT
+        at += -(-max(1, rs * n) // OFFSET_UNIT) * OFFSET_UNIT
+    storage = torch.zeros(at, dtype=a.dtype, device=a.device)
+    for start, flat in parts:
+        storage[start:start + flat.numel()] = flat
+    dev = a.device
+    fa = Factor(storage, a_at.to(dev), 0, n_in, 1, 0, (num_slots, 1, heads * r, n_in), offset_unit=OFFSET_UNIT)
+    fb = Factor(storage, b_at.to(dev), 0, 1, n, 0, (num_slots, 1, n, r), offset_unit=OFFSET_UNIT)
+    return DenseLoRAGroup(fa, fb, group.ranks, group.sections)
 
 
 def floor_us(layer: dict, slots: torch.Tensor, bw: float) -> float:
@@ -63,7 +96,8 @@ def floor_us(layer: dict, slots: torch.Tensor, bw: float) -> float:
     rate, in us."""
     present = torch.unique(slots[slots >= 0])
     rank_sum = int(layer["qkv"].ranks[0, present].sum())
-    per_rank = sum((g.a.padded[0].numel() + g.b.padded[0].numel()) // g.max_rank for g in (layer["qkv"], layer["o"]))
+    per_rank = sum((g.a.shape[2] * g.a.shape[3] + g.b.shape[2] * g.b.shape[3]) // g.max_rank
+                   for g in (layer["qkv"], layer["o"]))
     return rank_sum * per_rank * 2 / bw * 1e6
 
 
@@ -183,27 +217,29 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK], help="adapter ranks cycled over the slots")
+    ap.add_argument("--layout", choices=("padded", "heap"), default="padded",
+                    help="padded stacks at R (lora_layout=slots) or the adapter heap's (bytes, the default)")
     ap.add_argument("--sweep", action="store_true", help="time the row path's tile configs (first preset), exit")
     ap.add_argument("--profile", action="store_true", help="per-kernel device time of both paths (first preset), exit")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    record = {"provenance": provenance(sys.argv), "ranks": args.ranks, "adapters": args.adapters,
+    record = {"provenance": provenance(sys.argv), "ranks": args.ranks, "adapters": args.adapters, "layout": args.layout,
               "row_tiles": DENSE_ROWS_TILES}
     if args.profile:
-        layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks))
+        layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks), args.layout == "heap")
         record["profile"] = profile(layer, args.adapters, args.tokens, gen)
         write_results(record, args.out, "dense_lora_profile")
         return
     if args.sweep:
-        layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks))
+        layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks), args.layout == "heap")
         record["sweep"] = sweep(layer, args.adapters, args.tokens, gen, mixed=len(set(args.ranks)) > 1)
         write_results(record, args.out, "dense_lora_sweep")
         return
     record["copy_bw_Bps"] = bw = copy_bandwidth()
     rows = []
     for preset in args.presets:
-        layer = make_attention(preset, args.adapters, gen, tuple(args.ranks))
+        layer = make_attention(preset, args.adapters, gen, tuple(args.ranks), args.layout == "heap")
         for m in args.tokens:
             rows.append(run_config(preset, layer, m, args.adapters, bw, gen))
             print(rows[-1], flush=True)

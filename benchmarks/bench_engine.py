@@ -296,7 +296,7 @@ def make_engine(args, shape: dict, layers: int, slots: int, mode: str) -> LLMEng
     return LLMEngine(EngineConfig(
         hf_config=hf_config(shape, layers), load_format="dummy", device=args.device,
         max_loras=None if slots < 0 else slots,
-        lora_layout=args.lora_layout,
+        lora_layout=args.lora_layout, lora_rank_unit=args.lora_rank_unit,
         max_lora_rank=args.rank, max_cpu_loras=128, max_num_seqs=args.requests,
         max_model_len=args.prompt + args.output + args.block_size, block_size=args.block_size,
         max_num_batched_tokens=args.max_batched_tokens, seed=0, tensor_parallel_size=args.tp,
@@ -441,6 +441,8 @@ def main() -> None:
     parser.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                         help="EngineConfig.lora_layout: the adapter heap (the default), or max-rank slot images")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lora-rank-unit", type=int, choices=(8, 16), default=16,
+                        help="EngineConfig.lora_rank_unit (with --lora-layout bytes)")
     parser.add_argument("--adapter-format", choices=("per_expert", "shared_outer"), default="per_expert",
                         help="shared_outer: gate/up A and down B one matrix a layer (kept once in the heap)")
     parser.add_argument("--block-size", type=int, default=16)

@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-loras", type=int, default=None, help="GPU slots (default: the memory budget)")
     ap.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                     help="EngineConfig.lora_layout (bytes: mixed ranks and targets each take their own bytes)")
+    ap.add_argument("--lora-rank-unit", type=int, choices=(8, 16), default=16,
+                    help="EngineConfig.lora_rank_unit (8: a rank-8 adapter's experts take rank-8 bytes)")
     ap.add_argument("--kv-tokens", type=int, default=None,
                     help="KV cache size in tokens (EngineConfig.num_kv_blocks; default: the memory rule's, "
                     "max_num_seqs full-length sequences): the adapter heap takes the memory it leaves")
@@ -267,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine(EngineConfig(
         hf_config=hf_config(shape, args.layers), load_format="dummy", device="cpu" if args.tiny else "cuda",
         max_loras=args.max_loras, max_lora_rank=max(RANKS), max_cpu_loras=args.adapters, lora_layout=args.lora_layout,
-        max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0,
+        lora_rank_unit=args.lora_rank_unit, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0,
         block_size=BLOCK, num_kv_blocks=None if args.kv_tokens is None else -(-args.kv_tokens // BLOCK)))
     if args.copy_chunk_mib is not None:
         engine.runner.slot_pools.copy_chunk_bytes = int(args.copy_chunk_mib * 2**20)

@@ -36,7 +36,7 @@ from engine.models.spec import spec_from_hf_config  # noqa: E402
 from engine.scheduler import Scheduler  # noqa: E402
 from engine.sequence import LoRARequest, Sequence  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from kernels.weights import OFFSET_UNIT, RANK_UNIT, r16  # noqa: E402
+from kernels.weights import OFFSET_UNIT, RANK_UNIT  # noqa: E402
 
 try:
     from bench_engine import hf_config
@@ -54,10 +54,10 @@ SPEC = spec_from_hf_config(hf_config(QWEN3_30B_A3B, 48))
 
 def image_bytes(rank: int, targets: str, rank_unit: int = RANK_UNIT) -> int:
     """The heap image of an adapter of this class (engine.memory.lora_slot_bytes, bf16);
-    rank_unit: what the experts' rank rounds up to (kernels.weights.RANK_UNIT; others: a what-if)."""
+    rank_unit: what the experts' rank rounds up to (EngineConfig.lora_rank_unit, 16 or 8)."""
     attention = lora_slot_bytes(SPEC, rank, torch.bfloat16, "bytes", "attention") if targets != "experts" else 0
-    experts = lora_slot_bytes(SPEC, rank, torch.bfloat16, "bytes", "experts") if targets != "attention" else 0
-    return attention + experts * (-(-rank // rank_unit) * rank_unit) // r16(rank)
+    experts = lora_slot_bytes(SPEC, rank, torch.bfloat16, "bytes", "experts", rank_unit) if targets != "attention" else 0
+    return attention + experts
 
 
 class Clock:
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compaction", action="store_true")
     ap.add_argument("--no-sharing", action="store_true", help="the heap keeps its own bytes (EngineConfig"
                     ".kv_heap_sharing=False): it borrows no KV blocks")
-    ap.add_argument("--rank-unit", type=int, default=16, help="experts' rank rounded up to this (what-if; the "
-                    "kernels use 16)")
+    ap.add_argument("--rank-unit", type=int, choices=(8, 16), default=16,
+                    help="experts' rank rounded up to this (EngineConfig.lora_rank_unit)")
     ap.add_argument("--decode-ms", type=float, default=17.6)
     ap.add_argument("--lora-ms", type=float, default=3.4)
     ap.add_argument("--prefill-us-per-token", type=float, default=21.0)

@@ -61,6 +61,9 @@ class AppArgs(ReplicaPlacement, BaseModel):
     lora_heap_bytes: int | None = Field(default=None, ge=1, description="with lora_layout=bytes, GPU "
                                         "bytes for resident adapters; default: sized from GPU memory "
                                         "beside the KV cache")
+    lora_rank_unit: Literal[8, 16] = Field(default=16, description="with lora_layout=bytes, what an "
+                                           "adapter's expert rank is rounded up to on the GPU (8: a "
+                                           "rank-8 adapter's experts take half the bytes)")
     kv_heap_sharing: bool = Field(default=True, description="the adapter heap and the KV cache share "
                                   "one buffer: adapters use KV blocks no request needs (one GPU, "
                                   "lora_layout=bytes)")
@@ -249,6 +252,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
             load_format="dummy" if self.uses_dummy_weights() else "auto",
             max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, lora_layout=self.lora_layout,
             lora_heap_bytes=self.lora_heap_bytes, kv_heap_sharing=self.kv_heap_sharing,
+            lora_rank_unit=self.lora_rank_unit,
             gpu_memory_utilization=self.gpu_memory_utilization, lora_memory_fraction=self.lora_memory_fraction,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed,
             warmup=self.engine_warmup, async_scheduling=self.async_scheduling,

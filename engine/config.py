@@ -24,6 +24,9 @@ class EngineConfig:
     # each adapter takes its own rank and targets (more adapters in the same memory, decode steps
     # as fast as "slots": RESULTS.md); "slots", a whole image at max rank on every target per slot
     lora_layout: str = "bytes"
+    # what the heap rounds an adapter's expert rank up to ("bytes" only): 16, or 8 (a rank-8
+    # adapter's experts take half the bytes; the kernels then know strides as multiples of 8 only)
+    lora_rank_unit: int = 16
     # bytes of that heap ("bytes" only); None: on CUDA from GPU memory beside the KV cache
     # (engine.memory's rule, in adapters of max rank on every target), max_loras such adapters otherwise
     lora_heap_bytes: int | None = None
@@ -118,6 +121,9 @@ class EngineConfig:
         if self.lora_heap_bytes is not None and (self.lora_heap_bytes < 1 or self.lora_layout != "bytes"):
             raise InvalidRequestError(f"lora_heap_bytes must be >= 1 or None, and set with lora_layout='bytes' "
                                       f"only, got {self.lora_heap_bytes} with {self.lora_layout!r}")
+        if self.lora_rank_unit not in (8, 16) or (self.lora_rank_unit != 16 and self.lora_layout != "bytes"):
+            raise InvalidRequestError(f"lora_rank_unit must be 16, or 8 with lora_layout='bytes', got "
+                                      f"{self.lora_rank_unit!r} with {self.lora_layout!r}")
         if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
             raise InvalidRequestError(f"max_cpu_lora_bytes must be >= 1 or None, got {self.max_cpu_lora_bytes}")
         self._check_parallel_settings()

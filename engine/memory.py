@@ -27,17 +27,18 @@ def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
 
 
 def lora_slot_bytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype, layout: str = "slots",
-                    targets: str = "both") -> int:
+                    targets: str = "both", rank_unit: int = 16) -> int:
     """Bytes of the largest adapter image in engine.lora.slots.SlotPools (rank max_rank on every
     target): every layer's q/k/v/o as A [r, in] + B [out, r], and every MoE layer's experts as
     gate and up A [E, r, D] each + B [E, 2I, r] and down A [E, r, I] + B [E, D, r], at max_rank
-    rounded up to 16 in the adapter heap (layout "bytes": its experts' r16, engine.lora.slots).
+    rounded up to rank_unit (16 or 8) in the adapter heap (layout "bytes": its experts' r16,
+    engine.lora.slots).
     targets: "attention" or "experts" counts only those (an image of an adapter on them alone)."""
     r, d = max_rank, spec.hidden_size
     q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     attention = r * ((d + q_out) + 2 * (d + kv_out) + (q_out + d))  # q, k and v, o
     e, i = spec.num_experts, spec.moe_intermediate_size
-    r_moe = r16(r) if layout == "bytes" else r
+    r_moe = r16(r, rank_unit) if layout == "bytes" else r
     moe = e * r_moe * (2 * d + 2 * i + i + d)
     num_moe = sum(spec.is_moe_layer(layer) for layer in range(spec.num_layers))
     attention_part = spec.num_layers * attention if targets in ("attention", "both") else 0
@@ -162,7 +163,7 @@ def plan_memory(config: EngineConfig, spec: ModelSpec, weights_bytes: int, reser
     max_num_seqs sequences need, up to 2 GiB (at least one sequence)."""
     c, device, dtype = config, config.torch_device, config.torch_dtype
     block = kv_block_bytes(spec, c.block_size, dtype)
-    slot = lora_slot_bytes(spec, c.max_lora_rank, dtype, c.lora_layout)
+    slot = lora_slot_bytes(spec, c.max_lora_rank, dtype, c.lora_layout, rank_unit=c.lora_rank_unit)
     per_seq = -(-c.max_model_len // c.block_size)
     if device.type != "cuda":
         blocks = c.num_kv_blocks or min(c.max_num_seqs * per_seq, max(per_seq, (2 << 30) // block))

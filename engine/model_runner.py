@@ -164,7 +164,8 @@ class ModelRunner:
                                      dtype=self.dtype, device=self.device)
             log.info("the adapter heap (%.3f GiB) and the KV cache share one buffer: the heap may borrow KV "
                      "blocks no sequence uses", heap / (1 << 30))
-        self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank, heap, c.lora_layout, self.arena) \
+        self.slot_pools = SlotPools(self.model, num_slots, c.max_lora_rank, heap, c.lora_layout, self.arena,
+                                    c.lora_rank_unit) \
             if num_slots > 0 else None
         if self.slot_pools is not None and self.group is not None:
             from engine.parallel.pools import RankPools

@@ -4,7 +4,7 @@ A factor (`Factor`) is addressed through a table of element offsets per slot, so
 either a padded stack [S, E, rows, cols] (every slot at the max rank) or an adapter heap
 (engine.lora.slots), where each adapter sits at its own rank wherever its bytes were placed: a
 *ranked* factor, whose (slot, expert) matrices are laid out as a padded stack's at the slot's
-rank rounded up to RANK_UNIT, so its strides are multiples of that. The kernels read both the
+rank rounded up to RANK_UNIT (or to 8: the RANK_UNIT_8 bit), so its strides are multiples of that. The kernels read both the
 same way. A ranked factor may also be *shareable*: a slot whose adapter has one matrix for all
 experts of the layer (the shared-outer format's gate/up A and down B) holds it once, told by a
 negative rank in the factor's table (expert stride 0 for that slot).
@@ -25,12 +25,18 @@ PLAIN, RANKED_ROWS, RANKED_COLS = 0, 1, 2  # Factor.ranked: none, or which axis 
 # or-ed into a ranked Factor.ranked: its table's negative ranks mark slots that hold one matrix for
 # every expert (read at expert stride 0); a compile-time bit, so factors without it read as before
 SHAREABLE = 4
+# or-ed into a ranked Factor.ranked: its slots are laid out at their rank rounded up to 8, not to
+# RANK_UNIT (EngineConfig.lora_rank_unit = 8: a rank-8 adapter's experts take half the bytes; the
+# kernels then know strides as multiples of 8 only); a compile-time bit like SHAREABLE
+RANK_UNIT_8 = 8
 RANK_AXES = 3  # Factor.ranked & RANK_AXES: PLAIN, RANKED_ROWS or RANKED_COLS
+RANK_UNITS = (8, RANK_UNIT)  # the units a heap may lay ranks out in
 
 
-def r16(rank: int) -> int:
-    """The rank a ranked factor's slot is laid out at: `rank` rounded up to whole RANK_UNITs."""
-    return -(-rank // RANK_UNIT) * RANK_UNIT
+def r16(rank: int, unit: int = RANK_UNIT) -> int:
+    """The rank a ranked factor's slot is laid out at: `rank` rounded up to whole units (RANK_UNIT,
+    16, unless the factor has the RANK_UNIT_8 bit)."""
+    return -(-rank // unit) * unit
 
 
 @dataclass(slots=True)
@@ -49,7 +55,7 @@ class Factor:
     [E, rows, r16] (RANKED_COLS, a B) with r16 = ranks[s] rounded up to RANK_UNIT, so the strides
     that step over the rank count in r16s: u_e = r16 for both, u_r = r16 for RANKED_COLS.
     Ranked | SHAREABLE: ranks[s] < 0 means slot s holds one matrix [1, ...] at rank -ranks[s]
-    that every expert reads (u_e = 0)."""
+    that every expert reads (u_e = 0). Ranked | RANK_UNIT_8: r16 is ranks[s] rounded up to 8."""
 
     data: Tensor
     offsets: Tensor  # int64 [1 or H, S], on data's device
@@ -66,8 +72,9 @@ class Factor:
     ranks: Tensor | None = None  # int32 [S] on data's device: a ranked factor's slot ranks (< 0: shared)
 
     def __post_init__(self) -> None:
-        expect(self.ranked in (PLAIN, RANKED_ROWS, RANKED_COLS, RANKED_ROWS | SHAREABLE, RANKED_COLS | SHAREABLE),
-               f"ranked must be 0, 1, 2, 5 or 6, got {self.ranked}")
+        expect(self.ranked == PLAIN or (self.ranked & RANK_AXES in (RANKED_ROWS, RANKED_COLS)
+                                        and self.ranked & ~(RANK_AXES | SHAREABLE | RANK_UNIT_8) == 0),
+               f"ranked must be 0, or 1 or 2 with the bits 4 and 8, got {self.ranked}")
         expect((self.ranks is not None) == (self.ranked != PLAIN), "a ranked factor, and only one, has ranks")
         if self.ranks is not None:
             _check_ranks(self.ranks, self.shape[0], self.data.device)
@@ -101,13 +108,18 @@ class Factor:
         return (self.data, self.offsets, split_stride, self.expert_stride, self.row_stride, self.col_stride,
                 self.split_rows, self.offset_unit, tl.constexpr(self.ranked), self.ranks)
 
+    @property
+    def rank_unit(self) -> int:
+        """What a ranked factor's slot ranks are rounded up to in its layout."""
+        return 8 if self.ranked & RANK_UNIT_8 else RANK_UNIT
+
     def strides(self, slot: int) -> tuple[int, int]:
         """(expert stride, row stride) of slot `slot`'s matrices (a host read of its rank when
         ranked: for the torch references and tests, never inside a CUDA graph)."""
         if self.ranked == PLAIN:
             return self.expert_stride, self.row_stride
         signed = int(self.ranks[slot])
-        rank = r16(abs(signed))
+        rank = r16(abs(signed), self.rank_unit)
         expert_stride = 0 if signed < 0 and self.ranked & SHAREABLE else self.expert_stride * rank
         return expert_stride, self.row_stride * (rank if self.ranked & RANK_AXES == RANKED_COLS else 1)
 

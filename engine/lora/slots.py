@@ -12,8 +12,10 @@ for how the kernels read it:
   program per routed row reads one expert's A rows and B columns). The strides that step over
   the rank are multiples of the slot's r16, which the kernels derive from its rank
   (Factor.ranked), so one table of offsets per slot still serves adapters of every rank. A
-  rank-16 adapter's expert block is byte for byte a padded slot's; a rank-8 one takes r16 = 16;
-  an attention-only adapter takes no expert bytes. A shared-outer adapter (one gate/up A and one
+  rank-16 adapter's expert block is byte for byte a padded slot's; a rank-8 one takes r16 = 16
+  (with rank_unit 8, EngineConfig.lora_rank_unit, ranks round up to 8 instead: a rank-8 adapter's
+  experts take half the bytes, and the kernels know the strides as multiples of 8 only, so its
+  cost in the kernels decides the default); an attention-only adapter takes no expert bytes. A shared-outer adapter (one gate/up A and one
   down B for all experts of a layer) keeps those halves once, [1, 2*r16, D] and [1, D, r16]: its
   slot's entry in those factors' rank tables is negated, which the kernels read as expert stride
   0 (Factor.ranked's SHAREABLE bit). On Qwen3-30B-A3B shapes that is 28% of a per-expert
@@ -52,7 +54,7 @@ from engine.lora import padded
 from engine.lora.adapter import LoRAAdapter
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
-from kernels.weights import OFFSET_UNIT, PLAIN, RANKED_COLS, RANKED_ROWS, SHAREABLE, Factor, r16
+from kernels.weights import OFFSET_UNIT, PLAIN, RANK_UNIT, RANK_UNIT_8, RANK_UNITS, RANKED_COLS, RANKED_ROWS, SHAREABLE, Factor, r16
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LAYOUTS = ("slots", "bytes")
@@ -70,14 +72,17 @@ class SlotPools:
     CUDA)."""
 
     def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int, capacity_bytes: int | None = None,
-                 layout: str = "bytes", storage: Tensor | None = None):
+                 layout: str = "bytes", storage: Tensor | None = None, rank_unit: int = RANK_UNIT):
         """layout: "bytes" (this module's heap) or "slots" (engine.lora.padded: a max-rank image
         per slot, row s of the storage; capacity_bytes must then be None). storage: a buffer the
         heap shares with the KV cache (the heap its first capacity_bytes, then what it borrows:
-        engine.lora.manager), instead of one of its own."""
+        engine.lora.manager), instead of one of its own. rank_unit: what the heap rounds an
+        adapter's expert rank up to (16, or 8: a rank-8 adapter's experts take half the bytes)."""
         if layout not in LAYOUTS or (layout == "slots" and capacity_bytes is not None):
             raise ValueError(f"layout must be one of {LAYOUTS} (\"slots\" without capacity_bytes), got {layout!r}")
-        self.num_slots, self.max_rank, self.layout = num_slots, max_rank, layout
+        if rank_unit not in RANK_UNITS or (layout == "slots" and rank_unit != RANK_UNIT):
+            raise ValueError(f"rank_unit must be one of {RANK_UNITS} ({RANK_UNIT} with layout \"slots\"), got {rank_unit}")
+        self.num_slots, self.max_rank, self.layout, self.rank_unit = num_slots, max_rank, layout, rank_unit
         self.device = model.embed_tokens.device
         self.dtype = model.embed_tokens.dtype
         self.plan: list[PlanEntry] = []
@@ -189,7 +194,7 @@ class SlotPools:
         for p, (kind, key, dims) in enumerate(self.plan):
             if kind == "moe":
                 e, i, d = dims
-                r = r16(ranks[p])
+                r = r16(ranks[p], self.rank_unit)
                 a_shared, b_shared = shared.get(p, (False, False))
                 parts = [((p, "gate_up_a", 0), (1 if a_shared else e) * 2 * r * d), ((p, "gate_up_b"), e * 2 * i * r),
                          ((p, "down_a"), e * r * i), ((p, "down_b"), (1 if b_shared else e) * d * r)]
@@ -204,7 +209,7 @@ class SlotPools:
                 layout[row] = (at, n)
                 at += -(-n // OFFSET_UNIT) * OFFSET_UNIT  # every factor 16-aligned (Factor.offset_unit)
             if kind == "moe":  # up's A: r16 rows into each expert's [2 * r16, D] block of A
-                layout[(p, "gate_up_a", 1)] = (layout[(p, "gate_up_a", 0)][0] + r16(ranks[p]) * dims[2], 0)
+                layout[(p, "gate_up_a", 1)] = (layout[(p, "gate_up_a", 0)][0] + r16(ranks[p], self.rank_unit) * dims[2], 0)
         return layout
 
     def _factor(self, first_row: int, num_rows: int, strides: tuple[int, int, int], split_rows: int,
@@ -215,6 +220,7 @@ class SlotPools:
     def _weights(self) -> tuple[dict, dict, dict]:
         """The kernels' pools over the heap: o by (layer, name), MoE by layer, q/k/v groups by layer."""
         dense, moe, groups, r = {}, {}, {}, self.max_rank
+        unit = RANK_UNIT_8 if self.rank_unit == 8 else 0  # a compile-time bit of the expert factors
         for p, (kind, key, dims) in enumerate(self.plan):
             if kind == "moe":  # strides in r16s where they step over the rank (Factor.ranked)
                 e, i, d = dims
@@ -223,10 +229,11 @@ class SlotPools:
                 a_ranks, b_ranks = (self.ranks[row] for row in self.shared_rows[p])
                 moe[key] = kernels.MoELoRAWeights(
                     self._factor(self.rows[(p, "gate_up_a", 0)], 2, (2 * d, d, 1), 0, (e, 2 * r, d), a_ranks,
-                                 RANKED_ROWS | SHAREABLE),
-                    self._factor(f("gate_up_b"), 1, (2 * i, 1, 1), i, (e, 2 * i, r), ranks, RANKED_COLS),
-                    self._factor(f("down_a"), 1, (i, i, 1), 0, (e, r, i), ranks, RANKED_ROWS),
-                    self._factor(f("down_b"), 1, (d, 1, 1), d, (e, d, r), b_ranks, RANKED_COLS | SHAREABLE), ranks)
+                                 RANKED_ROWS | SHAREABLE | unit),
+                    self._factor(f("gate_up_b"), 1, (2 * i, 1, 1), i, (e, 2 * i, r), ranks, RANKED_COLS | unit),
+                    self._factor(f("down_a"), 1, (i, i, 1), 0, (e, r, i), ranks, RANKED_ROWS | unit),
+                    self._factor(f("down_b"), 1, (d, 1, 1), d, (e, d, r), b_ranks, RANKED_COLS | SHAREABLE | unit),
+                    ranks)
             elif key[1] == "q_proj":
                 sections = tuple(self.plan[p + h][2][0] for h in range(3))
                 n_in, n = dims[1], sum(sections)
@@ -261,7 +268,7 @@ class SlotPools:
         offsets = torch.zeros(len(self.rows), dtype=torch.int64, pin_memory=pin)
         for row, (start, _) in layout.items():
             offsets[self.rows[row]] = start // OFFSET_UNIT
-        _fill(self.plan, layout, image, adapter, ranks, shared)
+        _fill(self.plan, layout, image, adapter, ranks, shared, self.rank_unit)
         tables = list(ranks)
         for p in self.shared_rows:  # the shareable halves' rank tables: negated where shared
             tables += [-ranks[p] if half else ranks[p] for half in shared.get(p, (False, False))]
@@ -378,7 +385,7 @@ def _image_numel(layout: dict) -> int:
 
 
 def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapter, ranks: list[int],
-          shared: dict[int, tuple[bool, bool]]) -> None:
+          shared: dict[int, tuple[bool, bool]], rank_unit: int) -> None:
     """Write the adapter's factors into its image (zeros elsewhere): experts as padded slots at
     r16 (a shared half once, from expert 0), attention rank-major with B transposed."""
     def block(row, *shape):
@@ -388,7 +395,7 @@ def _fill(plan: list[PlanEntry], layout: dict, image: Tensor, adapter: LoRAAdapt
     for p, (kind, key, dims) in enumerate(plan):
         r = ranks[p]
         if kind == "moe" and r > 0:
-            e, i, d, rr = *dims, r16(r)
+            e, i, d, rr = *dims, r16(r, rank_unit)
             a_shared, b_shared = shared[p]
             for h, module in enumerate(("gate", "up")):
                 f = adapter.moe.get((key, module))

@@ -15,16 +15,19 @@ def factor_at(F, slot, expert, h):
     strides that step over the rank are in units of the slot's rank rounded up to 16, a multiple
     of 16 the compiler sees; a plain factor reads no rank and keeps its strides' specialisations.
     A shareable one (F[8] & 4) reads a negative rank as "one matrix for every expert": expert
-    stride 0 for that slot."""
+    stride 0 for that slot. With F[8] & 8 (RANK_UNIT_8) the rank rounds up to 8 instead."""
     slot = tl.maximum(slot, 0)
     expert_stride = F[3]
     row_stride = F[4]
-    if F[8] != 0:  # RANKED_ROWS (1) or RANKED_COLS (2), maybe | SHAREABLE (4): kernels.weights.Factor
+    if F[8] != 0:  # RANKED_ROWS (1) or RANKED_COLS (2), maybe | SHAREABLE (4) | RANK_UNIT_8 (8): kernels.weights.Factor
         rank = tl.load(F[9] + slot)
         if (F[8] & 4) != 0:
             expert_stride = tl.where(rank < 0, 0, expert_stride)
             rank = tl.abs(rank)
-        r16 = tl.cdiv(rank, 16) * 16  # kernels.weights.RANK_UNIT
+        if (F[8] & 8) != 0:  # RANK_UNIT_8: laid out at the rank rounded up to 8
+            r16 = tl.cdiv(rank, 8) * 8
+        else:
+            r16 = tl.cdiv(rank, 16) * 16  # kernels.weights.RANK_UNIT
         expert_stride = expert_stride * r16
         if (F[8] & 3) == 2:
             row_stride = row_stride * r16

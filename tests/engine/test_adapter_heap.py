@@ -113,14 +113,17 @@ def test_mixed_batch_matches_reference_with_adapters_placed_anywhere_in_a_poison
         assert_close(mine, reference_logits(ref, prompt))
 
 
-def test_mixed_ranks_match_reference_with_experts_at_their_rank_rounded_up_to_16(checkpoints, tmp_path):
-    """Ranks 8, 24 and 40 (experts at r16 = 16, 32 and 48, the last past max_lora_rank) share a
-    NaN-filled heap: each image holds exactly its r16 expert blocks, and every sequence's logits
-    equal its own reference model's."""
+@pytest.mark.parametrize("unit", [16, 8])
+def test_mixed_ranks_match_reference_with_experts_at_their_rank_rounded_up_to_the_rank_unit(checkpoints, tmp_path,
+                                                                                           unit):
+    """Ranks 8, 24 and 40 (experts at r16 = 16, 32 and 48 with rank unit 16, the last past
+    max_lora_rank; at 8, 24 and 40 with rank unit 8) share a NaN-filled heap: each image holds
+    exactly its expert blocks at that rank, and every sequence's logits equal its own reference
+    model's."""
     ckpt = checkpoints[FAMILY]
     paths = {r: make_peft_adapter(ckpt, tmp_path / f"r{r}", rank=r, fmt="fused" if r == 24 else "per_expert",
                                   alpha=2 * r, seed=20 + r) for r in (8, 24, 40)}
-    engine = make_engine(ckpt, max_loras=3, max_lora_rank=40, lora_layout="bytes")
+    engine = make_engine(ckpt, max_loras=3, max_lora_rank=40, lora_layout="bytes", lora_rank_unit=unit)
     pools = engine.runner.slot_pools
     pools.storage[:pools.heap_numel].fill_(float("nan"))
     requests = {r: LoRARequest(f"t{r}/ad@v1", str(p)) for r, p in paths.items()}
@@ -131,7 +134,7 @@ def test_mixed_ranks_match_reference_with_experts_at_their_rank_rounded_up_to_16
     q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     for r, request in requests.items():
         own = s.num_layers * r * ((d + q) + 2 * (d + kv) + (q + d))  # q/k/v/o at rank r
-        own += num_moe * (-(-r // 16) * 16) * e * 3 * (d + inter)  # gate/up and down A and B at r16
+        own += num_moe * (-(-r // unit) * unit) * e * 3 * (d + inter)  # gate/up and down A and B at r16
         image = engine.lora_manager.host[request.lora_name].packed
         assert own <= image.numel() < own + 16 * (8 * s.num_layers + 4 * num_moe)  # 16-aligned factors
     names = [None, 8, 24, 40, None]

@@ -115,12 +115,14 @@ def test_a_load_is_one_copy_of_the_image_plus_its_offsets_and_ranks(checkpoints,
         assert int(pools.offsets[:, 0].min()) * 16 >= start  # offsets count 16-element units
 
 
-def test_images_take_their_adapters_own_bytes(checkpoints, adapters):
+@pytest.mark.parametrize("unit", [16, 8])
+def test_images_take_their_adapters_own_bytes(checkpoints, adapters, unit):
     """Rank-4 "a" (every target), rank-8 "b": an image holds each attention factor at its rank
-    and each MoE layer's experts at the layer's rank rounded up to 16, each factor rounded up to
-    16 elements (alignment); the largest image (rank 16 on every target) is what the memory plan
-    counts per adapter."""
-    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
+    and each MoE layer's experts at the layer's rank rounded up to the rank unit (16, or 8: "b"'s
+    experts then take half the bytes), each factor rounded up to 16 elements (alignment); the
+    largest image (rank 16 on every target) is what the memory plan counts per adapter."""
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes",
+                         lora_rank_unit=unit)
     pools = engine.runner.slot_pools
     moe_dims = {key: dims for kind, key, dims in pools.plan if kind == "moe"}
     for name in ("a", "b"):
@@ -129,7 +131,7 @@ def test_images_take_their_adapters_own_bytes(checkpoints, adapters):
         layers = {layer for layer, _ in factors.moe}
         for layer in layers:
             e, inter, d = moe_dims[layer]
-            r16 = -(-max(f.rank for (l, _), f in factors.moe.items() if l == layer) // 16) * 16
+            r16 = -(-max(f.rank for (l, _), f in factors.moe.items() if l == layer) // unit) * unit
             own += r16 * e * 3 * (d + inter)  # gate/up A and B, down A and B
         num_factors = 2 * len(factors.dense) + 4 * len(layers)
         assert own <= pools.image_numel(factors) < own + 16 * num_factors
@@ -198,3 +200,12 @@ def attention_only(src, dst):
     config.pop("target_parameters", None)
     (dst / "adapter_config.json").write_text(json.dumps(config))
     return dst
+
+
+@pytest.mark.parametrize("kw", [dict(lora_rank_unit=4), dict(lora_rank_unit=32),
+                                dict(lora_rank_unit=8, lora_layout="slots")])
+def test_a_rank_unit_other_than_16_or_8_on_the_heap_is_refused(checkpoints, kw):
+    from engine import EngineConfig
+    from engine.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError, match="lora_rank_unit"):
+        EngineConfig(model=checkpoints[FAMILY], **kw)

@@ -62,6 +62,11 @@ def case_names() -> list[str]:
               "moe-fp16-t9e6k2-distinct-mixed-heap-split", "moe-fp32-t9e6k2-uniform-mixed-heap-split-tiles",
               "moe-fp16-t17e10k8-skewed-mixed-heap-split-blocks", "moe-fp32-t1e6k2-distinct-mixed-heap-fused",
               "moe-fp16-t1e10k8-skewed-mixed-heap-fused"]
+    # the same heap with ranks rounded up to 8 (the factors' RANK_UNIT_8 bit: 8, 16, 24, 40 as
+    # they are), every path, and with shared-outer slots
+    names += ["moe-fp32-t17e10k8-uniform-mixed-heap-u8", "moe-fp16-t9e6k2-distinct-mixed-heap-u8-split",
+              "moe-fp32-t9e6k2-uniform-mixed-heap-u8-split-tiles", "moe-fp16-t17e10k8-skewed-mixed-heap-u8-split-blocks",
+              "moe-fp32-t1e6k2-distinct-mixed-heap-u8-fused", "moe-fp32-t17e10k8-uniform-mixed-shared-heap-u8"]
     # slots 1 and 3 shared-outer (gate/up A and down B once, expert 0's) among per-expert slots
     # of mixed ranks, every path; NaN wherever another expert's copy would have been
     names += ["moe-fp32-t17e10k8-uniform-mixed-shared-heap", "moe-fp16-t9e6k2-zipf-shared-heap",
@@ -98,7 +103,7 @@ def run_moe(name: str) -> dict:
     if shared:
         lora = share_outer(lora, shared)
     if "heap" in p["rest"]:
-        lora = moe_lora_in_heap(lora, shared)
+        lora = moe_lora_in_heap(lora, shared, 8 if "u8" in p["rest"] else 16)
     slots = make_slot_ids(spread, t, len(ranks), gen)
     slots[0] = 1  # at least one token with an adapter
     import kernels

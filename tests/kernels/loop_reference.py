@@ -160,18 +160,20 @@ def share_outer(lora: MoELoRAWeights, slots: tuple[int, ...]) -> MoELoRAWeights:
     return MoELoRAWeights(ga, gb, da, db, lora.ranks)
 
 
-def moe_lora_in_heap(lora: MoELoRAWeights, shared: tuple[int, ...] = ()) -> MoELoRAWeights:
+def moe_lora_in_heap(lora: MoELoRAWeights, shared: tuple[int, ...] = (), rank_unit: int = 16) -> MoELoRAWeights:
     """The same adapters laid out as the engine's adapter heap lays them: each slot's experts as a
-    padded slot at its rank rounded up to 16 (A [E, r16, cols], B [E, rows, r16]: ranked
+    padded slot at its rank rounded up to rank_unit (16, or 8 with the factors' RANK_UNIT_8 bit;
+    A [E, r16, cols], B [E, rows, r16]: ranked
     factors), anywhere in one buffer, with NaN between and around the slots and in each slot's
     rows and columns past its rank (a read outside a slot's ranks shows). Slots in `shared`
     (made by share_outer) hold gate/up A and down B once, expert 0's, their rank negated in
     those factors' tables (SHAREABLE): a read at another expert's place would meet NaN."""
-    from kernels.weights import RANK_UNIT, RANKED_COLS, RANKED_ROWS, SHAREABLE, Factor
+    from kernels.weights import OFFSET_UNIT, RANK_UNIT_8, RANKED_COLS, RANKED_ROWS, SHAREABLE, Factor
     num_slots, e, two_r, d = lora.gate_up_a.shape
     big_r, inter = two_r // 2, lora.down_a.shape[3]
     ranks = [int(r) for r in lora.ranks]
-    r16 = [-(-r // RANK_UNIT) * RANK_UNIT for r in ranks]
+    r16 = [-(-r // rank_unit) * rank_unit for r in ranks]
+    unit = RANK_UNIT_8 if rank_unit == 8 else 0
     ga, gb, da, db = (f.padded for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b))
     ga = [ga[s, :1] if s in shared else ga[s] for s in range(num_slots)]
     db = [db[s, :1] if s in shared else db[s] for s in range(num_slots)]
@@ -190,18 +192,19 @@ def moe_lora_in_heap(lora: MoELoRAWeights, shared: tuple[int, ...] = ()) -> MoEL
               [ranked(da[s], 1, s) for s in range(num_slots)],
               [ranked(db[s], 2, s) for s in range(num_slots)]]
     storage, offsets = _heap(blocks, gb.dtype)
-    up_a = offsets[0] + torch.tensor(r16) * d // RANK_UNIT  # up's A: r16 rows into each expert's block
+    up_a = offsets[0] + torch.tensor(r16) * d // OFFSET_UNIT  # up's A: r16 rows into each expert's block
     gate_up_a = torch.stack([offsets[0], up_a])
     shapes = [(num_slots, e, 2 * big_r, d), (num_slots, e, 2 * inter, big_r), (num_slots, e, big_r, inter),
               (num_slots, e, d, big_r)]
     signed = torch.tensor([-r if s in shared else r for s, r in enumerate(ranks)], dtype=torch.int32)
     return MoELoRAWeights(
-        Factor(storage, gate_up_a, 2 * d, d, 1, 0, shapes[0], offset_unit=16, ranked=RANKED_ROWS | SHAREABLE,
+        Factor(storage, gate_up_a, 2 * d, d, 1, 0, shapes[0], offset_unit=16, ranked=RANKED_ROWS | SHAREABLE | unit,
                ranks=signed),
-        Factor(storage, offsets[1:2], 2 * inter, 1, 1, inter, shapes[1], offset_unit=16, ranked=RANKED_COLS,
+        Factor(storage, offsets[1:2], 2 * inter, 1, 1, inter, shapes[1], offset_unit=16, ranked=RANKED_COLS | unit,
                ranks=lora.ranks),
-        Factor(storage, offsets[2:3], inter, inter, 1, 0, shapes[2], offset_unit=16, ranked=RANKED_ROWS, ranks=lora.ranks),
-        Factor(storage, offsets[3:4], d, 1, 1, d, shapes[3], offset_unit=16, ranked=RANKED_COLS | SHAREABLE,
+        Factor(storage, offsets[2:3], inter, inter, 1, 0, shapes[2], offset_unit=16, ranked=RANKED_ROWS | unit,
+               ranks=lora.ranks),
+        Factor(storage, offsets[3:4], d, 1, 1, d, shapes[3], offset_unit=16, ranked=RANKED_COLS | SHAREABLE | unit,
                ranks=signed),
         lora.ranks)
 
