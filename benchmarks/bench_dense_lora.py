@@ -137,6 +137,17 @@ def run_config(preset: str, layer: dict, m: int, n: int, bw: float, gen: torch.G
     return {"preset": preset, "m": m, "n": n, "parts": dense_row_parts(m, 3), **results}
 
 
+def _inputs(layer: dict, m: int, n: int, gen: torch.Generator) -> tuple:
+    """A sweep's or a profile's inputs at M tokens: x, attn, slots (each token on one of n
+    adapters) and zeroed q/k/v and o outputs."""
+    x = torch.randn(m, layer["hidden"], generator=gen, device="cuda").to(DTYPE)
+    attn = torch.randn(m, layer["o_in"], generator=gen, device="cuda").to(DTYPE)
+    slots = torch.randint(0, n, (m,), generator=gen, device="cuda", dtype=torch.int32)
+    out_qkv = torch.zeros(m, sum(layer["qkv"].sections), device="cuda", dtype=DTYPE)
+    out_o = torch.zeros(m, layer["hidden"], device="cuda", dtype=DTYPE)
+    return x, attn, slots, out_qkv, out_o
+
+
 def sweep(layer: dict, n: int, tokens: list[int], gen: torch.Generator, mixed: bool = False) -> list[dict]:
     """The row path's tile configs, q/k/v group and o apart, at each token count; with mixed
     ranks (mixed=True) the kernel before rank buckets at today's tiles, then buckets over tile_r,
@@ -150,11 +161,7 @@ def sweep(layer: dict, n: int, tokens: list[int], gen: torch.Generator, mixed: b
         configs = [{"block_k": bk, "block_n": bn, "parts": parts, "num_warps": warps, "num_stages": 3}
                    for bk, bn, parts, warps in itertools.product((128, 256, 512), (64, 128, 256), (1, 2, 4, 8), (2, 4, 8))]
     for m in tokens:
-        x = torch.randn(m, layer["hidden"], generator=gen, device="cuda").to(DTYPE)
-        attn = torch.randn(m, layer["o_in"], generator=gen, device="cuda").to(DTYPE)
-        slots = torch.randint(0, n, (m,), generator=gen, device="cuda", dtype=torch.int32)
-        out_qkv = torch.zeros(m, sum(layer["qkv"].sections), device="cuda", dtype=DTYPE)
-        out_o = torch.zeros(m, layer["hidden"], device="cuda", dtype=DTYPE)
+        x, attn, slots, out_qkv, out_o = _inputs(layer, m, n, gen)
         if mixed:
             lay = dense_layout(slots, n)
             row = {"m": m, "path": "split", "floor_us": floor_us(layer, slots, copy_bandwidth()),
@@ -180,11 +187,7 @@ def profile(layer: dict, n: int, tokens: list[int], gen: torch.Generator) -> lis
     from torch.profiler import ProfilerActivity, profile as torch_profile
     out = []
     for m in tokens:
-        x = torch.randn(m, layer["hidden"], generator=gen, device="cuda").to(DTYPE)
-        attn = torch.randn(m, layer["o_in"], generator=gen, device="cuda").to(DTYPE)
-        slots = torch.randint(0, n, (m,), generator=gen, device="cuda", dtype=torch.int32)
-        out_qkv = torch.zeros(m, sum(layer["qkv"].sections), device="cuda", dtype=DTYPE)
-        out_o = torch.zeros(m, layer["hidden"], device="cuda", dtype=DTYPE)
+        x, attn, slots, out_qkv, out_o = _inputs(layer, m, n, gen)
         lay = dense_layout(slots, n)
         for path in ("rows", "split"):
             call = lambda: (dense_group_triton_(x, out_qkv, layer["qkv"], slots, lay, path=path),  # noqa: E731

@@ -66,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="the engine replica's device: on cuda a step "
                         "costs about the same at any batch, so the victim's latency shows the "
                         "scheduler and the front, not CPU compute shared with the flood")
+    parser.add_argument("--model", default=None, help="the served model instead of the tiny random "
+                        "one, e.g. dummy:qwen3-30b-a3b (adapters of rank 16 on every target drawn "
+                        "at its shapes, benchmarks/serve_adapters.py): on a GPU a step then costs "
+                        "what a real model's does, not the host's per-token work")
+    parser.add_argument("--hf-overrides", default=None, help='JSON for --model, e.g. \'{"num_hidden_layers": 8}\'')
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -300,9 +305,9 @@ def engine_gc(client, url: str) -> dict:
     return {key: stats[key] for key in ("gc_collections", "gc_pause_seconds", "gc_longest_pause_seconds")}
 
 
-def setup_service(workdir: Path, device: str = "cpu"):
-    """Ray + Serve on loopback with the app (the engine replica on `device`); returns (url,
-    victim adapter dir)."""
+def setup_service(workdir: Path, device: str = "cpu", model: str | None = None, hf_overrides: str | None = None):
+    """Ray + Serve on loopback with the app (the engine replica on `device`; the tiny random
+    checkpoint, or `model` with `hf_overrides`); returns (url, victim adapter dir)."""
     import httpx
     import ray
     from ray import serve
@@ -310,23 +315,41 @@ def setup_service(workdir: Path, device: str = "cpu"):
     from deployments.app import build_app, set_ray_env_defaults
     from deployments.args import AppArgs
     from deployments.auth import hash_key
-    from engine.testing import make_peft_adapter, make_tiny_checkpoint
 
-    checkpoint = make_tiny_checkpoint(workdir / "ckpt", "qwen3_moe", seed=0)
     keys = workdir / "keys.json"
     keys.write_text(json.dumps({"tenants": {t: {"key_sha256": [hash_key(k)]}
                                             for t, k in KEYS.items()}}))
-    adapters = {name: make_peft_adapter(checkpoint, workdir / name, seed=seed)
-                for seed, name in enumerate(["style", *(f"hog-{i}" for i in range(HOG_ADAPTERS))])}
+    names = ["style", *(f"hog-{i}" for i in range(HOG_ADAPTERS))]
+    common = dict(served_model_name=BASE, store=str(workdir / "store"), api_keys=str(keys),
+                  cache_dir=str(workdir / "cache"), num_replicas=1, device=device, max_model_len=512,
+                  max_num_seqs=32, max_loras=4, max_adapter_bytes=UPLOAD_LIMIT, max_adapters_per_tenant=64)
+    if model is None:
+        from engine.testing import make_peft_adapter, make_tiny_checkpoint
+        checkpoint = make_tiny_checkpoint(workdir / "ckpt", "qwen3_moe", seed=0)
+        adapters = {name: make_peft_adapter(checkpoint, workdir / name, seed=seed) for seed, name in enumerate(names)}
+        args = AppArgs(model=str(checkpoint), **common)
+    else:
+        import torch
+
+        from deployments.model_files import ensure_model
+        from engine.testing import read_config
+        try:
+            from serve_adapters import RandomAdapterWriter
+        except ImportError:
+            from benchmarks.serve_adapters import RandomAdapterWriter
+        overrides = json.loads(hf_overrides) if hf_overrides else None
+        args = AppArgs(model=model, hf_overrides=overrides, **common)
+        config = {**read_config(ensure_model(args)), **(overrides or {})}
+        writer = RandomAdapterWriter(config, 16)
+        adapters = {name: writer.write(workdir / name, seed=seed + 1) for seed, name in enumerate(names)}
+        del writer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the engine replica's memory plan reads what is free
     set_ray_env_defaults()
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=str(workdir / "ray"),
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(model=str(checkpoint), served_model_name=BASE, store=str(workdir / "store"),
-                   api_keys=str(keys), cache_dir=str(workdir / "cache"), num_replicas=1,
-                   device=device, max_model_len=512, max_num_seqs=32, max_loras=4,
-                   max_adapter_bytes=UPLOAD_LIMIT, max_adapters_per_tenant=64)
     serve.run(build_app(args), name="moeplex", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     for name, path in adapters.items():
@@ -334,7 +357,7 @@ def setup_service(workdir: Path, device: str = "cpu"):
         files = [("files", (f, (path / f).read_bytes()))
                  for f in ("adapter_config.json", "adapter_model.safetensors")]
         response = httpx.post(f"{url}/v1/adapters", headers=_headers(tenant), data={"name": name},
-                              files=files, timeout=60)
+                              files=files, timeout=600)
         if response.status_code != 201:
             raise RuntimeError(f"upload {name}: {response.status_code} {response.text}")
     return url, adapters["style"]
@@ -373,7 +396,7 @@ def main(argv=None) -> int:
         import ray
         from ray import serve
 
-        url, victim_adapter = setup_service(workdir, opts.device)
+        url, victim_adapter = setup_service(workdir, opts.device, opts.model, opts.hf_overrides)
         sampler = MemorySampler()
         sampler.start()
         with httpx.Client(timeout=300) as client:
