@@ -10,8 +10,10 @@ from tests.engine.helpers import MIXED_PROMPTS, make_engine, step_logits, wait_f
 NAMES = [None, "a", None, "b", "c"]
 
 
-def mixed_step_errors(ckpt, adapters, device: str, dtype: str = "bfloat16", lora_layout: str = "slots") -> list[float]:
-    engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, device=device, dtype=dtype, lora_layout=lora_layout)
+def mixed_step_errors(ckpt, adapters, device: str, dtype: str = "bfloat16", lora_layout: str = "slots",
+                      rank_unit: int = 16) -> list[float]:
+    engine = make_engine(ckpt, max_loras=4, max_lora_rank=16, device=device, dtype=dtype, lora_layout=lora_layout,
+                         lora_rank_unit=rank_unit)
     requests = [None if n is None else LoRARequest(f"tenant-{n}/ad@v1", str(adapters[n])) for n in NAMES]
     wait_for_adapters(engine, requests)
     errors = []

@@ -19,11 +19,19 @@ def test_gpu_bf16_mixed_step_matches_reference(family, bf16_models):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layout", ["slots", "bytes"])
-def test_gpu_fp32_mixed_step_matches_reference(family, layout, checkpoints, adapters):
+def test_gpu_bf16_mixed_step_with_experts_at_the_rank_rounded_up_to_8_matches_reference(family, bf16_models):
+    ckpt, adapters = bf16_models[family]
+    errors = mixed_step_errors(ckpt, adapters, "cuda", lora_layout="bytes", rank_unit=8)
+    assert max(errors) <= 2e-2, errors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout,unit", [("slots", 16), ("bytes", 16), ("bytes", 8)])
+def test_gpu_fp32_mixed_step_matches_reference(family, layout, unit, checkpoints, adapters):
     """The mixed step in fp32 on the GPU kernels, with top-2 routing: the logic at 1e-4, with the
-    adapters in padded slots and in the adapter heap (experts at their ranks rounded up to 16)."""
-    errors = mixed_step_errors(checkpoints[family], adapters[family], "cuda", dtype="float32", lora_layout=layout)
+    adapters in padded slots and in the adapter heap (experts at their ranks rounded up to 16, or 8)."""
+    errors = mixed_step_errors(checkpoints[family], adapters[family], "cuda", dtype="float32", lora_layout=layout,
+                               rank_unit=unit)
     assert max(errors) <= 1e-4, errors
 
 
