@@ -156,13 +156,17 @@ class MoELoRAWeights:
     gate_up_a [S, E, 2*R, D] (rows [0, R) gate's A, [R, 2R) up's A), gate_up_b [S, E, 2*I, R]
     (rows [0, I) gate's B, [I, 2I) up's B), down_a [S, E, R, I], down_b [S, E, D, R]; or Factors
     of those logical shapes (an adapter heap). ranks [S] int32: slot s's rank r_s <= R; A rows
-    and B columns at or past r_s are never read."""
+    and B columns at or past r_s are never read. shared_halves (host side): some slot may hold a
+    shared-outer adapter (gate/up A or down B one matrix for every expert, the factors' SHAREABLE
+    tables): above decode size its shrink of x then runs once a token and its expand of the down
+    projection once a token (kernels.moe.launch); False keeps every row's own (correct either way)."""
 
     gate_up_a: "Tensor | Factor"
     gate_up_b: "Tensor | Factor"
     down_a: "Tensor | Factor"
     down_b: "Tensor | Factor"
     ranks: Tensor
+    shared_halves: bool = False
 
     def __post_init__(self) -> None:
         for name in ("gate_up_a", "gate_up_b", "down_a", "down_b"):

@@ -19,7 +19,9 @@ for how the kernels read it:
   down B for all experts of a layer) keeps those halves once, [1, 2*r16, D] and [1, D, r16]: its
   slot's entry in those factors' rank tables is negated, which the kernels read as expert stride
   0 (Factor.ranked's SHAREABLE bit). On Qwen3-30B-A3B shapes that is 28% of a per-expert
-  adapter's expert bytes at the same rank, so 3.6 times as many fit. Their decode rows still
+  adapter's expert bytes at the same rank, so 3.6 times as many fit. Above decode size their
+  gate/up shrink and down expand run once a token (kernels.moe.launch.SharedTokens; `pack` turns
+  MoELoRAWeights.shared_halves on for the layers such an adapter adapts). Their decode rows still
   shrink per (token, expert): a program per routed row has nobody to share a shrink with inside
   one launch, the repeated reads of the one A come from L2, and a per-token shrink would cost a
   launch a layer more than the few MACs it saves. The layout it replaced, rank-major factors (A
@@ -261,6 +263,9 @@ class SlotPools:
         if self.layout == "slots":
             return self._pack_padded(adapter)
         ranks, shared = self._entry_ranks(adapter), self._shared_halves(adapter)
+        for p, halves in shared.items():
+            if any(halves):  # from now on that layer's split path shrinks (or expands) such slots once a token
+                self.moe[self.plan[p][1]].shared_halves = True
         layout = self._image_layout(ranks, shared)
         pin = self.device.type == "cuda"
         numel = _image_numel(layout)

@@ -24,7 +24,7 @@ from kernels.errors import expect
 from kernels.moe.expand import lora_expand
 from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
 from kernels.moe.lora_rows import lora_rows_
-from kernels.weights import MoELoRAWeights
+from kernels.weights import SHAREABLE, Factor, MoELoRAWeights
 
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
 
@@ -125,7 +125,11 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], lay)
     vlays = [moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)]
     expand = path.removeprefix("split").removeprefix("-") or "auto"
-    return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, vlays, expand=expand)
+    shared = None
+    if lora.shared_halves:
+        shared = (SharedTokens.of(lora.gate_up_a, lora.ranks, slot_ids), SharedTokens.of(lora.down_b, lora.ranks, slot_ids))
+    return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, vlays, expand=expand,
+                            shared=shared)
 
 
 def fused_path_ok(num_tokens: int, inter: int) -> bool:
@@ -138,12 +142,15 @@ def fused_path_ok(num_tokens: int, inter: int) -> bool:
 def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
                      topk_ids: Tensor, lora: MoELoRAWeights | None, vlays: list[VirtualLayout],
                      fused_layout: VirtualLayout | None = None, row_slots: Tensor | None = None,
-                     expand: str = "auto") -> Tensor:
+                     expand: str = "auto", shared: "tuple[SharedTokens | None, SharedTokens | None] | None" = None
+                     ) -> Tensor:
     """The base MoE with LoRA over each given virtual layout (one for all adapters, or one
     per adapter for the conventional per-adapter loop the benchmark compares against), or,
     given an expert-major fused_layout, base and LoRA in the same launches, or, given
     row_slots (the tokens' slot ids), LoRA by routed rows. expand: the layouts' expand kernel,
-    "tiles", "blocks" or "auto" (by row count)."""
+    "tiles", "blocks" or "auto" (by row count). shared (one layout only): the tokens on slots
+    whose gate/up A, and those whose down B, every expert shares (SharedTokens): their gate/up
+    shrink runs once a token and their down expand once a token, on the top-k sum."""
     num_tokens, top_k = topk_ids.shape
     num_experts, d, inter = w_down.shape
     rows = num_tokens * top_k
@@ -157,8 +164,9 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     cfg = _base_config(base.block_size)
     moe_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg,
                  **fused_kw(lora and lora.gate_up_a, lora and lora.gate_up_b, inter))
+    shared_a, shared_b = shared or (None, None)
     for vlay in vlays:
-        _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand)
+        _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand, shared_a)
     if row_slots is not None:
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
                    a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), **ROWS_TILES_GATE_UP)
@@ -166,25 +174,60 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     y = hidden.new_empty(rows, d)
     moe_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
                  **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
+    token_down = None
     for vlay in vlays:
-        _lora_down_(act, y, lora, vlay, weights, expand)
+        token_down = _lora_down_(act, y, lora, vlay, weights, expand, shared_b)
     if row_slots is not None:
         lora_rows_(act, y, lora.down_a, lora.down_b, lora.ranks, row_slots, topk_ids, a_row_div=1,
                    scale=weights, parts=_row_parts(rows, 1), **ROWS_TILES_DOWN)
-    return y.view(num_tokens, top_k, d).sum(dim=1)
+    out = y.view(num_tokens, top_k, d).sum(dim=1)
+    if token_down is not None:  # out[t] += (sum_k w_k * shrunk_k) @ B_shared.T, once a token
+        r = lora.max_rank
+        lora_expand_tiles(token_down, lora.down_b, out, shared_b.layout, lora.ranks, n=d, k=r,
+                          block_k=_rank_block(r), **EXPAND)
+    return out
+
+
+class SharedTokens:
+    """The tokens on slots whose half of a shareable factor (the shared-outer format's gate/up A or
+    down B) is one matrix for every expert: `tokens` [T] bool, `layout` (their rows by slot, one
+    expert, for a shrink or expand once a token) and `row_ranks` (the slots' ranks with those
+    slots' zeroed: the per-row launches then leave their rows alone). No host sync."""
+
+    def __init__(self, tokens: Tensor, layout: VirtualLayout, row_ranks: Tensor):
+        self.tokens, self.layout, self.row_ranks = tokens, layout, row_ranks
+
+    @classmethod
+    def of(cls, factor: Factor, ranks: Tensor, slot_ids: Tensor) -> "SharedTokens | None":
+        """None for a factor without shareable slots (padded stacks, or not SHAREABLE)."""
+        if not isinstance(factor, Factor) or not factor.ranked & SHAREABLE:
+            return None
+        shared_slot = factor.ranks < 0
+        tokens = (slot_ids >= 0) & shared_slot[slot_ids.long().clamp_min(0)]
+        one_expert = torch.zeros(slot_ids.shape[0], 1, dtype=torch.int32, device=slot_ids.device)
+        layout = moe_align_virtual(one_expert, torch.where(tokens, slot_ids, -1).to(torch.int32), 1,
+                                   LORA_BLOCK_M, factor.shape[0])
+        return cls(tokens, layout, torch.where(shared_slot, 0, ranks))
 
 
 def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
-                   vlay: VirtualLayout, top_k: int, expand: str) -> None:
-    """gate_up[:, :I] += (x @ A_gate.T) @ B_gate.T; gate_up[:, I:] += (x @ A_up.T) @ B_up.T."""
+                   vlay: VirtualLayout, top_k: int, expand: str, shared: SharedTokens | None = None) -> None:
+    """gate_up[:, :I] += (x @ A_gate.T) @ B_gate.T; gate_up[:, I:] += (x @ A_up.T) @ B_up.T. With
+    `shared`, the rows of its tokens take one shrink a token (their A is every expert's)."""
     r = lora.max_rank
     inter = gate_up.shape[1] // 2
     d = hidden.shape[1]
     rb = _rank_block(r)
     shrunk = torch.empty(gate_up.shape[0], 2 * r, dtype=torch.float32, device=hidden.device)
     # split h in {gate, up}: A rows [h*R, h*R + r_s) -> shrunk cols [h*R, h*R + r_s)
-    lora_shrink(hidden, lora.gate_up_a, shrunk, vlay, lora.ranks, n=r, k=d, a_row_div=top_k, splits=2,
-                block_n=rb, **SHRINK)
+    lora_shrink(hidden, lora.gate_up_a, shrunk, vlay, lora.ranks if shared is None else shared.row_ranks,
+                n=r, k=d, a_row_div=top_k, splits=2, block_n=rb, **SHRINK)
+    if shared is not None:  # x[t] @ A.T once a token, then its rows take it
+        per_token = torch.empty(hidden.shape[0], 2 * r, dtype=torch.float32, device=hidden.device)
+        lora_shrink(hidden, lora.gate_up_a, per_token, shared.layout, lora.ranks, n=r, k=d, splits=2,
+                    block_n=rb, **SHRINK)
+        rows_shared = shared.tokens.repeat_interleave(top_k)[:, None]
+        shrunk = torch.where(rows_shared, per_token.repeat_interleave(top_k, dim=0), shrunk)
     # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
     if not _expand_by_blocks(vlay.num_rows, expand):
         lora_expand_tiles(shrunk, lora.gate_up_b, gate_up, vlay, lora.ranks, n=inter, k=r, splits=2,
@@ -194,17 +237,25 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
 
 
 def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayout,
-                weights: Tensor, expand: str) -> None:
-    """y += w * (act @ A_down.T) @ B_down.T on rows with an adapter."""
+                weights: Tensor, expand: str, shared: SharedTokens | None = None) -> Tensor | None:
+    """y += w * (act @ A_down.T) @ B_down.T on rows with an adapter. With `shared`, its tokens'
+    rows are left out of the expand and their weighted shrinks summed over the top-k instead:
+    returns those sums [T, R] (fp32; rows of other tokens unread) for one expand a token."""
     r = lora.max_rank
     rb = _rank_block(r)
-    shrunk = torch.empty(act.shape[0], r, dtype=torch.float32, device=act.device)
+    # zeros where a token's sum may meet a row the layout left out (routing ids out of range)
+    shrunk = (torch.empty if shared is None else torch.zeros)(act.shape[0], r, dtype=torch.float32, device=act.device)
     lora_shrink(act, lora.down_a, shrunk, vlay, lora.ranks, n=r, k=act.shape[1], block_n=rb, **SHRINK)
+    ranks = lora.ranks if shared is None else shared.row_ranks
     if not _expand_by_blocks(vlay.num_rows, expand):
-        lora_expand_tiles(shrunk, lora.down_b, y, vlay, lora.ranks, n=y.shape[1], k=r, scale=weights,
+        lora_expand_tiles(shrunk, lora.down_b, y, vlay, ranks, n=y.shape[1], k=r, scale=weights,
                           block_k=rb, **EXPAND)
     else:
-        lora_expand(shrunk, lora.down_b, y, vlay, lora.ranks, scale=weights, **EXPAND_BLOCKS)
+        lora_expand(shrunk, lora.down_b, y, vlay, ranks, scale=weights, **EXPAND_BLOCKS)
+    if shared is None:
+        return None
+    top_k = act.shape[0] // shared.tokens.shape[0]
+    return (shrunk.view(-1, top_k, r) * weights.view(-1, top_k, 1)).sum(dim=1)
 
 
 def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int]:

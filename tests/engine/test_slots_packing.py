@@ -143,8 +143,9 @@ def test_images_take_their_adapters_own_bytes(checkpoints, adapters, unit):
 def test_a_shared_outer_adapter_keeps_its_shared_halves_once(checkpoints, tiny_adapter):
     """The same weights as a shared-outer and as a per-expert adapter: the shared-outer image
     holds gate/up A and down B once per layer (E - 1 copies fewer of each), its slot reads every
-    expert's factors back equal to the per-expert one's, and its shareable rank tables carry the
-    layer's rank negated (the kernels' expert stride 0) while the plan's stay positive."""
+    expert's factors back equal to the per-expert one's, its shareable rank tables carry the
+    layer's rank negated (the kernels' expert stride 0) while the plan's stay positive, and its
+    packing (not the per-expert one's) turns the layers' once-a-token path on."""
     engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
     pools = engine.runner.slot_pools
     pools.storage[:pools.heap_numel].fill_(float("nan"))
@@ -160,7 +161,13 @@ def test_a_shared_outer_adapter_keeps_its_shared_halves_once(checkpoints, tiny_a
             e, _, d = dims
             saved += (e - 1) * 16 * (2 * d + d)  # r16 = 16: gate/up A [2, 16, D] and down B [D, 16]
     assert pools.image_numel(per_expert) - pools.image_numel(shared) == saved > 0
+    plain = load_adapter("q", path, engine.spec, pools.dtype, 16)  # packing drops its factors: a copy
+    for f in plain.moe.values():
+        f.shared = ""
+    pools.write(0, pools.heap_numel - pools.image_numel(plain), pools.pack(plain))
+    assert not any(pool.shared_halves for pool in pools.moe.values())  # per-expert: every row its own shrink
     pools.write(1, 0, pools.pack(shared))
+    assert all(pool.shared_halves for pool in pools.moe.values())  # the split path's once-a-token shrink
     _assert_slot_holds(pools, 1, per_expert)
     for layer, pool in pools.moe.items():
         plan_rank = int(pool.ranks[1])

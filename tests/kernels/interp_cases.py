@@ -69,6 +69,10 @@ def case_names() -> list[str]:
               "moe-fp32-t1e6k2-distinct-mixed-heap-u8-fused", "moe-fp32-t17e10k8-uniform-mixed-shared-heap-u8"]
     # slots 1 and 3 shared-outer (gate/up A and down B once, expert 0's) among per-expert slots
     # of mixed ranks, every path; NaN wherever another expert's copy would have been
+    # (the split path runs those slots' gate/up shrink and down expand once a token:
+    # MoELoRAWeights.shared_halves; "flagged": that path on over a heap without shared slots)
+    names += ["moe-fp16-t17e10k8-zipf-mixed-heap-flagged-split", "moe-fp32-t9e6k2-uniform-mixed-heap-flagged-split-tiles",
+              "moe-fp32-t17e10k8-uniform-mixed-shared-heap-split", "moe-fp16-t9e6k2-zipf-mixed-shared-heap-u8-split-blocks"]
     names += ["moe-fp32-t17e10k8-uniform-mixed-shared-heap", "moe-fp16-t9e6k2-zipf-shared-heap",
               "moe-fp16-t17e10k8-distinct-mixed-shared-heap-split",
               "moe-fp32-t9e6k2-uniform-mixed-shared-heap-split-tiles",
@@ -104,6 +108,7 @@ def run_moe(name: str) -> dict:
         lora = share_outer(lora, shared)
     if "heap" in p["rest"]:
         lora = moe_lora_in_heap(lora, shared, 8 if "u8" in p["rest"] else 16)
+        lora.shared_halves |= "flagged" in p["rest"]
     slots = make_slot_ids(spread, t, len(ranks), gen)
     slots[0] = 1  # at least one token with an adapter
     import kernels

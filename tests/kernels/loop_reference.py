@@ -206,7 +206,7 @@ def moe_lora_in_heap(lora: MoELoRAWeights, shared: tuple[int, ...] = (), rank_un
                ranks=lora.ranks),
         Factor(storage, offsets[3:4], d, 1, 1, d, shapes[3], offset_unit=16, ranked=RANKED_COLS | SHAREABLE | unit,
                ranks=signed),
-        lora.ranks)
+        lora.ranks, shared_halves=bool(shared))
 
 
 def moe_lora_to(lora: MoELoRAWeights, device) -> MoELoRAWeights:
@@ -218,7 +218,7 @@ def moe_lora_to(lora: MoELoRAWeights, device) -> MoELoRAWeights:
                       f.split_rows, f.shape, offset_unit=f.offset_unit, ranked=f.ranked,
                       ranks=None if f.ranks is None else f.ranks.to(device))
     return MoELoRAWeights(moved(lora.gate_up_a), moved(lora.gate_up_b), moved(lora.down_a), moved(lora.down_b),
-                          lora.ranks.to(device))
+                          lora.ranks.to(device), lora.shared_halves)
 
 
 def group_in_heap(parts: list[DenseLoRAWeights], sections: tuple[int, ...]):
