@@ -11,6 +11,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -158,6 +159,43 @@ def run_config(preset, layer, m, n, bw, gen, paths=()):
         "delta_over_floor": (virt_ms - base_ms) / lora_floor,
         "delta_rel_err_vs_loop": rel(out_virt - out_base, out_loop - out_base),
     }
+
+
+def shared_outer(gen, tokens=(512, 2048), n=16):
+    """virtual / base on the adapter heap's layout (qwen3, n rank-16 adapters): per-expert
+    adapters; the same weights as shared-outer ones (gate/up A and down B one matrix a layer),
+    with MoELoRAWeights.shared_halves off (every routed row its own shrink and expand) and on
+    (once a token above decode size), in one run."""
+    try:  # the heap builders the kernel tests use (as benchmarks/compare_sass.py does)
+        from tests.kernels.loop_reference import moe_lora_in_heap, moe_lora_to, share_outer
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.kernels.loop_reference import moe_lora_in_heap, moe_lora_to, share_outer
+    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    w_gate_up, w_down, lora = make_layer(d, inter, e, n, gen)
+    dev = w_gate_up.device
+    padded = MoELoRAWeights(*(f.padded.cpu() for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b)),
+                            lora.ranks.cpu())
+    every = tuple(range(n))
+    on = moe_lora_to(moe_lora_in_heap(share_outer(padded, every), every), dev)
+    pools = {"per_expert": moe_lora_to(moe_lora_in_heap(padded), dev),
+             "shared_rows": MoELoRAWeights(on.gate_up_a, on.gate_up_b, on.down_a, on.down_b, on.ranks, False),
+             "shared_tokens": on}
+    rows = []
+    for m in tokens:
+        hidden, tw, ids, slots = make_batch(m, d, e, k, n, gen)
+        base = fused_moe(hidden, w_gate_up, w_down, tw, ids)
+        row = {"M": m, "n": n, "base_ms": time_graph(lambda: fused_moe(hidden, w_gate_up, w_down, tw, ids)),
+               "path": lora_path(m, k, inter)}
+        outs = {}
+        for name, pool in pools.items():
+            call = lambda pool=pool: fused_moe(hidden, w_gate_up, w_down, tw, ids, pool, slots)  # noqa: E731
+            outs[name] = call()
+            row[f"{name}_ratio"] = time_graph(call) / row["base_ms"]
+        row["tokens_vs_rows_delta_rel"] = rel(outs["shared_tokens"] - base, outs["shared_rows"] - base)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def idle_slots(bw, gen, tokens):
@@ -357,12 +395,14 @@ def main():
     ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM over tile configs, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
     ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens, exit")
+    ap.add_argument("--shared-outer", action="store_true", help="virtual / base at --tokens on the adapter "
+                    "heap: per-expert adapters, and shared-outer ones with each row's shrink / once a token, exit")
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK],
                     help="--sweep-rows: adapter ranks cycled over the slots")
     ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "split", "split-tiles", "split-blocks", "fused"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
-    if not args.sweep_rows:
+    if not (args.sweep_rows or args.shared_outer):
         args.adapters = args.adapters or ADAPTERS
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.sweep_rows:
@@ -371,6 +411,10 @@ def main():
         return
     if args.sweep_lora:
         json.dump(sweep_lora(gen), open(args.out, "w"), indent=1)
+        return
+    if args.shared_outer:
+        json.dump({"provenance": provenance(sys.argv),
+                   "shared_outer": shared_outer(gen, args.tokens, (args.adapters or [16])[0])}, open(args.out, "w"), indent=1)
         return
     if args.profile_only:
         profile_virt(gen, args.tokens)
