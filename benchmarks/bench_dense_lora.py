@@ -17,6 +17,7 @@ configs instead. Writes JSON with provenance.
 import argparse
 import itertools
 import sys
+from pathlib import Path
 
 import torch
 
@@ -64,31 +65,19 @@ def make_attention(preset: str, n: int, gen: torch.Generator, slot_ranks: tuple[
 
 def as_heap(group: DenseLoRAGroup) -> DenseLoRAGroup:
     """The same adapters laid out as the engine's adapter heap lays a dense group
-    (engine.lora.slots): per slot, each projection's A rank-major [r_s, IN] and the group's B
-    transposed [r_s, N], each factor 16-element aligned in one buffer, at the slot's own rank."""
-    from kernels.weights import OFFSET_UNIT, Factor
-    a, b = group.a.padded, group.b.padded  # [S, H*R, IN], [S, N, R]
-    num_slots, heads, r = a.shape[0], group.num_projections, group.max_rank
-    n_in, n = a.shape[2], b.shape[1]
-    ranks = group.ranks.cpu()
-    parts, a_at, b_at, at = [], torch.zeros(heads, num_slots, dtype=torch.int64), torch.zeros(1, num_slots, dtype=torch.int64), 0
-    for s in range(num_slots):
-        for h in range(heads):
-            rs = int(ranks[h, s])
-            parts.append((at, a[s, h * r:h * r + rs].reshape(-1)))
-            a_at[h, s] = at // OFFSET_UNIT
-            at += -(-max(1, rs * n_in) // OFFSET_UNIT) * OFFSET_UNIT
-        rs = int(ranks[:, s].max())
-        parts.append((at, b[s, :, :rs].T.contiguous().reshape(-1)))
-        b_at[0, s] = at // OFFSET_UNIT
-        at += -(-max(1, rs * n) // OFFSET_UNIT) * OFFSET_UNIT
-    storage = torch.zeros(at, dtype=a.dtype, device=a.device)
-    for start, flat in parts:
-        storage[start:start + flat.numel()] = flat
-    dev = a.device
-    fa = Factor(storage, a_at.to(dev), 0, n_in, 1, 0, (num_slots, 1, heads * r, n_in), offset_unit=OFFSET_UNIT)
-    fb = Factor(storage, b_at.to(dev), 0, 1, n, 0, (num_slots, 1, n, r), offset_unit=OFFSET_UNIT)
-    return DenseLoRAGroup(fa, fb, group.ranks, group.sections)
+    (engine.lora.slots: each projection's A rank-major [r_s, IN], the group's B transposed
+    [r_s, N], each slot at its own rank), by the kernel tests' builder, on the group's device."""
+    try:
+        from tests.kernels.loop_reference import group_in_heap, group_to
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.kernels.loop_reference import group_in_heap, group_to
+    from kernels.weights import DenseLoRAWeights
+    a, b, r = group.a.padded.cpu(), group.b.padded.cpu(), group.max_rank
+    ends = [group.offset(h) for h in range(group.num_projections + 1)]
+    parts = [DenseLoRAWeights(a[:, h * r:(h + 1) * r], b[:, ends[h]:ends[h + 1]], group.ranks[h].cpu())
+             for h in range(group.num_projections)]
+    return group_to(group_in_heap(parts, group.sections), group.a.device)
 
 
 def floor_us(layer: dict, slots: torch.Tensor, bw: float) -> float:

@@ -209,16 +209,25 @@ def moe_lora_in_heap(lora: MoELoRAWeights, shared: tuple[int, ...] = (), rank_un
         lora.ranks, shared_halves=bool(shared))
 
 
+def factor_to(f, device):
+    """A Factor (of a heap or a padded stack) moved to `device`, the same layout."""
+    from kernels.weights import Factor
+    return Factor(f.data.to(device), f.offsets.to(device), f.expert_stride, f.row_stride, f.col_stride,
+                  f.split_rows, f.shape, offset_unit=f.offset_unit, ranked=f.ranked,
+                  ranks=None if f.ranks is None else f.ranks.to(device))
+
+
 def moe_lora_to(lora: MoELoRAWeights, device) -> MoELoRAWeights:
     """moe_lora_in_heap's pools (or padded stacks) moved to `device`, the same layout."""
-    from kernels.weights import Factor
+    moved = [factor_to(f, device) for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b)]
+    return MoELoRAWeights(*moved, lora.ranks.to(device), lora.shared_halves)
 
-    def moved(f: Factor) -> Factor:
-        return Factor(f.data.to(device), f.offsets.to(device), f.expert_stride, f.row_stride, f.col_stride,
-                      f.split_rows, f.shape, offset_unit=f.offset_unit, ranked=f.ranked,
-                      ranks=None if f.ranks is None else f.ranks.to(device))
-    return MoELoRAWeights(moved(lora.gate_up_a), moved(lora.gate_up_b), moved(lora.down_a), moved(lora.down_b),
-                          lora.ranks.to(device), lora.shared_halves)
+
+def group_to(group, device):
+    """group_in_heap's group (or a padded one) moved to `device`, the same layout."""
+    from kernels import DenseLoRAGroup
+    return DenseLoRAGroup(factor_to(group.a, device), factor_to(group.b, device), group.ranks.to(device),
+                          group.sections)
 
 
 def group_in_heap(parts: list[DenseLoRAWeights], sections: tuple[int, ...]):
