@@ -11,7 +11,8 @@ from engine.config import EngineConfig
 from engine.models.spec import ModelSpec
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from kernels.moe.launch import token_breakpoints
+from kernels.moe.launch import lora_path, token_breakpoints
+from kernels.weights import SHAREABLE, Factor
 
 
 def run_warmup(runner) -> float:  # runner: the ModelRunner, whose prepare() and model it drives
@@ -21,22 +22,43 @@ def run_warmup(runner) -> float:  # runner: the ModelRunner, whose prepare() and
     Covers a full prefill group (max_num_batched_tokens), a small odd-sized one, one on each
     side of every size where a kernel launch choice changes (kernels.moe.launch
     .token_breakpoints), lone decodes at doubling contexts, and a mixed step (decodes + a
-    prefill chunk), each without LoRA and with slot 0 alternating with no adapter.
+    prefill chunk), each without LoRA and with slot 0 alternating with no adapter; on the adapter
+    heap, the steps of the split LoRA path again with its shared-outer launches switched on.
     Every dummy sequence's blocks are the scratch block, so no owned KV block is written;
     nothing is sampled, so no generator moves."""
     start = time.perf_counter()
     # with LoRA, the dummy sequences alternate between slot 0 (zeros now) and the base model,
     # slot 0 first so a one-sequence step runs with an adapter
     slot_cycles = [[None]] + ([[0, None]] if runner.slot_pools is not None else [])
-    for shape in warmup_shapes(runner.config, runner.spec):
+    shapes = warmup_shapes(runner.config, runner.spec)
+    for shape in shapes:
         for slots in slot_cycles:
-            scheduled = [dummy_entry(runner, done, n, slots[i % len(slots)])
-                         for i, (done, n) in enumerate(shape)]
-            input_ids, batch, rows = runner.prepare(scheduled)
-            runner.model.compute_logits(runner.model(input_ids, batch)[runner._tensor(rows, torch.long)])
+            _step(runner, shape, slots)
+    # the heap's split path for shared-outer adapters (MoELoRAWeights.shared_halves, on once one
+    # is packed) has launches of its own: compiled here too, with the switch on for these steps
+    pools = [w for w in (getattr(runner.slot_pools, "moe", None) or {}).values()
+             if isinstance(w.down_b, Factor) and w.down_b.ranked & SHAREABLE and not w.shared_halves]
+    split = [shape for shape in shapes
+             if lora_path(sum(n for _, n in shape), runner.spec.top_k, runner.spec.moe_intermediate_size) == "split"]
+    if pools and split:
+        for w in pools:
+            w.shared_halves = True
+        try:
+            for shape in split:
+                _step(runner, shape, [0, None])
+        finally:
+            for w in pools:
+                w.shared_halves = False
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     return time.perf_counter() - start
+
+
+def _step(runner, shape: list[tuple[int, int]], slots: list[int | None]) -> None:
+    """One dummy eager step of `shape`, the sequences' slots cycling through `slots`."""
+    scheduled = [dummy_entry(runner, done, n, slots[i % len(slots)]) for i, (done, n) in enumerate(shape)]
+    input_ids, batch, rows = runner.prepare(scheduled)
+    runner.model.compute_logits(runner.model(input_ids, batch)[runner._tensor(rows, torch.long)])
 
 
 def warmup_shapes(c: EngineConfig, spec: ModelSpec) -> list[list[tuple[int, int]]]:

@@ -118,8 +118,8 @@ def test_no_step_shape_compiles_a_kernel_the_warmup_did_not(monkeypatch, experts
     """The Triton specialisations of every step of up to 6 tokens, eager decode steps of 1-16
     sequences, and 120 random prefill / mixed steps (0-16 decodes at contexts
     of 1-601 tokens, 1-4 prefill chunks of up to 2048 tokens in all, some after cached prefixes,
-    up to 16 distinct adapters; the Triton prefill attention on) are all among those the
-    warm-up compiles, so
+    up to 16 distinct adapters; the Triton prefill attention on; the last 60 with the split path's
+    shared-outer launches switched on) are all among those the warm-up compiles, so
     no request waits for the compiler (on an H100, without this, one benchmark case's adapter churn
     compiled 23 kernels while serving). Runs the Triton launchers on CPU with every launch recorded, not run.
     Not covered here: the decode kernel's partition count (always 1 off the GPU, a constexpr
@@ -152,7 +152,10 @@ def test_no_step_shape_compiles_a_kernel_the_warmup_did_not(monkeypatch, experts
             scheduled = [dummy_entry(runner, *entry) for entry in step]
             input_ids, batch, rows = runner.prepare(sorted(scheduled, key=lambda e: e[1] > 1))
             runner.model.compute_logits(runner.model(input_ids, batch)[runner._tensor(rows, torch.long)])
-        for _ in range(120):
+        for step in range(120):
+            if step == 60:  # a shared-outer adapter packed: the split path's once-a-token launches
+                for pool in runner.slot_pools.moe.values():
+                    pool.shared_halves = True
             decodes, budget = rng.randint(0, 16), 2048
             scheduled = [dummy_entry(runner, rng.randint(0, 600), 1, slot()) for _ in range(decodes)]
             for _ in range(rng.randint(1, 4)):  # prefill chunks, some after a cached prefix
