@@ -173,6 +173,12 @@ class AppArgs(ReplicaPlacement, BaseModel):
         "replica (or the CLI) after at most this long, or 10x this long for a pinned "
         "name@version that was deleted or unshared")
 
+    @field_validator("lora_rank_unit", mode="before")
+    @classmethod
+    def _parse_int_choice(cls, value):
+        # `serve run ... lora_rank_unit=8` hands us the string "8"; the choice is of ints
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
     @field_validator("autoscaling_config", "hf_overrides", mode="before")
     @classmethod
     def _parse_json(cls, value):

@@ -73,9 +73,12 @@ def test_check_refuses_a_typo_with_one_line_without_importing_ray():
 
 
 def test_check_accepts_the_strings_serve_run_passes(capsys):
-    assert options_main(["--check", "max_loras=8", "engine_warmup=false",
+    assert options_main(["--check", "max_loras=8", "engine_warmup=false", "lora_rank_unit=8",
                          'autoscaling_config={"min_replicas": 1, "max_replicas": 2}']) == 0
     assert capsys.readouterr().out == "options ok\n"
+    assert AppArgs(lora_rank_unit="8").engine_config(Path("/ckpt")).lora_rank_unit == 8
+    assert options_main(["--check", "lora_rank_unit=4"]) == 2
+    assert capsys.readouterr().err == "error: lora_rank_unit: Input should be 8 or 16\n"
 
 
 def test_check_names_each_bad_value_by_option(capsys):
