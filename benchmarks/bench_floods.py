@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -389,6 +390,9 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    # `timeout` (benchmarks/gpu.sh) ends a run with SIGTERM: exit through the finally below, so
+    # Serve and its HAProxy go too (a stray one keeps ports 8404 and 9101 from the next start)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="moeplex-floods-"))
     sampler = None
     try:
