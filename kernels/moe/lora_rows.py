@@ -212,9 +212,10 @@ def bucket_tiles(block_r: int, block_k: int, block_n: int, tile_r: int, k_in: in
     """{rank bucket: (K tile, N tile)} of the row kernel for a pool of rank block_r (a power of two):
     buckets 16, 32, 64 up to block_r, and block_r itself. A bucket br takes block_k x tile_r / br and
     block_n x tile_r / br (0 < tile_r <= block_r: the rank at which the given tiles hold; 0 or
-    more than block_r: block_r), within 16 and the operand's width rounded up to a power of two. With tile_r = block_r each bucket's
-    A tile holds as many elements as the widest's: a low-rank row walks K in fewer, longer steps
-    (a row's shrink is a chain of dependent loads, so steps cost more than bytes here)."""
+    more than block_r: block_r), within 16 and the operand's width rounded up to a power of two.
+    With tile_r = block_r each bucket's A tile holds as many elements as the widest's: a low-rank
+    row walks K in fewer, longer steps (a row's shrink is a chain of dependent loads, so steps
+    cost more than bytes here)."""
     tile_r = min(tile_r or block_r, block_r)
     k_cap, n_cap = max(16, triton.next_power_of_2(k_in)), max(16, triton.next_power_of_2(n_chunk))
     return {br: (min(k_cap, max(16, block_k * tile_r // br)), min(n_cap, max(16, block_n * tile_r // br)))
