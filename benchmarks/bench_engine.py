@@ -441,8 +441,8 @@ def main() -> None:
     parser.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                         help="EngineConfig.lora_layout: the adapter heap (the default), or max-rank slot images")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lora-rank-unit", type=int, choices=(8, 16), default=16,
-                        help="EngineConfig.lora_rank_unit (with --lora-layout bytes)")
+    parser.add_argument("--lora-rank-unit", type=int, choices=(8, 16), default=None,
+                        help="EngineConfig.lora_rank_unit (8 with --lora-layout bytes only; default: the engine's)")
     parser.add_argument("--adapter-format", choices=("per_expert", "shared_outer"), default="per_expert",
                         help="shared_outer: gate/up A and down B one matrix a layer (kept once in the heap)")
     parser.add_argument("--block-size", type=int, default=16)

@@ -244,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-loras", type=int, default=None, help="GPU slots (default: the memory budget)")
     ap.add_argument("--lora-layout", choices=("slots", "bytes"), default="bytes",
                     help="EngineConfig.lora_layout (bytes: mixed ranks and targets each take their own bytes)")
-    ap.add_argument("--lora-rank-unit", type=int, choices=(8, 16), default=16,
-                    help="EngineConfig.lora_rank_unit (8: a rank-8 adapter's experts take rank-8 bytes)")
+    ap.add_argument("--lora-rank-unit", type=int, choices=(8, 16), default=None,
+                    help="EngineConfig.lora_rank_unit (8: a rank-8 adapter's experts take rank-8 bytes; "
+                         "default: the engine's)")
     ap.add_argument("--kv-tokens", type=int, default=None,
                     help="KV cache size in tokens (EngineConfig.num_kv_blocks; default: the memory rule's, "
                     "max_num_seqs full-length sequences): the adapter heap takes the memory it leaves")

@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compaction", action="store_true")
     ap.add_argument("--no-sharing", action="store_true", help="the heap keeps its own bytes (EngineConfig"
                     ".kv_heap_sharing=False): it borrows no KV blocks")
-    ap.add_argument("--rank-unit", type=int, choices=(8, 16), default=16,
-                    help="experts' rank rounded up to this (EngineConfig.lora_rank_unit)")
+    ap.add_argument("--rank-unit", type=int, choices=(8, 16), default=8,
+                    help="experts' rank rounded up to this (EngineConfig.lora_rank_unit; 8, its default)")
     ap.add_argument("--decode-ms", type=float, default=17.6)
     ap.add_argument("--lora-ms", type=float, default=3.4)
     ap.add_argument("--prefill-us-per-token", type=float, default=21.0)

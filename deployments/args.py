@@ -61,9 +61,11 @@ class AppArgs(ReplicaPlacement, BaseModel):
     lora_heap_bytes: int | None = Field(default=None, ge=1, description="with lora_layout=bytes, GPU "
                                         "bytes for resident adapters; default: sized from GPU memory "
                                         "beside the KV cache")
-    lora_rank_unit: Literal[8, 16] = Field(default=16, description="with lora_layout=bytes, what an "
-                                           "adapter's expert rank is rounded up to on the GPU (8: a "
-                                           "rank-8 adapter's experts take half the bytes)")
+    lora_rank_unit: Literal[8, 16] | None = Field(default=None, description="what an adapter's expert "
+                                                  "rank is rounded up to on the GPU (8: a rank-8 "
+                                                  "adapter's experts take half the bytes of 16; 8 "
+                                                  "needs lora_layout=bytes); default: 8 with bytes, "
+                                                  "16 with slots")
     kv_heap_sharing: bool = Field(default=True, description="the adapter heap and the KV cache share "
                                   "one buffer: adapters use KV blocks no request needs (one GPU, "
                                   "lora_layout=bytes)")

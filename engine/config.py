@@ -24,9 +24,10 @@ class EngineConfig:
     # each adapter takes its own rank and targets (more adapters in the same memory, decode steps
     # as fast as "slots": RESULTS.md); "slots", a whole image at max rank on every target per slot
     lora_layout: str = "bytes"
-    # what the heap rounds an adapter's expert rank up to ("bytes" only): 16, or 8 (a rank-8
-    # adapter's experts take half the bytes; the kernels then know strides as multiples of 8 only)
-    lora_rank_unit: int = 16
+    # what the heap rounds an adapter's expert rank up to: 8 (a rank-8 adapter's experts take
+    # half the bytes of 16; decode steps as fast: RESULTS.md, the multi-tenant trace) or 16, the
+    # only unit of "slots"; None: 8 with "bytes", 16 with "slots"
+    lora_rank_unit: int | None = None
     # bytes of that heap ("bytes" only); None: on CUDA from GPU memory beside the KV cache
     # (engine.memory's rule, in adapters of max rank on every target), max_loras such adapters otherwise
     lora_heap_bytes: int | None = None
@@ -121,6 +122,8 @@ class EngineConfig:
         if self.lora_heap_bytes is not None and (self.lora_heap_bytes < 1 or self.lora_layout != "bytes"):
             raise InvalidRequestError(f"lora_heap_bytes must be >= 1 or None, and set with lora_layout='bytes' "
                                       f"only, got {self.lora_heap_bytes} with {self.lora_layout!r}")
+        if self.lora_rank_unit is None:
+            self.lora_rank_unit = 8 if self.lora_layout == "bytes" else 16
         if self.lora_rank_unit not in (8, 16) or (self.lora_rank_unit != 16 and self.lora_layout != "bytes"):
             raise InvalidRequestError(f"lora_rank_unit must be 16, or 8 with lora_layout='bytes', got "
                                       f"{self.lora_rank_unit!r} with {self.lora_layout!r}")

@@ -12,10 +12,11 @@ for how the kernels read it:
   program per routed row reads one expert's A rows and B columns). The strides that step over
   the rank are multiples of the slot's r16, which the kernels derive from its rank
   (Factor.ranked), so one table of offsets per slot still serves adapters of every rank. A
-  rank-16 adapter's expert block is byte for byte a padded slot's; a rank-8 one takes r16 = 16
-  (with rank_unit 8, EngineConfig.lora_rank_unit, ranks round up to 8 instead: a rank-8 adapter's
-  experts take half the bytes, and the kernels know the strides as multiples of 8 only, so its
-  cost in the kernels decides the default); an attention-only adapter takes no expert bytes. A shared-outer adapter (one gate/up A and one
+  rank-16 adapter's expert block is byte for byte a padded slot's. Ranks round up to
+  EngineConfig.lora_rank_unit, 8 by default: a rank-8 adapter's experts take r16 = 8, half the
+  bytes of unit 16, and the kernels, knowing the strides as multiples of 8 only, run decode steps
+  as fast (RESULTS.md, the multi-tenant trace); an attention-only adapter takes no expert bytes.
+  A shared-outer adapter (one gate/up A and one
   down B for all experts of a layer) keeps those halves once, [1, 2*r16, D] and [1, D, r16]: its
   slot's entry in those factors' rank tables is negated, which the kernels read as expert stride
   0 (Factor.ranked's SHAREABLE bit). On Qwen3-30B-A3B shapes that is 28% of a per-expert

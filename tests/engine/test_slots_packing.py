@@ -148,6 +148,7 @@ def test_a_shared_outer_adapter_keeps_its_shared_halves_once(checkpoints, tiny_a
     packing (not the per-expert one's) turns the layers' once-a-token path on."""
     engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
     pools = engine.runner.slot_pools
+    unit = engine.config.lora_rank_unit  # the rank-8 adapter's experts take r = 8 at unit 8, 16 at unit 16
     pools.storage[:pools.heap_numel].fill_(float("nan"))
     path = tiny_adapter(FAMILY, "shared_outer", rank=8, alpha=16, seed=21)
     shared = load_adapter("s", path, engine.spec, pools.dtype, 16)
@@ -159,7 +160,7 @@ def test_a_shared_outer_adapter_keeps_its_shared_halves_once(checkpoints, tiny_a
     for kind, layer, dims in pools.plan:
         if kind == "moe" and (layer, "gate") in shared.moe:
             e, _, d = dims
-            saved += (e - 1) * 16 * (2 * d + d)  # r16 = 16: gate/up A [2, 16, D] and down B [D, 16]
+            saved += (e - 1) * unit * (2 * d + d)  # rank 8 at the unit: gate/up A [2, r, D], down B [D, r]
     assert pools.image_numel(per_expert) - pools.image_numel(shared) == saved > 0
     plain = load_adapter("q", path, engine.spec, pools.dtype, 16)  # packing drops its factors: a copy
     for f in plain.moe.values():
@@ -216,3 +217,9 @@ def test_a_rank_unit_other_than_16_or_8_on_the_heap_is_refused(checkpoints, kw):
     from engine.errors import InvalidRequestError
     with pytest.raises(InvalidRequestError, match="lora_rank_unit"):
         EngineConfig(model=checkpoints[FAMILY], **kw)
+
+
+@pytest.mark.parametrize("layout,unit", [("bytes", 8), ("slots", 16)])
+def test_the_rank_unit_defaults_to_8_on_the_heap_and_16_in_max_rank_slots(checkpoints, layout, unit):
+    from engine import EngineConfig
+    assert EngineConfig(model=checkpoints[FAMILY], lora_layout=layout).lora_rank_unit == unit
