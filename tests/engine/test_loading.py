@@ -132,3 +132,20 @@ def test_checkpoint_missing_one_expert_is_refused(checkpoints, tmp_path):
             save_file(kept, str(shard), metadata={"format": "pt"})
     with pytest.raises(EngineError, match="lacks weights"):
         LLMEngine(EngineConfig(model=broken, max_loras=0))
+
+
+def test_an_adapter_load_gives_the_gil_up_every_few_tensors(checkpoints, adapters, monkeypatch):
+    """A load runs in a thread of the step loop's process: it must yield the GIL between its
+    many small steps (engine.lora.adapter._yielding), not only when the interpreter forces it."""
+    import engine.lora.adapter as loader
+    from safetensors import safe_open
+    path = adapters["qwen3_moe"]["a"]  # per-expert: a tensor per expert, factor and module
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        num_tensors = len(list(f.keys()))
+    yields = []
+    real_sleep = loader.time.sleep
+    monkeypatch.setattr(loader.time, "sleep", lambda s: (yields.append(s), real_sleep(s)))
+    spec = make_engine(checkpoints["qwen3_moe"]).spec
+    load_adapter("a", path, spec, torch.float32, 16)
+    # reading the tensors and grouping them into pairs each yield every YIELD_EVERY tensors
+    assert yields.count(0) >= 2 * num_tensors // loader.YIELD_EVERY > 0
