@@ -75,6 +75,10 @@ class DiskCache:
                     total -= size
             self._sweep_stale_tmp()
 
+    def still_holds(self, entry: Path) -> bool:
+        """Whether `entry` (a directory fetch returned) is still cached; marks it recently used."""
+        return entry.parent == self.root / "entries" and self._hit(entry)
+
     def _hit(self, entry: Path) -> bool:
         if not entry.is_dir():
             return False

@@ -6,6 +6,13 @@ them one after the other (H200, 1.7 GB adapters: 3.5 s each, the 16th tenant wai
 its first token). So the replica starts a fetch here as soon as a request names an adapter it has
 not fetched yet, up to `parallel` at a time, and the loader Serve calls only awaits the fetch
 already under way.
+
+Serve's loader keeps `max_num_models_per_replica` adapters and calls the load function again for
+one it dropped. A version is immutable, so an adapter fetched lately whose directory is still in
+the disk cache comes back from here at once, with no store read and no thread: under one
+tenant's requests over more adapters than that (bench_floods' slot_hog), every such reload was a
+store read and a cache lookup on the loop's default threads, one at a time behind Serve's lock,
+and another tenant's request for its own adapter queued behind them.
 """
 import asyncio
 from collections import OrderedDict
@@ -22,7 +29,7 @@ class AdapterFetcher:
         self._cache = cache
         self._slots = asyncio.Semaphore(parallel)
         self._running: dict[str, asyncio.Task] = {}
-        self._fetched: OrderedDict[str, None] = OrderedDict()  # LRU of adapters fetched lately
+        self._fetched: OrderedDict[str, Path] = OrderedDict()  # LRU of adapters fetched lately, their dirs
         self._remember = remember
 
     def prefetch(self, model_id: str) -> None:
@@ -33,8 +40,13 @@ class AdapterFetcher:
             self._task(model_id)
 
     async def fetch(self, model_id: str) -> Path:
-        """The adapter's local directory; waits for its fetch (started here if need be). A caller
-        cancelled while waiting leaves the fetch running for the others."""
+        """The adapter's local directory: at once when fetched lately and still in the disk cache,
+        else after its fetch (started here if need be). A caller cancelled while waiting leaves
+        the fetch running for the others."""
+        local = self._fetched.get(model_id)
+        if local is not None and self._cache.still_holds(local):
+            self._fetched.move_to_end(model_id)
+            return local
         return await asyncio.shield(self._task(model_id))
 
     def _task(self, model_id: str) -> asyncio.Task:
@@ -54,7 +66,7 @@ class AdapterFetcher:
         self._running.pop(model_id, None)
         if task.cancelled() or task.exception() is not None:  # retrieved: a prefetch nobody awaited
             return
-        self._fetched[model_id] = None
+        self._fetched[model_id] = task.result()
         self._fetched.move_to_end(model_id)
         while len(self._fetched) > self._remember:
             self._fetched.popitem(last=False)

@@ -63,6 +63,20 @@ def test_lru_eviction_keeps_recent_entries(tiny_adapter, base_model, tmp_path):
     assert cache.size_bytes() <= cache.max_bytes
 
 
+def test_still_holds_an_entry_until_it_is_evicted_and_never_a_path_outside_it(tiny_adapter, base_model, tmp_path):
+    from adapter_store.local import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    infos = [store.put("acme", f"ad{i}", tiny_adapter(rank=4, seed=30 + i), base_model) for i in range(2)]
+    cache = DiskCache(tmp_path / "cache", int(1.5 * infos[0].size_bytes))
+    first = cache.fetch(store, infos[0])
+    assert cache.still_holds(first)
+    assert not cache.still_holds(tmp_path / "store")  # a directory, but not one of its entries
+    time.sleep(0.01)
+    cache.fetch(store, infos[1])  # room for one: the first is evicted
+    assert not cache.still_holds(first)
+
+
 def test_two_processes_fetching_at_once_download_once(store, adapter, base_model, tmp_path):
     info = store.put("acme", "ad", adapter, base_model)
     chunk = 4 << 10

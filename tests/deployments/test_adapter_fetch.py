@@ -29,6 +29,10 @@ class GatedCache:
         self.in_flight = 0
         self.peak = 0
         self.release = threading.Event()
+        self.evicted: set[Path] = set()
+
+    def still_holds(self, entry: Path) -> bool:
+        return entry not in self.evicted
 
     def fetch(self, store, info: str) -> Path:
         with self.lock:
@@ -108,3 +112,23 @@ def test_a_cancelled_waiter_leaves_the_fetch_to_the_others():
 
     path, cancelled = asyncio.run(run())
     assert path == Path("/cache/t/ad@v1") and cancelled
+
+
+def test_a_reload_of_an_adapter_still_in_the_disk_cache_reads_nothing_until_it_is_evicted():
+    """Serve's loader calls fetch again for an adapter it dropped from its LRU: the directory
+    comes back without a store read while the disk cache holds it, and is fetched anew after."""
+    async def run():
+        store, cache = FakeStore(), GatedCache()
+        cache.release.set()
+        fetcher = AdapterFetcher(store, cache)
+        first = await fetcher.fetch("t/ad@v1")
+        again = await fetcher.fetch("t/ad@v1")
+        reads_while_cached = list(store.reads)
+        cache.evicted.add(first)
+        after_eviction = await fetcher.fetch("t/ad@v1")
+        return first, again, after_eviction, reads_while_cached, store.reads
+
+    first, again, after, reads_cached, reads = asyncio.run(run())
+    assert first == again == after == Path("/cache/t/ad@v1")
+    assert reads_cached == ["t/ad@v1"]
+    assert reads == ["t/ad@v1", "t/ad@v1"]
