@@ -214,6 +214,13 @@ class AppArgs(ReplicaPlacement, BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _rank_unit_fits_the_layout(self):
+        # the engine would refuse it at start, after Ray and the weights: say so at --check
+        if self.lora_rank_unit == 8 and self.lora_layout != "bytes":
+            raise ValueError("lora_rank_unit=8 needs lora_layout=bytes (max-rank slots round ranks to 16)")
+        return self
+
+    @model_validator(mode="after")
     def _dummy_weights_fit_the_model(self):
         if self.model is not None and self.model.startswith(DUMMY_PREFIX):
             from engine.models.presets import get_preset

@@ -81,6 +81,12 @@ def test_check_accepts_the_strings_serve_run_passes(capsys):
     assert capsys.readouterr().err == "error: lora_rank_unit: Input should be 8 or 16\n"
 
 
+def test_check_refuses_rank_unit_8_with_max_rank_slots(capsys):
+    assert options_main(["--check", "lora_rank_unit=8", "lora_layout=slots"]) == 2
+    assert "lora_rank_unit=8 needs lora_layout=bytes" in capsys.readouterr().err
+    assert options_main(["--check", "lora_layout=slots"]) == 0  # the default unit follows the layout
+
+
 def test_check_names_each_bad_value_by_option(capsys):
     assert options_main(["--check", "max_loras=0", "num_replicas=two", "seed"]) == 2
     assert capsys.readouterr().err == "error: 'seed' is not key=value\n"
