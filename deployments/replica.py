@@ -81,9 +81,11 @@ class LLMServer:
 
         started = time.perf_counter()
         local_dir = await self._fetcher.fetch(model_id)
+        seconds = time.perf_counter() - started
         self._metrics.adapter_loads.inc()
-        self._metrics.adapter_load_latency.observe(time.perf_counter() - started)
-        logger.info("fetched adapter %s into %s", model_id, local_dir)
+        self._metrics.adapter_load_latency.observe(seconds)
+        # the time says whether requests queued behind Serve's one-at-a-time loader for it
+        logger.info("fetched adapter %s into %s in %.3f s", model_id, local_dir, seconds)
         return LoRARequest(lora_name=model_id, lora_path=str(local_dir))
 
     def _ensure_stats_task(self) -> None:
