@@ -137,9 +137,10 @@ class Scheduler:
             return self._take(ready, budget)
         for tenant in list(self.tenant_order):
             # one adapter load in flight per tenant: a flood cannot take every slot
-            pending = blocked
+            pending = False
             for seq in list(self.waiting[tenant]):
-                if pending and seq.lora is not None and seq.lora_slot is None:
+                if seq.lora is not None and seq.lora_slot is None and (
+                        pending or (blocked and not self.slots.passes_block(seq))):
                     continue
                 state = self.slots.adapter_state(seq, out)
                 pending |= state == "loading"

@@ -18,7 +18,7 @@ short of blocks, the heap gives borrowed blocks back from its top (`give_back`):
 adapters there are evicted, referenced ones move to free spans lower down.
 """
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -89,8 +89,10 @@ class LoRAManager:
     def num_slots(self) -> int:
         return self.pools.num_slots
 
-    def reserve(self, name: str, path: str) -> int | None:
+    def reserve(self, name: str, path: str, keep: Collection[str] = ()) -> int | None:
         """A slot holding (or loading) adapter `name` with a reference taken, or None for now.
+        Unreferenced adapters named in `keep` are not evicted for it (the slot policy's fair
+        share: engine.slot_policy).
 
         Raises AdapterLoadError when the adapter cannot be loaded (the caller fails its request).
         """
@@ -103,7 +105,7 @@ class LoRAManager:
             self._take(slot)
             return slot
         adapter = self._host_adapter(name, path)
-        placement = None if adapter is None else self._placement(adapter)
+        placement = None if adapter is None else self._placement(adapter, keep)
         if placement is None:
             return None
         slot, victims, compact, borrow = placement
@@ -131,17 +133,19 @@ class LoRAManager:
             self.copies.append((start, start + numel, self.slot_events[slot]))
         return slot
 
-    def _placement(self, adapter: LoRAAdapter) -> tuple[int, list[int], bool, int] | None:
+    def _placement(self, adapter: LoRAAdapter, keep: Collection[str] = ()) -> tuple[int, list[int], bool, int] | None:
         """(slot, slots to evict first, compact the heap then, KV blocks to borrow first) for a
         new adapter, or None while none can be had: an empty unreferenced slot, else the least
         recently used one; then the image fits in a free span, or in the top one grown by
         lendable KV blocks, or else, least recently used first, unreferenced adapters go until
-        it fits in a free span, or, with compaction, until the free bytes hold it."""
-        if not self.free_lru:
+        it fits in a free span, or, with compaction, until the free bytes hold it. Adapters in
+        `keep` are neither replaced nor evicted."""
+        free = [s for s in self.free_lru if self.slot_names[s] is None or self.slot_names[s] not in keep]
+        if not free:
             return None
-        slot = next((s for s in self.free_lru if self.slot_names[s] is None), next(iter(self.free_lru)))
+        slot = next((s for s in free if self.slot_names[s] is None), free[0])
         taken = self.slot_names[slot] is not None  # a slot holding an adapter holds its span
-        order = ([slot] if taken else []) + [s for s in self.free_lru if s != slot and self.slot_spans[s] is not None]
+        order = ([slot] if taken else []) + [s for s in free if s != slot and self.slot_spans[s] is not None]
         numel = self.pools.image_numel(adapter)
         n = self.spans.placement_after(numel, [self.slot_spans[s] for s in order])
         if n is not None and n <= int(taken):
@@ -154,12 +158,12 @@ class LoRAManager:
             return slot, order[:max(n, int(taken))], False, 0  # the reused slot's adapter goes in any case
         if not getattr(self.pools, "can_move", False):
             return None
-        free = self.spans.free_size
+        room = self.spans.free_size
         for m in range(len(order) + 1):
-            if m >= int(taken) and free >= numel:
+            if m >= int(taken) and room >= numel:
                 return slot, order[:m], True, 0
             if m < len(order):
-                free += self.slot_spans[order[m]][1]
+                room += self.slot_spans[order[m]][1]
         return None
 
     def _free_at_top_after(self, victims: list[int]) -> int:

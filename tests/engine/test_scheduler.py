@@ -14,7 +14,7 @@ class FakeLoRAManager:
         self.refs = [0] * num_slots
         self.failing, self.loading = set(failing), set()
 
-    def reserve(self, name, path):
+    def reserve(self, name, path, keep=()):
         if name in self.failing:
             raise AdapterLoadError(f"{name} is broken")
         if name in self.names:
@@ -33,6 +33,10 @@ class FakeLoRAManager:
 
     def holds(self, name):
         return name in self.names
+
+    @property
+    def num_slots(self):
+        return len(self.names)
 
     def collect_loads(self):
         self.collected = getattr(self, "collected", 0) + 1
