@@ -268,6 +268,8 @@ class SlotPolicy:
                 return "loading"
             if seq.adapter_ready is None:
                 seq.adapter_ready = self.sched.clock()
+            # as it is admitted, not only while it runs: a one-step request must count too
+            self.last_ran[seq.lora.lora_name] = (seq.tenant, self.sched.num_steps)
             return "ok"
         except AdapterLoadError as exc:
             seq.error = exc

@@ -332,3 +332,20 @@ def test_without_keeping_the_quiet_tenants_adapter_each_request_waits_for_a_drai
     latencies = _flood_and_short_requests(sim, shorts=10)
     assert len(latencies) == 10
     assert sum(steps > 5 for steps in latencies[1:]) >= 5, latencies
+
+
+def test_a_one_token_request_also_keeps_its_tenants_adapter():
+    """A request that finishes in the step that admits it never runs at a step's start: its
+    adapter counts as run lately from its admission, so the flood does not evict it."""
+    sim = Simulation(num_slots=2, max_num_seqs=8, slot_reclaim_steps=3)
+    sim.add("flood", "ad0", max_tokens=500)
+    for _ in range(LOAD_STEPS + 2):
+        sim.step()
+    quick = sim.add("quiet", "ad", max_tokens=1)
+    for _ in range(LOAD_STEPS + 3):
+        sim.step()
+    assert quick.status is SequenceStatus.FINISHED
+    flood = sim.add("flood", "ad1", max_tokens=500)  # the flood holds 1 of 2 slots: its fair share
+    for _ in range(10):
+        sim.step()
+    assert sim.slots.holds("quiet/ad") and flood.status is SequenceStatus.WAITING
