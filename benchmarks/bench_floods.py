@@ -271,7 +271,7 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
         raise RuntimeError(f"flood {name} did not start")
     time.sleep(1.0)
     idle = sampler.current()
-    gc_before = engine_gc(client, url)
+    before = engine_counters(client, url)
     started = time.monotonic()
     go.set()
     times, errors = [], []
@@ -282,7 +282,7 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
             errors.append(str(exc)[:200])
     ended = time.monotonic()
     proc.join()
-    gc_after = engine_gc(client, url)
+    after_counters = engine_counters(client, url)
     flood = queue.get(timeout=10) if not queue.empty() else {"statuses": {}, "wall_s": None}
     time.sleep(opts.settle_s)
     after, peak = sampler.current(), sampler.peak(started, ended)
@@ -293,17 +293,26 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
                      "after_mb": round(after.get(role, 0.0)),
                      "peak_over_idle_mb": round(peak.get(role, 0.0) - idle.get(role, 0.0))}
               for role in sorted(set(idle) | set(peak))}
-    engine = {"gc_collections": gc_after["gc_collections"] - gc_before["gc_collections"],
-              "gc_pause_ms": round(1e3 * (gc_after["gc_pause_seconds"] - gc_before["gc_pause_seconds"]), 1),
-              "gc_longest_pause_ms_so_far": round(1e3 * gc_after["gc_longest_pause_seconds"], 1)}
+    engine = {"gc_collections": after_counters["gc_collections"] - before["gc_collections"],
+              "gc_pause_ms": round(1e3 * (after_counters["gc_pause_seconds"] - before["gc_pause_seconds"]), 1),
+              "gc_longest_pause_ms_so_far": round(1e3 * after_counters["gc_longest_pause_seconds"], 1),
+              **{name: after_counters[key] - before[key] for key, name in SLOT_COUNTERS.items()}}
     return {"flood": flood, "victim": victim, "memory": memory, "engine": engine}
 
 
-def engine_gc(client, url: str) -> dict:
-    """The engine's garbage-collector counters from /ready (no key needed): a tail in the victim's
-    latency that lines up with long pauses there is the collector's, not the flood's."""
+# engine.stats() key -> its name in a flood's "engine" counters: a victim tail that lines up with
+# slot preemptions and loads is the adapter slots', not the serving stack's
+SLOT_COUNTERS = {"lora_slot_loads": "slot_loads", "lora_slot_preemptions": "slot_preemptions",
+                 "lora_evictions": "evictions", "lora_host_loads": "host_loads", "num_preemptions": "preemptions"}
+
+
+def engine_counters(client, url: str) -> dict:
+    """The engine's garbage-collector and adapter-slot counters from /ready (no key needed; its
+    answer may be up to a second old): a tail in the victim's latency that lines up with long
+    pauses there is the collector's, not the flood's."""
     stats = client.get(f"{url}/ready", timeout=30).json()["engine"]
-    return {key: stats[key] for key in ("gc_collections", "gc_pause_seconds", "gc_longest_pause_seconds")}
+    return {key: stats[key] for key in ("gc_collections", "gc_pause_seconds", "gc_longest_pause_seconds",
+                                        *SLOT_COUNTERS)}
 
 
 def setup_service(workdir: Path, device: str = "cpu", model: str | None = None, hf_overrides: str | None = None):
@@ -376,7 +385,8 @@ def print_table(results: dict) -> None:
     base = results["baseline"]
     print(f"\nvictim unloaded: p50 {base['p50_ms']} ms, p99 {base['p99_ms']} ms (n={base['n']})")
     head = ("flood", "flood statuses", "victim p99 ms", "x unloaded", "victim errors",
-            "proxy +MB peak/after", "ingress +MB peak/after", "engine GC ms (collections)")
+            "proxy +MB peak/after", "ingress +MB peak/after", "engine GC ms (collections)",
+            "slot loads / preemptions")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, r in results["floods"].items():
         cells = [name, " ".join(f"{k}:{v}" for k, v in sorted(r["flood"]["statuses"].items())),
@@ -385,6 +395,7 @@ def print_table(results: dict) -> None:
             m = r["memory"].get(role)
             cells.append("-" if m is None else f"{m['peak_over_idle_mb']} / {m['after_mb'] - m['idle_mb']}")
         cells.append(f"{r['engine']['gc_pause_ms']} ({r['engine']['gc_collections']})")
+        cells.append(f"{r['engine']['slot_loads']} / {r['engine']['slot_preemptions']}")
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
