@@ -271,7 +271,7 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
         raise RuntimeError(f"flood {name} did not start")
     time.sleep(1.0)
     idle = sampler.current()
-    before = engine_counters(client, url)
+    counters_before = engine_counters(client, url)
     started = time.monotonic()
     go.set()
     times, errors = [], []
@@ -282,7 +282,7 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
             errors.append(str(exc)[:200])
     ended = time.monotonic()
     proc.join()
-    after_counters = engine_counters(client, url)
+    counters_after = engine_counters(client, url)
     flood = queue.get(timeout=10) if not queue.empty() else {"statuses": {}, "wall_s": None}
     time.sleep(opts.settle_s)
     after, peak = sampler.current(), sampler.peak(started, ended)
@@ -293,10 +293,10 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
                      "after_mb": round(after.get(role, 0.0)),
                      "peak_over_idle_mb": round(peak.get(role, 0.0) - idle.get(role, 0.0))}
               for role in sorted(set(idle) | set(peak))}
-    engine = {"gc_collections": after_counters["gc_collections"] - before["gc_collections"],
-              "gc_pause_ms": round(1e3 * (after_counters["gc_pause_seconds"] - before["gc_pause_seconds"]), 1),
-              "gc_longest_pause_ms_so_far": round(1e3 * after_counters["gc_longest_pause_seconds"], 1),
-              **{name: after_counters[key] - before[key] for key, name in SLOT_COUNTERS.items()}}
+    delta = lambda key: counters_after[key] - counters_before[key]  # noqa: E731
+    engine = {"gc_collections": delta("gc_collections"), "gc_pause_ms": round(1e3 * delta("gc_pause_seconds"), 1),
+              "gc_longest_pause_ms_so_far": round(1e3 * counters_after["gc_longest_pause_seconds"], 1),
+              **{name: delta(key) for key, name in SLOT_COUNTERS.items()}}
     return {"flood": flood, "victim": victim, "memory": memory, "engine": engine}
 
 

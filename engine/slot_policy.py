@@ -98,10 +98,7 @@ class SlotPolicy:
             since = step - self.keep_steps
             for name in [n for n, (_, last) in self.last_ran.items() if last < since]:
                 del self.last_ran[name]
-            held: dict[str, set[int]] = {}
-            for seq in (*self.sched.running, *(s for q in self.sched.waiting.values() for s in q)):
-                if seq.lora_slot is not None:
-                    held.setdefault(seq.tenant, set()).add(seq.lora_slot)
+            held = self._slots_held([s for q in self.sched.waiting.values() for s in q])
             wanting = set(held) | {t for t, _ in self.last_ran.values()} | {
                 t for t, q in self.sched.waiting.items() if any(s.lora is not None for s in q)}
             fair = max(1.0, self.lora_manager.num_slots / max(1, len(wanting)))

@@ -81,18 +81,19 @@ def model_shape(spec: ModelSpec) -> ModelShape:
                       num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
 
 
-YIELD_EVERY = 4  # tensors between two yields of the GIL (_yielding): ~0.5 ms of a load's work
+YIELD_EVERY = 4  # tensors between two yields of the GIL (_yielding)
 
 
-def _yielding(items, every: int = YIELD_EVERY):
-    """`items`, giving the GIL up every `every` of them. Loads run in threads of the engine's
+def _yielding(items):
+    """`items`, giving the GIL up every YIELD_EVERY of them. Loads run in threads of the engine's
     process, and an adapter on every expert is thousands of small Python steps (a tensor each):
     without a yield, each time the step loop's thread wants the GIL back (after every op that
     released it) it waits until the loader is forced off, up to the 5 ms switch interval. On
-    the dev box (8 layers of Qwen3-30B-A3B, one loader) a host-bound step of 60 small ops went
-    from 0.29 to 1.0 ms p50 and 15 ms p99 during loads; with the yields, 0.41 and 6.9."""
+    the dev box (8 layers of Qwen3-30B-A3B, one loading thread), a host-bound stand-in for the
+    step loop took p99 / max 7.9 / 73 ms an iteration beside loads without the yields, 1.2 / 8.9
+    ms with them, 0.33 / 0.44 ms alone (`bench_adapter_load.py --step-loop`, RESULTS.md)."""
     for i, item in enumerate(items):
-        if i % every == 0:
+        if i % YIELD_EVERY == 0:
             time.sleep(0)  # releases the GIL, and a waiting thread takes it
         yield item
 
