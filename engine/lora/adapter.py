@@ -90,8 +90,8 @@ def _yielding(items):
     without a yield, each time the step loop's thread wants the GIL back (after every op that
     released it) it waits until the loader is forced off, up to the 5 ms switch interval. On
     the dev box (8 layers of Qwen3-30B-A3B, one loading thread), a host-bound stand-in for the
-    step loop took p99 / max 7.9 / 73 ms an iteration beside loads without the yields, 1.2 / 8.9
-    ms with them, 0.33 / 0.44 ms alone (`bench_adapter_load.py --step-loop`, RESULTS.md)."""
+    step loop took p99 5.0-5.2 ms an iteration beside loads without the yields, 0.83-0.86 ms
+    with them, 0.30-0.34 ms alone (`bench_adapter_load.py --step-loop`, RESULTS.md)."""
     for i, item in enumerate(items):
         if i % YIELD_EVERY == 0:
             time.sleep(0)  # releases the GIL, and a waiting thread takes it
