@@ -399,7 +399,7 @@ def main():
                     "heap: per-expert adapters, and shared-outer ones with each row's shrink / once a token, exit")
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK],
                     help="--sweep-rows: adapter ranks cycled over the slots")
-    ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "split", "split-tiles", "split-blocks", "fused"],
+    ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "rows-apart", "split", "split-tiles", "split-blocks", "fused"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
     if not (args.sweep_rows or args.shared_outer):

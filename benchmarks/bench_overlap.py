@@ -128,7 +128,7 @@ def main() -> None:
                 if isinstance(t, dict):
                     print(f"{kind} M={m} {proj}: " + ", ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in t.items()),
                           flush=True)
-    write_results({"provenance": provenance(), **results}, args.out, "overlap")
+    write_results({"provenance": provenance(sys.argv), **results}, args.out, "overlap")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kernels.moe.align import VirtualLayout, moe_align_virtual
 from kernels.moe.activation import silu_mul
+from kernels.moe.down_fold import rank_block, silu_mul_shrink, topk_sum
 from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.moe.expand import lora_expand
@@ -83,13 +84,15 @@ ROWS_MAX_EXPAND = 8192
 # 8 / 16 / 32 / 64 over 25 adapters (M = 40 / 64), gate_up 57.4 -> 45.2 / 83.8 -> 67.1 us and down
 # 51.4 -> 38.1 / 72.3 -> 52.8 us against every row at the rank-64 tile (RESULTS.md, kernels).
 ROWS_TILES_GATE_UP = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}
-ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}
+ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}  # "rows-apart"
 ROWS_PROGRAMS = 1024
-LORA_PATHS = ("auto", "rows", "split", "split-tiles", "split-blocks", "fused")
+LORA_PATHS = ("auto", "rows", "rows-apart", "split", "split-tiles", "split-blocks", "fused")
 
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
-    """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS)."""
+    """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS: "rows" folds the
+    down delta into the activation and top-k sum launches, kernels/moe/down_fold.py; "rows-apart"
+    gives it its own row launch, as before the fold, for A/B runs)."""
     if fused_path_ok(num_tokens, inter):
         return "fused"
     return "rows" if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND else "split"
@@ -116,8 +119,9 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     if lora is None:
         return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, None, [])
     path = lora_path(num_tokens, top_k, inter) if path == "auto" else path
-    if path == "rows":
-        return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], row_slots=slot_ids)
+    if path in ("rows", "rows-apart"):
+        return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], row_slots=slot_ids,
+                                fold_down=path == "rows")
     if path == "fused":
         expect(fused_path_ok(num_tokens, inter), f"the fused path takes one token and I a multiple of "
                f"{_base_config(16)['block_n']}, got {num_tokens} tokens and I = {inter}")
@@ -142,12 +146,14 @@ def fused_path_ok(num_tokens: int, inter: int) -> bool:
 def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
                      topk_ids: Tensor, lora: MoELoRAWeights | None, vlays: list[VirtualLayout],
                      fused_layout: VirtualLayout | None = None, row_slots: Tensor | None = None,
-                     expand: str = "auto", shared: "tuple[SharedTokens | None, SharedTokens | None] | None" = None
-                     ) -> Tensor:
+                     expand: str = "auto", shared: "tuple[SharedTokens | None, SharedTokens | None] | None" = None,
+                     fold_down: bool = True) -> Tensor:
     """The base MoE with LoRA over each given virtual layout (one for all adapters, or one
     per adapter for the conventional per-adapter loop the benchmark compares against), or,
     given an expert-major fused_layout, base and LoRA in the same launches, or, given
-    row_slots (the tokens' slot ids), LoRA by routed rows. expand: the layouts' expand kernel,
+    row_slots (the tokens' slot ids), LoRA by routed rows, the down delta folded into the activation
+    and the top-k sum (kernels/moe/down_fold.py; fold_down=False: by its own row launch, the
+    path before the fold, for A/B runs). expand: the layouts' expand kernel,
     "tiles", "blocks" or "auto" (by row count). shared (one layout only): the tokens on slots
     whose gate/up A, and those whose down B, every expert shares (SharedTokens): their gate/up
     shrink runs once a token and their down expand once a token, on the top-k sum."""
@@ -170,17 +176,24 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     if row_slots is not None:
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
                    a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), **ROWS_TILES_GATE_UP)
-    act = silu_mul(gate_up, hidden.new_empty(rows, inter))
+    act = hidden.new_empty(rows, inter)
+    folded = None
+    if row_slots is not None and fold_down:
+        shrunk = torch.empty(rows, rank_block(lora.max_rank), dtype=torch.float32, device=hidden.device)
+        silu_mul_shrink(gate_up, act, shrunk, lora.down_a, lora.ranks, row_slots, topk_ids)
+        folded = (lora.down_b, lora.ranks, shrunk, weights, row_slots, topk_ids)
+    else:
+        silu_mul(gate_up, act)
     y = hidden.new_empty(rows, d)
     moe_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
                  **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
     token_down = None
     for vlay in vlays:
         token_down = _lora_down_(act, y, lora, vlay, weights, expand, shared_b)
-    if row_slots is not None:
+    if row_slots is not None and not fold_down:
         lora_rows_(act, y, lora.down_a, lora.down_b, lora.ranks, row_slots, topk_ids, a_row_div=1,
                    scale=weights, parts=_row_parts(rows, 1), **ROWS_TILES_DOWN)
-    out = y.view(num_tokens, top_k, d).sum(dim=1)
+    out = topk_sum(y, hidden.new_empty(num_tokens, d), top_k, folded)
     if token_down is not None:  # out[t] += (sum_k w_k * shrunk_k) @ B_shared.T, once a token
         r = lora.max_rank
         lora_expand_tiles(token_down, lora.down_b, out, shared_b.layout, lora.ranks, n=d, k=r,

@@ -77,6 +77,8 @@ def case_names() -> list[str]:
               "moe-fp16-t17e10k8-distinct-mixed-shared-heap-split",
               "moe-fp32-t9e6k2-uniform-mixed-shared-heap-split-tiles",
               "moe-fp16-t17e10k8-skewed-shared-heap-split-blocks", "moe-fp32-t1e6k2-distinct-mixed-shared-heap-fused"]
+    # the down delta by its own row launch (path "rows-apart", the row path before the down fold)
+    names += ["moe-fp16-t17e10k8-zipf-mixed-heap-apart", "moe-fp32-t9e6k2-rank64-nanpad-apart"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -117,6 +119,8 @@ def run_moe(name: str) -> dict:
     path = next((opt for opt in p["rest"] if opt in ("fused", "split")), "auto")
     if path == "split" and p["rest"][-1] in ("tiles", "blocks"):
         path = f"split-{p['rest'][-1]}"
+    if "apart" in p["rest"]:
+        path = "rows-apart"
     if path == "fused" and t > 1:
         path = "auto"  # the fused launch takes one token; with more, the default path
     got = fused_moe_triton(*args, lora=lora, slot_ids=slots, path=path)

@@ -57,7 +57,7 @@ def test_fused_moe_bf16_token_counts_and_topk(t, k):
 
 @pytest.mark.parametrize("t, k, path", [(64, 8, "rows"), (64, 8, "split"), (1, 8, "fused"), (1, 8, "rows"),
                                         (200, 8, "rows"), (5, 2, "split"), (64, 8, "split-tiles"),
-                                        (17, 8, "split-blocks")])
+                                        (17, 8, "split-blocks"), (64, 8, "rows-apart")])
 def test_fused_moe_bf16_each_lora_path(t, k, path):
     _check_moe(t, k, "uniform", seed=2, path=path)
 
@@ -179,7 +179,27 @@ def test_lora_group_rows_capture_in_cuda_graph():
     assert torch.equal(out, eager)
 
 
-@pytest.mark.parametrize("t", [1, 8])
+@pytest.mark.parametrize("t", [64, 300])
+def test_linear_lora_beside_its_gemm_equals_the_serial_launches(t):
+    """linear_lora runs the split path's shrink on a side stream beside the base GEMM: the same
+    kernels as F.linear then lora_group_linear_, so the same bits, eagerly and replayed from a
+    CUDA graph (the fork and join captured)."""
+    from kernels.moe.dense_launch import dense_group_triton_
+    group, x, out, slots, _ = _qkv_case(t, (4096, 512, 512), 11)
+    weight = torch.randn(out.shape[1], x.shape[1], device="cuda", dtype=x.dtype) * x.shape[1] ** -0.5
+    serial = dense_group_triton_(x, torch.nn.functional.linear(x, weight), group, slots, path="split")
+    eager = kernels.linear_lora(x, weight, None, group, slots)
+    assert torch.equal(eager, serial)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = kernels.linear_lora(x, weight, None, group, slots)
+    static_out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, serial)
+
+
+@pytest.mark.parametrize("t", [1, 8, 64])
 def test_decode_step_captures_in_cuda_graph(t):
     """No host sync in the forward: alignment and all launches capture and replay."""
     gen, cpu_gen = _gens(9)

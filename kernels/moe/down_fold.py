@@ -1,0 +1,165 @@
+"""The down projection's LoRA at decode size, folded into the launches around the base down GEMM.
+
+T = tokens, K = top-k, row r = t * K + k, s = slot_ids[t], e = topk_ids[t, k], r_s = ranks[s],
+I = expert intermediate, D = hidden, R = the pool's largest rank.
+    silu_mul_shrink:  act[r]  = silu(gate_up[r, :I]) * gate_up[r, I:]       (fp32, rounded once)
+                      shrunk[r, :r_s] = act[r] @ A_down[s, e, :r_s].T        (fp32 sums of act's bf16)
+    (base)            y[r]    = w[r] * act[r] @ W_down[e].T
+    topk_sum:         out[t]  = sum_k y[t*K + k] + w[t*K + k] * shrunk[t*K + k].to(B) @ B_down[s, e_k, :, :r_s].T
+                      (fp32, rounded once)
+
+Why fold: at decode (64 tokens x top-8 over 16 adapters) the down delta is ~10 us of bytes, and
+its own launch (a program per row: shrink, then expand into y) cost ~20 us on the H200, a chain of
+dependent loads between two launches that exist anyway. The activation's program holds the whole
+row of act, so the shrink there reads only A; the top-k sum reads every y row of a token, so the
+expand there reads only B and writes nothing extra (no read-modify-write of y). Rows without an
+adapter take the same arithmetic as without LoRA: `silu_mul_shrink` computes act with
+`silu_mul`'s expression and `topk_sum` sums y in the same order either way, so a token without an
+adapter is bitwise equal to a run without LoRA (the base path sums with `topk_sum` too).
+"""
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.errors import expect
+from kernels.moe.operands import factor_at
+from kernels.weights import Factor, as_factor
+
+
+@triton.jit
+def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k,
+                            num_slots, num_experts, num_cols, big_r, stride_xm, stride_om,
+                            BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ids_ptr + row // top_k).to(tl.int64)
+    expert = tl.load(topk_ids_ptr + row).to(tl.int64)
+    live = (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < num_experts)
+    slot = tl.where(live, slot, 0)
+    expert = tl.where(live, expert, 0)
+    rank = tl.where(live, tl.minimum(tl.load(ranks_ptr + slot), big_r), 0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    la_base, la_rows = factor_at(LA, slot, expert, 0)
+    la_base += offs_r[:, None] * la_rows
+    shrunk = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, num_cols, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < num_cols
+        # silu_mul's expression: gate is columns [0, I), up is columns [I, 2I) of the same row
+        gate = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_xm + num_cols + offs, mask=mask, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * stride_om + offs, act, mask=mask)
+        if rank > 0:  # the down GEMM reads act as stored: the shrink does too
+            a = tl.load(la_base + offs[None, :] * LA[5], mask=r_ok[:, None] & mask[None, :], other=0.0)
+            shrunk += tl.sum(act.to(a.dtype).to(tl.float32)[None, :] * a.to(tl.float32), axis=1)
+    tl.store(shrunk_ptr + row * BLOCK_R + offs_r, shrunk)
+
+
+@triton.jit
+def _topk_sum_kernel(y_ptr, out_ptr, shrunk_ptr, LB, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k,
+                     num_slots, num_experts, d, big_r, stride_ym, stride_om,
+                     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_LORA: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < d
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_LORA:
+        slot = tl.load(slot_ids_ptr + t).to(tl.int64)
+        slot_live = (slot >= 0) & (slot < num_slots)
+        slot = tl.where(slot_live, slot, 0)
+        rank = tl.where(slot_live, tl.minimum(tl.load(ranks_ptr + slot), big_r), 0)
+    offs_r = tl.arange(0, BLOCK_R)
+    for k in range(0, top_k):
+        row = t * top_k + k
+        y = tl.load(y_ptr + row * stride_ym + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_LORA:
+            expert = tl.load(topk_ids_ptr + row).to(tl.int64)
+            if (rank > 0) & (expert >= 0) & (expert < num_experts):
+                r_ok = offs_r < rank
+                # the shrink rounds to B's dtype, as the row and split paths' do
+                s = tl.load(shrunk_ptr + row * BLOCK_R + offs_r, mask=r_ok, other=0.0)
+                s = s.to(LB[0].dtype.element_ty).to(tl.float32)
+                lb_base, lb_rows = factor_at(LB, slot, expert, 0)
+                b = tl.load(lb_base + offs[:, None] * lb_rows + offs_r[None, :] * LB[5],
+                            mask=mask[:, None] & r_ok[None, :], other=0.0)
+                w = tl.load(scale_ptr + row).to(tl.float32)
+                y += tl.sum(b.to(tl.float32) * s[None, :], axis=1) * w
+        acc += y
+    tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rank_block(big_r: int) -> int:
+    """The shrink buffer's width (and the kernels' rank tile) for a pool of largest rank big_r."""
+    return max(16, triton.next_power_of_2(big_r))
+
+
+def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | Tensor", ranks: Tensor,
+                    slot_ids: Tensor, topk_ids: Tensor) -> Tensor:
+    """out = silu(gate_up[:, :I]) * gate_up[:, I:] as `silu_mul` computes it, and each routed row's
+    down shrink from it; returns out.
+
+    Semantics (see the module docstring): shrunk[r, :r_s] = out[r].float() @ la[s, e, :r_s].float().T
+    summed in fp32; shrunk[r, r_s:] = 0, and all of row r zero where s or e is out of range.
+    Args:
+        gate_up: [T*K, 2I], unit column stride. out: [T*K, I], gate_up's dtype, unit column stride.
+        shrunk: [T*K, rank_block(R)] fp32, contiguous, written in full.
+        la: the down A Factor of logical shape [S, E, R, I] (or its padded stack), out's dtype.
+        ranks: [S] int32. slot_ids: [T] int (-1: no adapter). topk_ids: [T, K] int.
+    """
+    rows, two_i = gate_up.shape
+    t, top_k = topk_ids.shape
+    la = as_factor(la, la.shape[2])
+    num_slots, num_experts, big_r, inter = la.shape
+    br = rank_block(big_r)
+    expect(two_i == 2 * inter and rows == t * top_k, f"gate_up must be [{t * top_k}, {2 * inter}], got {tuple(gate_up.shape)}")
+    expect(tuple(out.shape) == (rows, inter), f"out must be [{rows}, {inter}], got {tuple(out.shape)}")
+    expect(gate_up.stride(1) == 1 and out.stride(1) == 1, "silu_mul_shrink needs unit column strides")
+    expect(tuple(shrunk.shape) == (rows, br) and shrunk.is_contiguous(), f"shrunk must be a contiguous [{rows}, {br}]")
+    expect(tuple(slot_ids.shape) == (t,) and tuple(ranks.shape) == (num_slots,), f"slot_ids must be [{t}], ranks [{num_slots}]")
+    if rows == 0:
+        return out
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    block = min(1024, triton.next_power_of_2(inter))
+    _silu_mul_shrink_kernel[(rows,)](
+        gate_up, out, shrunk, la.operand(), ranks, slot_ids, ids, top_k, num_slots, num_experts, inter, big_r,
+        gate_up.stride(0), out.stride(0), BLOCK=block, BLOCK_R=br, num_warps=4)
+    return out
+
+
+TOPK_SUM_BLOCK_D = 128
+
+
+def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None" = None
+             ) -> Tensor:
+    """out[t] = sum over k of y[t*K + k] in fp32, rounded once; with lora = (lb, ranks, shrunk,
+    scale, slot_ids, topk_ids), each row's down expand added first (module docstring). Returns out.
+
+    Args:
+        y: [T*K, D], unit column stride. out: [T, D], unit column stride, written in full.
+        lb: the down B Factor of logical shape [S, E, D, R]; ranks [S] int32; shrunk: silu_mul_shrink's
+        [T*K, rank_block(R)] fp32; scale: [T*K] float (routing weights); slot_ids [T]; topk_ids [T, K].
+    """
+    rows, d = y.shape
+    t = out.shape[0]
+    expect(rows == t * top_k and tuple(out.shape) == (t, d), f"y must be [T*K, D] and out [T, D], got {tuple(y.shape)}, {tuple(out.shape)}")
+    expect(y.stride(1) == 1 and out.stride(1) == 1, "topk_sum needs unit column strides")
+    if t == 0 or d == 0:
+        return out
+    grid = (t, triton.cdiv(d, TOPK_SUM_BLOCK_D))
+    if lora is None:
+        _topk_sum_kernel[grid](y, out, y, None, y, y, y, y, top_k, 0, 0, d, 0, y.stride(0), out.stride(0),
+                               BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=16, HAS_LORA=False, num_warps=4)
+        return out
+    lb, ranks, shrunk, scale, slot_ids, topk_ids = lora
+    lb = as_factor(lb, lb.shape[2])
+    num_slots, num_experts, _, big_r = lb.shape
+    br = rank_block(big_r)
+    expect(tuple(lb.shape[2:]) == (d, big_r), f"lb must be [S, E, {d}, R], got {tuple(lb.shape)}")
+    expect(tuple(shrunk.shape) == (rows, br) and shrunk.is_contiguous(), f"shrunk must be a contiguous [{rows}, {br}]")
+    expect(tuple(scale.shape) == (rows,) and tuple(slot_ids.shape) == (t,), f"scale must be [{rows}], slot_ids [{t}]")
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    _topk_sum_kernel[grid](y, out, shrunk, lb.operand(), scale, ranks, slot_ids, ids, top_k, num_slots, num_experts,
+                           d, big_r, y.stride(0), out.stride(0), BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=br,
+                           HAS_LORA=True, num_warps=4)
+    return out
