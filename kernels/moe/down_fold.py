@@ -30,6 +30,10 @@ from kernels.weights import Factor, as_factor
 def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k,
                             num_slots, num_experts, num_cols, big_r, stride_xm, stride_om,
                             BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Straight-line code, masks instead of branches: the A tile's address needs three dependent
+    # loads (slot, expert, the factor's offset), and a branch on the rank would keep the gate/up
+    # loads from being in flight beside them. A row without an adapter has rank 0: its A loads
+    # are all masked off (no memory traffic) and its shrink is 0.
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ids_ptr + row // top_k).to(tl.int64)
     expert = tl.load(topk_ids_ptr + row).to(tl.int64)
@@ -48,18 +52,21 @@ def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_
         # silu_mul's expression: gate is columns [0, I), up is columns [I, 2I) of the same row
         gate = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_xm + num_cols + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(la_base + offs[None, :] * LA[5], mask=r_ok[:, None] & mask[None, :], other=0.0)
         act = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * stride_om + offs, act, mask=mask)
-        if rank > 0:  # the down GEMM reads act as stored: the shrink does too
-            a = tl.load(la_base + offs[None, :] * LA[5], mask=r_ok[:, None] & mask[None, :], other=0.0)
-            shrunk += tl.sum(act.to(a.dtype).to(tl.float32)[None, :] * a.to(tl.float32), axis=1)
+        # the down GEMM reads act as stored: the shrink does too
+        shrunk += tl.sum(act.to(a.dtype).to(tl.float32)[None, :] * a.to(tl.float32), axis=1)
     tl.store(shrunk_ptr + row * BLOCK_R + offs_r, shrunk)
 
 
 @triton.jit
-def _topk_sum_kernel(y_ptr, out_ptr, shrunk_ptr, LB, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k,
-                     num_slots, num_experts, d, big_r, stride_ym, stride_om,
+def _topk_sum_kernel(y_ptr, out_ptr, shrunk_ptr, LB, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr,
+                     num_slots, num_experts, d, big_r, stride_ym, stride_om, TOP_K: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_LORA: tl.constexpr):
+    # The top-k loop is unrolled and branch-free (a row's delta is selected, not branched to), so
+    # every row's y, shrink and B loads are in flight at once: with a branch each row's chain
+    # (expert id, factor offset, B) waited for the previous row's, ~8 DRAM latencies a program.
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < d
@@ -69,22 +76,23 @@ def _topk_sum_kernel(y_ptr, out_ptr, shrunk_ptr, LB, scale_ptr, ranks_ptr, slot_
         slot_live = (slot >= 0) & (slot < num_slots)
         slot = tl.where(slot_live, slot, 0)
         rank = tl.where(slot_live, tl.minimum(tl.load(ranks_ptr + slot), big_r), 0)
-    offs_r = tl.arange(0, BLOCK_R)
-    for k in range(0, top_k):
-        row = t * top_k + k
+        offs_r = tl.arange(0, BLOCK_R)
+    for k in tl.static_range(TOP_K):
+        row = t * TOP_K + k
         y = tl.load(y_ptr + row * stride_ym + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_LORA:
             expert = tl.load(topk_ids_ptr + row).to(tl.int64)
-            if (rank > 0) & (expert >= 0) & (expert < num_experts):
-                r_ok = offs_r < rank
-                # the shrink rounds to B's dtype, as the row and split paths' do
-                s = tl.load(shrunk_ptr + row * BLOCK_R + offs_r, mask=r_ok, other=0.0)
-                s = s.to(LB[0].dtype.element_ty).to(tl.float32)
-                lb_base, lb_rows = factor_at(LB, slot, expert, 0)
-                b = tl.load(lb_base + offs[:, None] * lb_rows + offs_r[None, :] * LB[5],
-                            mask=mask[:, None] & r_ok[None, :], other=0.0)
-                w = tl.load(scale_ptr + row).to(tl.float32)
-                y += tl.sum(b.to(tl.float32) * s[None, :], axis=1) * w
+            live = (rank > 0) & (expert >= 0) & (expert < num_experts)
+            r_ok = offs_r < tl.where(live, rank, 0)
+            # the shrink rounds to B's dtype, as the row and split paths' do
+            s = tl.load(shrunk_ptr + row * BLOCK_R + offs_r, mask=r_ok, other=0.0)
+            s = s.to(LB[0].dtype.element_ty).to(tl.float32)
+            lb_base, lb_rows = factor_at(LB, slot, tl.where(live, expert, 0), 0)
+            b = tl.load(lb_base + offs[:, None] * lb_rows + offs_r[None, :] * LB[5],
+                        mask=mask[:, None] & r_ok[None, :], other=0.0)
+            w = tl.load(scale_ptr + row).to(tl.float32)
+            # rows without a delta add y itself: the same arithmetic as without LoRA (bitwise)
+            y = tl.where(live, y + tl.sum(b.to(tl.float32) * s[None, :], axis=1) * w, y)
         acc += y
     tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -148,7 +156,7 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
         return out
     grid = (t, triton.cdiv(d, TOPK_SUM_BLOCK_D))
     if lora is None:
-        _topk_sum_kernel[grid](y, out, y, None, y, y, y, y, top_k, 0, 0, d, 0, y.stride(0), out.stride(0),
+        _topk_sum_kernel[grid](y, out, y, None, y, y, y, y, 0, 0, d, 0, y.stride(0), out.stride(0), TOP_K=top_k,
                                BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=16, HAS_LORA=False, num_warps=4)
         return out
     lb, ranks, shrunk, scale, slot_ids, topk_ids = lora
@@ -159,7 +167,7 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
     expect(tuple(shrunk.shape) == (rows, br) and shrunk.is_contiguous(), f"shrunk must be a contiguous [{rows}, {br}]")
     expect(tuple(scale.shape) == (rows,) and tuple(slot_ids.shape) == (t,), f"scale must be [{rows}], slot_ids [{t}]")
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    _topk_sum_kernel[grid](y, out, shrunk, lb.operand(), scale, ranks, slot_ids, ids, top_k, num_slots, num_experts,
-                           d, big_r, y.stride(0), out.stride(0), BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=br,
+    _topk_sum_kernel[grid](y, out, shrunk, lb.operand(), scale, ranks, slot_ids, ids, num_slots, num_experts,
+                           d, big_r, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=br,
                            HAS_LORA=True, num_warps=4)
     return out
