@@ -20,11 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from kernels import DenseLoRAGroup, linear_lora
+from kernels import DenseLoRAGroup
 from kernels.moe.lora_rows import lora_group_rows_
-from kernels.moe.dense_launch import DENSE_ROWS_TILES, dense_group_triton_, dense_layout, dense_path, dense_row_parts
+from kernels.moe.dense_launch import DENSE_ROWS_TILES, dense_group_triton_, dense_layout, dense_row_parts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from bench_moe_lora import copy_bandwidth, time_graph
@@ -123,15 +122,6 @@ def run_config(preset: str, layer: dict, m: int, n: int, bw: float, gen: torch.G
     results["rows_vs_split_delta_rel"] = diff / max(scale, 1e-30)
     results["base_gemms_us"] = 1e3 * time_graph(lambda: (torch.matmul(x, layer["w_qkv"].T, out=qkv_out),
                                                         torch.matmul(attn, layer["w_o"].T, out=o_out)))
-    # the projections as the engine runs them: base GEMM then LoRA (split path, serial), against
-    # kernels.linear_lora (the split path's shrink on a side stream beside the base GEMM)
-    if dense_path(m, 3) == "split":
-        results["gemms_lora_serial_us"] = 1e3 * time_graph(lambda: (
-            dense_group_triton_(x, F.linear(x, layer["w_qkv"]), layer["qkv"], slots, layout, path="split"),
-            dense_group_triton_(attn, F.linear(attn, layer["w_o"]), layer["o"], slots, layout, path="split")))
-        results["gemms_lora_beside_us"] = 1e3 * time_graph(lambda: (
-            linear_lora(x, layer["w_qkv"], None, layer["qkv"], slots, layout),
-            linear_lora(attn, layer["w_o"], None, layer["o"], slots, layout)))
     results["floor_us"] = floor_us(layer, slots, bw)
     return {"preset": preset, "m": m, "n": n, "parts": dense_row_parts(m, 3), **results}
 
@@ -206,13 +196,11 @@ def profile(layer: dict, n: int, tokens: list[int], gen: torch.Generator) -> lis
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'preset':<15}{'M':>6}{'n':>4} {'base GEMMs':>10} {'rows':>8} {'split':>8} {'floor':>7} "
-          f"{'rows/floor':>10} {'split/rows':>10} {'GEMMs+LoRA serial':>17} {'beside':>7}  (us; split includes "
-          f"its alignment; the last two do not)")
+          f"{'rows/floor':>10} {'split/rows':>10}  (us; split includes its alignment)")
     for r in rows:
         print(f"{r['preset']:<15}{r['m']:>6}{r['n']:>4} {r['base_gemms_us']:>10.1f} {r['rows_us']:>8.1f} "
               f"{r['split_us']:>8.1f} {r['floor_us']:>7.2f} {r['rows_us'] / r['floor_us']:>10.1f} "
-              f"{r['split_us'] / r['rows_us']:>10.2f} {r.get('gemms_lora_serial_us', float('nan')):>17.1f} "
-              f"{r.get('gemms_lora_beside_us', float('nan')):>7.1f}")
+              f"{r['split_us'] / r['rows_us']:>10.2f}")
 
 
 def main() -> None:

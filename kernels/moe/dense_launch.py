@@ -7,7 +7,6 @@ input width, OUT = the sum of their output sections.
     out[:, section h] += part[:, h*R:h*R + r_h] @ B_h[s].T
 """
 import torch
-import torch.nn.functional as F
 import triton
 from torch import Tensor
 
@@ -93,74 +92,26 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
     virtual-expert shrink split over K for all projections at once, then one expand over the
     projections' sections of out. A group whose sections no 16-column tile divides runs one
     projection at a time."""
-    if x.shape[0] == 0:
+    num_tokens, num_in = x.shape
+    if num_tokens == 0:
         return out
-    if group_block_n(lora.sections) == 0:
+    block_n = group_block_n(lora.sections)
+    if block_n == 0:
         for h in range(lora.num_projections):
             lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout)
         return out
-    part = _group_part(x, lora)
-    _group_shrink(x, part, lora, layout)
-    return _group_expand_(part, out, lora, layout)
-
-
-def _group_part(x: Tensor, lora: DenseLoRAGroup) -> Tensor:
-    """The shrink's fp32 partial sums [K slices, T, H*R] (whole K tiles a slice: maybe fewer
-    slices than group_k_splits asks)."""
-    slices = k_slices(x.shape[1], group_k_splits(x.shape[1]), SHRINK["block_k"])[1]
-    return torch.empty(slices, x.shape[0], lora.num_projections * lora.max_rank, dtype=torch.float32,
-                       device=x.device)
-
-
-def _group_shrink(x: Tensor, part: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout) -> None:
-    """split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h), K split in part's slices."""
-    r, ks = lora.max_rank, group_k_splits(x.shape[1])
-    lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=x.shape[1],
-                splits=lora.num_projections, rank_split_stride=lora.ranks.stride(0), k_splits=ks,
-                block_n=_rank_block(r), block_k=SHRINK["block_k"], num_warps=2, num_stages=2)
-
-
-def _group_expand_(part: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout) -> Tensor:
-    """section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h."""
-    r = lora.max_rank
+    r, heads = lora.max_rank, lora.num_projections
+    rb = _rank_block(r)
+    ks = group_k_splits(num_in)
+    parts = k_slices(num_in, ks, SHRINK["block_k"])[1]  # whole K tiles a slice: maybe fewer than ks
+    part = torch.empty(parts, num_tokens, heads * r, dtype=torch.float32, device=x.device)
+    rank_stride = lora.ranks.stride(0)
+    # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
+    lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
+                splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb,
+                block_k=SHRINK["block_k"], num_warps=2, num_stages=2)
+    # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
     lora_expand_tiles(part, lora.b, out, layout, lora.ranks, n=out.shape[1], k=r,
-                      rank_split_stride=lora.ranks.stride(0), a_parts=part.shape[0], sections=lora.sections,
-                      block_n=group_block_n(lora.sections), block_k=_rank_block(r), num_warps=4, num_stages=1)
+                      rank_split_stride=rank_stride, a_parts=part.shape[0], sections=lora.sections,
+                      block_n=block_n, block_k=rb, num_warps=4, num_stages=1)
     return out
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """A high-priority stream of the device, for LoRA shrinks run beside their base GEMM. High
-    priority so that the block scheduler starts the shrink's few programs ahead of the GEMM's
-    queued ones (torch instantiates CUDA graphs with the nodes' captured priorities)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index, priority=torch.cuda.Stream.priority_range()[1])
-    return stream
-
-
-def linear_group_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseLoRAGroup, slot_ids: Tensor,
-                        layout: VirtualLayout | None = None, path: str = "auto") -> Tensor:
-    """F.linear(x, weight, bias) plus the group's LoRA delta (dense_group_triton_'s). By the split
-    path on a CUDA device the shrink, which needs only x, runs on side_stream beside the base GEMM
-    and the expand adds into the GEMM's output after both: the shrink's chain of dependent loads
-    (~5 us at decode for well under 1 us of bytes) hides behind the GEMM's bandwidth-bound time.
-    Everything is allocated on the calling stream before the fork, so no memory changes streams."""
-    path = dense_path(x.shape[0], lora.num_projections) if path == "auto" else path
-    if path != "split" or x.device.type != "cuda" or x.shape[0] == 0 or group_block_n(lora.sections) == 0:
-        return dense_group_triton_(x, F.linear(x, weight, bias), lora, slot_ids, layout, path=path)
-    layout = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)
-    expect(layout.num_rows == x.shape[0] and layout.block_size == LORA_BLOCK_M,
-           f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {x.shape[0]} rows")
-    part = _group_part(x, lora)
-    main, side = torch.cuda.current_stream(x.device), side_stream(x.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        _group_shrink(x, part, lora, layout)
-    out = F.linear(x, weight, bias)
-    main.wait_stream(side)
-    return _group_expand_(part, out, lora, layout)

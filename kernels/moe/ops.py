@@ -1,11 +1,9 @@
 """The public ops of kernels/moe: each checks its arguments, then runs the Triton launcher when
 `use_triton` says so (a CUDA tensor, or MOEPLEX_TRITON=1 with TRITON_INTERPRET=1 in tests) and
 its `*_ref` twin in plain torch otherwise. `kernels` re-exports them."""
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.checks import check_dense_args
-from kernels.errors import expect
 from kernels.dispatch import use_triton
 from kernels.moe.align import VirtualLayout
 from kernels.reference import fused_moe_ref, lora_group_ref_, lora_linear_ref_
@@ -78,25 +76,6 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
         from kernels.moe.dense_launch import dense_group_triton_
         return dense_group_triton_(x, out, lora, slot_ids, layout)
     return lora_group_ref_(x, out, lora, slot_ids)
-
-
-def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseLoRAGroup | DenseLoRAWeights | None,
-                slot_ids: Tensor | None, layout: VirtualLayout | None = None) -> Tensor:
-    """F.linear(x, weight, bias) plus each token's LoRA delta of the projection (lora_linear_) or
-    of the group (lora_group_linear_; weight then holds the group's projections stacked); lora or
-    slot_ids None: F.linear alone. On CUDA by the split path the LoRA shrink runs beside the base
-    GEMM on a second stream (kernels.moe.dense_launch.linear_group_triton); same result."""
-    if lora is None or slot_ids is None:
-        return F.linear(x, weight, bias)
-    out_like = x.new_empty(1, weight.shape[0]).expand(x.shape[0], -1)  # the output's shape, dtype, device
-    check_dense_args(x, out_like, lora, slot_ids)
-    expect(weight.shape[1] == x.shape[1], f"weight must be [OUT, IN={x.shape[1]}], got {tuple(weight.shape)}")
-    if not use_triton(x):
-        ref_ = lora_group_ref_ if isinstance(lora, DenseLoRAGroup) else lora_linear_ref_
-        return ref_(x, F.linear(x, weight, bias), lora, slot_ids)
-    group = lora if isinstance(lora, DenseLoRAGroup) else DenseLoRAGroup.of(lora)
-    from kernels.moe.dense_launch import linear_group_triton
-    return linear_group_triton(x, weight, bias, group, slot_ids, layout)
 
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:

@@ -44,7 +44,7 @@ def test_warmup_runs_full_small_and_mixed_steps_into_the_scratch_block(checkpoin
 
 def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoints, monkeypatch):
     engine = make_engine(checkpoints[FAMILY], max_loras=2, **SMALL)
-    seen = {"fused_moe": [], "dense": [], "group": []}
+    seen = {"fused_moe": [], "lora_linear_": [], "lora_group_linear_": []}
 
     def recording(name, position):
         original = getattr(kernels, name)
@@ -55,13 +55,8 @@ def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoi
             return original(*args, **kw)
         return wrapper
     monkeypatch.setattr(kernels, "fused_moe", recording("fused_moe", 6))
-    linear_lora = kernels.linear_lora
-
-    def recording_linear(x, weight, bias, lora, slot_ids, layout=None):
-        if lora is not None and slot_ids is not None:  # a projection whose LoRA runs
-            seen["group" if isinstance(lora, kernels.DenseLoRAGroup) else "dense"].append(sorted(set(slot_ids.tolist())))
-        return linear_lora(x, weight, bias, lora, slot_ids, layout)
-    monkeypatch.setattr(kernels, "linear_lora", recording_linear)
+    monkeypatch.setattr(kernels, "lora_linear_", recording("lora_linear_", 3))
+    monkeypatch.setattr(kernels, "lora_group_linear_", recording("lora_group_linear_", 3))
     calls = record_forwards(engine)
     engine.runner.warmup()
     # each shape without and with LoRA; with, the dummy sequences alternate slot 0 and no adapter
@@ -71,7 +66,7 @@ def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoi
     num_moe, num_layers = len(engine.runner.model.moe_layers()), engine.spec.num_layers
     assert num_moe > 0 and seen["fused_moe"] == [m for mix in mixes for m in [None] * num_moe + [mix] * num_moe]
     # q/k/v of every layer as one group, and o of every layer
-    assert seen["group"] == seen["dense"] == [mix for mix in mixes for _ in range(num_layers)]
+    assert seen["lora_group_linear_"] == seen["lora_linear_"] == [mix for mix in mixes for _ in range(num_layers)]
 
 
 def generate_all(engine, adapters) -> list[list[int]]:

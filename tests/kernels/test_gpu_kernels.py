@@ -179,26 +179,6 @@ def test_lora_group_rows_capture_in_cuda_graph():
     assert torch.equal(out, eager)
 
 
-@pytest.mark.parametrize("t", [64, 300])
-def test_linear_lora_beside_its_gemm_equals_the_serial_launches(t):
-    """linear_lora runs the split path's shrink on a side stream beside the base GEMM: the same
-    kernels as F.linear then lora_group_linear_, so the same bits, eagerly and replayed from a
-    CUDA graph (the fork and join captured)."""
-    from kernels.moe.dense_launch import dense_group_triton_
-    group, x, out, slots, _ = _qkv_case(t, (4096, 512, 512), 11)
-    weight = torch.randn(out.shape[1], x.shape[1], device="cuda", dtype=x.dtype) * x.shape[1] ** -0.5
-    serial = dense_group_triton_(x, torch.nn.functional.linear(x, weight), group, slots, path="split")
-    eager = kernels.linear_lora(x, weight, None, group, slots)
-    assert torch.equal(eager, serial)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = kernels.linear_lora(x, weight, None, group, slots)
-    static_out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, serial)
-
-
 @pytest.mark.parametrize("t", [1, 8, 64])
 def test_decode_step_captures_in_cuda_graph(t):
     """No host sync in the forward: alignment and all launches capture and replay."""

@@ -73,26 +73,6 @@ def test_lora_linear_ref_matches_loop(spread, dtype):
     assert torch.equal(out[slots < 0], before[slots < 0])
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_lora_is_the_base_linear_plus_the_loop_delta(bias):
-    gen = torch.Generator().manual_seed(12)
-    t, n_in, n_out = 19, 40, 36
-    x = torch.randn(t, n_in, generator=gen)
-    weight = torch.randn(n_out, n_in, generator=gen)
-    b = torch.randn(n_out, generator=gen) if bias else None
-    lora = make_dense_lora(gen, 4, n_in, n_out, RANKS, torch.float32)
-    slots = make_slot_ids("zipf", t, 4, gen)
-    base = torch.nn.functional.linear(x, weight, b)
-    got = kernels.linear_lora(x, weight, b, lora, slots)
-    assert rel_err(got, dense_loop_ref(x, base, lora, slots)) <= 1e-6
-    assert torch.equal(got[slots < 0], base[slots < 0])
-    assert torch.equal(kernels.linear_lora(x, weight, b, None, slots), base)
-    with pytest.raises(KernelInputError, match="out must be"):
-        kernels.linear_lora(x, weight[:30], b, lora, slots)
-    with pytest.raises(KernelInputError, match="weight must be"):
-        kernels.linear_lora(x, weight[:, :30], b, lora, slots)
-
-
 def test_bad_inputs_raise_typed_errors():
     gen = torch.Generator().manual_seed(1)
     hidden, wgu, wd, tw, ids = make_moe(gen, 4, 16, 12, 3, 2, torch.float32)
