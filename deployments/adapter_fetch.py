@@ -1,18 +1,17 @@
 """Store -> disk-cache fetches of a replica's adapters, side by side.
 
 Serve's multiplexed loader (`serve.multiplexed`) loads one model at a time per replica: it holds
-one lock around the user's load function. A replica that sees 16 new adapters at once would fetch
-them one after the other (H200, 1.7 GB adapters: 3.5 s each, the 16th tenant waiting ~56 s before
-its first token). So the replica starts a fetch here as soon as a request names an adapter it has
-not fetched yet, up to `parallel` at a time, and the loader Serve calls only awaits the fetch
-already under way.
+one lock around the user's load function. A replica that fetched in there would fetch 16 new
+adapters one after the other (H200, 1.7 GB adapters: 3.5 s each, the 16th tenant waiting ~56 s
+before its first token), and a request for an adapter already on disk would wait behind them all.
+So the loader Serve calls does no I/O (deployments/replica.py), and each request fetches its
+adapter here, up to `parallel` fetches at a time, one per adapter, shared by its requests.
 
 Serve's loader keeps `max_num_models_per_replica` adapters and calls the load function again for
 one it dropped. A version is immutable, so an adapter fetched lately whose directory is still in
 the disk cache comes back from here at once, with no store read and no thread: under one
 tenant's requests over more adapters than that (bench_floods' slot_hog), every such reload was a
-store read and a cache lookup on the loop's default threads, one at a time behind Serve's lock,
-and another tenant's request for its own adapter queued behind them.
+store read and a cache lookup on the loop's default threads.
 """
 import asyncio
 from collections import OrderedDict
@@ -39,13 +38,21 @@ class AdapterFetcher:
         else:
             self._task(model_id)
 
+    def ready(self, model_id: str) -> Path | None:
+        """The adapter's local directory if it was fetched lately and is still in the disk cache
+        (no I/O, no await), else None."""
+        local = self._fetched.get(model_id)
+        if local is None or not self._cache.still_holds(local):
+            return None
+        self._fetched.move_to_end(model_id)
+        return local
+
     async def fetch(self, model_id: str) -> Path:
         """The adapter's local directory: at once when fetched lately and still in the disk cache,
         else after its fetch (started here if need be). A caller cancelled while waiting leaves
         the fetch running for the others."""
-        local = self._fetched.get(model_id)
-        if local is not None and self._cache.still_holds(local):
-            self._fetched.move_to_end(model_id)
+        local = self.ready(model_id)
+        if local is not None:
             return local
         return await asyncio.shield(self._task(model_id))
 

@@ -79,7 +79,7 @@ class ReplicaMetrics:
             "moeplex_time_per_output_token_seconds", "mean time per output token after the first",
             boundaries=_TPOT_BUCKETS, tag_keys=tenant)
         self.adapter_loads = metrics.Counter(
-            "moeplex_adapter_loads", "adapters the replica resolved and fetched (multiplex misses)")
+            "moeplex_adapter_loads", "multiplex misses: adapters Serve's per-replica LRU loaded")
         self.adapter_requests = metrics.Counter(
             "moeplex_adapter_requests", "requests that used an adapter (hits = this - loads)")
         self.adapter_load_latency = metrics.Histogram(

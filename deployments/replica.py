@@ -75,17 +75,36 @@ class LLMServer:
         self._stats_task: asyncio.Task | None = None
         logger.info("froze %d start-up objects out of the garbage collector's walks", freeze_startup_heap())
 
-    async def _load_adapter(self, model_id: str):
-        """Multiplexed loader: `owner/name@version` -> LoRARequest with a local directory."""
+    async def _load_adapter(self, model_id: str) -> str:
+        """Multiplexed loader: registers `owner/name@version` in Serve's per-replica LRU, which
+        routes that adapter's requests here. Serve holds one lock around every call of it, so it
+        does no I/O: a store fetch inside it made every other adapter's request wait behind the
+        fetches queued there (H200, one tenant's 24 streams over 12 fresh 280 MB adapters:
+        another tenant's resident adapter, dropped from the LRU, waited ~1.3 s for the lock).
+        The request fetches after it (`_lora_request`), each adapter's fetch beside the others'."""
+        self._metrics.adapter_loads.inc()
+        return model_id
+
+    async def _adapter_request(self, model_id: str):
+        """The request's LoRARequest: Serve's multiplexed loader first (its LRU routes the
+        adapter's requests here), then the adapter's local directory."""
+        await self._get_adapter(model_id)
+        lora = await self._lora_request(model_id)
+        self._metrics.adapter_requests.inc()
+        return lora
+
+    async def _lora_request(self, model_id: str):
+        """LoRARequest with the adapter's local directory: at once when fetched lately and still
+        in the disk cache, else after its store fetch (one per adapter, shared by its requests)."""
         from engine import LoRARequest
 
-        started = time.perf_counter()
-        local_dir = await self._fetcher.fetch(model_id)
-        seconds = time.perf_counter() - started
-        self._metrics.adapter_loads.inc()
-        self._metrics.adapter_load_latency.observe(seconds)
-        # the time says whether requests queued behind Serve's one-at-a-time loader for it
-        logger.info("fetched adapter %s into %s in %.3f s", model_id, local_dir, seconds)
+        local_dir = self._fetcher.ready(model_id)
+        if local_dir is None:
+            started = time.perf_counter()
+            local_dir = await self._fetcher.fetch(model_id)
+            seconds = time.perf_counter() - started
+            self._metrics.adapter_load_latency.observe(seconds)
+            logger.info("fetched adapter %s into %s in %.3f s", model_id, local_dir, seconds)
         return LoRARequest(lora_name=model_id, lora_path=str(local_dir))
 
     def _ensure_stats_task(self) -> None:
@@ -127,11 +146,7 @@ class LLMServer:
         try:
             # a hot adapter comes in the payload, balanced over the replicas (hot_adapters.py)
             model_id = serve.get_multiplexed_model_id() or request.get("adapter") or ""
-            if model_id:  # Serve's loader takes one adapter at a time: fetch side by side before it
-                self._fetcher.prefetch(model_id)
-            lora = await self._get_adapter(model_id) if model_id else None
-            if lora is not None:
-                self._metrics.adapter_requests.inc()
+            lora = await self._adapter_request(model_id) if model_id else None
             # chat templates are applied off the event loop, and long inputs on the engine
             # frontend's long-input threads, where it tokenises long prompts
             messages = request.get("messages")
