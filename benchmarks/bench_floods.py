@@ -243,6 +243,9 @@ class MemorySampler:
         return peak
 
 
+SLOWEST_KEPT = 8
+
+
 def probe(client, url: str) -> float:
     """One victim request (8 tokens on its adapter): seconds, or raises on a non-200."""
     started = time.perf_counter()
@@ -274,10 +277,12 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
     counters_before = engine_counters(client, url)
     started = time.monotonic()
     go.set()
-    times, errors = [], []
+    times, errors, sent_at = [], [], []
     while proc.is_alive() or len(times) + len(errors) < opts.min_probes:
+        sent = time.monotonic() - started
         try:
             times.append(probe(client, url))
+            sent_at.append(sent)
         except Exception as exc:  # noqa: BLE001 - counted, and the first few kept
             errors.append(str(exc)[:200])
     ended = time.monotonic()
@@ -287,8 +292,12 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
     time.sleep(opts.settle_s)
     after, peak = sampler.current(), sampler.peak(started, ended)
     victim = latency(times)
+    # when the slowest requests were sent (s after the flood's go): a tail at the flood's start is
+    # its first loads, one spread over it is its steady state
+    slowest = sorted(zip(times, sent_at), reverse=True)[:SLOWEST_KEPT]
     victim.update(errors=len(errors), error_samples=errors[:3],
-                  p99_over_unloaded=round(victim["p99_ms"] / baseline_p99_ms, 2))
+                  p99_over_unloaded=round(victim["p99_ms"] / baseline_p99_ms, 2),
+                  slowest=[{"ms": round(1e3 * t, 1), "sent_s": round(at, 2)} for t, at in slowest])
     memory = {role: {"idle_mb": round(idle.get(role, 0.0)), "peak_mb": round(peak.get(role, 0.0)),
                      "after_mb": round(after.get(role, 0.0)),
                      "peak_over_idle_mb": round(peak.get(role, 0.0) - idle.get(role, 0.0))}

@@ -47,6 +47,9 @@ def test_one_flood_measures_the_victim_and_front_memory_end_to_end(tmp_path):
     flood = result["floods"]["big_header"]
     assert flood["flood"]["statuses"] == {"422": 1}  # the 95 MiB header is refused, not stored
     assert flood["victim"]["errors"] == 0 and flood["victim"]["n"] >= 2
+    slowest = flood["victim"]["slowest"]  # the slowest requests, slowest first, with when they were sent
+    assert 1 <= len(slowest) <= min(flood["victim"]["n"], bench_floods.SLOWEST_KEPT)
+    assert slowest[0]["ms"] == flood["victim"]["max_ms"] and all(r["sent_s"] >= 0 for r in slowest)
     assert {"proxy", "ingress"} <= set(flood["memory"])
     assert flood["engine"]["gc_collections"] >= 0 and flood["engine"]["gc_longest_pause_ms_so_far"] > 0
     # the victim's adapter is resident from the unloaded probes: nothing loads or is drained
