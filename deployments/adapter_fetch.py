@@ -4,8 +4,8 @@ Serve's multiplexed loader (`serve.multiplexed`) loads one model at a time per r
 one lock around the user's load function. A replica that fetched in there would fetch 16 new
 adapters one after the other (H200, 1.7 GB adapters: 3.5 s each, the 16th tenant waiting ~56 s
 before its first token), and a request for an adapter already on disk would wait behind them all.
-So the loader Serve calls does no I/O (deployments/replica.py), and each request fetches its
-adapter here, up to `parallel` fetches at a time, one per adapter, shared by its requests.
+So the loader Serve calls does no I/O (deployments/replica.py), and the first request of each
+adapter's LRU entry fetches it here, up to `parallel` fetches at a time, one per adapter.
 
 Serve's loader keeps `max_num_models_per_replica` adapters and calls the load function again for
 one it dropped. A version is immutable, so an adapter fetched lately whose directory is still in

@@ -83,7 +83,7 @@ class ReplicaMetrics:
         self.adapter_requests = metrics.Counter(
             "moeplex_adapter_requests", "requests that used an adapter (hits = this - loads)")
         self.adapter_load_latency = metrics.Histogram(
-            "moeplex_adapter_load_seconds", "store resolve + disk cache fetch time",
+            "moeplex_adapter_load_seconds", "store resolve + disk cache fetch time, once per multiplex miss",
             boundaries=_LATENCY_BUCKETS)
         self.engine_counters = {key: metrics.Counter(name, f"engine.stats()['{key}']")
                                 for key, name in ENGINE_COUNTERS.items()}

@@ -38,6 +38,23 @@ _STATS_PERIOD_S = 1.0
 _ADAPTER_NAME_STATS = ("running_adapters", "waiting_adapters", "resident_adapters")
 
 
+def _failed(task: asyncio.Task) -> bool:
+    """Whether a finished task failed (reading its exception, so none goes unretrieved)."""
+    return task.done() and (task.cancelled() or task.exception() is not None)
+
+
+class _AdapterEntry:
+    """What Serve's multiplexed LRU holds for an adapter: its id, the fetch under way, and the
+    LoRARequest once fetched."""
+
+    __slots__ = ("model_id", "fetching", "lora")
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+        self.fetching: asyncio.Task | None = None
+        self.lora = None
+
+
 class LLMServer:
     def __init__(self, args: AppArgs):
         from adapter_store import DiskCache
@@ -75,36 +92,39 @@ class LLMServer:
         self._stats_task: asyncio.Task | None = None
         logger.info("froze %d start-up objects out of the garbage collector's walks", freeze_startup_heap())
 
-    async def _load_adapter(self, model_id: str) -> str:
-        """Multiplexed loader: registers `owner/name@version` in Serve's per-replica LRU, which
-        routes that adapter's requests here. Serve holds one lock around every call of it, so it
-        does no I/O: a store fetch inside it made every other adapter's request wait behind the
-        fetches queued there (H200, one tenant's 24 streams over 12 fresh 280 MB adapters:
-        another tenant's resident adapter, dropped from the LRU, waited ~1.3 s for the lock).
-        The request fetches after it (`_lora_request`), each adapter's fetch beside the others'."""
+    async def _load_adapter(self, model_id: str) -> "_AdapterEntry":
+        """Multiplexed loader: enters `owner/name@version` in Serve's per-replica LRU, which routes
+        that adapter's requests here. Serve holds one lock around every call of it, so it does no
+        I/O: a store fetch inside it made every other adapter's request wait behind the fetches
+        queued there (H200, one tenant's 24 streams over 12 fresh 280 MB adapters: another
+        tenant's adapter, dropped from the LRU, waited ~1.3 s for the lock). The entry's first
+        request fetches the adapter after the lock (`_adapter_request`)."""
         self._metrics.adapter_loads.inc()
-        return model_id
+        return _AdapterEntry(model_id)
 
     async def _adapter_request(self, model_id: str):
-        """The request's LoRARequest: Serve's multiplexed loader first (its LRU routes the
-        adapter's requests here), then the adapter's local directory."""
-        await self._get_adapter(model_id)
-        lora = await self._lora_request(model_id)
+        """The request's LoRARequest. Serve's LRU entry for the adapter fetches its directory once
+        (store -> disk cache, beside other adapters' fetches) and keeps it while Serve keeps the
+        entry: as when the LRU held the LoRARequest itself, a request on a kept entry touches
+        neither disk nor store, so an adapter the engine holds in memory keeps serving through a
+        store outage or after the disk cache dropped its files."""
+        entry = await self._get_adapter(model_id)
+        if entry.lora is None:
+            if entry.fetching is None or _failed(entry.fetching):  # first request, or a retry
+                entry.fetching = asyncio.get_running_loop().create_task(self._fetch_adapter(model_id))
+                entry.fetching.add_done_callback(_failed)  # retrieved even when its waiters left
+            entry.lora = await asyncio.shield(entry.fetching)  # a cancelled request leaves it to the others
         self._metrics.adapter_requests.inc()
-        return lora
+        return entry.lora
 
-    async def _lora_request(self, model_id: str):
-        """LoRARequest with the adapter's local directory: at once when fetched lately and still
-        in the disk cache, else after its store fetch (one per adapter, shared by its requests)."""
+    async def _fetch_adapter(self, model_id: str):
         from engine import LoRARequest
 
-        local_dir = self._fetcher.ready(model_id)
-        if local_dir is None:
-            started = time.perf_counter()
-            local_dir = await self._fetcher.fetch(model_id)
-            seconds = time.perf_counter() - started
-            self._metrics.adapter_load_latency.observe(seconds)
-            logger.info("fetched adapter %s into %s in %.3f s", model_id, local_dir, seconds)
+        started = time.perf_counter()
+        local_dir = await self._fetcher.fetch(model_id)
+        seconds = time.perf_counter() - started
+        self._metrics.adapter_load_latency.observe(seconds)
+        logger.info("fetched adapter %s into %s in %.3f s", model_id, local_dir, seconds)
         return LoRARequest(lora_name=model_id, lora_path=str(local_dir))
 
     def _ensure_stats_task(self) -> None:

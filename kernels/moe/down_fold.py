@@ -20,6 +20,7 @@ adapter take the same arithmetic as without LoRA: `silu_mul_shrink` computes act
 `silu_mul`'s expression and `topk_sum` sums y in the same order either way, so a token without an
 adapter is bitwise equal to a run without LoRA (the base path sums with `topk_sum` too).
 """
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -126,19 +127,25 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
     expect(two_i == 2 * inter and rows == t * top_k, f"gate_up must be [{t * top_k}, {2 * inter}], got {tuple(gate_up.shape)}")
     expect(tuple(out.shape) == (rows, inter), f"out must be [{rows}, {inter}], got {tuple(out.shape)}")
     expect(gate_up.stride(1) == 1 and out.stride(1) == 1, "silu_mul_shrink needs unit column strides")
-    expect(tuple(shrunk.shape) == (rows, br) and shrunk.is_contiguous(), f"shrunk must be a contiguous [{rows}, {br}]")
+    expect(tuple(shrunk.shape) == (rows, br) and shrunk.is_contiguous() and shrunk.dtype == torch.float32,
+           f"shrunk must be a contiguous fp32 [{rows}, {br}]")
     expect(tuple(slot_ids.shape) == (t,) and tuple(ranks.shape) == (num_slots,), f"slot_ids must be [{t}], ranks [{num_slots}]")
     if rows == 0:
         return out
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    block = min(1024, triton.next_power_of_2(inter))
+    block = min(1024, triton.next_power_of_2(inter), max(16, SHRINK_TILE // br))
     _silu_mul_shrink_kernel[(rows,)](
         gate_up, out, shrunk, la.operand(), ranks, slot_ids, ids, top_k, num_slots, num_experts, inter, big_r,
         gate_up.stride(0), out.stride(0), BLOCK=block, BLOCK_R=br, num_warps=4)
     return out
 
 
+# Tiles (elements) of the A tile in silu_mul_shrink and of a row's B tile in topk_sum: those measured
+# at rank 16 (16 x 1024 and 128 x 16, benchmarks/RESULTS.md); a wider pool's rank block narrows the
+# other side, so that a rank-64 pool does not hold 4x the registers a thread (and spill).
+SHRINK_TILE = 16 * 1024
 TOPK_SUM_BLOCK_D = 128
+TOPK_SUM_TILE = 128 * 16
 
 
 def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None" = None
@@ -167,10 +174,15 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
     num_slots, num_experts, _, big_r = lb.shape
     br = rank_block(big_r)
     expect(tuple(lb.shape[2:]) == (d, big_r), f"lb must be [S, E, {d}, R], got {tuple(lb.shape)}")
-    expect(tuple(shrunk.shape) == (rows, br) and shrunk.is_contiguous(), f"shrunk must be a contiguous [{rows}, {br}]")
+    expect(tuple(shrunk.shape) == (rows, br) and shrunk.is_contiguous() and shrunk.dtype == torch.float32,
+           f"shrunk must be a contiguous fp32 [{rows}, {br}]")
     expect(tuple(scale.shape) == (rows,) and tuple(slot_ids.shape) == (t,), f"scale must be [{rows}], slot_ids [{t}]")
+    expect(tuple(topk_ids.shape) == (t, top_k) and tuple(ranks.shape) == (num_slots,),
+           f"topk_ids must be [{t}, {top_k}] and ranks [{num_slots}]")
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    block_d = min(TOPK_SUM_BLOCK_D, max(16, TOPK_SUM_TILE // br))
+    grid = (t, triton.cdiv(d, block_d))
     _topk_sum_kernel[grid](y, out, shrunk, lb.operand(), scale, ranks, slot_ids, ids, num_slots, num_experts,
-                           d, big_r, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=br,
+                           d, big_r, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_D=block_d, BLOCK_R=br,
                            HAS_LORA=True, num_warps=4)
     return out

@@ -3,29 +3,37 @@ no I/O, so a request for an adapter already on disk never waits behind another a
 fetch (bench_floods' slot_hog on the H200: ~1.3 s when fetches ran under the lock)."""
 import asyncio
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from deployments.adapter_fetch import AdapterFetcher
 from deployments.replica import LLMServer
 
 
 class GatedStore:
-    """read_pinned holds the adapters named in `slow` until `release` is set."""
+    """read_pinned holds the adapters named in `slow` until `release` is set; raises for `down`."""
 
-    def __init__(self, slow: set[str]):
-        self.slow, self.release, self.reads = slow, threading.Event(), []
+    def __init__(self, slow: set[str] = frozenset()):
+        self.slow, self.release, self.reads, self.down = set(slow), threading.Event(), [], False
 
     def read_pinned(self, model_id: str) -> str:
         self.reads.append(model_id)
+        if self.down:
+            raise ConnectionError("store unreachable")
         if model_id in self.slow:
             self.release.wait(timeout=10)
         return model_id
 
 
 class Cache:
+    def __init__(self):
+        self.evicted = False
+
     def still_holds(self, entry: Path) -> bool:
-        return True
+        return not self.evicted
 
     def fetch(self, store, info: str) -> Path:
         return Path("/cache") / info
@@ -42,27 +50,37 @@ class Counter:
         self.value += 1
 
 
-def _server(store) -> LLMServer:
+def _server(store, cache=None, lru_size: int = 8) -> LLMServer:
     server = object.__new__(LLMServer)  # the adapter path reads only these
     server._engine = SimpleNamespace(shutdown=lambda: None)  # __del__ calls it
-    server._fetcher = AdapterFetcher(store, Cache())
+    server._fetcher = AdapterFetcher(store, cache or Cache())
     server._metrics = SimpleNamespace(adapter_loads=Counter(), adapter_requests=Counter(),
                                       adapter_load_latency=Counter())
-    lock = asyncio.Lock()  # what serve.multiplexed holds around every call of the loader
+    # what serve.multiplexed does around the loader: an LRU of lru_size entries, one lock over
+    # every load (Serve's _ModelMultiplexWrapper.load_model)
+    lock, entries = asyncio.Lock(), OrderedDict()
 
     async def get_adapter(model_id: str):
+        if model_id in entries:
+            entries.move_to_end(model_id)
+            return entries[model_id]
         async with lock:
-            return await server._load_adapter(model_id)
+            if len(entries) >= lru_size:
+                entries.popitem(last=False)
+            entries[model_id] = await server._load_adapter(model_id)
+            return entries[model_id]
     server._get_adapter = get_adapter
     return server
 
 
 def test_a_request_for_an_adapter_on_disk_does_not_wait_behind_another_adapters_store_fetch():
+    """The slot hog's case: the victim's adapter dropped from Serve's LRU by the hog's fresh
+    adapters, whose store fetches are still running."""
     async def run():
         store = GatedStore(slow={"hog/new@v1"})
-        server = _server(store)
+        server = _server(store, lru_size=1)
         first = await server._adapter_request("victim/style@v1")  # fetched once, then on disk
-        slow = asyncio.create_task(server._adapter_request("hog/new@v1"))
+        slow = asyncio.create_task(server._adapter_request("hog/new@v1"))  # drops the victim's entry
         await asyncio.sleep(0.05)  # the hog's request holds its fetch open
         again = await asyncio.wait_for(server._adapter_request("victim/style@v1"), timeout=1.0)
         slow_done_before_release = slow.done()
@@ -75,4 +93,37 @@ def test_a_request_for_an_adapter_on_disk_does_not_wait_behind_another_adapters_
     assert first.lora_name == "victim/style@v1" and hog.lora_path == str(Path("/cache/hog/new@v1"))
     assert not slow_done  # the victim's second request finished while the hog's fetch was held
     assert reads == ["victim/style@v1", "hog/new@v1"]  # the victim's adapter was read once
-    assert metrics.adapter_requests.value == 3 and metrics.adapter_load_latency.value == 2
+    assert metrics.adapter_loads.value == 3 and metrics.adapter_requests.value == 3
+
+
+def test_an_adapter_kept_in_serves_lru_serves_through_a_store_outage_and_a_disk_eviction():
+    async def run():
+        store, cache = GatedStore(), Cache()
+        server = _server(store, cache)
+        first = await server._adapter_request("t/ad@v1")
+        store.down, cache.evicted = True, True  # the engine may still hold it in memory
+        again = await server._adapter_request("t/ad@v1")
+        return first, again, store.reads, server._metrics
+
+    first, again, reads, metrics = asyncio.run(run())
+    assert again is first and reads == ["t/ad@v1"]
+    assert metrics.adapter_loads.value == 1 and metrics.adapter_load_latency.value == 1
+
+
+def test_one_fetch_for_concurrent_requests_of_a_new_adapter_and_a_retry_after_a_failure():
+    async def run():
+        store = GatedStore(slow={"t/ad@v1"})
+        server = _server(store)
+        store.down = True
+        with pytest.raises(ConnectionError):
+            await server._adapter_request("t/ad@v1")
+        store.down = False
+        waiting = [asyncio.create_task(server._adapter_request("t/ad@v1")) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        store.release.set()
+        loras = await asyncio.gather(*waiting)
+        return loras, store.reads, server._metrics
+
+    loras, reads, metrics = asyncio.run(run())
+    assert loras[0] is loras[1] is loras[2] and reads == ["t/ad@v1", "t/ad@v1"]  # the failure, then one fetch
+    assert metrics.adapter_loads.value == 1  # one LRU entry; its first fetch failed, the next one held

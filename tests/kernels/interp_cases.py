@@ -79,6 +79,9 @@ def case_names() -> list[str]:
               "moe-fp16-t17e10k8-skewed-shared-heap-split-blocks", "moe-fp32-t1e6k2-distinct-mixed-shared-heap-fused"]
     # the down delta by its own row launch (path "rows-apart", the row path before the down fold)
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-apart", "moe-fp32-t9e6k2-rank64-nanpad-apart"]
+    # D = 200 and I = 1100 ("wide"): the down fold's activation walks I in several tiles and the
+    # top-k sum D in several blocks (narrower ones for the rank-64 pool)
+    names += ["moe-fp32-t5e6k2-rank64-nanpad-wide", "moe-fp16-t5e6k2-uniform-wide"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -98,7 +101,7 @@ def run_moe(name: str) -> dict:
     ranks = [1, 8, 64, 16] if "rank64" in p["rest"] else MIXED_RANKS if "mixed" in p["rest"] else RANKS
     pad = float("nan") if "nanpad" in p["rest"] else 0.0
     spread = p["rest"][0] if p["rest"][0] in SPREADS else "skewed"
-    d, inter = 32, 64 if "fused" in p["rest"] else 48
+    d, inter = (200, 1100) if "wide" in p["rest"] else (32, 64 if "fused" in p["rest"] else 48)
     args = make_moe(gen, t, d, inter, e, k, dtype)
     if "strided" in p["rest"]:
         wide = torch.randn(t, 2 * d, dtype=dtype, generator=gen)
