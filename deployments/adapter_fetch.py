@@ -31,28 +31,13 @@ class AdapterFetcher:
         self._fetched: OrderedDict[str, Path] = OrderedDict()  # LRU of adapters fetched lately, their dirs
         self._remember = remember
 
-    def prefetch(self, model_id: str) -> None:
-        """Starts fetching model_id unless it was fetched recently or is being fetched."""
-        if model_id in self._fetched:
-            self._fetched.move_to_end(model_id)
-        else:
-            self._task(model_id)
-
-    def ready(self, model_id: str) -> Path | None:
-        """The adapter's local directory if it was fetched lately and is still in the disk cache
-        (no I/O, no await), else None."""
-        local = self._fetched.get(model_id)
-        if local is None or not self._cache.still_holds(local):
-            return None
-        self._fetched.move_to_end(model_id)
-        return local
-
     async def fetch(self, model_id: str) -> Path:
         """The adapter's local directory: at once when fetched lately and still in the disk cache,
         else after its fetch (started here if need be). A caller cancelled while waiting leaves
         the fetch running for the others."""
-        local = self.ready(model_id)
-        if local is not None:
+        local = self._fetched.get(model_id)
+        if local is not None and self._cache.still_holds(local):
+            self._fetched.move_to_end(model_id)
             return local
         return await asyncio.shield(self._task(model_id))
 
@@ -71,7 +56,7 @@ class AdapterFetcher:
 
     def _finished(self, model_id: str, task: asyncio.Task) -> None:
         self._running.pop(model_id, None)
-        if task.cancelled() or task.exception() is not None:  # retrieved: a prefetch nobody awaited
+        if task.cancelled() or task.exception() is not None:  # retrieved: its waiters may all have been cancelled
             return
         self._fetched[model_id] = task.result()
         self._fetched.move_to_end(model_id)

@@ -44,13 +44,12 @@ def _failed(task: asyncio.Task) -> bool:
 
 
 class _AdapterEntry:
-    """What Serve's multiplexed LRU holds for an adapter: its id, the fetch under way, and the
+    """What Serve's multiplexed LRU holds for an adapter: the fetch under way, and the
     LoRARequest once fetched."""
 
-    __slots__ = ("model_id", "fetching", "lora")
+    __slots__ = ("fetching", "lora")
 
-    def __init__(self, model_id: str):
-        self.model_id = model_id
+    def __init__(self):
         self.fetching: asyncio.Task | None = None
         self.lora = None
 
@@ -100,7 +99,7 @@ class LLMServer:
         tenant's adapter, dropped from the LRU, waited ~1.3 s for the lock). The entry's first
         request fetches the adapter after the lock (`_adapter_request`)."""
         self._metrics.adapter_loads.inc()
-        return _AdapterEntry(model_id)
+        return _AdapterEntry()
 
     async def _adapter_request(self, model_id: str):
         """The request's LoRARequest. Serve's LRU entry for the adapter fetches its directory once

@@ -140,7 +140,7 @@ class LoRAManager:
         lendable KV blocks, or else, least recently used first, unreferenced adapters go until
         it fits in a free span, or, with compaction, until the free bytes hold it. Adapters in
         `keep` are neither replaced nor evicted."""
-        free = [s for s in self.free_lru if self.slot_names[s] is None or self.slot_names[s] not in keep]
+        free = [s for s in self.free_lru if self.slot_names[s] not in keep]  # an empty slot's name is None
         if not free:
             return None
         slot = next((s for s in free if self.slot_names[s] is None), free[0])

@@ -56,11 +56,10 @@ def test_fetches_of_different_adapters_overlap_up_to_the_bound():
     async def run():
         cache = GatedCache()
         fetcher = AdapterFetcher(FakeStore(), cache, parallel=3)
-        for k in range(5):
-            fetcher.prefetch(f"t/ad{k}@v1")
+        fetches = [asyncio.create_task(fetcher.fetch(f"t/ad{k}@v1")) for k in range(5)]
         await _wait_for(lambda: cache.in_flight == 3)
         cache.release.set()
-        dirs = await asyncio.gather(*(fetcher.fetch(f"t/ad{k}@v1") for k in range(5)))
+        dirs = await asyncio.gather(*fetches)
         return cache.peak, dirs
 
     peak, dirs = asyncio.run(run())
@@ -72,12 +71,11 @@ def test_one_fetch_per_adapter_for_concurrent_and_later_requests():
     async def run():
         store, cache = FakeStore(), GatedCache()
         fetcher = AdapterFetcher(store, cache)
-        fetcher.prefetch("t/ad@v1")
         waiting = [asyncio.create_task(fetcher.fetch("t/ad@v1")) for _ in range(3)]
+        await _wait_for(lambda: cache.in_flight == 1)
         cache.release.set()
         await asyncio.gather(*waiting)
-        fetcher.prefetch("t/ad@v1")  # fetched recently: nothing new
-        await asyncio.sleep(0.05)
+        await fetcher.fetch("t/ad@v1")  # fetched recently: nothing new
         return store.reads
 
     assert asyncio.run(run()) == ["t/ad@v1"]
@@ -88,7 +86,6 @@ def test_a_failed_fetch_reaches_its_waiters_and_the_next_request_retries():
         store, cache = FakeStore(fail={"t/gone@v1"}), GatedCache()
         cache.release.set()
         fetcher = AdapterFetcher(store, cache)
-        fetcher.prefetch("t/gone@v1")  # nobody awaits this one: its error must not leak as a warning
         with pytest.raises(FileNotFoundError):
             await fetcher.fetch("t/gone@v1")
         store.fail.clear()
