@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "at its shapes, benchmarks/serve_adapters.py): on a GPU a step then costs "
                         "what a real model's does, not the host's per-token work")
     parser.add_argument("--hf-overrides", default=None, help='JSON for --model, e.g. \'{"num_hidden_layers": 8}\'')
+    parser.add_argument("--app-args", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="AppArgs fields over the benchmark's (e.g. max_adapters_per_replica=64)")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -324,9 +326,11 @@ def engine_counters(client, url: str) -> dict:
                                         *SLOT_COUNTERS)}
 
 
-def setup_service(workdir: Path, device: str = "cpu", model: str | None = None, hf_overrides: str | None = None):
+def setup_service(workdir: Path, device: str = "cpu", model: str | None = None, hf_overrides: str | None = None,
+                  app_args: dict[str, str] | None = None):
     """Ray + Serve on loopback with the app (the engine replica on `device`; the tiny random
-    checkpoint, or `model` with `hf_overrides`); returns (url, victim adapter dir)."""
+    checkpoint, or `model` with `hf_overrides`; AppArgs fields in app_args over the benchmark's);
+    returns (url, victim adapter dir)."""
     import httpx
     import ray
     from ray import serve
@@ -342,6 +346,7 @@ def setup_service(workdir: Path, device: str = "cpu", model: str | None = None, 
     common = dict(served_model_name=BASE, store=str(workdir / "store"), api_keys=str(keys),
                   cache_dir=str(workdir / "cache"), num_replicas=1, device=device, max_model_len=512,
                   max_num_seqs=32, max_loras=4, max_adapter_bytes=UPLOAD_LIMIT, max_adapters_per_tenant=64)
+    common.update(app_args or {})
     if model is None:
         from engine.testing import make_peft_adapter, make_tiny_checkpoint
         checkpoint = make_tiny_checkpoint(workdir / "ckpt", "qwen3_moe", seed=0)
@@ -420,7 +425,8 @@ def main(argv=None) -> int:
         import ray
         from ray import serve
 
-        url, victim_adapter = setup_service(workdir, opts.device, opts.model, opts.hf_overrides)
+        url, victim_adapter = setup_service(workdir, opts.device, opts.model, opts.hf_overrides,
+                                              dict(item.split("=", 1) for item in opts.app_args))
         sampler = MemorySampler()
         sampler.start()
         with httpx.Client(timeout=300) as client:

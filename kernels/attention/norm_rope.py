@@ -14,16 +14,25 @@ from triton.language.extra import libdevice
 from kernels.checks import FLOAT_DTYPES
 from kernels.dispatch import use_triton
 from kernels.errors import expect
+from kernels.moe.dense_fold import DenseFold, fold_delta, fold_expand_ref_
+from kernels.moe.down_fold import rank_block
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, num_cols, stride_x, stride_r, stride_o, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, HAS_LORA: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < num_cols
     dtype = out_ptr.dtype.element_ty
     h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        # x's LoRA delta first, rounded to the dtype, as the split path's expand leaves x
+        delta, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, row,
+                                 tl.zeros((1,), tl.int32), offs[None, :], mask[None, :], 1, BLOCK_R)
+        h = tl.where(tl.sum(live.to(tl.int32), axis=0) > 0, (h + tl.sum(delta, axis=0)).to(dtype).to(tl.float32), h)
     if HAS_RESIDUAL:
         # residual += x in x's dtype (torch adds in fp32 and rounds once)
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
@@ -45,15 +54,18 @@ def _check_norm(x: Tensor, weight: Tensor) -> None:
     expect(weight.device == x.device, f"weight must live on {x.device}, got {weight.device}")
 
 
-def _launch_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> Tensor:
+def _launch_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                 fold: DenseFold | None = None) -> Tensor:
     expect(x.stride(1) == 1, "x needs a unit column stride")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     rows, cols = x.shape
     if rows == 0:
         return out
     res = x if residual is None else residual
-    _rms_norm_kernel[(rows,)](x, res, weight, out, cols, x.stride(0), res.stride(0), out.stride(0), eps,
+    lora = fold.operands() if fold is not None else (None, None, None, 0, None, 0, 0)
+    _rms_norm_kernel[(rows,)](x, res, weight, out, cols, x.stride(0), res.stride(0), out.stride(0), eps, *lora,
                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(cols),
+                              HAS_LORA=fold is not None, BLOCK_R=rank_block(fold.max_rank) if fold else 16,
                               enable_fp_fusion=False)
     return out
 
@@ -83,53 +95,49 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _launch_norm(rows, None, weight, eps).view(x.shape)
 
 
-def fused_add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+def fused_add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                           fold: DenseFold | None = None) -> Tensor:
     """Torch twin of `fused_add_rms_norm`."""
+    if fold is not None:
+        x = fold_expand_ref_(x.clone(), fold)
     residual.add_(x)
     return rms_norm_ref(residual, weight, eps)
 
 
-def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Residual add, then RMSNorm of the sum, in one launch.
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                       fold: DenseFold | None = None) -> Tensor:
+    """(x's LoRA delta,) residual add, then RMSNorm of the sum, in one launch.
 
     Semantics:
+        x = x + the fold's delta   (kernels/moe/dense_fold.py; rounded once, x itself unchanged)
         residual += x   (in place, in x's dtype)
         return rms_norm(residual, weight, eps)
     Args:
         x: [T, D] fp32/fp16/bf16 (a sublayer's output).
         residual: [T, D], x's dtype and device; updated in place.
         weight: [D], x's dtype.
+        fold: the shrink of the projection that made x (one section of D columns), or None.
     Returns:
         [T, D] in x.dtype, a new tensor.
     """
+    if fold is not None:
+        fold.check(x.shape[0], (x.shape[1],), x.dtype)
     if not use_triton(x):
-        return fused_add_rms_norm_ref(x, residual, weight, eps)
+        return fused_add_rms_norm_ref(x, residual, weight, eps, fold)
     _check_norm(x, weight)
     expect(residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device,
            f"residual must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
            f"({tuple(residual.shape)}, {residual.dtype}, {residual.device})")
     expect(residual.stride(1) == 1, "residual needs a unit column stride")
-    return _launch_norm(x, residual, weight, eps)
+    return _launch_norm(x, residual, weight, eps, fold)
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, num_q_heads, num_heads,
-                         stride_qt, stride_qh, stride_kt, stride_kh, eps, HALF: tl.constexpr,
-                         HAS_NORM: tl.constexpr, PRECISE_TRIG: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
-    # heads [0, H) are q's, [H, H + G) are k's
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_HALF)
-    is_q = heads < num_q_heads
-    mask = (heads < num_heads)[:, None] & (cols < HALF)[None, :]
+def _norm_rope(x1, x2, is_q, q_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, tok, cols, eps, HALF: tl.constexpr,
+               HAS_NORM: tl.constexpr, PRECISE_TRIG: tl.constexpr):
+    """Rows [BLOCK_H, BLOCK_HALF] of heads, their halves x1 and x2 (fp32): per-head norm (with q's
+    or k's weight by is_q) then rotary at the token's position; fp32 values rounded to q's dtype."""
     dtype = q_ptr.dtype.element_ty
-    # each head's row start, in q or in k
-    q_rows = q_ptr + tok * stride_qt + heads * stride_qh
-    k_rows = k_ptr + tok * stride_kt + (heads - num_q_heads) * stride_kh
-    lo_ptrs = tl.where(is_q, q_rows, k_rows)[:, None] + cols[None, :]  # [BLOCK_H, BLOCK_HALF]
-    x1 = tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(lo_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
         col_mask = cols < HALF
@@ -154,8 +162,78 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, nu
     # x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype
     out1 = (x1 * cos).to(dtype).to(tl.float32) + (-x2 * sin).to(dtype).to(tl.float32)
     out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    return out1, out2
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, num_q_heads, num_heads,
+                         stride_qt, stride_qh, stride_kt, stride_kh, eps, HALF: tl.constexpr,
+                         HAS_NORM: tl.constexpr, PRECISE_TRIG: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    # heads [0, H) are q's, [H, H + G) are k's
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    is_q = heads < num_q_heads
+    mask = (heads < num_heads)[:, None] & (cols < HALF)[None, :]
+    dtype = q_ptr.dtype.element_ty
+    # each head's row start, in q or in k
+    q_rows = q_ptr + tok * stride_qt + heads * stride_qh
+    k_rows = k_ptr + tok * stride_kt + (heads - num_q_heads) * stride_kh
+    lo_ptrs = tl.where(is_q, q_rows, k_rows)[:, None] + cols[None, :]  # [BLOCK_H, BLOCK_HALF]
+    x1 = tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(lo_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    out1, out2 = _norm_rope(x1, x2, is_q, q_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, tok, cols, eps, HALF,
+                            HAS_NORM, PRECISE_TRIG)
     tl.store(lo_ptrs, out1.to(dtype), mask=mask)
     tl.store(lo_ptrs + HALF, out2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _qkv_rope_write_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, slot_map_ptr, kc_ptr, vc_ptr,
+                           num_q_heads, num_kv_heads, block_rows, stride_qt, stride_qh, stride_kt, stride_kh,
+                           stride_vt, stride_vh, stride_cb, stride_cr, stride_cg, eps,
+                           P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r,
+                           HALF: tl.constexpr, HAS_NORM: tl.constexpr, PRECISE_TRIG: tl.constexpr,
+                           HAS_LORA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    # heads [0, H) are q's, [H, H + G) k's, [H + G, H + 2G) v's: head i is the group's columns
+    # [i * Dh, (i + 1) * Dh) (q/k/v side by side, as the fused projection writes them)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    is_q = heads < num_q_heads
+    is_v = heads >= num_q_heads + num_kv_heads
+    mask = (heads < num_q_heads + 2 * num_kv_heads)[:, None] & (cols < HALF)[None, :]
+    dtype = q_ptr.dtype.element_ty
+    kv_head = tl.where(is_v, heads - num_q_heads - num_kv_heads, heads - num_q_heads)
+    q_rows = q_ptr + tok * stride_qt + heads * stride_qh
+    k_rows = k_ptr + tok * stride_kt + kv_head * stride_kh
+    v_rows = v_ptr + tok * stride_vt + kv_head * stride_vh
+    lo_ptrs = tl.where(is_q, q_rows, tl.where(is_v, v_rows, k_rows))[:, None] + cols[None, :]
+    x1 = tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(lo_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        # the projection's LoRA delta first, rounded to the dtype, as the split path's expand leaves it
+        proj = (heads >= num_q_heads).to(tl.int32) + is_v.to(tl.int32)
+        group_cols = heads[:, None] * (2 * HALF) + cols[None, :]
+        d1, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, tok, proj, group_cols,
+                              mask, BLOCK_H, BLOCK_R)
+        d2, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, tok, proj,
+                              group_cols + HALF, mask, BLOCK_H, BLOCK_R)
+        x1 = tl.where(live[:, None], (x1 + d1).to(dtype).to(tl.float32), x1)
+        x2 = tl.where(live[:, None], (x2 + d2).to(dtype).to(tl.float32), x2)
+    out1, out2 = _norm_rope(x1, x2, is_q, q_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, tok, cols, eps, HALF,
+                            HAS_NORM, PRECISE_TRIG)
+    # v is stored as loaded (plus its delta): no norm, no rotary
+    out1 = tl.where(is_v[:, None], x1, out1)
+    out2 = tl.where(is_v[:, None], x2, out2)
+    # q in place; k and v into the cache at the token's slot (block slot // S, row slot % S)
+    slot = tl.load(slot_map_ptr + tok).to(tl.int64)
+    cache_rows = (slot // block_rows) * stride_cb + (slot % block_rows) * stride_cr + kv_head * stride_cg
+    dest = tl.where(is_q, q_rows, tl.where(is_v, vc_ptr + cache_rows, kc_ptr + cache_rows))[:, None] + cols[None, :]
+    tl.store(dest, out1.to(dtype), mask=mask)
+    tl.store(dest + HALF, out2.to(dtype), mask=mask)
 
 
 def _check_rope(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor,
@@ -233,3 +311,80 @@ def qk_norm_rope_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, q_w
         PRECISE_TRIG=q.is_cuda, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(dh // 2),
         enable_fp_fusion=False)  # no mul+add -> fma: torch rounds each product first
     return q, k
+
+
+def _check_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    t, g, dh = k.shape
+    expect(tuple(v.shape) == (t, g, dh) and v.dtype == q.dtype and v.device == q.device and v.stride(2) == 1,
+           f"v must be [T={t}, G={g}, Dh={dh}] {q.dtype} on {q.device} with a unit stride, got {tuple(v.shape)} {v.dtype}")
+    expect(k_cache.dim() == 4 and tuple(k_cache.shape[2:]) == (g, dh) and k_cache.shape == v_cache.shape,
+           f"k_cache and v_cache must be [N, S, G={g}, Dh={dh}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    expect(k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1,
+           "k_cache and v_cache need the same strides, with a unit stride over Dh")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        expect(c.dtype == q.dtype and c.device == q.device, f"{name} must be {q.dtype} on {q.device}, got {c.dtype} on {c.device}")
+    expect(tuple(slot_mapping.shape) == (t,) and not slot_mapping.is_floating_point() and slot_mapping.device == q.device,
+           f"slot_mapping must be [T={t}] integer on {q.device}, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
+
+
+def qkv_rope_write_ref_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor,
+                        v_cache: Tensor, slot_mapping: Tensor, q_weight: Tensor | None = None,
+                        k_weight: Tensor | None = None, eps: float = 1e-6, fold: DenseFold | None = None) -> Tensor:
+    """Torch twin of `qkv_rope_write_`."""
+    t = q.shape[0]
+    qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], 1)
+    if fold is not None:
+        fold_expand_ref_(qkv, fold)
+    nq, nk = q[0].numel(), k[0].numel()
+    q_new, k_new = qkv[:, :nq].view(q.shape), qkv[:, nq:nq + nk].view(k.shape)
+    q_new, k_new = qk_norm_rope_ref_(positions, inv_freq, q_new, k_new, q_weight, k_weight, eps)
+    block, row = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
+    k_cache[block, row] = k_new
+    v_cache[block, row] = qkv[:, nq + nk:].view(v.shape)
+    return q.copy_(q_new)
+
+
+def qkv_rope_write_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor,
+                    v_cache: Tensor, slot_mapping: Tensor, q_weight: Tensor | None = None,
+                    k_weight: Tensor | None = None, eps: float = 1e-6, fold: DenseFold | None = None) -> Tensor:
+    """(q/k/v's LoRA delta,) per-head RMSNorm (optional) and rotary of q and k, then k and v into
+    the paged KV cache, in one launch.
+
+    Semantics:
+        q, k, v = q + dq, k + dk, v + dv   with the fold's delta of the group q/k/v (kernels/moe/
+                  dense_fold.py; rounded once), or as they are without a fold
+        q, k = qk_norm_rope_(positions, inv_freq, q, k, q_weight, k_weight, eps)
+        k_cache[slot // S, slot % S], v_cache[slot // S, slot % S] = k[t], v[t]   (slot = slot_mapping[t])
+        the new q overwrites q; k and v themselves are left as they were.
+    Args:
+        positions, inv_freq, q, k, q_weight, k_weight, eps: as qk_norm_rope_'s.
+        v: [T, G, Dh], q's dtype, unit stride over Dh.
+        k_cache, v_cache: [N, S, G, Dh], q's dtype, the same strides, unit stride over Dh.
+        slot_mapping: [T] int, each token's cache slot (block * S + row), in range.
+        fold: the shrink of the fused q/k/v projection (sections H*Dh, G*Dh, G*Dh) whose output
+            q, k and v are, or None.
+    Returns:
+        q, updated.
+    """
+    t, h, dh = q.shape
+    g = k.shape[1]
+    if fold is not None:
+        fold.check(t, (h * dh, g * dh, g * dh), q.dtype)
+    if not use_triton(q):
+        return qkv_rope_write_ref_(positions, inv_freq, q, k, v, k_cache, v_cache, slot_mapping, q_weight,
+                                   k_weight, eps, fold)
+    _check_rope(positions, inv_freq, q, k, q_weight, k_weight)
+    _check_cache(q, k, v, k_cache, v_cache, slot_mapping)
+    if t == 0:
+        return q
+    block_h = min(8, triton.next_power_of_2(h + 2 * g))
+    has_norm = q_weight is not None
+    lora = fold.operands() if fold is not None else (None, None, None, 0, None, 0, 0)
+    _qkv_rope_write_kernel[(t, triton.cdiv(h + 2 * g, block_h))](
+        q, k, v, q_weight if has_norm else q, k_weight if has_norm else k, positions, inv_freq, slot_mapping,
+        k_cache, v_cache, h, g, k_cache.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps, *lora,
+        HALF=dh // 2, HAS_NORM=has_norm, PRECISE_TRIG=q.is_cuda, HAS_LORA=fold is not None, BLOCK_H=block_h,
+        BLOCK_HALF=triton.next_power_of_2(dh // 2), BLOCK_R=rank_block(fold.max_rank) if fold else 16,
+        enable_fp_fusion=False)  # no mul+add -> fma: torch rounds each product first
+    return q
