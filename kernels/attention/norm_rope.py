@@ -22,17 +22,27 @@ from kernels.moe.down_fold import rank_block
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, num_cols, stride_x, stride_r, stride_o, eps,
                      P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, HAS_LORA: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     BLOCK_R: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < num_cols
     dtype = out_ptr.dtype.element_ty
-    h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:
-        # x's LoRA delta first, rounded to the dtype, as the split path's expand leaves x
-        delta, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, row,
-                                 tl.zeros((1,), tl.int32), offs[None, :], mask[None, :], 1, BLOCK_R)
-        h = tl.where(tl.sum(live.to(tl.int32), axis=0) > 0, (h + tl.sum(delta, axis=0)).to(dtype).to(tl.float32), h)
+        # x plus its LoRA delta, rounded to the dtype as the split path's expand leaves x, is
+        # staged in this row of out chunk by chunk (a whole row's B tile would not fit in
+        # registers), then read back as x
+        for c0 in tl.static_range(0, BLOCK, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            c_mask = cols < num_cols
+            x = tl.load(x_ptr + row * stride_x + cols, mask=c_mask, other=0.0).to(tl.float32)
+            delta, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, row,
+                                     tl.zeros((1,), tl.int32), cols[None, :], c_mask[None, :], 1, BLOCK_R, PARTS)
+            x = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, x + tl.sum(delta, axis=0), x)
+            tl.store(out_ptr + row * stride_o + cols, x.to(dtype), mask=c_mask)
+        tl.debug_barrier()  # the row's threads see each other's stores
+        h = tl.load(out_ptr + row * stride_o + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         # residual += x in x's dtype (torch adds in fp32 and rounds once)
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
@@ -54,6 +64,11 @@ def _check_norm(x: Tensor, weight: Tensor) -> None:
     expect(weight.device == x.device, f"weight must live on {x.device}, got {weight.device}")
 
 
+# Columns of a row's LoRA delta at a time in the residual add + norm: a [CHUNK, rank block] tile of
+# B per chunk (rank 16: 8192 elements, as many as a q/k/v program's).
+NORM_FOLD_CHUNK = 512
+
+
 def _launch_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
                  fold: DenseFold | None = None) -> Tensor:
     expect(x.stride(1) == 1, "x needs a unit column stride")
@@ -66,6 +81,7 @@ def _launch_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
     _rms_norm_kernel[(rows,)](x, res, weight, out, cols, x.stride(0), res.stride(0), out.stride(0), eps, *lora,
                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(cols),
                               HAS_LORA=fold is not None, BLOCK_R=rank_block(fold.max_rank) if fold else 16,
+                              PARTS=fold.parts if fold else 1, CHUNK=min(NORM_FOLD_CHUNK, triton.next_power_of_2(cols)),
                               enable_fp_fusion=False)
     return out
 
@@ -196,7 +212,7 @@ def _qkv_rope_write_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, inv_fre
                            P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r,
                            HALF: tl.constexpr, HAS_NORM: tl.constexpr, PRECISE_TRIG: tl.constexpr,
                            HAS_LORA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
+                           BLOCK_R: tl.constexpr, PARTS: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     # heads [0, H) are q's, [H, H + G) k's, [H + G, H + 2G) v's: head i is the group's columns
     # [i * Dh, (i + 1) * Dh) (q/k/v side by side, as the fused projection writes them)
@@ -218,9 +234,9 @@ def _qkv_rope_write_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, inv_fre
         proj = (heads >= num_q_heads).to(tl.int32) + is_v.to(tl.int32)
         group_cols = heads[:, None] * (2 * HALF) + cols[None, :]
         d1, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, tok, proj, group_cols,
-                              mask, BLOCK_H, BLOCK_R)
+                              mask, BLOCK_H, BLOCK_R, PARTS)
         d2, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, tok, proj,
-                              group_cols + HALF, mask, BLOCK_H, BLOCK_R)
+                              group_cols + HALF, mask, BLOCK_H, BLOCK_R, PARTS)
         x1 = tl.where(live[:, None], (x1 + d1).to(dtype).to(tl.float32), x1)
         x2 = tl.where(live[:, None], (x2 + d2).to(dtype).to(tl.float32), x2)
     out1, out2 = _norm_rope(x1, x2, is_q, q_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, tok, cols, eps, HALF,
@@ -386,5 +402,5 @@ def qkv_rope_write_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, v
         v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps, *lora,
         HALF=dh // 2, HAS_NORM=has_norm, PRECISE_TRIG=q.is_cuda, HAS_LORA=fold is not None, BLOCK_H=block_h,
         BLOCK_HALF=triton.next_power_of_2(dh // 2), BLOCK_R=rank_block(fold.max_rank) if fold else 16,
-        enable_fp_fusion=False)  # no mul+add -> fma: torch rounds each product first
+        PARTS=fold.parts if fold else 1, enable_fp_fusion=False)  # no mul+add -> fma: torch rounds each product first
     return q

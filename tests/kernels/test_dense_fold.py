@@ -142,6 +142,8 @@ def interp_cases() -> dict[str, tuple]:
     cases["qkv-fp32-t13h6g1dh12-rope-heap-skewed"] = ("qkv", "fp32", 13, 6, 1, 12, False, "heap", "skewed")
     cases["qkv-fp16-t9h3g3dh16-norm-padded-distinct"] = ("qkv", "fp16", 9, 3, 3, 16, True, "padded", "distinct")
     cases["add_norm-fp32-t7d40-heap-identical"] = ("add_norm", "fp32", 7, 40, "heap", "identical")
+    # D = 1100: the delta staged in three chunks of NORM_FOLD_CHUNK columns, the last one partial
+    cases["add_norm-fp16-t5d1100-heap"] = ("add_norm", "fp16", 5, 1100, "heap")
     return cases
 
 
