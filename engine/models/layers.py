@@ -12,7 +12,6 @@ from engine.attention import ForwardBatch, paged_attention, write_kv
 from engine.models.spec import ModelSpec
 from engine.parallel.shard import SINGLE, Shard
 from kernels.attention.norm_rope import fused_add_rms_norm, qkv_rope_write_, rms_norm, rotary_ref
-from kernels.moe.dense_fold import DenseFold
 from kernels.moe.router import route_topk
 
 
@@ -25,11 +24,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)  # its torch twin off the Triton path
 
-    def add_forward(self, x: Tensor, residual: Tensor, fold: DenseFold | None = None) -> tuple[Tensor, Tensor]:
-        """(norm(residual + x), residual + x): one launch on Triton, which updates residual in place
-        (and adds x's LoRA delta from `fold` first: kernels.dense_lora_fold; only on Triton)."""
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(residual + x), residual + x): one launch on Triton, which updates residual in place."""
         if kernels.use_triton(x):
-            return fused_add_rms_norm(x, residual, self.weight, self.eps, fold), residual
+            return fused_add_rms_norm(x, residual, self.weight, self.eps), residual
         residual = residual + x
         return self(residual), residual
 
@@ -64,16 +62,6 @@ class LoRALinear(nn.Module):
         if self.lora is not None and slot_ids is not None:
             kernels.lora_linear_(x, out, self.lora, slot_ids, layout)
         return out
-
-    def forward_fold(self, x: Tensor, slot_ids: Tensor | None, layout=None) -> tuple[Tensor, DenseFold | None]:
-        """(x W^T (+ b), the LoRA shrink for the launch reading the output next to expand), where
-        kernels.dense_lora_fold takes this size; else (forward's output, None)."""
-        if self.lora is None or slot_ids is None:
-            return self.forward(x, slot_ids, layout), None
-        fold = kernels.dense_lora_fold(x, kernels.DenseLoRAGroup.of(self.lora), slot_ids, layout)
-        if fold is None:
-            return self.forward(x, slot_ids, layout), None
-        return F.linear(x, self.weight, self.bias), fold
 
 
 class Rotary(nn.Module):
@@ -136,21 +124,16 @@ class Attention(nn.Module):
                 p.bias = nn.Parameter(self.qkv_bias[start:start + n], requires_grad=False)
             start += n
 
-    def _project_qkv(self, x: Tensor, batch: ForwardBatch, fold: bool) -> tuple[Tensor, Tensor, Tensor, DenseFold | None]:
-        """[T, H*Dh], [T, G*Dh], [T, G*Dh]: column views of the one fused output; with fold, their
-        LoRA shrink where kernels.dense_lora_fold takes this size (the delta is then not in them)."""
+    def _project_qkv(self, x: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """[T, H*Dh], [T, G*Dh], [T, G*Dh]: column views of the one fused output."""
         out = F.linear(x, self.qkv_weight, self.qkv_bias)
-        pending = None
         if self.qkv_lora is not None and batch.lora_slot_ids is not None:
-            if fold:
-                pending = kernels.dense_lora_fold(x, self.qkv_lora, batch.lora_slot_ids, batch.lora_layout)
-            if pending is None:
-                kernels.lora_group_linear_(x, out, self.qkv_lora, batch.lora_slot_ids, batch.lora_layout)
+            kernels.lora_group_linear_(x, out, self.qkv_lora, batch.lora_slot_ids, batch.lora_layout)
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return out[:, :nq], out[:, nq:nq + nkv], out[:, nq + nkv:], pending
+        return out[:, :nq], out[:, nq:nq + nkv], out[:, nq + nkv:]
 
     def _qkv(self, x: Tensor, batch: ForwardBatch, head_norm: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v, _ = self._project_qkv(x, batch, fold=False)
+        q, k, v = self._project_qkv(x, batch)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -163,28 +146,15 @@ class Attention(nn.Module):
         return q, k, v
 
     def _fused_qkv_rope_write(self, x: Tensor, batch: ForwardBatch) -> Tensor:
-        """Triton path: q/k/v's LoRA expand (where it folds), per-head norm (Qwen3) and rotary of q
-        and k, and the KV-cache write in one launch; returns q. A whole-vector q/k norm (OLMoE)
-        or clipping comes between the projection and that launch, so there the delta is added
-        first, by the split or row path."""
-        plain = self.qk_norm != "full" and self.clip_qkv is None
-        if plain:
-            q, k, v, fold = self._project_qkv(x, batch, fold=True)
-            q, k, v = (t.view(t.shape[0], -1, self.head_dim) for t in (q, k, v))
-        else:
-            (q, k, v), fold = self._qkv(x, batch, head_norm=False), None
+        """Triton path: per-head norm (Qwen3) and rotary of q and k, and k and v into the KV
+        cache, in one launch; returns q."""
+        q, k, v = self._qkv(x, batch, head_norm=False)
         weights = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else (None, None)
         eps = self.q_norm.eps if self.qk_norm == "head" else 0.0
         return qkv_rope_write_(batch.positions, self.rotary.inv_freq, q, k, v, self.k_cache, self.v_cache,
-                               batch.slot_mapping, *weights, eps, fold)
+                               batch.slot_mapping, *weights, eps)
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
-        return self.attend(x, batch, fold_o=False)[0]
-
-    def attend(self, x: Tensor, batch: ForwardBatch, fold_o: bool) -> tuple[Tensor, DenseFold | None]:
-        """(o's output, o's LoRA shrink or None): with fold_o, where o's delta folds
-        (kernels.dense_lora_fold; one rank, since o's output is summed over ranks first), it is
-        left out of the output for the residual add + norm after this to add."""
         if kernels.use_triton(x):
             q = self._fused_qkv_rope_write(x, batch)
         else:
@@ -192,13 +162,9 @@ class Attention(nn.Module):
             q, k = self.rotary(batch.positions, q, k)
             write_kv(self.k_cache, self.v_cache, k, v, batch)
         out = paged_attention(q, self.k_cache, self.v_cache, batch, self.head_dim ** -0.5,
-                              self.sliding_window).reshape(x.shape[0], -1)
-        fold = None
-        if fold_o and self.shard.tp == 1:
-            out, fold = self.o_proj.forward_fold(out, batch.lora_slot_ids, batch.lora_layout)
-        else:
-            out = self.o_proj(out, batch.lora_slot_ids, batch.lora_layout)
-        return self.shard.all_reduce_(out, across_tp=True), fold
+                              self.sliding_window)
+        out = self.o_proj(out.reshape(x.shape[0], -1), batch.lora_slot_ids, batch.lora_layout)
+        return self.shard.all_reduce_(out, across_tp=True)
 
 
 class DenseMLP(nn.Module):

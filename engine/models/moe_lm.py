@@ -28,8 +28,7 @@ class DecoderLayer(nn.Module):
         Each residual add is fused with the norm after it (one launch on Triton), so the next
         layer's input_layernorm (or the final norm) runs here as `next_norm`.
         """
-        attended, o_fold = self.self_attn.attend(h, batch, fold_o=True)
-        h, residual = self.post_attention_layernorm.add_forward(attended, residual, o_fold)
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, batch), residual)
         return next_norm.add_forward(self.mlp(h, batch.lora_slot_ids), residual)
 
 

@@ -1,4 +1,10 @@
-"""RMSNorm, residual add + RMSNorm, and per-head qk-norm + rotary, each one Triton launch.
+"""RMSNorm, residual add + RMSNorm, and per-head qk-norm + rotary with the KV-cache write, each
+one Triton launch.
+
+Why the KV write rides with the rotary: as two indexed torch writes (k, v) it cost 2 x ~4 us a
+layer on the H200 at decode, tiny grids of a few percent occupancy, while the rotary's launch
+already holds k; taking them in cost the step 0.37 ms at 48 layers and batch 64 (17.87 -> 17.50
+ms, benchmarks/RESULTS.md, engine).
 
 T = tokens, D = hidden, H = query heads, G = KV heads, Dh = head dim.
 Numerics follow the torch modules of engine/models/layers.py (and transformers): statistics
@@ -14,35 +20,16 @@ from triton.language.extra import libdevice
 from kernels.checks import FLOAT_DTYPES
 from kernels.dispatch import use_triton
 from kernels.errors import expect
-from kernels.moe.dense_fold import DenseFold, fold_delta, fold_expand_ref_
-from kernels.moe.down_fold import rank_block
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, num_cols, stride_x, stride_r, stride_o, eps,
-                     P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, HAS_LORA: tl.constexpr,
-                     BLOCK_R: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < num_cols
     dtype = out_ptr.dtype.element_ty
-    if HAS_LORA:
-        # x plus its LoRA delta, rounded to the dtype as the split path's expand leaves x, is
-        # staged in this row of out chunk by chunk (a whole row's B tile would not fit in
-        # registers), then read back as x
-        for c0 in tl.static_range(0, BLOCK, CHUNK):
-            cols = c0 + tl.arange(0, CHUNK)
-            c_mask = cols < num_cols
-            x = tl.load(x_ptr + row * stride_x + cols, mask=c_mask, other=0.0).to(tl.float32)
-            delta, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, row,
-                                     tl.zeros((1,), tl.int32), cols[None, :], c_mask[None, :], 1, BLOCK_R, PARTS)
-            x = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, x + tl.sum(delta, axis=0), x)
-            tl.store(out_ptr + row * stride_o + cols, x.to(dtype), mask=c_mask)
-        tl.debug_barrier()  # the row's threads see each other's stores
-        h = tl.load(out_ptr + row * stride_o + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         # residual += x in x's dtype (torch adds in fp32 and rounds once)
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
@@ -64,24 +51,15 @@ def _check_norm(x: Tensor, weight: Tensor) -> None:
     expect(weight.device == x.device, f"weight must live on {x.device}, got {weight.device}")
 
 
-# Columns of a row's LoRA delta at a time in the residual add + norm: a [CHUNK, rank block] tile of
-# B per chunk (rank 16: 8192 elements, as many as a q/k/v program's).
-NORM_FOLD_CHUNK = 512
-
-
-def _launch_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
-                 fold: DenseFold | None = None) -> Tensor:
+def _launch_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> Tensor:
     expect(x.stride(1) == 1, "x needs a unit column stride")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     rows, cols = x.shape
     if rows == 0:
         return out
     res = x if residual is None else residual
-    lora = fold.operands() if fold is not None else (None, None, None, 0, None, 0, 0)
-    _rms_norm_kernel[(rows,)](x, res, weight, out, cols, x.stride(0), res.stride(0), out.stride(0), eps, *lora,
+    _rms_norm_kernel[(rows,)](x, res, weight, out, cols, x.stride(0), res.stride(0), out.stride(0), eps,
                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(cols),
-                              HAS_LORA=fold is not None, BLOCK_R=rank_block(fold.max_rank) if fold else 16,
-                              PARTS=fold.parts if fold else 1, CHUNK=min(NORM_FOLD_CHUNK, triton.next_power_of_2(cols)),
                               enable_fp_fusion=False)
     return out
 
@@ -111,41 +89,33 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _launch_norm(rows, None, weight, eps).view(x.shape)
 
 
-def fused_add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
-                           fold: DenseFold | None = None) -> Tensor:
+def fused_add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Torch twin of `fused_add_rms_norm`."""
-    if fold is not None:
-        x = fold_expand_ref_(x.clone(), fold)
     residual.add_(x)
     return rms_norm_ref(residual, weight, eps)
 
 
-def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
-                       fold: DenseFold | None = None) -> Tensor:
-    """(x's LoRA delta,) residual add, then RMSNorm of the sum, in one launch.
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Residual add, then RMSNorm of the sum, in one launch.
 
     Semantics:
-        x = x + the fold's delta   (kernels/moe/dense_fold.py; rounded once, x itself unchanged)
         residual += x   (in place, in x's dtype)
         return rms_norm(residual, weight, eps)
     Args:
         x: [T, D] fp32/fp16/bf16 (a sublayer's output).
         residual: [T, D], x's dtype and device; updated in place.
         weight: [D], x's dtype.
-        fold: the shrink of the projection that made x (one section of D columns), or None.
     Returns:
         [T, D] in x.dtype, a new tensor.
     """
-    if fold is not None:
-        fold.check(x.shape[0], (x.shape[1],), x.dtype)
     if not use_triton(x):
-        return fused_add_rms_norm_ref(x, residual, weight, eps, fold)
+        return fused_add_rms_norm_ref(x, residual, weight, eps)
     _check_norm(x, weight)
     expect(residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device,
            f"residual must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
            f"({tuple(residual.shape)}, {residual.dtype}, {residual.device})")
     expect(residual.stride(1) == 1, "residual needs a unit column stride")
-    return _launch_norm(x, residual, weight, eps, fold)
+    return _launch_norm(x, residual, weight, eps)
 
 
 @triton.jit
@@ -182,40 +152,13 @@ def _norm_rope(x1, x2, is_q, q_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, tok, 
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, num_q_heads, num_heads,
-                         stride_qt, stride_qh, stride_kt, stride_kh, eps, HALF: tl.constexpr,
-                         HAS_NORM: tl.constexpr, PRECISE_TRIG: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
-    # heads [0, H) are q's, [H, H + G) are k's
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_HALF)
-    is_q = heads < num_q_heads
-    mask = (heads < num_heads)[:, None] & (cols < HALF)[None, :]
-    dtype = q_ptr.dtype.element_ty
-    # each head's row start, in q or in k
-    q_rows = q_ptr + tok * stride_qt + heads * stride_qh
-    k_rows = k_ptr + tok * stride_kt + (heads - num_q_heads) * stride_kh
-    lo_ptrs = tl.where(is_q, q_rows, k_rows)[:, None] + cols[None, :]  # [BLOCK_H, BLOCK_HALF]
-    x1 = tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(lo_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    out1, out2 = _norm_rope(x1, x2, is_q, q_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, tok, cols, eps, HALF,
-                            HAS_NORM, PRECISE_TRIG)
-    tl.store(lo_ptrs, out1.to(dtype), mask=mask)
-    tl.store(lo_ptrs + HALF, out2.to(dtype), mask=mask)
-
-
-@triton.jit
 def _qkv_rope_write_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, slot_map_ptr, kc_ptr, vc_ptr,
                            num_q_heads, num_kv_heads, block_rows, stride_qt, stride_qh, stride_kt, stride_kh,
-                           stride_vt, stride_vh, stride_cb, stride_cr, stride_cg, eps,
-                           P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r,
-                           HALF: tl.constexpr, HAS_NORM: tl.constexpr, PRECISE_TRIG: tl.constexpr,
-                           HAS_LORA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           BLOCK_R: tl.constexpr, PARTS: tl.constexpr):
+                           stride_vt, stride_vh, stride_cb, stride_cr, stride_cg, eps, HALF: tl.constexpr,
+                           HAS_NORM: tl.constexpr, PRECISE_TRIG: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_HALF: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
-    # heads [0, H) are q's, [H, H + G) k's, [H + G, H + 2G) v's: head i is the group's columns
-    # [i * Dh, (i + 1) * Dh) (q/k/v side by side, as the fused projection writes them)
+    # heads [0, H) are q's, [H, H + G) k's, [H + G, H + 2G) v's
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     is_q = heads < num_q_heads
@@ -229,19 +172,9 @@ def _qkv_rope_write_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, inv_fre
     lo_ptrs = tl.where(is_q, q_rows, tl.where(is_v, v_rows, k_rows))[:, None] + cols[None, :]
     x1 = tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(lo_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    if HAS_LORA:
-        # the projection's LoRA delta first, rounded to the dtype, as the split path's expand leaves it
-        proj = (heads >= num_q_heads).to(tl.int32) + is_v.to(tl.int32)
-        group_cols = heads[:, None] * (2 * HALF) + cols[None, :]
-        d1, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, tok, proj, group_cols,
-                              mask, BLOCK_H, BLOCK_R, PARTS)
-        d2, live = fold_delta(P, LB, ranks_ptr, rank_stride, slot_ids_ptr, num_slots, big_r, tok, proj,
-                              group_cols + HALF, mask, BLOCK_H, BLOCK_R, PARTS)
-        x1 = tl.where(live[:, None], (x1 + d1).to(dtype).to(tl.float32), x1)
-        x2 = tl.where(live[:, None], (x2 + d2).to(dtype).to(tl.float32), x2)
     out1, out2 = _norm_rope(x1, x2, is_q, q_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, tok, cols, eps, HALF,
                             HAS_NORM, PRECISE_TRIG)
-    # v is stored as loaded (plus its delta): no norm, no rotary
+    # v is stored as loaded: no norm, no rotary
     out1 = tl.where(is_v[:, None], x1, out1)
     out2 = tl.where(is_v[:, None], x2, out2)
     # q in place; k and v into the cache at the token's slot (block slot // S, row slot % S)
@@ -285,48 +218,13 @@ def rotary_ref(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor) -> tup
 
 def qk_norm_rope_ref_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, q_weight: Tensor | None = None,
                       k_weight: Tensor | None = None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Torch twin of `qk_norm_rope_`."""
+    """Per-head RMSNorm (optional) then neox rotary of q and k (qkv_rope_write_'s first half), in
+    place; the modules' own code."""
     q_in, k_in = q, k
     if q_weight is not None:
         q_in, k_in = rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
     q_out, k_out = rotary_ref(positions, inv_freq, q_in, k_in)
     return q.copy_(q_out), k.copy_(k_out)
-
-
-def qk_norm_rope_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, q_weight: Tensor | None = None,
-                  k_weight: Tensor | None = None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Per-head RMSNorm (optional) then neox rotary of q and k, in place, in one launch.
-
-    Semantics:
-        if q_weight is not None:  q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)  (over Dh)
-        freqs = positions[:, None].float() * inv_freq;  emb = cat(freqs, freqs)
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)   (per token, broadcast over heads)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        with rotate_half(x) = cat(-x[..., Dh/2:], x[..., :Dh/2]); the results overwrite q and k.
-    Args:
-        positions: [T] int32/int64, each token's position.
-        inv_freq: [Dh/2] float32, theta ** (-2i / Dh) (the default rope; no scaling).
-        q: [T, H, Dh] fp32/fp16/bf16, unit stride over Dh; k: [T, G, Dh], q's dtype.
-        q_weight, k_weight: [Dh] in q's dtype, or both None for rotary only.
-        eps: RMSNorm epsilon.
-    Returns:
-        (q, k), the same tensors, updated.
-    """
-    if not use_triton(q):
-        return qk_norm_rope_ref_(positions, inv_freq, q, k, q_weight, k_weight, eps)
-    _check_rope(positions, inv_freq, q, k, q_weight, k_weight)
-    t, h, dh = q.shape
-    g = k.shape[1]
-    if t == 0:
-        return q, k
-    block_h = min(8, triton.next_power_of_2(h + g))
-    has_norm = q_weight is not None
-    _qk_norm_rope_kernel[(t, triton.cdiv(h + g, block_h))](
-        q, k, q_weight if has_norm else q, k_weight if has_norm else k, positions, inv_freq, h, h + g,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps, HALF=dh // 2, HAS_NORM=has_norm,
-        PRECISE_TRIG=q.is_cuda, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(dh // 2),
-        enable_fp_fusion=False)  # no mul+add -> fma: torch rounds each product first
-    return q, k
 
 
 def _check_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -345,62 +243,56 @@ def _check_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tens
 
 def qkv_rope_write_ref_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor,
                         v_cache: Tensor, slot_mapping: Tensor, q_weight: Tensor | None = None,
-                        k_weight: Tensor | None = None, eps: float = 1e-6, fold: DenseFold | None = None) -> Tensor:
+                        k_weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     """Torch twin of `qkv_rope_write_`."""
-    t = q.shape[0]
-    qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], 1)
-    if fold is not None:
-        fold_expand_ref_(qkv, fold)
-    nq, nk = q[0].numel(), k[0].numel()
-    q_new, k_new = qkv[:, :nq].view(q.shape), qkv[:, nq:nq + nk].view(k.shape)
-    q_new, k_new = qk_norm_rope_ref_(positions, inv_freq, q_new, k_new, q_weight, k_weight, eps)
+    q_new, k_new = qk_norm_rope_ref_(positions, inv_freq, q.clone(), k.clone(), q_weight, k_weight, eps)
     block, row = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
     k_cache[block, row] = k_new
-    v_cache[block, row] = qkv[:, nq + nk:].view(v.shape)
+    v_cache[block, row] = v
     return q.copy_(q_new)
 
 
 def qkv_rope_write_(positions: Tensor, inv_freq: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor,
                     v_cache: Tensor, slot_mapping: Tensor, q_weight: Tensor | None = None,
-                    k_weight: Tensor | None = None, eps: float = 1e-6, fold: DenseFold | None = None) -> Tensor:
-    """(q/k/v's LoRA delta,) per-head RMSNorm (optional) and rotary of q and k, then k and v into
-    the paged KV cache, in one launch.
+                    k_weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """Per-head RMSNorm (optional) and neox rotary of q and k, then k and v into the paged KV
+    cache, in one launch.
 
     Semantics:
-        q, k, v = q + dq, k + dk, v + dv   with the fold's delta of the group q/k/v (kernels/moe/
-                  dense_fold.py; rounded once), or as they are without a fold
-        q, k = qk_norm_rope_(positions, inv_freq, q, k, q_weight, k_weight, eps)
-        k_cache[slot // S, slot % S], v_cache[slot // S, slot % S] = k[t], v[t]   (slot = slot_mapping[t])
-        the new q overwrites q; k and v themselves are left as they were.
+        if q_weight is not None:  q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)  (over Dh)
+        freqs = positions[:, None].float() * inv_freq;  emb = cat(freqs, freqs)
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)   (per token, broadcast over heads)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        with rotate_half(x) = cat(-x[..., Dh/2:], x[..., :Dh/2]); the new q overwrites q;
+        k_cache[slot // S, slot % S], v_cache[slot // S, slot % S] = k[t], v[t] with slot =
+        slot_mapping[t]; k and v themselves are left as they were.
     Args:
-        positions, inv_freq, q, k, q_weight, k_weight, eps: as qk_norm_rope_'s.
-        v: [T, G, Dh], q's dtype, unit stride over Dh.
+        positions: [T] int32/int64, each token's position.
+        inv_freq: [Dh/2] float32, theta ** (-2i / Dh) (the default rope; no scaling).
+        q: [T, H, Dh] fp32/fp16/bf16, unit stride over Dh; k, v: [T, G, Dh], q's dtype, likewise.
         k_cache, v_cache: [N, S, G, Dh], q's dtype, the same strides, unit stride over Dh.
         slot_mapping: [T] int, each token's cache slot (block * S + row), in range.
-        fold: the shrink of the fused q/k/v projection (sections H*Dh, G*Dh, G*Dh) whose output
-            q, k and v are, or None.
+        q_weight, k_weight: [Dh] in q's dtype, or both None for rotary only.
+        eps: RMSNorm epsilon.
     Returns:
         q, updated.
     """
-    t, h, dh = q.shape
-    g = k.shape[1]
-    if fold is not None:
-        fold.check(t, (h * dh, g * dh, g * dh), q.dtype)
     if not use_triton(q):
         return qkv_rope_write_ref_(positions, inv_freq, q, k, v, k_cache, v_cache, slot_mapping, q_weight,
-                                   k_weight, eps, fold)
+                                   k_weight, eps)
     _check_rope(positions, inv_freq, q, k, q_weight, k_weight)
     _check_cache(q, k, v, k_cache, v_cache, slot_mapping)
+    t, h, dh = q.shape
+    g = k.shape[1]
     if t == 0:
         return q
     block_h = min(8, triton.next_power_of_2(h + 2 * g))
     has_norm = q_weight is not None
-    lora = fold.operands() if fold is not None else (None, None, None, 0, None, 0, 0)
     _qkv_rope_write_kernel[(t, triton.cdiv(h + 2 * g, block_h))](
         q, k, v, q_weight if has_norm else q, k_weight if has_norm else k, positions, inv_freq, slot_mapping,
         k_cache, v_cache, h, g, k_cache.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps, *lora,
-        HALF=dh // 2, HAS_NORM=has_norm, PRECISE_TRIG=q.is_cuda, HAS_LORA=fold is not None, BLOCK_H=block_h,
-        BLOCK_HALF=triton.next_power_of_2(dh // 2), BLOCK_R=rank_block(fold.max_rank) if fold else 16,
-        PARTS=fold.parts if fold else 1, enable_fp_fusion=False)  # no mul+add -> fma: torch rounds each product first
+        v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
+        HALF=dh // 2, HAS_NORM=has_norm, PRECISE_TRIG=q.is_cuda, BLOCK_H=block_h,
+        BLOCK_HALF=triton.next_power_of_2(dh // 2),
+        enable_fp_fusion=False)  # no mul+add -> fma: torch rounds each product first
     return q

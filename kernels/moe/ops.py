@@ -1,19 +1,13 @@
 """The public ops of kernels/moe: each checks its arguments, then runs the Triton launcher when
 `use_triton` says so (a CUDA tensor, or MOEPLEX_TRITON=1 with TRITON_INTERPRET=1 in tests) and
 its `*_ref` twin in plain torch otherwise. `kernels` re-exports them."""
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from kernels.checks import check_dense_args
-from kernels.errors import expect
 from kernels.dispatch import use_triton
 from kernels.moe.align import VirtualLayout
 from kernels.reference import fused_moe_ref, lora_group_ref_, lora_linear_ref_
 from kernels.weights import DenseLoRAGroup, DenseLoRAWeights, MoELoRAWeights
-
-if TYPE_CHECKING:
-    from kernels.moe.dense_fold import DenseFold
 
 
 def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
@@ -82,26 +76,6 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
         from kernels.moe.dense_launch import dense_group_triton_
         return dense_group_triton_(x, out, lora, slot_ids, layout)
     return lora_group_ref_(x, out, lora, slot_ids)
-
-
-def dense_lora_fold(x: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
-                    layout: VirtualLayout | None) -> "DenseFold | None":
-    """The group's shrink, for the launch that reads the projection's output next to add the
-    expand (kernels/moe/dense_fold.py), where that path applies: on Triton at the sizes of
-    `dense_fold_path`. None elsewhere: then lora_group_linear_ adds the whole delta.
-
-    Args:
-        x: [T, IN] fp32/fp16/bf16, lora's dtype; lora: DenseLoRAGroup; slot_ids: [T] int, -1
-            for no adapter; layout: the step's `dense_lora_layout(slot_ids, S)`.
-    """
-    if not use_triton(x):
-        return None
-    from kernels.moe.dense_fold import dense_fold_path, dense_fold_shrink
-    if not dense_fold_path(x.shape[0], layout):
-        return None
-    expect(x.dim() == 2 and x.shape[1] == lora.in_features and x.dtype == lora.b.dtype,
-           f"x must be [T, IN={lora.in_features}] {lora.b.dtype}, got {tuple(x.shape)} {x.dtype}")
-    return dense_fold_shrink(x, lora, slot_ids, layout)
 
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:

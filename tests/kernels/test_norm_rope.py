@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kernels.errors import KernelInputError
-from kernels.attention.norm_rope import (fused_add_rms_norm, fused_add_rms_norm_ref, qk_norm_rope_, qk_norm_rope_ref_,
-                               rms_norm, rms_norm_ref, rotary_ref)
+from kernels.attention.norm_rope import (fused_add_rms_norm, fused_add_rms_norm_ref, qk_norm_rope_ref_, qkv_rope_write_,
+                                         qkv_rope_write_ref_, rms_norm, rms_norm_ref, rotary_ref)
 from tests.kernels.interp import errors_raised, run_interpreter_cases
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,22 +67,34 @@ def norm_case(dt: str, t: int, d: int, fused: bool, strided: bool, device: str =
 
 
 def rope_case(dt: str, t: int, h: int, g: int, dh: int, norm: bool, device: str = "cpu", max_pos: int = 5000) -> dict:
+    """qkv_rope_write_ against its twin (and fp64 loops): q in place, k and v in the cache."""
     gen = torch.Generator().manual_seed(t * 1000 + h * 10 + dh)
     dtype = DTYPES[dt]
-    # q and k as views of one fused qkv projection output, as a model would hold them
+    # q, k and v as views of one fused qkv projection output, as a model would hold them
     qkv = torch.randn(t, (h + 2 * g) * dh, generator=gen).to(device, dtype)
     q, k = qkv[:, :h * dh].view(t, h, dh), qkv[:, h * dh:(h + g) * dh].view(t, g, dh)
+    v = qkv[:, (h + g) * dh:].view(t, g, dh)
     positions = torch.randint(0, max_pos, (t,), generator=gen).to(device)
     positions[0] = 0
     weights = [(1 + 0.1 * torch.randn(dh, generator=gen)).to(device, dtype) for _ in range(2)] if norm else [None, None]
     inv_freq = inv_freq_of(dh).to(device)
-    q_in, k_in, v_before = q.clone(), k.clone(), qkv[:, (h + g) * dh:].clone()
-    twin_q, twin_k = qk_norm_rope_ref_(positions, inv_freq, q.clone(), k.clone(), *weights, 1e-6)
-    mine_q, mine_k = qk_norm_rope_(positions, inv_freq, q, k, *weights, 1e-6)
+    # every token its own slot of a block-major cache [N, 2, S, G, Dh] (k and v views), the rest NaN
+    blocks, rows = t // 2 + 3, 4
+    slots = torch.randperm(blocks * rows, generator=gen)[:t].to(device)
+    cache, twin_cache = (torch.full((blocks, 2, rows, g, dh), float("nan"), dtype=dtype, device=device) for _ in range(2))
+    q_in, k_in, kv_before = q.clone(), k.clone(), qkv[:, h * dh:].clone()
+    twin_q = qkv_rope_write_ref_(positions, inv_freq, q.clone(), k, v, twin_cache[:, 0], twin_cache[:, 1], slots,
+                                 *weights, 1e-6)
+    mine_q = qkv_rope_write_(positions, inv_freq, q, k, v, cache[:, 0], cache[:, 1], slots, *weights, 1e-6)
+    mine_k, twin_k = cache[slots // rows, 0, slots % rows], twin_cache[slots // rows, 0, slots % rows]
+    written = torch.zeros(blocks, rows, dtype=torch.bool, device=device)
+    written[slots // rows, slots % rows] = True
     row = {"err": max(rel(mine_q, twin_q), rel(mine_k, twin_k)), "inplace": mine_q.data_ptr() == qkv.data_ptr(),
            "finite": bool(torch.isfinite(mine_q).all() and torch.isfinite(mine_k).all()),
            "exact": float(torch.cat([(mine_q == twin_q).flatten(), (mine_k == twin_k).flatten()]).float().mean()),
-           "v_untouched": torch.equal(qkv[:, (h + g) * dh:], v_before)}
+           "v_untouched": torch.equal(qkv[:, h * dh:], kv_before)
+           and torch.equal(cache[slots // rows, 1, slots % rows], v)
+           and bool(torch.isnan(cache.transpose(1, 2)[~written]).all())}
     if device == "cpu" and dt == "fp32":
         normed = [norm_loop_fp64(x.reshape(-1, dh), w, 1e-6).view(x.shape) if norm else x
                   for x, w in ((q_in, weights[0]), (k_in, weights[1]))]
@@ -126,11 +138,12 @@ def test_triton_interpreter_matches_twin_and_fp64(interp_results, name):
     if "oracle_err" in res:
         assert res["oracle_err"] <= (1e-5 if dt == "fp32" else 2e-3), res
     if name.startswith(("rope", "qk_norm")):
+        # q rotated in place; k and v left as they were, v copied into the cache, no other slot written
         assert res["inplace"] and res["v_untouched"], res
 
 
 def test_interpreter_rejects_bad_input(interp_results):
-    assert interp_results["errors"]["raised"] == ["KernelInputError"] * 4, interp_results["errors"]
+    assert interp_results["errors"]["raised"] == ["KernelInputError"] * 5, interp_results["errors"]
 
 
 def test_interpreter_norm_flattens_leading_dims(interp_results):
@@ -169,10 +182,13 @@ def _leading_dims_case() -> dict:
 def _bad_inputs() -> list[str]:
     x, w = torch.randn(3, 8), torch.ones(8)
     q, k, pos, inv = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.arange(2), inv_freq_of(8)
+    cache = torch.zeros(3, 2, 4, 2, 8)
+    kc, vc = cache[:, 0], cache[:, 1]
     calls = [lambda: rms_norm(x, torch.ones(7), 1e-6),
              lambda: fused_add_rms_norm(x, torch.randn(3, 8).half(), w, 1e-6),
-             lambda: qk_norm_rope_(pos.float(), inv, q, k),
-             lambda: qk_norm_rope_(pos, inv, q, k, torch.ones(8), None)]
+             lambda: qkv_rope_write_(pos.float(), inv, q, k, k.clone(), kc, vc, pos),
+             lambda: qkv_rope_write_(pos, inv, q, k, k.clone(), kc, vc, pos, torch.ones(8), None),
+             lambda: qkv_rope_write_(pos, inv, q, k, k.clone(), kc, torch.zeros(3, 4, 2, 6), pos)]
     return errors_raised(calls, KernelInputError)
 
 
@@ -196,7 +212,7 @@ def test_gpu_bf16_norm_real_shapes(t, fused):
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64, 300])
 @pytest.mark.parametrize("norm", [False, True])
-def test_gpu_bf16_qk_norm_rope_real_shapes(t, norm):
+def test_gpu_bf16_qkv_rope_write_real_shapes(t, norm):
     res = rope_case("bf16", t, 32, 4, 128, norm, device="cuda", max_pos=40960)
     assert res["finite"] and res["inplace"] and res["v_untouched"], res
     assert res["err"] <= TOL["bf16"] and res["exact"] >= 0.99, res
@@ -204,28 +220,34 @@ def test_gpu_bf16_qk_norm_rope_real_shapes(t, norm):
 
 @pytest.mark.gpu
 def test_gpu_ops_replay_in_a_cuda_graph():
-    """Captured once, replayed with new positions and inputs: same as eager twins (no host sync)."""
+    """Captured once, replayed with new positions, slots and inputs: same as eager twins (no host sync)."""
     dev, dtype, t = "cuda", torch.bfloat16, 64
     x, residual = torch.randn(t, 2048, device=dev, dtype=dtype), torch.randn(t, 2048, device=dev, dtype=dtype)
     weight = torch.rand(2048, device=dev, dtype=dtype) + 0.5
-    q, k = torch.randn(t, 32, 128, device=dev, dtype=dtype), torch.randn(t, 4, 128, device=dev, dtype=dtype)
+    q, k, v = (torch.randn(t, n, 128, device=dev, dtype=dtype) for n in (32, 4, 4))
     qw, kw = torch.rand(128, device=dev, dtype=dtype) + 0.5, torch.rand(128, device=dev, dtype=dtype) + 0.5
     positions, inv_freq = torch.zeros(t, dtype=torch.long, device=dev), inv_freq_of(128, 1e6).to(dev)
-    inputs = [x, residual, q, k]
+    slots = torch.arange(t, device=dev)
+    cache = torch.zeros(16, 2, 16, 4, 128, device=dev, dtype=dtype)
+    inputs = [x, residual, q, k, v]
     fused_add_rms_norm(x, residual.clone(), weight, 1e-6)  # compile outside the capture
-    qk_norm_rope_(positions, inv_freq, q.clone(), k.clone(), qw, kw, 1e-6)
+    qkv_rope_write_(positions, inv_freq, q.clone(), k, v, cache[:, 0], cache[:, 1], slots, qw, kw, 1e-6)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fused_add_rms_norm(x, residual, weight, 1e-6)
-        qk_norm_rope_(positions, inv_freq, q, k, qw, kw, 1e-6)
-    fresh = [torch.randn_like(v) for v in inputs]
+        qkv_rope_write_(positions, inv_freq, q, k, v, cache[:, 0], cache[:, 1], slots, qw, kw, 1e-6)
+    fresh = [torch.randn_like(val) for val in inputs]
     for buf, val in zip(inputs, fresh):
         buf.copy_(val)
     positions.copy_(torch.randint(0, 40960, (t,), device=dev))
+    slots.copy_(torch.randperm(256, device=dev)[:t])
+    cache.zero_()
     graph.replay()
     want_res = fresh[1].clone()
     want = fused_add_rms_norm_ref(fresh[0], want_res, weight, 1e-6)
-    want_q, want_k = qk_norm_rope_ref_(positions, inv_freq, fresh[2], fresh[3], qw, kw, 1e-6)
+    want_q, want_k = qk_norm_rope_ref_(positions, inv_freq, fresh[2], fresh[3].clone(), qw, kw, 1e-6)
     assert torch.equal(residual, want_res)
-    for mine, ref in ((out, want), (q, want_q), (k, want_k)):
+    got_k, got_v = cache[slots // 16, 0, slots % 16], cache[slots // 16, 1, slots % 16]
+    assert torch.equal(got_v, fresh[4])
+    for mine, ref in ((out, want), (q, want_q), (got_k, want_k)):
         assert rel(mine, ref) <= TOL["bf16"]
