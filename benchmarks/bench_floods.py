@@ -307,6 +307,9 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
     delta = lambda key: counters_after[key] - counters_before[key]  # noqa: E731
     engine = {"gc_collections": delta("gc_collections"), "gc_pause_ms": round(1e3 * delta("gc_pause_seconds"), 1),
               "gc_longest_pause_ms_so_far": round(1e3 * counters_after["gc_longest_pause_seconds"], 1),
+              # the engine loop's turns over engine.turns.SLOW_TURN_S (each in the replica's log)
+              "slow_turns": delta("slow_turns"),
+              "longest_turn_ms_so_far": round(1e3 * counters_after["longest_turn_seconds"], 1),
               **{name: delta(key) for key, name in SLOT_COUNTERS.items()}}
     return {"flood": flood, "victim": victim, "memory": memory, "engine": engine}
 
@@ -323,7 +326,7 @@ def engine_counters(client, url: str) -> dict:
     pauses there is the collector's, not the flood's."""
     stats = client.get(f"{url}/ready", timeout=30).json()["engine"]
     return {key: stats[key] for key in ("gc_collections", "gc_pause_seconds", "gc_longest_pause_seconds",
-                                        *SLOT_COUNTERS)}
+                                        "slow_turns", "longest_turn_seconds", *SLOT_COUNTERS)}
 
 
 def setup_service(workdir: Path, device: str = "cpu", model: str | None = None, hf_overrides: str | None = None,
@@ -400,7 +403,7 @@ def print_table(results: dict) -> None:
     print(f"\nvictim unloaded: p50 {base['p50_ms']} ms, p99 {base['p99_ms']} ms (n={base['n']})")
     head = ("flood", "flood statuses", "victim p99 ms", "x unloaded", "victim errors",
             "proxy +MB peak/after", "ingress +MB peak/after", "engine GC ms (collections)",
-            "slot loads / preemptions")
+            "slot loads / preemptions", "engine slow turns")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, r in results["floods"].items():
         cells = [name, " ".join(f"{k}:{v}" for k, v in sorted(r["flood"]["statuses"].items())),
@@ -410,6 +413,7 @@ def print_table(results: dict) -> None:
             cells.append("-" if m is None else f"{m['peak_over_idle_mb']} / {m['after_mb'] - m['idle_mb']}")
         cells.append(f"{r['engine']['gc_pause_ms']} ({r['engine']['gc_collections']})")
         cells.append(f"{r['engine']['slot_loads']} / {r['engine']['slot_preemptions']}")
+        cells.append(r["engine"]["slow_turns"])
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 

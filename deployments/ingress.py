@@ -27,6 +27,7 @@ from deployments.errors import BadRequestError, NotFoundError, ServiceUnavailabl
 from deployments.http_app import api
 from deployments.http_guards import (bound_direct_ingress_receive, default_max_body_bytes,
                                      map_large_allocations)
+from deployments.loop_lag import LoopLag
 from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
 from deployments.replica_stream import collect, first_item, lost_replica
@@ -79,6 +80,7 @@ class Ingress(AdapterRoutes):
         self.max_body_bytes = args.max_request_body_bytes or default_max_body_bytes(args.max_model_len)
         self.api_docs = args.api_docs if args.api_docs is not None else args.api_keys is None
         self._metrics = IngressMetrics()
+        self._loop_lag = LoopLag("ingress", self._metrics.loop_lag.observe)
         self._page = MetricsPage(self._engine_snapshots, args.model_name(), node_metrics_url()) \
             if args.metrics_endpoint else None
         who = ("API keys from " + args.api_keys + " (Authorization: Bearer <key>)" if args.api_keys
@@ -167,6 +169,7 @@ class Ingress(AdapterRoutes):
     async def _complete(self, request: Request, body, payload: dict, kind: str):
         route = "chat" if kind == CHAT else "completions"
         tenant = self._auth.tenant_of(request.headers)
+        self._loop_lag.ensure_started()
         self._limiter.acquire(tenant)
         try:
             model_id = await self._multiplexed_id(tenant, body.model)

@@ -4,7 +4,8 @@ Ingress: requests per tenant and status. Replica: tokens per tenant, TTFT and TP
 histograms, adapter fetches (multiplexed loads, their latency, DiskCache misses), and
 gauges fed from `engine.stats()`: running/waiting requests, the last step's batch size
 and distinct adapters, and the engine's adapter-slot hits/misses/loads as counters. Those
-are Ray metrics (`ray_moeplex_*` on each node's metrics export port).
+are Ray metrics (`ray_moeplex_*` on each node's metrics export port). Both deployments: how late
+their event loop ran a timer (`moeplex_event_loop_lag_seconds`, deployments/loop_lag.py).
 
 `MetricsPage` is the ingress's `GET /metrics`: the series the Gateway API Inference
 Extension's endpoint picker reads, as vLLM names them, beside this node's `ray_moeplex_*`.
@@ -39,6 +40,7 @@ ENGINE_COUNTERS = {
     "lora_kv_blocks_returned": "moeplex_engine_adapter_heap_kv_blocks_returned",
     "gc_collections": "moeplex_engine_gc_collections",
     "gc_pause_seconds": "moeplex_engine_gc_pause_seconds",
+    "slow_turns": "moeplex_engine_slow_turns",
 }
 ENGINE_GAUGES = {
     "running": "moeplex_engine_running_requests",
@@ -48,6 +50,7 @@ ENGINE_GAUGES = {
     "free_kv_blocks": "moeplex_engine_free_kv_blocks",
     "aged_requests": "moeplex_engine_aged_adapter_requests",
     "gc_longest_pause_seconds": "moeplex_engine_gc_longest_pause_seconds",
+    "longest_turn_seconds": "moeplex_engine_longest_turn_seconds",
     "lora_heap_bytes": "moeplex_engine_adapter_heap_bytes",
     "lora_heap_bytes_used": "moeplex_engine_adapter_heap_bytes_used",
     "kv_blocks_lent": "moeplex_engine_kv_blocks_lent_to_adapter_heap",
@@ -55,8 +58,18 @@ ENGINE_GAUGES = {
 }
 
 
+_LOOP_LAG_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+
+
+def loop_lag_histogram() -> metrics.Histogram:
+    """deployments.loop_lag's samples: how late this replica's event loop ran a timer."""
+    return metrics.Histogram("moeplex_event_loop_lag_seconds", "how late the replica's event loop "
+                             "ran a 50 ms timer (synchronous work on the loop)", boundaries=_LOOP_LAG_BUCKETS)
+
+
 class IngressMetrics:
     def __init__(self):
+        self.loop_lag = loop_lag_histogram()
         self.requests = metrics.Counter(
             "moeplex_requests", "HTTP requests by tenant, route and status",
             tag_keys=("tenant", "route", "status"))
@@ -67,6 +80,7 @@ class IngressMetrics:
 
 class ReplicaMetrics:
     def __init__(self):
+        self.loop_lag = loop_lag_histogram()
         tenant = ("tenant",)
         self.prompt_tokens = metrics.Counter(
             "moeplex_prompt_tokens", "prompt tokens by tenant", tag_keys=tenant)

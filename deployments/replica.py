@@ -30,6 +30,7 @@ from ray import serve
 from deployments.adapter_fetch import AdapterFetcher
 from deployments.args import AppArgs
 from deployments.errors import to_api_error
+from deployments.loop_lag import LoopLag
 from engine.frontend import INLINE_TOKENIZE_CHARS, off_loop
 from engine.heap import freeze_startup_heap
 
@@ -80,6 +81,7 @@ class LLMServer:
         self._cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
         self._fetcher = AdapterFetcher(self._store, self._cache)
         self._metrics = ReplicaMetrics()
+        self._loop_lag = LoopLag("engine replica", self._metrics.loop_lag.observe)
         # Wired at init so `max_num_models_per_replica` comes from the app's args; Serve keeps
         # its LRU on the function object, so it wraps a plain function, not a bound method.
         async def load_adapter(model_id: str):
@@ -127,6 +129,7 @@ class LLMServer:
         return LoRARequest(lora_name=model_id, lora_path=str(local_dir))
 
     def _ensure_stats_task(self) -> None:
+        self._loop_lag.ensure_started()
         if self._stats_task is None or self._stats_task.done():
             self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
 

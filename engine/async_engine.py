@@ -77,7 +77,9 @@ class AsyncLLMEngine(EngineFrontend):
         self._wake.set()
 
     def _loop(self) -> None:
+        turns = self.engine.turns
         while not self._stopped:
+            turns.begin()
             with self._lock:
                 actions, self._inbox = self._inbox, []
             for action in actions:
@@ -89,10 +91,12 @@ class AsyncLLMEngine(EngineFrontend):
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
                 continue
+            turns.stepping()
             outputs = step_or_fail(self.engine)
             with self._lock:
                 self._stats = self.engine.stats()
             self._streams.deliver(outputs)  # a step with only adapter loads pending blocks ~ms itself
+            turns.end(busy=True)
 
     def _run_action(self, action: Callable[[], None]) -> None:
         try:

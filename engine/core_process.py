@@ -33,12 +33,7 @@ log = logging.getLogger("engine.core")
 IDLE_POLL_S = 0.05  # longest the loop sleeps in poll() when it has nothing to run
 STATS_PERIOD_S = 0.2  # stats ride on output messages at most this often (and on idle ticks)
 PARENT_CHECK_S = 0.5  # how often the watchdog asks whether the replica's process still exists
-# a loop turn this long stalls every stream of the replica: it is logged with what the turn did
-# (adapter loads, compactions, collections), so a served latency tail can be matched to its cause
-SLOW_TURN_S = 0.25
-# LoRAStats fields a slow turn reports the change of
-_TURN_COUNTERS = ("slot_loads", "host_loads", "evictions", "compactions", "bytes_compacted",
-                  "slot_load_seconds", "host_load_seconds", "kv_blocks_borrowed", "kv_blocks_returned")
+
 
 
 def serve(conn: Connection) -> None:
@@ -73,12 +68,12 @@ def run_loop(engine, conn: Connection) -> None:
     last_stats = 0.0
     while True:
         busy = engine.has_unfinished_requests()
-        began, before = time.perf_counter(), turn_counters(engine)
+        engine.turns.begin()
         if conn.poll(0 if busy else IDLE_POLL_S):
             if not take_messages(engine, conn):
                 return
             busy = engine.has_unfinished_requests()
-        stepped = time.perf_counter()
+        engine.turns.stepping()
         outputs = step_or_fail(engine) if busy else []
         now = time.monotonic()
         if outputs or now - last_stats >= STATS_PERIOD_S:
@@ -86,28 +81,7 @@ def run_loop(engine, conn: Connection) -> None:
             if now - last_stats >= STATS_PERIOD_S:
                 stats, last_stats = engine.stats(), now
             conn.send(("outputs", sendable(outputs), stats))
-        took = time.perf_counter() - began
-        if busy and took >= SLOW_TURN_S:
-            log.warning("slow turn: %.3f s (messages %.3f s, step and send %.3f s); %s", took, stepped - began,
-                        took - (stepped - began), turn_detail(engine, before))
-
-
-def turn_counters(engine) -> dict[str, float]:
-    """The engine's load, compaction and collector counters now (cheap: attribute reads)."""
-    counters = {"gc_collections": engine.gc.collections, "gc_seconds": engine.gc.seconds,
-                "preemptions": engine.num_preemptions}
-    if engine.lora_manager is not None:
-        stats = engine.lora_manager.stats
-        counters.update((name, getattr(stats, name)) for name in _TURN_COUNTERS)
-    return counters
-
-
-def turn_detail(engine, before: dict[str, float]) -> str:
-    """What a turn did: its last step's batch and the counters that changed since `before`."""
-    changed = {name: value - before[name] for name, value in turn_counters(engine).items() if value != before[name]}
-    parts = [f"{key} {value}" for key, value in engine.last_step.items()]
-    parts += [f"{name} +{value:.3f}" if isinstance(value, float) else f"{name} +{value}" for name, value in changed.items()]
-    return ", ".join(parts)
+        engine.turns.end(busy)
 
 
 def take_messages(engine, conn: Connection) -> bool:

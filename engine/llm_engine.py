@@ -17,6 +17,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import LoRARequest, Sequence
+from engine.turns import TurnClock
 
 log = logging.getLogger(__name__)
 LOAD_WAIT_S = 0.002  # longest a step with only adapter loads in flight blocks on them
@@ -54,6 +55,7 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._seq_ids = itertools.count()
         self.last_step = {"num_seqs": 0, "num_tokens": 0, "num_adapters": 0, "num_preempted": 0}
+        self.turns = TurnClock(self)  # the loop that steps this engine times its turns with it
         self.num_preemptions = 0
 
     # ---- requests ---------------------------------------------------------------
@@ -222,6 +224,8 @@ class LLMEngine:
             # the cyclic collector's stalls of this process (engine.heap): collections, seconds, longest
             "gc_collections": self.gc.collections, "gc_pause_seconds": self.gc.seconds,
             "gc_longest_pause_seconds": self.gc.longest,
+            # the stepping loop's turns of engine.turns.SLOW_TURN_S or more (each logged), the longest
+            "slow_turns": self.turns.slow_turns, "longest_turn_seconds": self.turns.longest,
             "num_lora_slots": self.runner.num_lora_slots,
             # the adapter heap (engine.lora.slots): its bytes, what resident adapters take, what loads moved
             "lora_heap_bytes": self.lora_manager.heap_bytes if self.lora_manager else 0,
