@@ -1,6 +1,7 @@
 """How late a replica's event loop runs a timer. Synchronous work on the loop (a file read, a
-long parse, a big payload pickled) holds every request of that replica for as long, and shows
-only as a latency tail; this names it in the log and in a histogram."""
+long parse, a big payload pickled), or a process short of CPU, holds every request of that
+replica for as long, and shows only as a latency tail; this names it in the log and in a
+histogram."""
 from __future__ import annotations
 
 import asyncio
@@ -41,5 +42,6 @@ class LoopLag:
             self.observe(lag)
         if lag >= self.warn_s:
             self.stalls += 1
-            logger.warning("%s: the event loop ran a %.0f ms timer %.3f s late (synchronous work held "
-                           "every request of this replica)", self.name, self.period_s * 1000, lag)
+            logger.warning("%s: the event loop ran a %.0f ms timer %.3f s late: every request of this "
+                           "replica waited as long (synchronous work on the loop, or the process short "
+                           "of CPU)", self.name, self.period_s * 1000, lag)
