@@ -68,8 +68,9 @@ def run_loop(engine, conn: Connection) -> None:
     last_stats = 0.0
     while True:
         busy = engine.has_unfinished_requests()
-        engine.turns.begin()
-        if conn.poll(0 if busy else IDLE_POLL_S):
+        arrived = conn.poll(0 if busy else IDLE_POLL_S)
+        engine.turns.begin()  # after the idle wait: a turn is the work between two waits
+        if arrived:
             if not take_messages(engine, conn):
                 return
             busy = engine.has_unfinished_requests()
