@@ -21,8 +21,6 @@ class LoopLag:
         """name: the deployment, for the log; observe: takes every lag sample (a histogram)."""
         self.name, self.observe = name, observe
         self.period_s, self.warn_s = period_s, warn_s
-        self.longest = 0.0
-        self.stalls = 0  # lags of warn_s or more
         self._task: asyncio.Task | None = None
 
     def ensure_started(self) -> None:
@@ -37,11 +35,9 @@ class LoopLag:
             self.record(max(0.0, time.perf_counter() - began - self.period_s))
 
     def record(self, lag: float) -> None:
-        self.longest = max(self.longest, lag)
         if self.observe is not None:
             self.observe(lag)
         if lag >= self.warn_s:
-            self.stalls += 1
             logger.warning("%s: the event loop ran a %.0f ms timer %.3f s late: every request of this "
                            "replica waited as long (synchronous work on the loop, or the process short "
                            "of CPU)", self.name, self.period_s * 1000, lag)

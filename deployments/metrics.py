@@ -64,7 +64,8 @@ _LOOP_LAG_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 def loop_lag_histogram() -> metrics.Histogram:
     """deployments.loop_lag's samples: how late this replica's event loop ran a timer."""
     return metrics.Histogram("moeplex_event_loop_lag_seconds", "how late the replica's event loop "
-                             "ran a 50 ms timer (synchronous work on the loop)", boundaries=_LOOP_LAG_BUCKETS)
+                             "ran a 50 ms timer (synchronous work on the loop, or the process short of CPU)",
+                             boundaries=_LOOP_LAG_BUCKETS)
 
 
 class IngressMetrics:

@@ -35,7 +35,6 @@ STATS_PERIOD_S = 0.2  # stats ride on output messages at most this often (and on
 PARENT_CHECK_S = 0.5  # how often the watchdog asks whether the replica's process still exists
 
 
-
 def serve(conn: Connection) -> None:
     kind, config = conn.recv()
     if kind != "config":

@@ -19,15 +19,15 @@ def test_a_loop_held_by_synchronous_work_is_logged_with_how_long(caplog):
     lag = LoopLag("engine replica", samples.append, period_s=0.02, warn_s=0.2)
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         asyncio.run(_watch(lag, 0.3))
-    assert lag.stalls == 1 and 0.25 <= lag.longest < 1.0, (lag.stalls, lag.longest)
-    assert max(samples) == lag.longest and len(samples) >= 5
+    assert 0.25 <= max(samples) < 1.0 and len(samples) >= 5, samples
     warned = [r.getMessage() for r in caplog.records if "event loop" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("engine replica:"), warned
 
 
 def test_a_free_loop_logs_nothing(caplog):
-    lag = LoopLag("ingress", period_s=0.02, warn_s=0.2)
+    samples = []
+    lag = LoopLag("ingress", samples.append, period_s=0.02, warn_s=0.2)
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         asyncio.run(_watch(lag, 0.0))
-    assert lag.stalls == 0 and lag.longest < 0.2
+    assert samples and max(samples) < 0.2, samples
     assert not [r for r in caplog.records if "event loop" in r.getMessage()]
