@@ -10,12 +10,22 @@ one at a time. Each victim request's latency is reported in steps and in ms, aga
 requests with no hog, with the engine's slot counters over the run. Adapters are random, rank
 `--rank` on every target, installed in the host tier (the store and disk are bench_store's).
 
+`--from-disk` writes one random PEFT adapter to a temporary directory and names it once per
+adapter instead, so the host tier loads each (load, pack into its host image) while the hog
+runs, as a replica does when new adapters arrive; the slowest steps of each run are reported.
+`--torch-pinned` gives the host tier no arena (engine.lora.host_arena): its images are then
+pinned by torch's allocator, a driver call per new image, as before that arena.
+
     python benchmarks/bench_slot_hog.py --out hog.json                        # H200, 8 layers
+    python benchmarks/bench_slot_hog.py --from-disk [--torch-pinned]          # host loads in the hog
     python benchmarks/bench_slot_hog.py --tiny --out /tmp/hog.json            # CPU smoke run
 """
 import argparse
+import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,15 +35,17 @@ from engine.models.presets import QWEN3_30B_A3B
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_slot_hog
     from bench_engine import TINY, hf_config, install, random_adapter
     from provenance import provenance, write_results
+    from serve_adapters import RandomAdapterWriter
 except ImportError:
     from benchmarks.bench_engine import TINY, hf_config, install, random_adapter
     from benchmarks.provenance import provenance, write_results
+    from benchmarks.serve_adapters import RandomAdapterWriter
 
 COUNTERS = ("lora_slot_preemptions", "lora_slot_loads", "lora_evictions", "lora_compactions", "num_preemptions",
-            "lora_slot_misses")
+            "lora_slot_misses", "lora_host_loads", "lora_host_pin_seconds", "lora_host_unpinned_images")
 
 
-def run(engine: LLMEngine, opts, hog: bool) -> dict:
+def run(engine: LLMEngine, opts, hog: bool, path: str = "/in-host-tier") -> dict:
     """Victim requests one at a time, with the hog's streams running (hog) or alone."""
     params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
     prompt = [5, 6, 7, 8, 9, 10, 11, 12]
@@ -42,7 +54,7 @@ def run(engine: LLMEngine, opts, hog: bool) -> dict:
     def add(tenant: str, adapter: str, tokens: int) -> str:
         count[0] += 1
         rid = f"{tenant}-{count[0]}"
-        engine.add_request(rid, prompt, params(tokens), lora=LoRARequest(adapter, "/in-host-tier"), tenant=tenant)
+        engine.add_request(rid, prompt, params(tokens), lora=LoRARequest(adapter, path), tenant=tenant)
         return rid
 
     if hog:
@@ -50,11 +62,13 @@ def run(engine: LLMEngine, opts, hog: bool) -> dict:
             add("hog", f"hog-{k % opts.hog_adapters}", opts.hog_tokens)
     before = engine.stats()
     steps = 0
-    victim, sent_step, sent_at, latencies = None, 0, 0.0, []
+    victim, sent_step, sent_at, latencies, step_ms = None, 0, 0.0, [], []
     while len(latencies) < opts.victims:
+        began = time.perf_counter()
         outputs = engine.step()
         steps += 1
         now = time.perf_counter()
+        step_ms.append((round(1e3 * (now - began), 2), steps))
         for out in outputs:
             if not out.finished:
                 continue
@@ -73,7 +87,8 @@ def run(engine: LLMEngine, opts, hog: bool) -> dict:
     ms = sorted(m for _, m in latencies)
     return {"victim_steps": [s for s, _ in latencies], "victim_ms": [round(m, 2) for _, m in latencies],
             "victim_ms_p50": round(ms[len(ms) // 2], 2), "victim_ms_max": round(ms[-1], 2),
-            "counters": {k: after[k] - before[k] for k in COUNTERS}}
+            "slowest_steps": [{"ms": m, "step": n} for m, n in sorted(step_ms, reverse=True)[:8]],
+            "counters": {k: round(after[k] - before[k], 3) for k in COUNTERS}}
 
 
 def main(argv=None) -> int:
@@ -90,6 +105,10 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=5, help="steps between a victim's answer and its next request")
     ap.add_argument("--warm-steps", type=int, default=50)
     ap.add_argument("--prefill-graphs", action="store_true", help="EngineConfig.prefill_graphs (start-up +40 s)")
+    ap.add_argument("--from-disk", action="store_true", help="adapters loaded from disk into the host tier while "
+                    "the runs go (not installed there first)")
+    ap.add_argument("--torch-pinned", action="store_true", help="no host arena: host images pinned by torch's "
+                    "allocator (the host tier before engine.lora.host_arena)")
     ap.add_argument("--out", default=None)
     opts = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not opts.tiny
@@ -98,14 +117,27 @@ def main(argv=None) -> int:
         model=None, load_format="dummy", hf_config=hf_config(shape, 2 if opts.tiny else opts.layers),
         device="cuda" if cuda else "cpu", max_loras=opts.slots, max_lora_rank=opts.rank,
         max_num_seqs=max(32, opts.streams + 1), max_model_len=1024, prefill_graphs=opts.prefill_graphs and cuda))
-    images = [random_adapter(engine, opts.rank, k) for k in range(2)]
-    install(engine, [f"hog-{k}" for k in range(opts.hog_adapters)] + ["victim-style"], images)
-    result = {"provenance": provenance(list(sys.argv if argv is None else argv)), "config": vars(opts),
-              "alone": run(engine, opts, hog=False), "hog": run(engine, opts, hog=True)}
+    manager = engine.lora_manager
+    if opts.torch_pinned:
+        manager.arena, engine.runner.slot_pools.align_copies = None, False
+    with tempfile.TemporaryDirectory() as tmp:
+        path = "/in-host-tier"
+        if opts.from_disk:  # one file set, a name per adapter: each name is its own host load
+            config = json.loads(engine.config.hf_config.to_json_string())
+            path = str(RandomAdapterWriter(config, opts.rank, device="cpu").write(Path(tmp) / "adapter", seed=1))
+            manager.host_capacity = max(manager.host_capacity, opts.hog_adapters + 1)
+        else:
+            images = [random_adapter(engine, opts.rank, k) for k in range(2)]
+            install(engine, [f"hog-{k}" for k in range(opts.hog_adapters)] + ["victim-style"], images)
+        result = {"provenance": provenance(list(sys.argv if argv is None else argv)), "config": vars(opts),
+                  "alone": run(engine, opts, hog=False, path=path), "hog": run(engine, opts, hog=True, path=path)}
+    stats = engine.stats()
+    result["host_tier"] = {k: stats[k] for k in ("lora_host_pinned_bytes", "lora_host_bytes_used")}
     for name in ("alone", "hog"):
         r = result[name]
         print(f"{name:6s} victim ms p50 {r['victim_ms_p50']} max {r['victim_ms_max']}; steps "
-              f"{sorted(r['victim_steps'])}; {r['counters']}")
+              f"{sorted(r['victim_steps'])}; {r['counters']}; slowest steps ms "
+              f"{[s['ms'] for s in r['slowest_steps']]}")
     write_results(result, opts.out, "bench_slot_hog")
     return 0
 

@@ -41,6 +41,8 @@ ENGINE_COUNTERS = {
     "gc_collections": "moeplex_engine_gc_collections",
     "gc_pause_seconds": "moeplex_engine_gc_pause_seconds",
     "slow_turns": "moeplex_engine_slow_turns",
+    "lora_host_pin_seconds": "moeplex_engine_adapter_host_pin_seconds",
+    "lora_host_unpinned_images": "moeplex_engine_adapter_host_unpinned_images",
 }
 ENGINE_GAUGES = {
     "running": "moeplex_engine_running_requests",
@@ -55,6 +57,7 @@ ENGINE_GAUGES = {
     "lora_heap_bytes_used": "moeplex_engine_adapter_heap_bytes_used",
     "kv_blocks_lent": "moeplex_engine_kv_blocks_lent_to_adapter_heap",
     "lora_host_bytes_used": "moeplex_engine_adapter_host_bytes_used",
+    "lora_host_pinned_bytes": "moeplex_engine_adapter_host_pinned_bytes",
 }
 
 

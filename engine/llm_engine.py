@@ -206,6 +206,7 @@ class LLMEngine:
     # ---- helpers ----------------------------------------------------------------
     def stats(self) -> dict:
         lora = self.lora_manager.stats if self.lora_manager else None
+        arena = self.lora_manager.arena if self.lora_manager else None
         return {
             "running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting,
             "free_kv_blocks": self.block_manager.num_free_blocks, "num_kv_blocks": self.block_manager.num_blocks,
@@ -235,6 +236,11 @@ class LLMEngine:
             "lora_heap_bytes_used": self.lora_manager.heap_bytes_used if self.lora_manager else 0,
             "lora_bytes_loaded": lora.bytes_loaded if lora else 0,
             "lora_host_bytes_used": self.lora_manager.host_bytes_used if self.lora_manager else 0,
+            # the host tier's arena (engine.lora.host_arena): bytes page-locked so far, seconds in
+            # the driver's locking calls, images that got pageable memory instead
+            "lora_host_pinned_bytes": arena.pinned_bytes if arena else 0,
+            "lora_host_pin_seconds": arena.pin_seconds if arena else 0.0,
+            "lora_host_unpinned_images": arena.unpinned_images if arena else 0,
             # vLLM's lora_requests_info labels: adapters with a request running / waiting
             "running_adapters": _adapter_names(self.scheduler.running),
             "waiting_adapters": _adapter_names(s for queue in self.scheduler.waiting.values() for s in queue),

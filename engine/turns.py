@@ -1,7 +1,7 @@
 """The engine loop's turns, timed. A turn (messages taken, a step, its outputs sent) of
 SLOW_TURN_S or more stalls every stream of the replica: it is counted for the stats and logged
-with what it did (its batch, and the adapter-load, compaction and collector counters it moved),
-so that a served latency tail can be matched to its cause."""
+with what it did (its batch, and the adapter-load, host page-locking, compaction and collector
+counters it moved), so that a served latency tail can be matched to its cause."""
 from __future__ import annotations
 
 import logging
@@ -50,6 +50,9 @@ class TurnClock:
         if engine.lora_manager is not None:
             stats = engine.lora_manager.stats
             counters.update((name, getattr(stats, name)) for name in _LORA_COUNTERS)
+            arena = getattr(engine.lora_manager, "arena", None)
+            if arena is not None:  # the driver's page-locking calls (engine.lora.host_arena)
+                counters["host_pin_seconds"] = arena.pin_seconds
         return counters
 
     def detail(self) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import AdapterLoadError
 from engine.lora.adapter import LoRAAdapter, load_adapter
+from engine.lora.host_arena import PIECE_BYTES, HostArena
 from engine.lora.slots import SlotPools
 from engine.lora.spans import SpanAllocator
 from engine.models.spec import ModelSpec
@@ -77,6 +78,10 @@ class LoRAManager:
         self.slot_errors: list[str | None] = [None] * pools.num_slots
         self.name_to_slot: dict[str, int] = {}
         self.free_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(pools.num_slots))
+        self.arena = self._host_arena(load_threads)
+        # host-tier images dropped while slot copies that may read them were in flight: (adapter,
+        # those copies); their arena spans are given back once the copies landed
+        self.retired: list[tuple[LoRAAdapter, list[Future]]] = []
         self.executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="lora-load")
         # one thread issues every slot copy, in reservation order: a slot re-reserved while an
         # older copy into it is still queued must not have that copy land over the new one
@@ -84,6 +89,21 @@ class LoRAManager:
         # (start, end, future) of heap copies on the side stream not yet known to have landed
         self.copies: list[tuple[int, int, Future]] = []
         self.stats = LoRAStats()
+
+    def _host_arena(self, load_threads: int) -> HostArena | None:
+        """Where host-tier images live (engine.lora.host_arena): pinned a piece at a time up to the
+        tier's byte bound (else its count of largest images), plus a largest image for each loader
+        thread's load in flight before the tier drops one. None for pools that pack images of
+        their own (a replica over several GPUs: engine.parallel.pools)."""
+        if not getattr(self.pools, "packs_into_arena", False):
+            return None
+        largest = self.pools.slot_bytes
+        bound = self.host_bytes if self.host_bytes is not None else self.host_capacity * largest
+        cuda = self.pools.stream is not None
+        piece = self.pools.copy_chunk_bytes or PIECE_BYTES
+        if cuda:
+            self.pools.align_copies = True  # copies never read across two of the arena's pinned pieces
+        return HostArena(self.pools.dtype, bound + load_threads * largest, largest, pin=cuda, piece_bytes=piece)
 
     @property
     def num_slots(self) -> int:
@@ -321,6 +341,24 @@ class LoRAManager:
         for name in [n for n, (_, expires) in self.failed.items() if now >= expires]:
             del self.failed[name]
         self.copies = [c for c in self.copies if not self._landed(c[2])]
+        self._release_retired()
+
+    def _retire(self, adapter: LoRAAdapter) -> None:
+        """An adapter left the host tier: its arena image goes back once no slot copy in flight
+        can still be reading it (any copy issued before now, conservatively)."""
+        if self.arena is not None:
+            self.retired.append((adapter, [future for _, _, future in self.copies]))
+            self._release_retired()
+
+    def _release_retired(self) -> None:
+        kept = []
+        for adapter, copies in self.retired:
+            if all(self._landed(future) for future in copies):
+                for image in (adapter, *adapter.parts):
+                    self.arena.release(image.packed)
+            else:
+                kept.append((adapter, copies))
+        self.retired = kept
 
     def wait_for_loads(self, timeout: float) -> bool:
         """Block up to `timeout` s (GIL released) until a host load or slot copy in flight
@@ -410,12 +448,14 @@ class LoRAManager:
                                       (self.host_bytes is not None and self.host_bytes_used > self.host_bytes)):
             _, dropped = self.host.popitem(last=False)
             self.host_bytes_used -= self._host_cost(dropped)
+            self._retire(dropped)
         return adapter
 
     def _host_cost(self, adapter: LoRAAdapter) -> int:
-        """Pinned bytes the adapter holds in the host tier (its image, as the allocator rounds it)."""
+        """Bytes the adapter holds in the host tier: its own in the arena; without one, on CUDA,
+        what torch's pinned allocator gives it (rounded up to a power of two)."""
         n = adapter.num_bytes
-        return 1 << max(0, (n - 1).bit_length()) if self.pools.stream is not None else n
+        return 1 << max(0, (n - 1).bit_length()) if self.arena is None and self.pools.stream is not None else n
 
     def _remembered_failure(self, name: str) -> str | None:
         """The message of `name`'s last failure while it is remembered; forgets it once expired
@@ -437,7 +477,8 @@ class LoRAManager:
     def _load_to_host(self, name: str, path: str) -> LoRAAdapter:
         start = time.perf_counter()
         adapter = load_adapter(name, path, self.spec, self.pools.dtype, self.max_rank)
-        self.pools.pack(adapter)  # refuses targets no pool holds; one compact (pinned) image per adapter
+        # refuses targets no pool holds; one compact image per adapter, in the arena when there is one
+        self.pools.pack(adapter) if self.arena is None else self.pools.pack(adapter, self.arena)
         self.stats.host_loads += 1
         self.stats.host_load_seconds += time.perf_counter() - start
         return adapter

@@ -47,6 +47,7 @@ S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = p
 """
 
 from collections import deque
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -55,6 +56,7 @@ import kernels
 from engine.errors import AdapterLoadError
 from engine.lora import padded
 from engine.lora.adapter import LoRAAdapter
+from engine.lora.host_arena import HostArena
 from engine.models.layers import SparseMoE
 from engine.models.moe_lm import MoECausalLM
 from kernels.weights import OFFSET_UNIT, PLAIN, RANK_UNIT, RANK_UNIT_8, RANK_UNITS, RANKED_COLS, RANKED_ROWS, SHAREABLE, Factor, r16
@@ -127,6 +129,7 @@ class SlotPools:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     can_move = True  # `move` keeps every slot's images valid (engine.parallel.pools' ranks cannot)
+    packs_into_arena = True  # `pack` takes the host tier's arena (engine.lora.host_arena)
     # A slot write goes to the device in pieces of this many bytes, at most COPY_DEPTH of them
     # queued at once. Host-to-device copies of every stream share the copy engine, and a small one
     # queued behind a large one waits for all of it: a step's inputs (a few KiB, on the compute
@@ -136,6 +139,7 @@ class SlotPools:
     # busy while the copier thread waits on the older one. 0: one copy per image.
     copy_chunk_bytes = 8 << 20
     COPY_DEPTH = 2
+    align_copies = False  # pieces at address multiples of copy_chunk_bytes (set with a pinning host arena)
     MOVE_CHUNK = 1 << 24  # elements a step of an overlapping move goes through its bounce buffer
 
     @torch.no_grad()
@@ -251,10 +255,10 @@ class SlotPools:
         return dense, moe, groups
 
     @torch.no_grad()
-    def pack(self, adapter: LoRAAdapter) -> LoRAAdapter:
-        """Build `adapter`'s image once: one host buffer of its own bytes (pinned on CUDA), its
-        ranks [P] int32 and where each factor row starts in it [F] int64. The unpacked factors
-        are dropped. Returns the same adapter."""
+    def pack(self, adapter: LoRAAdapter, arena: HostArena | None = None) -> LoRAAdapter:
+        """Build `adapter`'s image once: one host buffer of its own bytes (`_host_image`: from
+        `arena` when given), its ranks [P] int32 and where each factor row starts in it [F]
+        int64. The unpacked factors are dropped. Returns the same adapter."""
         if adapter.packed is not None:
             return adapter
         missing = self.unsupported_targets(adapter)
@@ -262,19 +266,19 @@ class SlotPools:
             raise AdapterLoadError(f"adapter {adapter.name!r} targets modules this engine cannot adapt: "
                                    f"{missing[:4]}")
         if self.layout == "slots":
-            return self._pack_padded(adapter)
+            return self._pack_padded(adapter, arena)
         ranks, shared = self._entry_ranks(adapter), self._shared_halves(adapter)
         for p, halves in shared.items():
             if any(halves):  # from now on that layer's split path shrinks (or expands) such slots once a token
                 self.moe[self.plan[p][1]].shared_halves = True
         layout = self._image_layout(ranks, shared)
         pin = self.device.type == "cuda"
-        numel = _image_numel(layout)
-        image = torch.zeros(numel, dtype=self.dtype, pin_memory=pin)
+        image = self._host_image(_image_numel(layout), arena)
         offsets = torch.zeros(len(self.rows), dtype=torch.int64, pin_memory=pin)
         for row, (start, _) in layout.items():
             offsets[self.rows[row]] = start // OFFSET_UNIT
-        _fill(self.plan, layout, image, adapter, ranks, shared, self.rank_unit)
+        with _returned_on_failure(image, arena):
+            _fill(self.plan, layout, image, adapter, ranks, shared, self.rank_unit)
         tables = list(ranks)
         for p in self.shared_rows:  # the shareable halves' rank tables: negated where shared
             tables += [-ranks[p] if half else ranks[p] for half in shared.get(p, (False, False))]
@@ -284,17 +288,28 @@ class SlotPools:
         adapter.dense, adapter.moe = {}, {}
         return adapter
 
-    def _pack_padded(self, adapter: LoRAAdapter) -> LoRAAdapter:
+    def _pack_padded(self, adapter: LoRAAdapter, arena: HostArena | None) -> LoRAAdapter:
         """The padded layout's image: a whole slot row, zeros beyond each module's rank."""
         pin = self.device.type == "cuda"
-        image = torch.zeros(1, self.max_image_numel, dtype=self.dtype, pin_memory=pin)
+        image = self._host_image(self.max_image_numel, arena).view(1, -1)
         ranks = torch.zeros(len(self.plan), 1, dtype=torch.int32, pin_memory=pin)
-        dense, moe, _ = padded.carve(self.plan, image, ranks, self.max_rank)
-        padded.fill(dense, moe, adapter, self.max_rank)
+        with _returned_on_failure(image, arena):
+            dense, moe, _ = padded.carve(self.plan, image, ranks, self.max_rank)
+            padded.fill(dense, moe, adapter, self.max_rank)
         adapter.packed, adapter.packed_ranks = image[0], ranks[:, 0]
         adapter.packed_offsets = torch.zeros(0, dtype=torch.int64)
         adapter.dense, adapter.moe = {}, {}
         return adapter
+
+    def _host_image(self, numel: int, arena: HostArena | None) -> Tensor:
+        """A zeroed host buffer for an image: from the host tier's arena (pinned there a piece at
+        a time, engine.lora.host_arena), or pageable when the arena has no room; without an arena
+        (an image packed for one write, or a replica over several GPUs), from torch's pinned
+        allocator on CUDA."""
+        if arena is None:
+            return torch.zeros(numel, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        image = arena.allocate(numel)
+        return (image if image is not None else torch.empty(numel, dtype=self.dtype)).zero_()
 
     def _slot_rows(self) -> Tensor:
         """The padded layout's storage as [S, slot_numel] rows."""
@@ -356,16 +371,24 @@ class SlotPools:
     def _upload(self, dst: Tensor, src: Tensor) -> None:
         """dst.copy_(src) (both 1-D, src pinned on the host) in pieces of copy_chunk_bytes, at most
         COPY_DEPTH queued on the side stream at a time: this (copier) thread waits for the oldest
-        piece before it issues another, so other streams' copies wait behind one piece at most."""
-        step = self.copy_chunk_bytes // src.element_size()
-        if step <= 0 or src.numel() <= step:
+        piece before it issues another, so other streams' copies wait behind one piece at most.
+        With `align_copies`, pieces end at multiples of copy_chunk_bytes in the host's address
+        space: the host arena pins in pieces so aligned, and a copy reading across two of its
+        registrations might be staged by the driver as pageable memory is."""
+        size = src.element_size()
+        step = self.copy_chunk_bytes // size
+        if step <= 0:
+            dst.copy_(src, non_blocking=True)
+            return
+        first = step - (src.data_ptr() // size) % step if self.align_copies else step
+        if src.numel() <= first:
             dst.copy_(src, non_blocking=True)
             return
         queued: deque = deque()
-        for at in range(0, src.numel(), step):
+        for at, end in zip([0, *range(first, src.numel(), step)], [*range(first, src.numel(), step), src.numel()]):
             if len(queued) == self.COPY_DEPTH:
                 queued.popleft().synchronize()  # releases the GIL while the piece lands
-            dst[at:at + step].copy_(src[at:at + step], non_blocking=True)
+            dst[at:end].copy_(src[at:end], non_blocking=True)
             if self.stream is not None:
                 queued.append(self.stream.record_event())
 
@@ -382,6 +405,17 @@ class SlotPools:
         dense = {key for kind, key, _ in self.plan if kind == "dense"}
         missing = [f"layer {l} {m}" for (l, m) in adapter.dense if (l, m) not in dense]
         return missing + [f"layer {l} {m}" for (l, m) in adapter.moe if l not in self.moe]
+
+
+@contextmanager
+def _returned_on_failure(image: Tensor, arena: HostArena | None):
+    """An image whose filling fails (a factor of an unexpected shape) goes back to the arena."""
+    try:
+        yield
+    except BaseException:
+        if arena is not None:
+            arena.release(image)
+        raise
 
 
 def _image_numel(layout: dict) -> int:

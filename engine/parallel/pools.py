@@ -22,6 +22,9 @@ class RankPools:
     """The rank's SlotPools (every other attribute is theirs) with `pack` and `write` wrapped."""
 
     can_move = False  # a heap compaction would have to move every rank's images alike
+    # its parts are sent to the other ranks with a later step: their images are torch's pinned
+    # buffers, kept alive by whoever holds them, not spans of the host tier's arena
+    packs_into_arena = False
 
     def __init__(self, pools: SlotPools, group: RankGroup, shard: Shard, spec: ModelSpec):
         self._pools, self._group, self._shard, self._spec = pools, group, shard, spec

@@ -211,8 +211,10 @@ def _packed(name: str, numel: int) -> LoRAAdapter:
 
 
 def test_host_tier_is_bounded_by_the_bytes_of_each_adapters_own_image():
-    """10 MiB of pinned host tier: two 3 MiB images (4 MiB as the pinned allocator rounds them)
-    fit, a third drops the least recently used; twenty 200 KiB images (256 KiB rounded) all fit."""
+    """10 MiB of pinned host tier without an arena (pools that pack their own images, as a
+    replica over several GPUs does): two 3 MiB images (4 MiB as torch's pinned allocator rounds
+    them) fit, a third drops the least recently used; twenty 200 KiB images (256 KiB rounded) all
+    fit."""
     manager = LoRAManager(RecordingPools(), spec=None, max_rank=4, host_capacity=64, host_bytes=10 << 20)
     try:
         for name in ("big0", "big1", "big2"):

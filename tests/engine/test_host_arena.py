@@ -1,0 +1,250 @@
+"""HostArena: host-tier images page-locked a piece at a time (a recording stand-in for the
+driver's cudaHostRegister), kept and reused, within a limit; and the adapter cache's use of it:
+images of the tier live there, a dropped one comes back once no slot copy can read it."""
+import threading
+import time
+
+import pytest
+import torch
+
+from engine.lora import host_arena
+from engine.lora.adapter import LoRAAdapter
+from engine.lora.host_arena import HostArena
+from engine.lora.manager import LoRAManager
+from tests.engine.helpers import make_engine
+
+PIECE = 64 * 4  # bytes of fp32: 64 elements a piece
+
+
+class Driver:
+    """Records each page-locking call; refuses once `refuse_after` pieces are locked."""
+
+    def __init__(self, refuse_after: int | None = None):
+        self.calls: list[tuple[int, int]] = []
+        self.refuse_after = refuse_after
+
+    def __call__(self, ptr: int, nbytes: int) -> bool:
+        if self.refuse_after is not None and len(self.calls) >= self.refuse_after:
+            return False
+        self.calls.append((ptr, nbytes))
+        return True
+
+
+def arena(driver: Driver, limit_pieces: int = 16, chunk_pieces: int = 4, **kw) -> HostArena:
+    return HostArena(torch.float32, limit_pieces * PIECE, chunk_pieces * PIECE, pin=True, piece_bytes=PIECE,
+                     pause_s=0.0, register=driver, **kw)
+
+
+def test_pieces_are_locked_aligned_and_only_as_far_as_images_need():
+    driver = Driver()
+    a = arena(driver)
+    first = a.allocate(100)  # 112 elements (16-aligned): 2 pieces of a 4-piece chunk
+    base = first.data_ptr()
+    assert first.numel() == 100 and base % PIECE == 0
+    assert driver.calls == [(base, PIECE), (base + PIECE, PIECE)]
+    second = a.allocate(10)  # fits in the second piece's rest: nothing more locked
+    assert len(driver.calls) == 2 and second.data_ptr() == base + 112 * 4
+    third = a.allocate(150)  # 160 elements: more than the chunk's 128 unlocked ones, so a second chunk
+    assert len(a.chunks) == 2 and len(driver.calls) == 5 and a.pinned_bytes == 5 * PIECE
+    assert all(ptr % PIECE == 0 and n == PIECE for ptr, n in driver.calls)
+    assert third.numel() == 150 and a.used_bytes == (112 + 16 + 160) * 4
+
+
+def test_a_released_span_is_reused_without_locking_more():
+    driver = Driver()
+    a = arena(driver)
+    image = a.allocate(200)
+    ptr, calls = image.data_ptr(), len(driver.calls)
+    assert a.release(image)
+    again = a.allocate(190)
+    assert again.data_ptr() == ptr and len(driver.calls) == calls and a.used_bytes == 192 * 4
+
+
+def test_the_limit_bounds_locked_bytes_and_an_image_past_it_gets_none():
+    driver = Driver()
+    a = arena(driver, limit_pieces=4, chunk_pieces=4)
+    kept = a.allocate(3 * 64)
+    assert a.allocate(2 * 64) is None  # 3 + 2 pieces > 4
+    assert a.unpinned_images == 1 and a.pinned_bytes == 3 * PIECE
+    assert a.allocate(64) is not None and a.pinned_bytes == 4 * PIECE  # the last piece
+    a.release(kept)
+    assert a.allocate(3 * 64) is not None and len(driver.calls) == 4
+
+
+def test_a_refused_lock_stops_growth_but_keeps_serving_what_is_locked():
+    driver = Driver(refuse_after=2)
+    a = arena(driver)
+    small = a.allocate(64)
+    assert a.allocate(3 * 64) is None and a.refused and a.unpinned_images == 1
+    a.release(small)
+    assert a.allocate(2 * 64) is not None  # the two locked pieces still serve
+    assert a.allocate(64) is None and len(driver.calls) == 2
+
+
+def test_an_image_larger_than_a_chunk_gets_a_chunk_of_its_own():
+    driver = Driver()
+    a = arena(driver, chunk_pieces=2)
+    big = a.allocate(5 * 64)
+    assert big.numel() == 5 * 64 and len(a.chunks) == 1 and a.chunks[0].numel == 5 * 64
+
+
+def test_pieces_are_locked_with_a_pause_of_twice_the_last_hold_between_them(monkeypatch):
+    """The step loop's CUDA calls wait for the driver while it locks: between two pieces the
+    loader sleeps twice as long as the driver held the last one (at least pause_s), so they get
+    it two thirds of the time."""
+    sleeps, clock = [], [0.0]
+    holds = iter([0.010, 0.001, 0.003, 0.0])
+
+    def slow_driver(ptr, nbytes):
+        clock[0] += next(holds)
+        return True
+    monkeypatch.setattr(host_arena.time, "sleep", sleeps.append)
+    monkeypatch.setattr(host_arena.time, "perf_counter", lambda: clock[0])
+    a = HostArena(torch.float32, 16 * PIECE, 4 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.004,
+                  register=slow_driver)
+    a.allocate(4 * 64)
+    assert sleeps == pytest.approx([0.020, 0.004, 0.006]) and a.pin_seconds == pytest.approx(0.014)
+
+
+def test_each_piece_is_faulted_in_before_the_driver_locks_it(monkeypatch):
+    """Its pages are written before the call: the driver's lock is held to pin, not to allocate
+    pages."""
+    events = []
+    monkeypatch.setattr(HostArena, "_fault_in", staticmethod(lambda piece: events.append(("fault", piece.data_ptr()))))
+    a = HostArena(torch.float32, 16 * PIECE, 4 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.0,
+                  register=lambda ptr, n: events.append(("lock", ptr)) or True)
+    base = a.allocate(2 * 64).data_ptr()
+    assert events == [("fault", base), ("lock", base), ("fault", base + PIECE), ("lock", base + PIECE)]
+
+
+def test_release_never_waits_for_a_loader_that_is_locking():
+    a = arena(Driver())
+    image = a.allocate(64)
+    done = threading.Event()
+    with a.lock:  # a loader thread in the middle of locking pieces
+        worker = threading.Thread(target=lambda: (a.release(image), done.set()))
+        worker.start()
+        assert done.wait(timeout=10)
+    worker.join()
+    assert a.allocate(64).data_ptr() == image.data_ptr()  # the next allocate took it back
+    assert a.used_bytes == 64 * 4
+
+
+def test_release_of_memory_the_arena_did_not_give_is_refused():
+    a = arena(Driver())
+    a.allocate(64)
+    assert not a.release(torch.zeros(64))
+
+
+def test_piece_bytes_must_hold_whole_units():
+    with pytest.raises(ValueError, match="piece_bytes"):
+        HostArena(torch.float32, 1 << 20, 1 << 20, pin=False, piece_bytes=100)
+
+
+def test_without_pinning_nothing_is_locked():
+    driver = Driver()
+    a = HostArena(torch.float32, 16 * PIECE, 4 * PIECE, pin=False, piece_bytes=PIECE, register=driver)
+    assert a.allocate(300) is not None and driver.calls == []
+
+
+# --- the adapter cache ---
+
+FAMILY = "qwen3_moe"
+
+
+def _host(manager, name: str, path) -> LoRAAdapter:
+    """Load `name` into the host tier (on the loader threads) and wait for it."""
+    manager._host_adapter(name, str(path))
+    deadline = time.monotonic() + 30
+    while name not in manager.host:
+        assert time.monotonic() < deadline, f"{name} never loaded"
+        time.sleep(0.01)
+        manager.collect_loads()
+    return manager.host[name]
+
+
+def test_host_tier_images_live_in_the_arena_and_a_dropped_ones_span_is_reused(checkpoints, adapters):
+    """A host tier of one adapter: "a"'s image is a span of the arena; loading "b" drops "a",
+    whose span goes back (no slot copy reads it); "a" loaded again under a new version lands in
+    that span, byte for byte what a fresh pack gives, and nothing more is reserved."""
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes", max_cpu_loras=1)
+    manager, pools, arena = engine.lora_manager, engine.runner.slot_pools, engine.lora_manager.arena
+    first = _host(manager, "t/a@v1", adapters[FAMILY]["a"])
+    base = arena.chunks[0].buffer.data_ptr()
+    assert first.packed.data_ptr() == base and arena.used_bytes >= first.packed.nbytes
+    _host(manager, "t/b@v1", adapters[FAMILY]["b"])
+    assert list(manager.host) == ["t/b@v1"] and manager.retired == []
+    pinned = arena.pinned_bytes
+    again = _host(manager, "t/a@v2", adapters[FAMILY]["a"])
+    assert again.packed.data_ptr() == base and arena.pinned_bytes == pinned
+    fresh = pools.pack(_loaded(engine, adapters[FAMILY]["a"]))
+    assert torch.equal(again.packed, fresh.packed) and manager.host_bytes_used == again.num_bytes
+    assert engine.stats()["lora_host_pinned_bytes"] == pinned > 0
+
+
+def _loaded(engine, path) -> LoRAAdapter:
+    from engine.lora.adapter import load_adapter
+    return load_adapter("fresh", str(path), engine.spec, engine.runner.slot_pools.dtype, 16)
+
+
+class HeldCopies:
+    """Slot pools whose copies wait for `go` (as a copy in flight on the side stream), with a
+    pinning arena over a recording driver."""
+    num_slots, stream, dtype, device = 2, object(), torch.float32, torch.device("cpu")
+    slot_bytes, copy_chunk_bytes, align_copies, packs_into_arena = 256 * 4, PIECE, False, True
+
+    def __init__(self):
+        self.go = threading.Event()
+        self.storage = torch.zeros(1024)
+
+    def image_numel(self, adapter):
+        return adapter.packed.numel()
+
+    def write(self, slot, start, adapter):
+        assert self.go.wait(timeout=30)
+
+    def unsupported_targets(self, adapter):
+        return []
+
+
+def test_a_dropped_image_is_not_reused_while_a_slot_copy_may_read_it(monkeypatch):
+    monkeypatch.setattr(host_arena, "cuda_host_register", Driver())
+    pools = HeldCopies()
+    manager = LoRAManager(pools, spec=None, max_rank=4, host_capacity=1)
+    try:
+        assert pools.align_copies  # a pinning arena: copies split at its pieces
+        image = manager.arena.allocate(200)
+        manager.host["a"] = LoRAAdapter("a", packed=image, packed_ranks=torch.zeros(1, dtype=torch.int32),
+                                        packed_offsets=torch.zeros(1, dtype=torch.int64))
+        assert manager.reserve("a", "unused") == 0  # its copy now waits
+        manager._admit_to_host("b", LoRAAdapter("b", packed=torch.zeros(16), packed_ranks=torch.zeros(1),
+                                                packed_offsets=torch.zeros(1)))  # drops "a"
+        assert [adapter.name for adapter, _ in manager.retired] == ["a"]
+        assert manager.arena.allocate(200).data_ptr() != image.data_ptr()
+        pools.go.set()
+        manager.slot_events[0].result(timeout=10)
+        manager.collect_loads()
+        assert manager.retired == []
+        assert manager.arena.allocate(200).data_ptr() == image.data_ptr()
+    finally:
+        pools.go.set()
+        manager.shutdown()
+
+
+@pytest.mark.gpu
+def test_arena_images_are_page_locked_by_the_driver_and_copy_to_the_gpu_whole():
+    """On CUDA: the driver locks the pieces (torch sees the image as pinned), and an image that
+    spans several pieces, copied in pieces that end at their boundaries, arrives whole."""
+    a = HostArena(torch.bfloat16, 64 << 20, 16 << 20, pin=True, piece_bytes=1 << 20)
+    a.allocate(1000)  # the next image starts mid-piece
+    image = a.allocate(3 << 20)
+    assert image is not None and image.is_pinned() and a.pinned_bytes == 7 << 20 and a.pin_seconds > 0
+    image.copy_(torch.randn(image.numel()).to(torch.bfloat16))
+    target = torch.empty(image.numel(), dtype=torch.bfloat16, device="cuda")
+    from engine.lora.slots import SlotPools
+    pools = SlotPools.__new__(SlotPools)  # _upload only needs its piece settings and stream
+    pools.copy_chunk_bytes, pools.align_copies, pools.stream = 1 << 20, True, torch.cuda.Stream()
+    with torch.cuda.stream(pools.stream):
+        pools._upload(target, image)
+    pools.stream.synchronize()
+    assert torch.equal(target.cpu(), image)
