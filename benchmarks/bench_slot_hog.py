@@ -119,13 +119,15 @@ def main(argv=None) -> int:
         max_num_seqs=max(32, opts.streams + 1), max_model_len=1024, prefill_graphs=opts.prefill_graphs and cuda))
     manager = engine.lora_manager
     if opts.torch_pinned:
-        manager.arena, engine.runner.slot_pools.align_copies = None, False
+        manager.arena, engine.runner.slot_pools.align_bytes = None, 0
     with tempfile.TemporaryDirectory() as tmp:
         path = "/in-host-tier"
         if opts.from_disk:  # one file set, a name per adapter: each name is its own host load
             config = json.loads(engine.config.hf_config.to_json_string())
             path = str(RandomAdapterWriter(config, opts.rank, device="cpu").write(Path(tmp) / "adapter", seed=1))
             manager.host_capacity = max(manager.host_capacity, opts.hog_adapters + 1)
+            # the victim's adapter loaded before the runs: its load is in neither run, the hog's are in its run
+            engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2), [LoRARequest("victim-style", path)])
         else:
             images = [random_adapter(engine, opts.rank, k) for k in range(2)]
             install(engine, [f"hog-{k}" for k in range(opts.hog_adapters)] + ["victim-style"], images)

@@ -14,25 +14,27 @@ Here images live in chunks of ordinary (pageable) memory reserved as needed; a c
 page-locked from its bottom up, `piece_bytes` at a time (cudaHostRegister), only as far as
 images have needed. A piece's pages are faulted in before the driver is called, so its lock is
 held only to pin them, and between two pieces the loader sleeps twice as long as the last one
-held it: the step loop's calls get the driver for at least two thirds of the time. Pinned bytes are kept for the next images (a freed span is reused, first fit,
+held it, without the arena's lock: the step loop's calls get the driver for at least two thirds
+of the time, and another loader whose image fits in what is pinned is not held up. Pinned bytes are kept for the next images (a freed span is reused, first fit,
 as the device heap does: engine.lora.spans), so once the tier has filled nothing is pinned
 again; they never exceed `limit_bytes`. An image that finds no room within the limit (or
 whose pinning the driver refuses) gets pageable memory: its slot copies are then synchronous,
 staged by the driver, and still correct. Pieces start at multiples of `piece_bytes` in the
-address space, so a copy that is split at those multiples (SlotPools.align_copies) never reads
-across two registrations.
+address space, so a copy that is split at those multiples (SlotPools.align_bytes) never reads
+across two registrations. `close` (or a chunk's collection) unregisters the pieces.
 
-Threads: `allocate` runs on the loader threads (one at a time: the lock is held while a piece
-is pinned); `release` runs on the step thread and never waits for that lock (it queues the span,
-the next `allocate` takes it back).
+Threads: `allocate` runs on the loader threads (the lock is held while a piece is pinned, not
+while they pause); `release` runs on the step thread and never waits for that lock (it queues
+the span, the next `allocate` takes it back).
 """
 from __future__ import annotations
 
 import logging
 import threading
-import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from time import perf_counter, sleep
 
 import torch
 from torch import Tensor
@@ -53,31 +55,40 @@ def cuda_host_register(ptr: int, nbytes: int) -> bool:
     return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1)) == 0
 
 
+def cuda_host_unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 @dataclass(eq=False)
 class _Chunk:
     buffer: Tensor  # 1-D, starting at a multiple of piece_bytes in the address space
-    spans: SpanAllocator  # over the pinned prefix [0, pinned) only
+    spans: SpanAllocator  # over the prefix [0, capacity) taken into use (pinned, when pinning)
     numel: int
     raw: Tensor = field(repr=False)  # the allocation `buffer` is an aligned view of
+    pieces: list[int] = field(default_factory=list)  # addresses of its registered pieces
 
     @property
-    def pinned(self) -> int:
+    def held(self) -> int:
         return self.spans.capacity
 
 
 class HostArena:
     """Images (1-D views) of `dtype` elements in chunks of at least `chunk_bytes`, at most
-    `limit_bytes` of them pinned (on CPU engines `pin=False`: nothing is pinned, the arena only
-    reuses memory)."""
+    `limit_bytes` of them held (page-locked where `pin`; a CPU engine pins nothing, and the arena
+    only reuses memory there)."""
 
     def __init__(self, dtype: torch.dtype, limit_bytes: int, chunk_bytes: int, pin: bool,
-                 piece_bytes: int = PIECE_BYTES, pause_s: float = PAUSE_S, register=None):
-        """register(ptr, nbytes) -> bool page-locks a piece (default: cuda_host_register)."""
-        self.dtype, self.pin, self.pause_s = dtype, pin, pause_s
+                 piece_bytes: int = PIECE_BYTES, pause_s: float = PAUSE_S, register=None, unregister=None,
+                 device: torch.device | None = None):
+        """register(ptr, nbytes) -> bool page-locks a piece, unregister(ptr) undoes it (default:
+        the CUDA runtime's, on `device`)."""
+        self.dtype, self.pin, self.pause_s, self.device = dtype, pin, pause_s, device
         self.register = register if register is not None else cuda_host_register
+        self.unregister = unregister if unregister is not None else cuda_host_unregister
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
         if piece_bytes <= 0 or piece_bytes % (UNIT * self.itemsize):
             raise ValueError(f"piece_bytes must be a positive multiple of {UNIT * self.itemsize}, got {piece_bytes}")
+        self.piece_bytes = piece_bytes
         self.piece = piece_bytes // self.itemsize  # elements
         self.chunk = max(self.piece, -(-chunk_bytes // piece_bytes) * self.piece)
         self.limit = limit_bytes // self.itemsize
@@ -90,9 +101,14 @@ class HostArena:
         self.refused = False  # the driver refused to pin: no more growth
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of the chunks taken into use (what images have needed so far, kept)."""
+        return sum(c.held for c in self.chunks) * self.itemsize
+
+    @property
     def pinned_bytes(self) -> int:
-        """Bytes page-locked so far (pin=True), or the chunks' used prefixes (pin=False)."""
-        return sum(c.pinned for c in self.chunks) * self.itemsize
+        """Bytes page-locked (0 where nothing is pinned)."""
+        return self.held_bytes if self.pin else 0
 
     @property
     def used_bytes(self) -> int:
@@ -102,29 +118,40 @@ class HostArena:
         """A view of `numel` elements (contents undefined), or None when the arena cannot hold
         it within its limit: the caller then uses pageable memory."""
         size = -(-max(numel, 1) // UNIT) * UNIT  # what the spans count; `release` rounds alike
-        with self.lock:
-            self._take_back()
-            for chunk in self.chunks:
-                start = chunk.spans.allocate(size)
-                if start is not None:
-                    return self._view(chunk, start, size)[:numel]
-            chunk = None if self.refused else self._growable(size)
-            if chunk is None or not self._grow(chunk, size - chunk.spans.free_at_top):
-                self.unpinned_images += 1
-                return None
-            return self._view(chunk, chunk.spans.allocate(size), size)[:numel]
+        held = 0.0
+        while True:
+            if held:  # between two pieces, without the lock: the step loop's turn at the driver
+                sleep(max(self.pause_s, PAUSE_PER_HOLD * held))
+            with self.lock:
+                self._take_back()
+                for chunk in self.chunks:
+                    start = chunk.spans.allocate(size)
+                    if start is not None:
+                        self.used += size
+                        return chunk.buffer[start:start + numel]
+                chunk = None if self.refused else self._growable(size)
+                held = None if chunk is None else self._grow(chunk, size - chunk.spans.free_at_top)
+                if held is None:
+                    self.unpinned_images += 1
+                    return None
 
     def release(self, view: Tensor) -> bool:
         """Give an image from `allocate` back (the caller knows no copy still reads it); False
         (and nothing done) if the arena did not hand it out."""
         ptr = view.data_ptr()
-        for chunk in self.chunks:
+        for chunk in list(self.chunks):
             base = chunk.buffer.data_ptr()
             if base <= ptr < base + chunk.numel * self.itemsize:
-                numel = -(-view.numel() // UNIT) * UNIT
-                self.returned.append((chunk, (ptr - base) // self.itemsize, numel))
+                self.returned.append((chunk, (ptr - base) // self.itemsize, -(-view.numel() // UNIT) * UNIT))
                 return True
         return False
+
+    def close(self) -> None:
+        """Unregister every piece (no copy may still read them) and forget the chunks."""
+        with self.lock:
+            for chunk in self.chunks:
+                _unregister_all(self.unregister, chunk.pieces)
+            self.chunks = []
 
     def _take_back(self) -> None:
         while self.returned:
@@ -132,24 +159,22 @@ class HostArena:
             chunk.spans.release(start, numel)
             self.used -= numel
 
-    def _view(self, chunk: _Chunk, start: int, numel: int) -> Tensor:
-        self.used += numel
-        return chunk.buffer[start:start + numel]
-
     def _growable(self, numel: int) -> _Chunk | None:
-        """A chunk whose free top plus its unpinned rest holds `numel`, within the limit; else a
+        """A chunk whose free top plus its untouched rest holds `numel`, within the limit; else a
         new chunk if the limit leaves room; else None."""
-        pinned = sum(c.pinned for c in self.chunks)
+        held = sum(c.held for c in self.chunks)
         for chunk in self.chunks:
             need = numel - chunk.spans.free_at_top
-            if need <= chunk.numel - chunk.pinned and pinned + self._rounded(need) <= self.limit:
+            if need <= chunk.numel - chunk.held and held + self._rounded(need) <= self.limit:
                 return chunk
-        if pinned + self._rounded(numel) > self.limit:
+        if held + self._rounded(numel) > self.limit:
             return None
         size = max(self.chunk, self._rounded(numel))
         raw = torch.empty(size + self.piece, dtype=self.dtype)  # reserved, not yet touched
-        shift = (-raw.data_ptr() % (self.piece * self.itemsize)) // self.itemsize
+        shift = (-raw.data_ptr() % self.piece_bytes) // self.itemsize
         chunk = _Chunk(raw[shift:shift + size], SpanAllocator(0), size, raw)
+        # a chunk dropped without close() unregisters its pieces before its memory goes back
+        weakref.finalize(raw, _unregister_all, self.unregister, chunk.pieces)
         self.chunks.append(chunk)
         return chunk
 
@@ -161,24 +186,35 @@ class HostArena:
         """Touch the piece's pages here, outside the driver's lock, so that locking only pins them."""
         piece.zero_()
 
-    def _grow(self, chunk: _Chunk, need: int) -> bool:
-        """Pin `need` more elements of `chunk` (whole pieces), a piece at a time."""
-        held = 0.0
-        for _ in range(self._rounded(need) // self.piece):
-            at = chunk.pinned
-            if self.pin:
-                if held:
-                    time.sleep(max(self.pause_s, PAUSE_PER_HOLD * held))
-                self._fault_in(chunk.buffer[at:at + self.piece])
-                began = time.perf_counter()
-                ok = self.register(chunk.buffer[at:].data_ptr(), self.piece * self.itemsize)
-                held = time.perf_counter() - began
-                self.pin_seconds += held
-                if not ok:
-                    log.warning("the driver refused to page-lock host memory for adapters (%.1f GiB locked "
-                                "so far): adapter images that do not fit in it use pageable memory, their "
-                                "loads into the GPU are slower", self.pinned_bytes / 2**30)
-                    self.refused = True
-                    return False
-            chunk.spans.grow(self.piece)
-        return True
+    def _grow(self, chunk: _Chunk, need: int) -> float | None:
+        """Take `need` more elements of `chunk` into use, in whole pieces: without pinning all at
+        once; pinning, one piece (the caller loops). Returns the seconds the driver held its lock
+        (0.0 without pinning), or None when it refused."""
+        if not self.pin:
+            chunk.spans.grow(self._rounded(need))
+            return 0.0
+        at = chunk.held
+        self._fault_in(chunk.buffer[at:at + self.piece])
+        ptr = chunk.buffer[at:].data_ptr()
+        began = perf_counter()
+        if self.device is not None and self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                ok = self.register(ptr, self.piece_bytes)
+        else:
+            ok = self.register(ptr, self.piece_bytes)
+        held = perf_counter() - began
+        self.pin_seconds += held
+        if not ok:
+            log.warning("the driver refused to page-lock host memory for adapters (%.1f GiB locked so far): "
+                        "adapter images that do not fit in it use pageable memory, their loads into the GPU "
+                        "are slower", self.pinned_bytes / 2**30)
+            self.refused = True
+            return None
+        chunk.pieces.append(ptr)
+        chunk.spans.grow(self.piece)
+        return held
+
+
+def _unregister_all(unregister, pieces: list[int]) -> None:
+    while pieces:
+        unregister(pieces.pop())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import AdapterLoadError
 from engine.lora.adapter import LoRAAdapter, load_adapter
-from engine.lora.host_arena import PIECE_BYTES, HostArena
+from engine.lora.host_arena import HostArena
 from engine.lora.slots import SlotPools
 from engine.lora.spans import SpanAllocator
 from engine.models.spec import ModelSpec
@@ -55,8 +55,9 @@ class LoRAManager:
                  clock: Callable[[], float] = time.monotonic, host_bytes: int | None = None,
                  kv=None, block_numel: int = 0):
         """host_capacity: adapters the pinned host tier holds; host_bytes, if given, bounds it
-        further by bytes: each adapter there is its own compact image (as the pinned allocator
-        rounds it: up to a power of two on CUDA), so small adapters take little of it.
+        further by bytes: each adapter there is its own compact image (in the host arena at its
+        own bytes; without one, on CUDA, rounded up to a power of two by torch's pinned
+        allocator), so small adapters take little of it.
         kv: the BlockManager whose blocks lie above the heap in `pools.storage`, `block_numel`
         elements each, for the heap to borrow (None: the heap keeps its own bytes)."""
         self.pools, self.spec, self.max_rank = pools, spec, max_rank
@@ -79,8 +80,10 @@ class LoRAManager:
         self.name_to_slot: dict[str, int] = {}
         self.free_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(pools.num_slots))
         self.arena = self._host_arena(load_threads)
-        # host-tier images dropped while slot copies that may read them were in flight: (adapter,
-        # those copies); their arena spans are given back once the copies landed
+        # slot copies that read an arena image, until they landed: (adapter, its copy's future)
+        self.reads: list[tuple[LoRAAdapter, Future]] = []
+        # host-tier images dropped while copies that read them were in flight: (adapter, those
+        # copies); their arena spans are given back once the copies landed
         self.retired: list[tuple[LoRAAdapter, list[Future]]] = []
         self.executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="lora-load")
         # one thread issues every slot copy, in reservation order: a slot re-reserved while an
@@ -100,10 +103,11 @@ class LoRAManager:
         largest = self.pools.slot_bytes
         bound = self.host_bytes if self.host_bytes is not None else self.host_capacity * largest
         cuda = self.pools.stream is not None
-        piece = self.pools.copy_chunk_bytes or PIECE_BYTES
+        arena = HostArena(self.pools.dtype, bound + load_threads * largest, largest, pin=cuda,
+                          device=self.pools.device)
         if cuda:
-            self.pools.align_copies = True  # copies never read across two of the arena's pinned pieces
-        return HostArena(self.pools.dtype, bound + load_threads * largest, largest, pin=cuda, piece_bytes=piece)
+            self.pools.align_bytes = arena.piece_bytes  # copies never read across two pinned pieces
+        return arena
 
     @property
     def num_slots(self) -> int:
@@ -151,6 +155,8 @@ class LoRAManager:
         else:  # issue the copies from a loader thread: the step loop's host time is not spent on them
             self.slot_events[slot] = self.copier.submit(self._write_slot, slot, start, adapter)
             self.copies.append((start, start + numel, self.slot_events[slot]))
+            if self.arena is not None:
+                self.reads.append((adapter, self.slot_events[slot]))
         return slot
 
     def _placement(self, adapter: LoRAAdapter, keep: Collection[str] = ()) -> tuple[int, list[int], bool, int] | None:
@@ -341,13 +347,15 @@ class LoRAManager:
         for name in [n for n, (_, expires) in self.failed.items() if now >= expires]:
             del self.failed[name]
         self.copies = [c for c in self.copies if not self._landed(c[2])]
+        self.reads = [(a, f) for a, f in self.reads if not self._landed(f)]
         self._release_retired()
 
     def _retire(self, adapter: LoRAAdapter) -> None:
-        """An adapter left the host tier: its arena image goes back once no slot copy in flight
-        can still be reading it (any copy issued before now, conservatively)."""
+        """An adapter left the host tier: its arena image goes back once the slot copies that
+        read it have landed (ordering the compute stream after a copy, as a heap move does,
+        leaves the copy reading the host image)."""
         if self.arena is not None:
-            self.retired.append((adapter, [future for _, _, future in self.copies]))
+            self.retired.append((adapter, [f for a, f in self.reads if a is adapter]))
             self._release_retired()
 
     def _release_retired(self) -> None:
@@ -404,7 +412,14 @@ class LoRAManager:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.copier.shutdown(wait=False, cancel_futures=True)
+        if self.arena is None:
+            self.copier.shutdown(wait=False, cancel_futures=True)
+            return
+        # the arena's pieces are unregistered: no copy may still read them
+        self.copier.shutdown(wait=True, cancel_futures=True)
+        if self.pools.stream is not None:
+            self.pools.stream.synchronize()
+        self.arena.close()
 
     def _take(self, slot: int) -> None:
         self.slot_refs[slot] += 1

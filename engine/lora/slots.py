@@ -139,7 +139,9 @@ class SlotPools:
     # busy while the copier thread waits on the older one. 0: one copy per image.
     copy_chunk_bytes = 8 << 20
     COPY_DEPTH = 2
-    align_copies = False  # pieces at address multiples of copy_chunk_bytes (set with a pinning host arena)
+    # copies also split at host addresses that are multiples of this (a pinning host arena's
+    # piece: engine.lora.host_arena); 0: no such split
+    align_bytes = 0
     MOVE_CHUNK = 1 << 24  # elements a step of an overlapping move goes through its bounce buffer
 
     @torch.no_grad()
@@ -272,28 +274,30 @@ class SlotPools:
             if any(halves):  # from now on that layer's split path shrinks (or expands) such slots once a token
                 self.moe[self.plan[p][1]].shared_halves = True
         layout = self._image_layout(ranks, shared)
-        pin = self.device.type == "cuda"
+        # the small tables: pinned by torch only without an arena (with one, no driver call at
+        # all: a copy of a few hundred bytes from pageable memory costs microseconds)
+        pin = self.device.type == "cuda" and arena is None
         image = self._host_image(_image_numel(layout), arena)
-        offsets = torch.zeros(len(self.rows), dtype=torch.int64, pin_memory=pin)
-        for row, (start, _) in layout.items():
-            offsets[self.rows[row]] = start // OFFSET_UNIT
         with _returned_on_failure(image, arena):
+            offsets = torch.zeros(len(self.rows), dtype=torch.int64, pin_memory=pin)
+            for row, (start, _) in layout.items():
+                offsets[self.rows[row]] = start // OFFSET_UNIT
             _fill(self.plan, layout, image, adapter, ranks, shared, self.rank_unit)
-        tables = list(ranks)
-        for p in self.shared_rows:  # the shareable halves' rank tables: negated where shared
-            tables += [-ranks[p] if half else ranks[p] for half in shared.get(p, (False, False))]
-        adapter.packed, adapter.packed_offsets = image, offsets
-        adapter.packed_ranks = torch.tensor(tables, dtype=torch.int32).pin_memory() if pin else torch.tensor(
-            tables, dtype=torch.int32)
+            tables = list(ranks)
+            for p in self.shared_rows:  # the shareable halves' rank tables: negated where shared
+                tables += [-ranks[p] if half else ranks[p] for half in shared.get(p, (False, False))]
+            packed_ranks = torch.tensor(tables, dtype=torch.int32)
+            packed_ranks = packed_ranks.pin_memory() if pin else packed_ranks
+        adapter.packed, adapter.packed_offsets, adapter.packed_ranks = image, offsets, packed_ranks
         adapter.dense, adapter.moe = {}, {}
         return adapter
 
     def _pack_padded(self, adapter: LoRAAdapter, arena: HostArena | None) -> LoRAAdapter:
         """The padded layout's image: a whole slot row, zeros beyond each module's rank."""
-        pin = self.device.type == "cuda"
+        pin = self.device.type == "cuda" and arena is None  # as in `pack`
         image = self._host_image(self.max_image_numel, arena).view(1, -1)
-        ranks = torch.zeros(len(self.plan), 1, dtype=torch.int32, pin_memory=pin)
         with _returned_on_failure(image, arena):
+            ranks = torch.zeros(len(self.plan), 1, dtype=torch.int32, pin_memory=pin)
             dense, moe, _ = padded.carve(self.plan, image, ranks, self.max_rank)
             padded.fill(dense, moe, adapter, self.max_rank)
         adapter.packed, adapter.packed_ranks = image[0], ranks[:, 0]
@@ -351,7 +355,13 @@ class SlotPools:
             return None
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # readers of the bytes it overwrites
         with torch.cuda.stream(self.stream):
-            self._copy(slot, start, image)
+            try:
+                self._copy(slot, start, image)
+            except BaseException:
+                # pieces already issued still read the host image: its owner may reuse that
+                # memory once this raises
+                self.stream.synchronize()
+                raise
             event = torch.cuda.Event()
             event.record(self.stream)
         return event
@@ -372,20 +382,16 @@ class SlotPools:
         """dst.copy_(src) (both 1-D, src pinned on the host) in pieces of copy_chunk_bytes, at most
         COPY_DEPTH queued on the side stream at a time: this (copier) thread waits for the oldest
         piece before it issues another, so other streams' copies wait behind one piece at most.
-        With `align_copies`, pieces end at multiples of copy_chunk_bytes in the host's address
-        space: the host arena pins in pieces so aligned, and a copy reading across two of its
-        registrations might be staged by the driver as pageable memory is."""
-        size = src.element_size()
-        step = self.copy_chunk_bytes // size
-        if step <= 0:
-            dst.copy_(src, non_blocking=True)
-            return
-        first = step - (src.data_ptr() // size) % step if self.align_copies else step
-        if src.numel() <= first:
+        Pieces also end at host addresses that are multiples of `align_bytes`: the host arena pins
+        in pieces so aligned, and a copy reading across two of its registrations might be staged
+        by the driver as pageable memory is."""
+        pieces = copy_pieces(src.data_ptr(), src.numel(), src.element_size(), self.copy_chunk_bytes,
+                             self.align_bytes)
+        if len(pieces) == 1:
             dst.copy_(src, non_blocking=True)
             return
         queued: deque = deque()
-        for at, end in zip([0, *range(first, src.numel(), step)], [*range(first, src.numel(), step), src.numel()]):
+        for at, end in pieces:
             if len(queued) == self.COPY_DEPTH:
                 queued.popleft().synchronize()  # releases the GIL while the piece lands
             dst[at:end].copy_(src[at:end], non_blocking=True)
@@ -405,6 +411,22 @@ class SlotPools:
         dense = {key for kind, key, _ in self.plan if kind == "dense"}
         missing = [f"layer {l} {m}" for (l, m) in adapter.dense if (l, m) not in dense]
         return missing + [f"layer {l} {m}" for (l, m) in adapter.moe if l not in self.moe]
+
+
+def copy_pieces(ptr: int, numel: int, itemsize: int, step_bytes: int, align_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) element ranges covering [0, numel) of a host buffer at address `ptr`: none
+    longer than `step_bytes` (0: no limit), none crossing an address multiple of `align_bytes`
+    (0: none)."""
+    step = step_bytes // itemsize if step_bytes > 0 else numel
+    pieces, at = [], 0
+    while at < numel:
+        end = min(numel, at + max(step, 1))
+        if align_bytes > 0:
+            boundary = (ptr + at * itemsize) // align_bytes * align_bytes + align_bytes
+            end = min(end, at + (boundary - ptr - at * itemsize) // itemsize)
+        pieces.append((at, end))
+        at = end
+    return pieces or [(0, 0)]
 
 
 @contextmanager

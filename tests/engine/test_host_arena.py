@@ -1,8 +1,11 @@
 """HostArena: host-tier images page-locked a piece at a time (a recording stand-in for the
 driver's cudaHostRegister), kept and reused, within a limit; and the adapter cache's use of it:
 images of the tier live there, a dropped one comes back once no slot copy can read it."""
+import gc
+import random
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +34,7 @@ class Driver:
 
 
 def arena(driver: Driver, limit_pieces: int = 16, chunk_pieces: int = 4, **kw) -> HostArena:
+    kw.setdefault("unregister", lambda ptr: None)
     return HostArena(torch.float32, limit_pieces * PIECE, chunk_pieces * PIECE, pin=True, piece_bytes=PIECE,
                      pause_s=0.0, register=driver, **kw)
 
@@ -98,10 +102,10 @@ def test_pieces_are_locked_with_a_pause_of_twice_the_last_hold_between_them(monk
     def slow_driver(ptr, nbytes):
         clock[0] += next(holds)
         return True
-    monkeypatch.setattr(host_arena.time, "sleep", sleeps.append)
-    monkeypatch.setattr(host_arena.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(host_arena, "sleep", sleeps.append)
+    monkeypatch.setattr(host_arena, "perf_counter", lambda: clock[0])
     a = HostArena(torch.float32, 16 * PIECE, 4 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.004,
-                  register=slow_driver)
+                  register=slow_driver, unregister=lambda ptr: None)
     a.allocate(4 * 64)
     assert sleeps == pytest.approx([0.020, 0.004, 0.006]) and a.pin_seconds == pytest.approx(0.014)
 
@@ -112,7 +116,7 @@ def test_each_piece_is_faulted_in_before_the_driver_locks_it(monkeypatch):
     events = []
     monkeypatch.setattr(HostArena, "_fault_in", staticmethod(lambda piece: events.append(("fault", piece.data_ptr()))))
     a = HostArena(torch.float32, 16 * PIECE, 4 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.0,
-                  register=lambda ptr, n: events.append(("lock", ptr)) or True)
+                  register=lambda ptr, n: events.append(("lock", ptr)) or True, unregister=lambda ptr: None)
     base = a.allocate(2 * 64).data_ptr()
     assert events == [("fault", base), ("lock", base), ("fault", base + PIECE), ("lock", base + PIECE)]
 
@@ -139,6 +143,85 @@ def test_release_of_memory_the_arena_did_not_give_is_refused():
 def test_piece_bytes_must_hold_whole_units():
     with pytest.raises(ValueError, match="piece_bytes"):
         HostArena(torch.float32, 1 << 20, 1 << 20, pin=False, piece_bytes=100)
+
+
+def test_close_unregisters_every_piece_and_a_dropped_chunk_unregisters_its_own():
+    unregistered = []
+    driver = Driver()
+    a = arena(driver, unregister=unregistered.append)
+    a.allocate(3 * 64)
+    a.close()
+    assert sorted(unregistered) == sorted(ptr for ptr, _ in driver.calls) and a.chunks == []
+    unregistered.clear()
+    b = arena(Driver(), unregister=unregistered.append)
+    b.allocate(2 * 64)
+    pieces = list(b.chunks[0].pieces)
+    del b
+    gc.collect()
+    assert sorted(unregistered) == sorted(pieces) and len(pieces) == 2
+
+
+def test_loaders_allocating_at_once_get_disjoint_spans_and_all_come_back():
+    """Two loader threads allocate and release images of random sizes at once (a third pins
+    pieces in between): no two live images overlap, and when all are released the arena holds
+    none."""
+    a = HostArena(torch.float32, 64 * PIECE, 8 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.0,
+                  register=lambda ptr, n: True, unregister=lambda ptr: None)
+    live, lock, errors = {}, threading.Lock(), []
+
+    def loader(seed):
+        rng = random.Random(seed)
+        mine = []
+        for _ in range(300):
+            if mine and rng.random() < 0.5:
+                view = mine.pop(rng.randrange(len(mine)))
+                with lock:
+                    del live[view.data_ptr()]
+                a.release(view)
+                continue
+            view = a.allocate(rng.randint(1, 200))
+            if view is None:
+                continue
+            lo, hi = view.data_ptr(), view.data_ptr() + view.numel() * 4
+            with lock:
+                if any(lo < h and l < hi for l, h in live.values()):
+                    errors.append((lo, hi))
+                live[lo] = (lo, hi)
+            mine.append(view)
+        for view in mine:
+            with lock:
+                del live[view.data_ptr()]
+            a.release(view)
+
+    threads = [threading.Thread(target=loader, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    a.allocate(1)
+    assert a.used_bytes == 16 * 4  # everything else came back
+
+
+def test_copy_pieces_cover_the_buffer_without_crossing_a_pinned_piece():
+    from engine.lora.slots import copy_pieces
+    rng = random.Random(0)
+    for _ in range(2000):
+        itemsize = rng.choice([2, 4])
+        align = rng.choice([0, 64, 256]) * itemsize
+        step = rng.choice([0, 13, 64, 100]) * itemsize
+        ptr = rng.randrange(0, 10_000) * itemsize
+        numel = rng.randint(0, 1000)
+        pieces = copy_pieces(ptr, numel, itemsize, step, align)
+        assert pieces[0][0] == 0 and pieces[-1][1] == numel
+        assert all(end == nxt for (_, end), (nxt, _) in zip(pieces, pieces[1:]))
+        assert all(at < end for at, end in pieces) or numel == 0
+        for at, end in pieces:
+            assert step == 0 or (end - at) * itemsize <= step
+            if align:  # the first and last byte lie in the same aligned piece
+                assert (ptr + at * itemsize) // align == (ptr + end * itemsize - 1) // align
+        if not align and (step == 0 or numel * itemsize <= step):
+            assert pieces == [(0, numel)]  # a small image stays one copy
 
 
 def test_without_pinning_nothing_is_locked():
@@ -174,12 +257,12 @@ def test_host_tier_images_live_in_the_arena_and_a_dropped_ones_span_is_reused(ch
     assert first.packed.data_ptr() == base and arena.used_bytes >= first.packed.nbytes
     _host(manager, "t/b@v1", adapters[FAMILY]["b"])
     assert list(manager.host) == ["t/b@v1"] and manager.retired == []
-    pinned = arena.pinned_bytes
+    held = arena.held_bytes
     again = _host(manager, "t/a@v2", adapters[FAMILY]["a"])
-    assert again.packed.data_ptr() == base and arena.pinned_bytes == pinned
+    assert again.packed.data_ptr() == base and arena.held_bytes == held
     fresh = pools.pack(_loaded(engine, adapters[FAMILY]["a"]))
     assert torch.equal(again.packed, fresh.packed) and manager.host_bytes_used == again.num_bytes
-    assert engine.stats()["lora_host_pinned_bytes"] == pinned > 0
+    assert engine.stats()["lora_host_pinned_bytes"] == 0  # a CPU engine pins nothing
 
 
 def _loaded(engine, path) -> LoRAAdapter:
@@ -190,8 +273,9 @@ def _loaded(engine, path) -> LoRAAdapter:
 class HeldCopies:
     """Slot pools whose copies wait for `go` (as a copy in flight on the side stream), with a
     pinning arena over a recording driver."""
-    num_slots, stream, dtype, device = 2, object(), torch.float32, torch.device("cpu")
-    slot_bytes, copy_chunk_bytes, align_copies, packs_into_arena = 256 * 4, PIECE, False, True
+    num_slots, dtype, device = 2, torch.float32, torch.device("cpu")
+    stream = SimpleNamespace(synchronize=lambda: None)  # not None: copies go through the copier thread
+    slot_bytes, copy_chunk_bytes, align_bytes, packs_into_arena = host_arena.PIECE_BYTES, PIECE, 0, True
 
     def __init__(self):
         self.go = threading.Event()
@@ -209,10 +293,11 @@ class HeldCopies:
 
 def test_a_dropped_image_is_not_reused_while_a_slot_copy_may_read_it(monkeypatch):
     monkeypatch.setattr(host_arena, "cuda_host_register", Driver())
+    monkeypatch.setattr(host_arena, "cuda_host_unregister", lambda ptr: None)
     pools = HeldCopies()
     manager = LoRAManager(pools, spec=None, max_rank=4, host_capacity=1)
     try:
-        assert pools.align_copies  # a pinning arena: copies split at its pieces
+        assert pools.align_bytes == manager.arena.piece_bytes  # a pinning arena: copies split at its pieces
         image = manager.arena.allocate(200)
         manager.host["a"] = LoRAAdapter("a", packed=image, packed_ranks=torch.zeros(1, dtype=torch.int32),
                                         packed_offsets=torch.zeros(1, dtype=torch.int64))
@@ -231,6 +316,88 @@ def test_a_dropped_image_is_not_reused_while_a_slot_copy_may_read_it(monkeypatch
         manager.shutdown()
 
 
+class Event:
+    def __init__(self):
+        self.passed = False
+
+    def query(self) -> bool:
+        return self.passed
+
+
+class InFlightCopies(HeldCopies):
+    """Copies issued at once whose events pass when the test says so (a copy still reading the
+    host image on the GPU's copy engine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+        self.go.set()
+
+    def write(self, slot, start, adapter):
+        self.events.append(Event())
+        return self.events[-1]
+
+    def order_after(self, event):
+        pass
+
+
+def test_an_image_whose_copy_a_heap_move_waited_for_is_not_reused_until_the_copy_landed(monkeypatch):
+    """A heap move orders the compute stream after the copies into the bytes it touches and
+    stops tracking them as heap copies; the copy still reads the host image, so dropping the
+    adapter from the host tier must not free its span until the copy's event passed."""
+    monkeypatch.setattr(host_arena, "cuda_host_register", Driver())
+    monkeypatch.setattr(host_arena, "cuda_host_unregister", lambda ptr: None)
+    pools = InFlightCopies()
+    manager = LoRAManager(pools, spec=None, max_rank=4, host_capacity=1)
+    try:
+        image = manager.arena.allocate(200)
+        manager.host["a"] = LoRAAdapter("a", packed=image, packed_ranks=torch.zeros(1, dtype=torch.int32),
+                                        packed_offsets=torch.zeros(1, dtype=torch.int64))
+        assert manager.reserve("a", "unused") == 0
+        manager.slot_events[0].result(timeout=10)  # issued; its event has not passed
+        manager._order_after_copies(0, 1024)  # as a move over its bytes does
+        assert manager.copies == []
+        manager._admit_to_host("b", LoRAAdapter("b", packed=torch.zeros(16), packed_ranks=torch.zeros(1),
+                                                packed_offsets=torch.zeros(1)))  # drops "a"
+        manager.collect_loads()
+        assert manager.arena.allocate(200).data_ptr() != image.data_ptr()
+        pools.events[0].passed = True
+        manager.collect_loads()
+        assert manager.retired == [] and manager.arena.allocate(200).data_ptr() == image.data_ptr()
+    finally:
+        manager.shutdown()
+
+
+@pytest.mark.parametrize("layout", ["bytes", "slots"])
+def test_pack_into_the_arena_equals_a_pack_without_it_and_falls_back_to_pageable_memory(checkpoints, adapters,
+                                                                                       layout):
+    """Either layout: an image packed into the arena holds the same bytes as one packed without
+    it; an arena with no room gives pageable memory with the same bytes (counted)."""
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout=layout)
+    pools = engine.runner.slot_pools
+    plain = pools.pack(_loaded(engine, adapters[FAMILY]["b"]))
+    roomy = HostArena(pools.dtype, 64 << 20, 1 << 20, pin=False, piece_bytes=1 << 16)
+    full = HostArena(pools.dtype, 0, 1 << 20, pin=False, piece_bytes=1 << 16)
+    for arena, inside in ((roomy, True), (full, False)):
+        packed = pools.pack(_loaded(engine, adapters[FAMILY]["b"]), arena)
+        assert torch.equal(packed.packed, plain.packed) and torch.equal(packed.packed_ranks, plain.packed_ranks)
+        assert torch.equal(packed.packed_offsets, plain.packed_offsets)
+        assert arena.release(packed.packed) == inside and arena.unpinned_images == int(not inside)
+
+
+def test_a_pack_that_fails_gives_its_image_back(checkpoints, adapters):
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, lora_layout="bytes")
+    pools = engine.runner.slot_pools
+    arena = HostArena(pools.dtype, 64 << 20, 1 << 20, pin=False, piece_bytes=1 << 16)
+    broken = _loaded(engine, adapters[FAMILY]["b"])
+    key = next(iter(broken.dense))
+    broken.dense[key].a = broken.dense[key].a[:, :-1]  # one column short
+    with pytest.raises(RuntimeError):
+        pools.pack(broken, arena)
+    arena.allocate(16)
+    assert arena.used_bytes == 16 * arena.itemsize
+
+
 @pytest.mark.gpu
 def test_arena_images_are_page_locked_by_the_driver_and_copy_to_the_gpu_whole():
     """On CUDA: the driver locks the pieces (torch sees the image as pinned), and an image that
@@ -243,7 +410,7 @@ def test_arena_images_are_page_locked_by_the_driver_and_copy_to_the_gpu_whole():
     target = torch.empty(image.numel(), dtype=torch.bfloat16, device="cuda")
     from engine.lora.slots import SlotPools
     pools = SlotPools.__new__(SlotPools)  # _upload only needs its piece settings and stream
-    pools.copy_chunk_bytes, pools.align_copies, pools.stream = 1 << 20, True, torch.cuda.Stream()
+    pools.copy_chunk_bytes, pools.align_bytes, pools.stream = 1 << 20, 1 << 20, torch.cuda.Stream()
     with torch.cuda.stream(pools.stream):
         pools._upload(target, image)
     pools.stream.synchronize()
