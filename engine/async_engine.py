@@ -28,7 +28,7 @@ class AsyncLLMEngine(EngineFrontend):
         self.tokenizer = self.engine.tokenizer
         self.inputs = self.engine.inputs
         self.num_lora_slots = self.engine.runner.num_lora_slots
-        self.memory_summary = self.engine.runner.memory_plan.summary()
+        self.memory_summary = self.engine.memory_summary()
         self.startup_seconds = dict(self.engine.runner.startup_seconds)
         self.idle_wait_s = idle_wait_s
         self._inbox: list[Callable[[], None]] = []

@@ -204,6 +204,19 @@ class LLMEngine:
                           "num_adapters": len(adapters), "num_preempted": sched.num_preempted}
 
     # ---- helpers ----------------------------------------------------------------
+    def memory_summary(self) -> str:
+        """The memory plan's line, and the host tier's bounds and how its memory is held."""
+        plan, manager = self.runner.memory_plan.summary(), self.lora_manager
+        if manager is None:
+            return plan
+        bound = f"{manager.host_bytes / 2**30:.1f} GiB" if manager.host_bytes is not None else "no byte bound"
+        if manager.arena is not None:
+            held = f"page-locked {manager.arena.piece_bytes >> 20} MiB at a time as it fills" \
+                if manager.arena.pin else "pageable (CPU)"
+        else:
+            held = "pinned per adapter" if manager.pools.stream is not None else "pageable (CPU)"
+        return f"{plan}; host tier up to {manager.host_capacity} adapters, {bound}, {held}"
+
     def stats(self) -> dict:
         lora = self.lora_manager.stats if self.lora_manager else None
         arena = self.lora_manager.arena if self.lora_manager else None

@@ -265,6 +265,13 @@ def test_host_tier_images_live_in_the_arena_and_a_dropped_ones_span_is_reused(ch
     assert engine.stats()["lora_host_pinned_bytes"] == 0  # a CPU engine pins nothing
 
 
+def test_the_start_up_memory_line_names_the_host_tiers_bounds(checkpoints):
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, max_cpu_loras=5,
+                         max_cpu_lora_bytes=3 << 30)
+    assert engine.memory_summary().endswith("; host tier up to 5 adapters, 3.0 GiB, pageable (CPU)")
+    assert engine.memory_summary().startswith(engine.runner.memory_plan.summary())
+
+
 def _loaded(engine, path) -> LoRAAdapter:
     from engine.lora.adapter import load_adapter
     return load_adapter("fresh", str(path), engine.spec, engine.runner.slot_pools.dtype, 16)
