@@ -310,14 +310,16 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
               # the engine loop's turns over engine.turns.SLOW_TURN_S (each in the replica's log)
               "slow_turns": delta("slow_turns"),
               "longest_turn_ms_so_far": round(1e3 * counters_after["longest_turn_seconds"], 1),
-              **{name: delta(key) for key, name in SLOT_COUNTERS.items()}}
+              **{name: round(delta(key), 3) for key, name in SLOT_COUNTERS.items()}}
     return {"flood": flood, "victim": victim, "memory": memory, "engine": engine}
 
 
 # engine.stats() key -> its name in a flood's "engine" counters: a victim tail that lines up with
 # slot preemptions and loads is the adapter slots', not the serving stack's
+# (and with the host tier's page-locking: seconds in the driver, images left pageable)
 SLOT_COUNTERS = {"lora_slot_loads": "slot_loads", "lora_slot_preemptions": "slot_preemptions",
-                 "lora_evictions": "evictions", "lora_host_loads": "host_loads", "num_preemptions": "preemptions"}
+                 "lora_evictions": "evictions", "lora_host_loads": "host_loads", "num_preemptions": "preemptions",
+                 "lora_host_pin_seconds": "host_pin_seconds", "lora_host_unpinned_images": "host_unpinned_images"}
 
 
 def engine_counters(client, url: str) -> dict:
