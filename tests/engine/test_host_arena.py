@@ -15,6 +15,7 @@ from engine.lora.adapter import LoRAAdapter
 from engine.lora.host_arena import HostArena
 from engine.lora.manager import LoRAManager
 from tests.engine.helpers import make_engine
+from tests.engine.test_slots_loading import FakeEvent
 
 PIECE = 64 * 4  # bytes of fp32: 64 elements a piece
 
@@ -323,14 +324,6 @@ def test_a_dropped_image_is_not_reused_while_a_slot_copy_may_read_it(monkeypatch
         manager.shutdown()
 
 
-class Event:
-    def __init__(self):
-        self.passed = False
-
-    def query(self) -> bool:
-        return self.passed
-
-
 class InFlightCopies(HeldCopies):
     """Copies issued at once whose events pass when the test says so (a copy still reading the
     host image on the GPU's copy engine)."""
@@ -341,7 +334,7 @@ class InFlightCopies(HeldCopies):
         self.go.set()
 
     def write(self, slot, start, adapter):
-        self.events.append(Event())
+        self.events.append(FakeEvent())
         return self.events[-1]
 
     def order_after(self, event):
@@ -368,7 +361,7 @@ def test_an_image_whose_copy_a_heap_move_waited_for_is_not_reused_until_the_copy
                                                 packed_offsets=torch.zeros(1)))  # drops "a"
         manager.collect_loads()
         assert manager.arena.allocate(200).data_ptr() != image.data_ptr()
-        pools.events[0].passed = True
+        pools.events[0].done = True
         manager.collect_loads()
         assert manager.retired == [] and manager.arena.allocate(200).data_ptr() == image.data_ptr()
     finally:
