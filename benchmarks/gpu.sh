@@ -35,6 +35,9 @@
 #              app, another tenant's latency and the front processes' memory, Serve's Python
 #              proxy then its HAProxy mode (the app's default where the binary is installed);
 #              FLOODS_ARGS="--device cuda" puts the engine replica on the GPU
+#   pinning    bench_host_pinning.py (a CUDA-graph loop beside fresh 280 MiB images: torch's pinned
+#              allocator against the host arena), then bench_slot_hog.py --from-disk with the arena and
+#              with --torch-pinned (the host tier's loads during the hog, on the engine alone)
 #   parallel   bench_engine.py over several GPUs (needs a kind of 2+ GPUs: nvidia-h200-x2 / -x4): EP=1 vs
 #              EP=2 at Qwen3-30B-A3B shapes, batch 128, 16 adapters; with 4+ GPUs also Qwen3-235B-A22B
 #              shapes at tp=4, ep=4
@@ -43,11 +46,12 @@
 #              ab_old.json and ab_new.json; `git worktree add --detach ab_old <sha>` here, carry it
 # Per-part time limits (seconds) come from the environment: TEST_SECONDS, KERNELS_SECONDS,
 # ENGINE_SECONDS, PREFILL_SECONDS, PROFILE_SECONDS, SERVE_SECONDS, COLDSTART_SECONDS, WORKLOAD_SECONDS,
-# FLOODS_SECONDS (each of the two runs), DENSE_SECONDS, AB_SECONDS (each side), PARALLEL_SECONDS (each run).
+# FLOODS_SECONDS (each of the two runs), DENSE_SECONDS, AB_SECONDS (each side), PARALLEL_SECONDS (each run),
+# PINNING_SECONDS (each of its two bench_slot_hog runs).
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,47p' "$0"; exit 2
+  sed -n '2,51p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -170,6 +174,15 @@ part_floods() {
   grep -A9 "victim unloaded" "$out/bench_floods.log" "$out/bench_floods_haproxy.log" | cut -c1-300
 }
 
+part_pinning() {
+  bench host_pinning 120 benchmarks/bench_host_pinning.py --out "$out/host_pinning.json"
+  bench slot_hog_arena "${PINNING_SECONDS:-190}" benchmarks/bench_slot_hog.py --from-disk \
+    --out "$out/slot_hog_from_disk_arena.json"
+  bench slot_hog_torch_pinned "${PINNING_SECONDS:-190}" benchmarks/bench_slot_hog.py --from-disk --torch-pinned \
+    --out "$out/slot_hog_from_disk_torch_pinned.json"
+  grep -hE "^(alone|hog|torch_pinned|arena)" "$out"/host_pinning.log "$out"/slot_hog_*.log | cut -c1-400
+}
+
 part_prefill() {
   bench profile_prefill "${PREFILL_SECONDS:-500}" benchmarks/profile_prefill.py ${PREFILL_ARGS:-} \
     --out "$out/prefill"
@@ -225,6 +238,7 @@ for part in "$@"; do
     workload) part_workload ;;
     ab) part_ab ;;
     floods) part_floods ;;
+    pinning) part_pinning ;;
     parallel) part_parallel ;;
     *) echo "unknown part $part: deps tests kernels router dense engine prefill profile serve8 serve48 coldstart workload floods ab parallel" ;;
   esac
