@@ -2,26 +2,28 @@
 
 Why not `torch.empty(..., pin_memory=True)` per image: torch's pinned allocator asks the driver
 for every block it has not cached (cudaHostAlloc), and page-locking holds a lock of the NVIDIA
-driver for as long as it pins: a 280 MB image (512 MB, as that allocator rounds it up to a power
-of two) pins for a large part of a second, and every CUDA call of the step loop meanwhile (graph
-launch, input copy, event query) waits for it. The served slot_hog flood on the H200 showed
-stalls of that size while fresh adapters came into the host tier, and none in the engine alone,
-whose adapters were in the tier before it started (benchmarks/RESULTS.md, Floods). The rounding
-also pins up to twice an image's bytes, and blocks cached in one size class serve no other, so
-pinned memory grows past the tier's byte bound as adapter sizes mix.
+driver while it pins, which other threads' CUDA calls (the step loop's graph launches, input
+copies, event queries) wait for: a 280 MB image, 512 MB as that allocator rounds it up to a
+power of two, stalls them for as long as pinning 512 MB takes. The served slot_hog flood on the
+H200 had stalls of about a second while fresh adapters came into the host tier, and none in the
+engine alone, whose adapters were in the tier before it started (benchmarks/RESULTS.md, Floods:
+what those runs fit; this arena is not yet measured there). The rounding also pins up to twice
+an image's bytes, and blocks cached in one size class serve no other, so pinned memory grows
+past the tier's byte bound as adapter sizes mix.
 
 Here images live in chunks of ordinary (pageable) memory reserved as needed; a chunk is
 page-locked from its bottom up, `piece_bytes` at a time (cudaHostRegister), only as far as
 images have needed. A piece's pages are faulted in before the driver is called, so its lock is
 held only to pin them, and between two pieces the loader sleeps twice as long as the last one
 held it, without the arena's lock: the step loop's calls get the driver for at least two thirds
-of the time, and another loader whose image fits in what is pinned is not held up. Pinned bytes are kept for the next images (a freed span is reused, first fit,
-as the device heap does: engine.lora.spans), so once the tier has filled nothing is pinned
-again; they never exceed `limit_bytes`. An image that finds no room within the limit (or
-whose pinning the driver refuses) gets pageable memory: its slot copies are then synchronous,
-staged by the driver, and still correct. Pieces start at multiples of `piece_bytes` in the
-address space, so a copy that is split at those multiples (SlotPools.align_bytes) never reads
-across two registrations. `close` (or a chunk's collection) unregisters the pieces.
+of the time, and another loader whose image fits in what is pinned is not held up. Pinned bytes
+are kept for the next images (a freed span is reused, first fit, as the device heap does:
+engine.lora.spans), so once the tier has filled nothing is pinned again; they never exceed
+`limit_bytes`. An image that finds no room within the limit (or whose pinning the driver
+refuses) gets pageable memory: its slot copies are then synchronous, staged by the driver, and
+still correct. Pieces start at multiples of `piece_bytes` in the address space, so a copy that
+is split at those multiples (SlotPools.align_bytes) never reads across two registrations.
+`close` (or a chunk's collection) unregisters the pieces.
 
 Threads: `allocate` runs on the loader threads (the lock is held while a piece is pinned, not
 while they pause); `release` runs on the step thread and never waits for that lock (it queues
