@@ -175,8 +175,9 @@ class HostArena:
         raw = torch.empty(size + self.piece, dtype=self.dtype)  # reserved, not yet touched
         shift = (-raw.data_ptr() % self.piece_bytes) // self.itemsize
         chunk = _Chunk(raw[shift:shift + size], SpanAllocator(0), size, raw)
-        # a chunk dropped without close() unregisters its pieces before its memory goes back
-        weakref.finalize(raw, _unregister_all, self.unregister, chunk.pieces)
+        # a chunk dropped without close() unregisters its pieces before its memory goes back (not
+        # at interpreter exit: the process's end unpins everything, and CUDA may be gone by then)
+        weakref.finalize(raw, _unregister_all, self.unregister, chunk.pieces).atexit = False
         self.chunks.append(chunk)
         return chunk
 
