@@ -12,7 +12,9 @@ requests with no hog, with the engine's slot counters over the run. Adapters are
 
 `--from-disk` writes one random PEFT adapter to a temporary directory and names it once per
 adapter instead, so the host tier loads each (load, pack into its host image) while the hog
-runs, as a replica does when new adapters arrive; the slowest steps of each run are reported.
+runs, as a replica does when new adapters arrive (the victim's adapter is loaded before the runs,
+and its requests start with the hog's); the slowest steps of each run are reported: compare
+those, since the loads' own length differs between the two ways of pinning.
 `--torch-pinned` gives the host tier no arena (engine.lora.host_arena): its images are then
 pinned by torch's allocator, a driver call per new image, as before that arena.
 
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--victim-tokens", type=int, default=8)
     ap.add_argument("--victims", type=int, default=20)
     ap.add_argument("--every", type=int, default=5, help="steps between a victim's answer and its next request")
-    ap.add_argument("--warm-steps", type=int, default=50)
+    ap.add_argument("--warm-steps", type=int, default=None, help="hog steps before the victim's first request "
+                    "(default 50; 0 with --from-disk: the victim meets the hog's host loads)")
     ap.add_argument("--prefill-graphs", action="store_true", help="EngineConfig.prefill_graphs (start-up +40 s)")
     ap.add_argument("--from-disk", action="store_true", help="adapters loaded from disk into the host tier while "
                     "the runs go (not installed there first)")
@@ -111,6 +114,8 @@ def main(argv=None) -> int:
                     "allocator (the host tier before engine.lora.host_arena)")
     ap.add_argument("--out", default=None)
     opts = ap.parse_args(argv)
+    if opts.warm_steps is None:
+        opts.warm_steps = 0 if opts.from_disk else 50
     cuda = torch.cuda.is_available() and not opts.tiny
     shape = TINY if opts.tiny else QWEN3_30B_A3B
     engine = LLMEngine(EngineConfig(

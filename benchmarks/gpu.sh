@@ -180,7 +180,7 @@ part_pinning() {
     --out "$out/slot_hog_from_disk_arena.json"
   bench slot_hog_torch_pinned "${PINNING_SECONDS:-190}" benchmarks/bench_slot_hog.py --from-disk --torch-pinned \
     --out "$out/slot_hog_from_disk_torch_pinned.json"
-  grep -hE "^(alone|hog|torch_pinned|arena)" "$out"/host_pinning.log "$out"/slot_hog_*.log | cut -c1-400
+  grep -E "^(alone|hog|torch_pinned|arena)" "$out"/host_pinning.log "$out"/slot_hog_*.log | cut -c1-400
 }
 
 part_prefill() {
@@ -240,7 +240,7 @@ for part in "$@"; do
     floods) part_floods ;;
     pinning) part_pinning ;;
     parallel) part_parallel ;;
-    *) echo "unknown part $part: deps tests kernels router dense engine prefill profile serve8 serve48 coldstart workload floods ab parallel" ;;
+    *) echo "unknown part $part: deps tests kernels router dense engine prefill profile serve8 serve48 coldstart workload floods pinning ab parallel" ;;
   esac
 done
 exit 0

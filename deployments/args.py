@@ -87,8 +87,9 @@ class AppArgs(ReplicaPlacement, BaseModel):
     max_cpu_loras: int | None = Field(default=None, ge=1, description="adapters in the pinned host "
                                       "tier; default 4 x max_loras")
     max_cpu_lora_bytes: int = Field(default=defaults.MAX_CPU_LORA_BYTES, ge=1, description="byte bound of that tier (each "
-                                    "adapter there takes its own bytes; host memory is page-locked as the tier "
-                                    "fills, never more than this plus one largest adapter per loader thread)")
+                                    "adapter there takes its own bytes; on one GPU host memory is page-locked as "
+                                    "the tier fills, never more than this plus one largest adapter per loader "
+                                    "thread)")
     engine_warmup: bool = Field(default=True, description="compile prefill kernels at start-up (GPU)")
     async_scheduling: bool = Field(default=defaults.ASYNC_SCHEDULING, description="launch each step before the previous "
                                    "one's tokens are read back (hides host work behind the GPU)")

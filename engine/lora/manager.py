@@ -17,6 +17,7 @@ evicted: KV memory no sequence uses holds adapters instead of sitting idle. When
 short of blocks, the heap gives borrowed blocks back from its top (`give_back`): unreferenced
 adapters there are evicted, referenced ones move to free spans lower down.
 """
+import logging
 import time
 from collections.abc import Callable, Collection
 from collections import OrderedDict
@@ -29,6 +30,9 @@ from engine.lora.host_arena import HostArena
 from engine.lora.slots import SlotPools
 from engine.lora.spans import SpanAllocator
 from engine.models.spec import ModelSpec
+
+
+log = logging.getLogger("engine.lora")
 
 
 @dataclass(slots=True)
@@ -346,9 +350,10 @@ class LoRAManager:
         now = self.clock()
         for name in [n for n, (_, expires) in self.failed.items() if now >= expires]:
             del self.failed[name]
-        self.copies = [c for c in self.copies if not self._landed(c[2])]
-        self.reads = [(a, f) for a, f in self.reads if not self._landed(f)]
-        self._release_retired()
+        landed = _Landed(self._landed)  # each copy's event queried once (copies and reads share them)
+        self.copies = [c for c in self.copies if not landed(c[2])]
+        self.reads = [(a, f) for a, f in self.reads if not landed(f)]
+        self._release_retired(landed)
 
     def _retire(self, adapter: LoRAAdapter) -> None:
         """An adapter left the host tier: its arena image goes back once the slot copies that
@@ -358,10 +363,11 @@ class LoRAManager:
             self.retired.append((adapter, [f for a, f in self.reads if a is adapter]))
             self._release_retired()
 
-    def _release_retired(self) -> None:
+    def _release_retired(self, landed: Callable[[Future], bool] | None = None) -> None:
+        landed = landed or _Landed(self._landed)
         kept = []
         for adapter, copies in self.retired:
-            if all(self._landed(future) for future in copies):
+            if all(landed(future) for future in copies):
                 for image in (adapter, *adapter.parts):
                     self.arena.release(image.packed)
             else:
@@ -415,10 +421,15 @@ class LoRAManager:
         if self.arena is None:
             self.copier.shutdown(wait=False, cancel_futures=True)
             return
-        # the arena's pieces are unregistered: no copy may still read them
-        self.copier.shutdown(wait=True, cancel_futures=True)
-        if self.pools.stream is not None:
-            self.pools.stream.synchronize()
+        # the arena's pieces are unregistered once no copy can still read them; after a device
+        # error that cannot be known, and they stay pinned until the process ends
+        try:
+            self.copier.shutdown(wait=True, cancel_futures=True)
+            if self.pools.stream is not None:
+                self.pools.stream.synchronize()
+        except Exception:
+            log.exception("adapter copies did not finish at shutdown; the host arena stays pinned")
+            return
         self.arena.close()
 
     def _take(self, slot: int) -> None:
@@ -502,3 +513,16 @@ class LoRAManager:
         """Let the next request retry an adapter that failed (e.g. after the file was fixed),
         without waiting for failure_ttl_s."""
         self.failed.pop(name, None)
+
+
+class _Landed:
+    """`landed(future)` remembered per future for one pass (an event query each)."""
+
+    def __init__(self, landed: Callable[[Future], bool]):
+        self.landed, self.seen = landed, {}
+
+    def __call__(self, future: Future) -> bool:
+        key = id(future)
+        if key not in self.seen:
+            self.seen[key] = self.landed(future)
+        return self.seen[key]

@@ -136,7 +136,8 @@ class SlotPools:
     # stream) behind a 6 GiB image would wait its ~120 ms at PCIe speed, and the step with them. On
     # the H200 the compute stream sat idle for ~93% of the time slot copies ran (RESULTS.md, the
     # multi-tenant trace's profile). A piece of 8 MiB takes ~0.2 ms; two in flight keep the link
-    # busy while the copier thread waits on the older one. 0: one copy per image.
+    # busy while the copier thread waits on the older one. 0: one copy per image (still split
+    # where a pinning host arena's pieces meet: align_bytes).
     copy_chunk_bytes = 8 << 20
     COPY_DEPTH = 2
     # copies also split at host addresses that are multiples of this (a pinning host arena's
@@ -357,13 +358,13 @@ class SlotPools:
         with torch.cuda.stream(self.stream):
             try:
                 self._copy(slot, start, image)
+                event = torch.cuda.Event()
+                event.record(self.stream)
             except BaseException:
                 # pieces already issued still read the host image: its owner may reuse that
                 # memory once this raises
                 self.stream.synchronize()
                 raise
-            event = torch.cuda.Event()
-            event.record(self.stream)
         return event
 
     def _copy(self, slot: int, start: int, adapter: LoRAAdapter) -> None:
@@ -423,7 +424,7 @@ def copy_pieces(ptr: int, numel: int, itemsize: int, step_bytes: int, align_byte
         end = min(numel, at + max(step, 1))
         if align_bytes > 0:
             boundary = (ptr + at * itemsize) // align_bytes * align_bytes + align_bytes
-            end = min(end, at + (boundary - ptr - at * itemsize) // itemsize)
+            end = max(min(end, at + (boundary - ptr - at * itemsize) // itemsize), at + 1)
         pieces.append((at, end))
         at = end
     return pieces or [(0, 0)]

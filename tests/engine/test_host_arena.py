@@ -103,12 +103,78 @@ def test_pieces_are_locked_with_a_pause_of_twice_the_last_hold_between_them(monk
     def slow_driver(ptr, nbytes):
         clock[0] += next(holds)
         return True
-    monkeypatch.setattr(host_arena, "sleep", sleeps.append)
+    def sleep(seconds):
+        sleeps.append(seconds)
+        clock[0] += seconds
+    monkeypatch.setattr(host_arena, "sleep", sleep)
     monkeypatch.setattr(host_arena, "perf_counter", lambda: clock[0])
     a = HostArena(torch.float32, 16 * PIECE, 4 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.004,
                   register=slow_driver, unregister=lambda ptr: None)
     a.allocate(4 * 64)
     assert sleeps == pytest.approx([0.020, 0.004, 0.006]) and a.pin_seconds == pytest.approx(0.014)
+
+
+def test_a_loader_growing_a_chunk_for_a_large_image_keeps_another_off_its_top(monkeypatch):
+    """Loader A pins a 35-piece image into a chunk; in a pause after its 20th piece loader B asks
+    for 64 elements. B gets a chunk of its own instead of the top A is building, so A's image
+    still fits in its chunk: 36 pieces pinned in all, nothing pageable (from that top, A would
+    need a new chunk of 35 past the limit of 45)."""
+    real_sleep, b_result, pauses = time.sleep, [], []
+
+    def sleep(seconds):
+        pauses.append(seconds)
+        if len(pauses) == 20:
+            b = threading.Thread(target=lambda: b_result.append(a.allocate(64)))
+            b.start()
+            b.join(timeout=10)
+        real_sleep(seconds)
+    monkeypatch.setattr(host_arena, "sleep", sleep)
+    a = HostArena(torch.float32, 45 * PIECE, 35 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.0001,
+                  register=lambda ptr, n: True, unregister=lambda ptr: None)
+    big = a.allocate(35 * 64)
+    assert big is not None and b_result and b_result[0] is not None and a.unpinned_images == 0
+    lo, hi = big.data_ptr(), big.data_ptr() + big.numel() * 4
+    assert not lo <= b_result[0].data_ptr() < hi and a.pinned_bytes == 36 * PIECE
+
+
+def test_the_pause_after_a_piece_holds_for_every_loader(monkeypatch):
+    """Two loaders growing at once: neither pins a piece before the pause after the other's
+    last one has passed."""
+    clock, starts = [0.0], []
+
+    def register(ptr, nbytes):
+        starts.append(clock[0])
+        clock[0] += 0.010  # each piece holds the driver 10 ms
+        return True
+
+    def sleep(seconds):
+        clock[0] += seconds
+    monkeypatch.setattr(host_arena, "sleep", sleep)
+    monkeypatch.setattr(host_arena, "perf_counter", lambda: clock[0])
+    a = HostArena(torch.float32, 64 * PIECE, 8 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.0,
+                  register=register, unregister=lambda ptr: None)
+    threads = [threading.Thread(target=a.allocate, args=(3 * 64,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(starts) == 6 and all(b - a_ >= 0.010 + 0.020 - 1e-9 for a_, b in zip(starts, starts[1:]))
+
+
+def test_after_close_an_allocation_gets_pageable_memory():
+    driver = Driver()
+    a = arena(driver)
+    a.allocate(64)
+    a.close()
+    assert a.allocate(64) is None and len(driver.calls) == 1
+
+
+def test_a_failing_driver_call_leaves_the_image_pageable_not_the_load_failed():
+    def broken(ptr, nbytes):
+        raise RuntimeError("CUDA error: out of memory")
+    a = HostArena(torch.float32, 16 * PIECE, 4 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.0,
+                  register=broken, unregister=lambda ptr: None)
+    assert a.allocate(64) is None and a.unpinned_images == 1 and not a.refused
 
 
 def test_each_piece_is_faulted_in_before_the_driver_locks_it(monkeypatch):
