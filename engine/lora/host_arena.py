@@ -3,13 +3,11 @@
 Why not `torch.empty(..., pin_memory=True)` per image: torch's pinned allocator asks the driver
 for every block it has not cached (cudaHostAlloc), and page-locking holds a lock of the NVIDIA
 driver while it pins, which other threads' CUDA calls (the step loop's graph launches, input
-copies, event queries) wait for: a 280 MB image, 512 MB as that allocator rounds it up to a
-power of two, stalls them for as long as pinning 512 MB takes. The served slot_hog flood on the
-H200 had stalls of about a second while fresh adapters came into the host tier, and none in the
-engine alone, whose adapters were in the tier before it started (benchmarks/RESULTS.md, Floods:
-what those runs fit; this arena is not yet measured there). The rounding also pins up to twice
-an image's bytes, and blocks cached in one size class serve no other, so pinned memory grows
-past the tier's byte bound as adapter sizes mix.
+copies, event queries) wait for: a 280 MiB image, 512 MiB as that allocator rounds it up to a
+power of two, stopped a CUDA-graph loop on the H200 for ~0.26 s, where this arena's longest
+iteration was 6.3 ms (benchmarks/bench_host_pinning.py; RESULTS.md, Floods). The rounding also
+pins up to twice an image's bytes, and blocks cached in one size class serve no other, so pinned
+memory grows past the tier's byte bound as adapter sizes mix.
 
 Here images live in chunks of ordinary (pageable) memory reserved as needed; a chunk is
 page-locked from its bottom up, `piece_bytes` at a time (cudaHostRegister), only as far as
