@@ -368,8 +368,7 @@ class LoRAManager:
         kept = []
         for adapter, copies in self.retired:
             if all(landed(future) for future in copies):
-                for image in (adapter, *adapter.parts):
-                    self.arena.release(image.packed)
+                self.arena.release(adapter.packed)  # parts (several GPUs) never come from the arena
             else:
                 kept.append((adapter, copies))
         self.retired = kept
