@@ -40,6 +40,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from deployments.server_timing import parse as parse_server_timing
+
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_floods
     from provenance import provenance, write_results
     from serve_clients import quantile
@@ -248,15 +250,33 @@ class MemorySampler:
 SLOWEST_KEPT = 8
 
 
-def probe(client, url: str) -> float:
-    """One victim request (8 tokens on its adapter): seconds, or raises on a non-200."""
+def probe(client, url: str, phases: list | None = None) -> float:
+    """One victim request (8 tokens on its adapter): seconds, or raises on a non-200. Its
+    Server-Timing phases (ms; `front`: the client's time less the ingress's `total`, i.e. the
+    proxy and reading the body) go to `phases`."""
     started = time.perf_counter()
     response = client.post(f"{url}/v1/completions", headers=_headers("victim"), json={
         "model": "style", "prompt": "the quiet tenant asks", "max_tokens": 8, "temperature": 0,
         "ignore_eos": True})
+    seconds = time.perf_counter() - started
     if response.status_code != 200:
         raise RuntimeError(f"victim request: {response.status_code} {response.text[:200]}")
-    return time.perf_counter() - started
+    if phases is not None:
+        timing = parse_server_timing(response.headers.get("server-timing", ""))
+        if "total" in timing:
+            timing["front"] = round(1e3 * seconds - timing["total"], 1)
+        phases.append(timing)
+    return seconds
+
+
+def phase_quantiles(phases: list[dict]) -> dict:
+    """p50 / p99 / max ms of each Server-Timing phase over the victim's requests."""
+    names = sorted({name for p in phases for name in p})
+    out = {}
+    for name in names:
+        values = sorted(p[name] for p in phases if name in p)
+        out[name] = [round(quantile(values, 0.5), 1), round(quantile(values, 0.99), 1), values[-1]]
+    return out
 
 
 def latency(values: list[float]) -> dict:
@@ -279,11 +299,11 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
     counters_before = engine_counters(client, url)
     started = time.monotonic()
     go.set()
-    times, errors, sent_at = [], [], []
+    times, errors, sent_at, phases = [], [], [], []
     while proc.is_alive() or len(times) + len(errors) < opts.min_probes:
         sent = time.monotonic() - started
         try:
-            times.append(probe(client, url))
+            times.append(probe(client, url, phases))
             sent_at.append(sent)
         except Exception as exc:  # noqa: BLE001 - counted, and the first few kept
             errors.append(str(exc)[:200])
@@ -296,10 +316,13 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
     victim = latency(times)
     # when the slowest requests were sent (s after the flood's go): a tail at the flood's start is
     # its first loads, one spread over it is its steady state
-    slowest = sorted(zip(times, sent_at), reverse=True)[:SLOWEST_KEPT]
+    # and where their time went (Server-Timing phases, ms: deployments/server_timing.py)
+    slowest = sorted(zip(times, sent_at, phases), key=lambda r: r[0], reverse=True)[:SLOWEST_KEPT]
     victim.update(errors=len(errors), error_samples=errors[:3],
                   p99_over_unloaded=round(victim["p99_ms"] / baseline_p99_ms, 2),
-                  slowest=[{"ms": round(1e3 * t, 1), "sent_s": round(at, 2)} for t, at in slowest])
+                  slowest=[{"ms": round(1e3 * t, 1), "sent_s": round(at, 2), "phases": p}
+                           for t, at, p in slowest],
+                  phases_p50_p99_max_ms=phase_quantiles(phases))
     memory = {role: {"idle_mb": round(idle.get(role, 0.0)), "peak_mb": round(peak.get(role, 0.0)),
                      "after_mb": round(after.get(role, 0.0)),
                      "peak_over_idle_mb": round(peak.get(role, 0.0) - idle.get(role, 0.0))}
@@ -417,6 +440,10 @@ def print_table(results: dict) -> None:
         cells.append(f"{r['engine']['slot_loads']} / {r['engine']['slot_preemptions']}")
         cells.append(r["engine"]["slow_turns"])
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    for name, r in results["floods"].items():
+        for slow in r["victim"]["slowest"][:3]:
+            phases = " ".join(f"{k} {v}" for k, v in slow["phases"].items())
+            print(f"{name}: {slow['ms']} ms, sent at {slow['sent_s']} s: {phases}")
 
 
 def main(argv=None) -> int:

@@ -156,6 +156,10 @@ class AppArgs(ReplicaPlacement, BaseModel):
         default=True, description="GET /metrics on the API's port, without tenant auth (as "
         "vLLM's): vllm:num_requests_waiting|running and vllm:lora_requests_info (adapter names) "
         "over the engine replicas, and this node's ray_moeplex_* series; false: 404")
+    server_timing: bool = Field(
+        default=True, description="answer each completion with a Server-Timing header: "
+        "milliseconds by phase before its first token (resolve, route, fetch, queue, adapter, "
+        "prefill, ...) and in all; false: no header (it tells a tenant how busy the service is)")
     allow_lora_path_uploads: bool = Field(
         default=False, description="vLLM's /v1/load_lora_adapter may read adapters from a path "
         "on the ingress's machine (an operator decision: a tenant could name any server path)")

@@ -31,6 +31,7 @@ from deployments.loop_lag import LoopLag
 from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
 from deployments.replica_stream import collect, first_item, lost_replica
+from deployments.server_timing import ServerTiming
 from deployments.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
 from engine.heap import freeze_startup_heap
 
@@ -167,12 +168,14 @@ class Ingress(AdapterRoutes):
         return await self._complete(request, body, payload, CHAT)
 
     async def _complete(self, request: Request, body, payload: dict, kind: str):
+        arrived = time.perf_counter()
         route = "chat" if kind == CHAT else "completions"
         tenant = self._auth.tenant_of(request.headers)
         self._loop_lag.ensure_started()
         self._limiter.acquire(tenant)
         try:
             model_id = await self._multiplexed_id(tenant, body.model)
+            resolved = time.perf_counter()
             if model_id and self._hot.is_hot(model_id):  # balanced by load, not pinned to one replica
                 payload["adapter"], model_id = model_id, ""
             self._check_budget(payload["max_tokens"])
@@ -183,6 +186,7 @@ class Ingress(AdapterRoutes):
             items = self._llm.options(stream=True, multiplexed_model_id=model_id) \
                 .generate.remote(payload)
             first = await first_item(items, rid)
+            timing = ServerTiming(arrived, resolved, first) if self._args.server_timing else None
         except BaseException as exc:
             self._limiter.release(tenant)
             self._metrics.request(tenant, route, to_api_error(exc).status_code)
@@ -192,9 +196,13 @@ class Ingress(AdapterRoutes):
         if body.stream:
             events = sse_events(builder, self._released(tenant, rid, first, items),
                                 body.include_usage_in_stream())
-            return StreamingResponse(events, media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers=timing.headers() if timing else None)
         try:
-            return await collect(builder, first, items)
+            response = await collect(builder, first, items)
+            if timing:
+                response.headers.update(timing.headers(total=True))
+            return response
         finally:
             self._limiter.release(tenant)
 

@@ -163,12 +163,14 @@ class LLMServer:
 
     async def generate(self, request: dict):
         """Stream `{"text", ...}` dicts for one request; see the module docstring."""
+        entered = time.perf_counter()
         self._ensure_stats_task()
         rid, tenant = request["request_id"], request["tenant"]
         try:
             # a hot adapter comes in the payload, balanced over the replicas (hot_adapters.py)
             model_id = serve.get_multiplexed_model_id() or request.get("adapter") or ""
             lora = await self._adapter_request(model_id) if model_id else None
+            fetched = time.perf_counter()
             # chat templates are applied off the event loop, and long inputs on the engine
             # frontend's long-input threads, where it tokenises long prompts
             messages = request.get("messages")
@@ -181,21 +183,27 @@ class LLMServer:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
             yield _error_item(rid, exc)
             return
-        async for item in self._stream(rid, tenant, prompt, params, lora):
+        timing = {"fetch": fetched - entered, "prepare": time.perf_counter() - fetched}
+        async for item in self._stream(rid, tenant, prompt, params, lora, entered, timing):
             yield item
 
-    async def _stream(self, rid: str, tenant: str, prompt, params, lora):
+    async def _stream(self, rid: str, tenant: str, prompt, params, lora, entered: float, timing: dict):
+        """The request's items; the first with tokens carries `timing`: seconds this replica spent
+        before the first token, by phase (its own `fetch` and `prepare`, the engine's
+        Sequence.timings, `first` in all), for the ingress's Server-Timing header."""
         started, first_token_at, finished = time.perf_counter(), None, False
         batches = self._engine.generate_batches(prompt, params, request_id=rid, lora=lora, tenant=tenant,
                                                 min_interval_s=self._args.stream_interval_ms / 1e3)
         try:
             async for batch in batches:
                 token_ids = [t for o in batch for t in o.token_ids_delta]
-                if first_token_at is None and token_ids:
-                    first_token_at = time.perf_counter()
-                last = batch[-1]
                 item = {"text": "".join(o.text_delta for o in batch), "token_ids": token_ids,
                         "num_tokens": len(token_ids)}
+                if first_token_at is None and token_ids:
+                    first_token_at = time.perf_counter()
+                    engine_timings = next((o.timings for o in batch if o.timings), None) or {}
+                    item["timing"] = {**timing, **engine_timings, "first": first_token_at - entered}
+                last = batch[-1]
                 if last.finished:
                     finished = True
                     item.update(finish_reason=last.finish_reason,

@@ -174,6 +174,8 @@ class LLMEngine:
             reason = "stop"
         out = RequestOutput(seq.request_id, delta, [token], reason is not None, reason,
                             seq.num_prompt_tokens, len(seq.output_token_ids), detok.sent if detok else "")
+        if len(seq.output_token_ids) == 1:
+            out.timings = seq.timings()
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._final(seq, out)
@@ -195,6 +197,7 @@ class LLMEngine:
         self.runner.release(seq)
         out.num_prompt_tokens, out.num_output_tokens = seq.num_prompt_tokens, len(seq.output_token_ids)
         out.text = out.text or (detok.sent if detok else "")
+        out.timings = seq.timings()
         return out
 
     def _record(self, sched: SchedulerOutput) -> None:

@@ -13,3 +13,6 @@ class RequestOutput:
     num_output_tokens: int = 0
     text: str = ""  # all text so far
     error: Exception | None = None  # set when the request failed (e.g. AdapterLoadError)
+    # on the first token's output and the final one: where the request's time went before its
+    # first token, seconds by phase (Sequence.timings)
+    timings: dict[str, float] | None = None

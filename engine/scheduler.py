@@ -75,6 +75,8 @@ class Scheduler:
             self.tenant_order.appendleft(seq.tenant) if front else self.tenant_order.append(seq.tenant)
         queue.appendleft(seq) if front else queue.append(seq)
         self.enqueued_step[seq.seq_id] = self.num_steps
+        if seq.added_time is None:
+            seq.added_time = self.clock()
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -190,9 +192,12 @@ class Scheduler:
     def launched(self, out: SchedulerOutput, samples: list[bool]) -> None:
         """`out`'s step is on the device: its tokens' KV counts as written, and each sequence it
         samples has a token pending (the next step may decode it before it is read back)."""
+        now = None
         for (seq, n), sampled in zip(out.scheduled, samples):
             seq.num_computed_tokens += n
             seq.num_pending += sampled
+            if seq.scheduled_time is None:
+                seq.scheduled_time = now = now or self.clock()
 
     def update_from_output(self, out: SchedulerOutput, token_ids: list[int | None],
                            now: float) -> list[tuple[Sequence, int]]:

@@ -48,6 +48,8 @@ class Sequence:
     num_preemptions: int = 0
     first_token_time: float | None = None
     adapter_ready: float | None = None  # when the scheduler first found its adapter in a ready slot
+    added_time: float | None = None  # when the engine took it (after arrival: the core's queue of messages)
+    scheduled_time: float | None = None  # when a step first launched it
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -87,3 +89,19 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def timings(self) -> dict[str, float]:
+        """Seconds by phase from arrival (the Sequence built, where the request came in) to the first
+        token, for those phases that happened: `handoff` until the engine took it, `queue` until a
+        step first launched it, `adapter` until its adapter was first in a ready slot (counted from
+        arrival: it overlaps the others), `prefill` from that launch to its first token."""
+        out = {}
+        if self.added_time is not None:
+            out["handoff"] = self.added_time - self.arrival
+            if self.scheduled_time is not None:
+                out["queue"] = self.scheduled_time - self.added_time
+        if self.adapter_ready is not None:
+            out["adapter"] = self.adapter_ready - self.arrival
+        if self.scheduled_time is not None and self.first_token_time is not None:
+            out["prefill"] = self.first_token_time - self.scheduled_time
+        return out

@@ -52,6 +52,23 @@ def test_health_ready_and_models(service, adapters):
     assert models == [BASE, "style"]
 
 
+def test_completions_say_where_their_time_went_in_server_timing(service, adapters):
+    """Real requests through Serve: every phase the replica and its engine report fits in the
+    ingress's time to the first token (one host: one monotonic clock for the three processes)."""
+    from deployments.server_timing import parse
+
+    for model, stream in (("style", False), ("style", True), (BASE, False)):
+        response = httpx.post(f"{service}/v1/completions", headers=auth("acme"), timeout=120, json={
+            "model": model, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "stream": stream})
+        assert response.status_code == 200, response.text
+        phases = parse(response.headers["server-timing"])
+        engine = {"handoff", "queue", "prefill"} | ({"adapter"} if model == "style" else set())
+        assert {"resolve", "route", "fetch", "prepare", "ttft"} | engine <= set(phases)
+        assert ("total" in phases) is not stream and ("adapter" in phases) is (model == "style")
+        sequential = ("resolve", "route", "fetch", "prepare", "handoff", "queue", "prefill")
+        assert sum(phases[name] for name in sequential) <= phases["ttft"] + 0.1 * len(sequential)
+
+
 def test_two_tenants_stream_and_not_equal_the_engine(service, adapters, oracle):
     """acme and globex at once, streaming and not; every text equals the direct engine's."""
     jobs = [(t, p, s) for t in ("acme", "globex") for p in PROMPTS for s in (False, True)]

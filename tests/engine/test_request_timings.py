@@ -1,0 +1,45 @@
+"""Where a request's time went before its first token, as the engine reports it (RequestOutput.timings)."""
+from engine import SamplingParams
+from tests.engine.helpers import PROMPTS, lora, make_engine
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+
+def _run(engine) -> dict[str, list]:
+    outputs: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    return outputs
+
+
+def test_first_token_and_final_outputs_carry_the_phases_and_the_others_none(checkpoints):
+    engine = make_engine(checkpoints["qwen3_moe"])
+    engine.add_request("r", PROMPTS[0], GREEDY)
+    outs = _run(engine)["r"]
+    assert len(outs) == 4
+    first, middle, final = outs[0], outs[1:-1], outs[-1]
+    assert set(first.timings) == {"handoff", "queue", "prefill"}  # a base-model request: no adapter
+    assert all(v >= 0 for v in first.timings.values())
+    assert all(out.timings is None for out in middle)
+    assert final.finished and final.timings == first.timings
+
+
+def test_a_request_behind_a_full_batch_queues_for_at_least_the_others_prefill(checkpoints):
+    """max_num_seqs=1: the second request is launched only after the first finished, so its queue
+    holds the whole of the first's run, prefill included."""
+    engine = make_engine(checkpoints["qwen3_moe"], max_num_seqs=1)
+    engine.add_request("first", PROMPTS[0], GREEDY)
+    engine.add_request("second", PROMPTS[1], GREEDY)
+    outs = _run(engine)
+    first, second = outs["first"][0].timings, outs["second"][0].timings
+    assert second["queue"] > first["prefill"] + first["queue"]
+
+
+def test_an_adapter_request_reports_when_its_adapter_was_ready(checkpoints, adapters):
+    engine = make_engine(checkpoints["qwen3_moe"], max_loras=2, max_lora_rank=16)
+    engine.add_request("r", PROMPTS[0], GREEDY, lora=lora(adapters, "qwen3_moe", "a"))
+    timings = _run(engine)["r"][0].timings
+    assert set(timings) == {"handoff", "queue", "adapter", "prefill"}
+    # the scheduler launches a request only once its adapter is in a ready slot
+    assert timings["adapter"] <= timings["handoff"] + timings["queue"]
