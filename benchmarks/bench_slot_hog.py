@@ -53,15 +53,20 @@ def run(engine: LLMEngine, opts, hog: bool, path: str = "/in-host-tier") -> dict
     prompt = [5, 6, 7, 8, 9, 10, 11, 12]
     count = [0]
 
-    def add(tenant: str, adapter: str, tokens: int) -> str:
+    def add(tenant: str, adapter: str, tokens: int, stream: int = 0) -> str:
         count[0] += 1
-        rid = f"{tenant}-{count[0]}"
+        rid = f"{tenant}-{count[0]}-{stream}"
         engine.add_request(rid, prompt, params(tokens), lora=LoRARequest(adapter, path), tenant=tenant)
         return rid
 
+    def hog_adapter(stream: int) -> str:
+        # paired: a stream keeps its adapter (bench_floods' client threads); else each new request
+        # takes the next adapter in turn
+        return f"hog-{(stream if opts.paired else count[0]) % opts.hog_adapters}"
+
     if hog:
         for k in range(opts.streams):
-            add("hog", f"hog-{k % opts.hog_adapters}", opts.hog_tokens)
+            add("hog", f"hog-{k % opts.hog_adapters}", opts.hog_tokens, k)
     before = engine.stats()
     steps = 0
     victim, sent_step, sent_at, latencies, step_ms = None, 0, 0.0, [], []
@@ -75,7 +80,8 @@ def run(engine: LLMEngine, opts, hog: bool, path: str = "/in-host-tier") -> dict
             if not out.finished:
                 continue
             if out.request_id.startswith("hog"):
-                add("hog", f"hog-{count[0] % opts.hog_adapters}", opts.hog_tokens)
+                stream = int(out.request_id.rsplit("-", 1)[1])
+                add("hog", hog_adapter(stream), opts.hog_tokens, stream)
             elif out.request_id == victim:
                 latencies.append((steps - sent_step, 1e3 * (now - sent_at)))
                 victim = None
@@ -104,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hog-tokens", type=int, default=200)
     ap.add_argument("--victim-tokens", type=int, default=8)
     ap.add_argument("--victims", type=int, default=20)
+    ap.add_argument("--paired", action="store_true", help="each hog stream keeps one adapter, hog-(stream mod "
+                    "adapters), as bench_floods' slot_hog client threads do: an adapter's streams end together")
     ap.add_argument("--every", type=int, default=5, help="steps between a victim's answer and its next request")
     ap.add_argument("--warm-steps", type=int, default=None, help="hog steps before the victim's first request "
                     "(default 50; 0 with --from-disk: the victim meets the hog's host loads)")

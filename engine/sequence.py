@@ -50,6 +50,7 @@ class Sequence:
     adapter_ready: float | None = None  # when the scheduler first found its adapter in a ready slot
     added_time: float | None = None  # when the engine took it (after arrival: the core's queue of messages)
     scheduled_time: float | None = None  # when a step first launched it
+    adapter_wait_logged: bool = False  # its long wait for an adapter was logged (engine.slot_policy)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -39,6 +39,7 @@ the step only asks, it never waits on them.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from itertools import islice
 from typing import TYPE_CHECKING
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     from engine.scheduler import Scheduler, SchedulerOutput
 
 
+log = logging.getLogger(__name__)
+WAIT_LOG_PERIOD_S = 1.0  # at most one "waited N steps for adapter" line a second
 KEEP_STEPS = 64  # steps a small tenant's adapter stays kept after it last ran (~1.5 s at 48 layers)
 
 
@@ -68,6 +71,7 @@ class SlotPolicy:
         self.aged: list[Sequence] = []  # this step's sequences with first claim on a slot
         self.num_slot_preemptions = 0  # slots drained for a waiting tenant (_reclaim)
         self.num_prefetched = 0  # slots the prefetch reserved for sequences a step before admission
+        self._wait_logged_at, self._waits_unlogged = float("-inf"), 0
 
     def begin_step(self, out: SchedulerOutput) -> None:
         """Before the step's scheduling: take finished loads, find the aged heads, and drain a
@@ -78,7 +82,33 @@ class SlotPolicy:
             if seq.lora is not None:
                 self.last_ran[seq.lora.lora_name] = (seq.tenant, step)
         self.aged = self._aged_heads()
+        for seq in self.aged:
+            if not seq.adapter_wait_logged and seq.adapter_ready is None:
+                seq.adapter_wait_logged = True
+                self._log_wait(seq, step)
         self._reclaim(out)
+
+    def _log_wait(self, seq: Sequence, step: int) -> None:
+        """A line for a request aged waiting for its adapter, at most one a second (under adapter
+        pressure most requests age: the others are counted into the next line)."""
+        now = self.sched.clock()
+        if now - self._wait_logged_at < WAIT_LOG_PERIOD_S:
+            self._waits_unlogged += 1
+            return
+        more = f" ({self._waits_unlogged} more aged since the last such line)" if self._waits_unlogged else ""
+        self._wait_logged_at, self._waits_unlogged = now, 0
+        log.warning("request %s has waited %d steps for adapter %s%s: %s", seq.request_id,
+                    step - self._enqueued(seq), seq.lora.lora_name, more, self.describe_wait(seq))
+
+    def describe_wait(self, seq: Sequence) -> str:
+        """What `seq`'s adapter waits for, in one line: the manager's view of it and of each slot
+        (with the running sequences on it), and the adapters kept from its tenant."""
+        running: dict[int, int] = {}
+        for s in self.sched.running:
+            if s.lora_slot is not None:
+                running[s.lora_slot] = running.get(s.lora_slot, 0) + 1
+        return (f"{self.lora_manager.describe(seq.lora.lora_name, seq.lora_slot, running)}; kept from its "
+                f"tenant: {sorted(self._kept_from(seq.tenant))}")
 
     def passes_block(self, seq: Sequence) -> bool:
         """Whether `seq` may take a reference to its adapter while an aged sequence without a slot

@@ -324,6 +324,22 @@ class LoRAManager:
             return True
         return False
 
+    def describe(self, name: str, reserved: int | None, running: dict[int, int]) -> str:
+        """Where adapter `name` stands (`reserved`: the slot its request holds, if any) and each
+        slot's adapter, references and running sequences (`running`, by slot): for the log line of
+        a request that waits long for its adapter."""
+        if reserved is not None:
+            where = f"slot {reserved} reserved, copy {'landed' if self.slot_events[reserved] is None else 'in flight'}"
+        elif name in self.name_to_slot:
+            where = f"in slot {self.name_to_slot[name]}"
+        else:
+            where = "in the host tier" if name in self.host else (
+                "loading to the host tier" if name in self.loading else "not loaded")
+        slots = "; ".join(f"{k}: {self.slot_names[k]} (refs {self.slot_refs[k]}, running {running.get(k, 0)})"
+                          for k in range(self.num_slots))
+        return (f"{where}; waits for a slot: {self.waits_for_slot(name)}; heap {self.spans.free_size} of "
+                f"{self.spans.capacity} elements free; slots: {slots}")
+
     def waits_for_slot(self, name: str) -> bool:
         """Whether adapter `name` waits for nothing but device room: in the host tier, in no slot,
         and no slot, or not heap room enough, can be freed for it (the rest is referenced)."""

@@ -1,6 +1,6 @@
 """Where a request's time went before its first token, as the engine reports it (RequestOutput.timings)."""
 from engine import SamplingParams
-from tests.engine.helpers import PROMPTS, lora, make_engine
+from tests.engine.helpers import PROMPTS, lora, make_engine, wait_for_adapters
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
@@ -43,3 +43,23 @@ def test_an_adapter_request_reports_when_its_adapter_was_ready(checkpoints, adap
     assert set(timings) == {"handoff", "queue", "adapter", "prefill"}
     # the scheduler launches a request only once its adapter is in a ready slot
     assert timings["adapter"] <= timings["handoff"] + timings["queue"]
+
+
+def test_a_request_aged_waiting_for_its_adapter_is_logged_once_with_what_holds_the_slots(checkpoints, adapters,
+                                                                                          caplog):
+    """One slot, held by tenant-a's long request: tenant-b's request ages (3 steps) and the log
+    says once which adapter holds the slot and that b's adapter waits for one."""
+    engine = make_engine(checkpoints["qwen3_moe"], max_loras=1, max_lora_rank=16, max_adapter_wait_steps=3,
+                         slot_reclaim_steps=None, max_model_len=64)
+    long = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    wait_for_adapters(engine, [lora(adapters, "qwen3_moe", "a")])  # hold's own load does not age it
+    engine.add_request("hold", PROMPTS[0], long, lora=lora(adapters, "qwen3_moe", "a"))
+    while not engine.scheduler.running:
+        engine.step()
+    engine.add_request("wait", PROMPTS[1], GREEDY, lora=lora(adapters, "qwen3_moe", "b"))
+    outs = _run(engine)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request wait has waited")]
+    assert len(lines) == 1
+    assert "tenant-b/ad@v1" in lines[0] and "0: tenant-a/ad@v1 (refs 1, running 1)" in lines[0]
+    first = outs["wait"][0].timings  # it waited for the rest of hold's run, steps longer than its own prefill
+    assert outs["wait"][-1].finished and first["adapter"] > first["prefill"]

@@ -43,6 +43,9 @@ class SteppedLoRAManager:
     def is_ready(self, slot: int) -> bool:
         return self.step >= self.ready_at[slot]
 
+    def describe(self, name: str, reserved, running) -> str:
+        return f"{name} in {reserved}; slots {self.names}, running {running}"
+
     def holds(self, name: str) -> bool:
         return name in self.names
 
