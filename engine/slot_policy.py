@@ -13,8 +13,10 @@ Adapter pressure, the rules:
   prefetched loads do not evict each other from it. A slot that a running sequence
   references is never evicted (the manager evicts unreferenced slots only);
 - aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
-  steps is visited first (oldest first, one per tenant), and while such a sequence has no
-  slot nobody else takes a slot reference, so the next slot that frees is its own;
+  steps is visited first (oldest first, one per tenant), and while such a sequence waits for
+  a slot (its adapter in the host tier, no slot to be had) nobody else takes a slot reference,
+  so the next slot that frees is its own; while its adapter still loads into the host tier it
+  holds nobody back;
 - slot-fair preemption: when a queue head has waited `slot_reclaim_steps` steps (or aged)
   for a slot, every slot is held, and one tenant holds more than its fair share (slots /
   tenants that want one, and never less than one slot), that tenant's adapter with the fewest running sequences is
@@ -165,11 +167,16 @@ class SlotPolicy:
         """Reserve the aged sequences' adapters, oldest first, until one finds no slot. Returns
         the first whose slot is ready, and whether one found no slot: nobody behind it may then
         take a slot reference (not even to a resident adapter, whose slot would then never
-        drain), so the next slot that frees is its own."""
+        drain), so the next slot that frees is its own. One whose adapter is still on its way
+        into the host tier waits for that load, not for a slot, and holds nobody back: blocking
+        then kept every other tenant off its own resident adapter for the whole load (a second
+        and more for a 280 MB adapter, in bench_floods' slot_hog on the H200)."""
         ready = None
         for seq in [s for s in self.aged if s.status is SequenceStatus.WAITING]:
             state = self.adapter_state(seq, out)
             if state == "loading" and seq.lora_slot is None:
+                if not self.lora_manager.in_host_tier(seq.lora.lora_name):
+                    continue
                 return ready, True
             if state == "ok" and ready is None:
                 ready = seq

@@ -340,6 +340,11 @@ class LoRAManager:
         return (f"{where}; waits for a slot: {self.waits_for_slot(name)}; heap {self.spans.free_size} of "
                 f"{self.spans.capacity} elements free; slots: {slots}")
 
+    def in_host_tier(self, name: str) -> bool:
+        """Whether adapter `name` is in the host tier, so that only device room can keep it out of
+        a slot (not a load from disk still under way, or not begun)."""
+        return name in self.host
+
     def waits_for_slot(self, name: str) -> bool:
         """Whether adapter `name` waits for nothing but device room: in the host tier, in no slot,
         and no slot, or not heap room enough, can be freed for it (the rest is referenced)."""
