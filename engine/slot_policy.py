@@ -115,11 +115,13 @@ class SlotPolicy:
     def passes_block(self, seq: Sequence) -> bool:
         """Whether `seq` may take a reference to its adapter while an aged sequence without a slot
         blocks new references (reserve_aged): when the adapter is resident and kept from every
-        such sequence's tenant, which could not have its slot anyway."""
+        blocking sequence's tenant, which could not have its slot anyway (one whose adapter still
+        loads into the host tier blocks nobody)."""
         name = seq.lora.lora_name
         return self.lora_manager.holds(name) and all(
             name in self._kept_from(a.tenant) for a in self.aged
-            if a.status is SequenceStatus.WAITING and a.lora_slot is None)
+            if a.status is SequenceStatus.WAITING and a.lora_slot is None
+            and self.lora_manager.in_host_tier(a.lora.lora_name))
 
     def _kept_from(self, tenant: str) -> frozenset[str]:
         """Adapters `tenant` may not evict: those that tenants under their fair share of the slots
