@@ -189,8 +189,10 @@ class LLMServer:
 
     async def _stream(self, rid: str, tenant: str, prompt, params, lora, entered: float, timing: dict):
         """The request's items; the first with tokens carries `timing`: seconds this replica spent
-        before the first token, by phase (its own `fetch` and `prepare`, the engine's
-        Sequence.timings, `first` in all), for the ingress's Server-Timing header."""
+        before the first token, by phase (its own `fetch` and `prepare`; `tokenize` until the
+        engine's Sequence existed; the engine's phases, Sequence.timings; `deliver` from the
+        engine's first token until it reached this stream; `first` in all), for the ingress's
+        Server-Timing header."""
         started, first_token_at, finished = time.perf_counter(), None, False
         batches = self._engine.generate_batches(prompt, params, request_id=rid, lora=lora, tenant=tenant,
                                                 min_interval_s=self._args.stream_interval_ms / 1e3)
@@ -201,7 +203,13 @@ class LLMServer:
                         "num_tokens": len(token_ids)}
                 if first_token_at is None and token_ids:
                     first_token_at = time.perf_counter()
-                    engine_timings = next((o.timings for o in batch if o.timings), None) or {}
+                    engine_timings = dict(next((o.timings for o in batch if o.timings), None) or {})
+                    arrived_at = engine_timings.pop("arrived_at", None)
+                    made_at = engine_timings.pop("first_token_at", None)
+                    if arrived_at is not None:
+                        timing["tokenize"] = arrived_at - started
+                    if made_at is not None:
+                        engine_timings["deliver"] = first_token_at - made_at
                     item["timing"] = {**timing, **engine_timings, "first": first_token_at - entered}
                 last = batch[-1]
                 if last.finished:

@@ -1,8 +1,8 @@
 """The Server-Timing header of a completion: where its time went, in milliseconds by phase.
 
     Server-Timing: resolve;dur=0.4, route;dur=1.9, fetch;dur=0.0, prepare;dur=0.1,
-                   handoff;dur=0.3, queue;dur=4.2, adapter;dur=3.8, prefill;dur=11.0,
-                   ttft;dur=18.7, total;dur=40.2
+                   tokenize;dur=0.2, handoff;dur=0.3, queue;dur=4.2, adapter;dur=3.8,
+                   prefill;dur=11.0, deliver;dur=0.4, ttft;dur=18.7, total;dur=40.2
 
 | name | from | until | measured by |
 |---|---|---|---|
@@ -10,16 +10,19 @@
 | `route` | resolved | the first item is back, less the replica's `first` | ingress |
 | `fetch` | the replica's generate starts | the adapter's files are on its disk | replica |
 | `prepare` | fetched | the prompt and options are ready | replica |
+| `tokenize` | prepared | the request is a Sequence (a long prompt: on the long-input threads) | replica |
 | `handoff` | the request is a Sequence | the engine took it | engine |
 | `queue` | the engine took it | a step first launched it | engine |
 | `adapter` | the request is a Sequence | its adapter was first in a ready slot | engine |
-| `prefill` | the first launch | its first token | engine |
+| `prefill` | the first launch | its first token (a preemption before it included) | engine |
+| `deliver` | the engine's first token | it reached the replica's stream | replica |
 | `ttft` | the ingress's handler starts | the first item is back | ingress |
 | `total` | the ingress's handler starts | the whole answer is ready (not for streams) | ingress |
 
 `route` is Serve's choice of replica, its queue there and Ray's transport both ways: the one
-phase measured as a difference, so each process's durations come from its own clock. `adapter`
-overlaps `handoff` and `queue`. What happens before the handler (the proxy, reading and
+phase measured as a difference, so each process's durations come from its own clock (the
+replica and its engine core share one host's). `adapter` overlaps `handoff` and `queue`; the
+others follow one another and, with `route`, add up to `ttft`. What happens before the handler (the proxy, reading and
 parsing the body) is the client's time less `total`. Phases that did not happen are left out
 (a base-model request has no `adapter`).
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import time
 
-REPLICA_PHASES = ("fetch", "prepare", "handoff", "queue", "adapter", "prefill")
+REPLICA_PHASES = ("fetch", "prepare", "tokenize", "handoff", "queue", "adapter", "prefill", "deliver")
 
 
 class ServerTiming:
@@ -48,7 +51,7 @@ class ServerTiming:
         phases = dict(self.phases)
         if total:
             phases["total"] = (time.perf_counter() if now is None else now) - self.arrived
-        return {"Server-Timing": ", ".join(f"{name};dur={1e3 * max(0.0, s):.1f}" for name, s in phases.items())}
+        return {"Server-Timing": ", ".join(f"{name};dur={1e3 * s:.1f}" for name, s in phases.items())}
 
 
 def parse(header: str) -> dict[str, float]:

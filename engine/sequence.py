@@ -95,8 +95,13 @@ class Sequence:
         """Seconds by phase from arrival (the Sequence built, where the request came in) to the first
         token, for those phases that happened: `handoff` until the engine took it, `queue` until a
         step first launched it, `adapter` until its adapter was first in a ready slot (counted from
-        arrival: it overlaps the others), `prefill` from that launch to its first token."""
-        out = {}
+        arrival: it overlaps the others), `prefill` from that launch to its first token (with any
+        preemption before it). Also `arrived_at` and, once there, `first_token_at`: the two ends,
+        in time.perf_counter seconds of this host, so that the process the request came through
+        can place its own phases around them."""
+        out = {"arrived_at": self.arrival}
+        if self.first_token_time is not None:
+            out["first_token_at"] = self.first_token_time
         if self.added_time is not None:
             out["handoff"] = self.added_time - self.arrival
             if self.scheduled_time is not None:

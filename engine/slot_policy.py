@@ -16,7 +16,8 @@ Adapter pressure, the rules:
   steps is visited first (oldest first, one per tenant), and while such a sequence waits for
   a slot (its adapter in the host tier, no slot to be had) nobody else takes a slot reference,
   so the next slot that frees is its own; while its adapter still loads into the host tier it
-  holds nobody back;
+  holds others back only if its tenant is under its fair share and no slot is free (the slots
+  then drain during the load);
 - slot-fair preemption: when a queue head has waited `slot_reclaim_steps` steps (or aged)
   for a slot, every slot is held, and one tenant holds more than its fair share (slots /
   tenants that want one, and never less than one slot), that tenant's adapter with the fewest running sequences is
@@ -84,11 +85,11 @@ class SlotPolicy:
             if seq.lora is not None:
                 self.last_ran[seq.lora.lora_name] = (seq.tenant, step)
         self.aged = self._aged_heads()
-        for seq in self.aged:
+        self._reclaim(out)
+        for seq in self.aged:  # after _reclaim: the line reads the kept adapters as this step's admission will
             if not seq.adapter_wait_logged and seq.adapter_ready is None:
                 seq.adapter_wait_logged = True
                 self._log_wait(seq, step)
-        self._reclaim(out)
 
     def _log_wait(self, seq: Sequence, step: int) -> None:
         """A line for a request aged waiting for its adapter, at most one a second (under adapter
@@ -120,8 +121,19 @@ class SlotPolicy:
         name = seq.lora.lora_name
         return self.lora_manager.holds(name) and all(
             name in self._kept_from(a.tenant) for a in self.aged
-            if a.status is SequenceStatus.WAITING and a.lora_slot is None
-            and self.lora_manager.in_host_tier(a.lora.lora_name))
+            if a.status is SequenceStatus.WAITING and a.lora_slot is None and self._blocks(a))
+
+    def _blocks(self, seq: Sequence) -> bool:
+        """Whether aged `seq`, without a slot, holds back new slot references. It does while it
+        waits for a slot (its adapter in the host tier). While its adapter still loads into the
+        host tier it does only if its tenant is under its fair share and no slot is free: then the
+        slots drain during the load and one is there when it lands. Otherwise blocking would only
+        keep every other tenant off its own resident adapter for the whole load (a flood's aged
+        requests did, ~1 s a request for the victim of bench_floods' slot_hog on the H200)."""
+        if self.lora_manager.in_host_tier(seq.lora.lora_name):
+            return True
+        self._kept_from(seq.tenant)  # fills this step's view of who is at its share
+        return seq.tenant not in self._keep[1] and not self.lora_manager.has_free_slot()
 
     def _kept_from(self, tenant: str) -> frozenset[str]:
         """Adapters `tenant` may not evict: those that tenants under their fair share of the slots
@@ -167,19 +179,14 @@ class SlotPolicy:
 
     def reserve_aged(self, out: SchedulerOutput) -> tuple[Sequence | None, bool]:
         """Reserve the aged sequences' adapters, oldest first, until one finds no slot. Returns
-        the first whose slot is ready, and whether one found no slot: nobody behind it may then
-        take a slot reference (not even to a resident adapter, whose slot would then never
-        drain), so the next slot that frees is its own. One whose adapter is still on its way
-        into the host tier waits for that load, not for a slot, and holds nobody back: blocking
-        then kept every other tenant off its own resident adapter for the whole load (a second
-        and more for a 280 MB adapter, in bench_floods' slot_hog on the H200)."""
+        the first whose slot is ready, and whether one found no slot and blocks (`_blocks`):
+        nobody behind it may then take a slot reference (not even to a resident adapter, whose
+        slot would then never drain), so the next slot that frees is its own."""
         ready = None
         for seq in [s for s in self.aged if s.status is SequenceStatus.WAITING]:
             state = self.adapter_state(seq, out)
             if state == "loading" and seq.lora_slot is None:
-                if not self.lora_manager.in_host_tier(seq.lora.lora_name):
-                    continue
-                return ready, True
+                return ready, self._blocks(seq)
             if state == "ok" and ready is None:
                 ready = seq
         return ready, False
@@ -217,6 +224,7 @@ class SlotPolicy:
                 self.sched.release_slot(seq)
             self.aged = [claimant, *(s for s in self.aged if s is not claimant)]
             self.num_slot_preemptions += 1
+            self._keep = (-1, {})  # the slots held changed: who is at its share, too
             return
 
     def release_waiting(self) -> bool:

@@ -345,6 +345,10 @@ class LoRAManager:
         a slot (not a load from disk still under way, or not begun)."""
         return name in self.host
 
+    def has_free_slot(self) -> bool:
+        """Whether some slot is unreferenced (empty, or holding an adapter it may evict)."""
+        return bool(self.free_lru)
+
     def waits_for_slot(self, name: str) -> bool:
         """Whether adapter `name` waits for nothing but device room: in the host tier, in no slot,
         and no slot, or not heap room enough, can be freed for it (the rest is referenced)."""

@@ -1,4 +1,6 @@
 """Where a request's time went before its first token, as the engine reports it (RequestOutput.timings)."""
+import pytest
+
 from engine import SamplingParams
 from tests.engine.helpers import PROMPTS, lora, make_engine, wait_for_adapters
 
@@ -19,8 +21,12 @@ def test_first_token_and_final_outputs_carry_the_phases_and_the_others_none(chec
     outs = _run(engine)["r"]
     assert len(outs) == 4
     first, middle, final = outs[0], outs[1:-1], outs[-1]
-    assert set(first.timings) == {"handoff", "queue", "prefill"}  # a base-model request: no adapter
-    assert all(v >= 0 for v in first.timings.values())
+    phases = {k: v for k, v in first.timings.items() if not k.endswith("_at")}
+    assert set(phases) == {"handoff", "queue", "prefill"}  # a base-model request: no adapter
+    assert all(v >= 0 for v in phases.values())
+    # the two ends: the phases fill the time between them
+    ends = first.timings["first_token_at"] - first.timings["arrived_at"]
+    assert sum(phases.values()) == pytest.approx(ends, abs=1e-9)
     assert all(out.timings is None for out in middle)
     assert final.finished and final.timings == first.timings
 
@@ -40,7 +46,7 @@ def test_an_adapter_request_reports_when_its_adapter_was_ready(checkpoints, adap
     engine = make_engine(checkpoints["qwen3_moe"], max_loras=2, max_lora_rank=16)
     engine.add_request("r", PROMPTS[0], GREEDY, lora=lora(adapters, "qwen3_moe", "a"))
     timings = _run(engine)["r"][0].timings
-    assert set(timings) == {"handoff", "queue", "adapter", "prefill"}
+    assert set(timings) == {"handoff", "queue", "adapter", "prefill", "arrived_at", "first_token_at"}
     # the scheduler launches a request only once its adapter is in a ready slot
     assert timings["adapter"] <= timings["handoff"] + timings["queue"]
 

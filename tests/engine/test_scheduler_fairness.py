@@ -57,6 +57,9 @@ class SteppedLoRAManager:
     def num_slots(self) -> int:
         return len(self.names)
 
+    def has_free_slot(self) -> bool:
+        return bool(self.free)
+
     def in_host_tier(self, name: str) -> bool:
         return self.step >= self.host_ready.get(name, 0)
 
@@ -379,3 +382,41 @@ def test_a_request_aged_on_its_adapters_host_load_does_not_hold_back_resident_ad
     for _ in range(4):
         sim.step()
     assert quick.status is SequenceStatus.FINISHED and slow.status is SequenceStatus.WAITING
+
+
+def test_an_aged_request_under_its_share_runs_within_one_drain_of_its_host_load_landing():
+    """Two hot tenants keep both slots referenced with 30-token requests; a third tenant's request
+    ages while its adapter loads into the host tier (200 steps). Under its share with no slot
+    free, it holds new references back during the load, so it runs within one drain of a hot
+    request (30 steps) once the load lands; holding nobody back, it waited 75 steps more."""
+    sim = Simulation(num_slots=2, max_num_seqs=8, max_adapter_wait_steps=20)
+    sim.slots.host_ready["small/ad"] = 200
+    small = sim.add("small", "ad", max_tokens=2)
+    while small.status is not SequenceStatus.FINISHED and sim.slots.step < 600:
+        if sim.slots.step < 500:
+            sim.add("hot0", "ad", max_tokens=30)
+            sim.add("hot1", "ad", max_tokens=30)
+        sim.step()
+    assert sim.admitted[small.seq_id] <= 200 + 30 + LOAD_STEPS + 3, sim.admitted[small.seq_id]
+
+
+def test_aged_waits_are_logged_at_most_once_a_second_with_the_rest_counted(caplog):
+    """Three tenants' requests age in one step on one slot that a long request holds: one line
+    then; a fourth aging a second later gets the next line, which counts the two not written."""
+    now = [0.0]
+    sim = Simulation(num_slots=1, max_num_seqs=8, max_adapter_wait_steps=5, clock=lambda: now[0])
+    sim.add("hold", "ad", max_tokens=100)
+    for _ in range(LOAD_STEPS + 2):
+        sim.step()
+    for tenant in ("a", "b", "c"):
+        sim.add(tenant, "ad")
+    with caplog.at_level("WARNING", logger="engine.slot_policy"):
+        for _ in range(8):
+            sim.step()
+        now[0] = 1.5
+        sim.add("d", "ad")
+        for _ in range(8):
+            sim.step()
+    lines = [r.getMessage() for r in caplog.records if "steps for adapter" in r.getMessage()]
+    assert len(lines) == 2
+    assert "more aged" not in lines[0] and "d/ad (2 more aged since the last such line)" in lines[1]
