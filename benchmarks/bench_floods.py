@@ -333,6 +333,10 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
               # the engine loop's turns over engine.turns.SLOW_TURN_S (each in the replica's log)
               "slow_turns": delta("slow_turns"),
               "longest_turn_ms_so_far": round(1e3 * counters_after["longest_turn_seconds"], 1),
+              # the engine replica's event loop, which streams every request: a `route` tail
+              # that lines up with lags here is the replica's loop, else the ingress's or Serve's
+              "replica_loop_lags_over_100ms": delta("replica_loop_lags_over_100ms"),
+              "replica_loop_longest_lag_ms_so_far": round(1e3 * counters_after["replica_loop_longest_lag_seconds"], 1),
               **{name: round(delta(key), 3) for key, name in SLOT_COUNTERS.items()}}
     return {"flood": flood, "victim": victim, "memory": memory, "engine": engine}
 
@@ -351,7 +355,8 @@ def engine_counters(client, url: str) -> dict:
     pauses there is the collector's, not the flood's."""
     stats = client.get(f"{url}/ready", timeout=30).json()["engine"]
     return {key: stats[key] for key in ("gc_collections", "gc_pause_seconds", "gc_longest_pause_seconds",
-                                        "slow_turns", "longest_turn_seconds", *SLOT_COUNTERS)}
+                                        "slow_turns", "longest_turn_seconds", "replica_loop_lags_over_100ms",
+                                        "replica_loop_longest_lag_seconds", *SLOT_COUNTERS)}
 
 
 def setup_service(workdir: Path, device: str = "cpu", model: str | None = None, hf_overrides: str | None = None,

@@ -13,6 +13,7 @@ logger = logging.getLogger("ray.serve")
 
 PERIOD_S = 0.05  # the timer's period: the lag is how much later than this it fires
 WARN_S = 0.25  # a lag this long is logged
+COUNT_OVER_S = 0.1  # lags of this much or more are counted (`over`), for /ready
 
 
 class LoopLag:
@@ -22,6 +23,8 @@ class LoopLag:
         self.name, self.observe = name, observe
         self.period_s, self.warn_s = period_s, warn_s
         self._task: asyncio.Task | None = None
+        self.over = 0  # lags of COUNT_OVER_S or more so far
+        self.longest = 0.0  # the longest lag so far (s)
 
     def ensure_started(self) -> None:
         """Run the timer on the running loop, unless it runs already; call from a coroutine."""
@@ -37,6 +40,8 @@ class LoopLag:
     def record(self, lag: float) -> None:
         if self.observe is not None:
             self.observe(lag)
+        self.over += lag >= COUNT_OVER_S
+        self.longest = max(self.longest, lag)
         if lag >= self.warn_s:
             logger.warning("%s: the event loop ran a %.0f ms timer %.3f s late: every request of this "
                            "replica waited as long (synchronous work on the loop, or the process short "

@@ -246,6 +246,10 @@ class LLMServer:
     async def ready(self) -> dict:
         """For the unauthenticated /ready: counts only, no tenant's adapter names."""
         stats = {k: v for k, v in self._engine.stats().items() if k not in _ADAPTER_NAME_STATS}
+        # this replica's own event loop (it streams every request's tokens): a tail that its
+        # lags explain is not the engine's
+        stats.update(replica_loop_lags_over_100ms=self._loop_lag.over,
+                     replica_loop_longest_lag_seconds=round(self._loop_lag.longest, 4))
         return {"model": str(self._model_dir), "stats": stats}
 
     async def metrics_snapshot(self) -> dict:

@@ -56,6 +56,7 @@ def test_one_flood_measures_the_victim_and_front_memory_end_to_end(tmp_path):
     assert set(flood["victim"]["phases_p50_p99_max_ms"]) == set(slowest[0]["phases"])
     assert {"proxy", "ingress"} <= set(flood["memory"])
     assert flood["engine"]["gc_collections"] >= 0 and flood["engine"]["gc_longest_pause_ms_so_far"] > 0
+    assert flood["engine"]["replica_loop_lags_over_100ms"] >= 0 and flood["engine"]["replica_loop_longest_lag_ms_so_far"] > 0
     # the victim's adapter is resident from the unloaded probes: nothing loads or is drained
     assert flood["engine"]["slot_loads"] == flood["engine"]["slot_preemptions"] == 0
     assert flood["engine"]["host_pin_seconds"] == flood["engine"]["host_unpinned_images"] == 0  # a CPU engine

@@ -20,6 +20,7 @@ def test_a_loop_held_by_synchronous_work_is_logged_with_how_long(caplog):
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         asyncio.run(_watch(lag, 0.3))
     assert 0.25 <= max(samples) < 1.0 and len(samples) >= 5, samples
+    assert lag.over == 1 and lag.longest == max(samples)  # counted for /ready
     warned = [r.getMessage() for r in caplog.records if "event loop" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("engine replica:"), warned
 
@@ -30,4 +31,5 @@ def test_a_free_loop_logs_nothing(caplog):
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         asyncio.run(_watch(lag, 0.0))
     assert samples and max(samples) < 0.2, samples
+    assert lag.over == sum(s >= 0.1 for s in samples)
     assert not [r for r in caplog.records if "event loop" in r.getMessage()]
