@@ -22,9 +22,9 @@
 `route` is Serve's choice of replica, its queue there and Ray's transport both ways: the one
 phase measured as a difference, so each process's durations come from its own clock (the
 replica and its engine core share one host's). `adapter` overlaps `handoff` and `queue`; the
-others follow one another and, with `route`, add up to `ttft`. What happens before the handler (the proxy, reading and
-parsing the body) is the client's time less `total`. Phases that did not happen are left out
-(a base-model request has no `adapter`).
+others follow one another and, with `route`, add up to `ttft`. What happens before the handler
+(the proxy, reading and parsing the body) is the client's time less `total`. Phases that did
+not happen are left out (a base-model request has no `adapter`).
 """
 from __future__ import annotations
 

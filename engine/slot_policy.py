@@ -67,7 +67,7 @@ class SlotPolicy:
         self.sched, self.lora_manager = sched, lora_manager
         self.keep_steps = keep_steps
         self.last_ran: dict[str, tuple[str, int]] = {}  # adapter -> (tenant, step) of its last run
-        self._keep: tuple[int, dict[str, frozenset[str]]] = (-1, {})  # (step, tenant -> adapters it keeps)
+        self._keep: tuple[int, dict[str, frozenset[str]]] = (-1, {})  # (step, tenant at its share -> adapters kept from it)
         self.prefetch_window = prefetch_window
         self.max_adapter_wait_steps, self.max_staged_adapters = max_adapter_wait_steps, max_staged_adapters
         self.slot_reclaim_steps = slot_reclaim_steps
@@ -132,13 +132,17 @@ class SlotPolicy:
         requests did, ~1 s a request for the victim of bench_floods' slot_hog on the H200)."""
         if self.lora_manager.in_host_tier(seq.lora.lora_name):
             return True
-        self._kept_from(seq.tenant)  # fills this step's view of who is at its share
-        return seq.tenant not in self._keep[1] and not self.lora_manager.has_free_slot()
+        return seq.tenant not in self._at_share() and not self.lora_manager.has_free_slot()
 
     def _kept_from(self, tenant: str) -> frozenset[str]:
         """Adapters `tenant` may not evict: those that tenants under their fair share of the slots
-        ran within keep_steps steps, when `tenant` holds its share or more (module docstring).
-        Fair share as _reclaim's, over the tenants that hold or wait for a slot or ran lately."""
+        ran within keep_steps steps, when `tenant` holds its share or more (module docstring)."""
+        return self._at_share().get(tenant, frozenset())
+
+    def _at_share(self) -> dict[str, frozenset[str]]:
+        """This step's tenants at or over their fair share of the slots, each with the adapters
+        kept from it. Fair share as _reclaim's, over the tenants that hold or wait for a slot or
+        ran lately."""
         step = self.sched.num_steps
         if self._keep[0] != step:
             since = step - self.keep_steps
@@ -152,7 +156,7 @@ class SlotPolicy:
             kept = {name: t for name, (t, _) in self.last_ran.items() if t in small}
             self._keep = (step, {t: frozenset(n for n, owner in kept.items() if owner != t)
                                  for t in wanting if len(held.get(t, ())) >= fair})
-        return self._keep[1].get(tenant, frozenset())
+        return self._keep[1]
 
     def end_step(self, prefetched: list[Sequence]) -> None:
         """After admission: count the prefetched sequences still waiting, whose slots the
