@@ -67,7 +67,8 @@ class SlotPolicy:
         self.sched, self.lora_manager = sched, lora_manager
         self.keep_steps = keep_steps
         self.last_ran: dict[str, tuple[str, int]] = {}  # adapter -> (tenant, step) of its last run
-        self._keep: tuple[int, dict[str, frozenset[str]]] = (-1, {})  # (step, tenant at its share -> adapters kept from it)
+        # (step, each tenant at its share -> the adapters kept from it): _at_share
+        self._keep: tuple[int, dict[str, frozenset[str]]] = (-1, {})
         self.prefetch_window = prefetch_window
         self.max_adapter_wait_steps, self.max_staged_adapters = max_adapter_wait_steps, max_staged_adapters
         self.slot_reclaim_steps = slot_reclaim_steps
