@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hf-overrides", default=None, help='JSON for --model, e.g. \'{"num_hidden_layers": 8}\'')
     parser.add_argument("--app-args", nargs="*", default=[], metavar="KEY=VALUE",
                         help="AppArgs fields over the benchmark's (e.g. max_adapters_per_replica=64)")
+    parser.add_argument("--py-spy", default=None, metavar="DIR", help="sample the ingress replicas, the "
+                        "engine replica and its engine core with py-spy (on PATH) through each flood, "
+                        "every thread, idle frames included: DIR/<flood>_<role>_<pid>.txt, collapsed stacks")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -297,6 +300,7 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
     time.sleep(1.0)
     idle = sampler.current()
     counters_before = engine_counters(client, url)
+    spies = start_py_spy(opts.py_spy, name, opts.slot_hog_s) if opts.py_spy else []
     started = time.monotonic()
     go.set()
     times, errors, sent_at, phases = [], [], [], []
@@ -309,6 +313,8 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
             errors.append(str(exc)[:200])
     ended = time.monotonic()
     proc.join()
+    for spy in spies:
+        spy.wait(timeout=60)
     counters_after = engine_counters(client, url)
     flood = queue.get(timeout=10) if not queue.empty() else {"statuses": {}, "wall_s": None}
     time.sleep(opts.settle_s)
@@ -339,6 +345,55 @@ def run_flood(name: str, url: str, adapter_dir: Path, opts, client, sampler: Mem
               "replica_loop_longest_lag_ms_so_far": round(1e3 * counters_after["replica_loop_longest_lag_seconds"], 1),
               **{name: round(delta(key), 3) for key, name in SLOT_COUNTERS.items()}}
     return {"flood": flood, "victim": victim, "memory": memory, "engine": engine}
+
+
+# processes py-spy samples (--py-spy), by a needle of their command line (Serve names its replicas'
+# processes); the engine core is the engine replica's child
+SPY_ROLES = (("ServeReplica:moeplex:Ingress", "ingress"), ("ServeReplica:moeplex:LLMServer", "replica"))
+
+
+def py_spy_targets() -> list[tuple[str, int]]:
+    """(role, pid) of the processes --py-spy samples: each ingress replica, the engine replica and
+    its children (the engine core, role "core")."""
+    import psutil
+    targets = []
+    for proc in psutil.process_iter():
+        try:
+            line = " ".join(proc.cmdline()) or proc.name()
+            role = next((r for needle, r in SPY_ROLES if needle in line), None)
+            if role is not None:
+                targets.append((role, proc.pid))
+                if role == "replica":
+                    targets += [("core", child.pid) for child in proc.children()]
+        except Exception:  # noqa: BLE001 - gone, or not ours to read
+            continue
+    return targets
+
+
+def py_spy_binary() -> str:
+    """py-spy on PATH or beside this Python (a virtual environment's bin/, not on PATH when run
+    as .venv/bin/python)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    found = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+    if found is None:
+        raise SystemExit("--py-spy needs py-spy: pip install py-spy (benchmarks/gpu_deps.sh installs it)")
+    return found
+
+
+def start_py_spy(out_dir: str, flood: str, seconds: float) -> list:
+    """py-spy over the flood's first `seconds` in each target process; the caller waits for them.
+    --nonblocking: sampling never stops the process, so it does not add to the latency measured."""
+    import subprocess
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    spies = []
+    for role, pid in py_spy_targets():
+        stem = Path(out_dir) / f"{flood}_{role}_{pid}"
+        with open(f"{stem}.log", "w") as log:  # py-spy's own messages (a refused ptrace, say)
+            spies.append(subprocess.Popen(
+                [py_spy_binary(), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200",
+                 "--format", "raw", "--threads", "--idle", "--nonblocking", "--output", f"{stem}.txt"],
+                stdout=log, stderr=subprocess.STDOUT))
+    return spies
 
 
 # engine.stats() key -> its name in a flood's "engine" counters: a victim tail that lines up with
@@ -453,6 +508,8 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    if opts.py_spy:
+        py_spy_binary()  # before minutes of set-up
     # `timeout` (benchmarks/gpu.sh) ends a run with SIGTERM: exit through the finally below, so
     # Serve and its HAProxy go too (a stray one keeps ports 8404 and 9101 from the next start)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
