@@ -61,3 +61,11 @@ def test_one_flood_measures_the_victim_and_front_memory_end_to_end(tmp_path):
     assert flood["engine"]["slot_loads"] == flood["engine"]["slot_preemptions"] == 0
     assert flood["engine"]["host_pin_seconds"] == flood["engine"]["host_unpinned_images"] == 0  # a CPU engine
     assert result["provenance"]["argv"][1:3] == ["--floods", "big_header"]
+
+
+def test_py_spy_option_without_py_spy_exits_before_any_set_up(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_floods.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bench_floods.sys, "executable", str(tmp_path / "python"))  # no py-spy beside it
+    monkeypatch.setattr(bench_floods, "setup_service", lambda *a, **k: pytest.fail("set-up ran"))
+    with pytest.raises(SystemExit, match="--py-spy needs py-spy"):
+        bench_floods.main(["--floods", "big_header", "--py-spy", str(tmp_path / "spy")])
