@@ -77,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--app-args", nargs="*", default=[], metavar="KEY=VALUE",
                         help="AppArgs fields over the benchmark's (e.g. max_adapters_per_replica=64)")
     parser.add_argument("--py-spy", default=None, metavar="DIR", help="sample the ingress replicas, the "
-                        "engine replica and its engine core with py-spy (on PATH) through each flood, "
-                        "every thread, idle frames included: DIR/<flood>_<role>_<pid>.txt, collapsed stacks")
+                        "engine replica and its engine core with py-spy (on PATH) through each flood: "
+                        "DIR/<flood>_<role>_<pid>.txt, collapsed stacks of the threads on a CPU "
+                        "(benchmarks/spy_summary.py reads them)")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -391,7 +392,7 @@ def start_py_spy(out_dir: str, flood: str, seconds: float) -> list:
         with open(f"{stem}.log", "w") as log:  # py-spy's own messages (a refused ptrace, say)
             spies.append(subprocess.Popen(
                 [py_spy_binary(), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200",
-                 "--format", "raw", "--threads", "--idle", "--nonblocking", "--output", f"{stem}.txt"],
+                 "--format", "raw", "--threads", "--nonblocking", "--output", f"{stem}.txt"],
                 stdout=log, stderr=subprocess.STDOUT))
     return spies
 
