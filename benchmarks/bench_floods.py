@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -384,15 +385,14 @@ def py_spy_binary() -> str:
 def start_py_spy(out_dir: str, flood: str, seconds: float) -> list:
     """py-spy over the flood's first `seconds` in each target process; the caller waits for them.
     --nonblocking: sampling never stops the process, so it does not add to the latency measured."""
-    import subprocess
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    spies = []
+    spies, seconds = [], str(max(1, round(seconds)))
     for role, pid in py_spy_targets():
         stem = Path(out_dir) / f"{flood}_{role}_{pid}"
         with open(f"{stem}.log", "w") as log:  # py-spy's own messages (a refused ptrace, say)
             spies.append(subprocess.Popen(
-                [py_spy_binary(), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200",
-                 "--format", "raw", "--threads", "--nonblocking", "--output", f"{stem}.txt"],
+                [py_spy_binary(), "record", "--pid", str(pid), "--duration", seconds, "--rate", "200", "--format",
+                 "raw", "--threads", "--nonblocking", "--output", f"{stem}.txt"],
                 stdout=log, stderr=subprocess.STDOUT))
     return spies
 

@@ -1,11 +1,10 @@
 """benchmarks/spy_summary.py: shares of a flood by thread and frame from py-spy's collapsed stacks."""
 from benchmarks import spy_summary
 
-STACKS = """\
-thread (101): AsyncIO Thread: default;Thread.run (threading.py:982);Replica.handle (replica.py:10);LLMServer.generate (replica.py:172) 30
-thread (101): AsyncIO Thread: default;Thread.run (threading.py:982);Replica.handle (replica.py:10);_prepare (replica.py:90) 10
-thread (202): moeplex-core-reader;EngineCoreClient._read (core_client.py:132) 4
-"""
+LOOP = "thread (101): AsyncIO Thread: default;Thread.run (threading.py:982);Replica.handle (replica.py:10)"
+STACKS = (f"{LOOP};LLMServer.generate (replica.py:172) 30\n"
+          f"{LOOP};_prepare (replica.py:90) 10\n"
+          "thread (202): moeplex-core-reader;EngineCoreClient._read (core_client.py:132) 4\n")
 
 
 def test_busy_shares_are_over_the_whole_run_by_leaf_and_by_frame_on_the_stack(tmp_path):
