@@ -21,6 +21,27 @@ class ResponseBuilder:
         self.kind, self.request_id, self.model = kind, request_id, model
         self.return_token_ids = return_token_ids
         self.created = int(time.time())
+        self._text_offset = 0  # characters of the tokens' texts so far (completions' text_offset)
+
+    def logprobs(self, entries: list | None) -> dict | None:
+        """OpenAI's `logprobs` of a choice from the replica's entries, one a token:
+        [token text, logprob, [[alternative text, logprob], ...]]. Completions: the legacy lists
+        (tokens, token_logprobs, top_logprobs as text -> logprob, text_offset); chat: `content`,
+        a list of {token, logprob, bytes, top_logprobs}. None when the request asked for none."""
+        if entries is None:
+            return None
+        if self.kind == COMPLETION:
+            offsets = []
+            for text, _, _ in entries:
+                offsets.append(self._text_offset)
+                self._text_offset += len(text)
+            return {"tokens": [text for text, _, _ in entries],
+                    "token_logprobs": [logprob for _, logprob, _ in entries],
+                    "top_logprobs": [dict(alternatives) for _, _, alternatives in entries],
+                    "text_offset": offsets}
+        return {"content": [{**_chat_logprob(text, logprob),
+                             "top_logprobs": [_chat_logprob(t, lp) for t, lp in alternatives]}
+                            for text, logprob, alternatives in entries], "refusal": None}
 
     def _head(self, obj: str) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
@@ -31,14 +52,14 @@ class ResponseBuilder:
         return choice
 
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
-              token_ids: list[int] | None = None) -> dict:
+              token_ids: list[int] | None = None, logprobs: list | None = None) -> dict:
         if self.kind == COMPLETION:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
             return {**self._head(COMPLETION), "choices": [self._with_ids(choice, token_ids)]}
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         if finish_reason is not None and not text:
             delta = {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         return {**self._head("chat.completion.chunk"), "choices": [self._with_ids(choice, token_ids)]}
 
     def usage_chunk(self, usage: Usage) -> dict:
@@ -46,14 +67,18 @@ class ResponseBuilder:
         return {**self._head(obj), "choices": [], "usage": usage.model_dump()}
 
     def full(self, text: str, finish_reason: str, usage: Usage,
-             token_ids: list[int] | None = None) -> dict:
+             token_ids: list[int] | None = None, logprobs: list | None = None) -> dict:
         if self.kind == COMPLETION:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish_reason}
+                      "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         return {**self._head(self.kind), "choices": [self._with_ids(choice, token_ids)],
                 "usage": usage.model_dump()}
+
+
+def _chat_logprob(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
 
 
 def sse(data: dict | str) -> str:
@@ -68,10 +93,11 @@ async def sse_events(builder: ResponseBuilder, items: AsyncIterator[dict],
         if "error" in item:
             yield sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
             break
-        finish, ids = item.get("finish_reason"), item.get("token_ids")
-        # Tokens that decode to no text yet still make a chunk when their ids were asked for.
-        if item["text"] or finish is not None or first or (builder.return_token_ids and ids):
-            chunk = builder.chunk(item["text"], finish, first=first, token_ids=ids)
+        finish, ids, logprobs = item.get("finish_reason"), item.get("token_ids"), item.get("logprobs")
+        # Tokens that decode to no text yet still make a chunk when their ids or logprobs were
+        # asked for.
+        if item["text"] or finish is not None or first or (builder.return_token_ids and ids) or logprobs:
+            chunk = builder.chunk(item["text"], finish, first=first, token_ids=ids, logprobs=logprobs)
             if include_usage:  # OpenAI: null on every chunk but the last, which has the numbers
                 chunk["usage"] = None
             yield sse(chunk)

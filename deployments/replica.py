@@ -82,6 +82,7 @@ class LLMServer:
         self._fetcher = AdapterFetcher(self._store, self._cache)
         self._metrics = ReplicaMetrics()
         self._loop_lag = LoopLag("engine replica", self._metrics.loop_lag.observe)
+        self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
         # Wired at init so `max_num_models_per_replica` comes from the app's args; Serve keeps
         # its LRU on the function object, so it wraps a plain function, not a bound method.
         async def load_adapter(model_id: str):
@@ -201,6 +202,10 @@ class LLMServer:
                 token_ids = [t for o in batch for t in o.token_ids_delta]
                 item = {"text": "".join(o.text_delta for o in batch), "token_ids": token_ids,
                         "num_tokens": len(token_ids)}
+                if any(o.logprobs for o in batch):
+                    item["logprobs"] = self._logprob_entries(
+                        (token, *entry) for o in batch if o.logprobs
+                        for token, entry in zip(o.token_ids_delta, o.logprobs))
                 if first_token_at is None and token_ids:
                     first_token_at = time.perf_counter()
                     engine_timings = dict(next((o.timings for o in batch if o.timings), None) or {})
@@ -231,6 +236,20 @@ class LLMServer:
             yield _error_item(rid, exc)
         finally:
             await batches.aclose()
+
+    def _logprob_entries(self, logprobs) -> list:
+        """The engine's logprobs (RequestOutput.logprobs) with each token as its text:
+        [[text, logprob, [[alternative text, logprob], ...]], ...] (the ingress's ResponseBuilder
+        makes OpenAI's shapes of them)."""
+        texts = self._token_texts
+        decode = self._engine.tokenizer.decode
+
+        def text(token: int) -> str:
+            if token not in texts:  # at most the vocabulary, each a short string
+                texts[token] = decode([token])
+            return texts[token]
+        return [[text(token), logprob, [[text(t), lp] for t, lp in alternatives]]
+                for token, logprob, alternatives in logprobs]
 
     def __del__(self):
         # Serve calls this when it stops the replica (scale-down, redeploy), after the

@@ -44,6 +44,7 @@ def _error_from_item(error: dict) -> APIError:
 
 async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
     text, ids, item = [first["text"]], list(first.get("token_ids", ())), first
+    logprobs = None if first.get("logprobs") is None else list(first["logprobs"])
     while item.get("finish_reason") is None:
         try:
             item = await items.__anext__()
@@ -56,5 +57,7 @@ async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
             raise _error_from_item(item["error"])
         text.append(item["text"])
         ids.extend(item.get("token_ids", ()))
+        if item.get("logprobs") is not None:
+            logprobs = (logprobs or []) + item["logprobs"]
     usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
-    return JSONResponse(builder.full("".join(text), item["finish_reason"], usage, ids))
+    return JSONResponse(builder.full("".join(text), item["finish_reason"], usage, ids, logprobs))

@@ -9,6 +9,7 @@ from adapter_store.errors import InvalidNameError
 from adapter_store.names import check_name
 from deployments.request_rules import (COMPLETION_ONLY_NO_OPS, MAX_STOP_SEQUENCES, MAX_TOKEN_ID_DIGITS,
                                        NO_OP_VALUES, find_lone_surrogate, refuse_unless_no_op)
+from engine.sampling_params import MAX_LOGPROBS
 
 
 class StreamOptions(BaseModel):
@@ -96,8 +97,6 @@ class _SamplingFields(BaseModel):
         if value:
             raise ValueError("tool and function calling are not supported")
         return value
-    logprobs: bool | int | None = None  # refused when asked for (below): not computed yet
-    top_logprobs: int | None = None
 
     @field_validator("stop_token_ids")
     @classmethod
@@ -112,13 +111,6 @@ class _SamplingFields(BaseModel):
         if value != 1:
             raise ValueError("n > 1 (several choices per request) is not supported; send n=1 "
                              "and make several requests")
-        return value
-
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported; leave logprobs and top_logprobs unset")
         return value
 
     @field_validator("stop")
@@ -138,7 +130,13 @@ class _SamplingFields(BaseModel):
                 "seed": self.seed, "stop": self.stop_sequences(), "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
                 "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ()),
-                "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None}
+                "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
+                "logprobs": self.logprob_alternatives()}
+
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives a token whose logprobs the response carries (0: the sampled token's
+        only), None for no logprobs; each request kind spells it its own way."""
+        raise NotImplementedError
 
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -147,6 +145,20 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str]
     echo: bool = Field(default=False)
+    # the legacy API's: the sampled token's logprob and this many most likely tokens' (OpenAI
+    # caps it at 5, vLLM at its max_logprobs, 20)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Any = None  # chat's spelling: refused here (below)
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _chat_only(cls, value):
+        if value is not None:
+            raise ValueError("top_logprobs is the chat API's; a completion takes logprobs=<alternatives>")
+        return value
     best_of: Any = None  # refused unless 1 (NO_OP_VALUES)
     suffix: Any = None  # refused unless ""
 
@@ -194,6 +206,17 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:  # OpenAI refuses it too
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -158,15 +158,16 @@ class LLMEngine:
     def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self._record(sched)
         outputs = self._failed_outputs(sched)
+        logprobs = result.logprobs or {}
         for seq, token in self.scheduler.update_from_output(sched, result.token_ids, time.perf_counter()):
-            outputs.append(self._token_output(seq, token))
+            outputs.append(self._token_output(seq, token, logprobs.get(seq.seq_id)))
         return outputs
 
     def _failed_outputs(self, sched: SchedulerOutput) -> list[RequestOutput]:
         return [self._final(seq, RequestOutput(seq.request_id, finished=True, finish_reason="abort",
                                                error=seq.error)) for seq in sched.failed]
 
-    def _token_output(self, seq: Sequence, token: int) -> RequestOutput:
+    def _token_output(self, seq: Sequence, token: int, logprobs: tuple | None = None) -> RequestOutput:
         reason = self._stop_reason(seq, token)
         detok = self.detokenizers[seq.request_id]
         delta, stop_hit = ("", False) if detok is None else detok.update(seq.output_token_ids, reason is not None)
@@ -174,6 +175,8 @@ class LLMEngine:
             reason = "stop"
         out = RequestOutput(seq.request_id, delta, [token], reason is not None, reason,
                             seq.num_prompt_tokens, len(seq.output_token_ids), detok.sent if detok else "")
+        if logprobs is not None:
+            out.logprobs = [logprobs]
         if len(seq.output_token_ids) == 1:
             out.timings = seq.timings()
         if reason is not None:
@@ -265,18 +268,21 @@ class LLMEngine:
 
     def generate(self, prompts: list, params: SamplingParams | None = None,
                  loras: list[LoRARequest | None] | None = None) -> list[dict]:
-        """Run prompts to completion (a blocking helper for scripts and tests)."""
+        """Run prompts to completion (a blocking helper for scripts and tests). Each result's
+        `logprobs` holds RequestOutput.logprobs' entries, one a token, where params asked."""
         loras = loras or [None] * len(prompts)
         ids = [f"gen-{next(self._seq_ids)}" for _ in prompts]
         for rid, prompt, lora in zip(ids, prompts, loras):
             self.add_request(rid, prompt, params, lora)
-        results = {rid: {"text": "", "token_ids": [], "finish_reason": None, "error": None} for rid in ids}
+        results = {rid: {"text": "", "token_ids": [], "logprobs": [], "finish_reason": None, "error": None}
+                   for rid in ids}
         while any(results[r]["finish_reason"] is None for r in ids):
             outputs = self.step()  # blocks briefly by itself while only adapter loads are pending
             for out in (o for o in outputs if o.request_id in results):
                 res = results[out.request_id]
                 res["text"] += out.text_delta
                 res["token_ids"] += out.token_ids_delta
+                res["logprobs"] += out.logprobs or []
                 if out.finished:
                     res["finish_reason"], res["error"] = out.finish_reason, out.error
         return [results[r] for r in ids]

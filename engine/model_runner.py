@@ -22,7 +22,7 @@ from engine.memory import plan_memory
 from engine.models.loader import load_model
 from engine.models.spec import ModelSpec
 from engine.parallel.shard import SINGLE
-from engine.sampler import sample
+from engine.sampler import sample, token_logprobs
 from engine.sampling_inputs import SamplingInputs
 from engine.sequence import Sequence
 from engine.step_inputs import StepInputs, StepPlan, TokenFeed, build_step_inputs, uses_lora
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 class StepResult:
     token_ids: list[int | None]  # per scheduled sequence: sampled token, None mid-prefill
     logits: Tensor | None = None  # [B_sampled, V] (or [T, V] with all_logits) when asked for
+    # seq_id -> (the sampled token's logprob, [(token id, logprob)] of its most likely tokens), for
+    # the sequences whose SamplingParams.logprobs asked (engine.sampler.token_logprobs)
+    logprobs: dict[int, tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(slots=True)
@@ -51,12 +54,31 @@ class LaunchedStep:
     host_tokens: Tensor | None  # [B_sampled] int64, pinned on CUDA
     done: object = None  # torch.cuda.Event recorded after the copy (None on CPU)
     logits: Tensor | None = None
+    # the rows asking for logprobs: [(seq_id, alternatives)], and their (values [R, 1 + k], ids
+    # [R, k]) from token_logprobs, on the device, then on the host
+    logprob_rows: list[tuple[int, int]] | None = None
+    logprobs: tuple[Tensor, Tensor] | None = None
+    host_logprobs: tuple[Tensor, Tensor] | None = None
 
     def result(self) -> StepResult:
         if self.done is not None:
             self.done.synchronize()
         it = iter(self.host_tokens.tolist() if self.host_tokens is not None else [])
-        return StepResult([next(it) if s else None for s in self.samples], self.logits)
+        return StepResult([next(it) if s else None for s in self.samples], self.logits, self._logprobs())
+
+    def _logprobs(self) -> dict[int, tuple[float, list[tuple[int, float]]]] | None:
+        if self.host_logprobs is None:
+            return None
+        values, ids = (t.tolist() for t in self.host_logprobs)
+        return {seq_id: (row_values[0], list(zip(row_ids[:k], row_values[1:k + 1])))
+                for (seq_id, k), row_values, row_ids in zip(self.logprob_rows, values, ids)}
+
+
+def _pinned_copy(tensor: Tensor) -> Tensor:
+    """A host copy of a device tensor, queued behind the work on the current stream."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 class ModelRunner:
@@ -289,6 +311,12 @@ class ModelRunner:
                             logits=kept if all_logits else (logits if return_logits else None))
         if sampled:
             step.tokens = sample(logits, self.sampling.tensors(sampled), self.generator)
+            wanted = [(i, seq.seq_id, seq.params.logprobs) for i, seq in enumerate(sampled)
+                      if seq.params.logprobs is not None]
+            if wanted:  # after sampling, on the logits as the model gave them
+                step.logprob_rows = [(seq_id, k) for _, seq_id, k in wanted]
+                step.logprobs = token_logprobs(logits, step.tokens, [i for i, _, _ in wanted],
+                                               max(k for _, _, k in wanted))
             self._read_back(step)
         return step
 
@@ -328,10 +356,11 @@ class ModelRunner:
 
     def _read_back(self, step: LaunchedStep) -> None:
         if not step.tokens.is_cuda:
-            step.host_tokens = step.tokens
+            step.host_tokens, step.host_logprobs = step.tokens, step.logprobs
             return
-        step.host_tokens = torch.empty(step.tokens.shape, dtype=step.tokens.dtype, pin_memory=True)
-        step.host_tokens.copy_(step.tokens, non_blocking=True)
+        step.host_tokens = _pinned_copy(step.tokens)
+        if step.logprobs is not None:
+            step.host_logprobs = tuple(_pinned_copy(t) for t in step.logprobs)
         step.done = torch.cuda.Event()
         step.done.record()
 

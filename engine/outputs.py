@@ -16,3 +16,6 @@ class RequestOutput:
     # on the first token's output and the final one: where the request's time went before its
     # first token, seconds by phase (Sequence.timings)
     timings: dict[str, float] | None = None
+    # per token of token_ids_delta, when the request's SamplingParams.logprobs asked: (its
+    # logprob, [(token id, logprob)] of the most likely tokens, most likely first)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None

@@ -68,3 +68,16 @@ def sample(logits: Tensor, st: SamplingTensors, default_generator: torch.Generat
             noise[row].exponential_(generator=gen)
     picked = order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
     return torch.where(st.temperatures == 0, greedy, picked)
+
+
+@torch.no_grad()
+def token_logprobs(logits: Tensor, tokens: Tensor, rows: list[int], k: int) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the sampled tokens of `rows` and of their k most likely tokens, under
+    the logits as the model gives them (before penalties, bias and temperature: what a client
+    compares across sampling settings). logits [B, V], tokens [B] -> (values [R, 1 + k] float32:
+    the sampled token's, then the alternatives' in descending order; ids [R, k] int64)."""
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    logprobs = logits.index_select(0, index).float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    return torch.cat([chosen, top_values], dim=1), top_ids

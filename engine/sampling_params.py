@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # alternatives a token (OpenAI's top_logprobs bound, vLLM's max_logprobs default)
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -22,6 +24,10 @@ class SamplingParams:
     # it when positive, multiplied when negative
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit, [-100, 100]
+    # log-probabilities of each sampled token and of this many most likely alternatives (0: the
+    # sampled token's only; None: none), under the model's own distribution: the logits before
+    # penalties, bias and temperature (vLLM's default, "raw_logprobs")
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -42,6 +48,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             _check(-2.0 <= getattr(self, name) <= 2.0, f"{name} must be in [-2, 2], got {getattr(self, name)}")
         _check(0 < self.repetition_penalty <= 10, f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        wanted = self.logprobs
+        _check(wanted is None or (type(wanted) is int and 0 <= wanted <= MAX_LOGPROBS),
+               f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives a token), got {self.logprobs!r}")
         if self.logit_bias:
             _check(all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
                    "logit_bias maps token ids >= 0 to biases in [-100, 100]")

@@ -262,7 +262,7 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
     ({"suffix": "the end"}, "suffix"),
     ({"n": 2}, "n"),
     ({"echo": True}, "echo"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
     ({"extra_body": {"min_p": 0.1}}, "min_p"),
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
     ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),

@@ -1,4 +1,5 @@
-"""vLLM's `return_token_ids` extension: token ids on every choice, streamed and whole (units)."""
+"""Response shapes from replica items (units): vLLM's `return_token_ids` (token ids on every
+choice, streamed and whole) and OpenAI's logprobs of completions and chats."""
 import asyncio
 import json
 
@@ -78,3 +79,68 @@ def test_return_token_ids_is_an_optional_bool_on_both_endpoints():
     assert "return_token_ids" not in completion.sampling()
     with pytest.raises(ValueError):
         CompletionRequest(model="m", prompt="x", return_token_ids="maybe")
+
+
+# ---- logprobs: the replica's entries [text, logprob, [[text, logprob], ...]] in OpenAI's shapes
+LOGPROB_ITEMS = [
+    {"text": "Hé", "num_tokens": 2, "token_ids": [11, 12],
+     "logprobs": [["H", -0.5, [["H", -0.5], ["A", -1.5]]], ["é", -0.25, [["é", -0.25], ["e", -2.0]]]]},
+    {"text": "!", "num_tokens": 1, "token_ids": [13], "logprobs": [["!", -0.75, [["!", -0.75], [".", -1.0]]]],
+     "finish_reason": "length", "prompt_tokens": 4, "completion_tokens": 3},
+]
+
+
+def _logprob_chunks(kind: str) -> list[dict]:
+    async def run():
+        builder = ResponseBuilder(kind, "cmpl-1", "m")
+        return [line async for line in sse_events(builder, _aiter(LOGPROB_ITEMS), include_usage=False)]
+    return [json.loads(line[6:]) for line in asyncio.run(run()) if line != "data: [DONE]\n\n"]
+
+
+def test_completion_logprobs_are_the_legacy_lists_with_offsets_running_across_chunks():
+    chunks = [c["choices"][0]["logprobs"] for c in _logprob_chunks(COMPLETION)]
+    assert chunks == [
+        {"tokens": ["H", "é"], "token_logprobs": [-0.5, -0.25], "top_logprobs": [{"H": -0.5, "A": -1.5},
+                                                                                 {"é": -0.25, "e": -2.0}],
+         "text_offset": [0, 1]},
+        {"tokens": ["!"], "token_logprobs": [-0.75], "top_logprobs": [{"!": -0.75, ".": -1.0}], "text_offset": [2]}]
+
+
+def test_chat_logprobs_carry_each_tokens_utf8_bytes_and_alternatives_whole_or_streamed():
+    first = {"token": "H", "logprob": -0.5, "bytes": [72],
+             "top_logprobs": [{"token": "H", "logprob": -0.5, "bytes": [72]},
+                              {"token": "A", "logprob": -1.5, "bytes": [65]}]}
+    streamed = [e for c in _logprob_chunks(CHAT) for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed[0] == first and streamed[1]["bytes"] == [0xC3, 0xA9] and len(streamed) == 3
+
+    async def whole():
+        builder = ResponseBuilder(CHAT, "chatcmpl-1", "m")
+        return json.loads((await collect(builder, LOGPROB_ITEMS[0], _aiter(LOGPROB_ITEMS[1:]))).body)
+    body = asyncio.run(whole())
+    assert body["choices"][0]["logprobs"] == {"content": streamed, "refusal": None}
+
+
+def test_items_without_logprobs_give_null_logprobs():
+    assert all(chunk["choices"][0]["logprobs"] is None for chunk in _stream(COMPLETION, False) if chunk["choices"])
+    assert all(chunk["choices"][0]["logprobs"] is None for chunk in _stream(CHAT, False) if chunk["choices"])
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"logprobs": 21}, "less than or equal to 20"),
+    ({"logprobs": True}, "valid integer"),
+    ({"top_logprobs": 2}, "top_logprobs is the chat API's"),
+])
+def test_completion_logprobs_out_of_range_or_in_chats_spelling_are_refused(body, message):
+    with pytest.raises(ValueError, match=message):
+        CompletionRequest.model_validate({"model": "m", "prompt": "hi", **body})
+
+
+def test_chat_logprobs_become_the_engines_alternatives_count():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert ChatCompletionRequest.model_validate(chat).sampling()["logprobs"] is None
+    assert ChatCompletionRequest.model_validate({**chat, "logprobs": True}).sampling()["logprobs"] == 0
+    asked = {**chat, "logprobs": True, "top_logprobs": 5}
+    assert ChatCompletionRequest.model_validate(asked).sampling()["logprobs"] == 5
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "hi", "logprobs": 3}).sampling()["logprobs"] == 3
+    with pytest.raises(ValueError, match="top_logprobs needs logprobs: true"):
+        ChatCompletionRequest.model_validate({**chat, "top_logprobs": 2})

@@ -121,6 +121,45 @@ def test_chat_completions_stream_and_not(service, adapters, oracle):
     assert streamed == want["text"]
 
 
+def test_logprobs_of_completions_and_chats_equal_the_engines_streamed_or_not(service, adapters, oracle):
+    client, text_of = _client(service, "acme"), lambda token: oracle.engine.tokenizer.decode([token])
+    want = oracle.complete(PROMPTS[0], 6, adapters["acme"], "acme/style", logprobs=2)
+    texts = [text_of(t) for t in want["token_ids"]]
+    chosen = [logprob for logprob, _ in want["logprobs"]]
+    alternatives = [[(text_of(t), lp) for t, lp in alts] for _, alts in want["logprobs"]]
+
+    kwargs = dict(model="style", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kwargs, stream=True)
+              if c.choices and c.choices[0].logprobs is not None]
+    streamed = {key: [v for c in chunks for v in getattr(c, key)]
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    for got in (whole.model_dump(), streamed):
+        assert got["tokens"] == texts
+        assert got["token_logprobs"] == pytest.approx(chosen, abs=1e-4)
+        assert got["text_offset"] == [sum(map(len, texts[:i])) for i in range(len(texts))]
+        for top, alts in zip(got["top_logprobs"], alternatives):
+            assert top == pytest.approx(dict(alts), abs=1e-4)
+
+    messages = [{"role": "user", "content": "Hello"}]
+    want = oracle.complete(oracle.chat_prompt(messages), 5, adapters["acme"], "acme/style", logprobs=2)
+    kwargs = dict(model="style", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = [entry for c in client.chat.completions.create(**kwargs, stream=True)
+                if c.choices and c.choices[0].logprobs is not None for entry in c.choices[0].logprobs.content]
+    for got in (whole, streamed):
+        assert [e.token for e in got] == [text_of(t) for t in want["token_ids"]]
+        assert [e.bytes for e in got] == [list(e.token.encode()) for e in got]
+        assert [e.logprob for e in got] == pytest.approx([lp for lp, _ in want["logprobs"]], abs=1e-4)
+        for entry, (_, alts) in zip(got, want["logprobs"]):
+            assert [t.token for t in entry.top_logprobs] == [text_of(t) for t, _ in alts]
+            assert [t.logprob for t in entry.top_logprobs] == pytest.approx([lp for _, lp in alts], abs=1e-4)
+    plain = client.chat.completions.create(model="style", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model="style", messages=messages, max_tokens=2, top_logprobs=2)
+
+
 def test_stop_sequences_and_seeded_sampling(service, adapters, oracle):
     client = _client(service, "acme")
     full = oracle.complete(PROMPTS[1], 16, adapters["acme"], "acme/style")["text"]
@@ -226,7 +265,8 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
         (json.dumps({"model": "style", "prompt": "hi", "temperature": -1}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "presence_penalty": 2.5}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "repetition_penalty": 0}), 400),
-        (json.dumps({"model": "style", "prompt": "hi", "logprobs": 2}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "logprobs": 21}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "logprobs": True}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "stop_token_ids": [-1]}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "logit_bias": {"5": 101}}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "response_format": {"type": "json_object"}}), 400),

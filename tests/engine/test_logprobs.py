@@ -1,0 +1,83 @@
+"""SamplingParams.logprobs: each sampled token's log-probability and its most likely alternatives,
+against transformers + PEFT's log-softmax of the same positions."""
+import pytest
+import torch
+
+from engine import InvalidRequestError, SamplingParams
+from engine.testing.reference import load_reference_model
+from tests.engine.helpers import PROMPTS, lora, make_engine
+
+
+def reference_logprobs(model, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """[len(generated), V]: the reference's log-softmax at each generated position."""
+    ids = torch.tensor([prompt + generated])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+    return logits.log_softmax(dim=-1)
+
+
+def test_greedy_logprobs_and_alternatives_match_the_reference_with_and_without_adapters(checkpoints, adapters):
+    ckpt = checkpoints["qwen3_moe"]
+    engine = make_engine(ckpt, max_loras=2, max_lora_rank=16)
+    reqs = [lora(adapters, "qwen3_moe", "b"), None, lora(adapters, "qwen3_moe", "a")]
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3), reqs)
+    for prompt, out, name in zip(PROMPTS, outs, ["b", None, "a"]):
+        ref = load_reference_model(ckpt, None if name is None else adapters["qwen3_moe"][name])
+        expected = reference_logprobs(ref, prompt, out["token_ids"])
+        assert len(out["logprobs"]) == len(out["token_ids"]) == 6
+        for position, (token, (chosen, alternatives)) in enumerate(zip(out["token_ids"], out["logprobs"])):
+            assert chosen == pytest.approx(expected[position, token].item(), abs=1e-4)
+            top = expected[position].topk(3)
+            assert [t for t, _ in alternatives] == top.indices.tolist()
+            assert [v for _, v in alternatives] == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert alternatives[0][0] == token  # greedy: the sampled token is the most likely
+
+
+def test_logprobs_are_the_models_own_whatever_the_temperature_and_penalties(checkpoints):
+    """vLLM's default: the distribution before temperature, penalties and bias."""
+    ckpt = checkpoints["qwen3_moe"]
+    engine = make_engine(ckpt)
+    params = SamplingParams(max_tokens=5, temperature=1.7, seed=3, repetition_penalty=1.5, logit_bias={7: 5.0},
+                            ignore_eos=True, logprobs=0)
+    prompt = PROMPTS[0]
+    out = engine.generate([prompt], params)[0]
+    expected = reference_logprobs(load_reference_model(ckpt), prompt, out["token_ids"])
+    for position, (token, (chosen, alternatives)) in enumerate(zip(out["token_ids"], out["logprobs"])):
+        assert chosen == pytest.approx(expected[position, token].item(), abs=1e-4)
+        assert alternatives == []
+
+
+def test_only_the_requests_that_ask_get_logprobs(checkpoints):
+    engine = make_engine(checkpoints["qwen3_moe"])
+    for rid, logprobs in (("with", 2), ("without", None)):
+        engine.add_request(rid, PROMPTS[0], SamplingParams(max_tokens=3, temperature=0, logprobs=logprobs))
+    seen = {"with": [], "without": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert all(len(o.logprobs) == len(o.token_ids_delta) for o in seen["with"] if o.token_ids_delta)
+    assert all(len(e[1]) == 2 for o in seen["with"] for e in o.logprobs or [])
+    assert all(o.logprobs is None for o in seen["without"])
+
+
+@pytest.mark.parametrize("bad", [-1, 21, True, 2.0])
+def test_logprobs_outside_zero_to_twenty_alternatives_are_refused(bad):
+    with pytest.raises(InvalidRequestError, match="logprobs"):
+        SamplingParams(logprobs=bad)
+
+
+@pytest.mark.gpu
+def test_gpu_logprobs_through_decode_graphs_and_async_steps_match_the_reference(checkpoints, adapters):
+    """fp32 on the GPU kernels with the engine's defaults there (decode graphs, async
+    scheduling: the logprobs come back with the tokens, a step behind)."""
+    ckpt = checkpoints["qwen3_moe"]
+    engine = make_engine(ckpt, device="cuda", dtype="float32", max_loras=2, max_lora_rank=16)
+    reqs = [lora(adapters, "qwen3_moe", "b"), None, lora(adapters, "qwen3_moe", "a")]
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2), reqs)
+    for prompt, out, name in zip(PROMPTS, outs, ["b", None, "a"]):
+        ref = load_reference_model(ckpt, None if name is None else adapters["qwen3_moe"][name])
+        expected = reference_logprobs(ref, prompt, out["token_ids"])
+        assert len(out["logprobs"]) == 8
+        for position, (token, (chosen, alternatives)) in enumerate(zip(out["token_ids"], out["logprobs"])):
+            assert chosen == pytest.approx(expected[position, token].item(), abs=1e-3)
+            assert [v for _, v in alternatives] == pytest.approx(expected[position].topk(2).values.tolist(), abs=1e-3)
