@@ -241,8 +241,9 @@ class LLMServer:
         """The engine's logprobs (RequestOutput.logprobs) with each token as its text:
         [[text, logprob, [[alternative text, logprob], ...]], ...] (the ingress's ResponseBuilder
         makes OpenAI's shapes of them)."""
-        texts = self._token_texts
-        decode = self._engine.tokenizer.decode
+        texts, tokenizer = self._token_texts, self._engine.tokenizer
+        # a checkpoint without a tokenizer serves token ids only, its texts empty
+        decode = tokenizer.decode if tokenizer is not None else (lambda ids: "")
 
         def text(token: int) -> str:
             if token not in texts:  # at most the vocabulary, each a short string

@@ -50,3 +50,15 @@ def test_a_chat_request_with_max_tokens_hands_the_engine_its_text(tmp_path):
     server, inputs = _server(tmp_path, 256)
     prompt, params = server._prepare({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
     assert isinstance(prompt, str) and inputs.encodes == 0 and params.max_tokens == 5
+
+
+def test_logprob_entries_name_each_token_by_its_text_and_a_checkpoint_without_tokenizer_by_none(tmp_path):
+    server, _ = _server(tmp_path, 64)
+    server._token_texts = {}
+    tok = server._engine.tokenizer
+    ids = tok.encode("the fox")
+    entries = server._logprob_entries([(ids[0], -0.5, [(ids[0], -0.5), (ids[1], -1.25)])])
+    assert entries == [[tok.decode([ids[0]]), -0.5, [[tok.decode([ids[0]]), -0.5], [tok.decode([ids[1]]), -1.25]]]]
+    assert server._token_texts == {ids[0]: tok.decode([ids[0]]), ids[1]: tok.decode([ids[1]])}
+    server._engine.tokenizer, server._token_texts = None, {}
+    assert server._logprob_entries([(7, -0.5, [(7, -0.5)])]) == [["", -0.5, [["", -0.5]]]]
