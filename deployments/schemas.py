@@ -41,6 +41,8 @@ class _SamplingFields(BaseModel):
     return_token_ids: bool = Field(default=False, description="each choice also carries the "
                                    "generated token ids (per chunk when streaming)")
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
     response_format: dict | None = None
     tools: list | None = None
@@ -48,8 +50,6 @@ class _SamplingFields(BaseModel):
     # refused unless they ask for nothing (NO_OP_VALUES)
     modalities: Any = None
     audio: Any = None
-    min_p: Any = None
-    min_tokens: Any = None
     use_beam_search: Any = None
     prompt_logprobs: Any = None
     include_stop_str_in_output: Any = None
@@ -131,7 +131,7 @@ class _SamplingFields(BaseModel):
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
                 "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ()),
                 "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
-                "logprobs": self.logprob_alternatives()}
+                "logprobs": self.logprob_alternatives(), "min_p": self.min_p, "min_tokens": self.min_tokens}
 
     def logprob_alternatives(self) -> int | None:
         """Alternatives a token whose logprobs the response carries (0: the sampled token's

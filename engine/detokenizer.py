@@ -28,10 +28,11 @@ class IncrementalDetokenizer:
         self.head_len, self.head_text = 0, ""  # decode(ids[:head_len]), checked to split cleanly
         self.next_move = 2 * window  # output length at which to try moving the head
 
-    def update(self, output_ids: list[int], finished: bool) -> tuple[str, bool]:
-        """(new text delta, whether a stop string ended the text)."""
+    def update(self, output_ids: list[int], finished: bool, check_stop: bool = True) -> tuple[str, bool]:
+        """(new text delta, whether a stop string ended the text); check_stop=False: a stop string
+        does not end it yet (min_tokens), and one that ends before what is held back is passed."""
         full = self._text(output_ids)
-        cut = self._find_stop(full)
+        cut = self._find_stop(full) if check_stop else None
         if cut is not None:
             return self._emit(full[:cut]), True
         if finished:

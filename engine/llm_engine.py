@@ -170,7 +170,8 @@ class LLMEngine:
     def _token_output(self, seq: Sequence, token: int, logprobs: tuple | None = None) -> RequestOutput:
         reason = self._stop_reason(seq, token)
         detok = self.detokenizers[seq.request_id]
-        delta, stop_hit = ("", False) if detok is None else detok.update(seq.output_token_ids, reason is not None)
+        delta, stop_hit = ("", False) if detok is None else detok.update(
+            seq.output_token_ids, reason is not None, len(seq.output_token_ids) >= seq.params.min_tokens)
         if stop_hit:
             reason = "stop"
         out = RequestOutput(seq.request_id, delta, [token], reason is not None, reason,

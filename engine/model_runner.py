@@ -131,7 +131,7 @@ class ModelRunner:
                 self.prefill_graphs = self.prefill_graphs if prefill_ok else None
                 self.graphs = self.graphs if decode_ok else None
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        self.sampling = SamplingInputs(spec.vocab_size, self.device, self._tensor)
+        self.sampling = SamplingInputs(spec.vocab_size, self.device, self._tensor, spec.eos_token_ids)
         if config.warmup and self.device.type == "cuda":  # on CPU nothing compiles: tests call warmup()
             with self._timed("warmup"):
                 try:

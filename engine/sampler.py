@@ -25,7 +25,9 @@ class SamplingTensors:
     generators: list      # [B] torch.Generator or None (None: the engine's shared generator)
     all_greedy: bool
     penalties: Penalties | None = None
-    bias: tuple[Tensor, Tensor, Tensor] | None = None  # logit_bias as (rows [N], token ids [N], biases [N])
+    # logit_bias as (rows [N], token ids [N], biases [N]); -inf bans a token (min_tokens)
+    bias: tuple[Tensor, Tensor, Tensor] | None = None
+    min_ps: Tensor | None = None  # [B] float32, 0 = none (None when no row sets min_p)
 
 
 def apply_penalties(logits: Tensor, p: Penalties) -> Tensor:
@@ -58,6 +60,8 @@ def sample(logits: Tensor, st: SamplingTensors, default_generator: torch.Generat
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
     ranks = torch.arange(logits.shape[1], device=logits.device)
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= st.top_ks[:, None], float("-inf"))
+    if st.min_ps is not None:
+        sorted_logits = apply_min_p(sorted_logits, st.min_ps)
     probs = sorted_logits.softmax(dim=-1)
     # drop a token when the tokens ranked above it already hold top_p of the mass
     outside = probs.cumsum(dim=-1) - probs > st.top_ps[:, None]
@@ -68,6 +72,14 @@ def sample(logits: Tensor, st: SamplingTensors, default_generator: torch.Generat
             noise[row].exponential_(generator=gen)
     picked = order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
     return torch.where(st.temperatures == 0, greedy, picked)
+
+
+def apply_min_p(sorted_logits: Tensor, min_ps: Tensor) -> Tensor:
+    """Logits [B, V] sorted descending, with the tokens less likely than min_p x the most likely
+    one at -inf: p_i < min_p * p_max is l_i < l_max + log(min_p), the same before and after the
+    top-k / top-p cuts (neither drops the most likely token)."""
+    floor = sorted_logits[:, :1] + min_ps.clamp(min=1e-30).log()[:, None]
+    return sorted_logits.masked_fill((sorted_logits < floor) & (min_ps[:, None] > 0), float("-inf"))
 
 
 @torch.no_grad()

@@ -14,29 +14,40 @@ from engine.sequence import Sequence
 
 
 class SamplingInputs:
-    def __init__(self, vocab_size: int, device: torch.device, to_tensor: Callable[[list, torch.dtype], Tensor]):
-        """to_tensor(values, dtype): a host list as a tensor on `device` (ModelRunner._tensor)."""
+    def __init__(self, vocab_size: int, device: torch.device, to_tensor: Callable[[list, torch.dtype], Tensor],
+                 eos_token_ids: tuple[int, ...] = ()):
+        """to_tensor(values, dtype): a host list as a tensor on `device` (ModelRunner._tensor);
+        eos_token_ids: what min_tokens bans with the request's stop_token_ids."""
         self.vocab_size, self.device, self._tensor = vocab_size, device, to_tensor
+        self.eos_token_ids = tuple(eos_token_ids)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
 
     def tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         vocab = self.vocab_size
         temps = [s.params.temperature for s in seqs]
         penalties = self._penalties(seqs) if any(s.params.uses_history for s in seqs) else None
-        bias = self._logit_bias(seqs) if any(s.params.logit_bias for s in seqs) else None
+        bias = self._logit_bias(seqs) if any(s.params.logit_bias or _too_short(s) for s in seqs) else None
         if all(t == 0 for t in temps):  # argmax only: no per-sequence tensors to build and copy
             return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties, bias=bias)
         gens = [self._generator(s) for s in seqs]
+        min_ps = [s.params.min_p if s.params.temperature > 0 else 0.0 for s in seqs]
         return SamplingTensors(
             temperatures=self._tensor(temps, torch.float32),
             top_ps=self._tensor([s.params.top_p for s in seqs], torch.float32),
             top_ks=self._tensor([min(s.params.top_k or vocab, vocab) for s in seqs], torch.long),
-            generators=gens, all_greedy=all(t == 0 for t in temps), penalties=penalties, bias=bias)
+            generators=gens, all_greedy=all(t == 0 for t in temps), penalties=penalties, bias=bias,
+            min_ps=self._tensor(min_ps, torch.float32) if any(min_ps) else None)
 
     def _logit_bias(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
+        """logit_bias, and -inf on the tokens that would end a sequence still under its
+        min_tokens (its stop_token_ids, and EOS unless it ignores EOS)."""
         vocab = self.vocab_size
         entries = [(row, t, b) for row, s in enumerate(seqs) for t, b in (s.params.logit_bias or {}).items()
                    if t < vocab]  # ids past the vocabulary have no logit to move
+        for row, s in enumerate(seqs):
+            if _too_short(s):
+                ends = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else set(self.eos_token_ids))
+                entries += [(row, t, float("-inf")) for t in sorted(ends) if t < vocab]
         rows, ids, biases = zip(*entries) if entries else ((), (), ())
         return (self._tensor(list(rows), torch.long), self._tensor(list(ids), torch.long),
                 self._tensor(list(biases), torch.float32))
@@ -63,3 +74,9 @@ class SamplingInputs:
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
+
+
+def _too_short(seq: Sequence) -> bool:
+    """Whether the token this step samples for `seq` comes before its min_tokens-th (the
+    tokens still on the device, num_pending, count as made)."""
+    return len(seq.output_token_ids) + seq.num_pending < seq.params.min_tokens

@@ -24,6 +24,10 @@ class SamplingParams:
     # it when positive, multiplied when negative
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit, [-100, 100]
+    # vLLM's: drop a token whose probability (after temperature) is under min_p x the most likely
+    # one's; no end of sequence (EOS, stop_token_ids, stop strings) before min_tokens are made
+    min_p: float = 0.0
+    min_tokens: int = 0
     # log-probabilities of each sampled token and of this many most likely alternatives (0: the
     # sampled token's only; None: none), under the model's own distribution: the logits before
     # penalties, bias and temperature (vLLM's default, "raw_logprobs")
@@ -48,6 +52,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             _check(-2.0 <= getattr(self, name) <= 2.0, f"{name} must be in [-2, 2], got {getattr(self, name)}")
         _check(0 < self.repetition_penalty <= 10, f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        _check(type(self.min_tokens) is int and 0 <= self.min_tokens <= self.max_tokens,
+               f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         wanted = self.logprobs
         _check(wanted is None or (type(wanted) is int and 0 <= wanted <= MAX_LOGPROBS),
                f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives a token), got {self.logprobs!r}")

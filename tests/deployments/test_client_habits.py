@@ -263,7 +263,6 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
     ({"n": 2}, "n"),
     ({"echo": True}, "echo"),
     ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
-    ({"extra_body": {"min_p": 0.1}}, "min_p"),
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
     ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
 ], ids=lambda v: v if isinstance(v, str) else None)
@@ -278,7 +277,7 @@ def test_unsupported_completion_fields_are_refused_by_name(client, ingress, fiel
 
 def test_no_op_values_of_unsupported_fields_are_served(client, ingress):
     _complete(client, BASE, best_of=1, suffix="", n=1, echo=False,
-              extra_body={"min_p": 0.0, "use_beam_search": False})
+              extra_body={"use_beam_search": False})
     assert ingress._llm.model_ids == [""]
 
 

@@ -176,8 +176,9 @@ def test_stop_sequences_and_seeded_sampling(service, adapters, oracle):
 
 
 def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
-    """OpenAI's presence / frequency penalties and vLLM's repetition_penalty / top_k (extra_body)
-    give what the engine gives for the same SamplingParams."""
+    """OpenAI's presence / frequency penalties, logit_bias and vLLM's repetition_penalty, top_k,
+    ignore_eos, stop_token_ids, min_tokens and min_p (extra_body) give what the engine gives for
+    the same SamplingParams."""
     client = _client(service, "acme")
     sampling = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3, top_k=5)
     want = oracle.complete(PROMPTS[1], 12, adapters["acme"], "acme/style", **sampling)["text"]
@@ -199,6 +200,17 @@ def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
                                        logit_bias={str(ids[0] + 1): 100}, extra_body={"ignore_eos": True})
     assert forced.choices[0].text == oracle.complete(PROMPTS[1], 4, adapters["acme"], "acme/style", ignore_eos=True,
                                                      logit_bias={ids[0] + 1: 100.0})["text"]
+    # vLLM's min_tokens holds the stop token back; min_p = 1 samples what greedy picks
+    held = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                     extra_body={"stop_token_ids": [ids[0]], "min_tokens": 5})
+    want = oracle.complete(PROMPTS[1], 12, adapters["acme"], "acme/style", stop_token_ids=(ids[0],), min_tokens=5)
+    assert held.usage.completion_tokens == len(want["token_ids"]) >= 5 and held.choices[0].text == want["text"]
+    sharp = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=6, temperature=1.8, seed=3,
+                                      extra_body={"min_p": 1.0, "ignore_eos": True})
+    assert sharp.choices[0].text == oracle.complete(PROMPTS[1], 6, adapters["acme"], "acme/style",
+                                                    ignore_eos=True)["text"]
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=4, extra_body={"min_tokens": 5})
 
 
 def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):
