@@ -23,6 +23,7 @@ from adapter_store.errors import AdapterNotFoundError, InvalidNameError
 from deployments.adapter_routes import AdapterRoutes
 from deployments.args import AppArgs
 from deployments.auth import TENANT_HEADER
+from deployments.choices import choice_payloads, collect_choices, first_items, merged_events
 from deployments.errors import BadRequestError, NotFoundError, ServiceUnavailableError, to_api_error
 from deployments.http_app import api
 from deployments.http_guards import (bound_direct_ingress_receive, default_max_body_bytes,
@@ -170,9 +171,9 @@ class Ingress(AdapterRoutes):
     async def _complete(self, request: Request, body, payload: dict, kind: str):
         arrived = time.perf_counter()
         route = "chat" if kind == CHAT else "completions"
-        tenant = self._auth.tenant_of(request.headers)
+        tenant, n = self._auth.tenant_of(request.headers), body.n
         self._loop_lag.ensure_started()
-        self._limiter.acquire(tenant)
+        self._limiter.acquire(tenant, n)
         try:
             model_id = await self._multiplexed_id(tenant, body.model)
             resolved = time.perf_counter()
@@ -181,18 +182,25 @@ class Ingress(AdapterRoutes):
             self._check_budget(payload["max_tokens"])
             rid = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
             payload.update(request_id=rid, tenant=tenant, sampling=body.sampling())
-            logger.info("request %s tenant %s model %s stream=%s", rid, tenant,
-                        model_id or payload.get("adapter", "base"), body.stream)
-            items = self._llm.options(stream=True, multiplexed_model_id=model_id) \
-                .generate.remote(payload)
-            first = await first_item(items, rid)
+            logger.info("request %s tenant %s model %s stream=%s%s", rid, tenant,
+                        model_id or payload.get("adapter", "base"), body.stream, f" n={n}" if n > 1 else "")
+            replicas = self._llm.options(stream=True, multiplexed_model_id=model_id)
+            if n == 1:
+                items = replicas.generate.remote(payload)
+                first = await first_item(items, rid)
+            else:  # a stream a choice (choices.py); the timing is of all their first tokens
+                streams = [replicas.generate.remote(p) for p in choice_payloads(payload, n)]
+                firsts = await first_items(streams, rid)
+                first = firsts[0]
             timing = ServerTiming(arrived, resolved, first) if self._args.server_timing else None
         except BaseException as exc:
-            self._limiter.release(tenant)
+            self._limiter.release(tenant, n)
             self._metrics.request(tenant, route, to_api_error(exc).status_code)
             raise
-        builder = ResponseBuilder(kind, rid, body.model, body.return_token_ids)
         self._metrics.request(tenant, route, 200)
+        if n > 1:
+            return await self._choices(body, kind, rid, tenant, firsts, streams, timing)
+        builder = ResponseBuilder(kind, rid, body.model, body.return_token_ids)
         if body.stream:
             events = sse_events(builder, self._released(tenant, rid, first, items),
                                 body.include_usage_in_stream())
@@ -205,6 +213,35 @@ class Ingress(AdapterRoutes):
             return response
         finally:
             self._limiter.release(tenant)
+
+    async def _choices(self, body, kind: str, rid: str, tenant: str, firsts: list[dict], streams: list,
+                       timing: ServerTiming | None):
+        """The response of a request of n > 1 choices, streamed or whole; frees the tenant's n
+        places at its end."""
+        created, n = int(time.time()), len(streams)
+        builders = [ResponseBuilder(kind, rid, body.model, body.return_token_ids, index=i, created=created)
+                    for i in range(n)]
+        if body.stream:
+            lines = merged_events(builders, firsts, streams, body.include_usage_in_stream())
+            return StreamingResponse(self._released_lines(tenant, n, lines), media_type="text/event-stream",
+                                     headers=timing.headers() if timing else None)
+        try:
+            response = await collect_choices(builders, firsts, streams)
+            if timing:
+                response.headers.update(timing.headers(total=True))
+            return response
+        finally:
+            self._limiter.release(tenant, n)
+
+    async def _released_lines(self, tenant: str, n: int, lines):
+        """`lines` (an SSE stream of n choices); frees the tenant's n places at its end, a client
+        that left included (closing `lines` cancels the choices still decoding)."""
+        try:
+            async for line in lines:
+                yield line
+        finally:
+            await lines.aclose()
+            self._limiter.release(tenant, n)
 
     async def _released(self, tenant: str, rid: str, first: dict, items):
         """The replica items (first one included); frees the tenant's slot at the end.

@@ -28,18 +28,21 @@ class TenantLimiter:
     def active(self, tenant: str) -> int:
         return self._active[tenant]
 
-    def can_acquire(self, tenant: str) -> bool:
-        return self._active[tenant] < self.limit(tenant)
+    def can_acquire(self, tenant: str, count: int = 1) -> bool:
+        # a request of more choices than the limit still runs alone, else it could never run
+        return self._active[tenant] == 0 or self._active[tenant] + count <= self.limit(tenant)
 
-    def acquire(self, tenant: str) -> None:
-        if not self.can_acquire(tenant):
+    def acquire(self, tenant: str, count: int = 1) -> None:
+        """Take `count` of the tenant's places (a request of n choices takes n) or raise 429."""
+        if not self.can_acquire(tenant, count):
+            asked = "" if count == 1 else f"; this request's {count} choices count as {count}"
             raise RateLimitError(
                 f"tenant {tenant!r} already has {self._active[tenant]} requests in flight (limit "
-                f"{self.limit(tenant)}); wait for one to finish and retry",
+                f"{self.limit(tenant)}{asked}); wait for one to finish and retry",
                 code="too_many_concurrent_requests")
-        self._active[tenant] += 1
+        self._active[tenant] += count
 
-    def release(self, tenant: str) -> None:
-        self._active[tenant] -= 1
+    def release(self, tenant: str, count: int = 1) -> None:
+        self._active[tenant] -= count
         if self._active[tenant] <= 0:
             del self._active[tenant]

@@ -17,10 +17,12 @@ class ResponseBuilder:
     generated ids of that chunk when streaming, all of them in a whole response.
     """
 
-    def __init__(self, kind: str, request_id: str, model: str, return_token_ids: bool = False):
+    def __init__(self, kind: str, request_id: str, model: str, return_token_ids: bool = False,
+                 index: int = 0, created: int | None = None):
+        """index: the choice this builder makes (n > 1: one builder a choice, sharing `created`)."""
         self.kind, self.request_id, self.model = kind, request_id, model
-        self.return_token_ids = return_token_ids
-        self.created = int(time.time())
+        self.return_token_ids, self.index = return_token_ids, index
+        self.created = int(time.time()) if created is None else created
         self._text_offset = 0  # characters of the tokens' texts so far (completions' text_offset)
 
     def logprobs(self, entries: list | None) -> dict | None:
@@ -54,12 +56,14 @@ class ResponseBuilder:
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
               token_ids: list[int] | None = None, logprobs: list | None = None) -> dict:
         if self.kind == COMPLETION:
-            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+            choice = {"index": self.index, "text": text, "logprobs": self.logprobs(logprobs),
+                      "finish_reason": finish_reason}
             return {**self._head(COMPLETION), "choices": [self._with_ids(choice, token_ids)]}
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         if finish_reason is not None and not text:
             delta = {}
-        choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+        choice = {"index": self.index, "delta": delta, "logprobs": self.logprobs(logprobs),
+                  "finish_reason": finish_reason}
         return {**self._head("chat.completion.chunk"), "choices": [self._with_ids(choice, token_ids)]}
 
     def usage_chunk(self, usage: Usage) -> dict:
@@ -68,13 +72,20 @@ class ResponseBuilder:
 
     def full(self, text: str, finish_reason: str, usage: Usage,
              token_ids: list[int] | None = None, logprobs: list | None = None) -> dict:
+        return self.whole([self.whole_choice(text, finish_reason, token_ids, logprobs)], usage)
+
+    def whole(self, choices: list[dict], usage: Usage) -> dict:
+        """A whole (not streamed) response of these choices (whole_choice's)."""
+        return {**self._head(self.kind), "choices": choices, "usage": usage.model_dump()}
+
+    def whole_choice(self, text: str, finish_reason: str, token_ids: list[int] | None = None,
+                     logprobs: list | None = None) -> dict:
         if self.kind == COMPLETION:
-            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+            choice = {"index": self.index, "text": text}
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
-        return {**self._head(self.kind), "choices": [self._with_ids(choice, token_ids)],
-                "usage": usage.model_dump()}
+            choice = {"index": self.index, "message": {"role": "assistant", "content": text}}
+        choice.update(logprobs=self.logprobs(logprobs), finish_reason=finish_reason)
+        return self._with_ids(choice, token_ids)
 
 
 def _chat_logprob(text: str, logprob: float) -> dict:

@@ -32,17 +32,25 @@ async def first_item(items, request_id: str) -> dict:
         logger.warning("request %s: replica call failed: %s", request_id, type(exc).__name__)
         raise lost_replica(exc) from exc
     if "error" in first:
-        raise _error_from_item(first["error"])
+        raise error_from_item(first["error"])
     return first
 
 
-def _error_from_item(error: dict) -> APIError:
+def error_from_item(error: dict) -> APIError:
     exc = APIError(error["message"], code=error.get("code"), param=error.get("param"))
     exc.status_code, exc.error_type = error["status"], error["type"]
     return exc
 
 
 async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
+    text, ids, logprobs, last = await read_rest(first, items)
+    usage = Usage.of(last["prompt_tokens"], last["completion_tokens"])
+    return JSONResponse(builder.full(text, last["finish_reason"], usage, ids, logprobs))
+
+
+async def read_rest(first: dict, items) -> tuple[str, list[int], list | None, dict]:
+    """A request's whole output from its first item on: (text, token ids, logprob entries or
+    None, the last item, which carries the finish reason and the token counts)."""
     text, ids, item = [first["text"]], list(first.get("token_ids", ())), first
     logprobs = None if first.get("logprobs") is None else list(first["logprobs"])
     while item.get("finish_reason") is None:
@@ -54,10 +62,9 @@ async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
         except Exception as exc:  # noqa: BLE001
             raise lost_replica(exc) from exc
         if "error" in item:
-            raise _error_from_item(item["error"])
+            raise error_from_item(item["error"])
         text.append(item["text"])
         ids.extend(item.get("token_ids", ()))
         if item.get("logprobs") is not None:
             logprobs = (logprobs or []) + item["logprobs"]
-    usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
-    return JSONResponse(builder.full("".join(text), item["finish_reason"], usage, ids, logprobs))
+    return "".join(text), ids, logprobs, item

@@ -56,6 +56,8 @@ NO_OP_VALUES: dict[str, tuple] = {
 
 
 COMPLETION_ONLY_NO_OPS = ("best_of", "suffix")  # the others are fields of every request
+# choices one request may ask for (n); each counts against the tenant's requests in flight
+MAX_CHOICES = 16
 
 
 def refuse_unless_no_op(value, info: ValidationInfo):

@@ -7,8 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from adapter_store.errors import InvalidNameError
 from adapter_store.names import check_name
-from deployments.request_rules import (COMPLETION_ONLY_NO_OPS, MAX_STOP_SEQUENCES, MAX_TOKEN_ID_DIGITS,
-                                       NO_OP_VALUES, find_lone_surrogate, refuse_unless_no_op)
+from deployments.request_rules import (COMPLETION_ONLY_NO_OPS, MAX_CHOICES, MAX_STOP_SEQUENCES,
+                                       MAX_TOKEN_ID_DIGITS, NO_OP_VALUES, find_lone_surrogate,
+                                       refuse_unless_no_op)
 from engine.sampling_params import MAX_LOGPROBS
 
 
@@ -31,7 +32,7 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices: engine requests of their own (choices.py)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     # vLLM's extensions (the openai SDK sends them through extra_body)
@@ -103,14 +104,6 @@ class _SamplingFields(BaseModel):
     def _token_ids(cls, value):
         if value is not None and any(t < 0 for t in value):
             raise ValueError("stop_token_ids must be token ids >= 0")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value):
-        if value != 1:
-            raise ValueError("n > 1 (several choices per request) is not supported; send n=1 "
-                             "and make several requests")
         return value
 
     @field_validator("stop")

@@ -42,7 +42,7 @@ class DirectEngine:
 
         lora = None if adapter_dir is None else LoRARequest(lora_name=name,
                                                             lora_path=str(adapter_dir))
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=tuple(stop), **sampling)
+        params = SamplingParams(max_tokens=max_tokens, stop=tuple(stop), **{"temperature": 0.0, **sampling})
         return self.engine.generate([prompt], params, loras=[lora])[0]
 
     def chat_prompt(self, messages: list[dict]) -> str:

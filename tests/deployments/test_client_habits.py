@@ -260,7 +260,6 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
 @pytest.mark.parametrize("fields,param", [
     ({"best_of": 2}, "best_of"),
     ({"suffix": "the end"}, "suffix"),
-    ({"n": 2}, "n"),
     ({"echo": True}, "echo"),
     ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
@@ -276,7 +275,7 @@ def test_unsupported_completion_fields_are_refused_by_name(client, ingress, fiel
 
 
 def test_no_op_values_of_unsupported_fields_are_served(client, ingress):
-    _complete(client, BASE, best_of=1, suffix="", n=1, echo=False,
+    _complete(client, BASE, best_of=1, suffix="", echo=False,
               extra_body={"use_beam_search": False})
     assert ingress._llm.model_ids == [""]
 

@@ -160,6 +160,40 @@ def test_logprobs_of_completions_and_chats_equal_the_engines_streamed_or_not(ser
         client.chat.completions.create(model="style", messages=messages, max_tokens=2, top_logprobs=2)
 
 
+def test_several_choices_in_one_request_streamed_or_whole(service, adapters, oracle):
+    client = _client(service, "acme")
+    want = oracle.complete(PROMPTS[0], 6, adapters["acme"], "acme/style")
+    greedy = client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=6, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert [c.text for c in greedy.choices] == [want["text"]] * 3
+    assert greedy.usage.prompt_tokens == want_prompt_tokens(client, PROMPTS[0])
+    assert greedy.usage.completion_tokens == 3 * len(want["token_ids"])
+
+    seeded = dict(model="style", prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7, n=3)
+    texts = [c.text for c in client.completions.create(**seeded).choices]
+    assert len(set(texts)) > 1  # choice i draws with seed + i
+    assert [c.text for c in client.completions.create(**seeded).choices] == texts
+    assert texts[0] == client.completions.create(**{**seeded, "n": 1}).choices[0].text
+
+    streamed, usage = {}, None
+    for chunk in client.chat.completions.create(model="style", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=5, temperature=0, n=2, stream=True,
+                                                stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    whole = client.chat.completions.create(model="style", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=5, temperature=0, n=2)
+    assert streamed == {c.index: c.message.content for c in whole.choices} and len(streamed) == 2
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=2, n=17)
+
+
+def want_prompt_tokens(client, prompt: str) -> int:
+    return client.completions.create(model="style", prompt=prompt, max_tokens=1).usage.prompt_tokens
+
+
 def test_stop_sequences_and_seeded_sampling(service, adapters, oracle):
     client = _client(service, "acme")
     full = oracle.complete(PROMPTS[1], 16, adapters["acme"], "acme/style")["text"]

@@ -101,7 +101,7 @@ def test_request_schemas_validate_openai_fields():
     assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompt == [1, 2]
     for bad in [{"model": "m"}, {"model": "m", "prompt": "x", "max_tokens": "many"},
                 {"model": "m", "prompt": "x", "temperature": 3}, {"model": "m", "prompt": []},
-                {"model": "m", "prompt": "x", "n": 2}, {"model": "m", "prompt": ["a", "b"]},
+                {"model": "m", "prompt": "x", "n": 17}, {"model": "m", "prompt": ["a", "b"]},
                 {"model": "m", "prompt": "x", "stop": ["a"] * 5}]:
         with pytest.raises(ValueError):
             CompletionRequest.model_validate(bad)
@@ -134,6 +134,19 @@ def test_tenant_limiter_of_one_of_k_replicas_allows_its_share_rounded_up():
         limiter.acquire("a")
     limiter.acquire("solo")  # ceil(1 / 2): a tenant is never shut out by the split
     assert not limiter.can_acquire("solo")
+
+
+def test_tenant_limiter_counts_a_requests_choices_and_runs_one_larger_than_the_limit_alone():
+    limiter = TenantLimiter(4)
+    limiter.acquire("a", 3)
+    assert limiter.active("a") == 3 and limiter.can_acquire("a") and not limiter.can_acquire("a", 2)
+    with pytest.raises(RateLimitError, match="this request's 2 choices count as 2"):
+        limiter.acquire("a", 2)
+    limiter.release("a", 3)
+    limiter.acquire("a", 9)  # more choices than the limit: only with nothing else in flight
+    assert not limiter.can_acquire("a")
+    limiter.release("a", 9)
+    assert limiter.active("a") == 0
 
 
 def test_engine_counter_deltas_are_increments():

@@ -1,0 +1,111 @@
+"""Several choices for one request (OpenAI's `n` > 1): one replica stream a choice, merged.
+
+Each choice is a request of its own to the engine replicas (its own request id, `<id>-<i>`, and
+with a `seed`, seed + i, so that seeded choices differ from each other and repeat from one call to
+the next). The response numbers them by `index`; its usage counts the prompt once and every
+choice's tokens. A stream interleaves the choices' chunks as they come; it ends once every choice
+has finished.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from starlette.responses import JSONResponse
+
+from deployments.errors import ServiceUnavailableError
+from deployments.openai_format import ResponseBuilder, sse
+from deployments.replica_stream import first_item, lost_replica, read_rest
+from deployments.schemas import Usage
+
+
+def choice_payloads(payload: dict, n: int) -> list[dict]:
+    """The replica payload of each of n choices."""
+    out = []
+    for i in range(n):
+        sampling = dict(payload["sampling"])
+        if sampling.get("seed") is not None:
+            sampling["seed"] += i
+        out.append({**payload, "request_id": f"{payload['request_id']}-{i}", "sampling": sampling})
+    return out
+
+
+async def first_items(streams: list, request_id: str) -> list[dict]:
+    """Every choice's first item; if one fails, the others are cancelled and its error raised."""
+    try:
+        return list(await asyncio.gather(*(first_item(items, request_id) for items in streams)))
+    except BaseException:
+        for items in streams:
+            items.cancel()
+        raise
+
+
+async def collect_choices(builders: list[ResponseBuilder], firsts: list[dict], streams: list) -> JSONResponse:
+    """The whole response of every choice (the choices read side by side); if one fails, the
+    others are cancelled and its error raised."""
+    reads = [asyncio.ensure_future(read_rest(first, items)) for first, items in zip(firsts, streams)]
+    try:
+        done = await asyncio.gather(*reads)
+    except BaseException:
+        for read, items in zip(reads, streams):
+            read.cancel()
+            items.cancel()
+        raise
+    choices = [b.whole_choice(text, last["finish_reason"], ids, logprobs)
+               for b, (text, ids, logprobs, last) in zip(builders, done)]
+    return JSONResponse(builders[0].whole(choices, _usage(last for *_, last in done)))
+
+
+async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], streams: list,
+                        include_usage: bool) -> AsyncIterator[str]:
+    """SSE lines of every choice's chunks in the order they come, then the usage and [DONE]."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, first: dict, items) -> None:
+        try:
+            await queue.put((index, first))
+            item = first
+            while item.get("finish_reason") is None and "error" not in item:
+                item = await items.__anext__()
+                await queue.put((index, item))
+        except StopAsyncIteration:
+            await queue.put((index, {"error": ServiceUnavailableError(
+                "the stream ended before the request finished; retry", code="truncated_stream").body()["error"]}))
+        except Exception as exc:  # noqa: BLE001 - the replica died mid-stream
+            await queue.put((index, {"error": lost_replica(exc).body()["error"]}))
+
+    tasks = [asyncio.ensure_future(pump(i, first, items)) for i, (first, items) in enumerate(zip(firsts, streams))]
+    started, last = [False] * len(builders), [None] * len(builders)
+    try:
+        while any(item is None for item in last):
+            index, item = await queue.get()
+            if "error" in item:
+                yield sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
+                return
+            builder, finish = builders[index], item.get("finish_reason")
+            ids, logprobs = item.get("token_ids"), item.get("logprobs")
+            if item["text"] or finish is not None or not started[index] or (builder.return_token_ids and ids) \
+                    or logprobs:
+                chunk = builder.chunk(item["text"], finish, first=not started[index], token_ids=ids,
+                                      logprobs=logprobs)
+                if include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+                started[index] = True
+            if finish is not None:
+                last[index] = item
+        if include_usage:
+            yield sse(builders[0].usage_chunk(_usage(last)))
+        yield sse("[DONE]")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for items, item in zip(streams, last):
+            if item is None:  # the client left, or another choice failed: stop this one's decoding
+                items.cancel()
+
+
+def _usage(lasts) -> Usage:
+    """The prompt once, every choice's completion tokens."""
+    lasts = list(lasts)
+    return Usage.of(lasts[0]["prompt_tokens"], sum(item["completion_tokens"] for item in lasts))
