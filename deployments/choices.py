@@ -24,8 +24,9 @@ def choice_payloads(payload: dict, n: int) -> list[dict]:
     out = []
     for i in range(n):
         sampling = dict(payload["sampling"])
-        if sampling.get("seed") is not None:
-            sampling["seed"] += i
+        if sampling.get("seed") is not None:  # wrapped within torch.Generator's seeds, [-2**63, 2**64)
+            seed = sampling["seed"] + i
+            sampling["seed"] = seed - 2**64 if seed >= 2**64 else seed
         out.append({**payload, "request_id": f"{payload['request_id']}-{i}", "sampling": sampling})
     return out
 

@@ -29,8 +29,7 @@ class TenantLimiter:
         return self._active[tenant]
 
     def can_acquire(self, tenant: str, count: int = 1) -> bool:
-        # a request of more choices than the limit still runs alone, else it could never run
-        return self._active[tenant] == 0 or self._active[tenant] + count <= self.limit(tenant)
+        return self._active[tenant] + count <= self.limit(tenant)
 
     def acquire(self, tenant: str, count: int = 1) -> None:
         """Take `count` of the tenant's places (a request of n choices takes n) or raise 429."""

@@ -39,7 +39,8 @@ class ResponseBuilder:
                 self._text_offset += len(text)
             return {"tokens": [text for text, _, _ in entries],
                     "token_logprobs": [logprob for _, logprob, _ in entries],
-                    "top_logprobs": [dict(alternatives) for _, _, alternatives in entries],
+                    "top_logprobs": [_top_by_text(text, logprob, alternatives)
+                                     for text, logprob, alternatives in entries],
                     "text_offset": offsets}
         return {"content": [{**_chat_logprob(text, logprob),
                              "top_logprobs": [_chat_logprob(t, lp) for t, lp in alternatives]}
@@ -86,6 +87,17 @@ class ResponseBuilder:
             choice = {"index": self.index, "message": {"role": "assistant", "content": text}}
         choice.update(logprobs=self.logprobs(logprobs), finish_reason=finish_reason)
         return self._with_ids(choice, token_ids)
+
+
+def _top_by_text(text: str, logprob: float, alternatives: list) -> dict[str, float]:
+    """A completion token's `top_logprobs`: the alternatives by text, most likely first, and the
+    sampled token too when it is not among them (OpenAI's and vLLM's up to n + 1); tokens whose
+    texts are equal (parts of one character, say) keep the most likely's."""
+    top: dict[str, float] = {}
+    for alternative, value in alternatives:
+        top.setdefault(alternative, value)
+    top.setdefault(text, logprob)
+    return top
 
 
 def _chat_logprob(text: str, logprob: float) -> dict:

@@ -66,5 +66,6 @@ async def read_rest(first: dict, items) -> tuple[str, list[int], list | None, di
         text.append(item["text"])
         ids.extend(item.get("token_ids", ()))
         if item.get("logprobs") is not None:
-            logprobs = (logprobs or []) + item["logprobs"]
+            logprobs = logprobs if logprobs is not None else []
+            logprobs.extend(item["logprobs"])
     return "".join(text), ids, logprobs, item

@@ -42,8 +42,8 @@ class _SamplingFields(BaseModel):
     return_token_ids: bool = Field(default=False, description="each choice also carries the "
                                    "generated token ids (per chunk when streaming)")
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_tokens: int = Field(default=0, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # None (JSON null): 0
+    min_tokens: int | None = Field(default=None, ge=0)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
     response_format: dict | None = None
     tools: list | None = None
@@ -124,7 +124,8 @@ class _SamplingFields(BaseModel):
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
                 "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ()),
                 "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
-                "logprobs": self.logprob_alternatives(), "min_p": self.min_p, "min_tokens": self.min_tokens}
+                "logprobs": self.logprob_alternatives(), "min_p": self.min_p or 0.0,
+                "min_tokens": self.min_tokens or 0}
 
     def logprob_alternatives(self) -> int | None:
         """Alternatives a token whose logprobs the response carries (0: the sampled token's
@@ -199,7 +200,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = None  # None (JSON null): false
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def logprob_alternatives(self) -> int | None:

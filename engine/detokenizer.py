@@ -27,11 +27,14 @@ class IncrementalDetokenizer:
         self.sent = ""  # text already handed out
         self.head_len, self.head_text = 0, ""  # decode(ids[:head_len]), checked to split cleanly
         self.next_move = 2 * window  # output length at which to try moving the head
+        self.stop_floor = 0  # a stop string counts only if it ends past this (min_tokens)
 
     def update(self, output_ids: list[int], finished: bool, check_stop: bool = True) -> tuple[str, bool]:
-        """(new text delta, whether a stop string ended the text); check_stop=False: a stop string
-        does not end it yet (min_tokens), and one that ends before what is held back is passed."""
+        """(new text delta, whether a stop string ended the text); check_stop=False: no stop string
+        ends it yet (min_tokens), nor later one that ended in the text of this call."""
         full = self._text(output_ids)
+        if not check_stop:
+            self.stop_floor = len(full.rstrip("\ufffd"))
         cut = self._find_stop(full) if check_stop else None
         if cut is not None:
             return self._emit(full[:cut]), True
@@ -76,7 +79,7 @@ class IncrementalDetokenizer:
 
     def _find_stop(self, full: str) -> int | None:
         start = max(0, len(self.sent) - self.hold_back)
-        hits = [i for s in self.stop if (i := full.find(s, start)) >= 0]
+        hits = [i for s in self.stop if (i := full.find(s, max(start, self.stop_floor - len(s) + 1))) >= 0]
         return min(hits) if hits else None
 
     def _emit(self, text: str) -> str:

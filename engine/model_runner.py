@@ -315,8 +315,9 @@ class ModelRunner:
                       if seq.params.logprobs is not None]
             if wanted:  # after sampling, on the logits as the model gave them
                 step.logprob_rows = [(seq_id, k) for _, seq_id, k in wanted]
-                step.logprobs = token_logprobs(logits, step.tokens, [i for i, _, _ in wanted],
-                                               max(k for _, _, k in wanted))
+                # the rows' index through _tensor: torch.tensor(list, device=cuda) would wait for the GPU
+                index = None if len(wanted) == len(sampled) else self._tensor([i for i, _, _ in wanted], torch.long)
+                step.logprobs = token_logprobs(logits, step.tokens, index, max(k for _, _, k in wanted))
             self._read_back(step)
         return step
 

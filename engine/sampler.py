@@ -83,13 +83,16 @@ def apply_min_p(sorted_logits: Tensor, min_ps: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def token_logprobs(logits: Tensor, tokens: Tensor, rows: list[int], k: int) -> tuple[Tensor, Tensor]:
-    """Log-probabilities of the sampled tokens of `rows` and of their k most likely tokens, under
-    the logits as the model gives them (before penalties, bias and temperature: what a client
-    compares across sampling settings). logits [B, V], tokens [B] -> (values [R, 1 + k] float32:
-    the sampled token's, then the alternatives' in descending order; ids [R, k] int64)."""
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    logprobs = logits.index_select(0, index).float().log_softmax(dim=-1)
-    chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])
+def token_logprobs(logits: Tensor, tokens: Tensor, index: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the sampled tokens of the rows in `index` (None: every row) and of
+    their k most likely tokens, under the logits as the model gives them (before penalties, bias
+    and temperature: what a client compares across sampling settings). logits [B, V], tokens [B],
+    index [R] int64 on their device (made without waiting for it: ModelRunner._tensor) ->
+    (values [R, 1 + k] float32: the sampled token's, then the alternatives' in descending order;
+    ids [R, k] int64)."""
+    if index is not None:
+        logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])
     top_values, top_ids = logprobs.topk(k, dim=-1)
     return torch.cat([chosen, top_values], dim=1), top_ids

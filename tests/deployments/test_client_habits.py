@@ -345,3 +345,25 @@ def test_a_flood_of_ready_reaches_the_engine_replica_once_a_second(ingress, http
     now[0] += ingress_module.READY_ANSWER_S + 0.01
     assert http.get("/ready").json()["engine"]["calls"] == 2 and ingress._llm.ready_calls == 2
 
+
+
+# ---- n choices -----------------------------------------------------------------------------
+def test_n_choices_take_n_places_and_give_them_back_streamed_or_whole(client, ingress):
+    whole = _complete(client, BASE, n=2)
+    assert [(c.index, c.text) for c in whole.choices] == [(0, "Hello!"), (1, "Hello!")]
+    assert whole.usage.completion_tokens == 6 and ingress._llm.model_ids == [""]
+    streamed = {}
+    for chunk in client.completions.create(model=BASE, prompt="hi", max_tokens=3, n=3, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert streamed == {0: "Hello!", 1: "Hello!", 2: "Hello!"}
+    assert ingress._limiter.active("acme") == 0
+
+
+def test_n_over_the_tenants_places_at_this_replica_is_refused_by_name(client, ingress):
+    from deployments.limits import TenantLimiter
+    ingress._limiter, limit = TenantLimiter(4), 4
+    with pytest.raises(openai.BadRequestError) as caught:
+        _complete(client, BASE, n=limit + 1)
+    assert caught.value.body["param"] == "n" and f"send n <= {limit}" in caught.value.body["message"]
+    assert ingress._limiter.active("acme") == 0 and _complete(client, BASE, n=limit).choices[-1].index == limit - 1

@@ -144,3 +144,9 @@ def test_chat_logprobs_become_the_engines_alternatives_count():
     assert CompletionRequest.model_validate({"model": "m", "prompt": "hi", "logprobs": 3}).sampling()["logprobs"] == 3
     with pytest.raises(ValueError, match="top_logprobs needs logprobs: true"):
         ChatCompletionRequest.model_validate({**chat, "top_logprobs": 2})
+
+
+def test_completion_top_logprobs_add_the_sampled_token_when_not_among_them_and_keep_the_likelier_of_equal_texts():
+    builder = ResponseBuilder(COMPLETION, "cmpl-1", "m")
+    out = builder.logprobs([["z", -3.0, [["a", -0.5], ["\ufffd", -1.0], ["\ufffd", -2.0]]]])
+    assert out["top_logprobs"] == [{"a": -0.5, "\ufffd": -1.0, "z": -3.0}]

@@ -76,3 +76,30 @@ def test_a_tokenizer_that_cleans_up_spaces_streams_its_cleaned_decode():
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
     assert " ," not in text and detok.head_len > 0
 
+
+
+class _CharTokenizer:
+    """One character a token (id = code point), for stop-string arithmetic."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+@pytest.mark.parametrize("min_tokens,text,finish", [
+    (6, "xENDab", None),  # END ended at the 4th token, before min_tokens: passed
+    (6, "xENDabEND", "xENDab"),  # the next END, after it, ends the text
+    (3, "xEND", "x"),  # END ends at the 4th token, past min_tokens: ends the text
+])
+def test_a_stop_string_ending_before_min_tokens_is_passed_even_inside_the_held_back_text(min_tokens, text, finish):
+    detok = IncrementalDetokenizer(_CharTokenizer(), stop=("END",))
+    ids, ended, sent = [], None, ""
+    for char in text:
+        ids.append(ord(char))
+        delta, hit = detok.update(ids, False, check_stop=len(ids) >= min_tokens)
+        sent += delta
+        if hit:
+            ended = sent
+            break
+    assert ended == finish
+    if finish is None:
+        assert sent + detok.update(ids, True)[0] == text
