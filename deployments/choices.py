@@ -3,8 +3,9 @@
 Each choice is a request of its own to the engine replicas (its own request id, `<id>-<i>`, and
 with a `seed`, seed + i, so that seeded choices differ from each other and repeat from one call to
 the next). The response numbers them by `index`; its usage counts the prompt once and every
-choice's tokens. A stream interleaves the choices' chunks as they come; it ends once every choice
-has finished.
+choice's tokens. A response starts once every choice has its first token (the Server-Timing
+header: choice 0's phases, and that moment as `ttft`); a stream then interleaves the choices'
+chunks as they come and ends once every choice has finished.
 """
 from __future__ import annotations
 
