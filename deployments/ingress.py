@@ -13,7 +13,7 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 import ray
 from ray import serve
@@ -31,7 +31,8 @@ from deployments.http_guards import (bound_direct_ingress_receive, default_max_b
 from deployments.loop_lag import LoopLag
 from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
-from deployments.replica_stream import collect, first_item, lost_replica
+from deployments.replica_stream import (EndingStreamingResponse, StreamEnd, collect, first_item,
+                                        lost_replica)
 from deployments.server_timing import ServerTiming
 from deployments.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
 from engine.heap import freeze_startup_heap
@@ -207,10 +208,10 @@ class Ingress(AdapterRoutes):
             return await self._choices(body, kind, rid, tenant, firsts, streams, timing)
         builder = ResponseBuilder(kind, rid, body.model, body.return_token_ids)
         if body.stream:
-            events = sse_events(builder, self._released(tenant, rid, first, items),
-                                body.include_usage_in_stream())
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers=timing.headers() if timing else None)
+            end = StreamEnd(lambda: self._limiter.release(tenant), [items])
+            events = sse_events(builder, self._released(end, rid, first, items), body.include_usage_in_stream())
+            return EndingStreamingResponse(events, end, media_type="text/event-stream",
+                                           headers=timing.headers() if timing else None)
         try:
             response = await collect(builder, first, items)
             if timing:
@@ -227,9 +228,10 @@ class Ingress(AdapterRoutes):
         builders = [ResponseBuilder(kind, rid, body.model, body.return_token_ids, index=i, created=created)
                     for i in range(n)]
         if body.stream:
+            end = StreamEnd(lambda: self._limiter.release(tenant, n), streams)
             lines = merged_events(builders, firsts, streams, body.include_usage_in_stream())
-            return StreamingResponse(self._released_lines(tenant, n, lines), media_type="text/event-stream",
-                                     headers=timing.headers() if timing else None)
+            return EndingStreamingResponse(self._released_lines(end, lines), end, media_type="text/event-stream",
+                                           headers=timing.headers() if timing else None)
         try:
             response = await collect_choices(builders, firsts, streams)
             if timing:
@@ -238,7 +240,8 @@ class Ingress(AdapterRoutes):
         finally:
             self._limiter.release(tenant, n)
 
-    async def _released_lines(self, tenant: str, n: int, lines):
+    @staticmethod
+    async def _released_lines(end: StreamEnd, lines):
         """`lines` (an SSE stream of n choices); frees the tenant's n places at its end, a client
         that left included (closing `lines` cancels the choices still decoding)."""
         try:
@@ -246,10 +249,11 @@ class Ingress(AdapterRoutes):
                 yield line
         finally:
             await lines.aclose()
-            self._limiter.release(tenant, n)
+            end.close(cancel=False)
 
-    async def _released(self, tenant: str, rid: str, first: dict, items):
-        """The replica items (first one included); frees the tenant's slot at the end.
+    @staticmethod
+    async def _released(end: StreamEnd, rid: str, first: dict, items):
+        """The replica items (first one included); frees the tenant's place at the end.
 
         A client that leaves mid-stream ends this generator early (Starlette stops iterating
         on the disconnect); the replica's request is then cancelled here, since that normal
@@ -269,7 +273,7 @@ class Ingress(AdapterRoutes):
             logger.warning("request %s stream broke: %s", rid, type(exc).__name__)
             yield {"error": lost_replica(exc).body()["error"]}
         finally:
-            self._limiter.release(tenant)
+            end.close(cancel=False)
 
     async def _multiplexed_id(self, tenant: str, model: str) -> str:
         ref = self._adapter_ref(model)

@@ -5,7 +5,7 @@ Ray exception (the replica died); both become `APIError`s.
 """
 import logging
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.errors import APIError, ServiceUnavailableError
 from deployments.openai_format import ResponseBuilder
@@ -69,3 +69,36 @@ async def read_rest(first: dict, items) -> tuple[str, list[int], list | None, di
             logprobs = logprobs if logprobs is not None else []
             logprobs.extend(item["logprobs"])
     return "".join(text), ids, logprobs, item
+
+
+class StreamEnd:
+    """Lets go of a streamed response's hold, once: the tenant's places (`release`) and, when the
+    response ends before its replica streams do, those streams (cancelled, so the engine stops
+    decoding them). The body's own end and the response's end both call it: Starlette never
+    iterates a body whose response start fails (the client gone before the first byte)."""
+
+    def __init__(self, release, streams: list):
+        self._release, self._streams, self.closed = release, streams, False
+
+    def close(self, cancel: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if cancel:
+            for items in self._streams:
+                items.cancel()
+        self._release()
+
+
+class EndingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its StreamEnd however the response ends."""
+
+    def __init__(self, content, end: StreamEnd, **kwargs):
+        super().__init__(content, **kwargs)
+        self._end = end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._end.close(cancel=True)  # a no-op after the body's own end

@@ -32,10 +32,30 @@ async def _aiter(items):
         yield item
 
 
+class _Stream:
+    """A replica stream (Serve's DeploymentResponseGenerator): the items; cancel() recorded."""
+
+    def __init__(self, items, cancelled: list):
+        self._items, self._cancelled = iter(items), cancelled
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self):
+        self._cancelled.append(self)
+
+
 class _RecordingReplica:
     def __init__(self):
         self.model_ids: list[str] = []
-        self.generate = SimpleNamespace(remote=lambda _payload: _aiter(ITEMS))
+        self.cancelled: list[_Stream] = []
+        self.generate = SimpleNamespace(remote=lambda _payload: _Stream(ITEMS, self.cancelled))
         self.ready_calls = 0
         self.ready = SimpleNamespace(remote=self._ready)
 
@@ -367,3 +387,30 @@ def test_n_over_the_tenants_places_at_this_replica_is_refused_by_name(client, in
         _complete(client, BASE, n=limit + 1)
     assert caught.value.body["param"] == "n" and f"send n <= {limit}" in caught.value.body["message"]
     assert ingress._limiter.active("acme") == 0 and _complete(client, BASE, n=limit).choices[-1].index == limit - 1
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_gone_before_the_first_byte_frees_its_places_and_cancels_its_streams(ingress, n):
+    """Starlette never iterates a streamed body whose response start fails (the socket closed):
+    the tenant's places and the replica streams are let go all the same."""
+    import asyncio
+
+    body = json.dumps({"model": BASE, "prompt": "hi", "max_tokens": 3, "stream": True, "n": n}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "server": ("testserver", 80), "client": ("c", 1),
+             "headers": [(b"content-type", b"application/json"), (b"x-tenant-id", b"acme"),
+                         (b"content-length", str(len(body)).encode())]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            raise OSError("the client closed the connection")
+
+    with pytest.raises(Exception):
+        asyncio.run(api(scope, receive, send))
+    assert ingress._limiter.active("acme") == 0
+    assert len(ingress._llm.cancelled) == n
