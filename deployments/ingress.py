@@ -204,36 +204,37 @@ class Ingress(AdapterRoutes):
             self._metrics.request(tenant, route, to_api_error(exc).status_code)
             raise
         self._metrics.request(tenant, route, 200)
-        if n > 1:
-            return await self._choices(body, kind, rid, tenant, firsts, streams, timing)
-        builder = ResponseBuilder(kind, rid, body.model, body.return_token_ids)
-        if body.stream:
-            end = StreamEnd(lambda: self._limiter.release(tenant), [items])
-            events = sse_events(builder, self._released(end, rid, first, items), body.include_usage_in_stream())
-            return EndingStreamingResponse(events, end, media_type="text/event-stream",
-                                           headers=timing.headers() if timing else None)
-        try:
-            response = await collect(builder, first, items)
-            if timing:
-                response.headers.update(timing.headers(total=True))
-            return response
-        finally:
-            self._limiter.release(tenant)
+        usage = body.include_usage_in_stream()
+        if n == 1:
+            builder, streams = ResponseBuilder(kind, rid, body.model, body.return_token_ids), [items]
 
-    async def _choices(self, body, kind: str, rid: str, tenant: str, firsts: list[dict], streams: list,
-                       timing: ServerTiming | None):
-        """The response of a request of n > 1 choices, streamed or whole; frees the tenant's n
-        places at its end."""
-        created, n = int(time.time()), len(streams)
-        builders = [ResponseBuilder(kind, rid, body.model, body.return_token_ids, index=i, created=created)
-                    for i in range(n)]
-        if body.stream:
+            def lines(end: StreamEnd):
+                return sse_events(builder, self._released(end, rid, first, items), usage)
+
+            def whole():
+                return collect(builder, first, items)
+        else:  # choices.py
+            created = int(time.time())
+            builders = [ResponseBuilder(kind, rid, body.model, body.return_token_ids, index=i, created=created)
+                        for i in range(n)]
+
+            def lines(end: StreamEnd):
+                return self._released_lines(end, merged_events(builders, firsts, streams, usage))
+
+            def whole():
+                return collect_choices(builders, firsts, streams)
+        return await self._respond(body.stream, tenant, streams, timing, lines, whole)
+
+    async def _respond(self, stream: bool, tenant: str, streams: list, timing: ServerTiming | None, lines, whole):
+        """The response over the request's replica streams (one a choice): `lines(end)`, its SSE
+        body, when streaming, else `whole()`'s; either way the tenant's places come back at its end."""
+        n = len(streams)
+        if stream:
             end = StreamEnd(lambda: self._limiter.release(tenant, n), streams)
-            lines = merged_events(builders, firsts, streams, body.include_usage_in_stream())
-            return EndingStreamingResponse(self._released_lines(end, lines), end, media_type="text/event-stream",
+            return EndingStreamingResponse(lines(end), end, media_type="text/event-stream",
                                            headers=timing.headers() if timing else None)
         try:
-            response = await collect_choices(builders, firsts, streams)
+            response = await whole()
             if timing:
                 response.headers.update(timing.headers(total=True))
             return response
