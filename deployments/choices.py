@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import JSONResponse
 
-from deployments.errors import ServiceUnavailableError
-from deployments.openai_format import ResponseBuilder, sse
-from deployments.replica_stream import first_item, lost_replica, read_rest
+from deployments.errors import APIError
+from deployments.openai_format import ResponseBuilder, chunk_line, error_line, sse
+from deployments.replica_stream import first_item, next_item, read_rest
 from deployments.schemas import Usage
 
 
@@ -68,13 +68,10 @@ async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], str
             await queue.put((index, first))
             item = first
             while item.get("finish_reason") is None and "error" not in item:
-                item = await items.__anext__()
+                item = await next_item(items)
                 await queue.put((index, item))
-        except StopAsyncIteration:
-            await queue.put((index, {"error": ServiceUnavailableError(
-                "the stream ended before the request finished; retry", code="truncated_stream").body()["error"]}))
-        except Exception as exc:  # noqa: BLE001 - the replica died mid-stream
-            await queue.put((index, {"error": lost_replica(exc).body()["error"]}))
+        except APIError as exc:  # the stream ended early or the replica died mid-stream
+            await queue.put((index, exc.body()))
 
     tasks = [asyncio.ensure_future(pump(i, first, items)) for i, (first, items) in enumerate(zip(firsts, streams))]
     started, last = [False] * len(builders), [None] * len(builders)
@@ -82,19 +79,13 @@ async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], str
         while any(item is None for item in last):
             index, item = await queue.get()
             if "error" in item:
-                yield sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
+                yield error_line(item)
                 return
-            builder, finish = builders[index], item.get("finish_reason")
-            ids, logprobs = item.get("token_ids"), item.get("logprobs")
-            if item["text"] or finish is not None or not started[index] or (builder.return_token_ids and ids) \
-                    or logprobs:
-                chunk = builder.chunk(item["text"], finish, first=not started[index], token_ids=ids,
-                                      logprobs=logprobs)
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
+            line = chunk_line(builders[index], item, not started[index], include_usage)
+            if line is not None:
+                yield line
                 started[index] = True
-            if finish is not None:
+            if item.get("finish_reason") is not None:
                 last[index] = item
         if include_usage:
             yield sse(builders[0].usage_chunk(_usage(last)))

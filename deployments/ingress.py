@@ -174,11 +174,11 @@ class Ingress(AdapterRoutes):
         route = "chat" if kind == CHAT else "completions"
         tenant, n = self._auth.tenant_of(request.headers), body.n
         self._loop_lag.ensure_started()
-        if n > self._limiter.limit(tenant):  # it could never run: say so, not 429 (retry)
+        if n > (limit := self._limiter.limit(tenant)):  # it could never run: say so, not 429 (retry)
             raise BadRequestError(
-                f"n={n} choices are more than tenant {tenant!r} may have in flight here "
-                f"({self._limiter.limit(tenant)}); send n <= {self._limiter.limit(tenant)}, or ask the "
-                "operator for a higher max_concurrent_requests_per_tenant", code="too_many_choices", param="n")
+                f"n={n} choices are more than tenant {tenant!r} may have in flight here ({limit}); send "
+                f"n <= {limit}, or ask the operator for a higher max_concurrent_requests_per_tenant",
+                code="too_many_choices", param="n")
         self._limiter.acquire(tenant, n)
         try:
             model_id = await self._multiplexed_id(tenant, body.model)

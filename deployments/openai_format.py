@@ -108,24 +108,36 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def error_line(item: dict) -> str:
+    """The SSE error event of a replica's error item."""
+    return sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
+
+
+def chunk_line(builder: ResponseBuilder, item: dict, first: bool, include_usage: bool) -> str | None:
+    """The SSE chunk of a replica item, or None when it makes none: tokens that decode to no text
+    yet still make one when their ids or logprobs were asked for."""
+    finish, ids, logprobs = item.get("finish_reason"), item.get("token_ids"), item.get("logprobs")
+    if not (item["text"] or finish is not None or first or (builder.return_token_ids and ids) or logprobs):
+        return None
+    chunk = builder.chunk(item["text"], finish, first=first, token_ids=ids, logprobs=logprobs)
+    if include_usage:  # OpenAI: null on every chunk but the last, which has the numbers
+        chunk["usage"] = None
+    return sse(chunk)
+
+
 async def sse_events(builder: ResponseBuilder, items: AsyncIterator[dict],
                      include_usage: bool) -> AsyncIterator[str]:
     """SSE lines for a stream of replica items; an error item becomes an error event."""
     first = True
     async for item in items:
         if "error" in item:
-            yield sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
+            yield error_line(item)
             break
-        finish, ids, logprobs = item.get("finish_reason"), item.get("token_ids"), item.get("logprobs")
-        # Tokens that decode to no text yet still make a chunk when their ids or logprobs were
-        # asked for.
-        if item["text"] or finish is not None or first or (builder.return_token_ids and ids) or logprobs:
-            chunk = builder.chunk(item["text"], finish, first=first, token_ids=ids, logprobs=logprobs)
-            if include_usage:  # OpenAI: null on every chunk but the last, which has the numbers
-                chunk["usage"] = None
-            yield sse(chunk)
+        line = chunk_line(builder, item, first, include_usage)
+        if line is not None:
+            yield line
             first = False
-        if finish is not None:
+        if item.get("finish_reason") is not None:
             if include_usage:
                 usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
                 yield sse(builder.usage_chunk(usage))

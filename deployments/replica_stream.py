@@ -54,13 +54,7 @@ async def read_rest(first: dict, items) -> tuple[str, list[int], list | None, di
     text, ids, item = [first["text"]], list(first.get("token_ids", ())), first
     logprobs = None if first.get("logprobs") is None else list(first["logprobs"])
     while item.get("finish_reason") is None:
-        try:
-            item = await items.__anext__()
-        except StopAsyncIteration:
-            raise ServiceUnavailableError("the stream ended before the request finished; retry",
-                                          code="truncated_stream") from None
-        except Exception as exc:  # noqa: BLE001
-            raise lost_replica(exc) from exc
+        item = await next_item(items)
         if "error" in item:
             raise error_from_item(item["error"])
         text.append(item["text"])
@@ -69,6 +63,18 @@ async def read_rest(first: dict, items) -> tuple[str, list[int], list | None, di
             logprobs = logprobs if logprobs is not None else []
             logprobs.extend(item["logprobs"])
     return "".join(text), ids, logprobs, item
+
+
+async def next_item(items) -> dict:
+    """The replica stream's next item, after its first; an APIError when the stream ended early or
+    the replica failed."""
+    try:
+        return await items.__anext__()
+    except StopAsyncIteration:
+        raise ServiceUnavailableError("the stream ended before the request finished; retry",
+                                      code="truncated_stream") from None
+    except Exception as exc:  # noqa: BLE001
+        raise lost_replica(exc) from exc
 
 
 class StreamEnd:

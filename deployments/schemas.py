@@ -143,6 +143,8 @@ class CompletionRequest(_SamplingFields):
     # caps it at 5, vLLM at its max_logprobs, 20)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     top_logprobs: Any = None  # chat's spelling: refused here (below)
+    best_of: Any = None  # refused unless 1 (NO_OP_VALUES)
+    suffix: Any = None  # refused unless ""
 
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
@@ -153,8 +155,6 @@ class CompletionRequest(_SamplingFields):
         if value is not None:
             raise ValueError("top_logprobs is the chat API's; a completion takes logprobs=<alternatives>")
         return value
-    best_of: Any = None  # refused unless 1 (NO_OP_VALUES)
-    suffix: Any = None  # refused unless ""
 
     @field_validator("prompt")
     @classmethod
