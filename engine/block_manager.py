@@ -10,9 +10,18 @@ free, and a sequence short of blocks takes them back first (`can_allocate`): ada
 runs are a cache, the KV of running sequences is not. Without the growth term a full batch
 lends blocks its own sequences claim back a few steps later, and each claim moves or evicts
 adapters (a compaction, at worst a preemption and its recompute).
+
+With prefix caching (`prefix_cache`: engine.prefix_cache) a block may sit in several sequences'
+tables (a reference count), and a cached block no sequence holds stays free but keeps its KV
+until it is handed out for other tokens or lent. Which free block a sequence gets then depends
+on the heap: where the heap borrows KV blocks, still the highest free one, cached or not (its
+prefix is lost), because sequences packed at the top leave the heap its run from the bottom;
+otherwise the highest block that holds no prefix, and only when none is left the cached block
+let go longest ago.
 """
 import heapq
 
+from engine.prefix_cache import PrefixCache
 from engine.sequence import Sequence
 
 
@@ -23,8 +32,11 @@ def step_reserve(max_num_batched_tokens: int, block_size: int, max_num_seqs: int
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, reserve_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, reserve_blocks: int = 0,
+                 prefix_cache: PrefixCache | None = None):
         self.num_blocks, self.block_size, self.reserve_blocks = num_blocks, block_size, reserve_blocks
+        self.cache = prefix_cache
+        self._refs: dict[int, int] = {}  # handed-out block -> sequences holding it
         self._free = set(range(num_blocks))
         self._order = [-b for b in range(num_blocks)]  # max-heap of free ids; ids no longer free are skipped
         heapq.heapify(self._order)
@@ -46,30 +58,95 @@ class BlockManager:
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Whether seq's next `num_new_tokens` fit, taking back blocks the heap borrowed if
-        needed (only when what it borrowed would cover them: no adapter moves for nothing)."""
-        short = self.num_blocks_needed(seq, num_new_tokens) - self.num_free_blocks
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks holding a cached prefix of seq, a sequence with no blocks yet (none without a
+        cache); `can_allocate` and `allocate` take them as its first blocks."""
+        return self.cache.match(seq) if self.cache is not None and not seq.block_table else []
+
+    def _free_needed(self, seq: Sequence, num_new_tokens: int, prefix: list[int]) -> int:
+        """Free blocks seq's next tokens take: new ones, and those of `prefix` no sequence holds."""
+        if not prefix:
+            return self.num_blocks_needed(seq, num_new_tokens)
+        total = len(prefix) * self.block_size + num_new_tokens
+        return -(-total // self.block_size) - len(prefix) + sum(block in self._free for block in prefix)
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> bool:
+        """Whether seq's next `num_new_tokens` fit (after `prefix`, a sequence's cached first
+        blocks), taking back blocks the heap borrowed if needed (only when what it borrowed
+        would cover them: no adapter moves for nothing)."""
+        short = self._free_needed(seq, num_new_tokens, prefix) - self.num_free_blocks
         if 0 < short <= self.lent:
             self.take_back(short)
-        return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+        return self._free_needed(seq, num_new_tokens, prefix) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Grow seq's block table to hold its computed tokens plus `num_new_tokens`."""
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> None:
+        """Grow seq's block table to hold its computed tokens plus `num_new_tokens`; a sequence
+        with no blocks first takes `prefix` (its cached first blocks), whose tokens count as
+        computed."""
+        if self.cache is not None and not seq.block_table:
+            for block in prefix:
+                self._hold(block)
+            seq.block_table.extend(prefix)
+            seq.num_computed_tokens = len(prefix) * self.block_size
+            self.cache.attached(seq, prefix)
         for _ in range(self.num_blocks_needed(seq, num_new_tokens)):
-            block = -heapq.heappop(self._order)
-            while block not in self._free:
-                block = -heapq.heappop(self._order)
-            self._free.remove(block)
+            block = self._take_free()
+            self._refs[block] = 1
             heapq.heappush(self._held, block)
             seq.block_table.append(block)
         if len(self._held) > 2 * self.num_blocks:  # stale entries (freed since) past the bound: rebuild
             self._held = [b for b in range(self.lent, self.num_blocks) if b not in self._free]
 
+    def _hold(self, block: int) -> None:
+        """One more sequence holds this cached block."""
+        if block in self._free:
+            self._free.remove(block)  # its entry in _order is skipped when reached
+            self.cache.unused.pop(block)
+            self._refs[block] = 1
+            heapq.heappush(self._held, block)
+        else:
+            self._refs[block] += 1
+
+    def _take_free(self) -> int:
+        """A free block for new tokens (the module's docstring says which)."""
+        cache = self.cache
+        if cache is not None and self.borrower is None:
+            while self._order:
+                block = -heapq.heappop(self._order)
+                if block in self._free and block not in cache:
+                    self._free.remove(block)
+                    return block
+            block = cache.oldest_unused()  # every free block left holds a prefix (none is in _order)
+            cache.forget(block)
+            self._free.remove(block)
+            return block
+        block = -heapq.heappop(self._order)
+        while block not in self._free:
+            block = -heapq.heappop(self._order)
+        self._free.remove(block)
+        if cache is not None and block in cache:
+            cache.forget(block)
+        return block
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Cache seq's full blocks that launched steps computed (no-op without a cache)."""
+        if self.cache is not None:
+            self.cache.register(seq)
+
     def deallocate(self, seq: Sequence) -> None:
-        for block in seq.block_table:
+        """Let go of seq's blocks; with a cache, its computed full blocks stay cached, its last
+        ones let go first (evicted first: a prefix outlives its continuations)."""
+        self.cache_computed(seq)
+        for block in reversed(seq.block_table):
+            refs = self._refs.pop(block) - 1
+            if refs:
+                self._refs[block] = refs
+                continue
             self._release(block)
+            if self.cache is not None and block in self.cache:
+                self.cache.unused[block] = None
         seq.block_table.clear()
+        seq.num_cached_blocks, seq.prefix_parent = 0, None
 
     def _release(self, block: int) -> None:
         self._free.add(block)
@@ -94,6 +171,8 @@ class BlockManager:
             raise ValueError(f"{count} blocks are not lendable ({self.lendable()} are)")
         for block in range(self.lent, self.lent + count):
             self._free.remove(block)  # its entry in _order is skipped when reached
+            if self.cache is not None and block in self.cache:
+                self.cache.forget(block)
         self.lent += count
 
     def take_back(self, count: int) -> int:

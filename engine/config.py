@@ -81,6 +81,13 @@ class EngineConfig:
     # runs eagerly); None: on for CUDA, off on CPU. Off with enforce_eager
     prefill_graphs: bool | None = None
     lora_mode: str = "fused"  # "fused" (virtual experts) or "loop" (one MoE call per adapter: baseline)
+    # keep the KV of full prompt (and output) blocks after their sequences end, and start a
+    # prompt that begins with one of them after it (engine.prefix_cache)
+    enable_prefix_caching: bool = True
+    # who shares cached prefixes: "tenant", requests of one tenant on one adapter (or the base
+    # model); "all", every request on the same adapter, across tenants (one tenant could then tell
+    # from its own first-token times whether another sent a prompt)
+    prefix_cache_scope: str = "tenant"
     seed: int = defaults.SEED
     # a replica over several GPUs (engine.parallel): attention, dense projections and lm_head split
     # by heads / vocabulary over tensor_parallel_size ranks; experts split by expert over
@@ -105,6 +112,8 @@ class EngineConfig:
             raise InvalidRequestError(f"load_format={self.load_format!r}: use 'auto' or 'dummy'")
         if self.lora_mode not in ("fused", "loop"):
             raise InvalidRequestError(f"lora_mode={self.lora_mode!r}: use 'fused' or 'loop'")
+        if self.prefix_cache_scope not in ("tenant", "all"):
+            raise InvalidRequestError(f"prefix_cache_scope={self.prefix_cache_scope!r}: use 'tenant' or 'all'")
         for name in ("max_num_seqs", "max_model_len", "block_size", "max_num_batched_tokens", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -14,6 +14,7 @@ from engine.lora.manager import LoRAManager
 from engine.model_runner import LaunchedStep, ModelRunner, StepResult
 from engine.models.spec import spec_of
 from engine.outputs import RequestOutput
+from engine.prefix_cache import PrefixCache
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import LoRARequest, Sequence
@@ -33,9 +34,10 @@ class LLMEngine:
         if self.runner.num_kv_blocks * config.block_size < config.max_model_len:
             raise InvalidRequestError(f"num_kv_blocks={self.runner.num_kv_blocks} x block_size="
                                       f"{config.block_size} cannot hold one max_model_len sequence")
+        cache = PrefixCache(config.block_size, config.prefix_cache_scope) if config.enable_prefix_caching else None
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           step_reserve(config.max_num_batched_tokens, config.block_size,
-                                                       config.max_num_seqs))
+                                                       config.max_num_seqs), cache)
         pools, shared = self.runner.slot_pools, self.runner.arena is not None
         self.lora_manager = None if pools is None else LoRAManager(
             pools, self.spec, config.max_lora_rank, self.runner.max_cpu_loras,
@@ -180,6 +182,7 @@ class LLMEngine:
             out.logprobs = [logprobs]
         if len(seq.output_token_ids) == 1:
             out.timings = seq.timings()
+            out.num_cached_tokens = seq.num_cached_tokens
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._final(seq, out)
@@ -200,6 +203,7 @@ class LLMEngine:
             detok = self.detokenizers.pop(seq.request_id, None)
         self.runner.release(seq)
         out.num_prompt_tokens, out.num_output_tokens = seq.num_prompt_tokens, len(seq.output_token_ids)
+        out.num_cached_tokens = seq.num_cached_tokens
         out.text = out.text or (detok.sent if detok else "")
         out.timings = seq.timings()
         return out
@@ -226,6 +230,7 @@ class LLMEngine:
 
     def stats(self) -> dict:
         lora = self.lora_manager.stats if self.lora_manager else None
+        cache = self.block_manager.cache
         arena = self.lora_manager.arena if self.lora_manager else None
         return {
             "running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting,
@@ -251,6 +256,11 @@ class LLMEngine:
             # the adapter heap (engine.lora.slots): its bytes, what resident adapters take, what loads moved
             "lora_heap_bytes": self.lora_manager.heap_bytes if self.lora_manager else 0,
             "kv_blocks_lent": self.block_manager.lent,  # KV blocks the heap holds now (kv_heap_sharing)
+            # prefix caching (engine.prefix_cache): prompt tokens looked up at admission, those
+            # found cached (vLLM's prefix_cache_queries / _hits), blocks holding a prefix now
+            "prefix_cache_queries": cache.queried_tokens if cache else 0,
+            "prefix_cache_hits": cache.hit_tokens if cache else 0,
+            "prefix_cache_blocks": len(cache) if cache else 0,
             "lora_kv_blocks_borrowed": lora.kv_blocks_borrowed if lora else 0,
             "lora_kv_blocks_returned": lora.kv_blocks_returned if lora else 0,
             "lora_heap_bytes_used": self.lora_manager.heap_bytes_used if self.lora_manager else 0,

@@ -11,6 +11,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # prompt tokens whose KV came from the prefix cache (engine.prefix_cache), on the first
+    # token's output and the final one
+    num_cached_tokens: int = 0
     text: str = ""  # all text so far
     error: Exception | None = None  # set when the request failed (e.g. AdapterLoadError)
     # on the first token's output and the final one: where the request's time went before its

@@ -115,11 +115,15 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while budget > 0 and len(self.running) < self.max_num_seqs and self.tenant_order:
-            seq = self._next_admissible(budget, out)
-            if seq is None:
+            admitted = self._next_admissible(budget, out)
+            if admitted is None:
                 return
-            n = min(seq.num_uncomputed_tokens, budget)
-            self.block_manager.allocate(seq, n)
+            seq, prefix = admitted
+            n = min(seq.num_uncomputed_tokens - len(prefix) * self.block_manager.block_size, budget)
+            first = seq.scheduled_time is None
+            self.block_manager.allocate(seq, n, prefix)
+            if first:
+                seq.num_cached_tokens = seq.num_computed_tokens
             self.block_manager.growth_blocks += self._growth(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -131,9 +135,9 @@ class Scheduler:
         longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
         return max(0, -(-longest // self.block_manager.block_size) - len(seq.block_table))
 
-    def _next_admissible(self, budget: int, out: SchedulerOutput) -> Sequence | None:
-        """The first admissible sequence: aged ones first, then round-robin tenant order (FIFO
-        within a tenant)."""
+    def _next_admissible(self, budget: int, out: SchedulerOutput) -> tuple[Sequence, list[int]] | None:
+        """The first admissible sequence and its cached prefix's blocks: aged ones first, then
+        round-robin tenant order (FIFO within a tenant)."""
         ready, blocked = self.slots.reserve_aged(out)
         if ready is not None:
             return self._take(ready, budget)
@@ -150,14 +154,18 @@ class Scheduler:
                     return self._take(seq, budget)
         return None
 
-    def _take(self, seq: Sequence, budget: int) -> Sequence | None:
-        """Remove `seq` from its queue for admission, or None when its KV blocks do not fit."""
-        if not self.block_manager.can_allocate(seq, min(seq.num_uncomputed_tokens, budget)):
+    def _take(self, seq: Sequence, budget: int) -> tuple[Sequence, list[int]] | None:
+        """Remove `seq` from its queue for admission, with the blocks of its cached prefix
+        (engine.prefix_cache), or None when its KV blocks do not fit."""
+        blocks = self.block_manager
+        prefix = blocks.cached_prefix(seq)
+        n = min(seq.num_uncomputed_tokens - len(prefix) * blocks.block_size, budget)
+        if not blocks.can_allocate(seq, n, prefix):
             return None  # KV is full: admit nobody rather than starve long prompts
         self.waiting[seq.tenant].remove(seq)
         self.enqueued_step.pop(seq.seq_id, None)
         self._served(seq.tenant)
-        return seq
+        return seq, prefix
 
     def _served(self, tenant: str) -> None:
         self.tenant_order.remove(tenant)
@@ -196,6 +204,7 @@ class Scheduler:
         for (seq, n), sampled in zip(out.scheduled, samples):
             seq.num_computed_tokens += n
             seq.num_pending += sampled
+            self.block_manager.cache_computed(seq)
             if seq.scheduled_time is None:
                 seq.scheduled_time = now = now or self.clock()
 

@@ -43,6 +43,11 @@ class Sequence:
     num_pending: int = 0  # tokens sampled by launched steps whose ids the host has not read back yet
     block_table: list[int] = field(default_factory=list)
     lora_slot: int | None = None  # held slot (a reference in the LoRA manager)
+    # prefix caching (engine.prefix_cache): leading blocks of block_table that are cached, the
+    # content id of the last of them, and the prompt tokens found cached at its first admission
+    num_cached_blocks: int = 0
+    prefix_parent: int | None = None
+    num_cached_tokens: int = 0
     finish_reason: str | None = None
     error: Exception | None = None
     num_preemptions: int = 0

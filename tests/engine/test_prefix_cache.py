@@ -1,0 +1,245 @@
+"""Prefix caching (engine.prefix_cache, engine.block_manager): which blocks a sequence finds
+cached and shares, who shares them, which free block is handed out, and the engine's outputs
+with cache hits against transformers + PEFT and against an engine without the cache."""
+import pytest
+
+from engine import SamplingParams
+from engine.block_manager import BlockManager
+from engine.prefix_cache import PrefixCache
+from engine.scheduler import Scheduler
+from engine.sequence import LoRARequest, Sequence
+from engine.testing.reference import load_reference_model, reference_logits
+from tests.engine.helpers import assert_close, lora, make_engine
+from tests.engine.test_scheduler import FakeLoRAManager
+
+BLOCK = 4
+
+
+def seq(i, tokens, tenant="t", adapter=None, max_tokens=4):
+    lora_request = LoRARequest(adapter, "/x") if adapter else None
+    return Sequence(i, f"r{i}", list(tokens), SamplingParams(max_tokens=max_tokens), lora_request, tenant)
+
+
+def scheduler(num_blocks=32, scope="tenant"):
+    return Scheduler(8, 64, BlockManager(num_blocks, BLOCK, prefix_cache=PrefixCache(BLOCK, scope)),
+                     FakeLoRAManager(4))
+
+
+def run_prefill(sched, *seqs):
+    """Admit and launch `seqs` (whole prompts in one step); returns how many tokens each got."""
+    for s in seqs:
+        sched.add(s)
+    out = sched.schedule()
+    sched.launched(out, [True] * len(out.scheduled))
+    return {s.request_id: n for s, n in out.scheduled}
+
+
+def test_a_prompt_that_starts_like_a_finished_one_takes_its_blocks_and_computes_only_the_rest():
+    sched = scheduler()
+    first = seq(0, range(1, 11))  # 10 tokens: two full blocks, then two tokens
+    run_prefill(sched, first)
+    cached = first.block_table[:2]
+    sched.finish(first, "stop")
+    second = seq(1, [*range(1, 9), 50, 51, 52])
+    assert run_prefill(sched, second) == {"r1": 3}
+    assert second.block_table[:2] == cached and second.num_cached_tokens == 8
+    assert (sched.block_manager.cache.queried_tokens, sched.block_manager.cache.hit_tokens) == (10 + 11, 8)
+
+
+def test_a_prompt_equal_to_a_cached_one_still_computes_its_last_token():
+    sched = scheduler()
+    first = seq(0, range(1, 9))  # exactly two blocks
+    run_prefill(sched, first)
+    sched.finish(first, "stop")
+    again = seq(1, range(1, 9))
+    assert run_prefill(sched, again) == {"r1": 4}  # one block found: its last block holds the token to sample from
+    assert again.num_cached_tokens == 4
+
+
+@pytest.mark.parametrize("scope, shared_across_tenants", [("tenant", False), ("all", True)])
+def test_prefixes_are_shared_within_an_adapter_and_across_tenants_only_under_the_all_scope(
+        scope, shared_across_tenants):
+    sched = scheduler(scope=scope)
+    first = seq(0, range(1, 10), tenant="acme", adapter="acme/style@v1")
+    run_prefill(sched, first)
+    sched.finish(first, "stop")
+    same = seq(1, range(1, 10), tenant="acme", adapter="acme/style@v1")
+    other_tenant = seq(2, range(1, 10), tenant="globex", adapter="acme/style@v1")
+    base_model = seq(3, range(1, 10), tenant="acme")
+    other_adapter = seq(4, range(1, 10), tenant="acme", adapter="acme/style@v2")
+    got = run_prefill(sched, same, other_tenant, base_model, other_adapter)
+    assert got == {"r1": 1, "r2": 1 if shared_across_tenants else 9, "r3": 9, "r4": 9}
+
+
+def test_blocks_shared_by_two_running_sequences_are_free_only_once_both_end():
+    sched = scheduler(num_blocks=16)
+    first = seq(0, range(1, 10))
+    run_prefill(sched, first)
+    second = seq(1, [*range(1, 9), 70])
+    run_prefill(sched, second)
+    shared = first.block_table[:2]
+    assert second.block_table[:2] == shared
+    blocks = sched.block_manager
+    sched.finish(first, "stop")
+    assert not set(shared) & set(blocks.free_block_ids)
+    sched.finish(second, "stop")
+    assert set(shared) <= set(blocks.free_block_ids) and blocks.num_free_blocks == 16
+
+
+def test_a_block_computed_by_two_sequences_at_once_is_cached_once_and_their_continuations_chain_on_it():
+    sched = scheduler()
+    a, b = seq(0, range(1, 10)), seq(1, range(1, 10))
+    run_prefill(sched, a, b)  # both admitted before either was launched: no sharing yet
+    assert not set(a.block_table) & set(b.block_table)
+    cache = sched.block_manager.cache
+    assert [blk in cache for blk in a.block_table[:2] + b.block_table[:2]] == [True, True, False, False]
+    for s in (a, b):  # each decodes into its third block and fills it
+        s.num_pending = 0
+        s.output_token_ids += [7, 8, 9]
+        s.num_computed_tokens += 3
+    a_blocks, b_blocks = list(a.block_table), list(b.block_table)
+    sched.finish(b, "stop")  # b's third block is cached, after a's first two
+    sched.finish(a, "stop")  # a's third block holds what b's does: it stays uncached
+    assert b_blocks[2] in cache and a_blocks[2] not in cache
+    c = seq(2, [*range(1, 10), 7, 8, 9, 40])
+    assert run_prefill(sched, c) == {"r2": 1}
+    assert c.block_table[:3] == [a_blocks[0], a_blocks[1], b_blocks[2]]
+
+
+def test_a_preempted_sequence_finds_its_own_blocks_when_it_comes_back():
+    sched = scheduler()
+    s = seq(0, range(1, 14), max_tokens=8)
+    run_prefill(sched, s)
+    s.num_pending, s.output_token_ids = 0, [99]  # its first token read back: 14 tokens, 13 computed
+    blocks = list(s.block_table[:3])
+    sched.preempt(s)
+    assert s.num_computed_tokens == 0 and s.block_table == []
+    assert run_prefill(sched) == {"r0": 2}
+    assert s.block_table[:3] == blocks and s.num_computed_tokens == 14
+
+
+def test_tokens_whose_python_hashes_collide_do_not_share_a_block():
+    # hash(-1) == hash(-2) in CPython: keys are compared whole, never by their hash alone
+    assert hash((("root", "t", ""), (1, 2, 3, -1))) == hash((("root", "t", ""), (1, 2, 3, -2)))
+    sched = scheduler()
+    first = seq(0, [1, 2, 3, -1, 5])
+    run_prefill(sched, first)
+    sched.finish(first, "stop")
+    assert run_prefill(sched, seq(1, [1, 2, 3, -2, 5])) == {"r1": 5}
+
+
+def test_without_the_heap_a_new_block_is_one_holding_no_prefix_then_the_one_let_go_longest_ago():
+    blocks = BlockManager(6, BLOCK, prefix_cache=PrefixCache(BLOCK))
+    sched = Scheduler(8, 64, blocks)
+    old, new = seq(0, range(1, 9)), seq(1, range(11, 19))
+    run_prefill(sched, old)  # blocks 5, 4
+    sched.finish(old, "stop")
+    run_prefill(sched, new)  # 3, 2: the free blocks without a prefix go first
+    sched.finish(new, "stop")
+    assert (old.num_cached_blocks, sorted(blk for blk in range(6) if blk in blocks.cache)) == (0, [2, 3, 4, 5])
+    taker = seq(2, range(21, 32))  # 3 blocks: 1, 0, then the oldest let go: old's last block (4)
+    run_prefill(sched, taker)
+    assert taker.block_table == [1, 0, 4]
+    assert run_prefill(sched, seq(3, range(1, 9))) == {"r2": 1, "r3": 4}  # old's first block is still there
+
+
+class Borrower:
+    def give_back(self, count):
+        return 0
+
+
+def test_where_the_heap_borrows_blocks_a_new_block_is_the_highest_free_one_as_without_a_cache():
+    handed = []
+    for cache in (None, PrefixCache(BLOCK)):
+        blocks = BlockManager(8, BLOCK, prefix_cache=cache)
+        blocks.borrower = Borrower()
+        sched = Scheduler(8, 64, blocks)
+        first = seq(0, range(1, 9))
+        run_prefill(sched, first)
+        sched.finish(first, "stop")
+        other = seq(1, range(31, 43))
+        run_prefill(sched, other)
+        handed.append(list(other.block_table))
+    assert handed == [[7, 6, 5], [7, 6, 5]]
+
+
+def test_a_cached_block_lent_to_the_adapter_heap_is_no_longer_found():
+    blocks = BlockManager(10, BLOCK, prefix_cache=PrefixCache(BLOCK))
+    blocks.borrower = Borrower()
+    sched = Scheduler(8, 64, blocks)
+    first = seq(0, range(1, 14))  # blocks 9, 8, 7, 6
+    run_prefill(sched, first)
+    sched.finish(first, "stop")
+    probe = seq(1, range(1, 14))
+    assert blocks.cached_prefix(probe) == [9, 8, 7]
+    blocks.lend(8)  # blocks 0-7: the third cached block among them
+    assert blocks.cached_prefix(probe) == [9, 8] and len(blocks.cache) == 2
+
+
+# ---- the engine on the tiny checkpoints -------------------------------------------------
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def test_the_tokens_after_a_cached_prefix_get_the_reference_logits_with_an_adapter(checkpoints, adapters):
+    ckpt, path = checkpoints["qwen3_moe"], adapters["qwen3_moe"]["c"]
+    engine = make_engine(ckpt, max_loras=2, max_lora_rank=16)
+    request = lora(adapters, "qwen3_moe", "c")
+    first = list(range(40, 58))
+    engine.generate([first], GREEDY, [request])
+    second = first[:12] + [90, 91, 92, 93, 94]
+    engine.add_request("second", second, SamplingParams(max_tokens=1, temperature=0), lora=request)
+    sched = engine.scheduler.schedule()
+    [(s, n)] = sched.scheduled
+    assert (s.num_computed_tokens, n) == (12, 5)
+    logits = engine.execute(sched, all_logits=True).logits
+    assert_close(logits, reference_logits(load_reference_model(ckpt, path), second)[12:])
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] == 12 and stats["prefix_cache_queries"] == 18 + 17
+
+
+def test_greedy_outputs_with_cache_hits_equal_an_engine_without_the_cache(checkpoints, adapters):
+    """Prompts sharing prefixes, with and without adapters, chunked (6-token steps) and
+    preempted (12 KV blocks): the same tokens as with the cache off."""
+    ckpt = checkpoints["qwen3_moe"]
+    shared = list(range(100, 116))
+    prompts = [shared + [1, 2, 3], shared + [4, 5], shared[:9] + [6, 7, 8, 9], shared + [1, 2, 3]]
+    requests = [lora(adapters, "qwen3_moe", "a"), None, lora(adapters, "qwen3_moe", "a"), None]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = {}
+    for caching in (False, True):
+        engine = make_engine(ckpt, max_loras=2, max_lora_rank=16, max_num_batched_tokens=6,
+                             num_kv_blocks=12, max_model_len=32, enable_prefix_caching=caching)
+        runs = [engine.generate(prompts[:2], params, requests[:2]),  # the second wave finds the first's blocks
+                engine.generate(prompts[2:], params, requests[2:])]
+        outs[caching] = [[o["token_ids"] for o in run] for run in runs]
+        if caching:
+            assert engine.stats()["prefix_cache_hits"] > 0 and engine.num_preemptions > 0
+    assert outs[True] == outs[False]
+
+
+def test_a_next_turn_finds_the_last_turns_answer_cached(checkpoints):
+    ckpt = checkpoints["qwen3_moe"]
+    engine = make_engine(ckpt, async_scheduling=False)
+    prompt = list(range(200, 210))
+    answer = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    turn = prompt + answer["token_ids"] + [300, 301]
+    engine.add_request("turn2", turn, SamplingParams(max_tokens=1, temperature=0))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    # 19 tokens' KV were computed (the last answer token was never fed back): 4 full blocks
+    assert outputs[-1].num_cached_tokens == 16
+    expected = reference_logits(load_reference_model(ckpt), turn)[-1].argmax().item()
+    assert outputs[-1].token_ids_delta == [expected]
+
+
+def test_the_cache_off_finds_nothing_and_reports_no_cached_tokens(checkpoints):
+    engine = make_engine(checkpoints["qwen3_moe"], enable_prefix_caching=False)
+    prompt = list(range(10, 30))
+    engine.generate([prompt, prompt], GREEDY)
+    engine.add_request("again", prompt, SamplingParams(max_tokens=1, temperature=0))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].num_cached_tokens == 0 and engine.stats()["prefix_cache_queries"] == 0
