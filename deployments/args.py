@@ -93,6 +93,13 @@ class AppArgs(ReplicaPlacement, BaseModel):
     engine_warmup: bool = Field(default=True, description="compile prefill kernels at start-up (GPU)")
     async_scheduling: bool = Field(default=defaults.ASYNC_SCHEDULING, description="launch each step before the previous "
                                    "one's tokens are read back (hides host work behind the GPU)")
+    enable_prefix_caching: bool = Field(default=True, description="keep the KV of prompt blocks "
+                                        "after their requests end; a prompt that begins the same way "
+                                        "on the same adapter skips that part of its prefill")
+    prefix_cache_scope: Literal["tenant", "all"] = Field(default="tenant", description="who shares "
+                                                         "cached prefixes: one tenant's requests, or "
+                                                         "every tenant's (then a tenant could tell "
+                                                         "from its own latency what others sent)")
     engine_process: bool = Field(default=True, description="run the engine core in a process "
                                  "of its own inside each replica (false: a thread of the replica)")
     stream_interval_ms: float = Field(default=50.0, ge=0, le=1000, description="least time between "
@@ -277,6 +284,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
             gpu_memory_utilization=self.gpu_memory_utilization, lora_memory_fraction=self.lora_memory_fraction,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, seed=self.seed,
             warmup=self.engine_warmup, async_scheduling=self.async_scheduling,
+            enable_prefix_caching=self.enable_prefix_caching, prefix_cache_scope=self.prefix_cache_scope,
             lora_failure_ttl_s=self.lora_failure_ttl_s,
             max_cpu_loras=self.max_cpu_loras, max_cpu_lora_bytes=self.max_cpu_lora_bytes,
             tensor_parallel_size=self.tensor_parallel_size, expert_parallel_size=self.expert_parallel_size, **budget)

@@ -101,4 +101,4 @@ async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], str
 def _usage(lasts) -> Usage:
     """The prompt once, every choice's completion tokens."""
     lasts = list(lasts)
-    return Usage.of(lasts[0]["prompt_tokens"], sum(item["completion_tokens"] for item in lasts))
+    return Usage.of_item(lasts[0], sum(item["completion_tokens"] for item in lasts))

@@ -43,6 +43,8 @@ ENGINE_COUNTERS = {
     "slow_turns": "moeplex_engine_slow_turns",
     "lora_host_pin_seconds": "moeplex_engine_adapter_host_pin_seconds",
     "lora_host_unpinned_images": "moeplex_engine_adapter_host_unpinned_images",
+    "prefix_cache_queries": "moeplex_engine_prefix_cache_queried_tokens",
+    "prefix_cache_hits": "moeplex_engine_prefix_cache_hit_tokens",
 }
 ENGINE_GAUGES = {
     "running": "moeplex_engine_running_requests",
@@ -58,6 +60,7 @@ ENGINE_GAUGES = {
     "kv_blocks_lent": "moeplex_engine_kv_blocks_lent_to_adapter_heap",
     "lora_host_bytes_used": "moeplex_engine_adapter_host_bytes_used",
     "lora_host_pinned_bytes": "moeplex_engine_adapter_host_pinned_bytes",
+    "prefix_cache_blocks": "moeplex_engine_prefix_cache_blocks",
 }
 
 

@@ -139,7 +139,7 @@ async def sse_events(builder: ResponseBuilder, items: AsyncIterator[dict],
             first = False
         if item.get("finish_reason") is not None:
             if include_usage:
-                usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
+                usage = Usage.of_item(item)
                 yield sse(builder.usage_chunk(usage))
             break
     yield sse("[DONE]")

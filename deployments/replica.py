@@ -221,7 +221,8 @@ class LLMServer:
                     finished = True
                     item.update(finish_reason=last.finish_reason,
                                 prompt_tokens=last.num_prompt_tokens,
-                                completion_tokens=last.num_output_tokens)
+                                completion_tokens=last.num_output_tokens,
+                                cached_tokens=last.num_cached_tokens)
                     ttft = None if first_token_at is None else first_token_at - started
                     decode = 0.0 if first_token_at is None else time.perf_counter() - first_token_at
                     self._metrics.finished(tenant, last.num_prompt_tokens, last.num_output_tokens,

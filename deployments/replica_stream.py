@@ -44,7 +44,7 @@ def error_from_item(error: dict) -> APIError:
 
 async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
     text, ids, logprobs, last = await read_rest(first, items)
-    usage = Usage.of(last["prompt_tokens"], last["completion_tokens"])
+    usage = Usage.of_item(last)
     return JSONResponse(builder.full(text, last["finish_reason"], usage, ids, logprobs))
 
 

@@ -216,15 +216,27 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held (engine.prefix_cache)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> "Usage":
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+    @classmethod
+    def of_item(cls, item: dict, completion_tokens: int | None = None) -> "Usage":
+        """From a replica stream's last item (completion_tokens: a sum over choices instead)."""
+        done = item["completion_tokens"] if completion_tokens is None else completion_tokens
+        return cls.of(item["prompt_tokens"], done, item.get("cached_tokens", 0))
 
 
 class ModelCard(BaseModel):

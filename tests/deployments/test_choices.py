@@ -63,7 +63,8 @@ def test_whole_response_numbers_the_choices_and_counts_the_prompt_once():
     body = run(whole())
     assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [(0, "ab", "length"),
                                                                                         (1, "cd", "stop")]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert not any(s.cancelled for s in streams)
 
 

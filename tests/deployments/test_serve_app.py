@@ -190,6 +190,23 @@ def test_several_choices_in_one_request_streamed_or_whole(service, adapters, ora
         client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=2, n=17)
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_to_its_own_tenant_only(service, adapters, oracle):
+    """Prefix caching through Serve (two engine replicas): of three equal requests one at least
+    reaches a replica that served the prompt before and reports the prompt tokens it found
+    cached, with the oracle's text all the same; another tenant's first such request finds
+    none (the cache is per tenant)."""
+    prompt = " ".join(["Replicas pull adapters through disk and host caches"] * 6)
+    want = oracle.complete(prompt, 4)["text"]
+    acme = _client(service, "acme")
+    runs = [acme.completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=0) for _ in range(3)]
+    assert [r.choices[0].text for r in runs] == [want] * 3
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in runs]
+    assert cached[0] == 0 and max(cached) >= 16, cached
+    assert all(c % 16 == 0 and c < runs[0].usage.prompt_tokens for c in cached), cached
+    other = _client(service, "globex").completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=0)
+    assert other.choices[0].text == want and other.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def want_prompt_tokens(client, prompt: str) -> int:
     return client.completions.create(model="style", prompt=prompt, max_tokens=1).usage.prompt_tokens
 
