@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_serve
@@ -59,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--shared-prefix-tokens", type=int, default=0,
+                   help="the first this many prompt ids are the tenant's, the same in each of its "
+                        "requests (what prefix caching saves); default: every prompt its own")
     p.add_argument("--sequential", type=int, default=4, help="requests sent one at a time")
     p.add_argument("--burst", type=int, default=64, help="requests fired at once through HTTP")
     p.add_argument("--burst-tokens", type=int, default=4, help="max_tokens of the burst's requests")
@@ -171,7 +175,7 @@ def args_model_dir(args) -> Path:
     return ensure_model(args)
 
 
-def run_served(args, opts, jobs, burst_jobs, config, workdir, stored) -> dict:
+def run_served(args, opts, work: Workload, config, workdir, stored) -> dict:
     """Serve the app, upload the adapters unless `stored`, then time the parts over HTTP; then
     each `--variants` configuration's burst, redeployed on the same Ray instance."""
     from concurrent.futures import ProcessPoolExecutor
@@ -192,18 +196,18 @@ def run_served(args, opts, jobs, burst_jobs, config, workdir, stored) -> dict:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
-        out = deploy_and_measure(args, opts, url, pool, jobs)
+        out = deploy_and_measure(args, opts, url, pool)
         if stored is None:
             stored = put_adapters(args, url, opts, config, workdir)
         out["infos"], out["adapters"] = stored
-        out.update(measure_burst(opts, url, pool, jobs))
-        out["served_sequential"] = asyncio.run(http_run(url, jobs[:opts.sequential], 1))
-        if burst_jobs:
-            out["burst"] = http_run_procs(pool, url, burst_jobs, len(burst_jobs))
+        out.update(measure_burst(opts, url, pool, work))
+        out["served_sequential"] = asyncio.run(http_run(url, work.sequential, 1))
+        if work.burst:
+            out["burst"] = http_run_procs(pool, url, work.burst, len(work.burst))
         out["variants"] = []
         for overrides in json.loads(opts.variants or "[]"):
-            variant = deploy_and_measure(args.model_copy(update=overrides), opts, url, pool, jobs)
-            variant.update(measure_burst(opts, url, pool, jobs), overrides=overrides)
+            variant = deploy_and_measure(args.model_copy(update=overrides), opts, url, pool)
+            variant.update(measure_burst(opts, url, pool, work), overrides=overrides)
             out["variants"].append(variant)
         return out
     finally:
@@ -214,7 +218,7 @@ def run_served(args, opts, jobs, burst_jobs, config, workdir, stored) -> dict:
         ray.shutdown()
 
 
-def deploy_and_measure(args, opts, url, pool, jobs) -> dict:
+def deploy_and_measure(args, opts, url, pool) -> dict:
     from ray import serve
 
     from deployments.app import build_app
@@ -224,24 +228,38 @@ def deploy_and_measure(args, opts, url, pool, jobs) -> dict:
     return {"startup_s": round(time.perf_counter() - started, 1)}
 
 
-def measure_burst(opts, url, pool, jobs) -> dict:
+def measure_burst(opts, url, pool, work: Workload) -> dict:
     """Warm every adapter up, then the timed burst with the CPU use of each process by role."""
     started = time.perf_counter()
-    asyncio.run(http_run(url, warmup_jobs(jobs, opts), opts.adapters))
+    asyncio.run(http_run(url, work.warmup, opts.adapters))
     warmup_s = round(time.perf_counter() - started, 1)
     sampler = CpuSampler()
     sampler.start()
-    served = http_run_procs(pool, url, jobs, opts.concurrency)
+    served = http_run_procs(pool, url, work.measured, opts.concurrency)
     return {"warmup_s": warmup_s, "served": served, "cpu_percent": sampler.stop()}
 
 
-def warmup_jobs(jobs, opts):
-    """One short request per adapter: each gets fetched and loaded before the clock runs."""
-    from dataclasses import replace
-    return [replace(job, index=-1 - i, max_tokens=2) for i, job in enumerate(jobs[:opts.adapters])]
+@dataclass(frozen=True)
+class Workload:
+    """The requests of a run, each set drawn with its own seed, so that no prompt repeats one
+    measured before it (the prefix cache would find it) beyond `--shared-prefix-tokens`."""
+    measured: list  # the timed burst at --concurrency
+    sequential: list  # sent one at a time
+    warmup: list  # one short request per adapter: each fetched and loaded before the clock runs
+    burst: list  # fired at once, short outputs
+
+    @classmethod
+    def draw(cls, opts, vocab_size: int) -> "Workload":
+        def jobs(count: int, max_tokens: int, seed: int) -> list:
+            return make_jobs(count, opts.tenants, opts.adapters, opts.prompt_tokens, max_tokens, vocab_size,
+                             seed, opts.shared_prefix_tokens)
+        warmup = [replace(job, index=-1 - job.index) for job in jobs(opts.adapters, 2, opts.seed + 3)]
+        return cls(jobs(opts.requests, opts.max_tokens, opts.seed), jobs(opts.sequential, opts.max_tokens,
+                                                                          opts.seed + 2),
+                   warmup, jobs(opts.burst, opts.burst_tokens, opts.seed + 1))
 
 
-def run_direct(args, opts, jobs, infos) -> dict:
+def run_direct(args, opts, work: Workload, infos) -> dict:
     import torch
 
     from adapter_store import DiskCache
@@ -255,9 +273,9 @@ def run_direct(args, opts, jobs, infos) -> dict:
     dirs = {name: cache.fetch(store, info) for name, info in infos.items()}
     engine = AsyncLLMEngine(args.engine_config(args_model_dir(args)))
     try:
-        asyncio.run(direct_run(engine, dirs, warmup_jobs(jobs, opts), opts.adapters, "warm"))
-        return {"direct": asyncio.run(direct_run(engine, dirs, jobs, opts.concurrency, "burst")),
-                "direct_sequential": asyncio.run(direct_run(engine, dirs, jobs[:opts.sequential],
+        asyncio.run(direct_run(engine, dirs, work.warmup, opts.adapters, "warm"))
+        return {"direct": asyncio.run(direct_run(engine, dirs, work.measured, opts.concurrency, "burst")),
+                "direct_sequential": asyncio.run(direct_run(engine, dirs, work.sequential,
                                                             1, "seq"))}
     finally:
         engine.shutdown()
@@ -357,15 +375,12 @@ def _run(opts, workdir: Path, extra: dict, argv) -> int:
     config = model_config(args, args_model_dir(args))
     each = adapter_bytes(config, opts.rank)
     args = app_args(opts, workdir, dict(extra), each * opts.adapters)
-    jobs = make_jobs(opts.requests, opts.tenants, opts.adapters, opts.prompt_tokens,
-                     opts.max_tokens, config["vocab_size"], opts.seed)
-    burst_jobs = make_jobs(opts.burst, opts.tenants, opts.adapters, opts.prompt_tokens,
-                           opts.burst_tokens, config["vocab_size"], opts.seed + 1)
+    work = Workload.draw(opts, config["vocab_size"])
     # Big adapters go into the store before Serve starts, while the GPU is still free to
     # draw their random values.
     stored = None if upload_over_http(opts, config) else put_adapters(args, None, opts, config, workdir)
-    served = run_served(args, opts, jobs, burst_jobs, config, workdir, stored)
-    direct = run_direct(args, opts, jobs, served["infos"])
+    served = run_served(args, opts, work, config, workdir, stored)
+    direct = run_direct(args, opts, work, served["infos"])
     runs: dict[str, Run] = {k: v for k, v in {**served, **direct}.items() if isinstance(v, Run)}
     results = {"provenance": provenance(list(argv)),
                "config": {**vars(opts), "store": args.store_uri(),

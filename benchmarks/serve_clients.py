@@ -75,12 +75,16 @@ def _ms(seconds: float) -> float:
 
 
 def make_jobs(count: int, tenants: int, adapters: int, prompt_tokens: int, max_tokens: int,
-              vocab_size: int, seed: int) -> list[Job]:
-    """Request i: tenant i % T, adapter i % A, its own seeded random token-id prompt."""
+              vocab_size: int, seed: int, shared_prefix: int = 0) -> list[Job]:
+    """Request i: tenant i % T, adapter i % A, its own seeded random token-id prompt; with
+    `shared_prefix`, the prompt's first that many ids are its tenant's (a system prompt every
+    request of the tenant repeats, seeded by the tenant alone), the rest its own."""
     jobs = []
     for i in range(count):
         rng = random.Random(seed * 1_000_003 + i)
-        prompt = [rng.randrange(vocab_size) for _ in range(prompt_tokens)]
+        system = random.Random(f"tenant{i % tenants}")
+        head = [system.randrange(vocab_size) for _ in range(min(shared_prefix, prompt_tokens))]
+        prompt = head + [rng.randrange(vocab_size) for _ in range(prompt_tokens - len(head))]
         jobs.append(Job(i, f"tenant{i % tenants}", f"adapter{i % adapters}", prompt, max_tokens))
     return jobs
 

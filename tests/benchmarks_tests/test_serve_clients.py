@@ -16,6 +16,28 @@ def test_jobs_spread_over_tenants_and_adapters_with_distinct_seeded_prompts():
     assert jobs[0].prompt != make_jobs(1, 3, 4, 32, 5, 1000, seed=8)[0].prompt
 
 
+def test_a_shared_prefix_is_the_tenants_own_and_the_rest_of_each_prompt_its_own():
+    jobs = make_jobs(6, tenants=2, adapters=1, prompt_tokens=40, max_tokens=5, vocab_size=1000, seed=3,
+                     shared_prefix=32)
+    heads = [tuple(j.prompt[:32]) for j in jobs]
+    assert heads[0] == heads[2] == heads[4] != heads[1] == heads[3] == heads[5]
+    assert len({tuple(j.prompt[32:]) for j in jobs}) == 6 and all(len(j.prompt) == 40 for j in jobs)
+    assert heads[0] == tuple(make_jobs(1, 2, 1, 40, 5, 1000, seed=9, shared_prefix=32)[0].prompt[:32])
+
+
+def test_no_prompt_of_a_serve_benchmark_run_repeats_another_past_the_shared_prefix():
+    import argparse
+
+    from benchmarks.bench_serve import Workload
+    opts = argparse.Namespace(tenants=3, adapters=4, prompt_tokens=24, max_tokens=6, burst_tokens=2, seed=0,
+                              requests=12, sequential=4, burst=8, shared_prefix_tokens=16)
+    work = Workload.draw(opts, vocab_size=500)
+    every = work.measured + work.sequential + work.warmup + work.burst
+    assert len({tuple(j.prompt[16:24]) for j in every}) == len(every) == 28
+    assert [(j.index, j.adapter, j.max_tokens) for j in work.warmup] == [
+        (-1, "adapter0", 2), (-2, "adapter1", 2), (-3, "adapter2", 2), (-4, "adapter3", 2)]
+
+
 def test_summary_tpot_is_decode_time_over_tokens_after_the_first():
     run = Run(wall_s=2.0)
     run.results[0] = Result(started=0.0, first=0.5, last=1.5, num_tokens=11)  # 0.1 s a token
