@@ -13,16 +13,21 @@ adapters (a compaction, at worst a preemption and its recompute).
 
 With prefix caching (`prefix_cache`: engine.prefix_cache) a block may sit in several sequences'
 tables (a reference count), and a cached block no sequence holds stays free but keeps its KV
-until it is handed out for other tokens or lent. Which free block a sequence gets then depends
-on the heap: where the heap borrows KV blocks, still the highest free one, cached or not (its
-prefix is lost), because sequences packed at the top leave the heap its run from the bottom;
-otherwise the highest block that holds no prefix, and only when none is left the cached block
-let go longest ago.
+until it is handed out for other tokens or lent. A new block is then, without the heap, the
+highest free block that holds no prefix, and only when none is left the cached block let go
+longest ago. Where the heap borrows KV blocks, a new block must not go below the lowest block a
+sequence holds while a free one is above it (that lowest block bounds the heap's run, as it does
+with highest-first): above it, a block holding no prefix, else the oldest cached one among the
+first OLDEST_SCAN let go; below it, the highest free block. Handing out the highest free block
+regardless would evict the newest prefixes first: sequences hold the top blocks, so the blocks
+a request has just let go are the highest free ones.
 """
 import heapq
 
 from engine.prefix_cache import PrefixCache
 from engine.sequence import Sequence
+
+OLDEST_SCAN = 64  # cached blocks looked at, oldest first, for one above the lowest held block
 
 
 def step_reserve(max_num_batched_tokens: int, block_size: int, max_num_seqs: int) -> int:
@@ -40,6 +45,7 @@ class BlockManager:
         self._free = set(range(num_blocks))
         self._order = [-b for b in range(num_blocks)]  # max-heap of free ids; ids no longer free are skipped
         heapq.heapify(self._order)
+        self._plain = list(self._order) if prefix_cache is not None else []  # the same, of blocks holding no prefix
         self._held: list[int] = []  # min-heap of ids handed to sequences; ids freed since are skipped
         self.lent = 0  # blocks [0, lent) are the adapter heap's
         self.growth_blocks = 0  # blocks the running sequences may still need (Scheduler sets it)
@@ -110,23 +116,38 @@ class BlockManager:
     def _take_free(self) -> int:
         """A free block for new tokens (the module's docstring says which)."""
         cache = self.cache
-        if cache is not None and self.borrower is None:
-            while self._order:
-                block = -heapq.heappop(self._order)
-                if block in self._free and block not in cache:
-                    self._free.remove(block)
-                    return block
-            block = cache.oldest_unused()  # every free block left holds a prefix (none is in _order)
-            cache.forget(block)
-            self._free.remove(block)
-            return block
-        block = -heapq.heappop(self._order)
-        while block not in self._free:
-            block = -heapq.heappop(self._order)
-        self._free.remove(block)
-        if cache is not None and block in cache:
-            cache.forget(block)
+        if cache is None:
+            return self._taken(self._highest(self._order, lambda b: True))
+        plain = self._highest(self._plain, lambda b: b not in cache)  # holds no prefix
+        if self.borrower is None:
+            return self._taken(plain if plain is not None else cache.oldest_unused())
+        floor = self._lowest_held()
+        if plain is not None and plain > floor:
+            return self._taken(plain)
+        old = cache.oldest_unused(above=floor, within=OLDEST_SCAN)
+        return self._taken(old if old is not None else self._highest(self._order, lambda b: True))
+
+    def _highest(self, order: list[int], valid) -> int | None:
+        """The highest free block of a max-heap of ids that `valid` accepts; entries of blocks
+        no longer free or no longer accepted are dropped on the way (a block that is free and
+        accepted again has been pushed again by then: `_release`)."""
+        while order and not (-order[0] in self._free and valid(-order[0])):
+            heapq.heappop(order)
+        return -order[0] if order else None
+
+    def _taken(self, block: int) -> int:
+        self._free.remove(block)  # its entries in the heaps of ids are skipped when reached
+        if self.cache is not None and block in self.cache:
+            self.cache.forget(block)
         return block
+
+    def _lowest_held(self) -> int:
+        """The lowest block a sequence holds (num_blocks if none). Amortised O(log N): `_held`
+        is a min-heap of handed-out ids, stale ones (freed or lent since) dropped here."""
+        held = self._held
+        while held and (held[0] in self._free or held[0] < self.lent):
+            heapq.heappop(held)
+        return held[0] if held else self.num_blocks
 
     def cache_computed(self, seq: Sequence) -> None:
         """Cache seq's full blocks that launched steps computed (no-op without a cache)."""
@@ -153,16 +174,17 @@ class BlockManager:
         heapq.heappush(self._order, -block)
         if len(self._order) > 2 * self.num_blocks:  # entries of blocks lent or handed out since: rebuild
             self._order = sorted(-b for b in self._free)
+        if self.cache is not None and block not in self.cache:
+            heapq.heappush(self._plain, -block)
+            if len(self._plain) > 2 * self.num_blocks:
+                self._plain = sorted(-b for b in self._free if b not in self.cache)
 
     # ---- the adapter heap's side ----------------------------------------------------
     def lendable(self) -> int:
         """Blocks the heap may borrow now: the free run from `lent` up to the lowest block a
         sequence holds, keeping reserve_blocks + growth_blocks free. Amortised O(log N) (the heap asks often):
         `_held` is a min-heap of handed-out ids, stale ones skipped here and dropped in bulk."""
-        held = self._held
-        while held and (held[0] in self._free or held[0] < self.lent):  # freed (perhaps lent) since
-            heapq.heappop(held)
-        run = (held[0] if held else self.num_blocks) - self.lent
+        run = self._lowest_held() - self.lent
         return max(0, min(run, self.num_free_blocks - self.reserve_blocks - self.growth_blocks))
 
     def lend(self, count: int) -> None:

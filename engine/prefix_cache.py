@@ -92,6 +92,12 @@ class PrefixCache:
         del self._block_of[key]
         self.unused.pop(block, None)
 
-    def oldest_unused(self) -> int | None:
-        """The cached block no sequence holds that was let go longest ago, or None."""
-        return next(iter(self.unused), None)
+    def oldest_unused(self, above: int = -1, within: int | None = None) -> int | None:
+        """The cached block no sequence holds that was let go longest ago, of those numbered
+        above `above` among the first `within` let go (None: all), or None."""
+        for k, block in enumerate(self.unused):
+            if within is not None and k >= within:
+                return None
+            if block > above:
+                return block
+        return None

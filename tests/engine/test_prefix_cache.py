@@ -2,6 +2,7 @@
 cached and shares, who shares them, which free block is handed out, and the engine's outputs
 with cache hits against transformers + PEFT and against an engine without the cache."""
 import pytest
+import torch
 
 from engine import SamplingParams
 from engine.block_manager import BlockManager
@@ -148,19 +149,36 @@ class Borrower:
         return 0
 
 
-def test_where_the_heap_borrows_blocks_a_new_block_is_the_highest_free_one_as_without_a_cache():
-    handed = []
-    for cache in (None, PrefixCache(BLOCK)):
-        blocks = BlockManager(8, BLOCK, prefix_cache=cache)
-        blocks.borrower = Borrower()
-        sched = Scheduler(8, 64, blocks)
-        first = seq(0, range(1, 9))
-        run_prefill(sched, first)
-        sched.finish(first, "stop")
-        other = seq(1, range(31, 43))
-        run_prefill(sched, other)
-        handed.append(list(other.block_table))
-    assert handed == [[7, 6, 5], [7, 6, 5]]
+def heap_scheduler(num_blocks):
+    blocks = BlockManager(num_blocks, BLOCK, prefix_cache=PrefixCache(BLOCK))
+    blocks.borrower = Borrower()
+    return Scheduler(8, 64, blocks), blocks
+
+
+def test_where_the_heap_borrows_blocks_new_ones_stay_above_the_lowest_held_taking_the_oldest_prefix_there():
+    sched, blocks = heap_scheduler(10)
+    # one token each (max_tokens=1): no decode step asks for a block in between
+    a, b = seq(0, range(1, 17), max_tokens=1), seq(1, range(31, 39), max_tokens=1)
+    run_prefill(sched, a, b)  # a: 9, 8, 7, 6; b: 5, 4
+    sched.finish(a, "stop")  # 9-6 cached, let go last block first
+    lendable = blocks.lendable()
+    c = seq(2, range(51, 59), max_tokens=1)
+    run_prefill(sched, c)
+    # the highest free blocks (9, 8) hold a's first tokens: c takes a's last two, the oldest
+    assert c.block_table == [6, 7] and blocks.lendable() == lendable == 4
+    assert blocks.cached_prefix(seq(3, [*range(1, 9), 70])) == [9, 8]
+
+
+def test_where_the_heap_borrows_blocks_and_all_above_the_lowest_held_are_held_the_highest_free_one_goes():
+    sched, blocks = heap_scheduler(8)
+    a = seq(0, range(1, 9), max_tokens=1)
+    run_prefill(sched, a)  # 7, 6
+    b = seq(1, range(11, 19), max_tokens=1)
+    run_prefill(sched, b)  # 5, 4
+    sched.finish(b, "stop")
+    c = seq(2, range(21, 25), max_tokens=1)
+    run_prefill(sched, c)  # nothing free above 6: the highest free, b's first block
+    assert c.block_table == [5] and blocks.cached_prefix(seq(3, range(11, 19))) == []
 
 
 def test_a_cached_block_lent_to_the_adapter_heap_is_no_longer_found():
@@ -243,3 +261,25 @@ def test_the_cache_off_finds_nothing_and_reports_no_cached_tokens(checkpoints):
     while engine.has_unfinished_requests():
         outputs += engine.step()
     assert outputs[-1].num_cached_tokens == 0 and engine.stats()["prefix_cache_queries"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_prefills_after_cached_prefixes_through_the_graphs_match_the_reference(checkpoints, adapters):
+    """fp32 on the GPU with its defaults (prefill and decode graphs, async scheduling, the heap
+    borrowing KV blocks): prompts after a cached prefix, with and without an adapter, get the
+    reference's greedy tokens, and the cache found them."""
+    ckpt = checkpoints["qwen3_moe"]
+    engine = make_engine(ckpt, device="cuda", dtype="float32", max_loras=2, max_lora_rank=16)
+    shared = list(range(100, 133))
+    names = ["c", None]
+    requests = [None if n is None else lora(adapters, "qwen3_moe", n) for n in names]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine.generate([shared + [1], shared + [2]], params, requests)
+    prompts = [shared + [3, 4, 5], shared[:20] + [6]]
+    outs = engine.generate(prompts, params, requests)
+    assert engine.stats()["prefix_cache_hits"] >= 32  # the first, admitted first, finds all its blocks
+    for prompt, out, name in zip(prompts, outs, names):
+        ref = load_reference_model(ckpt, None if name is None else adapters["qwen3_moe"][name])
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6,
+                                do_sample=False)[0, len(prompt):].tolist()
+        assert out["token_ids"] == expected
