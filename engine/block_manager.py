@@ -15,19 +15,20 @@ With prefix caching (`prefix_cache`: engine.prefix_cache) a block may sit in sev
 tables (a reference count), and a cached block no sequence holds stays free but keeps its KV
 until it is handed out for other tokens or lent. A new block is then, without the heap, the
 highest free block that holds no prefix, and only when none is left the cached block let go
-longest ago. Where the heap borrows KV blocks, a new block must not go below the lowest block a
-sequence holds while a free one is above it (that lowest block bounds the heap's run, as it does
-with highest-first): above it, a block holding no prefix, else the oldest cached one among the
-first OLDEST_SCAN let go; below it, the highest free block. Handing out the highest free block
-regardless would evict the newest prefixes first: sequences hold the top blocks, so the blocks
-a request has just let go are the highest free ones.
+longest ago. Where the heap borrows KV blocks, a new block is one that leaves the heap as much
+to borrow as any would (`_keeps_lendable`: above the lowest held block, or high enough that the
+free count, not the run, bounds what the heap may take): of those, the highest holding no
+prefix, else the oldest cached one among the first OLDEST_SCAN let go; failing both, the
+highest free block. Handing out the highest free block always, as without a cache, would evict
+the newest prefixes first: sequences hold the top blocks, so the blocks a request has just let
+go are the highest free ones.
 """
 import heapq
 
 from engine.prefix_cache import PrefixCache
 from engine.sequence import Sequence
 
-OLDEST_SCAN = 64  # cached blocks looked at, oldest first, for one above the lowest held block
+OLDEST_SCAN = 64  # cached blocks looked at, oldest first, for one the heap's run can spare
 
 
 def step_reserve(max_num_batched_tokens: int, block_size: int, max_num_seqs: int) -> int:
@@ -121,11 +122,18 @@ class BlockManager:
         plain = self._highest(self._plain, lambda b: b not in cache)  # holds no prefix
         if self.borrower is None:
             return self._taken(plain if plain is not None else cache.oldest_unused())
-        floor = self._lowest_held()
-        if plain is not None and plain > floor:
+        keeps = self._keeps_lendable()
+        if plain is not None and plain >= keeps:
             return self._taken(plain)
-        old = cache.oldest_unused(above=floor, within=OLDEST_SCAN)
+        old = cache.oldest_unused(at_least=keeps, within=OLDEST_SCAN)
         return self._taken(old if old is not None else self._highest(self._order, lambda b: True))
+
+    def _keeps_lendable(self) -> int:
+        """The lowest block whose handing out leaves `lendable()` what handing out any free block
+        would: one above the lowest held block (the heap's run is unchanged), or one high enough
+        that the run up to it still covers every block the free count lets the heap borrow."""
+        spare = max(0, self.num_free_blocks - 1 - self.reserve_blocks - self.growth_blocks)
+        return min(self._lowest_held() + 1, self.lent + spare)
 
     def _highest(self, order: list[int], valid) -> int | None:
         """The highest free block of a max-heap of ids that `valid` accepts; entries of blocks

@@ -31,7 +31,7 @@ class PrefixCache:
         self._entry: dict[int, tuple[tuple, int]] = {}  # block -> (its key, its content id)
         self.unused: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence holds, oldest first
         self._ids = itertools.count(1)
-        self.queried_tokens = 0  # tokens of the sequences admitted with a lookup
+        self.queried_tokens = 0  # tokens of the sequences admitted (first admissions only)
         self.hit_tokens = 0  # of those, tokens whose KV came from the cache
 
     def __contains__(self, block: int) -> bool:
@@ -48,10 +48,9 @@ class PrefixCache:
         its last token: a step must compute at least one token to sample from."""
         size = self.block_size
         limit = min(seq.num_known_tokens, seq.num_tokens - 1) // size
-        tokens = seq.token_ids(0, limit * size)
         parent, found = self._root(seq), []
-        for i in range(limit):
-            block = self._block_of.get((parent, tuple(tokens[i * size:(i + 1) * size])))
+        for i in range(limit):  # block by block: a miss ends the walk before the rest is read
+            block = self._block_of.get((parent, tuple(seq.token_ids(i * size, (i + 1) * size))))
             if block is None:
                 break
             found.append(block)
@@ -62,8 +61,9 @@ class PrefixCache:
         """seq was admitted holding `prefix` (from match): its next blocks chain from there."""
         seq.num_cached_blocks = len(prefix)
         seq.prefix_parent = self._entry[prefix[-1]][1] if prefix else None
-        self.queried_tokens += seq.num_tokens
-        self.hit_tokens += len(prefix) * self.block_size
+        if seq.num_preemptions == 0:  # a recompute finding its own blocks is no hit of the workload's
+            self.queried_tokens += seq.num_tokens
+            self.hit_tokens += len(prefix) * self.block_size
 
     def register(self, seq: Sequence) -> None:
         """Cache seq's full blocks whose KV a launched step writes (steps run in order on the
@@ -92,12 +92,12 @@ class PrefixCache:
         del self._block_of[key]
         self.unused.pop(block, None)
 
-    def oldest_unused(self, above: int = -1, within: int | None = None) -> int | None:
+    def oldest_unused(self, at_least: int = 0, within: int | None = None) -> int | None:
         """The cached block no sequence holds that was let go longest ago, of those numbered
-        above `above` among the first `within` let go (None: all), or None."""
+        `at_least` or more among the first `within` let go (None: all), or None."""
         for k, block in enumerate(self.unused):
             if within is not None and k >= within:
                 return None
-            if block > above:
+            if block >= at_least:
                 return block
         return None

@@ -80,7 +80,10 @@ class Sequence:
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
-        known = (self.prompt_token_ids + self.output_token_ids)[start:end]
+        # sliced apart, not prompt + output: every decode step asks, and a long sequence's copy
+        # of both would cost the step's host time
+        known = self.prompt_token_ids[start:] if start < n else []
+        known += self.output_token_ids[max(start - n, 0):end - n]
         return known + [0] * (end - start - len(known))
 
     def last_token_is_pending_and_final(self, max_model_len: int) -> bool:

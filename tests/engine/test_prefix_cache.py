@@ -149,8 +149,13 @@ class Borrower:
         return 0
 
 
-def heap_scheduler(num_blocks):
-    blocks = BlockManager(num_blocks, BLOCK, prefix_cache=PrefixCache(BLOCK))
+def free_count_bound(blocks):
+    """What the heap may borrow when the run of free blocks above it is not the bound."""
+    return blocks.num_free_blocks - blocks.reserve_blocks - blocks.growth_blocks
+
+
+def heap_scheduler(num_blocks, reserve=0):
+    blocks = BlockManager(num_blocks, BLOCK, reserve, prefix_cache=PrefixCache(BLOCK))
     blocks.borrower = Borrower()
     return Scheduler(8, 64, blocks), blocks
 
@@ -169,7 +174,23 @@ def test_where_the_heap_borrows_blocks_new_ones_stay_above_the_lowest_held_takin
     assert blocks.cached_prefix(seq(3, [*range(1, 9), 70])) == [9, 8]
 
 
-def test_where_the_heap_borrows_blocks_and_all_above_the_lowest_held_are_held_the_highest_free_one_goes():
+def test_where_the_heap_borrows_blocks_requests_one_at_a_time_keep_a_shared_prefix():
+    # a step's reserve (4 blocks here) stays free for new tokens: the heap can never borrow the
+    # top 4 blocks' worth, so a new block there costs it nothing
+    sched, blocks = heap_scheduler(16, reserve=4)
+    system = list(range(100, 112))  # 3 blocks
+    a = seq(0, system + [1], max_tokens=1)
+    run_prefill(sched, a)  # 15, 14, 13 and 12 (one token)
+    sched.finish(a, "stop")
+    other = seq(1, range(500, 508), max_tokens=1)
+    run_prefill(sched, other)
+    assert other.block_table == [12, 11] and blocks.lendable() == free_count_bound(blocks) == 9
+    sched.finish(other, "stop")
+    again = seq(2, system + [2, 3], max_tokens=1)
+    assert run_prefill(sched, again) == {"r2": 2} and again.block_table[:3] == [15, 14, 13]
+
+
+def test_where_the_heap_borrows_blocks_a_new_one_may_go_below_the_lowest_held_where_the_free_count_bounds_the_heap():
     sched, blocks = heap_scheduler(8)
     a = seq(0, range(1, 9), max_tokens=1)
     run_prefill(sched, a)  # 7, 6
@@ -177,8 +198,11 @@ def test_where_the_heap_borrows_blocks_and_all_above_the_lowest_held_are_held_th
     run_prefill(sched, b)  # 5, 4
     sched.finish(b, "stop")
     c = seq(2, range(21, 25), max_tokens=1)
-    run_prefill(sched, c)  # nothing free above 6: the highest free, b's first block
-    assert c.block_table == [5] and blocks.cached_prefix(seq(3, range(11, 19))) == []
+    run_prefill(sched, c)
+    # nothing free above a's blocks, and the free count lets the heap have 3 blocks (0-2) at most:
+    # c takes the oldest cached block from 3 up, b's last one
+    assert c.block_table == [4] and blocks.lendable() == free_count_bound(blocks) == 3
+    assert blocks.cached_prefix(seq(3, range(11, 19))) == [5]
 
 
 def test_a_cached_block_lent_to_the_adapter_heap_is_no_longer_found():
