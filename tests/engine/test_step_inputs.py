@@ -30,3 +30,12 @@ def test_a_step_without_adapters_has_no_lora_slots_and_a_finished_prompt_samples
     assert inputs.lora_slots is None
     assert inputs.sample_rows == [2, 4]
     assert inputs.num_decodes == 0
+
+
+def test_token_ids_read_prompt_then_outputs_then_placeholders_for_pending_tokens():
+    seq = _seq(0, [10, 11, 12], 0, [])
+    seq.output_token_ids, seq.num_pending = [13, 14], 2  # two more sampled, not read back yet
+    everything = [10, 11, 12, 13, 14, 0, 0]
+    for start in range(7):
+        for end in range(start, 8):
+            assert seq.token_ids(start, end) == everything[start:end]
