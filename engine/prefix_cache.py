@@ -57,6 +57,25 @@ class PrefixCache:
             parent = self._entry[block][1]
         return found
 
+    def next_key(self, seq: Sequence, prefix: list[int]) -> tuple | None:
+        """The key of seq's block after `prefix` (match's blocks), if match could find that block
+        cached once it is; else None."""
+        size, j = self.block_size, len(prefix)
+        if j >= min(seq.num_known_tokens, seq.num_tokens - 1) // size:
+            return None
+        parent = self._entry[prefix[-1]][1] if prefix else self._root(seq)
+        return parent, tuple(seq.token_ids(j * size, (j + 1) * size))
+
+    def filled_key(self, seq: Sequence, num_new_tokens: int) -> tuple | None:
+        """The key the first block that a step computing seq's next `num_new_tokens` fills will
+        be cached under, when the host knows its tokens and the blocks before it are cached;
+        else None."""
+        size, j, done = self.block_size, seq.num_cached_blocks, seq.num_computed_tokens
+        if j != done // size or (j + 1) * size > min(done + num_new_tokens, seq.num_known_tokens):
+            return None
+        parent = seq.prefix_parent if j else self._root(seq)
+        return parent, tuple(seq.token_ids(j * size, (j + 1) * size))
+
     def attached(self, seq: Sequence, prefix: list[int]) -> None:
         """seq was admitted holding `prefix` (from match): its next blocks chain from there."""
         seq.num_cached_blocks = len(prefix)

@@ -7,6 +7,10 @@ FIFO within a tenant, behind the sequences that waited too long for an adapter s
 (aging: engine.slot_policy). A waiting sequence is admitted only when its adapter holds a ready slot
 and its KV blocks fit.
 
+With prefix caching (engine.prefix_cache) a waiting sequence whose next uncached block another
+sequence of the step fills is left for the next step, where it finds that block cached: a burst
+of requests with one system prompt, or n choices of one prompt, computes it once.
+
 Adapter pressure (one load in flight per tenant, prefetch, aging, slot-fair preemption) is
 the slot policy's (engine.slot_policy): the scheduler asks it, before admission, to reserve
 and reclaim slots, and which waiting sequences hold a ready one.
@@ -23,6 +27,9 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
 from engine.slot_policy import SlotPolicy
+
+
+LATER = object()  # _take: the sequence waits for a block this step fills (prefix caching)
 
 
 @dataclass(slots=True)
@@ -60,6 +67,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_steps = 0
         self.enqueued_step: dict[int, int] = {}  # seq_id -> the step count when it (re)entered the queue
+        self._filled: set[tuple] = set()  # prefix-cache keys of the blocks this step's sequences fill first
 
     @property
     def num_waiting(self) -> int:
@@ -81,6 +89,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self.num_steps += 1
+        self._filled.clear()
         self.block_manager.growth_blocks = sum(self._growth(seq) for seq in self.running)
         if self.lora_manager is not None:
             self.slots.begin_step(out)
@@ -109,9 +118,14 @@ class Scheduler:
                     break
             else:
                 self.block_manager.allocate(seq, n)
+                self._fills(seq, n)
                 out.scheduled.append((seq, n))
                 budget -= n
         return budget
+
+    def _fills(self, seq: Sequence, n: int) -> None:
+        if self.block_manager.cache is not None and (key := self.block_manager.cache.filled_key(seq, n)):
+            self._filled.add(key)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while budget > 0 and len(self.running) < self.max_num_seqs and self.tenant_order:
@@ -124,6 +138,7 @@ class Scheduler:
             self.block_manager.allocate(seq, n, prefix)
             if first:
                 seq.num_cached_tokens = seq.num_computed_tokens
+            self._fills(seq, n)
             self.block_manager.growth_blocks += self._growth(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -139,8 +154,8 @@ class Scheduler:
         """The first admissible sequence and its cached prefix's blocks: aged ones first, then
         round-robin tenant order (FIFO within a tenant)."""
         ready, blocked = self.slots.reserve_aged(out)
-        if ready is not None:
-            return self._take(ready, budget)
+        if ready is not None and (taken := self._take(ready, budget)) is not LATER:
+            return taken
         for tenant in list(self.tenant_order):
             # one adapter load in flight per tenant: a flood cannot take every slot
             pending = False
@@ -150,15 +165,18 @@ class Scheduler:
                     continue
                 state = self.slots.adapter_state(seq, out)
                 pending |= state == "loading"
-                if state == "ok":
-                    return self._take(seq, budget)
+                if state == "ok" and (taken := self._take(seq, budget)) is not LATER:
+                    return taken
         return None
 
-    def _take(self, seq: Sequence, budget: int) -> tuple[Sequence, list[int]] | None:
+    def _take(self, seq: Sequence, budget: int) -> tuple[Sequence, list[int]] | None | object:
         """Remove `seq` from its queue for admission, with the blocks of its cached prefix
-        (engine.prefix_cache), or None when its KV blocks do not fit."""
+        (engine.prefix_cache); None when its KV blocks do not fit; LATER when a sequence of this
+        step fills its next block (it finds it cached next step)."""
         blocks = self.block_manager
         prefix = blocks.cached_prefix(seq)
+        if self._filled and blocks.cache.next_key(seq, prefix) in self._filled:
+            return LATER
         n = min(seq.num_uncomputed_tokens - len(prefix) * blocks.block_size, budget)
         if not blocks.can_allocate(seq, n, prefix):
             return None  # KV is full: admit nobody rather than starve long prompts

@@ -87,24 +87,46 @@ def test_blocks_shared_by_two_running_sequences_are_free_only_once_both_end():
     assert set(shared) <= set(blocks.free_block_ids) and blocks.num_free_blocks == 16
 
 
-def test_a_block_computed_by_two_sequences_at_once_is_cached_once_and_their_continuations_chain_on_it():
+def step(sched, *added):
+    """One scheduled and launched step (a sequence samples when its step reaches its last
+    token); returns each one's new tokens."""
+    for s in added:
+        sched.add(s)
+    out = sched.schedule()
+    sched.launched(out, [s.num_computed_tokens + n == s.num_tokens for s, n in out.scheduled])
+    return {s.request_id: n for s, n in out.scheduled}
+
+
+@pytest.mark.parametrize("budget, steps", [
+    (64, [{"r0": 9, "r2": 9}, {"r0": 1, "r1": 1, "r2": 1}]),
+    # r1 rides behind r0's chunks, r2 (another prompt) is not held back
+    (6, [{"r0": 6}, {"r0": 3, "r2": 3}, {"r0": 1, "r2": 5}, {"r0": 1, "r1": 1, "r2": 1}]),
+])
+def test_a_prompt_whose_next_block_another_fills_in_the_step_waits_a_step_and_finds_it_cached(budget, steps):
+    sched = Scheduler(8, budget, BlockManager(32, BLOCK, prefix_cache=PrefixCache(BLOCK)))
+    a, b, other = seq(0, range(1, 10)), seq(1, range(1, 10)), seq(2, range(40, 49))
+    got = [step(sched, a, b, other)] + [step(sched) for _ in steps[1:]]
+    assert got == steps
+    assert b.num_cached_tokens == 8 and b.block_table[:2] == a.block_table[:2]
+
+
+def test_a_block_filled_by_two_sequences_is_cached_once_and_the_later_one_chains_on_it():
     sched = scheduler()
-    a, b = seq(0, range(1, 10)), seq(1, range(1, 10))
-    run_prefill(sched, a, b)  # both admitted before either was launched: no sharing yet
-    assert not set(a.block_table) & set(b.block_table)
     cache = sched.block_manager.cache
-    assert [blk in cache for blk in a.block_table[:2] + b.block_table[:2]] == [True, True, False, False]
-    for s in (a, b):  # each decodes into its third block and fills it
-        s.num_pending = 0
-        s.output_token_ids += [7, 8, 9]
-        s.num_computed_tokens += 3
-    a_blocks, b_blocks = list(a.block_table), list(b.block_table)
-    sched.finish(b, "stop")  # b's third block is cached, after a's first two
-    sched.finish(a, "stop")  # a's third block holds what b's does: it stays uncached
-    assert b_blocks[2] in cache and a_blocks[2] not in cache
-    c = seq(2, [*range(1, 10), 7, 8, 9, 40])
-    assert run_prefill(sched, c) == {"r2": 1}
-    assert c.block_table[:3] == [a_blocks[0], a_blocks[1], b_blocks[2]]
+    a = seq(0, [1, 2, 3], max_tokens=8)
+    step(sched, a)  # its first token is sampled, not read back: a's first block is not known yet
+    b = seq(1, [1, 2, 3, 9, 5])  # a next turn, say, that starts with that token (9)
+    assert step(sched, b) == {"r0": 1, "r1": 5}  # a's step fills the block, with a token the host lacks
+    assert b.block_table[0] in cache and a.num_cached_blocks == 0
+    a.output_token_ids, a.num_pending = [9], 1  # a's first token read back
+    sched.block_manager.cache_computed(a)  # the block b cached first: a's stays uncached
+    assert a.num_cached_blocks == 1 and a.block_table[0] not in cache
+    a.output_token_ids, a.num_pending, a.num_computed_tokens = [9, 5, 6, 7, 8], 0, 8
+    a.block_table.append(sched.block_manager._take_free())
+    sched.block_manager._refs[a.block_table[-1]] = 1
+    sched.block_manager.cache_computed(a)  # a's second block chains on b's first
+    probe = seq(2, [1, 2, 3, 9, 5, 6, 7, 8, 0])
+    assert sched.block_manager.cached_prefix(probe) == [b.block_table[0], a.block_table[1]]
 
 
 def test_a_preempted_sequence_finds_its_own_blocks_when_it_comes_back():
@@ -258,6 +280,18 @@ def test_greedy_outputs_with_cache_hits_equal_an_engine_without_the_cache(checkp
         if caching:
             assert engine.stats()["prefix_cache_hits"] > 0 and engine.num_preemptions > 0
     assert outs[True] == outs[False]
+
+
+def test_equal_prompts_sent_together_compute_their_prefix_once_and_decode_alike(checkpoints, adapters):
+    ckpt = checkpoints["qwen3_moe"]
+    prompt, request = list(range(60, 78)), lora(adapters, "qwen3_moe", "b")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = make_engine(ckpt, max_loras=2, max_lora_rank=16, enable_prefix_caching=False).generate(
+        [prompt], params, [request])[0]["token_ids"]
+    engine = make_engine(ckpt, max_loras=2, max_lora_rank=16)
+    outs = engine.generate([prompt] * 3, params, [request] * 3)
+    assert [o["token_ids"] for o in outs] == [alone] * 3
+    assert engine.stats()["prefix_cache_hits"] == 2 * 16  # the two others found its 4 full blocks
 
 
 def test_a_next_turn_finds_the_last_turns_answer_cached(checkpoints):
