@@ -160,6 +160,9 @@ class LLMEngine:
     def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self._record(sched)
         outputs = self._failed_outputs(sched)
+        if result.prompt_logprobs:  # before the tokens: the step that samples the first one scores the prompt's last
+            for seq, _ in sched.scheduled:
+                seq.prompt_logprobs.extend(result.prompt_logprobs.get(seq.seq_id, ()))
         logprobs = result.logprobs or {}
         for seq, token in self.scheduler.update_from_output(sched, result.token_ids, time.perf_counter()):
             outputs.append(self._token_output(seq, token, logprobs.get(seq.seq_id)))
@@ -183,6 +186,8 @@ class LLMEngine:
         if len(seq.output_token_ids) == 1:
             out.timings = seq.timings()
             out.num_cached_tokens = seq.num_cached_tokens
+            if seq.params.prompt_logprobs is not None:
+                out.prompt_logprobs = [(seq.prompt_token_ids[0], None, []), *seq.prompt_logprobs]
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._final(seq, out)
@@ -280,13 +285,14 @@ class LLMEngine:
     def generate(self, prompts: list, params: SamplingParams | None = None,
                  loras: list[LoRARequest | None] | None = None) -> list[dict]:
         """Run prompts to completion (a blocking helper for scripts and tests). Each result's
-        `logprobs` holds RequestOutput.logprobs' entries, one a token, where params asked."""
+        `logprobs` holds RequestOutput.logprobs' entries, one a token, and `prompt_logprobs`
+        RequestOutput.prompt_logprobs, where params asked."""
         loras = loras or [None] * len(prompts)
         ids = [f"gen-{next(self._seq_ids)}" for _ in prompts]
         for rid, prompt, lora in zip(ids, prompts, loras):
             self.add_request(rid, prompt, params, lora)
-        results = {rid: {"text": "", "token_ids": [], "logprobs": [], "finish_reason": None, "error": None}
-                   for rid in ids}
+        results = {rid: {"text": "", "token_ids": [], "logprobs": [], "prompt_logprobs": None,
+                         "finish_reason": None, "error": None} for rid in ids}
         while any(results[r]["finish_reason"] is None for r in ids):
             outputs = self.step()  # blocks briefly by itself while only adapter loads are pending
             for out in (o for o in outputs if o.request_id in results):
@@ -294,6 +300,7 @@ class LLMEngine:
                 res["text"] += out.text_delta
                 res["token_ids"] += out.token_ids_delta
                 res["logprobs"] += out.logprobs or []
+                res["prompt_logprobs"] = out.prompt_logprobs or res["prompt_logprobs"]
                 if out.finished:
                     res["finish_reason"], res["error"] = out.finish_reason, out.error
         return [results[r] for r in ids]

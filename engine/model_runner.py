@@ -30,6 +30,9 @@ from engine.warmup import run_warmup
 from kernels.weights import OFFSET_UNIT
 
 _ACTIVATION_RESERVE_BYTES = 4 << 30  # activations of the largest step and the graphs' pool (CUDA)
+# prompt-logprob rows whose logits exist at once: [rows, V] and its float32 log-softmax (at a
+# 152k vocabulary, 256 rows are ~0.16 GB), where a step's prompt chunk may have thousands
+PROMPT_LOGPROB_ROWS = 256
 STARTUP_PARTS = ("weights", "kv_and_slots", "prefill_graphs", "decode_graphs", "warmup")
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,19 @@ class StepResult:
     # seq_id -> (the sampled token's logprob, [(token id, logprob)] of its most likely tokens), for
     # the sequences whose SamplingParams.logprobs asked (engine.sampler.token_logprobs)
     logprobs: dict[int, tuple[float, list[tuple[int, float]]]] | None = None
+    # seq_id -> [(prompt token id, its logprob, [(token id, logprob)] most likely first)] of the
+    # prompt positions this step computed, in order (SamplingParams.prompt_logprobs)
+    prompt_logprobs: dict[int, list[tuple[int, float, list[tuple[int, float]]]]] | None = None
+
+
+@dataclass(slots=True)
+class PromptRows:
+    """A step's rows whose logits give prompt logprobs: `rows` (token indices of the step),
+    `targets` (the prompt token each row's logits score), and per sequence (seq_id, how many
+    rows, alternatives) in row order."""
+    rows: list[int]
+    targets: list[int]
+    owners: list[tuple[int, int, int]]
 
 
 @dataclass(slots=True)
@@ -59,12 +75,28 @@ class LaunchedStep:
     logprob_rows: list[tuple[int, int]] | None = None
     logprobs: tuple[Tensor, Tensor] | None = None
     host_logprobs: tuple[Tensor, Tensor] | None = None
+    # prompt logprobs: the rows, and their (values [R, 1 + k], ids [R, k]) as token_logprobs gives them
+    prompt_rows: PromptRows | None = None
+    prompt_logprobs: tuple[Tensor, Tensor] | None = None
+    host_prompt_logprobs: tuple[Tensor, Tensor] | None = None
 
     def result(self) -> StepResult:
         if self.done is not None:
             self.done.synchronize()
         it = iter(self.host_tokens.tolist() if self.host_tokens is not None else [])
-        return StepResult([next(it) if s else None for s in self.samples], self.logits, self._logprobs())
+        return StepResult([next(it) if s else None for s in self.samples], self.logits, self._logprobs(),
+                           self._prompt_logprobs())
+
+    def _prompt_logprobs(self) -> dict[int, list] | None:
+        if self.host_prompt_logprobs is None:
+            return None
+        values, ids = (t.tolist() for t in self.host_prompt_logprobs)
+        out, row, targets = {}, 0, self.prompt_rows.targets
+        for seq_id, count, k in self.prompt_rows.owners:
+            out[seq_id] = [(targets[r], values[r][0], list(zip(ids[r][:k], values[r][1:k + 1])))
+                           for r in range(row, row + count)]
+            row += count
+        return out
 
     def _logprobs(self) -> dict[int, tuple[float, list[tuple[int, float]]]] | None:
         if self.host_logprobs is None:
@@ -299,16 +331,32 @@ class ModelRunner:
         samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampled = [seq for (seq, _), s in zip(scheduled, samples) if s]
         feed = self._feed(scheduled, prev)
-        graphs = None if all_logits else self._graphs_for(scheduled)
+        prompt = prompt_logprob_rows(scheduled)
+        graphs = None if all_logits or prompt is not None else self._graphs_for(scheduled)
         keep = [i for i, s in enumerate(samples) if s] \
             if graphs is not None and graphs is self.graphs and not all(samples) else None
         kind = None if graphs is None else ("decode" if graphs is self.graphs else "prefill")
-        plan = StepPlan(build_step_inputs(scheduled, self.config.block_size), kind, feed is not None, all_logits, keep)
+        plan = StepPlan(build_step_inputs(scheduled, self.config.block_size), kind, feed is not None, all_logits, keep,
+                        None if prompt is None else prompt.rows)
         if self.group is not None:
             self.group.send_step(plan)
-        logits, kept = self._forward(plan, feed)
+        scored = []
+        if prompt is not None:
+            targets = self._tensor(prompt.targets, torch.long)
+            k = max(alternatives for _, _, alternatives in prompt.owners)
+
+            def score(start: int, logits: Tensor) -> None:  # one chunk of the prompt rows' logits
+                scored.append(token_logprobs(logits, targets[start:start + logits.shape[0]], None, k))
+        logits, kept = self._forward(plan, feed, score if prompt is not None else None)
         step = LaunchedStep(samples, {seq.seq_id: i for i, seq in enumerate(sampled)}, None, None,
                             logits=kept if all_logits else (logits if return_logits else None))
+        if prompt is not None:
+            step.prompt_rows = prompt
+            step.prompt_logprobs = tuple(torch.cat(parts) for parts in zip(*scored))
+            for seq, n in scheduled:  # a recompute after preemption does not score them again
+                if seq.params.prompt_logprobs is not None:
+                    seq.prompt_logprobs_launched = max(seq.prompt_logprobs_launched,
+                                                       min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1))
         if sampled:
             step.tokens = sample(logits, self.sampling.tensors(sampled), self.generator)
             wanted = [(i, seq.seq_id, seq.params.logprobs) for i, seq in enumerate(sampled)
@@ -318,6 +366,7 @@ class ModelRunner:
                 # the rows' index through _tensor: torch.tensor(list, device=cuda) would wait for the GPU
                 index = None if len(wanted) == len(sampled) else self._tensor([i for i, _, _ in wanted], torch.long)
                 step.logprobs = token_logprobs(logits, step.tokens, index, max(k for _, _, k in wanted))
+        if sampled or prompt is not None:
             self._read_back(step)
         return step
 
@@ -326,8 +375,11 @@ class ModelRunner:
         """A rank other than 0: rank 0's step, whose collectives it takes part in."""
         self._forward(plan, None)
 
-    def _forward(self, plan: StepPlan, feed: TokenFeed | None) -> tuple[Tensor | None, Tensor | None]:
-        """(logits of the sampled rows, logits of every token when plan.all_logits) of the step."""
+    def _forward(self, plan: StepPlan, feed: TokenFeed | None,
+                 score=None) -> tuple[Tensor | None, Tensor | None]:
+        """(logits of the sampled rows, logits of every token when plan.all_logits) of the step;
+        the logits of plan.prompt_rows go to score(first row, logits) PROMPT_LOGPROB_ROWS rows at
+        a time (every rank computes them: lm_head's all-gather is a collective)."""
         feed_ids = None
         if plan.fed:
             def feed_ids(ids: Tensor) -> None:
@@ -343,10 +395,15 @@ class ModelRunner:
                 logits = logits[self._tensor(plan.keep, torch.long)]
             return logits, None
         input_ids, batch = self.eager_inputs(inputs)
-        rows = inputs.sample_rows
         if feed_ids is not None:
             feed_ids(input_ids)
         hidden = self.model(input_ids, batch)
+        for start in range(0, len(plan.prompt_rows or ()), PROMPT_LOGPROB_ROWS):
+            rows = self._tensor(plan.prompt_rows[start:start + PROMPT_LOGPROB_ROWS], torch.long)
+            chunk = self.model.compute_logits(hidden[rows])
+            if score is not None:
+                score(start, chunk)
+        rows = inputs.sample_rows
         # index with device tensors: a Python list is a blocking copy that waits for the GPU
         if plan.all_logits:
             kept = self.model.compute_logits(hidden)
@@ -356,12 +413,15 @@ class ModelRunner:
         return None, None
 
     def _read_back(self, step: LaunchedStep) -> None:
-        if not step.tokens.is_cuda:
+        if self.device.type != "cuda":
             step.host_tokens, step.host_logprobs = step.tokens, step.logprobs
+            step.host_prompt_logprobs = step.prompt_logprobs
             return
-        step.host_tokens = _pinned_copy(step.tokens)
+        step.host_tokens = None if step.tokens is None else _pinned_copy(step.tokens)
         if step.logprobs is not None:
             step.host_logprobs = tuple(_pinned_copy(t) for t in step.logprobs)
+        if step.prompt_logprobs is not None:
+            step.host_prompt_logprobs = tuple(_pinned_copy(t) for t in step.prompt_logprobs)
         step.done = torch.cuda.Event()
         step.done.record()
 
@@ -381,7 +441,7 @@ class ModelRunner:
 
     def is_graph_step(self, scheduled: list[tuple[Sequence, int]]) -> bool:
         """Whether launch() replays graphs (decode or prefill) for this step: ~ms of host time."""
-        return self._graphs_for(scheduled) is not None
+        return self._graphs_for(scheduled) is not None and prompt_logprob_rows(scheduled) is None
 
     def _graphs_for(self, scheduled: list[tuple[Sequence, int]]) -> DecodeGraphs | PrefillGraphs | None:
         """The graphs that run this step: decode graphs for decode-only steps that fit them, else
@@ -404,3 +464,21 @@ class ModelRunner:
         self.warmup_seconds += seconds
         log.info("warm-up of prefill and mixed steps took %.2f s", seconds)
         return seconds
+
+
+def prompt_logprob_rows(scheduled: list[tuple[Sequence, int]]) -> PromptRows | None:
+    """The step's rows whose logits score prompt tokens (SamplingParams.prompt_logprobs): row p of
+    a sequence's chunk scores its prompt token p + 1; positions a launched step scored already (a
+    recompute) are left out. None when there are none (such a step runs eagerly)."""
+    rows, targets, owners, start = [], [], [], 0
+    for seq, n in scheduled:
+        if seq.params.prompt_logprobs is not None:
+            done = seq.num_computed_tokens
+            first = max(done + 1, seq.prompt_logprobs_launched + 1)
+            last = min(done + n, seq.num_prompt_tokens - 1)
+            if first <= last:
+                rows += range(start + first - 1 - done, start + last - done)
+                targets += seq.prompt_token_ids[first:last + 1]
+                owners.append((seq.seq_id, last - first + 1, seq.params.prompt_logprobs))
+        start += n
+    return PromptRows(rows, targets, owners) if rows else None

@@ -22,3 +22,7 @@ class RequestOutput:
     # per token of token_ids_delta, when the request's SamplingParams.logprobs asked: (its
     # logprob, [(token id, logprob)] of the most likely tokens, most likely first)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # with SamplingParams.prompt_logprobs, on the first token's output: per prompt token, (its id,
+    # its logprob given the tokens before it, [(token id, logprob)] of the most likely tokens
+    # there); the first token's logprob is None and its list empty
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None

@@ -46,6 +46,8 @@ class PrefixCache:
     def match(self, seq: Sequence) -> list[int]:
         """The blocks holding seq's longest cached prefix of full blocks of known tokens, short of
         its last token: a step must compute at least one token to sample from."""
+        if seq.params.prompt_logprobs is not None:  # every prompt position's logits are wanted
+            return []
         size = self.block_size
         limit = min(seq.num_known_tokens, seq.num_tokens - 1) // size
         parent, found = self._root(seq), []
@@ -61,7 +63,7 @@ class PrefixCache:
         """The key of seq's block after `prefix` (match's blocks), if match could find that block
         cached once it is; else None."""
         size, j = self.block_size, len(prefix)
-        if j >= min(seq.num_known_tokens, seq.num_tokens - 1) // size:
+        if j >= min(seq.num_known_tokens, seq.num_tokens - 1) // size or seq.params.prompt_logprobs is not None:
             return None
         parent = self._entry[prefix[-1]][1] if prefix else self._root(seq)
         return parent, tuple(seq.token_ids(j * size, (j + 1) * size))

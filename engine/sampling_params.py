@@ -32,6 +32,10 @@ class SamplingParams:
     # sampled token's only; None: none), under the model's own distribution: the logits before
     # penalties, bias and temperature (vLLM's default, "raw_logprobs")
     logprobs: int | None = None
+    # the same for each prompt token after the first (its logprob given the tokens before it, and
+    # this many most likely tokens there): OpenAI's `echo` with `logprobs`, vLLM's prompt_logprobs.
+    # Such a request's prompt is computed whole, never taken from the prefix cache
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -55,9 +59,10 @@ class SamplingParams:
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         _check(type(self.min_tokens) is int and 0 <= self.min_tokens <= self.max_tokens,
                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        wanted = self.logprobs
-        _check(wanted is None or (type(wanted) is int and 0 <= wanted <= MAX_LOGPROBS),
-               f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives a token), got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            wanted = getattr(self, name)
+            _check(wanted is None or (type(wanted) is int and 0 <= wanted <= MAX_LOGPROBS),
+                   f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives a token), got {wanted!r}")
         if self.logit_bias:
             _check(all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
                    "logit_bias maps token ids >= 0 to biases in [-100, 100]")

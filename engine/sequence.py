@@ -48,6 +48,10 @@ class Sequence:
     num_cached_blocks: int = 0
     prefix_parent: int | None = None
     num_cached_tokens: int = 0
+    # SamplingParams.prompt_logprobs: prompt positions whose entries a launched step computes (a
+    # recompute after preemption skips them), and the entries read back so far, position 1 on
+    prompt_logprobs_launched: int = 0
+    prompt_logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     error: Exception | None = None
     num_preemptions: int = 0

@@ -76,6 +76,8 @@ class StepPlan:
     fed: bool
     all_logits: bool
     keep: list[int] | None  # decode graphs: rows of the sequences that sample, when not all do
+    # eager steps: token rows whose logits give prompt logprobs (SamplingParams.prompt_logprobs)
+    prompt_rows: list[int] | None = None
 
 
 @dataclass(slots=True)

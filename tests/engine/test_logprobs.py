@@ -3,7 +3,7 @@ against transformers + PEFT's log-softmax of the same positions."""
 import pytest
 import torch
 
-from engine import InvalidRequestError, SamplingParams
+from engine import InvalidRequestError, SamplingParams, model_runner
 from engine.testing.reference import load_reference_model
 from tests.engine.helpers import PROMPTS, lora, make_engine
 
@@ -61,9 +61,60 @@ def test_only_the_requests_that_ask_get_logprobs(checkpoints):
 
 
 @pytest.mark.parametrize("bad", [-1, 21, True, 2.0])
-def test_logprobs_outside_zero_to_twenty_alternatives_are_refused(bad):
-    with pytest.raises(InvalidRequestError, match="logprobs"):
-        SamplingParams(logprobs=bad)
+@pytest.mark.parametrize("name", ["logprobs", "prompt_logprobs"])
+def test_logprobs_outside_zero_to_twenty_alternatives_are_refused(name, bad):
+    with pytest.raises(InvalidRequestError, match=name):
+        SamplingParams(**{name: bad})
+
+
+def reference_prompt_logprobs(model, prompt: list[int]) -> torch.Tensor:
+    """[len(prompt) - 1, V]: the reference's log-softmax before each prompt token after the first."""
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(dim=-1)
+
+
+def assert_prompt_logprobs(entries, prompt, expected, k, tol=1e-4):
+    assert [token for token, _, _ in entries] == prompt
+    assert entries[0][1:] == (None, [])
+    for position, (token, chosen, alternatives) in enumerate(entries[1:]):
+        assert chosen == pytest.approx(expected[position, token].item(), abs=tol)
+        top = expected[position].topk(k)
+        assert [t for t, _ in alternatives] == top.indices.tolist()
+        assert [v for _, v in alternatives] == pytest.approx(top.values.tolist(), abs=tol)
+
+
+# whole prompts in a step (their logits 3 rows at a time, too); chunks of 5 tokens; chunks
+# launched before the step ahead is read back
+@pytest.mark.parametrize("budget, ahead, rows", [(64, False, None), (64, False, 3), (5, False, None), (5, True, None)])
+def test_prompt_logprobs_match_the_reference_with_and_without_adapters_whole_or_chunked(
+        checkpoints, adapters, budget, ahead, rows, monkeypatch):
+    if rows is not None:
+        monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_ROWS", rows)
+    ckpt = checkpoints["qwen3_moe"]
+    engine = make_engine(ckpt, max_loras=2, max_lora_rank=16, max_num_batched_tokens=budget,
+                         async_eager_steps=ahead)
+    reqs = [lora(adapters, "qwen3_moe", "c"), None, lora(adapters, "qwen3_moe", "a")]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    outs = engine.generate(PROMPTS, params, reqs)
+    for prompt, out, name in zip(PROMPTS, outs, ["c", None, "a"]):
+        ref = load_reference_model(ckpt, None if name is None else adapters["qwen3_moe"][name])
+        assert_prompt_logprobs(out["prompt_logprobs"], prompt, reference_prompt_logprobs(ref, prompt), 2)
+        assert out["logprobs"] == []  # the sampled tokens' were not asked for
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_survive_preemption(checkpoints):
+    """A prompt whose blocks are cached is computed whole all the same (every position's logits
+    are needed), and a sequence preempted and recomputed reports each position once."""
+    ckpt = checkpoints["qwen3_moe"]
+    engine = make_engine(ckpt, num_kv_blocks=12, max_model_len=40)
+    prompts = [list(range(10 + i, 24 + i)) for i in range(3)]
+    engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # prompts[0]'s blocks cached
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    outs = engine.generate(prompts, params)
+    assert engine.num_preemptions > 0 and engine.stats()["prefix_cache_hits"] == 0
+    ref = load_reference_model(ckpt)
+    for prompt, out in zip(prompts, outs):
+        assert_prompt_logprobs(out["prompt_logprobs"], prompt, reference_prompt_logprobs(ref, prompt), 0)
 
 
 @pytest.mark.gpu
@@ -81,3 +132,27 @@ def test_gpu_logprobs_through_decode_graphs_and_async_steps_match_the_reference(
         for position, (token, (chosen, alternatives)) in enumerate(zip(out["token_ids"], out["logprobs"])):
             assert chosen == pytest.approx(expected[position, token].item(), abs=1e-3)
             assert [v for _, v in alternatives] == pytest.approx(expected[position].topk(2).values.tolist(), abs=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_prompt_logprobs_beside_graph_steps_match_the_reference(checkpoints, adapters):
+    """fp32 on the GPU with its defaults: a prompt-logprob request's steps run eagerly beside
+    requests whose steps replay graphs, and its rows' logits come PROMPT_LOGPROB_ROWS at a time."""
+    ckpt = checkpoints["qwen3_moe"]
+    engine = make_engine(ckpt, device="cuda", dtype="float32", max_loras=2, max_lora_rank=16)
+    prompts = [list(range(3, 60)), PROMPTS[1], PROMPTS[2]]
+    reqs = [lora(adapters, "qwen3_moe", "b"), None, lora(adapters, "qwen3_moe", "a")]
+    for prompt, req, k in zip(prompts, reqs, (3, None, 0)):
+        engine.add_request(f"p{len(prompt)}", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                                      prompt_logprobs=k), req)
+    firsts = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            firsts.setdefault(out.request_id, out)
+    for prompt, name, k in zip(prompts, ["b", None, "a"], (3, None, 0)):
+        entries = firsts[f"p{len(prompt)}"].prompt_logprobs
+        if k is None:
+            assert entries is None
+            continue
+        ref = load_reference_model(ckpt, None if name is None else adapters["qwen3_moe"][name])
+        assert_prompt_logprobs(entries, prompt, reference_prompt_logprobs(ref, prompt), k, tol=1e-3)
