@@ -158,6 +158,8 @@ class Ingress(AdapterRoutes):
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         payload = {"prompt": body.prompt, "max_tokens": body.max_tokens}
+        if body.echo:
+            payload["echo"] = True
         return await self._complete(request, body, payload, COMPLETION)
 
     @api.post("/v1/chat/completions")

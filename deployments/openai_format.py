@@ -89,10 +89,13 @@ class ResponseBuilder:
         return self._with_ids(choice, token_ids)
 
 
-def _top_by_text(text: str, logprob: float, alternatives: list) -> dict[str, float]:
+def _top_by_text(text: str, logprob: float | None, alternatives: list) -> dict[str, float] | None:
     """A completion token's `top_logprobs`: the alternatives by text, most likely first, and the
     sampled token too when it is not among them (OpenAI's and vLLM's up to n + 1); tokens whose
-    texts are equal (parts of one character, say) keep the most likely's."""
+    texts are equal (parts of one character, say) keep the most likely's. None for an echoed
+    prompt's first token, which has no logprob."""
+    if logprob is None:
+        return None
     top: dict[str, float] = {}
     for alternative, value in alternatives:
         top.setdefault(alternative, value)

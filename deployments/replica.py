@@ -185,15 +185,18 @@ class LLMServer:
             yield _error_item(rid, exc)
             return
         timing = {"fetch": fetched - entered, "prepare": time.perf_counter() - fetched}
-        async for item in self._stream(rid, tenant, prompt, params, lora, entered, timing):
+        async for item in self._stream(rid, tenant, prompt, params, lora, entered, timing, request.get("echo", False)):
             yield item
 
-    async def _stream(self, rid: str, tenant: str, prompt, params, lora, entered: float, timing: dict):
+    async def _stream(self, rid: str, tenant: str, prompt, params, lora, entered: float, timing: dict,
+                      echo: bool = False):
         """The request's items; the first with tokens carries `timing`: seconds this replica spent
         before the first token, by phase (its own `fetch` and `prepare`; `tokenize` until the
         engine's Sequence existed; the engine's phases, Sequence.timings; `deliver` from the
         engine's first token until it reached this stream; `first` in all), for the ingress's
-        Server-Timing header."""
+        Server-Timing header. With `echo` (completions) the first such item's text starts with the
+        prompt's, and its logprob entries, where asked for, with the prompt tokens' (the first's
+        logprob None)."""
         started, first_token_at, finished = time.perf_counter(), None, False
         batches = self._engine.generate_batches(prompt, params, request_id=rid, lora=lora, tenant=tenant,
                                                 min_interval_s=self._args.stream_interval_ms / 1e3)
@@ -207,6 +210,8 @@ class LLMServer:
                         (token, *entry) for o in batch if o.logprobs
                         for token, entry in zip(o.token_ids_delta, o.logprobs))
                 if first_token_at is None and token_ids:
+                    if echo:
+                        self._echo(item, prompt, next((o.prompt_logprobs for o in batch if o.prompt_logprobs), None))
                     first_token_at = time.perf_counter()
                     engine_timings = dict(next((o.timings for o in batch if o.timings), None) or {})
                     arrived_at = engine_timings.pop("arrived_at", None)
@@ -237,6 +242,15 @@ class LLMServer:
             yield _error_item(rid, exc)
         finally:
             await batches.aclose()
+
+    def _echo(self, item: dict, prompt: str | list[int], prompt_logprobs: list | None) -> None:
+        """Put the prompt before the first item's text (a token-id prompt as its decoded text) and
+        its tokens' logprob entries before the item's."""
+        if not isinstance(prompt, str):
+            prompt = self._engine.tokenizer.decode(prompt) if self._engine.tokenizer is not None else ""
+        item["text"] = prompt + item["text"]
+        if prompt_logprobs is not None:
+            item["logprobs"] = self._logprob_entries(prompt_logprobs) + item.get("logprobs", [])
 
     def _logprob_entries(self, logprobs) -> list:
         """The engine's logprobs (RequestOutput.logprobs) with each token as its text:

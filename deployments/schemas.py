@@ -138,7 +138,7 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str]
-    echo: bool = Field(default=False)
+    echo: bool = Field(default=False)  # the prompt, before the completion, in text and in logprobs
     # the legacy API's: the sampled token's logprob and this many most likely tokens' (OpenAI
     # caps it at 5, vLLM at its max_logprobs, 20)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -148,6 +148,10 @@ class CompletionRequest(_SamplingFields):
 
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
+
+    def sampling(self) -> dict:
+        # echo with logprobs: the prompt's tokens get theirs too (the first one's is null)
+        return {**super().sampling(), "prompt_logprobs": self.logprobs if self.echo else None}
 
     @field_validator("top_logprobs")
     @classmethod
@@ -166,13 +170,6 @@ class CompletionRequest(_SamplingFields):
                 if len(value) != 1:
                     raise ValueError("send one prompt per request (a list of one string)")
                 return value[0]
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported; leave it false")
         return value
 
     @field_validator(*COMPLETION_ONLY_NO_OPS)

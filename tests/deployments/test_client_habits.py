@@ -280,7 +280,6 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
 @pytest.mark.parametrize("fields,param", [
     ({"best_of": 2}, "best_of"),
     ({"suffix": "the end"}, "suffix"),
-    ({"echo": True}, "echo"),
     ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
     ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),

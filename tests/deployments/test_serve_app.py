@@ -160,6 +160,29 @@ def test_logprobs_of_completions_and_chats_equal_the_engines_streamed_or_not(ser
         client.chat.completions.create(model="style", messages=messages, max_tokens=2, top_logprobs=2)
 
 
+def test_echo_puts_the_prompt_and_its_tokens_logprobs_before_the_completion(service, adapters, oracle):
+    """What lm-eval-harness's loglikelihood asks of a completions server: echo with logprobs and
+    one token; the prompt tokens' entries equal the engine's prompt logprobs (tested against
+    transformers + PEFT in tests/engine/test_logprobs.py), the first one's null."""
+    client, text_of = _client(service, "acme"), lambda token: oracle.engine.tokenizer.decode([token])
+    want = oracle.complete(PROMPTS[1], 1, adapters["acme"], "acme/style", logprobs=1, prompt_logprobs=1)
+    prompt = want["prompt_logprobs"]
+    texts = [text_of(t) for t, _, _ in prompt] + [text_of(t) for t in want["token_ids"]]
+    chosen = [lp for _, lp, _ in prompt] + [lp for lp, _ in want["logprobs"]]
+    kwargs = dict(model="style", prompt=PROMPTS[1], max_tokens=1, temperature=0, echo=True, logprobs=1)
+    whole = client.completions.create(**kwargs).choices[0]
+    streamed = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert whole.text == "".join(c.text for c in streamed) == PROMPTS[1] + want["text"]
+    for got in (whole.logprobs.model_dump(), {key: [v for c in streamed if c.logprobs for v in getattr(c.logprobs, key)]
+                                              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}):
+        assert got["tokens"] == texts
+        assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+        assert got["token_logprobs"][1:] == pytest.approx(chosen[1:], abs=1e-4)
+        assert got["text_offset"] == [sum(map(len, texts[:i])) for i in range(len(texts))]
+    plain = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(PROMPTS[1]) and plain.choices[0].logprobs is None
+
+
 def test_several_choices_in_one_request_streamed_or_whole(service, adapters, oracle):
     client = _client(service, "acme")
     want = oracle.complete(PROMPTS[0], 6, adapters["acme"], "acme/style")
