@@ -50,7 +50,7 @@ def _has_surrogate(text: str) -> bool:
 NO_OP_VALUES: dict[str, tuple] = {
     "best_of": (1,), "suffix": ("",), "modalities": (["text"],), "audio": (),
     "use_beam_search": (False,), "prompt_logprobs": (0,),
-    "include_stop_str_in_output": (False,), "guided_json": (), "guided_regex": (),
+"guided_json": (), "guided_regex": (),
     "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
 }
 

@@ -39,6 +39,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     top_k: int = Field(default=0, ge=-1, description="0 or -1: no limit")
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # the text keeps the stop string that ended it
     return_token_ids: bool = Field(default=False, description="each choice also carries the "
                                    "generated token ids (per chunk when streaming)")
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
@@ -53,7 +54,6 @@ class _SamplingFields(BaseModel):
     audio: Any = None
     use_beam_search: Any = None
     prompt_logprobs: Any = None
-    include_stop_str_in_output: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
@@ -123,6 +123,7 @@ class _SamplingFields(BaseModel):
                 "seed": self.seed, "stop": self.stop_sequences(), "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
                 "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ()),
+                "include_stop_str_in_output": self.include_stop_str_in_output,
                 "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
                 "logprobs": self.logprob_alternatives(), "min_p": self.min_p or 0.0,
                 "min_tokens": self.min_tokens or 0}

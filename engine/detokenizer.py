@@ -18,10 +18,12 @@ _TRIES = 4  # boundaries tried per move
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), window: int = WINDOW):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), window: int = WINDOW, include_stop: bool = False):
+        """include_stop: the text ends after the stop string that ended it, not before (vLLM's
+        include_stop_str_in_output)."""
         self.tokenizer = tokenizer
         self._decode_ids = decode_route(tokenizer)
-        self.stop = stop
+        self.stop, self.include_stop = stop, include_stop
         self.window = window
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.sent = ""  # text already handed out
@@ -78,9 +80,12 @@ class IncrementalDetokenizer:
                 return
 
     def _find_stop(self, full: str) -> int | None:
+        """Where the text ends at the first stop string in it (before it, or after it with
+        include_stop), or None."""
         start = max(0, len(self.sent) - self.hold_back)
-        hits = [i for s in self.stop if (i := full.find(s, max(start, self.stop_floor - len(s) + 1))) >= 0]
-        return min(hits) if hits else None
+        hits = [(i, i + len(s) if self.include_stop else i) for s in self.stop
+                if (i := full.find(s, max(start, self.stop_floor - len(s) + 1))) >= 0]
+        return min(hits)[1] if hits else None
 
     def _emit(self, text: str) -> str:
         if not text.startswith(self.sent):

@@ -70,7 +70,8 @@ class LLMEngine:
         if seq.request_id in self.seqs:
             raise InvalidRequestError(f"request_id {seq.request_id!r} is already in use")
         self.seqs[seq.request_id] = seq
-        self.detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.params.stop) \
+        self.detokenizers[seq.request_id] = IncrementalDetokenizer(
+            self.tokenizer, seq.params.stop, include_stop=seq.params.include_stop_str_in_output) \
             if self.tokenizer is not None else None
         self.scheduler.add(seq)
 

@@ -14,6 +14,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = all tokens
     seed: int | None = None
     stop: tuple[str, ...] | list[str] | str = ()
+    include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string that ended it
     stop_token_ids: tuple[int, ...] | list[int] = ()
     ignore_eos: bool = False
     # OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), over the
@@ -51,6 +52,8 @@ class SamplingParams:
         _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
                f"seed must be an integer in [-2**63, 2**64) (what torch.Generator takes), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
+        _check(type(self.include_stop_str_in_output) is bool,
+               f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
         for name in ("presence_penalty", "frequency_penalty"):

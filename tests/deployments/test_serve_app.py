@@ -243,6 +243,9 @@ def test_stop_sequences_and_seeded_sampling(service, adapters, oracle):
                                          temperature=0, stop=[stop])
         assert stop not in done.choices[0].text and done.choices[0].finish_reason == "stop"
         assert full.startswith(done.choices[0].text)
+        kept = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                         stop=[stop], extra_body={"include_stop_str_in_output": True})
+        assert kept.choices[0].text == done.choices[0].text + stop
     sampled = [client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=8,
                                          temperature=1.0, top_p=0.9, seed=7).choices[0].text
                for _ in range(2)]

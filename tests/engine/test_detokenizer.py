@@ -103,3 +103,16 @@ def test_a_stop_string_ending_before_min_tokens_is_passed_even_inside_the_held_b
     assert ended == finish
     if finish is None:
         assert sent + detok.update(ids, True)[0] == text
+
+
+@pytest.mark.parametrize("include, finish", [(False, "xy"), (True, "xyEND")])
+def test_the_text_ends_before_the_stop_string_or_after_it_when_it_is_kept(include, finish):
+    detok = IncrementalDetokenizer(_CharTokenizer(), stop=("END", "ab"), include_stop=include)
+    ids, sent = [], ""
+    for char in "xyENDab":
+        ids.append(ord(char))
+        delta, hit = detok.update(ids, False)
+        sent += delta
+        if hit:
+            break
+    assert hit and sent == finish
