@@ -100,6 +100,13 @@ class AppArgs(ReplicaPlacement, BaseModel):
                                                          "cached prefixes: one tenant's requests, or "
                                                          "every tenant's (then a tenant could tell "
                                                          "from its own latency what others sent)")
+    prefix_affinity_routing: bool = Field(default=True, description="route a request without an adapter "
+                                          "of its own (the base model's, a hot adapter's) to the engine "
+                                          "replica its tenant and prompt opening hash to, where earlier "
+                                          "requests left that prefix cached (deployments/prefix_router.py)")
+    prefix_affinity_max_imbalance: int = Field(default=8, ge=0, description="requests the preferred "
+                                               "replica's queue may be ahead of the shortest before "
+                                               "such a request goes by load instead")
     engine_process: bool = Field(default=True, description="run the engine core in a process "
                                  "of its own inside each replica (false: a thread of the replica)")
     stream_interval_ms: float = Field(default=50.0, ge=0, le=1000, description="least time between "

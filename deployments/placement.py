@@ -93,6 +93,11 @@ class ReplicaPlacement:
                                    "max_ongoing_requests": self.max_ongoing_requests,
                                    "logging_config": {"enable_access_log": False}}
         options.update(bundles)
+        if self.prefix_affinity_routing:  # deployments/prefix_router.py
+            options["request_router_config"] = {
+                "request_router_class": "deployments.prefix_router:PrefixAffinityRouter",
+                "request_router_kwargs": {"max_imbalance": self.prefix_affinity_max_imbalance,
+                                          "per_tenant": self.prefix_cache_scope == "tenant"}}
         if self.autoscaling_config is not None:
             options["autoscaling_config"] = self.autoscaling_config
         else:

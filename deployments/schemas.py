@@ -138,7 +138,7 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = Field(default=False)  # the prompt, before the completion, in text and in logprobs
     # the legacy API's: the sampled token's logprob and this many most likely tokens' (OpenAI
     # caps it at 5, vLLM at its max_logprobs, 20)
@@ -167,9 +167,9 @@ class CompletionRequest(_SamplingFields):
         if isinstance(value, list):
             if not value:
                 raise ValueError("prompt must not be empty")
-            if isinstance(value[0], str):
+            if isinstance(value[0], (str, list)):  # a batch of prompts: lm-eval sends [[ids]]
                 if len(value) != 1:
-                    raise ValueError("send one prompt per request (a list of one string)")
+                    raise ValueError("send one prompt per request (a list of one string or of one list of ids)")
                 return value[0]
         return value
 

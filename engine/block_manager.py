@@ -70,21 +70,21 @@ class BlockManager:
         cache); `can_allocate` and `allocate` take them as its first blocks."""
         return self.cache.match(seq) if self.cache is not None and not seq.block_table else []
 
-    def _free_needed(self, seq: Sequence, num_new_tokens: int, prefix: list[int]) -> int:
+    def free_needed(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> int:
         """Free blocks seq's next tokens take: new ones, and those of `prefix` no sequence holds."""
         if not prefix:
             return self.num_blocks_needed(seq, num_new_tokens)
         total = len(prefix) * self.block_size + num_new_tokens
         return -(-total // self.block_size) - len(prefix) + sum(block in self._free for block in prefix)
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> bool:
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = (), spare: int = 0) -> bool:
         """Whether seq's next `num_new_tokens` fit (after `prefix`, a sequence's cached first
-        blocks), taking back blocks the heap borrowed if needed (only when what it borrowed
-        would cover them: no adapter moves for nothing)."""
-        short = self._free_needed(seq, num_new_tokens, prefix) - self.num_free_blocks
+        blocks) with `spare` blocks left free, taking back blocks the heap borrowed if needed
+        (only when what it borrowed would cover them: no adapter moves for nothing)."""
+        short = self.free_needed(seq, num_new_tokens, prefix) + spare - self.num_free_blocks
         if 0 < short <= self.lent:
             self.take_back(short)
-        return self._free_needed(seq, num_new_tokens, prefix) <= self.num_free_blocks
+        return self.free_needed(seq, num_new_tokens, prefix) + spare <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> None:
         """Grow seq's block table to hold its computed tokens plus `num_new_tokens`; a sequence

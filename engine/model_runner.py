@@ -353,10 +353,6 @@ class ModelRunner:
         if prompt is not None:
             step.prompt_rows = prompt
             step.prompt_logprobs = tuple(torch.cat(parts) for parts in zip(*scored))
-            for seq, n in scheduled:  # a recompute after preemption does not score them again
-                if seq.params.prompt_logprobs is not None:
-                    seq.prompt_logprobs_launched = max(seq.prompt_logprobs_launched,
-                                                       min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1))
         if sampled:
             step.tokens = sample(logits, self.sampling.tensors(sampled), self.generator)
             wanted = [(i, seq.seq_id, seq.params.logprobs) for i, seq in enumerate(sampled)
@@ -368,6 +364,11 @@ class ModelRunner:
                 step.logprobs = token_logprobs(logits, step.tokens, index, max(k for _, _, k in wanted))
         if sampled or prompt is not None:
             self._read_back(step)
+        if prompt is not None:  # launched: a recompute after preemption does not score them again
+            for seq, n in scheduled:  # (a launch that raised before here is retried whole)
+                if seq.params.prompt_logprobs is not None:
+                    seq.prompt_logprobs_launched = max(seq.prompt_logprobs_launched,
+                                                       min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1))
         return step
 
     @torch.inference_mode()

@@ -68,6 +68,10 @@ class Scheduler:
         self.num_steps = 0
         self.enqueued_step: dict[int, int] = {}  # seq_id -> the step count when it (re)entered the queue
         self._filled: set[tuple] = set()  # prefix-cache keys of the blocks this step's sequences fill first
+        # the sequences left for the next step that way (LATER), and the KV blocks they would take
+        # now: both stay theirs for the rest of the step's admissions
+        self._later: set[int] = set()
+        self._later_blocks = 0
 
     @property
     def num_waiting(self) -> int:
@@ -90,6 +94,8 @@ class Scheduler:
         out = SchedulerOutput()
         self.num_steps += 1
         self._filled.clear()
+        self._later.clear()
+        self._later_blocks = 0
         self.block_manager.growth_blocks = sum(self._growth(seq) for seq in self.running)
         if self.lora_manager is not None:
             self.slots.begin_step(out)
@@ -128,7 +134,7 @@ class Scheduler:
             self._filled.add(key)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while budget > 0 and len(self.running) < self.max_num_seqs and self.tenant_order:
+        while budget > 0 and len(self.running) + len(self._later) < self.max_num_seqs and self.tenant_order:
             admitted = self._next_admissible(budget, out)
             if admitted is None:
                 return
@@ -173,12 +179,19 @@ class Scheduler:
         """Remove `seq` from its queue for admission, with the blocks of its cached prefix
         (engine.prefix_cache); None when its KV blocks do not fit; LATER when a sequence of this
         step fills its next block (it finds it cached next step)."""
+        if seq.seq_id in self._later:
+            return LATER
         blocks = self.block_manager
         prefix = blocks.cached_prefix(seq)
-        if self._filled and blocks.cache.next_key(seq, prefix) in self._filled:
-            return LATER
         n = min(seq.num_uncomputed_tokens - len(prefix) * blocks.block_size, budget)
-        if not blocks.can_allocate(seq, n, prefix):
+        if self._filled and blocks.cache.next_key(seq, prefix) in self._filled:
+            # its seat and (about) its blocks are kept: those behind it take what is left
+            self._later.add(seq.seq_id)
+            self._later_blocks += blocks.free_needed(seq, n, prefix)
+            return LATER
+        if len(self.running) + len(self._later) >= self.max_num_seqs:
+            return None  # the seats left are kept for the sequences left for the next step
+        if not blocks.can_allocate(seq, n, prefix, spare=self._later_blocks):
             return None  # KV is full: admit nobody rather than starve long prompts
         self.waiting[seq.tenant].remove(seq)
         self.enqueued_step.pop(seq.seq_id, None)

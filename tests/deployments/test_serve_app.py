@@ -183,6 +183,23 @@ def test_echo_puts_the_prompt_and_its_tokens_logprobs_before_the_completion(serv
     assert plain.choices[0].text.startswith(PROMPTS[1]) and plain.choices[0].logprobs is None
 
 
+def test_lm_eval_harness_tokenized_loglikelihood_request_is_served(service, adapters, oracle):
+    """lm-eval-harness's local-completions sends, by default, one prompt of token ids in a list
+    of lists, with echo, logprobs=1 and one token, and sums token_logprobs past its context."""
+    ids = oracle.engine.tokenizer.encode(PROMPTS[1])
+    want = oracle.complete(ids, 1, adapters["acme"], "acme/style", logprobs=1, prompt_logprobs=1)
+    body = {"model": "style", "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    response = httpx.post(f"{service}/v1/completions", json=body, headers=auth("acme"), timeout=120)
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
+    expected = [lp for _, lp, _ in want["prompt_logprobs"][1:]] + [want["logprobs"][0][0]]
+    assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+    two = httpx.post(f"{service}/v1/completions", json={**body, "prompt": [ids, ids]}, headers=auth("acme"))
+    assert two.status_code == 400 and "one prompt per request" in two.json()["error"]["message"]
+
+
 def test_several_choices_in_one_request_streamed_or_whole(service, adapters, oracle):
     client = _client(service, "acme")
     want = oracle.complete(PROMPTS[0], 6, adapters["acme"], "acme/style")
@@ -213,19 +230,20 @@ def test_several_choices_in_one_request_streamed_or_whole(service, adapters, ora
         client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=2, n=17)
 
 
-def test_a_repeated_prompt_reports_its_cached_tokens_to_its_own_tenant_only(service, adapters, oracle):
-    """Prefix caching through Serve (two engine replicas): of three equal requests one at least
-    reaches a replica that served the prompt before and reports the prompt tokens it found
-    cached, with the oracle's text all the same; another tenant's first such request finds
-    none (the cache is per tenant)."""
-    prompt = " ".join(["Replicas pull adapters through disk and host caches"] * 6)
-    want = oracle.complete(prompt, 4)["text"]
+def test_a_repeated_prompt_finds_its_replica_and_its_cached_tokens_for_its_own_tenant_only(service, adapters, oracle):
+    """Prefix caching through Serve (two engine replicas): the base model's requests go to the
+    replica their tenant and prompt opening point to (deployments/prefix_router.py), so the
+    second and third of three equal requests report the prompt's full blocks cached, with the
+    oracle's text all the same; another tenant's first such request finds none (the cache is
+    per tenant)."""
     acme = _client(service, "acme")
-    runs = [acme.completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=0) for _ in range(3)]
-    assert [r.choices[0].text for r in runs] == [want] * 3
-    cached = [r.usage.prompt_tokens_details.cached_tokens for r in runs]
-    assert cached[0] == 0 and max(cached) >= 16, cached
-    assert all(c % 16 == 0 and c < runs[0].usage.prompt_tokens for c in cached), cached
+    for topic in ("Disk caches", "The adapter store", "S3"):  # 3 openings, no block in common: by chance 1/64
+        prompt = " ".join([f"{topic} is where replicas pull adapters from"] * 6)
+        want = oracle.complete(prompt, 4)["text"]
+        runs = [acme.completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=0) for _ in range(3)]
+        assert [r.choices[0].text for r in runs] == [want] * 3
+        full_blocks = (runs[0].usage.prompt_tokens - 1) // 16 * 16
+        assert [r.usage.prompt_tokens_details.cached_tokens for r in runs] == [0, full_blocks, full_blocks] != [0, 0, 0]
     other = _client(service, "globex").completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=0)
     assert other.choices[0].text == want and other.usage.prompt_tokens_details.cached_tokens == 0
 

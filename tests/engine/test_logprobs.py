@@ -156,3 +156,27 @@ def test_gpu_prompt_logprobs_beside_graph_steps_match_the_reference(checkpoints,
             continue
         ref = load_reference_model(ckpt, None if name is None else adapters["qwen3_moe"][name])
         assert_prompt_logprobs(entries, prompt, reference_prompt_logprobs(ref, prompt), k, tol=1e-3)
+
+
+def test_a_launch_that_raises_and_is_retried_scores_every_prompt_position(checkpoints, monkeypatch):
+    """A step launched ahead whose launch raises (logged; it runs after the step before is read
+    back) scores its prompt positions when it does run."""
+    engine = make_engine(checkpoints["qwen3_moe"], max_num_batched_tokens=6, async_eager_steps=True)
+    real, calls = model_runner.sample, []
+
+    def sample_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a transient failure while launching")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(model_runner, "sample", sample_failing_once)
+    prompt = list(range(40, 60))
+    engine.add_request("other", [5, 6, 7], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    engine.add_request("echoed", prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0))
+    firsts = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            firsts.setdefault(out.request_id, out)
+    assert len(calls) > 3
+    expected = reference_prompt_logprobs(load_reference_model(checkpoints["qwen3_moe"]), prompt)
+    assert_prompt_logprobs(firsts["echoed"].prompt_logprobs, prompt, expected, 0)

@@ -110,6 +110,15 @@ def test_a_prompt_whose_next_block_another_fills_in_the_step_waits_a_step_and_fi
     assert b.num_cached_tokens == 8 and b.block_table[:2] == a.block_table[:2]
 
 
+def test_a_sequence_left_for_the_next_step_keeps_its_seat_from_those_behind_it():
+    sched = Scheduler(2, 64, BlockManager(32, BLOCK, prefix_cache=PrefixCache(BLOCK)))
+    first, rider = seq(0, range(1, 10), max_tokens=50), seq(1, range(1, 10), max_tokens=50)
+    behind = seq(2, range(40, 44), max_tokens=50)
+    assert step(sched, first, rider, behind) == {"r0": 9}  # two seats: the rider's is kept
+    assert step(sched) == {"r0": 1, "r1": 1}
+    assert [s.request_id for q in sched.waiting.values() for s in q] == ["r2"]
+
+
 def test_a_block_filled_by_two_sequences_is_cached_once_and_the_later_one_chains_on_it():
     sched = scheduler()
     cache = sched.block_manager.cache
