@@ -9,7 +9,8 @@ and its KV blocks fit.
 
 With prefix caching (engine.prefix_cache) a waiting sequence whose next uncached block another
 sequence of the step fills is left for the next step, where it finds that block cached: a burst
-of requests with one system prompt, or n choices of one prompt, computes it once.
+of requests with one system prompt, or the n choices of one prompt on one replica, computes it
+once. Its seat and the blocks it would take are kept from the sequences behind it.
 
 Adapter pressure (one load in flight per tenant, prefetch, aging, slot-fair preemption) is
 the slot policy's (engine.slot_policy): the scheduler asks it, before admission, to reserve
