@@ -100,10 +100,10 @@ class AppArgs(ReplicaPlacement, BaseModel):
                                                          "cached prefixes: one tenant's requests, or "
                                                          "every tenant's (then a tenant could tell "
                                                          "from its own latency what others sent)")
-    prefix_affinity_routing: bool = Field(default=True, description="route a request without an adapter "
-                                          "of its own (the base model's, a hot adapter's) to the engine "
-                                          "replica its tenant and prompt opening hash to, where earlier "
-                                          "requests left that prefix cached (deployments/prefix_router.py)")
+    prefix_affinity_routing: bool = Field(default=True, description="route a base-model request to the "
+                                          "engine replica its tenant and prompt opening hash to, where "
+                                          "earlier requests left that prefix cached "
+                                          "(deployments/prefix_router.py)")
     prefix_affinity_max_imbalance: int = Field(default=8, ge=0, description="requests the preferred "
                                                "replica's queue may be ahead of the shortest before "
                                                "such a request goes by load instead")

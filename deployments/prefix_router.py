@@ -1,21 +1,22 @@
-"""Prefix affinity across engine replicas: a request without an adapter of its own to route by
-goes to the replica its prompt's opening points to, so the requests that share a system prompt
-(or a chat's earlier turns, or the n choices of one prompt) find it in that replica's prefix
-cache instead of computing it once per replica.
+"""Prefix affinity across engine replicas: a request for the base model goes to the replica its
+tenant and prompt opening point to, so the requests that share a system prompt, a chat's first
+message, or one prompt's n choices find it in that replica's prefix cache instead of computing
+it once on each replica.
 
 Requests for an adapter keep Serve's multiplexed routing (the replicas that hold the adapter
-first). The others, the base model's and those of a hot adapter sent to every replica
-(deployments/hot_adapters.py), are routed by a key: the tenant (the engine's cache is per
-tenant, `prefix_cache_scope`), the hot adapter if any, and the prompt's first
-`PREFIX_CHARS` characters (a chat's messages as JSON). Each key ranks the replicas by
-rendezvous hashing: a replica that goes or comes moves only the keys it wins. The first
-replica gets the request unless its queue is longer than the shortest known queue by more than
-`max_imbalance` requests: then the power of two choices decides, as without affinity. One
-tenant's flood with one system prompt so spreads once its replica is that far ahead. A full
-replica is passed over like any other (the next ranks are the rest).
+first), and a hot adapter's requests, sent without a model id so that they spread
+(deployments/hot_adapters.py), keep the power of two choices. A base-model request's key is its
+tenant (the engine's cache is per tenant, `prefix_cache_scope`) and its opening: a completion's
+first PREFIX_CHARS characters (or PREFIX_CHARS / 4 token ids), a chat's first message (the
+system prompt, or the first user turn, which every later turn of that chat repeats). Each key
+ranks the replicas by rendezvous hashing: a replica that goes or comes moves only the keys it
+wins. The first replica gets the request, the second if the first is full, unless the first's
+queue is longer than the shortest (a replica this router has no recent length of counts as
+empty) by more than `max_imbalance` requests: then the power of two choices decides. One
+tenant's flood with one system prompt so spreads once its replica is that far ahead.
 
-The ingress does not tokenise: characters stand in for tokens. Two prompts that share fewer
-than PREFIX_CHARS characters may land apart though they share some blocks.
+The ingress does not tokenise: characters stand in for tokens. Prompts that share blocks but
+differ within the opening may land apart.
 """
 from __future__ import annotations
 
@@ -25,23 +26,24 @@ import random
 
 from ray.serve.request_router import FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter
 
-PREFIX_CHARS = 1024  # ~256 tokens: 16 KV blocks of 16
+PREFIX_CHARS = 256  # ~64 tokens: 4 KV blocks of 16
 
 
 def affinity_key(payload: dict, per_tenant: bool = True) -> str | None:
-    """The routing key of a replica payload (the ingress's), or None for a payload without a prompt."""
-    if not isinstance(payload, dict):
+    """The routing key of a replica payload (the ingress's); None for a hot adapter's payload
+    (spread by load) and for one without a prompt."""
+    if not isinstance(payload, dict) or payload.get("adapter"):
         return None
-    if payload.get("messages") is not None:
-        opening = json.dumps(payload["messages"], separators=(",", ":"), ensure_ascii=False)[:PREFIX_CHARS]
+    messages = payload.get("messages")
+    if isinstance(messages, list) and messages:
+        opening = json.dumps(messages[0], sort_keys=True, ensure_ascii=False)[:PREFIX_CHARS]
     elif isinstance(payload.get("prompt"), str):
         opening = payload["prompt"][:PREFIX_CHARS]
-    elif isinstance(payload.get("prompt"), list):  # token ids: a quarter as many, about a character's worth each
+    elif isinstance(payload.get("prompt"), list):  # token ids: a few characters each
         opening = ",".join(map(str, payload["prompt"][:PREFIX_CHARS // 4]))
     else:
         return None
-    tenant = payload.get("tenant", "") if per_tenant else ""
-    return f"{tenant}\0{payload.get('adapter') or ''}\0{opening}"
+    return f"{payload.get('tenant', '') if per_tenant else ''}\0{opening}"
 
 
 def rank(key: str, replica_ids: list[str]) -> list[str]:
@@ -51,16 +53,17 @@ def rank(key: str, replica_ids: list[str]) -> list[str]:
     return sorted(replica_ids, key=weight, reverse=True)
 
 
-def too_busy(first: int | None, known: list[int], max_imbalance: int) -> bool:
+def too_busy(first: int | None, others: list[int | None], max_imbalance: int) -> bool:
     """Whether the preferred replica's queue (None: not known) is further ahead of the shortest
-    known one than `max_imbalance` requests."""
-    return first is not None and bool(known) and first - min(known) > max_imbalance
+    other one than `max_imbalance` requests; an unknown other one counts as empty."""
+    return first is not None and bool(others) and first - min(n or 0 for n in others) > max_imbalance
 
 
 class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     """The LLMServer deployment's request router (AppArgs.prefix_affinity_routing): Serve's own
-    rule (the power of two choices among the replicas multiplexing or locality prefer) for the
-    requests without a key, affinity for the others."""
+    rule (the power of two choices among the replicas multiplexing or locality prefer, a replica
+    that frees going to the oldest request waiting for that adapter) for requests without a key,
+    affinity for the others."""
 
     max_imbalance, per_tenant = 8, True  # initialize_state sets them from request_router_kwargs
 
@@ -75,10 +78,12 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
             key = affinity_key(pending_request.args[0], self.per_tenant)
         if key is not None:
             by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-            ranked = [by_id[i] for i in rank(key, list(by_id))]
-            lengths = [self.replica_queue_len_cache.get(r.replica_id) for r in ranked]
-            if not too_busy(lengths[0], [n for n in lengths if n is not None], self.max_imbalance):
-                return [[ranked[0]], ranked[1:]]
+            first, second, *rest = [by_id[i] for i in rank(key, list(by_id))]
+            lengths = [self.replica_queue_len_cache.get(r.replica_id) for r in (first, second, *rest)]
+            if not too_busy(lengths[0], lengths[1:], self.max_imbalance):
+                # both full: back off between tries, as Serve's rule does, rather than probe on
+                pending_request.routing_context.should_backoff = True
+                return [[first], [second]]
         return self._two_choices(pending_request)
 
     def _two_choices(self, pending_request):
@@ -90,3 +95,10 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
             ids = self.apply_locality_routing(pending_request=pending_request)
         chosen = random.sample(sorted(ids, key=str), min(2, len(ids)))
         return [[self.curr_replicas[i] for i in chosen]] if chosen else []
+
+    def _fulfill_next_pending_request(self, replica, request_metadata=None):
+        """A replica chosen for a keyed request goes to that request: FIFOMixin would hand it to
+        the oldest request waiting without a model id, whose key may point elsewhere."""
+        if request_metadata is not None and not request_metadata.multiplexed_model_id:
+            return RequestRouter._fulfill_next_pending_request(self, replica, request_metadata)
+        return super()._fulfill_next_pending_request(replica, request_metadata)

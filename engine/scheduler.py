@@ -10,7 +10,8 @@ and its KV blocks fit.
 With prefix caching (engine.prefix_cache) a waiting sequence whose next uncached block another
 sequence of the step fills is left for the next step, where it finds that block cached: a burst
 of requests with one system prompt, or the n choices of one prompt on one replica, computes it
-once. Its seat and the blocks it would take are kept from the sequences behind it.
+once. The first such sequence of a tenant keeps its seat and the blocks it would take from the
+sequences behind it.
 
 Adapter pressure (one load in flight per tenant, prefetch, aging, slot-fair preemption) is
 the slot policy's (engine.slot_policy): the scheduler asks it, before admission, to reserve
@@ -69,9 +70,10 @@ class Scheduler:
         self.num_steps = 0
         self.enqueued_step: dict[int, int] = {}  # seq_id -> the step count when it (re)entered the queue
         self._filled: set[tuple] = set()  # prefix-cache keys of the blocks this step's sequences fill first
-        # the sequences left for the next step that way (LATER), and the KV blocks they would take
-        # now: both stay theirs for the rest of the step's admissions
+        # the sequences left for the next step that way (LATER); the first of each tenant keeps a
+        # seat and the KV blocks it would take now for the rest of the step's admissions
         self._later: set[int] = set()
+        self._kept_for: set[str] = set()
         self._later_blocks = 0
 
     @property
@@ -96,6 +98,7 @@ class Scheduler:
         self.num_steps += 1
         self._filled.clear()
         self._later.clear()
+        self._kept_for.clear()
         self._later_blocks = 0
         self.block_manager.growth_blocks = sum(self._growth(seq) for seq in self.running)
         if self.lora_manager is not None:
@@ -135,7 +138,7 @@ class Scheduler:
             self._filled.add(key)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while budget > 0 and len(self.running) + len(self._later) < self.max_num_seqs and self.tenant_order:
+        while budget > 0 and len(self.running) + len(self._kept_for) < self.max_num_seqs and self.tenant_order:
             admitted = self._next_admissible(budget, out)
             if admitted is None:
                 return
@@ -186,12 +189,15 @@ class Scheduler:
         prefix = blocks.cached_prefix(seq)
         n = min(seq.num_uncomputed_tokens - len(prefix) * blocks.block_size, budget)
         if self._filled and blocks.cache.next_key(seq, prefix) in self._filled:
-            # its seat and (about) its blocks are kept: those behind it take what is left
             self._later.add(seq.seq_id)
-            self._later_blocks += blocks.free_needed(seq, n, prefix)
+            # the first of its tenant keeps a free seat and (about) its blocks: those behind it
+            # take what is left, and a tenant's many riders do not hold every seat
+            if seq.tenant not in self._kept_for and len(self.running) + len(self._kept_for) < self.max_num_seqs:
+                self._kept_for.add(seq.tenant)
+                self._later_blocks += blocks.free_needed(seq, n, prefix)
             return LATER
-        if len(self.running) + len(self._later) >= self.max_num_seqs:
-            return None  # the seats left are kept for the sequences left for the next step
+        if len(self.running) + len(self._kept_for) >= self.max_num_seqs:
+            return None  # the seats left are kept for sequences left for the next step
         if not blocks.can_allocate(seq, n, prefix, spare=self._later_blocks):
             return None  # KV is full: admit nobody rather than starve long prompts
         self.waiting[seq.tenant].remove(seq)

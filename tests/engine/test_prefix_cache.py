@@ -119,6 +119,14 @@ def test_a_sequence_left_for_the_next_step_keeps_its_seat_from_those_behind_it()
     assert [s.request_id for q in sched.waiting.values() for s in q] == ["r2"]
 
 
+def test_a_tenants_many_riders_keep_one_seat_and_another_tenant_takes_the_next():
+    sched = Scheduler(4, 64, BlockManager(64, BLOCK, prefix_cache=PrefixCache(BLOCK)))
+    riders = [seq(i, range(1, 10), tenant="acme", max_tokens=50) for i in range(5)]
+    other = seq(9, range(40, 44), tenant="globex", max_tokens=50)
+    assert step(sched, *riders, other) == {"r0": 9, "r9": 4}  # seats: r0, r1's kept, r9, one free
+    assert step(sched) == {"r0": 1, "r9": 1, "r1": 1, "r2": 1}
+
+
 def test_a_block_filled_by_two_sequences_is_cached_once_and_the_later_one_chains_on_it():
     sched = scheduler()
     cache = sched.block_manager.cache
