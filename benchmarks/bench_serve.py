@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="checkpoint dir, s3:// or dummy:<name> (default: tiny)")
     p.add_argument("--hf-overrides", default=None, help='JSON, e.g. \'{"num_hidden_layers": 8}\'')
-    p.add_argument("--adapters", type=int, default=4)
+    p.add_argument("--adapters", type=int, default=4, help="0: every request on the base model")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument("--requests", type=int, default=32)
@@ -231,7 +231,7 @@ def deploy_and_measure(args, opts, url, pool) -> dict:
 def measure_burst(opts, url, pool, work: Workload) -> dict:
     """Warm every adapter up, then the timed burst with the CPU use of each process by role."""
     started = time.perf_counter()
-    asyncio.run(http_run(url, work.warmup, opts.adapters))
+    asyncio.run(http_run(url, work.warmup, len(work.warmup)))
     warmup_s = round(time.perf_counter() - started, 1)
     sampler = CpuSampler()
     sampler.start()
@@ -249,11 +249,11 @@ class Workload:
     burst: list  # fired at once, short outputs
 
     @classmethod
-    def draw(cls, opts, vocab_size: int) -> "Workload":
+    def draw(cls, opts, vocab_size: int, base: str) -> "Workload":
         def jobs(count: int, max_tokens: int, seed: int) -> list:
             return make_jobs(count, opts.tenants, opts.adapters, opts.prompt_tokens, max_tokens, vocab_size,
-                             seed, opts.shared_prefix_tokens)
-        warmup = [replace(job, index=-1 - job.index) for job in jobs(opts.adapters, 2, opts.seed + 3)]
+                             seed, opts.shared_prefix_tokens, base)
+        warmup = [replace(job, index=-1 - job.index) for job in jobs(max(1, opts.adapters), 2, opts.seed + 3)]
         return cls(jobs(opts.requests, opts.max_tokens, opts.seed), jobs(opts.sequential, opts.max_tokens,
                                                                           opts.seed + 2),
                    warmup, jobs(opts.burst, opts.burst_tokens, opts.seed + 1))
@@ -273,7 +273,7 @@ def run_direct(args, opts, work: Workload, infos) -> dict:
     dirs = {name: cache.fetch(store, info) for name, info in infos.items()}
     engine = AsyncLLMEngine(args.engine_config(args_model_dir(args)))
     try:
-        asyncio.run(direct_run(engine, dirs, work.warmup, opts.adapters, "warm"))
+        asyncio.run(direct_run(engine, dirs, work.warmup, len(work.warmup), "warm"))
         return {"direct": asyncio.run(direct_run(engine, dirs, work.measured, opts.concurrency, "burst")),
                 "direct_sequential": asyncio.run(direct_run(engine, dirs, work.sequential,
                                                             1, "seq"))}
@@ -375,7 +375,7 @@ def _run(opts, workdir: Path, extra: dict, argv) -> int:
     config = model_config(args, args_model_dir(args))
     each = adapter_bytes(config, opts.rank)
     args = app_args(opts, workdir, dict(extra), each * opts.adapters)
-    work = Workload.draw(opts, config["vocab_size"])
+    work = Workload.draw(opts, config["vocab_size"], args.model_name())
     # Big adapters go into the store before Serve starts, while the GPU is still free to
     # draw their random values.
     stored = None if upload_over_http(opts, config) else put_adapters(args, None, opts, config, workdir)

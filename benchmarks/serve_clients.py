@@ -75,17 +75,18 @@ def _ms(seconds: float) -> float:
 
 
 def make_jobs(count: int, tenants: int, adapters: int, prompt_tokens: int, max_tokens: int,
-              vocab_size: int, seed: int, shared_prefix: int = 0) -> list[Job]:
-    """Request i: tenant i % T, adapter i % A, its own seeded random token-id prompt; with
-    `shared_prefix`, the prompt's first that many ids are its tenant's (a system prompt every
-    request of the tenant repeats, seeded by the tenant alone), the rest its own."""
+              vocab_size: int, seed: int, shared_prefix: int = 0, base: str = "base") -> list[Job]:
+    """Request i: tenant i % T, adapter i % A (with no adapters, the base model `base`), its own
+    seeded random token-id prompt; with `shared_prefix`, the prompt's first that many ids are its
+    tenant's (a system prompt every request of the tenant repeats, seeded by the tenant alone),
+    the rest its own."""
     jobs = []
     for i in range(count):
         rng = random.Random(seed * 1_000_003 + i)
         system = random.Random(f"tenant{i % tenants}")
         head = [system.randrange(vocab_size) for _ in range(min(shared_prefix, prompt_tokens))]
         prompt = head + [rng.randrange(vocab_size) for _ in range(prompt_tokens - len(head))]
-        jobs.append(Job(i, f"tenant{i % tenants}", f"adapter{i % adapters}", prompt, max_tokens))
+        jobs.append(Job(i, f"tenant{i % tenants}", f"adapter{i % adapters}" if adapters else base, prompt, max_tokens))
     return jobs
 
 
@@ -180,7 +181,8 @@ async def direct_run(engine, adapter_dirs: dict, jobs: list[Job], concurrency: i
     run = Run()
 
     async def one(job: Job):
-        lora = LoRARequest(lora_name=f"ops/{job.adapter}", lora_path=str(adapter_dirs[job.adapter]))
+        lora = LoRARequest(lora_name=f"ops/{job.adapter}", lora_path=str(adapter_dirs[job.adapter])) \
+            if job.adapter in adapter_dirs else None  # the base model's
         params = SamplingParams(max_tokens=job.max_tokens, temperature=0.0, ignore_eos=True)
         result = Result(started=time.perf_counter())
         try:

@@ -31,7 +31,7 @@ def test_no_prompt_of_a_serve_benchmark_run_repeats_another_past_the_shared_pref
     from benchmarks.bench_serve import Workload
     opts = argparse.Namespace(tenants=3, adapters=4, prompt_tokens=24, max_tokens=6, burst_tokens=2, seed=0,
                               requests=12, sequential=4, burst=8, shared_prefix_tokens=16)
-    work = Workload.draw(opts, vocab_size=500)
+    work = Workload.draw(opts, vocab_size=500, base="tiny")
     every = work.measured + work.sequential + work.warmup + work.burst
     assert len({tuple(j.prompt[16:24]) for j in every}) == len(every) == 28
     assert [(j.index, j.adapter, j.max_tokens) for j in work.warmup] == [
@@ -78,3 +78,8 @@ def test_direct_run_ids_equal_the_synchronous_engine(tiny_checkpoint, tmp_path):
     assert run.errors == 0
     assert [run.results[j.index].token_ids for j in jobs] == [w["token_ids"] for w in want]
     assert all(run.results[j.index].num_tokens == 5 for j in jobs)
+
+
+def test_with_no_adapters_every_request_names_the_base_model():
+    jobs = make_jobs(3, tenants=2, adapters=0, prompt_tokens=4, max_tokens=2, vocab_size=50, seed=1, base="tiny")
+    assert [j.adapter for j in jobs] == ["tiny"] * 3
