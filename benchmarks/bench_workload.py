@@ -83,11 +83,12 @@ def timed(trace: list[dict], rate: float, seed: int) -> list[dict]:
 
 
 def run_trace(engine: LLMEngine, trace: list[dict], names: list[str] | None, profile_at: float | None = None,
-              profile_steps: int = 0) -> dict:
+              profile_steps: int = 0, prompt_seed: int = 7) -> dict:
     """Open loop: each request enters the engine at its arrival time; names=None runs it without
     adapters. Latencies count from the arrival. With profile_steps, the first `profile_steps` steps
-    after `profile_at` seconds run under torch.profiler (ProfileWindow)."""
-    gen = torch.Generator().manual_seed(7)
+    after `profile_at` seconds run under torch.profiler (ProfileWindow). Prompts are random ids
+    drawn from `prompt_seed`."""
+    gen = torch.Generator().manual_seed(prompt_seed)
     COMPILES.take()  # what compiled before this run (start-up, the run before) is not this run's
     stats0, start = engine.stats(), time.perf_counter()
     arrived, first, last, pending, seqs = {}, {}, {}, list(enumerate(trace)), []
@@ -218,9 +219,10 @@ def adapter_waits(seqs: list) -> dict:
 
 
 def capacity(engine: LLMEngine, trace: list[dict], count: int) -> float:
-    """Requests per second the engine finishes without adapters: `count` requests at once."""
+    """Requests per second the engine finishes without adapters: `count` requests at once, with
+    prompts of their own (the measured runs' would be found in the prefix cache)."""
     head = [dict(req, t=0.0) for req in trace[:count]]
-    return len(head) / run_trace(engine, head, None)["seconds"]
+    return len(head) / run_trace(engine, head, None, prompt_seed=8)["seconds"]
 
 
 def add_trace_args(ap: argparse.ArgumentParser) -> None:
@@ -247,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-rank-unit", type=int, choices=(8, 16), default=None,
                     help="EngineConfig.lora_rank_unit (8: a rank-8 adapter's experts take rank-8 bytes; "
                          "default: the engine's)")
+    ap.add_argument("--prefix-caching", choices=["on", "off"], default="on",
+                    help="EngineConfig.enable_prefix_caching (the trace's prompts share nothing: "
+                         "what it changes is which free KV block a sequence gets, and host time)")
     ap.add_argument("--kv-tokens", type=int, default=None,
                     help="KV cache size in tokens (EngineConfig.num_kv_blocks; default: the memory rule's, "
                     "max_num_seqs full-length sequences): the adapter heap takes the memory it leaves")
@@ -272,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         max_loras=args.max_loras, max_lora_rank=max(RANKS), max_cpu_loras=args.adapters, lora_layout=args.lora_layout,
         lora_rank_unit=args.lora_rank_unit, max_num_seqs=args.max_num_seqs,
         max_model_len=args.prompt_range[1] + args.output_range[1] + 16, seed=0,
-        block_size=BLOCK, num_kv_blocks=None if args.kv_tokens is None else -(-args.kv_tokens // BLOCK)))
+        block_size=BLOCK, num_kv_blocks=None if args.kv_tokens is None else -(-args.kv_tokens // BLOCK),
+        enable_prefix_caching=args.prefix_caching == "on"))
     if args.copy_chunk_mib is not None:
         engine.runner.slot_pools.copy_chunk_bytes = int(args.copy_chunk_mib * 2**20)
     names = install_adapters(engine, args.adapters)
