@@ -163,7 +163,14 @@ def engine_snapshot(stats: dict) -> dict:
             "max_lora": int(stats.get("num_lora_slots", 0)),
             "running_adapters": adapter_names(stats.get("running_adapters", ())),
             "waiting_adapters": adapter_names(stats.get("waiting_adapters", ())),
-            "resident_adapters": adapter_names(stats.get("resident_adapters", ()))}
+            "resident_adapters": adapter_names(stats.get("resident_adapters", ())),
+            # KV blocks, and those sequences hold (not the free ones, cached or not, nor those
+            # the adapter heap borrowed: both come back when a sequence needs them)
+            "kv_blocks": int(stats.get("num_kv_blocks", 0)),
+            "kv_blocks_used": int(stats.get("num_kv_blocks", 0)) - int(stats.get("free_kv_blocks", 0))
+            - int(stats.get("kv_blocks_lent", 0)),
+            "prefix_cache_queries": int(stats.get("prefix_cache_queries", 0)),
+            "prefix_cache_hits": int(stats.get("prefix_cache_hits", 0))}
 
 
 def adapter_names(model_ids) -> list[str]:
@@ -184,6 +191,10 @@ def vllm_series(snapshots: list[dict], model_name: str, now: float) -> list[str]
     label set behind as a series of its own and the picker takes the one of largest value; we
     emit the current one only, which the picker reads the same way.
 
+    `vllm:kv_cache_usage_perc` (the share of KV blocks sequences hold, over every replica's
+    blocks: the picker's KV-cache scorer) and the prefix cache's `vllm:prefix_cache_queries` /
+    `_hits` counters (tokens, vLLM v1's) follow the same protocol.
+
     Summed over the replicas, not one series each: the picker scrapes one endpoint per model
     server (our ingress) and reads one series of a family (for the counts the first, for the
     LoRA info the latest), so per-replica series would show it one replica. Counts are the
@@ -201,6 +212,18 @@ def vllm_series(snapshots: list[dict], model_name: str, now: float) -> list[str]
                             "Number of requests waiting to be processed.")):
         lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge",
                   f"{name}{{{model}}} {sum(s[key] for s in snapshots)}"]
+    blocks = sum(s.get("kv_blocks", 0) for s in snapshots)
+    if blocks:
+        used = sum(s.get("kv_blocks_used", 0) for s in snapshots) / blocks
+        lines += ["# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+                  "# TYPE vllm:kv_cache_usage_perc gauge", f"vllm:kv_cache_usage_perc{{{model}}} {used!r}"]
+    for name, key, doc in (("vllm:prefix_cache_queries", "prefix_cache_queries",
+                            "Prefix cache queries, in terms of number of queried tokens."),
+                           ("vllm:prefix_cache_hits", "prefix_cache_hits",
+                            "Prefix cache hits, in terms of number of cached tokens.")):
+        # HELP and TYPE name a counter with its _total, as prometheus_client writes them (its parser needs it)
+        lines += [f"# HELP {name}_total {doc}", f"# TYPE {name}_total counter",
+                  f"{name}_total{{{model}}} {sum(s.get(key, 0) for s in snapshots)}"]
     max_lora = min(s["max_lora"] for s in snapshots)
     if max_lora > 0:  # vLLM has the family only with LoRA enabled
         running = sorted(set().union(*(s["running_adapters"] for s in snapshots)))

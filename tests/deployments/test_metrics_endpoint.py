@@ -33,10 +33,12 @@ ray_moeplex_ttft_seconds_sum 0.05
 """
 
 
-def _snapshot(running=0, waiting=0, max_lora=4, running_adapters=(), waiting_adapters=(), resident_adapters=()):
+def _snapshot(running=0, waiting=0, max_lora=4, running_adapters=(), waiting_adapters=(), resident_adapters=(),
+              kv_blocks=0, kv_blocks_used=0, prefix_cache_queries=0, prefix_cache_hits=0):
     return {"running": running, "waiting": waiting, "max_lora": max_lora,
             "running_adapters": list(running_adapters), "waiting_adapters": list(waiting_adapters),
-            "resident_adapters": list(resident_adapters)}
+            "resident_adapters": list(resident_adapters), "kv_blocks": kv_blocks, "kv_blocks_used": kv_blocks_used,
+            "prefix_cache_queries": prefix_cache_queries, "prefix_cache_hits": prefix_cache_hits}
 
 
 def _samples(text: str) -> dict:
@@ -79,11 +81,23 @@ def test_vllm_series_idle_empty_lists_and_none_without_replicas_or_slots():
     assert "vllm:lora_requests_info" not in "\n".join(vllm_series([_snapshot(max_lora=0)], "m", 1.0))
 
 
+def test_kv_cache_usage_is_the_share_of_blocks_sequences_hold_and_prefix_counters_are_summed():
+    snapshots = [_snapshot(kv_blocks=100, kv_blocks_used=30, prefix_cache_queries=500, prefix_cache_hits=200),
+                 _snapshot(kv_blocks=300, kv_blocks_used=70, prefix_cache_queries=100, prefix_cache_hits=0)]
+    samples = _samples("\n".join(vllm_series(snapshots, "m", 1.0)) + "\n")
+    assert samples["vllm:kv_cache_usage_perc"] == [({"model_name": "m"}, 0.25)]
+    assert samples["vllm:prefix_cache_queries_total"] == [({"model_name": "m"}, 600.0)]
+    assert samples["vllm:prefix_cache_hits_total"] == [({"model_name": "m"}, 200.0)]
+
+
 def test_engine_snapshot_names_adapters_as_clients_do():
-    stats = {"running": 2, "waiting": 1, "num_lora_slots": 8, "free_kv_blocks": 3,
+    stats = {"running": 2, "waiting": 1, "num_lora_slots": 8, "free_kv_blocks": 3, "num_kv_blocks": 10,
+             "kv_blocks_lent": 2, "prefix_cache_queries": 40, "prefix_cache_hits": 16,
              "running_adapters": ["acme/style@3", "globex/style@1", "acme/chat@2"],
              "waiting_adapters": ["acme/chat@4"], "resident_adapters": ["acme/chat@4", "acme/old@1"]}
-    assert engine_snapshot(stats) == _snapshot(2, 1, 8, ["chat", "style"], ["chat"], ["chat", "old"])
+    assert engine_snapshot(stats) == _snapshot(2, 1, 8, ["chat", "style"], ["chat"], ["chat", "old"],
+                                               kv_blocks=10, kv_blocks_used=5, prefix_cache_queries=40,
+                                               prefix_cache_hits=16)
     assert adapter_names(["not a ref!"]) == ["not a ref!"]
     assert engine_snapshot({}) == _snapshot(max_lora=0)
 

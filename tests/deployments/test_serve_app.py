@@ -505,6 +505,9 @@ def test_metrics_endpoint_for_the_inference_gateway(service, adapters, tiny_adap
     assert families["vllm:num_requests_waiting"].type == "gauge"
     assert families["vllm:num_requests_waiting"].samples[0].labels == {"model_name": BASE}
     assert "vllm:num_requests_running" in families
+    assert 0 <= families["vllm:kv_cache_usage_perc"].samples[0].value <= 1
+    assert families["vllm:prefix_cache_hits"].type == "counter"  # earlier tests here had hits
+    assert 0 < families["vllm:prefix_cache_hits"].samples[0].value <= families["vllm:prefix_cache_queries"].samples[0].value
     labels = families["vllm:lora_requests_info"].samples[0].labels
     assert int(labels["max_lora"]) >= 1
     body = {"model": "gauge-probe", "prompt": PROMPTS[0], "max_tokens": MAX_MODEL_LEN - 16,
