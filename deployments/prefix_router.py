@@ -98,7 +98,10 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
 
     def _fulfill_next_pending_request(self, replica, request_metadata=None):
         """A replica chosen for a keyed request goes to that request: FIFOMixin would hand it to
-        the oldest request waiting without a model id, whose key may point elsewhere."""
+        the oldest request waiting without a model id, whose key may point elsewhere. Requests
+        without a key (a hot adapter's) keep FIFOMixin's order."""
         if request_metadata is not None and not request_metadata.multiplexed_model_id:
-            return RequestRouter._fulfill_next_pending_request(self, replica, request_metadata)
+            request = self._get_pending_request_matching_internal_request_id(request_metadata)
+            if request is not None and request.args and affinity_key(request.args[0], self.per_tenant) is not None:
+                return RequestRouter._fulfill_next_pending_request(self, replica, request_metadata)
         return super()._fulfill_next_pending_request(replica, request_metadata)

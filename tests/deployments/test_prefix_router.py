@@ -126,6 +126,8 @@ def test_a_request_for_an_adapter_or_a_hot_one_or_to_a_replica_too_far_ahead_goe
 
 
 def test_the_replica_chosen_for_a_keyed_request_goes_to_that_request_not_the_oldest_waiting():
+    """Two requests, the older preferring ra, the newer rb; rb answers its probe first: each
+    gets its own replica (FIFOMixin would give rb to the older one)."""
     import asyncio
 
     from ray.serve._private.test_utils import FakeRunningReplica
@@ -140,7 +142,7 @@ def test_the_replica_chosen_for_a_keyed_request_goes_to_that_request_not_the_old
         await asyncio.sleep(0.01)
         routed_b = asyncio.ensure_future(made._choose_replica_for_request(b))
         await asyncio.sleep(0.01)
-        rb.set_queue_len_response(0)  # b's replica answers first; a is the older request
+        rb.set_queue_len_response(0)
         await asyncio.sleep(0.01)
         ra.set_queue_len_response(0)
         return [(await asyncio.wait_for(t, 5)).replica_id.unique_id for t in (routed_a, routed_b)]
