@@ -34,6 +34,7 @@ from engine.memory import kv_block_bytes, lora_slot_bytes  # noqa: E402
 from engine.models.presets import QWEN3_30B_A3B  # noqa: E402
 from engine.models.spec import spec_from_hf_config  # noqa: E402
 from engine.scheduler import Scheduler  # noqa: E402
+from engine.prefix_cache import PrefixCache  # noqa: E402
 from engine.sequence import LoRARequest, Sequence  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from kernels.weights import OFFSET_UNIT, RANK_UNIT  # noqa: E402
@@ -109,7 +110,8 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
     clock = Clock()
     num_blocks, block_bytes = -(-args.kv_tokens // BLOCK), kv_block_bytes(SPEC, BLOCK, torch.bfloat16)
     shared = with_adapters and not args.no_sharing
-    blocks = BlockManager(num_blocks, BLOCK, step_reserve(2048, BLOCK, args.max_num_seqs))
+    blocks = BlockManager(num_blocks, BLOCK, step_reserve(2048, BLOCK, args.max_num_seqs),
+                          PrefixCache(BLOCK) if args.prefix_caching else None)
     pools = ModelPools(clock, int(args.heap_gb * 1e9), args.max_num_seqs, args.pcie_gbps, not args.no_compaction,
                        (num_blocks + 1) * block_bytes if shared else 0)
     manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1,
@@ -129,7 +131,8 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
             while pending and pending[-1][1]["t"] <= clock.now:
                 k, req = pending.pop()
                 lora = LoRARequest(f"w{req['adapter']}", "/in-host-tier") if with_adapters else None
-                seq = Sequence(k, f"w-{k}", [1] * req["prompt"], SamplingParams(max_tokens=req["output"]),
+                # a token of its own: no two requests share a block (the trace's prompts are random)
+                seq = Sequence(k, f"w-{k}", [k + 2] * req["prompt"], SamplingParams(max_tokens=req["output"]),
                                lora, lora.owner if lora else "", clock.now)
                 sched.add(seq)
                 seqs.append(seq)
@@ -175,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heap-gb", type=float, default=53.8, help="adapter heap (GB); 47.3 in the H200 run")
     ap.add_argument("--kv-tokens", type=int, default=64 * 2576, help="KV cache tokens (64 full sequences)")
     ap.add_argument("--no-compaction", action="store_true")
+    ap.add_argument("--prefix-caching", action="store_true", help="the engine's prefix cache in the block "
+                    "manager (EngineConfig.enable_prefix_caching, on in the engine): with prompts that share "
+                    "nothing, what it changes is which free KV block a sequence gets")
     ap.add_argument("--no-sharing", action="store_true", help="the heap keeps its own bytes (EngineConfig"
                     ".kv_heap_sharing=False): it borrows no KV blocks")
     ap.add_argument("--rank-unit", type=int, choices=(8, 16), default=8,
