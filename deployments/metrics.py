@@ -205,25 +205,20 @@ def vllm_series(snapshots: list[dict], model_name: str, now: float) -> list[str]
     if not snapshots:
         return []
     model = f'model_name="{label_value(model_name)}"'
-    lines = []
-    for name, key, doc in (("vllm:num_requests_running", "running",
-                            "Number of requests in model execution batches."),
-                           ("vllm:num_requests_waiting", "waiting",
-                            "Number of requests waiting to be processed.")):
-        lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge",
-                  f"{name}{{{model}}} {sum(s[key] for s in snapshots)}"]
-    blocks = sum(s.get("kv_blocks", 0) for s in snapshots)
-    if blocks:
-        used = sum(s.get("kv_blocks_used", 0) for s in snapshots) / blocks
-        lines += ["# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-                  "# TYPE vllm:kv_cache_usage_perc gauge", f"vllm:kv_cache_usage_perc{{{model}}} {used!r}"]
-    for name, key, doc in (("vllm:prefix_cache_queries", "prefix_cache_queries",
-                            "Prefix cache queries, in terms of number of queried tokens."),
-                           ("vllm:prefix_cache_hits", "prefix_cache_hits",
-                            "Prefix cache hits, in terms of number of cached tokens.")):
-        # HELP and TYPE name a counter with its _total, as prometheus_client writes them (its parser needs it)
-        lines += [f"# HELP {name}_total {doc}", f"# TYPE {name}_total counter",
-                  f"{name}_total{{{model}}} {sum(s.get(key, 0) for s in snapshots)}"]
+
+    def total(key: str) -> int:
+        return sum(s.get(key, 0) for s in snapshots)
+    lines = [*_family("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
+                      model, total("running")),
+             *_family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
+                      model, total("waiting"))]
+    if total("kv_blocks"):
+        lines += _family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
+                         model, repr(total("kv_blocks_used") / total("kv_blocks")))
+    lines += [*_family("vllm:prefix_cache_queries", "counter",
+                       "Prefix cache queries, in terms of number of queried tokens.", model, total("prefix_cache_queries")),
+              *_family("vllm:prefix_cache_hits", "counter",
+                       "Prefix cache hits, in terms of number of cached tokens.", model, total("prefix_cache_hits"))]
     max_lora = min(s["max_lora"] for s in snapshots)
     if max_lora > 0:  # vLLM has the family only with LoRA enabled
         running = sorted(set().union(*(s["running_adapters"] for s in snapshots)))
@@ -234,6 +229,13 @@ def vllm_series(snapshots: list[dict], model_name: str, now: float) -> list[str]
                   "# TYPE vllm:lora_requests_info gauge",
                   f"vllm:lora_requests_info{{{labels}}} {float(now)!r}"]
     return lines
+
+
+def _family(name: str, kind: str, doc: str, labels: str, value) -> list[str]:
+    """A metric family of one sample, as exposition lines; a counter's HELP and TYPE name it with
+    its _total, as prometheus_client writes them (and its parser needs)."""
+    name = f"{name}_total" if kind == "counter" else name
+    return [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {value}"]
 
 
 def label_value(value: str) -> str:
