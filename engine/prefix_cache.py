@@ -43,16 +43,24 @@ class PrefixCache:
     def _root(self, seq: Sequence) -> tuple:
         return ("root", seq.tenant if self.per_tenant else "", seq.lora.lora_name if seq.lora else "")
 
+    def _key(self, seq: Sequence, j: int, parent) -> tuple:
+        """The key of seq's block j under `parent` (None: seq's root)."""
+        tokens = tuple(seq.token_ids(j * self.block_size, (j + 1) * self.block_size))
+        return (self._root(seq) if parent is None else parent), tokens
+
+    def _matchable(self, seq: Sequence) -> int:
+        """How many of seq's first blocks match may take: full blocks of known tokens short of its
+        last token (a step must compute at least one token to sample from); none for a sequence
+        whose every prompt position's logits are wanted (prompt logprobs)."""
+        if seq.params.prompt_logprobs is not None:
+            return 0
+        return min(seq.num_known_tokens, seq.num_tokens - 1) // self.block_size
+
     def match(self, seq: Sequence) -> list[int]:
-        """The blocks holding seq's longest cached prefix of full blocks of known tokens, short of
-        its last token: a step must compute at least one token to sample from."""
-        if seq.params.prompt_logprobs is not None:  # every prompt position's logits are wanted
-            return []
-        size = self.block_size
-        limit = min(seq.num_known_tokens, seq.num_tokens - 1) // size
-        parent, found = self._root(seq), []
-        for i in range(limit):  # block by block: a miss ends the walk before the rest is read
-            block = self._block_of.get((parent, tuple(seq.token_ids(i * size, (i + 1) * size))))
+        """The blocks holding seq's longest cached prefix (of its `_matchable` blocks)."""
+        parent, found = None, []
+        for i in range(self._matchable(seq)):  # block by block: a miss ends the walk before the rest is read
+            block = self._block_of.get(self._key(seq, i, parent))
             if block is None:
                 break
             found.append(block)
@@ -62,11 +70,9 @@ class PrefixCache:
     def next_key(self, seq: Sequence, prefix: list[int]) -> tuple | None:
         """The key of seq's block after `prefix` (match's blocks), if match could find that block
         cached once it is; else None."""
-        size, j = self.block_size, len(prefix)
-        if j >= min(seq.num_known_tokens, seq.num_tokens - 1) // size or seq.params.prompt_logprobs is not None:
+        if len(prefix) >= self._matchable(seq):
             return None
-        parent = self._entry[prefix[-1]][1] if prefix else self._root(seq)
-        return parent, tuple(seq.token_ids(j * size, (j + 1) * size))
+        return self._key(seq, len(prefix), self._entry[prefix[-1]][1] if prefix else None)
 
     def filled_key(self, seq: Sequence, num_new_tokens: int) -> tuple | None:
         """The key the first block that a step computing seq's next `num_new_tokens` fills will
@@ -75,8 +81,7 @@ class PrefixCache:
         size, j, done = self.block_size, seq.num_cached_blocks, seq.num_computed_tokens
         if j != done // size or (j + 1) * size > min(done + num_new_tokens, seq.num_known_tokens):
             return None
-        parent = seq.prefix_parent if j else self._root(seq)
-        return parent, tuple(seq.token_ids(j * size, (j + 1) * size))
+        return self._key(seq, j, seq.prefix_parent if j else None)
 
     def attached(self, seq: Sequence, prefix: list[int]) -> None:
         """seq was admitted holding `prefix` (from match): its next blocks chain from there."""
@@ -91,14 +96,13 @@ class PrefixCache:
         device, so a later step that reads them finds them written) and whose tokens the host
         knows. A block whose key is cached already (two sequences computed it at once) stays
         uncached, and seq's next blocks chain from the cached one."""
-        size, start = self.block_size, seq.num_cached_blocks
-        end = min(min(seq.num_computed_tokens, seq.num_known_tokens) // size, len(seq.block_table))
+        start = seq.num_cached_blocks
+        end = min(min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size, len(seq.block_table))
         if end <= start:
             return
-        tokens = seq.token_ids(start * size, end * size)
-        parent = seq.prefix_parent if start else self._root(seq)
+        parent = seq.prefix_parent if start else None
         for i in range(start, end):
-            key = (parent, tuple(tokens[(i - start) * size:(i - start + 1) * size]))
+            key = self._key(seq, i, parent)
             block = self._block_of.get(key)
             if block is None:
                 block = seq.block_table[i]
