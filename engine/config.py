@@ -6,6 +6,7 @@ import torch
 
 from engine import defaults
 from engine.errors import InvalidRequestError
+from engine.prefix_cache import SCOPES
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -112,8 +113,8 @@ class EngineConfig:
             raise InvalidRequestError(f"load_format={self.load_format!r}: use 'auto' or 'dummy'")
         if self.lora_mode not in ("fused", "loop"):
             raise InvalidRequestError(f"lora_mode={self.lora_mode!r}: use 'fused' or 'loop'")
-        if self.prefix_cache_scope not in ("tenant", "all"):
-            raise InvalidRequestError(f"prefix_cache_scope={self.prefix_cache_scope!r}: use 'tenant' or 'all'")
+        if self.prefix_cache_scope not in SCOPES:
+            raise InvalidRequestError(f"prefix_cache_scope={self.prefix_cache_scope!r}: use one of {SCOPES}")
         for name in ("max_num_seqs", "max_model_len", "block_size", "max_num_batched_tokens", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -93,8 +93,7 @@ class LaunchedStep:
         values, ids = (t.tolist() for t in self.host_prompt_logprobs)
         out, row, targets = {}, 0, self.prompt_rows.targets
         for seq_id, count, k in self.prompt_rows.owners:
-            out[seq_id] = [(targets[r], values[r][0], list(zip(ids[r][:k], values[r][1:k + 1])))
-                           for r in range(row, row + count)]
+            out[seq_id] = [(targets[r], *_logprob_entry(values[r], ids[r], k)) for r in range(row, row + count)]
             row += count
         return out
 
@@ -102,8 +101,14 @@ class LaunchedStep:
         if self.host_logprobs is None:
             return None
         values, ids = (t.tolist() for t in self.host_logprobs)
-        return {seq_id: (row_values[0], list(zip(row_ids[:k], row_values[1:k + 1])))
+        return {seq_id: _logprob_entry(row_values, row_ids, k)
                 for (seq_id, k), row_values, row_ids in zip(self.logprob_rows, values, ids)}
+
+
+def _logprob_entry(values: list[float], ids: list[int], k: int) -> tuple[float, list[tuple[int, float]]]:
+    """(the scored token's logprob, [(token id, logprob)] of its k alternatives) from one row of
+    token_logprobs' (values, ids) read back."""
+    return values[0], list(zip(ids[:k], values[1:k + 1]))
 
 
 def _pinned_copy(tensor: Tensor) -> Tensor:
