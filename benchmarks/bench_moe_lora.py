@@ -373,6 +373,102 @@ def sweep_rows(gen, tokens=(1, 8, 64), n=16, ranks=(RANK,)):
     return rows
 
 
+TOPK_SUM_CONFIGS = [(bd, w) for bd in (32, 64, 128, 256) for w in (1, 2, 4, 8)]
+SILU_SHRINK_CONFIGS = [(b, w) for b in (256, 512, 1024) for w in (2, 4, 8)]
+COLD_ROWS_CONFIGS = [(256, 128, 4, 3, 0), (128, 128, 4, 3, 0), (256, 64, 4, 3, 0), (256, 128, 8, 3, 0),
+                     (256, 128, 4, 4, 0), (256, 128, 4, 3, 1), (256, 128, 4, 3, 4)]
+
+
+def sweep_decode(gen, tokens=(64,), n=16, copies=8):
+    """The row path's launches at decode size with adapter weights cold, as in the engine's step
+    (48 layers stream ~1.2 GB each between one layer's LoRA launch and the next's): each timed
+    graph runs the launch once on each of `copies` layers' LoRA weights (8 x 377 MB; a launch's
+    (slot, expert) pairs then come from DRAM), and the time is per launch. Sweeps the gate/up row
+    kernel's tiles, silu_mul_shrink's (block, warps) and topk_sum's (block_d, warps) with the down
+    fold, beside silu_mul and topk_sum without LoRA (their base cost), and the dense groups' split
+    path (q/k/v, o: cfg = (K slices, shrink block_k, warps, expand block_n, warps), 0 = the
+    engine's); qwen3, n rank-16 adapters on the adapter heap's layout."""
+    from kernels.moe.activation import silu_mul
+    from kernels.moe.down_fold import rank_block, silu_mul_shrink, topk_sum
+    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    from kernels.moe.dense_launch import dense_layout, lora_group_triton_
+    try:
+        from bench_dense_lora import make_attention
+        from tests.kernels.loop_reference import moe_lora_in_heap, moe_lora_to
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks.bench_dense_lora import make_attention
+        from tests.kernels.loop_reference import moe_lora_in_heap, moe_lora_to
+    bw, rows, r = copy_bandwidth(), [], RANK
+    loras = []
+    for _ in range(copies):  # as the engine's adapter heap lays them out (lora_layout=bytes)
+        lora = make_layer(d, inter, e, n, gen)[2]
+        padded = MoELoRAWeights(*(f.padded.cpu() for f in (lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b)),
+                                lora.ranks.cpu())
+        del lora
+        loras.append(moe_lora_to(moe_lora_in_heap(padded, rank_unit=8), "cuda"))
+    attns = [make_attention("qwen3-30b-a3b", n, gen, heap=True) for _ in range(copies)]
+    attn_in = attns[0]["o_in"]
+    for m in tokens:
+        hidden, tw, ids, slots = make_batch(m, d, e, k, n, gen)
+        pairs = torch.unique(slots[:, None].long() * e + ids.long()).numel()
+        t = m * k
+        gate_up = torch.randn(t, 2 * inter, device="cuda", generator=gen).to(DTYPE)
+        act = torch.empty(t, inter, dtype=DTYPE, device="cuda")
+        y = torch.randn(t, d, device="cuda", generator=gen).to(DTYPE)
+        out = torch.empty(m, d, dtype=DTYPE, device="cuda")
+        shrunk = torch.randn(t, rank_block(r), device="cuda", generator=gen)
+        weights = tw.reshape(-1).float()
+        gu_out = torch.zeros(t, 2 * inter, dtype=DTYPE, device="cuda")
+        ops = {  # name -> (bytes floor of the LoRA part, configs, fn(lora, cfg))
+            "silu_mul": (0, [None], lambda lo, c: silu_mul(gate_up, act)),
+            "silu_mul_shrink": (pairs * r * inter * BYTES, SILU_SHRINK_CONFIGS, lambda lo, c: silu_mul_shrink(
+                gate_up, act, shrunk, lo.down_a, lo.ranks, slots, ids, block=c[0], num_warps=c[1])),
+            "topk_sum": (0, [None], lambda lo, c: topk_sum(y, out, k)),
+            "topk_sum_lora": (pairs * d * r * BYTES, TOPK_SUM_CONFIGS, lambda lo, c: topk_sum(
+                y, out, k, (lo.down_b, lo.ranks, shrunk, weights, slots, ids), block_d=c[0], num_warps=c[1])),
+            "gate_up_rows": (pairs * 2 * r * (d + inter) * BYTES, COLD_ROWS_CONFIGS, lambda lo, c: lora_rows_(
+                hidden, gu_out, lo.gate_up_a, lo.gate_up_b, lo.ranks, slots, ids, a_row_div=k, splits=2,
+                block_k=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3], parts=c[4] or _row_parts(t, 2),
+                tile_r=32)),
+        }
+        # the dense groups' split path (q/k/v, o): K slices and shrink tiles, then expand tiles
+        x, attn = hidden, torch.randn(m, attn_in, device="cuda", generator=gen).to(DTYPE)
+        dense_out = {"qkv": torch.zeros(m, sum(attns[0]["qkv"].sections), dtype=DTYPE, device="cuda"),
+                     "o": torch.zeros(m, d, dtype=DTYPE, device="cuda")}
+        lay = dense_layout(slots, n)
+        for g, inp in (("qkv", x), ("o", attn)):
+            group = attns[0][g]
+            floor = int(group.ranks[0, :n].sum()) * (group.a.shape[3] * group.num_projections + group.b.shape[2]) * BYTES
+            dense_cfgs = [(ks, bk, w, 0, 0) for ks in (2, 4, 8) for bk in (128, 256) for w in (2, 4)]
+            dense_cfgs += [(0, 0, 0, bn, w) for bn in (128, 256) for w in (4, 8)]
+            ops[f"dense_{g}"] = (floor, dense_cfgs, lambda lo, c, g=g, inp=inp: lora_group_triton_(
+                inp, dense_out[g], lo[g], lay, k_splits=c[0], shrink={"block_k": c[1], "num_warps": c[2]} if c[0] else None,
+                expand={"block_n": c[3], "num_warps": c[4]} if c[3] else None))
+        for name, (floor, configs, fn) in ops.items():
+            for cfg in configs:
+                layers = attns if name.startswith("dense_") else loras
+                run = lambda: [fn(lo, cfg) for lo in layers]  # noqa: E731
+                try:
+                    ms = time_graph(run, samples=9) / copies
+                except Exception as exc:  # a config that does not compile (registers, shared memory)
+                    print(f"{name} M={m} cfg={cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                rows.append({"M": m, "op": name, "cfg": cfg, "us": ms * 1e3, "floor_us": floor / bw * 1e6,
+                             "pairs": pairs, "n": n, "copies": copies})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\ndecode launches, cold weights ({copies} copies), best per (M, op), copy bandwidth "
+          f"{bw / 1e12:.2f} TB/s, n = {n}")
+    for m in tokens:
+        for op in ops:
+            cand = [row for row in rows if row["M"] == m and row["op"] == op]
+            if cand:
+                best = min(cand, key=lambda row: row["us"])
+                print(f"M={m:4} {op:16} best cfg={best['cfg']} {best['us']:.1f} us  floor {best['floor_us']:.1f} us  "
+                      f"first cfg {cand[0]['us']:.1f} us")
+    return {"copy_bw_Bps": bw, "rows": rows}
+
+
 def print_table(rows, bw):
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     head = "preset          M     n  slots  base_ms  loop/base  virt/base  floor/base  delta/floor  base_bw  err      path"
@@ -395,6 +491,10 @@ def main():
     ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM over tile configs, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
     ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens, exit")
+    ap.add_argument("--sweep-decode", action="store_true", help="the row path's launches at --tokens with cold "
+                    "adapter weights (--copies layers of them): tiles of the gate/up rows, silu_mul_shrink and "
+                    "topk_sum, exit")
+    ap.add_argument("--copies", type=int, default=8, help="--sweep-decode: layers of adapter weights cycled")
     ap.add_argument("--shared-outer", action="store_true", help="virtual / base at --tokens on the adapter "
                     "heap: per-expert adapters, and shared-outer ones with each row's shrink / once a token, exit")
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK],
@@ -402,9 +502,13 @@ def main():
     ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "rows-apart", "split", "split-tiles", "split-blocks", "fused"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
-    if not (args.sweep_rows or args.shared_outer):
+    if not (args.sweep_rows or args.shared_outer or args.sweep_decode):
         args.adapters = args.adapters or ADAPTERS
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.sweep_decode:
+        json.dump({"provenance": provenance(sys.argv), "sweep": sweep_decode(gen, args.tokens, (args.adapters or [16])[0],
+                                                                            args.copies)}, open(args.out, "w"), indent=1)
+        return
     if args.sweep_rows:
         json.dump({"provenance": provenance(sys.argv), "sweep": sweep_rows(gen, args.tokens, (args.adapters or [16])[0], tuple(args.ranks))},
                   open(args.out, "w"), indent=1)

@@ -87,31 +87,41 @@ def dense_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: 
     return lora_group_triton_(x, out, lora, layout)
 
 
-def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout) -> Tensor:
+# The split path's tiles: the shrink's K slices (group_k_splits), its 128-deep K tiles (SHRINK) at
+# 2 warps and 2 stages; the expand's N tile (group_block_n) at 4 warps, one stage.
+DENSE_SHRINK = {"block_k": SHRINK["block_k"], "num_warps": 2, "num_stages": 2}
+DENSE_EXPAND = {"num_warps": 4, "num_stages": 1}
+
+
+def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout, *,
+                       k_splits: int = 0, shrink: dict | None = None, expand: dict | None = None) -> Tensor:
     """Triton twin of lora_group_ref_ over the step's dense layout (one expert, block 16): the
     virtual-expert shrink split over K for all projections at once, then one expand over the
     projections' sections of out. A group whose sections no 16-column tile divides runs one
-    projection at a time."""
+    projection at a time. k_splits (0: group_k_splits), shrink (DENSE_SHRINK's keys) and expand
+    (DENSE_EXPAND's keys, and block_n) override the tiles, for sweeps."""
     num_tokens, num_in = x.shape
     if num_tokens == 0:
         return out
     block_n = group_block_n(lora.sections)
     if block_n == 0:
         for h in range(lora.num_projections):
-            lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout)
+            lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout,
+                               k_splits=k_splits, shrink=shrink, expand=expand)
         return out
     r, heads = lora.max_rank, lora.num_projections
     rb = _rank_block(r)
-    ks = group_k_splits(num_in)
-    parts = k_slices(num_in, ks, SHRINK["block_k"])[1]  # whole K tiles a slice: maybe fewer than ks
+    shrink = {**DENSE_SHRINK, **(shrink or {})}
+    expand = {**DENSE_EXPAND, "block_n": block_n, **(expand or {})}
+    ks = k_splits or group_k_splits(num_in)
+    parts = k_slices(num_in, ks, shrink["block_k"])[1]  # whole K tiles a slice: maybe fewer than ks
     part = torch.empty(parts, num_tokens, heads * r, dtype=torch.float32, device=x.device)
     rank_stride = lora.ranks.stride(0)
     # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
     lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
-                splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb,
-                block_k=SHRINK["block_k"], num_warps=2, num_stages=2)
+                splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb, **shrink)
     # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
     lora_expand_tiles(part, lora.b, out, layout, lora.ranks, n=out.shape[1], k=r,
                       rank_split_stride=rank_stride, a_parts=part.shape[0], sections=lora.sections,
-                      block_n=block_n, block_k=rb, num_warps=4, num_stages=1)
+                      block_k=rb, **expand)
     return out

@@ -107,7 +107,7 @@ def rank_block(big_r: int) -> int:
 
 
 def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | Tensor", ranks: Tensor,
-                    slot_ids: Tensor, topk_ids: Tensor) -> Tensor:
+                    slot_ids: Tensor, topk_ids: Tensor, *, block: int = 0, num_warps: int = 0) -> Tensor:
     """out = silu(gate_up[:, :I]) * gate_up[:, I:] as `silu_mul` computes it, and each routed row's
     down shrink from it; returns out.
 
@@ -118,6 +118,8 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
         shrunk: [T*K, rank_block(R)] fp32, contiguous, written in full.
         la: the down A Factor of logical shape [S, E, R, I] (or its padded stack), out's dtype.
         ranks: [S] int32. slot_ids: [T] int (-1: no adapter). topk_ids: [T, K] int.
+        block, num_warps: the tile of a row's columns and the warps a program (0: SHRINK_TILE's and
+            SHRINK_WARPS; sweeps pass others).
     """
     rows, two_i = gate_up.shape
     t, top_k = topk_ids.shape
@@ -133,10 +135,10 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
     if rows == 0:
         return out
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    block = min(1024, triton.next_power_of_2(inter), max(16, SHRINK_TILE // br))
+    block = block or min(1024, triton.next_power_of_2(inter), max(16, SHRINK_TILE // br))
     _silu_mul_shrink_kernel[(rows,)](
         gate_up, out, shrunk, la.operand(), ranks, slot_ids, ids, top_k, num_slots, num_experts, inter, big_r,
-        gate_up.stride(0), out.stride(0), BLOCK=block, BLOCK_R=br, num_warps=4)
+        gate_up.stride(0), out.stride(0), BLOCK=block, BLOCK_R=br, num_warps=num_warps or SHRINK_WARPS)
     return out
 
 
@@ -144,12 +146,14 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
 # at rank 16 (16 x 1024 and 128 x 16, benchmarks/RESULTS.md); a wider pool's rank block narrows the
 # other side, so that a rank-64 pool does not hold 4x the registers a thread (and spill).
 SHRINK_TILE = 16 * 1024
+SHRINK_WARPS = 4
 TOPK_SUM_BLOCK_D = 128
 TOPK_SUM_TILE = 128 * 16
+TOPK_SUM_WARPS = 4
 
 
-def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None" = None
-             ) -> Tensor:
+def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None" = None,
+             *, block_d: int = 0, num_warps: int = 0) -> Tensor:
     """out[t] = sum over k of y[t*K + k] in fp32, rounded once; with lora = (lb, ranks, shrunk,
     scale, slot_ids, topk_ids), each row's down expand added first (module docstring). Returns out.
 
@@ -157,6 +161,8 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
         y: [T*K, D], unit column stride. out: [T, D], unit column stride, written in full.
         lb: the down B Factor of logical shape [S, E, D, R]; ranks [S] int32; shrunk: silu_mul_shrink's
         [T*K, rank_block(R)] fp32; scale: [T*K] float (routing weights); slot_ids [T]; topk_ids [T, K].
+        block_d, num_warps: the columns and warps a program with lora (0: TOPK_SUM_TILE's and
+            TOPK_SUM_WARPS; sweeps pass others). Without lora the sum keeps TOPK_SUM_BLOCK_D.
     """
     rows, d = y.shape
     t = out.shape[0]
@@ -180,9 +186,9 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
     expect(tuple(topk_ids.shape) == (t, top_k) and tuple(ranks.shape) == (num_slots,),
            f"topk_ids must be [{t}, {top_k}] and ranks [{num_slots}]")
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    block_d = min(TOPK_SUM_BLOCK_D, max(16, TOPK_SUM_TILE // br))
+    block_d = block_d or min(TOPK_SUM_BLOCK_D, max(16, TOPK_SUM_TILE // br))
     grid = (t, triton.cdiv(d, block_d))
     _topk_sum_kernel[grid](y, out, shrunk, lb.operand(), scale, ranks, slot_ids, ids, num_slots, num_experts,
                            d, big_r, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_D=block_d, BLOCK_R=br,
-                           HAS_LORA=True, num_warps=4)
+                           HAS_LORA=True, num_warps=num_warps or TOPK_SUM_WARPS)
     return out

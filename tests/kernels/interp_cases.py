@@ -82,6 +82,11 @@ def case_names() -> list[str]:
     # D = 200 and I = 1100 ("wide"): the down fold's activation walks I in several tiles and the
     # top-k sum D in several blocks (narrower ones for the rank-64 pool)
     names += ["moe-fp32-t5e6k2-rank64-nanpad-wide", "moe-fp16-t5e6k2-uniform-wide"]
+    # tiles other than the defaults, as sweeps pass them: the down fold's activation in 16-column
+    # tiles and its top-k sum in 16-column blocks, other warps; the dense split path in 2 K slices
+    # of 32-deep tiles and 16-wide expand tiles
+    names += ["moe-fp16-t17e10k8-zipf-mixed-heap-swept", "moe-fp32-t5e6k2-rank64-nanpad-wide-swept",
+              "group-fp32-zipf-s32x16x16-swept", "group-fp16-uniform-s32x16x16-nanpad-heap-swept"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -126,7 +131,14 @@ def run_moe(name: str) -> dict:
         path = "rows-apart"
     if path == "fused" and t > 1:
         path = "auto"  # the fused launch takes one token; with more, the default path
-    got = fused_moe_triton(*args, lora=lora, slot_ids=slots, path=path)
+    from kernels.moe import down_fold
+    tiles = (down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS)
+    if "swept" in p["rest"]:
+        down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = 256, 256, 8, 2
+    try:
+        got = fused_moe_triton(*args, lora=lora, slot_ids=slots, path=path)
+    finally:  # later cases run the defaults
+        down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = tiles
     want_base = moe_loop_ref(*args)
     want = moe_loop_ref(*args, lora, slots)
     none = slots < 0
@@ -203,6 +215,10 @@ def run_group(name: str) -> dict:
     try:
         if "tiles" in p["rest"]:
             lora_group_rows_(x, out, group, slots, parts=3, block_n=16, block_k=32)
+        elif "swept" in p["rest"]:
+            from kernels.moe.dense_launch import dense_layout, lora_group_triton_
+            lora_group_triton_(x, out, group, dense_layout(slots, 4), k_splits=2,
+                               shrink={"block_k": 32, "num_warps": 4}, expand={"block_n": 16, "num_warps": 8})
         elif "rows" in p["rest"]:
             dense_group_triton_(x, out, group, slots, path="rows")
         else:
