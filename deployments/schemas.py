@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from adapter_store.errors import InvalidNameError
 from adapter_store.names import check_name
 from deployments.request_rules import (COMPLETION_ONLY_NO_OPS, MAX_CHOICES, MAX_STOP_SEQUENCES,
                                        MAX_TOKEN_ID_DIGITS, NO_OP_VALUES, find_lone_surrogate,
                                        refuse_unless_no_op)
+from deployments.structured_fields import structured_constraint
 from engine.sampling_params import MAX_LOGPROBS
 
 
@@ -46,7 +47,14 @@ class _SamplingFields(BaseModel):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # None (JSON null): 0
     min_tokens: int | None = Field(default=None, ge=0)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
+    # structured outputs (at most one constraint a request): OpenAI's response_format, vLLM's
+    # guided_* fields and their newer structured_outputs object (deployments/structured_fields.py)
     response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict | None = None
     tools: list | None = None
     functions: list | None = None
     # refused unless they ask for nothing (NO_OP_VALUES)
@@ -54,11 +62,7 @@ class _SamplingFields(BaseModel):
     audio: Any = None
     use_beam_search: Any = None
     prompt_logprobs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
+    _structured: tuple[str, str] | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -85,12 +89,10 @@ class _SamplingFields(BaseModel):
                                  f"{MAX_TOKEN_ID_DIGITS} digits) to biases in [-100, 100]")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value):
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError("only response_format {\"type\": \"text\"} is supported (no JSON mode)")
-        return value
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        self._structured = structured_constraint(self)
+        return self
 
     @field_validator("tools", "functions")
     @classmethod
@@ -126,7 +128,7 @@ class _SamplingFields(BaseModel):
                 "include_stop_str_in_output": self.include_stop_str_in_output,
                 "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
                 "logprobs": self.logprob_alternatives(), "min_p": self.min_p or 0.0,
-                "min_tokens": self.min_tokens or 0}
+                "min_tokens": self.min_tokens or 0, "structured": self._structured}
 
     def logprob_alternatives(self) -> int | None:
         """Alternatives a token whose logprobs the response carries (0: the sampled token's

@@ -49,7 +49,7 @@ class EngineCoreClient(EngineFrontend):
         self.gc_frozen_objects: int = info["gc_frozen_objects"]  # the core's start-up heap (engine.heap)
         self.tokenizer = load_tokenizer(config)
         self.inputs = InputProcessor(self.tokenizer, info["vocab_size"], config.max_model_len,
-                                     self.num_lora_slots > 0)
+                                     self.num_lora_slots > 0, info["eos_token_ids"])
         self._reader = threading.Thread(target=self._read, name="moeplex-core-reader", daemon=True)
         self._reader.start()
 

@@ -57,6 +57,7 @@ def serve(conn: Connection) -> None:
 def ready_info(engine) -> dict:
     runner = engine.runner
     return {"num_lora_slots": runner.num_lora_slots, "vocab_size": engine.spec.vocab_size,
+            "eos_token_ids": tuple(engine.spec.eos_token_ids),
             "memory": engine.memory_summary(),
             "startup_seconds": dict(runner.startup_seconds), "stats": engine.stats()}
 

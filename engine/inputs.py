@@ -5,6 +5,7 @@ process for `LLMEngine.add_request`, and in the replica's process for the engine
 client, where a bad request is refused before it costs the engine loop anything.
 """
 import itertools
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.sequence import LoRARequest, Sequence
+from engine.structured import Grammars
 
 
 def load_tokenizer(config: EngineConfig):
@@ -23,11 +25,15 @@ def load_tokenizer(config: EngineConfig):
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, serves_adapters: bool):
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, serves_adapters: bool,
+                 eos_token_ids: tuple[int, ...] = ()):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.serves_adapters = serves_adapters
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._grammars: Grammars | None = None  # made at the first structured output request
+        self._grammars_lock = threading.Lock()
         self._seq_ids = itertools.count()
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -39,7 +45,23 @@ class InputProcessor:
             raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters")
         # without a tenant (scripts, the engine's own tests) a request counts as its adapter owner's
         tenant = tenant if tenant is not None else (lora.owner if lora else "")
+        if params.structured is not None:  # refused here, before the engine loop sees it
+            self.grammars().compile(params.structured)
         return Sequence(next(self._seq_ids), request_id, ids, params, lora, tenant, time.perf_counter())
+
+    def grammars(self) -> Grammars:
+        """The compiler of structured output constraints for this tokenizer, made on the first
+        request that asks (it reads the whole vocabulary)."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer; structured outputs need one")
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            return self._grammars
+
+    def grammar_matcher(self, constraint: tuple[str, str]):
+        """A new matcher of a structured output constraint (one per sequence)."""
+        return self.grammars().matcher(constraint)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """The prompt's ids, checked: not empty, in the vocabulary, shorter than max_model_len."""

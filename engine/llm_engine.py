@@ -3,11 +3,13 @@ next step) -> read back -> postprocess."""
 import itertools
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 
 from engine.block_manager import BlockManager, step_reserve
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequestError
+from engine.errors import EngineError, InvalidRequestError
 from engine.heap import gc_pauses
 from engine.inputs import InputProcessor, load_tokenizer
 from engine.lora.manager import LoRAManager
@@ -44,7 +46,7 @@ class LLMEngine:
             failure_ttl_s=config.lora_failure_ttl_s, host_bytes=config.max_cpu_lora_bytes,
             kv=self.block_manager if shared else None, block_numel=self.runner.kv_block_numel)
         self.inputs = InputProcessor(self.tokenizer, self.spec.vocab_size, config.max_model_len,
-                                     self.lora_manager is not None)
+                                     self.lora_manager is not None, self.spec.eos_token_ids)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    self.block_manager, self.lora_manager, config.max_model_len,
                                    prefetch_window=config.adapter_prefetch_window,
@@ -59,6 +61,9 @@ class LLMEngine:
         self.last_step = {"num_seqs": 0, "num_tokens": 0, "num_adapters": 0, "num_preempted": 0}
         self.turns = TurnClock(self)  # the loop that steps this engine times its turns with it
         self.num_preemptions = 0
+        # structured output requests whose constraint compiles on _grammar_pool (add_sequence)
+        self._compiling: dict[str, tuple[Sequence, Future]] = {}
+        self._grammar_pool: ThreadPoolExecutor | None = None
 
     # ---- requests ---------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -67,8 +72,19 @@ class LLMEngine:
         return self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
 
     def add_sequence(self, seq: Sequence) -> None:
-        if seq.request_id in self.seqs:
+        if seq.request_id in self.seqs or seq.request_id in self._compiling:
             raise InvalidRequestError(f"request_id {seq.request_id!r} is already in use")
+        if seq.params.structured is not None:
+            # compiled on a thread: a large schema's compile would stall every tenant's steps;
+            # step() lets the sequence in once its matcher is made
+            if self._grammar_pool is None:
+                self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="moeplex-grammar")
+            self._compiling[seq.request_id] = (seq, self._grammar_pool.submit(self.inputs.grammar_matcher,
+                                                                             seq.params.structured))
+            return
+        self._enter(seq)
+
+    def _enter(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
         self.detokenizers[seq.request_id] = IncrementalDetokenizer(
             self.tokenizer, seq.params.stop, include_stop=seq.params.include_stop_str_in_output) \
@@ -80,6 +96,10 @@ class LLMEngine:
         self.add_sequence(self.make_sequence(request_id, prompt, params, lora, tenant))
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        compiling = self._compiling.pop(request_id, None)
+        if compiling is not None:
+            compiling[1].cancel()
+            return RequestOutput(request_id, finished=True, finish_reason="abort")
         seq = self.seqs.get(request_id)
         if seq is None:
             return None
@@ -89,22 +109,41 @@ class LLMEngine:
         return self._final(seq, RequestOutput(request_id, finished=True, finish_reason="abort"))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self._compiling)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Sequences whose structured output constraint has compiled, into the scheduler; the
+        outputs of those whose compile failed (the replica's process compiled it before, so
+        only an engine fault gets here)."""
+        failed = []
+        for request_id, (seq, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                seq.grammar = future.result()
+            except Exception as exc:  # noqa: BLE001 - the request fails, the engine goes on
+                error = exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")
+                failed.append(RequestOutput(request_id, finished=True, finish_reason="abort", error=error))
+                continue
+            self._enter(seq)
+        return failed
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Outputs of one step. With async scheduling the next step is scheduled (and, when it
         is a decode graph step, launched) before this one's tokens are read back, so the host's
         work hides behind the device."""
+        entered = self._admit_compiled() if self._compiling else []
         current = self._take_in_flight()
         if current is None:
             sched = self.scheduler.schedule()
             if not sched.scheduled:
-                return self.postprocess(sched, self._idle(sched))
+                return entered + self.postprocess(sched, self._idle(sched))
             current = (sched, self._launch(sched, None))
         early = self._launch_ahead(current[1]) if self.config.async_scheduling else []
         sched, launched = current
-        return self.postprocess(sched, launched.result()) + early
+        return entered + self.postprocess(sched, launched.result()) + early
 
     def _take_in_flight(self) -> tuple[SchedulerOutput, LaunchedStep] | None:
         """The step the last call launched ahead, or the one it scheduled ahead but left to launch
@@ -132,8 +171,9 @@ class LLMEngine:
         if not ahead.scheduled:
             return early
         self._in_flight = (ahead, None)
-        # a penalty reads the tokens so far, so such a step waits until they are all on the host
-        history = any(seq.params.uses_history for seq, _ in ahead.scheduled)
+        # a penalty reads the tokens so far and a structured output's mask follows them, so such a
+        # step waits until they are all on the host
+        history = any(seq.params.waits_for_tokens for seq, _ in ahead.scheduled)
         if not history and (self.config.async_eager_steps or self.runner.is_graph_step(ahead.scheduled)):
             try:
                 self._in_flight = (ahead, self._launch(ahead, current))
@@ -156,6 +196,8 @@ class LLMEngine:
         if self.lora_manager is not None and not sched.failed and self.scheduler.num_waiting:
             if not self.lora_manager.wait_for_loads(LOAD_WAIT_S):
                 time.sleep(LOAD_WAIT_S)  # waiting, yet nothing in flight: back off, do not spin
+        elif self._compiling and not sched.failed:
+            wait_futures([future for _, future in self._compiling.values()], LOAD_WAIT_S, FIRST_COMPLETED)
         return StepResult([])
 
     def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
@@ -175,6 +217,14 @@ class LLMEngine:
 
     def _token_output(self, seq: Sequence, token: int, logprobs: tuple | None = None) -> RequestOutput:
         reason = self._stop_reason(seq, token)
+        broken = None
+        if seq.grammar is not None and reason != "stop":
+            if not seq.grammar.accept_token(token):  # the mask allowed it: the engine's fault, not the request's
+                broken = EngineError(f"token {token} breaks the request's structured output constraint")
+                log.error("request %s: %s", seq.request_id, broken)
+                reason = "abort"
+            elif seq.grammar.is_terminated():  # an end-of-sequence token that ignore_eos would skip
+                reason = "stop"
         detok = self.detokenizers[seq.request_id]
         delta, stop_hit = ("", False) if detok is None else detok.update(
             seq.output_token_ids, reason is not None, len(seq.output_token_ids) >= seq.params.min_tokens)
@@ -182,6 +232,7 @@ class LLMEngine:
             reason = "stop"
         out = RequestOutput(seq.request_id, delta, [token], reason is not None, reason,
                             seq.num_prompt_tokens, len(seq.output_token_ids), detok.sent if detok else "")
+        out.error = broken
         if logprobs is not None:
             out.logprobs = [logprobs]
         if len(seq.output_token_ids) == 1:
@@ -307,6 +358,8 @@ class LLMEngine:
         return [results[r] for r in ids]
 
     def shutdown(self) -> None:
+        if self._grammar_pool is not None:
+            self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         if self.lora_manager is not None:
             self.lora_manager.shutdown()
         self.runner.close()

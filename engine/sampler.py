@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.structured import apply_bitmask
+
 
 @dataclass(slots=True)
 class Penalties:
@@ -28,6 +30,9 @@ class SamplingTensors:
     # logit_bias as (rows [N], token ids [N], biases [N]); -inf bans a token (min_tokens)
     bias: tuple[Tensor, Tensor, Tensor] | None = None
     min_ps: Tensor | None = None  # [B] float32, 0 = none (None when no row sets min_p)
+    # structured outputs (engine.structured): rows [R] int64 and their bitmasks [R, ceil(V / 32)]
+    # int32 of the tokens allowed next; the other tokens of those rows get -inf first
+    allowed: tuple[Tensor, Tensor] | None = None
 
 
 def apply_penalties(logits: Tensor, p: Penalties) -> Tensor:
@@ -48,6 +53,8 @@ def apply_penalties(logits: Tensor, p: Penalties) -> Tensor:
 @torch.no_grad()
 def sample(logits: Tensor, st: SamplingTensors, default_generator: torch.Generator) -> Tensor:
     """logits [B, V] float32 -> token ids [B] int64."""
+    if st.allowed is not None:
+        logits = apply_bitmask(logits, *st.allowed)
     if st.penalties is not None:
         logits = apply_penalties(logits, st.penalties)
     if st.bias is not None:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from engine.sampler import Penalties, SamplingTensors
 from engine.sequence import Sequence
+from engine.structured import fill_bitmask
 
 
 class SamplingInputs:
@@ -27,8 +28,10 @@ class SamplingInputs:
         temps = [s.params.temperature for s in seqs]
         penalties = self._penalties(seqs) if any(s.params.uses_history for s in seqs) else None
         bias = self._logit_bias(seqs) if any(s.params.logit_bias or _too_short(s) for s in seqs) else None
+        allowed = self._allowed(seqs) if any(s.grammar is not None for s in seqs) else None
         if all(t == 0 for t in temps):  # argmax only: no per-sequence tensors to build and copy
-            return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties, bias=bias)
+            return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties, bias=bias,
+                                   allowed=allowed)
         gens = [self._generator(s) for s in seqs]
         min_ps = [s.params.min_p if s.params.temperature > 0 else 0.0 for s in seqs]
         return SamplingTensors(
@@ -36,7 +39,15 @@ class SamplingInputs:
             top_ps=self._tensor([s.params.top_p for s in seqs], torch.float32),
             top_ks=self._tensor([min(s.params.top_k or vocab, vocab) for s in seqs], torch.long),
             generators=gens, all_greedy=all(t == 0 for t in temps), penalties=penalties, bias=bias,
-            min_ps=self._tensor(min_ps, torch.float32) if any(min_ps) else None)
+            min_ps=self._tensor(min_ps, torch.float32) if any(min_ps) else None, allowed=allowed)
+
+    def _allowed(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
+        """The rows of sequences with a structured output constraint and the bitmasks of the
+        tokens their matchers allow next (the engine launches such a step only once every token
+        of it is on the host and fed to its matcher)."""
+        rows = [row for row, s in enumerate(seqs) if s.grammar is not None]
+        mask = fill_bitmask([seqs[row].grammar for row in rows], self.vocab_size)
+        return self._tensor(rows, torch.long), mask.to(self.device, non_blocking=False)
 
     def _logit_bias(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
         """logit_bias, and -inf on the tokens that would end a sequence still under its

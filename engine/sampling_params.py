@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
+from engine.structured import check_constraint
 
 MAX_LOGPROBS = 20  # alternatives a token (OpenAI's top_logprobs bound, vLLM's max_logprobs default)
 
@@ -37,6 +38,9 @@ class SamplingParams:
     # this many most likely tokens there): OpenAI's `echo` with `logprobs`, vLLM's prompt_logprobs.
     # Such a request's prompt is computed whole, never taken from the prefix cache
     prompt_logprobs: int | None = None
+    # structured outputs (engine.structured): (kind, text), e.g. ("json_schema", '{"type": ...}'),
+    # ("regex", ...), ("choice", '["yes", "no"]'), ("grammar", EBNF) or ("json_object", "")
+    structured: tuple[str, str] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -66,6 +70,10 @@ class SamplingParams:
             wanted = getattr(self, name)
             _check(wanted is None or (type(wanted) is int and 0 <= wanted <= MAX_LOGPROBS),
                    f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives a token), got {wanted!r}")
+        if self.structured is not None:
+            self.structured = check_constraint(self.structured)
+            # the constraint may leave only an end of sequence allowed, which min_tokens bans
+            _check(self.min_tokens == 0, "min_tokens cannot be combined with a structured output constraint")
         if self.logit_bias:
             _check(all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
                    "logit_bias maps token ids >= 0 to biases in [-100, 100]")
@@ -74,6 +82,12 @@ class SamplingParams:
     def uses_history(self) -> bool:
         """Whether sampling reads the sequence's earlier tokens (a penalty is set)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def waits_for_tokens(self) -> bool:
+        """Whether a step that samples for this request needs its tokens so far on the host
+        (a penalty's history, a structured output's mask)."""
+        return self.uses_history or self.structured is not None
 
     @property
     def greedy(self) -> bool:

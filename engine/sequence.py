@@ -60,6 +60,8 @@ class Sequence:
     added_time: float | None = None  # when the engine took it (after arrival: the core's queue of messages)
     scheduled_time: float | None = None  # when a step first launched it
     adapter_wait_logged: bool = False  # its long wait for an adapter was logged (engine.slot_policy)
+    # SamplingParams.structured: its GrammarMatcher, made in the engine's process (not pickled)
+    grammar: object = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -282,7 +282,6 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
     ({"suffix": "the end"}, "suffix"),
     ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
-    ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_unsupported_completion_fields_are_refused_by_name(client, ingress, fields, param):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -6,6 +6,7 @@ tenants (fixtures in conftest.py). Outputs are compared with the engine called d
 """
 import json
 import os
+import re
 import threading
 
 import httpx
@@ -308,6 +309,49 @@ def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
         client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=4, extra_body={"min_tokens": 5})
 
 
+def test_structured_outputs_hold_their_constraint_and_equal_the_engines(service, adapters, oracle):
+    """OpenAI's response_format (json_schema, json_object) and vLLM's guided_choice / guided_regex /
+    structured_outputs, streamed or whole, give what the engine gives for the same constraint; the
+    text is checked with Python's json and re as well."""
+    client = _client(service, "acme")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    choices = ["red", "green", "blue"]
+    cases = [  # (extra request fields, the engine's constraint, check of a completed text)
+        ({"extra_body": {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}},
+         ("json_schema", json.dumps(schema)), lambda t: type(json.loads(t)["n"]) is int),
+        ({"extra_body": {"response_format": {"type": "json_object"}}}, ("json_object", ""),
+         lambda t: isinstance(json.loads(t), dict)),
+        ({"extra_body": {"guided_choice": choices}}, ("choice", json.dumps(choices)), lambda t: t in choices),
+        ({"extra_body": {"guided_regex": "[0-9]{2}-[a-z]{3}"}}, ("regex", "[0-9]{2}-[a-z]{3}"),
+         lambda t: re.fullmatch("[0-9]{2}-[a-z]{3}", t)),
+        ({"extra_body": {"structured_outputs": {"choice": choices}}}, ("choice", json.dumps(choices)), lambda t: t in choices),
+    ]
+    for fields, constraint, holds in cases:
+        want = oracle.complete(PROMPTS[0], 60, adapters["acme"], "acme/style", structured=constraint)
+        for stream in (False, True):
+            kwargs = dict(model="style", prompt=PROMPTS[0], max_tokens=60, temperature=0, **fields)
+            if stream:
+                chunks = list(client.completions.create(**kwargs, stream=True))
+                text = "".join(c.choices[0].text for c in chunks if c.choices)
+                finish = next(c.choices[0].finish_reason for c in reversed(chunks) if c.choices and c.choices[0].finish_reason)
+            else:
+                done = client.completions.create(**kwargs)
+                text, finish = done.choices[0].text, done.choices[0].finish_reason
+            assert (text, finish) == (want["text"], want["finish_reason"]), (fields, stream)
+            assert finish == "length" or holds(text), (fields, text)
+    messages = [{"role": "user", "content": "Pick a colour"}]
+    chat = client.chat.completions.create(model="style", messages=messages, max_tokens=20, temperature=0,
+                                          extra_body={"guided_choice": choices})
+    assert chat.choices[0].message.content in choices and chat.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(
+        model="style", messages=messages, max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}})
+    want = oracle.complete(oracle.chat_prompt(messages), 60, adapters["acme"], "acme/style",
+                           structured=("json_schema", json.dumps(schema)))
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (want["text"], want["finish_reason"])
+
+
 def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):
     response = upload(service, auth("acme"), "private", tiny_adapter(seed=3))
     assert response.status_code == 201, response.text
@@ -376,7 +420,14 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
         (json.dumps({"model": "style", "prompt": "hi", "logprobs": True}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "stop_token_ids": [-1]}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "logit_bias": {"5": 101}}), 400),
-        (json.dumps({"model": "style", "prompt": "hi", "response_format": {"type": "json_object"}}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "response_format": {"type": "yaml"}}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "response_format": {"type": "json_schema"}}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "guided_regex": "a(b"}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "guided_json": "{not json"}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "guided_choice": []}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "guided_regex": "a", "guided_choice": ["b"]}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "structured_outputs": {"structural_tag": "x"}}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "guided_choice": ["a"], "min_tokens": 2}), 400),
         (json.dumps({"model": "style", "messages": [{"role": "user", "content": "hi"}],
                      "tools": [{"type": "function", "function": {"name": "f"}}]}), 400),
         (json.dumps({"model": "nope", "prompt": "hi"}), 404),

@@ -1,0 +1,114 @@
+"""Structured outputs: a request's JSON schema, regular expression, list of choices or EBNF
+grammar, held to token by token.
+
+xgrammar compiles a constraint against the tokenizer's vocabulary (GrammarCompiler, which caches
+compiled constraints, so a schema many requests share compiles once a process). Each sequence
+walks its constraint with a GrammarMatcher: before a step samples its next token, the matcher
+writes the bitmask of the tokens that keep the output a valid prefix (bit v of row r: word v // 32,
+bit v % 32), the sampler sets every other token's logit to -inf, and the sampled token is fed
+back. Once the constraint is complete only the end-of-sequence tokens remain allowed; the
+sequence ends when one is sampled (finish reason "stop").
+
+A constraint is plain data, (kind, text), so it travels with SamplingParams to the engine's
+process; the matcher is made there. The replica's process compiles it too, to refuse a bad
+schema or pattern before the request costs the engine loop anything.
+
+A step that samples for such a sequence is launched only once the sequence's tokens so far are
+on the host (its mask depends on them), like a step with a penalty: with async scheduling it is
+not launched ahead of the step before it.
+"""
+import json
+
+import torch
+from torch import Tensor
+
+from engine.errors import InvalidRequestError
+
+# json_object: any JSON object; json_schema: text is the schema as JSON; regex: the pattern the
+# whole output matches; choice: text is a JSON list of the strings the output is one of;
+# grammar: an EBNF grammar (xgrammar's dialect, GBNF-like) whose rule `root` the output matches
+KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+MAX_TEXT = 1 << 20  # characters of a schema, pattern or grammar
+
+
+def check_constraint(constraint) -> tuple[str, str]:
+    """(kind, text) as SamplingParams keeps it; InvalidRequestError for another shape. Whether
+    the text compiles is Grammars.compile's to say."""
+    ok = (isinstance(constraint, (tuple, list)) and len(constraint) == 2 and constraint[0] in KINDS
+          and isinstance(constraint[1], str) and len(constraint[1]) <= MAX_TEXT)
+    if not ok:
+        raise InvalidRequestError(f"structured must be (kind, text) with kind one of {KINDS} and text a "
+                                  f"string of at most {MAX_TEXT} characters, got {str(constraint)[:200]!r}")
+    kind, text = constraint
+    if kind != "json_object" and not text:
+        raise InvalidRequestError(f"a {kind} constraint needs its text (schema, pattern, choices or grammar)")
+    return kind, text
+
+
+def choice_grammar(choices_json: str) -> str:
+    """The EBNF grammar whose output is exactly one of the choices (a JSON list of strings)."""
+    try:
+        choices = json.loads(choices_json)
+    except ValueError as exc:
+        raise InvalidRequestError(f"choice: not a JSON list of strings ({exc})") from None
+    if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
+        raise InvalidRequestError("choice takes a non-empty list of non-empty strings")
+    # JSON string literals are the grammar's: the same escapes for quotes, backslashes, newlines
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer (thread-safe: xgrammar's compiler is)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]):
+        import xgrammar  # imported here: an engine without a tokenizer never needs it
+        self._xgr = xgrammar
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=list(stop_token_ids))
+        self._compiler = xgrammar.GrammarCompiler(info)
+
+    def compile(self, constraint: tuple[str, str]):
+        """The constraint's compiled grammar; InvalidRequestError when it does not compile (a
+        schema that is not JSON, a pattern or grammar with a syntax error)."""
+        kind, text = check_constraint(constraint)
+        try:
+            if kind == "json_object":  # OpenAI's JSON mode: an object (the builtin JSON grammar takes any value)
+                return self._compiler.compile_json_schema('{"type": "object"}')
+            if kind == "json_schema":
+                return self._compiler.compile_json_schema(text)
+            if kind == "regex":
+                return self._compiler.compile_regex(text)
+            return self._compiler.compile_grammar(choice_grammar(text) if kind == "choice" else text)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # xgrammar reports every bad input as RuntimeError or ValueError
+            raise InvalidRequestError(f"the {kind} constraint does not compile: {_first_line(exc)}") from None
+
+    def matcher(self, constraint: tuple[str, str]):
+        """A fresh matcher of the constraint: one a sequence."""
+        return self._xgr.GrammarMatcher(self.compile(constraint))
+
+
+
+def fill_bitmask(matchers: list, vocab_size: int) -> Tensor:
+    """[len(matchers), ceil(V / 32)] int32 on the host: row i the tokens matchers[i] allows next."""
+    import xgrammar
+    mask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
+    for row, matcher in enumerate(matchers):
+        matcher.fill_next_token_bitmask(mask, row)
+    return mask
+
+
+def apply_bitmask(logits: Tensor, rows: Tensor, bitmask: Tensor) -> Tensor:
+    """logits [B, V] with -inf on the tokens that rows' bitmask rows leave out (a new tensor).
+    rows [R] int64 and bitmask [R, ceil(V / 32)] int32 on logits' device."""
+    vocab = logits.shape[1]
+    ids = torch.arange(vocab, device=logits.device)
+    allowed = (bitmask.index_select(1, ids >> 5) >> (ids & 31)) & 1  # [R, V]
+    picked = logits.index_select(0, rows)
+    return logits.index_copy(0, rows, picked.masked_fill(allowed == 0, float("-inf")))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

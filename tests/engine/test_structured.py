@@ -1,0 +1,186 @@
+"""Structured outputs (SamplingParams.structured): a JSON schema, a regular expression, a list of
+choices or an EBNF grammar held to token by token on the tiny random model, whose unconstrained
+output is noise. What the engine returns is checked with Python's own json and re, not with the
+grammar library that made the masks."""
+import json
+import re
+
+import pytest
+import torch
+
+from engine import InvalidRequestError, SamplingParams
+from engine.structured import apply_bitmask
+from tests.engine.helpers import PROMPTS, make_engine
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "kind": {"enum": ["cat", "dog"]}},
+          "required": ["n", "kind"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    return make_engine(checkpoints["qwen3_moe"], max_model_len=256)
+
+
+def generate(engine, constraint, max_tokens=120, prompts=PROMPTS, **kw):
+    params = [SamplingParams(max_tokens=max_tokens, structured=constraint, **kw) for _ in prompts]
+    return [engine.generate([p], q)[0] for p, q in zip(prompts, params)]
+
+
+def finished(outs):
+    done = [o for o in outs if o["finish_reason"] == "stop"]
+    assert done, f"no output completed its constraint within max_tokens: {outs}"
+    return done
+
+
+def test_json_schema_outputs_parse_and_hold_the_schemas_types_and_enum(engine):
+    outs = generate(engine, ("json_schema", json.dumps(SCHEMA)), temperature=1.0, seed=7)
+    for out in finished(outs):
+        value = json.loads(out["text"])
+        assert set(value) == {"n", "kind"}
+        assert type(value["n"]) is int and value["kind"] in ("cat", "dog")
+
+
+def test_json_object_outputs_parse_as_json_objects(engine):
+    for out in finished(generate(engine, ("json_object", ""), temperature=0)):
+        assert isinstance(json.loads(out["text"]), dict)
+
+
+def test_choice_outputs_are_exactly_one_of_the_choices(engine):
+    choices = ['say "yes"', "no\\way", "maybe\nlater", "ünïcode"]
+    outs = generate(engine, ("choice", json.dumps(choices)), temperature=1.0, seed=3)
+    assert all(o["finish_reason"] == "stop" for o in outs)
+    assert all(o["text"] in choices for o in outs)
+
+
+def test_regex_and_ebnf_grammar_outputs_match_the_pattern_whole(engine):
+    pattern = r"[0-9]{3}-[a-z]{2,4}"
+    for out in finished(generate(engine, ("regex", pattern), temperature=0)):
+        assert re.fullmatch(pattern, out["text"]), out["text"]
+    grammar = 'root ::= "(" item ("," item)* ")"\nitem ::= [a-c] | "x" [0-9]'
+    for out in finished(generate(engine, ("grammar", grammar), temperature=1.0, seed=11)):
+        assert re.fullmatch(r"\(([a-c]|x[0-9])(,([a-c]|x[0-9]))*\)", out["text"]), out["text"]
+
+
+def test_a_completed_constraint_ends_the_sequence_even_with_ignore_eos(engine):
+    outs = generate(engine, ("choice", '["alpha", "beta"]'), temperature=0, ignore_eos=True, max_tokens=50)
+    assert all(o["finish_reason"] == "stop" and o["text"] in ("alpha", "beta") for o in outs)
+
+
+def test_unconstrained_requests_batched_with_constrained_ones_are_unchanged(engine):
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = engine.generate([PROMPTS[1]], plain)[0]["token_ids"]
+    engine.add_request("regex", PROMPTS[0], SamplingParams(max_tokens=30, temperature=0, structured=("regex", "[a-z]+ [0-9]+")))
+    engine.add_request("plain", PROMPTS[1], plain)
+    engine.add_request("object", PROMPTS[2], SamplingParams(max_tokens=30, temperature=0, structured=("json_object", "")))
+    tokens, steps_together = {"regex": [], "plain": [], "object": []}, 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps_together += {o.request_id for o in outs} >= {"regex", "plain"}
+        for out in outs:
+            tokens[out.request_id] += out.token_ids_delta
+    assert steps_together >= 2  # they did share steps
+    assert tokens["plain"] == alone
+
+
+@pytest.mark.parametrize("constraint, message", [
+    (("json_schema", "{not json"), "does not compile"),
+    (("regex", "a(b"), "does not compile"),
+    (("grammar", "root ::= missing_rule"), "does not compile"),
+    (("choice", "[]"), "non-empty list"),
+    (("choice", '"yes"'), "non-empty list"),
+    (("yaml", "a: 1"), "kind one of"),
+    (("json_schema", ""), "needs its text"),
+])
+def test_constraints_that_do_not_compile_are_refused_before_they_run(engine, constraint, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request("bad", PROMPTS[0], SamplingParams(max_tokens=4, structured=constraint))
+    assert not engine.has_unfinished_requests()
+
+
+def test_min_tokens_with_a_constraint_is_refused():
+    with pytest.raises(InvalidRequestError, match="min_tokens"):
+        SamplingParams(max_tokens=8, min_tokens=2, structured=("json_object", ""))
+
+
+def test_bitmask_application_equals_xgrammars_own_kernel():
+    xgrammar = pytest.importorskip("xgrammar")
+    gen = torch.Generator().manual_seed(0)
+    vocab = 1000  # not a multiple of 32: the last word's high bits lie past the vocabulary
+    logits = torch.randn(5, vocab, generator=gen)
+    mask = torch.randint(-2**31, 2**31 - 1, (3, (vocab + 31) // 32), generator=gen, dtype=torch.int32)
+    rows = torch.tensor([0, 2, 4])
+    got = apply_bitmask(logits, rows, mask)
+    want = logits.clone()
+    full = torch.full((5, mask.shape[1]), -1, dtype=torch.int32)
+    full[rows] = mask
+    xgrammar.apply_token_bitmask_inplace(want, full)
+    assert torch.equal(got, want)
+
+
+def test_a_slow_compile_holds_back_only_its_own_request_and_can_be_aborted(engine, monkeypatch):
+    """The constraint compiles off the step loop: other requests run to the end meanwhile, the
+    request enters once its matcher exists, and an abort while it compiles ends it at once."""
+    import threading
+    release, real = threading.Event(), engine.inputs.grammar_matcher
+
+    def slow(constraint):
+        assert release.wait(30)
+        return real(constraint)
+    monkeypatch.setattr(engine.inputs, "grammar_matcher", slow)
+    engine.add_request("json", PROMPTS[0], SamplingParams(max_tokens=40, temperature=0, structured=("json_object", "")))
+    engine.add_request("gone", PROMPTS[2], SamplingParams(max_tokens=40, temperature=0, structured=("regex", "[a-z]+")))
+    engine.add_request("plain", PROMPTS[1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    aborted = engine.abort("gone")
+    assert aborted.finished and aborted.finish_reason == "abort"
+    done = {}
+    while "plain" not in done:
+        for out in engine.step():
+            done.setdefault(out.request_id, []).append(out)
+    assert "json" not in done and engine.has_unfinished_requests()
+    release.set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done.setdefault(out.request_id, []).append(out)
+    assert done["json"][-1].finished and "gone" not in done
+    assert done["json"][-1].finish_reason == "length" or isinstance(json.loads(done["json"][-1].text), dict)
+
+
+def test_a_compile_that_fails_in_the_engine_fails_its_request_only(engine, monkeypatch):
+    def broken(constraint):
+        raise RuntimeError("compiler crashed")
+    monkeypatch.setattr(engine.inputs, "grammar_matcher", broken)
+    engine.add_request("broken", PROMPTS[0], SamplingParams(max_tokens=8, structured=("json_object", "")))
+    engine.add_request("fine", PROMPTS[1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id] = out
+    assert outs["broken"].finish_reason == "abort" and "compiler crashed" in str(outs["broken"].error)
+    assert outs["fine"].finish_reason == "length"
+
+
+@pytest.mark.gpu
+def test_gpu_structured_outputs_beside_graph_steps_hold_and_leave_others_unchanged(checkpoints, adapters):
+    """On the GPU with its defaults (decode graphs, async scheduling): constrained requests, with
+    and without an adapter, hold their constraints; an unconstrained request batched with them
+    gives what it gives alone."""
+    pytest.importorskip("xgrammar")
+    from tests.engine.helpers import lora
+    engine = make_engine(checkpoints["qwen3_moe"], device="cuda", dtype="float32", max_loras=2, max_lora_rank=16,
+                         max_model_len=256)
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = engine.generate([PROMPTS[1]], plain, [lora(adapters, "qwen3_moe", "a")])[0]["token_ids"]
+    choices = ["north", "south", "east", "west"]
+    engine.add_request("choice", PROMPTS[0], SamplingParams(max_tokens=20, temperature=1.0, seed=5,
+                                                              structured=("choice", json.dumps(choices))),
+                       lora(adapters, "qwen3_moe", "b"))
+    engine.add_request("plain", PROMPTS[1], plain, lora(adapters, "qwen3_moe", "a"))
+    engine.add_request("regex", PROMPTS[2], SamplingParams(max_tokens=30, temperature=0, structured=("regex", "[a-z]{2,5}-[0-9]{1,3}")))
+    outs = {"choice": [], "plain": [], "regex": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    assert outs["choice"][-1].text in choices and outs["choice"][-1].finish_reason == "stop"
+    assert sum((o.token_ids_delta for o in outs["plain"]), []) == alone
+    regex = outs["regex"][-1]
+    assert regex.finish_reason == "length" or re.fullmatch("[a-z]{2,5}-[0-9]{1,3}", regex.text)
