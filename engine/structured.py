@@ -18,6 +18,7 @@ on the host (its mask depends on them), like a step with a penalty: with async s
 not launched ahead of the step before it.
 """
 import json
+import re
 
 import torch
 from torch import Tensor
@@ -110,5 +111,8 @@ def apply_bitmask(logits: Tensor, rows: Tensor, bitmask: Tensor) -> Tensor:
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    """The reason xgrammar gives, without its log prefix ("[12:00:00] /project/cpp/x.cc:94: ",
+    "Check failed: (...) is false: ")."""
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", lines[0] if lines else type(exc).__name__)
+    return re.sub(r"^Check failed: \(.*?\) is false: ", "", text)[:300]
