@@ -50,6 +50,8 @@ def _has_surrogate(text: str) -> bool:
 NO_OP_VALUES: dict[str, tuple] = {
     "best_of": (1,), "suffix": ("",), "modalities": (["text"],), "audio": (),
     "use_beam_search": (False,), "prompt_logprobs": (0,),
+    # vLLM's options of its guided_* fields: the backend is xgrammar here, whitespace its default
+    "guided_decoding_backend": ("xgrammar", "auto"), "guided_whitespace_pattern": (),
 }
 
 

@@ -62,6 +62,8 @@ class _SamplingFields(BaseModel):
     audio: Any = None
     use_beam_search: Any = None
     prompt_logprobs: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
     _structured: tuple[str, str] | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")

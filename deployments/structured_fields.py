@@ -42,7 +42,7 @@ def structured_constraint(fields) -> tuple[str, str] | None:
 
 
 def _response_format(rf: dict) -> tuple[str, str] | None:
-    kind = rf.get("type", "text")
+    kind = rf.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -52,7 +52,7 @@ def _response_format(rf: dict) -> tuple[str, str] | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise ValueError('response_format {"type": "json_schema"} needs json_schema.schema, a JSON schema object')
         return "json_schema", json.dumps(spec["schema"])
-    raise ValueError(f'response_format type must be "text", "json_object" or "json_schema", got {kind!r}')
+    raise ValueError(f'response_format needs a type: "text", "json_object" or "json_schema", got {kind!r}')
 
 
 def _structured_outputs(value: dict) -> list[tuple[str, str]]:

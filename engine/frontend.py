@@ -52,7 +52,8 @@ class EngineFrontend:
         `min_interval_s` apart); raises InvalidRequestError / AdapterLoadError / EngineError."""
         self._check_running()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
+        # a long prompt's encoding, or a structured output constraint's compile, off the event loop
+        if (isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS) or (params and params.structured):
             seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
         else:
             seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)

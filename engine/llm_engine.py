@@ -2,8 +2,9 @@
 next step) -> read back -> postprocess."""
 import itertools
 import logging
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 
 from engine.block_manager import BlockManager, step_reserve
@@ -24,6 +25,8 @@ from engine.turns import TurnClock
 
 log = logging.getLogger(__name__)
 LOAD_WAIT_S = 0.002  # longest a step with only adapter loads in flight blocks on them
+COMPILE_THREADS = 2  # structured output constraints compiling at once
+COMPILE_WAIT_S = 0.01  # longest a step with only compiles pending blocks on them (new messages wait as long)
 
 
 class LLMEngine:
@@ -61,9 +64,11 @@ class LLMEngine:
         self.last_step = {"num_seqs": 0, "num_tokens": 0, "num_adapters": 0, "num_preempted": 0}
         self.turns = TurnClock(self)  # the loop that steps this engine times its turns with it
         self.num_preemptions = 0
-        # structured output requests whose constraint compiles on _grammar_pool (add_sequence)
+        # structured output requests whose constraint compiles on a thread (add_sequence), and the
+        # outputs of those whose compile failed, until a step returns them
         self._compiling: dict[str, tuple[Sequence, Future]] = {}
-        self._grammar_pool: ThreadPoolExecutor | None = None
+        self._compile_slots = threading.Semaphore(COMPILE_THREADS)
+        self._compile_failures: list[RequestOutput] = []
 
     # ---- requests ---------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -77,12 +82,25 @@ class LLMEngine:
         if seq.params.structured is not None:
             # compiled on a thread: a large schema's compile would stall every tenant's steps;
             # step() lets the sequence in once its matcher is made
-            if self._grammar_pool is None:
-                self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="moeplex-grammar")
-            self._compiling[seq.request_id] = (seq, self._grammar_pool.submit(self.inputs.grammar_matcher,
-                                                                             seq.params.structured))
+            self._compiling[seq.request_id] = (seq, self._compile(seq.params.structured))
             return
         self._enter(seq)
+
+    def _compile(self, constraint: tuple[str, str]) -> Future:
+        """The matcher of `constraint`, made on a daemon thread (COMPILE_THREADS at a time): a
+        compile cannot be interrupted, and one still running must not hold the process at exit."""
+        future: Future = Future()
+
+        def run() -> None:
+            with self._compile_slots:
+                if not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    future.set_result(self.inputs.grammar_matcher(constraint))
+                except BaseException as exc:  # noqa: BLE001 - handed to the request
+                    future.set_exception(exc)
+        threading.Thread(target=run, name="moeplex-grammar", daemon=True).start()
+        return future
 
     def _enter(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
@@ -109,13 +127,14 @@ class LLMEngine:
         return self._final(seq, RequestOutput(request_id, finished=True, finish_reason="abort"))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self._compiling)
+        return (self.scheduler.has_unfinished() or self._in_flight is not None or bool(self._compiling)
+                or bool(self._compile_failures))
 
-    def _admit_compiled(self) -> list[RequestOutput]:
+    def _admit_compiled(self) -> None:
         """Sequences whose structured output constraint has compiled, into the scheduler; the
         outputs of those whose compile failed (the replica's process compiled it before, so
-        only an engine fault gets here)."""
-        failed = []
+        only an engine fault gets here) into _compile_failures, which step() returns."""
+        failed = self._compile_failures
         for request_id, (seq, future) in list(self._compiling.items()):
             if not future.done():
                 continue
@@ -127,23 +146,29 @@ class LLMEngine:
                 failed.append(RequestOutput(request_id, finished=True, finish_reason="abort", error=error))
                 continue
             self._enter(seq)
-        return failed
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Outputs of one step. With async scheduling the next step is scheduled (and, when it
         is a decode graph step, launched) before this one's tokens are read back, so the host's
         work hides behind the device."""
-        entered = self._admit_compiled() if self._compiling else []
+        if self._compiling:
+            self._admit_compiled()
         current = self._take_in_flight()
         if current is None:
             sched = self.scheduler.schedule()
             if not sched.scheduled:
-                return entered + self.postprocess(sched, self._idle(sched))
+                return self._failed_compiles() + self.postprocess(sched, self._idle(sched))
             current = (sched, self._launch(sched, None))
         early = self._launch_ahead(current[1]) if self.config.async_scheduling else []
         sched, launched = current
-        return entered + self.postprocess(sched, launched.result()) + early
+        return self._failed_compiles() + self.postprocess(sched, launched.result()) + early
+
+    def _failed_compiles(self) -> list[RequestOutput]:
+        """The failed compiles' outputs, once (kept until a step gets this far, so a step that
+        raises before does not lose them)."""
+        failed, self._compile_failures = self._compile_failures, []
+        return failed
 
     def _take_in_flight(self) -> tuple[SchedulerOutput, LaunchedStep] | None:
         """The step the last call launched ahead, or the one it scheduled ahead but left to launch
@@ -196,8 +221,8 @@ class LLMEngine:
         if self.lora_manager is not None and not sched.failed and self.scheduler.num_waiting:
             if not self.lora_manager.wait_for_loads(LOAD_WAIT_S):
                 time.sleep(LOAD_WAIT_S)  # waiting, yet nothing in flight: back off, do not spin
-        elif self._compiling and not sched.failed:
-            wait_futures([future for _, future in self._compiling.values()], LOAD_WAIT_S, FIRST_COMPLETED)
+        elif self._compiling and not sched.failed:  # only compiles pending: wait for one, do not spin
+            wait_futures([future for _, future in self._compiling.values()], COMPILE_WAIT_S, FIRST_COMPLETED)
         return StepResult([])
 
     def postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
@@ -218,13 +243,8 @@ class LLMEngine:
     def _token_output(self, seq: Sequence, token: int, logprobs: tuple | None = None) -> RequestOutput:
         reason = self._stop_reason(seq, token)
         broken = None
-        if seq.grammar is not None and reason != "stop":
-            if not seq.grammar.accept_token(token):  # the mask allowed it: the engine's fault, not the request's
-                broken = EngineError(f"token {token} breaks the request's structured output constraint")
-                log.error("request %s: %s", seq.request_id, broken)
-                reason = "abort"
-            elif seq.grammar.is_terminated():  # an end-of-sequence token that ignore_eos would skip
-                reason = "stop"
+        if seq.grammar is not None:
+            reason, broken = self._follow_grammar(seq, token, reason)
         detok = self.detokenizers[seq.request_id]
         delta, stop_hit = ("", False) if detok is None else detok.update(
             seq.output_token_ids, reason is not None, len(seq.output_token_ids) >= seq.params.min_tokens)
@@ -244,6 +264,26 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             self._final(seq, out)
         return out
+
+    def _follow_grammar(self, seq: Sequence, token: int, reason: str | None) -> tuple[str | None, Exception | None]:
+        """Feed `token` to seq's structured output matcher: (finish reason, error). A constraint
+        that let no token through, or whose mask and matching cost more than
+        GRAMMAR_TOKEN_BUDGET_S a token (an ambiguous pattern grows with the output, and the step
+        loop waits for it), ends its request with an error the tenant can act on."""
+        fault = seq.grammar.fault
+        if fault is None and reason != "stop":  # an end of sequence ends it whatever the matcher says
+            start = time.perf_counter()
+            accepted = seq.grammar.accept(token)
+            if not accepted:  # the mask allowed it: the engine's fault, not the request's
+                error = EngineError(f"token {token} breaks the request's structured output constraint")
+                log.error("request %s: %s", seq.request_id, error)
+                return "abort", error
+            fault = seq.grammar.over_budget(time.perf_counter() - start)
+            if fault is None and seq.grammar.is_terminated():  # an end of sequence that ignore_eos would skip
+                return "stop", None
+        if fault is not None:
+            return "abort", InvalidRequestError(fault)
+        return reason, None
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -290,7 +330,7 @@ class LLMEngine:
         cache = self.block_manager.cache
         arena = self.lora_manager.arena if self.lora_manager else None
         return {
-            "running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting,
+            "running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting + len(self._compiling),
             "free_kv_blocks": self.block_manager.num_free_blocks, "num_kv_blocks": self.block_manager.num_blocks,
             "last_step_batch_size": self.last_step["num_seqs"], "last_step_tokens": self.last_step["num_tokens"],
             "last_step_adapters": self.last_step["num_adapters"], "num_preemptions": self.num_preemptions,
@@ -358,8 +398,8 @@ class LLMEngine:
         return [results[r] for r in ids]
 
     def shutdown(self) -> None:
-        if self._grammar_pool is not None:
-            self._grammar_pool.shutdown(wait=False, cancel_futures=True)
+        for _, future in self._compiling.values():
+            future.cancel()
         if self.lora_manager is not None:
             self.lora_manager.shutdown()
         self.runner.close()

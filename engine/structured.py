@@ -10,7 +10,8 @@ back. Once the constraint is complete only the end-of-sequence tokens remain all
 sequence ends when one is sampled (finish reason "stop").
 
 A constraint is plain data, (kind, text), so it travels with SamplingParams to the engine's
-process; the matcher is made there. The replica's process compiles it too, to refuse a bad
+process; the matcher is made there (`Constrained`, which also ends a request whose constraint
+admits no next token or costs the step loop too much host time a token). The replica's process compiles it too, to refuse a bad
 schema or pattern before the request costs the engine loop anything.
 
 A step that samples for such a sequence is launched only once the sequence's tokens so far are
@@ -19,6 +20,7 @@ not launched ahead of the step before it.
 """
 import json
 import re
+import time
 
 import torch
 from torch import Tensor
@@ -29,7 +31,14 @@ from engine.errors import InvalidRequestError
 # whole output matches; choice: text is a JSON list of the strings the output is one of;
 # grammar: an EBNF grammar (xgrammar's dialect, GBNF-like) whose rule `root` the output matches
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
-MAX_TEXT = 1 << 20  # characters of a schema, pattern or grammar
+# characters of a schema, pattern or grammar, and nesting of a JSON schema: a compile cannot be
+# interrupted and grows steeply with nesting (nested arrays 200 deep: ~0.3 s, 400: ~3 s on CPU)
+MAX_TEXT = 64 << 10
+MAX_SCHEMA_DEPTH = 64
+# host time a sequence's mask and match may take for one token before its request ends
+TOKEN_BUDGET_S = 0.05
+# bytes of compiled constraints a process keeps for reuse (xgrammar's cache is unbounded by default)
+CACHE_BYTES = 256 << 20
 
 
 def check_constraint(constraint) -> tuple[str, str]:
@@ -66,7 +75,7 @@ class Grammars:
         self._xgr = xgrammar
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=list(stop_token_ids))
-        self._compiler = xgrammar.GrammarCompiler(info)
+        self._compiler = xgrammar.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
 
     def compile(self, constraint: tuple[str, str]):
         """The constraint's compiled grammar; InvalidRequestError when it does not compile (a
@@ -76,6 +85,7 @@ class Grammars:
             if kind == "json_object":  # OpenAI's JSON mode: an object (the builtin JSON grammar takes any value)
                 return self._compiler.compile_json_schema('{"type": "object"}')
             if kind == "json_schema":
+                _check_depth(text)
                 return self._compiler.compile_json_schema(text)
             if kind == "regex":
                 return self._compiler.compile_regex(text)
@@ -85,19 +95,65 @@ class Grammars:
         except Exception as exc:  # xgrammar reports every bad input as RuntimeError or ValueError
             raise InvalidRequestError(f"the {kind} constraint does not compile: {_first_line(exc)}") from None
 
-    def matcher(self, constraint: tuple[str, str]):
-        """A fresh matcher of the constraint: one a sequence."""
-        return self._xgr.GrammarMatcher(self.compile(constraint))
+    def matcher(self, constraint: tuple[str, str]) -> "Constrained":
+        """A fresh walk through the constraint: one a sequence."""
+        return Constrained(self._xgr.GrammarMatcher(self.compile(constraint)))
 
 
+class Constrained:
+    """A sequence's walk through its constraint: the matcher, and what it cost. `fault` says why
+    the request must end (its constraint admits no next token, or costs more than
+    TOKEN_BUDGET_S a token of host time, which the step loop waits for), else None."""
 
-def fill_bitmask(matchers: list, vocab_size: int) -> Tensor:
-    """[len(matchers), ceil(V / 32)] int32 on the host: row i the tokens matchers[i] allows next."""
+    def __init__(self, matcher):
+        self.matcher = matcher
+        self.fault: str | None = None
+        self._fill_seconds = 0.0
+
+    def fill(self, mask: Tensor, row: int) -> None:
+        start = time.perf_counter()
+        self.matcher.fill_next_token_bitmask(mask, row)
+        self._fill_seconds = time.perf_counter() - start
+        if not bool(mask[row].any()):
+            self.fault = "the structured output constraint admits no token after the output so far"
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def over_budget(self, accept_seconds: float) -> str | None:
+        """fault, set when the last token's mask and match took more than TOKEN_BUDGET_S."""
+        spent = self._fill_seconds + accept_seconds
+        if spent > TOKEN_BUDGET_S and self.fault is None:
+            self.fault = (f"the structured output constraint took {spent * 1e3:.0f} ms of matching for one token "
+                          f"(at most {TOKEN_BUDGET_S * 1e3:.0f}); an ambiguous pattern such as (a*)* grows with "
+                          "the output: simplify it")
+        return self.fault
+
+
+def fill_bitmask(walks: list[Constrained], vocab_size: int) -> Tensor:
+    """[len(walks), ceil(V / 32)] int32 on the host: row i the tokens walks[i] allows next."""
     import xgrammar
-    mask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
-    for row, matcher in enumerate(matchers):
-        matcher.fill_next_token_bitmask(mask, row)
+    mask = xgrammar.allocate_token_bitmask(len(walks), vocab_size)
+    for row, walk in enumerate(walks):
+        walk.fill(mask, row)
     return mask
+
+
+def _check_depth(schema_text: str) -> None:
+    try:
+        schema = json.loads(schema_text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"the json_schema constraint is not JSON: {exc}") from None
+    level = [(schema, 1)]
+    while level:
+        value, depth = level.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidRequestError(f"the json_schema constraint nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        level += [(child, depth + 1) for child in children]
 
 
 def apply_bitmask(logits: Tensor, rows: Tensor, bitmask: Tensor) -> Tensor:

@@ -82,8 +82,16 @@ def test_unconstrained_requests_batched_with_constrained_ones_are_unchanged(engi
     assert tokens["plain"] == alone
 
 
+def _nested(depth: int) -> dict:
+    schema = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize("constraint, message", [
-    (("json_schema", "{not json"), "does not compile"),
+    (("json_schema", "{not json"), "not JSON"),
+    (("json_schema", json.dumps({"type": "array", "items": _nested(70)})), "nests deeper than 64"),
     (("regex", "a(b"), "does not compile"),
     (("grammar", "root ::= missing_rule"), "does not compile"),
     (("choice", "[]"), "non-empty list"),
@@ -185,3 +193,54 @@ def test_gpu_structured_outputs_beside_graph_steps_hold_and_leave_others_unchang
     assert sum((o.token_ids_delta for o in outs["plain"]), []) == alone
     regex = outs["regex"][-1]
     assert regex.finish_reason == "length" or re.fullmatch("[a-z]{2,5}-[0-9]{1,3}", regex.text)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("constraint", [("regex", "a[^\\s\\S]"), ("grammar", 'root ::= root "a"')])
+def test_a_constraint_that_admits_no_next_token_ends_its_request_with_a_request_error(engine, constraint, temperature):
+    """It compiles, then lets no token through (after "a", or from the start): the request
+    ends with an error naming its constraint, not with text that breaks it or an engine fault."""
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=temperature, seed=1,
+                                                       structured=constraint))[0]
+    assert out["finish_reason"] == "abort" and isinstance(out["error"], InvalidRequestError)
+    assert "admits no token" in str(out["error"])
+
+
+def test_a_constraint_over_its_host_time_budget_ends_its_request_only(engine, monkeypatch):
+    from engine import structured
+    monkeypatch.setattr(structured, "TOKEN_BUDGET_S", 0.0)  # every token over budget
+    engine.add_request("costly", PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, structured=("regex", "(a*)*b")))
+    engine.add_request("plain", PROMPTS[1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    costly = outs["costly"][-1]
+    assert costly.finish_reason == "abort" and isinstance(costly.error, InvalidRequestError)
+    assert "ms of matching for one token" in str(costly.error) and len(outs["costly"]) == 1
+    assert outs["plain"][-1].finish_reason == "length"
+
+
+def test_a_failed_compile_is_reported_even_when_the_step_that_finds_it_raises(engine, monkeypatch):
+    import time
+    from engine.async_engine import step_or_fail
+
+    def broken(constraint):
+        raise MemoryError("compile failed")
+    monkeypatch.setattr(engine.inputs, "grammar_matcher", broken)
+    engine.add_request("structured", PROMPTS[0], SamplingParams(max_tokens=5, structured=("json_object", "")))
+    engine.add_request("plain", PROMPTS[1], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    deadline = time.monotonic() + 10
+    while not engine._compiling["structured"][1].done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    real = engine.runner.launch
+
+    def flaky(*args, **kwargs):
+        raise RuntimeError("launch failed")
+    monkeypatch.setattr(engine.runner, "launch", flaky)
+    first = step_or_fail(engine)
+    monkeypatch.setattr(engine.runner, "launch", real)
+    outs = {o.request_id: o for o in first}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs["structured"].finish_reason == "abort" and "compile failed" in str(outs["structured"].error)
