@@ -26,6 +26,22 @@ def generate(engine, constraint, max_tokens=120, prompts=PROMPTS, **kw):
     return [engine.generate([p], q)[0] for p, q in zip(prompts, params)]
 
 
+def run_all(engine) -> dict[str, list]:
+    """Step until nothing is left: each request id's outputs in order."""
+    outs: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    return outs
+
+
+def compile_fails(engine, monkeypatch, error: Exception) -> None:
+    """The engine's own compile of every constraint raises `error` (the caller's did not)."""
+    def broken(constraint):
+        raise error
+    monkeypatch.setattr(engine.inputs, "grammar_matcher", broken)
+
+
 def finished(outs):
     done = [o for o in outs if o["finish_reason"] == "stop"]
     assert done, f"no output completed its constraint within max_tokens: {outs}"
@@ -147,25 +163,19 @@ def test_a_slow_compile_holds_back_only_its_own_request_and_can_be_aborted(engin
             done.setdefault(out.request_id, []).append(out)
     assert "json" not in done and engine.has_unfinished_requests()
     release.set()
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            done.setdefault(out.request_id, []).append(out)
+    for request_id, outs in run_all(engine).items():
+        done.setdefault(request_id, []).extend(outs)
     assert done["json"][-1].finished and "gone" not in done
     assert done["json"][-1].finish_reason == "length" or isinstance(json.loads(done["json"][-1].text), dict)
 
 
 def test_a_compile_that_fails_in_the_engine_fails_its_request_only(engine, monkeypatch):
-    def broken(constraint):
-        raise RuntimeError("compiler crashed")
-    monkeypatch.setattr(engine.inputs, "grammar_matcher", broken)
+    compile_fails(engine, monkeypatch, RuntimeError("compiler crashed"))
     engine.add_request("broken", PROMPTS[0], SamplingParams(max_tokens=8, structured=("json_object", "")))
     engine.add_request("fine", PROMPTS[1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    outs = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outs[out.request_id] = out
-    assert outs["broken"].finish_reason == "abort" and "compiler crashed" in str(outs["broken"].error)
-    assert outs["fine"].finish_reason == "length"
+    outs = run_all(engine)
+    assert outs["broken"][-1].finish_reason == "abort" and "compiler crashed" in str(outs["broken"][-1].error)
+    assert outs["fine"][-1].finish_reason == "length"
 
 
 @pytest.mark.gpu
@@ -185,10 +195,7 @@ def test_gpu_structured_outputs_beside_graph_steps_hold_and_leave_others_unchang
                        lora(adapters, "qwen3_moe", "b"))
     engine.add_request("plain", PROMPTS[1], plain, lora(adapters, "qwen3_moe", "a"))
     engine.add_request("regex", PROMPTS[2], SamplingParams(max_tokens=30, temperature=0, structured=("regex", "[a-z]{2,5}-[0-9]{1,3}")))
-    outs = {"choice": [], "plain": [], "regex": []}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outs[out.request_id].append(out)
+    outs = run_all(engine)
     assert outs["choice"][-1].text in choices and outs["choice"][-1].finish_reason == "stop"
     assert sum((o.token_ids_delta for o in outs["plain"]), []) == alone
     regex = outs["regex"][-1]
@@ -211,10 +218,7 @@ def test_a_constraint_over_its_host_time_budget_ends_its_request_only(engine, mo
     monkeypatch.setattr(structured, "TOKEN_BUDGET_S", 0.0)  # every token over budget
     engine.add_request("costly", PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, structured=("regex", "(a*)*b")))
     engine.add_request("plain", PROMPTS[1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-    outs = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outs.setdefault(out.request_id, []).append(out)
+    outs = run_all(engine)
     costly = outs["costly"][-1]
     assert costly.finish_reason == "abort" and isinstance(costly.error, InvalidRequestError)
     assert "ms of matching for one token" in str(costly.error) and len(outs["costly"]) == 1
@@ -225,9 +229,7 @@ def test_a_failed_compile_is_reported_even_when_the_step_that_finds_it_raises(en
     import time
     from engine.async_engine import step_or_fail
 
-    def broken(constraint):
-        raise MemoryError("compile failed")
-    monkeypatch.setattr(engine.inputs, "grammar_matcher", broken)
+    compile_fails(engine, monkeypatch, MemoryError("compile failed"))
     engine.add_request("structured", PROMPTS[0], SamplingParams(max_tokens=5, structured=("json_object", "")))
     engine.add_request("plain", PROMPTS[1], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     deadline = time.monotonic() + 10
@@ -241,6 +243,5 @@ def test_a_failed_compile_is_reported_even_when_the_step_that_finds_it_raises(en
     first = step_or_fail(engine)
     monkeypatch.setattr(engine.runner, "launch", real)
     outs = {o.request_id: o for o in first}
-    while engine.has_unfinished_requests():
-        outs.update({o.request_id: o for o in engine.step()})
+    outs.update({request_id: got[-1] for request_id, got in run_all(engine).items()})
     assert outs["structured"].finish_reason == "abort" and "compile failed" in str(outs["structured"].error)
