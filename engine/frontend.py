@@ -22,11 +22,14 @@ INLINE_TOKENIZE_CHARS = 2048
 # taking every core (and the loop's GIL turns) from the short requests of other tenants
 LONG_INPUT_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 _long_inputs = ThreadPoolExecutor(LONG_INPUT_THREADS, thread_name_prefix="moeplex-long-input")
+# structured output constraints compile on two threads of their own, so that a new schema (up to
+# ~1 s within engine.structured's limits) does not hold up the tokenising of long prompts
+_constraints = ThreadPoolExecutor(2, thread_name_prefix="moeplex-constraint")
 
 
-async def off_loop(fn, *args):
-    """`fn(*args)` on the long-input threads."""
-    return await asyncio.get_running_loop().run_in_executor(_long_inputs, fn, *args)
+async def off_loop(fn, *args, pool: ThreadPoolExecutor = _long_inputs):
+    """`fn(*args)` on the long-input threads (or `pool`'s)."""
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
 class EngineFrontend:
@@ -52,8 +55,9 @@ class EngineFrontend:
         `min_interval_s` apart); raises InvalidRequestError / AdapterLoadError / EngineError."""
         self._check_running()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        # a long prompt's encoding, or a structured output constraint's compile, off the event loop
-        if (isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS) or (params and params.structured):
+        if params is not None and params.structured is not None:  # its compile, off the event loop
+            seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant, pool=_constraints)
+        elif isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
             seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
         else:
             seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)

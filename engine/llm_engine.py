@@ -2,9 +2,8 @@
 next step) -> read back -> postprocess."""
 import itertools
 import logging
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 
 from engine.block_manager import BlockManager, step_reserve
@@ -67,7 +66,9 @@ class LLMEngine:
         # structured output requests whose constraint compiles on a thread (add_sequence), and the
         # outputs of those whose compile failed, until a step returns them
         self._compiling: dict[str, tuple[Sequence, Future]] = {}
-        self._compile_slots = threading.Semaphore(COMPILE_THREADS)
+        # (a pool's threads, which exit joins: a daemon thread inside xgrammar's native compile at
+        # interpreter exit aborts the process; the limits of engine.structured bound the wait)
+        self._compile_pool: ThreadPoolExecutor | None = None
         self._compile_failures: list[RequestOutput] = []
 
     # ---- requests ---------------------------------------------------------------
@@ -82,25 +83,12 @@ class LLMEngine:
         if seq.params.structured is not None:
             # compiled on a thread: a large schema's compile would stall every tenant's steps;
             # step() lets the sequence in once its matcher is made
-            self._compiling[seq.request_id] = (seq, self._compile(seq.params.structured))
+            if self._compile_pool is None:
+                self._compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="moeplex-constraint")
+            self._compiling[seq.request_id] = (seq, self._compile_pool.submit(self.inputs.grammar_matcher,
+                                                                              seq.params.structured))
             return
         self._enter(seq)
-
-    def _compile(self, constraint: tuple[str, str]) -> Future:
-        """The matcher of `constraint`, made on a daemon thread (COMPILE_THREADS at a time): a
-        compile cannot be interrupted, and one still running must not hold the process at exit."""
-        future: Future = Future()
-
-        def run() -> None:
-            with self._compile_slots:
-                if not future.set_running_or_notify_cancel():
-                    return
-                try:
-                    future.set_result(self.inputs.grammar_matcher(constraint))
-                except BaseException as exc:  # noqa: BLE001 - handed to the request
-                    future.set_exception(exc)
-        threading.Thread(target=run, name="moeplex-grammar", daemon=True).start()
-        return future
 
     def _enter(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
@@ -267,22 +255,23 @@ class LLMEngine:
 
     def _follow_grammar(self, seq: Sequence, token: int, reason: str | None) -> tuple[str | None, Exception | None]:
         """Feed `token` to seq's structured output matcher: (finish reason, error). A constraint
-        that let no token through, or whose mask and matching cost more than
-        GRAMMAR_TOKEN_BUDGET_S a token (an ambiguous pattern grows with the output, and the step
-        loop waits for it), ends its request with an error the tenant can act on."""
-        fault = seq.grammar.fault
-        if fault is None and reason != "stop":  # an end of sequence ends it whatever the matcher says
-            start = time.perf_counter()
-            accepted = seq.grammar.accept(token)
-            if not accepted:  # the mask allowed it: the engine's fault, not the request's
+        that let no token through, or whose mask and matching took more than
+        engine.structured.TOKEN_BUDGET_S of CPU for a token it goes on to (an ambiguous pattern
+        grows with the output, and the step loop waits for it), ends its request with an error
+        the tenant can act on."""
+        walk = seq.grammar
+        if walk.fault is None and reason != "stop":  # an end of sequence ends it whatever the matcher says
+            start = time.thread_time()
+            if not walk.accept(token):  # the mask allowed it: the engine's fault, not the request's
                 error = EngineError(f"token {token} breaks the request's structured output constraint")
                 log.error("request %s: %s", seq.request_id, error)
                 return "abort", error
-            fault = seq.grammar.over_budget(time.perf_counter() - start)
-            if fault is None and seq.grammar.is_terminated():  # an end of sequence that ignore_eos would skip
+            if walk.is_terminated():  # an end of sequence that ignore_eos would skip
                 return "stop", None
-        if fault is not None:
-            return "abort", InvalidRequestError(fault)
+            if reason is None:  # it goes on: only then does the next token's cost matter
+                walk.over_budget(time.thread_time() - start)
+        if walk.fault is not None:
+            return "abort", InvalidRequestError(walk.fault)
         return reason, None
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
@@ -398,8 +387,8 @@ class LLMEngine:
         return [results[r] for r in ids]
 
     def shutdown(self) -> None:
-        for _, future in self._compiling.values():
-            future.cancel()
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=False, cancel_futures=True)
         if self.lora_manager is not None:
             self.lora_manager.shutdown()
         self.runner.close()

@@ -221,8 +221,11 @@ def test_a_constraint_over_its_host_time_budget_ends_its_request_only(engine, mo
     outs = run_all(engine)
     costly = outs["costly"][-1]
     assert costly.finish_reason == "abort" and isinstance(costly.error, InvalidRequestError)
-    assert "ms of matching for one token" in str(costly.error) and len(outs["costly"]) == 1
+    assert "ms of CPU to match one token" in str(costly.error) and len(outs["costly"]) == 1
     assert outs["plain"][-1].finish_reason == "length"
+    # a token that ends its request anyway keeps its own finish reason
+    last = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=1, temperature=0, structured=("regex", "(a*)*b")))[0]
+    assert last["finish_reason"] == "length" and last["error"] is None
 
 
 def test_a_failed_compile_is_reported_even_when_the_step_that_finds_it_raises(engine, monkeypatch):
