@@ -236,7 +236,7 @@ class LLMEngine:
         detok = self.detokenizers[seq.request_id]
         delta, stop_hit = ("", False) if detok is None else detok.update(
             seq.output_token_ids, reason is not None, len(seq.output_token_ids) >= seq.params.min_tokens)
-        if stop_hit:
+        if stop_hit and broken is None:  # a constraint's fault ends it as an error, stop string or not
             reason = "stop"
         out = RequestOutput(seq.request_id, delta, [token], reason is not None, reason,
                             seq.num_prompt_tokens, len(seq.output_token_ids), detok.sent if detok else "")
