@@ -19,6 +19,15 @@ def make_engine(ckpt, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(**{**args, **kw}))
 
 
+def run_to_end(engine: LLMEngine) -> dict[str, list]:
+    """Step until nothing is left: each request id's outputs in order."""
+    outputs: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    return outputs
+
+
 def step_logits(engine: LLMEngine, prompts, loras=None, tenants=None) -> list[torch.Tensor]:
     """Schedule all prompts into one step; return each sequence's logits at every position."""
     loras = loras or [None] * len(prompts)

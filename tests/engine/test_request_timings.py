@@ -2,23 +2,15 @@
 import pytest
 
 from engine import SamplingParams
-from tests.engine.helpers import PROMPTS, lora, make_engine, wait_for_adapters
+from tests.engine.helpers import PROMPTS, lora, make_engine, run_to_end, wait_for_adapters
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-
-
-def _run(engine) -> dict[str, list]:
-    outputs: dict[str, list] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).append(out)
-    return outputs
 
 
 def test_first_token_and_final_outputs_carry_the_phases_and_the_others_none(checkpoints):
     engine = make_engine(checkpoints["qwen3_moe"])
     engine.add_request("r", PROMPTS[0], GREEDY)
-    outs = _run(engine)["r"]
+    outs = run_to_end(engine)["r"]
     assert len(outs) == 4
     first, middle, final = outs[0], outs[1:-1], outs[-1]
     phases = {k: v for k, v in first.timings.items() if not k.endswith("_at")}
@@ -37,7 +29,7 @@ def test_a_request_behind_a_full_batch_queues_for_at_least_the_others_prefill(ch
     engine = make_engine(checkpoints["qwen3_moe"], max_num_seqs=1)
     engine.add_request("first", PROMPTS[0], GREEDY)
     engine.add_request("second", PROMPTS[1], GREEDY)
-    outs = _run(engine)
+    outs = run_to_end(engine)
     first, second = outs["first"][0].timings, outs["second"][0].timings
     assert second["queue"] > first["prefill"] + first["queue"]
 
@@ -45,7 +37,7 @@ def test_a_request_behind_a_full_batch_queues_for_at_least_the_others_prefill(ch
 def test_an_adapter_request_reports_when_its_adapter_was_ready(checkpoints, adapters):
     engine = make_engine(checkpoints["qwen3_moe"], max_loras=2, max_lora_rank=16)
     engine.add_request("r", PROMPTS[0], GREEDY, lora=lora(adapters, "qwen3_moe", "a"))
-    timings = _run(engine)["r"][0].timings
+    timings = run_to_end(engine)["r"][0].timings
     assert set(timings) == {"handoff", "queue", "adapter", "prefill", "arrived_at", "first_token_at"}
     # the scheduler launches a request only once its adapter is in a ready slot
     assert timings["adapter"] <= timings["handoff"] + timings["queue"]
@@ -63,7 +55,7 @@ def test_a_request_aged_waiting_for_its_adapter_is_logged_once_with_what_holds_t
     while not engine.scheduler.running:
         engine.step()
     engine.add_request("wait", PROMPTS[1], GREEDY, lora=lora(adapters, "qwen3_moe", "b"))
-    outs = _run(engine)
+    outs = run_to_end(engine)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request wait has waited")]
     assert len(lines) == 1
     assert "tenant-b/ad@v1" in lines[0] and "0: tenant-a/ad@v1 (refs 1, running 1)" in lines[0]

@@ -10,7 +10,7 @@ import torch
 
 from engine import InvalidRequestError, SamplingParams
 from engine.structured import apply_bitmask
-from tests.engine.helpers import PROMPTS, make_engine
+from tests.engine.helpers import PROMPTS, make_engine, run_to_end
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "kind": {"enum": ["cat", "dog"]}},
           "required": ["n", "kind"], "additionalProperties": False}
@@ -24,15 +24,6 @@ def engine(checkpoints):
 def generate(engine, constraint, max_tokens=120, prompts=PROMPTS, **kw):
     params = [SamplingParams(max_tokens=max_tokens, structured=constraint, **kw) for _ in prompts]
     return [engine.generate([p], q)[0] for p, q in zip(prompts, params)]
-
-
-def run_all(engine) -> dict[str, list]:
-    """Step until nothing is left: each request id's outputs in order."""
-    outs: dict[str, list] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outs.setdefault(out.request_id, []).append(out)
-    return outs
 
 
 def compile_fails(engine, monkeypatch, error: Exception) -> None:
@@ -163,7 +154,7 @@ def test_a_slow_compile_holds_back_only_its_own_request_and_can_be_aborted(engin
             done.setdefault(out.request_id, []).append(out)
     assert "json" not in done and engine.has_unfinished_requests()
     release.set()
-    for request_id, outs in run_all(engine).items():
+    for request_id, outs in run_to_end(engine).items():
         done.setdefault(request_id, []).extend(outs)
     assert done["json"][-1].finished and "gone" not in done
     assert done["json"][-1].finish_reason == "length" or isinstance(json.loads(done["json"][-1].text), dict)
@@ -173,7 +164,7 @@ def test_a_compile_that_fails_in_the_engine_fails_its_request_only(engine, monke
     compile_fails(engine, monkeypatch, RuntimeError("compiler crashed"))
     engine.add_request("broken", PROMPTS[0], SamplingParams(max_tokens=8, structured=("json_object", "")))
     engine.add_request("fine", PROMPTS[1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    outs = run_all(engine)
+    outs = run_to_end(engine)
     assert outs["broken"][-1].finish_reason == "abort" and "compiler crashed" in str(outs["broken"][-1].error)
     assert outs["fine"][-1].finish_reason == "length"
 
@@ -195,7 +186,7 @@ def test_gpu_structured_outputs_beside_graph_steps_hold_and_leave_others_unchang
                        lora(adapters, "qwen3_moe", "b"))
     engine.add_request("plain", PROMPTS[1], plain, lora(adapters, "qwen3_moe", "a"))
     engine.add_request("regex", PROMPTS[2], SamplingParams(max_tokens=30, temperature=0, structured=("regex", "[a-z]{2,5}-[0-9]{1,3}")))
-    outs = run_all(engine)
+    outs = run_to_end(engine)
     assert outs["choice"][-1].text in choices and outs["choice"][-1].finish_reason == "stop"
     assert sum((o.token_ids_delta for o in outs["plain"]), []) == alone
     regex = outs["regex"][-1]
@@ -218,7 +209,7 @@ def test_a_constraint_over_its_host_time_budget_ends_its_request_only(engine, mo
     monkeypatch.setattr(structured, "TOKEN_BUDGET_S", 0.0)  # every token over budget
     engine.add_request("costly", PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, structured=("regex", "(a*)*b")))
     engine.add_request("plain", PROMPTS[1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-    outs = run_all(engine)
+    outs = run_to_end(engine)
     costly = outs["costly"][-1]
     assert costly.finish_reason == "abort" and isinstance(costly.error, InvalidRequestError)
     assert "ms of CPU to match one token" in str(costly.error) and len(outs["costly"]) == 1
@@ -246,5 +237,5 @@ def test_a_failed_compile_is_reported_even_when_the_step_that_finds_it_raises(en
     first = step_or_fail(engine)
     monkeypatch.setattr(engine.runner, "launch", real)
     outs = {o.request_id: o for o in first}
-    outs.update({request_id: got[-1] for request_id, got in run_all(engine).items()})
+    outs.update({request_id: got[-1] for request_id, got in run_to_end(engine).items()})
     assert outs["structured"].finish_reason == "abort" and "compile failed" in str(outs["structured"].error)
