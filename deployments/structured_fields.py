@@ -13,6 +13,8 @@ to say (a 400 from the replica); what is checked here is the shape.
 """
 import json
 
+from engine.structured import is_choice_list
+
 # structured_outputs' keys that name a constraint, and the engine's kind for each
 _KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 # its options that ask for nothing when false or null (vLLM's whitespace and fallback switches)
@@ -90,6 +92,6 @@ def _text(value, where: str) -> str:
 
 
 def _choices(value, where: str) -> str:
-    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+    if not is_choice_list(value):
         raise ValueError(f"{where} must be a non-empty list of non-empty strings")
     return json.dumps(value)

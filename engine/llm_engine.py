@@ -269,7 +269,7 @@ class LLMEngine:
             if walk.is_terminated():  # an end of sequence that ignore_eos would skip
                 return "stop", None
             if reason is None:  # it goes on: only then does the next token's cost matter
-                walk.over_budget(time.thread_time() - start)
+                walk.charge(time.thread_time() - start)
         if walk.fault is not None:
             return "abort", InvalidRequestError(walk.fault)
         return reason, None

@@ -57,13 +57,18 @@ def check_constraint(constraint) -> tuple[str, str]:
     return kind, text
 
 
+def is_choice_list(value) -> bool:
+    """Whether `value` is what a choice constraint takes: a non-empty list of non-empty strings."""
+    return isinstance(value, list) and bool(value) and all(isinstance(c, str) and c for c in value)
+
+
 def choice_grammar(choices_json: str) -> str:
     """The EBNF grammar whose output is exactly one of the choices (a JSON list of strings)."""
     try:
         choices = json.loads(choices_json)
     except ValueError as exc:
         raise InvalidRequestError(f"choice: not a JSON list of strings ({exc})") from None
-    if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
+    if not is_choice_list(choices):
         raise InvalidRequestError("choice takes a non-empty list of non-empty strings")
     # JSON string literals are the grammar's: the same escapes for quotes, backslashes, newlines
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -127,14 +132,13 @@ class Constrained:
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
 
-    def over_budget(self, accept_seconds: float) -> str | None:
-        """fault, set when the last token's mask and match took more than TOKEN_BUDGET_S of CPU."""
+    def charge(self, accept_seconds: float) -> None:
+        """Sets fault when the last token's mask and match took more than TOKEN_BUDGET_S of CPU."""
         spent = self._fill_seconds + accept_seconds
         if spent > TOKEN_BUDGET_S and self.fault is None:
             self.fault = (f"the structured output constraint took {spent * 1e3:.0f} ms of CPU to match one token "
                           f"(at most {TOKEN_BUDGET_S * 1e3:.0f}); an ambiguous pattern such as (a*)* grows with "
                           "the output: simplify it")
-        return self.fault
 
 
 def fill_bitmask(walks: list[Constrained], vocab_size: int) -> Tensor:
