@@ -22,8 +22,8 @@ INLINE_TOKENIZE_CHARS = 2048
 # taking every core (and the loop's GIL turns) from the short requests of other tenants
 LONG_INPUT_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 _long_inputs = ThreadPoolExecutor(LONG_INPUT_THREADS, thread_name_prefix="moeplex-long-input")
-# structured output constraints compile on two threads of their own, so that a new schema (up to
-# ~1 s within engine.structured's limits) does not hold up the tokenising of long prompts
+# structured output constraints compile on two threads of their own, so that a new schema's
+# compile does not hold up the tokenising of long prompts
 _constraints = ThreadPoolExecutor(2, thread_name_prefix="moeplex-constraint")
 
 

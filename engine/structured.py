@@ -32,12 +32,11 @@ from engine.errors import InvalidRequestError
 # grammar: an EBNF grammar (xgrammar's dialect, GBNF-like) whose rule `root` the output matches
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 # characters of a schema, pattern or grammar, and nesting of a JSON schema's text (objects and
-# arrays): a compile cannot be interrupted and grows steeply with nesting (nested arrays 200
-# deep: ~0.3 s, 400: ~3 s on the 2-core development machine)
+# arrays): a compile cannot be interrupted, and its time grows steeply with nesting
 MAX_TEXT = 64 << 10
 MAX_SCHEMA_DEPTH = 64
-# CPU time a sequence's mask and match may take for one token before its request ends (a
-# realistic schema over a 145k-token vocabulary: 5-8 ms at worst on the development machine)
+# CPU time a sequence's mask and match may take for one token before its request ends: well above
+# what an ordinary schema costs over a large vocabulary, well below what stalls every tenant
 TOKEN_BUDGET_S = 0.05
 # bytes of compiled constraints a process keeps for reuse (xgrammar's cache is unbounded by default)
 CACHE_BYTES = 256 << 20
