@@ -25,6 +25,7 @@ import torch
 from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from engine.lora.adapter import LoRAAdapter, LoRAFactors
 from engine.models.presets import QWEN3_30B_A3B, QWEN3_235B_A22B
+import kernels.pdl
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_engine
     from provenance import provenance
@@ -44,7 +45,11 @@ MODES = {
     "fused_eager": {"enforce_eager": True},  # no CUDA graphs
     # one MoE call per adapter in the batch; it syncs with the host per layer, so it runs eagerly
     "loop": {"lora_mode": "loop", "enforce_eager": True},
+    # the defaults with programmatic dependent launch off (kernels/pdl.py): not an EngineConfig
+    # field, so main_engine_cases switches it around this mode's engine
+    "fused_no_pdl": {},
 }
+NO_PDL_MODES = {"fused_no_pdl"}
 
 
 def hf_config(shape: dict, layers: int):
@@ -358,8 +363,10 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     cases = args.cases + (["c_16"] if args.profile else [])  # the profile runs case c's adapters
     names = {n for c in cases for n in case_adapters(c, args.requests) if n}
     bases = None
+    pdl_default = kernels.pdl.ENABLED
     for mode in args.modes:
         COMPILES.take()
+        kernels.pdl.ENABLED = pdl_default and mode not in NO_PDL_MODES
         engine = make_engine(args, shape, layers, args.slots, mode)
         results.setdefault("startup_compiles", {})[mode] = len(COMPILES.take()) if COMPILES.active else None
         results.setdefault("startup_seconds", {})[mode] = dict(engine.runner.startup_seconds)
@@ -457,7 +464,8 @@ def main() -> None:
                         help="EngineConfigs, one engine each (MODES): fused = the defaults (virtual "
                              "experts, CUDA graphs, async scheduling); fused_sync: no async scheduling; "
                              "fused_eager_ahead: eager steps launched ahead too; fused_eager_prefill: no "
-                             "prefill graphs; fused_eager: no graphs; loop: one MoE call per adapter")
+                             "prefill graphs; fused_eager: no graphs; loop: one MoE call per adapter; "
+                             "fused_no_pdl: the defaults without programmatic dependent launch")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--triton-prefill-attention", action=argparse.BooleanOptionalAction, default=None,

@@ -59,6 +59,11 @@ def _compile_tree(out: str) -> None:
         return kernel
 
     jit.JITFunction.run = compile_only
+    if os.environ.get("MOEPLEX_SASS_PDL") == "1":  # the kernels as a Hopper card launches them
+        import kernels.pdl
+        kernels.pdl.use_pdl = lambda device: True
+        import kernels.moe.grouped_gemm
+        kernels.moe.grouped_gemm.use_pdl = kernels.pdl.use_pdl
     _launch_all(torch)
     for i, (name, kernel) in enumerate(compiled):
         with open(os.path.join(out, f"{i:02d}_{name}.cubin"), "wb") as f:
@@ -145,6 +150,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/moeplex-sass", help="cubins land in OUT/old and OUT/new")
     parser.add_argument("--heap-new", action="store_true", help="the new tree's LoRA pools laid out as "
                         "the engine's adapter heap (each slot at its own rank), the old tree's as padded stacks")
+    parser.add_argument("--pdl-new", action="store_true", help="the new tree's kernels with programmatic "
+                        "dependent launch on (kernels/pdl.py), as an H100/H200 runs them; the CPU compile has it off")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -160,6 +167,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.triton, os.path.abspath(tree)])}
         env.pop("TRITON_INTERPRET", None)
         env["MOEPLEX_SASS_HEAP"] = "1" if args.heap_new and side == "new" else "0"
+        env["MOEPLEX_SASS_PDL"] = "1" if args.pdl_new and side == "new" else "0"
         subprocess.run([sys.executable, os.path.abspath(__file__), args.old, args.new, "--triton", args.triton,
                         "--child", out], env=env, cwd=os.path.abspath(tree), check=True)
         stats[side] = [(os.path.basename(f)[3:-6], sass_stats(f, cuobjdump))

@@ -60,7 +60,7 @@ class LoRALinear(nn.Module):
         """layout: the step's kernels.dense_lora_layout of slot_ids, or None to align here."""
         out = F.linear(x, self.weight, self.bias)
         if self.lora is not None and slot_ids is not None:
-            kernels.lora_linear_(x, out, self.lora, slot_ids, layout)
+            kernels.lora_linear_(x, out, self.lora, slot_ids, layout, after_base=True)
         return out
 
 
@@ -128,7 +128,7 @@ class Attention(nn.Module):
         """[T, H*Dh], [T, G*Dh], [T, G*Dh]: column views of the one fused output."""
         out = F.linear(x, self.qkv_weight, self.qkv_bias)
         if self.qkv_lora is not None and batch.lora_slot_ids is not None:
-            kernels.lora_group_linear_(x, out, self.qkv_lora, batch.lora_slot_ids, batch.lora_layout)
+            kernels.lora_group_linear_(x, out, self.qkv_lora, batch.lora_slot_ids, batch.lora_layout, after_base=True)
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return out[:, :nq], out[:, nq:nq + nkv], out[:, nq + nkv:]
 

@@ -70,9 +70,10 @@ def dense_row_parts(num_tokens: int, num_projections: int) -> int:
 
 
 def dense_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
-                        layout: VirtualLayout | None = None, path: str = "auto") -> Tensor:
+                        layout: VirtualLayout | None = None, path: str = "auto", pdl_early: bool = False) -> Tensor:
     """Triton twin of lora_group_ref_ by row or by (slot) block (path: DENSE_PATHS; "auto":
-    dense_path). layout: the step's dense_layout, used by the split path (computed when None)."""
+    dense_path). layout: the step's dense_layout, used by the split path (computed when None).
+    pdl_early: the launch just before writes none of x, the group and slot_ids (kernels/pdl.py)."""
     expect(path in DENSE_PATHS, f"path must be one of {DENSE_PATHS}, got {path!r}")
     num_tokens = x.shape[0]
     if num_tokens == 0:
@@ -80,11 +81,12 @@ def dense_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: 
     path = dense_path(num_tokens, lora.num_projections) if path == "auto" else path
     if path == "rows":
         return lora_group_rows_(x, out, lora, slot_ids, parts=dense_row_parts(num_tokens, lora.num_projections),
-                                **DENSE_ROWS_TILES)
-    layout = layout if layout is not None else dense_layout(slot_ids, lora.num_slots)
+                                pdl_early=pdl_early, **DENSE_ROWS_TILES)
+    if layout is None:  # its alignment launches come after the launch ahead
+        layout, pdl_early = dense_layout(slot_ids, lora.num_slots), False
     expect(layout.num_rows == num_tokens and layout.block_size == LORA_BLOCK_M,
            f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {num_tokens} rows")
-    return lora_group_triton_(x, out, lora, layout)
+    return lora_group_triton_(x, out, lora, layout, pdl_early=pdl_early)
 
 
 # The split path's tiles: the shrink's K slices (group_k_splits), its 128-deep K tiles (SHRINK) at
@@ -94,12 +96,14 @@ DENSE_EXPAND = {"num_warps": 4, "num_stages": 1}
 
 
 def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout, *,
-                       k_splits: int = 0, shrink: dict | None = None, expand: dict | None = None) -> Tensor:
+                       k_splits: int = 0, shrink: dict | None = None, expand: dict | None = None,
+                       pdl_early: bool = False) -> Tensor:
     """Triton twin of lora_group_ref_ over the step's dense layout (one expert, block 16): the
     virtual-expert shrink split over K for all projections at once, then one expand over the
     projections' sections of out. A group whose sections no 16-column tile divides runs one
     projection at a time. k_splits (0: group_k_splits), shrink (DENSE_SHRINK's keys) and expand
-    (DENSE_EXPAND's keys, and block_n) override the tiles, for sweeps."""
+    (DENSE_EXPAND's keys, and block_n) override the tiles, for sweeps. pdl_early: the launch just
+    before writes none of x, the group and the layout: the shrink runs beside it (kernels/pdl.py)."""
     num_tokens, num_in = x.shape
     if num_tokens == 0:
         return out
@@ -107,7 +111,7 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
     if block_n == 0:
         for h in range(lora.num_projections):
             lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout,
-                               k_splits=k_splits, shrink=shrink, expand=expand)
+                               k_splits=k_splits, shrink=shrink, expand=expand, pdl_early=pdl_early)
         return out
     r, heads = lora.max_rank, lora.num_projections
     rb = _rank_block(r)
@@ -119,7 +123,7 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
     rank_stride = lora.ranks.stride(0)
     # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
     lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
-                splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb, **shrink)
+                splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb, pdl_early=pdl_early, **shrink)
     # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
     lora_expand_tiles(part, lora.b, out, layout, lora.ranks, n=out.shape[1], k=r,
                       rank_split_stride=rank_stride, a_parts=part.shape[0], sections=lora.sections,

@@ -27,13 +27,14 @@ from torch import Tensor
 
 from kernels.errors import expect
 from kernels.moe.operands import factor_at
+from kernels.pdl import pdl_args
 from kernels.weights import Factor, as_factor
 
 
 @triton.jit
 def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k,
                             num_slots, num_experts, num_cols, big_r, stride_xm, stride_om,
-                            BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+                            BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     # Straight-line code, masks instead of branches: the A tile's address needs three dependent
     # loads (slot, expert, the factor's offset), and a branch on the rank would keep the gate/up
     # loads from being in flight beside them. A row without an adapter has rank 0: its A loads
@@ -49,6 +50,8 @@ def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_
     r_ok = offs_r < rank
     la_base, la_rows = factor_at(LA, slot, expert, 0)
     la_base += offs_r[:, None] * la_rows
+    if PDL == 2:
+        tl.extra.cuda.gdc_wait()
     shrunk = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, num_cols, BLOCK):
         offs = c0 + tl.arange(0, BLOCK)
@@ -67,24 +70,28 @@ def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_
 @triton.jit
 def _topk_sum_kernel(y_ptr, out_ptr, shrunk_ptr, LB, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids_ptr,
                      num_slots, num_experts, d, big_r, stride_ym, stride_om, TOP_K: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_LORA: tl.constexpr):
-    # The top-k loop is unrolled and branch-free (a row's delta is selected, not branched to), so
-    # every row's y, shrink and B loads are in flight at once: with a branch each row's chain
-    # (expert id, factor offset, B) waited for the previous row's, ~8 DRAM latencies a program.
+                     TOP_K_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_LORA: tl.constexpr, PDL: tl.constexpr):
+    # The top-k loops are unrolled and branch-free (a row's delta is selected, not branched to), so
+    # every row's shrink and B loads are in flight at once: with a branch each row's chain (expert
+    # id, factor offset, B) waited for the previous row's, ~8 DRAM latencies a program. The deltas
+    # come first, the sum of y after: with PDL_READ_AHEAD (kernels/pdl.py) the deltas, which read
+    # only what the launches before the down GEMM wrote, run beside that GEMM, which writes y.
+    if PDL == 1:
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < d
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_LORA:
         slot = tl.load(slot_ids_ptr + t).to(tl.int64)
         slot_live = (slot >= 0) & (slot < num_slots)
         slot = tl.where(slot_live, slot, 0)
         rank = tl.where(slot_live, tl.minimum(tl.load(ranks_ptr + slot), big_r), 0)
         offs_r = tl.arange(0, BLOCK_R)
-    for k in tl.static_range(TOP_K):
-        row = t * TOP_K + k
-        y = tl.load(y_ptr + row * stride_ym + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_LORA:
+        which = tl.arange(0, TOP_K_P2)[:, None]
+        deltas = tl.zeros((TOP_K_P2, BLOCK_D), dtype=tl.float32)  # row k's delta in row k
+        lives = tl.zeros((TOP_K_P2, 1), dtype=tl.int32)
+        for k in tl.static_range(TOP_K):
+            row = t * TOP_K + k
             expert = tl.load(topk_ids_ptr + row).to(tl.int64)
             live = (rank > 0) & (expert >= 0) & (expert < num_experts)
             r_ok = offs_r < tl.where(live, rank, 0)
@@ -95,8 +102,20 @@ def _topk_sum_kernel(y_ptr, out_ptr, shrunk_ptr, LB, scale_ptr, ranks_ptr, slot_
             b = tl.load(lb_base + offs[:, None] * lb_rows + offs_r[None, :] * LB[5],
                         mask=mask[:, None] & r_ok[None, :], other=0.0)
             w = tl.load(scale_ptr + row).to(tl.float32)
+            delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1) * w
+            deltas = tl.where(which == k, delta[None, :], deltas)
+            lives = tl.where(which == k, live.to(tl.int32), lives)
+    if PDL == 2:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        y = tl.load(y_ptr + (t * TOP_K + k) * stride_ym + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_LORA:
+            # row k's delta (the other rows of the column add zeros)
+            delta = tl.sum(tl.where(which == k, deltas, 0.0), axis=0)
+            live = tl.sum(tl.where(which == k, lives, 0)) != 0
             # rows without a delta add y itself: the same arithmetic as without LoRA (bitwise)
-            y = tl.where(live, y + tl.sum(b.to(tl.float32) * s[None, :], axis=1) * w, y)
+            y = tl.where(live, y + delta, y)
         acc += y
     tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -107,7 +126,8 @@ def rank_block(big_r: int) -> int:
 
 
 def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | Tensor", ranks: Tensor,
-                    slot_ids: Tensor, topk_ids: Tensor, *, block: int = 0, num_warps: int = 0) -> Tensor:
+                    slot_ids: Tensor, topk_ids: Tensor, *, block: int = 0, num_warps: int = 0,
+                    pdl_early: bool = False) -> Tensor:
     """out = silu(gate_up[:, :I]) * gate_up[:, I:] as `silu_mul` computes it, and each routed row's
     down shrink from it; returns out.
 
@@ -120,6 +140,9 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
         ranks: [S] int32. slot_ids: [T] int (-1: no adapter). topk_ids: [T, K] int.
         block, num_warps: the tile of a row's columns and the warps a program (0: SHRINK_TILE's and
             SHRINK_WARPS; sweeps pass others).
+        pdl_early: the launch just before this one writes none of la, ranks, slot_ids and topk_ids
+            (it writes gate_up: the gate/up LoRA): on a card with PDL the rows find their A tiles
+            beside it (kernels/pdl.py).
     """
     rows, two_i = gate_up.shape
     t, top_k = topk_ids.shape
@@ -138,7 +161,8 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
     block = block or min(1024, triton.next_power_of_2(inter), max(16, SHRINK_TILE // br))
     _silu_mul_shrink_kernel[(rows,)](
         gate_up, out, shrunk, la.operand(), ranks, slot_ids, ids, top_k, num_slots, num_experts, inter, big_r,
-        gate_up.stride(0), out.stride(0), BLOCK=block, BLOCK_R=br, num_warps=num_warps or SHRINK_WARPS)
+        gate_up.stride(0), out.stride(0), BLOCK=block, BLOCK_R=br, num_warps=num_warps or SHRINK_WARPS,
+        **pdl_args(gate_up.device, pdl_early))
     return out
 
 
@@ -153,7 +177,7 @@ TOPK_SUM_WARPS = 4
 
 
 def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None" = None,
-             *, block_d: int = 0, num_warps: int = 0) -> Tensor:
+             *, block_d: int = 0, num_warps: int = 0, pdl_early: bool = False) -> Tensor:
     """out[t] = sum over k of y[t*K + k] in fp32, rounded once; with lora = (lb, ranks, shrunk,
     scale, slot_ids, topk_ids), each row's down expand added first (module docstring). Returns out.
 
@@ -163,6 +187,8 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
         [T*K, rank_block(R)] fp32; scale: [T*K] float (routing weights); slot_ids [T]; topk_ids [T, K].
         block_d, num_warps: the columns and warps a program with lora (0: TOPK_SUM_TILE's and
             TOPK_SUM_WARPS; sweeps pass others). Without lora the sum keeps TOPK_SUM_BLOCK_D.
+        pdl_early: with lora, the launch just before this one writes none of lora's tensors (it
+            writes y: the base down GEMM): on a card with PDL the deltas run beside it (kernels/pdl.py).
     """
     rows, d = y.shape
     t = out.shape[0]
@@ -173,7 +199,8 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
     grid = (t, triton.cdiv(d, TOPK_SUM_BLOCK_D))
     if lora is None:
         _topk_sum_kernel[grid](y, out, y, None, y, y, y, y, 0, 0, d, 0, y.stride(0), out.stride(0), TOP_K=top_k,
-                               BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=16, HAS_LORA=False, num_warps=4)
+                               TOP_K_P2=triton.next_power_of_2(top_k), BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=16,
+                               HAS_LORA=False, PDL=0, num_warps=4)
         return out
     lb, ranks, shrunk, scale, slot_ids, topk_ids = lora
     lb = as_factor(lb, lb.shape[2])
@@ -189,6 +216,7 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
     block_d = block_d or min(TOPK_SUM_BLOCK_D, max(16, TOPK_SUM_TILE // br))
     grid = (t, triton.cdiv(d, block_d))
     _topk_sum_kernel[grid](y, out, shrunk, lb.operand(), scale, ranks, slot_ids, ids, num_slots, num_experts,
-                           d, big_r, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_D=block_d, BLOCK_R=br,
-                           HAS_LORA=True, num_warps=num_warps or TOPK_SUM_WARPS)
+                           d, big_r, y.stride(0), out.stride(0), TOP_K=top_k, TOP_K_P2=triton.next_power_of_2(top_k),
+                           BLOCK_D=block_d, BLOCK_R=br, HAS_LORA=True, num_warps=num_warps or TOPK_SUM_WARPS,
+                           **pdl_args(y.device, pdl_early))
     return out

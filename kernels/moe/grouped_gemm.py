@@ -33,6 +33,7 @@ from torch import Tensor
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
 from kernels.moe.operands import factor_at, k_slices, num_programs
+from kernels.pdl import pdl_args, use_pdl
 from kernels.weights import Factor, as_factor
 
 
@@ -48,9 +49,10 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
                n_limit, k_start, k_limit, c_off, a_parts, stride_ap, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
-               BLOCK_R: tl.constexpr, A_PARTS: tl.constexpr, W_TABLE: tl.constexpr):
+               BLOCK_R: tl.constexpr, A_PARTS: tl.constexpr, W_TABLE: tl.constexpr,
+               PDL_WAIT: tl.constexpr = False):
     """One [BLOCK_M, BLOCK_N] tile of block `block`, split h: columns < n_limit, K in [k_start, k_limit),
-    written at C[0] + c_off."""
+    written at C[0] + c_off. PDL_WAIT: wait for the launch ahead (kernels/pdl.py) before the store."""
     if pid_n * BLOCK_N < n_limit:
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(lay[0] + offs_m).to(tl.int64)
@@ -114,6 +116,8 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
             acc = acc * row_scale[:, None]
         if ACCUMULATE:
             acc += prior
+        if PDL_WAIT:
+            tl.extra.cuda.gdc_wait()
         tl.store(c_ptrs, acc.to(C[0].dtype.element_ty), mask=c_mask)
 
 
@@ -130,7 +134,9 @@ def _tile_of(lay, tile, num_n):
 def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     BLOCK_R: tl.constexpr, PDL_TRIGGER: tl.constexpr):
+    if PDL_TRIGGER:  # a PDL launch after this one may start once every program here has (kernels/pdl.py)
+        tl.extra.cuda.gdc_launch_dependents()
     # the split index stays a runtime value (grid axis 1 of size 1): with a literal 0, ptxas
     # builds a K loop of 164-172 instructions instead of 136-147 for the same TTIR loop (sm_90,
     # triton 3.6; benchmarks/compare_sass.py), and prefill steps took ~5% longer on the H200
@@ -147,7 +153,10 @@ def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
 @triton.jit(do_not_specialize=["num_rows"])
 def _lora_shrink_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, num_rows, N, K, a_row_div,
                         k_chunk, stride_cp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr, K_SPLITS: tl.constexpr):
+                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr, K_SPLITS: tl.constexpr,
+                        PDL: tl.constexpr):
+    if PDL == 1:  # PDL_WAIT_FIRST (kernels/pdl.py); with PDL_READ_AHEAD tiles are summed beside
+        tl.extra.cuda.gdc_wait()  # the launch ahead and stored after it
     h = tl.program_id(1)
     part = tl.program_id(2)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -161,14 +170,19 @@ def _lora_shrink_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, num_rows, N,
             k_limit = tl.minimum(K, k_start + k_chunk)
         _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div, 0, n_limit,
                    k_start, k_limit, part * stride_cp, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, False, IEEE,
-                   False, 16, False, True)
+                   False, 16, False, True, PDL == 2)
+    if PDL != 0:  # every program, tiles or none: this launch ends after the one ahead
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _lora_expand_tiles_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, ends, num_rows, N, K,
                               scale_ptr, a_parts, stride_ap, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                              IEEE: tl.constexpr, A_PARTS: tl.constexpr, SECTIONS: tl.constexpr):
+                              IEEE: tl.constexpr, A_PARTS: tl.constexpr, SECTIONS: tl.constexpr,
+                              PDL: tl.constexpr):
+    if PDL != 0:  # A (the shrink's output) and C (read, then written) belong to the launches ahead
+        tl.extra.cuda.gdc_wait()
     h = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
@@ -228,7 +242,7 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
         _lay(layout), layout.num_rows, n, k, a_row_div, scale if scale is not None else layout.num_blocks,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
         IEEE=_ieee(a, w), HAS_LORA=fused_lora is not None, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
-        num_warps=num_warps, num_stages=num_stages,
+        PDL_TRIGGER=use_pdl(a.device), num_warps=num_warps, num_stages=num_stages,
     )
     return c
 
@@ -236,7 +250,7 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
 def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayout, ranks: Tensor, *, n: int,
                 k: int, a_row_div: int = 1, splits: int = 1, k_splits: int = 1,
                 rank_split_stride: int = 0, block_n: int = 16, block_k: int = 128, num_warps: int = 2,
-                num_stages: int = 3) -> Tensor:
+                num_stages: int = 3, pdl_early: bool = False) -> Tensor:
     """The shrink of each block's LoRA delta; returns c.
 
     Semantics: for each block (s, e, rows) with s >= 0, split h < splits, r = min(n, rank_h[s]):
@@ -249,6 +263,8 @@ def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayou
         c: [rows, splits*n] float; with k_splits = P, [parts, rows, splits*n] partial sums over K
             slices, parts = k_slices(k, P, block_k)[1] (their sum is the shrink).
         ranks: [S] int32 (or [H, S] with rank_split_stride).
+        pdl_early: the launch just before this one writes none of a, w, ranks and the layout: on a
+            card with PDL the shrink then runs beside it (kernels/pdl.py).
     """
     k_chunk, parts = k_slices(k, k_splits, block_k)
     expect(k_splits == 1 or c.dim() == 3 and c.shape[0] == parts,
@@ -261,7 +277,7 @@ def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayou
         _lay(layout), ranks, rank_split_stride, layout.num_rows, n, k, a_row_div, k_chunk,
         c.stride(0) if k_splits > 1 else 0,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=_ieee(a, w),
-        K_SPLITS=k_splits > 1, num_warps=num_warps, num_stages=num_stages,
+        K_SPLITS=k_splits > 1, num_warps=num_warps, num_stages=num_stages, **pdl_args(a.device, pdl_early),
     )
     return c
 
@@ -301,6 +317,6 @@ def lora_expand_tiles(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: Virtua
         scale if scale is not None else layout.num_blocks, max(1, a_parts), a.stride(0) if a_parts else 0,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
         IEEE=_ieee(a, w), A_PARTS=a_parts > 1, SECTIONS=len(sections) > 1,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(a.device),
     )
     return c

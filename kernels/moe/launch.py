@@ -175,12 +175,12 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand, shared_a)
     if row_slots is not None:
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
-                   a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), **ROWS_TILES_GATE_UP)
+                   a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), pdl_early=not vlays, **ROWS_TILES_GATE_UP)
     act = hidden.new_empty(rows, inter)
     folded = None
     if row_slots is not None and fold_down:
         shrunk = torch.empty(rows, rank_block(lora.max_rank), dtype=torch.float32, device=hidden.device)
-        silu_mul_shrink(gate_up, act, shrunk, lora.down_a, lora.ranks, row_slots, topk_ids)
+        silu_mul_shrink(gate_up, act, shrunk, lora.down_a, lora.ranks, row_slots, topk_ids, pdl_early=True)
         folded = (lora.down_b, lora.ranks, shrunk, weights, row_slots, topk_ids)
     else:
         silu_mul(gate_up, act)
@@ -192,8 +192,9 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         token_down = _lora_down_(act, y, lora, vlay, weights, expand, shared_b)
     if row_slots is not None and not fold_down:
         lora_rows_(act, y, lora.down_a, lora.down_b, lora.ranks, row_slots, topk_ids, a_row_div=1,
-                   scale=weights, parts=_row_parts(rows, 1), **ROWS_TILES_DOWN)
-    out = topk_sum(y, hidden.new_empty(num_tokens, d), top_k, folded)
+                   scale=weights, parts=_row_parts(rows, 1), pdl_early=not vlays, **ROWS_TILES_DOWN)
+    # with the fold, the launch ahead of the top-k sum is the base down GEMM (the row path has no vlays)
+    out = topk_sum(y, hidden.new_empty(num_tokens, d), top_k, folded, pdl_early=not vlays)
     if token_down is not None:  # out[t] += (sum_k w_k * shrunk_k) @ B_shared.T, once a token
         r = lora.max_rank
         lora_expand_tiles(token_down, lora.down_b, out, shared_b.layout, lora.ranks, n=d, k=r,
@@ -233,12 +234,13 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
     rb = _rank_block(r)
     shrunk = torch.empty(gate_up.shape[0], 2 * r, dtype=torch.float32, device=hidden.device)
     # split h in {gate, up}: A rows [h*R, h*R + r_s) -> shrunk cols [h*R, h*R + r_s)
+    # the launch ahead (the base GEMM, or the expand of the layout before) writes gate_up only
     lora_shrink(hidden, lora.gate_up_a, shrunk, vlay, lora.ranks if shared is None else shared.row_ranks,
-                n=r, k=d, a_row_div=top_k, splits=2, block_n=rb, **SHRINK)
+                n=r, k=d, a_row_div=top_k, splits=2, block_n=rb, pdl_early=True, **SHRINK)
     if shared is not None:  # x[t] @ A.T once a token, then its rows take it
         per_token = torch.empty(hidden.shape[0], 2 * r, dtype=torch.float32, device=hidden.device)
         lora_shrink(hidden, lora.gate_up_a, per_token, shared.layout, lora.ranks, n=r, k=d, splits=2,
-                    block_n=rb, **SHRINK)
+                    block_n=rb, pdl_early=True, **SHRINK)
         rows_shared = shared.tokens.repeat_interleave(top_k)[:, None]
         shrunk = torch.where(rows_shared, per_token.repeat_interleave(top_k, dim=0), shrunk)
     # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
@@ -258,7 +260,8 @@ def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayou
     rb = _rank_block(r)
     # zeros where a token's sum may meet a row the layout left out (routing ids out of range)
     shrunk = (torch.empty if shared is None else torch.zeros)(act.shape[0], r, dtype=torch.float32, device=act.device)
-    lora_shrink(act, lora.down_a, shrunk, vlay, lora.ranks, n=r, k=act.shape[1], block_n=rb, **SHRINK)
+    # the launch ahead (the base GEMM, the expand of the layout before, or shrunk's zeros) writes y or shrunk
+    lora_shrink(act, lora.down_a, shrunk, vlay, lora.ranks, n=r, k=act.shape[1], block_n=rb, pdl_early=True, **SHRINK)
     ranks = lora.ranks if shared is None else shared.row_ranks
     if not _expand_by_blocks(vlay.num_rows, expand):
         lora_expand_tiles(shrunk, lora.down_b, y, vlay, ranks, n=y.shape[1], k=r, scale=weights,

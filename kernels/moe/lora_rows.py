@@ -29,6 +29,7 @@ from torch import Tensor
 
 from kernels.errors import expect
 from kernels.moe.operands import factor_at
+from kernels.pdl import pdl_args
 from kernels.weights import DenseLoRAGroup, Factor, as_factor
 
 
@@ -40,7 +41,12 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
                       num_slots, num_experts, K, R, ends, rank_split_stride, n_chunk, BLOCK_R: tl.constexpr,
                       BK16: tl.constexpr, BN16: tl.constexpr, BK32: tl.constexpr, BN32: tl.constexpr,
                       BK64: tl.constexpr, BN64: tl.constexpr, BKR: tl.constexpr, BNR: tl.constexpr,
-                      BUCKETS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXPERTS: tl.constexpr):
+                      BUCKETS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXPERTS: tl.constexpr,
+                      PDL: tl.constexpr):
+    if PDL != 0:  # the activation's launch may start once every row here has (kernels/pdl.py)
+        tl.extra.cuda.gdc_launch_dependents()
+    if PDL == 1:  # PDL_WAIT_FIRST; PDL_READ_AHEAD waits between a row's shrink and its expand
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     split = tl.program_id(1)
     part = tl.program_id(2)
@@ -64,30 +70,33 @@ def _lora_rows_kernel(A, LA, LB, C, scale_ptr, ranks_ptr, slot_ids_ptr, topk_ids
         # sizes each bucket's K and N tiles): a rank-16 row of a rank-64 pool runs 16 rows wide
         if (BLOCK_R == 16) or (not BUCKETS):  # one tile for every row (BUCKETS off: A/B runs)
             _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
-                       BLOCK_R, BKR, BNR, HAS_SCALE)
+                       BLOCK_R, BKR, BNR, HAS_SCALE, PDL)
         elif rank <= 16:
             _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
-                       16, BK16, BN16, HAS_SCALE)
+                       16, BK16, BN16, HAS_SCALE, PDL)
         elif BLOCK_R == 32:
             _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
-                       32, BK32, BN32, HAS_SCALE)
+                       32, BK32, BN32, HAS_SCALE, PDL)
         elif rank <= 32:
             _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
-                       32, BK32, BN32, HAS_SCALE)
+                       32, BK32, BN32, HAS_SCALE, PDL)
         elif BLOCK_R == 64:
             _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
-                       64, BK64, BN64, HAS_SCALE)
+                       64, BK64, BN64, HAS_SCALE, PDL)
         elif rank <= 64:
             _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
-                       64, BK64, BN64, HAS_SCALE)
+                       64, BK64, BN64, HAS_SCALE, PDL)
         else:
             _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
-                       BLOCK_R, BKR, BNR, HAS_SCALE)
+                       BLOCK_R, BKR, BNR, HAS_SCALE, PDL)
+    if PDL != 0:  # every program, rows with an adapter or not: this launch ends after the one ahead
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
 def _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_div, K, col0, n_end,
-               BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, HAS_SCALE: tl.constexpr):
+               BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, HAS_SCALE: tl.constexpr,
+               PDL: tl.constexpr):
     """c[row, col0:n_end] += (scale *) B[:, :rank] @ (A[:rank] @ a[row // a_row_div]) of split h."""
     offs_r = tl.arange(0, BR)
     r_ok = offs_r < rank
@@ -102,6 +111,8 @@ def _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_di
         x = tl.load(a_row + offs_k * A[2], mask=k_ok, other=0.0)
         w = tl.load(la_base + offs_k[None, :] * LA[5], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         shrunk += tl.sum(x.to(w.dtype).to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
+    if PDL == 2:  # PDL_READ_AHEAD: c is the launch ahead's output
+        tl.extra.cuda.gdc_wait()
     # expand: this part's columns of split h; the shrink rounds to B's dtype as the split path's does
     s = shrunk.to(LB[0].dtype.element_ty).to(tl.float32)
     lb_base, lb_rows = factor_at(LB, slot, expert, 0)  # B rows are c's columns
@@ -124,7 +135,7 @@ def _row_delta(A, LA, LB, C, scale_ptr, row, split, slot, expert, rank, a_row_di
 def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor", ranks: Tensor, slot_ids: Tensor,
                topk_ids: Tensor, *, a_row_div: int, splits: int = 1, scale: Tensor | None = None,
                parts: int = 1, block_k: int = 128, block_n: int = 128, num_warps: int = 4,
-               num_stages: int = 3, tile_r: int = 0, buckets: bool = True) -> Tensor:
+               num_stages: int = 3, tile_r: int = 0, buckets: bool = True, pdl_early: bool = False) -> Tensor:
     """Adds each routed row's LoRA delta of one MoE projection into c in place; returns c.
 
     Semantics (T tokens, K = top-k, row r = t*K + k, s = slot_ids[t], e = topk_ids[t, k],
@@ -148,6 +159,9 @@ def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor
             rows of rank tile_r (0: the pool's R rounded up to a power of two); a row's rank bucket
             (16, 32, 64 or R) scales them by tile_r / bucket (bucket_tiles); buckets=False runs
             every row at R's tile (the kernel before buckets, for A/B runs).
+        pdl_early: the launch just before this one writes none of a, la, lb, ranks, slot_ids, topk_ids
+            and scale (the base GEMM into c, typically): on a card with PDL the rows' shrinks then run
+            beside it (kernels/pdl.py).
     """
     expect(splits in (1, 2), f"splits must be 1 or 2, got {splits}")
     expect(len(la.shape) == 4 and len(lb.shape) == 4, f"la and lb must be 4-D, got {tuple(la.shape)} and {tuple(lb.shape)}")
@@ -170,13 +184,13 @@ def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor
         return c
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     _launch(a, c, la, lb, ranks, 0, slot_ids, ids, top_k, a_row_div, rows, [n * (h + 1) for h in range(splits)],
-            big_r, scale, parts, block_k, block_n, num_warps, num_stages, tile_r, buckets)
+            big_r, scale, parts, block_k, block_n, num_warps, num_stages, tile_r, buckets, pdl_early)
     return c
 
 
 def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor, *, parts: int = 1,
                      block_k: int = 128, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
-                     tile_r: int = 0, buckets: bool = True) -> Tensor:
+                     tile_r: int = 0, buckets: bool = True, pdl_early: bool = False) -> Tensor:
     """Adds each token's LoRA deltas of the group's projections (q/k/v, or o alone) into out in
     place, a program per (token, projection, part of its columns); returns out.
 
@@ -190,6 +204,8 @@ def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Ten
         slot_ids: [T] int, -1 for no adapter.
         parts: programs that split the widest projection's columns (each repeats the shrink);
         block_k, block_n, num_warps, num_stages, tile_r, buckets: tile config, as lora_rows_'s.
+        pdl_early: as lora_rows_'s (x, the group's factors and slot_ids not written by the launch
+            just before).
     """
     heads = lora.num_projections
     expect(heads <= MAX_GROUP_ROWS_PROJECTIONS,
@@ -200,7 +216,8 @@ def lora_group_rows_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Ten
         return out
     ends = [lora.offset(h + 1) for h in range(heads)]
     _launch(x, out, lora.a, lora.b, lora.ranks, lora.ranks.stride(0), slot_ids, None,
-            1, 1, t, ends, lora.max_rank, None, parts, block_k, block_n, num_warps, num_stages, tile_r, buckets)
+            1, 1, t, ends, lora.max_rank, None, parts, block_k, block_n, num_warps, num_stages, tile_r, buckets,
+            pdl_early)
     return out
 
 
@@ -225,7 +242,7 @@ def bucket_tiles(block_r: int, block_k: int, block_n: int, tile_r: int, k_in: in
 def _launch(a: Tensor, c: Tensor, la: Factor, lb: Factor, ranks: Tensor, rank_split_stride: int,
             slot_ids: Tensor, topk_ids: Tensor | None, top_k: int, a_row_div: int, rows: int, ends: list[int],
             big_r: int, scale: Tensor | None, parts: int, block_k: int, block_n: int, num_warps: int,
-            num_stages: int, tile_r: int, buckets: bool) -> None:
+            num_stages: int, tile_r: int, buckets: bool, pdl_early: bool) -> None:
     """One launch of _lora_rows_kernel: rows x splits x parts programs; ends: each split's last
     column + 1 (increasing), the widest split's columns cut in `parts` whole N tiles."""
     expect(tile_r >= 0, f"tile_r must be >= 0, got {tile_r}")
@@ -242,6 +259,7 @@ def _launch(a: Tensor, c: Tensor, la: Factor, lb: Factor, ranks: Tensor, rank_sp
         BLOCK_R=block_r, BK16=pick(16)[0], BN16=pick(16)[1], BK32=pick(32)[0], BN32=pick(32)[1],
         BK64=pick(64)[0], BN64=pick(64)[1], BKR=tiles[block_r][0], BNR=tiles[block_r][1], BUCKETS=buckets,
         HAS_SCALE=scale is not None, HAS_EXPERTS=topk_ids is not None, num_warps=num_warps, num_stages=num_stages,
+        **pdl_args(a.device, pdl_early),
     )
 
 

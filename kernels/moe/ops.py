@@ -35,7 +35,7 @@ def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: T
 
 
 def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor,
-                 layout: VirtualLayout | None = None) -> Tensor:
+                 layout: VirtualLayout | None = None, *, after_base: bool = False) -> Tensor:
     """Adds each token's LoRA delta of a dense projection to out, in place; returns out.
 
     Semantics:
@@ -47,16 +47,19 @@ def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tenso
         slot_ids: [T] int, -1 for no adapter.
         layout: `dense_lora_layout(slot_ids, S)`, to share one alignment between the
             projections of a step (the Triton path computes it when None; torch ignores it).
+        after_base: the caller's word that the last launch before this call is the base GEMM
+            (x @ W.T into out), which writes none of x, the adapters and slot_ids: on a card with
+            programmatic dependent launch the delta then starts beside it (kernels/pdl.py).
     """
     if use_triton(x):
         check_dense_args(x, out, lora, slot_ids)
         from kernels.moe.dense_launch import dense_group_triton_
-        return dense_group_triton_(x, out, DenseLoRAGroup.of(lora), slot_ids, layout)
+        return dense_group_triton_(x, out, DenseLoRAGroup.of(lora), slot_ids, layout, pdl_early=after_base)
     return lora_linear_ref_(x, out, lora, slot_ids)
 
 
 def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
-                       layout: VirtualLayout | None = None) -> Tensor:
+                       layout: VirtualLayout | None = None, *, after_base: bool = False) -> Tensor:
     """Adds each token's LoRA deltas of H projections that share their input (q/k/v) to out,
     whose columns hold the projections side by side; in place; returns out.
 
@@ -70,11 +73,12 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
         lora: DenseLoRAGroup (a [S, H*R, IN], b [S, N, R], ranks [H, S] int32).
         slot_ids: [T] int, -1 for no adapter.
         layout: `dense_lora_layout(slot_ids, S)`, shared by the step's projections (as in lora_linear_).
+        after_base: as lora_linear_'s.
     """
     check_dense_args(x, out, lora, slot_ids)  # the group's a [S, H*R, IN] and b [S, N, R] as one
     if use_triton(x):
         from kernels.moe.dense_launch import dense_group_triton_
-        return dense_group_triton_(x, out, lora, slot_ids, layout)
+        return dense_group_triton_(x, out, lora, slot_ids, layout, pdl_early=after_base)
     return lora_group_ref_(x, out, lora, slot_ids)
 
 
