@@ -8,12 +8,12 @@ torch references and the Triton-or-torch switch. This module only re-exports.
 from kernels.dispatch import use_triton
 from kernels.errors import KernelInputError
 from kernels.moe.align import VirtualLayout, moe_align_virtual
-from kernels.moe.ops import dense_lora_layout, fused_moe, lora_group_linear_, lora_linear_
+from kernels.moe.ops import dense_lora_layout, fused_moe, linear_lora, lora_group_linear_, lora_linear_
 from kernels.reference import fused_moe_ref, lora_group_ref_, lora_linear_ref_
 from kernels.weights import DenseLoRAGroup, DenseLoRAWeights, MoELoRAWeights
 
 __all__ = [
     "DenseLoRAGroup", "DenseLoRAWeights", "KernelInputError", "MoELoRAWeights", "VirtualLayout", "dense_lora_layout",
-    "fused_moe", "fused_moe_ref", "lora_group_linear_", "lora_group_ref_", "lora_linear_", "lora_linear_ref_",
+    "fused_moe", "fused_moe_ref", "linear_lora", "lora_group_linear_", "lora_group_ref_", "lora_linear_", "lora_linear_ref_",
     "moe_align_virtual", "use_triton",
 ]

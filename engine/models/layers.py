@@ -58,10 +58,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor, slot_ids: Tensor | None, layout=None) -> Tensor:
         """layout: the step's kernels.dense_lora_layout of slot_ids, or None to align here."""
-        out = F.linear(x, self.weight, self.bias)
-        if self.lora is not None and slot_ids is not None:
-            kernels.lora_linear_(x, out, self.lora, slot_ids, layout, after_base=True)
-        return out
+        return kernels.linear_lora(x, self.weight, self.bias, self.lora, slot_ids, layout)
 
 
 class Rotary(nn.Module):
@@ -126,9 +123,8 @@ class Attention(nn.Module):
 
     def _project_qkv(self, x: Tensor, batch: ForwardBatch) -> tuple[Tensor, Tensor, Tensor]:
         """[T, H*Dh], [T, G*Dh], [T, G*Dh]: column views of the one fused output."""
-        out = F.linear(x, self.qkv_weight, self.qkv_bias)
-        if self.qkv_lora is not None and batch.lora_slot_ids is not None:
-            kernels.lora_group_linear_(x, out, self.qkv_lora, batch.lora_slot_ids, batch.lora_layout, after_base=True)
+        out = kernels.linear_lora(x, self.qkv_weight, self.qkv_bias, self.qkv_lora, batch.lora_slot_ids,
+                                  batch.lora_layout)
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return out[:, :nq], out[:, nq:nq + nkv], out[:, nq + nkv:]
 

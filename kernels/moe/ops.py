@@ -1,10 +1,12 @@
 """The public ops of kernels/moe: each checks its arguments, then runs the Triton launcher when
 `use_triton` says so (a CUDA tensor, or MOEPLEX_TRITON=1 with TRITON_INTERPRET=1 in tests) and
 its `*_ref` twin in plain torch otherwise. `kernels` re-exports them."""
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.checks import check_dense_args
 from kernels.dispatch import use_triton
+from kernels.errors import expect
 from kernels.moe.align import VirtualLayout
 from kernels.reference import fused_moe_ref, lora_group_ref_, lora_linear_ref_
 from kernels.weights import DenseLoRAGroup, DenseLoRAWeights, MoELoRAWeights
@@ -35,7 +37,7 @@ def fused_moe(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: T
 
 
 def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tensor,
-                 layout: VirtualLayout | None = None, *, after_base: bool = False) -> Tensor:
+                 layout: VirtualLayout | None = None) -> Tensor:
     """Adds each token's LoRA delta of a dense projection to out, in place; returns out.
 
     Semantics:
@@ -47,19 +49,16 @@ def lora_linear_(x: Tensor, out: Tensor, lora: DenseLoRAWeights, slot_ids: Tenso
         slot_ids: [T] int, -1 for no adapter.
         layout: `dense_lora_layout(slot_ids, S)`, to share one alignment between the
             projections of a step (the Triton path computes it when None; torch ignores it).
-        after_base: the caller's word that the last launch before this call is the base GEMM
-            (x @ W.T into out), which writes none of x, the adapters and slot_ids: on a card with
-            programmatic dependent launch the delta then starts beside it (kernels/pdl.py).
     """
     if use_triton(x):
         check_dense_args(x, out, lora, slot_ids)
         from kernels.moe.dense_launch import dense_group_triton_
-        return dense_group_triton_(x, out, DenseLoRAGroup.of(lora), slot_ids, layout, pdl_early=after_base)
+        return dense_group_triton_(x, out, DenseLoRAGroup.of(lora), slot_ids, layout)
     return lora_linear_ref_(x, out, lora, slot_ids)
 
 
 def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: Tensor,
-                       layout: VirtualLayout | None = None, *, after_base: bool = False) -> Tensor:
+                       layout: VirtualLayout | None = None) -> Tensor:
     """Adds each token's LoRA deltas of H projections that share their input (q/k/v) to out,
     whose columns hold the projections side by side; in place; returns out.
 
@@ -73,13 +72,32 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
         lora: DenseLoRAGroup (a [S, H*R, IN], b [S, N, R], ranks [H, S] int32).
         slot_ids: [T] int, -1 for no adapter.
         layout: `dense_lora_layout(slot_ids, S)`, shared by the step's projections (as in lora_linear_).
-        after_base: as lora_linear_'s.
     """
     check_dense_args(x, out, lora, slot_ids)  # the group's a [S, H*R, IN] and b [S, N, R] as one
     if use_triton(x):
         from kernels.moe.dense_launch import dense_group_triton_
-        return dense_group_triton_(x, out, lora, slot_ids, layout, pdl_early=after_base)
+        return dense_group_triton_(x, out, lora, slot_ids, layout)
     return lora_group_ref_(x, out, lora, slot_ids)
+
+
+def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRAGroup | DenseLoRAWeights | None",
+                slot_ids: Tensor | None, layout: VirtualLayout | None = None) -> Tensor:
+    """F.linear(x, weight, bias) plus each token's LoRA delta of the projection (lora_linear_'s), or
+    of the group (lora_group_linear_'s, weight holding the group's rows side by side); returns the
+    new output. lora or slot_ids None: the base alone.
+
+    On CUDA the delta overlaps the base GEMM where it can (kernels.moe.dense_launch.linear_with_group_:
+    the shrink on a second stream, or the delta's launch started beside the GEMM's end)."""
+    if lora is None or slot_ids is None:
+        return F.linear(x, weight, bias)
+    group = lora if isinstance(lora, DenseLoRAGroup) else DenseLoRAGroup.of(lora)
+    expect(weight.dim() == 2 and weight.shape[0] == group.b.shape[2],
+           f"weight must be [OUT={group.b.shape[2]}, IN], got {tuple(weight.shape)}")
+    check_dense_args(x, x.new_empty(()).expand(x.shape[0], weight.shape[0]), group, slot_ids)  # out's shape
+    if use_triton(x):
+        from kernels.moe.dense_launch import linear_with_group_
+        return linear_with_group_(x, weight, bias, group, slot_ids, layout)
+    return lora_group_ref_(x, F.linear(x, weight, bias), group, slot_ids)
 
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:

@@ -44,7 +44,7 @@ def test_warmup_runs_full_small_and_mixed_steps_into_the_scratch_block(checkpoin
 
 def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoints, monkeypatch):
     engine = make_engine(checkpoints[FAMILY], max_loras=2, **SMALL)
-    seen = {"fused_moe": [], "lora_linear_": [], "lora_group_linear_": []}
+    seen = {"fused_moe": [], "linear_lora": []}
 
     def recording(name, position):
         original = getattr(kernels, name)
@@ -55,8 +55,7 @@ def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoi
             return original(*args, **kw)
         return wrapper
     monkeypatch.setattr(kernels, "fused_moe", recording("fused_moe", 6))
-    monkeypatch.setattr(kernels, "lora_linear_", recording("lora_linear_", 3))
-    monkeypatch.setattr(kernels, "lora_group_linear_", recording("lora_group_linear_", 3))
+    monkeypatch.setattr(kernels, "linear_lora", recording("linear_lora", 4))
     calls = record_forwards(engine)
     engine.runner.warmup()
     # each shape without and with LoRA; with, the dummy sequences alternate slot 0 and no adapter
@@ -66,7 +65,7 @@ def test_warmup_with_adapters_passes_mixed_slot_ids_to_the_lora_kernels(checkpoi
     num_moe, num_layers = len(engine.runner.model.moe_layers()), engine.spec.num_layers
     assert num_moe > 0 and seen["fused_moe"] == [m for mix in mixes for m in [None] * num_moe + [mix] * num_moe]
     # q/k/v of every layer as one group, and o of every layer
-    assert seen["lora_group_linear_"] == seen["lora_linear_"] == [mix for mix in mixes for _ in range(num_layers)]
+    assert seen["linear_lora"] == [m for mix in mixes for m in [None] * 2 * num_layers + [mix] * 2 * num_layers]
 
 
 def generate_all(engine, adapters) -> list[list[int]]:

@@ -1,6 +1,7 @@
 """Triton kernels on the GPU at real shapes in bf16 against the fp64 loop references."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import MoELoRAWeights
@@ -177,6 +178,31 @@ def test_lora_group_rows_capture_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("t", [4, 64, 200])
+def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t):
+    """linear_lora (q/k/v: the base GEMM, and on the split path the shrink on a second stream beside
+    it) equals F.linear plus the fp64 loop's delta, leaves tokens without an adapter equal to
+    F.linear bit for bit, and replays from a CUDA graph (fork and join captured) to the eager result."""
+    sections = (4096, 512, 512)
+    group, x, out, slots, want = _qkv_case(t, sections, 40 + t)
+    delta = want - out.double()  # the fp64 loop's delta
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    weight = (torch.randn(sum(sections), x.shape[1], generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    base = F.linear(x, weight)
+    layout = kernels.dense_lora_layout(slots, group.num_slots)
+    eager = kernels.linear_lora(x, weight, None, group, slots, layout)
+    assert rel_err(eager.double() - base.double(), delta) <= 2e-2
+    assert torch.equal(eager[slots < 0], base[slots < 0])
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.linear_lora(static_x, weight, None, group, slots, layout)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
 
 
 @pytest.mark.parametrize("t", [1, 8, 64])
