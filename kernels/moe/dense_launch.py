@@ -128,29 +128,30 @@ def _shrink_buffer(x: Tensor, lora: DenseLoRAGroup, k_splits: int, block_k: int)
 
 
 def group_shrink(x: Tensor, part: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout, *, k_splits: int = 0,
-                 shrink: dict | None = None, pdl_early: bool = False) -> Tensor:
+                 shrink: dict | None = None, pdl_early: bool = False, pdl: bool = True) -> Tensor:
     """The split path's first launch: part (_shrink_buffer's) = x's rows @ their slots' A, summed
-    per K slice; returns part. Reads only x, the group's A and ranks, and the layout."""
+    per K slice; returns part. Reads only x, the group's A and ranks, and the layout. pdl_early,
+    pdl: as lora_shrink's."""
     r, heads = lora.max_rank, lora.num_projections
     shrink = {**DENSE_SHRINK, **(shrink or {})}
     ks = k_splits or group_k_splits(x.shape[1])
     # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
     lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=x.shape[1],
                 splits=heads, rank_split_stride=lora.ranks.stride(0), k_splits=ks, block_n=_rank_block(r),
-                pdl_early=pdl_early, **shrink)
+                pdl_early=pdl_early, pdl=pdl, **shrink)
     return part
 
 
 def group_expand_(part: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout, *, block_n: int,
-                  expand: dict | None = None) -> Tensor:
+                  expand: dict | None = None, pdl: bool = True) -> Tensor:
     """The split path's second launch: out's sections += part's slices summed @ their slots' B,
-    in place; returns out."""
+    in place; returns out. pdl: as lora_expand_tiles'."""
     r = lora.max_rank
     expand = {**DENSE_EXPAND, "block_n": block_n, **(expand or {})}
     # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
     lora_expand_tiles(part, lora.b, out, layout, lora.ranks, n=out.shape[1], k=r,
                       rank_split_stride=lora.ranks.stride(0), a_parts=part.shape[0], sections=lora.sections,
-                      block_k=_rank_block(r), **expand)
+                      block_k=_rank_block(r), pdl=pdl, **expand)
     return out
 
 
@@ -172,11 +173,11 @@ def linear_with_group_(x: Tensor, weight: Tensor, bias: Tensor | None, lora: Den
     side = _side_stream(x.device)
     part = _shrink_buffer(x, lora, 0, DENSE_SHRINK["block_k"])  # main's memory: freed after the join
     side.wait_stream(main)
-    with torch.cuda.stream(side):
-        group_shrink(x, part, lora, layout)
+    with torch.cuda.stream(side):  # plain launches either side of the join (kernels/pdl.py, pdl_args)
+        group_shrink(x, part, lora, layout, pdl=False)
     out = torch.nn.functional.linear(x, weight, bias)
     main.wait_stream(side)
-    return group_expand_(part, out, lora, layout, block_n=block_n)
+    return group_expand_(part, out, lora, layout, block_n=block_n, pdl=False)
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
