@@ -43,12 +43,10 @@ def use_pdl(device: torch.device) -> bool:
     return _supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pdl_args(device: torch.device, early: bool = False, allowed: bool = True) -> dict:
+def pdl_args(device: torch.device, early: bool = False) -> dict:
     """Launch keywords of a kernel with a PDL flag: the flag (PDL_READ_AHEAD where `early`, the
     caller's word that the launch ahead writes none of this one's inputs; PDL_WAIT_FIRST otherwise),
-    and Triton's launch_pdl with it. allowed=False: no PDL, for a launch that must also wait for
-    another stream (PDL relaxes only the dependency on the launch ahead in the same stream, and a
-    launch right after a join has two)."""
-    if not (allowed and use_pdl(device)):
+    and Triton's launch_pdl with it."""
+    if not use_pdl(device):
         return {"PDL": PDL_OFF}
     return {"PDL": PDL_READ_AHEAD if early else PDL_WAIT_FIRST, "launch_pdl": True}

@@ -89,10 +89,19 @@ def dense_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: 
     return lora_group_triton_(x, out, lora, layout, pdl_early=pdl_early)
 
 
+def linear_with_group_(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseLoRAGroup, slot_ids: Tensor,
+                       layout: VirtualLayout | None) -> Tensor:
+    """F.linear(x, weight, bias) plus the group's LoRA delta (dense_group_triton_'s), on Triton. The
+    delta's launch comes right after the base GEMM, which writes none of its inputs: with PDL its
+    programs start beside the GEMM's end (kernels/pdl.py)."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    return dense_group_triton_(x, out, lora, slot_ids, layout, pdl_early=True)
+
+
 # The split path's tiles: the shrink's K slices (group_k_splits), 256-deep K tiles at 2 warps and 2
 # stages (`bench_moe_lora.py --sweep-decode`, H100, 16 adapters at M = 64 with cold weights: q/k/v
-# 10.1 -> 9.7 us and o 9.1 -> 7.6 us against 128-deep tiles); the expand's N tile (group_block_n) at
-# 4 warps, one stage.
+# 10.1 -> 9.7 us and o 9.1 -> 7.6 us against 128-deep tiles; M = 40: 10.1 -> 9.5, 9.0 -> 7.7); the
+# expand's N tile (group_block_n) at 4 warps, one stage.
 DENSE_SHRINK = {"block_k": 256, "num_warps": 2, "num_stages": 2}
 DENSE_EXPAND = {"num_warps": 4, "num_stages": 1}
 
@@ -106,7 +115,8 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
     projection at a time. k_splits (0: group_k_splits), shrink (DENSE_SHRINK's keys) and expand
     (DENSE_EXPAND's keys, and block_n) override the tiles, for sweeps. pdl_early: the launch just
     before writes none of x, the group and the layout: the shrink runs beside it (kernels/pdl.py)."""
-    if x.shape[0] == 0:
+    num_tokens, num_in = x.shape
+    if num_tokens == 0:
         return out
     block_n = group_block_n(lora.sections)
     if block_n == 0:
@@ -114,77 +124,19 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
             lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout,
                                k_splits=k_splits, shrink=shrink, expand=expand, pdl_early=pdl_early)
         return out
-    shrink = {**DENSE_SHRINK, **(shrink or {})}
-    part = _shrink_buffer(x, lora, k_splits, shrink["block_k"])
-    group_shrink(x, part, lora, layout, k_splits=k_splits, shrink=shrink, pdl_early=pdl_early)
-    return group_expand_(part, out, lora, layout, block_n=block_n, expand=expand)
-
-
-def _shrink_buffer(x: Tensor, lora: DenseLoRAGroup, k_splits: int, block_k: int) -> Tensor:
-    """The split path's fp32 partial sums [P, T, H*R] (P: the shrink's K slices)."""
-    ks = k_splits or group_k_splits(x.shape[1])
-    parts = k_slices(x.shape[1], ks, block_k)[1]  # whole K tiles a slice: maybe fewer than ks
-    return torch.empty(parts, x.shape[0], lora.num_projections * lora.max_rank, dtype=torch.float32, device=x.device)
-
-
-def group_shrink(x: Tensor, part: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout, *, k_splits: int = 0,
-                 shrink: dict | None = None, pdl_early: bool = False, pdl: bool = True) -> Tensor:
-    """The split path's first launch: part (_shrink_buffer's) = x's rows @ their slots' A, summed
-    per K slice; returns part. Reads only x, the group's A and ranks, and the layout. pdl_early,
-    pdl: as lora_shrink's."""
     r, heads = lora.max_rank, lora.num_projections
+    rb = _rank_block(r)
     shrink = {**DENSE_SHRINK, **(shrink or {})}
-    ks = k_splits or group_k_splits(x.shape[1])
-    # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
-    lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=x.shape[1],
-                splits=heads, rank_split_stride=lora.ranks.stride(0), k_splits=ks, block_n=_rank_block(r),
-                pdl_early=pdl_early, pdl=pdl, **shrink)
-    return part
-
-
-def group_expand_(part: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout, *, block_n: int,
-                  expand: dict | None = None, pdl: bool = True) -> Tensor:
-    """The split path's second launch: out's sections += part's slices summed @ their slots' B,
-    in place; returns out. pdl: as lora_expand_tiles'."""
-    r = lora.max_rank
     expand = {**DENSE_EXPAND, "block_n": block_n, **(expand or {})}
+    ks = k_splits or group_k_splits(num_in)
+    parts = k_slices(num_in, ks, shrink["block_k"])[1]  # whole K tiles a slice: maybe fewer than ks
+    part = torch.empty(parts, num_tokens, heads * r, dtype=torch.float32, device=x.device)
+    rank_stride = lora.ranks.stride(0)
+    # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
+    lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
+                splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb, pdl_early=pdl_early, **shrink)
     # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
     lora_expand_tiles(part, lora.b, out, layout, lora.ranks, n=out.shape[1], k=r,
-                      rank_split_stride=lora.ranks.stride(0), a_parts=part.shape[0], sections=lora.sections,
-                      block_k=_rank_block(r), pdl=pdl, **expand)
+                      rank_split_stride=rank_stride, a_parts=part.shape[0], sections=lora.sections,
+                      block_k=rb, **expand)
     return out
-
-
-def linear_with_group_(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseLoRAGroup, slot_ids: Tensor,
-                       layout: VirtualLayout | None) -> Tensor:
-    """F.linear(x, weight, bias) plus the group's LoRA delta (dense_group_triton_'s), on CUDA.
-
-    On the split path the shrink reads only x, so it runs on a second stream beside the base GEMM
-    (cuBLAS), and the expand adds into the GEMM's output once both are done: the shrink, a chain
-    of dependent loads of a few microseconds at decode size, leaves the step's critical path. The
-    streams join before this returns (inside a CUDA graph too: a fork and a join of the graph)."""
-    num_tokens = x.shape[0]
-    block_n = group_block_n(lora.sections)
-    if (num_tokens == 0 or layout is None or block_n == 0 or x.device.type != "cuda"
-            or dense_path(num_tokens, lora.num_projections) != "split"):
-        out = torch.nn.functional.linear(x, weight, bias)
-        return dense_group_triton_(x, out, lora, slot_ids, layout, pdl_early=True)
-    main = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device)
-    part = _shrink_buffer(x, lora, 0, DENSE_SHRINK["block_k"])  # main's memory: freed after the join
-    side.wait_stream(main)
-    with torch.cuda.stream(side):  # plain launches either side of the join (kernels/pdl.py, pdl_args)
-        group_shrink(x, part, lora, layout, pdl=False)
-    out = torch.nn.functional.linear(x, weight, bias)
-    main.wait_stream(side)
-    return group_expand_(part, out, lora, layout, block_n=block_n, pdl=False)
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
-    return _SIDE_STREAMS[index]

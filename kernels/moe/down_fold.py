@@ -168,14 +168,12 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
 
 # Tiles (elements) of the A tile in silu_mul_shrink and of a row's B tile in topk_sum: those measured
 # at rank 16 (16 x 1024 and 128 x 16, benchmarks/RESULTS.md); a wider pool's rank block narrows the
-# other side, so that a rank-64 pool does not hold 4x the registers a thread (and spill). The top-k
-# sum with LoRA at 2 warps: `bench_moe_lora.py --sweep-decode` (H100, 16 rank-16 adapters, B cold)
-# 16.0 against 19.2 us at 4 warps for 64 tokens, 12.6 against 11.5 for 40.
+# other side, so that a rank-64 pool does not hold 4x the registers a thread (and spill).
 SHRINK_TILE = 16 * 1024
 SHRINK_WARPS = 4
 TOPK_SUM_BLOCK_D = 128
 TOPK_SUM_TILE = 128 * 16
-TOPK_SUM_WARPS = 2
+TOPK_SUM_WARPS = 4
 
 
 def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None" = None,

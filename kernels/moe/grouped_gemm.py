@@ -250,7 +250,7 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
 def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayout, ranks: Tensor, *, n: int,
                 k: int, a_row_div: int = 1, splits: int = 1, k_splits: int = 1,
                 rank_split_stride: int = 0, block_n: int = 16, block_k: int = 128, num_warps: int = 2,
-                num_stages: int = 3, pdl_early: bool = False, pdl: bool = True) -> Tensor:
+                num_stages: int = 3, pdl_early: bool = False) -> Tensor:
     """The shrink of each block's LoRA delta; returns c.
 
     Semantics: for each block (s, e, rows) with s >= 0, split h < splits, r = min(n, rank_h[s]):
@@ -264,7 +264,7 @@ def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayou
             slices, parts = k_slices(k, P, block_k)[1] (their sum is the shrink).
         ranks: [S] int32 (or [H, S] with rank_split_stride).
         pdl_early: the launch just before this one writes none of a, w, ranks and the layout: on a
-            card with PDL the shrink then runs beside it (kernels/pdl.py). pdl=False: no PDL at all.
+            card with PDL the shrink then runs beside it (kernels/pdl.py).
     """
     k_chunk, parts = k_slices(k, k_splits, block_k)
     expect(k_splits == 1 or c.dim() == 3 and c.shape[0] == parts,
@@ -277,7 +277,7 @@ def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayou
         _lay(layout), ranks, rank_split_stride, layout.num_rows, n, k, a_row_div, k_chunk,
         c.stride(0) if k_splits > 1 else 0,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=_ieee(a, w),
-        K_SPLITS=k_splits > 1, num_warps=num_warps, num_stages=num_stages, **pdl_args(a.device, pdl_early, pdl),
+        K_SPLITS=k_splits > 1, num_warps=num_warps, num_stages=num_stages, **pdl_args(a.device, pdl_early),
     )
     return c
 
@@ -285,7 +285,7 @@ def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayou
 def lora_expand_tiles(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
                       n: int, k: int, splits: int = 1, scale: Tensor | None = None, a_parts: int = 0,
                       sections: tuple[int, ...] = (), rank_split_stride: int = 0, block_n: int = 256,
-                      block_k: int = 16, num_warps: int = 4, num_stages: int = 1, pdl: bool = True) -> Tensor:
+                      block_k: int = 16, num_warps: int = 4, num_stages: int = 1) -> Tensor:
     """The expand of each block's LoRA delta, added into c in place, a program per (block, N tile);
     returns c. (kernels/moe/expand.py's lora_expand: a program per block.)
 
@@ -300,8 +300,6 @@ def lora_expand_tiles(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: Virtua
         c: [rows, splits*n] (n = sum(sections) with sections).
         ranks: [S] int32 (or [H, S] with rank_split_stride).
         sections: up to 4 projection widths on N; block_n must divide every section end.
-        pdl: on a card with programmatic dependent launch, its programs wait on the SMs for the
-            launch ahead (kernels/pdl.py); False: a plain launch.
     """
     expect(len(sections) <= 4, f"at most 4 sections, got {len(sections)}")
     ends = [sum(sections[:h + 1]) for h in range(len(sections) - 1)]
@@ -319,6 +317,6 @@ def lora_expand_tiles(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: Virtua
         scale if scale is not None else layout.num_blocks, max(1, a_parts), a.stride(0) if a_parts else 0,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
         IEEE=_ieee(a, w), A_PARTS=a_parts > 1, SECTIONS=len(sections) > 1,
-        num_warps=num_warps, num_stages=num_stages, **pdl_args(a.device, allowed=pdl),
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(a.device),
     )
     return c

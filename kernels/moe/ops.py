@@ -86,8 +86,9 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
     of the group (lora_group_linear_'s, weight holding the group's rows side by side); returns the
     new output. lora or slot_ids None: the base alone.
 
-    On CUDA the delta overlaps the base GEMM where it can (kernels.moe.dense_launch.linear_with_group_:
-    the shrink on a second stream, or the delta's launch started beside the GEMM's end)."""
+    Versus F.linear then lora_group_linear_: the call knows its delta's launch follows the base GEMM,
+    so on a card with programmatic dependent launch that launch starts beside the GEMM's end
+    (kernels/pdl.py)."""
     if lora is None or slot_ids is None:
         return F.linear(x, weight, bias)
     group = lora if isinstance(lora, DenseLoRAGroup) else DenseLoRAGroup.of(lora)

@@ -182,9 +182,9 @@ def test_lora_group_rows_capture_in_cuda_graph():
 
 @pytest.mark.parametrize("t", [4, 64, 200])
 def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t):
-    """linear_lora (q/k/v: the base GEMM, and on the split path the shrink on a second stream beside
-    it) equals F.linear plus the fp64 loop's delta, leaves tokens without an adapter equal to
-    F.linear bit for bit, and replays from a CUDA graph (fork and join captured) to the eager result."""
+    """linear_lora (q/k/v: the base GEMM, then the group's delta launched with PDL beside its end)
+    equals F.linear plus the fp64 loop's delta, leaves tokens without an adapter equal to F.linear
+    bit for bit, and replays from a CUDA graph to the eager result, at row-path and split sizes."""
     sections = (4096, 512, 512)
     group, x, out, slots, want = _qkv_case(t, sections, 40 + t)
     delta = want - out.double()  # the fp64 loop's delta
