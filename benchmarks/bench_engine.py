@@ -378,6 +378,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         engine.shutdown()
         del engine
         free_memory()
+    kernels.pdl.ENABLED = pdl_default
 
 
 def main_vs_transformers(args, shape: dict, results: dict) -> None:

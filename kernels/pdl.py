@@ -37,8 +37,9 @@ def _supported(index: int) -> bool:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether launches on this device use PDL: CUDA, compute capability 9.0 or later, ENABLED."""
-    if not (ENABLED and device.type == "cuda"):
+    """Whether launches on this device use PDL: CUDA, compute capability 9.0 or later, ENABLED, and
+    not under Triton's interpreter (which has no griddepcontrol)."""
+    if not (ENABLED and device.type == "cuda") or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return _supported(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -38,7 +38,10 @@ def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_
     # Straight-line code, masks instead of branches: the A tile's address needs three dependent
     # loads (slot, expert, the factor's offset), and a branch on the rank would keep the gate/up
     # loads from being in flight beside them. A row without an adapter has rank 0: its A loads
-    # are all masked off (no memory traffic) and its shrink is 0.
+    # are all masked off (no memory traffic) and its shrink is 0. With PDL_READ_AHEAD (kernels/pdl.py)
+    # that chain runs beside the launch ahead, which writes gate_up.
+    if PDL == 1:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ids_ptr + row // top_k).to(tl.int64)
     expert = tl.load(topk_ids_ptr + row).to(tl.int64)
@@ -146,7 +149,7 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
     """
     rows, two_i = gate_up.shape
     t, top_k = topk_ids.shape
-    la = as_factor(la, la.shape[2])
+    la_in, la = la, as_factor(la, la.shape[2])
     num_slots, num_experts, big_r, inter = la.shape
     br = rank_block(big_r)
     expect(two_i == 2 * inter and rows == t * top_k, f"gate_up must be [{t * top_k}, {2 * inter}], got {tuple(gate_up.shape)}")
@@ -158,6 +161,8 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
     if rows == 0:
         return out
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    # a copy of the ids, or a factor's offsets table made here, would be the launch ahead
+    pdl_early = pdl_early and ids is topk_ids and la is la_in
     block = block or min(1024, triton.next_power_of_2(inter), max(16, SHRINK_TILE // br))
     _silu_mul_shrink_kernel[(rows,)](
         gate_up, out, shrunk, la.operand(), ranks, slot_ids, ids, top_k, num_slots, num_experts, inter, big_r,
@@ -202,8 +207,8 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
                                TOP_K_P2=triton.next_power_of_2(top_k), BLOCK_D=TOPK_SUM_BLOCK_D, BLOCK_R=16,
                                HAS_LORA=False, PDL=0, num_warps=4)
         return out
-    lb, ranks, shrunk, scale, slot_ids, topk_ids = lora
-    lb = as_factor(lb, lb.shape[2])
+    lb_in, ranks, shrunk, scale, slot_ids, topk_ids = lora
+    lb = as_factor(lb_in, lb_in.shape[2])
     num_slots, num_experts, _, big_r = lb.shape
     br = rank_block(big_r)
     expect(tuple(lb.shape[2:]) == (d, big_r), f"lb must be [S, E, {d}, R], got {tuple(lb.shape)}")
@@ -213,6 +218,7 @@ def topk_sum(y: Tensor, out: Tensor, top_k: int, lora: "tuple[Factor | Tensor, T
     expect(tuple(topk_ids.shape) == (t, top_k) and tuple(ranks.shape) == (num_slots,),
            f"topk_ids must be [{t}, {top_k}] and ranks [{num_slots}]")
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    pdl_early = pdl_early and ids is topk_ids and lb is lb_in  # nothing launched here ahead of it
     block_d = block_d or min(TOPK_SUM_BLOCK_D, max(16, TOPK_SUM_TILE // br))
     grid = (t, triton.cdiv(d, block_d))
     _topk_sum_kernel[grid](y, out, shrunk, lb.operand(), scale, ranks, slot_ids, ids, num_slots, num_experts,

@@ -272,8 +272,10 @@ def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayou
     c2 = c[0] if k_splits > 1 else c
     num_n = triton.cdiv(n, block_n)
     programs = num_programs(a.device, layout.max_blocks * num_n)
+    factor = as_factor(w, n)
+    pdl_early = pdl_early and factor is w  # a factor's offsets table made here would be the launch ahead
     _lora_shrink_kernel[(programs, splits, parts)](
-        (a, a.stride(0), a.stride(1), 0), as_factor(w, n).operand(), (c, c2.stride(0), c2.stride(1), n),
+        (a, a.stride(0), a.stride(1), 0), factor.operand(), (c, c2.stride(0), c2.stride(1), n),
         _lay(layout), ranks, rank_split_stride, layout.num_rows, n, k, a_row_div, k_chunk,
         c.stride(0) if k_splits > 1 else 0,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=_ieee(a, w),

@@ -167,6 +167,7 @@ def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor
     expect(len(la.shape) == 4 and len(lb.shape) == 4, f"la and lb must be 4-D, got {tuple(la.shape)} and {tuple(lb.shape)}")
     num_slots, num_experts, r_total, k_in = la.shape
     expect(r_total % splits == 0 and lb.shape[2] % splits == 0, f"la and lb rows must split in {splits}")
+    given = (la, lb)
     la, lb = as_factor(la, r_total // splits), as_factor(lb, lb.shape[2] // splits)
     big_r, n = r_total // splits, lb.shape[2] // splits
     expect(tuple(lb.shape) == (num_slots, num_experts, splits * n, big_r),
@@ -183,6 +184,8 @@ def lora_rows_(a: Tensor, c: Tensor, la: "Factor | Tensor", lb: "Factor | Tensor
     if rows == 0 or n == 0:
         return c
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    # a copy of the ids, or a factor's offsets table made here, would be the launch ahead
+    pdl_early = pdl_early and ids is topk_ids and la is given[0] and lb is given[1]
     _launch(a, c, la, lb, ranks, 0, slot_ids, ids, top_k, a_row_div, rows, [n * (h + 1) for h in range(splits)],
             big_r, scale, parts, block_k, block_n, num_warps, num_stages, tile_r, buckets, pdl_early)
     return c

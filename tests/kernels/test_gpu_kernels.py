@@ -182,12 +182,15 @@ def test_lora_group_rows_capture_in_cuda_graph():
 
 @pytest.mark.parametrize("t", [4, 64, 200])
 def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t):
-    """linear_lora (q/k/v: the base GEMM, then the group's delta launched with PDL beside its end)
-    equals F.linear plus the fp64 loop's delta, leaves tokens without an adapter equal to F.linear
-    bit for bit, and replays from a CUDA graph to the eager result, at row-path and split sizes."""
+    """linear_lora (q/k/v: the base GEMM, then the group's delta, launched with PDL beside the GEMM's
+    end on cards that have it) equals F.linear plus the fp64 loop's delta, leaves tokens without an
+    adapter equal to F.linear bit for bit, and replays from a CUDA graph to the eager result, at
+    row-path and split sizes."""
     sections = (4096, 512, 512)
     group, x, out, slots, want = _qkv_case(t, sections, 40 + t)
+    slots[-1] = -1  # a token without an adapter at every size (the case's slots may have none)
     delta = want - out.double()  # the fp64 loop's delta
+    delta[-1] = 0
     gen = torch.Generator(device="cuda").manual_seed(t)
     weight = (torch.randn(sum(sections), x.shape[1], generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
     base = F.linear(x, weight)
@@ -195,7 +198,7 @@ def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t):
     eager = kernels.linear_lora(x, weight, None, group, slots, layout)
     assert rel_err(eager.double() - base.double(), delta) <= 2e-2
     assert torch.equal(eager[slots < 0], base[slots < 0])
-    static_x = x.clone()
+    static_x = torch.zeros_like(x)  # captured on other values: the replay must read x afresh
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = kernels.linear_lora(static_x, weight, None, group, slots, layout)
