@@ -20,7 +20,8 @@ In both, every program waits before it exits, even one with nothing to do, so th
 end implies the end of the one ahead of it (a PDL launch after it relies on that), and nothing is
 written before the wait (the launch ahead may still read that memory).
 
-MOEPLEX_PDL=0 switches PDL off for A/B runs (benchmarks/bench_engine.py --pdl off).
+MOEPLEX_PDL=0 switches PDL off for A/B runs (benchmarks/bench_engine.py's mode fused_no_pdl sets
+ENABLED instead).
 """
 import functools
 import os

@@ -89,15 +89,6 @@ def dense_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: 
     return lora_group_triton_(x, out, lora, layout, pdl_early=pdl_early)
 
 
-def linear_with_group_(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseLoRAGroup, slot_ids: Tensor,
-                       layout: VirtualLayout | None) -> Tensor:
-    """F.linear(x, weight, bias) plus the group's LoRA delta (dense_group_triton_'s), on Triton. The
-    delta's launch comes right after the base GEMM, which writes none of its inputs: with PDL its
-    programs start beside the GEMM's end (kernels/pdl.py)."""
-    out = torch.nn.functional.linear(x, weight, bias)
-    return dense_group_triton_(x, out, lora, slot_ids, layout, pdl_early=True)
-
-
 # The split path's tiles: the shrink's K slices (group_k_splits), 256-deep K tiles at 2 warps and 2
 # stages (`bench_moe_lora.py --sweep-decode`, H100, 16 adapters at M = 64 with cold weights: q/k/v
 # 10.1 -> 9.7 us and o 9.1 -> 7.6 us against 128-deep tiles; M = 40: 10.1 -> 9.5, 9.0 -> 7.7); the

@@ -95,10 +95,11 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
     expect(weight.dim() == 2 and weight.shape[0] == group.b.shape[2],
            f"weight must be [OUT={group.b.shape[2]}, IN], got {tuple(weight.shape)}")
     check_dense_args(x, x.new_empty(()).expand(x.shape[0], weight.shape[0]), group, slot_ids)  # out's shape
-    if use_triton(x):
-        from kernels.moe.dense_launch import linear_with_group_
-        return linear_with_group_(x, weight, bias, group, slot_ids, layout)
-    return lora_group_ref_(x, F.linear(x, weight, bias), group, slot_ids)
+    out = F.linear(x, weight, bias)
+    if use_triton(x):  # the base GEMM writes none of the delta's inputs: it may read ahead
+        from kernels.moe.dense_launch import dense_group_triton_
+        return dense_group_triton_(x, out, group, slot_ids, layout, pdl_early=True)
+    return lora_group_ref_(x, out, group, slot_ids)
 
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
