@@ -8,9 +8,13 @@ slots, each token on a uniformly drawn adapter, about 1 in 5 on none), it times 
   - the LoRA of q/k/v + o through each path: "rows" (one launch a group, no alignment) and
     "split" (one alignment a step, shared by every group, plus a shrink and an expand a group);
     the split column counts the alignment once, as a layer of a step of one layer would;
+  - up to kernels.moe.dense_gemm.FUSED_MAX_TOKENS, the fused launch (kernels/moe/dense_gemm.py:
+    base GEMM, shrink and expand of a group in one grid) for q/k/v + o, with its alignment, and
+    the same launch without LoRA ("fused base"), next to "base+LoRA" (cuBLAS plus the path
+    dense_path picks: what linear_lora ran before the fused launch);
 and prints the LoRA's time against the bytes floor (A and B of the adapters present / the copy
 rate measured in the run) and against the base GEMMs. `--sweep` times the row path's tile
-configs instead. Writes JSON with provenance.
+configs instead, `--sweep-fused` the fused launch's. Writes JSON with provenance.
 
     python benchmarks/bench_dense_lora.py [--presets qwen3-30b-a3b] [--tokens 1 8 64] [--out f.json]
 """
@@ -23,7 +27,8 @@ import torch
 
 from kernels import DenseLoRAGroup
 from kernels.moe.lora_rows import lora_group_rows_
-from kernels.moe.dense_launch import DENSE_ROWS_TILES, dense_group_triton_, dense_layout, dense_row_parts
+from kernels.moe.dense_gemm import FUSED_MAX_TOKENS, FUSED_TILES, dense_lora_gemm
+from kernels.moe.dense_launch import DENSE_ROWS_TILES, dense_group_triton_, dense_layout, dense_path, dense_row_parts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from bench_moe_lora import copy_bandwidth, time_graph
@@ -123,7 +128,47 @@ def run_config(preset: str, layer: dict, m: int, n: int, bw: float, gen: torch.G
     results["base_gemms_us"] = 1e3 * time_graph(lambda: (torch.matmul(x, layer["w_qkv"].T, out=qkv_out),
                                                         torch.matmul(attn, layer["w_o"].T, out=o_out)))
     results["floor_us"] = floor_us(layer, slots, bw)
+    # what linear_lora ran before the fused launch: cuBLAS, then the path dense_path picks
+    results["now_us"] = results["base_gemms_us"] + results[f"{dense_path(m, 3)}_us"]
+    if m <= FUSED_MAX_TOKENS:
+        fused = lambda group, s, lay: (  # noqa: E731
+            dense_lora_gemm(x, layer["w_qkv"], None, group and layer["qkv"], s, lay, sections=layer["qkv"].sections),
+            dense_lora_gemm(attn, layer["w_o"], None, group and layer["o"], s, lay))
+        results["fused_us"] = 1e3 * time_graph(lambda: fused(True, slots, layout)) + results["split_layout_us"]
+        results["fused_base_us"] = 1e3 * time_graph(lambda: fused(None, None, None))
+        got = fused(True, slots, layout)
+        want = [(base_qkv.float(), base_o.float())[i] + delta("split", i) for i in range(2)]
+        results["fused_vs_split_rel"] = max(float((got[i].float() - want[i]).abs().max()) for i in range(2)) / max(
+            max(float(w.abs().max()) for w in want), 1e-30)
     return {"preset": preset, "m": m, "n": n, "parts": dense_row_parts(m, 3), **results}
+
+
+def sweep_fused(layer: dict, n: int, tokens: list[int], gen: torch.Generator) -> list[dict]:
+    """The fused launch's tiles (N tile, K tile, K slices, stages) for q/k/v and o apart, at each
+    token count, with every token on an adapter; FUSED_TILES is the engine's."""
+    out = []
+    configs = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+               for bn in (32, 64, 128) for bk in (128, 256) for w in (4,) for st in (3, 4)]
+    for m in tokens:
+        x, attn, slots, _, _ = _inputs(layer, m, n, gen)
+        lay = dense_layout(slots, n)
+        for name, inp, w, group in (("qkv", x, layer["w_qkv"], layer["qkv"]), ("o", attn, layer["w_o"], layer["o"])):
+            cublas = 1e3 * time_graph(lambda: inp @ w.T, samples=7)
+            for cfg in configs:
+                for ks in (0, 1, 2, 4, 8):
+                    try:
+                        us = 1e3 * time_graph(lambda: dense_lora_gemm(inp, w, None, group, slots, lay, tiles=cfg,
+                                                                      k_slices_=ks), samples=7)
+                    except Exception as e:  # a tile that does not fit (shared memory): recorded, skipped
+                        us = None
+                        print(f"{name} M={m} {cfg} k_slices={ks}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    out.append({"m": m, "proj": name, **cfg, "k_slices": ks, "us": us, "cublas_base_us": cublas,
+                                "engine": cfg == FUSED_TILES and ks == 0})
+            best = min((r for r in out if r["m"] == m and r["proj"] == name and r["us"]), key=lambda r: r["us"])
+            mine = next(r for r in out if r["m"] == m and r["proj"] == name and r["engine"])
+            print(f"M={m} {name}: cuBLAS base {cublas:.1f} us; fused engine tiles {mine['us']:.1f}; best {best['us']:.1f} "
+                  f"{ {k: best[k] for k in ('block_n', 'block_k', 'num_stages', 'k_slices')} }", flush=True)
+    return out
 
 
 def _inputs(layer: dict, m: int, n: int, gen: torch.Generator) -> tuple:
@@ -196,11 +241,13 @@ def profile(layer: dict, n: int, tokens: list[int], gen: torch.Generator) -> lis
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'preset':<15}{'M':>6}{'n':>4} {'base GEMMs':>10} {'rows':>8} {'split':>8} {'floor':>7} "
-          f"{'rows/floor':>10} {'split/rows':>10}  (us; split includes its alignment)")
+          f"{'rows/floor':>10} {'split/rows':>10} {'base+LoRA':>10} {'fused':>8} {'fused base':>10}"
+          "  (us; split and fused include the alignment)")
     for r in rows:
         print(f"{r['preset']:<15}{r['m']:>6}{r['n']:>4} {r['base_gemms_us']:>10.1f} {r['rows_us']:>8.1f} "
               f"{r['split_us']:>8.1f} {r['floor_us']:>7.2f} {r['rows_us'] / r['floor_us']:>10.1f} "
-              f"{r['split_us'] / r['rows_us']:>10.2f}")
+              f"{r['split_us'] / r['rows_us']:>10.2f} {r['now_us']:>10.1f} {r.get('fused_us', float('nan')):>8.1f} "
+              f"{r.get('fused_base_us', float('nan')):>10.1f}")
 
 
 def main() -> None:
@@ -213,6 +260,8 @@ def main() -> None:
                     help="padded stacks at R (lora_layout=slots) or the adapter heap's (bytes, the default)")
     ap.add_argument("--sweep", action="store_true", help="time the row path's tile configs (first preset), exit")
     ap.add_argument("--profile", action="store_true", help="per-kernel device time of both paths (first preset), exit")
+    ap.add_argument("--sweep-fused", action="store_true",
+                    help="time the fused base + LoRA launch's tile configs (first preset) against cuBLAS's base, exit")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -222,6 +271,12 @@ def main() -> None:
         layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks), args.layout == "heap")
         record["profile"] = profile(layer, args.adapters, args.tokens, gen)
         write_results(record, args.out, "dense_lora_profile")
+        return
+    if args.sweep_fused:
+        layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks), args.layout == "heap")
+        record["fused_tiles"] = FUSED_TILES
+        record["sweep_fused"] = sweep_fused(layer, args.adapters, args.tokens, gen)
+        write_results(record, args.out, "dense_fused_sweep")
         return
     if args.sweep:
         layer = make_attention(args.presets[0], args.adapters, gen, tuple(args.ranks), args.layout == "heap")

@@ -26,6 +26,7 @@ from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from engine.lora.adapter import LoRAAdapter, LoRAFactors
 from engine.models.presets import QWEN3_30B_A3B, QWEN3_235B_A22B
 import kernels.pdl
+from kernels.moe import dense_gemm
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_engine
     from provenance import provenance
@@ -48,8 +49,12 @@ MODES = {
     # the defaults with programmatic dependent launch off (kernels/pdl.py): not an EngineConfig
     # field, so main_engine_cases switches it around this mode's engine
     "fused_no_pdl": {},
+    # the defaults with the dense projections' fused base + LoRA launch off (kernels/moe/dense_gemm.py):
+    # cuBLAS then the split or row path at every size, as before it; switched like fused_no_pdl
+    "fused_dense_split": {},
 }
 NO_PDL_MODES = {"fused_no_pdl"}
+DENSE_SPLIT_MODES = {"fused_dense_split"}
 
 
 def hf_config(shape: dict, layers: int):
@@ -363,10 +368,11 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     cases = args.cases + (["c_16"] if args.profile else [])  # the profile runs case c's adapters
     names = {n for c in cases for n in case_adapters(c, args.requests) if n}
     bases = None
-    pdl_default = kernels.pdl.ENABLED
+    pdl_default, fused_dense_default = kernels.pdl.ENABLED, dense_gemm.ENABLED
     for mode in args.modes:
         COMPILES.take()
         kernels.pdl.ENABLED = pdl_default and mode not in NO_PDL_MODES
+        dense_gemm.ENABLED = fused_dense_default and mode not in DENSE_SPLIT_MODES
         engine = make_engine(args, shape, layers, args.slots, mode)
         results.setdefault("startup_compiles", {})[mode] = len(COMPILES.take()) if COMPILES.active else None
         results.setdefault("startup_seconds", {})[mode] = dict(engine.runner.startup_seconds)
@@ -378,7 +384,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         engine.shutdown()
         del engine
         free_memory()
-    kernels.pdl.ENABLED = pdl_default
+    kernels.pdl.ENABLED, dense_gemm.ENABLED = pdl_default, fused_dense_default
 
 
 def main_vs_transformers(args, shape: dict, results: dict) -> None:
@@ -466,7 +472,8 @@ def main() -> None:
                              "experts, CUDA graphs, async scheduling); fused_sync: no async scheduling; "
                              "fused_eager_ahead: eager steps launched ahead too; fused_eager_prefill: no "
                              "prefill graphs; fused_eager: no graphs; loop: one MoE call per adapter; "
-                             "fused_no_pdl: the defaults without programmatic dependent launch")
+                             "fused_no_pdl: the defaults without programmatic dependent launch; fused_dense_split: "
+                             "the defaults without the dense projections' fused launch")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--triton-prefill-attention", action=argparse.BooleanOptionalAction, default=None,

@@ -112,6 +112,18 @@ def _launch_all(torch) -> None:
     for tokens in (64, t):
         dense_group_triton_(torch.empty(tokens, hid, dtype=bf), torch.empty(tokens, (h + 2 * kv) * d, dtype=bf),
                             group, torch.zeros(tokens, dtype=torch.int32))
+    try:  # the fused dense launch (trees that have it), K slices as 132 SMs give them
+        from kernels.moe.dense_gemm import dense_lora_gemm
+    except ImportError:
+        return
+    x, slot_ids = torch.empty(64, hid, dtype=bf), torch.zeros(64, dtype=torch.int32)
+    for lora in (group, None):
+        dense_lora_gemm(x, torch.empty((h + 2 * kv) * d, hid, dtype=bf), None, lora, slot_ids, None,
+                        sections=group.sections, k_slices_=2)
+    o = DenseLoRAGroup(torch.empty(slots, r, h * d, dtype=bf), torch.empty(slots, hid, r, dtype=bf),
+                       torch.full((1, slots), r, dtype=torch.int32), (hid,))
+    dense_lora_gemm(torch.empty(64, h * d, dtype=bf), torch.empty(hid, h * d, dtype=bf), None, o, slot_ids, None,
+                    k_slices_=5)
 
 
 def _cuobjdump(triton_dir: str) -> str:

@@ -284,8 +284,10 @@ def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int
     compiles what any step size will need (tests/engine/test_warmup.py checks this)."""
     from kernels.moe.align_multi import CHUNK
     from kernels.moe.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS
+    from kernels.moe.dense_gemm import FUSED_MAX_TOKENS
     from kernels.moe.dense_launch import DENSE_ROWS_MAX_TOKENS
-    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS, DENSE_ROWS_MAX_TOKENS}
+    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS, DENSE_ROWS_MAX_TOKENS, FUSED_MAX_TOKENS}
+    rows |= {16, 32}  # the fused dense launch's M tile (dense_gemm: the token count's power of two, >= 16)
     rows |= {16 * num_experts, 48 * num_experts, 96 * num_experts}  # _base_block_m
     rows |= {1 << p for p in range(4, (max_tokens * top_k).bit_length() + 1)}  # align_triton's NP
     rows |= {CHUNK << p for p in range(max(1, (max_tokens * top_k).bit_length()))}  # align_multi's chunks

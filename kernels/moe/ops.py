@@ -86,16 +86,25 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
     of the group (lora_group_linear_'s, weight holding the group's rows side by side); returns the
     new output. lora or slot_ids None: the base alone.
 
-    Versus F.linear then lora_group_linear_: the call knows its delta's launch follows the base GEMM,
-    so on a card with programmatic dependent launch that launch starts beside the GEMM's end
+    On the Triton path at decode size (kernels.moe.dense_gemm.fused_ok) the base GEMM, the shrink
+    and the expand are one launch, with LoRA or without (the same base sums either way, so a token
+    without an adapter is bitwise what a call without LoRA gives). Above it: cuBLAS, then the delta's
+    launches, the first of them beside the GEMM's end on a card with programmatic dependent launch
     (kernels/pdl.py)."""
-    if lora is None or slot_ids is None:
-        return F.linear(x, weight, bias)
-    group = lora if isinstance(lora, DenseLoRAGroup) else DenseLoRAGroup.of(lora)
-    expect(weight.dim() == 2 and weight.shape[0] == group.b.shape[2],
-           f"weight must be [OUT={group.b.shape[2]}, IN], got {tuple(weight.shape)}")
-    check_dense_args(x, x.new_empty(()).expand(x.shape[0], weight.shape[0]), group, slot_ids)  # out's shape
+    group = None
+    if lora is not None and slot_ids is not None:
+        group = lora if isinstance(lora, DenseLoRAGroup) else DenseLoRAGroup.of(lora)
+        expect(weight.dim() == 2 and weight.shape[0] == group.b.shape[2],
+               f"weight must be [OUT={group.b.shape[2]}, IN], got {tuple(weight.shape)}")
+        check_dense_args(x, x.new_empty(()).expand(x.shape[0], weight.shape[0]), group, slot_ids)  # out's shape
+    if use_triton(x) and x.dim() == 2 and weight.dim() == 2:
+        from kernels.moe.dense_gemm import dense_lora_gemm, fused_ok
+        sections = group.sections if group is not None else (weight.shape[0],)
+        if fused_ok(x.shape[0], sections) and x.dtype == weight.dtype:
+            return dense_lora_gemm(x, weight, bias, group, slot_ids if group is not None else None, layout)
     out = F.linear(x, weight, bias)
+    if group is None:
+        return out
     if use_triton(x):  # the base GEMM writes none of the delta's inputs: it may read ahead
         from kernels.moe.dense_launch import dense_group_triton_
         return dense_group_triton_(x, out, group, slot_ids, layout, pdl_early=True)
@@ -103,11 +112,14 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
 
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
-    """The rows-by-slot layout lora_linear_ takes; None where nothing would read it (off the
-    Triton path, or for a few tokens, where dense LoRA runs by row without a layout)."""
+    """The rows-by-slot layout lora_linear_ and linear_lora take; None where nothing would read it
+    (off the Triton path, or for a few tokens, where dense LoRA runs by row without a layout, unless
+    linear_lora's fused launch, whose shrink reads it, takes that size)."""
     if not use_triton(slot_ids):
         return None
+    from kernels.moe import dense_gemm
     from kernels.moe.dense_launch import MAX_GROUP_ROWS_PROJECTIONS, dense_layout, dense_path
-    if dense_path(slot_ids.shape[0], MAX_GROUP_ROWS_PROJECTIONS) == "rows":  # every q/k/v and o group
+    fused = dense_gemm.ENABLED and slot_ids.shape[0] <= dense_gemm.FUSED_MAX_TOKENS
+    if not fused and dense_path(slot_ids.shape[0], MAX_GROUP_ROWS_PROJECTIONS) == "rows":  # every q/k/v and o group
         return None
     return dense_layout(slot_ids, num_slots)

@@ -182,10 +182,10 @@ def test_lora_group_rows_capture_in_cuda_graph():
 
 @pytest.mark.parametrize("t", [4, 64, 200])
 def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t):
-    """linear_lora (q/k/v: the base GEMM, then the group's delta, launched with PDL beside the GEMM's
-    end on cards that have it) equals F.linear plus the fp64 loop's delta, leaves tokens without an
-    adapter equal to F.linear bit for bit, and replays from a CUDA graph to the eager result, at
-    row-path and split sizes."""
+    """linear_lora (q/k/v: up to 64 tokens the fused launch of base GEMM, shrink and expand; above,
+    cuBLAS then the group's delta, launched with PDL beside the GEMM's end) equals the base plus the
+    fp64 loop's delta, leaves tokens without an adapter equal bit for bit to the call without LoRA,
+    keeps the base within bf16 rounding of cuBLAS, and replays from a CUDA graph to the eager result."""
     sections = (4096, 512, 512)
     group, x, out, slots, want = _qkv_case(t, sections, 40 + t)
     slots[-1] = -1  # a token without an adapter at every size (the case's slots may have none)
@@ -193,7 +193,8 @@ def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t):
     delta[-1] = 0
     gen = torch.Generator(device="cuda").manual_seed(t)
     weight = (torch.randn(sum(sections), x.shape[1], generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
-    base = F.linear(x, weight)
+    base = kernels.linear_lora(x, weight, None, None, None)  # the same base sums as with LoRA
+    assert rel_err(base, F.linear(x, weight)) <= 1e-2
     layout = kernels.dense_lora_layout(slots, group.num_slots)
     eager = kernels.linear_lora(x, weight, None, group, slots, layout)
     assert rel_err(eager.double() - base.double(), delta) <= 2e-2
@@ -206,6 +207,45 @@ def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("t", [1, 16, 40, 64])
+def test_fused_dense_launch_bf16_on_the_heap_with_bias_matches_fp64_loop(t):
+    """The fused dense launch (kernels/moe/dense_gemm.py) at decode sizes on the adapter heap (each
+    slot at its own rank, NaN around), o-like and q/k/v-like, with a bias: against base + the fp64
+    loop's delta; tokens without an adapter bitwise the launch without LoRA; two launches equal;
+    the counters back at zero."""
+    from kernels.moe import dense_gemm
+    from tests.kernels.loop_reference import group_in_heap, group_to
+    gen, cpu_gen = _gens(70 + t)
+    for sections, n_in in (((4096, 512, 512), 2048), ((2048,), 4096)):
+        ranks = [RANKS, RANKS[::-1], [0, 16, 8, 64, 1, 16]][:len(sections)]
+        parts = [make_dense_lora(cpu_gen, len(RANKS), n_in, n, ranks[h], torch.bfloat16, "cpu")
+                 for h, n in enumerate(sections)]
+        group = group_to(group_in_heap(parts, sections), "cuda")
+        x = torch.randn(t, n_in, generator=gen, device="cuda").to(torch.bfloat16)
+        weight = (torch.randn(sum(sections), n_in, generator=gen, device="cuda") * n_in ** -0.5).to(torch.bfloat16)
+        bias = torch.randn(sum(sections), generator=gen, device="cuda").to(torch.bfloat16)
+        slots = make_slot_ids("uniform", t, len(RANKS), cpu_gen).cuda()
+        slots[0] = 1
+        if t > 1:
+            slots[-1] = -1
+        base64 = x.double() @ weight.double().T + bias.double()
+        offs = [sum(sections[:h]) for h in range(len(sections) + 1)]
+        parts = [type(q)(q.a.padded.cuda(), q.b.padded.cuda(), q.ranks.cuda()) for q in parts]
+        want = torch.cat([dense_loop_ref(x, base64[:, offs[h]:offs[h + 1]], parts[h], slots)
+                          for h in range(len(sections))], 1)
+        _poison_allocator()
+        got = dense_gemm.dense_lora_gemm(x, weight, bias, group, slots, None)
+        again = dense_gemm.dense_lora_gemm(x, weight, bias, group, slots, None)
+        alone = dense_gemm.dense_lora_gemm(x, weight, bias, None, None, None, sections=sections)
+        torch.cuda.synchronize()
+        assert rel_err(got, want) <= 1e-2
+        if (slots >= 0).any():
+            assert rel_err(got.double() - base64, want - base64) <= 2e-2
+        assert torch.equal(got[slots < 0], alone[slots < 0])
+        assert torch.equal(got, again)
+        assert int(dense_gemm._sync(x.device).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("t", [1, 8, 64])

@@ -1,0 +1,282 @@
+"""A dense projection group's base GEMM and every token's LoRA delta in one launch, at decode size.
+
+    out[t] = x[t] @ W.T (+ bias) + sum_h (x[t] @ A_h[s].T) @ B_h[s].T     (s = slot_ids[t] >= 0)
+
+with projection h's delta in its own columns (q/k/v as one group, or o alone; kernels.weights.
+DenseLoRAGroup), rounded once to out's dtype.
+
+Why: at decode (<= 64 tokens) a dense group's LoRA costs two launches behind the base GEMM (a
+shrink split over K, then an expand) for a few us of adapter bytes: four dependent launches an
+attention layer, 5-8x their bytes on the H100 and H200 (benchmarks/RESULTS.md). Here the shrink
+runs beside the base GEMM in the same grid and the expand is added to each output tile before
+its one store.
+
+Programs of one grid:
+- The first `num_shrink` programs run the shrink: (block of the step's dense layout, projection,
+  K slice) tiles, the split path's tile (grouped_gemm._gemm_tile), into fp32 partial sums
+  part[slice, t, h*R + j]. Each then counts itself in sync[0].
+- Every other program owns the base tile (N tile n, K slice k) of x @ W.T. With one K slice the
+  program finishes its tile; with several, each stores its fp32 partial in a workspace and counts
+  itself in its tile's counter, and the one that arrives last sums the tile's partials in slice
+  order (the sum does not depend on which program came last: runs are bitwise repeatable). That
+  program adds the bias, waits until sync[0] says every shrink program is done, adds each layout
+  block's delta to the rows of its tokens (a token without an adapter is in no block: its row is
+  the base sum untouched, bitwise equal to a launch without LoRA), and stores the tile.
+- Waiting is safe: only a tile's last program waits, and only for the shrink programs, which
+  come first in the grid and so are placed on the GPU before it.
+Counters are zero between launches: a tile's last program zeroes its tile's, the last tile to
+finish zeroes sync[0] and sync[1]. One buffer serves all launches on a device, so launches on a
+device must run one after another (one stream; the engine's forward runs on one).
+
+Why a split of K for the base: o's W at 64 tokens is [2048, 4096]; 64-column tiles alone give 32
+programs, too few to stream 16 MB at the copy rate, and narrower tiles would read x once per
+tile from L2 (x is 512 KB there). Slices of K bring the grid to about one program per SM.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.errors import expect
+from kernels.moe.align import VirtualLayout
+from kernels.moe.grouped_gemm import _dot, _gemm_tile
+from kernels.moe.operands import factor_at, k_slices
+from kernels.pdl import pdl_args
+from kernels.weights import DenseLoRAGroup
+
+# Token counts the fused launch takes (the whole batch is one M tile of at most this many rows).
+# MOEPLEX_DENSE_FUSED=0 (or ENABLED = False) leaves every size to cuBLAS and the split path, for A/B runs
+FUSED_MAX_TOKENS = 64
+ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "1") != "0"
+# The base tile and its K tiles (BLOCK_K deep, NUM_STAGES in flight) at 4 warps; the shrink's tiles
+# are the split path's (dense_launch.DENSE_SHRINK, group_k_splits)
+FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3}
+SHRINK_PROGRAMS = 64  # at most; each walks (block, projection, K slice) tiles
+MAX_TILES = 8192  # N tiles a launch may have: the per-device counter buffer's size
+_SYNC: dict[str, Tensor] = {}
+
+
+@triton.jit
+def _shrink_tiles(X, LA, P, lay, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R, num_heads,
+                  shrink_chunk, shrink_parts, stride_part, num_shrink, LAY_M: tl.constexpr,
+                  BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, IEEE: tl.constexpr):
+    """Shrink program pid's share of the step's (block, projection h, K slice) tiles:
+    part[slice, rows, h*R + j] = x[rows, slice] @ A_h[s][j, slice], j < rank_h[s]."""
+    pid = tl.program_id(0)
+    per_block = num_heads * shrink_parts
+    for tile in range(pid, tl.load(lay[3]) * per_block, num_shrink):
+        block = tile // per_block
+        h = (tile % per_block) // shrink_parts
+        part = tile % shrink_parts
+        slot = tl.load(lay[2] + block).to(tl.int64)
+        n_limit = tl.minimum(R, tl.load(ranks_ptr + h * rank_split_stride + slot))
+        k_start = part * shrink_chunk
+        _gemm_tile(X, LA, P, 0, lay, block, 0, slot, h, 0, num_tokens, R, 1, 0, n_limit, k_start,
+                   tl.minimum(K, k_start + shrink_chunk), part * stride_part, 1, 0, LAY_M, BLOCK_R, SHRINK_K,
+                   False, False, IEEE, False, 16, False, True)
+    tl.debug_barrier()  # every thread's partial sums are stored before the count says so
+    tl.atomic_add(sync_ptr, 1, sem="release")
+
+
+@triton.jit
+def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, t_ok, offs_n, n_ok, n0,
+                R, shrink_parts, stride_part, num_shrink, BLOCK_T: tl.constexpr, LAY_M: tl.constexpr,
+                BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """acc (the tile's base sum, rows = tokens) plus each layout block's delta on its tokens' rows."""
+    # the tile's projection: its columns of the partial sums start at h * R
+    h = (n0 >= ends[0]).to(tl.int32) + (n0 >= ends[1]).to(tl.int32) + (n0 >= ends[2]).to(tl.int32)
+    offs_r = tl.arange(0, BLOCK_R)
+    s_ptrs = P[0] + offs_t[:, None] * P[1] + (h * R + offs_r)[None, :]
+    s_mask = t_ok[:, None] & (offs_r < R)[None, :]
+    tl.debug_barrier()
+    done = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    while done < num_shrink:  # the shrink programs run first in the grid: this ends
+        done = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+    # each token's shrink, summed over K slices (rows and columns past a token's rank are never
+    # written; they are masked below, whatever they hold); .cg: written during this launch
+    shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for j in range(shrink_parts):
+        shrunk += tl.load(s_ptrs + j * stride_part, mask=s_mask, other=0.0, cache_modifier=".cg")
+    offs_b = tl.arange(0, LAY_M)
+    for b in range(tl.load(lay[3])):
+        slot = tl.load(lay[2] + b).to(tl.int64)
+        rank = tl.minimum(tl.load(ranks_ptr + h * rank_split_stride + slot), R)
+        if rank > 0:
+            rows = tl.load(lay[0] + b * LAY_M + offs_b)  # the block's tokens; padding never matches
+            mine = (tl.max((offs_t[:, None] == rows[None, :]).to(tl.int32), axis=1) > 0) & t_ok
+            r_ok = offs_r < rank
+            lb_base, lb_rows = factor_at(LB, slot, 0, 0)  # B rows are the group's output columns
+            lb = tl.load(lb_base + offs_n[None, :] * lb_rows + offs_r[:, None] * LB[5],
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            # the shrink rounds to B's dtype, as the split path's expand does
+            s = tl.where(mine[:, None] & r_ok[None, :], shrunk, 0.0).to(lb.dtype)
+            acc = tl.where(mine[:, None], _dot(s, lb, acc, IEEE), acc)
+    return acc
+
+
+# values that follow the token count are not specialised on (Triton would compile anew where one
+# turns divisible by 16): one compile per M tile (BLOCK_T) and group
+@triton.jit(do_not_specialize=["num_tokens", "stride_part", "num_shrink"])
+def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, ranks_ptr, rank_split_stride, ends,
+                            sync_ptr, num_tokens, N, K, R, num_heads, k_chunk, shrink_chunk, shrink_parts,
+                            stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr, LAY_M: tl.constexpr,
+                            BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_LORA: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    if PDL != 0:  # x is the launch ahead's output (kernels/pdl.py: PDL_WAIT_FIRST)
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    if pid < num_shrink:
+        if HAS_LORA:
+            _shrink_tiles(X, LA, P, lay, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R, num_heads,
+                          shrink_chunk, shrink_parts, stride_part, num_shrink, LAY_M, BLOCK_R, SHRINK_K, IEEE)
+    else:
+        g = pid - num_shrink
+        pid_n = g // K_SLICES
+        k_start = (g % K_SLICES) * k_chunk
+        k_limit = tl.minimum(K, k_start + k_chunk)
+        offs_t = tl.arange(0, BLOCK_T)
+        t_ok = offs_t < num_tokens
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = X[0] + offs_t[:, None] * X[1] + (k_start + offs_k)[None, :] * X[2]
+        w_ptrs = W[0] + offs_n[None, :] * W[1] + (k_start + offs_k)[:, None] * W[2]
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, k_limit, BLOCK_K):
+            k_ok = k0 + offs_k < k_limit
+            a = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _dot(a, w, acc, IEEE)
+            x_ptrs += BLOCK_K * X[2]
+            w_ptrs += BLOCK_K * W[2]
+        last = True
+        if K_SLICES > 1:  # partial tiles: the tile's last program sums them, in slice order
+            offs_w = offs_t[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            tile_ws = work_ptr + pid_n * (K_SLICES * BLOCK_T * BLOCK_N)
+            tl.store(tile_ws + (g % K_SLICES) * (BLOCK_T * BLOCK_N) + offs_w, acc)
+            tl.debug_barrier()
+            last = tl.atomic_add(sync_ptr + 2 + pid_n, 1, sem="acq_rel") == K_SLICES - 1
+            if last:
+                tl.debug_barrier()
+                acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+                for j in tl.static_range(K_SLICES):
+                    acc += tl.load(tile_ws + j * (BLOCK_T * BLOCK_N) + offs_w, cache_modifier=".cg")
+                tl.atomic_xchg(sync_ptr + 2 + pid_n, 0)
+        if last:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_LORA:
+                acc = _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, t_ok,
+                                  offs_n, n_ok, pid_n * BLOCK_N, R, shrink_parts, stride_part, num_shrink, BLOCK_T,
+                                  LAY_M, BLOCK_R, IEEE)
+                # the last tile done: no program reads the shrink's count any more
+                if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == num_n - 1:
+                    tl.atomic_xchg(sync_ptr, 0)
+                    tl.atomic_xchg(sync_ptr + 1, 0)
+            c_ptrs = C[0] + offs_t[:, None] * C[1] + offs_n[None, :] * C[2]
+            tl.store(c_ptrs, acc.to(C[0].dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+def _sync(device: torch.device) -> Tensor:
+    """The device's counters: sync[0] shrink programs done, sync[1] tiles done, then a counter a
+    tile. Zero between launches (the kernel leaves them so)."""
+    key = str(device)
+    if key not in _SYNC:
+        _SYNC[key] = torch.zeros(2 + MAX_TILES, dtype=torch.int32, device=device)
+    return _SYNC[key]
+
+
+def _programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few, so that K slices show
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fused_block_n(sections: tuple[int, ...], block_n: int) -> int:
+    """The base tile's width for these sections: at most block_n and, with several projections, a
+    divisor of every section end (a tile's columns belong to one projection); 0 when none of at
+    least 16 exists."""
+    tile = block_n
+    for end in (sum(sections[:h + 1]) for h in range(len(sections) - 1)):
+        while tile >= 16 and end % tile:
+            tile //= 2
+    return tile if tile >= 16 else 0
+
+
+def fused_ok(num_tokens: int, sections: tuple[int, ...]) -> bool:
+    """Whether the fused launch takes this group at this size: decode size, and a base tile width
+    that no section end splits (q/k/v of every supported model: ends at multiples of 128)."""
+    return ENABLED and 0 < num_tokens <= FUSED_MAX_TOKENS and len(sections) <= 4 and \
+        fused_block_n(sections, FUSED_TILES["block_n"]) > 0
+
+
+def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseLoRAGroup | None,
+                    slot_ids: Tensor | None, layout: VirtualLayout | None, *, sections: tuple[int, ...] = (),
+                    k_slices_: int = 0, tiles: dict | None = None) -> Tensor:
+    """x @ weight.T (+ bias) plus each token's delta of the group `lora` (None: the base alone, the
+    same sums), in one launch; returns the new [T, N] output in x's dtype.
+
+    Args:
+        x: [T, K], T <= FUSED_MAX_TOKENS; weight: [N, K]; bias: [N] or None.
+        lora, slot_ids, layout: the group, [T] slots (-1: none) and the step's dense layout of them
+            (kernels.moe.dense_launch.dense_layout; computed here when None).
+        sections: the projections' widths when lora is None (the tile must not straddle two, so that
+            the same tiles serve both); lora's own otherwise.
+        k_slices_, tiles: the base's K slices (0: about one program per SM) and FUSED_TILES
+            overrides, for sweeps.
+    """
+    from kernels.moe.dense_launch import DENSE_SHRINK, dense_layout, group_k_splits
+    from kernels.moe.launch import LORA_BLOCK_M, _rank_block
+    num_tokens, k = x.shape
+    n = weight.shape[0]
+    sections = lora.sections if lora is not None else (sections or (n,))
+    expect(0 < num_tokens <= FUSED_MAX_TOKENS, f"the fused launch takes 1 to {FUSED_MAX_TOKENS} tokens, got {num_tokens}")
+    expect(weight.dim() == 2 and weight.shape[1] == k and sum(sections) == n,
+           f"weight must be [N={sum(sections)}, K={k}], got {tuple(weight.shape)}")
+    tiles = {**FUSED_TILES, **(tiles or {})}
+    block_n = fused_block_n(sections, tiles["block_n"])
+    expect(block_n > 0 and len(sections) <= 4, f"no tile of >= 16 columns divides the section ends of {sections}")
+    num_n = triton.cdiv(n, block_n)
+    expect(num_n <= MAX_TILES, f"at most {MAX_TILES} tiles of {block_n} columns, got {num_n}")
+    block_t = max(16, triton.next_power_of_2(num_tokens))
+    want = k_slices_ or max(1, min(8, triton.cdiv(_programs(x.device), num_n)))
+    k_chunk, slices = k_slices(k, want, tiles["block_k"])
+    out = torch.empty(num_tokens, n, dtype=x.dtype, device=x.device)
+    work = torch.empty(num_n * slices * block_t * block_n if slices > 1 else 1, dtype=torch.float32,
+                       device=x.device)
+    sync = _sync(x.device)
+    ends = [sum(sections[:h + 1]) for h in range(len(sections) - 1)]
+    ends += [n] * (3 - len(ends))
+    lora_args, lora_sizes, num_shrink, heads, big_r = (0, 0, out, (out, out, out, out)), (1, 1, 0), 0, 1, 16
+    ranks, rank_stride = out, 0
+    shrink_k = DENSE_SHRINK["block_k"]
+    if lora is not None:
+        expect(slot_ids is not None and tuple(slot_ids.shape) == (num_tokens,),
+               f"slot_ids must be [T={num_tokens}]")
+        if layout is None:
+            layout = dense_layout(slot_ids, lora.num_slots)
+        expect(layout.num_rows == num_tokens and layout.block_size == LORA_BLOCK_M,
+               f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {num_tokens} rows")
+        heads, big_r = lora.num_projections, lora.max_rank
+        shrink_chunk, shrink_parts = k_slices(k, group_k_splits(k), shrink_k)
+        part = torch.empty(shrink_parts, num_tokens, heads * big_r, dtype=torch.float32, device=x.device)
+        num_shrink = min(SHRINK_PROGRAMS, layout.max_blocks * heads * shrink_parts)
+        lora_args = (lora.a.operand(), lora.b.operand(), (part, part.stride(1), 1, big_r),
+                     (layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks))
+        lora_sizes = (shrink_chunk, shrink_parts, part.stride(0))
+        ranks, rank_stride = lora.ranks, lora.ranks.stride(0)
+    la, lb, p, lay = lora_args
+    ieee = all(t.dtype == torch.float32 for t in (x, weight))
+    _dense_lora_gemm_kernel[(num_shrink + num_n * slices,)](
+        (x, x.stride(0), x.stride(1), 0), (weight, weight.stride(0), weight.stride(1)),
+        bias if bias is not None else out, (out, out.stride(0), out.stride(1)), la, lb, p, work, lay, ranks,
+        rank_stride, tuple(ends), sync, num_tokens, n, k, big_r, heads, k_chunk, *lora_sizes, num_shrink, num_n,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=tiles["block_k"], K_SLICES=slices, LAY_M=LORA_BLOCK_M,
+        BLOCK_R=_rank_block(big_r), SHRINK_K=shrink_k, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
+        IEEE=ieee, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **pdl_args(x.device),
+    )
+    return out

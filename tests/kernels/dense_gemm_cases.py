@@ -1,0 +1,128 @@
+"""The fused dense launch (kernels/moe/dense_gemm.py: base GEMM, shrink and expand of a q/k/v-like
+group in one grid) under TRITON_INTERPRET=1, against the fp64 loop.
+
+Run as `python -m tests.kernels.dense_gemm_cases` with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1
+(test_dense_gemm.py does so in a subprocess). Prints one JSON object per case.
+
+Case names: {dtype}-{spread}-s{sections}-t{tokens}[-in{K}][-heap][-nanpad][-bias][-k{slices}],
+spread one of tests.kernels.loop_reference.SPREADS or "none" (no token has an adapter).
+"""
+import zlib
+
+import torch
+
+from tests.kernels.interp import errors_raised, print_cases
+from tests.kernels.loop_reference import dense_loop_ref, group_in_heap, make_dense_lora, make_slot_ids, rel_err
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TOL = {"fp32": 1e-5, "fp16": 5e-3}
+# per projection and slot ranks; slot 3 leaves projection 1 alone (rank 0)
+RANKS = [[1, 8, 16, 4], [8, 16, 1, 0], [16, 4, 8, 2]]
+
+
+def case_names() -> list[str]:
+    return [
+        # q/k/v-like sections, 16-wide tiles (the section ends), one K slice and several
+        "fp32-uniform-s32x16x16-t5", "fp16-zipf-s32x16x16-t19-nanpad-bias", "fp32-distinct-s32x16x16-t19-k3",
+        # the adapter heap (NaN around and past every slot's rank), 64-wide tiles, K = 300 in 128-deep tiles
+        "fp16-uniform-s64x64x64-t19-heap-bias", "fp32-zipf-s128x64x64-t7-heap-k2",
+        # o-like (one projection), one token; a full 64-token tile
+        "fp32-distinct-s48-t1-nanpad", "fp16-uniform-s32x16x16-t64-in96-nanpad",
+        # no token with an adapter: the shrink has no block, the output is the base alone
+        "fp32-none-s32x16x16-t6",
+        # two projections: the third end past N
+        "fp16-zipf-s32x32-t9-in80",
+    ]
+
+
+def _parse(name: str) -> dict:
+    words = name.split("-")
+    return {"dtype": words[0], "spread": words[1], "sections": tuple(int(n) for n in words[2][1:].split("x")),
+            "t": int(words[3][1:]), "in": next((int(w[2:]) for w in words[4:] if w.startswith("in")), 300),
+            "slices": next((int(w[1:]) for w in words[4:] if w.startswith("k")), 0), "flags": set(words[4:])}
+
+
+def build(name: str) -> dict:
+    p = _parse(name)
+    dtype, sections, t, n_in = DTYPES[p["dtype"]], p["sections"], p["t"], p["in"]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
+    pad = float("nan") if "nanpad" in p["flags"] else 0.0
+    parts = [make_dense_lora(gen, 4, n_in, n, RANKS[h], dtype, pad=pad) for h, n in enumerate(sections)]
+    import kernels
+    group = kernels.DenseLoRAGroup(torch.cat([q.a.padded for q in parts], 1), torch.cat([q.b.padded for q in parts], 1),
+                                   torch.stack([q.ranks for q in parts]), sections)
+    if "heap" in p["flags"]:
+        group = group_in_heap(parts, sections)
+    x = torch.randn(t, n_in, generator=gen).to(dtype)
+    weight = (torch.randn(sum(sections), n_in, generator=gen) / n_in ** 0.5).to(dtype)
+    bias = torch.randn(sum(sections), generator=gen).to(dtype) if "bias" in p["flags"] else None
+    if p["spread"] == "none":
+        slots = torch.full((t,), -1, dtype=torch.int64)
+    else:
+        slots = make_slot_ids(p["spread"], t, 4, gen)
+        slots[0] = 3
+        if t > 1:
+            slots[-1] = -1
+    base = x.double() @ weight.double().T + (bias.double() if bias is not None else 0.0)
+    offs = [sum(sections[:h]) for h in range(len(sections) + 1)]
+    want = torch.cat([dense_loop_ref(x, base[:, offs[h]:offs[h + 1]], parts[h], slots)
+                      for h in range(len(sections))], 1)
+    return {"p": p, "group": group, "x": x, "weight": weight, "bias": bias, "slots": slots, "base": base,
+            "want": want}
+
+
+def run_case(name: str) -> dict:
+    c = build(name)
+    p = c["p"]
+    from kernels.moe import dense_gemm
+    empty = torch.empty
+
+    def poisoned(*args, **kw):  # float scratch starts NaN: a read of an unwritten partial sum shows
+        z = empty(*args, **kw)
+        return z.fill_(float("nan")) if z.is_floating_point() else z
+    torch.empty = poisoned
+    try:
+        run = lambda group, slots: dense_gemm.dense_lora_gemm(  # noqa: E731
+            c["x"], c["weight"], c["bias"], group, slots, None, sections=p["sections"], k_slices_=p["slices"])
+        got = run(c["group"], c["slots"])
+        again = run(c["group"], c["slots"])
+        base_only = run(None, None)
+    finally:
+        torch.empty = empty
+    none = c["slots"] < 0
+    return {"err": rel_err(got, c["want"]), "base_err": rel_err(base_only, c["base"]),
+            "delta_err": rel_err(got.double() - c["base"], c["want"] - c["base"]) if (~none).any() else 0.0,
+            "bitwise": bool(torch.equal(got[none], base_only[none])), "repeatable": bool(torch.equal(got, again)),
+            "finite": bool(torch.isfinite(got).all()),
+            "counters_zero": int(dense_gemm._sync(got.device).abs().sum()) == 0, "tol": TOL[p["dtype"]]}
+
+
+def run_dispatch() -> dict:
+    """kernels.linear_lora takes the fused launch at decode size and the split path above it (the
+    same result up to rounding); the launcher refuses sizes it does not take with a typed error."""
+    import kernels
+    from kernels.moe import dense_gemm
+    c = build("fp32-uniform-s32x16x16-t5")
+    layout = kernels.dense_lora_layout(c["slots"], 4)
+    fused = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], layout)
+    direct = dense_gemm.dense_lora_gemm(c["x"], c["weight"], None, c["group"], c["slots"], layout)
+    dense_gemm.ENABLED = False
+    try:
+        split = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], kernels.dense_lora_layout(c["slots"], 4))
+    finally:
+        dense_gemm.ENABLED = True
+    big = torch.zeros(dense_gemm.FUSED_MAX_TOKENS + 1, c["x"].shape[1])
+    raised = errors_raised([
+        lambda: dense_gemm.dense_lora_gemm(big, c["weight"], None, None, None, None),
+        lambda: dense_gemm.dense_lora_gemm(c["x"], c["weight"], None, None, None, None, sections=(36, 20, 12)),
+    ], kernels.KernelInputError)
+    return {"fused_is_direct": bool(torch.equal(fused, direct)), "split_err": rel_err(split, c["want"]),
+            "fused_err": rel_err(fused, c["want"]), "layout_at_5": layout is not None, "raised": raised}
+
+
+def main() -> None:
+    print_cases(case_names() + ["dispatch"], lambda name: run_dispatch() if name == "dispatch" else run_case(name))
+
+
+if __name__ == "__main__":
+    main()
