@@ -147,8 +147,9 @@ def sweep_fused(layer: dict, n: int, tokens: list[int], gen: torch.Generator) ->
     """The fused launch's tiles (N tile, K tile, K slices, stages) for q/k/v and o apart, at each
     token count, with every token on an adapter; FUSED_TILES is the engine's."""
     out = []
-    configs = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-               for bn in (32, 64, 128) for bk in (128, 256) for w in (4,) for st in (3,)]
+    configs = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=3, expand_stages=1)
+               for bn in (32, 64, 128) for bk in (128, 256)]
+    configs.append({**FUSED_TILES, "expand_stages": 3})  # the delta's block loop pipelined
     for m in tokens:
         x, attn, slots, _, _ = _inputs(layer, m, n, gen)
         lay = dense_layout(slots, n)
@@ -167,7 +168,7 @@ def sweep_fused(layer: dict, n: int, tokens: list[int], gen: torch.Generator) ->
             best = min((r for r in out if r["m"] == m and r["proj"] == name and r["us"]), key=lambda r: r["us"])
             mine = next(r for r in out if r["m"] == m and r["proj"] == name and r["engine"])
             print(f"M={m} {name}: cuBLAS base {cublas:.1f} us; fused engine tiles {mine['us']:.1f}; best {best['us']:.1f} "
-                  f"{ {k: best[k] for k in ('block_n', 'block_k', 'num_stages', 'k_slices')} }", flush=True)
+                  f"{ {k: best[k] for k in ('block_n', 'block_k', 'expand_stages', 'k_slices')} }", flush=True)
     return out
 
 

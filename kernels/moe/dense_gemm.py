@@ -15,17 +15,18 @@ Programs of one grid:
 - The first `num_shrink` programs run the shrink: (block of the step's dense layout, projection,
   K slice) tiles, the split path's tile (grouped_gemm._gemm_tile), into fp32 partial sums
   part[slice, t, h*R + j]. Each then counts itself in sync[0].
-- Every other program owns the base tile (N tile n, K slice k) of x @ W.T. With one K slice the
-  program finishes its tile; with several, each stores its fp32 partial in a workspace and counts
-  itself in its tile's counter, and the one that arrives last sums the tile's partials in slice
-  order (the sum does not depend on which program came last: runs are bitwise repeatable). That
-  program adds the bias, waits until sync[0] says every shrink program is done, adds each layout
-  block's delta to the rows of its tokens (a token without an adapter is in no block: its row is
-  the base sum untouched, bitwise equal to a launch without LoRA), and stores the tile.
-- Waiting is safe: only a tile's last program waits, and only for the shrink programs, which
-  come first in the grid and so are placed on the GPU before it.
-Counters are zero between launches: a tile's last program zeroes its tile's, the last tile to
-finish zeroes sync[0] and sync[1]. One buffer serves all launches on a device, so launches on a
+- Every other program owns the base tile (N tile n, K slice k) of x @ W.T. After its K loop it
+  waits until sync[0] says every shrink program is done and adds the deltas of the layout blocks
+  k, k + slices, ... to the rows of their tokens (the slices share the blocks out; a token
+  without an adapter is in no block, so its row keeps the base sum's bits). With one K slice it
+  then stores the tile; with several, it stores its fp32 partial in a workspace and counts itself
+  in its tile's counter, and the one that arrives last sums the tile's partials in slice order
+  (the sum does not depend on which program came last: runs are bitwise repeatable, and a row
+  without an adapter equals the launch without LoRA), adds the bias and stores the tile.
+- Waiting is safe: programs wait only for the shrink programs, which come first in the grid and
+  so are placed on the GPU before any that waits.
+Counters are zero between launches: a tile's last program zeroes its tile's, the last program
+to pass the wait zeroes sync[0] and sync[1]. One buffer serves all launches on a device, so launches on a
 device must run one after another (one stream; the engine's forward runs on one).
 
 Why a split of K for the base: o's W at 64 tokens is [2048, 4096]; 64-column tiles alone give 32
@@ -52,7 +53,7 @@ FUSED_MAX_TOKENS = 64
 ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "1") != "0"
 # The base tile and its K tiles (BLOCK_K deep, NUM_STAGES in flight) at 4 warps; the shrink's tiles
 # are the split path's (dense_launch.DENSE_SHRINK, group_k_splits)
-FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3}
+FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "expand_stages": 1}
 SHRINK_PROGRAMS = 64  # at most; each walks (block, projection, K slice) tiles
 MAX_TILES = 8192  # N tiles a launch may have: the per-device counter buffer's size
 _SYNC: dict[str, Tensor] = {}
@@ -81,51 +82,53 @@ def _shrink_tiles(X, LA, P, lay, ranks_ptr, rank_split_stride, sync_ptr, num_tok
 
 
 @triton.jit
-def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, t_ok, offs_n, n_ok, n0,
-                R, shrink_parts, stride_part, num_shrink, BLOCK_T: tl.constexpr, LAY_M: tl.constexpr,
-                BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    """acc (the tile's base sum, rows = tokens) plus each layout block's delta on its tokens' rows."""
+def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, lora_t, offs_n, n_ok, n0,
+                first_block, block_step, R, shrink_parts, stride_part, num_shrink, BLOCK_T: tl.constexpr,
+                LAY_M: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, EXPAND_STAGES: tl.constexpr):
+    """acc (rows = tokens) plus the delta of layout blocks first_block, first_block + block_step, ...
+    on their tokens' rows (lora_t: the tokens that have an adapter); other rows keep acc's bits."""
     # the tile's projection: its columns of the partial sums start at h * R
     h = (n0 >= ends[0]).to(tl.int32) + (n0 >= ends[1]).to(tl.int32) + (n0 >= ends[2]).to(tl.int32)
     offs_r = tl.arange(0, BLOCK_R)
     s_ptrs = P[0] + offs_t[:, None] * P[1] + (h * R + offs_r)[None, :]
-    s_mask = t_ok[:, None] & (offs_r < R)[None, :]
+    s_mask = lora_t[:, None] & (offs_r < R)[None, :]
     tl.debug_barrier()
     done = tl.atomic_add(sync_ptr, 0, sem="acquire")
     while done < num_shrink:  # the shrink programs run first in the grid: this ends
         done = tl.atomic_add(sync_ptr, 0, sem="acquire")
     tl.debug_barrier()
-    # each token's shrink, summed over K slices (rows and columns past a token's rank are never
-    # written; they are masked below, whatever they hold); .cg: written during this launch
+    # each token's shrink, summed over K slices (columns past a token's rank are never written; they
+    # are masked below, whatever they hold); .cg: written during this launch, not to be read from L1
     shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for j in range(shrink_parts):
         shrunk += tl.load(s_ptrs + j * stride_part, mask=s_mask, other=0.0, cache_modifier=".cg")
     offs_b = tl.arange(0, LAY_M)
-    for b in range(tl.load(lay[3])):
+    # no branch in the body, so the loop may be pipelined: a rank-0 projection masks everything
+    for b in tl.range(first_block, tl.load(lay[3]), block_step, num_stages=EXPAND_STAGES):
         slot = tl.load(lay[2] + b).to(tl.int64)
         rank = tl.minimum(tl.load(ranks_ptr + h * rank_split_stride + slot), R)
-        if rank > 0:
-            rows = tl.load(lay[0] + b * LAY_M + offs_b)  # the block's tokens; padding never matches
-            mine = (tl.max((offs_t[:, None] == rows[None, :]).to(tl.int32), axis=1) > 0) & t_ok
-            r_ok = offs_r < rank
-            lb_base, lb_rows = factor_at(LB, slot, 0, 0)  # B rows are the group's output columns
-            lb = tl.load(lb_base + offs_n[None, :] * lb_rows + offs_r[:, None] * LB[5],
-                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            # the shrink rounds to B's dtype, as the split path's expand does
-            s = tl.where(mine[:, None] & r_ok[None, :], shrunk, 0.0).to(lb.dtype)
-            acc = tl.where(mine[:, None], _dot(s, lb, acc, IEEE), acc)
+        rows = tl.load(lay[0] + b * LAY_M + offs_b)  # the block's tokens; padding never matches
+        mine = (tl.max((offs_t[:, None] == rows[None, :]).to(tl.int32), axis=1) > 0) & lora_t & (rank > 0)
+        r_ok = offs_r < rank
+        lb_base, lb_rows = factor_at(LB, slot, 0, 0)  # B rows are the group's output columns
+        lb = tl.load(lb_base + offs_n[None, :] * lb_rows + offs_r[:, None] * LB[5],
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        # the shrink rounds to B's dtype, as the split path's expand does
+        s = tl.where(mine[:, None] & r_ok[None, :], shrunk, 0.0).to(lb.dtype)
+        acc = tl.where(mine[:, None], _dot(s, lb, acc, IEEE), acc)
     return acc
 
 
 # values that follow the token count are not specialised on (Triton would compile anew where one
 # turns divisible by 16): one compile per M tile (BLOCK_T) and group
 @triton.jit(do_not_specialize=["num_tokens", "stride_part", "num_shrink"])
-def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, ranks_ptr, rank_split_stride, ends,
-                            sync_ptr, num_tokens, N, K, R, num_heads, k_chunk, shrink_chunk, shrink_parts,
+def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_ids_ptr, ranks_ptr, rank_split_stride,
+                            ends, sync_ptr, num_tokens, N, K, R, num_heads, k_chunk, shrink_chunk, shrink_parts,
                             stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr, LAY_M: tl.constexpr,
                             BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            HAS_LORA: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                            HAS_LORA: tl.constexpr, IEEE: tl.constexpr, EXPAND_STAGES: tl.constexpr,
+                            PDL: tl.constexpr):
     if PDL != 0:  # x is the launch ahead's output (kernels/pdl.py: PDL_WAIT_FIRST)
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -136,7 +139,8 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, ranks_p
     else:
         g = pid - num_shrink
         pid_n = g // K_SLICES
-        k_start = (g % K_SLICES) * k_chunk
+        k_slice = g % K_SLICES
+        k_start = k_slice * k_chunk
         k_limit = tl.minimum(K, k_start + k_chunk)
         offs_t = tl.arange(0, BLOCK_T)
         t_ok = offs_t < num_tokens
@@ -153,11 +157,20 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, ranks_p
             acc = _dot(a, w, acc, IEEE)
             x_ptrs += BLOCK_K * X[2]
             w_ptrs += BLOCK_K * W[2]
+        if HAS_LORA:  # the deltas of every K_SLICES-th block, from this slice's: the slices share them out
+            lora_t = t_ok & (tl.load(slot_ids_ptr + offs_t, mask=t_ok, other=-1) >= 0)
+            acc = _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, lora_t, offs_n,
+                              n_ok, pid_n * BLOCK_N, k_slice, K_SLICES, R, shrink_parts, stride_part, num_shrink,
+                              BLOCK_T, LAY_M, BLOCK_R, IEEE, EXPAND_STAGES)
+            # the last program done: no program reads the shrink's count any more
+            if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == num_n * K_SLICES - 1:
+                tl.atomic_xchg(sync_ptr, 0)
+                tl.atomic_xchg(sync_ptr + 1, 0)
         last = True
         if K_SLICES > 1:  # partial tiles: the tile's last program sums them, in slice order
             offs_w = offs_t[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             tile_ws = work_ptr + pid_n * (K_SLICES * BLOCK_T * BLOCK_N)
-            tl.store(tile_ws + (g % K_SLICES) * (BLOCK_T * BLOCK_N) + offs_w, acc)
+            tl.store(tile_ws + k_slice * (BLOCK_T * BLOCK_N) + offs_w, acc)
             tl.debug_barrier()
             last = tl.atomic_add(sync_ptr + 2 + pid_n, 1, sem="acq_rel") == K_SLICES - 1
             if last:
@@ -169,14 +182,6 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, ranks_p
         if last:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_LORA:
-                acc = _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, t_ok,
-                                  offs_n, n_ok, pid_n * BLOCK_N, R, shrink_parts, stride_part, num_shrink, BLOCK_T,
-                                  LAY_M, BLOCK_R, IEEE)
-                # the last tile done: no program reads the shrink's count any more
-                if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == num_n - 1:
-                    tl.atomic_xchg(sync_ptr, 0)
-                    tl.atomic_xchg(sync_ptr + 1, 0)
             c_ptrs = C[0] + offs_t[:, None] * C[1] + offs_n[None, :] * C[2]
             tl.store(c_ptrs, acc.to(C[0].dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
 
@@ -273,10 +278,12 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
     ieee = all(t.dtype == torch.float32 for t in (x, weight))
     _dense_lora_gemm_kernel[(num_shrink + num_n * slices,)](
         (x, x.stride(0), x.stride(1), 0), (weight, weight.stride(0), weight.stride(1)),
-        bias if bias is not None else out, (out, out.stride(0), out.stride(1)), la, lb, p, work, lay, ranks,
-        rank_stride, tuple(ends), sync, num_tokens, n, k, big_r, heads, k_chunk, *lora_sizes, num_shrink, num_n,
+        bias if bias is not None else out, (out, out.stride(0), out.stride(1)), la, lb, p, work, lay,
+        slot_ids if lora is not None else out, ranks, rank_stride, tuple(ends), sync, num_tokens, n, k, big_r, heads,
+        k_chunk, *lora_sizes, num_shrink, num_n,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=tiles["block_k"], K_SLICES=slices, LAY_M=LORA_BLOCK_M,
         BLOCK_R=_rank_block(big_r), SHRINK_K=shrink_k, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
-        IEEE=ieee, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **pdl_args(x.device),
+        IEEE=ieee, EXPAND_STAGES=tiles["expand_stages"], num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        **pdl_args(x.device),
     )
     return out
