@@ -29,8 +29,11 @@ _SHAPES = {"tokens": 2048, "heads": 32, "kv_heads": 4, "head_dim": 128, "experts
            "inter": 768, "hidden": 2048, "slots": 16, "rank": 16}
 
 
-def _compile_tree(out: str) -> None:
-    """Child: compile every kernel launch of the engine's prefill and decode paths into out/."""
+def compiled_launches(launch, pdl: bool = False) -> list[tuple[str, object]]:
+    """(kernel name, compiled kernel) of every Triton launch `launch()` makes, compiled for sm_90
+    on this CPU machine (no GPU: each launch becomes a compile-only warm-up), in launch order; with
+    pdl, the kernels as a Hopper card launches them (programmatic dependent launch on). Run in a
+    process of its own: it replaces Triton's active driver and JITFunction.run for good."""
     import torch
     import triton.runtime.jit as jit
     from triton.backends.compiler import GPUTarget
@@ -59,12 +62,19 @@ def _compile_tree(out: str) -> None:
         return kernel
 
     jit.JITFunction.run = compile_only
-    if os.environ.get("MOEPLEX_SASS_PDL") == "1":  # the kernels as a Hopper card launches them
+    if pdl:
         import kernels.pdl
         kernels.pdl.use_pdl = lambda device: True
         import kernels.moe.grouped_gemm
         kernels.moe.grouped_gemm.use_pdl = kernels.pdl.use_pdl
-    _launch_all(torch)
+    launch()
+    return compiled
+
+
+def _compile_tree(out: str) -> None:
+    """Child: compile every kernel launch of the engine's prefill and decode paths into out/."""
+    import torch
+    compiled = compiled_launches(lambda: _launch_all(torch), os.environ.get("MOEPLEX_SASS_PDL") == "1")
     for i, (name, kernel) in enumerate(compiled):
         with open(os.path.join(out, f"{i:02d}_{name}.cubin"), "wb") as f:
             f.write(kernel.asm["cubin"])
