@@ -49,12 +49,12 @@ MODES = {
     # the defaults with programmatic dependent launch off (kernels/pdl.py): not an EngineConfig
     # field, so main_engine_cases switches it around this mode's engine
     "fused_no_pdl": {},
-    # the defaults with the dense projections' fused base + LoRA launch off (kernels/moe/dense_gemm.py):
-    # cuBLAS then the split or row path at every size, as before it; switched like fused_no_pdl
-    "fused_dense_split": {},
+    # the defaults with the dense projections' base GEMM and LoRA in one launch up to 64 tokens
+    # (kernels/moe/dense_gemm.py, off by default); switched like fused_no_pdl
+    "fused_dense_gemm": {},
 }
 NO_PDL_MODES = {"fused_no_pdl"}
-DENSE_SPLIT_MODES = {"fused_dense_split"}
+DENSE_GEMM_MODES = {"fused_dense_gemm"}
 
 
 def hf_config(shape: dict, layers: int):
@@ -372,7 +372,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     for mode in args.modes:
         COMPILES.take()
         kernels.pdl.ENABLED = pdl_default and mode not in NO_PDL_MODES
-        dense_gemm.ENABLED = fused_dense_default and mode not in DENSE_SPLIT_MODES
+        dense_gemm.ENABLED = fused_dense_default or mode in DENSE_GEMM_MODES
         engine = make_engine(args, shape, layers, args.slots, mode)
         results.setdefault("startup_compiles", {})[mode] = len(COMPILES.take()) if COMPILES.active else None
         results.setdefault("startup_seconds", {})[mode] = dict(engine.runner.startup_seconds)
@@ -472,8 +472,8 @@ def main() -> None:
                              "experts, CUDA graphs, async scheduling); fused_sync: no async scheduling; "
                              "fused_eager_ahead: eager steps launched ahead too; fused_eager_prefill: no "
                              "prefill graphs; fused_eager: no graphs; loop: one MoE call per adapter; "
-                             "fused_no_pdl: the defaults without programmatic dependent launch; fused_dense_split: "
-                             "the defaults without the dense projections' fused launch")
+                             "fused_no_pdl: the defaults without programmatic dependent launch; fused_dense_gemm: "
+                             "the defaults with the dense projections' base and LoRA in one launch")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--triton-prefill-attention", action=argparse.BooleanOptionalAction, default=None,

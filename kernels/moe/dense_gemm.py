@@ -48,9 +48,13 @@ from kernels.pdl import pdl_args
 from kernels.weights import DenseLoRAGroup
 
 # Token counts the fused launch takes (the whole batch is one M tile of at most this many rows).
-# MOEPLEX_DENSE_FUSED=0 (or ENABLED = False) leaves every size to cuBLAS and the split path, for A/B runs
+# Off unless MOEPLEX_DENSE_FUSED=1 (or ENABLED = True): on the H100 (2026-12-06, benchmarks/RESULTS.md,
+# "The dense groups' base GEMM and LoRA in one launch") it lost to cuBLAS plus the split path from
+# 32 tokens on (q/k/v + o at 64 tokens, 16 adapters: 65.1 us against 39.7) and its base alone to
+# cuBLAS at every size (25.2 against 19.9 us at 64 tokens); the engine's c_16 decode step took
+# 20.47 ms against 19.73.
 FUSED_MAX_TOKENS = 64
-ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "1") != "0"
+ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "0") == "1"
 # The base tile and its K tiles (BLOCK_K deep, NUM_STAGES in flight) at 4 warps; the shrink's tiles
 # are the split path's (dense_launch.DENSE_SHRINK, group_k_splits)
 FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "expand_stages": 1}

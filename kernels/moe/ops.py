@@ -86,11 +86,11 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
     of the group (lora_group_linear_'s, weight holding the group's rows side by side); returns the
     new output. lora or slot_ids None: the base alone.
 
-    On the Triton path at decode size (kernels.moe.dense_gemm.fused_ok) the base GEMM, the shrink
-    and the expand are one launch, with LoRA or without (the same base sums either way, so a token
-    without an adapter is bitwise what a call without LoRA gives). Above it: cuBLAS, then the delta's
-    launches, the first of them beside the GEMM's end on a card with programmatic dependent launch
-    (kernels/pdl.py)."""
+    On the Triton path: cuBLAS, then the delta's launches, the first of them beside the GEMM's end on
+    a card with programmatic dependent launch (kernels/pdl.py). With kernels.moe.dense_gemm.ENABLED
+    (off by default: slower where measured), at decode size the base GEMM, the shrink and the expand
+    are one launch instead, with LoRA or without (the same base sums either way, so a token without
+    an adapter stays bitwise what a call without LoRA gives)."""
     group = None
     if lora is not None and slot_ids is not None:
         group = lora if isinstance(lora, DenseLoRAGroup) else DenseLoRAGroup.of(lora)

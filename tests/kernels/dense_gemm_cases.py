@@ -98,26 +98,29 @@ def run_case(name: str) -> dict:
 
 
 def run_dispatch() -> dict:
-    """kernels.linear_lora takes the fused launch at decode size and the split path above it (the
-    same result up to rounding); the launcher refuses sizes it does not take with a typed error."""
+    """kernels.linear_lora takes the fused launch at decode size when it is switched on, cuBLAS and
+    the row path when off (the default; the same result up to rounding); the launcher refuses sizes
+    it does not take with a typed error."""
     import kernels
     from kernels.moe import dense_gemm
     c = build("fp32-uniform-s32x16x16-t5")
-    layout = kernels.dense_lora_layout(c["slots"], 4)
-    fused = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], layout)
-    direct = dense_gemm.dense_lora_gemm(c["x"], c["weight"], None, c["group"], c["slots"], layout)
-    dense_gemm.ENABLED = False
+    off_layout = kernels.dense_lora_layout(c["slots"], 4)  # off (the default): the row path needs none
+    split = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], off_layout)
+    dense_gemm.ENABLED = True
     try:
-        split = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], kernels.dense_lora_layout(c["slots"], 4))
+        layout = kernels.dense_lora_layout(c["slots"], 4)
+        fused = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], layout)
     finally:
-        dense_gemm.ENABLED = True
+        dense_gemm.ENABLED = False
+    direct = dense_gemm.dense_lora_gemm(c["x"], c["weight"], None, c["group"], c["slots"], layout)
     big = torch.zeros(dense_gemm.FUSED_MAX_TOKENS + 1, c["x"].shape[1])
     raised = errors_raised([
         lambda: dense_gemm.dense_lora_gemm(big, c["weight"], None, None, None, None),
         lambda: dense_gemm.dense_lora_gemm(c["x"], c["weight"], None, None, None, None, sections=(36, 20, 12)),
     ], kernels.KernelInputError)
     return {"fused_is_direct": bool(torch.equal(fused, direct)), "split_err": rel_err(split, c["want"]),
-            "fused_err": rel_err(fused, c["want"]), "layout_at_5": layout is not None, "raised": raised}
+            "fused_err": rel_err(fused, c["want"]), "layout_at_5": layout is not None,
+            "no_layout_when_off": off_layout is None, "raised": raised}
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ def test_fused_dense_launch_matches_fp64_loop_and_leaves_tokens_without_adapter_
     assert res["counters_zero"], f"{name}: the launch left its counters non-zero"
 
 
-def test_linear_lora_takes_the_fused_launch_at_decode_size_and_refuses_what_it_cannot_tile(results):
+def test_linear_lora_takes_the_fused_launch_only_when_on_and_the_launcher_refuses_what_it_cannot_tile(results):
     res = results["dispatch"]
-    assert res["fused_is_direct"] and res["layout_at_5"], res
+    assert res["fused_is_direct"] and res["layout_at_5"] and res["no_layout_when_off"], res
     assert res["fused_err"] <= 1e-5 and res["split_err"] <= 1e-5, res
     assert res["raised"] == ["KernelInputError", "KernelInputError"], res

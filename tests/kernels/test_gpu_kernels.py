@@ -180,12 +180,16 @@ def test_lora_group_rows_capture_in_cuda_graph():
     assert torch.equal(out, eager)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("t", [4, 64, 200])
-def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t):
-    """linear_lora (q/k/v: up to 64 tokens the fused launch of base GEMM, shrink and expand; above,
-    cuBLAS then the group's delta, launched with PDL beside the GEMM's end) equals the base plus the
-    fp64 loop's delta, leaves tokens without an adapter equal bit for bit to the call without LoRA,
-    keeps the base within bf16 rounding of cuBLAS, and replays from a CUDA graph to the eager result."""
+def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t, fused, monkeypatch):
+    """linear_lora (q/k/v: cuBLAS then the group's delta, launched with PDL beside the GEMM's end; or,
+    switched on, up to 64 tokens the one launch of base GEMM, shrink and expand) equals the base plus
+    the fp64 loop's delta, leaves tokens without an adapter equal bit for bit to the call without
+    LoRA, keeps the base within bf16 rounding of cuBLAS, and replays from a CUDA graph to the eager
+    result."""
+    from kernels.moe import dense_gemm
+    monkeypatch.setattr(dense_gemm, "ENABLED", fused)
     sections = (4096, 512, 512)
     group, x, out, slots, want = _qkv_case(t, sections, 40 + t)
     slots[-1] = -1  # a token without an adapter at every size (the case's slots may have none)
