@@ -23,10 +23,12 @@ Programs of one grid:
   in its tile's counter, and the one that arrives last sums the tile's partials in slice order
   (the sum does not depend on which program came last: runs are bitwise repeatable, and a row
   without an adapter equals the launch without LoRA), adds the bias and stores the tile.
-- Waiting is safe: programs wait only for the shrink programs, which come first in the grid and
-  so are placed on the GPU before any that waits.
+- Waiting is safe: a program takes its role from a ticket (sync[2], counted up as programs start)
+  rather than from its program id, and the first `num_shrink` tickets are the shrink's, so every
+  shrink program has started before any program that waits for it (CUDA does not promise to
+  place a grid's programs in id order).
 Counters are zero between launches: a tile's last program zeroes its tile's, the last program
-to pass the wait zeroes sync[0] and sync[1]. One buffer serves all launches on a device, so launches on a
+to pass the wait zeroes sync[0], sync[1] and sync[2]. One buffer serves all launches on a device, so launches on a
 device must run one after another (one stream; the engine's forward runs on one).
 
 Why a split of K for the base: o's W at 64 tokens is [2048, 4096]; 64-column tiles alone give 32
@@ -60,16 +62,16 @@ ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "0") == "1"
 FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "expand_stages": 1}
 SHRINK_PROGRAMS = 64  # at most; each walks (block, projection, K slice) tiles
 MAX_TILES = 8192  # N tiles a launch may have: the per-device counter buffer's size
+_TILE_COUNTERS = 3  # sync[0] shrink programs done, sync[1] base programs past the wait, sync[2] tickets
 _SYNC: dict[str, Tensor] = {}
 
 
 @triton.jit
 def _shrink_tiles(X, LA, P, lay, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R, num_heads,
-                  shrink_chunk, shrink_parts, stride_part, num_shrink, LAY_M: tl.constexpr,
+                  shrink_chunk, shrink_parts, stride_part, num_shrink, pid, LAY_M: tl.constexpr,
                   BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, IEEE: tl.constexpr):
     """Shrink program pid's share of the step's (block, projection h, K slice) tiles:
     part[slice, rows, h*R + j] = x[rows, slice] @ A_h[s][j, slice], j < rank_h[s]."""
-    pid = tl.program_id(0)
     per_block = num_heads * shrink_parts
     for tile in range(pid, tl.load(lay[3]) * per_block, num_shrink):
         block = tile // per_block
@@ -101,8 +103,8 @@ def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, o
     while done < num_shrink:  # the shrink programs run first in the grid: this ends
         done = tl.atomic_add(sync_ptr, 0, sem="acquire")
     tl.debug_barrier()
-    # each token's shrink, summed over K slices (columns past a token's rank are never written; they
-    # are masked below, whatever they hold); .cg: written during this launch, not to be read from L1
+    # each token's shrink, summed over K slices (columns past a slot's rank are masked below,
+    # whatever they hold); .cg: written during this launch, not to be read from L1
     shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for j in range(shrink_parts):
         shrunk += tl.load(s_ptrs + j * stride_part, mask=s_mask, other=0.0, cache_modifier=".cg")
@@ -111,7 +113,7 @@ def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, o
     for b in tl.range(first_block, tl.load(lay[3]), block_step, num_stages=EXPAND_STAGES):
         slot = tl.load(lay[2] + b).to(tl.int64)
         rank = tl.minimum(tl.load(ranks_ptr + h * rank_split_stride + slot), R)
-        rows = tl.load(lay[0] + b * LAY_M + offs_b)  # the block's tokens; padding never matches
+        rows = tl.load(lay[0] + b * LAY_M + offs_b)  # the block's tokens; padding (id T) is no token of lora_t
         mine = (tl.max((offs_t[:, None] == rows[None, :]).to(tl.int32), axis=1) > 0) & lora_t & (rank > 0)
         r_ok = offs_r < rank
         lb_base, lb_rows = factor_at(LB, slot, 0, 0)  # B rows are the group's output columns
@@ -136,10 +138,12 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_id
     if PDL != 0:  # x is the launch ahead's output (kernels/pdl.py: PDL_WAIT_FIRST)
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
+    if HAS_LORA:  # the role by ticket: the shrink's have all started before any program waits
+        pid = tl.atomic_add(sync_ptr + 2, 1, sem="relaxed")
     if pid < num_shrink:
         if HAS_LORA:
             _shrink_tiles(X, LA, P, lay, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R, num_heads,
-                          shrink_chunk, shrink_parts, stride_part, num_shrink, LAY_M, BLOCK_R, SHRINK_K, IEEE)
+                          shrink_chunk, shrink_parts, stride_part, num_shrink, pid, LAY_M, BLOCK_R, SHRINK_K, IEEE)
     else:
         g = pid - num_shrink
         pid_n = g // K_SLICES
@@ -170,19 +174,20 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_id
             if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == num_n * K_SLICES - 1:
                 tl.atomic_xchg(sync_ptr, 0)
                 tl.atomic_xchg(sync_ptr + 1, 0)
+                tl.atomic_xchg(sync_ptr + 2, 0)  # every program has its ticket by now
         last = True
         if K_SLICES > 1:  # partial tiles: the tile's last program sums them, in slice order
             offs_w = offs_t[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             tile_ws = work_ptr + pid_n * (K_SLICES * BLOCK_T * BLOCK_N)
             tl.store(tile_ws + k_slice * (BLOCK_T * BLOCK_N) + offs_w, acc)
             tl.debug_barrier()
-            last = tl.atomic_add(sync_ptr + 2 + pid_n, 1, sem="acq_rel") == K_SLICES - 1
+            last = tl.atomic_add(sync_ptr + 3 + pid_n, 1, sem="acq_rel") == K_SLICES - 1
             if last:
                 tl.debug_barrier()
                 acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
                 for j in tl.static_range(K_SLICES):
                     acc += tl.load(tile_ws + j * (BLOCK_T * BLOCK_N) + offs_w, cache_modifier=".cg")
-                tl.atomic_xchg(sync_ptr + 2 + pid_n, 0)
+                tl.atomic_xchg(sync_ptr + 3 + pid_n, 0)
         if last:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -191,11 +196,15 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_id
 
 
 def _sync(device: torch.device) -> Tensor:
-    """The device's counters: sync[0] shrink programs done, sync[1] tiles done, then a counter a
-    tile. Zero between launches (the kernel leaves them so)."""
+    """The device's counters: sync[0] shrink programs done, sync[1] base programs past the wait,
+    sync[2] tickets, then a counter a tile. Zero between launches (the kernel leaves them so)."""
     key = str(device)
     if key not in _SYNC:
-        _SYNC[key] = torch.zeros(2 + MAX_TILES, dtype=torch.int32, device=device)
+        # under a graph capture the zeroing would only be recorded: launches before the first
+        # replay would read whatever the memory held
+        expect(device.type != "cuda" or not torch.cuda.is_current_stream_capturing(),
+               "run the fused dense launch once outside a CUDA graph capture first (its counters are made then)")
+        _SYNC[key] = torch.zeros(_TILE_COUNTERS + MAX_TILES, dtype=torch.int32, device=device)
     return _SYNC[key]
 
 
@@ -217,10 +226,13 @@ def fused_block_n(sections: tuple[int, ...], block_n: int) -> int:
 
 
 def fused_ok(num_tokens: int, sections: tuple[int, ...]) -> bool:
-    """Whether the fused launch takes this group at this size: decode size, and a base tile width
-    that no section end splits (q/k/v of every supported model: ends at multiples of 128)."""
+    """Whether linear_lora takes the fused launch for this group at this size: switched on, decode
+    size, and every section end (N among them) a multiple of the base tile, so the tiles, their K
+    slices and so the base sums are the same with LoRA and without (q/k/v of every supported model:
+    ends at multiples of the head dim, 64 or 128)."""
+    tile = FUSED_TILES["block_n"]
     return ENABLED and 0 < num_tokens <= FUSED_MAX_TOKENS and len(sections) <= 4 and \
-        fused_block_n(sections, FUSED_TILES["block_n"]) > 0
+        all(sum(sections[:h + 1]) % tile == 0 for h in range(len(sections)))
 
 
 def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseLoRAGroup | None,

@@ -98,29 +98,48 @@ def run_case(name: str) -> dict:
 
 
 def run_dispatch() -> dict:
-    """kernels.linear_lora takes the fused launch at decode size when it is switched on, cuBLAS and
-    the row path when off (the default; the same result up to rounding); the launcher refuses sizes
-    it does not take with a typed error."""
+    """kernels.linear_lora takes the fused launch at decode size when it is switched on (with LoRA
+    and without, the same base sums: rows without an adapter equal bit for bit) and cuBLAS with the
+    row path when off, the default (the same result up to rounding); it leaves groups whose section
+    ends are not whole base tiles to cuBLAS; the launcher refuses what it cannot take with a typed
+    error."""
     import kernels
     from kernels.moe import dense_gemm
-    c = build("fp32-uniform-s32x16x16-t5")
-    off_layout = kernels.dense_lora_layout(c["slots"], 4)  # off (the default): the row path needs none
-    split = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], off_layout)
-    dense_gemm.ENABLED = True
+    c = build("fp32-uniform-s64x64x64-t5-in96")
+    launches = []
+    launcher = dense_gemm.dense_lora_gemm
+
+    def counted(*args, **kw):
+        launches.append(args[3] is not None)
+        return launcher(*args, **kw)
+    was = dense_gemm.ENABLED
+    dense_gemm.dense_lora_gemm = counted
     try:
+        dense_gemm.ENABLED = False
+        off_layout = kernels.dense_lora_layout(c["slots"], 4)  # the row path needs none
+        split = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], off_layout)
+        off_launches = list(launches)
+        dense_gemm.ENABLED = True
         layout = kernels.dense_lora_layout(c["slots"], 4)
         fused = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], layout)
+        alone = kernels.linear_lora(c["x"], c["weight"], None, None, None)
+        odd = build("fp32-uniform-s32x16x16-t5")  # ends 32 and 48: not whole 64-column tiles
+        kernels.linear_lora(odd["x"], odd["weight"], None, odd["group"], odd["slots"], None)
     finally:
-        dense_gemm.ENABLED = False
-    direct = dense_gemm.dense_lora_gemm(c["x"], c["weight"], None, c["group"], c["slots"], layout)
+        dense_gemm.dense_lora_gemm = launcher
+        dense_gemm.ENABLED = was
+    direct = launcher(c["x"], c["weight"], None, c["group"], c["slots"], layout)
     big = torch.zeros(dense_gemm.FUSED_MAX_TOKENS + 1, c["x"].shape[1])
     raised = errors_raised([
-        lambda: dense_gemm.dense_lora_gemm(big, c["weight"], None, None, None, None),
-        lambda: dense_gemm.dense_lora_gemm(c["x"], c["weight"], None, None, None, None, sections=(36, 20, 12)),
+        lambda: launcher(big, c["weight"], None, None, None, None),
+        lambda: launcher(odd["x"][:, :96], torch.zeros(64, 96), None, None, None, None, sections=(36, 16, 12)),
     ], kernels.KernelInputError)
+    none = c["slots"] < 0
     return {"fused_is_direct": bool(torch.equal(fused, direct)), "split_err": rel_err(split, c["want"]),
-            "fused_err": rel_err(fused, c["want"]), "layout_at_5": layout is not None,
-            "no_layout_when_off": off_layout is None, "raised": raised}
+            "fused_err": rel_err(fused, c["want"]), "layout_when_on": layout is not None,
+            "no_layout_when_off": off_layout is None, "off_launches": off_launches,
+            "on_launches": launches[len(off_launches):], "bitwise_on": bool(torch.equal(fused[none], alone[none])),
+            "some_without": bool(none.any()), "raised": raised}
 
 
 def main() -> None:
