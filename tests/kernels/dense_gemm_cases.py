@@ -12,7 +12,7 @@ import zlib
 import torch
 
 from tests.kernels.interp import errors_raised, print_cases
-from tests.kernels.loop_reference import dense_loop_ref, group_in_heap, make_dense_lora, make_slot_ids, rel_err
+from tests.kernels.loop_reference import dense_loop_ref, make_group, make_slot_ids, rel_err
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOL = {"fp32": 1e-5, "fp16": 5e-3}
@@ -47,12 +47,7 @@ def build(name: str) -> dict:
     dtype, sections, t, n_in = DTYPES[p["dtype"]], p["sections"], p["t"], p["in"]
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
     pad = float("nan") if "nanpad" in p["flags"] else 0.0
-    parts = [make_dense_lora(gen, 4, n_in, n, RANKS[h], dtype, pad=pad) for h, n in enumerate(sections)]
-    import kernels
-    group = kernels.DenseLoRAGroup(torch.cat([q.a.padded for q in parts], 1), torch.cat([q.b.padded for q in parts], 1),
-                                   torch.stack([q.ranks for q in parts]), sections)
-    if "heap" in p["flags"]:
-        group = group_in_heap(parts, sections)
+    parts, group = make_group(gen, 4, n_in, sections, RANKS, dtype, pad=pad, heap="heap" in p["flags"])
     x = torch.randn(t, n_in, generator=gen).to(dtype)
     weight = (torch.randn(sum(sections), n_in, generator=gen) / n_in ** 0.5).to(dtype)
     bias = torch.randn(sum(sections), generator=gen).to(dtype) if "bias" in p["flags"] else None

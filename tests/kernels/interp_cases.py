@@ -10,7 +10,7 @@ import zlib
 import torch
 
 from tests.kernels.interp import print_cases
-from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, group_in_heap, make_dense_lora, make_moe,
+from tests.kernels.loop_reference import (SPREADS, dense_loop_ref, make_dense_lora, make_group, make_moe,
                                           make_moe_lora, make_slot_ids, moe_loop_ref, moe_lora_in_heap,
                                           rel_err, share_outer)
 
@@ -190,12 +190,8 @@ def run_group(name: str) -> dict:
     n_in = next((int(w[2:]) for w in p["rest"] if w.startswith("in")), 300)
     # per projection and slot ranks, one projection left alone (rank 0) by slot 3
     ranks = [[1, 8, 16, 4], [8, 16, 1, 0], [16, 4, 8, 2]]
-    parts = [make_dense_lora(gen, 4, n_in, n, ranks[h], dtype, pad=pad) for h, n in enumerate(sections)]
+    parts, group = make_group(gen, 4, n_in, sections, ranks, dtype, pad=pad, heap="heap" in p["rest"])
     import kernels
-    group = kernels.DenseLoRAGroup(torch.cat([q.a.padded for q in parts], 1), torch.cat([q.b.padded for q in parts], 1),
-                                   torch.stack([q.ranks for q in parts]), sections)
-    if "heap" in p["rest"]:
-        group = group_in_heap(parts, sections)
     x = torch.randn(t, n_in, generator=gen).to(dtype)
     out = torch.randn(t, sum(sections), generator=gen).to(dtype)
     slots = make_slot_ids(spread, t, 4, gen)

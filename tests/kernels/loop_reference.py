@@ -125,6 +125,18 @@ def make_dense_lora(gen, s, n_in, n_out, ranks, dtype, device="cpu", pad=0.0) ->
     return DenseLoRAWeights(a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), rank_t)
 
 
+def make_group(gen, num_slots, n_in, sections, ranks, dtype, pad=0.0, heap=False):
+    """(parts, group): a projection's DenseLoRAWeights for each section (ranks[h] its slots' ranks,
+    `pad` past them), and the q/k/v-like DenseLoRAGroup of them, as padded stacks or, with heap, as
+    the adapter heap lays them out (group_in_heap)."""
+    from kernels import DenseLoRAGroup
+    parts = [make_dense_lora(gen, num_slots, n_in, n, ranks[h], dtype, pad=pad) for h, n in enumerate(sections)]
+    if heap:
+        return parts, group_in_heap(parts, sections)
+    return parts, DenseLoRAGroup(torch.cat([q.a.padded for q in parts], 1), torch.cat([q.b.padded for q in parts], 1),
+                                 torch.stack([q.ranks for q in parts]), sections)
+
+
 def rel_err(got: Tensor, want: Tensor) -> float:
     """||got - want|| / ||want|| in fp64 (NaN never passes a <= check)."""
     got, want = got.double(), want.double()
