@@ -167,7 +167,8 @@ def sweep_fused(layer: dict, n: int, tokens: list[int], gen: torch.Generator) ->
                                 "engine": cfg == FUSED_TILES and ks == 0})
             best = min((r for r in out if r["m"] == m and r["proj"] == name and r["us"]), key=lambda r: r["us"])
             mine = next(r for r in out if r["m"] == m and r["proj"] == name and r["engine"])
-            print(f"M={m} {name}: cuBLAS base {cublas:.1f} us; fused engine tiles {mine['us']:.1f}; best {best['us']:.1f} "
+            print(f"M={m} {name}: cuBLAS base {cublas:.1f} us; fused engine tiles {mine['us']:.1f}; "
+                  f"best {best['us']:.1f} "
                   f"{ {k: best[k] for k in ('block_n', 'block_k', 'expand_stages', 'k_slices')} }", flush=True)
     return out
 

@@ -12,9 +12,10 @@ runs beside the base GEMM in the same grid and the expand is added to each outpu
 its one store.
 
 Programs of one grid:
-- The first `num_shrink` programs run the shrink: (block of the step's dense layout, projection,
-  K slice) tiles, the split path's tile (grouped_gemm._gemm_tile), into fp32 partial sums
-  part[slice, t, h*R + j]. Each then counts itself in sync[0].
+- The first `num_shrink` programs to start (by ticket, below) run the shrink: (block of the
+  step's dense layout, projection, K slice) tiles, the split path's tile
+  (grouped_gemm._gemm_tile), into fp32 partial sums part[slice, t, h*R + j]. Each then counts
+  itself in sync[0].
 - Every other program owns the base tile (N tile n, K slice k) of x @ W.T. After its K loop it
   waits until sync[0] says every shrink program is done and adds the deltas of the layout blocks
   k, k + slices, ... to the rows of their tokens (the slices share the blocks out; a token
@@ -28,8 +29,9 @@ Programs of one grid:
   shrink program has started before any program that waits for it (CUDA does not promise to
   place a grid's programs in id order).
 Counters are zero between launches: a tile's last program zeroes its tile's, the last program
-to pass the wait zeroes sync[0], sync[1] and sync[2]. One buffer serves all launches on a device, so launches on a
-device must run one after another (one stream; the engine's forward runs on one).
+to pass the wait zeroes sync[0], sync[1] and sync[2]. One buffer serves all launches on a
+device, so launches on a device must run one after another (one stream; the engine's forward
+runs on one).
 
 Why a split of K for the base: o's W at 64 tokens is [2048, 4096]; 64-column tiles alone give 32
 programs, too few to stream 16 MB at the copy rate, and narrower tiles would read x once per
@@ -62,7 +64,7 @@ ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "0") == "1"
 FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "expand_stages": 1}
 SHRINK_PROGRAMS = 64  # at most; each walks (block, projection, K slice) tiles
 MAX_TILES = 8192  # N tiles a launch may have: the per-device counter buffer's size
-_TILE_COUNTERS = 3  # sync[0] shrink programs done, sync[1] base programs past the wait, sync[2] tickets
+_LAUNCH_COUNTERS = 3  # sync[0] shrink programs done, sync[1] base programs past the wait, sync[2] tickets
 _SYNC: dict[str, Tensor] = {}
 
 
@@ -204,7 +206,7 @@ def _sync(device: torch.device) -> Tensor:
         # replay would read whatever the memory held
         expect(device.type != "cuda" or not torch.cuda.is_current_stream_capturing(),
                "run the fused dense launch once outside a CUDA graph capture first (its counters are made then)")
-        _SYNC[key] = torch.zeros(_TILE_COUNTERS + MAX_TILES, dtype=torch.int32, device=device)
+        _SYNC[key] = torch.zeros(_LAUNCH_COUNTERS + MAX_TILES, dtype=torch.int32, device=device)
     return _SYNC[key]
 
 
@@ -255,7 +257,8 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
     num_tokens, k = x.shape
     n = weight.shape[0]
     sections = lora.sections if lora is not None else (sections or (n,))
-    expect(0 < num_tokens <= FUSED_MAX_TOKENS, f"the fused launch takes 1 to {FUSED_MAX_TOKENS} tokens, got {num_tokens}")
+    expect(0 < num_tokens <= FUSED_MAX_TOKENS,
+           f"the fused launch takes 1 to {FUSED_MAX_TOKENS} tokens, got {num_tokens}")
     expect(weight.dim() == 2 and weight.shape[1] == k and sum(sections) == n,
            f"weight must be [N={sum(sections)}, K={k}], got {tuple(weight.shape)}")
     tiles = {**FUSED_TILES, **(tiles or {})}
