@@ -216,17 +216,6 @@ def _programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def fused_block_n(sections: tuple[int, ...], block_n: int) -> int:
-    """The base tile's width for these sections: at most block_n and, with several projections, a
-    divisor of every section end (a tile's columns belong to one projection); 0 when none of at
-    least 16 exists."""
-    tile = block_n
-    for end in (sum(sections[:h + 1]) for h in range(len(sections) - 1)):
-        while tile >= 16 and end % tile:
-            tile //= 2
-    return tile if tile >= 16 else 0
-
-
 def fused_ok(num_tokens: int, sections: tuple[int, ...]) -> bool:
     """Whether linear_lora takes the fused launch for this group at this size: switched on, decode
     size, and every section end (N among them) a multiple of the base tile, so the tiles, their K
@@ -252,7 +241,7 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         k_slices_, tiles: the base's K slices (0: about one program per SM) and FUSED_TILES
             overrides, for sweeps.
     """
-    from kernels.moe.dense_launch import DENSE_SHRINK, dense_layout, group_k_splits
+    from kernels.moe.dense_launch import DENSE_SHRINK, dense_layout, group_block_n, shrink_partials
     from kernels.moe.launch import LORA_BLOCK_M, _rank_block
     num_tokens, k = x.shape
     n = weight.shape[0]
@@ -262,7 +251,7 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
     expect(weight.dim() == 2 and weight.shape[1] == k and sum(sections) == n,
            f"weight must be [N={sum(sections)}, K={k}], got {tuple(weight.shape)}")
     tiles = {**FUSED_TILES, **(tiles or {})}
-    block_n = fused_block_n(sections, tiles["block_n"])
+    block_n = group_block_n(sections, tiles["block_n"])
     expect(block_n > 0 and len(sections) <= 4, f"no tile of >= 16 columns divides the section ends of {sections}")
     num_n = triton.cdiv(n, block_n)
     expect(num_n <= MAX_TILES, f"at most {MAX_TILES} tiles of {block_n} columns, got {num_n}")
@@ -286,8 +275,8 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         expect(layout.num_rows == num_tokens and layout.block_size == LORA_BLOCK_M,
                f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {num_tokens} rows")
         heads, big_r = lora.num_projections, lora.max_rank
-        shrink_chunk, shrink_parts = k_slices(k, group_k_splits(k), shrink_k)
-        part = torch.empty(shrink_parts, num_tokens, heads * big_r, dtype=torch.float32, device=x.device)
+        shrink_chunk, part = shrink_partials(x, lora, 0, shrink_k)
+        shrink_parts = part.shape[0]
         num_shrink = min(SHRINK_PROGRAMS, layout.max_blocks * heads * shrink_parts)
         lora_args = (lora.a.operand(), lora.b.operand(), (part, part.stride(1), 1, big_r),
                      (layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks))

@@ -30,12 +30,13 @@ def _pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def group_block_n(sections: tuple[int, ...]) -> int:
-    """The expand's N tile of a projection group: at most 256 and, with several projections, a
-    divisor of every section end (a tile must not straddle two); 0 when none of >= 16 exists."""
+def group_block_n(sections: tuple[int, ...], most: int = 256) -> int:
+    """The N tile of a projection group's launches (the split path's expand; dense_gemm's base, at
+    most 64): at most `most` and, with several projections, a divisor of every section end (a tile
+    must not straddle two); 0 when none of >= 16 exists."""
     if len(sections) == 1:
-        return min(256, max(16, triton.next_power_of_2(sections[0])))
-    tile = min(256, *(_pow2_divisor(n) for n in sections[:-1]))
+        return min(most, max(16, triton.next_power_of_2(sections[0])))
+    tile = min(most, *(_pow2_divisor(n) for n in sections[:-1]))
     return tile if tile >= 16 else 0
 
 
@@ -44,6 +45,15 @@ def group_k_splits(num_in: int) -> int:
     has few blocks (64 tokens over 16 slots: 20), and one program walking all of K per block is a
     chain of 16 dependent loads (H100: ~10 us for ~0.1 us of bytes)."""
     return max(1, min(8, triton.cdiv(num_in, 256)))
+
+
+def shrink_partials(x: Tensor, lora: DenseLoRAGroup, k_splits: int, block_k: int) -> tuple[int, Tensor]:
+    """(K slice width, fp32 partial sums [slices, T, H*R]) of a group's shrink split over K:
+    k_splits slices (0: group_k_splits) of whole block_k tiles, so maybe fewer than asked (k_slices)."""
+    chunk, parts = k_slices(x.shape[1], k_splits or group_k_splits(x.shape[1]), block_k)
+    part = torch.empty(parts, x.shape[0], lora.num_projections * lora.max_rank, dtype=torch.float32,
+                       device=x.device)
+    return chunk, part
 
 
 # Dense LoRA (q/k/v as one group, o) at small batches: a program per (token, projection, column
@@ -120,8 +130,7 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
     shrink = {**DENSE_SHRINK, **(shrink or {})}
     expand = {**DENSE_EXPAND, "block_n": block_n, **(expand or {})}
     ks = k_splits or group_k_splits(num_in)
-    parts = k_slices(num_in, ks, shrink["block_k"])[1]  # whole K tiles a slice: maybe fewer than ks
-    part = torch.empty(parts, num_tokens, heads * r, dtype=torch.float32, device=x.device)
+    part = shrink_partials(x, lora, ks, shrink["block_k"])[1]
     rank_stride = lora.ranks.stride(0)
     # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
     lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
