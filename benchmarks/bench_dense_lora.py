@@ -144,32 +144,40 @@ def run_config(preset: str, layer: dict, m: int, n: int, bw: float, gen: torch.G
 
 
 def sweep_fused(layer: dict, n: int, tokens: list[int], gen: torch.Generator) -> list[dict]:
-    """The fused launch's tiles (N tile, K tile, K slices, stages) for q/k/v and o apart, at each
-    token count, with every token on an adapter; FUSED_TILES is the engine's."""
+    """The fused launch's tiles for q/k/v and o apart, at each token count, every token on an
+    adapter: its base tiles (N tile, K tile, stages in flight: a program an SM leaves room for deep
+    pipelines) with LoRA and without, against cuBLAS's base; then the LoRA's chunk columns and
+    shrink K tile on the engine's base tiles. FUSED_TILES is the engine's."""
     out = []
-    configs = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=3, expand_stages=1)
-               for bn in (32, 64, 128) for bk in (128, 256)]
-    configs.append({**FUSED_TILES, "expand_stages": 3})  # the delta's block loop pipelined
+    configs = [{**FUSED_TILES, "block_n": bn, "block_k": bk, "num_stages": st}
+               for bn, bk, st in ((64, 128, 3), (64, 128, 4), (64, 128, 5), (64, 64, 6), (64, 64, 8),
+                                  (128, 64, 6), (32, 128, 4))]
+    configs += [{**FUSED_TILES, "lora_k": lk, "shrink_k": sk} for lk, sk in ((32, 64), (128, 64), (64, 128))]
     for m in tokens:
         x, attn, slots, _, _ = _inputs(layer, m, n, gen)
         lay = dense_layout(slots, n)
         for name, inp, w, group in (("qkv", x, layer["w_qkv"], layer["qkv"]), ("o", attn, layer["w_o"], layer["o"])):
             cublas = 1e3 * time_graph(lambda: inp @ w.T, samples=7)
             for cfg in configs:
-                for ks in (0, 1, 2, 4, 8):  # 0: the launcher's choice (about one program per SM)
-                    try:
-                        us = 1e3 * time_graph(lambda: dense_lora_gemm(inp, w, None, group, slots, lay, tiles=cfg,
-                                                                      k_slices_=ks), samples=7)
-                    except Exception as e:  # a tile that does not fit (shared memory): recorded, skipped
-                        us = None
-                        print(f"{name} M={m} {cfg} k_slices={ks}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    out.append({"m": m, "proj": name, **cfg, "k_slices": ks, "us": us, "cublas_base_us": cublas,
-                                "engine": cfg == FUSED_TILES and ks == 0})
-            best = min((r for r in out if r["m"] == m and r["proj"] == name and r["us"]), key=lambda r: r["us"])
+                for ks in (0, 2) if cfg["lora_k"] == FUSED_TILES["lora_k"] else (0,):  # 0: about a program an SM
+                    row = {"m": m, "proj": name, **cfg, "k_slices": ks, "cublas_base_us": cublas,
+                           "engine": cfg == FUSED_TILES and ks == 0}
+                    for key, g, s_ in (("us", group, slots), ("base_us", None, None)):
+                        try:
+                            row[key] = 1e3 * time_graph(lambda: dense_lora_gemm(
+                                inp, w, None, g, s_, lay if g else None, sections=group.sections, tiles=cfg,
+                                k_slices_=ks), samples=7)
+                        except Exception as e:  # a tile that does not fit (shared memory): recorded, skipped
+                            row[key] = None
+                            print(f"{name} M={m} {cfg} k_slices={ks}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    out.append(row)
             mine = next(r for r in out if r["m"] == m and r["proj"] == name and r["engine"])
-            print(f"M={m} {name}: cuBLAS base {cublas:.1f} us; fused engine tiles {mine['us']:.1f}; "
-                  f"best {best['us']:.1f} "
-                  f"{ {k: best[k] for k in ('block_n', 'block_k', 'expand_stages', 'k_slices')} }", flush=True)
+            for key in ("us", "base_us"):
+                best = min((r for r in out if r["m"] == m and r["proj"] == name and r[key]), key=lambda r: r[key])
+                print(f"M={m} {name} {key}: cuBLAS base {cublas:.1f} us; engine tiles {mine[key]:.1f}; "
+                      f"best {best[key]:.1f} "
+                      f"{ {k: best[k] for k in ('block_n', 'block_k', 'num_stages', 'lora_k', 'shrink_k', 'k_slices')} }",
+                      flush=True)
     return out
 
 

@@ -12,18 +12,23 @@ runs beside the base GEMM in the same grid and the expand is added to each outpu
 its one store.
 
 Programs of one grid:
-- The first `num_shrink` programs to start (by ticket, below) run the shrink: (block of the
-  step's dense layout, projection, K slice) tiles, the split path's tile
-  (grouped_gemm._gemm_tile), into fp32 partial sums part[slice, t, h*R + j]. Each then counts
-  itself in sync[0].
+- The first `num_shrink` programs to start (by ticket, below) run the shrink: (chunk of blocks of
+  the step's dense layout, projection, K slice) tiles into fp32 partial sums part[slice, t, h*R + j].
+  Each then counts itself in sync[0].
 - Every other program owns the base tile (N tile n, K slice k) of x @ W.T. After its K loop it
-  waits until sync[0] says every shrink program is done and adds the deltas of the layout blocks
-  k, k + slices, ... to the rows of their tokens (the slices share the blocks out; a token
-  without an adapter is in no block, so its row keeps the base sum's bits). With one K slice it
+  waits until sync[0] says every shrink program is done and adds the deltas of the chunks k,
+  k + slices, ... to the rows of their tokens (the slices share the chunks out; a token without
+  an adapter is in no block, so its row keeps the base sum's bits). With one K slice it
   then stores the tile; with several, it stores its fp32 partial in a workspace and counts itself
   in its tile's counter, and the one that arrives last sums the tile's partials in slice order
   (the sum does not depend on which program came last: runs are bitwise repeatable, and a row
   without an adapter equals the launch without LoRA), adds the bias and stores the tile.
+- A chunk is CHUNK / BLOCK_R consecutive layout blocks, taken as one block-diagonal operand of
+  CHUNK columns (block i's slot, rank index j): the shrink is one dot of all the tokens' x against
+  the chunk's slots' A rows side by side, each token keeping its own slot's columns; the delta is
+  one dot of the tokens' shrinks, each placed in its slot's columns, against the chunk's B tiles
+  stacked along K. A walk over the blocks one at a time is a chain of dependent loads a block
+  (slot, then its rank and factors; ~1.5-2 us each on the H100), and a decode step has ~16-20.
 - Waiting is safe: a program takes its role from a ticket (sync[2], counted up as programs start)
   rather than from its program id, and the first `num_shrink` tickets are the shrink's, so every
   shrink program has started before any program that waits for it (CUDA does not promise to
@@ -46,7 +51,7 @@ from torch import Tensor
 
 from kernels.errors import expect
 from kernels.moe.align import VirtualLayout
-from kernels.moe.grouped_gemm import _dot, _gemm_tile
+from kernels.moe.grouped_gemm import _dot
 from kernels.moe.operands import factor_at, k_slices
 from kernels.pdl import pdl_args
 from kernels.weights import DenseLoRAGroup
@@ -59,44 +64,111 @@ from kernels.weights import DenseLoRAGroup
 # 20.47 ms against 19.73.
 FUSED_MAX_TOKENS = 64
 ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "0") == "1"
-# The base tile and its K tiles (BLOCK_K deep, NUM_STAGES in flight) at 4 warps; the shrink's tiles
-# are the split path's (dense_launch.DENSE_SHRINK, group_k_splits)
-FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "expand_stages": 1}
-SHRINK_PROGRAMS = 64  # at most; each walks (block, projection, K slice) tiles
+# The base tile and its K tiles (BLOCK_K deep, NUM_STAGES in flight) at 4 warps; lora_k: a chunk's
+# columns (64: four rank-16 blocks); shrink_k: the shrink's K tile, its K slices group_k_splits'.
+# sm_90 at 64 tokens (compiled here, benchmarks/compare_sass.py's way): lora_k 128 takes 255
+# registers and spills, 64 takes 241; shrink_k 128 takes 144 KB of shared memory (one program an
+# SM), 64 keeps the base loop's 96 KB (two).
+FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "lora_k": 64, "shrink_k": 64}
+SHRINK_PROGRAMS = 128  # at most; each walks (chunk of blocks, projection, K slice) tiles
 MAX_TILES = 8192  # N tiles a launch may have: the per-device counter buffer's size
 _LAUNCH_COUNTERS = 3  # sync[0] shrink programs done, sync[1] base programs past the wait, sync[2] tickets
 _SYNC: dict[str, Tensor] = {}
 
 
 @triton.jit
-def _shrink_tiles(X, LA, P, lay, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R, num_heads,
-                  shrink_chunk, shrink_parts, stride_part, num_shrink, pid, LAY_M: tl.constexpr,
-                  BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, IEEE: tl.constexpr):
-    """Shrink program pid's share of the step's (block, projection h, K slice) tiles:
-    part[slice, rows, h*R + j] = x[rows, slice] @ A_h[s][j, slice], j < rank_h[s]."""
-    per_block = num_heads * shrink_parts
-    for tile in range(pid, tl.load(lay[3]) * per_block, num_shrink):
-        block = tile // per_block
-        h = (tile % per_block) // shrink_parts
+def _chunk_columns(lay, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Layout blocks chunk * CHUNK / BLOCK_R ... as the K columns of a block-diagonal operand,
+    column kk = (block i, rank index j): per column the block's slot (-1 past the blocks in use
+    and for every block of a slot but its first, which takes all the slot's tokens), j, and
+    whether j is under that slot's rank of projection h."""
+    offs_kk = tl.arange(0, CHUNK)
+    blk = chunk * (CHUNK // BLOCK_R) + offs_kk // BLOCK_R
+    j = offs_kk % BLOCK_R
+    b_ok = blk < tl.load(lay[3])
+    slot = tl.load(lay[2] + blk, mask=b_ok, other=-1)
+    # a dense layout orders blocks by slot: a slot's later blocks follow its first
+    prev = tl.load(lay[2] + blk - 1, mask=b_ok & (blk > 0), other=-1)
+    slot = tl.where(slot != prev, slot, -1).to(tl.int64)
+    rank = tl.load(ranks_ptr + h * rank_split_stride + slot, mask=slot >= 0, other=0)
+    return slot, j, (slot >= 0) & (j < tl.minimum(rank, R))
+
+
+@triton.jit
+def _one_per_token(v, slot_t, slot_k, k_ok, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """From [BLOCK_T, CHUNK] block-diagonal columns, each token's own slot's BLOCK_R columns
+    (zeros for a token whose slot is not in the chunk), and which tokens' slots are."""
+    mine = (slot_t[:, None] == slot_k[None, :]) & k_ok[None, :]
+    v = tl.reshape(tl.where(mine, v, 0.0), (BLOCK_T, CHUNK // BLOCK_R, BLOCK_R))
+    return tl.sum(v, axis=1), tl.max(mine.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _shrink_tiles(X, LA, P, lay, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R,
+                  num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T: tl.constexpr,
+                  BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
+    """Shrink program pid's share of the (chunk of blocks, projection h, K slice) tiles:
+    part[slice, t, h*R + j] = x[t, slice] @ A_h[s][j, slice] for the tokens t of the chunk's slots,
+    j < rank_h[s]. One dot a K tile: every token against every slot of the chunk (the A rows of
+    the chunk's slots side by side), each token keeping its own slot's columns."""
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < num_tokens
+    slot_t = tl.load(slot_ids_ptr + offs_t, mask=t_ok, other=-1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, SHRINK_K)
+    per_chunk = num_heads * shrink_parts
+    num_chunks = tl.cdiv(tl.load(lay[3]), CHUNK // BLOCK_R)
+    for tile in range(pid, num_chunks * per_chunk, num_shrink):
+        chunk = tile // per_chunk
+        h = (tile % per_chunk) // shrink_parts
         part = tile % shrink_parts
-        slot = tl.load(lay[2] + block).to(tl.int64)
-        n_limit = tl.minimum(R, tl.load(ranks_ptr + h * rank_split_stride + slot))
+        slot_k, j, k_ok = _chunk_columns(lay, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK, BLOCK_R)
+        la_base, la_rows = factor_at(LA, slot_k, 0, h)  # A_h's row j of each column's slot
         k_start = part * shrink_chunk
-        _gemm_tile(X, LA, P, 0, lay, block, 0, slot, h, 0, num_tokens, R, 1, 0, n_limit, k_start,
-                   tl.minimum(K, k_start + shrink_chunk), part * stride_part, 1, 0, LAY_M, BLOCK_R, SHRINK_K,
-                   False, False, IEEE, False, 16, False, True)
+        k_limit = tl.minimum(K, k_start + shrink_chunk)
+        x_ptrs = X[0] + offs_t[:, None] * X[1] + (k_start + offs_k)[None, :] * X[2]
+        a_ptrs = (la_base + j * la_rows)[None, :] + (k_start + offs_k)[:, None] * LA[5]
+        acc = tl.zeros((BLOCK_T, CHUNK), dtype=tl.float32)
+        for k0 in range(k_start, k_limit, SHRINK_K):
+            kk_ok = k0 + offs_k < k_limit
+            x = tl.load(x_ptrs, mask=t_ok[:, None] & kk_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=kk_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _dot(x, a, acc, IEEE)
+            x_ptrs += SHRINK_K * X[2]
+            a_ptrs += SHRINK_K * LA[5]
+        shrunk, in_chunk = _one_per_token(acc, slot_t, slot_k, k_ok, BLOCK_T, CHUNK, BLOCK_R)
+        p_ptrs = P[0] + part * stride_part + offs_t[:, None] * P[1] + (h * R + offs_r)[None, :]
+        tl.store(p_ptrs, shrunk, mask=in_chunk[:, None] & (offs_r < R)[None, :])
     tl.debug_barrier()  # every thread's partial sums are stored before the count says so
     tl.atomic_add(sync_ptr, 1, sem="release")
 
 
 @triton.jit
-def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, lora_t, offs_n, n_ok, n0,
-                first_block, block_step, R, shrink_parts, stride_part, num_shrink, BLOCK_T: tl.constexpr,
-                LAY_M: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, EXPAND_STAGES: tl.constexpr):
-    """acc (rows = tokens) plus the delta of layout blocks first_block, first_block + block_step, ...
-    on their tokens' rows (lora_t: the tokens that have an adapter); other rows keep acc's bits."""
+def _chunk_b(LB, lay, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, CHUNK: tl.constexpr,
+             BLOCK_R: tl.constexpr):
+    """The chunk's columns (_chunk_columns) and its slots' B tiles stacked along K: [CHUNK, BLOCK_N]."""
+    slot_k, j, k_ok = _chunk_columns(lay, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK, BLOCK_R)
+    lb_base, lb_rows = factor_at(LB, slot_k, 0, 0)  # B rows are the group's output columns
+    lb_rows += tl.zeros_like(slot_k)  # a column vector whether the factor's row stride is one or a slot's
+    lb = tl.load((lb_base + j * LB[5])[:, None] + offs_n[None, :] * lb_rows[:, None],
+                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return slot_k, k_ok, lb
+
+
+@triton.jit
+def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, slot_t, lora_t, offs_n, n_ok,
+                n0, first_chunk, chunk_step, R, shrink_parts, stride_part, num_shrink, BLOCK_T: tl.constexpr,
+                BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
+    """acc (rows = tokens) plus the delta of the chunks of layout blocks first_chunk, first_chunk +
+    chunk_step, ... on their tokens' rows (lora_t: the tokens that have an adapter); other rows keep
+    acc's bits. A chunk is one dot: the tokens' shrinks, each in its slot's columns (zeros in the
+    others), against the B tiles of the chunk's slots stacked along K."""
     # the tile's projection: its columns of the partial sums start at h * R
     h = (n0 >= ends[0]).to(tl.int32) + (n0 >= ends[1]).to(tl.int32) + (n0 >= ends[2]).to(tl.int32)
+    num_chunks = tl.cdiv(tl.load(lay[3]), CHUNK // BLOCK_R)
+    chunk = first_chunk
+    # B does not wait for the shrink: its loads are in flight during the wait
+    slot_k, k_ok, lb = _chunk_b(LB, lay, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, CHUNK, BLOCK_R)
     offs_r = tl.arange(0, BLOCK_R)
     s_ptrs = P[0] + offs_t[:, None] * P[1] + (h * R + offs_r)[None, :]
     s_mask = lora_t[:, None] & (offs_r < R)[None, :]
@@ -108,22 +180,19 @@ def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, o
     # each token's shrink, summed over K slices (columns past a slot's rank are masked below,
     # whatever they hold); .cg: written during this launch, not to be read from L1
     shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for j in range(shrink_parts):
-        shrunk += tl.load(s_ptrs + j * stride_part, mask=s_mask, other=0.0, cache_modifier=".cg")
-    offs_b = tl.arange(0, LAY_M)
-    # no branch in the body, so the loop may be pipelined: a rank-0 projection masks everything
-    for b in tl.range(first_block, tl.load(lay[3]), block_step, num_stages=EXPAND_STAGES):
-        slot = tl.load(lay[2] + b).to(tl.int64)
-        rank = tl.minimum(tl.load(ranks_ptr + h * rank_split_stride + slot), R)
-        rows = tl.load(lay[0] + b * LAY_M + offs_b)  # the block's tokens; padding (id T) is no token of lora_t
-        mine = (tl.max((offs_t[:, None] == rows[None, :]).to(tl.int32), axis=1) > 0) & lora_t & (rank > 0)
-        r_ok = offs_r < rank
-        lb_base, lb_rows = factor_at(LB, slot, 0, 0)  # B rows are the group's output columns
-        lb = tl.load(lb_base + offs_n[None, :] * lb_rows + offs_r[:, None] * LB[5],
-                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    for part in range(shrink_parts):
+        shrunk += tl.load(s_ptrs + part * stride_part, mask=s_mask, other=0.0, cache_modifier=".cg")
+    # every column of a slot block holds the token's shrink; the mask below keeps its own slot's
+    wide = tl.reshape(tl.broadcast_to(shrunk[:, None, :], (BLOCK_T, CHUNK // BLOCK_R, BLOCK_R)), (BLOCK_T, CHUNK))
+    while chunk < num_chunks:
+        mine = (slot_t[:, None] == slot_k[None, :]) & k_ok[None, :] & lora_t[:, None]
         # the shrink rounds to B's dtype, as the split path's expand does
-        s = tl.where(mine[:, None] & r_ok[None, :], shrunk, 0.0).to(lb.dtype)
-        acc = tl.where(mine[:, None], _dot(s, lb, acc, IEEE), acc)
+        s = tl.where(mine, wide, 0.0).to(lb.dtype)
+        acc = tl.where(lora_t[:, None], _dot(s, lb, acc, IEEE), acc)
+        chunk += chunk_step
+        if chunk < num_chunks:
+            slot_k, k_ok, lb = _chunk_b(LB, lay, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, CHUNK,
+                                        BLOCK_R)
     return acc
 
 
@@ -133,9 +202,9 @@ def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, o
 def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_ids_ptr, ranks_ptr, rank_split_stride,
                             ends, sync_ptr, num_tokens, N, K, R, num_heads, k_chunk, shrink_chunk, shrink_parts,
                             stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr, LAY_M: tl.constexpr,
+                            BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr, CHUNK: tl.constexpr,
                             BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            HAS_LORA: tl.constexpr, IEEE: tl.constexpr, EXPAND_STAGES: tl.constexpr,
+                            HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
                             PDL: tl.constexpr):
     if PDL != 0:  # x is the launch ahead's output (kernels/pdl.py: PDL_WAIT_FIRST)
         tl.extra.cuda.gdc_wait()
@@ -144,8 +213,9 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_id
         pid = tl.atomic_add(sync_ptr + 2, 1, sem="relaxed")
     if pid < num_shrink:
         if HAS_LORA:
-            _shrink_tiles(X, LA, P, lay, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R, num_heads,
-                          shrink_chunk, shrink_parts, stride_part, num_shrink, pid, LAY_M, BLOCK_R, SHRINK_K, IEEE)
+            _shrink_tiles(X, LA, P, lay, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R,
+                          num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T, BLOCK_R,
+                          SHRINK_K, CHUNK, IEEE)
     else:
         g = pid - num_shrink
         pid_n = g // K_SLICES
@@ -154,6 +224,8 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_id
         k_limit = tl.minimum(K, k_start + k_chunk)
         offs_t = tl.arange(0, BLOCK_T)
         t_ok = offs_t < num_tokens
+        if HAS_LORA:  # read before the K loop: its latency hides there
+            slot_t = tl.load(slot_ids_ptr + offs_t, mask=t_ok, other=-1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
@@ -167,11 +239,10 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_id
             acc = _dot(a, w, acc, IEEE)
             x_ptrs += BLOCK_K * X[2]
             w_ptrs += BLOCK_K * W[2]
-        if HAS_LORA:  # the deltas of every K_SLICES-th block, from this slice's: the slices share them out
-            lora_t = t_ok & (tl.load(slot_ids_ptr + offs_t, mask=t_ok, other=-1) >= 0)
-            acc = _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, lora_t, offs_n,
-                              n_ok, pid_n * BLOCK_N, k_slice, K_SLICES, R, shrink_parts, stride_part, num_shrink,
-                              BLOCK_T, LAY_M, BLOCK_R, IEEE, EXPAND_STAGES)
+        if HAS_LORA:  # the deltas of every K_SLICES-th chunk of blocks, from this slice's: the slices share them out
+            acc = _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, slot_t,
+                              t_ok & (slot_t >= 0), offs_n, n_ok, pid_n * BLOCK_N, k_slice, K_SLICES, R,
+                              shrink_parts, stride_part, num_shrink, BLOCK_T, BLOCK_R, CHUNK, IEEE)
             # the last program done: no program reads the shrink's count any more
             if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == num_n * K_SLICES - 1:
                 tl.atomic_xchg(sync_ptr, 0)
@@ -241,7 +312,7 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         k_slices_, tiles: the base's K slices (0: about one program per SM) and FUSED_TILES
             overrides, for sweeps.
     """
-    from kernels.moe.dense_launch import DENSE_SHRINK, dense_layout, group_block_n, shrink_partials
+    from kernels.moe.dense_launch import dense_layout, group_block_n, shrink_partials
     from kernels.moe.launch import LORA_BLOCK_M, _rank_block
     num_tokens, k = x.shape
     n = weight.shape[0]
@@ -266,7 +337,8 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
     ends += [n] * (3 - len(ends))
     lora_args, lora_sizes, num_shrink, heads, big_r = (0, 0, out, (out, out, out, out)), (1, 1, 0), 0, 1, 16
     ranks, rank_stride = out, 0
-    shrink_k = DENSE_SHRINK["block_k"]
+    shrink_k = tiles["shrink_k"]
+    rank_tile = _rank_block(16)
     if lora is not None:
         expect(slot_ids is not None and tuple(slot_ids.shape) == (num_tokens,),
                f"slot_ids must be [T={num_tokens}]")
@@ -275,9 +347,11 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         expect(layout.num_rows == num_tokens and layout.block_size == LORA_BLOCK_M,
                f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {num_tokens} rows")
         heads, big_r = lora.num_projections, lora.max_rank
+        rank_tile = _rank_block(big_r)
         shrink_chunk, part = shrink_partials(x, lora, 0, shrink_k)
         shrink_parts = part.shape[0]
-        num_shrink = min(SHRINK_PROGRAMS, layout.max_blocks * heads * shrink_parts)
+        chunks = triton.cdiv(layout.max_blocks, max(tiles["lora_k"], rank_tile) // rank_tile)
+        num_shrink = min(SHRINK_PROGRAMS, chunks * heads * shrink_parts)
         lora_args = (lora.a.operand(), lora.b.operand(), (part, part.stride(1), 1, big_r),
                      (layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks))
         lora_sizes = (shrink_chunk, shrink_parts, part.stride(0))
@@ -289,9 +363,9 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         bias if bias is not None else out, (out, out.stride(0), out.stride(1)), la, lb, p, work, lay,
         slot_ids if lora is not None else out, ranks, rank_stride, tuple(ends), sync, num_tokens, n, k, big_r, heads,
         k_chunk, *lora_sizes, num_shrink, num_n,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=tiles["block_k"], K_SLICES=slices, LAY_M=LORA_BLOCK_M,
-        BLOCK_R=_rank_block(big_r), SHRINK_K=shrink_k, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
-        IEEE=ieee, EXPAND_STAGES=tiles["expand_stages"], num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=tiles["block_k"], K_SLICES=slices,
+        CHUNK=max(tiles["lora_k"], rank_tile), BLOCK_R=rank_tile, SHRINK_K=shrink_k, HAS_BIAS=bias is not None,
+        HAS_LORA=lora is not None, IEEE=ieee, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
         **pdl_args(x.device),
     )
     return out

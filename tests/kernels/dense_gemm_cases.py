@@ -4,8 +4,10 @@ group in one grid) under TRITON_INTERPRET=1, against the fp64 loop.
 Run as `python -m tests.kernels.dense_gemm_cases` with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1
 (test_dense_gemm.py does so in a subprocess). Prints one JSON object per case.
 
-Case names: {dtype}-{spread}-s{sections}-t{tokens}[-in{K}][-heap][-nanpad][-bias][-k{slices}],
-spread one of tests.kernels.loop_reference.SPREADS or "none" (no token has an adapter).
+Case names: {dtype}-{spread}-s{sections}-t{tokens}[-in{K}][-heap][-nanpad][-bias][-k{slices}][-c{lora_k}],
+spread one of tests.kernels.loop_reference.SPREADS or "none" (no token has an adapter); lora_k: the
+columns of a chunk of slot blocks (FUSED_TILES' lora_k; 16 or 32 make a chunk of one or two blocks,
+so that a launch has several chunks).
 """
 import zlib
 
@@ -32,6 +34,9 @@ def case_names() -> list[str]:
         "fp32-none-s32x16x16-t6",
         # two projections: the third end past N
         "fp16-zipf-s32x32-t9-in80",
+        # chunks of one and of two blocks: several a launch, shared out over K slices; a slot's
+        # second block (64 tokens over 4 slots: a slot of more than 16 takes two)
+        "fp32-distinct-s32x16x16-t19-k3-c16", "fp16-zipf-s64x64x64-t64-in96-heap-nanpad-c32",
     ]
 
 
@@ -39,7 +44,8 @@ def _parse(name: str) -> dict:
     words = name.split("-")
     return {"dtype": words[0], "spread": words[1], "sections": tuple(int(n) for n in words[2][1:].split("x")),
             "t": int(words[3][1:]), "in": next((int(w[2:]) for w in words[4:] if w.startswith("in")), 300),
-            "slices": next((int(w[1:]) for w in words[4:] if w.startswith("k")), 0), "flags": set(words[4:])}
+            "slices": next((int(w[1:]) for w in words[4:] if w.startswith("k")), 0),
+            "lora_k": next((int(w[1:]) for w in words[4:] if w.startswith("c")), 0), "flags": set(words[4:])}
 
 
 def build(name: str) -> dict:
@@ -78,7 +84,8 @@ def run_case(name: str) -> dict:
     torch.empty = poisoned
     try:
         run = lambda group, slots: dense_gemm.dense_lora_gemm(  # noqa: E731
-            c["x"], c["weight"], c["bias"], group, slots, None, sections=p["sections"], k_slices_=p["slices"])
+            c["x"], c["weight"], c["bias"], group, slots, None, sections=p["sections"], k_slices_=p["slices"],
+            tiles={"lora_k": p["lora_k"]} if p["lora_k"] else None)
         got = run(c["group"], c["slots"])
         again = run(c["group"], c["slots"])
         base_only = run(None, None)
