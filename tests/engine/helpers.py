@@ -3,7 +3,12 @@
 The checkpoints and adapters themselves are session fixtures (tests/conftest.py, and
 `checkpoints` / `adapters` in tests/engine/conftest.py).
 """
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -91,3 +96,25 @@ def tiny_qwen3_config(num_experts: int, top_k: int, num_layers: int = 1):
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=num_experts,
         num_experts_per_tok=top_k, norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=40960,
         tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+
+def interpreter_scripts(script: str, argvs: list[list[str]], timeout: int = 900) -> list[dict]:
+    """Runs `python -c script *argv` for each argv at once, on the Triton interpreter (MOEPLEX_TRITON /
+    TRITON_INTERPRET must be set before triton loads, hence a process each); returns the JSON object
+    each printed last. At once: each is one core's work, and the test process only waits."""
+    env = {**os.environ, "MOEPLEX_TRITON": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv in argvs]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results

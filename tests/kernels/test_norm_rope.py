@@ -4,7 +4,6 @@ The interpreter cases run this file as `python -m tests.kernels.test_norm_rope` 
 with TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 (set before triton loads); it prints one JSON per case.
 The torch twins themselves are checked against transformers' Qwen3-MoE RMSNorm and rotary.
 """
-import json
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from kernels.errors import KernelInputError
 from kernels.attention.norm_rope import (fused_add_rms_norm, fused_add_rms_norm_ref, qk_norm_rope_ref_, qkv_rope_write_,
                                          qkv_rope_write_ref_, rms_norm, rms_norm_ref, rotary_ref)
-from tests.kernels.interp import errors_raised, run_interpreter_cases
+from tests.kernels.interp import errors_raised, print_cases, run_interpreter_cases
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"fp32": 2e-6, "fp16": 1e-3, "bf16": 8e-3}  # max |triton - twin| / max |twin| (one ulp at most)
@@ -193,10 +192,10 @@ def _bad_inputs() -> list[str]:
 
 
 if __name__ == "__main__":
-    for case_name, case in interp_cases().items():
-        print(json.dumps({"name": case_name, **_run_interp_case(case)}), flush=True)
-    print(json.dumps({"name": "errors", "raised": _bad_inputs()}))
-    print(json.dumps({"name": "leading_dims", **_leading_dims_case()}))
+    _cases = interp_cases()
+    _special = {"errors": lambda: {"raised": _bad_inputs()}, "leading_dims": _leading_dims_case}
+    print_cases(list(_cases) + list(_special),
+                lambda name: _special[name]() if name in _special else _run_interp_case(_cases[name]))
 
 
 @pytest.mark.gpu

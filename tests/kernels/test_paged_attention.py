@@ -4,14 +4,12 @@ The Triton cases run under TRITON_INTERPRET=1 in a subprocess (`python -m
 tests.kernels.test_paged_attention` prints one JSON row per case), so the interpreter setting
 never leaks into other test modules.
 """
-import json
 import os
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
-from tests.kernels.interp import run_interpreter_cases
+from tests.kernels.interp import print_cases, run_interpreter_cases
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 2e-2}  # max abs error / max abs reference
@@ -176,11 +174,9 @@ def test_gpu_bf16_matches_fp64_loop(partitions):
 
 
 def main() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MOEPLEX_TRITON") != "1":
-        sys.exit("set TRITON_INTERPRET=1 and MOEPLEX_TRITON=1 to run the Triton interpreter cases")
-    for case in INTERP_CASES:
-        print(json.dumps(run_case(case)), flush=True)
-    print(json.dumps(run_engine_decode()), flush=True)
+    cases = {c.name: c for c in INTERP_CASES}
+    print_cases(list(cases) + ["engine-decode"],
+                lambda name: run_engine_decode() if name == "engine-decode" else run_case(cases[name]))
 
 
 if __name__ == "__main__":
