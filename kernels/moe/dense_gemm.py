@@ -58,10 +58,10 @@ from kernels.weights import DenseLoRAGroup
 
 # Token counts the fused launch takes (the whole batch is one M tile of at most this many rows).
 # Off unless MOEPLEX_DENSE_FUSED=1 (or ENABLED = True): on the H100 (2026-12-06, benchmarks/RESULTS.md,
-# "The dense groups' base GEMM and LoRA in one launch") it lost to cuBLAS plus the split path from
-# 32 tokens on (q/k/v + o at 64 tokens, 16 adapters: 65.1 us against 39.7) and its base alone to
-# cuBLAS at every size (25.2 against 19.9 us at 64 tokens); the engine's c_16 decode step took
-# 20.47 ms against 19.73.
+# "The dense groups' base GEMM and LoRA in one launch") it loses to cuBLAS plus the split path from
+# 32 tokens on (q/k/v + o at 64 tokens, 16 adapters: 50.0 us against 40.1) and its base alone to
+# cuBLAS at every size (25.7 against 19.9 us at 64 tokens); the engine's decode steps took 19.94
+# against 19.79 ms (c_16) and 17.69 against 17.40 (a_none, which takes the launch too).
 FUSED_MAX_TOKENS = 64
 ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "0") == "1"
 # The base tile and its K tiles (BLOCK_K deep, NUM_STAGES in flight) at 4 warps; lora_k: a chunk's
@@ -77,7 +77,8 @@ _SYNC: dict[str, Tensor] = {}
 
 
 @triton.jit
-def _chunk_columns(lay, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr):
+def _chunk_columns(lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
     """Layout blocks chunk * CHUNK / BLOCK_R ... as the K columns of a block-diagonal operand,
     column kk = (block i, rank index j): per column the block's slot (-1 past the blocks in use
     and for every block of a slot but its first, which takes all the slot's tokens), j, and
@@ -85,11 +86,13 @@ def _chunk_columns(lay, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK: tl.con
     offs_kk = tl.arange(0, CHUNK)
     blk = chunk * (CHUNK // BLOCK_R) + offs_kk // BLOCK_R
     j = offs_kk % BLOCK_R
-    b_ok = blk < tl.load(lay[3])
-    slot = tl.load(lay[2] + blk, mask=b_ok, other=-1)
+    # the slots load bounded by the host's max_blocks, not the device's block count: they need not
+    # wait for it (past it, block_slot holds -1 anyway)
+    in_lay = blk < max_blocks
+    slot = tl.load(lay[2] + blk, mask=in_lay, other=-1)
     # a dense layout orders blocks by slot: a slot's later blocks follow its first
-    prev = tl.load(lay[2] + blk - 1, mask=b_ok & (blk > 0), other=-1)
-    slot = tl.where(slot != prev, slot, -1).to(tl.int64)
+    prev = tl.load(lay[2] + blk - 1, mask=in_lay & (blk > 0), other=-1)
+    slot = tl.where((slot != prev) & (blk < tl.load(lay[3])), slot, -1).to(tl.int64)
     rank = tl.load(ranks_ptr + h * rank_split_stride + slot, mask=slot >= 0, other=0)
     return slot, j, (slot >= 0) & (j < tl.minimum(rank, R))
 
@@ -104,7 +107,7 @@ def _one_per_token(v, slot_t, slot_k, k_ok, BLOCK_T: tl.constexpr, CHUNK: tl.con
 
 
 @triton.jit
-def _shrink_tiles(X, LA, P, lay, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R,
+def _shrink_tiles(X, LA, P, lay, max_blocks, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R,
                   num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T: tl.constexpr,
                   BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
     """Shrink program pid's share of the (chunk of blocks, projection h, K slice) tiles:
@@ -122,7 +125,7 @@ def _shrink_tiles(X, LA, P, lay, slot_ids_ptr, ranks_ptr, rank_split_stride, syn
         chunk = tile // per_chunk
         h = (tile % per_chunk) // shrink_parts
         part = tile % shrink_parts
-        slot_k, j, k_ok = _chunk_columns(lay, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK, BLOCK_R)
+        slot_k, j, k_ok = _chunk_columns(lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK, BLOCK_R)
         la_base, la_rows = factor_at(LA, slot_k, 0, h)  # A_h's row j of each column's slot
         k_start = part * shrink_chunk
         k_limit = tl.minimum(K, k_start + shrink_chunk)
@@ -144,10 +147,10 @@ def _shrink_tiles(X, LA, P, lay, slot_ids_ptr, ranks_ptr, rank_split_stride, syn
 
 
 @triton.jit
-def _chunk_b(LB, lay, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, CHUNK: tl.constexpr,
+def _chunk_b(LB, lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, CHUNK: tl.constexpr,
              BLOCK_R: tl.constexpr):
     """The chunk's columns (_chunk_columns) and its slots' B tiles stacked along K: [CHUNK, BLOCK_N]."""
-    slot_k, j, k_ok = _chunk_columns(lay, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK, BLOCK_R)
+    slot_k, j, k_ok = _chunk_columns(lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK, BLOCK_R)
     lb_base, lb_rows = factor_at(LB, slot_k, 0, 0)  # B rows are the group's output columns
     lb_rows += tl.zeros_like(slot_k)  # a column vector whether the factor's row stride is one or a slot's
     lb = tl.load((lb_base + j * LB[5])[:, None] + offs_n[None, :] * lb_rows[:, None],
@@ -156,9 +159,9 @@ def _chunk_b(LB, lay, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, C
 
 
 @triton.jit
-def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, slot_t, lora_t, offs_n, n_ok,
-                n0, first_chunk, chunk_step, R, shrink_parts, stride_part, num_shrink, BLOCK_T: tl.constexpr,
-                BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
+def _add_deltas(acc, LB, P, lay, max_blocks, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, slot_t, lora_t,
+                offs_n, n_ok, n0, first_chunk, chunk_step, R, stride_part, num_shrink, BLOCK_T: tl.constexpr,
+                BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, SHRINK_PARTS: tl.constexpr, IEEE: tl.constexpr):
     """acc (rows = tokens) plus the delta of the chunks of layout blocks first_chunk, first_chunk +
     chunk_step, ... on their tokens' rows (lora_t: the tokens that have an adapter); other rows keep
     acc's bits. A chunk is one dot: the tokens' shrinks, each in its slot's columns (zeros in the
@@ -168,7 +171,8 @@ def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, o
     num_chunks = tl.cdiv(tl.load(lay[3]), CHUNK // BLOCK_R)
     chunk = first_chunk
     # B does not wait for the shrink: its loads are in flight during the wait
-    slot_k, k_ok, lb = _chunk_b(LB, lay, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, CHUNK, BLOCK_R)
+    slot_k, k_ok, lb = _chunk_b(LB, lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, CHUNK,
+                                BLOCK_R)
     offs_r = tl.arange(0, BLOCK_R)
     s_ptrs = P[0] + offs_t[:, None] * P[1] + (h * R + offs_r)[None, :]
     s_mask = lora_t[:, None] & (offs_r < R)[None, :]
@@ -178,9 +182,10 @@ def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, o
         done = tl.atomic_add(sync_ptr, 0, sem="acquire")
     tl.debug_barrier()
     # each token's shrink, summed over K slices (columns past a slot's rank are masked below,
-    # whatever they hold); .cg: written during this launch, not to be read from L1
+    # whatever they hold); .cg: written during this launch, not to be read from L1; unrolled, so
+    # that the loads go out together
     shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for part in range(shrink_parts):
+    for part in tl.static_range(SHRINK_PARTS):
         shrunk += tl.load(s_ptrs + part * stride_part, mask=s_mask, other=0.0, cache_modifier=".cg")
     # every column of a slot block holds the token's shrink; the mask below keeps its own slot's
     wide = tl.reshape(tl.broadcast_to(shrunk[:, None, :], (BLOCK_T, CHUNK // BLOCK_R, BLOCK_R)), (BLOCK_T, CHUNK))
@@ -191,21 +196,21 @@ def _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, o
         acc = tl.where(lora_t[:, None], _dot(s, lb, acc, IEEE), acc)
         chunk += chunk_step
         if chunk < num_chunks:
-            slot_k, k_ok, lb = _chunk_b(LB, lay, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok, CHUNK,
-                                        BLOCK_R)
+            slot_k, k_ok, lb = _chunk_b(LB, lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, offs_n, n_ok,
+                                        CHUNK, BLOCK_R)
     return acc
 
 
 # values that follow the token count are not specialised on (Triton would compile anew where one
 # turns divisible by 16): one compile per M tile (BLOCK_T) and group
-@triton.jit(do_not_specialize=["num_tokens", "stride_part", "num_shrink"])
-def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_ids_ptr, ranks_ptr, rank_split_stride,
-                            ends, sync_ptr, num_tokens, N, K, R, num_heads, k_chunk, shrink_chunk, shrink_parts,
-                            stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr, CHUNK: tl.constexpr,
-                            BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
-                            PDL: tl.constexpr):
+@triton.jit(do_not_specialize=["num_tokens", "stride_part", "num_shrink", "max_blocks"])
+def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, max_blocks, slot_ids_ptr, ranks_ptr,
+                            rank_split_stride, ends, sync_ptr, num_tokens, N, K, R, num_heads, k_chunk, shrink_chunk,
+                            shrink_parts, stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr,
+                            CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr,
+                            SHRINK_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                            IEEE: tl.constexpr, PDL: tl.constexpr):
     if PDL != 0:  # x is the launch ahead's output (kernels/pdl.py: PDL_WAIT_FIRST)
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -213,9 +218,9 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_id
         pid = tl.atomic_add(sync_ptr + 2, 1, sem="relaxed")
     if pid < num_shrink:
         if HAS_LORA:
-            _shrink_tiles(X, LA, P, lay, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R,
-                          num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T, BLOCK_R,
-                          SHRINK_K, CHUNK, IEEE)
+            _shrink_tiles(X, LA, P, lay, max_blocks, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens,
+                          K, R, num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T,
+                          BLOCK_R, SHRINK_K, CHUNK, IEEE)
     else:
         g = pid - num_shrink
         pid_n = g // K_SLICES
@@ -240,9 +245,9 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, slot_id
             x_ptrs += BLOCK_K * X[2]
             w_ptrs += BLOCK_K * W[2]
         if HAS_LORA:  # the deltas of every K_SLICES-th chunk of blocks, from this slice's: the slices share them out
-            acc = _add_deltas(acc, LB, P, lay, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, slot_t,
+            acc = _add_deltas(acc, LB, P, lay, max_blocks, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, slot_t,
                               t_ok & (slot_t >= 0), offs_n, n_ok, pid_n * BLOCK_N, k_slice, K_SLICES, R,
-                              shrink_parts, stride_part, num_shrink, BLOCK_T, BLOCK_R, CHUNK, IEEE)
+                              stride_part, num_shrink, BLOCK_T, BLOCK_R, CHUNK, SHRINK_PARTS, IEEE)
             # the last program done: no program reads the shrink's count any more
             if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == num_n * K_SLICES - 1:
                 tl.atomic_xchg(sync_ptr, 0)
@@ -361,11 +366,13 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
     _dense_lora_gemm_kernel[(num_shrink + num_n * slices,)](
         (x, x.stride(0), x.stride(1), 0), (weight, weight.stride(0), weight.stride(1)),
         bias if bias is not None else out, (out, out.stride(0), out.stride(1)), la, lb, p, work, lay,
-        slot_ids if lora is not None else out, ranks, rank_stride, tuple(ends), sync, num_tokens, n, k, big_r, heads,
+        layout.max_blocks if lora is not None else 0, slot_ids if lora is not None else out, ranks, rank_stride,
+        tuple(ends), sync, num_tokens, n, k, big_r, heads,
         k_chunk, *lora_sizes, num_shrink, num_n,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=tiles["block_k"], K_SLICES=slices,
-        CHUNK=max(tiles["lora_k"], rank_tile), BLOCK_R=rank_tile, SHRINK_K=shrink_k, HAS_BIAS=bias is not None,
-        HAS_LORA=lora is not None, IEEE=ieee, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        CHUNK=max(tiles["lora_k"], rank_tile), BLOCK_R=rank_tile, SHRINK_K=shrink_k, SHRINK_PARTS=lora_sizes[1],
+        HAS_BIAS=bias is not None, HAS_LORA=lora is not None, IEEE=ieee, num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
         **pdl_args(x.device),
     )
     return out
