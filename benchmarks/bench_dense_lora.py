@@ -149,17 +149,17 @@ def sweep_fused(layer: dict, n: int, tokens: list[int], gen: torch.Generator) ->
     pipelines) with LoRA and without, against cuBLAS's base; then the LoRA's chunk columns and
     shrink K tile on the engine's base tiles. FUSED_TILES is the engine's."""
     out = []
-    configs = [{**FUSED_TILES, "block_n": bn, "block_k": bk, "num_stages": st}
-               for bn, bk, st in ((64, 128, 3), (64, 128, 4), (64, 128, 5), (64, 64, 6), (64, 64, 8),
-                                  (128, 64, 6), (32, 128, 4))]
-    configs += [{**FUSED_TILES, "lora_k": lk, "shrink_k": sk} for lk, sk in ((32, 64), (128, 64), (64, 128))]
+    base_tiles = [{**FUSED_TILES, "block_n": bn, "block_k": bk, "num_stages": st}
+                  for bn, bk, st in ((64, 128, 3), (64, 128, 4), (64, 128, 5), (64, 64, 6), (64, 64, 8),
+                                     (128, 64, 6), (32, 128, 4))]
+    configs = base_tiles + [{**FUSED_TILES, "lora_k": lk, "shrink_k": sk} for lk, sk in ((32, 64), (128, 64), (64, 128))]
     for m in tokens:
         x, attn, slots, _, _ = _inputs(layer, m, n, gen)
         lay = dense_layout(slots, n)
         for name, inp, w, group in (("qkv", x, layer["w_qkv"], layer["qkv"]), ("o", attn, layer["w_o"], layer["o"])):
             cublas = 1e3 * time_graph(lambda: inp @ w.T, samples=7)
             for cfg in configs:
-                for ks in (0, 2) if cfg["lora_k"] == FUSED_TILES["lora_k"] else (0,):  # 0: about a program an SM
+                for ks in (0, 2) if cfg in base_tiles else (0,):  # 0: about a program an SM
                     row = {"m": m, "proj": name, **cfg, "k_slices": ks, "cublas_base_us": cublas,
                            "engine": cfg == FUSED_TILES and ks == 0}
                     for key, g, s_ in (("us", group, slots), ("base_us", None, None)):

@@ -58,17 +58,18 @@ from kernels.weights import DenseLoRAGroup
 
 # Token counts the fused launch takes (the whole batch is one M tile of at most this many rows).
 # Off unless MOEPLEX_DENSE_FUSED=1 (or ENABLED = True): on the H100 (2026-12-06, benchmarks/RESULTS.md,
-# "The dense groups' base GEMM and LoRA in one launch") it loses to cuBLAS plus the split path from
-# 32 tokens on (q/k/v + o at 64 tokens, 16 adapters: 50.0 us against 40.1) and its base alone to
-# cuBLAS at every size (25.7 against 19.9 us at 64 tokens); the engine's decode steps took 19.94
-# against 19.79 ms (c_16) and 17.69 against 17.40 (a_none, which takes the launch too).
+# "The dense groups' base GEMM and LoRA in one launch"; 5d11e2c) it loses to cuBLAS plus the split
+# path from 32 tokens on (q/k/v + o at 64 tokens, 16 adapters: 50.0 us against 40.1) and its base
+# alone to cuBLAS at every size (25.7 against 19.9 us at 64 tokens); the engine's decode steps took
+# 19.94 against 19.79 ms (c_16) and 17.69 against 17.40 (a_none, which takes the launch too).
 FUSED_MAX_TOKENS = 64
 ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "0") == "1"
 # The base tile and its K tiles (BLOCK_K deep, NUM_STAGES in flight) at 4 warps; lora_k: a chunk's
 # columns (64: four rank-16 blocks); shrink_k: the shrink's K tile, its K slices group_k_splits'.
-# sm_90 at 64 tokens (compiled here, benchmarks/compare_sass.py's way): lora_k 128 takes 255
-# registers and spills, 64 takes 241; shrink_k 128 takes 144 KB of shared memory (one program an
-# SM), 64 keeps the base loop's 96 KB (two).
+# sm_90 at 64 tokens (triton 3.6, compiled here as benchmarks/compare_sass.py does; 5d11e2c):
+# lora_k 128 takes 255 registers and spills, 64 takes 241 (247 since the partial sums' loads are
+# unrolled); shrink_k 128 takes 144 KB of shared memory (one program an SM), 64 keeps the base
+# loop's 96 KB (two).
 FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "lora_k": 64, "shrink_k": 64}
 SHRINK_PROGRAMS = 128  # at most; each walks (chunk of blocks, projection, K slice) tiles
 MAX_TILES = 8192  # N tiles a launch may have: the per-device counter buffer's size
@@ -86,8 +87,8 @@ def _chunk_columns(lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, C
     offs_kk = tl.arange(0, CHUNK)
     blk = chunk * (CHUNK // BLOCK_R) + offs_kk // BLOCK_R
     j = offs_kk % BLOCK_R
-    # the slots load bounded by the host's max_blocks, not the device's block count: they need not
-    # wait for it (past it, block_slot holds -1 anyway)
+    # the slots load bounded by the host's max_blocks, so that they need not wait for the device's
+    # block count (past which block_slot holds -1); the count masks as well, off their path
     in_lay = blk < max_blocks
     slot = tl.load(lay[2] + blk, mask=in_lay, other=-1)
     # a dense layout orders blocks by slot: a slot's later blocks follow its first
@@ -108,8 +109,9 @@ def _one_per_token(v, slot_t, slot_k, k_ok, BLOCK_T: tl.constexpr, CHUNK: tl.con
 
 @triton.jit
 def _shrink_tiles(X, LA, P, lay, max_blocks, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R,
-                  num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T: tl.constexpr,
-                  BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
+                  num_heads, shrink_chunk, stride_part, num_shrink, pid, BLOCK_T: tl.constexpr,
+                  BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, CHUNK: tl.constexpr, SHRINK_PARTS: tl.constexpr,
+                  IEEE: tl.constexpr):
     """Shrink program pid's share of the (chunk of blocks, projection h, K slice) tiles:
     part[slice, t, h*R + j] = x[t, slice] @ A_h[s][j, slice] for the tokens t of the chunk's slots,
     j < rank_h[s]. One dot a K tile: every token against every slot of the chunk (the A rows of
@@ -119,12 +121,12 @@ def _shrink_tiles(X, LA, P, lay, max_blocks, slot_ids_ptr, ranks_ptr, rank_split
     slot_t = tl.load(slot_ids_ptr + offs_t, mask=t_ok, other=-1)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, SHRINK_K)
-    per_chunk = num_heads * shrink_parts
+    per_chunk = num_heads * SHRINK_PARTS
     num_chunks = tl.cdiv(tl.load(lay[3]), CHUNK // BLOCK_R)
     for tile in range(pid, num_chunks * per_chunk, num_shrink):
         chunk = tile // per_chunk
-        h = (tile % per_chunk) // shrink_parts
-        part = tile % shrink_parts
+        h = (tile % per_chunk) // SHRINK_PARTS
+        part = tile % SHRINK_PARTS
         slot_k, j, k_ok = _chunk_columns(lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK, BLOCK_R)
         la_base, la_rows = factor_at(LA, slot_k, 0, h)  # A_h's row j of each column's slot
         k_start = part * shrink_chunk
@@ -206,7 +208,7 @@ def _add_deltas(acc, LB, P, lay, max_blocks, ranks_ptr, rank_split_stride, ends,
 @triton.jit(do_not_specialize=["num_tokens", "stride_part", "num_shrink", "max_blocks"])
 def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, max_blocks, slot_ids_ptr, ranks_ptr,
                             rank_split_stride, ends, sync_ptr, num_tokens, N, K, R, num_heads, k_chunk, shrink_chunk,
-                            shrink_parts, stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr,
+                            stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr,
                             CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr,
                             SHRINK_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
@@ -219,8 +221,8 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, max_blo
     if pid < num_shrink:
         if HAS_LORA:
             _shrink_tiles(X, LA, P, lay, max_blocks, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens,
-                          K, R, num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T,
-                          BLOCK_R, SHRINK_K, CHUNK, IEEE)
+                          K, R, num_heads, shrink_chunk, stride_part, num_shrink, pid, BLOCK_T,
+                          BLOCK_R, SHRINK_K, CHUNK, SHRINK_PARTS, IEEE)
     else:
         g = pid - num_shrink
         pid_n = g // K_SLICES
@@ -340,7 +342,8 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
     sync = _sync(x.device)
     ends = [sum(sections[:h + 1]) for h in range(len(sections) - 1)]
     ends += [n] * (3 - len(ends))
-    lora_args, lora_sizes, num_shrink, heads, big_r = (0, 0, out, (out, out, out, out)), (1, 1, 0), 0, 1, 16
+    lora_args, lora_sizes, num_shrink, heads, big_r = (0, 0, out, (out, out, out, out)), (1, 0), 0, 1, 16
+    shrink_parts = 1
     ranks, rank_stride = out, 0
     shrink_k = tiles["shrink_k"]
     rank_tile = _rank_block(16)
@@ -359,7 +362,7 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         num_shrink = min(SHRINK_PROGRAMS, chunks * heads * shrink_parts)
         lora_args = (lora.a.operand(), lora.b.operand(), (part, part.stride(1), 1, big_r),
                      (layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks))
-        lora_sizes = (shrink_chunk, shrink_parts, part.stride(0))
+        lora_sizes = (shrink_chunk, part.stride(0))
         ranks, rank_stride = lora.ranks, lora.ranks.stride(0)
     la, lb, p, lay = lora_args
     ieee = all(t.dtype == torch.float32 for t in (x, weight))
@@ -370,7 +373,7 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         tuple(ends), sync, num_tokens, n, k, big_r, heads,
         k_chunk, *lora_sizes, num_shrink, num_n,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=tiles["block_k"], K_SLICES=slices,
-        CHUNK=max(tiles["lora_k"], rank_tile), BLOCK_R=rank_tile, SHRINK_K=shrink_k, SHRINK_PARTS=lora_sizes[1],
+        CHUNK=max(tiles["lora_k"], rank_tile), BLOCK_R=rank_tile, SHRINK_K=shrink_k, SHRINK_PARTS=shrink_parts,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, IEEE=ieee, num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"],
         **pdl_args(x.device),

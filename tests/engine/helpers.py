@@ -5,7 +5,6 @@ The checkpoints and adapters themselves are session fixtures (tests/conftest.py,
 """
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,19 +101,8 @@ def interpreter_scripts(script: str, argvs: list[list[str]], timeout: int = 900)
     """Runs `python -c script *argv` for each argv at once, on the Triton interpreter (MOEPLEX_TRITON /
     TRITON_INTERPRET must be set before triton loads, hence a process each); returns the JSON object
     each printed last. At once: each is one core's work, and the test process only waits."""
+    from tests.kernels.interp import run_processes
     env = {**os.environ, "MOEPLEX_TRITON": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for argv in argvs]
-    results = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, err[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    return results
+    outs = run_processes([([sys.executable, "-c", script, *argv], env) for argv in argvs], timeout)
+    return [json.loads(out.strip().splitlines()[-1]) for out in outs]

@@ -18,8 +18,10 @@ from tests.kernels.loop_reference import dense_loop_ref, make_group, make_slot_i
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOL = {"fp32": 1e-5, "fp16": 5e-3}
-# per projection and slot ranks; slot 3 leaves projection 1 alone (rank 0)
+# per projection and slot ranks; slot 3 leaves projection 1 alone (rank 0); "wide": ranks past 16,
+# so that a rank tile (BLOCK_R) of 64 holds slots of 24 and 40 and the pool's R (40) is under it
 RANKS = [[1, 8, 16, 4], [8, 16, 1, 0], [16, 4, 8, 2]]
+WIDE_RANKS = [[1, 24, 16, 40], [8, 40, 1, 0], [40, 4, 24, 2]]  # a padded stack wants one max a projection
 
 
 def case_names() -> list[str]:
@@ -35,8 +37,13 @@ def case_names() -> list[str]:
         # two projections: the third end past N
         "fp16-zipf-s32x32-t9-in80",
         # chunks of one and of two blocks: several a launch, shared out over K slices; a slot's
-        # second block (64 tokens over 4 slots: a slot of more than 16 takes two)
+        # second block (64 tokens over 4 slots: a slot of more than 16 takes two), in its first
+        # block's chunk (c32) and in the next chunk (c16)
         "fp32-distinct-s32x16x16-t19-k3-c16", "fp16-zipf-s64x64x64-t64-in96-heap-nanpad-c32",
+        "fp16-zipf-s64x64x64-t64-in96-heap-nanpad-k2-c16",
+        # ranks 24 and 40 (heap and padded stack): a 64-wide rank tile, chunks of one block at the default
+        # columns
+        "fp32-uniform-s64x64x64-t19-heap-nanpad-wide", "fp16-zipf-s128x64x64-t40-in96-wide-k2",
     ]
 
 
@@ -53,7 +60,8 @@ def build(name: str) -> dict:
     dtype, sections, t, n_in = DTYPES[p["dtype"]], p["sections"], p["t"], p["in"]
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
     pad = float("nan") if "nanpad" in p["flags"] else 0.0
-    parts, group = make_group(gen, 4, n_in, sections, RANKS, dtype, pad=pad, heap="heap" in p["flags"])
+    ranks = WIDE_RANKS if "wide" in p["flags"] else RANKS
+    parts, group = make_group(gen, 4, n_in, sections, ranks, dtype, pad=pad, heap="heap" in p["flags"])
     x = torch.randn(t, n_in, generator=gen).to(dtype)
     weight = (torch.randn(sum(sections), n_in, generator=gen) / n_in ** 0.5).to(dtype)
     bias = torch.randn(sum(sections), generator=gen).to(dtype) if "bias" in p["flags"] else None

@@ -4,34 +4,45 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-SHARDS = max(1, min(4, os.cpu_count() or 1))  # the interpreter is one core's work a process
+SHARDS = max(1, min(4, len(os.sched_getaffinity(0))))  # the interpreter is one core's work a process
+
+
+def run_processes(commands: list[tuple[list[str], dict]], timeout: int, cwd=None) -> list[str]:
+    """Runs the (argv, env) commands at once, each writing to files of its own (a pipe left unread
+    while another process is waited on could fill and stall it); returns their stdouts once all
+    have exited with 0. One deadline for all; on a failure or the deadline, the others are killed."""
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        try:
+            for i, (argv, env) in enumerate(commands):
+                with open(f"{tmp}/{i}.out", "w") as out, open(f"{tmp}/{i}.err", "w") as err:
+                    procs.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err))
+            for i, proc in enumerate(procs):
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                assert proc.returncode == 0, Path(f"{tmp}/{i}.err").read_text()[-4000:]
+            return [Path(f"{tmp}/{i}.out").read_text() for i in range(len(procs))]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
 
 def run_interpreter_cases(module: str, timeout: int = 600, shards: int = SHARDS) -> dict[str, dict]:
     """Every case of `module`, its case list dealt round-robin to `shards` processes at once (the test
     process only waits meanwhile: on CI's two cores, two shards take about half the time of one)."""
-    procs = []
-    for shard in range(shards):
-        env = {**os.environ, "TRITON_INTERPRET": "1", "MOEPLEX_TRITON": "1", "OMP_NUM_THREADS": "1",
-               "MOEPLEX_CASE_SHARD": f"{shard}/{shards}"}
-        procs.append(subprocess.Popen([sys.executable, "-m", module], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    rows = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, err[-4000:]
-            rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    finally:
-        for proc in procs:  # a failed or timed-out shard takes the others down with it
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOEPLEX_TRITON": "1", "OMP_NUM_THREADS": "1"}
+    outs = run_processes([([sys.executable, "-m", module], {**env, "MOEPLEX_CASE_SHARD": f"{shard}/{shards}"})
+                          for shard in range(shards)], timeout, cwd=REPO)
+    rows = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
     return {row["name"]: row for row in rows}
 
 
