@@ -67,9 +67,8 @@ ENABLED = os.environ.get("MOEPLEX_DENSE_FUSED", "0") == "1"
 # The base tile and its K tiles (BLOCK_K deep, NUM_STAGES in flight) at 4 warps; lora_k: a chunk's
 # columns (64: four rank-16 blocks); shrink_k: the shrink's K tile, its K slices group_k_splits'.
 # sm_90 at 64 tokens (triton 3.6, compiled here as benchmarks/compare_sass.py does; 5d11e2c):
-# lora_k 128 takes 255 registers and spills, 64 takes 241 (247 since the partial sums' loads are
-# unrolled); shrink_k 128 takes 144 KB of shared memory (one program an SM), 64 keeps the base
-# loop's 96 KB (two).
+# lora_k 128 takes 255 registers and spills, 64 takes 241; shrink_k 128 takes 144 KB of shared
+# memory (one program an SM), 64 keeps the base loop's 96 KB (two).
 FUSED_TILES = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "lora_k": 64, "shrink_k": 64}
 SHRINK_PROGRAMS = 128  # at most; each walks (chunk of blocks, projection, K slice) tiles
 MAX_TILES = 8192  # N tiles a launch may have: the per-device counter buffer's size
@@ -162,8 +161,8 @@ def _chunk_b(LB, lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, off
 
 @triton.jit
 def _add_deltas(acc, LB, P, lay, max_blocks, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, slot_t, lora_t,
-                offs_n, n_ok, n0, first_chunk, chunk_step, R, stride_part, num_shrink, BLOCK_T: tl.constexpr,
-                BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, SHRINK_PARTS: tl.constexpr, IEEE: tl.constexpr):
+                offs_n, n_ok, n0, first_chunk, chunk_step, R, shrink_parts, stride_part, num_shrink,
+                BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
     """acc (rows = tokens) plus the delta of the chunks of layout blocks first_chunk, first_chunk +
     chunk_step, ... on their tokens' rows (lora_t: the tokens that have an adapter); other rows keep
     acc's bits. A chunk is one dot: the tokens' shrinks, each in its slot's columns (zeros in the
@@ -184,10 +183,11 @@ def _add_deltas(acc, LB, P, lay, max_blocks, ranks_ptr, rank_split_stride, ends,
         done = tl.atomic_add(sync_ptr, 0, sem="acquire")
     tl.debug_barrier()
     # each token's shrink, summed over K slices (columns past a slot's rank are masked below,
-    # whatever they hold); .cg: written during this launch, not to be read from L1; unrolled, so
-    # that the loads go out together
+    # whatever they hold); .cg: written during this launch, not to be read from L1. A runtime loop:
+    # unrolled (the count a constant), the split path's expand measured 1.5-3 us slower on the H100
+    # (benchmarks/RESULTS.md)
     shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for part in tl.static_range(SHRINK_PARTS):
+    for part in range(shrink_parts):
         shrunk += tl.load(s_ptrs + part * stride_part, mask=s_mask, other=0.0, cache_modifier=".cg")
     # every column of a slot block holds the token's shrink; the mask below keeps its own slot's
     wide = tl.reshape(tl.broadcast_to(shrunk[:, None, :], (BLOCK_T, CHUNK // BLOCK_R, BLOCK_R)), (BLOCK_T, CHUNK))
@@ -208,7 +208,7 @@ def _add_deltas(acc, LB, P, lay, max_blocks, ranks_ptr, rank_split_stride, ends,
 @triton.jit(do_not_specialize=["num_tokens", "stride_part", "num_shrink", "max_blocks"])
 def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, max_blocks, slot_ids_ptr, ranks_ptr,
                             rank_split_stride, ends, sync_ptr, num_tokens, N, K, R, num_heads, k_chunk, shrink_chunk,
-                            stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr,
+                            shrink_parts, stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr,
                             CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr,
                             SHRINK_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
@@ -249,7 +249,7 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, max_blo
         if HAS_LORA:  # the deltas of every K_SLICES-th chunk of blocks, from this slice's: the slices share them out
             acc = _add_deltas(acc, LB, P, lay, max_blocks, ranks_ptr, rank_split_stride, ends, sync_ptr, offs_t, slot_t,
                               t_ok & (slot_t >= 0), offs_n, n_ok, pid_n * BLOCK_N, k_slice, K_SLICES, R,
-                              stride_part, num_shrink, BLOCK_T, BLOCK_R, CHUNK, SHRINK_PARTS, IEEE)
+                              shrink_parts, stride_part, num_shrink, BLOCK_T, BLOCK_R, CHUNK, IEEE)
             # the last program done: no program reads the shrink's count any more
             if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == num_n * K_SLICES - 1:
                 tl.atomic_xchg(sync_ptr, 0)
@@ -342,7 +342,7 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
     sync = _sync(x.device)
     ends = [sum(sections[:h + 1]) for h in range(len(sections) - 1)]
     ends += [n] * (3 - len(ends))
-    lora_args, lora_sizes, num_shrink, heads, big_r = (0, 0, out, (out, out, out, out)), (1, 0), 0, 1, 16
+    lora_args, lora_sizes, num_shrink, heads, big_r = (0, 0, out, (out, out, out, out)), (1, 1, 0), 0, 1, 16
     shrink_parts = 1
     ranks, rank_stride = out, 0
     shrink_k = tiles["shrink_k"]
@@ -362,7 +362,7 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         num_shrink = min(SHRINK_PROGRAMS, chunks * heads * shrink_parts)
         lora_args = (lora.a.operand(), lora.b.operand(), (part, part.stride(1), 1, big_r),
                      (layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks))
-        lora_sizes = (shrink_chunk, part.stride(0))
+        lora_sizes = (shrink_chunk, shrink_parts, part.stride(0))
         ranks, rank_stride = lora.ranks, lora.ranks.stride(0)
     la, lb, p, lay = lora_args
     ieee = all(t.dtype == torch.float32 for t in (x, weight))

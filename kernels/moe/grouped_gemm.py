@@ -46,7 +46,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div, scale_ptr,
-               n_limit, k_start, k_limit, c_off, stride_ap, BLOCK_M: tl.constexpr,
+               n_limit, k_start, k_limit, c_off, a_parts, stride_ap, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
                BLOCK_R: tl.constexpr, A_PARTS: tl.constexpr, W_TABLE: tl.constexpr,
@@ -93,9 +93,8 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         for k0 in range(k_start, k_limit, BLOCK_K):
             k_ok = offs_k + (k0 - k_start) < k_limit
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if A_PARTS > 1:  # the shrink's partial sums over K slices, added here
-                # unrolled: the loads go out together (a runtime loop waits on a few at a time)
-                for j in tl.static_range(1, A_PARTS):
+            if A_PARTS:  # the shrink's partial sums over K slices, added here
+                for j in range(1, a_parts):
                     a += tl.load(a_ptrs + j * stride_ap, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             a = a.to(b.dtype)
@@ -147,8 +146,8 @@ def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
     for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
         block, pid_n, expert, slot = _tile_of(lay, tile, num_n)
         _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div,
-                   scale_ptr, N, 0, K, 0, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_SCALE, IEEE,
-                   HAS_LORA, BLOCK_R, 0, False)
+                   scale_ptr, N, 0, K, 0, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_SCALE, IEEE,
+                   HAS_LORA, BLOCK_R, False, False)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -170,15 +169,15 @@ def _lora_shrink_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, num_rows, N,
             k_start = part * k_chunk
             k_limit = tl.minimum(K, k_start + k_chunk)
         _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div, 0, n_limit,
-                   k_start, k_limit, part * stride_cp, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, False, IEEE,
-                   False, 16, 0, True, PDL == 2)
+                   k_start, k_limit, part * stride_cp, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, False, IEEE,
+                   False, 16, False, True, PDL == 2)
     if PDL != 0:  # every program, tiles or none: this launch ends after the one ahead
         tl.extra.cuda.gdc_wait()
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _lora_expand_tiles_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, ends, num_rows, N, K,
-                              scale_ptr, stride_ap, BLOCK_M: tl.constexpr,
+                              scale_ptr, a_parts, stride_ap, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
                               IEEE: tl.constexpr, A_PARTS: tl.constexpr, SECTIONS: tl.constexpr,
                               PDL: tl.constexpr):
@@ -193,7 +192,7 @@ def _lora_expand_tiles_kernel(A, W, C, lay, ranks_ptr, rank_split_stride, ends, 
                 + (pid_n * BLOCK_N >= ends[2]).to(tl.int32)
         k_limit = tl.minimum(K, tl.load(ranks_ptr + h * rank_split_stride + slot))
         _gemm_tile(A, W, C, 0, lay, block, expert, slot, h, pid_n, num_rows, N, 1, scale_ptr, N, 0,
-                   k_limit, 0, stride_ap, BLOCK_M, BLOCK_N, BLOCK_K, True, HAS_SCALE, IEEE,
+                   k_limit, 0, a_parts, stride_ap, BLOCK_M, BLOCK_N, BLOCK_K, True, HAS_SCALE, IEEE,
                    False, 16, A_PARTS, True)
 
 
@@ -317,9 +316,9 @@ def lora_expand_tiles(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: Virtua
     _lora_expand_tiles_kernel[(programs, splits)](
         (a, a2.stride(0), a2.stride(1), k), as_factor(w, step).operand(), (c, c.stride(0), c.stride(1), step),
         _lay(layout), ranks, rank_split_stride, tuple(ends), layout.num_rows, n, k,
-        scale if scale is not None else layout.num_blocks, a.stride(0) if a_parts else 0,
+        scale if scale is not None else layout.num_blocks, max(1, a_parts), a.stride(0) if a_parts else 0,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
-        IEEE=_ieee(a, w), A_PARTS=max(1, a_parts), SECTIONS=len(sections) > 1,
+        IEEE=_ieee(a, w), A_PARTS=a_parts > 1, SECTIONS=len(sections) > 1,
         num_warps=num_warps, num_stages=num_stages, **pdl_args(a.device),
     )
     return c
