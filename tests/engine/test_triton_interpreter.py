@@ -1,14 +1,10 @@
 """The engine over the Triton kernels (interpreter on CPU, fp32): a mixed step vs the reference.
 
-Runs in a subprocess because MOEPLEX_TRITON / TRITON_INTERPRET must be set before triton loads.
+Each config's engine runs in a subprocess, all at once (tests.engine.helpers.interpreter_scripts).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.engine.helpers import interpreter_scripts
 
 SCRIPT = """
 import json, sys
@@ -29,16 +25,22 @@ print(json.dumps(errors))
 """
 
 
-@pytest.mark.parametrize("prefill_kernel,layout,unit", [(False, "slots", 16), (True, "slots", 16), (True, "bytes", 16),
-                                                       (True, "bytes", 8)],
-                         ids=["sdpa_prefill", "triton_prefill", "triton_prefill_adapter_heap",
-                              "triton_prefill_adapter_heap_rank_unit_8"])
-def test_engine_on_triton_interpreter_matches_reference(checkpoints, adapters, prefill_kernel, layout, unit):
-    env = {**os.environ, "MOEPLEX_TRITON": "1", "TRITON_INTERPRET": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+# the engine configs: Triton or SDPA prefill attention, the adapters as padded slots or on the heap
+CONFIGS = {"sdpa_prefill": (False, "slots", 16), "triton_prefill": (True, "slots", 16),
+           "triton_prefill_adapter_heap": (True, "bytes", 16),
+           "triton_prefill_adapter_heap_rank_unit_8": (True, "bytes", 8)}
+
+
+@pytest.fixture(scope="module")
+def errors_by_config(checkpoints, adapters) -> dict[str, list[float]]:
+    """Each config's three relative logit errors, the configs' engines run at once."""
     fam = "qwen3_moe"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoints[fam]), str(adapters[fam]["a"]),
-                           str(adapters[fam]["b"]), str(int(prefill_kernel)), layout, str(unit)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    args = [str(checkpoints[fam]), str(adapters[fam]["a"]), str(adapters[fam]["b"])]
+    argvs = [args + [str(int(prefill_kernel)), layout, str(unit)] for prefill_kernel, layout, unit in CONFIGS.values()]
+    return dict(zip(CONFIGS, interpreter_scripts(SCRIPT, argvs)))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_engine_on_triton_interpreter_matches_reference(errors_by_config, config):
+    errors = errors_by_config[config]
     assert len(errors) == 3 and max(errors) < 1e-4, errors
