@@ -11,7 +11,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-SHARDS = max(1, min(4, len(os.sched_getaffinity(0))))  # the interpreter is one core's work a process
+# the interpreter is one core's work a process: as many as this process may run on (at most 4)
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SHARDS = max(1, min(4, _CPUS))
 
 
 def run_processes(commands: list[tuple[list[str], dict]], timeout: int, cwd=None) -> list[str]:
