@@ -152,7 +152,8 @@ def sweep_fused(layer: dict, n: int, tokens: list[int], gen: torch.Generator) ->
     base_tiles = [{**FUSED_TILES, "block_n": bn, "block_k": bk, "num_stages": st}
                   for bn, bk, st in ((64, 128, 3), (64, 128, 4), (64, 128, 5), (64, 64, 6), (64, 64, 8),
                                      (128, 64, 6), (32, 128, 4))]
-    configs = base_tiles + [{**FUSED_TILES, "lora_k": lk, "shrink_k": sk} for lk, sk in ((32, 64), (128, 64), (64, 128))]
+    configs = base_tiles + [{**FUSED_TILES, "lora_k": lk, "shrink_k": sk}
+                            for lk, sk in ((32, 64), (128, 64), (64, 128))]
     for m in tokens:
         x, attn, slots, _, _ = _inputs(layer, m, n, gen)
         lay = dense_layout(slots, n)

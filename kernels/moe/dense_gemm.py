@@ -108,9 +108,8 @@ def _one_per_token(v, slot_t, slot_k, k_ok, BLOCK_T: tl.constexpr, CHUNK: tl.con
 
 @triton.jit
 def _shrink_tiles(X, LA, P, lay, max_blocks, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens, K, R,
-                  num_heads, shrink_chunk, stride_part, num_shrink, pid, BLOCK_T: tl.constexpr,
-                  BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, CHUNK: tl.constexpr, SHRINK_PARTS: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T: tl.constexpr,
+                  BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
     """Shrink program pid's share of the (chunk of blocks, projection h, K slice) tiles:
     part[slice, t, h*R + j] = x[t, slice] @ A_h[s][j, slice] for the tokens t of the chunk's slots,
     j < rank_h[s]. One dot a K tile: every token against every slot of the chunk (the A rows of
@@ -120,12 +119,12 @@ def _shrink_tiles(X, LA, P, lay, max_blocks, slot_ids_ptr, ranks_ptr, rank_split
     slot_t = tl.load(slot_ids_ptr + offs_t, mask=t_ok, other=-1)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, SHRINK_K)
-    per_chunk = num_heads * SHRINK_PARTS
+    per_chunk = num_heads * shrink_parts
     num_chunks = tl.cdiv(tl.load(lay[3]), CHUNK // BLOCK_R)
     for tile in range(pid, num_chunks * per_chunk, num_shrink):
         chunk = tile // per_chunk
-        h = (tile % per_chunk) // SHRINK_PARTS
-        part = tile % SHRINK_PARTS
+        h = (tile % per_chunk) // shrink_parts
+        part = tile % shrink_parts
         slot_k, j, k_ok = _chunk_columns(lay, max_blocks, ranks_ptr, rank_split_stride, h, chunk, R, CHUNK, BLOCK_R)
         la_base, la_rows = factor_at(LA, slot_k, 0, h)  # A_h's row j of each column's slot
         k_start = part * shrink_chunk
@@ -211,8 +210,8 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, max_blo
                             shrink_parts, stride_part, num_shrink, num_n, BLOCK_T: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICES: tl.constexpr,
                             CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK_K: tl.constexpr,
-                            SHRINK_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                            IEEE: tl.constexpr, PDL: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
+                            PDL: tl.constexpr):
     if PDL != 0:  # x is the launch ahead's output (kernels/pdl.py: PDL_WAIT_FIRST)
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -221,8 +220,8 @@ def _dense_lora_gemm_kernel(X, W, bias_ptr, C, LA, LB, P, work_ptr, lay, max_blo
     if pid < num_shrink:
         if HAS_LORA:
             _shrink_tiles(X, LA, P, lay, max_blocks, slot_ids_ptr, ranks_ptr, rank_split_stride, sync_ptr, num_tokens,
-                          K, R, num_heads, shrink_chunk, stride_part, num_shrink, pid, BLOCK_T,
-                          BLOCK_R, SHRINK_K, CHUNK, SHRINK_PARTS, IEEE)
+                          K, R, num_heads, shrink_chunk, shrink_parts, stride_part, num_shrink, pid, BLOCK_T,
+                          BLOCK_R, SHRINK_K, CHUNK, IEEE)
     else:
         g = pid - num_shrink
         pid_n = g // K_SLICES
@@ -343,10 +342,10 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
     ends = [sum(sections[:h + 1]) for h in range(len(sections) - 1)]
     ends += [n] * (3 - len(ends))
     lora_args, lora_sizes, num_shrink, heads, big_r = (0, 0, out, (out, out, out, out)), (1, 1, 0), 0, 1, 16
-    shrink_parts = 1
     ranks, rank_stride = out, 0
     shrink_k = tiles["shrink_k"]
-    rank_tile = _rank_block(16)
+    rank_tile = _rank_block(lora.max_rank if lora is not None else 16)
+    chunk_cols = max(tiles["lora_k"], rank_tile)  # a chunk: chunk_cols // rank_tile blocks
     if lora is not None:
         expect(slot_ids is not None and tuple(slot_ids.shape) == (num_tokens,),
                f"slot_ids must be [T={num_tokens}]")
@@ -355,10 +354,9 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         expect(layout.num_rows == num_tokens and layout.block_size == LORA_BLOCK_M,
                f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {num_tokens} rows")
         heads, big_r = lora.num_projections, lora.max_rank
-        rank_tile = _rank_block(big_r)
         shrink_chunk, part = shrink_partials(x, lora, 0, shrink_k)
         shrink_parts = part.shape[0]
-        chunks = triton.cdiv(layout.max_blocks, max(tiles["lora_k"], rank_tile) // rank_tile)
+        chunks = triton.cdiv(layout.max_blocks, chunk_cols // rank_tile)
         num_shrink = min(SHRINK_PROGRAMS, chunks * heads * shrink_parts)
         lora_args = (lora.a.operand(), lora.b.operand(), (part, part.stride(1), 1, big_r),
                      (layout.sorted_ids, layout.block_expert, layout.block_slot, layout.num_blocks))
@@ -373,9 +371,8 @@ def dense_lora_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseL
         tuple(ends), sync, num_tokens, n, k, big_r, heads,
         k_chunk, *lora_sizes, num_shrink, num_n,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=tiles["block_k"], K_SLICES=slices,
-        CHUNK=max(tiles["lora_k"], rank_tile), BLOCK_R=rank_tile, SHRINK_K=shrink_k, SHRINK_PARTS=shrink_parts,
-        HAS_BIAS=bias is not None, HAS_LORA=lora is not None, IEEE=ieee, num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"],
+        CHUNK=chunk_cols, BLOCK_R=rank_tile, SHRINK_K=shrink_k, HAS_BIAS=bias is not None,
+        HAS_LORA=lora is not None, IEEE=ieee, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
         **pdl_args(x.device),
     )
     return out
