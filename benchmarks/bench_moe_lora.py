@@ -18,7 +18,7 @@ import torch
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
 from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
 from kernels.moe.lora_rows import lora_rows_
-from kernels.moe.launch import LORA_BLOCK_M, _row_parts, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
+from kernels.moe.launch import LORA_BLOCK_M, LORA_PATHS, _row_parts, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from provenance import provenance
@@ -126,16 +126,20 @@ def rel(a, b):
     return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()).clamp_min(1e-30))
 
 
-def path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths):
-    """virtual / base of each named LoRA path (kernels.moe.launch.LORA_PATHS) at this size."""
+def path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths, deltas=None):
+    """virtual / base of each named LoRA path (kernels.moe.launch.LORA_PATHS) at this size; with
+    deltas = (base output, the per-adapter loop's output), also each path's delta error against
+    the loop's: {path: ratio}, {path: error}."""
     m, inter = hidden.shape[0], w_down.shape[2]
-    out = {}
+    out, errs = {}, {}
     for path in paths:
         if path == "fused" and not fused_path_ok(m, inter):
             continue
         fn = lambda: fused_moe_triton(hidden, w_gate_up, w_down, tw, ids, lora, slots, path=path)  # noqa: E731
+        if deltas is not None:
+            errs[path] = rel(fn() - deltas[0], deltas[1] - deltas[0])
         out[path] = time_graph(fn) / base_ms
-    return out
+    return out, errs
 
 
 def run_config(preset, layer, m, n, bw, gen, paths=()):
@@ -151,7 +155,8 @@ def run_config(preset, layer, m, n, bw, gen, paths=()):
     return {
         "preset": preset, "M": m, "n": n, "slots": lora.num_slots, "base_ms": base_ms,
         "virt_path": lora_path(m, k, inter),
-        "path_ratios": path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths),
+        **dict(zip(("path_ratios", "path_delta_errs"), path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots,
+                                                                    base_ms, paths, (out_base, out_loop)))),
         "loop_ms": loop_ms, "virt_ms": virt_ms, "loop_ratio": loop_ms / base_ms,
         "virt_ratio": virt_ms / base_ms, "floor_ratio": (base_ms + lora_floor) / base_ms,
         "base_floor_ms": base_floor, "base_bw_frac": base_floor / base_ms,
@@ -500,7 +505,7 @@ def main():
                     "heap: per-expert adapters, and shared-outer ones with each row's shrink / once a token, exit")
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK],
                     help="--sweep-rows: adapter ranks cycled over the slots")
-    ap.add_argument("--paths", nargs="*", default=[], choices=["rows", "rows-apart", "split", "split-tiles", "split-blocks", "fused"],
+    ap.add_argument("--paths", nargs="*", default=[], choices=[p for p in LORA_PATHS if p != "auto"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
     if not (args.sweep_rows or args.shared_outer or args.sweep_decode):
