@@ -56,14 +56,16 @@ def shrink_partials(x: Tensor, lora: DenseLoRAGroup, k_splits: int, block_k: int
     return chunk, part
 
 
-# Dense LoRA (q/k/v as one group, o) at small batches: a program per (token, projection, column
-# part) that shrinks and expands in one launch (kernels/moe/lora_rows.py), up to DENSE_ROWS_MAX_TOKENS
-# tokens; the split path (alignment by slot, once a step; a shrink split over K into fp32 partial
-# sums; an expand) above. H200, qwen3 q/k/v + o, 16 adapters (bench_dense_lora.py, RESULTS.md):
-# rows 16.5 / 18.2 / 22.7 / 26.9 us at M = 1 / 8 / 32 / 64 against the split path's 17.7 / 18.1 /
-# 21.0 / 21.1 us plus its alignment (3.6-4.2 us a step): each row program walks all of K before
-# its expand, so where the split path spreads K over programs the row path loses from M = 32 on.
-DENSE_ROWS_MAX_TOKENS = 8
+# Dense LoRA (q/k/v as one group, o): the split path (alignment by slot, once a step; a shrink split
+# over K into fp32 partial sums; an expand) at every size by default. The row path (a program per
+# (token, projection, column part) that shrinks and expands in one launch, kernels/moe/lora_rows.py)
+# takes up to DENSE_ROWS_MAX_TOKENS tokens, none now: on the engine's heap factors it lost at every
+# size. H200, qwen3 q/k/v + o, 16 adapters (bench_dense_lora.py --layout heap, RESULTS.md): rows 20.0
+# / 20.0 / 22.7 / 51.4 us at M = 1 / 4 / 8 / 64 against the split path's 15.8 / 17.5 / 17.2 / 19.2 us
+# with its alignment (3.2-4.0 us, which a step shares over its layers); the engine's c_16 decode step
+# at batch 8, 48 layers: 10.85 ms with rows up to 8 tokens, 10.17 ms without. Each row program walks
+# all of K before its expand, where the split path spreads K over programs.
+DENSE_ROWS_MAX_TOKENS = 0
 DENSE_ROWS_TILES = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3}
 DENSE_PATHS = ("auto", "rows", "split")
 

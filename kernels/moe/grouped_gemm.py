@@ -25,8 +25,6 @@ expert stride, row stride, column stride, rows a split steps by, the table's uni
 ranks it scales by), C = (ptr, row stride, column stride, column step per split), lay = the
 layout's four tensors.
 """
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -34,7 +32,7 @@ from torch import Tensor
 
 from kernels.moe.align import VirtualLayout
 from kernels.errors import expect
-from kernels.moe.operands import factor_at, factor_offset, k_slices, num_programs
+from kernels.moe.operands import factor_at, k_slices, num_programs
 from kernels.pdl import pdl_args, use_pdl
 from kernels.weights import Factor, as_factor
 
@@ -52,20 +50,15 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
                BLOCK_R: tl.constexpr, A_PARTS: tl.constexpr, W_TABLE: tl.constexpr,
-               PDL_WAIT: tl.constexpr = False, EP=0, IN_TILE: tl.constexpr = False,
-               IN_TILE_R: tl.constexpr = 16, IN_TILE_COLS: tl.constexpr = 64, IN_TILE_S: tl.constexpr = 16):
+               PDL_WAIT: tl.constexpr = False):
     """One [BLOCK_M, BLOCK_N] tile of block `block`, split h: columns < n_limit, K in [k_start, k_limit),
-    written at C[0] + c_off. PDL_WAIT: wait for the launch ahead (kernels/pdl.py) before the store.
-    IN_TILE: the rows' LoRA expands added to the tile before it is scaled and stored (_in_tile_*)."""
+    written at C[0] + c_off. PDL_WAIT: wait for the launch ahead (kernels/pdl.py) before the store."""
     if pid_n * BLOCK_N < n_limit:
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(lay[0] + offs_m).to(tl.int64)
         row_ok = rows < num_rows
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_limit
-        if IN_TILE:  # the block's slots (TileSlots), loaded while the K loop's first loads are in flight
-            row_group = tl.load(EP[15] + offs_m)
-            distinct = tl.load(EP[17] + block)
         offs_k = k_start + tl.arange(0, BLOCK_K)
         # A rows are gathered (a token's hidden row serves its routed rows)
         a_ptrs = A[0] + (rows // a_row_div)[:, None] * A[1] + (h * A[3] + offs_k[None, :]) * A[2]
@@ -119,9 +112,6 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
                 lb_ptrs = lb_base + offs_n[None, :] * lb_rows + offs_r[:, None] * L[15]
                 lb = tl.load(lb_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _dot(shrunk.to(lb.dtype), lb, acc, IEEE)
-        if IN_TILE:
-            acc = _in_tile_expand(acc, EP, block, rows, row_ok, offs_n, n_ok, expert, (pid_n * BLOCK_N) // EP[13],
-                                  row_group, distinct, IN_TILE_R, IN_TILE_COLS, IN_TILE_S, IEEE)
         if HAS_SCALE:
             acc = acc * row_scale[:, None]
         if ACCUMULATE:
@@ -129,62 +119,6 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
         if PDL_WAIT:
             tl.extra.cuda.gdc_wait()
         tl.store(c_ptrs, acc.to(C[0].dtype.element_ty), mask=c_mask)
-
-
-@triton.jit
-def _in_tile_expand(acc, EP, block, rows, row_ok, offs_n, n_ok, expert, half, row_group, distinct,
-                    R_BLOCK: tl.constexpr, COLS: tl.constexpr, S_P2: tl.constexpr, IEEE: tl.constexpr):
-    """acc[m] += shrunk[row m, half's columns] @ B[slot(m), expert, offs_n, :rank].T for the tile's rows
-    with a slot: the block's distinct slots (TileSlots) taken COLS // R_BLOCK at a time, each such
-    chunk one dot of a block-diagonal operand (row m's shrink in its slot's R_BLOCK columns, zeros
-    elsewhere) against the chunk's B tiles stacked along K. A row without a slot meets only zeros:
-    its sums stay the base's. EP: see moe_gemm's in_tile."""
-    per: tl.constexpr = COLS // R_BLOCK
-    kk = tl.arange(0, COLS)
-    q = kk // R_BLOCK
-    j = kk % R_BLOCK
-    n_local = offs_n - half * EP[13]
-    for c in range(0, distinct, per):
-        col_slot = tl.load(EP[16] + block * S_P2 + c + q, mask=c + q < S_P2, other=-1)
-        live = col_slot >= 0
-        s_in = tl.maximum(col_slot, 0)
-        col_rank = tl.where(live, tl.load(EP[14] + s_in), 0)
-        offset, b_rows = factor_offset((EP[0], EP[1], EP[2], EP[3], EP[4], EP[5], EP[6], EP[7], EP[8], EP[9]), s_in,
-                                       expert, half)
-        k_ok = j < col_rank
-        b_rows = b_rows + 0 * kk  # a ranked factor's row stride is the slot's (a vector), a plain one's one value
-        b = tl.load(EP[0] + offset[:, None] + n_local[None, :] * b_rows[:, None] + j[:, None] * EP[5],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        mine = (row_group[:, None] == (c + q)[None, :]) & k_ok[None, :] & row_ok[:, None]
-        s = tl.load(EP[10] + rows[:, None] * EP[11] + half * EP[12] + j[None, :], mask=mine, other=0.0)
-        acc = _dot(s.to(b.dtype), b, acc, IEEE)
-    return acc
-
-
-@triton.jit
-def _tile_slots_kernel(sorted_ids, num_blocks_ptr, slot_ids, row_group, block_slots, block_distinct,
-                       num_rows, top_k, num_slots, BLOCK_M: tl.constexpr, S_P2: tl.constexpr):
-    block = tl.program_id(0)
-    if block < tl.load(num_blocks_ptr):
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(sorted_ids + offs_m)
-        row_ok = rows < num_rows
-        slot = tl.load(slot_ids + rows // top_k, mask=row_ok, other=-1).to(tl.int32)
-        slot = tl.where((slot >= 0) & (slot < num_slots), slot, -1)
-        s_idx = tl.arange(0, S_P2)
-        eq = slot[:, None] == s_idx[None, :]  # [BLOCK_M, S_P2]; a row without a slot matches none
-        present = tl.max(eq.to(tl.int32), axis=0)
-        order = tl.cumsum(present, axis=0) - present  # a present slot's number, in slot order
-        group = tl.sum(tl.where(eq, order[None, :], 0), axis=1)
-        tl.store(row_group + offs_m, tl.where(slot >= 0, group, -1))
-        # the slot numbered i, -1 past the last
-        numbered = (order[None, :] == s_idx[:, None]) & (present[None, :] != 0)  # [i, slot]
-        at = tl.sum(tl.where(numbered, s_idx[None, :], 0), axis=1)
-        distinct = tl.sum(present, axis=0)
-        tl.store(block_slots + block * S_P2 + s_idx, tl.where(s_idx < distinct, at, -1))
-        tl.store(block_distinct + block, distinct)
-    else:
-        tl.store(block_distinct + block, 0)
 
 
 @triton.jit
@@ -197,11 +131,10 @@ def _tile_of(lay, tile, num_n):
 
 
 @triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
-def _moe_gemm_kernel(A, W, C, L, EP, lay, num_rows, N, K, a_row_div, scale_ptr,
+def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
-                     BLOCK_R: tl.constexpr, PDL_TRIGGER: tl.constexpr, IN_TILE: tl.constexpr,
-                     IN_TILE_R: tl.constexpr, IN_TILE_COLS: tl.constexpr, IN_TILE_S: tl.constexpr):
+                     BLOCK_R: tl.constexpr, PDL_TRIGGER: tl.constexpr):
     if PDL_TRIGGER:  # a PDL launch after this one may start once every program here has (kernels/pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
     # the split index stays a runtime value (grid axis 1 of size 1): with a literal 0, ptxas
@@ -214,7 +147,7 @@ def _moe_gemm_kernel(A, W, C, L, EP, lay, num_rows, N, K, a_row_div, scale_ptr,
         block, pid_n, expert, slot = _tile_of(lay, tile, num_n)
         _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div,
                    scale_ptr, N, 0, K, 0, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_SCALE, IEEE,
-                   HAS_LORA, BLOCK_R, False, False, False, EP, IN_TILE, IN_TILE_R, IN_TILE_COLS, IN_TILE_S)
+                   HAS_LORA, BLOCK_R, False, False)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -280,8 +213,7 @@ def _ieee(*tensors: Tensor) -> bool:
 
 def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, k: int,
              a_row_div: int = 1, scale: Tensor | None = None,
-             fused_lora: tuple[Tensor, Tensor, Tensor, int] | None = None,
-             in_tile: "InTile | None" = None, block_n: int = 64,
+             fused_lora: tuple[Tensor, Tensor, Tensor, int] | None = None, block_n: int = 64,
              block_k: int = 64, num_warps: int = 4, num_stages: int = 3) -> Tensor:
     """The base MoE GEMM over the layout's blocks; returns c.
 
@@ -296,9 +228,6 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
         scale: [rows] per-row factor (routing weight) or None.
         fused_lora: Factors A [S, E, h*R, k] and B [S, E, n, R], ranks [S] int32, half_n (block_n
             divides it; n for one half); for expert-major layouts (kernels.moe.launch.fused_path_ok).
-        in_tile: each row's LoRA expand, its shrink done before (InTile), added to the tile before
-            the scale: c[rows] = scale * (a @ w[e].T + shrunk[rows, g*R':g*R' + r_s] @ B[s, e, :, :r_s].T)
-            for rows of a slot s >= 0, g = col // half_n; any layout, rows of mixed slots.
     """
     lora, big_r = 0, 1
     if fused_lora is not None:
@@ -306,84 +235,16 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
         expect(half_n >= n or half_n % block_n == 0, f"block_n {block_n} must divide half_n {half_n}")
         big_r = lb.shape[-1]
         lora = (*as_factor(la, big_r).operand(), *as_factor(lb, n).operand(), half_n, ranks)
-    ep, tile_r, tile_s = 0, 16, 16
-    if in_tile is not None:
-        expect(in_tile.slots.block_size == layout.block_size, "in_tile's TileSlots must be of this layout")
-        ep, tile_r, tile_s = in_tile.operand(n, block_n)
     num_n = triton.cdiv(n, block_n)
     programs = num_programs(a.device, layout.max_blocks * num_n)
     _moe_gemm_kernel[(programs, 1)](
-        (a, a.stride(0), a.stride(1), 0), _weights(w, 0), (c, c.stride(0), c.stride(1), 0), lora, ep,
+        (a, a.stride(0), a.stride(1), 0), _weights(w, 0), (c, c.stride(0), c.stride(1), 0), lora,
         _lay(layout), layout.num_rows, n, k, a_row_div, scale if scale is not None else layout.num_blocks,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
         IEEE=_ieee(a, w), HAS_LORA=fused_lora is not None, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
-        PDL_TRIGGER=use_pdl(a.device), IN_TILE=in_tile is not None, IN_TILE_R=tile_r,
-        IN_TILE_COLS=max(IN_TILE_COLS, tile_r), IN_TILE_S=tile_s, num_warps=num_warps, num_stages=num_stages,
+        PDL_TRIGGER=use_pdl(a.device), num_warps=num_warps, num_stages=num_stages,
     )
     return c
-
-
-# The in-tile expand's chunk: 64 columns of the block-diagonal operand (4 slots at rank 16), as the
-# fused dense launch's measured best (kernels/moe/dense_gemm.py's CHUNK); a wider rank takes one slot.
-IN_TILE_COLS = 64
-# The in-tile expand keeps a [BLOCK_M, slots] match of rows to the pool's slots in registers: pools
-# wider than this take the separate expand (kernels.moe.launch).
-IN_TILE_MAX_SLOTS = 128
-
-
-@dataclass(frozen=True)
-class TileSlots:
-    """Which slots each block of a base layout holds, for the in-tile expand (one per layout and
-    step, shared by a layer's two GEMMs): row_group [max_blocks * BM] int32, the number of the row's
-    slot among its block's distinct slots (-1: no adapter); block_slots [max_blocks, S_P2] int32,
-    a block's distinct slots in slot order (-1 past them); block_distinct [max_blocks] int32, their
-    count. S_P2: the pool's slot count as a power of two."""
-    row_group: Tensor
-    block_slots: Tensor
-    block_distinct: Tensor
-    block_size: int
-    width: int
-
-
-def tile_slots(layout: VirtualLayout, slot_ids: Tensor, top_k: int, num_slots: int) -> TileSlots:
-    """TileSlots of a base layout whose rows are routed rows r (token r // top_k); one launch, no host
-    sync. slot_ids [T] (-1 or out of range: no adapter)."""
-    expect(num_slots <= IN_TILE_MAX_SLOTS, f"the in-tile expand takes at most {IN_TILE_MAX_SLOTS} slots, got {num_slots}")
-    width = max(16, triton.next_power_of_2(num_slots))
-    bs, dev = layout.block_size, layout.sorted_ids.device
-    slots = TileSlots(torch.empty(layout.max_blocks * bs, dtype=torch.int32, device=dev),
-                      torch.empty(layout.max_blocks, width, dtype=torch.int32, device=dev),
-                      torch.empty(layout.max_blocks, dtype=torch.int32, device=dev), bs, width)
-    _tile_slots_kernel[(layout.max_blocks,)](
-        layout.sorted_ids, layout.num_blocks, slot_ids, slots.row_group, slots.block_slots, slots.block_distinct,
-        layout.num_rows, top_k, num_slots, BLOCK_M=bs, S_P2=width, num_warps=4)
-    return slots
-
-
-@dataclass(frozen=True)
-class InTile:
-    """What moe_gemm needs to add each row's LoRA expand inside its base tile.
-
-    b: the LoRA B Factor (or padded stack) of logical shape [S, E, n, R] (split h of `splits` from
-    row h * half_n); shrunk: [rows, *] float, row r's split-h shrink in columns [h * half_stride,
-    h * half_stride + r_s) (other columns are not read); ranks [S] int32; slots: the layout's
-    TileSlots; half_n: the output columns of a split (n for one)."""
-    b: "Factor | Tensor"
-    shrunk: Tensor
-    half_stride: int
-    half_n: int
-    ranks: Tensor
-    slots: TileSlots
-
-    def operand(self, n: int, block_n: int) -> tuple[tuple, int, int]:
-        """(the kernel's EP tuple, its rank tile, its slot width)."""
-        factor = as_factor(self.b, self.half_n)
-        big_r = factor.shape[3]
-        expect(self.half_n >= n or self.half_n % block_n == 0, f"block_n {block_n} must divide half_n {self.half_n}")
-        expect(self.shrunk.stride(1) == 1, "the in-tile expand needs shrunk's columns contiguous")
-        ep = (*factor.operand(), self.shrunk, self.shrunk.stride(0), self.half_stride, min(self.half_n, n), self.ranks,
-              self.slots.row_group, self.slots.block_slots, self.slots.block_distinct)
-        return ep, max(16, triton.next_power_of_2(big_r)), self.slots.width
 
 
 def lora_shrink(a: Tensor, w: "Factor | Tensor", c: Tensor, layout: VirtualLayout, ranks: Tensor, *, n: int,

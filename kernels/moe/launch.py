@@ -23,7 +23,7 @@ from kernels.moe.down_fold import rank_block, silu_mul_shrink, topk_sum
 from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.moe.expand import lora_expand
-from kernels.moe.grouped_gemm import IN_TILE_MAX_SLOTS, InTile, lora_expand_tiles, lora_shrink, moe_gemm, tile_slots
+from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
 from kernels.moe.lora_rows import lora_rows_
 from kernels.weights import SHAREABLE, Factor, MoELoRAWeights
 
@@ -86,8 +86,7 @@ ROWS_MAX_EXPAND = 8192
 ROWS_TILES_GATE_UP = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}
 ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}  # "rows-apart"
 ROWS_PROGRAMS = 1024
-LORA_PATHS = ("auto", "rows", "rows-apart", "split", "split-tiles", "split-blocks", "split-fold", "in-tile",
-              "in-tile-fold", "fused")
+LORA_PATHS = ("auto", "rows", "rows-apart", "split", "split-tiles", "split-blocks", "fused")
 
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
@@ -129,14 +128,7 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         lay = moe_align_virtual(topk_ids, slot_ids, num_experts, 16, lora.num_slots, expert_major=True)
         return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], lay)
     vlays = [moe_align_virtual(topk_ids, slot_ids, num_experts, LORA_BLOCK_M, lora.num_slots)]
-    if path in ("split-fold", "in-tile", "in-tile-fold") and not lora.shared_halves \
-            and lora.num_slots <= IN_TILE_MAX_SLOTS:
-        return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, vlays, slot_ids=slot_ids,
-                                gate_up_in_tile=path != "split-fold",
-                                down="in-tile" if path == "in-tile" else "fold")
     expand = path.removeprefix("split").removeprefix("-") or "auto"
-    if expand in ("fold", "in-tile", "in-tile-fold"):
-        expand = "auto"  # shared halves or a pool too wide for the tile: the split path
     shared = None
     if lora.shared_halves:
         shared = (SharedTokens.of(lora.gate_up_a, lora.ranks, slot_ids), SharedTokens.of(lora.down_b, lora.ranks, slot_ids))
@@ -155,8 +147,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
                      topk_ids: Tensor, lora: MoELoRAWeights | None, vlays: list[VirtualLayout],
                      fused_layout: VirtualLayout | None = None, row_slots: Tensor | None = None,
                      expand: str = "auto", shared: "tuple[SharedTokens | None, SharedTokens | None] | None" = None,
-                     fold_down: bool = True, slot_ids: Tensor | None = None, gate_up_in_tile: bool = False,
-                     down: str = "layouts") -> Tensor:
+                     fold_down: bool = True) -> Tensor:
     """The base MoE with LoRA over each given virtual layout (one for all adapters, or one
     per adapter for the conventional per-adapter loop the benchmark compares against), or,
     given an expert-major fused_layout, base and LoRA in the same launches, or, given
@@ -165,13 +156,7 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     path before the fold, for A/B runs). expand: the layouts' expand kernel,
     "tiles", "blocks" or "auto" (by row count). shared (one layout only): the tokens on slots
     whose gate/up A, and those whose down B, every expert shares (SharedTokens): their gate/up
-    shrink runs once a token and their down expand once a token, on the top-k sum.
-
-    Above decode size, with slot_ids (the tokens' slots) and one layout: gate_up_in_tile shrinks by
-    the layout's blocks before the base gate/up GEMM, whose tiles add the expand (grouped_gemm's
-    in_tile); down "fold" shrinks in the activation's launch and expands in the top-k sum (as the row
-    path does), "in-tile" shrinks there too and expands in the base down GEMM's tiles, "layouts" by
-    the layouts' blocks after the base GEMM."""
+    shrink runs once a token and their down expand once a token, on the top-k sum."""
     num_tokens, top_k = topk_ids.shape
     num_experts, d, inter = w_down.shape
     rows = num_tokens * top_k
@@ -183,51 +168,33 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     weights = topk_weights.reshape(-1).float()
     gate_up = hidden.new_empty(rows, 2 * inter)
     cfg = _base_config(base.block_size)
-    gate_up_tile = None
-    # a tile holds one split's columns (gate or up: one shrink's columns a row); else the layouts' expand
-    gate_up_in_tile = gate_up_in_tile and inter % cfg["block_n"] == 0
-    slots_of_tiles = None
-    if gate_up_in_tile or (slot_ids is not None and down == "in-tile"):
-        slots_of_tiles = tile_slots(base, slot_ids, top_k, lora.num_slots)
-    if gate_up_in_tile:
-        shrunk = torch.empty(rows, 2 * lora.max_rank, dtype=torch.float32, device=hidden.device)
-        # the launch ahead (the tiles' slots) writes none of what the shrink reads
-        lora_shrink(hidden, lora.gate_up_a, shrunk, vlays[0], lora.ranks, n=lora.max_rank, k=d, a_row_div=top_k,
-                    splits=2, block_n=_rank_block(lora.max_rank), pdl_early=True, **SHRINK)
-        gate_up_tile = InTile(lora.gate_up_b, shrunk, lora.max_rank, inter, lora.ranks, slots_of_tiles)
-    moe_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, in_tile=gate_up_tile, **cfg,
+    moe_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg,
                  **fused_kw(lora and lora.gate_up_a, lora and lora.gate_up_b, inter))
     shared_a, shared_b = shared or (None, None)
-    for vlay in vlays if not gate_up_in_tile else ():
+    for vlay in vlays:
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand, shared_a)
     if row_slots is not None:
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
                    a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), pdl_early=not vlays, **ROWS_TILES_GATE_UP)
     act = hidden.new_empty(rows, inter)
-    folded, down_tile = None, None
-    down_slots = row_slots if row_slots is not None else slot_ids
-    if (row_slots is not None and fold_down) or (slot_ids is not None and down != "layouts"):
+    folded = None
+    if row_slots is not None and fold_down:
         shrunk = torch.empty(rows, rank_block(lora.max_rank), dtype=torch.float32, device=hidden.device)
-        silu_mul_shrink(gate_up, act, shrunk, lora.down_a, lora.ranks, down_slots, topk_ids, pdl_early=True)
-        if down == "in-tile":
-            down_tile = InTile(lora.down_b, shrunk, 0, d, lora.ranks, slots_of_tiles)
-        else:
-            folded = (lora.down_b, lora.ranks, shrunk, weights, down_slots, topk_ids)
+        silu_mul_shrink(gate_up, act, shrunk, lora.down_a, lora.ranks, row_slots, topk_ids, pdl_early=True)
+        folded = (lora.down_b, lora.ranks, shrunk, weights, row_slots, topk_ids)
     else:
         silu_mul(gate_up, act)
     y = hidden.new_empty(rows, d)
-    moe_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, in_tile=down_tile, **cfg,
+    moe_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
                  **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
     token_down = None
-    for vlay in vlays if slot_ids is None or down == "layouts" else ():
+    for vlay in vlays:
         token_down = _lora_down_(act, y, lora, vlay, weights, expand, shared_b)
     if row_slots is not None and not fold_down:
         lora_rows_(act, y, lora.down_a, lora.down_b, lora.ranks, row_slots, topk_ids, a_row_div=1,
                    scale=weights, parts=_row_parts(rows, 1), pdl_early=not vlays, **ROWS_TILES_DOWN)
     # with the fold, the launch ahead of the top-k sum is the base down GEMM (the row path has no vlays)
-    # the launch ahead of the top-k sum is the base down GEMM unless a layout's down expand ran
-    down_expanded = bool(vlays) and (slot_ids is None or down == "layouts")
-    out = topk_sum(y, hidden.new_empty(num_tokens, d), top_k, folded, pdl_early=not down_expanded)
+    out = topk_sum(y, hidden.new_empty(num_tokens, d), top_k, folded, pdl_early=not vlays)
     if token_down is not None:  # out[t] += (sum_k w_k * shrunk_k) @ B_shared.T, once a token
         r = lora.max_rank
         lora_expand_tiles(token_down, lora.down_b, out, shared_b.layout, lora.ranks, n=d, k=r,

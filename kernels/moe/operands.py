@@ -9,15 +9,7 @@ import triton.language as tl
 @triton.jit
 def factor_at(F, slot, expert, h):
     """(address of row 0, column 0 of split h of a LoRA factor's (slot, expert) matrix, its row
-    stride): factor_offset's, from F's data pointer."""
-    offset, row_stride = factor_offset(F, slot, expert, h)
-    return F[0] + offset, row_stride
-
-
-@triton.jit
-def factor_offset(F, slot, expert, h):
-    """(elements from F[0] to row 0, column 0 of split h of a LoRA factor's (slot, expert) matrix,
-    its row stride); slot and expert may be vectors. The table counts in units of F[7] elements: a unit of 16 (specialised as such) tells
+    stride). The table counts in units of F[7] elements: a unit of 16 (specialised as such) tells
     the compiler the slot's first element is 16-element aligned, so its loads vectorise as a
     padded stack's do. F[8], a compile-time constant, says whether the factor is ranked: then the
     strides that step over the rank are in units of the slot's rank rounded up to 16, a multiple
@@ -39,8 +31,8 @@ def factor_offset(F, slot, expert, h):
         expert_stride = expert_stride * r16
         if (F[8] & 3) == 2:
             row_stride = row_stride * r16
-    offset = tl.load(F[1] + h * F[2] + slot) * F[7] + expert * expert_stride + h * F[6] * row_stride
-    return offset, row_stride
+    base = F[0] + tl.load(F[1] + h * F[2] + slot) * F[7] + expert * expert_stride + h * F[6] * row_stride
+    return base, row_stride
 
 
 def num_programs(device: torch.device, max_tiles: int) -> int:

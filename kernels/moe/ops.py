@@ -113,8 +113,9 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
 
 def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
     """The rows-by-slot layout lora_linear_ and linear_lora take; None where nothing would read it
-    (off the Triton path, or for a few tokens, where dense LoRA runs by row without a layout, unless
-    linear_lora's fused launch, whose shrink reads it, takes that size)."""
+    (off the Triton path, or up to DENSE_ROWS_MAX_TOKENS tokens, none by default, where dense LoRA
+    runs by row without a layout, unless linear_lora's fused launch, whose shrink reads it, takes
+    that size)."""
     if not use_triton(slot_ids):
         return None
     from kernels.moe import dense_gemm

@@ -110,7 +110,7 @@ def run_case(name: str) -> dict:
 def run_dispatch() -> dict:
     """kernels.linear_lora takes the fused launch at decode size when it is switched on (with LoRA
     and without, the same base sums: rows without an adapter equal bit for bit) and cuBLAS with the
-    row path when off, the default (the same result up to rounding); it leaves groups whose section
+    split path (over the step's layout) when off, the default (the same result up to rounding); it leaves groups whose section
     ends are not whole base tiles to cuBLAS; the launcher refuses what it cannot take with a typed
     error."""
     import kernels
@@ -126,7 +126,7 @@ def run_dispatch() -> dict:
     dense_gemm.dense_lora_gemm = counted
     try:
         dense_gemm.ENABLED = False
-        off_layout = kernels.dense_lora_layout(c["slots"], 4)  # the row path needs none
+        off_layout = kernels.dense_lora_layout(c["slots"], 4)  # the split path's, at every size
         split = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], off_layout)
         off_launches = list(launches)
         dense_gemm.ENABLED = True
@@ -147,7 +147,7 @@ def run_dispatch() -> dict:
     none = c["slots"] < 0
     return {"fused_is_direct": bool(torch.equal(fused, direct)), "split_err": rel_err(split, c["want"]),
             "fused_err": rel_err(fused, c["want"]), "layout_when_on": layout is not None,
-            "no_layout_when_off": off_layout is None, "off_launches": off_launches,
+            "layout_when_off": off_layout is not None, "off_launches": off_launches,
             "on_launches": launches[len(off_launches):], "bitwise_on": bool(torch.equal(fused[none], alone[none])),
             "some_without": bool(none.any()), "raised": raised}
 

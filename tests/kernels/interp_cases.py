@@ -36,7 +36,7 @@ def case_names() -> list[str]:
     # hidden a column slice of a wider tensor, int64 routing ids (as torch.topk returns them)
     names += ["moe-fp32-t5e6k2-zipf-strided"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
-    # 6 tokens ("t6") take the row path by default, 19-21 the split path; "rows" asks for the row path
+    # 6 tokens ("t6") and 19-21 take the split path by default (DENSE_ROWS_MAX_TOKENS); "rows" asks for the row path
     names += ["dense-fp32-identical-nanpad", "dense-fp16-uniform-t6", "dense-fp32-zipf-rows"]
     # q/k/v as one group. By row: a program per token, projection and column part, sections of
     # any width. By the split path: sections a 16-column tile divides (one shrink + one expand,
@@ -87,15 +87,6 @@ def case_names() -> list[str]:
     # of 32-deep tiles and 16-wide expand tiles
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-swept", "moe-fp32-t5e6k2-rank64-nanpad-wide-swept",
               "group-fp32-zipf-s32x16x16-swept", "group-fp16-uniform-s32x16x16-nanpad-heap-swept"]
-    # above decode size: the gate/up expand in the base GEMM's tiles (I = 64, "i64": a tile is one
-    # split's columns; I = 48 leaves gate/up to the layouts' expand), the down expand folded into the
-    # top-k sum or in the base down GEMM's tiles. A tile's slots in several chunks: rank-64 pools
-    # (one slot a chunk), 8 slots of rank <= 16 (4 a chunk); mixed ranks on the heap, NaN padding
-    names += ["moe-fp32-t17e10k8-uniform-i64-intile", "moe-fp16-t9e6k2-rank64-nanpad-i64-intilefold",
-              "moe-fp32-t17e10k8-skewed-intile", "moe-fp16-t17e10k8-zipf-mixed-heap-i64-intile",
-              "moe-fp32-t9e6k2-distinct-mixed-heap-u8-i64-intilefold", "moe-fp32-t17e10k8-zipf-splitfold",
-              "moe-fp32-t23e6k4-uniform-slots8-i64-intile", "moe-fp16-t23e6k4-zipf-slots8-nanpad-heap-i64-intile",
-              "moe-fp16-t17e10k8-uniform-mixed-shared-heap-i64-intile"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
     return names
 
@@ -113,11 +104,9 @@ def run_moe(name: str) -> dict:
     dtype = DTYPES[p["dtype"]]
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
     ranks = [1, 8, 64, 16] if "rank64" in p["rest"] else MIXED_RANKS if "mixed" in p["rest"] else RANKS
-    if "slots8" in p["rest"]:
-        ranks = ranks + [16, 2, 12, 8]
     pad = float("nan") if "nanpad" in p["rest"] else 0.0
     spread = p["rest"][0] if p["rest"][0] in SPREADS else "skewed"
-    d, inter = (200, 1100) if "wide" in p["rest"] else (32, 64 if "fused" in p["rest"] or "i64" in p["rest"] else 48)
+    d, inter = (200, 1100) if "wide" in p["rest"] else (32, 64 if "fused" in p["rest"] else 48)
     args = make_moe(gen, t, d, inter, e, k, dtype)
     if "strided" in p["rest"]:
         wide = torch.randn(t, 2 * d, dtype=dtype, generator=gen)
@@ -140,8 +129,6 @@ def run_moe(name: str) -> dict:
         path = f"split-{p['rest'][-1]}"
     if "apart" in p["rest"]:
         path = "rows-apart"
-    in_tile = {"splitfold": "split-fold", "intile": "in-tile", "intilefold": "in-tile-fold"}
-    path = next((in_tile[opt] for opt in p["rest"] if opt in in_tile), path)
     if path == "fused" and t > 1:
         path = "auto"  # the fused launch takes one token; with more, the default path
     from kernels.moe import down_fold

@@ -25,7 +25,7 @@ def test_fused_dense_launch_matches_fp64_loop_and_leaves_tokens_without_adapter_
 
 def test_linear_lora_takes_the_fused_launch_only_when_on_and_the_launcher_refuses_what_it_cannot_tile(results):
     res = results["dispatch"]
-    assert res["off_launches"] == [] and res["no_layout_when_off"], res
+    assert res["off_launches"] == [] and res["layout_when_off"], res
     # on: the LoRA call and the call without LoRA; the group of odd section ends went to cuBLAS
     assert res["on_launches"] == [True, False] and res["layout_when_on"], res
     assert res["fused_is_direct"] and res["some_without"] and res["bitwise_on"], res
