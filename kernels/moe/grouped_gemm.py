@@ -90,6 +90,12 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
                                          expert, half)
             la_ptrs = la_base + offs_r[None, :] * la_rows + offs_k[:, None] * L[5]
             shrunk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            # B [N, R] rows are this tile's output columns, B cols [0, r_s) only: loaded before the K
+            # loop, so that its chain of loads (the factor's offset, then B) is not the epilogue's
+            lb_base, lb_rows = factor_at((L[10], L[11], L[12], L[13], L[14], L[15], L[16], L[17], L[18], L[19]),
+                                         slot0, expert, 0)
+            lb = tl.load(lb_base + offs_n[None, :] * lb_rows + offs_r[:, None] * L[15],
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         for k0 in range(k_start, k_limit, BLOCK_K):
             k_ok = offs_k + (k0 - k_start) < k_limit
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -106,11 +112,6 @@ def _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_ro
             b_ptrs += w_step_k
         if HAS_LORA:
             if slot >= 0:  # rows without adapter keep the base sum untouched (bitwise)
-                # B [N, R] rows are this tile's output columns; B cols [0, r_s) only
-                lb_base, lb_rows = factor_at((L[10], L[11], L[12], L[13], L[14], L[15], L[16], L[17], L[18], L[19]),
-                                             slot0, expert, 0)
-                lb_ptrs = lb_base + offs_n[None, :] * lb_rows + offs_r[:, None] * L[15]
-                lb = tl.load(lb_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _dot(shrunk.to(lb.dtype), lb, acc, IEEE)
         if HAS_SCALE:
             acc = acc * row_scale[:, None]
