@@ -71,11 +71,14 @@ def _rank_block(max_rank: int) -> int:
 
 
 # The LoRA delta at decode sizes: a program per routed row (kernels/moe/lora_rows.py) up to
-# ROWS_MAX_ROWS routed rows, where a row's expand is short (2I <= ROWS_MAX_EXPAND); (slot, expert)
-# blocks otherwise; at one token the fused launch (fused_path_ok). H200, n = 16, virtual / base
-# (benchmarks/RESULTS.md, kernels): qwen3 M = 32 / 64 / 128 rows 1.15 / 1.17 / 1.29 vs blocks 1.21 /
-# 1.24 / 1.41, olmoe alike; M = 8 even; M = 1 rows 1.96, fused 1.42; Mixtral (2I = 28672, one
-# program streams a whole row's B) rows 1.23-1.38 vs blocks 1.16-1.19 at every M.
+# ROWS_MAX_ROWS routed rows, where a row's expand is short (2I <= ROWS_MAX_EXPAND), one token
+# included; where it is not, the fused launch at one token (fused_path_ok) and (slot, expert) blocks
+# above. H200, n = 16, virtual / base (benchmarks/RESULTS.md, kernels): qwen3 M = 32 / 64 / 128 rows
+# 1.15 / 1.17 / 1.29 vs blocks 1.21 / 1.24 / 1.41, olmoe alike; M = 8 even; Mixtral (2I = 28672, one
+# program streams a whole row's B) rows 1.23-1.38 vs blocks 1.16-1.19 at every M. At one token the
+# row launches run beside the base GEMMs (PDL, kernels/pdl.py) where the fused launch lengthens them:
+# H100, qwen3 n = 16 / 64, rows 1.19 / 1.15 against fused 1.22 / 1.17, olmoe even, Mixtral fused
+# 1.19 against rows 1.22.
 ROWS_MAX_ROWS = 1024
 ROWS_MAX_EXPAND = 8192
 # Row tiles from `bench_moe_lora.py --sweep-rows` (H200): at rank 16 (qwen3, n = 16, M = 1 / 8 / 64)
@@ -93,9 +96,9 @@ def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
     """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS: "rows" folds the
     down delta into the activation and top-k sum launches, kernels/moe/down_fold.py; "rows-apart"
     gives it its own row launch, as before the fold, for A/B runs)."""
-    if fused_path_ok(num_tokens, inter):
-        return "fused"
-    return "rows" if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND else "split"
+    if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND:
+        return "rows"
+    return "fused" if fused_path_ok(num_tokens, inter) else "split"
 
 
 def _row_parts(num_rows: int, splits: int) -> int:
