@@ -70,6 +70,7 @@ class Factor:
     offset_unit: int = 1
     ranked: int = 0  # PLAIN, RANKED_ROWS or RANKED_COLS, the latter two maybe | SHAREABLE
     ranks: Tensor | None = None  # int32 [S] on data's device: a ranked factor's slot ranks (< 0: shared)
+    stacked: bool = False  # a padded stack's own factor (Factor.of): every slot laid out at the max rank
 
     def __post_init__(self) -> None:
         expect(self.ranked == PLAIN or (self.ranked & RANK_AXES in (RANKED_ROWS, RANKED_COLS)
@@ -90,7 +91,8 @@ class Factor:
         expect(w.dim() == 4, f"a factor stack must be [S, E, rows, cols], got {tuple(stack.shape)}")
         unit = OFFSET_UNIT if w.stride(0) % OFFSET_UNIT == 0 else 1
         offsets = (torch.arange(w.shape[0], device=w.device, dtype=torch.int64) * (w.stride(0) // unit))[None]
-        return cls(w, offsets, w.stride(1), w.stride(2), w.stride(3), split_rows, tuple(w.shape), stack, unit)
+        return cls(w, offsets, w.stride(1), w.stride(2), w.stride(3), split_rows, tuple(w.shape), stack, unit,
+                   stacked=True)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -60,7 +60,7 @@ class MoECausalLM(nn.Module):
             return self.norm(residual), residual
         pool = self.layers[0].self_attn.o_proj.lora
         if batch.lora_slot_ids is not None and pool is not None:  # one alignment for every q/k/v/o
-            batch.lora_layout = kernels.dense_lora_layout(batch.lora_slot_ids, pool.num_slots)
+            batch.lora_layout = kernels.dense_lora_layout(batch.lora_slot_ids, pool.num_slots, pool.a.stacked)
         return self.layers[0].input_layernorm(residual), residual
 
     def run_layers(self, h: Tensor, residual: Tensor, batch: ForwardBatch, start: int,

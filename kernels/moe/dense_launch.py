@@ -57,22 +57,28 @@ def shrink_partials(x: Tensor, lora: DenseLoRAGroup, k_splits: int, block_k: int
 
 
 # Dense LoRA (q/k/v as one group, o): the split path (alignment by slot, once a step; a shrink split
-# over K into fp32 partial sums; an expand) at every size by default. The row path (a program per
-# (token, projection, column part) that shrinks and expands in one launch, kernels/moe/lora_rows.py)
-# takes up to DENSE_ROWS_MAX_TOKENS tokens, none now: on the engine's heap factors it lost at every
-# size. H200, qwen3 q/k/v + o, 16 adapters (bench_dense_lora.py --layout heap, RESULTS.md): rows 20.0
-# / 20.0 / 22.7 / 51.4 us at M = 1 / 4 / 8 / 64 against the split path's 15.8 / 17.5 / 17.2 / 19.2 us
-# with its alignment (3.2-4.0 us, which a step shares over its layers); the engine's c_16 decode step
-# at batch 8, 48 layers: 10.85 ms with rows up to 8 tokens, 10.17 ms without. Each row program walks
-# all of K before its expand, where the split path spreads K over programs.
+# over K into fp32 partial sums; an expand) or, up to DENSE_ROWS_MAX_TOKENS tokens, the row path (a
+# program per (token, projection, column part) that shrinks and expands in one launch,
+# kernels/moe/lora_rows.py). On the adapter heap (the engine's default layout) the split path won at
+# every size: H200, qwen3 q/k/v + o, 16 adapters (bench_dense_lora.py --layout heap, RESULTS.md), rows
+# 20.0 / 20.0 / 22.7 / 51.4 us at M = 1 / 4 / 8 / 64 against the split path's 15.8 / 17.5 / 17.2 / 19.2
+# us with its alignment (3.2-4.0 us, which a step shares over its layers); the engine's c_16 decode
+# step at batch 8, 48 layers: 10.85 ms with rows up to 8 tokens, 10.17 ms without. On padded stacks
+# (lora_layout "slots": every slot at the max rank) the row path won at 8 tokens (rank 16: 17.7
+# against 21.6 us; ranks 8-64 in a rank-64 pool: 31.3 against 158.5), so those keep it up to
+# DENSE_ROWS_MAX_TOKENS_STACKED. Each row program walks all of K before its expand, where the split
+# path spreads K over programs: the row path loses from ~32 tokens on either way.
 DENSE_ROWS_MAX_TOKENS = 0
+DENSE_ROWS_MAX_TOKENS_STACKED = 8
 DENSE_ROWS_TILES = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3}
 DENSE_PATHS = ("auto", "rows", "split")
 
 
-def dense_path(num_tokens: int, num_projections: int) -> str:
-    """Which path adds a dense group's LoRA delta at this size (see DENSE_PATHS)."""
-    ok = num_tokens <= DENSE_ROWS_MAX_TOKENS and num_projections <= MAX_GROUP_ROWS_PROJECTIONS
+def dense_path(num_tokens: int, num_projections: int, stacked: bool = False) -> str:
+    """Which path adds a dense group's LoRA delta at this size (see DENSE_PATHS); stacked: the group's
+    factors are padded stacks (Factor.stacked), not the adapter heap's."""
+    limit = DENSE_ROWS_MAX_TOKENS_STACKED if stacked else DENSE_ROWS_MAX_TOKENS
+    ok = num_tokens <= limit and num_projections <= MAX_GROUP_ROWS_PROJECTIONS
     return "rows" if ok else "split"
 
 
@@ -90,7 +96,7 @@ def dense_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: 
     num_tokens = x.shape[0]
     if num_tokens == 0:
         return out
-    path = dense_path(num_tokens, lora.num_projections) if path == "auto" else path
+    path = dense_path(num_tokens, lora.num_projections, lora.a.stacked) if path == "auto" else path
     if path == "rows":
         return lora_group_rows_(x, out, lora, slot_ids, parts=dense_row_parts(num_tokens, lora.num_projections),
                                 pdl_early=pdl_early, **DENSE_ROWS_TILES)

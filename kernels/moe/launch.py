@@ -78,7 +78,7 @@ def _rank_block(max_rank: int) -> int:
 # program streams a whole row's B) rows 1.23-1.38 vs blocks 1.16-1.19 at every M. At one token the
 # row launches run beside the base GEMMs (PDL, kernels/pdl.py) where the fused launch lengthens them:
 # H100, qwen3 n = 16 / 64, rows 1.19 / 1.15 against fused 1.22 / 1.17, olmoe even, Mixtral fused
-# 1.19 against rows 1.22.
+# 1.19 against rows 1.22 (not measured on the H200).
 ROWS_MAX_ROWS = 1024
 ROWS_MAX_EXPAND = 8192
 # Row tiles from `bench_moe_lora.py --sweep-rows` (H200): at rank 16 (qwen3, n = 16, M = 1 / 8 / 64)
@@ -288,8 +288,9 @@ def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int
     from kernels.moe.align_multi import CHUNK
     from kernels.moe.align_triton import MAX_ROWS, SINGLE_PROGRAM_ROWS
     from kernels.moe.dense_gemm import FUSED_MAX_TOKENS
-    from kernels.moe.dense_launch import DENSE_ROWS_MAX_TOKENS
-    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS, DENSE_ROWS_MAX_TOKENS, FUSED_MAX_TOKENS}
+    from kernels.moe.dense_launch import DENSE_ROWS_MAX_TOKENS, DENSE_ROWS_MAX_TOKENS_STACKED
+    rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS, DENSE_ROWS_MAX_TOKENS,
+            DENSE_ROWS_MAX_TOKENS_STACKED, FUSED_MAX_TOKENS}
     rows |= {16, 32}  # the fused dense launch's M tile (dense_gemm: the token count's power of two, >= 16)
     rows |= {16 * num_experts, 48 * num_experts, 96 * num_experts}  # _base_block_m
     rows |= {1 << p for p in range(4, (max_tokens * top_k).bit_length() + 1)}  # align_triton's NP

@@ -65,8 +65,8 @@ def lora_group_linear_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, slot_ids: T
     Semantics:
         out[t, off_h:off_h + N_h] += (x[t] @ a_h[s].T) @ b_h[s].T for each projection h, with
         s = slot_ids[t]; rows with s = -1 untouched. On Triton, for the whole group: one launch
-        by token for a few tokens (kernels.moe.dense_launch.dense_path), else one shrink and one
-        expand launch over rows by slot.
+        by token for a few tokens of padded stacks (kernels.moe.dense_launch.dense_path), else one
+        shrink and one expand launch over rows by slot.
     Args:
         x: [T, IN] fp32/fp16/bf16; out: [T, N], N = sum(lora.sections), same dtype.
         lora: DenseLoRAGroup (a [S, H*R, IN], b [S, N, R], ranks [H, S] int32).
@@ -111,16 +111,17 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
     return lora_group_ref_(x, out, group, slot_ids)
 
 
-def dense_lora_layout(slot_ids: Tensor, num_slots: int) -> VirtualLayout | None:
+def dense_lora_layout(slot_ids: Tensor, num_slots: int, stacked: bool = False) -> VirtualLayout | None:
     """The rows-by-slot layout lora_linear_ and linear_lora take; None where nothing would read it
-    (off the Triton path, or up to DENSE_ROWS_MAX_TOKENS tokens, none by default, where dense LoRA
-    runs by row without a layout, unless linear_lora's fused launch, whose shrink reads it, takes
-    that size)."""
+    (off the Triton path, or at sizes where dense LoRA runs by row without a layout: up to
+    DENSE_ROWS_MAX_TOKENS tokens on the adapter heap, none by default, or
+    DENSE_ROWS_MAX_TOKENS_STACKED on padded stacks (stacked: Factor.stacked), unless linear_lora's
+    fused launch, whose shrink reads it, takes that size)."""
     if not use_triton(slot_ids):
         return None
     from kernels.moe import dense_gemm
     from kernels.moe.dense_launch import MAX_GROUP_ROWS_PROJECTIONS, dense_layout, dense_path
     fused = dense_gemm.ENABLED and slot_ids.shape[0] <= dense_gemm.FUSED_MAX_TOKENS
-    if not fused and dense_path(slot_ids.shape[0], MAX_GROUP_ROWS_PROJECTIONS) == "rows":  # every q/k/v and o group
+    if not fused and dense_path(slot_ids.shape[0], MAX_GROUP_ROWS_PROJECTIONS, stacked) == "rows":  # every q/k/v and o group
         return None
     return dense_layout(slot_ids, num_slots)

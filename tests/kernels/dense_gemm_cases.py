@@ -126,7 +126,7 @@ def run_dispatch() -> dict:
     dense_gemm.dense_lora_gemm = counted
     try:
         dense_gemm.ENABLED = False
-        off_layout = kernels.dense_lora_layout(c["slots"], 4)  # the split path's, at every size
+        off_layout = kernels.dense_lora_layout(c["slots"], 4)  # the heap's rule: the split path's at every size
         split = kernels.linear_lora(c["x"], c["weight"], None, c["group"], c["slots"], off_layout)
         off_launches = list(launches)
         dense_gemm.ENABLED = True

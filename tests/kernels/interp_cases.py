@@ -36,7 +36,8 @@ def case_names() -> list[str]:
     # hidden a column slice of a wider tensor, int64 routing ids (as torch.topk returns them)
     names += ["moe-fp32-t5e6k2-zipf-strided"]
     names += [f"dense-{dt}-{sp}" for dt in DTYPES for sp in ("uniform", "zipf")]
-    # 6 tokens ("t6") and 19-21 take the split path by default (DENSE_ROWS_MAX_TOKENS); "rows" asks for the row path
+    # padded stacks: 6 tokens ("t6") take the row path by default (DENSE_ROWS_MAX_TOKENS_STACKED), 19-21
+    # the split path; "rows" asks for the row path (heap factors take the split path at every size)
     names += ["dense-fp32-identical-nanpad", "dense-fp16-uniform-t6", "dense-fp32-zipf-rows"]
     # q/k/v as one group. By row: a program per token, projection and column part, sections of
     # any width. By the split path: sections a 16-column tile divides (one shrink + one expand,
