@@ -143,7 +143,7 @@ class Factor:
         data = torch.as_strided(self.data, (1,), (1,), self.data.storage_offset() + shift)
         return Factor(data, row_offsets, self.expert_stride, self.row_stride, self.col_stride, 0,
                       (self.shape[0], self.shape[1], rows, self.shape[3]), offset_unit=self.offset_unit,
-                      ranked=self.ranked, ranks=self.ranks)
+                      ranked=self.ranked, ranks=self.ranks, stacked=self.stacked)
 
 
 def as_factor(x: "Tensor | Factor", split_rows: int) -> Factor:

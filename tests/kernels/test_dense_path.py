@@ -16,8 +16,11 @@ def _group(heap: bool):
 
 
 def test_padded_stacks_are_stacked_and_the_heap_is_not():
-    assert _group(heap=False).a.stacked and _group(heap=False).b.stacked
-    assert not _group(heap=True).a.stacked and not _group(heap=True).b.stacked
+    padded, heap = _group(heap=False), _group(heap=True)
+    assert padded.a.stacked and padded.b.stacked
+    assert not heap.a.stacked and not heap.b.stacked
+    # a projection's views of a group keep its layout's rule
+    assert padded.dense(1).a.stacked and padded.dense(1).b.stacked and not heap.dense(1).a.stacked
 
 
 def test_row_path_only_for_a_few_tokens_of_padded_stacks():
