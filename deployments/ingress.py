@@ -165,10 +165,12 @@ class Ingress(AdapterRoutes):
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.for_template() for m in body.messages]
         except ValueError as exc:
             raise BadRequestError(str(exc), code="unsupported_content", param="messages") from exc
         payload = {"messages": messages, "max_tokens": body.token_budget()}
+        if body.tool_plan() is not None:  # the chat template renders them (deployments/tool_calls.py)
+            payload["tools"] = body.tool_plan().tools
         return await self._complete(request, body, payload, CHAT)
 
     async def _complete(self, request: Request, body, payload: dict, kind: str):
@@ -208,7 +210,8 @@ class Ingress(AdapterRoutes):
         self._metrics.request(tenant, route, 200)
         usage = body.include_usage_in_stream()
         if n == 1:
-            builder, streams = ResponseBuilder(kind, rid, body.model, body.return_token_ids), [items]
+            tools = body.tool_plan() if kind == CHAT else None
+            builder, streams = ResponseBuilder(kind, rid, body.model, body.return_token_ids, tools=tools), [items]
 
             def lines(end: StreamEnd):
                 return sse_events(builder, self._released(end, rid, first, items), usage)
@@ -217,8 +220,9 @@ class Ingress(AdapterRoutes):
                 return collect(builder, first, items)
         else:  # choices.py
             created = int(time.time())
-            builders = [ResponseBuilder(kind, rid, body.model, body.return_token_ids, index=i, created=created)
-                        for i in range(n)]
+            tools = body.tool_plan() if kind == CHAT else None
+            builders = [ResponseBuilder(kind, rid, body.model, body.return_token_ids, index=i, created=created,
+                                        tools=tools) for i in range(n)]
 
             def lines(end: StreamEnd):
                 return self._released_lines(end, merged_events(builders, firsts, streams, usage))

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 from deployments.schemas import Usage
+from deployments.tool_calls import ToolPlan, ToolStream, parse
 
 COMPLETION, CHAT = "text_completion", "chat.completion"
 
@@ -18,12 +19,15 @@ class ResponseBuilder:
     """
 
     def __init__(self, kind: str, request_id: str, model: str, return_token_ids: bool = False,
-                 index: int = 0, created: int | None = None):
-        """index: the choice this builder makes (n > 1: one builder a choice, sharing `created`)."""
+                 index: int = 0, created: int | None = None, tools: ToolPlan | None = None):
+        """index: the choice this builder makes (n > 1: one builder a choice, sharing `created`);
+        tools: a chat request's tools (deployments/tool_calls.py): calls come back as tool_calls."""
         self.kind, self.request_id, self.model = kind, request_id, model
         self.return_token_ids, self.index = return_token_ids, index
         self.created = int(time.time()) if created is None else created
         self._text_offset = 0  # characters of the tokens' texts so far (completions' text_offset)
+        self.tools = tools if kind == CHAT else None
+        self._tool_stream = ToolStream(tools) if self.tools is not None else None
 
     def logprobs(self, entries: list | None) -> dict | None:
         """OpenAI's `logprobs` of a choice from the replica's entries, one a token:
@@ -60,9 +64,18 @@ class ResponseBuilder:
             choice = {"index": self.index, "text": text, "logprobs": self.logprobs(logprobs),
                       "finish_reason": finish_reason}
             return {**self._head(COMPLETION), "choices": [self._with_ids(choice, token_ids)]}
+        calls = []
+        if self._tool_stream is not None:
+            text = self._tool_stream.feed(text)
+            if finish_reason is not None:
+                tail, calls = self._tool_stream.finish()
+                text += tail
+                finish_reason = _finish_with(finish_reason, calls)
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         if finish_reason is not None and not text:
             delta = {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
         choice = {"index": self.index, "delta": delta, "logprobs": self.logprobs(logprobs),
                   "finish_reason": finish_reason}
         return {**self._head("chat.completion.chunk"), "choices": [self._with_ids(choice, token_ids)]}
@@ -83,10 +96,22 @@ class ResponseBuilder:
                      logprobs: list | None = None) -> dict:
         if self.kind == COMPLETION:
             choice = {"index": self.index, "text": text}
+        elif self.tools is not None:
+            content, calls = parse(self.tools, text)
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": self.index, "message": message}
+            finish_reason = _finish_with(finish_reason, calls)
         else:
             choice = {"index": self.index, "message": {"role": "assistant", "content": text}}
         choice.update(logprobs=self.logprobs(logprobs), finish_reason=finish_reason)
         return self._with_ids(choice, token_ids)
+
+
+def _finish_with(finish_reason: str, calls: list) -> str:
+    """A choice that made calls finishes with "tool_calls" where it stopped of itself."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 def _top_by_text(text: str, logprob: float | None, alternatives: list) -> dict[str, float] | None:
@@ -123,6 +148,9 @@ def chunk_line(builder: ResponseBuilder, item: dict, first: bool, include_usage:
     if not (item["text"] or finish is not None or first or (builder.return_token_ids and ids) or logprobs):
         return None
     chunk = builder.chunk(item["text"], finish, first=first, token_ids=ids, logprobs=logprobs)
+    held = builder.tools is not None and chunk["choices"][0]["delta"] == {"content": ""}
+    if held and finish is None and not first and not (builder.return_token_ids and ids) and not logprobs:
+        return None  # text held back as a possible tool call (deployments/tool_calls.py)
     if include_usage:  # OpenAI: null on every chunk but the last, which has the numbers
         chunk["usage"] = None
     return sse(chunk)

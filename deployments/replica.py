@@ -153,7 +153,7 @@ class LLMServer:
         if request.get("messages") is None:
             return request["prompt"]
         return self._engine.tokenizer.apply_chat_template(
-            request["messages"], tokenize=False, add_generation_prompt=True)
+            request["messages"], tools=request.get("tools"), tokenize=False, add_generation_prompt=True)
 
     def _sampling_params(self, request: dict, max_tokens: int):
         from engine import SamplingParams

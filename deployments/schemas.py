@@ -11,6 +11,7 @@ from deployments.request_rules import (COMPLETION_ONLY_NO_OPS, MAX_CHOICES, MAX_
                                        MAX_TOKEN_ID_DIGITS, NO_OP_VALUES, find_lone_surrogate,
                                        refuse_unless_no_op)
 from deployments.structured_fields import structured_constraint
+from deployments.tool_calls import ToolPlan, tool_plan
 from engine.sampling_params import MAX_LOGPROBS
 
 
@@ -96,11 +97,11 @@ class _SamplingFields(BaseModel):
         self._structured = structured_constraint(self)
         return self
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, value):
+    def _no_functions(cls, value):
         if value:
-            raise ValueError("tool and function calling are not supported")
+            raise ValueError("functions (the legacy function calling) is not supported: send tools")
         return value
 
     @field_validator("stop_token_ids")
@@ -154,6 +155,13 @@ class CompletionRequest(_SamplingFields):
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
 
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value:
+            raise ValueError("tools are a field of chat completions (/v1/chat/completions)")
+        return value
+
     def sampling(self) -> dict:
         # echo with logprobs: the prompt's tokens get theirs too (the first one's is null)
         return {**super().sampling(), "prompt_logprobs": self.logprobs if self.echo else None}
@@ -187,6 +195,18 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls, as a response gave them
+    tool_call_id: str | None = None  # a tool message's answer to that call
+    name: str | None = None
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it (text content; an assistant's tool calls and a
+        tool's call id where given)."""
+        out = {"role": self.role, "content": self.text()}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -204,6 +224,27 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None  # None (JSON null): false
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # tool calling (deployments/tool_calls.py); tools itself is a field of every request, refused
+    # on completions
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    _tool_plan: ToolPlan | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        """The structured output constraint, a forced tool choice's included: one at most."""
+        self._structured = structured_constraint(self)
+        self._tool_plan = tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls)
+        forced = self._tool_plan.constraint() if self._tool_plan else None
+        if forced is not None:
+            if self._structured is not None:
+                raise ValueError("tool_choice \"required\" or a named tool constrains the output: it takes no "
+                                 "response_format or guided_* constraint beside it")
+            self._structured = forced
+        return self
+
+    def tool_plan(self) -> ToolPlan | None:
+        return self._tool_plan
 
     def logprob_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

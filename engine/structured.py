@@ -27,10 +27,12 @@ from torch import Tensor
 
 from engine.errors import InvalidRequestError
 
-# json_object: any JSON object; json_schema: text is the schema as JSON; regex: the pattern the
-# whole output matches; choice: text is a JSON list of the strings the output is one of;
-# grammar: an EBNF grammar (xgrammar's dialect, GBNF-like) whose rule `root` the output matches
-KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+# json_object: any JSON object; json_schema: text is the schema as JSON; json_schema_compact: the
+# same with one layout of whitespace (", " and ": ", no other), for output a program reads, such
+# as tool calls (deployments/tool_calls.py), which then cannot run on in whitespace; regex: the
+# pattern the whole output matches; choice: text is a JSON list of the strings the output is one
+# of; grammar: an EBNF grammar (xgrammar's dialect, GBNF-like) whose rule `root` the output matches
+KINDS = ("json_object", "json_schema", "json_schema_compact", "regex", "choice", "grammar")
 # characters of a schema, pattern or grammar, and nesting of a JSON schema's text (objects and
 # arrays): a compile cannot be interrupted, and its time grows steeply with nesting
 MAX_TEXT = 64 << 10
@@ -92,9 +94,9 @@ class Grammars:
         try:
             if kind == "json_object":  # OpenAI's JSON mode: an object (the builtin JSON grammar takes any value)
                 return self._compiler.compile_json_schema('{"type": "object"}')
-            if kind == "json_schema":
+            if kind in ("json_schema", "json_schema_compact"):
                 _check_depth(text)
-                return self._compiler.compile_json_schema(text)
+                return self._compiler.compile_json_schema(text, any_whitespace=kind == "json_schema")
             if kind == "regex":
                 return self._compiler.compile_regex(text)
             return self._compiler.compile_grammar(choice_grammar(text) if kind == "choice" else text)

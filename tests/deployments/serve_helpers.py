@@ -45,8 +45,8 @@ class DirectEngine:
         params = SamplingParams(max_tokens=max_tokens, stop=tuple(stop), **{"temperature": 0.0, **sampling})
         return self.engine.generate([prompt], params, loras=[lora])[0]
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.engine.tokenizer.apply_chat_template(messages, tokenize=False,
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self.engine.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                                          add_generation_prompt=True)
 
 

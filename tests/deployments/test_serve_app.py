@@ -10,9 +10,11 @@ import re
 import threading
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
+from deployments.schemas import ChatCompletionRequest
 from tests.deployments.fake_cluster import wait_for
 from tests.deployments.serve_helpers import (APP, BASE, KEYS, MAX_ADAPTER_BYTES,
                                              MAX_ADAPTERS_PER_TENANT, MAX_MODEL_LEN, auth,
@@ -350,6 +352,61 @@ def test_structured_outputs_hold_their_constraint_and_equal_the_engines(service,
     want = oracle.complete(oracle.chat_prompt(messages), 60, adapters["acme"], "acme/style",
                            structured=("json_schema", json.dumps(schema)))
     assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (want["text"], want["finish_reason"])
+
+
+def test_tool_calls_come_back_as_openai_tool_calls(service, adapters, oracle):
+    """A named tool and tool_choice "required" constrain the output to a call of an offered tool;
+    the openai client reads it as tool_calls, whole and streamed, and its arguments hold the tool's
+    schema; the text equals the engine's for the same prompt (tools rendered by the chat
+    template) and constraint. A conversation that carries a call and its result is accepted, and
+    a forced choice beside response_format is a 400."""
+    client = _client(service, "acme")
+    unit = {"type": "object", "properties": {"u": {"enum": ["c", "f"]}}, "required": ["u"],
+            "additionalProperties": False}  # short: the tiny model's context is 256 tokens
+    tools = [{"type": "function", "function": {"name": "temp", "parameters": unit}}]  # several: test_tool_calls.py
+    messages = [{"role": "user", "content": "How warm?"}]
+    prompt = oracle.chat_prompt(messages, tools)
+    assert '"temp"' in prompt  # the template rendered the tools
+    made = 0
+    for tool_choice in ({"type": "function", "function": {"name": "temp"}}, "required"):
+        # one call at most: a list of calls could run on in the tiny model's output
+        constraint = ChatCompletionRequest(model="m", messages=messages, tools=tools, tool_choice=tool_choice,
+                                           parallel_tool_calls=False).sampling()["structured"]
+        want = oracle.complete(prompt, 64, adapters["acme"], "acme/style", structured=constraint)
+        for stream in (False, True):
+            kwargs = dict(model="style", messages=messages, tools=tools, tool_choice=tool_choice, max_tokens=64,
+                          temperature=0, parallel_tool_calls=False)
+            if stream:
+                chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+                finish = chunks[-1].choices[0].finish_reason
+                calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+                content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            else:
+                choice = client.chat.completions.create(**kwargs).choices[0]
+                finish, calls, content = choice.finish_reason, choice.message.tool_calls or [], choice.message.content
+            if want["finish_reason"] == "length":  # cut before the call closed: the text is the content
+                assert (finish, content, calls) == ("length", want["text"], []), (tool_choice, stream)
+                continue
+            assert finish == "tool_calls" and not content, (tool_choice, stream, content)
+            args = [json.loads(c.function.arguments) for c in calls]
+            if tool_choice == "required":
+                assert [{"name": c.function.name, "arguments": a} for c, a in zip(calls, args)] == json.loads(want["text"])
+            else:
+                assert [c.function.name for c in calls] == ["temp"] and args == [json.loads(want["text"])]
+                jsonschema.validate(args[0], unit)
+            made += 1
+    assert made == 4  # every forced call closed within max_tokens (one layout of whitespace), both ways
+    history = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "temp", "arguments": '{"u": "c"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21"}]
+    answer = client.chat.completions.create(model="style", messages=history, tools=tools, max_tokens=8, temperature=0)
+    as_text = [{**m, "content": m["content"] or ""} for m in history]  # a call's null content is empty text
+    want = oracle.complete(oracle.chat_prompt(as_text, tools), 8, adapters["acme"], "acme/style")
+    assert answer.choices[0].message.content == want["text"]
+    with pytest.raises(openai.BadRequestError, match="constrains the output"):
+        client.chat.completions.create(model="style", messages=messages, tools=tools, tool_choice="required",
+                                       response_format={"type": "json_object"}, max_tokens=8)
 
 
 def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):

@@ -47,6 +47,18 @@ def test_json_schema_outputs_parse_and_hold_the_schemas_types_and_enum(engine):
         assert type(value["n"]) is int and value["kind"] in ("cat", "dog")
 
 
+def test_compact_json_schema_outputs_have_one_layout_and_complete_greedily(engine):
+    """The compact kind (tool calls' arguments): the text is json.dumps of its own value, so the
+    tiny model, whose greedy output runs on in whitespace under the plain kind, completes it."""
+    bounded = {"type": "object", "properties": {"ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog"]}},
+               "required": ["ok", "kind"], "additionalProperties": False}  # no value may run on either
+    outs = generate(engine, ("json_schema_compact", json.dumps(bounded)), max_tokens=60, temperature=0)
+    assert all(o["finish_reason"] == "stop" for o in outs), outs
+    for out in outs:
+        value = json.loads(out["text"])
+        assert out["text"] == json.dumps(value) and type(value["ok"]) is bool and value["kind"] in ("cat", "dog")
+
+
 def test_json_object_outputs_parse_as_json_objects(engine):
     for out in finished(generate(engine, ("json_object", ""), temperature=0)):
         assert isinstance(json.loads(out["text"]), dict)
