@@ -63,7 +63,11 @@ def _local_checkpoint(model: str) -> Path:
 
 
 def _ensure_tiny(args: AppArgs) -> Path:
-    return _materialise(args.cache_path("models", "tiny-qwen3_moe"), _write_tiny)
+    from engine.tiny_model import CHAT_TEMPLATE
+
+    # keyed by the chat template too: a checkpoint cached before it changed (tools) is not reused
+    digest = hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()[:8]
+    return _materialise(args.cache_path("models", f"tiny-qwen3_moe-{digest}"), _write_tiny)
 
 
 def _ensure_dummy(args: AppArgs) -> Path:
