@@ -1,7 +1,7 @@
 """OpenAI-compatible request and response bodies (pydantic: the HTTP edge only)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
@@ -66,6 +66,7 @@ class _SamplingFields(BaseModel):
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
     _structured: tuple[str, str] | None = PrivateAttr(default=None)
+    takes_tools: ClassVar[bool] = False  # chat completions take tools (deployments/tool_calls.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -97,11 +98,13 @@ class _SamplingFields(BaseModel):
         self._structured = structured_constraint(self)
         return self
 
-    @field_validator("functions")
+    @field_validator("tools", "functions")
     @classmethod
-    def _no_functions(cls, value):
-        if value:
+    def _tools_here(cls, value, info: ValidationInfo):
+        if value and info.field_name == "functions":
             raise ValueError("functions (the legacy function calling) is not supported: send tools")
+        if value and not cls.takes_tools:
+            raise ValueError("tools are a field of chat completions (/v1/chat/completions)")
         return value
 
     @field_validator("stop_token_ids")
@@ -154,13 +157,6 @@ class CompletionRequest(_SamplingFields):
 
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tools are a field of chat completions (/v1/chat/completions)")
-        return value
 
     def sampling(self) -> dict:
         # echo with logprobs: the prompt's tokens get theirs too (the first one's is null)
@@ -228,6 +224,7 @@ class ChatCompletionRequest(_SamplingFields):
     # on completions
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
+    takes_tools: ClassVar[bool] = True
     _tool_plan: ToolPlan | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
