@@ -70,10 +70,10 @@ class ResponseBuilder:
             if finish_reason is not None:
                 tail, calls = self._tool_stream.finish()
                 text += tail
-                finish_reason = _finish_with(finish_reason, calls)
+                finish_reason = _finish_with(finish_reason, calls, self.tools)
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         if finish_reason is not None and not text:
-            delta = {}
+            delta = {"role": "assistant"} if first else {}
         if calls:
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
         choice = {"index": self.index, "delta": delta, "logprobs": self.logprobs(logprobs),
@@ -102,16 +102,17 @@ class ResponseBuilder:
             if calls:
                 message["tool_calls"] = calls
             choice = {"index": self.index, "message": message}
-            finish_reason = _finish_with(finish_reason, calls)
+            finish_reason = _finish_with(finish_reason, calls, self.tools)
         else:
             choice = {"index": self.index, "message": {"role": "assistant", "content": text}}
         choice.update(logprobs=self.logprobs(logprobs), finish_reason=finish_reason)
         return self._with_ids(choice, token_ids)
 
 
-def _finish_with(finish_reason: str, calls: list) -> str:
-    """A choice that made calls finishes with "tool_calls" where it stopped of itself."""
-    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+def _finish_with(finish_reason: str, calls: list, plan: ToolPlan) -> str:
+    """A choice that made calls finishes with "tool_calls" where it stopped of itself; under a
+    named tool_choice OpenAI (and vLLM) say "stop"."""
+    return "tool_calls" if calls and finish_reason == "stop" and plan.mode != "named" else finish_reason
 
 
 def _top_by_text(text: str, logprob: float | None, alternatives: list) -> dict[str, float] | None:

@@ -22,6 +22,7 @@ after it was accepted.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -328,9 +329,12 @@ def _error_item(request_id: str, exc: BaseException) -> dict:
 
 
 def _input_chars(request: dict) -> int:
-    """Characters of a request's prompt or of its messages' contents."""
+    """Characters of a request's prompt or of its messages' contents (their tool calls, and the
+    tools the template renders, as JSON)."""
     messages = request.get("messages")
     if messages is None:
         return len(request["prompt"])
-    return sum(len(m["content"]) if isinstance(m.get("content"), str) else len(str(m.get("content")))
-               for m in messages)
+    chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else len(str(m.get("content")))
+                for m in messages)
+    calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+    return chars + (len(json.dumps([request.get("tools"), calls])) if request.get("tools") or calls else 0)

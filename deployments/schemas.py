@@ -187,19 +187,36 @@ class CompletionRequest(_SamplingFields):
         return refuse_unless_no_op(value, info)
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as a response gave it
+
+
+class ToolCall(BaseModel):
+    """An assistant's earlier call in a conversation, as a response gave it (checked here: chat
+    templates index its fields)."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
-    tool_calls: list[dict] | None = None  # an assistant's calls, as a response gave them
-    tool_call_id: str | None = None  # a tool message's answer to that call
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message's answer to one of them
     name: str | None = None
 
     def for_template(self) -> dict:
         """The message as chat templates take it (text content; an assistant's tool calls and a
         tool's call id where given)."""
         out = {"role": self.role, "content": self.text()}
-        for key in ("tool_calls", "tool_call_id", "name"):
+        if self.tool_calls is not None:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        for key in ("tool_call_id", "name"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out

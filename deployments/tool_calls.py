@@ -5,16 +5,18 @@ transformers renders them), and its calls come back in the Hermes format that Qw
 teach the model: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block a call.
 
 - tool_choice "auto" (the default with tools): the text before the first block is the message's
-  content; each block becomes a `tool_calls` entry. A block that is not such JSON, or names a tool
-  the request did not offer, leaves the whole text as content and no call (nothing is lost).
+  content; each block becomes a `tool_calls` entry. If any block is not such JSON or names a tool
+  the request did not offer, or text follows the blocks, the whole text stays content and no call
+  is made (nothing is lost).
 - "required" and a named function ({"type": "function", "function": {"name": ...}}): the output is
   constrained (a JSON schema, engine.structured) to a call of an offered tool (a list of
   {"name", "arguments"} objects, at least one) or to the named tool's arguments, in one layout of
   whitespace, so it always parses unless max_tokens cuts it (then the text stays content,
   finish_reason "length").
 - "none": no call is parsed; the text is the content.
-A choice with calls finishes with "tool_calls" where it would have said "stop". With
-parallel_tool_calls false a choice keeps its first call only ("required": one at most).
+A choice with calls finishes with "tool_calls" where it would have said "stop", except under a
+named tool_choice, where OpenAI (and vLLM) keep "stop". With parallel_tool_calls false a choice
+keeps its first call only ("required": one at most).
 
 Streaming: content streams as it comes, except a tail that could begin a block (`<tool_c`...);
 from a block on, the text is held, and the last chunk carries the calls (each whole, with its
@@ -26,6 +28,8 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+
+from engine.structured import MAX_TEXT
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_TOOLS = 128
@@ -47,7 +51,7 @@ class ToolPlan:
         """The (kind, text) structured output constraint of a forced choice, else None."""
         params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools}
         if self.mode == "named":
-            return "json_schema_compact", json.dumps(params[self.named])
+            return "json_schema_compact", json.dumps(params[self.named])  # a parameters' size: the engine checks
         if self.mode != "required":
             return None
         call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": params[name]},
@@ -56,7 +60,11 @@ class ToolPlan:
         schema = {"type": "array", "items": call, "minItems": 1}
         if not self.parallel:
             schema["maxItems"] = 1
-        return "json_schema_compact", json.dumps(schema)
+        text = json.dumps(schema)
+        if len(text) > MAX_TEXT:
+            raise ValueError(f"tools: tool_choice \"required\" makes a schema of their parameters, {len(text)} "
+                             f"characters, over the {MAX_TEXT} a constraint may have: offer fewer or smaller tools")
+        return "json_schema_compact", text
 
 
 def tool_plan(tools: list | None, tool_choice, parallel: bool | None) -> ToolPlan | None:
@@ -102,8 +110,9 @@ def _choice(tool_choice, names: list[str]) -> tuple[str, str | None]:
 
 
 def call_entry(name: str, arguments) -> dict:
-    """An OpenAI tool call: arguments as JSON text, an id of its own."""
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    """An OpenAI tool call: arguments as JSON text (ASCII: a lone surrogate the model escaped stays
+    an escape, which UTF-8 bodies can carry), an id of its own."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": text}}
 
 
@@ -122,14 +131,13 @@ def parse(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
         return text, []
     if not plan.parallel:
         calls = calls[:1]
-    head = text[:start]
-    return (head if head.strip() else None), calls
+    return text[:start] or None, calls
 
 
 def _forced(plan: ToolPlan, text: str) -> list[dict]:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
         return []
     if plan.mode == "named":
         return [call_entry(plan.named, value)] if isinstance(value, dict) else []
@@ -148,7 +156,7 @@ def _blocks(plan: ToolPlan, text: str) -> list[dict]:
             return []  # text between or after blocks, or a block left open before another: not the format
         try:
             call = _call(plan, json.loads(body))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             return []
         if call is None:
             return []
@@ -163,7 +171,7 @@ def _call(plan: ToolPlan, value) -> dict | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return call_entry(value["name"], arguments) if isinstance(arguments, dict) else None
 

@@ -37,6 +37,7 @@ def test_auto_takes_content_before_the_calls_and_every_call():
     assert _names_and_args(calls) == [("get_weather", {"city": "Oslo"}), ("now", {})]
     only_call = parse(plan, _call("now", {}))
     assert only_call[0] is None and _names_and_args(only_call[1]) == [("now", {})]
+    assert parse(plan, "\n" + _call("now", {}))[0] == "\n"  # what a stream sends before the call
 
 
 def test_auto_reads_arguments_given_as_json_text_and_a_last_block_left_open():
@@ -51,9 +52,22 @@ def test_auto_reads_arguments_given_as_json_text_and_a_last_block_left_open():
     _call("now", {}) + " and some words after it",
     '<tool_call>{"name": "now", "arguments": [1, 2]}</tool_call>',
     "<tool_call>" + json.dumps({"name": "now"})[:-1] + "<tool_call>" + json.dumps({"name": "now"}) + "</tool_call>",
+    "<tool_call>" + "[" * 100_000,  # nested past Python's stack
 ])
 def test_auto_leaves_text_that_is_not_a_call_as_content(text):
     assert parse(tool_plan(TOOLS, None, None), text) == (text, [])
+    stream = ToolStream(tool_plan(TOOLS, None, None))
+    sent = stream.feed(text)
+    assert sent + stream.finish()[0] == text
+
+
+def test_arguments_come_back_as_ascii_json_text():
+    """A lone surrogate the model escaped stays an escape: a UTF-8 response body can carry it."""
+    text = '<tool_call>{"name": "now", "arguments": {"x": "\\ud800 caf\u00e9"}}</tool_call>'
+    (call,) = parse(tool_plan(TOOLS, None, None), text)[1]
+    assert call["function"]["arguments"].isascii()
+    assert json.loads(call["function"]["arguments"]) == {"x": "\ud800 caf\u00e9"}
+    json.dumps(call).encode("utf-8")
 
 
 def test_none_parses_nothing_and_parallel_false_keeps_the_first_call():
@@ -79,6 +93,10 @@ def test_forced_choices_constrain_to_schemas_their_parse_accepts():
     assert tool_plan(TOOLS, "auto", None).constraint() is None
     # cut by max_tokens: the text stays content
     assert parse(required, '[{"name": "now", "argu') == ('[{"name": "now", "argu', [])
+    many = [{"type": "function", "function": {"name": f"f{i}", "parameters": {"description": "x" * 1000}}}
+            for i in range(80)]
+    with pytest.raises(ValueError, match="offer fewer or smaller tools"):
+        tool_plan(many, "required", None).constraint()
 
 
 def test_stream_holds_back_only_what_may_begin_a_call():
@@ -117,6 +135,16 @@ def test_builder_streams_content_then_the_calls_and_finishes_with_tool_calls():
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
+def test_builder_one_item_stream_starts_with_the_role_and_a_named_choice_says_stop():
+    named = tool_plan(TOOLS, {"type": "function", "function": {"name": "now"}}, None)
+    (chunk,) = _stream(ResponseBuilder(CHAT, "chatcmpl-1", "m", tools=named), ["{}"])
+    delta = chunk["choices"][0]["delta"]
+    assert delta["role"] == "assistant" and _names_and_args(delta["tool_calls"]) == [("now", {})]
+    assert chunk["choices"][0]["finish_reason"] == "stop"  # OpenAI's word under a named tool_choice
+    whole = ResponseBuilder(CHAT, "chatcmpl-1", "m", tools=named).whole_choice("{}", "stop")
+    assert whole["finish_reason"] == "stop" and _names_and_args(whole["message"]["tool_calls"]) == [("now", {})]
+
+
 def test_builder_whole_choice_carries_calls_and_keeps_length_and_plain_text():
     plan = tool_plan(TOOLS, None, None)
     builder = ResponseBuilder(CHAT, "chatcmpl-1", "m", tools=plan)
@@ -149,6 +177,8 @@ def test_requests_with_tools_carry_their_plan_and_forced_choices_their_constrain
     request = ChatCompletionRequest(model="m", messages=history, tools=TOOLS)
     rendered = [m.for_template() for m in request.messages]
     assert rendered[1] == {"role": "assistant", "content": "", "tool_calls": history[1]["tool_calls"]}
+    for field in ("tool_choice", "parallel_tool_calls"):  # not silently ignored any more
+        assert field in ChatCompletionRequest.model_fields
     assert rendered[2] == {"role": "tool", "content": "12:00", "tool_call_id": "call_1"}
 
 
@@ -162,10 +192,23 @@ def test_requests_with_tools_carry_their_plan_and_forced_choices_their_constrain
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "constrains the output"),
     ({"functions": [{"name": "f"}]}, "send tools"),
+    ({"tools": ["get_weather"]}, "tools[0]"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice must be"),
 ])
 def test_malformed_tool_fields_are_refused_with_the_field_named(fields, words):
     with pytest.raises(ValidationError, match=words.replace("[", r"\[").replace("]", r"\]")):
         _chat(**fields)
+
+
+@pytest.mark.parametrize("call", [
+    {"id": "call_1"},  # no function
+    {"id": "call_1", "type": "function", "function": {"name": "now"}},  # no arguments
+    {"id": "call_1", "type": "function", "function": {"name": "now", "arguments": {}}},  # not JSON text
+    {"id": "call_1", "type": "retrieval", "function": {"name": "now", "arguments": "{}"}},
+])
+def test_malformed_tool_calls_in_a_conversation_are_refused_before_the_template(call):
+    with pytest.raises(ValidationError, match="tool_calls"):
+        ChatCompletionRequest(model="m", messages=[{"role": "assistant", "content": None, "tool_calls": [call]}])
 
 
 def test_completions_refuse_tools_and_chat_accepts_none_without_tools():
