@@ -126,18 +126,17 @@ def rel(a, b):
     return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()).clamp_min(1e-30))
 
 
-def path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths, deltas=None):
-    """virtual / base of each named LoRA path (kernels.moe.launch.LORA_PATHS) at this size; with
-    deltas = (base output, the per-adapter loop's output), also each path's delta error against
-    the loop's: {path: ratio}, {path: error}."""
+def path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths, deltas):
+    """virtual / base of each named LoRA path (kernels.moe.launch.LORA_PATHS) at this size, and
+    each path's delta error against the per-adapter loop's (deltas = (base output, the loop's
+    output)): {path: ratio}, {path: error}."""
     m, inter = hidden.shape[0], w_down.shape[2]
     out, errs = {}, {}
     for path in paths:
         if path == "fused" and not fused_path_ok(m, inter):
             continue
         fn = lambda: fused_moe_triton(hidden, w_gate_up, w_down, tw, ids, lora, slots, path=path)  # noqa: E731
-        if deltas is not None:
-            errs[path] = rel(fn() - deltas[0], deltas[1] - deltas[0])
+        errs[path] = rel(fn() - deltas[0], deltas[1] - deltas[0])
         out[path] = time_graph(fn) / base_ms
     return out, errs
 
@@ -152,11 +151,10 @@ def run_config(preset, layer, m, n, bw, gen, paths=()):
     out_base, out_virt, out_loop = base(), virt(), loop()
     base_ms, virt_ms, loop_ms = time_graph(base), time_graph(virt), time_graph(loop)
     base_floor, lora_floor = floors_ms(d, inter, e, ids, slots, bw)
+    ratios, errs = path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths, (out_base, out_loop))
     return {
         "preset": preset, "M": m, "n": n, "slots": lora.num_slots, "base_ms": base_ms,
-        "virt_path": lora_path(m, k, inter),
-        **dict(zip(("path_ratios", "path_delta_errs"), path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots,
-                                                                    base_ms, paths, (out_base, out_loop)))),
+        "virt_path": lora_path(m, k, inter), "path_ratios": ratios, "path_delta_errs": errs,
         "loop_ms": loop_ms, "virt_ms": virt_ms, "loop_ratio": loop_ms / base_ms,
         "virt_ratio": virt_ms / base_ms, "floor_ratio": (base_ms + lora_floor) / base_ms,
         "base_floor_ms": base_floor, "base_bw_frac": base_floor / base_ms,

@@ -208,9 +208,8 @@ class Ingress(AdapterRoutes):
             self._metrics.request(tenant, route, to_api_error(exc).status_code)
             raise
         self._metrics.request(tenant, route, 200)
-        usage = body.include_usage_in_stream()
+        usage, tools = body.include_usage_in_stream(), body.tool_plan()
         if n == 1:
-            tools = body.tool_plan() if kind == CHAT else None
             builder, streams = ResponseBuilder(kind, rid, body.model, body.return_token_ids, tools=tools), [items]
 
             def lines(end: StreamEnd):
@@ -220,7 +219,6 @@ class Ingress(AdapterRoutes):
                 return collect(builder, first, items)
         else:  # choices.py
             created = int(time.time())
-            tools = body.tool_plan() if kind == CHAT else None
             builders = [ResponseBuilder(kind, rid, body.model, body.return_token_ids, index=i, created=created,
                                         tools=tools) for i in range(n)]
 

@@ -67,6 +67,7 @@ class _SamplingFields(BaseModel):
     guided_whitespace_pattern: Any = None
     _structured: tuple[str, str] | None = PrivateAttr(default=None)
     takes_tools: ClassVar[bool] = False  # chat completions take tools (deployments/tool_calls.py)
+    _tool_plan: ToolPlan | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +122,10 @@ class _SamplingFields(BaseModel):
         if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
             raise ValueError(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings")
         return stops
+
+    def tool_plan(self) -> ToolPlan | None:
+        """The request's tools (deployments/tool_calls.py): None but on chat completions with tools."""
+        return self._tool_plan
 
     def stop_sequences(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
@@ -242,7 +247,6 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     takes_tools: ClassVar[bool] = True
-    _tool_plan: ToolPlan | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_constraint(self):
@@ -256,9 +260,6 @@ class ChatCompletionRequest(_SamplingFields):
                                  "response_format or guided_* constraint beside it")
             self._structured = forced
         return self
-
-    def tool_plan(self) -> ToolPlan | None:
-        return self._tool_plan
 
     def logprob_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

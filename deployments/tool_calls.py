@@ -49,11 +49,11 @@ class ToolPlan:
 
     def constraint(self) -> tuple[str, str] | None:
         """The (kind, text) structured output constraint of a forced choice, else None."""
+        if self.mode not in ("named", "required"):
+            return None
         params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools}
         if self.mode == "named":
             return "json_schema_compact", json.dumps(params[self.named])  # a parameters' size: the engine checks
-        if self.mode != "required":
-            return None
         call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": params[name]},
                            "required": ["name", "arguments"], "additionalProperties": False}
                           for name in self.names]}
@@ -109,29 +109,29 @@ def _choice(tool_choice, names: list[str]) -> tuple[str, str | None]:
                      '"function": {"name": ...}}')
 
 
-def call_entry(name: str, arguments) -> dict:
+def call_entry(name: str, arguments: dict) -> dict:
     """An OpenAI tool call: arguments as JSON text (ASCII: a lone surrogate the model escaped stays
     an escape, which UTF-8 bodies can carry), an id of its own."""
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": text}}
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
 def parse(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
     """(content, calls) of a choice's whole text."""
     if plan.mode == "none":
         return text, []
+    start = 0 if plan.mode in ("named", "required") else text.find(OPEN)
+    calls = _calls(plan, text[start:]) if start >= 0 else []
+    return (text[:start] or None, calls) if calls else (text, [])
+
+
+def _calls(plan: ToolPlan, text: str) -> list[dict]:
+    """The calls of a forced choice's whole text, or of an auto choice's text from its first block
+    on (the first only, without parallel calls); [] where they do not parse."""
     if plan.mode in ("named", "required"):
-        calls = _forced(plan, text)
-        return (None, calls) if calls else (text, [])
-    start = text.find(OPEN)
-    if start < 0:
-        return text, []
-    calls = _blocks(plan, text[start:])
-    if not calls:
-        return text, []
-    if not plan.parallel:
-        calls = calls[:1]
-    return text[:start] or None, calls
+        return _forced(plan, text)
+    calls = _blocks(plan, text)
+    return calls if plan.parallel else calls[:1]
 
 
 def _forced(plan: ToolPlan, text: str) -> list[dict]:
@@ -208,11 +208,7 @@ class ToolStream:
             out, self._pending = self._pending, ""
             return out, []
         held, self._held = self._held, ""
-        if self.plan.mode in ("named", "required"):
-            calls = _forced(self.plan, held)
-        else:
-            calls = _blocks(self.plan, held)
-            calls = calls if self.plan.parallel else calls[:1]
+        calls = _calls(self.plan, held)
         return ("", calls) if calls else (held, [])
 
 
