@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from kernels import MoELoRAWeights, fused_moe, moe_align_virtual
+from kernels.moe.expand import lora_expand
 from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
 from kernels.moe.lora_rows import lora_rows_
+from kernels.moe import launch
 from kernels.moe.launch import LORA_BLOCK_M, LORA_PATHS, _row_parts, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
@@ -240,9 +242,9 @@ def sweep_base(gen):
     return rows
 
 
-def profile_virt(gen, tokens=(1, 512)):
-    """Per-kernel device time of the virtual-expert path (qwen3, n = 16)."""
-    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+def profile_virt(gen, tokens=(1, 512), preset="qwen3-30b-a3b"):
+    """Per-kernel device time of the virtual-expert path (n = 16)."""
+    d, inter, e, k = PRESETS[preset]
     w_gate_up, w_down, lora = make_layer(d, inter, e, 16, gen)
     for m in tokens:
         hidden, tw, ids, slots = make_batch(m, d, e, k, 16, gen)
@@ -254,7 +256,7 @@ def profile_virt(gen, tokens=(1, 512)):
                 for _ in range(10):
                     fused_moe(hidden, w_gate_up, w_down, tw, ids, ad, slots if ad else None)
                 torch.cuda.synchronize()
-            print(f"profile M={m} {label} (10 calls)")
+            print(f"profile {preset} M={m} {label} (10 calls)")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
@@ -270,13 +272,14 @@ def best_per_op(rows: list[dict]) -> list[tuple[tuple[int, str], dict]]:
 
 SHRINK_CONFIGS = [(bk, w, st) for bk in (64, 128, 256) for w in (2, 4) for st in (2, 3, 4)]
 EXPAND_CONFIGS = [(bn, w, st) for bn in (64, 128, 256) for w in (4, 8) for st in (1, 2)]
+BLOCKS_CONFIGS = [(bn, w, st, p) for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3) for p in (1, 2, 4, 8)]
 
 
-def qwen3_batches(gen, tokens, n=16, ranks=(RANK,)):
-    """The sweeps' inputs: a qwen3 layer's n LoRA slots (ranks cycled over them), then for each M
+def layer_batches(gen, tokens, n=16, ranks=(RANK,), preset="qwen3-30b-a3b"):
+    """The sweeps' inputs: a layer's n LoRA slots (ranks cycled over them), then for each M
     its batch (hidden, routing weights, ids, slots) and the sum of the ranks of the (slot, expert)
     pairs it touches (adapter bytes scale with it)."""
-    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    d, inter, e, k = PRESETS[preset]
     _, _, lora = make_layer(d, inter, e, n, gen, ranks)
     for m in tokens:
         batch = make_batch(m, d, e, k, n, gen)
@@ -284,12 +287,13 @@ def qwen3_batches(gen, tokens, n=16, ranks=(RANK,)):
         yield m, lora, batch, int(lora.ranks[pairs // e].sum())
 
 
-def sweep_lora(gen, tokens=(64, 512, 2048)):
-    """Times each LoRA GEMM of the split path alone over tile configs (qwen3, n = 16) against
-    its own bytes floor (adapter bytes of the pairs touched + activation rows read and written)."""
-    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+def sweep_lora(gen, tokens=(64, 512, 2048), preset="qwen3-30b-a3b"):
+    """Times each LoRA GEMM of the split path alone over tile configs (n = 16) against its own
+    bytes floor (adapter bytes of the pairs touched + activation rows read and written); the
+    expands both by tiles (lora_expand_tiles) and by blocks (lora_expand, one program a block)."""
+    d, inter, e, k = PRESETS[preset]
     bw, r, rows = copy_bandwidth(), RANK, []
-    for m, lora, (hidden, tw, ids, slots), rank_sum in qwen3_batches(gen, tokens):
+    for m, lora, (hidden, tw, ids, slots), rank_sum in layer_batches(gen, tokens, preset=preset):
         pairs, t = rank_sum // r, m * k
         gate_up = torch.empty(t, 2 * inter, dtype=DTYPE, device="cuda")
         act = torch.randn(t, inter, device="cuda", generator=gen).to(DTYPE)
@@ -307,11 +311,17 @@ def sweep_lora(gen, tokens=(64, 512, 2048)):
                 block_k=c[0], num_warps=c[1], num_stages=c[2])),
             "down_expand": (pairs * d * r * BYTES + t * r * 4 + 2 * t * d * BYTES, lambda lay, c: lora_expand_tiles(
                 s_d, lora.down_b, y, lay, lora.ranks, n=d, k=r, scale=weights, block_k=16, block_n=c[0], num_warps=c[1], num_stages=c[2])),
+            "gu_expand_blocks": (pairs * 2 * inter * r * BYTES + t * 2 * r * 4 + 2 * t * 2 * inter * BYTES, lambda lay, c: lora_expand(
+                s_gu, lora.gate_up_b, gate_up, lay, lora.ranks, splits=2, block_n=c[0], num_warps=c[1], num_stages=c[2], parts=c[3])),
+            "down_expand_blocks": (pairs * d * r * BYTES + t * r * 4 + 2 * t * d * BYTES, lambda lay, c: lora_expand(
+                s_d, lora.down_b, y, lay, lora.ranks, scale=weights, block_n=c[0], num_warps=c[1], num_stages=c[2], parts=c[3])),
         }
-        for bm in (16, 32):
+        configs = lambda name: (SHRINK_CONFIGS if "shrink" in name else  # noqa: E731
+                                BLOCKS_CONFIGS if name.endswith("blocks") else EXPAND_CONFIGS)
+        for bm in (16, 32, 64):
             lay = moe_align_virtual(ids, slots, e, bm, lora.num_slots)
             for name, (floor, fn) in ops.items():
-                for cfg in SHRINK_CONFIGS if "shrink" in name else EXPAND_CONFIGS:
+                for cfg in configs(name):
                     try:
                         ms = time_graph(lambda: fn(lay, cfg), samples=7)
                     except Exception as exc:  # a config that does not compile (shared memory)
@@ -343,7 +353,7 @@ def sweep_rows(gen, tokens=(1, 8, 64), n=16, ranks=(RANK,)):
     d, inter, e, k = PRESETS["qwen3-30b-a3b"]
     mixed = len(set(ranks)) > 1
     bw, rows = copy_bandwidth(), []
-    for m, lora, (hidden, tw, ids, slots), rank_sum in qwen3_batches(gen, tokens, n, ranks):
+    for m, lora, (hidden, tw, ids, slots), rank_sum in layer_batches(gen, tokens, n, ranks):
         gate_up = torch.zeros(m * k, 2 * inter, dtype=DTYPE, device="cuda")
         act = torch.randn(m * k, inter, device="cuda", generator=gen).to(DTYPE)
         y = torch.zeros(m * k, d, dtype=DTYPE, device="cuda")
@@ -492,7 +502,8 @@ def main():
     ap.add_argument("--adapters", nargs="*", type=int, default=None,
                     help=f"adapters in use (default {ADAPTERS}; --sweep-rows: the first, default 16)")
     ap.add_argument("--sweep-base", action="store_true", help="time gate_up tile configs, profile, exit")
-    ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM over tile configs, exit")
+    ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM of the split path over tile "
+                    "configs at --tokens on the first of --presets, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
     ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens, exit")
     ap.add_argument("--sweep-decode", action="store_true", help="the row path's launches at --tokens with cold "
@@ -503,9 +514,13 @@ def main():
                     "heap: per-expert adapters, and shared-outer ones with each row's shrink / once a token, exit")
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK],
                     help="--sweep-rows: adapter ranks cycled over the slots")
+    ap.add_argument("--rows-max-parts", type=int, default=0, help="the row path's most programs a row's "
+                    "columns split into (kernels.moe.launch.ROWS_MAX_PARTS; 0: the engine's)")
     ap.add_argument("--paths", nargs="*", default=[], choices=[p for p in LORA_PATHS if p != "auto"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
+    if args.rows_max_parts:
+        launch.ROWS_MAX_PARTS = args.rows_max_parts
     if not (args.sweep_rows or args.shared_outer or args.sweep_decode):
         args.adapters = args.adapters or ADAPTERS
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -518,14 +533,16 @@ def main():
                   open(args.out, "w"), indent=1)
         return
     if args.sweep_lora:
-        json.dump(sweep_lora(gen), open(args.out, "w"), indent=1)
+        json.dump({"provenance": provenance(sys.argv), "preset": args.presets[0],
+                   "sweep": sweep_lora(gen, args.tokens, args.presets[0])}, open(args.out, "w"), indent=1)
         return
     if args.shared_outer:
         json.dump({"provenance": provenance(sys.argv),
                    "shared_outer": shared_outer(gen, args.tokens, (args.adapters or [16])[0])}, open(args.out, "w"), indent=1)
         return
     if args.profile_only:
-        profile_virt(gen, args.tokens)
+        for preset in args.presets:
+            profile_virt(gen, args.tokens, preset)
         return
     if args.sweep_base:
         profile_virt(gen)

@@ -89,6 +89,7 @@ ROWS_MAX_EXPAND = 8192
 ROWS_TILES_GATE_UP = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}
 ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}  # "rows-apart"
 ROWS_PROGRAMS = 1024
+ROWS_MAX_PARTS = 4
 LORA_PATHS = ("auto", "rows", "rows-apart", "split", "split-tiles", "split-blocks", "fused")
 
 
@@ -102,7 +103,7 @@ def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
 
 
 def _row_parts(num_rows: int, splits: int) -> int:
-    return max(1, min(4, ROWS_PROGRAMS // max(1, num_rows * splits)))
+    return max(1, min(ROWS_MAX_PARTS, ROWS_PROGRAMS // max(1, num_rows * splits)))
 
 
 def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_weights: Tensor,
