@@ -287,7 +287,7 @@ def layer_batches(gen, tokens, n=16, ranks=(RANK,), preset="qwen3-30b-a3b"):
         yield m, lora, batch, int(lora.ranks[pairs // e].sum())
 
 
-def sweep_lora(gen, tokens=(64, 512, 2048), preset="qwen3-30b-a3b"):
+def sweep_lora(gen, tokens=(64, 512, 2048), preset="qwen3-30b-a3b", block_ms=(16,)):
     """Times each LoRA GEMM of the split path alone over tile configs (n = 16) against its own
     bytes floor (adapter bytes of the pairs touched + activation rows read and written); the
     expands both by tiles (lora_expand_tiles) and by blocks (lora_expand, one program a block)."""
@@ -318,7 +318,7 @@ def sweep_lora(gen, tokens=(64, 512, 2048), preset="qwen3-30b-a3b"):
         }
         configs = lambda name: (SHRINK_CONFIGS if "shrink" in name else  # noqa: E731
                                 BLOCKS_CONFIGS if name.endswith("blocks") else EXPAND_CONFIGS)
-        for bm in (16, 32, 64):
+        for bm in block_ms:
             lay = moe_align_virtual(ids, slots, e, bm, lora.num_slots)
             for name, (floor, fn) in ops.items():
                 for cfg in configs(name):
@@ -345,15 +345,15 @@ MIXED_ROWS_CONFIGS = [(256, 128, 4, 3, 0, 0, False)] + [
     for w in (4,) for p in (0, 2)]
 
 
-def sweep_rows(gen, tokens=(1, 8, 64), n=16, ranks=(RANK,)):
+def sweep_rows(gen, tokens=(1, 8, 64), n=16, ranks=(RANK,), preset="qwen3-30b-a3b"):
     """Times each projection of the row path (kernels/moe/lora_rows.py) alone over tile configs
-    (qwen3, n adapters, ranks cycled over them) against its bytes floor (adapter bytes of the
-    pairs touched). cfg = (block_k, block_n, warps, stages, parts[, tile_r, buckets]); parts 0:
-    the engine's (launch._row_parts)."""
-    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
+    (n adapters, ranks cycled over them) against its bytes floor (adapter bytes of the pairs
+    touched). cfg = (block_k, block_n, warps, stages, parts[, tile_r, buckets]); parts 0: the
+    engine's (launch._row_parts)."""
+    d, inter, e, k = PRESETS[preset]
     mixed = len(set(ranks)) > 1
     bw, rows = copy_bandwidth(), []
-    for m, lora, (hidden, tw, ids, slots), rank_sum in layer_batches(gen, tokens, n, ranks):
+    for m, lora, (hidden, tw, ids, slots), rank_sum in layer_batches(gen, tokens, n, ranks, preset):
         gate_up = torch.zeros(m * k, 2 * inter, dtype=DTYPE, device="cuda")
         act = torch.randn(m * k, inter, device="cuda", generator=gen).to(DTYPE)
         y = torch.zeros(m * k, d, dtype=DTYPE, device="cuda")
@@ -505,7 +505,8 @@ def main():
     ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM of the split path over tile "
                     "configs at --tokens on the first of --presets, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
-    ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens, exit")
+    ap.add_argument("--sweep-rows", action="store_true", help="time the row path's tile configs at --tokens on "
+                    "the first of --presets, exit")
     ap.add_argument("--sweep-decode", action="store_true", help="the row path's launches at --tokens with cold "
                     "adapter weights (--copies layers of them): tiles of the gate/up rows, silu_mul_shrink and "
                     "topk_sum, exit")
@@ -514,6 +515,8 @@ def main():
                     "heap: per-expert adapters, and shared-outer ones with each row's shrink / once a token, exit")
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK],
                     help="--sweep-rows: adapter ranks cycled over the slots")
+    ap.add_argument("--block-m", nargs="*", type=int, default=[LORA_BLOCK_M],
+                    help="--sweep-lora: the layouts' rows a (slot, expert) block")
     ap.add_argument("--rows-max-parts", type=int, default=0, help="the row path's most programs a row's "
                     "columns split into (kernels.moe.launch.ROWS_MAX_PARTS; 0: the engine's)")
     ap.add_argument("--paths", nargs="*", default=[], choices=[p for p in LORA_PATHS if p != "auto"],
@@ -529,12 +532,13 @@ def main():
                                                                             args.copies)}, open(args.out, "w"), indent=1)
         return
     if args.sweep_rows:
-        json.dump({"provenance": provenance(sys.argv), "sweep": sweep_rows(gen, args.tokens, (args.adapters or [16])[0], tuple(args.ranks))},
+        json.dump({"provenance": provenance(sys.argv), "preset": args.presets[0],
+                   "sweep": sweep_rows(gen, args.tokens, (args.adapters or [16])[0], tuple(args.ranks), args.presets[0])},
                   open(args.out, "w"), indent=1)
         return
     if args.sweep_lora:
         json.dump({"provenance": provenance(sys.argv), "preset": args.presets[0],
-                   "sweep": sweep_lora(gen, args.tokens, args.presets[0])}, open(args.out, "w"), indent=1)
+                   "sweep": sweep_lora(gen, args.tokens, args.presets[0], tuple(args.block_m))}, open(args.out, "w"), indent=1)
         return
     if args.shared_outer:
         json.dump({"provenance": provenance(sys.argv),
