@@ -52,18 +52,37 @@ def _base_config(block_m: int) -> dict:
 # 128 by 10-20% and 64 by 30-40%.
 SHRINK = {"block_k": 128, "num_warps": 2, "num_stages": 3}
 EXPAND = {"block_n": 256, "num_warps": 4, "num_stages": 1}
-EXPAND_BLOCKS = {"block_n": 128, "num_warps": 4, "num_stages": 3}  # kernels/moe/expand.py, see there
-# The MoE expands: kernels/moe/expand.py (a program owns a block, loops over its N tiles) from
-# EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. H100, qwen3
-# top-8, n = 16 (benchmarks/RESULTS.md, kernels, 2026-11-28): blocks win from M = 128 tokens (1024 rows;
-# M = 512: 1.58 -> 1.48 of the base), tiles at M = 8 (64 rows: 1.18 vs 1.28), even at M = 32
-# (256 rows); 512 rows (64 tokens, a decode batch) is in between, unmeasured. The LoRA paths
-# "split-tiles" and "split-blocks" force one (A/B runs).
-EXPAND_BLOCKS_MIN_ROWS = 512
+EXPAND_BLOCKS = {"block_n": 256, "num_warps": 4, "num_stages": 3}  # kernels/moe/expand.py, see there
+# The MoE expands: kernels/moe/expand.py (programs own a block, loop over its N tiles) from
+# EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. From
+# `--sweep-lora` on every preset (H100, n = 16, 2026-12-06; benchmarks/RESULTS.md, kernels): with
+# a block's columns cut in parts of ~4 tiles (_expand_blocks_config) the blocks beat the tiles
+# from 16 rows up (Mixtral gate/up at M = 8 / 32: 12.0 / 31.2 us against 13.4 / 46.0; qwen3 at
+# M = 128: 27.0 against 35.0), the tiles at 2 rows (Mixtral M = 1: 5.4 against 11.5). The LoRA
+# paths "split-tiles" and "split-blocks" force one (A/B runs).
+EXPAND_BLOCKS_MIN_ROWS = 16
+EXPAND_BLOCKS_TILES_A_PART = 4
+# A long reduction (Mixtral's K = 4096 and 14336) walks fewer, longer steps: 256-deep tiles took
+# Mixtral's down shrink from 41 to 27 us at M = 1 and from 57 to 40 us at M = 512 (same sweep);
+# at K = 768-2048 (qwen3, OLMoE) they lose up to 10%.
+SHRINK_LONG_K = 4096
 
 
 def _expand_by_blocks(num_rows: int, expand: str) -> bool:
     return expand == "blocks" or (expand == "auto" and num_rows >= EXPAND_BLOCKS_MIN_ROWS)
+
+
+def _expand_blocks_config(n: int) -> dict:
+    """lora_expand's tiles for N columns a split: parts of about EXPAND_BLOCKS_TILES_A_PART N tiles
+    (a power of two, at most 8), so a long expand (Mixtral's 14336 gate/up columns: 56 tiles) runs
+    on several programs a block instead of one (227.5 -> 85.8 us at M = 512 in that sweep)."""
+    tiles = triton.cdiv(n, EXPAND_BLOCKS["block_n"])
+    parts = 1 << (max(1, min(8, tiles // EXPAND_BLOCKS_TILES_A_PART)).bit_length() - 1)
+    return {**EXPAND_BLOCKS, "parts": parts}
+
+
+def _shrink_config(k: int) -> dict:
+    return {**SHRINK, "block_k": 256} if k >= SHRINK_LONG_K else SHRINK
 
 
 def _rank_block(max_rank: int) -> int:
@@ -72,13 +91,13 @@ def _rank_block(max_rank: int) -> int:
 
 # The LoRA delta at decode sizes: a program per routed row (kernels/moe/lora_rows.py) up to
 # ROWS_MAX_ROWS routed rows, where a row's expand is short (2I <= ROWS_MAX_EXPAND), one token
-# included; where it is not, the fused launch at one token (fused_path_ok) and (slot, expert) blocks
-# above. H200, n = 16, virtual / base (benchmarks/RESULTS.md, kernels): qwen3 M = 32 / 64 / 128 rows
+# included; where it is not, (slot, expert) blocks at every size. H200, n = 16, virtual / base (benchmarks/RESULTS.md, kernels): qwen3 M = 32 / 64 / 128 rows
 # 1.15 / 1.17 / 1.29 vs blocks 1.21 / 1.24 / 1.41, olmoe alike; M = 8 even; Mixtral (2I = 28672, one
 # program streams a whole row's B) rows 1.23-1.38 vs blocks 1.16-1.19 at every M. At one token the
 # row launches run beside the base GEMMs (PDL, kernels/pdl.py) where the fused launch lengthens them:
-# H100, qwen3 n = 16 / 64, rows 1.19 / 1.15 against fused 1.22 / 1.17, olmoe even, Mixtral fused
-# 1.19 against rows 1.22 (not measured on the H200).
+# H100, qwen3 n = 16 / 64, rows 1.19 / 1.15 against fused 1.22 / 1.17, olmoe even. Mixtral's one
+# token takes the blocks too: H100, n = 16, 1.05 against fused 1.18 and rows 1.21 (2026-12-06; on
+# the H200 the fused launch cost 1.43). The fused launch stays as a path to force ("fused").
 ROWS_MAX_ROWS = 1024
 ROWS_MAX_EXPAND = 8192
 # Row tiles from `bench_moe_lora.py --sweep-rows` (H200): at rank 16 (qwen3, n = 16, M = 1 / 8 / 64)
@@ -99,7 +118,7 @@ def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
     gives it its own row launch, as before the fold, for A/B runs)."""
     if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND:
         return "rows"
-    return "fused" if fused_path_ok(num_tokens, inter) else "split"
+    return "split"
 
 
 def _row_parts(num_rows: int, splits: int) -> int:
@@ -240,11 +259,11 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
     # split h in {gate, up}: A rows [h*R, h*R + r_s) -> shrunk cols [h*R, h*R + r_s)
     # the launch ahead (the base GEMM, or the expand of the layout before) writes gate_up only
     lora_shrink(hidden, lora.gate_up_a, shrunk, vlay, lora.ranks if shared is None else shared.row_ranks,
-                n=r, k=d, a_row_div=top_k, splits=2, block_n=rb, pdl_early=True, **SHRINK)
+                n=r, k=d, a_row_div=top_k, splits=2, block_n=rb, pdl_early=True, **_shrink_config(d))
     if shared is not None:  # x[t] @ A.T once a token, then its rows take it
         per_token = torch.empty(hidden.shape[0], 2 * r, dtype=torch.float32, device=hidden.device)
         lora_shrink(hidden, lora.gate_up_a, per_token, shared.layout, lora.ranks, n=r, k=d, splits=2,
-                    block_n=rb, pdl_early=True, **SHRINK)
+                    block_n=rb, pdl_early=True, **_shrink_config(d))
         rows_shared = shared.tokens.repeat_interleave(top_k)[:, None]
         shrunk = torch.where(rows_shared, per_token.repeat_interleave(top_k, dim=0), shrunk)
     # split h: shrunk cols [h*R, h*R + r_s) @ B rows [h*I, (h+1)*I) -> gate_up cols [h*I, (h+1)*I)
@@ -252,7 +271,7 @@ def _lora_gate_up_(hidden: Tensor, gate_up: Tensor, lora: MoELoRAWeights,
         lora_expand_tiles(shrunk, lora.gate_up_b, gate_up, vlay, lora.ranks, n=inter, k=r, splits=2,
                           block_k=rb, **EXPAND)
     else:  # one program a block, gate's tiles then up's
-        lora_expand(shrunk, lora.gate_up_b, gate_up, vlay, lora.ranks, splits=2, **EXPAND_BLOCKS)
+        lora_expand(shrunk, lora.gate_up_b, gate_up, vlay, lora.ranks, splits=2, **_expand_blocks_config(inter))
 
 
 def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayout,
@@ -265,13 +284,14 @@ def _lora_down_(act: Tensor, y: Tensor, lora: MoELoRAWeights, vlay: VirtualLayou
     # zeros where a token's sum may meet a row the layout left out (routing ids out of range)
     shrunk = (torch.empty if shared is None else torch.zeros)(act.shape[0], r, dtype=torch.float32, device=act.device)
     # the launch ahead (the base GEMM, the expand of the layout before, or shrunk's zeros) writes y or shrunk
-    lora_shrink(act, lora.down_a, shrunk, vlay, lora.ranks, n=r, k=act.shape[1], block_n=rb, pdl_early=True, **SHRINK)
+    lora_shrink(act, lora.down_a, shrunk, vlay, lora.ranks, n=r, k=act.shape[1], block_n=rb, pdl_early=True,
+                **_shrink_config(act.shape[1]))
     ranks = lora.ranks if shared is None else shared.row_ranks
     if not _expand_by_blocks(vlay.num_rows, expand):
         lora_expand_tiles(shrunk, lora.down_b, y, vlay, ranks, n=y.shape[1], k=r, scale=weights,
                           block_k=rb, **EXPAND)
     else:
-        lora_expand(shrunk, lora.down_b, y, vlay, ranks, scale=weights, **EXPAND_BLOCKS)
+        lora_expand(shrunk, lora.down_b, y, vlay, ranks, scale=weights, **_expand_blocks_config(y.shape[1]))
     if shared is None:
         return None
     top_k = act.shape[0] // shared.tokens.shape[0]

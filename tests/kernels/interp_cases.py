@@ -86,6 +86,10 @@ def case_names() -> list[str]:
     # tiles other than the defaults, as sweeps pass them: the down fold's activation in 16-column
     # tiles and its top-k sum in 16-column blocks, other warps; the dense split path in 2 K slices
     # of 32-deep tiles and 16-wide expand tiles
+    # the split path's expand by blocks with each block's columns cut in parts (16-wide tiles, one
+    # a part: 2 parts of 3 and 2 tiles) and its shrinks at the long-K tiles (256 deep, past K)
+    names += ["moe-fp16-t17e10k8-zipf-mixed-heap-cut-split-blocks", "moe-fp32-t9e6k2-rank64-nanpad-cut-split-blocks",
+              "moe-fp32-t17e10k8-uniform-mixed-shared-heap-cut-split-blocks"]
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-swept", "moe-fp32-t5e6k2-rank64-nanpad-wide-swept",
               "group-fp32-zipf-s32x16x16-swept", "group-fp16-uniform-s32x16x16-nanpad-heap-swept"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
@@ -132,14 +136,19 @@ def run_moe(name: str) -> dict:
         path = "rows-apart"
     if path == "fused" and t > 1:
         path = "auto"  # the fused launch takes one token; with more, the default path
-    from kernels.moe import down_fold
+    from kernels.moe import down_fold, launch
     tiles = (down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS)
+    split_tiles = (launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K)
     if "swept" in p["rest"]:
         down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = 256, 256, 8, 2
+    if "cut" in p["rest"]:
+        launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K = (
+            {**launch.EXPAND_BLOCKS, "block_n": 16}, 1, 16)
     try:
         got = fused_moe_triton(*args, lora=lora, slot_ids=slots, path=path)
     finally:  # later cases run the defaults
         down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = tiles
+        launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K = split_tiles
     want_base = moe_loop_ref(*args)
     want = moe_loop_ref(*args, lora, slots)
     none = slots < 0

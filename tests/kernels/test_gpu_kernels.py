@@ -63,6 +63,29 @@ def test_fused_moe_bf16_each_lora_path(t, k, path):
     _check_moe(t, k, "uniform", seed=2, path=path)
 
 
+@pytest.mark.parametrize("t", [1, 8, 64, 600])
+def test_fused_moe_bf16_long_expert_rows_take_the_split_path(t):
+    """Mixtral's kind of layer (long expert rows: 2I past ROWS_MAX_EXPAND, I past SHRINK_LONG_K, top-2 of 8):
+    the split path at every size, one token included; its gate/up expand by blocks cut in column parts
+    and its down shrink at the long-K tiles."""
+    from kernels.moe import launch
+    d, inter, e = 1024, 4608, 8
+    assert launch.lora_path(t, 2, inter) == "split" and launch._expand_blocks_config(inter)["parts"] > 1
+    gen, cpu_gen = _gens(31 + t)
+    args = make_moe(gen, t, d, inter, e, 2, torch.bfloat16, "cuda")
+    lora = make_moe_lora(gen, len(RANKS), e, d, inter, RANKS, torch.bfloat16, "cuda", pad=float("nan"))
+    slots = make_slot_ids("zipf", t, len(RANKS), cpu_gen).cuda()
+    slots[0] = 3
+    _poison_allocator()
+    base = kernels.fused_moe(*args)
+    got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
+    torch.cuda.synchronize()
+    want_base, want = moe_loop_ref(*args), moe_loop_ref(*args, lora, slots)
+    assert torch.isfinite(got).all()
+    assert rel_err(got.double() - base.double(), want - want_base) <= TOL[torch.bfloat16]
+    assert torch.equal(got[slots < 0], base[slots < 0])
+
+
 @pytest.mark.parametrize("spread", SPREADS)
 @pytest.mark.parametrize("t", [17, 1000])
 def test_fused_moe_bf16_adapter_spreads(spread, t):
