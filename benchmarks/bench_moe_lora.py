@@ -20,7 +20,7 @@ from kernels.moe.expand import lora_expand
 from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
 from kernels.moe.lora_rows import lora_rows_
 from kernels.moe import launch
-from kernels.moe.launch import LORA_BLOCK_M, LORA_PATHS, _row_parts, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
+from kernels.moe.launch import LORA_BLOCK_M, _base_block_m, LORA_PATHS, _row_parts, fused_moe_triton, fused_path_ok, lora_path, moe_with_layouts
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported from the repository root
     from provenance import provenance
@@ -214,31 +214,48 @@ def idle_slots(bw, gen, tokens):
     return rows
 
 
-BASE_CONFIGS = [  # (block_m, block_n, block_k, warps, stages) of the gate_up GEMM
+BASE_CONFIGS = [(*tiles, 1) for tiles in [  # (block_m, block_n, block_k, warps, stages, group_m)
     (16, 64, 128, 4, 3), (16, 32, 128, 4, 3), (16, 64, 256, 4, 2), (16, 128, 64, 4, 4),
-    (32, 64, 64, 4, 4), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-    (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
-]
+    (32, 64, 64, 4, 4), (32, 128, 64, 4, 3)]] + [
+    (*tiles, group) for tiles in [(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+                                  (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+    for group in (1, 4, 8, 16)]
 
 
-def sweep_base(gen):
-    """Times the qwen3 gate_up GEMM alone over tile configs: where the base loses time."""
-    d, inter, e, k = PRESETS["qwen3-30b-a3b"]
-    w_gate_up, _, _ = make_layer(d, inter, e, 1, gen)
+def sweep_base(gen, tokens=(8, 128, 512, 2048), preset="qwen3-30b-a3b"):
+    """Times the base gate_up and down GEMMs alone over tile configs (block_m, block_n, block_k,
+    warps, stages, group_m): where the base loses time. Decode sizes (<= 128 tokens) try the small
+    block rows, larger ones the large, each with the tile walk by groups of blocks (group_m)."""
+    d, inter, e, k = PRESETS[preset]
+    w_gate_up, w_down, _ = make_layer(d, inter, e, 1, gen)
     rows = []
-    for m in (8, 128, 512, 2048):
-        hidden, _, ids, _ = make_batch(m, d, e, k, 1, gen)
-        out = torch.empty(m * k, 2 * inter, dtype=DTYPE, device="cuda")
-        for bm, bn, bk, warps, stages in BASE_CONFIGS:
-            if (m <= 128) != (bm <= 32):
+    for m in tokens:
+        hidden, tw, ids, _ = make_batch(m, d, e, k, 1, gen)
+        gate_up = torch.empty(m * k, 2 * inter, dtype=DTYPE, device="cuda")
+        act = torch.randn(m * k, inter, device="cuda", generator=gen).to(DTYPE)
+        y = torch.empty(m * k, d, dtype=DTYPE, device="cuda")
+        weights = tw.reshape(-1).float()
+        gemms = {"gate_up": lambda lay, c: moe_gemm(hidden, w_gate_up, gate_up, lay, n=2 * inter, k=d, a_row_div=k, **c),
+                 "down": lambda lay, c: moe_gemm(act, w_down, y, lay, n=d, k=inter, scale=weights, **c)}
+        default_bm = _base_block_m(m * k, e)
+        for bm, bn, bk, warps, stages, group in BASE_CONFIGS:
+            if (m <= 128) != (bm <= 32) or bm > 2 * max(16, default_bm):
                 continue
             lay = moe_align_virtual(ids, None, e, bm)
-            fn = lambda: moe_gemm(hidden, w_gate_up, out, lay, n=2 * inter, k=d, a_row_div=k,  # noqa: E731
-                                  block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-            ms = time_graph(fn)
-            flops = 2 * m * k * 2 * inter * d
-            rows.append({"M": m, "cfg": [bm, bn, bk, warps, stages], "ms": ms, "tflops": flops / ms / 1e9})
-            print(f"gate_up M={m:5} cfg={rows[-1]['cfg']} {ms:.4f} ms {rows[-1]['tflops']:.0f} TFLOP/s", flush=True)
+            cfg = {"block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages, "group_m": group}
+            for name, fn in gemms.items():
+                try:
+                    ms = time_graph(lambda: fn(lay, cfg), samples=7)
+                except Exception as exc:  # a config that does not fit (shared memory)
+                    print(f"{name} M={m} cfg={[bm, bn, bk, warps, stages, group]}: {type(exc).__name__}", flush=True)
+                    continue
+                flops = 2 * m * k * (2 * inter if name == "gate_up" else d) * (d if name == "gate_up" else inter)
+                rows.append({"preset": preset, "M": m, "op": name, "cfg": [bm, bn, bk, warps, stages, group],
+                             "default_block_m": default_bm, "ms": ms, "tflops": flops / ms / 1e9})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\nbase GEMMs, best per (M, op), {preset}; cfg = (block_m, block_n, block_k, warps, stages, group_m)")
+    for (m, op), row in best_per_op(rows):
+        print(f"M={m:5} {op:8} cfg={row['cfg']} {row['ms']:.4f} ms {row['tflops']:.0f} TFLOP/s")
     return rows
 
 
@@ -501,7 +518,8 @@ def main():
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--adapters", nargs="*", type=int, default=None,
                     help=f"adapters in use (default {ADAPTERS}; --sweep-rows: the first, default 16)")
-    ap.add_argument("--sweep-base", action="store_true", help="time gate_up tile configs, profile, exit")
+    ap.add_argument("--sweep-base", action="store_true", help="time the base GEMMs' tile configs at --tokens on "
+                    "the first of --presets, exit")
     ap.add_argument("--sweep-lora", action="store_true", help="time each LoRA GEMM of the split path over tile "
                     "configs at --tokens on the first of --presets, exit")
     ap.add_argument("--profile-only", action="store_true", help="per-kernel profile at --tokens, exit")
@@ -549,8 +567,8 @@ def main():
             profile_virt(gen, args.tokens, preset)
         return
     if args.sweep_base:
-        profile_virt(gen)
-        json.dump(sweep_base(gen), open(args.out, "w"), indent=1)
+        json.dump({"provenance": provenance(sys.argv), "preset": args.presets[0],
+                   "sweep": sweep_base(gen, args.tokens, args.presets[0])}, open(args.out, "w"), indent=1)
         return
     bw = copy_bandwidth()
     rows, t0 = [], time.time()

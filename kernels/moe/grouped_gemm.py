@@ -131,11 +131,26 @@ def _tile_of(lay, tile, num_n):
     return block, tile % num_n, expert, slot
 
 
+@triton.jit
+def _grouped_tile_of(lay, tile, num_n, num_blocks, GROUP_M: tl.constexpr):
+    """Tile `tile` of a persistent walk over groups of GROUP_M consecutive blocks, N tile by N tile
+    within a group and the group's blocks inner: the blocks of one expert (consecutive in the
+    layout) then read each tile of its weights one after the other, from L2 after the first."""
+    group_tiles = GROUP_M * num_n
+    first = (tile // group_tiles) * GROUP_M
+    in_group = tl.minimum(num_blocks - first, GROUP_M)
+    local = tile % group_tiles
+    block = first + local % in_group
+    expert = tl.load(lay[1] + block).to(tl.int64)
+    slot = tl.load(lay[2] + block).to(tl.int64)
+    return block, local // in_group, expert, slot
+
+
 @triton.jit(do_not_specialize=["num_rows"])  # one compile for every token count
 def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
-                     BLOCK_R: tl.constexpr, PDL_TRIGGER: tl.constexpr):
+                     BLOCK_R: tl.constexpr, PDL_TRIGGER: tl.constexpr, GROUP_M: tl.constexpr):
     if PDL_TRIGGER:  # a PDL launch after this one may start once every program here has (kernels/pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
     # the split index stays a runtime value (grid axis 1 of size 1): with a literal 0, ptxas
@@ -143,9 +158,14 @@ def _moe_gemm_kernel(A, W, C, L, lay, num_rows, N, K, a_row_div, scale_ptr,
     # triton 3.6; benchmarks/compare_sass.py), and prefill steps took ~5% longer on the H200
     h = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
-    # persistent loop: tiles ordered block-major so programs sharing a block share its A rows
-    for tile in range(tl.program_id(0), tl.load(lay[3]) * num_n, tl.num_programs(0)):
-        block, pid_n, expert, slot = _tile_of(lay, tile, num_n)
+    num_blocks = tl.load(lay[3])
+    # persistent loop: tiles ordered block-major so programs sharing a block share its A rows, or
+    # by groups of blocks (GROUP_M > 1) so that an expert's blocks share its weight tiles
+    for tile in range(tl.program_id(0), num_blocks * num_n, tl.num_programs(0)):
+        if GROUP_M == 1:
+            block, pid_n, expert, slot = _tile_of(lay, tile, num_n)
+        else:
+            block, pid_n, expert, slot = _grouped_tile_of(lay, tile, num_n, num_blocks, GROUP_M)
         _gemm_tile(A, W, C, L, lay, block, expert, slot, h, pid_n, num_rows, N, a_row_div,
                    scale_ptr, N, 0, K, 0, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, HAS_SCALE, IEEE,
                    HAS_LORA, BLOCK_R, False, False)
@@ -215,7 +235,7 @@ def _ieee(*tensors: Tensor) -> bool:
 def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, k: int,
              a_row_div: int = 1, scale: Tensor | None = None,
              fused_lora: tuple[Tensor, Tensor, Tensor, int] | None = None, block_n: int = 64,
-             block_k: int = 64, num_warps: int = 4, num_stages: int = 3) -> Tensor:
+             block_k: int = 64, num_warps: int = 4, num_stages: int = 3, group_m: int = 1) -> Tensor:
     """The base MoE GEMM over the layout's blocks; returns c.
 
     Semantics: c[rows] = scale[rows, None] * a[rows // a_row_div] @ w[e].T for each block (e, rows),
@@ -229,7 +249,10 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
         scale: [rows] per-row factor (routing weight) or None.
         fused_lora: Factors A [S, E, h*R, k] and B [S, E, n, R], ranks [S] int32, half_n (block_n
             divides it; n for one half); for expert-major layouts (kernels.moe.launch.fused_path_ok).
+        group_m: tiles walked by groups of this many blocks, N tile by N tile (1: block by block);
+            the order of tiles only, never a tile's sums.
     """
+    expect(group_m >= 1, f"group_m must be positive, got {group_m}")
     lora, big_r = 0, 1
     if fused_lora is not None:
         la, lb, ranks, half_n = fused_lora
@@ -243,7 +266,7 @@ def moe_gemm(a: Tensor, w: Tensor, c: Tensor, layout: VirtualLayout, *, n: int, 
         _lay(layout), layout.num_rows, n, k, a_row_div, scale if scale is not None else layout.num_blocks,
         BLOCK_M=layout.block_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
         IEEE=_ieee(a, w), HAS_LORA=fused_lora is not None, BLOCK_R=max(16, triton.next_power_of_2(big_r)),
-        PDL_TRIGGER=use_pdl(a.device), num_warps=num_warps, num_stages=num_stages,
+        PDL_TRIGGER=use_pdl(a.device), GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
     )
     return c
 

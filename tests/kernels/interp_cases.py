@@ -90,6 +90,9 @@ def case_names() -> list[str]:
     # a part: 2 parts of 3 and 2 tiles) and its shrinks at the long-K tiles (256 deep, past K)
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-cut-split-blocks", "moe-fp32-t9e6k2-rank64-nanpad-cut-split-blocks",
               "moe-fp32-t17e10k8-uniform-mixed-shared-heap-cut-split-blocks"]
+    # the base GEMMs' tiles walked by groups of 3 blocks (the last group short): the same outputs,
+    # bit for bit, as block by block
+    names += ["moe-fp32-t17e10k8-uniform-grouped", "moe-fp16-t9e6k2-rank64-nanpad-grouped-split-blocks"]
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-swept", "moe-fp32-t5e6k2-rank64-nanpad-wide-swept",
               "group-fp32-zipf-s32x16x16-swept", "group-fp16-uniform-s32x16x16-nanpad-heap-swept"]
     names += ["align-slots-t1e3k1", "align-slots-t37e60k8", "align-none-t29e7k2", "align-slots-t5e1k1", "align-major-t37e60k8", "align-major-t3e5k2"]
@@ -139,6 +142,10 @@ def run_moe(name: str) -> dict:
     from kernels.moe import down_fold, launch
     tiles = (down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS)
     split_tiles = (launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K)
+    base_config = launch._base_config
+    if "grouped" in p["rest"]:
+        launch._base_config = lambda block_m: {**base_config(block_m), "group_m": 3}
+        base = kernels.fused_moe(*args)
     if "swept" in p["rest"]:
         down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = 256, 256, 8, 2
     if "cut" in p["rest"]:
@@ -149,12 +156,14 @@ def run_moe(name: str) -> dict:
     finally:  # later cases run the defaults
         down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = tiles
         launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K = split_tiles
+        launch._base_config = base_config
     want_base = moe_loop_ref(*args)
     want = moe_loop_ref(*args, lora, slots)
     none = slots < 0
     return {"err": rel_err(got, want), "base_err": rel_err(base, want_base),
             "delta_err": rel_err(got.double() - base.double(), want - want_base),
             "bitwise": bool(torch.equal(got[none], base[none])),
+            "same_ungrouped": "grouped" not in p["rest"] or bool(torch.equal(base, kernels.fused_moe(*args))),
             "finite": bool(torch.isfinite(got).all()), "tol": TOL[p["dtype"]]}
 
 
