@@ -46,6 +46,22 @@ def _base_config(block_m: int) -> dict:
     return {"block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 3}  # 355 TFLOP/s there
 
 
+# The base GEMM walks its tiles by groups of BASE_GROUP_M blocks (moe_gemm's group_m) where a block
+# has many N tiles: block by block, a projection of 112 N tiles (Mixtral's gate/up, 2I = 28672)
+# streamed an expert's 235 MB of weights from DRAM once for each of its blocks, since the programs
+# in flight hold only ~2 blocks' tiles. `bench_moe_lora.py --sweep-base` (H100, 2026-12-06,
+# benchmarks/RESULTS.md, kernels): Mixtral's gate/up at 128-row blocks 0.93 / 2.94 / 11.6 ms ->
+# 0.74 / 1.69 / 6.02 ms at M = 512 / 2048 / 8192 with groups of 16; its down (16 N tiles, whose
+# blocks of an expert are in flight together anyway) and qwen3's (6 and 8) gain nothing.
+# Prefill sizes only (64-row blocks and up): decode's tiles were not swept with it.
+BASE_GROUP_M = 16
+BASE_GROUP_MIN_N_TILES = 64
+
+
+def _base_group_m(block_m: int, n: int, block_n: int) -> int:
+    return BASE_GROUP_M if block_m >= 64 and triton.cdiv(n, block_n) >= BASE_GROUP_MIN_N_TILES else 1
+
+
 # LoRA tiles from `bench_moe_lora.py --sweep-lora` (H200, qwen3, n = 16, M = 64/512/2048):
 # shrink (a long, thin A) at block_k 128 with 2 warps is 15-25% faster than 256 with 4 warps;
 # expand (K = R deep, one step) wants wide N tiles, fewer latency-bound tile visits: 256 beats
@@ -192,7 +208,8 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     gate_up = hidden.new_empty(rows, 2 * inter)
     cfg = _base_config(base.block_size)
     moe_gemm(hidden, w_gate_up, gate_up, base, n=2 * inter, k=d, a_row_div=top_k, **cfg,
-                 **fused_kw(lora and lora.gate_up_a, lora and lora.gate_up_b, inter))
+             group_m=_base_group_m(base.block_size, 2 * inter, cfg["block_n"]),
+             **fused_kw(lora and lora.gate_up_a, lora and lora.gate_up_b, inter))
     shared_a, shared_b = shared or (None, None)
     for vlay in vlays:
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand, shared_a)
@@ -209,7 +226,8 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
         silu_mul(gate_up, act)
     y = hidden.new_empty(rows, d)
     moe_gemm(act, w_down, y, base, n=d, k=inter, scale=weights, **cfg,
-                 **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
+             group_m=_base_group_m(base.block_size, d, cfg["block_n"]),
+             **fused_kw(lora and lora.down_a, lora and lora.down_b, d))
     token_down = None
     for vlay in vlays:
         token_down = _lora_down_(act, y, lora, vlay, weights, expand, shared_b)

@@ -142,9 +142,9 @@ def run_moe(name: str) -> dict:
     from kernels.moe import down_fold, launch
     tiles = (down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS)
     split_tiles = (launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K)
-    base_config = launch._base_config
+    base_group_m = launch._base_group_m
     if "grouped" in p["rest"]:
-        launch._base_config = lambda block_m: {**base_config(block_m), "group_m": 3}
+        launch._base_group_m = lambda block_m, n, block_n: 3
         base = kernels.fused_moe(*args)
     if "swept" in p["rest"]:
         down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = 256, 256, 8, 2
@@ -156,7 +156,7 @@ def run_moe(name: str) -> dict:
     finally:  # later cases run the defaults
         down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = tiles
         launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K = split_tiles
-        launch._base_config = base_config
+        launch._base_group_m = base_group_m
     want_base = moe_loop_ref(*args)
     want = moe_loop_ref(*args, lora, slots)
     none = slots < 0

@@ -64,12 +64,13 @@ def test_fused_moe_bf16_each_lora_path(t, k, path):
 
 
 @pytest.mark.parametrize("t", [1, 8, 64, 600])
-def test_fused_moe_bf16_long_expert_rows_take_the_split_path(t):
+def test_fused_moe_bf16_long_expert_rows_take_the_split_path(t, monkeypatch):
     """Mixtral's kind of layer (long expert rows: 2I past ROWS_MAX_EXPAND, I past SHRINK_LONG_K, top-2 of 8):
-    the split path at every size, one token included; its gate/up expand by blocks cut in column parts
-    and its down shrink at the long-K tiles."""
+    the split path at every size, one token included; its gate/up expand by blocks cut in column parts,
+    its down shrink at the long-K tiles, and at 600 tokens the base gate/up GEMM walked by groups of
+    blocks, bit for bit what block by block gives."""
     from kernels.moe import launch
-    d, inter, e = 1024, 4608, 8
+    d, inter, e = 1024, 8448, 8
     assert launch.lora_path(t, 2, inter) == "split" and launch._expand_blocks_config(inter)["parts"] > 1
     gen, cpu_gen = _gens(31 + t)
     args = make_moe(gen, t, d, inter, e, 2, torch.bfloat16, "cuda")
@@ -82,8 +83,13 @@ def test_fused_moe_bf16_long_expert_rows_take_the_split_path(t):
     torch.cuda.synchronize()
     want_base, want = moe_loop_ref(*args), moe_loop_ref(*args, lora, slots)
     assert torch.isfinite(got).all()
+    assert rel_err(base, want_base) <= TOL[torch.bfloat16]
     assert rel_err(got.double() - base.double(), want - want_base) <= TOL[torch.bfloat16]
     assert torch.equal(got[slots < 0], base[slots < 0])
+    if t == 600:
+        assert launch._base_group_m(launch._base_block_m(2 * t, e), 2 * inter, 256) > 1
+        monkeypatch.setattr(launch, "_base_group_m", lambda block_m, n, block_n: 1)
+        assert torch.equal(kernels.fused_moe(*args), base)
 
 
 @pytest.mark.parametrize("spread", SPREADS)
