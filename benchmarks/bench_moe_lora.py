@@ -224,8 +224,9 @@ BASE_CONFIGS = [(*tiles, 1) for tiles in [  # (block_m, block_n, block_k, warps,
 
 def sweep_base(gen, tokens=(8, 128, 512, 2048), preset="qwen3-30b-a3b"):
     """Times the base gate_up and down GEMMs alone over tile configs (block_m, block_n, block_k,
-    warps, stages, group_m): where the base loses time. Decode sizes (<= 128 tokens) try the small
-    block rows, larger ones the large, each with the tile walk by groups of blocks (group_m)."""
+    warps, stages, group_m): where the base loses time. Each size tries the engine's block rows
+    (launch._base_block_m), half and twice them, the large ones with the tile walk by groups of
+    blocks (group_m)."""
     d, inter, e, k = PRESETS[preset]
     w_gate_up, w_down, _ = make_layer(d, inter, e, 1, gen)
     rows = []
@@ -239,7 +240,7 @@ def sweep_base(gen, tokens=(8, 128, 512, 2048), preset="qwen3-30b-a3b"):
                  "down": lambda lay, c: moe_gemm(act, w_down, y, lay, n=d, k=inter, scale=weights, **c)}
         default_bm = _base_block_m(m * k, e)
         for bm, bn, bk, warps, stages, group in BASE_CONFIGS:
-            if (m <= 128) != (bm <= 32) or bm > 2 * max(16, default_bm):
+            if not default_bm // 2 <= bm <= 2 * default_bm:  # the engine's block rows and their neighbours
                 continue
             lay = moe_align_virtual(ids, None, e, bm)
             cfg = {"block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages, "group_m": group}
