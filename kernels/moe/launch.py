@@ -30,9 +30,19 @@ from kernels.weights import SHAREABLE, Factor, MoELoRAWeights
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
 
 
+# The base GEMMs' block rows by routed rows an expert (mean): (most rows an expert, block rows), 128
+# past the last. A block holding all of an expert's rows reads its weights once; rows an expert
+# vary (routing), so an expert with a few more than the mean needs a second block, and a second
+# read of its weights, when the block is the mean's size. `bench_moe_lora.py --sweep-base` (H100,
+# 2026-12-06, benchmarks/RESULTS.md, kernels): qwen3's two GEMMs at 16 rows an expert (M = 256)
+# 444.6 us at 16-row blocks against 421.3 at 32, at 32 rows (M = 512) 471.8 at 32-row blocks
+# against 427.3 at 64; at 64 rows (M = 1024) 64 and 128 even.
+BASE_BLOCK_M_STEPS = ((12, 16), (24, 32), (96, 64))
+
+
 def _base_block_m(num_rows: int, num_experts: int) -> int:
     per_expert = num_rows / max(1, num_experts)
-    return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64 if per_expert <= 96 else 128
+    return next((block_m for most, block_m in BASE_BLOCK_M_STEPS if per_expert <= most), 128)
 
 
 def _base_config(block_m: int) -> dict:
@@ -331,7 +341,7 @@ def token_breakpoints(num_experts: int, top_k: int, max_tokens: int) -> list[int
     rows = {SINGLE_PROGRAM_ROWS, MAX_ROWS, EXPAND_BLOCKS_MIN_ROWS, ROWS_MAX_ROWS, DENSE_ROWS_MAX_TOKENS,
             DENSE_ROWS_MAX_TOKENS_STACKED, FUSED_MAX_TOKENS}
     rows |= {16, 32}  # the fused dense launch's M tile (dense_gemm: the token count's power of two, >= 16)
-    rows |= {16 * num_experts, 48 * num_experts, 96 * num_experts}  # _base_block_m
+    rows |= {most * num_experts for most, _ in BASE_BLOCK_M_STEPS}  # _base_block_m
     rows |= {1 << p for p in range(4, (max_tokens * top_k).bit_length() + 1)}  # align_triton's NP
     rows |= {CHUNK << p for p in range(max(1, (max_tokens * top_k).bit_length()))}  # align_multi's chunks
     tokens = {1, 2, max_tokens}
