@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
+from deployments.request_rules import FieldError
+
 
 class APIError(Exception):
     """An error with an HTTP status and OpenAI's error fields; the message says what to fix."""
@@ -154,8 +156,11 @@ def request_validation_error(errors: list[dict]) -> BadRequestError:
     message = str(first.get("msg") or "invalid request")
     for prefix in _PYDANTIC_PREFIXES:
         message = message.removeprefix(prefix)
-    return BadRequestError(f"{where}: {message}" if where else message,
-                           code="invalid_request_body", param=where or None)
+    if not where:  # a model validator's error: a FieldError names its field, its message too
+        cause = (first.get("ctx") or {}).get("error")
+        return BadRequestError(message, code="invalid_request_body",
+                               param=cause.field if isinstance(cause, FieldError) else None)
+    return BadRequestError(f"{where}: {message}", code="invalid_request_body", param=where)
 
 
 def _field_path(loc: tuple) -> str:

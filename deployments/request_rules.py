@@ -11,6 +11,16 @@ MAX_STOP_SEQUENCES = 4
 MAX_TOKEN_ID_DIGITS = 10  # logit_bias keys: ids of any vocabulary, int() of them stays cheap
 
 
+class FieldError(ValueError):
+    """A rule one field breaks, found where pydantic sees the whole body (a model validator, which
+    it reports at no field): the 400 names `field` in OpenAI's `param`, as it does for a field
+    validator's error. The message names the field itself."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def find_lone_surrogate(data) -> str | None:
     """Where in a parsed JSON body a string (or key) holds a lone UTF-16 surrogate, or None.
 

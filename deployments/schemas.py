@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from adapter_store.errors import InvalidNameError
 from adapter_store.names import check_name
 from deployments.request_rules import (COMPLETION_ONLY_NO_OPS, MAX_CHOICES, MAX_STOP_SEQUENCES,
-                                       MAX_TOKEN_ID_DIGITS, NO_OP_VALUES, find_lone_surrogate,
+                                       MAX_TOKEN_ID_DIGITS, NO_OP_VALUES, FieldError, find_lone_surrogate,
                                        refuse_unless_no_op)
 from deployments.structured_fields import structured_constraint
 from deployments.tool_calls import ToolPlan, tool_plan
@@ -256,8 +256,8 @@ class ChatCompletionRequest(_SamplingFields):
         forced = self._tool_plan.constraint() if self._tool_plan else None
         if forced is not None:
             if self._structured is not None:
-                raise ValueError("tool_choice \"required\" or a named tool constrains the output: it takes no "
-                                 "response_format or guided_* constraint beside it")
+                raise FieldError("tool_choice", "tool_choice \"required\" or a named tool constrains the output: "
+                                 "it takes no response_format or guided_* constraint beside it")
             self._structured = forced
         return self
 
@@ -267,7 +267,7 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:  # OpenAI refuses it too
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         return self
 
     def token_budget(self) -> int | None:

@@ -13,6 +13,7 @@ to say (a 400 from the replica); what is checked here is the shape.
 """
 import json
 
+from deployments.request_rules import FieldError
 from engine.structured import is_choice_list
 
 # structured_outputs' keys that name a constraint, and the engine's kind for each
@@ -23,7 +24,7 @@ _NO_OP_KEYS = ("disable_fallback", "disable_any_whitespace", "disable_additional
 
 def structured_constraint(fields) -> tuple[str, str] | None:
     """The one (kind, text) the request's fields ask for, or None; ValueError naming the field
-    for a malformed one or for more than one."""
+    for a malformed one or for more than one (a FieldError: the 400's param)."""
     found = []
     rf = fields.response_format
     if rf is not None:
@@ -39,7 +40,8 @@ def structured_constraint(fields) -> tuple[str, str] | None:
     if fields.structured_outputs is not None:
         found += [("structured_outputs", c) for c in _structured_outputs(fields.structured_outputs)]
     if len(found) > 1:
-        raise ValueError(f"at most one structured output constraint a request; got {', '.join(n for n, _ in found)}")
+        raise FieldError(found[1][0], "at most one structured output constraint a request; got "
+                         f"{', '.join(n for n, _ in found)}")
     return found[0][1] if found else None
 
 
@@ -52,9 +54,11 @@ def _response_format(rf: dict) -> tuple[str, str] | None:
     if kind == "json_schema":
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise ValueError('response_format {"type": "json_schema"} needs json_schema.schema, a JSON schema object')
+            raise FieldError("response_format", 'response_format {"type": "json_schema"} needs json_schema.schema, '
+                             "a JSON schema object")
         return "json_schema", json.dumps(spec["schema"])
-    raise ValueError(f'response_format needs a type: "text", "json_object" or "json_schema", got {kind!r}')
+    raise FieldError("response_format", f'response_format needs a type: "text", "json_object" or "json_schema", '
+                     f"got {kind!r}")
 
 
 def _structured_outputs(value: dict) -> list[tuple[str, str]]:
@@ -67,13 +71,13 @@ def _structured_outputs(value: dict) -> list[tuple[str, str]]:
             found.append((_KEYS[key], text))
         elif key == "json_object" and item is not None:
             if item is not True and item is not False:
-                raise ValueError("structured_outputs.json_object must be true or false")
+                raise FieldError("structured_outputs.json_object", "structured_outputs.json_object must be true or false")
             found += [("json_object", "")] if item else []
         elif key not in _KEYS and key != "json_object" and not (key in _NO_OP_KEYS and not item):
-            raise ValueError(f"structured_outputs.{key} is not supported by this server; the constraints "
-                             f"are {', '.join([*_KEYS, 'json_object'])}")
+            raise FieldError(f"structured_outputs.{key}", f"structured_outputs.{key} is not supported by this server; "
+                             f"the constraints are {', '.join([*_KEYS, 'json_object'])}")
     if len(found) > 1:
-        raise ValueError("structured_outputs takes one constraint")
+        raise FieldError("structured_outputs", "structured_outputs takes one constraint")
     return found
 
 
@@ -82,16 +86,16 @@ def _schema_text(value, where: str) -> str:
         return json.dumps(value)
     if isinstance(value, str) and value:
         return value  # JSON text: the engine says whether it parses
-    raise ValueError(f"{where} must be a JSON schema, as an object or as JSON text")
+    raise FieldError(where, f"{where} must be a JSON schema, as an object or as JSON text")
 
 
 def _text(value, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{where} must be a non-empty string")
+        raise FieldError(where, f"{where} must be a non-empty string")
     return value
 
 
 def _choices(value, where: str) -> str:
     if not is_choice_list(value):
-        raise ValueError(f"{where} must be a non-empty list of non-empty strings")
+        raise FieldError(where, f"{where} must be a non-empty list of non-empty strings")
     return json.dumps(value)

@@ -29,6 +29,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from deployments.request_rules import FieldError
 from engine.structured import MAX_TEXT
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -62,33 +63,36 @@ class ToolPlan:
             schema["maxItems"] = 1
         text = json.dumps(schema)
         if len(text) > MAX_TEXT:
-            raise ValueError(f"tools: tool_choice \"required\" makes a schema of their parameters, {len(text)} "
-                             f"characters, over the {MAX_TEXT} a constraint may have: offer fewer or smaller tools")
+            raise FieldError("tools", f"tools: tool_choice \"required\" makes a schema of their parameters, "
+                             f"{len(text)} characters, over the {MAX_TEXT} a constraint may have: offer fewer or "
+                             "smaller tools")
         return "json_schema_compact", text
 
 
 def tool_plan(tools: list | None, tool_choice, parallel: bool | None) -> ToolPlan | None:
     """The plan of a request's tool fields (None: no tools and no choice that needs them);
-    ValueError, naming the field, for a malformed one."""
+    FieldError for a malformed one."""
     if tool_choice is not None and not tools and tool_choice != "none":
-        raise ValueError("tool_choice needs tools")
+        raise FieldError("tool_choice", "tool_choice needs tools")
     if not tools:
         return None
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
-        raise ValueError(f"tools must be a list of at most {MAX_TOOLS} tools")
+        raise FieldError("tools", f"tools must be a list of at most {MAX_TOOLS} tools")
     names = []
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
-            raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ...}}}}')
+            raise FieldError(f"tools[{i}]", f'tools[{i}] must be {{"type": "function", "function": {{"name": ...}}}}')
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ValueError(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-'")
+            raise FieldError(f"tools[{i}].function.name", f"tools[{i}].function.name must be 1-64 letters, digits, "
+                             "'_' or '-'")
         if name in names:
-            raise ValueError(f"tools[{i}].function.name {name!r} is given twice")
+            raise FieldError(f"tools[{i}].function.name", f"tools[{i}].function.name {name!r} is given twice")
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
-            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+            raise FieldError(f"tools[{i}].function.parameters",
+                             f"tools[{i}].function.parameters must be a JSON schema object")
         names.append(name)
     mode, named = _choice(tool_choice, names)
     return ToolPlan(mode, tools, tuple(names), named, True if parallel is None else bool(parallel))
@@ -103,9 +107,9 @@ def _choice(tool_choice, names: list[str]) -> tuple[str, str | None]:
             and isinstance(tool_choice.get("function"), dict):
         name = tool_choice["function"].get("name")
         if name not in names:
-            raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+            raise FieldError("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
         return "named", name
-    raise ValueError('tool_choice must be "none", "auto", "required" or {"type": "function", '
+    raise FieldError("tool_choice", 'tool_choice must be "none", "auto", "required" or {"type": "function", '
                      '"function": {"name": ...}}')
 
 

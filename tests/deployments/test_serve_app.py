@@ -404,9 +404,10 @@ def test_tool_calls_come_back_as_openai_tool_calls(service, adapters, oracle):
     assert '<tool_call>{"name": "temp", "arguments": {"u": "c"}}</tool_call>' in oracle.chat_prompt(as_text, tools)
     want = oracle.complete(oracle.chat_prompt(as_text, tools), 8, adapters["acme"], "acme/style")
     assert answer.choices[0].message.content == want["text"]
-    with pytest.raises(openai.BadRequestError, match="constrains the output"):
+    with pytest.raises(openai.BadRequestError, match="constrains the output") as refused:
         client.chat.completions.create(model="style", messages=messages, tools=tools, tool_choice="required",
                                        response_format={"type": "json_object"}, max_tokens=8)
+    assert refused.value.body["param"] == "tool_choice"  # a check across fields still names one
 
 
 def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tiny_adapter):

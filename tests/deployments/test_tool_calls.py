@@ -200,6 +200,41 @@ def test_malformed_tool_fields_are_refused_with_the_field_named(fields, words):
         _chat(**fields)
 
 
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+    ({"tools": [NOW, {"type": "retrieval"}]}, "tools[1]"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"stop": ["a"] * 5}, "stop"),
+])
+def test_a_400_over_http_names_the_field_in_param(fields, param):
+    """Checks across fields run where pydantic sees the whole body and reports no field; through
+    FastAPI's own validation error the OpenAI body still names the field, as a field check's does."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.testclient import TestClient
+
+    from deployments.errors import request_validation_error
+    app = FastAPI()
+
+    @app.exception_handler(RequestValidationError)
+    async def refuse(_request, exc):
+        return request_validation_error(list(exc.errors())).response()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        return {}
+
+    response = TestClient(app).post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], **fields})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == param, error
+    assert error["code"] == "invalid_request_body" and "Value error" not in error["message"]
+
+
 @pytest.mark.parametrize("call", [
     {"id": "call_1"},  # no function
     {"id": "call_1", "type": "function", "function": {"name": "now"}},  # no arguments
