@@ -358,8 +358,9 @@ def test_tool_calls_come_back_as_openai_tool_calls(service, adapters, oracle):
     """A named tool and tool_choice "required" constrain the output to a call of an offered tool;
     the openai client reads it as tool_calls, whole and streamed, and its arguments hold the tool's
     schema; the text equals the engine's for the same prompt (tools rendered by the chat
-    template) and constraint. A conversation that carries a call and its result is accepted, and
-    a forced choice beside response_format is a 400."""
+    template) and constraint. Under "auto" a call the model writes comes back the same way. A
+    conversation that carries a call and its result is accepted, and a forced choice beside
+    response_format is a 400 naming tool_choice."""
     client = _client(service, "acme")
     unit = {"type": "object", "properties": {"u": {"enum": ["c", "f"]}}, "required": ["u"],
             "additionalProperties": False}  # short: the tiny model's context is 256 tokens
@@ -395,6 +396,26 @@ def test_tool_calls_come_back_as_openai_tool_calls(service, adapters, oracle):
                 jsonschema.validate(args[0], unit)
             made += 1
     assert made == 4
+    # "auto" (the default): a Hermes block the model writes itself becomes tool_calls. The tiny
+    # model never writes one on its own, so a regex constraint (beside "auto": allowed) makes it
+    block = '<tool_call>{"name": "temp", "arguments": {"u": "c"}}</tool_call>'
+    pattern = r'<tool_call>\{"name": "temp", "arguments": \{"u": "c"\}\}</tool_call>'
+    want = oracle.complete(prompt, 64, adapters["acme"], "acme/style", structured=("regex", pattern))
+    assert want["text"] == block and want["finish_reason"] == "stop", want
+    for stream in (False, True):
+        kwargs = dict(model="style", messages=messages, tools=tools, max_tokens=64, temperature=0,
+                      extra_body={"guided_regex": pattern})
+        if stream:
+            chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+            finish = chunks[-1].choices[0].finish_reason
+            calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        else:
+            choice = client.chat.completions.create(**kwargs).choices[0]
+            finish, calls, content = choice.finish_reason, choice.message.tool_calls or [], choice.message.content
+        assert finish == "tool_calls" and not content, (stream, finish, content)
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("temp", {"u": "c"})]
+        assert all(c.id and c.type == "function" for c in calls)
     history = messages + [
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "temp", "arguments": '{"u": "c"}'}}]},
