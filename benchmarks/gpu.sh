@@ -190,7 +190,7 @@ part_prefill() {
 }
 
 part_profile() {
-  bench kernel_profile 120 benchmarks/bench_moe_lora.py --profile-only --tokens 1 64 512 2048
+  bench kernel_profile 120 benchmarks/bench_moe_lora.py --profile-only --presets qwen3-30b-a3b --tokens 1 64 512 2048
   tail -20 "$out/kernel_profile.log" | cut -c1-200
   bench engine_profile "${PROFILE_SECONDS:-420}" benchmarks/bench_engine.py --cases c_16 \
     --modes fused fused_eager --skip-hf --profile "$out/decode_trace.json" --out "$out/bench_profile.json"

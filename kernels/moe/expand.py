@@ -124,14 +124,12 @@ def _lora_expand_kernel(S, W, C, scale_ptr, ranks_ptr, lay, num_rows, N, R, part
                             NUM_SPLITS, HAS_SCALE, IEEE)
 
 
-# Tiles (to be swept on the GPU). At decode (64 tokens x top-8, 16 adapters) ~456 blocks hold
-# ~1.1 valid rows of 16 each, so the B tile dominates the bytes: R x BLOCK_N x 2 B = 4 KB at 128.
-# The loop is latency-bound; what hides the latency is B bytes in flight per SM = resident CTAs x
-# (stages - 1) x tile. 456 blocks on 132 SMs are ~3.5 CTAs an SM; at 128 x 3 stages that is
-# ~28 KB an SM, above the ~23 KB that 3 TB/s x ~1 us over 132 SMs needs. 128 divides both N
-# (768 per gate/up half, 2048 for down) and gives 12 / 16 loop steps a block, enough for the
-# pipeline to reach steady state; 4 warps over a [16, 128] tile keep the fp32 accumulator and the
-# prior at 16 registers a thread each. 256 halves the steps (fewer, bigger loads): sweep both.
+# Tiles: the loop over a block's N tiles is latency-bound (a tile is one K step of R), so what
+# hides the latency is B bytes in flight an SM = resident programs x (stages - 1) x tile, and what
+# bounds a block is its tile count. The MoE launcher's choice (kernels/moe/launch.py,
+# _expand_blocks_config, from `bench_moe_lora.py --sweep-lora` on every preset, H100, 2026-12-06):
+# 256-wide tiles, 4 warps, 3 stages, and a long expand's tiles shared by `parts` programs (Mixtral's
+# 56 gate/up tiles a split over 8), which beat one program a block by up to 9x there.
 def lora_expand(shrunk: Tensor, b: "Factor | Tensor", c: Tensor, layout: VirtualLayout, ranks: Tensor, *,
                 scale: Tensor | None = None, splits: int = 1, block_n: int = 128, num_warps: int = 4,
                 num_stages: int = 3, parts: int = 1, prefetch: bool = False) -> Tensor:

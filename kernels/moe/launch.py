@@ -61,11 +61,12 @@ def _base_config(block_m: int) -> dict:
 # streamed an expert's 235 MB of weights from DRAM once for each of its blocks, since the programs
 # in flight hold only ~2 blocks' tiles. `bench_moe_lora.py --sweep-base` (H100, 2026-12-06,
 # benchmarks/RESULTS.md, kernels): Mixtral's gate/up at 128-row blocks 0.93 / 2.94 / 11.6 ms ->
-# 0.74 / 1.69 / 6.02 ms at M = 512 / 2048 / 8192 with groups of 16; its down (16 N tiles, whose
-# blocks of an expert are in flight together anyway) and qwen3's (6 and 8) gain nothing.
+# 0.74 / 1.69 / 6.02 ms at M = 512 / 2048 / 8192 with groups of 16; its down at 64-row blocks (32 N
+# tiles of 128) 0.50 / 1.49 / 8.00 -> 0.41 / 1.29 / 6.43 ms. At 128-row blocks its down (16 N tiles,
+# an expert's blocks in flight together anyway) and qwen3's GEMMs (6 to 16 tiles) gain nothing.
 # Prefill sizes only (64-row blocks and up): decode's tiles were not swept with it.
 BASE_GROUP_M = 16
-BASE_GROUP_MIN_N_TILES = 64
+BASE_GROUP_MIN_N_TILES = 32
 
 
 def _base_group_m(block_m: int, n: int, block_n: int) -> int:
@@ -82,15 +83,16 @@ EXPAND_BLOCKS = {"block_n": 256, "num_warps": 4, "num_stages": 3}  # kernels/moe
 # The MoE expands: kernels/moe/expand.py (programs own a block, loop over its N tiles) from
 # EXPAND_BLOCKS_MIN_ROWS routed rows up, grouped_gemm's (block, n-tile) grid below. From
 # `--sweep-lora` on every preset (H100, n = 16, 2026-12-06; benchmarks/RESULTS.md, kernels): with
-# a block's columns cut in parts of ~4 tiles (_expand_blocks_config) the blocks beat the tiles
-# from 16 rows up (Mixtral gate/up at M = 8 / 32: 12.0 / 31.2 us against 13.4 / 46.0; qwen3 at
-# M = 128: 27.0 against 35.0), the tiles at 2 rows (Mixtral M = 1: 5.4 against 11.5). The LoRA
+# a block's columns cut in parts (_expand_blocks_config) the blocks beat the tiles from 16 rows up
+# on gate/up (Mixtral at M = 8 / 32: 12.0 / 31.2 us against 13.4 / 46.0; qwen3 at M = 128: 27.0
+# against 35.0) and the pair of expands with them (Mixtral M = 8: 17.8 against 18.5 us, its down
+# alone 5.8 against 5.1), the tiles at 2 rows (Mixtral M = 1 gate/up: 5.4 against 11.5). The LoRA
 # paths "split-tiles" and "split-blocks" force one (A/B runs).
 EXPAND_BLOCKS_MIN_ROWS = 16
 EXPAND_BLOCKS_TILES_A_PART = 4
 # A long reduction (Mixtral's K = 4096 and 14336) walks fewer, longer steps: 256-deep tiles took
 # Mixtral's down shrink from 41 to 27 us at M = 1 and from 57 to 40 us at M = 512 (same sweep);
-# at K = 768-2048 (qwen3, OLMoE) they lose up to 10%.
+# at K = 768-2048 (qwen3, OLMoE) they went from 10% faster to 30% slower, so those keep 128.
 SHRINK_LONG_K = 4096
 
 
@@ -99,9 +101,11 @@ def _expand_by_blocks(num_rows: int, expand: str) -> bool:
 
 
 def _expand_blocks_config(n: int) -> dict:
-    """lora_expand's tiles for N columns a split: parts of about EXPAND_BLOCKS_TILES_A_PART N tiles
-    (a power of two, at most 8), so a long expand (Mixtral's 14336 gate/up columns: 56 tiles) runs
-    on several programs a block instead of one (227.5 -> 85.8 us at M = 512 in that sweep)."""
+    """lora_expand's tiles for N columns a split: as many parts as a split has N tiles over
+    EXPAND_BLOCKS_TILES_A_PART (a power of two, at most 8); the parts share a block's tiles of
+    every split, so a part walks about that many of each. A long expand (Mixtral's 14336 gate/up
+    columns: 56 tiles a split) then runs on several programs a block instead of one (227.5 -> 85.8
+    us at M = 512 in that sweep)."""
     tiles = triton.cdiv(n, EXPAND_BLOCKS["block_n"])
     parts = 1 << (max(1, min(8, tiles // EXPAND_BLOCKS_TILES_A_PART)).bit_length() - 1)
     return {**EXPAND_BLOCKS, "parts": parts}
@@ -117,13 +121,14 @@ def _rank_block(max_rank: int) -> int:
 
 # The LoRA delta at decode sizes: a program per routed row (kernels/moe/lora_rows.py) up to
 # ROWS_MAX_ROWS routed rows, where a row's expand is short (2I <= ROWS_MAX_EXPAND), one token
-# included; where it is not, (slot, expert) blocks at every size. H200, n = 16, virtual / base (benchmarks/RESULTS.md, kernels): qwen3 M = 32 / 64 / 128 rows
-# 1.15 / 1.17 / 1.29 vs blocks 1.21 / 1.24 / 1.41, olmoe alike; M = 8 even; Mixtral (2I = 28672, one
-# program streams a whole row's B) rows 1.23-1.38 vs blocks 1.16-1.19 at every M. At one token the
+# included; where it is not, the split path at every size. H200, n = 16, virtual / base
+# (benchmarks/RESULTS.md, kernels): qwen3 M = 32 / 64 / 128 rows 1.15 / 1.17 / 1.29 vs blocks 1.21 /
+# 1.24 / 1.41, olmoe alike; M = 8 even; Mixtral (2I = 28672, one program streams a whole row's B)
+# rows 1.23-1.38 vs blocks 1.16-1.19 at every M. At one token the
 # row launches run beside the base GEMMs (PDL, kernels/pdl.py) where the fused launch lengthens them:
 # H100, qwen3 n = 16 / 64, rows 1.19 / 1.15 against fused 1.22 / 1.17, olmoe even. Mixtral's one
-# token takes the blocks too: H100, n = 16, 1.05 against fused 1.18 and rows 1.21 (2026-12-06; on
-# the H200 the fused launch cost 1.43). The fused launch stays as a path to force ("fused").
+# token takes the split path too: H100, n = 16, 1.05 against fused 1.18 and rows 1.21 (2026-12-06;
+# on the H200 the fused launch cost 1.43). The fused launch stays as a path to force ("fused").
 ROWS_MAX_ROWS = 1024
 ROWS_MAX_EXPAND = 8192
 # Row tiles from `bench_moe_lora.py --sweep-rows` (H200): at rank 16 (qwen3, n = 16, M = 1 / 8 / 64)

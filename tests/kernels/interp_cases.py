@@ -87,7 +87,8 @@ def case_names() -> list[str]:
     # tiles and its top-k sum in 16-column blocks, other warps; the dense split path in 2 K slices
     # of 32-deep tiles and 16-wide expand tiles
     # the split path's expand by blocks with each block's columns cut in parts (16-wide tiles, one
-    # a part: 2 parts of 3 and 2 tiles) and its shrinks at the long-K tiles (256 deep, past K)
+    # tile of a split a part: gate/up's 3 tiles a split in 2 parts of 3 of its 6, down's 2 in 2 parts
+    # of 1) and its shrinks at the long-K tiles (256 deep, past K)
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-cut-split-blocks", "moe-fp32-t9e6k2-rank64-nanpad-cut-split-blocks",
               "moe-fp32-t17e10k8-uniform-mixed-shared-heap-cut-split-blocks"]
     # the base GEMMs' tiles walked by groups of 3 blocks (the last group short): the same outputs,
@@ -143,15 +144,15 @@ def run_moe(name: str) -> dict:
     tiles = (down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS)
     split_tiles = (launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K)
     base_group_m = launch._base_group_m
-    if "grouped" in p["rest"]:
-        launch._base_group_m = lambda block_m, n, block_n: 3
-        base = kernels.fused_moe(*args)
     if "swept" in p["rest"]:
         down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = 256, 256, 8, 2
     if "cut" in p["rest"]:
         launch.EXPAND_BLOCKS, launch.EXPAND_BLOCKS_TILES_A_PART, launch.SHRINK_LONG_K = (
             {**launch.EXPAND_BLOCKS, "block_n": 16}, 1, 16)
     try:
+        if "grouped" in p["rest"]:
+            launch._base_group_m = lambda block_m, n, block_n: 3
+            base = kernels.fused_moe(*args)
         got = fused_moe_triton(*args, lora=lora, slot_ids=slots, path=path)
     finally:  # later cases run the defaults
         down_fold.SHRINK_TILE, down_fold.TOPK_SUM_TILE, down_fold.SHRINK_WARPS, down_fold.TOPK_SUM_WARPS = tiles

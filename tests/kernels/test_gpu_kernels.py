@@ -87,7 +87,8 @@ def test_fused_moe_bf16_long_expert_rows_take_the_split_path(t, monkeypatch):
     assert rel_err(got.double() - base.double(), want - want_base) <= TOL[torch.bfloat16]
     assert torch.equal(got[slots < 0], base[slots < 0])
     if t == 600:
-        assert launch._base_group_m(launch._base_block_m(2 * t, e), 2 * inter, 256) > 1
+        block_m = launch._base_block_m(2 * t, e)
+        assert launch._base_group_m(block_m, 2 * inter, launch._base_config(block_m)["block_n"]) > 1
         monkeypatch.setattr(launch, "_base_group_m", lambda block_m, n, block_n: 1)
         assert torch.equal(kernels.fused_moe(*args), base)
 
