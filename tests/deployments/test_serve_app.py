@@ -354,6 +354,16 @@ def test_structured_outputs_hold_their_constraint_and_equal_the_engines(service,
     assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (want["text"], want["finish_reason"])
 
 
+def _tool_answer(client, stream: bool, **kwargs) -> tuple:
+    """(finish_reason, tool_calls, content) of one chat completion, whole or streamed."""
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        return choice.finish_reason, choice.message.tool_calls or [], choice.message.content
+    chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+    return (chunks[-1].choices[0].finish_reason, [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])],
+            "".join(c.choices[0].delta.content or "" for c in chunks))
+
+
 def test_tool_calls_come_back_as_openai_tool_calls(service, adapters, oracle):
     """A named tool and tool_choice "required" constrain the output to a call of an offered tool;
     the openai client reads it as tool_calls, whole and streamed, and its arguments hold the tool's
@@ -375,16 +385,9 @@ def test_tool_calls_come_back_as_openai_tool_calls(service, adapters, oracle):
                                            parallel_tool_calls=False).sampling()["structured"]
         want = oracle.complete(prompt, 64, adapters["acme"], "acme/style", structured=constraint)
         for stream in (False, True):
-            kwargs = dict(model="style", messages=messages, tools=tools, tool_choice=tool_choice, max_tokens=64,
-                          temperature=0, parallel_tool_calls=False)
-            if stream:
-                chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
-                finish = chunks[-1].choices[0].finish_reason
-                calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
-                content = "".join(c.choices[0].delta.content or "" for c in chunks)
-            else:
-                choice = client.chat.completions.create(**kwargs).choices[0]
-                finish, calls, content = choice.finish_reason, choice.message.tool_calls or [], choice.message.content
+            finish, calls, content = _tool_answer(client, stream, model="style", messages=messages, tools=tools,
+                                                  tool_choice=tool_choice, max_tokens=64, temperature=0,
+                                                  parallel_tool_calls=False)
             assert want["finish_reason"] == "stop", want  # one layout of whitespace: the call closes
             named = tool_choice != "required"  # OpenAI says "stop" under a named tool_choice
             assert finish == ("stop" if named else "tool_calls") and not content, (tool_choice, stream, content)
@@ -403,16 +406,8 @@ def test_tool_calls_come_back_as_openai_tool_calls(service, adapters, oracle):
     want = oracle.complete(prompt, 64, adapters["acme"], "acme/style", structured=("regex", pattern))
     assert want["text"] == block and want["finish_reason"] == "stop", want
     for stream in (False, True):
-        kwargs = dict(model="style", messages=messages, tools=tools, max_tokens=64, temperature=0,
-                      extra_body={"guided_regex": pattern})
-        if stream:
-            chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
-            finish = chunks[-1].choices[0].finish_reason
-            calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
-            content = "".join(c.choices[0].delta.content or "" for c in chunks)
-        else:
-            choice = client.chat.completions.create(**kwargs).choices[0]
-            finish, calls, content = choice.finish_reason, choice.message.tool_calls or [], choice.message.content
+        finish, calls, content = _tool_answer(client, stream, model="style", messages=messages, tools=tools,
+                                              max_tokens=64, temperature=0, extra_body={"guided_regex": pattern})
         assert finish == "tool_calls" and not content, (stream, finish, content)
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("temp", {"u": "c"})]
         assert all(c.id and c.type == "function" for c in calls)
