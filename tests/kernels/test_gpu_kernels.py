@@ -29,10 +29,12 @@ def _gens(seed):
     return torch.Generator(device="cuda").manual_seed(seed), torch.Generator().manual_seed(seed)
 
 
-def _check_moe(t, k, spread, dtype=torch.bfloat16, seed=0, path="auto"):
+def _check_moe(t, k, spread, dtype=torch.bfloat16, seed=0, path="auto", shape=(D, INTER, E), pad=0.0):
+    """The layer with LoRA against the fp64 loop; (its inputs, the base output) for further checks."""
+    d, inter, e = shape
     gen, cpu_gen = _gens(seed * 7919 + t * 31 + k)
-    args = make_moe(gen, t, D, INTER, E, k, dtype, "cuda")
-    lora = make_moe_lora(gen, len(RANKS), E, D, INTER, RANKS, dtype, "cuda")
+    args = make_moe(gen, t, d, inter, e, k, dtype, "cuda")
+    lora = make_moe_lora(gen, len(RANKS), e, d, inter, RANKS, dtype, "cuda", pad=pad)
     slots = make_slot_ids(spread, t, len(RANKS), cpu_gen).cuda()
     slots[0] = 3  # the rank-64 slot is always in the batch
     _poison_allocator()
@@ -48,6 +50,7 @@ def _check_moe(t, k, spread, dtype=torch.bfloat16, seed=0, path="auto"):
     assert rel_err(got, want) <= TOL[dtype]
     assert rel_err(got.double() - base.double(), want - want_base) <= TOL[dtype]
     assert torch.equal(got[none], base[none])
+    return args, base
 
 
 @pytest.mark.parametrize("t", [1, 3, 17, 133, 1000])
@@ -72,20 +75,7 @@ def test_fused_moe_bf16_long_expert_rows_take_the_split_path(t, monkeypatch):
     from kernels.moe import launch
     d, inter, e = 1024, 8448, 8
     assert launch.lora_path(t, 2, inter) == "split" and launch._expand_blocks_config(inter)["parts"] > 1
-    gen, cpu_gen = _gens(31 + t)
-    args = make_moe(gen, t, d, inter, e, 2, torch.bfloat16, "cuda")
-    lora = make_moe_lora(gen, len(RANKS), e, d, inter, RANKS, torch.bfloat16, "cuda", pad=float("nan"))
-    slots = make_slot_ids("zipf", t, len(RANKS), cpu_gen).cuda()
-    slots[0] = 3
-    _poison_allocator()
-    base = kernels.fused_moe(*args)
-    got = kernels.fused_moe(*args, lora=lora, slot_ids=slots)
-    torch.cuda.synchronize()
-    want_base, want = moe_loop_ref(*args), moe_loop_ref(*args, lora, slots)
-    assert torch.isfinite(got).all()
-    assert rel_err(base, want_base) <= TOL[torch.bfloat16]
-    assert rel_err(got.double() - base.double(), want - want_base) <= TOL[torch.bfloat16]
-    assert torch.equal(got[slots < 0], base[slots < 0])
+    args, base = _check_moe(t, 2, "zipf", seed=4, shape=(d, inter, e), pad=float("nan"))
     if t == 600:
         block_m = launch._base_block_m(2 * t, e)
         assert launch._base_group_m(block_m, 2 * inter, launch._base_config(block_m)["block_n"]) > 1
