@@ -341,6 +341,20 @@ def measure_machine(engine: LLMEngine, args, results: dict) -> list[LoRAAdapter]
     return bases
 
 
+def slot_copies(engine: LLMEngine, before: dict | None = None) -> dict:
+    """The adapter manager's slot copies so far (or since `before`): how many, their bytes, the
+    copier thread's seconds issuing and waiting for them, and the rate that makes (against the
+    link's: measure_machine's pcie_h2d_GBps)."""
+    stats = engine.lora_manager.stats if engine.lora_manager is not None else None
+    now = {"loads": stats.slot_loads, "bytes": stats.bytes_loaded, "seconds": stats.slot_load_seconds} if stats else \
+        {"loads": 0, "bytes": 0, "seconds": 0.0}
+    if before is None:
+        return now
+    out = {k: now[k] - before[k] for k in now}
+    out["GBps"] = out["bytes"] / out["seconds"] / 1e9 if out["seconds"] else None
+    return out
+
+
 def run_mode(args, engine: LLMEngine, mode: str, results: dict) -> None:
     """Every case on one mode's engine: a short warm-up run of each case at the measured shapes
     (what it compiles, Triton specialisations the engine's start-up warm-up misses, lands in
@@ -349,8 +363,10 @@ def run_mode(args, engine: LLMEngine, mode: str, results: dict) -> None:
         warm = run_case(engine, case_adapters(case, args.requests), args.prompt, 8, seed=100 + CASE_SEEDS[case])
         results.setdefault("warmup_compiles", {})[f"{case}/{mode}"] = warm["triton_compiles"]
     for case in args.cases:
+        before = slot_copies(engine)
         results["cases"][f"{case}/{mode}"] = run_case(
             engine, case_adapters(case, args.requests), args.prompt, args.output, seed=CASE_SEEDS[case])
+        results["cases"][f"{case}/{mode}"]["slot_copies"] = slot_copies(engine, before)
         print(case, mode, json.dumps(results["cases"][f"{case}/{mode}"]), flush=True)
         with open(args.out, "w") as f:  # partial results survive a time limit
             json.dump(results, f, indent=2)
@@ -374,6 +390,15 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         kernels.pdl.ENABLED = pdl_default and mode not in NO_PDL_MODES
         dense_gemm.ENABLED = fused_dense_default or mode in DENSE_GEMM_MODES
         engine = make_engine(args, shape, layers, args.slots, mode)
+        pools = engine.runner.slot_pools
+        if pools is not None and args.copy_depth is not None:
+            pools.COPY_DEPTH = args.copy_depth
+        if pools is not None and args.copy_switch_interval_us is not None:
+            pools.copy_switch_interval_s = args.copy_switch_interval_us / 1e6 or None
+        if pools is not None:
+            results.setdefault("slot_copy_settings", {})[mode] = {
+                "copy_chunk_bytes": pools.copy_chunk_bytes, "copy_depth": pools.COPY_DEPTH,
+                "copy_switch_interval_s": pools.copy_switch_interval_s}
         results.setdefault("startup_compiles", {})[mode] = len(COMPILES.take()) if COMPILES.active else None
         results.setdefault("startup_seconds", {})[mode] = dict(engine.runner.startup_seconds)
         if bases is None:
@@ -482,6 +507,11 @@ def main() -> None:
                         help="EngineConfig.prefill_graphs for modes that keep graphs (default: the engine's)")
     parser.add_argument("--kv-heap-sharing", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.kv_heap_sharing (default: the engine's)")
+    parser.add_argument("--copy-depth", type=int, default=None,
+                        help="SlotPools.COPY_DEPTH: slot-copy pieces in flight at once (default: the engine's)")
+    parser.add_argument("--copy-switch-interval-us", type=float, default=None,
+                        help="SlotPools.copy_switch_interval_s in us while a slot copy goes out (0: leave the "
+                             "interpreter's; default: the engine's)")
     parser.add_argument("--profile", default="", help="Chrome traces of 5 decode steps of case c: here from "
                         "mode fused, beside it (.eager.json) from mode fused_eager, when those modes run")
     args = parser.parse_args()

@@ -48,6 +48,7 @@ S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = p
 
 from collections import deque
 from contextlib import contextmanager
+import sys
 
 import torch
 from torch import Tensor
@@ -140,6 +141,11 @@ class SlotPools:
     # where a pinning host arena's pieces meet: align_bytes).
     copy_chunk_bytes = 8 << 20
     COPY_DEPTH = 2
+    # While a write's pieces go out, the interpreter's switch interval (sys.setswitchinterval, 5
+    # ms by default) is lowered to this: the copier thread waits for the GIL after each piece
+    # lands, and a step loop running Python holds it until the interval forces a switch, while
+    # the link has one piece (~0.15 ms) left to copy. None: leave the interval alone.
+    copy_switch_interval_s: float | None = None
     # copies also split at host addresses that are multiples of this (a pinning host arena's
     # piece: engine.lora.host_arena); 0: no such split
     align_bytes = 0
@@ -391,13 +397,19 @@ class SlotPools:
         if len(pieces) == 1:
             dst.copy_(src, non_blocking=True)
             return
-        queued: deque = deque()
-        for at, end in pieces:
-            if len(queued) == self.COPY_DEPTH:
-                queued.popleft().synchronize()  # releases the GIL while the piece lands
-            dst[at:end].copy_(src[at:end], non_blocking=True)
-            if self.stream is not None:
-                queued.append(self.stream.record_event())
+        interval = sys.getswitchinterval()
+        if self.stream is not None and self.copy_switch_interval_s is not None:
+            sys.setswitchinterval(min(interval, self.copy_switch_interval_s))
+        try:
+            queued: deque = deque()
+            for at, end in pieces:
+                if len(queued) == self.COPY_DEPTH:
+                    queued.popleft().synchronize()  # releases the GIL while the piece lands
+                dst[at:end].copy_(src[at:end], non_blocking=True)
+                if self.stream is not None:
+                    queued.append(self.stream.record_event())
+        finally:
+            sys.setswitchinterval(interval)
 
     def image_numel(self, adapter: LoRAAdapter) -> int:
         """Heap elements the adapter's image takes."""
