@@ -16,6 +16,13 @@ trace"): decode step 17.6 ms, 21.0 ms with adapters, 2048 prompt tokens ~60 ms.
     python benchmarks/sim_workload.py --heap-gb 53.8 --no-sharing             # the heap takes the rest
     python benchmarks/sim_workload.py --heap-gb 53.8 --no-sharing --no-compaction
     python benchmarks/sim_workload.py                 # and borrows idle KV blocks (kv_heap_sharing)
+
+`--case-d` runs bench_engine's case d instead of the trace: 64 requests at once, 512 prompt and
+128 output tokens each, on 64 distinct rank-16 adapters on attention and every expert (1.69 GB
+images), over the heap of the H200 run of 2026-12-06 (67.4 GB, no KV lending) and its KV cache
+(2624 blocks); decode 16.4 ms a step with adapters and 17.1 without (that run's medians).
+
+    python benchmarks/sim_workload.py --case-d --pcie-gbps 30   # the copies' rate in that run
 """
 import argparse
 import json
@@ -51,6 +58,11 @@ except ImportError:
 BLOCK = 16  # KV block (tokens)
 # Qwen3-30B-A3B at 48 layers, the shapes the trace ran on
 SPEC = spec_from_hf_config(hf_config(QWEN3_30B_A3B, 48))
+
+
+CASE_D_CLASS = (16, "both")  # bench_engine's case d: rank 16 on attention and every expert
+CASE_D = {"adapters": 64, "requests": 64, "max_num_seqs": 64, "prompt_range": [512, 512], "output_range": [128, 128],
+          "heap_gb": 67.4, "kv_tokens": 2624 * BLOCK, "no_sharing": True, "rank_unit": 16, "prefix_caching": True}
 
 
 def image_bytes(rank: int, targets: str, rank_unit: int = RANK_UNIT) -> int:
@@ -106,7 +118,11 @@ class ModelPools:
         return []
 
 
-def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
+CASE_D_NONE_MS, CASE_D_LORA_MS = 17.1, 16.4  # case d's decode step medians (H200, 2026-12-06, 502f72f)
+
+
+def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | None = None) -> dict:
+    """decode_ms: a step's cost before prompt tokens (None: --decode-ms, plus --lora-ms with adapters)."""
     clock = Clock()
     num_blocks, block_bytes = -(-args.kv_tokens // BLOCK), kv_block_bytes(SPEC, BLOCK, torch.bfloat16)
     shared = with_adapters and not args.no_sharing
@@ -117,7 +133,7 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
     manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1,
                           kv=blocks if shared else None, block_numel=block_bytes // 2)
     for k in range(args.adapters):  # every adapter already in the host tier, as bench_workload installs them
-        numel = image_bytes(*adapter_class(k), args.rank_unit) // 2
+        numel = image_bytes(*(CASE_D_CLASS if args.case_d else adapter_class(k)), args.rank_unit) // 2
         manager.host[f"w{k}"] = LoRAAdapter(f"w{k}", packed=torch.empty(1, dtype=torch.bfloat16).expand(numel))
     max_len = args.prompt_range[1] + args.output_range[1] + 16
     sched = Scheduler(args.max_num_seqs, 2048, blocks, manager if with_adapters else None, max_len,
@@ -144,7 +160,8 @@ def simulate(args, trace: list[dict], with_adapters: bool) -> dict:
             moved, pools.moved_bytes = pools.moved_bytes, 0
             prefill = sum(n for seq, n in out.scheduled if n > 1)
             adapters = any(seq.lora is not None for seq, _ in out.scheduled)
-            clock.now += (args.decode_ms + (args.lora_ms if adapters else 0.0)) / 1e3 \
+            step_ms = decode_ms if decode_ms is not None else args.decode_ms + (args.lora_ms if adapters else 0.0)
+            clock.now += step_ms / 1e3 \
                 + prefill * args.prefill_us_per_token * (args.prefill_lora_factor if adapters else 1.0) / 1e6 \
                 + 2 * moved / (args.hbm_gbps * 1e9)
             sched.launched(out, [seq.num_computed_tokens + n == seq.num_tokens for seq, n in out.scheduled])
@@ -193,12 +210,19 @@ def main(argv: list[str] | None = None) -> int:
                     "path measured 1.4-1.6x at 128-2048 tokens)")
     ap.add_argument("--pcie-gbps", type=float, default=54.0)
     ap.add_argument("--hbm-gbps", type=float, default=3000.0)
+    ap.add_argument("--case-d", action="store_true", help="bench_engine's case d instead of the trace (docstring)")
     args = ap.parse_args(argv)
-    trace = timed(make_trace(args), args.rate, args.seed)
+    if args.case_d:
+        for name, value in CASE_D.items():
+            setattr(args, name, value)
+        trace = [{"t": 0.0, "prompt": 512, "output": 128, "adapter": k} for k in range(args.adapters)]
+    else:
+        trace = timed(make_trace(args), args.rate, args.seed)
     began = time.perf_counter()
     results = {"provenance": provenance(list(sys.argv if argv is None else argv)), "args": vars(args),
                "model": "cost model, not a measurement (see the docstring)",
-               "no_adapters": simulate(args, trace, False), "adapters": simulate(args, trace, True)}
+               "no_adapters": simulate(args, trace, False, CASE_D_NONE_MS if args.case_d else None),
+               "adapters": simulate(args, trace, True, CASE_D_LORA_MS if args.case_d else None)}
     base, lora = results["no_adapters"], results["adapters"]
     results["goodput_ratio"] = lora["goodput_tok_per_s"] / base["goodput_tok_per_s"]
     results["ttft_p99_ratio"] = lora["ttft_s_p99"] / base["ttft_s_p99"]
