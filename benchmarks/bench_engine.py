@@ -391,6 +391,8 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         dense_gemm.ENABLED = fused_dense_default or mode in DENSE_GEMM_MODES
         engine = make_engine(args, shape, layers, args.slots, mode)
         pools = engine.runner.slot_pools
+        if pools is not None and args.copy_chunk_mib is not None:
+            pools.copy_chunk_bytes = int(args.copy_chunk_mib * 2**20)
         if pools is not None and args.copy_depth is not None:
             pools.COPY_DEPTH = args.copy_depth
         if pools is not None and args.copy_switch_interval_us is not None:
@@ -507,6 +509,8 @@ def main() -> None:
                         help="EngineConfig.prefill_graphs for modes that keep graphs (default: the engine's)")
     parser.add_argument("--kv-heap-sharing", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.kv_heap_sharing (default: the engine's)")
+    parser.add_argument("--copy-chunk-mib", type=float, default=None,
+                        help="SlotPools.copy_chunk_bytes in MiB (0: each image in one copy; default: the engine's)")
     parser.add_argument("--copy-depth", type=int, default=None,
                         help="SlotPools.COPY_DEPTH: slot-copy pieces in flight at once (default: the engine's)")
     parser.add_argument("--copy-switch-interval-us", type=float, default=None,
