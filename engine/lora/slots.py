@@ -49,6 +49,7 @@ S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = p
 from collections import deque
 from contextlib import contextmanager
 import sys
+import threading
 
 import torch
 from torch import Tensor
@@ -68,6 +69,37 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 # a plan entry: ("dense", (layer, name), (OUT, IN)) or ("moe", layer, (E, I, D))
 PlanEntry = tuple[str, object, tuple[int, ...]]
+
+
+class SwitchInterval:
+    """The interpreter's switch interval lowered while any copier thread (one per engine; several
+    engines may share a process) has pieces going out, and restored when the last one is done."""
+
+    def __init__(self):
+        self.lock, self.users, self.saved = threading.Lock(), 0, None
+        self.lows: list[float] = []
+
+    @contextmanager
+    def lowered(self, seconds: float | None):
+        if seconds is None:
+            yield
+            return
+        with self.lock:
+            if self.users == 0:
+                self.saved = sys.getswitchinterval()
+            self.users += 1
+            self.lows.append(seconds)
+            sys.setswitchinterval(min([self.saved, *self.lows]))
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                self.lows.remove(seconds)
+                sys.setswitchinterval(min([self.saved, *self.lows]))
+
+
+SWITCH_INTERVAL = SwitchInterval()
 
 
 class SlotPools:
@@ -142,9 +174,10 @@ class SlotPools:
     copy_chunk_bytes = 8 << 20
     COPY_DEPTH = 2
     # While a write's pieces go out, the interpreter's switch interval (sys.setswitchinterval, 5
-    # ms by default) is lowered to this: the copier thread waits for the GIL after each piece
-    # lands, and a step loop running Python holds it until the interval forces a switch, while
-    # the link has one piece (~0.15 ms) left to copy. None: leave the interval alone.
+    # ms by default; process-wide: SWITCH_INTERVAL) is lowered to this: the copier thread needs
+    # the GIL again after each piece lands, and a step loop running Python keeps it until the
+    # interval forces a switch, while the link has one piece (~0.15 ms) left to copy. None: leave
+    # the interval alone.
     copy_switch_interval_s: float | None = None
     # copies also split at host addresses that are multiples of this (a pinning host arena's
     # piece: engine.lora.host_arena); 0: no such split
@@ -397,10 +430,7 @@ class SlotPools:
         if len(pieces) == 1:
             dst.copy_(src, non_blocking=True)
             return
-        interval = sys.getswitchinterval()
-        if self.stream is not None and self.copy_switch_interval_s is not None:
-            sys.setswitchinterval(min(interval, self.copy_switch_interval_s))
-        try:
+        with SWITCH_INTERVAL.lowered(self.copy_switch_interval_s):
             queued: deque = deque()
             for at, end in pieces:
                 if len(queued) == self.COPY_DEPTH:
@@ -408,8 +438,6 @@ class SlotPools:
                 dst[at:end].copy_(src[at:end], non_blocking=True)
                 if self.stream is not None:
                     queued.append(self.stream.record_event())
-        finally:
-            sys.setswitchinterval(interval)
 
     def image_numel(self, adapter: LoRAAdapter) -> int:
         """Heap elements the adapter's image takes."""
