@@ -74,10 +74,11 @@ class InputProcessor:
                 raise self._too_long(len(prompt))
             ids = [int(t) for t in prompt]
         if not ids:
-            raise InvalidRequestError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", "prompt")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+                                      "prompt")
         return ids
 
     def encode(self, text: str) -> list[int]:

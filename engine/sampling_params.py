@@ -48,35 +48,41 @@ class SamplingParams:
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        _check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}",
+               "temperature")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         _check(isinstance(self.top_k, int) and self.top_k >= 0,
-               f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
+               f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}", "top_k")
         _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
-               f"seed must be an integer in [-2**63, 2**64) (what torch.Generator takes), got {self.seed!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
+               f"seed must be an integer in [-2**63, 2**64) (what torch.Generator takes), got {self.seed!r}", "seed")
+        _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}",
+               "stop")
         _check(type(self.include_stop_str_in_output) is bool,
-               f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
+               f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}",
+               "include_stop_str_in_output")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+               f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}", "stop_token_ids")
         for name in ("presence_penalty", "frequency_penalty"):
-            _check(-2.0 <= getattr(self, name) <= 2.0, f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        _check(0 < self.repetition_penalty <= 10, f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+            _check(-2.0 <= getattr(self, name) <= 2.0, f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        _check(0 < self.repetition_penalty <= 10,
+               f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}", "repetition_penalty")
+        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         _check(type(self.min_tokens) is int and 0 <= self.min_tokens <= self.max_tokens,
-               f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+               f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}",
+               "min_tokens")
         for name in ("logprobs", "prompt_logprobs"):
             wanted = getattr(self, name)
             _check(wanted is None or (type(wanted) is int and 0 <= wanted <= MAX_LOGPROBS),
-                   f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives a token), got {wanted!r}")
+                   f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives a token), got {wanted!r}", name)
         if self.structured is not None:
             self.structured = check_constraint(self.structured)
             # the constraint may leave only an end of sequence allowed, which min_tokens bans
-            _check(self.min_tokens == 0, "min_tokens cannot be combined with a structured output constraint")
+            _check(self.min_tokens == 0, "min_tokens cannot be combined with a structured output constraint",
+                   "min_tokens")
         if self.logit_bias:
             _check(all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
-                   "logit_bias maps token ids >= 0 to biases in [-100, 100]")
+                   "logit_bias maps token ids >= 0 to biases in [-100, 100]", "logit_bias")
 
     @property
     def uses_history(self) -> bool:
@@ -94,6 +100,6 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, message: str, param: str | None = None) -> None:
     if not ok:
-        raise InvalidRequestError(message)
+        raise InvalidRequestError(message, param)

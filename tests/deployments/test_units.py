@@ -95,6 +95,18 @@ def test_store_and_engine_errors_map_to_openai_statuses():
     assert "secret" not in to_api_error(RuntimeError("secret detail")).message
 
 
+def test_an_engine_refusal_names_its_field_in_param_also_after_crossing_a_process():
+    import pickle
+
+    from engine.errors import InvalidRequestError
+    exc = pickle.loads(pickle.dumps(InvalidRequestError("top_p must be in (0, 1], got 0", "top_p")))
+    assert str(exc) == "top_p must be in (0, 1], got 0" and exc.param == "top_p"
+    body = to_api_error(exc).body()["error"]
+    assert body == {"message": "top_p must be in (0, 1], got 0", "type": "invalid_request_error",
+                    "param": "top_p", "code": "invalid_request"}
+    assert to_api_error(InvalidRequestError("no field at fault")).body()["error"]["param"] is None
+
+
 def test_request_schemas_validate_openai_fields():
     ok = CompletionRequest.model_validate({"model": "m", "prompt": ["hi"], "stop": "\n"})
     assert ok.prompt == "hi" and ok.stop_sequences() == ("\n",)

@@ -62,10 +62,11 @@ def test_bad_requests_are_refused_in_the_callers_process_and_the_core_keeps_serv
     params = SamplingParams(max_tokens=3, temperature=0)
 
     async def main():
-        with pytest.raises(InvalidRequestError, match="empty"):
+        with pytest.raises(InvalidRequestError, match="empty") as empty:
             await _collect(core, [], params, "empty")
-        with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        with pytest.raises(InvalidRequestError, match="outside the vocabulary") as vocab:
             await _collect(core, [10 ** 9], params, "vocab")
+        assert empty.value.param == vocab.value.param == "prompt"
         with pytest.raises(AdapterLoadError):
             await _collect(core, PROMPTS[0], params, "bad-adapter", LoRARequest("t/x", str(tmp_path / "none")))
         return await _collect(core, PROMPTS[1], params, "after")

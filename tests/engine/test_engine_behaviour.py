@@ -129,11 +129,15 @@ def test_generation_config_eos_is_read(qwen):
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
     (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"),
-    (dict(seed=2**64), "seed"), (dict(seed=-2**63 - 1), "seed"),
+    (dict(seed=2**64), "seed"), (dict(seed=-2**63 - 1), "seed"), (dict(min_p=2), "min_p"),
+    (dict(presence_penalty=3), "presence_penalty"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(max_tokens=4, min_tokens=5), "min_tokens"), (dict(logprobs=99), "logprobs"),
+    (dict(logit_bias={1: 500}), "logit_bias"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
 ])
-def test_invalid_sampling_params_raise_clear_errors(kwargs, fragment):
-    with pytest.raises(InvalidRequestError, match=fragment):
+def test_invalid_sampling_params_raise_clear_errors_naming_the_field(kwargs, fragment):
+    with pytest.raises(InvalidRequestError, match=fragment) as caught:
         SamplingParams(**kwargs)
+    assert caught.value.param == fragment
 
 
 def test_top_k_beyond_int64_means_no_limit(qwen):
