@@ -342,16 +342,18 @@ def measure_machine(engine: LLMEngine, args, results: dict) -> list[LoRAAdapter]
 
 
 def slot_copies(engine: LLMEngine, before: dict | None = None) -> dict:
-    """The adapter manager's slot copies so far (or since `before`): how many, their bytes, the
-    copier thread's seconds issuing and waiting for them, and the rate that makes (against the
-    link's: measure_machine's pcie_h2d_GBps)."""
+    """The adapter manager's slot copies so far (or since `before`): how many, their bytes, and
+    the copier thread's seconds in the writes, issuing pieces and waiting for all but the last
+    COPY_DEPTH of each image; bytes over those seconds (`issue_GBps`) is an upper bound on the
+    rate the copies ran at (a write of one piece waits for nothing), to set beside the link's
+    (measure_machine's pcie_h2d_GBps)."""
     stats = engine.lora_manager.stats if engine.lora_manager is not None else None
     now = {"loads": stats.slot_loads, "bytes": stats.bytes_loaded, "seconds": stats.slot_load_seconds} if stats else \
         {"loads": 0, "bytes": 0, "seconds": 0.0}
     if before is None:
         return now
     out = {k: now[k] - before[k] for k in now}
-    out["GBps"] = out["bytes"] / out["seconds"] / 1e9 if out["seconds"] else None
+    out["issue_GBps"] = out["bytes"] / out["seconds"] / 1e9 if out["seconds"] else None
     return out
 
 
@@ -510,7 +512,8 @@ def main() -> None:
     parser.add_argument("--kv-heap-sharing", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.kv_heap_sharing (default: the engine's)")
     parser.add_argument("--copy-chunk-mib", type=float, default=None,
-                        help="SlotPools.copy_chunk_bytes in MiB (0: each image in one copy; default: the engine's)")
+                        help="SlotPools.copy_chunk_bytes in MiB (0: each image in one copy, but for splits where the "
+                             "host arena's pinned pieces meet; default: the engine's)")
     parser.add_argument("--copy-depth", type=int, default=None,
                         help="SlotPools.COPY_DEPTH: slot-copy pieces in flight at once (default: the engine's)")
     parser.add_argument("--copy-switch-interval-us", type=float, default=None,
@@ -519,6 +522,12 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="Chrome traces of 5 decode steps of case c: here from "
                         "mode fused, beside it (.eager.json) from mode fused_eager, when those modes run")
     args = parser.parse_args()
+    copy_flags = [f for f in ("copy_chunk_mib", "copy_depth", "copy_switch_interval_us") if getattr(args, f) is not None]
+    if copy_flags and args.tp * args.ep > 1:
+        parser.error(f"{copy_flags} set the rank-0 SlotPools only: not with --tp/--ep over one GPU")
+    if (args.copy_depth is not None and args.copy_depth < 1) or (args.copy_chunk_mib or 0) < 0 or \
+            (args.copy_switch_interval_us or 0) < 0:
+        parser.error("--copy-depth >= 1, --copy-chunk-mib >= 0 and --copy-switch-interval-us >= 0")
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"unknown modes {unknown}: choose from {list(MODES)}")

@@ -19,8 +19,12 @@ trace"): decode step 17.6 ms, 21.0 ms with adapters, 2048 prompt tokens ~60 ms.
 
 `--case-d` runs bench_engine's case d instead of the trace: 64 requests at once, 512 prompt and
 128 output tokens each, on 64 distinct rank-16 adapters on attention and every expert (1.69 GB
-images), over the heap of the H200 run of 2026-12-06 (67.4 GB, no KV lending) and its KV cache
-(2624 blocks); decode 16.4 ms a step with adapters and 17.1 without (that run's medians).
+images), over the heap and KV cache of the H200 run of 2026-12-06 (502f72f): 2624 KV blocks, and
+a heap of 65.61 GB (its 67.38 GB at the end less the 1122 KV blocks of 1.57 MB it had borrowed)
+that borrows idle KV blocks as the engine's does; a step costs that run's decode medians, 16.4 ms
+with adapters (at most 40 sequences a step) and 17.1 without (64), plus its prompt tokens. It
+sets the heap, KV, batch, adapter and request options itself; the copy, HBM and prompt-token
+rates still apply.
 
     python benchmarks/sim_workload.py --case-d --pcie-gbps 30   # the copies' rate in that run
 """
@@ -62,7 +66,8 @@ SPEC = spec_from_hf_config(hf_config(QWEN3_30B_A3B, 48))
 
 CASE_D_CLASS = (16, "both")  # bench_engine's case d: rank 16 on attention and every expert
 CASE_D = {"adapters": 64, "requests": 64, "max_num_seqs": 64, "prompt_range": [512, 512], "output_range": [128, 128],
-          "heap_gb": 67.4, "kv_tokens": 2624 * BLOCK, "no_sharing": True, "rank_unit": 16, "prefix_caching": True}
+          "heap_gb": 65.61, "kv_tokens": 2624 * BLOCK, "no_sharing": False, "rank_unit": 16, "prefix_caching": True}
+CASE_D_NONE_MS, CASE_D_LORA_MS = 17.1, 16.4  # decode step medians of that run (docstring)
 
 
 def image_bytes(rank: int, targets: str, rank_unit: int = RANK_UNIT) -> int:
@@ -116,9 +121,6 @@ class ModelPools:
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:
         return []
-
-
-CASE_D_NONE_MS, CASE_D_LORA_MS = 17.1, 16.4  # case d's decode step medians (H200, 2026-12-06, 502f72f)
 
 
 def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | None = None) -> dict:
@@ -210,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
                     "path measured 1.4-1.6x at 128-2048 tokens)")
     ap.add_argument("--pcie-gbps", type=float, default=54.0)
     ap.add_argument("--hbm-gbps", type=float, default=3000.0)
-    ap.add_argument("--case-d", action="store_true", help="bench_engine's case d instead of the trace (docstring)")
+    ap.add_argument("--case-d", action="store_true", help="bench_engine's case d instead of the trace; it sets "
+                    "the heap, KV, batch, adapter and request options (docstring)")
     args = ap.parse_args(argv)
     if args.case_d:
         for name, value in CASE_D.items():
             setattr(args, name, value)
-        trace = [{"t": 0.0, "prompt": 512, "output": 128, "adapter": k} for k in range(args.adapters)]
+        trace = [{"t": 0.0, "prompt": args.prompt_range[0], "output": args.output_range[0], "adapter": k}
+                 for k in range(args.requests)]
     else:
         trace = timed(make_trace(args), args.rate, args.seed)
     began = time.perf_counter()

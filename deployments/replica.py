@@ -183,14 +183,14 @@ class LLMServer:
             else:
                 prompt, params = self._prepare(request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
-            yield _error_item(rid, exc)
+            yield _error_item(rid, exc, request)
             return
         timing = {"fetch": fetched - entered, "prepare": time.perf_counter() - fetched}
-        async for item in self._stream(rid, tenant, prompt, params, lora, entered, timing, request.get("echo", False)):
+        async for item in self._stream(rid, tenant, prompt, params, lora, entered, timing, request):
             yield item
 
     async def _stream(self, rid: str, tenant: str, prompt, params, lora, entered: float, timing: dict,
-                      echo: bool = False):
+                      request: dict):
         """The request's items; the first with tokens carries `timing`: seconds this replica spent
         before the first token, by phase (its own `fetch` and `prepare`; `tokenize` until the
         engine's Sequence existed; the engine's phases, Sequence.timings; `deliver` from the
@@ -199,6 +199,7 @@ class LLMServer:
         prompt's, and its logprob entries, where asked for, with the prompt tokens' (the first's
         logprob None)."""
         started, first_token_at, finished = time.perf_counter(), None, False
+        echo = request.get("echo", False)
         batches = self._engine.generate_batches(prompt, params, request_id=rid, lora=lora, tenant=tenant,
                                                 min_interval_s=self._args.stream_interval_ms / 1e3)
         try:
@@ -240,7 +241,7 @@ class LLMServer:
                 logger.info("request %s cancelled by the caller", rid)
             raise
         except Exception as exc:  # noqa: BLE001 - engine errors (bad request, adapter load)
-            yield _error_item(rid, exc)
+            yield _error_item(rid, exc, request)
         finally:
             await batches.aclose()
 
@@ -318,14 +319,22 @@ def _log_startup(args: AppArgs, model_dir, engine) -> None:
                 engine.memory_summary, parts, sum(engine.startup_seconds.values()), args.store_uri())
 
 
-def _error_item(request_id: str, exc: BaseException) -> dict:
+# the engine names a refused field as SamplingParams and its inputs do; where the request spelt it
+# otherwise, the 400's param names the request's field
+_CHAT_PARAMS = {"prompt": "messages", "logprobs": "top_logprobs"}
+_COMPLETION_PARAMS = {"prompt_logprobs": "logprobs"}  # echo's prompt logprobs are asked for by logprobs
+
+
+def _error_item(request_id: str, exc: BaseException, request: dict | None = None) -> dict:
     api_error = to_api_error(exc)
     level = logging.WARNING if api_error.status_code < 500 else logging.ERROR
     logger.log(level, "request %s failed: %s: %s", request_id, type(exc).__name__, exc,
                exc_info=api_error.status_code >= 500)
+    param = api_error.param
+    if request is not None and param is not None:
+        param = (_CHAT_PARAMS if request.get("messages") is not None else _COMPLETION_PARAMS).get(param, param)
     return {"error": {"status": api_error.status_code, "type": api_error.error_type,
-                      "message": api_error.message, "code": api_error.code,
-                      "param": api_error.param}}
+                      "message": api_error.message, "code": api_error.code, "param": param}}
 
 
 def _input_chars(request: dict) -> int:

@@ -7,14 +7,12 @@ class EngineError(RuntimeError):
 
 class InvalidRequestError(EngineError, ValueError):
     """A request carries values the engine cannot serve; the message says what to fix, and
-    `param`, where one field is at fault, names it as the OpenAI API does (e.g. "top_p")."""
+    `param`, where one field is at fault, names it as SamplingParams (vLLM's names) or the input
+    ("prompt", "model") does; the HTTP layer renames it where the request spelt it otherwise."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
-
-    def __reduce__(self):  # across the engine core's process boundary with its param
-        return type(self), (str(self), self.param)
 
 
 class AdapterLoadError(EngineError):

@@ -42,7 +42,7 @@ class InputProcessor:
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
         if lora is not None and not self.serves_adapters:
-            raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters")
+            raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters", "model")
         # without a tenant (scripts, the engine's own tests) a request counts as its adapter owner's
         tenant = tenant if tenant is not None else (lora.owner if lora else "")
         if params.structured is not None:  # refused here, before the engine loop sees it
@@ -92,4 +92,4 @@ class InputProcessor:
 
     def _too_long(self, count) -> InvalidRequestError:
         return InvalidRequestError(f"prompt has {count} tokens; max_model_len is {self.max_model_len}: "
-                                   "shorten the prompt")
+                                   "shorten the prompt", "prompt")

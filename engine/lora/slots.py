@@ -73,30 +73,38 @@ PlanEntry = tuple[str, object, tuple[int, ...]]
 
 class SwitchInterval:
     """The interpreter's switch interval lowered while any copier thread (one per engine; several
-    engines may share a process) has pieces going out, and restored when the last one is done."""
+    engines may share a process) has pieces going out, and restored when the last one is done (a
+    change another component makes meanwhile is undone then). The interpreter keeps whole
+    microseconds and truncates what it is given, so values are kept and set as whole us: set back
+    from a float read, 100 us would come back as 99."""
 
     def __init__(self):
-        self.lock, self.users, self.saved = threading.Lock(), 0, None
-        self.lows: list[float] = []
+        self.lock, self.saved_us = threading.Lock(), 0
+        self.lows: list[int] = []  # each writer's interval in us, while it writes
 
     @contextmanager
     def lowered(self, seconds: float | None):
         if seconds is None:
             yield
             return
+        us = round(seconds * 1e6)
+        if us < 1:
+            raise ValueError(f"a switch interval is at least 1 us, got {seconds} s")
         with self.lock:
-            if self.users == 0:
-                self.saved = sys.getswitchinterval()
-            self.users += 1
-            self.lows.append(seconds)
-            sys.setswitchinterval(min([self.saved, *self.lows]))
+            saved = round(sys.getswitchinterval() * 1e6) if not self.lows else self.saved_us
+            _set_switch_us(min([saved, us, *self.lows]))
+            self.saved_us = saved
+            self.lows.append(us)
         try:
             yield
         finally:
             with self.lock:
-                self.users -= 1
-                self.lows.remove(seconds)
-                sys.setswitchinterval(min([self.saved, *self.lows]))
+                self.lows.remove(us)
+                _set_switch_us(min([self.saved_us, *self.lows]))
+
+
+def _set_switch_us(us: int) -> None:
+    sys.setswitchinterval((us + 0.5) / 1e6)  # the interpreter truncates: half a us up lands on `us`
 
 
 SWITCH_INTERVAL = SwitchInterval()
@@ -168,9 +176,9 @@ class SlotPools:
     # queued behind a large one waits for all of it: a step's inputs (a few KiB, on the compute
     # stream) behind a 6 GiB image would wait its ~120 ms at PCIe speed, and the step with them. On
     # the H200 the compute stream sat idle for ~93% of the time slot copies ran (RESULTS.md, the
-    # multi-tenant trace's profile). A piece of 8 MiB takes ~0.2 ms; two in flight keep the link
-    # busy while the copier thread waits on the older one. 0: one copy per image (still split
-    # where a pinning host arena's pieces meet: align_bytes).
+    # multi-tenant trace's profile). A piece of 8 MiB takes ~0.15 ms at 55 GB/s; two in flight
+    # keep the link busy while the copier thread waits on the older one. 0: one copy per image
+    # (still split where a pinning host arena's pieces meet: align_bytes).
     copy_chunk_bytes = 8 << 20
     COPY_DEPTH = 2
     # While a write's pieces go out, the interpreter's switch interval (sys.setswitchinterval, 5

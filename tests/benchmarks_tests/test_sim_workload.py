@@ -45,9 +45,10 @@ def test_a_prompt_token_costing_more_with_adapters_slows_only_the_adapter_run(tm
     assert costly["adapters"]["seconds"] > plain["adapters"]["seconds"]
 
 
-def test_case_d_holds_39_of_its_64_adapters_loads_each_once_and_runs_longer_on_slower_copies(tmp_path):
-    """67.4 GB of heap holds 39 images of 1.69 GB: 64 requests on 64 adapters run in two waves,
-    each adapter loaded once (25 evicted), and the second wave waits on the copies."""
+def test_case_d_runs_under_40_of_its_64_adapters_a_step_and_longer_on_slower_copies(tmp_path):
+    """65.6 GB of heap (and the idle KV blocks it borrows) holds about 40 images of 1.69 GB: 64
+    requests on 64 adapters run in two waves, every adapter loaded (some twice, as the heap gives
+    borrowed blocks back), and the second wave waits on the copies."""
     def case_d(gbps: str) -> dict:
         out = tmp_path / f"d{gbps}.json"
         assert sim_workload.main(["--case-d", "--pcie-gbps", gbps, "--out", str(out)]) == 0
@@ -55,6 +56,6 @@ def test_case_d_holds_39_of_its_64_adapters_loads_each_once_and_runs_longer_on_s
     fast, slow = case_d("55"), case_d("30")
     lora = fast["adapters"]
     assert lora["finished"] == fast["no_adapters"]["finished"] == 64
-    assert lora["slot_loads"] == 64 and lora["evictions"] == 25 and lora["preemptions"] == 0
-    assert lora["tokens_per_step"] < 39 < fast["no_adapters"]["tokens_per_step"]
+    assert 64 <= lora["slot_loads"] <= 70 and lora["evictions"] >= 24 and lora["kv_blocks_borrowed"] > 0
+    assert lora["tokens_per_step"] < 40 < fast["no_adapters"]["tokens_per_step"]
     assert slow["adapters"]["seconds"] > lora["seconds"] and slow["no_adapters"] == fast["no_adapters"]

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.replica import LLMServer
+from deployments.replica import LLMServer, _error_item
 from engine.errors import InvalidRequestError
 from engine.inputs import InputProcessor
 from engine.tiny_model import make_tokenizer
@@ -44,6 +44,24 @@ def test_a_chat_prompt_longer_than_the_model_is_refused_by_the_replica_with_the_
     server, _ = _server(tmp_path, 8)
     with pytest.raises(InvalidRequestError, match="max_model_len is 8"):
         server._prepare({"messages": [{"role": "user", "content": "word " * 50}], "max_tokens": None})
+
+
+def test_a_refusal_names_the_field_the_request_spelt_in_param(tmp_path):
+    """The engine names the prompt "prompt" and echo's prompt logprobs "prompt_logprobs"; a chat
+    sent messages, and a completion asked for those logprobs with logprobs."""
+    server, inputs = _server(tmp_path, 8)
+    chat = {"messages": [{"role": "user", "content": "word " * 50}], "max_tokens": None}
+    with pytest.raises(InvalidRequestError) as too_long:
+        server._prepare(chat)
+    assert _error_item("r", too_long.value, chat)["error"]["param"] == "messages"
+    completion = {"prompt": "word " * 50, "max_tokens": 4}
+    with pytest.raises(InvalidRequestError) as too_long:
+        inputs.make_sequence("r", *server._prepare(completion))
+    error = _error_item("r", too_long.value, completion)["error"]
+    assert error["param"] == "prompt" and error["status"] == 400 and "max_model_len is 8" in error["message"]
+    echo = InvalidRequestError("prompt_logprobs must be an integer in [0, 20]", "prompt_logprobs")
+    assert _error_item("r", echo, completion)["error"]["param"] == "logprobs"
+    assert _error_item("r", InvalidRequestError("no field at fault"), chat)["error"]["param"] is None
 
 
 def test_a_chat_request_with_max_tokens_hands_the_engine_its_text(tmp_path):

@@ -95,7 +95,7 @@ def test_store_and_engine_errors_map_to_openai_statuses():
     assert "secret" not in to_api_error(RuntimeError("secret detail")).message
 
 
-def test_an_engine_refusal_names_its_field_in_param_also_after_crossing_a_process():
+def test_an_engine_refusal_names_its_field_in_param_also_pickled_as_from_the_core_process():
     import pickle
 
     from engine.errors import InvalidRequestError

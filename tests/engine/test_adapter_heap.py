@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from engine.lora.slots import SwitchInterval
+from engine.lora.slots import SwitchInterval, copy_pieces
 from engine.sequence import LoRARequest
 from engine.testing.adapters import make_peft_adapter
 from engine.testing.reference import load_reference_model, reference_logits
@@ -182,14 +182,25 @@ def test_an_image_in_pieces_goes_out_under_the_lowered_switch_interval_which_com
     monkeypatch.setattr(torch.Tensor, "copy_", spy)
     _reserve(manager, "t/a@v1", adapters[FAMILY]["a"])
     monkeypatch.undo()
-    assert sum(x == pytest.approx(1e-4) for x in seen) > 100  # every piece (the interpreter keeps whole us)
+    image = manager.host["t/a@v1"].packed
+    pieces = copy_pieces(image.data_ptr(), image.numel(), image.element_size(), pools.copy_chunk_bytes,
+                         pools.align_bytes)
+    assert len(pieces) > 100 and sum(x == pytest.approx(1e-4) for x in seen) == len(pieces)
     assert sys.getswitchinterval() == before == max(seen)  # the offsets and ranks go out after it
 
 
-def test_the_switch_interval_stays_lowered_until_the_last_of_two_overlapping_writers_is_done():
+@pytest.fixture
+def switch_interval():
+    """The process's switch interval, set back after the test whatever it asserted."""
+    before = sys.getswitchinterval()
+    yield before
+    sys.setswitchinterval(before)
+
+
+def test_the_switch_interval_stays_lowered_until_the_last_of_two_overlapping_writers_is_done(switch_interval):
     """Two engines' copier threads in one process: the first to finish must not restore the
     interval under the other, nor the second restore the first's lowered value for good."""
-    before, switch = sys.getswitchinterval(), SwitchInterval()
+    switch = SwitchInterval()
     first, second = switch.lowered(2e-4), switch.lowered(1e-4)
     first.__enter__()
     assert sys.getswitchinterval() == pytest.approx(2e-4)
@@ -198,6 +209,27 @@ def test_the_switch_interval_stays_lowered_until_the_last_of_two_overlapping_wri
     first.__exit__(None, None, None)
     assert sys.getswitchinterval() == pytest.approx(1e-4)
     second.__exit__(None, None, None)
-    assert sys.getswitchinterval() == before
+    assert sys.getswitchinterval() == switch_interval
     with switch.lowered(None):
-        assert sys.getswitchinterval() == before
+        assert sys.getswitchinterval() == switch_interval
+
+
+@pytest.mark.parametrize("start_us", [100, 37, 1700])
+def test_a_lowered_switch_interval_comes_back_to_the_exact_microsecond(switch_interval, start_us):
+    """The interpreter truncates to whole us: set back from a float read, 100 us came back as 99."""
+    sys.setswitchinterval(start_us / 1e6)
+    start = sys.getswitchinterval()
+    for _ in range(3):
+        with SwitchInterval().lowered(2e-5):
+            assert round(sys.getswitchinterval() * 1e6) == min(20, start_us)
+    assert sys.getswitchinterval() == start
+
+
+def test_a_switch_interval_under_a_microsecond_is_refused_and_leaves_nothing_behind(switch_interval):
+    switch = SwitchInterval()
+    with pytest.raises(ValueError, match="at least 1 us"):
+        with switch.lowered(0.0):
+            pass
+    with switch.lowered(1e-4):
+        assert sys.getswitchinterval() == pytest.approx(1e-4)
+    assert sys.getswitchinterval() == switch_interval and switch.lows == []

@@ -133,6 +133,9 @@ def test_generation_config_eos_is_read(qwen):
     (dict(presence_penalty=3), "presence_penalty"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(max_tokens=4, min_tokens=5), "min_tokens"), (dict(logprobs=99), "logprobs"),
     (dict(logit_bias={1: 500}), "logit_bias"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(frequency_penalty=-3), "frequency_penalty"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
+    (dict(min_tokens=2, structured=("regex", "a+")), "min_tokens"),
 ])
 def test_invalid_sampling_params_raise_clear_errors_naming_the_field(kwargs, fragment):
     with pytest.raises(InvalidRequestError, match=fragment) as caught:
