@@ -397,12 +397,9 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
             pools.copy_chunk_bytes = int(args.copy_chunk_mib * 2**20)
         if pools is not None and args.copy_depth is not None:
             pools.COPY_DEPTH = args.copy_depth
-        if pools is not None and args.copy_switch_interval_us is not None:
-            pools.copy_switch_interval_s = args.copy_switch_interval_us / 1e6 or None
         if pools is not None:
             results.setdefault("slot_copy_settings", {})[mode] = {
-                "copy_chunk_bytes": pools.copy_chunk_bytes, "copy_depth": pools.COPY_DEPTH,
-                "copy_switch_interval_s": pools.copy_switch_interval_s}
+                "copy_chunk_bytes": pools.copy_chunk_bytes, "copy_depth": pools.COPY_DEPTH}
         results.setdefault("startup_compiles", {})[mode] = len(COMPILES.take()) if COMPILES.active else None
         results.setdefault("startup_seconds", {})[mode] = dict(engine.runner.startup_seconds)
         if bases is None:
@@ -516,18 +513,14 @@ def main() -> None:
                              "host arena's pinned pieces meet; default: the engine's)")
     parser.add_argument("--copy-depth", type=int, default=None,
                         help="SlotPools.COPY_DEPTH: slot-copy pieces in flight at once (default: the engine's)")
-    parser.add_argument("--copy-switch-interval-us", type=float, default=None,
-                        help="SlotPools.copy_switch_interval_s in us while a slot copy goes out (0: leave the "
-                             "interpreter's; default: the engine's)")
     parser.add_argument("--profile", default="", help="Chrome traces of 5 decode steps of case c: here from "
                         "mode fused, beside it (.eager.json) from mode fused_eager, when those modes run")
     args = parser.parse_args()
-    copy_flags = [f for f in ("copy_chunk_mib", "copy_depth", "copy_switch_interval_us") if getattr(args, f) is not None]
+    copy_flags = [f for f in ("copy_chunk_mib", "copy_depth") if getattr(args, f) is not None]
     if copy_flags and args.tp * args.ep > 1:
         parser.error(f"{copy_flags} set the rank-0 SlotPools only: not with --tp/--ep over one GPU")
-    if (args.copy_depth is not None and args.copy_depth < 1) or (args.copy_chunk_mib or 0) < 0 or \
-            (args.copy_switch_interval_us or 0) < 0:
-        parser.error("--copy-depth >= 1, --copy-chunk-mib >= 0 and --copy-switch-interval-us >= 0")
+    if (args.copy_depth is not None and args.copy_depth < 1) or (args.copy_chunk_mib or 0) < 0:
+        parser.error("--copy-depth >= 1 and --copy-chunk-mib >= 0")
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"unknown modes {unknown}: choose from {list(MODES)}")

@@ -48,8 +48,6 @@ S = slots, R = max rank, E = experts, D = hidden, I = expert intermediate, P = p
 
 from collections import deque
 from contextlib import contextmanager
-import sys
-import threading
 
 import torch
 from torch import Tensor
@@ -69,45 +67,6 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 # a plan entry: ("dense", (layer, name), (OUT, IN)) or ("moe", layer, (E, I, D))
 PlanEntry = tuple[str, object, tuple[int, ...]]
-
-
-class SwitchInterval:
-    """The interpreter's switch interval lowered while any copier thread (one per engine; several
-    engines may share a process) has pieces going out, and restored when the last one is done (a
-    change another component makes meanwhile is undone then). The interpreter keeps whole
-    microseconds and truncates what it is given, so values are kept and set as whole us: set back
-    from a float read, 100 us would come back as 99."""
-
-    def __init__(self):
-        self.lock, self.saved_us = threading.Lock(), 0
-        self.lows: list[int] = []  # each writer's interval in us, while it writes
-
-    @contextmanager
-    def lowered(self, seconds: float | None):
-        if seconds is None:
-            yield
-            return
-        us = round(seconds * 1e6)
-        if us < 1:
-            raise ValueError(f"a switch interval is at least 1 us, got {seconds} s")
-        with self.lock:
-            saved = round(sys.getswitchinterval() * 1e6) if not self.lows else self.saved_us
-            _set_switch_us(min([saved, us, *self.lows]))
-            self.saved_us = saved
-            self.lows.append(us)
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.lows.remove(us)
-                _set_switch_us(min([self.saved_us, *self.lows]))
-
-
-def _set_switch_us(us: int) -> None:
-    sys.setswitchinterval((us + 0.5) / 1e6)  # the interpreter truncates: half a us up lands on `us`
-
-
-SWITCH_INTERVAL = SwitchInterval()
 
 
 class SlotPools:
@@ -181,12 +140,6 @@ class SlotPools:
     # (still split where a pinning host arena's pieces meet: align_bytes).
     copy_chunk_bytes = 8 << 20
     COPY_DEPTH = 2
-    # While a write's pieces go out, the interpreter's switch interval (sys.setswitchinterval, 5
-    # ms by default; process-wide: SWITCH_INTERVAL) is lowered to this: the copier thread needs
-    # the GIL again after each piece lands, and a step loop running Python keeps it until the
-    # interval forces a switch, while the link has one piece (~0.15 ms) left to copy. None: leave
-    # the interval alone.
-    copy_switch_interval_s: float | None = None
     # copies also split at host addresses that are multiples of this (a pinning host arena's
     # piece: engine.lora.host_arena); 0: no such split
     align_bytes = 0
@@ -438,14 +391,13 @@ class SlotPools:
         if len(pieces) == 1:
             dst.copy_(src, non_blocking=True)
             return
-        with SWITCH_INTERVAL.lowered(self.copy_switch_interval_s):
-            queued: deque = deque()
-            for at, end in pieces:
-                if len(queued) == self.COPY_DEPTH:
-                    queued.popleft().synchronize()  # releases the GIL while the piece lands
-                dst[at:end].copy_(src[at:end], non_blocking=True)
-                if self.stream is not None:
-                    queued.append(self.stream.record_event())
+        queued: deque = deque()
+        for at, end in pieces:
+            if len(queued) == self.COPY_DEPTH:
+                queued.popleft().synchronize()  # releases the GIL while the piece lands
+            dst[at:end].copy_(src[at:end], non_blocking=True)
+            if self.stream is not None:
+                queued.append(self.stream.record_event())
 
     def image_numel(self, adapter: LoRAAdapter) -> int:
         """Heap elements the adapter's image takes."""

@@ -1,13 +1,11 @@
 """Adapters resident by bytes: small adapters share a heap that one large adapter fills; the
 least recently used unreferenced adapters make room, referenced ones never; numerics hold with
 adapters placed anywhere in a NaN-poisoned heap, at ranks whose experts take r16 > rank."""
-import sys
 import time
 
 import pytest
 import torch
 
-from engine.lora.slots import SwitchInterval, copy_pieces
 from engine.sequence import LoRARequest
 from engine.testing.adapters import make_peft_adapter
 from engine.testing.reference import load_reference_model, reference_logits
@@ -166,70 +164,3 @@ def test_an_image_written_in_pieces_lands_whole_over_a_poisoned_heap(checkpoints
     else:
         written = pools._slot_rows()[slot]
     assert torch.equal(written, image.to(written.device))
-
-
-def test_an_image_in_pieces_goes_out_under_the_lowered_switch_interval_which_comes_back_after(
-        checkpoints, adapters, monkeypatch):
-    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, device="cpu")
-    pools, manager = engine.runner.slot_pools, engine.lora_manager
-    pools.copy_chunk_bytes = 13 * pools.storage.element_size()
-    pools.copy_switch_interval_s = 1e-4
-    before, seen, copy = sys.getswitchinterval(), [], torch.Tensor.copy_
-
-    def spy(self, src, non_blocking=False):
-        seen.append(sys.getswitchinterval())
-        return copy(self, src, non_blocking)
-    monkeypatch.setattr(torch.Tensor, "copy_", spy)
-    _reserve(manager, "t/a@v1", adapters[FAMILY]["a"])
-    monkeypatch.undo()
-    image = manager.host["t/a@v1"].packed
-    pieces = copy_pieces(image.data_ptr(), image.numel(), image.element_size(), pools.copy_chunk_bytes,
-                         pools.align_bytes)
-    assert len(pieces) > 100 and sum(x == pytest.approx(1e-4) for x in seen) == len(pieces)
-    assert sys.getswitchinterval() == before == max(seen)  # the offsets and ranks go out after it
-
-
-@pytest.fixture
-def switch_interval():
-    """The process's switch interval, set back after the test whatever it asserted."""
-    before = sys.getswitchinterval()
-    yield before
-    sys.setswitchinterval(before)
-
-
-def test_the_switch_interval_stays_lowered_until_the_last_of_two_overlapping_writers_is_done(switch_interval):
-    """Two engines' copier threads in one process: the first to finish must not restore the
-    interval under the other, nor the second restore the first's lowered value for good."""
-    switch = SwitchInterval()
-    first, second = switch.lowered(2e-4), switch.lowered(1e-4)
-    first.__enter__()
-    assert sys.getswitchinterval() == pytest.approx(2e-4)
-    second.__enter__()
-    assert sys.getswitchinterval() == pytest.approx(1e-4)
-    first.__exit__(None, None, None)
-    assert sys.getswitchinterval() == pytest.approx(1e-4)
-    second.__exit__(None, None, None)
-    assert sys.getswitchinterval() == switch_interval
-    with switch.lowered(None):
-        assert sys.getswitchinterval() == switch_interval
-
-
-@pytest.mark.parametrize("start_us", [100, 37, 1700])
-def test_a_lowered_switch_interval_comes_back_to_the_exact_microsecond(switch_interval, start_us):
-    """The interpreter truncates to whole us: set back from a float read, 100 us came back as 99."""
-    sys.setswitchinterval(start_us / 1e6)
-    start = sys.getswitchinterval()
-    for _ in range(3):
-        with SwitchInterval().lowered(2e-5):
-            assert round(sys.getswitchinterval() * 1e6) == min(20, start_us)
-    assert sys.getswitchinterval() == start
-
-
-def test_a_switch_interval_under_a_microsecond_is_refused_and_leaves_nothing_behind(switch_interval):
-    switch = SwitchInterval()
-    with pytest.raises(ValueError, match="at least 1 us"):
-        with switch.lowered(0.0):
-            pass
-    with switch.lowered(1e-4):
-        assert sys.getswitchinterval() == pytest.approx(1e-4)
-    assert sys.getswitchinterval() == switch_interval and switch.lows == []
