@@ -109,7 +109,10 @@ class ModelPools:
     def image_numel(self, adapter: LoRAAdapter) -> int:
         return adapter.packed.numel()
 
-    def write(self, slot: int, start: int, adapter: LoRAAdapter) -> CopyDone:
+    def handed_over(self):
+        return None  # no device steps to order after
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter, after=None) -> CopyDone:
         self.copies_free_at = max(self.clock.now, self.copies_free_at) + adapter.packed.numel() * 2 / self.pcie
         return CopyDone(self.clock, self.copies_free_at)
 

@@ -157,7 +157,8 @@ class LoRAManager:
         if self.pools.stream is None:
             self._write_slot(slot, start, adapter)
         else:  # issue the copies from a loader thread: the step loop's host time is not spent on them
-            self.slot_events[slot] = self.copier.submit(self._write_slot, slot, start, adapter)
+            after = self.pools.handed_over()  # after the steps issued so far, which may read these bytes
+            self.slot_events[slot] = self.copier.submit(self._write_slot, slot, start, adapter, after)
             self.copies.append((start, start + numel, self.slot_events[slot]))
             if self.arena is not None:
                 self.reads.append((adapter, self.slot_events[slot]))
@@ -296,9 +297,9 @@ class LoRAManager:
         live = self._live_slots()
         self._slide(live, self.spans.compacted([self.slot_spans[s] for s in live], numel))
 
-    def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter):
+    def _write_slot(self, slot: int, start: int, adapter: LoRAAdapter, after=None):
         began = time.perf_counter()
-        event = self.pools.write(slot, start, adapter)
+        event = self.pools.write(slot, start, adapter, after)
         self.stats.slot_load_seconds += time.perf_counter() - began
         return event
 

@@ -44,12 +44,13 @@ class RankPools:
         adapter.parts = [self._pools.pack(part) for part in parts[1:]]
         return adapter
 
-    def write(self, slot: int, start: int, adapter: LoRAAdapter):
-        """Rank 0: write its part now (side stream on CUDA) and queue the others' for the next step."""
+    def write(self, slot: int, start: int, adapter: LoRAAdapter, after=None):
+        """Rank 0: write its part now (side stream on CUDA, after `after`: SlotPools.write) and
+        queue the others' for the next step."""
         if adapter.packed is None:
             adapter = self.pack(adapter.renamed(adapter.name))
         self._group.queue_write(slot, start, adapter.parts)
-        return self._pools.write(slot, start, adapter)
+        return self._pools.write(slot, start, adapter, after)
 
     def write_received(self, slot: int, start: int, image: torch.Tensor, ranks: torch.Tensor,
                        offsets: torch.Tensor):

@@ -164,3 +164,32 @@ def test_an_image_written_in_pieces_lands_whole_over_a_poisoned_heap(checkpoints
     else:
         written = pools._slot_rows()[slot]
     assert torch.equal(written, image.to(written.device))
+
+
+@pytest.mark.gpu
+def test_a_slot_copy_waits_for_the_steps_issued_before_its_bytes_were_handed_over_and_no_later_one(
+        checkpoints, adapters):
+    """The copier thread starts a write after its reservation, when the compute stream holds later
+    steps: the copy follows the work issued before the bytes were handed over (what may still read
+    them), not those later steps, and lands whole."""
+    engine = make_engine(checkpoints[FAMILY], max_loras=2, max_lora_rank=16, device="cuda")
+    pools, manager = engine.runner.slot_pools, engine.lora_manager
+    slot = _reserve(manager, "t/a@v1", adapters[FAMILY]["a"])
+    adapter, (start, numel) = manager.host["t/a@v1"], manager.slot_spans[slot]
+    heap = pools.storage[start:start + numel]
+    torch.cuda.synchronize()
+    heap.fill_(float("nan"))
+    torch.cuda._sleep(200_000_000)  # a step that may read the bytes: before the handover
+    after = pools.handed_over()
+    torch.cuda._sleep(1_000_000_000)  # a later step (~0.5 s)
+    later = torch.cuda.Event()
+    later.record()
+    copied = pools.write(slot, start, adapter, after)
+    copied.synchronize()
+    assert not later.query(), "the copy waited for a step issued after the handover"
+    assert torch.equal(heap, adapter.packed.to(heap.device))
+    previous = torch.cuda.Event()
+    previous.record()
+    torch.cuda._sleep(1_000_000_000)
+    pools.write(slot, start, adapter).synchronize()  # without `after`: the whole stream as it stands
+    assert previous.query()

@@ -28,7 +28,7 @@ class InstantPools:
     def image_numel(self, adapter: LoRAAdapter) -> int:
         return 1
 
-    def write(self, slot: int, start: int, adapter: LoRAAdapter) -> None:
+    def write(self, slot: int, start: int, adapter: LoRAAdapter, after=None) -> None:
         return None
 
     def unsupported_targets(self, adapter: LoRAAdapter) -> list[str]:

@@ -358,7 +358,10 @@ class HeldCopies:
     def image_numel(self, adapter):
         return adapter.packed.numel()
 
-    def write(self, slot, start, adapter):
+    def handed_over(self):
+        return None  # no device steps to order after
+
+    def write(self, slot, start, adapter, after=None):
         assert self.go.wait(timeout=30)
 
     def unsupported_targets(self, adapter):
@@ -399,7 +402,7 @@ class InFlightCopies(HeldCopies):
         self.events = []
         self.go.set()
 
-    def write(self, slot, start, adapter):
+    def write(self, slot, start, adapter, after=None):
         self.events.append(FakeEvent())
         return self.events[-1]
 

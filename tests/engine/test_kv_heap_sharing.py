@@ -105,7 +105,10 @@ class MarkedPools:
     def image_numel(self, adapter: LoRAAdapter) -> int:
         return adapter.packed.numel()
 
-    def write(self, slot: int, start: int, adapter: LoRAAdapter):
+    def handed_over(self):
+        return None  # no device steps to order after
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter, after=None):
         self.storage[start:start + adapter.packed.numel()] = adapter.packed
         return None
 
@@ -328,7 +331,7 @@ def test_a_held_image_moves_only_after_its_own_copy_has_landed():
     manager, pools, kv = _manager(64, 8, sizes={"a": 32, "b": 32, "c": 32}, stream=object())
     gate, write = threading.Event(), pools.write
 
-    def queued_write(slot, start, adapter):
+    def queued_write(slot, start, adapter, after=None):
         if adapter.name == "c":
             gate.wait(timeout=30)
         pools.events.append(f"write {adapter.name}")
@@ -384,7 +387,7 @@ def test_the_block_heaps_stay_bounded_over_many_requests():
 
 def test_landed_copies_are_forgotten_each_step():
     manager, pools, kv = _manager(64, 8, sizes={"a": 32}, stream=object())
-    pools.write = lambda slot, start, adapter: Landed(adapter.name)
+    pools.write = lambda slot, start, adapter, after=None: Landed(adapter.name)
     try:
         manager.slot_events[manager.reserve("a", "")].result(timeout=30)
         assert len(manager.copies) == 1

@@ -34,7 +34,10 @@ class RecordingPools:
     def image_numel(self, adapter: LoRAAdapter) -> int:
         return 4
 
-    def write(self, slot: int, start: int, adapter: LoRAAdapter):
+    def handed_over(self):
+        return None  # no device steps to order after
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter, after=None):
         if adapter.name == "first":
             assert self.second_reserved.wait(timeout=30), "the second reservation never came"
             self.second_written.wait(timeout=OVERTAKE_WINDOW_S)
@@ -72,7 +75,7 @@ def test_copies_into_a_reused_slot_land_in_reservation_order():
 class FailingPools(RecordingPools):
     """Writes of the adapter named "bad" fail, as a CUDA copy error would."""
 
-    def write(self, slot: int, start: int, adapter: LoRAAdapter):
+    def write(self, slot: int, start: int, adapter: LoRAAdapter, after=None):
         if adapter.name == "bad":
             raise RuntimeError("copy failed")
         return super().write(slot, start, adapter)

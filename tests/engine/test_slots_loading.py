@@ -77,7 +77,10 @@ class EventPools:
     def image_numel(self, adapter: LoRAAdapter) -> int:
         return 1
 
-    def write(self, slot: int, start: int, adapter: LoRAAdapter) -> FakeEvent:
+    def handed_over(self):
+        return None  # no device steps to order after
+
+    def write(self, slot: int, start: int, adapter: LoRAAdapter, after=None) -> FakeEvent:
         self.events[adapter.name] = FakeEvent()
         return self.events[adapter.name]
 
