@@ -188,8 +188,8 @@ def test_a_slot_copy_waits_for_the_steps_issued_before_its_bytes_were_handed_ove
     copied.synchronize()
     assert not later.query(), "the copy waited for a step issued after the handover"
     assert torch.equal(heap, adapter.packed.to(heap.device))
-    previous = torch.cuda.Event()
-    previous.record()
     torch.cuda._sleep(1_000_000_000)
+    slept = torch.cuda.Event()
+    slept.record()
     pools.write(slot, start, adapter).synchronize()  # without `after`: the whole stream as it stands
-    assert previous.query()
+    assert slept.query()
