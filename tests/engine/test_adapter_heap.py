@@ -178,17 +178,17 @@ def test_a_slot_copy_waits_for_the_steps_issued_before_its_bytes_were_handed_ove
     adapter, (start, numel) = manager.host["t/a@v1"], manager.slot_spans[slot]
     heap = pools.storage[start:start + numel]
     torch.cuda.synchronize()
-    heap.fill_(float("nan"))
-    torch.cuda._sleep(200_000_000)  # a step that may read the bytes: before the handover
+    torch.cuda._sleep(200_000_000)
+    heap.fill_(float("nan"))  # a step that may touch the bytes, after ~0.1 s: before the handover
     after = pools.handed_over()
-    torch.cuda._sleep(1_000_000_000)  # a later step (~0.5 s)
+    torch.cuda._sleep(2_000_000_000)  # a later step (~1 s)
     later = torch.cuda.Event()
     later.record()
     copied = pools.write(slot, start, adapter, after)
     copied.synchronize()
     assert not later.query(), "the copy waited for a step issued after the handover"
-    assert torch.equal(heap, adapter.packed.to(heap.device))
-    torch.cuda._sleep(1_000_000_000)
+    assert torch.equal(heap, adapter.packed.to(heap.device)), "the copy did not wait for the step before it"
+    torch.cuda._sleep(2_000_000_000)
     slept = torch.cuda.Event()
     slept.record()
     pools.write(slot, start, adapter).synchronize()  # without `after`: the whole stream as it stands
