@@ -101,14 +101,19 @@ class MarkedPools:
         self.num_slots, self.heap_numel, self.stream = num_slots, heap_numel, stream
         self.storage = torch.zeros(heap_numel + (num_blocks + 1) * BLOCK)
         self.events: list[str] = []
+        self.handovers = 0  # with a stream: each reservation's handed_over, logged in events
 
     def image_numel(self, adapter: LoRAAdapter) -> int:
         return adapter.packed.numel()
 
     def handed_over(self):
-        return None  # no device steps to order after
+        self.handovers += 1
+        self.events.append(f"handed over {self.handovers}")
+        return self.handovers
 
     def write(self, slot: int, start: int, adapter: LoRAAdapter, after=None):
+        if after is not None:
+            self.events.append(f"write {adapter.name} after {after}")
         self.storage[start:start + adapter.packed.numel()] = adapter.packed
         return None
 
@@ -158,6 +163,26 @@ def test_the_heap_borrows_no_block_of_the_kv_reserve_and_evicts_an_idle_adapter_
         manager.reserve("b", "")
         assert kv.lent == 0 and manager.stats.evictions == 1 and set(manager.resident()) == {"b"}
         assert _holds(manager, pools, "b")
+    finally:
+        manager.shutdown()
+
+
+def test_a_reservation_hands_its_bytes_over_after_its_compaction_moves_and_its_copy_waits_for_that():
+    """The copy waits on the device for the work issued before the handover: the moves that read
+    the bytes it overwrites come first (taken before them, it could land under a move)."""
+    pools = MarkedPools(112, 0, stream=object())  # with a stream: copies go through the copier thread
+    manager = LoRAManager(pools, spec=None, max_rank=8, host_capacity=8)
+    for k, (name, numel) in enumerate({"a": 32, "b": 32, "c": 32, "d": 48}.items(), 1):
+        manager.host[name] = LoRAAdapter(name, packed=torch.full((numel,), float(k)))
+    try:
+        slots = {n: manager.reserve(n, "") for n in "abc"}
+        for slot in slots.values():
+            manager.slot_events[slot].result(timeout=10)
+        manager.release(slots["b"])  # 32 idle + 16 free: d (48) fits once b goes and c slides down
+        slot = manager.reserve("d", "")
+        manager.slot_events[slot].result(timeout=10)
+        assert pools.events[6:] == ["move 64->32", "handed over 4", "write d after 4"]
+        assert manager.slot_spans[slot] == (64, 48) and _holds(manager, pools, "d") and _holds(manager, pools, "c")
     finally:
         manager.shutdown()
 
