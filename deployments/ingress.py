@@ -192,6 +192,8 @@ class Ingress(AdapterRoutes):
             self._check_budget(payload["max_tokens"])
             rid = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
             payload.update(request_id=rid, tenant=tenant, sampling=body.sampling())
+            if body.structured_field() is not None:  # the 400 of a constraint that does not compile names it
+                payload["structured_field"] = body.structured_field()
             logger.info("request %s tenant %s model %s stream=%s%s", rid, tenant,
                         model_id or payload.get("adapter", "base"), body.stream, f" n={n}" if n > 1 else "")
             replicas = self._llm.options(stream=True, multiplexed_model_id=model_id)

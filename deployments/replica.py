@@ -331,7 +331,9 @@ def _error_item(request_id: str, exc: BaseException, request: dict | None = None
     logger.log(level, "request %s failed: %s: %s", request_id, type(exc).__name__, exc,
                exc_info=api_error.status_code >= 500)
     param = api_error.param
-    if request is not None and param is not None:
+    if request is not None and param == "structured":
+        param = request.get("structured_field", param)
+    elif request is not None and param is not None:
         param = (_CHAT_PARAMS if request.get("messages") is not None else _COMPLETION_PARAMS).get(param, param)
     return {"error": {"status": api_error.status_code, "type": api_error.error_type,
                       "message": api_error.message, "code": api_error.code, "param": param}}

@@ -66,6 +66,7 @@ class _SamplingFields(BaseModel):
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
     _structured: tuple[str, str] | None = PrivateAttr(default=None)
+    _structured_field: str | None = PrivateAttr(default=None)  # the field that spelt it
     takes_tools: ClassVar[bool] = False  # chat completions take tools (deployments/tool_calls.py)
     _tool_plan: ToolPlan | None = PrivateAttr(default=None)
 
@@ -96,8 +97,13 @@ class _SamplingFields(BaseModel):
 
     @model_validator(mode="after")
     def _one_constraint(self):
-        self._structured = structured_constraint(self)
+        self._structured_field, self._structured = structured_constraint(self) or (None, None)
         return self
+
+    def structured_field(self) -> str | None:
+        """The request's field that spelt its structured output constraint (a forced tool
+        choice's: "tools"), or None."""
+        return self._structured_field
 
     @field_validator("tools", "functions")
     @classmethod
@@ -251,14 +257,14 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _one_constraint(self):
         """The structured output constraint, a forced tool choice's included: one at most."""
-        self._structured = structured_constraint(self)
+        self._structured_field, self._structured = structured_constraint(self) or (None, None)
         self._tool_plan = tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls)
         forced = self._tool_plan.constraint() if self._tool_plan else None
         if forced is not None:
             if self._structured is not None:
                 raise FieldError("tool_choice", "tool_choice \"required\" or a named tool constrains the output: "
                                  "it takes no response_format or guided_* constraint beside it")
-            self._structured = forced
+            self._structured_field, self._structured = "tools", forced  # the tools' parameter schemas
         return self
 
     def logprob_alternatives(self) -> int | None:

@@ -22,9 +22,11 @@ _KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar":
 _NO_OP_KEYS = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
 
 
-def structured_constraint(fields) -> tuple[str, str] | None:
-    """The one (kind, text) the request's fields ask for, or None; ValueError naming the field
-    for a malformed one or for more than one (a FieldError: the 400's param)."""
+def structured_constraint(fields) -> tuple[str, tuple[str, str]] | None:
+    """(the field that spelt it, (kind, text)) of the one constraint the request's fields ask
+    for, or None; ValueError naming the field for a malformed one or for more than one (a
+    FieldError: the 400's param). The field names the 400 of a constraint the engine cannot
+    compile ("structured_outputs.regex" for vLLM's object)."""
     found = []
     rf = fields.response_format
     if rf is not None:
@@ -38,11 +40,11 @@ def structured_constraint(fields) -> tuple[str, str] | None:
     if fields.guided_grammar is not None:
         found.append(("guided_grammar", ("grammar", _text(fields.guided_grammar, "guided_grammar"))))
     if fields.structured_outputs is not None:
-        found += [("structured_outputs", c) for c in _structured_outputs(fields.structured_outputs)]
+        found += _structured_outputs(fields.structured_outputs)
     if len(found) > 1:
         raise FieldError(found[1][0], "at most one structured output constraint a request; got "
                          f"{', '.join(n for n, _ in found)}")
-    return found[0][1] if found else None
+    return found[0] if found else None
 
 
 def _response_format(rf: dict) -> tuple[str, str] | None:
@@ -61,18 +63,18 @@ def _response_format(rf: dict) -> tuple[str, str] | None:
                      f"got {kind!r}")
 
 
-def _structured_outputs(value: dict) -> list[tuple[str, str]]:
+def _structured_outputs(value: dict) -> list[tuple[str, tuple[str, str]]]:
     found = []
     for key, item in value.items():
         if key in _KEYS and item is not None:
             where = f"structured_outputs.{key}"
             text = (_schema_text(item, where) if key == "json" else _choices(item, where) if key == "choice"
                     else _text(item, where))
-            found.append((_KEYS[key], text))
+            found.append((where, (_KEYS[key], text)))
         elif key == "json_object" and item is not None:
             if item is not True and item is not False:
                 raise FieldError("structured_outputs.json_object", "structured_outputs.json_object must be true or false")
-            found += [("json_object", "")] if item else []
+            found += [("structured_outputs.json_object", ("json_object", ""))] if item else []
         elif key not in _KEYS and key != "json_object" and not (key in _NO_OP_KEYS and not item):
             raise FieldError(f"structured_outputs.{key}", f"structured_outputs.{key} is not supported by this server; "
                              f"the constraints are {', '.join([*_KEYS, 'json_object'])}")

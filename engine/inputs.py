@@ -53,7 +53,7 @@ class InputProcessor:
         """The compiler of structured output constraints for this tokenizer, made on the first
         request that asks (it reads the whole vocabulary)."""
         if self.tokenizer is None:
-            raise InvalidRequestError("this model has no tokenizer; structured outputs need one")
+            raise InvalidRequestError("this model has no tokenizer; structured outputs need one", "structured")
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)

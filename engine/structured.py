@@ -37,6 +37,9 @@ KINDS = ("json_object", "json_schema", "json_schema_compact", "regex", "choice",
 # arrays): a compile cannot be interrupted, and its time grows steeply with nesting
 MAX_TEXT = 64 << 10
 MAX_SCHEMA_DEPTH = 64
+# the param of a refused constraint: SamplingParams' field (the HTTP edge names the request's field
+# that spelt it)
+PARAM = "structured"
 # CPU time a sequence's mask and match may take for one token before its request ends: well above
 # what an ordinary schema costs over a large vocabulary, well below what stalls every tenant
 TOKEN_BUDGET_S = 0.05
@@ -51,10 +54,10 @@ def check_constraint(constraint) -> tuple[str, str]:
           and isinstance(constraint[1], str) and len(constraint[1]) <= MAX_TEXT)
     if not ok:
         raise InvalidRequestError(f"structured must be (kind, text) with kind one of {KINDS} and text a "
-                                  f"string of at most {MAX_TEXT} characters, got {str(constraint)[:200]!r}")
+                                  f"string of at most {MAX_TEXT} characters, got {str(constraint)[:200]!r}", PARAM)
     kind, text = constraint
     if kind != "json_object" and not text:
-        raise InvalidRequestError(f"a {kind} constraint needs its text (schema, pattern, choices or grammar)")
+        raise InvalidRequestError(f"a {kind} constraint needs its text (schema, pattern, choices or grammar)", PARAM)
     return kind, text
 
 
@@ -68,9 +71,9 @@ def choice_grammar(choices_json: str) -> str:
     try:
         choices = json.loads(choices_json)
     except ValueError as exc:
-        raise InvalidRequestError(f"choice: not a JSON list of strings ({exc})") from None
+        raise InvalidRequestError(f"choice: not a JSON list of strings ({exc})", PARAM) from None
     if not is_choice_list(choices):
-        raise InvalidRequestError("choice takes a non-empty list of non-empty strings")
+        raise InvalidRequestError("choice takes a non-empty list of non-empty strings", PARAM)
     # JSON string literals are the grammar's: the same escapes for quotes, backslashes, newlines
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
@@ -103,7 +106,7 @@ class Grammars:
         except InvalidRequestError:
             raise
         except Exception as exc:  # xgrammar reports every bad input as RuntimeError or ValueError
-            raise InvalidRequestError(f"the {kind} constraint does not compile: {_first_line(exc)}") from None
+            raise InvalidRequestError(f"the {kind} constraint does not compile: {_first_line(exc)}", PARAM) from None
 
     def matcher(self, constraint: tuple[str, str]) -> "Constrained":
         """A fresh walk through the constraint: one a sequence."""
@@ -155,12 +158,12 @@ def _check_depth(schema_text: str) -> None:
     try:
         schema = json.loads(schema_text)
     except ValueError as exc:
-        raise InvalidRequestError(f"the json_schema constraint is not JSON: {exc}") from None
+        raise InvalidRequestError(f"the json_schema constraint is not JSON: {exc}", PARAM) from None
     level = [(schema, 1)]
     while level:
         value, depth = level.pop()
         if depth > MAX_SCHEMA_DEPTH:
-            raise InvalidRequestError(f"the json_schema constraint's JSON nests deeper than {MAX_SCHEMA_DEPTH} levels")
+            raise InvalidRequestError(f"the json_schema constraint's JSON nests deeper than {MAX_SCHEMA_DEPTH} levels", PARAM)
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         level += [(child, depth + 1) for child in children]
 

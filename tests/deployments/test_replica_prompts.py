@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from deployments.replica import LLMServer, _error_item
+from deployments.schemas import ChatCompletionRequest, CompletionRequest
 from engine.errors import InvalidRequestError
 from engine.inputs import InputProcessor
 from engine.tiny_model import make_tokenizer
@@ -22,7 +23,7 @@ class CountingInputs(InputProcessor):
 
 def _server(tmp_path, max_model_len: int) -> tuple[LLMServer, CountingInputs]:
     tok = make_tokenizer(tmp_path)
-    inputs = CountingInputs(tok, len(tok), max_model_len, True)
+    inputs = CountingInputs(tok, len(tok), max_model_len, True, (tok.eos_token_id,))
     server = object.__new__(LLMServer)  # _prepare reads only the engine's tokenizer and inputs
     server._engine = SimpleNamespace(tokenizer=tok, inputs=inputs, shutdown=lambda: None)  # __del__ calls it
     server._args = SimpleNamespace(max_model_len=max_model_len)
@@ -80,3 +81,32 @@ def test_logprob_entries_name_each_token_by_its_text_and_a_checkpoint_without_to
     assert server._token_texts == {ids[0]: tok.decode([ids[0]]), ids[1]: tok.decode([ids[1]])}
     server._engine.tokenizer, server._token_texts = None, {}
     assert server._logprob_entries([(7, -0.5, [(7, -0.5)])]) == [["", -0.5, [["", -0.5]]]]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"guided_regex": "a(b"}, "guided_regex"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format"),
+    ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": "root ::= missing_rule"}}, "structured_outputs.grammar"),
+])
+def test_a_constraint_the_engine_cannot_compile_is_refused_naming_the_field_that_spelt_it(tmp_path, fields, param):
+    """The request as the ingress sends it (its sampling and the constraint's field), refused by
+    the engine's inputs as the replica's stream refuses it: a 400 whose param is the field."""
+    server, inputs = _server(tmp_path, 64)
+    body = CompletionRequest(model="m", prompt="word", max_tokens=4, **fields)
+    request = {"prompt": "word", "max_tokens": 4, "sampling": body.sampling(),
+               "structured_field": body.structured_field()}
+    with pytest.raises(InvalidRequestError) as refused:
+        inputs.make_sequence("r", *server._prepare(request))
+    error = _error_item("r", refused.value, request)["error"]
+    assert error["status"] == 400 and error["param"] == param, error
+
+
+def test_a_forced_tool_choice_names_tools_as_its_constraints_field():
+    tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[tool],
+                                 tool_choice="required")
+    assert body.structured_field() == "tools" and body.sampling()["structured"] is not None
+    assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]).structured_field() is None

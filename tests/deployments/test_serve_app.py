@@ -499,8 +499,10 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
         (json.dumps({"model": "style", "prompt": "hi", "response_format": {}}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "guided_json": {"type": "object"},
                      "guided_whitespace_pattern": " "}), 400),
-        (json.dumps({"model": "style", "prompt": "hi", "guided_regex": "a(b"}), 400),
-        (json.dumps({"model": "style", "prompt": "hi", "guided_json": "{not json"}), 400),
+        (json.dumps({"model": "style", "prompt": "hi", "guided_regex": "a(b"}), 400, "guided_regex"),
+        (json.dumps({"model": "style", "prompt": "hi", "guided_json": "{not json"}), 400, "guided_json"),
+        (json.dumps({"model": "style", "prompt": "hi", "structured_outputs": {"regex": "a(b"}}), 400,
+         "structured_outputs.regex"),
         (json.dumps({"model": "style", "prompt": "hi", "guided_choice": []}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "guided_regex": "a", "guided_choice": ["b"]}), 400),
         (json.dumps({"model": "style", "prompt": "hi", "structured_outputs": {"structural_tag": "x"}}), 400),
@@ -510,11 +512,12 @@ def test_bad_requests_get_clean_4xx_and_service_keeps_serving(service, adapters)
         (json.dumps({"model": "nope", "prompt": "hi"}), 404),
         (json.dumps({"model": "style", "prompt": "x " * (2 * MAX_MODEL_LEN)}), 400),
     ]
-    for body, status in cases:
+    for body, status, *param in cases:
         response = httpx.post(url, content=body, headers=headers, timeout=60)
         assert response.status_code == status, (body[:60], response.text)
         error = response.json()["error"]
         assert error["message"] and error["type"]
+        assert not param or error["param"] == param[0], (body[:60], error)  # a constraint the engine refused
     big = upload_bytes(service, "huge", os.urandom(MAX_ADAPTER_BYTES + (256 << 10)))
     assert big.status_code == 413, big.text
     garbage = upload_bytes(service, "garbage", b"not safetensors")

@@ -122,6 +122,7 @@ def test_constraints_that_do_not_compile_are_refused_before_they_run(engine, con
     with pytest.raises(InvalidRequestError, match=message) as caught:
         engine.add_request("bad", PROMPTS[0], SamplingParams(max_tokens=4, structured=constraint))
     assert ".cc:" not in str(caught.value) and "Check failed" not in str(caught.value)  # the reason, not the log line
+    assert caught.value.param == "structured"  # the HTTP edge names the request's field for it
     assert not engine.has_unfinished_requests()
 
 
