@@ -56,10 +56,21 @@ async def _unexpected_error(_request: Request, exc: Exception):
     return to_api_error(exc).response()
 
 
+# the routes a client may be looking for when it asks for one this server lacks
+_SERVED = "/v1/completions, /v1/chat/completions, /v1/models and /v1/adapters"
+
+
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException):
+async def _http_error(request: Request, exc: StarletteHTTPException):
     cls = {404: NotFoundError, 401: AuthenticationError}.get(exc.status_code, APIError)
-    error = cls(str(exc.detail), code="http_error")
+    message, code = str(exc.detail), "http_error"
+    if exc.status_code == 404 and exc.detail == "Not Found":  # the router's: no route has this path
+        # OpenAI answers an unknown URL so; an SDK's embeddings or responses call lands here
+        message, code = (f"Invalid URL ({request.method} {request.url.path}): this server serves {_SERVED}",
+                         "unknown_url")
+    elif exc.status_code == 405:
+        message, code = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
+    error = cls(message, code=code)
     error.status_code = exc.status_code
     return error.response()
 

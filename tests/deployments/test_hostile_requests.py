@@ -165,3 +165,16 @@ def test_api_docs_are_public_in_development_mode_only(tmp_path, tiny_checkpoint,
     with TestClient(api, raise_server_exceptions=False) as client:
         assert client.get("/openapi.json").status_code == (404 if keys else 200)
         assert client.get("/docs").status_code == (404 if keys else 200)
+
+
+def test_a_route_this_server_lacks_is_a_404_naming_it_and_the_routes_it_serves(client):
+    """An SDK's embeddings call gets OpenAI's unknown-URL error, not Starlette's bare "Not Found";
+    a known path with another method is a 405 saying so."""
+    missing = _post_json(client, "/v1/embeddings", {"model": "base", "input": "hi"})
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert error["code"] == "unknown_url" and error["type"] == "not_found_error"
+    assert "POST /v1/embeddings" in error["message"] and "/v1/chat/completions" in error["message"]
+    wrong_method = client.get("/v1/completions", headers=HEADERS)
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["message"] == "GET is not allowed on /v1/completions"
