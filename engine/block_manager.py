@@ -5,7 +5,8 @@ The adapter heap may borrow blocks no sequence uses (engine.lora.manager; Engine
 b at heap floor + b blocks, so the heap grows over blocks 0, 1, ... and gives them back from
 the top. To keep those low blocks free for it, sequences get the highest free block first.
 The heap borrows only while `reserve_blocks` (what one step's new tokens can need) plus
-`growth_blocks` (what the running sequences can still grow into, set by the scheduler) stay
+`growth_blocks` (what the running sequences can still grow into, and the waiting ones holding
+an adapter reference will take, as many as seats are free: set by the scheduler) stay
 free, and a sequence short of blocks takes them back first (`can_allocate`): adapters nobody
 runs are a cache, the KV of running sequences is not. Without the growth term a full batch
 lends blocks its own sequences claim back a few steps later, and each claim moves or evicts
@@ -49,7 +50,7 @@ class BlockManager:
         self._plain = list(self._order) if prefix_cache is not None else []  # the same, of blocks holding no prefix
         self._held: list[int] = []  # min-heap of ids handed to sequences; ids freed since are skipped
         self.lent = 0  # blocks [0, lent) are the adapter heap's
-        self.growth_blocks = 0  # blocks the running sequences may still need (Scheduler sets it)
+        self.growth_blocks = 0  # blocks the running and the reserved sequences may still need (Scheduler sets it)
         self.borrower = None  # give_back(k) -> blocks it released from its top (engine.lora.manager)
 
     @property

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
@@ -75,6 +76,11 @@ class Scheduler:
         self._later: set[int] = set()
         self._kept_for: set[str] = set()
         self._later_blocks = 0
+        # waiting sequences holding an adapter slot reference (the prefetch's, an aged one's), in
+        # the order they took it, and those of them, as many as seats are free, whose KV blocks
+        # the heap may not borrow (`keep_blocks_for`)
+        self.holders: dict[int, Sequence] = {}
+        self._kept_blocks_of: set[int] = set()
 
     @property
     def num_waiting(self) -> int:
@@ -100,7 +106,9 @@ class Scheduler:
         self._later.clear()
         self._kept_for.clear()
         self._later_blocks = 0
-        self.block_manager.growth_blocks = sum(self._growth(seq) for seq in self.running)
+        self._kept_blocks_of = set(islice(self.holders, max(0, self.max_num_seqs - len(self.running))))
+        self.block_manager.growth_blocks = (sum(self._growth(seq) for seq in self.running)
+                                            + sum(self._growth(self.holders[i]) for i in self._kept_blocks_of))
         if self.lora_manager is not None:
             self.slots.begin_step(out)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
@@ -200,6 +208,7 @@ class Scheduler:
             return None  # the seats left are kept for sequences left for the next step
         if not blocks.can_allocate(seq, n, prefix, spare=self._later_blocks):
             return None  # KV is full: admit nobody rather than starve long prompts
+        self._drop_holder(seq)  # its growth counts again as it runs (_admit_waiting)
         self.waiting[seq.tenant].remove(seq)
         self.enqueued_step.pop(seq.seq_id, None)
         self._served(seq.tenant)
@@ -260,7 +269,29 @@ class Scheduler:
             appended.append((seq, token))
         return appended
 
+    def keep_blocks_for(self, seq: Sequence) -> None:
+        """seq (waiting) is about to take a slot reference: while a seat is free for it, the heap
+        borrows none of the KV blocks it will take. Its adapter is then held for it, so blocks
+        lent anyway could come back only as other waiting sequences' adapters are let go
+        (release_waiting), evicted and loaded again: in case d's first wave, reservations that
+        borrowed the KV of the sequences reserved before them kept those from starting for ~0.4 s
+        after their adapters landed (sim_workload.py --case-d). Holders past the free seats
+        cannot all run next, so their blocks stay lendable (the trace's prefetch window is twice
+        the batch)."""
+        if seq.seq_id in self.holders:
+            return
+        self.holders[seq.seq_id] = seq
+        if len(self._kept_blocks_of) < self.max_num_seqs - len(self.running):
+            self._kept_blocks_of.add(seq.seq_id)
+            self.block_manager.growth_blocks += self._growth(seq)
+
+    def _drop_holder(self, seq: Sequence) -> None:
+        if self.holders.pop(seq.seq_id, None) is not None and seq.seq_id in self._kept_blocks_of:
+            self._kept_blocks_of.discard(seq.seq_id)
+            self.block_manager.growth_blocks -= self._growth(seq)
+
     def release_slot(self, seq: Sequence) -> None:
+        self._drop_holder(seq)
         if seq.lora_slot is not None:
             self.lora_manager.release(seq.lora_slot)
             seq.lora_slot = None

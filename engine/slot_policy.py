@@ -309,9 +309,12 @@ class SlotPolicy:
             return "ok"
         try:
             if seq.lora_slot is None:
+                # its KV blocks are kept from the heap before the reservation, which may borrow
+                self.sched.keep_blocks_for(seq)
                 seq.lora_slot = self.lora_manager.reserve(seq.lora.lora_name, seq.lora.lora_path,
                                                           self._kept_from(seq.tenant))
                 if seq.lora_slot is None:
+                    self.sched.release_slot(seq)  # holds nothing: its blocks may be lent again
                     return "loading"  # on its way into the host tier, or no slot free
             if not self.lora_manager.is_ready(seq.lora_slot):
                 return "loading"

@@ -12,7 +12,7 @@ from engine.block_manager import BlockManager
 from engine.lora.adapter import LoRAAdapter, load_adapter
 from engine.lora.manager import LoRAManager
 from engine.lora.spans import SpanAllocator
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 from tests.engine.helpers import MIXED_PROMPTS, make_engine, step_logits, wait_for_adapters
 
 FAMILY = "qwen3_moe"
@@ -422,27 +422,62 @@ def test_landed_copies_are_forgotten_each_step():
         manager.shutdown()
 
 
+def _run(sched, steps: int) -> int:
+    """`steps` steps of a scheduler whose sequences sample token 7; returns the preemptions."""
+    preempted = 0
+    for _ in range(steps):
+        out = sched.schedule()
+        sched.launched(out, [True] * len(out.scheduled))
+        for seq, _token in sched.update_from_output(out, [7] * len(out.scheduled), 0.0):
+            if len(seq.output_token_ids) >= seq.params.max_tokens:
+                sched.finish(seq, "length")
+        preempted += out.num_preempted
+    return preempted
+
+
 def test_a_running_sequence_short_of_blocks_drops_waiting_prefetches_before_anyone_is_preempted():
-    """c, prefetched for a waiting request, sits on the 2 blocks the heap borrowed of 8; the two
-    running sequences grow to 4 blocks each: the prefetch is dropped and c evicted, and nobody
+    """c (64 elements on a 32-element heap) borrows 2 of the 8 blocks for a waiting request that
+    keeps only its own 2 from the heap; two base requests then take both seats and grow to 4
+    blocks each. Nothing under c can move, so the prefetch is dropped and c evicted, and nobody
     is preempted (with the reference kept, one of them was)."""
     from engine.scheduler import Scheduler
 
-    manager, pools, kv = _manager(64, 8, reserve=1, sizes={"a": 32, "b": 32, "c": 32})
+    manager, pools, kv = _manager(32, 8, reserve=1, sizes={"c": 64})
     try:
         sched = Scheduler(2, 64, kv, manager, max_model_len=64)
-        params = SamplingParams(max_tokens=12, ignore_eos=True)
-        running = [Sequence(k, f"r{k}", [1] * 4, params, LoRARequest(n, "x"), f"t{k}") for k, n in enumerate("ab")]
-        waiting = Sequence(2, "w", [1] * 4, params, LoRARequest("c", "x"), "t2")
+        grow = SamplingParams(max_tokens=12, ignore_eos=True)  # 4 prompt tokens + 12: 4 blocks
+        running = [Sequence(k, f"r{k}", [1] * 4, grow, None, f"t{k}") for k in range(2)]
+        waiting = Sequence(2, "w", [1] * 4, SamplingParams(max_tokens=4, ignore_eos=True), LoRARequest("c", "x"), "t2")
         for seq in (*running, waiting):
             sched.add(seq)
-        preempted = 0
-        for _ in range(12):  # 4 prompt tokens and 12 samples each: 15 tokens of KV, 4 blocks
-            out = sched.schedule()
-            sched.launched(out, [True] * len(out.scheduled))
-            sched.update_from_output(out, [7] * len(out.scheduled), 0.0)
-            preempted += out.num_preempted
+        preempted = _run(sched, 1)
+        assert kv.lent == 2 and waiting.lora_slot is not None and waiting.status is SequenceStatus.WAITING
+        preempted += _run(sched, 11)
         assert preempted == 0 and all(len(seq.output_token_ids) == 12 for seq in running)
-        assert manager.stats.kv_blocks_returned == 2 and "c" not in manager.resident()
+        assert manager.stats.kv_blocks_returned == 2 and manager.stats.evictions == 1
     finally:
         manager.shutdown()
+
+
+def test_a_reservation_borrows_none_of_the_blocks_a_reserved_sequence_with_a_free_seat_will_take():
+    """r runs on a (the whole 64-element heap) and w reserves c (32 elements: 2 blocks to borrow),
+    each to grow to 4 of the 8 blocks. With 2 seats the free blocks are theirs: c waits for a's
+    room rather than borrowing, and nobody is preempted (when c borrowed them, w ran beside r on
+    them and one of the two was preempted). With one seat w cannot run next, and c borrows."""
+    from engine.scheduler import Scheduler
+
+    for seats, lent in ((2, 0), (1, 2)):
+        manager, pools, kv = _manager(64, 8, reserve=1, sizes={"a": 64, "c": 32})
+        try:
+            sched = Scheduler(seats, 64, kv, manager, max_model_len=64)
+            params = SamplingParams(max_tokens=12, ignore_eos=True)
+            first = Sequence(0, "r", [1] * 4, params, LoRARequest("a", "x"), "t0")
+            second = Sequence(1, "w", [1] * 4, params, LoRARequest("c", "x"), "t1")
+            sched.add(first)
+            sched.add(second)
+            preempted = _run(sched, 1)
+            assert first.status is SequenceStatus.RUNNING and kv.lent == lent, seats
+            preempted += _run(sched, 40)
+            assert preempted == 0 and [len(s.output_token_ids) for s in (first, second)] == [12, 12], seats
+        finally:
+            manager.shutdown()
