@@ -72,7 +72,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
         message, code = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
     error = cls(message, code=code)
     error.status_code = exc.status_code
-    return error.response()
+    response = error.response()
+    response.headers.update(exc.headers or {})  # a 405's Allow
+    return response
 
 
 @api.exception_handler(RequestValidationError)

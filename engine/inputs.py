@@ -13,7 +13,7 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.sequence import LoRARequest, Sequence
-from engine.structured import Grammars
+from engine.structured import PARAM as STRUCTURED_PARAM, Grammars
 
 
 def load_tokenizer(config: EngineConfig):
@@ -53,7 +53,7 @@ class InputProcessor:
         """The compiler of structured output constraints for this tokenizer, made on the first
         request that asks (it reads the whole vocabulary)."""
         if self.tokenizer is None:
-            raise InvalidRequestError("this model has no tokenizer; structured outputs need one", "structured")
+            raise InvalidRequestError("this model has no tokenizer; structured outputs need one", STRUCTURED_PARAM)
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)

@@ -178,3 +178,4 @@ def test_a_route_this_server_lacks_is_a_404_naming_it_and_the_routes_it_serves(c
     wrong_method = client.get("/v1/completions", headers=HEADERS)
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["message"] == "GET is not allowed on /v1/completions"
+    assert wrong_method.headers["allow"] == "POST"

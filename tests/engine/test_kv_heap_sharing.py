@@ -481,3 +481,28 @@ def test_a_reservation_borrows_none_of_the_blocks_a_reserved_sequence_with_a_fre
             assert preempted == 0 and [len(s.output_token_ids) for s in (first, second)] == [12, 12], seats
         finally:
             manager.shutdown()
+
+
+def test_a_holder_that_leaves_the_queue_unreserved_gives_its_kept_blocks_back_to_the_heap():
+    """Two waiting requests reserve adapters and keep their 4 blocks each from the heap; one is
+    aborted, the other's reference dropped (release_waiting): each time the heap may borrow
+    again what it kept, and the holders stay the waiting sequences with a slot."""
+    from engine.scheduler import Scheduler, SchedulerOutput
+
+    manager, pools, kv = _manager(64, 16, reserve=1, sizes={"a": 32, "c": 32})
+    try:
+        sched = Scheduler(4, 64, kv, manager, max_model_len=64)
+        params = SamplingParams(max_tokens=12, ignore_eos=True)  # 4 prompt tokens + 12: 4 blocks
+        seqs = [Sequence(k, f"w{k}", [1] * 4, params, LoRARequest(n, "x"), f"t{k}") for k, n in enumerate("ac")]
+        for seq in seqs:
+            sched.add(seq)
+            assert sched.slots.adapter_state(seq, SchedulerOutput()) == "ok"  # reserved, not admitted
+        assert list(sched.holders) == [0, 1] and kv.growth_blocks == 8 and kv.lendable() == 16 - 1 - 8
+        sched.finish(seqs[0], "abort")
+        assert list(sched.holders) == [1] and kv.growth_blocks == 4 and kv.lendable() == 16 - 1 - 4
+        kv.lend(2)  # release_waiting drops references only while the heap holds borrowed blocks
+        assert sched.slots.release_waiting()
+        assert not sched.holders and kv.growth_blocks == 0 and seqs[1].lora_slot is None
+        assert seqs[1].status is SequenceStatus.WAITING and set(manager.resident()) == {"a", "c"}  # idle, cached
+    finally:
+        manager.shutdown()
