@@ -24,9 +24,12 @@ a heap of 65.61 GB (its 67.38 GB at the end less the 1122 KV blocks of 1.57 MB i
 that borrows idle KV blocks as the engine's does; a step costs that run's decode medians, 16.4 ms
 with adapters (at most 40 sequences a step) and 17.1 without (64), plus its prompt tokens. It
 sets the heap, KV, batch, adapter and request options itself; the copy, HBM and prompt-token
-rates still apply.
+rates still apply. `--case-d h100` is the H100 80GB run of 2026-12-06 (3737464) instead: 35
+layers (1.23 GB images), a heap of 24.35 GB (its 25.84 GB less the 1304 KV blocks of 1.15 MB it had
+borrowed), 15.2 ms a step with adapters (at most 21 sequences a step) and 17.47 without.
 
     python benchmarks/sim_workload.py --case-d --pcie-gbps 30   # the copies' rate in that run
+    python benchmarks/sim_workload.py --case-d h100 --pcie-gbps 46
 """
 import argparse
 import json
@@ -66,15 +69,17 @@ SPEC = spec_from_hf_config(hf_config(QWEN3_30B_A3B, 48))
 
 CASE_D_CLASS = (16, "both")  # bench_engine's case d: rank 16 on attention and every expert
 CASE_D = {"adapters": 64, "requests": 64, "max_num_seqs": 64, "prompt_range": [512, 512], "output_range": [128, 128],
-          "heap_gb": 65.61, "kv_tokens": 2624 * BLOCK, "no_sharing": False, "rank_unit": 16, "prefix_caching": True}
-CASE_D_NONE_MS, CASE_D_LORA_MS = 17.1, 16.4  # decode step medians of that run (docstring)
+          "kv_tokens": 2624 * BLOCK, "no_sharing": False, "rank_unit": 16, "prefix_caching": True}
+# per card's run (docstring): layers, the heap of its own, decode step medians without and with adapters
+CASE_D_RUNS = {"h200": {"layers": 48, "heap_gb": 65.61, "none_ms": 17.1, "lora_ms": 16.4},
+               "h100": {"layers": 35, "heap_gb": 24.35, "none_ms": 17.47, "lora_ms": 15.2}}
 
 
-def image_bytes(rank: int, targets: str, rank_unit: int = RANK_UNIT) -> int:
+def image_bytes(rank: int, targets: str, rank_unit: int = RANK_UNIT, spec=SPEC) -> int:
     """The heap image of an adapter of this class (engine.memory.lora_slot_bytes, bf16);
     rank_unit: what the experts' rank rounds up to (EngineConfig.lora_rank_unit, 16 or 8)."""
-    attention = lora_slot_bytes(SPEC, rank, torch.bfloat16, "bytes", "attention") if targets != "experts" else 0
-    experts = lora_slot_bytes(SPEC, rank, torch.bfloat16, "bytes", "experts", rank_unit) if targets != "attention" else 0
+    attention = lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "attention") if targets != "experts" else 0
+    experts = lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "experts", rank_unit) if targets != "attention" else 0
     return attention + experts
 
 
@@ -129,7 +134,8 @@ class ModelPools:
 def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | None = None) -> dict:
     """decode_ms: a step's cost before prompt tokens (None: --decode-ms, plus --lora-ms with adapters)."""
     clock = Clock()
-    num_blocks, block_bytes = -(-args.kv_tokens // BLOCK), kv_block_bytes(SPEC, BLOCK, torch.bfloat16)
+    spec = spec_from_hf_config(hf_config(QWEN3_30B_A3B, CASE_D_RUNS[args.case_d]["layers"])) if args.case_d else SPEC
+    num_blocks, block_bytes = -(-args.kv_tokens // BLOCK), kv_block_bytes(spec, BLOCK, torch.bfloat16)
     shared = with_adapters and not args.no_sharing
     blocks = BlockManager(num_blocks, BLOCK, step_reserve(2048, BLOCK, args.max_num_seqs),
                           PrefixCache(BLOCK) if args.prefix_caching else None)
@@ -138,7 +144,7 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
     manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1,
                           kv=blocks if shared else None, block_numel=block_bytes // 2)
     for k in range(args.adapters):  # every adapter already in the host tier, as bench_workload installs them
-        numel = image_bytes(*(CASE_D_CLASS if args.case_d else adapter_class(k)), args.rank_unit) // 2
+        numel = image_bytes(*(CASE_D_CLASS if args.case_d else adapter_class(k)), args.rank_unit, spec) // 2
         manager.host[f"w{k}"] = LoRAAdapter(f"w{k}", packed=torch.empty(1, dtype=torch.bfloat16).expand(numel))
     max_len = args.prompt_range[1] + args.output_range[1] + 16
     sched = Scheduler(args.max_num_seqs, 2048, blocks, manager if with_adapters else None, max_len,
@@ -215,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
                     "path measured 1.4-1.6x at 128-2048 tokens)")
     ap.add_argument("--pcie-gbps", type=float, default=54.0)
     ap.add_argument("--hbm-gbps", type=float, default=3000.0)
-    ap.add_argument("--case-d", action="store_true", help="bench_engine's case d instead of the trace; it sets "
-                    "the heap, KV, batch, adapter and request options (docstring)")
+    ap.add_argument("--case-d", nargs="?", const="h200", choices=sorted(CASE_D_RUNS), default=None,
+                    help="bench_engine's case d instead of the trace, as that card's run had it (h200 when "
+                    "bare); it sets the heap, KV, batch, adapter and request options (docstring)")
     args = ap.parse_args(argv)
     if args.case_d:
         for name, value in CASE_D.items():
             setattr(args, name, value)
+        args.heap_gb = CASE_D_RUNS[args.case_d]["heap_gb"]
         trace = [{"t": 0.0, "prompt": args.prompt_range[0], "output": args.output_range[0], "adapter": k}
                  for k in range(args.requests)]
     else:
@@ -228,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     results = {"provenance": provenance(list(sys.argv if argv is None else argv)), "args": vars(args),
                "model": "cost model, not a measurement (see the docstring)",
-               "no_adapters": simulate(args, trace, False, CASE_D_NONE_MS if args.case_d else None),
-               "adapters": simulate(args, trace, True, CASE_D_LORA_MS if args.case_d else None)}
+               "no_adapters": simulate(args, trace, False, CASE_D_RUNS[args.case_d]["none_ms"] if args.case_d else None),
+               "adapters": simulate(args, trace, True, CASE_D_RUNS[args.case_d]["lora_ms"] if args.case_d else None)}
     base, lora = results["no_adapters"], results["adapters"]
     results["goodput_ratio"] = lora["goodput_tok_per_s"] / base["goodput_tok_per_s"]
     results["ttft_p99_ratio"] = lora["ttft_s_p99"] / base["ttft_s_p99"]

@@ -59,3 +59,17 @@ def test_case_d_runs_under_40_of_its_64_adapters_a_step_and_longer_on_slower_cop
     assert 64 <= lora["slot_loads"] <= 70 and lora["evictions"] >= 24 and lora["kv_blocks_borrowed"] > 0
     assert lora["tokens_per_step"] < 40 < fast["no_adapters"]["tokens_per_step"]
     assert slow["adapters"]["seconds"] > lora["seconds"] and slow["no_adapters"] == fast["no_adapters"]
+
+
+def test_case_d_as_the_h100_ran_it_holds_fewer_adapters_a_step_on_smaller_images(tmp_path):
+    """The H100 run's 24.35 GB heap at 35 layers (1.23 GB images) holds about 20 adapters: fewer
+    sequences a step than the H200's 65.6 GB, and every adapter still loads."""
+    runs = {}
+    for card in ("h100", "h200"):
+        out = tmp_path / f"{card}.json"
+        assert sim_workload.main(["--case-d", card, "--pcie-gbps", "46", "--out", str(out)]) == 0
+        runs[card] = json.loads(out.read_text())
+    h100, h200 = runs["h100"]["adapters"], runs["h200"]["adapters"]
+    assert h100["finished"] == 64 and h100["slot_loads"] >= 64
+    assert h100["tokens_per_step"] < 22 < h200["tokens_per_step"]
+    assert runs["h100"]["args"]["heap_gb"] == 24.35 and runs["h200"]["args"]["heap_gb"] == 65.61
