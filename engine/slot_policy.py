@@ -239,7 +239,7 @@ class SlotPolicy:
         reserves again next step). Returns whether any were dropped (then try again first)."""
         if self.lora_manager is None or not self.sched.block_manager.lent:
             return False
-        holders = [seq for queue in self.sched.waiting.values() for seq in queue if seq.lora_slot is not None]
+        holders = list(self.sched.holders.values())  # every waiting sequence with a slot reference
         for seq in holders:
             self.sched.release_slot(seq)
         return bool(holders)
