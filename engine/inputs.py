@@ -47,6 +47,11 @@ class InputProcessor:
         tenant = tenant if tenant is not None else (lora.owner if lora else "")
         if params.structured is not None:  # refused here, before the engine loop sees it
             self.grammars().compile(params.structured)
+        # ids past the vocabulary are a client's mistake to report (vLLM's 400), not to drop
+        for field, ids_of in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+            if bad := [t for t in ids_of if t >= self.vocab_size]:
+                raise InvalidRequestError(f"{field} has token ids {bad[:5]} outside the vocabulary "
+                                          f"[0, {self.vocab_size})", field)
         return Sequence(next(self._seq_ids), request_id, ids, params, lora, tenant, time.perf_counter())
 
     def grammars(self) -> Grammars:
