@@ -168,7 +168,8 @@ class Ingress(AdapterRoutes):
             messages = [m.for_template() for m in body.messages]
         except ValueError as exc:
             raise BadRequestError(str(exc), code="unsupported_content", param="messages") from exc
-        payload = {"messages": messages, "max_tokens": body.token_budget()}
+        payload = {"messages": messages, "max_tokens": body.token_budget(),
+                   "template_options": body.template_options()}
         if body.tool_plan() is not None:  # the chat template renders them (deployments/tool_calls.py)
             payload["tools"] = body.tool_plan().tools
         return await self._complete(request, body, payload, CHAT)
@@ -189,7 +190,9 @@ class Ingress(AdapterRoutes):
             resolved = time.perf_counter()
             if model_id and self._hot.is_hot(model_id):  # balanced by load, not pinned to one replica
                 payload["adapter"], model_id = model_id, ""
-            self._check_budget(payload["max_tokens"])
+            if getattr(body, "max_completion_tokens", None) is not None:  # a refusal names it
+                payload["max_tokens_field"] = "max_completion_tokens"
+            self._check_budget(payload["max_tokens"], payload.get("max_tokens_field", "max_tokens"))
             rid = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
             payload.update(request_id=rid, tenant=tenant, sampling=body.sampling())
             if body.structured_field() is not None:  # the 400 of a constraint that does not compile names it
@@ -315,10 +318,10 @@ class Ingress(AdapterRoutes):
                 code="model_not_found", param="model")
         return ref
 
-    def _check_budget(self, max_tokens: int | None) -> None:
+    def _check_budget(self, max_tokens: int | None, field: str) -> None:
         limit = self._args.max_model_len
         if max_tokens is not None and max_tokens >= limit:
             raise BadRequestError(
-                f"max_tokens={max_tokens} does not fit this model's context of {limit} tokens "
+                f"{field}={max_tokens} does not fit this model's context of {limit} tokens "
                 "(prompt included); ask for fewer tokens", code="max_tokens_too_large",
-                param="max_tokens")
+                param=field)

@@ -32,6 +32,7 @@ from deployments.adapter_fetch import AdapterFetcher
 from deployments.args import AppArgs
 from deployments.errors import to_api_error
 from deployments.loop_lag import LoopLag
+from engine.errors import InvalidRequestError
 from engine.frontend import INLINE_TOKENIZE_CHARS, off_loop
 from engine.heap import freeze_startup_heap
 
@@ -141,20 +142,33 @@ class LLMServer:
             await asyncio.sleep(_STATS_PERIOD_S)
 
     def _prepare(self, request: dict):
-        prompt = self._prompt_of(request)
+        # tokenised once, here, and the engine handed the ids (checked as the engine checks text)
+        prompt = self._engine.inputs.tokenize(self._prompt_of(request))
+        room = self._args.max_model_len - len(prompt)
         max_tokens = request.get("max_tokens")
         if max_tokens is None and request.get("messages") is not None:
-            # a chat's default is the room its prompt leaves: tokenise it once, here, and hand
-            # the engine the ids (checked as the engine checks text)
-            prompt = self._engine.inputs.tokenize(prompt)
-            max_tokens = max(1, self._args.max_model_len - len(prompt))
-        return prompt, self._sampling_params(request, 16 if max_tokens is None else max_tokens)
+            max_tokens = max(1, room)  # a chat's default is the room its prompt leaves
+        elif (max_tokens := 16 if max_tokens is None else max_tokens) > room:  # 16: a completion's default
+            # refused, as OpenAI and vLLM do, rather than cut short at the context's end
+            field = request.get("max_tokens_field", "max_tokens")
+            raise InvalidRequestError(
+                f"{field}={max_tokens} is too large: this model's context is "
+                f"{self._args.max_model_len} tokens and the prompt takes {len(prompt)} "
+                f"({max_tokens} > {self._args.max_model_len} - {len(prompt)}); ask for at most {room}",
+                field)
+        return prompt, self._sampling_params(request, max_tokens)
 
     def _prompt_of(self, request: dict) -> str | list[int]:
         if request.get("messages") is None:
             return request["prompt"]
-        return self._engine.tokenizer.apply_chat_template(
-            request["messages"], tools=request.get("tools"), tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        options = {"add_generation_prompt": True, **(request.get("template_options") or {})}
+        try:
+            return self._engine.tokenizer.apply_chat_template(
+                request["messages"], tools=request.get("tools"), tokenize=False, **options)
+        except (TemplateError, ValueError) as exc:  # the template's raise_exception, or a turn to continue it cannot find
+            raise InvalidRequestError(f"the chat template refused these messages: {exc}", "messages") from exc
 
     def _sampling_params(self, request: dict, max_tokens: int):
         from engine import SamplingParams
@@ -213,7 +227,9 @@ class LLMServer:
                         for token, entry in zip(o.token_ids_delta, o.logprobs))
                 if first_token_at is None and token_ids:
                     if echo:
-                        self._echo(item, prompt, next((o.prompt_logprobs for o in batch if o.prompt_logprobs), None))
+                        # the prompt as sent: text comes back as it was, not as its ids decode
+                        self._echo(item, request.get("prompt", prompt),
+                                   next((o.prompt_logprobs for o in batch if o.prompt_logprobs), None))
                     first_token_at = time.perf_counter()
                     engine_timings = dict(next((o.timings for o in batch if o.timings), None) or {})
                     arrived_at = engine_timings.pop("arrived_at", None)

@@ -16,7 +16,7 @@ class FieldError(ValueError):
     it reports at no field): the 400 names `field` in OpenAI's `param`, as it does for a field
     validator's error. The message names the field itself."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str | None, message: str):
         super().__init__(message)
         self.field = field
 
@@ -65,7 +65,19 @@ NO_OP_VALUES: dict[str, tuple] = {
 }
 
 
-COMPLETION_ONLY_NO_OPS = ("best_of", "suffix")  # the others are fields of every request
+NO_OP_VALUES.update({
+    # vLLM's chat options not implemented here: a template of the request's own, documents for
+    # the template, echo of the last message, special tokens added to the rendered template
+    "chat_template": (), "documents": (), "echo": (False,), "add_special_tokens": (False,),
+})
+COMPLETION_ONLY_NO_OPS = ("best_of", "suffix")
+CHAT_ONLY_NO_OPS = ("chat_template", "documents", "echo", "add_special_tokens")  # the others: every request's
+# keywords of transformers' apply_chat_template itself: chat_template_kwargs passes the template's
+# own variables and may not set these (the replica sets them)
+TEMPLATE_CALL_KEYWORDS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 # choices one request may ask for (n); each counts against the tenant's requests in flight
 MAX_CHOICES = 16
 

@@ -7,8 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from adapter_store.errors import InvalidNameError
 from adapter_store.names import check_name
-from deployments.request_rules import (COMPLETION_ONLY_NO_OPS, MAX_CHOICES, MAX_STOP_SEQUENCES,
-                                       MAX_TOKEN_ID_DIGITS, NO_OP_VALUES, FieldError, find_lone_surrogate,
+from deployments.request_rules import (CHAT_ONLY_NO_OPS, COMPLETION_ONLY_NO_OPS, MAX_CHOICES,
+                                       MAX_STOP_SEQUENCES, MAX_TOKEN_ID_DIGITS, NO_OP_VALUES,
+                                       TEMPLATE_CALL_KEYWORDS, FieldError, find_lone_surrogate,
                                        refuse_unless_no_op)
 from deployments.structured_fields import structured_constraint
 from deployments.tool_calls import ToolPlan, tool_plan
@@ -75,11 +76,13 @@ class _SamplingFields(BaseModel):
     def _valid_unicode(cls, data):
         where = find_lone_surrogate(data)
         if where is not None:
-            raise ValueError(f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
+            field = where.removeprefix("a key of ")
+            raise FieldError(None if field == "the request" else field,
+                             f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
                              "text; send valid Unicode")
         return data
 
-    @field_validator(*(name for name in NO_OP_VALUES if name not in COMPLETION_ONLY_NO_OPS))
+    @field_validator(*(name for name in NO_OP_VALUES if name not in COMPLETION_ONLY_NO_OPS + CHAT_ONLY_NO_OPS))
     @classmethod
     def _unsupported(cls, value, info: ValidationInfo):
         return refuse_unless_no_op(value, info)
@@ -253,6 +256,48 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     takes_tools: ClassVar[bool] = True
+    # the chat template's options, as vLLM takes them: the assistant's turn opened for the reply,
+    # or the last message (an assistant's) continued instead; variables the template reads
+    # (Qwen3's enable_thinking, ...)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=32)
+    # refused unless they ask for nothing (NO_OP_VALUES)
+    chat_template: Any = None
+    documents: Any = None
+    echo: Any = None
+    add_special_tokens: Any = None
+
+    @field_validator(*CHAT_ONLY_NO_OPS)
+    @classmethod
+    def _unsupported_here(cls, value, info: ValidationInfo):
+        return refuse_unless_no_op(value, info)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value):
+        for key in value or {}:
+            if not key.isidentifier() or key in TEMPLATE_CALL_KEYWORDS:
+                raise ValueError(f"{key!r} is not a variable a chat template can be given; "
+                                 f"chat_template_kwargs takes the template's own (e.g. enable_thinking)")
+        return value
+
+    @model_validator(mode="after")
+    def _template_turn(self):
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise FieldError("continue_final_message", "continue_final_message continues the last "
+                                 "message and add_generation_prompt opens a new one: set add_generation_prompt "
+                                 "to false with it")
+            if self.messages[-1].role != "assistant":
+                raise FieldError("continue_final_message", "continue_final_message continues the last "
+                                 f"message, which must be the assistant's (it is the {self.messages[-1].role}'s)")
+        return self
+
+    def template_options(self) -> dict:
+        """What the replica hands the chat template beside the messages and tools."""
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message, **(self.chat_template_kwargs or {})}
 
     @model_validator(mode="after")
     def _one_constraint(self):

@@ -1,5 +1,6 @@
-"""LLMServer._prepare: a chat request without max_tokens is tokenised once, by the replica, and
-the engine receives its ids; its default max_tokens is the room the prompt leaves."""
+"""LLMServer._prepare: a request is tokenised once, by the replica, and the engine receives its
+ids; a chat's default max_tokens is the room the prompt leaves, and a max_tokens past that room
+is refused."""
 from types import SimpleNamespace
 
 import pytest
@@ -65,10 +66,39 @@ def test_a_refusal_names_the_field_the_request_spelt_in_param(tmp_path):
     assert _error_item("r", InvalidRequestError("no field at fault"), chat)["error"]["param"] is None
 
 
-def test_a_chat_request_with_max_tokens_hands_the_engine_its_text(tmp_path):
+def test_a_request_with_max_tokens_reaches_the_engine_as_ids_tokenised_once(tmp_path):
     server, inputs = _server(tmp_path, 256)
-    prompt, params = server._prepare({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
-    assert isinstance(prompt, str) and inputs.encodes == 0 and params.max_tokens == 5
+    for request in ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+                    {"prompt": "the quick brown fox", "max_tokens": 5}):
+        inputs.encodes = 0
+        prompt, params = server._prepare(request)
+        assert isinstance(prompt, list) and inputs.encodes == 1 and params.max_tokens == 5
+        inputs.make_sequence("r", prompt, params)
+        assert inputs.encodes == 1
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_past_the_room_the_prompt_leaves_is_refused_naming_the_field_sent(tmp_path, field):
+    """As OpenAI and vLLM: prompt + max_tokens over the context is a 400, not an output cut short."""
+    server, inputs = _server(tmp_path, 32)
+    prompt = "word " * 10
+    room = 32 - len(inputs.encode(prompt))
+    assert server._prepare({"prompt": prompt, "max_tokens": room})[1].max_tokens == room
+    request = {"prompt": prompt, "max_tokens": room + 1}
+    if field == "max_completion_tokens":
+        request["max_tokens_field"] = field
+    with pytest.raises(InvalidRequestError) as refused:
+        server._prepare(request)
+    error = _error_item("r", refused.value, request)["error"]
+    assert error["status"] == 400 and error["param"] == field
+    assert f"{field}={room + 1} is too large" in error["message"] and f"at most {room}" in error["message"]
+
+
+def test_a_completion_without_max_tokens_asks_for_16_and_is_refused_where_16_do_not_fit(tmp_path):
+    server, inputs = _server(tmp_path, 32)
+    assert server._prepare({"prompt": "hi", "max_tokens": None})[1].max_tokens == 16
+    with pytest.raises(InvalidRequestError, match="max_tokens=16 is too large"):
+        server._prepare({"prompt": "word " * 10, "max_tokens": None})
 
 
 def test_logprob_entries_name_each_token_by_its_text_and_a_checkpoint_without_tokenizer_by_none(tmp_path):
@@ -110,3 +140,65 @@ def test_a_forced_tool_choice_names_tools_as_its_constraints_field():
                                  tool_choice="required")
     assert body.structured_field() == "tools" and body.sampling()["structured"] is not None
     assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]).structured_field() is None
+
+
+def _chat(**fields) -> dict:
+    """The replica's payload of a chat request, as the ingress makes it."""
+    body = ChatCompletionRequest.model_validate({"model": "m", **fields})
+    return {"messages": [m.for_template() for m in body.messages], "max_tokens": 4,
+            "template_options": body.template_options()}
+
+
+TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello the"}]
+
+
+@pytest.mark.parametrize("fields, options", [
+    ({}, {"add_generation_prompt": True}),
+    ({"add_generation_prompt": False}, {"add_generation_prompt": False}),
+    ({"add_generation_prompt": False, "continue_final_message": True}, {"continue_final_message": True}),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, {"add_generation_prompt": True, "enable_thinking": False}),
+], ids=["default", "no_generation_prompt", "continue_final_message", "enable_thinking_false"])
+def test_the_chat_template_options_render_as_transformers_renders_them(tmp_path, fields, options):
+    server, inputs = _server(tmp_path, 256)
+    prompt, _ = server._prepare(_chat(messages=TURNS, **fields))
+    want = server._engine.tokenizer.apply_chat_template(TURNS, tokenize=False, **options)
+    assert prompt == inputs.encode(want)
+    if fields:  # each option changes what the model reads
+        default = server._engine.tokenizer.apply_chat_template(TURNS, tokenize=False, add_generation_prompt=True)
+        assert want != default
+    if "continue_final_message" in fields:
+        assert want.endswith("Hello the")  # the assistant's turn left open, its text to go on from
+    if "chat_template_kwargs" in fields:
+        assert want.endswith("<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt still true
+    ({"messages": TURNS[:1], "add_generation_prompt": False, "continue_final_message": True},
+     "continue_final_message"),  # the last message is the user's
+    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"not an identifier": 1}}, "chat_template_kwargs"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+    ({"echo": True}, "echo"),
+    ({"documents": [{"title": "a", "text": "b"}]}, "documents"),
+], ids=["both_turns", "continue_a_user_turn", "reserved_keyword", "bad_variable", "own_template", "echo",
+        "documents"])
+def test_chat_template_options_it_cannot_honour_are_refused_by_name(fields, param):
+    from deployments.errors import request_validation_error
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": TURNS, **fields})
+    assert request_validation_error(list(refused.value.errors())).param == param
+
+
+def test_a_conversation_the_template_refuses_is_a_400_naming_messages(tmp_path):
+    server, _ = _server(tmp_path, 256)
+    server._engine.tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('the first message must be a system message') }}"
+        "{% endif %}{{ messages[0]['content'] }}")
+    request = _chat(messages=TURNS)
+    with pytest.raises(InvalidRequestError, match="must be a system message") as refused:
+        server._prepare(request)
+    error = _error_item("r", refused.value, request)["error"]
+    assert error["status"] == 400 and error["param"] == "messages"
