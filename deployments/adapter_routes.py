@@ -92,7 +92,10 @@ class AdapterRoutes:
     @api.get("/v1/adapters/{name:path}")
     async def get_adapter(self, name: str, request: Request) -> dict:
         tenant = self._auth.tenant_of(request.headers)
-        info = await self._resolved.resolve(tenant, name)
+        try:
+            info = await self._resolved.resolve(tenant, name)
+        except AdapterNotFoundError as exc:
+            raise _no_such_adapter(name) from exc
         card = adapter_card(info).model_dump()
         if info.tenant == tenant:
             versions = await asyncio.to_thread(self._store.list_versions, tenant, info.name)
@@ -101,7 +104,10 @@ class AdapterRoutes:
 
     @api.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request, version: str | None = None):
-        await self._delete(self._auth.tenant_of(request.headers), name, version)
+        try:
+            await self._delete(self._auth.tenant_of(request.headers), name, version)
+        except AdapterNotFoundError as exc:
+            raise _no_such_adapter(name if version is None else f"{name}@{version}") from exc
         return {"id": name, "object": "adapter", "deleted": True}
 
     @api.post("/v1/unload_lora_adapter")
@@ -121,3 +127,10 @@ class AdapterRoutes:
         finally:  # a delete that failed half-way may still have removed versions
             await self._invalidate_everywhere(name)
         logger.info("tenant %s deleted adapter %s (version %s)", tenant, name, version or "all")
+
+
+def _no_such_adapter(ref: str) -> NotFoundError:
+    """The 404 of an adapter route: the adapter is in the path, no field of a body (param null),
+    and a tenant finds theirs through the API, not the operator's CLI."""
+    return NotFoundError(f"adapter {ref!r} not found; GET /v1/adapters lists yours and the shared ones",
+                         code="adapter_not_found")

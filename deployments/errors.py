@@ -8,6 +8,8 @@ every route the same way:
 """
 from __future__ import annotations
 
+import re
+
 from fastapi.responses import JSONResponse
 
 from deployments.request_rules import FieldError
@@ -19,19 +21,23 @@ class APIError(Exception):
     status_code = 400
     error_type = "invalid_request_error"
 
-    def __init__(self, message: str, code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, code: str | None = None, param: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.message = message
         self.code = code
         self.param = param
+        self.retry_after_s = retry_after_s  # a 429 or 503 worth retrying: when (clients' SDKs read it)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type,
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else None
-        return JSONResponse(self.body(), status_code=self.status_code, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
+        return JSONResponse(self.body(), status_code=self.status_code, headers=headers or None)
 
 
 class BadRequestError(APIError):
@@ -106,8 +112,9 @@ def _map_store_error(exc: BaseException) -> APIError | None:
         return NotFoundError(message, code="adapter_not_found", param="model")
     if isinstance(exc, store_errors.LimitExceededError):
         code = _code_of(exc, "limit_exceeded")
-        size = any(key in code for key in _SIZE_LIMIT_CODES) or "rank" in code
-        cls = PayloadTooLargeError if size else RateLimitError
+        if "rank" in code:  # the adapter's content, not the upload's size: this server cannot take it
+            return UnprocessableError(message, code=code)
+        cls = PayloadTooLargeError if any(key in code for key in _SIZE_LIMIT_CODES) else RateLimitError
         return cls(message, code=code)
     if isinstance(exc, store_errors.InvalidNameError):
         return BadRequestError(message, code=_code_of(exc, "invalid_name"), param="name")
@@ -163,9 +170,16 @@ def request_validation_error(errors: list[dict]) -> BadRequestError:
     return BadRequestError(f"{where}: {message}", code="invalid_request_body", param=where)
 
 
+# Where a field takes one of several types, pydantic names the branch it tried in the error's
+# location ("prompt", "list[int]", 1): a client's field has no such part
+_UNION_BRANCHES = re.compile(r"^(str|int|float|bool|none|bytes)$|[\[\]-]")
+
+
 def _field_path(loc: tuple) -> str:
-    """("messages", 0, "content") -> "messages[0].content"."""
+    """("messages", 0, "content") -> "messages[0].content"; ("prompt", "list[int]", 1) -> "prompt[1]"."""
     path = ""
     for part in loc:
+        if isinstance(part, str) and _UNION_BRANCHES.search(part):
+            continue
         path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return path

@@ -78,5 +78,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError):
+async def _validation_error(request: Request, exc: RequestValidationError):
+    # FastAPI checks the body before the route asks who sends it: a caller without a valid key
+    # hears that first (401/403), as from OpenAI and vLLM, not what is wrong with its body
+    auth = _ingress_attr("_auth", None)
+    if auth is not None:
+        try:
+            auth.tenant_of(request.headers)
+        except APIError as refused:
+            return refused.response()
     return request_validation_error(list(exc.errors())).response()

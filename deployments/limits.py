@@ -38,7 +38,7 @@ class TenantLimiter:
             raise RateLimitError(
                 f"tenant {tenant!r} already has {self._active[tenant]} requests in flight (limit "
                 f"{self.limit(tenant)}{asked}); wait for one to finish and retry",
-                code="too_many_concurrent_requests")
+                code="too_many_concurrent_requests", retry_after_s=1)
         self._active[tenant] += count
 
     def release(self, tenant: str, count: int = 1) -> None:

@@ -268,6 +268,14 @@ def test_malformed_json_is_a_400_saying_so_and_where_with_no_param(http):
     assert "not valid JSON" in error["message"] and "character 17" in error["message"]
 
 
+@pytest.mark.parametrize("body", [b'{"model": "base",, "prompt": "hi"}', b'{"model": "base", "prompt": 5}'],
+                         ids=["malformed_json", "wrong_type"])
+def test_a_caller_without_credentials_hears_401_before_what_is_wrong_with_its_body(http, body):
+    response = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "missing_tenant"  # development mode's credential
+
+
 def test_validator_messages_carry_no_pydantic_prefix(client):
     with pytest.raises(openai.BadRequestError) as caught:
         _complete(client, BASE, stop=["a", "b", "c", "d", "e"])

@@ -86,6 +86,21 @@ def test_malformed_completion_fields_are_400_before_the_replica(client, fields):
     _assert_openai_error(_post_json(client, "/v1/completions", body), 400, "invalid_request_error")
 
 
+@pytest.mark.parametrize("path, fields, param", [
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+    ("/v1/completions", {"stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "hello \ud800"}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udc00"}]}, "messages[0].content"),
+], ids=["prompt_int", "prompt_mixed_list", "stop_int", "prompt_surrogate", "content_int", "content_surrogate"])
+def test_a_malformed_field_is_named_in_param_as_the_request_spelt_it(client, path, fields, param):
+    """param is the client's field, never the type pydantic tried for it ("prompt.str")."""
+    body = {"model": "base", "max_tokens": 4, **({"prompt": "hello"} if "completions" == path[4:] else {}), **fields}
+    error = _assert_openai_error(_post_json(client, path, body), 400, "invalid_request_error")
+    assert error["param"] == param, error
+
+
 @pytest.mark.parametrize("content", ["\ud83d", [{"type": "text", "text": "a\udc00"}]], ids=["string", "text_part"])
 def test_chat_message_with_a_lone_surrogate_is_400(client, content):
     body = {"model": "base", "messages": [{"role": "user", "content": content}]}

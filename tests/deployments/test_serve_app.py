@@ -8,6 +8,7 @@ import json
 import os
 import re
 import threading
+import time
 
 import httpx
 import jsonschema
@@ -122,6 +123,20 @@ def test_chat_completions_stream_and_not(service, adapters, oracle):
             model="style", messages=messages, max_tokens=10, temperature=0, stream=True)
         if chunk.choices)
     assert streamed == want["text"]
+
+
+@pytest.mark.parametrize("options, template", [
+    ({"add_generation_prompt": False, "continue_final_message": True}, {"continue_final_message": True}),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, {"add_generation_prompt": True, "enable_thinking": False}),
+], ids=["continue_final_message", "enable_thinking_false"])
+def test_chat_template_options_reach_the_template_as_vllm_passes_them(service, adapters, oracle, options, template):
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "The quick"}]
+    prompt = oracle.engine.tokenizer.apply_chat_template(messages, tokenize=False, **template)
+    want = oracle.complete(prompt, 6, adapters["globex"], "globex/style")
+    done = _client(service, "globex").chat.completions.create(
+        model="style", messages=messages, max_tokens=6, temperature=0, extra_body=options)
+    assert done.choices[0].message.content == want["text"]
+    assert done.usage.prompt_tokens == len(oracle.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
 def test_logprobs_of_completions_and_chats_equal_the_engines_streamed_or_not(service, adapters, oracle):
@@ -439,7 +454,9 @@ def test_tenants_cannot_see_use_or_delete_others_adapters(service, adapters, tin
                                    headers=auth("globex"))):
         response = call()
         assert response.status_code == 404, response.text
-        assert response.json()["error"]["type"] == "not_found_error"
+        error = response.json()["error"]
+        assert error["type"] == "not_found_error" and error["param"] is None  # the path names it
+        assert "GET /v1/adapters lists yours" in error["message"]
     with pytest.raises(openai.NotFoundError):
         globex.completions.create(model="private", prompt="hi", max_tokens=2)
     with pytest.raises(openai.NotFoundError):
@@ -559,6 +576,7 @@ def test_tenant_concurrency_and_adapter_count_limits(service, tiny_adapter):
     assert len(codes) == 5 and 429 in codes and codes.count(200) <= 4, codes
     refusal = next(r for r in responses if r.status_code == 429)
     assert refusal.json()["error"]["code"] == "too_many_concurrent_requests"
+    assert refusal.headers["retry-after"] == "1"  # the SDKs wait that long before their retry
     # finished requests give their slots back
     wait_for(lambda: httpx.post(f"{service}/v1/completions", headers=headers, timeout=60,
                                 json={"model": BASE, "prompt": "hi", "max_tokens": 2}
@@ -597,6 +615,26 @@ def test_client_leaving_mid_stream_cancels_the_request_at_the_engine_replica(ser
                    for p in log_dir.rglob("*LLMServer*") if p.is_file())
 
     wait_for(replica_saw_cancel, timeout_s=60, what="the engine replica's cancel of the request")
+
+
+def test_client_leaving_a_whole_response_cancels_the_request_at_the_engine_replica(service, adapters):
+    """Without stream the ingress awaits the whole output: a client gone meanwhile must not
+    leave its request decoding (and holding a seat and the tenant's place) to the end."""
+    log_dir = service.ray_dir / "session_latest" / "logs"
+
+    def cancels() -> int:
+        return sum(p.read_text(errors="replace").count("cancelled by the caller")
+                   for p in log_dir.rglob("*LLMServer*") if p.is_file())
+
+    body = {"model": "style", "prompt": PROMPTS[0], "max_tokens": 240, "ignore_eos": True}
+    started = time.perf_counter()
+    assert httpx.post(f"{service}/v1/completions", headers=auth("acme"), json=body,
+                      timeout=60).status_code == 200
+    whole_s = time.perf_counter() - started  # the client leaves a quarter of the way in
+    before = cancels()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{service}/v1/completions", headers=auth("acme"), json=body, timeout=whole_s / 4)
+    wait_for(lambda: cancels() > before, timeout_s=60, what="the engine replica's cancel of the request")
 
 
 def test_prometheus_metrics_per_tenant_and_engine(service, adapters):

@@ -77,6 +77,7 @@ def test_store_and_engine_errors_map_to_openai_statuses():
     cases = [
         (se.AdapterNotFoundError("no adapter x"), NotFoundError, 404),
         (se.LimitExceededError("too big", code="adapter_too_large"), PayloadTooLargeError, 413),
+        (se.LimitExceededError("rank 64 is over 32", code="rank_too_high"), None, 422),  # its content, not its size
         (se.LimitExceededError("too many", code="too_many_adapters"), RateLimitError, 429),
         (se.InvalidNameError("bad name"), BadRequestError, 400),
         (se.ValidationError("wrong shape"), None, 422),
@@ -128,8 +129,9 @@ def test_tenant_limiter_counts_per_tenant():
     limiter = TenantLimiter(2, {"vip": 3}.get)
     for _ in range(2):
         limiter.acquire("a")
-    with pytest.raises(RateLimitError):
+    with pytest.raises(RateLimitError) as refused:
         limiter.acquire("a")
+    assert refused.value.response().headers["retry-after"] == "1"  # worth a retry, soon
     limiter.acquire("b")
     limiter.release("a")
     limiter.acquire("a")
