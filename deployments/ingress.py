@@ -65,6 +65,7 @@ class Ingress(AdapterRoutes):
                               response_serialization="pickle")
         self._llm = llm
         self._args = args
+        self._started = int(time.time())  # the base model card's `created`
         self._ready_answer: tuple[float, dict] | None = None  # (when, an engine replica's ready())
         self._ready_call: asyncio.Future | None = None
         self._clock = time.monotonic
@@ -148,11 +149,40 @@ class Ingress(AdapterRoutes):
         else:
             tenant = self._auth.tenant_of(request.headers)
             adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
-        base = self._args.model_name()
-        cards = [ModelCard(id=base, owned_by="moeplex")]
-        cards += [ModelCard(id=a.name, owned_by=a.tenant, root=f"{a.name}@{a.version}",
-                            parent=base) for a in adapters]
+        cards = [self._base_card()] + [self._adapter_card(a.name, a) for a in adapters]
         return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> dict:
+        """OpenAI's retrieve (the SDK's models.retrieve): the card of a `model` as a request names
+        it (the base model, an adapter's name, name@version or '<base>:<adapter>')."""
+        tenant = None if self._auth.dev_mode and not request.headers.get(TENANT_HEADER) else (
+            self._auth.tenant_of(request.headers))
+        ref = self._adapter_ref(model)
+        if ref is None:
+            return self._base_card().model_dump()
+        try:
+            info = await self._resolved.resolve(tenant or _ANY_TENANT, ref)
+        except (AdapterNotFoundError, InvalidNameError) as exc:
+            raise self._unknown_model(model) from exc
+        if tenant is None and not info.shared:  # no tenant named: the shared adapters only, as in the list
+            raise self._unknown_model(model)
+        return self._adapter_card(model, info).model_dump()
+
+    def _base_card(self) -> ModelCard:
+        return ModelCard(id=self._args.model_name(), owned_by="moeplex", created=self._started,
+                         max_model_len=self._args.max_model_len)
+
+    def _adapter_card(self, model: str, info) -> ModelCard:
+        return ModelCard(id=model, owned_by=info.tenant, root=f"{info.name}@{info.version}",
+                         parent=self._args.model_name(), max_model_len=self._args.max_model_len,
+                         created=int(info.manifest.get("created_unix", self._started)))
+
+    @staticmethod
+    def _unknown_model(model: str) -> NotFoundError:
+        return NotFoundError(f"model {model!r} does not exist or is not available to you; GET "
+                             "/v1/models lists the base model and your adapters",
+                             code="model_not_found", param="model")
 
     # ---- completions --------------------------------------------------------------
     @api.post("/v1/completions")
@@ -295,10 +325,7 @@ class Ingress(AdapterRoutes):
             raise BadRequestError(f"model {model!r} names neither the served model nor an "
                                   f"adapter: {exc}", code="invalid_model", param="model") from exc
         except AdapterNotFoundError as exc:
-            raise NotFoundError(
-                f"model {model!r} does not exist or is not available to you; GET /v1/models "
-                "lists the base model and your adapters", code="model_not_found",
-                param="model") from exc
+            raise self._unknown_model(model) from exc
         return info.ref
 
     def _adapter_ref(self, model: str) -> str | None:

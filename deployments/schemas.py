@@ -351,10 +351,11 @@ class Usage(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = 0
+    created: int = 0  # Unix seconds: the ingress's start for the base model, an adapter's upload
     owned_by: str
     root: str | None = None
     parent: str | None = None
+    max_model_len: int | None = None  # vLLM's: the context a request's prompt and output share
 
 
 class AdapterCard(BaseModel):

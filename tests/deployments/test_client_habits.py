@@ -160,6 +160,24 @@ def test_base_colon_adapter_and_bare_adapter_route_to_the_same_adapter(client, i
     assert ingress._llm.model_ids == [style, style, style, ""]
 
 
+def test_models_retrieve_gives_the_card_of_a_model_as_a_request_names_it(client, ingress, style, http):
+    """OpenAI's GET /v1/models/{id} (the SDK's models.retrieve), for the base model and an
+    adapter by each of its names; another tenant's adapter and an unknown one are 404s."""
+    version = style.rpartition("@")[2]
+    base = client.models.retrieve(BASE)
+    assert base.id == BASE and base.owned_by == "moeplex" and base.created > 0
+    assert base.model_extra["max_model_len"] == ingress._args.max_model_len
+    for model in ["style", f"{BASE}:style", f"style@{version}"]:
+        card = client.models.retrieve(model)
+        assert (card.id, card.owned_by, card.model_extra["root"], card.model_extra["parent"]) == (
+            model, "acme", f"style@{version}", BASE)
+        assert card.created >= base.created - 5  # uploaded after the ingress started
+    for model, headers in [("nope", HEADERS), ("style", {"X-Tenant-Id": "globex"}), ("style", {})]:
+        response = http.get(f"/v1/models/{model}", headers=headers)
+        assert response.status_code == 404, (model, headers, response.text)
+        assert response.json()["error"]["code"] == "model_not_found" and response.json()["error"]["param"] == "model"
+
+
 def test_unknown_base_before_the_colon_is_404_naming_the_served_model(client, ingress, style):
     with pytest.raises(openai.NotFoundError) as caught:
         _complete(client, "llama-3:style")
