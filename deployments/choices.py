@@ -53,7 +53,7 @@ async def collect_choices(builders: list[ResponseBuilder], firsts: list[dict], s
             read.cancel()
             items.cancel()
         raise
-    choices = [b.whole_choice(text, last["finish_reason"], ids, logprobs)
+    choices = [b.whole_choice(text, last["finish_reason"], ids, logprobs, last.get("stop_reason"))
                for b, (text, ids, logprobs, last) in zip(builders, done)]
     return JSONResponse(builders[0].whole(choices, _usage(last for *_, last in done)))
 

@@ -59,10 +59,11 @@ class ResponseBuilder:
         return choice
 
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
-              token_ids: list[int] | None = None, logprobs: list | None = None) -> dict:
+              token_ids: list[int] | None = None, logprobs: list | None = None,
+              stop_reason: int | str | None = None) -> dict:
         if self.kind == COMPLETION:
             choice = {"index": self.index, "text": text, "logprobs": self.logprobs(logprobs),
-                      "finish_reason": finish_reason}
+                      "finish_reason": finish_reason, "stop_reason": stop_reason}
             return {**self._head(COMPLETION), "choices": [self._with_ids(choice, token_ids)]}
         calls = []
         if self._tool_stream is not None:
@@ -77,23 +78,25 @@ class ResponseBuilder:
         if calls:
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
         choice = {"index": self.index, "delta": delta, "logprobs": self.logprobs(logprobs),
-                  "finish_reason": finish_reason}
+                  "finish_reason": finish_reason, "stop_reason": stop_reason}
         return {**self._head("chat.completion.chunk"), "choices": [self._with_ids(choice, token_ids)]}
 
     def usage_chunk(self, usage: Usage) -> dict:
         obj = COMPLETION if self.kind == COMPLETION else "chat.completion.chunk"
         return {**self._head(obj), "choices": [], "usage": usage.model_dump()}
 
-    def full(self, text: str, finish_reason: str, usage: Usage,
-             token_ids: list[int] | None = None, logprobs: list | None = None) -> dict:
-        return self.whole([self.whole_choice(text, finish_reason, token_ids, logprobs)], usage)
+    def full(self, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None,
+             logprobs: list | None = None, stop_reason: int | str | None = None) -> dict:
+        return self.whole([self.whole_choice(text, finish_reason, token_ids, logprobs, stop_reason)], usage)
 
     def whole(self, choices: list[dict], usage: Usage) -> dict:
         """A whole (not streamed) response of these choices (whole_choice's)."""
         return {**self._head(self.kind), "choices": choices, "usage": usage.model_dump()}
 
     def whole_choice(self, text: str, finish_reason: str, token_ids: list[int] | None = None,
-                     logprobs: list | None = None) -> dict:
+                     logprobs: list | None = None, stop_reason: int | str | None = None) -> dict:
+        """One choice of a whole response; stop_reason is vLLM's: the stop string or stop token
+        id that ended it, else None."""
         if self.kind == COMPLETION:
             choice = {"index": self.index, "text": text}
         elif self.tools is not None:
@@ -105,7 +108,7 @@ class ResponseBuilder:
             finish_reason = _finish_with(finish_reason, calls, self.tools)
         else:
             choice = {"index": self.index, "message": {"role": "assistant", "content": text}}
-        choice.update(logprobs=self.logprobs(logprobs), finish_reason=finish_reason)
+        choice.update(logprobs=self.logprobs(logprobs), finish_reason=finish_reason, stop_reason=stop_reason)
         return self._with_ids(choice, token_ids)
 
 
@@ -148,7 +151,8 @@ def chunk_line(builder: ResponseBuilder, item: dict, first: bool, include_usage:
     finish, ids, logprobs = item.get("finish_reason"), item.get("token_ids"), item.get("logprobs")
     if not (item["text"] or finish is not None or first or (builder.return_token_ids and ids) or logprobs):
         return None
-    chunk = builder.chunk(item["text"], finish, first=first, token_ids=ids, logprobs=logprobs)
+    chunk = builder.chunk(item["text"], finish, first=first, token_ids=ids, logprobs=logprobs,
+                          stop_reason=item.get("stop_reason"))
     held = builder.tools is not None and chunk["choices"][0]["delta"] == {"content": ""}
     if held and finish is None and not first and not (builder.return_token_ids and ids) and not logprobs:
         return None  # text held back as a possible tool call (deployments/tool_calls.py)

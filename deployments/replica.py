@@ -242,7 +242,7 @@ class LLMServer:
                 last = batch[-1]
                 if last.finished:
                     finished = True
-                    item.update(finish_reason=last.finish_reason,
+                    item.update(finish_reason=last.finish_reason, stop_reason=last.stop_reason,
                                 prompt_tokens=last.num_prompt_tokens,
                                 completion_tokens=last.num_output_tokens,
                                 cached_tokens=last.num_cached_tokens)

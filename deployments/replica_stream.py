@@ -45,7 +45,7 @@ def error_from_item(error: dict) -> APIError:
 async def collect(builder: ResponseBuilder, first: dict, items) -> JSONResponse:
     text, ids, logprobs, last = await read_rest(first, items)
     usage = Usage.of_item(last)
-    return JSONResponse(builder.full(text, last["finish_reason"], usage, ids, logprobs))
+    return JSONResponse(builder.full(text, last["finish_reason"], usage, ids, logprobs, last.get("stop_reason")))
 
 
 async def read_rest(first: dict, items) -> tuple[str, list[int], list | None, dict]:

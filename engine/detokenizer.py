@@ -30,6 +30,7 @@ class IncrementalDetokenizer:
         self.head_len, self.head_text = 0, ""  # decode(ids[:head_len]), checked to split cleanly
         self.next_move = 2 * window  # output length at which to try moving the head
         self.stop_floor = 0  # a stop string counts only if it ends past this (min_tokens)
+        self.stopped_by: str | None = None  # the stop string that ended the text
 
     def update(self, output_ids: list[int], finished: bool, check_stop: bool = True) -> tuple[str, bool]:
         """(new text delta, whether a stop string ended the text); check_stop=False: no stop string
@@ -83,9 +84,12 @@ class IncrementalDetokenizer:
         """Where the text ends at the first stop string in it (before it, or after it with
         include_stop), or None."""
         start = max(0, len(self.sent) - self.hold_back)
-        hits = [(i, i + len(s) if self.include_stop else i) for s in self.stop
+        hits = [(i, i + len(s) if self.include_stop else i, s) for s in self.stop
                 if (i := full.find(s, max(start, self.stop_floor - len(s) + 1))) >= 0]
-        return min(hits)[1] if hits else None
+        if not hits:
+            return None
+        _, end, self.stopped_by = min(hits)
+        return end
 
     def _emit(self, text: str) -> str:
         if not text.startswith(self.sent):

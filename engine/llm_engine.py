@@ -241,6 +241,8 @@ class LLMEngine:
         out = RequestOutput(seq.request_id, delta, [token], reason is not None, reason,
                             seq.num_prompt_tokens, len(seq.output_token_ids), detok.sent if detok else "")
         out.error = broken
+        if reason == "stop":
+            out.stop_reason = detok.stopped_by if stop_hit else token if token in seq.params.stop_token_ids else None
         if logprobs is not None:
             out.logprobs = [logprobs]
         if len(seq.output_token_ids) == 1:
@@ -373,7 +375,7 @@ class LLMEngine:
         for rid, prompt, lora in zip(ids, prompts, loras):
             self.add_request(rid, prompt, params, lora)
         results = {rid: {"text": "", "token_ids": [], "logprobs": [], "prompt_logprobs": None,
-                         "finish_reason": None, "error": None} for rid in ids}
+                         "finish_reason": None, "stop_reason": None, "error": None} for rid in ids}
         while any(results[r]["finish_reason"] is None for r in ids):
             outputs = self.step()  # blocks briefly by itself while only adapter loads are pending
             for out in (o for o in outputs if o.request_id in results):
@@ -383,7 +385,7 @@ class LLMEngine:
                 res["logprobs"] += out.logprobs or []
                 res["prompt_logprobs"] = out.prompt_logprobs or res["prompt_logprobs"]
                 if out.finished:
-                    res["finish_reason"], res["error"] = out.finish_reason, out.error
+                    res["finish_reason"], res["stop_reason"], res["error"] = out.finish_reason, out.stop_reason, out.error
         return [results[r] for r in ids]
 
     def shutdown(self) -> None:

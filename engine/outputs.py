@@ -26,3 +26,7 @@ class RequestOutput:
     # its logprob given the tokens before it, [(token id, logprob)] of the most likely tokens
     # there); the first token's logprob is None and its list empty
     prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
+    # vLLM's: what stopped it, where finish_reason is "stop": the stop string or the stop token id
+    # that matched; None for an end of sequence or a structured output's end. Last: callers
+    # build outputs with positional fields
+    stop_reason: int | str | None = None

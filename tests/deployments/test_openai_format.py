@@ -150,3 +150,21 @@ def test_completion_top_logprobs_add_the_sampled_token_when_not_among_them_and_k
     builder = ResponseBuilder(COMPLETION, "cmpl-1", "m")
     out = builder.logprobs([["z", -3.0, [["a", -0.5], ["\ufffd", -1.0], ["\ufffd", -2.0]]]])
     assert out["top_logprobs"] == [{"a": -0.5, "\ufffd": -1.0, "z": -3.0}]
+
+
+@pytest.mark.parametrize("kind", [COMPLETION, CHAT])
+@pytest.mark.parametrize("stop_reason", ["\n\n", 42, None], ids=["stop_string", "stop_token_id", "none"])
+def test_stop_reason_is_vllms_on_the_last_chunk_and_the_whole_choice(kind, stop_reason):
+    items = [dict(item) for item in ITEMS]
+    items[-1].update(finish_reason="stop", stop_reason=stop_reason)
+
+    async def run():
+        streamed = [line async for line in sse_events(ResponseBuilder(kind, "cmpl-1", "m"), _aiter(items),
+                                                      include_usage=False)]
+        whole = await collect(ResponseBuilder(kind, "cmpl-1", "m"), items[0], _aiter(items[1:]))
+        return streamed, json.loads(whole.body)
+
+    streamed, whole = asyncio.run(run())
+    chunks = [json.loads(line[6:]) for line in streamed if line != "data: [DONE]\n\n"]
+    assert [c["choices"][0]["stop_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [stop_reason]
+    assert whole["choices"][0]["finish_reason"] == "stop" and whole["choices"][0]["stop_reason"] == stop_reason

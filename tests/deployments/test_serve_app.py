@@ -306,6 +306,7 @@ def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
                                         extra_body={"ignore_eos": True, "stop_token_ids": [ids[2]]})
     cut = ids.index(ids[2]) + 1
     assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == cut
+    assert stopped.choices[0].model_extra["stop_reason"] == ids[2]  # vLLM's: the stop token that matched
     full = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})
     assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"

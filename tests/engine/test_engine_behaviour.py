@@ -108,16 +108,19 @@ def test_stop_token_ids_eos_and_stop_strings(qwen):
     out = make_engine(qwen).generate([PROMPTS[0]], SamplingParams(
         max_tokens=12, temperature=0, stop_token_ids=[third]))[0]
     assert out["token_ids"] == base["token_ids"][:3] and out["finish_reason"] == "stop"
+    assert out["stop_reason"] == third  # vLLM's: the stop token id that matched
     engine = make_engine(qwen)
     engine.spec.eos_token_ids = (third,)  # as if the checkpoint's generation_config said so
     out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0))[0]
     assert out["token_ids"] == base["token_ids"][:3] and out["finish_reason"] == "stop"
+    assert out["stop_reason"] is None  # an end of sequence names none
     stop = base["text"][3:6]
     assert stop.strip(), "need a visible stop string"
     out = make_engine(qwen).generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0,
                                                                   ignore_eos=True, stop=[stop]))[0]
-    assert out["finish_reason"] == "stop"
+    assert out["finish_reason"] == "stop" and out["stop_reason"] == stop
     assert out["text"] == base["text"][:base["text"].find(stop)]
+    assert base["finish_reason"] == "length" and base["stop_reason"] is None
 
 
 def test_generation_config_eos_is_read(qwen):
