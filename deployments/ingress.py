@@ -210,9 +210,11 @@ class Ingress(AdapterRoutes):
         tenant, n = self._auth.tenant_of(request.headers), body.n
         self._loop_lag.ensure_started()
         if n > (limit := self._limiter.limit(tenant)):  # it could never run: say so, not 429 (retry)
+            k = self._limiter.num_replicas
+            shared = f", the tenant's limit shared out over {k} ingress replicas" if k > 1 else ""
             raise BadRequestError(
-                f"n={n} choices are more than tenant {tenant!r} may have in flight here ({limit}); send "
-                f"n <= {limit}, or ask the operator for a higher max_concurrent_requests_per_tenant",
+                f"n={n} choices are more than tenant {tenant!r} may have in flight here ({limit}{shared}); "
+                f"send n <= {limit}, or ask the operator for a higher {self._limiter.setting_of(tenant)}",
                 code="too_many_choices", param="n")
         self._limiter.acquire(tenant, n)
         try:

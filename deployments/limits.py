@@ -18,12 +18,18 @@ class TenantLimiter:
                  num_replicas: int = 1):
         self._default = default_limit
         self._limit_of = limit_of
-        self._num_replicas = num_replicas
+        self.num_replicas = num_replicas
         self._active: Counter[str] = Counter()
 
     def limit(self, tenant: str) -> int:
         """This replica's share of the tenant's limit."""
-        return -(-(self._limit_of(tenant) or self._default) // self._num_replicas)
+        return -(-(self._limit_of(tenant) or self._default) // self.num_replicas)
+
+    def setting_of(self, tenant: str) -> str:
+        """Where the tenant's limit is set, for an operator to raise it."""
+        if self._limit_of(tenant) is not None:
+            return f"max_concurrent_requests of tenant {tenant!r} in the key file"
+        return "max_concurrent_requests_per_tenant"
 
     def active(self, tenant: str) -> int:
         return self._active[tenant]

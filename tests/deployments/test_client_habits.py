@@ -178,6 +178,20 @@ def test_models_retrieve_gives_the_card_of_a_model_as_a_request_names_it(client,
         assert response.json()["error"]["code"] == "model_not_found" and response.json()["error"]["param"] == "model"
 
 
+@pytest.mark.parametrize("key_file_limit, setting", [
+    (2, "max_concurrent_requests of tenant 'acme' in the key file"), (None, "max_concurrent_requests_per_tenant")])
+def test_n_over_the_tenants_share_here_is_a_400_naming_the_setting_to_raise(client, ingress, key_file_limit,
+                                                                              setting):
+    from deployments.limits import TenantLimiter
+
+    ingress._limiter = TenantLimiter(2, {"acme": key_file_limit}.get, num_replicas=2)  # 1 a replica
+    with pytest.raises(openai.BadRequestError) as refused:
+        _complete(client, BASE, n=2)
+    error = refused.value.body
+    assert error["code"] == "too_many_choices" and error["param"] == "n"
+    assert "shared out over 2 ingress replicas" in error["message"] and setting in error["message"]
+
+
 def test_unknown_base_before_the_colon_is_404_naming_the_served_model(client, ingress, style):
     with pytest.raises(openai.NotFoundError) as caught:
         _complete(client, "llama-3:style")
