@@ -194,12 +194,15 @@ class Ingress(AdapterRoutes):
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._auth.tenant_of(request.headers)  # a caller without credentials hears so first
         try:
             messages = [m.for_template() for m in body.messages]
         except ValueError as exc:
             raise BadRequestError(str(exc), code="unsupported_content", param="messages") from exc
         payload = {"messages": messages, "max_tokens": body.token_budget(),
                    "template_options": body.template_options()}
+        if body.chat_template_kwargs:  # a template that fails on them blames them
+            payload["template_variables"] = True
         if body.tool_plan() is not None:  # the chat template renders them (deployments/tool_calls.py)
             payload["tools"] = body.tool_plan().tools
         return await self._complete(request, body, payload, CHAT)

@@ -37,6 +37,7 @@ from engine.frontend import INLINE_TOKENIZE_CHARS, off_loop
 from engine.heap import freeze_startup_heap
 
 logger = logging.getLogger("ray.serve")
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of a completion
 _STATS_PERIOD_S = 1.0
 _ADAPTER_NAME_STATS = ("running_adapters", "waiting_adapters", "resident_adapters")
 
@@ -146,10 +147,9 @@ class LLMServer:
         prompt = self._engine.inputs.tokenize(self._prompt_of(request))
         room = self._args.max_model_len - len(prompt)
         max_tokens = request.get("max_tokens")
-        if max_tokens is None and request.get("messages") is not None:
-            max_tokens = max(1, room)  # a chat's default is the room its prompt leaves
-        elif (max_tokens := 16 if max_tokens is None else max_tokens) > room:  # 16: a completion's default
-            # refused, as OpenAI and vLLM do, rather than cut short at the context's end
+        if max_tokens is None:  # OpenAI's defaults: a chat gets the room its prompt leaves, a completion 16
+            max_tokens = max(1, room) if request.get("messages") is not None else COMPLETION_MAX_TOKENS
+        if max_tokens > room:  # refused, as by OpenAI and vLLM, rather than cut short at the context's end
             field = request.get("max_tokens_field", "max_tokens")
             raise InvalidRequestError(
                 f"{field}={max_tokens} is too large: this model's context is "
@@ -167,8 +167,12 @@ class LLMServer:
         try:
             return self._engine.tokenizer.apply_chat_template(
                 request["messages"], tools=request.get("tools"), tokenize=False, **options)
-        except (TemplateError, ValueError) as exc:  # the template's raise_exception, or a turn to continue it cannot find
-            raise InvalidRequestError(f"the chat template refused these messages: {exc}", "messages") from exc
+        # the template's raise_exception, a turn to continue it cannot find, or a variable of the
+        # request's the template cannot compute with ("Today: " + 5): the request's doing, a 400
+        except (TemplateError, ValueError, TypeError, ArithmeticError) as exc:
+            field = "chat_template_kwargs" if request.get("template_variables") else "messages"
+            raise InvalidRequestError(f"the chat template cannot render this request: {type(exc).__name__}: "
+                                      f"{exc}", field) from exc
 
     def _sampling_params(self, request: dict, max_tokens: int):
         from engine import SamplingParams

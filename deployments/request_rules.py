@@ -72,12 +72,15 @@ NO_OP_VALUES.update({
 })
 COMPLETION_ONLY_NO_OPS = ("best_of", "suffix")
 CHAT_ONLY_NO_OPS = ("chat_template", "documents", "echo", "add_special_tokens")  # the others: every request's
-# keywords of transformers' apply_chat_template itself: chat_template_kwargs passes the template's
-# own variables and may not set these (the replica sets them)
+# parameters of transformers' apply_chat_template itself (5.x, and `self`): chat_template_kwargs
+# passes the template's own variables and may not set these, which the replica sets or which
+# would make the call something else than a rendering to text. add_generation_prompt and
+# continue_final_message it may set, as in vLLM: they are the template's variables too
 TEMPLATE_CALL_KEYWORDS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
-    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+    "self", "kwargs", "conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+    "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+TEMPLATE_TURN_OPTIONS = ("add_generation_prompt", "continue_final_message")
 # choices one request may ask for (n); each counts against the tenant's requests in flight
 MAX_CHOICES = 16
 

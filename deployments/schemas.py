@@ -9,7 +9,8 @@ from adapter_store.errors import InvalidNameError
 from adapter_store.names import check_name
 from deployments.request_rules import (CHAT_ONLY_NO_OPS, COMPLETION_ONLY_NO_OPS, MAX_CHOICES,
                                        MAX_STOP_SEQUENCES, MAX_TOKEN_ID_DIGITS, NO_OP_VALUES,
-                                       TEMPLATE_CALL_KEYWORDS, FieldError, find_lone_surrogate,
+                                       TEMPLATE_CALL_KEYWORDS, TEMPLATE_TURN_OPTIONS, FieldError,
+                                       find_lone_surrogate,
                                        refuse_unless_no_op)
 from deployments.structured_fields import structured_constraint
 from deployments.tool_calls import ToolPlan, tool_plan
@@ -276,26 +277,26 @@ class ChatCompletionRequest(_SamplingFields):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_variables(cls, value):
-        for key in value or {}:
+        for key, item in (value or {}).items():
             if not key.isidentifier() or key in TEMPLATE_CALL_KEYWORDS:
                 raise ValueError(f"{key!r} is not a variable a chat template can be given; "
                                  f"chat_template_kwargs takes the template's own (e.g. enable_thinking)")
+            if key in TEMPLATE_TURN_OPTIONS and not isinstance(item, bool):
+                raise ValueError(f"{key} must be true or false")
         return value
 
     @model_validator(mode="after")
     def _template_turn(self):
-        if self.continue_final_message:
-            if self.add_generation_prompt:
-                raise FieldError("continue_final_message", "continue_final_message continues the last "
-                                 "message and add_generation_prompt opens a new one: set add_generation_prompt "
-                                 "to false with it")
-            if self.messages[-1].role != "assistant":
-                raise FieldError("continue_final_message", "continue_final_message continues the last "
-                                 f"message, which must be the assistant's (it is the {self.messages[-1].role}'s)")
+        options = self.template_options()
+        if options["continue_final_message"] and options["add_generation_prompt"]:
+            raise FieldError("continue_final_message", "continue_final_message continues the last message "
+                             "and add_generation_prompt opens a new one: set add_generation_prompt to false "
+                             "with it")
         return self
 
     def template_options(self) -> dict:
-        """What the replica hands the chat template beside the messages and tools."""
+        """What the replica hands the chat template beside the messages and tools: the fields, which
+        chat_template_kwargs may override (vLLM merges them so)."""
         return {"add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message, **(self.chat_template_kwargs or {})}
 

@@ -9,8 +9,8 @@
 | `resolve` | the ingress's handler starts | the `model` is resolved to an adapter version | ingress |
 | `route` | resolved | the first item is back, less the replica's `first` | ingress |
 | `fetch` | the replica's generate starts | the adapter's files are on its disk | replica |
-| `prepare` | fetched | the prompt and options are ready | replica |
-| `tokenize` | prepared | the request is a Sequence (a long prompt: on the long-input threads) | replica |
+| `prepare` | fetched | the prompt is rendered (a chat's template), tokenised and checked against the context (a long one: on the long-input threads) | replica |
+| `tokenize` | prepared | the request is a Sequence: its ids checked against the vocabulary, its sampling options (a long prompt: on the long-input threads) | replica |
 | `handoff` | the request is a Sequence | the engine took it | engine |
 | `queue` | the engine took it | a step first launched it | engine |
 | `adapter` | the request is a Sequence | its adapter was first in a ready slot | engine |

@@ -57,7 +57,7 @@ class EngineFrontend:
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         if params is not None and params.structured is not None:  # its compile, off the event loop
             seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant, pool=_constraints)
-        elif isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
+        elif len(prompt) > INLINE_TOKENIZE_CHARS:  # text to tokenise, or ids to check: both O(length)
             seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
         else:
             seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)

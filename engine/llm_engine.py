@@ -238,8 +238,11 @@ class LLMEngine:
             seq.output_token_ids, reason is not None, len(seq.output_token_ids) >= seq.params.min_tokens)
         if stop_hit and broken is None:  # a constraint's fault ends it as an error, stop string or not
             reason = "stop"
-        out = RequestOutput(seq.request_id, delta, [token], reason is not None, reason,
-                            seq.num_prompt_tokens, len(seq.output_token_ids), detok.sent if detok else "")
+        # the text so far only on the last output (_final): each step's message to the replica
+        # carries a token's delta, not a copy of everything before it
+        out = RequestOutput(seq.request_id, text_delta=delta, token_ids_delta=[token], finished=reason is not None,
+                            finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
+                            num_output_tokens=len(seq.output_token_ids))
         out.error = broken
         if reason == "stop":
             out.stop_reason = detok.stopped_by if stop_hit else token if token in seq.params.stop_token_ids else None

@@ -14,7 +14,7 @@ class RequestOutput:
     # prompt tokens whose KV came from the prefix cache (engine.prefix_cache), on the first
     # token's output and the final one
     num_cached_tokens: int = 0
-    text: str = ""  # all text so far
+    text: str = ""  # all the text, on the last output
     error: Exception | None = None  # set when the request failed (e.g. AdapterLoadError)
     # on the first token's output and the final one: where the request's time went before its
     # first token, seconds by phase (Sequence.timings)
@@ -27,6 +27,5 @@ class RequestOutput:
     # there); the first token's logprob is None and its list empty
     prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
     # vLLM's: what stopped it, where finish_reason is "stop": the stop string or the stop token id
-    # that matched; None for an end of sequence or a structured output's end. Last: callers
-    # build outputs with positional fields
+    # that matched; None for an end of sequence or a structured output's end
     stop_reason: int | str | None = None

@@ -54,7 +54,7 @@ class SamplingInputs:
         min_tokens (its stop_token_ids, and EOS unless it ignores EOS)."""
         vocab = self.vocab_size
         entries = [(row, t, b) for row, s in enumerate(seqs) for t, b in (s.params.logit_bias or {}).items()
-                   if t < vocab]  # ids past the vocabulary have no logit to move
+                   if t < vocab]  # a guard: make_sequence refuses ids past the vocabulary
         for row, s in enumerate(seqs):
             if _too_short(s):
                 ends = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else set(self.eos_token_ids))

@@ -167,11 +167,13 @@ def test_models_retrieve_gives_the_card_of_a_model_as_a_request_names_it(client,
     base = client.models.retrieve(BASE)
     assert base.id == BASE and base.owned_by == "moeplex" and base.created > 0
     assert base.model_extra["max_model_len"] == ingress._args.max_model_len
+    ingress._started = 1  # an adapter's card must not fall back to it
     for model in ["style", f"{BASE}:style", f"style@{version}"]:
         card = client.models.retrieve(model)
         assert (card.id, card.owned_by, card.model_extra["root"], card.model_extra["parent"]) == (
             model, "acme", f"style@{version}", BASE)
-        assert card.created >= base.created - 5  # uploaded after the ingress started
+        info = ingress._store.resolve("acme", f"style@{version}")
+        assert card.created == int(info.manifest["created_unix"])  # its upload, not the ingress's start
     for model, headers in [("nope", HEADERS), ("style", {"X-Tenant-Id": "globex"}), ("style", {})]:
         response = http.get(f"/v1/models/{model}", headers=headers)
         assert response.status_code == 404, (model, headers, response.text)
@@ -304,6 +306,13 @@ def test_malformed_json_is_a_400_saying_so_and_where_with_no_param(http):
                          ids=["malformed_json", "wrong_type"])
 def test_a_caller_without_credentials_hears_401_before_what_is_wrong_with_its_body(http, body):
     response = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "missing_tenant"  # development mode's credential
+
+
+def test_a_chat_without_credentials_hears_401_before_its_content_is_refused(http):
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    response = http.post("/v1/chat/completions", json={"model": BASE, "messages": [{"role": "user", "content": image}]})
     assert response.status_code == 401, response.text
     assert response.json()["error"]["code"] == "missing_tenant"  # development mode's credential
 

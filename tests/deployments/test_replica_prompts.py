@@ -157,7 +157,9 @@ TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "He
     ({"add_generation_prompt": False}, {"add_generation_prompt": False}),
     ({"add_generation_prompt": False, "continue_final_message": True}, {"continue_final_message": True}),
     ({"chat_template_kwargs": {"enable_thinking": False}}, {"add_generation_prompt": True, "enable_thinking": False}),
-], ids=["default", "no_generation_prompt", "continue_final_message", "enable_thinking_false"])
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, {"add_generation_prompt": False}),  # vLLM's override
+], ids=["default", "no_generation_prompt", "continue_final_message", "enable_thinking_false",
+        "no_generation_prompt_by_kwargs"])
 def test_the_chat_template_options_render_as_transformers_renders_them(tmp_path, fields, options):
     server, inputs = _server(tmp_path, 256)
     prompt, _ = server._prepare(_chat(messages=TURNS, **fields))
@@ -168,21 +170,22 @@ def test_the_chat_template_options_render_as_transformers_renders_them(tmp_path,
         assert want != default
     if "continue_final_message" in fields:
         assert want.endswith("Hello the")  # the assistant's turn left open, its text to go on from
-    if "chat_template_kwargs" in fields:
+    if "enable_thinking" in fields.get("chat_template_kwargs", {}):
         assert want.endswith("<think>\n\n</think>\n\n")
 
 
 @pytest.mark.parametrize("fields, param", [
     ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt still true
-    ({"messages": TURNS[:1], "add_generation_prompt": False, "continue_final_message": True},
-     "continue_final_message"),  # the last message is the user's
+    ({"chat_template_kwargs": {"continue_final_message": True}}, "continue_final_message"),  # so too
     ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),  # apply_chat_template's own
+    ({"chat_template_kwargs": {"add_generation_prompt": "no"}}, "chat_template_kwargs"),
     ({"chat_template_kwargs": {"not an identifier": 1}}, "chat_template_kwargs"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"echo": True}, "echo"),
     ({"documents": [{"title": "a", "text": "b"}]}, "documents"),
-], ids=["both_turns", "continue_a_user_turn", "reserved_keyword", "bad_variable", "own_template", "echo",
-        "documents"])
+], ids=["both_turns", "both_turns_by_kwargs", "reserved_keyword", "self", "turn_option_not_bool",
+        "bad_variable", "own_template", "echo", "documents"])
 def test_chat_template_options_it_cannot_honour_are_refused_by_name(fields, param):
     from deployments.errors import request_validation_error
     from pydantic import ValidationError
@@ -202,3 +205,13 @@ def test_a_conversation_the_template_refuses_is_a_400_naming_messages(tmp_path):
         server._prepare(request)
     error = _error_item("r", refused.value, request)["error"]
     assert error["status"] == 400 and error["param"] == "messages"
+
+
+def test_a_template_variable_the_template_cannot_compute_with_is_a_400_naming_chat_template_kwargs(tmp_path):
+    server, _ = _server(tmp_path, 256)
+    server._engine.tokenizer.chat_template = "{{ 'Today: ' + date_string }}{{ messages[0]['content'] }}"
+    request = {**_chat(messages=TURNS, chat_template_kwargs={"date_string": 5}), "template_variables": True}
+    with pytest.raises(InvalidRequestError, match="TypeError") as refused:
+        server._prepare(request)
+    error = _error_item("r", refused.value, request)["error"]
+    assert error["status"] == 400 and error["param"] == "chat_template_kwargs"

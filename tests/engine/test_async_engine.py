@@ -102,3 +102,29 @@ def test_long_inputs_are_prepared_on_at_most_long_input_threads_at_once():
 
     assert asyncio.run(main()) == list(range(4 * LONG_INPUT_THREADS + 2))
     assert most[0] == LONG_INPUT_THREADS
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_a_long_prompt_of_token_ids_is_checked_off_the_event_loop_as_long_text_is(async_engine, monkeypatch,
+                                                                                  long):
+    """Ids cost their check in proportion to their number (ints, range), as text costs its
+    encoding: past INLINE_TOKENIZE_CHARS either is made into a Sequence on the long-input threads."""
+    import threading
+
+    from engine.frontend import INLINE_TOKENIZE_CHARS
+
+    threads, make = [], async_engine.inputs.make_sequence
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return make(*args, **kwargs)
+    monkeypatch.setattr(async_engine.inputs, "make_sequence", recording)
+    ids = [5] * (INLINE_TOKENIZE_CHARS + 1 if long else 8)
+
+    async def main():
+        try:
+            await collect(async_engine, ids, SamplingParams(max_tokens=1), f"ids-{long}")
+        except InvalidRequestError:  # past this engine's max_model_len: refused where it was checked
+            pass
+    asyncio.run(main())
+    assert (threads[0] is not threading.main_thread()) == long

@@ -100,6 +100,10 @@ def test_text_deltas_concatenate_to_decode(qwen):
     assert len(ids) == 30 and outputs[-1].finish_reason == "length"
     assert outputs[-1].num_prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
     assert outputs[-1].num_output_tokens == 30
+    # each step's output carries its delta only: the text so far would grow every message from
+    # the core process with the output's length; the last one carries the whole text
+    assert all(out.text == "" and isinstance(out.num_cached_tokens, int) for out in outputs[:-1])
+    assert outputs[-1].text == text
 
 
 def test_stop_token_ids_eos_and_stop_strings(qwen):
