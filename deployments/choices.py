@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import JSONResponse
 
 from deployments.errors import APIError
-from deployments.openai_format import ResponseBuilder, chunk_line, error_line, sse
+from deployments.openai_format import ResponseBuilder, StreamUsage, chunk_line, error_line, sse
 from deployments.replica_stream import first_item, next_item, read_rest
 from deployments.schemas import Usage
 
@@ -59,7 +59,7 @@ async def collect_choices(builders: list[ResponseBuilder], firsts: list[dict], s
 
 
 async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], streams: list,
-                        include_usage: bool) -> AsyncIterator[str]:
+                        usage: StreamUsage) -> AsyncIterator[str]:
     """SSE lines of every choice's chunks in the order they come, then the usage and [DONE]."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -81,13 +81,13 @@ async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], str
             if "error" in item:
                 yield error_line(item)
                 return
-            line = chunk_line(builders[index], item, not started[index], include_usage)
+            line = chunk_line(builders[index], item, not started[index], usage)
             if line is not None:
                 yield line
                 started[index] = True
             if item.get("finish_reason") is not None:
                 last[index] = item
-        if include_usage:
+        if usage.include_usage:
             yield sse(builders[0].usage_chunk(_usage(last)))
         yield sse("[DONE]")
     finally:

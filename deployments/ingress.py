@@ -248,7 +248,7 @@ class Ingress(AdapterRoutes):
             self._metrics.request(tenant, route, to_api_error(exc).status_code)
             raise
         self._metrics.request(tenant, route, 200)
-        usage, tools = body.include_usage_in_stream(), body.tool_plan()
+        usage, tools = body.stream_usage(), body.tool_plan()
         if n == 1:
             builder, streams = ResponseBuilder(kind, rid, body.model, body.return_token_ids, tools=tools), [items]
 

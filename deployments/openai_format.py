@@ -145,9 +145,30 @@ def error_line(item: dict) -> str:
     return sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
 
 
-def chunk_line(builder: ResponseBuilder, item: dict, first: bool, include_usage: bool) -> str | None:
+class StreamUsage:
+    """What a stream tells of its usage (OpenAI's stream_options): with `include_usage` a last
+    chunk of the totals and `usage: null` on the others; with vLLM's `continuous_usage_stats`
+    too, every chunk its choice's counts so far instead of null."""
+
+    def __init__(self, include_usage: bool = False, continuous: bool = False):
+        self.include_usage, self.continuous = include_usage, include_usage and continuous
+        self._prompt_tokens: int | None = None
+        self._completion_tokens: dict[int, int] = {}  # by choice index
+
+    def of_chunk(self, index: int, item: dict) -> dict | None:
+        """The usage field of a choice's chunk made from `item` (every item is counted)."""
+        self._prompt_tokens = item.get("prompt_tokens", self._prompt_tokens)
+        done = self._completion_tokens[index] = self._completion_tokens.get(index, 0) + item.get("num_tokens", 0)
+        if not self.continuous:
+            return None
+        prompt = self._prompt_tokens or 0
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def chunk_line(builder: ResponseBuilder, item: dict, first: bool, usage: StreamUsage) -> str | None:
     """The SSE chunk of a replica item, or None when it makes none: tokens that decode to no text
     yet still make one when their ids or logprobs were asked for."""
+    counts = usage.of_chunk(builder.index, item)
     finish, ids, logprobs = item.get("finish_reason"), item.get("token_ids"), item.get("logprobs")
     if not (item["text"] or finish is not None or first or (builder.return_token_ids and ids) or logprobs):
         return None
@@ -156,25 +177,25 @@ def chunk_line(builder: ResponseBuilder, item: dict, first: bool, include_usage:
     held = builder.tools is not None and chunk["choices"][0]["delta"] == {"content": ""}
     if held and finish is None and not first and not (builder.return_token_ids and ids) and not logprobs:
         return None  # text held back as a possible tool call (deployments/tool_calls.py)
-    if include_usage:  # OpenAI: null on every chunk but the last, which has the numbers
-        chunk["usage"] = None
+    if usage.include_usage:  # OpenAI: null on every chunk but the last, which has the numbers
+        chunk["usage"] = counts
     return sse(chunk)
 
 
 async def sse_events(builder: ResponseBuilder, items: AsyncIterator[dict],
-                     include_usage: bool) -> AsyncIterator[str]:
+                     usage: StreamUsage) -> AsyncIterator[str]:
     """SSE lines for a stream of replica items; an error item becomes an error event."""
     first = True
     async for item in items:
         if "error" in item:
             yield error_line(item)
             break
-        line = chunk_line(builder, item, first, include_usage)
+        line = chunk_line(builder, item, first, usage)
         if line is not None:
             yield line
             first = False
         if item.get("finish_reason") is not None:
-            if include_usage:
+            if usage.include_usage:
                 usage = Usage.of_item(item)
                 yield sse(builder.usage_chunk(usage))
             break

@@ -222,7 +222,7 @@ class LLMServer:
                                                 min_interval_s=self._args.stream_interval_ms / 1e3)
         try:
             async for batch in batches:
-                token_ids = [t for o in batch for t in o.token_ids_delta]
+                token_ids, last_out = [t for o in batch for t in o.token_ids_delta], batch[-1]
                 item = {"text": "".join(o.text_delta for o in batch), "token_ids": token_ids,
                         "num_tokens": len(token_ids)}
                 if any(o.logprobs for o in batch):
@@ -230,6 +230,7 @@ class LLMServer:
                         (token, *entry) for o in batch if o.logprobs
                         for token, entry in zip(o.token_ids_delta, o.logprobs))
                 if first_token_at is None and token_ids:
+                    item["prompt_tokens"] = last_out.num_prompt_tokens  # a stream's usage so far counts it
                     if echo:
                         # the prompt as sent: text comes back as it was, not as its ids decode
                         self._echo(item, request.get("prompt", prompt),

@@ -20,6 +20,7 @@ from engine.sampling_params import MAX_LOGPROBS
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk's counts so far
 
 
 class _SamplingFields(BaseModel):
@@ -156,8 +157,12 @@ class _SamplingFields(BaseModel):
         only), None for no logprobs; each request kind spells it its own way."""
         raise NotImplementedError
 
-    def include_usage_in_stream(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def stream_usage(self):
+        """The stream's usage reporting (openai_format.StreamUsage, which imports this module)."""
+        from deployments.openai_format import StreamUsage
+
+        options = self.stream_options or StreamOptions()
+        return StreamUsage(options.include_usage, options.continuous_usage_stats)
 
 
 class CompletionRequest(_SamplingFields):

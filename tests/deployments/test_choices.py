@@ -7,7 +7,7 @@ import pytest
 
 from deployments.choices import choice_payloads, collect_choices, first_items, merged_events
 from deployments.errors import APIError
-from deployments.openai_format import COMPLETION, ResponseBuilder
+from deployments.openai_format import COMPLETION, ResponseBuilder, StreamUsage
 
 
 class Stream:
@@ -82,7 +82,7 @@ def test_a_choice_failing_in_a_whole_response_cancels_the_others():
 def _lines(streams, include_usage=True, stop_after=None):
     async def go():
         firsts = await first_items(streams, "cmpl-1")
-        lines, out = merged_events(builders(len(streams)), firsts, streams, include_usage), []
+        lines, out = merged_events(builders(len(streams)), firsts, streams, StreamUsage(include_usage)), []
         async for line in lines:
             out.append(line)
             if stop_after is not None and len(out) == stop_after:

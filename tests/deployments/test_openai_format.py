@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
+from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, StreamUsage, sse_events
 from deployments.replica_stream import collect
 from deployments.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -28,7 +28,7 @@ async def _aiter(items):
 def _stream(kind: str, return_token_ids: bool) -> list[dict]:
     async def run():
         builder = ResponseBuilder(kind, "cmpl-1", "m", return_token_ids)
-        return [line async for line in sse_events(builder, _aiter(ITEMS), include_usage=True)]
+        return [line async for line in sse_events(builder, _aiter(ITEMS), StreamUsage(True))]
 
     lines = asyncio.run(run())
     assert lines[-1] == "data: [DONE]\n\n"
@@ -93,7 +93,7 @@ LOGPROB_ITEMS = [
 def _logprob_chunks(kind: str) -> list[dict]:
     async def run():
         builder = ResponseBuilder(kind, "cmpl-1", "m")
-        return [line async for line in sse_events(builder, _aiter(LOGPROB_ITEMS), include_usage=False)]
+        return [line async for line in sse_events(builder, _aiter(LOGPROB_ITEMS), StreamUsage())]
     return [json.loads(line[6:]) for line in asyncio.run(run()) if line != "data: [DONE]\n\n"]
 
 
@@ -160,7 +160,7 @@ def test_stop_reason_is_vllms_on_the_last_chunk_and_the_whole_choice(kind, stop_
 
     async def run():
         streamed = [line async for line in sse_events(ResponseBuilder(kind, "cmpl-1", "m"), _aiter(items),
-                                                      include_usage=False)]
+                                                      StreamUsage())]
         whole = await collect(ResponseBuilder(kind, "cmpl-1", "m"), items[0], _aiter(items[1:]))
         return streamed, json.loads(whole.body)
 
@@ -168,3 +168,21 @@ def test_stop_reason_is_vllms_on_the_last_chunk_and_the_whole_choice(kind, stop_
     chunks = [json.loads(line[6:]) for line in streamed if line != "data: [DONE]\n\n"]
     assert [c["choices"][0]["stop_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [stop_reason]
     assert whole["choices"][0]["finish_reason"] == "stop" and whole["choices"][0]["stop_reason"] == stop_reason
+
+
+@pytest.mark.parametrize("kind", [COMPLETION, CHAT])
+def test_continuous_usage_stats_put_the_counts_so_far_on_every_chunk(kind):
+    """vLLM's stream_options.continuous_usage_stats: each chunk's usage is the prompt and the
+    tokens made up to it (a textless item's tokens counted in the next chunk), then the totals."""
+    items = [{**ITEMS[0], "prompt_tokens": 4}, *ITEMS[1:]]
+
+    async def run():
+        builder = ResponseBuilder(kind, "cmpl-1", "m")
+        return [line async for line in sse_events(builder, _aiter(items), StreamUsage(True, continuous=True))]
+    chunks = [json.loads(line[6:]) for line in asyncio.run(run()) if line != "data: [DONE]\n\n"]
+    assert [c["usage"] for c in chunks] == [
+        {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6},
+        {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9},
+        {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}},
+    ]
+    assert StreamUsage(False, continuous=True).of_chunk(0, items[0]) is None  # only with include_usage, as vLLM

@@ -45,6 +45,18 @@ def _served_text(client, model: str, prompt: str, stream: bool, max_tokens: int 
     return text, finish, usage
 
 
+def test_continuous_usage_stats_count_every_chunk_up_to_the_totals(service, adapters):
+    client = _client(service, "acme")
+    kwargs = dict(model="style", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                  extra_body={"ignore_eos": True})
+    counts = [chunk.usage for chunk in client.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})]
+    whole = client.completions.create(**kwargs).usage
+    assert all(u is not None and u.prompt_tokens == whole.prompt_tokens for u in counts)
+    done = [u.completion_tokens for u in counts]
+    assert done == sorted(done) and done[0] >= 1 and done[-1] == whole.completion_tokens == 8
+
+
 def test_health_ready_and_models(service, adapters):
     assert httpx.get(f"{service}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{service}/ready", timeout=60)

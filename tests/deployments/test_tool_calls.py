@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, chunk_line
+from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, StreamUsage, chunk_line
 from deployments.schemas import ChatCompletionRequest, CompletionRequest
 from deployments.tool_calls import ToolStream, parse, tool_plan
 
@@ -117,7 +117,7 @@ def test_stream_holds_back_only_what_may_begin_a_call():
 
 def _stream(builder: ResponseBuilder, pieces: list[str], finish: str = "stop") -> list[dict]:
     items = [{"text": p} for p in pieces[:-1]] + [{"text": pieces[-1], "finish_reason": finish}]
-    lines = [chunk_line(builder, item, i == 0, False) for i, item in enumerate(items)]
+    lines = [chunk_line(builder, item, i == 0, StreamUsage()) for i, item in enumerate(items)]
     return [json.loads(line[len("data: "):]) for line in lines if line is not None]
 
 

@@ -122,7 +122,7 @@ def test_request_schemas_validate_openai_fields():
         {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
          "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}})
     assert chat.messages[0].text() == "a" and chat.token_budget() == 5
-    assert chat.include_usage_in_stream()
+    assert chat.stream_usage().include_usage and not chat.stream_usage().continuous
 
 
 def test_tenant_limiter_counts_per_tenant():
