@@ -20,15 +20,20 @@ from deployments.replica_stream import first_item, next_item, read_rest
 from deployments.schemas import Usage
 
 
-def choice_payloads(payload: dict, n: int) -> list[dict]:
-    """The replica payload of each of n choices."""
+def choice_payloads(payload: dict, n: int, prompts: list | None = None) -> list[dict]:
+    """The replica payload of each of n choices of each prompt of a batch (None: the payload's own
+    prompt or messages), choice j of prompt i at i * n + j, its seed seed + j."""
     out = []
-    for i in range(n):
-        sampling = dict(payload["sampling"])
-        if sampling.get("seed") is not None:  # wrapped within torch.Generator's seeds, [-2**63, 2**64)
-            seed = sampling["seed"] + i
-            sampling["seed"] = seed - 2**64 if seed >= 2**64 else seed
-        out.append({**payload, "request_id": f"{payload['request_id']}-{i}", "sampling": sampling})
+    for p, prompt in enumerate(prompts or [None]):
+        for i in range(n):
+            sampling = dict(payload["sampling"])
+            if sampling.get("seed") is not None:  # wrapped within torch.Generator's seeds, [-2**63, 2**64)
+                seed = sampling["seed"] + i
+                sampling["seed"] = seed - 2**64 if seed >= 2**64 else seed
+            choice = {**payload, "request_id": f"{payload['request_id']}-{p * n + i}", "sampling": sampling}
+            if prompt is not None:
+                choice["prompt"] = prompt
+            out.append(choice)
     return out
 
 
@@ -42,7 +47,8 @@ async def first_items(streams: list, request_id: str) -> list[dict]:
         raise
 
 
-async def collect_choices(builders: list[ResponseBuilder], firsts: list[dict], streams: list) -> JSONResponse:
+async def collect_choices(builders: list[ResponseBuilder], firsts: list[dict], streams: list,
+                          n: int | None = None) -> JSONResponse:
     """The whole response of every choice (the choices read side by side); if one fails, the
     others are cancelled and its error raised."""
     reads = [asyncio.ensure_future(read_rest(first, items)) for first, items in zip(firsts, streams)]
@@ -55,11 +61,11 @@ async def collect_choices(builders: list[ResponseBuilder], firsts: list[dict], s
         raise
     choices = [b.whole_choice(text, last["finish_reason"], ids, logprobs, last.get("stop_reason"))
                for b, (text, ids, logprobs, last) in zip(builders, done)]
-    return JSONResponse(builders[0].whole(choices, _usage(last for *_, last in done)))
+    return JSONResponse(builders[0].whole(choices, _usage([last for *_, last in done], n)))
 
 
 async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], streams: list,
-                        usage: StreamUsage) -> AsyncIterator[str]:
+                        usage: StreamUsage, n: int | None = None) -> AsyncIterator[str]:
     """SSE lines of every choice's chunks in the order they come, then the usage and [DONE]."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -88,7 +94,7 @@ async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], str
             if item.get("finish_reason") is not None:
                 last[index] = item
         if usage.include_usage:
-            yield sse(builders[0].usage_chunk(_usage(last)))
+            yield sse(builders[0].usage_chunk(_usage(last, n)))
         yield sse("[DONE]")
     finally:
         for task in tasks:
@@ -98,7 +104,9 @@ async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], str
                 items.cancel()
 
 
-def _usage(lasts) -> Usage:
-    """The prompt once, every choice's completion tokens."""
-    lasts = list(lasts)
-    return Usage.of_item(lasts[0], sum(item["completion_tokens"] for item in lasts))
+def _usage(lasts: list[dict], n: int | None = None) -> Usage:
+    """Each prompt once (a batch's prompts have n choices each; None: one prompt), every choice's
+    completion tokens."""
+    firsts = lasts[::n or len(lasts)]  # the first choice of each prompt
+    return Usage.of(sum(item["prompt_tokens"] for item in firsts), sum(item["completion_tokens"] for item in lasts),
+                    sum(item.get("cached_tokens", 0) for item in firsts))

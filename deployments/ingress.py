@@ -187,7 +187,7 @@ class Ingress(AdapterRoutes):
     # ---- completions --------------------------------------------------------------
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        payload = {"prompt": body.prompt, "max_tokens": body.max_tokens}
+        payload = {"prompt": body.prompts()[0], "max_tokens": body.max_tokens}
         if body.echo:
             payload["echo"] = True
         return await self._complete(request, body, payload, COMPLETION)
@@ -211,15 +211,18 @@ class Ingress(AdapterRoutes):
         arrived = time.perf_counter()
         route = "chat" if kind == CHAT else "completions"
         tenant, n = self._auth.tenant_of(request.headers), body.n
+        # a completion's batch of prompts: n choices each, choice j of prompt i numbered i * n + j
+        prompts = body.prompts() if kind == COMPLETION else [None]
         self._loop_lag.ensure_started()
-        if n > (limit := self._limiter.limit(tenant)):  # it could never run: say so, not 429 (retry)
+        if (total := n * len(prompts)) > (limit := self._limiter.limit(tenant)):  # could never run: not 429
             k = self._limiter.num_replicas
             shared = f", the tenant's limit shared out over {k} ingress replicas" if k > 1 else ""
+            asked = f"n={n} choices" if len(prompts) == 1 else f"{len(prompts)} prompts x n={n} choices"
             raise BadRequestError(
-                f"n={n} choices are more than tenant {tenant!r} may have in flight here ({limit}{shared}); "
-                f"send n <= {limit}, or ask the operator for a higher {self._limiter.setting_of(tenant)}",
-                code="too_many_choices", param="n")
-        self._limiter.acquire(tenant, n)
+                f"{asked} are more than tenant {tenant!r} may have in flight here ({limit}{shared}); "
+                f"ask for at most {limit}, or ask the operator for a higher {self._limiter.setting_of(tenant)}",
+                code="too_many_choices", param="n" if len(prompts) == 1 else "prompt")
+        self._limiter.acquire(tenant, total)
         try:
             model_id = await self._multiplexed_id(tenant, body.model)
             resolved = time.perf_counter()
@@ -232,24 +235,25 @@ class Ingress(AdapterRoutes):
             payload.update(request_id=rid, tenant=tenant, sampling=body.sampling())
             if body.structured_field() is not None:  # the 400 of a constraint that does not compile names it
                 payload["structured_field"] = body.structured_field()
-            logger.info("request %s tenant %s model %s stream=%s%s", rid, tenant,
-                        model_id or payload.get("adapter", "base"), body.stream, f" n={n}" if n > 1 else "")
+            logger.info("request %s tenant %s model %s stream=%s%s%s", rid, tenant,
+                        model_id or payload.get("adapter", "base"), body.stream, f" n={n}" if n > 1 else "",
+                        f" prompts={len(prompts)}" if len(prompts) > 1 else "")
             replicas = self._llm.options(stream=True, multiplexed_model_id=model_id)
-            if n == 1:
+            if total == 1:
                 items = replicas.generate.remote(payload)
                 first = await first_item(items, rid)
             else:  # a stream a choice (choices.py); the timing is of all their first tokens
-                streams = [replicas.generate.remote(p) for p in choice_payloads(payload, n)]
+                streams = [replicas.generate.remote(p) for p in choice_payloads(payload, n, prompts)]
                 firsts = await first_items(streams, rid)
                 first = firsts[0]
             timing = ServerTiming(arrived, resolved, first) if self._args.server_timing else None
         except BaseException as exc:
-            self._limiter.release(tenant, n)
+            self._limiter.release(tenant, total)
             self._metrics.request(tenant, route, to_api_error(exc).status_code)
             raise
         self._metrics.request(tenant, route, 200)
         usage, tools = body.stream_usage(), body.tool_plan()
-        if n == 1:
+        if total == 1:
             builder, streams = ResponseBuilder(kind, rid, body.model, body.return_token_ids, tools=tools), [items]
 
             def lines(end: StreamEnd):
@@ -260,13 +264,13 @@ class Ingress(AdapterRoutes):
         else:  # choices.py
             created = int(time.time())
             builders = [ResponseBuilder(kind, rid, body.model, body.return_token_ids, index=i, created=created,
-                                        tools=tools) for i in range(n)]
+                                        tools=tools) for i in range(total)]
 
             def lines(end: StreamEnd):
-                return self._released_lines(end, merged_events(builders, firsts, streams, usage))
+                return self._released_lines(end, merged_events(builders, firsts, streams, usage, n))
 
             def whole():
-                return collect_choices(builders, firsts, streams)
+                return collect_choices(builders, firsts, streams, n)
         return await self._respond(body.stream, tenant, streams, timing, lines, whole)
 
     async def _respond(self, stream: bool, tenant: str, streams: list, timing: ServerTiming | None, lines, whole):

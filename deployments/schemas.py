@@ -191,15 +191,20 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
+    def _prompts(cls, value):
         if isinstance(value, list):
             if not value:
                 raise ValueError("prompt must not be empty")
-            if isinstance(value[0], (str, list)):  # a batch of prompts: lm-eval sends [[ids]]
-                if len(value) != 1:
-                    raise ValueError("send one prompt per request (a list of one string or of one list of ids)")
+            if isinstance(value[0], (str, list)) and len(value) == 1:  # lm-eval sends [[ids]]
                 return value[0]
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or a batch (a list of strings or of lists of ids), each with
+        n choices of its own, as OpenAI's and vLLM's completions take them."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
     @field_validator(*COMPLETION_ONLY_NO_OPS)
     @classmethod

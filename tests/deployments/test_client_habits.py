@@ -432,8 +432,14 @@ def test_n_over_the_tenants_places_at_this_replica_is_refused_by_name(client, in
     ingress._limiter, limit = TenantLimiter(4), 4
     with pytest.raises(openai.BadRequestError) as caught:
         _complete(client, BASE, n=limit + 1)
-    assert caught.value.body["param"] == "n" and f"send n <= {limit}" in caught.value.body["message"]
+    assert caught.value.body["param"] == "n" and f"ask for at most {limit}" in caught.value.body["message"]
     assert ingress._limiter.active("acme") == 0 and _complete(client, BASE, n=limit).choices[-1].index == limit - 1
+    # a batch's choices count as many as its prompts times n
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=BASE, prompt=["a", "b", "c"], max_tokens=3, n=2)
+    assert caught.value.body["param"] == "prompt" and "3 prompts x n=2" in caught.value.body["message"]
+    batch = client.completions.create(model=BASE, prompt=["a", "b"], max_tokens=3, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3] and ingress._limiter.active("acme") == 0
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -226,8 +226,32 @@ def test_lm_eval_harness_tokenized_loglikelihood_request_is_served(service, adap
     assert len(logprobs["token_logprobs"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
     expected = [lp for _, lp, _ in want["prompt_logprobs"][1:]] + [want["logprobs"][0][0]]
     assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
-    two = httpx.post(f"{service}/v1/completions", json={**body, "prompt": [ids, ids]}, headers=auth("acme"))
-    assert two.status_code == 400 and "one prompt per request" in two.json()["error"]["message"]
+    # lm-eval's batch_size > 1: a batch of prompts, a choice each, in their order (index)
+    other = oracle.engine.tokenizer.encode(PROMPTS[0])
+    batch = httpx.post(f"{service}/v1/completions", json={**body, "prompt": [other, ids]}, headers=auth("acme"),
+                       timeout=120)
+    assert batch.status_code == 200, batch.text
+    choices = sorted(batch.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1]
+    assert choices[1]["logprobs"]["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+    assert len(choices[0]["logprobs"]["token_logprobs"]) == len(other) + 1
+    assert batch.json()["usage"]["prompt_tokens"] == len(ids) + len(other)
+
+
+def test_a_batch_of_prompts_gets_n_choices_each_numbered_prompt_major_streamed_or_not(service, adapters, oracle):
+    client = _client(service, "acme")
+    kwargs = dict(model="style", prompt=PROMPTS, max_tokens=4, temperature=0, n=2)
+    wants = [oracle.complete(p, 4, adapters["acme"], "acme/style")["text"] for p in PROMPTS]
+    whole = client.completions.create(**kwargs)
+    assert sorted((c.index, c.text) for c in whole.choices) == [(0, wants[0]), (1, wants[0]), (2, wants[1]),
+                                                                  (3, wants[1])]
+    streamed = {}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert streamed == {c.index: c.text for c in whole.choices}
+    prompt_tokens = sum(len(oracle.engine.tokenizer.encode(p)) for p in PROMPTS)
+    assert whole.usage.prompt_tokens == prompt_tokens
 
 
 def test_several_choices_in_one_request_streamed_or_whole(service, adapters, oracle):

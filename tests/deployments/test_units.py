@@ -111,10 +111,12 @@ def test_an_engine_refusal_names_its_field_in_param_also_pickled_as_from_the_cor
 def test_request_schemas_validate_openai_fields():
     ok = CompletionRequest.model_validate({"model": "m", "prompt": ["hi"], "stop": "\n"})
     assert ok.prompt == "hi" and ok.stop_sequences() == ("\n",)
-    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompt == [1, 2]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompts() == [[1, 2]]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).prompts() == ["a", "b"]  # a batch
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[1], [2, 3]]}).prompts() == [[1], [2, 3]]
     for bad in [{"model": "m"}, {"model": "m", "prompt": "x", "max_tokens": "many"},
                 {"model": "m", "prompt": "x", "temperature": 3}, {"model": "m", "prompt": []},
-                {"model": "m", "prompt": "x", "n": 17}, {"model": "m", "prompt": ["a", "b"]},
+                {"model": "m", "prompt": "x", "n": 17}, {"model": "m", "prompt": ["a", 1]},
                 {"model": "m", "prompt": "x", "stop": ["a"] * 5}]:
         with pytest.raises(ValueError):
             CompletionRequest.model_validate(bad)
