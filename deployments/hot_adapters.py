@@ -22,16 +22,19 @@ class HotAdapters:
         self._counts: Counter[str] = Counter()
         self._min_requests = min_requests
 
-    def is_hot(self, ref: str) -> bool:
+    def is_hot(self, ref: str, count: int = 1) -> bool:
+        """count: the engine requests this one makes (its choices, a batch's prompts times n), so
+        that a client batching its prompts weighs what it asks of the replicas."""
         if not self._spread:  # one engine replica, or share 1: nothing to count
             return False
-        if len(self._window) == self._window.maxlen:
-            oldest = self._window[0]
-            self._counts[oldest] -= 1
-            if not self._counts[oldest]:
-                del self._counts[oldest]
-        self._window.append(ref)
-        self._counts[ref] += 1
+        for _ in range(min(count, self._window.maxlen)):
+            if len(self._window) == self._window.maxlen:
+                oldest = self._window[0]
+                self._counts[oldest] -= 1
+                if not self._counts[oldest]:
+                    del self._counts[oldest]
+            self._window.append(ref)
+            self._counts[ref] += 1
         return self.share_of(ref) > self._share
 
     def share_of(self, ref: str) -> float:

@@ -226,7 +226,7 @@ class Ingress(AdapterRoutes):
         try:
             model_id = await self._multiplexed_id(tenant, body.model)
             resolved = time.perf_counter()
-            if model_id and self._hot.is_hot(model_id):  # balanced by load, not pinned to one replica
+            if model_id and self._hot.is_hot(model_id, total):  # balanced by load, not pinned to one replica
                 payload["adapter"], model_id = model_id, ""
             if getattr(body, "max_completion_tokens", None) is not None:  # a refusal names it
                 payload["max_tokens_field"] = "max_completion_tokens"

@@ -152,16 +152,18 @@ class StreamUsage:
 
     def __init__(self, include_usage: bool = False, continuous: bool = False):
         self.include_usage, self.continuous = include_usage, include_usage and continuous
-        self._prompt_tokens: int | None = None
-        self._completion_tokens: dict[int, int] = {}  # by choice index
+        # by choice index: a batch's choices have prompts of their own
+        self._prompt_tokens: dict[int, int] = {}
+        self._completion_tokens: dict[int, int] = {}
 
     def of_chunk(self, index: int, item: dict) -> dict | None:
         """The usage field of a choice's chunk made from `item` (every item is counted)."""
-        self._prompt_tokens = item.get("prompt_tokens", self._prompt_tokens)
+        if "prompt_tokens" in item:
+            self._prompt_tokens[index] = item["prompt_tokens"]
         done = self._completion_tokens[index] = self._completion_tokens.get(index, 0) + item.get("num_tokens", 0)
         if not self.continuous:
             return None
-        prompt = self._prompt_tokens or 0
+        prompt = self._prompt_tokens.get(index, 0)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 

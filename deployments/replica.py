@@ -167,9 +167,12 @@ class LLMServer:
         try:
             return self._engine.tokenizer.apply_chat_template(
                 request["messages"], tools=request.get("tools"), tokenize=False, **options)
-        # the template's raise_exception, a turn to continue it cannot find, or a variable of the
-        # request's the template cannot compute with ("Today: " + 5): the request's doing, a 400
-        except (TemplateError, ValueError, TypeError, ArithmeticError) as exc:
+        # the request's doing, a 400: the template's raise_exception about the conversation, a
+        # turn to continue it cannot find, or a variable of the request's it cannot compute with
+        # ("Today: " + 5)
+        except (TemplateError, ValueError) as exc:
+            raise InvalidRequestError(f"the chat template refused these messages: {exc}", "messages") from exc
+        except (TypeError, ArithmeticError) as exc:
             field = "chat_template_kwargs" if request.get("template_variables") else "messages"
             raise InvalidRequestError(f"the chat template cannot render this request: {type(exc).__name__}: "
                                       f"{exc}", field) from exc

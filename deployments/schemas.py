@@ -193,8 +193,8 @@ class CompletionRequest(_SamplingFields):
     @classmethod
     def _prompts(cls, value):
         if isinstance(value, list):
-            if not value:
-                raise ValueError("prompt must not be empty")
+            if not value or any(isinstance(one, list) and not one for one in value):
+                raise ValueError("prompt must not be empty, nor any prompt of a batch")
             if isinstance(value[0], (str, list)) and len(value) == 1:  # lm-eval sends [[ids]]
                 return value[0]
         return value

@@ -114,3 +114,48 @@ def test_a_client_leaving_cancels_every_choice_still_decoding():
     streams = [Stream([item("a")], hang=True), Stream([item("c")], hang=True)]
     _lines(streams, stop_after=1)
     assert all(s.cancelled for s in streams)
+
+
+def test_a_batch_gives_each_prompt_its_n_choices_prompt_major_with_the_same_seeds():
+    payload = {"request_id": "cmpl-1", "prompt": "a", "sampling": {"seed": 5}}
+    out = choice_payloads(payload, 2, ["a", [7, 8]])
+    assert [(p["request_id"], p["prompt"], p["sampling"]["seed"]) for p in out] == [
+        ("cmpl-1-0", "a", 5), ("cmpl-1-1", "a", 6), ("cmpl-1-2", [7, 8], 5), ("cmpl-1-3", [7, 8], 6)]
+
+
+def _last(prompt_tokens, completion_tokens, cached=0):
+    return {"text": "x", "num_tokens": 1, "finish_reason": "length", "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "cached_tokens": cached}
+
+
+def test_a_batchs_usage_counts_each_prompt_once_and_every_choices_tokens():
+    streams = [Stream([_last(10, 2, 8)]), Stream([_last(10, 3, 8)]), Stream([_last(3, 4)]), Stream([_last(3, 5)])]
+
+    async def whole():
+        firsts = await first_items(streams, "cmpl-1")
+        return json.loads((await collect_choices(builders(4), firsts, streams, n=2)).body)
+    assert run(whole())["usage"] == {"prompt_tokens": 13, "completion_tokens": 14, "total_tokens": 27,
+                                     "prompt_tokens_details": {"cached_tokens": 8}}
+
+
+class TakingTurns(Stream):
+    """A stream whose items each wait a loop turn: the choices' chunks interleave."""
+
+    async def __anext__(self):
+        await asyncio.sleep(0)
+        return await super().__anext__()
+
+
+def test_continuous_usage_gives_each_choice_of_a_batch_its_own_prompts_count():
+    first = [{**item("a"), "prompt_tokens": 10}, {**item("c"), "prompt_tokens": 3}]
+    streams = [TakingTurns([first[0], item("b"), _last(10, 3)]), TakingTurns([first[1], item("d"), _last(3, 3)])]
+
+    async def go():
+        firsts = await first_items(streams, "cmpl-1")
+        return [line async for line in merged_events(builders(2), firsts, streams, StreamUsage(True, True), n=1)]
+    chunks = [json.loads(line[6:]) for line in run(go())[:-1]]
+    assert [c["choices"][0]["index"] for c in chunks[:-1]] != [0, 0, 0, 1, 1, 1]  # they did interleave
+    for chunk in chunks[:-1]:  # the last is the totals
+        index, usage = chunk["choices"][0]["index"], chunk["usage"]
+        assert usage["prompt_tokens"] == (10, 3)[index]
+    assert chunks[-1]["usage"]["prompt_tokens"] == 13

@@ -26,3 +26,12 @@ def test_max_engine_replicas_from_replicas_or_autoscaling():
     assert AppArgs(num_replicas=3).max_engine_replicas() == 3
     assert AppArgs(autoscaling_config={"min_replicas": 1, "max_replicas": 5}).max_engine_replicas() == 5
     assert AppArgs(autoscaling_config='{"min_replicas": 2}').max_engine_replicas() == 2
+
+
+def test_a_batch_weighs_as_many_requests_as_it_makes():
+    """lm-eval's batches of 32 prompts make 32 engine requests each: an adapter sent so is as hot as
+    one sent in 32 requests, not 32 times colder."""
+    hot = HotAdapters(share=0.5, max_replicas=2, window=64, min_requests=8)
+    for k in range(16):
+        hot.is_hot(f"t/other{k}@v1")
+    assert hot.is_hot("t/a@v1", count=32) and hot.share_of("t/a@v1") == 32 / 48

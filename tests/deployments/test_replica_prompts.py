@@ -200,11 +200,13 @@ def test_a_conversation_the_template_refuses_is_a_400_naming_messages(tmp_path):
     server._engine.tokenizer.chat_template = (
         "{% if messages[0]['role'] != 'system' %}{{ raise_exception('the first message must be a system message') }}"
         "{% endif %}{{ messages[0]['content'] }}")
-    request = _chat(messages=TURNS)
-    with pytest.raises(InvalidRequestError, match="must be a system message") as refused:
-        server._prepare(request)
-    error = _error_item("r", refused.value, request)["error"]
-    assert error["status"] == 400 and error["param"] == "messages"
+    # the conversation's fault, variables of the request's or not (Qwen3 clients send enable_thinking)
+    for request in (_chat(messages=TURNS), {**_chat(messages=TURNS, chat_template_kwargs={"enable_thinking": False}),
+                                            "template_variables": True}):
+        with pytest.raises(InvalidRequestError, match="must be a system message") as refused:
+            server._prepare(request)
+        error = _error_item("r", refused.value, request)["error"]
+        assert error["status"] == 400 and error["param"] == "messages"
 
 
 def test_a_template_variable_the_template_cannot_compute_with_is_a_400_naming_chat_template_kwargs(tmp_path):

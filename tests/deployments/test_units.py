@@ -117,6 +117,7 @@ def test_request_schemas_validate_openai_fields():
     for bad in [{"model": "m"}, {"model": "m", "prompt": "x", "max_tokens": "many"},
                 {"model": "m", "prompt": "x", "temperature": 3}, {"model": "m", "prompt": []},
                 {"model": "m", "prompt": "x", "n": 17}, {"model": "m", "prompt": ["a", 1]},
+                {"model": "m", "prompt": [[]]}, {"model": "m", "prompt": [[1], []]},
                 {"model": "m", "prompt": "x", "stop": ["a"] * 5}]:
         with pytest.raises(ValueError):
             CompletionRequest.model_validate(bad)
