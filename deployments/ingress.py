@@ -190,11 +190,12 @@ class Ingress(AdapterRoutes):
         payload = {"prompt": body.prompts()[0], "max_tokens": body.max_tokens}
         if body.echo:
             payload["echo"] = True
-        return await self._complete(request, body, payload, COMPLETION)
+        return await self._complete(request, self._auth.tenant_of(request.headers), body, payload, COMPLETION)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._auth.tenant_of(request.headers)  # a caller without credentials hears so first
+        # before the messages are looked at: a caller without credentials hears so first
+        tenant = self._auth.tenant_of(request.headers)
         try:
             messages = [m.for_template() for m in body.messages]
         except ValueError as exc:
@@ -205,12 +206,12 @@ class Ingress(AdapterRoutes):
             payload["template_variables"] = True
         if body.tool_plan() is not None:  # the chat template renders them (deployments/tool_calls.py)
             payload["tools"] = body.tool_plan().tools
-        return await self._complete(request, body, payload, CHAT)
+        return await self._complete(request, tenant, body, payload, CHAT)
 
-    async def _complete(self, request: Request, body, payload: dict, kind: str):
+    async def _complete(self, request: Request, tenant: str, body, payload: dict, kind: str):
         arrived = time.perf_counter()
         route = "chat" if kind == CHAT else "completions"
-        tenant, n = self._auth.tenant_of(request.headers), body.n
+        n = body.n
         # a completion's batch of prompts: n choices each, choice j of prompt i numbered i * n + j
         prompts = body.prompts() if kind == COMPLETION else [None]
         self._loop_lag.ensure_started()

@@ -157,12 +157,13 @@ class StreamUsage:
         self._completion_tokens: dict[int, int] = {}
 
     def of_chunk(self, index: int, item: dict) -> dict | None:
-        """The usage field of a choice's chunk made from `item` (every item is counted)."""
+        """The usage field of a choice's chunk made from `item` (with continuous_usage_stats every
+        item is counted; without, none is: the last chunk's totals come from the last item)."""
+        if not self.continuous:
+            return None
         if "prompt_tokens" in item:
             self._prompt_tokens[index] = item["prompt_tokens"]
         done = self._completion_tokens[index] = self._completion_tokens.get(index, 0) + item.get("num_tokens", 0)
-        if not self.continuous:
-            return None
         prompt = self._prompt_tokens.get(index, 0)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
