@@ -57,7 +57,7 @@ async def _unexpected_error(_request: Request, exc: Exception):
 
 
 # the routes a client may be looking for when it asks for one this server lacks
-_SERVED = "/v1/completions, /v1/chat/completions, /v1/models and /v1/adapters"
+_SERVED = "/v1/completions, /v1/chat/completions, /v1/models, /v1/adapters, /tokenize and /detokenize"
 
 
 @api.exception_handler(StarletteHTTPException)

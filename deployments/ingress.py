@@ -31,10 +31,11 @@ from deployments.http_guards import (bound_direct_ingress_receive, default_max_b
 from deployments.loop_lag import LoopLag
 from deployments.metrics import EXPOSITION_CONTENT_TYPE
 from deployments.openai_format import CHAT, COMPLETION, ResponseBuilder, sse_events
-from deployments.replica_stream import (EndingStreamingResponse, StreamEnd, collect, first_item,
-                                        lost_replica)
+from deployments.replica_stream import (EndingStreamingResponse, StreamEnd, collect, error_from_item,
+                                        first_item, lost_replica)
 from deployments.server_timing import ServerTiming
-from deployments.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
+from deployments.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
+                                 TokenizeRequest)
 from engine.heap import freeze_startup_heap
 
 logger = logging.getLogger("ray.serve")
@@ -183,6 +184,46 @@ class Ingress(AdapterRoutes):
         return NotFoundError(f"model {model!r} does not exist or is not available to you; GET "
                              "/v1/models lists the base model and your adapters",
                              code="model_not_found", param="model")
+
+    # ---- tokenizer ----------------------------------------------------------------
+    @api.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> dict:
+        """vLLM's: the ids a prompt or a conversation gives the model, as the completion routes
+        would (schemas.TokenizeRequest), counted with the tenant's requests in flight."""
+        tenant = self._auth.tenant_of(request.headers)
+        try:
+            payload = body.payload()
+        except ValueError as exc:  # as on chats: a content part that is not text
+            raise BadRequestError(str(exc), code="unsupported_content", param="messages") from exc
+        return await self._tokenizer_call("tokenize", tenant, body.model, payload)
+
+    @api.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict:
+        """vLLM's: the text token ids decode to."""
+        tenant = self._auth.tenant_of(request.headers)
+        return await self._tokenizer_call("detokenize", tenant, body.model, {"tokens": body.tokens})
+
+    async def _tokenizer_call(self, method: str, tenant: str, model: str | None, payload: dict) -> dict:
+        self._limiter.acquire(tenant, 1)
+        status = 500
+        try:
+            if model is not None:  # a model the caller may not use is a 404, as on completions
+                await self._multiplexed_id(tenant, model)
+            payload.update(request_id=f"{method[:3]}-{uuid.uuid4().hex}", tenant=tenant)
+            try:  # any engine replica: the adapters share the base model's tokenizer
+                answer = await getattr(self._llm, method).remote(payload)
+            except Exception as exc:  # noqa: BLE001 - Ray errors (actor died, unavailable)
+                raise lost_replica(exc) from exc
+            if "error" in answer:
+                raise error_from_item(answer["error"])
+            status = 200
+            return answer
+        except BaseException as exc:
+            status = to_api_error(exc).status_code
+            raise
+        finally:
+            self._limiter.release(tenant, 1)
+            self._metrics.request(tenant, method, status)
 
     # ---- completions --------------------------------------------------------------
     @api.post("/v1/completions")

@@ -161,6 +161,9 @@ class LLMServer:
     def _prompt_of(self, request: dict) -> str | list[int]:
         if request.get("messages") is None:
             return request["prompt"]
+        if self._engine.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer, so no chat template: it serves "
+                                      "completions of token ids only", "messages")
         from jinja2 import TemplateError
 
         options = {"add_generation_prompt": True, **(request.get("template_options") or {})}
@@ -303,6 +306,50 @@ class LLMServer:
             engine.shutdown()
         if ranks is not None:
             ranks.close()
+
+    async def tokenize(self, request: dict) -> dict:
+        """POST /tokenize's work (ingress.py): the ids /v1/completions or /v1/chat/completions would
+        give the model for this prompt or these messages, `{"count", "max_model_len", "tokens",
+        "token_strs"}` as vLLM answers; an error item for a request those routes would refuse."""
+        try:
+            if _input_chars(request) > INLINE_TOKENIZE_CHARS:  # as generate(): long inputs off the loop
+                ids = await off_loop(self._prompt_ids, request)
+            elif request.get("messages") is not None:
+                ids = await asyncio.to_thread(self._prompt_ids, request)
+            else:
+                ids = self._prompt_ids(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
+            return _error_item(request["request_id"], exc, request)
+        strs = self._engine.tokenizer.convert_ids_to_tokens(ids) if request.get("return_token_strs") else None
+        return {"count": len(ids), "max_model_len": self._args.max_model_len, "tokens": ids, "token_strs": strs}
+
+    def _prompt_ids(self, request: dict) -> list[int]:
+        if self._engine.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: there is no text to count here", "prompt")
+        ids = self._engine.inputs.encode(self._prompt_of(request))
+        if len(ids) >= self._args.max_model_len:  # encode stops counting at max_model_len
+            raise InvalidRequestError(f"the prompt has at least {len(ids)} tokens, as many as this model's "
+                                      f"context ({self._args.max_model_len}) or more: no completion fits; "
+                                      "shorten it", "prompt")
+        return ids
+
+    async def detokenize(self, request: dict) -> dict:
+        """POST /detokenize's work (ingress.py): `{"prompt": text}` of token ids, or an error item."""
+        ids, inputs = request["tokens"], self._engine.inputs
+        try:
+            if len(ids) > self._args.max_model_len:
+                raise InvalidRequestError(f"{len(ids)} tokens are more than this model's context "
+                                          f"({self._args.max_model_len}) holds", "tokens")
+            bad = [t for t in ids if not 0 <= t < inputs.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {inputs.vocab_size})",
+                                          "tokens")
+            if self._engine.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: its ids have no text here", "tokens")
+            text = await asyncio.to_thread(self._engine.tokenizer.decode, ids)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
+            return _error_item(request["request_id"], exc, request)
+        return {"prompt": text}
 
     async def ready(self) -> dict:
         """For the unauthenticated /ready: counts only, no tenant's adapter names."""

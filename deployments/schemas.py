@@ -23,12 +23,25 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk's counts so far
 
 
-class _SamplingFields(BaseModel):
+class _Body(BaseModel):
     # Unknown OpenAI fields (user, metadata, ...) are accepted and ignored, as the SDK sends them;
     # fields that would change the output and are not supported are refused (below). Strict:
     # `"max_tokens": true` or `"stream": "yes"` are mistakes to report, not values to coerce.
     model_config = ConfigDict(extra="ignore", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        where = find_lone_surrogate(data)
+        if where is not None:
+            field = where.removeprefix("a key of ")
+            raise FieldError(None if field == "the request" else field,
+                             f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
+                             "text; send valid Unicode")
+        return data
+
+
+class _SamplingFields(_Body):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -72,17 +85,6 @@ class _SamplingFields(BaseModel):
     _structured_field: str | None = PrivateAttr(default=None)  # the field that spelt it
     takes_tools: ClassVar[bool] = False  # chat completions take tools (deployments/tool_calls.py)
     _tool_plan: ToolPlan | None = PrivateAttr(default=None)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data):
-        where = find_lone_surrogate(data)
-        if where is not None:
-            field = where.removeprefix("a key of ")
-            raise FieldError(None if field == "the request" else field,
-                             f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
-                             "text; send valid Unicode")
-        return data
 
     @field_validator(*(name for name in NO_OP_VALUES if name not in COMPLETION_ONLY_NO_OPS + CHAT_ONLY_NO_OPS))
     @classmethod
@@ -257,32 +259,13 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None  # None (JSON null): false
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    # tool calling (deployments/tool_calls.py); tools itself is a field of every request, refused
-    # on completions
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
-    takes_tools: ClassVar[bool] = True
-    # the chat template's options, as vLLM takes them: the assistant's turn opened for the reply,
-    # or the last message (an assistant's) continued instead; variables the template reads
-    # (Qwen3's enable_thinking, ...)
+class _TemplateOptions(_Body):
+    """The chat template's options, as vLLM takes them: the assistant's turn opened for the reply,
+    or the last message (an assistant's) continued instead; variables the template reads (Qwen3's
+    enable_thinking, ...). Chat completions and /tokenize take them alike."""
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=32)
-    # refused unless they ask for nothing (NO_OP_VALUES)
-    chat_template: Any = None
-    documents: Any = None
-    echo: Any = None
-    add_special_tokens: Any = None
-
-    @field_validator(*CHAT_ONLY_NO_OPS)
-    @classmethod
-    def _unsupported_here(cls, value, info: ValidationInfo):
-        return refuse_unless_no_op(value, info)
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -310,6 +293,28 @@ class ChatCompletionRequest(_SamplingFields):
         return {"add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message, **(self.chat_template_kwargs or {})}
 
+
+class ChatCompletionRequest(_SamplingFields, _TemplateOptions):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None  # None (JSON null): false
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # tool calling (deployments/tool_calls.py); tools itself is a field of every request, refused
+    # on completions
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    takes_tools: ClassVar[bool] = True
+    # refused unless they ask for nothing (NO_OP_VALUES)
+    chat_template: Any = None
+    documents: Any = None
+    echo: Any = None
+    add_special_tokens: Any = None
+
+    @field_validator(*CHAT_ONLY_NO_OPS)
+    @classmethod
+    def _unsupported_here(cls, value, info: ValidationInfo):
+        return refuse_unless_no_op(value, info)
+
     @model_validator(mode="after")
     def _one_constraint(self):
         """The structured output constraint, a forced tool choice's included: one at most."""
@@ -334,6 +339,54 @@ class ChatCompletionRequest(_SamplingFields):
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class TokenizeRequest(_TemplateOptions):
+    """vLLM's POST /tokenize body: a prompt as /v1/completions takes it, or messages as
+    /v1/chat/completions take them (with the template's options and tools). The answer's ids are
+    the ones those routes would give the model. Special tokens are never added to a prompt here
+    (vLLM adds them by default), so `add_special_tokens` is refused unless false, as on chats."""
+    model: str | None = Field(default=None, min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list | None = None
+    return_token_strs: bool | None = False
+    # refused unless they ask for nothing (NO_OP_VALUES)
+    add_special_tokens: Any = None
+    chat_template: Any = None
+    documents: Any = None
+    _tool_plan: ToolPlan | None = PrivateAttr(default=None)
+
+    @field_validator("add_special_tokens", "chat_template", "documents")
+    @classmethod
+    def _unsupported(cls, value, info: ValidationInfo):
+        return refuse_unless_no_op(value, info)
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise FieldError("prompt" if self.messages is None else "messages",
+                             "send a prompt (text, as /v1/completions takes it) or messages (as "
+                             "/v1/chat/completions take them), not both")
+        if self.tools and self.messages is None:
+            raise FieldError("tools", "tools are rendered by the chat template: they go with messages")
+        self._tool_plan = tool_plan(self.tools, None, None)
+        return self
+
+    def payload(self) -> dict:
+        """What the engine replica's `tokenize` takes (deployments/replica.py)."""
+        if self.messages is None:
+            return {"prompt": self.prompt, "return_token_strs": bool(self.return_token_strs)}
+        return {"messages": [m.for_template() for m in self.messages], "template_options": self.template_options(),
+                "template_variables": bool(self.chat_template_kwargs),
+                "tools": self._tool_plan.tools if self._tool_plan is not None else None,
+                "return_token_strs": bool(self.return_token_strs)}
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's POST /detokenize body: token ids back to the text they decode to."""
+    model: str | None = Field(default=None, min_length=1)
+    tokens: list[int]
 
 
 class PromptTokensDetails(BaseModel):

@@ -302,6 +302,40 @@ def test_a_repeated_prompt_finds_its_replica_and_its_cached_tokens_for_its_own_t
     assert other.choices[0].text == want and other.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_tokenize_counts_the_ids_completions_and_chats_give_the_model_and_detokenize_inverts_them(
+        service, adapters, oracle):
+    client, tok = _client(service, "acme"), oracle.engine.tokenizer
+    answer = httpx.post(f"{service}/tokenize", headers=auth("acme"), timeout=60,
+                        json={"model": "style", "prompt": PROMPTS[0], "return_token_strs": True})
+    assert answer.status_code == 200, answer.text
+    ids = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    assert answer.json() == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
+                             "token_strs": tok.convert_ids_to_tokens(ids)}
+    assert len(ids) == client.completions.create(model="style", prompt=PROMPTS[0], max_tokens=1).usage.prompt_tokens
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "The quick"}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    chat = httpx.post(f"{service}/tokenize", headers=auth("acme"), json={"messages": messages, **options}, timeout=60)
+    text = tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert chat.status_code == 200 and chat.json()["tokens"] == tok(text, add_special_tokens=False)["input_ids"]
+    used = client.chat.completions.create(model="style", messages=messages, max_tokens=1, extra_body=options)
+    assert chat.json()["count"] == used.usage.prompt_tokens
+    back = httpx.post(f"{service}/detokenize", headers=auth("acme"), json={"model": BASE, "tokens": ids}, timeout=60)
+    assert back.status_code == 200 and back.json() == {"prompt": tok.decode(ids)}
+    refusals = [
+        ("/tokenize", {}, {"prompt": "hi"}, 401, None),
+        ("/tokenize", auth("acme"), {"model": "nope", "prompt": "hi"}, 404, "model"),
+        ("/tokenize", auth("acme"), {"prompt": "hi", "messages": messages}, 400, "messages"),
+        ("/tokenize", auth("acme"), {"prompt": "hi", "add_special_tokens": True}, 400, "add_special_tokens"),
+        ("/tokenize", auth("acme"), {"prompt": "x " * (2 * MAX_MODEL_LEN)}, 400, "prompt"),
+        ("/detokenize", auth("acme"), {"tokens": [10 ** 6]}, 400, "tokens"),
+        ("/detokenize", auth("acme"), {"tokens": "1 2"}, 400, "tokens"),
+    ]
+    for path, headers, body, status, param in refusals:
+        refused = httpx.post(f"{service}{path}", headers=headers, json=body, timeout=60)
+        assert refused.status_code == status, (path, body, refused.text)
+        assert refused.json()["error"]["message"] and refused.json()["error"]["param"] == param, refused.text
+
+
 def want_prompt_tokens(client, prompt: str) -> int:
     return client.completions.create(model="style", prompt=prompt, max_tokens=1).usage.prompt_tokens
 
