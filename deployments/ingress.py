@@ -228,7 +228,8 @@ class Ingress(AdapterRoutes):
     # ---- completions --------------------------------------------------------------
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        payload = {"prompt": body.prompts()[0], "max_tokens": body.max_tokens}
+        payload = {"prompt": body.prompts()[0], "max_tokens": body.max_tokens,
+                   "add_special_tokens": body.add_special_tokens}
         if body.echo:
             payload["echo"] = True
         return await self._complete(request, self._auth.tenant_of(request.headers), body, payload, COMPLETION)
@@ -242,7 +243,7 @@ class Ingress(AdapterRoutes):
         except ValueError as exc:
             raise BadRequestError(str(exc), code="unsupported_content", param="messages") from exc
         payload = {"messages": messages, "max_tokens": body.token_budget(),
-                   "template_options": body.template_options()}
+                   "template_options": body.template_options(), "add_special_tokens": body.add_special_tokens}
         if body.chat_template_kwargs:  # a template that fails on them blames them
             payload["template_variables"] = True
         if body.tool_plan() is not None:  # the chat template renders them (deployments/tool_calls.py)

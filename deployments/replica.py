@@ -144,7 +144,7 @@ class LLMServer:
 
     def _prepare(self, request: dict):
         # tokenised once, here, and the engine handed the ids (checked as the engine checks text)
-        prompt = self._engine.inputs.tokenize(self._prompt_of(request))
+        prompt = self._engine.inputs.tokenize(self._prompt_of(request), _special_tokens(request))
         room = self._args.max_model_len - len(prompt)
         max_tokens = request.get("max_tokens")
         if max_tokens is None:  # OpenAI's defaults: a chat gets the room its prompt leaves, a completion 16
@@ -326,7 +326,7 @@ class LLMServer:
     def _prompt_ids(self, request: dict) -> list[int]:
         if self._engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: there is no text to count here", "prompt")
-        ids = self._engine.inputs.encode(self._prompt_of(request))
+        ids = self._engine.inputs.encode(self._prompt_of(request), _special_tokens(request))
         if len(ids) >= self._args.max_model_len:  # encode stops counting at max_model_len
             raise InvalidRequestError(f"the prompt has at least {len(ids)} tokens, as many as this model's "
                                       f"context ({self._args.max_model_len}) or more: no completion fits; "
@@ -408,6 +408,13 @@ def _error_item(request_id: str, exc: BaseException, request: dict | None = None
         param = (_CHAT_PARAMS if request.get("messages") is not None else _COMPLETION_PARAMS).get(param, param)
     return {"error": {"status": api_error.status_code, "type": api_error.error_type,
                       "message": api_error.message, "code": api_error.code, "param": param}}
+
+
+def _special_tokens(request: dict) -> bool:
+    """Whether a request's text gets the tokenizer's special tokens, as vLLM decides: a prompt
+    yes, a rendered chat template no (it holds its own); the request's add_special_tokens over
+    either."""
+    return request.get("add_special_tokens", request.get("messages") is None)
 
 
 def _input_chars(request: dict) -> int:

@@ -67,11 +67,17 @@ NO_OP_VALUES: dict[str, tuple] = {
 
 NO_OP_VALUES.update({
     # vLLM's chat options not implemented here: a template of the request's own, documents for
-    # the template, echo of the last message, special tokens added to the rendered template
-    "chat_template": (), "documents": (), "echo": (False,), "add_special_tokens": (False,),
+    # the template, echo of the last message
+    "chat_template": (), "documents": (), "echo": (False,),
+    # vLLM's sampling and output extensions not implemented here: special tokens kept in the
+    # text, a prompt cut to its last k tokens, the vocabulary narrowed or words banned, logits
+    # processors by name, beam search's length penalty, tokens spelt "token_id:<id>"
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (),
+    "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (), "length_penalty": (1.0,),
+    "return_tokens_as_token_ids": (False,),
 })
 COMPLETION_ONLY_NO_OPS = ("best_of", "suffix")
-CHAT_ONLY_NO_OPS = ("chat_template", "documents", "echo", "add_special_tokens")  # the others: every request's
+CHAT_ONLY_NO_OPS = ("chat_template", "documents", "echo")  # the others: every request's
 # parameters of transformers' apply_chat_template itself (5.x, and `self`): chat_template_kwargs
 # passes the template's own variables and may not set these, which the replica sets or which
 # would make the call something else than a rendering to text. add_generation_prompt and

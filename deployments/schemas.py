@@ -81,6 +81,14 @@ class _SamplingFields(_Body):
     prompt_logprobs: Any = None
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
+    truncate_prompt_tokens: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    logits_processors: Any = None
+    length_penalty: Any = None
+    return_tokens_as_token_ids: Any = None
     _structured: tuple[str, str] | None = PrivateAttr(default=None)
     _structured_field: str | None = PrivateAttr(default=None)  # the field that spelt it
     takes_tools: ClassVar[bool] = False  # chat completions take tools (deployments/tool_calls.py)
@@ -170,6 +178,8 @@ class _SamplingFields(_Body):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = Field(default=False)  # the prompt, before the completion, in text and in logprobs
+    # vLLM's: a text prompt gets the tokenizer's special tokens (a BOS where it adds one)
+    add_special_tokens: bool = True
     # the legacy API's: the sampled token's logprob and this many most likely tokens' (OpenAI
     # caps it at 5, vLLM at its max_logprobs, 20)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -304,11 +314,12 @@ class ChatCompletionRequest(_SamplingFields, _TemplateOptions):
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     takes_tools: ClassVar[bool] = True
+    # vLLM's: the rendered template is tokenised as it is (it holds its own BOS, if any)
+    add_special_tokens: bool = False
     # refused unless they ask for nothing (NO_OP_VALUES)
     chat_template: Any = None
     documents: Any = None
     echo: Any = None
-    add_special_tokens: Any = None
 
     @field_validator(*CHAT_ONLY_NO_OPS)
     @classmethod
@@ -344,20 +355,20 @@ class ChatCompletionRequest(_SamplingFields, _TemplateOptions):
 class TokenizeRequest(_TemplateOptions):
     """vLLM's POST /tokenize body: a prompt as /v1/completions takes it, or messages as
     /v1/chat/completions take them (with the template's options and tools). The answer's ids are
-    the ones those routes would give the model. Special tokens are never added to a prompt here
-    (vLLM adds them by default), so `add_special_tokens` is refused unless false, as on chats."""
+    the ones those routes would give the model, add_special_tokens likewise (unset: true for a
+    prompt, false for messages)."""
     model: str | None = Field(default=None, min_length=1)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list | None = None
     return_token_strs: bool | None = False
+    add_special_tokens: bool | None = None
     # refused unless they ask for nothing (NO_OP_VALUES)
-    add_special_tokens: Any = None
     chat_template: Any = None
     documents: Any = None
     _tool_plan: ToolPlan | None = PrivateAttr(default=None)
 
-    @field_validator("add_special_tokens", "chat_template", "documents")
+    @field_validator("chat_template", "documents")
     @classmethod
     def _unsupported(cls, value, info: ValidationInfo):
         return refuse_unless_no_op(value, info)
@@ -375,12 +386,14 @@ class TokenizeRequest(_TemplateOptions):
 
     def payload(self) -> dict:
         """What the engine replica's `tokenize` takes (deployments/replica.py)."""
+        payload = {"return_token_strs": bool(self.return_token_strs)}
+        if self.add_special_tokens is not None:
+            payload["add_special_tokens"] = self.add_special_tokens
         if self.messages is None:
-            return {"prompt": self.prompt, "return_token_strs": bool(self.return_token_strs)}
+            return {"prompt": self.prompt, **payload}
         return {"messages": [m.for_template() for m in self.messages], "template_options": self.template_options(),
                 "template_variables": bool(self.chat_template_kwargs),
-                "tools": self._tool_plan.tools if self._tool_plan is not None else None,
-                "return_token_strs": bool(self.return_token_strs)}
+                "tools": self._tool_plan.tools if self._tool_plan is not None else None, **payload}
 
 
 class DetokenizeRequest(_Body):

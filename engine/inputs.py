@@ -68,10 +68,13 @@ class InputProcessor:
         """A new matcher of a structured output constraint (one per sequence)."""
         return self.grammars().matcher(constraint)
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """The prompt's ids, checked: not empty, in the vocabulary, shorter than max_model_len."""
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """The prompt's ids, checked: not empty, in the vocabulary, shorter than max_model_len.
+        Text gets the tokenizer's special tokens (a BOS where it adds one) unless
+        add_special_tokens is false (a rendered chat template holds its own); ids are taken as
+        they are."""
         if isinstance(prompt, str):
-            ids = self.encode(prompt)
+            ids = self.encode(prompt, add_special_tokens)
             if len(ids) >= self.max_model_len:  # encode stopped counting there
                 raise self._too_long(f"at least {len(ids)}")
         else:
@@ -86,14 +89,16 @@ class InputProcessor:
                                       "prompt")
         return ids
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, at most max_model_len of them: the tokenizer truncates in its
         own code, so a huge prompt costs its encoding (which leaves the GIL) but never a
-        Python list of a million ids (which holds it: other requests on this process wait)."""
+        Python list of a million ids (which holds it: other requests on this process wait).
+        add_special_tokens as the tokenizer takes it: HF's and vLLM's default for a text prompt
+        is true (Mixtral's tokenizer puts its BOS first; Qwen3's adds nothing)."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
-        return self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.max_model_len,
-                              return_attention_mask=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
+                              max_length=self.max_model_len, return_attention_mask=False)["input_ids"]
 
     def _too_long(self, count) -> InvalidRequestError:
         return InvalidRequestError(f"prompt has {count} tokens; max_model_len is {self.max_model_len}: "

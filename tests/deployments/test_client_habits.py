@@ -331,6 +331,15 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
     ({"suffix": "the end"}, "suffix"),
     ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
+    # vLLM's extensions this server does not implement: each would change the output
+    ({"extra_body": {"skip_special_tokens": False}}, "skip_special_tokens"),
+    ({"extra_body": {"spaces_between_special_tokens": False}}, "spaces_between_special_tokens"),
+    ({"extra_body": {"truncate_prompt_tokens": 8}}, "truncate_prompt_tokens"),
+    ({"extra_body": {"allowed_token_ids": [1, 2]}}, "allowed_token_ids"),
+    ({"extra_body": {"bad_words": ["fox"]}}, "bad_words"),
+    ({"extra_body": {"logits_processors": ["x"]}}, "logits_processors"),
+    ({"extra_body": {"length_penalty": 0.5}}, "length_penalty"),
+    ({"extra_body": {"return_tokens_as_token_ids": True}}, "return_tokens_as_token_ids"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_unsupported_completion_fields_are_refused_by_name(client, ingress, fields, param):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -343,7 +352,9 @@ def test_unsupported_completion_fields_are_refused_by_name(client, ingress, fiel
 
 def test_no_op_values_of_unsupported_fields_are_served(client, ingress):
     _complete(client, BASE, best_of=1, suffix="", echo=False,
-              extra_body={"use_beam_search": False})
+              extra_body={"use_beam_search": False, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+                          "bad_words": [], "length_penalty": 1.0, "return_tokens_as_token_ids": False,
+                          "truncate_prompt_tokens": None, "add_special_tokens": False})
     assert ingress._llm.model_ids == [""]
 
 

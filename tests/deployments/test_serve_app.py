@@ -325,7 +325,7 @@ def test_tokenize_counts_the_ids_completions_and_chats_give_the_model_and_detoke
         ("/tokenize", {}, {"prompt": "hi"}, 401, None),
         ("/tokenize", auth("acme"), {"model": "nope", "prompt": "hi"}, 404, "model"),
         ("/tokenize", auth("acme"), {"prompt": "hi", "messages": messages}, 400, "messages"),
-        ("/tokenize", auth("acme"), {"prompt": "hi", "add_special_tokens": True}, 400, "add_special_tokens"),
+        ("/tokenize", auth("acme"), {"prompt": "hi", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
         ("/tokenize", auth("acme"), {"prompt": "x " * (2 * MAX_MODEL_LEN)}, 400, "prompt"),
         ("/detokenize", auth("acme"), {"tokens": [10 ** 6]}, 400, "tokens"),
         ("/detokenize", auth("acme"), {"tokens": "1 2"}, 400, "tokens"),

@@ -99,7 +99,7 @@ def test_detokenize_gives_back_the_text_of_ids_and_refuses_ids_outside_the_vocab
     ({"prompt": "a", "messages": TURNS}, "messages"),
     ({"prompt": "a", "tools": [{"type": "function", "function": {"name": "now"}}]}, "tools"),
     ({"messages": TURNS, "tools": [{"type": "function"}]}, "tools[0]"),
-    ({"prompt": "a", "add_special_tokens": True}, "add_special_tokens"),
+    ({"prompt": "a", "add_special_tokens": 1}, "add_special_tokens"),  # strict: a bool
     ({"messages": TURNS, "chat_template": "{{ messages }}"}, "chat_template"),
     ({"messages": TURNS, "continue_final_message": True}, "continue_final_message"),
     ({"messages": TURNS, "chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
@@ -115,10 +115,11 @@ def test_a_tokenize_body_it_cannot_honour_is_refused_naming_the_field(fields, pa
     assert error.status_code == 400 and error.param == param, (error.param, error.message)
 
 
-def test_a_tokenize_body_takes_vllms_fields_and_asks_for_no_special_tokens_when_it_says_false():
+def test_a_tokenize_body_takes_vllms_fields_and_passes_add_special_tokens_only_when_sent():
     body = TokenizeRequest.model_validate({"model": "m", "prompt": "a", "add_special_tokens": False,
                                            "return_token_strs": True, "user": "ignored"})
-    assert body.payload() == {"prompt": "a", "return_token_strs": True}
+    assert body.payload() == {"prompt": "a", "return_token_strs": True, "add_special_tokens": False}
+    assert "add_special_tokens" not in TokenizeRequest.model_validate({"prompt": "a"}).payload()
     chat = TokenizeRequest.model_validate({"messages": TURNS, "add_generation_prompt": False,
                                            "chat_template_kwargs": {"enable_thinking": True}}).payload()
     assert chat["template_options"] == {"add_generation_prompt": False, "continue_final_message": False,
@@ -126,3 +127,44 @@ def test_a_tokenize_body_takes_vllms_fields_and_asks_for_no_special_tokens_when_
     with pytest.raises(ValidationError):
         DetokenizeRequest.model_validate({"tokens": ["1"]})  # strict: ids are numbers
     assert DetokenizeRequest.model_validate({"tokens": [1, 2]}).tokens == [1, 2]
+
+
+def _with_bos(server, inputs) -> int:
+    """The harness's tokenizer made to put a BOS first when asked for special tokens, as
+    Mixtral's (Llama's) does; returns the BOS id."""
+    from tokenizers import processors
+
+    tok = server._engine.tokenizer
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    inputs.vocab_size = len(tok)
+    return tok.bos_token_id
+
+
+def test_a_completions_text_gets_the_tokenizers_bos_and_a_chats_rendered_template_none_as_in_vllm(tmp_path):
+    from deployments.schemas import ChatCompletionRequest, CompletionRequest
+
+    server, inputs = _server(tmp_path, 256)
+    bos, tok = _with_bos(server, inputs), server._engine.tokenizer
+    text = "the quick brown fox"
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+
+    def completion(**fields):
+        body = CompletionRequest(model="m", prompt=text, max_tokens=4, **fields)
+        return server._prepare({"prompt": text, "max_tokens": 4, "add_special_tokens": body.add_special_tokens})[0]
+    assert completion() == [bos] + plain == tok(text)["input_ids"]  # HF's default, and vLLM's
+    assert completion(add_special_tokens=False) == plain
+    assert server._prepare({"prompt": plain, "max_tokens": 4})[0] == plain  # ids are taken as they are
+
+    def chat(**fields):
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": TURNS, **fields})
+        return server._prepare({**_chat(messages=TURNS), "add_special_tokens": body.add_special_tokens})[0]
+    rendered = tok.apply_chat_template(TURNS, tokenize=False, add_generation_prompt=True)
+    assert chat() == tok(rendered, add_special_tokens=False)["input_ids"] and bos not in chat()
+    assert chat(add_special_tokens=True) == [bos] + chat()
+    # /tokenize counts what those routes give the model, with vLLM's defaults for each kind
+    assert _tokenize(server, {"prompt": text})["tokens"] == completion()
+    assert _tokenize(server, {"prompt": text, "add_special_tokens": False})["tokens"] == plain
+    assert _tokenize(server, {"messages": TURNS})["tokens"] == chat()
+    assert _tokenize(server, {"messages": TURNS, "add_special_tokens": True})["tokens"] == [bos] + chat()
