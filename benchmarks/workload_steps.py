@@ -14,10 +14,12 @@ batches would have taken without LoRA. The adapter run's wall time then splits i
   - what its steps cost over that price (LoRA kernels, adapter copies and heap moves on the
     device, more host work a step),
   - the price itself against the no-adapter run's own steps (the same tokens in other batches:
-    each step pays the fixed cost `a`),
-  - time with no step running (waiting for arrivals).
+    each step pays the fixed cost `a`; a linear fit of a cost that is not quite linear, so read
+    it with the fit's R^2),
+  - time outside engine.step() (waiting for arrivals, adding them, the progress lines).
 A trace whose arrivals outrun the adapter run keeps a queue (TTFT and adapter waits grow over
-the run); the split says which of the three made it fall behind.
+the run); the split says which of the three made it fall behind. A run without a step_log (one
+from before b20600e, or a baseline copied from such a file) is left out, and so is the split.
 """
 from __future__ import annotations
 
@@ -38,13 +40,26 @@ def _steps(run: dict) -> np.ndarray:
     return np.asarray(log, dtype=np.float64)
 
 
+def _design(live: np.ndarray) -> np.ndarray:
+    return np.column_stack([np.ones(len(live)), live[:, 1], live[:, 3] - live[:, 1]])
+
+
 def fit(steps: np.ndarray) -> tuple[float, float, float]:
     """(a, b, c) of ms ~ a + b * sequences + c * (tokens - sequences), least squares over the
     steps that ran anything."""
     live = steps[steps[:, 1] > 0]
-    x = np.column_stack([np.ones(len(live)), live[:, 1], live[:, 3] - live[:, 1]])
-    coef, *_ = np.linalg.lstsq(x, live[:, 0], rcond=None)
+    coef, _, rank, _ = np.linalg.lstsq(_design(live), live[:, 0], rcond=None)
+    if rank < 3:
+        raise SystemExit(f"{len(live)} steps of too few batch shapes to fit a step's cost (rank {rank} of 3)")
     return tuple(float(v) for v in coef)
+
+
+def r_squared(steps: np.ndarray, coef: tuple[float, float, float]) -> float:
+    """How much of the steps' variance the fit explains."""
+    live = steps[steps[:, 1] > 0]
+    residual = live[:, 0] - _design(live) @ np.asarray(coef)
+    spread = np.sum((live[:, 0] - live[:, 0].mean()) ** 2)
+    return float(1.0 - np.sum(residual ** 2) / spread) if spread > 0 else 1.0
 
 
 def price(steps: np.ndarray, coef: tuple[float, float, float]) -> float:
@@ -74,7 +89,8 @@ def summary(run: dict) -> dict:
                             "tokens_mean": float(prompt[:, 3].mean()) if len(prompt) else None},
             "seqs_per_step": float(live[:, 1].mean()), "adapters_per_step": float(live[:, 2].mean()),
             "decode_ms_p50_by_batch": by_batch,
-            "fit_ms": {"a": coef[0], "per_sequence": coef[1], "per_extra_token": coef[2]}}
+            "fit_ms": {"a": coef[0], "per_sequence": coef[1], "per_extra_token": coef[2]},
+            "fit_r_squared": r_squared(steps, coef)}
 
 
 def split(none: dict, adapters: dict) -> dict:
@@ -87,13 +103,16 @@ def split(none: dict, adapters: dict) -> dict:
     return {"adapter_wall_s": adapters["seconds"], "no_adapter_wall_s": none["seconds"],
             "adapter_steps_s": own, "priced_without_lora_s": priced, "no_adapter_steps_s": base_steps,
             "step_cost_over_price_s": own - priced, "batching_s": priced - base_steps,
-            "idle_s": adapters["seconds"] - own, "no_adapter_idle_s": none["seconds"] - base_steps}
+            "outside_steps_s": adapters["seconds"] - own, "no_adapter_outside_steps_s": none["seconds"] - base_steps}
 
 
 def report(data: dict) -> tuple[str, dict]:
     runs = {name: data[name] for name in ("no_adapters", "adapters") if name in data}
+    lines = [f"== {name}: no step_log, left out" for name, run in runs.items() if not run.get("step_log")]
+    runs = {name: run for name, run in runs.items() if run.get("step_log")}
+    if not runs:
+        raise SystemExit("no run in this file has a step_log (bench_workload.py logs one from b20600e on)")
     out = {name: summary(run) for name, run in runs.items()}
-    lines = []
     for name, s in out.items():
         f = s["fit_ms"]
         lines.append(f"== {name}: {s['steps']} steps, {s['step_s']:.1f} s of {s['wall_s']:.1f} s wall; "
@@ -107,15 +126,15 @@ def report(data: dict) -> tuple[str, dict]:
         lines.append("  decode-only ms p50 by batch: " + ", ".join(
             f"{k}: {v['ms_p50']:.2f} ({v['steps']})" for k, v in s["decode_ms_p50_by_batch"].items()))
         lines.append(f"  fit: {f['a']:.2f} ms + {f['per_sequence']:.3f} ms a sequence + "
-                     f"{f['per_extra_token']:.4f} ms a token past one a sequence")
+                     f"{f['per_extra_token']:.4f} ms a token past one a sequence (R^2 {s['fit_r_squared']:.2f})")
     if len(runs) == 2:
         sp = out["split"] = split(runs["no_adapters"], runs["adapters"])
         lines.append(f"== adapter run's {sp['adapter_wall_s']:.1f} s against {sp['no_adapter_wall_s']:.1f} s: steps "
                      f"{sp['adapter_steps_s']:.1f} s, of which {sp['step_cost_over_price_s']:.1f} s over their "
                      f"no-adapter price ({sp['priced_without_lora_s']:.1f} s); that price "
                      f"{sp['batching_s']:+.1f} s against the no-adapter run's own steps "
-                     f"({sp['no_adapter_steps_s']:.1f} s); no step running {sp['idle_s']:.1f} s "
-                     f"(no-adapter run: {sp['no_adapter_idle_s']:.1f} s)")
+                     f"({sp['no_adapter_steps_s']:.1f} s); outside engine.step() {sp['outside_steps_s']:.1f} s "
+                     f"(no-adapter run: {sp['no_adapter_outside_steps_s']:.1f} s)")
     return "\n".join(lines), out
 
 

@@ -313,33 +313,34 @@ class LLMServer:
         "token_strs"}` as vLLM answers; an error item for a request those routes would refuse."""
         try:
             if _input_chars(request) > INLINE_TOKENIZE_CHARS:  # as generate(): long inputs off the loop
-                ids = await off_loop(self._prompt_ids, request)
-            elif request.get("messages") is not None:
-                ids = await asyncio.to_thread(self._prompt_ids, request)
-            else:
-                ids = self._prompt_ids(request)
+                return await off_loop(self._tokenize_answer, request)
+            if request.get("messages") is not None:
+                return await asyncio.to_thread(self._tokenize_answer, request)
+            return self._tokenize_answer(request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
             return _error_item(request["request_id"], exc, request)
-        strs = self._engine.tokenizer.convert_ids_to_tokens(ids) if request.get("return_token_strs") else None
-        return {"count": len(ids), "max_model_len": self._args.max_model_len, "tokens": ids, "token_strs": strs}
 
-    def _prompt_ids(self, request: dict) -> list[int]:
+    def _tokenize_answer(self, request: dict) -> dict:
+        # past max_model_len too, as vLLM counts (a client measures a document to cut it up), up
+        # to a bound: the list of ids is built in this process, and the body limit alone allows
+        # tens of ids a context token
+        limit = TOKENIZE_CONTEXTS * self._args.max_model_len
         if self._engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: there is no text to count here", "prompt")
-        ids = self._engine.inputs.encode(self._prompt_of(request), _special_tokens(request))
-        if len(ids) >= self._args.max_model_len:  # encode stops counting at max_model_len
-            raise InvalidRequestError(f"the prompt has at least {len(ids)} tokens, as many as this model's "
-                                      f"context ({self._args.max_model_len}) or more: no completion fits; "
-                                      "shorten it", "prompt")
-        return ids
+        ids = self._engine.inputs.encode(self._prompt_of(request), _special_tokens(request), max_length=limit)
+        if len(ids) >= limit:  # encode stops counting there
+            raise InvalidRequestError(f"the prompt has at least {limit} tokens; /tokenize counts up to "
+                                      f"{limit - 1} ({TOKENIZE_CONTEXTS}x this model's context)", "prompt")
+        strs = self._engine.tokenizer.convert_ids_to_tokens(ids) if request.get("return_token_strs") else None
+        return {"count": len(ids), "max_model_len": self._args.max_model_len, "tokens": ids, "token_strs": strs}
 
     async def detokenize(self, request: dict) -> dict:
         """POST /detokenize's work (ingress.py): `{"prompt": text}` of token ids, or an error item."""
         ids, inputs = request["tokens"], self._engine.inputs
         try:
-            if len(ids) > self._args.max_model_len:
-                raise InvalidRequestError(f"{len(ids)} tokens are more than this model's context "
-                                          f"({self._args.max_model_len}) holds", "tokens")
+            if len(ids) > (limit := TOKENIZE_CONTEXTS * self._args.max_model_len):
+                raise InvalidRequestError(f"{len(ids)} tokens are more than /detokenize takes ({limit}, "
+                                          f"{TOKENIZE_CONTEXTS}x this model's context)", "tokens")
             bad = [t for t in ids if not 0 <= t < inputs.vocab_size]
             if bad:
                 raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {inputs.vocab_size})",
@@ -408,6 +409,9 @@ def _error_item(request_id: str, exc: BaseException, request: dict | None = None
         param = (_CHAT_PARAMS if request.get("messages") is not None else _COMPLETION_PARAMS).get(param, param)
     return {"error": {"status": api_error.status_code, "type": api_error.error_type,
                       "message": api_error.message, "code": api_error.code, "param": param}}
+
+
+TOKENIZE_CONTEXTS = 4  # POST /tokenize and /detokenize take up to this many contexts' tokens
 
 
 def _special_tokens(request: dict) -> bool:

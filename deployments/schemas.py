@@ -374,11 +374,17 @@ class TokenizeRequest(_TemplateOptions):
         return refuse_unless_no_op(value, info)
 
     @model_validator(mode="after")
+    def _template_turn(self):
+        """The template's options matter with messages only (a prompt's body ignores them, as vLLM's does)."""
+        return self if self.messages is None else super()._template_turn()
+
+    @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise FieldError("prompt" if self.messages is None else "messages",
+            both = self.prompt is not None
+            raise FieldError("messages" if both else "prompt",
                              "send a prompt (text, as /v1/completions takes it) or messages (as "
-                             "/v1/chat/completions take them), not both")
+                             f"/v1/chat/completions take them){', not both' if both else ''}")
         if self.tools and self.messages is None:
             raise FieldError("tools", "tools are rendered by the chat template: they go with messages")
         self._tool_plan = tool_plan(self.tools, None, None)

@@ -89,16 +89,17 @@ class InputProcessor:
                                       "prompt")
         return ids
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
         """Token ids of `text`, at most max_model_len of them: the tokenizer truncates in its
         own code, so a huge prompt costs its encoding (which leaves the GIL) but never a
         Python list of a million ids (which holds it: other requests on this process wait).
         add_special_tokens as the tokenizer takes it: HF's and vLLM's default for a text prompt
-        is true (Mixtral's tokenizer puts its BOS first; Qwen3's adds nothing)."""
+        is true (Mixtral's tokenizer puts its BOS first; Qwen3's adds nothing). max_length: where
+        to stop instead of max_model_len (POST /tokenize counts further)."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
         return self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
-                              max_length=self.max_model_len, return_attention_mask=False)["input_ids"]
+                              max_length=max_length or self.max_model_len, return_attention_mask=False)["input_ids"]
 
     def _too_long(self, count) -> InvalidRequestError:
         return InvalidRequestError(f"prompt has {count} tokens; max_model_len is {self.max_model_len}: "

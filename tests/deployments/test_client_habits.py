@@ -54,12 +54,17 @@ class _Stream:
 class _RecordingReplica:
     def __init__(self):
         self.model_ids: list[str] = []
+        self.payloads: list[dict] = []
         self.cancelled: list[_Stream] = []
-        self.generate = SimpleNamespace(remote=lambda _payload: _Stream(ITEMS, self.cancelled))
+        self.generate = SimpleNamespace(remote=self._generate)
         self.ready_calls = 0
         self.ready = SimpleNamespace(remote=self._ready)
 
         self.transport: dict = {}
+
+    def _generate(self, payload: dict) -> "_Stream":
+        self.payloads.append(payload)
+        return _Stream(ITEMS, self.cancelled)
 
     async def _ready(self):
         self.ready_calls += 1
@@ -354,8 +359,17 @@ def test_no_op_values_of_unsupported_fields_are_served(client, ingress):
     _complete(client, BASE, best_of=1, suffix="", echo=False,
               extra_body={"use_beam_search": False, "skip_special_tokens": True, "spaces_between_special_tokens": True,
                           "bad_words": [], "length_penalty": 1.0, "return_tokens_as_token_ids": False,
-                          "truncate_prompt_tokens": None, "add_special_tokens": False})
+                          "truncate_prompt_tokens": None})
     assert ingress._llm.model_ids == [""]
+
+
+def test_add_special_tokens_reaches_the_replica_with_vllms_default_for_each_route(client, ingress):
+    messages = [{"role": "user", "content": "hi"}]
+    _complete(client, BASE)
+    _complete(client, BASE, extra_body={"add_special_tokens": False})
+    client.chat.completions.create(model=BASE, messages=messages, max_tokens=3)
+    client.chat.completions.create(model=BASE, messages=messages, max_tokens=3, extra_body={"add_special_tokens": True})
+    assert [p["add_special_tokens"] for p in ingress._llm.payloads] == [True, False, False, True]
 
 
 def test_chat_refuses_audio_output_and_beam_search_by_name(client):

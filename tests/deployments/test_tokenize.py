@@ -23,7 +23,7 @@ def test_a_prompts_ids_are_those_a_completion_gives_the_engine_with_their_string
     answer = _tokenize(server, {"prompt": "the quick brown fox", "return_token_strs": True})
     prompt, _ = server._prepare({"prompt": "the quick brown fox", "max_tokens": 4})
     tok = server._engine.tokenizer
-    assert answer["tokens"] == prompt == tok("the quick brown fox", add_special_tokens=False)["input_ids"]
+    assert answer["tokens"] == prompt == tok("the quick brown fox")["input_ids"]
     assert answer["count"] == len(prompt) and answer["max_model_len"] == 256
     assert answer["token_strs"] == tok.convert_ids_to_tokens(prompt) and len(answer["token_strs"]) == len(prompt)
     assert _tokenize(server, {"prompt": "the quick brown fox"})["token_strs"] is None
@@ -49,14 +49,20 @@ def test_tools_are_rendered_into_the_conversations_ids_as_on_a_chat(tmp_path):
     with_tools = _tokenize(server, {"messages": TURNS[:1], "tools": [tool]})["tokens"]
     text = server._engine.tokenizer.apply_chat_template(TURNS[:1], tools=[tool], tokenize=False,
                                                         add_generation_prompt=True)
-    assert with_tools == server._engine.inputs.encode(text) != _tokenize(server, {"messages": TURNS[:1]})["tokens"]
+    assert with_tools == server._engine.inputs.encode(text, add_special_tokens=False)
+    assert with_tools != _tokenize(server, {"messages": TURNS[:1]})["tokens"]
 
 
-def test_an_empty_prompt_counts_zero_and_a_prompt_the_context_cannot_hold_is_a_400(tmp_path):
-    server, _ = _server(tmp_path, 8)
+def test_prompts_past_the_context_are_counted_up_to_four_contexts_and_refused_beyond(tmp_path):
+    """As vLLM, /tokenize counts a prompt no completion could take (a client measures a document
+    to cut it up); past TOKENIZE_CONTEXTS contexts it stops counting and says so."""
+    server, inputs = _server(tmp_path, 8)
     assert _tokenize(server, {"prompt": ""})["count"] == 0
+    text = "the quick brown fox jumps"
+    want = server._engine.tokenizer(text)["input_ids"]
+    assert 8 <= len(want) < 32 and _tokenize(server, {"prompt": text})["tokens"] == want
     error = _tokenize(server, {"prompt": "word " * 50})["error"]
-    assert error["status"] == 400 and error["param"] == "prompt" and "at least 8 tokens" in error["message"]
+    assert error["status"] == 400 and error["param"] == "prompt" and "at least 32 tokens" in error["message"]
     error = _tokenize(server, {"messages": [{"role": "user", "content": "word " * 50}]})["error"]
     assert error["status"] == 400 and error["param"] == "messages"
 
@@ -89,8 +95,9 @@ def test_detokenize_gives_back_the_text_of_ids_and_refuses_ids_outside_the_vocab
     for bad in ([ids[0], inputs.vocab_size], [-1]):
         error = asyncio.run(server.detokenize({"tokens": bad, "request_id": "det-1"}))["error"]
         assert error["status"] == 400 and error["param"] == "tokens" and str(bad[-1]) in error["message"]
-    error = asyncio.run(server.detokenize({"tokens": [ids[0]] * 17, "request_id": "det-1"}))["error"]
-    assert error["status"] == 400 and error["param"] == "tokens" and "17 tokens" in error["message"]
+    assert "prompt" in asyncio.run(server.detokenize({"tokens": [ids[0]] * 64, "request_id": "det-1"}))
+    error = asyncio.run(server.detokenize({"tokens": [ids[0]] * 65, "request_id": "det-1"}))["error"]
+    assert error["status"] == 400 and error["param"] == "tokens" and "65 tokens" in error["message"]
     assert asyncio.run(server.detokenize({"tokens": [], "request_id": "det-1"})) == {"prompt": ""}
 
 
@@ -113,6 +120,14 @@ def test_a_tokenize_body_it_cannot_honour_is_refused_naming_the_field(fields, pa
         TokenizeRequest.model_validate(fields)
     error = request_validation_error(list(refused.value.errors()))
     assert error.status_code == 400 and error.param == param, (error.param, error.message)
+
+
+def test_a_prompts_body_ignores_the_chat_templates_options_as_vllms_does():
+    body = TokenizeRequest.model_validate({"prompt": "a", "continue_final_message": True})
+    assert body.payload() == {"prompt": "a", "return_token_strs": False}
+    with pytest.raises(ValidationError) as neither:
+        TokenizeRequest.model_validate({})
+    assert "take them) [" in str(neither.value) and "not both" not in str(neither.value)
 
 
 def test_a_tokenize_body_takes_vllms_fields_and_passes_add_special_tokens_only_when_sent():

@@ -98,7 +98,7 @@ def test_text_deltas_concatenate_to_decode(qwen):
             outputs.append(out)
     assert text == tok.decode(ids, skip_special_tokens=True)
     assert len(ids) == 30 and outputs[-1].finish_reason == "length"
-    assert outputs[-1].num_prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert outputs[-1].num_prompt_tokens == len(tok(prompt)["input_ids"])  # text gets the tokenizer's default
     assert outputs[-1].num_output_tokens == 30
     # each step's output carries its delta only: the text so far would grow every message from
     # the core process with the output's length; the last one carries the whole text
@@ -193,7 +193,8 @@ def test_a_text_prompt_over_max_model_len_is_refused_without_its_whole_id_list(q
     assert seen == [inputs.max_model_len]
     inputs.tokenizer = tokenizer
     short = "moeplex serves many tenants"
-    assert inputs.tokenize(short) == tokenizer.encode(short, add_special_tokens=False)
+    assert inputs.tokenize(short) == tokenizer(short)["input_ids"]
+    assert inputs.tokenize(short, add_special_tokens=False) == tokenizer(short, add_special_tokens=False)["input_ids"]
 
 
 def test_bad_adapter_fails_only_its_request(qwen, tmp_path):
