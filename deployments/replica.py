@@ -327,7 +327,7 @@ class LLMServer:
         limit = TOKENIZE_CONTEXTS * self._args.max_model_len
         if self._engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: there is no text to count here", "prompt")
-        ids = self._engine.inputs.encode(self._prompt_of(request), _special_tokens(request), max_length=limit)
+        ids = self._engine.inputs.encode_to(self._prompt_of(request), _special_tokens(request), limit)
         if len(ids) >= limit:  # encode stops counting there
             raise InvalidRequestError(f"the prompt has at least {limit} tokens; /tokenize counts up to "
                                       f"{limit - 1} ({TOKENIZE_CONTEXTS}x this model's context)", "prompt")

@@ -4,6 +4,7 @@ It touches no engine state, so it runs wherever the request arrives: in the engi
 process for `LLMEngine.add_request`, and in the replica's process for the engine core
 client, where a bad request is refused before it costs the engine loop anything.
 """
+import copy
 import itertools
 import threading
 import time
@@ -35,6 +36,8 @@ class InputProcessor:
         self._grammars: Grammars | None = None  # made at the first structured output request
         self._grammars_lock = threading.Lock()
         self._seq_ids = itertools.count()
+        self._counter = None  # encode_to's tokenizer, copied at its first call
+        self._counter_lock = threading.Lock()
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                       lora: LoRARequest | None = None, tenant: str | None = None) -> Sequence:
@@ -89,17 +92,29 @@ class InputProcessor:
                                       "prompt")
         return ids
 
-    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, at most max_model_len of them: the tokenizer truncates in its
         own code, so a huge prompt costs its encoding (which leaves the GIL) but never a
         Python list of a million ids (which holds it: other requests on this process wait).
         add_special_tokens as the tokenizer takes it: HF's and vLLM's default for a text prompt
-        is true (Mixtral's tokenizer puts its BOS first; Qwen3's adds nothing). max_length: where
-        to stop instead of max_model_len (POST /tokenize counts further)."""
+        is true (Mixtral's tokenizer puts its BOS first; Qwen3's adds nothing)."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
         return self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
-                              max_length=max_length or self.max_model_len, return_attention_mask=False)["input_ids"]
+                              max_length=self.max_model_len, return_attention_mask=False)["input_ids"]
+
+    def encode_to(self, text: str, add_special_tokens: bool, max_length: int) -> list[int]:
+        """encode(), stopping at max_length instead of max_model_len (POST /tokenize counts past
+        the context), on a copy of the tokenizer: a fast tokenizer keeps the last call's truncation
+        in its Rust object, so another bound on the shared one could cut an encode() running on
+        another thread at the wrong length."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
+        with self._counter_lock:
+            if self._counter is None:
+                self._counter = copy.deepcopy(self.tokenizer)
+        return self._counter(text, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length,
+                             return_attention_mask=False)["input_ids"]
 
     def _too_long(self, count) -> InvalidRequestError:
         return InvalidRequestError(f"prompt has {count} tokens; max_model_len is {self.max_model_len}: "

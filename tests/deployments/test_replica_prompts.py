@@ -17,9 +17,9 @@ class CountingInputs(InputProcessor):
         super().__init__(*args)
         self.encodes = 0
 
-    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.encodes += 1
-        return super().encode(text, add_special_tokens, max_length)
+        return super().encode(text, add_special_tokens)
 
 
 def _server(tmp_path, max_model_len: int) -> tuple[LLMServer, CountingInputs]:

@@ -183,3 +183,13 @@ def test_a_completions_text_gets_the_tokenizers_bos_and_a_chats_rendered_templat
     assert _tokenize(server, {"prompt": text, "add_special_tokens": False})["tokens"] == plain
     assert _tokenize(server, {"messages": TURNS})["tokens"] == chat()
     assert _tokenize(server, {"messages": TURNS, "add_special_tokens": True})["tokens"] == [bos] + chat()
+
+
+def test_counting_past_the_context_leaves_the_shared_tokenizers_truncation_as_completions_need_it(tmp_path):
+    """A fast tokenizer keeps its last call's truncation: /tokenize's longer bound on the shared one
+    could cut a completion's encode on another thread at the wrong length."""
+    server, inputs = _server(tmp_path, 8)
+    inputs.encode("the fox")
+    before = server._engine.tokenizer.backend_tokenizer.truncation
+    assert _tokenize(server, {"prompt": "the quick brown fox jumps"})["count"] >= 8
+    assert server._engine.tokenizer.backend_tokenizer.truncation == before and before["max_length"] == 8
