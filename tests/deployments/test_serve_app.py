@@ -321,12 +321,14 @@ def test_tokenize_counts_the_ids_completions_and_chats_give_the_model_and_detoke
     assert chat.json()["count"] == used.usage.prompt_tokens
     back = httpx.post(f"{service}/detokenize", headers=auth("acme"), json={"model": BASE, "tokens": ids}, timeout=60)
     assert back.status_code == 200 and back.json() == {"prompt": tok.decode(ids)}
+    too_long = "x " * (4 * MAX_MODEL_LEN)
+    assert len(tok(too_long)["input_ids"]) >= 4 * MAX_MODEL_LEN
     refusals = [
         ("/tokenize", {}, {"prompt": "hi"}, 401, None),
         ("/tokenize", auth("acme"), {"model": "nope", "prompt": "hi"}, 404, "model"),
         ("/tokenize", auth("acme"), {"prompt": "hi", "messages": messages}, 400, "messages"),
         ("/tokenize", auth("acme"), {"prompt": "hi", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
-        ("/tokenize", auth("acme"), {"prompt": "x " * (2 * MAX_MODEL_LEN)}, 400, "prompt"),
+        ("/tokenize", auth("acme"), {"prompt": too_long}, 400, "prompt"),  # counted up to 4 contexts
         ("/detokenize", auth("acme"), {"tokens": [10 ** 6]}, 400, "tokens"),
         ("/detokenize", auth("acme"), {"tokens": "1 2"}, 400, "tokens"),
     ]
