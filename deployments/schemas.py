@@ -58,6 +58,7 @@ class _SamplingFields(_Body):
     top_k: int = Field(default=0, ge=-1, description="0 or -1: no limit")
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False  # the text keeps the stop string that ended it
+    skip_special_tokens: bool = True  # false: special tokens the model makes stay in the text
     return_token_ids: bool = Field(default=False, description="each choice also carries the "
                                    "generated token ids (per chunk when streaming)")
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
@@ -81,7 +82,6 @@ class _SamplingFields(_Body):
     prompt_logprobs: Any = None
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
-    skip_special_tokens: Any = None
     spaces_between_special_tokens: Any = None
     truncate_prompt_tokens: Any = None
     allowed_token_ids: Any = None
@@ -158,6 +158,7 @@ class _SamplingFields(_Body):
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
                 "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ()),
                 "include_stop_str_in_output": self.include_stop_str_in_output,
+                "skip_special_tokens": self.skip_special_tokens,
                 "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
                 "logprobs": self.logprob_alternatives(), "min_p": self.min_p or 0.0,
                 "min_tokens": self.min_tokens or 0, "structured": self._structured}

@@ -1,5 +1,6 @@
 """Incremental detokenisation whose streamed deltas concatenate to exactly
-`tokenizer.decode(output_ids, skip_special_tokens=True)` (cut at a stop string, if any).
+`tokenizer.decode(output_ids, skip_special_tokens=True)` (cut at a stop string, if any; with
+skip_special_tokens=False, the decode that keeps special tokens).
 
 Decoding the whole output at every token costs O(n) a step (1.3 ms at 4000 ids on a 2-core
 CPU, benchmarks/bench_detokenizer.py; x 64 sequences, longer than a decode step). So the text
@@ -18,11 +19,12 @@ _TRIES = 4  # boundaries tried per move
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), window: int = WINDOW, include_stop: bool = False):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), window: int = WINDOW, include_stop: bool = False,
+                 skip_special_tokens: bool = True):
         """include_stop: the text ends after the stop string that ended it, not before (vLLM's
-        include_stop_str_in_output)."""
+        include_stop_str_in_output); skip_special_tokens: as decode takes it."""
         self.tokenizer = tokenizer
-        self._decode_ids = decode_route(tokenizer)
+        self._decode_ids = decode_route(tokenizer, skip_special_tokens)
         self.stop, self.include_stop = stop, include_stop
         self.window = window
         self.hold_back = max((len(s) for s in stop), default=1) - 1
@@ -98,12 +100,12 @@ class IncrementalDetokenizer:
         return delta
 
 
-def decode_route(tokenizer):
-    """`ids -> tokenizer.decode(ids, skip_special_tokens=True)`, through the Rust tokenizer
+def decode_route(tokenizer, skip_special_tokens: bool = True):
+    """`ids -> tokenizer.decode(ids, skip_special_tokens=...)`, through the Rust tokenizer
     itself where that is what decode runs: a fast tokenizer without clean-up of tokenization
     spaces (transformers' decode is then the backend's decode after a Python walk over every id,
     `to_py_obj`, which is over half of a decode's time at the ~70 ids the detokenizer decodes)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -93,8 +93,8 @@ class LLMEngine:
     def _enter(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
         self.detokenizers[seq.request_id] = IncrementalDetokenizer(
-            self.tokenizer, seq.params.stop, include_stop=seq.params.include_stop_str_in_output) \
-            if self.tokenizer is not None else None
+            self.tokenizer, seq.params.stop, include_stop=seq.params.include_stop_str_in_output,
+            skip_special_tokens=seq.params.skip_special_tokens) if self.tokenizer is not None else None
         self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,

@@ -16,6 +16,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] | list[str] | str = ()
     include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string that ended it
+    skip_special_tokens: bool = True  # vLLM's and transformers': special tokens left out of the text
     stop_token_ids: tuple[int, ...] | list[int] = ()
     ignore_eos: bool = False
     # OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), over the
@@ -58,6 +59,8 @@ class SamplingParams:
                f"seed must be an integer in [-2**63, 2**64) (what torch.Generator takes), got {self.seed!r}", "seed")
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}",
                "stop")
+        _check(type(self.skip_special_tokens) is bool,
+               f"skip_special_tokens must be true or false, got {self.skip_special_tokens!r}", "skip_special_tokens")
         _check(type(self.include_stop_str_in_output) is bool,
                f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}",
                "include_stop_str_in_output")

@@ -337,7 +337,6 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
     ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
     # vLLM's extensions this server does not implement: each would change the output
-    ({"extra_body": {"skip_special_tokens": False}}, "skip_special_tokens"),
     ({"extra_body": {"spaces_between_special_tokens": False}}, "spaces_between_special_tokens"),
     ({"extra_body": {"truncate_prompt_tokens": 8}}, "truncate_prompt_tokens"),
     ({"extra_body": {"allowed_token_ids": [1, 2]}}, "allowed_token_ids"),
@@ -357,7 +356,7 @@ def test_unsupported_completion_fields_are_refused_by_name(client, ingress, fiel
 
 def test_no_op_values_of_unsupported_fields_are_served(client, ingress):
     _complete(client, BASE, best_of=1, suffix="", echo=False,
-              extra_body={"use_beam_search": False, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+              extra_body={"use_beam_search": False, "spaces_between_special_tokens": True,
                           "bad_words": [], "length_penalty": 1.0, "return_tokens_as_token_ids": False,
                           "truncate_prompt_tokens": None})
     assert ingress._llm.model_ids == [""]
@@ -370,6 +369,12 @@ def test_add_special_tokens_reaches_the_replica_with_vllms_default_for_each_rout
     client.chat.completions.create(model=BASE, messages=messages, max_tokens=3)
     client.chat.completions.create(model=BASE, messages=messages, max_tokens=3, extra_body={"add_special_tokens": True})
     assert [p["add_special_tokens"] for p in ingress._llm.payloads] == [True, False, False, True]
+
+
+def test_skip_special_tokens_reaches_the_engines_sampling_true_unless_sent_false(client, ingress):
+    _complete(client, BASE)
+    _complete(client, BASE, extra_body={"skip_special_tokens": False})
+    assert [p["sampling"]["skip_special_tokens"] for p in ingress._llm.payloads] == [True, False]
 
 
 def test_chat_refuses_audio_output_and_beam_search_by_name(client):

@@ -27,8 +27,8 @@ def metaspace():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
 
 
-def stream(tokenizer, ids: list[int], stop=(), window: int = 8) -> tuple[str, IncrementalDetokenizer]:
-    detok = IncrementalDetokenizer(tokenizer, stop, window=window)
+def stream(tokenizer, ids: list[int], stop=(), window: int = 8, skip: bool = True) -> tuple[str, IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tokenizer, stop, window=window, skip_special_tokens=skip)
     text = ""
     for k in range(1, len(ids) + 1):
         delta, hit = detok.update(ids[:k], finished=k == len(ids))
@@ -50,6 +50,17 @@ def test_long_outputs_stream_exactly_their_decode(request, which, source):
     text, detok = stream(tokenizer, ids)
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
     assert detok.head_len > 0  # the head moved: most of the text came from short decodes
+
+
+@pytest.mark.parametrize("which", ["byte_level", "metaspace"])
+def test_with_skip_special_tokens_false_the_stream_is_the_decode_that_keeps_them(request, which):
+    tokenizer = request.getfixturevalue(which)
+    rng = random.Random(5)
+    specials = tokenizer.all_special_ids
+    ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tokenizer)) for _ in range(400)]
+    kept = tokenizer.decode(ids, skip_special_tokens=False)
+    assert kept != tokenizer.decode(ids, skip_special_tokens=True)  # the specials are in this output
+    assert stream(tokenizer, ids, skip=False)[0] == kept
 
 
 def test_a_stop_string_far_into_a_long_output(byte_level):

@@ -106,6 +106,19 @@ def test_text_deltas_concatenate_to_decode(qwen):
     assert outputs[-1].text == text
 
 
+def test_special_tokens_the_model_makes_stay_in_the_text_only_with_skip_special_tokens_false(qwen):
+    engine = make_engine(qwen)
+    end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    texts = {}
+    for skip in (True, False):  # the model made to say <|im_end|> three times (ignore_eos: not the end)
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logit_bias={end: 100.0},
+                                skip_special_tokens=skip)
+        [out] = engine.generate(["Hello"], params)
+        assert out["token_ids"] == [end] * 3
+        texts[skip] = out["text"]
+    assert texts == {True: "", False: "<|im_end|>" * 3}
+
+
 def test_stop_token_ids_eos_and_stop_strings(qwen):
     base = make_engine(qwen).generate([PROMPTS[0]], GREEDY)[0]
     third = base["token_ids"][2]
