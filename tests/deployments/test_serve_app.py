@@ -397,6 +397,12 @@ def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
                                                     ignore_eos=True)["text"]
     with pytest.raises(openai.BadRequestError, match="min_tokens"):
         client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=4, extra_body={"min_tokens": 5})
+    # vLLM's skip_special_tokens=false: the special token the model is made to say stays in the text
+    end = oracle.engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    said = {skip: client.completions.create(
+        model="style", prompt=PROMPTS[1], max_tokens=2, temperature=0, logit_bias={str(end): 100},
+        extra_body={"ignore_eos": True, "skip_special_tokens": skip}).choices[0].text for skip in (True, False)}
+    assert said == {True: "", False: "<|im_end|><|im_end|>"}
 
 
 def test_structured_outputs_hold_their_constraint_and_equal_the_engines(service, adapters, oracle):
