@@ -278,6 +278,8 @@ class Ingress(AdapterRoutes):
             payload.update(request_id=rid, tenant=tenant, sampling=body.sampling())
             if body.structured_field() is not None:  # the 400 of a constraint that does not compile names it
                 payload["structured_field"] = body.structured_field()
+            if body.truncate_prompt_tokens is not None:
+                payload["truncate_prompt_tokens"] = body.truncate_prompt_tokens
             logger.info("request %s tenant %s model %s stream=%s%s%s", rid, tenant,
                         model_id or payload.get("adapter", "base"), body.stream, f" n={n}" if n > 1 else "",
                         f" prompts={len(prompts)}" if len(prompts) > 1 else "")

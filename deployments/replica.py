@@ -144,7 +144,10 @@ class LLMServer:
 
     def _prepare(self, request: dict):
         # tokenised once, here, and the engine handed the ids (checked as the engine checks text)
-        prompt = self._engine.inputs.tokenize(self._prompt_of(request), _special_tokens(request))
+        if request.get("truncate_prompt_tokens") is not None:
+            prompt = self._last_tokens(request, request["truncate_prompt_tokens"])
+        else:
+            prompt = self._engine.inputs.tokenize(self._prompt_of(request), _special_tokens(request))
         room = self._args.max_model_len - len(prompt)
         max_tokens = request.get("max_tokens")
         if max_tokens is None:  # OpenAI's defaults: a chat gets the room its prompt leaves, a completion 16
@@ -157,6 +160,19 @@ class LLMServer:
                 f"({max_tokens} > {self._args.max_model_len} - {len(prompt)}); ask for at most {room}",
                 field)
         return prompt, self._sampling_params(request, max_tokens)
+
+    def _last_tokens(self, request: dict, keep: int) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: max_model_len of
+        them), a BOS the tokenizer adds kept first; then checked as any prompt is."""
+        limit = self._args.max_model_len if keep == -1 else keep
+        if limit > self._args.max_model_len:
+            raise InvalidRequestError(f"truncate_prompt_tokens={keep} is more than this model's context "
+                                      f"({self._args.max_model_len}); ask for at most that, or -1",
+                                      "truncate_prompt_tokens")
+        prompt = self._prompt_of(request)
+        if isinstance(prompt, str):
+            prompt = self._engine.inputs.encode_to(prompt, _special_tokens(request), limit, keep="last")
+        return self._engine.inputs.tokenize(list(prompt[-limit:]))
 
     def _prompt_of(self, request: dict) -> str | list[int]:
         if request.get("messages") is None:
@@ -239,7 +255,10 @@ class LLMServer:
                     item["prompt_tokens"] = last_out.num_prompt_tokens  # a stream's usage so far counts it
                     if echo:
                         # the prompt as sent: text comes back as it was, not as its ids decode
-                        self._echo(item, request.get("prompt", prompt),
+                        # (a truncated one as the ids the model read)
+                        truncated = request.get("truncate_prompt_tokens") is not None
+                        sent = prompt if truncated else request.get("prompt", prompt)
+                        self._echo(item, sent,
                                    next((o.prompt_logprobs for o in batch if o.prompt_logprobs), None))
                     first_token_at = time.perf_counter()
                     engine_timings = dict(next((o.timings for o in batch if o.timings), None) or {})

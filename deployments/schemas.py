@@ -59,6 +59,8 @@ class _SamplingFields(_Body):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False  # the text keeps the stop string that ended it
     skip_special_tokens: bool = True  # false: special tokens the model makes stay in the text
+    # vLLM's: the prompt cut to its last k tokens (-1: to max_model_len), a tokenizer's BOS kept first
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     return_token_ids: bool = Field(default=False, description="each choice also carries the "
                                    "generated token ids (per chunk when streaming)")
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
@@ -83,7 +85,6 @@ class _SamplingFields(_Body):
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
     spaces_between_special_tokens: Any = None
-    truncate_prompt_tokens: Any = None
     allowed_token_ids: Any = None
     bad_words: Any = None
     logits_processors: Any = None
@@ -127,6 +128,13 @@ class _SamplingFields(_Body):
             raise ValueError("functions (the legacy function calling) is not supported: send tools")
         if value and not cls.takes_tools:
             raise ValueError("tools are a field of chat completions (/v1/chat/completions)")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _some_tokens(cls, value):
+        if value == 0:
+            raise ValueError("truncate_prompt_tokens keeps the prompt's last k >= 1 tokens (-1: max_model_len)")
         return value
 
     @field_validator("stop_token_ids")

@@ -36,8 +36,8 @@ class InputProcessor:
         self._grammars: Grammars | None = None  # made at the first structured output request
         self._grammars_lock = threading.Lock()
         self._seq_ids = itertools.count()
-        self._counter = None  # encode_to's tokenizer, copied at its first call
-        self._counter_lock = threading.Lock()
+        self._copies: dict = {}  # encode_to's tokenizers by the end they keep, copied at first use
+        self._copies_lock = threading.Lock()
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                       lora: LoRARequest | None = None, tenant: str | None = None) -> Sequence:
@@ -103,18 +103,20 @@ class InputProcessor:
         return self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
                               max_length=self.max_model_len, return_attention_mask=False)["input_ids"]
 
-    def encode_to(self, text: str, add_special_tokens: bool, max_length: int) -> list[int]:
-        """encode(), stopping at max_length instead of max_model_len (POST /tokenize counts past
-        the context), on a copy of the tokenizer: a fast tokenizer keeps the last call's truncation
-        in its Rust object, so another bound on the shared one could cut an encode() running on
-        another thread at the wrong length."""
+    def encode_to(self, text: str, add_special_tokens: bool, max_length: int, keep: str = "first") -> list[int]:
+        """encode(), cut at max_length instead of max_model_len (POST /tokenize counts past the
+        context), keeping the first tokens or the last (vLLM's truncate_prompt_tokens; a BOS the
+        tokenizer adds stays first either way). Each on a copy of the tokenizer of its own: a fast
+        tokenizer keeps the last call's truncation in its Rust object, so another bound or side on
+        the shared one could cut an encode() running on another thread at the wrong length."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
-        with self._counter_lock:
-            if self._counter is None:
-                self._counter = copy.deepcopy(self.tokenizer)
-        return self._counter(text, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length,
-                             return_attention_mask=False)["input_ids"]
+        with self._copies_lock:
+            if keep not in self._copies:
+                self._copies[keep] = copy.deepcopy(self.tokenizer)
+                self._copies[keep].truncation_side = "right" if keep == "first" else "left"
+        return self._copies[keep](text, add_special_tokens=add_special_tokens, truncation=True,
+                                  max_length=max_length, return_attention_mask=False)["input_ids"]
 
     def _too_long(self, count) -> InvalidRequestError:
         return InvalidRequestError(f"prompt has {count} tokens; max_model_len is {self.max_model_len}: "

@@ -338,7 +338,6 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
     # vLLM's extensions this server does not implement: each would change the output
     ({"extra_body": {"spaces_between_special_tokens": False}}, "spaces_between_special_tokens"),
-    ({"extra_body": {"truncate_prompt_tokens": 8}}, "truncate_prompt_tokens"),
     ({"extra_body": {"allowed_token_ids": [1, 2]}}, "allowed_token_ids"),
     ({"extra_body": {"bad_words": ["fox"]}}, "bad_words"),
     ({"extra_body": {"logits_processors": ["x"]}}, "logits_processors"),
@@ -357,8 +356,7 @@ def test_unsupported_completion_fields_are_refused_by_name(client, ingress, fiel
 def test_no_op_values_of_unsupported_fields_are_served(client, ingress):
     _complete(client, BASE, best_of=1, suffix="", echo=False,
               extra_body={"use_beam_search": False, "spaces_between_special_tokens": True,
-                          "bad_words": [], "length_penalty": 1.0, "return_tokens_as_token_ids": False,
-                          "truncate_prompt_tokens": None})
+                          "bad_words": [], "length_penalty": 1.0, "return_tokens_as_token_ids": False})
     assert ingress._llm.model_ids == [""]
 
 
@@ -369,6 +367,14 @@ def test_add_special_tokens_reaches_the_replica_with_vllms_default_for_each_rout
     client.chat.completions.create(model=BASE, messages=messages, max_tokens=3)
     client.chat.completions.create(model=BASE, messages=messages, max_tokens=3, extra_body={"add_special_tokens": True})
     assert [p["add_special_tokens"] for p in ingress._llm.payloads] == [True, False, False, True]
+
+
+def test_truncate_prompt_tokens_reaches_the_replica_only_when_sent(client, ingress):
+    _complete(client, BASE)
+    _complete(client, BASE, extra_body={"truncate_prompt_tokens": 8})
+    client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                   extra_body={"truncate_prompt_tokens": -1})
+    assert [p.get("truncate_prompt_tokens") for p in ingress._llm.payloads] == [None, 8, -1]
 
 
 def test_skip_special_tokens_reaches_the_engines_sampling_true_unless_sent_false(client, ingress):

@@ -217,3 +217,44 @@ def test_a_template_variable_the_template_cannot_compute_with_is_a_400_naming_ch
         server._prepare(request)
     error = _error_item("r", refused.value, request)["error"]
     assert error["status"] == 400 and error["param"] == "chat_template_kwargs"
+
+
+@pytest.mark.parametrize("route", ["completion", "chat"])
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm_does(tmp_path, route):
+    server, inputs = _server(tmp_path, 64)
+    text = "the quick brown fox jumps over the lazy dog"
+    request = ({"prompt": text, "max_tokens": 4} if route == "completion"
+               else {**_chat(messages=[{"role": "user", "content": text}]), "add_special_tokens": False})
+    whole, _ = server._prepare(request)
+    cut, params = server._prepare({**request, "truncate_prompt_tokens": 5})
+    assert cut == whole[-5:] and len(whole) > 5 and params.max_tokens == 4
+    assert server._prepare({**request, "truncate_prompt_tokens": 50})[0] == whole  # fewer than 50 to cut
+    if route == "completion":  # token ids are cut alike
+        assert server._prepare({"prompt": whole, "max_tokens": 4, "truncate_prompt_tokens": 3})[0] == whole[-3:]
+
+
+def test_truncate_prompt_tokens_keeps_a_tokenizers_bos_first(tmp_path):
+    from tests.deployments.test_tokenize import _with_bos
+
+    server, inputs = _server(tmp_path, 64)
+    bos = _with_bos(server, inputs)
+    text = "the quick brown fox jumps over the lazy dog"
+    whole, _ = server._prepare({"prompt": text, "max_tokens": 4})
+    assert whole[0] == bos
+    assert server._prepare({"prompt": text, "max_tokens": 4, "truncate_prompt_tokens": 4})[0] == [bos] + whole[-3:]
+
+
+def test_truncate_prompt_tokens_past_the_context_is_refused_naming_it(tmp_path):
+    server, _ = _server(tmp_path, 16)
+    request = {"prompt": "the quick brown fox", "max_tokens": 4, "truncate_prompt_tokens": 17}
+    with pytest.raises(InvalidRequestError, match="truncate_prompt_tokens=17 is more than") as refused:
+        server._prepare(request)
+    assert _error_item("r", refused.value, request)["error"]["param"] == "truncate_prompt_tokens"
+    # -1: the context's worth, which leaves no room for an output: refused as any such prompt
+    long = {"prompt": "word " * 40, "max_tokens": 4, "truncate_prompt_tokens": -1}
+    with pytest.raises(InvalidRequestError, match="max_model_len is 16"):
+        server._prepare(long)
+    assert len(server._prepare({**long, "truncate_prompt_tokens": 12})[0]) == 12
+    for bad in (0, -2, "3"):
+        with pytest.raises(ValueError):
+            CompletionRequest.model_validate({"model": "m", "prompt": "a", "truncate_prompt_tokens": bad})

@@ -211,6 +211,12 @@ def test_echo_puts_the_prompt_and_its_tokens_logprobs_before_the_completion(serv
         assert got["text_offset"] == [sum(map(len, texts[:i])) for i in range(len(texts))]
     plain = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=3, temperature=0, echo=True)
     assert plain.choices[0].text.startswith(PROMPTS[1]) and plain.choices[0].logprobs is None
+    # vLLM's truncate_prompt_tokens: the model reads the prompt's last 3 tokens, and echo gives those back
+    last = oracle.engine.tokenizer(PROMPTS[1])["input_ids"][-3:]
+    cut = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=2, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": 3})
+    want = oracle.complete(last, 2, adapters["acme"], "acme/style")["text"]
+    assert cut.choices[0].text == oracle.engine.tokenizer.decode(last) + want and cut.usage.prompt_tokens == 3
 
 
 def test_lm_eval_harness_tokenized_loglikelihood_request_is_served(service, adapters, oracle):
