@@ -70,10 +70,9 @@ NO_OP_VALUES.update({
     # the template, echo of the last message
     "chat_template": (), "documents": (), "echo": (False,),
     # vLLM's sampling and output extensions not implemented here: spaces around special tokens
-    # kept in the text (a slow tokenizer's option), the vocabulary narrowed or words banned,
-    # logits processors by name, beam search's length penalty, tokens spelt "token_id:<id>"
-    "spaces_between_special_tokens": (True,),
-    "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (), "length_penalty": (1.0,),
+    # kept in the text (a slow tokenizer's option), words banned, logits processors by name,
+    # beam search's length penalty, tokens spelt "token_id:<id>"
+    "spaces_between_special_tokens": (True,), "bad_words": ([],), "logits_processors": (), "length_penalty": (1.0,),
     "return_tokens_as_token_ids": (False,),
 })
 COMPLETION_ONLY_NO_OPS = ("best_of", "suffix")

@@ -67,6 +67,7 @@ class _SamplingFields(_Body):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # None (JSON null): 0
     min_tokens: int | None = Field(default=None, ge=0)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
+    allowed_token_ids: list[int] | None = Field(default=None, min_length=1)  # vLLM's: only these may be sampled
     # structured outputs (at most one constraint a request): OpenAI's response_format, vLLM's
     # guided_* fields and their newer structured_outputs object (deployments/structured_fields.py)
     response_format: dict | None = None
@@ -85,7 +86,6 @@ class _SamplingFields(_Body):
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
     spaces_between_special_tokens: Any = None
-    allowed_token_ids: Any = None
     bad_words: Any = None
     logits_processors: Any = None
     length_penalty: Any = None
@@ -137,11 +137,11 @@ class _SamplingFields(_Body):
             raise ValueError("truncate_prompt_tokens keeps the prompt's last k >= 1 tokens (-1: max_model_len)")
         return value
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
-    def _token_ids(cls, value):
+    def _token_ids(cls, value, info: ValidationInfo):
         if value is not None and any(t < 0 for t in value):
-            raise ValueError("stop_token_ids must be token ids >= 0")
+            raise ValueError(f"{info.field_name} must be token ids >= 0")
         return value
 
     @field_validator("stop")
@@ -168,6 +168,7 @@ class _SamplingFields(_Body):
                 "include_stop_str_in_output": self.include_stop_str_in_output,
                 "skip_special_tokens": self.skip_special_tokens,
                 "logit_bias": {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
+                "allowed_token_ids": tuple(self.allowed_token_ids) if self.allowed_token_ids else None,
                 "logprobs": self.logprob_alternatives(), "min_p": self.min_p or 0.0,
                 "min_tokens": self.min_tokens or 0, "structured": self._structured}
 

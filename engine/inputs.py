@@ -51,7 +51,8 @@ class InputProcessor:
         if params.structured is not None:  # refused here, before the engine loop sees it
             self.grammars().compile(params.structured)
         # ids past the vocabulary are a client's mistake to report (vLLM's 400), not to drop
-        for field, ids_of in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+        for field, ids_of in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids),
+                              ("allowed_token_ids", params.allowed_token_ids or ())):
             if bad := [t for t in ids_of if t >= self.vocab_size]:
                 raise InvalidRequestError(f"{field} has token ids {bad[:5]} outside the vocabulary "
                                           f"[0, {self.vocab_size})", field)

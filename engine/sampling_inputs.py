@@ -4,8 +4,10 @@ Temperatures, top-p / top-k, logit biases and penalty histories become SamplingT
 engine.sampler.sample; a seeded sequence keeps its own generator from its first step to its
 release, so its draws do not depend on what it was batched with.
 """
+import functools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,7 +30,7 @@ class SamplingInputs:
         temps = [s.params.temperature for s in seqs]
         penalties = self._penalties(seqs) if any(s.params.uses_history for s in seqs) else None
         bias = self._logit_bias(seqs) if any(s.params.logit_bias or _too_short(s) for s in seqs) else None
-        allowed = self._allowed(seqs) if any(s.grammar is not None for s in seqs) else None
+        allowed = self._allowed(seqs) if any(s.grammar is not None or s.params.allowed_token_ids for s in seqs) else None
         if all(t == 0 for t in temps):  # argmax only: no per-sequence tensors to build and copy
             return SamplingTensors(None, None, None, [], all_greedy=True, penalties=penalties, bias=bias,
                                    allowed=allowed)
@@ -42,11 +44,18 @@ class SamplingInputs:
             min_ps=self._tensor(min_ps, torch.float32) if any(min_ps) else None, allowed=allowed)
 
     def _allowed(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
-        """The rows of sequences with a structured output constraint and the bitmasks of the
-        tokens their matchers allow next (the engine launches such a step only once every token
-        of it is on the host and fed to its matcher)."""
-        rows = [row for row, s in enumerate(seqs) if s.grammar is not None]
-        mask = fill_bitmask([seqs[row].grammar for row in rows], self.vocab_size)
+        """The rows of sequences with a structured output constraint or allowed_token_ids, and
+        the bitmasks of the tokens they may sample next: what the matcher allows (the engine
+        launches such a step only once every token of it is on the host and fed to its matcher)
+        and, of those, the allowed ids."""
+        rows = [row for row, s in enumerate(seqs) if s.grammar is not None or s.params.allowed_token_ids]
+        walks = [i for i, row in enumerate(rows) if seqs[row].grammar is not None]
+        mask = torch.full((len(rows), -(-self.vocab_size // 32)), -1, dtype=torch.int32)
+        if walks:
+            mask[walks] = fill_bitmask([seqs[rows[i]].grammar for i in walks], self.vocab_size)
+        for i, row in enumerate(rows):
+            if seqs[row].params.allowed_token_ids:
+                mask[i] &= id_bitmask(seqs[row].params.allowed_token_ids, self.vocab_size)
         return self._tensor(rows, torch.long), mask.to(self.device, non_blocking=False)
 
     def _logit_bias(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,3 +100,12 @@ def _too_short(seq: Sequence) -> bool:
     """Whether the token this step samples for `seq` comes before its min_tokens-th (the
     tokens still on the device, num_pending, count as made)."""
     return len(seq.output_token_ids) + seq.num_pending < seq.params.min_tokens
+
+
+@functools.lru_cache(maxsize=64)  # a request's ids, every step it samples
+def id_bitmask(ids: tuple[int, ...], vocab_size: int) -> Tensor:
+    """[ceil(V / 32)] int32: bit k of word w set for token 32w + k in ids (fill_bitmask's layout)."""
+    words = np.zeros(-(-vocab_size // 32), dtype=np.uint32)
+    ids_ = np.asarray([t for t in ids if t < vocab_size], dtype=np.int64)
+    np.bitwise_or.at(words, ids_ >> 5, (np.uint32(1) << (ids_ & 31).astype(np.uint32)))
+    return torch.from_numpy(words.view(np.int32))

@@ -27,6 +27,8 @@ class SamplingParams:
     # it when positive, multiplied when negative
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit, [-100, 100]
+    # vLLM's: only these tokens may be sampled (with a structured output constraint, those it allows too)
+    allowed_token_ids: tuple[int, ...] | list[int] | None = None
     # vLLM's: drop a token whose probability (after temperature) is under min_p x the most likely
     # one's; no end of sequence (EOS, stop_token_ids, stop strings) before min_tokens are made
     min_p: float = 0.0
@@ -86,6 +88,10 @@ class SamplingParams:
         if self.logit_bias:
             _check(all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
                    "logit_bias maps token ids >= 0 to biases in [-100, 100]", "logit_bias")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = tuple(sorted(set(self.allowed_token_ids)))
+            _check(bool(self.allowed_token_ids) and all(type(t) is int and t >= 0 for t in self.allowed_token_ids),
+                   "allowed_token_ids must be a non-empty list of token ids >= 0", "allowed_token_ids")
 
     @property
     def uses_history(self) -> bool:

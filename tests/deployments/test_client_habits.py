@@ -338,7 +338,6 @@ def test_validator_messages_carry_no_pydantic_prefix(client):
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
     # vLLM's extensions this server does not implement: each would change the output
     ({"extra_body": {"spaces_between_special_tokens": False}}, "spaces_between_special_tokens"),
-    ({"extra_body": {"allowed_token_ids": [1, 2]}}, "allowed_token_ids"),
     ({"extra_body": {"bad_words": ["fox"]}}, "bad_words"),
     ({"extra_body": {"logits_processors": ["x"]}}, "logits_processors"),
     ({"extra_body": {"length_penalty": 0.5}}, "length_penalty"),
@@ -375,6 +374,15 @@ def test_truncate_prompt_tokens_reaches_the_replica_only_when_sent(client, ingre
     client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                    extra_body={"truncate_prompt_tokens": -1})
     assert [p.get("truncate_prompt_tokens") for p in ingress._llm.payloads] == [None, 8, -1]
+
+
+def test_allowed_token_ids_reach_the_engines_sampling_and_bad_ones_are_refused_by_name(client, ingress):
+    _complete(client, BASE, extra_body={"allowed_token_ids": [7, 3, 7]})
+    assert ingress._llm.payloads[-1]["sampling"]["allowed_token_ids"] == (7, 3, 7)  # the engine sorts them
+    for bad in ([], [-1], ["1"]):
+        with pytest.raises(openai.BadRequestError) as caught:
+            _complete(client, BASE, extra_body={"allowed_token_ids": bad})
+        assert caught.value.body["param"].startswith("allowed_token_ids")  # "[0]" for a non-integer
 
 
 def test_skip_special_tokens_reaches_the_engines_sampling_true_unless_sent_false(client, ingress):

@@ -409,6 +409,14 @@ def test_penalties_and_top_k_reach_the_engine(service, adapters, oracle):
         model="style", prompt=PROMPTS[1], max_tokens=2, temperature=0, logit_bias={str(end): 100},
         extra_body={"ignore_eos": True, "skip_special_tokens": skip}).choices[0].text for skip in (True, False)}
     assert said == {True: "", False: "<|im_end|><|im_end|>"}
+    # vLLM's allowed_token_ids: what the engine samples with the same ids
+    allowed = sorted(set(ids[3:8]))
+    narrowed = client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=6, temperature=0,
+                                         extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+    want = oracle.complete(PROMPTS[1], 6, adapters["acme"], "acme/style", ignore_eos=True, allowed_token_ids=allowed)
+    assert narrowed.choices[0].text == want["text"] and set(want["token_ids"]) <= set(allowed)
+    with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):  # past the vocabulary
+        client.completions.create(model="style", prompt=PROMPTS[1], max_tokens=2, extra_body={"allowed_token_ids": [10 ** 7]})
 
 
 def test_structured_outputs_hold_their_constraint_and_equal_the_engines(service, adapters, oracle):

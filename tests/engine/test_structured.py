@@ -252,3 +252,32 @@ def test_a_failed_compile_is_reported_even_when_the_step_that_finds_it_raises(en
     outs = {o.request_id: o for o in first}
     outs.update({request_id: got[-1] for request_id, got in run_to_end(engine).items()})
     assert outs["structured"].finish_reason == "abort" and "compile failed" in str(outs["structured"].error)
+
+
+def test_allowed_token_ids_sample_only_those_tokens_as_a_large_bias_on_them_does(engine):
+    """vLLM's allowed_token_ids, against an independent way to the same greedy choice: +100 on
+    those tokens' logits (the tiny model's logits span a few units) makes argmax pick among them."""
+    tok = engine.tokenizer
+    allowed = sorted(set(tok.encode(" the quick brown fox", add_special_tokens=False)))
+    kept = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                        allowed_token_ids=allowed))[0]
+    biased = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                          logit_bias={t: 100.0 for t in allowed}))[0]
+    free = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert set(kept["token_ids"]) <= set(allowed) and kept["token_ids"] == biased["token_ids"]
+    assert not set(free["token_ids"]) <= set(allowed)  # without them the model says other things
+    sampled = engine.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=1.5, seed=1, ignore_eos=True,
+                                                      allowed_token_ids=allowed))
+    assert all(set(o["token_ids"]) <= set(allowed) for o in sampled)
+
+
+def test_allowed_token_ids_narrow_a_structured_output_constraint(engine):
+    """Both masks hold: of the choices the grammar allows, only the one spelt with allowed ids."""
+    tok = engine.tokenizer
+    choices = ["yes", "no"]
+    end = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    allowed = tok.encode("no", add_special_tokens=False) + end
+    draws = lambda **kw: [o["text"] for seed in range(6)  # noqa: E731
+                          for o in generate(engine, ("choice", json.dumps(choices)), temperature=2.0, seed=seed, **kw)]
+    assert set(draws()) == set(choices)  # without the ids, both come out of these draws
+    assert set(draws(allowed_token_ids=allowed)) == {"no"}
