@@ -172,6 +172,11 @@ class LLMServer:
         prompt = self._prompt_of(request)
         if isinstance(prompt, str):
             prompt = self._engine.inputs.encode_to(prompt, _special_tokens(request), limit, keep="last")
+            cut = len(prompt) >= limit  # or it fit exactly: told apart only by another whole encode
+        else:
+            cut = len(prompt) > limit
+        # echo gives back what the model read where the prompt was cut (_stream), the prompt as sent where not
+        request["prompt_cut"] = cut
         return self._engine.inputs.tokenize(list(prompt[-limit:]))
 
     def _prompt_of(self, request: dict) -> str | list[int]:
@@ -218,7 +223,8 @@ class LLMServer:
             messages = request.get("messages")
             if _input_chars(request) > INLINE_TOKENIZE_CHARS:
                 prompt, params = await off_loop(self._prepare, request)
-            elif messages is not None:
+            elif messages is not None or request.get("truncate_prompt_tokens") is not None:
+                # (the first truncation copies the tokenizer: InputProcessor.encode_to)
                 prompt, params = await asyncio.to_thread(self._prepare, request)
             else:
                 prompt, params = self._prepare(request)
@@ -255,11 +261,11 @@ class LLMServer:
                     item["prompt_tokens"] = last_out.num_prompt_tokens  # a stream's usage so far counts it
                     if echo:
                         # the prompt as sent: text comes back as it was, not as its ids decode
-                        # (a truncated one as the ids the model read)
-                        truncated = request.get("truncate_prompt_tokens") is not None
-                        sent = prompt if truncated else request.get("prompt", prompt)
-                        self._echo(item, sent,
-                                   next((o.prompt_logprobs for o in batch if o.prompt_logprobs), None))
+                        # (one cut by truncate_prompt_tokens as the ids the model read)
+                        cut = request.get("prompt_cut", False)
+                        sent = prompt if cut else request.get("prompt", prompt)
+                        self._echo(item, sent, next((o.prompt_logprobs for o in batch if o.prompt_logprobs), None),
+                                   added_specials=cut and isinstance(request.get("prompt"), str))
                     first_token_at = time.perf_counter()
                     engine_timings = dict(next((o.timings for o in batch if o.timings), None) or {})
                     arrived_at = engine_timings.pop("arrived_at", None)
@@ -291,11 +297,14 @@ class LLMServer:
         finally:
             await batches.aclose()
 
-    def _echo(self, item: dict, prompt: str | list[int], prompt_logprobs: list | None) -> None:
-        """Put the prompt before the first item's text (a token-id prompt as its decoded text) and
-        its tokens' logprob entries before the item's."""
+    def _echo(self, item: dict, prompt: str | list[int], prompt_logprobs: list | None,
+              added_specials: bool = False) -> None:
+        """Put the prompt before the first item's text (a token-id prompt as its decoded text;
+        added_specials: ids of text the tokenizer added special tokens to, such as a BOS, which are
+        not the prompt's text) and its tokens' logprob entries before the item's."""
         if not isinstance(prompt, str):
-            prompt = self._engine.tokenizer.decode(prompt) if self._engine.tokenizer is not None else ""
+            prompt = self._engine.tokenizer.decode(prompt, skip_special_tokens=added_specials) \
+                if self._engine.tokenizer is not None else ""
         item["text"] = prompt + item["text"]
         if prompt_logprobs is not None:
             item["logprobs"] = self._logprob_entries(prompt_logprobs) + item.get("logprobs", [])
@@ -333,9 +342,8 @@ class LLMServer:
         try:
             if _input_chars(request) > INLINE_TOKENIZE_CHARS:  # as generate(): long inputs off the loop
                 return await off_loop(self._tokenize_answer, request)
-            if request.get("messages") is not None:
-                return await asyncio.to_thread(self._tokenize_answer, request)
-            return self._tokenize_answer(request)
+            # short ones too: the first call copies the tokenizer (InputProcessor.encode_to)
+            return await asyncio.to_thread(self._tokenize_answer, request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
             return _error_item(request["request_id"], exc, request)
 
@@ -355,21 +363,23 @@ class LLMServer:
 
     async def detokenize(self, request: dict) -> dict:
         """POST /detokenize's work (ingress.py): `{"prompt": text}` of token ids, or an error item."""
-        ids, inputs = request["tokens"], self._engine.inputs
-        try:
-            if len(ids) > (limit := TOKENIZE_CONTEXTS * self._args.max_model_len):
-                raise InvalidRequestError(f"{len(ids)} tokens are more than /detokenize takes ({limit}, "
-                                          f"{TOKENIZE_CONTEXTS}x this model's context)", "tokens")
-            bad = [t for t in ids if not 0 <= t < inputs.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {inputs.vocab_size})",
-                                          "tokens")
-            if self._engine.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer: its ids have no text here", "tokens")
-            text = await asyncio.to_thread(self._engine.tokenizer.decode, ids)
+        try:  # off the loop: up to TOKENIZE_CONTEXTS contexts of ids to check and decode
+            return {"prompt": await asyncio.to_thread(self._text_of, request["tokens"])}
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item
             return _error_item(request["request_id"], exc, request)
-        return {"prompt": text}
+
+    def _text_of(self, ids: list[int]) -> str:
+        inputs = self._engine.inputs
+        if len(ids) > (limit := TOKENIZE_CONTEXTS * self._args.max_model_len):
+            raise InvalidRequestError(f"{len(ids)} tokens are more than /detokenize takes ({limit}, "
+                                      f"{TOKENIZE_CONTEXTS}x this model's context)", "tokens")
+        bad = [t for t in ids if not 0 <= t < inputs.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {inputs.vocab_size})",
+                                      "tokens")
+        if self._engine.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: its ids have no text here", "tokens")
+        return self._engine.tokenizer.decode(ids)
 
     async def ready(self) -> dict:
         """For the unauthenticated /ready: counts only, no tenant's adapter names."""

@@ -36,7 +36,7 @@ class InputProcessor:
         self._grammars: Grammars | None = None  # made at the first structured output request
         self._grammars_lock = threading.Lock()
         self._seq_ids = itertools.count()
-        self._copies: dict = {}  # encode_to's tokenizers by the end they keep, copied at first use
+        self._copies: dict = {}  # encode_to's (tokenizer, lock) by the end they keep, copied at first use
         self._copies_lock = threading.Lock()
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -56,6 +56,10 @@ class InputProcessor:
             if bad := [t for t in ids_of if t >= self.vocab_size]:
                 raise InvalidRequestError(f"{field} has token ids {bad[:5]} outside the vocabulary "
                                           f"[0, {self.vocab_size})", field)
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        if params.allowed_token_ids and params.min_tokens and set(params.allowed_token_ids) <= ends:
+            raise InvalidRequestError("allowed_token_ids holds only tokens that end the output, which min_tokens "
+                                      "bans until then: allow others too, or drop min_tokens", "allowed_token_ids")
         return Sequence(next(self._seq_ids), request_id, ids, params, lora, tenant, time.perf_counter())
 
     def grammars(self) -> Grammars:
@@ -107,17 +111,21 @@ class InputProcessor:
     def encode_to(self, text: str, add_special_tokens: bool, max_length: int, keep: str = "first") -> list[int]:
         """encode(), cut at max_length instead of max_model_len (POST /tokenize counts past the
         context), keeping the first tokens or the last (vLLM's truncate_prompt_tokens; a BOS the
-        tokenizer adds stays first either way). Each on a copy of the tokenizer of its own: a fast
-        tokenizer keeps the last call's truncation in its Rust object, so another bound or side on
-        the shared one could cut an encode() running on another thread at the wrong length."""
+        tokenizer adds stays first either way). Each on a copy of the tokenizer of its own, one call
+        at a time: a fast tokenizer keeps the last call's truncation (bound and side) in its Rust
+        object, so another bound on the shared one, or two bounds at once on a copy, could cut an
+        encode running on another thread at the wrong length."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer; send token ids instead of text")
         with self._copies_lock:
             if keep not in self._copies:
-                self._copies[keep] = copy.deepcopy(self.tokenizer)
-                self._copies[keep].truncation_side = "right" if keep == "first" else "left"
-        return self._copies[keep](text, add_special_tokens=add_special_tokens, truncation=True,
-                                  max_length=max_length, return_attention_mask=False)["input_ids"]
+                tokenizer = copy.deepcopy(self.tokenizer)
+                tokenizer.truncation_side = "right" if keep == "first" else "left"
+                self._copies[keep] = (tokenizer, threading.Lock())
+        tokenizer, lock = self._copies[keep]
+        with lock:
+            return tokenizer(text, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length,
+                             return_attention_mask=False)["input_ids"]
 
     def _too_long(self, count) -> InvalidRequestError:
         return InvalidRequestError(f"prompt has {count} tokens; max_model_len is {self.max_model_len}: "

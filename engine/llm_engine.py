@@ -234,8 +234,13 @@ class LLMEngine:
         if seq.grammar is not None:
             reason, broken = self._follow_grammar(seq, token, reason)
         detok = self.detokenizers[seq.request_id]
+        # the token that ended the output (EOS, a stop token id) is not text, unless asked for
+        # (vLLM's include_stop_str_in_output): it shows with skip_special_tokens=false or when it
+        # is not a special token
+        text_ids = seq.output_token_ids[:-1] if reason == "stop" and not seq.params.include_stop_str_in_output \
+            else seq.output_token_ids
         delta, stop_hit = ("", False) if detok is None else detok.update(
-            seq.output_token_ids, reason is not None, len(seq.output_token_ids) >= seq.params.min_tokens)
+            text_ids, reason is not None, len(seq.output_token_ids) >= seq.params.min_tokens)
         if stop_hit and broken is None:  # a constraint's fault ends it as an error, stop string or not
             reason = "stop"
         # the text so far only on the last output (_final): each step's message to the replica

@@ -4,7 +4,6 @@ Temperatures, top-p / top-k, logit biases and penalty histories become SamplingT
 engine.sampler.sample; a seeded sequence keeps its own generator from its first step to its
 release, so its draws do not depend on what it was batched with.
 """
-import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -24,6 +23,7 @@ class SamplingInputs:
         self.vocab_size, self.device, self._tensor = vocab_size, device, to_tensor
         self.eos_token_ids = tuple(eos_token_ids)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
+        self.id_masks: dict[int, Tensor] = {}  # seq_id -> its allowed_token_ids' bitmask
 
     def tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         vocab = self.vocab_size
@@ -50,13 +50,30 @@ class SamplingInputs:
         and, of those, the allowed ids."""
         rows = [row for row, s in enumerate(seqs) if s.grammar is not None or s.params.allowed_token_ids]
         walks = [i for i, row in enumerate(rows) if seqs[row].grammar is not None]
-        mask = torch.full((len(rows), -(-self.vocab_size // 32)), -1, dtype=torch.int32)
-        if walks:
-            mask[walks] = fill_bitmask([seqs[rows[i]].grammar for i in walks], self.vocab_size)
+        if len(walks) == len(rows):
+            mask = fill_bitmask([seqs[row].grammar for row in rows], self.vocab_size)
+        else:
+            mask = torch.full((len(rows), -(-self.vocab_size // 32)), -1, dtype=torch.int32)
+            if walks:
+                mask[walks] = fill_bitmask([seqs[rows[i]].grammar for i in walks], self.vocab_size)
         for i, row in enumerate(rows):
-            if seqs[row].params.allowed_token_ids:
-                mask[i] &= id_bitmask(seqs[row].params.allowed_token_ids, self.vocab_size)
-        return self._tensor(rows, torch.long), mask.to(self.device, non_blocking=False)
+            seq = seqs[row]
+            if seq.params.allowed_token_ids:
+                mask[i] &= self._id_mask(seq)
+                if seq.grammar is not None and seq.grammar.fault is None and not mask[i].any():
+                    seq.grammar.fault = ("allowed_token_ids leave none of the tokens the structured output "
+                                         "constraint allows after the output so far (an end of sequence among them?)")
+        if walks or self.device.type != "cuda":  # a grammar's step waits for its tokens anyway (waits_for_tokens)
+            return self._tensor(rows, torch.long), mask.to(self.device, non_blocking=False)
+        # without a grammar the step does not wait: the copy must not make the host wait for the forward
+        return self._tensor(rows, torch.long), mask.pin_memory().to(self.device, non_blocking=True)
+
+    def _id_mask(self, seq: Sequence) -> Tensor:
+        """The bitmask of a sequence's allowed_token_ids, made at its first step and kept to its release."""
+        mask = self.id_masks.get(seq.seq_id)
+        if mask is None:
+            mask = self.id_masks[seq.seq_id] = id_bitmask(seq.params.allowed_token_ids, self.vocab_size)
+        return mask
 
     def _logit_bias(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
         """logit_bias, and -inf on the tokens that would end a sequence still under its
@@ -94,6 +111,7 @@ class SamplingInputs:
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
+        self.id_masks.pop(seq.seq_id, None)
 
 
 def _too_short(seq: Sequence) -> bool:
@@ -102,7 +120,6 @@ def _too_short(seq: Sequence) -> bool:
     return len(seq.output_token_ids) + seq.num_pending < seq.params.min_tokens
 
 
-@functools.lru_cache(maxsize=64)  # a request's ids, every step it samples
 def id_bitmask(ids: tuple[int, ...], vocab_size: int) -> Tensor:
     """[ceil(V / 32)] int32: bit k of word w set for token 32w + k in ids (fill_bitmask's layout)."""
     words = np.zeros(-(-vocab_size // 32), dtype=np.uint32)

@@ -89,9 +89,10 @@ class SamplingParams:
             _check(all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
                    "logit_bias maps token ids >= 0 to biases in [-100, 100]", "logit_bias")
         if self.allowed_token_ids is not None:
-            self.allowed_token_ids = tuple(sorted(set(self.allowed_token_ids)))
-            _check(bool(self.allowed_token_ids) and all(type(t) is int and t >= 0 for t in self.allowed_token_ids),
-                   "allowed_token_ids must be a non-empty list of token ids >= 0", "allowed_token_ids")
+            ids = self.allowed_token_ids
+            _check(isinstance(ids, (list, tuple)) and bool(ids) and all(type(t) is int and t >= 0 for t in ids),
+                   f"allowed_token_ids must be a non-empty list of token ids >= 0, got {ids!r}", "allowed_token_ids")
+            self.allowed_token_ids = tuple(sorted(set(ids)))
 
     @property
     def uses_history(self) -> bool:

@@ -378,7 +378,7 @@ def test_truncate_prompt_tokens_reaches_the_replica_only_when_sent(client, ingre
 
 def test_allowed_token_ids_reach_the_engines_sampling_and_bad_ones_are_refused_by_name(client, ingress):
     _complete(client, BASE, extra_body={"allowed_token_ids": [7, 3, 7]})
-    assert ingress._llm.payloads[-1]["sampling"]["allowed_token_ids"] == (7, 3, 7)  # the engine sorts them
+    assert ingress._llm.payloads[-1]["sampling"]["allowed_token_ids"] == (7, 3, 7)  # as sent (SamplingParams dedups)
     for bad in ([], [-1], ["1"]):
         with pytest.raises(openai.BadRequestError) as caught:
             _complete(client, BASE, extra_body={"allowed_token_ids": bad})

@@ -255,6 +255,10 @@ def test_truncate_prompt_tokens_past_the_context_is_refused_naming_it(tmp_path):
     with pytest.raises(InvalidRequestError, match="max_model_len is 16"):
         server._prepare(long)
     assert len(server._prepare({**long, "truncate_prompt_tokens": 12})[0]) == 12
+    from deployments.errors import request_validation_error
+    from pydantic import ValidationError
+
     for bad in (0, -2, "3"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValidationError) as refused:
             CompletionRequest.model_validate({"model": "m", "prompt": "a", "truncate_prompt_tokens": bad})
+        assert request_validation_error(list(refused.value.errors())).param == "truncate_prompt_tokens"

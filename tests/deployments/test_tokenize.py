@@ -127,7 +127,8 @@ def test_a_prompts_body_ignores_the_chat_templates_options_as_vllms_does():
     assert body.payload() == {"prompt": "a", "return_token_strs": False}
     with pytest.raises(ValidationError) as neither:
         TokenizeRequest.model_validate({})
-    assert "take them) [" in str(neither.value) and "not both" not in str(neither.value)
+    error = request_validation_error(list(neither.value.errors()))
+    assert error.param == "prompt" and "or messages" in error.message and "not both" not in error.message
 
 
 def test_a_tokenize_body_takes_vllms_fields_and_passes_add_special_tokens_only_when_sent():
@@ -193,3 +194,19 @@ def test_counting_past_the_context_leaves_the_shared_tokenizers_truncation_as_co
     before = server._engine.tokenizer.backend_tokenizer.truncation
     assert _tokenize(server, {"prompt": "the quick brown fox jumps"})["count"] >= 8
     assert server._engine.tokenizer.backend_tokenizer.truncation == before and before["max_length"] == 8
+
+
+def test_encodes_cut_at_different_bounds_on_several_threads_each_keep_their_own(tmp_path):
+    """A fast tokenizer keeps its last call's truncation bound: two requests cutting a prompt to
+    different lengths at once (truncate_prompt_tokens) must not cut each other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, inputs = _server(tmp_path, 4096)
+    text = "the quick brown fox jumps over the lazy dog " * 60
+    whole = inputs.encode(text)
+    assert len(whole) > 200
+
+    def cut(k: int) -> bool:
+        return inputs.encode_to(text, True, k, keep="last") == whole[-k:]
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(cut, [5, 200] * 200))

@@ -117,6 +117,10 @@ def test_special_tokens_the_model_makes_stay_in_the_text_only_with_skip_special_
         assert out["token_ids"] == [end] * 3
         texts[skip] = out["text"]
     assert texts == {True: "", False: "<|im_end|>" * 3}
+    # the end of sequence that ends an output is no text, special tokens kept or not (vLLM's)
+    ended = engine.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, logit_bias={end: 100.0},
+                                                      skip_special_tokens=False))[0]
+    assert ended["token_ids"] == [end] and ended["finish_reason"] == "stop" and ended["text"] == ""
 
 
 def test_stop_token_ids_eos_and_stop_strings(qwen):
@@ -126,6 +130,11 @@ def test_stop_token_ids_eos_and_stop_strings(qwen):
         max_tokens=12, temperature=0, stop_token_ids=[third]))[0]
     assert out["token_ids"] == base["token_ids"][:3] and out["finish_reason"] == "stop"
     assert out["stop_reason"] == third  # vLLM's: the stop token id that matched
+    tok = make_engine(qwen).tokenizer
+    assert out["text"] == tok.decode(base["token_ids"][:2], skip_special_tokens=True)  # the stop token is no text
+    kept = make_engine(qwen).generate([PROMPTS[0]], SamplingParams(
+        max_tokens=12, temperature=0, stop_token_ids=[third], include_stop_str_in_output=True))[0]
+    assert kept["text"] == tok.decode(base["token_ids"][:3], skip_special_tokens=True)  # unless asked for
     engine = make_engine(qwen)
     engine.spec.eos_token_ids = (third,)  # as if the checkpoint's generation_config said so
     out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0))[0]

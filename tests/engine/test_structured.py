@@ -281,3 +281,36 @@ def test_allowed_token_ids_narrow_a_structured_output_constraint(engine):
                           for o in generate(engine, ("choice", json.dumps(choices)), temperature=2.0, seed=seed, **kw)]
     assert set(draws()) == set(choices)  # without the ids, both come out of these draws
     assert set(draws(allowed_token_ids=allowed)) == {"no"}
+
+
+def test_allowed_token_ids_that_leave_a_constraint_nothing_end_the_request_with_a_400_not_an_engine_error(engine):
+    """The constraint done, only an end of sequence is allowed next; allowed ids without one leave
+    the step nothing to sample: the request's own doing."""
+    tok = engine.tokenizer
+    outs = generate(engine, ("choice", json.dumps(["no"])), temperature=1.0, seed=1,
+                    allowed_token_ids=tok.encode("no", add_special_tokens=False))
+    assert all(o["finish_reason"] == "abort" and isinstance(o["error"], InvalidRequestError) for o in outs), outs
+    assert "allowed_token_ids leave none of the tokens" in str(outs[0]["error"])
+
+
+def test_allowed_token_ids_of_ending_tokens_only_are_refused_under_min_tokens(engine):
+    end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(InvalidRequestError, match="allowed_token_ids holds only tokens that end") as refused:
+        engine.add_request("x", PROMPTS[0], SamplingParams(max_tokens=8, min_tokens=3, allowed_token_ids=[end]))
+    assert refused.value.param == "allowed_token_ids"
+    engine.add_request("ok", PROMPTS[0], SamplingParams(max_tokens=2, min_tokens=1, allowed_token_ids=[end, 5]))
+    run_to_end(engine)
+    for bad in (["a", 1], [[1]], 5, []):
+        with pytest.raises(InvalidRequestError, match="allowed_token_ids must be a non-empty list"):
+            SamplingParams(allowed_token_ids=bad)
+
+
+@pytest.mark.parametrize("vocab", [100, 384, 1000])
+def test_an_id_bitmask_allows_exactly_its_ids_as_apply_bitmask_reads_it(vocab):
+    from engine.sampling_inputs import id_bitmask
+
+    ids = tuple(t for t in (0, 1, 31, 32, 33, 63, 64, 99, vocab - 1) if t < vocab)
+    logits = torch.zeros(2, vocab)
+    masked = apply_bitmask(logits, torch.tensor([1]), id_bitmask(ids, vocab)[None, :])
+    assert masked[0].isfinite().all()  # the row without a mask is untouched
+    assert torch.isfinite(masked[1]).nonzero().view(-1).tolist() == sorted(set(ids))
