@@ -369,14 +369,10 @@ class LLMServer:
             return _error_item(request["request_id"], exc, request)
 
     def _text_of(self, ids: list[int]) -> str:
-        inputs = self._engine.inputs
         if len(ids) > (limit := TOKENIZE_CONTEXTS * self._args.max_model_len):
             raise InvalidRequestError(f"{len(ids)} tokens are more than /detokenize takes ({limit}, "
                                       f"{TOKENIZE_CONTEXTS}x this model's context)", "tokens")
-        bad = [t for t in ids if not 0 <= t < inputs.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {inputs.vocab_size})",
-                                      "tokens")
+        self._engine.inputs.check_vocabulary(ids, "tokens")
         if self._engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: its ids have no text here", "tokens")
         return self._engine.tokenizer.decode(ids)

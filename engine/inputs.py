@@ -91,11 +91,14 @@ class InputProcessor:
             ids = [int(t) for t in prompt]
         if not ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
-                                      "prompt")
+        self.check_vocabulary(ids, "prompt")
         return ids
+
+    def check_vocabulary(self, ids: list[int], field: str) -> None:
+        """InvalidRequestError naming `field` unless every id is in [0, vocab_size)."""
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", field)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, at most max_model_len of them: the tokenizer truncates in its
