@@ -17,6 +17,15 @@ trace"): decode step 17.6 ms, 21.0 ms with adapters, 2048 prompt tokens ~60 ms.
     python benchmarks/sim_workload.py --heap-gb 53.8 --no-sharing --no-compaction
     python benchmarks/sim_workload.py                 # and borrows idle KV blocks (kv_heap_sharing)
 
+`--fit A B C` / `--lora-fit A B C` price a step as workload_steps.py's fit of a run does (ms = A + B *
+sequences + C * tokens past one a sequence), without and with adapters: a step's cost then grows
+with its batch, which the flat costs above leave out. The H200 run of 2026-12-06 (b1b9aba):
+
+    python benchmarks/sim_workload.py --rate 10.07 --heap-gb 53.53 --prefix-caching \
+        --fit 8.94 0.247 0.0204 --lora-fit 13.79 0.258 0.0295
+
+Each run's JSON holds a timeline (running, waiting, KV blocks lent and free, once a modelled second).
+
 `--case-d` runs bench_engine's case d instead of the trace: 64 requests at once, 512 prompt and
 128 output tokens each, on 64 distinct rank-16 adapters on attention and every expert (1.69 GB
 images), over the heap and KV cache of the H200 run of 2026-12-06 (502f72f): 2624 KV blocks, and
@@ -131,6 +140,19 @@ class ModelPools:
         return []
 
 
+def step_seconds(args, scheduled: list, decode_ms: float | None) -> float:
+    """A step's modelled cost before heap moves: the fit's (a + b * sequences + c * tokens past one a
+    sequence) where --fit / --lora-fit give one, else the flat decode cost plus prompt tokens."""
+    adapters = any(seq.lora is not None for seq, _ in scheduled)
+    fit = args.lora_fit if adapters and args.lora_fit else args.fit
+    if fit:
+        seqs, tokens = len(scheduled), sum(n for _, n in scheduled)
+        return (fit[0] + fit[1] * seqs + fit[2] * (tokens - seqs)) / 1e3
+    prefill = sum(n for seq, n in scheduled if n > 1)
+    step_ms = decode_ms if decode_ms is not None else args.decode_ms + (args.lora_ms if adapters else 0.0)
+    return step_ms / 1e3 + prefill * args.prefill_us_per_token * (args.prefill_lora_factor if adapters else 1.0) / 1e6
+
+
 def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | None = None) -> dict:
     """decode_ms: a step's cost before prompt tokens (None: --decode-ms, plus --lora-ms with adapters)."""
     clock = Clock()
@@ -152,7 +174,7 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
                       clock=lambda: clock.now)
     pending = list(reversed(list(enumerate(trace))))
     first, last, arrived, outputs, seqs = {}, {}, {}, {}, []
-    steps = 0
+    steps, timeline, next_sample = 0, [], 1.0
     try:
         while pending or sched.has_unfinished():
             while pending and pending[-1][1]["t"] <= clock.now:
@@ -169,12 +191,11 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
                 clock.now = min(pending[-1][1]["t"], clock.now + 0.005) if pending else clock.now + 0.005
                 continue
             moved, pools.moved_bytes = pools.moved_bytes, 0
-            prefill = sum(n for seq, n in out.scheduled if n > 1)
-            adapters = any(seq.lora is not None for seq, _ in out.scheduled)
-            step_ms = decode_ms if decode_ms is not None else args.decode_ms + (args.lora_ms if adapters else 0.0)
-            clock.now += step_ms / 1e3 \
-                + prefill * args.prefill_us_per_token * (args.prefill_lora_factor if adapters else 1.0) / 1e6 \
-                + 2 * moved / (args.hbm_gbps * 1e9)
+            clock.now += step_seconds(args, out.scheduled, decode_ms) + 2 * moved / (args.hbm_gbps * 1e9)
+            if clock.now >= next_sample:  # the queue and the heap's borrowed blocks, once a modelled second
+                timeline.append([round(clock.now, 2), len(sched.running), sched.num_waiting, blocks.lent,
+                                 blocks.num_free_blocks])
+                next_sample += 1.0
             sched.launched(out, [seq.num_computed_tokens + n == seq.num_tokens for seq, n in out.scheduled])
             for seq, token in sched.update_from_output(out, [0] * len(out.scheduled), clock.now):
                 first.setdefault(seq.request_id, clock.now)
@@ -195,6 +216,7 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
             "gb_compacted": manager.stats.bytes_compacted / 1e9, "evictions": manager.stats.evictions,
             "kv_blocks_borrowed": manager.stats.kv_blocks_borrowed, "kv_blocks_returned": manager.stats.kv_blocks_returned,
             "preemptions": sum(s.num_preemptions for s in seqs),
+            "timeline": {"columns": ["s", "running", "waiting", "kv_blocks_lent", "kv_blocks_free"], "rows": timeline},
             **({"adapter_wait_s_p99": pct(waits, 0.99), "adapter_wait_s_max": waits[-1]} if waits else {})}
 
 
@@ -219,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-lora-factor", type=float, default=1.0, help="a prompt token's cost in a step "
                     "with adapters over one without (1.0: the fit to the H200 run; the MoE layer's split LoRA "
                     "path measured 1.4-1.6x at 128-2048 tokens)")
+    ap.add_argument("--fit", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
+                    help="a step without adapters costs A + B * sequences + C * tokens past one a sequence (ms; "
+                    "workload_steps.py's fit of a run); replaces --decode-ms and --prefill-us-per-token")
+    ap.add_argument("--lora-fit", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
+                    help="the same for a step that carries adapters (with --fit)")
     ap.add_argument("--pcie-gbps", type=float, default=54.0)
     ap.add_argument("--hbm-gbps", type=float, default=3000.0)
     ap.add_argument("--case-d", nargs="?", const="h200", choices=sorted(CASE_D_RUNS), default=None,

@@ -172,7 +172,7 @@ class Scheduler:
         """The first admissible sequence and its cached prefix's blocks: aged ones first, then
         round-robin tenant order (FIFO within a tenant)."""
         ready, blocked = self.slots.reserve_aged(out)
-        if ready is not None and (taken := self._take(ready, budget)) is not LATER:
+        if ready is not None and (taken := self._take(ready, budget, self.slots.ready_spare)) is not LATER:
             return taken
         for tenant in list(self.tenant_order):
             # one adapter load in flight per tenant: a flood cannot take every slot
@@ -183,14 +183,17 @@ class Scheduler:
                     continue
                 state = self.slots.adapter_state(seq, out)
                 pending |= state == "loading"
-                if state == "ok" and (taken := self._take(seq, budget)) is not LATER:
+                # a seat is left for an aged sequence about to run: requests riding resident
+                # adapters past its block (SlotPolicy.passes_block) would otherwise take them all
+                if state == "ok" and (taken := self._take(seq, budget, int(self.slots.seat_wanted))) is not LATER:
                     return taken
         return None
 
-    def _take(self, seq: Sequence, budget: int) -> tuple[Sequence, list[int]] | None | object:
+    def _take(self, seq: Sequence, budget: int, spare_seats: int = 0) -> tuple[Sequence, list[int]] | None | object:
         """Remove `seq` from its queue for admission, with the blocks of its cached prefix
-        (engine.prefix_cache); None when its KV blocks do not fit; LATER when a sequence of this
-        step fills its next block (it finds it cached next step)."""
+        (engine.prefix_cache); None when its KV blocks do not fit, or no seat is left but
+        `spare_seats`; LATER when a sequence of this step fills its next block (it finds it cached
+        next step)."""
         if seq.seq_id in self._later:
             return LATER
         blocks = self.block_manager
@@ -204,8 +207,8 @@ class Scheduler:
                 self._kept_for.add(seq.tenant)
                 self._later_blocks += blocks.free_needed(seq, n, prefix)
             return LATER
-        if len(self.running) + len(self._kept_for) >= self.max_num_seqs:
-            return None  # the seats left are kept for sequences left for the next step
+        if len(self.running) + len(self._kept_for) + spare_seats >= self.max_num_seqs:
+            return None  # the seats left are kept for sequences left for the next step, or an aged one
         if not blocks.can_allocate(seq, n, prefix, spare=self._later_blocks):
             return None  # KV is full: admit nobody rather than starve long prompts
         self._drop_holder(seq)  # its growth counts again as it runs (_admit_waiting)

@@ -13,9 +13,11 @@ Adapter pressure, the rules:
   prefetched loads do not evict each other from it. A slot that a running sequence
   references is never evicted (the manager evicts unreferenced slots only);
 - aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
-  steps is visited first (oldest first, one per tenant), and while such a sequence waits for
-  a slot (its adapter in the host tier, no slot to be had) nobody else takes a slot reference,
-  so the next slot that frees is its own; while its adapter still loads into the host tier it
+  steps is visited first (one per tenant, in the order they became their tenant's head), and while such a sequence waits for
+  a slot (its adapter in the host tier, no slot or heap room to be had) nobody else takes a
+  reference to an unreferenced adapter or to the referenced slots whose draining makes its room
+  (the fewest running sequences first: LoRAManager.drain_for), so the room that frees is its
+  own; other referenced slots keep taking requests; while its adapter still loads into the host tier it
   holds others back only if its tenant is under its fair share and no slot is free (the slots
   then drain during the load);
 - slot-fair preemption: when a queue head has waited `slot_reclaim_steps` steps (or aged)
@@ -69,10 +71,19 @@ class SlotPolicy:
         self.last_ran: dict[str, tuple[str, int]] = {}  # adapter -> (tenant, step) of its last run
         # (step, each tenant at its share -> the adapters kept from it): _at_share
         self._keep: tuple[int, dict[str, frozenset[str]]] = (-1, {})
+        self._drains: tuple[int, dict[int, set[int]]] = (-1, {})  # (step, blocking seq_id -> slots it waits on)
+        self._draining: dict[int, set[int]] = {}  # the same across steps, while those sequences are aged
+        self._headed: dict[str, tuple[int, int]] = {}  # tenant -> (its queue head's seq_id, the step it became head)
         self.prefetch_window = prefetch_window
         self.max_adapter_wait_steps, self.max_staged_adapters = max_adapter_wait_steps, max_staged_adapters
         self.slot_reclaim_steps = slot_reclaim_steps
         self.aged: list[Sequence] = []  # this step's sequences with first claim on a slot
+        # from reserve_aged: the aged sequence that blocks new references (the first one without a
+        # slot, waiting for device room), and whether an aged one wants a seat soon (it blocks, or
+        # its slot's copy is in flight): the scheduler then leaves one seat to it
+        self.blocker: Sequence | None = None
+        self.seat_wanted = False
+        self.ready_spare = 0  # the seat the ready aged sequence leaves to one before it that wants one
         self.num_slot_preemptions = 0  # slots drained for a waiting tenant (_reclaim)
         self.num_prefetched = 0  # slots the prefetch reserved for sequences a step before admission
         self._wait_logged_at, self._waits_unlogged = float("-inf"), 0
@@ -86,6 +97,9 @@ class SlotPolicy:
             if seq.lora is not None:
                 self.last_ran[seq.lora.lora_name] = (seq.tenant, step)
         self.aged = self._aged_heads()
+        if self._draining:
+            aged = {seq.seq_id for seq in self.aged}
+            self._draining = {k: v for k, v in self._draining.items() if k in aged}
         self._reclaim(out)
         for seq in self.aged:  # after _reclaim: the line reads the kept adapters as this step's admission will
             if not seq.adapter_wait_logged and seq.adapter_ready is None:
@@ -116,13 +130,43 @@ class SlotPolicy:
 
     def passes_block(self, seq: Sequence) -> bool:
         """Whether `seq` may take a reference to its adapter while an aged sequence without a slot
-        blocks new references (reserve_aged): when the adapter is resident and kept from every
-        blocking sequence's tenant, which could not have its slot anyway (one whose adapter still
-        loads into the host tier blocks nobody)."""
+        blocks new references (reserve_aged): when the adapter is resident and, for every blocking
+        sequence, either kept from its tenant (which could not have its slot anyway) or in a slot
+        it does not wait on: referenced already and, for the first of them (`blocker`, whose room
+        is made first), not among the slots it needs drained (LoRAManager.drain_for). A popular
+        adapter's slot then keeps taking requests while the slots that make room drain; blocking
+        every slot cost the trace's batches a third of their sequences, its requests waiting behind
+        resident adapters (sim_workload.py, 2026-12-07)."""
         name = seq.lora.lora_name
-        return self.lora_manager.holds(name) and all(
-            name in self._kept_from(a.tenant) for a in self.aged
-            if a.status is SequenceStatus.WAITING and a.lora_slot is None and self._blocks(a))
+        slot = self.lora_manager.slot_of(name)
+        if slot is None:
+            return False
+        referenced = self.lora_manager.is_referenced(slot)
+        if referenced and self.blocker is not None and slot in self._drain_for(self.blocker):
+            return False
+        return all(referenced or name in self._kept_from(a.tenant) for a in self.aged
+                   if a.status is SequenceStatus.WAITING and a.lora_slot is None and self._blocks(a))
+
+    def _drain_for(self, seq: Sequence) -> set[int]:
+        """The slots blocking `seq` waits on (LoRAManager.drain_for), chosen once a step and kept
+        from step to step while it blocks, so that the slots it chose go on draining. Waiting
+        sequences holding a reference to one of them (the prefetch's) let it go: they would keep
+        it from draining until they ran."""
+        step = self.sched.num_steps
+        if self._drains[0] != step:
+            self._drains = (step, {})
+        drains = self._drains[1]
+        if seq.seq_id not in drains:
+            running: dict[int, int] = {}
+            for s in self.sched.running:
+                if s.lora_slot is not None:
+                    running[s.lora_slot] = running.get(s.lora_slot, 0) + 1
+            drain = self.lora_manager.drain_for(seq.lora.lora_name, running, self._kept_from(seq.tenant),
+                                                self._draining.get(seq.seq_id, ()))
+            drains[seq.seq_id] = self._draining[seq.seq_id] = drain
+            for holder in [h for h in self.sched.holders.values() if h.lora_slot in drain]:
+                self.sched.release_slot(holder)
+        return drains[seq.seq_id]
 
     def _blocks(self, seq: Sequence) -> bool:
         """Whether aged `seq`, without a slot, holds back new slot references. It does while it
@@ -166,34 +210,47 @@ class SlotPolicy:
 
     def _aged_heads(self) -> list[Sequence]:
         """Tenants' queue heads with an adapter that have waited max_adapter_wait_steps steps or
-        more, oldest first. One per tenant, so aging cannot hand one tenant's flood every slot."""
+        more, the longest at its tenant's head first. One per tenant, so aging cannot hand one
+        tenant's flood every slot."""
         return self._heads_waited(self.max_adapter_wait_steps)
 
     def _heads_waited(self, steps: int | None) -> list[Sequence]:
-        """Tenants' queue heads with an adapter that have waited `steps` steps or more, oldest
-        first (none when `steps` is None)."""
+        """Tenants' queue heads with an adapter that have waited `steps` steps or more (since they
+        were queued), in the order they became their tenant's head (none when `steps` is None).
+        That order, not the queueing order, is what keeps a tenant's many old requests from each
+        going first in turn: its next head is as old as the last, but heads the queue only now."""
         if steps is None:
             return []
-        since = self.sched.num_steps - steps
-        heads = (self.sched.waiting[tenant][0] for tenant in self.sched.tenant_order)
+        since, step = self.sched.num_steps - steps, self.sched.num_steps
+        heads = [self.sched.waiting[tenant][0] for tenant in self.sched.tenant_order]
+        headed = self._headed
+        for seq in heads:
+            if headed.get(seq.tenant, (None,))[0] != seq.seq_id:
+                headed[seq.tenant] = (seq.seq_id, step)
+        if len(headed) > 2 * len(heads) + 64:  # tenants no longer waiting
+            self._headed = headed = {seq.tenant: headed[seq.tenant] for seq in heads}
         return sorted((seq for seq in heads if seq.lora is not None and self._enqueued(seq) <= since),
-                      key=self._enqueued)
+                      key=lambda seq: (headed[seq.tenant][1], self._enqueued(seq)))
 
     def _enqueued(self, seq: Sequence) -> int:
         return self.sched.enqueued_step.get(seq.seq_id, self.sched.num_steps)
 
     def reserve_aged(self, out: SchedulerOutput) -> tuple[Sequence | None, bool]:
-        """Reserve the aged sequences' adapters, oldest first, until one finds no slot. Returns
+        """Reserve the aged sequences' adapters, in their order, until one finds no slot. Returns
         the first whose slot is ready, and whether one found no slot and blocks (`_blocks`):
         nobody behind it may then take a slot reference (not even to a resident adapter, whose
         slot would then never drain), so the next slot that frees is its own."""
-        ready = None
+        ready, self.blocker, self.seat_wanted, self.ready_spare = None, None, False, 0
         for seq in [s for s in self.aged if s.status is SequenceStatus.WAITING]:
             state = self.adapter_state(seq, out)
             if state == "loading" and seq.lora_slot is None:
-                return ready, self._blocks(seq)
+                blocks = self._blocks(seq)
+                self.blocker = seq if blocks else None
+                self.seat_wanted |= blocks
+                return ready, blocks
             if state == "ok" and ready is None:
-                ready = seq
+                ready, self.ready_spare = seq, int(self.seat_wanted)  # a seat for those before it
+            self.seat_wanted |= state == "loading"  # its slot's copy in flight: it runs soon
         return ready, False
 
     def _reclaim(self, out: SchedulerOutput) -> None:

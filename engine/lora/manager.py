@@ -357,6 +357,40 @@ class LoRAManager:
             return False
         return self._placement(self.host[name]) is None
 
+    def drain_for(self, name: str, running: dict[int, int], keep: Collection[str] = (),
+                  draining: Collection[int] = ()) -> set[int]:
+        """The referenced slots to let drain so that adapter `name` (waiting for device room) gets a
+        slot and heap room: those of `draining` first (the ones chosen before: a choice that moved
+        with the running counts would leave every slot half drained), then the fewest running
+        sequences first (`running`, by slot: those drain soonest), larger images first among equals, until the bytes free now, those of
+        unreferenced adapters not in `keep`, the KV blocks the heap may still borrow and theirs
+        hold its image, and a slot is among them when none is unreferenced. Bytes, not spans: a
+        compaction makes the free bytes one span. An adapter not yet in the host tier counts as
+        needing only a slot. The slot policy keeps new references off these slots only, so an
+        aged request waits for the slots it needs, not for every slot to drain."""
+        adapter = self.host.get(name)
+        need = self.pools.image_numel(adapter) if adapter is not None else 0
+        evictable = [s for s in self.free_lru if self.slot_names[s] not in keep]
+        room = self.spans.free_size + sum(self.slot_spans[s][1] for s in evictable if self.slot_spans[s] is not None)
+        if self.kv is not None:
+            room += self.kv.lendable() * self.block_numel
+        drain: set[int] = set()
+        live = sorted((s for s in range(self.num_slots) if self.slot_refs[s] > 0),
+                      key=lambda s: (s not in draining, running.get(s, 0), -(self.slot_spans[s] or (0, 0))[1]))
+        for slot in live:
+            if room >= need and (evictable or drain):
+                break
+            drain.add(slot)
+            room += (self.slot_spans[slot] or (0, 0))[1]
+        return drain
+
+    def slot_of(self, name: str) -> int | None:
+        """The slot holding adapter `name` (resident or its copy in flight), if any."""
+        return self.name_to_slot.get(name)
+
+    def is_referenced(self, slot: int) -> bool:
+        return self.slot_refs[slot] > 0
+
     def release(self, slot: int) -> None:
         self.slot_refs[slot] -= 1
         if self.slot_refs[slot] == 0:

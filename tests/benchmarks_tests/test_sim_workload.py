@@ -73,3 +73,15 @@ def test_case_d_as_the_h100_ran_it_holds_fewer_adapters_a_step_on_smaller_images
     assert h100["finished"] == 64 and h100["slot_loads"] >= 64
     assert h100["tokens_per_step"] < 22 < h200["tokens_per_step"]
     assert runs["h100"]["args"]["heap_gb"] == 24.35 and runs["h200"]["args"]["heap_gb"] == 65.61
+
+
+def test_a_fitted_step_cost_grows_with_the_batch_and_the_timeline_samples_the_queue(tmp_path):
+    """--fit prices a step by its sequences and prompt tokens: a larger per-sequence price slows
+    the run; each run logs running and waiting sequences and lent KV blocks once a modelled second."""
+    cheap = _run(tmp_path, "--heap-gb", "60", "--fit", "9", "0.1", "0.02")
+    dear = _run(tmp_path, "--heap-gb", "60", "--fit", "9", "1.0", "0.02")
+    assert dear["no_adapters"]["seconds"] > cheap["no_adapters"]["seconds"]
+    rows = cheap["adapters"]["timeline"]["rows"]
+    assert cheap["adapters"]["timeline"]["columns"] == ["s", "running", "waiting", "kv_blocks_lent", "kv_blocks_free"]
+    assert len(rows) >= int(cheap["adapters"]["seconds"]) - 1 and max(r[1] for r in rows) > 0
+    assert all(a[0] < b[0] for a, b in zip(rows, rows[1:]))

@@ -506,3 +506,23 @@ def test_a_holder_that_leaves_the_queue_unreserved_gives_its_kept_blocks_back_to
         assert seqs[1].status is SequenceStatus.WAITING and set(manager.resident()) == {"a", "c"}  # idle, cached
     finally:
         manager.shutdown()
+
+
+def test_the_slots_drained_for_a_waiting_adapter_are_the_fewest_running_until_its_image_fits():
+    """drain_for: referenced slots in order of their running sequences (fewest first, the larger
+    image first among equals) until the free bytes, the idle adapters' and the drained ones' hold
+    the waiting image; slots chosen before come first whatever their counts."""
+    manager, pools, kv = _manager(64, 4, reserve=4, sizes={"a": 16, "b": 16, "c": 32, "d": 32, "e": 48})
+    try:
+        a, b, c = (manager.reserve(name, "") for name in "abc")
+        running = {a: 3, b: 1, c: 1}
+        assert kv.lendable() == 0 and manager.spans.free_size == 0
+        assert manager.drain_for("d", running) == {c}  # b and c run one each: c's 32 elements hold d
+        assert manager.drain_for("e", running) == {c, b}  # 48: both of the single-sequence slots
+        assert manager.drain_for("d", running, draining={a}) == {a, c}  # a first, then the room it lacks
+        manager.release(b)  # b idle: its 16 elements count without draining anything for them
+        assert manager.drain_for("d", running) == {c}
+        assert manager.drain_for("e", running) == {c}
+        assert manager.drain_for("not-in-the-host-tier", running) == set()  # b's slot is free: a slot is all it needs
+    finally:
+        manager.shutdown()

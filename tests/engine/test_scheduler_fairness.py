@@ -66,6 +66,20 @@ class SteppedLoRAManager:
     def waits_for_slot(self, name: str) -> bool:
         return name not in self.names and not self.free and self.step >= self.host_ready.get(name, 0)
 
+    def slot_of(self, name: str) -> int | None:
+        return self.names.index(name) if name in self.names else None
+
+    def is_referenced(self, slot: int) -> bool:
+        return self.refs[slot] > 0
+
+    def drain_for(self, name: str, running: dict[int, int], keep=(), draining=()) -> set[int]:
+        """Slots, not bytes: nothing while an unreferenced slot not in `keep` can be had, else one
+        referenced slot, of `draining` if one is, else the one with the fewest running sequences."""
+        if any(self.names[s] is None or self.names[s] not in keep for s in self.free):
+            return set()
+        live = [s for s in range(len(self.names)) if self.refs[s] > 0]
+        return {min(live, key=lambda s: (s not in draining, running.get(s, 0)))} if live else set()
+
     def release(self, slot: int) -> None:
         self.refs[slot] -= 1
         if self.refs[slot] == 0:
@@ -420,3 +434,51 @@ def test_aged_waits_are_logged_at_most_once_a_second_with_the_rest_counted(caplo
     lines = [r.getMessage() for r in caplog.records if "steps for adapter" in r.getMessage()]
     assert len(lines) == 2
     assert "more aged" not in lines[0] and "d/ad (2 more aged since the last such line)" in lines[1]
+
+
+def hot_and_long_hold_both_slots(sim: Simulation) -> Sequence:
+    """Tenant "hot" runs short requests on its adapter, one arriving every step (several running
+    at once); tenant "long" runs one 60-token request on another: both slots referenced. Returns
+    the long request."""
+    long = sim.add("long", "ad", max_tokens=60)
+    for _ in range(LOAD_STEPS + 2):
+        sim.add("hot", "ad", max_tokens=4)
+        sim.step()
+    assert long.status is SequenceStatus.RUNNING and not sim.slots.free
+    return long
+
+
+def test_a_popular_adapter_keeps_taking_requests_while_an_aged_request_waits_for_another_slot_to_drain():
+    """An aged request waits for a slot; the slot to drain for it is the one with the fewest running
+    sequences (the long request's). The hot adapter's slot is not among them, so its new requests
+    keep being admitted during the wait, and the aged request runs once the long one ends."""
+    sim = Simulation(num_slots=2, max_num_seqs=8, max_adapter_wait_steps=10)
+    long = hot_and_long_hold_both_slots(sim)
+    small = sim.add("small", "ad", max_tokens=2)
+    hot_admitted_while_blocked = 0
+    while small.status is not SequenceStatus.FINISHED and sim.slots.step < 200:
+        hot = sim.add("hot", "ad", max_tokens=4)
+        sim.step()
+        blocked = small in sim.sched.slots.aged and small.lora_slot is None
+        hot_admitted_while_blocked += blocked and hot.seq_id in sim.admitted
+    assert sim.sched.slots.blocker is None and hot_admitted_while_blocked >= 20
+    assert long.status is SequenceStatus.FINISHED
+    # it ran within its aging, the long request's remaining decode steps and its load
+    assert sim.admitted[small.seq_id] - sim.arrived[small.seq_id] <= 10 + 60 + LOAD_STEPS + 3
+
+
+def test_an_aged_request_gets_a_seat_though_resident_adapters_requests_could_fill_them():
+    """Seats are the other half of an aged request's room: with requests riding the hot adapter
+    able to fill every seat, one seat is left while an aged request blocks or its copy is in
+    flight, so it runs as soon as its slot is ready."""
+    sim = Simulation(num_slots=2, max_num_seqs=4, max_adapter_wait_steps=10)
+    long = hot_and_long_hold_both_slots(sim)
+    small = sim.add("small", "ad", max_tokens=2)
+    while small.seq_id not in sim.admitted and sim.slots.step < 200:
+        for _ in range(3):  # more than the seats: the hot tenant alone would fill them
+            sim.add("hot", "ad", max_tokens=30)
+        sim.step()
+    assert long.status is SequenceStatus.FINISHED
+    slot_ready = sim.slots.ready_at[small.lora_slot]
+    assert sim.admitted[small.seq_id] <= slot_ready + 1
+
