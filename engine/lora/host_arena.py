@@ -188,7 +188,9 @@ class HostArena:
         """A chunk (not one another loader is growing) whose free top plus its untouched rest
         holds `numel`, within the limit; else a new chunk if the limit leaves room; else None."""
         held = sum(c.held for c in self.chunks)
-        for chunk in self.chunks:
+        # the chunk this loader is growing first: switching to another that a finished loader freed
+        # would leave the pieces it pinned so far unused by its image, pinning more than it needs
+        for chunk in sorted(self.chunks, key=lambda c: c.grower != me):
             need = numel - chunk.spans.free_at_top
             if chunk.grower in (None, me) and need <= chunk.numel - chunk.held and \
                     held + self._rounded(need) <= self.limit:

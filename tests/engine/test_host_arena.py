@@ -161,6 +161,45 @@ def test_the_pause_after_a_piece_holds_for_every_loader(monkeypatch):
     assert len(starts) == 6 and all(b - a_ >= 0.010 + 0.020 - 1e-9 for a_, b in zip(starts, starts[1:]))
 
 
+def test_a_loader_keeps_growing_its_own_chunk_when_another_loader_frees_one(monkeypatch):
+    """Loader B is growing a chunk of its own (A grows the first) when A finishes: B goes on with
+    its chunk instead of starting over on A's, so the two images pin 6 pieces, not 7."""
+    clock, pinned_by = [0.0], []
+    b_pinned, a_done = threading.Event(), threading.Event()
+
+    def register(ptr, nbytes):
+        pinned_by.append(threading.current_thread().name)
+        if threading.current_thread().name == "b":
+            b_pinned.set()
+        clock[0] += 0.010
+        return True
+
+    def sleep(seconds):
+        name = threading.current_thread().name
+        if name == "a":
+            assert b_pinned.wait(timeout=30)  # A holds its chunk until B has one of its own going
+        elif b_pinned.is_set():
+            assert a_done.wait(timeout=30)  # B pauses until A is done
+        clock[0] += seconds
+    monkeypatch.setattr(host_arena, "sleep", sleep)
+    monkeypatch.setattr(host_arena, "perf_counter", lambda: clock[0])
+    a = HostArena(torch.float32, 64 * PIECE, 8 * PIECE, pin=True, piece_bytes=PIECE, pause_s=0.0,
+                  register=register, unregister=lambda ptr: None)
+
+    def load_a():
+        a.allocate(3 * 64)
+        a_done.set()
+    first = threading.Thread(target=load_a, name="a")
+    second = threading.Thread(target=a.allocate, args=(3 * 64,), name="b")
+    first.start()
+    while not pinned_by:
+        time.sleep(0.001)
+    second.start()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert sorted(pinned_by) == ["a"] * 3 + ["b"] * 3 and len(a.chunks) == 2
+
+
 def test_after_close_an_allocation_gets_pageable_memory():
     driver = Driver()
     a = arena(driver)
