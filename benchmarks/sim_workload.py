@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="bench_engine's case d instead of the trace, as that card's run had it (h200 when "
                     "bare); it sets the heap, KV, batch, adapter and request options (docstring)")
     args = ap.parse_args(argv)
+    if args.lora_fit and not args.fit:
+        ap.error("--lora-fit needs --fit: the run without adapters would be priced by the flat costs")
     if args.case_d:
         for name, value in CASE_D.items():
             setattr(args, name, value)

@@ -73,7 +73,7 @@ class SlotPolicy:
         self._keep: tuple[int, dict[str, frozenset[str]]] = (-1, {})
         self._drains: tuple[int, dict[int, set[int]]] = (-1, {})  # (step, blocking seq_id -> slots it waits on)
         self._draining: dict[int, set[int]] = {}  # the same across steps, while those sequences are aged
-        self._headed: dict[str, tuple[int, int]] = {}  # tenant -> (its queue head's seq_id, the step it became head)
+        self._headed: dict[int, int] = {}  # seq_id -> the step it became its tenant's queue head
         self.prefetch_window = prefetch_window
         self.max_adapter_wait_steps, self.max_staged_adapters = max_adapter_wait_steps, max_staged_adapters
         self.slot_reclaim_steps = slot_reclaim_steps
@@ -133,10 +133,9 @@ class SlotPolicy:
         blocks new references (reserve_aged): when the adapter is resident and, for every blocking
         sequence, either kept from its tenant (which could not have its slot anyway) or in a slot
         it does not wait on: referenced already and, for the first of them (`blocker`, whose room
-        is made first), not among the slots it needs drained (LoRAManager.drain_for). A popular
-        adapter's slot then keeps taking requests while the slots that make room drain; blocking
-        every slot cost the trace's batches a third of their sequences, its requests waiting behind
-        resident adapters (sim_workload.py, 2026-12-07)."""
+        is made first), not among the slots chosen to drain for it (`_drain_for`). A busy
+        adapter's slot then goes on taking requests while the slots that make the room drain,
+        instead of every slot, and the batch with them, draining for one request."""
         name = seq.lora.lora_name
         slot = self.lora_manager.slot_of(name)
         if slot is None:
@@ -149,20 +148,32 @@ class SlotPolicy:
 
     def _drain_for(self, seq: Sequence) -> set[int]:
         """The slots blocking `seq` waits on (LoRAManager.drain_for), chosen once a step and kept
-        from step to step while it blocks, so that the slots it chose go on draining. Waiting
-        sequences holding a reference to one of them (the prefetch's) let it go: they would keep
-        it from draining until they ran."""
+        from step to step while it blocks, so that the slots it chose go on draining; not those
+        that aged sequences ahead of it hold (they run next). Waiting sequences holding a
+        reference to one of them (the prefetch's) let it go: they would keep it from draining
+        until they ran."""
         step = self.sched.num_steps
         if self._drains[0] != step:
             self._drains = (step, {})
         drains = self._drains[1]
         if seq.seq_id not in drains:
-            running: dict[int, int] = {}
+            # slot -> (waiting sequences holding it, decode steps its longest running one may still
+            # take): a slot that waiting requests hold is drained last (drained, its adapter is
+            # evicted from under them), then the soonest done
+            remaining: dict[int, int] = {}
             for s in self.sched.running:
                 if s.lora_slot is not None:
-                    running[s.lora_slot] = running.get(s.lora_slot, 0) + 1
-            drain = self.lora_manager.drain_for(seq.lora.lora_name, running, self._kept_from(seq.tenant),
-                                                self._draining.get(seq.seq_id, ()))
+                    left = s.params.max_tokens - len(s.output_token_ids)
+                    remaining[s.lora_slot] = max(remaining.get(s.lora_slot, 0), left)
+            waiting: dict[int, int] = {}
+            for s in self.sched.holders.values():
+                if s.lora_slot is not None:
+                    waiting[s.lora_slot] = waiting.get(s.lora_slot, 0) + 1
+            rank = {slot: (waiting.get(slot, 0), remaining.get(slot, 0)) for slot in {*remaining, *waiting}}
+            before = self.aged[:self.aged.index(seq)] if seq in self.aged else []
+            ahead = {a.lora_slot for a in before if a.lora_slot is not None and a.status is SequenceStatus.WAITING}
+            drain = self.lora_manager.drain_for(seq.lora.lora_name, rank, self._kept_from(seq.tenant),
+                                                self._draining.get(seq.seq_id, ()), ahead)
             drains[seq.seq_id] = self._draining[seq.seq_id] = drain
             for holder in [h for h in self.sched.holders.values() if h.lora_slot in drain]:
                 self.sched.release_slot(holder)
@@ -223,23 +234,24 @@ class SlotPolicy:
             return []
         since, step = self.sched.num_steps - steps, self.sched.num_steps
         heads = [self.sched.waiting[tenant][0] for tenant in self.sched.tenant_order]
-        headed = self._headed
+        headed, enqueued = self._headed, self.sched.enqueued_step
         for seq in heads:
-            if headed.get(seq.tenant, (None,))[0] != seq.seq_id:
-                headed[seq.tenant] = (seq.seq_id, step)
-        if len(headed) > 2 * len(heads) + 64:  # tenants no longer waiting
-            self._headed = headed = {seq.tenant: headed[seq.tenant] for seq in heads}
+            if headed.get(seq.seq_id, -1) < enqueued.get(seq.seq_id, step):  # new, or queued again since
+                headed[seq.seq_id] = step
+        if len(headed) > 2 * len(enqueued) + 64:  # sequences no longer waiting
+            self._headed = headed = {k: v for k, v in headed.items() if k in enqueued}
         return sorted((seq for seq in heads if seq.lora is not None and self._enqueued(seq) <= since),
-                      key=lambda seq: (headed[seq.tenant][1], self._enqueued(seq)))
+                      key=lambda seq: (headed[seq.seq_id], self._enqueued(seq)))
 
     def _enqueued(self, seq: Sequence) -> int:
         return self.sched.enqueued_step.get(seq.seq_id, self.sched.num_steps)
 
     def reserve_aged(self, out: SchedulerOutput) -> tuple[Sequence | None, bool]:
         """Reserve the aged sequences' adapters, in their order, until one finds no slot. Returns
-        the first whose slot is ready, and whether one found no slot and blocks (`_blocks`):
-        nobody behind it may then take a slot reference (not even to a resident adapter, whose
-        slot would then never drain), so the next slot that frees is its own."""
+        the first whose slot is ready, and whether one found no slot and blocks (`_blocks`): it is
+        then `blocker`, and nobody behind it takes a reference that would keep its room from
+        freeing (passes_block: not to an idle adapter, nor to a slot chosen to drain for it), so
+        the room that frees is its own. Also sets `seat_wanted` and `ready_spare` (a seat left)."""
         ready, self.blocker, self.seat_wanted, self.ready_spare = None, None, False, 0
         for seq in [s for s in self.aged if s.status is SequenceStatus.WAITING]:
             state = self.adapter_state(seq, out)
@@ -247,6 +259,8 @@ class SlotPolicy:
                 blocks = self._blocks(seq)
                 self.blocker = seq if blocks else None
                 self.seat_wanted |= blocks
+                if blocks:
+                    self._drain_for(seq)  # now, not when a rider asks: its holders let go of those slots
                 return ready, blocks
             if state == "ok" and ready is None:
                 ready, self.ready_spare = seq, int(self.seat_wanted)  # a seat for those before it
@@ -255,7 +269,7 @@ class SlotPolicy:
 
     def _reclaim(self, out: SchedulerOutput) -> None:
         """Slot-fair preemption (see the module docstring) for the first sequence without a slot,
-        aged ones then slot_reclaim_steps-old queue heads, oldest first, whose tenant some other
+        aged ones then slot_reclaim_steps-old queue heads, in that order, whose tenant some other
         tenant out-holds beyond its fair share: preempts the running sequences of that tenant's
         adapter with the fewest, drops waiting reservations of its slot, and gives the claimant
         first claim (`self.aged`) on the slot that frees."""

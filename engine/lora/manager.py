@@ -164,14 +164,16 @@ class LoRAManager:
                 self.reads.append((adapter, self.slot_events[slot]))
         return slot
 
-    def _placement(self, adapter: LoRAAdapter, keep: Collection[str] = ()) -> tuple[int, list[int], bool, int] | None:
+    def _placement(self, adapter: LoRAAdapter, keep: Collection[str] = (),
+                   drained: Collection[int] = ()) -> tuple[int, list[int], bool, int] | None:
         """(slot, slots to evict first, compact the heap then, KV blocks to borrow first) for a
         new adapter, or None while none can be had: an empty unreferenced slot, else the least
         recently used one; then the image fits in a free span, or in the top one grown by
         lendable KV blocks, or else, least recently used first, unreferenced adapters go until
         it fits in a free span, or, with compaction, until the free bytes hold it. Adapters in
-        `keep` are neither replaced nor evicted."""
-        free = [s for s in self.free_lru if self.slot_names[s] not in keep]  # an empty slot's name is None
+        `keep` are neither replaced nor evicted. `drained`: referenced slots to count as
+        unreferenced, released last (a trial for drain_for)."""
+        free = [s for s in (*self.free_lru, *drained) if self.slot_names[s] not in keep]  # an empty slot's name is None
         if not free:
             return None
         slot = next((s for s in free if self.slot_names[s] is None), free[0])
@@ -357,32 +359,41 @@ class LoRAManager:
             return False
         return self._placement(self.host[name]) is None
 
-    def drain_for(self, name: str, running: dict[int, int], keep: Collection[str] = (),
-                  draining: Collection[int] = ()) -> set[int]:
-        """The referenced slots to let drain so that adapter `name` (waiting for device room) gets a
-        slot and heap room: those of `draining` first (the ones chosen before: a choice that moved
-        with the running counts would leave every slot half drained), then the fewest running
-        sequences first (`running`, by slot: those drain soonest), larger images first among equals, until the bytes free now, those of
-        unreferenced adapters not in `keep`, the KV blocks the heap may still borrow and theirs
-        hold its image, and a slot is among them when none is unreferenced. Bytes, not spans: a
-        compaction makes the free bytes one span. An adapter not yet in the host tier counts as
-        needing only a slot. The slot policy keeps new references off these slots only, so an
-        aged request waits for the slots it needs, not for every slot to drain."""
+    def drain_for(self, name: str, rank: dict[int, tuple], keep: Collection[str] = (),
+                  draining: Collection[int] = (), held: Collection[int] = ()) -> set[int]:
+        """The referenced slots to let drain so that adapter `name` (waiting for device room) can
+        be placed as `reserve` would place it, with `keep`'s adapters neither replaced nor evicted.
+        Candidates: those of `draining` first (the ones chosen before: a choice that moved with
+        the batch would leave every slot half drained), then in the caller's order (`rank`, by
+        slot, lowest first: the slot policy's is the cheapest and soonest drained), the larger image
+        first among equals; never a slot of `held` (sequences that run next hold it) or one whose
+        adapter is in `keep` (drained, it still could not be evicted for `name`). Each candidate
+        counts as unreferenced in a trial of the placement once its bytes, the free bytes, the idle
+        adapters' and the KV blocks the heap may borrow add up to the image: bytes alone would
+        miss what a placement needs (one span without compaction, no borrowing while compacting).
+        An adapter not yet in the host tier needs a slot only. Every candidate when none of this
+        makes room."""
         adapter = self.host.get(name)
-        need = self.pools.image_numel(adapter) if adapter is not None else 0
-        evictable = [s for s in self.free_lru if self.slot_names[s] not in keep]
-        room = self.spans.free_size + sum(self.slot_spans[s][1] for s in evictable if self.slot_spans[s] is not None)
+        candidates = sorted((s for s in range(self.num_slots) if self.slot_refs[s] > 0 and s not in held
+                             and self.slot_names[s] not in keep),
+                            key=lambda s: (s not in draining, rank.get(s, ()), -(self.slot_spans[s] or (0, 0))[1]))
+        if adapter is None:
+            has_slot = any(self.slot_names[s] not in keep for s in self.free_lru)
+            return set() if has_slot or not candidates else {candidates[0]}
+        if self._placement(adapter, keep) is not None:
+            return set()
+        need = self.pools.image_numel(adapter)
+        room = self.spans.free_size + sum(self.slot_spans[s][1] for s in self.free_lru
+                                          if self.slot_spans[s] is not None and self.slot_names[s] not in keep)
         if self.kv is not None:
             room += self.kv.lendable() * self.block_numel
-        drain: set[int] = set()
-        live = sorted((s for s in range(self.num_slots) if self.slot_refs[s] > 0),
-                      key=lambda s: (s not in draining, running.get(s, 0), -(self.slot_spans[s] or (0, 0))[1]))
-        for slot in live:
-            if room >= need and (evictable or drain):
-                break
-            drain.add(slot)
+        drain: list[int] = []
+        for slot in candidates:
+            drain.append(slot)
             room += (self.slot_spans[slot] or (0, 0))[1]
-        return drain
+            if room >= need and self._placement(adapter, keep, drained=drain) is not None:
+                break
+        return set(drain)
 
     def slot_of(self, name: str) -> int | None:
         """The slot holding adapter `name` (resident or its copy in flight), if any."""

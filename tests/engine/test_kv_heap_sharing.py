@@ -508,21 +508,55 @@ def test_a_holder_that_leaves_the_queue_unreserved_gives_its_kept_blocks_back_to
         manager.shutdown()
 
 
-def test_the_slots_drained_for_a_waiting_adapter_are_the_fewest_running_until_its_image_fits():
-    """drain_for: referenced slots in order of their running sequences (fewest first, the larger
-    image first among equals) until the free bytes, the idle adapters' and the drained ones' hold
-    the waiting image; slots chosen before come first whatever their counts."""
+def test_the_slots_drained_for_a_waiting_adapter_are_the_soonest_done_until_it_can_be_placed():
+    """drain_for: referenced slots in the caller's order (the lowest rank first, the larger image
+    first among equals) until a trial placement, with them counted as idle, finds room for the
+    waiting image; slots chosen before come first whatever their rank, and a slot that sequences
+    running next hold is never drained."""
     manager, pools, kv = _manager(64, 4, reserve=4, sizes={"a": 16, "b": 16, "c": 32, "d": 32, "e": 48})
     try:
         a, b, c = (manager.reserve(name, "") for name in "abc")
-        running = {a: 3, b: 1, c: 1}
-        assert kv.lendable() == 0 and manager.spans.free_size == 0
-        assert manager.drain_for("d", running) == {c}  # b and c run one each: c's 32 elements hold d
-        assert manager.drain_for("e", running) == {c, b}  # 48: both of the single-sequence slots
-        assert manager.drain_for("d", running, draining={a}) == {a, c}  # a first, then the room it lacks
+        left = {a: (0, 30), b: (0, 5), c: (0, 5)}
+        assert kv.lendable() == 0 and manager.spans.free_size == 0 and manager.waits_for_slot("d")
+        assert manager.drain_for("d", left) == {c}  # b and c end soonest: c's 32 elements hold d
+        assert manager.drain_for("e", left) == {c, b}  # 48: both
+        assert manager.drain_for("d", left, draining={a}) == {a, c}  # a first, then the room it lacks
+        assert manager.drain_for("d", left, held={c}) == {b, a}  # c runs next: the others make the room
         manager.release(b)  # b idle: its 16 elements count without draining anything for them
-        assert manager.drain_for("d", running) == {c}
-        assert manager.drain_for("e", running) == {c}
-        assert manager.drain_for("not-in-the-host-tier", running) == set()  # b's slot is free: a slot is all it needs
+        assert manager.drain_for("d", left) == {c} and manager.drain_for("e", left) == {c}
+        assert manager.drain_for("not-in-the-host-tier", left) == set()  # b's slot is free: all it needs
+    finally:
+        manager.shutdown()
+
+
+def test_no_slot_is_drained_for_an_adapter_whose_room_bytes_alone_would_promise():
+    """Free bytes plus an idle adapter's add up to the image, yet it fits in no span and cannot
+    borrow KV blocks (the reserve keeps them), so a referenced slot must drain too: bytes alone
+    said none, and the request waited while nothing drained."""
+    manager, pools, kv = _manager(64, 8, reserve=6, sizes={"a": 16, "x": 16, "c": 32, "d": 48})
+    try:
+        a, x, c = (manager.reserve(name, "") for name in ("a", "x", "c"))
+        manager.release(x)
+        assert manager.waits_for_slot("d")
+        drain = manager.drain_for("d", {a: (0, 3), c: (0, 3)})
+        assert drain
+        for slot in drain:
+            manager.release(slot)
+        assert manager.reserve("d", "") is not None
+    finally:
+        manager.shutdown()
+
+
+def test_a_slot_whose_adapter_is_kept_from_the_waiting_tenant_is_not_drained_for_it():
+    """Drained, a kept adapter still could not be evicted for that tenant: the slots chosen are
+    others, and once they drain the waiting adapter is placed."""
+    manager, pools, kv = _manager(64, 4, reserve=4, sizes={"a": 16, "b": 16, "c": 32, "d": 32})
+    try:
+        a, b, c = (manager.reserve(name, "") for name in "abc")
+        drain = manager.drain_for("d", {a: (0, 3), b: (0, 2), c: (0, 1)}, keep={"c"})
+        assert c not in drain and drain == {b, a}
+        for slot in drain:
+            manager.release(slot)
+        assert manager.reserve("d", "", keep={"c"}) is not None
     finally:
         manager.shutdown()

@@ -24,6 +24,7 @@ class SteppedLoRAManager:
         self.step = 0
         self.loads = 0
         self.host_ready: dict[str, int] = {}
+        self.drain_calls: list[tuple[str, set[int]]] = []  # (adapter, the slots chosen before) of each drain_for
 
     def collect_loads(self) -> None:
         self.step += 1
@@ -72,13 +73,14 @@ class SteppedLoRAManager:
     def is_referenced(self, slot: int) -> bool:
         return self.refs[slot] > 0
 
-    def drain_for(self, name: str, running: dict[int, int], keep=(), draining=()) -> set[int]:
+    def drain_for(self, name: str, rank: dict[int, tuple], keep=(), draining=(), held=()) -> set[int]:
         """Slots, not bytes: nothing while an unreferenced slot not in `keep` can be had, else one
-        referenced slot, of `draining` if one is, else the one with the fewest running sequences."""
+        referenced slot outside `held` and `keep`: of `draining` if one is, else the lowest ranked."""
+        self.drain_calls.append((name, set(draining)))
         if any(self.names[s] is None or self.names[s] not in keep for s in self.free):
             return set()
-        live = [s for s in range(len(self.names)) if self.refs[s] > 0]
-        return {min(live, key=lambda s: (s not in draining, running.get(s, 0)))} if live else set()
+        live = [s for s in range(len(self.names)) if self.refs[s] > 0 and s not in held and self.names[s] not in keep]
+        return {min(live, key=lambda s: (s not in draining, rank.get(s, ())))} if live else set()
 
     def release(self, slot: int) -> None:
         self.refs[slot] -= 1
@@ -436,35 +438,36 @@ def test_aged_waits_are_logged_at_most_once_a_second_with_the_rest_counted(caplo
     assert "more aged" not in lines[0] and "d/ad (2 more aged since the last such line)" in lines[1]
 
 
-def hot_and_long_hold_both_slots(sim: Simulation) -> Sequence:
-    """Tenant "hot" runs short requests on its adapter, one arriving every step (several running
-    at once); tenant "long" runs one 60-token request on another: both slots referenced. Returns
-    the long request."""
-    long = sim.add("long", "ad", max_tokens=60)
+def busy_slots(sim: Simulation, hot_tokens: int, other_tokens: int, per_step: int = 1) -> Sequence:
+    """Tenant "other" runs one request of `other_tokens` on its adapter; tenant "hot" sends
+    `per_step` requests of `hot_tokens` a step on another: both slots referenced. Returns other's."""
+    other = sim.add("other", "ad", max_tokens=other_tokens)
     for _ in range(LOAD_STEPS + 2):
-        sim.add("hot", "ad", max_tokens=4)
+        for _ in range(per_step):
+            sim.add("hot", "ad", max_tokens=hot_tokens)
         sim.step()
-    assert long.status is SequenceStatus.RUNNING and not sim.slots.free
-    return long
+    assert other.status is SequenceStatus.RUNNING and not sim.slots.free
+    return other
 
 
-def test_a_popular_adapter_keeps_taking_requests_while_an_aged_request_waits_for_another_slot_to_drain():
-    """An aged request waits for a slot; the slot to drain for it is the one with the fewest running
-    sequences (the long request's). The hot adapter's slot is not among them, so its new requests
-    keep being admitted during the wait, and the aged request runs once the long one ends."""
-    sim = Simulation(num_slots=2, max_num_seqs=8, max_adapter_wait_steps=10)
-    long = hot_and_long_hold_both_slots(sim)
+def test_a_busy_adapter_keeps_taking_requests_while_an_aged_request_waits_for_another_slot_to_drain():
+    """An aged request waits for a slot; the slot drained for it is the one whose longest request
+    ends soonest (other's 40 tokens against hot's 80). The hot adapter's slot is not drained, so
+    its new requests keep being admitted during the wait, and the aged request runs once other's
+    request ends."""
+    sim = Simulation(num_slots=2, max_num_seqs=128, max_adapter_wait_steps=10)
+    other = busy_slots(sim, hot_tokens=80, other_tokens=40)
     small = sim.add("small", "ad", max_tokens=2)
     hot_admitted_while_blocked = 0
-    while small.status is not SequenceStatus.FINISHED and sim.slots.step < 200:
-        hot = sim.add("hot", "ad", max_tokens=4)
+    while small.status is not SequenceStatus.FINISHED and sim.slots.step < 300:
+        hot = sim.add("hot", "ad", max_tokens=80)
         sim.step()
         blocked = small in sim.sched.slots.aged and small.lora_slot is None
         hot_admitted_while_blocked += blocked and hot.seq_id in sim.admitted
-    assert sim.sched.slots.blocker is None and hot_admitted_while_blocked >= 20
-    assert long.status is SequenceStatus.FINISHED
-    # it ran within its aging, the long request's remaining decode steps and its load
-    assert sim.admitted[small.seq_id] - sim.arrived[small.seq_id] <= 10 + 60 + LOAD_STEPS + 3
+    assert other.status is SequenceStatus.FINISHED and small.status is SequenceStatus.FINISHED
+    assert hot_admitted_while_blocked >= 10
+    # it ran within its aging, other's remaining decode steps and its load
+    assert sim.admitted[small.seq_id] - sim.arrived[small.seq_id] <= 10 + 40 + LOAD_STEPS + 3
 
 
 def test_an_aged_request_gets_a_seat_though_resident_adapters_requests_could_fill_them():
@@ -472,13 +475,63 @@ def test_an_aged_request_gets_a_seat_though_resident_adapters_requests_could_fil
     able to fill every seat, one seat is left while an aged request blocks or its copy is in
     flight, so it runs as soon as its slot is ready."""
     sim = Simulation(num_slots=2, max_num_seqs=4, max_adapter_wait_steps=10)
-    long = hot_and_long_hold_both_slots(sim)
-    small = sim.add("small", "ad", max_tokens=2)
-    while small.seq_id not in sim.admitted and sim.slots.step < 200:
-        for _ in range(3):  # more than the seats: the hot tenant alone would fill them
-            sim.add("hot", "ad", max_tokens=30)
+    other = sim.add("other", "ad", max_tokens=40)
+    hot = [sim.add("hot", "ad", max_tokens=100) for _ in range(3)]
+    for _ in range(LOAD_STEPS + 2):
         sim.step()
-    assert long.status is SequenceStatus.FINISHED
+    assert all(s.status is SequenceStatus.RUNNING for s in (other, *hot)) and not sim.slots.free
+    small = sim.add("small", "ad", max_tokens=2)
+    while small.seq_id not in sim.admitted and sim.slots.step < 300:
+        for _ in range(3):  # more than the seats: the hot tenant alone would fill them
+            sim.add("hot", "ad", max_tokens=100)
+        sim.step()
+    assert other.status is SequenceStatus.FINISHED and small.seq_id in sim.admitted
     slot_ready = sim.slots.ready_at[small.lora_slot]
     assert sim.admitted[small.seq_id] <= slot_ready + 1
 
+
+def test_the_slots_chosen_to_drain_are_offered_again_while_the_request_blocks():
+    """Each step the slot policy asks the manager for the blocking request's drain set with the
+    slots it chose before, so the choice stays put as the batch changes."""
+    sim = Simulation(num_slots=2, max_num_seqs=8, max_adapter_wait_steps=10)
+    busy_slots(sim, hot_tokens=80, other_tokens=40)
+    small = sim.add("small", "ad", max_tokens=2)
+    for _ in range(30):
+        sim.add("hot", "ad", max_tokens=80)
+        sim.step()
+    asked = [chosen for name, chosen in sim.slots.drain_calls if name == "small/ad"]
+    assert len(asked) >= 10 and asked[0] == set() and all(chosen == asked[1] == {0} for chosen in asked[1:])
+
+
+def test_aged_requests_go_in_the_order_they_became_their_tenants_head():
+    """A flood's five requests, queued first, age together; a quiet tenant's request queued a step
+    later is the quiet tenant's head from then on, while each of the flood's later requests
+    heads the flood's queue only once the one before ran: the quiet request runs after the
+    flood's first, not after all five (one slot)."""
+    sim = Simulation(num_slots=1, max_num_seqs=2, max_adapter_wait_steps=2)
+    flood = [sim.add("flood", f"ad{k}", max_tokens=5) for k in range(5)]
+    sim.step()
+    quiet = sim.add("quiet", "ad", max_tokens=5)
+    run_to_completion(sim)
+    assert sim.admitted[flood[0].seq_id] < sim.admitted[quiet.seq_id] < sim.admitted[flood[2].seq_id]
+
+
+def test_a_slot_that_waiting_requests_hold_is_drained_after_one_nobody_waits_for():
+    """Busy's slot runs requests that end sooner than long's one request, but busy's queued
+    requests hold it: long's slot is the one drained for the aged request, and busy's queue keeps
+    moving meanwhile instead of its adapter being evicted from under it."""
+    sim = Simulation(num_slots=2, max_num_seqs=3, max_adapter_wait_steps=10)
+    long = sim.add("long", "ad", max_tokens=60)
+    for _ in range(LOAD_STEPS + 2):
+        sim.add("busy", "ad", max_tokens=6)
+        sim.step()
+    long_slot = long.lora_slot
+    small = sim.add("small", "ad", max_tokens=2)
+    busy = []
+    while small.seq_id not in sim.admitted and sim.slots.step < 300:
+        busy.append(sim.add("busy", "ad", max_tokens=6))
+        sim.step()
+    asked = [chosen for name, chosen in sim.slots.drain_calls if name == "small/ad"]
+    assert small.lora_slot == long_slot and long.status is SequenceStatus.FINISHED
+    assert {long_slot} in asked and all(chosen in (set(), {long_slot}) for chosen in asked)
+    assert sum(s.seq_id in sim.admitted for s in busy) >= 10  # busy's queue moved while small waited
