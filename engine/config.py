@@ -59,7 +59,8 @@ class EngineConfig:
     # tenant, at most the host tier's count); None: 2 x max_num_seqs; 0: no prefetch
     adapter_prefetch_window: int | None = None
     # aging: a tenant's oldest request with an adapter that has waited this many scheduler steps
-    # gets first claim on the next slot that frees (oldest first, one per tenant); None: no aging
+    # gets first claim on the device room that frees (one per tenant, the longest at its tenant's
+    # head first; engine.slot_policy); None: no aging
     max_adapter_wait_steps: int | None = 100
     # slot-fair preemption: a tenant's oldest request with an adapter that has waited this many
     # steps for a slot, while another tenant holds more than its fair share of the slots, gets
