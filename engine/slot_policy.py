@@ -140,10 +140,9 @@ class SlotPolicy:
         slot = self.lora_manager.slot_of(name)
         if slot is None:
             return False
-        referenced = self.lora_manager.is_referenced(slot)
-        if referenced and self.blocker is not None and slot in self._drain_for(self.blocker):
-            return False
-        return all(referenced or name in self._kept_from(a.tenant) for a in self.aged
+        if self.lora_manager.is_referenced(slot):
+            return self.blocker is None or slot not in self._drain_for(self.blocker)
+        return all(name in self._kept_from(a.tenant) for a in self.aged
                    if a.status is SequenceStatus.WAITING and a.lora_slot is None and self._blocks(a))
 
     def _drain_for(self, seq: Sequence) -> set[int]:
