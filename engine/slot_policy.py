@@ -13,11 +13,13 @@ Adapter pressure, the rules:
   prefetched loads do not evict each other from it. A slot that a running sequence
   references is never evicted (the manager evicts unreferenced slots only);
 - aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
-  steps is visited first (one per tenant, in the order they became their tenant's head), and while such a sequence waits for
-  a slot (its adapter in the host tier, no slot or heap room to be had) nobody else takes a
-  reference to an unreferenced adapter or to the referenced slots whose draining makes its room
-  (the fewest running sequences first: LoRAManager.drain_for), so the room that frees is its
-  own; other referenced slots keep taking requests; while its adapter still loads into the host tier it
+  steps is visited first (one per tenant, in the order they became their tenant's head), and
+  while such a sequence waits for a slot (its adapter in the host tier, no slot or heap room to
+  be had) nobody else takes a reference to an unreferenced adapter or to the referenced slots
+  whose draining makes its room (chosen by a trial placement, slots no waiting request holds
+  first, then the soonest done: LoRAManager.drain_for), and a seat is left to it, so the room
+  that frees is its own; other referenced slots keep taking requests; while its adapter still
+  loads into the host tier it
   holds others back only if its tenant is under its fair share and no slot is free (the slots
   then drain during the load);
 - slot-fair preemption: when a queue head has waited `slot_reclaim_steps` steps (or aged)
