@@ -9,7 +9,8 @@
 #   deps       Ray Serve, FastAPI, pydantic, boto3 into $SITE_DIR (/tmp/site): carry [".gpu"], made
 #              here first by `bash benchmarks/gpu_deps.sh prepare`; put it before the parts that need
 #              it in the same call (serve8, serve48, coldstart's Serve start)
-#   tests      pytest -m gpu over tests/engine and tests/kernels
+#   tests      pytest -m gpu over tests/engine and tests/kernels (TEST_DIRS: other paths, e.g. tests/engine
+#              where the kernels did not change since their last GPU run)
 #   kernels    bench_moe_lora.py (KERNELS_ARGS, e.g. "--presets olmoe mixtral --adapters 16" or
 #              "--paths rows split-tiles split-blocks": each LoRA path side by side)
 #   router     bench_router.py: the one-launch router against torch's softmax + top-k
@@ -51,7 +52,7 @@
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,51p' "$0"; exit 2
+  sed -n '2,52p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -98,7 +99,7 @@ part_deps() {
 part_tests() {
   # tests/deployments holds no GPU-marked test (the served path on the GPU is bench_serve's
   # greedy equality), and its modules import the openai client, which the image lacks
-  local dirs="tests/engine tests/kernels"
+  local dirs="${TEST_DIRS:-tests/engine tests/kernels}"
   timeout "${TEST_SECONDS:-500}" python3 -m pytest $dirs -m gpu -q -p no:cacheprovider -rfE \
     > "$out/gpu_tests.log" 2>&1
   echo "tests rc=$? ($dirs)"
