@@ -107,12 +107,14 @@ def make_batch(m, d, e, k, n, gen):
     return hidden, topk_weights, topk_ids.to(torch.int32), slot_ids
 
 
-def floors_ms(d, inter, e, topk_ids, slot_ids, bw):
-    """Bytes floors (ms) of the base layer and of the LoRA delta."""
+def floors_ms(d, inter, e, topk_ids, slot_ids, bw, ranks=None):
+    """Bytes floors (ms) of the base layer and of the LoRA delta (each (slot, expert) pair's factors
+    at its slot's rank: `ranks` [slots], RANK for every slot without it)."""
     experts = torch.unique(topk_ids).numel()
-    pairs = torch.unique(slot_ids[:, None].long() * e + topk_ids.long()).numel()
+    pairs = torch.unique(slot_ids[:, None].long() * e + topk_ids.long())
+    rank_sum = pairs.numel() * RANK if ranks is None else int(ranks.long()[pairs // e].sum())
     base_bytes = experts * 3 * inter * d * BYTES
-    lora_bytes = pairs * (2 * RANK * d + 2 * inter * RANK + RANK * inter + d * RANK) * BYTES
+    lora_bytes = rank_sum * (2 * d + 2 * inter + inter + d) * BYTES
     return base_bytes / bw * 1e3, lora_bytes / bw * 1e3
 
 
@@ -152,10 +154,11 @@ def run_config(preset, layer, m, n, bw, gen, paths=()):
     loop = lambda: per_adapter_loop(hidden, w_gate_up, w_down, tw, ids, lora, slots, n)  # noqa: E731
     out_base, out_virt, out_loop = base(), virt(), loop()
     base_ms, virt_ms, loop_ms = time_graph(base), time_graph(virt), time_graph(loop)
-    base_floor, lora_floor = floors_ms(d, inter, e, ids, slots, bw)
+    base_floor, lora_floor = floors_ms(d, inter, e, ids, slots, bw, lora.ranks)
     ratios, errs = path_ratios(hidden, w_gate_up, w_down, tw, ids, lora, slots, base_ms, paths, (out_base, out_loop))
     return {
-        "preset": preset, "M": m, "n": n, "slots": lora.num_slots, "base_ms": base_ms,
+        "preset": preset, "M": m, "n": n, "slots": lora.num_slots, "ranks": sorted(set(lora.ranks.tolist())),
+        "base_ms": base_ms,
         "virt_path": lora_path(m, k, inter), "path_ratios": ratios, "path_delta_errs": errs,
         "loop_ms": loop_ms, "virt_ms": virt_ms, "loop_ratio": loop_ms / base_ms,
         "virt_ratio": virt_ms / base_ms, "floor_ratio": (base_ms + lora_floor) / base_ms,
@@ -533,7 +536,8 @@ def main():
     ap.add_argument("--shared-outer", action="store_true", help="virtual / base at --tokens on the adapter "
                     "heap: per-expert adapters, and shared-outer ones with each row's shrink / once a token, exit")
     ap.add_argument("--ranks", nargs="*", type=int, default=[RANK],
-                    help="--sweep-rows: adapter ranks cycled over the slots")
+                    help="adapter ranks cycled over the slots (--sweep-rows and the virtual / base runs; "
+                    "e.g. 8 16 32 64 with --adapters 25: the workload trace's mix)")
     ap.add_argument("--block-m", nargs="*", type=int, default=[LORA_BLOCK_M],
                     help="--sweep-lora: the layouts' rows a (slot, expert) block")
     ap.add_argument("--rows-max-parts", type=int, default=0, help="the row path's most programs a row's "
@@ -575,7 +579,7 @@ def main():
     rows, t0 = [], time.time()
     for preset in args.presets:
         d, inter, e, _ = PRESETS[preset]
-        layer = make_layer(d, inter, e, max(args.adapters), gen)
+        layer = make_layer(d, inter, e, max(args.adapters), gen, tuple(args.ranks))
         for n in args.adapters:
             for m in args.tokens:
                 rows.append(run_config(preset, layer, m, n, bw, gen, args.paths))

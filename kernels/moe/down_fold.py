@@ -3,6 +3,8 @@
 T = tokens, K = top-k, row r = t * K + k, s = slot_ids[t], e = topk_ids[t, k], r_s = ranks[s],
 I = expert intermediate, D = hidden, R = the pool's largest rank.
     silu_mul_shrink:  act[r]  = silu(gate_up[r, :I]) * gate_up[r, I:]       (fp32, rounded once)
+                      where the gate/up delta came by rank slices (lora_rows_'s into), gate_up[r]
+                      is first gate_up[r] + sum_j delta[r, j] (fp32, rounded once to gate_up's dtype)
                       shrunk[r, :r_s] = act[r] @ A_down[s, e, :r_s].T        (fp32 sums of act's bf16)
     (base)            y[r]    = w[r] * act[r] @ W_down[e].T
     topk_sum:         out[t]  = sum_k y[t*K + k] + w[t*K + k] * shrunk[t*K + k].to(B) @ B_down[s, e_k, :, :r_s].T
@@ -26,15 +28,17 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.errors import expect
+from kernels.moe.lora_rows import RowPartials
 from kernels.moe.operands import factor_at
 from kernels.pdl import pdl_args
 from kernels.weights import Factor, as_factor
 
 
 @triton.jit
-def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k,
+def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, P, ranks_ptr, slot_ids_ptr, topk_ids_ptr, top_k,
                             num_slots, num_experts, num_cols, big_r, stride_xm, stride_om,
-                            BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, SLICE_R: tl.constexpr,
+                            N_SLICES: tl.constexpr, PDL: tl.constexpr):
     # Straight-line code, masks instead of branches: the A tile's address needs three dependent
     # loads (slot, expert, the factor's offset), and a branch on the rank would keep the gate/up
     # loads from being in flight beside them. A row without an adapter has rank 0: its A loads
@@ -49,6 +53,9 @@ def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_
     slot = tl.where(live, slot, 0)
     expert = tl.where(live, expert, 0)
     rank = tl.where(live, tl.minimum(tl.load(ranks_ptr + slot), big_r), 0)
+    pieces = 0
+    if N_SLICES > 0:  # the gate/up delta's rank slices this row has (P: RowPartials, P[3] its pool's R)
+        pieces = tl.cdiv(tl.where(live, tl.minimum(tl.load(ranks_ptr + slot), P[3]), 0), SLICE_R)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     la_base, la_rows = factor_at(LA, slot, expert, 0)
@@ -62,6 +69,16 @@ def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, ranks_ptr, slot_ids_
         # silu_mul's expression: gate is columns [0, I), up is columns [I, 2I) of the same row
         gate = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_xm + num_cols + offs, mask=mask, other=0.0).to(tl.float32)
+        if N_SLICES > 0:  # gate_up + its delta, rounded once to gate_up's dtype, as stored in place
+            d_gate = tl.zeros((BLOCK,), dtype=tl.float32)
+            d_up = tl.zeros((BLOCK,), dtype=tl.float32)
+            for j in tl.static_range(N_SLICES):
+                here = mask & (tl.zeros((BLOCK,), dtype=tl.int32) + j < pieces)
+                d_gate += tl.load(P[0] + row * P[1] + j * P[2] + offs, mask=here, other=0.0)
+                d_up += tl.load(P[0] + row * P[1] + j * P[2] + num_cols + offs, mask=here, other=0.0)
+            # a row without slices keeps gate_up as it is (bitwise: no + 0.0 turning -0.0 into 0.0)
+            gate = tl.where(pieces > 0, (gate + d_gate).to(x_ptr.dtype.element_ty).to(tl.float32), gate)
+            up = tl.where(pieces > 0, (up + d_up).to(x_ptr.dtype.element_ty).to(tl.float32), up)
         a = tl.load(la_base + offs[None, :] * LA[5], mask=r_ok[:, None] & mask[None, :], other=0.0)
         act = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * stride_om + offs, act, mask=mask)
@@ -130,9 +147,11 @@ def rank_block(big_r: int) -> int:
 
 def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | Tensor", ranks: Tensor,
                     slot_ids: Tensor, topk_ids: Tensor, *, block: int = 0, num_warps: int = 0,
-                    pdl_early: bool = False) -> Tensor:
+                    pdl_early: bool = False, gate_up_delta: "RowPartials | None" = None) -> Tensor:
     """out = silu(gate_up[:, :I]) * gate_up[:, I:] as `silu_mul` computes it, and each routed row's
-    down shrink from it; returns out.
+    down shrink from it; returns out. With gate_up_delta (the gate/up row launch's `into`), gate_up
+    with each row's delta added, in fp32 and rounded once to gate_up's dtype, as that launch would
+    have stored it in place; gate_up itself is not written.
 
     Semantics (see the module docstring): shrunk[r, :r_s] = out[r].float() @ la[s, e, :r_s].float().T
     summed in fp32; shrunk[r, r_s:] = 0, and all of row r zero where s or e is out of range.
@@ -146,6 +165,8 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
         pdl_early: the launch just before this one writes none of la, ranks, slot_ids and topk_ids
             (it writes gate_up: the gate/up LoRA): on a card with PDL the rows find their A tiles
             beside it (kernels/pdl.py).
+        gate_up_delta: RowPartials of [T*K, n_slices, 2I] over the gate/up pool, whose ranks are
+            `ranks` too (one MoELoRAWeights).
     """
     rows, two_i = gate_up.shape
     t, top_k = topk_ids.shape
@@ -158,6 +179,14 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
     expect(tuple(shrunk.shape) == (rows, br) and shrunk.is_contiguous() and shrunk.dtype == torch.float32,
            f"shrunk must be a contiguous fp32 [{rows}, {br}]")
     expect(tuple(slot_ids.shape) == (t,) and tuple(ranks.shape) == (num_slots,), f"slot_ids must be [{t}], ranks [{num_slots}]")
+    p, slice_r, n_slices = (shrunk, 0, 0, 0), 16, 0
+    if gate_up_delta is not None:
+        delta = gate_up_delta.buffer
+        expect(delta.dim() == 3 and delta.shape[0] == rows and delta.shape[2] == two_i and delta.stride(2) == 1
+               and delta.dtype == torch.float32, f"gate_up_delta must be an fp32 [{rows}, slices, {two_i}] with unit "
+               f"column stride, got {tuple(delta.shape)} {delta.dtype}")
+        slice_r, n_slices = gate_up_delta.slice_r, delta.shape[1]
+        p = (delta, delta.stride(0), delta.stride(1), gate_up_delta.big_r)
     if rows == 0:
         return out
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
@@ -165,9 +194,9 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
     pdl_early = pdl_early and ids is topk_ids and la is la_in
     block = block or min(1024, triton.next_power_of_2(inter), max(16, SHRINK_TILE // br))
     _silu_mul_shrink_kernel[(rows,)](
-        gate_up, out, shrunk, la.operand(), ranks, slot_ids, ids, top_k, num_slots, num_experts, inter, big_r,
-        gate_up.stride(0), out.stride(0), BLOCK=block, BLOCK_R=br, num_warps=num_warps or SHRINK_WARPS,
-        **pdl_args(gate_up.device, pdl_early))
+        gate_up, out, shrunk, la.operand(), p, ranks, slot_ids, ids, top_k, num_slots, num_experts, inter, big_r,
+        gate_up.stride(0), out.stride(0), BLOCK=block, BLOCK_R=br, SLICE_R=slice_r, N_SLICES=n_slices,
+        num_warps=num_warps or SHRINK_WARPS, **pdl_args(gate_up.device, pdl_early))
     return out
 
 

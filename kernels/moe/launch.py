@@ -24,7 +24,7 @@ from kernels.checks import check_moe_args
 from kernels.errors import expect
 from kernels.moe.expand import lora_expand
 from kernels.moe.grouped_gemm import lora_expand_tiles, lora_shrink, moe_gemm
-from kernels.moe.lora_rows import lora_rows_
+from kernels.moe.lora_rows import lora_rows_, row_partials
 from kernels.weights import SHAREABLE, Factor, MoELoRAWeights
 
 LORA_BLOCK_M = 16  # rows per (slot, expert) block: pairs hold few rows each
@@ -140,13 +140,15 @@ ROWS_TILES_GATE_UP = {"block_k": 256, "block_n": 128, "num_warps": 4, "num_stage
 ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "tile_r": 32}  # "rows-apart"
 ROWS_PROGRAMS = 1024
 ROWS_MAX_PARTS = 4
-LORA_PATHS = ("auto", "rows", "rows-apart", "split", "split-tiles", "split-blocks", "fused")
+LORA_PATHS = ("auto", "rows", "rows-inplace", "rows-apart", "split", "split-tiles", "split-blocks", "fused")
 
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
     """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS: "rows" folds the
-    down delta into the activation and top-k sum launches, kernels/moe/down_fold.py; "rows-apart"
-    gives it its own row launch, as before the fold, for A/B runs)."""
+    down delta into the activation and top-k sum launches, kernels/moe/down_fold.py, and the gate/up
+    delta into the activation's reads (lora_rows_'s into); "rows-inplace" adds the gate/up delta
+    into the GEMM's output in place, as before that, and "rows-apart" gives the down delta its own
+    row launch too, as before the fold: both for A/B runs)."""
     if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND:
         return "rows"
     return "split"
@@ -173,9 +175,9 @@ def fused_moe_triton(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     if lora is None:
         return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, None, [])
     path = lora_path(num_tokens, top_k, inter) if path == "auto" else path
-    if path in ("rows", "rows-apart"):
+    if path in ("rows", "rows-inplace", "rows-apart"):
         return moe_with_layouts(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, [], row_slots=slot_ids,
-                                fold_down=path == "rows")
+                                fold_down=path != "rows-apart", fold_gate_up=path == "rows")
     if path == "fused":
         expect(fused_path_ok(num_tokens, inter), f"the fused path takes one token and I a multiple of "
                f"{_base_config(16)['block_n']}, got {num_tokens} tokens and I = {inter}")
@@ -201,13 +203,15 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
                      topk_ids: Tensor, lora: MoELoRAWeights | None, vlays: list[VirtualLayout],
                      fused_layout: VirtualLayout | None = None, row_slots: Tensor | None = None,
                      expand: str = "auto", shared: "tuple[SharedTokens | None, SharedTokens | None] | None" = None,
-                     fold_down: bool = True) -> Tensor:
+                     fold_down: bool = True, fold_gate_up: bool = True) -> Tensor:
     """The base MoE with LoRA over each given virtual layout (one for all adapters, or one
     per adapter for the conventional per-adapter loop the benchmark compares against), or,
     given an expert-major fused_layout, base and LoRA in the same launches, or, given
     row_slots (the tokens' slot ids), LoRA by routed rows, the down delta folded into the activation
     and the top-k sum (kernels/moe/down_fold.py; fold_down=False: by its own row launch, the
-    path before the fold, for A/B runs). expand: the layouts' expand kernel,
+    path before the fold, for A/B runs), and, with fold_down, the gate/up delta by rank slices that
+    the activation adds as it reads gate_up (fold_gate_up=False: added into gate_up in place, for A/B
+    runs). expand: the layouts' expand kernel,
     "tiles", "blocks" or "auto" (by row count). shared (one layout only): the tokens on slots
     whose gate/up A, and those whose down B, every expert shares (SharedTokens): their gate/up
     shrink runs once a token and their down expand once a token, on the top-k sum."""
@@ -228,14 +232,20 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     shared_a, shared_b = shared or (None, None)
     for vlay in vlays:
         _lora_gate_up_(hidden, gate_up, lora, vlay, top_k, expand, shared_a)
+    gate_up_delta = None
     if row_slots is not None:
+        if fold_down and fold_gate_up:
+            # made after every tensor the base GEMM ahead touches: its programs may write it before they wait
+            gate_up_delta = row_partials(rows, 2 * inter, lora.gate_up_a.shape[2] // 2, hidden.device)
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
-                   a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), pdl_early=not vlays, **ROWS_TILES_GATE_UP)
+                   a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), pdl_early=not vlays, into=gate_up_delta,
+                   **ROWS_TILES_GATE_UP)
     act = hidden.new_empty(rows, inter)
     folded = None
     if row_slots is not None and fold_down:
         shrunk = torch.empty(rows, rank_block(lora.max_rank), dtype=torch.float32, device=hidden.device)
-        silu_mul_shrink(gate_up, act, shrunk, lora.down_a, lora.ranks, row_slots, topk_ids, pdl_early=True)
+        silu_mul_shrink(gate_up, act, shrunk, lora.down_a, lora.ranks, row_slots, topk_ids, pdl_early=True,
+                        gate_up_delta=gate_up_delta)
         folded = (lora.down_b, lora.ranks, shrunk, weights, row_slots, topk_ids)
     else:
         silu_mul(gate_up, act)

@@ -6,7 +6,10 @@ dtype-projection-spread[-option...]; options: partsP (programs a row), bnN / bkN
 16 / 32), strided (a and c column slices, int64 routing ids), rank0 (one slot of rank 0), bad
 (routing ids and slots out of range: those rows untouched), real (qwen3's sizes, 64 tokens,
 top-8 of 128: the GPU tests), r64 (a pool of R = 64 whose slots fall in every rank bucket of the
-kernel: 16, 32 and 64), trT (tile_r = T), onebucket (buckets=False: every row at R's tile).
+kernel: 16, 32 and 64), trT (tile_r = T), onebucket (buckets=False: every row at R's tile), into
+(the deltas by rank slice into a NaN-filled RowPartials instead of c, summed here as the activation
+sums them; slices past a row's rank must stay NaN and c untouched), act (with into, gate/up only:
+silu_mul_shrink adds the slices and its act is checked against silu * up of the fp64 gate_up).
 """
 import zlib
 
@@ -29,6 +32,9 @@ def case_names() -> list[str]:
         "fp16-down-zipf-strided-bk16", "fp32-down-uniform-rank0", "fp32-gateup-uniform-bad",
         "fp32-gateup-uniform-r64", "fp16-down-zipf-r64-parts2", "fp32-down-uniform-r64-tr16",
         "fp16-gateup-skewed-r64-tr32-bn32", "fp32-gateup-zipf-r64-onebucket",
+        "fp32-gateup-uniform-into", "fp32-gateup-uniform-r64-into", "fp16-down-zipf-r64-into-parts2",
+        "fp32-gateup-uniform-bad-into", "fp16-gateup-skewed-r64-into-bn32-strided", "fp32-down-uniform-rank0-into",
+        "fp32-gateup-zipf-r64-into-act", "fp16-gateup-uniform-r64-into-act-parts3",
     ]
 
 
@@ -116,11 +122,72 @@ def run_case(name: str) -> dict:
     from kernels.moe.lora_rows import lora_rows_
     case = build(name)
     before = case["c"].clone()
+    if "into" in name.split("-"):
+        return run_into(name, case, before)
     got = lora_rows_(case["a"], case["c"], case["la"], case["lb"], case["ranks"], case["slots"], case["ids"],
                      **case["kw"])
     res = check(case, got, before, name.split("-")[0])
     res["in_place"] = got.data_ptr() == case["c"].data_ptr()
     return res
+
+
+def live_slices(case: dict, slice_r: int) -> list[int]:
+    """The rank slices each routed row's delta takes (0 for rows left alone)."""
+    la, kw = case["la"], case["kw"]
+    big_r, top_k = la.shape[2] // kw["splits"], case["ids"].shape[1]
+    out = []
+    for row, e in enumerate(case["ids"].reshape(-1).tolist()):
+        slot = int(case["slots"][row // top_k])
+        live = 0 <= slot < la.shape[0] and 0 <= e < la.shape[1]
+        out.append(-(-min(int(case["ranks"][slot]), big_r) // slice_r) if live else 0)
+    return out
+
+
+def run_into(name: str, case: dict, before: torch.Tensor) -> dict:
+    """lora_rows_ with into: c must stay as it was, slices past a row's rank unwritten (NaN), and
+    c + the live slices (fp32, rounded once) must match the fp64 loop; with "act", silu_mul_shrink
+    adding the slices must give silu(gate) * up of that loop's gate_up."""
+    from kernels.moe.lora_rows import lora_rows_, row_partials
+    dtype_name = name.split("-")[0]
+    kw, la = case["kw"], case["la"]
+    into = row_partials(before.shape[0], before.shape[1], la.shape[2] // kw["splits"], before.device)
+    into.buffer.fill_(float("nan"))
+    lora_rows_(case["a"], case["c"], la, case["lb"], case["ranks"], case["slots"], case["ids"], **kw, into=into)
+    slices = live_slices(case, into.slice_r)
+    got = before.clone()
+    written, unwritten = [], []
+    for row, n in enumerate(slices):
+        written.append(into.buffer[row, :n])
+        unwritten.append(into.buffer[row, n:])
+        if n:
+            got[row] = (before[row].float() + into.buffer[row, :n].sum(0)).to(before.dtype)
+    res = check(case, got, before, dtype_name)
+    res.update(c_untouched=bool(torch.equal(case["c"], before)), slices=max(slices),
+               slices_finite=bool(torch.isfinite(torch.cat([w.reshape(-1) for w in written])).all()),
+               rest_unwritten=bool(torch.isnan(torch.cat([u.reshape(-1) for u in unwritten])).all()), in_place=True)
+    if "act" in name.split("-"):
+        res.update(act_check(case, into, before, dtype_name))
+    return res
+
+
+def act_check(case: dict, into, before: torch.Tensor, dtype_name: str) -> dict:
+    """silu_mul_shrink over c with the slices against silu * up of the fp64 loop's gate_up (rows
+    without slices: bitwise what silu_mul_shrink gives without them)."""
+    from kernels.moe.down_fold import rank_block, silu_mul_shrink
+    n = before.shape[1] // 2
+    s, e, big_r = case["la"].shape[0], case["la"].shape[1], case["la"].shape[2] // 2
+    gen = torch.Generator().manual_seed(1)
+    down_a = (torch.randn(s, e, big_r, n, generator=gen) * n ** -0.5).to(before.dtype)
+    shrunk = torch.empty(before.shape[0], rank_block(big_r))
+    args = (down_a, case["ranks"], case["slots"], case["ids"])
+    act = silu_mul_shrink(before, torch.empty(before.shape[0], n, dtype=before.dtype), shrunk, *args,
+                          gate_up_delta=into)
+    plain = silu_mul_shrink(before, torch.empty_like(act), shrunk.clone(), *args)
+    want_gu = rows_ref64(case, before)
+    want = torch.nn.functional.silu(want_gu[:, :n]) * want_gu[:, n:]
+    alone = torch.tensor([k == 0 for k in live_slices(case, into.slice_r)])
+    return {"act_err": rel_err(act[~alone].double(), want[~alone]), "act_bitwise": bool(torch.equal(act[alone], plain[alone])),
+            "gate_up_untouched": bool(torch.equal(before, case["c"]))}
 
 
 def main() -> None:

@@ -44,3 +44,12 @@ def test_topk_sum_refuses_mismatched_routing_ranks_and_shrink_buffer():
         topk_sum(a["y"], a["out"], K, lora(shrunk=a["shrunk"].double()))
     with pytest.raises(KernelInputError, match="y must be"):
         topk_sum(a["y"][:7], a["out"], K)
+
+
+def test_silu_mul_shrink_refuses_a_gate_up_delta_of_other_rows_columns_or_dtype():
+    from kernels.moe.lora_rows import RowPartials
+    a = _args()
+    for bad in (torch.zeros(T * K - 1, 1, 2 * I), torch.zeros(T * K, 1, 2 * I + 2), torch.zeros(T * K, 1, 2 * I).double()):
+        with pytest.raises(KernelInputError, match="gate_up_delta must be"):
+            silu_mul_shrink(a["gate_up"], a["act"], a["shrunk"], a["la"], a["ranks"], a["slots"], a["ids"],
+                            gate_up_delta=RowPartials(bad, 16, R))

@@ -61,7 +61,8 @@ def test_fused_moe_bf16_token_counts_and_topk(t, k):
 
 @pytest.mark.parametrize("t, k, path", [(64, 8, "rows"), (64, 8, "split"), (1, 8, "fused"), (1, 8, "rows"),
                                         (200, 8, "rows"), (5, 2, "split"), (64, 8, "split-tiles"),
-                                        (17, 8, "split-blocks"), (64, 8, "rows-apart")])
+                                        (17, 8, "split-blocks"), (64, 8, "rows-apart"), (64, 8, "rows-inplace"),
+                                        (40, 8, "rows"), (8, 8, "rows")])
 def test_fused_moe_bf16_each_lora_path(t, k, path):
     _check_moe(t, k, "uniform", seed=2, path=path)
 

@@ -24,6 +24,23 @@ def test_triton_rows_match_fp64(interp_results, name):
     assert res["in_place"]
 
 
+@pytest.mark.parametrize("name", [n for n in case_names() if "-into" in n])
+def test_triton_rows_into_rank_slices_write_only_live_slices_and_leave_c_alone(interp_results, name):
+    res = interp_results[name]
+    assert res["c_untouched"], f"{name}: with into, c was written"
+    assert res["slices_finite"] and res["rest_unwritten"], f"{name}: a slice past a row's rank was written"
+    if "r64" in name:
+        assert res["slices"] == 4, res  # a rank-64 row in four rank-16 programs
+
+
+@pytest.mark.parametrize("name", [n for n in case_names() if "-act" in n])
+def test_activation_adds_the_gate_up_slices_as_the_in_place_delta_would(interp_results, name):
+    res = interp_results[name]
+    assert res["act_err"] <= res["tol"], res
+    assert res["act_bitwise"], f"{name}: a row without slices changed against silu_mul_shrink without them"
+    assert res["gate_up_untouched"]
+
+
 @pytest.mark.parametrize("name", case_names())
 def test_rows_ref_matches_fp64(name):
     case = build(name)
@@ -48,6 +65,13 @@ def test_lora_rows_rejects_bad_arguments():
         lora_rows_(*args[:5], args[5][:3], args[6], a_row_div=2, splits=2)
     with pytest.raises(KernelInputError, match="scale"):
         lora_rows_(*args, a_row_div=2, splits=2, scale=torch.ones(3))
+    from kernels.moe.lora_rows import RowPartials, row_partials
+    rows, cols, big_r = args[1].shape[0], args[1].shape[1], args[2].shape[2] // 2
+    good = row_partials(rows, cols, big_r, torch.device("cpu"))
+    for into in (row_partials(rows, cols, 2 * big_r, torch.device("cpu")), row_partials(rows - 1, cols, big_r, torch.device("cpu")),
+                 RowPartials(good.buffer.half(), good.slice_r, big_r), RowPartials(good.buffer, 32, big_r)):
+        with pytest.raises(KernelInputError, match="into must be"):
+            lora_rows_(*args, a_row_div=2, splits=2, into=into)
 
 
 def _on_cpu(case: dict) -> dict:
