@@ -27,6 +27,7 @@ from engine.lora.adapter import LoRAAdapter, LoRAFactors
 from engine.models.presets import QWEN3_30B_A3B, QWEN3_235B_A22B
 import kernels.pdl
 from kernels.moe import dense_gemm
+from kernels.moe import launch as moe_launch
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_engine
     from provenance import provenance
@@ -52,9 +53,13 @@ MODES = {
     # the defaults with the dense projections' base GEMM and LoRA in one launch up to 64 tokens
     # (kernels/moe/dense_gemm.py, off by default); switched like fused_no_pdl
     "fused_dense_gemm": {},
+    # the defaults with the row path's gate/up delta added into gate_up in place (kernels/moe/launch.py
+    # "rows-inplace"), where the default writes it by rank slices for the activation to add
+    "fused_rows_inplace": {},
 }
 NO_PDL_MODES = {"fused_no_pdl"}
 DENSE_GEMM_MODES = {"fused_dense_gemm"}
+ROWS_AUTO_MODES = {"fused_rows_inplace": "rows-inplace"}
 
 
 def hf_config(shape: dict, layers: int):
@@ -386,11 +391,12 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     cases = args.cases + (["c_16"] if args.profile else [])  # the profile runs case c's adapters
     names = {n for c in cases for n in case_adapters(c, args.requests) if n}
     bases = None
-    pdl_default, fused_dense_default = kernels.pdl.ENABLED, dense_gemm.ENABLED
+    pdl_default, fused_dense_default, rows_default = kernels.pdl.ENABLED, dense_gemm.ENABLED, moe_launch.ROWS_AUTO
     for mode in args.modes:
         COMPILES.take()
         kernels.pdl.ENABLED = pdl_default and mode not in NO_PDL_MODES
         dense_gemm.ENABLED = fused_dense_default or mode in DENSE_GEMM_MODES
+        moe_launch.ROWS_AUTO = ROWS_AUTO_MODES.get(mode, rows_default)
         engine = make_engine(args, shape, layers, args.slots, mode)
         pools = engine.runner.slot_pools
         if pools is not None and args.copy_chunk_mib is not None:
@@ -410,7 +416,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         engine.shutdown()
         del engine
         free_memory()
-    kernels.pdl.ENABLED, dense_gemm.ENABLED = pdl_default, fused_dense_default
+    kernels.pdl.ENABLED, dense_gemm.ENABLED, moe_launch.ROWS_AUTO = pdl_default, fused_dense_default, rows_default
 
 
 def main_vs_transformers(args, shape: dict, results: dict) -> None:
@@ -499,7 +505,8 @@ def main() -> None:
                              "fused_eager_ahead: eager steps launched ahead too; fused_eager_prefill: no "
                              "prefill graphs; fused_eager: no graphs; loop: one MoE call per adapter; "
                              "fused_no_pdl: the defaults without programmatic dependent launch; fused_dense_gemm: "
-                             "the defaults with the dense projections' base and LoRA in one launch")
+                             "the defaults with the dense projections' base and LoRA in one launch; "
+                             "fused_rows_inplace: the row path's gate/up delta added into gate_up in place")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--triton-prefill-attention", action=argparse.BooleanOptionalAction, default=None,

@@ -141,6 +141,7 @@ ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages":
 ROWS_PROGRAMS = 1024
 ROWS_MAX_PARTS = 4
 LORA_PATHS = ("auto", "rows", "rows-inplace", "rows-apart", "split", "split-tiles", "split-blocks", "fused")
+ROWS_AUTO = "rows"  # the row path "auto" takes (benchmarks/bench_engine.py's A/B modes set another)
 
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
@@ -150,7 +151,7 @@ def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
     into the GEMM's output in place, as before that, and "rows-apart" gives the down delta its own
     row launch too, as before the fold: both for A/B runs)."""
     if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND:
-        return "rows"
+        return ROWS_AUTO
     return "split"
 
 
