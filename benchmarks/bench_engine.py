@@ -26,7 +26,7 @@ from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from engine.lora.adapter import LoRAAdapter, LoRAFactors
 from engine.models.presets import QWEN3_30B_A3B, QWEN3_235B_A22B
 import kernels.pdl
-from kernels.moe import dense_gemm
+from kernels.moe import dense_gemm, dense_launch
 from kernels.moe import launch as moe_launch
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.bench_engine
@@ -56,7 +56,11 @@ MODES = {
     # the defaults with the row path's gate/up delta added into gate_up in place (kernels/moe/launch.py
     # "rows-inplace"), where the default writes it by rank slices for the activation to add
     "fused_rows_inplace": {},
+    # the defaults with the dense projections' split-path shrink on a second stream beside cuBLAS
+    # (kernels/moe/dense_launch.py SIDE_STREAM, off by default)
+    "fused_dense_side": {},
 }
+DENSE_SIDE_MODES = {"fused_dense_side"}
 NO_PDL_MODES = {"fused_no_pdl"}
 DENSE_GEMM_MODES = {"fused_dense_gemm"}
 ROWS_AUTO_MODES = {"fused_rows_inplace": "rows-inplace"}
@@ -392,8 +396,10 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     names = {n for c in cases for n in case_adapters(c, args.requests) if n}
     bases = None
     pdl_default, fused_dense_default, rows_default = kernels.pdl.ENABLED, dense_gemm.ENABLED, moe_launch.ROWS_AUTO
+    side_default = dense_launch.SIDE_STREAM
     for mode in args.modes:
         COMPILES.take()
+        dense_launch.SIDE_STREAM = side_default or mode in DENSE_SIDE_MODES
         kernels.pdl.ENABLED = pdl_default and mode not in NO_PDL_MODES
         dense_gemm.ENABLED = fused_dense_default or mode in DENSE_GEMM_MODES
         moe_launch.ROWS_AUTO = ROWS_AUTO_MODES.get(mode, rows_default)
@@ -417,6 +423,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         del engine
         free_memory()
     kernels.pdl.ENABLED, dense_gemm.ENABLED, moe_launch.ROWS_AUTO = pdl_default, fused_dense_default, rows_default
+    dense_launch.SIDE_STREAM = side_default
 
 
 def main_vs_transformers(args, shape: dict, results: dict) -> None:
@@ -506,7 +513,8 @@ def main() -> None:
                              "prefill graphs; fused_eager: no graphs; loop: one MoE call per adapter; "
                              "fused_no_pdl: the defaults without programmatic dependent launch; fused_dense_gemm: "
                              "the defaults with the dense projections' base and LoRA in one launch; "
-                             "fused_rows_inplace: the row path's gate/up delta added into gate_up in place")
+                             "fused_rows_inplace: the row path's gate/up delta added into gate_up in place; "
+                             "fused_dense_side: the dense split path's shrink on a second stream beside cuBLAS")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--triton-prefill-attention", action=argparse.BooleanOptionalAction, default=None,

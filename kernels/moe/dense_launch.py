@@ -6,6 +6,8 @@ input width, OUT = the sum of their output sections.
     part [T, P*R] = x @ A[s].T      (per projection h: A rows [h*R, h*R + r_h) of slot s)
     out[:, section h] += part[:, h*R:h*R + r_h] @ B_h[s].T
 """
+import os
+
 import torch
 import triton
 from torch import Tensor
@@ -133,18 +135,75 @@ def lora_group_triton_(x: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Vir
             lora_group_triton_(x, out[:, lora.offset(h):lora.offset(h + 1)], lora.projection(h), layout,
                                k_splits=k_splits, shrink=shrink, expand=expand, pdl_early=pdl_early)
         return out
-    r, heads = lora.max_rank, lora.num_projections
-    rb = _rank_block(r)
     shrink = {**DENSE_SHRINK, **(shrink or {})}
-    expand = {**DENSE_EXPAND, "block_n": block_n, **(expand or {})}
     ks = k_splits or group_k_splits(num_in)
     part = shrink_partials(x, lora, ks, shrink["block_k"])[1]
-    rank_stride = lora.ranks.stride(0)
+    group_shrink(x, part, lora, layout, ks, shrink, pdl_early)
+    return group_expand_(part, out, lora, layout, {**DENSE_EXPAND, "block_n": block_n, **(expand or {})})
+
+
+def group_shrink(x: Tensor, part: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout, k_splits: int,
+                 shrink: dict, pdl_early: bool) -> None:
+    """The split path's first launch: part (shrink_partials') = x's rows @ their slots' A, summed per
+    K slice. Reads only x, the group's A and ranks, and the layout."""
     # split h: A rows [h*R, h*R + r_h) -> part cols [h*R, h*R + r_h)
-    lora_shrink(x, lora.a, part if ks > 1 else part[0], layout, lora.ranks, n=r, k=num_in,
-                splits=heads, rank_split_stride=rank_stride, k_splits=ks, block_n=rb, pdl_early=pdl_early, **shrink)
+    lora_shrink(x, lora.a, part if k_splits > 1 else part[0], layout, lora.ranks, n=lora.max_rank, k=x.shape[1],
+                splits=lora.num_projections, rank_split_stride=lora.ranks.stride(0), k_splits=k_splits,
+                block_n=_rank_block(lora.max_rank), pdl_early=pdl_early, **shrink)
+
+
+def group_expand_(part: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout, expand: dict) -> Tensor:
+    """The split path's second launch: out's sections += part's slices summed @ their slots' B, in
+    place; returns out."""
+    r = lora.max_rank
     # section h: part cols [h*R, h*R + r_h) @ B rows of section h -> out cols of section h
     lora_expand_tiles(part, lora.b, out, layout, lora.ranks, n=out.shape[1], k=r,
-                      rank_split_stride=rank_stride, a_parts=part.shape[0], sections=lora.sections,
-                      block_k=rb, **expand)
+                      rank_split_stride=lora.ranks.stride(0), a_parts=part.shape[0], sections=lora.sections,
+                      block_k=_rank_block(r), **expand)
     return out
+
+
+# The split path's shrink on a second stream beside the base GEMM (linear_group_side_): off until a
+# GPU run shows it faster (MOEPLEX_DENSE_SIDE_STREAM=1, bench_engine.py's mode fused_dense_side).
+SIDE_STREAM = os.environ.get("MOEPLEX_DENSE_SIDE_STREAM", "0") == "1"
+
+
+def side_stream_ok(x: Tensor, lora: DenseLoRAGroup, layout: VirtualLayout | None) -> bool:
+    """Whether linear_lora takes linear_group_side_: SIDE_STREAM on, CUDA, the step's layout given
+    (its alignment made once a step, not here) and the split path with one expand for the group."""
+    return (SIDE_STREAM and x.device.type == "cuda" and layout is not None and x.shape[0] > 0
+            and dense_path(x.shape[0], lora.num_projections, lora.a.stacked) == "split"
+            and group_block_n(lora.sections) > 0)
+
+
+def linear_group_side_(x: Tensor, weight: Tensor, bias: Tensor | None, lora: DenseLoRAGroup,
+                       layout: VirtualLayout) -> Tensor:
+    """F.linear(x, weight, bias) plus the group's LoRA delta, lora_group_triton_'s split path, with
+    its shrink on a second stream beside the base GEMM.
+
+    Why: the shrink reads only x, and at decode size it is a chain of dependent loads of a few
+    microseconds that waits for cuBLAS, which lets no launch after it start early (kernels/pdl.py).
+    On a stream of its own it runs while the GEMM does; the expand, which adds into the GEMM's
+    output, runs once both are done. The streams join before this returns (in a CUDA graph: a fork
+    and a join of the graph). The partial sums are made on the calling stream before the fork and
+    freed after the join, so the caching allocator hands their memory to nothing still running."""
+    main = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device)
+    ks = group_k_splits(x.shape[1])
+    part = shrink_partials(x, lora, ks, DENSE_SHRINK["block_k"])[1]
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        group_shrink(x, part, lora, layout, ks, DENSE_SHRINK, False)
+    out = torch.nn.functional.linear(x, weight, bias)
+    main.wait_stream(side)
+    return group_expand_(part, out, lora, layout, {**DENSE_EXPAND, "block_n": group_block_n(lora.sections)})
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]

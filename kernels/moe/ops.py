@@ -87,7 +87,8 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
     new output. lora or slot_ids None: the base alone.
 
     On the Triton path: cuBLAS, then the delta's launches, the first of them beside the GEMM's end on
-    a card with programmatic dependent launch (kernels/pdl.py). With kernels.moe.dense_gemm.ENABLED
+    a card with programmatic dependent launch (kernels/pdl.py); with dense_launch.SIDE_STREAM (off by
+    default) the shrink on a second stream beside cuBLAS instead (linear_group_side_). With kernels.moe.dense_gemm.ENABLED
     (off by default: slower where measured), at decode size the base GEMM, the shrink and the expand
     are one launch instead, with LoRA or without (the same base sums either way, so a token without
     an adapter stays bitwise what a call without LoRA gives)."""
@@ -102,6 +103,10 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
         sections = group.sections if group is not None else (weight.shape[0],)
         if fused_ok(x.shape[0], sections) and x.dtype == weight.dtype:
             return dense_lora_gemm(x, weight, bias, group, slot_ids if group is not None else None, layout)
+    if group is not None and use_triton(x):
+        from kernels.moe.dense_launch import linear_group_side_, side_stream_ok
+        if side_stream_ok(x, group, layout):
+            return linear_group_side_(x, weight, bias, group, layout)
     out = F.linear(x, weight, bias)
     if group is None:
         return out

@@ -236,6 +236,35 @@ def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t, fused,
     assert torch.equal(captured, eager)
 
 
+@pytest.mark.parametrize("t", [1, 40, 64, 200])
+def test_linear_lora_shrink_on_a_side_stream_equals_one_stream_eager_and_from_a_cuda_graph(t, monkeypatch):
+    """dense_launch.SIDE_STREAM: the split path's shrink on a second stream beside cuBLAS, its expand
+    after the join. The same kernels on the same inputs: the output equals the one-stream call bit
+    for bit, eagerly and replayed from a CUDA graph (the fork and join captured), and the side
+    stream's shrink saw x as it was when linear_lora was called."""
+    from kernels.moe import dense_launch
+    sections = (4096, 512, 512)
+    group, x, _, slots, _ = _qkv_case(t, sections, 70 + t)
+    slots[-1] = -1
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    weight = (torch.randn(sum(sections), x.shape[1], generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    layout = kernels.dense_lora_layout(slots, group.num_slots)
+    one_stream = kernels.linear_lora(x, weight, None, group, slots, layout)
+    monkeypatch.setattr(dense_launch, "SIDE_STREAM", True)
+    assert dense_launch.side_stream_ok(x, group, layout)
+    side = kernels.linear_lora(x, weight, None, group, slots, layout)
+    torch.cuda.synchronize()
+    assert torch.equal(side, one_stream)
+    static_x = torch.zeros_like(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.linear_lora(static_x, weight, None, group, slots, layout)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, one_stream)
+
+
 @pytest.mark.parametrize("t", [1, 16, 40, 64])
 def test_fused_dense_launch_bf16_on_the_heap_with_bias_matches_fp64_loop(t):
     """The fused dense launch (kernels/moe/dense_gemm.py) at decode sizes on the adapter heap (each
