@@ -18,7 +18,10 @@ A kernel launched with PDL here takes PDL as a compile-time value:
   the base GEMM that reads the same activations.
 In both, every program waits before it exits, even one with nothing to do, so that the launch's
 end implies the end of the one ahead of it (a PDL launch after it relies on that), and nothing is
-written before the wait (the launch ahead may still read that memory).
+written before the wait (the launch ahead may still read that memory). One exception, by the
+caller's word: the MoE row launch writing its delta into a buffer of its own (lora_rows_'s `into`)
+writes it before the wait, where the launch ahead is no PDL launch (so nothing before that one
+still runs) and touches nothing of the buffer.
 
 MOEPLEX_PDL=0 switches PDL off for A/B runs (benchmarks/bench_engine.py's mode fused_no_pdl sets
 ENABLED instead).

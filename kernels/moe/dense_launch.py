@@ -187,6 +187,8 @@ def linear_group_side_(x: Tensor, weight: Tensor, bias: Tensor | None, lora: Den
     output, runs once both are done. The streams join before this returns (in a CUDA graph: a fork
     and a join of the graph). The partial sums are made on the calling stream before the fork and
     freed after the join, so the caching allocator hands their memory to nothing still running."""
+    expect(layout.num_rows == x.shape[0] and layout.block_size == LORA_BLOCK_M,
+           f"layout is for {layout.num_rows} rows of block {layout.block_size}; x has {x.shape[0]} rows")
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
     ks = group_k_splits(x.shape[1])

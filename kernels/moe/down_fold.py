@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.errors import expect
-from kernels.moe.lora_rows import RowPartials
+from kernels.moe.lora_rows import RowPartials, row_slices
 from kernels.moe.operands import factor_at
 from kernels.pdl import pdl_args
 from kernels.weights import Factor, as_factor
@@ -186,6 +186,9 @@ def silu_mul_shrink(gate_up: Tensor, out: Tensor, shrunk: Tensor, la: "Factor | 
                and delta.dtype == torch.float32, f"gate_up_delta must be an fp32 [{rows}, slices, {two_i}] with unit "
                f"column stride, got {tuple(delta.shape)} {delta.dtype}")
         slice_r, n_slices = gate_up_delta.slice_r, delta.shape[1]
+        expect((slice_r, n_slices) == row_slices(gate_up_delta.big_r),
+               f"gate_up_delta must hold row_slices({gate_up_delta.big_r}) = {row_slices(gate_up_delta.big_r)} "
+               f"(ranks a slice, slices), got ({slice_r}, {n_slices})")
         p = (delta, delta.stride(0), delta.stride(1), gate_up_delta.big_r)
     if rows == 0:
         return out

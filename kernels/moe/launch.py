@@ -148,8 +148,8 @@ def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
     """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS: "rows" folds the
     down delta into the activation and top-k sum launches, kernels/moe/down_fold.py, and the gate/up
     delta into the activation's reads (lora_rows_'s into); "rows-inplace" adds the gate/up delta
-    into the GEMM's output in place, as before that, and "rows-apart" gives the down delta its own
-    row launch too, as before the fold: both for A/B runs)."""
+    into the GEMM's output in place, and "rows-apart" also gives the down delta its own row launch:
+    both A/B baselines)."""
     if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND:
         return ROWS_AUTO
     return "split"
@@ -236,10 +236,13 @@ def moe_with_layouts(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_wei
     gate_up_delta = None
     if row_slots is not None:
         if fold_down and fold_gate_up:
-            # made after every tensor the base GEMM ahead touches: its programs may write it before they wait
+            # the row programs write this before they wait for the base GEMM ahead: safe, since every
+            # tensor that GEMM reads or writes is still referenced here (the allocator cannot hand
+            # out their memory) and the GEMM is no PDL launch itself (nothing before it still runs)
             gate_up_delta = row_partials(rows, 2 * inter, lora.gate_up_a.shape[2] // 2, hidden.device)
         lora_rows_(hidden, gate_up, lora.gate_up_a, lora.gate_up_b, lora.ranks, row_slots, topk_ids,
-                   a_row_div=top_k, splits=2, parts=_row_parts(rows, 2), pdl_early=not vlays, into=gate_up_delta,
+                   a_row_div=top_k, splits=2, pdl_early=not vlays, into=gate_up_delta,
+                   parts=_row_parts(rows, 2 * (1 if gate_up_delta is None else gate_up_delta.buffer.shape[1])),
                    **ROWS_TILES_GATE_UP)
     act = hidden.new_empty(rows, inter)
     folded = None

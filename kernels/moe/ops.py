@@ -86,9 +86,10 @@ def linear_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora: "DenseLoRA
     of the group (lora_group_linear_'s, weight holding the group's rows side by side); returns the
     new output. lora or slot_ids None: the base alone.
 
-    On the Triton path: cuBLAS, then the delta's launches, the first of them beside the GEMM's end on
-    a card with programmatic dependent launch (kernels/pdl.py); with dense_launch.SIDE_STREAM (off by
-    default) the shrink on a second stream beside cuBLAS instead (linear_group_side_). With kernels.moe.dense_gemm.ENABLED
+    On the Triton path: cuBLAS, then the delta's launches; cuBLAS lets no launch in early, so
+    programmatic dependent launch (kernels/pdl.py) only hides the first one's launch latency. With
+    dense_launch.SIDE_STREAM (off by default) the shrink runs on a second stream beside cuBLAS
+    instead (linear_group_side_). With kernels.moe.dense_gemm.ENABLED
     (off by default: slower where measured), at decode size the base GEMM, the shrink and the expand
     are one launch instead, with LoRA or without (the same base sums either way, so a token without
     an adapter stays bitwise what a call without LoRA gives)."""

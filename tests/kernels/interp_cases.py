@@ -80,8 +80,8 @@ def case_names() -> list[str]:
               "moe-fp16-t17e10k8-skewed-shared-heap-split-blocks", "moe-fp32-t1e6k2-distinct-mixed-shared-heap-fused"]
     # the down delta by its own row launch (path "rows-apart", the row path before the down fold)
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-apart", "moe-fp32-t9e6k2-rank64-nanpad-apart"]
-    # the gate/up delta added into gate_up in place (path "rows-inplace", the row path before its
-    # rank slices went to the activation)
+    # the gate/up delta added into gate_up in place (path "rows-inplace", the A/B baseline of the
+    # rank slices the activation adds)
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-inplace", "moe-fp32-t9e6k2-rank64-nanpad-inplace"]
     # D = 200 and I = 1100 ("wide"): the down fold's activation walks I in several tiles and the
     # top-k sum D in several blocks (narrower ones for the rank-64 pool)

@@ -9,7 +9,9 @@ top-8 of 128: the GPU tests), r64 (a pool of R = 64 whose slots fall in every ra
 kernel: 16, 32 and 64), trT (tile_r = T), onebucket (buckets=False: every row at R's tile), into
 (the deltas by rank slice into a NaN-filled RowPartials instead of c, summed here as the activation
 sums them; slices past a row's rank must stay NaN and c untouched), act (with into, gate/up only:
-silu_mul_shrink adds the slices and its act is checked against silu * up of the fp64 gate_up).
+silu_mul_shrink adds the slices and its act is checked against silu * up of the fp64 gate_up, rows
+without slices bit for bit, a -0.0 among them), over (with r64: one slot's rank 72, past R = 64:
+the row launch and the activation must clamp it alike).
 """
 import zlib
 
@@ -35,6 +37,7 @@ def case_names() -> list[str]:
         "fp32-gateup-uniform-into", "fp32-gateup-uniform-r64-into", "fp16-down-zipf-r64-into-parts2",
         "fp32-gateup-uniform-bad-into", "fp16-gateup-skewed-r64-into-bn32-strided", "fp32-down-uniform-rank0-into",
         "fp32-gateup-zipf-r64-into-act", "fp16-gateup-uniform-r64-into-act-parts3",
+        "fp32-gateup-uniform-r64-into-act-over",
     ]
 
 
@@ -50,18 +53,22 @@ def build(name: str, device: str = "cpu") -> dict:
         n, k_in = (768, 2048) if splits == 2 else (2048, 768)
     ranks = [1, 8, 16, 0] if "rank0" in opts else RANKS_64 if "r64" in opts else RANKS
     s, big_r = len(ranks), max(RANKS_64 if "r64" in opts else RANKS)
+    if "over" in opts:
+        ranks = ranks[:-1] + [big_r + 8]  # past the pool's R: read as R
     ids = torch.stack([torch.randperm(e, generator=gen)[:top_k] for _ in range(t)]).to(torch.int32)
     slots = make_slot_ids(spread, t, s, gen)
     slots[0], slots[-1] = 2, -1  # a rank-16 token and one without an adapter in every case
     if "r64" in opts:
         slots[1], slots[2], slots[3] = 3, 5, 6  # ranks 17, 33 and 64: every bucket holds a row
+    if "over" in opts:
+        slots[4] = s - 1
     if "bad" in opts:
         ids[1, 0], ids[2, 1], slots[3] = e, -2, s  # dropped, as the alignment drops them
     rows = t * top_k
     a_row_div = top_k if splits == 2 else 1
     la = torch.randn(s, e, splits * big_r, k_in, generator=gen) * k_in ** -0.5
     lb = torch.randn(s, e, splits * n, big_r, generator=gen) * 0.5
-    for slot, r in enumerate(ranks):
+    for slot, r in enumerate(min(r, big_r) for r in ranks):
         for h in range(splits):
             la[slot, :, h * big_r + r:(h + 1) * big_r] = float("nan")
         lb[slot, :, :, r:] = float("nan")
@@ -95,7 +102,7 @@ def rows_ref64(case: dict, c: torch.Tensor) -> torch.Tensor:
     out = c.double().clone()
     top_k = case["ids"].shape[1]
     for t, slot in enumerate(case["slots"].tolist()):
-        r = int(case["ranks"][slot]) if 0 <= slot < la.shape[0] else 0
+        r = min(int(case["ranks"][slot]), big_r) if 0 <= slot < la.shape[0] else 0
         for kk in range(top_k if r > 0 else 0):
             row, e = t * top_k + kk, int(case["ids"][t, kk])
             if not 0 <= e < la.shape[1]:
@@ -152,7 +159,8 @@ def run_into(name: str, case: dict, before: torch.Tensor) -> dict:
     kw, la = case["kw"], case["la"]
     into = row_partials(before.shape[0], before.shape[1], la.shape[2] // kw["splits"], before.device)
     into.buffer.fill_(float("nan"))
-    lora_rows_(case["a"], case["c"], la, case["lb"], case["ranks"], case["slots"], case["ids"], **kw, into=into)
+    returned = lora_rows_(case["a"], case["c"], la, case["lb"], case["ranks"], case["slots"], case["ids"], **kw,
+                          into=into)
     slices = live_slices(case, into.slice_r)
     got = before.clone()
     written, unwritten = [], []
@@ -164,17 +172,23 @@ def run_into(name: str, case: dict, before: torch.Tensor) -> dict:
     res = check(case, got, before, dtype_name)
     res.update(c_untouched=bool(torch.equal(case["c"], before)), slices=max(slices),
                slices_finite=bool(torch.isfinite(torch.cat([w.reshape(-1) for w in written])).all()),
-               rest_unwritten=bool(torch.isnan(torch.cat([u.reshape(-1) for u in unwritten])).all()), in_place=True)
+               rest_unwritten=bool(torch.isnan(torch.cat([u.reshape(-1) for u in unwritten])).all()),
+               in_place=returned.data_ptr() == case["c"].data_ptr())
     if "act" in name.split("-"):
+        case["c_before"] = before
         res.update(act_check(case, into, before, dtype_name))
     return res
 
 
 def act_check(case: dict, into, before: torch.Tensor, dtype_name: str) -> dict:
     """silu_mul_shrink over c with the slices against silu * up of the fp64 loop's gate_up (rows
-    without slices: bitwise what silu_mul_shrink gives without them)."""
+    without slices: bit for bit what silu_mul_shrink gives without them, with a -0.0 gate in one,
+    which an added 0.0 would turn into +0.0)."""
     from kernels.moe.down_fold import rank_block, silu_mul_shrink
     n = before.shape[1] // 2
+    alone = torch.tensor([k == 0 for k in live_slices(case, into.slice_r)])
+    before = before.clone()
+    before[alone.nonzero()[0, 0], 0] = -0.0
     s, e, big_r = case["la"].shape[0], case["la"].shape[1], case["la"].shape[2] // 2
     gen = torch.Generator().manual_seed(1)
     down_a = (torch.randn(s, e, big_r, n, generator=gen) * n ** -0.5).to(before.dtype)
@@ -185,9 +199,10 @@ def act_check(case: dict, into, before: torch.Tensor, dtype_name: str) -> dict:
     plain = silu_mul_shrink(before, torch.empty_like(act), shrunk.clone(), *args)
     want_gu = rows_ref64(case, before)
     want = torch.nn.functional.silu(want_gu[:, :n]) * want_gu[:, n:]
-    alone = torch.tensor([k == 0 for k in live_slices(case, into.slice_r)])
-    return {"act_err": rel_err(act[~alone].double(), want[~alone]), "act_bitwise": bool(torch.equal(act[alone], plain[alone])),
-            "gate_up_untouched": bool(torch.equal(before, case["c"]))}
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[act.dtype]
+    return {"act_err": rel_err(act[~alone].double(), want[~alone]),
+            "act_bitwise": bool(torch.equal(act[alone].view(bits), plain[alone].view(bits))),
+            "gate_up_untouched": bool(torch.equal(case["c"], case["c_before"]))}
 
 
 def main() -> None:

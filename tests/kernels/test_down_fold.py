@@ -53,3 +53,7 @@ def test_silu_mul_shrink_refuses_a_gate_up_delta_of_other_rows_columns_or_dtype(
         with pytest.raises(KernelInputError, match="gate_up_delta must be"):
             silu_mul_shrink(a["gate_up"], a["act"], a["shrunk"], a["la"], a["ranks"], a["slots"], a["ids"],
                             gate_up_delta=RowPartials(bad, 16, R))
+    # slices other than row_slices(R)'s: some of a row's slices would be dropped
+    with pytest.raises(KernelInputError, match="gate_up_delta must hold row_slices"):
+        silu_mul_shrink(a["gate_up"], a["act"], a["shrunk"], a["la"], a["ranks"], a["slots"], a["ids"],
+                        gate_up_delta=RowPartials(torch.zeros(T * K, 2, 2 * I), 16, R))

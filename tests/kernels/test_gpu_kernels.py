@@ -236,12 +236,12 @@ def test_linear_lora_base_plus_group_delta_eager_and_from_a_cuda_graph(t, fused,
     assert torch.equal(captured, eager)
 
 
-@pytest.mark.parametrize("t", [1, 40, 64, 200])
+@pytest.mark.parametrize("t", [16, 40, 64, 200])  # the split path (padded stacks take rows up to 8 tokens)
 def test_linear_lora_shrink_on_a_side_stream_equals_one_stream_eager_and_from_a_cuda_graph(t, monkeypatch):
     """dense_launch.SIDE_STREAM: the split path's shrink on a second stream beside cuBLAS, its expand
     after the join. The same kernels on the same inputs: the output equals the one-stream call bit
-    for bit, eagerly and replayed from a CUDA graph (the fork and join captured), and the side
-    stream's shrink saw x as it was when linear_lora was called."""
+    for bit, eagerly and replayed from a CUDA graph (the fork and join captured), with x written by a
+    launch on the calling stream just before the call, which the side stream must wait for."""
     from kernels.moe import dense_launch
     sections = (4096, 512, 512)
     group, x, _, slots, _ = _qkv_case(t, sections, 70 + t)
@@ -252,13 +252,15 @@ def test_linear_lora_shrink_on_a_side_stream_equals_one_stream_eager_and_from_a_
     one_stream = kernels.linear_lora(x, weight, None, group, slots, layout)
     monkeypatch.setattr(dense_launch, "SIDE_STREAM", True)
     assert dense_launch.side_stream_ok(x, group, layout)
-    side = kernels.linear_lora(x, weight, None, group, slots, layout)
+    torch.cuda._sleep(1_000_000)  # the calling stream busy, then x's values written there
+    fresh = x * 1
+    side = kernels.linear_lora(fresh, weight, None, group, slots, layout)
     torch.cuda.synchronize()
     assert torch.equal(side, one_stream)
     static_x = torch.zeros_like(x)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = kernels.linear_lora(static_x, weight, None, group, slots, layout)
+        captured = kernels.linear_lora(static_x * 1, weight, None, group, slots, layout)
     static_x.copy_(x)
     graph.replay()
     torch.cuda.synchronize()

@@ -30,7 +30,7 @@ def test_triton_rows_into_rank_slices_write_only_live_slices_and_leave_c_alone(i
     assert res["c_untouched"], f"{name}: with into, c was written"
     assert res["slices_finite"] and res["rest_unwritten"], f"{name}: a slice past a row's rank was written"
     if "r64" in name:
-        assert res["slices"] == 4, res  # a rank-64 row in four rank-16 programs
+        assert res["slices"] == 4, res  # the pool's rank-64 rows hold four slices of 16, all written
 
 
 @pytest.mark.parametrize("name", [n for n in case_names() if "-act" in n])
