@@ -54,8 +54,9 @@ MODES = {
     # (kernels/moe/dense_gemm.py, off by default); switched like fused_no_pdl
     "fused_dense_gemm": {},
     # the defaults with the row path's gate/up delta added into gate_up in place (kernels/moe/launch.py
-    # "rows-inplace"), where the default writes it by rank slices for the activation to add
+    # "rows-inplace"), or by rank slices the activation adds ("rows"), whichever ROWS_AUTO holds
     "fused_rows_inplace": {},
+    "fused_rows_into": {},
     # the defaults with the dense projections' split-path shrink on a second stream beside cuBLAS
     # (kernels/moe/dense_launch.py SIDE_STREAM, off by default)
     "fused_dense_side": {},
@@ -63,7 +64,7 @@ MODES = {
 DENSE_SIDE_MODES = {"fused_dense_side"}
 NO_PDL_MODES = {"fused_no_pdl"}
 DENSE_GEMM_MODES = {"fused_dense_gemm"}
-ROWS_AUTO_MODES = {"fused_rows_inplace": "rows-inplace"}
+ROWS_AUTO_MODES = {"fused_rows_inplace": "rows-inplace", "fused_rows_into": "rows"}
 
 
 def hf_config(shape: dict, layers: int):
@@ -513,7 +514,8 @@ def main() -> None:
                              "prefill graphs; fused_eager: no graphs; loop: one MoE call per adapter; "
                              "fused_no_pdl: the defaults without programmatic dependent launch; fused_dense_gemm: "
                              "the defaults with the dense projections' base and LoRA in one launch; "
-                             "fused_rows_inplace: the row path's gate/up delta added into gate_up in place; "
+                             "fused_rows_inplace / fused_rows_into: the row path's gate/up delta added into "
+                             "gate_up in place / by rank slices the activation adds; "
                              "fused_dense_side: the dense split path's shrink on a second stream beside cuBLAS")
     parser.add_argument("--hf-layers", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")

@@ -13,6 +13,8 @@ fused_moe, with LoRA added where the base applies it:
 Rows of tokens without an adapter are never in the virtual layout, so they stay bitwise equal
 to a run without LoRA.
 """
+import os
+
 import torch
 import triton
 from torch import Tensor
@@ -141,15 +143,17 @@ ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages":
 ROWS_PROGRAMS = 1024
 ROWS_MAX_PARTS = 4
 LORA_PATHS = ("auto", "rows", "rows-inplace", "rows-apart", "split", "split-tiles", "split-blocks", "fused")
-ROWS_AUTO = "rows"  # the row path "auto" takes (benchmarks/bench_engine.py's A/B modes set another)
+# The row path "auto" takes: the gate/up delta added in place until the rank slices ("rows") are
+# measured on a GPU (MOEPLEX_ROWS_INTO=1 takes them; bench_engine.py's modes set either)
+ROWS_AUTO = "rows" if os.environ.get("MOEPLEX_ROWS_INTO", "0") == "1" else "rows-inplace"
 
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
-    """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS: "rows" folds the
-    down delta into the activation and top-k sum launches, kernels/moe/down_fold.py, and the gate/up
-    delta into the activation's reads (lora_rows_'s into); "rows-inplace" adds the gate/up delta
-    into the GEMM's output in place, and "rows-apart" also gives the down delta its own row launch:
-    both A/B baselines)."""
+    """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS; at decode size
+    ROWS_AUTO). The row paths: "rows-inplace" folds the down delta into the activation and top-k
+    sum launches (kernels/moe/down_fold.py) and adds the gate/up delta into the GEMM's output in
+    place; "rows" also folds the gate/up delta, by rank slices, into the activation's reads
+    (lora_rows_'s into); "rows-apart" gives the down delta its own row launch (an A/B baseline)."""
     if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND:
         return ROWS_AUTO
     return "split"

@@ -83,6 +83,12 @@ def case_names() -> list[str]:
     # the gate/up delta added into gate_up in place (path "rows-inplace", the A/B baseline of the
     # rank slices the activation adds)
     names += ["moe-fp16-t17e10k8-zipf-mixed-heap-inplace", "moe-fp32-t9e6k2-rank64-nanpad-inplace"]
+    # the gate/up delta by rank slices the activation adds (path "rows"): mixed ranks on the heap
+    # (ranks 8 / 16 / 24 / 40: slices of 16 in a pool of R = 40), rank unit 8, shared-outer slots,
+    # NaN padding past every rank, and the down fold's wide tiles
+    names += ["moe-fp32-t17e10k8-uniform-mixed-heap-into", "moe-fp16-t17e10k8-zipf-mixed-heap-u8-into",
+              "moe-fp32-t17e10k8-uniform-mixed-shared-heap-into", "moe-fp32-t9e6k2-rank64-nanpad-into",
+              "moe-fp16-t5e6k2-rank64-nanpad-wide-into", "moe-fp16-t1e10k8-skewed-mixed-heap-into"]
     # D = 200 and I = 1100 ("wide"): the down fold's activation walks I in several tiles and the
     # top-k sum D in several blocks (narrower ones for the rank-64 pool)
     names += ["moe-fp32-t5e6k2-rank64-nanpad-wide", "moe-fp16-t5e6k2-uniform-wide"]
@@ -143,6 +149,8 @@ def run_moe(name: str) -> dict:
         path = "rows-apart"
     if "inplace" in p["rest"]:
         path = "rows-inplace"
+    if "into" in p["rest"]:
+        path = "rows"
     if path == "fused" and t > 1:
         path = "auto"  # the fused launch takes one token; with more, the default path
     from kernels.moe import down_fold, launch
