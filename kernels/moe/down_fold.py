@@ -52,10 +52,11 @@ def _silu_mul_shrink_kernel(x_ptr, out_ptr, shrunk_ptr, LA, P, ranks_ptr, slot_i
     live = (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < num_experts)
     slot = tl.where(live, slot, 0)
     expert = tl.where(live, expert, 0)
-    rank = tl.where(live, tl.minimum(tl.load(ranks_ptr + slot), big_r), 0)
+    slot_rank = tl.load(ranks_ptr + slot)
+    rank = tl.where(live, tl.minimum(slot_rank, big_r), 0)
     pieces = 0
     if N_SLICES > 0:  # the gate/up delta's rank slices this row has (P: RowPartials, P[3] its pool's R)
-        pieces = tl.cdiv(tl.where(live, tl.minimum(tl.load(ranks_ptr + slot), P[3]), 0), SLICE_R)
+        pieces = tl.cdiv(tl.where(live, tl.minimum(slot_rank, P[3]), 0), SLICE_R)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     la_base, la_rows = factor_at(LA, slot, expert, 0)

@@ -330,11 +330,11 @@ def _launch(a: Tensor, c: Tensor, la: Factor, lb: Factor, ranks: Tensor, rank_sp
     block_r = max(16, triton.next_power_of_2(big_r))
     tiles = bucket_tiles(block_r, block_k, block_n, tile_r, la.shape[3], n_chunk)
     pick = lambda br: tiles[min(br, block_r)]  # noqa: E731  (buckets over block_r are never taken)
-    n_slices, slice_r, p = 0, 16, (c, 0, 0)
+    n_slices, slice_r, slice_tiles, p = 0, 16, pick(16), (c, 0, 0)  # the slice constexprs unused without partials
     if partials is not None:
         n_slices, slice_r = partials.buffer.shape[1], partials.slice_r
+        slice_tiles = bucket_tile(slice_r, block_r, block_k, block_n, tile_r, la.shape[3], n_chunk)
         p = (partials.buffer, partials.buffer.stride(0), partials.buffer.stride(1))
-    slice_tiles = bucket_tile(slice_r, block_r, block_k, block_n, tile_r, la.shape[3], n_chunk)
     _lora_rows_kernel[(rows, len(ends) * max(1, n_slices), triton.cdiv(widest, n_chunk))](
         (a, a.stride(0), a.stride(1)), la.operand(), lb.operand(), (c, c.stride(0), c.stride(1)), p,
         scale if scale is not None else ranks, ranks, slot_ids, topk_ids if topk_ids is not None else slot_ids,
