@@ -68,11 +68,19 @@ def cuda_info() -> dict:
     return info
 
 
+def switches() -> dict:
+    """The MOEPLEX_* environment variables a run saw (MOEPLEX_COMMIT aside, which names the commit):
+    kernel paths such as MOEPLEX_ROWS_INTO or MOEPLEX_PDL are read from the environment at import, so
+    the same commit measures different code with and without them."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MOEPLEX_") and k != "MOEPLEX_COMMIT"}
+
+
 def provenance(argv: list[str]) -> dict:
     """The provenance record of a benchmark run started with command line `argv`."""
     return {
         **git_state(),
         "argv": list(argv),
+        "env": switches(),
         "python": platform.python_version(),
         "torch": _version("torch"),
         "triton": _version("triton"),

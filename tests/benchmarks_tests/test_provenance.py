@@ -26,6 +26,16 @@ def test_provenance_names_commit_argv_versions_host_and_utc_date():
     assert abs((datetime.datetime.now(datetime.timezone.utc) - date).total_seconds()) < 3600
 
 
+def test_provenance_records_the_kernel_switches_from_the_environment_but_not_the_commit(monkeypatch):
+    monkeypatch.setenv("MOEPLEX_ROWS_INTO", "1")
+    monkeypatch.setenv("MOEPLEX_COMMIT", "abc123")
+    monkeypatch.setenv("UNRELATED_SETTING", "x")
+    record = prov.provenance([])
+    assert record["env"]["MOEPLEX_ROWS_INTO"] == "1"
+    assert "MOEPLEX_COMMIT" not in record["env"] and "UNRELATED_SETTING" not in record["env"]
+    assert record["commit"] == "abc123"
+
+
 def test_dirty_flag_follows_tracked_changes(tmp_path, monkeypatch):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "a.txt").write_text("one\n")
