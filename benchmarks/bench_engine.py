@@ -47,24 +47,33 @@ MODES = {
     "fused_eager": {"enforce_eager": True},  # no CUDA graphs
     # one MoE call per adapter in the batch; it syncs with the host per layer, so it runs eagerly
     "loop": {"lora_mode": "loop", "enforce_eager": True},
-    # the defaults with programmatic dependent launch off (kernels/pdl.py): not an EngineConfig
-    # field, so main_engine_cases switches it around this mode's engine
-    "fused_no_pdl": {},
-    # the defaults with the dense projections' base GEMM and LoRA in one launch up to 64 tokens
-    # (kernels/moe/dense_gemm.py, off by default); switched like fused_no_pdl
+    # The modes below are the defaults with one kernel switch changed: module settings read at each
+    # launch, not EngineConfig fields, so main_engine_cases sets them around the mode's engine
+    # (SWITCHES) and puts the defaults back after. A mode that names the switch's default value
+    # measures the defaults, which keeps a same-process A/B meaningful once a switch is turned on.
+    "fused_no_pdl": {},  # programmatic dependent launch off (kernels/pdl.py)
+    # the dense projections' base GEMM and LoRA in one launch up to 64 tokens (kernels/moe/dense_gemm.py)
     "fused_dense_gemm": {},
-    # the defaults with the row path's gate/up delta added into gate_up in place (kernels/moe/launch.py
-    # "rows-inplace"), or by rank slices the activation adds ("rows"), whichever ROWS_AUTO holds
+    # the row path's gate/up delta added into gate_up in place (kernels/moe/launch.py "rows-inplace"),
+    # or by rank slices the activation adds ("rows")
     "fused_rows_inplace": {},
     "fused_rows_into": {},
-    # the defaults with the dense projections' split-path shrink on a second stream beside cuBLAS
-    # (kernels/moe/dense_launch.py SIDE_STREAM, off by default)
+    # the dense projections' split-path shrink on a second stream beside cuBLAS (kernels/moe/dense_launch.py)
     "fused_dense_side": {},
 }
-DENSE_SIDE_MODES = {"fused_dense_side"}
-NO_PDL_MODES = {"fused_no_pdl"}
-DENSE_GEMM_MODES = {"fused_dense_gemm"}
-ROWS_AUTO_MODES = {"fused_rows_inplace": "rows-inplace", "fused_rows_into": "rows"}
+# (module, attribute) -> {mode: value}; modes not named keep the module's value at start
+SWITCHES = {
+    (kernels.pdl, "ENABLED"): {"fused_no_pdl": False},
+    (dense_gemm, "ENABLED"): {"fused_dense_gemm": True},
+    (moe_launch, "ROWS_AUTO"): {"fused_rows_inplace": "rows-inplace", "fused_rows_into": "rows"},
+    (dense_launch, "SIDE_STREAM"): {"fused_dense_side": True},
+}
+
+
+def switch_to(mode: str, defaults: dict) -> None:
+    """Set every SWITCHES setting to `mode`'s value, or to its value in `defaults`."""
+    for (module, name), by_mode in SWITCHES.items():
+        setattr(module, name, by_mode.get(mode, defaults[module, name]))
 
 
 def hf_config(shape: dict, layers: int):
@@ -396,14 +405,11 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
     cases = args.cases + (["c_16"] if args.profile else [])  # the profile runs case c's adapters
     names = {n for c in cases for n in case_adapters(c, args.requests) if n}
     bases = None
-    pdl_default, fused_dense_default, rows_default = kernels.pdl.ENABLED, dense_gemm.ENABLED, moe_launch.ROWS_AUTO
-    side_default = dense_launch.SIDE_STREAM
+    defaults = {key: getattr(*key) for key in SWITCHES}
     for mode in args.modes:
         COMPILES.take()
-        dense_launch.SIDE_STREAM = side_default or mode in DENSE_SIDE_MODES
-        kernels.pdl.ENABLED = pdl_default and mode not in NO_PDL_MODES
-        dense_gemm.ENABLED = fused_dense_default or mode in DENSE_GEMM_MODES
-        moe_launch.ROWS_AUTO = ROWS_AUTO_MODES.get(mode, rows_default)
+        switch_to(mode, defaults)
+        results.setdefault("switches", {})[mode] = {f"{m.__name__}.{n}": getattr(m, n) for m, n in SWITCHES}
         engine = make_engine(args, shape, layers, args.slots, mode)
         pools = engine.runner.slot_pools
         if pools is not None and args.copy_chunk_mib is not None:
@@ -423,8 +429,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         engine.shutdown()
         del engine
         free_memory()
-    kernels.pdl.ENABLED, dense_gemm.ENABLED, moe_launch.ROWS_AUTO = pdl_default, fused_dense_default, rows_default
-    dense_launch.SIDE_STREAM = side_default
+    switch_to("fused", defaults)
 
 
 def main_vs_transformers(args, shape: dict, results: dict) -> None:
