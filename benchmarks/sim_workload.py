@@ -41,6 +41,7 @@ borrowed), 15.2 ms a step with adapters (at most 21 sequences a step) and 17.47 
     python benchmarks/sim_workload.py --case-d h100 --pcie-gbps 46
 """
 import argparse
+import functools
 import json
 import math
 import sys
@@ -140,14 +141,54 @@ class ModelPools:
         return []
 
 
+@functools.lru_cache(maxsize=None)
+def model_spec(case_d: str | None):
+    """The shapes a run models: the trace's (SPEC), or case d's card's layers."""
+    return spec_from_hf_config(hf_config(QWEN3_30B_A3B, CASE_D_RUNS[case_d]["layers"])) if case_d else SPEC
+
+
+@functools.lru_cache(maxsize=None)
+def _factor_bytes(rank: int, targets: str, rank_unit: int, case_d: str | None) -> tuple[int, int]:
+    """(attention, experts) bytes of an adapter class's image (image_bytes' two parts)."""
+    spec = model_spec(case_d)
+    return (lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "attention") if targets != "experts" else 0,
+            lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "experts", rank_unit) if targets != "attention" else 0)
+
+
+def lora_step_bytes(scheduled: list, rank_unit: int = RANK_UNIT, case_d: str | None = None) -> int:
+    """The adapter bytes a step must read at least: each adapter in the step reads its attention
+    factors once, and its experts' factors once for every expert its tokens are routed to (tokens
+    routed uniformly at random: an adapter with t tokens in the step reaches E * (1 - (1 - k/E)^t)
+    of the E experts, top-k each). What the LoRA kernels cost at their bytes floor, where one pass
+    over each (adapter, expert) pair is all they read (no row re-reading its pair's factors)."""
+    tokens: dict[str, int] = {}
+    for seq, n in scheduled:
+        if seq.lora is not None:
+            tokens[seq.lora.lora_name] = tokens.get(seq.lora.lora_name, 0) + n
+    spec = model_spec(case_d)
+    total, e, k = 0.0, spec.num_experts, spec.top_k
+    for name, t in tokens.items():
+        attention, experts = _factor_bytes(*(CASE_D_CLASS if case_d else adapter_class(int(name[1:]))), rank_unit, case_d)
+        total += attention + experts * (1.0 - (1.0 - k / e) ** t)
+    return int(total)
+
+
+def lora_floor_seconds(args, scheduled: list) -> float:
+    """--lora-floor-gbps: a step's adapter bytes (lora_step_bytes) at that rate; 0 without it."""
+    if not args.lora_floor_gbps or all(seq.lora is None for seq, _ in scheduled):
+        return 0.0
+    return lora_step_bytes(scheduled, args.rank_unit, args.case_d) / (args.lora_floor_gbps * 1e9)
+
+
 def step_seconds(args, scheduled: list, decode_ms: float | None) -> float:
     """A step's modelled cost before heap moves: the fit's (a + b * sequences + c * tokens past one a
-    sequence) where --fit / --lora-fit give one, else the flat decode cost plus prompt tokens."""
+    sequence) where --fit / --lora-fit give one, else the flat decode cost plus prompt tokens. With
+    --lora-floor-gbps, a step with adapters costs --fit's price plus lora_floor_seconds."""
     adapters = any(seq.lora is not None for seq, _ in scheduled)
     fit = args.lora_fit if adapters and args.lora_fit else args.fit
     if fit:
         seqs, tokens = len(scheduled), sum(n for _, n in scheduled)
-        return (fit[0] + fit[1] * seqs + fit[2] * (tokens - seqs)) / 1e3
+        return (fit[0] + fit[1] * seqs + fit[2] * (tokens - seqs)) / 1e3 + lora_floor_seconds(args, scheduled)
     prefill = sum(n for seq, n in scheduled if n > 1)
     step_ms = decode_ms if decode_ms is not None else args.decode_ms + (args.lora_ms if adapters else 0.0)
     return step_ms / 1e3 + prefill * args.prefill_us_per_token * (args.prefill_lora_factor if adapters else 1.0) / 1e6
@@ -156,7 +197,7 @@ def step_seconds(args, scheduled: list, decode_ms: float | None) -> float:
 def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | None = None) -> dict:
     """decode_ms: a step's cost before prompt tokens (None: --decode-ms, plus --lora-ms with adapters)."""
     clock = Clock()
-    spec = spec_from_hf_config(hf_config(QWEN3_30B_A3B, CASE_D_RUNS[args.case_d]["layers"])) if args.case_d else SPEC
+    spec = model_spec(args.case_d)
     num_blocks, block_bytes = -(-args.kv_tokens // BLOCK), kv_block_bytes(spec, BLOCK, torch.bfloat16)
     shared = with_adapters and not args.no_sharing
     blocks = BlockManager(num_blocks, BLOCK, step_reserve(2048, BLOCK, args.max_num_seqs),
@@ -174,7 +215,7 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
                       clock=lambda: clock.now)
     pending = list(reversed(list(enumerate(trace))))
     first, last, arrived, outputs, seqs = {}, {}, {}, {}, []
-    steps, timeline, next_sample = 0, [], 1.0
+    steps, timeline, next_sample, floor_s = 0, [], 1.0, 0.0
     try:
         while pending or sched.has_unfinished():
             while pending and pending[-1][1]["t"] <= clock.now:
@@ -192,6 +233,7 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
                 continue
             moved, pools.moved_bytes = pools.moved_bytes, 0
             clock.now += step_seconds(args, out.scheduled, decode_ms) + 2 * moved / (args.hbm_gbps * 1e9)
+            floor_s += lora_floor_seconds(args, out.scheduled)
             if clock.now >= next_sample:  # the queue and the heap's borrowed blocks, once a modelled second
                 timeline.append([round(clock.now, 2), len(sched.running), sched.num_waiting, blocks.lent,
                                  blocks.num_free_blocks])
@@ -216,6 +258,7 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
             "gb_compacted": manager.stats.bytes_compacted / 1e9, "evictions": manager.stats.evictions,
             "kv_blocks_borrowed": manager.stats.kv_blocks_borrowed, "kv_blocks_returned": manager.stats.kv_blocks_returned,
             "preemptions": sum(s.num_preemptions for s in seqs),
+            **({"lora_floor_ms_a_step": 1e3 * floor_s / max(1, steps)} if args.lora_floor_gbps and with_adapters else {}),
             "timeline": {"columns": ["s", "running", "waiting", "kv_blocks_lent", "kv_blocks_free"], "rows": timeline},
             **({"adapter_wait_s_p99": pct(waits, 0.99), "adapter_wait_s_max": waits[-1]} if waits else {})}
 
@@ -246,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                     "workload_steps.py's fit of a run); replaces --decode-ms and --prefill-us-per-token")
     ap.add_argument("--lora-fit", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
                     help="the same for a step that carries adapters (with --fit)")
+    ap.add_argument("--lora-floor-gbps", type=float, default=None,
+                    help="with --fit and no --lora-fit: a step with adapters costs --fit's price plus the adapter "
+                    "bytes it must read (lora_step_bytes) at this rate (GB/s): the LoRA kernels at their bytes floor")
     ap.add_argument("--pcie-gbps", type=float, default=54.0)
     ap.add_argument("--hbm-gbps", type=float, default=3000.0)
     ap.add_argument("--case-d", nargs="?", const="h200", choices=sorted(CASE_D_RUNS), default=None,
@@ -254,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.lora_fit and not args.fit:
         ap.error("--lora-fit needs --fit: the run without adapters would be priced by the flat costs")
+    if args.lora_floor_gbps and (args.lora_fit or not args.fit):
+        ap.error("--lora-floor-gbps prices the steps with adapters as --fit's plus their bytes: give --fit, not --lora-fit")
     if args.case_d:
         for name, value in CASE_D.items():
             setattr(args, name, value)
@@ -280,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ttft_s_p99']:6.2f}/{r['ttft_s_max']:6.2f} s  tokens/step {r['tokens_per_step']:5.1f}  loads {r['slot_loads']}"
               f"  compactions {r['compactions']} ({r['gb_compacted']:.0f} GB)  preemptions {r['preemptions']}"
               f"  KV blocks borrowed/returned {r['kv_blocks_borrowed']}/{r['kv_blocks_returned']}"
+              + (f"  LoRA bytes floor {r['lora_floor_ms_a_step']:.2f} ms a step" if "lora_floor_ms_a_step" in r else "")
               + (f"  adapter wait p99/max {r['adapter_wait_s_p99']:.1f}/{r['adapter_wait_s_max']:.1f} s"
                  if "adapter_wait_s_max" in r else ""))
     print(f"goodput {results['goodput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.1f}x")

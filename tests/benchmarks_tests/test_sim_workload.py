@@ -85,3 +85,44 @@ def test_a_fitted_step_cost_grows_with_the_batch_and_the_timeline_samples_the_qu
     assert cheap["adapters"]["timeline"]["columns"] == ["s", "running", "waiting", "kv_blocks_lent", "kv_blocks_free"]
     assert len(rows) >= int(cheap["adapters"]["seconds"]) - 1 and max(r[1] for r in rows) > 0
     assert all(a[0] < b[0] for a, b in zip(rows, rows[1:]))
+
+
+def test_lora_bytes_floor_reads_attention_once_and_the_experts_its_tokens_reach():
+    """An adapter's attention factors count once a step; its experts' by the share of the 128
+    experts its tokens reach at top-8: 1/16 for one decode token, all of them for a long prompt;
+    two sequences of one adapter read its factors once."""
+    from engine.sequence import LoRARequest
+
+    class Seq:
+        def __init__(self, k: int):
+            self.lora = LoRARequest(f"w{k}", "/in-host-tier")
+
+    classes = {sim_workload.adapter_class(k): k for k in range(16)}
+    both, experts_only, attention_only = classes[(16, "both")], classes[(16, "experts")], classes[(16, "attention")]
+    attention, experts = sim_workload._factor_bytes(16, "both", 16, None)
+    assert attention > 0 and experts > 10 * attention
+    assert sim_workload.lora_step_bytes([(Seq(attention_only), 1)], 16) == attention
+    assert sim_workload.lora_step_bytes([(Seq(attention_only), 2048)], 16) == attention
+    assert sim_workload.lora_step_bytes([(Seq(experts_only), 1)], 16) == int(experts / 16)
+    assert abs(sim_workload.lora_step_bytes([(Seq(experts_only), 2048)], 16) - experts) <= 1
+    two = sim_workload.lora_step_bytes([(Seq(both), 1), (Seq(both), 1)], 16)
+    assert two == int(attention + experts * (1 - (120 / 128) ** 2)) < 2 * (attention + experts / 16)
+
+
+def test_steps_priced_at_the_lora_bytes_floor_cost_more_than_the_plain_fit_and_less_at_a_higher_rate(tmp_path):
+    fit = ["--heap-gb", "60", "--fit", "9", "0.25", "0.02"]
+    plain = _run(tmp_path, *fit)
+    slow = _run(tmp_path, *fit, "--lora-floor-gbps", "500")
+    fast = _run(tmp_path, *fit, "--lora-floor-gbps", "4000")
+    assert slow["no_adapters"]["seconds"] == fast["no_adapters"]["seconds"] == plain["no_adapters"]["seconds"]
+    assert slow["adapters"]["lora_floor_ms_a_step"] > fast["adapters"]["lora_floor_ms_a_step"] > 0
+    assert "lora_floor_ms_a_step" not in plain["adapters"] and "lora_floor_ms_a_step" not in slow["no_adapters"]
+    assert slow["adapters"]["seconds"] > fast["adapters"]["seconds"] > plain["adapters"]["seconds"]
+
+
+def test_lora_floor_needs_the_plain_fit_and_replaces_the_lora_fit():
+    import pytest
+    for argv in (["--lora-floor-gbps", "4000"], ["--fit", "9", "0.25", "0.02", "--lora-fit", "9", "0.25", "0.02",
+                                                  "--lora-floor-gbps", "4000"]):
+        with pytest.raises(SystemExit):
+            sim_workload.main(argv)
