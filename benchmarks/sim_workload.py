@@ -4,8 +4,8 @@ time on them, not a measurement.
 
 What is real: the Scheduler (admission, prefetch, aging, slot-fair preemption), the BlockManager,
 the LoRAManager (slots, LRU eviction, first-fit spans, compaction) and each adapter's image size
-at Qwen3-30B-A3B shapes (SlotPools' layout: experts at the rank rounded up to 16, attention at its
-rank). What is modelled: a step costs `--decode-ms` plus `--lora-ms` when it carries an adapter,
+at Qwen3-30B-A3B shapes (SlotPools' layout: experts at the rank rounded up to `--rank-unit`, attention
+at its rank). What is modelled: a step costs `--decode-ms` plus `--lora-ms` when it carries an adapter,
 plus `--prefill-us-per-token` per prompt token it computes (times `--prefill-lora-factor` in a step
 with adapters); a slot copy lands after its bytes at
 `--pcie-gbps`, one copy at a time; a compaction costs its moved bytes twice (read and write) at
@@ -21,8 +21,15 @@ trace"): decode step 17.6 ms, 21.0 ms with adapters, 2048 prompt tokens ~60 ms.
 sequences + C * tokens past one a sequence), without and with adapters: a step's cost then grows
 with its batch, which the flat costs above leave out. The H200 run of 2026-12-06 (b1b9aba):
 
-    python benchmarks/sim_workload.py --rate 10.07 --heap-gb 53.53 --prefix-caching \
+    python benchmarks/sim_workload.py --rate 10.07 --heap-gb 53.53 --prefix-caching \\
         --fit 8.94 0.247 0.0204 --lora-fit 13.79 0.258 0.0295
+
+`--lora-floor-gbps G` (with `--fit`, instead of `--lora-fit`) prices a step with adapters as the plain
+fit plus the adapter bytes the step must read at G GB/s (lora_step_bytes): what the trace would give
+with the LoRA kernels at their bytes floor.
+
+    python benchmarks/sim_workload.py --rate 10.07 --heap-gb 53.53 --prefix-caching \\
+        --fit 8.94 0.247 0.0204 --lora-floor-gbps 4000
 
 Each run's JSON holds a timeline (running, waiting, KV blocks lent and free, once a modelled second).
 
