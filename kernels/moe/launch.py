@@ -143,19 +143,24 @@ ROWS_TILES_DOWN = {"block_k": 128, "block_n": 128, "num_warps": 4, "num_stages":
 ROWS_PROGRAMS = 1024
 ROWS_MAX_PARTS = 4
 LORA_PATHS = ("auto", "rows", "rows-inplace", "rows-apart", "split", "split-tiles", "split-blocks", "fused")
-# The row path "auto" takes: the gate/up delta added in place until the rank slices ("rows") are
-# measured on a GPU (MOEPLEX_ROWS_INTO=1 takes them; bench_engine.py's modes set either)
+# The row path "auto" takes past one token: the gate/up delta added in place. The rank slices
+# ("rows"; MOEPLEX_ROWS_INTO=1 takes them at every size) measured no better there: H100, qwen3
+# n = 16, virtual / base at M = 8 / 32 / 64 1.08 / 1.11 / 1.12 against in place 1.08 / 1.10 / 1.11,
+# and the engine's decode step with 16 adapters at batch 64 19.34 against 19.26 ms (2026-12-07).
 ROWS_AUTO = "rows" if os.environ.get("MOEPLEX_ROWS_INTO", "0") == "1" else "rows-inplace"
+# At one token the slices win: the row launch then runs wholly beside the base GEMM, which at M = 1
+# is short enough for that to show (same run: 1.17 against 1.21)
+ROWS_ONE_TOKEN = "rows"
 
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
     """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS; at decode size
-    ROWS_AUTO). The row paths: "rows-inplace" folds the down delta into the activation and top-k
+    ROWS_AUTO, at one token ROWS_ONE_TOKEN). The row paths: "rows-inplace" folds the down delta into the activation and top-k
     sum launches (kernels/moe/down_fold.py) and adds the gate/up delta into the GEMM's output in
     place; "rows" also folds the gate/up delta, by rank slices, into the activation's reads
     (lora_rows_'s into); "rows-apart" gives the down delta its own row launch (an A/B baseline)."""
     if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND:
-        return ROWS_AUTO
+        return ROWS_ONE_TOKEN if num_tokens == 1 else ROWS_AUTO
     return "split"
 
 

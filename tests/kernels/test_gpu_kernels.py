@@ -310,9 +310,10 @@ def test_fused_dense_launch_bf16_on_the_heap_with_bias_matches_fp64_loop(t):
 @pytest.mark.parametrize("t", [1, 8, 64])
 def test_decode_step_captures_in_cuda_graph(t, rows, monkeypatch):
     """No host sync in the forward: alignment and all launches capture and replay, with either row
-    path at decode size (launch.ROWS_AUTO)."""
+    path at decode size (launch.ROWS_AUTO, and ROWS_ONE_TOKEN at one token)."""
     from kernels.moe import launch
     monkeypatch.setattr(launch, "ROWS_AUTO", rows)
+    monkeypatch.setattr(launch, "ROWS_ONE_TOKEN", rows)
     gen, cpu_gen = _gens(9)
     args = make_moe(gen, t, D, INTER, E, 8, torch.bfloat16, "cuda")
     lora = make_moe_lora(gen, len(RANKS), E, D, INTER, RANKS, torch.bfloat16, "cuda")
