@@ -55,7 +55,7 @@ MODES = {
     # the dense projections' base GEMM and LoRA in one launch up to 64 tokens (kernels/moe/dense_gemm.py)
     "fused_dense_gemm": {},
     # the row path's gate/up delta added into gate_up in place (kernels/moe/launch.py "rows-inplace"),
-    # or by rank slices the activation adds ("rows")
+    # or by rank slices the activation adds ("rows"), at every decode size one token included
     "fused_rows_inplace": {},
     "fused_rows_into": {},
     # the dense projections' split-path shrink on a second stream beside cuBLAS (kernels/moe/dense_launch.py)
@@ -66,6 +66,7 @@ SWITCHES = {
     (kernels.pdl, "ENABLED"): {"fused_no_pdl": False},
     (dense_gemm, "ENABLED"): {"fused_dense_gemm": True},
     (moe_launch, "ROWS_AUTO"): {"fused_rows_inplace": "rows-inplace", "fused_rows_into": "rows"},
+    (moe_launch, "ROWS_ONE_TOKEN"): {"fused_rows_inplace": "rows-inplace", "fused_rows_into": "rows"},
     (dense_launch, "SIDE_STREAM"): {"fused_dense_side": True},
 }
 

@@ -167,7 +167,9 @@ def lora_step_bytes(scheduled: list, rank_unit: int = RANK_UNIT, case_d: str | N
     factors once, and its experts' factors once for every expert its tokens are routed to (tokens
     routed uniformly at random: an adapter with t tokens in the step reaches E * (1 - (1 - k/E)^t)
     of the E experts, top-k each). What the LoRA kernels cost at their bytes floor, where one pass
-    over each (adapter, expert) pair is all they read (no row re-reading its pair's factors)."""
+    over each (adapter, expert) pair is all they read (no row re-reading its pair's factors). The
+    experts count at the heap image's rank (rounded up to rank_unit): with the unit at 16 a rank-8
+    adapter counts twice the bytes the kernels, which mask loads past its rank, read."""
     tokens: dict[str, int] = {}
     for seq, n in scheduled:
         if seq.lora is not None:

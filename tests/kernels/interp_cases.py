@@ -89,6 +89,9 @@ def case_names() -> list[str]:
     names += ["moe-fp32-t17e10k8-uniform-mixed-heap-into", "moe-fp16-t17e10k8-zipf-mixed-heap-u8-into",
               "moe-fp32-t17e10k8-uniform-mixed-shared-heap-into", "moe-fp32-t9e6k2-rank64-nanpad-into",
               "moe-fp16-t5e6k2-rank64-nanpad-wide-into", "moe-fp16-t1e10k8-skewed-mixed-heap-into"]
+    # one token takes the rank slices by default (launch.ROWS_ONE_TOKEN): with shared-outer slots,
+    # and a token with no adapter ("bare": slot -1), bitwise the base
+    names += ["moe-fp32-t1e6k2-distinct-mixed-shared-heap", "moe-fp16-t1e10k8-skewed-mixed-heap-bare"]
     # D = 200 and I = 1100 ("wide"): the down fold's activation walks I in several tiles and the
     # top-k sum D in several blocks (narrower ones for the rank-64 pool)
     names += ["moe-fp32-t5e6k2-rank64-nanpad-wide", "moe-fp16-t5e6k2-uniform-wide"]
@@ -139,6 +142,8 @@ def run_moe(name: str) -> dict:
         lora.shared_halves |= "flagged" in p["rest"]
     slots = make_slot_ids(spread, t, len(ranks), gen)
     slots[0] = 1  # at least one token with an adapter
+    if "bare" in p["rest"]:
+        slots.fill_(-1)  # none: the base output, bit for bit
     import kernels
     from kernels.moe.launch import fused_moe_triton
     base = kernels.fused_moe(*args)
