@@ -428,7 +428,7 @@ def main_engine_cases(args, shape: dict, results: dict) -> None:
         run_mode(args, engine, mode, results)
         results.setdefault("engine_stats", {})[mode] = engine.stats()
         engine.shutdown()
-        del engine
+        del engine, pools  # the pools hold the heap and KV buffers: the next engine plans its memory after
         free_memory()
     switch_to("fused", defaults)
 
