@@ -61,12 +61,13 @@ MODES = {
     # the dense projections' split-path shrink on a second stream beside cuBLAS (kernels/moe/dense_launch.py)
     "fused_dense_side": {},
 }
+ROW_MODES = {"fused_rows_inplace": "rows-inplace", "fused_rows_into": "rows"}  # past one token and at one
 # (module, attribute) -> {mode: value}; modes not named keep the module's value at start
 SWITCHES = {
     (kernels.pdl, "ENABLED"): {"fused_no_pdl": False},
     (dense_gemm, "ENABLED"): {"fused_dense_gemm": True},
-    (moe_launch, "ROWS_AUTO"): {"fused_rows_inplace": "rows-inplace", "fused_rows_into": "rows"},
-    (moe_launch, "ROWS_ONE_TOKEN"): {"fused_rows_inplace": "rows-inplace", "fused_rows_into": "rows"},
+    (moe_launch, "ROWS_AUTO"): ROW_MODES,
+    (moe_launch, "ROWS_ONE_TOKEN"): ROW_MODES,
     (dense_launch, "SIDE_STREAM"): {"fused_dense_side": True},
 }
 

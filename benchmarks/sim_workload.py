@@ -92,12 +92,25 @@ CASE_D_RUNS = {"h200": {"layers": 48, "heap_gb": 65.61, "none_ms": 17.1, "lora_m
                "h100": {"layers": 35, "heap_gb": 24.35, "none_ms": 17.47, "lora_ms": 15.2}}
 
 
-def image_bytes(rank: int, targets: str, rank_unit: int = RANK_UNIT, spec=SPEC) -> int:
-    """The heap image of an adapter of this class (engine.memory.lora_slot_bytes, bf16);
-    rank_unit: what the experts' rank rounds up to (EngineConfig.lora_rank_unit, 16 or 8)."""
-    attention = lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "attention") if targets != "experts" else 0
-    experts = lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "experts", rank_unit) if targets != "attention" else 0
-    return attention + experts
+def image_bytes(rank: int, targets: str, rank_unit: int = RANK_UNIT, case_d: str | None = None) -> int:
+    """The heap image of an adapter of this class (engine.memory.lora_slot_bytes, bf16) at the shapes
+    the run models (model_spec); rank_unit: what the experts' rank rounds up to
+    (EngineConfig.lora_rank_unit, 16 or 8)."""
+    return sum(factor_bytes(rank, targets, rank_unit, case_d))
+
+
+@functools.lru_cache(maxsize=None)
+def model_spec(case_d: str | None):
+    """The shapes a run models: the trace's (SPEC), or case d's card's layers."""
+    return spec_from_hf_config(hf_config(QWEN3_30B_A3B, CASE_D_RUNS[case_d]["layers"])) if case_d else SPEC
+
+
+@functools.lru_cache(maxsize=None)
+def factor_bytes(rank: int, targets: str, rank_unit: int, case_d: str | None) -> tuple[int, int]:
+    """(attention, experts): the two parts of an adapter class's image (image_bytes)."""
+    spec = model_spec(case_d)
+    return (lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "attention") if targets != "experts" else 0,
+            lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "experts", rank_unit) if targets != "attention" else 0)
 
 
 class Clock:
@@ -148,20 +161,6 @@ class ModelPools:
         return []
 
 
-@functools.lru_cache(maxsize=None)
-def model_spec(case_d: str | None):
-    """The shapes a run models: the trace's (SPEC), or case d's card's layers."""
-    return spec_from_hf_config(hf_config(QWEN3_30B_A3B, CASE_D_RUNS[case_d]["layers"])) if case_d else SPEC
-
-
-@functools.lru_cache(maxsize=None)
-def _factor_bytes(rank: int, targets: str, rank_unit: int, case_d: str | None) -> tuple[int, int]:
-    """(attention, experts) bytes of an adapter class's image (image_bytes' two parts)."""
-    spec = model_spec(case_d)
-    return (lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "attention") if targets != "experts" else 0,
-            lora_slot_bytes(spec, rank, torch.bfloat16, "bytes", "experts", rank_unit) if targets != "attention" else 0)
-
-
 def lora_step_bytes(scheduled: list, rank_unit: int = RANK_UNIT, case_d: str | None = None) -> int:
     """The adapter bytes a step must read at least: each adapter in the step reads its attention
     factors once, and its experts' factors once for every expert its tokens are routed to (tokens
@@ -177,7 +176,7 @@ def lora_step_bytes(scheduled: list, rank_unit: int = RANK_UNIT, case_d: str | N
     spec = model_spec(case_d)
     total, e, k = 0.0, spec.num_experts, spec.top_k
     for name, t in tokens.items():
-        attention, experts = _factor_bytes(*(CASE_D_CLASS if case_d else adapter_class(int(name[1:]))), rank_unit, case_d)
+        attention, experts = factor_bytes(*(CASE_D_CLASS if case_d else adapter_class(int(name[1:]))), rank_unit, case_d)
         total += attention + experts * (1.0 - (1.0 - k / e) ** t)
     return int(total)
 
@@ -191,13 +190,13 @@ def lora_floor_seconds(args, scheduled: list) -> float:
 
 def step_seconds(args, scheduled: list, decode_ms: float | None) -> float:
     """A step's modelled cost before heap moves: the fit's (a + b * sequences + c * tokens past one a
-    sequence) where --fit / --lora-fit give one, else the flat decode cost plus prompt tokens. With
-    --lora-floor-gbps, a step with adapters costs --fit's price plus lora_floor_seconds."""
+    sequence) where --fit / --lora-fit give one, else the flat decode cost plus prompt tokens
+    (--lora-floor-gbps adds lora_floor_seconds to --fit's price: simulate)."""
     adapters = any(seq.lora is not None for seq, _ in scheduled)
     fit = args.lora_fit if adapters and args.lora_fit else args.fit
     if fit:
         seqs, tokens = len(scheduled), sum(n for _, n in scheduled)
-        return (fit[0] + fit[1] * seqs + fit[2] * (tokens - seqs)) / 1e3 + lora_floor_seconds(args, scheduled)
+        return (fit[0] + fit[1] * seqs + fit[2] * (tokens - seqs)) / 1e3
     prefill = sum(n for seq, n in scheduled if n > 1)
     step_ms = decode_ms if decode_ms is not None else args.decode_ms + (args.lora_ms if adapters else 0.0)
     return step_ms / 1e3 + prefill * args.prefill_us_per_token * (args.prefill_lora_factor if adapters else 1.0) / 1e6
@@ -216,7 +215,7 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
     manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1,
                           kv=blocks if shared else None, block_numel=block_bytes // 2)
     for k in range(args.adapters):  # every adapter already in the host tier, as bench_workload installs them
-        numel = image_bytes(*(CASE_D_CLASS if args.case_d else adapter_class(k)), args.rank_unit, spec) // 2
+        numel = image_bytes(*(CASE_D_CLASS if args.case_d else adapter_class(k)), args.rank_unit, args.case_d) // 2
         manager.host[f"w{k}"] = LoRAAdapter(f"w{k}", packed=torch.empty(1, dtype=torch.bfloat16).expand(numel))
     max_len = args.prompt_range[1] + args.output_range[1] + 16
     sched = Scheduler(args.max_num_seqs, 2048, blocks, manager if with_adapters else None, max_len,
@@ -241,8 +240,9 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
                 clock.now = min(pending[-1][1]["t"], clock.now + 0.005) if pending else clock.now + 0.005
                 continue
             moved, pools.moved_bytes = pools.moved_bytes, 0
-            clock.now += step_seconds(args, out.scheduled, decode_ms) + 2 * moved / (args.hbm_gbps * 1e9)
-            floor_s += lora_floor_seconds(args, out.scheduled)
+            floor = lora_floor_seconds(args, out.scheduled)  # 0 without --lora-floor-gbps (which needs --fit)
+            floor_s += floor
+            clock.now += step_seconds(args, out.scheduled, decode_ms) + floor + 2 * moved / (args.hbm_gbps * 1e9)
             if clock.now >= next_sample:  # the queue and the heap's borrowed blocks, once a modelled second
                 timeline.append([round(clock.now, 2), len(sched.running), sched.num_waiting, blocks.lent,
                                  blocks.num_free_blocks])

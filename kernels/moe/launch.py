@@ -155,9 +155,9 @@ ROWS_ONE_TOKEN = "rows"
 
 def lora_path(num_tokens: int, top_k: int, inter: int) -> str:
     """Which path computes the LoRA delta of a layer of this size (see LORA_PATHS; at decode size
-    ROWS_AUTO, at one token ROWS_ONE_TOKEN). The row paths: "rows-inplace" folds the down delta into the activation and top-k
-    sum launches (kernels/moe/down_fold.py) and adds the gate/up delta into the GEMM's output in
-    place; "rows" also folds the gate/up delta, by rank slices, into the activation's reads
+    ROWS_AUTO, at one token ROWS_ONE_TOKEN). The row paths: "rows-inplace" folds the down delta into
+    the activation and top-k sum launches (kernels/moe/down_fold.py) and adds the gate/up delta into
+    the GEMM's output in place; "rows" also folds the gate/up delta, by rank slices, into the activation's reads
     (lora_rows_'s into); "rows-apart" gives the down delta its own row launch (an A/B baseline)."""
     if num_tokens * top_k <= ROWS_MAX_ROWS and 2 * inter <= ROWS_MAX_EXPAND:
         return ROWS_ONE_TOKEN if num_tokens == 1 else ROWS_AUTO

@@ -99,7 +99,7 @@ def test_lora_bytes_floor_reads_attention_once_and_the_experts_its_tokens_reach(
 
     classes = {sim_workload.adapter_class(k): k for k in range(16)}
     both, experts_only, attention_only = classes[(16, "both")], classes[(16, "experts")], classes[(16, "attention")]
-    attention, experts = sim_workload._factor_bytes(16, "both", 16, None)
+    attention, experts = sim_workload.factor_bytes(16, "both", 16, None)
     assert attention > 0 and experts > 10 * attention
     assert sim_workload.lora_step_bytes([(Seq(attention_only), 1)], 16) == attention
     assert sim_workload.lora_step_bytes([(Seq(attention_only), 2048)], 16) == attention
