@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import ray
 from ray import serve
@@ -35,7 +36,8 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
     with_job_env([replica_options, ingress_options], starts_ray, job_env)
     server = serve.deployment(LLMServer, name="LLMServer").options(**replica_options)
     ingress = Ingress.options(**ingress_options)
-    return ingress.bind(server.bind(args), args)
+    # one `created` for the base model's card, whichever ingress replica answers
+    return ingress.bind(server.bind(args), args, int(time.time()))
 
 
 def with_job_env(all_options: list[dict], starts_ray: bool, job_env: dict) -> None:

@@ -143,9 +143,11 @@ def _map_engine_error(exc: BaseException) -> APIError | None:
 _PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
 
 
-def request_validation_error(errors: list[dict]) -> BadRequestError:
+def request_validation_error(errors: list[dict], content_type: str | None = None) -> BadRequestError:
     """The 400 for FastAPI's first request validation error: what is wrong and where, in the
-    request's own terms (`messages[0].content`), never pydantic's prefixes or JSON offsets."""
+    request's own terms (`messages[0].content`), never pydantic's prefixes or JSON offsets.
+    content_type: the request's header, for a JSON body sent under another type (FastAPI then
+    hands the route the raw bytes, which pydantic reports as "not an object")."""
     first = errors[0] if errors else {}
     kind, loc = first.get("type"), tuple(first.get("loc", ()))
     if kind == "json_invalid":  # FastAPI puts the offset where a field's name would go
@@ -158,15 +160,22 @@ def request_validation_error(errors: list[dict]) -> BadRequestError:
         return BadRequestError("the request body is empty; send a JSON object",
                                code="invalid_request_body")
     if not where and kind == "model_attributes_type":
+        media = (content_type or "").split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            return BadRequestError(f"the request body must be sent as JSON, with the header "
+                                   f"Content-Type: application/json (got {content_type or 'none'!r})",
+                                   code="invalid_content_type")
         return BadRequestError("the request body must be a JSON object",
                                code="invalid_request_body")
     message = str(first.get("msg") or "invalid request")
     for prefix in _PYDANTIC_PREFIXES:
         message = message.removeprefix(prefix)
+    cause = (first.get("ctx") or {}).get("error")
     if not where:  # a model validator's error: a FieldError names its field, its message too
-        cause = (first.get("ctx") or {}).get("error")
         return BadRequestError(message, code="invalid_request_body",
                                param=cause.field if isinstance(cause, FieldError) else None)
+    if isinstance(cause, FieldError) and cause.field:  # a nested object's validator (messages[0]) names its field
+        where = f"{where}.{cause.field}"
     return BadRequestError(f"{where}: {message}", code="invalid_request_body", param=where)
 
 

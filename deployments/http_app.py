@@ -87,4 +87,4 @@ async def _validation_error(request: Request, exc: RequestValidationError):
             auth.tenant_of(request.headers)
         except APIError as refused:
             return refused.response()
-    return request_validation_error(list(exc.errors())).response()
+    return request_validation_error(list(exc.errors()), request.headers.get("content-type")).response()

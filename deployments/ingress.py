@@ -19,12 +19,14 @@ import ray
 from ray import serve
 
 from adapter_store.errors import AdapterNotFoundError, InvalidNameError
+from adapter_store.validate import load_base_model
 
 from deployments.adapter_routes import AdapterRoutes
 from deployments.args import AppArgs
 from deployments.auth import TENANT_HEADER
 from deployments.choices import choice_payloads, collect_choices, first_items, merged_events
-from deployments.errors import BadRequestError, NotFoundError, ServiceUnavailableError, to_api_error
+from deployments.errors import (BadRequestError, NotFoundError, ServiceUnavailableError, UnprocessableError,
+                                 to_api_error)
 from deployments.http_app import api
 from deployments.http_guards import (bound_direct_ingress_receive, default_max_body_bytes,
                                      map_large_allocations)
@@ -51,7 +53,7 @@ def _in_ray_actor() -> bool:
 @serve.deployment
 @serve.ingress(api)
 class Ingress(AdapterRoutes):
-    def __init__(self, llm, args: AppArgs):
+    def __init__(self, llm, args: AppArgs, created: int | None = None):
         from deployments.auth import TenantAuth
         from deployments.hot_adapters import HotAdapters
         from deployments.limits import TenantLimiter
@@ -66,7 +68,7 @@ class Ingress(AdapterRoutes):
                               response_serialization="pickle")
         self._llm = llm
         self._args = args
-        self._started = int(time.time())  # the base model card's `created`
+        self._started = created or int(time.time())  # the base model card's `created` (build_app's time)
         self._ready_answer: tuple[float, dict] | None = None  # (when, an engine replica's ready())
         self._ready_call: asyncio.Future | None = None
         self._clock = time.monotonic
@@ -81,6 +83,7 @@ class Ingress(AdapterRoutes):
         self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
         self._hot = HotAdapters(args.hot_adapter_share, args.max_engine_replicas())
         self._base_dir = ensure_model(args, config_only=True)  # uploads are checked against it
+        self._base_fingerprint = load_base_model(self._base_dir)[1]["fingerprint"]
         self._upload_limits = args.store_limits(self._base_dir)
         self.max_body_bytes = args.max_request_body_bytes or default_max_body_bytes(args.max_model_len)
         self.api_docs = args.api_docs if args.api_docs is not None else args.api_keys is None
@@ -150,8 +153,26 @@ class Ingress(AdapterRoutes):
         else:
             tenant = self._auth.tenant_of(request.headers)
             adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
-        cards = [self._base_card()] + [self._adapter_card(a.name, a) for a in adapters]
+        base = self._args.model_name()
+        # an adapter stored under the base model's name (the store's CLI does not know the served
+        # name) is reached as '<base>:<name>'; one made for another base model is not listed
+        cards = [self._base_card()] + [self._adapter_card(f"{base}:{a.name}" if a.name == base else a.name, a)
+                                       for a in adapters if self._fits_base(a)]
         return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+    def _fits_base(self, info) -> bool:
+        """Whether the adapter was validated against a checkpoint of the served model's shapes (an
+        adapter stored without the record, by an older store, is taken to fit)."""
+        made_for = (info.manifest or {}).get("base_model") or {}
+        return made_for.get("fingerprint", self._base_fingerprint) == self._base_fingerprint
+
+    def _other_base(self, model: str, info) -> UnprocessableError:
+        made_for = (info.manifest or {}).get("base_model") or {}
+        return UnprocessableError(
+            f"adapter {model!r} was made for another base model ({made_for.get('name', 'unnamed')}, "
+            f"{made_for.get('model_type', 'of another family')}) than the one served here "
+            f"({self._args.model_name()!r}); upload a version trained on this one",
+            code="adapter_base_mismatch", param="model")
 
     @api.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> dict:
@@ -168,6 +189,8 @@ class Ingress(AdapterRoutes):
             raise self._unknown_model(model) from exc
         if tenant is None and not info.shared:  # no tenant named: the shared adapters only, as in the list
             raise self._unknown_model(model)
+        if not self._fits_base(info):
+            raise self._other_base(model, info)
         return self._adapter_card(model, info).model_dump()
 
     def _base_card(self) -> ModelCard:
@@ -380,6 +403,8 @@ class Ingress(AdapterRoutes):
                                   f"adapter: {exc}", code="invalid_model", param="model") from exc
         except AdapterNotFoundError as exc:
             raise self._unknown_model(model) from exc
+        if not self._fits_base(info):  # refused here: the replica would fail to load it
+            raise self._other_base(model, info)
         return info.ref
 
     def _adapter_ref(self, model: str) -> str | None:

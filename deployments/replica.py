@@ -154,9 +154,14 @@ class LLMServer:
             max_tokens = max(1, room) if request.get("messages") is not None else COMPLETION_MAX_TOKENS
         if max_tokens > room:  # refused, as by OpenAI and vLLM, rather than cut short at the context's end
             field = request.get("max_tokens_field", "max_tokens")
+            context = (f"this model's context is {self._args.max_model_len} tokens and the prompt "
+                       f"takes {len(prompt)}")
+            if request.get("max_tokens") is None:  # the client sent none: say which default did not fit
+                raise InvalidRequestError(
+                    f"{context}, leaving {room} for output, less than the {max_tokens} a completion "
+                    f"gets when {field} is not given; send {field} of at most {room}", field)
             raise InvalidRequestError(
-                f"{field}={max_tokens} is too large: this model's context is "
-                f"{self._args.max_model_len} tokens and the prompt takes {len(prompt)} "
+                f"{field}={max_tokens} is too large: {context} "
                 f"({max_tokens} > {self._args.max_model_len} - {len(prompt)}); ask for at most {room}",
                 field)
         return prompt, self._sampling_params(request, max_tokens)

@@ -144,6 +144,14 @@ class _SamplingFields(_Body):
             raise ValueError(f"{info.field_name} must be token ids >= 0")
         return value
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_type(cls, value):
+        # pydantic would name only the first type it tried ("should be a valid string")
+        if not (value is None or isinstance(value, (str, list))):
+            raise ValueError("stop must be a string or a list of strings")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
@@ -256,6 +264,15 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool message's answer to one of them
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        # as OpenAI's: only an assistant's turn that calls tools may leave content out; a user
+        # message without it would otherwise reach the template as an empty turn
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            needs = "content or tool_calls" if self.role == "assistant" else "content"
+            raise FieldError("content", f"{'an' if self.role == 'assistant' else 'a'} {self.role} message needs {needs}")
+        return self
 
     def for_template(self) -> dict:
         """The message as chat templates take it (text content; an assistant's tool calls and a

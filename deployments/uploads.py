@@ -73,7 +73,13 @@ def _bounded(request: Request, limit: int) -> Request:
 
 def _files_by_name(parts: list) -> dict[str, UploadFile]:
     files = [p for p in parts if isinstance(p, UploadFile)]
-    by_name = {Path(f.filename or "").name: f for f in files}
+    names = [Path(f.filename or "").name for f in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BadRequestError(
+            f"file(s) {twice} sent more than once: send each of {list(REQUIRED_FILES)} once in the "
+            "repeated `files` field", code="duplicate_file", param="files")
+    by_name = dict(zip(names, files))
     unexpected = sorted(set(by_name) - set(REQUIRED_FILES))
     if unexpected:
         raise BadRequestError(

@@ -93,7 +93,11 @@ def test_malformed_completion_fields_are_400_before_the_replica(client, fields):
     ("/v1/completions", {"prompt": "hello \ud800"}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udc00"}]}, "messages[0].content"),
-], ids=["prompt_int", "prompt_mixed_list", "stop_int", "prompt_surrogate", "content_int", "content_surrogate"])
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]},
+     "messages[1].content"),
+], ids=["prompt_int", "prompt_mixed_list", "stop_int", "prompt_surrogate", "content_int", "content_surrogate",
+        "user_content_missing", "assistant_without_content_or_calls"])
 def test_a_malformed_field_is_named_in_param_as_the_request_spelt_it(client, path, fields, param):
     """param is the client's field, never the type pydantic tried for it ("prompt.str")."""
     body = {"model": "base", "max_tokens": 4, **({"prompt": "hello"} if "completions" == path[4:] else {}), **fields}
@@ -153,6 +157,71 @@ def test_weights_with_a_non_string_metadata_are_refused_at_upload(client, ingres
     error = _assert_openai_error(_upload(client, src), 422, "invalid_request_error")
     assert error["code"] == "bad_safetensors" and "__metadata__" in error["message"]
     assert ingress._store.list_adapters("acme") == []
+
+
+def test_a_json_body_sent_as_text_plain_is_400_naming_the_content_type(client):
+    body = json.dumps({"model": "base", "prompt": "hello", "max_tokens": 2})
+    response = client.post("/v1/completions", content=body, headers={**HEADERS, "Content-Type": "text/plain"})
+    error = _assert_openai_error(response, 400, "invalid_request_error")
+    assert error["code"] == "invalid_content_type" and "application/json" in error["message"]
+    assert "text/plain" in error["message"]
+
+
+def test_a_stop_of_the_wrong_type_is_400_naming_both_types_it_takes(client):
+    error = _assert_openai_error(_post_json(client, "/v1/completions", {"model": "base", "prompt": "hi", "stop": 123}),
+                                 400, "invalid_request_error")
+    assert error["param"] == "stop" and "a string or a list of strings" in error["message"]
+
+
+def test_a_json_array_body_is_400_saying_an_object_is_needed(client):
+    response = client.post("/v1/completions", content="[1, 2]", headers={**HEADERS, "Content-Type": "application/json"})
+    error = _assert_openai_error(response, 400, "invalid_request_error")
+    assert error["code"] == "invalid_request_body" and "must be a JSON object" in error["message"]
+
+
+def test_a_file_sent_twice_in_an_upload_is_400_naming_it(client, ingress, tiny_adapter):
+    src = tiny_adapter("qwen3_moe", "per_expert", rank=4)
+    files = [("files", (name, (src / name).read_bytes())) for name in (CONFIG, CONFIG, WEIGHTS)]
+    response = client.post("/v1/adapters", headers=HEADERS, data={"name": "ad"}, files=files)
+    error = _assert_openai_error(response, 400, "invalid_request_error")
+    assert error["code"] == "duplicate_file" and repr([CONFIG]) in error["message"]
+    assert ingress._store.list_adapters("acme") == []
+
+
+def test_an_adapter_named_like_the_served_model_is_refused_at_upload(client, ingress, tiny_adapter):
+    src = tiny_adapter("qwen3_moe", "per_expert", rank=4)
+    files = [("files", (name, (src / name).read_bytes())) for name in (CONFIG, WEIGHTS)]
+    response = client.post("/v1/adapters", headers=HEADERS, data={"name": "base"}, files=files)
+    error = _assert_openai_error(response, 400, "invalid_request_error")
+    assert error["code"] == "reserved_name" and error["param"] == "name"
+    assert ingress._store.list_adapters("acme") == []
+
+
+def test_an_adapter_stored_under_the_served_models_name_is_listed_by_the_id_that_reaches_it(
+        client, ingress, tiny_adapter, tiny_checkpoint):
+    """The store's CLI does not know the served name: `model=base` is the base model, so the
+    adapter's card is 'base:base', and /v1/models holds no id twice."""
+    ingress._store.put("acme", "base", tiny_adapter("qwen3_moe", "per_expert", rank=4), tiny_checkpoint("qwen3_moe"))
+    ids = [card["id"] for card in client.get("/v1/models", headers=HEADERS).json()["data"]]
+    assert ids == ["base", "base:base"]
+
+
+def test_an_adapter_made_for_another_base_model_is_not_listed_and_is_a_422_before_the_replica(
+        client, ingress, tiny_adapter, tiny_checkpoint):
+    """Stored by the CLI against another checkpoint (Mixtral's shapes; the server serves Qwen3-MoE):
+    left out of /v1/models, and a request naming it is refused at the ingress, saying why."""
+    ingress._store.put("acme", "mixbot", tiny_adapter("mixtral", "per_expert", rank=4), tiny_checkpoint("mixtral"))
+    ingress._store.put("acme", "fits", tiny_adapter("qwen3_moe", "per_expert", rank=4), tiny_checkpoint("qwen3_moe"))
+    ids = [card["id"] for card in client.get("/v1/models", headers=HEADERS).json()["data"]]
+    assert ids == ["base", "fits"]
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions",
+                                                              {"messages": [{"role": "user", "content": "hi"}]})):
+        response = _post_json(client, path, {"model": "mixbot", "max_tokens": 2, **body})
+        error = _assert_openai_error(response, 422, "invalid_request_error")
+        assert error["code"] == "adapter_base_mismatch" and error["param"] == "model"
+        assert "another base model" in error["message"] and "'base'" in error["message"]
+    response = client.get("/v1/models/mixbot", headers=HEADERS)
+    assert _assert_openai_error(response, 422, "invalid_request_error")["code"] == "adapter_base_mismatch"
 
 
 def test_a_valid_upload_still_succeeds(client, ingress, tiny_adapter):

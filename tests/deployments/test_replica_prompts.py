@@ -95,10 +95,15 @@ def test_max_tokens_past_the_room_the_prompt_leaves_is_refused_naming_the_field_
 
 
 def test_a_completion_without_max_tokens_asks_for_16_and_is_refused_where_16_do_not_fit(tmp_path):
+    """The refusal says 16 is the default the client did not send, and how many would fit."""
     server, inputs = _server(tmp_path, 32)
     assert server._prepare({"prompt": "hi", "max_tokens": None})[1].max_tokens == 16
-    with pytest.raises(InvalidRequestError, match="max_tokens=16 is too large"):
+    room = 32 - len(inputs.encode("word " * 10))
+    with pytest.raises(InvalidRequestError) as refused:
         server._prepare({"prompt": "word " * 10, "max_tokens": None})
+    message = str(refused.value)
+    assert "less than the 16 a completion gets when max_tokens is not given" in message
+    assert f"at most {room}" in message and "max_tokens=16" not in message and refused.value.param == "max_tokens"
 
 
 def test_logprob_entries_name_each_token_by_its_text_and_a_checkpoint_without_tokenizer_by_none(tmp_path):
