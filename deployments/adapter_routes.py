@@ -34,7 +34,12 @@ class AdapterRoutes:
 
         tenant = self._auth.tenant_of(request.headers)
         name, tmp = await read_upload(request, self._upload_limits.max_adapter_bytes)
-        return adapter_card(await self._put(tenant, name, tmp, "name")).model_dump()
+        try:
+            self._check_not_base_name(name, "name")
+        except BadRequestError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return adapter_card(await self._put(tenant, name, tmp)).model_dump()
 
     @api.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest, request: Request):
@@ -49,20 +54,20 @@ class AdapterRoutes:
                 code="lora_path_uploads_disabled", param="lora_path")
         from deployments.uploads import copy_adapter_files
 
+        self._check_not_base_name(body.lora_name, "lora_name")
         tmp = await asyncio.to_thread(copy_adapter_files, Path(body.lora_path),
                                       self._upload_limits.max_adapter_bytes)
-        await self._put(tenant, body.lora_name, tmp, "lora_name")
+        await self._put(tenant, body.lora_name, tmp)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    async def _put(self, tenant: str, name: str, tmp: Path, field: str):
-        """Store the adapter files in `tmp` (removed after) as a new version of `name` (the
-        request's `field`)."""
+    def _check_not_base_name(self, name: str, field: str) -> None:
+        # `model=<name>` names the base model: such an adapter would be reachable only as '<base>:<name>'
         if name == self._args.model_name():
-            shutil.rmtree(tmp, ignore_errors=True)
-            # `model` with this name means the base model: the adapter could only be reached as
-            # '<base>:<name>', and /v1/models would list two models of one id
             raise BadRequestError(f"{name!r} is the served model's name; give the adapter another",
                                   code="reserved_name", param=field)
+
+    async def _put(self, tenant: str, name: str, tmp: Path):
+        """Store the adapter files in `tmp` (removed after) as a new version of `name`."""
         try:
             info = await asyncio.to_thread(self._store.put, tenant, name, tmp, self._base_dir,
                                            limits=self._upload_limits)

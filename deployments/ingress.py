@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import PlainTextResponse
@@ -168,8 +169,10 @@ class Ingress(AdapterRoutes):
 
     def _other_base(self, model: str, info) -> UnprocessableError:
         made_for = (info.manifest or {}).get("base_model") or {}
+        # the checkpoint's last name only: the uploader's path is not another tenant's business
+        name = Path(str(made_for.get("name") or "unnamed")).name
         return UnprocessableError(
-            f"adapter {model!r} was made for another base model ({made_for.get('name', 'unnamed')}, "
+            f"adapter {model!r} was made for another base model ({name}, "
             f"{made_for.get('model_type', 'of another family')}) than the one served here "
             f"({self._args.model_name()!r}); upload a version trained on this one",
             code="adapter_base_mismatch", param="model")

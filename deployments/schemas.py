@@ -271,7 +271,8 @@ class ChatMessage(BaseModel):
         # message without it would otherwise reach the template as an empty turn
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             needs = "content or tool_calls" if self.role == "assistant" else "content"
-            raise FieldError("content", f"{'an' if self.role == 'assistant' else 'a'} {self.role} message needs {needs}")
+            article = "an" if self.role == "assistant" else "a"
+            raise FieldError("content", f"{article} {self.role} message needs {needs}")
         return self
 
     def for_template(self) -> dict:

@@ -74,11 +74,6 @@ def _bounded(request: Request, limit: int) -> Request:
 def _files_by_name(parts: list) -> dict[str, UploadFile]:
     files = [p for p in parts if isinstance(p, UploadFile)]
     names = [Path(f.filename or "").name for f in files]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise BadRequestError(
-            f"file(s) {twice} sent more than once: send each of {list(REQUIRED_FILES)} once in the "
-            "repeated `files` field", code="duplicate_file", param="files")
     by_name = dict(zip(names, files))
     unexpected = sorted(set(by_name) - set(REQUIRED_FILES))
     if unexpected:
@@ -86,8 +81,13 @@ def _files_by_name(parts: list) -> dict[str, UploadFile]:
             f"unexpected file(s) {unexpected}: upload exactly {list(REQUIRED_FILES)} in the "
             "`files` field (pickled .bin/.pt weights are refused; convert to safetensors)",
             code="unexpected_file", param="files")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BadRequestError(
+            f"file(s) {twice} sent more than once: send each of {list(REQUIRED_FILES)} once in the "
+            "repeated `files` field", code="duplicate_file", param="files")
     missing = [n for n in REQUIRED_FILES if n not in by_name]
-    if missing or len(files) != len(REQUIRED_FILES):
+    if missing:
         raise BadRequestError(
             f"missing file(s) {missing}: send each of {list(REQUIRED_FILES)} once in the "
             "repeated `files` field (curl -F files=@adapter_config.json "

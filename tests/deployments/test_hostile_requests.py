@@ -5,6 +5,7 @@ its routes ask for their `self`, hands them an Ingress whose store is local and 
 model replica fails the test if a request ever reaches it.
 """
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -173,8 +174,11 @@ def test_a_stop_of_the_wrong_type_is_400_naming_both_types_it_takes(client):
     assert error["param"] == "stop" and "a string or a list of strings" in error["message"]
 
 
-def test_a_json_array_body_is_400_saying_an_object_is_needed(client):
-    response = client.post("/v1/completions", content="[1, 2]", headers={**HEADERS, "Content-Type": "application/json"})
+@pytest.mark.parametrize("content_type", ["application/json", None], ids=["json_header", "no_header"])
+def test_a_json_array_body_is_400_saying_an_object_is_needed(client, content_type):
+    """Without the header FastAPI reads the body as JSON too: the fault is the array, not a type."""
+    headers = {**HEADERS, **({"Content-Type": content_type} if content_type else {})}
+    response = client.post("/v1/completions", content="[1, 2]", headers=headers)
     error = _assert_openai_error(response, 400, "invalid_request_error")
     assert error["code"] == "invalid_request_body" and "must be a JSON object" in error["message"]
 
@@ -197,10 +201,20 @@ def test_an_adapter_named_like_the_served_model_is_refused_at_upload(client, ing
     assert ingress._store.list_adapters("acme") == []
 
 
+def test_vllms_load_lora_adapter_may_not_take_the_served_models_name_either(client, ingress, tiny_adapter):
+    ingress._args = ingress._args.model_copy(update={"allow_lora_path_uploads": True})
+    src = str(tiny_adapter("qwen3_moe", "per_expert", rank=4))
+    response = _post_json(client, "/v1/load_lora_adapter", {"lora_name": "base", "lora_path": src})
+    error = _assert_openai_error(response, 400, "invalid_request_error")
+    assert error["code"] == "reserved_name" and error["param"] == "lora_name"
+    assert _post_json(client, "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": src}).status_code == 200
+    assert [a.name for a in ingress._store.list_adapters("acme")] == ["other"]
+
+
 def test_an_adapter_stored_under_the_served_models_name_is_listed_by_the_id_that_reaches_it(
         client, ingress, tiny_adapter, tiny_checkpoint):
     """The store's CLI does not know the served name: `model=base` is the base model, so the
-    adapter's card is 'base:base', and /v1/models holds no id twice."""
+    adapter's card is 'base:base', not a second card with the base model's id."""
     ingress._store.put("acme", "base", tiny_adapter("qwen3_moe", "per_expert", rank=4), tiny_checkpoint("qwen3_moe"))
     ids = [card["id"] for card in client.get("/v1/models", headers=HEADERS).json()["data"]]
     assert ids == ["base", "base:base"]
@@ -222,6 +236,46 @@ def test_an_adapter_made_for_another_base_model_is_not_listed_and_is_a_422_befor
         assert "another base model" in error["message"] and "'base'" in error["message"]
     response = client.get("/v1/models/mixbot", headers=HEADERS)
     assert _assert_openai_error(response, 422, "invalid_request_error")["code"] == "adapter_base_mismatch"
+
+
+class _RecordingReplica(_UnreachableReplica):
+    """Takes note of the multiplexed id a request is routed with, then fails it (no engine here)."""
+
+    def __init__(self):
+        self.routed = []
+
+    def options(self, **options):
+        if "multiplexed_model_id" not in options:
+            return self
+        self.routed.append(options["multiplexed_model_id"])
+        raise RuntimeError("no engine in this test")
+
+
+def test_an_adapter_whose_manifest_predates_the_base_record_is_listed_and_routed(client, ingress, tiny_adapter,
+                                                                                   tiny_checkpoint):
+    """A store written before manifests held the base model's fingerprint: taken to fit (the
+    replica's load still checks the shapes), so the request is routed to a replica."""
+    info = ingress._store.put("acme", "old", tiny_adapter("qwen3_moe", "per_expert", rank=4),
+                              tiny_checkpoint("qwen3_moe"))
+    manifests = list(Path(ingress._args.store).rglob("manifest.json"))
+    assert len(manifests) == 1
+    manifest = json.loads(manifests[0].read_text())
+    del manifest["base_model"]
+    manifests[0].write_text(json.dumps(manifest))
+    ids = [card["id"] for card in client.get("/v1/models", headers=HEADERS).json()["data"]]
+    assert ids == ["base", "old"]
+    ingress._llm = _RecordingReplica()
+    _post_json(client, "/v1/completions", {"model": "old", "prompt": "hi", "max_tokens": 2})
+    assert ingress._llm.routed == [info.ref]
+
+
+def test_the_base_model_card_carries_the_created_time_it_is_given(ingress):
+    """build_app gives every ingress replica one time: the card is the same whichever answers."""
+    cls = Ingress.func_or_class
+    other = cls.__new__(cls)
+    cls.__mro__[1].__init__(other, _UnreachableReplica(), ingress._args, 1_700_000_000)
+    assert other._base_card().created == 1_700_000_000
+    assert ingress._base_card().created != 1_700_000_000  # without one: its own start time
 
 
 def test_a_valid_upload_still_succeeds(client, ingress, tiny_adapter):
