@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from fastapi import Request
@@ -148,18 +149,31 @@ class Ingress(AdapterRoutes):
     async def models(self, request: Request) -> dict:
         """The base model and the adapters the caller may use; in development mode a caller
         that names no tenant gets the base model and the shared adapters."""
+        tenant = None
         if self._auth.dev_mode and not request.headers.get(TENANT_HEADER):
             adapters = await asyncio.to_thread(self._store.list_adapters, _ANY_TENANT)
             adapters = [a for a in adapters if a.shared]
         else:
             tenant = self._auth.tenant_of(request.headers)
             adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
-        base = self._args.model_name()
-        # an adapter stored under the base model's name (the store's CLI does not know the served
-        # name) is reached as '<base>:<name>'; one made for another base model is not listed
-        cards = [self._base_card()] + [self._adapter_card(f"{base}:{a.name}" if a.name == base else a.name, a)
-                                       for a in adapters if self._fits_base(a)]
+        adapters = [a for a in adapters if self._fits_base(a)]  # one made for another base model is not listed
+        cards = [self._base_card()] + [self._adapter_card(model_id, a)
+                                       for model_id, a in self._listed_ids(adapters, tenant)]
         return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+    def _listed_ids(self, adapters: list, tenant: str | None) -> list[tuple[str, object]]:
+        """Each adapter with the `model` that reaches it for `tenant`: its name, unless another
+        listed adapter has that name too and this one is someone else's (a name resolves to the
+        caller's own adapter first, and is ambiguous between two sharers): then 'owner/name'; and
+        '<base>:<id>' for an id that is the base model's name (the store's CLI does not know the
+        served name)."""
+        base = self._args.model_name()
+        counts = Counter(a.name for a in adapters)
+        out = []
+        for a in adapters:
+            model_id = f"{a.tenant}/{a.name}" if a.tenant != tenant and counts[a.name] > 1 else a.name
+            out.append((f"{base}:{model_id}" if model_id == base else model_id, a))
+        return out
 
     def _fits_base(self, info) -> bool:
         """Whether the adapter was validated against a checkpoint of the served model's shapes (an

@@ -269,6 +269,24 @@ def test_an_adapter_whose_manifest_predates_the_base_record_is_listed_and_routed
     assert ingress._llm.routed == [info.ref]
 
 
+def test_every_listed_model_id_is_unique_and_routes_to_the_adapter_its_card_describes(client, ingress, tiny_adapter,
+                                                                                       tiny_checkpoint):
+    """The caller's own 'foo' and two other tenants' shared 'foo's: the own one is 'foo', the shared
+    ones 'owner/foo' (a plain 'foo' reaches the caller's own); a shared name no one else uses
+    stays plain. Each id, sent as `model`, is routed to that card's adapter."""
+    adapter, checkpoint = tiny_adapter("qwen3_moe", "per_expert", rank=4), tiny_checkpoint("qwen3_moe")
+    for owner, name in (("acme", "foo"), ("beta", "foo"), ("gamma", "foo"), ("beta", "solo")):
+        ingress._store.put(owner, name, adapter, checkpoint)
+        if owner != "acme":
+            ingress._store.share(owner, name)
+    cards = client.get("/v1/models", headers=HEADERS).json()["data"][1:]
+    assert sorted(card["id"] for card in cards) == ["beta/foo", "foo", "gamma/foo", "solo"]
+    ingress._llm = _RecordingReplica()
+    for card in cards:
+        _post_json(client, "/v1/completions", {"model": card["id"], "prompt": "hi", "max_tokens": 2})
+    assert ingress._llm.routed == [f"{card['owned_by']}/{card['root']}" for card in cards]
+
+
 def test_the_base_model_card_carries_the_created_time_it_is_given(ingress):
     """build_app gives every ingress replica one time: the card is the same whichever answers."""
     cls = Ingress.func_or_class
