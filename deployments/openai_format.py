@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 from deployments.schemas import Usage
+from deployments.token_bytes import shown, token_bytes
 from deployments.tool_calls import ToolPlan, ToolStream, parse
 
 COMPLETION, CHAT = "text_completion", "chat.completion"
@@ -36,7 +37,9 @@ class ResponseBuilder:
         a list of {token, logprob, bytes, top_logprobs}. None when the request asked for none."""
         if entries is None:
             return None
-        if self.kind == COMPLETION:
+        if self.kind == COMPLETION:  # texts only, as shown: the legacy shape has no bytes
+            entries = [(shown(text), logprob, [(shown(t), lp) for t, lp in alternatives])
+                       for text, logprob, alternatives in entries]
             offsets = []
             for text, _, _ in entries:
                 offsets.append(self._text_offset)
@@ -133,7 +136,7 @@ def _top_by_text(text: str, logprob: float | None, alternatives: list) -> dict[s
 
 
 def _chat_logprob(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+    return {"token": shown(text), "logprob": logprob, "bytes": token_bytes(text)}
 
 
 def sse(data: dict | str) -> str:

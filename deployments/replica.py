@@ -32,6 +32,7 @@ from deployments.adapter_fetch import AdapterFetcher
 from deployments.args import AppArgs
 from deployments.errors import to_api_error
 from deployments.loop_lag import LoopLag
+from deployments.token_bytes import TokenTexts
 from engine.errors import InvalidRequestError
 from engine.frontend import INLINE_TOKENIZE_CHARS, off_loop
 from engine.heap import freeze_startup_heap
@@ -85,7 +86,7 @@ class LLMServer:
         self._fetcher = AdapterFetcher(self._store, self._cache)
         self._metrics = ReplicaMetrics()
         self._loop_lag = LoopLag("engine replica", self._metrics.loop_lag.observe)
-        self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
+        self._token_texts = TokenTexts(self._engine.tokenizer)  # for logprobs
         # Wired at init so `max_num_models_per_replica` comes from the app's args; Serve keeps
         # its LRU on the function object, so it wraps a plain function, not a bound method.
         async def load_adapter(model_id: str):
@@ -318,14 +319,7 @@ class LLMServer:
         """The engine's logprobs (RequestOutput.logprobs) with each token as its text:
         [[text, logprob, [[alternative text, logprob], ...]], ...] (the ingress's ResponseBuilder
         makes OpenAI's shapes of them)."""
-        texts, tokenizer = self._token_texts, self._engine.tokenizer
-        # a checkpoint without a tokenizer serves token ids only, its texts empty
-        decode = tokenizer.decode if tokenizer is not None else (lambda ids: "")
-
-        def text(token: int) -> str:
-            if token not in texts:  # at most the vocabulary, each a short string
-                texts[token] = decode([token])
-            return texts[token]
+        text = self._token_texts  # a part of a character as its own bytes (deployments/token_bytes.py)
         return [[text(token), logprob, [[text(t), lp] for t, lp in alternatives]]
                 for token, logprob, alternatives in logprobs]
 

@@ -7,6 +7,7 @@ import pytest
 
 from deployments.replica import LLMServer, _error_item
 from deployments.schemas import ChatCompletionRequest, CompletionRequest
+from deployments.token_bytes import TokenTexts
 from engine.errors import InvalidRequestError
 from engine.inputs import InputProcessor
 from engine.tiny_model import make_tokenizer
@@ -108,13 +109,12 @@ def test_a_completion_without_max_tokens_asks_for_16_and_is_refused_where_16_do_
 
 def test_logprob_entries_name_each_token_by_its_text_and_a_checkpoint_without_tokenizer_by_none(tmp_path):
     server, _ = _server(tmp_path, 64)
-    server._token_texts = {}
     tok = server._engine.tokenizer
+    server._token_texts = TokenTexts(tok)
     ids = tok.encode("the fox")
     entries = server._logprob_entries([(ids[0], -0.5, [(ids[0], -0.5), (ids[1], -1.25)])])
     assert entries == [[tok.decode([ids[0]]), -0.5, [[tok.decode([ids[0]]), -0.5], [tok.decode([ids[1]]), -1.25]]]]
-    assert server._token_texts == {ids[0]: tok.decode([ids[0]]), ids[1]: tok.decode([ids[1]])}
-    server._engine.tokenizer, server._token_texts = None, {}
+    server._token_texts = TokenTexts(None)
     assert server._logprob_entries([(7, -0.5, [(7, -0.5)])]) == [["", -0.5, [["", -0.5]]]]
 
 
