@@ -3,8 +3,8 @@
     python -m deployments --help                      # every option: type, default, description
     python -m deployments --check max_loras=8 ...     # validate options before starting anything
 
-Only `deployments.args` is imported (no ray, no torch), so a check takes a second, not the
-start of a cluster. Values are the strings `serve run` would pass; AppArgs parses them.
+Only `deployments.args` is imported (no torch; Ray's Serve config only to check an
+autoscaling_config), so a check takes a second, not the start of a cluster. Values are the strings `serve run` would pass; AppArgs parses them.
 """
 from __future__ import annotations
 
@@ -61,14 +61,40 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
 
 
 def check_options(pairs: list[str]) -> str | None:
-    """None when `pairs` make a valid AppArgs, else one message per problem, one a line."""
+    """None when `pairs` make a valid AppArgs whose key file (build_app reads it) is valid too,
+    else one message per problem, one a line."""
     try:
-        AppArgs.model_validate(parse_options(pairs))
+        args = AppArgs.model_validate(parse_options(pairs))
     except (UnknownOptionError, ValueError) as exc:
         if isinstance(exc, ValidationError):
             return "\n".join(_error_line(error) for error in exc.errors())
         return str(exc)
+    if args.api_keys is not None:
+        from deployments.auth import KeyFileError, load_key_file
+        try:
+            load_key_file(args.api_keys)
+        except KeyFileError as exc:
+            return f"api_keys: {exc}"
     return None
+
+
+def notes(pairs: list[str]) -> list[str]:
+    """What valid options may still get wrong on this machine: where they ask for more CPUs than
+    it has (a Ray instance of this machine alone never starts every replica), or name a local
+    checkpoint it does not hold (fine where only the engine nodes hold it)."""
+    import os
+
+    args = AppArgs.model_validate(parse_options(pairs))
+    out = []
+    cpus, have = args.cpus_at_start(on_gpu=args.device == "cuda"), os.cpu_count() or 1
+    if cpus > have:
+        out.append(f"the replicas reserve {cpus:g} CPUs as they start and this machine has {have}: on a Ray "
+                   "instance of this machine alone some would wait forever; lower ingress_replicas, "
+                   "ingress_num_cpus or replica_num_cpus (or join a cluster with more)")
+    model = args.model or ""
+    if model and not model.startswith(("s3://", "dummy:")) and not os.path.exists(model):
+        out.append(f"model={model!r} does not exist on this machine (fine if only the engine nodes hold it)")
+    return out
 
 
 def _error_line(error: dict) -> str:
@@ -99,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    for note in notes(args.check):
+        print(f"note: {note}", file=sys.stderr)
     print("options ok")
     return 0
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapter_store.defaults import default_cache_dir, default_store_uri, store_from_env
-from deployments.option_names import UnknownOptionError, unknown_option_message
+from deployments.option_names import UnknownOptionError, unknown_key_message, unknown_option_message
 from deployments.placement import ReplicaPlacement
 from engine import defaults
 
@@ -145,7 +145,9 @@ class AppArgs(ReplicaPlacement, BaseModel):
                                          "per-message cost")
     ingress_num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for each "
                                     "ingress replica (two of them and an engine replica fit a "
-                                    "2-core machine)")
+                                    "2-core machine; each engine replica brings its own ingress "
+                                    "replicas, so num_replicas=2 there needs ingress_replicas=2 "
+                                    "and replica_num_cpus=0.5; --check notes it)")
     ingress_on_serve_loop: bool = Field(
         default=True, description="run the ingress's code on Serve's own event loop "
         "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0): no hand-over between two threads per "
@@ -191,8 +193,8 @@ class AppArgs(ReplicaPlacement, BaseModel):
     adapter_resolve_ttl_s: float = Field(
         default=2.0, ge=0, description="seconds the ingress reuses a resolved `model` (adapter "
         "name -> version, or not found) before asking the store again; 0 = ask every request. "
-        "Uploads and deletes through the same ingress replica show at once; through another "
-        "replica (or the CLI) after at most this long, or 10x this long for a pinned "
+        "Uploads and deletes over HTTP show at once (every ingress replica is told); through the "
+        "CLI, which no replica hears, after at most this long, or 10x this long for a pinned "
         "name@version that was deleted or unshared")
 
     @field_validator("lora_rank_unit", mode="before")
@@ -208,6 +210,44 @@ class AppArgs(ReplicaPlacement, BaseModel):
         if isinstance(value, str):
             import json
             return json.loads(value)
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, value):
+        # "s3:/bucket" would be taken for a local directory named "s3:"
+        if value and value.lower().startswith("s3:") and not value.lower().startswith("s3://"):
+            raise ValueError(f"{value!r} is neither s3://bucket[/prefix] nor a directory; write s3://")
+        return value
+
+    @field_validator("store_endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value):
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} needs its scheme: http://{value} or https://{value}")
+        return value
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _serve_autoscaling(cls, value):
+        # Serve ignores keys it does not know (a typo'd "max_replica" leaves max_replicas at 1, no
+        # autoscaling) and checks the values only once the app deploys, in a traceback
+        if value is None:
+            return value
+        from pydantic import ValidationError
+        from ray.serve.config import AutoscalingConfig
+
+        known = list(AutoscalingConfig.model_fields)
+        unknown = [str(key) for key in value if key not in known]
+        if unknown:
+            raise ValueError(unknown_key_message(unknown, known))
+        try:
+            AutoscalingConfig(**value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            message = first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{where}: {message}" if where else message) from None
         return value
 
     @model_validator(mode="before")

@@ -23,6 +23,12 @@ def unknown_option_message(unknown: list[str], known) -> str:
     return f"{named} (python -m deployments --help lists them)"
 
 
+def unknown_key_message(unknown: list[str], known) -> str:
+    """One line naming the unknown keys of a JSON option, each with its nearest of `known`."""
+    named = ", ".join(f"{key!r} ({hint})" if (hint := _nearest_hint(key, known)) else repr(key) for key in unknown)
+    return f"unknown key{'s' if len(unknown) > 1 else ''} {named}; the keys: {', '.join(known)}"
+
+
 def _nearest_hint(key: str, known) -> str:
     """'did you mean ...?' with the close matches nearly as close as the best one, or ''."""
     matches = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)

@@ -30,6 +30,12 @@ class ReplicaPlacement:
             return int(self.autoscaling_config.get("max_replicas") or self.autoscaling_config.get("min_replicas") or 1)
         return self.num_replicas or 1
 
+    def cpus_at_start(self, on_gpu: bool = False) -> float:
+        """CPUs Ray reserves for the app's replicas as it starts (min_replicas engines when
+        autoscaled): a Ray instance with fewer leaves replicas waiting for CPUs, without end."""
+        engines = (self.autoscaling_config or {}).get("min_replicas") or self.num_replicas or 1
+        return int(engines) * self.replica_num_cpus + self.num_ingress_replicas(on_gpu) * self.ingress_num_cpus
+
     def num_ingress_replicas(self, on_gpu: bool = False) -> int:
         """ingress_replicas, or its default for engine replicas on a GPU (on_gpu) or on CPU.
 

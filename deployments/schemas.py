@@ -112,6 +112,12 @@ class _SamplingFields(_Body):
         return value
 
     @model_validator(mode="after")
+    def _stream_options_with_stream(self):
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM refuse it
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+    @model_validator(mode="after")
     def _one_constraint(self):
         self._structured_field, self._structured = structured_constraint(self) or (None, None)
         return self

@@ -96,6 +96,66 @@ def test_check_names_each_bad_value_by_option(capsys):
     assert err[1].startswith("num_replicas: Input should be a valid integer")
 
 
+@pytest.mark.parametrize("config, line", [
+    ('{"min_replicas": 1, "max_replica": 2}', "autoscaling_config: unknown key 'max_replica' (did you mean "
+                                              "'max_replicas'?); the keys: min_replicas, "),
+    ('{"max_replicas": "two"}', "autoscaling_config: max_replicas: Input should be a valid integer"),
+    ('{"min_replicas": 3, "max_replicas": 2}', "autoscaling_config: max_replicas (2) must be greater than or equal "
+                                               "to min_replicas (3)"),
+], ids=["typo", "type", "min_over_max"])
+def test_check_refuses_what_serve_would_drop_or_refuse_only_at_deploy_in_autoscaling_config(capsys, config, line):
+    """Serve ignores an unknown autoscaling key (max_replicas stays 1) and checks values only as
+    the app deploys, in a traceback: here each is one line before anything starts."""
+    assert options_main(["--check", f"autoscaling_config={config}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {line}") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("option, words", [
+    ("store=s3:/bucket", "neither s3://bucket[/prefix] nor a directory"),
+    ("store_endpoint_url=localhost:9000", "needs its scheme: http://localhost:9000"),
+    ("api_keys=/nonexistent/keys.yaml", "api_keys: cannot read API key file /nonexistent/keys.yaml"),
+], ids=["s3_one_slash", "endpoint_without_scheme", "missing_key_file"])
+def test_check_refuses_store_uris_and_key_files_that_would_fail_the_deploy(capsys, option, words):
+    assert options_main(["--check", option]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_check_refuses_a_malformed_key_file(capsys, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("tenants:\n  acme:\n    key_sha: [abc]\n")
+    assert options_main(["--check", f"api_keys={keys}"]) == 2
+    assert f"api_keys: API key file {keys} is malformed" in capsys.readouterr().err
+
+
+def test_check_notes_replicas_that_need_more_cpus_than_this_machine_has(capsys, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert options_main(["--check", "num_replicas=2"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "options ok\n"
+    assert "note: the replicas reserve 4 CPUs as they start and this machine has 2" in out.err
+    assert options_main(["--check", "num_replicas=2", "ingress_replicas=2", "replica_num_cpus=0.5"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_build_app_warns_where_the_replicas_need_more_cpus_than_this_machine_has(monkeypatch, caplog):
+    import ray
+
+    from deployments.app import build_app
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("deployments.app.cluster_gpus", lambda: 0.0)
+    environ = dict(os.environ)  # build_app puts Ray's defaults into it for the Ray serve run starts
+    try:
+        with caplog.at_level("WARNING", logger="deployments.app"):
+            build_app({"num_replicas": "2", "device": "cpu"})
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    assert not ray.is_initialized()
+    assert "the replicas reserve 4 CPUs as they start and this machine has 2" in caplog.text
+
+
 def test_path_uploads_of_lora_adapters_are_off_unless_an_operator_allows_them():
     assert AppArgs().allow_lora_path_uploads is False
     assert AppArgs.model_validate({"allow_lora_path_uploads": "true"}).allow_lora_path_uploads

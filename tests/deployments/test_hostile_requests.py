@@ -168,6 +168,16 @@ def test_a_json_body_sent_as_text_plain_is_400_naming_the_content_type(client):
     assert "text/plain" in error["message"]
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+], ids=["completion", "chat"])
+def test_stream_options_without_stream_is_400_naming_it(client, path, body):
+    response = _post_json(client, path, {"model": "base", "max_tokens": 2, "stream_options": {"include_usage": True},
+                                         **body})
+    error = _assert_openai_error(response, 400, "invalid_request_error")
+    assert error["param"] == "stream_options" and "only allowed when stream is true" in error["message"]
+
+
 def test_a_stop_of_the_wrong_type_is_400_naming_both_types_it_takes(client):
     error = _assert_openai_error(_post_json(client, "/v1/completions", {"model": "base", "prompt": "hi", "stop": 123}),
                                  400, "invalid_request_error")
