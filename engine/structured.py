@@ -51,7 +51,10 @@ def check_constraint(constraint) -> tuple[str, str]:
     """(kind, text) as SamplingParams keeps it; InvalidRequestError for another shape. Whether
     the text compiles is Grammars.compile's to say."""
     ok = (isinstance(constraint, (tuple, list)) and len(constraint) == 2 and constraint[0] in KINDS
-          and isinstance(constraint[1], str) and len(constraint[1]) <= MAX_TEXT)
+          and isinstance(constraint[1], str))
+    if ok and len(constraint[1]) > MAX_TEXT:  # said in the request's terms, without echoing the text
+        raise InvalidRequestError(f"the {constraint[0]} constraint is {len(constraint[1])} characters; at most "
+                                  f"{MAX_TEXT} are taken", PARAM)
     if not ok:
         raise InvalidRequestError(f"structured must be (kind, text) with kind one of {KINDS} and text a "
                                   f"string of at most {MAX_TEXT} characters, got {str(constraint)[:200]!r}", PARAM)

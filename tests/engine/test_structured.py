@@ -314,3 +314,13 @@ def test_an_id_bitmask_allows_exactly_its_ids_as_apply_bitmask_reads_it(vocab):
     masked = apply_bitmask(logits, torch.tensor([1]), id_bitmask(ids, vocab)[None, :])
     assert masked[0].isfinite().all()  # the row without a mask is untouched
     assert torch.isfinite(masked[1]).nonzero().view(-1).tolist() == sorted(set(ids))
+
+
+def test_a_constraint_over_the_length_limit_is_refused_by_its_size_without_echoing_it():
+    from engine.structured import MAX_TEXT, check_constraint
+
+    with pytest.raises(InvalidRequestError) as refused:
+        check_constraint(("regex", "ab" * (MAX_TEXT // 2) + "c"))
+    message = str(refused.value)
+    assert message == f"the regex constraint is {MAX_TEXT + 1} characters; at most {MAX_TEXT} are taken"
+    assert refused.value.param == "structured"
