@@ -3,8 +3,8 @@
     python -m deployments --help                      # every option: type, default, description
     python -m deployments --check max_loras=8 ...     # validate options before starting anything
 
-Only `deployments.args` is imported (no torch; Ray's Serve config only to check an
-autoscaling_config), so a check takes a second, not the start of a cluster. Values are the strings `serve run` would pass; AppArgs parses them.
+No torch and no Ray cluster: `deployments.args` (Ray's Serve config only to check an
+autoscaling_config) and, for a key file, `deployments.auth`; a check takes a second. Values are the strings `serve run` would pass; AppArgs parses them.
 """
 from __future__ import annotations
 
@@ -84,15 +84,19 @@ def notes(pairs: list[str]) -> list[str]:
     checkpoint it does not hold (fine where only the engine nodes hold it)."""
     import os
 
+    from deployments.args import DUMMY_PREFIX
+    from deployments.placement import machine_cpus
+
     args = AppArgs.model_validate(parse_options(pairs))
     out = []
-    cpus, have = args.cpus_at_start(on_gpu=args.device == "cuda"), os.cpu_count() or 1
+    # engine replicas on CPU unless device=cuda: 2 ingress replicas each (4 on a GPU)
+    cpus, have = args.cpus_at_start(on_gpu=args.device == "cuda"), machine_cpus()
     if cpus > have:
         out.append(f"the replicas reserve {cpus:g} CPUs as they start and this machine has {have}: on a Ray "
                    "instance of this machine alone some would wait forever; lower ingress_replicas, "
                    "ingress_num_cpus or replica_num_cpus (or join a cluster with more)")
     model = args.model or ""
-    if model and not model.startswith(("s3://", "dummy:")) and not os.path.exists(model):
+    if model and not model.startswith(("s3://", DUMMY_PREFIX)) and not os.path.exists(os.path.expanduser(model)):
         out.append(f"model={model!r} does not exist on this machine (fine if only the engine nodes hold it)")
     return out
 

@@ -15,6 +15,7 @@ from ray import serve
 
 from deployments.args import AppArgs
 from deployments.ingress import Ingress
+from deployments.placement import joins_cluster, machine_cpus
 from deployments.replica import LLMServer
 
 
@@ -34,11 +35,10 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
         args = args.model_copy(update={"ingress_replicas": args.num_ingress_replicas(on_gpu)})
     ingress_options = args.ingress_options()
     cpus = args.cpus_at_start(replica_options["ray_actor_options"]["num_gpus"] > 0)
-    if starts_ray and cpus > (os.cpu_count() or 1):  # serve run may start a Ray instance of this machine
+    if starts_ray and not joins_cluster() and cpus > machine_cpus():  # serve run starts a Ray of this machine
         logging.getLogger(__name__).warning(
-            "the replicas reserve %g CPUs as they start and this machine has %d: if this Ray instance is "
-            "this machine alone, some will wait forever; lower ingress_replicas, ingress_num_cpus or "
-            "replica_num_cpus", cpus, os.cpu_count() or 1)
+            "the replicas reserve %g CPUs as they start and this machine has %d: some will wait forever; "
+            "lower ingress_replicas, ingress_num_cpus or replica_num_cpus", cpus, machine_cpus())
     job_env = {} if starts_ray else dict(ray.get_runtime_context().runtime_env or {})
     with_job_env([replica_options, ingress_options], starts_ray, job_env)
     server = serve.deployment(LLMServer, name="LLMServer").options(**replica_options)

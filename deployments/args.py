@@ -215,9 +215,9 @@ class AppArgs(ReplicaPlacement, BaseModel):
     @field_validator("store")
     @classmethod
     def _store_uri(cls, value):
-        # "s3:/bucket" would be taken for a local directory named "s3:"
-        if value and value.lower().startswith("s3:") and not value.lower().startswith("s3://"):
-            raise ValueError(f"{value!r} is neither s3://bucket[/prefix] nor a directory; write s3://")
+        # "s3:/bucket" or "S3://bucket" would be taken for a local directory named "s3:" / "S3:"
+        if value and value[:3].lower() == "s3:" and not value.startswith("s3://"):
+            raise ValueError(f"{value!r} is neither s3://bucket[/prefix] nor a directory; write s3:// (lowercase)")
         return value
 
     @field_validator("store_endpoint_url")
@@ -241,8 +241,8 @@ class AppArgs(ReplicaPlacement, BaseModel):
         unknown = [str(key) for key in value if key not in known]
         if unknown:
             raise ValueError(unknown_key_message(unknown, known))
-        try:
-            AutoscalingConfig(**value)
+        try:  # without `policy`, whose check imports the operator's policy module (maybe only a replica's)
+            AutoscalingConfig(**{key: item for key, item in value.items() if key != "policy"})
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])

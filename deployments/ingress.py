@@ -149,29 +149,27 @@ class Ingress(AdapterRoutes):
     async def models(self, request: Request) -> dict:
         """The base model and the adapters the caller may use; in development mode a caller
         that names no tenant gets the base model and the shared adapters."""
-        tenant = None
-        if self._auth.dev_mode and not request.headers.get(TENANT_HEADER):
-            adapters = await asyncio.to_thread(self._store.list_adapters, _ANY_TENANT)
-            adapters = [a for a in adapters if a.shared]
-        else:
-            tenant = self._auth.tenant_of(request.headers)
-            adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
-        adapters = [a for a in adapters if self._fits_base(a)]  # one made for another base model is not listed
-        cards = [self._base_card()] + [self._adapter_card(model_id, a)
-                                       for model_id, a in self._listed_ids(adapters, tenant)]
+        no_tenant = self._auth.dev_mode and not request.headers.get(TENANT_HEADER)
+        tenant = _ANY_TENANT if no_tenant else self._auth.tenant_of(request.headers)
+        adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
+        # ids first, over every adapter the store resolves names among; then what is not listed
+        listed = [(model_id, a) for model_id, a in self._listed_ids(adapters, tenant)
+                  if self._fits_base(a) and (a.shared or not no_tenant)]
+        cards = [self._base_card()] + [self._adapter_card(model_id, a) for model_id, a in listed]
         return {"object": "list", "data": [c.model_dump() for c in cards]}
 
-    def _listed_ids(self, adapters: list, tenant: str | None) -> list[tuple[str, object]]:
-        """Each adapter with the `model` that reaches it for `tenant`: its name, unless another
-        listed adapter has that name too and this one is someone else's (a name resolves to the
-        caller's own adapter first, and is ambiguous between two sharers): then 'owner/name'; and
-        '<base>:<id>' for an id that is the base model's name (the store's CLI does not know the
-        served name)."""
+    def _listed_ids(self, adapters: list, tenant: str) -> list[tuple[str, object]]:
+        """Each adapter of the store's list for `tenant` with the `model` that reaches it, by the
+        store's own rule (AdapterStore.resolve): a plain name reaches the tenant's own adapter of
+        that name, else the one sharer of it; any other is 'owner/name'. An id that is the base
+        model's name is '<base>:<id>' (the store's CLI does not know the served name)."""
         base = self._args.model_name()
-        counts = Counter(a.name for a in adapters)
+        own = {a.name for a in adapters if a.tenant == tenant}
+        sharers = Counter(a.name for a in adapters if a.tenant != tenant)
         out = []
         for a in adapters:
-            model_id = f"{a.tenant}/{a.name}" if a.tenant != tenant and counts[a.name] > 1 else a.name
+            plain = a.tenant == tenant or (a.name not in own and sharers[a.name] == 1)
+            model_id = a.name if plain else f"{a.tenant}/{a.name}"
             out.append((f"{base}:{model_id}" if model_id == base else model_id, a))
         return out
 

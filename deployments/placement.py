@@ -3,11 +3,27 @@ from the operator's `AppArgs` (a mixin of it: the methods read its fields).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 # Serve runs a replica's methods on a loop of their own in a second thread unless told not to;
 # every stream message then crosses between the two threads.
 _ON_SERVE_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+
+
+def machine_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's share, as Ray counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def joins_cluster() -> bool:
+    """Whether `serve run` here will join a running Ray cluster (RAY_ADDRESS, or a `ray start` of
+    this machine) rather than start an instance of this machine alone."""
+    return bool(os.environ.get("RAY_ADDRESS")) or Path("/tmp/ray/ray_current_cluster").exists()
 
 
 class ReplicaPlacement:
@@ -33,7 +49,8 @@ class ReplicaPlacement:
     def cpus_at_start(self, on_gpu: bool = False) -> float:
         """CPUs Ray reserves for the app's replicas as it starts (min_replicas engines when
         autoscaled): a Ray instance with fewer leaves replicas waiting for CPUs, without end."""
-        engines = (self.autoscaling_config or {}).get("min_replicas") or self.num_replicas or 1
+        scaling = self.autoscaling_config or {}
+        engines = scaling.get("initial_replicas", scaling.get("min_replicas", 1)) if scaling else (self.num_replicas or 1)
         return int(engines) * self.replica_num_cpus + self.num_ingress_replicas(on_gpu) * self.ingress_num_cpus
 
     def num_ingress_replicas(self, on_gpu: bool = False) -> int:

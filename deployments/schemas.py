@@ -113,7 +113,8 @@ class _SamplingFields(_Body):
 
     @model_validator(mode="after")
     def _stream_options_with_stream(self):
-        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM refuse it
+        # as OpenAI refuses it; an empty object passes, as vLLM lets it
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         return self
 

@@ -1,11 +1,12 @@
 """A token's own bytes, for logprobs, where its text alone is part of a character.
 
 A byte-level BPE (Qwen's, GPT-2's) or a sentencepiece model with byte fallback (Mixtral's) may
-split one UTF-8 character over several tokens; `decode([token])` then gives U+FFFD, and the bytes
-OpenAI's chat logprobs carry (so that a client can join the tokens back into text) would be that
-replacement character's. Here such a token's text is its raw bytes decoded with
-"surrogateescape": the text a client is shown is unchanged (`shown`), and `token_bytes` gives the
-token's own bytes back.
+split one UTF-8 character over several tokens; `decode([token])` then gives U+FFFD, whose bytes
+are not the token's, where OpenAI's chat logprobs carry `bytes` so that a client can join tokens
+back into text. Here such a token's text is its raw bytes decoded with "surrogateescape": a
+client is shown U+FFFD (`shown`), and `token_bytes` gives the token's own bytes back. The
+replica hands these strings to the ingress by pickle (Serve's transports of the app), which
+carries lone surrogates; only `shown` and `token_bytes` output reaches JSON.
 """
 import json
 import re
@@ -22,11 +23,14 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 def _decoder_kinds(tokenizer) -> set[str]:
-    """The types of a fast tokenizer's decoder and of the decoders it chains ({} for others)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    """The types of a fast tokenizer's decoder and of the decoders it chains ({} for others, and
+    for a decoder that cannot say: its tokens keep their decoded texts)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    try:
+        state = json.loads(decoder.__getstate__()) if decoder is not None else {}
+    except Exception:  # noqa: BLE001 - a custom decoder's state is not ours to require
         return set()
-    found, todo = set(), [json.loads(backend.to_str()).get("decoder") or {}]
+    found, todo = set(), [state]
     while todo:
         decoder = todo.pop()
         found.add(decoder.get("type"))

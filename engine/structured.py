@@ -53,8 +53,8 @@ def check_constraint(constraint) -> tuple[str, str]:
     ok = (isinstance(constraint, (tuple, list)) and len(constraint) == 2 and constraint[0] in KINDS
           and isinstance(constraint[1], str))
     if ok and len(constraint[1]) > MAX_TEXT:  # said in the request's terms, without echoing the text
-        raise InvalidRequestError(f"the {constraint[0]} constraint is {len(constraint[1])} characters; at most "
-                                  f"{MAX_TEXT} are taken", PARAM)
+        raise InvalidRequestError(f"the structured output constraint is {len(constraint[1])} characters as "
+                                  f"compiled; at most {MAX_TEXT} are taken", PARAM)
     if not ok:
         raise InvalidRequestError(f"structured must be (kind, text) with kind one of {KINDS} and text a "
                                   f"string of at most {MAX_TEXT} characters, got {str(constraint)[:200]!r}", PARAM)

@@ -113,9 +113,10 @@ def test_check_refuses_what_serve_would_drop_or_refuse_only_at_deploy_in_autosca
 
 @pytest.mark.parametrize("option, words", [
     ("store=s3:/bucket", "neither s3://bucket[/prefix] nor a directory"),
+    ("store=S3://bucket", "write s3:// (lowercase)"),
     ("store_endpoint_url=localhost:9000", "needs its scheme: http://localhost:9000"),
     ("api_keys=/nonexistent/keys.yaml", "api_keys: cannot read API key file /nonexistent/keys.yaml"),
-], ids=["s3_one_slash", "endpoint_without_scheme", "missing_key_file"])
+], ids=["s3_one_slash", "s3_upper_case", "endpoint_without_scheme", "missing_key_file"])
 def test_check_refuses_store_uris_and_key_files_that_would_fail_the_deploy(capsys, option, words):
     assert options_main(["--check", option]) == 2
     assert words in capsys.readouterr().err
@@ -129,7 +130,7 @@ def test_check_refuses_a_malformed_key_file(capsys, tmp_path):
 
 
 def test_check_notes_replicas_that_need_more_cpus_than_this_machine_has(capsys, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("deployments.placement.machine_cpus", lambda: 2)
     assert options_main(["--check", "num_replicas=2"]) == 0
     out = capsys.readouterr()
     assert out.out == "options ok\n"
@@ -143,7 +144,8 @@ def test_build_app_warns_where_the_replicas_need_more_cpus_than_this_machine_has
 
     from deployments.app import build_app
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("deployments.app.machine_cpus", lambda: 2)
+    monkeypatch.setattr("deployments.app.joins_cluster", lambda: False)
     monkeypatch.setattr("deployments.app.cluster_gpus", lambda: 0.0)
     environ = dict(os.environ)  # build_app puts Ray's defaults into it for the Ray serve run starts
     try:
@@ -154,6 +156,20 @@ def test_build_app_warns_where_the_replicas_need_more_cpus_than_this_machine_has
         os.environ.update(environ)
     assert not ray.is_initialized()
     assert "the replicas reserve 4 CPUs as they start and this machine has 2" in caplog.text
+
+
+def test_an_autoscaling_policy_is_not_imported_by_the_check(capsys):
+    """The policy module may exist only in a replica's runtime_env: the check leaves it to Serve."""
+    policy = '{"min_replicas": 1, "max_replicas": 2, "policy": {"policy_function": "not_here_module:fn"}}'
+    assert options_main(["--check", f"autoscaling_config={policy}"]) == 0
+
+
+@pytest.mark.parametrize("scaling, cpus", [
+    ({"min_replicas": 0, "max_replicas": 2}, 0.0), ({"min_replicas": 1, "initial_replicas": 2, "max_replicas": 3}, 2.0),
+], ids=["scale_from_zero", "initial_replicas"])
+def test_the_cpus_at_start_follow_the_replicas_serve_starts(scaling, cpus):
+    args = AppArgs(autoscaling_config=scaling, ingress_replicas=1, ingress_num_cpus=0.0)
+    assert args.cpus_at_start() == cpus
 
 
 def test_path_uploads_of_lora_adapters_are_off_unless_an_operator_allows_them():

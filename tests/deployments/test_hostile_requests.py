@@ -178,6 +178,13 @@ def test_stream_options_without_stream_is_400_naming_it(client, path, body):
     assert error["param"] == "stream_options" and "only allowed when stream is true" in error["message"]
 
 
+def test_an_empty_stream_options_without_stream_is_taken_as_vllm_takes_it():
+    from deployments.schemas import CompletionRequest
+
+    body = CompletionRequest.model_validate({"model": "base", "prompt": "hi", "stream_options": {}})
+    assert body.stream is False and body.stream_options is not None
+
+
 def test_a_stop_of_the_wrong_type_is_400_naming_both_types_it_takes(client):
     error = _assert_openai_error(_post_json(client, "/v1/completions", {"model": "base", "prompt": "hi", "stop": 123}),
                                  400, "invalid_request_error")
@@ -295,6 +302,29 @@ def test_every_listed_model_id_is_unique_and_routes_to_the_adapter_its_card_desc
     for card in cards:
         _post_json(client, "/v1/completions", {"model": card["id"], "prompt": "hi", "max_tokens": 2})
     assert ingress._llm.routed == [f"{card['owned_by']}/{card['root']}" for card in cards]
+
+
+@pytest.mark.parametrize("stored, headers, listed", [
+    # (owner, name, shared, made for another base model)
+    ([("beta", "foo", True, False), ("gamma", "foo", True, True)], HEADERS, ["beta/foo"]),
+    ([("acme", "foo", False, True), ("beta", "foo", True, False)], HEADERS, ["beta/foo"]),
+    ([("anonymous", "foo", False, False), ("beta", "foo", True, False)], {}, ["beta/foo"]),
+], ids=["a_sharer_not_listed_still_counts", "an_own_adapter_not_listed_still_takes_the_name", "no_tenant"])
+def test_a_listed_id_is_named_as_the_store_resolves_it_even_beside_adapters_not_listed(
+        client, ingress, tiny_adapter, tiny_checkpoint, stored, headers, listed):
+    """An adapter left out of the list (another base model; in development mode without a tenant,
+    one not shared) still takes part in how the store resolves a name: the ids are made over
+    everything, and each listed one retrieves its own card."""
+    for owner, name, shared, other_base in stored:
+        family = "mixtral" if other_base else "qwen3_moe"
+        ingress._store.put(owner, name, tiny_adapter(family, "per_expert", rank=4), tiny_checkpoint(family))
+        if shared:
+            ingress._store.share(owner, name)
+    cards = client.get("/v1/models", headers=headers).json()["data"][1:]
+    assert [card["id"] for card in cards] == listed
+    for card in cards:
+        got = client.get(f"/v1/models/{card['id']}", headers=headers)
+        assert got.status_code == 200 and got.json()["root"] == card["root"], got.text
 
 
 def test_the_base_model_card_carries_the_created_time_it_is_given(ingress):

@@ -25,7 +25,7 @@ def test_max_engine_replicas_from_replicas_or_autoscaling():
     assert AppArgs().max_engine_replicas() == 1
     assert AppArgs(num_replicas=3).max_engine_replicas() == 3
     assert AppArgs(autoscaling_config={"min_replicas": 1, "max_replicas": 5}).max_engine_replicas() == 5
-    assert AppArgs(autoscaling_config='{"min_replicas": 0}').max_engine_replicas() == 1  # Serve's max_replicas default
+    assert AppArgs(autoscaling_config='{"min_replicas": 0}').max_engine_replicas() == 1  # no max_replicas: the floor of 1
 
 
 def test_a_batch_weighs_as_many_requests_as_it_makes():

@@ -107,7 +107,7 @@ def test_a_completion_without_max_tokens_asks_for_16_and_is_refused_where_16_do_
     assert f"at most {room}" in message and "max_tokens=16" not in message and refused.value.param == "max_tokens"
 
 
-def test_logprob_entries_name_each_token_by_its_text_and_a_checkpoint_without_tokenizer_by_none(tmp_path):
+def test_logprob_entries_name_each_token_by_its_text_and_a_checkpoint_without_tokenizer_by_empty_text(tmp_path):
     server, _ = _server(tmp_path, 64)
     tok = server._engine.tokenizer
     server._token_texts = TokenTexts(tok)

@@ -322,5 +322,5 @@ def test_a_constraint_over_the_length_limit_is_refused_by_its_size_without_echoi
     with pytest.raises(InvalidRequestError) as refused:
         check_constraint(("regex", "ab" * (MAX_TEXT // 2) + "c"))
     message = str(refused.value)
-    assert message == f"the regex constraint is {MAX_TEXT + 1} characters; at most {MAX_TEXT} are taken"
+    assert message == f"the structured output constraint is {MAX_TEXT + 1} characters as compiled; at most {MAX_TEXT} are taken"
     assert refused.value.param == "structured"
