@@ -86,7 +86,9 @@ class AppArgs(ReplicaPlacement, BaseModel):
                                                "a step (chunked prefill); default: the engine's")
     max_cpu_loras: int | None = Field(default=None, ge=1, description="adapters in the pinned host "
                                       "tier; default 4 x max_loras")
-    max_cpu_lora_bytes: int = Field(default=defaults.MAX_CPU_LORA_BYTES, ge=1, description="byte bound of that tier (each "
+    max_cpu_lora_bytes: int | None = Field(default=None, ge=1, description="byte bound of that tier; default: "
+                                    f"{defaults.MAX_CPU_LORA_BYTES >> 30} GiB or a quarter of the engine host's "
+                                    "memory (its container's limit), the smaller (each "
                                     "adapter there takes its own bytes; on one GPU host memory is page-locked as "
                                     "the tier fills, never more than this plus one largest adapter per loader "
                                     "thread)")
@@ -333,8 +335,13 @@ class AppArgs(ReplicaPlacement, BaseModel):
             warmup=self.engine_warmup, async_scheduling=self.async_scheduling,
             enable_prefix_caching=self.enable_prefix_caching, prefix_cache_scope=self.prefix_cache_scope,
             lora_failure_ttl_s=self.lora_failure_ttl_s,
-            max_cpu_loras=self.max_cpu_loras, max_cpu_lora_bytes=self.max_cpu_lora_bytes,
+            max_cpu_loras=self.max_cpu_loras, max_cpu_lora_bytes=self.host_tier_bytes(),
             tensor_parallel_size=self.tensor_parallel_size, expert_parallel_size=self.expert_parallel_size, **budget)
+
+    def host_tier_bytes(self) -> int:
+        """max_cpu_lora_bytes, or its default for the host this runs on (the engine replica's)."""
+        from deployments.placement import host_memory_bytes
+        return self.max_cpu_lora_bytes or min(defaults.MAX_CPU_LORA_BYTES, host_memory_bytes() // 4)
 
     def adapter_bytes_limit(self, model_dir: Path) -> int:
         """`max_adapter_bytes`, or by default the largest adapter of max_lora_rank for the model."""

@@ -20,6 +20,16 @@ def machine_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def host_memory_bytes() -> int:
+    """This machine's memory, or its container's limit where lower (cgroup v2's memory.max)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 def joins_cluster() -> bool:
     """Whether `serve run` here will join a running Ray cluster (RAY_ADDRESS, or a `ray start` of
     this machine) rather than start an instance of this machine alone."""

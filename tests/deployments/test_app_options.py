@@ -245,14 +245,17 @@ def test_the_store_and_its_cli_accept_by_default_no_rank_the_service_cannot_serv
 
 def test_options_the_engine_also_has_share_its_defaults():
     """One default per setting (engine.defaults): an option left unset behaves as the engine's own
-    default. device (auto here, a GPU when Ray has one) and max_num_batched_tokens (None: the
-    engine's) differ on purpose."""
+    default. device (auto here, a GPU when Ray has one), max_num_batched_tokens (None: the
+    engine's) and max_cpu_lora_bytes (None: the engine's, or a quarter of a smaller host's memory)
+    differ on purpose."""
     import dataclasses
 
     from engine import EngineConfig
 
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
-    shared = sorted(set(engine_defaults) & set(AppArgs.model_fields) - {"device", "max_num_batched_tokens"})
+    on_purpose = {"device", "max_num_batched_tokens", "max_cpu_lora_bytes"}
+    shared = sorted(set(engine_defaults) & set(AppArgs.model_fields) - on_purpose)
     assert len(shared) >= 12
     assert {n: AppArgs.model_fields[n].default for n in shared} == {n: engine_defaults[n] for n in shared}
     assert AppArgs.model_fields["max_num_batched_tokens"].default is None
+    assert AppArgs.model_fields["max_cpu_lora_bytes"].default is None

@@ -1,5 +1,6 @@
 """Unit tests of the HTTP edge without Ray: auth, error mapping, schemas, limits, args."""
 import json
+import os
 
 import pytest
 
@@ -186,6 +187,22 @@ def test_app_args_defaults_and_scaling(tmp_path):
         AppArgs(max_lora_rank=0)
     with pytest.raises(UnknownOptionError, match="did you mean 'model'"):
         AppArgs(modle="typo")
+
+
+@pytest.mark.parametrize("memory, tier", [(24 << 30, 6 << 30), (1 << 40, 32 << 30)], ids=["24_gb_box", "1_tb_node"])
+def test_the_host_tiers_default_bound_is_32_gib_or_a_quarter_of_the_hosts_memory(tmp_path, monkeypatch, memory, tier):
+    """A 24 GB machine's host tier may not plan to pin 32 GiB: the default follows the host the
+    engine config is made on (the engine replica's), an operator's value is kept as given."""
+    monkeypatch.setattr("deployments.placement.host_memory_bytes", lambda: memory)
+    assert AppArgs(cache_dir=str(tmp_path), device="cpu").engine_config(tmp_path / "m").max_cpu_lora_bytes == tier
+    given = AppArgs(cache_dir=str(tmp_path), device="cpu", max_cpu_lora_bytes=48 << 30)
+    assert given.engine_config(tmp_path / "m").max_cpu_lora_bytes == 48 << 30
+
+
+def test_host_memory_is_this_machines_at_most():
+    from deployments.placement import host_memory_bytes
+
+    assert 0 < host_memory_bytes() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def test_app_args_reach_the_engine_config(tmp_path):
