@@ -4,7 +4,8 @@
     python -m deployments --check max_loras=8 ...     # validate options before starting anything
 
 No torch and no Ray cluster: `deployments.args` (Ray's Serve config only to check an
-autoscaling_config) and, for a key file, `deployments.auth`; a check takes a second. Values are the strings `serve run` would pass; AppArgs parses them.
+autoscaling_config) and, for a key file, `deployments.auth`; a check takes a second. Values
+are the strings `serve run` would pass; AppArgs parses them.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from deployments.args import AppArgs, UnknownOptionError
+from deployments.option_names import validation_error_line
 
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
@@ -67,7 +69,7 @@ def check_options(pairs: list[str]) -> str | None:
         args = AppArgs.model_validate(parse_options(pairs))
     except (UnknownOptionError, ValueError) as exc:
         if isinstance(exc, ValidationError):
-            return "\n".join(_error_line(error) for error in exc.errors())
+            return "\n".join(validation_error_line(error) for error in exc.errors())
         return str(exc)
     if args.api_keys is not None:
         from deployments.auth import KeyFileError, load_key_file
@@ -99,12 +101,6 @@ def notes(pairs: list[str]) -> list[str]:
     if model and not model.startswith(("s3://", DUMMY_PREFIX)) and not os.path.exists(os.path.expanduser(model)):
         out.append(f"model={model!r} does not exist on this machine (fine if only the engine nodes hold it)")
     return out
-
-
-def _error_line(error: dict) -> str:
-    where = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
 
 
 def build_parser() -> argparse.ArgumentParser:

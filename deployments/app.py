@@ -30,15 +30,15 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
         from deployments.auth import load_key_file
         load_key_file(args.api_keys)  # fail at deploy time, not at the first request
     replica_options = args.replica_options(cluster_gpus())
+    on_gpu = replica_options["ray_actor_options"]["num_gpus"] > 0
     if args.ingress_replicas is None:  # resolved here: the ingress replicas split tenant limits by it
-        on_gpu = replica_options["ray_actor_options"]["num_gpus"] > 0
         args = args.model_copy(update={"ingress_replicas": args.num_ingress_replicas(on_gpu)})
     ingress_options = args.ingress_options()
-    cpus = args.cpus_at_start(replica_options["ray_actor_options"]["num_gpus"] > 0)
-    if starts_ray and not joins_cluster() and cpus > machine_cpus():  # serve run starts a Ray of this machine
+    cpus, have = args.cpus_at_start(on_gpu), machine_cpus()
+    if starts_ray and not joins_cluster() and cpus > have:  # serve run starts a Ray of this machine
         logging.getLogger(__name__).warning(
             "the replicas reserve %g CPUs as they start and this machine has %d: some will wait forever; "
-            "lower ingress_replicas, ingress_num_cpus or replica_num_cpus", cpus, machine_cpus())
+            "lower ingress_replicas, ingress_num_cpus or replica_num_cpus", cpus, have)
     job_env = {} if starts_ray else dict(ray.get_runtime_context().runtime_env or {})
     with_job_env([replica_options, ingress_options], starts_ray, job_env)
     server = serve.deployment(LLMServer, name="LLMServer").options(**replica_options)

@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapter_store.defaults import default_cache_dir, default_store_uri, store_from_env
-from deployments.option_names import UnknownOptionError, unknown_key_message, unknown_option_message
+from deployments.option_names import (UnknownOptionError, unknown_key_message, unknown_option_message,
+                                      validation_error_line)
 from deployments.placement import ReplicaPlacement
 from engine import defaults
 
@@ -246,10 +247,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
         try:  # without `policy`, whose check imports the operator's policy module (maybe only a replica's)
             AutoscalingConfig(**{key: item for key, item in value.items() if key != "policy"})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            message = first["msg"].removeprefix("Value error, ")
-            raise ValueError(f"{where}: {message}" if where else message) from None
+            raise ValueError(validation_error_line(exc.errors()[0])) from None
         return value
 
     @model_validator(mode="before")

@@ -52,6 +52,11 @@ def _in_ray_actor() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
+def _made_for(info) -> dict:
+    """The base model record in an adapter version's manifest (adapter_store.validate), {} if none."""
+    return (info.manifest or {}).get("base_model") or {}
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress(AdapterRoutes):
@@ -176,11 +181,10 @@ class Ingress(AdapterRoutes):
     def _fits_base(self, info) -> bool:
         """Whether the adapter was validated against a checkpoint of the served model's shapes (an
         adapter stored without the record, by an older store, is taken to fit)."""
-        made_for = (info.manifest or {}).get("base_model") or {}
-        return made_for.get("fingerprint", self._base_fingerprint) == self._base_fingerprint
+        return _made_for(info).get("fingerprint", self._base_fingerprint) == self._base_fingerprint
 
     def _other_base(self, model: str, info) -> UnprocessableError:
-        made_for = (info.manifest or {}).get("base_model") or {}
+        made_for = _made_for(info)
         # the checkpoint's last name only: the uploader's path is not another tenant's business
         name = Path(str(made_for.get("name") or "unnamed")).name
         return UnprocessableError(

@@ -18,15 +18,25 @@ def unknown_option_message(unknown: list[str], known) -> str:
         hint = _nearest_hint(unknown[0], known)
         named = f"unknown option {unknown[0]!r}" + (f"; {hint}" if hint else "")
     else:
-        named = "unknown options " + ", ".join(
-            f"{key!r} ({hint})" if (hint := _nearest_hint(key, known)) else repr(key) for key in unknown)
+        named = "unknown options " + _with_hints(unknown, known)
     return f"{named} (python -m deployments --help lists them)"
 
 
 def unknown_key_message(unknown: list[str], known) -> str:
     """One line naming the unknown keys of a JSON option, each with its nearest of `known`."""
-    named = ", ".join(f"{key!r} ({hint})" if (hint := _nearest_hint(key, known)) else repr(key) for key in unknown)
-    return f"unknown key{'s' if len(unknown) > 1 else ''} {named}; the keys: {', '.join(known)}"
+    return f"unknown key{'s' if len(unknown) > 1 else ''} {_with_hints(unknown, known)}; the keys: {', '.join(known)}"
+
+
+def validation_error_line(error: dict) -> str:
+    """One of a pydantic ValidationError's errors as `where: message`, without pydantic's prefix."""
+    where = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+def _with_hints(unknown: list[str], known) -> str:
+    """'key' (did you mean ...?), ... for each of `unknown`; a key with no near name bare."""
+    return ", ".join(f"{key!r} ({hint})" if (hint := _nearest_hint(key, known)) else repr(key) for key in unknown)
 
 
 def _nearest_hint(key: str, known) -> str:
