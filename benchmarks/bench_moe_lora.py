@@ -263,22 +263,37 @@ def sweep_base(gen, tokens=(8, 128, 512, 2048), preset="qwen3-30b-a3b"):
     return rows
 
 
-def profile_virt(gen, tokens=(1, 512), preset="qwen3-30b-a3b"):
-    """Per-kernel device time of the virtual-expert path (n = 16)."""
+def profile_virt(gen, tokens=(1, 512), preset="qwen3-30b-a3b", adapters=(16,)) -> list[dict]:
+    """Per-kernel device time of the base and the virtual-expert path at each M and n, as the
+    default paths run them; printed and returned (us a call of fused_moe, by kernel name)."""
     d, inter, e, k = PRESETS[preset]
-    w_gate_up, w_down, lora = make_layer(d, inter, e, 16, gen)
+    w_gate_up, w_down, lora = make_layer(d, inter, e, max(adapters), gen)
+    calls, rows = 10, []
     for m in tokens:
-        hidden, tw, ids, slots = make_batch(m, d, e, k, 16, gen)
-        for label, ad in (("base", None), ("virtual n=16", lora)):
-            fused_moe(hidden, w_gate_up, w_down, tw, ids, ad, slots if ad else None)
-            torch.cuda.synchronize()
-            acts = [torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=acts) as prof:
-                for _ in range(10):
-                    fused_moe(hidden, w_gate_up, w_down, tw, ids, ad, slots if ad else None)
+        for n in adapters:
+            hidden, tw, ids, slots = make_batch(m, d, e, k, n, gen)
+            for label, ad in (("base", None), (f"virtual n={n}", lora)):
+                if label == "base" and n != adapters[0]:
+                    continue  # the base does not depend on n
+                fused_moe(hidden, w_gate_up, w_down, tw, ids, ad, slots if ad else None)
                 torch.cuda.synchronize()
-            print(f"profile {preset} M={m} {label} (10 calls)")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        fused_moe(hidden, w_gate_up, w_down, tw, ids, ad, slots if ad else None)
+                    torch.cuda.synchronize()
+                print(f"profile {preset} M={m} {label} ({calls} calls)")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+                kernels = sorted(((ev.key, ev.count // calls, _device_us(ev) / calls) for ev in prof.key_averages()
+                                  if _device_us(ev) > 0), key=lambda kv: -kv[2])
+                rows.append({"preset": preset, "M": m, "n": 0 if ad is None else n, "label": label,
+                             "us_a_call": sum(us for _, _, us in kernels),
+                             "kernels": [{"name": name, "launches": count, "us": us} for name, count, us in kernels]})
+    return rows
+
+
+def _device_us(event) -> float:
+    """A profiler average's device time (torch renamed cuda_time_total to device_time_total)."""
+    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
 
 
 def best_per_op(rows: list[dict]) -> list[tuple[tuple[int, str], dict]]:
@@ -568,8 +583,8 @@ def main():
                    "shared_outer": shared_outer(gen, args.tokens, (args.adapters or [16])[0])}, open(args.out, "w"), indent=1)
         return
     if args.profile_only:
-        for preset in args.presets:
-            profile_virt(gen, args.tokens, preset)
+        rows = [row for preset in args.presets for row in profile_virt(gen, args.tokens, preset, tuple(args.adapters or [16]))]
+        json.dump({"provenance": provenance(sys.argv), "profiles": rows}, open(args.out, "w"), indent=1)
         return
     if args.sweep_base:
         json.dump({"provenance": provenance(sys.argv), "preset": args.presets[0],

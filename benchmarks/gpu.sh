@@ -19,7 +19,8 @@
 #   engine     bench_engine.py (ENGINE_ARGS, default "--modes fused": every case, the roofline, the
 #              slot load and transformers + PEFT at 8 layers)
 #   prefill    profile_prefill.py: where case b's prefill phase goes, per engine config (PREFILL_ARGS)
-#   profile    per-kernel profile of one MoE layer (bench_moe_lora.py --profile-only) and 5 decode
+#   profile    per-kernel profile of one MoE layer (bench_moe_lora.py --profile-only KERNEL_PROFILE_ARGS, e.g.
+#              "--presets qwen3-30b-a3b olmoe --tokens 1 32 512 --adapters 16 64"; JSON) and 5 decode
 #              steps of case c through graphs and eagerly (bench_engine.py --profile)
 #   serve8     bench_serve.py, dummy:qwen3-30b-a3b at 8 layers, 16 adapters rank 16 on every
 #              expert, 16 tenants, 64 concurrent, 1024 requests of 512 -> 128 tokens, burst 500
@@ -52,7 +53,7 @@
 # Every part returns 0; its rc is printed. benchmarks/README.md has recipes (A/B of two commits).
 set -uo pipefail
 if [[ $# -eq 0 ]]; then
-  sed -n '2,52p' "$0"; exit 2
+  sed -n '2,53p' "$0"; exit 2
 fi
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -191,7 +192,8 @@ part_prefill() {
 }
 
 part_profile() {
-  bench kernel_profile 120 benchmarks/bench_moe_lora.py --profile-only --presets qwen3-30b-a3b --tokens 1 64 512 2048
+  bench kernel_profile 180 benchmarks/bench_moe_lora.py --profile-only \
+    ${KERNEL_PROFILE_ARGS:---presets qwen3-30b-a3b --tokens 1 64 512 2048} --out "$out/kernel_profile.json"
   tail -20 "$out/kernel_profile.log" | cut -c1-200
   bench engine_profile "${PROFILE_SECONDS:-420}" benchmarks/bench_engine.py --cases c_16 \
     --modes fused fused_eager --skip-hf --profile "$out/decode_trace.json" --out "$out/bench_profile.json"
