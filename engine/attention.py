@@ -86,6 +86,9 @@ def _attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, g: A
     mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, C]
     if sliding_window is not None:
         mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    seen = mask.any(dim=1)
+    # SDPA adds the mask as -inf: a NaN key there would still give NaN, so keys are zeroed too
+    keys, values = _hide_unseen(keys, seen), _hide_unseen(values, seen)
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=mask[:, None], scale=scale, enable_gqa=keys.shape[2] != q.shape[1])
@@ -111,4 +114,13 @@ def _decode_attend(q: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tenso
         visible &= k_pos[None, :] > positions[:, None] - sliding_window
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
+    values = _hide_unseen(values.transpose(1, 2), visible).transpose(1, 2)
     return torch.matmul(probs, values).reshape(num_seqs, heads, head_dim)       # [B, H, Dh]
+
+
+def _hide_unseen(values: Tensor, seen: Tensor) -> Tensor:
+    """values [B, C, ...] with the rows no query of their sequence sees (seen [B, C] False) zeroed.
+    Those rows hold what their block held before (another sequence's KV, adapter bytes the heap
+    borrowed), and a softmax weight of 0 times a NaN there is NaN: one tenant's non-finite KV
+    would reach another's output. The Triton kernels' masked loads read them as 0 too."""
+    return values.masked_fill(~seen.view(*seen.shape, *(1,) * (values.dim() - 2)), 0.0)

@@ -200,6 +200,9 @@ def paged_decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     if sliding_window is not None:
         visible &= k_pos[None, :] > positions[:, None] - sliding_window
     probs = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(dim=-1)
+    # rows a sequence does not see hold what their block held before (another sequence's KV):
+    # a weight of 0 times a NaN there is NaN, so they are zeroed, as the kernel's masked loads read them
+    values = values.masked_fill(~visible[:, None, :, None], 0.0)
     return torch.matmul(probs.to(q.dtype), values).reshape(num_seqs, num_heads, head_dim)
 
 

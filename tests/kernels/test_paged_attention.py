@@ -27,11 +27,13 @@ class Case:
     window: int | None = None
     partitions: int | None = None
     padded_row: bool = False  # the last row is a CUDA-graph pad: table of 0s, position 0
+    poisoned: bool = False  # every cache row no sequence sees holds NaN (another sequence's broken KV)
 
     @property
     def name(self) -> str:
         return (f"{self.dtype}-b{self.seqs}g{self.kv_heads}x{self.group}-d{self.head_dim}s{self.block_size}"
-                f"-w{self.window}-p{self.partitions}{'-pad' if self.padded_row else ''}")
+                f"-w{self.window}-p{self.partitions}{'-pad' if self.padded_row else ''}"
+                f"{'-nan' if self.poisoned else ''}")
 
 
 INTERP_CASES = [
@@ -46,6 +48,7 @@ INTERP_CASES = [
     # head dims and block sizes that are not powers of two (the tiny checkpoints use Dh 8)
     Case("fp32", 3, 2, 2, 8, 16), Case("fp16", 3, 1, 3, 24, 6, partitions=2),
     Case("fp16", 5, 2, 1, 16, 16, window=9, partitions=2, padded_row=True),
+    Case("fp32", 3, 2, 4, 16, 4, partitions=2, poisoned=True),
 ]
 
 
@@ -71,6 +74,18 @@ def make_inputs(case: Case, contexts, seed: int = 0, device: str = "cpu"):
     q = torch.randn(len(contexts), heads, case.head_dim, generator=gen).to(dtype)
     to = lambda t: t.to(device)  # noqa: E731
     return to(q), to(k_cache), to(v_cache), table, to(positions)
+
+
+def poison_unseen(k_cache, v_cache, block_tables, positions) -> None:
+    """NaN in every cache row that no sequence's query sees (rows up to its position), in place:
+    what a block can hold from a sequence whose adapter overflowed, before it was reused."""
+    seen = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
+    size = k_cache.shape[1]
+    for b in range(block_tables.shape[0]):
+        for j in range(int(positions[b]) + 1):
+            seen[block_tables[b, j // size], j % size] = True
+    k_cache[~seen] = float("nan")
+    v_cache[~seen] = float("nan")
 
 
 def loop_ref(q, k_cache, v_cache, block_tables, positions, scale, window=None):
@@ -102,6 +117,8 @@ def contexts_for(case: Case) -> list[int]:
 def run_case(case: Case) -> dict:
     from kernels.attention.paged_attention import paged_decode_attention
     q, k, v, table, pos = make_inputs(case, contexts_for(case), seed=case.seqs * 7 + case.head_dim)
+    if case.poisoned:
+        poison_unseen(k, v, table, pos)
     scale = case.head_dim ** -0.5
     got = paged_decode_attention(q, k, v, table, pos, scale, case.window, num_partitions=case.partitions)
     want = loop_ref(q, k, v, table, pos, scale, case.window)
@@ -144,6 +161,38 @@ def test_torch_twin_matches_fp64_loop(case):
     q, k, v, table, pos = make_inputs(case, contexts_for(case))
     got = paged_decode_attention_ref(q, k, v, table, pos, 0.3, case.window)
     assert rel_err(got, loop_ref(q, k, v, table, pos, 0.3, case.window)) <= TOL["fp32"]
+
+
+def _engine_group(table, contexts, query_lens):
+    """engine.attention's group of the sequences' last query_lens[b] tokens, and their positions."""
+    from engine.attention import AttentionGroup
+    seqs = [b for b, n in enumerate(query_lens) for _ in range(n)]
+    rows = [r for n in query_lens for r in range(n)]
+    positions = torch.tensor([contexts[b] - query_lens[b] + r for b, r in zip(seqs, rows)])
+    group = AttentionGroup(0, len(seqs), table, torch.tensor(seqs), torch.tensor(rows), max(query_lens), max(contexts))
+    return group, positions
+
+
+@pytest.mark.parametrize("query_lens", [(1, 1, 1), (3, 1, 5)], ids=["decode", "prefill"])
+def test_torch_paths_read_no_row_their_sequence_does_not_see(query_lens, monkeypatch):
+    """A NaN left in a reused block by another sequence (its adapter overflowed) must not reach
+    this sequence's output: a softmax weight of 0 times NaN is NaN, so unseen rows are zeroed."""
+    from engine.attention import ForwardBatch, paged_attention
+    from kernels.attention.paged_attention import paged_decode_attention_ref
+    case, contexts = Case("fp32", 3, 2, 4, 16, 4), [37, 6, 5]
+    _, k, v, table, _ = make_inputs(case, contexts, seed=5)
+    group, positions = _engine_group(table, contexts, query_lens)
+    q = torch.randn(group.end, case.kv_heads * case.group, case.head_dim, generator=torch.Generator().manual_seed(6))
+    monkeypatch.delenv("MOEPLEX_TRITON", raising=False)  # the torch paths
+    clean = paged_attention(q, k, v, ForwardBatch(positions, positions.clone(), [group]), 0.25)
+    last = torch.tensor(contexts) - 1
+    poison_unseen(k, v, table, last)
+    got = paged_attention(q, k, v, ForwardBatch(positions, positions.clone(), [group]), 0.25)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, clean)
+    if max(query_lens) == 1:
+        twin = paged_decode_attention_ref(q, k, v, table, last, 0.25)
+        assert torch.isfinite(twin).all() and rel_err(twin, loop_ref(q, k, v, table, last, 0.25)) <= TOL["fp32"]
 
 
 def test_bad_input_is_refused_with_a_message():
