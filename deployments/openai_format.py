@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -34,9 +35,14 @@ class ResponseBuilder:
         """OpenAI's `logprobs` of a choice from the replica's entries, one a token:
         [token text, logprob, [[alternative text, logprob], ...]]. Completions: the legacy lists
         (tokens, token_logprobs, top_logprobs as text -> logprob, text_offset); chat: `content`,
-        a list of {token, logprob, bytes, top_logprobs}. None when the request asked for none."""
+        a list of {token, logprob, bytes, top_logprobs}. None when the request asked for none.
+        A logprob that is not finite (-inf, or NaN where an adapter's weights made the logits
+        overflow) is written as LOGPROB_FLOOR: JSON has no such numbers, so a client's parser
+        would refuse the body."""
         if entries is None:
             return None
+        entries = [(text, _finite(logprob), [(t, _finite(lp)) for t, lp in alternatives])
+                   for text, logprob, alternatives in entries]
         if self.kind == COMPLETION:  # texts only, as shown: the legacy shape has no bytes
             entries = [(shown(text), logprob, [(shown(t), lp) for t, lp in alternatives])
                        for text, logprob, alternatives in entries]
@@ -119,6 +125,13 @@ def _finish_with(finish_reason: str, calls: list, plan: ToolPlan) -> str:
     """A choice that made calls finishes with "tool_calls" where it stopped of itself; under a
     named tool_choice OpenAI (and vLLM) say "stop"."""
     return "tool_calls" if calls and finish_reason == "stop" and plan.mode != "named" else finish_reason
+
+
+LOGPROB_FLOOR = -9999.0  # vLLM's floor for a logprob of -inf
+
+
+def _finite(logprob: float | None) -> float | None:
+    return logprob if logprob is None or math.isfinite(logprob) else LOGPROB_FLOOR
 
 
 def _top_by_text(text: str, logprob: float | None, alternatives: list) -> dict[str, float] | None:

@@ -120,6 +120,40 @@ def test_chat_logprobs_carry_each_tokens_utf8_bytes_and_alternatives_whole_or_st
     assert body["choices"][0]["logprobs"] == {"content": streamed, "refusal": None}
 
 
+def _strict_json(text: str):
+    """JSON as a browser's JSON.parse reads it: NaN and Infinity are no numbers there."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("kind", [COMPLETION, CHAT])
+def test_non_finite_logprobs_become_vllms_floor_so_the_body_stays_json(kind):
+    """An adapter whose weights overflow gives NaN logits: the choice still parses (it was a 500
+    from the JSON encoder, or a bare NaN in a stream), with -9999.0 as vLLM writes -inf."""
+    nan, inf = float("nan"), float("inf")
+    items = [{"text": "a", "num_tokens": 1, "token_ids": [11], "logprobs": [["a", nan, [["a", nan], ["b", -inf]]]]},
+             {"text": "c", "num_tokens": 1, "token_ids": [12], "logprobs": [["c", -inf, [["c", -inf]]]],
+              "finish_reason": "length", "prompt_tokens": 2, "completion_tokens": 2}]
+
+    async def run():
+        streamed = [line async for line in sse_events(ResponseBuilder(kind, "x-1", "m"), _aiter(items), StreamUsage())]
+        whole = await collect(ResponseBuilder(kind, "x-2", "m"), items[0], _aiter(items[1:]))
+        return streamed, whole
+    streamed, whole = asyncio.run(run())
+    chunks = [_strict_json(line[6:]) for line in streamed if line != "data: [DONE]\n\n"]
+    body = _strict_json(whole.body)
+    if kind == COMPLETION:
+        assert body["choices"][0]["logprobs"]["token_logprobs"] == [-9999.0, -9999.0]
+        assert body["choices"][0]["logprobs"]["top_logprobs"][0] == {"a": -9999.0, "b": -9999.0}
+        assert [c["choices"][0]["logprobs"]["token_logprobs"] for c in chunks] == [[-9999.0], [-9999.0]]
+    else:
+        content = body["choices"][0]["logprobs"]["content"]
+        assert [e["logprob"] for e in content] == [-9999.0, -9999.0]
+        assert [t["logprob"] for t in content[0]["top_logprobs"]] == [-9999.0, -9999.0]
+        assert [e["logprob"] for c in chunks for e in c["choices"][0]["logprobs"]["content"]] == [-9999.0, -9999.0]
+
+
 def test_items_without_logprobs_give_null_logprobs():
     assert all(chunk["choices"][0]["logprobs"] is None for chunk in _stream(COMPLETION, False) if chunk["choices"])
     assert all(chunk["choices"][0]["logprobs"] is None for chunk in _stream(CHAT, False) if chunk["choices"])
