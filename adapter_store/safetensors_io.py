@@ -130,16 +130,36 @@ def _check_layout(entries: list[TensorEntry], data_start: int, file_size: int) -
         raise _bad(f"data section ends at byte {cursor} but the file has {file_size}")
 
 
-def count_non_finite(path: Path, entry: TensorEntry) -> int:
-    """Number of NaN/Inf values in one tensor, read in chunks through a memory map."""
+@dataclass(frozen=True, slots=True)
+class ValueScan:
+    non_finite: int  # NaN/Inf values
+    max_abs: float  # the largest magnitude among the finite values (0.0 when none)
+
+
+# the float type each stored dtype's bits read back as (bf16: its bits are an fp32's top half)
+_AS_FLOAT = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<f4")}
+
+
+def scan_values(path: Path, entry: TensorEntry) -> ValueScan:
+    """NaN/Inf count and largest finite magnitude of one tensor, read in chunks through a memory
+    map, on the raw bits: an IEEE float's magnitude orders as its bits without the sign do."""
     view, mask, itemsize = FLOAT_DTYPES[entry.dtype]
     count = (entry.end - entry.begin) // itemsize
     if count == 0:
-        return 0
+        return ValueScan(0, 0.0)
+    magnitude_bits = view.type((1 << (8 * itemsize - 1)) - 1)
+    exponent = view.type(mask)
     data = np.memmap(path, dtype=view, mode="r", offset=entry.begin, shape=(count,))
-    bad = 0
+    bad, largest = 0, view.type(0)
     for start in range(0, count, _CHUNK_ELEMENTS):
-        chunk = data[start:start + _CHUNK_ELEMENTS]
-        bad += int(np.count_nonzero((chunk & view.type(mask)) == view.type(mask)))
+        magnitudes = data[start:start + _CHUNK_ELEMENTS] & magnitude_bits
+        finite = (magnitudes & exponent) != exponent
+        non_finite = int(np.count_nonzero(~finite))
+        bad += non_finite
+        if non_finite < magnitudes.size:
+            largest = max(largest, magnitudes[finite].max())
     del data
-    return bad
+    bits = np.array([largest], dtype=view)
+    if entry.dtype == "BF16":
+        bits = bits.astype("<u4") << 16
+    return ValueScan(bad, float(bits.view(_AS_FLOAT[entry.dtype])[0]))

@@ -20,7 +20,7 @@ from adapter_store.formats import (
     compile_module_pattern, expected_shape, match_module_pattern, parse_lora_key, pattern_module_name,
 )
 from adapter_store.limits import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_VERSIONS_PER_ADAPTER, max_header_bytes
-from adapter_store.safetensors_io import TensorEntry, count_non_finite, read_header
+from adapter_store.safetensors_io import TensorEntry, ValueScan, read_header, scan_values
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -103,7 +103,11 @@ def validate_adapter(src_dir: str | Path, base_model_dir: str | Path,
     except PatternTimeoutError as exc:
         _bad_config(str(exc))
     _check_pairs(keys, entries)
-    _check_finite(src / WEIGHTS_FILE, entries)
+    scans = _check_finite(src / WEIGHTS_FILE, entries)
+    try:
+        _check_scaled(config, keys, entries, scans)
+    except PatternTimeoutError as exc:
+        _bad_config(str(exc))
     return AdapterSummary(
         rank=max(rank for _, rank in keys), num_tensors=len(entries),
         targets=sorted({k.module for k, _ in keys}), layout=_layout([k for k, _ in keys]),
@@ -144,10 +148,26 @@ def _read_config(src: Path) -> dict:
         found = config.get("peft_type") if isinstance(config, dict) else None
         raise ValidationError(f"{CONFIG_FILE} has peft_type {found!r}; only PEFT LoRA adapters "
                               "(peft_type \"LORA\") are served", code="not_lora")
-    if config.get("use_dora") or config.get("modules_to_save") or config.get("lora_bias"):
-        raise ValidationError(f"{CONFIG_FILE} enables DoRA, lora_bias or modules_to_save; "
-                              "only plain LoRA weights are served: train without them", code="unsupported_option")
+    enabled = [name for name in UNSERVED_OPTIONS if config.get(name)]
+    if enabled:
+        raise ValidationError(f"{CONFIG_FILE} enables {', '.join(enabled)}, which change{'s' if len(enabled) == 1 else ''} "
+                              "what the adapter computes; only plain LoRA weights are served (W x + B A x times "
+                              "its scale): train without them", code="unsupported_option")
     return config
+
+
+# PEFT LoraConfig fields that make the adapter compute something other than plain LoRA, or change
+# the base model under it: served as plain LoRA they would give another model than the one trained.
+UNSERVED_OPTIONS = (
+    "use_dora", "lora_bias", "modules_to_save",
+    "layer_replication",  # repeats layers: a deeper model than the base
+    "alora_invocation_tokens",  # activated LoRA: the delta only from its invocation tokens on
+    "use_qalora",  # pools the input by groups before A
+    "kasa_config",  # truncates the base weights' singular values, a diagonal between A and B
+    "use_bdlora",  # block-diagonal factors
+    "arrow_config",  # routes tokens among several LoRA experts
+    "monteclora_config",  # samples the factors
+)
 
 
 def _check_config_fields(config: dict) -> None:
@@ -168,9 +188,21 @@ def _check_config_fields(config: dict) -> None:
                         "accepted: merge them into fewer regexes")
         for key in pattern:
             _check_regex(field_name, key)
+    layers = config.get("layers_to_transform")
+    if not (layers is None or _is_int(layers) or (isinstance(layers, list) and all(_is_int(v) for v in layers))):
+        _bad_config("layers_to_transform must be a layer index or a list of them")
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, str):
+        _check_regex("exclude_modules", excluded)
+    elif not _is_str_list(excluded):
+        _bad_config("exclude_modules must be a list of module names or one regex string")
     alphas = [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]
     if not all(_is_finite_number(a) for a in alphas):
         _bad_config("lora_alpha and alpha_pattern values must be finite numbers")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_str_list(value) -> bool:
@@ -229,27 +261,46 @@ def _check_tensor(entry: TensorEntry, ranks: PatternTable, targeted: "_Targets",
             "this base model", code="wrong_shape")
     if not targeted.covers(key, module_name):
         raise ValidationError(f"tensor {entry.key!r} is not covered by target_modules/target_parameters "
-                              f"of {CONFIG_FILE}: fix the config or drop the tensor", code="untargeted_key")
+                              f"(less exclude_modules, in layers_to_transform) of {CONFIG_FILE}: fix the config "
+                              "or drop the tensor", code="untargeted_key")
     return key, rank
 
 
 class _Targets:
-    """PEFT's target_modules / target_parameters test; a name list is a set, so a config
-    listing every module path costs one lookup per dotted suffix, not a scan per tensor."""
+    """PEFT's test of which modules an adapter adapts: target_modules / target_parameters, less
+    exclude_modules, in the layers of layers_to_transform. A name list is a set, so a config
+    listing every module path costs one lookup per dotted suffix, not a scan per tensor. PEFT
+    makes no LoRA module outside these, so a tensor there would not be loaded by PEFT: served, it
+    would give another model than the one trained."""
 
     def __init__(self, config: dict):
         self._params = set(config.get("target_parameters") or [])
         targets = config.get("target_modules") or []
         self._regex = targets if isinstance(targets, str) else None
         self._names = set() if self._regex is not None else set(targets)
+        excluded = config.get("exclude_modules") or []
+        self._excluded_regex = excluded if isinstance(excluded, str) else None
+        self._excluded = set() if self._excluded_regex is not None else set(excluded)
+        layers = config.get("layers_to_transform")
+        self._layers = None if layers is None else set(layers if isinstance(layers, list) else [layers])
 
     def covers(self, key, module_name: str) -> bool:
+        if self._layers is not None and key.layer not in self._layers:
+            return False
+        if self._excluded_regex is not None:
+            if match_module_pattern(self._excluded_regex, module_name, suffix=False):
+                return False
+        elif _suffix_in(module_name, self._excluded):
+            return False
         if not key.fused and self._regex is not None:
             return self._regex == "all-linear" or match_module_pattern(self._regex, module_name, suffix=False)
-        names = self._params if key.fused else self._names
-        parts = module_name.split(".")
-        # `name == t or name.endswith("." + t)`: t is one of the dotted suffixes of the name
-        return any(".".join(parts[i:]) in names for i in range(len(parts)))
+        return _suffix_in(module_name, self._params if key.fused else self._names)
+
+
+def _suffix_in(module_name: str, names: set) -> bool:
+    """`module_name == t or module_name.endswith("." + t)` for some t in names."""
+    parts = module_name.split(".")
+    return any(".".join(parts[i:]) in names for i in range(len(parts)))
 
 
 def _check_pairs(keys, entries: list[TensorEntry]) -> None:
@@ -290,13 +341,40 @@ def _check_pairs(keys, entries: list[TensorEntry]) -> None:
                                   code="unpaired_key")
 
 
-def _check_finite(path: Path, entries: list[TensorEntry]) -> None:
+def _check_finite(path: Path, entries: list[TensorEntry]) -> list[ValueScan]:
+    scans = []
     for entry in entries:
-        bad = count_non_finite(path, entry)
-        if bad:
-            raise ValidationError(f"tensor {entry.key!r} holds {bad} NaN/Inf values; fix the training "
+        scan = scan_values(path, entry)
+        if scan.non_finite:
+            raise ValidationError(f"tensor {entry.key!r} holds {scan.non_finite} NaN/Inf values; fix the training "
                                   "run (lower the learning rate, check loss scaling) and re-export",
                                   code="non_finite")
+        scans.append(scan)
+    return scans
+
+
+# The largest weight served: fp16's largest value, the narrowest dtype the engine serves in. The
+# engine folds lora_alpha / r (or / sqrt(r) with use_rslora) into B; a finite config and finite
+# weights can still make that product overflow (lora_alpha = 1e30), and the adapter's requests
+# would then fill their KV blocks with Inf and NaN.
+MAX_SERVED_WEIGHT = 65504.0
+
+
+def _check_scaled(config: dict, keys: list, entries: list[TensorEntry], scans: list[ValueScan]) -> None:
+    """Each factor as the engine serves it (B times its module's scale) within MAX_SERVED_WEIGHT."""
+    alphas = PatternTable(config.get("alpha_pattern") or {}, config["lora_alpha"])
+    rslora = bool(config.get("use_rslora"))
+    for (key, rank), entry, scan in zip(keys, entries, scans):
+        scale = 1.0
+        if key.which == "B":
+            scale = abs(alphas.value(pattern_module_name(entry.key, key))) / (math.sqrt(rank) if rslora else rank)
+        served = scan.max_abs * scale
+        if served > MAX_SERVED_WEIGHT:
+            factor = f" times lora_alpha / r = {scale:.3g}" if key.which == "B" else ""
+            raise ValidationError(
+                f"tensor {entry.key!r} reaches {scan.max_abs:.3g}{factor} = {served:.3g} as served, past "
+                f"{MAX_SERVED_WEIGHT:g}, the largest value fp16 holds: check lora_alpha / alpha_pattern "
+                "and r against the training run", code="weights_out_of_range")
 
 
 def _layout(keys) -> str:

@@ -65,6 +65,72 @@ def test_non_finite_refused(store, adapter, base_model, tmp_path, dtype, value):
     assert key in _refused(store, src, base_model, "non_finite")
 
 
+@pytest.mark.parametrize("changes,side", [
+    ({"lora_alpha": 1e30}, "lora_B"),  # finite, yet B x alpha / r overflows every dtype but fp32
+    ({"alpha_pattern": {"q_proj": 1e9}}, "q_proj.lora_B"),
+    ({"lora_alpha": 3e5, "use_rslora": True}, "lora_B"),  # alpha / sqrt(r): 1.5e5 a unit of B
+])
+def test_scale_that_overflows_the_served_weights_refused(store, adapter, base_model, tmp_path, changes, side):
+    """The engine folds lora_alpha / r into B: a finite config can still make served weights
+    overflow, and then the adapter's requests write Inf and NaN into the KV cache."""
+    src = edit_tensors(copy_adapter(adapter, tmp_path / "a"),  # every B value 0.5 or less
+                       lambda t: t.update({k: v.clamp(-0.5, 0.5) for k, v in t.items()}))
+    message = _refused(store, edit_config(src, **changes), base_model, "weights_out_of_range")
+    assert side in message and "lora_alpha" in message and "65504" in message
+
+
+def test_a_factor_past_fp16s_range_refused_and_a_large_scale_of_small_weights_accepted(
+        store, adapter, base_model, tmp_path):
+    src = copy_adapter(adapter, tmp_path / "a")
+    key = first_key(src, "self_attn.v_proj.lora_A")
+    edit_tensors(src, lambda t: t[key].__setitem__((1, 2), 1e6))
+    assert key in _refused(store, src, base_model, "weights_out_of_range")
+    src = edit_tensors(copy_adapter(adapter, tmp_path / "b"),
+                       lambda t: t.update({k: v.clamp(-0.5, 0.5) for k, v in t.items()}))
+    assert store.put("acme", "ad", edit_config(src, lora_alpha=1e4), base_model).manifest["rank"] == 4
+
+
+@pytest.mark.parametrize("changes", [
+    {"layer_replication": [[0, 1], [0, 1]]}, {"alora_invocation_tokens": [5, 6]}, {"use_qalora": True},
+    {"kasa_config": {"r": 4}}, {"arrow_config": {"top_k": 2}},
+])
+def test_options_that_change_what_lora_computes_refused(store, adapter, base_model, tmp_path, changes):
+    src = edit_config(copy_adapter(adapter, tmp_path / "a"), **changes)
+    assert next(iter(changes)) in _refused(store, src, base_model, "unsupported_option")
+
+
+@pytest.mark.parametrize("changes,left_out", [
+    ({"layers_to_transform": [0]}, "layers.1."),  # PEFT adapts layer 0 alone: layer 1's tensors are not its
+    ({"layers_to_transform": 1}, "layers.0."),
+    ({"exclude_modules": ["q_proj"]}, "q_proj"),
+    ({"exclude_modules": ".*experts.*"}, "experts"),
+])
+def test_tensors_of_modules_the_config_leaves_out_refused(store, adapter, base_model, tmp_path, changes, left_out):
+    """PEFT makes no LoRA module there, so it would not load those tensors: served, they would
+    make another model than the one trained."""
+    src = edit_config(copy_adapter(adapter, tmp_path / "a"), **changes)
+    message = _refused(store, src, base_model, "untargeted_key")
+    assert left_out in message and "exclude_modules" in message
+
+
+def test_layers_and_exclusions_that_cover_every_tensor_accepted(store, adapter, base_model, tmp_path):
+    src = edit_config(copy_adapter(adapter, tmp_path / "a"), layers_to_transform=[0, 1], exclude_modules=["lm_head"])
+    assert store.put("acme", "ad", src, base_model).manifest["rank"] == 4
+
+
+def test_peft_adapter_of_some_layers_less_excluded_modules_accepted(store, base_model, tmp_path):
+    """What PEFT itself saves with layers_to_transform and exclude_modules is stored as is."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        layers_to_transform=[1], layers_pattern="layers", exclude_modules=["k_proj"])
+    get_peft_model(model, config).save_pretrained(str(tmp_path / "a"))
+    info = store.put("acme", "ad", tmp_path / "a", base_model)
+    assert info.manifest["targets"] == ["o_proj", "q_proj", "v_proj"]
+
+
 def test_bf16_adapter_accepted(store, adapter, base_model, tmp_path):
     src = edit_tensors(copy_adapter(adapter, tmp_path / "a"),
                        lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
@@ -183,6 +249,8 @@ def test_adapter_for_another_base_model_refused(store, tiny_adapter, tiny_checkp
     {"alpha_pattern": {"q_proj": float("nan")}},
     {"alpha_pattern": ["q_proj"]},
     {"rank_pattern": {"q" * 300: 4}},  # over MAX_PATTERN_CHARS
+    {"layers_to_transform": ["0"]},
+    {"exclude_modules": {"q_proj": 1}},
 ])
 def test_malformed_config_refused(store, adapter, base_model, tmp_path, changes):
     """A hostile adapter_config.json gets a typed refusal, never a crash or a stored adapter."""
