@@ -1,6 +1,8 @@
 """OpenAI-compatible request and response bodies (pydantic: the HTTP edge only)."""
 from __future__ import annotations
 
+import functools
+import typing
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
@@ -17,16 +19,46 @@ from deployments.tool_calls import ToolPlan, tool_plan
 from engine.sampling_params import MAX_LOGPROBS
 
 
-class StreamOptions(BaseModel):
+class _Lenient(BaseModel):
+    """Strict fields (`"max_tokens": true` or `"stream": "yes"` are mistakes to report, not values
+    to coerce), with two readings OpenAI's and vLLM's clients rely on: null for a field that has a
+    default is that default (OpenAI's spec makes them nullable; SDK wrappers send unset options as
+    null), and a whole float for an integer field is that integer (`"max_tokens": 16.0`, as vLLM's
+    lax parsing takes it)."""
     model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_and_whole_floats(cls, data):
+        if not isinstance(data, dict):
+            return data
+        defaulted, integers = _lenient_fields(cls)
+        if not any((v is None and k in defaulted) or (isinstance(v, float) and k in integers) for k, v in data.items()):
+            return data
+        return {k: (int(v) if isinstance(v, float) and k in integers and v.is_integer() else v)
+                for k, v in data.items() if not (v is None and k in defaulted)}
+
+
+@functools.cache
+def _lenient_fields(model: type[BaseModel]) -> tuple[frozenset[str], frozenset[str]]:
+    """(fields whose default is not None, fields typed int or int | None) of a model."""
+    defaulted, integers = set(), set()
+    for name, info in model.model_fields.items():
+        if not info.is_required() and info.default is not None:
+            defaulted.add(name)
+        if info.annotation is int or set(typing.get_args(info.annotation)) == {int, type(None)}:
+            integers.add(name)
+    return frozenset(defaulted), frozenset(integers)
+
+
+class StreamOptions(_Lenient):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk's counts so far
 
 
-class _Body(BaseModel):
+class _Body(_Lenient):
     # Unknown OpenAI fields (user, metadata, ...) are accepted and ignored, as the SDK sends them;
-    # fields that would change the output and are not supported are refused (below). Strict:
-    # `"max_tokens": true` or `"stream": "yes"` are mistakes to report, not values to coerce.
+    # fields that would change the output and are not supported are refused (below).
     model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")

@@ -359,6 +359,26 @@ def test_no_op_values_of_unsupported_fields_are_served(client, ingress):
     assert ingress._llm.model_ids == [""]
 
 
+def test_null_for_a_field_with_a_default_is_the_default_and_a_whole_float_an_integer(http, ingress):
+    """OpenAI's spec makes these nullable and vLLM declares them Optional: clients that send unset
+    options as null were refused with a 400 on every request."""
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "presence_penalty": None,
+             "frequency_penalty": None, "top_k": None, "repetition_penalty": None}
+    chat = http.post("/v1/chat/completions", headers=HEADERS, json={
+        "model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3.0, "seed": 7.0, **nulls})
+    completion = http.post("/v1/completions", headers=HEADERS, json={
+        "model": BASE, "prompt": "hi", "max_tokens": 3, "echo": None, "stream": True,
+        "stream_options": {"include_usage": None}, **{k: v for k, v in nulls.items() if k != "stream"}})
+    assert chat.status_code == 200 and completion.status_code == 200, (chat.text, completion.text)
+    sent = [p["sampling"] for p in ingress._llm.payloads]
+    assert [(p["temperature"], p["top_p"], p["top_k"], p["seed"]) for p in sent] == [(1.0, 1.0, 0, 7), (1.0, 1.0, 0, None)]
+    assert ingress._llm.payloads[0]["max_tokens"] == 3 and type(ingress._llm.payloads[0]["max_tokens"]) is int
+    assert completion.text.endswith("data: [DONE]\n\n") and '"usage"' not in completion.text
+    for body, param in (({"max_tokens": 3.5}, "max_tokens"), ({"model": None}, "model"), ({"stream": "yes"}, "stream")):
+        refused = http.post("/v1/completions", headers=HEADERS, json={"model": BASE, "prompt": "hi", **body})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+
+
 def test_add_special_tokens_reaches_the_replica_with_vllms_default_for_each_route(client, ingress):
     messages = [{"role": "user", "content": "hi"}]
     _complete(client, BASE)

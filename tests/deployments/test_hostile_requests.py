@@ -80,7 +80,7 @@ def _assert_openai_error(response, status: int, error_type: str) -> dict:
     {"logit_bias": {"1" * 4400: 5}},
     {"prompt": "hello \ud800 world"},
     {"stop": ["\udfff"]},
-], ids=["max_tokens_bool", "stream_str", "n_float", "seed_str", "include_usage_int", "bias_superscript",
+], ids=["max_tokens_bool", "stream_str", "n_fraction", "seed_str", "include_usage_int", "bias_superscript",
         "bias_fullwidth", "bias_4400_digits", "prompt_surrogate", "stop_surrogate"])
 def test_malformed_completion_fields_are_400_before_the_replica(client, fields):
     body = {"model": "base", "prompt": "hello", "max_tokens": 4, **fields}
