@@ -66,7 +66,8 @@ async def collect_choices(builders: list[ResponseBuilder], firsts: list[dict], s
 
 async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], streams: list,
                         usage: StreamUsage, n: int | None = None) -> AsyncIterator[str]:
-    """SSE lines of every choice's chunks in the order they come, then the usage and [DONE]."""
+    """SSE lines of every choice's chunks in the order they come, then the usage and [DONE]; a
+    choice that fails ends the stream with its error event and [DONE]."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, first: dict, items) -> None:
@@ -84,8 +85,9 @@ async def merged_events(builders: list[ResponseBuilder], firsts: list[dict], str
     try:
         while any(item is None for item in last):
             index, item = await queue.get()
-            if "error" in item:
+            if "error" in item:  # the error event, then [DONE] as one choice's stream ends (sse_events)
                 yield error_line(item)
+                yield sse("[DONE]")
                 return
             line = chunk_line(builders[index], item, not started[index], usage)
             if line is not None:

@@ -104,10 +104,11 @@ def test_a_stream_interleaves_the_choices_then_sends_the_usage_once_all_finished
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
 
 
-def test_a_choice_failing_mid_stream_ends_the_stream_with_its_error_and_cancels_the_others():
+def test_a_choice_failing_mid_stream_ends_the_stream_with_its_error_then_done_and_cancels_the_others():
+    """[DONE] follows the error as it does with one choice: clients that wait for it hung."""
     streams = [Stream([item("a")], fail=RuntimeError("replica died")), Stream([item("c")], hang=True)]
     lines = _lines(streams)
-    assert "error" in json.loads(lines[-1][6:]) and streams[1].cancelled
+    assert "error" in json.loads(lines[-2][6:]) and lines[-1] == "data: [DONE]\n\n" and streams[1].cancelled
 
 
 def test_a_client_leaving_cancels_every_choice_still_decoding():
