@@ -12,7 +12,8 @@ from fastapi import Request
 from fastapi.responses import PlainTextResponse
 from ray import serve
 
-from adapter_store.errors import AdapterNotFoundError
+from adapter_store.errors import AdapterNotFoundError, InvalidNameError
+from adapter_store.names import parse_ref
 
 from deployments.errors import BadRequestError, NotFoundError, PermissionDeniedError
 from deployments.http_app import api
@@ -116,11 +117,21 @@ class AdapterRoutes:
 
     @api.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request, version: str | None = None):
+        """One version (`?version=` or `name@version` in the path, as GET takes it) or the whole
+        adapter; `owner/name` names the caller's own only: another tenant's is not found here."""
+        tenant = self._auth.tenant_of(request.headers)
+        ref = name if version is None else f"{name}@{version}"
         try:
-            await self._delete(self._auth.tenant_of(request.headers), name, version)
+            parsed = parse_ref(ref)
+        except InvalidNameError as exc:
+            raise BadRequestError(str(exc), code="invalid_name") from exc
+        if parsed.owner not in (None, tenant):
+            raise _no_such_adapter(ref)
+        try:
+            await self._delete(tenant, parsed.name, parsed.version)
         except AdapterNotFoundError as exc:
-            raise _no_such_adapter(name if version is None else f"{name}@{version}") from exc
-        return {"id": name, "object": "adapter", "deleted": True}
+            raise _no_such_adapter(ref) from exc
+        return {"id": ref, "object": "adapter", "deleted": True}
 
     @api.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest, request: Request):

@@ -267,6 +267,24 @@ def test_unload_lora_adapter_deletes_it_for_every_replica(http, client, ingress,
     assert again.status_code == 404 and again.json()["error"]["param"] == "lora_name"
 
 
+def test_delete_takes_name_at_version_in_the_path_as_get_does(http, ingress, tiny_adapter):
+    first = _put(ingress, "acme", "style", tiny_adapter("qwen3_moe", "per_expert", rank=4))
+    second = _put(ingress, "acme", "style", tiny_adapter("qwen3_moe", "per_expert", rank=4))
+    assert http.get(f"/v1/adapters/style@{first.version}", headers=HEADERS).status_code == 200
+    gone = http.delete(f"/v1/adapters/style@{first.version}", headers=HEADERS)
+    assert gone.status_code == 200 and gone.json()["id"] == f"style@{first.version}", gone.text
+    assert [v.version for v in ingress._store.list_versions("acme", "style")] == [second.version]
+    again = http.delete(f"/v1/adapters/style@{first.version}", headers=HEADERS)
+    assert again.status_code == 404 and again.json()["error"]["param"] is None
+    # owner/name: the caller's own is deleted, another tenant's is not found (never deleted)
+    other = http.delete("/v1/adapters/acme/style", headers={"X-Tenant-Id": "globex"})
+    assert other.status_code == 404 and ingress._store.list_adapters("acme")
+    assert http.delete("/v1/adapters/acme/style", headers=HEADERS).status_code == 200
+    assert ingress._store.list_adapters("acme") == []
+    bad = http.delete("/v1/adapters/a..b", headers=HEADERS)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_name", bad.text
+
+
 @pytest.mark.parametrize("lora_path,code", [
     ("s3://bucket/adapters/sql", "invalid_request_body"),
     ("relative/dir", "invalid_request_body"),
