@@ -131,7 +131,7 @@ def _map_engine_error(exc: BaseException) -> APIError | None:
     from engine.errors import AdapterLoadError, EngineError, InvalidRequestError
 
     if isinstance(exc, InvalidRequestError):
-        return BadRequestError(str(exc), code="invalid_request", param=exc.param)
+        return BadRequestError(str(exc), code=exc.code or "invalid_request", param=exc.param)
     if isinstance(exc, AdapterLoadError):
         return UnprocessableError(str(exc), code="adapter_load_failed", param="model")
     if isinstance(exc, EngineError):

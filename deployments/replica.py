@@ -160,11 +160,12 @@ class LLMServer:
             if request.get("max_tokens") is None:  # the client sent none: say which default did not fit
                 raise InvalidRequestError(
                     f"{context}, leaving {room} for output, less than the {max_tokens} a completion "
-                    f"gets when {field} is not given; send {field} of at most {room}", field)
+                    f"gets when {field} is not given; send {field} of at most {room}", field,
+                    code="max_tokens_too_large")
             raise InvalidRequestError(
                 f"{field}={max_tokens} is too large: {context} "
                 f"({max_tokens} > {self._args.max_model_len} - {len(prompt)}); ask for at most {room}",
-                field)
+                field, code="max_tokens_too_large")
         return prompt, self._sampling_params(request, max_tokens)
 
     def _last_tokens(self, request: dict, keep: int) -> list[int]:

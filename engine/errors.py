@@ -8,11 +8,12 @@ class EngineError(RuntimeError):
 class InvalidRequestError(EngineError, ValueError):
     """A request carries values the engine cannot serve; the message says what to fix, and
     `param`, where one field is at fault, names it as SamplingParams (vLLM's names) or the input
-    ("prompt", "model") does; the HTTP layer renames it where the request spelt it otherwise."""
+    ("prompt", "model") does; the HTTP layer renames it where the request spelt it otherwise.
+    `code`, where set, is the error's code in the HTTP answer (OpenAI's error JSON)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 class AdapterLoadError(EngineError):

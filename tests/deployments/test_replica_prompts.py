@@ -91,7 +91,8 @@ def test_max_tokens_past_the_room_the_prompt_leaves_is_refused_naming_the_field_
     with pytest.raises(InvalidRequestError) as refused:
         server._prepare(request)
     error = _error_item("r", refused.value, request)["error"]
-    assert error["status"] == 400 and error["param"] == field
+    # the code the ingress gives max_tokens past the whole context: one failure, one code
+    assert error["status"] == 400 and error["param"] == field and error["code"] == "max_tokens_too_large"
     assert f"{field}={room + 1} is too large" in error["message"] and f"at most {room}" in error["message"]
 
 
