@@ -16,7 +16,7 @@ import regex
 
 from adapter_store.errors import LimitExceededError, ValidationError
 from adapter_store.formats import (
-    SHARED_SIDE, ModelShape, PatternTable, PatternTimeoutError, UnknownKeyError,
+    ATTENTION_MODULES, SHARED_SIDE, ModelShape, PatternTable, PatternTimeoutError, UnknownKeyError,
     compile_module_pattern, expected_shape, match_module_pattern, parse_lora_key, pattern_module_name,
 )
 from adapter_store.limits import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_VERSIONS_PER_ADAPTER, max_header_bytes
@@ -77,6 +77,17 @@ def load_base_model(base_model_dir: str | Path) -> tuple[ModelShape, dict]:
                    "name": config.get("_name_or_path") or str(Path(base_model_dir).resolve().name)}
 
 
+def dense_mlp_layers(base_model_dir: str | Path) -> frozenset[int]:
+    """The layers of the base model with a dense MLP instead of experts: Qwen3-MoE's mlp_only_layers,
+    and the layers decoder_sparse_step skips (the engine's rule, engine.models.spec._dense_layers)."""
+    config = json.loads((Path(base_model_dir) / "config.json").read_text())
+    if config.get("model_type") != "qwen3_moe":
+        return frozenset()
+    step = config.get("decoder_sparse_step") or 1
+    only = set(config.get("mlp_only_layers") or ())
+    return frozenset(i for i in range(int(config["num_hidden_layers"])) if i in only or (i + 1) % step != 0)
+
+
 def validate_adapter(src_dir: str | Path, base_model_dir: str | Path,
                      limits: StoreLimits) -> AdapterSummary:
     """Check an adapter directory; raise ValidationError (or a subclass) on any fault."""
@@ -93,13 +104,14 @@ def validate_adapter(src_dir: str | Path, base_model_dir: str | Path,
     _check_config_fields(config)
     _check_config_ranks(config, limits)
     shape, base = load_base_model(base_model_dir)
+    dense = dense_mlp_layers(base_model_dir)
     entries = read_header(src / WEIGHTS_FILE, max_header_bytes(shape))
     if not entries:
         raise ValidationError(f"{WEIGHTS_FILE} holds no tensors", code="empty_adapter")
     try:
         ranks = PatternTable(config.get("rank_pattern") or {}, config["r"])
         targeted = _Targets(config)
-        keys = [_check_tensor(e, ranks, targeted, shape) for e in entries]
+        keys = [_check_tensor(e, ranks, targeted, shape, dense) for e in entries]
     except PatternTimeoutError as exc:
         _bad_config(str(exc))
     _check_pairs(keys, entries)
@@ -244,13 +256,18 @@ def _check_config_ranks(config: dict, limits: StoreLimits) -> None:
                                  f"{limits.max_rank}; retrain with r <= {limits.max_rank}", code="rank_too_high")
 
 
-def _check_tensor(entry: TensorEntry, ranks: PatternTable, targeted: "_Targets", shape: ModelShape):
+def _check_tensor(entry: TensorEntry, ranks: PatternTable, targeted: "_Targets", shape: ModelShape,
+                  dense: frozenset[int] = frozenset()):
     try:
         key = parse_lora_key(entry.key, entry.shape, shape)
     except UnknownKeyError as exc:
         raise ValidationError(f"{exc}; the adapter must target only attention q/k/v/o and the "
                               "experts of this base model (no router, lm_head or embeddings)",
                               code="unknown_key") from None
+    if key.layer in dense and key.module not in ATTENTION_MODULES:
+        raise ValidationError(f"tensor {entry.key!r} adapts experts of layer {key.layer}, which has a dense "
+                              "MLP in this base model (mlp_only_layers / decoder_sparse_step): it has no experts",
+                              code="unknown_key")
     module_name = pattern_module_name(entry.key, key)
     rank = ranks.value(module_name)
     want = expected_shape(key, rank, shape)

@@ -131,6 +131,18 @@ def test_peft_adapter_of_some_layers_less_excluded_modules_accepted(store, base_
     assert info.manifest["targets"] == ["o_proj", "q_proj", "v_proj"]
 
 
+@pytest.mark.parametrize("dense", [{"mlp_only_layers": [0]}, {"decoder_sparse_step": 2}])
+def test_expert_tensors_on_a_dense_mlp_layer_refused(store, adapter, base_model, tmp_path, dense):
+    """Qwen3-MoE layers with a dense MLP have no experts: the engine refused such an adapter at every
+    load, each request a 422; the upload is where to say so."""
+    import json
+    import shutil
+    base = shutil.copytree(base_model, tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **dense}))
+    assert "layer 0, which has a dense MLP" in _refused(store, adapter, base, "unknown_key")
+
+
 def test_bf16_adapter_accepted(store, adapter, base_model, tmp_path):
     src = edit_tensors(copy_adapter(adapter, tmp_path / "a"),
                        lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
