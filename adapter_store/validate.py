@@ -72,15 +72,22 @@ def load_base_model(base_model_dir: str | Path) -> tuple[ModelShape, dict]:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValidationError(f"base model config {path} is not usable: {exc}", code="bad_base_model") from None
     record = dataclasses.asdict(shape)
+    dense = _dense_layers_of(config)
+    if dense:  # only where there are some: every other base keeps the digest its adapters carry
+        record["dense_mlp_layers"] = sorted(dense)
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return shape, {"model_type": shape.family, "fingerprint": digest,
                    "name": config.get("_name_or_path") or str(Path(base_model_dir).resolve().name)}
 
 
 def dense_mlp_layers(base_model_dir: str | Path) -> frozenset[int]:
-    """The layers of the base model with a dense MLP instead of experts: Qwen3-MoE's mlp_only_layers,
-    and the layers decoder_sparse_step skips (the engine's rule, engine.models.spec._dense_layers)."""
-    config = json.loads((Path(base_model_dir) / "config.json").read_text())
+    """The layers of the base model with a dense MLP instead of experts."""
+    return _dense_layers_of(json.loads((Path(base_model_dir) / "config.json").read_text()))
+
+
+def _dense_layers_of(config: dict) -> frozenset[int]:
+    """Qwen3-MoE's mlp_only_layers, and the layers decoder_sparse_step skips (the engine's rule,
+    engine.models.spec._dense_layers)."""
     if config.get("model_type") != "qwen3_moe":
         return frozenset()
     step = config.get("decoder_sparse_step") or 1
@@ -160,6 +167,12 @@ def _read_config(src: Path) -> dict:
         found = config.get("peft_type") if isinstance(config, dict) else None
         raise ValidationError(f"{CONFIG_FILE} has peft_type {found!r}; only PEFT LoRA adapters "
                               "(peft_type \"LORA\") are served", code="not_lora")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise ValidationError(f"{CONFIG_FILE} has init_lora_weights {init!r}: such an adapter expects a base model "
+                              "whose weights its initialisation changed. Convert it to plain LoRA on the original "
+                              "base (PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)) "
+                              "and upload that", code="unsupported_option")
     enabled = [name for name in UNSERVED_OPTIONS if config.get(name)]
     if enabled:
         raise ValidationError(f"{CONFIG_FILE} enables {', '.join(enabled)}, which change{'s' if len(enabled) == 1 else ''} "
@@ -168,6 +181,10 @@ def _read_config(src: Path) -> dict:
     return config
 
 
+# init_lora_weights that subtract the adapter's start from the base weights (PiSSA, CorDA, OLoRA) or
+# quantise them (LoftQ): unless converted (which saves init_lora_weights true), the adapter is a
+# delta over another base than the one served
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
 # PEFT LoraConfig fields that make the adapter compute something other than plain LoRA, or change
 # the base model under it: served as plain LoRA they would give another model than the one trained.
 UNSERVED_OPTIONS = (
@@ -298,20 +315,29 @@ class _Targets:
         excluded = config.get("exclude_modules") or []
         self._excluded_regex = excluded if isinstance(excluded, str) else None
         self._excluded = set() if self._excluded_regex is not None else set(excluded)
-        layers = config.get("layers_to_transform")
-        self._layers = None if layers is None else set(layers if isinstance(layers, list) else [layers])
+        self._matched: dict[tuple[str, str], bool] = {}  # (regex, module name) -> match: A and B share one
+        layers = config.get("layers_to_transform")  # PEFT: None or [] is every layer
+        self._layers = set(layers if isinstance(layers, list) else [layers]) if layers not in (None, []) else None
 
     def covers(self, key, module_name: str) -> bool:
-        if self._layers is not None and key.layer not in self._layers:
-            return False
+        if key.fused:  # PEFT matches target_parameters by suffix alone: no exclusions, no layer test
+            return _suffix_in(module_name, self._params)
         if self._excluded_regex is not None:
-            if match_module_pattern(self._excluded_regex, module_name, suffix=False):
+            if self._match(self._excluded_regex, module_name):
                 return False
         elif _suffix_in(module_name, self._excluded):
             return False
-        if not key.fused and self._regex is not None:
-            return self._regex == "all-linear" or match_module_pattern(self._regex, module_name, suffix=False)
-        return _suffix_in(module_name, self._params if key.fused else self._names)
+        if self._regex is not None:
+            return self._regex == "all-linear" or self._match(self._regex, module_name)
+        if module_name in self._names:  # a whole path is taken as named, whatever its layer (PEFT)
+            return True
+        return _suffix_in(module_name, self._names) and (self._layers is None or key.layer in self._layers)
+
+
+    def _match(self, pattern: str, module_name: str) -> bool:
+        if (pattern, module_name) not in self._matched:
+            self._matched[(pattern, module_name)] = match_module_pattern(pattern, module_name, suffix=False)
+        return self._matched[(pattern, module_name)]
 
 
 def _suffix_in(module_name: str, names: set) -> bool:
@@ -378,20 +404,36 @@ MAX_SERVED_WEIGHT = 65504.0
 
 
 def _check_scaled(config: dict, keys: list, entries: list[TensorEntry], scans: list[ValueScan]) -> None:
-    """Each factor as the engine serves it (B times its module's scale) within MAX_SERVED_WEIGHT."""
+    """Each factor as the engine serves it (B times its module's scale) within MAX_SERVED_WEIGHT, and
+    each scale finite in fp32, where the engine multiplies (an all-zero B times an infinite scale is
+    NaN). A shared-outer layer's one down B serves every expert at that expert's own scale
+    (engine.lora.adapter, which then keeps it per expert): the largest of its experts' scales."""
     alphas = PatternTable(config.get("alpha_pattern") or {}, config["lora_alpha"])
     rslora = bool(config.get("use_rslora"))
+    divisor = "sqrt(r)" if rslora else "r"
+    experts: dict[tuple, list[str]] = {}  # (layer, module) -> its experts' module names
+    for (key, _), entry in zip(keys, entries):
+        if key.expert is not None and not key.shared:
+            experts.setdefault((key.layer, key.module), []).append(pattern_module_name(entry.key, key))
     for (key, rank), entry, scan in zip(keys, entries, scans):
         scale = 1.0
         if key.which == "B":
-            scale = abs(alphas.value(pattern_module_name(entry.key, key))) / (math.sqrt(rank) if rslora else rank)
+            names = experts.get((key.layer, key.module), []) if key.shared else [pattern_module_name(entry.key, key)]
+            alpha = max((abs(alphas.value(name)) for name in names), default=0.0)
+            scale = alpha / (math.sqrt(rank) if rslora else rank)
+            if scale > FP32_MAX:
+                raise ValidationError(f"tensor {entry.key!r} is scaled by lora_alpha / {divisor} = {scale:.3g}, past "
+                                      "fp32's range: check lora_alpha / alpha_pattern", code="weights_out_of_range")
         served = scan.max_abs * scale
         if served > MAX_SERVED_WEIGHT:
-            factor = f" times lora_alpha / r = {scale:.3g}" if key.which == "B" else ""
+            factor = f" times lora_alpha / {divisor} = {scale:.3g}" if key.which == "B" else ""
             raise ValidationError(
                 f"tensor {entry.key!r} reaches {scan.max_abs:.3g}{factor} = {served:.3g} as served, past "
                 f"{MAX_SERVED_WEIGHT:g}, the largest value fp16 holds: check lora_alpha / alpha_pattern "
                 "and r against the training run", code="weights_out_of_range")
+
+
+FP32_MAX = 3.4028234663852886e38
 
 
 def _layout(keys) -> str:

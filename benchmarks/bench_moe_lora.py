@@ -532,7 +532,8 @@ def print_table(rows, bw):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_moe_lora.json")
+    ap.add_argument("--out", default=None, help="results JSON (default bench_moe_lora.json; kernel_profile.json "
+                    "with --profile-only)")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--adapters", nargs="*", type=int, default=None,
@@ -560,6 +561,7 @@ def main():
     ap.add_argument("--paths", nargs="*", default=[], choices=[p for p in LORA_PATHS if p != "auto"],
                     help="also time the virtual layer through each LoRA path (same run, virt/base)")
     args = ap.parse_args()
+    args.out = args.out or ("kernel_profile.json" if args.profile_only else "bench_moe_lora.json")
     if args.rows_max_parts:
         launch.ROWS_MAX_PARTS = args.rows_max_parts
     if not (args.sweep_rows or args.shared_outer or args.sweep_decode):
@@ -582,9 +584,11 @@ def main():
         json.dump({"provenance": provenance(sys.argv),
                    "shared_outer": shared_outer(gen, args.tokens, (args.adapters or [16])[0])}, open(args.out, "w"), indent=1)
         return
-    if args.profile_only:
-        rows = [row for preset in args.presets for row in profile_virt(gen, args.tokens, preset, tuple(args.adapters or [16]))]
-        json.dump({"provenance": provenance(sys.argv), "profiles": rows}, open(args.out, "w"), indent=1)
+    if args.profile_only:  # written after each preset: a run cut short keeps what it measured
+        rows = []
+        for preset in args.presets:
+            rows += profile_virt(gen, args.tokens, preset, tuple(args.adapters or [16]))
+            json.dump({"provenance": provenance(sys.argv), "profiles": rows}, open(args.out, "w"), indent=1)
         return
     if args.sweep_base:
         json.dump({"provenance": provenance(sys.argv), "preset": args.presets[0],

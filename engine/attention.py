@@ -122,5 +122,5 @@ def _hide_unseen(values: Tensor, seen: Tensor) -> Tensor:
     """values [B, C, ...] with the rows no query of their sequence sees (seen [B, C] False) zeroed.
     Those rows hold what their block held before (another sequence's KV, adapter bytes the heap
     borrowed), and a softmax weight of 0 times a NaN there is NaN: one tenant's non-finite KV
-    would reach another's output. The Triton kernels' masked loads read them as 0 too."""
+    would reach another's output. The Triton kernels' masked loads never read another sequence's rows."""
     return values.masked_fill(~seen.view(*seen.shape, *(1,) * (values.dim() - 2)), 0.0)

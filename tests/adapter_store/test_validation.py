@@ -66,7 +66,7 @@ def test_non_finite_refused(store, adapter, base_model, tmp_path, dtype, value):
 
 
 @pytest.mark.parametrize("changes,side", [
-    ({"lora_alpha": 1e30}, "lora_B"),  # finite, yet B x alpha / r overflows every dtype but fp32
+    ({"lora_alpha": 1e30}, "lora_B"),  # finite, yet B x alpha / r is far past fp16's range
     ({"alpha_pattern": {"q_proj": 1e9}}, "q_proj.lora_B"),
     ({"lora_alpha": 3e5, "use_rslora": True}, "lora_B"),  # alpha / sqrt(r): 1.5e5 a unit of B
 ])
@@ -77,6 +77,28 @@ def test_scale_that_overflows_the_served_weights_refused(store, adapter, base_mo
                        lambda t: t.update({k: v.clamp(-0.5, 0.5) for k, v in t.items()}))
     message = _refused(store, edit_config(src, **changes), base_model, "weights_out_of_range")
     assert side in message and "lora_alpha" in message and "65504" in message
+
+
+def test_a_scale_past_fp32_refused_even_over_an_all_zero_b(store, adapter, base_model, tmp_path):
+    """The engine multiplies in fp32: 0 times an infinite scale is NaN (and an untrained expert's B is
+    all zeros, as PEFT initialises it)."""
+    src = edit_tensors(copy_adapter(adapter, tmp_path / "a"),
+                       lambda t: t.update({k: v * 0 if "lora_B" in k else v for k, v in t.items()}))
+    assert "fp32" in _refused(store, edit_config(src, lora_alpha=1e300), base_model, "weights_out_of_range")
+
+
+def test_shared_outer_b_is_checked_at_each_experts_own_scale(store, base_model, tiny_adapter, tmp_path):
+    """An alpha_pattern naming the experts scales the one shared down B per expert (the engine keeps
+    it per expert then): the check takes the largest of them, not the shared tensor's own name."""
+    src = copy_adapter(tiny_adapter("qwen3_moe", "shared_outer", rank=4), tmp_path / "a")
+    edit_config(src, alpha_pattern={r"experts\.\d+\.down_proj": 1e9})
+    assert "experts.down_proj.lora_B" in _refused(store, src, base_model, "weights_out_of_range")
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_adapters_over_a_base_their_initialisation_changed_refused(store, adapter, base_model, tmp_path, init):
+    src = edit_config(copy_adapter(adapter, tmp_path / "a"), init_lora_weights=init)
+    assert "path_initial_model_for_weight_conversion" in _refused(store, src, base_model, "unsupported_option")
 
 
 def test_a_factor_past_fp16s_range_refused_and_a_large_scale_of_small_weights_accepted(
@@ -118,6 +140,23 @@ def test_layers_and_exclusions_that_cover_every_tensor_accepted(store, adapter, 
     assert store.put("acme", "ad", src, base_model).manifest["rank"] == 4
 
 
+@pytest.mark.parametrize("options,targets", [
+    # PEFT matches target_parameters by suffix alone: fused experts of every layer are saved
+    ({"target_modules": ["q_proj"], "layers_to_transform": [0],
+      "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}, ["down", "gate_up", "q_proj"]),
+    ({"target_modules": ["q_proj", "v_proj"], "layers_to_transform": []}, ["q_proj", "v_proj"]),  # [] is every layer
+    # a whole path is taken as named, whatever layers_to_transform says
+    ({"target_modules": ["model.layers.1.self_attn.q_proj", "k_proj"], "layers_to_transform": [0]}, ["k_proj", "q_proj"]),
+], ids=["fused_experts_ignore_layers", "empty_layers_list", "whole_path_target"])
+def test_what_peft_saves_with_these_options_is_accepted(store, base_model, tmp_path, options, targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **options)).save_pretrained(str(tmp_path / "a"))
+    assert store.put("acme", "ad", tmp_path / "a", base_model).manifest["targets"] == targets
+
+
 def test_peft_adapter_of_some_layers_less_excluded_modules_accepted(store, base_model, tmp_path):
     """What PEFT itself saves with layers_to_transform and exclude_modules is stored as is."""
     from peft import LoraConfig, get_peft_model
@@ -141,6 +180,9 @@ def test_expert_tensors_on_a_dense_mlp_layer_refused(store, adapter, base_model,
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, **dense}))
     assert "layer 0, which has a dense MLP" in _refused(store, adapter, base, "unknown_key")
+    # an adapter the CLI validated against the base without dense layers is not this base's
+    from adapter_store.validate import load_base_model
+    assert load_base_model(base)[1]["fingerprint"] != load_base_model(base_model)[1]["fingerprint"]
 
 
 def test_bf16_adapter_accepted(store, adapter, base_model, tmp_path):

@@ -106,6 +106,7 @@ def test_a_completion_without_max_tokens_asks_for_16_and_is_refused_where_16_do_
     message = str(refused.value)
     assert "less than the 16 a completion gets when max_tokens is not given" in message
     assert f"at most {room}" in message and "max_tokens=16" not in message and refused.value.param == "max_tokens"
+    assert refused.value.code == "max_tokens_too_large"
 
 
 def test_logprob_entries_name_each_token_by_its_text_and_a_checkpoint_without_tokenizer_by_empty_text(tmp_path):
