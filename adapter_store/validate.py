@@ -405,7 +405,7 @@ MAX_SERVED_WEIGHT = 65504.0
 
 def _check_scaled(config: dict, keys: list, entries: list[TensorEntry], scans: list[ValueScan]) -> None:
     """Each factor as the engine serves it (B times its module's scale) within MAX_SERVED_WEIGHT, and
-    each scale finite in fp32, where the engine multiplies (an all-zero B times an infinite scale is
+    each scale too (the engine multiplies in fp32, where an all-zero B times a scale past its range is
     NaN). A shared-outer layer's one down B serves every expert at that expert's own scale
     (engine.lora.adapter, which then keeps it per expert): the largest of its experts' scales."""
     alphas = PatternTable(config.get("alpha_pattern") or {}, config["lora_alpha"])
@@ -421,9 +421,10 @@ def _check_scaled(config: dict, keys: list, entries: list[TensorEntry], scans: l
             names = experts.get((key.layer, key.module), []) if key.shared else [pattern_module_name(entry.key, key)]
             alpha = max((abs(alphas.value(name)) for name in names), default=0.0)
             scale = alpha / (math.sqrt(rank) if rslora else rank)
-            if scale > FP32_MAX:
+            if scale > MAX_SERVED_WEIGHT:  # the engine refuses such a scale at load too
                 raise ValidationError(f"tensor {entry.key!r} is scaled by lora_alpha / {divisor} = {scale:.3g}, past "
-                                      "fp32's range: check lora_alpha / alpha_pattern", code="weights_out_of_range")
+                                      f"{MAX_SERVED_WEIGHT:g}, the largest value fp16 holds: check lora_alpha / "
+                                      "alpha_pattern", code="weights_out_of_range")
         served = scan.max_abs * scale
         if served > MAX_SERVED_WEIGHT:
             factor = f" times lora_alpha / {divisor} = {scale:.3g}" if key.which == "B" else ""
@@ -432,8 +433,6 @@ def _check_scaled(config: dict, keys: list, entries: list[TensorEntry], scans: l
                 f"{MAX_SERVED_WEIGHT:g}, the largest value fp16 holds: check lora_alpha / alpha_pattern "
                 "and r against the training run", code="weights_out_of_range")
 
-
-FP32_MAX = 3.4028234663852886e38
 
 
 def _layout(keys) -> str:

@@ -119,7 +119,14 @@ def _scale(config: dict, module_name: str, rank: int) -> float:
     if int(expected) != rank:
         raise AdapterLoadError(f"{module_name}: tensors have rank {rank} but adapter_config says {expected}")
     alpha = pattern_value(module_name, config.get("alpha_pattern") or {}, config["lora_alpha"])
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    if not abs(scale) <= MAX_SCALE:  # NaN too
+        raise AdapterLoadError(f"{module_name}: lora_alpha / r = {scale:.3g} is past {MAX_SCALE:g}, the largest "
+                               "value fp16 holds: its weights would overflow (the store refuses such uploads)")
+    return scale
+
+
+MAX_SCALE = 65504.0  # adapter_store.validate.MAX_SERVED_WEIGHT: adapters stored before that check came
 
 
 def _split_fused(key: LoRAKey, a: Tensor, b: Tensor, num_experts: int, inter: int) -> dict[str, LoRAFactors]:

@@ -79,12 +79,12 @@ def test_scale_that_overflows_the_served_weights_refused(store, adapter, base_mo
     assert side in message and "lora_alpha" in message and "65504" in message
 
 
-def test_a_scale_past_fp32_refused_even_over_an_all_zero_b(store, adapter, base_model, tmp_path):
-    """The engine multiplies in fp32: 0 times an infinite scale is NaN (and an untrained expert's B is
-    all zeros, as PEFT initialises it)."""
+def test_a_scale_past_fp16s_range_refused_even_over_an_all_zero_b(store, adapter, base_model, tmp_path):
+    """The engine multiplies in fp32, where 0 times a scale past its range is NaN (and an untrained
+    expert's B is all zeros, as PEFT initialises it)."""
     src = edit_tensors(copy_adapter(adapter, tmp_path / "a"),
                        lambda t: t.update({k: v * 0 if "lora_B" in k else v for k, v in t.items()}))
-    assert "fp32" in _refused(store, edit_config(src, lora_alpha=1e300), base_model, "weights_out_of_range")
+    assert "65504" in _refused(store, edit_config(src, lora_alpha=1e300), base_model, "weights_out_of_range")
 
 
 def test_shared_outer_b_is_checked_at_each_experts_own_scale(store, base_model, tiny_adapter, tmp_path):

@@ -83,6 +83,12 @@ def test_adapter_refusals(checkpoints, adapters, tmp_path):
     save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32)}, str(alien / "adapter_model.safetensors"))
     with pytest.raises(AdapterLoadError, match="lm_head"):
         load_adapter("x", alien, spec, torch.float32, max_rank=16)
+    # stored before the store bounded it: a scale fp16 cannot hold is refused at load, not served as Inf
+    overflowing = shutil.copytree(good, tmp_path / "overflowing")
+    config = json.loads((overflowing / "adapter_config.json").read_text())
+    (overflowing / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e30}))
+    with pytest.raises(AdapterLoadError, match="65504"):
+        load_adapter("o", overflowing, spec, torch.float32, max_rank=16)
 
 
 def test_slots_bound_distinct_adapters_per_step(checkpoints, adapters):
