@@ -22,6 +22,7 @@ gate_up and down for the fused 3-D experts format (PEFT `target_parameters`).
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -275,6 +276,11 @@ def peft_module_name(key: str) -> str:
     """The module path PEFT's rank_pattern/alpha_pattern match against."""
     name = re.sub(r"^base_model\.model\.", "", key)
     return re.sub(r"\.lora_[AB]\.weight$", "", name)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """PEFT's scale of a module's delta: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
 
 
 def pattern_value(module_name: str, patterns: dict, default):

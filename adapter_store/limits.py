@@ -20,6 +20,13 @@ DEFAULT_MAX_VERSIONS_PER_ADAPTER = 16
 # its CLI accept by default: an adapter accepted at upload is one the service can load.
 DEFAULT_MAX_LORA_RANK = 16
 
+# The largest weight served: fp16's largest value, the narrowest dtype the engine serves in. The
+# engine folds lora_alpha / r (or / sqrt(r) with use_rslora) into B; a finite config and finite
+# weights can still make that product overflow (lora_alpha = 1e30), and the adapter's requests
+# would then fill their KV blocks with Inf and NaN. The store refuses such factors and scales, the
+# engine's loader such scales (for adapters stored before the store checked).
+MAX_SERVED_WEIGHT = 65504.0
+
 BYTES_PER_PARAM = 4  # float32
 HEADER_BYTES_PER_TENSOR = 256  # one safetensors header entry: key, dtype, shape, offsets
 FIXED_MARGIN_BYTES = 1 << 20  # adapter_config.json (the store caps it at 1 MiB) and the rest

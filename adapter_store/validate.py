@@ -17,9 +17,11 @@ import regex
 from adapter_store.errors import LimitExceededError, ValidationError
 from adapter_store.formats import (
     ATTENTION_MODULES, SHARED_SIDE, ModelShape, PatternTable, PatternTimeoutError, UnknownKeyError,
-    compile_module_pattern, expected_shape, match_module_pattern, parse_lora_key, pattern_module_name,
+    compile_module_pattern, expected_shape, lora_scale, match_module_pattern, parse_lora_key, pattern_module_name,
 )
-from adapter_store.limits import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_VERSIONS_PER_ADAPTER, max_header_bytes
+from adapter_store.limits import (
+    DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_VERSIONS_PER_ADAPTER, MAX_SERVED_WEIGHT, max_header_bytes,
+)
 from adapter_store.safetensors_io import TensorEntry, ValueScan, read_header, scan_values
 
 CONFIG_FILE = "adapter_config.json"
@@ -59,8 +61,9 @@ class AdapterSummary:
     base_model: dict = field(default_factory=dict)
 
 
-def load_base_model(base_model_dir: str | Path) -> tuple[ModelShape, dict]:
-    """ModelShape and fingerprint record of the checkpoint in `base_model_dir`."""
+def load_base_model(base_model_dir: str | Path) -> tuple[ModelShape, dict, frozenset[int]]:
+    """ModelShape, fingerprint record and dense-MLP layers (no experts there) of the checkpoint
+    in `base_model_dir`."""
     path = Path(base_model_dir) / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -77,12 +80,7 @@ def load_base_model(base_model_dir: str | Path) -> tuple[ModelShape, dict]:
         record["dense_mlp_layers"] = sorted(dense)
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return shape, {"model_type": shape.family, "fingerprint": digest,
-                   "name": config.get("_name_or_path") or str(Path(base_model_dir).resolve().name)}
-
-
-def dense_mlp_layers(base_model_dir: str | Path) -> frozenset[int]:
-    """The layers of the base model with a dense MLP instead of experts."""
-    return _dense_layers_of(json.loads((Path(base_model_dir) / "config.json").read_text()))
+                   "name": config.get("_name_or_path") or str(Path(base_model_dir).resolve().name)}, dense
 
 
 def _dense_layers_of(config: dict) -> frozenset[int]:
@@ -110,8 +108,7 @@ def validate_adapter(src_dir: str | Path, base_model_dir: str | Path,
             "or the number of targeted modules, or save in bf16", code="too_large")
     _check_config_fields(config)
     _check_config_ranks(config, limits)
-    shape, base = load_base_model(base_model_dir)
-    dense = dense_mlp_layers(base_model_dir)
+    shape, base, dense = load_base_model(base_model_dir)
     entries = read_header(src / WEIGHTS_FILE, max_header_bytes(shape))
     if not entries:
         raise ValidationError(f"{WEIGHTS_FILE} holds no tensors", code="empty_adapter")
@@ -274,7 +271,7 @@ def _check_config_ranks(config: dict, limits: StoreLimits) -> None:
 
 
 def _check_tensor(entry: TensorEntry, ranks: PatternTable, targeted: "_Targets", shape: ModelShape,
-                  dense: frozenset[int] = frozenset()):
+                  dense: frozenset[int]):
     try:
         key = parse_lora_key(entry.key, entry.shape, shape)
     except UnknownKeyError as exc:
@@ -396,13 +393,6 @@ def _check_finite(path: Path, entries: list[TensorEntry]) -> list[ValueScan]:
     return scans
 
 
-# The largest weight served: fp16's largest value, the narrowest dtype the engine serves in. The
-# engine folds lora_alpha / r (or / sqrt(r) with use_rslora) into B; a finite config and finite
-# weights can still make that product overflow (lora_alpha = 1e30), and the adapter's requests
-# would then fill their KV blocks with Inf and NaN.
-MAX_SERVED_WEIGHT = 65504.0
-
-
 def _check_scaled(config: dict, keys: list, entries: list[TensorEntry], scans: list[ValueScan]) -> None:
     """Each factor as the engine serves it (B times its module's scale) within MAX_SERVED_WEIGHT, and
     each scale too (the engine multiplies in fp32, where an all-zero B times a scale past its range is
@@ -420,8 +410,8 @@ def _check_scaled(config: dict, keys: list, entries: list[TensorEntry], scans: l
         if key.which == "B":
             names = experts.get((key.layer, key.module), []) if key.shared else [pattern_module_name(entry.key, key)]
             alpha = max((abs(alphas.value(name)) for name in names), default=0.0)
-            scale = alpha / (math.sqrt(rank) if rslora else rank)
-            if scale > MAX_SERVED_WEIGHT:  # the engine refuses such a scale at load too
+            scale = lora_scale(alpha, rank, rslora)
+            if scale > MAX_SERVED_WEIGHT:
                 raise ValidationError(f"tensor {entry.key!r} is scaled by lora_alpha / {divisor} = {scale:.3g}, past "
                                       f"{MAX_SERVED_WEIGHT:g}, the largest value fp16 holds: check lora_alpha / "
                                       "alpha_pattern", code="weights_out_of_range")
@@ -432,7 +422,6 @@ def _check_scaled(config: dict, keys: list, entries: list[TensorEntry], scans: l
                 f"tensor {entry.key!r} reaches {scan.max_abs:.3g}{factor} = {served:.3g} as served, past "
                 f"{MAX_SERVED_WEIGHT:g}, the largest value fp16 holds: check lora_alpha / alpha_pattern "
                 "and r against the training run", code="weights_out_of_range")
-
 
 
 def _layout(keys) -> str:

@@ -8,7 +8,6 @@ rank_pattern / alpha_pattern.
 E = experts, r = rank, D = hidden, I = expert intermediate.
 """
 import json
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,8 +16,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, expected_shape,
+from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, expected_shape, lora_scale,
                                    parse_lora_key, pattern_module_name, pattern_value)
+from adapter_store.limits import MAX_SERVED_WEIGHT
 from engine.errors import AdapterLoadError
 from engine.models.spec import ModelSpec
 
@@ -119,14 +119,11 @@ def _scale(config: dict, module_name: str, rank: int) -> float:
     if int(expected) != rank:
         raise AdapterLoadError(f"{module_name}: tensors have rank {rank} but adapter_config says {expected}")
     alpha = pattern_value(module_name, config.get("alpha_pattern") or {}, config["lora_alpha"])
-    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    if not abs(scale) <= MAX_SCALE:  # NaN too
-        raise AdapterLoadError(f"{module_name}: lora_alpha / r = {scale:.3g} is past {MAX_SCALE:g}, the largest "
-                               "value fp16 holds: its weights would overflow (the store refuses such uploads)")
+    scale = lora_scale(alpha, rank, bool(config.get("use_rslora")))
+    if not abs(scale) <= MAX_SERVED_WEIGHT:  # NaN too
+        raise AdapterLoadError(f"{module_name}: lora_alpha / r = {scale:.3g} is past {MAX_SERVED_WEIGHT:g}, the "
+                               "largest value fp16 holds: its weights would overflow (the store refuses such uploads)")
     return scale
-
-
-MAX_SCALE = 65504.0  # adapter_store.validate.MAX_SERVED_WEIGHT: adapters stored before that check came
 
 
 def _split_fused(key: LoRAKey, a: Tensor, b: Tensor, num_experts: int, inter: int) -> dict[str, LoRAFactors]:
