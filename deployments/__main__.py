@@ -87,16 +87,10 @@ def notes(pairs: list[str]) -> list[str]:
     import os
 
     from deployments.args import DUMMY_PREFIX
-    from deployments.placement import machine_cpus
 
     args = AppArgs.model_validate(parse_options(pairs))
-    out = []
     # engine replicas on CPU unless device=cuda: 2 ingress replicas each (4 on a GPU)
-    cpus, have = args.cpus_at_start(on_gpu=args.device == "cuda"), machine_cpus()
-    if cpus > have:
-        out.append(f"the replicas reserve {cpus:g} CPUs as they start and this machine has {have}: on a Ray "
-                   "instance of this machine alone some would wait forever; lower ingress_replicas, "
-                   "ingress_num_cpus or replica_num_cpus (or join a cluster with more)")
+    out = [note for note in (args.cpu_shortfall(on_gpu=args.device == "cuda"),) if note]
     model = args.model or ""
     if model and not model.startswith(("s3://", DUMMY_PREFIX)) and not os.path.exists(os.path.expanduser(model)):
         out.append(f"model={model!r} does not exist on this machine (fine if only the engine nodes hold it)")

@@ -15,7 +15,7 @@ from ray import serve
 
 from deployments.args import AppArgs
 from deployments.ingress import Ingress
-from deployments.placement import joins_cluster, machine_cpus
+from deployments.placement import joins_cluster
 from deployments.replica import LLMServer
 
 
@@ -34,11 +34,9 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
     if args.ingress_replicas is None:  # resolved here: the ingress replicas split tenant limits by it
         args = args.model_copy(update={"ingress_replicas": args.num_ingress_replicas(on_gpu)})
     ingress_options = args.ingress_options()
-    cpus, have = args.cpus_at_start(on_gpu), machine_cpus()
-    if starts_ray and not joins_cluster() and cpus > have:  # serve run starts a Ray of this machine
-        logging.getLogger(__name__).warning(
-            "the replicas reserve %g CPUs as they start and this machine has %d: some will wait forever; "
-            "lower ingress_replicas, ingress_num_cpus or replica_num_cpus", cpus, have)
+    shortfall = args.cpu_shortfall(on_gpu) if starts_ray and not joins_cluster() else None
+    if shortfall:  # serve run starts a Ray of this machine
+        logging.getLogger(__name__).warning(shortfall)
     job_env = {} if starts_ray else dict(ray.get_runtime_context().runtime_env or {})
     with_job_env([replica_options, ingress_options], starts_ray, job_env)
     server = serve.deployment(LLMServer, name="LLMServer").options(**replica_options)

@@ -63,6 +63,16 @@ class ReplicaPlacement:
         engines = scaling.get("initial_replicas", scaling.get("min_replicas", 1)) if scaling else (self.num_replicas or 1)
         return int(engines) * self.replica_num_cpus + self.num_ingress_replicas(on_gpu) * self.ingress_num_cpus
 
+    def cpu_shortfall(self, on_gpu: bool = False) -> str | None:
+        """What is wrong where the replicas reserve more CPUs as they start than this machine has
+        (a Ray instance of this machine alone leaves some waiting forever); None where they fit."""
+        cpus, have = self.cpus_at_start(on_gpu), machine_cpus()
+        if cpus <= have:
+            return None
+        return (f"the replicas reserve {cpus:g} CPUs as they start and this machine has {have}: on a Ray "
+                "instance of this machine alone some would wait forever; lower ingress_replicas, "
+                "ingress_num_cpus or replica_num_cpus (or join a cluster with more)")
+
     def num_ingress_replicas(self, on_gpu: bool = False) -> int:
         """ingress_replicas, or its default for engine replicas on a GPU (on_gpu) or on CPU.
 

@@ -144,7 +144,7 @@ def test_build_app_warns_where_the_replicas_need_more_cpus_than_this_machine_has
 
     from deployments.app import build_app
 
-    monkeypatch.setattr("deployments.app.machine_cpus", lambda: 2)
+    monkeypatch.setattr("deployments.placement.machine_cpus", lambda: 2)
     monkeypatch.setattr("deployments.app.joins_cluster", lambda: False)
     monkeypatch.setattr("deployments.app.cluster_gpus", lambda: 0.0)
     environ = dict(os.environ)  # build_app puts Ray's defaults into it for the Ray serve run starts
