@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 import ray
@@ -46,6 +46,8 @@ logger = logging.getLogger("ray.serve")
 # store.list_adapters(t) is t's own adapters, then every other tenant's shared ones: keeping
 # only the shared ones gives all shared adapters and no private one, whoever t is.
 _ANY_TENANT = "anonymous"
+# on a /v1/models answer that lists adapters from memory because the store did not answer
+STALE_LIST_HEADER = "X-Moeplex-Stale-List"
 READY_ANSWER_S = 1.0  # how long /ready reuses an engine replica's answer (Ingress._engine_ready)
 
 def _in_ray_actor() -> bool:
@@ -66,7 +68,7 @@ class Ingress(AdapterRoutes):
         from deployments.limits import TenantLimiter
         from deployments.metrics import IngressMetrics, MetricsPage, node_metrics_url
         from deployments.model_files import ensure_model
-        from deployments.resolve_cache import ResolveCache
+        from deployments.resolve_cache import LastListings, ResolveCache
 
         if args.engine_transport == "grpc":
             # Serve's replica-to-replica gRPC; the payloads and items are plain dicts, for which
@@ -88,6 +90,7 @@ class Ingress(AdapterRoutes):
                                       self._auth.max_concurrent, args.num_ingress_replicas())
         self._store = args.open_store()
         self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
+        self._listings = LastListings(self._store.list_adapters)
         self._hot = HotAdapters(args.hot_adapter_share, args.max_engine_replicas())
         self._base_dir = ensure_model(args, config_only=True)  # uploads are checked against it
         self._base_fingerprint = load_base_model(self._base_dir)[1]["fingerprint"]
@@ -151,12 +154,15 @@ class Ingress(AdapterRoutes):
 
     # ---- models and adapters ------------------------------------------------------
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
+    async def models(self, request: Request, response: Response) -> dict:
         """The base model and the adapters the caller may use; in development mode a caller
-        that names no tenant gets the base model and the shared adapters."""
+        that names no tenant gets the base model and the shared adapters. While the store is
+        unreachable, the caller's last list (LastListings) with the header STALE_LIST_HEADER."""
         no_tenant = self._auth.dev_mode and not request.headers.get(TENANT_HEADER)
         tenant = _ANY_TENANT if no_tenant else self._auth.tenant_of(request.headers)
-        adapters = await asyncio.to_thread(self._store.list_adapters, tenant)
+        adapters, stale = await self._listings.list(tenant)
+        if stale:
+            response.headers[STALE_LIST_HEADER] = "adapter store unreachable; adapters as last listed"
         # ids first, over every adapter the store resolves names among; then what is not listed
         listed = [(model_id, a) for model_id, a in self._listed_ids(adapters, tenant)
                   if self._fits_base(a) and (a.shared or not no_tenant)]

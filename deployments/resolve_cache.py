@@ -191,6 +191,47 @@ class ResolveCache:
             self._entries.popitem(last=False)
 
 
+class LastListings:
+    """The last adapter list the store gave for each tenant, as a stand-in while it is down.
+
+    /v1/models lists what a caller may use; with the store unreachable, completions keep
+    resolving adapters from `ResolveCache`'s stale answers, so the list a client reads to pick
+    one should not fail either. Every call asks the store; only on `StoreUnavailableError` is
+    the tenant's last list (fetched at most `stale_if_error_s` ago) given instead, and with
+    none that recent the error propagates. An upload or delete through this ingress forgets
+    every list (`invalidate`), as it forgets resolved names: a stand-in never hides it."""
+
+    def __init__(self, list_adapters: Callable, stale_if_error_s: float = DEFAULT_STALE_IF_ERROR_S,
+                 max_entries: int = DEFAULT_MAX_ENTRIES, clock: Callable[[], float] = time.monotonic):
+        self._list = list_adapters
+        self._stale_if_error_s = stale_if_error_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._lists: OrderedDict[str, tuple[float, list]] = OrderedDict()  # tenant -> (fetched, list)
+        self._epoch = 0
+
+    async def list(self, tenant: str) -> tuple[list, bool]:
+        """(the tenant's adapters, whether the list is a stand-in for an unavailable store)."""
+        started, epoch = self._clock(), self._epoch
+        try:
+            adapters = await asyncio.to_thread(self._list, tenant)
+        except StoreUnavailableError:
+            last = self._lists.get(tenant)
+            if last is None or self._clock() - last[0] >= self._stale_if_error_s:
+                raise
+            return last[1], True
+        if epoch == self._epoch:
+            self._lists[tenant] = (started, adapters)
+            self._lists.move_to_end(tenant)
+            while len(self._lists) > self._max_entries:
+                self._lists.popitem(last=False)
+        return adapters, False
+
+    def invalidate(self) -> None:
+        self._epoch += 1
+        self._lists.clear()
+
+
 def _answer(entry: _Entry):
     if entry.not_found is not None:
         message, code = entry.not_found  # a fresh exception per caller, no frames kept alive

@@ -477,6 +477,30 @@ def test_models_without_a_tenant_in_dev_mode_lists_base_and_shared_only(http, in
     assert [m["id"] for m in with_tenant] == [BASE, "private", "public"]
 
 
+def test_models_lists_the_last_known_adapters_while_the_store_is_unreachable(http, ingress, client,
+                                                                            tiny_adapter, monkeypatch):
+    """Completions keep resolving adapters through a store outage (ResolveCache's stand-ins), so
+    the list a client picks from keeps answering too, marked; a tenant never listed before the
+    outage, and every tenant after an upload through this ingress, get the store's 503."""
+    from adapter_store.errors import StoreUnavailableError
+    from deployments.ingress import STALE_LIST_HEADER
+    _put(ingress, "acme", "style", tiny_adapter("qwen3_moe", "per_expert", rank=4))
+    fresh = http.get("/v1/models", headers=HEADERS)
+    assert STALE_LIST_HEADER not in fresh.headers
+
+    def down(*_args):
+        raise StoreUnavailableError("S3 is unreachable; check the endpoint")
+    monkeypatch.setattr(ingress._store, "_list_children", down)
+    stale = http.get("/v1/models", headers=HEADERS)
+    assert stale.status_code == 200 and stale.headers[STALE_LIST_HEADER]
+    assert stale.json()["data"] == fresh.json()["data"]
+    assert [m.id for m in client.models.list().data] == [BASE, "style"]
+    never_listed = http.get("/v1/models", headers={"X-Tenant-Id": "globex"})
+    assert never_listed.status_code == 503 and never_listed.json()["error"]["code"] == "store_unavailable"
+    ingress._listings.invalidate()  # what an upload or delete through any ingress replica does
+    assert http.get("/v1/models", headers=HEADERS).status_code == 503
+
+
 def test_models_without_a_key_is_401_when_keys_are_configured(http, ingress):
     ingress._auth = TenantAuth(KeyFile(tenants={"acme": {"key_sha256": ["0" * 64]}}))
     assert http.get("/v1/models").status_code == 401

@@ -247,3 +247,21 @@ def test_app_args_default_and_bounds():
         AppArgs(adapter_resolve_ttl_s=-1)
     with pytest.raises(ValueError, match="ttl_s >= 0"):
         ResolveCache(lambda tenant, ref: None, -1.0)
+
+
+def test_last_listings_stand_in_for_an_unavailable_store_only_within_their_window():
+    from deployments.resolve_cache import LastListings
+    clock, down = FakeClock(), [False]
+
+    def list_adapters(tenant):
+        if down[0]:
+            raise StoreUnavailableError("S3 is unreachable; check the endpoint")
+        return [f"{tenant}-adapter"]
+    listings = LastListings(list_adapters, stale_if_error_s=60.0, clock=clock)
+    assert asyncio.run(listings.list("acme")) == (["acme-adapter"], False)
+    down[0] = True
+    clock.now += 59.0
+    assert asyncio.run(listings.list("acme")) == (["acme-adapter"], True)
+    clock.now += 1.0  # the last good list is 60 s old: the store's error, not a stale guess
+    with pytest.raises(StoreUnavailableError):
+        asyncio.run(listings.list("acme"))
