@@ -82,6 +82,10 @@ class ServiceUnavailableError(APIError):
     error_type = "server_error"
 
 
+# Retry-After of a request whose engine replica went away: Serve's health check finds the replica
+# within seconds (LLMServer's health_check_period_s) and routes elsewhere or to its replacement
+ENGINE_RETRY_AFTER_S = 2
+
 # Store limit codes that mean "the upload is too big" (413); other limits are counts (429).
 _SIZE_LIMIT_CODES = ("adapter_too_large", "too_large", "max_adapter_bytes", "size")
 
@@ -128,12 +132,15 @@ def _map_store_error(exc: BaseException) -> APIError | None:
 
 
 def _map_engine_error(exc: BaseException) -> APIError | None:
-    from engine.errors import AdapterLoadError, EngineError, InvalidRequestError
+    from engine.errors import AdapterLoadError, EngineError, EngineUnavailableError, InvalidRequestError
 
     if isinstance(exc, InvalidRequestError):
         return BadRequestError(str(exc), code=exc.code or "invalid_request", param=exc.param)
     if isinstance(exc, AdapterLoadError):
         return UnprocessableError(str(exc), code="adapter_load_failed", param="model")
+    if isinstance(exc, EngineUnavailableError):  # Serve replaces the replica; another may serve it now
+        return ServiceUnavailableError(f"{exc}; retry", code="engine_unavailable",
+                                       retry_after_s=ENGINE_RETRY_AFTER_S)
     if isinstance(exc, EngineError):
         return InternalError(str(exc), code="engine_error")
     return None

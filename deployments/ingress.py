@@ -49,6 +49,8 @@ _ANY_TENANT = "anonymous"
 # on a /v1/models answer that lists adapters from memory because the store did not answer
 STALE_LIST_HEADER = "X-Moeplex-Stale-List"
 READY_ANSWER_S = 1.0  # how long /ready reuses an engine replica's answer (Ingress._engine_ready)
+READY_TIMEOUT_S = 4.0  # /ready's 503 when no engine replica answers by then (probes time out too)
+SCALED_TO_ZERO = "scaled_to_zero"  # /ready's engine field when autoscaling runs no engine replica
 
 def _in_ray_actor() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
@@ -118,26 +120,46 @@ class Ingress(AdapterRoutes):
 
     @api.get("/ready")
     async def ready(self) -> dict:
+        """200 while an engine replica answers (its stats), or while autoscaling has none running
+        with min_replicas 0 (engine "scaled_to_zero": a request starts one; this probe never
+        does); else 503 not_ready, within READY_TIMEOUT_S."""
         try:
             info = await self._engine_ready()
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
             raise ServiceUnavailableError(f"no model replica answered: {type(exc).__name__}",
                                           code="not_ready") from exc
-        return {"status": "ready", "model": self._args.model_name(), "engine": info["stats"]}
+        return {"status": "ready", "model": self._args.model_name(),
+                "engine": SCALED_TO_ZERO if info is None else info["stats"]}
 
-    async def _engine_ready(self) -> dict:
-        """An engine replica's ready answer, asked at most once every READY_ANSWER_S by this
-        ingress replica however often /ready is hit (it needs no key, so a flood of it must not
-        reach the engine replicas): callers in between share the last answer or the call in
-        flight; a failed call is not kept."""
+    async def _engine_ready(self) -> dict | None:
+        """An engine replica's ready answer (None: scaled to zero), asked at most once every
+        READY_ANSWER_S by this ingress replica however often /ready is hit (it needs no key, so
+        a flood of it must not reach the engine replicas): callers in between share the last
+        answer or the call in flight; a failed call is not kept."""
         answer = self._ready_answer
         if answer is not None and self._clock() - answer[0] < READY_ANSWER_S:
             return answer[1]
         if self._ready_call is None or self._ready_call.done():
-            self._ready_call = asyncio.ensure_future(asyncio.wait_for(self._llm.ready.remote(), timeout=30))
+            self._ready_call = asyncio.ensure_future(
+                asyncio.wait_for(self._ask_ready(), timeout=READY_TIMEOUT_S))
         info = await asyncio.shield(self._ready_call)
         self._ready_answer = (self._clock(), info)
         return info
+
+    async def _ask_ready(self) -> dict | None:
+        """The first ready() among the running engine replicas (Serve's broadcast): asking them
+        all, a dead one is passed over rather than 503 while it is replaced; and a call routed
+        to one would be load, which where autoscaling may stop every replica would start one,
+        and keep one running, for each probe."""
+        answers = await self._llm.broadcast("ready").results_async(return_exceptions=True)
+        for answer in answers:
+            if not isinstance(answer, BaseException):
+                return answer
+        if answers:  # running, none of them ready
+            raise answers[0]
+        if (self._args.autoscaling_config or {}).get("min_replicas", 1) == 0:
+            return None
+        raise RuntimeError("no engine replica is running yet")
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

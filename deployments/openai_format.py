@@ -158,7 +158,7 @@ def sse(data: dict | str) -> str:
 
 def error_line(item: dict) -> str:
     """The SSE error event of a replica's error item."""
-    return sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
+    return sse({"error": {k: v for k, v in item["error"].items() if k not in ("status", "retry_after_s")}})
 
 
 class StreamUsage:

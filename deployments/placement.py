@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+# LLMServer.check_health is a poll of the engine core's process: cheap. Serve replaces a replica
+# after 3 failed checks, so at its default period (10 s) a dead core failed requests for ~30 s.
+HEALTH_CHECK_PERIOD_S = 2.0
 # Serve runs a replica's methods on a loop of their own in a second thread unless told not to;
 # every stream message then crosses between the two threads.
 _ON_SERVE_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
@@ -133,6 +136,7 @@ class ReplicaPlacement:
             actor["runtime_env"] = _ON_SERVE_LOOP
         # the ingress logs each request; a second access line per request here is noise
         options: dict[str, Any] = {"ray_actor_options": actor,
+                                   "health_check_period_s": HEALTH_CHECK_PERIOD_S,
                                    "max_ongoing_requests": self.max_ongoing_requests,
                                    "logging_config": {"enable_access_log": False}}
         options.update(bundles)

@@ -378,7 +378,10 @@ class LLMServer:
         return self._engine.tokenizer.decode(ids)
 
     async def ready(self) -> dict:
-        """For the unauthenticated /ready: counts only, no tenant's adapter names."""
+        """For the unauthenticated /ready: counts only, no tenant's adapter names. Raises where
+        Serve's next health check would (a dead engine core), so /ready turns 503 at once rather
+        than when Serve has counted enough failed checks."""
+        self.check_health()
         stats = {k: v for k, v in self._engine.stats().items() if k not in _ADAPTER_NAME_STATS}
         # this replica's own event loop (it streams every request's tokens): a tail that its
         # lags explain is not the engine's
@@ -433,7 +436,8 @@ def _error_item(request_id: str, exc: BaseException, request: dict | None = None
     elif request is not None and param is not None:
         param = (_CHAT_PARAMS if request.get("messages") is not None else _COMPLETION_PARAMS).get(param, param)
     return {"error": {"status": api_error.status_code, "type": api_error.error_type,
-                      "message": api_error.message, "code": api_error.code, "param": param}}
+                      "message": api_error.message, "code": api_error.code, "param": param,
+                      "retry_after_s": api_error.retry_after_s}}
 
 
 TOKENIZE_CONTEXTS = 4  # POST /tokenize and /detokenize take up to this many contexts' tokens

@@ -37,7 +37,8 @@ async def first_item(items, request_id: str) -> dict:
 
 
 def error_from_item(error: dict) -> APIError:
-    exc = APIError(error["message"], code=error.get("code"), param=error.get("param"))
+    exc = APIError(error["message"], code=error.get("code"), param=error.get("param"),
+                   retry_after_s=error.get("retry_after_s"))
     exc.status_code, exc.error_type = error["status"], error["type"]
     return exc
 

@@ -7,7 +7,8 @@ import importlib
 
 _HOMES = {
     "AdapterLoadError": "engine.errors", "AsyncLLMEngine": "engine.async_engine", "EngineConfig": "engine.config",
-    "EngineCoreClient": "engine.core_client", "EngineError": "engine.errors", "InvalidRequestError": "engine.errors",
+    "EngineCoreClient": "engine.core_client", "EngineError": "engine.errors", "EngineUnavailableError": "engine.errors",
+    "InvalidRequestError": "engine.errors",
     "LLMEngine": "engine.llm_engine", "LoRARequest": "engine.sequence", "RequestOutput": "engine.outputs",
     "SamplingParams": "engine.sampling_params",
 }

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 from engine.config import EngineConfig
-from engine.errors import EngineError
+from engine.errors import EngineError, EngineUnavailableError
 from engine.frontend import EngineFrontend
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -42,7 +42,7 @@ class AsyncLLMEngine(EngineFrontend):
 
     def _check_running(self) -> None:
         if self._stopped:
-            raise EngineError("the engine is shut down")
+            raise EngineUnavailableError("the engine is shut down")
 
     def _open_and_submit(self, seq: Sequence) -> RequestStream:
         with self._lock:
@@ -60,7 +60,7 @@ class AsyncLLMEngine(EngineFrontend):
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
-            raise EngineError("the engine thread has stopped")
+            raise EngineUnavailableError("the engine thread has stopped")
 
     def shutdown(self) -> None:
         """Stop the step thread; streams still open end with EngineError."""
@@ -123,5 +123,5 @@ def step_or_fail(engine: LLMEngine) -> list[RequestOutput]:
 def shutdown_outputs(request_ids: list[str],
                      message: str = "the engine was shut down before the request finished") -> list[RequestOutput]:
     """The final output of each request still open when its engine went away."""
-    return [RequestOutput(rid, finished=True, finish_reason="abort", error=EngineError(message))
+    return [RequestOutput(rid, finished=True, finish_reason="abort", error=EngineUnavailableError(message))
             for rid in request_ids]

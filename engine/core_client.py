@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 
 from engine.async_engine import shutdown_outputs
 from engine.config import EngineConfig
-from engine.errors import EngineError
+from engine.errors import EngineError, EngineUnavailableError
 from engine.frontend import EngineFrontend
 from engine.inputs import InputProcessor, load_tokenizer
 from engine.sequence import Sequence
@@ -88,9 +88,9 @@ class EngineCoreClient(EngineFrontend):
 
     def check_health(self) -> None:
         if self._proc.poll() is not None:
-            raise EngineError(f"the engine core process exited (code {self._proc.returncode})")
+            raise EngineUnavailableError(f"the engine core process exited (code {self._proc.returncode})")
         if not self._reader.is_alive():
-            raise EngineError("the engine core's reader thread has stopped")
+            raise EngineUnavailableError("the engine core's reader thread has stopped")
 
     def shutdown(self) -> None:
         """Stop the core process; streams still open end with EngineError."""
@@ -108,9 +108,9 @@ class EngineCoreClient(EngineFrontend):
     # ---- plumbing ---------------------------------------------------------------
     def _check_running(self) -> None:
         if self._stopped:
-            raise EngineError("the engine is shut down")
+            raise EngineUnavailableError("the engine is shut down")
         if self._proc.poll() is not None:
-            raise EngineError(f"the engine core process exited (code {self._proc.returncode})")
+            raise EngineUnavailableError(f"the engine core process exited (code {self._proc.returncode})")
 
     def _send(self, message: tuple, checked: bool = True) -> None:
         if checked:
@@ -122,8 +122,8 @@ class EngineCoreClient(EngineFrontend):
             try:  # a core that just died reports as exited, not as a broken pipe
                 code = self._proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
-                raise EngineError(f"the engine core is unreachable: {type(exc).__name__}") from exc
-            raise EngineError(f"the engine core process exited (code {code})") from exc
+                raise EngineUnavailableError(f"the engine core is unreachable: {type(exc).__name__}") from exc
+            raise EngineUnavailableError(f"the engine core process exited (code {code})") from exc
 
     def _read(self) -> None:
         """Reader thread: one message per engine step, handed to the streams in one go."""

@@ -5,6 +5,11 @@ class EngineError(RuntimeError):
     """The engine cannot do what was asked (bad checkpoint, unsupported config, internal failure)."""
 
 
+class EngineUnavailableError(EngineError):
+    """The engine is gone (shut down, its step thread stopped, its core process exited): nothing
+    about the request was wrong, and another replica, or this one once replaced, can serve it."""
+
+
 class InvalidRequestError(EngineError, ValueError):
     """A request carries values the engine cannot serve; the message says what to fix, and
     `param`, where one field is at fault, names it as SamplingParams (vLLM's names) or the input

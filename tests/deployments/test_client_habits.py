@@ -58,7 +58,7 @@ class _RecordingReplica:
         self.cancelled: list[_Stream] = []
         self.generate = SimpleNamespace(remote=self._generate)
         self.ready_calls = 0
-        self.ready = SimpleNamespace(remote=self._ready)
+        self.running: list = [self._ready]  # each running replica's ready(); raising = unhealthy
 
         self.transport: dict = {}
 
@@ -69,6 +69,19 @@ class _RecordingReplica:
     async def _ready(self):
         self.ready_calls += 1
         return {"model": "m", "stats": {"running": 0, "calls": self.ready_calls}}
+
+    def broadcast(self, method: str):
+        assert method == "ready"
+
+        async def results_async(return_exceptions: bool = False):
+            answers = []
+            for ready in self.running:
+                try:
+                    answers.append(await ready())
+                except Exception as exc:  # noqa: BLE001 - as Serve's broadcast hands them back
+                    answers.append(exc)
+            return answers
+        return SimpleNamespace(results_async=results_async)
 
     def options(self, **options):
         if "multiplexed_model_id" in options:  # per request
@@ -518,6 +531,29 @@ def test_a_flood_of_ready_reaches_the_engine_replica_once_a_second(ingress, http
     now[0] += ingress_module.READY_ANSWER_S + 0.01
     assert http.get("/ready").json()["engine"]["calls"] == 2 and ingress._llm.ready_calls == 2
 
+
+
+def test_ready_passes_over_a_dead_engine_replica_and_is_503_when_none_is_ready(ingress, http):
+    from engine.errors import EngineUnavailableError
+
+    async def dead():
+        raise EngineUnavailableError("the engine core process exited (code -9)")
+    ingress._llm.running = [dead, ingress._llm._ready]
+    assert http.get("/ready").status_code == 200
+    ingress._ready_answer = None
+    ingress._llm.running = [dead]
+    answer = http.get("/ready")
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "not_ready"
+    ingress._llm.running = []  # none started yet: min_replicas defaults to 1
+    assert http.get("/ready").status_code == 503
+
+
+def test_ready_while_scaled_to_zero_is_200_and_starts_no_engine_replica(ingress, http):
+    ingress._args = ingress._args.model_copy(update={"autoscaling_config": {"min_replicas": 0}})
+    ingress._llm.running = []
+    answer = http.get("/ready")
+    assert answer.status_code == 200 and answer.json()["engine"] == "scaled_to_zero"
+    assert ingress._llm.ready_calls == 0 and ingress._llm.model_ids == []
 
 
 # ---- n choices -----------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_malformed_key_files_are_refused_with_the_fix(tmp_path, text, match):
 
 def test_store_and_engine_errors_map_to_openai_statuses():
     from adapter_store import errors as se
-    from engine.errors import AdapterLoadError, EngineError, InvalidRequestError
+    from engine.errors import AdapterLoadError, EngineError, EngineUnavailableError, InvalidRequestError
 
     cases = [
         (se.AdapterNotFoundError("no adapter x"), NotFoundError, 404),
@@ -86,6 +86,7 @@ def test_store_and_engine_errors_map_to_openai_statuses():
         (InvalidRequestError("top_p must be in (0, 1]"), BadRequestError, 400),
         (AdapterLoadError("bad file"), None, 422),
         (EngineError("boom"), None, 500),
+        (EngineUnavailableError("the engine core process exited (code -9)"), None, 503),
         (RuntimeError("secret detail"), None, 500),
     ]
     for exc, cls, status in cases:
@@ -95,6 +96,16 @@ def test_store_and_engine_errors_map_to_openai_statuses():
         body = api_error.body()["error"]
         assert set(body) == {"message", "type", "param", "code"}
     assert "secret" not in to_api_error(RuntimeError("secret detail")).message
+
+
+def test_a_request_whose_engine_went_away_is_503_with_retry_after_through_the_replica_item():
+    from deployments.replica import _error_item
+    from deployments.replica_stream import error_from_item
+    from engine.errors import EngineUnavailableError
+    item = _error_item("r", EngineUnavailableError("the engine core process exited (code -9)"))
+    response = error_from_item(item["error"]).response()
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1
+    assert json.loads(response.body)["error"]["code"] == "engine_unavailable"
 
 
 def test_an_engine_refusal_names_its_field_in_param_also_pickled_as_from_the_core_process():

@@ -5,8 +5,8 @@ import signal
 
 import pytest
 
-from engine import (AdapterLoadError, EngineConfig, EngineCoreClient, EngineError, InvalidRequestError,
-                    LLMEngine, LoRARequest, RequestOutput, SamplingParams)
+from engine import (AdapterLoadError, EngineConfig, EngineCoreClient, EngineError, EngineUnavailableError,
+                    InvalidRequestError, LLMEngine, LoRARequest, RequestOutput, SamplingParams)
 from engine.streams import OutputStreams, read_batches
 
 PROMPTS = ["The quick brown fox", "Tenants upload adapters", "Hello world! How are you?"]
@@ -97,7 +97,7 @@ def test_a_core_that_fails_to_start_raises_its_error_at_construction(tmp_path):
         EngineCoreClient(EngineConfig(model=tmp_path, max_loras=0))
 
 
-def test_a_killed_core_ends_open_streams_with_an_error_and_fails_health(checkpoints):
+def test_a_killed_core_ends_open_streams_as_unavailable_and_fails_health(checkpoints):
     client = EngineCoreClient(_config(checkpoints["qwen3_moe"], max_loras=0))
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
 
@@ -105,14 +105,14 @@ def test_a_killed_core_ends_open_streams_with_an_error_and_fails_health(checkpoi
         stream = client.generate_batches(PROMPTS[0], params, request_id="doomed")
         await stream.__anext__()
         os.kill(client._proc.pid, signal.SIGKILL)
-        with pytest.raises(EngineError, match="stopped"):
+        with pytest.raises(EngineUnavailableError, match="stopped"):
             while True:  # outputs already queued come first; the guard turns a hang into a failure
                 await asyncio.wait_for(stream.__anext__(), timeout=30)
-        with pytest.raises(EngineError, match="exited"):
+        with pytest.raises(EngineUnavailableError, match="exited"):
             await _collect(client, PROMPTS[1], params, "late")
     try:
         asyncio.run(main())
-        with pytest.raises(EngineError, match="exited"):
+        with pytest.raises(EngineUnavailableError, match="exited"):
             client.check_health()
     finally:
         client.shutdown()
