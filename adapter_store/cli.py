@@ -8,7 +8,8 @@
     moeplex-adapters gc [--older-than SECONDS] [--dry-run]   # operator: files of crashed uploads
 
 The store is `--store`, else $MOEPLEX_STORE, else the service's default store
-(~/.cache/moeplex/adapter-store, what `make serve` reads): a directory, file:///dir or
+(~/.cache/moeplex/adapter-store, what `make serve` reads; a service given another
+`cache_dir` reads {cache_dir}/adapter-store, which needs --store): a directory, file:///dir or
 s3://bucket/prefix. Only `upload` creates a local store directory; the other commands
 refuse one that does not exist (a mistyped path, or s3:// left out). An S3-compatible
 endpoint is `--endpoint-url` or $AWS_ENDPOINT_URL. The base model to validate uploads
@@ -39,7 +40,8 @@ EXIT_CODES = ((ValidationError, 3), (AdapterNotFoundError, 4), (StoreUnavailable
 def build_parser() -> argparse.ArgumentParser:
     store_args = argparse.ArgumentParser(add_help=False)
     store_args.add_argument("--store", help="store URI: directory, file:///dir or s3://bucket/prefix "
-                            f"(default: env {STORE_ENV}, else the service's store; here: {default_store_uri()})")
+                            f"(default: env {STORE_ENV}, else the store of a service with the default cache_dir; "
+                            f"here: {default_store_uri()})")
     store_args.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3-compatible endpoint (env AWS_ENDPOINT_URL)")
     store_args.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))

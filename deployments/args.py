@@ -38,7 +38,8 @@ class AppArgs(ReplicaPlacement, BaseModel):
     # travels to every replica with the args, whatever the replicas' own environment.
     store: str | None = Field(default_factory=store_from_env, description="adapter store URI (dir, "
                               "file://, s3://); default: $MOEPLEX_STORE, else "
-                              "{cache_dir}/adapter-store (moeplex-adapters uses the same default)")
+                              "{cache_dir}/adapter-store (moeplex-adapters's default with the "
+                              "default cache_dir; with another, give it --store)")
     store_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint of "
                                            "an s3:// store (MinIO, R2, ...); default: AWS")
     store_region: str | None = Field(default=None, description="region of an s3:// store")
@@ -51,8 +52,8 @@ class AppArgs(ReplicaPlacement, BaseModel):
 
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when "
                                                    "the replica has a GPU, else cpu")
-    dtype: str | None = Field(default=None, description="weights and activations, e.g. bfloat16, "
-                              "float32; default: the engine's for the device")
+    dtype: Literal[defaults.DTYPE_NAMES] | None = Field(  # type: ignore[valid-type]
+        default=None, description="weights and activations; default: the engine's for the device")
     seed: int = Field(default=defaults.SEED, description="sampling seed of the engine")
     max_loras: int | None = Field(default=None, ge=1, description="adapters resident on the GPU at "
                                   "once; default: sized from GPU memory beside the KV cache (4 on CPU)")
@@ -206,7 +207,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
         # `serve run ... lora_rank_unit=8` hands us the string "8"; the choice is of ints
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
-    @field_validator("autoscaling_config", "hf_overrides", mode="before")
+    @field_validator("autoscaling_config", "hf_overrides", "replica_resources", mode="before")
     @classmethod
     def _parse_json(cls, value):
         # `serve run ... autoscaling_config='{"min_replicas": 1}'` hands us a string.

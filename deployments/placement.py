@@ -84,7 +84,7 @@ class ReplicaPlacement:
         benchmarks/RESULTS.md); 2 and a CPU engine fit a 2-core machine."""
         if self.ingress_replicas is not None:
             return self.ingress_replicas
-        # an autoscaled app starts with min_replicas engines: its ingress replicas (a CPU each)
+        # an autoscaled app starts with min_replicas engines: its ingress replicas (ingress_num_cpus each)
         # stay fixed, so they are sized for that, not for a peak that may never come
         engines = (self.autoscaling_config or {}).get("min_replicas") or self.num_replicas or 1
         return (4 if on_gpu else 2) * int(engines)

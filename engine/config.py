@@ -10,6 +10,7 @@ from engine.prefix_cache import SCOPES
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+assert set(_DTYPES) == set(defaults.DTYPE_NAMES)
 
 
 @dataclass(slots=True)

@@ -12,3 +12,5 @@ MAX_CPU_LORA_BYTES = 32 << 30
 LORA_FAILURE_TTL_S = 30.0
 ASYNC_SCHEDULING = True
 SEED = 0
+# the names EngineConfig.dtype takes (engine.config maps each to its torch dtype)
+DTYPE_NAMES = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32")

@@ -81,6 +81,16 @@ def test_check_accepts_the_strings_serve_run_passes(capsys):
     assert capsys.readouterr().err == "error: lora_rank_unit: Input should be 8 or 16\n"
 
 
+def test_check_refuses_a_dtype_the_engine_has_no_name_for_and_takes_resources_as_json(capsys):
+    """Both failed only at deploy: a dtype in the engine replica's start-up, after Serve's retries;
+    replica_resources as the string serve run passes."""
+    assert options_main(["--check", "dtype=float17"]) == 2
+    assert capsys.readouterr().err.startswith("error: dtype: Input should be 'bfloat16', 'bf16'")
+    assert options_main(["--check", "dtype=bf16", 'replica_resources={"accelerator_h200": 1}']) == 0
+    assert AppArgs(replica_resources='{"accelerator_h200": 1}').replica_options(0)[
+        "ray_actor_options"]["resources"] == {"accelerator_h200": 1.0}
+
+
 def test_check_refuses_rank_unit_8_with_max_rank_slots(capsys):
     assert options_main(["--check", "lora_rank_unit=8", "lora_layout=slots"]) == 2
     assert "lora_rank_unit=8 needs lora_layout=bytes" in capsys.readouterr().err
