@@ -26,9 +26,10 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
     starts_ray = not ray.is_initialized()
     if starts_ray:
         set_ray_env_defaults()
-    if args.api_keys is not None:
-        from deployments.auth import load_key_file
-        load_key_file(args.api_keys)  # fail at deploy time, not at the first request
+    keys = None
+    if args.api_keys is not None:  # read here once: every ingress replica, also one started or
+        from deployments.auth import load_key_file  # restarted later, on any node, has this set
+        keys = load_key_file(args.api_keys)
     replica_options = args.replica_options(cluster_gpus())
     on_gpu = replica_options["ray_actor_options"]["num_gpus"] > 0
     if args.ingress_replicas is None:  # resolved here: the ingress replicas split tenant limits by it
@@ -42,7 +43,7 @@ def build_app(args: AppArgs | dict | None = None) -> serve.Application:
     server = serve.deployment(LLMServer, name="LLMServer").options(**replica_options)
     ingress = Ingress.options(**ingress_options)
     # one `created` for the base model's card, whichever ingress replica answers
-    return ingress.bind(server.bind(args), args, int(time.time()))
+    return ingress.bind(server.bind(args), args, int(time.time()), keys)
 
 
 def with_job_env(all_options: list[dict], starts_ray: bool, job_env: dict) -> None:

@@ -64,7 +64,8 @@ def _made_for(info) -> dict:
 @serve.deployment
 @serve.ingress(api)
 class Ingress(AdapterRoutes):
-    def __init__(self, llm, args: AppArgs, created: int | None = None):
+    def __init__(self, llm, args: AppArgs, created: int | None = None, keys=None):
+        """keys: the KeyFile build_app read from args.api_keys (None: read it here)."""
         from deployments.auth import TenantAuth
         from deployments.hot_adapters import HotAdapters
         from deployments.limits import TenantLimiter
@@ -87,7 +88,7 @@ class Ingress(AdapterRoutes):
         if in_actor:
             map_large_allocations()  # request bodies' memory goes back once they are read
             bound_direct_ingress_receive()  # and a body waits for the app (HAProxy mode)
-        self._auth = TenantAuth.from_file(args.api_keys)
+        self._auth = TenantAuth(keys) if keys is not None else TenantAuth.from_file(args.api_keys)
         self._limiter = TenantLimiter(args.max_concurrent_requests_per_tenant,
                                       self._auth.max_concurrent, args.num_ingress_replicas())
         self._store = args.open_store()

@@ -1,4 +1,6 @@
 """How many ingress replicas stream tokens, and how they run (AppArgs.ingress_options)."""
+from types import SimpleNamespace
+
 from deployments.args import AppArgs
 
 
@@ -77,3 +79,24 @@ def test_build_app_sizes_the_ingress_by_where_the_engines_run_and_tells_the_ingr
     assert _built_ingress(monkeypatch, 0.0)[0] == 2 and _built_ingress(monkeypatch, 0.0)[1].num_ingress_replicas() == 2
     assert _built_ingress(monkeypatch, 8.0, device="cpu")[0] == 2
     assert _built_ingress(monkeypatch, 8.0, ingress_replicas=3)[0] == 3
+
+
+def test_every_ingress_replica_serves_the_key_set_build_app_read(monkeypatch, tmp_path, tiny_checkpoint):
+    """The key file is read once, at deploy: a replica started later (a restart, another node)
+    serves that set, not what the file holds by then (which may be edited, half-written or absent)."""
+    from deployments.auth import hash_key
+    from deployments.ingress import Ingress
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"tenants:\n  acme:\n    key_sha256: [{hash_key('key-acme')}]\n")
+    args = {"model": str(tiny_checkpoint("qwen3_moe")), "store": str(tmp_path / "store"),
+            "cache_dir": str(tmp_path / "cache"), "api_keys": str(keys)}
+    monkeypatch.setattr("deployments.app.cluster_gpus", lambda: 0.0)
+    monkeypatch.setattr("deployments.app.set_ray_env_defaults", lambda: None)
+    from deployments import app
+    init_args = app.build_app(AppArgs(**args))._bound_deployment.init_args
+    keys.write_text("tenants: {half-written")
+    cls = Ingress.func_or_class
+    replica = cls.__new__(cls)
+    engine_replicas = SimpleNamespace(options=lambda **_options: None)  # Serve's handle, unused here
+    cls.__mro__[1].__init__(replica, engine_replicas, *init_args[1:])
+    assert replica._auth.tenant_of({"authorization": "Bearer key-acme"}) == "acme"
