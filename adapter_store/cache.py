@@ -8,7 +8,9 @@
 two names share one entry (content-addressed). An entry appears by an atomic rename
 of a fully downloaded and verified directory; a hit touches the entry's mtime, and
 eviction removes the least recently used entries until the cache fits `max_bytes`.
-A hit costs no request to the store.
+A hit costs no request to the store. A fetch's hit also checks each file's size against the
+manifest (a stat; a file cut short by a full disk or a crash is fetched again, where its
+sha256 is checked); `discard` drops an entry whose reader found it unreadable.
 """
 from __future__ import annotations
 
@@ -47,11 +49,13 @@ class DiskCache:
         """Directory holding the version's adapter_config.json and adapter_model.safetensors."""
         key = entry_key(info.manifest)
         entry = self.root / "entries" / key
-        if self._hit(entry):
+        if self._hit(entry) and _sizes_match(entry, info.manifest):
             return entry
         with FileLock(str(self.root / "locks" / f"{key}.lock"), timeout=self.lock_timeout):
-            if self._hit(entry):  # another process downloaded it while we waited
-                return entry
+            if self._hit(entry):  # another process downloaded it while we waited, or it is damaged
+                if _sizes_match(entry, info.manifest):
+                    return entry
+                self._drop(entry)
             self._download(store, info, entry, progress)
             self.downloads += 1
         self.evict(keep=key)
@@ -74,6 +78,13 @@ class DiskCache:
                 if path.name != keep and self._remove_entry(path):
                     total -= size
             self._sweep_stale_tmp()
+
+    def discard(self, entry: Path) -> None:
+        """Drop `entry` (a directory fetch returned) whose files could not be read, so the next
+        fetch downloads and verifies them again."""
+        if entry.parent == self.root / "entries":
+            with FileLock(str(self.root / "locks" / f"{entry.name}.lock"), timeout=self.lock_timeout):
+                self._drop(entry)
 
     def still_holds(self, entry: Path) -> bool:
         """Whether `entry` (a directory fetch returned) is still cached; marks it recently used."""
@@ -116,14 +127,19 @@ class DiskCache:
         except Timeout:
             return False
         try:
-            doomed = self.root / "tmp" / f"evicted-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-            return True
-        except FileNotFoundError:
-            return False
+            return self._drop(path)
         finally:
             lock.release()
+
+    def _drop(self, path: Path) -> bool:
+        """Remove an entry, its lock held: renamed out of entries/ at once, then deleted."""
+        doomed = self.root / "tmp" / f"evicted-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     def _sweep_stale_tmp(self) -> None:
         """Remove what crashed processes left in tmp/ (older than an hour)."""
@@ -134,6 +150,13 @@ class DiskCache:
                     shutil.rmtree(path, ignore_errors=True)
             except FileNotFoundError:
                 continue
+
+
+def _sizes_match(entry: Path, manifest: dict) -> bool:
+    try:
+        return all((entry / name).stat().st_size == manifest["files"][name]["size"] for name in ADAPTER_FILES)
+    except FileNotFoundError:
+        return False
 
 
 def entry_key(manifest: dict) -> str:

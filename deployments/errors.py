@@ -132,10 +132,15 @@ def _map_store_error(exc: BaseException) -> APIError | None:
 
 
 def _map_engine_error(exc: BaseException) -> APIError | None:
-    from engine.errors import AdapterLoadError, EngineError, EngineUnavailableError, InvalidRequestError
+    from engine.errors import (AdapterFilesError, AdapterLoadError, EngineError, EngineUnavailableError,
+                               InvalidRequestError)
 
     if isinstance(exc, InvalidRequestError):
         return BadRequestError(str(exc), code=exc.code or "invalid_request", param=exc.param)
+    if isinstance(exc, AdapterFilesError):  # this node's copy, not the adapter: it is fetched again
+        return ServiceUnavailableError("the model replica could not read the adapter's files; retry",
+                                       code="adapter_files_unavailable", param="model",
+                                       retry_after_s=ENGINE_RETRY_AFTER_S)
     if isinstance(exc, AdapterLoadError):
         return UnprocessableError(str(exc), code="adapter_load_failed", param="model")
     if isinstance(exc, EngineUnavailableError):  # Serve replaces the replica; another may serve it now

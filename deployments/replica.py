@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
 
 from ray import serve
 
@@ -33,7 +34,7 @@ from deployments.args import AppArgs
 from deployments.errors import to_api_error
 from deployments.loop_lag import LoopLag
 from deployments.token_bytes import TokenTexts
-from engine.errors import InvalidRequestError
+from engine.errors import AdapterFilesError, InvalidRequestError
 from engine.frontend import INLINE_TOKENIZE_CHARS, off_loop
 from engine.heap import freeze_startup_heap
 
@@ -46,6 +47,10 @@ _ADAPTER_NAME_STATS = ("running_adapters", "waiting_adapters", "resident_adapter
 def _failed(task: asyncio.Task) -> bool:
     """Whether a finished task failed (reading its exception, so none goes unretrieved)."""
     return task.done() and (task.cancelled() or task.exception() is not None)
+
+
+class _FilesUnreadable(Exception):
+    """The engine could not read a request's adapter files before its first token."""
 
 
 class _AdapterEntry:
@@ -239,18 +244,44 @@ class LLMServer:
             yield _error_item(rid, exc, request)
             return
         timing = {"fetch": fetched - entered, "prepare": time.perf_counter() - fetched}
+        try:
+            async for item in self._stream(rid, tenant, prompt, params, lora, entered, timing, request,
+                                           retry_unreadable=lora is not None):
+                yield item
+            return
+        except _FilesUnreadable:
+            logger.warning("request %s: the engine could not read adapter %s's files in %s; fetching "
+                           "them again", rid, model_id, lora.lora_path)
+        try:
+            lora = await self._refetch_adapter(model_id, lora)
+        except Exception as exc:  # noqa: BLE001 - e.g. the store is unreachable: a 503
+            yield _error_item(rid, exc, request)
+            return
         async for item in self._stream(rid, tenant, prompt, params, lora, entered, timing, request):
             yield item
 
+    async def _refetch_adapter(self, model_id: str, unreadable):
+        """The LoRARequest for `model_id` after the engine could not read `unreadable`'s files:
+        the node's disk cache dropped them (its bound, other replicas' fetches) or holds them
+        damaged, once the engine's host tier no longer had the adapter. The first request to
+        report it drops the cache entry and its Serve entry's request, so the files are fetched
+        and verified again; later reports of the same files take that new fetch."""
+        entry = await self._get_adapter(model_id)
+        if entry.lora is unreadable:
+            self._cache.discard(Path(unreadable.lora_path))
+            entry.lora = entry.fetching = None
+        return await self._adapter_request(model_id)
+
     async def _stream(self, rid: str, tenant: str, prompt, params, lora, entered: float, timing: dict,
-                      request: dict):
+                      request: dict, retry_unreadable: bool = False):
         """The request's items; the first with tokens carries `timing`: seconds this replica spent
         before the first token, by phase (its own `fetch` and `prepare`; `tokenize` until the
         engine's Sequence existed; the engine's phases, Sequence.timings; `deliver` from the
         engine's first token until it reached this stream; `first` in all), for the ingress's
         Server-Timing header. With `echo` (completions) the first such item's text starts with the
         prompt's, and its logprob entries, where asked for, with the prompt tokens' (the first's
-        logprob None)."""
+        logprob None). retry_unreadable: raise _FilesUnreadable, not an error item, where the
+        engine could not read the adapter's files before any token (the caller fetches them again)."""
         started, first_token_at, finished = time.perf_counter(), None, False
         echo = request.get("echo", False)
         batches = self._engine.generate_batches(prompt, params, request_id=rid, lora=lora, tenant=tenant,
@@ -300,6 +331,8 @@ class LLMServer:
                 logger.info("request %s cancelled by the caller", rid)
             raise
         except Exception as exc:  # noqa: BLE001 - engine errors (bad request, adapter load)
+            if retry_unreadable and first_token_at is None and isinstance(exc, AdapterFilesError):
+                raise _FilesUnreadable from exc
             yield _error_item(rid, exc, request)
         finally:
             await batches.aclose()

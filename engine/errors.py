@@ -23,3 +23,17 @@ class InvalidRequestError(EngineError, ValueError):
 
 class AdapterLoadError(EngineError):
     """A LoRA adapter could not be read or does not fit the base model; fails only its request."""
+
+
+class AdapterFilesError(AdapterLoadError):
+    """The adapter's files could not be read (a directory gone, a file cut short or unreadable):
+    the copy this engine was pointed at is at fault, not the adapter (the store checked its
+    content at upload). Remembered only while the files stay as they were: whoever fetched them
+    fetches them again and the next request loads the new copy. `path`: the directory read."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # pickled whole across the engine core's pipe
+        return type(self), (str(self), self.path)

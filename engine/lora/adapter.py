@@ -13,13 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, expected_shape, lora_scale,
                                    parse_lora_key, pattern_module_name, pattern_value)
 from adapter_store.limits import MAX_SERVED_WEIGHT
-from engine.errors import AdapterLoadError
+from engine.errors import AdapterFilesError, AdapterLoadError
 from engine.models.spec import ModelSpec
 
 _PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -100,18 +100,30 @@ def _yielding(items):
 
 def _read_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
     if not path.is_dir():
-        raise AdapterLoadError(f"adapter directory {path} does not exist")
+        raise AdapterFilesError(f"adapter directory {path} does not exist", str(path))
     if any((path / name).exists() for name in _PICKLED) and not (path / "adapter_model.safetensors").exists():
         raise AdapterLoadError(f"{path} holds pickled weights; only adapter_model.safetensors is accepted")
     try:
         config = json.loads((path / "adapter_config.json").read_text())
         with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in _yielding(f.keys())}
-    except (OSError, ValueError) as exc:
-        raise AdapterLoadError(f"cannot read adapter in {path}: {exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise AdapterFilesError(f"cannot read adapter in {path}: {type(exc).__name__}: {exc}", str(path)) from exc
     if config.get("peft_type", "LORA").upper() != "LORA":
         raise AdapterLoadError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
     return config, tensors
+
+
+def files_signature(path: str | Path | None) -> tuple:
+    """What changes when the files in `path` are replaced (each file's name, inode and size; ()
+    for no directory): a fetch writes new files and renames them into place, so a failure to
+    read the old ones says nothing about the new. The directory's own times are left out (a
+    disk-cache hit touches them)."""
+    try:
+        files = [(f.name, f.stat()) for f in Path(path).iterdir()]
+    except (OSError, TypeError):  # TypeError: no path
+        return ()
+    return tuple(sorted((name, st.st_ino, st.st_size) for name, st in files))
 
 
 def _scale(config: dict, module_name: str, rank: int) -> float:

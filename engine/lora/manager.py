@@ -9,7 +9,9 @@ a full cache delays work). When the image does not fit in any free span though t
 that opens a span that large with the fewest bytes moved slides down on the compute stream,
 between steps, and their slots' offsets follow (not on a replica over several GPUs, whose ranks
 would all have to move alike). A failed load is remembered for
-`failure_ttl_s` (requests fail fast with its message), then retried.
+`failure_ttl_s` (requests fail fast with its message), then retried; one whose files could not
+be read (AdapterFilesError) only while those files stay as they were: a fetch that replaces
+them (the replica fetches again on that error) is loaded at its next request.
 
 Where the heap shares its buffer with the KV cache (`kv`: engine.block_manager), an image that
 fits in no free span borrows the free KV blocks above the heap's top before any adapter is
@@ -24,8 +26,8 @@ from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from engine.errors import AdapterLoadError
-from engine.lora.adapter import LoRAAdapter, load_adapter
+from engine.errors import AdapterFilesError, AdapterLoadError
+from engine.lora.adapter import LoRAAdapter, files_signature, load_adapter
 from engine.lora.host_arena import HostArena
 from engine.lora.slots import SlotPools
 from engine.lora.spans import SpanAllocator
@@ -75,7 +77,8 @@ class LoRAManager:
         self.spans = SpanAllocator(getattr(pools, "heap_numel", pools.storage.numel()))
         self.slot_spans: list[tuple[int, int] | None] = [None] * pools.num_slots  # (start, numel) in the heap
         self.loading: dict[str, Future] = {}
-        self.failed: dict[str, tuple[str, float]] = {}  # name -> (message, clock time it expires)
+        # name -> (message, clock time it expires, for a failure to read the files: what they were)
+        self.failed: dict[str, tuple[str, float, tuple | None]] = {}
         self.slot_names: list[str | None] = [None] * pools.num_slots
         self.slot_refs = [0] * pools.num_slots
         self.slot_events: list = [None] * pools.num_slots
@@ -124,9 +127,7 @@ class LoRAManager:
 
         Raises AdapterLoadError when the adapter cannot be loaded (the caller fails its request).
         """
-        message = self._remembered_failure(name)
-        if message is not None:
-            raise AdapterLoadError(message)
+        self._raise_remembered_failure(name, path)
         slot = self.name_to_slot.get(name)
         if slot is not None:
             self.stats.slot_hits += 1
@@ -419,7 +420,7 @@ class LoRAManager:
             except AdapterLoadError:
                 pass  # remembered in self.failed; the next request for it fails fast
         now = self.clock()
-        for name in [n for n, (_, expires) in self.failed.items() if now >= expires]:
+        for name in [n for n, (_, expires, _) in self.failed.items() if now >= expires]:
             del self.failed[name]
         landed = _Landed(self._landed)  # each copy's event queried once (copies and reads share them)
         self.copies = [c for c in self.copies if not landed(c[2])]
@@ -529,6 +530,8 @@ class LoRAManager:
         del self.loading[name]
         try:
             adapter = future.result()
+        except AdapterFilesError as exc:
+            return self._fail(name, str(exc), files_signature(exc.path))
         except AdapterLoadError as exc:
             return self._fail(name, str(exc))
         except Exception as exc:  # a broken file must fail its request, never the step loop
@@ -553,22 +556,24 @@ class LoRAManager:
         n = adapter.num_bytes
         return 1 << max(0, (n - 1).bit_length()) if self.arena is None and self.pools.stream is not None else n
 
-    def _remembered_failure(self, name: str) -> str | None:
-        """The message of `name`'s last failure while it is remembered; forgets it once expired
-        (a transient failure, e.g. pinned memory or a copy, must not block the adapter for good)."""
+    def _raise_remembered_failure(self, name: str, path: str) -> None:
+        """Raise `name`'s last failure while it is remembered; forget it once expired (a transient
+        failure, e.g. pinned memory or a copy, must not block the adapter for good) or, for files
+        that could not be read, once the files at `path` are other than those that failed."""
         entry = self.failed.get(name)
         if entry is None:
-            return None
-        message, expires = entry
-        if self.clock() >= expires:
+            return
+        message, expires, files = entry
+        if self.clock() >= expires or (files is not None and files_signature(path) != files):
             del self.failed[name]
-            return None
-        return message
+            return
+        raise AdapterLoadError(message) if files is None else AdapterFilesError(message, path)
 
-    def _fail(self, name: str, message: str) -> None:
-        self.failed[name] = (message, self.clock() + self.failure_ttl_s)
+    def _fail(self, name: str, message: str, files: tuple | None = None) -> None:
+        """Remember and raise a failure; `files`: the files_signature of files that could not be read."""
+        self.failed[name] = (message, self.clock() + self.failure_ttl_s, files)
         self.stats.failures += 1
-        raise AdapterLoadError(message)
+        raise AdapterLoadError(message) if files is None else AdapterFilesError(message)
 
     def _load_to_host(self, name: str, path: str) -> LoRAAdapter:
         start = time.perf_counter()

@@ -77,6 +77,30 @@ def test_still_holds_an_entry_until_it_is_evicted_and_never_a_path_outside_it(ti
     assert not cache.still_holds(first)
 
 
+def test_a_file_cut_short_in_the_cache_is_fetched_again_and_verified(store, adapter, base_model, tmp_path):
+    """A hit checks sizes (a full disk or a crash cut the file): the entry is downloaded again, so a
+    re-upload of the same content, which maps to the same entry, is not served the damaged copy."""
+    info = store.put("acme", "ad", adapter, base_model)
+    entry = DiskCache(tmp_path / "cache", 1 << 30).fetch(store, info)
+    with open(entry / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(100)
+    fresh = DiskCache(tmp_path / "cache", 1 << 30)  # another replica of the node
+    assert fresh.fetch(store, info) == entry and fresh.downloads == 1
+    assert same_files(entry, adapter)
+
+
+def test_discard_drops_an_entry_so_the_next_fetch_downloads_it(store, adapter, base_model, tmp_path):
+    info = store.put("acme", "ad", adapter, base_model)
+    cache = DiskCache(tmp_path / "cache", 1 << 30)
+    entry = cache.fetch(store, info)
+    cache.discard(entry)
+    assert not cache.still_holds(entry)
+    (tmp_path / "elsewhere").mkdir()
+    cache.discard(tmp_path / "elsewhere")  # not an entry: left alone
+    assert (tmp_path / "elsewhere").is_dir()
+    assert cache.fetch(store, info) == entry and cache.downloads == 2 and same_files(entry, adapter)
+
+
 def test_two_processes_fetching_at_once_download_once(store, adapter, base_model, tmp_path):
     info = store.put("acme", "ad", adapter, base_model)
     chunk = 4 << 10

@@ -127,3 +127,60 @@ def test_one_fetch_for_concurrent_requests_of_a_new_adapter_and_a_retry_after_a_
     loras, reads, metrics = asyncio.run(run())
     assert loras[0] is loras[1] is loras[2] and reads == ["t/ad@v1", "t/ad@v1"]  # the failure, then one fetch
     assert metrics.adapter_loads.value == 1  # one LRU entry; its first fetch failed, the next one held
+
+
+def _engine_server(tmp_path, checkpoint, cache_bytes: int):
+    """An LLMServer over a real AsyncLLMEngine (one slot, one adapter in the host tier), a local
+    store and the node's DiskCache of `cache_bytes`; Serve's LRU as in _server."""
+    from adapter_store import DiskCache, open_store
+    from engine import AsyncLLMEngine, EngineConfig
+
+    store, cache = open_store(str(tmp_path / "store")), DiskCache(tmp_path / "cache", cache_bytes)
+    server = _server(store, cache)
+    server._cache = cache
+    server._engine = AsyncLLMEngine(EngineConfig(model=checkpoint, max_loras=1, max_cpu_loras=1,
+                                                 block_size=4, max_model_len=64))
+    server._args = SimpleNamespace(stream_interval_ms=0, max_model_len=64)
+    server._metrics.finished = lambda *args: None
+    server._loop_lag = SimpleNamespace(ensure_started=lambda: None)
+    server._stats_task = asyncio.Future()  # no stats publisher
+    return server, store
+
+
+async def _complete(server, model_id: str, rid: str) -> dict:
+    request = {"request_id": rid, "tenant": "acme", "adapter": model_id, "prompt": [5, 6, 7, 8],
+               "max_tokens": 3, "sampling": {"temperature": 0.0}}
+    items = [item async for item in server.generate(request)]
+    return items[-1] if "error" in items[-1] else {"tokens": [t for i in items for t in i["token_ids"]]}
+
+
+@pytest.mark.parametrize("damage", ["evicted", "cut_short"])
+def test_adapter_files_the_disk_cache_dropped_or_damaged_are_fetched_again_for_the_engine(
+        tmp_path, tiny_checkpoint, tiny_adapter, damage):
+    """Serve's LRU keeps an adapter's directory while the disk cache (its own bound, other replicas)
+    drops or damages it; once the engine's host tier no longer holds the adapter it reads the files
+    again. That request is served from a fresh, verified fetch (it was a 422 naming the adapter,
+    every time, for as long as Serve kept the entry)."""
+    checkpoint = tiny_checkpoint("qwen3_moe")
+    a, b = (tiny_adapter("qwen3_moe", "per_expert", rank=4, seed=s) for s in (101, 102))
+
+    async def run():
+        server, store = _engine_server(tmp_path, checkpoint, cache_bytes=1 << 30)
+        refs = [store.put("acme", name, path, checkpoint).ref for name, path in (("a", a), ("b", b))]
+        try:
+            first = await _complete(server, refs[0], "r0")
+            await _complete(server, refs[1], "r1")  # the engine's one host place goes to b
+            entry = Path((await server._get_adapter(refs[0])).lora.lora_path)
+            if damage == "evicted":
+                server._cache.discard(entry)
+            else:
+                with open(entry / "adapter_model.safetensors", "r+b") as f:
+                    f.truncate(1000)
+            again = await _complete(server, refs[0], "r2")
+            return first, again, server._cache.downloads
+        finally:
+            server._engine.shutdown()
+
+    first, again, downloads = asyncio.run(run())
+    assert "tokens" in first and again == first
+    assert downloads == 3  # a, b, then a again

@@ -73,7 +73,8 @@ def test_malformed_key_files_are_refused_with_the_fix(tmp_path, text, match):
 
 def test_store_and_engine_errors_map_to_openai_statuses():
     from adapter_store import errors as se
-    from engine.errors import AdapterLoadError, EngineError, EngineUnavailableError, InvalidRequestError
+    from engine.errors import (AdapterFilesError, AdapterLoadError, EngineError, EngineUnavailableError,
+                               InvalidRequestError)
 
     cases = [
         (se.AdapterNotFoundError("no adapter x"), NotFoundError, 404),
@@ -87,6 +88,7 @@ def test_store_and_engine_errors_map_to_openai_statuses():
         (AdapterLoadError("bad file"), None, 422),
         (EngineError("boom"), None, 500),
         (EngineUnavailableError("the engine core process exited (code -9)"), None, 503),
+        (AdapterFilesError("adapter directory /cache/entries/ab does not exist", "/cache/entries/ab"), None, 503),
         (RuntimeError("secret detail"), None, 500),
     ]
     for exc, cls, status in cases:
@@ -96,6 +98,16 @@ def test_store_and_engine_errors_map_to_openai_statuses():
         body = api_error.body()["error"]
         assert set(body) == {"message", "type", "param", "code"}
     assert "secret" not in to_api_error(RuntimeError("secret detail")).message
+    assert "/cache" not in to_api_error(AdapterFilesError("cannot read /cache/entries/ab", "/x")).message
+
+
+def test_an_unreadable_adapter_files_error_keeps_its_type_and_path_across_the_core_pipe():
+    import pickle
+
+    from engine.errors import AdapterFilesError
+    exc = pickle.loads(pickle.dumps(AdapterFilesError("adapter directory /d does not exist", "/d")))
+    assert type(exc) is AdapterFilesError and str(exc) == "adapter directory /d does not exist"
+    assert exc.path == "/d"
 
 
 def test_a_request_whose_engine_went_away_is_503_with_retry_after_through_the_replica_item():

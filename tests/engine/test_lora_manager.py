@@ -1,5 +1,6 @@
 """LoRAManager: slot copies on a side stream (CUDA path) with a stand-in for the slot pools;
 failed loads remembered for failure_ttl_s (an injected clock), then retried."""
+import json
 import shutil
 import threading
 from concurrent.futures import wait
@@ -123,13 +124,14 @@ def _reserve_when_loaded(manager: LoRAManager, name: str, path: str):
 
 
 def test_failed_load_fails_fast_within_its_ttl_and_is_retried_after(checkpoints, adapters, tmp_path):
-    """A broken adapter directory fails its load; requests within failure_ttl_s fail at once with
+    """An adapter that does not fit fails its load; requests within failure_ttl_s fail at once with
     that message (no new load), even after the files are fixed; after the TTL a request retries
-    and succeeds."""
+    and succeeds. (Files that cannot be read at all: test_a_failure_to_read_files_lasts_only_...)"""
     good = adapters["qwen3_moe"]["a"]
     path = tmp_path / "adapter"
     shutil.copytree(good, path)
-    (path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    config = json.loads((good / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 1}))
     engine = make_engine(checkpoints["qwen3_moe"], max_loras=1, max_lora_rank=16, lora_failure_ttl_s=5.0)
     assert engine.lora_manager.failure_ttl_s == 5.0  # wired from EngineConfig
     clock = FakeClock()
@@ -138,7 +140,7 @@ def test_failed_load_fails_fast_within_its_ttl_and_is_retried_after(checkpoints,
         with pytest.raises(AdapterLoadError) as first:
             _reserve_when_loaded(manager, "t/a", str(path))
         assert manager.stats.failures == 1
-        shutil.copy(good / "adapter_model.safetensors", path / "adapter_model.safetensors")  # fixed
+        shutil.copy(good / "adapter_config.json", path / "adapter_config.json")  # fixed
         clock.now += 4.9
         with pytest.raises(AdapterLoadError) as again:
             manager.reserve("t/a", str(path))
@@ -162,10 +164,42 @@ def test_failure_expires_only_for_its_adapter_and_forget_failure_clears_it_at_on
                 manager._fail(name, f"broken {name}")
         clock.now += 10
         manager.forget_failure("x")
-        assert manager._remembered_failure("x") is None
-        assert manager._remembered_failure("y") == "broken y"
+        manager._raise_remembered_failure("x", "unused")
+        with pytest.raises(AdapterLoadError, match="broken y"):
+            manager._raise_remembered_failure("y", "unused")
         clock.now += 20
-        assert manager._remembered_failure("y") is None and manager.failed == {}
+        manager._raise_remembered_failure("y", "unused")
+        assert manager.failed == {}
+    finally:
+        manager.shutdown()
+
+
+def test_a_failure_to_read_files_lasts_only_while_those_files_stay(tmp_path):
+    """The replica fetches an adapter again when its files could not be read (a disk cache that
+    dropped or damaged them): the new files load at the next request, not after failure_ttl_s."""
+    from engine.errors import AdapterFilesError
+    manager = LoRAManager(RecordingPools(), spec=None, max_rank=4, host_capacity=2, failure_ttl_s=30.0)
+    loaded = []
+
+    def load(name, path):
+        if not (tmp_path / "entry" / "adapter_model.safetensors").exists():
+            raise AdapterFilesError(f"adapter directory {path} does not exist", path)
+        loaded.append(name)
+        return LoRAAdapter(name)
+    manager._load_to_host = load
+    path = str(tmp_path / "entry")
+    try:
+        assert manager.reserve("x", path) is None
+        wait(list(manager.loading.values()), timeout=10)
+        manager.collect_loads()
+        with pytest.raises(AdapterFilesError, match="does not exist"):
+            manager.reserve("x", path)  # remembered: a waiting request does not load it again
+        (tmp_path / "entry").mkdir()
+        (tmp_path / "entry" / "adapter_model.safetensors").write_bytes(b"fetched again")
+        assert manager.reserve("x", path) is None  # a new load, within failure_ttl_s
+        wait(list(manager.loading.values()), timeout=10)
+        manager.collect_loads()
+        assert loaded == ["x"] and "x" in manager.host and manager.failed == {}
     finally:
         manager.shutdown()
 
