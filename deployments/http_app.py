@@ -13,7 +13,7 @@ from engine.errors import EngineError
 
 from deployments.errors import (APIError, AuthenticationError, NotFoundError, request_validation_error,
                                 to_api_error)
-from deployments.http_guards import BodyLimitMiddleware, BodyTooLarge, DocsSwitch
+from deployments.http_guards import BodyLimitMiddleware, BodyTooLarge, DocsSwitch, RequestCounter
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="moeplex", description="OpenAI-compatible multi-tenant LoRA serving")
@@ -29,6 +29,8 @@ def _ingress_attr(name: str, default):
 
 api.add_middleware(BodyLimitMiddleware, limit=lambda: _ingress_attr("max_body_bytes", None))
 api.add_middleware(DocsSwitch, enabled=lambda: _ingress_attr("api_docs", False))
+# outermost of these: it counts what the body guard refuses too
+api.add_middleware(RequestCounter, count=lambda: _ingress_attr("count_request", None))
 
 
 @api.exception_handler(BodyTooLarge)

@@ -1,4 +1,5 @@
-"""ASGI guards of the ingress: a cap on request bodies, and the API docs as the operator's choice.
+"""ASGI guards of the ingress: a cap on request bodies, the API docs as the operator's choice, and
+the count of the model routes' requests by the status they were answered with.
 
 A JSON body is read whole and parsed before a route sees it, and a prompt is tokenised before its
 length can be checked, so an 8 MB prompt held a worker for seconds only to be refused.
@@ -19,6 +20,7 @@ import ctypes
 import os
 from collections.abc import Callable
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from deployments.errors import NotFoundError, PayloadTooLargeError
@@ -154,6 +156,47 @@ class DocsSwitch:
                                      code="not_found").response()
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+# the routes moeplex_requests counts, by their label
+COUNTED_ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat",
+                  "/tokenize": "tokenize", "/detokenize": "detokenize"}
+CLIENT_LEFT = 499  # the status counted for a request whose client left before any answer (nginx's)
+
+
+class RequestCounter:
+    """Counts every request to COUNTED_ROUTES by tenant, route and the status it was answered
+    with, whoever answered: the route, an auth refusal (tenant "-"), FastAPI's body validation, a
+    limit, the body guard. `count(headers, route, status)`: the ingress's counter, or None before
+    the ingress exists. A stream counts its 200 when it starts (errors later are SSE events)."""
+
+    def __init__(self, app, count: Callable[[], Callable | None]):
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope, receive, send):
+        route = COUNTED_ROUTES.get(_route_path(scope)) if scope["type"] == "http" else None
+        if route is None:
+            return await self.app(scope, receive, send)
+        status = CLIENT_LEFT
+
+        async def noting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            status = 500 if status == CLIENT_LEFT else status  # Starlette's outermost handler answers it
+            raise
+        finally:
+            count = self.count()
+            if count is not None:
+                count(Headers(scope=scope), route, status)
 
 
 def _route_path(scope) -> str:

@@ -27,8 +27,8 @@ from deployments.adapter_routes import AdapterRoutes
 from deployments.args import AppArgs
 from deployments.auth import TENANT_HEADER
 from deployments.choices import choice_payloads, collect_choices, first_items, merged_events
-from deployments.errors import (BadRequestError, NotFoundError, ServiceUnavailableError, UnprocessableError,
-                                 to_api_error)
+from deployments.errors import (APIError, BadRequestError, NotFoundError, ServiceUnavailableError,
+                                UnprocessableError)
 from deployments.http_app import api
 from deployments.http_guards import (bound_direct_ingress_receive, default_max_body_bytes,
                                      map_large_allocations)
@@ -93,7 +93,7 @@ class Ingress(AdapterRoutes):
                                       self._auth.max_concurrent, args.num_ingress_replicas())
         self._store = args.open_store()
         self._resolved = ResolveCache(self._store.resolve, args.adapter_resolve_ttl_s)
-        self._listings = LastListings(self._store.list_adapters)
+        self._listings = LastListings(lambda tenant: self._store.list_adapters(tenant))
         self._hot = HotAdapters(args.hot_adapter_share, args.max_engine_replicas())
         self._base_dir = ensure_model(args, config_only=True)  # uploads are checked against it
         self._base_fingerprint = load_base_model(self._base_dir)[1]["fingerprint"]
@@ -113,6 +113,15 @@ class Ingress(AdapterRoutes):
                     "at GET /metrics and " if args.metrics_endpoint else "")
         if in_actor:  # the replica's heap of Ray, FastAPI and ours, out of the collector's walks
             freeze_startup_heap()
+
+    def count_request(self, headers, route: str, status: int) -> None:
+        """moeplex_requests, for every answer of a model route (http_guards.RequestCounter): the
+        tenant the headers name, "-" where they name none this ingress accepts."""
+        try:
+            tenant = self._auth.tenant_of(headers)
+        except APIError:
+            tenant = "-"
+        self._metrics.request(tenant, route, status)
 
     # ---- health -------------------------------------------------------------------
     @api.get("/health")
@@ -276,7 +285,6 @@ class Ingress(AdapterRoutes):
 
     async def _tokenizer_call(self, method: str, tenant: str, model: str | None, payload: dict) -> dict:
         self._limiter.acquire(tenant, 1)
-        status = 500
         try:
             if model is not None:  # a model the caller may not use is a 404, as on completions
                 await self._multiplexed_id(tenant, model)
@@ -287,14 +295,9 @@ class Ingress(AdapterRoutes):
                 raise lost_replica(exc) from exc
             if "error" in answer:
                 raise error_from_item(answer["error"])
-            status = 200
             return answer
-        except BaseException as exc:
-            status = to_api_error(exc).status_code
-            raise
         finally:
             self._limiter.release(tenant, 1)
-            self._metrics.request(tenant, method, status)
 
     # ---- completions --------------------------------------------------------------
     @api.post("/v1/completions")
@@ -323,7 +326,6 @@ class Ingress(AdapterRoutes):
 
     async def _complete(self, request: Request, tenant: str, body, payload: dict, kind: str):
         arrived = time.perf_counter()
-        route = "chat" if kind == CHAT else "completions"
         n = body.n
         # a completion's batch of prompts: n choices each, choice j of prompt i numbered i * n + j
         prompts = body.prompts() if kind == COMPLETION else [None]
@@ -363,11 +365,9 @@ class Ingress(AdapterRoutes):
                 firsts = await first_items(streams, rid)
                 first = firsts[0]
             timing = ServerTiming(arrived, resolved, first) if self._args.server_timing else None
-        except BaseException as exc:
+        except BaseException:
             self._limiter.release(tenant, total)
-            self._metrics.request(tenant, route, to_api_error(exc).status_code)
             raise
-        self._metrics.request(tenant, route, 200)
         usage, tools = body.stream_usage(), body.tool_plan()
         if total == 1:
             builder, streams = ResponseBuilder(kind, rid, body.model, body.return_token_ids, tools=tools), [items]

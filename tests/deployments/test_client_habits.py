@@ -106,8 +106,11 @@ class _BroadcastRecorder:
 
 
 class _Metrics:
-    def request(self, *_args):
-        pass
+    def __init__(self):
+        self.requests: list[tuple] = []
+
+    def request(self, *labels):
+        self.requests.append(labels)
 
 
 @pytest.fixture
@@ -531,6 +534,23 @@ def test_a_flood_of_ready_reaches_the_engine_replica_once_a_second(ingress, http
     now[0] += ingress_module.READY_ANSWER_S + 0.01
     assert http.get("/ready").json()["engine"]["calls"] == 2 and ingress._llm.ready_calls == 2
 
+
+
+def test_every_answer_of_a_model_route_is_counted_by_tenant_route_and_status(ingress, http):
+    """Refusals before the route runs (auth, body validation, the body cap) count as the route's
+    own answers do; other routes are not counted."""
+    body = {"model": BASE, "prompt": "hi", "max_tokens": 3}
+    ingress.max_body_bytes = 10_000
+    answers = [http.post("/v1/completions", json=body, headers=HEADERS),
+               http.post("/v1/completions", json=body),  # no tenant named in development mode
+               http.post("/v1/chat/completions", json={"model": BASE}, headers=HEADERS),
+               http.post("/v1/completions", json={**body, "n": 1000}, headers=HEADERS),
+               http.post("/tokenize", json={"model": BASE, "prompt": "x" * 20_000}, headers=HEADERS),
+               http.get("/v1/models", headers=HEADERS)]
+    assert [a.status_code for a in answers] == [200, 401, 400, 400, 413, 200]
+    assert ingress._metrics.requests == [("acme", "completions", 200), ("-", "completions", 401),
+                                         ("acme", "chat", 400), ("acme", "completions", 400),
+                                         ("acme", "tokenize", 413)]
 
 
 def test_ready_passes_over_a_dead_engine_replica_and_is_503_when_none_is_ready(ingress, http):
