@@ -83,7 +83,7 @@ class AdapterRoutes:
         change shows at once whichever replica a client's next request reaches; if a replica
         cannot be told, the resolve TTL still bounds how long it serves the old version."""
         self._resolved.invalidate(name)
-        self._listings.invalidate()
+        self._listings.invalidate(name)
         try:
             context = serve.get_replica_context()
             handle = serve.get_deployment_handle(context.deployment, context.app_name)
@@ -96,7 +96,7 @@ class AdapterRoutes:
     async def invalidate_resolved(self, name: str) -> None:
         """Called on every ingress replica (handle.broadcast) after an upload or delete."""
         self._resolved.invalidate(name)
-        self._listings.invalidate()
+        self._listings.invalidate(name)
 
     @api.get("/v1/adapters")
     async def list_adapters(self, request: Request) -> dict:

@@ -168,7 +168,8 @@ class RequestCounter:
     """Counts every request to COUNTED_ROUTES by tenant, route and the status it was answered
     with, whoever answered: the route, an auth refusal (tenant "-"), FastAPI's body validation, a
     limit, the body guard. `count(headers, route, status)`: the ingress's counter, or None before
-    the ingress exists. A stream counts its 200 when it starts (errors later are SSE events)."""
+    the ingress exists. A stream is counted when it ends, with the status it started with (its
+    errors are SSE events)."""
 
     def __init__(self, app, count: Callable[[], Callable | None]):
         self.app = app

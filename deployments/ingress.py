@@ -157,19 +157,21 @@ class Ingress(AdapterRoutes):
         return info
 
     async def _ask_ready(self) -> dict | None:
-        """The first ready() among the running engine replicas (Serve's broadcast): asking them
-        all, a dead one is passed over rather than 503 while it is replaced; and a call routed
-        to one would be load, which where autoscaling may stop every replica would start one,
-        and keep one running, for each probe."""
-        answers = await self._llm.broadcast("ready").results_async(return_exceptions=True)
+        """A ready() among the running engine replicas (Serve's broadcast, which waits for all of
+        them): a dead one is passed over rather than 503 while it is replaced (a hung one holds the
+        answer until READY_TIMEOUT_S); and a call routed to one would be load, which where
+        autoscaling may stop every replica would start one, and keep one running, for each probe."""
+        from ray.serve.exceptions import DeploymentUnavailableError
+        try:
+            answers = await self._llm.broadcast("ready").results_async(return_exceptions=True)
+        except DeploymentUnavailableError:  # Serve's answer where none is running
+            if (self._args.autoscaling_config or {}).get("min_replicas", 1) == 0:
+                return None
+            raise
         for answer in answers:
             if not isinstance(answer, BaseException):
                 return answer
-        if answers:  # running, none of them ready
-            raise answers[0]
-        if (self._args.autoscaling_config or {}).get("min_replicas", 1) == 0:
-            return None
-        raise RuntimeError("no engine replica is running yet")
+        raise answers[0] if answers else RuntimeError("no engine replica answered")
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

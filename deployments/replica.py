@@ -34,13 +34,16 @@ from deployments.args import AppArgs
 from deployments.errors import to_api_error
 from deployments.loop_lag import LoopLag
 from deployments.token_bytes import TokenTexts
-from engine.errors import AdapterFilesError, InvalidRequestError
+from engine.errors import AdapterFilesError, AdapterLoadError, InvalidRequestError
 from engine.frontend import INLINE_TOKENIZE_CHARS, off_loop
 from engine.heap import freeze_startup_heap
 
 logger = logging.getLogger("ray.serve")
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of a completion
 _STATS_PERIOD_S = 1.0
+# an adapter whose refetched, verified files the engine still cannot read within this long is
+# refused (422) rather than fetched again for every request
+REFETCH_INTERVAL_S = 60.0
 _ADAPTER_NAME_STATS = ("running_adapters", "waiting_adapters", "resident_adapters")
 
 
@@ -57,11 +60,12 @@ class _AdapterEntry:
     """What Serve's multiplexed LRU holds for an adapter: the fetch under way, and the
     LoRARequest once fetched."""
 
-    __slots__ = ("fetching", "lora")
+    __slots__ = ("fetching", "lora", "refetched", "refetched_at")
 
     def __init__(self):
         self.fetching: asyncio.Task | None = None
         self.lora = None
+        self.refetched, self.refetched_at = None, 0.0  # the LoRARequest of the last refetch, when
 
 
 class LLMServer:
@@ -249,9 +253,9 @@ class LLMServer:
                                            retry_unreadable=lora is not None):
                 yield item
             return
-        except _FilesUnreadable:
-            logger.warning("request %s: the engine could not read adapter %s's files in %s; fetching "
-                           "them again", rid, model_id, lora.lora_path)
+        except _FilesUnreadable as unreadable:
+            logger.warning("request %s: the engine could not read adapter %s's files in %s (%s)", rid,
+                           model_id, lora.lora_path, unreadable.__cause__)
         try:
             lora = await self._refetch_adapter(model_id, lora)
         except Exception as exc:  # noqa: BLE001 - e.g. the store is unreachable: a 503
@@ -267,10 +271,18 @@ class LLMServer:
         report it drops the cache entry and its Serve entry's request, so the files are fetched
         and verified again; later reports of the same files take that new fetch."""
         entry = await self._get_adapter(model_id)
-        if entry.lora is unreadable:
-            self._cache.discard(Path(unreadable.lora_path))
-            entry.lora = entry.fetching = None
-        return await self._adapter_request(model_id)
+        if entry.lora is not unreadable:  # another request's report fetched them already
+            return await self._adapter_request(model_id)
+        if unreadable is entry.refetched and time.monotonic() - entry.refetched_at < REFETCH_INTERVAL_S:
+            # fetched and verified a moment ago, still unreadable: the content is at fault (the
+            # engine's reader refuses what the store's checks passed), not this node's copy
+            raise AdapterLoadError(f"adapter {model_id!r}: its files, fetched again and verified, "
+                                   "still cannot be read by the engine")
+        entry.lora = entry.fetching = None
+        await asyncio.to_thread(self._cache.discard, Path(unreadable.lora_path))  # a file lock
+        lora = await self._adapter_request(model_id)
+        entry.refetched, entry.refetched_at = lora, time.monotonic()
+        return lora
 
     async def _stream(self, rid: str, tenant: str, prompt, params, lora, entered: float, timing: dict,
                       request: dict, retry_unreadable: bool = False):

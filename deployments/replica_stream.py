@@ -7,7 +7,7 @@ import logging
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.errors import APIError, ServiceUnavailableError
+from deployments.errors import ENGINE_RETRY_AFTER_S, APIError, ServiceUnavailableError
 from deployments.openai_format import ResponseBuilder
 from deployments.schemas import Usage
 
@@ -17,7 +17,7 @@ logger = logging.getLogger("ray.serve")
 def lost_replica(exc: BaseException) -> APIError:
     return ServiceUnavailableError(
         f"the model replica serving this request went away ({type(exc).__name__}); retry",
-        code="replica_unavailable")
+        code="replica_unavailable", retry_after_s=ENGINE_RETRY_AFTER_S)
 
 
 async def first_item(items, request_id: str) -> dict:

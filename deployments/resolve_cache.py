@@ -198,11 +198,13 @@ class LastListings:
     resolving adapters from `ResolveCache`'s stale answers, so the list a client reads to pick
     one should not fail either. Every call asks the store; only on `StoreUnavailableError` is
     the tenant's last list (fetched at most `stale_if_error_s` ago) given instead, and with
-    none that recent the error propagates. An upload or delete through this ingress forgets
-    every list (`invalidate`), as it forgets resolved names: a stand-in never hides it."""
+    none that recent the error propagates. An upload or delete of an adapter through this
+    ingress forgets every list that names it (`invalidate`), as it forgets resolved names; a new
+    name a stand-in may lack, for at most `stale_if_error_s`. At most `max_entries` tenants' lists
+    are kept (each lists the shared adapters too)."""
 
     def __init__(self, list_adapters: Callable, stale_if_error_s: float = DEFAULT_STALE_IF_ERROR_S,
-                 max_entries: int = DEFAULT_MAX_ENTRIES, clock: Callable[[], float] = time.monotonic):
+                 max_entries: int = 1024, clock: Callable[[], float] = time.monotonic):
         self._list = list_adapters
         self._stale_if_error_s = stale_if_error_s
         self._max_entries = max_entries
@@ -227,9 +229,10 @@ class LastListings:
                 self._lists.popitem(last=False)
         return adapters, False
 
-    def invalidate(self) -> None:
+    def invalidate(self, name: str) -> None:
         self._epoch += 1
-        self._lists.clear()
+        for tenant in [t for t, (_, adapters) in self._lists.items() if any(a.name == name for a in adapters)]:
+            del self._lists[tenant]
 
 
 def _answer(entry: _Entry):

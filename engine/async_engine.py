@@ -115,7 +115,8 @@ def step_or_fail(engine: LLMEngine) -> list[RequestOutput]:
         for request_id in list(engine.seqs):
             out = engine.abort(request_id)
             if out is not None:
-                out.error = EngineError(f"engine step failed: {type(exc).__name__}: {exc}")
+                out.error = exc if isinstance(exc, EngineUnavailableError) else (
+                    EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))
                 outputs.append(out)
         return outputs
 

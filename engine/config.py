@@ -8,9 +8,8 @@ from engine import defaults
 from engine.errors import InvalidRequestError
 from engine.prefix_cache import SCOPES
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-assert set(_DTYPES) == set(defaults.DTYPE_NAMES)
+_SHORT = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_DTYPES = {name: getattr(torch, _SHORT.get(name, name)) for name in defaults.DTYPE_NAMES}
 
 
 @dataclass(slots=True)

@@ -29,11 +29,12 @@ class AdapterFilesError(AdapterLoadError):
     """The adapter's files could not be read (a directory gone, a file cut short or unreadable):
     the copy this engine was pointed at is at fault, not the adapter (the store checked its
     content at upload). Remembered only while the files stay as they were: whoever fetched them
-    fetches them again and the next request loads the new copy. `path`: the directory read."""
+    fetches them again and the next request loads the new copy. `path`: the directory read;
+    `files`: engine.lora.adapter.files_signature of it before the read."""
 
-    def __init__(self, message: str, path: str | None = None):
+    def __init__(self, message: str, path: str | None = None, files: tuple = ()):
         super().__init__(message)
-        self.path = path
+        self.path, self.files = path, files
 
     def __reduce__(self):  # pickled whole across the engine core's pipe
-        return type(self), (str(self), self.path)
+        return type(self), (str(self), self.path, self.files)

@@ -99,8 +99,9 @@ def _yielding(items):
 
 
 def _read_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    files = files_signature(path)  # before the read: what failed, if it fails
     if not path.is_dir():
-        raise AdapterFilesError(f"adapter directory {path} does not exist", str(path))
+        raise AdapterFilesError(f"adapter directory {path} does not exist", str(path), files)
     if any((path / name).exists() for name in _PICKLED) and not (path / "adapter_model.safetensors").exists():
         raise AdapterLoadError(f"{path} holds pickled weights; only adapter_model.safetensors is accepted")
     try:
@@ -108,7 +109,8 @@ def _read_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
         with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in _yielding(f.keys())}
     except (OSError, ValueError, SafetensorError) as exc:
-        raise AdapterFilesError(f"cannot read adapter in {path}: {type(exc).__name__}: {exc}", str(path)) from exc
+        raise AdapterFilesError(f"cannot read adapter in {path}: {type(exc).__name__}: {exc}", str(path),
+                                files) from exc
     if config.get("peft_type", "LORA").upper() != "LORA":
         raise AdapterLoadError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
     return config, tensors

@@ -531,7 +531,7 @@ class LoRAManager:
         try:
             adapter = future.result()
         except AdapterFilesError as exc:
-            return self._fail(name, str(exc), files_signature(exc.path))
+            return self._fail(name, str(exc), exc.files)
         except AdapterLoadError as exc:
             return self._fail(name, str(exc))
         except Exception as exc:  # a broken file must fail its request, never the step loop

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from engine.config import EngineConfig
-from engine.errors import EngineError
+from engine.errors import EngineError, EngineUnavailableError
 from engine.parallel.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -198,10 +198,10 @@ class RankGroup:
 
     def send_step(self, plan) -> None:
         """Rank 0: the step's plan and the slot writes queued since the last one. Raises
-        EngineError instead of waiting in a collective when a rank's process has ended."""
+        EngineUnavailableError instead of waiting in a collective when a rank's process has ended."""
         for rank, proc in enumerate(self.procs, start=1):
             if proc.poll() is not None:
-                raise EngineError(f"rank {rank} of this replica exited with code {proc.returncode}: "
+                raise EngineUnavailableError(f"rank {rank} of this replica exited with code {proc.returncode}: "
                                   "the replica cannot run steps; restart it")
         with self._writes_lock:
             writes, self._writes = self._writes, []

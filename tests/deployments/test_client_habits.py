@@ -74,6 +74,10 @@ class _RecordingReplica:
         assert method == "ready"
 
         async def results_async(return_exceptions: bool = False):
+            if not self.running:  # as Serve's broadcast with no replica running
+                from ray.serve._private.common import DeploymentID
+                from ray.serve.exceptions import DeploymentUnavailableError
+                raise DeploymentUnavailableError(DeploymentID(name="LLMServer", app_name="moeplex"))
             answers = []
             for ready in self.running:
                 try:
@@ -497,7 +501,8 @@ def test_models_lists_the_last_known_adapters_while_the_store_is_unreachable(htt
                                                                             tiny_adapter, monkeypatch):
     """Completions keep resolving adapters through a store outage (ResolveCache's stand-ins), so
     the list a client picks from keeps answering too, marked; a tenant never listed before the
-    outage, and every tenant after an upload through this ingress, get the store's 503."""
+    outage, and every tenant whose list named an adapter uploaded or deleted through this
+    ingress, get the store's 503; other tenants keep theirs."""
     from adapter_store.errors import StoreUnavailableError
     from deployments.ingress import STALE_LIST_HEADER
     _put(ingress, "acme", "style", tiny_adapter("qwen3_moe", "per_expert", rank=4))
@@ -513,7 +518,9 @@ def test_models_lists_the_last_known_adapters_while_the_store_is_unreachable(htt
     assert [m.id for m in client.models.list().data] == [BASE, "style"]
     never_listed = http.get("/v1/models", headers={"X-Tenant-Id": "globex"})
     assert never_listed.status_code == 503 and never_listed.json()["error"]["code"] == "store_unavailable"
-    ingress._listings.invalidate()  # what an upload or delete through any ingress replica does
+    ingress._listings.invalidate("other")  # an upload or delete of an adapter acme's list lacks
+    assert http.get("/v1/models", headers=HEADERS).status_code == 200
+    ingress._listings.invalidate("style")  # what an upload or delete of it through any ingress replica does
     assert http.get("/v1/models", headers=HEADERS).status_code == 503
 
 

@@ -35,6 +35,9 @@ class Cache:
     def still_holds(self, entry: Path) -> bool:
         return not self.evicted
 
+    def discard(self, entry: Path) -> None:
+        self.evicted = True
+
     def fetch(self, store, info: str) -> Path:
         return Path("/cache") / info
 
@@ -127,6 +130,23 @@ def test_one_fetch_for_concurrent_requests_of_a_new_adapter_and_a_retry_after_a_
     loras, reads, metrics = asyncio.run(run())
     assert loras[0] is loras[1] is loras[2] and reads == ["t/ad@v1", "t/ad@v1"]  # the failure, then one fetch
     assert metrics.adapter_loads.value == 1  # one LRU entry; its first fetch failed, the next one held
+
+
+def test_a_refetched_copy_the_engine_still_cannot_read_is_refused_not_fetched_for_every_request():
+    from engine.errors import AdapterLoadError
+
+    async def run():
+        store, cache = GatedStore(), Cache()
+        server = _server(store, cache)
+        server._cache = cache
+        first = await server._adapter_request("t/ad@v1")
+        again = await server._refetch_adapter("t/ad@v1", first)  # the first report: fetched again
+        assert again is not first and await server._refetch_adapter("t/ad@v1", first) is again
+        with pytest.raises(AdapterLoadError, match="still cannot be read"):
+            await server._refetch_adapter("t/ad@v1", again)
+        return store.reads
+
+    assert asyncio.run(run()) == ["t/ad@v1", "t/ad@v1"]
 
 
 def _engine_server(tmp_path, checkpoint, cache_bytes: int):
