@@ -79,12 +79,14 @@ class DiskCache:
                     total -= size
             self._sweep_stale_tmp()
 
-    def discard(self, entry: Path) -> None:
+    def discard(self, entry: Path, files: tuple | None = None) -> None:
         """Drop `entry` (a directory fetch returned) whose files could not be read, so the next
-        fetch downloads and verifies them again."""
+        fetch downloads and verifies them again. `files`: the files_signature of those that could
+        not be read; an entry fetched again since (by another process of the node) is kept."""
         if entry.parent == self.root / "entries":
             with FileLock(str(self.root / "locks" / f"{entry.name}.lock"), timeout=self.lock_timeout):
-                self._drop(entry)
+                if files is None or files_signature(entry) == files:
+                    self._drop(entry)
 
     def still_holds(self, entry: Path) -> bool:
         """Whether `entry` (a directory fetch returned) is still cached; marks it recently used."""
@@ -150,6 +152,19 @@ class DiskCache:
                     shutil.rmtree(path, ignore_errors=True)
             except FileNotFoundError:
                 continue
+
+
+def files_signature(path: str | Path | None) -> tuple:
+    """What changes when the files in `path` are replaced (each file's name, inode, size and
+    status-change time, which no copy preserves and a freed inode's reuse does not repeat; () for
+    no directory): a fetch writes new files and renames them into place, so a failure to read the
+    old ones says nothing about the new (DiskCache.discard, the engine's loader). The directory's
+    own times are left out (a disk-cache hit touches them)."""
+    try:
+        files = [(f.name, f.stat()) for f in Path(path).iterdir()]
+    except (OSError, TypeError):  # TypeError: no path
+        return ()
+    return tuple(sorted((name, st.st_ino, st.st_size, st.st_ctime_ns) for name, st in files))
 
 
 def _sizes_match(entry: Path, manifest: dict) -> bool:

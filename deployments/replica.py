@@ -253,23 +253,25 @@ class LLMServer:
                                            retry_unreadable=lora is not None):
                 yield item
             return
-        except _FilesUnreadable as unreadable:
+        except _FilesUnreadable as failure:
+            cause = failure.__cause__
             logger.warning("request %s: the engine could not read adapter %s's files in %s (%s)", rid,
-                           model_id, lora.lora_path, unreadable.__cause__)
+                           model_id, lora.lora_path, cause)
         try:
-            lora = await self._refetch_adapter(model_id, lora)
+            lora = await self._refetch_adapter(model_id, lora, cause.files)
         except Exception as exc:  # noqa: BLE001 - e.g. the store is unreachable: a 503
             yield _error_item(rid, exc, request)
             return
         async for item in self._stream(rid, tenant, prompt, params, lora, entered, timing, request):
             yield item
 
-    async def _refetch_adapter(self, model_id: str, unreadable):
+    async def _refetch_adapter(self, model_id: str, unreadable, files: tuple | None = None):
         """The LoRARequest for `model_id` after the engine could not read `unreadable`'s files:
         the node's disk cache dropped them (its bound, other replicas' fetches) or holds them
         damaged, once the engine's host tier no longer had the adapter. The first request to
-        report it drops the cache entry and its Serve entry's request, so the files are fetched
-        and verified again; later reports of the same files take that new fetch."""
+        report it drops the cache entry (unless its files are no longer `files`, those that
+        failed: another replica fetched them again) and its Serve entry's request, so the files
+        are fetched and verified again; later reports of the same files take that new fetch."""
         entry = await self._get_adapter(model_id)
         if entry.lora is not unreadable:  # another request's report fetched them already
             return await self._adapter_request(model_id)
@@ -279,7 +281,7 @@ class LLMServer:
             raise AdapterLoadError(f"adapter {model_id!r}: its files, fetched again and verified, "
                                    "still cannot be read by the engine")
         entry.lora = entry.fetching = None
-        await asyncio.to_thread(self._cache.discard, Path(unreadable.lora_path))  # a file lock
+        await asyncio.to_thread(self._cache.discard, Path(unreadable.lora_path), files)  # a file lock
         lora = await self._adapter_request(model_id)
         entry.refetched, entry.refetched_at = lora, time.monotonic()
         return lora

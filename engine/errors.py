@@ -30,7 +30,7 @@ class AdapterFilesError(AdapterLoadError):
     the copy this engine was pointed at is at fault, not the adapter (the store checked its
     content at upload). Remembered only while the files stay as they were: whoever fetched them
     fetches them again and the next request loads the new copy. `path`: the directory read;
-    `files`: engine.lora.adapter.files_signature of it before the read."""
+    `files`: adapter_store.cache.files_signature of it before the read."""
 
     def __init__(self, message: str, path: str | None = None, files: tuple = ()):
         super().__init__(message)

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from adapter_store.cache import files_signature
 from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, expected_shape, lora_scale,
                                    parse_lora_key, pattern_module_name, pattern_value)
 from adapter_store.limits import MAX_SERVED_WEIGHT
@@ -114,18 +115,6 @@ def _read_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
     if config.get("peft_type", "LORA").upper() != "LORA":
         raise AdapterLoadError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
     return config, tensors
-
-
-def files_signature(path: str | Path | None) -> tuple:
-    """What changes when the files in `path` are replaced (each file's name, inode and size; ()
-    for no directory): a fetch writes new files and renames them into place, so a failure to
-    read the old ones says nothing about the new. The directory's own times are left out (a
-    disk-cache hit touches them)."""
-    try:
-        files = [(f.name, f.stat()) for f in Path(path).iterdir()]
-    except (OSError, TypeError):  # TypeError: no path
-        return ()
-    return tuple(sorted((name, st.st_ino, st.st_size) for name, st in files))
 
 
 def _scale(config: dict, module_name: str, rank: int) -> float:

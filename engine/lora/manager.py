@@ -26,8 +26,9 @@ from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from adapter_store.cache import files_signature
 from engine.errors import AdapterFilesError, AdapterLoadError
-from engine.lora.adapter import LoRAAdapter, files_signature, load_adapter
+from engine.lora.adapter import LoRAAdapter, load_adapter
 from engine.lora.host_arena import HostArena
 from engine.lora.slots import SlotPools
 from engine.lora.spans import SpanAllocator
@@ -531,7 +532,7 @@ class LoRAManager:
         try:
             adapter = future.result()
         except AdapterFilesError as exc:
-            return self._fail(name, str(exc), exc.files)
+            return self._fail(name, str(exc), exc.files, exc.path)
         except AdapterLoadError as exc:
             return self._fail(name, str(exc))
         except Exception as exc:  # a broken file must fail its request, never the step loop
@@ -567,13 +568,14 @@ class LoRAManager:
         if self.clock() >= expires or (files is not None and files_signature(path) != files):
             del self.failed[name]
             return
-        raise AdapterLoadError(message) if files is None else AdapterFilesError(message, path)
+        raise AdapterLoadError(message) if files is None else AdapterFilesError(message, path, files)
 
-    def _fail(self, name: str, message: str, files: tuple | None = None) -> None:
-        """Remember and raise a failure; `files`: the files_signature of files that could not be read."""
+    def _fail(self, name: str, message: str, files: tuple | None = None, path: str | None = None) -> None:
+        """Remember and raise a failure; `files`: the files_signature of the files in `path` that
+        could not be read."""
         self.failed[name] = (message, self.clock() + self.failure_ttl_s, files)
         self.stats.failures += 1
-        raise AdapterLoadError(message) if files is None else AdapterFilesError(message)
+        raise AdapterLoadError(message) if files is None else AdapterFilesError(message, path, files)
 
     def _load_to_host(self, name: str, path: str) -> LoRAAdapter:
         start = time.perf_counter()

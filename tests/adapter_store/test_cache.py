@@ -99,6 +99,12 @@ def test_discard_drops_an_entry_so_the_next_fetch_downloads_it(store, adapter, b
     cache.discard(tmp_path / "elsewhere")  # not an entry: left alone
     assert (tmp_path / "elsewhere").is_dir()
     assert cache.fetch(store, info) == entry and cache.downloads == 2 and same_files(entry, adapter)
+    from adapter_store.cache import files_signature
+    unreadable = files_signature(entry)
+    cache.discard(entry)
+    cache.fetch(store, info)  # another process of the node fetched it again meanwhile
+    cache.discard(entry, files=unreadable)  # a late report about the files before: the new copy stays
+    assert cache.still_holds(entry) and cache.downloads == 3
 
 
 def test_two_processes_fetching_at_once_download_once(store, adapter, base_model, tmp_path):

@@ -35,7 +35,7 @@ class Cache:
     def still_holds(self, entry: Path) -> bool:
         return not self.evicted
 
-    def discard(self, entry: Path) -> None:
+    def discard(self, entry: Path, files: tuple | None = None) -> None:
         self.evicted = True
 
     def fetch(self, store, info: str) -> Path:
