@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -43,6 +44,7 @@ _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatc
 _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                 "ServiceUnavailable", "500", "502", "503", "504"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+_OBJECT_ACTIONS = ("read", "download")  # where a 404 means the object is gone
 _MIN_PART_BYTES = 5 << 20
 
 
@@ -62,6 +64,9 @@ class S3Store(AdapterStore):
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not uri.startswith("s3://") or not bucket:
             raise AdapterStoreError(f"bad S3 URI {uri!r}; expected s3://bucket[/prefix]", code="bad_store_uri")
+        if endpoint_url and not endpoint_url.startswith(("http://", "https://")):
+            raise AdapterStoreError(f"S3 endpoint {endpoint_url!r} needs its scheme: http://{endpoint_url} "
+                                    f"or https://{endpoint_url}", code="bad_store_uri")
         self.uri, self.bucket, self.prefix = uri, bucket, prefix.strip("/")
         self.endpoint_url = endpoint_url
         self.chunk_bytes, self.concurrency = chunk_bytes, concurrency
@@ -97,6 +102,11 @@ class S3Store(AdapterStore):
                                         code="bad_credentials") from None
         except ClientError as exc:
             raise self._client_error(exc, action, where) from None
+        except S3UploadFailedError as exc:  # boto3's transfer manager wraps the ClientError in it
+            cause = exc.__context__
+            if isinstance(cause, ClientError):
+                raise self._client_error(cause, action, where) from None
+            raise StoreUnavailableError(f"S3 failed to {action} {where}: {exc}", code="s3_error") from None
         except (ReadTimeoutError, ConnectTimeoutError) as exc:
             raise StoreUnavailableError(f"S3 endpoint did not answer within {self.connect_timeout_s:g} s "
                                         f"(connect) / {self.timeout_s:g} s (read) while trying to {action} "
@@ -112,9 +122,13 @@ class S3Store(AdapterStore):
         if code == "NoSuchBucket":
             return StoreUnavailableError(f"bucket {self.bucket!r} does not exist: create it or fix the "
                                          "store URI (--store / MOEPLEX_STORE)", code="missing_bucket")
-        if code in _MISSING:
+        if code in _MISSING and action in _OBJECT_ACTIONS:
             return AdapterNotFoundError(f"{where} is gone (deleted since it was resolved?); resolve the "
                                         "adapter again", code="not_found")
+        if code in _MISSING:  # S3 lists an empty prefix and deletes a missing key without a 404
+            return StoreUnavailableError(f"the S3 endpoint answered 404 ({code}) to {action} {where}: is "
+                                         f"{self.endpoint_url or 'the endpoint'} an S3 API endpoint (not, "
+                                         "say, a console port)?", code="s3_error")
         if code in _CREDENTIAL_CODES:
             return StoreUnavailableError(f"S3 refused to {action} {where} ({code}): check the AWS "
                                          "credentials and the bucket policy", code="bad_credentials")

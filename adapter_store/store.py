@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from adapter_store.errors import (
-    AdapterNotFoundError, AdapterStoreError, ChecksumMismatchError, LimitExceededError,
+    AdapterNotFoundError, AdapterStoreError, ChecksumMismatchError, LimitExceededError, StoreUnavailableError,
 )
 from adapter_store.garbage import MANIFEST_FILE, collect_garbage
 from adapter_store.names import check_name, parse_pinned_ref, parse_ref
@@ -93,11 +93,12 @@ class AdapterStore(ABC):
             with self._commit_lock(tenant):  # another upload may have taken the last free place
                 self._check_count(tenant, name, limits)
                 self._write_bytes(f"{prefix}/{MANIFEST_FILE}", json.dumps(manifest, indent=1).encode())
+            self._check_committed(prefix)
         except BaseException:
             self._cleanup_quietly(prefix)
             raise
         with self._commit_lock(tenant):  # two uploads of a name never delete the same files at once
-            self._prune_versions(tenant, name, limits.max_versions_per_adapter)
+            self._prune_versions(tenant, name, limits.max_versions_per_adapter, committed=version)
         return AdapterInfo(tenant, name, version, manifest, self._is_shared(tenant, name))
 
     def delete(self, tenant: str, name: str, version: str | None = None) -> None:
@@ -118,7 +119,10 @@ class AdapterStore(ABC):
         self._delete(f"shared/{tenant}/{name}")
         for info in versions:
             self._delete(f"{version_key(tenant, name, info.version)}/{MANIFEST_FILE}")
-        self._delete_prefix(adapter_key(tenant, name))
+        # the versions listed only: an upload in flight keeps its files and commits a version
+        # after this delete (as if it began after it); a crashed one's are `gc`'s
+        for info in versions:
+            self._delete_prefix(version_key(tenant, name, info.version))
 
     def share(self, tenant: str, name: str, shared: bool = True) -> None:
         """Operator action: let every tenant see and use `tenant`'s adapter `name`."""
@@ -262,14 +266,27 @@ class AdapterStore(ABC):
                 "targets": summary.targets, "layout": summary.layout, "dtypes": summary.dtypes,
                 "num_tensors": summary.num_tensors, "base_model": summary.base_model}
 
-    def _prune_versions(self, tenant: str, name: str, keep: int) -> None:
-        """Delete the visible versions of `name` older than its newest `keep`, each manifest first.
+    def _check_committed(self, prefix: str) -> None:
+        """Raise, after its manifest is written, where a version's files are not all there (a
+        `gc` with an age shorter than the upload took them): a manifest never names missing files."""
+        present = {key.rsplit("/", 1)[-1] for key, _ in self._list_objects(prefix)}
+        missing = [f for f in ADAPTER_FILES if f not in present]
+        if missing:
+            self._delete(f"{prefix}/{MANIFEST_FILE}")
+            raise StoreUnavailableError(f"{', '.join(missing)} of the new version vanished while it was "
+                                        "stored (a `gc` younger than the upload?); upload it again",
+                                        code="upload_interrupted")
+
+    def _prune_versions(self, tenant: str, name: str, keep: int, committed: str | None = None) -> None:
+        """Delete the visible versions of `name` older than its newest `keep`, each manifest first,
+        never `committed` (the version an upload just stored and reports: another upload, or a
+        clock behind the others', may have named a newer one).
 
         The new version is committed by now, so a failure is logged rather than raised: the
         upload did succeed. The next upload of the name prunes the versions still visible; the
         files of one whose manifest is already gone are a leftover that `gc` removes."""
         try:
-            for info in self.list_versions(tenant, name)[:-keep]:
+            for info in [v for v in self.list_versions(tenant, name)[:-keep] if v.version != committed]:
                 old = version_key(tenant, name, info.version)
                 self._delete(f"{old}/{MANIFEST_FILE}")  # invisible first, then the files
                 self._delete_prefix(old)

@@ -75,3 +75,54 @@ def test_open_store_picks_the_backend(tmp_path, aws_env):
     for bad in ("gs://bucket", "", "s3://"):
         with pytest.raises(AdapterStoreError):
             open_store(bad)
+
+
+def test_a_write_s3_refuses_in_the_transfer_manager_is_the_typed_credentials_error(moto_server, adapter,
+                                                                                   base_model, monkeypatch):
+    """boto3's transfer manager wraps the AccessDenied of a read-only key in S3UploadFailedError:
+    it was an untyped traceback (CLI) and a 500 (HTTP), where delete and share gave the typed error."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+    store = s3_store(moto_server, make_bucket(moto_server))
+
+    def read_only_key(*_args, **_kwargs):
+        try:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "PutObject")
+        except ClientError as denied:
+            raise S3UploadFailedError("Failed to upload (AccessDenied)") from denied
+    monkeypatch.setattr(store.client, "upload_file", read_only_key)
+    with pytest.raises(StoreUnavailableError, match="credentials") as caught:
+        store.put("acme", "ad", adapter, base_model)
+    assert caught.value.code == "bad_credentials"
+
+
+def test_an_endpoint_that_answers_404_to_a_listing_is_unavailable_not_a_missing_adapter(aws_env):
+    """A listing never 404s on S3: an endpoint that does (a console port, a web server) is a store
+    problem for the operator (503, exit 5), not an adapter the tenant lacks (404, exit 4)."""
+    import http.server
+    import threading
+
+    class NotS3(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *_args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = S3Store("s3://adapters/p", endpoint_url=f"http://127.0.0.1:{server.server_port}",
+                        region="us-east-1", max_attempts=1)
+        with pytest.raises(StoreUnavailableError, match="S3 API endpoint") as caught:
+            store.list_adapters("acme")
+        assert caught.value.code == "s3_error"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_endpoint_without_its_scheme_is_a_typed_error(aws_env):
+    with pytest.raises(AdapterStoreError, match="needs its scheme") as caught:
+        S3Store("s3://adapters/p", endpoint_url="127.0.0.1:9000")
+    assert caught.value.code == "bad_store_uri"

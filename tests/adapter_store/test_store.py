@@ -193,3 +193,58 @@ def test_a_pinned_ref_reads_that_version_whatever_is_latest(store, tiny_adapter,
 def test_only_owner_name_version_refs_are_pinned(store, ref):
     with pytest.raises(InvalidNameError):
         store.read_pinned(ref)
+
+
+def _before_the_manifest(store, monkeypatch, action):
+    """Run `action` once, just before the store writes a new version's manifest (another client
+    acting while this upload is in flight)."""
+    write, fired = store._write_bytes, []
+
+    def hooked(key, data):
+        if key.endswith(f"/{MANIFEST_FILE}") and not fired:
+            fired.append(key)  # first: the action may upload, and so come here itself
+            action()
+        return write(key, data)
+    monkeypatch.setattr(store, "_write_bytes", hooked)
+    return fired
+
+
+def test_a_delete_during_an_upload_leaves_the_upload_whole(store, tiny_adapter, base_model, tmp_path,
+                                                           monkeypatch):
+    """The delete removes the versions it listed; the upload in flight commits after it, whole (a
+    manifest that named files the delete had taken served a 404 for good)."""
+    store.put("acme", "ad", tiny_adapter(rank=4, seed=1), base_model)
+    _before_the_manifest(store, monkeypatch, lambda: store.delete("acme", "ad"))
+    info = store.put("acme", "ad", tiny_adapter(rank=4, seed=2), base_model)
+    assert [v.version for v in store.list_versions("acme", "ad")] == [info.version]
+    path = DiskCache(tmp_path / "cache", 1 << 30).fetch(store, store.resolve("acme", "ad"))
+    assert same_files(path, tiny_adapter(rank=4, seed=2))
+
+
+def test_an_upload_never_prunes_the_version_it_stored(store, tiny_adapter, base_model, monkeypatch):
+    from adapter_store.validate import StoreLimits
+    limits = StoreLimits(max_versions_per_adapter=1)
+    upload, fired = store._upload_file, []
+
+    def another_upload_meanwhile(key, path, progress):
+        upload(key, path, progress)
+        if key.endswith(WEIGHTS) and not fired:  # this upload's files are up, its manifest not yet
+            fired.append(key)
+            store.put("acme", "ad", tiny_adapter(rank=4, seed=1), base_model, limits=limits)
+    monkeypatch.setattr(store, "_upload_file", another_upload_meanwhile)
+    mine = store.put("acme", "ad", tiny_adapter(rank=4, seed=2), base_model, limits=limits)
+    assert store.resolve("acme", f"ad@{mine.version}") == mine  # the other upload, named later, did not prune it
+
+
+def test_files_gone_before_the_manifest_fail_the_upload_and_leave_no_version(store, adapter, base_model,
+                                                                             monkeypatch):
+    """A `gc` younger than the upload took its files: the upload fails, typed, rather than commit a
+    manifest of missing files."""
+    def gc_too_eager():
+        [prefix] = {key.rsplit("/", 1)[0] for key, _ in store._list_objects("tenants/acme/adapters/ad")
+                    if key.endswith(WEIGHTS)}
+        store._delete(f"{prefix}/{WEIGHTS}")
+    _before_the_manifest(store, monkeypatch, gc_too_eager)
+    with pytest.raises(StoreUnavailableError, match="vanished") as refused:
+        store.put("acme", "ad", adapter, base_model)
+    assert refused.value.code == "upload_interrupted" and store.list_versions("acme", "ad") == []
