@@ -134,7 +134,7 @@ class AppArgs(ReplicaPlacement, BaseModel):
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests Serve sends one "
                                       "engine replica at a time")
     hot_adapter_share: float = Field(default=0.25, gt=0, le=1, description="an adapter above this "
-                                     "share of an ingress's recent completions is balanced over all "
+                                     "share of an ingress's recent completions with an adapter is balanced over all "
                                      "engine replicas instead of kept on the one that has it; 1: never")
     replica_num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per engine "
                                     "replica")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -90,6 +91,8 @@ class LLMServer:
             if self._ranks is not None:
                 self._ranks.close()
             raise
+        if args.engine_process:
+            self._engine.on_core_exit = _end_replica
         self._store = args.open_store()
         self._cache = DiskCache(args.cache_path("adapter-cache"), args.disk_cache_bytes)
         self._fetcher = AdapterFetcher(self._store, self._cache)
@@ -450,6 +453,16 @@ class LLMServer:
         if self._ranks is not None and self._ranks.failure is not None:
             raise RuntimeError(f"engine replica: {self._ranks.failure}")
         self._engine.check_health()
+
+
+def _end_replica(grace_s: float = 1.0) -> None:
+    """Exit this replica's process once its engine core went away. Until Serve had counted three
+    failed health checks, its routers kept choosing the replica whose every request failed at once
+    (its queue looked empty, and adapter and prefix affinity point at it): a dead actor they drop
+    at once, and Serve starts another. `grace_s`: for the open streams' error events to leave."""
+    logger.error("the engine core went away: ending this replica for Serve to replace it")
+    time.sleep(grace_s)
+    os._exit(1)
 
 
 def _log_startup(args: AppArgs, model_dir, engine) -> None:

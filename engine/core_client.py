@@ -6,8 +6,9 @@ the other. Requests are tokenised and validated here (a bad one never reaches th
 over a socket pair to `engine.core_process`, and each engine step comes back as one message
 that a reader thread hands to the waiting streams in one go (engine.streams).
 
-If the core process dies, every open stream ends with EngineError and `check_health` raises,
-so Serve replaces the replica. If the replica's process dies (Serve or Ray kills it), the core
+If the core process dies, every open stream ends with EngineUnavailableError, `check_health`
+raises and `on_core_exit` is called (a Serve replica ends itself there, so that Serve's routers
+stop choosing it at once and Serve replaces it). If the replica's process dies (Serve or Ray kills it), the core
 exits by itself (engine.core_process.watch_parent).
 """
 import logging
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from engine.async_engine import shutdown_outputs
@@ -35,6 +37,9 @@ class EngineCoreClient(EngineFrontend):
         self._send_lock = threading.Lock()
         self._streams = OutputStreams()
         self._stopped = False
+        # called on the reader thread once the core went away unasked, after the open streams
+        # ended (the replica ends itself: deployments.replica)
+        self.on_core_exit: Callable[[], None] | None = None
         self._proc, self._conn = _spawn_core()
         try:
             self._conn.send(("config", config))
@@ -138,10 +143,13 @@ class EngineCoreClient(EngineFrontend):
             pass
         except Exception:  # noqa: BLE001 - a message that cannot be read ends the client, loudly
             log.exception("engine core client: reading from the core failed")
-        if not self._stopped:
+        gone = not self._stopped
+        if gone:
             log.error("the engine core process went away (exit code %s)", self._proc.poll())
         self._streams.deliver(shutdown_outputs(self._streams.open_ids(),
                                                "the engine core stopped before the request finished"))
+        if gone and self.on_core_exit is not None:
+            self.on_core_exit()
 
     def _kill(self) -> None:
         if self._proc.poll() is None:

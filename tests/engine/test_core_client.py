@@ -97,8 +97,10 @@ def test_a_core_that_fails_to_start_raises_its_error_at_construction(tmp_path):
         EngineCoreClient(EngineConfig(model=tmp_path, max_loras=0))
 
 
-def test_a_killed_core_ends_open_streams_as_unavailable_and_fails_health(checkpoints):
+def test_a_killed_core_ends_open_streams_as_unavailable_fails_health_and_calls_on_core_exit(checkpoints):
     client = EngineCoreClient(_config(checkpoints["qwen3_moe"], max_loras=0))
+    exits = []
+    client.on_core_exit = lambda: exits.append(True)
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
 
     async def main():
@@ -114,6 +116,7 @@ def test_a_killed_core_ends_open_streams_as_unavailable_and_fails_health(checkpo
         asyncio.run(main())
         with pytest.raises(EngineUnavailableError, match="exited"):
             client.check_health()
+        assert exits == [True]
     finally:
         client.shutdown()
 
@@ -139,6 +142,15 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_core_shut_down_by_its_client_does_not_call_on_core_exit(checkpoints):
+    client = EngineCoreClient(_config(checkpoints["qwen3_moe"], max_loras=0))
+    exits = []
+    client.on_core_exit = lambda: exits.append(True)
+    client.shutdown()
+    client._reader.join(timeout=30)
+    assert not client._reader.is_alive() and exits == []
+
+
 def test_a_core_whose_replica_process_was_killed_exits_by_itself():
     import subprocess
     import sys
