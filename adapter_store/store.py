@@ -105,24 +105,26 @@ class AdapterStore(ABC):
         """Delete one version, or the whole adapter with every version and its share mark."""
         check_name(tenant, "tenant name")
         check_name(name)
+        # by the manifests' presence, not their content: a corrupt one must not block its own removal
         if version is not None:
-            info = self._resolve_own(tenant, check_name(name), check_name(version, "version"))
-            prefix = version_key(tenant, name, info.version)
+            if check_name(version, "version") not in self._visible_versions(tenant, name):
+                raise self._not_found(f"{name}@{version}")
+            prefix = version_key(tenant, name, version)
             self._delete(f"{prefix}/{MANIFEST_FILE}")  # invisible first, then the files
             self._delete_prefix(prefix)
-            if not self.list_versions(tenant, name):  # a later upload of the name starts unshared
+            if not self._visible_versions(tenant, name):  # a later upload of the name starts unshared
                 self._delete(f"shared/{tenant}/{name}")
             return
-        versions = self.list_versions(tenant, name)
+        versions = self._visible_versions(tenant, name)
         if not versions:
             raise self._not_found(name)
         self._delete(f"shared/{tenant}/{name}")
-        for info in versions:
-            self._delete(f"{version_key(tenant, name, info.version)}/{MANIFEST_FILE}")
+        for version in versions:
+            self._delete(f"{version_key(tenant, name, version)}/{MANIFEST_FILE}")
         # the versions listed only: an upload in flight keeps its files and commits a version
         # after this delete (as if it began after it); a crashed one's are `gc`'s
-        for info in versions:
-            self._delete_prefix(version_key(tenant, name, info.version))
+        for version in versions:
+            self._delete_prefix(version_key(tenant, name, version))
 
     def share(self, tenant: str, name: str, shared: bool = True) -> None:
         """Operator action: let every tenant see and use `tenant`'s adapter `name`."""
@@ -209,6 +211,16 @@ class AdapterStore(ABC):
             raise self._not_found(name if version is None else f"{name}@{version}")
         return info
 
+    def _visible_versions(self, owner: str, name: str) -> list[str]:
+        """The versions of `name` that have a manifest, read or not, oldest first."""
+        return [v for v in sorted(self._list_children(f"{adapter_key(owner, name)}/versions"))
+                if self._read(f"{version_key(owner, name, v)}/{MANIFEST_FILE}") is not None]
+
+    def _has_version(self, owner: str, name: str) -> bool:
+        """Whether `name` has a version with a manifest (its content unread: a corrupt one counts)."""
+        return any(self._read(f"{version_key(owner, name, v)}/{MANIFEST_FILE}") is not None
+                   for v in sorted(self._list_children(f"{adapter_key(owner, name)}/versions"), reverse=True))
+
     def _latest(self, owner: str, name: str, shared: bool | None = None) -> list[AdapterInfo]:
         shared = self._is_shared(owner, name) if shared is None else shared
         for version in sorted(self._list_children(f"{adapter_key(owner, name)}/versions"), reverse=True):
@@ -250,9 +262,9 @@ class AdapterStore(ABC):
         # Names count once they have a visible version: an upload in flight (ours included)
         # or the leftovers of a crashed one neither take a place nor grant one.
         names = self._list_children(f"tenants/{tenant}/adapters")
-        if name in names and self._latest(tenant, name, shared=False):
+        if name in names and self._has_version(tenant, name):
             return
-        live = [n for n in names if n != name and self._latest(tenant, n, shared=False)]
+        live = [n for n in names if n != name and self._has_version(tenant, n)]
         if len(live) >= limits.max_adapters_per_tenant:
             raise LimitExceededError(f"tenant {tenant!r} already has {len(live)} adapters, the limit; "
                                      "delete one (moeplex-adapters delete) before adding another",

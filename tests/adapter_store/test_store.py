@@ -179,6 +179,20 @@ def test_corrupt_manifest_and_vanished_files_are_typed_errors(store, adapter, ba
         store.resolve("acme", "ad")
 
 
+def test_a_corrupt_manifest_blocks_neither_its_deletion_nor_other_uploads(store, tiny_adapter, base_model):
+    """The corrupt-manifest error says to delete the version: that, the whole adapter's delete and
+    an upload of another name (which counts the tenant's adapters) all read past it."""
+    first = store.put("acme", "ad", tiny_adapter(rank=4, seed=1), base_model)
+    second = store.put("acme", "ad", tiny_adapter(rank=4, seed=2), base_model)
+    store._write_bytes(f"tenants/acme/adapters/ad/versions/{second.version}/{MANIFEST_FILE}", b"{not json")
+    store.put("acme", "other", tiny_adapter(rank=4, seed=3), base_model)
+    store.delete("acme", "ad", version=second.version)
+    assert store.resolve("acme", "ad") == first
+    store._write_bytes(f"tenants/acme/adapters/ad/versions/{first.version}/{MANIFEST_FILE}", b"{not json")
+    store.delete("acme", "ad")
+    assert [a.name for a in store.list_adapters("acme")] == ["other"]
+
+
 def test_a_pinned_ref_reads_that_version_whatever_is_latest(store, tiny_adapter, base_model):
     first = store.put("acme", "ad", tiny_adapter(rank=4, seed=1), base_model)
     store.put("acme", "ad", tiny_adapter(rank=4, seed=2), base_model)
