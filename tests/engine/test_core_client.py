@@ -116,6 +116,7 @@ def test_a_killed_core_ends_open_streams_as_unavailable_fails_health_and_calls_o
         asyncio.run(main())
         with pytest.raises(EngineUnavailableError, match="exited"):
             client.check_health()
+        client._reader.join(timeout=30)  # it calls on_core_exit after ending the streams
         assert exits == [True]
     finally:
         client.shutdown()
