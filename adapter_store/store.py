@@ -211,15 +211,17 @@ class AdapterStore(ABC):
             raise self._not_found(name if version is None else f"{name}@{version}")
         return info
 
+    def _manifested(self, owner: str, name: str, newest_first: bool = False) -> Iterator[str]:
+        """The versions of `name` that have a manifest, its content unread (a corrupt one counts)."""
+        for v in sorted(self._list_children(f"{adapter_key(owner, name)}/versions"), reverse=newest_first):
+            if self._read(f"{version_key(owner, name, v)}/{MANIFEST_FILE}") is not None:
+                yield v
+
     def _visible_versions(self, owner: str, name: str) -> list[str]:
-        """The versions of `name` that have a manifest, read or not, oldest first."""
-        return [v for v in sorted(self._list_children(f"{adapter_key(owner, name)}/versions"))
-                if self._read(f"{version_key(owner, name, v)}/{MANIFEST_FILE}") is not None]
+        return list(self._manifested(owner, name))
 
     def _has_version(self, owner: str, name: str) -> bool:
-        """Whether `name` has a version with a manifest (its content unread: a corrupt one counts)."""
-        return any(self._read(f"{version_key(owner, name, v)}/{MANIFEST_FILE}") is not None
-                   for v in sorted(self._list_children(f"{adapter_key(owner, name)}/versions"), reverse=True))
+        return next(self._manifested(owner, name, newest_first=True), None) is not None
 
     def _latest(self, owner: str, name: str, shared: bool | None = None) -> list[AdapterInfo]:
         shared = self._is_shared(owner, name) if shared is None else shared

@@ -189,9 +189,7 @@ class RequestCounter:
 
         try:
             await self.app(scope, receive, noting_send)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+        except Exception:  # not CancelledError: the client left, counted as CLIENT_LEFT
             status = 500 if status == CLIENT_LEFT else status  # Starlette's outermost handler answers it
             raise
         finally:

@@ -165,7 +165,7 @@ class Ingress(AdapterRoutes):
         try:
             answers = await self._llm.broadcast("ready").results_async(return_exceptions=True)
         except DeploymentUnavailableError:  # Serve's answer where none is running
-            if (self._args.autoscaling_config or {}).get("min_replicas", 1) == 0:
+            if self._args.scales_to_zero():
                 return None
             raise
         for answer in answers:

@@ -53,6 +53,10 @@ class ReplicaPlacement:
         engine has: 2 x the slots unless max_adapters_per_replica says."""
         return self.max_adapters_per_replica or 2 * max(1, num_lora_slots)
 
+    def scales_to_zero(self) -> bool:
+        """Whether autoscaling may stop every engine replica (min_replicas 0; Serve's default is 1)."""
+        return (self.autoscaling_config or {}).get("min_replicas", 1) == 0
+
     def max_engine_replicas(self) -> int:
         """Engine replicas the app may run at most (num_replicas, or autoscaling's max_replicas)."""
         if self.autoscaling_config:

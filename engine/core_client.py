@@ -8,7 +8,8 @@ that a reader thread hands to the waiting streams in one go (engine.streams).
 
 If the core process dies, every open stream ends with EngineUnavailableError, `check_health`
 raises and `on_core_exit` is called (a Serve replica ends itself there, so that Serve's routers
-stop choosing it at once and Serve replaces it). If the replica's process dies (Serve or Ray kills it), the core
+stop choosing it at once and Serve replaces it). If the replica's process dies (Serve or Ray
+kills it), the core
 exits by itself (engine.core_process.watch_parent).
 """
 import logging
