@@ -93,6 +93,10 @@ class LocalStore(AdapterStore):
                     continue
         return found
 
+    def _list_keys(self, prefix: str) -> list[str]:
+        skip = len(str(self.root)) + 1
+        return [f"{dirpath[skip:]}/{f}" for dirpath, _, filenames in os.walk(self._path(prefix)) for f in filenames]
+
     @contextlib.contextmanager
     def _commit_lock(self, tenant: str) -> Iterator[None]:
         lock_dir = self.root / _LOCK_DIR

@@ -31,6 +31,12 @@ def check_name(value: str, what: str = "adapter name") -> str:
     return value
 
 
+def is_name(value: str) -> bool:
+    """Whether `value` passes `check_name`: keys a backend lists may hold other things (a local
+    store's temporary files)."""
+    return 0 < len(value) <= MAX_NAME_LENGTH and ".." not in value and _NAME_RE.fullmatch(value) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterRef:
     """A parsed reference: owner is None for the caller's own namespace."""

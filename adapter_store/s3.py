@@ -143,6 +143,12 @@ class S3Store(AdapterStore):
                     return None
                 raise
 
+    def _read_many(self, keys: list[str]) -> list[bytes | None]:
+        if len(keys) < 2:
+            return [self._read(key) for key in keys]
+        with ThreadPoolExecutor(min(len(keys), self.concurrency)) as pool:  # the client is thread-safe
+            return list(pool.map(self._read, keys))
+
     def _write_bytes(self, key: str, data: bytes) -> None:
         with self._errors("write", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)

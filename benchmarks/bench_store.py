@@ -10,6 +10,13 @@ free loopback port, and times through `adapter_store`:
 - cold fetch: parallel ranged download into an empty DiskCache + sha256 verification;
 - cache hit: DiskCache.fetch of the same version again (no request to the store).
 The same is done against a LocalStore on local disk. Prints a table last, writes JSON with provenance.
+
+    .venv/bin/python benchmarks/bench_store.py --list-adapters 1000 [--out bench_store_list.json]
+
+times instead one tenant's listing (`/v1/models`, `moeplex-adapters list`) over that many stored
+adapters (their manifests and two small files each, written directly), on both backends:
+`list_adapters` against the walk of one adapter at a time it replaced (a listing of its versions
+and a read of its share mark and its newest manifest, ~3 sequential requests per adapter on S3).
 """
 from __future__ import annotations
 
@@ -119,10 +126,42 @@ def measure(store, adapter: Path, base: Path, work: Path, hits: int) -> dict:
             "cache_hit_ms_median": round(1e3 * statistics.median(hit_times), 3)}
 
 
+def measure_listing(store, count: int, repeats: int = 3) -> dict:
+    from adapter_store.store import MANIFEST_FILE
+    from adapter_store.validate import ADAPTER_FILES
+    from adapter_store.versions import new_version, version_key
+    for i in range(count):
+        prefix = version_key("bench", f"adapter-{i:05d}", new_version())
+        files = {}
+        for name in ADAPTER_FILES:
+            store._write_bytes(f"{prefix}/{name}", b"{}")
+            files[name] = {"size": 2, "sha256": "0" * 64}
+        store._write_bytes(f"{prefix}/{MANIFEST_FILE}", json.dumps({"format": 1, "files": files}).encode())
+
+    def walk():  # the listing before list_adapters read whole trees: one adapter at a time
+        return [info for name in store._list_children("tenants/bench/adapters")
+                for info in store._latest("bench", name)]
+    times = {}
+    for label, run in (("per_adapter_walk", walk), ("list_adapters", lambda: store.list_adapters("bench"))):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            listed = run()
+            best = min(best, time.perf_counter() - t0)
+        assert len(listed) == count, (label, len(listed))
+        times[label] = best
+    return {"backend": type(store).__name__, "adapters": count,
+            "per_adapter_walk_s": round(times["per_adapter_walk"], 3),
+            "list_adapters_s": round(times["list_adapters"], 3),
+            "speedup": round(times["per_adapter_walk"] / times["list_adapters"], 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=300, help="adapter size in MB (approximate)")
     parser.add_argument("--hits", type=int, default=20)
+    parser.add_argument("--list-adapters", type=int, default=0, metavar="N",
+                        help="time one tenant's listing over N adapters instead (see above)")
     parser.add_argument("--out", default="bench_store.json")
     args = parser.parse_args()
     per_layer_expert = 3 * 2 * RANK * (LAYER_SHAPE["hidden_size"] + LAYER_SHAPE["moe_intermediate_size"])
@@ -133,13 +172,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-store-"))
     proc, endpoint = start_moto()
     try:
-        base = write_base_config(work / "base", num_layers, num_experts)
-        adapter = write_adapter(work / "adapter", num_layers, num_experts)
         import boto3
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
         stores = [open_store("s3://bench/moeplex", endpoint_url=endpoint, region="us-east-1"),
                   open_store(str(work / "local-store"))]
-        rows = [measure(store, adapter, base, work, args.hits) for store in stores]
+        if args.list_adapters:
+            rows = [measure_listing(store, args.list_adapters) for store in stores]
+        else:
+            base = write_base_config(work / "base", num_layers, num_experts)
+            adapter = write_adapter(work / "adapter", num_layers, num_experts)
+            rows = [measure(store, adapter, base, work, args.hits) for store in stores]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -126,3 +126,17 @@ def test_an_endpoint_without_its_scheme_is_a_typed_error(aws_env):
     with pytest.raises(AdapterStoreError, match="needs its scheme") as caught:
         S3Store("s3://adapters/p", endpoint_url="127.0.0.1:9000")
     assert caught.value.code == "bad_store_uri"
+
+
+def test_list_adapters_costs_one_manifest_read_per_adapter_and_three_listings(moto_server, adapter, base_model):
+    store = s3_store(moto_server, make_bucket(moto_server))
+    for name in ("a", "b", "c", "d", "e"):
+        store.put("acme", name, adapter, base_model)
+    store.put("acme", "a", adapter, base_model)
+    store.put("beta", "theirs", adapter, base_model)
+    store.share("beta", "theirs")
+    counts = _count(store, "ListObjectsV2", "GetObject", "HeadObject")
+    listed = store.list_adapters("acme")
+    assert [i.name for i in listed] == ["a", "b", "c", "d", "e", "theirs"]
+    # the tenant's adapters, the share marks, the sharer's adapter; a manifest each
+    assert counts == {"ListObjectsV2": 3, "GetObject": 6, "HeadObject": 0}

@@ -262,3 +262,29 @@ def test_files_gone_before_the_manifest_fail_the_upload_and_leave_no_version(sto
     with pytest.raises(StoreUnavailableError, match="vanished") as refused:
         store.put("acme", "ad", adapter, base_model)
     assert refused.value.code == "upload_interrupted" and store.list_versions("acme", "ad") == []
+
+
+def test_list_adapters_gives_each_newest_version_and_the_shared_ones(store, adapter, base_model):
+    stored = {name: store.put("acme", name, adapter, base_model) for name in ("b", "a", "c")}
+    stored["b"] = store.put("acme", "b", adapter, base_model)  # a newer version of b
+    store.put("beta", "theirs", adapter, base_model)
+    store.put("beta", "private", adapter, base_model)
+    store.share("beta", "theirs")
+    store.share("acme", "c")
+    listed = store.list_adapters("acme")
+    assert [(i.tenant, i.name, i.version) for i in listed] == [
+        *(("acme", n, stored[n].version) for n in ("a", "b", "c")), ("beta", "theirs", listed[-1].version)]
+    assert [i.shared for i in listed] == [False, False, True, True]
+    assert listed[:3] == [store.resolve("acme", n) for n in ("a", "b", "c")]
+
+
+def test_list_adapters_falls_back_when_the_newest_manifest_goes_between_listing_and_read(store, adapter, base_model):
+    first = store.put("acme", "ad", adapter, base_model)
+    second = store.put("acme", "ad", adapter, base_model)
+    read_many = store._read_many
+
+    def delete_first(keys):  # a delete of the newest version lands after the listing
+        store.delete("acme", "ad", second.version)
+        return read_many(keys)
+    store._read_many = delete_first
+    assert store.list_adapters("acme") == [first]
