@@ -49,25 +49,41 @@ class LocalStore(AdapterStore):
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    @contextlib.contextmanager
+    def _io(self, action: str, key: str) -> Iterator[None]:
+        """A failed write or delete (a full disk, a read-only mount, a file where a directory
+        belongs) as the store's typed error: an upload then fails with what to fix, not a 500."""
+        try:
+            yield
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot {action} {self._path(key)}: {exc.strerror or exc}; check "
+                                        "the store directory's free space and permissions",
+                                        code="io_error") from None
+
     def _write_bytes(self, key: str, data: bytes) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        with self._io("write", key):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def _upload_file(self, key: str, path: Path, progress: Progress) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}")
-        try:
-            _copy(path, tmp, self.chunk_bytes, progress)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._io("write", key):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}")
+            try:
+                _copy(path, tmp, self.chunk_bytes, progress)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def _download_file(self, key: str, dest: Path, size: int, progress: Progress) -> None:
         src = self._path(key)
@@ -100,8 +116,10 @@ class LocalStore(AdapterStore):
     @contextlib.contextmanager
     def _commit_lock(self, tenant: str) -> Iterator[None]:
         lock_dir = self.root / _LOCK_DIR
-        lock_dir.mkdir(exist_ok=True)
-        with open(lock_dir / f"{tenant}.lock", "a+b") as lock_file:
+        with self._io("lock", f"{_LOCK_DIR}/{tenant}.lock"):
+            lock_dir.mkdir(exist_ok=True)
+            lock_file = open(lock_dir / f"{tenant}.lock", "a+b")
+        with lock_file:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -109,14 +127,19 @@ class LocalStore(AdapterStore):
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
     def _delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with self._io("delete", key):
+            try:
+                self._path(key).unlink(missing_ok=True)
+            except NotADirectoryError:  # a file where a directory of the key belongs: no such key
+                pass
 
     def _delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
         if path.is_dir():
             # Rename first so no reader ever walks a half-deleted tree.
             doomed = path.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
-            os.replace(path, doomed)
+            with self._io("delete", prefix):
+                os.replace(path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -95,9 +95,11 @@ class AdapterStore(ABC):
                 self._upload_file(f"{prefix}/{filename}", src / filename, progress)
             manifest = self._manifest(tenant, name, version, files, summary)
             with self._commit_lock(tenant):  # another upload may have taken the last free place
-                self._check_count(tenant, name, limits)
+                live_before = self._check_count(tenant, name, limits)
                 self._write_bytes(f"{prefix}/{MANIFEST_FILE}", json.dumps(manifest, indent=1).encode())
             self._check_committed(prefix)
+            if name not in live_before:
+                self._check_admitted(tenant, name, prefix, live_before, limits)
         except BaseException:
             self._cleanup_quietly(prefix)
             raise
@@ -219,17 +221,10 @@ class AdapterStore(ABC):
             raise self._not_found(name if version is None else f"{name}@{version}")
         return info
 
-    def _manifested(self, owner: str, name: str, newest_first: bool = False) -> Iterator[str]:
-        """The versions of `name` that have a manifest, its content unread (a corrupt one counts)."""
-        for v in sorted(self._list_children(f"{adapter_key(owner, name)}/versions"), reverse=newest_first):
-            if self._read(f"{version_key(owner, name, v)}/{MANIFEST_FILE}") is not None:
-                yield v
-
     def _visible_versions(self, owner: str, name: str) -> list[str]:
-        return list(self._manifested(owner, name))
-
-    def _has_version(self, owner: str, name: str) -> bool:
-        return next(self._manifested(owner, name, newest_first=True), None) is not None
+        """The versions of `name` that have a manifest, oldest first, its content unread (a
+        corrupt one counts)."""
+        return sorted(self._manifested_under(owner, name).get(name, []))
 
     def _latest(self, owner: str, name: str, shared: bool | None = None) -> list[AdapterInfo]:
         shared = self._is_shared(owner, name) if shared is None else shared
@@ -305,17 +300,35 @@ class AdapterStore(ABC):
             raise self._not_found(name)
         return owners[0]
 
-    def _check_count(self, tenant: str, name: str, limits: StoreLimits) -> None:
-        # Names count once they have a visible version: an upload in flight (ours included)
-        # or the leftovers of a crashed one neither take a place nor grant one.
-        names = self._list_children(f"tenants/{tenant}/adapters")
-        if name in names and self._has_version(tenant, name):
-            return
-        live = [n for n in names if n != name and self._has_version(tenant, n)]
-        if len(live) >= limits.max_adapters_per_tenant:
-            raise LimitExceededError(f"tenant {tenant!r} already has {len(live)} adapters, the limit; "
-                                     "delete one (moeplex-adapters delete) before adding another",
-                                     code="too_many_adapters")
+    def _check_count(self, tenant: str, name: str, limits: StoreLimits) -> set[str]:
+        """Raise where a new name would go over the tenant's limit; return the live names.
+
+        Names count once they have a visible version: an upload in flight (ours included) or
+        the leftovers of a crashed one neither take a place nor grant one."""
+        live = set(self._manifested_under(tenant))
+        if name not in live and len(live) >= limits.max_adapters_per_tenant:
+            raise self._too_many(tenant, len(live))
+        return live
+
+    def _check_admitted(self, tenant: str, name: str, prefix: str, live_before: set[str],
+                        limits: StoreLimits) -> None:
+        """After the manifest of a new name is written: where uploads of other new names
+        committed meanwhile (no lock spans processes on S3) and together they went over the
+        limit, the new names keep the free places in the order of their oldest versions (names
+        sort by time, and every upload ranks them alike); the ones past those take their
+        manifest back and fail, so the tenant is never left over its limit."""
+        live = self._manifested_under(tenant)
+        new = sorted((n for n in live if n not in live_before), key=lambda n: live[n][-1])
+        places = limits.max_adapters_per_tenant - sum(n in live_before for n in live)
+        if name in new[max(places, 0):]:
+            self._delete(f"{prefix}/{MANIFEST_FILE}")
+            raise self._too_many(tenant, limits.max_adapters_per_tenant)
+
+    @staticmethod
+    def _too_many(tenant: str, count: int) -> LimitExceededError:
+        return LimitExceededError(f"tenant {tenant!r} already has {count} adapters, the limit; delete one "
+                                  "(DELETE /v1/adapters/NAME, or moeplex-adapters delete) before adding another",
+                                  code="too_many_adapters")
 
     def _manifest(self, tenant, name, version, files, summary) -> dict:
         now = time.time()

@@ -1,5 +1,5 @@
-"""The tenant's adapter routes of the ingress: upload, list, read and delete adapters, and vLLM's
-load_lora_adapter / unload_lora_adapter. A change reaches every ingress replica's resolve cache
+"""The tenant's adapter routes of the ingress: upload, list, read and delete adapters, OpenAI's
+model delete, and vLLM's load_lora_adapter / unload_lora_adapter. A change reaches every ingress replica's resolve cache
 before it is answered. A mixin of `Ingress`, whose state (auth, store, limits, resolve cache) the
 methods read; Serve binds the routes of every class in the deployment's MRO.
 """
@@ -34,13 +34,17 @@ class AdapterRoutes:
         from deployments.uploads import read_upload
 
         tenant = self._auth.tenant_of(request.headers)
-        name, tmp = await read_upload(request, self._upload_limits.max_adapter_bytes)
+        self._limiter.acquire(tenant, 1)  # an upload holds disk while it lasts: one of the tenant's places
         try:
-            self._check_not_base_name(name, "name")
-        except BadRequestError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return adapter_card(await self._put(tenant, name, tmp)).model_dump()
+            name, tmp = await read_upload(request, self._upload_limits.max_adapter_bytes)
+            try:
+                self._check_not_base_name(name, "name")
+            except BadRequestError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return adapter_card(await self._put(tenant, name, tmp)).model_dump()
+        finally:
+            self._limiter.release(tenant, 1)
 
     @api.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest, request: Request):
@@ -56,9 +60,13 @@ class AdapterRoutes:
         from deployments.uploads import copy_adapter_files
 
         self._check_not_base_name(body.lora_name, "lora_name")
-        tmp = await asyncio.to_thread(copy_adapter_files, Path(body.lora_path),
-                                      self._upload_limits.max_adapter_bytes)
-        await self._put(tenant, body.lora_name, tmp)
+        self._limiter.acquire(tenant, 1)
+        try:
+            tmp = await asyncio.to_thread(copy_adapter_files, Path(body.lora_path),
+                                          self._upload_limits.max_adapter_bytes)
+            await self._put(tenant, body.lora_name, tmp)
+        finally:
+            self._limiter.release(tenant, 1)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     def _check_not_base_name(self, name: str, field: str) -> None:
@@ -134,6 +142,27 @@ class AdapterRoutes:
         except AdapterNotFoundError as exc:
             raise _no_such_adapter(ref) from exc
         return {"id": ref, "object": "adapter", "deleted": True}
+
+    @api.delete("/v1/models/{model:path}")
+    async def delete_model(self, model: str, request: Request) -> dict:
+        """OpenAI's delete of a fine-tuned model (the SDK's `models.delete`): the caller's own
+        adapter that `model` names as a request would (every version, or `name@version`'s)."""
+        tenant = self._auth.tenant_of(request.headers)
+        ref = self._adapter_ref(model)
+        if ref is None:
+            raise PermissionDeniedError(f"{model!r} is the served base model; only your adapters can be "
+                                        "deleted", code="model_not_deletable", param="model")
+        try:
+            parsed = parse_ref(ref)
+        except InvalidNameError as exc:
+            raise BadRequestError(str(exc), code="invalid_model", param="model") from exc
+        if parsed.owner not in (None, tenant):  # another tenant's shared adapter is not the caller's
+            raise self._unknown_model(model)
+        try:
+            await self._delete(tenant, parsed.name, parsed.version)
+        except AdapterNotFoundError as exc:
+            raise self._unknown_model(model) from exc
+        return {"id": model, "object": "model", "deleted": True}
 
     @api.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest, request: Request):

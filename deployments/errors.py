@@ -59,6 +59,10 @@ class NotFoundError(APIError):
     error_type = "not_found_error"
 
 
+class RequestTimeoutError(APIError):
+    status_code = 408
+
+
 class PayloadTooLargeError(APIError):
     status_code = 413
 
@@ -113,7 +117,12 @@ def _map_store_error(exc: BaseException) -> APIError | None:
         return None
     message = str(exc)
     if isinstance(exc, store_errors.AdapterNotFoundError):
-        return NotFoundError(message, code="adapter_not_found", param="model")
+        # a completion's adapter, gone from the store between the ingress resolving it and a
+        # model replica fetching it: the ingress's 404 for a model it cannot find, not the
+        # store's wording (its keys, the operator's CLI)
+        return NotFoundError("the adapter named in `model` was deleted or replaced while this request "
+                             "was on its way; GET /v1/models lists the models you can use",
+                             code="model_not_found", param="model")
     if isinstance(exc, store_errors.LimitExceededError):
         code = _code_of(exc, "limit_exceeded")
         if "rank" in code:  # the adapter's content, not the upload's size: this server cannot take it

@@ -76,7 +76,12 @@ class ResolveCache:
         self._clock = clock
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._in_flight: dict[Key, asyncio.Task] = {}
-        self._epoch = 0  # bumped by every invalidation
+        # per adapter name, bumped by its invalidations: a lookup in flight across an upload or
+        # delete of its name is not kept, one of another name is (a tenant's failed uploads must
+        # not make everyone's lookups uncached); past max_entries names the table starts over
+        # under a new generation, which no lookup in flight matches
+        self._epochs: dict[str, int] = {}
+        self._generation = 0
         self.num_hits = 0
         self.num_misses = 0
         self.num_stale = 0  # answers given from a stale entry because the store was unavailable
@@ -96,7 +101,7 @@ class ResolveCache:
         self.num_misses += 1
         task = self._in_flight.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fill(key, self._epoch))
+            task = asyncio.get_running_loop().create_task(self._fill(key, self._epoch_of(ref_name(ref))))
             task.add_done_callback(_retrieve)  # no "never retrieved" warning if all callers left
             self._in_flight[key] = task
         stale = self._stale(key)
@@ -112,7 +117,10 @@ class ResolveCache:
     def invalidate(self, name: str) -> None:
         """Forget every answer about adapter `name`, whoever asked and however it was spelled
         (`name`, `name@v`, `owner/name`): an upload or delete of it changed what they mean."""
-        self._epoch += 1
+        self._epochs[name] = self._epochs.get(name, 0) + 1
+        if len(self._epochs) > self._max_entries:
+            self._epochs.clear()
+            self._generation += 1
         for key in [k for k, e in self._entries.items() if e.name == name]:
             del self._entries[key]
         for key in [k for k in self._in_flight if ref_name(k[1]) == name]:
@@ -137,7 +145,10 @@ class ResolveCache:
             return None
         return entry
 
-    async def _fill(self, key: Key, epoch: int) -> _Entry:
+    def _epoch_of(self, name: str) -> tuple[int, int]:
+        return self._generation, self._epochs.get(name, 0)
+
+    async def _fill(self, key: Key, epoch: tuple[int, int]) -> _Entry:
         (tenant, ref), started = key, self._clock()  # the answer's age counts from here
         try:
             info = await asyncio.to_thread(self._resolve, tenant, ref)
@@ -157,7 +168,7 @@ class ResolveCache:
         if self._serving_stale:
             self._serving_stale = False
             logger.warning("adapter store answers again; resolving adapters afresh")
-        if epoch == self._epoch:  # else an upload or delete happened meanwhile
+        if epoch == self._epoch_of(entry.name):  # else an upload or delete of it happened meanwhile
             self._store(key, entry)
         return entry
 

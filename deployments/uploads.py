@@ -6,6 +6,7 @@ The form carries a field `name` and the files `adapter_config.json` and
 """
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,11 +14,14 @@ from pathlib import Path
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from deployments.errors import BadRequestError, PayloadTooLargeError
+from deployments.errors import BadRequestError, PayloadTooLargeError, RequestTimeoutError
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _CHUNK = 1 << 20
 _FORM_OVERHEAD = 64 << 10  # multipart boundaries and the name field
+# A body that sends nothing for this long is given up: its spooled part holds disk and its
+# request a place of the tenant's in-flight requests until then.
+UPLOAD_IDLE_TIMEOUT_S = 60.0
 
 
 def check_content_length(request: Request, max_bytes: int) -> None:
@@ -59,7 +63,11 @@ def _bounded(request: Request, limit: int) -> Request:
 
     async def receive():
         nonlocal received
-        message = await request.receive()
+        try:
+            message = await asyncio.wait_for(request.receive(), UPLOAD_IDLE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"the upload sent nothing for {UPLOAD_IDLE_TIMEOUT_S:g} s after "
+                                      f"{received} bytes; send it again", code="upload_stalled") from None
         received += len(message.get("body", b""))
         if received > limit:
             raise PayloadTooLargeError(

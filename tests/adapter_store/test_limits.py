@@ -2,7 +2,9 @@
 
 The count is checked before the upload and again right before the manifest; on
 LocalStore the second check and the manifest write share a per-tenant flock, so two
-uploads racing for the last place cannot both win.
+uploads racing for the last place cannot both win; on S3, where no lock spans the
+ingress processes, an upload of a new name counts again after its manifest and takes
+it back where earlier new names took the free places.
 """
 import fcntl
 import threading
@@ -60,11 +62,12 @@ def test_local_racing_uploads_at_limit_minus_one(tmp_path, adapter, base_model, 
         return real_flock(fd, op)
 
     def check(tenant, name, limits):
-        real_check(tenant, name, limits)
+        live = real_check(tenant, name, limits)
         with lock:
             checks.append(name)
             if len(checks) == 4:  # both early checks and both last checks passed
                 other_waits.set()
+        return live
 
     def write(key, data):
         if key.endswith(MANIFEST_FILE):
@@ -93,3 +96,51 @@ def test_local_racing_uploads_at_limit_minus_one(tmp_path, adapter, base_model, 
     assert outcomes[refused[0]].code == "too_many_adapters"
     assert sorted(i.name for i in store.list_adapters("acme")) == sorted(["first", *stored])
     assert sorted(k.split("/")[1] for k in stored_keys(store)) == sorted(["first", *stored])
+
+
+def test_s3_uploads_racing_past_the_last_check_leave_the_tenant_at_its_limit(moto_server, adapter, base_model,
+                                                                             monkeypatch):
+    """Three new names for one free place, each past its last count before any manifest lands:
+    exactly one keeps its version, the others fail typed and leave nothing visible."""
+    from tests.adapter_store.conftest import make_bucket, s3_store
+
+    store = s3_store(moto_server, make_bucket(moto_server))
+    store.put("acme", "first", adapter, base_model, limits=LIMIT)
+    names = ("a", "b", "c")
+    all_checked, real_check, calls = threading.Barrier(len(names), timeout=60), store._check_count, {}
+
+    def check(tenant, name, limits):
+        live = real_check(tenant, name, limits)
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] == 2:  # the last count, right before the manifest
+            all_checked.wait()
+        return live
+
+    monkeypatch.setattr(store, "_check_count", check)
+    outcomes = {}
+
+    def upload(name):
+        try:
+            outcomes[name] = store.put("acme", name, adapter, base_model, limits=LIMIT)
+        except LimitExceededError as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=upload, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = [n for n, o in outcomes.items() if not isinstance(o, Exception)]
+    refused = [o for o in outcomes.values() if isinstance(o, LimitExceededError)]
+    assert len(stored) == 1 and len(refused) == 2, outcomes
+    assert {exc.code for exc in refused} == {"too_many_adapters"}
+    assert [i.name for i in store.list_adapters("acme")] == sorted(["first", *stored])
+
+
+def test_new_version_of_a_live_name_is_stored_when_the_tenant_is_over_a_lowered_limit(store, adapter, base_model):
+    for name in ("a", "b", "c"):
+        store.put("acme", name, adapter, base_model, limits=StoreLimits(max_adapters_per_tenant=3))
+    info = store.put("acme", "c", adapter, base_model, limits=LIMIT)
+    assert store.resolve("acme", "c") == info
+    with pytest.raises(LimitExceededError):
+        store.put("acme", "d", adapter, base_model, limits=LIMIT)

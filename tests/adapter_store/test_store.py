@@ -288,3 +288,16 @@ def test_list_adapters_falls_back_when_the_newest_manifest_goes_between_listing_
         return read_many(keys)
     store._read_many = delete_first
     assert store.list_adapters("acme") == [first]
+
+
+def test_local_store_write_failure_is_a_typed_store_error_and_leaves_no_version(tmp_path, adapter, base_model):
+    from adapter_store.local import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "store" / "tenants").mkdir()
+    (tmp_path / "store" / "tenants" / "blocked").write_text("a file where the tenant's directory goes")
+    with pytest.raises(StoreUnavailableError, match="tenants/blocked") as caught:
+        store.put("blocked", "ad", adapter, base_model)
+    assert caught.value.code == "io_error"
+    assert store.list_adapters("blocked") == []
+    store.put("acme", "ad", adapter, base_model)  # other tenants are unaffected

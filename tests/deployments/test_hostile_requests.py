@@ -209,6 +209,38 @@ def test_a_file_sent_twice_in_an_upload_is_400_naming_it(client, ingress, tiny_a
     assert ingress._store.list_adapters("acme") == []
 
 
+def test_an_upload_takes_one_of_the_tenants_in_flight_places(client, ingress, tiny_adapter):
+    src = tiny_adapter("qwen3_moe", "per_expert", rank=4)
+    limiter = ingress._limiter
+    limiter.acquire("acme", limiter.limit("acme"))  # the tenant's other requests fill its places
+    error = _assert_openai_error(_upload(client, src), 429, "rate_limit_error")
+    assert error["code"] == "too_many_concurrent_requests"
+    assert ingress._store.list_adapters("acme") == []
+    limiter.release("acme", limiter.limit("acme"))
+    assert _upload(client, src).status_code == 201
+    assert limiter.active("acme") == 0  # given back once answered
+
+
+def test_openai_clients_models_delete_removes_the_callers_adapter_only(client, ingress, tiny_adapter):
+    import openai
+
+    src = tiny_adapter("qwen3_moe", "per_expert", rank=4)
+    assert _upload(client, src).status_code == 201
+    oai = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client,
+                        default_headers=HEADERS, max_retries=0)
+    with pytest.raises(openai.NotFoundError):  # another tenant's name for it finds nothing
+        oai.models.delete("acme/ad", extra_headers={"X-Tenant-Id": "globex"})
+    deleted = oai.models.delete("ad")
+    assert (deleted.id, deleted.deleted, deleted.object) == ("ad", True, "model")
+    assert ingress._store.list_adapters("acme") == []
+    with pytest.raises(openai.NotFoundError) as gone:
+        oai.models.delete("ad")
+    assert gone.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.PermissionDeniedError) as base:
+        oai.models.delete("base")
+    assert base.value.body["code"] == "model_not_deletable"
+
+
 def test_an_adapter_named_like_the_served_model_is_refused_at_upload(client, ingress, tiny_adapter):
     src = tiny_adapter("qwen3_moe", "per_expert", rank=4)
     files = [("files", (name, (src / name).read_bytes())) for name in (CONFIG, WEIGHTS)]

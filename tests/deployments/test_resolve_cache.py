@@ -196,6 +196,36 @@ def test_a_lookup_begun_before_an_invalidation_does_not_fill_the_cache(fake):
     assert len(cache) == 0
 
 
+
+def test_an_invalidation_of_another_name_keeps_a_lookup_in_flight_cached(fake):
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(tenant, ref):
+        started.set()
+        release.wait(timeout=30)
+        return fake.resolve(tenant, ref)
+
+    cache = ResolveCache(blocking, TTL_S, max_entries=2, clock=FakeClock())
+
+    async def run():
+        pending = asyncio.ensure_future(cache.resolve("acme", "style"))
+        await asyncio.to_thread(started.wait, 30)
+        cache.invalidate("junk")  # another tenant's failed upload of another adapter
+        release.set()
+        await pending
+        await cache.resolve("acme", "style")
+        for name in ("a", "b", "c"):  # more names than max_entries: the table starts over
+            cache.invalidate(name)
+        pending = asyncio.ensure_future(cache.resolve("acme", "style@v1"))
+        await asyncio.sleep(0)
+        for name in ("d", "e", "f"):
+            cache.invalidate(name)
+        await pending
+
+    asyncio.run(run())
+    assert fake.calls == [("acme", "style"), ("acme", "style@v1")]
+    assert len(cache) == 1  # style@v1 began under the old table: not kept
+
 @pytest.fixture(scope="module")
 def local_store(tmp_path_factory, tiny_checkpoint, tiny_adapter):
     """A real local store, the checkpoint and two adapters to upload; calls count."""

@@ -99,6 +99,9 @@ def test_store_and_engine_errors_map_to_openai_statuses():
         assert set(body) == {"message", "type", "param", "code"}
     assert "secret" not in to_api_error(RuntimeError("secret detail")).message
     assert "/cache" not in to_api_error(AdapterFilesError("cannot read /cache/entries/ab", "/x")).message
+    gone = to_api_error(se.AdapterNotFoundError("s3://bucket/tenants/acme/adapters/x is gone", code="not_found"))
+    assert gone.code == "model_not_found" and gone.param == "model"  # as the ingress says it
+    assert "bucket" not in gone.message and "moeplex-adapters" not in gone.message
 
 
 def test_an_unreadable_adapter_files_error_keeps_its_type_and_path_across_the_core_pipe():

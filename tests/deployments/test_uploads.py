@@ -4,7 +4,8 @@ import asyncio
 import pytest
 from starlette.requests import Request
 
-from deployments.errors import PayloadTooLargeError
+from deployments import uploads
+from deployments.errors import PayloadTooLargeError, RequestTimeoutError
 from deployments.uploads import read_upload
 
 BOUNDARY = "moeplexboundary"
@@ -52,3 +53,21 @@ def test_chunked_upload_within_the_limit_is_read():
     finally:
         import shutil
         shutil.rmtree(tmp)
+
+
+def test_an_upload_that_stops_sending_is_a_408_after_the_idle_timeout(monkeypatch):
+    body = _multipart({"adapter_config.json": b"{}", "adapter_model.safetensors": b"\1" * 5000})
+    sent = []
+
+    async def receive():  # the first 1000 bytes, then nothing ever again
+        if sent:
+            await asyncio.Event().wait()
+        sent.append(1)
+        return {"type": "http.request", "body": body[:1000], "more_body": True}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/adapters", "query_string": b"",
+             "headers": [(b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())]}
+    monkeypatch.setattr(uploads, "UPLOAD_IDLE_TIMEOUT_S", 0.2)
+    with pytest.raises(RequestTimeoutError, match="after 1000 bytes") as caught:
+        asyncio.run(read_upload(Request(scope, receive), max_bytes=100_000))
+    assert caught.value.status_code == 408 and caught.value.code == "upload_stalled"
