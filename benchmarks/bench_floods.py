@@ -65,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--baseline-probes", type=int, default=40)
     parser.add_argument("--min-probes", type=int, default=10, help="victim requests per flood, "
                         "at least (more while the flood lasts)")
+    parser.add_argument("--victim-prompt-chars", type=int, default=0, metavar="N",
+                        help="the victim's prompt repeated to N characters (past 2048 it is tokenised on "
+                        "the long-input threads the big prompts use; with the tiny model's tokenizer a "
+                        "character is about 0.6 tokens: raise max_model_len with --app-args)")
     parser.add_argument("--settle-s", type=float, default=10.0)
     parser.add_argument("--slot-hog-s", type=float, default=20.0)
     parser.add_argument("--device", default="cpu", help="the engine replica's device: on cuda a step "
@@ -255,13 +259,16 @@ class MemorySampler:
 SLOWEST_KEPT = 8
 
 
+VICTIM_PROMPT = "the quiet tenant asks"
+
+
 def probe(client, url: str, phases: list | None = None) -> float:
     """One victim request (8 tokens on its adapter): seconds, or raises on a non-200. Its
     Server-Timing phases (ms; `front`: the client's time less the ingress's `total`, i.e. the
     proxy and reading the body) go to `phases`."""
     started = time.perf_counter()
     response = client.post(f"{url}/v1/completions", headers=_headers("victim"), json={
-        "model": "style", "prompt": "the quiet tenant asks", "max_tokens": 8, "temperature": 0,
+        "model": "style", "prompt": VICTIM_PROMPT, "max_tokens": 8, "temperature": 0,
         "ignore_eos": True})
     seconds = time.perf_counter() - started
     if response.status_code != 200:
@@ -508,7 +515,11 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    global VICTIM_PROMPT
     opts = parse_args(argv)
+    if opts.victim_prompt_chars:
+        VICTIM_PROMPT = (f"{VICTIM_PROMPT} " * (opts.victim_prompt_chars // len(VICTIM_PROMPT) + 1))[
+            :opts.victim_prompt_chars]
     if opts.py_spy:
         py_spy_binary()  # before minutes of set-up
     # `timeout` (benchmarks/gpu.sh) ends a run with SIGTERM: exit through the finally below, so

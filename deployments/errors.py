@@ -89,6 +89,9 @@ class ServiceUnavailableError(APIError):
 # Retry-After of a request whose engine replica went away: Serve's health check finds the replica
 # within seconds (LLMServer's health_check_period_s) and routes elsewhere or to its replacement
 ENGINE_RETRY_AFTER_S = 2
+# Retry-After of a request the adapter store failed: its calls give up within seconds (S3Store's
+# timeouts), so a retry soon after finds it answering again or fails as fast
+STORE_RETRY_AFTER_S = 5
 
 # Store limit codes that mean "the upload is too big" (413); other limits are counts (429).
 _SIZE_LIMIT_CODES = ("adapter_too_large", "too_large", "max_adapter_bytes", "size")
@@ -134,7 +137,12 @@ def _map_store_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, store_errors.ValidationError):
         return UnprocessableError(message, code=_code_of(exc, "invalid_adapter"))
     if isinstance(exc, store_errors.StoreUnavailableError):
-        return ServiceUnavailableError(message, code="store_unavailable")
+        # the store's own message names its bucket, paths and what the operator should check:
+        # the server log keeps it (a 5xx is logged where it is answered), the tenant gets the kind
+        return ServiceUnavailableError(f"the adapter store is unavailable to this server ({_code_of(exc, 'unreachable')});"
+                                       " retry in a few seconds; if it persists, the operator finds the cause in"
+                                       " the server log", code="store_unavailable",
+                                       retry_after_s=STORE_RETRY_AFTER_S)
     if isinstance(exc, store_errors.AdapterStoreError):
         return InternalError(message, code=_code_of(exc, "store_error"))
     return None

@@ -241,7 +241,7 @@ class LLMServer:
             # frontend's long-input threads, where it tokenises long prompts
             messages = request.get("messages")
             if _input_chars(request) > INLINE_TOKENIZE_CHARS:
-                prompt, params = await off_loop(self._prepare, request)
+                prompt, params = await off_loop(self._prepare, request, tenant=tenant)
             elif messages is not None or request.get("truncate_prompt_tokens") is not None:
                 # (the first truncation copies the tokenizer: InputProcessor.encode_to)
                 prompt, params = await asyncio.to_thread(self._prepare, request)
@@ -391,7 +391,7 @@ class LLMServer:
         "token_strs"}` as vLLM answers; an error item for a request those routes would refuse."""
         try:
             if _input_chars(request) > INLINE_TOKENIZE_CHARS:  # as generate(): long inputs off the loop
-                return await off_loop(self._tokenize_answer, request)
+                return await off_loop(self._tokenize_answer, request, tenant=request.get("tenant"))
             # short ones too: the first call copies the tokenizer (InputProcessor.encode_to)
             return await asyncio.to_thread(self._tokenize_answer, request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error item

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+from engine.fair_pool import FairPool
 from engine.inputs import InputProcessor
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -18,18 +19,23 @@ from engine.streams import OutputStreams, RequestStream, read_batches
 
 # prompts longer than this many characters are tokenised off the event loop
 INLINE_TOKENIZE_CHARS = 2048
+# ... and lists of more ids than this checked there (~50 ns an id: a list this long costs the
+# loop ~1-2 ms, and the ids a replica tokenised on those threads already need not queue twice)
+INLINE_CHECK_IDS = 32768
 # ... on a few threads of their own: a flood of long prompts queues behind itself instead of
-# taking every core (and the loop's GIL turns) from the short requests of other tenants
+# taking every core (and the loop's GIL turns) from the short requests of other tenants, and
+# the tenants with long inputs queued take those threads in turn (FairPool)
 LONG_INPUT_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
-_long_inputs = ThreadPoolExecutor(LONG_INPUT_THREADS, thread_name_prefix="moeplex-long-input")
+_long_inputs = FairPool(LONG_INPUT_THREADS, "moeplex-long-input")
 # structured output constraints compile on two threads of their own, so that a new schema's
 # compile does not hold up the tokenising of long prompts
 _constraints = ThreadPoolExecutor(2, thread_name_prefix="moeplex-constraint")
 
 
-async def off_loop(fn, *args, pool: ThreadPoolExecutor = _long_inputs):
-    """`fn(*args)` on the long-input threads (or `pool`'s)."""
-    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+async def off_loop(fn, *args, tenant: str | None = None):
+    """`fn(*args)` on the long-input threads, in `tenant`'s turn; cancelled with its caller
+    while it waits there."""
+    return await asyncio.wrap_future(_long_inputs.submit(tenant or "", fn, *args))
 
 
 class EngineFrontend:
@@ -56,9 +62,11 @@ class EngineFrontend:
         self._check_running()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         if params is not None and params.structured is not None:  # its compile, off the event loop
-            seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant, pool=_constraints)
-        elif len(prompt) > INLINE_TOKENIZE_CHARS:  # text to tokenise, or ids to check: both O(length)
-            seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
+            seq = await asyncio.get_running_loop().run_in_executor(
+                _constraints, self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
+        elif len(prompt) > (INLINE_TOKENIZE_CHARS if isinstance(prompt, str) else INLINE_CHECK_IDS):
+            owner = tenant if tenant is not None else (lora.owner if lora else "")
+            seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant, tenant=owner)
         else:
             seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
         stream = self._open_and_submit(seq)

@@ -511,7 +511,7 @@ def test_models_lists_the_last_known_adapters_while_the_store_is_unreachable(htt
 
     def down(*_args):
         raise StoreUnavailableError("S3 is unreachable; check the endpoint")
-    monkeypatch.setattr(ingress._store, "_list_children", down)
+    monkeypatch.setattr(ingress._store, "_list_keys", down)
     stale = http.get("/v1/models", headers=HEADERS)
     assert stale.status_code == 200 and stale.headers[STALE_LIST_HEADER]
     assert stale.json()["data"] == fresh.json()["data"]

@@ -102,6 +102,10 @@ def test_store_and_engine_errors_map_to_openai_statuses():
     gone = to_api_error(se.AdapterNotFoundError("s3://bucket/tenants/acme/adapters/x is gone", code="not_found"))
     assert gone.code == "model_not_found" and gone.param == "model"  # as the ingress says it
     assert "bucket" not in gone.message and "moeplex-adapters" not in gone.message
+    down = to_api_error(se.StoreUnavailableError("S3 endpoint unreachable while trying to read "
+                                                 "s3://bucket/moeplex/tenants/acme/x", code="timeout"))
+    assert down.code == "store_unavailable" and "(timeout)" in down.message and down.retry_after_s
+    assert "bucket" not in down.message  # the operator's detail stays in the server log
 
 
 def test_an_unreadable_adapter_files_error_keeps_its_type_and_path_across_the_core_pipe():

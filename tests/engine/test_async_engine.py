@@ -108,10 +108,11 @@ def test_long_inputs_are_prepared_on_at_most_long_input_threads_at_once():
 def test_a_long_prompt_of_token_ids_is_checked_off_the_event_loop_as_long_text_is(async_engine, monkeypatch,
                                                                                   long):
     """Ids cost their check in proportion to their number (ints, range), as text costs its
-    encoding: past INLINE_TOKENIZE_CHARS either is made into a Sequence on the long-input threads."""
+    encoding: past INLINE_CHECK_IDS ids (INLINE_TOKENIZE_CHARS characters) either is made into a
+    Sequence on the long-input threads."""
     import threading
 
-    from engine.frontend import INLINE_TOKENIZE_CHARS
+    from engine.frontend import INLINE_CHECK_IDS
 
     threads, make = [], async_engine.inputs.make_sequence
 
@@ -119,7 +120,7 @@ def test_a_long_prompt_of_token_ids_is_checked_off_the_event_loop_as_long_text_i
         threads.append(threading.current_thread())
         return make(*args, **kwargs)
     monkeypatch.setattr(async_engine.inputs, "make_sequence", recording)
-    ids = [5] * (INLINE_TOKENIZE_CHARS + 1 if long else 8)
+    ids = [5] * (INLINE_CHECK_IDS + 1 if long else 2049)
 
     async def main():
         try:
