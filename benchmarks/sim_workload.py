@@ -133,9 +133,11 @@ class ModelPools:
     dtype, device = torch.bfloat16, torch.device("cpu")
 
     def __init__(self, clock: Clock, heap_bytes: int, num_slots: int, pcie_gbps: float, can_move: bool,
-                 kv_bytes: int = 0):
-        """kv_bytes: the KV cache's, when it shares the heap's buffer (above the heap)."""
+                 kv_bytes: int = 0, max_image_bytes: int = 0):
+        """kv_bytes: the KV cache's, when it shares the heap's buffer (above the heap);
+        max_image_bytes: the largest image (the KV run an idle heap keeps lendable)."""
         self.clock, self.num_slots, self.pcie, self.can_move = clock, num_slots, pcie_gbps * 1e9, can_move
+        self.max_image_numel = max_image_bytes // 2
         self.heap_numel = heap_bytes // 2 // OFFSET_UNIT * OFFSET_UNIT
         self.storage = torch.empty(1, dtype=torch.bfloat16).expand(self.heap_numel + kv_bytes // 2)  # no memory
         self.stream = object()  # copies go through the manager's copier thread and report an event
@@ -210,8 +212,10 @@ def simulate(args, trace: list[dict], with_adapters: bool, decode_ms: float | No
     shared = with_adapters and not args.no_sharing
     blocks = BlockManager(num_blocks, BLOCK, step_reserve(2048, BLOCK, args.max_num_seqs),
                           PrefixCache(BLOCK) if args.prefix_caching else None)
+    largest = max(image_bytes(*(CASE_D_CLASS if args.case_d else adapter_class(k)), args.rank_unit, args.case_d)
+                  for k in range(args.adapters))
     pools = ModelPools(clock, int(args.heap_gb * 1e9), args.max_num_seqs, args.pcie_gbps, not args.no_compaction,
-                       (num_blocks + 1) * block_bytes if shared else 0)
+                       (num_blocks + 1) * block_bytes if shared else 0, largest)
     manager = LoRAManager(pools, spec=None, max_rank=64, host_capacity=args.adapters + 1,
                           kv=blocks if shared else None, block_numel=block_bytes // 2)
     for k in range(args.adapters):  # every adapter already in the host tier, as bench_workload installs them

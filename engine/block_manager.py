@@ -22,7 +22,10 @@ free count, not the run, bounds what the heap may take): of those, the highest h
 prefix, else the oldest cached one among the first OLDEST_SCAN let go; failing both, the
 highest free block. Handing out the highest free block always, as without a cache, would evict
 the newest prefixes first: sequences hold the top blocks, so the blocks a request has just let
-go are the highest free ones.
+go are the highest free ones. What the heap may borrow counts in full only while it wants room
+(`heap_wants`: a placement lately found its free spans short); otherwise one largest image's
+blocks (`heap_band`) are kept lendable and the prefix cache has the rest: guarding every spare
+block left it the few above them (~`reserve_blocks`) however idle the heap.
 """
 import heapq
 
@@ -52,6 +55,12 @@ class BlockManager:
         self.lent = 0  # blocks [0, lent) are the adapter heap's
         self.growth_blocks = 0  # blocks the running and the reserved sequences may still need (Scheduler sets it)
         self.borrower = None  # give_back(k) -> blocks it released from its top (engine.lora.manager)
+        # While the heap wants no more room (no placement lately found its free spans short), the
+        # run kept lendable above it is `heap_band` blocks (one largest image, so an adapter that
+        # comes can borrow at once), not every spare block: the prefix cache keeps the rest
+        # (the borrower sets both)
+        self.heap_band = 0
+        self.heap_wants = False
 
     @property
     def num_free_blocks(self) -> int:
@@ -134,6 +143,8 @@ class BlockManager:
         would: one above the lowest held block (the heap's run is unchanged), or one high enough
         that the run up to it still covers every block the free count lets the heap borrow."""
         spare = max(0, self.num_free_blocks - 1 - self.reserve_blocks - self.growth_blocks)
+        if not self.heap_wants:
+            spare = min(spare, self.heap_band)
         return min(self._lowest_held() + 1, self.lent + spare)
 
     def _highest(self, order: list[int], valid) -> int | None:

@@ -94,6 +94,7 @@ class SlotPolicy:
         """Before the step's scheduling: take finished loads, find the aged heads, and drain a
         slot for one of them if a tenant out-holds it (slot-fair preemption)."""
         self.lora_manager.collect_loads()
+        self.lora_manager.begin_step()
         step = self.sched.num_steps
         for seq in self.sched.running:
             if seq.lora is not None:

@@ -71,6 +71,8 @@ class LoRAManager:
         self.kv, self.block_numel = (kv, block_numel) if kv is not None and block_numel > 0 else (None, 0)
         if self.kv is not None:
             self.kv.borrower = self
+            self.kv.heap_band = -(-pools.max_image_numel // block_numel)
+        self._heap_wanted = False  # a placement since the last begin_step found the free spans short
         self.failure_ttl_s, self.clock = failure_ttl_s, clock
         self.host_capacity, self.host_bytes = max(1, host_capacity), host_bytes
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
@@ -186,6 +188,7 @@ class LoRAManager:
         if n is not None and n <= int(taken):
             return slot, order[:int(taken)], False, 0
         if self.kv is not None:
+            self.kv.heap_wants = self._heap_wanted = True  # the KV cache keeps the heap's run free
             blocks = -(-(numel - self._free_at_top_after(order[:int(taken)])) // self.block_numel)
             if blocks <= self.kv.lendable():
                 return slot, order[:int(taken)], False, blocks
@@ -209,6 +212,13 @@ class LoRAManager:
             if start + size == top:
                 top = start
         return self.spans.capacity - top
+
+    def begin_step(self) -> None:
+        """The heap wants room this step as far as the placements of the last one found: a
+        placement wanting room keeps the KV cache's blocks lendable at once, and a step with
+        none lets them go to the prefix cache from the next (engine.block_manager)."""
+        if self.kv is not None:
+            self.kv.heap_wants, self._heap_wanted = self._heap_wanted, False
 
     def give_back(self, count: int) -> int:
         """Release up to `count` borrowed KV blocks from the heap's top (engine.block_manager

@@ -99,6 +99,7 @@ class MarkedPools:
 
     def __init__(self, heap_numel: int, num_blocks: int, num_slots: int = 4, stream=None):
         self.num_slots, self.heap_numel, self.stream = num_slots, heap_numel, stream
+        self.max_image_numel = heap_numel  # the largest image these tests place
         self.storage = torch.zeros(heap_numel + (num_blocks + 1) * BLOCK)
         self.events: list[str] = []
         self.handovers = 0  # with a stream: each reservation's handed_over, logged in events
@@ -560,3 +561,22 @@ def test_a_slot_whose_adapter_is_kept_from_the_waiting_tenant_is_not_drained_for
         assert manager.reserve("d", "", keep={"c"}) is not None
     finally:
         manager.shutdown()
+
+
+def test_an_idle_heap_leaves_the_prefix_cache_the_kv_blocks_past_one_image(tiny_checkpoint):
+    """Twelve prompts of 8 full blocks, one at a time, into 400 blocks with no adapter in sight:
+    every prefix is still cached for the second pass, as without sharing (the heap kept every
+    spare block lendable and the cache had ~reserve_blocks)."""
+    engine = make_engine(tiny_checkpoint(FAMILY), max_loras=2, block_size=4, max_model_len=128, max_num_seqs=4,
+                         num_kv_blocks=400, max_num_batched_tokens=64)
+    assert engine.lora_manager.kv is engine.block_manager and engine.block_manager.heap_band < 400 - 96
+    prompts = [[3 + (7 * k + 5 * i) % 370 for i in range(33)] for k in range(12)]
+    params = SamplingParams(max_tokens=1, temperature=0)
+    for prompt in prompts:
+        engine.generate([prompt], params)
+    again = []
+    for prompt in prompts:
+        hits = engine.stats()["prefix_cache_hits"]
+        engine.generate([prompt], params)
+        again.append(engine.stats()["prefix_cache_hits"] - hits)
+    assert again == [32] * 12

@@ -193,10 +193,28 @@ def free_count_bound(blocks):
     return blocks.num_free_blocks - blocks.reserve_blocks - blocks.growth_blocks
 
 
-def heap_scheduler(num_blocks, reserve=0):
+def heap_scheduler(num_blocks, reserve=0, heap_wants=True, band=0):
+    """A scheduler over blocks a heap borrows from: by default one that wants room (every spare
+    block is kept lendable); with heap_wants=False only `band` blocks are."""
     blocks = BlockManager(num_blocks, BLOCK, reserve, prefix_cache=PrefixCache(BLOCK))
     blocks.borrower = Borrower()
+    blocks.heap_wants, blocks.heap_band = heap_wants, band
     return Scheduler(8, 64, blocks), blocks
+
+
+def test_a_heap_wanting_no_room_leaves_the_prefix_cache_every_block_past_its_band():
+    sched, blocks = heap_scheduler(16, heap_wants=False, band=3)
+    prompts = [list(range(100 * k, 100 * k + 8)) + [1] for k in range(4)]  # 2 full blocks each, 3 taken
+    for k, prompt in enumerate(prompts):
+        done = seq(k, prompt, max_tokens=1)
+        run_prefill(sched, done)
+        sched.finish(done, "stop")
+    # 8 full blocks of prefixes cached, the 3 lowest blocks still free for the heap to borrow
+    assert [len(blocks.cached_prefix(seq(10 + k, p))) for k, p in enumerate(prompts)] == [2, 2, 2, 2]
+    assert blocks.lendable() >= 3
+    blocks.heap_wants = True  # an adapter now wants room: the cache's oldest prefix goes first
+    run_prefill(sched, seq(20, range(900, 909), max_tokens=1))
+    assert len(blocks.cached_prefix(seq(21, prompts[0]))) < 2
 
 
 def test_where_the_heap_borrows_blocks_new_ones_stay_above_the_lowest_held_taking_the_oldest_prefix_there():

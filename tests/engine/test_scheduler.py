@@ -41,6 +41,9 @@ class FakeLoRAManager:
     def collect_loads(self):
         self.collected = getattr(self, "collected", 0) + 1
 
+    def begin_step(self):  # the heap's want of room: this fake has no KV sharing
+        pass
+
     def release(self, slot):
         self.refs[slot] -= 1
 
