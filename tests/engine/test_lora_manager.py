@@ -263,3 +263,45 @@ def test_host_tier_is_bounded_by_the_bytes_of_each_adapters_own_image():
         assert manager.host_bytes_used <= 10 << 20 and len(manager.host) == 21  # big2 and the twenty
     finally:
         manager.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_adapter_files_read_as_safetensors_reads_them_and_keep_nothing_per_load(tiny_adapter, tmp_path, dtype):
+    """The loader reads each tensor into its own buffer; safetensors' safe_open(framework="pt")
+    kept ~56 bytes per tensor per load for good."""
+    import gc
+    import tracemalloc
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.lora.adapter import _read_tensors
+    src = tiny_adapter("qwen3_moe", "per_expert", rank=4) / "adapter_model.safetensors"
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: t.to(getattr(torch, dtype)) for k, t in load_file(str(src)).items()}, str(path))
+    want = load_file(str(path))
+    got = _read_tensors(path)
+    assert list(got) == sorted(want, key=list(got).index) and set(got) == set(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    for _ in range(5):
+        _read_tensors(path)
+    tracemalloc.start()
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(100):
+        _read_tensors(path)
+    gc.collect()
+    kept = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert kept / 100 < 8 * len(want), kept  # safe_open kept ~56 a tensor
+
+
+def test_an_adapter_file_cut_short_is_a_files_error_naming_it(tiny_adapter, tmp_path):
+    from engine.errors import AdapterFilesError
+    from engine.lora.adapter import _read_dir
+    src = tiny_adapter("qwen3_moe", "per_expert", rank=4)
+    cut = tmp_path / "cut"
+    shutil.copytree(src, cut)
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(AdapterFilesError, match="adapter_model.safetensors"):
+        _read_dir(cut)
