@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from adapter_store.cache import files_signature
-from engine.errors import AdapterFilesError, AdapterLoadError
+from engine.errors import AdapterFilesError, AdapterLoadError, EngineError
 from engine.lora.adapter import LoRAAdapter, load_adapter
 from engine.lora.host_arena import HostArena
 from engine.lora.slots import SlotPools
@@ -78,6 +78,7 @@ class LoRAManager:
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.host_bytes_used = 0
         self.spans = SpanAllocator(getattr(pools, "heap_numel", pools.storage.numel()))
+        self._check_largest_fits()
         self.slot_spans: list[tuple[int, int] | None] = [None] * pools.num_slots  # (start, numel) in the heap
         self.loading: dict[str, Future] = {}
         # name -> (message, clock time it expires, for a failure to read the files: what they were)
@@ -102,6 +103,19 @@ class LoRAManager:
         # (start, end, future) of heap copies on the side stream not yet known to have landed
         self.copies: list[tuple[int, int, Future]] = []
         self.stats = LoRAStats()
+
+    def _check_largest_fits(self) -> None:
+        """EngineError where the largest adapter this engine takes (max_lora_rank on every target)
+        would fit in no heap, even with every KV block it could borrow: its requests would wait
+        for good, and once aged hold back every other tenant's new adapters."""
+        largest, heap = getattr(self.pools, "max_image_numel", 0), self.spans.capacity  # 0: pools that do not say
+        borrowable = (self.kv.num_blocks - self.kv.reserve_blocks) * self.block_numel if self.kv is not None else 0
+        if largest > heap + max(0, borrowable):
+            size = self.pools.storage.element_size()
+            raise EngineError(
+                f"the adapter heap ({heap * size} bytes{f', and {borrowable * size} of the KV cache' if borrowable > 0 else ''})"
+                f" cannot hold an adapter of rank {self.max_rank} on every target ({largest * size} bytes): "
+                "raise lora_heap_bytes or lower max_lora_rank")
 
     def _host_arena(self, load_threads: int) -> HostArena | None:
         """Where host-tier images live (engine.lora.host_arena): pinned a piece at a time up to the
@@ -176,7 +190,9 @@ class LoRAManager:
         lendable KV blocks, or else, least recently used first, unreferenced adapters go until
         it fits in a free span, or, with compaction, until the free bytes hold it. Adapters in
         `keep` are neither replaced nor evicted. `drained`: referenced slots to count as
-        unreferenced, released last (a trial for drain_for)."""
+        unreferenced, released last (a trial for drain_for). Where neither alone places it, adapters
+        go until the blocks left to borrow at the top do, or compaction over the free bytes and
+        the lendable blocks does."""
         free = [s for s in (*self.free_lru, *drained) if self.slot_names[s] not in keep]  # an empty slot's name is None
         if not free:
             return None
@@ -187,19 +203,27 @@ class LoRAManager:
         n = self.spans.placement_after(numel, [self.slot_spans[s] for s in order])
         if n is not None and n <= int(taken):
             return slot, order[:int(taken)], False, 0
+        lendable = 0
         if self.kv is not None:
             self.kv.heap_wants = self._heap_wanted = True  # the KV cache keeps the heap's run free
+            lendable = self.kv.lendable()
             blocks = -(-(numel - self._free_at_top_after(order[:int(taken)])) // self.block_numel)
-            if blocks <= self.kv.lendable():
+            if blocks <= lendable:
                 return slot, order[:int(taken)], False, blocks
         if n is not None:
             return slot, order[:max(n, int(taken))], False, 0  # the reused slot's adapter goes in any case
+        # neither borrowing alone nor evicting alone places it: evictions that free the heap's top,
+        # then the blocks the rest needs (two idle images under a top too small held it for good)
+        for m in range(int(taken) + 1, len(order) + 1 if lendable else 0):
+            blocks = -(-(numel - self._free_at_top_after(order[:m])) // self.block_numel)
+            if blocks <= lendable:
+                return slot, order[:m], False, max(0, blocks)
         if not getattr(self.pools, "can_move", False):
             return None
-        room = self.spans.free_size
+        room, borrowable = self.spans.free_size, lendable * self.block_numel
         for m in range(len(order) + 1):
-            if m >= int(taken) and room >= numel:
-                return slot, order[:m], True, 0
+            if m >= int(taken) and room + borrowable >= numel:  # borrowed blocks join the free bytes compacted
+                return slot, order[:m], True, max(0, -(-(numel - room) // self.block_numel)) if lendable else 0
             if m < len(order):
                 room += self.slot_spans[order[m]][1]
         return None
@@ -382,7 +406,7 @@ class LoRAManager:
         adapter is in `keep` (drained, it still could not be evicted for `name`). Each candidate
         counts as unreferenced in a trial of the placement once its bytes, the free bytes, the idle
         adapters' and the KV blocks the heap may borrow add up to the image: bytes alone would
-        miss what a placement needs (one span without compaction, no borrowing while compacting).
+        miss what a placement needs (one span where the heap cannot move its images).
         An adapter not yet in the host tier needs a slot only. Every candidate when none of this
         makes room."""
         adapter = self.host.get(name)

@@ -193,3 +193,19 @@ def test_a_slot_copy_waits_for_the_steps_issued_before_its_bytes_were_handed_ove
     slept.record()
     pools.write(slot, start, adapter).synchronize()  # without `after`: the whole stream as it stands
     assert slept.query()
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_a_heap_that_cannot_hold_the_largest_adapter_is_refused_at_start(checkpoints, sharing):
+    """An adapter of max_lora_rank on every target that fits in no heap, even with every KV block
+    it may borrow, would wait for good: the engine says so when it starts."""
+    from engine.errors import EngineError
+
+    probe = make_engine(checkpoints[FAMILY], max_loras=1, max_lora_rank=16, lora_layout="bytes")
+    largest = probe.runner.slot_pools.slot_bytes
+    with pytest.raises(EngineError, match="raise lora_heap_bytes or lower max_lora_rank"):
+        make_engine(checkpoints[FAMILY], max_loras=4, max_lora_rank=16, lora_layout="bytes", max_model_len=64,
+                    block_size=16, num_kv_blocks=4, lora_heap_bytes=largest // 2, kv_heap_sharing=sharing)
+    engine = make_engine(checkpoints[FAMILY], max_loras=4, max_lora_rank=16, lora_layout="bytes",
+                         lora_heap_bytes=largest, kv_heap_sharing=sharing)
+    assert engine.lora_manager.heap_bytes >= largest

@@ -168,6 +168,35 @@ def test_the_heap_borrows_no_block_of_the_kv_reserve_and_evicts_an_idle_adapter_
         manager.shutdown()
 
 
+def test_an_image_that_neither_borrowing_nor_evicting_places_alone_evicts_the_top_and_borrows_the_rest():
+    manager, pools, kv = _manager(32, 8, reserve=6, sizes={"a": 16, "b": 16, "c": 48})
+    try:
+        a, b = manager.reserve("a", ""), manager.reserve("b", "")  # a at 0, b at 16: the heap is full
+        manager.release(b)  # b idle longest: the first to go
+        manager.release(a)
+        assert kv.lendable() == 2  # c needs 3 blocks borrowed alone, and the heap's 32 is too small
+        slot = manager.reserve("c", "")
+        assert slot is not None and set(manager.resident()) == {"a", "c"} and manager.stats.evictions == 1
+        assert kv.lent == 2 and manager.slot_spans[slot] == (16, 48)
+        assert _holds(manager, pools, "a") and _holds(manager, pools, "c")
+    finally:
+        manager.shutdown()
+
+
+def test_an_image_placed_by_compacting_a_held_one_down_borrows_what_the_free_bytes_lack():
+    manager, pools, kv = _manager(48, 8, reserve=6, sizes={"a": 16, "b": 16, "c": 64})
+    try:
+        a, b = manager.reserve("a", ""), manager.reserve("b", "")  # a at 0, b at 16 (held), 16 free at the top
+        manager.release(a)
+        slot = manager.reserve("c", "")
+        assert slot is not None and set(manager.resident()) == {"b", "c"}
+        assert kv.lent == 2 and manager.stats.compactions == 1
+        assert manager.slot_spans[b] == (0, 16) and manager.slot_spans[slot] == (16, 64)
+        assert _holds(manager, pools, "b") and _holds(manager, pools, "c")
+    finally:
+        manager.shutdown()
+
+
 def test_a_reservation_hands_its_bytes_over_after_its_compaction_moves_and_its_copy_waits_for_that():
     """The copy waits on the device for the work issued before the handover: the moves that read
     the bytes it overwrites come first (taken before them, it could land under a move)."""
@@ -530,20 +559,19 @@ def test_the_slots_drained_for_a_waiting_adapter_are_the_soonest_done_until_it_c
         manager.shutdown()
 
 
-def test_no_slot_is_drained_for_an_adapter_whose_room_bytes_alone_would_promise():
-    """Free bytes plus an idle adapter's add up to the image, yet it fits in no span and cannot
-    borrow KV blocks (the reserve keeps them), so a referenced slot must drain too: bytes alone
-    said none, and the request waited while nothing drained."""
+def test_no_slot_is_drained_for_an_adapter_that_evicting_compacting_and_borrowing_together_place():
+    """Free bytes, an idle adapter's and the lendable blocks add up to the image, which fits in
+    no span and cannot borrow enough alone: the idle one goes, the held one above it slides
+    down, the top borrows the rest. Before, no placement borrowed while compacting, so a
+    referenced slot had to drain for it."""
     manager, pools, kv = _manager(64, 8, reserve=6, sizes={"a": 16, "x": 16, "c": 32, "d": 48})
     try:
         a, x, c = (manager.reserve(name, "") for name in ("a", "x", "c"))
         manager.release(x)
-        assert manager.waits_for_slot("d")
-        drain = manager.drain_for("d", {a: (0, 3), c: (0, 3)})
-        assert drain
-        for slot in drain:
-            manager.release(slot)
-        assert manager.reserve("d", "") is not None
+        assert not manager.waits_for_slot("d") and manager.drain_for("d", {a: (0, 3), c: (0, 3)}) == set()
+        slot = manager.reserve("d", "")
+        assert slot is not None and set(manager.resident()) == {"a", "c", "d"} and kv.lent == 2
+        assert all(_holds(manager, pools, name) for name in ("a", "c", "d"))
     finally:
         manager.shutdown()
 
