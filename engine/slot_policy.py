@@ -9,8 +9,8 @@ Adapter pressure, the rules:
   request queues behind a full batch. Tenants holding fewer slots go first (a slot that
   frees goes to a tenant that waits, not back to the flood that held it); per tenant, one
   waiting sequence at a time may hold or load an adapter no running sequence uses; no more
-  distinct adapters than the host tier holds (`max_staged_adapters`) are staged, so
-  prefetched loads do not evict each other from it. A slot that a running sequence
+  distinct adapters than the host tier holds, by count (`max_staged_adapters`) and by bytes,
+  are staged, so prefetched loads do not evict each other from it. A slot that a running sequence
   references is never evicted (the manager evicts unreferenced slots only);
 - aging: a tenant's queue head with an adapter that has waited `max_adapter_wait_steps`
   steps is visited first (one per tenant, in the order they became their tenant's head), and
@@ -321,8 +321,12 @@ class SlotPolicy:
         """Reserve the adapters of the first prefetch_window waiting sequences, in admission order
         but tenants holding fewer slots first (a freed slot goes to a tenant that waits, not to
         the flood that held it) and, among those, sequences whose adapter is resident first; one
-        staged adapter per tenant, at most max_staged_adapters in all (resident ones stage nothing). Adapters of running sequences need no staging: their slots are resident. Returns
-        the sequences it gave a slot (none without adapters or with a window of 0)."""
+        staged adapter per tenant, at most max_staged_adapters in all and no more than the host
+        tier's bytes hold (`host_cost_of`: staged loads past them drop each other from the tier
+        before their turn and load again: 257 host loads for 40 adapters over a tier of two
+        large images); resident ones stage nothing. Adapters of running sequences need no
+        staging: their slots are resident. Returns the sequences it gave a slot (none without
+        adapters or with a window of 0)."""
         if self.lora_manager is None or self.prefetch_window == 0:
             return []
         _, blocked = self.reserve_aged(out)
@@ -330,6 +334,7 @@ class SlotPolicy:
         window = self._lookahead()
         held = self._slots_held(window)
         staged, staged_tenants, reserved = 0, set(), []
+        staged_bytes, host_bytes = 0, self.lora_manager.host_bytes
         resident = self.lora_manager.holds
         # among tenants holding as few slots, sequences whose adapter is resident go first: their
         # reference keeps it from being evicted for a load that a later one would undo (64
@@ -341,7 +346,9 @@ class SlotPolicy:
                 continue
             name, had_slot = seq.lora.lora_name, seq.lora_slot is not None
             new = name not in in_use and not resident(name)  # a resident adapter stages nothing
-            full = self.max_staged_adapters is not None and staged >= self.max_staged_adapters
+            cost = self.lora_manager.host_cost_of(name) if new and host_bytes is not None else 0
+            full = ((self.max_staged_adapters is not None and staged >= self.max_staged_adapters)
+                    or (staged > 0 and host_bytes is not None and staged_bytes + cost > host_bytes))
             if not had_slot and ((blocked and not self.passes_block(seq)) or
                                  (new and (full or seq.tenant in staged_tenants))):
                 continue
@@ -351,6 +358,7 @@ class SlotPolicy:
                 reserved.append(seq)
             if new:
                 staged += 1
+                staged_bytes += cost
                 staged_tenants.add(seq.tenant)
                 in_use.add(name)
         return reserved

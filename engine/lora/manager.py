@@ -73,6 +73,11 @@ class LoRAManager:
             self.kv.borrower = self
             self.kv.heap_band = -(-pools.max_image_numel // block_numel)
         self._heap_wanted = False  # a placement since the last begin_step found the free spans short
+        # adapter -> the step a reservation of it last came back empty (loading, or no room yet):
+        # its host image is waited for, not a copy to drop first
+        self._asked: dict[str, int] = {}
+        self._step = 0
+        self._largest_seen = 0  # the largest host image admitted so far
         self.failure_ttl_s, self.clock = failure_ttl_s, clock
         self.host_capacity, self.host_bytes = max(1, host_capacity), host_bytes
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
@@ -153,7 +158,9 @@ class LoRAManager:
         adapter = self._host_adapter(name, path)
         placement = None if adapter is None else self._placement(adapter, keep)
         if placement is None:
+            self._asked[name] = self._step
             return None
+        self._asked.pop(name, None)
         slot, victims, compact, borrow = placement
         for victim in victims:
             self._evict(victim)
@@ -240,9 +247,12 @@ class LoRAManager:
     def begin_step(self) -> None:
         """The heap wants room this step as far as the placements of the last one found: a
         placement wanting room keeps the KV cache's blocks lendable at once, and a step with
-        none lets them go to the prefix cache from the next (engine.block_manager)."""
+        none lets them go to the prefix cache from the next (engine.block_manager). Adapters
+        asked for in the last step and not placed count as waited for (`_waited_for`)."""
         if self.kv is not None:
             self.kv.heap_wants, self._heap_wanted = self._heap_wanted, False
+        self._step += 1
+        self._asked = {name: step for name, step in self._asked.items() if step >= self._step - 1}
 
     def give_back(self, count: int) -> int:
         """Release up to `count` borrowed KV blocks from the heap's top (engine.block_manager
@@ -558,6 +568,8 @@ class LoRAManager:
             return self.host[name]
         future = self.loading.get(name)
         if future is None:
+            if self._loads_fill_host_tier():
+                return None  # asked again next step, when a load has landed
             self.loading[name] = self.executor.submit(self._load_to_host, name, path)
             return None
         if not future.done():
@@ -573,22 +585,59 @@ class LoRAManager:
             return self._fail(name, f"cannot load adapter {name!r}: {type(exc).__name__}: {exc}")
         return self._admit_to_host(name, adapter)
 
+    def _waited_for(self, name: str) -> bool:
+        """Whether a reservation asked for `name` in this step or the last and found no place yet."""
+        return self._asked.get(name, -2) >= self._step - 1 and name not in self.name_to_slot
+
+    def _loads_fill_host_tier(self) -> bool:
+        """Whether the loads in flight (each counted at the most an adapter takes) and the host
+        images waited for fill the host tier: one more load would drop one of them before its
+        request could use it, and it would be loaded again (ten tenants' admissions in one step
+        started ten loads into a tier of two large images)."""
+        waited = [a for n, a in self.host.items() if self._waited_for(n)]
+        if not self.loading and not waited:
+            return False
+        pending = len(self.loading) + len(waited)
+        pending_bytes = len(self.loading) * self._largest_host_cost() + sum(map(self._host_cost, waited))
+        return pending >= self.host_capacity or (
+            self.host_bytes is not None and pending_bytes + self._largest_host_cost() > self.host_bytes)
+
     def _admit_to_host(self, name: str, adapter: LoRAAdapter) -> LoRAAdapter:
-        """Put a loaded adapter in the host tier, dropping the least recently used ones while it
-        holds more than host_capacity adapters or host_bytes bytes (the new one always stays)."""
+        """Put a loaded adapter in the host tier, dropping others while it holds more than
+        host_capacity adapters or host_bytes bytes (the new one always stays), least recently
+        used first: those a slot holds (their copy on the device serves them), then those no
+        reservation waits for, then the rest (a request waits for them: loaded again)."""
         self.host[name] = adapter
         self.host_bytes_used += self._host_cost(adapter)
+        self._largest_seen = max(self._largest_seen, self._host_cost(adapter))
         while len(self.host) > 1 and (len(self.host) > self.host_capacity or
                                       (self.host_bytes is not None and self.host_bytes_used > self.host_bytes)):
-            _, dropped = self.host.popitem(last=False)
+            others = [n for n in self.host if n != name]
+            victim = next((n for n in others if n in self.name_to_slot),
+                          next((n for n in others if not self._waited_for(n)), others[0]))
+            dropped = self.host.pop(victim)
             self.host_bytes_used -= self._host_cost(dropped)
             self._retire(dropped)
         return adapter
 
+    def host_cost_of(self, name: str) -> int:
+        """Host-tier bytes adapter `name` takes: its image's where the tier holds it, else the
+        most an adapter may take (its size is known once loaded)."""
+        adapter = self.host.get(name)
+        return self._host_cost(adapter) if adapter is not None else self._largest_host_cost()
+
+    def _largest_host_cost(self) -> int:
+        """The most an adapter takes in the host tier: the largest device image, or the largest
+        host image seen (the host's pack may carry more than the device image)."""
+        largest = getattr(self.pools, "max_image_numel", 0) * self.pools.storage.element_size()
+        return max(self._rounded(largest), self._largest_seen)
+
     def _host_cost(self, adapter: LoRAAdapter) -> int:
         """Bytes the adapter holds in the host tier: its own in the arena; without one, on CUDA,
         what torch's pinned allocator gives it (rounded up to a power of two)."""
-        n = adapter.num_bytes
+        return self._rounded(adapter.num_bytes)
+
+    def _rounded(self, n: int) -> int:
         return 1 << max(0, (n - 1).bit_length()) if self.arena is None and self.pools.stream is not None else n
 
     def _raise_remembered_failure(self, name: str, path: str) -> None:

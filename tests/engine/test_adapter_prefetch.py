@@ -179,3 +179,25 @@ def test_slot_fair_preemption_with_the_real_manager_gives_the_aged_request_a_slo
     assert short.status is not SequenceStatus.WAITING and sched.slots.num_slot_preemptions == 1
     assert sorted(s.status.name for s in longs) == ["RUNNING", "WAITING"]
     assert not manager.waits_for_slot("short/ad")
+
+
+def test_a_host_tier_bounded_by_bytes_loads_each_adapter_once_through_a_queue_of_many(tiny_checkpoint, tiny_adapter):
+    """Twelve distinct adapters on every target for four slots, ten tenants, a host tier of two
+    such images: prefetch and admission start no more loads than the tier holds, so none is
+    dropped before its request used it (before: every admission started a load, and 40 such
+    adapters took 402 host loads)."""
+    from tests.engine.helpers import make_engine
+
+    probe = make_engine(tiny_checkpoint("qwen3_moe"), max_loras=1, max_lora_rank=16)
+    largest = probe.runner.slot_pools.slot_bytes
+    engine = make_engine(tiny_checkpoint("qwen3_moe"), max_loras=4, max_lora_rank=16, max_num_seqs=4,
+                         max_cpu_loras=16, max_cpu_lora_bytes=2 * largest, kv_heap_sharing=False)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    for k in range(12):
+        path = tiny_adapter("qwen3_moe", "per_expert", rank=16, seed=100 + k)
+        engine.add_request(f"r{k}", list(range(5, 15)), params, lora=LoRARequest(f"t{k % 10}/ad{k}@v1", str(path)),
+                           tenant=f"t{k % 10}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = engine.stats()
+    assert stats["lora_host_loads"] == 12 and stats["lora_slot_loads"] == 12

@@ -204,17 +204,23 @@ def test_a_failure_to_read_files_lasts_only_while_those_files_stay(tmp_path):
         manager.shutdown()
 
 
-def test_a_load_whose_request_went_away_lands_in_the_bounded_host_tier():
+def test_a_load_whose_request_went_away_lands_in_the_bounded_host_tier_and_loads_never_outnumber_it():
     """Requests that started host loads and were aborted before them: the finished loads are
-    collected into the host tier under its bound, not kept (pinned) in orphaned futures."""
+    collected into the host tier under its bound, not kept (pinned) in orphaned futures; no more
+    loads run at once than the tier holds (more would drop each other on landing)."""
     manager = LoRAManager(RecordingPools(), spec=None, max_rank=4, host_capacity=2)
     manager._load_to_host = lambda name, path: LoRAAdapter(name)
     try:
         for k in range(4):
-            assert manager.reserve(f"ad{k}", "unused") is None  # load started, then the request left
+            assert manager.reserve(f"ad{k}", "unused") is None  # load started (or deferred), then the request left
+        assert list(manager.loading) == ["ad0", "ad1"]
         wait(list(manager.loading.values()), timeout=10)
         manager.collect_loads()
-        assert manager.loading == {} and list(manager.host) == ["ad2", "ad3"]
+        assert manager.loading == {} and list(manager.host) == ["ad0", "ad1"]
+        assert manager.reserve("ad2", "unused") is None and manager.loading == {}  # ad0 and ad1 are waited for
+        manager.begin_step()
+        manager.begin_step()  # a step on, nobody asked for them again
+        assert manager.reserve("ad2", "unused") is None and list(manager.loading) == ["ad2"]
     finally:
         manager.shutdown()
 

@@ -44,6 +44,8 @@ class FakeLoRAManager:
     def begin_step(self):  # the heap's want of room: this fake has no KV sharing
         pass
 
+    host_bytes = None  # the host tier is bounded by count only
+
     def release(self, slot):
         self.refs[slot] -= 1
 

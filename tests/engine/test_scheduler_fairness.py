@@ -32,6 +32,8 @@ class SteppedLoRAManager:
     def begin_step(self) -> None:  # the heap's want of room: this fake has no KV sharing
         pass
 
+    host_bytes = None  # the host tier is bounded by count only
+
     def reserve(self, name: str, path: str, keep=()) -> int | None:
         if self.step < self.host_ready.get(name, 0):
             return None
