@@ -42,8 +42,9 @@ class TenantLimiter:
         if not self.can_acquire(tenant, count):
             asked = "" if count == 1 else f"; this request's {count} choices count as {count}"
             raise RateLimitError(
-                f"tenant {tenant!r} already has {self._active[tenant]} requests in flight (limit "
-                f"{self.limit(tenant)}{asked}); wait for one to finish and retry",
+                f"tenant {tenant!r} already has {self._active[tenant]} requests in flight on this ingress "
+                f"replica (its share {self.limit(tenant)} of the tenant's limit over {self.num_replicas} "
+                f"replica(s){asked}); wait for one to finish and retry",
                 code="too_many_concurrent_requests", retry_after_s=1)
         self._active[tenant] += count
 

@@ -219,6 +219,17 @@ def test_n_over_the_tenants_share_here_is_a_400_naming_the_setting_to_raise(clie
     assert "shared out over 2 ingress replicas" in error["message"] and setting in error["message"]
 
 
+def test_a_429_for_requests_in_flight_says_it_is_this_replicas_share_of_the_limit():
+    from deployments.errors import RateLimitError
+    from deployments.limits import TenantLimiter
+
+    limiter = TenantLimiter(3, num_replicas=2)
+    limiter.acquire("acme", 2)
+    with pytest.raises(RateLimitError) as refused:
+        limiter.acquire("acme", 1)
+    assert "on this ingress replica (its share 2 of the tenant's limit over 2 replica(s))" in refused.value.message
+
+
 def test_unknown_base_before_the_colon_is_404_naming_the_served_model(client, ingress, style):
     with pytest.raises(openai.NotFoundError) as caught:
         _complete(client, "llama-3:style")
