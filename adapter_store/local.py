@@ -139,7 +139,10 @@ class LocalStore(AdapterStore):
             # Rename first so no reader ever walks a half-deleted tree.
             doomed = path.with_name(f"{_TMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
             with self._io("delete", prefix):
-                os.replace(path, doomed)
+                try:
+                    os.replace(path, doomed)
+                except FileNotFoundError:  # another delete (or gc) took it first
+                    return
             shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -99,7 +99,7 @@ class AdapterStore(ABC):
                 self._write_bytes(f"{prefix}/{MANIFEST_FILE}", json.dumps(manifest, indent=1).encode())
             self._check_committed(prefix)
             if name not in live_before:
-                self._check_admitted(tenant, name, prefix, live_before, limits)
+                self._check_admitted(tenant, prefix, limits)
         except BaseException:
             self._cleanup_quietly(prefix)
             raise
@@ -190,8 +190,8 @@ class AdapterStore(ABC):
     def list_adapters(self, tenant: str) -> list[AdapterInfo]:
         """The latest version of each of the tenant's adapters, then the shared ones of others.
 
-        Two recursive listings (the tenant's adapters, the share marks) and one manifest read
-        per adapter, the reads concurrent where the backend allows (`_read_many`): a walk per
+        Two recursive listings (the tenant's adapters, the share marks), one more per adapter
+        another tenant shares, and one manifest read per adapter, the reads concurrent where the backend allows (`_read_many`): a walk per
         adapter cost ~3 sequential requests each, seconds for a tenant with hundreds on S3."""
         check_name(tenant, "tenant name")
         marks = self._shared_marks()
@@ -310,17 +310,14 @@ class AdapterStore(ABC):
             raise self._too_many(tenant, len(live))
         return live
 
-    def _check_admitted(self, tenant: str, name: str, prefix: str, live_before: set[str],
-                        limits: StoreLimits) -> None:
-        """After the manifest of a new name is written: where uploads of other new names
-        committed meanwhile (no lock spans processes on S3) and together they went over the
-        limit, the new names keep the free places in the order of their oldest versions (names
-        sort by time, and every upload ranks them alike); the ones past those take their
-        manifest back and fail, so the tenant is never left over its limit."""
-        live = self._manifested_under(tenant)
-        new = sorted((n for n in live if n not in live_before), key=lambda n: live[n][-1])
-        places = limits.max_adapters_per_tenant - sum(n in live_before for n in live)
-        if name in new[max(places, 0):]:
+    def _check_admitted(self, tenant: str, prefix: str, limits: StoreLimits) -> None:
+        """After the manifest of a new name is written: where the tenant's live names are over
+        the limit (uploads of other new names committed meanwhile: no lock spans processes on
+        S3), this upload takes its manifest back and fails. Whichever upload lists last sees
+        every manifest kept before it, so the tenant is never left over its limit; racers that
+        list while all their manifests stand may all fail (no order they all see alike exists:
+        a version named first may be written last)."""
+        if len(self._manifested_under(tenant)) > limits.max_adapters_per_tenant:
             self._delete(f"{prefix}/{MANIFEST_FILE}")
             raise self._too_many(tenant, limits.max_adapters_per_tenant)
 

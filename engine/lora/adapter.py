@@ -7,7 +7,11 @@ keeps them once), rsLoRA,
 rank_pattern / alpha_pattern.
 E = experts, r = rank, D = hidden, I = expert intermediate.
 """
+import gc
 import json
+import math
+import os
+import struct
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,11 +20,10 @@ import torch
 from torch import Tensor
 
 from adapter_store.cache import files_signature
-from adapter_store.errors import ValidationError
 from adapter_store.formats import (LoRAKey, ModelShape, UnknownKeyError, expected_shape, lora_scale,
                                    parse_lora_key, pattern_module_name, pattern_value)
 from adapter_store.limits import MAX_SERVED_WEIGHT
-from adapter_store.safetensors_io import read_header
+from adapter_store.safetensors_io import MAX_HEADER_BYTES
 from engine.errors import AdapterFilesError, AdapterLoadError
 from engine.models.spec import ModelSpec
 
@@ -109,7 +112,7 @@ def _read_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
     try:
         config = json.loads((path / "adapter_config.json").read_text())
         tensors = _read_tensors(path / "adapter_model.safetensors")
-    except (OSError, ValueError, ValidationError) as exc:
+    except (OSError, ValueError) as exc:
         raise AdapterFilesError(f"cannot read adapter in {path}: {type(exc).__name__}: {exc}", str(path),
                                 files) from exc
     if config.get("peft_type", "LORA").upper() != "LORA":
@@ -120,30 +123,56 @@ def _read_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def _parse_header(raw: bytes):
+    """The header's JSON, the collector paused meanwhile: the parse makes ~7 objects a tensor at
+    once (a quarter of a million for an adapter on every expert), enough to start full
+    collections that hold the GIL from the step loop for as long again."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(raw)
+    finally:
+        if paused:
+            gc.enable()
+
+
 def _read_tensors(file: Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, as views of one buffer the file is read into (one
-    read, out of the GIL; the header parsed by the store's reader, which refuses what the store
-    would). Not through safetensors' `safe_open(framework="pt")`: it keeps ~56 bytes per tensor
-    for good (0.8.0, torch 2.13), ~2 MB per host load of an adapter on every expert, without
-    bound under churn."""
-    entries = read_header(file)
-    start = min((e.begin for e in entries), default=0)
-    data = torch.empty(max((e.end for e in entries), default=start) - start, dtype=torch.uint8)
-    view, got = memoryview(data.numpy()), 0
+    """Every tensor of a safetensors file, as views of one buffer its data is read into (one
+    read, out of the GIL), the entries made with the loader's GIL yields (an adapter on every
+    expert has tens of thousands). Not through safetensors' `safe_open(framework="pt")`: it
+    keeps ~56 bytes per tensor for good (0.8.0, torch 2.13), ~2 MB per host load of an adapter
+    on every expert, without bound under churn. The store validated the file at upload; what is
+    checked here is what reading it needs (a header that parses, ranges inside the data)."""
     with open(file, "rb", buffering=0) as f:
-        f.seek(start)
+        head, size = f.read(8), os.fstat(f.fileno()).st_size
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{file} is not a safetensors file (header of {n} bytes in {size})")
+        header = _parse_header(f.read(n))
+        data = torch.empty(size - 8 - n, dtype=torch.uint8)
+        view, got = memoryview(data.numpy()), 0
         while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                raise ValueError(f"{file} ends {len(view) - got} bytes short of its tensors (cut short since it was stored?)")
-            got += n
-    tensors = {}
-    for entry in _yielding(entries):
-        dtype = _TORCH_DTYPES[entry.dtype]
-        raw = data[entry.begin - start:entry.end - start]
-        if (entry.begin - start) % dtype.itemsize:  # a writer that did not align it: a copy of its own
+            read = f.readinto(view[got:])
+            if not read:
+                raise ValueError(f"{file} ends {len(view) - got} bytes short (cut short since it was stored?)")
+            got += read
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the safetensors header is not an object")
+    header.pop("__metadata__", None)
+    tensors, nbytes = {}, data.numel()
+    for key, meta in _yielding(header.items()):
+        try:
+            dtype, shape, (begin, end) = _TORCH_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
+            ok = (all(type(v) is int and v >= 0 for v in (*shape, begin, end)) and begin <= end <= nbytes
+                  and end - begin == math.prod(shape) * dtype.itemsize)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{file}: tensor {key!r} has a header entry this loader cannot read")
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # a writer that did not align it: a copy of its own
             raw = raw.clone()
-        tensors[entry.key] = raw.view(dtype).view(entry.shape)
+        tensors[key] = raw.view(dtype).view(shape)
     return tensors
 
 

@@ -273,8 +273,8 @@ def test_host_tier_is_bounded_by_the_bytes_of_each_adapters_own_image():
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_adapter_files_read_as_safetensors_reads_them_and_keep_nothing_per_load(tiny_adapter, tmp_path, dtype):
-    """The loader reads each tensor into its own buffer; safetensors' safe_open(framework="pt")
-    kept ~56 bytes per tensor per load for good."""
+    """The loader reads the file into one buffer, each tensor a view of it; safetensors'
+    safe_open(framework="pt") kept ~56 bytes per tensor per load for good."""
     import gc
     import tracemalloc
 
