@@ -78,6 +78,7 @@ class LoRAManager:
         self._asked: dict[str, int] = {}
         self._step = 0
         self._largest_seen = 0  # the largest host image admitted so far
+        self.sources: dict[str, str] = {}  # adapter -> the directory its copies here came from
         self.failure_ttl_s, self.clock = failure_ttl_s, clock
         self.host_capacity, self.host_bytes = max(1, host_capacity), host_bytes
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
@@ -150,6 +151,7 @@ class LoRAManager:
         Raises AdapterLoadError when the adapter cannot be loaded (the caller fails its request).
         """
         self._raise_remembered_failure(name, path)
+        self._check_source(name, path)
         slot = self.name_to_slot.get(name)
         if slot is not None:
             self.stats.slot_hits += 1
@@ -584,6 +586,22 @@ class LoRAManager:
         except Exception as exc:  # a broken file must fail its request, never the step loop
             return self._fail(name, f"cannot load adapter {name!r}: {type(exc).__name__}: {exc}")
         return self._admit_to_host(name, adapter)
+
+    def _check_source(self, name: str, path: str) -> None:
+        """AdapterLoadError where `name` is held here (a slot, the host tier, a load) from other
+        files than `path`: a name stands for one adapter version (LoRARequest), and serving the
+        copy held would answer with the old weights (and their cached prefixes) unannounced."""
+        if not path:  # "the copy held", as tests and the manager's own calls ask
+            return
+        held = name in self.name_to_slot or name in self.host or name in self.loading
+        known = self.sources.get(name)
+        if held and known is not None and known != path:
+            raise AdapterLoadError(f"adapter {name!r} is loaded here from {known}; a request names it with "
+                                   f"{path}: give each version of an adapter a name of its own")
+        self.sources[name] = path
+        if len(self.sources) > 2 * (self.num_slots + self.host_capacity) + 64:  # names no longer held
+            self.sources = {n: p for n, p in self.sources.items()
+                            if n in self.name_to_slot or n in self.host or n in self.loading or n == name}
 
     def _waited_for(self, name: str) -> bool:
         """Whether a reservation asked for `name` in this step or the last and found no place yet."""

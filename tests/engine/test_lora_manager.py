@@ -311,3 +311,18 @@ def test_an_adapter_file_cut_short_is_a_files_error_naming_it(tiny_adapter, tmp_
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(AdapterFilesError, match="adapter_model.safetensors"):
         _read_dir(cut)
+
+
+def test_a_name_held_from_other_files_is_a_load_error_not_the_old_weights(tiny_checkpoint, tiny_adapter):
+    """A name stands for one adapter version: asked for with other files while its copy from the
+    first is held, the engine says so (it served the old weights and their cached prefixes)."""
+    from engine.sequence import LoRARequest
+    from engine.sampling_params import SamplingParams
+
+    engine = make_engine(tiny_checkpoint("qwen3_moe"), max_loras=2, max_lora_rank=8)
+    first, second = (tiny_adapter("qwen3_moe", "per_expert", rank=8, seed=s) for s in (1, 2))
+    params = SamplingParams(max_tokens=2, temperature=0)
+    assert engine.generate([[5, 6, 7]], params, [LoRARequest("t/ad@v1", str(first))])[0]["error"] is None
+    [out] = engine.generate([[5, 6, 7]], params, [LoRARequest("t/ad@v1", str(second))])
+    assert out["error"] is not None and "name of its own" in str(out["error"])
+    assert engine.generate([[5, 6, 7]], params, [LoRARequest("t/ad@v2", str(second))])[0]["error"] is None
