@@ -20,6 +20,25 @@ from tests.adapter_store.helpers import stored_keys
 LIMIT = StoreLimits(max_adapters_per_tenant=2)
 
 
+def _upload_at_once(store, adapter, base_model, names) -> dict:
+    """Upload `adapter` as each of `names` for tenant acme, each on a thread of its own, all at
+    once: name -> its AdapterInfo, or the LimitExceededError it got."""
+    outcomes = {}
+
+    def upload(name):
+        try:
+            outcomes[name] = store.put("acme", name, adapter, base_model, limits=LIMIT)
+        except LimitExceededError as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=upload, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
 def test_count_is_checked_again_before_the_manifest(store, adapter, base_model, monkeypatch):
     """Another upload that takes the last place while ours is uploading wins; ours is refused."""
     store.put("acme", "first", adapter, base_model, limits=LIMIT)
@@ -77,19 +96,7 @@ def test_local_racing_uploads_at_limit_minus_one(tmp_path, adapter, base_model, 
     monkeypatch.setattr(fcntl, "flock", flock)
     monkeypatch.setattr(store, "_check_count", check)
     monkeypatch.setattr(store, "_write_bytes", write)
-    outcomes = {}
-
-    def upload(name):
-        try:
-            outcomes[name] = store.put("acme", name, adapter, base_model, limits=LIMIT)
-        except LimitExceededError as exc:
-            outcomes[name] = exc
-
-    threads = [threading.Thread(target=upload, args=(n,)) for n in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = _upload_at_once(store, adapter, base_model, ("a", "b"))
     refused = [n for n, o in outcomes.items() if isinstance(o, LimitExceededError)]
     stored = [n for n, o in outcomes.items() if not isinstance(o, Exception)]
     assert len(refused) == 1 and len(stored) == 1, outcomes
@@ -118,19 +125,7 @@ def test_s3_uploads_racing_past_the_last_check_leave_the_tenant_at_its_limit(mot
         return live
 
     monkeypatch.setattr(store, "_check_count", check)
-    outcomes = {}
-
-    def upload(name):
-        try:
-            outcomes[name] = store.put("acme", name, adapter, base_model, limits=LIMIT)
-        except LimitExceededError as exc:
-            outcomes[name] = exc
-
-    threads = [threading.Thread(target=upload, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = _upload_at_once(store, adapter, base_model, names)
     stored = [n for n, o in outcomes.items() if not isinstance(o, Exception)]
     refused = [o for o in outcomes.values() if isinstance(o, LimitExceededError)]
     assert len(stored) <= 1 and len(stored) + len(refused) == 3, outcomes
@@ -165,14 +160,7 @@ def test_s3_an_upload_whose_manifest_lands_after_a_later_ones_check_takes_it_bac
 
     store._write_bytes = write
     outcome = {}
-
-    def upload_a():
-        try:
-            outcome["a"] = store.put("acme", "a", adapter, base_model, limits=LIMIT)
-        except LimitExceededError as exc:
-            outcome["a"] = exc
-
-    thread = threading.Thread(target=upload_a)
+    thread = threading.Thread(target=lambda: outcome.update(_upload_at_once(store, adapter, base_model, ["a"])))
     thread.start()
     assert at_manifest.wait(60)
     store.put("acme", "b", adapter, base_model, limits=LIMIT)

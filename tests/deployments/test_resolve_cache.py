@@ -175,13 +175,20 @@ def test_concurrent_misses_share_one_store_call(fake):
     assert fake.calls == [("acme", "style")]
 
 
-def test_a_lookup_begun_before_an_invalidation_does_not_fill_the_cache(fake):
+def _blocking(fake):
+    """(a resolver of `fake` that holds every lookup until `release` is set, `started`: set once
+    a lookup began, `release`)."""
     started, release = threading.Event(), threading.Event()
 
     def blocking(tenant, ref):
         started.set()
         release.wait(timeout=30)
         return fake.resolve(tenant, ref)
+    return blocking, started, release
+
+
+def test_a_lookup_begun_before_an_invalidation_does_not_fill_the_cache(fake):
+    blocking, started, release = _blocking(fake)
 
     cache = ResolveCache(blocking, TTL_S, clock=FakeClock())
 
@@ -198,12 +205,7 @@ def test_a_lookup_begun_before_an_invalidation_does_not_fill_the_cache(fake):
 
 
 def test_an_invalidation_of_another_name_keeps_a_lookup_in_flight_cached(fake):
-    started, release = threading.Event(), threading.Event()
-
-    def blocking(tenant, ref):
-        started.set()
-        release.wait(timeout=30)
-        return fake.resolve(tenant, ref)
+    blocking, started, release = _blocking(fake)
 
     cache = ResolveCache(blocking, TTL_S, max_entries=2, clock=FakeClock())
 
