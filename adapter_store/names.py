@@ -34,7 +34,11 @@ def check_name(value: str, what: str = "adapter name") -> str:
 def is_name(value: str) -> bool:
     """Whether `value` passes `check_name`: keys a backend lists may hold other things (a local
     store's temporary files)."""
-    return 0 < len(value) <= MAX_NAME_LENGTH and ".." not in value and _NAME_RE.fullmatch(value) is not None
+    try:
+        check_name(value)
+    except InvalidNameError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,8 +191,9 @@ class AdapterStore(ABC):
         """The latest version of each of the tenant's adapters, then the shared ones of others.
 
         Two recursive listings (the tenant's adapters, the share marks), one more per adapter
-        another tenant shares, and one manifest read per adapter, the reads concurrent where the backend allows (`_read_many`): a walk per
-        adapter cost ~3 sequential requests each, seconds for a tenant with hundreds on S3."""
+        another tenant shares, and one manifest read per adapter, the reads concurrent where the
+        backend allows (`_read_many`): a walk per adapter cost ~3 sequential requests each,
+        seconds for a tenant with hundreds on S3."""
         check_name(tenant, "tenant name")
         marks = self._shared_marks()
         own = {name for owner, name in marks if owner == tenant}
@@ -338,7 +339,7 @@ class AdapterStore(ABC):
     def _check_committed(self, prefix: str) -> None:
         """Raise, after its manifest is written, where a version's files are not all there (a
         `gc` with an age shorter than the upload took them): a manifest never names missing files."""
-        present = {key.rsplit("/", 1)[-1] for key, _ in self._list_objects(prefix)}
+        present = {key.rsplit("/", 1)[-1] for key in self._list_keys(prefix)}
         missing = [f for f in ADAPTER_FILES if f not in present]
         if missing:
             self._delete(f"{prefix}/{MANIFEST_FILE}")

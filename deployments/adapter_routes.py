@@ -1,7 +1,8 @@
 """The tenant's adapter routes of the ingress: upload, list, read and delete adapters, OpenAI's
-model delete, and vLLM's load_lora_adapter / unload_lora_adapter. A change reaches every ingress replica's resolve cache
-before it is answered. A mixin of `Ingress`, whose state (auth, store, limits, resolve cache) the
-methods read; Serve binds the routes of every class in the deployment's MRO.
+model delete, and vLLM's load_lora_adapter / unload_lora_adapter. A change reaches every ingress
+replica's resolve cache before it is answered. A mixin of `Ingress`, whose state (auth, store,
+limits, resolve cache) the methods read; Serve binds the routes of every class in the
+deployment's MRO.
 """
 import asyncio
 import logging
@@ -34,8 +35,7 @@ class AdapterRoutes:
         from deployments.uploads import read_upload
 
         tenant = self._auth.tenant_of(request.headers)
-        self._limiter.acquire(tenant, 1)  # an upload holds disk while it lasts: one of the tenant's places
-        try:
+        with self._limiter.held(tenant):  # an upload holds disk while it lasts: one of the tenant's places
             name, tmp = await read_upload(request, self._upload_limits.max_adapter_bytes)
             try:
                 self._check_not_base_name(name, "name")
@@ -43,8 +43,6 @@ class AdapterRoutes:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             return adapter_card(await self._put(tenant, name, tmp)).model_dump()
-        finally:
-            self._limiter.release(tenant, 1)
 
     @api.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest, request: Request):
@@ -60,13 +58,10 @@ class AdapterRoutes:
         from deployments.uploads import copy_adapter_files
 
         self._check_not_base_name(body.lora_name, "lora_name")
-        self._limiter.acquire(tenant, 1)
-        try:
+        with self._limiter.held(tenant):
             tmp = await asyncio.to_thread(copy_adapter_files, Path(body.lora_path),
                                           self._upload_limits.max_adapter_bytes)
             await self._put(tenant, body.lora_name, tmp)
-        finally:
-            self._limiter.release(tenant, 1)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     def _check_not_base_name(self, name: str, field: str) -> None:

@@ -139,10 +139,10 @@ def _map_store_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, store_errors.StoreUnavailableError):
         # the store's own message names its bucket, paths and what the operator should check:
         # the server log keeps it (a 5xx is logged where it is answered), the tenant gets the kind
-        return ServiceUnavailableError(f"the adapter store is unavailable to this server ({_code_of(exc, 'unreachable')});"
-                                       " retry in a few seconds; if it persists, the operator finds the cause in"
-                                       " the server log", code="store_unavailable",
-                                       retry_after_s=STORE_RETRY_AFTER_S)
+        kind = _code_of(exc, "unreachable")
+        return ServiceUnavailableError(f"the adapter store is unavailable to this server ({kind}); retry in a few "
+                                       "seconds; if it persists, the operator finds the cause in the server log",
+                                       code="store_unavailable", retry_after_s=STORE_RETRY_AFTER_S)
     if isinstance(exc, store_errors.AdapterStoreError):
         return InternalError(message, code=_code_of(exc, "store_error"))
     return None

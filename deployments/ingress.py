@@ -286,8 +286,7 @@ class Ingress(AdapterRoutes):
         return await self._tokenizer_call("detokenize", tenant, body.model, {"tokens": body.tokens})
 
     async def _tokenizer_call(self, method: str, tenant: str, model: str | None, payload: dict) -> dict:
-        self._limiter.acquire(tenant, 1)
-        try:
+        with self._limiter.held(tenant):
             if model is not None:  # a model the caller may not use is a 404, as on completions
                 await self._multiplexed_id(tenant, model)
             payload.update(request_id=f"{method[:3]}-{uuid.uuid4().hex}", tenant=tenant)
@@ -298,8 +297,6 @@ class Ingress(AdapterRoutes):
             if "error" in answer:
                 raise error_from_item(answer["error"])
             return answer
-        finally:
-            self._limiter.release(tenant, 1)
 
     # ---- completions --------------------------------------------------------------
     @api.post("/v1/completions")

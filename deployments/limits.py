@@ -7,8 +7,9 @@ count would cost a round trip to one place on every request.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from deployments.errors import RateLimitError
 
@@ -47,6 +48,15 @@ class TenantLimiter:
                 f"replica(s){asked}); wait for one to finish and retry",
                 code="too_many_concurrent_requests", retry_after_s=1)
         self._active[tenant] += count
+
+    @contextlib.contextmanager
+    def held(self, tenant: str, count: int = 1) -> Iterator[None]:
+        """`count` of the tenant's places (or the 429) for the length of a `with` block."""
+        self.acquire(tenant, count)
+        try:
+            yield
+        finally:
+            self.release(tenant, count)
 
     def release(self, tenant: str, count: int = 1) -> None:
         self._active[tenant] -= count

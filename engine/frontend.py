@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.fair_pool import FairPool
-from engine.inputs import InputProcessor
+from engine.inputs import InputProcessor, request_tenant
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import LoRARequest, Sequence
@@ -65,8 +65,8 @@ class EngineFrontend:
             seq = await asyncio.get_running_loop().run_in_executor(
                 _constraints, self.inputs.make_sequence, request_id, prompt, params, lora, tenant)
         elif len(prompt) > (INLINE_TOKENIZE_CHARS if isinstance(prompt, str) else INLINE_CHECK_IDS):
-            owner = tenant if tenant is not None else (lora.owner if lora else "")
-            seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant, tenant=owner)
+            seq = await off_loop(self.inputs.make_sequence, request_id, prompt, params, lora, tenant,
+                                 tenant=request_tenant(tenant, lora))
         else:
             seq = self.inputs.make_sequence(request_id, prompt, params, lora, tenant)
         stream = self._open_and_submit(seq)

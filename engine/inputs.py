@@ -25,6 +25,12 @@ def load_tokenizer(config: EngineConfig):
     return AutoTokenizer.from_pretrained(str(config.model))
 
 
+def request_tenant(tenant: str | None, lora: LoRARequest | None) -> str:
+    """The tenant a request counts as: the one named, else (scripts, the engine's own tests) its
+    adapter's owner, else none ("")."""
+    return tenant if tenant is not None else (lora.owner if lora else "")
+
+
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, serves_adapters: bool,
                  eos_token_ids: tuple[int, ...] = ()):
@@ -46,8 +52,7 @@ class InputProcessor:
         ids = self.tokenize(prompt)
         if lora is not None and not self.serves_adapters:
             raise InvalidRequestError("this engine was started with max_loras=0; it serves no adapters", "model")
-        # without a tenant (scripts, the engine's own tests) a request counts as its adapter owner's
-        tenant = tenant if tenant is not None else (lora.owner if lora else "")
+        tenant = request_tenant(tenant, lora)
         if params.structured is not None:  # refused here, before the engine loop sees it
             self.grammars().compile(params.structured)
         # ids past the vocabulary are a client's mistake to report (vLLM's 400), not to drop

@@ -118,10 +118,10 @@ class LoRAManager:
         borrowable = (self.kv.num_blocks - self.kv.reserve_blocks) * self.block_numel if self.kv is not None else 0
         if largest > heap + max(0, borrowable):
             size = self.pools.storage.element_size()
-            raise EngineError(
-                f"the adapter heap ({heap * size} bytes{f', and {borrowable * size} of the KV cache' if borrowable > 0 else ''})"
-                f" cannot hold an adapter of rank {self.max_rank} on every target ({largest * size} bytes): "
-                "raise lora_heap_bytes or lower max_lora_rank")
+            kv = f", and {borrowable * size} of the KV cache" if borrowable > 0 else ""
+            raise EngineError(f"the adapter heap ({heap * size} bytes{kv}) cannot hold an adapter of rank "
+                              f"{self.max_rank} on every target ({largest * size} bytes): raise "
+                              "lora_heap_bytes or lower max_lora_rank")
 
     def _host_arena(self, load_threads: int) -> HostArena | None:
         """Where host-tier images live (engine.lora.host_arena): pinned a piece at a time up to the
@@ -212,20 +212,21 @@ class LoRAManager:
         n = self.spans.placement_after(numel, [self.slot_spans[s] for s in order])
         if n is not None and n <= int(taken):
             return slot, order[:int(taken)], False, 0
+        def blocks_to_borrow(m: int) -> int:  # once order[:m] are evicted
+            return -(-(numel - self._free_at_top_after(order[:m])) // self.block_numel)
+
         lendable = 0
         if self.kv is not None:
             self.kv.heap_wants = self._heap_wanted = True  # the KV cache keeps the heap's run free
             lendable = self.kv.lendable()
-            blocks = -(-(numel - self._free_at_top_after(order[:int(taken)])) // self.block_numel)
-            if blocks <= lendable:
+            if (blocks := blocks_to_borrow(int(taken))) <= lendable:
                 return slot, order[:int(taken)], False, blocks
         if n is not None:
             return slot, order[:max(n, int(taken))], False, 0  # the reused slot's adapter goes in any case
         # neither borrowing alone nor evicting alone places it: evictions that free the heap's top,
         # then the blocks the rest needs (two idle images under a top too small held it for good)
         for m in range(int(taken) + 1, len(order) + 1 if lendable else 0):
-            blocks = -(-(numel - self._free_at_top_after(order[:m])) // self.block_numel)
-            if blocks <= lendable:
+            if (blocks := blocks_to_borrow(m)) <= lendable:
                 return slot, order[:m], False, max(0, blocks)
         if not getattr(self.pools, "can_move", False):
             return None
@@ -593,15 +594,17 @@ class LoRAManager:
         copy held would answer with the old weights (and their cached prefixes) unannounced."""
         if not path:  # "the copy held", as tests and the manager's own calls ask
             return
-        held = name in self.name_to_slot or name in self.host or name in self.loading
         known = self.sources.get(name)
-        if held and known is not None and known != path:
+        if known is not None and known != path and self._has_copy(name):
             raise AdapterLoadError(f"adapter {name!r} is loaded here from {known}; a request names it with "
                                    f"{path}: give each version of an adapter a name of its own")
         self.sources[name] = path
         if len(self.sources) > 2 * (self.num_slots + self.host_capacity) + 64:  # names no longer held
-            self.sources = {n: p for n, p in self.sources.items()
-                            if n in self.name_to_slot or n in self.host or n in self.loading or n == name}
+            self.sources = {n: p for n, p in self.sources.items() if n == name or self._has_copy(n)}
+
+    def _has_copy(self, name: str) -> bool:
+        """Whether adapter `name` is here: in a slot, in the host tier or loading into it."""
+        return name in self.name_to_slot or name in self.host or name in self.loading
 
     def _waited_for(self, name: str) -> bool:
         """Whether a reservation asked for `name` in this step or the last and found no place yet."""
